@@ -1,0 +1,171 @@
+"""The `edgeq` command line.
+
+Vocabulary: --target is a device profile, --backend a runtime family,
+--quant a preset; "format" is always a quantization format.
+Every user error is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgeq import __version__
+from edgeq.errors import EdgeqError
+
+
+def _log(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+
+
+def cmd_export(a) -> int:
+    from edgeq.pipeline import ExportOptions, export
+    from edgeq.progress import make_progress
+
+    res = export(ExportOptions(model=a.model, target=a.target, backend=a.backend, quant=a.quant, plan=a.plan,
+                               out=a.out, force=a.force, n_ctx=a.n_ctx, kv_dtype=a.kv_dtype),
+                 progress=make_progress(a.quiet), log=_log(a.quiet))
+    m = res["manifest"]
+    art = m["artifacts"][0]
+    chk = res["measurements"].get("reference_check", {})
+    if not a.quiet:
+        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, "
+              f"{m['model']['bits_per_weight']:.3f} bpw, formats {art['formats']}"
+              + (f"; reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}" if chk else ""))
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.passes import Context
+    from edgeq.pipeline import decide
+    from edgeq.plan import load_plan
+    from edgeq.targets.profiles import get_profile
+
+    profile = get_profile(a.target)
+    graph = import_model(resolve_model_path(a.model))
+    backend = a.backend or profile.backend_for(graph.kind)
+    user = load_plan(a.plan) if a.plan else None
+    preset = (a.quant or (user.preset if user else None) or profile.default_quant[backend]).lower()
+    plan = decide(graph, backend, preset, user, a.plan, Context(backend=backend, profile=profile))
+    out = Path(a.out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise EdgeqError(out.parent, "is a file")
+    plan.save(out)
+    if not a.quiet:
+        print(f"wrote {out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from edgeq import runtime
+
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads) as s:
+        text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, chat=a.chat)
+    print(text if a.chat else a.prompt + text)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.progress import make_progress
+
+    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, reference=a.reference,
+                          backend=a.backend, threads=a.threads, record=not a.no_record,
+                          progress=make_progress(a.quiet))
+    if a.json:
+        print(json.dumps(res, sort_keys=True))
+    else:
+        print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
+              f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
+    return 0
+
+
+def cmd_inspect(a) -> int:
+    from edgeq.inspect import inspect_path
+
+    info = inspect_path(a.path)
+    if a.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edgeq.targets.profiles import PROFILES
+
+    p = argparse.ArgumentParser(prog="edgeq", description="edge-deployment compiler")
+    p.add_argument("--version", action="version", version=f"edgeq {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def common_model(sp):
+        sp.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
+        sp.add_argument("--backend", choices=["gguf"], help="runtime family (default: the profile's choice)")
+        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k")
+        sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+
+    e = sub.add_parser("export", help="compile a model into a bundle")
+    common_model(e)
+    e.add_argument("-o", "--out", required=True, help="bundle folder to write")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    e.add_argument("--n-ctx", type=int, help="context length recorded for the device")
+    e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
+    e.set_defaults(fn=cmd_export)
+
+    pl = sub.add_parser("plan", help="write the plan an export would use, to read or edit")
+    common_model(pl)
+    pl.add_argument("-o", "--out", required=True, help="plan JSON to write")
+    pl.set_defaults(fn=cmd_plan)
+
+    r = sub.add_parser("run", help="generate text with a bundle")
+    r.add_argument("bundle")
+    r.add_argument("prompt")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--max-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--backend", help="which artifact of the bundle to run")
+    r.set_defaults(fn=cmd_run)
+
+    ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
+    ev.add_argument("bundle")
+    ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python)")
+    ev.add_argument("--ctx", type=int, default=512)
+    ev.add_argument("--chunks", type=int, default=8, help="windows to score (0: all the text)")
+    ev.add_argument("--reference", help="float source model (default: the one the manifest names, if found)")
+    ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--json", action="store_true", help="print one flat JSON object")
+    ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="describe a bundle or a GGUF file")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except EdgeqError as exc:
+        print(f"edgeq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgeq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

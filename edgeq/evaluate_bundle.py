@@ -1,0 +1,77 @@
+"""`edgeq eval`: a bundle's fidelity in its own runtime against the float source model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from edgeq.errors import EdgeqError
+from edgeq.fsutil import atomic_write_text, sha256_file
+
+
+def resolve_reference(manifest: dict, reference: str | None, bundle: Path) -> Path:
+    """The float model the bundle was made from; its hash must match the manifest's."""
+    want = manifest["source"]["sha256"]
+    if reference:
+        path = Path(reference)
+        if not path.is_file():
+            raise EdgeqError(path, "no such reference model file")
+        if sha256_file(path) != want:
+            raise EdgeqError(path, "is not the model this bundle was made from (SHA-256 differs from the manifest)")
+        return path
+    from edgeq.models.default import DEFAULT_NAME, default_model_path
+
+    if manifest["source"]["name"] == DEFAULT_NAME:
+        path = default_model_path()
+        if sha256_file(path) == want:
+            return path
+    raise EdgeqError(bundle, f"cannot find the source model {manifest['source']['name']!r}; pass --reference PATH")
+
+
+def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx: int = 512, chunks: int = 8,
+                    reference: str | None = None, backend: str | None = None, threads: int = 1,
+                    record: bool = True, progress: Callable | None = None,
+                    reference_logits: Callable | None = None) -> dict:
+    """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
+    from edgeq import runtime
+    from edgeq.evaluation import evaluate
+    from edgeq.texts import EVALUATION_TEXT_NAME, evaluation_text
+
+    bundle = Path(bundle)
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise EdgeqError(p, "no such text file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise EdgeqError(p, "text file is not UTF-8") from None
+        text_name = p.name
+    else:
+        text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
+    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx)
+    try:
+        manifest = session.manifest
+        if reference_logits is None:
+            from edgeq.executor import Executor
+            from edgeq.importers.loader import import_model
+
+            ex = Executor(import_model(resolve_reference(manifest, reference, bundle)))
+            reference_logits = ex.logits
+        tokens = session.tokenize(text, add_special=True, parse_special=False)
+        if len(tokens) < ctx:
+            raise EdgeqError(text_file, f"text has {len(tokens)} tokens, fewer than one --ctx {ctx} window")
+        res = evaluate(tokens, ctx, session.logits, reference_logits, session.spec.bos_id, session.spec.add_bos,
+                       max_chunks=chunks, progress=progress)
+    finally:
+        session.close()
+    res["backend"] = session.backend_name
+    res["text"] = text_name
+    if record:
+        mpath = bundle / "measurements.json"
+        meas = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else {}
+        meas.setdefault("eval", []).append(res)
+        atomic_write_text(mpath, json.dumps(meas, indent=1) + "\n")
+    return res

@@ -1,0 +1,157 @@
+"""Reference executor: runs the IR in numpy, float32, with no backend involved.
+
+It is the float reference every backend is measured against (fidelity in
+`edgeq eval`, reference outputs stored in bundles) and what calibration runs
+on, so it is written for clarity and exactness, not speed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from edgeq.ir import Graph, Node
+
+OpFn = Callable[["Executor", Node, list], np.ndarray]
+OPS: dict[str, OpFn] = {}
+
+
+def op(name: str):
+    def register(fn: OpFn) -> OpFn:
+        OPS[name] = fn
+        return fn
+    return register
+
+
+class Executor:
+    """Runs a graph; weights are loaded once and kept (float32) for repeated calls.
+
+    `observers` lets passes (calibration) see the input of every node by op,
+    without the executor knowing about them.
+    """
+
+    def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None):
+        self.graph = graph
+        self._weights: dict[str, np.ndarray] = {}
+        self.observers = observers or {}
+
+    def weight(self, name: str) -> np.ndarray:
+        w = self._weights.get(name)
+        if w is None:
+            w = self.graph.weights[name].numpy()
+            self._weights[name] = w
+        return w
+
+    def run(self, tokens, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray] | np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ValueError("tokens must be a non-empty 1-D sequence")
+        env: dict[str, np.ndarray] = {"tokens": tokens, "positions": np.arange(tokens.size)}
+        for node in self.graph.nodes:
+            args = [env[i] if i in env else self.weight(i) for i in node.inputs]
+            hook = self.observers.get(node.op)
+            if hook is not None:
+                hook(node, args)
+            env[node.outputs[0]] = OPS[node.op](self, node, args)
+        if outputs == ("logits",):
+            return env["logits"]
+        return {k: env[k] for k in outputs}
+
+    def logits(self, tokens) -> np.ndarray:
+        return self.run(tokens)
+
+
+@op("embedding")
+def _embedding(ex, node, args):
+    tokens, table = args
+    if tokens.max(initial=0) >= table.shape[0] or tokens.min(initial=0) < 0:
+        raise ValueError("token id out of range of the embedding table")
+    return table[tokens]
+
+
+@op("rms_norm")
+def _rms_norm(ex, node, args):
+    x, w = args
+    var = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+    return (x / np.sqrt(var + np.float32(node.attrs["eps"]))) * w
+
+
+@op("layer_norm")
+def _layer_norm(ex, node, args):
+    x, w, b = args
+    mu = x.mean(-1, keepdims=True)
+    var = np.mean(np.square(x - mu), axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + np.float32(node.attrs["eps"])) * w + b
+
+
+@op("linear")
+def _linear(ex, node, args):
+    x, w = args[0], args[1]
+    y = x @ w.T
+    if len(args) > 2:
+        y = y + args[2]
+    return y.astype(np.float32, copy=False)
+
+
+@op("add")
+def _add(ex, node, args):
+    return args[0] + args[1]
+
+
+@op("swiglu")
+def _swiglu(ex, node, args):
+    g, u = args
+    return (g / (np.float32(1.0) + np.exp(-g))) * u
+
+
+def rope_inv_freq(attrs: dict, freq_factors: np.ndarray | None) -> np.ndarray:
+    d = attrs["head_dim"]
+    inv = 1.0 / (attrs["theta"] ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    scaling = attrs.get("scaling")
+    if scaling and scaling.get("type") == "linear":
+        inv = inv / scaling["factor"]
+    if freq_factors is not None:
+        inv = inv / freq_factors.astype(np.float64)
+    return inv
+
+
+@op("rope")
+def _rope(ex, node, args):
+    """HF rotate-half RoPE on canonical (un-permuted) Q/K rows."""
+    x, pos = args
+    a = node.attrs
+    factors = ex.weight(a["freq_factors"]) if a.get("freq_factors") else None
+    inv = rope_inv_freq(a, factors)
+    ang = pos.astype(np.float64)[:, None] * inv[None, :]          # (seq, d/2)
+    cos = np.cos(ang).astype(np.float32)
+    sin = np.sin(ang).astype(np.float32)
+    seq = x.shape[0]
+    d = a["head_dim"]
+    xh = x.reshape(seq, a["n_heads"], d)
+    x1, x2 = xh[..., : d // 2], xh[..., d // 2:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.reshape(seq, -1)
+
+
+@op("attention")
+def _attention(ex, node, args):
+    q, k, v = args
+    a = node.attrs
+    seq, d, nh, nkv = q.shape[0], a["head_dim"], a["n_heads"], a["n_kv_heads"]
+    qh = q.reshape(seq, nh, d).transpose(1, 0, 2)                  # (nh, seq, d)
+    kh = k.reshape(seq, nkv, d).transpose(1, 0, 2)
+    vh = v.reshape(seq, nkv, d).transpose(1, 0, 2)
+    rep = nh // nkv
+    kh = np.repeat(kh, rep, axis=0)
+    vh = np.repeat(vh, rep, axis=0)
+    scores = (qh @ kh.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(d))
+    if a.get("causal", True):
+        mask = np.triu(np.ones((seq, seq), dtype=bool), k=1)
+        scores = np.where(mask[None], np.float32(-np.inf), scores)
+    scores = scores - scores.max(-1, keepdims=True)
+    p = np.exp(scores)
+    p /= p.sum(-1, keepdims=True)
+    out = p @ vh                                                   # (nh, seq, d)
+    return out.transpose(1, 0, 2).reshape(seq, nh * d)

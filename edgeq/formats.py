@@ -1,0 +1,129 @@
+"""The registry of quantization formats.
+
+Every size, budget and bits-per-weight figure in edgeq is computed here from
+the bytes a format really writes (scales included), never from a nominal
+bit-width. Each format names the backends that can carry it and gives a
+reference quantize/dequantize that matches its runtime bit for bit: for GGUF
+types that is ggml's own code (`edgeq.ggml`) and gguf-py's dequantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    block: tuple[int, int]              # (rows, cols) of one block; cols run along the input dimension
+    block_bytes: int
+    backends: frozenset[str]
+    ggml_type: int | None = None        # the GGMLQuantizationType value, for formats GGUF carries
+    takes_imatrix: bool = False         # whether ggml's quantizer uses an importance matrix for this type
+    description: str = ""
+    quantize_fn: Callable[["Format", np.ndarray, np.ndarray | None], np.ndarray] | None = None
+    dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.block_bytes / (self.block[0] * self.block[1])
+
+    def can_carry(self, shape: tuple[int, ...]) -> bool:
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return shape[-1] % self.block[1] == 0 and rows % self.block[0] == 0
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        if not self.can_carry(shape):
+            raise ValueError(f"format {self.name} cannot carry shape {shape} (block {self.block})")
+        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes
+
+    def quantize(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
+        if self.quantize_fn is None:
+            raise NotImplementedError(f"format {self.name} has no reference quantizer")
+        w2 = np.asarray(w, dtype=np.float32).reshape(-1, w.shape[-1])
+        return self.quantize_fn(self, w2, imatrix)
+
+    def dequantize(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.dequantize_fn is None:
+            raise NotImplementedError(f"format {self.name} has no reference dequantizer")
+        return self.dequantize_fn(self, data, shape)
+
+    def roundtrip(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """What the runtime will compute with: dequantize(quantize(w))."""
+        return self.dequantize(self.quantize(w, imatrix), tuple(w.shape))
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in FORMATS:
+        raise ValueError(f"format {fmt.name} registered twice")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str, path=None) -> Format:
+    fmt = FORMATS.get(name.lower())
+    if fmt is None:
+        raise EdgeqError(path, f"unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
+    return fmt
+
+
+def formats_for(backend: str) -> list[Format]:
+    return [f for f in FORMATS.values() if backend in f.backends]
+
+
+# --- GGUF (ggml) types --------------------------------------------------------
+
+def _ggml_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    if fmt.name == "f32":
+        return np.ascontiguousarray(w, dtype="<f4").view(np.uint8).reshape(w.shape[0], -1)
+    from edgeq import ggml
+
+    return ggml.quantize(fmt.ggml_type, w, imatrix if fmt.takes_imatrix else None)
+
+
+def _ggml_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    arr = dequantize(flat.reshape(rows, -1), GGMLQuantizationType(fmt.ggml_type))
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def _register_gguf_types() -> None:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    described = {
+        "f32": (T.F32, False, "32-bit float"),
+        "f16": (T.F16, False, "16-bit float"),
+        "bf16": (T.BF16, False, "bfloat16"),
+        "q8_0": (T.Q8_0, False, "8-bit, blocks of 32, f16 scale"),
+        "q5_0": (T.Q5_0, True, "5-bit symmetric, blocks of 32"),
+        "q5_1": (T.Q5_1, True, "5-bit with offset, blocks of 32"),
+        "q4_0": (T.Q4_0, True, "4-bit symmetric, blocks of 32"),
+        "q4_1": (T.Q4_1, True, "4-bit with offset, blocks of 32"),
+        "q6_k": (T.Q6_K, True, "6-bit k-quant, super-blocks of 256"),
+        "q5_k": (T.Q5_K, True, "5-bit k-quant, super-blocks of 256"),
+        "q4_k": (T.Q4_K, True, "4-bit k-quant, super-blocks of 256"),
+        "q3_k": (T.Q3_K, True, "3-bit k-quant, super-blocks of 256"),
+        "q2_k": (T.Q2_K, True, "2-bit k-quant, super-blocks of 256"),
+    }
+    for name, (t, imat, desc) in described.items():
+        block, size = GGML_QUANT_SIZES[t]
+        register(Format(
+            name=name, block=(1, block), block_bytes=size, backends=frozenset({"gguf"}), ggml_type=int(t),
+            takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
+        ))
+
+
+_register_gguf_types()

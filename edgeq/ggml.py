@@ -1,0 +1,81 @@
+"""ggml's own quantizers, through the libggml that llama-cpp-python ships.
+
+Reusing the runtime's library (instead of re-implementing k-quants) is what
+makes edgeq's reference quantizer bit-identical to what llama.cpp writes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llama-cpp-python is not installed; it provides ggml's quantizers")
+    libdir = Path(spec.origin).parent / "lib"
+    candidates = sorted(libdir.glob("libggml-base.*")) or sorted(libdir.glob("libggml.*"))
+    if not candidates:
+        raise RuntimeError(f"no libggml in {libdir}")
+    # llama_cpp loads its libraries first so that the CPU backend is registered in this process.
+    import llama_cpp  # noqa: F401
+
+    so = ctypes.CDLL(str(candidates[0]))
+    so.ggml_quantize_chunk.restype = ctypes.c_size_t
+    so.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]
+    so.ggml_quantize_init.argtypes = [ctypes.c_int]
+    so.ggml_quantize_init.restype = None
+    so.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    so.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    so.ggml_row_size.restype = ctypes.c_size_t
+    return so
+
+
+def row_size(ggml_type: int, n_per_row: int) -> int:
+    return int(lib().ggml_row_size(ggml_type, n_per_row))
+
+
+def quantize(ggml_type: int, w: np.ndarray, imatrix: np.ndarray | None = None, threads: int = 2) -> np.ndarray:
+    """Quantize a 2-D float array row-wise; returns uint8 of shape (rows, row_bytes).
+
+    Rows are split between threads (ctypes releases the GIL); ggml's quantizers
+    are row-independent, so the bytes do not depend on the split.
+    """
+    so = lib()
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError("quantize expects a 2-D array")
+    rows, n = w.shape
+    rs = row_size(ggml_type, n)
+    out = np.empty((rows, rs), dtype=np.uint8)
+    im = None
+    if imatrix is not None:
+        im = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if im.shape != (n,):
+            raise ValueError(f"imatrix has shape {im.shape}, expected ({n},)")
+    so.ggml_quantize_init(ggml_type)
+    im_ptr = None if im is None else im.ctypes.data
+
+    def part(r0: int, r1: int) -> int:
+        return int(so.ggml_quantize_chunk(ggml_type, w[r0].ctypes.data, out[r0].ctypes.data, 0, r1 - r0, n, im_ptr))
+
+    if threads <= 1 or rows < 64:
+        written = part(0, rows) if rows else 0
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bounds = np.linspace(0, rows, threads + 1).astype(int)
+        with ThreadPoolExecutor(threads) as pool:
+            written = sum(pool.map(lambda ab: part(*ab), zip(bounds[:-1], bounds[1:])))
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml wrote {written} bytes, expected {out.nbytes}")
+    return out

@@ -1,0 +1,30 @@
+"""Pick the importer for a model path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path:
+    if model is None:
+        from edgeq.models.default import default_model_path
+
+        return default_model_path()
+    p = Path(model)
+    if not p.exists():
+        raise EdgeqError(p, "no such file or folder")
+    return p
+
+
+def import_model(path: Path) -> Graph:
+    if path.is_file():
+        from edgeq.importers.gguf import import_gguf
+
+        return import_gguf(path)
+    if path.is_dir():
+        raise EdgeqError(path, "Hugging Face model folders are not supported yet (pass a GGUF file)")
+    raise EdgeqError(path, "not a model file or folder")

@@ -1,0 +1,84 @@
+"""`edgeq inspect`: what is in a bundle or a GGUF file, in a few flat fields."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from edgeq.errors import EdgeqError
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    from edgeq.importers.gguf_metadata import open_gguf, read_metadata
+
+    r = open_gguf(path)
+    meta = read_metadata(r)
+    types: dict[str, int] = {}
+    n_params = 0
+    nbytes = 0
+    for t in r.tensors:
+        types[t.tensor_type.name.lower()] = types.get(t.tensor_type.name.lower(), 0) + 1
+        n_params += int(t.n_elements)
+        nbytes += int(t.n_bytes)
+    return {
+        "kind": "gguf",
+        "path": str(path),
+        "architecture": meta.get("general.architecture"),
+        "name": meta.get("general.name"),
+        "license": meta.get("general.license"),
+        "file_type": meta.get("general.file_type"),
+        "n_tensors": len(r.tensors),
+        "n_params": n_params,
+        "tensor_bytes": nbytes,
+        "bits_per_weight": round(8 * nbytes / max(n_params, 1), 4),
+        "tensor_types": dict(sorted(types.items())),
+        "tokenizer": meta.get("tokenizer.ggml.model"),
+        "context_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
+    }
+
+
+def inspect_bundle(path: Path) -> dict[str, Any]:
+    import json
+
+    from edgeq.runtime.manifest import read_manifest, verify_artifacts
+
+    m = read_manifest(path)
+    try:
+        verify_artifacts(path, m)
+        verified = "ok"
+    except EdgeqError as exc:
+        verified = f"FAILED: {exc}"
+    meas_path = path / "measurements.json"
+    meas = json.loads(meas_path.read_text(encoding="utf-8")) if meas_path.is_file() else {}
+    models = [a for a in m["artifacts"] if a.get("role", "model") == "model"]
+    out = {
+        "kind": "bundle",
+        "path": str(path),
+        "model": m["model"]["name"],
+        "target": m["target"]["name"],
+        "backends": [a["backend"] for a in models],
+        "preset": m["plan"].get("preset"),
+        "bits_per_weight": round(m["model"]["bits_per_weight"], 4),
+        "model_bytes": sum(a["bytes"] for a in models),
+        "formats": models[0]["formats"] if models else {},
+        "n_ctx": m["n_ctx"],
+        "kv_cache_dtype": m["kv_cache_dtype"],
+        "source": m["source"]["name"],
+        "checksums": verified,
+    }
+    if meas.get("reference_check"):
+        out["reference_kld"] = meas["reference_check"]["kld_mean"]
+    if meas.get("eval"):
+        last = meas["eval"][-1]
+        out.update({f"eval_{k}": last[k] for k in ("ppl", "kld_mean", "top1", "n_tokens_scored")})
+    return out
+
+
+def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        return inspect_bundle(p)
+    if p.is_file():
+        return inspect_gguf(p)
+    raise EdgeqError(p, "no such file or folder")

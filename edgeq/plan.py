@@ -1,0 +1,140 @@
+"""The plan: per-tensor compression decisions, kept beside the IR.
+
+A plan is an artifact a person reads and edits: `edgeq plan` writes one,
+`edgeq export --plan` consumes one. Users write *rules* (glob patterns over
+canonical or GGUF names, later rules win) and/or explicit per-tensor entries;
+resolving a plan against a graph turns it into one decision per tensor, with
+the reason for each, including shape fallbacks the backend forces.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.errors import EdgeqError
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class TensorPlan:
+    """One tensor's decision. `format` is what is written; `requested` what was asked before a fallback."""
+
+    format: str
+    reason: str = ""
+    requested: str | None = None
+    rank: int = 0                     # low-rank error branch (0: none)
+    keep: int | None = None           # structured width kept after pruning (None: all)
+    order: list[int] | None = None    # channel permutation (None: identity)
+    tie: str | None = None            # name of a tensor that must share this decision (fused at run time)
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"format": self.format, "reason": self.reason}
+        for k in ("requested", "tie", "keep", "order"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        if self.rank:
+            d["rank"] = self.rank
+        return d
+
+
+@dataclass
+class Rule:
+    match: str
+    format: str
+
+    def matches(self, canonical: str, alias: str | None) -> bool:
+        names = [canonical, canonical.removesuffix(".weight")]
+        if alias:
+            names += [alias, alias.removesuffix(".weight")]
+        return any(fnmatch.fnmatchcase(n, self.match) for n in names)
+
+
+@dataclass
+class Plan:
+    tensors: dict[str, TensorPlan] = field(default_factory=dict)
+    preset: str | None = None          # the preset the plan starts from, if any
+    backend: str | None = None
+    rules: list[Rule] = field(default_factory=list)
+    pruning: dict[str, Any] | None = None    # room for rate -> per-layer widths tables
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "preset": self.preset,
+            "backend": self.backend,
+            "rules": [asdict(r) for r in self.rules],
+            "pruning": self.pruning,
+            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
+        }
+
+    def format_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.format] = counts.get(t.format, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from edgeq.fsutil import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
+
+
+_TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie"}
+
+
+def plan_from_json(d: Any, path=None) -> Plan:
+    """Validate a user's plan; every problem is one line naming the file and the field."""
+    if not isinstance(d, dict):
+        raise EdgeqError(path, "a plan must be a JSON object")
+    version = d.get("version", PLAN_VERSION)
+    if version != PLAN_VERSION:
+        raise EdgeqError(path, f"plan version {version} is not supported (this edgeq reads version {PLAN_VERSION})")
+    unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning"}
+    if unknown:
+        raise EdgeqError(path, f"unknown plan key {sorted(unknown)[0]!r}")
+    rules = []
+    for i, r in enumerate(d.get("rules") or []):
+        if not isinstance(r, dict) or not isinstance(r.get("match"), str) or not isinstance(r.get("format"), str):
+            raise EdgeqError(path, f"rules[{i}] must be an object with string 'match' and 'format'")
+        rules.append(Rule(r["match"], r["format"].lower()))
+    tensors = {}
+    raw = d.get("tensors") or {}
+    if not isinstance(raw, dict):
+        raise EdgeqError(path, "'tensors' must be an object of name -> decision")
+    for name, t in raw.items():
+        if isinstance(t, str):
+            t = {"format": t}
+        if not isinstance(t, dict) or not isinstance(t.get("format"), str):
+            raise EdgeqError(path, f"tensors[{name!r}] needs a string 'format'")
+        bad = set(t) - _TENSOR_KEYS
+        if bad:
+            raise EdgeqError(path, f"tensors[{name!r}] has unknown key {sorted(bad)[0]!r}")
+        rank = t.get("rank", 0)
+        if not isinstance(rank, int) or rank < 0:
+            raise EdgeqError(path, f"tensors[{name!r}].rank must be a non-negative integer")
+        tensors[name] = TensorPlan(
+            format=t["format"].lower(), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
+            rank=rank, keep=t.get("keep"), order=t.get("order"), tie=t.get("tie"),
+        )
+    preset = d.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise EdgeqError(path, "'preset' must be a string")
+    return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"))
+
+
+def load_plan(path: str | os.PathLike) -> Plan:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeqError(path, "no such plan file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgeqError(path, f"not valid JSON ({exc})") from None
+    return plan_from_json(d, path)

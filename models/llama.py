@@ -1,0 +1,276 @@
+"""The Llama family (Llama, SmolLM, Qwen2-style): config, tensor names, graph.
+
+Canonical tensor names follow Hugging Face (`model.layers.0.mlp.down_proj.weight`);
+GGUF names (`blk.0.ffn_down.weight`) are aliases. Canonical layouts follow
+Hugging Face too: Q/K rows are in HF's rotate-half RoPE order, and the GGUF
+side applies llama.cpp's row permutation when writing and undoes it on import.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph, Node, Tensor, Value
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tied_embeddings: bool = True
+    context_length: int = 2048
+    rope_scaling: dict[str, Any] | None = None   # {"type": "linear", "factor": f} ; llama3 factors come as a tensor
+    attention_bias: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LlamaConfig":
+        return cls(**d)
+
+
+# --- names -----------------------------------------------------------------
+
+_LAYER_HF_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_GLOBAL_HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs.weight",
+}
+_LAYER_GGUF_TO_HF = {v: k for k, v in _LAYER_HF_TO_GGUF.items()}
+_GLOBAL_GGUF_TO_HF = {v: k for k, v in _GLOBAL_HF_TO_GGUF.items()}
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def gguf_name(hf: str) -> str:
+    m = _HF_LAYER.match(hf)
+    if m:
+        return f"blk.{m.group(1)}.{_LAYER_HF_TO_GGUF[m.group(2)]}"
+    return _GLOBAL_HF_TO_GGUF[hf]
+
+
+def hf_name(gguf: str) -> str | None:
+    """Canonical name for a GGUF tensor name, or None if the family does not know it."""
+    m = _GGUF_LAYER.match(gguf)
+    if m:
+        rest = _LAYER_GGUF_TO_HF.get(m.group(2))
+        return None if rest is None else f"model.layers.{m.group(1)}.{rest}"
+    return _GLOBAL_GGUF_TO_HF.get(gguf)
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical name -> shape (numpy order) for every tensor the family defines, in canonical order."""
+    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "self_attn.q_proj.weight"] = (q, h)
+        out[p + "self_attn.k_proj.weight"] = (kv, h)
+        out[p + "self_attn.v_proj.weight"] = (kv, h)
+        if cfg.attention_bias:
+            out[p + "self_attn.q_proj.bias"] = (q,)
+            out[p + "self_attn.k_proj.bias"] = (kv,)
+            out[p + "self_attn.v_proj.bias"] = (kv,)
+        out[p + "self_attn.o_proj.weight"] = (h, q)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        out[p + "mlp.gate_proj.weight"] = (f, h)
+        out[p + "mlp.up_proj.weight"] = (f, h)
+        out[p + "mlp.down_proj.weight"] = (h, f)
+    out["model.norm.weight"] = (h,)
+    if not cfg.tied_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, h)
+    return out
+
+
+# --- llama.cpp's Q/K row order ----------------------------------------------
+
+def permute_for_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half row order -> llama.cpp's interleaved RoPE row order."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def unpermute_from_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of permute_for_gguf."""
+    rows = w.shape[0]
+    rest = w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def qk_heads(cfg: LlamaConfig, name: str) -> int | None:
+    """Head count used by the GGUF permutation for this tensor, or None if it is not permuted."""
+    if ".self_attn.q_proj." in name:
+        return cfg.n_heads
+    if ".self_attn.k_proj." in name:
+        return cfg.n_kv_heads
+    return None
+
+
+# --- GGUF metadata -----------------------------------------------------------
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path=None) -> LlamaConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise EdgeqError(path, f"unsupported architecture {arch!r} (edgeq imports llama-architecture GGUF files)")
+
+    def need(key: str):
+        full = f"llama.{key}"
+        if full not in meta:
+            raise EdgeqError(path, f"missing metadata key {full}")
+        return meta[full]
+
+    n_heads = int(need("attention.head_count"))
+    hidden = int(need("embedding_length"))
+    n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
+    head_dim = int(meta.get("llama.attention.key_length", hidden // max(n_heads, 1)))
+    vocab = meta.get("llama.vocab_size")
+    if vocab is None:
+        vocab = len(meta.get("tokenizer.ggml.tokens", []))
+    scaling = None
+    stype = meta.get("llama.rope.scaling.type")
+    if stype and stype != "none":
+        if stype != "linear":
+            raise EdgeqError(path, f"unsupported rope scaling type {stype!r} (supported: none, linear, llama3 frequency factors)")
+        scaling = {"type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+    elif "llama.rope.scale_linear" in meta:
+        scaling = {"type": "linear", "factor": float(meta["llama.rope.scale_linear"])}
+    rope_dims = int(meta.get("llama.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise EdgeqError(path, f"partial RoPE (rope.dimension_count {rope_dims} != head dim {head_dim}) is not supported")
+    cfg = LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        n_layers=int(need("block_count")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+        rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        tied_embeddings="output.weight" not in tensor_names,
+        context_length=int(meta.get("llama.context_length", 2048)),
+        rope_scaling=scaling,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+    )
+    for name, value in (("head_count", n_heads), ("block_count", cfg.n_layers), ("embedding_length", hidden)):
+        if value <= 0 or value > 1 << 20:
+            raise EdgeqError(path, f"implausible llama.{name} = {value}")
+    if n_heads % n_kv or hidden <= 0 or cfg.vocab_size <= 0:
+        raise EdgeqError(path, f"inconsistent attention heads ({n_heads} heads, {n_kv} KV heads)")
+    return cfg
+
+
+def gguf_hparams(cfg: LlamaConfig) -> dict[str, Any]:
+    """The llama.* keys llama.cpp reads, as (key -> value) in a fixed order."""
+    kv: dict[str, Any] = {
+        "llama.vocab_size": cfg.vocab_size,
+        "llama.context_length": cfg.context_length,
+        "llama.embedding_length": cfg.hidden_size,
+        "llama.block_count": cfg.n_layers,
+        "llama.feed_forward_length": cfg.intermediate_size,
+        "llama.rope.dimension_count": cfg.head_dim,
+        "llama.attention.head_count": cfg.n_heads,
+        "llama.attention.head_count_kv": cfg.n_kv_heads,
+        "llama.attention.key_length": cfg.head_dim,
+        "llama.attention.value_length": cfg.head_dim,
+        "llama.attention.layer_norm_rms_epsilon": cfg.rms_eps,
+        "llama.rope.freq_base": cfg.rope_theta,
+    }
+    if cfg.rope_scaling:
+        kv["llama.rope.scaling.type"] = cfg.rope_scaling["type"]
+        kv["llama.rope.scaling.factor"] = cfg.rope_scaling["factor"]
+    return kv
+
+
+# --- graph -------------------------------------------------------------------
+
+def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> Graph:
+    """The decoder as IR nodes; the executor and every backend read the same node list."""
+    expected = expected_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in weights:
+            raise EdgeqError(None, f"model is missing tensor {name}")
+        if tuple(weights[name].shape) != shape:
+            raise EdgeqError(None, f"tensor {name} has shape {weights[name].shape}, config implies {shape}")
+    ordered = {n: weights[n] for n in expected}
+    if "rope_freqs.weight" in weights:
+        ordered["rope_freqs.weight"] = weights["rope_freqs.weight"]
+
+    nodes: list[Node] = []
+    rope = {"theta": cfg.rope_theta, "head_dim": cfg.head_dim, "scaling": cfg.rope_scaling,
+            "freq_factors": "rope_freqs.weight" if "rope_freqs.weight" in weights else None}
+    nodes.append(Node("embedding", ["tokens", "model.embed_tokens.weight"], ["h0"]))
+    h = "h0"
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        t = f"l{i}."
+        bias = cfg.attention_bias
+        nodes += [
+            Node("rms_norm", [h, p + "input_layernorm.weight"], [t + "xa"], {"eps": cfg.rms_eps}),
+            Node("linear", [t + "xa", p + "self_attn.q_proj.weight"] + ([p + "self_attn.q_proj.bias"] if bias else []), [t + "q"]),
+            Node("linear", [t + "xa", p + "self_attn.k_proj.weight"] + ([p + "self_attn.k_proj.bias"] if bias else []), [t + "k"]),
+            Node("linear", [t + "xa", p + "self_attn.v_proj.weight"] + ([p + "self_attn.v_proj.bias"] if bias else []), [t + "v"]),
+            Node("rope", [t + "q", "positions"], [t + "qr"], {**rope, "n_heads": cfg.n_heads}),
+            Node("rope", [t + "k", "positions"], [t + "kr"], {**rope, "n_heads": cfg.n_kv_heads}),
+            Node("attention", [t + "qr", t + "kr", t + "v"], [t + "att"],
+                 {"n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "causal": True,
+                  "layer": i}),
+            Node("linear", [t + "att", p + "self_attn.o_proj.weight"], [t + "ao"]),
+            Node("add", [h, t + "ao"], [t + "h1"]),
+            Node("rms_norm", [t + "h1", p + "post_attention_layernorm.weight"], [t + "xm"], {"eps": cfg.rms_eps}),
+            Node("linear", [t + "xm", p + "mlp.gate_proj.weight"], [t + "g"]),
+            Node("linear", [t + "xm", p + "mlp.up_proj.weight"], [t + "u"]),
+            Node("swiglu", [t + "g", t + "u"], [t + "a"]),
+            Node("linear", [t + "a", p + "mlp.down_proj.weight"], [t + "d"]),
+            Node("add", [t + "h1", t + "d"], [t + "h2"]),
+        ]
+        h = t + "h2"
+    nodes.append(Node("rms_norm", [h, "model.norm.weight"], ["hn"], {"eps": cfg.rms_eps}))
+    head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
+    nodes.append(Node("linear", ["hn", head], ["logits"]))
+    return Graph(
+        arch="llama",
+        kind="decoder",
+        config=cfg,
+        inputs=[Value("tokens", ("seq",), "i32"), Value("positions", ("seq",), "i32")],
+        outputs=[Value("logits", ("seq", cfg.vocab_size))],
+        nodes=nodes,
+        weights=ordered,
+        metadata=dict(metadata or {}),
+    )
+
+
+def linear_weights(graph: Graph) -> list[str]:
+    """Canonical names of the 2-D weights that a quantization plan decides on (embedding and head included)."""
+    return [n for n, t in graph.weights.items() if len(t.shape) == 2]

@@ -1,0 +1,38 @@
+"""assign_preset: fill the plan from a named preset, with the backend's own meaning of it.
+
+For GGUF a preset means exactly what llama.cpp's quantize means by it (same
+per-tensor mix, same shape fallbacks), so edgeq's presets compare one to one
+with llama.cpp's files.
+"""
+
+from __future__ import annotations
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.passes.base import Context, Pass
+from edgeq.plan import Plan, TensorPlan
+
+
+class AssignPreset(Pass):
+    name = "assign_preset"
+
+    def __init__(self, preset: str):
+        self.preset = preset.lower()
+
+    def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if ctx.backend != "gguf":
+            raise EdgeqError(None, f"--quant presets for backend {ctx.backend!r} are not available yet")
+        from edgeq.models import llama
+        from edgeq.targets.gguf.presets import TensorInfo, preset_types
+
+        cfg = graph.config
+        infos = [TensorInfo(t.alias or llama.gguf_name(n), tuple(reversed(t.shape))) for n, t in graph.weights.items()]
+        choices = preset_types(self.preset, infos, cfg.n_heads, cfg.n_kv_heads)
+        tensors = {}
+        for (name, _), info in zip(graph.weights.items(), infos):
+            c = choices[info.name]
+            tensors[name] = TensorPlan(format=c.type, reason=c.reason, requested=c.requested)
+        plan = Plan(tensors=tensors, preset=self.preset, backend=ctx.backend, rules=plan.rules, pruning=plan.pruning)
+        ctx.record(self.name, preset=self.preset, formats=plan.format_counts(),
+                   fallbacks=sum(1 for t in tensors.values() if t.requested))
+        return graph, plan

@@ -1,0 +1,104 @@
+"""The on-device runtime: open a bundle, verify it, run it. No torch, no compiler.
+
+    s = edgeq.runtime.load("out/")
+    s.generate("The capital of France is", max_tokens=16)
+    s.logits(token_ids)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.runtime.manifest import BundleError, artifact_path, pick_artifact, read_manifest, verify_artifacts
+from edgeq.runtime.sampling import sample
+
+__all__ = ["load", "Session", "BundleError"]
+
+
+class Session:
+    """A loaded bundle: tokenizer plus one backend."""
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
+        from edgeq.tokenizer import spec_from_json, stop_ids
+
+        self.bundle = bundle
+        self.manifest = manifest
+        self.backend = backend
+        self.artifact = artifact
+        tok = manifest["tokenizer"]
+        import json
+
+        spec_file = artifact_path(bundle, tok["spec"])
+        self.spec = spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        self.stop_ids = stop_ids(self.spec)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.backend.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, ids) -> str:
+        return self.backend.detokenize(ids)
+
+    def logits(self, token_ids) -> np.ndarray:
+        return self.backend.logits([int(t) for t in token_ids])
+
+    def chat_prompt(self, message: str) -> str:
+        from edgeq.tokenizer import render_chat
+
+        return render_chat(self.spec, [{"role": "user", "content": message}], add_generation_prompt=True)
+
+    def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                     top_k: int = 0, top_p: float = 1.0) -> list[int]:
+        rng = np.random.default_rng(seed)
+        self.backend.reset()
+        logits = self.backend.feed(prompt_ids)
+        out: list[int] = []
+        for _ in range(max_tokens):
+            tok = sample(logits, temperature, rng, top_k, top_p)
+            if tok in self.stop_ids:
+                break
+            out.append(tok)
+            if len(prompt_ids) + len(out) >= self.backend.n_ctx:
+                break
+            logits = self.backend.feed([tok])
+        return out
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                 chat: bool = False, top_k: int = 0, top_p: float = 1.0) -> str:
+        text = self.chat_prompt(prompt) if chat else prompt
+        ids = self.tokenize(text, add_special=True, parse_special=chat)
+        return self.detokenize(self.generate_ids(ids, max_tokens, temperature, seed, top_k, top_p))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
+         verify: bool = True) -> Session:
+    bundle = Path(path)
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_artifacts(bundle, manifest)
+    art = pick_artifact(bundle, manifest, backend)
+    n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
+    if art["backend"] == "gguf":
+        from edgeq.runtime.gguf_backend import LlamaCppBackend
+
+        impl = LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
+                               kv_dtype=manifest.get("kv_cache_dtype", "f16"))
+    else:
+        raise BundleError(bundle, f"backend {art['backend']!r} is not supported by this runtime")
+    return Session(bundle, manifest, impl, art)

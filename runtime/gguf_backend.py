@@ -1,0 +1,63 @@
+"""llama.cpp (through llama-cpp-python) as an edgeq runtime backend."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+class LlamaCppBackend:
+    name = "gguf"
+
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int, threads: int = 1, kv_dtype: str = "f16"):
+        import llama_cpp
+
+        if kv_dtype not in KV_TYPES:
+            raise ValueError(f"unsupported KV-cache dtype {kv_dtype!r}")
+        self.n_ctx = n_ctx
+        self.llm = llama_cpp.Llama(
+            model_path=os.fspath(model_path),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            n_ubatch=min(n_ctx, 512),
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=True,
+            type_k=KV_TYPES[kv_dtype],
+            type_v=KV_TYPES[kv_dtype],
+            seed=0,
+            verbose=False,
+        )
+        self.n_vocab = self.llm.n_vocab()
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+
+    def reset(self) -> None:
+        self.llm.reset()
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        """Append tokens to the KV cache; logits after the last one."""
+        if self.llm.n_tokens + len(ids) > self.n_ctx:
+            raise ValueError(f"context overflow: {self.llm.n_tokens + len(ids)} tokens > n_ctx {self.n_ctx}")
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"{len(ids)} tokens exceed n_ctx {self.n_ctx}")
+        self.reset()
+        self.llm.eval(list(ids))
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.close()

@@ -1,0 +1,74 @@
+"""Device profiles: what `--target` names.
+
+A profile says what the device is (ISA, OS), which backend serves each model
+kind there, the default preset per backend, and run-time defaults (context
+length, KV-cache type, threads) that the manifest records for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edgeq.errors import EdgeqError
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    isa: str
+    os: str
+    tvm_target: Any
+    backends: dict[str, str] = field(default_factory=dict)          # model kind -> preferred backend
+    default_quant: dict[str, str] = field(default_factory=dict)     # backend -> preset
+    n_ctx: int = 2048
+    kv_cache_dtype: str = "f16"
+    threads: int = 4
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def backend_for(self, kind: str) -> str:
+        return self.backends.get(kind, "gguf")
+
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.name: p
+    for p in [
+        DeviceProfile(
+            name="cpu", description="the host's x86-64 CPU", isa="x86_64", os="linux", tvm_target="llvm",
+            backends={"decoder": "gguf", "encoder": "onnx", "cnn": "onnx"},
+            default_quant={"gguf": "q8_0", "onnx": "int8", "tvm": "int8"},
+            n_ctx=4096, threads=4,
+        ),
+        DeviceProfile(
+            name="android", description="Android phone, arm64-v8a (NEON, dotprod)", isa="arm64", os="android",
+            tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-android", "mattr": ["+neon"]},
+            backends={"decoder": "gguf", "encoder": "onnx", "cnn": "onnx"},
+            # Q4_0 is what llama.cpp repacks for arm64 NEON/i8mm kernels at load time.
+            default_quant={"gguf": "q4_0", "onnx": "int8", "tvm": "int4"},
+            n_ctx=2048, threads=4,
+        ),
+        DeviceProfile(
+            name="linux-arm64", description="arm64 Linux board (Raspberry Pi 5 class)", isa="arm64", os="linux",
+            tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
+            backends={"decoder": "gguf", "encoder": "onnx", "cnn": "onnx"},
+            default_quant={"gguf": "q4_0", "onnx": "int8", "tvm": "int4"},
+            n_ctx=2048, threads=4,
+        ),
+        DeviceProfile(
+            name="cuda", description="NVIDIA GPU", isa="x86_64", os="linux", tvm_target="cuda",
+            backends={"decoder": "gguf", "encoder": "onnx", "cnn": "onnx"},
+            default_quant={"gguf": "q8_0", "onnx": "f16", "tvm": "int4"},
+            n_ctx=4096, threads=1,
+        ),
+    ]
+}
+
+
+def get_profile(name: str) -> DeviceProfile:
+    p = PROFILES.get(name)
+    if p is None:
+        raise EdgeqError(None, f"unknown --target {name!r}; device profiles: {', '.join(PROFILES)}")
+    return p
