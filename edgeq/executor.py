@@ -111,9 +111,22 @@ def rope_inv_freq(attrs: dict, freq_factors: np.ndarray | None) -> np.ndarray:
     scaling = attrs.get("scaling")
     if scaling and scaling.get("type") == "linear":
         inv = inv / scaling["factor"]
+    elif scaling and scaling.get("type") == "llama3":
+        inv = inv / llama3_freq_factors(inv, scaling)
     if freq_factors is not None:
         inv = inv / freq_factors.astype(np.float64)
     return inv
+
+
+def llama3_freq_factors(inv: np.ndarray, s: dict) -> np.ndarray:
+    """Llama 3.1's per-frequency divisors (what GGUF stores as rope_freqs.weight)."""
+    old_ctx = s["original_max_position_embeddings"]
+    low_wl = old_ctx / s["low_freq_factor"]
+    high_wl = old_ctx / s["high_freq_factor"]
+    wl = 2 * np.pi / inv
+    smooth = (old_ctx / wl - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    mid = 1.0 / ((1 - smooth) / s["factor"] + smooth)
+    return np.where(wl < high_wl, 1.0, np.where(wl > low_wl, s["factor"], mid))
 
 
 @op("rope")
@@ -137,21 +150,24 @@ def _rope(ex, node, args):
 
 @op("attention")
 def _attention(ex, node, args):
+    """Causal GQA attention, one 2-D BLAS matmul per head (numpy's batched matmul is far slower)."""
     q, k, v = args
     a = node.attrs
     seq, d, nh, nkv = q.shape[0], a["head_dim"], a["n_heads"], a["n_kv_heads"]
-    qh = q.reshape(seq, nh, d).transpose(1, 0, 2)                  # (nh, seq, d)
-    kh = k.reshape(seq, nkv, d).transpose(1, 0, 2)
-    vh = v.reshape(seq, nkv, d).transpose(1, 0, 2)
     rep = nh // nkv
-    kh = np.repeat(kh, rep, axis=0)
-    vh = np.repeat(vh, rep, axis=0)
-    scores = (qh @ kh.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(d))
-    if a.get("causal", True):
-        mask = np.triu(np.ones((seq, seq), dtype=bool), k=1)
-        scores = np.where(mask[None], np.float32(-np.inf), scores)
-    scores = scores - scores.max(-1, keepdims=True)
-    p = np.exp(scores)
-    p /= p.sum(-1, keepdims=True)
-    out = p @ vh                                                   # (nh, seq, d)
-    return out.transpose(1, 0, 2).reshape(seq, nh * d)
+    scale = np.float32(1.0 / np.sqrt(d))
+    mask = np.triu(np.full((seq, seq), -np.inf, dtype=np.float32), k=1) if a.get("causal", True) else None
+    out = np.empty((seq, nh * d), dtype=np.float32)
+    for h in range(nh):
+        g = h // rep
+        qh = q[:, h * d:(h + 1) * d]
+        kh = k[:, g * d:(g + 1) * d]
+        vh = v[:, g * d:(g + 1) * d]
+        s = (qh @ kh.T) * scale
+        if mask is not None:
+            s += mask
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
+        out[:, h * d:(h + 1) * d] = s @ vh
+    return out

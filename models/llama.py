@@ -274,3 +274,69 @@ def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str
 def linear_weights(graph: Graph) -> list[str]:
     """Canonical names of the 2-D weights that a quantization plan decides on (embedding and head included)."""
     return [n for n, t in graph.weights.items() if len(t.shape) == 2]
+
+
+# --- Hugging Face config and tensors ---------------------------------------------
+
+def config_from_hf(c: dict[str, Any], path=None) -> LlamaConfig:
+    """A transformers LlamaConfig dict (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+    if c.get("model_type") not in (None, "llama", "smollm", "smollm2", "qwen2", "mistral"):
+        raise EdgeqError(path, f"model_type {c.get('model_type')!r} is not a llama-family model")
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rtype == "linear":
+        scaling = {"type": "linear", "factor": float(rope["factor"])}
+    elif rtype == "llama3":
+        scaling = {"type": "llama3", "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
+                   "high_freq_factor": float(rope["high_freq_factor"]),
+                   "original_max_position_embeddings": int(rope["original_max_position_embeddings"])}
+    elif rtype not in ("default", None):
+        raise EdgeqError(path, f"rope type {rtype!r} is not supported (default, linear, llama3)")
+    n_heads = int(c["num_attention_heads"])
+    hidden = int(c["hidden_size"])
+    return LlamaConfig(
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=hidden,
+        intermediate_size=int(c["intermediate_size"]),
+        n_layers=int(c["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
+        head_dim=int(c.get("head_dim") or hidden // n_heads),
+        rope_theta=theta,
+        rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+        tied_embeddings=bool(c.get("tie_word_embeddings", False)),
+        context_length=int(c.get("max_position_embeddings", 2048)),
+        rope_scaling=scaling,
+        attention_bias=bool(c.get("attention_bias", False)),
+    )
+
+
+def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:
+    """The transformers config for this model (used to build an independent reference in tests)."""
+    d: dict[str, Any] = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_eps,
+        "tie_word_embeddings": cfg.tied_embeddings, "max_position_embeddings": cfg.context_length,
+        "attention_bias": cfg.attention_bias, "hidden_act": "silu", "mlp_bias": False,
+    }
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {**{k: v for k, v in cfg.rope_scaling.items() if k != "type"}, "rope_type": cfg.rope_scaling["type"],
+                "rope_theta": cfg.rope_theta}
+    d["rope_parameters"] = rope
+    return d
+
+
+def graph_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray], metadata: dict[str, Any] | None = None) -> Graph:
+    """A graph over in-memory canonical tensors (HF names); extra HF buffers are ignored."""
+    weights = {}
+    for name, shape in expected_shapes(cfg).items():
+        if name not in arrays:
+            raise EdgeqError(None, f"missing tensor {name}")
+        arr = np.asarray(arrays[name], dtype=np.float32)
+        weights[name] = Tensor(name=name, shape=tuple(arr.shape), load=(lambda a=arr: a), alias=gguf_name(name))
+    return build_graph(cfg, weights, metadata)
