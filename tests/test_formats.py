@@ -1,0 +1,86 @@
+"""The format registry: exact sizes, and quantizers bit-identical to gguf-py's and to ggml's row sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+from gguf import quants as gq
+
+from edgeq import ggml
+from edgeq.errors import EdgeqError
+from edgeq.formats import FORMATS, formats_for, get_format
+
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
+
+
+def weights(rows=64, cols=512, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((rows, cols)) * np.linspace(0.01, 1.0, cols)).astype(np.float32)
+
+
+def test_every_gguf_type_is_registered():
+    assert sorted(f.name for f in formats_for("gguf")) == sorted(GGUF_TYPES)
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_sizes_match_ggml(name):
+    fmt = get_format(name)
+    for cols in (256, 512, 1536):
+        assert fmt.nbytes((3, cols)) == 3 * ggml.row_size(fmt.ggml_type, cols)
+    w = weights()
+    q = fmt.quantize(w)
+    assert q.dtype == np.uint8 and q.nbytes == fmt.nbytes(w.shape)
+
+
+def test_bits_per_weight_include_scales():
+    assert get_format("q8_0").bits_per_weight == pytest.approx(8.5)
+    assert get_format("q4_0").bits_per_weight == pytest.approx(4.5)
+    assert get_format("q4_k").bits_per_weight == pytest.approx(4.5)
+    assert get_format("q6_k").bits_per_weight == pytest.approx(6.5625)
+    assert get_format("q2_k").bits_per_weight == pytest.approx(2.625)
+
+
+def test_k_types_need_256_wide_rows():
+    assert not get_format("q4_k").can_carry((576, 576))
+    assert get_format("q4_k").can_carry((576, 1536))
+    assert get_format("q4_0").can_carry((576, 576))
+
+
+@pytest.mark.parametrize("name", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "bf16"])
+def test_ggml_quantizer_equals_gguf_py(name):
+    """Two independent implementations of the same bytes: ggml's C code and gguf-py's numpy port."""
+    fmt = get_format(name)
+    w = weights(seed=3)
+    ours = fmt.quantize(w)
+    theirs = gq.quantize(w, GGMLQuantizationType(fmt.ggml_type))
+    assert np.array_equal(ours.reshape(-1), np.asarray(theirs).view(np.uint8).reshape(-1))
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_roundtrip_error_shrinks_with_bits(name):
+    w = weights(seed=5)
+    rel = np.linalg.norm(get_format(name).roundtrip(w) - w) / np.linalg.norm(w)
+    bound = {"f32": 0.0, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q6_k": 2e-2, "q5_0": 5e-2, "q5_1": 5e-2,
+             "q5_k": 5e-2, "q4_0": 0.1, "q4_1": 0.1, "q4_k": 0.1, "q3_k": 0.2, "q2_k": 0.4}[name]
+    assert rel <= bound
+
+
+def test_threaded_quantization_is_deterministic():
+    w = weights(rows=300, cols=768, seed=9)
+    a = ggml.quantize(int(GGMLQuantizationType.Q4_K), w, threads=1)
+    b = ggml.quantize(int(GGMLQuantizationType.Q4_K), w, threads=2)
+    assert np.array_equal(a, b)
+
+
+def test_imatrix_changes_k_quants():
+    w = weights(seed=11)
+    imat = np.linspace(0.01, 10, w.shape[1]).astype(np.float32)
+    fmt = get_format("q4_k")
+    assert not np.array_equal(fmt.quantize(w), fmt.quantize(w, imat))
+
+
+def test_unknown_format_is_a_clear_error():
+    with pytest.raises(EdgeqError, match="unknown format 'q7_z'"):
+        get_format("q7_z")
+    assert "q4_k" in FORMATS
