@@ -89,6 +89,15 @@ class Plan:
 _TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie"}
 
 
+def _check_format(name: str, where: str, path) -> str:
+    from edgeq.formats import FORMATS
+
+    name = name.lower()
+    if name not in FORMATS:
+        raise EdgeqError(path, f"{where}: unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
+    return name
+
+
 def plan_from_json(d: Any, path=None) -> Plan:
     """Validate a user's plan; every problem is one line naming the file and the field."""
     if not isinstance(d, dict):
@@ -103,7 +112,7 @@ def plan_from_json(d: Any, path=None) -> Plan:
     for i, r in enumerate(d.get("rules") or []):
         if not isinstance(r, dict) or not isinstance(r.get("match"), str) or not isinstance(r.get("format"), str):
             raise EdgeqError(path, f"rules[{i}] must be an object with string 'match' and 'format'")
-        rules.append(Rule(r["match"], r["format"].lower()))
+        rules.append(Rule(r["match"], _check_format(r["format"], f"rules[{i}]", path)))
     tensors = {}
     raw = d.get("tensors") or {}
     if not isinstance(raw, dict):
@@ -120,7 +129,7 @@ def plan_from_json(d: Any, path=None) -> Plan:
         if not isinstance(rank, int) or rank < 0:
             raise EdgeqError(path, f"tensors[{name!r}].rank must be a non-negative integer")
         tensors[name] = TensorPlan(
-            format=t["format"].lower(), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
+            format=_check_format(t["format"], f"tensors[{name!r}]", path), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
             rank=rank, keep=t.get("keep"), order=t.get("order"), tie=t.get("tie"),
         )
     preset = d.get("preset")

@@ -1,0 +1,181 @@
+"""The command line as a user runs it: export for android, run, chat, eval --json, inspect; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EDGEQ = [sys.executable, "-m", "edgeq.cli"]
+
+
+def edgeq(*args, cwd=None, timeout=900):
+    return subprocess.run([*EDGEQ, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def android(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    r = edgeq("export", "--target", "android", "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_export_android(android):
+    out, r = android
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["target"]["name"] == "android" and m["target"]["isa"] == "arm64"
+    assert m["plan"]["preset"] == "q4_0"
+    assert "wrote" in r.stdout and "bpw" in r.stdout
+    assert "quantize+write" in r.stderr  # progress on stderr
+
+
+def test_run_continues_a_prompt(android):
+    out, _ = android
+    r = edgeq("run", out, "The capital of France is", "--max-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is")
+    assert len(r.stdout.strip()) > len("The capital of France is") + 3
+
+
+def test_run_chat_answers_and_stops(android):
+    out, _ = android
+    r = edgeq("run", out, "--chat", "What is the capital of France? Answer in one word.", "--max-tokens", "48")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "<|im_end|>" not in r.stdout and "<|im_start|>" not in r.stdout
+    assert "Paris" in r.stdout
+
+
+def test_eval_json_is_one_flat_object(android, tmp_path):
+    out, _ = android
+    from edgeq.texts import evaluation_text
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(evaluation_text()[:20000])
+    r = edgeq("eval", out, "--text", text, "--ctx", "128", "--chunks", "2", "--json", "--no-record")
+    assert r.returncode == 0, r.stderr
+    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1
+    d = json.loads(lines[0])
+    assert {"ppl", "kld_mean", "top1", "n_tokens_scored", "ctx", "backend"} <= set(d)
+    assert all(not isinstance(v, (dict, list)) for v in d.values())
+    assert d["backend"] == "gguf" and d["ctx"] == 128 and d["n_tokens_scored"] == 2 * 63
+    assert 0 < d["top1"] <= 1 and d["kld_mean"] > 0 and d["ppl"] > 1
+
+
+def test_inspect_bundle_and_gguf(android, smollm_path):
+    out, _ = android
+    r = edgeq("inspect", out, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["checksums"] == "ok" and d["preset"] == "q4_0" and d["backends"] == ["gguf"]
+    r = edgeq("inspect", smollm_path, "--json")
+    d = json.loads(r.stdout)
+    assert d["tensor_types"] == {"f32": 61, "q4_1": 210, "q8_0": 1} and d["architecture"] == "llama"
+
+
+def test_plan_written_and_consumed(tmp_path):
+    plan = tmp_path / "plan.json"
+    r = edgeq("plan", "--quant", "q4_k_m", "-o", plan)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(plan.read_text())
+    assert d["preset"] == "q4_k_m"
+    down = d["tensors"]["model.layers.0.mlp.down_proj.weight"]
+    assert down["format"] == "q6_k"
+    q = d["tensors"]["model.layers.0.self_attn.q_proj.weight"]
+    assert q == {"format": "q5_0", "reason": q["reason"], "requested": "q4_k"}
+    # a person edits it: glob rules over GGUF names, then one explicit tensor
+    edited = {"version": 1, "preset": "q4_0", "rules": [{"match": "*.ffn_down", "format": "q8_0"}],
+              "tensors": {"blk.3.attn_v.weight": {"format": "q4_k"}}}
+    plan.write_text(json.dumps(edited))
+    out = tmp_path / "b"
+    r = edgeq("export", "--plan", plan, "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["plan"]["tensors"]
+    assert t["model.layers.5.mlp.down_proj.weight"]["format"] == "q8_0"
+    assert t["model.layers.5.mlp.up_proj.weight"]["format"] == "q4_0"
+    v = t["model.layers.3.self_attn.v_proj.weight"]
+    assert v["format"] == "q5_0" and v["requested"] == "q4_k" and "256" in v["reason"]
+
+
+# --- bad input: one line naming the file, non-zero exit, nothing left behind ---------------------
+
+def assert_clean_failure(r, name: str, out: Path):
+    assert r.returncode != 0
+    err = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(err) == 1, r.stderr
+    assert err[0].startswith("edgeq: error:") and name in err[0]
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_missing_model(tmp_path):
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", tmp_path / "nope.gguf", "-o", out)
+    assert_clean_failure(r, "nope.gguf", out)
+
+
+def test_truncated_gguf(tmp_path, smollm_path):
+    bad = tmp_path / "truncated.gguf"
+    bad.write_bytes(smollm_path.read_bytes()[:200_000])
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", bad, "-o", out)
+    assert_clean_failure(r, "truncated.gguf", out)
+
+
+def test_header_cut_short(tmp_path, smollm_path):
+    bad = tmp_path / "header.gguf"
+    bad.write_bytes(smollm_path.read_bytes()[:1000])
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", bad, "-o", out)
+    assert_clean_failure(r, "header.gguf", out)
+
+
+def test_tensor_data_past_the_end(tmp_path, smollm_path):
+    from edgeq.importers.gguf_metadata import open_gguf
+
+    data = bytearray(smollm_path.read_bytes())
+    last = max(open_gguf(smollm_path).tensors, key=lambda t: t.data_offset)
+    bad = tmp_path / "past_end.gguf"
+    bad.write_bytes(bytes(data[: int(last.data_offset) + 100]))
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", bad, "-o", out)
+    assert_clean_failure(r, "past_end.gguf", out)
+    assert "past the end" in r.stderr or "truncated" in r.stderr
+
+
+def test_output_under_a_regular_file(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    out = blocker / "bundle"
+    r = edgeq("export", "-o", out)
+    assert r.returncode != 0
+    assert r.stderr.count("\n") == 1 and "afile" in r.stderr
+    assert blocker.read_text() == "x"
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"\x80\x04pickle-ish" * 100)
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", bad, "-o", out)
+    assert_clean_failure(r, "weights.bin", out)
+
+
+def test_bad_plan(tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"version": 1, "rules": [{"match": "*.ffn_down", "format": "q7_z"}]}')
+    out = tmp_path / "b"
+    r = edgeq("export", "--plan", plan, "-o", out)
+    assert_clean_failure(r, "plan.json", out)
+    assert "q7_z" in r.stderr
+
+
+def test_unknown_target(tmp_path):
+    r = edgeq("export", "--target", "toaster", "-o", tmp_path / "b")
+    assert r.returncode == 2 and "toaster" in r.stderr
