@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, artifact_path, pick_artifact, read_manifest, verify_artifacts
+from edgeq.runtime.manifest import (BundleError, artifact_path, check_runtime_version, pick_artifact, read_manifest,
+                                    verify_artifacts)
 from edgeq.runtime.sampling import sample
 
 __all__ = ["load", "Session", "BundleError"]
@@ -95,6 +96,7 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     art = pick_artifact(bundle, manifest, backend)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     if art["backend"] == "gguf":
+        check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend
 
         impl = LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,

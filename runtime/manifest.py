@@ -65,6 +65,20 @@ def verify_artifacts(bundle: str | os.PathLike, manifest: dict[str, Any]) -> Non
             raise BundleError(p, "checksum error: SHA-256 does not match the manifest")
 
 
+def check_runtime_version(manifest: dict[str, Any], dist: str) -> None:
+    """A newer or older runtime library usually loads a bundle fine, but say so: figures may differ."""
+    import warnings
+    from importlib import metadata
+
+    want = (manifest.get("runtime_versions") or {}).get(dist)
+    try:
+        have = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        raise BundleError(None, f"this bundle needs {dist} {want or ''} and it is not installed") from None
+    if want and want != have:
+        warnings.warn(f"bundle was exported and checked with {dist} {want}; this device has {have}", stacklevel=3)
+
+
 def pick_artifact(bundle: Path, manifest: dict[str, Any], backend: str | None) -> dict[str, Any]:
     models = [a for a in manifest["artifacts"] if a.get("role", "model") == "model"]
     if backend is not None:
