@@ -114,39 +114,35 @@ def assert_clean_failure(r, name: str, out: Path):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
-def test_missing_model(tmp_path):
-    out = tmp_path / "b"
-    r = edgeq("export", "--model", tmp_path / "nope.gguf", "-o", out)
-    assert_clean_failure(r, "nope.gguf", out)
+def _truncated(src, dst, n):
+    dst.write_bytes(src.read_bytes()[:n])
 
 
-def test_truncated_gguf(tmp_path, smollm_path):
-    bad = tmp_path / "truncated.gguf"
-    bad.write_bytes(smollm_path.read_bytes()[:200_000])
-    out = tmp_path / "b"
-    r = edgeq("export", "--model", bad, "-o", out)
-    assert_clean_failure(r, "truncated.gguf", out)
-
-
-def test_header_cut_short(tmp_path, smollm_path):
-    bad = tmp_path / "header.gguf"
-    bad.write_bytes(smollm_path.read_bytes()[:1000])
-    out = tmp_path / "b"
-    r = edgeq("export", "--model", bad, "-o", out)
-    assert_clean_failure(r, "header.gguf", out)
-
-
-def test_tensor_data_past_the_end(tmp_path, smollm_path):
+def _past_end(src, dst):
     from edgeq.importers.gguf_metadata import open_gguf
 
-    data = bytearray(smollm_path.read_bytes())
-    last = max(open_gguf(smollm_path).tensors, key=lambda t: t.data_offset)
-    bad = tmp_path / "past_end.gguf"
-    bad.write_bytes(bytes(data[: int(last.data_offset) + 100]))
+    last = max(open_gguf(src).tensors, key=lambda t: t.data_offset)
+    dst.write_bytes(src.read_bytes()[: int(last.data_offset) + 100])
+
+
+BAD_MODELS = {
+    "missing.gguf": lambda src, dst: None,
+    "truncated.gguf": lambda src, dst: _truncated(src, dst, 200_000),
+    "header.gguf": lambda src, dst: _truncated(src, dst, 1000),
+    "past_end.gguf": _past_end,
+    "weights.bin": lambda src, dst: dst.write_bytes(b"\x80\x04pickle-ish" * 100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MODELS))
+def test_bad_model_file(name, tmp_path, smollm_path):
+    bad = tmp_path / name
+    BAD_MODELS[name](smollm_path, bad)
     out = tmp_path / "b"
     r = edgeq("export", "--model", bad, "-o", out)
-    assert_clean_failure(r, "past_end.gguf", out)
-    assert "past the end" in r.stderr or "truncated" in r.stderr
+    assert_clean_failure(r, name, out)
+    if name == "past_end.gguf":
+        assert "past the end" in r.stderr
 
 
 def test_output_under_a_regular_file(tmp_path):
