@@ -29,7 +29,7 @@ def test_export_android(android):
     out, r = android
     m = json.loads((out / "manifest.json").read_text())
     assert m["target"]["name"] == "android" and m["target"]["isa"] == "arm64"
-    assert m["plan"]["preset"] == "q4_0"
+    assert m["plan"]["preset"] == "q4_k_m"
     assert "wrote" in r.stdout and "bpw" in r.stdout
     assert "quantize+write" in r.stderr  # progress on stderr
 
@@ -72,7 +72,7 @@ def test_inspect_bundle_and_gguf(android, smollm_path):
     r = edgeq("inspect", out, "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["checksums"] == "ok" and d["preset"] == "q4_0" and d["backends"] == ["gguf"]
+    assert d["checksums"] == "ok" and d["preset"] == "q4_k_m" and d["backends"] == ["gguf"]
     r = edgeq("inspect", smollm_path, "--json")
     d = json.loads(r.stdout)
     assert d["tensor_types"] == {"f32": 61, "q4_1": 210, "q8_0": 1} and d["architecture"] == "llama"
