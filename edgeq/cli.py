@@ -21,18 +21,28 @@ def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
 
 
+def _options(a, out: str = "out"):
+    """ExportOptions from the options `export` and `plan` share."""
+    from edgeq.pipeline import ExportOptions
+
+    return ExportOptions(
+        model=a.model, target=a.target, backend=a.backend, quant=a.quant, plan=a.plan, out=out,
+        force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
+        calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
+        bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
+    )
+
+
 def cmd_export(a) -> int:
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.pipeline import export
     from edgeq.progress import make_progress
 
-    res = export(ExportOptions(model=a.model, target=a.target, backend=a.backend, quant=a.quant, plan=a.plan,
-                               out=a.out, force=a.force, n_ctx=a.n_ctx, kv_dtype=a.kv_dtype),
-                 progress=make_progress(a.quiet), log=_log(a.quiet))
+    res = export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
     if not a.quiet:
-        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, "
+        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB ({art['bytes'] / 1e6:.3f} MB), "
               f"{m['model']['bits_per_weight']:.3f} bpw, formats {art['formats']}"
               + (f"; reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}" if chk else ""))
     return 0
@@ -41,22 +51,51 @@ def cmd_export(a) -> int:
 def cmd_plan(a) -> int:
     from edgeq.importers.loader import import_model, resolve_model_path
     from edgeq.passes import Context
-    from edgeq.pipeline import decide
+    from edgeq.pipeline import budgeted, choose_preset, decide
     from edgeq.plan import load_plan
+    from edgeq.progress import make_progress
     from edgeq.targets.profiles import get_profile
 
+    opts = _options(a)
     profile = get_profile(a.target)
-    graph = import_model(resolve_model_path(a.model))
-    backend = a.backend or profile.backend_for(graph.kind)
-    user = load_plan(a.plan) if a.plan else None
-    preset = (a.quant or (user.preset if user else None) or profile.default_quant[backend]).lower()
-    plan = decide(graph, backend, preset, user, a.plan, Context(backend=backend, profile=profile))
     out = Path(a.out)
     if out.parent.exists() and not out.parent.is_dir():
         raise EdgeqError(out.parent, "is a file")
+    if opts.quant and budgeted(opts):
+        raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
+    graph = import_model(resolve_model_path(a.model))
+    backend = a.backend or profile.backend_for(graph.kind)
+    user = load_plan(a.plan) if a.plan else None
+    preset = choose_preset(opts, user, profile, backend)
+    ctx = Context(backend=backend, profile=profile, progress=make_progress(a.quiet))
+    plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
     if not a.quiet:
-        print(f"wrote {out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}")
+        extra = ""
+        if plan.search and budgeted(opts):
+            s = plan.search
+            extra = (f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw) for a budget of "
+                     f"{s['budget_mb']:.3f} MB, predicted error {s['predicted_error']:.4g}")
+        print(f"wrote {out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
+    return 0
+
+
+def cmd_calibrate(a) -> int:
+    from edgeq.imatrix import imatrix_from_calibration, write_imatrix
+    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.passes.calibrate import calibrate
+    from edgeq.progress import make_progress
+
+    out = Path(a.out)
+    if out.parent.exists() and not out.parent.is_dir():
+        raise EdgeqError(out.parent, "is a file")
+    graph = import_model(resolve_model_path(a.model))
+    cal = calibrate(graph, n_windows=a.calib_windows, progress=make_progress(a.quiet))
+    im = imatrix_from_calibration(graph, cal)
+    write_imatrix(out, im)
+    if not a.quiet:
+        print(f"wrote {out}: llama.cpp imatrix, {len(im.entries)} entries from {cal.info.get('tokens')} tokens "
+              f"({im.chunk_count} chunks of {im.chunk_size})")
     return 0
 
 
@@ -111,18 +150,53 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
+    def csv(kind):
+        def parse(text: str):
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            if kind is int:
+                try:
+                    return [int(t) for t in items]
+                except ValueError:
+                    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+            return [t.lower() for t in items]
+        return parse
+
+    def calibration_options(sp):
+        sp.add_argument("--no-calibration", dest="calibration", action="store_false",
+                        help="no importance matrix: llama.cpp's plain quantization")
+        sp.add_argument("--imatrix", help="llama.cpp imatrix file (GGUF or legacy .dat) to use instead of calibrating")
+        sp.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+
+    def search_options(sp):
+        calibration_options(sp)
+        sp.add_argument("--budget-mb", type=float, help="budget: 10^6 bytes of all model files written")
+        sp.add_argument("--bpw", type=float, help="budget: 8 x file bytes / source parameters")
+        sp.add_argument("--method", default="ilp", choices=["ilp", "dynaquant"], help="allocator (default ilp)")
+        sp.add_argument("--formats", type=csv(str), help="candidate formats, comma-separated (default: all the backend carries)")
+        sp.add_argument("--ranks", type=csv(int), default=[0], help="low-rank branch ranks to consider, e.g. 0,8,16")
+        sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up")
+
     e = sub.add_parser("export", help="compile a model into a bundle")
     common_model(e)
+    search_options(e)
     e.add_argument("-o", "--out", required=True, help="bundle folder to write")
     e.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     e.add_argument("--n-ctx", type=int, help="context length recorded for the device")
     e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
     e.set_defaults(fn=cmd_export)
 
-    pl = sub.add_parser("plan", help="write the plan an export would use, to read or edit")
+    pl = sub.add_parser("plan", help="write the plan an export would use (a preset, or a budgeted allocation)")
     common_model(pl)
+    search_options(pl)
     pl.add_argument("-o", "--out", required=True, help="plan JSON to write")
     pl.set_defaults(fn=cmd_plan)
+
+    c = sub.add_parser("calibrate", help="write llama.cpp's importance matrix (imatrix GGUF) from calibration text")
+    c.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+    c.add_argument("-o", "--out", required=True, help="imatrix file to write (.gguf)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_calibrate)
 
     r = sub.add_parser("run", help="generate text with a bundle")
     r.add_argument("bundle")

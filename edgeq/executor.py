@@ -48,7 +48,12 @@ class Executor:
         if tokens.ndim != 1 or tokens.size == 0:
             raise ValueError("tokens must be a non-empty 1-D sequence")
         env: dict[str, np.ndarray] = {"tokens": tokens, "positions": np.arange(tokens.size)}
-        for node in self.graph.nodes:
+        # Nodes are in execution order: stop after the last one that produces a requested output.
+        wanted = set(outputs)
+        last = max((i for i, n in enumerate(self.graph.nodes) if wanted & set(n.outputs)), default=-1)
+        if last < 0:
+            raise ValueError(f"no node produces any of {sorted(wanted)}")
+        for node in self.graph.nodes[:last + 1]:
             args = [env[i] if i in env else self.weight(i) for i in node.inputs]
             hook = self.observers.get(node.op)
             if hook is not None:

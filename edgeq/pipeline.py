@@ -6,7 +6,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +38,17 @@ class ExportOptions:
     n_ctx: int | None = None
     kv_dtype: str | None = None
     check: bool = True
+    # calibration: presets and plans are calibration-aware unless turned off
+    calibration: bool = True
+    imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
+    calib_windows: int = 4                 # 512-token windows of calibration text
+    # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
+    budget_mb: float | None = None         # 10^6 bytes of all model files written
+    bpw: float | None = None               # 8 x those bytes / source parameters
+    method: str = "ilp"
+    formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
+    ranks: list[int] = field(default_factory=lambda: [0])
+    ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
 
 
 def runtime_versions() -> dict[str, str]:
@@ -52,14 +63,105 @@ def runtime_versions() -> dict[str, str]:
     return out
 
 
-def decide(graph: Graph, backend: str, preset: str, user_plan: Plan | None, plan_path: str | None,
-           ctx: Context) -> Plan:
-    passes = [AssignPreset(preset)]
+@dataclass
+class Decision:
+    plan: Plan
+    calibration: Any = None          # a passes.calibrate.Calibration, or None (llama.cpp's plain behaviour)
+
+
+def _preset_takes_imatrix(graph: Graph, preset: str) -> bool:
+    """Whether any format of `preset` on this model uses an importance matrix (else calibrating is wasted)."""
+    from edgeq.formats import get_format
+    from edgeq.models import llama
+    from edgeq.targets.gguf.presets import TensorInfo, preset_types
+
+    cfg = graph.config
+    infos = [TensorInfo(t.alias or llama.gguf_name(n), tuple(reversed(t.shape))) for n, t in graph.weights.items()]
+    for has in (False, True):
+        for c in preset_types(preset, infos, cfg.n_heads, cfg.n_kv_heads, has_imatrix=has).values():
+            if get_format(c.type).takes_imatrix:
+                return True
+    return False
+
+
+def budgeted(opts: ExportOptions) -> bool:
+    return opts.budget_mb is not None or opts.bpw is not None
+
+
+def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | None, plan_path: str | None,
+           ctx: Context, opts: ExportOptions | None = None, tokenizer: dict | None = None) -> Decision:
+    """Run the passes that make the plan: calibrate, then a preset or a budgeted allocation, then the user's rules."""
+    from edgeq.passes.calibrate import Calibrate
+
+    opts = opts or ExportOptions(calibration=False)
+    if opts.imatrix and not opts.calibration:
+        raise EdgeqError(opts.imatrix, "--imatrix and --no-calibration contradict each other")
+    search = budgeted(opts)
+    if search and user_plan is not None:
+        raise EdgeqError(plan_path, "give either --plan or a budget (--budget-mb / --bpw), not both")
+    if search and opts.method not in ("ilp", "dynaquant"):
+        raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
+    passes = []
+    if opts.calibration and (search or opts.imatrix or _takes_imatrix(graph, preset, user_plan)):
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix))
+    if search:
+        passes += _search_passes(graph, backend, opts, tokenizer)
+    elif preset is not None:
+        passes.append(_PresetAfterCalibration(preset))
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
     passes.append(Legalize())
     _, plan = run_passes(passes, graph, Plan(), ctx)
-    return plan
+    cal = ctx.analysis.get("calibration")
+    plan.calibration = None if cal is None else cal.to_json()
+    return Decision(plan, cal)
+
+
+def _takes_imatrix(graph: Graph, preset: str | None, user_plan: Plan | None) -> bool:
+    from edgeq.formats import get_format
+
+    if preset is not None and _preset_takes_imatrix(graph, preset):
+        return True
+    if user_plan is not None:
+        used = [t.format for t in user_plan.tensors.values()] + [r.format for r in user_plan.rules]
+        return any(get_format(f).takes_imatrix for f in used)
+    return False
+
+
+class _PresetAfterCalibration(AssignPreset):
+    """AssignPreset that knows whether calibration ran (llama.cpp picks some types differently with an imatrix)."""
+
+    def run(self, graph, plan, ctx):
+        self.has_imatrix = "calibration" in ctx.analysis
+        return super().run(graph, plan, ctx)
+
+
+def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None) -> list:
+    from edgeq.models import llama
+    from edgeq.passes.allocate import Allocate, budget_bytes
+    from edgeq.passes.sensitivity import CostTable, Sensitivity
+    from edgeq.targets.gguf.writer import layout_overhead, padded
+
+    if backend != "gguf":
+        raise EdgeqError(None, f"budgeted plans for backend {backend!r} are not available yet")
+    if any(r != 0 for r in opts.ranks):
+        raise EdgeqError(None, "--ranks other than 0 (low-rank error branches) are not available yet")
+    if tokenizer is None:
+        from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+
+        tokenizer = spec_to_json(spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path")))
+    overhead = layout_overhead(graph, tokenizer)
+    ties = llama.fused_groups(graph, opts.ties)
+    # the budget in bytes needs only the parameter count, known before any cost
+    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    passes = [Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded)]
+    if opts.method == "ilp":
+        passes.append(Allocate(budget, ties))
+    else:
+        from edgeq.passes.dynaquant import DynaQuantAllocate
+
+        passes.append(DynaQuantAllocate(budget, ties))
+    return passes
 
 
 def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
@@ -70,6 +172,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     user_plan = load_plan(opts.plan) if opts.plan else None
     if opts.quant and user_plan and user_plan.preset and user_plan.preset != opts.quant:
         raise EdgeqError(opts.plan, f"plan says preset {user_plan.preset!r} but --quant says {opts.quant!r}")
+    if opts.quant and budgeted(opts):
+        raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
 
     t0 = time.perf_counter()
     model_path = resolve_model_path(opts.model)
@@ -79,27 +183,30 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     backend = opts.backend or profile.backend_for(graph.kind)
     if backend != "gguf":
         raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf)")
-    preset = (opts.quant or (user_plan.preset if user_plan else None) or profile.default_quant[backend]).lower()
+    preset = choose_preset(opts, user_plan, profile, backend)
     kv_dtype = opts.kv_dtype or ("f32" if preset == "f32" else profile.kv_cache_dtype)
     n_ctx = int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
-
-    ctx = Context(backend=backend, profile=profile, progress=progress)
-    t0 = time.perf_counter()
-    plan = decide(graph, backend, preset, user_plan, opts.plan, ctx)
-    timings["passes"] = time.perf_counter() - t0
 
     from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     spec = spec_from_gguf_metadata(graph.metadata.get("gguf", {}), model_path)
+    ctx = Context(backend=backend, profile=profile, progress=progress)
+    t0 = time.perf_counter()
+    decision = decide(graph, backend, preset, user_plan, opts.plan, ctx, opts, spec_to_json(spec))
+    plan = decision.plan
+    timings["passes"] = time.perf_counter() - t0
+    what = (f"{plan.search['method']} plan for {plan.search['budget_mb']:.3f} MB" if plan.search and budgeted(opts)
+            else preset)
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} "
-        f"as {backend} {preset}")
+        f"as {backend} {what}")
 
     with staged_dir(opts.out, opts.force) as tmp:
         from edgeq.targets.gguf import write_gguf
 
         t0 = time.perf_counter()
         model_file = tmp / MODEL_FILE[backend]
-        written = write_gguf(graph, plan, model_file, spec_to_json(spec), progress=progress)
+        imatrix = decision.calibration.imatrix() if decision.calibration is not None else None
+        written = write_gguf(graph, plan, model_file, spec_to_json(spec), imatrix=imatrix, progress=progress)
         timings["lower"] = time.perf_counter() - t0
 
         spec_file = tmp / "tokenizer_spec.json"
@@ -142,6 +249,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             ],
             "tokenizer": {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
                           "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None},
+            "calibration": _calibration_record(decision, opts),
             "plan": plan.to_json(),
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
@@ -165,6 +273,24 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         plot_layers(graph, plan, tmp / plot)
         write_report(tmp / "report.md", manifest, measurements, graph, plan, plot)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:
+    if budgeted(opts):
+        return None
+    if user_plan is not None and user_plan.preset is None and user_plan.search is not None:
+        return None          # a budgeted plan decides every tensor itself
+    return (opts.quant or (user_plan.preset if user_plan else None) or profile.default_quant[backend]).lower()
+
+
+def _calibration_record(decision: Decision, opts: ExportOptions) -> dict[str, Any]:
+    cal = decision.calibration
+    if cal is not None:
+        return {"enabled": True, "imatrix": "importance matrix (E[x^2] per input channel) passed to ggml's "
+                                            "quantizer for every type that takes one", **cal.to_json()}
+    if not opts.calibration:
+        return {"enabled": False, "reason": "--no-calibration: llama.cpp's plain quantization (no imatrix)"}
+    return {"enabled": False, "reason": "no format in this plan uses an importance matrix"}
 
 
 def _source_name(path: Path, given: str | None) -> str:

@@ -32,10 +32,12 @@ class TensorPlan:
     keep: int | None = None           # structured width kept after pruning (None: all)
     order: list[int] | None = None    # channel permutation (None: identity)
     tie: str | None = None            # name of a tensor that must share this decision (fused at run time)
+    bytes: int | None = None          # bytes in the model files (GGUF alignment and any branch included)
+    predicted_error: float | None = None   # the sensitivity pass's cost of this choice
 
     def to_json(self) -> dict[str, Any]:
         d = {"format": self.format, "reason": self.reason}
-        for k in ("requested", "tie", "keep", "order"):
+        for k in ("requested", "tie", "keep", "order", "bytes", "predicted_error"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         if self.rank:
@@ -62,17 +64,24 @@ class Plan:
     backend: str | None = None
     rules: list[Rule] = field(default_factory=list)
     pruning: dict[str, Any] | None = None    # room for rate -> per-layer widths tables
+    search: dict[str, Any] | None = None     # how a budgeted allocation was made (method, budget, totals)
+    calibration: dict[str, Any] | None = None   # what the decisions were calibrated on (None: uncalibrated)
     version: int = PLAN_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "preset": self.preset,
             "backend": self.backend,
             "rules": [asdict(r) for r in self.rules],
             "pruning": self.pruning,
-            "tensors": {k: v.to_json() for k, v in self.tensors.items()},
         }
+        if self.search is not None:
+            d["search"] = self.search
+        if self.calibration is not None:
+            d["calibration"] = self.calibration
+        d["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
+        return d
 
     def format_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -86,7 +95,7 @@ class Plan:
         atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
-_TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie"}
+_TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie", "bytes", "predicted_error"}
 
 
 def _check_format(name: str, where: str, path) -> str:
@@ -105,7 +114,7 @@ def plan_from_json(d: Any, path=None) -> Plan:
     version = d.get("version", PLAN_VERSION)
     if version != PLAN_VERSION:
         raise EdgeqError(path, f"plan version {version} is not supported (this edgeq reads version {PLAN_VERSION})")
-    unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning"}
+    unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning", "search", "calibration"}
     if unknown:
         raise EdgeqError(path, f"unknown plan key {sorted(unknown)[0]!r}")
     rules = []
@@ -131,11 +140,16 @@ def plan_from_json(d: Any, path=None) -> Plan:
         tensors[name] = TensorPlan(
             format=_check_format(t["format"], f"tensors[{name!r}]", path), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
             rank=rank, keep=t.get("keep"), order=t.get("order"), tie=t.get("tie"),
+            bytes=t.get("bytes"), predicted_error=t.get("predicted_error"),
         )
     preset = d.get("preset")
     if preset is not None and not isinstance(preset, str):
         raise EdgeqError(path, "'preset' must be a string")
-    return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"))
+    for key in ("search", "calibration"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise EdgeqError(path, f"'{key}' must be an object")
+    return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
+                search=d.get("search"), calibration=d.get("calibration"))
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

@@ -22,4 +22,5 @@ def evaluation_text() -> str:
     return "\n\n".join(text for i, (_, text) in enumerate(_topics()) if i % 2 == 1)
 
 
+CALIBRATION_TEXT_NAME = "pydoc_data.topics (even-indexed topics, disjoint from the evaluation text)"
 EVALUATION_TEXT_NAME = "pydoc_data.topics (odd-indexed topics, held out from calibration)"

@@ -340,3 +340,23 @@ def graph_from_arrays(cfg: LlamaConfig, arrays: dict[str, np.ndarray], metadata:
         arr = np.asarray(arrays[name], dtype=np.float32)
         weights[name] = Tensor(name=name, shape=tuple(arr.shape), load=(lambda a=arr: a), alias=gguf_name(name))
     return build_graph(cfg, weights, metadata)
+
+
+_FUSED = {
+    "qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def fused_groups(graph: Graph, kinds: list[str] | tuple[str, ...]) -> list[list[str]]:
+    """Groups of tensors a runtime may fuse (one input, one kernel), per layer, for the kinds asked:
+    "qkv" (q/k/v projections) and "gate_up" (the MLP's gate and up projections)."""
+    groups = []
+    for kind in kinds:
+        if kind not in _FUSED:
+            raise EdgeqError(None, f"unknown tie {kind!r}; choose from {', '.join(_FUSED)}")
+        for i in range(graph.config.n_layers):
+            members = [f"model.layers.{i}.{s}" for s in _FUSED[kind]]
+            if all(m in graph.weights for m in members):
+                groups.append(members)
+    return groups

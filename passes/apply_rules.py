@@ -38,6 +38,7 @@ class ApplyRules(Pass):
         if missing:
             raise EdgeqError(self.source, f"plan decides nothing for {missing[0]} (add a rule or a preset)")
         out = Plan(tensors=tensors, preset=plan.preset, backend=ctx.backend, rules=self.user.rules,
-                   pruning=self.user.pruning or plan.pruning)
+                   pruning=self.user.pruning or plan.pruning, search=self.user.search or plan.search,
+                   calibration=plan.calibration or self.user.calibration)
         ctx.record(self.name, rules=len(self.user.rules), explicit=len(self.user.tensors), changed=changed)
         return graph, out

@@ -16,8 +16,9 @@ from edgeq.plan import Plan, TensorPlan
 class AssignPreset(Pass):
     name = "assign_preset"
 
-    def __init__(self, preset: str):
+    def __init__(self, preset: str, has_imatrix: bool = False):
         self.preset = preset.lower()
+        self.has_imatrix = has_imatrix   # llama.cpp picks a few types differently with an importance matrix
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if ctx.backend != "gguf":
@@ -27,12 +28,13 @@ class AssignPreset(Pass):
 
         cfg = graph.config
         infos = [TensorInfo(t.alias or llama.gguf_name(n), tuple(reversed(t.shape))) for n, t in graph.weights.items()]
-        choices = preset_types(self.preset, infos, cfg.n_heads, cfg.n_kv_heads)
+        choices = preset_types(self.preset, infos, cfg.n_heads, cfg.n_kv_heads, has_imatrix=self.has_imatrix)
         tensors = {}
         for (name, _), info in zip(graph.weights.items(), infos):
             c = choices[info.name]
             tensors[name] = TensorPlan(format=c.type, reason=c.reason, requested=c.requested)
-        plan = Plan(tensors=tensors, preset=self.preset, backend=ctx.backend, rules=plan.rules, pruning=plan.pruning)
-        ctx.record(self.name, preset=self.preset, formats=plan.format_counts(),
+        plan = Plan(tensors=tensors, preset=self.preset, backend=ctx.backend, rules=plan.rules, pruning=plan.pruning,
+                    search=plan.search, calibration=plan.calibration)
+        ctx.record(self.name, preset=self.preset, imatrix=self.has_imatrix, formats=plan.format_counts(),
                    fallbacks=sum(1 for t in tensors.values() if t.requested))
         return graph, plan

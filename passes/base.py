@@ -21,6 +21,7 @@ class Context:
     progress: Callable | None = None             # tqdm-like wrapper, or None when quiet
     records: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    analysis: dict[str, Any] = field(default_factory=dict)   # what analysis passes computed (calibration, costs)
 
     def record(self, pass_name: str, **what: Any) -> None:
         self.records.append({"pass": pass_name, **what})

@@ -116,3 +116,69 @@ def test_tensor_bytes_identical_to_llama_cpp_quantize(preset, export_bundle, tmp
     for name, t in theirs.items():
         assert ours[name].tensor_type == t.tensor_type, name
         assert np.array_equal(np.asarray(ours[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+
+
+def _imatrix_params(ftype: int, importance: dict[str, np.ndarray]):
+    """llama_model_quantize_params with params.imatrix set, and the buffers that must stay alive."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    keep = []
+    entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
+    for i, (name, values) in enumerate(sorted(importance.items())):
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        keep += [arr, name.encode()]
+        entries[i].name = keep[-1]
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    entries[len(importance)].name = None           # NULL-terminated, as llama-quantize builds it
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    keep.append(entries)
+    return params, keep
+
+
+@pytest.fixture(scope="module")
+def random_imatrix_file(smollm_graph, tmp_path_factory):
+    """An importance matrix for every 2-D weight of SmolLM2 (GGUF names), heavy-tailed like real ones."""
+    from edgeq.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+    rng = np.random.default_rng(0)
+    entries = {t.alias: ImatrixEntry((rng.lognormal(0, 2, t.shape[-1]) * 100).astype(np.float32), np.array([100]))
+               for t in smollm_graph.weights.values() if len(t.shape) == 2}
+    path = tmp_path_factory.mktemp("imatrix") / "imatrix.gguf"
+    write_imatrix(path, Imatrix(entries, ["random"], 1, 512))
+    return path
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, export_bundle, random_imatrix_file, tmp_path):
+    """With the same importance matrix, edgeq's export is llama_model_quantize's with params.imatrix, byte for byte
+    (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1)."""
+    from edgeq.imatrix import read_imatrix
+    from edgeq.pipeline import ExportOptions, export
+    from edgeq.targets.gguf.presets import preset_file_type
+
+    ours_dir = tmp_path / "ours"
+    export(ExportOptions(quant=preset, imatrix=str(random_imatrix_file), out=str(ours_dir), check=False))
+    importance = {name: e.importance() for name, e in read_imatrix(random_imatrix_file).entries.items()}
+    params, _keep = _imatrix_params(preset_file_type(preset), importance)
+    theirs_path = tmp_path / f"llama-{preset}-imatrix.gguf"
+    f32 = export_bundle("f32") / "model.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), ctypes.byref(params)) == 0
+    ours = {t.name: t for t in GGUFReader(ours_dir / "model.gguf").tensors}
+    theirs = {t.name: t for t in GGUFReader(theirs_path).tensors}
+    plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
+    assert ours.keys() == theirs.keys()
+    differs_from_plain = 0
+    for name, t in theirs.items():
+        assert ours[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(np.asarray(ours[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+        differs_from_plain += (plain[name].tensor_type != t.tensor_type
+                               or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
+                                                     np.asarray(t.data).view(np.uint8)))
+    assert differs_from_plain > 100       # the importance matrix was really used
+    if preset == "q4_0":
+        assert ours["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
+        assert ours["blk.3.ffn_down.weight"].tensor_type.name == "Q4_0"
+    m = __import__("json").loads((ours_dir / "manifest.json").read_text())
+    assert m["calibration"]["enabled"] and m["calibration"]["source"] == "imatrix file"

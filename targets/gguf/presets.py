@@ -123,6 +123,7 @@ class _Ctx:
     i: int  # index among tensors of this kind, in llama.cpp's order
     n: int  # how many of this kind (attn_v: counted; ffn_*: n_layer)
     n_gqa: int
+    has_imatrix: bool = False  # llama.cpp's qs.has_imatrix: an importance matrix was given
 
 
 def _use_more_bits(i: int, n: int) -> bool:
@@ -162,6 +163,11 @@ _RULES: tuple[_Rule, ...] = (
     _rule("q4_k_m q5_k_m", "ffn_down", "q6_k", "ffn_down in a use_more_bits layer",
           lambda c: _use_more_bits(c.i, c.n)),
     _rule("q4_k_s", "ffn_down", "q5_k", "ffn_down in the first eighth of layers", lambda c: c.i < c.n // 8),
+    # "Guard against craziness in the first few ffn_down layers" -- only with an importance matrix.
+    _rule("q4_0", "ffn_down", "q4_1", "ffn_down in the first eighth of layers, with an imatrix",
+          lambda c: c.has_imatrix and c.i < c.n // 8),
+    _rule("q5_0", "ffn_down", "q5_1", "ffn_down in the first eighth of layers, with an imatrix",
+          lambda c: c.has_imatrix and c.i < c.n // 8),
     _rule("q2_k", "attn_output", "q3_k", "attn_output"),
     _rule("q3_k_m", "attn_output", "q4_k", "attn_output"),
     _rule("q3_k_l", "attn_output", "q5_k", "attn_output"),
@@ -303,6 +309,7 @@ class _Model:
     n_layer: int
     n_gqa: int
     is_70b: bool  # llama.cpp's LLM_TYPE_70B for the llama arch: 80 layers with GQA
+    has_imatrix: bool = False
 
 
 def _choose(preset: str, t: TensorInfo, model: _Model, counters: _Counters) -> PresetChoice:
@@ -318,7 +325,7 @@ def _choose(preset: str, t: TensorInfo, model: _Model, counters: _Counters) -> P
     elif kind in ("attn_v", "ffn_down", "attn_output"):
         n = model.n_attn_v if kind == "attn_v" else model.n_layer
         i = counters.next(kind) if kind != "attn_output" else 0
-        wanted, why = _mixture_rule(preset, kind, _Ctx(i, n, model.n_gqa), default)
+        wanted, why = _mixture_rule(preset, kind, _Ctx(i, n, model.n_gqa, model.has_imatrix), default)
         if kind == "attn_v" and model.is_70b and wanted in ("q3_k", "q4_k"):
             wanted, why = "q5_k", f"{why}; 70B-class model (80 layers, GQA) bumps attn_v -> q5_k"
     else:
@@ -329,7 +336,8 @@ def _choose(preset: str, t: TensorInfo, model: _Model, counters: _Counters) -> P
     return PresetChoice(got, f"{why}; {fell}", wanted)
 
 
-def _model_facts(tensors: list[TensorInfo], n_head: int, n_head_kv: int, n_layer: int | None) -> _Model:
+def _model_facts(tensors: list[TensorInfo], n_head: int, n_head_kv: int, n_layer: int | None,
+                 has_imatrix: bool = False) -> _Model:
     names = {t.name for t in tensors}
     if n_layer is None:
         n_layer = max((_layer_of(n) for n in names), default=-1) + 1
@@ -339,6 +347,7 @@ def _model_facts(tensors: list[TensorInfo], n_head: int, n_head_kv: int, n_layer
         n_layer=n_layer,
         n_gqa=n_head // n_head_kv if n_head_kv else 0,
         is_70b=n_layer == 80 and n_head != n_head_kv,
+        has_imatrix=has_imatrix,
     )
 
 
@@ -349,13 +358,16 @@ def preset_types(
     n_head_kv: int,
     *,
     n_layer: int | None = None,
+    has_imatrix: bool = False,
 ) -> dict[str, PresetChoice]:
     """Per tensor name, the type llama.cpp's quantizer writes for `preset` on this llama model.
 
     `n_layer` is the model's block_count; by default the highest `blk.N` + 1.
+    `has_imatrix`: quantizing with an importance matrix, which changes a few
+    choices (q4_0/q5_0 give the first eighth of ffn_down q4_1/q5_1).
     """
     _check_preset(preset)
     _reject_experts(tensors)
-    model = _model_facts(tensors, n_head, n_head_kv, n_layer)
+    model = _model_facts(tensors, n_head, n_head_kv, n_layer, has_imatrix)
     counters = _Counters()
     return {t.name: _choose(preset, t, model, counters) for t in llama_cpp_order(tensors)}

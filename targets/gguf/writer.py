@@ -61,21 +61,21 @@ def _add_tokenizer(w, tok: dict[str, Any]) -> None:
         w.add_string("tokenizer.chat_template", tok["chat_template"])
 
 
-def write_gguf(
-    graph: Graph,
-    plan: Plan,
-    path: str | os.PathLike,
-    tokenizer: dict[str, Any],
-    imatrix: dict[str, np.ndarray] | None = None,
-    progress: Callable | None = None,
-) -> dict[str, int]:
-    """Write the file; returns {format: tensor count} actually written."""
+ALIGNMENT = 32  # GGUF's default data alignment (gguf-py and llama.cpp)
+
+
+def padded(nbytes: int) -> int:
+    """Bytes a tensor of `nbytes` occupies in the file: data is aligned to 32 bytes."""
+    return -(-nbytes // ALIGNMENT) * ALIGNMENT
+
+
+def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
+    """A GGUFWriter with all metadata and tensor infos declared, and the (name, tensor, format, bytes) list."""
     from gguf import GGUFWriter, GGMLQuantizationType
 
     if graph.arch != "llama":
         raise EdgeqError(None, f"the GGUF target lowers llama-family decoders, not {graph.arch}")
     cfg: llama.LlamaConfig = graph.config
-    path = Path(path)
     w = GGUFWriter(path, arch="llama")
     w.add_string("general.type", "model")
     w.add_string("general.name", str(graph.metadata.get("name") or "model"))
@@ -110,6 +110,48 @@ def write_gguf(
         w.add_tensor_info(gname, (rows, nbytes // rows) if len(tensor.shape) > 1 else (nbytes,), np.dtype(np.uint8),
                           nbytes, raw_dtype=GGMLQuantizationType(fmt.ggml_type))
         entries.append((name, tensor, fmt, nbytes))
+    return w, entries
+
+
+def layout_overhead(graph: Graph, tokenizer: dict[str, Any]) -> int:
+    """Bytes of the file before the first tensor (header, metadata, tensor infos, alignment).
+
+    It does not depend on the formats chosen (every field is fixed-width), so the
+    size of any plan's file is this plus `padded(bytes)` of each tensor.
+    """
+    import tempfile
+
+    from edgeq.plan import TensorPlan
+
+    plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
+    with tempfile.TemporaryDirectory(prefix="edgeq-layout-") as d:
+        w, _ = _declare(graph, plan, Path(d) / "layout.gguf", tokenizer)
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            size = w.fout[0].tell()
+        finally:
+            w.close()
+    return padded(size)
+
+
+def write_gguf(
+    graph: Graph,
+    plan: Plan,
+    path: str | os.PathLike,
+    tokenizer: dict[str, Any],
+    imatrix: dict[str, np.ndarray] | None = None,
+    progress: Callable | None = None,
+) -> dict[str, int]:
+    """Write the file; returns {format: tensor count} actually written.
+
+    `imatrix`: importance per canonical weight name (E[x²] of its input), passed
+    to ggml's quantizer for the types that take one, as llama-quantize --imatrix does.
+    """
+    cfg: llama.LlamaConfig = graph.config
+    path = Path(path)
+    w, entries = _declare(graph, plan, path, tokenizer)
 
     counts: dict[str, int] = {}
     try:

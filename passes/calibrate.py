@@ -1,0 +1,268 @@
+"""calibrate: input statistics of every linear layer, from calibration text run through the reference executor.
+
+Per distinct linear input (q/k/v share one, gate/up share one) it keeps the
+token count, the sum of squares per input channel (llama.cpp's importance
+matrix is exactly that: `in_sum2` / `counts`) and, where the width allows
+(`max_full`), the full sum of outer products, so that E[xxᵀ] is available to
+the sensitivity pass and to low-rank compensation. The tied embedding, which
+is also the output head, gets the head's input statistics plus the token
+counts of the lookups.
+
+Calibration text comes from `edgeq.texts.calibration_text()` (disjoint from
+the evaluation text), cut into llama-imatrix-style windows (first token
+replaced by BOS). Results are cached on disk by (source model, text, windows,
+width limit), so repeated plans and exports cost one calibration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.passes.base import Context, Pass
+from edgeq.plan import Plan
+
+CALIBRATION_VERSION = 1
+DEFAULT_WINDOWS = 4
+DEFAULT_CTX = 512
+DEFAULT_MAX_FULL = 2048
+
+
+@dataclass
+class InputStats:
+    """Second moments of one linear input (float64 sums over `n` tokens)."""
+
+    n: int
+    sum_sq: np.ndarray                     # (width,)
+    sum_outer: np.ndarray | None = None    # (width, width), float64, or None when only the diagonal is kept
+
+    @property
+    def width(self) -> int:
+        return int(self.sum_sq.shape[0])
+
+    def diag(self) -> np.ndarray:
+        """E[x_j²]: llama.cpp's importance-matrix values for this input."""
+        return self.sum_sq / max(self.n, 1)
+
+    def importance(self) -> np.ndarray:
+        """float32 in_sum2 / counts, computed the way llama-quantize does from an imatrix file."""
+        return self.sum_sq.astype(np.float32) / np.float32(max(self.n, 1))
+
+    def full(self) -> np.ndarray | None:
+        return None if self.sum_outer is None else self.sum_outer / max(self.n, 1)
+
+
+@dataclass
+class Calibration:
+    """Per linear weight (canonical name): the statistics of the input it multiplies."""
+
+    inputs: dict[str, InputStats]                 # by input key (the IR value name, or "file:<name>")
+    weight_input: dict[str, str]                  # weight canonical name -> input key
+    token_counts: np.ndarray | None = None        # lookups per token id (embedding), if known
+    info: dict[str, Any] = field(default_factory=dict)   # provenance: text, windows, ctx, tokens, source ...
+
+    def stats(self, weight: str) -> InputStats | None:
+        key = self.weight_input.get(weight)
+        return None if key is None else self.inputs[key]
+
+    def imatrix(self) -> dict[str, np.ndarray]:
+        """Canonical weight name -> importance (E[x²], float32), what ggml's quantizers take."""
+        return {w: self.inputs[k].importance() for w, k in self.weight_input.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """What the manifest and the plan record about the calibration."""
+        full = sum(1 for s in self.inputs.values() if s.sum_outer is not None)
+        return {**self.info, "linear_weights": len(self.weight_input), "inputs": len(self.inputs),
+                "inputs_with_full_covariance": full}
+
+    # --- cache -------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        keys = sorted(self.inputs)
+        for i, k in enumerate(keys):
+            s = self.inputs[k]
+            arrays[f"n{i}"] = np.array(s.n)
+            arrays[f"sq{i}"] = s.sum_sq
+            if s.sum_outer is not None:
+                arrays[f"outer{i}"] = s.sum_outer
+        if self.token_counts is not None:
+            arrays["token_counts"] = self.token_counts
+        meta = {"keys": keys, "weight_input": self.weight_input, "info": self.info}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Calibration":
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            inputs = {}
+            for i, k in enumerate(meta["keys"]):
+                inputs[k] = InputStats(int(z[f"n{i}"]), z[f"sq{i}"], z[f"outer{i}"] if f"outer{i}" in z else None)
+            counts = z["token_counts"] if "token_counts" in z else None
+        return cls(inputs, meta["weight_input"], counts, meta["info"])
+
+
+def cache_dir() -> Path | None:
+    """Where calibrations are cached (EDGEQ_CACHE; 'off' disables caching)."""
+    root = os.environ.get("EDGEQ_CACHE")
+    if root == "off":
+        return None
+    return Path(root) if root else Path.home() / ".cache" / "edgeq"
+
+
+def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool) -> list[list[int]]:
+    """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix."""
+    available = len(tokens) // ctx
+    if available < 1:
+        raise EdgeqError(None, f"calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    n = min(n_windows, available)
+    starts = [int(round(i * (available - 1) / max(n - 1, 1))) * ctx for i in range(n)] if n > 1 else [0]
+    out = []
+    for s in starts:
+        w = list(tokens[s:s + ctx])
+        if add_bos and bos_id is not None:
+            w[0] = bos_id
+        out.append(w)
+    return out
+
+
+def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_FULL,
+            progress: Callable | None = None) -> Calibration:
+    """Run the windows through the reference executor and accumulate every linear input's moments."""
+    from edgeq.executor import Executor
+
+    inputs: dict[str, InputStats] = {}
+    weight_input: dict[str, str] = {}
+    seen: set[str] = set()
+
+    def observe(node, args) -> None:
+        key, weight = node.inputs[0], node.inputs[1]
+        weight_input[weight] = key
+        if key in seen:               # q/k/v (and gate/up) multiply the same input: count it once
+            return
+        seen.add(key)
+        x = np.asarray(args[0], dtype=np.float32)
+        s = inputs.get(key)
+        if s is None:
+            width = x.shape[-1]
+            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if width <= max_full else None)
+        s.n += x.shape[0]
+        s.sum_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        if s.sum_outer is not None:
+            s.sum_outer += x.T @ x
+
+    ex = Executor(graph, observers={"linear": observe})
+    # The output head's product (vocab-wide logits) is the costliest node and only its input
+    # matters here: stop before it and observe that input directly.
+    graph_outputs = {v.name for v in graph.outputs}
+    heads = [n for n in graph.nodes if n.op == "linear" and n.outputs[0] in graph_outputs]
+    head_inputs = tuple(dict.fromkeys(n.inputs[0] for n in heads))
+    vocab = graph.weights[_embedding_name(graph)].shape[0]
+    counts = np.zeros(vocab, dtype=np.int64)
+    it = windows if progress is None else progress(windows, desc="calibrate", unit="window")
+    for w in it:
+        seen.clear()
+        env = ex.run(w, outputs=head_inputs)
+        for n in heads:
+            observe(n, [env[n.inputs[0]]])
+        counts += np.bincount(np.asarray(w), minlength=vocab)
+    # sum_outer was accumulated from float32 products; symmetrise the rounding away.
+    for s in inputs.values():
+        if s.sum_outer is not None:
+            s.sum_outer = (s.sum_outer + s.sum_outer.T) / 2
+    return Calibration(inputs, weight_input, counts, {"windows": len(windows), "ctx": len(windows[0]),
+                                                       "tokens": int(sum(len(w) for w in windows))})
+
+
+def _embedding_name(graph: Graph) -> str:
+    for node in graph.nodes:
+        if node.op == "embedding":
+            return node.inputs[1]
+    raise EdgeqError(None, "the model has no embedding node")
+
+
+def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
+    """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
+    from edgeq.texts import calibration_text
+    from edgeq.tokenizer import build_tokenizer, encode, spec_from_gguf_metadata
+
+    spec = spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path"))
+    tok = build_tokenizer(spec)
+    return encode(tok, spec, calibration_text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
+
+
+def source_digest(graph: Graph) -> str:
+    """SHA-256 of the source file when there is one, else of the weights themselves."""
+    src = graph.metadata.get("source_path")
+    if src and Path(src).is_file():
+        from edgeq.fsutil import sha256_file
+
+        return sha256_file(src)
+    h = hashlib.sha256()
+    for name, t in graph.weights.items():
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
+    return h.hexdigest()
+
+
+def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
+              progress: Callable | None = None, use_cache: bool = True) -> Calibration:
+    """Calibration statistics for `graph`, from the cache when the same ones were computed before."""
+    from edgeq.texts import CALIBRATION_TEXT_NAME, calibration_text
+
+    text_sha = hashlib.sha256(calibration_text().encode()).hexdigest()
+    src = source_digest(graph)
+    key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full]).encode()).hexdigest()
+    root = cache_dir() if use_cache else None
+    path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
+    if path is not None and path.is_file():
+        try:
+            return Calibration.load(path)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)        # a damaged cache entry is recomputed
+    tokens, bos, add_bos = calibration_tokens(graph)
+    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos)
+    cal = collect(graph, windows, max_full, progress)
+    cal.info.update({"source": "edgeq calibrate", "text": CALIBRATION_TEXT_NAME, "text_sha256": text_sha,
+                     "model_sha256": src, "max_full_width": max_full})
+    if path is not None:
+        try:
+            cal.save(path)
+        except OSError:
+            pass                                 # caching is an optimisation only
+    return cal
+
+
+class Calibrate(Pass):
+    """Analysis pass: puts a `Calibration` in ctx.analysis['calibration'] (the plan is unchanged)."""
+
+    name = "calibrate"
+
+    def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
+                 imatrix_file: str | None = None):
+        self.n_windows = n_windows
+        self.ctx_len = ctx
+        self.max_full = max_full
+        self.imatrix_file = imatrix_file
+
+    def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if self.imatrix_file:
+            from edgeq.imatrix import calibration_from_imatrix, read_imatrix
+
+            cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
+        else:
+            cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress)
+        ctx.analysis["calibration"] = cal
+        ctx.record(self.name, **cal.to_json())
+        return graph, plan

@@ -1,0 +1,211 @@
+"""sensitivity: for every 2-D tensor and every candidate format, the output error and the exact bytes.
+
+Cost of writing weight W (out x in) in format f:
+
+    cost = tr(ΔW · C · ΔWᵀ),   ΔW = dequantize(quantize(W, imatrix)) − W,   C = E[xxᵀ] of W's input
+
+i.e. the mean squared error the quantized layer adds to its output over the
+calibration tokens. The round trip is the registry's reference quantizer,
+bit-identical to what the backend writes (ggml's own code for GGUF), with
+the importance matrix the writer will use. C is the full second-moment
+matrix where calibration kept one, else its diagonal; without calibration,
+the identity (plain weight MSE). The tied embedding, which is both the token
+lookup and the output head, adds the lookup error Σ_t p(t)·‖ΔW_t‖² (p: token
+frequencies of the calibration text) to the head's output error.
+
+Bytes are what the tensor occupies in the model file (GGUF: 32-byte aligned),
+so that a plan's predicted size is the file size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.formats import FORMATS, Format, get_format
+from edgeq.ir import Graph
+from edgeq.passes.base import Context, Pass
+from edgeq.plan import Plan
+
+SENSITIVITY_VERSION = 1
+
+
+@dataclass
+class Option:
+    """One way to write one tensor: a format (and low-rank branch rank), its exact bytes and its cost."""
+
+    format: str
+    bytes: int
+    cost: float
+    rank: int = 0
+    branch_bytes: int = 0            # bytes of the low-rank branch (counted in `bytes` too)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CostTable:
+    """The sensitivity pass's result: per decidable tensor, its options; plus the bytes nobody decides."""
+
+    options: dict[str, list[Option]]
+    fixed_bytes: int                         # file overhead and undecided tensors (1-D, f32)
+    n_params: int                            # source parameters, the denominator of bits per weight
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def min_bytes(self) -> int:
+        return self.fixed_bytes + sum(min(o.bytes for o in opts) for opts in self.options.values())
+
+    def option(self, tensor: str, fmt: str, rank: int = 0) -> Option:
+        for o in self.options[tensor]:
+            if o.format == fmt and o.rank == rank:
+                return o
+        raise KeyError(f"{tensor}: no option {fmt} rank {rank}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fixed_bytes": self.fixed_bytes, "n_params": self.n_params, "info": self.info,
+                "options": {k: [o.to_json() for o in v] for k, v in self.options.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CostTable":
+        return cls({k: [Option(**o) for o in v] for k, v in d["options"].items()}, d["fixed_bytes"], d["n_params"],
+                   d.get("info", {}))
+
+
+def candidate_formats(backend: str, names: list[str] | None = None, path=None) -> list[Format]:
+    """The registry's formats for `backend` (those with a reference quantizer), or the named subset."""
+    if names:
+        out = []
+        for n in names:
+            f = get_format(n.strip(), path)
+            if backend not in f.backends:
+                raise EdgeqError(path, f"format {f.name} is not carried by backend {backend}")
+            if f not in out:
+                out.append(f)
+        return out
+    return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None]
+
+
+def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None) -> float:
+    """tr(ΔW C ΔWᵀ) with C full (float32 matrix), diagonal, or the identity."""
+    if cov32 is not None:
+        return float(np.einsum("ij,ij->", dw @ cov32, dw, dtype=np.float64))
+    sq = np.square(dw, dtype=np.float32)
+    if diag is not None:
+        return float(sq.astype(np.float64).sum(0) @ diag)
+    return float(sq.sum(dtype=np.float64))
+
+
+def lookup_error(dw: np.ndarray, p: np.ndarray) -> float:
+    """Σ_t p(t) ‖ΔW_t‖²: the error the embedding lookup adds to the residual stream."""
+    return float(np.square(dw, dtype=np.float32).sum(1, dtype=np.float64) @ p)
+
+
+def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
+                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n) -> list[Option]:
+    """Every candidate format that can carry `w` natively, with its cost (see module docstring)."""
+    cov32 = diag = None
+    if stats is not None:
+        full = stats.full()
+        if full is not None:
+            cov32 = full.astype(np.float32)
+        else:
+            diag = stats.diag()
+    out = []
+    for f in fmts:
+        if not f.can_carry(w.shape):
+            continue
+        dw = f.roundtrip(w, importance if f.takes_imatrix else None) - w
+        cost = output_error(dw, cov32, diag)
+        if token_p is not None:
+            cost += lookup_error(dw, token_p)
+        out.append(Option(f.name, file_bytes(f.nbytes(w.shape)), cost))
+        del dw
+    if not out:
+        raise EdgeqError(None, f"no candidate format can carry {name} of shape {w.shape}")
+    return out
+
+
+def embedding_name(graph: Graph) -> str | None:
+    for node in graph.nodes:
+        if node.op == "embedding":
+            return node.inputs[1]
+    return None
+
+
+def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,
+                  file_bytes: Callable[[int], int], progress: Callable | None = None) -> CostTable:
+    decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
+    fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for n, t in graph.weights.items()
+                           if len(t.shape) != 2)
+    embd = embedding_name(graph)
+    imatrix = calibration.imatrix() if calibration is not None else {}
+    token_p = None
+    if calibration is not None and calibration.token_counts is not None:
+        token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
+    options = {}
+    it = decide if progress is None else progress(decide, desc="sensitivity", unit="tensor")
+    for name in it:
+        w = graph.weights[name].numpy()
+        stats = calibration.stats(name) if calibration is not None else None
+        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name),
+                                       token_p if name == embd else None, file_bytes)
+    kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
+    return CostTable(options, fixed, graph.n_params, {"cost": "tr(dW C dW^T)", "C": kind,
+                                                      "formats": [f.name for f in fmts]})
+
+
+class Sensitivity(Pass):
+    """Analysis pass: ctx.analysis['costs'] = CostTable (the plan is unchanged)."""
+
+    name = "sensitivity"
+
+    def __init__(self, formats: list[str] | None = None, overhead: int = 0,
+                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True):
+        self.formats = formats
+        self.overhead = overhead
+        self.file_bytes = file_bytes
+        self.use_cache = use_cache
+
+    def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        fmts = candidate_formats(ctx.backend, self.formats)
+        cal = ctx.analysis.get("calibration")
+        path = self._cache_path(graph, cal, fmts)
+        table = None
+        if path is not None and path.is_file():
+            try:
+                table = CostTable.from_json(json.loads(path.read_text()))
+                table.fixed_bytes = self.overhead + table.info["undecided_bytes"]
+            except (OSError, ValueError, KeyError, TypeError):
+                table = None
+        if table is None:
+            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress)
+            table.info["undecided_bytes"] = table.fixed_bytes - self.overhead
+            if path is not None:
+                try:
+                    from edgeq.fsutil import atomic_write_text
+
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(path, json.dumps(table.to_json()))
+                except OSError:
+                    pass
+        ctx.analysis["costs"] = table
+        ctx.record(self.name, tensors=len(table.options), formats=[f.name for f in fmts],
+                   options=sum(len(v) for v in table.options.values()), min_bytes=table.min_bytes())
+        return graph, plan
+
+    def _cache_path(self, graph: Graph, cal, fmts: list[Format]):
+        from edgeq.passes.calibrate import cache_dir, source_digest
+
+        root = cache_dir() if self.use_cache else None
+        if root is None:
+            return None
+        cal_id = None if cal is None else json.dumps(cal.info, sort_keys=True, default=str)
+        key = hashlib.sha256(json.dumps([SENSITIVITY_VERSION, source_digest(graph), cal_id,
+                                         [f.name for f in fmts], self.file_bytes(1), self.file_bytes(33)]).encode())
+        return root / "sensitivity" / f"{key.hexdigest()[:32]}.json"
