@@ -138,6 +138,21 @@ def embedding_name(graph: Graph) -> str | None:
     return None
 
 
+def bytes_table(graph: Graph, backend: str, formats: list[str] | None, overhead: int,
+                file_bytes: Callable[[int], int] = lambda n: n) -> CostTable:
+    """The options' bytes alone (costs 0): enough to check a budget's feasibility before calibrating."""
+    fmts = candidate_formats(backend, formats)
+    options = {}
+    for n, t in graph.weights.items():
+        if len(t.shape) == 2:
+            options[n] = [Option(f.name, file_bytes(f.nbytes(t.shape)), 0.0) for f in fmts if f.can_carry(t.shape)]
+            if not options[n]:
+                raise EdgeqError(None, f"no candidate format can carry {n} of shape {t.shape}")
+    fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for t in graph.weights.values()
+                           if len(t.shape) != 2)
+    return CostTable(options, fixed, graph.n_params, {"formats": [f.name for f in fmts]})
+
+
 def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,
                   file_bytes: Callable[[int], int], progress: Callable | None = None) -> CostTable:
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
