@@ -159,12 +159,9 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     passes = [Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded)]
-    if opts.method == "ilp":
-        passes.append(Allocate(budget, ties))
-    else:
-        from edgeq.passes.dynaquant import DynaQuantAllocate
-
-        passes.append(DynaQuantAllocate(budget, ties))
+    if opts.method != "ilp":
+        raise EdgeqError(None, f"--method {opts.method} is not available yet (available: ilp)")
+    passes.append(Allocate(budget, ties))
     return passes
 
 

@@ -94,7 +94,8 @@ def candidate_formats(backend: str, names: list[str] | None = None, path=None) -
 def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None) -> float:
     """tr(ΔW C ΔWᵀ) with C full (float32 matrix), diagonal, or the identity."""
     if cov32 is not None:
-        return float(np.einsum("ij,ij->", dw @ cov32, dw, dtype=np.float64))
+        # float32 BLAS throughout (an einsum with dtype=float64 would copy both operands to float64)
+        return float(np.dot((dw @ cov32).ravel(), dw.ravel()))
     sq = np.square(dw, dtype=np.float32)
     if diag is not None:
         return float(sq.astype(np.float64).sum(0) @ diag)
