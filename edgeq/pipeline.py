@@ -138,8 +138,8 @@ class _PresetAfterCalibration(AssignPreset):
 
 def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None) -> list:
     from edgeq.models import llama
-    from edgeq.passes.allocate import Allocate, budget_bytes
-    from edgeq.passes.sensitivity import CostTable, Sensitivity
+    from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
+    from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
     from edgeq.targets.gguf.writer import layout_overhead, padded
 
     if backend != "gguf":
@@ -152,15 +152,16 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
         tokenizer = spec_to_json(spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path")))
     overhead = layout_overhead(graph, tokenizer)
     ties = llama.fused_groups(graph, opts.ties)
-    # the budget in bytes needs only the parameter count, known before any cost
+    # the budget in bytes needs only the parameter count, and feasibility only the bytes: check both
+    # before any calibration or cost is computed
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    sizes = bytes_table(graph, backend, opts.formats, overhead, padded)
+    if budget < min_feasible_bytes(sizes, ties):
+        raise budget_error(sizes, budget, ties)
     passes = [Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded)]
-    if opts.method == "ilp":
-        passes.append(Allocate(budget, ties))
-    else:
-        from edgeq.passes.dynaquant import DynaQuantAllocate
-
-        passes.append(DynaQuantAllocate(budget, ties))
+    if opts.method != "ilp":
+        raise EdgeqError(None, f"--method {opts.method} is not available yet (available: ilp)")
+    passes.append(Allocate(budget, ties))
     return passes
 
 

@@ -94,7 +94,8 @@ def candidate_formats(backend: str, names: list[str] | None = None, path=None) -
 def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None) -> float:
     """tr(ΔW C ΔWᵀ) with C full (float32 matrix), diagonal, or the identity."""
     if cov32 is not None:
-        return float(np.einsum("ij,ij->", dw @ cov32, dw, dtype=np.float64))
+        # float32 BLAS throughout (an einsum with dtype=float64 would copy both operands to float64)
+        return float(np.dot((dw @ cov32).ravel(), dw.ravel()))
     sq = np.square(dw, dtype=np.float32)
     if diag is not None:
         return float(sq.astype(np.float64).sum(0) @ diag)
@@ -136,6 +137,21 @@ def embedding_name(graph: Graph) -> str | None:
         if node.op == "embedding":
             return node.inputs[1]
     return None
+
+
+def bytes_table(graph: Graph, backend: str, formats: list[str] | None, overhead: int,
+                file_bytes: Callable[[int], int] = lambda n: n) -> CostTable:
+    """The options' bytes alone (costs 0): enough to check a budget's feasibility before calibrating."""
+    fmts = candidate_formats(backend, formats)
+    options = {}
+    for n, t in graph.weights.items():
+        if len(t.shape) == 2:
+            options[n] = [Option(f.name, file_bytes(f.nbytes(t.shape)), 0.0) for f in fmts if f.can_carry(t.shape)]
+            if not options[n]:
+                raise EdgeqError(None, f"no candidate format can carry {n} of shape {t.shape}")
+    fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for t in graph.weights.values()
+                           if len(t.shape) != 2)
+    return CostTable(options, fixed, graph.n_params, {"formats": [f.name for f in fmts]})
 
 
 def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,

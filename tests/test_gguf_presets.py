@@ -202,7 +202,7 @@ def _llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(llama_cpp_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
-def _llama_dry_run(src: Path, dst: Path, preset: str) -> dict[str, str]:
+def _llama_dry_run(src: Path, dst: Path, preset: str, params=None) -> dict[str, str]:
     """The types llama.cpp's quantizer chose, read from its dry-run log.
 
     A dry run picks types through the same code as a real run but writes no
@@ -210,7 +210,8 @@ def _llama_dry_run(src: Path, dst: Path, preset: str) -> dict[str, str]:
     real-file tests check that this parse agrees with written files.
     """
     with _llama_log() as chunks:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(_params(preset, dry_run=True)))
+        params = params or _params(preset, dry_run=True)
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     assert rc == 0, f"llama_model_quantize (dry run) failed for {preset}"
     assert not dst.exists()
     types = {m[1]: (m[3] or m[2]).lower() for m in _DRY_RUN_LINE.finditer("".join(chunks))}
@@ -330,3 +331,32 @@ def test_loader_order() -> None:
 def test_experts_not_supported() -> None:
     with pytest.raises(NotImplementedError):
         preset_types("q4_k_m", [TensorInfo("blk.0.ffn_down_exps.weight", (256, 256, 8))], 8, 2)
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q5_0", "q4_k_m", "q3_k_m"])
+def test_smollm2_dry_run_with_imatrix_matches_prediction(smollm2: F32Model, preset: str, tmp_path: Path) -> None:
+    """With an importance matrix llama.cpp changes some choices (q4_0/q5_0: the first eighth of ffn_down)."""
+    weights = [t for t in smollm2.tensors if _n_dims_of(t) == 2]
+    arrays = [np.ones(t.ne[0], dtype=np.float32) for t in weights]
+    entries = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
+    names = [t.name.encode() for t in weights]
+    for i, (name, arr) in enumerate(zip(names, arrays)):
+        entries[i].name = name
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    entries[len(weights)].name = None
+    params = _params(preset, dry_run=True)
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    actual = _llama_dry_run(smollm2.path, tmp_path / "dry.gguf", preset, params)
+    predicted = preset_types(preset, smollm2.tensors, smollm2.n_head, smollm2.n_head_kv, has_imatrix=True)
+    assert {n: c.type for n, c in predicted.items()} == actual
+    plain = preset_types(preset, smollm2.tensors, smollm2.n_head, smollm2.n_head_kv)
+    changed = {n for n in actual if plain[n].type != actual[n]}
+    if preset in ("q4_0", "q5_0"):
+        assert changed == {f"blk.{i}.ffn_down.weight" for i in range(30 // 8)}
+    else:
+        assert not changed
+
+
+def _n_dims_of(t: TensorInfo) -> int:
+    return sum(1 for d in t.ne if d > 1)

@@ -323,3 +323,67 @@ def test_fused_groups(tiny):
     assert groups[0] == [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
     with pytest.raises(EdgeqError):
         llama.fused_groups(tiny, ["qk"])
+
+
+# --- budgeted plans end to end (CLI, a synthetic model llama.cpp runs) ---------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
+    graph = random_llama(cfg, seed=5, scale=0.08)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf"
+    write_gguf(graph, Plan(tensors={n: TensorPlan("f32") for n in graph.weights}), path,
+               spec_to_json(byte_level_spec(cfg.vocab_size)))
+    return path
+
+
+def _edgeq(*args, cache):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEQ_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_budgeted_export_meets_the_budget_exactly_as_planned(tiny_gguf, tmp_path):
+    import json
+
+    common = ["--model", tiny_gguf, "--bpw", "6", "--calib-windows", "2", "--quiet"]
+    r = _edgeq("plan", *common, "-o", tmp_path / "plan.json", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    s = plan["search"]
+    assert s["method"] == "ilp" and s["optimal"] and s["predicted_bytes"] <= s["budget_bytes"]
+    assert plan["calibration"]["windows"] == 2
+    decided = {n: t for n, t in plan["tensors"].items() if "bytes" in t}
+    assert len(decided) == 2 * 7 + 1                     # every 2-D tensor, the tied embedding included
+    for t in decided.values():
+        assert t["predicted_error"] >= 0 and t["reason"].startswith("ilp: " + t["format"])
+    assert len({t["format"] for t in decided.values()}) > 1   # mixed, not uniform
+
+    r = _edgeq("export", *common, "-o", tmp_path / "out", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    size = (tmp_path / "out" / "model.gguf").stat().st_size
+    assert size == s["predicted_bytes"] <= 6 * m["model"]["n_params"] / 8
+    assert m["plan"]["tensors"] == plan["tensors"] and m["calibration"]["enabled"]
+    assert m["artifacts"][0]["bytes"] == size
+    # the plan file reproduces the same bytes, and llama.cpp runs it close to the float reference
+    r = _edgeq("export", "--model", tiny_gguf, "--plan", tmp_path / "plan.json", "--calib-windows", "2", "--quiet",
+               "-o", tmp_path / "out2",
+               cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out2" / "model.gguf").read_bytes() == (tmp_path / "out" / "model.gguf").read_bytes()
+    meas = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    assert meas["reference_check"]["kld_mean"] < 0.05
+
+
+def test_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path):
+    r = _edgeq("plan", "--model", tiny_gguf, "--budget-mb", "0.01", "-o", tmp_path / "p.json", cache=tmp_path)
+    assert r.returncode == 2
+    assert "below the smallest feasible size" in r.stderr and "MB" in r.stderr and "bpw" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+    r = _edgeq("plan", "--model", tiny_gguf, "--bpw", "5", "--quant", "q4_0", "-o", tmp_path / "p.json", cache=tmp_path)
+    assert r.returncode == 2 and "not both" in r.stderr
