@@ -30,6 +30,7 @@ def _options(a, out: str = "out"):
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
+        adapters=getattr(a, "adapter", None) or [],
     )
 
 
@@ -49,9 +50,8 @@ def cmd_export(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from edgeq.importers.loader import import_model, resolve_model_path
     from edgeq.passes import Context
-    from edgeq.pipeline import budgeted, choose_preset, decide
+    from edgeq.pipeline import budgeted, choose_preset, decide, import_and_merge
     from edgeq.plan import load_plan
     from edgeq.progress import make_progress
     from edgeq.targets.profiles import get_profile
@@ -63,11 +63,12 @@ def cmd_plan(a) -> int:
         raise EdgeqError(out.parent, "is a file")
     if opts.quant and budgeted(opts):
         raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
-    graph = import_model(resolve_model_path(a.model))
-    backend = a.backend or profile.backend_for(graph.kind)
     user = load_plan(a.plan) if a.plan else None
+    ctx = Context(backend=a.backend or "gguf", profile=profile, progress=make_progress(a.quiet))
+    _, graph = import_and_merge(a.model, opts.adapters, ctx)
+    backend = a.backend or profile.backend_for(graph.kind)
+    ctx.backend = backend
     preset = choose_preset(opts, user, profile, backend)
-    ctx = Context(backend=backend, profile=profile, progress=make_progress(a.quiet))
     plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
     if not a.quiet:
@@ -82,14 +83,15 @@ def cmd_plan(a) -> int:
 
 def cmd_calibrate(a) -> int:
     from edgeq.imatrix import imatrix_from_calibration, write_imatrix
-    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.passes import Context
     from edgeq.passes.calibrate import calibrate
+    from edgeq.pipeline import import_and_merge
     from edgeq.progress import make_progress
 
     out = Path(a.out)
     if out.parent.exists() and not out.parent.is_dir():
         raise EdgeqError(out.parent, "is a file")
-    graph = import_model(resolve_model_path(a.model))
+    _, graph = import_and_merge(a.model, a.adapter or [], Context(backend="gguf"))
     cal = calibrate(graph, n_windows=a.calib_windows, progress=make_progress(a.quiet))
     im = imatrix_from_calibration(graph, cal)
     write_imatrix(out, im)
@@ -113,7 +115,7 @@ def cmd_eval(a) -> int:
     from edgeq.progress import make_progress
 
     res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, reference=a.reference,
-                          backend=a.backend, threads=a.threads, record=not a.no_record,
+                          adapters=a.adapter or [], backend=a.backend, threads=a.threads, record=not a.no_record,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -142,8 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgeq {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
 
+    def adapter_option(sp, help_text):
+        sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT]", help=help_text)
+
+    merge_help = ("PEFT LoRA adapter folder merged into the float weights before anything else, optionally "
+                  "scaled by WEIGHT (default 1); repeat to merge several")
+    model_help = "GGUF file or Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)"
+
     def common_model(sp):
-        sp.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--model", help=model_help)
+        adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
         sp.add_argument("--backend", choices=["gguf"], help="runtime family (default: the profile's choice)")
         sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k")
@@ -192,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_plan)
 
     c = sub.add_parser("calibrate", help="write llama.cpp's importance matrix (imatrix GGUF) from calibration text")
-    c.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    c.add_argument("--model", help=model_help)
+    adapter_option(c, merge_help)
     c.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
     c.add_argument("-o", "--out", required=True, help="imatrix file to write (.gguf)")
     c.add_argument("--quiet", action="store_true")
@@ -214,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python)")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--chunks", type=int, default=8, help="windows to score (0: all the text)")
-    ev.add_argument("--reference", help="float source model (default: the one the manifest names, if found)")
+    ev.add_argument("--reference", help="float source model, file or folder (default: the one the manifest names, "
+                                        "if found)")
+    adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")

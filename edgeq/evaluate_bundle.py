@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeq.errors import EdgeqError
-from edgeq.fsutil import atomic_write_text, sha256_file
+from edgeq.fsutil import atomic_write_text, sha256_source
 
 
 def resolve_reference(manifest: dict, reference: str | None, bundle: Path) -> Path:
@@ -16,22 +16,23 @@ def resolve_reference(manifest: dict, reference: str | None, bundle: Path) -> Pa
     want = manifest["source"]["sha256"]
     if reference:
         path = Path(reference)
-        if not path.is_file():
-            raise EdgeqError(path, "no such reference model file")
-        if sha256_file(path) != want:
+        if not path.exists():
+            raise EdgeqError(path, "no such reference model file or folder")
+        if sha256_source(path) != want:
             raise EdgeqError(path, "is not the model this bundle was made from (SHA-256 differs from the manifest)")
         return path
     from edgeq.models.default import DEFAULT_NAME, default_model_path
 
     if manifest["source"]["name"] == DEFAULT_NAME:
         path = default_model_path()
-        if sha256_file(path) == want:
+        if sha256_source(path) == want:
             return path
     raise EdgeqError(bundle, f"cannot find the source model {manifest['source']['name']!r}; pass --reference PATH")
 
 
 def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx: int = 512, chunks: int = 8,
-                    reference: str | None = None, backend: str | None = None, threads: int = 1,
+                    reference: str | None = None, adapters: list[str] | None = None,
+                    backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
                     reference_logits: Callable | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
@@ -55,11 +56,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     try:
         manifest = session.manifest
         if reference_logits is None:
-            from edgeq.executor import Executor
-            from edgeq.importers.loader import import_model
-
-            ex = Executor(import_model(resolve_reference(manifest, reference, bundle)))
-            reference_logits = ex.logits
+            reference_logits = _reference_executor(manifest, reference, adapters or [], bundle).logits
         tokens = session.tokenize(text, add_special=True, parse_special=False)
         if len(tokens) < ctx:
             raise EdgeqError(text_file, f"text has {len(tokens)} tokens, fewer than one --ctx {ctx} window")
@@ -75,3 +72,29 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         meas.setdefault("eval", []).append(res)
         atomic_write_text(mpath, json.dumps(meas, indent=1) + "\n")
     return res
+
+
+def _reference_executor(manifest: dict, reference: str | None, adapters: list[str], bundle: Path):
+    """The float source model, with the bundle's adapters merged (their hashes and weights must match)."""
+    from edgeq.executor import Executor
+    from edgeq.importers.loader import import_model
+
+    graph = import_model(resolve_reference(manifest, reference, bundle))
+    want = manifest["source"].get("adapters") or []
+    if want or adapters:
+        from edgeq.passes import Context
+        from edgeq.passes.merge_adapters import MergeAdapters
+        from edgeq.plan import Plan
+
+        if len(adapters) != len(want):
+            names = ", ".join(f"{a['name']}:{a['weight']:g}" for a in want) or "none"
+            raise EdgeqError(bundle, f"the bundle was exported with adapters [{names}]; pass the same with --adapter "
+                                     f"(got {len(adapters)})")
+        merge = MergeAdapters(adapters)
+        graph, _ = merge.run(graph, Plan(), Context(backend="gguf"))
+        for got, exp in zip(merge.adapters, want):
+            if got.sha256 != exp["sha256"] or got.weight != exp["weight"]:
+                raise EdgeqError(got.path, f"is not adapter {exp['name']} with weight {exp['weight']:g} that the "
+                                           "bundle was exported with (SHA-256 or weight differ)")
+    # Eval runs many windows: keep the weights unless they would not fit comfortably.
+    return Executor(graph, cache_weights=graph.n_params * 4 <= 2 * 2**30)

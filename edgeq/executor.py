@@ -25,46 +25,78 @@ def op(name: str):
 
 
 class Executor:
-    """Runs a graph; weights are loaded once and kept (float32) for repeated calls.
+    """Runs a graph in float32.
+
+    With `cache_weights` (the default) every weight is loaded once and kept, for
+    repeated calls. Without it the executor streams: each 2-D weight is loaded
+    when a node needs it and dropped right after, so a run costs about one
+    layer's weights in memory (1-D weights, which are tiny, are kept). `run_many`
+    feeds several sequences through each node in turn, so a streamed run loads
+    every weight once for all of them. Activations are dropped after their
+    last use either way.
 
     `observers` lets passes (calibration) see the input of every node by op,
     without the executor knowing about them.
     """
 
-    def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None):
+    def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None,
+                 cache_weights: bool = True):
         self.graph = graph
         self._weights: dict[str, np.ndarray] = {}
         self.observers = observers or {}
+        self.cache_weights = cache_weights
 
     def weight(self, name: str) -> np.ndarray:
         w = self._weights.get(name)
         if w is None:
-            w = self.graph.weights[name].numpy()
-            self._weights[name] = w
+            tensor = self.graph.weights[name]
+            w = tensor.numpy()
+            if self.cache_weights or len(tensor.shape) < 2:
+                self._weights[name] = w
         return w
 
     def run(self, tokens, outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray] | np.ndarray:
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if tokens.ndim != 1 or tokens.size == 0:
-            raise ValueError("tokens must be a non-empty 1-D sequence")
-        env: dict[str, np.ndarray] = {"tokens": tokens, "positions": np.arange(tokens.size)}
+        return self.run_many([tokens], outputs)[0]
+
+    def run_many(self, sequences, outputs: tuple[str, ...] = ("logits",)) -> list:
+        """Each sequence on its own (no batching across them), every node applied to all of them in turn."""
+        envs = []
+        for tokens in sequences:
+            tokens = np.asarray(tokens, dtype=np.int64)
+            if tokens.ndim != 1 or tokens.size == 0:
+                raise ValueError("tokens must be a non-empty 1-D sequence")
+            envs.append({"tokens": tokens, "positions": np.arange(tokens.size)})
         # Nodes are in execution order: stop after the last one that produces a requested output.
-        wanted = set(outputs)
-        last = max((i for i, n in enumerate(self.graph.nodes) if wanted & set(n.outputs)), default=-1)
+        keep = set(outputs)
+        last = max((i for i, n in enumerate(self.graph.nodes) if keep & set(n.outputs)), default=-1)
         if last < 0:
-            raise ValueError(f"no node produces any of {sorted(wanted)}")
-        for node in self.graph.nodes[:last + 1]:
-            args = [env[i] if i in env else self.weight(i) for i in node.inputs]
+            raise ValueError(f"no node produces any of {sorted(keep)}")
+        nodes = self.graph.nodes[:last + 1]
+        last_use: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            for name in node.inputs:
+                last_use[name] = i
+        for i, node in enumerate(nodes):
+            weights = {n: self.weight(n) for n in node.inputs if n in self.graph.weights}
             hook = self.observers.get(node.op)
-            if hook is not None:
-                hook(node, args)
-            env[node.outputs[0]] = OPS[node.op](self, node, args)
+            for env in envs:
+                args = [env[n] if n in env else weights[n] for n in node.inputs]
+                if hook is not None:
+                    hook(node, args)
+                env[node.outputs[0]] = OPS[node.op](self, node, args)
+                for n in node.inputs:
+                    if last_use.get(n) == i and n in env and n not in keep and n not in ("tokens", "positions"):
+                        del env[n]
+            del weights
         if outputs == ("logits",):
-            return env["logits"]
-        return {k: env[k] for k in outputs}
+            return [env["logits"] for env in envs]
+        return [{k: env[k] for k in outputs} for env in envs]
 
     def logits(self, tokens) -> np.ndarray:
         return self.run(tokens)
+
+    def logits_many(self, sequences) -> list[np.ndarray]:
+        return self.run_many(sequences)
 
 
 @op("embedding")

@@ -67,3 +67,24 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files a source model consists of: the file itself, or a folder's regular files (not hidden)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def sha256_source(path: str | os.PathLike) -> str:
+    """SHA-256 of a model file; for a folder, of its listing "<file sha256>  <name>\n" sorted by name."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    listing = "".join(f"{sha256_file(p)}  {p.name}\n" for p in source_files(path))
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
+
+
+def source_bytes(path: str | os.PathLike) -> int:
+    return sum(p.stat().st_size for p in source_files(path))

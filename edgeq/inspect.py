@@ -67,6 +67,8 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         "source": m["source"]["name"],
         "checksums": verified,
     }
+    if m["source"].get("adapters"):
+        out["adapters"] = ", ".join(f"{a['name']}:{a['weight']:g}" for a in m["source"]["adapters"])
     if meas.get("reference_check"):
         out["reference_kld"] = meas["reference_check"]["kld_mean"]
     if meas.get("eval"):

@@ -12,8 +12,8 @@ from typing import Any, Callable
 
 from edgeq import __version__
 from edgeq.errors import EdgeqError
-from edgeq.fsutil import check_output_dir, sha256_file, staged_dir
-from edgeq.importers.loader import import_model, resolve_model_path
+from edgeq.fsutil import check_output_dir, sha256_file, sha256_source, source_bytes, staged_dir
+from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
 from edgeq.ir import Graph
 from edgeq.passes import Context, run_passes
 from edgeq.passes.apply_rules import ApplyRules
@@ -49,6 +49,7 @@ class ExportOptions:
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
+    adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
 
 
 def runtime_versions() -> dict[str, str]:
@@ -61,6 +62,17 @@ def runtime_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def import_and_merge(model: str | None, adapters: list[str], ctx: Context) -> tuple[Path, Graph]:
+    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet)."""
+    model_path = resolve_model_path(model)
+    graph = import_model(model_path)
+    if adapters:
+        from edgeq.passes.merge_adapters import MergeAdapters
+
+        graph, _ = run_passes([MergeAdapters(adapters)], graph, Plan(), ctx)
+    return model_path, graph
 
 
 @dataclass
@@ -103,7 +115,10 @@ def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | Non
         raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
     passes = []
     if opts.calibration and (search or opts.imatrix or _takes_imatrix(graph, preset, user_plan)):
-        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix))
+        # Only the sensitivity of a budgeted search reads full input covariances; a preset needs the
+        # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix,
+                                **({} if search else {"max_full": 0})))
     if search:
         passes += _search_passes(graph, backend, opts, tokenizer)
     elif preset is not None:
@@ -147,9 +162,9 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     if any(r != 0 for r in opts.ranks):
         raise EdgeqError(None, "--ranks other than 0 (low-rank error branches) are not available yet")
     if tokenizer is None:
-        from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+        from edgeq.tokenizer import spec_to_json
 
-        tokenizer = spec_to_json(spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path")))
+        tokenizer = spec_to_json(graph_tokenizer_spec(graph))
     overhead = layout_overhead(graph, tokenizer)
     ties = llama.fused_groups(graph, opts.ties)
     # the budget in bytes needs only the parameter count, and feasibility only the bytes: check both
@@ -177,21 +192,22 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
 
     t0 = time.perf_counter()
-    model_path = resolve_model_path(opts.model)
-    graph = import_model(model_path)
+    # every family lowers to gguf today; the context's backend is set again once the graph is known
+    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
+    model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
     timings["import"] = time.perf_counter() - t0
 
     backend = opts.backend or profile.backend_for(graph.kind)
+    ctx.backend = backend
     if backend != "gguf":
         raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf)")
     preset = choose_preset(opts, user_plan, profile, backend)
     kv_dtype = opts.kv_dtype or ("f32" if preset == "f32" else profile.kv_cache_dtype)
     n_ctx = int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
 
-    from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+    from edgeq.tokenizer import spec_to_json
 
-    spec = spec_from_gguf_metadata(graph.metadata.get("gguf", {}), model_path)
-    ctx = Context(backend=backend, profile=profile, progress=progress)
+    spec = graph_tokenizer_spec(graph)
     t0 = time.perf_counter()
     decision = decide(graph, backend, preset, user_plan, opts.plan, ctx, opts, spec_to_json(spec))
     plan = decision.plan
@@ -213,7 +229,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         spec_file = tmp / "tokenizer_spec.json"
         spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
-        src_sha = sha256_file(model_path)
+        src_sha = sha256_source(model_path)
         model_bytes = model_file.stat().st_size
         from edgeq.formats import get_format
 
@@ -235,9 +251,9 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             "source": {
                 "name": _source_name(model_path, opts.model),
                 "sha256": src_sha,
-                "bytes": model_path.stat().st_size,
+                "bytes": source_bytes(model_path),
                 "license": graph.metadata.get("license"),
-                "adapters": [],
+                "adapters": graph.metadata.get("adapters", []),
             },
             "target": profile.to_json(),
             "n_ctx": n_ctx,
@@ -311,8 +327,9 @@ def _reference_and_check(graph: Graph, bundle: Path, manifest: dict, measurement
     session = runtime.load(bundle, threads=max(1, min(4, os.cpu_count() or 1)), n_ctx=256)
     try:
         ids = reference_token_ids(lambda s: session.tokenize(s, add_special=True, parse_special=False))
-        ex = Executor(graph)
-        ref = [ex.run(i) for i in ids]
+        # streamed: each weight is loaded once for all prompts and dropped, so a model far larger than
+        # the RAM left beside the runtime's own mapping of the exported file still gets its reference
+        ref = Executor(graph, cache_weights=False).logits_many(ids)
         write_reference(bundle / "reference", ids, ref)
         if check:
             got = [session.logits(i) for i in ids]

@@ -158,6 +158,6 @@ def load_plan(path: str | os.PathLike) -> Plan:
         raise EdgeqError(path, "no such plan file")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise EdgeqError(path, f"not valid JSON ({exc})") from None
     return plan_from_json(d, path)

@@ -63,6 +63,8 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
         f"- backend: `{art['backend']}`; preset: `{plan.preset}`; n_ctx {manifest['n_ctx']}, "
         f"KV cache {manifest['kv_cache_dtype']}",
         f"- source: `{src['name']}` (sha256 {src['sha256'][:16]}..., licence {src.get('license')})",
+        *[f"- merged LoRA adapter: `{a['name']}` × {a['weight']:g} (r {a['r']}, alpha {a['lora_alpha']}, "
+          f"{a['modules']} modules, sha256 {a['sha256'][:16]}...)" for a in src.get("adapters") or []],
         f"- model file: `{art['path']}`, {art['bytes'] / 2**20:.1f} MiB, "
         f"{manifest['model']['bits_per_weight']:.3f} bits per weight over {manifest['model']['n_params']:,} parameters",
         "",

@@ -207,10 +207,20 @@ def gguf_hparams(cfg: LlamaConfig) -> dict[str, Any]:
         "llama.attention.layer_norm_rms_epsilon": cfg.rms_eps,
         "llama.rope.freq_base": cfg.rope_theta,
     }
-    if cfg.rope_scaling:
+    if cfg.rope_scaling and cfg.rope_scaling["type"] != "llama3":
         kv["llama.rope.scaling.type"] = cfg.rope_scaling["type"]
         kv["llama.rope.scaling.factor"] = cfg.rope_scaling["factor"]
+    # llama3 scaling has no metadata key in llama.cpp: it is the rope_freqs.weight tensor (see llama3_rope_freqs)
     return kv
+
+
+def llama3_rope_freqs(cfg: LlamaConfig) -> np.ndarray:
+    """llama.cpp's representation of llama3 RoPE scaling: the per-frequency divisors, float32 (head_dim/2,)."""
+    from edgeq.executor import llama3_freq_factors
+
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    return llama3_freq_factors(inv, cfg.rope_scaling).astype(np.float32)
 
 
 # --- graph -------------------------------------------------------------------

@@ -144,14 +144,14 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
 
     inputs: dict[str, InputStats] = {}
     weight_input: dict[str, str] = {}
-    seen: set[str] = set()
+    owner: dict[str, str] = {}
 
     def observe(node, args) -> None:
         key, weight = node.inputs[0], node.inputs[1]
         weight_input[weight] = key
-        if key in seen:               # q/k/v (and gate/up) multiply the same input: count it once
+        # q/k/v (and gate/up) multiply the same input: only the first of them counts it
+        if owner.setdefault(key, weight) != weight:
             return
-        seen.add(key)
         x = np.asarray(args[0], dtype=np.float32)
         s = inputs.get(key)
         if s is None:
@@ -162,7 +162,9 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
         if s.sum_outer is not None:
             s.sum_outer += x.T @ x
 
-    ex = Executor(graph, observers={"linear": observe})
+    # Streamed: every weight is loaded once for all windows and dropped, so calibrating costs about one
+    # layer of float weights however big the model.
+    ex = Executor(graph, observers={"linear": observe}, cache_weights=False)
     # The output head's product (vocab-wide logits) is the costliest node and only its input
     # matters here: stop before it and observe that input directly.
     graph_outputs = {v.name for v in graph.outputs}
@@ -170,10 +172,10 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
     head_inputs = tuple(dict.fromkeys(n.inputs[0] for n in heads))
     vocab = graph.weights[_embedding_name(graph)].shape[0]
     counts = np.zeros(vocab, dtype=np.int64)
-    it = windows if progress is None else progress(windows, desc="calibrate", unit="window")
-    for w in it:
-        seen.clear()
-        env = ex.run(w, outputs=head_inputs)
+    envs: list = []
+    for _ in ([0] if progress is None else progress([0], desc=f"calibrate ({len(windows)} windows)", unit="pass")):
+        envs = ex.run_many(windows, outputs=head_inputs)
+    for w, env in zip(windows, envs):
         for n in heads:
             observe(n, [env[n.inputs[0]]])
         counts += np.bincount(np.asarray(w), minlength=vocab)
@@ -194,21 +196,27 @@ def _embedding_name(graph: Graph) -> str:
 
 def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
     """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
+    from edgeq.importers.loader import graph_tokenizer_spec
     from edgeq.texts import calibration_text
-    from edgeq.tokenizer import build_tokenizer, encode, spec_from_gguf_metadata
+    from edgeq.tokenizer import build_tokenizer, encode
 
-    spec = spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path"))
+    spec = graph_tokenizer_spec(graph)
     tok = build_tokenizer(spec)
     return encode(tok, spec, calibration_text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
 
 
 def source_digest(graph: Graph) -> str:
-    """SHA-256 of the source file when there is one, else of the weights themselves."""
+    """SHA-256 of the source file or folder when there is one (with the merged adapters), else of the weights."""
     src = graph.metadata.get("source_path")
-    if src and Path(src).is_file():
-        from edgeq.fsutil import sha256_file
+    if src and Path(src).exists():
+        from edgeq.fsutil import sha256_source
 
-        return sha256_file(src)
+        digest = sha256_source(src)
+        adapters = graph.metadata.get("adapters")
+        if adapters:     # a merged adapter changes every statistic downstream of it
+            listing = json.dumps([digest] + [[a["sha256"], a["config_sha256"], a["weight"]] for a in adapters])
+            digest = hashlib.sha256(listing.encode()).hexdigest()
+        return digest
     h = hashlib.sha256()
     for name, t in graph.weights.items():
         h.update(name.encode())

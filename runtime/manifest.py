@@ -34,7 +34,7 @@ def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(path, "manifest is implausibly large")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(path, f"not valid JSON ({exc})") from None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise BundleError(path, f"not an {BUNDLE_FORMAT} manifest")

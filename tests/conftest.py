@@ -54,3 +54,20 @@ def export_bundle(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def smollm_spec(smollm_path, smollm_graph):
+    from edgeq.tokenizer import spec_from_gguf_metadata
+
+    return spec_from_gguf_metadata(smollm_graph.metadata["gguf"], smollm_path)
+
+
+@pytest.fixture(scope="session")
+def smollm_hf_dir(tmp_path_factory, smollm_graph, smollm_spec) -> Path:
+    """SmolLM2 as a Hugging Face folder: the default model's dequantized weights (float32, exact), its config
+    and a tokenizer.json built from its GGUF tokenizer."""
+    from edgeq.models.hf_folder import graph_to_hf_folder
+
+    return graph_to_hf_folder(smollm_graph, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
+                              dtype="F32", shard_bytes=200 * 2**20)

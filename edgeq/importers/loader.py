@@ -26,5 +26,17 @@ def import_model(path: Path) -> Graph:
 
         return import_gguf(path)
     if path.is_dir():
-        raise EdgeqError(path, "Hugging Face model folders are not supported yet (pass a GGUF file)")
+        from edgeq.importers.hf import import_hf
+
+        return import_hf(path)
     raise EdgeqError(path, "not a model file or folder")
+
+
+def graph_tokenizer_spec(graph: Graph):
+    """The model's tokenizer: the one its importer built (HF folders), else the GGUF metadata's."""
+    from edgeq.tokenizer import spec_from_gguf_metadata
+
+    spec = graph.metadata.get("tokenizer_spec")
+    if spec is not None:
+        return spec
+    return spec_from_gguf_metadata(graph.metadata.get("gguf", {}), graph.metadata.get("source_path"))

@@ -110,6 +110,16 @@ def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
         w.add_tensor_info(gname, (rows, nbytes // rows) if len(tensor.shape) > 1 else (nbytes,), np.dtype(np.uint8),
                           nbytes, raw_dtype=GGMLQuantizationType(fmt.ggml_type))
         entries.append((name, tensor, fmt, nbytes))
+    if cfg.rope_scaling and cfg.rope_scaling.get("type") == "llama3" and "rope_freqs.weight" not in graph.weights:
+        # llama.cpp applies llama3 scaling through this tensor (convert_hf_to_gguf writes it the same way)
+        from edgeq.ir import Tensor
+
+        freqs = llama.llama3_rope_freqs(cfg)
+        f32 = get_format("f32")
+        rope = Tensor("rope_freqs.weight", freqs.shape, load=lambda: freqs, alias="rope_freqs.weight")
+        w.add_tensor_info("rope_freqs.weight", (freqs.nbytes,), np.dtype(np.uint8), freqs.nbytes,
+                          raw_dtype=GGMLQuantizationType.F32)
+        entries.append(("rope_freqs.weight", rope, f32, freqs.nbytes))
     return w, entries
 
 
@@ -125,7 +135,7 @@ def layout_overhead(graph: Graph, tokenizer: dict[str, Any]) -> int:
 
     plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
     with tempfile.TemporaryDirectory(prefix="edgeq-layout-") as d:
-        w, _ = _declare(graph, plan, Path(d) / "layout.gguf", tokenizer)
+        w, entries = _declare(graph, plan, Path(d) / "layout.gguf", tokenizer)
         try:
             w.write_header_to_file()
             w.write_kv_data_to_file()
@@ -133,7 +143,8 @@ def layout_overhead(graph: Graph, tokenizer: dict[str, Any]) -> int:
             size = w.fout[0].tell()
         finally:
             w.close()
-    return padded(size)
+        extra = sum(padded(nb) for name, _, _, nb in entries if name not in graph.weights)   # e.g. rope_freqs
+    return padded(size) + extra
 
 
 def write_gguf(
