@@ -4,11 +4,14 @@ The bench writes a random Llama (TinyLlama-1.1B's shape by default) as a
 Hugging Face folder of float16 safetensors shards, then runs
 `edgeq export --model FOLDER --quant q4_0` exactly as a user would, in a
 child process, and reports that child's peak resident memory next to the
-checkpoint's size. The export must stream: import reads headers only, the
-GGUF writer loads, quantizes and writes one tensor at a time, and the float
-reference outputs stored in the bundle come from the executor in streaming
-mode (one weight at a time, all prompts together). The bound checked is
-peak RSS < 1.5 x the float16 checkpoint.
+checkpoint's size. The export must stream: import reads headers only;
+calibration (q4_0 takes an importance matrix, so a default export calibrates)
+and the float reference outputs stored in the bundle run the executor in
+streaming mode (each weight loaded once for all windows or prompts, then
+dropped); the GGUF writer loads, quantizes and writes one tensor at a time.
+The bound checked is peak RSS < 1.5 x the float16 checkpoint. The calibration
+cache is off for the child (EDGEQ_CACHE=off), so every run measures the
+calibration too.
 
 The peak is the child's ru_maxrss, taken in a small launcher process: on
 Linux a child's ru_maxrss also counts the address space it was spawned from,
@@ -72,7 +75,8 @@ def make_checkpoint(folder: Path, args) -> tuple[int, int]:
 def launcher(cmd: list[str]) -> None:
     """Run `cmd` as this (small) process's only child; print its exit status and peak RSS as JSON."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env={**os.environ, "EDGEQ_CACHE": os.environ.get("EDGEQ_CACHE", "off")})
     wall = time.perf_counter() - t0
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss     # KiB on Linux
     print(json.dumps({"returncode": r.returncode, "peak_rss_bytes": peak_kib * 1024, "wall_s": round(wall, 2),
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-mb", type=int, default=1000, help="shard size of the checkpoint (MiB)")
     p.add_argument("--quant", default="q4_0")
+    p.add_argument("--no-calibration", action="store_true", help="pass --no-calibration to the export")
     p.add_argument("--workdir", help="where the checkpoint and bundle go (default: a temporary folder, removed)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for big_model.json")
     p.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{n_params / 1e9:.3f} B parameters, {ckpt_bytes / 2**30:.2f} GiB of safetensors in "
             f"{len(list(ckpt.glob('*.safetensors')))} shards ({t_write:.0f} s)")
         cmd = [sys.executable, "-m", "edgeq.cli", "export", "--model", str(ckpt), "--quant", args.quant,
-               "-o", str(bundle), "--quiet"]
+               "-o", str(bundle), "--quiet"] + (["--no-calibration"] if args.no_calibration else [])
         log("exporting in a child process: " + " ".join(cmd[1:]))
         m = measure(cmd)
         if m["returncode"] != 0:
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "checkpoint_bytes": ckpt_bytes,
             "checkpoint_dtype": "float16",
             "quant": args.quant,
+            "calibration": manifest.get("calibration", {}).get("enabled"),
             "gguf_bytes": gguf.stat().st_size,
             "peak_rss_bytes": m["peak_rss_bytes"],
             "peak_rss_over_checkpoint": round(ratio, 3),

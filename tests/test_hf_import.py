@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -168,6 +169,7 @@ def test_smollm2_folder_imports_like_the_gguf(smollm_hf_dir, smollm_graph, smoll
 @pytest.mark.parametrize("preset", ["q8_0", "q4_k_m"])
 def test_smollm2_folder_and_gguf_export_identical_tensors(preset, smollm_hf_dir, export_bundle, tmp_path):
     out = tmp_path / "hf"
+    # uncalibrated like export_bundle's; calibrated exports see the same tokens (test below)
     res = export(ExportOptions(model=str(smollm_hf_dir), quant=preset, out=str(out), calibration=False))
     ours = {t.name: t for t in GGUFReader(out / "model.gguf").tensors}
     theirs = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
@@ -187,6 +189,19 @@ def test_smollm2_folder_and_gguf_export_identical_tensors(preset, smollm_hf_dir,
     theirs_check = json.loads((gguf_side / "measurements.json").read_text())["reference_check"]
     assert res["measurements"]["reference_check"]["top1"] == theirs_check["top1"]
     assert res["measurements"]["reference_check"]["kld_mean"] == pytest.approx(theirs_check["kld_mean"], rel=1e-3)
+
+
+def test_smollm2_folder_calibrates_on_the_same_tokens(smollm_hf_dir, smollm_graph, tmp_path):
+    from edgeq.passes.calibrate import calibration_tokens, source_digest
+
+    hf = import_hf(smollm_hf_dir)
+    assert calibration_tokens(hf) == calibration_tokens(smollm_graph)
+    # the calibration cache tells the folder, the file and any merged adapter apart
+    digests = {source_digest(hf), source_digest(smollm_graph)}
+    merged = replace(hf, metadata={**hf.metadata, "adapters": [{"sha256": "0" * 64, "config_sha256": "1" * 64,
+                                                                 "weight": 1.0}]})
+    digests.add(source_digest(merged))
+    assert len(digests) == 3
 
 
 # --- tokenizers in the layouts the Hub uses ----------------------------------------------------
