@@ -31,7 +31,10 @@ def cmd_export(a) -> int:
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
-    if not a.quiet:
+    if not a.quiet and "cosine_mean" in chk:
+        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, formats {art['formats']}; "
+              f"reference-sentence cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})")
+    elif not a.quiet:
         print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, "
               f"{m['model']['bits_per_weight']:.3f} bpw, formats {art['formats']}"
               + (f"; reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}" if chk else ""))
@@ -73,11 +76,14 @@ def cmd_eval(a) -> int:
     from edgeq.evaluate_bundle import evaluate_bundle
     from edgeq.progress import make_progress
 
-    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, reference=a.reference,
+    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, reference=a.reference,
                           backend=a.backend, threads=a.threads, record=not a.no_record,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
+    elif "cosine_mean" in res:
+        print(f"{a.bundle}: {res['backend']} cosine to the float reference: mean {res['cosine_mean']:.5f}, "
+              f"min {res['cosine_min']:.5f} over {res['n_sentences']} sentences")
     else:
         print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
@@ -104,10 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common_model(sp):
-        sp.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+        sp.add_argument("--model", help="GGUF file, or a Hugging Face BERT folder (`all-MiniLM-L6-v2`: the packaged "
+                                        "one) (default: the embedded SmolLM2-135M-Instruct)")
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf"], help="runtime family (default: the profile's choice)")
-        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k")
+        sp.add_argument("--backend", choices=["gguf", "onnx"], help="runtime family (default: the profile's choice)")
+        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
+                                        "f32 f16 int8 int8-dyn (onnx)")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -137,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
     ev.add_argument("bundle")
-    ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python)")
+    ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python); "
+                                   "for encoders one sentence per line")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--chunks", type=int, default=8, help="windows to score (0: all the text)")
+    ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences to score (0: all)")
     ev.add_argument("--reference", help="float source model (default: the one the manifest names, if found)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)

@@ -77,9 +77,15 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     timings["import"] = time.perf_counter() - t0
 
     backend = opts.backend or profile.backend_for(graph.kind)
-    if backend != "gguf":
-        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf)")
+    if backend not in ("gguf", "onnx"):
+        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf, onnx)")
     preset = (opts.quant or (user_plan.preset if user_plan else None) or profile.default_quant[backend]).lower()
+    if backend == "onnx":
+        from edgeq.export_onnx import export_onnx
+
+        return export_onnx(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
+    if graph.kind != "decoder":
+        raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
     kv_dtype = opts.kv_dtype or ("f32" if preset == "f32" else profile.kv_cache_dtype)
     n_ctx = int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
 

@@ -20,6 +20,8 @@ class AssignPreset(Pass):
         self.preset = preset.lower()
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if ctx.backend == "onnx":
+            return self._onnx(graph, plan, ctx)
         if ctx.backend != "gguf":
             raise EdgeqError(None, f"--quant presets for backend {ctx.backend!r} are not available yet")
         from edgeq.models import llama
@@ -35,4 +37,12 @@ class AssignPreset(Pass):
         plan = Plan(tensors=tensors, preset=self.preset, backend=ctx.backend, rules=plan.rules, pruning=plan.pruning)
         ctx.record(self.name, preset=self.preset, formats=plan.format_counts(),
                    fallbacks=sum(1 for t in tensors.values() if t.requested))
+        return graph, plan
+
+    def _onnx(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        from edgeq.targets.onnx.presets import preset_formats
+
+        plan = Plan(tensors=preset_formats(graph, self.preset), preset=self.preset, backend="onnx", rules=plan.rules,
+                    pruning=plan.pruning)
+        ctx.record(self.name, preset=self.preset, formats=plan.format_counts(), fallbacks=0)
         return graph, plan

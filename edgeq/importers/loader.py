@@ -15,6 +15,10 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
         return default_model_path()
     p = Path(model)
+    if not p.exists() and str(model) == "all-MiniLM-L6-v2":
+        from edgeq.models.minilm import minilm_path
+
+        return minilm_path()
     if not p.exists():
         raise EdgeqError(p, "no such file or folder")
     return p
@@ -26,5 +30,10 @@ def import_model(path: Path) -> Graph:
 
         return import_gguf(path)
     if path.is_dir():
-        raise EdgeqError(path, "Hugging Face model folders are not supported yet (pass a GGUF file)")
+        from edgeq.models import bert
+
+        if bert.is_bert_folder(path):
+            return bert.import_hf_folder(path)
+        raise EdgeqError(path, "unsupported model folder (Hugging Face BERT encoders with config.json and "
+                               "model.safetensors are supported; decoders come as GGUF files)")
     raise EdgeqError(path, "not a model file or folder")

@@ -1,0 +1,100 @@
+"""calibrate: activation ranges for static INT8, from real inputs run through the reference executor.
+
+For every tensor the plan quantizes with static activations (`int8`), the
+range of the activation it multiplies is observed on calibration inputs
+(text the evaluation never sees) and written into the plan (`act_range`), so
+the plan alone determines the exported bytes and a person can read or edit
+each range. Ranges already in the plan (set by hand) are kept.
+
+Estimator: min/max (the whitepaper's baseline) or a symmetric percentile of
+|x| per tensor (clips rare outliers; `percentile=99.99`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.executor import Executor
+from edgeq.ir import Graph
+from edgeq.passes.base import Context, Pass
+from edgeq.plan import Plan
+
+STATIC_FORMATS = ("int8",)
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+
+    def __init__(self, inputs: list[np.ndarray], source: str = "calibration inputs", percentile: float | None = None,
+                 max_samples_per_tensor: int = 1 << 20):
+        self.inputs = inputs
+        self.source = source
+        self.percentile = percentile
+        self.max_samples = max_samples_per_tensor
+
+    def _check(self, graph: Graph) -> None:
+        if not self.inputs:
+            raise EdgeqError(self.source, "no calibration inputs")
+        for i, x in enumerate(self.inputs):
+            x = np.asarray(x)
+            if graph.kind in ("encoder", "decoder"):
+                if x.ndim != 1 or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
+                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape} and dtype {x.dtype}; "
+                                                  "expected a non-empty 1-D sequence of token ids")
+                vocab = graph.config.vocab_size
+                if x.min() < 0 or x.max() >= vocab:
+                    raise EdgeqError(self.source, f"calibration input {i} has token ids outside [0, {vocab})")
+            else:
+                want = tuple(graph.inputs[0].shape[1:])
+                if x.shape[1:] != want and x.shape != want:
+                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape}; expected (n, *{want})")
+
+    def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        multiplied = {n.inputs[1] for n in graph.nodes if n.op in ("linear", "conv2d")}
+        wanted = {n for n, d in plan.tensors.items()
+                  if d.format in STATIC_FORMATS and d.act_range is None and n in multiplied}
+        if not wanted:
+            ctx.record(self.name, tensors=0)
+            return graph, plan
+        self._check(graph)
+        lo: dict[str, float] = {}
+        hi: dict[str, float] = {}
+        samples: dict[str, list[np.ndarray]] = {}
+        rng = np.random.default_rng(0)
+
+        def observe(node, args):
+            w = node.inputs[1]
+            if w not in wanted:
+                return
+            x = args[0]
+            lo[w] = min(lo.get(w, 0.0), float(x.min()))
+            hi[w] = max(hi.get(w, 0.0), float(x.max()))
+            if self.percentile is not None:
+                flat = np.abs(x.reshape(-1))
+                k = min(flat.size, max(1, self.max_samples // max(1, len(self.inputs))))
+                samples.setdefault(w, []).append(flat if k == flat.size else rng.choice(flat, k, replace=False))
+
+        hooks = {"linear": observe, "conv2d": observe}
+        ex = Executor(graph, observers=hooks)
+        it = self.inputs if ctx.progress is None else ctx.progress(self.inputs, desc="calibrate", unit="input")
+        for x in it:
+            if graph.kind == "cnn":
+                ex.run_cnn(np.asarray(x, np.float32))
+            else:
+                ex.run(np.asarray(x), outputs=(graph.outputs[0].name,))
+        missing = sorted(wanted - set(lo))
+        if missing:
+            raise EdgeqError(None, f"calibration never reached {missing[0]} (no linear node reads it)")
+        tensors = dict(plan.tensors)
+        for w in sorted(wanted):
+            a, b = lo[w], hi[w]
+            if self.percentile is not None:
+                c = float(np.percentile(np.concatenate(samples[w]), self.percentile))
+                a, b = max(a, -c), min(b, c)
+            tensors[w] = replace(tensors[w], act_range=[round(a, 6), round(b, 6)])
+        ctx.record(self.name, tensors=len(wanted), inputs=len(self.inputs), source=self.source,
+                   estimator="minmax" if self.percentile is None else f"percentile {self.percentile}")
+        return graph, replace(plan, tensors=tensors)
