@@ -60,41 +60,52 @@ class Calibrate(Pass):
             ctx.record(self.name, tensors=0)
             return graph, plan
         self._check(graph)
+        # ranges belong to activations: layers reading the same activation (q, k, v) get the same range
+        act_of = {n.inputs[1]: n.inputs[0] for n in graph.nodes if n.op in ("linear", "conv2d") and n.inputs[1] in wanted}
         lo: dict[str, float] = {}
         hi: dict[str, float] = {}
         samples: dict[str, list[np.ndarray]] = {}
         rng = np.random.default_rng(0)
+        seen: set[str] = set()            # activations already observed for the current input
 
         def observe(node, args):
-            w = node.inputs[1]
-            if w not in wanted:
+            a = node.inputs[0]
+            if node.inputs[1] not in wanted or a in seen:
                 return
+            seen.add(a)
             x = args[0]
-            lo[w] = min(lo.get(w, 0.0), float(x.min()))
-            hi[w] = max(hi.get(w, 0.0), float(x.max()))
+            lo[a] = min(lo.get(a, 0.0), float(x.min()))
+            hi[a] = max(hi.get(a, 0.0), float(x.max()))
             if self.percentile is not None:
                 flat = np.abs(x.reshape(-1))
                 k = min(flat.size, max(1, self.max_samples // max(1, len(self.inputs))))
-                samples.setdefault(w, []).append(flat if k == flat.size else rng.choice(flat, k, replace=False))
+                self._pending.setdefault(a, []).append(flat if k == flat.size else rng.choice(flat, k, replace=False))
 
+        self._pending: dict[str, list[np.ndarray]] = {}
         hooks = {"linear": observe, "conv2d": observe}
         ex = Executor(graph, observers=hooks)
         it = self.inputs if ctx.progress is None else ctx.progress(self.inputs, desc="calibrate", unit="input")
         for x in it:
+            seen.clear()
             if graph.kind == "cnn":
                 ex.run_cnn(np.asarray(x, np.float32))
             else:
                 ex.run(np.asarray(x), outputs=(graph.outputs[0].name,))
-        missing = sorted(wanted - set(lo))
+        samples = self._pending
+        del self._pending
+        missing = sorted(w for w in wanted if act_of.get(w) not in lo)
         if missing:
             raise EdgeqError(None, f"calibration never reached {missing[0]} (no linear node reads it)")
+        ranges: dict[str, list[float]] = {}
+        for a in sorted(lo):
+            l, h = lo[a], hi[a]
+            if self.percentile is not None:
+                c = float(np.percentile(np.concatenate(samples[a]), self.percentile))
+                l, h = max(l, -c), min(h, c)
+            ranges[a] = [round(l, 6), round(h, 6)]
         tensors = dict(plan.tensors)
         for w in sorted(wanted):
-            a, b = lo[w], hi[w]
-            if self.percentile is not None:
-                c = float(np.percentile(np.concatenate(samples[w]), self.percentile))
-                a, b = max(a, -c), min(b, c)
-            tensors[w] = replace(tensors[w], act_range=[round(a, 6), round(b, 6)])
+            tensors[w] = replace(tensors[w], act_range=list(ranges[act_of[w]]))
         ctx.record(self.name, tensors=len(wanted), inputs=len(self.inputs), source=self.source,
                    estimator="minmax" if self.percentile is None else f"percentile {self.percentile}")
         return graph, replace(plan, tensors=tensors)
