@@ -53,7 +53,12 @@ def cmd_plan(a) -> int:
     backend = a.backend or profile.backend_for(graph.kind)
     user = load_plan(a.plan) if a.plan else None
     preset = (a.quant or (user.preset if user else None) or profile.default_quant[backend]).lower()
-    plan = decide(graph, backend, preset, user, a.plan, Context(backend=backend, profile=profile))
+    if backend == "onnx":  # static INT8 ranges are calibrated here too, so the plan shows (and fixes) them
+        from edgeq.export_onnx import decide_onnx
+
+        plan = decide_onnx(graph, preset, user, a.plan, Context(backend=backend, profile=profile))
+    else:
+        plan = decide(graph, backend, preset, user, a.plan, Context(backend=backend, profile=profile))
     out = Path(a.out)
     if out.parent.exists() and not out.parent.is_dir():
         raise EdgeqError(out.parent, "is a file")
