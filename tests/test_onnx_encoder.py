@@ -51,7 +51,7 @@ def bundles(tmp_path_factory):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     out = {"int8": root / "int8"}
-    for q in ("f32", "int8-dyn"):
+    for q in ("f32", "int8-dyn", "f16"):
         export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant=q, out=str(root / q)))
         out[q] = root / q
     return out
@@ -126,6 +126,15 @@ def test_int8_runs_on_integer_kernels(bundles, tmp_path):
     dyn = _optimized_ops(bundles["int8-dyn"] / "model.onnx", tmp_path)
     assert dyn.get("DynamicQuantizeMatMul", 0) + dyn.get("MatMulIntegerToFloat", 0) == 36
     assert dyn.get("MatMul", 0) == 0
+
+
+def test_f16_halves_the_file_and_keeps_the_embeddings(bundles, reference_embed):
+    from edgeq.evaluate_bundle import evaluate_bundle
+
+    res = evaluate_bundle(bundles["f16"], sentences=16, record=False, reference_logits=reference_embed)
+    assert res["cosine_min"] >= 0.9999
+    size = (bundles["f16"] / "model.onnx").stat().st_size
+    assert size <= 0.51 * (bundles["f32"] / "model.onnx").stat().st_size
 
 
 def test_int8_dyn_fidelity(bundles, reference_embed):
