@@ -241,3 +241,25 @@ def test_unsupported_model_is_refused_by_the_onnx_target():
     g = random_llama(tiny_config(n_layers=1))
     with pytest.raises(EdgeqError, match="does not lower"):
         lower_onnx(g, Plan(tensors={n: TensorPlan("f32") for n in g.weights}))
+
+
+def test_external_data_past_the_inline_limit(minilm, tmp_path):
+    """Big models keep their weights in one external data file; onnxruntime loads it; bytes are deterministic."""
+    import onnxruntime as ort
+
+    from edgeq.passes import Context
+    from edgeq.export_onnx import decide_onnx
+    from edgeq.targets.onnx import lower_onnx, save_model
+
+    plan = decide_onnx(minilm, "f32", None, None, Context(backend="onnx"))
+    files = []
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        files.append(save_model(lower_onnx(minilm, plan), tmp_path / str(i) / "model.onnx", inline_limit=1 << 20))
+    assert [f.name for f in files[0]] == ["model.onnx", "model.onnx.data"]
+    assert files[0][0].stat().st_size < 1 << 20 < files[0][1].stat().st_size
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(*files))
+    s = ort.InferenceSession(str(files[0][0]), providers=["CPUExecutionProvider"])
+    ids = encoder_tokenizer(minilm).encode("External data works.").ids
+    got = s.run(["embedding"], {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)})[0]
+    assert cosines(Executor(minilm).embed(ids)[None], got)[0] >= 0.99999

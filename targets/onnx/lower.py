@@ -28,16 +28,23 @@ def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.Model
     return model
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> list[Path]:
-    """Write the model (and, past 2 GB, one external data file beside it); returns the files written."""
+INLINE_LIMIT = (2 << 30) - (64 << 20)   # protobuf refuses messages of 2 GB; keep a margin for the graph itself
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, inline_limit: int = INLINE_LIMIT) -> list[Path]:
+    """Write the model, checked; past `inline_limit` bytes the weights go to one external data file beside it.
+
+    Returns the files written (model first). Both are deterministic: same model, same bytes.
+    """
     path = Path(path)
-    size = model.ByteSize()
-    if size < (2 << 30) - (64 << 20):
+    if model.ByteSize() < inline_limit:
         onnx.checker.check_model(model)
         path.write_bytes(model.SerializeToString(deterministic=True))
         return [path]
+    from onnx.external_data_helper import convert_model_to_external_data
+
     data = path.name + ".data"
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return [path, path.parent / data]
