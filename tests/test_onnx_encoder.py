@@ -263,3 +263,17 @@ def test_external_data_past_the_inline_limit(minilm, tmp_path):
     ids = encoder_tokenizer(minilm).encode("External data works.").ids
     got = s.run(["embedding"], {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)})[0]
     assert cosines(Executor(minilm).embed(ids)[None], got)[0] >= 0.99999
+
+
+def test_encoder_runtime_runs_without_torch(bundles):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edgeq import runtime\n"
+        f"s = runtime.load({str(bundles['int8'])!r})\n"
+        "print(s.embed(['Hello world', 'Bonjour']).shape)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "assert 'transformers' not in sys.modules and 'onnx' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(2, 384)" in out.stdout

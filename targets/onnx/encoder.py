@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
+from edgeq.errors import EdgeqError
 from edgeq.ir import Graph
 from edgeq.models.bert import BertConfig
 from edgeq.plan import Plan, TensorPlan
@@ -31,6 +32,9 @@ def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=Non
                         plan.tensors["embeddings.word_embeddings.weight"])
     seq = b.op("Slice", [b.op("Shape", [ids], hint="shape"), b.const([1], np.int64), b.const([2], np.int64)],
                hint="seq_len")                                                   # shape (1,)
+    if plan.tensors["embeddings.token_type_embeddings.weight"].format != "f32":
+        raise EdgeqError(None, "embeddings.token_type_embeddings.weight must stay f32 on ONNX (its row 0 is folded "
+                               "into the position table)")
     pos_table = W("embeddings.position_embeddings.weight") + W("embeddings.token_type_embeddings.weight")[0][None, :]
     pe = emit_table_prefix(b, seq, "embeddings.position_embeddings.weight", pos_table,
                            plan.tensors["embeddings.position_embeddings.weight"])

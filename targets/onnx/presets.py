@@ -44,4 +44,5 @@ def _quantizable(graph: Graph) -> list[str]:
         from edgeq.models.bert import matmul_weights
 
         return matmul_weights(graph) + ["embeddings.word_embeddings.weight"]
-    raise EdgeqError(None, f"no ONNX presets for arch {graph.arch!r} yet")
+    raise EdgeqError(None, f"the onnx backend does not lower {graph.arch} {graph.kind}s yet (it lowers BERT encoders); "
+                           "use --backend gguf")
