@@ -24,6 +24,8 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
     for name, t in graph.weights.items():
         if len(t.shape) == 1:
             out[name] = TensorPlan(format="f32", reason="1-D (norm, bias) tensors stay f32")
+        elif name == "embeddings.token_type_embeddings.weight":
+            out[name] = TensorPlan(format="f32", reason="row 0 is folded into the position table in f32")
         elif preset == "f32":
             out[name] = TensorPlan(format="f32", reason="preset f32")
         elif preset == "f16":
