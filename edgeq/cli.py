@@ -42,7 +42,10 @@ def cmd_export(a) -> int:
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
-    if not a.quiet:
+    if not a.quiet and "cosine_mean" in chk:
+        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, formats {art['formats']}; "
+              f"reference-sentence cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})")
+    elif not a.quiet:
         print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB ({art['bytes'] / 1e6:.3f} MB), "
               f"{m['model']['bits_per_weight']:.3f} bpw, formats {art['formats']}"
               + (f"; reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}" if chk else ""))
@@ -69,7 +72,14 @@ def cmd_plan(a) -> int:
     backend = a.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
     preset = choose_preset(opts, user, profile, backend)
-    plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
+    if backend == "onnx":  # static INT8 ranges are calibrated here too, so the plan shows (and fixes) them
+        from edgeq.export_onnx import decide_onnx
+
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with onnx")
+        plan = decide_onnx(graph, preset, user, a.plan, ctx)
+    else:
+        plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
     if not a.quiet:
         extra = ""
@@ -114,11 +124,15 @@ def cmd_eval(a) -> int:
     from edgeq.evaluate_bundle import evaluate_bundle
     from edgeq.progress import make_progress
 
-    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, reference=a.reference,
-                          adapters=a.adapter or [], backend=a.backend, threads=a.threads, record=not a.no_record,
+    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences,
+                          reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
+                          record=not a.no_record,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
+    elif "cosine_mean" in res:
+        print(f"{a.bundle}: {res['backend']} cosine to the float reference: mean {res['cosine_mean']:.5f}, "
+              f"min {res['cosine_min']:.5f} over {res['n_sentences']} sentences")
     else:
         print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
@@ -152,11 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     model_help = "GGUF file or Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)"
 
     def common_model(sp):
-        sp.add_argument("--model", help=model_help)
+        sp.add_argument("--model", help="GGUF file, Hugging Face folder (Llama family, or a BERT encoder such as "
+                                        "all-MiniLM-L6-v2) (default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf"], help="runtime family (default: the profile's choice)")
-        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k")
+        sp.add_argument("--backend", choices=["gguf", "onnx"], help="runtime family (default: the profile's choice)")
+        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
+                                        "f32 f16 int8 int8-dyn (onnx)")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -222,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
     ev.add_argument("bundle")
-    ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python)")
+    ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python); "
+                                   "for encoders one sentence per line")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--chunks", type=int, default=8, help="windows to score (0: all the text)")
+    ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences to score (0: all)")
     ev.add_argument("--reference", help="float source model, file or folder (default: the one the manifest names, "
                                         "if found)")
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")

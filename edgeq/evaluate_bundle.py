@@ -34,13 +34,25 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     reference: str | None = None, adapters: list[str] | None = None,
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
-                    reference_logits: Callable | None = None) -> dict:
+                    reference_logits: Callable | None = None, sentences: int = 256) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
     from edgeq import runtime
     from edgeq.evaluation import evaluate
     from edgeq.texts import EVALUATION_TEXT_NAME, evaluation_text
 
     bundle = Path(bundle)
+    from edgeq.runtime.manifest import read_manifest
+
+    if read_manifest(bundle)["model"].get("kind") == "encoder":
+        from edgeq.evaluate_encoder import evaluate_encoder
+
+        with runtime.load(bundle, backend=backend, threads=threads) as session:
+            res = evaluate_encoder(session, text_file, n=sentences, reference=reference,
+                                   reference_embed=reference_logits, progress=progress)
+        res["backend"] = session.backend_name
+        if record:
+            _record(bundle, res)
+        return res
     if text_file is not None:
         p = Path(text_file)
         if not p.is_file():
@@ -67,10 +79,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     res["backend"] = session.backend_name
     res["text"] = text_name
     if record:
-        mpath = bundle / "measurements.json"
-        meas = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else {}
-        meas.setdefault("eval", []).append(res)
-        atomic_write_text(mpath, json.dumps(meas, indent=1) + "\n")
+        _record(bundle, res)
     return res
 
 
@@ -98,3 +107,10 @@ def _reference_executor(manifest: dict, reference: str | None, adapters: list[st
                                            "bundle was exported with (SHA-256 or weight differ)")
     # Eval runs many windows: keep the weights unless they would not fit comfortably.
     return Executor(graph, cache_weights=graph.n_params * 4 <= 2 * 2**30)
+
+
+def _record(bundle: Path, res: dict) -> None:
+    mpath = bundle / "measurements.json"
+    meas = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else {}
+    meas.setdefault("eval", []).append(res)
+    atomic_write_text(mpath, json.dumps(meas, indent=1) + "\n")

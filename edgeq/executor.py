@@ -65,7 +65,8 @@ class Executor:
             tokens = np.asarray(tokens, dtype=np.int64)
             if tokens.ndim != 1 or tokens.size == 0:
                 raise ValueError("tokens must be a non-empty 1-D sequence")
-            envs.append({"tokens": tokens, "positions": np.arange(tokens.size)})
+            envs.append({"tokens": tokens, "positions": np.arange(tokens.size),
+                         "token_types": np.zeros_like(tokens)})
         # Nodes are in execution order: stop after the last one that produces a requested output.
         keep = set(outputs)
         last = max((i for i, n in enumerate(self.graph.nodes) if keep & set(n.outputs)), default=-1)
@@ -85,7 +86,7 @@ class Executor:
                     hook(node, args)
                 env[node.outputs[0]] = OPS[node.op](self, node, args)
                 for n in node.inputs:
-                    if last_use.get(n) == i and n in env and n not in keep and n not in ("tokens", "positions"):
+                    if last_use.get(n) == i and n in env and n not in keep and n not in ("tokens", "positions", "token_types"):
                         del env[n]
             del weights
         if outputs == ("logits",):
@@ -97,6 +98,10 @@ class Executor:
 
     def logits_many(self, sequences) -> list[np.ndarray]:
         return self.run_many(sequences)
+
+    def embed(self, tokens) -> np.ndarray:
+        """An encoder's sentence embedding for one tokenised sentence (special tokens included)."""
+        return self.run(tokens, outputs=("embedding",))["embedding"]
 
 
 @op("embedding")
@@ -208,3 +213,33 @@ def _attention(ex, node, args):
         s /= s.sum(-1, keepdims=True)
         out[:, h * d:(h + 1) * d] = s @ vh
     return out
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    try:
+        from scipy.special import erf
+    except ImportError:  # pragma: no cover - scipy is a dependency; keep the executor usable without it
+        import math
+
+        return np.vectorize(math.erf, otypes=[np.float64])(x.astype(np.float64))
+    return erf(x.astype(np.float64))
+
+
+@op("gelu")
+def _gelu(ex, node, args):
+    """BERT's exact (erf) GELU, computed in float64 and rounded once."""
+    x = args[0]
+    return (0.5 * x.astype(np.float64) * (1.0 + _erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+@op("mean_pool")
+def _mean_pool(ex, node, args):
+    """Mean over the tokens of one unpadded sentence (sentence-transformers' mean pooling)."""
+    return args[0].astype(np.float64).mean(0).astype(np.float32)
+
+
+@op("l2_normalize")
+def _l2_normalize(ex, node, args):
+    x = args[0]
+    n = np.sqrt(np.sum(np.square(x, dtype=np.float64), -1, keepdims=True))
+    return (x / np.maximum(n, node.attrs.get("eps", 1e-12))).astype(np.float32)

@@ -28,6 +28,8 @@ class Format:
     description: str = ""
     quantize_fn: Callable[["Format", np.ndarray, np.ndarray | None], np.ndarray] | None = None
     dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None
+    # Formats whose overhead is per row (a scale per output channel) rather than per block.
+    row_overhead_bytes: int = 0
 
     @property
     def bits_per_weight(self) -> float:
@@ -40,7 +42,8 @@ class Format:
     def nbytes(self, shape: tuple[int, ...]) -> int:
         if not self.can_carry(shape):
             raise ValueError(f"format {self.name} cannot carry shape {shape} (block {self.block})")
-        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes + rows * self.row_overhead_bytes
 
     def quantize(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
@@ -120,10 +123,50 @@ def _register_gguf_types() -> None:
     }
     for name, (t, imat, desc) in described.items():
         block, size = GGML_QUANT_SIZES[t]
+        # Plain floats are written the same way (little-endian IEEE) by every backend.
+        backends = {"gguf", "onnx"} if name in ("f32", "f16") else {"gguf"}
         register(Format(
-            name=name, block=(1, block), block_bytes=size, backends=frozenset({"gguf"}), ggml_type=int(t),
+            name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
             takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
         ))
 
 
 _register_gguf_types()
+
+
+# --- ONNX (onnxruntime) formats -------------------------------------------------
+
+def int8_row_scales(w: np.ndarray) -> np.ndarray:
+    """Symmetric per-output-channel scales: the largest magnitude of each row maps to 127."""
+    amax = np.max(np.abs(w), axis=-1).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+
+
+def int8_quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scale per row); rounding half to even, like QuantizeLinear."""
+    scale = int8_row_scales(w)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _int8_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    q, scale = int8_quantize_rows(w)
+    return np.concatenate([q.view(np.uint8), scale.astype("<f4")[:, None].view(np.uint8)], axis=1)
+
+
+def _int8_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """What DequantizeLinear computes: (q - 0) * scale, in float32."""
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, shape[-1] + 4)
+    q = data[:, :-4].view(np.int8).astype(np.float32)
+    scale = np.ascontiguousarray(data[:, -4:]).view("<f4").reshape(-1)
+    return (q * scale[:, None]).astype(np.float32).reshape(shape)
+
+
+for _name, _desc in (
+    ("int8", "8-bit symmetric per output channel, f32 scale per row; activations per tensor, static ranges "
+             "calibrated on real inputs (QDQ)"),
+    ("int8_dyn", "8-bit symmetric per output channel, f32 scale per row; activations per tensor, ranges "
+                 "computed at run time (dynamic)"),
+):
+    register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
+                    quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4))

@@ -69,11 +69,16 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     }
     if m["source"].get("adapters"):
         out["adapters"] = ", ".join(f"{a['name']}:{a['weight']:g}" for a in m["source"]["adapters"])
-    if meas.get("reference_check"):
-        out["reference_kld"] = meas["reference_check"]["kld_mean"]
+    chk = meas.get("reference_check") or {}
+    if "kld_mean" in chk:
+        out["reference_kld"] = chk["kld_mean"]
+    if "cosine_mean" in chk:
+        out["reference_cosine"] = chk["cosine_mean"]
     if meas.get("eval"):
         last = meas["eval"][-1]
-        out.update({f"eval_{k}": last[k] for k in ("ppl", "kld_mean", "top1", "n_tokens_scored")})
+        keys = ("cosine_mean", "cosine_min", "n_sentences") if "cosine_mean" in last else \
+            ("ppl", "kld_mean", "top1", "n_tokens_scored")
+        out.update({f"eval_{k}": last[k] for k in keys})
     return out
 
 

@@ -199,9 +199,17 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
     backend = opts.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
-    if backend != "gguf":
-        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf)")
+    if backend not in ("gguf", "onnx"):
+        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf, onnx)")
     preset = choose_preset(opts, user_plan, profile, backend)
+    if backend == "onnx":
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with onnx")
+        from edgeq.export_onnx import export_onnx
+
+        return export_onnx(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
+    if graph.kind != "decoder":
+        raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
     kv_dtype = opts.kv_dtype or ("f32" if preset == "f32" else profile.kv_cache_dtype)
     n_ctx = int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
 

@@ -34,10 +34,11 @@ class TensorPlan:
     tie: str | None = None            # name of a tensor that must share this decision (fused at run time)
     bytes: int | None = None          # bytes in the model files (GGUF alignment and any branch included)
     predicted_error: float | None = None   # the sensitivity pass's cost of this choice
+    act_range: list[float] | None = None  # calibrated [min, max] of the activation this weight multiplies (static INT8)
 
     def to_json(self) -> dict[str, Any]:
         d = {"format": self.format, "reason": self.reason}
-        for k in ("requested", "tie", "keep", "order", "bytes", "predicted_error"):
+        for k in ("requested", "tie", "keep", "order", "bytes", "predicted_error", "act_range"):
             if getattr(self, k) is not None:
                 d[k] = getattr(self, k)
         if self.rank:
@@ -95,7 +96,8 @@ class Plan:
         atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
-_TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie", "bytes", "predicted_error"}
+_TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie", "bytes", "predicted_error",
+                "act_range"}
 
 
 def _check_format(name: str, where: str, path) -> str:
@@ -137,10 +139,15 @@ def plan_from_json(d: Any, path=None) -> Plan:
         rank = t.get("rank", 0)
         if not isinstance(rank, int) or rank < 0:
             raise EdgeqError(path, f"tensors[{name!r}].rank must be a non-negative integer")
+        act = t.get("act_range")
+        if act is not None and not (isinstance(act, list) and len(act) == 2
+                                    and all(isinstance(v, (int, float)) for v in act) and act[0] <= 0 <= act[1]):
+            raise EdgeqError(path, f"tensors[{name!r}].act_range must be [min, max] with min <= 0 <= max")
         tensors[name] = TensorPlan(
             format=_check_format(t["format"], f"tensors[{name!r}]", path), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
             rank=rank, keep=t.get("keep"), order=t.get("order"), tie=t.get("tie"),
             bytes=t.get("bytes"), predicted_error=t.get("predicted_error"),
+            act_range=[float(v) for v in act] if act is not None else None,
         )
     preset = d.get("preset")
     if preset is not None and not isinstance(preset, str):

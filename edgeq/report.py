@@ -81,7 +81,12 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
         lines += ["", f"{len(fallbacks)} tensors could not take the requested format and fell back "
                       f"(the plan in manifest.json records each), e.g. `{fallbacks[0][0]}`: {fallbacks[0][1].reason}."]
     fid = measurements.get("reference_check")
-    if fid:
+    if fid and "cosine_mean" in fid:
+        lines += ["", "## Fidelity on the bundled reference sentences", "",
+                  f"Measured in the target runtime against the float reference executor: cosine mean "
+                  f"{fid['cosine_mean']:.6f} (min {fid['cosine_min']:.6f}) over {fid['n_inputs']} sentences. "
+                  f"Run `edgeq eval` for the full figures."]
+    elif fid:
         lines += ["", "## Fidelity on the bundled reference prompts", "",
                   f"Measured in the target runtime against the float reference executor: KLD mean "
                   f"{fid['kld_mean']:.3g} (max {fid['kld_max']:.3g}), top-1 agreement {fid['top1']:.3f} over "

@@ -21,6 +21,8 @@ class AssignPreset(Pass):
         self.has_imatrix = has_imatrix   # llama.cpp picks a few types differently with an importance matrix
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if ctx.backend == "onnx":
+            return self._onnx(graph, plan, ctx)
         if ctx.backend != "gguf":
             raise EdgeqError(None, f"--quant presets for backend {ctx.backend!r} are not available yet")
         from edgeq.models import llama
@@ -37,4 +39,12 @@ class AssignPreset(Pass):
                     search=plan.search, calibration=plan.calibration)
         ctx.record(self.name, preset=self.preset, imatrix=self.has_imatrix, formats=plan.format_counts(),
                    fallbacks=sum(1 for t in tensors.values() if t.requested))
+        return graph, plan
+
+    def _onnx(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        from edgeq.targets.onnx.presets import preset_formats
+
+        plan = Plan(tensors=preset_formats(graph, self.preset), preset=self.preset, backend="onnx", rules=plan.rules,
+                    pruning=plan.pruning)
+        ctx.record(self.name, preset=self.preset, formats=plan.format_counts(), fallbacks=0)
         return graph, plan

@@ -88,13 +88,19 @@ class Session:
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True) -> Session:
+         verify: bool = True):
+    """Open a bundle: a `Session` (generate/logits) for GGUF, an `OnnxSession` (embed/run) for ONNX encoders and CNNs."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
+    if art["backend"] == "onnx":
+        check_runtime_version(manifest, "onnxruntime")
+        from edgeq.runtime.onnx_backend import OnnxSession
+
+        return OnnxSession(bundle, manifest, art, threads=threads)
     if art["backend"] == "gguf":
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend

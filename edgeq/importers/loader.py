@@ -15,6 +15,10 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
         return default_model_path()
     p = Path(model)
+    if not p.exists() and str(model) == "all-MiniLM-L6-v2":
+        from edgeq.models.minilm import minilm_path
+
+        return minilm_path()
     if not p.exists():
         raise EdgeqError(p, "no such file or folder")
     return p
@@ -26,6 +30,10 @@ def import_model(path: Path) -> Graph:
 
         return import_gguf(path)
     if path.is_dir():
+        from edgeq.models import bert
+
+        if bert.is_bert_folder(path):
+            return bert.import_hf_folder(path)
         from edgeq.importers.hf import import_hf
 
         return import_hf(path)

@@ -1,0 +1,128 @@
+"""all-MiniLM-L6-v2 on onnxruntime: edgeq int8 vs the float model after ORT's optimisations vs ORT's own INT8.
+
+Batch 1, sequence 128, the same thread count for every variant, spinning off,
+variants interleaved round by round (so load on a shared machine hits all of
+them alike); median latency per variant. Fidelity: cosine to edgeq's float
+reference executor on held-out sentences.
+
+    python bench/onnx_encoder.py                     # 2 threads, 15 rounds
+    python bench/onnx_encoder.py --threads 1 --rounds 5 --sentences 64
+
+Prints a table and writes bench/results/onnx_encoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--runs-per-round", type=int, default=10)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--sentences", type=int, default=200)
+    ap.add_argument("--out", default="bench/results/onnx_encoder.json")
+    a = ap.parse_args()
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgeq.executor import Executor
+    from edgeq.export_onnx import cosines, encoder_tokenizer
+    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.pipeline import ExportOptions, export
+    from edgeq.runtime.onnx_backend import session_options
+    from edgeq.texts import calibration_text, evaluation_sentences
+
+    work = Path(tempfile.mkdtemp(prefix="edgeq-bench-"))
+    models: dict[str, str] = {}
+    export_s: dict[str, float] = {}
+    for q in ("f32", "int8", "int8-dyn"):
+        t0 = time.perf_counter()
+        export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant=q, out=str(work / q), check=False))
+        export_s[q] = time.perf_counter() - t0
+        models[f"edgeq {q}"] = str(work / q / "model.onnx")
+    f32 = models["edgeq f32"]
+    # the float baseline as onnxruntime's transformer optimizer leaves it (falls back to the plain file if it fails)
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        opt = optimize_model(f32, model_type="bert", num_heads=12, hidden_size=384, opt_level=1)
+        opt.save_model_to_file(str(work / "f32_ortopt.onnx"))
+        models["float, ORT transformer optimizer"] = str(work / "f32_ortopt.onnx")
+    except Exception as exc:  # noqa: BLE001 - a baseline we could not build is reported, not fatal
+        print(f"ORT transformer optimizer failed on the float model: {exc}")
+    import onnx
+
+    quantize_dynamic(f32, str(work / "ort_dyn_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    models["ORT quantize_dynamic per-channel int8"] = str(work / "ort_dyn_pc.onnx")
+
+    graph = import_model(resolve_model_path("all-MiniLM-L6-v2"))
+    tok = encoder_tokenizer(graph)
+    long_ids = tok.encode(calibration_text()[:4000]).ids[: a.seq]
+    assert len(long_ids) == a.seq
+    feed = {"input_ids": np.array([long_ids], np.int64), "attention_mask": np.ones((1, a.seq), np.int64)}
+    sessions = {k: ort.InferenceSession(v, session_options(a.threads), providers=["CPUExecutionProvider"])
+                for k, v in models.items()}
+
+    # fidelity on held-out sentences
+    ex = Executor(graph)
+    sents = evaluation_sentences(a.sentences)
+    ids = [tok.encode(s).ids for s in sents]
+    ref = np.stack([ex.embed(i) for i in ids])
+    fidelity = {}
+    for k, s in sessions.items():
+        got = np.stack([s.run(["embedding"], {"input_ids": np.array([i]), "attention_mask": np.ones((1, len(i)), np.int64)})[0][0]
+                        for i in ids])
+        c = cosines(ref, got)
+        fidelity[k] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
+
+    # latency, interleaved
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(["embedding"], feed)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(a.rounds):
+        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
+        for k in order:
+            s = sessions[k]
+            for _ in range(a.runs_per_round):
+                t0 = time.perf_counter()
+                s.run(["embedding"], feed)
+                times[k].append(time.perf_counter() - t0)
+    base = "float, ORT transformer optimizer" if "float, ORT transformer optimizer" in times else "edgeq f32"
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = []
+    for k in sessions:
+        rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, "latency_ms_median": med[k],
+                     "latency_ms_p10": float(np.percentile(times[k], 10) * 1e3),
+                     "latency_ms_p90": float(np.percentile(times[k], 90) * 1e3),
+                     "vs_float": med[k] / med[base], **fidelity[k]})
+    print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning off, {a.rounds}x{a.runs_per_round} "
+          f"interleaved runs; baseline: {base}")
+    print(f"{'variant':42s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'cos mean':>9s} {'cos min':>8s}")
+    for r in rows:
+        print(f"{r['variant']:42s} {r['file_mb']:6.1f} {r['latency_ms_median']:7.2f} {r['vs_float']:8.3f} "
+              f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
+                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(sents),
+                               "export_s": export_s, "onnxruntime": ort.__version__, "rows": rows,
+                               "load_avg": os.getloadavg()}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""A BERT sentence encoder as one ONNX graph: token ids + attention mask -> L2-normalised mean-pooled embedding.
+
+Batched and padded: the mask removes padding from attention (as a key padding
+mask) and from the mean, so a padded batch gives each sentence's own embedding.
+Attention is onnxruntime's fused MultiHeadAttention (float; what its transformer
+optimizer would produce), or plain ONNX ops with `attention="standard"`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.models.bert import BertConfig
+from edgeq.plan import Plan, TensorPlan
+from edgeq.targets.onnx.builder import F32, I64, MS_DOMAIN, Builder
+from edgeq.targets.onnx.linear import emit_embedding, emit_linear, emit_table_prefix
+
+
+def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=None) -> Builder:
+    cfg: BertConfig = graph.config
+    W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
+    b = Builder(f"edgeq_{graph.arch}")
+    ids = b.input("input_ids", I64, ["batch", "seq"])
+    mask = b.input("attention_mask", I64, ["batch", "seq"])
+    H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
+
+    # embeddings: word (planned format) + position (+ token type 0, folded into the position table)
+    we = emit_embedding(b, ids, "embeddings.word_embeddings.weight", W("embeddings.word_embeddings.weight"),
+                        plan.tensors["embeddings.word_embeddings.weight"])
+    seq = b.op("Slice", [b.op("Shape", [ids], hint="shape"), b.const([1], np.int64), b.const([2], np.int64)],
+               hint="seq_len")                                                   # shape (1,)
+    if plan.tensors["embeddings.token_type_embeddings.weight"].format != "f32":
+        raise EdgeqError(None, "embeddings.token_type_embeddings.weight must stay f32 on ONNX (its row 0 is folded "
+                               "into the position table)")
+    pos_table = W("embeddings.position_embeddings.weight") + W("embeddings.token_type_embeddings.weight")[0][None, :]
+    pe = emit_table_prefix(b, seq, "embeddings.position_embeddings.weight", pos_table,
+                           plan.tensors["embeddings.position_embeddings.weight"])
+    h = b.op("Add", [we, pe], hint="emb_sum")
+    h = _layer_norm(b, h, graph, "embeddings.LayerNorm", cfg.ln_eps)
+
+    mask_i32 = b.op("Cast", [mask], hint="mask_i32", to=TensorProto.INT32)
+    mask_f = b.op("Cast", [mask], hint="mask_f", to=TensorProto.FLOAT)
+    if attention == "standard":
+        # additive bias (B, 1, 1, S): 0 for tokens, -1e9 for padding
+        bias = b.op("Mul", [b.op("Sub", [mask_f, b.const(1.0)], hint="m1"), b.const(1e9)], hint="mask_bias")
+        bias = b.op("Unsqueeze", [bias, b.const([1, 2], np.int64)], hint="mask_bias")
+
+    layers = range(cfg.n_layers)
+    for i in (progress(layers, desc="lower onnx", unit="layer") if progress else layers):
+        p = f"encoder.layer.{i}."
+
+        def lin(x, n, hint):
+            return emit_linear(b, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
+                               plan.tensors[p + n + ".weight"], hint=hint)
+
+        q = lin(h, "attention.self.query", "q")
+        k = lin(h, "attention.self.key", "k")
+        v = lin(h, "attention.self.value", "v")
+        if attention == "mha":
+            att = b.op("MultiHeadAttention", [q, k, v, "", mask_i32], hint="att", domain=MS_DOMAIN,
+                       num_heads=nh, scale=float(1.0 / np.sqrt(d)))
+        else:
+            att = _standard_attention(b, q, k, v, bias, nh, d, H)
+        ao = lin(att, "attention.output.dense", "ao")
+        h1 = _layer_norm(b, b.op("Add", [ao, h], hint="r1"), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
+        inter = lin(h1, "intermediate.dense", "inter")
+        g = _gelu(b, inter)
+        o = lin(g, "output.dense", "o")
+        h = _layer_norm(b, b.op("Add", [o, h1], hint="r2"), graph, p + "output.LayerNorm", cfg.ln_eps)
+
+    # mean over the unpadded tokens, then L2 normalisation
+    m3 = b.op("Unsqueeze", [mask_f, b.const([-1], np.int64)], hint="mask3")
+    summed = b.op("ReduceSum", [b.op("Mul", [h, m3], hint="masked"), b.const([1], np.int64)], hint="sum", keepdims=0)
+    count = b.op("ReduceSum", [m3, b.const([1], np.int64)], hint="count", keepdims=0)
+    pooled = b.op("Div", [summed, b.op("Max", [count, b.const(1.0)], hint="count")], hint="pooled")
+    if cfg.normalize:
+        norm = b.op("ReduceL2", [pooled, b.const([-1], np.int64)], hint="norm", keepdims=1)
+        b.op("Div", [pooled, b.op("Max", [norm, b.const(1e-12)], hint="norm")], outputs=["embedding"])
+    else:
+        b.op("Identity", [pooled], outputs=["embedding"])
+    b.output("embedding", F32, ["batch", H])
+    return b
+
+
+def _layer_norm(b: Builder, x: str, graph: Graph, prefix: str, eps: float) -> str:
+    w = b.initializer(prefix + ".weight", graph.weights[prefix + ".weight"].numpy())
+    bias = b.initializer(prefix + ".bias", graph.weights[prefix + ".bias"].numpy())
+    return b.op("LayerNormalization", [x, w, bias], hint="ln", axis=-1, epsilon=float(eps))
+
+
+def _gelu(b: Builder, x: str) -> str:
+    """Exact GELU as x·½·(1 + erf(x/√2)); onnxruntime fuses the pattern into its Gelu kernel."""
+    e = b.op("Erf", [b.op("Div", [x, b.const(np.sqrt(2.0))], hint="gd")], hint="erf")
+    return b.op("Mul", [b.op("Mul", [x, b.op("Add", [e, b.const(1.0)], hint="g1")], hint="g2"), b.const(0.5)],
+                hint="gelu")
+
+
+def _standard_attention(b: Builder, q: str, k: str, v: str, bias: str, nh: int, d: int, H: int) -> str:
+    shape4 = b.const([0, 0, nh, d], np.int64)
+    qh = b.op("Transpose", [b.op("Reshape", [q, shape4], hint="qh")], hint="qh", perm=[0, 2, 1, 3])
+    kh = b.op("Transpose", [b.op("Reshape", [k, shape4], hint="kh")], hint="kh", perm=[0, 2, 3, 1])
+    vh = b.op("Transpose", [b.op("Reshape", [v, shape4], hint="vh")], hint="vh", perm=[0, 2, 1, 3])
+    s = b.op("Mul", [b.op("MatMul", [qh, kh], hint="scores"), b.const(1.0 / np.sqrt(d))], hint="scores")
+    p = b.op("Softmax", [b.op("Add", [s, bias], hint="scores")], hint="probs", axis=-1)
+    ctx = b.op("Transpose", [b.op("MatMul", [p, vh], hint="ctx")], hint="ctx", perm=[0, 2, 1, 3])
+    return b.op("Reshape", [ctx, b.const([0, 0, H], np.int64)], hint="att")
+
+
+def default_tensor_plan(fmt: str) -> TensorPlan:
+    return TensorPlan(format=fmt)

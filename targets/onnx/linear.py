@@ -1,0 +1,113 @@
+"""One linear layer (y = x·Wᵀ + b) in the ONNX form its plan format asks for.
+
+- f32 / f16: a float MatMul (f16 weights are stored half size and cast once at load).
+- int8 (static, the whitepaper's scheme): weights symmetric per output channel
+  (int8, zero point 0, f32 scale per row), the input activation per tensor with a
+  calibrated range (uint8 with zero point: the fast U8S8 path on x86), written as
+  QuantizeLinear/DequantizeLinear pairs around a float MatMul that onnxruntime
+  fuses into an integer kernel (MatMulIntegerToFloat / QLinearMatMul).
+- int8_dyn: the same weights; the activation range is computed per call
+  (DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
+  DynamicQuantizeMatMul).
+The bias, the residual adds, the norms and softmax stay float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from edgeq.errors import EdgeqError
+from edgeq.formats import int8_quantize_rows
+from edgeq.plan import TensorPlan
+from edgeq.targets.onnx.builder import Builder
+
+
+def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """uint8 affine parameters for a calibrated range; 0 is exactly representable (padding, ReLU zeros)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    zp = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
+    return scale, zp
+
+
+def weight_initializer(b: Builder, name: str, w: np.ndarray, fmt: str) -> str:
+    """A float weight in (in, out) layout as an f32 value: f32 directly, f16 through a Cast."""
+    wt = np.ascontiguousarray(w.T)
+    if fmt == "f32":
+        return b.initializer(name, wt.astype(np.float32))
+    if fmt == "f16":
+        half = b.initializer(name, wt.astype(np.float16))
+        return b.op("Cast", [half], hint="w_f32", to=TensorProto.FLOAT)
+    raise EdgeqError(None, f"format {fmt} is not a float format ({name})")
+
+
+def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, d: TensorPlan,
+                hint: str = "y") -> str:
+    fmt = d.format
+    if fmt in ("f32", "f16"):
+        y = b.op("MatMul", [x, weight_initializer(b, name, w, fmt)], hint=hint)
+    elif fmt in ("int8", "int8_dyn"):
+        q, scale = int8_quantize_rows(w)
+        wq = b.initializer(name, np.ascontiguousarray(q.T))                      # (in, out) int8
+        ws = b.initializer(name + "_scale", scale)
+        wzp = b.initializer(name + "_zero_point", np.zeros(scale.shape, np.int8))
+        if fmt == "int8":
+            if d.act_range is None:
+                raise EdgeqError(None, f"{name}: static int8 needs a calibrated act_range (run calibration)")
+            xs, xzp = activation_qparams(*d.act_range)
+            key = (x, float(xs), int(xzp))
+            xd = b.memo.get(key)
+            if xd is None:  # layers reading one activation with one range (q, k, v) share one QuantizeLinear
+                s_name = b.initializer(name + "_input_scale", np.array(xs, np.float32))
+                z_name = b.initializer(name + "_input_zero_point", np.array(xzp, np.uint8))
+                xq = b.op("QuantizeLinear", [x, s_name, z_name], hint="xq")
+                xd = b.memo[key] = b.op("DequantizeLinear", [xq, s_name, z_name], hint="xdq")
+            wd = b.op("DequantizeLinear", [wq, ws, wzp], hint="wdq", axis=1)
+            y = b.op("MatMul", [xd, wd], hint=hint)
+        else:
+            xq, xs, xzp = b.op("DynamicQuantizeLinear", [x], n_out=3, hint="xq")
+            acc = b.op("MatMulInteger", [xq, wq, xzp, wzp], hint="acc")
+            accf = b.op("Cast", [acc], hint="accf", to=TensorProto.FLOAT)
+            s = b.op("Mul", [xs, ws], hint="s")
+            y = b.op("Mul", [accf, s], hint=hint)
+    else:
+        raise EdgeqError(None, f"format {fmt} (for {name}) is not carried by the ONNX target")
+    if bias is not None:
+        y = b.op("Add", [y, b.initializer(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))], hint=hint)
+    return y
+
+
+def emit_embedding(b: Builder, ids: str, name: str, table: np.ndarray, d: TensorPlan) -> str:
+    """Gather rows; an INT8 table gathers int8 rows and their per-row scales and multiplies (exact dequant)."""
+    if d.format in ("f32", "f16"):
+        if d.format == "f32":
+            t = b.initializer(name, table.astype(np.float32))
+        else:
+            t = b.op("Cast", [b.initializer(name, table.astype(np.float16))], hint="table_f32", to=TensorProto.FLOAT)
+        return b.op("Gather", [t, ids], hint="emb", axis=0)
+    if d.format in ("int8", "int8_dyn"):
+        q, scale = int8_quantize_rows(table)
+        rows = b.op("Gather", [b.initializer(name, q), ids], hint="emb_q", axis=0)
+        rows_f = b.op("Cast", [rows], hint="emb_qf", to=TensorProto.FLOAT)
+        s = b.op("Gather", [b.initializer(name + "_scale", scale), ids], hint="emb_s", axis=0)
+        s = b.op("Unsqueeze", [s, b.const([-1], np.int64)], hint="emb_s")
+        return b.op("Mul", [rows_f, s], hint="emb")
+    raise EdgeqError(None, f"format {d.format} (for {name}) cannot carry an embedding table on ONNX")
+
+
+def emit_table_prefix(b: Builder, n_rows: str, name: str, table: np.ndarray, d: TensorPlan) -> str:
+    """The first n rows of a table (positions 0..n-1) as a Slice, in the planned format."""
+    zero, axis0 = b.const([0], np.int64), b.const([0], np.int64)
+    if d.format in ("f32", "f16"):
+        if d.format == "f32":
+            t = b.initializer(name, table.astype(np.float32))
+        else:
+            t = b.op("Cast", [b.initializer(name, table.astype(np.float16))], hint="table_f32", to=TensorProto.FLOAT)
+        return b.op("Slice", [t, zero, n_rows, axis0], hint="rows")
+    if d.format in ("int8", "int8_dyn"):
+        q, scale = int8_quantize_rows(table)
+        rows = b.op("Slice", [b.initializer(name, q), zero, n_rows, axis0], hint="rows_q")
+        s = b.op("Slice", [b.initializer(name + "_scale", scale[:, None]), zero, n_rows, axis0], hint="rows_s")
+        return b.op("Mul", [b.op("Cast", [rows], hint="rows_qf", to=TensorProto.FLOAT), s], hint="rows")
+    raise EdgeqError(None, f"format {d.format} (for {name}) cannot carry a table on ONNX")

@@ -1,0 +1,50 @@
+"""Lower IR + plan to an ONNX file: pick the family's lowering, check the model, save deterministically."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.plan import Plan
+
+
+
+
+def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.ModelProto:
+    missing = [n for n in graph.weights if n not in plan.tensors]
+    if missing:
+        raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
+    if graph.kind == "encoder" and graph.arch == "bert":
+        from edgeq.targets.onnx.encoder import lower_encoder
+
+        b = lower_encoder(graph, plan, progress=progress, **options)
+    else:
+        raise EdgeqError(None, f"the ONNX target does not lower {graph.kind} models of arch {graph.arch!r} yet")
+    model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata={"edgeq.preset": plan.preset or ""})
+    return model
+
+
+INLINE_LIMIT = (2 << 30) - (64 << 20)   # protobuf refuses messages of 2 GB; keep a margin for the graph itself
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, inline_limit: int = INLINE_LIMIT) -> list[Path]:
+    """Write the model, checked; past `inline_limit` bytes the weights go to one external data file beside it.
+
+    Returns the files written (model first). Both are deterministic: same model, same bytes.
+    """
+    path = Path(path)
+    if model.ByteSize() < inline_limit:
+        onnx.checker.check_model(model)
+        path.write_bytes(model.SerializeToString(deterministic=True))
+        return [path]
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    data = path.name + ".data"
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=data, size_threshold=1024)
+    onnx.save_model(model, str(path))
+    onnx.checker.check_model(str(path))
+    return [path, path.parent / data]
