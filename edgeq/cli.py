@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(fn=cmd_eval)
 
-    i = sub.add_parser("inspect", help="describe a bundle or a GGUF file")
+    i = sub.add_parser("inspect", help="describe a bundle, a GGUF file or a Hugging Face model folder")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgeq.errors import EdgeqError
 
 
@@ -36,6 +38,34 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         "tokenizer": meta.get("tokenizer.ggml.model"),
         "context_length": meta.get(f"{meta.get('general.architecture')}.context_length"),
     }
+
+
+def inspect_hf(path: Path) -> dict[str, Any]:
+    """A Hugging Face model folder: what edgeq reads from it (headers only, no weights loaded)."""
+    from edgeq.importers.hf import hf_tensors, import_hf, read_config
+    from edgeq.models import bert
+
+    tensors = hf_tensors(path)
+    dtypes: dict[str, int] = {}
+    for t in tensors.values():
+        dtypes[t.dtype.lower()] = dtypes.get(t.dtype.lower(), 0) + 1
+    out: dict[str, Any] = {
+        "kind": "hf",
+        "path": str(path),
+        "model_type": read_config(path).get("model_type"),
+        "n_params": sum(int(np.prod(t.shape)) for t in tensors.values()),
+        "tensor_bytes": sum(t.nbytes for t in tensors.values()),
+        "tensor_dtypes": dict(sorted(dtypes.items())),
+        "shards": len({t.path.name for t in tensors.values()}),
+    }
+    if bert.is_bert_folder(path):
+        return out
+    g = import_hf(path)
+    spec = g.metadata["tokenizer_spec"]
+    out.update({"name": g.metadata.get("name"), "license": g.metadata.get("license"), "n_params": g.n_params,
+                "tokenizer": f"{spec.model} (pre {spec.pre}), {len(spec.tokens)} tokens",
+                "context_length": g.config.context_length})
+    return out
 
 
 def inspect_bundle(path: Path) -> dict[str, Any]:
@@ -85,6 +115,8 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
+        if not (p / "manifest.json").exists() and (p / "config.json").is_file():
+            return inspect_hf(p)
         return inspect_bundle(p)
     if p.is_file():
         return inspect_gguf(p)

@@ -244,7 +244,8 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     base_hint = f" (the adapter was trained on {base})" if base else ""
 
     modules = model_modules(graph)
-    parts: dict[str, dict[str, STensor]] = {}
+    parts: dict[str, dict[str, STensor]] = {}      # module -> {"A": ..., "B": ...}
+    kinds: dict[str, str] = {}                     # module -> lora_A or lora_embedding_A (for its error message)
     base_layers: dict[str, STensor] = {}
     for key, t in st.tensors.items():
         name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
@@ -278,7 +279,7 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
         if slot in parts.setdefault(module, {}):
             raise EdgeqError(wpath, f"two {kind} tensors for {module} (several adapters in one file?)")
         parts[module][slot] = t
-        parts[module]["kind"] = kind  # type: ignore[assignment]
+        kinds[module] = kind
 
     targeted = [name for name in modules if _targeted(c, name)]
     if not targeted:
@@ -297,8 +298,8 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
             which = "lora_A and lora_B" if not got else ("lora_A" if "A" not in got else "lora_B")
             raise EdgeqError(wpath, f"has no {which} for {module}, which adapter_config.json targets")
         target, is_emb = modules[module]
-        if got["kind"].startswith("lora_embedding") != is_emb:
-            raise EdgeqError(wpath, f"{module} has {got['kind']} tensors, which do not fit a "
+        if kinds[module].startswith("lora_embedding") != is_emb:
+            raise EdgeqError(wpath, f"{module} has {kinds[module]} tensors, which do not fit a "
                                     f"{'nn.Embedding' if is_emb else 'nn.Linear'} module")
         r = int(_pattern_value(rank_p, module, c["r"]))
         alpha = float(_pattern_value(alpha_p, module, c["lora_alpha"]))
@@ -366,6 +367,9 @@ class MergeAdapters(Pass):
         self.adapters: list[Adapter] = []
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if graph.arch != "llama":
+            src = graph.metadata.get("source_path")
+            raise EdgeqError(src, f"LoRA adapters merge into llama-family decoders; this model is {graph.arch}")
         self.adapters = [load_adapter(a, graph) for a in self.args]
         by_target: dict[str, list[tuple[LoraModule, float]]] = {}
         replaced: dict[str, STensor] = {}

@@ -348,3 +348,14 @@ def test_bad_weight_and_plan_takes_adapters(untied, good_adapter, tmp_path):
     assert json.loads(plan.read_text())["preset"] == "q4_0"
     r = edgeq("plan", "--model", untied, "--adapter", tmp_path / "nope", "-o", tmp_path / "p2.json")
     assert r.returncode == 2 and "no such adapter folder" in r.stderr and not (tmp_path / "p2.json").exists()
+
+
+def test_adapters_need_a_decoder(good_adapter, tmp_path):
+    from edgeq.models.minilm import minilm_path
+
+    try:
+        encoder = minilm_path()
+    except Exception as exc:           # the encoder package is a test dependency of the ONNX work
+        pytest.skip(f"all-MiniLM-L6-v2 not installed: {exc}")
+    r = edgeq("plan", "--model", encoder, "--adapter", good_adapter, "-o", tmp_path / "p.json")
+    assert r.returncode == 2 and "llama-family decoders" in r.stderr and r.stderr.count("\n") == 1

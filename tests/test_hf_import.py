@@ -379,3 +379,12 @@ def test_tokenizer_json_from_a_gguf_spec_is_saved_by_tokenizers(smollm_spec, tmp
     ours = build_tokenizer(smollm_spec)
     assert hf(SAMPLE)["input_ids"] == encode(ours, smollm_spec, SAMPLE)
     assert hf.bos_token == "<|im_start|>" and hf.eos_token == "<|im_end|>"
+
+
+def test_inspect_a_folder(small_folder):
+    from edgeq.inspect import inspect_path
+
+    info = inspect_path(small_folder)
+    assert info["kind"] == "hf" and info["model_type"] == "llama" and info["shards"] > 1
+    assert info["tensor_dtypes"] == {"f32": len(llama.expected_shapes(tiny_config(vocab_size=400)))}
+    assert info["tokenizer"].startswith("gpt2 (pre smollm)")
