@@ -103,15 +103,9 @@ def source_name(path: Path, given: str | None) -> str:
 
 
 def runtime_versions() -> dict[str, str]:
-    from importlib import metadata
+    from edgeq.pipeline import runtime_versions as versions
 
-    out = {}
-    for dist in ("onnxruntime", "onnx"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return versions(("onnxruntime", "onnx"))
 
 
 def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,

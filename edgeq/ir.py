@@ -78,3 +78,15 @@ class Graph:
 
     def weight(self, name: str) -> Tensor:
         return self.weights[name]
+
+
+def checked_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The weights a family's config implies, in the family's canonical order, each with the implied shape."""
+    from edgeq.errors import EdgeqError
+
+    for name, shape in expected.items():
+        if name not in weights:
+            raise EdgeqError(None, f"model is missing tensor {name}")
+        if tuple(weights[name].shape) != shape:
+            raise EdgeqError(None, f"tensor {name} has shape {weights[name].shape}, config implies {shape}")
+    return {n: weights[n] for n in expected}

@@ -52,11 +52,12 @@ class ExportOptions:
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
 
 
-def runtime_versions() -> dict[str, str]:
+def runtime_versions(dists: tuple[str, ...] = ("llama-cpp-python", "gguf")) -> dict[str, str]:
+    """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
     from importlib import metadata
 
     out = {}
-    for dist in ("llama-cpp-python", "gguf"):
+    for dist in dists:
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

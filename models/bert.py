@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import Graph, Node, Tensor, Value
+from edgeq.ir import Graph, Node, Tensor, Value, checked_weights
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -76,13 +76,7 @@ def expected_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
 
 
 def build_graph(cfg: BertConfig, weights: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> Graph:
-    expected = expected_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in weights:
-            raise EdgeqError(None, f"model is missing tensor {name}")
-        if tuple(weights[name].shape) != shape:
-            raise EdgeqError(None, f"tensor {name} has shape {weights[name].shape}, config implies {shape}")
-    ordered = {n: weights[n] for n in expected}
+    ordered = checked_weights(expected_shapes(cfg), weights)
     eps = {"eps": cfg.ln_eps}
     nodes = [
         Node("embedding", ["tokens", "embeddings.word_embeddings.weight"], ["e_word"]),

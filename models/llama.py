@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.errors import EdgeqError
-from edgeq.ir import Graph, Node, Tensor, Value
+from edgeq.ir import Graph, Node, Tensor, Value, checked_weights
 
 
 @dataclass(frozen=True)
@@ -227,13 +227,7 @@ def llama3_rope_freqs(cfg: LlamaConfig) -> np.ndarray:
 
 def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str, Any] | None = None) -> Graph:
     """The decoder as IR nodes; the executor and every backend read the same node list."""
-    expected = expected_shapes(cfg)
-    for name, shape in expected.items():
-        if name not in weights:
-            raise EdgeqError(None, f"model is missing tensor {name}")
-        if tuple(weights[name].shape) != shape:
-            raise EdgeqError(None, f"tensor {name} has shape {weights[name].shape}, config implies {shape}")
-    ordered = {n: weights[n] for n in expected}
+    ordered = checked_weights(expected_shapes(cfg), weights)
     if "rope_freqs.weight" in weights:
         ordered["rope_freqs.weight"] = weights["rope_freqs.weight"]
 
