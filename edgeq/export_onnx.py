@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq import __version__
 from edgeq.errors import EdgeqError
 from edgeq.fsutil import sha256_file, staged_dir
 from edgeq.ir import Graph
@@ -28,7 +27,6 @@ from edgeq.passes.assign_preset import AssignPreset
 from edgeq.passes.calibrate_ranges import CalibrateRanges
 from edgeq.passes.legalize import Legalize
 from edgeq.plan import Plan
-from edgeq.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION
 
 MODEL_FILE = "model.onnx"
 REFERENCE_SENTENCES = (
@@ -138,19 +136,10 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
                               "sha256": sha256_file(tmp / "tokenizer.json"),
                               "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
             tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
-        from edgeq.formats import get_format
+        from edgeq.pipeline import manifest_head
 
-        weight_bytes = sum(get_format(plan.tensors[n].format).nbytes(t.shape) for n, t in graph.weights.items())
         manifest: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
-            "edgeq_version": __version__,
-            "runtime_versions": runtime_versions(),
-            "model": {
-                "name": graph.metadata.get("name"), "arch": graph.arch, "kind": graph.kind,
-                "n_params": graph.n_params, "weight_bytes": weight_bytes,
-                "bits_per_weight": 8 * weight_bytes / graph.n_params, "config": graph.config.to_json(),
-            },
+            **manifest_head(graph, plan, runtime_versions()),
             "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
                        "license": graph.metadata.get("license"), "adapters": []},
             "target": profile.to_json(),

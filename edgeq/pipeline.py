@@ -52,6 +52,28 @@ class ExportOptions:
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
 
 
+def manifest_head(graph: Graph, plan: Plan, versions: dict[str, str]) -> dict[str, Any]:
+    """The manifest fields every backend writes the same way; bpw counts the bytes the formats really write."""
+    from edgeq.formats import get_format
+
+    weight_bytes = sum(get_format(plan.tensors[n].format).nbytes(t.shape) for n, t in graph.weights.items())
+    return {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "edgeq_version": __version__,
+        "runtime_versions": versions,
+        "model": {
+            "name": graph.metadata.get("name"),
+            "arch": graph.arch,
+            "kind": graph.kind,
+            "n_params": graph.n_params,
+            "weight_bytes": weight_bytes,
+            "bits_per_weight": 8 * weight_bytes / graph.n_params,
+            "config": graph.config.to_json(),
+        },
+    }
+
+
 def runtime_versions(dists: tuple[str, ...] = ("llama-cpp-python", "gguf")) -> dict[str, str]:
     """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
     from importlib import metadata
@@ -240,23 +262,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
         src_sha = sha256_source(model_path)
         model_bytes = model_file.stat().st_size
-        from edgeq.formats import get_format
-
-        weight_bytes = sum(get_format(plan.tensors[n].format).nbytes(t.shape) for n, t in graph.weights.items())
         manifest: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "version": BUNDLE_VERSION,
-            "edgeq_version": __version__,
-            "runtime_versions": runtime_versions(),
-            "model": {
-                "name": graph.metadata.get("name"),
-                "arch": graph.arch,
-                "kind": graph.kind,
-                "n_params": graph.n_params,
-                "weight_bytes": weight_bytes,
-                "bits_per_weight": 8 * weight_bytes / graph.n_params,
-                "config": graph.config.to_json(),
-            },
+            **manifest_head(graph, plan, runtime_versions()),
             "source": {
                 "name": _source_name(model_path, opts.model),
                 "sha256": src_sha,
