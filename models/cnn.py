@@ -1,0 +1,45 @@
+"""The CNN family: image classifiers that come in through torch.export (edgeq.importers.torch_export).
+
+A CNN graph has one input, `images` (batch, C, H, W) float32 NCHW, and one
+output, `logits` (batch, n_classes). Its ops are the ones the contract with the
+TVM target fixes: conv2d (batch norm folded in at import), relu, relu6,
+max/avg/global pooling, flatten, linear and add. Weight names are the torch
+state_dict names of the convs and linears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgeq.ir import Graph
+
+CNN_OPS = ("conv2d", "relu", "relu6", "max_pool2d", "avg_pool2d", "global_avg_pool", "flatten", "linear", "add")
+WEIGHT_OPS = ("conv2d", "linear")
+INPUT = "images"
+OUTPUT = "logits"
+
+
+@dataclass(frozen=True)
+class CnnConfig:
+    in_channels: int
+    height: int
+    width: int
+    n_classes: int
+    name: str = "cnn"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.height, self.width)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CnnConfig":
+        return cls(**d)
+
+
+def weight_nodes(graph: Graph) -> dict[str, str]:
+    """Weight name -> op, for the weights a conv or linear multiplies (what int8 quantizes)."""
+    return {n.inputs[1]: n.op for n in graph.nodes if n.op in WEIGHT_OPS}
