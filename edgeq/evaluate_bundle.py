@@ -34,7 +34,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     reference: str | None = None, adapters: list[str] | None = None,
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
-                    reference_logits: Callable | None = None, sentences: int = 256) -> dict:
+                    reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
     from edgeq import runtime
     from edgeq.evaluation import evaluate
@@ -43,7 +43,18 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     bundle = Path(bundle)
     from edgeq.runtime.manifest import read_manifest
 
-    if read_manifest(bundle)["model"].get("kind") == "encoder":
+    kind = read_manifest(bundle)["model"].get("kind")
+    if kind == "cnn":
+        from edgeq.evaluate_cnn import evaluate_cnn
+
+        with runtime.load(bundle, backend=backend, threads=threads) as session:
+            res = evaluate_cnn(session, images, reference=reference, reference_logits=reference_logits,
+                               progress=progress)
+        res["backend"] = session.backend_name
+        if record:
+            _record(bundle, res)
+        return res
+    if kind == "encoder":
         from edgeq.evaluate_encoder import evaluate_encoder
 
         with runtime.load(bundle, backend=backend, threads=threads) as session:

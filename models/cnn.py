@@ -43,3 +43,37 @@ class CnnConfig:
 def weight_nodes(graph: Graph) -> dict[str, str]:
     """Weight name -> op, for the weights a conv or linear multiplies (what int8 quantizes)."""
     return {n.inputs[1]: n.op for n in graph.nodes if n.op in WEIGHT_OPS}
+
+
+FUSED_ACTIVATIONS = ("relu", "relu6")
+SAME_RANGE_OPS = ("max_pool2d", "avg_pool2d", "global_avg_pool", "flatten")
+
+
+def quantized_activations(graph: Graph) -> list[str]:
+    """The activations static INT8 gives their own calibrated range by default, in graph order.
+
+    The input and the output of every conv, linear, relu, relu6 and add, except
+    a value read only by a relu/relu6 (the activation is applied before
+    quantizing, so a conv and its relu become one integer kernel) and the
+    logits. Pooling and flatten outputs are left out: they keep their input's
+    parameters, as integer pooling kernels want.
+    """
+    readers: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            readers.setdefault(i, []).append(n.op)
+    out = [graph.inputs[0].name]
+    for n in graph.nodes:
+        v = n.outputs[0]
+        if n.op in SAME_RANGE_OPS or v == OUTPUT:
+            continue
+        r = readers.get(v, [])
+        if r and all(op in FUSED_ACTIVATIONS for op in r):
+            continue
+        out.append(v)
+    return out
+
+
+def activation_names(graph: Graph) -> list[str]:
+    """Every activation value of the graph (input and node outputs), in order."""
+    return [graph.inputs[0].name] + [n.outputs[0] for n in graph.nodes]
