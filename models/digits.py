@@ -74,7 +74,7 @@ def digits_net():
     return DigitsNet()
 
 
-def train_digits_cnn(seed: int = 0, epochs: int = 12, batch: int = 64):
+def train_digits_cnn(seed: int = 0, epochs: int = 8, batch: int = 64):
     """(eval-mode torch module, DigitsData): seeded, single-threaded (so bit-reproducible), a few seconds on a CPU."""
     import torch
 
