@@ -3,7 +3,8 @@
 Images come from `--images FILE.npz` (array `images`, NCHW float32; `labels`
 optional). The reference is edgeq's float executor on the source network:
 `--reference MODEL.pt2`, accepted when its imported graph has the digest the
-manifest recorded (so a decomposed re-save of the same module is accepted too).
+manifest recorded (evaluate_bundle.reference_graph), so a decomposed re-save of
+the same module is accepted too.
 """
 
 from __future__ import annotations
@@ -14,25 +15,6 @@ from typing import Callable
 import numpy as np
 
 from edgeq.errors import EdgeqError
-
-
-def resolve_cnn_reference(manifest: dict, reference: str | None, bundle: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from edgeq.executor import Executor
-    from edgeq.export_onnx import graph_digest
-    from edgeq.importers.loader import import_model
-
-    if not reference:
-        raise EdgeqError(bundle, f"the float reference of a CNN is its source network: pass --reference "
-                                 f"{manifest['source']['name']} (a torch.export.save'd .pt2)")
-    path = Path(reference)
-    if not path.is_file():
-        raise EdgeqError(path, "no such reference model")
-    graph = import_model(path)
-    if graph.kind != "cnn" or graph_digest(graph) != manifest["source"]["sha256"]:
-        raise EdgeqError(path, "is not the network this bundle was made from (its graph digest differs from the "
-                               "manifest's)")
-    ex = Executor(graph)
-    return lambda x: ex.run_inputs({"images": x})["logits"]
 
 
 def evaluate_cnn(session, images_file: str | None, reference: str | None = None,
@@ -46,7 +28,11 @@ def evaluate_cnn(session, images_file: str | None, reference: str | None = None,
     shape = tuple(session.manifest["model"]["config"][k] for k in ("in_channels", "height", "width"))
     x, labels = read_images(images_file, shape)
     if reference_logits is None:
-        reference_logits = resolve_cnn_reference(session.manifest, reference, session.bundle)
+        from edgeq.evaluate_bundle import reference_graph
+        from edgeq.executor import Executor
+
+        ex = Executor(reference_graph(session.manifest, reference, session.bundle))
+        reference_logits = lambda x: ex.run_inputs({"images": x})["logits"]  # noqa: E731
     starts = range(0, len(x), batch)
     ref, got = [], []
     for i in (starts if progress is None else progress(starts, desc="eval", unit="batch")):

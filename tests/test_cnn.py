@@ -304,6 +304,9 @@ def test_cli_export_and_eval_from_a_pt2(digits_files, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["n_images"] >= 300 and res["accuracy"] >= res["accuracy_reference"] - 0.01
+    r = subprocess.run([*EDGEQ, "eval", str(out), "--images", str(digits_files / "test.npz")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2 and "cannot find the source model 'digits.pt2'; pass --reference PATH" in r.stderr
     from edgeq import runtime
 
     with runtime.load(out, threads=1) as s:
