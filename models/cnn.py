@@ -4,7 +4,8 @@ A CNN graph has one input, `images` (batch, C, H, W) float32 NCHW, and one
 output, `logits` (batch, n_classes). Its ops are the ones the contract with the
 TVM target fixes: conv2d (batch norm folded in at import), relu, relu6,
 max/avg/global pooling, flatten, linear and add. Weight names are the torch
-state_dict names of the convs and linears.
+state_dict names of the convs and linears. avg_pool2d counts padding in the
+divisor (torch's default count_include_pad=True; ONNX count_include_pad=1).
 """
 
 from __future__ import annotations

@@ -50,7 +50,8 @@ class CalibrateRanges(Pass):
             else:
                 want = tuple(graph.inputs[0].shape[1:])
                 if x.shape[1:] != want and x.shape != want:
-                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape}; expected (n, *{want})")
+                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape}; expected "
+                                                  f"(n, {', '.join(map(str, want))})")
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if graph.kind == "cnn":

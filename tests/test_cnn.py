@@ -352,3 +352,43 @@ def test_a_plan_keeps_an_activation_float(digits, digits_graph, tmp_path):
     ref = Executor(digits_graph).run_inputs({"images": data.x_test})["logits"]
     got = _run_onnx(tmp_path / "b" / "model.onnx", data.x_test)
     assert np.mean(got.argmax(1) == ref.argmax(1)) >= 0.97
+
+
+def test_int8_conv_weights_count_one_scale_per_output_channel(digits_graph, digits_bundles):
+    from edgeq.formats import get_format
+
+    fmt = get_format("int8")
+    w = digits_graph.weights["block.conv1.weight"].numpy()                  # (16, 16, 3, 3)
+    assert fmt.nbytes(w.shape) == 16 * (16 * 9 + 4)
+    back = fmt.roundtrip(w)
+    scale = np.abs(w).reshape(16, -1).max(1) / 127
+    assert back.shape == w.shape and np.abs(back - w).max() <= scale.max() / 2 + 1e-7
+    m = json.loads((digits_bundles["int8"] / "manifest.json").read_text())
+    expect = sum(fmt.nbytes(t.shape) if len(t.shape) > 1 else 4 * t.n_elements for t in digits_graph.weights.values())
+    assert m["model"]["weight_bytes"] == expect
+
+
+def test_cnn_runtime_runs_without_torch(digits_bundles):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from edgeq import runtime\n"
+        f"s = runtime.load({str(digits_bundles['int8'])!r}, threads=2)\n"
+        f"x = np.load({str(digits_bundles['int8'] / 'reference' / 'images.npy')!r})\n"
+        "print(s.run({'images': x})['logits'].shape)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "assert 'onnx' not in sys.modules and 'sklearn' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(8, 10)" in out.stdout
+
+
+def test_cli_plan_for_a_cnn_records_the_activation_ranges(digits_files, tmp_path):
+    r = subprocess.run([*EDGEQ, "plan", "--model", str(digits_files / "digits.pt2"), "--quant", "int8",
+                        "--calib-images", str(digits_files / "calib.npz"), "-o", str(tmp_path / "plan.json"), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["activations"]["images"] == [0.0, 1.0] and plan["activations"]["relu"][0] == 0.0
+    assert plan["tensors"]["fc.weight"]["format"] == "int8"

@@ -216,7 +216,7 @@ class _Importer:
             self.fail(n, f"{_opname(n)} on a constant or unsupported value {getattr(arg, 'name', arg)!r}")
         return self.value[arg]
 
-    def weight(self, n, arg, transposed: bool = False) -> tuple[str, np.ndarray]:
+    def weight(self, n, arg) -> tuple[str, np.ndarray]:
         if arg not in self.param:
             self.fail(n, f"{_opname(n)} with a computed (not constant) weight")
         target, arr = self.param[arg]
@@ -449,10 +449,7 @@ def _arg(args: list, kwargs: dict, i: int, key: str, default):
 
 
 def _pair(v) -> tuple[int, int]:
+    """torch's int-or-list attributes as (h, w); callers replace torch's empty-list defaults first."""
     if isinstance(v, (list, tuple)):
-        if len(v) == 1:
-            return (int(v[0]), int(v[0]))
-        if len(v) == 0:
-            return None  # type: ignore[return-value]
-        return (int(v[0]), int(v[1]))
+        return (int(v[0]), int(v[-1]))
     return (int(v), int(v))

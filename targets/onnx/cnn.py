@@ -100,7 +100,7 @@ class _Lowering:
 
     # --- weights -------------------------------------------------------------
 
-    def weight(self, n: Node, layout_2d: bool = False) -> tuple[str, str | None, str]:
+    def weight(self, n: Node) -> tuple[str, str | None, str]:
         """(float or dequantized weight, bias, format) for a conv/linear in its planned format."""
         g, b = self.graph, self.b
         wname = n.inputs[1]
