@@ -392,3 +392,12 @@ def test_cli_plan_for_a_cnn_records_the_activation_ranges(digits_files, tmp_path
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["activations"]["images"] == [0.0, 1.0] and plan["activations"]["relu"][0] == 0.0
     assert plan["tensors"]["fc.weight"]["format"] == "int8"
+
+
+def test_inspect_describes_a_pt2_and_a_cnn_bundle(digits_files, digits_bundles):
+    from edgeq.inspect import inspect_path
+
+    info = inspect_path(digits_files / "digits.pt2")
+    assert info["classes"] == 10 and info["ops"]["conv2d"] == 4
+    b = inspect_path(digits_bundles["int8"])
+    assert b["preset"] == "int8" and b["checksums"] == "ok" and b["reference_agreement"] >= 0.75
