@@ -69,6 +69,13 @@ def calibration_inputs(graph: Graph, n: int = 128) -> tuple[list[np.ndarray], st
         tok = encoder_tokenizer(graph)
         return [np.array(tok.encode(s).ids, dtype=np.int64) for s in calibration_sentences(n)], \
             f"{n} sentences of pydoc_data.topics (even-indexed topics)"
+    if graph.kind == "decoder":
+        from edgeq.passes.calibrate import calibration_tokens, calibration_windows
+        from edgeq.texts import CALIBRATION_TEXT_NAME
+
+        tokens, bos, add_bos = calibration_tokens(graph)
+        wins = calibration_windows(tokens, 512, 4, bos, add_bos)
+        return [np.array(w, dtype=np.int64) for w in wins], f"{len(wins)} windows of 512 tokens of {CALIBRATION_TEXT_NAME}"
     raise EdgeqError(None, f"no default calibration data for {graph.kind} models; pass calibration inputs")
 
 
@@ -109,26 +116,17 @@ def runtime_versions() -> dict[str, str]:
 def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
                 progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
                 t_start: float) -> dict:
-    from edgeq.targets.onnx import lower_onnx, save_model
-
     ctx = Context(backend="onnx", profile=profile, progress=progress)
     t0 = time.perf_counter()
     plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx)
     timings["passes"] = time.perf_counter() - t0
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as onnx {preset}")
 
-    t0 = time.perf_counter()
-    model = lower_onnx(graph, plan, progress=progress)
-    timings["lower"] = time.perf_counter() - t0
     src_sha, src_bytes = source_digest(model_path)
     with staged_dir(opts.out, opts.force) as tmp:
-        files = save_model(model, tmp / MODEL_FILE)
-        del model
-        artifacts: list[dict[str, Any]] = []
-        for f in files:
-            artifacts.append({"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx",
-                              "path": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size,
-                              "formats": plan.format_counts() if f.name == MODEL_FILE else {}})
+        t0 = time.perf_counter()
+        artifacts = write_onnx(graph, plan, tmp, progress)
+        timings["lower"] = time.perf_counter() - t0
         tokenizer: dict[str, Any] = {}
         if graph.kind == "encoder":
             shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
@@ -166,6 +164,18 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
 
         write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def write_onnx(graph: Graph, plan: Plan, folder: Path, progress: Callable | None = None) -> list[dict[str, Any]]:
+    """Lower and save `model.onnx` (and its external data past 2 GB) into `folder`; the manifest's artifact entries."""
+    from edgeq.targets.onnx import lower_onnx, save_model
+
+    model = lower_onnx(graph, plan, progress=progress)
+    files = save_model(model, folder / MODEL_FILE)
+    del model
+    return [{"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx", "path": f.name,
+             "sha256": sha256_file(f), "bytes": f.stat().st_size,
+             "formats": plan.format_counts() if f.name == MODEL_FILE else {}} for f in files]
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -5,6 +5,16 @@ the error is small: the weights of every linear layer and the word embedding
 (half an encoder's bytes). Everything that is not a matrix multiply (norms,
 softmax, residual adds, GELU) stays float in the graph, and the position
 table (tiny, added to the embedding sum) stays f32.
+
+Decoders (Llama family) follow the same rule with the LLM forms:
+- `int4` / `int4-asym`: every linear layer weight-only 4-bit (MatMulNBits,
+  blocks of 32, symmetric or with zero points); the LM head, and the word
+  embedding when it is tied to it, stay 8-bit weight-only (`int8_b32`), as
+  llama.cpp's Q4_0 keeps them at Q8_0; an untied word embedding is 4-bit too
+  (GatherBlockQuantized).
+- `int8` / `int8-dyn`: the linear layers as for encoders (see DECODER_STATIC
+  for which take static ranges); the head and a tied embedding `int8_b32`
+  (weight-only: the head's input stays float), an untied embedding int8 rows.
 """
 
 from __future__ import annotations
@@ -13,12 +23,16 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import Graph
 from edgeq.plan import TensorPlan
 
-ONNX_PRESETS = ("f32", "f16", "int8", "int8-dyn")
+ONNX_PRESETS = ("f32", "f16", "int8", "int8-dyn", "int4", "int4-asym")
 
 
 def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
     if preset not in ONNX_PRESETS:
         raise EdgeqError(None, f"unknown --quant {preset!r} for backend onnx; presets: {', '.join(ONNX_PRESETS)}")
+    if graph.kind == "decoder":
+        return _decoder_formats(graph, preset)
+    if preset.startswith("int4"):
+        raise EdgeqError(None, f"--quant {preset} is for decoders (weight-only 4-bit); use int8 for {graph.kind}s")
     out: dict[str, TensorPlan] = {}
     quantized = set(_quantizable(graph))
     for name, t in graph.weights.items():
@@ -48,3 +62,41 @@ def _quantizable(graph: Graph) -> list[str]:
         return matmul_weights(graph) + ["embeddings.word_embeddings.weight"]
     raise EdgeqError(None, f"the onnx backend does not lower {graph.arch} {graph.kind}s yet (it lowers BERT encoders); "
                            "use --backend gguf")
+
+
+def _decoder_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
+    from edgeq.models import llama
+
+    cfg = graph.config
+    head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
+    linear_fmt = {"int4": "int4", "int4-asym": "int4_asym", "int8": "int8", "int8-dyn": "int8_dyn"}
+    out: dict[str, TensorPlan] = {}
+    for name in graph.weights:
+        t = graph.weights[name]
+        if len(t.shape) == 1:
+            out[name] = TensorPlan(format="f32", reason="1-D (norm, bias) tensors stay f32")
+        elif preset in ("f32", "f16"):
+            out[name] = TensorPlan(format=preset, reason=f"preset {preset}" + (": stored half size, computed in f32"
+                                                                             if preset == "f16" else ""))
+        elif name == head:
+            out[name] = TensorPlan(format="int8_b32", reason=f"preset {preset}: LM head{' (tied embedding)' if cfg.tied_embeddings else ''}"
+                                                              " 8-bit weight-only, blocks of 32, input float")
+        elif name == "model.embed_tokens.weight":
+            fmt = linear_fmt[preset] if preset.startswith("int4") else "int8"
+            out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: untied word embedding ({fmt} rows)")
+        elif name in llama.linear_weights(graph):
+            fmt = linear_fmt[preset]
+            if fmt == "int8" and not any(name.endswith(s) for s in DECODER_STATIC):
+                fmt = "int8_dyn"
+            why = {"int4": "4-bit weight-only, blocks of 32, symmetric", "int4_asym": "4-bit weight-only, blocks of "
+                   "32, zero points", "int8": "per-channel int8, static activation range",
+                   "int8_dyn": "per-channel int8, activation range per call"}[fmt]
+            out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: {why}")
+        else:
+            out[name] = TensorPlan(format="f32", reason=f"preset {preset}: kept f32")
+    return out
+
+
+# Which decoder linears take a static (calibrated) activation range under `int8`; the rest are dynamic.
+DECODER_STATIC = (".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".o_proj.weight", ".gate_proj.weight",
+                  ".up_proj.weight", ".down_proj.weight")
