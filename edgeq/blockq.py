@@ -10,6 +10,10 @@ without stored zero points zp is 2^(bits-1) (8 for 4 bits, 128 for 8 bits).
 The symmetric 4-bit grid is ggml's Q4_0 (scale = the block's signed
 extreme / -8, so the largest magnitude lands on -8 exactly), with a float32
 instead of a float16 scale; the 8-bit one is Q8_0's (scale = amax / 127).
+With an importance matrix, symmetric 4-bit blocks of 32 are ggml's own Q4_0
+quantization (its weighted scale search, llama-quantize --imatrix), repacked:
+the same weights a GGUF q4_0 file holds, so the two runtimes compare on
+identical values.
 """
 
 from __future__ import annotations
@@ -37,11 +41,17 @@ def nbytes(rows: int, cols: int, bits: int, block: int, asym: bool) -> int:
     return rows * (nb * block * bits // 8 + 4 * nb + (zero_point_bytes(nb, bits) if asym else 0))
 
 
-def quantize(w: np.ndarray, bits: int, block: int, asym: bool) -> BlockQ:
+def takes_imatrix(bits: int, block: int, asym: bool) -> bool:
+    return (bits, block, asym) == (4, 32, False)
+
+
+def quantize(w: np.ndarray, bits: int, block: int, asym: bool, imatrix: np.ndarray | None = None) -> BlockQ:
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
     if cols % block:
         raise ValueError(f"{cols} columns are not a multiple of the block size {block}")
+    if imatrix is not None and takes_imatrix(bits, block, asym):
+        return _from_q4_0(w, imatrix)
     nb = cols // block
     x = w.reshape(rows, nb, block)
     qmax = (1 << bits) - 1
@@ -70,6 +80,21 @@ def quantize(w: np.ndarray, bits: int, block: int, asym: bool) -> BlockQ:
         if pad:
             zps = np.concatenate([zps, np.zeros((rows, pad), np.uint8)], -1)
     return BlockQ(np.ascontiguousarray(data), np.ascontiguousarray(scale), zps)
+
+
+def _from_q4_0(w: np.ndarray, imatrix: np.ndarray) -> BlockQ:
+    """ggml's Q4_0 blocks (f16 scale, 16 bytes: element j in the low nibble of byte j, j+16 in its high nibble),
+    repacked in MatMulNBits' order (consecutive elements share a byte), scales widened to f32 exactly."""
+    from gguf import GGMLQuantizationType
+
+    from edgeq import ggml
+
+    rows, cols = w.shape
+    raw = ggml.quantize(int(GGMLQuantizationType.Q4_0), w, imatrix).reshape(rows, cols // 32, 18)
+    scales = np.ascontiguousarray(raw[..., :2]).view("<f2")[..., 0].astype(np.float32)
+    qs = raw[..., 2:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)          # (rows, blocks, 32) in element order
+    return BlockQ(np.ascontiguousarray(_pack(codes.astype(np.uint8), 4)), np.ascontiguousarray(scales), None)
 
 
 def dequantize(b: BlockQ, bits: int, block: int, cols: int) -> np.ndarray:

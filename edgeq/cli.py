@@ -79,7 +79,7 @@ def cmd_plan(a) -> int:
 
         if preset is None:
             raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with onnx")
-        plan = decide_onnx(graph, preset, user, a.plan, ctx)
+        plan = decide_onnx(graph, preset, user, a.plan, ctx, opts=opts)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)

@@ -81,7 +81,10 @@ def calibration_inputs(graph: Graph, n: int = 128) -> tuple[list[np.ndarray], st
 
 def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context,
                 calibration: list[np.ndarray] | None = None, calibration_source: str | None = None,
-                percentile: float | None = 99.999) -> Plan:
+                percentile: float | None = 99.999, opts=None) -> Plan:
+    """Preset, the user's rules, legalize; then calibration where the plan's formats need it: static INT8 ranges
+    (in the plan), and the importance matrix for formats that take one (int4: in ctx.analysis['calibration'],
+    as for GGUF; `opts` carries --no-calibration / --imatrix / --calib-windows)."""
     passes = [AssignPreset(preset)]
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
@@ -92,7 +95,20 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
             calibration, calibration_source = calibration_inputs(graph)
         _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration inputs", percentile)],
                              graph, plan, ctx)
+    if opts is not None and opts.calibration and takes_imatrix(plan):
+        from edgeq.passes.calibrate import Calibrate
+
+        if "calibration" not in ctx.analysis:
+            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
+                       ctx)
+        plan.calibration = ctx.analysis["calibration"].to_json()
     return plan
+
+
+def takes_imatrix(plan: Plan) -> bool:
+    from edgeq.formats import get_format
+
+    return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
 
 
 def source_name(path: Path, given: str | None) -> str:
@@ -118,7 +134,7 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
                 t_start: float) -> dict:
     ctx = Context(backend="onnx", profile=profile, progress=progress)
     t0 = time.perf_counter()
-    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx)
+    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx, opts=opts)
     timings["passes"] = time.perf_counter() - t0
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as onnx {preset}")
 
@@ -166,11 +182,12 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
 
-def write_onnx(graph: Graph, plan: Plan, folder: Path, progress: Callable | None = None) -> list[dict[str, Any]]:
+def write_onnx(graph: Graph, plan: Plan, folder: Path, progress: Callable | None = None,
+               **options) -> list[dict[str, Any]]:
     """Lower and save `model.onnx` (and its external data past 2 GB) into `folder`; the manifest's artifact entries."""
     from edgeq.targets.onnx import lower_onnx, save_model
 
-    model = lower_onnx(graph, plan, progress=progress)
+    model = lower_onnx(graph, plan, progress=progress, **options)
     files = save_model(model, folder / MODEL_FILE)
     del model
     return [{"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx", "path": f.name,

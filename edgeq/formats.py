@@ -186,7 +186,7 @@ for _name, _desc in (
 
 def _nbits_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     bits, block, asym = NBITS[fmt.name]
-    return blockq.to_bytes(blockq.quantize(w, bits, block, asym))
+    return blockq.to_bytes(blockq.quantize(w, bits, block, asym, imatrix if fmt.takes_imatrix else None))
 
 
 def _nbits_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -203,6 +203,7 @@ for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4
     NBITS[_name] = (_bits, _block, _asym)
     register(Format(
         name=_name, block=(1, _block), block_bytes=_block * _bits // 8 + 4, backends=frozenset({"onnx"}),
+        takes_imatrix=blockq.takes_imatrix(_bits, _block, _asym),
         description=(f"{_bits}-bit weight-only, blocks of {_block}, f32 scale per block"
                      + (", uint4 zero point per block (packed)" if _asym else ", symmetric")
                      + " (MatMulNBits; activations stay float)"),

@@ -255,7 +255,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             if presets[b] is None:
                 raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; "
                                        "use --quant with onnx")
-            decisions[b] = Decision(decide_onnx(graph, presets[b], user_plan, opts.plan, ctx))
+            onnx_plan = decide_onnx(graph, presets[b], user_plan, opts.plan, ctx, opts=opts)
+            decisions[b] = Decision(onnx_plan, ctx.analysis.get("calibration") if onnx_plan.calibration else None)
         for r in ctx.records[first:]:
             r.setdefault("backend", b)
     backend = backends[0]
@@ -284,7 +285,9 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             else:
                 from edgeq.export_onnx import write_onnx
 
-                artifacts += write_onnx(graph, decisions[b].plan, tmp, progress)
+                cal = decisions[b].calibration
+                artifacts += write_onnx(graph, decisions[b].plan, tmp, progress,
+                                        **({"imatrix": cal.imatrix()} if cal is not None else {}))
         timings["lower"] = time.perf_counter() - t0
 
         spec_file = tmp / "tokenizer_spec.json"

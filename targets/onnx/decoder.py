@@ -36,11 +36,15 @@ def rope_tables(graph: Graph) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int = 0) -> Builder:
+def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int = 0,
+                  imatrix: dict[str, np.ndarray] | None = None) -> Builder:
+    """`imatrix`: per-weight importance for the formats that take one (int4: ggml's weighted Q4_0 search);
+    `accuracy_level` is MatMulNBits' (0: float compute; 4: int8 activations, faster, less exact)."""
     cfg: LlamaConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     b = Builder(f"edgeq_{graph.arch}")
     b.nbits_accuracy_level = accuracy_level
+    b.imatrix = dict(imatrix or {})
     nh, nkv, d, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_size
     rep = nh // nkv
     ids = b.input("input_ids", I64, ["batch", "seq"])

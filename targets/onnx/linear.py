@@ -53,7 +53,7 @@ def nbits_initializers(b: Builder, name: str, w: np.ndarray, fmt: str) -> tuple[
     key = ("nbits", name)
     if key not in b.memo:
         bits, block, asym = NBITS[fmt]
-        q = blockq.quantize(w, bits, block, asym)
+        q = blockq.quantize(w, bits, block, asym, b.imatrix.get(name))
         b.memo[key] = (b.initializer(name, q.data), b.initializer(name + "_scale", q.scales),
                        None if q.zero_points is None else b.initializer(name + "_zero_point", q.zero_points))
     return b.memo[key]
