@@ -176,6 +176,7 @@ for _name, _desc in (
     ("int8_dyn", "8-bit symmetric per output channel, f32 scale per row; activations per tensor, ranges "
                  "computed at run time (dynamic)"),
 ):
+    # per row: the f32 scale (the zero point is 0: DequantizeLinear and MatMulInteger default to it)
     register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
                     quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4))
 

@@ -83,7 +83,6 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
         q, scale = int8_quantize_rows(w)
         wq = b.initializer(name, np.ascontiguousarray(q.T))                      # (in, out) int8
         ws = b.initializer(name + "_scale", scale)
-        wzp = b.initializer(name + "_zero_point", np.zeros(scale.shape, np.int8))
         if fmt == "int8":
             if d.act_range is None:
                 raise EdgeqError(None, f"{name}: static int8 needs a calibrated act_range (run calibration)")
@@ -95,11 +94,11 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
                 z_name = b.initializer(name + "_input_zero_point", np.array(xzp, np.uint8))
                 xq = b.op("QuantizeLinear", [x, s_name, z_name], hint="xq")
                 xd = b.memo[key] = b.op("DequantizeLinear", [xq, s_name, z_name], hint="xdq")
-            wd = b.op("DequantizeLinear", [wq, ws, wzp], hint="wdq", axis=1)
+            wd = b.op("DequantizeLinear", [wq, ws], hint="wdq", axis=1)     # zero point 0 (int8) by default
             y = b.op("MatMul", [xd, wd], hint=hint)
         else:
             xq, xs, xzp = b.op("DynamicQuantizeLinear", [x], n_out=3, hint="xq")
-            acc = b.op("MatMulInteger", [xq, wq, xzp, wzp], hint="acc")
+            acc = b.op("MatMulInteger", [xq, wq, xzp], hint="acc")          # weight zero point 0 by default
             accf = b.op("Cast", [acc], hint="accf", to=TensorProto.FLOAT)
             s = b.op("Mul", [xs, ws], hint="s")
             y = b.op("Mul", [accf, s], hint=hint)
@@ -130,8 +129,7 @@ def emit_embedding(b: Builder, ids: str, name: str, table: np.ndarray, d: Tensor
     if d.format in ("int8", "int8_dyn"):
         q, scale = int8_quantize_rows(table)
         qn, sn = b.initializer(name, q), b.initializer(name + "_scale", scale)
-        b.memo[("table", name)] = lambda: b.op("DequantizeLinear", [qn, sn, b.initializer(
-            name + "_zero_point", np.zeros(scale.shape, np.int8))], hint="table_f32", axis=0)
+        b.memo[("table", name)] = lambda: b.op("DequantizeLinear", [qn, sn], hint="table_f32", axis=0)
         rows = b.op("Gather", [qn, ids], hint="emb_q", axis=0)
         rows_f = b.op("Cast", [rows], hint="emb_qf", to=TensorProto.FLOAT)
         s = b.op("Gather", [sn, ids], hint="emb_s", axis=0)
