@@ -305,3 +305,64 @@ def test_decoder_runtime_runs_without_torch(both):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+# --- SmolLM2-135M: the issue's acceptance checks ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm_onnx_f32(tmp_path_factory) -> Path:
+    from edgeq.pipeline import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smol-onnx") / "f32"          # ~540 MB, once for the module
+    export(ExportOptions(backend="onnx", quant="f32", out=str(out)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm_q4_pair(tmp_path_factory) -> Path:
+    """One bundle, one calibration: GGUF q4_0 and ONNX int4 (both take the same importance matrix)."""
+    from edgeq.pipeline import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smol-q4") / "b"
+    export(ExportOptions(backend="all", quant="gguf=q4_0,onnx=int4", out=str(out)))
+    return out
+
+
+def test_smollm_f32_onnx_matches_the_reference(smollm_onnx_f32, reference_logits):
+    from edgeq.evaluate_bundle import evaluate_bundle
+
+    res = evaluate_bundle(smollm_onnx_f32, chunks=8, record=False, reference_logits=reference_logits)
+    assert res["backend"] == "onnx" and res["n_tokens_scored"] >= 2000
+    assert res["kld_mean"] <= 1e-4 and res["top1"] >= 0.999
+
+
+def test_smollm_f32_onnx_greedy_32_tokens_with_the_cache(smollm_onnx_f32, smollm_graph):
+    from edgeq import runtime
+
+    with runtime.load(smollm_onnx_f32, threads=1) as s:
+        prompt = s.tokenize("The capital of France is", add_special=True, parse_special=False)
+        got = greedy_cached(s.backend, prompt, 32)
+    assert got == greedy_reference(Executor(smollm_graph), prompt, 32)
+
+
+def test_smollm_int4_within_1_2x_of_gguf_q4_0(smollm_q4_pair, reference_logits):
+    from edgeq.evaluate_bundle import evaluate_bundle
+
+    res = {b: evaluate_bundle(smollm_q4_pair, chunks=8, backend=b, record=False, reference_logits=reference_logits)
+           for b in ("onnx", "gguf")}
+    assert res["onnx"]["n_tokens_scored"] == res["gguf"]["n_tokens_scored"] >= 2000
+    assert res["onnx"]["kld_mean"] <= 1.2 * res["gguf"]["kld_mean"]
+    m = json.loads((smollm_q4_pair / "manifest.json").read_text())
+    onnx_plan = m["plans"]["onnx"]["tensors"]
+    assert onnx_plan["model.layers.0.mlp.down_proj.weight"]["format"] == "int4"
+    assert onnx_plan["model.embed_tokens.weight"]["format"] == "int8_b32"       # tied: Q8_0's grid, like q4_0
+    art = next(a for a in m["artifacts"] if a["backend"] == "onnx" and a["role"] == "model")
+    predicted = sum(get_format(d["format"]).nbytes(tuple(smollm_shape))
+                    for d, smollm_shape in ((onnx_plan[n], s) for n, s in _shapes(m).items()))
+    # the file is the registry's bytes plus the RoPE tables (2 x 8192 x 32 f32) and the graph itself
+    assert 0 < art["bytes"] - predicted < 4_000_000
+
+
+def _shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(s) for n, s in llama.expected_shapes(llama.LlamaConfig.from_json(
+        manifest["model"]["config"])).items()}
