@@ -11,8 +11,8 @@ format close to it; int4-asym is reported, never read as evidence of quality.
 Speed: decode tokens/s through each runtime's KV cache (prefill a prompt,
 then one token per call, greedy), the variants interleaved round by round on
 the same threads, median per variant. ONNX int4 is measured twice: as
-exported (MatMulNBits accuracy_level 0: float activations) and re-lowered
-with accuracy_level 4 (int8 activations, what llama.cpp's q4_0 kernels do).
+exported (MatMulNBits accuracy_level 4: int8 activations, what llama.cpp's
+q4_0 kernels do) and re-lowered with accuracy_level 0 (float activations).
 
     python bench/onnx_decoder.py                          # full run, 1 thread
     python bench/onnx_decoder.py --chunks 2 --rounds 3    # quicker look
@@ -103,7 +103,7 @@ def main() -> int:
             b = tmp / f"onnx-{p}"
             bundles[("onnx", p)] = (b, export(b, "onnx", p))
 
-        # int4 with int8 activations: the same plan and importance matrix, lowered with accuracy_level 4
+        # int4 with float activations: the same plan and importance matrix, lowered with accuracy_level 0
         from edgeq.export_onnx import write_onnx
         from edgeq.importers.loader import import_model
         from edgeq.models.default import default_model_path
@@ -112,10 +112,10 @@ def main() -> int:
 
         graph = import_model(default_model_path())
         plan = plan_from_json(m["plans"]["onnx"])
-        acc4 = tmp / "int4-acc4"
-        acc4.mkdir()
+        acc0 = tmp / "int4-acc0"
+        acc0.mkdir()
         cal = calibrate(graph, n_windows=plan.calibration["windows"], max_full=0)
-        write_onnx(graph, plan, acc4, imatrix=cal.imatrix(), accuracy_level=4)
+        write_onnx(graph, plan, acc0, imatrix=cal.imatrix(), accuracy_level=0)
 
         for (backend, preset), (b, man) in bundles.items():
             log(f"quality: {backend} {preset}")
@@ -123,20 +123,20 @@ def main() -> int:
             rows.append({"backend": backend, "preset": preset, "bytes": artifact_bytes(man, backend), **q})
         with runtime.load(pair, backend="onnx", threads=args.threads) as s:
             spec = s.spec
-            be4 = OnnxDecoderBackend(acc4 / "model.onnx", spec, n_ctx=args.ctx, threads=args.threads)
+            be0 = OnnxDecoderBackend(acc0 / "model.onnx", spec, n_ctx=args.ctx, threads=args.threads)
             tokens = s.tokenize(evaluation_text(), add_special=True, parse_special=False)
-            ev = evaluate(tokens, args.ctx, be4.logits, reference, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
-            rows.append({"backend": "onnx", "preset": "int4 (accuracy_level 4)",
-                         "bytes": (acc4 / "model.onnx").stat().st_size,
+            ev = evaluate(tokens, args.ctx, be0.logits, reference, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
+            rows.append({"backend": "onnx", "preset": "int4 (accuracy_level 0)",
+                         "bytes": (acc0 / "model.onnx").stat().st_size,
                          **{k: ev[k] for k in ("kld_mean", "kld_p99", "top1", "ppl", "ppl_reference", "n_tokens_scored")}})
-            be4.close()
+            be0.close()
 
         # speed, interleaved: gguf q4_0, onnx int4 (acc 0), onnx int4 (acc 4), onnx f32
         prompt = tokens[:64]
         sessions = {
             "gguf q4_0": runtime.load(pair, backend="gguf", threads=args.threads, n_ctx=args.ctx),
             "onnx int4": runtime.load(pair, backend="onnx", threads=args.threads, n_ctx=args.ctx),
-            "onnx int4 (accuracy_level 4)": OnnxDecoderBackend(acc4 / "model.onnx", spec, n_ctx=args.ctx,
+            "onnx int4 (accuracy_level 0)": OnnxDecoderBackend(acc0 / "model.onnx", spec, n_ctx=args.ctx,
                                                                threads=args.threads),
             "onnx f32": runtime.load(bundles[("onnx", "f32")][0], threads=args.threads, n_ctx=args.ctx)
             if ("onnx", "f32") in bundles else None,

@@ -28,7 +28,10 @@ def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.Model
         b = lower_decoder(graph, plan, progress=progress, **options)
     else:
         raise EdgeqError(None, f"the ONNX target does not lower {graph.kind} models of arch {graph.arch!r} yet")
-    model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata={"edgeq.preset": plan.preset or ""})
+    meta = {"edgeq.preset": plan.preset or ""}
+    if graph.kind == "decoder":
+        meta["edgeq.matmulnbits_accuracy_level"] = str(b.nbits_accuracy_level)
+    model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata=meta)
     return model
 
 
