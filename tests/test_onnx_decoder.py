@@ -352,9 +352,9 @@ def test_smollm_f32_onnx_greedy_32_tokens_with_the_cache(smollm_onnx_f32, smollm
 def test_smollm_int4_within_1_2x_of_gguf_q4_0(smollm_q4_pair, reference_logits):
     from edgeq.evaluate_bundle import evaluate_bundle
 
-    res = {b: evaluate_bundle(smollm_q4_pair, chunks=8, backend=b, record=False, reference_logits=reference_logits)
+    res = {b: evaluate_bundle(smollm_q4_pair, chunks=4, backend=b, record=False, reference_logits=reference_logits)
            for b in ("onnx", "gguf")}
-    assert res["onnx"]["n_tokens_scored"] == res["gguf"]["n_tokens_scored"] >= 2000
+    assert res["onnx"]["n_tokens_scored"] == res["gguf"]["n_tokens_scored"] >= 1000     # the f32 test scores 2,040
     assert res["onnx"]["kld_mean"] <= 1.2 * res["gguf"]["kld_mean"]
     m = json.loads((smollm_q4_pair / "manifest.json").read_text())
     onnx_plan = m["plans"]["onnx"]["tensors"]
