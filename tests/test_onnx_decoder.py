@@ -108,13 +108,17 @@ def test_kv_cache_prefill_then_decode_equals_full_recompute_and_the_executor(syn
     assert past[1].shape == (1, cfg.n_kv_heads, 40, cfg.head_dim)
 
 
-@pytest.mark.parametrize("fmt,embed", [("int4", None), ("int4_asym", None), ("int4_b64", "int4_b64"),
-                                       ("int4_asym_b128", "int4_asym_b128"), ("int8_b32", None), ("f16", None),
-                                       ("int4", "int8")])
-def test_block_formats_compute_exactly_their_reference_dequantization(fmt, embed):
+ODD = dict(hidden_size=192, head_dim=48, intermediate_size=384)   # 3 blocks of 64 per row: padded zero points
+
+
+@pytest.mark.parametrize("fmt,embed,dims", [("int4", None, {}), ("int4_asym", None, {}), ("int4_b64", "int4_b64", {}),
+                                            ("int4_asym_b128", "int4_asym_b128", {}), ("int8_b32", None, {}),
+                                            ("f16", None, {}), ("int4", "int8", {}),
+                                            ("int4_asym_b64", "int4_asym_b64", ODD)])
+def test_block_formats_compute_exactly_their_reference_dequantization(fmt, embed, dims):
     """MatMulNBits / GatherBlockQuantized in onnxruntime == the executor on the format's round-tripped weights."""
     for tied in (True, False):
-        cfg = tiny_config(tied_embeddings=tied)
+        cfg = tiny_config(tied_embeddings=tied, **dims)
         graph = random_llama(cfg, seed=5)
         plan = _plan(graph, fmt, embed if not tied else None)
         run = Runner(_session(lower_onnx(graph, plan, accuracy_level=0)), cfg)
