@@ -374,3 +374,31 @@ def test_smollm_int4_within_1_2x_of_gguf_q4_0(smollm_q4_pair, reference_logits):
 def _shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
     return {n: tuple(s) for n, s in llama.expected_shapes(llama.LlamaConfig.from_json(
         manifest["model"]["config"])).items()}
+
+
+def test_plan_picks_block_sizes_and_the_manifest_records_them(hf_model, tmp_path):
+    """`edgeq plan` writes the ONNX plan; a rule moves ffn_down to blocks of 128; export carries exactly that."""
+    from edgeq.cli import main
+
+    plan = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(hf_model), "--backend", "onnx", "--quant", "int4", "-o", str(plan),
+                 "--quiet"]) == 0
+    d = json.loads(plan.read_text())
+    assert d["tensors"]["model.layers.0.mlp.down_proj.weight"]["format"] == "int4"
+    assert d["calibration"]["windows"] >= 1                       # int4 takes the importance matrix
+    d["rules"] = [{"match": "*.ffn_down", "format": "int4_asym_b128"}]
+    del d["tensors"]["model.layers.0.mlp.down_proj.weight"], d["tensors"]["model.layers.1.mlp.down_proj.weight"]
+    plan.write_text(json.dumps(d))
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(hf_model), "--backend", "onnx", "--plan", str(plan), "-o", str(out),
+                 "--quiet"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["plan"]["tensors"]
+    assert t["model.layers.1.mlp.down_proj.weight"]["format"] == "int4_asym_b128"
+    assert t["model.layers.1.mlp.up_proj.weight"]["format"] == "int4"
+    art = m["artifacts"][0]
+    assert art["formats"]["int4_asym_b128"] == 2 and art["backend"] == "onnx"
+    model = onnx.load(str(out / "model.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(
+        "model.layers.1.mlp.down_proj")]
+    assert {a.name: a.i for a in nodes[0].attribute}["block_size"] == 128 and len(nodes[0].input) == 4
