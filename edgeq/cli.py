@@ -70,6 +70,8 @@ def cmd_plan(a) -> int:
     if opts.quant and budgeted(opts):
         raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
     user = load_plan(a.plan) if a.plan else None
+    if a.backend == "all":
+        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf or --backend onnx")
     ctx = Context(backend=a.backend or "gguf", profile=profile, progress=make_progress(a.quiet))
     _, graph = import_and_merge(a.model, opts.adapters, ctx)
     backend = a.backend or profile.backend_for(graph.kind)
@@ -83,7 +85,7 @@ def cmd_plan(a) -> int:
         from edgeq.export_onnx import cnn_calibration
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
-        plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib)
+        plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
@@ -182,9 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf", "onnx"], help="runtime family (default: the profile's choice)")
+        sp.add_argument("--backend", choices=["gguf", "onnx", "all"],
+                        help="runtime family (default: the profile's choice); all: one artifact per backend the "
+                             "model kind supports")
         sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
-                                        "f32 f16 int8 int8-dyn (onnx)")
+                                        "f32 f16 int8 int8-dyn int4 int4-asym (onnx); with --backend all one per "
+                                        "backend: gguf=q4_0,onnx=int4")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 

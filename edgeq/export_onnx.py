@@ -69,12 +69,22 @@ def calibration_inputs(graph: Graph, n: int = 128) -> tuple[list[np.ndarray], st
         tok = encoder_tokenizer(graph)
         return [np.array(tok.encode(s).ids, dtype=np.int64) for s in calibration_sentences(n)], \
             f"{n} sentences of pydoc_data.topics (even-indexed topics)"
+    if graph.kind == "decoder":
+        from edgeq.passes.calibrate import calibration_tokens, calibration_windows
+        from edgeq.texts import CALIBRATION_TEXT_NAME
+
+        tokens, bos, add_bos = calibration_tokens(graph)
+        wins = calibration_windows(tokens, 512, 4, bos, add_bos)
+        return [np.array(w, dtype=np.int64) for w in wins], f"{len(wins)} windows of 512 tokens of {CALIBRATION_TEXT_NAME}"
     raise EdgeqError(None, f"no default calibration data for {graph.kind} models; pass calibration inputs")
 
 
 def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context,
                 calibration: list[np.ndarray] | None = None, calibration_source: str | None = None,
-                percentile: float | None = 99.999) -> Plan:
+                percentile: float | None = 99.999, opts=None) -> Plan:
+    """Preset, the user's rules, legalize; then calibration where the plan's formats need it: static INT8 ranges
+    (in the plan), and the importance matrix for formats that take one (int4: in ctx.analysis['calibration'],
+    as for GGUF; `opts` carries --no-calibration / --imatrix / --calib-windows)."""
     passes = [AssignPreset(preset)]
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
@@ -87,6 +97,13 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
             calibration, calibration_source = calibration_inputs(graph)
         _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration inputs", percentile)],
                              graph, plan, ctx)
+    if opts is not None and opts.calibration and takes_imatrix(plan):
+        from edgeq.passes.calibrate import Calibrate
+
+        if "calibration" not in ctx.analysis:
+            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
+                       ctx)
+        plan.calibration = ctx.analysis["calibration"].to_json()
     return plan
 
 
@@ -143,6 +160,12 @@ def graph_digest(graph: Graph) -> str:
     return h.hexdigest()
 
 
+def takes_imatrix(plan: Plan) -> bool:
+    from edgeq.formats import get_format
+
+    return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
+
+
 def source_name(path: Path, given: str | None) -> str:
     from edgeq.models.minilm import MINILM_NAME
 
@@ -164,30 +187,21 @@ def runtime_versions() -> dict[str, str]:
 def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
                 progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
                 t_start: float) -> dict:
-    from edgeq.targets.onnx import lower_onnx, save_model
-
     ctx = Context(backend="onnx", profile=profile, progress=progress)
     t0 = time.perf_counter()
     calib, calib_source = (None, None)
     if graph.kind == "cnn":
         calib, calib_source = cnn_calibration(graph, getattr(opts, "calib_images", None))
-    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx, calib, calib_source)
+    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx, calib, calib_source, opts=opts)
     timings["passes"] = time.perf_counter() - t0
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as onnx {preset}")
 
-    t0 = time.perf_counter()
-    model = lower_onnx(graph, plan, progress=progress)
-    timings["lower"] = time.perf_counter() - t0
     source = _source_record(graph, model_path, opts.model)
     ref_images = cnn_reference_images(graph, calib) if graph.kind == "cnn" else None
     with staged_dir(opts.out, opts.force) as tmp:
-        files = save_model(model, tmp / MODEL_FILE)
-        del model
-        artifacts: list[dict[str, Any]] = []
-        for f in files:
-            artifacts.append({"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx",
-                              "path": f.name, "sha256": sha256_file(f), "bytes": f.stat().st_size,
-                              "formats": plan.format_counts() if f.name == MODEL_FILE else {}})
+        t0 = time.perf_counter()
+        artifacts = write_onnx(graph, plan, tmp, progress)
+        timings["lower"] = time.perf_counter() - t0
         tokenizer: dict[str, Any] = {}
         if graph.kind == "encoder":
             shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
@@ -271,6 +285,19 @@ def _cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, che
         measurements["reference_check"] = {
             "backend": "onnx", "agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
             "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(x))}
+
+
+def write_onnx(graph: Graph, plan: Plan, folder: Path, progress: Callable | None = None,
+               **options) -> list[dict[str, Any]]:
+    """Lower and save `model.onnx` (and its external data past 2 GB) into `folder`; the manifest's artifact entries."""
+    from edgeq.targets.onnx import lower_onnx, save_model
+
+    model = lower_onnx(graph, plan, progress=progress, **options)
+    files = save_model(model, folder / MODEL_FILE)
+    del model
+    return [{"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx", "path": f.name,
+             "sha256": sha256_file(f), "bytes": f.stat().st_size,
+             "formats": plan.format_counts() if f.name == MODEL_FILE else {}} for f in files]
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -9,11 +9,13 @@ types that is ggml's own code (`edgeq.ggml`) and gguf-py's dequantizer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from edgeq import blockq
 from edgeq.errors import EdgeqError
 
 
@@ -32,6 +34,8 @@ class Format:
     row_overhead_bytes: int = 0
     # Rows are output channels (axis 0), whatever the rank: a conv weight (out, in, kh, kw) has `out` scales.
     channel_rows: bool = False
+    # Formats whose row size is not a whole number of blocks plus a constant (packed zero points).
+    row_bytes_fn: Callable[[int], int] | None = None
 
     def _rows(self, shape: tuple[int, ...]) -> int:
         if len(shape) < 2:
@@ -40,6 +44,8 @@ class Format:
 
     @property
     def bits_per_weight(self) -> float:
+        if self.row_bytes_fn is not None:   # two blocks: packed zero points fill whole bytes
+            return 8.0 * self.row_bytes_fn(2 * self.block[1]) / (2 * self.block[1])
         return 8.0 * self.block_bytes / (self.block[0] * self.block[1])
 
     def can_carry(self, shape: tuple[int, ...]) -> bool:
@@ -48,8 +54,10 @@ class Format:
     def nbytes(self, shape: tuple[int, ...]) -> int:
         if not self.can_carry(shape):
             raise ValueError(f"format {self.name} cannot carry shape {shape} (block {self.block})")
-        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes \
-            + self._rows(shape) * self.row_overhead_bytes
+        rows = self._rows(shape)
+        if self.row_bytes_fn is not None:
+            return rows * self.row_bytes_fn(int(shape[-1]))
+        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes + rows * self.row_overhead_bytes
 
     def quantize(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
@@ -176,6 +184,40 @@ for _name, _desc in (
     ("int8_dyn", "8-bit symmetric per output channel, f32 scale per row; activations per tensor, ranges "
                  "computed at run time (dynamic)"),
 ):
+    # per row: the f32 scale (the zero point is 0: DequantizeLinear and MatMulInteger default to it)
     register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
                     quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4,
                     channel_rows=True))
+
+
+# --- block-wise weight-only formats (onnxruntime's MatMulNBits / GatherBlockQuantized) ---------------
+# int4 (symmetric, blocks of 32), int4_b64, int4_b128, int4_asym (uint4 zero points), int4_asym_b64,
+# int4_asym_b128, and int8_b32 (Q8_0's grid, for the tables a 4-bit preset keeps at 8 bits).
+
+def _nbits_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    bits, block, asym = NBITS[fmt.name]
+    return blockq.to_bytes(blockq.quantize(w, bits, block, asym, imatrix if fmt.takes_imatrix else None))
+
+
+def _nbits_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    bits, block, asym = NBITS[fmt.name]
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, fmt.nbytes((1, shape[-1])))
+    return blockq.dequantize(blockq.from_bytes(raw, bits, block, shape[-1], asym), bits, block,
+                             shape[-1]).reshape(shape)
+
+
+NBITS: dict[str, tuple[int, int, bool]] = {}    # format name -> (bits, block, asymmetric)
+for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4, 32, True), (4, 64, True),
+                             (4, 128, True), (8, 32, False)):
+    _name = f"int{_bits}" + ("_asym" if _asym else "") + ("" if (_bits, _block) == (4, 32) else f"_b{_block}")
+    NBITS[_name] = (_bits, _block, _asym)
+    register(Format(
+        name=_name, block=(1, _block), block_bytes=_block * _bits // 8 + 4, backends=frozenset({"onnx"}),
+        takes_imatrix=blockq.takes_imatrix(_bits, _block, _asym),
+        description=(f"{_bits}-bit weight-only, blocks of {_block}, f32 scale per block"
+                     + (", uint4 zero point per block (packed)" if _asym else ", symmetric")
+                     + " (MatMulNBits; activations stay float)"),
+        quantize_fn=_nbits_quantize, dequantize_fn=_nbits_dequantize,
+        row_bytes_fn=functools.partial(lambda cols, b, k, a: blockq.nbytes(1, cols, b, k, a), b=_bits, k=_block,
+                                       a=_asym),
+    ))

@@ -24,6 +24,7 @@ from edgeq.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION
 from edgeq.targets.profiles import DeviceProfile, get_profile
 
 MODEL_FILE = {"gguf": "model.gguf"}
+RUNTIME_DISTS = {"gguf": ("llama-cpp-python", "gguf"), "onnx": ("onnxruntime", "onnx")}
 
 
 @dataclass
@@ -226,50 +227,83 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         model_path = None
     timings["import"] = time.perf_counter() - t0
 
-    backend = opts.backend or profile.backend_for(graph.kind)
-    ctx.backend = backend
-    if backend not in ("gguf", "onnx"):
-        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf, onnx)")
-    preset = choose_preset(opts, user_plan, profile, backend)
-    if backend == "onnx":
+    backends = profile.backends_to_export(graph.kind, opts.backend)
+    for b in backends:
+        if b not in ("gguf", "onnx"):
+            raise EdgeqError(None, f"--backend {b} is not available yet (available: gguf, onnx, all)")
+    ctx.backend = backends[0]
+    if graph.kind != "decoder":
+        if backends != ["onnx"]:
+            raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
+        preset = choose_preset(opts, user_plan, profile, "onnx")
         if preset is None:
             raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with onnx")
         from edgeq.export_onnx import export_onnx
 
         return export_onnx(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
-    if graph.kind != "decoder":
-        raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
-    kv_dtype = opts.kv_dtype or ("f32" if preset == "f32" else profile.kv_cache_dtype)
+    presets = {b: backend_preset(opts, user_plan, profile, b, len(backends) > 1) for b in backends}
+    kv_dtype = opts.kv_dtype or ("f32" if presets.get("gguf", "f32") == "f32" else profile.kv_cache_dtype)
     n_ctx = int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
 
     from edgeq.tokenizer import spec_to_json
 
     spec = graph_tokenizer_spec(graph)
     t0 = time.perf_counter()
-    decision = decide(graph, backend, preset, user_plan, opts.plan, ctx, opts, spec_to_json(spec))
+    decisions: dict[str, Decision] = {}
+    for b in backends:
+        ctx.backend = b
+        first = len(ctx.records)
+        if b == "gguf":
+            decisions[b] = decide(graph, b, presets[b], user_plan, opts.plan, ctx, opts, spec_to_json(spec))
+        else:
+            from edgeq.export_onnx import decide_onnx
+
+            if presets[b] is None:
+                raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; "
+                                       "use --quant with onnx")
+            onnx_plan = decide_onnx(graph, presets[b], user_plan, opts.plan, ctx, opts=opts)
+            decisions[b] = Decision(onnx_plan, ctx.analysis.get("calibration") if onnx_plan.calibration else None)
+        for r in ctx.records[first:]:
+            r.setdefault("backend", b)
+    backend = backends[0]
+    decision = decisions[backend]
     plan = decision.plan
     timings["passes"] = time.perf_counter() - t0
     what = (f"{plan.search['method']} plan for {plan.search['budget_mb']:.3f} MB" if plan.search and budgeted(opts)
-            else preset)
-    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} "
-        f"as {backend} {what}")
+            else " + ".join(f"{b} {presets[b]}" for b in backends))
+    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what}")
 
     with staged_dir(opts.out, opts.force) as tmp:
-        from edgeq.targets.gguf import write_gguf
-
         t0 = time.perf_counter()
-        model_file = tmp / MODEL_FILE[backend]
-        imatrix = decision.calibration.imatrix() if decision.calibration is not None else None
-        written = write_gguf(graph, plan, model_file, spec_to_json(spec), imatrix=imatrix, progress=progress)
+        artifacts: list[dict[str, Any]] = []
+        for b in backends:
+            if b == "gguf":
+                from edgeq.targets.gguf import write_gguf
+
+                model_file = tmp / MODEL_FILE[b]
+                cal = decisions[b].calibration
+                imatrix = cal.imatrix() if cal is not None else None
+                written = write_gguf(graph, decisions[b].plan, model_file, spec_to_json(spec), imatrix=imatrix,
+                                     progress=progress)
+                artifacts.append({"role": "model", "backend": b, "path": model_file.name,
+                                  "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size,
+                                  "formats": written})
+            else:
+                from edgeq.export_onnx import write_onnx
+
+                cal = decisions[b].calibration
+                artifacts += write_onnx(graph, decisions[b].plan, tmp, progress,
+                                        **({"imatrix": cal.imatrix()} if cal is not None else {}))
         timings["lower"] = time.perf_counter() - t0
 
         spec_file = tmp / "tokenizer_spec.json"
         spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+        artifacts.append({"role": "tokenizer", "backend": "any", "path": spec_file.name,
+                          "sha256": sha256_file(spec_file), "bytes": spec_file.stat().st_size, "formats": {}})
 
         src_sha = sha256_source(model_path)
-        model_bytes = model_file.stat().st_size
         manifest: dict[str, Any] = {
-            **manifest_head(graph, plan, runtime_versions()),
+            **manifest_head(graph, plan, runtime_versions(sum((RUNTIME_DISTS[b] for b in backends), ()))),
             "source": {
                 "name": _source_name(model_path, opts.model),
                 "sha256": src_sha,
@@ -279,13 +313,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             },
             "target": profile.to_json(),
             "n_ctx": n_ctx,
-            "kv_cache_dtype": kv_dtype,
-            "artifacts": [
-                {"role": "model", "backend": backend, "path": model_file.name, "sha256": sha256_file(model_file),
-                 "bytes": model_bytes, "formats": written},
-                {"role": "tokenizer", "backend": "any", "path": spec_file.name, "sha256": sha256_file(spec_file),
-                 "bytes": spec_file.stat().st_size, "formats": {}},
-            ],
+            "kv_cache_dtype": kv_dtype if "gguf" in backends else "f32",
+            "artifacts": artifacts,
             "tokenizer": {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
                           "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None},
             "calibration": _calibration_record(decision, opts),
@@ -295,6 +324,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             "pruning_rates": None,
             "reference": {"path": "reference", "prompts": 2},
         }
+        if len(backends) > 1:   # each artifact's own plan (the first is also `plan`)
+            manifest["plans"] = {b: decisions[b].plan.to_json() for b in backends}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n", encoding="utf-8")
 
         t0 = time.perf_counter()
@@ -326,6 +357,33 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
     opts = ExportOptions(target=target, backend="onnx", quant=quant, plan=plan, out=os.fspath(out), force=force,
                          check=check, calib_images=calib_images)
     return export(opts, progress=progress, graph=graph)
+def backend_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str,
+                   several: bool) -> str | None:
+    """The preset of one backend; with several backends `--quant` may be `gguf=q4_0,onnx=int4` (one per backend), a
+    preset every backend knows (f32, f16), or absent (each backend's profile default)."""
+    quant = opts.quant or ""
+    if "=" in quant:
+        pairs = dict(p.split("=", 1) for p in quant.split(",") if "=" in p)
+        if backend not in pairs:
+            raise EdgeqError(None, f"--quant {quant} names no preset for backend {backend}")
+        from dataclasses import replace as _replace
+
+        return choose_preset(_replace(opts, quant=pairs[backend]), user_plan, profile, backend)
+    preset = choose_preset(opts, user_plan, profile, backend)
+    if several and opts.quant and preset not in known_presets(backend):
+        raise EdgeqError(None, f"--quant {opts.quant} is not a {backend} preset; with several backends give one per "
+                               "backend, e.g. --quant gguf=q4_0,onnx=int4")
+    return preset
+
+
+def known_presets(backend: str) -> tuple[str, ...]:
+    if backend == "onnx":
+        from edgeq.targets.onnx.presets import ONNX_PRESETS
+
+        return ONNX_PRESETS
+    from edgeq.targets.gguf.presets import GGUF_PRESETS
+
+    return GGUF_PRESETS
 
 
 def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:
@@ -372,3 +430,11 @@ def _reference_and_check(graph: Graph, bundle: Path, manifest: dict, measurement
             measurements["reference_check"] = {"backend": session.backend_name, **compare_logits(ref, got)}
     finally:
         session.close()
+    others = [a["backend"] for a in manifest["artifacts"] if a.get("role") == "model"][1:]
+    if check and others:   # every artifact of a multi-backend bundle, on the same ids
+        checks = {measurements["reference_check"]["backend"]: measurements["reference_check"]}
+        for b in others:
+            with runtime.load(bundle, backend=b, threads=max(1, min(4, os.cpu_count() or 1)), n_ctx=256,
+                              verify=False) as s:
+                checks[b] = {"backend": b, **compare_logits(ref, [s.logits(i) for i in ids])}
+        measurements["reference_checks"] = checks

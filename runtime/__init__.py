@@ -24,17 +24,13 @@ class Session:
     """A loaded bundle: tokenizer plus one backend."""
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
-        from edgeq.tokenizer import spec_from_json, stop_ids
+        from edgeq.tokenizer import stop_ids
 
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
-        tok = manifest["tokenizer"]
-        import json
-
-        spec_file = artifact_path(bundle, tok["spec"])
-        self.spec = spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        self.spec = _spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
 
     @property
@@ -87,9 +83,19 @@ class Session:
         self.close()
 
 
+def _spec(bundle: Path, manifest: dict[str, Any]):
+    import json
+
+    from edgeq.tokenizer import spec_from_json
+
+    spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
+    return spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")), spec_file)
+
+
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
          verify: bool = True):
-    """Open a bundle: a `Session` (generate/logits) for GGUF, an `OnnxSession` (embed/run) for ONNX encoders and CNNs."""
+    """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` (embed/run) for
+    ONNX encoders and CNNs."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     if verify:
@@ -98,10 +104,15 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     if art["backend"] == "onnx":
         check_runtime_version(manifest, "onnxruntime")
-        from edgeq.runtime.onnx_backend import OnnxSession
+        if manifest["model"].get("kind") != "decoder":
+            from edgeq.runtime.onnx_backend import OnnxSession
 
-        return OnnxSession(bundle, manifest, art, threads=threads)
-    if art["backend"] == "gguf":
+            return OnnxSession(bundle, manifest, art, threads=threads)
+        from edgeq.runtime.onnx_backend import OnnxDecoderBackend
+
+        impl = OnnxDecoderBackend(artifact_path(bundle, art["path"]), _spec(bundle, manifest), n_ctx=n_ctx,
+                                  threads=threads)
+    elif art["backend"] == "gguf":
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend
 

@@ -1,4 +1,5 @@
-"""onnxruntime as an edgeq runtime backend: encoders (`embed`) and any ONNX bundle (`run`). No torch.
+"""onnxruntime as an edgeq runtime backend: encoders (`embed`), decoders (`OnnxDecoderBackend`, the same
+feed/logits interface as llama.cpp's, under `Session`) and any ONNX bundle (`run`). No torch.
 
 Sessions use ORT_ENABLE_ALL, so QDQ pairs become integer kernels at load time;
 `allow_spinning` is off by default because idle spinning threads steal cores on
@@ -96,3 +97,71 @@ class OnnxSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OnnxDecoderBackend:
+    """A decoder graph with a KV cache (edgeq/targets/onnx/decoder.py) behind `Session`'s backend interface.
+
+    `feed` appends tokens: the cache is the previous call's `present.N.*`
+    outputs, given back as `past_key_values.N.*`. Tokenization is edgeq's own
+    (the bundle's tokenizer spec, llama.cpp's rules), so ids match the GGUF
+    artifact of the same model.
+    """
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+        from edgeq.tokenizer import build_tokenizer
+
+        self.session = open_session(model_path, threads, spinning)
+        self.n_ctx = n_ctx
+        self.spec = spec
+        self.tok = build_tokenizer(spec)
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past_names = [i.name for i in past]
+        self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
+        self.kv_shape = [(int(i.shape[1]), int(i.shape[3])) for i in past]
+        self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        self.reset()
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        from edgeq.tokenizer import encode
+
+        return encode(self.tok, self.spec, text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, ids) -> str:
+        from edgeq.tokenizer import decode
+
+        return decode(self.tok, [int(i) for i in ids])
+
+    def reset(self) -> None:
+        self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]
+        self.n_tokens = 0
+
+    def _run(self, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        if self.n_tokens + n > self.n_ctx:
+            raise ValueError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}")
+        feeds = {"input_ids": np.asarray([ids], np.int64),
+                 "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
+                 "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}
+        feeds.update(zip(self.past_names, self.past))
+        out = self.session.run(["logits"] + self.present_names, feeds)
+        self.past = out[1:]
+        self.n_tokens += n
+        return out[0][0]
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        """Append tokens to the KV cache; logits after the last one."""
+        return np.asarray(self._run(list(ids))[-1], dtype=np.float32)
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
+        self.reset()
+        out = self._run(list(ids))
+        self.reset()
+        return np.asarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+        self.past = []

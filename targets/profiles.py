@@ -25,12 +25,24 @@ class DeviceProfile:
     n_ctx: int = 2048
     kv_cache_dtype: str = "f16"
     threads: int = 4
+    # what `--backend all` writes per model kind (one artifact each, the preferred backend first)
+    all_backends: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "decoder": ("gguf", "onnx"), "encoder": ("onnx",), "cnn": ("onnx",)})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def backend_for(self, kind: str) -> str:
         return self.backends.get(kind, "gguf")
+
+    def backends_to_export(self, kind: str, backend: str | None) -> list[str]:
+        """The backends an export writes: the one asked for, the profile's choice, or with "all" every one the
+        profile lists for this model kind (its preferred backend first)."""
+        if backend != "all":
+            return [backend or self.backend_for(kind)]
+        listed = list(self.all_backends.get(kind, (self.backend_for(kind),)))
+        first = self.backend_for(kind)
+        return ([first] if first in listed else []) + [b for b in listed if b != first]
 
 
 PROFILES: dict[str, DeviceProfile] = {

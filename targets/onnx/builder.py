@@ -24,6 +24,8 @@ class Builder:
         self._count = 0
         self.uses_ms_domain = False
         self.memo: dict = {}           # lowering helpers share sub-graphs (one QuantizeLinear per activation)
+        self.imatrix: dict = {}        # weight name -> importance (E[x²] per input), for formats that take one
+        self.nbits_accuracy_level = 0  # MatMulNBits: 0 computes in float; 4 quantizes activations to int8 (faster)
 
     def fresh(self, hint: str) -> str:
         self._count += 1

@@ -9,7 +9,12 @@
 - int8_dyn: the same weights; the activation range is computed per call
   (DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
   DynamicQuantizeMatMul).
+- int4[_asym][_bNN], int8_b32: weight-only block formats (edgeq/blockq.py) in
+  com.microsoft MatMulNBits; embedding tables in GatherBlockQuantized.
 The bias, the residual adds, the norms and softmax stay float.
+
+A table used twice (a tied embedding and LM head) is stored once: the second
+use reads the first one's initializers.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import numpy as np
 from onnx import TensorProto
 
 from edgeq.errors import EdgeqError
-from edgeq.formats import int8_quantize_rows
+from edgeq import blockq
+from edgeq.formats import NBITS, int8_quantize_rows
 from edgeq.plan import TensorPlan
-from edgeq.targets.onnx.builder import Builder
+from edgeq.targets.onnx.builder import MS_DOMAIN, Builder
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -42,16 +48,41 @@ def weight_initializer(b: Builder, name: str, w: np.ndarray, fmt: str) -> str:
     raise EdgeqError(None, f"format {fmt} is not a float format ({name})")
 
 
+def nbits_initializers(b: Builder, name: str, w: np.ndarray, fmt: str) -> tuple[str, str, str | None]:
+    """(codes (rows, blocks, bytes), scales (rows, blocks), zero points or None), written once per tensor."""
+    key = ("nbits", name)
+    if key not in b.memo:
+        bits, block, asym = NBITS[fmt]
+        q = blockq.quantize(w, bits, block, asym, b.imatrix.get(name))
+        b.memo[key] = (b.initializer(name, q.data), b.initializer(name + "_scale", q.scales),
+                       None if q.zero_points is None else b.initializer(name + "_zero_point", q.zero_points))
+    return b.memo[key]
+
+
+def _shared_table(b: Builder, name: str) -> str | None:
+    """The f32 (rows, cols) value of a table another node already emitted (tied embedding), if any."""
+    t = b.memo.get(("table", name))
+    return t() if callable(t) else t
+
+
 def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, d: TensorPlan,
                 hint: str = "y") -> str:
     fmt = d.format
-    if fmt in ("f32", "f16"):
+    shared = _shared_table(b, name) if fmt not in NBITS else None
+    if shared is not None:   # a tied head: y = x · tableᵀ from the embedding's (dequantized) table
+        y = b.op("MatMul", [x, b.op("Transpose", [shared], hint="table_t", perm=[1, 0])], hint=hint)
+    elif fmt in NBITS:
+        bits, block, _ = NBITS[fmt]
+        data, scale, zp = nbits_initializers(b, name, w, fmt)
+        y = b.op("MatMulNBits", [x, data, scale] + ([zp] if zp else []), hint=hint, domain=MS_DOMAIN,
+                 K=int(w.shape[1]), N=int(w.shape[0]), bits=bits, block_size=block,
+                 accuracy_level=int(b.nbits_accuracy_level))
+    elif fmt in ("f32", "f16"):
         y = b.op("MatMul", [x, weight_initializer(b, name, w, fmt)], hint=hint)
     elif fmt in ("int8", "int8_dyn"):
         q, scale = int8_quantize_rows(w)
         wq = b.initializer(name, np.ascontiguousarray(q.T))                      # (in, out) int8
         ws = b.initializer(name + "_scale", scale)
-        wzp = b.initializer(name + "_zero_point", np.zeros(scale.shape, np.int8))
         if fmt == "int8":
             if d.act_range is None:
                 raise EdgeqError(None, f"{name}: static int8 needs a calibrated act_range (run calibration)")
@@ -63,11 +94,11 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
                 z_name = b.initializer(name + "_input_zero_point", np.array(xzp, np.uint8))
                 xq = b.op("QuantizeLinear", [x, s_name, z_name], hint="xq")
                 xd = b.memo[key] = b.op("DequantizeLinear", [xq, s_name, z_name], hint="xdq")
-            wd = b.op("DequantizeLinear", [wq, ws, wzp], hint="wdq", axis=1)
+            wd = b.op("DequantizeLinear", [wq, ws], hint="wdq", axis=1)     # zero point 0 (int8) by default
             y = b.op("MatMul", [xd, wd], hint=hint)
         else:
             xq, xs, xzp = b.op("DynamicQuantizeLinear", [x], n_out=3, hint="xq")
-            acc = b.op("MatMulInteger", [xq, wq, xzp, wzp], hint="acc")
+            acc = b.op("MatMulInteger", [xq, wq, xzp], hint="acc")          # weight zero point 0 by default
             accf = b.op("Cast", [acc], hint="accf", to=TensorProto.FLOAT)
             s = b.op("Mul", [xs, ws], hint="s")
             y = b.op("Mul", [accf, s], hint=hint)
@@ -79,18 +110,29 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
 
 
 def emit_embedding(b: Builder, ids: str, name: str, table: np.ndarray, d: TensorPlan) -> str:
-    """Gather rows; an INT8 table gathers int8 rows and their per-row scales and multiplies (exact dequant)."""
+    """Gather rows; an INT8 table gathers int8 rows and their per-row scales and multiplies (exact dequant);
+    a block format gathers with GatherBlockQuantized from the codes a tied head's MatMulNBits also reads."""
     if d.format in ("f32", "f16"):
         if d.format == "f32":
             t = b.initializer(name, table.astype(np.float32))
         else:
             t = b.op("Cast", [b.initializer(name, table.astype(np.float16))], hint="table_f32", to=TensorProto.FLOAT)
+        b.memo[("table", name)] = t
         return b.op("Gather", [t, ids], hint="emb", axis=0)
+    if d.format in NBITS:
+        bits, block, _ = NBITS[d.format]
+        data, scale, zp = nbits_initializers(b, name, table, d.format)
+        rows = b.op("Reshape", [data, b.const([table.shape[0], table.shape[1] * bits // 8], np.int64)],
+                    hint="table_codes")
+        return b.op("GatherBlockQuantized", [rows, ids, scale] + ([zp] if zp else []), hint="emb", domain=MS_DOMAIN,
+                    gather_axis=0, quantize_axis=1, block_size=block, bits=bits)
     if d.format in ("int8", "int8_dyn"):
         q, scale = int8_quantize_rows(table)
-        rows = b.op("Gather", [b.initializer(name, q), ids], hint="emb_q", axis=0)
+        qn, sn = b.initializer(name, q), b.initializer(name + "_scale", scale)
+        b.memo[("table", name)] = lambda: b.op("DequantizeLinear", [qn, sn], hint="table_f32", axis=0)
+        rows = b.op("Gather", [qn, ids], hint="emb_q", axis=0)
         rows_f = b.op("Cast", [rows], hint="emb_qf", to=TensorProto.FLOAT)
-        s = b.op("Gather", [b.initializer(name + "_scale", scale), ids], hint="emb_s", axis=0)
+        s = b.op("Gather", [sn, ids], hint="emb_s", axis=0)
         s = b.op("Unsqueeze", [s, b.const([-1], np.int64)], hint="emb_s")
         return b.op("Mul", [rows_f, s], hint="emb")
     raise EdgeqError(None, f"format {d.format} (for {name}) cannot carry an embedding table on ONNX")

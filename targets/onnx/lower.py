@@ -26,9 +26,16 @@ def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.Model
         from edgeq.targets.onnx.cnn import lower_cnn
 
         b = lower_cnn(graph, plan, progress=progress, **options)
+    elif graph.kind == "decoder" and graph.arch == "llama":
+        from edgeq.targets.onnx.decoder import lower_decoder
+
+        b = lower_decoder(graph, plan, progress=progress, **options)
     else:
         raise EdgeqError(None, f"the ONNX target does not lower {graph.kind} models of arch {graph.arch!r} yet")
-    model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata={"edgeq.preset": plan.preset or ""})
+    meta = {"edgeq.preset": plan.preset or ""}
+    if graph.kind == "decoder":
+        meta["edgeq.matmulnbits_accuracy_level"] = str(b.nbits_accuracy_level)
+    model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata=meta)
     return model
 
 
