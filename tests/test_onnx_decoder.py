@@ -264,15 +264,21 @@ def test_eval_on_onnx_decoder_gives_the_decoder_figures(both, hf_model, tmp_path
 
 
 def test_same_inputs_byte_identical_onnx(hf_model, tmp_path):
+    """Static QDQ where a plan asks for it (ranges calibrated into the plan), int4 with the importance matrix."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "preset": "int8", "rules": [
+        {"match": "*.attn_k", "format": "int8"}, {"match": "*.attn_output", "format": "int8"},
+        {"match": "*.ffn_up", "format": "int4"}]}))
     shas = []
     for i in range(2):
         out = tmp_path / f"o{i}"
-        _export(hf_model, out, backend="onnx", quant="int8", check=False)
+        _export(hf_model, out, backend="onnx", plan=str(plan), check=False)
         shas.append(hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest())
     assert shas[0] == shas[1]
     m = json.loads((out / "manifest.json").read_text())
     fmts = {n.split(".")[-2]: d["format"] for n, d in m["plan"]["tensors"].items()}
     assert fmts["k_proj"] == fmts["o_proj"] == "int8" and fmts["down_proj"] == fmts["embed_tokens"] == "int8_b32"
+    assert fmts["up_proj"] == "int4" and m["plan"]["calibration"]["windows"] >= 1
     assert all(d["act_range"] for d in m["plan"]["tensors"].values() if d["format"] == "int8")
 
 
