@@ -408,3 +408,19 @@ def test_plan_picks_block_sizes_and_the_manifest_records_them(hf_model, tmp_path
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(
         "model.layers.1.mlp.down_proj")]
     assert {a.name: a.i for a in nodes[0].attribute}["block_size"] == 128 and len(nodes[0].input) == 4
+
+
+def test_external_data_past_the_inline_limit_keeps_the_decoder_exact(tmp_path):
+    from edgeq.targets.onnx import save_model
+
+    cfg = tiny_config(tied_embeddings=False)
+    graph = random_llama(cfg, seed=6)
+    plan = _plan(graph, "int4", "int4")
+    files = save_model(lower_onnx(graph, plan), tmp_path / "model.onnx", inline_limit=100_000)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"] and files[1].stat().st_size > 200_000
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    run = Runner(ort.InferenceSession(str(files[0]), so, providers=["CPUExecutionProvider"]), cfg)
+    inline = Runner(_session(lower_onnx(graph, plan)), cfg)
+    ids = np.arange(1, 17)
+    assert np.array_equal(run(ids, run.empty())[0], inline(ids, inline.empty())[0])
