@@ -264,15 +264,21 @@ def test_eval_on_onnx_decoder_gives_the_decoder_figures(both, hf_model, tmp_path
 
 
 def test_same_inputs_byte_identical_onnx(hf_model, tmp_path):
+    """Static QDQ where a plan asks for it (ranges calibrated into the plan), int4 with the importance matrix."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "preset": "int8", "rules": [
+        {"match": "*.attn_k", "format": "int8"}, {"match": "*.attn_output", "format": "int8"},
+        {"match": "*.ffn_up", "format": "int4"}]}))
     shas = []
     for i in range(2):
         out = tmp_path / f"o{i}"
-        _export(hf_model, out, backend="onnx", quant="int8", check=False)
+        _export(hf_model, out, backend="onnx", plan=str(plan), check=False)
         shas.append(hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest())
     assert shas[0] == shas[1]
     m = json.loads((out / "manifest.json").read_text())
     fmts = {n.split(".")[-2]: d["format"] for n, d in m["plan"]["tensors"].items()}
     assert fmts["k_proj"] == fmts["o_proj"] == "int8" and fmts["down_proj"] == fmts["embed_tokens"] == "int8_b32"
+    assert fmts["up_proj"] == "int4" and m["plan"]["calibration"]["windows"] >= 1
     assert all(d["act_range"] for d in m["plan"]["tensors"].values() if d["format"] == "int8")
 
 
@@ -402,3 +408,19 @@ def test_plan_picks_block_sizes_and_the_manifest_records_them(hf_model, tmp_path
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith(
         "model.layers.1.mlp.down_proj")]
     assert {a.name: a.i for a in nodes[0].attribute}["block_size"] == 128 and len(nodes[0].input) == 4
+
+
+def test_external_data_past_the_inline_limit_keeps_the_decoder_exact(tmp_path):
+    from edgeq.targets.onnx import save_model
+
+    cfg = tiny_config(tied_embeddings=False)
+    graph = random_llama(cfg, seed=6)
+    plan = _plan(graph, "int4", "int4")
+    files = save_model(lower_onnx(graph, plan), tmp_path / "model.onnx", inline_limit=100_000)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx.data"] and files[1].stat().st_size > 200_000
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    run = Runner(ort.InferenceSession(str(files[0]), so, providers=["CPUExecutionProvider"]), cfg)
+    inline = Runner(_session(lower_onnx(graph, plan)), cfg)
+    ids = np.arange(1, 17)
+    assert np.array_equal(run(ids, run.empty())[0], inline(ids, inline.empty())[0])

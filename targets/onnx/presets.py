@@ -13,10 +13,11 @@ Decoders (Llama family) follow the same rule with the LLM forms:
   llama.cpp's Q4_0 keeps them at Q8_0; an untied word embedding is 4-bit too
   (GatherBlockQuantized).
 - `int8` / `int8-dyn`: per-tensor activation quantization (the whitepaper's
-  scheme) only on the linears where it costs little (DECODER_PER_TENSOR);
-  every other linear, the head and a tied embedding are `int8_b32` (8-bit
-  weights in blocks of 32, Q8_0's grid; MatMulNBits quantizes activations per
-  block of 32 at run time); an untied embedding is int8 rows.
+  scheme) only where measurement says it costs little (DECODER_PER_TENSOR:
+  nowhere on SmolLM2); the linears, the head and a tied embedding are
+  `int8_b32` (8-bit weights in blocks of 32, Q8_0's grid; MatMulNBits
+  quantizes activations per block of 32 at run time); an untied embedding is
+  int8 rows.
 """
 
 from __future__ import annotations
@@ -108,9 +109,11 @@ def _decoder_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
     return out
 
 
-# Which decoder linears take one activation range per tensor under `int8` (static, calibrated) and `int8-dyn`.
-# Measured on SmolLM2 (numpy simulation, 30 tokens, dynamic per-tensor uint8 inputs on one kind of linear in all
-# 30 layers, per-channel int8 weights): KLD added k_proj 0.0021, o_proj 0.0025, q_proj 0.0061, gate 0.012,
-# up 0.035, v 0.045, down 0.84 (its input reaches 477 while the median is 0.2); all at once 0.68. GGUF q8_0's whole
-# KLD is 0.0037. Only the two cheapest kinds take a per-tensor range; the rest stay on 8-bit blocks of 32.
-DECODER_PER_TENSOR = (".k_proj.weight", ".o_proj.weight")
+# Which decoder linears take one activation range per tensor under `int8` (static, calibrated) and `int8-dyn`:
+# none. Measured on SmolLM2 (numpy simulation, 30 tokens, dynamic per-tensor uint8 inputs on one kind of linear in
+# all 30 layers, per-channel int8 weights), KLD added: k_proj 0.0021, o_proj 0.0025, q_proj 0.0061, gate 0.012,
+# up 0.035, v 0.045, down 0.84 (its input reaches 477 while the median is 0.2); all at once 0.68. In onnxruntime on
+# the bundle's reference prompts, static ranges on just k_proj and o_proj (the rest int8_b32) gave KLD 0.020 against
+# 0.0062 with every linear on int8_b32 (GGUF q8_0: 0.0050). So decoders keep 8-bit blocks of 32 everywhere; a plan
+# can still put `int8` (ranges calibrated into the plan) or `int8_dyn` on any linear.
+DECODER_PER_TENSOR: tuple[str, ...] = ()
