@@ -30,7 +30,7 @@ def _options(a, out: str = "out"):
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
-        adapters=getattr(a, "adapter", None) or [],
+        adapters=getattr(a, "adapter", None) or [], ndk_clang=getattr(a, "ndk_clang", None),
     )
 
 
@@ -114,7 +114,13 @@ def cmd_calibrate(a) -> int:
 def cmd_run(a) -> int:
     from edgeq import runtime
 
-    with runtime.load(a.bundle, backend=a.backend, threads=a.threads) as s:
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
+        if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
+            res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
+            if hasattr(s, "time"):
+                res["latency"] = s.time(s.encoder_inputs([s.tokenize(a.prompt)]))
+            print(json.dumps(res))
+            return 0
         text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, chat=a.chat)
     print(text if a.chat else a.prompt + text)
     return 0
@@ -126,7 +132,7 @@ def cmd_eval(a) -> int:
 
     res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
-                          record=not a.no_record,
+                          record=not a.no_record, device=a.device,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -170,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "all-MiniLM-L6-v2) (default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf", "onnx"], help="runtime family (default: the profile's choice)")
+        sp.add_argument("--backend", choices=["gguf", "onnx", "tvm"], help="runtime family (default: the profile's choice)")
         sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
-                                        "f32 f16 int8 int8-dyn (onnx)")
+                                        "f32 f16 int8 int8-dyn (onnx); f32 f16 int8 int4 (tvm)")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -209,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     e.add_argument("--n-ctx", type=int, help="context length recorded for the device")
     e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
+    e.add_argument("--ndk-clang", help="tvm on android: the NDK's clang++ that links a .so (default: "
+                                       "$EDGEQ_ANDROID_CLANG; without one, a .tar of objects)")
     e.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plan", help="write the plan an export would use (a preset, or a budgeted allocation)")
@@ -234,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--backend", help="which artifact of the bundle to run")
+    r.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
     r.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true")

@@ -157,7 +157,7 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
         t0 = time.perf_counter()
         measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
         if graph.kind == "encoder":
-            _encoder_reference_and_check(graph, tmp, measurements, opts.check)
+            encoder_reference_and_check(graph, tmp, measurements, opts.check)
         timings["reference_and_check"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -174,7 +174,7 @@ def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.sum(ref * got, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
 
 
-def _encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
+def encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
     """Float reference embeddings for a few sentences (so a device can check itself), and the runtime's."""
     from edgeq import runtime
     from edgeq.executor import Executor
@@ -192,5 +192,5 @@ def _encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict,
         with runtime.load(bundle, threads=max(1, min(4, os.cpu_count() or 1))) as s:
             got = s.embed(list(REFERENCE_SENTENCES))
         c = cosines(ref, got)
-        measurements["reference_check"] = {"backend": "onnx", "cosine_mean": float(c.mean()),
+        measurements["reference_check"] = {"backend": s.backend_name, "cosine_mean": float(c.mean()),
                                            "cosine_min": float(c.min()), "n_inputs": int(c.size)}

@@ -30,26 +30,37 @@ class Format:
     dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None
     # Formats whose overhead is per row (a scale per output channel) rather than per block.
     row_overhead_bytes: int = 0
+    # Weight-only formats see any weight as (output channels, everything else): a conv kernel
+    # (out, in, kh, kw) is out rows of in*kh*kw, so scales are per output channel.
+    channel_rows: bool = False
+
+    def _rows_cols(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        if len(shape) < 2:
+            return 1, int(shape[-1]) if shape else 1
+        if self.channel_rows:
+            return int(shape[0]), int(np.prod(shape[1:]))
+        return int(np.prod(shape[:-1])), int(shape[-1])
 
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.block_bytes / (self.block[0] * self.block[1])
 
     def can_carry(self, shape: tuple[int, ...]) -> bool:
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        return shape[-1] % self.block[1] == 0 and rows % self.block[0] == 0
+        rows, cols = self._rows_cols(shape)
+        return cols % self.block[1] == 0 and rows % self.block[0] == 0
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         if not self.can_carry(shape):
             raise ValueError(f"format {self.name} cannot carry shape {shape} (block {self.block})")
-        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        rows, _ = self._rows_cols(shape)
         return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes + rows * self.row_overhead_bytes
 
     def quantize(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
         if self.quantize_fn is None:
             raise NotImplementedError(f"format {self.name} has no reference quantizer")
-        w2 = np.asarray(w, dtype=np.float32).reshape(-1, w.shape[-1])
+        w2 = np.asarray(w, dtype=np.float32)
+        w2 = w2.reshape(w2.shape[0], -1) if self.channel_rows else w2.reshape(-1, w2.shape[-1])
         return self.quantize_fn(self, w2, imatrix)
 
     def dequantize(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -156,7 +167,7 @@ def _int8_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np
 
 def _int8_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """What DequantizeLinear computes: (q - 0) * scale, in float32."""
-    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, shape[-1] + 4)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, fmt._rows_cols(shape)[1] + 4)
     q = data[:, :-4].view(np.int8).astype(np.float32)
     scale = np.ascontiguousarray(data[:, -4:]).view("<f4").reshape(-1)
     return (q * scale[:, None]).astype(np.float32).reshape(shape)
@@ -178,7 +189,7 @@ for _name, _desc in (
 register(Format(name="int8_wo", block=(1, 1), block_bytes=1, backends=frozenset({"tvm"}),
                 description="8-bit symmetric per output channel, f32 scale per row; weight-only (activations "
                             "float, dequantized inside the matmul)",
-                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4))
+                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True))
 
 INT4_GROUP = 32
 
@@ -215,7 +226,7 @@ def _int4_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np
 
 
 def _int4_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    cols = shape[-1]
+    cols = fmt._rows_cols(shape)[1]
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cols // 2 + 2 * (cols // fmt.block[1]))
     packed = data[:, :cols // 2]
     scale = np.ascontiguousarray(data[:, cols // 2:]).view("<f2")
@@ -225,4 +236,4 @@ def _int4_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> n
 register(Format(name="int4_g32", block=(1, INT4_GROUP), block_bytes=INT4_GROUP // 2 + 2, backends=frozenset({"tvm"}),
                 description="4-bit symmetric in groups of 32 along the input, f16 scale per group; weight-only, "
                             "dequantized inside the matmul",
-                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize))
+                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True))

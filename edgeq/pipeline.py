@@ -50,6 +50,7 @@ class ExportOptions:
     ranks: list[int] = field(default_factory=lambda: [0])
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
+    ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
 
 
 def manifest_head(graph: Graph, plan: Plan, versions: dict[str, str]) -> dict[str, Any]:
@@ -222,9 +223,15 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
     backend = opts.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
-    if backend not in ("gguf", "onnx"):
-        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf, onnx)")
+    if backend not in ("gguf", "onnx", "tvm"):
+        raise EdgeqError(None, f"--backend {backend} is not available yet (available: gguf, onnx, tvm)")
     preset = choose_preset(opts, user_plan, profile, backend)
+    if backend == "tvm":
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with tvm")
+        from edgeq.export_tvm import export_tvm
+
+        return export_tvm(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
     if backend == "onnx":
         if preset is None:
             raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with onnx")

@@ -88,8 +88,9 @@ class Session:
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True):
-    """Open a bundle: a `Session` (generate/logits) for GGUF, an `OnnxSession` (embed/run) for ONNX encoders and CNNs."""
+         verify: bool = True, device: str | None = None):
+    """Open a bundle: a `Session` (generate/logits) for GGUF, an `OnnxSession` or `TvmSession` (embed/run) for
+    encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC server."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     if verify:
@@ -101,6 +102,13 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         from edgeq.runtime.onnx_backend import OnnxSession
 
         return OnnxSession(bundle, manifest, art, threads=threads)
+    if art["backend"] == "tvm":
+        check_runtime_version(manifest, "apache-tvm")
+        from edgeq.runtime.tvm_backend import TvmSession
+
+        return TvmSession(bundle, manifest, art, threads=threads, device=device)
+    if device not in (None, "cpu", "local"):
+        raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
     if art["backend"] == "gguf":
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend

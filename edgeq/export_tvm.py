@@ -1,0 +1,166 @@
+"""`edgeq export --backend tvm`: decide (preset, user plan, legalize), lower to Relax, build for the profile, write a bundle.
+
+The bundle layout is the ONNX one (manifest, tokenizer, reference inputs with float
+outputs, measurements, report); the TVM artifact is the library plus its weights
+file, and the manifest's `tvm` section says how to call it (entry, inputs, the
+weights' parameter order, the target it was built for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.fsutil import sha256_file, staged_dir
+from edgeq.ir import Graph
+from edgeq.passes import Context, run_passes
+from edgeq.passes.apply_rules import ApplyRules
+from edgeq.passes.assign_preset import AssignPreset
+from edgeq.passes.legalize import Legalize
+from edgeq.plan import Plan
+
+LIBRARY_STEM = "model"
+PARAMS_FILE = "params.safetensors"
+
+
+def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context) -> Plan:
+    passes = [AssignPreset(preset)]
+    if user_plan is not None:
+        passes.append(ApplyRules(user_plan, plan_path))
+    passes.append(Legalize())
+    _, plan = run_passes(passes, graph, Plan(), ctx)
+    return plan
+
+
+def runtime_versions() -> dict[str, str]:
+    from edgeq.pipeline import runtime_versions as versions
+
+    return versions(("apache-tvm", "apache-tvm-ffi"))
+
+
+def save_params(params: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors (no pickle; the reader bounds every length); its layout depends only on names and arrays."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(path))
+
+
+def host_can_run(profile) -> bool:
+    """Whether this machine can load the profile's library itself (to check the export against the reference)."""
+    from edgeq.targets.tvm.build import resolve_target
+
+    t = resolve_target(profile)
+    return "mtriple" not in t and profile.os == platform.system().lower()
+
+
+def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
+               progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
+               t_start: float) -> dict:
+    from edgeq.export_onnx import REFERENCE_SENTENCES, encoder_reference_and_check, source_digest, source_name
+    from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
+    from edgeq.targets.tvm.lower import ENTRY, lower_tvm
+
+    ctx = Context(backend="tvm", profile=profile, progress=progress)
+    t0 = time.perf_counter()
+    plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx)
+    timings["passes"] = time.perf_counter() - t0
+    ndk_clang = getattr(opts, "ndk_clang", None) or os.environ.get("EDGEQ_ANDROID_CLANG") or None
+    target = resolve_target(profile)
+    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as tvm {preset} "
+        f"({json.dumps(target, sort_keys=True)}, {library_kind(profile, ndk_clang)})")
+
+    t0 = time.perf_counter()
+    lowered = lower_tvm(graph, plan, progress=progress)
+    timings["lower"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    executable = compile_module(lowered.mod, target)
+    timings["compile"] = time.perf_counter() - t0
+    src_sha, src_bytes = source_digest(model_path)
+    with staged_dir(opts.out, opts.force) as tmp:
+        lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
+        save_params(lowered.params, tmp / PARAMS_FILE)
+        artifacts: list[dict[str, Any]] = [
+            {"role": "model", "backend": "tvm", "path": lib.name, "sha256": sha256_file(lib),
+             "bytes": lib.stat().st_size, "formats": plan.format_counts()},
+            {"role": "params", "backend": "tvm", "path": PARAMS_FILE, "sha256": sha256_file(tmp / PARAMS_FILE),
+             "bytes": (tmp / PARAMS_FILE).stat().st_size, "formats": {}},
+        ]
+        tokenizer: dict[str, Any] = {}
+        if graph.kind == "encoder":
+            shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
+            artifacts.append({"role": "tokenizer", "backend": "any", "path": "tokenizer.json",
+                              "sha256": sha256_file(tmp / "tokenizer.json"),
+                              "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
+            tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
+        from edgeq.pipeline import manifest_head
+
+        manifest: dict[str, Any] = {
+            **manifest_head(graph, plan, runtime_versions()),
+            "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
+                       "license": graph.metadata.get("license"), "adapters": []},
+            "target": profile.to_json(),
+            "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
+            "kv_cache_dtype": None,
+            "artifacts": artifacts,
+            "tokenizer": tokenizer,
+            "tvm": {"library": lib.name, "params": PARAMS_FILE, "entry": ENTRY, "target": target,
+                    "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
+            "plan": plan.to_json(),
+            "passes": ctx.records,
+            "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
+            "pruning_rates": None,
+            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if graph.kind == "encoder" else 0},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        t0 = time.perf_counter()
+        measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
+        runnable = host_can_run(profile)
+        if not runnable:
+            measurements["reference_check"] = {"backend": "tvm", "skipped": f"library is for {profile.name}, "
+                                                                            "not this host"}
+        if graph.kind == "encoder":
+            encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+        elif graph.kind == "cnn":
+            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+        timings["reference_and_check"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")
+        from edgeq.report import write_report
+
+        write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
+    return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:
+    """Seeded images in [0, 1] of the model's input shape (batch n), stored in the bundle with their logits."""
+    shape = [n] + [int(d) for d in graph.inputs[0].shape[1:]]
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
+    from edgeq import runtime
+    from edgeq.executor import Executor
+
+    name_in, name_out = graph.inputs[0].name, graph.outputs[0].name
+    x = reference_images(graph)
+    ref = Executor(graph).run_inputs({name_in: x}, outputs=(name_out,))[name_out]
+    folder = bundle / "reference"
+    folder.mkdir()
+    np.save(folder / "inputs.npy", x)
+    np.save(folder / "outputs.npy", ref.astype(np.float32))
+    if check:
+        with runtime.load(bundle) as s:
+            got = s.run({name_in: x})[name_out]
+        err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
+        measurements["reference_check"] = {"backend": s.backend_name, "max_rel_error": err,
+                                           "argmax_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+                                           "n_inputs": int(x.shape[0])}
