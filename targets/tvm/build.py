@@ -74,10 +74,13 @@ def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 def compile_module(mod: tvm.IRModule, target: dict[str, Any]):
-    """Relax -> VM executable with the default llvm pipeline (untuned schedules)."""
+    """Relax -> VM executable: edgeq's fixed linear schedule, then the default llvm pipeline (untuned)."""
+    from edgeq.targets.tvm.schedule import ScheduleLinears
+
     tgt = tvm.target.Target(target)
     pipeline = relax.get_default_pipeline(tgt)
-    return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([pipeline, _SortShapeStores]))
+    return tvm.compile(mod, target=tgt,
+                       relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
 
 
 def export_library(executable, path: Path, profile, ndk_clang: str | None = None) -> Path:
