@@ -64,7 +64,8 @@ def host_can_run(profile) -> bool:
 def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
                progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
                t_start: float) -> dict:
-    from edgeq.export_onnx import REFERENCE_SENTENCES, encoder_reference_and_check, source_digest, source_name
+    from edgeq.export_onnx import (REFERENCE_SENTENCES, cnn_calibration, cnn_reference_and_check, cnn_reference_images,
+                                   encoder_reference_and_check, source_record)
     from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
     from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
@@ -83,7 +84,10 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
     t0 = time.perf_counter()
     executable = compile_module(lowered.mod, target)
     timings["compile"] = time.perf_counter() - t0
-    src_sha, src_bytes = source_digest(model_path)
+    source = source_record(graph, model_path, opts.model)
+    ref_images = None
+    if graph.kind == "cnn":   # the first calibration images when given (weight-only presets need none), else noise
+        ref_images = cnn_reference_images(graph, cnn_calibration(graph, getattr(opts, "calib_images", None))[0])
     with staged_dir(opts.out, opts.force) as tmp:
         lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
         save_params(lowered.params, tmp / PARAMS_FILE)
@@ -104,8 +108,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
-            "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
-                       "license": graph.metadata.get("license"), "adapters": []},
+            "source": source,
             "target": profile.to_json(),
             "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
             "kv_cache_dtype": None,
@@ -117,7 +120,8 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
             "pruning_rates": None,
-            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if graph.kind == "encoder" else 0},
+            "reference": {"path": "reference",
+                          "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
@@ -129,7 +133,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         if graph.kind == "encoder":
             encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
         elif graph.kind == "cnn":
-            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable, ref_images)
         timings["reference_and_check"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -139,28 +143,3 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
-
-def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:
-    """Seeded images in [0, 1] of the model's input shape (batch n), stored in the bundle with their logits."""
-    shape = [n] + [int(d) for d in graph.inputs[0].shape[1:]]
-    return np.random.default_rng(seed).random(shape, dtype=np.float32)
-
-
-def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
-    from edgeq import runtime
-    from edgeq.executor import Executor
-
-    name_in, name_out = graph.inputs[0].name, graph.outputs[0].name
-    x = reference_images(graph)
-    ref = Executor(graph).run_inputs({name_in: x}, outputs=(name_out,))[name_out]
-    folder = bundle / "reference"
-    folder.mkdir()
-    np.save(folder / "inputs.npy", x)
-    np.save(folder / "outputs.npy", ref.astype(np.float32))
-    if check:
-        with runtime.load(bundle) as s:
-            got = s.run({name_in: x})[name_out]
-        err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
-        measurements["reference_check"] = {"backend": s.backend_name, "max_rel_error": err,
-                                           "argmax_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
-                                           "n_inputs": int(x.shape[0])}

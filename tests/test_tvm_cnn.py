@@ -7,6 +7,8 @@ comparison is tight: it checks that TVM computes with exactly the stored values.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,72 @@ def test_cnn_preset_runs_in_tvm_like_torch(graph, quant):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 if quant != "f16" else 2e-3)
     stored = sum(a.nbytes for n, a in lowered.params.items() if n.startswith("c3.weight"))
     assert stored == get_format(plan.tensors["c3.weight"].format).nbytes(graph.weights["c3.weight"].shape)
+
+
+# --- the digits CNN (acceptance), through the real importer and the bundle path ---------------------------
+
+@pytest.fixture(scope="module")
+def digits_tvm(tmp_path_factory):
+    from edgeq import export_module
+    from edgeq.models.digits import train_digits_cnn
+
+    model, data = train_digits_cnn(seed=0)
+    root = tmp_path_factory.mktemp("digits-tvm")
+    np.savez(root / "test.npz", images=data.x_test, labels=data.y_test)
+    out = {}
+    for q in ("f32", "int8"):
+        export_module(model, torch.from_numpy(data.x_test[:1]), root / q, quant=q, name="digits", backend="tvm")
+        out[q] = root / q
+    return model, data, root, out
+
+
+def test_digits_int8_on_tvm_within_one_point_of_float(digits_tvm):
+    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.executor import Executor
+    from edgeq.importers.torch_export import import_module
+
+    model, data, root, bundles = digits_tvm
+    ex = Executor(import_module(model, torch.from_numpy(data.x_test[:1]), name="digits"))
+    ref = lambda x: ex.run_inputs({"images": x})["logits"]  # noqa: E731
+    f32 = evaluate_bundle(bundles["f32"], images=str(root / "test.npz"), reference_logits=ref, record=False)
+    int8 = evaluate_bundle(bundles["int8"], images=str(root / "test.npz"), reference_logits=ref, record=False)
+    assert f32["backend"] == int8["backend"] == "tvm" and int8["n_images"] >= 300
+    assert f32["accuracy"] == f32["accuracy_reference"] and f32["agreement"] == 1.0
+    assert int8["accuracy"] >= f32["accuracy"] - 0.01, (int8, f32)
+    m = json.loads((bundles["int8"] / "manifest.json").read_text())
+    assert m["model"]["kind"] == "cnn" and set(m["plan"]["tensors"][n]["format"] for n in m["plan"]["tensors"]
+                                                  if m["plan"]["tensors"][n]["format"] != "f32") == {"int8_wo"}
+    meas = json.loads((bundles["int8"] / "measurements.json").read_text())
+    assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["agreement"] >= 0.99
+
+
+def test_digits_through_rpc_equals_local(digits_tvm):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from edgeq import runtime
+
+    _, data, _, bundles = digits_tvm
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                             "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        x = data.x_test[:16]
+        with runtime.load(bundles["int8"]) as s:
+            local = s.run({"images": x})["logits"]
+        with runtime.load(bundles["int8"], device=f"rpc://127.0.0.1:{port}") as r:
+            remote = r.run({"images": x})["logits"]
+        np.testing.assert_allclose(remote, local, atol=1e-6)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
