@@ -85,6 +85,12 @@ def cmd_plan(a) -> int:
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
         plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib)
+    elif backend == "tvm":
+        from edgeq.export_tvm import decide_tvm
+
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
+        plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)

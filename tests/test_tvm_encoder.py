@@ -249,3 +249,29 @@ def test_minilm_on_tvm(quant, floor, minilm_reference, tmp_path):
     assert m["runtime_versions"]["apache-tvm"] == "0.27.0.post1"
     lib = next(a for a in m["artifacts"] if a["role"] == "model")
     assert lib["backend"] == "tvm" and lib["path"] == "model.so"
+
+
+def test_tvm_runtime_runs_without_torch(tiny_bundles):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edgeq import runtime\n"
+        f"s = runtime.load({str(tiny_bundles['int4'])!r}, threads=2)\n"
+        "print(s.embed(['a sentence', 'ok']).shape)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(2, 64)" in out.stdout
+
+
+def test_plan_then_export_the_same_bytes(tiny, tiny_bundles, tmp_path):
+    """`edgeq plan --backend tvm` writes the plan an export uses; exporting that plan gives the same weights."""
+    r = subprocess.run([*EDGEQ, "plan", "--model", str(tiny), "--backend", "tvm", "--quant", "int4",
+                        "-o", str(tmp_path / "plan.json"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "tvm" and plan["tensors"]["encoder.layer.1.output.dense.weight"]["format"] == "int4_g32"
+    export(ExportOptions(model=str(tiny), backend="tvm", plan=str(tmp_path / "plan.json"), out=str(tmp_path / "b"),
+                         check=False))
+    sha = lambda p: {a["path"]: a["sha256"] for a in json.loads((p / "manifest.json").read_text())["artifacts"]}  # noqa: E731
+    assert sha(tmp_path / "b") == sha(tiny_bundles["int4"])
