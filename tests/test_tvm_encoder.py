@@ -246,6 +246,12 @@ def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
             assert m["tvm"]["target"]["mtriple"] == "aarch64-linux-android"
         a, b = digests[target]
         assert a == b, f"{target}: exports differ: {a} vs {b}"
+        from edgeq import runtime
+        from edgeq.runtime.manifest import BundleError
+
+        if __import__("platform").machine() == "x86_64":
+            with pytest.raises(BundleError, match="cannot be loaded on this machine.*rpc://"):
+                runtime.load(out)              # an aarch64 library on an x86 host: one clear error
 
 
 # --- all-MiniLM-L6-v2 (acceptance) --------------------------------------------------
