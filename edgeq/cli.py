@@ -43,7 +43,14 @@ def cmd_export(a) -> int:
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
-    if not a.quiet and "agreement" in chk:
+    if not a.quiet and m.get("tvm"):          # a library plus its weights file
+        sizes = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in m["artifacts"]
+                          if x["role"] in ("model", "params"))
+        check = (f"cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})" if "cosine_mean" in chk else
+                 f"argmax agreement {chk['agreement']:.3f}" if "agreement" in chk else
+                 f"not checked here ({chk.get('skipped', 'no check')})")
+        print(f"wrote {a.out}: {sizes}, {m['tvm']['target']}, formats {art['formats']}; reference {check}")
+    elif not a.quiet and "agreement" in chk:
         print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**10:.1f} KiB, formats {art['formats']}; "
               f"reference images: argmax agreement {chk['agreement']:.3f}, max |logit diff| {chk['max_abs_diff']:.2e}")
     elif not a.quiet and "cosine_mean" in chk:
