@@ -31,6 +31,7 @@ def _options(a, out: str = "out"):
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
+        ndk_clang=getattr(a, "ndk_clang", None),
     )
 
 
@@ -42,7 +43,14 @@ def cmd_export(a) -> int:
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
-    if not a.quiet and "agreement" in chk:
+    if not a.quiet and m.get("tvm"):          # a library plus its weights file
+        sizes = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in m["artifacts"]
+                          if x["role"] in ("model", "params"))
+        check = (f"cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})" if "cosine_mean" in chk else
+                 f"argmax agreement {chk['agreement']:.3f}" if "agreement" in chk else
+                 f"not checked here ({chk.get('skipped', 'no check')})")
+        print(f"wrote {a.out}: {sizes}, {m['tvm']['target']}, formats {art['formats']}; reference {check}")
+    elif not a.quiet and "agreement" in chk:
         print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**10:.1f} KiB, formats {art['formats']}; "
               f"reference images: argmax agreement {chk['agreement']:.3f}, max |logit diff| {chk['max_abs_diff']:.2e}")
     elif not a.quiet and "cosine_mean" in chk:
@@ -86,6 +94,12 @@ def cmd_plan(a) -> int:
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
         plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
+    elif backend == "tvm":
+        from edgeq.export_tvm import decide_tvm
+
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
+        plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
@@ -122,7 +136,13 @@ def cmd_calibrate(a) -> int:
 def cmd_run(a) -> int:
     from edgeq import runtime
 
-    with runtime.load(a.bundle, backend=a.backend, threads=a.threads) as s:
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
+        if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
+            res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
+            if hasattr(s, "time"):
+                res["latency"] = s.time(s.encoder_inputs([s.tokenize(a.prompt)]))
+            print(json.dumps(res))
+            return 0
         text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, chat=a.chat)
     print(text if a.chat else a.prompt + text)
     return 0
@@ -134,7 +154,7 @@ def cmd_eval(a) -> int:
 
     res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
-                          record=not a.no_record,
+                          record=not a.no_record, device=a.device,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -184,12 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf", "onnx", "all"],
+        sp.add_argument("--backend", choices=["gguf", "onnx", "tvm", "all"],
                         help="runtime family (default: the profile's choice); all: one artifact per backend the "
                              "model kind supports")
         sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
-                                        "f32 f16 int8 int8-dyn int4 int4-asym (onnx); with --backend all one per "
-                                        "backend: gguf=q4_0,onnx=int4")
+                                        "f32 f16 int8 int8-dyn int4 int4-asym (onnx); f32 f16 int8 int4 (tvm); with "
+                                        "--backend all one per backend: gguf=q4_0,onnx=int4")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -228,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     e.add_argument("--n-ctx", type=int, help="context length recorded for the device")
     e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
+    e.add_argument("--ndk-clang", help="tvm on android: the NDK's clang++ that links a .so (default: "
+                                       "$EDGEQ_ANDROID_CLANG; without one, a .tar of objects)")
     e.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plan", help="write the plan an export would use (a preset, or a budgeted allocation)")
@@ -253,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--backend", help="which artifact of the bundle to run")
+    r.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
     r.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
@@ -268,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true")

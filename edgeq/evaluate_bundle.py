@@ -60,7 +60,8 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     reference: str | None = None, adapters: list[str] | None = None,
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
-                    reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None) -> dict:
+                    reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
+                    device: str | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
     from edgeq import runtime
     from edgeq.evaluation import evaluate
@@ -73,7 +74,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     if kind == "cnn":
         from edgeq.evaluate_cnn import evaluate_cnn
 
-        with runtime.load(bundle, backend=backend, threads=threads) as session:
+        with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
             res = evaluate_cnn(session, images, reference=reference, reference_logits=reference_logits,
                                progress=progress)
         res["backend"] = session.backend_name
@@ -83,7 +84,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     if kind == "encoder":
         from edgeq.evaluate_encoder import evaluate_encoder
 
-        with runtime.load(bundle, backend=backend, threads=threads) as session:
+        with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
             res = evaluate_encoder(session, text_file, n=sentences, reference=reference,
                                    reference_embed=reference_logits, progress=progress)
         res["backend"] = session.backend_name
@@ -101,7 +102,7 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         text_name = p.name
     else:
         text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
-    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx)
+    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device)
     try:
         manifest = session.manifest
         if reference_logits is None:

@@ -196,7 +196,7 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
     timings["passes"] = time.perf_counter() - t0
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as onnx {preset}")
 
-    source = _source_record(graph, model_path, opts.model)
+    source = source_record(graph, model_path, opts.model)
     ref_images = cnn_reference_images(graph, calib) if graph.kind == "cnn" else None
     with staged_dir(opts.out, opts.force) as tmp:
         t0 = time.perf_counter()
@@ -231,9 +231,9 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
         t0 = time.perf_counter()
         measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
         if graph.kind == "encoder":
-            _encoder_reference_and_check(graph, tmp, measurements, opts.check)
+            encoder_reference_and_check(graph, tmp, measurements, opts.check)
         elif graph.kind == "cnn":
-            _cnn_reference_and_check(graph, tmp, measurements, opts.check, ref_images)
+            cnn_reference_and_check(graph, tmp, measurements, opts.check, ref_images)
         timings["reference_and_check"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -244,7 +244,7 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
 
-def _source_record(graph: Graph, model_path: Path | None, given: str | None) -> dict[str, Any]:
+def source_record(graph: Graph, model_path: Path | None, given: str | None) -> dict[str, Any]:
     if graph.kind == "cnn":
         # a CNN is identified by what it computes, so a module exported through the API and the same module
         # saved as a .pt2 (decomposed or not) are the same source for `edgeq eval --reference`
@@ -269,7 +269,7 @@ def cnn_reference_images(graph: Graph, calib: list[np.ndarray] | None) -> np.nda
     return np.ascontiguousarray(calib[0][:REFERENCE_IMAGES], dtype=np.float32)
 
 
-def _cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool, x: np.ndarray) -> None:
+def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool, x: np.ndarray) -> None:
     """Float reference logits for the reference images, and the runtime's on the same images."""
     from edgeq import runtime
     from edgeq.executor import Executor
@@ -283,7 +283,7 @@ def _cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, che
         with runtime.load(bundle, threads=max(1, min(4, os.cpu_count() or 1))) as s:
             got = s.run({"images": x})["logits"]
         measurements["reference_check"] = {
-            "backend": "onnx", "agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+            "backend": s.backend_name, "agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
             "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(x))}
 
 
@@ -306,7 +306,7 @@ def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.sum(ref * got, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
 
 
-def _encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
+def encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
     """Float reference embeddings for a few sentences (so a device can check itself), and the runtime's."""
     from edgeq import runtime
     from edgeq.executor import Executor
@@ -324,5 +324,5 @@ def _encoder_reference_and_check(graph: Graph, bundle: Path, measurements: dict,
         with runtime.load(bundle, threads=max(1, min(4, os.cpu_count() or 1))) as s:
             got = s.embed(list(REFERENCE_SENTENCES))
         c = cosines(ref, got)
-        measurements["reference_check"] = {"backend": "onnx", "cosine_mean": float(c.mean()),
+        measurements["reference_check"] = {"backend": s.backend_name, "cosine_mean": float(c.mean()),
                                            "cosine_min": float(c.min()), "n_inputs": int(c.size)}

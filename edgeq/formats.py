@@ -32,7 +32,8 @@ class Format:
     dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None
     # Formats whose overhead is per row (a scale per output channel) rather than per block.
     row_overhead_bytes: int = 0
-    # Rows are output channels (axis 0), whatever the rank: a conv weight (out, in, kh, kw) has `out` scales.
+    # Rows are output channels (axis 0), whatever the rank: a conv weight (out, in, kh, kw) has `out` scales
+    # and in*kh*kw columns (the axis a TVM int4 group runs along).
     channel_rows: bool = False
     # Formats whose row size is not a whole number of blocks plus a constant (packed zero points).
     row_bytes_fn: Callable[[int], int] | None = None
@@ -42,6 +43,11 @@ class Format:
             return 1
         return int(shape[0]) if self.channel_rows else int(np.prod(shape[:-1]))
 
+    def _cols(self, shape: tuple[int, ...]) -> int:
+        if self.channel_rows and len(shape) > 1:
+            return int(np.prod(shape[1:]))
+        return int(shape[-1]) if shape else 1
+
     @property
     def bits_per_weight(self) -> float:
         if self.row_bytes_fn is not None:   # two blocks: packed zero points fill whole bytes
@@ -49,7 +55,7 @@ class Format:
         return 8.0 * self.block_bytes / (self.block[0] * self.block[1])
 
     def can_carry(self, shape: tuple[int, ...]) -> bool:
-        return shape[-1] % self.block[1] == 0 and self._rows(shape) % self.block[0] == 0
+        return self._cols(shape) % self.block[1] == 0 and self._rows(shape) % self.block[0] == 0
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         if not self.can_carry(shape):
@@ -139,7 +145,7 @@ def _register_gguf_types() -> None:
     for name, (t, imat, desc) in described.items():
         block, size = GGML_QUANT_SIZES[t]
         # Plain floats are written the same way (little-endian IEEE) by every backend.
-        backends = {"gguf", "onnx"} if name in ("f32", "f16") else {"gguf"}
+        backends = {"gguf", "onnx", "tvm"} if name in ("f32", "f16") else {"gguf"}
         register(Format(
             name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
             takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
@@ -221,3 +227,59 @@ for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4
         row_bytes_fn=functools.partial(lambda cols, b, k, a: blockq.nbytes(1, cols, b, k, a), b=_bits, k=_block,
                                        a=_asym),
     ))
+
+
+# --- TVM (weight-only) formats ---------------------------------------------------
+# The weights are stored quantized and dequantized inside the matmul kernel; activations stay float.
+
+register(Format(name="int8_wo", block=(1, 1), block_bytes=1, backends=frozenset({"tvm"}),
+                description="8-bit symmetric per output channel, f32 scale per row; weight-only (activations "
+                            "float, dequantized inside the matmul)",
+                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True))
+
+INT4_GROUP = 32
+
+
+def int4_quantize_groups(w: np.ndarray, group: int = INT4_GROUP) -> tuple[np.ndarray, np.ndarray]:
+    """(packed uint8 (rows, cols/2): low nibble = even column, value + 8; f16 scale per group (rows, cols/group)).
+
+    Symmetric: the largest magnitude of a group maps to 7 (levels -7..7, so 0 is exact and the
+    code 0 is unused); the scale is rounded to f16 first and the values quantized with the rounded
+    scale, so dequantization reproduces exactly what the kernel computes.
+    """
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // group, group).astype(np.float32)
+    amax = np.max(np.abs(g), axis=-1)
+    scale = np.where(amax > 0, amax / np.float32(7.0), np.float32(1.0)).astype(np.float16)
+    s32 = scale.astype(np.float32)
+    q = np.clip(np.rint(g / s32[..., None]), -7, 7).astype(np.int8).reshape(rows, cols) + 8
+    packed = (q[:, 0::2].astype(np.uint8) | (q[:, 1::2].astype(np.uint8) << 4)).astype(np.uint8)
+    return packed, scale
+
+
+def int4_dequantize_groups(packed: np.ndarray, scale: np.ndarray, group: int = INT4_GROUP) -> np.ndarray:
+    rows = packed.shape[0]
+    q = np.empty((rows, packed.shape[1] * 2), np.float32)
+    q[:, 0::2] = (packed & 15).astype(np.float32) - 8
+    q[:, 1::2] = (packed >> 4).astype(np.float32) - 8
+    s = np.repeat(scale.astype(np.float32), group, axis=1)
+    return q * s
+
+
+def _int4_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    packed, scale = int4_quantize_groups(w, fmt.block[1])
+    return np.concatenate([packed, scale.astype("<f2").view(np.uint8)], axis=1)
+
+
+def _int4_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    cols = fmt._cols(shape)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cols // 2 + 2 * (cols // fmt.block[1]))
+    packed = data[:, :cols // 2]
+    scale = np.ascontiguousarray(data[:, cols // 2:]).view("<f2")
+    return int4_dequantize_groups(packed, scale, fmt.block[1]).reshape(shape)
+
+
+register(Format(name="int4_g32", block=(1, INT4_GROUP), block_bytes=INT4_GROUP // 2 + 2, backends=frozenset({"tvm"}),
+                description="4-bit symmetric in groups of 32 along the input, f16 scale per group; weight-only, "
+                            "dequantized inside the matmul",
+                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True))

@@ -90,13 +90,15 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         "backends": [a["backend"] for a in models],
         "preset": m["plan"].get("preset"),
         "bits_per_weight": round(m["model"]["bits_per_weight"], 4),
-        "model_bytes": sum(a["bytes"] for a in models),
+        "model_bytes": sum(a["bytes"] for a in m["artifacts"] if a.get("role", "model") in ("model", "model_data", "params")),
         "formats": models[0]["formats"] if models else {},
         "n_ctx": m["n_ctx"],
         "kv_cache_dtype": m["kv_cache_dtype"],
         "source": m["source"]["name"],
         "checksums": verified,
     }
+    if m.get("tvm"):
+        out["tvm_target"] = m["tvm"]["target"]
     if m["source"].get("adapters"):
         out["adapters"] = ", ".join(f"{a['name']}:{a['weight']:g}" for a in m["source"]["adapters"])
     chk = meas.get("reference_check") or {}

@@ -52,6 +52,7 @@ class ExportOptions:
     ranks: list[int] = field(default_factory=lambda: [0])
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
+    ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
 
 
 def manifest_head(graph: Graph, plan: Plan, versions: dict[str, str]) -> dict[str, Any]:
@@ -229,9 +230,18 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
     backends = profile.backends_to_export(graph.kind, opts.backend)
     for b in backends:
-        if b not in ("gguf", "onnx"):
-            raise EdgeqError(None, f"--backend {b} is not available yet (available: gguf, onnx, all)")
+        if b not in ("gguf", "onnx", "tvm"):
+            raise EdgeqError(None, f"--backend {b} is not available yet (available: gguf, onnx, tvm, all)")
     ctx.backend = backends[0]
+    if backends == ["tvm"]:
+        preset = choose_preset(opts, user_plan, profile, "tvm")
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with tvm")
+        from edgeq.export_tvm import export_tvm
+
+        return export_tvm(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
+    if "tvm" in backends:
+        raise EdgeqError(None, "a bundle with several backends cannot include tvm yet; export it with --backend tvm")
     if graph.kind != "decoder":
         if backends != ["onnx"]:
             raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
@@ -347,16 +357,19 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
 def export_module(module, example, out: str | os.PathLike, quant: str | None = None, calib_images=None,
                   target: str = "cpu", plan: str | None = None, force: bool = False, check: bool = True,
-                  name: str | None = None, progress: Callable | None = None) -> dict:
-    """Export a torch CNN (eval mode, `example` one NCHW float32 batch) to an ONNX bundle, like `edgeq export`.
+                  name: str | None = None, progress: Callable | None = None, backend: str = "onnx") -> dict:
+    """Export a torch CNN (eval mode, `example` one NCHW float32 batch) to an ONNX (or `backend="tvm"`) bundle,
+    like `edgeq export`.
 
     `calib_images`: an .npz path (array `images`) or an (n, C, H, W) array; static `int8` needs it."""
     from edgeq.importers.torch_export import import_module
 
     graph = import_module(module, example, name=name or type(module).__name__)
-    opts = ExportOptions(target=target, backend="onnx", quant=quant, plan=plan, out=os.fspath(out), force=force,
+    opts = ExportOptions(target=target, backend=backend, quant=quant, plan=plan, out=os.fspath(out), force=force,
                          check=check, calib_images=calib_images)
     return export(opts, progress=progress, graph=graph)
+
+
 def backend_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str,
                    several: bool) -> str | None:
     """The preset of one backend; with several backends `--quant` may be `gguf=q4_0,onnx=int4` (one per backend), a
@@ -381,6 +394,10 @@ def known_presets(backend: str) -> tuple[str, ...]:
         from edgeq.targets.onnx.presets import ONNX_PRESETS
 
         return ONNX_PRESETS
+    if backend == "tvm":
+        from edgeq.targets.tvm.presets import TVM_PRESETS
+
+        return TVM_PRESETS
     from edgeq.targets.gguf.presets import GGUF_PRESETS
 
     return GGUF_PRESETS

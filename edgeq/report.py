@@ -86,6 +86,9 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
                   f"Measured in the target runtime against the float reference executor: cosine mean "
                   f"{fid['cosine_mean']:.6f} (min {fid['cosine_min']:.6f}) over {fid['n_inputs']} sentences. "
                   f"Run `edgeq eval` for the full figures."]
+    elif fid and "skipped" in fid:
+        lines += ["", "## Fidelity", "", f"Not checked at export: {fid['skipped']}. Run `edgeq eval` on the device "
+                                           "(e.g. `--device rpc://HOST:PORT`)."]
     elif fid and "agreement" in fid:
         lines += ["", "## Fidelity on the bundled reference images", "",
                   f"Measured in the target runtime against the float reference executor: argmax agreement "

@@ -70,3 +70,68 @@ def byte_level_spec(vocab_size: int):
     return TokenizerSpec(model="gpt2", pre="smollm", tokens=tuple(tokens), token_types=tuple(types),
                          merges=tuple(merges), bos_id=1, eos_id=2, eot_id=None, pad_id=2, unk_id=0,
                          add_bos=False, add_eos=False, chat_template=template)
+
+
+def tiny_bert_config(**overrides):
+    from edgeq.models.bert import BertConfig
+
+    base = dict(vocab_size=160, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4, max_positions=64,
+                context_length=64)
+    base.update(overrides)
+    return BertConfig(**base)
+
+
+def random_bert(cfg, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
+    """Random weights for a BERT config, in canonical names (norm weights near 1, biases small)."""
+    from edgeq.models import bert
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for name, shape in bert.expected_shapes(cfg).items():
+        if name.endswith("LayerNorm.weight"):
+            arrays[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        elif len(shape) == 1:
+            arrays[name] = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            arrays[name] = (scale * rng.standard_normal(shape) * (10 if "embeddings" in name else 1)).astype(np.float32)
+    return arrays
+
+
+def write_bert_folder(folder, cfg=None, seed: int = 0):
+    """A small sentence-transformers style BERT folder (config, safetensors, WordPiece tokenizer.json).
+
+    The vocabulary is the special tokens, single characters and a few words, so any
+    ASCII text tokenizes; the weights are random. For tests of the encoder paths
+    without the real model's compile and run time.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    cfg = cfg or tiny_bert_config()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("0"), ord("9") + 1)] + list(".,!?'-")
+    words = ["the", "a", "is", "of", "and", "to", "in", "it", "that", "for", "function", "value", "model", "capital"]
+    vocab = specials + words + chars + ["##" + c for c in chars]
+    vocab = vocab[:cfg.vocab_size] + [f"[unused{i}]" for i in range(cfg.vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"model_type": "bert", "hidden_act": "gelu", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+              "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "max_position_embeddings": cfg.max_positions,
+              "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.ln_eps}
+    (folder / "config.json").write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
+    (folder / "modules.json").write_text(json.dumps([{"idx": 0, "type": "sentence_transformers.models.Transformer"},
+                                                     {"idx": 1, "type": "sentence_transformers.models.Pooling"},
+                                                     {"idx": 2, "type": "sentence_transformers.models.Normalize"}]),
+                                         encoding="utf-8")
+    save_file(random_bert(cfg, seed), str(folder / "model.safetensors"))
+    return folder

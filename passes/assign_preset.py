@@ -21,7 +21,7 @@ class AssignPreset(Pass):
         self.has_imatrix = has_imatrix   # llama.cpp picks a few types differently with an importance matrix
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
-        if ctx.backend == "onnx":
+        if ctx.backend in ("onnx", "tvm"):
             return self._onnx(graph, plan, ctx)
         if ctx.backend != "gguf":
             raise EdgeqError(None, f"--quant presets for backend {ctx.backend!r} are not available yet")
@@ -42,9 +42,13 @@ class AssignPreset(Pass):
         return graph, plan
 
     def _onnx(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
-        from edgeq.targets.onnx.presets import preset_formats
+        """ONNX and TVM: each target's presets module says what a preset means there."""
+        if ctx.backend == "tvm":
+            from edgeq.targets.tvm.presets import preset_formats
+        else:
+            from edgeq.targets.onnx.presets import preset_formats
 
-        plan = Plan(tensors=preset_formats(graph, self.preset), preset=self.preset, backend="onnx", rules=plan.rules,
+        plan = Plan(tensors=preset_formats(graph, self.preset), preset=self.preset, backend=ctx.backend, rules=plan.rules,
                     pruning=plan.pruning)
         ctx.record(self.name, preset=self.preset, formats=plan.format_counts(), fallbacks=0)
         return graph, plan

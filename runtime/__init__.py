@@ -93,15 +93,18 @@ def _spec(bundle: Path, manifest: dict[str, Any]):
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True):
-    """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` (embed/run) for
-    ONNX encoders and CNNs."""
+         verify: bool = True, device: str | None = None):
+    """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
+    (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
+    server."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
+    if device not in (None, "cpu", "local") and art["backend"] != "tvm":
+        raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
     if art["backend"] == "onnx":
         check_runtime_version(manifest, "onnxruntime")
         if manifest["model"].get("kind") != "decoder":
@@ -112,6 +115,11 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
 
         impl = OnnxDecoderBackend(artifact_path(bundle, art["path"]), _spec(bundle, manifest), n_ctx=n_ctx,
                                   threads=threads)
+    elif art["backend"] == "tvm":
+        check_runtime_version(manifest, "apache-tvm")
+        from edgeq.runtime.tvm_backend import TvmSession
+
+        return TvmSession(bundle, manifest, art, threads=threads, device=device)
     elif art["backend"] == "gguf":
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend

@@ -1,0 +1,145 @@
+"""`edgeq export --backend tvm`: decide (preset, user plan, legalize), lower to Relax, build for the profile, write a bundle.
+
+The bundle layout is the ONNX one (manifest, tokenizer, reference inputs with float
+outputs, measurements, report); the TVM artifact is the library plus its weights
+file, and the manifest's `tvm` section says how to call it (entry, inputs, the
+weights' parameter order, the target it was built for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.errors import EdgeqError
+from edgeq.fsutil import sha256_file, staged_dir
+from edgeq.ir import Graph
+from edgeq.passes import Context, run_passes
+from edgeq.passes.apply_rules import ApplyRules
+from edgeq.passes.assign_preset import AssignPreset
+from edgeq.passes.legalize import Legalize
+from edgeq.plan import Plan
+
+LIBRARY_STEM = "model"
+PARAMS_FILE = "params.safetensors"
+
+
+def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context) -> Plan:
+    passes = [AssignPreset(preset)]
+    if user_plan is not None:
+        passes.append(ApplyRules(user_plan, plan_path))
+    passes.append(Legalize())
+    _, plan = run_passes(passes, graph, Plan(), ctx)
+    return plan
+
+
+def runtime_versions() -> dict[str, str]:
+    from edgeq.pipeline import runtime_versions as versions
+
+    return versions(("apache-tvm", "apache-tvm-ffi"))
+
+
+def save_params(params: dict[str, np.ndarray], path: Path) -> None:
+    """safetensors (no pickle; the reader bounds every length); its layout depends only on names and arrays."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(path))
+
+
+def host_can_run(profile) -> bool:
+    """Whether this machine can load the profile's library itself (to check the export against the reference)."""
+    from edgeq.targets.tvm.build import resolve_target
+
+    t = resolve_target(profile)
+    return "mtriple" not in t and profile.os == platform.system().lower()
+
+
+def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
+               progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
+               t_start: float) -> dict:
+    from edgeq.export_onnx import (REFERENCE_SENTENCES, cnn_calibration, cnn_reference_and_check, cnn_reference_images,
+                                   encoder_reference_and_check, source_record)
+    from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
+    from edgeq.targets.tvm.lower import ENTRY, lower_tvm
+
+    ctx = Context(backend="tvm", profile=profile, progress=progress)
+    t0 = time.perf_counter()
+    plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx)
+    timings["passes"] = time.perf_counter() - t0
+    ndk_clang = getattr(opts, "ndk_clang", None) or os.environ.get("EDGEQ_ANDROID_CLANG") or None
+    target = resolve_target(profile)
+    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as tvm {preset} "
+        f"({json.dumps(target, sort_keys=True)}, {library_kind(profile, ndk_clang)})")
+
+    t0 = time.perf_counter()
+    lowered = lower_tvm(graph, plan, progress=progress)
+    timings["lower"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    executable = compile_module(lowered.mod, target)
+    timings["compile"] = time.perf_counter() - t0
+    source = source_record(graph, model_path, opts.model)
+    ref_images = None
+    if graph.kind == "cnn":   # the first calibration images when given (weight-only presets need none), else noise
+        ref_images = cnn_reference_images(graph, cnn_calibration(graph, getattr(opts, "calib_images", None))[0])
+    with staged_dir(opts.out, opts.force) as tmp:
+        lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
+        save_params(lowered.params, tmp / PARAMS_FILE)
+        artifacts: list[dict[str, Any]] = [
+            {"role": "model", "backend": "tvm", "path": lib.name, "sha256": sha256_file(lib),
+             "bytes": lib.stat().st_size, "formats": plan.format_counts()},
+            {"role": "params", "backend": "tvm", "path": PARAMS_FILE, "sha256": sha256_file(tmp / PARAMS_FILE),
+             "bytes": (tmp / PARAMS_FILE).stat().st_size, "formats": {}},
+        ]
+        tokenizer: dict[str, Any] = {}
+        if graph.kind == "encoder":
+            shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
+            artifacts.append({"role": "tokenizer", "backend": "any", "path": "tokenizer.json",
+                              "sha256": sha256_file(tmp / "tokenizer.json"),
+                              "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
+            tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
+        from edgeq.pipeline import manifest_head
+
+        manifest: dict[str, Any] = {
+            **manifest_head(graph, plan, runtime_versions()),
+            "source": source,
+            "target": profile.to_json(),
+            "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
+            "kv_cache_dtype": None,
+            "artifacts": artifacts,
+            "tokenizer": tokenizer,
+            "tvm": {"library": lib.name, "params": PARAMS_FILE, "entry": ENTRY, "target": target,
+                    "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
+            "plan": plan.to_json(),
+            "passes": ctx.records,
+            "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
+            "pruning_rates": None,
+            "reference": {"path": "reference",
+                          "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        t0 = time.perf_counter()
+        measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
+        runnable = host_can_run(profile)
+        if not runnable:
+            measurements["reference_check"] = {"backend": "tvm", "skipped": f"library is for {profile.name}, "
+                                                                            "not this host"}
+        if graph.kind == "encoder":
+            encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+        elif graph.kind == "cnn":
+            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable, ref_images)
+        timings["reference_and_check"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")
+        from edgeq.report import write_report
+
+        write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
+    return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+

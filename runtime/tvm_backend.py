@@ -1,0 +1,189 @@
+"""The TVM runtime (Relax VM) as an edgeq runtime backend: encoders (`embed`) and CNNs (`run`). No torch.
+
+The device is local (`cpu`) or a TVM RPC server (`rpc://host:port`, how phones and
+boards are reached): the library is uploaded there, the weights are copied to the
+remote device once, and calls run remotely. `time()` uses the runtime's own time
+evaluator on the device, so remote timings exclude the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeq.runtime.manifest import BundleError, artifact_path
+
+MAX_BATCH = 1024
+
+
+def parse_device(device: str | None) -> tuple[str, str | None, int | None]:
+    """`cpu` / None -> local; `rpc://host:port` -> remote."""
+    if device in (None, "", "cpu", "local"):
+        return "local", None, None
+    if device.startswith("rpc://"):
+        host, _, port = device[len("rpc://"):].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise BundleError(None, f"bad device {device!r}: expected rpc://HOST:PORT")
+        return "rpc", host, int(port)
+    raise BundleError(None, f"unknown device {device!r}: expected cpu or rpc://HOST:PORT")
+
+
+def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(path, f"not a readable safetensors file ({exc})") from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise BundleError(path, f"weights file lacks parameter {missing[0]}")
+    return [arrays[n] for n in names]
+
+
+class TvmSession:
+    """A loaded TVM bundle. Encoders: `embed(texts)`; every kind: `run(inputs)`; `time(inputs)` on the device."""
+
+    backend_name = "tvm"
+
+    def __init__(self, bundle: Path, manifest: dict[str, Any], artifact: dict[str, Any], threads: int = 1,
+                 device: str | None = None):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.bundle = bundle
+        self.manifest = manifest
+        self.artifact = artifact
+        self.kind = manifest["model"]["kind"]
+        spec = manifest.get("tvm") or {}
+        for key in ("library", "params", "entry", "inputs", "param_names"):
+            if key not in spec:
+                raise BundleError(bundle / "manifest.json", f"tvm section lacks {key!r}")
+        self.entry = spec["entry"]
+        self.inputs = spec["inputs"]
+        self.outputs = spec.get("outputs") or [{"name": "output"}]
+        lib_path = artifact_path(bundle, spec["library"])
+        mode, host, port = parse_device(device)
+        self.device_name = device or "cpu"
+        if mode == "local":
+            _set_threads(threads)
+            try:
+                lib = tvm.runtime.load_module(str(lib_path))
+            except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
+                raise BundleError(lib_path, f"cannot be loaded on this machine ({str(exc).splitlines()[0]}); "
+                                            "run it on its device, e.g. device='rpc://HOST:PORT'") from None
+            self.remote = None
+            self.dev = tvm.cpu(0)
+        else:
+            from tvm import rpc
+
+            try:
+                self.remote = rpc.connect(host, port)
+            except Exception as exc:
+                raise BundleError(None, f"cannot reach the TVM RPC server at {host}:{port} "
+                                        f"({str(exc).splitlines()[0]})") from None
+            self.remote.upload(str(lib_path))
+            lib = self.remote.load_module(lib_path.name)
+            self.dev = self.remote.cpu(0)
+        self.vm = VirtualMachine(lib, self.dev)
+        names = list(spec["param_names"])
+        self.params = [tvm.runtime.tensor(a, self.dev) for a in
+                       load_params(artifact_path(bundle, spec["params"]), names)]
+        self.tokenizer = None
+        tok = manifest.get("tokenizer") or {}
+        if tok.get("tokenizer_json"):
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(artifact_path(bundle, tok["tokenizer_json"])))
+            self.tokenizer.no_padding()
+            self.tokenizer.enable_truncation(int(tok.get("max_length", 512)))
+            self.pad_id = int(tok.get("pad_id", 0))
+        cfg = manifest["model"].get("config") or {}
+        self.vocab_size = cfg.get("vocab_size")
+
+    def _args(self, inputs: dict[str, np.ndarray]) -> list:
+        import tvm
+
+        args = []
+        for spec in self.inputs:
+            if spec["name"] not in inputs:
+                raise ValueError(f"missing input {spec['name']!r} (the model takes {[s['name'] for s in self.inputs]})")
+            x = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
+            if x.ndim != len(spec["shape"]):
+                raise ValueError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes {spec['shape']}")
+            for got, want in zip(x.shape, spec["shape"]):
+                if isinstance(want, int) and got != want:
+                    raise ValueError(f"input {spec['name']!r} has shape {x.shape}, the model takes {spec['shape']}")
+            args.append(tvm.runtime.tensor(x, self.dev))
+        return args + self.params
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.vm[self.entry](*self._args(inputs))
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return {spec["name"]: o.numpy() for spec, o in zip(self.outputs, outs)}
+
+    def time(self, inputs: dict[str, np.ndarray], number: int = 10, repeat: int = 5) -> dict[str, float]:
+        """Latency of one call measured on the device by the TVM runtime's time evaluator (ms)."""
+        f = self.vm.time_evaluator(self.entry, self.dev, number=number, repeat=repeat)
+        res = f(*self._args(inputs))
+        results = [float(r) * 1e3 for r in res.results]
+        return {"median_ms": float(np.median(results)), "min_ms": float(min(results)), "mean_ms": float(res.mean * 1e3),
+                "number": number, "repeat": repeat, "device": self.device_name}
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this bundle has no tokenizer")
+        return self.tokenizer.encode(text).ids
+
+    def encoder_inputs(self, batch: list[list[int]]) -> dict[str, np.ndarray]:
+        if not batch or len(batch) > MAX_BATCH:
+            raise ValueError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
+        n = max(len(x) for x in batch)
+        ids = np.full((len(batch), n), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(batch), n), dtype=np.int32)
+        for i, x in enumerate(batch):
+            ids[i, :len(x)] = x
+            mask[i, :len(x)] = 1
+        if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range of the vocabulary ({self.vocab_size})")
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def embed_ids(self, batch: list[list[int]]) -> np.ndarray:
+        """Embeddings of tokenised sentences, padded to the longest in the batch."""
+        return self.run(self.encoder_inputs(batch))["embedding"]
+
+    def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings, shape (n, hidden) (or (hidden,) for one string), as the source model computes them."""
+        if self.kind != "encoder":
+            raise ValueError(f"embed() needs an encoder bundle; this one is a {self.kind}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        ids = [self.tokenize(t) for t in texts]
+        out = [self.embed_ids(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
+        res = np.concatenate(out, 0) if out else np.zeros((0, self.manifest["model"]["config"]["hidden_size"]), np.float32)
+        return res[0] if single else res
+
+    def close(self) -> None:
+        self.vm = None
+        self.params = []
+        self.remote = None
+
+    def __enter__(self) -> "TvmSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _set_threads(threads: int) -> None:
+    """TVM's thread pool size for this process (parallel loops only; untuned kernels are mostly serial)."""
+    import tvm
+
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, int(threads))))
+    f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if f is not None:
+        f(1, max(1, int(threads)))

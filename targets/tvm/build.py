@@ -1,0 +1,129 @@
+"""Build a Relax module for a device profile and export it as that device loads it.
+
+- `cpu`: llvm for the host (its CPU detected by LLVM), a `.so` linked by the host compiler.
+- `linux-arm64`: llvm for aarch64-linux-gnu with NEON, a `.so` linked by Debian's cross g++.
+- `android`: llvm for aarch64-linux-android; a `.so` linked by the NDK's clang when one is named
+  (`--ndk-clang` or EDGEQ_ANDROID_CLANG), else a `.tar` of objects (link it on the device side).
+
+Same inputs give byte-identical libraries. That took two things (the README says so too):
+TVM's VMShapeLower emits the stores of a symbolic-shape host function in hash order
+(pointer addresses), so `_SortShapeStores` puts independent stores in slot order after
+the default pipeline; and a `.tar` is repacked with fixed names, times and owners.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm import relax, tirx
+
+from edgeq.errors import EdgeqError
+
+ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
+ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"
+
+
+def resolve_target(profile) -> dict[str, Any]:
+    """The profile's TVM target as a dict; plain `llvm` becomes llvm for this host's CPU."""
+    t = profile.tvm_target
+    if t == "llvm":
+        from tvm.target import codegen
+
+        return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
+    if isinstance(t, dict) and t.get("kind") == "llvm":
+        return dict(t)
+    raise EdgeqError(None, f"the TVM backend builds llvm targets only for now; profile {profile.name} wants {t!r}")
+
+
+def library_kind(profile, ndk_clang: str | None) -> str:
+    """`so` or `tar`: what `export_library` writes for this profile."""
+    return "tar" if profile.os == "android" and not ndk_clang else "so"
+
+
+@tvm.transform.module_pass(opt_level=0, name="SortShapeStores")
+def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Put the independent slot stores of host shape functions in slot order (VMShapeLower emits hash order)."""
+    updates = {}
+    for gv, f in mod.functions.items():
+        if not isinstance(f, tirx.PrimFunc) or not f.attrs or "tirx.is_host_func" not in f.attrs:
+            continue
+        body = f.body
+        if not isinstance(body, tirx.SeqStmt) or not all(isinstance(s, tirx.BufferStore) for s in body.seq):
+            continue
+        stores = list(body.seq)
+        if len({s.buffer.name for s in stores}) != 1 or not all(
+                len(s.indices) == 1 and isinstance(s.indices[0], tvm.tirx.IntImm) for s in stores):
+            continue
+        buf = stores[0].buffer.name
+        written = [int(s.indices[0]) for s in stores]
+        texts = [s.value.script() if hasattr(s.value, "script") else str(s.value) for s in stores]
+        if any(f"{buf}[T.int64({k})]" in t for k in written for t in texts):
+            continue                       # a store reads another one's slot: keep the order
+        stores.sort(key=lambda s: int(s.indices[0]))
+        updates[gv] = f.with_body(tirx.SeqStmt(stores))
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
+
+
+def compile_module(mod: tvm.IRModule, target: dict[str, Any]):
+    """Relax -> VM executable: edgeq's fixed linear schedule, then the default llvm pipeline (untuned)."""
+    from edgeq.targets.tvm.schedule import ScheduleLinears
+
+    tgt = tvm.target.Target(target)
+    pipeline = relax.get_default_pipeline(tgt)
+    return tvm.compile(mod, target=tgt,
+                       relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
+
+
+def export_library(executable, path: Path, profile, ndk_clang: str | None = None) -> Path:
+    """Write the library for the profile (`.so` or `.tar`) at `path` (its suffix is set here) and return it."""
+    kind = library_kind(profile, ndk_clang)
+    path = path.with_suffix("." + kind)
+    if kind == "tar":
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / "lib.tar"
+            executable.export_library(str(raw))
+            _repack_tar(raw, path)
+        return path
+    fcompile = None
+    if profile.os == "android":
+        clang = shutil.which(ndk_clang) or (ndk_clang if os.path.isfile(ndk_clang) else None)
+        if clang is None:
+            raise EdgeqError(ndk_clang, "Android NDK clang not found (give the path of e.g. "
+                                        "aarch64-linux-android24-clang++)")
+        from tvm.support import cc
+
+        fcompile = cc.cross_compiler(clang, options=["-shared", "-fPIC", "-static-libstdc++"])
+    elif profile.isa == "arm64" and os.uname().machine not in ("aarch64", "arm64"):
+        if shutil.which(ARM64_LINUX_CXX) is None:
+            raise EdgeqError(ARM64_LINUX_CXX, "cross compiler not found; install g++-aarch64-linux-gnu "
+                                              "(./install.sh does on Debian)")
+        from tvm.support import cc
+
+        fcompile = cc.cross_compiler(ARM64_LINUX_CXX)
+    if fcompile is None:
+        executable.export_library(str(path))
+    else:
+        executable.export_library(str(path), fcompile=fcompile)
+    return path
+
+
+def _repack_tar(src: Path, dst: Path) -> None:
+    """The same members, sorted, with zero times and owners: a tar that depends only on its contents."""
+    with tarfile.open(src) as t_in, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as t_out:
+        members = sorted((m for m in t_in.getmembers() if m.isfile()), key=lambda m: m.name)
+        for m in members:
+            data = t_in.extractfile(m).read()
+            info = tarfile.TarInfo(os.path.basename(m.name))
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            t_out.addfile(info, io.BytesIO(data))

@@ -1,0 +1,81 @@
+"""A BERT sentence encoder as one Relax function: (input_ids, attention_mask) -> L2-normalised mean-pooled embedding.
+
+Batch and sequence length are symbolic (`batch`, `seq`), so one library serves
+every sentence length up to the position table. Padding is masked out of
+attention (an additive key bias) and out of the mean, as the ONNX lowering does,
+so a padded batch gives each sentence its own embedding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.models.bert import BertConfig
+from edgeq.plan import Plan
+from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_linear, emit_table_prefix, sym
+
+R = relax.op
+
+
+def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockBuilder, Params]:
+    cfg: BertConfig = graph.config
+    W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
+    H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
+    b, s = sym("batch"), sym("seq")
+    ids = relax.Var("input_ids", relax.TensorType((b, s), "int32"))
+    mask = relax.Var("attention_mask", relax.TensorType((b, s), "int32"))
+    bb = relax.BlockBuilder()
+    params = Params()
+    with bb.function("main"):
+        with bb.dataflow():
+            if plan.tensors["embeddings.token_type_embeddings.weight"].format != "f32":
+                raise EdgeqError(None, "embeddings.token_type_embeddings.weight must stay f32 on TVM (its row 0 is "
+                                       "folded into the position table)")
+            we = emit_embedding(bb, params, ids, "embeddings.word_embeddings.weight",
+                                W("embeddings.word_embeddings.weight"), plan.tensors["embeddings.word_embeddings.weight"])
+            pos_table = (W("embeddings.position_embeddings.weight")
+                         + W("embeddings.token_type_embeddings.weight")[0][None, :])
+            pe = emit_table_prefix(bb, params, s, "embeddings.position_embeddings.weight", pos_table,
+                                   plan.tensors["embeddings.position_embeddings.weight"])
+            h = _layer_norm(bb, params, bb.emit(R.add(we, pe)), graph, "embeddings.LayerNorm", cfg.ln_eps)
+
+            mask_f = bb.emit(R.astype(mask, "float32"))
+            # additive key bias (batch, seq): 0 for tokens, -1e9 for padding
+            bias = bb.emit(R.multiply(R.subtract(mask_f, relax.const(1.0)), relax.const(1e9)))
+            layers = range(cfg.n_layers)
+            for i in (progress(layers, desc="lower tvm", unit="layer") if progress else layers):
+                p = f"encoder.layer.{i}."
+
+                def lin(x, n, hint):
+                    return emit_linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
+                                       plan.tensors[p + n + ".weight"], hint=hint)
+
+                q = lin(h, "attention.self.query", "q")
+                k = lin(h, "attention.self.key", "k")
+                v = lin(h, "attention.self.value", "v")
+                ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
+                ao = lin(ctx, "attention.output.dense", "ao")
+                h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
+                g = bb.emit(R.nn.gelu(lin(h1, "intermediate.dense", "inter")))
+                o = lin(g, "output.dense", "o")
+                h = _layer_norm(bb, params, bb.emit(R.add(o, h1)), graph, p + "output.LayerNorm", cfg.ln_eps)
+
+            m3 = bb.emit(R.expand_dims(mask_f, axis=-1))
+            summed = bb.emit(R.sum(R.multiply(h, m3), axis=[1]))
+            count = bb.emit(R.maximum(R.sum(m3, axis=[1]), relax.const(1.0)))
+            pooled = bb.emit(R.divide(summed, count))
+            if cfg.normalize:
+                norm = R.sqrt(R.sum(R.multiply(pooled, pooled), axis=[-1], keepdims=True))
+                pooled = bb.emit(R.divide(pooled, R.maximum(norm, relax.const(1e-12))))
+            out = bb.emit_output(pooled)
+        bb.emit_func_output(out, params=[ids, mask, *params.vars])
+    return bb, params
+
+
+def _layer_norm(bb: relax.BlockBuilder, params: Params, x, graph: Graph, prefix: str, eps: float):
+    w = params.add(prefix + ".weight", graph.weights[prefix + ".weight"].numpy().astype(np.float32))
+    bias = params.add(prefix + ".bias", graph.weights[prefix + ".bias"].numpy().astype(np.float32))
+    return bb.emit(R.nn.layer_norm(x, w, bias, axes=[-1], epsilon=float(eps)))

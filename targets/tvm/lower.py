@@ -1,0 +1,50 @@
+"""Lower IR + plan to a Relax module whose weights are parameters, plus the arrays stored for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from edgeq.errors import EdgeqError
+from edgeq.ir import Graph
+from edgeq.plan import Plan
+
+ENTRY = "main"
+
+
+@dataclass
+class Lowered:
+    """A Relax module (entry `main`: the model inputs, then the weights in `param_names` order) and its weights."""
+
+    mod: tvm.IRModule
+    inputs: list[dict]                   # name, dtype, shape (symbolic dims as strings)
+    outputs: list[dict]
+    params: dict[str, np.ndarray]        # in parameter order
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.params)
+
+
+def lower_tvm(graph: Graph, plan: Plan, progress=None) -> Lowered:
+    missing = [n for n in graph.weights if n not in plan.tensors]
+    if missing:
+        raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
+    if graph.kind == "encoder" and graph.arch == "bert":
+        from edgeq.targets.tvm.encoder import lower_encoder
+
+        bb, params = lower_encoder(graph, plan, progress=progress)
+        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["batch", "seq"]},
+                  {"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]}]
+        outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", graph.config.hidden_size]}]
+    elif graph.kind == "cnn":
+        from edgeq.targets.tvm.cnn import lower_cnn
+
+        bb, params = lower_cnn(graph, plan)
+        inputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.inputs]
+        outputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.outputs]
+    else:
+        raise EdgeqError(None, f"the TVM target does not lower {graph.kind} models of arch {graph.arch!r} yet")
+    return Lowered(mod=bb.get(), inputs=inputs, outputs=outputs, params=params.arrays)
