@@ -5,8 +5,9 @@ configured: nothing of the guest runs during set-up), aarch64 wheels installed
 from the host (`pip --platform`), and llama.cpp cross-compiled on the host for
 llama-cpp-python to load through LLAMA_CPP_LIB_PATH. Programs run as
 `qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3`: qemu maps the guest's
-absolute paths into the root folder, so neither root nor binfmt_misc is needed
-to run it (set-up needs root for debootstrap).
+system paths (/usr/lib, /proc/cpuinfo, ...) into the root folder, so neither
+root nor binfmt_misc is needed to run it (set-up needs root for debootstrap);
+bundles and work folders live in ROOTFS/tmp under their host paths.
 
 Each step is finished atomically (built in a temporary folder, then renamed),
 so an interrupted set-up resumes where it stopped and never leaves a cache that
@@ -41,6 +42,16 @@ UNPINNED = ["jinja2", "diskcache", "typing-extensions"]     # llama-cpp-python's
 TOOLS = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
          "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
          "cmake": "cmake", "ninja": "ninja-build", "dpkg-deb": "dpkg"}
+CPUINFO = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+
+"""
 LLAMA_LIBS = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
 
 
@@ -113,6 +124,11 @@ def _rootfs(tmp: Path) -> None:
         raise EdgeqError(tmp, "qemu-arm64 set-up: the arm64 userland has no python3")
     (tmp / "tmp").mkdir(exist_ok=True)
     (tmp / "tmp").chmod(0o1777)
+    # qemu-user 7.2 passes the host's /proc/cpuinfo through; onnxruntime's CPU detection crashes on an x86
+    # one. qemu opens ROOTFS/proc/cpuinfo instead when it exists: describe the CPU qemu emulates (arm64 with
+    # NEON and dot product, a Neoverse-N1-like part).
+    (tmp / "proc").mkdir(exist_ok=True)
+    (tmp / "proc" / "cpuinfo").write_text(CPUINFO, encoding="utf-8")
 
 
 def _host_version(dist: str) -> str:
@@ -240,8 +256,10 @@ class QemuArm64Device(FolderDevice):
 
     def __init__(self, spec: str = "qemu-arm64"):
         cache = cache_dir()
-        super().__init__(spec, guest_command(cache), cache / "rootfs", root="/tmp/edgeq-hil", emulated=True,
-                         env=guest_env(cache))
+        # host paths: qemu's -L maps a guest path into the root folder only if it existed when first looked
+        # up, so files the guest creates under a mapped path land on the host; unmapped paths are shared as is
+        super().__init__(spec, guest_command(cache), Path("/"), root=str(cache / "rootfs/tmp/edgeq-hil"),
+                         emulated=True, env=guest_env(cache))
 
     def probe_device(self):
         if shutil.which("qemu-aarch64-static") is None:
