@@ -4,8 +4,8 @@ A device backend (local, ssh, adb, qemu-arm64) copies a request into WORKDIR,
 starts this module there and copies WORKDIR/out back. Files, not pipes, carry
 the request and the results because `adb shell` has no dependable stdin and
 logits are megabytes. The response says how long each call took and the
-runner's peak resident memory (getrusage; under qemu-user it includes the
-emulator's own memory).
+runner's peak resident memory (VmHWM, else getrusage; under qemu-user it
+includes the emulator's own memory).
 
 Request (WORKDIR/request.json):
     {"bundle": "/device/path", "op": "reference" | "logits" | "embed" | "generate" | "run",
@@ -29,7 +29,16 @@ import numpy as np
 
 
 def _peak_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux
+    """This process's peak resident memory. Linux's VmHWM first: getrusage's ru_maxrss survives exec, so it
+    would also count whatever process spawned the runner (a pytest session, an sshd)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss      # KiB on Linux, bytes on macOS
     return int(kb) * (1 if sys.platform == "darwin" else 1024)
 
 

@@ -81,8 +81,9 @@ def guest_command(cache: Path | None = None) -> list[str]:
 def guest_env(cache: Path | None = None) -> dict[str, str]:
     cache = cache or cache_dir()
     site = cache / "site"
-    return {"PYTHONPATH": str(site), "LLAMA_CPP_LIB_PATH": str(site / "llama_cpp" / "lib"),
-            "PYTHONDONTWRITEBYTECODE": "1"}
+    lib = str(site / "llama_cpp" / "lib")
+    # the guest's loader (not the static qemu) reads LD_LIBRARY_PATH: libllama finds libggml*.so.0 there
+    return {"PYTHONPATH": str(site), "LLAMA_CPP_LIB_PATH": lib, "LD_LIBRARY_PATH": lib, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _run(cmd: list[str], what: str, **kw) -> None:
