@@ -104,11 +104,14 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         out["reference_kld"] = chk["kld_mean"]
     if "cosine_mean" in chk:
         out["reference_cosine"] = chk["cosine_mean"]
+    if "agreement" in chk:
+        out["reference_agreement"] = chk["agreement"]
     if meas.get("eval"):
         last = meas["eval"][-1]
         keys = ("cosine_mean", "cosine_min", "n_sentences") if "cosine_mean" in last else \
+            ("agreement", "accuracy", "accuracy_reference", "n_images") if "agreement" in last else \
             ("ppl", "kld_mean", "top1", "n_tokens_scored")
-        out.update({f"eval_{k}": last[k] for k in keys})
+        out.update({f"eval_{k}": last[k] for k in keys if k in last})
     return out
 
 
@@ -118,6 +121,13 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
         if not (p / "manifest.json").exists() and (p / "config.json").is_file():
             return inspect_hf(p)
         return inspect_bundle(p)
+    if p.is_file() and p.suffix == ".pt2":
+        from edgeq.importers.torch_export import import_pt2
+
+        g = import_pt2(p)
+        return {"kind": "torch.export program (CNN)", "path": str(p), "input": ["batch", *g.config.image_shape],
+                "classes": g.config.n_classes, "n_params": g.n_params,
+                "ops": dict(sorted({o: sum(n.op == o for n in g.nodes) for o in {n.op for n in g.nodes}}.items()))}
     if p.is_file():
         return inspect_gguf(p)
     raise EdgeqError(p, "no such file or folder")

@@ -86,6 +86,11 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
                   f"Measured in the target runtime against the float reference executor: cosine mean "
                   f"{fid['cosine_mean']:.6f} (min {fid['cosine_min']:.6f}) over {fid['n_inputs']} sentences. "
                   f"Run `edgeq eval` for the full figures."]
+    elif fid and "agreement" in fid:
+        lines += ["", "## Fidelity on the bundled reference images", "",
+                  f"Measured in the target runtime against the float reference executor: argmax agreement "
+                  f"{fid['agreement']:.3f}, max |logit difference| {fid['max_abs_diff']:.3g} over {fid['n_inputs']} "
+                  f"images. Run `edgeq eval --images` for accuracy on labelled images."]
     elif fid:
         lines += ["", "## Fidelity on the bundled reference prompts", "",
                   f"Measured in the target runtime against the float reference executor: KLD mean "
