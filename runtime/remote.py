@@ -50,9 +50,19 @@ def _timed(fn, *args):
 
 def _reference(session, bundle: Path, out: Path, args: dict[str, Any]) -> tuple[dict, list[float]]:
     """The bundle's own reference inputs through the runtime; outputs saved like the bundle saves its reference."""
-    inputs = json.loads((bundle / "reference" / "inputs.json").read_text(encoding="utf-8"))
-    ids = inputs["token_ids"]
+    ref = bundle / "reference"
     lat: list[float] = []
+    if (ref / "images.npy").is_file():          # CNN bundles: images in, logits out
+        images = np.load(ref / "images.npy", allow_pickle=False)
+        rows = []
+        for x in images:
+            o, dt = _timed(session.run, {"images": x[None]})
+            rows.append(o["logits"][0])
+            lat.append(dt)
+        np.save(out / "logits.npy", np.stack(rows).astype(np.float32))
+        return {"kind": "cnn_logits", "files": ["logits.npy"], "n_inputs": len(images)}, lat
+    inputs = json.loads((ref / "inputs.json").read_text(encoding="utf-8"))
+    ids = inputs["token_ids"]
     if hasattr(session, "embed_ids"):
         rows = []
         for x in ids:

@@ -26,6 +26,7 @@ KLD_SLACK = (1.5, 0.01)      # device kld_mean <= 1.5 x host's + 0.01
 TOP1_SLACK = 0.1             # device top-1 >= host's - 0.1 (a few dozen positions: one flip is 4 %)
 COSINE_MEAN_MIN, COSINE_MIN_MIN = 0.99, 0.95      # tests/test_onnx_encoder.py's int8 bounds
 COSINE_SLACK = 0.005
+AGREEMENT_SLACK = 0.125     # CNNs: top-1 agreement with the reference may lose one image in eight more than the host
 RUNTIME_OVERHEAD_BYTES = 512 << 20                # interpreter, numpy and the runtime's own libraries
 
 
@@ -49,6 +50,11 @@ def compare(bundle: str | Path, result: RunResult) -> dict[str, Any]:
     bundle = Path(bundle)
     if not result.ok:
         raise AssertionError(f"the device failed to run {bundle}: {result.error}")
+    if result.result.get("kind") == "cnn_logits":
+        ref = np.load(bundle / "reference" / "logits.npy", allow_pickle=False)
+        got = np.load(result.outputs / "logits.npy", allow_pickle=False)
+        return {"agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+                "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(ref))}
     if result.result.get("kind") == "embeddings":
         from edgeq.export_onnx import cosines
 
@@ -67,7 +73,13 @@ def assert_outputs_match(bundle: str | Path, result: RunResult) -> dict[str, Any
     """Fail unless the device reproduces the reference outputs within the host's tolerances; the figures."""
     got = compare(bundle, result)
     host = host_check(Path(bundle))
-    if "cosine_mean" in got:
+    if "agreement" in got:
+        agree_min = host.get("agreement", 1.0) - AGREEMENT_SLACK
+        diff_max = 2 * host["max_abs_diff"] + 1e-3 if "max_abs_diff" in host else float("inf")
+        assert got["agreement"] >= agree_min and got["max_abs_diff"] <= diff_max, (
+            f"CNN logits differ from the reference: {got} (host measured {host}; need agreement >= {agree_min:.3f}, "
+            f"max_abs_diff <= {diff_max:.4g})")
+    elif "cosine_mean" in got:
         mean_min = min(COSINE_MEAN_MIN, host.get("cosine_mean", 1.0) - COSINE_SLACK)
         min_min = min(COSINE_MIN_MIN, host.get("cosine_min", 1.0) - COSINE_SLACK)
         assert got["cosine_mean"] >= mean_min and got["cosine_min"] >= min_min, (
