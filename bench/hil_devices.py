@@ -61,7 +61,7 @@ def main() -> int:
                        "load_s": round(res.response.get("load_s", 0.0), 2),
                        "latency_s": [round(x, 4) for x in res.latency_s],
                        "decode_s_per_token": res.result.get("decode_s_per_token"),
-                       "peak_rss_mib": round(res.peak_rss_bytes / 2**20, 1), "machine": res.response.get("machine"),
+                       "peak_rss_mib": None if res.peak_rss_bytes is None else round(res.peak_rss_bytes / 2**20, 1), "machine": res.response.get("machine"),
                        "figures": fig}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

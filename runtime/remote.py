@@ -101,8 +101,10 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
     op = req["op"]
     args = req.get("args") or {}
     t0 = time.perf_counter()
+    # `device`: a TVM RPC server the TVM backend drives from here (the rpc device runs this on the host)
+    extra = {"device": req["device"]} if req.get("device") else {}
     session = runtime.load(bundle, backend=req.get("backend"), threads=int(req.get("threads", 1)),
-                           n_ctx=req.get("n_ctx"))
+                           n_ctx=req.get("n_ctx"), **extra)
     load_s = time.perf_counter() - t0
     lat: list[float] = []
     try:
@@ -134,12 +136,8 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
             "backend": getattr(session, "backend_name", None)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m edgeq.runtime.remote WORKDIR", file=sys.stderr)
-        return 2
-    work = Path(argv[0])
+def execute(work: Path) -> dict[str, Any]:
+    """Run WORKDIR/request.json; write and return the response (WORKDIR/out/response.json)."""
     out = work / "out"
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -158,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out / "response.json.tmp"
     tmp.write_text(json.dumps(resp, indent=1) + "\n", encoding="utf-8")
     tmp.replace(out / "response.json")
-    return 0 if resp["ok"] else 1
+    return resp
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m edgeq.runtime.remote WORKDIR", file=sys.stderr)
+        return 2
+    return 0 if execute(Path(argv[0]))["ok"] else 1
 
 
 if __name__ == "__main__":

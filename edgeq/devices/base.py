@@ -52,8 +52,10 @@ class RunResult:
         return list(self.response.get("latency_s") or [])
 
     @property
-    def peak_rss_bytes(self) -> int:
-        return int(self.response.get("peak_rss_bytes") or 0)
+    def peak_rss_bytes(self) -> int | None:
+        """The runner's peak resident memory on the device; None where the device cannot say (TVM RPC)."""
+        v = self.response.get("peak_rss_bytes")
+        return None if v is None else int(v)
 
 
 class Device(ABC):

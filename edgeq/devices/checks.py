@@ -141,5 +141,7 @@ def assert_peak_memory(bundle: str | Path, result: RunResult, max_bytes: int | N
         files = sum(int(a["bytes"]) for a in m["artifacts"])
         max_bytes = int(predicted) if predicted else files + RUNTIME_OVERHEAD_BYTES
     peak = result.peak_rss_bytes
+    if peak is None:
+        raise AssertionError("this device does not report its peak memory (TVM RPC); check it on the device")
     assert 0 < peak <= max_bytes, f"peak memory {peak / 2**20:.0f} MiB is over the budget {max_bytes / 2**20:.0f} MiB"
     return peak

@@ -1,11 +1,12 @@
 """`rpc://host:port`: a TVM RPC server (on a phone: the TVM RPC app; on a board: `python -m tvm.exec.rpc_server`).
 
-TVM RPC runs no Python on the device: the host verifies the bundle, uploads
-its compiled library, and drives it remotely; the device measures time with
-TVM's own timers. So this device runs TVM bundles only, and runs them through
-the TVM runtime backend of edgeq.runtime with a remote device. That backend is
-being built (issue 5); until it is merged, `run` says so and the HIL tests for
-rpc devices skip with that reason after a real connection check.
+TVM RPC runs no Python on the device: the runner runs on the host and
+`edgeq.runtime.load(..., device="rpc://host:port")` (the TVM backend, issue 5)
+verifies the bundle here, uploads its library and weights, and calls it there.
+So this device runs TVM bundles only; latencies include the network round
+trips, and the device's peak memory is not measured (`peak_rss_bytes` is None).
+Until the TVM runtime backend is in this edgeq, the probe says so and HIL tests
+for rpc devices skip with that reason (after a real connection check).
 """
 
 from __future__ import annotations
@@ -48,8 +49,21 @@ class RpcDevice(Device):
         return {"machine": "tvm-rpc", "python": None, "backends": ["tvm"]}
 
     def push(self, bundle: Path) -> str:
-        return str(Path(bundle).resolve())       # verified and uploaded by the TVM backend when run
+        return str(Path(bundle).resolve())       # the TVM backend uploads what it needs when it loads
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
             threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
-        raise DeviceError(None, f"{self.name}: running TVM bundles over RPC needs the TVM runtime backend (issue 5)")
+        import json
+        import tempfile
+        import time
+
+        from edgeq.runtime import remote
+
+        work = Path(tempfile.mkdtemp(prefix="edgeq-rpc-"))
+        req = {"bundle": device_bundle, "op": op, "args": args or {}, "backend": backend or "tvm",
+               "threads": threads, "n_ctx": n_ctx, "device": f"rpc://{self.host}:{self.port}"}
+        (work / "request.json").write_text(json.dumps(req) + "\n", encoding="utf-8")
+        t0 = time.perf_counter()
+        resp = remote.execute(work)
+        resp.update(peak_rss_bytes=None, machine="tvm-rpc")     # those figures are the host's, not the device's
+        return RunResult(bool(resp.get("ok")), resp, work / "out", time.perf_counter() - t0)
