@@ -52,6 +52,7 @@ CPU part\t: 0xd0c
 CPU revision\t: 1
 
 """
+DISTS = ("numpy", "onnxruntime", "tokenizers", "llama-cpp-python")
 LLAMA_LIBS = ("libllama.so", "libggml.so", "libggml-base.so", "libggml-cpu.so")
 
 
@@ -64,8 +65,22 @@ def ready_file(cache: Path | None = None) -> Path:
     return (cache or cache_dir()) / "ready.json"
 
 
+def _host_has(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def _wants_tvm() -> bool:
+    """The guest gets the TVM runtime when the host has it (the TVM backend), so TVM bundles run there too."""
+    return _host_has("apache-tvm")
+
+
 def is_ready(cache: Path | None = None) -> bool:
-    return ready_file(cache).is_file()
+    cache = cache or cache_dir()
+    return ready_file(cache).is_file() and (not _wants_tvm() or (cache / "site-tvm").is_dir())
 
 
 def missing_tools() -> list[str]:
@@ -82,8 +97,9 @@ def guest_env(cache: Path | None = None) -> dict[str, str]:
     cache = cache or cache_dir()
     site = cache / "site"
     lib = str(site / "llama_cpp" / "lib")
+    path = ":".join(str(p) for p in (site, cache / "site-tvm") if p.is_dir())
     # the guest's loader (not the static qemu) reads LD_LIBRARY_PATH: libllama finds libggml*.so.0 there
-    return {"PYTHONPATH": str(site), "LLAMA_CPP_LIB_PATH": lib, "LD_LIBRARY_PATH": lib, "PYTHONDONTWRITEBYTECODE": "1"}
+    return {"PYTHONPATH": path, "LLAMA_CPP_LIB_PATH": lib, "LD_LIBRARY_PATH": lib, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _run(cmd: list[str], what: str, **kw) -> None:
@@ -159,6 +175,13 @@ def _site(tmp: Path) -> None:
     (tmp / "llama_cpp" / "lib").mkdir(exist_ok=True)
 
 
+def _site_tvm(tmp: Path) -> None:
+    reqs = [f"{d}=={_host_version(d)}" for d in ("apache-tvm", "apache-tvm-ffi")] + ["ml_dtypes"]
+    _run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps", "--target",
+          str(tmp), *[a for p in PLATFORMS for a in ("--platform", p)], "--python-version", "3.11",
+          "--implementation", "cp", "--only-binary=:all:", *reqs], "pip install of the aarch64 TVM wheels")
+
+
 def _llama_source(cache: Path) -> Path:
     version = _host_version("llama-cpp-python")
     src = cache / "src"
@@ -230,6 +253,8 @@ def setup(force: bool = False, jobs: int | None = None, log: Callable[[str], Non
     _step(cache, "rootfs", _rootfs, log)
     site = _step(cache, "site", _site, log)
     libs = _step(cache, "llama-libs", _llama_libs(cache, jobs), log)
+    if _wants_tvm():
+        _step(cache, "site-tvm", _site_tvm, log)
     lib_dir = site / "llama_cpp" / "lib"
     for f in libs.iterdir():
         if not (lib_dir / f.name).exists():
@@ -237,7 +262,7 @@ def setup(force: bool = False, jobs: int | None = None, log: Callable[[str], Non
     # smoke test: the guest imports every runtime library and says what it is
     probe = ("import json, platform, numpy, onnxruntime, tokenizers, llama_cpp, importlib.metadata as m;"
              "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),"
-             "'versions': {d: m.version(d) for d in ('numpy', 'onnxruntime', 'tokenizers', 'llama-cpp-python')}}))")
+             "'versions': {d: m.version(d) for d in %r}}))" % (DISTS + (("apache-tvm",) if _wants_tvm() else ())))
     env = {**os.environ, **guest_env(cache)}
     res = subprocess.run([*guest_command(cache), "-c", probe], capture_output=True, text=True, env=env)
     if res.returncode != 0:
