@@ -88,6 +88,10 @@ class Device(ABC):
             return str(exc)
         return None
 
+    def profile(self) -> str:
+        """The device profile (`--target`) to export bundles for this device with."""
+        return {"aarch64": "linux-arm64", "arm64": "linux-arm64"}.get(self.probe().get("machine"), "cpu")
+
     def missing_backend_reason(self, backend: str) -> str | None:
         have = self.probe().get("backends", [])
         if backend not in have:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from edgeq.devices.base import Device, DeviceError, RunResult
 from edgeq.errors import EdgeqError
@@ -26,6 +26,8 @@ class RpcDevice(Device):
             raise EdgeqError(None, f"device {spec!r}: expected rpc://host:port")
         super().__init__(spec)
         self.host, self.port = u.hostname, u.port
+        # what the server runs on: not discoverable over RPC, so named (?target=android; default the host's cpu)
+        self.target = (parse_qs(u.query).get("target") or ["cpu"])[-1]
         self.session = None
 
     def connect(self):
@@ -47,6 +49,9 @@ class RpcDevice(Device):
         except ImportError:
             raise DeviceError(None, f"{self.name}: reachable, but this edgeq has no TVM runtime backend yet") from None
         return {"machine": "tvm-rpc", "python": None, "backends": ["tvm"]}
+
+    def profile(self) -> str:
+        return self.target
 
     def push(self, bundle: Path) -> str:
         return str(Path(bundle).resolve())       # the TVM backend uploads what it needs when it loads
