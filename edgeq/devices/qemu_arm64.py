@@ -80,7 +80,13 @@ def _wants_tvm() -> bool:
 
 def is_ready(cache: Path | None = None) -> bool:
     cache = cache or cache_dir()
-    return ready_file(cache).is_file() and (not _wants_tvm() or (cache / "site-tvm").is_dir())
+    if not ready_file(cache).is_file():
+        return False
+    if not _wants_tvm():
+        return True
+    # a device set up before the host had TVM lacks it: the set-up adds it (and checks the guest again)
+    versions = json.loads(ready_file(cache).read_text(encoding="utf-8")).get("versions", {})
+    return "apache-tvm" in versions and (cache / "site-tvm").is_dir()
 
 
 def missing_tools() -> list[str]:
@@ -176,7 +182,8 @@ def _site(tmp: Path) -> None:
 
 
 def _site_tvm(tmp: Path) -> None:
-    reqs = [f"{d}=={_host_version(d)}" for d in ("apache-tvm", "apache-tvm-ffi")] + ["ml_dtypes"]
+    # edgeq's TVM backend reads the weights with safetensors
+    reqs = [f"{d}=={_host_version(d)}" for d in ("apache-tvm", "apache-tvm-ffi", "safetensors")] + ["ml_dtypes"]
     _run([sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--quiet", "--no-deps", "--target",
           str(tmp), *[a for p in PLATFORMS for a in ("--platform", p)], "--python-version", "3.11",
           "--implementation", "cp", "--only-binary=:all:", *reqs], "pip install of the aarch64 TVM wheels")
@@ -262,7 +269,7 @@ def setup(force: bool = False, jobs: int | None = None, log: Callable[[str], Non
     # smoke test: the guest imports every runtime library and says what it is
     probe = ("import json, platform, numpy, onnxruntime, tokenizers, llama_cpp, importlib.metadata as m;"
              "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(),"
-             "'versions': {d: m.version(d) for d in %r}}))" % (DISTS + (("apache-tvm",) if _wants_tvm() else ())))
+             "'versions': {d: m.version(d) for d in %r}}))" % ((DISTS + (("apache-tvm",) if _wants_tvm() else ())),))
     env = {**os.environ, **guest_env(cache)}
     res = subprocess.run([*guest_command(cache), "-c", probe], capture_output=True, text=True, env=env)
     if res.returncode != 0:

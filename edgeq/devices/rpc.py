@@ -28,22 +28,25 @@ class RpcDevice(Device):
         self.host, self.port = u.hostname, u.port
         # what the server runs on: not discoverable over RPC, so named (?target=android; default the host's cpu)
         self.target = (parse_qs(u.query).get("target") or ["cpu"])[-1]
-        self.session = None
 
-    def connect(self):
-        if self.session is None:
-            try:
-                from tvm import rpc
-            except ImportError:
-                raise DeviceError(None, f"{self.name}: the host needs apache-tvm to speak TVM RPC") from None
-            try:
-                self.session = rpc.connect(self.host, self.port, session_timeout=0)
-            except Exception as exc:        # tvm raises its own error types for refused or dropped connections
-                raise DeviceError(None, f"{self.name} is unreachable: {str(exc).strip().splitlines()[-1]}") from None
-        return self.session
+    def check_connection(self) -> None:
+        """Open a session and close it again: a TVM RPC server serves one session at a time, so holding this one
+        would block the TVM backend's own."""
+        try:
+            from tvm import rpc
+        except ImportError:
+            raise DeviceError(None, f"{self.name}: the host needs apache-tvm to speak TVM RPC") from None
+        try:
+            sess = rpc.connect(self.host, self.port, session_timeout=60)
+        except Exception as exc:        # tvm raises its own error types for refused or dropped connections
+            raise DeviceError(None, f"{self.name} is unreachable: {str(exc).strip().splitlines()[-1]}") from None
+        del sess
+        import gc
+
+        gc.collect()
 
     def probe_device(self) -> dict[str, Any]:
-        self.connect()
+        self.check_connection()
         try:
             from edgeq.runtime import tvm_backend  # noqa: F401  (the TVM runtime backend, issue 5)
         except ImportError:
