@@ -224,3 +224,21 @@ def test_plugin_skips_without_devices(pytester, monkeypatch):
     r = pytester.runpytest("-p", "no:cacheprovider", "-rs")
     r.assert_outcomes(skipped=1)
     assert "no device configured" in r.stdout.str()
+
+
+def test_users_own_bundle_through_the_plugin(pytester, hil_bundles, monkeypatch):
+    """The README's recipe: a user's test, their bundle (--edgeq-bundle), their device (--edgeq-device)."""
+    pytester.makepyfile(test_mine="""
+        import pytest
+
+        @pytest.mark.hil
+        def test_my_bundle_on_device(edgeq_device, edgeq_bundle, hil):
+            res = hil.run_reference(edgeq_device, edgeq_bundle)
+            hil.assert_outputs_match(edgeq_bundle, res)
+            hil.assert_peak_memory(edgeq_bundle, res)
+    """)
+    monkeypatch.delenv("EDGEQ_DEVICES", raising=False)
+    r = pytester.runpytest("-p", "no:cacheprovider", "-v", "--edgeq-device", "local",
+                           "--edgeq-bundle", str(hil_bundles("gguf")))
+    r.assert_outcomes(passed=1)
+    assert "test_my_bundle_on_device[local-b]" in r.stdout.str()
