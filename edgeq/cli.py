@@ -301,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    from edgeq.devices.cli import add_device_parser
+
+    add_device_parser(sub)
     return p
 
 

@@ -1,0 +1,43 @@
+"""`edgeq device`: set up the emulated device, probe any device."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_setup(a) -> int:
+    from edgeq.devices.qemu_arm64 import setup
+    from edgeq.errors import EdgeqError
+
+    if a.device != "qemu-arm64":
+        raise EdgeqError(None, f"only qemu-arm64 is set up by edgeq; {a.device!r} is a real device")
+    log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr))
+    info = setup(force=a.force, jobs=a.jobs, log=log)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+def cmd_probe(a) -> int:
+    from edgeq.devices import open_device
+
+    dev = open_device(a.device)
+    try:
+        print(json.dumps(dev.probe(), indent=1))
+    finally:
+        dev.close()
+    return 0
+
+
+def add_device_parser(sub) -> None:
+    d = sub.add_parser("device", help="devices for hardware-in-the-loop tests")
+    dsub = d.add_subparsers(dest="device_cmd", required=True)
+    s = dsub.add_parser("setup", help="build the emulated arm64 device once into ~/.cache/edgeq/devices")
+    s.add_argument("device", help="qemu-arm64")
+    s.add_argument("--force", action="store_true", help="rebuild from scratch")
+    s.add_argument("--jobs", type=int, help="compile jobs for the llama.cpp cross-build (default: all cores)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_setup)
+    p = dsub.add_parser("probe", help="reach a device; print its machine, Python and runtimes")
+    p.add_argument("device", help="local, ssh://user@host[:port], adb:SERIAL, rpc://host:port, qemu-arm64")
+    p.set_defaults(fn=cmd_probe)
