@@ -33,6 +33,8 @@ from edgeq.passes.base import Context, Pass
 from edgeq.plan import Plan
 
 SENSITIVITY_VERSION = 1
+LOWRANK_VERSION = 1
+BRANCH_MAX_BPW = 7.0          # a low-rank branch is considered only on formats below this (not f16/q8_0)
 
 
 @dataclass
@@ -108,15 +110,24 @@ def lookup_error(dw: np.ndarray, p: np.ndarray) -> float:
 
 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
-                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n) -> list[Option]:
-    """Every candidate format that can carry `w` natively, with its cost (see module docstring)."""
-    cov32 = diag = None
+                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n,
+                   ranks: list[int] = (), scaling=None, gguf_name: str | None = None) -> list[Option]:
+    """Every candidate format that can carry `w` natively, with its cost (see module docstring).
+
+    With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
+    also gets options with a rank-r error branch: its cost is the output error left after the branch, its
+    bytes include the branch's bytes in the adapter file.
+    """
+    from edgeq.passes import lowrank_compensate as lr
+
+    cov32 = diag = full = None
     if stats is not None:
         full = stats.full()
         if full is not None:
             cov32 = full.astype(np.float32)
         else:
             diag = stats.diag()
+    ranks = sorted(r for r in set(ranks) if r > 0)
     out = []
     for f in fmts:
         if not f.can_carry(w.shape):
@@ -125,7 +136,16 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
         cost = output_error(dw, cov32, diag)
         if token_p is not None:
             cost += lookup_error(dw, token_p)
-        out.append(Option(f.name, file_bytes(f.nbytes(w.shape)), cost))
+        base_bytes = file_bytes(f.nbytes(w.shape))
+        out.append(Option(f.name, base_bytes, cost))
+        if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
+            a, b = lr.branch(-dw, scaling, max(ranks))
+            costs = lr.branch_costs(-dw, a, b, ranks, full, diag)
+            for r in ranks:
+                if r > a.shape[0]:
+                    continue
+                extra = lr.branch_bytes(gguf_name or name, w.shape, r)
+                out.append(Option(f.name, base_bytes + extra, costs[r], rank=r, branch_bytes=extra))
         del dw
     if not out:
         raise EdgeqError(None, f"no candidate format can carry {name} of shape {w.shape}")
@@ -155,7 +175,8 @@ def bytes_table(graph: Graph, backend: str, formats: list[str] | None, overhead:
 
 
 def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,
-                  file_bytes: Callable[[int], int], progress: Callable | None = None) -> CostTable:
+                  file_bytes: Callable[[int], int], progress: Callable | None = None, ranks: list[int] = (),
+                  scaling_mode: str = "exact") -> CostTable:
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
     fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for n, t in graph.weights.items()
                            if len(t.shape) != 2)
@@ -164,16 +185,31 @@ def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, o
     token_p = None
     if calibration is not None and calibration.token_counts is not None:
         token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
+    from edgeq.models import llama
+    from edgeq.passes import lowrank_compensate as lr
+
     options = {}
+    scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
     it = decide if progress is None else progress(decide, desc="sensitivity", unit="tensor")
     for name in it:
-        w = graph.weights[name].numpy()
+        t = graph.weights[name]
+        w = t.numpy()
         stats = calibration.stats(name) if calibration is not None else None
-        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name),
-                                       token_p if name == embd else None, file_bytes)
+        sc = None
+        if any(r > 0 for r in ranks) and name != embd:
+            key = calibration.weight_input.get(name, name) if calibration is not None else name
+            if key not in scalings:
+                scalings[key] = lr.scaling(scaling_mode, w.shape[1], *((stats.full(), stats.diag())
+                                                                       if stats is not None else (None, None)))
+            sc = scalings[key]
+        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p if name == embd else None,
+                                       file_bytes, ranks if sc is not None else (), sc,
+                                       t.alias or llama.gguf_name(name))
     kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
-    return CostTable(options, fixed, graph.n_params, {"cost": "tr(dW C dW^T)", "C": kind,
-                                                      "formats": [f.name for f in fmts]})
+    info = {"cost": "tr(dW C dW^T)", "C": kind, "formats": [f.name for f in fmts]}
+    if any(r > 0 for r in ranks):
+        info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
+    return CostTable(options, fixed, graph.n_params, info)
 
 
 class Sensitivity(Pass):
@@ -182,8 +218,11 @@ class Sensitivity(Pass):
     name = "sensitivity"
 
     def __init__(self, formats: list[str] | None = None, overhead: int = 0,
-                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True):
+                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True, ranks: list[int] = (),
+                 scaling: str = "exact"):
         self.formats = formats
+        self.ranks = sorted(r for r in set(ranks) if r > 0)
+        self.scaling = scaling
         self.overhead = overhead
         self.file_bytes = file_bytes
         self.use_cache = use_cache
@@ -200,7 +239,8 @@ class Sensitivity(Pass):
             except (OSError, ValueError, KeyError, TypeError):
                 table = None
         if table is None:
-            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress)
+            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress,
+                                  self.ranks, self.scaling)
             table.info["undecided_bytes"] = table.fixed_bytes - self.overhead
             if path is not None:
                 try:
@@ -222,6 +262,9 @@ class Sensitivity(Pass):
         if root is None:
             return None
         cal_id = None if cal is None else json.dumps(cal.info, sort_keys=True, default=str)
-        key = hashlib.sha256(json.dumps([SENSITIVITY_VERSION, source_digest(graph), cal_id,
-                                         [f.name for f in fmts], self.file_bytes(1), self.file_bytes(33)]).encode())
+        parts = [SENSITIVITY_VERSION, source_digest(graph), cal_id, [f.name for f in fmts], self.file_bytes(1),
+                 self.file_bytes(33)]
+        if self.ranks:      # (tables without branches keep their key)
+            parts += [self.ranks, self.scaling, LOWRANK_VERSION]
+        key = hashlib.sha256(json.dumps(parts).encode())
         return root / "sensitivity" / f"{key.hexdigest()[:32]}.json"
