@@ -199,15 +199,54 @@ def main() -> int:
         del res
         return row
 
-    def run_choice(label: str, kind: str, tname: str, choice: dict, budget: int, extra: dict | None = None) -> dict:
-        plan = plan_from_choice(graph, tables[tname], choice, kind, budget, [], "gguf", {})
-        pj = work / f"{label}.json"
-        plan.save(pj)
+    spec = spec_from_gguf_metadata(graph.metadata["gguf"], model)
+    imatrix = ctx.analysis["calibration"].imatrix()
+    eval_tokens: list = []
+
+    def measure_plan(label: str, kind: str, plan, extra: dict, branches: dict | None = None) -> dict:
+        """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
+        measure is the quantized write and llama.cpp's own logits, as in export + eval)."""
+        from edgeq.evaluation import evaluate
+        from edgeq.runtime.gguf_backend import LlamaCppBackend
+        from edgeq.targets.gguf import write_gguf
+        from edgeq.targets.gguf.adapter import write_adapter
+        from edgeq.texts import evaluation_text
+
+        t = time.perf_counter()
+        path = work / f"{label}.gguf"
+        write_gguf(graph, plan, path, tok, imatrix=imatrix)
+        size = path.stat().st_size
+        lora = None
+        if branches:
+            lora = work / f"{label}.adapter.gguf"
+            size += write_adapter(graph, branches, lora)
+        be = LlamaCppBackend(path, n_ctx=512, threads=args.threads, lora_path=lora)
+        try:
+            if not eval_tokens:
+                eval_tokens.extend(be.tokenize(evaluation_text(), add_special=True, parse_special=False))
+            ev = evaluate(eval_tokens, 512, be.logits, ref, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
+        finally:
+            be.close()
+            path.unlink(missing_ok=True)
+            if lora is not None:
+                lora.unlink(missing_ok=True)
+        row = {"label": label, "kind": kind, "bytes": size, "bpw": 8 * size / n_params, "kld_mean": ev["kld_mean"],
+               "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"], "ppl_reference": ev["ppl_reference"],
+               "n_tokens_scored": ev["n_tokens_scored"], "seconds": round(time.perf_counter() - t, 1), **extra}
+        results["runs"].append(row)
+        save()
+        print(f"{label:48s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
+              f"top-1 {row['top1']:.3f}", flush=True)
+        return row
+
+    def run_choice(label: str, kind: str, tname: str, choice: dict, budget: int, extra: dict | None = None,
+                   table=None, info: dict | None = None, branches: dict | None = None) -> dict:
+        tb = table if table is not None else tables[tname]
+        plan = plan_from_choice(graph, tb, choice, kind, budget, [], "gguf", info or {})
         predicted = sum(o.cost for o in choice.values())
-        return measure(label, kind, ExportOptions(plan=str(pj), out=str(work / label), force=True, check=False),
-                       {"formats": tname, "budget_bytes": budget, "predicted_error": predicted,
-                        "predicted_bytes": tables[tname].fixed_bytes + sum(o.bytes for o in choice.values()),
-                        **(extra or {})})
+        return measure_plan(label, kind, plan, {"formats": tname, "budget_bytes": budget, "predicted_error": predicted,
+                                                "predicted_bytes": plan.search["predicted_bytes"], **(extra or {})},
+                            branches)
 
     rng = np.random.default_rng(0)
     summary = {}

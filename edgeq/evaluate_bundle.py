@@ -34,8 +34,11 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     reference: str | None = None, adapters: list[str] | None = None,
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
-                    reference_logits: Callable | None = None, sentences: int = 256) -> dict:
-    """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
+                    reference_logits: Callable | None = None, sentences: int = 256, pareto: bool = True) -> dict:
+    """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles.
+
+    `pareto`: add the (bpw, KLD) point to the source model's cache that export reports plot (edgeq/pareto.py).
+    """
     from edgeq import runtime
     from edgeq.evaluation import evaluate
     from edgeq.texts import EVALUATION_TEXT_NAME, evaluation_text
@@ -80,6 +83,10 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     res["text"] = text_name
     if record:
         _record(bundle, res)
+    if pareto and text_file is None:
+        from edgeq.pareto import record_point
+
+        record_point(bundle, manifest, res)
     return res
 
 

@@ -322,6 +322,13 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
                         "timings_s": {}}
         _reference_and_check(graph, tmp, manifest, measurements, opts.check)
         timings["reference_and_check"] = time.perf_counter() - t0
+        if budgeted(opts) and opts.check:      # the plan's measured point beside the presets' (edgeq/pareto.py)
+            from edgeq.pareto import plan_pareto
+
+            t0 = time.perf_counter()
+            measurements["pareto"] = plan_pareto(tmp, manifest, str(model_path), opts.adapters,
+                                                 ctx=min(512, graph.config.context_length))
+            timings["pareto_eval"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")

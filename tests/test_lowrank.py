@@ -192,3 +192,34 @@ def test_budget_counts_the_adapter(tiny_gguf, tmp_path, monkeypatch):
     assert files <= s["predicted_bytes"] <= s["budget_bytes"]
     assert s["predicted_bytes"] - files < 32                 # only the adapter's final padding is estimated
     assert s["branches"] > 0 and (tmp_path / "b" / "adapter.gguf").is_file()
+
+
+# --- DynaQuant-style allocator ----------------------------------------------------------------------
+
+def test_dynaquant_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
+    """A learned plan of real GGUF types fits the budget, nearly fills it, and predicts its file size."""
+    pytest.importorskip("torch")
+    from edgeq.formats import FORMATS
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=4.5, method="dynaquant", out=str(tmp_path / "b"),
+                               calib_windows=2, check=False))
+    plan = res["manifest"]["plan"]
+    s = plan["search"]
+    size = (tmp_path / "b" / "model.gguf").stat().st_size
+    assert s["method"] == "dynaquant" and size == s["predicted_bytes"] <= s["budget_bytes"]
+    assert size >= 0.95 * s["budget_bytes"]                          # the repair fills the budget
+    assert s["history"][-1]["tau"] < s["history"][0]["tau"]          # annealed towards one-hot
+    used = {t["format"] for t in plan["tensors"].values()}
+    assert used <= set(FORMATS) and len(used - {"f32"}) > 1
+
+
+def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, monkeypatch):
+    from edgeq.errors import EdgeqError
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(EdgeqError, match="below the smallest feasible size"):
+        export(ExportOptions(model=str(tiny_gguf), bpw=1.0, method="dynaquant", out=str(tmp_path / "b"), check=False))
+    assert not (tmp_path / "b").exists()
