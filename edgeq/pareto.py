@@ -67,21 +67,27 @@ def record_point(bundle: Path, manifest: dict[str, Any], res: dict[str, Any]) ->
         pass
 
 
-def cached_presets(source_sha: str) -> tuple[int | None, dict[str, dict[str, Any]]]:
-    """(chunks, {label: point}) of the series with the most preset points, or (None, {})."""
+def cached_presets(source_sha: str, max_ctx: int) -> tuple[int | None, int | None, dict[str, dict[str, Any]]]:
+    """(ctx, chunks, {label: point}) of the held-out-text series with the most preset points, or (None, None, {})."""
+    from edgeq.texts import EVALUATION_TEXT_NAME
+
     path = _path(source_sha)
     if path is None or not path.is_file():
-        return None, {}
+        return None, None, {}
     try:
         data = json.loads(path.read_text())
-        best = max(data["series"].items(), key=lambda kv: sum(p["kind"] == "preset" for p in kv[1].values()))
-        chunks = int(best[0].rsplit("chunks", 1)[1])
-        return chunks, {k: v for k, v in best[1].items() if v["kind"] == "preset"}
+        series = [(k, v) for k, v in data["series"].items() if k.split("|")[0] == EVALUATION_TEXT_NAME
+                  and int(k.split("|")[1][3:]) <= max_ctx]
+        if not series:
+            return None, None, {}
+        key, points = max(series, key=lambda kv: (sum(p["kind"] == "preset" for p in kv[1].values()), kv[0]))
+        _, ctx, chunks = key.split("|")
+        return int(ctx[3:]), int(chunks[6:]), {k: v for k, v in points.items() if v["kind"] == "preset"}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return None, {}
+        return None, None, {}
 
 
-def plot(presets: dict[str, dict[str, Any]], plan_label: str, plan_point: dict[str, Any], chunks: int,
+def plot(presets: dict[str, dict[str, Any]], plan_label: str, plan_point: dict[str, Any], chunks: int, ctx: int,
          path: Path) -> None:
     import matplotlib
 
@@ -98,7 +104,7 @@ def plot(presets: dict[str, dict[str, Any]], plan_label: str, plan_point: dict[s
     ax.scatter([plan_point["bpw"]], [plan_point["kld_mean"]], marker="*", s=160, c="C3", label=plan_label)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (8 x bytes of all model files / source parameters)")
-    ax.set_ylabel(f"KLD vs float reference (llama.cpp logits,\n{chunks} held-out 512-token windows)")
+    ax.set_ylabel(f"KLD vs float reference (llama.cpp logits,\n{chunks} held-out {ctx}-token windows)")
     ax.set_title("This plan beside the presets (measured, same evaluation)" if presets
                  else "This plan (no preset measured yet: `edgeq eval` preset bundles to add them)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -113,12 +119,12 @@ def plan_pareto(bundle: Path, manifest: dict[str, Any], reference: str, adapters
     """Measure the staged bundle like the cached presets were measured and write pareto.png beside it."""
     from edgeq.evaluate_bundle import evaluate_bundle
 
-    chunks, presets = cached_presets(manifest["source"]["sha256"])
-    chunks = chunks or 2
+    cached_ctx, chunks, presets = cached_presets(manifest["source"]["sha256"], ctx)
+    ctx, chunks = cached_ctx or ctx, chunks or 2
     res = evaluate_bundle(bundle, ctx=ctx, chunks=chunks, reference=reference, adapters=adapters, threads=threads,
                           record=False, pareto=False)
     point = {"bpw": bundle_bpw(bundle, manifest), "kld_mean": res["kld_mean"], "top1": res["top1"]}
     label, _ = bundle_label(manifest)
-    plot(presets, label, point, chunks, bundle / "pareto.png")
-    return {"plot": "pareto.png", "chunks": chunks, "plan": {label: point}, "presets": presets,
+    plot(presets, label, point, chunks, ctx, bundle / "pareto.png")
+    return {"plot": "pareto.png", "chunks": chunks, "ctx": ctx, "plan": {label: point}, "presets": presets,
             "eval": {k: res[k] for k in ("kld_mean", "top1", "ppl", "n_tokens_scored", "text")}}

@@ -96,7 +96,7 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
         (label, point), = par["plan"].items()
         lines += ["", "## Size and fidelity beside the presets", "",
                   f"This plan (`{label}`): {point['bpw']:.3f} bits per weight (all model files), KLD "
-                  f"{point['kld_mean']:.4g}, top-1 {point['top1']:.3f} on {par['chunks']} held-out 512-token "
+                  f"{point['kld_mean']:.4g}, top-1 {point['top1']:.3f} on {par['chunks']} held-out {par['ctx']}-token "
                   f"windows, measured in llama.cpp against the float reference."]
         if par["presets"]:
             lines += ["", "| preset | bits/weight | KLD |", "|---|---:|---:|"]

@@ -223,3 +223,23 @@ def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, mon
     with pytest.raises(EdgeqError, match="below the smallest feasible size"):
         export(ExportOptions(model=str(tiny_gguf), bpw=1.0, method="dynaquant", out=str(tmp_path / "b"), check=False))
     assert not (tmp_path / "b").exists()
+
+
+# --- the export report's Pareto plot -----------------------------------------------------------------
+
+def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf, tmp_path, monkeypatch):
+    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    export(ExportOptions(model=str(tiny_gguf), quant="q4_0", out=str(tmp_path / "p"), calib_windows=2, check=False))
+    ev = evaluate_bundle(tmp_path / "p", ctx=256, chunks=2, reference=str(tiny_gguf), record=False)  # caches the point
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "b"), calib_windows=2))
+    par = res["measurements"]["pareto"]
+    assert par["ctx"] == 256 and par["chunks"] == 2
+    assert par["presets"]["q4_0"]["kld_mean"] == pytest.approx(ev["kld_mean"])
+    (label, point), = par["plan"].items()
+    assert label.startswith("ilp @") and point["bpw"] <= 5.0 and point["kld_mean"] > 0
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "![bits per weight vs KLD](pareto.png)" in report and "| q4_0 |" in report
+    assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
