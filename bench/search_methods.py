@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="8,16")
     ap.add_argument("--scalings", default="exact,diag,identity")
     ap.add_argument("--format-sets", default="no_q4_1_q5_1,all")
+    ap.add_argument("--all-scalings", default="exact", help="lowrank: the scalings also run with Q4_1/Q5_1 allowed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bpw = args.bpw or (4.8 if args.what == "lowrank" else 5.0)
@@ -132,6 +133,8 @@ def main() -> int:
         for scaling in args.scalings.split(","):
             full = table_for(ranks, scaling)
             for sname in chosen_sets:
+                if sname == "all" and scaling not in args.all_scalings.split(","):
+                    continue
                 tb = subset(full, sets[sname])
                 tb.info.update({"ranks": ranks, "lowrank_scaling": scaling})
                 alloc = solve(tb, budget, adapter_overhead=adapter_bytes)

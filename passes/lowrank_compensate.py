@@ -105,24 +105,28 @@ def branch(e: np.ndarray, sc: Scaling, rank: int, seed: int = 0) -> tuple[np.nda
 
 
 def branch_costs(e: np.ndarray, a: np.ndarray, b: np.ndarray, ranks: list[int], cov: np.ndarray | None,
-                 diag: np.ndarray | None) -> dict[int, float]:
+                 diag: np.ndarray | None, base: float | None = None) -> dict[int, float]:
     """tr((E − B_r A_r) C (E − B_r A_r)ᵀ) for every r in `ranks` (nested prefixes of one branch).
 
     Expanded as tr(ECEᵀ) − 2 tr(B_r A_r C Eᵀ) + tr(B_r A_r C A_rᵀ B_rᵀ) so that only k×n products are formed.
-    C is full, diagonal, or the identity, like the sensitivity pass's cost.
+    C is full, diagonal, or the identity, like the sensitivity pass's cost; `base` = tr(ECEᵀ) when the caller
+    has it already (the costliest term: an out×in×in product).
     """
     e = np.asarray(e, dtype=np.float64)
     a = a.astype(np.float64)
     b = b.astype(np.float64)
     if cov is not None:
         ac = a @ cov
-        base = float(np.einsum("ij,ij->", e @ cov, e))
+        if base is None:
+            base = float(np.einsum("ij,ij->", e @ cov, e))
     elif diag is not None:
         ac = a * diag
-        base = float(np.square(e).sum(0) @ diag)
+        if base is None:
+            base = float(np.square(e).sum(0) @ diag)
     else:
         ac = a
-        base = float(np.square(e).sum())
+        if base is None:
+            base = float(np.square(e).sum())
     p = ac @ e.T                                    # (k, out): row i is A_i C Eᵀ
     h = ac @ a.T                                    # (k, k)
     kk = b.T @ b                                    # (k, k)

@@ -133,14 +133,14 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
         if not f.can_carry(w.shape):
             continue
         dw = f.roundtrip(w, importance if f.takes_imatrix else None) - w
-        cost = output_error(dw, cov32, diag)
+        cost = out_cost = output_error(dw, cov32, diag)
         if token_p is not None:
             cost += lookup_error(dw, token_p)
         base_bytes = file_bytes(f.nbytes(w.shape))
         out.append(Option(f.name, base_bytes, cost))
         if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
             a, b = lr.branch(-dw, scaling, max(ranks))
-            costs = lr.branch_costs(-dw, a, b, ranks, full, diag)
+            costs = lr.branch_costs(-dw, a, b, ranks, full, diag, out_cost)
             for r in ranks:
                 if r > a.shape[0]:
                     continue
