@@ -30,7 +30,9 @@ from mixed_precision import FORMATS_A, FORMATS_B, Reference, subset  # noqa: E40
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", default="lowrank", choices=["lowrank", "dynaquant"])
+    ap.add_argument("--what", default="lowrank", choices=["lowrank", "dynaquant", "fisher"])
+    ap.add_argument("--presets", default="q4_k_m,q3_k_m", help="fisher: the presets whose true sizes are the budgets")
+    ap.add_argument("--fisher-windows", type=int, default=2)
     ap.add_argument("--bpw", type=float, default=None, help="budget (default: 4.8 for lowrank, 5.0 for dynaquant)")
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -40,7 +42,7 @@ def main() -> int:
     ap.add_argument("--all-scalings", default="exact", help="lowrank: the scalings also run with Q4_1/Q5_1 allowed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    bpw = args.bpw or (4.8 if args.what == "lowrank" else 5.0)
+    bpw = args.bpw or {"lowrank": 4.8, "dynaquant": 5.0, "fisher": 5.0}[args.what]
     out_path = Path(args.out or ROOT / "bench" / "results" / f"{args.what}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -103,12 +105,12 @@ def main() -> int:
             ev = evaluate(tokens, 512, be.logits, ref, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
         finally:
             be.close()
-        row = {"label": label, "bytes": size, "bpw": 8 * size / graph.n_params, "budget_bytes": budget,
+        row = {"label": label, "bytes": size, "bpw": 8 * size / graph.n_params, "budget_bytes": plan.search["budget_bytes"],
                "kld_mean": ev["kld_mean"], "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"],
                "n_tokens_scored": ev["n_tokens_scored"], "predicted_bytes": plan.search["predicted_bytes"],
                "predicted_error": plan.search["predicted_error"], "formats_used": plan.format_counts(),
                "seconds": round(time.perf_counter() - t, 1), **extra}
-        assert size <= budget, (label, size, budget)
+        assert size <= plan.search["budget_bytes"], (label, size, plan.search["budget_bytes"])
         results["runs"].append(row)
         save()
         print(f"{label:44s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
@@ -146,6 +148,44 @@ def main() -> int:
                 results["summary"][f"{sname}: {scaling} ranks {ranks}"] = row["kld_mean"]
                 results["summary"][f"{sname}: {scaling} over no branch"] = (
                     row["kld_mean"] / results["summary"][f"{sname}: no branch"])
+                save()
+    elif args.what == "fisher":
+        from edgeq.evaluate_bundle import evaluate_bundle
+        from edgeq.passes.fisher import Fisher
+        from edgeq.pipeline import ExportOptions, export
+
+        plain = table_for()
+        t0 = time.perf_counter()
+        Fisher(n_windows=args.fisher_windows).run(graph, None, ctx)
+        results["fisher_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        c = Context(backend="gguf", analysis={"calibration": cal, "fisher": ctx.analysis["fisher"]})
+        Sensitivity(formats=FORMATS_B, overhead=overhead, file_bytes=padded).run(graph, None, c)
+        results["sensitivity_fisher_s"] = round(time.perf_counter() - t0, 1)
+        weighted = c.analysis["costs"]
+        for preset in args.presets.split(","):
+            t = time.perf_counter()
+            bundle = work / preset
+            export(ExportOptions(quant=preset, out=str(bundle), force=True, check=False))
+            ev = evaluate_bundle(bundle, chunks=args.chunks, reference_logits=ref, record=False, threads=args.threads)
+            size = (bundle / "model.gguf").stat().st_size
+            results["runs"].append({"label": f"{preset} (calibrated)", "bytes": size, "bpw": 8 * size / graph.n_params,
+                                    "kld_mean": ev["kld_mean"], "top1": ev["top1"],
+                                    "seconds": round(time.perf_counter() - t, 1)})
+            print(f"{preset} (calibrated)  {size / 1e6:.3f} MB KLD {ev['kld_mean']:.4f}", flush=True)
+            for sname in chosen_sets:
+                row = {}
+                for kind, tb_all in (("ilp", plain), ("ilp+fisher", weighted)):
+                    tb = subset(tb_all, sets[sname])
+                    alloc = solve(tb, size)
+                    r = measure(f"{kind}@{preset} [{sname}]", plan_from_choice(graph, tb, alloc.choice, kind, size, [],
+                                                                              "gguf", alloc.info), None,
+                                {"formats": sname, "method": kind, "preset": preset})
+                    row[kind] = r["kld_mean"]
+                results["summary"][f"{preset} [{sname}]"] = {
+                    "preset_kld": ev["kld_mean"], "ilp_kld": row["ilp"], "fisher_kld": row["ilp+fisher"],
+                    "ilp_over_preset": row["ilp"] / ev["kld_mean"], "fisher_over_preset": row["ilp+fisher"] / ev["kld_mean"],
+                    "fisher_le_0.7x_preset": row["ilp+fisher"] <= 0.7 * ev["kld_mean"]}
                 save()
     else:
         from edgeq.passes.allocate_dynaquant import learn_allocation

@@ -243,3 +243,32 @@ def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf
     report = (tmp_path / "b" / "report.md").read_text()
     assert "![bits per weight vs KLD](pareto.png)" in report and "| q4_0 |" in report
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- Fisher-weighted costs ----------------------------------------------------------------------------
+
+def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
+    torch = pytest.importorskip("torch")
+    from edgeq.executor import Executor
+    from edgeq.models.synthetic import random_llama, tiny_config
+    from edgeq.passes.fisher import _forward, output_fisher
+    from edgeq.passes.sensitivity import output_error
+
+    cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
+    graph = random_llama(cfg, seed=3, scale=0.08)
+    ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
+    weights = {n: torch.from_numpy(np.ascontiguousarray(t.numpy())) for n, t in graph.weights.items()}
+    with torch.no_grad():
+        got = _forward(graph, ids, weights, torch, {}).numpy()
+    np.testing.assert_allclose(got, Executor(graph).logits(ids), rtol=1e-4, atol=1e-4)
+    f = output_fisher(graph, [ids, ids[::-1]])
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert f[q].shape == (cfg.hidden_size,) and (f[q] >= 0).all() and f[q].sum() > 0
+    assert f["model.embed_tokens.weight"].shape == (cfg.vocab_size,)
+    assert f["lookup:model.embed_tokens.weight"].shape == (cfg.hidden_size,)
+    # the weighted cost is Σ_o F_o (ΔW C ΔWᵀ)_oo
+    rng = np.random.default_rng(1)
+    dw = rng.standard_normal((cfg.hidden_size, cfg.hidden_size)).astype(np.float32)
+    c = np.cov(rng.standard_normal((cfg.hidden_size, 500))).astype(np.float32)
+    want = float(np.diag(dw.astype(np.float64) @ c @ dw.T) @ f[q])
+    assert output_error(dw, c, None, f[q]) == pytest.approx(want, rel=1e-4)
