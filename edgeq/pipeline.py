@@ -49,6 +49,7 @@ class ExportOptions:
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
+    cost: str = "output"                   # sensitivity cost: output error, or output error x output Fisher
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
 
@@ -126,7 +127,8 @@ def budgeted(opts: ExportOptions) -> bool:
 
 
 def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | None, plan_path: str | None,
-           ctx: Context, opts: ExportOptions | None = None, tokenizer: dict | None = None) -> Decision:
+           ctx: Context, opts: ExportOptions | None = None, tokenizer: dict | None = None,
+           branches: bool = True) -> Decision:
     """Run the passes that make the plan: calibrate, then a preset or a budgeted allocation, then the user's rules."""
     from edgeq.passes.calibrate import Calibrate
 
@@ -152,7 +154,7 @@ def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | Non
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
     passes.append(Legalize())
-    if ranks:
+    if ranks and branches:         # (`edgeq plan` only writes the plan: no branch is needed)
         from edgeq.passes.lowrank_compensate import LowrankCompensate
 
         passes.append(LowrankCompensate(None if user_plan is not None else opts.lowrank_scaling))
@@ -203,8 +205,15 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     sizes = bytes_table(graph, backend, opts.formats, overhead, padded)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
-    passes = [Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded, ranks=opts.ranks,
-                          scaling=opts.lowrank_scaling)]
+    passes = []
+    if opts.cost == "fisher":
+        from edgeq.passes.fisher import Fisher
+
+        passes.append(Fisher())
+    elif opts.cost != "output":
+        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (output, fisher)")
+    passes.append(Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded, ranks=opts.ranks,
+                              scaling=opts.lowrank_scaling))
     if opts.method == "dynaquant":
         from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
 

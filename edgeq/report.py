@@ -76,6 +76,12 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
     for r in format_table(graph, plan):
         lines.append(f"| {r['format']} | {r['tensors']} | {r['params']:,} | {r['bytes']:,} | "
                      f"{8 * r['bytes'] / r['params']:.3f} |")
+    for a in manifest["artifacts"]:
+        if a.get("role") == "adapter":
+            ranked = sorted({t.rank for t in plan.tensors.values() if t.rank})
+            lines += ["", f"Low-rank error branches (ranks {', '.join(map(str, ranked))}) on "
+                          f"{sum(1 for t in plan.tensors.values() if t.rank)} tensors: `{a['path']}`, {a['bytes']:,} "
+                          "bytes, a LoRA-adapter GGUF llama.cpp applies at load (counted in the budget)."]
     fallbacks = [(n, t) for n, t in plan.tensors.items() if t.requested and t.requested != t.format]
     if fallbacks:
         lines += ["", f"{len(fallbacks)} tensors could not take the requested format and fell back "
