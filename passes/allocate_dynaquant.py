@@ -135,11 +135,15 @@ def _groups(graph: Graph, table: CostTable, calibration, k: int, torch) -> list[
         fm = tuple(sorted(o.format for o in opts if not o.rank))
         by.setdefault((tuple(graph.weights[name].shape), fm), []).append(name)
     groups = []
+    factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}      # one per distinct input (q/k/v share theirs)
     for (shape, fm), names in by.items():
         ws, fs, rs, opts = [], [], [], []
         for n in names:
             ws.append(np.asarray(graph.weights[n].numpy(), dtype=np.float32))
-            f, r = _factor(calibration.stats(n) if calibration is not None else None, shape[1], k)
+            key = calibration.weight_input.get(n, n) if calibration is not None else n
+            if key not in factors:
+                factors[key] = _factor(calibration.stats(n) if calibration is not None else None, shape[1], k)
+            f, r = factors[key]
             fs.append(f.astype(np.float32))
             rs.append(r.astype(np.float32))
             opts.append([next(o for o in table.options[n] if o.format == f_ and not o.rank) for f_ in fm])
