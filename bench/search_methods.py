@@ -33,6 +33,9 @@ def main() -> int:
     ap.add_argument("--what", default="lowrank", choices=["lowrank", "dynaquant", "fisher"])
     ap.add_argument("--presets", default="q4_k_m,q3_k_m", help="fisher: the presets whose true sizes are the budgets")
     ap.add_argument("--fisher-windows", type=int, default=2)
+    ap.add_argument("--at-bytes", type=int, default=None,
+                    help="fisher: measure only the Fisher-weighted ILP at this size (compare with earlier runs of "
+                         "the same evaluation: llama.cpp with 1 thread is deterministic)")
     ap.add_argument("--bpw", type=float, default=None, help="budget (default: 4.8 for lowrank, 5.0 for dynaquant)")
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -154,16 +157,27 @@ def main() -> int:
         from edgeq.passes.fisher import Fisher
         from edgeq.pipeline import ExportOptions, export
 
-        plain = table_for()
+        plain = table_for() if args.at_bytes is None else None
         t0 = time.perf_counter()
         Fisher(n_windows=args.fisher_windows).run(graph, None, ctx)
         results["fisher_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         c = Context(backend="gguf", analysis={"calibration": cal, "fisher": ctx.analysis["fisher"]})
-        Sensitivity(formats=FORMATS_B, overhead=overhead, file_bytes=padded).run(graph, None, c)
+        Sensitivity(formats=FORMATS_B if "all" in chosen_sets else FORMATS_A, overhead=overhead,
+                    file_bytes=padded).run(graph, None, c)
         results["sensitivity_fisher_s"] = round(time.perf_counter() - t0, 1)
         weighted = c.analysis["costs"]
-        for preset in args.presets.split(","):
+        if args.at_bytes is not None:
+            for sname in chosen_sets:
+                tb = subset(weighted, sets[sname])
+                alloc = solve(tb, args.at_bytes)
+                r = measure(f"ilp+fisher@{args.at_bytes} [{sname}]", plan_from_choice(
+                    graph, tb, alloc.choice, "ilp+fisher", args.at_bytes, [], "gguf", alloc.info), None,
+                    {"formats": sname, "method": "ilp+fisher"})
+                results["summary"][f"{args.at_bytes} [{sname}]"] = r["kld_mean"]
+                save()
+            args.presets = ""
+        for preset in [p for p in args.presets.split(",") if p]:
             t = time.perf_counter()
             bundle = work / preset
             export(ExportOptions(quant=preset, out=str(bundle), force=True, check=False))
