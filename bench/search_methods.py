@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--what", default="lowrank", choices=["lowrank", "dynaquant", "fisher"])
     ap.add_argument("--presets", default="q4_k_m,q3_k_m", help="fisher: the presets whose true sizes are the budgets")
     ap.add_argument("--fisher-windows", type=int, default=2)
+    ap.add_argument("--at-preset", default=None, help="fisher: like --at-bytes, at this calibrated preset's true size")
     ap.add_argument("--at-bytes", type=int, default=None,
                     help="fisher: measure only the Fisher-weighted ILP at this size (compare with earlier runs of "
                          "the same evaluation: llama.cpp with 1 thread is deterministic)")
@@ -157,6 +158,19 @@ def main() -> int:
         from edgeq.passes.fisher import Fisher
         from edgeq.pipeline import ExportOptions, export
 
+        if args.at_preset:          # the calibrated preset's file size, without writing it
+            from edgeq.passes.assign_preset import AssignPreset
+            from edgeq.passes.legalize import Legalize
+            from edgeq.plan import Plan
+
+            c = Context(backend="gguf")
+            _, pp = AssignPreset(args.at_preset, has_imatrix=True).run(graph, Plan(), c)
+            _, pp = Legalize().run(graph, pp, c)
+            from edgeq.formats import get_format
+
+            args.at_bytes = overhead + sum(padded(get_format(pp.tensors[n].format).nbytes(t.shape))
+                                           for n, t in graph.weights.items())
+            results["at_preset"] = {"preset": args.at_preset, "bytes": args.at_bytes}
         plain = table_for() if args.at_bytes is None else None
         t0 = time.perf_counter()
         Fisher(n_windows=args.fisher_windows).run(graph, None, ctx)
