@@ -90,7 +90,7 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0,
     """{weight: F per output channel} and {'lookup:<embedding>': F per embedding dimension}, mean over tokens."""
     torch = _torch()
     gen = torch.Generator().manual_seed(seed)
-    weights = {n: torch.from_numpy(np.ascontiguousarray(t.numpy(), dtype=np.float32))
+    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32))     # (a writable copy)
                for n, t in graph.weights.items()}
     sums: dict[str, np.ndarray] = {}
     count = 0

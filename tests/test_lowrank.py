@@ -272,3 +272,20 @@ def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
     c = np.cov(rng.standard_normal((cfg.hidden_size, 500))).astype(np.float32)
     want = float(np.diag(dw.astype(np.float64) @ c @ dw.T) @ f[q])
     assert output_error(dw, c, None, f[q]) == pytest.approx(want, rel=1e-4)
+
+
+def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from edgeq.errors import EdgeqError
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", out=str(tmp_path / "b"),
+                               calib_windows=2, check=False))
+    s = res["manifest"]["plan"]["search"]
+    assert "Fisher" in s["cost"] and (tmp_path / "b" / "model.gguf").stat().st_size == s["predicted_bytes"]
+    assert s["predicted_bytes"] <= s["budget_bytes"]
+    assert any(r["pass"] == "fisher" for r in res["manifest"]["passes"])
+    with pytest.raises(EdgeqError, match="do not combine with --ranks"):
+        export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", ranks=[0, 8], out=str(tmp_path / "c"),
+                             calib_windows=2, check=False))
