@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -137,7 +138,11 @@ def main() -> int:
     ap.add_argument("--presets", default="q4_k_m,q3_k_m")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mixed_precision.json"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--additivity-only", action="store_true",
+                    help="only the additivity check: the q4_k_m preset's size, then --random plans at it")
     args = ap.parse_args()
+    if args.additivity_only:
+        args.presets = "q4_k_m"
 
     from scipy.stats import spearmanr
 
@@ -182,7 +187,8 @@ def main() -> int:
         res = export(opts)
         bundle = Path(opts.out)
         ev = evaluate_bundle(bundle, chunks=args.chunks, reference_logits=ref, record=False, threads=args.threads)
-        size = (bundle / "model.gguf").stat().st_size
+        size = sum(f.stat().st_size for f in bundle.glob("*.gguf"))     # model and any adapter
+        shutil.rmtree(bundle, ignore_errors=True)                     # bundles are ~100 MB each
         row = {"label": label, "kind": kind, "bytes": size, "bpw": 8 * size / n_params, "kld_mean": ev["kld_mean"],
                "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"], "ppl_reference": ev["ppl_reference"],
                "n_tokens_scored": ev["n_tokens_scored"], "seconds": round(time.perf_counter() - t, 1), **extra}
@@ -193,15 +199,54 @@ def main() -> int:
         del res
         return row
 
-    def run_choice(label: str, kind: str, tname: str, choice: dict, budget: int, extra: dict | None = None) -> dict:
-        plan = plan_from_choice(graph, tables[tname], choice, kind, budget, [], "gguf", {})
-        pj = work / f"{label}.json"
-        plan.save(pj)
+    spec = spec_from_gguf_metadata(graph.metadata["gguf"], model)
+    imatrix = ctx.analysis["calibration"].imatrix()
+    eval_tokens: list = []
+
+    def measure_plan(label: str, kind: str, plan, extra: dict, branches: dict | None = None) -> dict:
+        """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
+        measure is the quantized write and llama.cpp's own logits, as in export + eval)."""
+        from edgeq.evaluation import evaluate
+        from edgeq.runtime.gguf_backend import LlamaCppBackend
+        from edgeq.targets.gguf import write_gguf
+        from edgeq.targets.gguf.adapter import write_adapter
+        from edgeq.texts import evaluation_text
+
+        t = time.perf_counter()
+        path = work / f"{label}.gguf"
+        write_gguf(graph, plan, path, tok, imatrix=imatrix)
+        size = path.stat().st_size
+        lora = None
+        if branches:
+            lora = work / f"{label}.adapter.gguf"
+            size += write_adapter(graph, branches, lora)
+        be = LlamaCppBackend(path, n_ctx=512, threads=args.threads, lora_path=lora)
+        try:
+            if not eval_tokens:
+                eval_tokens.extend(be.tokenize(evaluation_text(), add_special=True, parse_special=False))
+            ev = evaluate(eval_tokens, 512, be.logits, ref, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
+        finally:
+            be.close()
+            path.unlink(missing_ok=True)
+            if lora is not None:
+                lora.unlink(missing_ok=True)
+        row = {"label": label, "kind": kind, "bytes": size, "bpw": 8 * size / n_params, "kld_mean": ev["kld_mean"],
+               "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"], "ppl_reference": ev["ppl_reference"],
+               "n_tokens_scored": ev["n_tokens_scored"], "seconds": round(time.perf_counter() - t, 1), **extra}
+        results["runs"].append(row)
+        save()
+        print(f"{label:48s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
+              f"top-1 {row['top1']:.3f}", flush=True)
+        return row
+
+    def run_choice(label: str, kind: str, tname: str, choice: dict, budget: int, extra: dict | None = None,
+                   table=None, info: dict | None = None, branches: dict | None = None) -> dict:
+        tb = table if table is not None else tables[tname]
+        plan = plan_from_choice(graph, tb, choice, kind, budget, [], "gguf", info or {})
         predicted = sum(o.cost for o in choice.values())
-        return measure(label, kind, ExportOptions(plan=str(pj), out=str(work / label), force=True, check=False),
-                       {"formats": tname, "budget_bytes": budget, "predicted_error": predicted,
-                        "predicted_bytes": tables[tname].fixed_bytes + sum(o.bytes for o in choice.values()),
-                        **(extra or {})})
+        return measure_plan(label, kind, plan, {"formats": tname, "budget_bytes": budget, "predicted_error": predicted,
+                                                "predicted_bytes": plan.search["predicted_bytes"], **(extra or {})},
+                            branches)
 
     rng = np.random.default_rng(0)
     summary = {}
@@ -211,7 +256,7 @@ def main() -> int:
         cal_row = measure(f"{preset} (calibrated)", "preset", ExportOptions(quant=preset, out=str(work / preset),
                                                                           force=True, check=False), {"preset": preset})
         budgets[preset] = budget = cal_row["bytes"]
-        for tname, tb in tables.items():
+        for tname, tb in ({} if args.additivity_only else tables).items():
             alloc = solve_ilp(tb, budget)
             ilp = run_choice(f"ilp@{preset} [{tname}]", "ilp", tname, alloc.choice, budget, {"solver": alloc.info})
             uni = run_choice(f"uniform@{preset} [{tname}]", "uniform", tname, uniform_choice(tb, budget), budget)
@@ -224,24 +269,29 @@ def main() -> int:
             }
             results["summary"] = summary
             save()
+        if args.additivity_only:
+            continue
         measure(f"{preset} (no calibration)", "preset-plain",
                 ExportOptions(quant=preset, out=str(work / f"{preset}-plain"), force=True, check=False,
                               calibration=False), {"preset": preset})
     for preset in args.presets.split(","):
         for tname, tb in tables.items():
             key = f"{preset} [{tname}]"
+            if args.additivity_only and tname != "no_q4_1_q5_1":
+                continue
+            summary.setdefault(key, {})
             n_rand = args.random if (preset == "q4_k_m" and tname == "no_q4_1_q5_1") else args.random_other
             rand = [run_choice(f"random{i}@{preset} [{tname}]", "random", tname,
                                random_choice(tb, budgets[preset], rng), budgets[preset]) for i in range(n_rand)]
             if not rand:
                 continue
-            ilp_kld = summary[key]["ilp_kld"]
             summary[key].update({
                 "random_kld_mean": float(np.mean([r["kld_mean"] for r in rand])),
                 "random_kld_best": float(np.min([r["kld_mean"] for r in rand])),
-                "ilp_below_every_random": all(ilp_kld < r["kld_mean"] for r in rand),
                 "random_bytes": [r["bytes"] for r in rand],
             })
+            if "ilp_kld" in summary[key]:
+                summary[key]["ilp_below_every_random"] = all(summary[key]["ilp_kld"] < r["kld_mean"] for r in rand)
             if len(rand) >= 3:
                 rho = spearmanr([r["predicted_error"] for r in rand], [r["kld_mean"] for r in rand])
                 summary[key]["spearman_predicted_vs_kld"] = {"rho": float(rho.statistic), "p": float(rho.pvalue),

@@ -29,7 +29,8 @@ def _options(a, out: str = "out"):
         model=a.model, target=a.target, backend=a.backend, quant=a.quant, plan=a.plan, out=out,
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
-        bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
+        bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
+        cost=a.cost,
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
         ndk_clang=getattr(a, "ndk_clang", None),
     )
@@ -101,7 +102,7 @@ def cmd_plan(a) -> int:
             raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
         plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
-        plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
+        plan = decide(graph, backend, preset, user, a.plan, ctx, opts, branches=False).plan
     plan.save(out)
     if not a.quiet:
         extra = ""
@@ -238,7 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--bpw", type=float, help="budget: 8 x file bytes / source parameters")
         sp.add_argument("--method", default="ilp", choices=["ilp", "dynaquant"], help="allocator (default ilp)")
         sp.add_argument("--formats", type=csv(str), help="candidate formats, comma-separated (default: all the backend carries)")
-        sp.add_argument("--ranks", type=csv(int), default=[0], help="low-rank branch ranks to consider, e.g. 0,8,16")
+        sp.add_argument("--ranks", type=csv(int), default=[0], help="low-rank error branch ranks to consider, e.g. "
+                                                                    "0,8,16 (gguf: a LoRA-adapter file beside the model)")
+        sp.add_argument("--lowrank-scaling", default="exact", choices=["exact", "diag", "identity"],
+                        help="input scaling of the branches' SVD: E[xx^T]^1/2, its diagonal, or none (default exact)")
+        sp.add_argument("--cost", default="output", choices=["output", "fisher"],
+                        help="sensitivity: output error tr(dW C dW^T), or weighted per output channel by the "
+                             "output Fisher (needs torch)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up")
 
     e = sub.add_parser("export", help="compile a model into a bundle")

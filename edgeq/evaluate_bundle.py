@@ -61,8 +61,11 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
                     reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
-                    device: str | None = None) -> dict:
-    """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
+                    device: str | None = None, pareto: bool = True) -> dict:
+    """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles.
+
+    `pareto`: add the (bpw, KLD) point to the source model's cache that export reports plot (edgeq/pareto.py).
+    """
     from edgeq import runtime
     from edgeq.evaluation import evaluate
     from edgeq.texts import EVALUATION_TEXT_NAME, evaluation_text
@@ -118,6 +121,10 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     res["text"] = text_name
     if record:
         _record(bundle, res)
+    if pareto and text_file is None:
+        from edgeq.pareto import record_point
+
+        record_point(bundle, manifest, res)
     return res
 
 

@@ -50,6 +50,8 @@ class ExportOptions:
     method: str = "ilp"
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
+    lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
+    cost: str = "output"                   # sensitivity cost: output error, or output error x output Fisher
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
@@ -105,6 +107,7 @@ def import_and_merge(model: str | None, adapters: list[str], ctx: Context) -> tu
 class Decision:
     plan: Plan
     calibration: Any = None          # a passes.calibrate.Calibration, or None (llama.cpp's plain behaviour)
+    branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)} (adapter GGUF)
 
 
 def _preset_takes_imatrix(graph: Graph, preset: str) -> bool:
@@ -127,7 +130,8 @@ def budgeted(opts: ExportOptions) -> bool:
 
 
 def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | None, plan_path: str | None,
-           ctx: Context, opts: ExportOptions | None = None, tokenizer: dict | None = None) -> Decision:
+           ctx: Context, opts: ExportOptions | None = None, tokenizer: dict | None = None,
+           branches: bool = True) -> Decision:
     """Run the passes that make the plan: calibrate, then a preset or a budgeted allocation, then the user's rules."""
     from edgeq.passes.calibrate import Calibrate
 
@@ -140,11 +144,12 @@ def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | Non
     if search and opts.method not in ("ilp", "dynaquant"):
         raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
     passes = []
-    if opts.calibration and (search or opts.imatrix or _takes_imatrix(graph, preset, user_plan)):
-        # Only the sensitivity of a budgeted search reads full input covariances; a preset needs the
+    ranks = search and any(opts.ranks) or user_plan is not None and any(t.rank for t in user_plan.tensors.values())
+    if opts.calibration and (search or ranks or opts.imatrix or _takes_imatrix(graph, preset, user_plan)):
+        # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
         # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix,
-                                **({} if search else {"max_full": 0})))
+                                **({} if search or ranks else {"max_full": 0})))
     if search:
         passes += _search_passes(graph, backend, opts, tokenizer)
     elif preset is not None:
@@ -152,10 +157,14 @@ def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | Non
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
     passes.append(Legalize())
+    if ranks and branches:         # (`edgeq plan` only writes the plan: no branch is needed)
+        from edgeq.passes.lowrank_compensate import LowrankCompensate
+
+        passes.append(LowrankCompensate(None if user_plan is not None else opts.lowrank_scaling))
     _, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
-    plan.calibration = None if cal is None else cal.to_json()
-    return Decision(plan, cal)
+    plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
+    return Decision(plan, cal, ctx.analysis.get("branches", {}))
 
 
 def _takes_imatrix(graph: Graph, preset: str | None, user_plan: Plan | None) -> bool:
@@ -185,8 +194,8 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
 
     if backend != "gguf":
         raise EdgeqError(None, f"budgeted plans for backend {backend!r} are not available yet")
-    if any(r != 0 for r in opts.ranks):
-        raise EdgeqError(None, "--ranks other than 0 (low-rank error branches) are not available yet")
+    if any(r < 0 for r in opts.ranks):
+        raise EdgeqError(None, "--ranks must be non-negative integers")
     if tokenizer is None:
         from edgeq.tokenizer import spec_to_json
 
@@ -199,10 +208,25 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     sizes = bytes_table(graph, backend, opts.formats, overhead, padded)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
-    passes = [Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded)]
-    if opts.method != "ilp":
-        raise EdgeqError(None, f"--method {opts.method} is not available yet (available: ilp)")
-    passes.append(Allocate(budget, ties))
+    passes = []
+    if opts.cost == "fisher":
+        from edgeq.passes.fisher import Fisher
+
+        passes.append(Fisher())
+    elif opts.cost != "output":
+        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (output, fisher)")
+    passes.append(Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded, ranks=opts.ranks,
+                              scaling=opts.lowrank_scaling))
+    if opts.method == "dynaquant":
+        from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
+
+        if any(opts.ranks):
+            raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
+        passes.append(AllocateDynaQuant(budget, ties))
+        return passes
+    from edgeq.targets.gguf.adapter import adapter_overhead
+
+    passes.append(Allocate(budget, ties, adapter_overhead=adapter_overhead(graph) if any(opts.ranks) else 0))
     return passes
 
 
@@ -298,6 +322,15 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
                 artifacts.append({"role": "model", "backend": b, "path": model_file.name,
                                   "sha256": sha256_file(model_file), "bytes": model_file.stat().st_size,
                                   "formats": written})
+                if decisions[b].branches:
+                    from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
+
+                    adapter = tmp / ADAPTER_FILE
+                    write_adapter(graph, decisions[b].branches, adapter)
+                    artifacts.append({"role": "adapter", "backend": b, "path": adapter.name,
+                                      "sha256": sha256_file(adapter), "bytes": adapter.stat().st_size,
+                                      "formats": {"f16": 2 * len(decisions[b].branches)},
+                                      "applies_to": model_file.name, "kind": "lora (low-rank error compensation)"})
             else:
                 from edgeq.export_onnx import write_onnx
 
@@ -343,6 +376,13 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
                         "timings_s": {}}
         _reference_and_check(graph, tmp, manifest, measurements, opts.check)
         timings["reference_and_check"] = time.perf_counter() - t0
+        if budgeted(opts) and opts.check:      # the plan's measured point beside the presets' (edgeq/pareto.py)
+            from edgeq.pareto import plan_pareto
+
+            t0 = time.perf_counter()
+            measurements["pareto"] = plan_pareto(tmp, manifest, str(model_path), opts.adapters,
+                                                 ctx=min(512, graph.config.context_length))
+            timings["pareto_eval"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")

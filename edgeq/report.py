@@ -76,6 +76,12 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
     for r in format_table(graph, plan):
         lines.append(f"| {r['format']} | {r['tensors']} | {r['params']:,} | {r['bytes']:,} | "
                      f"{8 * r['bytes'] / r['params']:.3f} |")
+    for a in manifest["artifacts"]:
+        if a.get("role") == "adapter":
+            ranked = sorted({t.rank for t in plan.tensors.values() if t.rank})
+            lines += ["", f"Low-rank error branches (ranks {', '.join(map(str, ranked))}) on "
+                          f"{sum(1 for t in plan.tensors.values() if t.rank)} tensors: `{a['path']}`, {a['bytes']:,} "
+                          "bytes, a LoRA-adapter GGUF llama.cpp applies at load (counted in the budget)."]
     fallbacks = [(n, t) for n, t in plan.tensors.items() if t.requested and t.requested != t.format]
     if fallbacks:
         lines += ["", f"{len(fallbacks)} tensors could not take the requested format and fell back "
@@ -99,6 +105,23 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
                   f"Measured in the target runtime against the float reference executor: KLD mean "
                   f"{fid['kld_mean']:.3g} (max {fid['kld_max']:.3g}), top-1 agreement {fid['top1']:.3f} over "
                   f"{fid['n_positions']} positions. Run `edgeq eval` for the full figures."]
+    par = measurements.get("pareto")
+    if par:
+        (label, point), = par["plan"].items()
+        lines += ["", "## Size and fidelity beside the presets", "",
+                  f"This plan (`{label}`): {point['bpw']:.3f} bits per weight (all model files), KLD "
+                  f"{point['kld_mean']:.4g}, top-1 {point['top1']:.3f} on {par['chunks']} held-out {par['ctx']}-token "
+                  f"windows, measured in llama.cpp against the float reference."]
+        if par["presets"]:
+            lines += ["", "| preset | bits/weight | KLD |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v['bpw']:.3f} | {v['kld_mean']:.4g} |"
+                      for k, v in sorted(par["presets"].items(), key=lambda kv: kv[1]["bpw"])]
+            lines += ["", "Preset points are earlier `edgeq eval` measurements of this source model with the same "
+                          "text and windows (cached)."]
+        else:
+            lines += ["", "No preset of this model has been measured yet with these settings: `edgeq eval` a preset "
+                          f"bundle (`--chunks {par['chunks']}`) and export again to see them beside the plan."]
+        lines += ["", f"![bits per weight vs KLD]({par['plot']})"]
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---:|"]
     for k, v in measurements.get("timings_s", {}).items():
         lines.append(f"| {k} | {v:.2f} |")

@@ -151,6 +151,29 @@ def solve_ilp(table: CostTable, budget: int, ties: list[list[str]] = (), extra_r
     return Allocation(choice, total_bytes, total_cost, info)
 
 
+def solve(table: CostTable, budget: int, ties: list[list[str]] = (), extra_rows: list[ExtraRow] = (),
+          time_limit: float = 120.0, adapter_overhead: int = 0) -> Allocation:
+    """solve_ilp, deciding also whether low-rank branches pay.
+
+    Branches live in one extra file whose fixed bytes (`adapter_overhead`) are spent only if any branch
+    is chosen: the best plan is the better of the plan without branches and the plan with them under
+    the budget less that overhead (both exact).
+    """
+    has_rank = any(o.rank for opts in table.options.values() for o in opts)
+    plain = CostTable({n: [o for o in v if not o.rank] for n, v in table.options.items()}, table.fixed_bytes,
+                      table.n_params, table.info) if has_rank else table
+    best = solve_ilp(plain, budget, ties, extra_rows, time_limit)
+    best.info["adapter_overhead_bytes"] = 0
+    if has_rank and budget - adapter_overhead >= min_feasible_bytes(table, ties):
+        with_branches = solve_ilp(table, budget - adapter_overhead, ties, extra_rows, time_limit)
+        if with_branches.total_cost < best.total_cost and any(o.rank for o in with_branches.choice.values()):
+            with_branches.total_bytes += adapter_overhead
+            with_branches.info["adapter_overhead_bytes"] = adapter_overhead
+            best = with_branches
+    best.info["branches"] = sum(1 for o in best.choice.values() if o.rank)
+    return best
+
+
 def budget_bytes(table: CostTable, budget_mb: float | None, bpw: float | None) -> int:
     if (budget_mb is None) == (bpw is None):
         raise EdgeqError(None, "give exactly one of --budget-mb and --bpw")
@@ -184,13 +207,14 @@ def plan_from_choice(graph: Graph, table: CostTable, choice: dict[str, Option], 
             why += "; the smallest option"
         tensors[name] = TensorPlan(o.format, reason=why, rank=o.rank, bytes=o.bytes, predicted_error=o.cost,
                                    tie=tie_of.get(name))
-    total = table.fixed_bytes + sum(o.bytes for o in choice.values())
+    total = table.fixed_bytes + sum(o.bytes for o in choice.values()) + info.get("adapter_overhead_bytes", 0)
     search = {
         "method": method, "budget_bytes": budget, "budget_mb": budget / MB, "budget_bpw": 8 * budget / table.n_params,
         "predicted_bytes": total, "predicted_mb": total / MB, "predicted_bpw": 8 * total / table.n_params,
         "predicted_error": sum(o.cost for o in choice.values()), "fixed_bytes": table.fixed_bytes,
         "min_feasible_bytes": min_feasible_bytes(table, ties), "formats": table.info.get("formats"),
-        "cost": table.info.get("cost"), "ties": [g for g in ties if len(g) > 1], **info,
+        "cost": table.info.get("cost"), "ties": [g for g in ties if len(g) > 1],
+        **{k: table.info[k] for k in ("ranks", "lowrank_scaling") if k in table.info}, **info,
     }
     return Plan(tensors=tensors, preset=None, backend=backend, search=search)
 
@@ -201,15 +225,16 @@ class Allocate(Pass):
     name = "allocate"
 
     def __init__(self, budget: int, ties: list[list[str]] = (), extra_rows: list[ExtraRow] = (),
-                 time_limit: float = 120.0):
+                 time_limit: float = 120.0, adapter_overhead: int = 0):
         self.budget = budget
+        self.adapter_overhead = adapter_overhead
         self.ties = list(ties)
         self.extra_rows = list(extra_rows)
         self.time_limit = time_limit
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         table: CostTable = ctx.analysis["costs"]
-        alloc = solve_ilp(table, self.budget, self.ties, self.extra_rows, self.time_limit)
+        alloc = solve(table, self.budget, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
         out = plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend, alloc.info)
         out.calibration = plan.calibration
         ctx.record(self.name, method="ilp", budget_bytes=self.budget, predicted_bytes=alloc.total_bytes,

@@ -33,6 +33,8 @@ from edgeq.passes.base import Context, Pass
 from edgeq.plan import Plan
 
 SENSITIVITY_VERSION = 1
+LOWRANK_VERSION = 1
+BRANCH_MAX_BPW = 7.0          # a low-rank branch is considered only on formats below this (not f16/q8_0)
 
 
 @dataclass
@@ -91,41 +93,71 @@ def candidate_formats(backend: str, names: list[str] | None = None, path=None) -
     return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None]
 
 
-def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None) -> float:
-    """tr(ΔW C ΔWᵀ) with C full (float32 matrix), diagonal, or the identity."""
+def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None,
+                 rows: np.ndarray | None = None) -> float:
+    """tr(ΔW C ΔWᵀ) with C full (float32 matrix), diagonal, or the identity; Σ_o rows_o (ΔW C ΔWᵀ)_oo with `rows`
+    (per-output-channel Fisher weights, see passes/fisher.py)."""
     if cov32 is not None:
         # float32 BLAS throughout (an einsum with dtype=float64 would copy both operands to float64)
-        return float(np.dot((dw @ cov32).ravel(), dw.ravel()))
+        if rows is None:
+            return float(np.dot((dw @ cov32).ravel(), dw.ravel()))
+        return float(np.einsum("ij,ij->i", dw @ cov32, dw).astype(np.float64) @ rows)
     sq = np.square(dw, dtype=np.float32)
+    if rows is not None:
+        per_row = sq @ diag.astype(np.float32) if diag is not None else sq.sum(1)
+        return float(per_row.astype(np.float64) @ rows)
     if diag is not None:
         return float(sq.astype(np.float64).sum(0) @ diag)
     return float(sq.sum(dtype=np.float64))
 
 
-def lookup_error(dw: np.ndarray, p: np.ndarray) -> float:
-    """Σ_t p(t) ‖ΔW_t‖²: the error the embedding lookup adds to the residual stream."""
-    return float(np.square(dw, dtype=np.float32).sum(1, dtype=np.float64) @ p)
+def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) -> float:
+    """Σ_t p(t) ‖ΔW_t‖²: the error the embedding lookup adds to the residual stream (Fisher-weighted per
+    dimension with `cols`)."""
+    sq = np.square(dw, dtype=np.float32)
+    if cols is not None:
+        return float((sq @ cols.astype(np.float32)).astype(np.float64) @ p)
+    return float(sq.sum(1, dtype=np.float64) @ p)
 
 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
-                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n) -> list[Option]:
-    """Every candidate format that can carry `w` natively, with its cost (see module docstring)."""
-    cov32 = diag = None
+                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n,
+                   ranks: list[int] = (), scaling=None, gguf_name: str | None = None,
+                   fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None) -> list[Option]:
+    """Every candidate format that can carry `w` natively, with its cost (see module docstring).
+
+    With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
+    also gets options with a rank-r error branch: its cost is the output error left after the branch, its
+    bytes include the branch's bytes in the adapter file.
+    """
+    from edgeq.passes import lowrank_compensate as lr
+
+    cov32 = diag = full = None
     if stats is not None:
         full = stats.full()
         if full is not None:
             cov32 = full.astype(np.float32)
         else:
             diag = stats.diag()
+    ranks = sorted(r for r in set(ranks) if r > 0)
     out = []
     for f in fmts:
         if not f.can_carry(w.shape):
             continue
         dw = f.roundtrip(w, importance if f.takes_imatrix else None) - w
-        cost = output_error(dw, cov32, diag)
+        cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
         if token_p is not None:
-            cost += lookup_error(dw, token_p)
-        out.append(Option(f.name, file_bytes(f.nbytes(w.shape)), cost))
+            cost += lookup_error(dw, token_p, fisher_lookup)
+        base_bytes = file_bytes(f.nbytes(w.shape))
+        out.append(Option(f.name, base_bytes, cost))
+        if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
+            a, b = lr.branch(-dw, scaling, max(ranks))
+            costs = lr.branch_costs(-dw, a, b, ranks, full, diag, out_cost)
+            for r in ranks:
+                if r > a.shape[0]:
+                    continue
+                extra = lr.branch_bytes(gguf_name or name, w.shape, r)
+                out.append(Option(f.name, base_bytes + extra, costs[r], rank=r, branch_bytes=extra))
         del dw
     if not out:
         raise EdgeqError(None, f"no candidate format can carry {name} of shape {w.shape}")
@@ -155,7 +187,8 @@ def bytes_table(graph: Graph, backend: str, formats: list[str] | None, overhead:
 
 
 def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,
-                  file_bytes: Callable[[int], int], progress: Callable | None = None) -> CostTable:
+                  file_bytes: Callable[[int], int], progress: Callable | None = None, ranks: list[int] = (),
+                  scaling_mode: str = "exact", fisher: dict[str, np.ndarray] | None = None) -> CostTable:
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
     fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for n, t in graph.weights.items()
                            if len(t.shape) != 2)
@@ -164,16 +197,34 @@ def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, o
     token_p = None
     if calibration is not None and calibration.token_counts is not None:
         token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
+    from edgeq.models import llama
+    from edgeq.passes import lowrank_compensate as lr
+
     options = {}
+    scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
     it = decide if progress is None else progress(decide, desc="sensitivity", unit="tensor")
     for name in it:
-        w = graph.weights[name].numpy()
+        t = graph.weights[name]
+        w = t.numpy()
         stats = calibration.stats(name) if calibration is not None else None
-        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name),
-                                       token_p if name == embd else None, file_bytes)
+        sc = None
+        if any(r > 0 for r in ranks) and name != embd:
+            key = calibration.weight_input.get(name, name) if calibration is not None else name
+            if key not in scalings:
+                scalings[key] = lr.scaling(scaling_mode, w.shape[1], *((stats.full(), stats.diag())
+                                                                       if stats is not None else (None, None)))
+            sc = scalings[key]
+        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p if name == embd else None,
+                                       file_bytes, ranks if sc is not None else (), sc,
+                                       t.alias or llama.gguf_name(name),
+                                       None if fisher is None else fisher.get(name),
+                                       None if fisher is None else fisher.get(f"lookup:{name}"))
     kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
-    return CostTable(options, fixed, graph.n_params, {"cost": "tr(dW C dW^T)", "C": kind,
-                                                      "formats": [f.name for f in fmts]})
+    info = {"cost": "tr(dW C dW^T)" if fisher is None else "sum_o F_o (dW C dW^T)_oo (output Fisher, HAWQ-style)",
+            "C": kind, "formats": [f.name for f in fmts]}
+    if any(r > 0 for r in ranks):
+        info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
+    return CostTable(options, fixed, graph.n_params, info)
 
 
 class Sensitivity(Pass):
@@ -182,8 +233,11 @@ class Sensitivity(Pass):
     name = "sensitivity"
 
     def __init__(self, formats: list[str] | None = None, overhead: int = 0,
-                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True):
+                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True, ranks: list[int] = (),
+                 scaling: str = "exact"):
         self.formats = formats
+        self.ranks = sorted(r for r in set(ranks) if r > 0)
+        self.scaling = scaling
         self.overhead = overhead
         self.file_bytes = file_bytes
         self.use_cache = use_cache
@@ -191,6 +245,9 @@ class Sensitivity(Pass):
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         fmts = candidate_formats(ctx.backend, self.formats)
         cal = ctx.analysis.get("calibration")
+        self._fisher = ctx.analysis.get("fisher")
+        if self._fisher is not None and self.ranks:
+            raise EdgeqError(None, "Fisher-weighted costs (--cost fisher) do not combine with --ranks yet")
         path = self._cache_path(graph, cal, fmts)
         table = None
         if path is not None and path.is_file():
@@ -200,7 +257,8 @@ class Sensitivity(Pass):
             except (OSError, ValueError, KeyError, TypeError):
                 table = None
         if table is None:
-            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress)
+            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress,
+                                  self.ranks, self.scaling, ctx.analysis.get("fisher"))
             table.info["undecided_bytes"] = table.fixed_bytes - self.overhead
             if path is not None:
                 try:
@@ -222,6 +280,16 @@ class Sensitivity(Pass):
         if root is None:
             return None
         cal_id = None if cal is None else json.dumps(cal.info, sort_keys=True, default=str)
-        key = hashlib.sha256(json.dumps([SENSITIVITY_VERSION, source_digest(graph), cal_id,
-                                         [f.name for f in fmts], self.file_bytes(1), self.file_bytes(33)]).encode())
+        parts = [SENSITIVITY_VERSION, source_digest(graph), cal_id, [f.name for f in fmts], self.file_bytes(1),
+                 self.file_bytes(33)]
+        if self.ranks:      # (tables without branches keep their key)
+            parts += [self.ranks, self.scaling, LOWRANK_VERSION]
+        fisher = getattr(self, "_fisher", None)
+        if fisher is not None:
+            h = hashlib.sha256()
+            for k in sorted(fisher):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(fisher[k]).tobytes())
+            parts += ["fisher", h.hexdigest()]
+        key = hashlib.sha256(json.dumps(parts).encode())
         return root / "sensitivity" / f"{key.hexdigest()[:32]}.json"

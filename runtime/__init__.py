@@ -124,8 +124,11 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend
 
+        # low-rank error branches travel as a LoRA-adapter GGUF beside the model; llama.cpp applies it at load
+        lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == "gguf"]
         impl = LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
-                               kv_dtype=manifest.get("kv_cache_dtype", "f16"))
+                               kv_dtype=manifest.get("kv_cache_dtype", "f16"),
+                               lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
     else:
         raise BundleError(bundle, f"backend {art['backend']!r} is not supported by this runtime")
     return Session(bundle, manifest, impl, art)

@@ -12,7 +12,9 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 class LlamaCppBackend:
     name = "gguf"
 
-    def __init__(self, model_path: str | os.PathLike, n_ctx: int, threads: int = 1, kv_dtype: str = "f16"):
+    def __init__(self, model_path: str | os.PathLike, n_ctx: int, threads: int = 1, kv_dtype: str = "f16",
+                 lora_path: str | os.PathLike | None = None):
+        """`lora_path`: a LoRA-adapter GGUF llama.cpp applies at load (edgeq's low-rank error branches)."""
         import llama_cpp
 
         if kv_dtype not in KV_TYPES:
@@ -29,6 +31,7 @@ class LlamaCppBackend:
             type_k=KV_TYPES[kv_dtype],
             type_v=KV_TYPES[kv_dtype],
             seed=0,
+            lora_path=None if lora_path is None else os.fspath(lora_path),
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
