@@ -58,6 +58,10 @@ def host_can_run(profile) -> bool:
     from edgeq.targets.tvm.build import resolve_target
 
     t = resolve_target(profile)
+    if t["kind"] == "cuda":
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
     return "mtriple" not in t and profile.os == platform.system().lower()
 
 
@@ -80,8 +84,15 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
     t0 = time.perf_counter()
     lowered = lower_tvm(graph, plan, progress=progress)
     timings["lower"] = time.perf_counter() - t0
+    tuning_db, trials = None, int(getattr(opts, "tune_trials", 0) or 0)
+    if trials:
+        from edgeq.targets.tvm.tune import tune
+
+        t0 = time.perf_counter()
+        tuning_db = tune(lowered.mod, target, profile, trials, host_can_run(profile), log)
+        timings["tune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    executable = compile_module(lowered.mod, target)
+    executable = compile_module(lowered.mod, target, tuning_db)
     timings["compile"] = time.perf_counter() - t0
     src_sha, src_bytes = source_digest(model_path)
     with staged_dir(opts.out, opts.force) as tmp:
@@ -100,6 +111,13 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
                               "sha256": sha256_file(tmp / "tokenizer.json"),
                               "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
             tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
+        elif graph.kind == "decoder":
+            tokenizer = _write_decoder_tokenizer(graph, tmp, artifacts)
+        entries = {"entry": ENTRY}
+        if graph.kind == "decoder":
+            from edgeq.targets.tvm.decoder import ENTRIES
+
+            entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
         from edgeq.pipeline import manifest_head
 
         manifest: dict[str, Any] = {
@@ -107,17 +125,18 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
                        "license": graph.metadata.get("license"), "adapters": []},
             "target": profile.to_json(),
-            "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
-            "kv_cache_dtype": None,
+            "n_ctx": _n_ctx(opts, graph, profile),
+            "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
             "artifacts": artifacts,
             "tokenizer": tokenizer,
-            "tvm": {"library": lib.name, "params": PARAMS_FILE, "entry": ENTRY, "target": target,
+            "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target, "tune_trials": trials,
                     "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
             "plan": plan.to_json(),
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
             "pruning_rates": None,
-            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if graph.kind == "encoder" else 0},
+            "reference": ({"path": "reference", "prompts": 2} if graph.kind == "decoder" else
+                          {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if graph.kind == "encoder" else 0}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
@@ -128,6 +147,10 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
                                                                             "not this host"}
         if graph.kind == "encoder":
             encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+        elif graph.kind == "decoder":
+            from edgeq.pipeline import _reference_and_check
+
+            _reference_and_check(graph, tmp, manifest, measurements, opts.check and runnable)
         elif graph.kind == "cnn":
             cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable)
         timings["reference_and_check"] = time.perf_counter() - t0
@@ -138,6 +161,29 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
 
         write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def _n_ctx(opts, graph: Graph, profile) -> int | None:
+    n = int(getattr(graph.config, "context_length", 0)) or None
+    if graph.kind == "decoder":
+        n = int(getattr(opts, "n_ctx", None) or min(profile.n_ctx, n))
+        if n > graph.config.context_length:
+            raise EdgeqError(None, f"--n-ctx {n} exceeds the model's context length {graph.config.context_length}")
+    return n
+
+
+def _write_decoder_tokenizer(graph: Graph, tmp: Path, artifacts: list) -> dict:
+    """The tokenizer spec file of a decoder bundle, as the GGUF export writes it (Session reads it)."""
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.tokenizer import spec_to_json
+
+    spec = graph_tokenizer_spec(graph)
+    spec_file = tmp / "tokenizer_spec.json"
+    spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    artifacts.append({"role": "tokenizer", "backend": "any", "path": spec_file.name, "sha256": sha256_file(spec_file),
+                      "bytes": spec_file.stat().st_size, "formats": {}})
+    return {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
+            "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None}
 
 
 def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:

@@ -106,7 +106,17 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         check_runtime_version(manifest, "apache-tvm")
         from edgeq.runtime.tvm_backend import TvmSession
 
-        return TvmSession(bundle, manifest, art, threads=threads, device=device)
+        tvm_session = TvmSession(bundle, manifest, art, threads=threads, device=device)
+        if manifest["model"].get("kind") != "decoder":
+            return tvm_session
+        import json
+
+        from edgeq.runtime.tvm_decoder import TvmDecoderBackend
+        from edgeq.tokenizer import spec_from_json
+
+        spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
+        spec = spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")))
+        return Session(bundle, manifest, TvmDecoderBackend(tvm_session, spec, n_ctx), art)
     if device not in (None, "cpu", "local"):
         raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
     if art["backend"] == "gguf":

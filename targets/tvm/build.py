@@ -28,6 +28,7 @@ from edgeq.errors import EdgeqError
 
 ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
 ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"
+CUDA_ARCH = "sm_80"
 
 
 def resolve_target(profile) -> dict[str, Any]:
@@ -39,7 +40,14 @@ def resolve_target(profile) -> dict[str, Any]:
         return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
     if isinstance(t, dict) and t.get("kind") == "llvm":
         return dict(t)
-    raise EdgeqError(None, f"the TVM backend builds llvm targets only for now; profile {profile.name} wants {t!r}")
+    if t == "cuda":
+        # no GPU to detect here: a fixed architecture (Ampere, sm_80) keeps the build the same on every machine
+        return {"kind": "cuda", "arch": CUDA_ARCH, "host": {"kind": "llvm"}}
+    raise EdgeqError(None, f"the TVM backend builds llvm and cuda targets; profile {profile.name} wants {t!r}")
+
+
+def is_gpu(target: dict[str, Any]) -> bool:
+    return target.get("kind") == "cuda"
 
 
 def library_kind(profile, ndk_clang: str | None) -> str:
@@ -73,11 +81,26 @@ def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def compile_module(mod: tvm.IRModule, target: dict[str, Any]):
-    """Relax -> VM executable with the default llvm pipeline (untuned schedules)."""
+def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
+    """Relax -> VM executable. Untuned: the default pipeline of the target (for CUDA that schedules every
+    kernel with dlight's GPU rules: matmul, GEMV, reductions, fallback). With a meta-schedule database
+    (`tune.py`), its kernels replace the untuned ones of the same workload."""
     tgt = tvm.target.Target(target)
-    pipeline = relax.get_default_pipeline(tgt)
-    return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([pipeline, _SortShapeStores]))
+    if tuning_db is None:
+        pipeline = relax.get_default_pipeline(tgt)
+        return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([pipeline, _SortShapeStores]))
+    from tvm.relax import pipeline as rp
+
+    @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
+    def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tgt:
+            m = tvm.transform.Sequential([*rp.library_dispatch_passes(tgt), *rp.legalize_passes(tgt)])(m)
+            m = relax.transform.MetaScheduleApplyDatabase()(m)
+            return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
+                                             _SortShapeStores])(m)
+
+    with tuning_db:
+        return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
 
 
 def export_library(executable, path: Path, profile, ndk_clang: str | None = None) -> Path:
