@@ -117,10 +117,10 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
             cos_v = params.add(ROPE_COS, cos)
             sin_v = params.add(ROPE_SIN, sin)
             # rows past .. past+seq-1 of the tables: the new tokens' positions
-            c = bb.emit_te(lambda t: te.compute((seq, d // 2), lambda i, j: t[past + i, j], name="rope_rows"),
-                           cos_v, primfunc_name_hint="rope_rows")
-            s = bb.emit_te(lambda t: te.compute((seq, d // 2), lambda i, j: t[past + i, j], name="rope_rows"),
-                           sin_v, primfunc_name_hint="rope_rows")
+            # (the layer-0 key cache is passed only to bind `past` in the kernel's signature)
+            c, s = (bb.emit_te(lambda t, k0: te.compute((seq, d // 2), lambda i, j: t[k0.shape[1] + i, j],
+                                                        name="rope_rows"), tab, kv_in[0],
+                               primfunc_name_hint="rope_rows") for tab in (cos_v, sin_v))
             kv_out = []
             layers = range(cfg.n_layers)
             for i in (progress(layers, desc="lower tvm", unit="layer") if progress else layers):
