@@ -152,9 +152,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         if graph.kind == "encoder":
             encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
         elif graph.kind == "decoder":
-            from edgeq.pipeline import _reference_and_check
-
-            _reference_and_check(graph, tmp, manifest, measurements, opts.check and runnable)
+            decoder_reference_and_check(graph, tmp, manifest, measurements, opts.check, runnable)
         elif graph.kind == "cnn":
             cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable)
         timings["reference_and_check"] = time.perf_counter() - t0
@@ -188,6 +186,25 @@ def _write_decoder_tokenizer(graph: Graph, tmp: Path, artifacts: list) -> dict:
                       "bytes": spec_file.stat().st_size, "formats": {}})
     return {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
             "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None}
+
+
+def decoder_reference_and_check(graph: Graph, bundle: Path, manifest: dict, measurements: dict, check: bool,
+                                runnable: bool) -> None:
+    """The GGUF bundles' reference prompts and logits; checked in the TVM runtime when the library runs here."""
+    if runnable:
+        from edgeq.pipeline import _reference_and_check
+
+        _reference_and_check(graph, bundle, manifest, measurements, check)
+        return
+    from edgeq.executor import Executor
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.reference import reference_token_ids, write_reference
+    from edgeq.tokenizer import build_tokenizer, encode
+
+    spec = graph_tokenizer_spec(graph)
+    tok = build_tokenizer(spec)
+    ids = reference_token_ids(lambda s: encode(tok, spec, s, add_special=True, parse_special=False))
+    write_reference(bundle / "reference", ids, Executor(graph, cache_weights=False).logits_many(ids))
 
 
 def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:

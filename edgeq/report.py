@@ -86,7 +86,7 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
                   f"Measured in the target runtime against the float reference executor: cosine mean "
                   f"{fid['cosine_mean']:.6f} (min {fid['cosine_min']:.6f}) over {fid['n_inputs']} sentences. "
                   f"Run `edgeq eval` for the full figures."]
-    elif fid:
+    elif fid and "kld_mean" in fid:
         lines += ["", "## Fidelity on the bundled reference prompts", "",
                   f"Measured in the target runtime against the float reference executor: KLD mean "
                   f"{fid['kld_mean']:.3g} (max {fid['kld_max']:.3g}), top-1 agreement {fid['top1']:.3f} over "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -42,7 +43,8 @@ def resolve_target(profile) -> dict[str, Any]:
         return dict(t)
     if t == "cuda":
         # no GPU to detect here: a fixed architecture (Ampere, sm_80) keeps the build the same on every machine
-        return {"kind": "cuda", "arch": CUDA_ARCH, "host": {"kind": "llvm"}}
+        return {"kind": "cuda", "arch": CUDA_ARCH, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                "thread_warp_size": 32, "host": {"kind": "llvm"}}
     raise EdgeqError(None, f"the TVM backend builds llvm and cuda targets; profile {profile.name} wants {t!r}")
 
 
@@ -81,15 +83,61 @@ def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
+def _symbolic_scratch(f: tirx.PrimFunc) -> bool:
+    """Whether a scheduled kernel allocates per-thread (local) scratch of a symbolic size (CUDA codegen refuses it)."""
+    text = f.script()
+    for m in re.finditer(r"alloc_buffer\(\(", text):
+        depth, i = 1, m.end()
+        while depth:                      # the shape tuple, up to its closing parenthesis
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        dims = text[m.end():i - 1]
+        rest = text[i:text.find("\n", i)]
+        if 'scope="local"' in rest and re.sub(r"T\.int64\(\d+\)|\d+|[\s,]", "", dims):
+            return True
+    return False
+
+
+@tvm.transform.module_pass(opt_level=0, name="DlightGpu")
+def _DlightGpu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """dlight's default GPU rules per kernel; where the matmul rule tiles a symbolic extent into scratch of
+    symbolic size (the one-token attention over the cache), the fallback rule (threads over the outputs)."""
+    from tvm.s_tir import dlight as dl
+
+    full = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                   dl.gpu.Fallback())
+    safe = dl.ApplyDefaultSchedule(dl.gpu.Fallback())
+    unscheduled = dict(mod.functions.items())         # the pass may update `mod` in place
+    out = full(mod)
+    for gv, f in list(out.functions.items()):
+        if isinstance(f, tirx.PrimFunc) and _symbolic_scratch(f):
+            out[gv] = safe(tvm.IRModule({gv: unscheduled[gv]}))[gv]
+    return out
+
+
+def _gpu_pipeline(tgt):
+    from tvm.relax.backend.cuda import pipeline as rp
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeqGpuPipeline")
+    def pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tgt:
+            return tvm.transform.Sequential([
+                *rp.library_dispatch_passes(tgt), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), _DlightGpu,
+                *rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt)])(m)
+
+    return pipeline
+
+
 def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
-    """Relax -> VM executable. Untuned: the default pipeline of the target (for CUDA that schedules every
-    kernel with dlight's GPU rules: matmul, GEMV, reductions, fallback). With a meta-schedule database
+    """Relax -> VM executable. Untuned: the default pipeline of the target (for CUDA, the same passes with
+    every kernel scheduled by dlight's GPU rules, `_DlightGpu`). With a meta-schedule database
     (`tune.py`), its kernels replace the untuned ones of the same workload."""
     tgt = tvm.target.Target(target)
     if tuning_db is None:
-        pipeline = relax.get_default_pipeline(tgt)
+        pipeline = _gpu_pipeline(tgt) if is_gpu(target) else relax.get_default_pipeline(tgt)
         return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([pipeline, _SortShapeStores]))
-    from tvm.relax import pipeline as rp
+    from tvm.relax.backend.cuda import pipeline as rp
 
     @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
     def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:

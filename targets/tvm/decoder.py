@@ -182,19 +182,44 @@ def _rope(bb, x, c, s):
 
 
 def _attention(bb, q, k_all, v_all, w: Widths, seq):
-    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d)."""
+    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d).
+
+    Scores and the weighted sum read the caches in place ((kv, T, d), no transposed copy per step);
+    query head h uses key/value head h // (heads / kv_heads), as the reference does."""
     d, nkv = w.head_dim, w.kv_heads
     rep = w.heads // nkv
-    qg = bb.emit(R.permute_dims(R.reshape(q, (seq, nkv, rep, d)), [1, 2, 0, 3]))        # (kv, rep, seq, d)
-    kt = bb.emit(R.expand_dims(R.permute_dims(k_all, [0, 2, 1]), axis=1))                  # (kv, 1, d, T)
-    scores = bb.emit(R.matmul(qg, kt))                                                     # (kv, rep, seq, T)
-    scale = float(np.float32(1.0 / np.sqrt(d)))
+    qg = bb.emit(R.reshape(q, (seq, nkv, rep, d)))
+    scale = tir.const(float(np.float32(1.0 / np.sqrt(d))), "float32")
 
-    def mask(st):
+    def scores(qt, kt):
+        n, t = qt.shape[0], kt.shape[1]
+        kk = te.reduce_axis((0, d), "kk")
+        return te.compute((nkv, rep, n, t), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, j, kk], axis=kk),
+                          name="scores")
+
+    def masked_softmax(st):
+        """softmax over keys of scale * scores, keys after the query's position excluded (the reference's order:
+        scale, mask, subtract the max, exp, normalise). One kernel with the mask inside keeps the scores
+        kernel a plain reduction, which dlight schedules for CUDA with a symbolic cache length."""
         n, t = st.shape[2], st.shape[3]
-        return te.compute(st.shape, lambda g, r, i, j: tir.if_then_else(
-            j <= i + (t - n), st[g, r, i, j] * tir.const(scale, "float32"), tir.min_value("float32")), name="mask")
+        ok = lambda i, j: j <= i + (t - n)                                                # noqa: E731
+        j1, j2 = te.reduce_axis((0, t), "j1"), te.reduce_axis((0, t), "j2")
+        val = lambda g, r, i, j: st[g, r, i, j] * scale                                   # noqa: E731
+        mx = te.compute((nkv, rep, n), lambda g, r, i: te.max(
+            tir.if_then_else(ok(i, j1), val(g, r, i, j1), tir.min_value("float32")), axis=j1), name="row_max")
+        ex = te.compute(st.shape, lambda g, r, i, j: tir.if_then_else(
+            ok(i, j), te.exp(val(g, r, i, j) - mx[g, r, i]), tir.const(0.0, "float32")), name="row_exp")
+        sm = te.compute((nkv, rep, n), lambda g, r, i: te.sum(ex[g, r, i, j2], axis=j2), name="row_sum")
+        return te.compute(st.shape, lambda g, r, i, j: ex[g, r, i, j] / sm[g, r, i], name="probs")
 
-    probs = bb.emit(R.nn.softmax(bb.emit_te(mask, scores, primfunc_name_hint="causal_mask"), axis=-1))
-    ctx = bb.emit(R.matmul(probs, R.expand_dims(v_all, axis=1)))                           # (kv, rep, seq, d)
-    return bb.emit(R.reshape(R.permute_dims(ctx, [2, 0, 1, 3]), (seq, w.heads * d)))
+    probs = bb.emit_te(masked_softmax, bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"),
+                       primfunc_name_hint="attn_softmax")
+
+    def weighted(pt, vt):
+        n, t = pt.shape[2], vt.shape[1]
+        j = te.reduce_axis((0, t), "j")
+        return te.compute((n, nkv, rep, d), lambda i, g, r, k: te.sum(pt[g, r, i, j] * vt[g, j, k], axis=j),
+                          name="attn_out")
+
+    ctx = bb.emit_te(weighted, probs, v_all, primfunc_name_hint="attn_values")
+    return bb.emit(R.reshape(ctx, (seq, w.heads * d)))
