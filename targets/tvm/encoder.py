@@ -15,7 +15,7 @@ from edgeq.errors import EdgeqError
 from edgeq.ir import Graph
 from edgeq.models.bert import BertConfig
 from edgeq.plan import Plan
-from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_table_prefix, sym
+from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_linear, emit_table_prefix, sym
 
 R = relax.op
 
@@ -43,10 +43,8 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
             h = _layer_norm(bb, params, bb.emit(R.add(we, pe)), graph, "embeddings.LayerNorm", cfg.ln_eps)
 
             mask_f = bb.emit(R.astype(mask, "float32"))
-            # additive key bias (batch, 1, 1, seq): 0 for tokens, -1e9 for padding
-            bias = bb.emit(R.reshape(R.multiply(R.subtract(mask_f, relax.const(1.0)), relax.const(1e9)),
-                                     (b, 1, 1, s)))
-            scale = relax.const(float(1.0 / np.sqrt(d)))
+            # additive key bias (batch, seq): 0 for tokens, -1e9 for padding
+            bias = bb.emit(R.multiply(R.subtract(mask_f, relax.const(1.0)), relax.const(1e9)))
             layers = range(cfg.n_layers)
             for i in (progress(layers, desc="lower tvm", unit="layer") if progress else layers):
                 p = f"encoder.layer.{i}."
@@ -55,14 +53,10 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
                     return emit_linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
                                        plan.tensors[p + n + ".weight"], hint=hint)
 
-                def heads(x):
-                    return bb.emit(R.permute_dims(R.reshape(x, (b, s, nh, d)), [0, 2, 1, 3]))
-
-                q, k, v = heads(lin(h, "attention.self.query", "q")), heads(lin(h, "attention.self.key", "k")), \
-                    heads(lin(h, "attention.self.value", "v"))
-                scores = bb.emit(R.add(R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), scale), bias))
-                probs = bb.emit(R.nn.softmax(scores, axis=-1))
-                ctx = bb.emit(R.reshape(R.permute_dims(R.matmul(probs, v), [0, 2, 1, 3]), (b, s, H)))
+                q = lin(h, "attention.self.query", "q")
+                k = lin(h, "attention.self.key", "k")
+                v = lin(h, "attention.self.value", "v")
+                ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
                 g = bb.emit(R.nn.gelu(lin(h1, "intermediate.dense", "inter")))

@@ -22,6 +22,7 @@ from edgeq.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
 from edgeq.plan import TensorPlan
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
+LINEAR_PREFIX = "edgeq_linear_"     # the schedule pass finds the linear kernels by this name
 
 
 @dataclass
@@ -45,32 +46,29 @@ class Params:
 
 
 def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None) -> te.Tensor:
-    """y[..., n] = sum_k x[..., k] * W[n, k] (+ b[n]) with W read in its stored format."""
+    """y[..., n] = sum_k x[..., k] * W[k, n] (+ b[n]) with W read in its stored (input-major) format."""
     k_dim = x.shape[-1]
-    n_dim = ws[0].shape[0]
+    n_dim = ws[0].shape[-1]
     k = te.reduce_axis((0, k_dim), "k")
     lead = list(x.shape[:-1])
 
     if fmt == "f32":
         (w,) = ws
-        weight = lambda n, kk: w[n, kk]                                                 # noqa: E731
-    elif fmt == "f16":
-        (w,) = ws
-        weight = lambda n, kk: w[n, kk].astype("float32")                               # noqa: E731
-    elif fmt == "int8_wo":
-        w, _ = ws
-        weight = lambda n, kk: w[n, kk].astype("float32")                               # noqa: E731
+        weight = lambda kk, n: w[kk, n]                                                 # noqa: E731
+    elif fmt in ("f16", "int8_wo"):
+        w = ws[0]
+        weight = lambda kk, n: w[kk, n].astype("float32")                               # noqa: E731
     elif fmt == "int4_g32":
         w, s = ws
 
-        def weight(n, kk):
-            byte = w[n, kk // 2].astype("int32")
+        def weight(kk, n):
+            byte = w[kk // 2, n].astype("int32")
             nib = tir.bitwise_and(tir.shift_right(byte, (kk % 2) * 4), 15) - 8
-            return nib.astype("float32") * s[n, kk // INT4_GROUP].astype("float32")
+            return nib.astype("float32") * s[kk // INT4_GROUP, n].astype("float32")
     else:
         raise EdgeqError(None, f"format {fmt} is not carried by the TVM target")
 
-    acc = te.compute(lead + [n_dim], lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(i[-1], k), axis=k),
+    acc = te.compute(lead + [n_dim], lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(k, i[-1]), axis=k),
                      name="matmul")
     scale = ws[1] if fmt == "int8_wo" else None
     if scale is None and bias is None:
@@ -88,18 +86,24 @@ def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | No
 
 
 def weight_arrays(name: str, w: np.ndarray, d: TensorPlan) -> list[tuple[str, np.ndarray]]:
-    """The stored arrays of one (out, in) weight in its plan format (names: the weight's, then suffixes)."""
+    """The stored arrays of one (out, in) weight in its plan format, input-major so kernels vectorize over outputs.
+
+    f32/f16: W^T (in, out). int8_wo: int8 W^T and an f32 scale per output. int4_g32: bytes (in/2, out), the
+    low nibble for the even input row, and f16 scales (in/32, out). Same bytes as the format's reference
+    quantizer, transposed.
+    """
     fmt = d.format
+    w = w.reshape(w.shape[0], -1)
     if fmt in ("f32", "f16"):
-        return [(name, w.astype(NP_DTYPE[fmt]))]
+        return [(name, np.ascontiguousarray(w.T).astype(NP_DTYPE[fmt]))]
     if fmt == "int8_wo":
         q, scale = int8_quantize_rows(w)
-        return [(name, q), (name + ".scale", scale)]
+        return [(name, np.ascontiguousarray(q.T)), (name + ".scale", scale)]
     if fmt == "int4_g32":
         if w.shape[-1] % INT4_GROUP:
             raise EdgeqError(None, f"{name}: {w.shape[-1]} input columns are not a multiple of {INT4_GROUP}")
         packed, scale = int4_quantize_groups(w)
-        return [(name, packed), (name + ".scale", scale)]
+        return [(name, np.ascontiguousarray(packed.T)), (name + ".scale", np.ascontiguousarray(scale.T))]
     raise EdgeqError(None, f"format {fmt} (for {name}) is not carried by the TVM target")
 
 
@@ -112,14 +116,14 @@ def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str
 
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
                      hint: str = "linear") -> relax.Expr:
-    """A linear layer over weight parameters already added (a tied head reuses the embedding table's)."""
+    """A linear layer over weight parameters already added (a tied head shares the token table's)."""
     args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
     def fn(xt, *rest):
         return _linear_te(xt, fmt, list(rest[:n_w]), rest[n_w] if len(rest) > n_w else None)
 
-    return bb.emit_te(fn, *args, primfunc_name_hint=f"{hint}_{fmt}")
+    return bb.emit_te(fn, *args, primfunc_name_hint=f"{LINEAR_PREFIX}{hint}_{fmt}")
 
 
 def emit_embedding(bb: relax.BlockBuilder, params: Params, ids: relax.Expr, name: str, table: np.ndarray,
@@ -155,3 +159,39 @@ def sym(name: str) -> tir.Var:
 
 
 __all__ = ["Params", "emit_linear", "emit_linear_vars", "emit_embedding", "emit_table_prefix", "weight_arrays", "sym", "tvm"]
+
+
+ATTENTION_PREFIX = "edgeq_attention_"
+
+
+def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask_bias: relax.Expr,
+                   n_heads: int, head_dim: int) -> relax.Expr:
+    """Bidirectional multi-head attention on (batch, seq, heads*dim) activations, two TE kernels and a softmax.
+
+    scores[b, h, i, j] = q_i . k_j / sqrt(d) + mask_bias[b, j] reads K transposed per head, so the inner
+    loop runs over j contiguously; the context kernel's inner loop runs over the head dimension. The
+    schedule pass gives both their CPU loop order (schedule.py).
+    """
+    scale = float(1.0 / np.sqrt(head_dim))
+
+    def scores_fn(qt, kt_in, bias):
+        bsz, seq = qt.shape[0], qt.shape[1]
+        kt = te.compute((bsz, n_heads, head_dim, seq), lambda b_, h, d, j: kt_in[b_, j, h * head_dim + d], name="kt")
+        d = te.reduce_axis((0, head_dim), "d")
+        raw = te.compute((bsz, n_heads, seq, seq),
+                         lambda b_, h, i, j: te.sum(qt[b_, i, h * head_dim + d] * kt[b_, h, d, j], axis=d),
+                         name="scores")
+        return te.compute(raw.shape, lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j], name="scores_epi")
+
+    scores = bb.emit_te(scores_fn, q, k, mask_bias, primfunc_name_hint=ATTENTION_PREFIX + "scores")
+    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+
+    def context_fn(p, vt):
+        bsz, seq = vt.shape[0], vt.shape[1]
+        j = te.reduce_axis((0, seq), "j")
+        return te.compute((bsz, seq, n_heads, head_dim),
+                          lambda b_, i, h, d: te.sum(p[b_, h, i, j] * vt[b_, j, h * head_dim + d], axis=j),
+                          name="context")
+
+    ctx = bb.emit_te(context_fn, probs, v, primfunc_name_hint=ATTENTION_PREFIX + "context")
+    return ctx

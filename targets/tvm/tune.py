@@ -56,7 +56,10 @@ def tune(mod: tvm.IRModule, target: dict[str, Any], profile, trials: int, host_r
     db = ms.database.JSONDatabase(path_workload=str(work / "workloads.json"),
                                   path_tuning_record=str(work / "records.json"), allow_missing=True)
     tgt = tvm.target.Target(target)
-    tasks = [t for t in extract_tasks(mod, tgt) if _static(t.dispatched[0])]
+    from edgeq.targets.tvm.build import ScheduleSymbolic
+
+    # what the tuned build compiles: the symbolic kernels already scheduled, the static ones open
+    tasks = [t for t in extract_tasks(ScheduleSymbolic(mod), tgt) if _static(t.dispatched[0])]
     todo = [t for t in tasks if not db.has_workload(t.dispatched[0])]
     log(f"tuning: {len(tasks)} static kernels, {len(tasks) - len(todo)} already in {work}, "
         f"{len(todo)} to tune with {trials} trials")

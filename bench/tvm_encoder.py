@@ -1,0 +1,118 @@
+"""all-MiniLM-L6-v2, float: edgeq's TVM build (llvm for this host, untuned) vs onnxruntime, side by side.
+
+Batch 1, sequence 128, the same thread count for both (TVM's thread pool,
+onnxruntime's intra-op threads with spinning off), variants interleaved round by
+round; median latency per variant and their ratio. TVM's int8/int4 builds are
+timed too (weight-only: smaller files, same float compute). Fidelity: cosine to
+edgeq's float reference executor on held-out sentences.
+
+    python bench/tvm_encoder.py                      # 2 threads, 10 rounds
+    python bench/tvm_encoder.py --quants f32 --rounds 3 --sentences 16
+
+Prints a table and writes bench/results/tvm_encoder.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--runs-per-round", type=int, default=3)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--sentences", type=int, default=64)
+    ap.add_argument("--quants", default="f32,int8,int4", help="TVM presets to build and time")
+    ap.add_argument("--out", default="bench/results/tvm_encoder.json")
+    a = ap.parse_args()
+
+    import onnxruntime as ort
+
+    from edgeq import runtime
+    from edgeq.executor import Executor
+    from edgeq.export_onnx import cosines, encoder_tokenizer
+    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.pipeline import ExportOptions, export
+    from edgeq.texts import calibration_text, evaluation_sentences
+
+    work = Path(tempfile.mkdtemp(prefix="edgeq-bench-tvm-"))
+    export_s: dict[str, float] = {}
+    bundles: dict[str, Path] = {}
+    t0 = time.perf_counter()
+    export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant="f32", out=str(work / "onnx-f32"), check=False))
+    export_s["onnxruntime f32"] = time.perf_counter() - t0
+    bundles["onnxruntime f32"] = work / "onnx-f32"
+    for q in [q.strip() for q in a.quants.split(",") if q.strip()]:
+        t0 = time.perf_counter()
+        export(ExportOptions(model="all-MiniLM-L6-v2", backend="tvm", quant=q, out=str(work / f"tvm-{q}"), check=False))
+        export_s[f"tvm {q}"] = time.perf_counter() - t0
+        bundles[f"tvm {q}"] = work / f"tvm-{q}"
+    sessions = {k: runtime.load(v, threads=a.threads) for k, v in bundles.items()}
+
+    graph = import_model(resolve_model_path("all-MiniLM-L6-v2"))
+    tok = encoder_tokenizer(graph)
+    long_ids = tok.encode(calibration_text()[:4000]).ids[: a.seq]
+    assert len(long_ids) == a.seq
+    ex = Executor(graph)
+    sents = evaluation_sentences(a.sentences)
+    ids = [tok.encode(s).ids for s in sents]
+    ref = np.stack([ex.embed(i) for i in ids])
+    fidelity = {}
+    for k, s in sessions.items():
+        c = cosines(ref, np.concatenate([s.embed_ids(ids[i:i + 16]) for i in range(0, len(ids), 16)], 0))
+        fidelity[k] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
+
+    for s in sessions.values():
+        s.embed_ids([long_ids])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(a.rounds):
+        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
+        for k in order:
+            for _ in range(a.runs_per_round):
+                t0 = time.perf_counter()
+                sessions[k].embed_ids([long_ids])
+                times[k].append(time.perf_counter() - t0)
+    base = "onnxruntime f32"
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    rows = []
+    for k, b in bundles.items():
+        m = json.loads((b / "manifest.json").read_text())
+        size = sum(x["bytes"] for x in m["artifacts"] if x["role"] in ("model", "model_data", "params"))
+        rows.append({"variant": k, "files_mb": size / 1e6, "latency_ms_median": med[k],
+                     "latency_ms_p10": float(np.percentile(times[k], 10) * 1e3),
+                     "latency_ms_p90": float(np.percentile(times[k], 90) * 1e3),
+                     "vs_onnxruntime": med[k] / med[base], "export_s": export_s[k], **fidelity[k]})
+    print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, {a.rounds}x{a.runs_per_round} interleaved runs "
+          f"(TVM untuned: edgeq's fixed schedule)")
+    print(f"{'variant':18s} {'MB':>6s} {'ms':>8s} {'x ORT':>7s} {'cos mean':>9s} {'cos min':>8s}")
+    for r in rows:
+        print(f"{r['variant']:18s} {r['files_mb']:6.1f} {r['latency_ms_median']:8.2f} {r['vs_onnxruntime']:7.2f} "
+              f"{r['cosine_mean']:9.6f} {r['cosine_min']:8.6f}")
+    for s in sessions.values():
+        s.close()
+    from importlib import metadata
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
+                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(sents),
+                               "onnxruntime": ort.__version__, "apache-tvm": metadata.version("apache-tvm"),
+                               "tvm_target": json.loads((bundles[next(k for k in bundles if k.startswith("tvm"))]
+                                                         / "manifest.json").read_text())["tvm"]["target"]
+                               if len(bundles) > 1 else None,
+                               "rows": rows, "load_avg": os.getloadavg()}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
