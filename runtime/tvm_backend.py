@@ -69,6 +69,8 @@ class TvmSession:
         lib_path = artifact_path(bundle, spec["library"])
         mode, host, port = parse_device(device)
         gpu = (spec.get("target") or {}).get("kind") == "cuda"
+        if gpu:       # the library carries CUDA source; this registers the compiler TVM calls when loading it
+            import tvm.support.nvcc  # noqa: F401
         self.device_name = device or "cpu"
         if mode == "local":
             _set_threads(threads)

@@ -11,6 +11,7 @@ compiles are slow: each configuration is built once per module.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -196,18 +197,20 @@ def test_same_inputs_byte_identical_tvm_decoder(hf_model, bundle, tmp_path):
 
 
 def test_cuda_target_builds_a_cuda_library(hf_model, tmp_path):
-    """No GPU here: the export builds, skips the run, and the library carries CUDA kernels (PTX)."""
+    """No GPU here: the export builds with dlight schedules, skips the run, and the library's imported `cuda`
+    module carries the kernels (TVM 0.27 stores CUDA source, compiled on the device at load)."""
     out = tmp_path / "cuda"
     res = _export(hf_model, out, quant="int4", target="cuda")
     m = res["manifest"]
-    assert m["tvm"]["target"]["kind"] == "cuda"
-    lib = tvm.runtime.load_module(str(out / "model.so")) if tvm.cuda(0).exist else None
+    assert m["tvm"]["target"]["kind"] == "cuda" and m["tvm"]["decode_entry"] == "decode"
+    assert "skipped" in res["measurements"]["reference_check"]
     data = (out / "model.so").read_bytes()
-    # the device module is imported into the host library as PTX (or a cubin) blob
-    assert b".target sm_80" in data or b"\x7fELF" in data[100:]
-    assert b".entry" in data or lib is not None
-    if not tvm.cuda(0).exist:
-        assert "skipped" in res["measurements"]["reference_check"]
+    assert data[:4] == b"\x7fELF"
+    for kernel in ("attn_scores", "attn_softmax", "token_lookup", "rope"):
+        assert re.search(rb"__global__ void __launch_bounds__\(\d+\) " + kernel.encode() + rb"\w*_kernel\(", data), kernel
+    # every kernel is bound to GPU threads (dlight): each int4 linear reads its nibbles on the device
+    assert re.search(rb"__global__ void __launch_bounds__\(\d+\) \w*int4_g32\w*_kernel\(", data)
+    assert b"threadIdx.x" in data and b"blockIdx.x" in data
 
 
 def test_arm64_and_android_builds(hf_model, tmp_path):

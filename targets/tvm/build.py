@@ -133,7 +133,8 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     """Relax -> VM executable.
 
     CPU, untuned: edgeq's fixed linear/attention schedule (schedule.py), then the default llvm pipeline.
-    CUDA: the same passes with every kernel scheduled by dlight's GPU rules (`_DlightGpu`).
+    CUDA: the same passes with every kernel scheduled by dlight's GPU rules (`_DlightGpu`); TVM 0.27 embeds
+    the kernels as CUDA source in the library's `cuda` module, compiled on the device when it is loaded.
     Tuned (a meta-schedule database from tune.py): the fixed schedule only for kernels with symbolic
     shapes (those are not tuned), the database's schedules for the others.
     """
