@@ -86,9 +86,10 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
     timings["lower"] = time.perf_counter() - t0
     tuning_db, trials = None, int(getattr(opts, "tune_trials", 0) or 0)
     if trials:
-        from edgeq.targets.tvm.tune import tune
+        from edgeq.targets.tvm.tune import tune, tuning_target
 
         t0 = time.perf_counter()
+        target = tuning_target(target)
         tuning_db = tune(lowered.mod, target, profile, trials, host_can_run(profile), log)
         timings["tune"] = time.perf_counter() - t0
     t0 = time.perf_counter()

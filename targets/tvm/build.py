@@ -83,19 +83,29 @@ def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def _symbolic_scratch(f: tirx.PrimFunc) -> bool:
-    """Whether a scheduled kernel allocates per-thread (local) scratch of a symbolic size (CUDA codegen refuses it)."""
-    text = f.script()
-    for m in re.finditer(r"alloc_buffer\(\(", text):
+def _shapes(text: str, marker: str):
+    """(dims text, rest of the line) of each shape tuple opened by `marker` in a kernel's TVMScript
+    (this TVM exposes no buffer map on PrimFunc)."""
+    for m in re.finditer(re.escape(marker), text):
         depth, i = 1, m.end()
         while depth:                      # the shape tuple, up to its closing parenthesis
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        dims = text[m.end():i - 1]
-        rest = text[i:text.find("\n", i)]
-        if 'scope="local"' in rest and re.sub(r"T\.int64\(\d+\)|\d+|[\s,]", "", dims):
-            return True
-    return False
+        yield text[m.end():i - 1], text[i:text.find("\n", i)]
+
+
+def _is_symbolic(dims: str) -> bool:
+    return bool(re.sub(r"T\.int64\(\d+\)|T\.int32\(\d+\)|\d+|[\s,]", "", dims))
+
+
+def _symbolic_scratch(f: tirx.PrimFunc) -> bool:
+    """Whether a scheduled kernel allocates per-thread (local) scratch of a symbolic size (CUDA codegen refuses it)."""
+    return any('scope="local"' in rest and _is_symbolic(dims) for dims, rest in _shapes(f.script(), "alloc_buffer(("))
+
+
+def symbolic_kernel(f: tirx.PrimFunc) -> bool:
+    """Whether a kernel's arguments have symbolic shapes (a sequence or cache length)."""
+    return any(_is_symbolic(dims) for dims, _ in _shapes(f.script(), "T.Buffer(("))
 
 
 @tvm.transform.module_pass(opt_level=0, name="DlightGpu")
@@ -163,16 +173,12 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
         return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
 
 
-def _symbolic(f: tirx.PrimFunc) -> bool:
-    return any(not isinstance(d, tirx.IntImm) for buf in f.buffer_map.values() for d in buf.shape)
-
-
 @tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
 def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
     from edgeq.targets.tvm.schedule import ScheduleLinears
 
-    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and _symbolic(f)})
+    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
     done = dict(ScheduleLinears(picked).functions.items())
     return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 

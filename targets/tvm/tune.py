@@ -32,12 +32,14 @@ def tune_dir(profile_name: str) -> Path:
 
 
 def _static(mod: tvm.IRModule) -> bool:
-    for f in mod.functions.values():
-        if isinstance(f, tirx.PrimFunc):
-            for buf in f.buffer_map.values():
-                if not all(isinstance(d, tirx.IntImm) for d in buf.shape):
-                    return False
-    return True
+    from edgeq.targets.tvm.build import symbolic_kernel
+
+    return not any(isinstance(f, tirx.PrimFunc) and symbolic_kernel(f) for f in mod.functions.values())
+
+
+def tuning_target(target: dict[str, Any]) -> dict[str, Any]:
+    """Meta-schedule needs the core count in the target; tuned builds compile for this same target."""
+    return {**target, "num-cores": max(1, os.cpu_count() or 1)}
 
 
 def tune(mod: tvm.IRModule, target: dict[str, Any], profile, trials: int, host_runs: bool,
