@@ -270,3 +270,18 @@ def test_smollm_f32_tvm_greedy_32_tokens_with_the_cache(smollm_tvm_f32, smollm_g
         prompt = s.tokenize("The capital of France is", add_special=True, parse_special=False)
         got = greedy_cached(s.backend, prompt, 32)
     assert got == greedy_reference(Executor(smollm_graph), prompt, 32)
+
+
+def test_smollm_int4_within_1_2x_of_gguf_q4_0(tmp_path_factory, export_bundle, reference_logits):
+    """Symmetric int4 in groups of 32 against llama.cpp's q4_0 (both without an importance matrix), same text."""
+    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.pipeline import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("smol-tvm") / "int4"
+    export(ExportOptions(backend="tvm", quant="int4", out=str(out), check=False))
+    plan = json.loads((out / "manifest.json").read_text())["plan"]["tensors"]
+    assert plan["model.layers.0.mlp.down_proj.weight"]["format"] == "int4_g32"
+    res = {k: evaluate_bundle(b, chunks=8, record=False, reference_logits=reference_logits)
+           for k, b in (("tvm", out), ("gguf", export_bundle("q4_0")))}
+    assert res["tvm"]["backend"] == "tvm" and res["tvm"]["n_tokens_scored"] == res["gguf"]["n_tokens_scored"] >= 2000
+    assert res["tvm"]["kld_mean"] <= 1.2 * res["gguf"]["kld_mean"]
