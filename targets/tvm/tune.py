@@ -1,8 +1,8 @@
 """Optional meta-schedule tuning (`--tune-trials N`), its database cached per device profile.
 
-Only kernels with static shapes are tuned (the decoder's one-token `decode` path:
-its matmuls are GEMVs whose shapes are known); symbolic-shape kernels keep their
-default schedules. The database lives in ~/.cache/edgeq/tvm-tune/<profile>/ (or
+Only the linear kernels with static shapes are tuned (the decoder's one-token
+`decode` path: its matmuls, where decode time goes, are GEMVs of known shapes);
+symbolic-shape kernels keep edgeq's fixed schedule, small element-wise ones the default. The database lives in ~/.cache/edgeq/tvm-tune/<profile>/ (or
 $EDGEQ_TVM_TUNE_DIR/<profile>) and is reused: a workload already in it is not
 tuned again, so a second export of the same model costs no trials. Measuring
 needs the device, so tuning runs where the library runs (the host profile).
@@ -59,9 +59,11 @@ def tune(mod: tvm.IRModule, target: dict[str, Any], profile, trials: int, host_r
                                   path_tuning_record=str(work / "records.json"), allow_missing=True)
     tgt = tvm.target.Target(target)
     from edgeq.targets.tvm.build import ScheduleSymbolic
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
 
     # what the tuned build compiles: the symbolic kernels already scheduled, the static ones open
-    tasks = [t for t in extract_tasks(ScheduleSymbolic(mod), tgt) if _static(t.dispatched[0])]
+    tasks = [t for t in extract_tasks(ScheduleSymbolic(mod), tgt)
+             if LINEAR_PREFIX in t.task_name and _static(t.dispatched[0])]
     todo = [t for t in tasks if not db.has_workload(t.dispatched[0])]
     log(f"tuning: {len(tasks)} static kernels, {len(tasks) - len(todo)} already in {work}, "
         f"{len(todo)} to tune with {trials} trials")
