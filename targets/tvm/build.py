@@ -165,12 +165,27 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
         with tgt:
             m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
                                           *rp.legalize_passes(tgt)])(m)
-            m = relax.transform.MetaScheduleApplyDatabase()(m)
+            m = _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
             return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
                                              _SortShapeStores])(m)
 
     with tuning_db:
         return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedLinears")
+def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Linear kernels the database has no schedule for (the trial budget ran out) get the fixed one."""
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+    from edgeq.targets.tvm.schedule import schedule_linear
+
+    funcs = {}
+    for gv, f in mod.functions.items():
+        if (isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX)
+                and not (f.attrs and f.attrs.get("tirx.is_scheduled"))):
+            f = schedule_linear(f)
+        funcs[gv] = f
+    return tvm.IRModule(funcs, attrs=mod.attrs)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
