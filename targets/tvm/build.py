@@ -182,7 +182,7 @@ def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     funcs = {}
     for gv, f in mod.functions.items():
         if (isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX)
-                and not (f.attrs and f.attrs.get("tirx.is_scheduled"))):
+                and not (f.attrs and f.attrs.get("tirx.is_scheduled")) and not symbolic_kernel(f)):
             f = schedule_linear(f)
         funcs[gv] = f
     return tvm.IRModule(funcs, attrs=mod.attrs)
