@@ -23,7 +23,7 @@ from tvm import tirx
 from edgeq.errors import EdgeqError
 
 TUNE_DIR_ENV = "EDGEQ_TVM_TUNE_DIR"
-BUILD_TIMEOUT_S = 120
+BUILD_TIMEOUT_S = 600         # a kernel build in a fresh worker process, on two shared cores
 
 
 def tune_dir(profile_name: str) -> Path:
