@@ -207,7 +207,8 @@ def test_cuda_target_builds_a_cuda_library(hf_model, tmp_path):
     data = (out / "model.so").read_bytes()
     assert data[:4] == b"\x7fELF"
     for kernel in ("attn_scores", "attn_softmax", "token_lookup", "rope"):
-        assert re.search(rb"__global__ void __launch_bounds__\(\d+\) " + kernel.encode() + rb"\w*_kernel\(", data), kernel
+        pattern = rb"__global__ void __launch_bounds__\(\d+\) " + kernel.encode() + rb"\w*_kernel\("
+        assert re.search(pattern, data), kernel
     # every kernel is bound to GPU threads (dlight): each int4 linear reads its nibbles on the device
     assert re.search(rb"__global__ void __launch_bounds__\(\d+\) \w*int4_g32\w*_kernel\(", data)
     assert b"threadIdx.x" in data and b"blockIdx.x" in data

@@ -193,7 +193,8 @@ def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
     from edgeq.targets.tvm.schedule import ScheduleLinears
 
-    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
+    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items()
+                           if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
     done = dict(ScheduleLinears(picked).functions.items())
     return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 

@@ -2,7 +2,8 @@
 
 Only the linear kernels with static shapes are tuned (the decoder's one-token
 `decode` path: its matmuls, where decode time goes, are GEMVs of known shapes);
-symbolic-shape kernels keep edgeq's fixed schedule, small element-wise ones the default. The database lives in ~/.cache/edgeq/tvm-tune/<profile>/ (or
+symbolic-shape kernels keep edgeq's fixed schedule, small element-wise ones the
+default. The database lives in ~/.cache/edgeq/tvm-tune/<profile>/ (or
 $EDGEQ_TVM_TUNE_DIR/<profile>) and is reused: a workload already in it is not
 tuned again, so a second export of the same model costs no trials. Measuring
 needs the device, so tuning runs where the library runs (the host profile).
