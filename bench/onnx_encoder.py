@@ -101,6 +101,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 s.run(["embedding"], feed)
                 times[k].append(time.perf_counter() - t0)
+    ops = {k: optimized_ops(v, a.threads, work) for k, v in models.items()}
+    gemm = gemm_int8_vs_f32(a.threads, a.rounds)
     base = "float, ORT transformer optimizer" if "float, ORT transformer optimizer" in times else "edgeq f32"
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     rows = []
@@ -108,20 +110,99 @@ def main() -> None:
         rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, "latency_ms_median": med[k],
                      "latency_ms_p10": float(np.percentile(times[k], 10) * 1e3),
                      "latency_ms_p90": float(np.percentile(times[k], 90) * 1e3),
-                     "vs_float": med[k] / med[base], **fidelity[k]})
+                     "vs_float": med[k] / med[base], **fidelity[k], "optimized_ops": ops[k]})
     print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning off, {a.rounds}x{a.runs_per_round} "
           f"interleaved runs; baseline: {base}")
     print(f"{'variant':42s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'cos mean':>9s} {'cos min':>8s}")
     for r in rows:
         print(f"{r['variant']:42s} {r['file_mb']:6.1f} {r['latency_ms_median']:7.2f} {r['vs_float']:8.3f} "
               f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
+    print(f"one 128x384x1536 GEMM alone, {a.threads} threads: int8 (QDQ -> {gemm['int8_kernel']}) "
+          f"{gemm['int8_ms']:.3f} ms vs f32 MatMul {gemm['f32_ms']:.3f} ms = {gemm['int8_vs_f32']:.3f}x; "
+          f"CPU integer-dot-product extensions: {', '.join(gemm['cpu_flags']) or 'none (AVX2 only)'}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
                                "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(sents),
+                               "gemm_128x384x1536": gemm,
                                "export_s": export_s, "onnxruntime": ort.__version__, "rows": rows,
                                "load_avg": os.getloadavg()}, indent=1) + "\n")
     print(f"wrote {out}")
+
+
+def optimized_ops(path: str, threads: int, work: Path) -> dict[str, int]:
+    """The ops onnxruntime really runs (the graph after ORT_ENABLE_ALL): shows whether QDQ became integer kernels."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgeq.runtime.onnx_backend import session_options
+
+    so = session_options(threads)
+    so.optimized_model_filepath = str(work / "optimized.onnx")
+    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    counts: dict[str, int] = {}
+    for n in onnx.load(str(work / "optimized.onnx"), load_external_data=False).graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def gemm_int8_vs_f32(threads: int, rounds: int) -> dict:
+    """One FFN-sized GEMM alone, int8 (per-channel weights, uint8 activation, QDQ) against f32, interleaved.
+
+    Tells apart "the lowering is not fused" from "this CPU's integer GEMM is not faster": onnxruntime's
+    x86 int8 kernels are fast with VNNI (AVX-512 VNNI / AVX-VNNI) and only modestly so with plain AVX2."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgeq.formats import int8_quantize_rows
+    from edgeq.runtime.onnx_backend import session_options
+
+    m, k, n = 128, 384, 1536
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    q, scale = int8_quantize_rows(w)
+
+    def build(nodes, inits):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 8
+        return model.SerializeToString()
+
+    f32 = build([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
+    int8 = build([helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                  helper.make_node("DequantizeLinear", ["wq", "ws"], ["wd"], axis=1),
+                  helper.make_node("MatMul", ["xd", "wd"], ["y"])],
+                 [numpy_helper.from_array(np.array(0.03, np.float32), "xs"),
+                  numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+                  numpy_helper.from_array(np.ascontiguousarray(q.T), "wq"), numpy_helper.from_array(scale, "ws")])
+    so = session_options(threads)
+    path = Path(tempfile.mkdtemp(prefix="edgeq-gemm-")) / "opt.onnx"
+    so.optimized_model_filepath = str(path)
+    s8 = ort.InferenceSession(int8, so, providers=["CPUExecutionProvider"])
+    kernel = "+".join(nd.op_type for nd in onnx.load(str(path)).graph.node)
+    s32 = ort.InferenceSession(f32, session_options(threads), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    t = {"f32": [], "int8": []}
+    for r in range(rounds * 2):
+        for name, sess in (("f32", s32), ("int8", s8)) if r % 2 == 0 else (("int8", s8), ("f32", s32)):
+            for _ in range(10):
+                t0 = time.perf_counter()
+                sess.run(None, {"x": x})
+                t[name].append(time.perf_counter() - t0)
+    f, i = statistics.median(t["f32"]) * 1e3, statistics.median(t["int8"]) * 1e3
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"f32_ms": f, "int8_ms": i, "int8_vs_f32": i / f, "int8_kernel": kernel,
+            "cpu_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512vnni", "amx_int8", "avx512bw"})}
 
 
 if __name__ == "__main__":

@@ -111,7 +111,33 @@ def main() -> None:
                                                          / "manifest.json").read_text())["tvm"]["target"]
                                if len(bundles) > 1 else None,
                                "rows": rows, "load_avg": os.getloadavg()}, indent=1) + "\n")
-    print(f"wrote {out}")
+    plot(out)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def plot(json_path: Path) -> None:
+    """Latency (ratio to onnxruntime) and files size per variant, cosine in the labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(Path(json_path).read_text())
+    rows = d["rows"]
+    names = [r["variant"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.bar(names, [r["vs_onnxruntime"] for r in rows], color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
+    a1.set_ylabel("latency / onnxruntime f32")
+    a1.set_title(f"MiniLM, batch 1, seq {d['seq']}, {d['threads']} threads")
+    a2.bar(names, [r["files_mb"] for r in rows], color=["tab:gray"] + ["tab:green"] * (len(rows) - 1))
+    a2.set_ylabel("model files, MB")
+    for ax in (a1, a2):
+        ax.tick_params(axis="x", rotation=20)
+    for i, r in enumerate(rows):
+        a2.text(i, r["files_mb"], f"cos {r['cosine_mean']:.4f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(json_path).with_suffix(".png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

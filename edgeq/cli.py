@@ -30,7 +30,8 @@ def _options(a, out: str = "out"):
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties,
-        adapters=getattr(a, "adapter", None) or [], ndk_clang=getattr(a, "ndk_clang", None),
+        adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
+        ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
     )
 
@@ -43,7 +44,10 @@ def cmd_export(a) -> int:
     m = res["manifest"]
     art = m["artifacts"][0]
     chk = res["measurements"].get("reference_check", {})
-    if not a.quiet and "cosine_mean" in chk:
+    if not a.quiet and "agreement" in chk:
+        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**10:.1f} KiB, formats {art['formats']}; "
+              f"reference images: argmax agreement {chk['agreement']:.3f}, max |logit diff| {chk['max_abs_diff']:.2e}")
+    elif not a.quiet and "cosine_mean" in chk:
         print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, formats {art['formats']}; "
               f"reference-sentence cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})")
     elif not a.quiet:
@@ -78,7 +82,16 @@ def cmd_plan(a) -> int:
 
         if preset is None:
             raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with onnx")
-        plan = decide_onnx(graph, preset, user, a.plan, ctx)
+        from edgeq.export_onnx import cnn_calibration
+
+        calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
+        plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib)
+    elif backend == "tvm":
+        from edgeq.export_tvm import decide_tvm
+
+        if preset is None:
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
+        plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts).plan
     plan.save(out)
@@ -131,12 +144,17 @@ def cmd_eval(a) -> int:
     from edgeq.evaluate_bundle import evaluate_bundle
     from edgeq.progress import make_progress
 
-    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences,
+    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
                           record=not a.no_record, device=a.device,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
+    elif "agreement" in res:
+        acc = (f"; accuracy {res['accuracy']:.4f} (float reference {res['accuracy_reference']:.4f})"
+               if "accuracy" in res else "")
+        print(f"{a.bundle}: {res['backend']} argmax agreement with the float reference {res['agreement']:.4f} over "
+              f"{res['n_images']} images{acc}")
     elif "cosine_mean" in res:
         print(f"{a.bundle}: {res['backend']} cosine to the float reference: mean {res['cosine_mean']:.5f}, "
               f"min {res['cosine_min']:.5f} over {res['n_sentences']} sentences")
@@ -174,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common_model(sp):
         sp.add_argument("--model", help="GGUF file, Hugging Face folder (Llama family, or a BERT encoder such as "
-                                        "all-MiniLM-L6-v2) (default: the embedded SmolLM2-135M-Instruct)")
+                                        "all-MiniLM-L6-v2), or a torch.export.save'd CNN (.pt2) "
+                                        "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
         sp.add_argument("--backend", choices=["gguf", "onnx", "tvm"], help="runtime family (default: the profile's choice)")
@@ -199,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no importance matrix: llama.cpp's plain quantization")
         sp.add_argument("--imatrix", help="llama.cpp imatrix file (GGUF or legacy .dat) to use instead of calibrating")
         sp.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+        sp.add_argument("--calib-images", help="CNNs: .npz with an array 'images' (n, C, H, W) float32 to calibrate "
+                                               "static int8 activation ranges on (the first 512 are used)")
 
     def search_options(sp):
         calibration_options(sp)
@@ -253,11 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("bundle")
     ev.add_argument("--text", help="evaluation text file (default: held-out pydoc text shipped with Python); "
                                    "for encoders one sentence per line")
+    ev.add_argument("--images", help="CNNs: .npz with 'images' (n, C, H, W) float32 and optional 'labels' (n,)")
     ev.add_argument("--ctx", type=int, default=512)
     ev.add_argument("--chunks", type=int, default=8, help="windows to score (0: all the text)")
     ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences to score (0: all)")
     ev.add_argument("--reference", help="float source model, file or folder (default: the one the manifest names, "
-                                        "if found)")
+                                        "if found; CNNs: the .pt2)")
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)

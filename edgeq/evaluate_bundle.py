@@ -11,30 +11,57 @@ from edgeq.errors import EdgeqError
 from edgeq.fsutil import atomic_write_text, sha256_source
 
 
-def resolve_reference(manifest: dict, reference: str | None, bundle: Path) -> Path:
-    """The float model the bundle was made from; its hash must match the manifest's."""
-    want = manifest["source"]["sha256"]
+def reference_graph(manifest: dict, reference: str | None, bundle: Path):
+    """The float model the bundle was made from, imported; it must have the manifest's source digest.
+
+    One resolution for every model kind; only what is hashed differs: a decoder's file (or folder listing),
+    an encoder folder's defining files, a CNN's imported graph (so any save of the same network matches).
+    Without `reference`, the source the manifest names is looked for among the models edgeq ships.
+    """
+    from edgeq.importers.loader import import_model
+
+    name = manifest["source"]["name"]
     if reference:
         path = Path(reference)
         if not path.exists():
             raise EdgeqError(path, "no such reference model file or folder")
-        if sha256_source(path) != want:
-            raise EdgeqError(path, "is not the model this bundle was made from (SHA-256 differs from the manifest)")
-        return path
-    from edgeq.models.default import DEFAULT_NAME, default_model_path
+    else:
+        path = _shipped_source(name)
+        if path is None:
+            hint = " (a CNN's .pt2)" if manifest["model"].get("kind") == "cnn" else ""
+            raise EdgeqError(bundle, f"cannot find the source model {name!r}; pass --reference PATH{hint}")
+    kind = manifest["model"].get("kind")
+    graph = import_model(path) if kind == "cnn" else None
+    if _source_digest(kind, path, graph) != manifest["source"]["sha256"]:
+        raise EdgeqError(path, "is not the model this bundle was made from (SHA-256 differs from the manifest)")
+    return graph if graph is not None else import_model(path)
 
-    if manifest["source"]["name"] == DEFAULT_NAME:
-        path = default_model_path()
-        if sha256_source(path) == want:
-            return path
-    raise EdgeqError(bundle, f"cannot find the source model {manifest['source']['name']!r}; pass --reference PATH")
+
+def _shipped_source(name: str) -> Path | None:
+    from edgeq.models.default import DEFAULT_NAME, default_model_path
+    from edgeq.models.minilm import MINILM_NAME, minilm_path
+
+    return {DEFAULT_NAME: default_model_path, MINILM_NAME: minilm_path}.get(name, lambda: None)()
+
+
+def _source_digest(kind: str | None, path: Path, graph) -> str:
+    if kind == "cnn":
+        from edgeq.export_onnx import graph_digest
+
+        return graph_digest(graph) if graph.kind == "cnn" else ""
+    if kind == "encoder":
+        from edgeq.export_onnx import source_digest
+
+        return source_digest(path)[0]
+    return sha256_source(path)
 
 
 def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx: int = 512, chunks: int = 8,
                     reference: str | None = None, adapters: list[str] | None = None,
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
-                    reference_logits: Callable | None = None, sentences: int = 256, device: str | None = None) -> dict:
+                    reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
+                    device: str | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles."""
     from edgeq import runtime
     from edgeq.evaluation import evaluate
@@ -43,7 +70,18 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     bundle = Path(bundle)
     from edgeq.runtime.manifest import read_manifest
 
-    if read_manifest(bundle)["model"].get("kind") == "encoder":
+    kind = read_manifest(bundle)["model"].get("kind")
+    if kind == "cnn":
+        from edgeq.evaluate_cnn import evaluate_cnn
+
+        with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
+            res = evaluate_cnn(session, images, reference=reference, reference_logits=reference_logits,
+                               progress=progress)
+        res["backend"] = session.backend_name
+        if record:
+            _record(bundle, res)
+        return res
+    if kind == "encoder":
         from edgeq.evaluate_encoder import evaluate_encoder
 
         with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
@@ -86,9 +124,8 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
 def _reference_executor(manifest: dict, reference: str | None, adapters: list[str], bundle: Path):
     """The float source model, with the bundle's adapters merged (their hashes and weights must match)."""
     from edgeq.executor import Executor
-    from edgeq.importers.loader import import_model
 
-    graph = import_model(resolve_reference(manifest, reference, bundle))
+    graph = reference_graph(manifest, reference, bundle)
     want = manifest["source"].get("adapters") or []
     if want or adapters:
         from edgeq.passes import Context

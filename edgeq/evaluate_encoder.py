@@ -2,7 +2,7 @@
 
 Text: one sentence per line (`--text`), or by default held-out sentences of
 pydoc's topics that calibration never saw. The reference is edgeq's float
-executor on the source model the manifest names (hash checked).
+executor on the source model the manifest names (evaluate_bundle.reference_graph).
 """
 
 from __future__ import annotations
@@ -13,25 +13,6 @@ from typing import Callable
 import numpy as np
 
 from edgeq.errors import EdgeqError
-
-
-def resolve_encoder_reference(manifest: dict, reference: str | None, bundle: Path) -> Path:
-    from edgeq.export_onnx import source_digest
-
-    want = manifest["source"]["sha256"]
-    if reference:
-        path = Path(reference)
-        if not path.exists():
-            raise EdgeqError(path, "no such reference model")
-    else:
-        from edgeq.models.minilm import MINILM_NAME, minilm_path
-
-        if manifest["source"]["name"] != MINILM_NAME:
-            raise EdgeqError(bundle, f"cannot find the source model {manifest['source']['name']!r}; pass --reference PATH")
-        path = minilm_path()
-    if source_digest(path)[0] != want:
-        raise EdgeqError(path, "is not the model this bundle was made from (SHA-256 differs from the manifest)")
-    return path
 
 
 def read_sentences(text_file: str | None, n: int) -> tuple[list[str], str]:
@@ -59,10 +40,10 @@ def evaluate_encoder(session, text_file: str | None = None, n: int = 256, refere
     sentences, name = read_sentences(text_file, n)
     ids = [session.tokenize(s) for s in sentences]
     if reference_embed is None:
+        from edgeq.evaluate_bundle import reference_graph
         from edgeq.executor import Executor
-        from edgeq.importers.loader import import_model
 
-        ex = Executor(import_model(resolve_encoder_reference(session.manifest, reference, session.bundle)))
+        ex = Executor(reference_graph(session.manifest, reference, session.bundle))
         reference_embed = ex.embed
     it = ids if progress is None else progress(ids, desc="reference", unit="sentence")
     ref = np.stack([reference_embed(i) for i in it])

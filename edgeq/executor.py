@@ -67,6 +67,24 @@ class Executor:
                 raise ValueError("tokens must be a non-empty 1-D sequence")
             envs.append({"tokens": tokens, "positions": np.arange(tokens.size),
                          "token_types": np.zeros_like(tokens)})
+        envs = self._run_envs(envs, outputs)
+        if outputs == ("logits",):
+            return [env["logits"] for env in envs]
+        return envs
+
+    def run_inputs(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
+        """Graphs fed by named arrays rather than tokens (CNNs: {"images": (batch, C, H, W) float32}); batch kept."""
+        for v in self.graph.inputs:
+            if v.name not in inputs:
+                raise ValueError(f"missing input {v.name!r}")
+            x = np.asarray(inputs[v.name])
+            if x.ndim != len(v.shape) or any(isinstance(d, int) and d != s for d, s in zip(v.shape, x.shape)):
+                raise ValueError(f"input {v.name!r} has shape {x.shape}; expected {v.shape}")
+        env = {v.name: np.asarray(inputs[v.name], dtype=np.float32 if v.dtype == "f32" else None)
+               for v in self.graph.inputs}
+        return self._run_envs([env], outputs)[0]
+
+    def _run_envs(self, envs: list[dict], outputs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
         # Nodes are in execution order: stop after the last one that produces a requested output.
         keep = set(outputs)
         last = max((i for i, n in enumerate(self.graph.nodes) if keep & set(n.outputs)), default=-1)
@@ -77,6 +95,7 @@ class Executor:
         for i, node in enumerate(nodes):
             for name in node.inputs:
                 last_use[name] = i
+        fed = set(envs[0]) if envs else set()
         for i, node in enumerate(nodes):
             weights = {n: self.weight(n) for n in node.inputs if n in self.graph.weights}
             hook = self.observers.get(node.op)
@@ -86,11 +105,9 @@ class Executor:
                     hook(node, args)
                 env[node.outputs[0]] = OPS[node.op](self, node, args)
                 for n in node.inputs:
-                    if last_use.get(n) == i and n in env and n not in keep and n not in ("tokens", "positions", "token_types"):
+                    if last_use.get(n) == i and n in env and n not in keep and n not in fed:
                         del env[n]
             del weights
-        if outputs == ("logits",):
-            return [env["logits"] for env in envs]
         return [{k: env[k] for k in outputs} for env in envs]
 
     def logits(self, tokens) -> np.ndarray:
@@ -243,3 +260,66 @@ def _l2_normalize(ex, node, args):
     x = args[0]
     n = np.sqrt(np.sum(np.square(x, dtype=np.float64), -1, keepdims=True))
     return (x / np.maximum(n, node.attrs.get("eps", 1e-12))).astype(np.float32)
+
+
+# --- CNN ops (NCHW float32; see edgeq.models.cnn) ----------------------------------
+
+def _windows(x: np.ndarray, kernel, stride, padding, dilation=(1, 1), fill=0.0) -> np.ndarray:
+    """(N, C, Ho, Wo, kh, kw) views of the padded input, one per output position."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=fill)
+    win = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    return win[:, :, ::sh, ::sw, ::dh, ::dw]
+
+
+@op("conv2d")
+def _conv2d(ex, node, args):
+    """Grouped, strided, dilated conv as one matmul per group over the unfolded input (im2col)."""
+    x, w, b = args
+    a = node.attrs
+    g = int(a.get("groups", 1))
+    n, c = x.shape[:2]
+    out, cg, kh, kw = w.shape
+    win = _windows(x, (kh, kw), a["stride"], a["padding"], a.get("dilation", (1, 1)))
+    ho, wo = win.shape[2:4]
+    cols = win.reshape(n, g, cg, ho, wo, kh, kw).transpose(0, 1, 3, 4, 2, 5, 6).reshape(n, g, ho * wo, cg * kh * kw)
+    wg = w.reshape(g, out // g, cg * kh * kw).transpose(0, 2, 1)              # (g, K, out/g)
+    y = np.matmul(cols, wg)                                                    # (n, g, P, out/g)
+    y = y.transpose(0, 1, 3, 2).reshape(n, out, ho, wo)
+    return (y + b[None, :, None, None]).astype(np.float32, copy=False)
+
+
+@op("relu")
+def _relu(ex, node, args):
+    return np.maximum(args[0], np.float32(0))
+
+
+@op("relu6")
+def _relu6(ex, node, args):
+    return np.clip(args[0], np.float32(0), np.float32(6))
+
+
+@op("max_pool2d")
+def _max_pool2d(ex, node, args):
+    a = node.attrs
+    return _windows(args[0], a["kernel"], a["stride"], a["padding"], fill=-np.inf).max(axis=(-2, -1))
+
+
+@op("avg_pool2d")
+def _avg_pool2d(ex, node, args):
+    """Padding counts in the divisor (torch's count_include_pad=True default)."""
+    a = node.attrs
+    win = _windows(args[0], a["kernel"], a["stride"], a["padding"])
+    return win.astype(np.float64).mean(axis=(-2, -1)).astype(np.float32)
+
+
+@op("global_avg_pool")
+def _global_avg_pool(ex, node, args):
+    return args[0].astype(np.float64).mean(axis=(2, 3), keepdims=True).astype(np.float32)
+
+
+@op("flatten")
+def _flatten(ex, node, args):
+    x = args[0]
+    return x.reshape(x.shape[0], -1)

@@ -80,12 +80,67 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
         passes.append(ApplyRules(user_plan, plan_path))
     passes.append(Legalize())
     _, plan = run_passes(passes, graph, Plan(), ctx)
+    if graph.kind == "cnn":
+        return _decide_cnn_ranges(graph, plan, ctx, calibration, calibration_source, percentile)
     if any(d.format == "int8" and d.act_range is None for d in plan.tensors.values()):
         if calibration is None:
             calibration, calibration_source = calibration_inputs(graph)
         _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration inputs", percentile)],
                              graph, plan, ctx)
     return plan
+
+
+CALIB_MAX_IMAGES = 512          # the whitepaper calibrates on 100-500 samples
+
+
+def cnn_calibration(graph: Graph, calib_images) -> tuple[list[np.ndarray] | None, str | None]:
+    """Calibration images for a CNN: an .npz path (array `images`, NCHW float32) or an array; the first 512 are used."""
+    if calib_images is None:
+        return None, None
+    if isinstance(calib_images, (str, os.PathLike)):
+        from edgeq.images import read_images
+
+        images, _ = read_images(calib_images, graph.config.image_shape)
+        name = Path(calib_images).name
+    else:
+        images = np.asarray(calib_images)
+        if images.ndim != 4 or tuple(images.shape[1:]) != graph.config.image_shape or not len(images):
+            raise EdgeqError("calib_images", f"array has shape {images.shape}; expected (n, "
+                                             f"{', '.join(map(str, graph.config.image_shape))}) float32")
+        images = images.astype(np.float32)
+        name = "calibration array"
+    images = images[:CALIB_MAX_IMAGES]
+    return [images], f"{name} ({len(images)} images)"
+
+
+def _decide_cnn_ranges(graph: Graph, plan: Plan, ctx: Context, calibration, calibration_source,
+                       percentile) -> Plan:
+    """Static int8 CNNs get a calibrated range per activation (the plan's `activations`) unless the plan has them."""
+    from edgeq.targets.onnx.cnn import activation_params
+
+    if plan.activations is None and any(d.format == "int8" for d in plan.tensors.values()):
+        if calibration is None:
+            raise EdgeqError(None, "static int8 needs calibration images: pass --calib-images FILE.npz (array 'images' "
+                                   f"of shape (n, {', '.join(map(str, graph.config.image_shape))}) float32), or use "
+                                   "--quant int8-dyn")
+        _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration images", percentile)],
+                             graph, plan, ctx)
+        plan.calibration = {"activations": "per-tensor [min, max] of each quantized activation, "
+                                           f"{'min/max' if percentile is None else f'{percentile} percentile of |x|'}",
+                            "source": calibration_source, "images": int(sum(len(x) for x in calibration))}
+    activation_params(graph, plan)          # a plan naming an activation the model lacks fails here, before writing
+    return plan
+
+
+def graph_digest(graph: Graph) -> str:
+    """SHA-256 of what a network computes (ops, attributes, weight names, shapes and bytes), however it was saved."""
+    h = hashlib.sha256()
+    h.update(json.dumps([[n.op, n.inputs, n.outputs, n.attrs] for n in graph.nodes], sort_keys=True).encode())
+    for name, t in graph.weights.items():
+        arr = np.ascontiguousarray(t.numpy(), dtype="<f4")
+        h.update(f"\0{name}\0{arr.shape}\0".encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
 
 
 def source_name(path: Path, given: str | None) -> str:
@@ -113,14 +168,18 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
 
     ctx = Context(backend="onnx", profile=profile, progress=progress)
     t0 = time.perf_counter()
-    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx)
+    calib, calib_source = (None, None)
+    if graph.kind == "cnn":
+        calib, calib_source = cnn_calibration(graph, getattr(opts, "calib_images", None))
+    plan = decide_onnx(graph, preset, user_plan, opts.plan, ctx, calib, calib_source)
     timings["passes"] = time.perf_counter() - t0
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as onnx {preset}")
 
     t0 = time.perf_counter()
     model = lower_onnx(graph, plan, progress=progress)
     timings["lower"] = time.perf_counter() - t0
-    src_sha, src_bytes = source_digest(model_path)
+    source = source_record(graph, model_path, opts.model)
+    ref_images = cnn_reference_images(graph, calib) if graph.kind == "cnn" else None
     with staged_dir(opts.out, opts.force) as tmp:
         files = save_model(model, tmp / MODEL_FILE)
         del model
@@ -140,8 +199,7 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
-            "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
-                       "license": graph.metadata.get("license"), "adapters": []},
+            "source": source,
             "target": profile.to_json(),
             "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
             "kv_cache_dtype": None,
@@ -151,13 +209,17 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
             "pruning_rates": None,
-            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES)},
+            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images),
+                          **({} if ref_images is None else {"images": "calibration images" if calib else
+                                                            "seeded uniform noise in [0, 1)"})},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
         measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
         if graph.kind == "encoder":
             encoder_reference_and_check(graph, tmp, measurements, opts.check)
+        elif graph.kind == "cnn":
+            cnn_reference_and_check(graph, tmp, measurements, opts.check, ref_images)
         timings["reference_and_check"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -166,6 +228,49 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
 
         write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def source_record(graph: Graph, model_path: Path | None, given: str | None) -> dict[str, Any]:
+    if graph.kind == "cnn":
+        # a CNN is identified by what it computes, so a module exported through the API and the same module
+        # saved as a .pt2 (decomposed or not) are the same source for `edgeq eval --reference`
+        rec: dict[str, Any] = {"name": model_path.name if model_path else graph.metadata.get("name"),
+                               "sha256": graph_digest(graph), "sha256_of": "the imported graph (ops, attributes, weights)",
+                               "bytes": 4 * graph.n_params}
+        if model_path is not None:
+            rec["file_sha256"] = sha256_file(model_path)
+        return {**rec, "license": graph.metadata.get("license"), "adapters": []}
+    src_sha, src_bytes = source_digest(model_path)
+    return {"name": source_name(model_path, given), "sha256": src_sha, "bytes": src_bytes,
+            "license": graph.metadata.get("license"), "adapters": []}
+
+
+REFERENCE_IMAGES = 8
+
+
+def cnn_reference_images(graph: Graph, calib: list[np.ndarray] | None) -> np.ndarray:
+    """The images a CNN bundle carries with their float logits: the first calibration images, else seeded noise."""
+    if calib is None:
+        return np.random.default_rng(0).random((REFERENCE_IMAGES, *graph.config.image_shape), dtype=np.float32)
+    return np.ascontiguousarray(calib[0][:REFERENCE_IMAGES], dtype=np.float32)
+
+
+def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool, x: np.ndarray) -> None:
+    """Float reference logits for the reference images, and the runtime's on the same images."""
+    from edgeq import runtime
+    from edgeq.executor import Executor
+
+    ref = Executor(graph).run_inputs({"images": x})["logits"]
+    folder = bundle / "reference"
+    folder.mkdir()
+    np.save(folder / "images.npy", x)
+    np.save(folder / "logits.npy", ref.astype(np.float32))
+    if check:
+        with runtime.load(bundle, threads=max(1, min(4, os.cpu_count() or 1))) as s:
+            got = s.run({"images": x})["logits"]
+        measurements["reference_check"] = {
+            "backend": s.backend_name, "agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+            "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(x))}
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -68,7 +68,8 @@ def host_can_run(profile) -> bool:
 def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
                progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
                t_start: float) -> dict:
-    from edgeq.export_onnx import REFERENCE_SENTENCES, encoder_reference_and_check, source_digest, source_name
+    from edgeq.export_onnx import (REFERENCE_SENTENCES, cnn_calibration, cnn_reference_and_check, cnn_reference_images,
+                                   encoder_reference_and_check, source_record)
     from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
     from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
@@ -95,11 +96,14 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
     t0 = time.perf_counter()
     executable = compile_module(lowered.mod, target, tuning_db)
     timings["compile"] = time.perf_counter() - t0
-    src_sha, src_bytes = source_digest(model_path)
+    source = source_record(graph, model_path, opts.model)
+    ref_images = None
+    if graph.kind == "cnn":   # the first calibration images when given (weight-only presets need none), else noise
+        ref_images = cnn_reference_images(graph, cnn_calibration(graph, getattr(opts, "calib_images", None))[0])
     if graph.kind == "decoder":              # what `edgeq eval` checks a decoder's reference against
         from edgeq.fsutil import sha256_source, source_bytes
 
-        src_sha, src_bytes = sha256_source(model_path), source_bytes(model_path)
+        source = {**source, "sha256": sha256_source(model_path), "bytes": source_bytes(model_path)}
     with staged_dir(opts.out, opts.force) as tmp:
         lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
         save_params(lowered.params, tmp / PARAMS_FILE)
@@ -127,8 +131,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
-            "source": {"name": source_name(model_path, opts.model), "sha256": src_sha, "bytes": src_bytes,
-                       "license": graph.metadata.get("license"), "adapters": []},
+            "source": source,
             "target": profile.to_json(),
             "n_ctx": _n_ctx(opts, graph, profile),
             "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
@@ -141,7 +144,8 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
             "pruning_rates": None,
             "reference": ({"path": "reference", "prompts": 2} if graph.kind == "decoder" else
-                          {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if graph.kind == "encoder" else 0}),
+                          {"path": "reference",
+                           "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
@@ -155,7 +159,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         elif graph.kind == "decoder":
             decoder_reference_and_check(graph, tmp, manifest, measurements, opts.check, runnable)
         elif graph.kind == "cnn":
-            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable, ref_images)
         timings["reference_and_check"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}

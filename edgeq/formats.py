@@ -30,37 +30,39 @@ class Format:
     dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None
     # Formats whose overhead is per row (a scale per output channel) rather than per block.
     row_overhead_bytes: int = 0
-    # Weight-only formats see any weight as (output channels, everything else): a conv kernel
-    # (out, in, kh, kw) is out rows of in*kh*kw, so scales are per output channel.
+    # Rows are output channels (axis 0), whatever the rank: a conv weight (out, in, kh, kw) has `out` scales
+    # and in*kh*kw columns (the axis a TVM int4 group runs along).
     channel_rows: bool = False
 
-    def _rows_cols(self, shape: tuple[int, ...]) -> tuple[int, int]:
+    def _rows(self, shape: tuple[int, ...]) -> int:
         if len(shape) < 2:
-            return 1, int(shape[-1]) if shape else 1
-        if self.channel_rows:
-            return int(shape[0]), int(np.prod(shape[1:]))
-        return int(np.prod(shape[:-1])), int(shape[-1])
+            return 1
+        return int(shape[0]) if self.channel_rows else int(np.prod(shape[:-1]))
+
+    def _cols(self, shape: tuple[int, ...]) -> int:
+        if self.channel_rows and len(shape) > 1:
+            return int(np.prod(shape[1:]))
+        return int(shape[-1]) if shape else 1
 
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.block_bytes / (self.block[0] * self.block[1])
 
     def can_carry(self, shape: tuple[int, ...]) -> bool:
-        rows, cols = self._rows_cols(shape)
-        return cols % self.block[1] == 0 and rows % self.block[0] == 0
+        return self._cols(shape) % self.block[1] == 0 and self._rows(shape) % self.block[0] == 0
 
     def nbytes(self, shape: tuple[int, ...]) -> int:
         if not self.can_carry(shape):
             raise ValueError(f"format {self.name} cannot carry shape {shape} (block {self.block})")
-        rows, _ = self._rows_cols(shape)
-        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes + rows * self.row_overhead_bytes
+        return int(np.prod(shape)) // (self.block[0] * self.block[1]) * self.block_bytes \
+            + self._rows(shape) * self.row_overhead_bytes
 
     def quantize(self, w: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
         if self.quantize_fn is None:
             raise NotImplementedError(f"format {self.name} has no reference quantizer")
-        w2 = np.asarray(w, dtype=np.float32)
-        w2 = w2.reshape(w2.shape[0], -1) if self.channel_rows else w2.reshape(-1, w2.shape[-1])
+        w = np.asarray(w, dtype=np.float32)
+        w2 = w.reshape(self._rows(w.shape), -1) if w.ndim > 1 else w.reshape(1, -1)
         return self.quantize_fn(self, w2, imatrix)
 
     def dequantize(self, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -167,7 +169,8 @@ def _int8_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np
 
 def _int8_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """What DequantizeLinear computes: (q - 0) * scale, in float32."""
-    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, fmt._rows_cols(shape)[1] + 4)
+    cols = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cols + 4)
     q = data[:, :-4].view(np.int8).astype(np.float32)
     scale = np.ascontiguousarray(data[:, -4:]).view("<f4").reshape(-1)
     return (q * scale[:, None]).astype(np.float32).reshape(shape)
@@ -180,7 +183,8 @@ for _name, _desc in (
                  "computed at run time (dynamic)"),
 ):
     register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
-                    quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4))
+                    quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4,
+                    channel_rows=True))
 
 
 # --- TVM (weight-only) formats ---------------------------------------------------
@@ -226,7 +230,7 @@ def _int4_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np
 
 
 def _int4_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    cols = fmt._rows_cols(shape)[1]
+    cols = fmt._cols(shape)
     data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cols // 2 + 2 * (cols // fmt.block[1]))
     packed = data[:, :cols // 2]
     scale = np.ascontiguousarray(data[:, cols // 2:]).view("<f2")

@@ -90,13 +90,15 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         "backends": [a["backend"] for a in models],
         "preset": m["plan"].get("preset"),
         "bits_per_weight": round(m["model"]["bits_per_weight"], 4),
-        "model_bytes": sum(a["bytes"] for a in models),
+        "model_bytes": sum(a["bytes"] for a in m["artifacts"] if a.get("role", "model") in ("model", "model_data", "params")),
         "formats": models[0]["formats"] if models else {},
         "n_ctx": m["n_ctx"],
         "kv_cache_dtype": m["kv_cache_dtype"],
         "source": m["source"]["name"],
         "checksums": verified,
     }
+    if m.get("tvm"):
+        out["tvm_target"] = m["tvm"]["target"]
     if m["source"].get("adapters"):
         out["adapters"] = ", ".join(f"{a['name']}:{a['weight']:g}" for a in m["source"]["adapters"])
     chk = meas.get("reference_check") or {}
@@ -104,11 +106,14 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
         out["reference_kld"] = chk["kld_mean"]
     if "cosine_mean" in chk:
         out["reference_cosine"] = chk["cosine_mean"]
+    if "agreement" in chk:
+        out["reference_agreement"] = chk["agreement"]
     if meas.get("eval"):
         last = meas["eval"][-1]
         keys = ("cosine_mean", "cosine_min", "n_sentences") if "cosine_mean" in last else \
+            ("agreement", "accuracy", "accuracy_reference", "n_images") if "agreement" in last else \
             ("ppl", "kld_mean", "top1", "n_tokens_scored")
-        out.update({f"eval_{k}": last[k] for k in keys})
+        out.update({f"eval_{k}": last[k] for k in keys if k in last})
     return out
 
 
@@ -118,6 +123,13 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
         if not (p / "manifest.json").exists() and (p / "config.json").is_file():
             return inspect_hf(p)
         return inspect_bundle(p)
+    if p.is_file() and p.suffix == ".pt2":
+        from edgeq.importers.torch_export import import_pt2
+
+        g = import_pt2(p)
+        return {"kind": "torch.export program (CNN)", "path": str(p), "input": ["batch", *g.config.image_shape],
+                "classes": g.config.n_classes, "n_params": g.n_params,
+                "ops": dict(sorted({o: sum(n.op == o for n in g.nodes) for o in {n.op for n in g.nodes}}.items()))}
     if p.is_file():
         return inspect_gguf(p)
     raise EdgeqError(p, "no such file or folder")

@@ -42,6 +42,7 @@ class ExportOptions:
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
     calib_windows: int = 4                 # 512-token windows of calibration text
+    calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
     budget_mb: float | None = None         # 10^6 bytes of all model files written
     bpw: float | None = None               # 8 x those bytes / source parameters
@@ -205,7 +206,9 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     return passes
 
 
-def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
+def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
+           graph: Graph | None = None) -> dict:
+    """Export `opts.model`, or `graph` when the caller imported it already (export_module)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     profile: DeviceProfile = get_profile(opts.target)
@@ -219,7 +222,10 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     t0 = time.perf_counter()
     # every family lowers to gguf today; the context's backend is set again once the graph is known
     ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
-    model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
+    if graph is None:
+        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
+    else:
+        model_path = None
     timings["import"] = time.perf_counter() - t0
 
     backend = opts.backend or profile.backend_for(graph.kind)
@@ -314,6 +320,21 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         plot_layers(graph, plan, tmp / plot)
         write_report(tmp / "report.md", manifest, measurements, graph, plan, plot)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def export_module(module, example, out: str | os.PathLike, quant: str | None = None, calib_images=None,
+                  target: str = "cpu", plan: str | None = None, force: bool = False, check: bool = True,
+                  name: str | None = None, progress: Callable | None = None, backend: str = "onnx") -> dict:
+    """Export a torch CNN (eval mode, `example` one NCHW float32 batch) to an ONNX (or `backend="tvm"`) bundle,
+    like `edgeq export`.
+
+    `calib_images`: an .npz path (array `images`) or an (n, C, H, W) array; static `int8` needs it."""
+    from edgeq.importers.torch_export import import_module
+
+    graph = import_module(module, example, name=name or type(module).__name__)
+    opts = ExportOptions(target=target, backend=backend, quant=quant, plan=plan, out=os.fspath(out), force=force,
+                         check=check, calib_images=calib_images)
+    return export(opts, progress=progress, graph=graph)
 
 
 def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:

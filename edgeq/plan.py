@@ -67,6 +67,9 @@ class Plan:
     pruning: dict[str, Any] | None = None    # room for rate -> per-layer widths tables
     search: dict[str, Any] | None = None     # how a budgeted allocation was made (method, budget, totals)
     calibration: dict[str, Any] | None = None   # what the decisions were calibrated on (None: uncalibrated)
+    # static INT8 graphs quantized between layers (CNNs): activation value -> calibrated [min, max]; an
+    # activation without an entry stays float, so this is also where the plan says where Q/DQ pairs go
+    activations: dict[str, list[float]] | None = None
     version: int = PLAN_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -81,6 +84,8 @@ class Plan:
             d["search"] = self.search
         if self.calibration is not None:
             d["calibration"] = self.calibration
+        if self.activations is not None:
+            d["activations"] = self.activations
         d["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
         return d
 
@@ -116,7 +121,8 @@ def plan_from_json(d: Any, path=None) -> Plan:
     version = d.get("version", PLAN_VERSION)
     if version != PLAN_VERSION:
         raise EdgeqError(path, f"plan version {version} is not supported (this edgeq reads version {PLAN_VERSION})")
-    unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning", "search", "calibration"}
+    unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning", "search", "calibration",
+                         "activations"}
     if unknown:
         raise EdgeqError(path, f"unknown plan key {sorted(unknown)[0]!r}")
     rules = []
@@ -140,8 +146,7 @@ def plan_from_json(d: Any, path=None) -> Plan:
         if not isinstance(rank, int) or rank < 0:
             raise EdgeqError(path, f"tensors[{name!r}].rank must be a non-negative integer")
         act = t.get("act_range")
-        if act is not None and not (isinstance(act, list) and len(act) == 2
-                                    and all(isinstance(v, (int, float)) for v in act) and act[0] <= 0 <= act[1]):
+        if act is not None and not _is_range(act):
             raise EdgeqError(path, f"tensors[{name!r}].act_range must be [min, max] with min <= 0 <= max")
         tensors[name] = TensorPlan(
             format=_check_format(t["format"], f"tensors[{name!r}]", path), reason=t.get("reason", "set in plan"), requested=t.get("requested"),
@@ -155,8 +160,21 @@ def plan_from_json(d: Any, path=None) -> Plan:
     for key in ("search", "calibration"):
         if d.get(key) is not None and not isinstance(d[key], dict):
             raise EdgeqError(path, f"'{key}' must be an object")
+    acts = d.get("activations")
+    if acts is not None:
+        if not isinstance(acts, dict):
+            raise EdgeqError(path, "'activations' must be an object of activation name -> [min, max]")
+        for name, r in acts.items():
+            if not _is_range(r):
+                raise EdgeqError(path, f"activations[{name!r}] must be [min, max] with min <= 0 <= max")
+        acts = {k: [float(v) for v in r] for k, r in acts.items()}
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
-                search=d.get("search"), calibration=d.get("calibration"))
+                search=d.get("search"), calibration=d.get("calibration"), activations=acts)
+
+
+def _is_range(r: Any) -> bool:
+    return (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in r) and r[0] <= 0 <= r[1])
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

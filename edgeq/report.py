@@ -89,10 +89,11 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
     elif fid and "skipped" in fid:
         lines += ["", "## Fidelity", "", f"Not checked at export: {fid['skipped']}. Run `edgeq eval` on the device "
                                            "(e.g. `--device rpc://HOST:PORT`)."]
-    elif fid and "max_rel_error" in fid:
-        lines += ["", "## Fidelity on the bundled reference inputs", "",
-                  f"Measured in the target runtime against the float reference executor: max relative error "
-                  f"{fid['max_rel_error']:.3g}, argmax agreement {fid['argmax_agreement']:.3f} over {fid['n_inputs']} inputs."]
+    elif fid and "agreement" in fid:
+        lines += ["", "## Fidelity on the bundled reference images", "",
+                  f"Measured in the target runtime against the float reference executor: argmax agreement "
+                  f"{fid['agreement']:.3f}, max |logit difference| {fid['max_abs_diff']:.3g} over {fid['n_inputs']} "
+                  f"images. Run `edgeq eval --images` for accuracy on labelled images."]
     elif fid:
         lines += ["", "## Fidelity on the bundled reference prompts", "",
                   f"Measured in the target runtime against the float reference executor: KLD mean "

@@ -39,6 +39,7 @@ class ApplyRules(Pass):
             raise EdgeqError(self.source, f"plan decides nothing for {missing[0]} (add a rule or a preset)")
         out = Plan(tensors=tensors, preset=plan.preset, backend=ctx.backend, rules=self.user.rules,
                    pruning=self.user.pruning or plan.pruning, search=self.user.search or plan.search,
-                   calibration=plan.calibration or self.user.calibration)
+                   calibration=plan.calibration or self.user.calibration,
+                   activations=self.user.activations if self.user.activations is not None else plan.activations)
         ctx.record(self.name, rules=len(self.user.rules), explicit=len(self.user.tensors), changed=changed)
         return graph, out

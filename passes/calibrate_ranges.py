@@ -50,10 +50,13 @@ class CalibrateRanges(Pass):
             else:
                 want = tuple(graph.inputs[0].shape[1:])
                 if x.shape[1:] != want and x.shape != want:
-                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape}; expected (n, *{want})")
+                    raise EdgeqError(self.source, f"calibration input {i} has shape {x.shape}; expected "
+                                                  f"(n, {', '.join(map(str, want))})")
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
-        multiplied = {n.inputs[1] for n in graph.nodes if n.op in ("linear", "conv2d")}
+        if graph.kind == "cnn":
+            return self._run_cnn(graph, plan, ctx)
+        multiplied = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
         wanted = {n for n, d in plan.tensors.items()
                   if d.format in STATIC_FORMATS and d.act_range is None and n in multiplied}
         if not wanted:
@@ -61,7 +64,7 @@ class CalibrateRanges(Pass):
             return graph, plan
         self._check(graph)
         # ranges belong to activations: layers reading the same activation (q, k, v) get the same range
-        act_of = {n.inputs[1]: n.inputs[0] for n in graph.nodes if n.op in ("linear", "conv2d") and n.inputs[1] in wanted}
+        act_of = {n.inputs[1]: n.inputs[0] for n in graph.nodes if n.op == "linear" and n.inputs[1] in wanted}
         lo: dict[str, float] = {}
         hi: dict[str, float] = {}
         samples: dict[str, list[np.ndarray]] = {}
@@ -82,20 +85,26 @@ class CalibrateRanges(Pass):
                 self._pending.setdefault(a, []).append(flat if k == flat.size else rng.choice(flat, k, replace=False))
 
         self._pending: dict[str, list[np.ndarray]] = {}
-        hooks = {"linear": observe, "conv2d": observe}
+        hooks = {"linear": observe}
         ex = Executor(graph, observers=hooks)
         it = self.inputs if ctx.progress is None else ctx.progress(self.inputs, desc="calibrate", unit="input")
         for x in it:
             seen.clear()
-            if graph.kind == "cnn":
-                ex.run_cnn(np.asarray(x, np.float32))
-            else:
-                ex.run(np.asarray(x), outputs=(graph.outputs[0].name,))
+            ex.run(np.asarray(x), outputs=(graph.outputs[0].name,))
         samples = self._pending
         del self._pending
         missing = sorted(w for w in wanted if act_of.get(w) not in lo)
         if missing:
             raise EdgeqError(None, f"calibration never reached {missing[0]} (no linear node reads it)")
+        ranges = self._ranges(lo, hi, samples)
+        tensors = dict(plan.tensors)
+        for w in sorted(wanted):
+            tensors[w] = replace(tensors[w], act_range=list(ranges[act_of[w]]))
+        ctx.record(self.name, tensors=len(wanted), inputs=len(self.inputs), source=self.source,
+                   estimator="minmax" if self.percentile is None else f"percentile {self.percentile}")
+        return graph, replace(plan, tensors=tensors)
+
+    def _ranges(self, lo: dict[str, float], hi: dict[str, float], samples: dict[str, list[np.ndarray]]) -> dict:
         ranges: dict[str, list[float]] = {}
         for a in sorted(lo):
             l, h = lo[a], hi[a]
@@ -103,9 +112,49 @@ class CalibrateRanges(Pass):
                 c = float(np.percentile(np.concatenate(samples[a]), self.percentile))
                 l, h = max(l, -c), min(h, c)
             ranges[a] = [round(l, 6), round(h, 6)]
-        tensors = dict(plan.tensors)
-        for w in sorted(wanted):
-            tensors[w] = replace(tensors[w], act_range=list(ranges[act_of[w]]))
-        ctx.record(self.name, tensors=len(wanted), inputs=len(self.inputs), source=self.source,
-                   estimator="minmax" if self.percentile is None else f"percentile {self.percentile}")
-        return graph, replace(plan, tensors=tensors)
+        return ranges
+
+    def _run_cnn(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        """CNNs are quantized between layers: a range per activation (the plan's `activations`), not per weight.
+
+        Ranges already in the plan are kept as they are (an activation the plan leaves out stays float)."""
+        from edgeq.models.cnn import quantized_activations
+
+        if plan.activations is not None or not any(d.format in STATIC_FORMATS for d in plan.tensors.values()):
+            ctx.record(self.name, activations=0)
+            return graph, plan
+        self._check(graph)
+        wanted = set(quantized_activations(graph))
+        lo: dict[str, float] = {}
+        hi: dict[str, float] = {}
+        samples: dict[str, list[np.ndarray]] = {}
+        rng = np.random.default_rng(0)
+        batches = [np.asarray(x, np.float32) for x in self.inputs]
+        batches = [x[None] if x.ndim == 3 else x for x in batches]
+        per_batch = max(1, self.max_samples // len(batches))
+
+        def see(name: str, x: np.ndarray) -> None:
+            lo[name] = min(lo.get(name, 0.0), float(x.min()))
+            hi[name] = max(hi.get(name, 0.0), float(x.max()))
+            if self.percentile is not None:
+                flat = np.abs(x.reshape(-1))
+                k = min(flat.size, per_batch)
+                samples.setdefault(name, []).append(flat if k == flat.size else rng.choice(flat, k, replace=False))
+
+        def observe(node, args):
+            for name, x in zip(node.inputs, args):
+                if name in wanted and name not in graph.weights:
+                    see(name, x)
+
+        ex = Executor(graph, observers={op: observe for op in {n.op for n in graph.nodes}})
+        it = batches if ctx.progress is None else ctx.progress(batches, desc="calibrate", unit="batch")
+        for x in it:
+            out = ex.run_inputs({graph.inputs[0].name: x}, outputs=(graph.outputs[0].name,))
+            if graph.outputs[0].name in wanted:
+                see(graph.outputs[0].name, out[graph.outputs[0].name])
+        ranges = self._ranges(lo, hi, samples)
+        order = quantized_activations(graph)
+        activations = {a: ranges[a] for a in order if a in ranges}
+        ctx.record(self.name, activations=len(activations), images=int(sum(len(x) for x in batches)),
+                   source=self.source, estimator="minmax" if self.percentile is None else f"percentile {self.percentile}")
+        return graph, replace(plan, activations=activations)

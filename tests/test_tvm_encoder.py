@@ -190,6 +190,32 @@ def _elf_machine(data: bytes) -> int:
     return int.from_bytes(data[18:20], "little")
 
 
+DLOPEN_C = r"""
+#include <dlfcn.h>
+#include <stdio.h>
+int main(int argc, char **argv) {
+  void *h = dlopen(argv[1], RTLD_LAZY | RTLD_LOCAL);
+  if (!h) { printf("dlopen failed: %s\n", dlerror()); return 1; }
+  void *blob = dlsym(h, "__tvm_ffi__library_bin");
+  printf("dlopen ok, library blob %s\n", blob ? "found" : "missing");
+  return blob ? 0 : 2;
+}
+"""
+
+
+def _dlopen_under_qemu(lib: Path, tmp: Path) -> None:
+    """Where qemu-user is installed: aarch64's dynamic loader opens the library and finds TVM's module blob."""
+    import shutil
+
+    if not (shutil.which("qemu-aarch64-static") and shutil.which("aarch64-linux-gnu-gcc")):
+        return
+    (tmp / "dl.c").write_text(DLOPEN_C)
+    subprocess.run(["aarch64-linux-gnu-gcc", "-o", str(tmp / "dl"), str(tmp / "dl.c"), "-ldl"], check=True)
+    r = subprocess.run(["qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu", str(tmp / "dl"), str(lib)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "library blob found" in r.stdout, r.stdout + r.stderr
+
+
 def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
     """linux-arm64: an aarch64 shared object; android (no NDK): a tar of aarch64 objects. Twice -> same bytes."""
     digests = {}
@@ -208,6 +234,7 @@ def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
             lib = (out / "model.so").read_bytes()
             assert _elf_machine(lib) == EM_AARCH64 and int.from_bytes(lib[16:18], "little") == 3   # ET_DYN
             assert m["tvm"]["target"]["mtriple"] == "aarch64-linux-gnu"
+            _dlopen_under_qemu(out / "model.so", tmp_path)
         else:
             with tarfile.open(out / "model.tar") as t:
                 members = [mm for mm in t.getmembers() if mm.isfile()]
@@ -219,6 +246,12 @@ def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
             assert m["tvm"]["target"]["mtriple"] == "aarch64-linux-android"
         a, b = digests[target]
         assert a == b, f"{target}: exports differ: {a} vs {b}"
+        from edgeq import runtime
+        from edgeq.runtime.manifest import BundleError
+
+        if __import__("platform").machine() == "x86_64":
+            with pytest.raises(BundleError, match="cannot be loaded on this machine.*rpc://"):
+                runtime.load(out)              # an aarch64 library on an x86 host: one clear error
 
 
 # --- all-MiniLM-L6-v2 (acceptance) --------------------------------------------------
@@ -249,3 +282,29 @@ def test_minilm_on_tvm(quant, floor, minilm_reference, tmp_path):
     assert m["runtime_versions"]["apache-tvm"] == "0.27.0.post1"
     lib = next(a for a in m["artifacts"] if a["role"] == "model")
     assert lib["backend"] == "tvm" and lib["path"] == "model.so"
+
+
+def test_tvm_runtime_runs_without_torch(tiny_bundles):
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edgeq import runtime\n"
+        f"s = runtime.load({str(tiny_bundles['int4'])!r}, threads=2)\n"
+        "print(s.embed(['a sentence', 'ok']).shape)\n"
+        "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "(2, 64)" in out.stdout
+
+
+def test_plan_then_export_the_same_bytes(tiny, tiny_bundles, tmp_path):
+    """`edgeq plan --backend tvm` writes the plan an export uses; exporting that plan gives the same weights."""
+    r = subprocess.run([*EDGEQ, "plan", "--model", str(tiny), "--backend", "tvm", "--quant", "int4",
+                        "-o", str(tmp_path / "plan.json"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "tvm" and plan["tensors"]["encoder.layer.1.output.dense.weight"]["format"] == "int4_g32"
+    export(ExportOptions(model=str(tiny), backend="tvm", plan=str(tmp_path / "plan.json"), out=str(tmp_path / "b"),
+                         check=False))
+    sha = lambda p: {a["path"]: a["sha256"] for a in json.loads((p / "manifest.json").read_text())["artifacts"]}  # noqa: E731
+    assert sha(tmp_path / "b") == sha(tiny_bundles["int4"])

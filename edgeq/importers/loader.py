@@ -25,6 +25,10 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 
 def import_model(path: Path) -> Graph:
+    if path.is_file() and path.suffix == ".pt2":
+        from edgeq.importers.torch_export import import_pt2
+
+        return import_pt2(path)
     if path.is_file():
         from edgeq.importers.gguf import import_gguf
 

@@ -35,7 +35,9 @@ class Builder:
         if name in self._names:
             raise ValueError(f"duplicate ONNX name {name}")
         self._names.add(name)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        arr = np.asarray(arr)
+        # ascontiguousarray makes 0-d arrays 1-d; QDQ scales and zero points must stay scalars
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(arr) if arr.ndim else arr, name))
         return name
 
     def const(self, value, dtype=np.float32) -> str:

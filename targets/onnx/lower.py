@@ -22,6 +22,10 @@ def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.Model
         from edgeq.targets.onnx.encoder import lower_encoder
 
         b = lower_encoder(graph, plan, progress=progress, **options)
+    elif graph.kind == "cnn":
+        from edgeq.targets.onnx.cnn import lower_cnn
+
+        b = lower_cnn(graph, plan, progress=progress, **options)
     else:
         raise EdgeqError(None, f"the ONNX target does not lower {graph.kind} models of arch {graph.arch!r} yet")
     model = b.model(doc=f"edgeq {graph.arch} {graph.kind}", metadata={"edgeq.preset": plan.preset or ""})

@@ -2,7 +2,7 @@
 
 INT8 (the whitepaper's scheme) goes where onnxruntime has integer kernels and
 the error is small: the weights of every linear layer and the word embedding
-(half an encoder's bytes). Everything that is not a matrix multiply (norms,
+(half an encoder's bytes); in a CNN every conv and linear weight. Everything that is not a matrix multiply (norms,
 softmax, residual adds, GELU) stays float in the graph, and the position
 table (tiny, added to the embedding sum) stays f32.
 """
@@ -22,7 +22,10 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
     out: dict[str, TensorPlan] = {}
     quantized = set(_quantizable(graph))
     for name, t in graph.weights.items():
-        if len(t.shape) == 1:
+        if len(t.shape) == 1 and graph.kind == "cnn" and preset == "int8":
+            out[name] = TensorPlan(format="f32", reason="bias: written int32 with scale Δw·Δx (as many bytes as f32) "
+                                                        "where its conv/linear is static int8, else f32")
+        elif len(t.shape) == 1:
             out[name] = TensorPlan(format="f32", reason="1-D (norm, bias) tensors stay f32")
         elif name == "embeddings.token_type_embeddings.weight":
             out[name] = TensorPlan(format="f32", reason="row 0 is folded into the position table in f32")
@@ -34,7 +37,8 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
             fmt = "int8" if preset == "int8" else "int8_dyn"
             why = ("static activation range calibrated on real inputs" if fmt == "int8"
                    else "activation range computed per call")
-            kind = "embedding table" if "embedding" in name else "linear weight"
+            kind = ("embedding table" if "embedding" in name else "conv weight" if len(t.shape) == 4
+                    else "linear weight")
             out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: {kind}, per-channel int8; {why}")
         else:
             out[name] = TensorPlan(format="f32", reason=f"preset {preset}: small table kept f32")
@@ -46,5 +50,9 @@ def _quantizable(graph: Graph) -> list[str]:
         from edgeq.models.bert import matmul_weights
 
         return matmul_weights(graph) + ["embeddings.word_embeddings.weight"]
+    if graph.kind == "cnn":
+        from edgeq.models.cnn import weight_nodes
+
+        return list(weight_nodes(graph))
     raise EdgeqError(None, f"the onnx backend does not lower {graph.arch} {graph.kind}s yet (it lowers BERT encoders); "
                            "use --backend gguf")

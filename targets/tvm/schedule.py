@@ -28,7 +28,8 @@ def _vec(n: int) -> int:
     return 1
 
 
-def schedule_linear(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.PrimFunc:
+    """`packed_pairs` (int4): the reduction runs two inputs per byte, so each nibble's shift is a constant."""
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("matmul")
     *lead, n, k = sch.get_loops(blk)
@@ -37,7 +38,12 @@ def schedule_linear(func: tirx.PrimFunc) -> tirx.PrimFunc:
     n_extent = sch.get(n).extent
     vec = _vec(int(n_extent)) if isinstance(n_extent, tvm.tirx.IntImm) else 1
     no, ni = sch.split(n, [None, vec])
-    sch.reorder(io, no, k, ii, ni)
+    if packed_pairs:
+        k, ki = sch.split(k, [None, 2])
+        sch.reorder(io, no, k, ki, ii, ni)
+        sch.unroll(ki)
+    else:
+        sch.reorder(io, no, k, ii, ni)
     sch.unroll(ii)
     if vec > 1:
         sch.vectorize(ni)
@@ -95,7 +101,7 @@ def ScheduleLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     updates = {}
     for gv, f in mod.functions.items():
         if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX):
-            updates[gv] = schedule_linear(f)
+            updates[gv] = schedule_linear(f, packed_pairs=gv.name_hint.endswith("int4_g32"))
         elif isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(ATTENTION_PREFIX):
             updates[gv] = schedule_attention(f, "scores" if gv.name_hint.startswith(ATTENTION_PREFIX + "scores")
                                              else "context")
