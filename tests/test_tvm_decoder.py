@@ -233,7 +233,8 @@ def test_tuning_caches_its_database_per_profile(hf_model, tmp_path, monkeypatch)
     db = tmp_path / "tune" / "cpu"
     assert (db / "records.json").stat().st_size > 0 and (db / "workloads.json").stat().st_size > 0
     assert res["manifest"]["tvm"]["tune_trials"] == 4
-    assert res["measurements"]["reference_check"]["top1_agreement"] >= 0.9
+    check = res["measurements"]["reference_check"]                  # the tuned library, run here
+    assert check["backend"] == "tvm" and check["top1"] >= 0.9 and check["kld_mean"] < 0.05
     records = (db / "records.json").read_text()
     workloads = (db / "workloads.json").read_text().splitlines()
     _export(hf_model, tmp_path / "tuned2", quant="int8", tune_trials=4)
