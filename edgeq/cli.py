@@ -33,6 +33,7 @@ def _options(a, out: str = "out"):
         cost=a.cost,
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
         ndk_clang=getattr(a, "ndk_clang", None),
+        tune_trials=getattr(a, "tune_trials", 0) or 0,
     )
 
 
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
     e.add_argument("--ndk-clang", help="tvm on android: the NDK's clang++ that links a .so (default: "
                                        "$EDGEQ_ANDROID_CLANG; without one, a .tar of objects)")
+    e.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="tvm: meta-schedule tuning trials in all (default 0: untuned, byte-identical); the "
+                        "database is cached per profile in ~/.cache/edgeq/tvm-tune/ and reused")
     e.set_defaults(fn=cmd_export)
 
     pl = sub.add_parser("plan", help="write the plan an export would use (a preset, or a budgeted allocation)")

@@ -58,6 +58,10 @@ def host_can_run(profile) -> bool:
     from edgeq.targets.tvm.build import resolve_target
 
     t = resolve_target(profile)
+    if t["kind"] == "cuda":
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
     return "mtriple" not in t and profile.os == platform.system().lower()
 
 
@@ -81,13 +85,25 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
     t0 = time.perf_counter()
     lowered = lower_tvm(graph, plan, progress=progress)
     timings["lower"] = time.perf_counter() - t0
+    tuning_db, trials = None, int(getattr(opts, "tune_trials", 0) or 0)
+    if trials:
+        from edgeq.targets.tvm.tune import tune, tuning_target
+
+        t0 = time.perf_counter()
+        target = tuning_target(target)
+        tuning_db = tune(lowered.mod, target, profile, trials, host_can_run(profile), log)
+        timings["tune"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    executable = compile_module(lowered.mod, target)
+    executable = compile_module(lowered.mod, target, tuning_db)
     timings["compile"] = time.perf_counter() - t0
     source = source_record(graph, model_path, opts.model)
     ref_images = None
     if graph.kind == "cnn":   # the first calibration images when given (weight-only presets need none), else noise
         ref_images = cnn_reference_images(graph, cnn_calibration(graph, getattr(opts, "calib_images", None))[0])
+    if graph.kind == "decoder":              # what `edgeq eval` checks a decoder's reference against
+        from edgeq.fsutil import sha256_source, source_bytes
+
+        source = {**source, "sha256": sha256_source(model_path), "bytes": source_bytes(model_path)}
     with staged_dir(opts.out, opts.force) as tmp:
         lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
         save_params(lowered.params, tmp / PARAMS_FILE)
@@ -104,24 +120,32 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
                               "sha256": sha256_file(tmp / "tokenizer.json"),
                               "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
             tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
+        elif graph.kind == "decoder":
+            tokenizer = _write_decoder_tokenizer(graph, tmp, artifacts)
+        entries = {"entry": ENTRY}
+        if graph.kind == "decoder":
+            from edgeq.targets.tvm.decoder import ENTRIES
+
+            entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
         from edgeq.pipeline import manifest_head
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
             "source": source,
             "target": profile.to_json(),
-            "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
-            "kv_cache_dtype": None,
+            "n_ctx": _n_ctx(opts, graph, profile),
+            "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
             "artifacts": artifacts,
             "tokenizer": tokenizer,
-            "tvm": {"library": lib.name, "params": PARAMS_FILE, "entry": ENTRY, "target": target,
+            "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target, "tune_trials": trials,
                     "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
             "plan": plan.to_json(),
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
             "pruning_rates": None,
-            "reference": {"path": "reference",
-                          "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)},
+            "reference": ({"path": "reference", "prompts": 2} if graph.kind == "decoder" else
+                          {"path": "reference",
+                           "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
@@ -132,6 +156,8 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
                                                                             "not this host"}
         if graph.kind == "encoder":
             encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
+        elif graph.kind == "decoder":
+            decoder_reference_and_check(graph, tmp, manifest, measurements, opts.check, runnable)
         elif graph.kind == "cnn":
             cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable, ref_images)
         timings["reference_and_check"] = time.perf_counter() - t0
@@ -143,3 +169,70 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
+
+def _n_ctx(opts, graph: Graph, profile) -> int | None:
+    n = int(getattr(graph.config, "context_length", 0)) or None
+    if graph.kind == "decoder":
+        n = int(getattr(opts, "n_ctx", None) or min(profile.n_ctx, n))
+        if n > graph.config.context_length:
+            raise EdgeqError(None, f"--n-ctx {n} exceeds the model's context length {graph.config.context_length}")
+    return n
+
+
+def _write_decoder_tokenizer(graph: Graph, tmp: Path, artifacts: list) -> dict:
+    """The tokenizer spec file of a decoder bundle, as the GGUF export writes it (Session reads it)."""
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.tokenizer import spec_to_json
+
+    spec = graph_tokenizer_spec(graph)
+    spec_file = tmp / "tokenizer_spec.json"
+    spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    artifacts.append({"role": "tokenizer", "backend": "any", "path": spec_file.name, "sha256": sha256_file(spec_file),
+                      "bytes": spec_file.stat().st_size, "formats": {}})
+    return {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
+            "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None}
+
+
+def decoder_reference_and_check(graph: Graph, bundle: Path, manifest: dict, measurements: dict, check: bool,
+                                runnable: bool) -> None:
+    """The GGUF bundles' reference prompts and logits; checked in the TVM runtime when the library runs here."""
+    if runnable:
+        from edgeq.pipeline import _reference_and_check
+
+        _reference_and_check(graph, bundle, manifest, measurements, check)
+        return
+    from edgeq.executor import Executor
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.reference import reference_token_ids, write_reference
+    from edgeq.tokenizer import build_tokenizer, encode
+
+    spec = graph_tokenizer_spec(graph)
+    tok = build_tokenizer(spec)
+    ids = reference_token_ids(lambda s: encode(tok, spec, s, add_special=True, parse_special=False))
+    write_reference(bundle / "reference", ids, Executor(graph, cache_weights=False).logits_many(ids))
+
+
+def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:
+    """Seeded images in [0, 1] of the model's input shape (batch n), stored in the bundle with their logits."""
+    shape = [n] + [int(d) for d in graph.inputs[0].shape[1:]]
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
+    from edgeq import runtime
+    from edgeq.executor import Executor
+
+    name_in, name_out = graph.inputs[0].name, graph.outputs[0].name
+    x = reference_images(graph)
+    ref = Executor(graph).run_inputs({name_in: x}, outputs=(name_out,))[name_out]
+    folder = bundle / "reference"
+    folder.mkdir()
+    np.save(folder / "inputs.npy", x)
+    np.save(folder / "outputs.npy", ref.astype(np.float32))
+    if check:
+        with runtime.load(bundle) as s:
+            got = s.run({name_in: x})[name_out]
+        err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
+        measurements["reference_check"] = {"backend": s.backend_name, "max_rel_error": err,
+                                           "argmax_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+                                           "n_inputs": int(x.shape[0])}

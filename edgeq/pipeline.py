@@ -55,6 +55,7 @@ class ExportOptions:
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
+    tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
 
 
 def manifest_head(graph: Graph, plan: Plan, versions: dict[str, str]) -> dict[str, Any]:

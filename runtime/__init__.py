@@ -119,7 +119,12 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         check_runtime_version(manifest, "apache-tvm")
         from edgeq.runtime.tvm_backend import TvmSession
 
-        return TvmSession(bundle, manifest, art, threads=threads, device=device)
+        tvm_session = TvmSession(bundle, manifest, art, threads=threads, device=device)
+        if manifest["model"].get("kind") != "decoder":
+            return tvm_session
+        from edgeq.runtime.tvm_decoder import TvmDecoderBackend
+
+        impl = TvmDecoderBackend(tvm_session, _spec(bundle, manifest), n_ctx)
     elif art["backend"] == "gguf":
         check_runtime_version(manifest, "llama-cpp-python")
         from edgeq.runtime.gguf_backend import LlamaCppBackend

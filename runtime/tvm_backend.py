@@ -68,6 +68,9 @@ class TvmSession:
         self.outputs = spec.get("outputs") or [{"name": "output"}]
         lib_path = artifact_path(bundle, spec["library"])
         mode, host, port = parse_device(device)
+        gpu = (spec.get("target") or {}).get("kind") == "cuda"
+        if gpu:       # the library carries CUDA source; this registers the compiler TVM calls when loading it
+            import tvm.support.nvcc  # noqa: F401
         self.device_name = device or "cpu"
         if mode == "local":
             _set_threads(threads)
@@ -77,7 +80,7 @@ class TvmSession:
                 raise BundleError(lib_path, f"cannot be loaded on this machine ({str(exc).splitlines()[0]}); "
                                             "run it on its device, e.g. device='rpc://HOST:PORT'") from None
             self.remote = None
-            self.dev = tvm.cpu(0)
+            self.dev = tvm.cuda(0) if gpu else tvm.cpu(0)
         else:
             from tvm import rpc
 
@@ -88,7 +91,7 @@ class TvmSession:
                                         f"({str(exc).splitlines()[0]})") from None
             self.remote.upload(str(lib_path))
             lib = self.remote.load_module(lib_path.name)
-            self.dev = self.remote.cpu(0)
+            self.dev = self.remote.cuda(0) if gpu else self.remote.cpu(0)
         self.vm = VirtualMachine(lib, self.dev)
         names = list(spec["param_names"])
         self.params = [tvm.runtime.tensor(a, self.dev) for a in

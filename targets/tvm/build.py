@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -28,6 +29,7 @@ from edgeq.errors import EdgeqError
 
 ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
 ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"
+CUDA_ARCH = "sm_80"
 
 
 def resolve_target(profile) -> dict[str, Any]:
@@ -39,7 +41,15 @@ def resolve_target(profile) -> dict[str, Any]:
         return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
     if isinstance(t, dict) and t.get("kind") == "llvm":
         return dict(t)
-    raise EdgeqError(None, f"the TVM backend builds llvm targets only for now; profile {profile.name} wants {t!r}")
+    if t == "cuda":
+        # no GPU to detect here: a fixed architecture (Ampere, sm_80) keeps the build the same on every machine
+        return {"kind": "cuda", "arch": CUDA_ARCH, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
+                "thread_warp_size": 32, "host": {"kind": "llvm"}}
+    raise EdgeqError(None, f"the TVM backend builds llvm and cuda targets; profile {profile.name} wants {t!r}")
+
+
+def is_gpu(target: dict[str, Any]) -> bool:
+    return target.get("kind") == "cuda"
 
 
 def library_kind(profile, ndk_clang: str | None) -> str:
@@ -73,14 +83,120 @@ def _SortShapeStores(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     return mod
 
 
-def compile_module(mod: tvm.IRModule, target: dict[str, Any]):
-    """Relax -> VM executable: edgeq's fixed linear schedule, then the default llvm pipeline (untuned)."""
+def _shapes(text: str, marker: str):
+    """(dims text, rest of the line) of each shape tuple opened by `marker` in a kernel's TVMScript
+    (this TVM exposes no buffer map on PrimFunc)."""
+    for m in re.finditer(re.escape(marker), text):
+        depth, i = 1, m.end()
+        while depth:                      # the shape tuple, up to its closing parenthesis
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        yield text[m.end():i - 1], text[i:text.find("\n", i)]
+
+
+def _is_symbolic(dims: str) -> bool:
+    return bool(re.sub(r"T\.int64\(\d+\)|T\.int32\(\d+\)|\d+|[\s,]", "", dims))
+
+
+def _symbolic_scratch(f: tirx.PrimFunc) -> bool:
+    """Whether a scheduled kernel allocates per-thread (local) scratch of a symbolic size (CUDA codegen refuses it)."""
+    return any('scope="local"' in rest and _is_symbolic(dims) for dims, rest in _shapes(f.script(), "alloc_buffer(("))
+
+
+def symbolic_kernel(f: tirx.PrimFunc) -> bool:
+    """Whether a kernel's arguments have symbolic shapes (a sequence or cache length)."""
+    return any(_is_symbolic(dims) for dims, _ in _shapes(f.script(), "T.Buffer(("))
+
+
+@tvm.transform.module_pass(opt_level=0, name="DlightGpu")
+def _DlightGpu(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """dlight's default GPU rules per kernel; where the matmul rule tiles a symbolic extent into scratch of
+    symbolic size (the one-token attention over the cache), the fallback rule (threads over the outputs)."""
+    from tvm.s_tir import dlight as dl
+
+    full = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                   dl.gpu.Fallback())
+    safe = dl.ApplyDefaultSchedule(dl.gpu.Fallback())
+    unscheduled = dict(mod.functions.items())         # the pass may update `mod` in place
+    out = full(mod)
+    for gv, f in list(out.functions.items()):
+        if isinstance(f, tirx.PrimFunc) and _symbolic_scratch(f):
+            out[gv] = safe(tvm.IRModule({gv: unscheduled[gv]}))[gv]
+    return out
+
+
+def _gpu_pipeline(tgt):
+    from tvm.relax.backend.cuda import pipeline as rp
+
+    @tvm.transform.module_pass(opt_level=0, name="EdgeqGpuPipeline")
+    def pipeline(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tgt:
+            return tvm.transform.Sequential([
+                *rp.library_dispatch_passes(tgt), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), _DlightGpu,
+                *rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt)])(m)
+
+    return pipeline
+
+
+def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
+    """Relax -> VM executable.
+
+    CPU, untuned: edgeq's fixed linear/attention schedule (schedule.py), then the default llvm pipeline.
+    CUDA: the same passes with every kernel scheduled by dlight's GPU rules (`_DlightGpu`); TVM 0.27 embeds
+    the kernels as CUDA source in the library's `cuda` module, compiled on the device when it is loaded.
+    Tuned (a meta-schedule database from tune.py): the fixed schedule only for kernels with symbolic
+    shapes (those are not tuned), the database's schedules for the others.
+    """
     from edgeq.targets.tvm.schedule import ScheduleLinears
 
     tgt = tvm.target.Target(target)
-    pipeline = relax.get_default_pipeline(tgt)
-    return tvm.compile(mod, target=tgt,
-                       relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
+    if is_gpu(target):
+        return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([_gpu_pipeline(tgt),
+                                                                                      _SortShapeStores]))
+    if tuning_db is None:
+        pipeline = relax.get_default_pipeline(tgt)
+        return tvm.compile(mod, target=tgt,
+                           relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
+    def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tgt:
+            m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
+                                          *rp.legalize_passes(tgt)])(m)
+            m = _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
+            return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
+                                             _SortShapeStores])(m)
+
+    with tuning_db:
+        return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedLinears")
+def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Linear kernels the database has no schedule for (the trial budget ran out) get the fixed one."""
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+    from edgeq.targets.tvm.schedule import schedule_linear
+
+    funcs = {}
+    for gv, f in mod.functions.items():
+        if (isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX)
+                and not (f.attrs and f.attrs.get("tirx.is_scheduled")) and not symbolic_kernel(f)):
+            f = schedule_linear(f)
+        funcs[gv] = f
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
+def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
+    from edgeq.targets.tvm.schedule import ScheduleLinears
+
+    picked = tvm.IRModule({gv: f for gv, f in mod.functions.items()
+                           if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
+    done = dict(ScheduleLinears(picked).functions.items())
+    return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 
 
 def export_library(executable, path: Path, profile, ndk_clang: str | None = None) -> Path:

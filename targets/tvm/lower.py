@@ -39,6 +39,14 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None) -> Lowered:
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["batch", "seq"]},
                   {"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]}]
         outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", graph.config.hidden_size]}]
+    elif graph.kind == "decoder" and graph.arch == "llama":
+        from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
+
+        bb, params = lower_decoder(graph, plan, progress=progress)
+        kv = kv_specs(graph)
+        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},
+                   *({**s, "shape": [s["shape"][0], "past+seq", s["shape"][2]]} for s in kv)]
     elif graph.kind == "cnn":
         from edgeq.targets.tvm.cnn import lower_cnn
 

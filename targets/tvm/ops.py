@@ -32,6 +32,9 @@ class Params:
     vars: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def var(self, name: str) -> relax.Var:
+        return self.vars[list(self.arrays).index(name)]
+
     def add(self, name: str, arr: np.ndarray) -> relax.Var:
         if name in self.arrays:
             raise ValueError(f"duplicate TVM parameter {name}")
@@ -107,10 +110,14 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan) -> list[tuple[str, np
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,
                 bias: np.ndarray | None, d: TensorPlan, hint: str = "linear") -> relax.Expr:
     ws = [params.add(n, a) for n, a in weight_arrays(name, w, d)]
-    args = [x, *ws]
-    if bias is not None:
-        args.append(params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32)))
-    fmt = d.format
+    b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
+    return emit_linear_vars(bb, x, d.format, ws, b, hint)
+
+
+def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
+                     hint: str = "linear") -> relax.Expr:
+    """A linear layer over weight parameters already added (a tied head shares the token table's)."""
+    args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
     def fn(xt, *rest):
@@ -151,7 +158,7 @@ def sym(name: str) -> tir.Var:
     return tir.Var(name, "int64")
 
 
-__all__ = ["Params", "emit_linear", "emit_embedding", "emit_table_prefix", "weight_arrays", "sym", "tvm"]
+__all__ = ["Params", "emit_linear", "emit_linear_vars", "emit_embedding", "emit_table_prefix", "weight_arrays", "sym", "tvm"]
 
 
 ATTENTION_PREFIX = "edgeq_attention_"

@@ -48,6 +48,9 @@ def _matmul_weights(graph: Graph) -> set[str]:
         from edgeq.models.bert import matmul_weights
 
         return set(matmul_weights(graph))
+    if graph.arch == "llama":
+        # the token table is a gather (and, when tied, the head): it follows the table rule
+        return {n for n, t in graph.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"}
     if graph.kind == "cnn":
         # convolutions and linear layers: every weight of rank >= 2
         return {n for n, t in graph.weights.items() if len(t.shape) >= 2}
@@ -56,4 +59,4 @@ def _matmul_weights(graph: Graph) -> set[str]:
 
 
 def _tables(graph: Graph) -> set[str]:
-    return {"embeddings.word_embeddings.weight"} if graph.arch == "bert" else set()
+    return {"bert": {"embeddings.word_embeddings.weight"}, "llama": {"model.embed_tokens.weight"}}.get(graph.arch, set())

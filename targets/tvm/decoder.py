@@ -1,0 +1,255 @@
+"""A Llama-family decoder as Relax functions with an explicit KV cache.
+
+Two entry functions over the same weights (parameters after the model inputs, in
+one order):
+
+- `prefill(input_ids[seq], k_0[kv, past, d], v_0[kv, past, d], ...)`: any number of new tokens.
+- `decode(input_ids[1], k_0, v_0, ...)`: one token; its kernels have static shapes
+  except the attention's past length, so meta-schedule can tune them.
+
+Both return `(logits[n, vocab], k_0', v_0', ...)`, the caches grown by the new
+tokens (`past + n` rows), as the ONNX decoder does: the runtime keeps the returned
+arrays on the device and hands them back on the next call. Positions are
+`past .. past + n - 1`, read from the cache's length, so nothing else is passed.
+RoPE is a cos/sin table per position computed in float64 the way the reference
+executor does (linear and llama3 scaling, GGUF's frequency factors), stored as a
+parameter: the TVM result follows the reference's rounding, not a re-derivation.
+
+Structured widths (FFN width, head counts) are read from the weight shapes in one
+place (`Widths`), so a later pruning issue can turn them into symbolic variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax, te, tirx as tir
+
+from edgeq.errors import EdgeqError
+from edgeq.executor import rope_inv_freq
+from edgeq.ir import Graph
+from edgeq.models.llama import LlamaConfig
+from edgeq.plan import Plan
+from edgeq.formats import INT4_GROUP
+from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_linear_vars, sym, weight_arrays
+
+R = relax.op
+EMBED = "model.embed_tokens.weight"
+ROPE_COS, ROPE_SIN = "rope.cos", "rope.sin"
+ENTRIES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The structured widths of one layer (pruning turns these into tir vars)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+
+    @classmethod
+    def of(cls, graph: Graph, layer: int) -> "Widths":
+        cfg: LlamaConfig = graph.config
+        p = f"model.layers.{layer}."
+        return cls(heads=graph.weights[p + "self_attn.q_proj.weight"].shape[0] // cfg.head_dim,
+                   kv_heads=graph.weights[p + "self_attn.k_proj.weight"].shape[0] // cfg.head_dim,
+                   head_dim=cfg.head_dim, ffn=graph.weights[p + "mlp.gate_proj.weight"].shape[0])
+
+
+def rope_tables(graph: Graph, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (n_pos, head_dim/2), float32, exactly as the reference executor rounds them."""
+    cfg: LlamaConfig = graph.config
+    attrs = {"theta": cfg.rope_theta, "head_dim": cfg.head_dim, "scaling": cfg.rope_scaling}
+    factors = graph.weights["rope_freqs.weight"].numpy() if "rope_freqs.weight" in graph.weights else None
+    inv = rope_inv_freq(attrs, factors)
+    ang = np.arange(n_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def kv_specs(graph: Graph) -> list[dict]:
+    """The cache inputs, in call order: name, dtype, shape (`past` symbolic)."""
+    out = []
+    for i in range(graph.config.n_layers):
+        w = Widths.of(graph, i)
+        for kind in ("k", "v"):
+            out.append({"name": f"{kind}_{i}", "dtype": "float32", "shape": [w.kv_heads, "past", w.head_dim]})
+    return out
+
+
+def lower_decoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockBuilder, Params]:
+    cfg: LlamaConfig = graph.config
+    if graph.arch != "llama":
+        raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
+    n_pos = int(cfg.context_length)
+    cos, sin = rope_tables(graph, n_pos)
+    cache: dict[str, np.ndarray] = {}
+
+    def W(name: str) -> np.ndarray:
+        if name not in cache:
+            cache[name] = graph.weights[name].numpy()
+        return cache[name]
+
+    bb = relax.BlockBuilder()
+    params = None
+    for entry in ENTRIES:
+        p = Params()
+        seq = sym("seq") if entry == "prefill" else 1
+        _function(bb, p, graph, plan, W, entry, seq, cos, sin, progress if entry == "prefill" else None)
+        if params is not None and list(params.arrays) != list(p.arrays):
+            raise AssertionError("prefill and decode must take the same parameters")
+        params = p
+        cache.clear()
+    return bb, params
+
+
+def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, entry: str, seq, cos: np.ndarray,
+              sin: np.ndarray, progress) -> None:
+    cfg: LlamaConfig = graph.config
+    past = sym("past")
+    ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
+    kv_in = [relax.Var(s["name"], relax.TensorType((s["shape"][0], past, s["shape"][2]), "float32"))
+             for s in kv_specs(graph)]
+    d = cfg.head_dim
+    with bb.function(entry):
+        with bb.dataflow():
+            d_emb = plan.tensors[EMBED]
+            if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
+                table = [params.add(n, a) for n, a in weight_arrays(EMBED, W(EMBED), d_emb)]
+                h = _lookup_columns(bb, ids, d_emb.format, table)
+            else:
+                h = emit_embedding(bb, params, ids, EMBED, W(EMBED), d_emb)
+            cos_v = params.add(ROPE_COS, cos)
+            sin_v = params.add(ROPE_SIN, sin)
+            # rows past .. past+seq-1 of the tables: the new tokens' positions
+            # (the layer-0 key cache is passed only to bind `past` in the kernel's signature)
+            c, s = (bb.emit_te(lambda t, k0: te.compute((seq, d // 2), lambda i, j: t[k0.shape[1] + i, j],
+                                                        name="rope_rows"), tab, kv_in[0],
+                               primfunc_name_hint="rope_rows") for tab in (cos_v, sin_v))
+            kv_out = []
+            layers = range(cfg.n_layers)
+            for i in (progress(layers, desc="lower tvm", unit="layer") if progress else layers):
+                pre = f"model.layers.{i}."
+                w = Widths.of(graph, i)
+
+                def lin(x, name, hint, bias=False):
+                    b = W(pre + name + ".bias") if bias else None
+                    return emit_linear(bb, params, x, pre + name + ".weight", W(pre + name + ".weight"), b,
+                                       plan.tensors[pre + name + ".weight"], hint=hint)
+
+                xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
+                bias = cfg.attention_bias
+                q = _rope(bb, bb.emit(R.reshape(lin(xa, "self_attn.q_proj", "q", bias), (seq, w.heads, d))), c, s)
+                k = _rope(bb, bb.emit(R.reshape(lin(xa, "self_attn.k_proj", "k", bias), (seq, w.kv_heads, d))), c, s)
+                v = bb.emit(R.reshape(lin(xa, "self_attn.v_proj", "v", bias), (seq, w.kv_heads, d)))
+                k_all = bb.emit(R.concat([kv_in[2 * i], R.permute_dims(k, [1, 0, 2])], axis=1))
+                v_all = bb.emit(R.concat([kv_in[2 * i + 1], R.permute_dims(v, [1, 0, 2])], axis=1))
+                kv_out += [k_all, v_all]
+                att = _attention(bb, q, k_all, v_all, w, seq)
+                h1 = bb.emit(R.add(h, lin(att, "self_attn.o_proj", "o")))
+                xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
+                g = lin(xm, "mlp.gate_proj", "gate")
+                u = lin(xm, "mlp.up_proj", "up")
+                h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down")))
+            hn = _rms_norm(bb, params, h, "model.norm.weight", W, cfg.rms_eps)
+            if cfg.tied_embeddings:
+                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
+            else:
+                logits = emit_linear(bb, params, hn, "lm_head.weight", W("lm_head.weight"), None,
+                                     plan.tensors["lm_head.weight"], hint="head")
+            out = bb.emit_output(relax.Tuple([logits, *kv_out]))
+        bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
+
+
+def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
+    """Token rows of a table stored input-major (as the head's weight, weight_arrays): column `id` of each
+    array, decoded as the linear kernel decodes it, so lookup and head read the same stored values."""
+
+    def f(it, *ws):
+        w = ws[0]
+        hidden = w.shape[0] * (2 if fmt == "int4_g32" else 1)
+
+        def val(i, c):
+            t = it[i]
+            if fmt == "f32":
+                return w[c, t]
+            if fmt in ("f16", "int8_wo"):
+                x = w[c, t].astype("float32")
+                return x * ws[1][t] if fmt == "int8_wo" else x
+            if fmt == "int4_g32":
+                byte = w[c // 2, t].astype("int32")
+                nib = tir.bitwise_and(tir.shift_right(byte, (c % 2) * 4), 15) - 8
+                return nib.astype("float32") * ws[1][c // INT4_GROUP, t].astype("float32")
+            raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
+
+        return te.compute((it.shape[0], hidden), val, name="lookup")
+
+    return bb.emit_te(f, ids, *table, primfunc_name_hint="token_lookup")
+
+
+def _rms_norm(bb, params: Params, x, name: str, W, eps: float):
+    w = params.add(name, W(name).astype(np.float32))
+    return bb.emit(R.nn.rms_norm(x, w, axes=[-1], epsilon=float(eps)))
+
+
+def _rope(bb, x, c, s):
+    """Rotate-half RoPE on (seq, heads, d) with per-position cos/sin rows (seq, d/2)."""
+
+    def f(xt, ct, st):
+        half = xt.shape[2] // 2
+
+        def val(i, h, j):
+            lo = j < half
+            jj = tir.if_then_else(lo, j, j - half)
+            a = xt[i, h, jj]
+            b = xt[i, h, jj + half]
+            return tir.if_then_else(lo, a * ct[i, jj] - b * st[i, jj], b * ct[i, jj] + a * st[i, jj])
+
+        return te.compute(xt.shape, val, name="rope")
+
+    return bb.emit_te(f, x, c, s, primfunc_name_hint="rope")
+
+
+def _attention(bb, q, k_all, v_all, w: Widths, seq):
+    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d).
+
+    Scores and the weighted sum read the caches in place ((kv, T, d), no transposed copy per step);
+    query head h uses key/value head h // (heads / kv_heads), as the reference does."""
+    d, nkv = w.head_dim, w.kv_heads
+    rep = w.heads // nkv
+    qg = bb.emit(R.reshape(q, (seq, nkv, rep, d)))
+    scale = tir.const(float(np.float32(1.0 / np.sqrt(d))), "float32")
+
+    def scores(qt, kt):
+        n, t = qt.shape[0], kt.shape[1]
+        kk = te.reduce_axis((0, d), "kk")
+        return te.compute((nkv, rep, n, t), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, j, kk], axis=kk),
+                          name="scores")
+
+    def masked_softmax(st):
+        """softmax over keys of scale * scores, keys after the query's position excluded (the reference's order:
+        scale, mask, subtract the max, exp, normalise). One kernel with the mask inside keeps the scores
+        kernel a plain reduction, which dlight schedules for CUDA with a symbolic cache length."""
+        n, t = st.shape[2], st.shape[3]
+        ok = lambda i, j: j <= i + (t - n)                                                # noqa: E731
+        j1, j2 = te.reduce_axis((0, t), "j1"), te.reduce_axis((0, t), "j2")
+        val = lambda g, r, i, j: st[g, r, i, j] * scale                                   # noqa: E731
+        mx = te.compute((nkv, rep, n), lambda g, r, i: te.max(
+            tir.if_then_else(ok(i, j1), val(g, r, i, j1), tir.min_value("float32")), axis=j1), name="row_max")
+        ex = te.compute(st.shape, lambda g, r, i, j: tir.if_then_else(
+            ok(i, j), te.exp(val(g, r, i, j) - mx[g, r, i]), tir.const(0.0, "float32")), name="row_exp")
+        sm = te.compute((nkv, rep, n), lambda g, r, i: te.sum(ex[g, r, i, j2], axis=j2), name="row_sum")
+        return te.compute(st.shape, lambda g, r, i, j: ex[g, r, i, j] / sm[g, r, i], name="probs")
+
+    probs = bb.emit_te(masked_softmax, bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"),
+                       primfunc_name_hint="attn_softmax")
+
+    def weighted(pt, vt):
+        n, t = pt.shape[2], vt.shape[1]
+        j = te.reduce_axis((0, t), "j")
+        return te.compute((n, nkv, rep, d), lambda i, g, r, k: te.sum(pt[g, r, i, j] * vt[g, j, k], axis=j),
+                          name="attn_out")
+
+    ctx = bb.emit_te(weighted, probs, v_all, primfunc_name_hint="attn_values")
+    return bb.emit(R.reshape(ctx, (seq, w.heads * d)))
