@@ -11,6 +11,7 @@ compiles are slow: each configuration is built once per module.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -227,6 +228,8 @@ def test_arm64_and_android_builds(hf_model, tmp_path):
     assert (tmp_path / "android" / "model.tar").is_file()
 
 
+@pytest.mark.skipif(not os.environ.get("EDGEQ_SLOW_TESTS"),
+                    reason="meta-schedule tuning takes ~20 min on 2 cores; set EDGEQ_SLOW_TESTS=1 to run it")
 def test_tuning_caches_its_database_per_profile(hf_model, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQ_TVM_TUNE_DIR", str(tmp_path / "tune"))
     res = _export(hf_model, tmp_path / "tuned", quant="int8", tune_trials=4)
@@ -278,8 +281,6 @@ def test_smollm_f32_tvm_greedy_32_tokens_with_the_cache(smollm_tvm_f32, smollm_g
     assert got == greedy_reference(Executor(smollm_graph), prompt, 32)
 
 
-@pytest.mark.xfail(reason="not met yet: measured KLD 0.337 for TVM int4 vs 0.141 for calibrated GGUF q4_0 (2.4x) on "
-                          "1,020 tokens; int4_g32 has 15 levels (amax/7) and no importance matrix", strict=False)
 def test_smollm_int4_within_1_2x_of_gguf_q4_0(tmp_path_factory, export_bundle, reference_logits):
     """Symmetric int4 in groups of 32 against llama.cpp's q4_0 (both without an importance matrix), same text."""
     from edgeq.evaluate_bundle import evaluate_bundle
