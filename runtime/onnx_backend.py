@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
+
 
 def session_options(threads: int = 1, spinning: bool = False):
     import onnxruntime as ort
@@ -35,7 +37,7 @@ def open_session(model_path: str | os.PathLike, threads: int = 1, spinning: bool
                                 providers=["CPUExecutionProvider"])
 
 
-class OnnxSession:
+class OnnxSession(SentenceEmbedding):
     """A loaded ONNX bundle. Encoders: `embed(texts)`; every kind: `run(inputs)` (raw onnxruntime feeds)."""
 
     backend_name = "onnx"
@@ -78,17 +80,6 @@ class OnnxSession:
             mask[i, :len(x)] = 1
         return self.session.run(["embedding"], {"input_ids": ids, "attention_mask": mask})[0]
 
-    def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
-        """Sentence embeddings, shape (n, hidden) (or (hidden,) for one string), as the source model computes them."""
-        if self.kind != "encoder":
-            raise ValueError(f"embed() needs an encoder bundle; this one is a {self.kind}")
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        ids = [self.tokenize(t) for t in texts]
-        out = [self.embed_ids(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
-        res = np.concatenate(out, 0) if out else np.zeros((0, self.manifest["model"]["config"]["hidden_size"]), np.float32)
-        return res[0] if single else res
-
     def close(self) -> None:
         self.session = None
 
@@ -99,7 +90,7 @@ class OnnxSession:
         self.close()
 
 
-class OnnxDecoderBackend:
+class OnnxDecoderBackend(TokenizerText):
     """A decoder graph with a KV cache (edgeq/targets/onnx/decoder.py) behind `Session`'s backend interface.
 
     `feed` appends tokens: the cache is the previous call's `present.N.*`
@@ -123,16 +114,6 @@ class OnnxDecoderBackend:
         self.kv_shape = [(int(i.shape[1]), int(i.shape[3])) for i in past]
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
         self.reset()
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        from edgeq.tokenizer import encode
-
-        return encode(self.tok, self.spec, text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, ids) -> str:
-        from edgeq.tokenizer import decode
-
-        return decode(self.tok, [int(i) for i in ids])
 
     def reset(self) -> None:
         self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]

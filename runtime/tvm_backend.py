@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.runtime.manifest import BundleError, artifact_path
+from edgeq.runtime.text_io import SentenceEmbedding
 
 MAX_BATCH = 1024
 
@@ -45,7 +46,7 @@ def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
     return [arrays[n] for n in names]
 
 
-class TvmSession:
+class TvmSession(SentenceEmbedding):
     """A loaded TVM bundle. Encoders: `embed(texts)`; every kind: `run(inputs)`; `time(inputs)` on the device."""
 
     backend_name = "tvm"
@@ -158,17 +159,6 @@ class TvmSession:
     def embed_ids(self, batch: list[list[int]]) -> np.ndarray:
         """Embeddings of tokenised sentences, padded to the longest in the batch."""
         return self.run(self.encoder_inputs(batch))["embedding"]
-
-    def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
-        """Sentence embeddings, shape (n, hidden) (or (hidden,) for one string), as the source model computes them."""
-        if self.kind != "encoder":
-            raise ValueError(f"embed() needs an encoder bundle; this one is a {self.kind}")
-        single = isinstance(texts, str)
-        texts = [texts] if single else list(texts)
-        ids = [self.tokenize(t) for t in texts]
-        out = [self.embed_ids(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]
-        res = np.concatenate(out, 0) if out else np.zeros((0, self.manifest["model"]["config"]["hidden_size"]), np.float32)
-        return res[0] if single else res
 
     def close(self) -> None:
         self.vm = None

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tvm_backend import TvmSession
 
 
-class TvmDecoderBackend:
+class TvmDecoderBackend(TokenizerText):
     name = "tvm"
 
     def __init__(self, session: TvmSession, spec, n_ctx: int):
@@ -30,16 +31,6 @@ class TvmDecoderBackend:
         self.decode_entry = tvm_spec.get("decode_entry")
         self.n_vocab = int(session.outputs[0]["shape"][-1])
         self.reset()
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        from edgeq.tokenizer import encode
-
-        return encode(self.tok, self.spec, text, add_special=add_special, parse_special=parse_special)
-
-    def detokenize(self, ids) -> str:
-        from edgeq.tokenizer import decode
-
-        return decode(self.tok, [int(i) for i in ids])
 
     def reset(self) -> None:
         import tvm
