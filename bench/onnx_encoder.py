@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared import encoder_fixture, fidelity, interleaved_times, latency_ms
 
 
 def main() -> None:
@@ -37,12 +38,8 @@ def main() -> None:
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgeq.executor import Executor
-    from edgeq.export_onnx import cosines, encoder_tokenizer
-    from edgeq.importers.loader import import_model, resolve_model_path
     from edgeq.pipeline import ExportOptions, export
     from edgeq.runtime.onnx_backend import session_options
-    from edgeq.texts import calibration_text, evaluation_sentences
 
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-"))
     models: dict[str, str] = {}
@@ -68,49 +65,23 @@ def main() -> None:
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     models["ORT quantize_dynamic per-channel int8"] = str(work / "ort_dyn_pc.onnx")
 
-    graph = import_model(resolve_model_path("all-MiniLM-L6-v2"))
-    tok = encoder_tokenizer(graph)
-    long_ids = tok.encode(calibration_text()[:4000]).ids[: a.seq]
-    assert len(long_ids) == a.seq
-    feed = {"input_ids": np.array([long_ids], np.int64), "attention_mask": np.ones((1, a.seq), np.int64)}
+    fx = encoder_fixture("all-MiniLM-L6-v2", a.seq, a.sentences)
+    feed = {"input_ids": np.array([fx.long_ids], np.int64), "attention_mask": np.ones((1, a.seq), np.int64)}
     sessions = {k: ort.InferenceSession(v, session_options(a.threads), providers=["CPUExecutionProvider"])
                 for k, v in models.items()}
-
-    # fidelity on held-out sentences
-    ex = Executor(graph)
-    sents = evaluation_sentences(a.sentences)
-    ids = [tok.encode(s).ids for s in sents]
-    ref = np.stack([ex.embed(i) for i in ids])
-    fidelity = {}
-    for k, s in sessions.items():
-        got = np.stack([s.run(["embedding"], {"input_ids": np.array([i]), "attention_mask": np.ones((1, len(i)), np.int64)})[0][0]
-                        for i in ids])
-        c = cosines(ref, got)
-        fidelity[k] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
-
-    # latency, interleaved
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(["embedding"], feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for r in range(a.rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
-        for k in order:
-            s = sessions[k]
-            for _ in range(a.runs_per_round):
-                t0 = time.perf_counter()
-                s.run(["embedding"], feed)
-                times[k].append(time.perf_counter() - t0)
+    quality = {k: fidelity(fx.reference, np.stack([
+        s.run(["embedding"], {"input_ids": np.array([i]), "attention_mask": np.ones((1, len(i)), np.int64)})[0][0]
+        for i in fx.sentence_ids])) for k, s in sessions.items()}
+    times = interleaved_times({k: (lambda s=s: s.run(["embedding"], feed)) for k, s in sessions.items()},
+                              a.rounds, a.runs_per_round, warmup=3)
     ops = {k: optimized_ops(v, a.threads, work) for k, v in models.items()}
     gemm = gemm_int8_vs_f32(a.threads, a.rounds)
     base = "float, ORT transformer optimizer" if "float, ORT transformer optimizer" in times else "edgeq f32"
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     rows = []
     for k in sessions:
-        rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, "latency_ms_median": med[k],
-                     "latency_ms_p10": float(np.percentile(times[k], 10) * 1e3),
-                     "latency_ms_p90": float(np.percentile(times[k], 90) * 1e3),
-                     "vs_float": med[k] / med[base], **fidelity[k], "optimized_ops": ops[k]})
+        rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, **latency_ms(times[k]),
+                     "vs_float": med[k] / med[base], **quality[k], "optimized_ops": ops[k]})
     print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning off, {a.rounds}x{a.runs_per_round} "
           f"interleaved runs; baseline: {base}")
     print(f"{'variant':42s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'cos mean':>9s} {'cos min':>8s}")
@@ -123,7 +94,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
-                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(sents),
+                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(fx.sentence_ids),
                                "gemm_128x384x1536": gemm,
                                "export_s": export_s, "onnxruntime": ort.__version__, "rows": rows,
                                "load_avg": os.getloadavg()}, indent=1) + "\n")

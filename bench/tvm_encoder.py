@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from shared import encoder_fixture, fidelity, interleaved_times, latency_ms
 
 
 def main() -> None:
@@ -39,11 +40,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from edgeq import runtime
-    from edgeq.executor import Executor
-    from edgeq.export_onnx import cosines, encoder_tokenizer
-    from edgeq.importers.loader import import_model, resolve_model_path
     from edgeq.pipeline import ExportOptions, export
-    from edgeq.texts import calibration_text, evaluation_sentences
 
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-tvm-"))
     export_s: dict[str, float] = {}
@@ -59,39 +56,20 @@ def main() -> None:
         bundles[f"tvm {q}"] = work / f"tvm-{q}"
     sessions = {k: runtime.load(v, threads=a.threads) for k, v in bundles.items()}
 
-    graph = import_model(resolve_model_path("all-MiniLM-L6-v2"))
-    tok = encoder_tokenizer(graph)
-    long_ids = tok.encode(calibration_text()[:4000]).ids[: a.seq]
-    assert len(long_ids) == a.seq
-    ex = Executor(graph)
-    sents = evaluation_sentences(a.sentences)
-    ids = [tok.encode(s).ids for s in sents]
-    ref = np.stack([ex.embed(i) for i in ids])
-    fidelity = {}
-    for k, s in sessions.items():
-        c = cosines(ref, np.concatenate([s.embed_ids(ids[i:i + 16]) for i in range(0, len(ids), 16)], 0))
-        fidelity[k] = {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
-
-    for s in sessions.values():
-        s.embed_ids([long_ids])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for r in range(a.rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
-        for k in order:
-            for _ in range(a.runs_per_round):
-                t0 = time.perf_counter()
-                sessions[k].embed_ids([long_ids])
-                times[k].append(time.perf_counter() - t0)
+    fx = encoder_fixture("all-MiniLM-L6-v2", a.seq, a.sentences)
+    ids = fx.sentence_ids
+    quality = {k: fidelity(fx.reference, np.concatenate([s.embed_ids(ids[i:i + 16]) for i in range(0, len(ids), 16)], 0))
+               for k, s in sessions.items()}
+    times = interleaved_times({k: (lambda s=s: s.embed_ids([fx.long_ids])) for k, s in sessions.items()},
+                              a.rounds, a.runs_per_round)
     base = "onnxruntime f32"
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     rows = []
     for k, b in bundles.items():
         m = json.loads((b / "manifest.json").read_text())
         size = sum(x["bytes"] for x in m["artifacts"] if x["role"] in ("model", "model_data", "params"))
-        rows.append({"variant": k, "files_mb": size / 1e6, "latency_ms_median": med[k],
-                     "latency_ms_p10": float(np.percentile(times[k], 10) * 1e3),
-                     "latency_ms_p90": float(np.percentile(times[k], 90) * 1e3),
-                     "vs_onnxruntime": med[k] / med[base], "export_s": export_s[k], **fidelity[k]})
+        rows.append({"variant": k, "files_mb": size / 1e6, **latency_ms(times[k]),
+                     "vs_onnxruntime": med[k] / med[base], "export_s": export_s[k], **quality[k]})
     print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, {a.rounds}x{a.runs_per_round} interleaved runs "
           f"(TVM untuned: edgeq's fixed schedule)")
     print(f"{'variant':18s} {'MB':>6s} {'ms':>8s} {'x ORT':>7s} {'cos mean':>9s} {'cos min':>8s}")
@@ -105,7 +83,7 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
-                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(sents),
+                               "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(ids),
                                "onnxruntime": ort.__version__, "apache-tvm": metadata.version("apache-tvm"),
                                "tvm_target": json.loads((bundles[next(k for k in bundles if k.startswith("tvm"))]
                                                          / "manifest.json").read_text())["tvm"]["target"]
