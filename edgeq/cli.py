@@ -87,12 +87,11 @@ def cmd_plan(a) -> int:
     backend = a.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
     preset = choose_preset(opts, user, profile, backend)
-    if backend == "onnx":  # static INT8 ranges are calibrated here too, so the plan shows (and fixes) them
-        from edgeq.export_onnx import decide_onnx
-
-        if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with onnx")
-        from edgeq.export_onnx import cnn_calibration
+    if backend == "onnx" and preset is None and graph.kind != "decoder":
+        raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
+                               f"with this {graph.kind}")
+    if backend == "onnx" and preset is not None:  # static INT8 ranges are calibrated here too, so the plan shows them
+        from edgeq.export_onnx import cnn_calibration, decide_onnx
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
         plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
@@ -100,7 +99,8 @@ def cmd_plan(a) -> int:
         from edgeq.export_tvm import decide_tvm
 
         if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf and onnx only for now; use --quant "
+                                   "with tvm")
         plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts, branches=False).plan
