@@ -316,7 +316,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     plan = decision.plan
     timings["passes"] = time.perf_counter() - t0
     what = (f"{plan.search['method']} plan for {plan.search['budget_mb']:.3f} MB" if plan.search and budgeted(opts)
-            else " + ".join(f"{b} {presets[b]}" for b in backends))
+            else " + ".join(f"{b} {presets[b] or 'plan'}" for b in backends))
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what}")
 
     with staged_dir(opts.out, opts.force) as tmp:

@@ -214,25 +214,33 @@ def test_budgeted_onnx_with_branches_is_the_executor_on_the_plans_weights(budget
     assert np.abs(without - ref).max() > 100 * np.abs(got - ref).max()
 
 
-def test_same_budgeted_onnx_export_is_byte_identical(budgeted, hf_model, cache, tmp_path, monkeypatch):
-    from edgeq.pipeline import ExportOptions, export
-
-    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
-    out, *_ = budgeted
-    export(ExportOptions(model=str(hf_model), backend="onnx", bpw=6.0, ranks=RANKS, calib_windows=2,
-                         out=str(tmp_path / "again"), check=False))
-    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
-
-
-def test_impossible_onnx_budget_is_one_clear_error(hf_model, tmp_path):
+def _edgeq(*args, cache) -> "subprocess.CompletedProcess":
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "EDGEQ_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "EDGEQ_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_onnx_plan_file_exports_the_same_bytes(budgeted, hf_model, cache, tmp_path):
+    """`edgeq plan --backend onnx` writes the budgeted plan; `export --plan` of it reproduces the bundle's bytes."""
+    out, res, *_ = budgeted
+    r = _edgeq("plan", "--model", hf_model, "--backend", "onnx", "--bpw", "6", "--ranks", "0,8,16", "--calib-windows",
+               "2", "--quiet", "-o", tmp_path / "plan.json", cache=cache)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "onnx" and plan["tensors"] == res["manifest"]["plan"]["tensors"]
+    r = _edgeq("export", "--model", hf_model, "--backend", "onnx", "--plan", tmp_path / "plan.json",
+               "--calib-windows", "2", "--quiet", "-o", tmp_path / "again", cache=cache)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
+
+
+def test_impossible_onnx_budget_is_one_clear_error(hf_model, tmp_path):
     for cmd in (["plan", "-o", tmp_path / "p.json"], ["export", "-o", tmp_path / "out"]):
-        r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, cmd), "--model", hf_model, "--backend",
-                            "onnx", "--bpw", "2", "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+        r = _edgeq(*cmd, "--model", hf_model, "--backend", "onnx", "--bpw", "2", "--quiet", cache=tmp_path / "cache")
         assert r.returncode == 2, r.stderr
         assert "below the smallest feasible size" in r.stderr and "bpw" in r.stderr and "int4_b128" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
