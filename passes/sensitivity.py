@@ -149,14 +149,13 @@ def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) 
 
 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
-                   token_p: np.ndarray | None = None, layout: FileLayout | None = None,
-                   ranks: list[int] = (), scaling=None,
+                   token_p: np.ndarray | None, layout: FileLayout, ranks: list[int] = (), scaling=None,
                    fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None) -> list[Option]:
     """Every candidate format that can carry `w` natively, with its cost (see module docstring).
 
     With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
     also gets options with a rank-r error branch: its cost is the output error left after the branch, its
-    bytes include the branch's bytes (`layout`; None: the raw format bytes, no branch bytes).
+    bytes include the branch's bytes (`layout`: what each adds to the backend's files).
     """
     from edgeq.passes import lowrank_compensate as lr
 
@@ -176,7 +175,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
         if token_p is not None:
             cost += lookup_error(dw, token_p, fisher_lookup)
-        base_bytes = layout.tensor_bytes(name, w.shape, f) if layout is not None else f.nbytes(w.shape)
+        base_bytes = layout.tensor_bytes(name, w.shape, f)
         out.append(Option(f.name, base_bytes, cost))
         if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
             a, b = lr.branch(-dw, scaling, max(ranks))

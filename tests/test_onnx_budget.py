@@ -65,6 +65,20 @@ def test_candidates_are_the_weight_formats_the_onnx_target_carries():
         candidate_formats("onnx", ["q4_k"])
 
 
+def test_onnxruntime_fuses_no_matmulnbits_so_budgets_tie_nothing(tmp_path):
+    """No tie by default on ONNX rests on this: with every optimisation on, onnxruntime keeps one MatMulNBits per
+    linear (no q/k/v or gate/up fusion). If a release starts fusing them, ties (llama.fused_groups) must follow."""
+    graph = random_llama(tiny_config(tied_embeddings=True), seed=1)
+    plan = Plan(tensors={n: TensorPlan("int4" if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()})
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    so.intra_op_num_threads = 1
+    ort.InferenceSession(lower_onnx(graph, plan).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    nbits = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * graph.config.n_layers + 1          # q k v o gate up down per layer, and the head
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_every_candidates_reference_quantizer_is_the_bytes_written(tied):
     """For each ONNX candidate, with an importance matrix where the format takes one: Format.quantize gives exactly
