@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--bpw", type=float, help="budget: 8 x file bytes / source parameters")
         sp.add_argument("--method", default="ilp", choices=["ilp", "dynaquant"], help="allocator (default ilp)")
         sp.add_argument("--formats", type=csv(str), help="candidate formats, comma-separated (default: all the backend carries)")
-        sp.add_argument("--ranks", type=csv(int), default=[0], help="low-rank error branch ranks to consider, e.g. "
-                                                                    "0,8,16 (gguf: a LoRA-adapter file beside the model)")
+        sp.add_argument("--ranks", type=csv(int), default=[0],
+                        help="low-rank error branch ranks to consider, e.g. 0,8,16 (gguf: a LoRA-adapter file beside "
+                             "the model; onnx: two more MatMuls per branch in the model)")
         sp.add_argument("--lowrank-scaling", default="exact", choices=["exact", "diag", "identity"],
                         help="input scaling of the branches' SVD: E[xx^T]^1/2, its diagonal, or none (default exact)")
         sp.add_argument("--cost", default="output", choices=["output", "fisher"],
