@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+
 import numpy as np
 from onnx import numpy_helper
 
 from edgeq.errors import EdgeqError
-from edgeq.formats import Format
-from edgeq.ir import Graph, Tensor
+from edgeq.formats import Format, get_format
+from edgeq.ir import Graph
 from edgeq.passes.sensitivity import FileLayout
 from edgeq.plan import Plan, TensorPlan
 from edgeq.targets.onnx.builder import Builder
@@ -129,8 +130,6 @@ def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> File
     def plan_in(fmt: str, rank: int = 0) -> tuple[Plan, dict[str, int]]:
         tensors = {n: TensorPlan("f32") for n in graph.weights}
         for n in mats:
-            from edgeq.formats import get_format
-
             if get_format(fmt).can_carry(graph.weights[n].shape):
                 tensors[n] = TensorPlan(fmt)
         has_branch = {n: rank for n in mats if rank and n != "model.embed_tokens.weight"}
