@@ -154,7 +154,7 @@ def main() -> int:
     from edgeq.passes.calibrate import Calibrate, cache_dir
     from edgeq.passes.sensitivity import Sensitivity
     from edgeq.pipeline import ExportOptions, export
-    from edgeq.targets.gguf.writer import layout_overhead, padded
+    from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     out_path = Path(args.out)
@@ -174,7 +174,7 @@ def main() -> int:
     Calibrate().run(graph, None, ctx)
     results["calibration_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    Sensitivity(formats=FORMATS_B, overhead=layout_overhead(graph, tok), file_bytes=padded).run(graph, None, ctx)
+    Sensitivity(gguf_layout(graph, tok), formats=FORMATS_B).run(graph, None, ctx)
     results["sensitivity_s"] = round(time.perf_counter() - t0, 1)
     table = ctx.analysis["costs"]
     tables = {"no_q4_1_q5_1": subset(table, FORMATS_A), "all": subset(table, FORMATS_B)}

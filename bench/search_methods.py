@@ -62,6 +62,7 @@ def main() -> int:
     from edgeq.runtime.gguf_backend import LlamaCppBackend
     from edgeq.targets.gguf import write_gguf
     from edgeq.targets.gguf.adapter import adapter_overhead, write_adapter
+    from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.targets.gguf.writer import layout_overhead, padded
     from edgeq.texts import evaluation_text
     from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
@@ -90,7 +91,7 @@ def main() -> int:
     def table_for(ranks=(), scaling="exact"):
         t0 = time.perf_counter()
         c = Context(backend="gguf", analysis={"calibration": cal})
-        Sensitivity(formats=FORMATS_B, overhead=overhead, file_bytes=padded, ranks=list(ranks),
+        Sensitivity(gguf_layout(graph, tok, bool(ranks)), formats=FORMATS_B, ranks=list(ranks),
                     scaling=scaling).run(graph, None, c)
         results.setdefault("sensitivity_s", {})[f"{scaling}:{list(ranks)}"] = round(time.perf_counter() - t0, 1)
         return c.analysis["costs"]
@@ -180,8 +181,7 @@ def main() -> int:
         results["fisher_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         c = Context(backend="gguf", analysis={"calibration": cal, "fisher": ctx.analysis["fisher"]})
-        Sensitivity(formats=FORMATS_B if "all" in chosen_sets else FORMATS_A, overhead=overhead,
-                    file_bytes=padded).run(graph, None, c)
+        Sensitivity(gguf_layout(graph, tok), formats=FORMATS_B if "all" in chosen_sets else FORMATS_A).run(graph, None, c)
         results["sensitivity_fisher_s"] = round(time.perf_counter() - t0, 1)
         weighted = c.analysis["costs"]
         if args.at_bytes is not None:

@@ -87,12 +87,11 @@ def cmd_plan(a) -> int:
     backend = a.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
     preset = choose_preset(opts, user, profile, backend)
-    if backend == "onnx":  # static INT8 ranges are calibrated here too, so the plan shows (and fixes) them
-        from edgeq.export_onnx import decide_onnx
-
-        if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with onnx")
-        from edgeq.export_onnx import cnn_calibration
+    if backend == "onnx" and preset is None and graph.kind != "decoder":
+        raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
+                               f"with this {graph.kind}")
+    if backend == "onnx" and preset is not None:  # static INT8 ranges are calibrated here too, so the plan shows them
+        from edgeq.export_onnx import cnn_calibration, decide_onnx
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
         plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
@@ -100,7 +99,8 @@ def cmd_plan(a) -> int:
         from edgeq.export_tvm import decide_tvm
 
         if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf only for now; use --quant with tvm")
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf and onnx only for now; use --quant "
+                                   "with tvm")
         plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts, branches=False).plan
@@ -240,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--bpw", type=float, help="budget: 8 x file bytes / source parameters")
         sp.add_argument("--method", default="ilp", choices=["ilp", "dynaquant"], help="allocator (default ilp)")
         sp.add_argument("--formats", type=csv(str), help="candidate formats, comma-separated (default: all the backend carries)")
-        sp.add_argument("--ranks", type=csv(int), default=[0], help="low-rank error branch ranks to consider, e.g. "
-                                                                    "0,8,16 (gguf: a LoRA-adapter file beside the model)")
+        sp.add_argument("--ranks", type=csv(int), default=[0],
+                        help="low-rank error branch ranks to consider, e.g. 0,8,16 (gguf: a LoRA-adapter file beside "
+                             "the model; onnx: two more MatMuls per branch in the model)")
         sp.add_argument("--lowrank-scaling", default="exact", choices=["exact", "diag", "identity"],
                         help="input scaling of the branches' SVD: E[xx^T]^1/2, its diagonal, or none (default exact)")
         sp.add_argument("--cost", default="output", choices=["output", "fisher"],

@@ -37,6 +37,9 @@ class Format:
     channel_rows: bool = False
     # Formats whose row size is not a whole number of blocks plus a constant (packed zero points).
     row_bytes_fn: Callable[[int], int] | None = None
+    # Formats whose runtime also quantizes the layer's input per tensor (ONNX int8 / int8_dyn): the weight
+    # round trip alone does not describe their error, so budgeted plans do not take them as candidates.
+    quantizes_activations: bool = False
 
     def _rows(self, shape: tuple[int, ...]) -> int:
         if len(shape) < 2:
@@ -193,7 +196,7 @@ for _name, _desc in (
     # per row: the f32 scale (the zero point is 0: DequantizeLinear and MatMulInteger default to it)
     register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
                     quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4,
-                    channel_rows=True))
+                    channel_rows=True, quantizes_activations=True))
 
 
 # --- block-wise weight-only formats (onnxruntime's MatMulNBits / GatherBlockQuantized) ---------------

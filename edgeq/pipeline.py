@@ -187,26 +187,39 @@ class _PresetAfterCalibration(AssignPreset):
         return super().run(graph, plan, ctx)
 
 
+def file_layout(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None):
+    """The backend's size model (passes/sensitivity.FileLayout) for the candidate formats and ranks of `opts`."""
+    with_branches = any(r > 0 for r in opts.ranks)
+    if backend == "gguf":
+        from edgeq.targets.gguf.layout import gguf_layout
+
+        if tokenizer is None:
+            from edgeq.tokenizer import spec_to_json
+
+            tokenizer = spec_to_json(graph_tokenizer_spec(graph))
+        return gguf_layout(graph, tokenizer, with_branches)
+    if backend == "onnx" and graph.kind == "decoder":
+        from edgeq.passes.sensitivity import candidate_formats
+        from edgeq.targets.onnx.layout import onnx_layout
+
+        return onnx_layout(graph, candidate_formats(backend, opts.formats), opts.ranks)
+    raise EdgeqError(None, f"budgeted plans for backend {backend!r} ({graph.kind}s) are not available yet "
+                           "(gguf and onnx decoders are)")
+
+
 def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None) -> list:
     from edgeq.models import llama
     from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
     from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
-    from edgeq.targets.gguf.writer import layout_overhead, padded
 
-    if backend != "gguf":
-        raise EdgeqError(None, f"budgeted plans for backend {backend!r} are not available yet")
     if any(r < 0 for r in opts.ranks):
         raise EdgeqError(None, "--ranks must be non-negative integers")
-    if tokenizer is None:
-        from edgeq.tokenizer import spec_to_json
-
-        tokenizer = spec_to_json(graph_tokenizer_spec(graph))
-    overhead = layout_overhead(graph, tokenizer)
-    ties = llama.fused_groups(graph, opts.ties)
-    # the budget in bytes needs only the parameter count, and feasibility only the bytes: check both
-    # before any calibration or cost is computed
+    # the budget in bytes needs only the parameter count: check it before anything is sized
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
-    sizes = bytes_table(graph, backend, opts.formats, overhead, padded)
+    layout = file_layout(graph, backend, opts, tokenizer)
+    ties = llama.fused_groups(graph, opts.ties)
+    # feasibility needs only the bytes: check it before any calibration or cost is computed
+    sizes = bytes_table(graph, layout, opts.formats)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     passes = []
@@ -216,18 +229,17 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
         passes.append(Fisher())
     elif opts.cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (output, fisher)")
-    passes.append(Sensitivity(formats=opts.formats, overhead=overhead, file_bytes=padded, ranks=opts.ranks,
-                              scaling=opts.lowrank_scaling))
+    passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
     if opts.method == "dynaquant":
         from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
 
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
+        if layout.exact_bytes is not None:
+            raise EdgeqError(None, f"--method dynaquant plans gguf only for now; use --method ilp with {backend}")
         passes.append(AllocateDynaQuant(budget, ties))
         return passes
-    from edgeq.targets.gguf.adapter import adapter_overhead
-
-    passes.append(Allocate(budget, ties, adapter_overhead=adapter_overhead(graph) if any(opts.ranks) else 0))
+    passes.append(Allocate(budget, ties, adapter_overhead=layout.branch_overhead, exact_bytes=layout.exact_bytes))
     return passes
 
 
@@ -261,7 +273,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     if backends == ["tvm"]:
         preset = choose_preset(opts, user_plan, profile, "tvm")
         if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with tvm")
+            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf and onnx only for now; "
+                                   "use --quant with tvm")
         from edgeq.export_tvm import export_tvm
 
         return export_tvm(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
@@ -272,7 +285,8 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             raise EdgeqError(model_path, f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
         preset = choose_preset(opts, user_plan, profile, "onnx")
         if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; use --quant with onnx")
+            raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
+                                   f"with this {graph.kind}")
         from edgeq.export_onnx import export_onnx
 
         return export_onnx(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
@@ -288,14 +302,11 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     for b in backends:
         ctx.backend = b
         first = len(ctx.records)
-        if b == "gguf":
+        if b == "gguf" or presets[b] is None:     # a preset, or for every backend a budget or a searched plan
             decisions[b] = decide(graph, b, presets[b], user_plan, opts.plan, ctx, opts, spec_to_json(spec))
         else:
             from edgeq.export_onnx import decide_onnx
 
-            if presets[b] is None:
-                raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf only for now; "
-                                       "use --quant with onnx")
             onnx_plan = decide_onnx(graph, presets[b], user_plan, opts.plan, ctx, opts=opts)
             decisions[b] = Decision(onnx_plan, ctx.analysis.get("calibration") if onnx_plan.calibration else None)
         for r in ctx.records[first:]:
@@ -305,7 +316,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     plan = decision.plan
     timings["passes"] = time.perf_counter() - t0
     what = (f"{plan.search['method']} plan for {plan.search['budget_mb']:.3f} MB" if plan.search and budgeted(opts)
-            else " + ".join(f"{b} {presets[b]}" for b in backends))
+            else " + ".join(f"{b} {presets[b] or 'plan'}" for b in backends))
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what}")
 
     with staged_dir(opts.out, opts.force) as tmp:
@@ -337,8 +348,11 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
 
                 cal = decisions[b].calibration
                 artifacts += write_onnx(graph, decisions[b].plan, tmp, progress,
-                                        **({"imatrix": cal.imatrix()} if cal is not None else {}))
+                                        **({"imatrix": cal.imatrix()} if cal is not None else {}),
+                                        **({"branches": decisions[b].branches} if decisions[b].branches else {}))
         timings["lower"] = time.perf_counter() - t0
+        if budgeted(opts):
+            _check_budget(decisions, artifacts)
 
         spec_file = tmp / "tokenizer_spec.json"
         spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
@@ -394,6 +408,16 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         plot_layers(graph, plan, tmp / plot)
         write_report(tmp / "report.md", manifest, measurements, graph, plan, plot)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
+
+
+def _check_budget(decisions: dict[str, Decision], artifacts: list[dict[str, Any]]) -> None:
+    """Each backend's model files (adapters and external data included) within its plan's budget: the size
+    models are exact, so a failure here is a bug, caught before the bundle is renamed into place."""
+    for b, d in decisions.items():
+        written = sum(a["bytes"] for a in artifacts if a["backend"] == b and a["role"] != "tokenizer")
+        if d.plan.search and written > d.plan.search["budget_bytes"]:
+            raise EdgeqError(None, f"{b} files are {written} bytes, over the budget of "
+                                   f"{d.plan.search['budget_bytes']} bytes (predicted {d.plan.search['predicted_bytes']})")
 
 
 def export_module(module, example, out: str | os.PathLike, quant: str | None = None, calib_images=None,

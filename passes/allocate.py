@@ -26,6 +26,7 @@ from edgeq.passes.sensitivity import CostTable, Option
 from edgeq.plan import Plan, TensorPlan
 
 MB = 1_000_000
+EXACT_TRIES = 4
 
 
 @dataclass
@@ -225,17 +226,38 @@ class Allocate(Pass):
     name = "allocate"
 
     def __init__(self, budget: int, ties: list[list[str]] = (), extra_rows: list[ExtraRow] = (),
-                 time_limit: float = 120.0, adapter_overhead: int = 0):
+                 time_limit: float = 120.0, adapter_overhead: int = 0,
+                 exact_bytes: Callable[[Plan], int] | None = None):
+        """`exact_bytes`: the true size of a plan's files where option bytes are additive only to within a few
+        bytes (FileLayout.exact_bytes, ONNX); a plan over the budget is solved again under a budget smaller by
+        the excess."""
         self.budget = budget
         self.adapter_overhead = adapter_overhead
         self.ties = list(ties)
         self.extra_rows = list(extra_rows)
         self.time_limit = time_limit
+        self.exact_bytes = exact_bytes
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         table: CostTable = ctx.analysis["costs"]
-        alloc = solve(table, self.budget, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
-        out = plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend, alloc.info)
+        target = self.budget
+        for _ in range(EXACT_TRIES):
+            alloc = solve(table, target, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
+            out = plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend, alloc.info)
+            if self.exact_bytes is None:
+                break
+            exact = self.exact_bytes(out)
+            s = out.search
+            alloc.info["additive_bytes"] = s["predicted_bytes"]
+            s.update(additive_bytes=s["predicted_bytes"], predicted_bytes=exact, predicted_mb=exact / MB,
+                     predicted_bpw=8 * exact / table.n_params)
+            alloc.total_bytes = exact
+            if exact <= self.budget:
+                break
+            target -= exact - self.budget
+        else:
+            raise EdgeqError(None, f"no plan found whose files fit {self.budget / MB:.3f} MB exactly "
+                                   f"(the last was {alloc.total_bytes / MB:.6f} MB)")
         out.calibration = plan.calibration
         ctx.record(self.name, method="ilp", budget_bytes=self.budget, predicted_bytes=alloc.total_bytes,
                    predicted_error=alloc.total_cost, formats=out.format_counts(), **alloc.info)

@@ -13,8 +13,10 @@ the identity (plain weight MSE). The tied embedding, which is both the token
 lookup and the output head, adds the lookup error Σ_t p(t)·‖ΔW_t‖² (p: token
 frequencies of the calibration text) to the head's output error.
 
-Bytes are what the tensor occupies in the model file (GGUF: 32-byte aligned),
-so that a plan's predicted size is the file size.
+Bytes are what the tensor adds to the backend's model files (a FileLayout per
+backend: GGUF 32-byte aligned data, targets/gguf/layout.py; ONNX initializers
+and the nodes that read them, targets/onnx/layout.py), so that a plan's
+predicted size is the size of the files written.
 """
 
 from __future__ import annotations
@@ -35,6 +37,24 @@ from edgeq.plan import Plan
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
 BRANCH_MAX_BPW = 7.0          # a low-rank branch is considered only on formats below this (not f16/q8_0)
+
+
+@dataclass
+class FileLayout:
+    """What `bytes` means for one backend: what each decision adds to the files it writes.
+
+    One per backend (targets/<backend>/layout.py), so that candidates, costs and budgets follow one code path
+    whatever the backend. `exact_bytes`, where a backend's sizes are not exactly additive (ONNX node names),
+    gives the true size of a whole plan's files; the allocator then checks its plan against it.
+    """
+
+    backend: str
+    overhead: int                                        # bytes no decision changes (headers, 1-D tensors, graph)
+    tensor_bytes: Callable[[str, tuple, Format], int]    # (weight, shape, format) -> bytes in the files
+    branch_bytes: Callable[[str, tuple, int], int]       # (weight, shape, rank) -> bytes of a rank-r branch
+    branch_overhead: int = 0                             # spent once when any branch is chosen (GGUF: adapter file)
+    key: str = ""                                        # identifies the size model in cache keys
+    exact_bytes: Callable[[Any], int] | None = None      # plan -> bytes of all its model files
 
 
 @dataclass
@@ -80,17 +100,25 @@ class CostTable:
 
 
 def candidate_formats(backend: str, names: list[str] | None = None, path=None) -> list[Format]:
-    """The registry's formats for `backend` (those with a reference quantizer), or the named subset."""
+    """The registry's formats for `backend` (those with a reference quantizer), or the named subset.
+
+    Formats that also quantize activations (ONNX int8 / int8_dyn: one range per tensor) are not candidates:
+    the cost here is the weights' error alone, and on a decoder the activation error dominates (SmolLM2's
+    down_proj inputs: KLD 0.84, targets/onnx/presets.py)."""
     if names:
         out = []
         for n in names:
             f = get_format(n.strip(), path)
             if backend not in f.backends:
                 raise EdgeqError(path, f"format {f.name} is not carried by backend {backend}")
+            if f.quantizes_activations:
+                raise EdgeqError(path, f"format {f.name} quantizes activations too; a budgeted plan chooses among "
+                                       "weight formats (their error is what the sensitivity pass measures)")
             if f not in out:
                 out.append(f)
         return out
-    return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None]
+    return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None
+            and not f.quantizes_activations]
 
 
 def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None,
@@ -121,14 +149,13 @@ def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) 
 
 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
-                   token_p: np.ndarray | None = None, file_bytes: Callable[[int], int] = lambda n: n,
-                   ranks: list[int] = (), scaling=None, gguf_name: str | None = None,
+                   token_p: np.ndarray | None, layout: FileLayout, ranks: list[int] = (), scaling=None,
                    fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None) -> list[Option]:
     """Every candidate format that can carry `w` natively, with its cost (see module docstring).
 
     With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
     also gets options with a rank-r error branch: its cost is the output error left after the branch, its
-    bytes include the branch's bytes in the adapter file.
+    bytes include the branch's bytes (`layout`: what each adds to the backend's files).
     """
     from edgeq.passes import lowrank_compensate as lr
 
@@ -148,7 +175,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
         if token_p is not None:
             cost += lookup_error(dw, token_p, fisher_lookup)
-        base_bytes = file_bytes(f.nbytes(w.shape))
+        base_bytes = layout.tensor_bytes(name, w.shape, f)
         out.append(Option(f.name, base_bytes, cost))
         if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
             a, b = lr.branch(-dw, scaling, max(ranks))
@@ -156,7 +183,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
             for r in ranks:
                 if r > a.shape[0]:
                     continue
-                extra = lr.branch_bytes(gguf_name or name, w.shape, r)
+                extra = layout.branch_bytes(name, w.shape, r)
                 out.append(Option(f.name, base_bytes + extra, costs[r], rank=r, branch_bytes=extra))
         del dw
     if not out:
@@ -171,33 +198,29 @@ def embedding_name(graph: Graph) -> str | None:
     return None
 
 
-def bytes_table(graph: Graph, backend: str, formats: list[str] | None, overhead: int,
-                file_bytes: Callable[[int], int] = lambda n: n) -> CostTable:
+def bytes_table(graph: Graph, layout: FileLayout, formats: list[str] | None) -> CostTable:
     """The options' bytes alone (costs 0): enough to check a budget's feasibility before calibrating."""
-    fmts = candidate_formats(backend, formats)
+    fmts = candidate_formats(layout.backend, formats)
     options = {}
     for n, t in graph.weights.items():
         if len(t.shape) == 2:
-            options[n] = [Option(f.name, file_bytes(f.nbytes(t.shape)), 0.0) for f in fmts if f.can_carry(t.shape)]
+            options[n] = [Option(f.name, layout.tensor_bytes(n, t.shape, f), 0.0) for f in fmts
+                          if f.can_carry(t.shape)]
             if not options[n]:
                 raise EdgeqError(None, f"no candidate format can carry {n} of shape {t.shape}")
-    fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for t in graph.weights.values()
-                           if len(t.shape) != 2)
-    return CostTable(options, fixed, graph.n_params, {"formats": [f.name for f in fmts]})
+    return CostTable(options, layout.overhead, graph.n_params, {"formats": [f.name for f in fmts]})
 
 
-def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, overhead: int,
-                  file_bytes: Callable[[int], int], progress: Callable | None = None, ranks: list[int] = (),
+def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLayout,
+                  progress: Callable | None = None, ranks: list[int] = (),
                   scaling_mode: str = "exact", fisher: dict[str, np.ndarray] | None = None) -> CostTable:
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
-    fixed = overhead + sum(file_bytes(get_format("f32").nbytes(t.shape)) for n, t in graph.weights.items()
-                           if len(t.shape) != 2)
+    fixed = layout.overhead
     embd = embedding_name(graph)
     imatrix = calibration.imatrix() if calibration is not None else {}
     token_p = None
     if calibration is not None and calibration.token_counts is not None:
         token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
-    from edgeq.models import llama
     from edgeq.passes import lowrank_compensate as lr
 
     options = {}
@@ -215,8 +238,7 @@ def compute_costs(graph: Graph, backend: str, fmts: list[Format], calibration, o
                                                                        if stats is not None else (None, None)))
             sc = scalings[key]
         options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p if name == embd else None,
-                                       file_bytes, ranks if sc is not None else (), sc,
-                                       t.alias or llama.gguf_name(name),
+                                       layout, ranks if sc is not None else (), sc,
                                        None if fisher is None else fisher.get(name),
                                        None if fisher is None else fisher.get(f"lookup:{name}"))
     kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
@@ -232,17 +254,17 @@ class Sensitivity(Pass):
 
     name = "sensitivity"
 
-    def __init__(self, formats: list[str] | None = None, overhead: int = 0,
-                 file_bytes: Callable[[int], int] = lambda n: n, use_cache: bool = True, ranks: list[int] = (),
-                 scaling: str = "exact"):
+    def __init__(self, layout: FileLayout, formats: list[str] | None = None, use_cache: bool = True,
+                 ranks: list[int] = (), scaling: str = "exact"):
+        self.layout = layout
         self.formats = formats
         self.ranks = sorted(r for r in set(ranks) if r > 0)
         self.scaling = scaling
-        self.overhead = overhead
-        self.file_bytes = file_bytes
         self.use_cache = use_cache
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        if ctx.backend != self.layout.backend:
+            raise EdgeqError(None, f"a {self.layout.backend} file layout cannot size a {ctx.backend} plan")
         fmts = candidate_formats(ctx.backend, self.formats)
         cal = ctx.analysis.get("calibration")
         self._fisher = ctx.analysis.get("fisher")
@@ -253,13 +275,12 @@ class Sensitivity(Pass):
         if path is not None and path.is_file():
             try:
                 table = CostTable.from_json(json.loads(path.read_text()))
-                table.fixed_bytes = self.overhead + table.info["undecided_bytes"]
+                table.fixed_bytes = self.layout.overhead
             except (OSError, ValueError, KeyError, TypeError):
                 table = None
         if table is None:
-            table = compute_costs(graph, ctx.backend, fmts, cal, self.overhead, self.file_bytes, ctx.progress,
-                                  self.ranks, self.scaling, ctx.analysis.get("fisher"))
-            table.info["undecided_bytes"] = table.fixed_bytes - self.overhead
+            table = compute_costs(graph, fmts, cal, self.layout, ctx.progress, self.ranks, self.scaling,
+                                  ctx.analysis.get("fisher"))
             if path is not None:
                 try:
                     from edgeq.fsutil import atomic_write_text
@@ -280,8 +301,7 @@ class Sensitivity(Pass):
         if root is None:
             return None
         cal_id = None if cal is None else json.dumps(cal.info, sort_keys=True, default=str)
-        parts = [SENSITIVITY_VERSION, source_digest(graph), cal_id, [f.name for f in fmts], self.file_bytes(1),
-                 self.file_bytes(33)]
+        parts = [SENSITIVITY_VERSION, source_digest(graph), cal_id, [f.name for f in fmts], self.layout.key]
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
         fisher = getattr(self, "_fisher", None)

@@ -245,12 +245,14 @@ def test_output_error_is_the_measured_output_mse():
 
 def test_costs_use_the_bytes_and_round_trip_the_writer_uses(tiny):
     from edgeq.passes.sensitivity import candidate_formats
-    from edgeq.targets.gguf.writer import padded
+    from edgeq.targets.gguf.layout import gguf_layout
+    from edgeq.targets.gguf.writer import layout_overhead, padded
 
     rng = np.random.default_rng(4)
     cal = collect(tiny, [list(rng.integers(3, 384, 64))], max_full=600)
     fmts = candidate_formats("gguf", ["q8_0", "q4_k", "q4_0", "f16"])
-    table = compute_costs(tiny, "gguf", fmts, cal, overhead=1000, file_bytes=padded)
+    tok = spec_to_json(byte_level_spec(tiny.config.vocab_size))
+    table = compute_costs(tiny, fmts, cal, gguf_layout(tiny, tok))
     name = "model.layers.1.mlp.down_proj.weight"
     w = tiny.weights[name].numpy()
     imp = cal.imatrix()[name]
@@ -261,7 +263,8 @@ def test_costs_use_the_bytes_and_round_trip_the_writer_uses(tiny):
         assert o.cost == pytest.approx(output_error(dw, cal.stats(name).full().astype(np.float32), None))
     costs = {o.format: o.cost for o in table.options[name]}
     assert costs["f16"] < costs["q8_0"] < costs["q4_k"] and costs["q8_0"] < costs["q4_0"]
-    assert table.fixed_bytes == 1000 + sum(padded(4 * t.n_elements) for t in tiny.weights.values() if len(t.shape) == 1)
+    assert table.fixed_bytes == layout_overhead(tiny, tok) + sum(padded(4 * t.n_elements) for t in tiny.weights.values()
+                                                                 if len(t.shape) == 1)
 
 
 # --- bytes written with an importance matrix ---------------------------------------------------

@@ -16,6 +16,7 @@ from the weight-only block formats' MatMulNBits / GatherBlockQuantized.
 from __future__ import annotations
 
 import numpy as np
+from edgeq.errors import EdgeqError
 from edgeq.executor import rope_inv_freq
 from edgeq.ir import Graph
 from edgeq.models.llama import LlamaConfig
@@ -40,8 +41,12 @@ ACCURACY_LEVEL = 4
 
 
 def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int = ACCURACY_LEVEL,
-                  imatrix: dict[str, np.ndarray] | None = None) -> Builder:
+                  imatrix: dict[str, np.ndarray] | None = None,
+                  branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  builder: type[Builder] = Builder) -> Builder:
     """`imatrix`: per-weight importance for the formats that take one (int4: ggml's weighted Q4_0 search).
+    `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, extra MatMuls beside the weight's.
+    `builder`: the Builder class (targets/onnx/layout.py sizes a plan with one that keeps no data).
 
     `accuracy_level` is MatMulNBits': 4 quantizes each activation row to int8 per block, as llama.cpp's q4_0
     kernels do. Measured on SmolLM2 (bench/onnx_decoder.py, 1 thread): decode 14.2 tok/s against 1.3 with
@@ -49,7 +54,14 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     0 computes exactly the format's dequantized weights (the tests use it to check the bytes)."""
     cfg: LlamaConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
-    b = Builder(f"edgeq_{graph.arch}")
+    branches = dict(branches or {})
+    if "model.embed_tokens.weight" in branches:
+        raise EdgeqError(None, "a low-rank branch on model.embed_tokens.weight is not lowered on ONNX (it would "
+                               "correct the head but not the lookup)")
+    unknown = sorted(set(branches) - set(graph.weights))
+    if unknown:
+        raise EdgeqError(None, f"low-rank branch for {unknown[0]}, which the model does not have")
+    b = builder(f"edgeq_{graph.arch}")
     b.nbits_accuracy_level = accuracy_level
     b.imatrix = dict(imatrix or {})
     nh, nkv, d, H = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -96,7 +108,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
         def lin(x, n, hint, has_bias=False):
             wn = p + n + ".weight"
             bias_ = W(p + n + ".bias") if has_bias else None
-            return emit_linear(b, x, wn, W(wn), bias_, plan.tensors[wn], hint=hint)
+            return emit_linear(b, x, wn, W(wn), bias_, plan.tensors[wn], hint=hint, branch=branches.get(wn))
 
         xa = _rms_norm(b, h, p + "input_layernorm.weight", W(p + "input_layernorm.weight"), cfg.rms_eps)
         ab = cfg.attention_bias
@@ -128,7 +140,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
 
     hn = _rms_norm(b, h, "model.norm.weight", W("model.norm.weight"), cfg.rms_eps)
     head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
-    logits = emit_linear(b, hn, head, W(head), None, plan.tensors[head], hint="logits")
+    logits = emit_linear(b, hn, head, W(head), None, plan.tensors[head], hint="logits", branch=branches.get(head))
     b.op("Identity", [logits], outputs=["logits"])
     b.output("logits", F32, ["batch", "seq", cfg.vocab_size])
     b.outputs.insert(0, b.outputs.pop())          # logits first, then present.N.key/value in layer order

@@ -11,7 +11,9 @@
   DynamicQuantizeMatMul).
 - int4[_asym][_bNN], int8_b32: weight-only block formats (edgeq/blockq.py) in
   com.microsoft MatMulNBits; embedding tables in GatherBlockQuantized.
-The bias, the residual adds, the norms and softmax stay float.
+The bias, the residual adds, the norms and softmax stay float. A low-rank
+error branch (passes/lowrank_compensate.py) adds (x·Aᵀ)·Bᵀ to any of these:
+two more MatMuls over f16 factors, the values the allocator costed.
 
 A table used twice (a tied embedding and LM head) is stored once: the second
 use reads the first one's initializers.
@@ -65,8 +67,18 @@ def _shared_table(b: Builder, name: str) -> str | None:
     return t() if callable(t) else t
 
 
+def emit_branch(b: Builder, x: str, y: str, name: str, a: np.ndarray, bm: np.ndarray, hint: str = "y") -> str:
+    """y + (x·Aᵀ)·Bᵀ with A (r, in) and B (out, r) stored float16 (cast to f32 once at load, like f16 weights)."""
+    at = b.initializer(name + "_lowrank_a", np.ascontiguousarray(np.asarray(a, np.float16).T))     # (in, r)
+    bt = b.initializer(name + "_lowrank_b", np.ascontiguousarray(np.asarray(bm, np.float16).T))    # (r, out)
+    at, bt = (b.op("Cast", [v], hint="lowrank_f32", to=TensorProto.FLOAT) for v in (at, bt))
+    xa = b.op("MatMul", [x, at], hint="lowrank_xa")
+    return b.op("Add", [y, b.op("MatMul", [xa, bt], hint="lowrank")], hint=hint)
+
+
 def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, d: TensorPlan,
-                hint: str = "y") -> str:
+                hint: str = "y", branch: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+    """`branch`: (A, B) of a low-rank error branch on this weight, or None."""
     fmt = d.format
     shared = _shared_table(b, name) if fmt not in NBITS else None
     if shared is not None:   # a tied head: y = x · tableᵀ from the embedding's (dequantized) table
@@ -104,6 +116,8 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
             y = b.op("Mul", [accf, s], hint=hint)
     else:
         raise EdgeqError(None, f"format {fmt} (for {name}) is not carried by the ONNX target")
+    if branch is not None:
+        y = emit_branch(b, x, y, name, *branch, hint=hint)
     if bias is not None:
         y = b.op("Add", [y, b.initializer(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))], hint=hint)
     return y

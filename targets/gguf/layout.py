@@ -1,0 +1,36 @@
+"""The GGUF size model for budgeted plans: a fixed header plus each tensor's 32-byte-aligned data.
+
+The header (metadata, tokenizer, tensor infos) does not depend on the formats
+chosen (every field is fixed-width), 1-D tensors stay f32, and low-rank
+branches go to the adapter GGUF, whose own header is spent once when any
+branch is chosen. Every figure is exact except the adapter's final padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgeq.formats import Format, get_format
+from edgeq.ir import Graph
+from edgeq.passes.sensitivity import FileLayout
+
+
+def gguf_layout(graph: Graph, tokenizer: dict[str, Any], with_branches: bool = False) -> FileLayout:
+    from edgeq.models import llama
+    from edgeq.passes.lowrank_compensate import branch_bytes
+    from edgeq.targets.gguf.adapter import adapter_overhead
+    from edgeq.targets.gguf.writer import layout_overhead, padded
+
+    f32 = get_format("f32")
+    overhead = layout_overhead(graph, tokenizer) + sum(padded(f32.nbytes(t.shape)) for t in graph.weights.values()
+                                                       if len(t.shape) != 2)
+
+    def tensor_bytes(name: str, shape: tuple, fmt: Format) -> int:
+        return padded(fmt.nbytes(shape))
+
+    def branch(name: str, shape: tuple, rank: int) -> int:
+        t = graph.weights[name]
+        return branch_bytes(t.alias or llama.gguf_name(name), shape, rank)
+
+    return FileLayout("gguf", overhead, tensor_bytes, branch,
+                      branch_overhead=adapter_overhead(graph) if with_branches else 0, key="gguf/padded32")
