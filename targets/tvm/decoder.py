@@ -31,8 +31,8 @@ from edgeq.executor import rope_inv_freq
 from edgeq.ir import Graph
 from edgeq.models.llama import LlamaConfig
 from edgeq.plan import Plan
-from edgeq.formats import INT4_GROUP
-from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_linear_vars, sym, weight_arrays
+from edgeq.targets.tvm.ops import (Params, emit_embedding, emit_linear, emit_linear_vars, int4_value, stored,
+                                   sym, weight_arrays)
 
 R = relax.op
 EMBED = "model.embed_tokens.weight"
@@ -163,24 +163,22 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
 
 
 def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
-    """Token rows of a table stored input-major (as the head's weight, weight_arrays): column `id` of each
+    """Token rows of a table stored as the head's weight (weight_arrays: input-major panels): output `id` of each
     array, decoded as the linear kernel decodes it, so lookup and head read the same stored values."""
 
     def f(it, *ws):
         w = ws[0]
-        hidden = w.shape[0] * (2 if fmt == "int4_g32" else 1)
+        hidden = w.shape[1] * (2 if fmt == "int4_g32" else 1)
 
         def val(i, c):
             t = it[i]
             if fmt == "f32":
-                return w[c, t]
+                return stored(w, c, t)
             if fmt in ("f16", "int8_wo"):
-                x = w[c, t].astype("float32")
+                x = stored(w, c, t).astype("float32")
                 return x * ws[1][t] if fmt == "int8_wo" else x
             if fmt == "int4_g32":
-                byte = w[c // 2, t].astype("int32")
-                nib = tir.bitwise_and(tir.shift_right(byte, (c % 2) * 4), 15) - 8
-                return nib.astype("float32") * ws[1][c // INT4_GROUP, t].astype("float32")
+                return int4_value(w, ws[1], c, t)
             raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
 
         return te.compute((it.shape[0], hidden), val, name="lookup")
