@@ -60,6 +60,11 @@ def panels(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.reshape(a.shape[0], a.shape[1] // p, p).transpose(1, 0, 2))
 
 
+def unpanel(a: np.ndarray) -> np.ndarray:
+    """The inverse of panels(): (n_out/P, rows, P) -> (rows, n_out)."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
 def stored(w: te.Tensor, row, n) -> tir.PrimExpr:
     """Element (input row `row`, output `n`) of a panelled array (panels())."""
     p = w.shape[2]
