@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
     ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored (8: 2,040 tokens)")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--quality", default="all", help="variants to score: all, none, or names (comma-separated)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
@@ -127,13 +128,15 @@ def main() -> int:
     reference = ReferenceCache(make_reference)
     bundles: dict[str, tuple[Path, dict, float]] = {}
     partner = {name: p for name, _, p, _ in variants}
-    for name, kw, _, _ in variants:
+    for name, kw, _, speed in variants:
+        if not speed and a.quality == "none":
+            continue             # the no-imatrix pair is only scored, never timed
         out = work / name.replace(" ", "-")
         log(f"export {name}")
         manifest, secs = export(out, **kw)
         bundles[name] = (out, manifest, secs)
         log(f"exported {name} in {secs:.0f} s")
-        if "tuned" in name:
+        if "tuned" in name or (a.quality != "all" and name not in a.quality.split(",")):
             continue             # tuned builds hold the untuned build's weights: scored once, untuned
         log(f"quality: {name}")
         cal = manifest.get("calibration") or {}
@@ -142,7 +145,8 @@ def main() -> int:
         write(a.out, doc)
     by_name = {r["variant"]: r for r in doc["quality"]}
     for r in doc["quality"]:
-        r["kld_vs_gguf_same_format"] = r["kld_mean"] / by_name[partner[r["variant"]]]["kld_mean"]
+        ref = by_name.get(partner[r["variant"]])
+        r["kld_vs_gguf_same_format"] = r["kld_mean"] / ref["kld_mean"] if ref else None
     doc["reference_s"] = reference.seconds
 
     timed = [name for name, _, _, speed in variants if speed]
@@ -171,11 +175,12 @@ def main() -> int:
     doc["load_avg"] = os.getloadavg()
     write(a.out, doc)
 
-    print(f"\nSmolLM2-135M quality, {by_name[timed[0]]['n_tokens_scored']} held-out tokens scored (ctx {a.ctx})")
-    print(f"{'variant':28s} {'MB':>6s} {'KLD':>9s} {'x GGUF':>7s} {'top1':>7s} {'ppl':>7s}")
+    print(f"\nSmolLM2-135M quality, held-out tokens scored at ctx {a.ctx}")
+    print(f"{'variant':28s} {'MB':>6s} {'tokens':>6s} {'KLD':>9s} {'x GGUF':>7s} {'top1':>7s} {'ppl':>7s}")
     for r in doc["quality"]:
-        print(f"{r['variant']:28s} {r['model_mb']:6.1f} {r['kld_mean']:9.5f} {r['kld_vs_gguf_same_format']:7.3f} "
-              f"{r['top1']:7.4f} {r['ppl']:7.3f}")
+        ratio = r["kld_vs_gguf_same_format"]
+        print(f"{r['variant']:28s} {r['model_mb']:6.1f} {r['n_tokens_scored']:6d} {r['kld_mean']:9.5f} "
+              f"{'' if ratio is None else f'{ratio:7.3f}':>7s} {r['top1']:7.4f} {r['ppl']:7.3f}")
     print(f"\ndecode, {a.threads} thread(s), prompt {len(prompt)} tokens, {a.rounds} rounds x {a.tokens} tokens "
           f"interleaved; tuned = meta-schedule, {a.trials} trials in all")
     print(f"{'variant':28s} {'tok/s':>8s} {'x GGUF':>7s} {'export s':>9s}")

@@ -86,6 +86,7 @@ def int4_value(w: te.Tensor, s: te.Tensor, kk, n) -> tir.PrimExpr:
     return int4_code(w, kk, n) * stored(s, kk // INT4_GROUP, n).astype("float32")
 
 
+DEQUANT = "dequant"           # the int4 decode stage of a many-row kernel (schedule.py computes it in the loop)
 GROUP_SUM = "group_sum"       # the per-group partial sums of a few-row int4 kernel (schedule.py finds them)
 FEW_ROWS = 4                  # up to this many static rows (decode), int4 kernels factor the group scale out
 
@@ -120,10 +121,12 @@ def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | No
             part[tuple(i[:-1]) + (g, i[-1])] * stored(s, g, i[-1]).astype("float32"), axis=g), name="matmul")
         weight = None
     elif fmt == "int4_g32":
+        # many rows (prefill, encoders): a dequantize stage that the schedule computes inside the matmul's
+        # reduction loop (a register tile of a few inputs by one vector of outputs), so each weight is decoded
+        # once per block of rows instead of once per row; there is never a float copy of the matrix
         w, s = ws
-
-        def weight(kk, n):
-            return int4_value(w, s, kk, n)
+        deq = te.compute((k_dim, n_dim), lambda kk, n: int4_value(w, s, kk, n), name=DEQUANT)
+        weight = lambda kk, n: deq[kk, n]                                               # noqa: E731
     else:
         raise EdgeqError(None, f"format {fmt} is not carried by the TVM target")
 

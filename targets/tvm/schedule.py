@@ -15,7 +15,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, GROUP_SUM, LINEAR_PREFIX, panel_width
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, panel_width
 
 ROWS = 4
 OPAQUE = 8      # relax OpPatternKind.kOpaque
@@ -59,9 +59,24 @@ def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.Pri
         sch.unroll(ki)
     else:
         sch.reorder(io, no, k, ii, ni)
+    try:
+        deq = sch.get_sblock(DEQUANT)
+    except Exception:          # weights read as stored (f32, f16, int8)
+        deq = None
+    if deq is not None:        # int4: both nibbles of a byte row decoded once per row block, into registers
+        sch.compute_at(deq, k)
+        sch.set_scope(deq, 0, "local")
+        *_, d_k, d_n = sch.get_loops(deq)
+        sch.unroll(d_k)
+        if vec > 1:
+            sch.vectorize(d_n)
+    acc = sch.cache_write(blk, 0, "local")      # the row block's sums in registers across the reduction
+    sch.reverse_compute_at(acc, no)
     sch.unroll(ii)
     if vec > 1:
         sch.vectorize(ni)
+        *_, acc_ni = sch.get_loops(acc)
+        sch.vectorize(acc_ni)
     sch.parallel(io)
     sch.decompose_reduction(blk, k)
     _schedule_epilogue(sch, vec)
