@@ -70,13 +70,16 @@ def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.Pri
         sch.unroll(d_k)
         if vec > 1:
             sch.vectorize(d_n)
-    acc = sch.cache_write(blk, 0, "local")      # the row block's sums in registers across the reduction
-    sch.reverse_compute_at(acc, no)
+    acc = None
+    if len(lead) == 1:     # the row block's sums in registers across the reduction (fused (batch, seq) rows
+        acc = sch.cache_write(blk, 0, "local")  # make the write-back region wrong: encoders keep the plain nest)
+        sch.reverse_compute_at(acc, no)
     sch.unroll(ii)
     if vec > 1:
         sch.vectorize(ni)
-        *_, acc_ni = sch.get_loops(acc)
-        sch.vectorize(acc_ni)
+        if acc is not None:
+            *_, acc_ni = sch.get_loops(acc)
+            sch.vectorize(acc_ni)
     sch.parallel(io)
     sch.decompose_reduction(blk, k)
     _schedule_epilogue(sch, vec)
