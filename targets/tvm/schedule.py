@@ -1,10 +1,16 @@
-"""A fixed CPU schedule for edgeq's linear kernels (untuned: issue 6 brings meta-schedule tuning).
+"""A fixed CPU schedule for edgeq's linear and attention kernels (meta-schedule tuning is optional, tune.py).
 
 TVM's default llvm pipeline leaves TIR loops as written: a serial scalar loop
-nest, ~300x slower than onnxruntime on MiniLM. Each linear kernel (weights
-input-major, see ops.py) gets the classic CPU shape instead: rows in blocks of
-ROWS, outputs in vectors of VEC lanes, the reduction between them, so each
-weight vector loaded is used for ROWS rows; the row blocks run in parallel.
+nest, ~300x slower than onnxruntime on MiniLM. Linear kernels get two shapes:
+
+- many rows (prefill, encoders): rows in blocks of ROWS, outputs in vectors of
+  VEC lanes, the reduction between them, so each weight vector loaded (for
+  int4: decoded, once, into registers) serves ROWS rows; row blocks in parallel.
+- a few static rows (decode: one token): one weight panel (ops.panels, 64
+  outputs) per parallel iteration, streamed contiguously down the inputs with
+  its sums in registers. Row blocks alone ran SmolLM2's decode on one thread
+  with three of four unrolled rows wasted, at ~1 GB/s of weights.
+
 The weight decode (int8 widening, int4 nibble and scale) sits inside the loop,
 so it stays fused with the multiply. Scheduled kernels are marked opaque so
 the fusion passes keep them whole.
