@@ -1,17 +1,27 @@
-"""SmolLM2-135M decode speed: edgeq's TVM builds (untuned and meta-schedule tuned) vs the GGUF bundle of the
-same format (q4_0 vs int4, q8_0 vs int8), side by side in one run.
+"""SmolLM2-135M on TVM beside GGUF (llama.cpp): quality and decode speed of the same formats, in one run.
 
-Each variant is exported once, loaded with the same thread count, fed the same
-prompt, then timed over `--tokens` greedy decode steps (one token per call,
-through the KV cache); variants interleave round by round and the median
-tokens/s per variant is reported with its ratio to the GGUF bundle of its
-format. The tuned builds use `--tune-trials` trials in all, with their own
-tuning database (a fresh folder, so the stated budget is what was spent).
+Variants: GGUF q4_0 vs TVM int4 (both ggml's Q4_0 codes and scales, so both hold
+the same weights), GGUF q8_0 vs TVM int8 (per channel), and the TVM builds again
+meta-schedule tuned with `--trials` trials in all (their own, fresh tuning
+database, so the stated budget is what was spent).
 
-    python bench/tvm_decoder.py                                  # int4 + int8, 64 trials, 2 threads
-    python bench/tvm_decoder.py --formats int4 --trials 32 --rounds 3
+Quality: every bundle is scored by `edgeq.evaluate_bundle` (llama-perplexity's
+convention: 512-token windows of the held-out text, second halves scored,
+KLD over the full vocabulary) against one shared float reference. The presets
+are calibration-aware by default (q4_0 and int4 get the same importance matrix,
+from the same Calibrate pass); for issue 6's check the q4_0/int4 pair is also
+exported with `--no-calibration`.
 
-Prints a table and writes bench/results/tvm_decoder.json.
+Speed: greedy decode tokens/s through each runtime's KV cache (prefill a chat
+prompt, untimed, then one token per call), variants interleaved round by round,
+alternating the order, on the same thread count; the median per variant and its
+ratio to the GGUF bundle of its format.
+
+    python bench/tvm_decoder.py                             # int4 + int8, int4 tuned with 8 trials, 1 thread
+    python bench/tvm_decoder.py --tune int4,int8 --trials 16 --threads 2
+
+Prints tables and writes bench/results/tvm_decoder.json (after each stage, so a
+run stopped during tuning keeps the quality rows).
 """
 
 from __future__ import annotations
@@ -20,13 +30,19 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-GGUF_OF = {"int4": "q4_0", "int8": "q8_0", "f32": "f32"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from presets import ReferenceCache, log, make_reference, versions, window_progress  # noqa: E402
+
+GGUF_OF = {"int4": "q4_0", "int8": "q8_0"}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "tvm_decoder.json"
 
 
 def decode_rate(session, prompt: list[int], n: int) -> float:
@@ -40,77 +56,140 @@ def decode_rate(session, prompt: list[int], n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", default="int4,int8", help="TVM presets (each against its GGUF format)")
-    ap.add_argument("--trials", type=int, default=64, help="meta-schedule trials in all for the tuned builds")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=16, help="decode steps timed per round")
-    ap.add_argument("--out", default="bench/results/tvm_decoder.json")
+def export(out: Path, **kw) -> tuple[dict, float]:
+    from edgeq.pipeline import ExportOptions, export as run_export
+
+    t0 = time.perf_counter()
+    res = run_export(ExportOptions(target="cpu", out=str(out), force=True, check=False, **kw))
+    return res["manifest"], time.perf_counter() - t0
+
+
+def quality(bundle: Path, reference, args) -> dict:
+    from edgeq.evaluate_bundle import evaluate_bundle
+
+    ev = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, threads=args.threads, record=False,
+                         progress=window_progress, reference_logits=reference)
+    return {k: ev[k] for k in ("kld_mean", "kld_p99", "top1", "ppl", "ppl_reference", "n_tokens_scored")}
+
+
+def model_bytes(manifest: dict) -> int:
+    return sum(a["bytes"] for a in manifest["artifacts"] if a["role"] in ("model", "params"))
+
+
+def write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--formats", default="int4,int8", help="TVM presets, each against its GGUF format")
+    ap.add_argument("--tune", default="int4", help="TVM presets also built tuned ('' for none)")
+    ap.add_argument("--trials", type=int, default=8, help="meta-schedule trials in all, per tuned build")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved speed rounds")
+    ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
+    ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored (8: 2,040 tokens)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--quality", default="all", help="variants to score: all, none, or names (comma-separated)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
 
     from edgeq import runtime
-    from edgeq.pipeline import ExportOptions, export
 
+    formats = [q.strip() for q in a.formats.split(",") if q.strip()]
+    tuned = [q.strip() for q in a.tune.split(",") if q.strip() and a.trials]
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-tvmdec-"))
     os.environ["EDGEQ_TVM_TUNE_DIR"] = str(work / "tune")
-    bundles: dict[str, Path] = {}
-    export_s: dict[str, float] = {}
-    pairs: dict[str, str] = {}
-    for q in [q.strip() for q in a.formats.split(",") if q.strip()]:
-        variants = [(f"gguf {GGUF_OF[q]}", dict(backend="gguf", quant=GGUF_OF[q])),
-                    (f"tvm {q}", dict(backend="tvm", quant=q))]
-        if a.trials:
-            variants.append((f"tvm {q} tuned {a.trials}", dict(backend="tvm", quant=q, tune_trials=a.trials)))
-        for name, kw in variants:
-            out = work / name.replace(" ", "-")
-            t0 = time.perf_counter()
-            export(ExportOptions(out=str(out), check=False, **kw))
-            export_s[name] = time.perf_counter() - t0
-            bundles[name] = out
-            pairs[name] = f"gguf {GGUF_OF[q]}"
-            print(f"exported {name} in {export_s[name]:.0f} s", flush=True)
+    doc: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "threads": a.threads, "rounds": a.rounds,
+                           "tokens_per_round": a.tokens, "tune_trials": a.trials, "tuned": tuned,
+                           "ctx": a.ctx, "chunks": a.chunks, "versions": versions(), "quality": [], "speed": []}
+    from importlib import metadata
 
-    sessions = {k: runtime.load(v, threads=a.threads, n_ctx=512) for k, v in bundles.items()}
+    doc["versions"]["apache-tvm"] = metadata.version("apache-tvm")
+
+    # (name, export options, its GGUF partner, timed for speed)
+    variants: list[tuple[str, dict, str, bool]] = []
+    for q in formats:
+        g = GGUF_OF[q]
+        variants += [(f"gguf {g}", dict(backend="gguf", quant=g), f"gguf {g}", True),
+                     (f"tvm {q}", dict(backend="tvm", quant=q), f"gguf {g}", True)]
+        if q == "int4":          # issue 6's check: both without an importance matrix
+            variants += [(f"gguf {g} no-imatrix", dict(backend="gguf", quant=g, calibration=False),
+                          f"gguf {g} no-imatrix", False),
+                         (f"tvm {q} no-imatrix", dict(backend="tvm", quant=q, calibration=False),
+                          f"gguf {g} no-imatrix", False)]
+    variants += [(f"tvm {q} tuned {a.trials}", dict(backend="tvm", quant=q, tune_trials=a.trials), f"gguf {GGUF_OF[q]}",
+                  True) for q in tuned]
+
+    reference = ReferenceCache(make_reference)
+    bundles: dict[str, tuple[Path, dict, float]] = {}
+    partner = {name: p for name, _, p, _ in variants}
+    for name, kw, _, speed in variants:
+        if not speed and a.quality == "none":
+            continue             # the no-imatrix pair is only scored, never timed
+        out = work / name.replace(" ", "-")
+        log(f"export {name}")
+        manifest, secs = export(out, **kw)
+        bundles[name] = (out, manifest, secs)
+        log(f"exported {name} in {secs:.0f} s")
+        if "tuned" in name or (a.quality != "all" and name not in a.quality.split(",")):
+            continue             # tuned builds hold the untuned build's weights: scored once, untuned
+        log(f"quality: {name}")
+        cal = manifest.get("calibration") or {}
+        doc["quality"].append({"variant": name, "model_mb": model_bytes(manifest) / 1e6,
+                               "imatrix": bool(cal.get("enabled")), **quality(out, reference, a)})
+        write(a.out, doc)
+    by_name = {r["variant"]: r for r in doc["quality"]}
+    for r in doc["quality"]:
+        ref = by_name.get(partner[r["variant"]])
+        r["kld_vs_gguf_same_format"] = r["kld_mean"] / ref["kld_mean"] if ref else None
+    doc["reference_s"] = reference.seconds
+
+    timed = [name for name, _, _, speed in variants if speed]
+    sessions = {k: runtime.load(bundles[k][0], threads=a.threads, n_ctx=a.ctx) for k in timed}
     first = next(iter(sessions.values()))
     prompt = first.tokenize(first.chat_prompt("Explain in two sentences why the sky is blue."), parse_special=True)
     greedy = {k: s.generate_ids(prompt, max_tokens=16) for k, s in sessions.items()}
     for s in sessions.values():
-        decode_rate(s, prompt, 2)                                        # warm-up
+        decode_rate(s, prompt, 4)                                        # warm-up
     rates: dict[str, list[float]] = {k: [] for k in sessions}
     for r in range(a.rounds):
-        order = list(sessions) if r % 2 == 0 else list(reversed(list(sessions)))
+        order = timed if r % 2 == 0 else timed[::-1]
         for k in order:
             rates[k].append(decode_rate(sessions[k], prompt, a.tokens))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    rows = []
-    for k, b in bundles.items():
-        m = json.loads((b / "manifest.json").read_text())
-        size = sum(x["bytes"] for x in m["artifacts"] if x["role"] in ("model", "params"))
-        rows.append({"variant": k, "files_mb": size / 1e6, "decode_tok_s_median": med[k],
-                     "decode_tok_s_all": rates[k], "vs_gguf_same_format": med[k] / med[pairs[k]],
-                     "export_s": export_s[k], "tune_trials": (m.get("tvm") or {}).get("tune_trials"),
-                     "greedy_16_equal_gguf": greedy[k] == greedy[pairs[k]]})
-    print(f"SmolLM2-135M decode, {a.threads} threads, prompt {len(prompt)} tokens, {a.rounds} rounds x "
-          f"{a.tokens} tokens interleaved; tuned = meta-schedule with {a.trials} trials in all")
-    print(f"{'variant':24s} {'MB':>6s} {'tok/s':>8s} {'x GGUF':>7s} {'export s':>9s}")
-    for r in rows:
-        print(f"{r['variant']:24s} {r['files_mb']:6.1f} {r['decode_tok_s_median']:8.2f} "
-              f"{r['vs_gguf_same_format']:7.3f} {r['export_s']:9.0f}")
+        log(f"speed round {r + 1}/{a.rounds}")
     for s in sessions.values():
         s.close()
-    from importlib import metadata
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    for k in timed:
+        m = bundles[k][1]
+        doc["speed"].append({"variant": k, "model_mb": model_bytes(m) / 1e6, "decode_tok_s_median": med[k],
+                             "decode_tok_s_all": rates[k], "vs_gguf_same_format": med[k] / med[partner[k]],
+                             "export_s": bundles[k][2], "tune_trials": (m.get("tvm") or {}).get("tune_trials"),
+                             "greedy_16_equal_gguf": greedy[k] == greedy[partner[k]]})
+    doc["prompt_tokens"] = len(prompt)
+    doc["load_avg"] = os.getloadavg()
+    write(a.out, doc)
 
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": a.threads, "rounds": a.rounds, "tokens_per_round": a.tokens,
-                               "prompt_tokens": len(prompt), "tune_trials": a.trials,
-                               "apache-tvm": metadata.version("apache-tvm"),
-                               "llama-cpp-python": metadata.version("llama-cpp-python"),
-                               "rows": rows, "load_avg": os.getloadavg()}, indent=1) + "\n")
-    print(f"wrote {out}")
+    print(f"\nSmolLM2-135M quality, held-out tokens scored at ctx {a.ctx}")
+    print(f"{'variant':28s} {'MB':>6s} {'tokens':>6s} {'KLD':>9s} {'x GGUF':>7s} {'top1':>7s} {'ppl':>7s}")
+    for r in doc["quality"]:
+        ratio = r["kld_vs_gguf_same_format"]
+        print(f"{r['variant']:28s} {r['model_mb']:6.1f} {r['n_tokens_scored']:6d} {r['kld_mean']:9.5f} "
+              f"{'' if ratio is None else f'{ratio:7.3f}':>7s} {r['top1']:7.4f} {r['ppl']:7.3f}")
+    print(f"\ndecode, {a.threads} thread(s), prompt {len(prompt)} tokens, {a.rounds} rounds x {a.tokens} tokens "
+          f"interleaved; tuned = meta-schedule, {a.trials} trials in all")
+    print(f"{'variant':28s} {'tok/s':>8s} {'x GGUF':>7s} {'export s':>9s}")
+    for r in doc["speed"]:
+        print(f"{r['variant']:28s} {r['decode_tok_s_median']:8.2f} {r['vs_gguf_same_format']:7.3f} "
+              f"{r['export_s']:9.0f}")
+    print(f"wrote {a.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -97,6 +97,14 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
             calibration, calibration_source = calibration_inputs(graph)
         _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration inputs", percentile)],
                              graph, plan, ctx)
+    imatrix_calibration(graph, plan, ctx, opts)
+    return plan
+
+
+def imatrix_calibration(graph: Graph, plan: Plan, ctx: Context, opts) -> None:
+    """The importance matrix for the plan's formats that take one (ONNX and TVM int4, as GGUF's types), unless
+    `opts` says --no-calibration: `opts.imatrix`'s file or the Calibrate pass (its cache), in
+    ctx.analysis['calibration']; the plan records it."""
     if opts is not None and opts.calibration and takes_imatrix(plan):
         from edgeq.passes.calibrate import Calibrate
 
@@ -104,7 +112,6 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
             run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
                        ctx)
         plan.calibration = ctx.analysis["calibration"].to_json()
-    return plan
 
 
 CALIB_MAX_IMAGES = 512          # the whitepaper calibrates on 100-500 samples

@@ -31,12 +31,21 @@ LIBRARY_STEM = "model"
 PARAMS_FILE = "params.safetensors"
 
 
-def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context) -> Plan:
+def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context,
+               opts=None) -> Plan:
+    """Preset, the user's rules, legalize; for decoders, the importance matrix of the formats that take one
+    (int4_g32: ggml's Q4_0 scale search) exactly as the ONNX export gets it (export_onnx.imatrix_calibration;
+    `opts` carries --no-calibration / --imatrix / --calib-windows). Encoders and CNNs have no calibration text
+    here: their int4 is plain Q4_0."""
     passes = [AssignPreset(preset)]
     if user_plan is not None:
         passes.append(ApplyRules(user_plan, plan_path))
     passes.append(Legalize())
     _, plan = run_passes(passes, graph, Plan(), ctx)
+    if graph.kind == "decoder":
+        from edgeq.export_onnx import imatrix_calibration
+
+        imatrix_calibration(graph, plan, ctx, opts)
     return plan
 
 
@@ -75,7 +84,10 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
 
     ctx = Context(backend="tvm", profile=profile, progress=progress)
     t0 = time.perf_counter()
-    plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx)
+    plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx, opts)
+    from edgeq.pipeline import Decision
+
+    decision = Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
     timings["passes"] = time.perf_counter() - t0
     ndk_clang = getattr(opts, "ndk_clang", None) or os.environ.get("EDGEQ_ANDROID_CLANG") or None
     target = resolve_target(profile)
@@ -83,7 +95,8 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         f"({json.dumps(target, sort_keys=True)}, {library_kind(profile, ndk_clang)})")
 
     t0 = time.perf_counter()
-    lowered = lower_tvm(graph, plan, progress=progress)
+    lowered = lower_tvm(graph, plan, progress=progress,
+                        imatrix=decision.calibration.imatrix() if decision.calibration is not None else None)
     timings["lower"] = time.perf_counter() - t0
     tuning_db, trials = None, int(getattr(opts, "tune_trials", 0) or 0)
     if trials:
@@ -127,7 +140,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             from edgeq.targets.tvm.decoder import ENTRIES
 
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
-        from edgeq.pipeline import manifest_head
+        from edgeq.pipeline import _calibration_record, manifest_head
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
@@ -137,6 +150,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
             "artifacts": artifacts,
             "tokenizer": tokenizer,
+            **({"calibration": _calibration_record(decision, opts)} if graph.kind == "decoder" else {}),
             "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target, "tune_trials": trials,
                     "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
             "plan": plan.to_json(),

@@ -279,7 +279,7 @@ def int4_dequantize_groups(packed: np.ndarray, scale: np.ndarray, group: int = I
 
 
 def _int4_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    packed, scale = int4_quantize_groups(w, fmt.block[1])
+    packed, scale = int4_quantize_groups(w, fmt.block[1], imatrix if fmt.takes_imatrix else None)
     return np.concatenate([packed, scale.astype("<f2").view(np.uint8)], axis=1)
 
 
@@ -292,6 +292,7 @@ def _int4_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> n
 
 
 register(Format(name="int4_g32", block=(1, INT4_GROUP), block_bytes=INT4_GROUP // 2 + 2, backends=frozenset({"tvm"}),
-                description="4-bit symmetric in groups of 32 along the input, f16 scale per group; weight-only, "
+                description="4-bit symmetric in groups of 32 along the input, f16 scale per group (ggml's Q4_0 "
+                            "codes and scales; an importance matrix weights its scale search); weight-only, "
                             "dequantized inside the matmul",
-                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True))
+                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True, takes_imatrix=True))

@@ -25,6 +25,7 @@ from edgeq.executor import Executor  # noqa: E402
 from edgeq.formats import int4_dequantize_groups, int4_quantize_groups, int8_quantize_rows  # noqa: E402
 from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
 from edgeq.plan import Plan, TensorPlan  # noqa: E402
+from edgeq.targets.tvm.ops import unpanel  # noqa: E402
 
 LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -247,6 +248,31 @@ def test_tuning_caches_its_database_per_profile(hf_model, tmp_path, monkeypatch)
     assert (db / "workloads.json").read_text().splitlines()[:len(workloads)] == workloads
 
 
+def test_int4_quantizes_with_the_importance_matrix_like_gguf_and_onnx(hf_model, tmp_path):
+    """Calibration-aware by default: the stored codes and scales are ggml's Q4_0 with the Calibrate pass's
+    importance matrix (what GGUF q4_0 and ONNX int4 get), recorded in plan and manifest; --no-calibration
+    stores plain Q4_0."""
+    from safetensors.numpy import load_file
+
+    from edgeq.importers.loader import import_model
+    from edgeq.passes.calibrate import calibrate
+
+    cal_m = _export(hf_model, tmp_path / "cal", quant="int4", check=False)["manifest"]
+    plain_m = _export(hf_model, tmp_path / "plain", quant="int4", check=False, calibration=False)["manifest"]
+    assert cal_m["calibration"]["enabled"] and cal_m["plan"]["calibration"]["windows"] >= 1
+    assert not plain_m["calibration"]["enabled"] and plain_m["plan"].get("calibration") is None
+    graph = import_model(hf_model)
+    imatrix = calibrate(graph, n_windows=cal_m["plan"]["calibration"]["windows"], max_full=0).imatrix()
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = graph.weights[name].numpy()
+    for out, imp in (("cal", imatrix[name]), ("plain", None)):
+        arrays = load_file(str(tmp_path / out / "params.safetensors"))
+        want = int4_quantize_groups(w, imatrix=imp)
+        for got, exp in zip((arrays[name], arrays[name + ".scale"]), want):
+            np.testing.assert_array_equal(unpanel(got), exp.T)
+    assert not np.array_equal(int4_quantize_groups(w, imatrix=imatrix[name])[0], int4_quantize_groups(w)[0])
+
+
 def test_tuning_refuses_a_device_that_does_not_run_here(hf_model, tmp_path):
     with pytest.raises(EdgeqError, match="tune-trials"):
         _export(hf_model, tmp_path / "x", quant="int8", target="linux-arm64", tune_trials=4)
@@ -287,7 +313,7 @@ def test_smollm_int4_within_1_2x_of_gguf_q4_0(tmp_path_factory, export_bundle, r
     from edgeq.pipeline import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smol-tvm") / "int4"
-    export(ExportOptions(backend="tvm", quant="int4", out=str(out), check=False))
+    export(ExportOptions(backend="tvm", quant="int4", out=str(out), check=False, calibration=False))
     plan = json.loads((out / "manifest.json").read_text())["plan"]["tensors"]
     assert plan["model.layers.0.mlp.down_proj.weight"]["format"] == "int4_g32"
     res = {k: evaluate_bundle(b, chunks=8, record=False, reference_logits=reference_logits)

@@ -123,13 +123,17 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     # int4: the stored nibbles and scales decode to the format's reference round trip
     arrays = load_file(str(tiny_bundles["int4"] / "params.safetensors"))
     w = tiny_graph.weights[name].numpy()
-    dq = int4_dequantize_groups(arrays[name].T, arrays[name + ".scale"].T)
+    from edgeq.targets.tvm.ops import unpanel
+
+    packed, scale = (unpanel(arrays[n]) for n in (name, name + ".scale"))
+    dq = int4_dequantize_groups(packed.T, scale.T)
     np.testing.assert_array_equal(dq, get_format("int4_g32").roundtrip(w))
 
 
 def test_int4_dequantize_is_inside_the_matmul(tiny_graph):
-    """No float copy of an int4 weight exists at any level: the kernel reads the packed bytes in its reduction."""
-    from edgeq.targets.tvm.build import compile_module  # noqa: F401  (the build path these kernels go through)
+    """No float copy of an int4 weight exists at any level: the kernel decodes the packed bytes inside its
+    reduction loop (a register tile per row block, schedule.py)."""
+    from edgeq.targets.tvm.schedule import schedule_linear
     from edgeq.targets.tvm.lower import lower_tvm
     from edgeq.targets.tvm.presets import preset_formats
     from edgeq.plan import Plan
@@ -142,9 +146,14 @@ def test_int4_dequantize_is_inside_the_matmul(tiny_graph):
         weight = re.findall(r'(\w+): T\.Buffer\(\((?:[^()]|\([^()]*\))*\), "uint8"\)', text)
         assert len(weight) == 1, name
         blocks = [b.split('"')[1] for b in text.split("T.sblock(")[1:]]
-        assert set(blocks) <= {"root", "matmul", "linear"}, (name, blocks)   # reduction (+ bias epilogue) only
-        reduction = text.split('T.sblock("matmul")')[1].split("T.sblock(")[0]
-        assert f"T.Cast(\"int32\", {weight[0]}" in reduction and ">>" in reduction, name   # decoded in the loop
+        # the reduction, its bias epilogue, and the decode stage the schedule puts inside the reduction loop
+        assert set(blocks) <= {"root", "matmul", "linear", "dequant"}, (name, blocks)
+        decode = text.split('T.sblock("dequant")')[1].split("T.sblock(")[0]
+        assert f"T.Cast(\"int32\", {weight[0]}" in decode and ">>" in decode, name
+        scheduled = schedule_linear(f, packed_pairs=True).script()
+        assert re.search(r'dequant_local = T\.sblock_alloc_buffer\(.*scope="local"\)', scheduled), name
+        k_loop = scheduled.index("for k_0 in")                  # decoded inside the reduction loop, per row block
+        assert k_loop < scheduled.index('T.sblock("dequant")') < scheduled.index('T.sblock("matmul_update")'), name
 
 
 def test_rpc_gives_the_local_outputs(tiny_bundles, tiny_graph, rpc_server):

@@ -31,8 +31,8 @@ from edgeq.executor import rope_inv_freq
 from edgeq.ir import Graph
 from edgeq.models.llama import LlamaConfig
 from edgeq.plan import Plan
-from edgeq.formats import INT4_GROUP
-from edgeq.targets.tvm.ops import Params, emit_embedding, emit_linear, emit_linear_vars, sym, weight_arrays
+from edgeq.targets.tvm.ops import (Params, emit_embedding, emit_linear, emit_linear_vars, int4_value, stored,
+                                   sym, weight_arrays)
 
 R = relax.op
 EMBED = "model.embed_tokens.weight"
@@ -78,13 +78,16 @@ def kv_specs(graph: Graph) -> list[dict]:
     return out
 
 
-def lower_decoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockBuilder, Params]:
+def lower_decoder(graph: Graph, plan: Plan, progress=None,
+                  imatrix: dict[str, np.ndarray] | None = None) -> tuple[relax.BlockBuilder, Params]:
+    """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
     n_pos = int(cfg.context_length)
     cos, sin = rope_tables(graph, n_pos)
     cache: dict[str, np.ndarray] = {}
+    imatrix = imatrix or {}
 
     def W(name: str) -> np.ndarray:
         if name not in cache:
@@ -96,7 +99,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
     for entry in ENTRIES:
         p = Params()
         seq = sym("seq") if entry == "prefill" else 1
-        _function(bb, p, graph, plan, W, entry, seq, cos, sin, progress if entry == "prefill" else None)
+        _function(bb, p, graph, plan, W, imatrix, entry, seq, cos, sin, progress if entry == "prefill" else None)
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -104,8 +107,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
     return bb, params
 
 
-def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, entry: str, seq, cos: np.ndarray,
-              sin: np.ndarray, progress) -> None:
+def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, entry: str, seq,
+              cos: np.ndarray, sin: np.ndarray, progress) -> None:
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -116,7 +119,7 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
         with bb.dataflow():
             d_emb = plan.tensors[EMBED]
             if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
-                table = [params.add(n, a) for n, a in weight_arrays(EMBED, W(EMBED), d_emb)]
+                table = [params.add(n, a) for n, a in weight_arrays(EMBED, W(EMBED), d_emb, imatrix.get(EMBED))]
                 h = _lookup_columns(bb, ids, d_emb.format, table)
             else:
                 h = emit_embedding(bb, params, ids, EMBED, W(EMBED), d_emb)
@@ -135,8 +138,8 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
 
                 def lin(x, name, hint, bias=False):
                     b = W(pre + name + ".bias") if bias else None
-                    return emit_linear(bb, params, x, pre + name + ".weight", W(pre + name + ".weight"), b,
-                                       plan.tensors[pre + name + ".weight"], hint=hint)
+                    wn = pre + name + ".weight"
+                    return emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn))
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
@@ -157,30 +160,28 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
             else:
                 logits = emit_linear(bb, params, hn, "lm_head.weight", W("lm_head.weight"), None,
-                                     plan.tensors["lm_head.weight"], hint="head")
+                                     plan.tensors["lm_head.weight"], hint="head", imatrix=imatrix.get("lm_head.weight"))
             out = bb.emit_output(relax.Tuple([logits, *kv_out]))
         bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
 
 
 def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
-    """Token rows of a table stored input-major (as the head's weight, weight_arrays): column `id` of each
+    """Token rows of a table stored as the head's weight (weight_arrays: input-major panels): output `id` of each
     array, decoded as the linear kernel decodes it, so lookup and head read the same stored values."""
 
     def f(it, *ws):
         w = ws[0]
-        hidden = w.shape[0] * (2 if fmt == "int4_g32" else 1)
+        hidden = w.shape[1] * (2 if fmt == "int4_g32" else 1)
 
         def val(i, c):
             t = it[i]
             if fmt == "f32":
-                return w[c, t]
+                return stored(w, c, t)
             if fmt in ("f16", "int8_wo"):
-                x = w[c, t].astype("float32")
+                x = stored(w, c, t).astype("float32")
                 return x * ws[1][t] if fmt == "int8_wo" else x
             if fmt == "int4_g32":
-                byte = w[c // 2, t].astype("int32")
-                nib = tir.bitwise_and(tir.shift_right(byte, (c % 2) * 4), 15) - 8
-                return nib.astype("float32") * ws[1][c // INT4_GROUP, t].astype("float32")
+                return int4_value(w, ws[1], c, t)
             raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
 
         return te.compute((it.shape[0], hidden), val, name="lookup")

@@ -28,7 +28,8 @@ class Lowered:
         return list(self.params)
 
 
-def lower_tvm(graph: Graph, plan: Plan, progress=None) -> Lowered:
+def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None) -> Lowered:
+    """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders)."""
     missing = [n for n in graph.weights if n not in plan.tensors]
     if missing:
         raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
@@ -42,7 +43,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None) -> Lowered:
     elif graph.kind == "decoder" and graph.arch == "llama":
         from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
 
-        bb, params = lower_decoder(graph, plan, progress=progress)
+        bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix)
         kv = kv_specs(graph)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
         outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},

@@ -6,11 +6,12 @@ weight back into float at compile time. A quantized linear layer is one TE
 kernel whose reduction reads the stored integers and scales directly, so the
 dequantize is fused into the matmul by construction, whatever the fusion
 passes decide. Float layers use the same kernel shape (weights (out, in), the
-reduction over the contiguous axis), f16 weights widened to f32 in the loop.
+reduction over the input axis), f16 weights widened to f32 in the loop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,31 +46,93 @@ class Params:
         return v
 
 
+PANEL = 64      # outputs per stored weight panel (one 64-byte cache line per input row for the 8-bit formats)
+
+
+def panel_width(n_out: int) -> int:
+    """Outputs per panel: 64, or the largest power of two dividing a width that 64 does not."""
+    return math.gcd(n_out, PANEL)
+
+
+def panels(a: np.ndarray) -> np.ndarray:
+    """(rows, n_out) input-major -> (n_out/P, rows, P): each panel of P outputs contiguous down the inputs."""
+    p = panel_width(a.shape[1])
+    return np.ascontiguousarray(a.reshape(a.shape[0], a.shape[1] // p, p).transpose(1, 0, 2))
+
+
+def unpanel(a: np.ndarray) -> np.ndarray:
+    """The inverse of panels(): (n_out/P, rows, P) -> (rows, n_out)."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
+def stored(w: te.Tensor, row, n) -> tir.PrimExpr:
+    """Element (input row `row`, output `n`) of a panelled array (panels())."""
+    p = w.shape[2]
+    return w[n // p, row, n % p]
+
+
+def int4_code(w: te.Tensor, kk, n) -> tir.PrimExpr:
+    """The code (-8..7) of input `kk`, output `n` of an int4_g32 weight as stored (weight_arrays), as f32.
+
+    The nibble arithmetic stays int32 (the index is int64): int64 lanes would double the vector work of the
+    decode inside the matmul loop."""
+    byte = stored(w, kk // 2, n).astype("int32")
+    nib = tir.bitwise_and(tir.shift_right(byte, ((kk % 2) * 4).astype("int32")), 15) - 8
+    return nib.astype("float32")
+
+
+def int4_value(w: te.Tensor, s: te.Tensor, kk, n) -> tir.PrimExpr:
+    """Input `kk`, output `n` of an int4_g32 weight, dequantized (code times its group's scale), as f32."""
+    return int4_code(w, kk, n) * stored(s, kk // INT4_GROUP, n).astype("float32")
+
+
+DEQUANT = "dequant"           # the int4 decode stage of a many-row kernel (schedule.py computes it in the loop)
+GROUP_SUM = "group_sum"       # the per-group partial sums of a few-row int4 kernel (schedule.py finds them)
+FEW_ROWS = 4                  # up to this many static rows (decode), int4 kernels factor the group scale out
+
+
+def _few_rows(lead) -> bool:
+    return all(isinstance(d, (int, tir.IntImm)) for d in lead) and int(np.prod([int(d) for d in lead])) <= FEW_ROWS
+
+
 def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None) -> te.Tensor:
-    """y[..., n] = sum_k x[..., k] * W[k, n] (+ b[n]) with W read in its stored (input-major) format."""
+    """y[..., n] = sum_k x[..., k] * W[k, n] (+ b[n]) with W read in its stored (panelled) format."""
     k_dim = x.shape[-1]
-    n_dim = ws[0].shape[-1]
+    n_dim = ws[0].shape[0] * ws[0].shape[2]
     k = te.reduce_axis((0, k_dim), "k")
     lead = list(x.shape[:-1])
 
     if fmt == "f32":
         (w,) = ws
-        weight = lambda kk, n: w[kk, n]                                                 # noqa: E731
+        weight = lambda kk, n: stored(w, kk, n)                                          # noqa: E731
     elif fmt in ("f16", "int8_wo"):
         w = ws[0]
-        weight = lambda kk, n: w[kk, n].astype("float32")                               # noqa: E731
-    elif fmt == "int4_g32":
+        weight = lambda kk, n: stored(w, kk, n).astype("float32")                        # noqa: E731
+    elif fmt == "int4_g32" and _few_rows(lead):
+        # decode: y[n] = sum_g s[g, n] * sum_{k in g} x[k] * code[k, n], the scale applied once per group,
+        # not once per weight (a third fewer vector instructions in the loop that bounds decode speed)
         w, s = ws
-
-        def weight(kk, n):
-            byte = w[kk // 2, n].astype("int32")
-            nib = tir.bitwise_and(tir.shift_right(byte, (kk % 2) * 4), 15) - 8
-            return nib.astype("float32") * s[kk // INT4_GROUP, n].astype("float32")
+        kk = te.reduce_axis((0, INT4_GROUP), "kk")
+        part = te.compute(lead + [k_dim // INT4_GROUP, n_dim], lambda *i: te.sum(
+            x[tuple(i[:-2]) + (i[-2] * INT4_GROUP + kk,)] * int4_code(w, i[-2] * INT4_GROUP + kk, i[-1]), axis=kk),
+            name=GROUP_SUM)
+        g = te.reduce_axis((0, k_dim // INT4_GROUP), "g")
+        acc = te.compute(lead + [n_dim], lambda *i: te.sum(
+            part[tuple(i[:-1]) + (g, i[-1])] * stored(s, g, i[-1]).astype("float32"), axis=g), name="matmul")
+        weight = None
+    elif fmt == "int4_g32":
+        # many rows (prefill, encoders): a dequantize stage that the schedule computes inside the matmul's
+        # reduction loop (a register tile of a few inputs by one vector of outputs), so each weight is decoded
+        # once per block of rows instead of once per row; there is never a float copy of the matrix
+        w, s = ws
+        deq = te.compute((k_dim, n_dim), lambda kk, n: int4_value(w, s, kk, n), name=DEQUANT)
+        weight = lambda kk, n: deq[kk, n]                                               # noqa: E731
     else:
         raise EdgeqError(None, f"format {fmt} is not carried by the TVM target")
 
-    acc = te.compute(lead + [n_dim], lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(k, i[-1]), axis=k),
-                     name="matmul")
+    if weight is not None:
+        acc = te.compute(lead + [n_dim], lambda *i: te.sum(x[tuple(i[:-1]) + (k,)] * weight(k, i[-1]), axis=k),
+                         name="matmul")
     scale = ws[1] if fmt == "int8_wo" else None
     if scale is None and bias is None:
         return acc
@@ -85,31 +148,36 @@ def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | No
     return te.compute(acc.shape, epilogue, name="linear")
 
 
-def weight_arrays(name: str, w: np.ndarray, d: TensorPlan) -> list[tuple[str, np.ndarray]]:
-    """The stored arrays of one (out, in) weight in its plan format, input-major so kernels vectorize over outputs.
+def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
+                  imatrix: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+    """The stored arrays of one (out, in) weight in its plan format: input-major, in panels of P outputs
+    (panels(): (out/P, in, P)), so kernels vectorize over outputs and a one-token matmul streams each panel
+    contiguously (a plain (in, out) layout strides a whole row per input: a cache and TLB miss each, which
+    held SmolLM2's decode to ~1 GB/s).
 
-    f32/f16: W^T (in, out). int8_wo: int8 W^T and an f32 scale per output. int4_g32: bytes (in/2, out), the
-    low nibble for the even input row, and f16 scales (in/32, out). Same bytes as the format's reference
-    quantizer, transposed.
+    f32/f16: W^T. int8_wo: int8 W^T and an f32 scale per output. int4_g32: bytes (in/2 rows), the low nibble
+    for the even input, and f16 scales (in/32 rows); ggml's Q4_0 codes and scales, with `imatrix` (E[x²] per
+    input) its weighted scale search. Same values as the format's reference quantizer.
     """
     fmt = d.format
     w = w.reshape(w.shape[0], -1)
     if fmt in ("f32", "f16"):
-        return [(name, np.ascontiguousarray(w.T).astype(NP_DTYPE[fmt]))]
+        return [(name, panels(w.T.astype(NP_DTYPE[fmt])))]
     if fmt == "int8_wo":
         q, scale = int8_quantize_rows(w)
-        return [(name, np.ascontiguousarray(q.T)), (name + ".scale", scale)]
+        return [(name, panels(q.T)), (name + ".scale", scale)]
     if fmt == "int4_g32":
         if w.shape[-1] % INT4_GROUP:
             raise EdgeqError(None, f"{name}: {w.shape[-1]} input columns are not a multiple of {INT4_GROUP}")
-        packed, scale = int4_quantize_groups(w)
-        return [(name, np.ascontiguousarray(packed.T)), (name + ".scale", np.ascontiguousarray(scale.T))]
+        packed, scale = int4_quantize_groups(w, imatrix=imatrix)
+        return [(name, panels(packed.T)), (name + ".scale", panels(scale.T))]
     raise EdgeqError(None, f"format {fmt} (for {name}) is not carried by the TVM target")
 
 
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,
-                bias: np.ndarray | None, d: TensorPlan, hint: str = "linear") -> relax.Expr:
-    ws = [params.add(n, a) for n, a in weight_arrays(name, w, d)]
+                bias: np.ndarray | None, d: TensorPlan, hint: str = "linear",
+                imatrix: np.ndarray | None = None) -> relax.Expr:
+    ws = [params.add(n, a) for n, a in weight_arrays(name, w, d, imatrix)]
     b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
     return emit_linear_vars(bb, x, d.format, ws, b, hint)
 

@@ -1,10 +1,16 @@
-"""A fixed CPU schedule for edgeq's linear kernels (untuned: issue 6 brings meta-schedule tuning).
+"""A fixed CPU schedule for edgeq's linear and attention kernels (meta-schedule tuning is optional, tune.py).
 
 TVM's default llvm pipeline leaves TIR loops as written: a serial scalar loop
-nest, ~300x slower than onnxruntime on MiniLM. Each linear kernel (weights
-input-major, see ops.py) gets the classic CPU shape instead: rows in blocks of
-ROWS, outputs in vectors of VEC lanes, the reduction between them, so each
-weight vector loaded is used for ROWS rows; the row blocks run in parallel.
+nest, ~300x slower than onnxruntime on MiniLM. Linear kernels get two shapes:
+
+- many rows (prefill, encoders): rows in blocks of ROWS, outputs in vectors of
+  VEC lanes, the reduction between them, so each weight vector loaded (for
+  int4: decoded, once, into registers) serves ROWS rows; row blocks in parallel.
+- a few static rows (decode: one token): one weight panel (ops.panels, 64
+  outputs) per parallel iteration, streamed contiguously down the inputs with
+  its sums in registers. Row blocks alone ran SmolLM2's decode on one thread
+  with three of four unrolled rows wasted, at ~1 GB/s of weights.
+
 The weight decode (int8 widening, int4 nibble and scale) sits inside the loop,
 so it stays fused with the multiply. Scheduled kernels are marked opaque so
 the fusion passes keep them whole.
@@ -15,7 +21,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, LINEAR_PREFIX
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, panel_width
 
 ROWS = 4
 OPAQUE = 8      # relax OpPatternKind.kOpaque
@@ -28,8 +34,23 @@ def _vec(n: int) -> int:
     return 1
 
 
+def _static_rows(func: tirx.PrimFunc) -> int | None:
+    """The row count of a linear kernel when it is a small constant (decode: one token), else None."""
+    sch = s_tir.Schedule(func)
+    *lead, _n, _k = sch.get_loops(sch.get_sblock("matmul"))
+    total = 1
+    for lp in lead:
+        ext = sch.get(lp).extent
+        if not isinstance(ext, tvm.tirx.IntImm):
+            return None
+        total *= int(ext)
+    return total if total <= ROWS else None
+
+
 def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.PrimFunc:
     """`packed_pairs` (int4): the reduction runs two inputs per byte, so each nibble's shift is a constant."""
+    if _static_rows(func) is not None:
+        return _schedule_gemv(func, packed_pairs)
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("matmul")
     *lead, n, k = sch.get_loops(blk)
@@ -44,23 +65,106 @@ def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.Pri
         sch.unroll(ki)
     else:
         sch.reorder(io, no, k, ii, ni)
+    try:
+        deq = sch.get_sblock(DEQUANT)
+    except Exception:          # weights read as stored (f32, f16, int8)
+        deq = None
+    if deq is not None:        # int4: both nibbles of a byte row decoded once per row block, into registers
+        sch.compute_at(deq, k)
+        sch.set_scope(deq, 0, "local")
+        *_, d_k, d_n = sch.get_loops(deq)
+        sch.unroll(d_k)
+        if vec > 1:
+            sch.vectorize(d_n)
+    acc = None
+    if len(lead) == 1:     # the row block's sums in registers across the reduction (fused (batch, seq) rows
+        acc = sch.cache_write(blk, 0, "local")  # make the write-back region wrong: encoders keep the plain nest)
+        sch.reverse_compute_at(acc, no)
     sch.unroll(ii)
     if vec > 1:
         sch.vectorize(ni)
+        if acc is not None:
+            *_, acc_ni = sch.get_loops(acc)
+            sch.vectorize(acc_ni)
     sch.parallel(io)
     sch.decompose_reduction(blk, k)
+    _schedule_epilogue(sch, vec)
+    return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+
+
+def _schedule_epilogue(sch, vec: int) -> None:
     try:
         epi = sch.get_sblock("linear")
     except Exception:      # no scale and no bias: the matmul is the whole kernel
-        epi = None
-    if epi is not None:       # its own loop nest: computed at the matmul's tiles, fused rows confuse region analysis
-        *ep_lead, ep_n = sch.get_loops(epi)
-        ep_i = sch.fuse(*ep_lead) if len(ep_lead) > 1 else ep_lead[0]
-        sch.parallel(ep_i)
-        if vec > 1:
-            ep_no, ep_ni = sch.split(ep_n, [None, vec])
-            sch.vectorize(ep_ni)
+        return
+    # its own loop nest: computed at the matmul's tiles, fused rows confuse region analysis
+    *ep_lead, ep_n = sch.get_loops(epi)
+    if len(ep_lead) > 1:
+        ep_lead = [sch.fuse(*ep_lead)]
+    if vec > 1:
+        ep_no, ep_ni = sch.split(ep_n, [None, vec])
+        sch.vectorize(ep_ni)
+        sch.parallel(sch.fuse(*ep_lead, ep_no))
+    else:
+        sch.parallel(ep_lead[0])
+
+
+def _schedule_gemv(func: tirx.PrimFunc, packed_pairs: bool) -> tirx.PrimFunc:
+    """A few rows (decode: one token): the weight panels (ops.panels) run in parallel, each thread streaming
+    one panel contiguously down the inputs with its outputs' sums in registers (a local buffer)."""
+    sch = s_tir.Schedule(func)
+    blk = sch.get_sblock("matmul")
+    *lead, n, k = sch.get_loops(blk)
+    i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+    width = panel_width(int(sch.get(n).extent))
+    vec = _vec(width)
+    no, nj, ni = sch.split(n, [None, width // vec, vec])
+    try:
+        part = sch.get_sblock(GROUP_SUM)
+    except Exception:              # one reduction (int8, f16, f32)
+        part = None
+    if part is not None:           # int4: the group loop outside, each group's partial sums in registers
+        sch.reorder(no, k, i, nj, ni)
+        part_k = _gemv_group_sums(sch, part, k, vec)
+    elif packed_pairs:
+        k, ki = sch.split(k, [None, 2])
+        sch.reorder(no, k, ki, i, nj, ni)
+        sch.unroll(ki)
+    else:
+        sch.reorder(no, k, i, nj, ni)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, no)
+    sch.unroll(i)
+    sch.unroll(nj)
+    if vec > 1:
+        sch.vectorize(ni)
+        *_, acc_ni = sch.get_loops(acc)
+        sch.vectorize(acc_ni)
+    sch.parallel(no)
+    sch.decompose_reduction(blk, k)
+    if part is not None:            # after `parallel`, which wants whole reduction blocks below it
+        sch.decompose_reduction(part, part_k)
+    _schedule_epilogue(sch, vec)
     return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+
+
+def _gemv_group_sums(sch, part, group_loop, vec: int):
+    """The partial sums of one int4 group, computed inside the group loop: the 32 inputs outermost (two per
+    byte, so each nibble's shift is a constant), the panel's outputs vectorized. Returns the loop to
+    decompose the reduction at."""
+    sch.compute_at(part, group_loop)
+    sch.set_scope(part, 0, "local")
+    loops = sch.get_loops(part)
+    at = [sch.get(lp).same_as(sch.get(group_loop)) for lp in loops].index(True)
+    rest, p_n, kk = loops[at + 1:-2], loops[-2], loops[-1]
+    ko, ki = sch.split(kk, [None, 2])
+    pj, pv = sch.split(p_n, [None, vec])
+    sch.reorder(ko, ki, *rest, pj, pv)
+    for lp in (ki, *rest, pj):
+        sch.unroll(lp)
+    if vec > 1:
+        sch.vectorize(pv)
+    return ko
 
 
 def _parallel_rows(sch, blk, keep: int) -> None:
