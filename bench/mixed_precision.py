@@ -219,6 +219,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--additivity-only", action="store_true",
                     help="only the additivity check: the q4_k_m preset's size, then --random plans at it")
+    ap.add_argument("--cost", default="fisher", choices=["output", "fisher"],
+                    help="the ILP's cost (the uniform and random plans are sensitivity-blind): as edgeq plan --cost")
+    ap.add_argument("--no-plain-presets", action="store_true", help="skip the presets without calibration")
     ap.add_argument("--budget-bytes", type=int, default=None,
                     help="additivity: the q4_k_m preset's true size, known from an earlier run (skips measuring it)")
     args = ap.parse_args()
@@ -253,8 +256,15 @@ def main() -> int:
     Calibrate().run(graph, None, ctx)
     results["calibration_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
+    if args.cost == "fisher" and not args.additivity_only:
+        from edgeq.passes.fisher import Fisher
+
+        Fisher().run(graph, None, ctx)
+        results["fisher_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
     Sensitivity(formats=FORMATS_B, overhead=layout_overhead(graph, tok), file_bytes=padded).run(graph, None, ctx)
     results["sensitivity_s"] = round(time.perf_counter() - t0, 1)
+    results["cost"] = ctx.analysis["costs"].info.get("cost")
     table = ctx.analysis["costs"]
     tables = {"no_q4_1_q5_1": subset(table, FORMATS_A), "all": subset(table, FORMATS_B)}
     meter = Meter(graph, model, args.chunks, args.threads, results, save)
@@ -292,7 +302,7 @@ def main() -> int:
             }
             results["summary"] = summary
             save()
-        if args.additivity_only:
+        if args.additivity_only or args.no_plain_presets:
             continue
         measure(f"{preset} (no calibration)", "preset-plain", preset, calibration=False)
     for preset in args.presets.split(","):

@@ -311,6 +311,23 @@ def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
         export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="hessian", out=str(tmp_path / "d"), check=False))
 
 
+def test_default_cost_is_fisher_with_torch_and_the_output_error_without(tiny_gguf, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import sys
+
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "b"), calib_windows=2, check=False))
+    assert "Fisher" in res["manifest"]["plan"]["search"]["cost"]
+    monkeypatch.setitem(sys.modules, "torch", None)              # what an install without torch sees
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "c"), calib_windows=2, check=False))
+    m = res["manifest"]
+    assert m["plan"]["search"]["cost"] == "tr(dW C dW^T)"
+    assert any("torch is not installed" in r.get("note", "") for r in m["passes"])
+    assert (tmp_path / "c" / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"]
+
+
 def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second_moment():
     """C_F = Σ_t a_t x_t x_tᵀ / Σ_t a_t with a_t = Σ_o g²_{t,o}, so that Σ_o F_o (ΔW C_F ΔWᵀ)_oo is the rank-one
     (tokens × channels) model of Σ_t Σ_o g²_{t,o} (Δw_o·x_t)²: exact when g² factorises, checked here on the
