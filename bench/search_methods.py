@@ -82,8 +82,8 @@ def main() -> int:
     def table_for(ranks=(), scaling="exact"):
         t0 = time.perf_counter()
         c = Context(backend="gguf", analysis={"calibration": cal})
-        Sensitivity(formats=FORMATS_B, overhead=overhead, file_bytes=padded, ranks=list(ranks),
-                    scaling=scaling).run(graph, None, c)
+        Sensitivity(formats=FORMATS_B if "all" in chosen_sets else FORMATS_A, overhead=overhead, file_bytes=padded,
+                    ranks=list(ranks), scaling=scaling).run(graph, None, c)
         results.setdefault("sensitivity_s", {})[f"{scaling}:{list(ranks)}"] = round(time.perf_counter() - t0, 1)
         return c.analysis["costs"]
 
