@@ -123,10 +123,33 @@ def main() -> int:
     out["measured_kld_mean"] = float(kld.mean())
     path = Path(args.results).with_name(Path(args.results).stem + "_costs.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
+    _plot(tables, plans, kld, out, path.with_suffix(".png"))
     print(json.dumps(out, indent=1))
     if args.groups:
         groups_check(graph, cal, tables, ROOT / "bench" / "results" / "additivity_groups.json")
     return 0
+
+
+def _plot(tables, plans, kld, out: dict, path: Path) -> None:
+    """Summed predicted cost vs measured KLD, one panel per cost model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(4 * len(tables), 3.6), dpi=110)
+    for ax, (kind, t) in zip(np.atleast_1d(axes), tables.items()):
+        total = [sum(t.option(n, f).cost for n, f in ch.items()) for ch in plans]
+        ax.scatter(total, kld, s=14, c="C1")
+        ax.set_title(f"{kind}: Spearman rho {out['costs'][kind]['rho']:+.2f}", fontsize=9)
+        ax.set_xlabel("summed predicted cost", fontsize=8)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("KLD measured in llama.cpp", fontsize=8)
+    fig.suptitle(f"{out['n_plans']} random plans within 2% of {out['budget_bytes'] / 1e6:.1f} MB "
+                 f"({out['n_tokens_scored']} tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
 
 
 def groups_check(graph, cal, tables, path: Path) -> None:
