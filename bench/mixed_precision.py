@@ -130,6 +130,28 @@ class Reference:
         return full
 
 
+def memoize_quantizer() -> None:
+    """Quantize each (weights, format, importance) once per bench run: random plans reuse the same few
+    hundred (tensor, format) pairs, and ggml's imatrix-guided quantizers are most of a plan's measuring time.
+    Keyed by content digests, so the bytes written are exactly the uncached ones."""
+    from edgeq.formats import Format
+
+    if getattr(Format.quantize, "memoized", False):
+        return
+    plain, memo = Format.quantize, {}
+
+    def quantize(self, w, imatrix=None):
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        key = (self.name, w.shape, hashlib.sha1(w.data).digest(),
+               None if imatrix is None else hashlib.sha1(np.ascontiguousarray(imatrix, dtype=np.float32).data).digest())
+        if key not in memo:
+            memo[key] = plain(self, w, imatrix)
+        return memo[key]
+
+    quantize.memoized = True
+    Format.quantize = quantize
+
+
 class Meter:
     """How both search benches measure a plan: write its file(s) (an adapter GGUF too when it has branches),
     score them in llama.cpp against the cached float reference on --chunks windows of held-out text, and
@@ -146,6 +168,7 @@ class Meter:
         self.ref = Reference(graph, (cache_dir() or Path(tempfile.gettempdir())) / "bench-reference")
         self.work = Path(tempfile.mkdtemp(prefix="edgeq-bench-"))
         self.tokens: list = []
+        memoize_quantizer()
 
     def plan(self, label: str, plan, imatrix, extra: dict, branches: dict | None = None) -> dict:
         """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
@@ -222,6 +245,8 @@ def main() -> int:
     ap.add_argument("--cost", default="fisher", choices=["output", "fisher"],
                     help="the ILP's cost (the uniform and random plans are sensitivity-blind): as edgeq plan --cost")
     ap.add_argument("--no-plain-presets", action="store_true", help="skip the presets without calibration")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the random plans --out already holds (the seeded draws are the same) and measure the rest")
     ap.add_argument("--budget-bytes", type=int, default=None,
                     help="additivity: the q4_k_m preset's true size, known from an earlier run (skips measuring it)")
     args = ap.parse_args()
@@ -242,6 +267,9 @@ def main() -> int:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"settings": vars(args), "runs": []}
+    done = {}
+    if args.resume and out_path.is_file():
+        done = {r["label"]: r for r in json.loads(out_path.read_text())["runs"] if r.get("kind") == "random"}
     t_start = time.perf_counter()
 
     def save():
@@ -312,8 +340,14 @@ def main() -> int:
                 continue
             summary.setdefault(key, {})
             n_rand = args.random if (preset == "q4_k_m" and tname == "no_q4_1_q5_1") else args.random_other
-            rand = [run_choice(f"random{i}@{preset} [{tname}]", "random", tname,
-                               random_choice(tb, budgets[preset], rng), budgets[preset]) for i in range(n_rand)]
+            rand = []
+            for i in range(n_rand):
+                label, choice = f"random{i}@{preset} [{tname}]", random_choice(tb, budgets[preset], rng)
+                if label in done and done[label].get("choice") == {n: o.format for n, o in sorted(choice.items())}:
+                    results["runs"].append(done[label])          # the same draw, measured before
+                    rand.append(done[label])
+                    continue
+                rand.append(run_choice(label, "random", tname, choice, budgets[preset]))
             if not rand:
                 continue
             summary[key].update({
