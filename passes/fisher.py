@@ -14,7 +14,7 @@ which the sensitivity pass computes per output row.
 That factorisation E_t[g²_{t,o}·(Δw_o·x_t)²] ≈ E_t[g²_{t,o}]·E_t[(Δw_o·x_t)²]
 fails where the tokens with large inputs are not the tokens whose outputs
 matter: measured on SmolLM2 (bench/results/additivity_groups.json), it
-overstates ffn_down's KLD 2.4-3x and mis-ranks random plans. So by default
+overstates ffn_down's KLD 2.5-3.1x (q3_k, q4_0) and mis-ranks random plans. So by default
 (`token_weighted`) each token is also weighted by its share of the output's
 gradient energy, a_t = Σ_o g²_{t,o} / mean_t(Σ_o g²_{t,o}), i.e. g² ≈ F_o·a_t
 (rank one over tokens × channels) and
