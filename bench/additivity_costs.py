@@ -1,13 +1,22 @@
-"""Re-score the additivity check's measured random plans under other cost models (no new measurement).
+"""Re-score the additivity check's measured random plans under each cost model (no new llama.cpp run).
 
-    python bench/additivity_costs.py [--results bench/results/additivity.json]
+    python bench/additivity_costs.py [--results bench/results/additivity_4w.json] [--groups]
 
-bench/mixed_precision.py --additivity-only draws its random plans from a seeded generator over the cached
-cost table, so the same plans can be rebuilt here and their summed cost recomputed with:
-  - output: tr(dW C dW^T) (what the ILP minimises; the ρ the additivity run reports),
-  - fisher: Σ_o F_o (dW C dW^T)_oo (passes/fisher.py; needs the Fisher-weighted table in the cache, which
-    `bench/search_methods.py --what fisher` leaves there),
-and reports Spearman's ρ against the KLD llama.cpp measured for each plan. Writes JSON beside the results.
+Takes the random plans `bench/mixed_precision.py --additivity-only` measured (each row records its choice of
+format per tensor; older results without it are rebuilt from the same seeded generator) and recomputes each
+plan's summed predicted cost with:
+  - output: tr(dW C dW^T) (the plain ILP's cost),
+  - fisher-diag: Σ_o F_o (dW C dW^T)_oo (F per output row from passes/fisher.py, C the calibration's E[xxᵀ]),
+  - fisher: Σ_o F_o (dW C_F dW^T)_oo with each token weighted by its output-gradient energy (C_F, passes/fisher.py;
+    what `--cost fisher` uses),
+then reports Spearman's ρ against the KLD llama.cpp measured, and per tensor group (embedding, q/k/v/o, gate,
+up, down) its mean share of the summed cost and the ρ left when that group is dropped (which group moves
+against the measurement).
+
+--groups also checks each cost against the truth per group: every tensor of one group in one format, the
+rest float, KLD measured in float (torch, the Fisher pass's interpreter, dequantized weights) on one
+calibration window, against Σ predicted / 2 (the costs are 2·KLD to second order). Writes JSON beside the
+results (…_costs.json, and additivity_groups.json for --groups).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,47 +35,162 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from mixed_precision import FORMATS_A, FORMATS_B, random_choice, subset  # noqa: E402
 
+GROUPS = ["embed", "q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"]
+
+
+def group(name: str) -> str:
+    return next((g for g in GROUPS if g in name), name)
+
+
+def cost_tables(graph, model, formats: list[str]):
+    """{'output', 'fisher-diag', 'fisher'}: CostTable, all from one calibration and one Fisher pass (cached)."""
+    from edgeq.passes import Context
+    from edgeq.passes.calibrate import Calibrate
+    from edgeq.passes.fisher import Fisher
+    from edgeq.passes.sensitivity import Sensitivity
+    from edgeq.targets.gguf.layout import gguf_layout
+    from edgeq.progress import make_progress
+    from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+
+    ctx = Context(backend="gguf", progress=make_progress(False))
+    Calibrate().run(graph, None, ctx)
+    cal = ctx.analysis["calibration"]
+    layout = gguf_layout(graph, spec_to_json(spec_from_gguf_metadata(graph.metadata["gguf"], model)))
+    Fisher().run(graph, None, ctx)
+    full = ctx.analysis["fisher"]
+    variants = {"output": None, "fisher-diag": {k: v for k, v in full.items() if not k.startswith(("cov:", "lookup_tokens:"))},
+                "fisher": full}
+    out = {}
+    for name, fisher in variants.items():
+        c = Context(backend="gguf", analysis={"calibration": cal, **({"fisher": fisher} if fisher else {})},
+                    progress=ctx.progress)
+        Sensitivity(layout, formats=formats).run(graph, None, c)
+        out[name] = c.analysis["costs"]
+    return out, cal, full
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "additivity.json"))
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "additivity_4w.json"))
+    ap.add_argument("--groups", action="store_true", help="also the per-group check against float KLD")
+    ap.add_argument("--reuse-tables", action="store_true",
+                    help="reuse the cost tables an earlier run left in the cache (skips the Fisher pass)")
     args = ap.parse_args()
     from scipy.stats import spearmanr
+
+    from edgeq.importers.gguf import import_gguf
+    from edgeq.models.default import default_model_path
 
     from edgeq.passes.calibrate import cache_dir
     from edgeq.passes.sensitivity import CostTable
 
+    model = default_model_path()
+    graph = import_gguf(model)
+    saved = (cache_dir() or Path("/tmp")) / "bench-additivity-tables.json"
+    if args.reuse_tables and saved.is_file() and not args.groups:
+        tables = {k: CostTable.from_json(v) for k, v in json.loads(saved.read_text()).items()}
+    else:
+        tables, cal, _ = cost_tables(graph, model, FORMATS_B)
+        saved.write_text(json.dumps({k: t.to_json() for k, t in tables.items()}))
     res = json.loads(Path(args.results).read_text())
     rand = [r for r in res["runs"] if r["kind"] == "random" and r["formats"] == "no_q4_1_q5_1"]
-    budget = rand[0]["budget_bytes"]
-    tables = {}
-    for p in sorted((cache_dir() / "sensitivity").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        t = CostTable.from_json(json.loads(p.read_text()))
-        if t.n_params < 100_000_000 or any(o.rank for v in t.options.values() for o in v):
-            continue
-        kind = "fisher" if "Fisher" in str(t.info.get("cost")) else "output"
-        if kind == "output" and set(t.info.get("formats", [])) != set(FORMATS_B):
-            continue
-        tables[kind] = t
-    base = tables["output"]
-    # rebuild the plans exactly as the additivity run drew them (same table, same seeded generator)
-    rng = np.random.default_rng(0)
-    tb = subset(base, FORMATS_A)
-    plans = []
-    for r in rand:
-        plans.append(random_choice(tb, budget, rng))
-    out = {"n": len(rand), "budget_bytes": budget}
-    kld = [r["kld_mean"] for r in rand]
+    if all("choice" in r for r in rand):
+        plans = [r["choice"] for r in rand]
+    else:       # older results: the same seeded generator over the same table rebuilds the plans
+        rng = np.random.default_rng(0)
+        tb = subset(tables["output"], FORMATS_A)
+        plans = [{n: o.format for n, o in random_choice(tb, rand[0]["budget_bytes"], rng).items()} for _ in rand]
+    kld = np.array([r["kld_mean"] for r in rand])
+    out = {"results": str(Path(args.results).relative_to(ROOT)) if Path(args.results).is_absolute() else args.results,
+           "n_plans": len(rand), "n_tokens_scored": rand[0]["n_tokens_scored"], "budget_bytes": rand[0]["budget_bytes"],
+           "bytes_range": [min(r["bytes"] for r in rand), max(r["bytes"] for r in rand)],
+           "kld_range": [float(kld.min()), float(kld.max())], "costs": {}}
     for kind, t in tables.items():
-        summed = [sum(t.option(n, o.format).cost for n, o in ch.items()) for ch in plans]
-        rho = spearmanr(summed, kld)
-        out[kind] = {"rho": float(rho.statistic), "p": float(rho.pvalue)}
-    check = [sum(o.cost for o in ch.values()) for ch in plans]
-    out["rebuilt_matches_recorded"] = bool(np.allclose(check, [r["predicted_error"] for r in rand], rtol=1e-9))
+        per = np.array([[sum(t.option(n, f).cost for n, f in ch.items() if group(n) == g) for g in GROUPS]
+                        for ch in plans])
+        total = per.sum(1)
+        rho = spearmanr(total, kld)
+        row = {"cost": t.info.get("cost"), "rho": float(rho.statistic), "p": float(rho.pvalue),
+               "pearson_r": float(np.corrcoef(total, kld)[0, 1]), "groups": {}}
+        for gi, g in enumerate(GROUPS):
+            row["groups"][g] = {"mean_share": float(np.mean(per[:, gi] / total)),
+                                "rho_alone": float(spearmanr(per[:, gi], kld).statistic),
+                                "rho_without": float(spearmanr(total - per[:, gi], kld).statistic)}
+        if "fisher" in kind:    # the costs are 2·KLD to second order
+            row["predicted_kld_mean"] = float(np.mean(total) / 2)
+        out["costs"][kind] = row
+        print(f"{kind:12s} rho {row['rho']:+.3f} (p {row['p']:.2g})  pearson {row['pearson_r']:+.3f}", flush=True)
+    out["measured_kld_mean"] = float(kld.mean())
     path = Path(args.results).with_name(Path(args.results).stem + "_costs.json")
     path.write_text(json.dumps(out, indent=1) + "\n")
+    _plot(tables, plans, kld, out, path.with_suffix(".png"))
     print(json.dumps(out, indent=1))
+    if args.groups:
+        groups_check(graph, cal, tables, ROOT / "bench" / "results" / "additivity_groups.json")
     return 0
+
+
+def _plot(tables, plans, kld, out: dict, path: Path) -> None:
+    """Summed predicted cost vs measured KLD, one panel per cost model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(4 * len(tables), 3.6), dpi=110)
+    for ax, (kind, t) in zip(np.atleast_1d(axes), tables.items()):
+        total = [sum(t.option(n, f).cost for n, f in ch.items()) for ch in plans]
+        ax.scatter(total, kld, s=14, c="C1")
+        ax.set_title(f"{kind}: Spearman rho {out['costs'][kind]['rho']:+.2f}", fontsize=9)
+        ax.set_xlabel("summed predicted cost", fontsize=8)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("KLD measured in llama.cpp", fontsize=8)
+    fig.suptitle(f"{out['n_plans']} random plans within 2% of {out['budget_bytes'] / 1e6:.1f} MB "
+                 f"({out['n_tokens_scored']} tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+
+
+def groups_check(graph, cal, tables, path: Path) -> None:
+    """Per group and format: float KLD of quantizing that group alone vs each cost's Σ predicted / 2."""
+    import torch
+
+    from edgeq.formats import get_format
+    from edgeq.passes.calibrate import calibration_tokens, calibration_windows
+    from edgeq.passes.fisher import _forward
+
+    torch.set_num_threads(1)
+    tokens, bos, add_bos = calibration_tokens(graph)
+    win = calibration_windows(tokens, 512, 4, bos, add_bos)[1]
+    imatrix = cal.imatrix()
+    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
+
+    def logp(ws):
+        with torch.no_grad():
+            return torch.log_softmax(_forward(graph, win, ws, torch, {}).double(), -1)
+
+    ref = logp(weights)
+    rows = []
+    cases = [(g, "q4_0") for g in GROUPS] + [("down", "q3_k"), ("down", "q2_k"), ("embed", "q5_0")]
+    for g, fmt in cases:
+        t0 = time.perf_counter()
+        f = get_format(fmt)
+        names = [n for n, t in graph.weights.items() if len(t.shape) == 2 and group(n) == g]
+        ws = dict(weights)
+        for n in names:
+            w = np.array(graph.weights[n].numpy(), dtype=np.float32)
+            ws[n] = torch.from_numpy(f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None).astype(np.float32))
+        kld = float((ref.exp() * (ref - logp(ws))).sum(-1)[1:].mean())
+        row = {"group": g, "format": fmt, "tensors": len(names), "float_kld": kld,
+               **{f"{k}_predicted": sum(t.option(n, fmt).cost for n in names) / 2 for k, t in tables.items()}}
+        for k in tables:
+            if k != "output":
+                row[f"{k}_over_float"] = row[f"{k}_predicted"] / kld
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path.write_text(json.dumps({"window": "calibration window 1 of 4 (512 tokens)", "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

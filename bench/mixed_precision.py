@@ -130,6 +130,108 @@ class Reference:
         return full
 
 
+def memoize_quantizer() -> None:
+    """Quantize each (weights, format, importance) once per bench run: random plans reuse the same few
+    hundred (tensor, format) pairs, and ggml's imatrix-guided quantizers are most of a plan's measuring time.
+    Keyed by content digests, so the bytes written are exactly the uncached ones."""
+    from edgeq.formats import Format
+
+    if getattr(Format.quantize, "memoized", False):
+        return
+    plain, memo = Format.quantize, {}
+
+    def quantize(self, w, imatrix=None):
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        key = (self.name, w.shape, hashlib.sha1(w.data).digest(),
+               None if imatrix is None else hashlib.sha1(np.ascontiguousarray(imatrix, dtype=np.float32).data).digest())
+        if key not in memo:
+            memo[key] = plain(self, w, imatrix)
+        return memo[key]
+
+    quantize.memoized = True
+    Format.quantize = quantize
+
+
+class Meter:
+    """How both search benches measure a plan: write its file(s) (an adapter GGUF too when it has branches),
+    score them in llama.cpp against the cached float reference on --chunks windows of held-out text, and
+    append a row (bytes, bpw, KLD, top-1, ppl, seconds and the caller's fields) to the results JSON."""
+
+    def __init__(self, graph, model, chunks: int, threads: int, results: dict, save, width: int = 48):
+        from edgeq.passes.calibrate import cache_dir
+        from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+
+        self.graph, self.chunks, self.threads = graph, chunks, threads
+        self.results, self.save, self.width = results, save, width
+        self.spec = spec_from_gguf_metadata(graph.metadata["gguf"], model)
+        self.tok = spec_to_json(self.spec)
+        self.ref = Reference(graph, (cache_dir() or Path(tempfile.gettempdir())) / "bench-reference")
+        self.work = Path(tempfile.mkdtemp(prefix="edgeq-bench-"))
+        self.tokens: list = []
+        memoize_quantizer()
+
+    def plan(self, label: str, plan, imatrix, extra: dict, branches: dict | None = None) -> dict:
+        """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
+        measure is the quantized write and llama.cpp's own logits, as in export + eval)."""
+        from edgeq.evaluation import evaluate
+        from edgeq.runtime.gguf_backend import LlamaCppBackend
+        from edgeq.targets.gguf import write_gguf
+        from edgeq.targets.gguf.adapter import write_adapter
+        from edgeq.texts import evaluation_text
+
+        t = time.perf_counter()
+        path, lora = self.work / "m.gguf", None
+        write_gguf(self.graph, plan, path, self.tok, imatrix=imatrix)
+        size = path.stat().st_size
+        if branches:
+            lora = self.work / "a.gguf"
+            size += write_adapter(self.graph, branches, lora)
+        be = LlamaCppBackend(path, n_ctx=512, threads=self.threads, lora_path=lora)
+        try:
+            if not self.tokens:
+                self.tokens.extend(be.tokenize(evaluation_text(), add_special=True, parse_special=False))
+            ev = evaluate(self.tokens, 512, be.logits, self.ref, self.spec.bos_id, self.spec.add_bos,
+                          max_chunks=self.chunks)
+        finally:
+            be.close()
+            path.unlink(missing_ok=True)
+            if lora is not None:
+                lora.unlink(missing_ok=True)
+        s = plan.search
+        assert size <= s["budget_bytes"], (label, size, s["budget_bytes"])
+        return self._row(label, size, ev, t, {
+            "budget_bytes": s["budget_bytes"], "predicted_bytes": s["predicted_bytes"],
+            "predicted_error": s["predicted_error"], "formats_used": plan.format_counts(),
+            "choice": {n: tp.format + (f"+r{tp.rank}" if tp.rank else "") for n, tp in sorted(plan.tensors.items())
+                       if tp.bytes}, **extra})
+
+    def preset(self, label: str, quant: str, extra: dict, calibration: bool = True) -> dict:
+        """Export a llama.cpp preset through the pipeline and score the bundle the same way."""
+        from edgeq.evaluate_bundle import evaluate_bundle
+        from edgeq.pipeline import ExportOptions, export
+
+        t = time.perf_counter()
+        bundle = self.work / quant
+        export(ExportOptions(quant=quant, out=str(bundle), force=True, check=False, calibration=calibration))
+        try:
+            ev = evaluate_bundle(bundle, chunks=self.chunks, reference_logits=self.ref, record=False,
+                                 threads=self.threads)
+            size = sum(f.stat().st_size for f in bundle.glob("*.gguf"))     # model and any adapter
+        finally:
+            shutil.rmtree(bundle, ignore_errors=True)                     # bundles are ~100 MB each
+        return self._row(label, size, ev, t, extra)
+
+    def _row(self, label: str, size: int, ev: dict, t: float, extra: dict) -> dict:
+        row = {"label": label, "bytes": size, "bpw": 8 * size / self.graph.n_params,
+               **{k: ev[k] for k in ("kld_mean", "kld_p99", "top1", "ppl", "ppl_reference", "n_tokens_scored")},
+               "seconds": round(time.perf_counter() - t, 1), **extra}
+        self.results["runs"].append(row)
+        self.save()
+        print(f"{label:{self.width}s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
+              f"top-1 {row['top1']:.3f}  ({row['seconds']} s)", flush=True)
+        return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunks", type=int, default=4, help="512-token windows of held-out text per evaluation")
@@ -140,26 +242,34 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--additivity-only", action="store_true",
                     help="only the additivity check: the q4_k_m preset's size, then --random plans at it")
+    ap.add_argument("--cost", default="fisher", choices=["output", "fisher"],
+                    help="the ILP's cost (the uniform and random plans are sensitivity-blind): as edgeq plan --cost")
+    ap.add_argument("--no-plain-presets", action="store_true", help="skip the presets without calibration")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the random plans --out already holds (the seeded draws are the same) and measure the rest")
+    ap.add_argument("--budget-bytes", type=int, default=None,
+                    help="additivity: the q4_k_m preset's true size, known from an earlier run (skips measuring it)")
     args = ap.parse_args()
     if args.additivity_only:
         args.presets = "q4_k_m"
 
     from scipy.stats import spearmanr
 
-    from edgeq.evaluate_bundle import evaluate_bundle
     from edgeq.importers.gguf import import_gguf
     from edgeq.models.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.allocate import plan_from_choice, solve_ilp
-    from edgeq.passes.calibrate import Calibrate, cache_dir
+    from edgeq.passes.calibrate import Calibrate
     from edgeq.passes.sensitivity import Sensitivity
-    from edgeq.pipeline import ExportOptions, export
     from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict = {"settings": vars(args), "runs": []}
+    done = {}
+    if args.resume and out_path.is_file():
+        done = {r["label"]: r for r in json.loads(out_path.read_text())["runs"] if r.get("kind") == "random"}
     t_start = time.perf_counter()
 
     def save():
@@ -174,87 +284,38 @@ def main() -> int:
     Calibrate().run(graph, None, ctx)
     results["calibration_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
+    if args.cost == "fisher" and not args.additivity_only:
+        from edgeq.passes.fisher import Fisher
+
+        Fisher().run(graph, None, ctx)
+        results["fisher_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
     Sensitivity(gguf_layout(graph, tok), formats=FORMATS_B).run(graph, None, ctx)
     results["sensitivity_s"] = round(time.perf_counter() - t0, 1)
+    results["cost"] = ctx.analysis["costs"].info.get("cost")
     table = ctx.analysis["costs"]
     tables = {"no_q4_1_q5_1": subset(table, FORMATS_A), "all": subset(table, FORMATS_B)}
-    ref = Reference(graph, (cache_dir() or Path(tempfile.gettempdir())) / "bench-reference")
-    work = Path(tempfile.mkdtemp(prefix="edgeq-mp-"))
-    n_params = graph.n_params
-
-    def measure(label: str, kind: str, opts: ExportOptions, extra: dict) -> dict:
-        t = time.perf_counter()
-        res = export(opts)
-        bundle = Path(opts.out)
-        ev = evaluate_bundle(bundle, chunks=args.chunks, reference_logits=ref, record=False, threads=args.threads)
-        size = sum(f.stat().st_size for f in bundle.glob("*.gguf"))     # model and any adapter
-        shutil.rmtree(bundle, ignore_errors=True)                     # bundles are ~100 MB each
-        row = {"label": label, "kind": kind, "bytes": size, "bpw": 8 * size / n_params, "kld_mean": ev["kld_mean"],
-               "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"], "ppl_reference": ev["ppl_reference"],
-               "n_tokens_scored": ev["n_tokens_scored"], "seconds": round(time.perf_counter() - t, 1), **extra}
-        results["runs"].append(row)
-        save()
-        print(f"{label:48s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
-              f"top-1 {row['top1']:.3f}", flush=True)
-        del res
-        return row
-
-    spec = spec_from_gguf_metadata(graph.metadata["gguf"], model)
+    meter = Meter(graph, model, args.chunks, args.threads, results, save)
     imatrix = ctx.analysis["calibration"].imatrix()
-    eval_tokens: list = []
 
-    def measure_plan(label: str, kind: str, plan, extra: dict, branches: dict | None = None) -> dict:
-        """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
-        measure is the quantized write and llama.cpp's own logits, as in export + eval)."""
-        from edgeq.evaluation import evaluate
-        from edgeq.runtime.gguf_backend import LlamaCppBackend
-        from edgeq.targets.gguf import write_gguf
-        from edgeq.targets.gguf.adapter import write_adapter
-        from edgeq.texts import evaluation_text
-
-        t = time.perf_counter()
-        path = work / f"{label}.gguf"
-        write_gguf(graph, plan, path, tok, imatrix=imatrix)
-        size = path.stat().st_size
-        lora = None
-        if branches:
-            lora = work / f"{label}.adapter.gguf"
-            size += write_adapter(graph, branches, lora)
-        be = LlamaCppBackend(path, n_ctx=512, threads=args.threads, lora_path=lora)
-        try:
-            if not eval_tokens:
-                eval_tokens.extend(be.tokenize(evaluation_text(), add_special=True, parse_special=False))
-            ev = evaluate(eval_tokens, 512, be.logits, ref, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
-        finally:
-            be.close()
-            path.unlink(missing_ok=True)
-            if lora is not None:
-                lora.unlink(missing_ok=True)
-        row = {"label": label, "kind": kind, "bytes": size, "bpw": 8 * size / n_params, "kld_mean": ev["kld_mean"],
-               "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"], "ppl_reference": ev["ppl_reference"],
-               "n_tokens_scored": ev["n_tokens_scored"], "seconds": round(time.perf_counter() - t, 1), **extra}
-        results["runs"].append(row)
-        save()
-        print(f"{label:48s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
-              f"top-1 {row['top1']:.3f}", flush=True)
-        return row
+    def measure(label: str, kind: str, quant: str, calibration: bool = True) -> dict:
+        return meter.preset(label, quant, {"kind": kind, "preset": quant}, calibration)
 
     def run_choice(label: str, kind: str, tname: str, choice: dict, budget: int, extra: dict | None = None,
                    table=None, info: dict | None = None, branches: dict | None = None) -> dict:
         tb = table if table is not None else tables[tname]
         plan = plan_from_choice(graph, tb, choice, kind, budget, [], "gguf", info or {})
-        predicted = sum(o.cost for o in choice.values())
-        return measure_plan(label, kind, plan, {"formats": tname, "budget_bytes": budget, "predicted_error": predicted,
-                                                "predicted_bytes": plan.search["predicted_bytes"], **(extra or {})},
-                            branches)
+        return meter.plan(label, plan, imatrix, {"kind": kind, "formats": tname, **(extra or {})}, branches)
 
     rng = np.random.default_rng(0)
     summary = {}
     budgets = {}
     # first the headline comparisons (presets, ILP, uniform), then the random plans
     for preset in args.presets.split(","):
-        cal_row = measure(f"{preset} (calibrated)", "preset", ExportOptions(quant=preset, out=str(work / preset),
-                                                                          force=True, check=False), {"preset": preset})
+        if args.additivity_only and args.budget_bytes:
+            budgets[preset] = args.budget_bytes
+            continue
+        cal_row = measure(f"{preset} (calibrated)", "preset", preset)
         budgets[preset] = budget = cal_row["bytes"]
         for tname, tb in ({} if args.additivity_only else tables).items():
             alloc = solve_ilp(tb, budget)
@@ -269,11 +330,9 @@ def main() -> int:
             }
             results["summary"] = summary
             save()
-        if args.additivity_only:
+        if args.additivity_only or args.no_plain_presets:
             continue
-        measure(f"{preset} (no calibration)", "preset-plain",
-                ExportOptions(quant=preset, out=str(work / f"{preset}-plain"), force=True, check=False,
-                              calibration=False), {"preset": preset})
+        measure(f"{preset} (no calibration)", "preset-plain", preset, calibration=False)
     for preset in args.presets.split(","):
         for tname, tb in tables.items():
             key = f"{preset} [{tname}]"
@@ -281,8 +340,14 @@ def main() -> int:
                 continue
             summary.setdefault(key, {})
             n_rand = args.random if (preset == "q4_k_m" and tname == "no_q4_1_q5_1") else args.random_other
-            rand = [run_choice(f"random{i}@{preset} [{tname}]", "random", tname,
-                               random_choice(tb, budgets[preset], rng), budgets[preset]) for i in range(n_rand)]
+            rand = []
+            for i in range(n_rand):
+                label, choice = f"random{i}@{preset} [{tname}]", random_choice(tb, budgets[preset], rng)
+                if label in done and done[label].get("choice") == {n: o.format for n, o in sorted(choice.items())}:
+                    results["runs"].append(done[label])          # the same draw, measured before
+                    rand.append(done[label])
+                    continue
+                rand.append(run_choice(label, "random", tname, choice, budgets[preset]))
             if not rand:
                 continue
             summary[key].update({

@@ -4,8 +4,9 @@
 
 Runs the same code as `edgeq plan --bpw X` in this process with caching off (EDGEQ_CACHE=off), and reports
 the wall time and this process's CPU time in total and per pass (calibration = the reference executor over
-the calibration windows; sensitivity = every tensor x candidate format through ggml's quantizer and the
-tr(dW C dW^T) cost; allocate = the ILP). CPU seconds are reported beside wall seconds because the machine
+the calibration windows; fisher = 2 windows forward and backward in torch, the default cost's weights;
+sensitivity = every tensor x candidate format through ggml's quantizer and the cost; allocate = the ILP).
+CPU seconds are reported beside wall seconds because the machine
 is shared: the wall time of one run depends on the neighbours' load. --profile adds the top functions
 (cProfile, cumulative). Writes bench/results/plan_speed.json.
 """
@@ -29,6 +30,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="0")
     ap.add_argument("--method", default="ilp")
     ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--cost", default="auto", help="as edgeq plan --cost (auto: Fisher when torch is installed)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_speed.json"))
     args = ap.parse_args()
@@ -47,13 +49,14 @@ def main() -> int:
     if prof:
         prof.enable()
     opts = ExportOptions(bpw=args.bpw, method=args.method, ranks=[int(r) for r in args.ranks.split(",")],
-                         calib_windows=args.calib_windows)
+                         calib_windows=args.calib_windows, cost=args.cost)
     ctx = Context(backend="gguf")
     _, graph = import_and_merge(None, [], ctx)
 
     cpu: dict[str, float] = {}
     runs = {}           # wall time per pass comes from run_passes (ctx.timings); CPU time per pass from here
-    for cls_path in ("edgeq.passes.calibrate:Calibrate", "edgeq.passes.sensitivity:Sensitivity",
+    for cls_path in ("edgeq.passes.calibrate:Calibrate", "edgeq.passes.fisher:Fisher",
+                     "edgeq.passes.sensitivity:Sensitivity",
                      "edgeq.passes.allocate:Allocate", "edgeq.passes.allocate_dynaquant:AllocateDynaQuant",
                      "edgeq.passes.lowrank_compensate:LowrankCompensate"):
         mod, name = cls_path.split(":")

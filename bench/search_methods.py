@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mixed_precision import FORMATS_A, FORMATS_B, Reference, subset  # noqa: E402
+from mixed_precision import FORMATS_A, FORMATS_B, Meter, subset  # noqa: E402
 
 
 def main() -> int:
@@ -52,19 +51,15 @@ def main() -> int:
     out_path = Path(args.out or ROOT / "bench" / "results" / f"{args.what}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    from edgeq.evaluation import evaluate
     from edgeq.importers.gguf import import_gguf
     from edgeq.models.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.allocate import plan_from_choice, solve
-    from edgeq.passes.calibrate import Calibrate, cache_dir
+    from edgeq.passes.calibrate import Calibrate
     from edgeq.passes.sensitivity import Sensitivity
-    from edgeq.runtime.gguf_backend import LlamaCppBackend
-    from edgeq.targets.gguf import write_gguf
-    from edgeq.targets.gguf.adapter import adapter_overhead, write_adapter
+    from edgeq.targets.gguf.adapter import adapter_overhead
     from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.targets.gguf.writer import layout_overhead, padded
-    from edgeq.texts import evaluation_text
     from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     t_start = time.perf_counter()
@@ -84,45 +79,19 @@ def main() -> int:
     imatrix = cal.imatrix()
     overhead = layout_overhead(graph, tok)
     budget = int(bpw * graph.n_params / 8)
-    ref = Reference(graph, (cache_dir() or Path(tempfile.gettempdir())) / "bench-reference")
-    work = Path(tempfile.mkdtemp(prefix="edgeq-sm-"))
-    tokens: list = []
 
     def table_for(ranks=(), scaling="exact"):
         t0 = time.perf_counter()
         c = Context(backend="gguf", analysis={"calibration": cal})
-        Sensitivity(gguf_layout(graph, tok, bool(ranks)), formats=FORMATS_B, ranks=list(ranks),
-                    scaling=scaling).run(graph, None, c)
+        Sensitivity(gguf_layout(graph, tok, bool(ranks)), formats=FORMATS_B if "all" in chosen_sets else FORMATS_A,
+                    ranks=list(ranks), scaling=scaling).run(graph, None, c)
         results.setdefault("sensitivity_s", {})[f"{scaling}:{list(ranks)}"] = round(time.perf_counter() - t0, 1)
         return c.analysis["costs"]
 
+    meter = Meter(graph, model, args.chunks, args.threads, results, save, width=44)
+
     def measure(label: str, plan, branches: dict | None, extra: dict) -> dict:
-        t = time.perf_counter()
-        path = work / "m.gguf"
-        write_gguf(graph, plan, path, tok, imatrix=imatrix)
-        size = path.stat().st_size
-        lora = None
-        if branches:
-            lora = work / "a.gguf"
-            size += write_adapter(graph, branches, lora)
-        be = LlamaCppBackend(path, n_ctx=512, threads=args.threads, lora_path=lora)
-        try:
-            if not tokens:
-                tokens.extend(be.tokenize(evaluation_text(), add_special=True, parse_special=False))
-            ev = evaluate(tokens, 512, be.logits, ref, spec.bos_id, spec.add_bos, max_chunks=args.chunks)
-        finally:
-            be.close()
-        row = {"label": label, "bytes": size, "bpw": 8 * size / graph.n_params, "budget_bytes": plan.search["budget_bytes"],
-               "kld_mean": ev["kld_mean"], "kld_p99": ev["kld_p99"], "top1": ev["top1"], "ppl": ev["ppl"],
-               "n_tokens_scored": ev["n_tokens_scored"], "predicted_bytes": plan.search["predicted_bytes"],
-               "predicted_error": plan.search["predicted_error"], "formats_used": plan.format_counts(),
-               "seconds": round(time.perf_counter() - t, 1), **extra}
-        assert size <= plan.search["budget_bytes"], (label, size, plan.search["budget_bytes"])
-        results["runs"].append(row)
-        save()
-        print(f"{label:44s} {size / 1e6:8.3f} MB {row['bpw']:6.3f} bpw  KLD {row['kld_mean']:.4f}  "
-              f"top-1 {row['top1']:.3f}  ({row['seconds']} s)", flush=True)
-        return row
+        return meter.plan(label, plan, imatrix, extra, branches)
 
     sets = {"no_q4_1_q5_1": FORMATS_A, "all": FORMATS_B}
     chosen_sets = [s for s in args.format_sets.split(",") if s]
@@ -158,9 +127,7 @@ def main() -> int:
                         row["kld_mean"] / results["summary"][f"{sname}: no branch"])
                 save()
     elif args.what == "fisher":
-        from edgeq.evaluate_bundle import evaluate_bundle
         from edgeq.passes.fisher import Fisher
-        from edgeq.pipeline import ExportOptions, export
 
         if args.at_preset:          # the calibrated preset's file size, without writing it
             from edgeq.passes.assign_preset import AssignPreset
@@ -195,15 +162,8 @@ def main() -> int:
                 save()
             args.presets = ""
         for preset in [p for p in args.presets.split(",") if p]:
-            t = time.perf_counter()
-            bundle = work / preset
-            export(ExportOptions(quant=preset, out=str(bundle), force=True, check=False))
-            ev = evaluate_bundle(bundle, chunks=args.chunks, reference_logits=ref, record=False, threads=args.threads)
-            size = (bundle / "model.gguf").stat().st_size
-            results["runs"].append({"label": f"{preset} (calibrated)", "bytes": size, "bpw": 8 * size / graph.n_params,
-                                    "kld_mean": ev["kld_mean"], "top1": ev["top1"],
-                                    "seconds": round(time.perf_counter() - t, 1)})
-            print(f"{preset} (calibrated)  {size / 1e6:.3f} MB KLD {ev['kld_mean']:.4f}", flush=True)
+            size = meter.preset(f"{preset} (calibrated)", preset, {"preset": preset})["bytes"]
+            ev = results["runs"][-1]
             for sname in chosen_sets:
                 row = {}
                 for kind, tb_all in (("ilp", plain), ("ilp+fisher", weighted)):

@@ -245,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the model; onnx: two more MatMuls per branch in the model)")
         sp.add_argument("--lowrank-scaling", default="exact", choices=["exact", "diag", "identity"],
                         help="input scaling of the branches' SVD: E[xx^T]^1/2, its diagonal, or none (default exact)")
-        sp.add_argument("--cost", default="output", choices=["output", "fisher"],
-                        help="sensitivity: output error tr(dW C dW^T), or weighted per output channel by the "
-                             "output Fisher (needs torch)")
+        sp.add_argument("--cost", default="auto", choices=["auto", "output", "fisher"],
+                        help="sensitivity: output error tr(dW C dW^T), or weighted by the output Fisher with "
+                             "tokens weighted by gradient energy (needs torch); auto (default): fisher when torch "
+                             "is installed and calibration is on, else output")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up")
 
     e = sub.add_parser("export", help="compile a model into a bundle")

@@ -51,7 +51,7 @@ class ExportOptions:
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
-    cost: str = "output"                   # sensitivity cost: output error, or output error x output Fisher
+    cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
@@ -152,7 +152,7 @@ def decide(graph: Graph, backend: str, preset: str | None, user_plan: Plan | Non
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix,
                                 **({} if search or ranks else {"max_full": 0})))
     if search:
-        passes += _search_passes(graph, backend, opts, tokenizer)
+        passes += _search_passes(graph, backend, opts, tokenizer, ctx)
     elif preset is not None:
         passes.append(_PresetAfterCalibration(preset))
     if user_plan is not None:
@@ -207,7 +207,30 @@ def file_layout(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict
                            "(gguf and onnx decoders are)")
 
 
-def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None) -> list:
+def search_cost(opts: ExportOptions, ctx: Context) -> str:
+    """The sensitivity cost a budgeted plan uses. By default the Fisher-weighted output error (in KLD units,
+    bench/results/additivity_groups.json), which needs torch at plan time; without torch, or without
+    calibration, the plain output error, with a one-line note."""
+    if opts.cost != "auto":
+        return opts.cost
+    if not opts.calibration:
+        return "output"
+    try:
+        import torch  # noqa: F401
+        return "fisher"
+    except ImportError:
+        pass
+    note = ("note: torch is not installed, so the plan's costs are the plain output error tr(dW C dW^T) "
+            "(pip install 'edgeq[search]' for Fisher-weighted costs)")
+    ctx.record("sensitivity", note=note)
+    if ctx.progress is not None:
+        import sys
+
+        print(note, file=sys.stderr)
+    return "output"
+
+
+def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict | None, ctx: Context) -> list:
     from edgeq.models import llama
     from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
     from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
@@ -223,12 +246,13 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     passes = []
-    if opts.cost == "fisher":
+    cost = search_cost(opts, ctx)
+    if cost == "fisher":
         from edgeq.passes.fisher import Fisher
 
         passes.append(Fisher())
-    elif opts.cost != "output":
-        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (output, fisher)")
+    elif cost != "output":
+        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
     passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
     if opts.method == "dynaquant":
         from edgeq.passes.allocate_dynaquant import AllocateDynaQuant

@@ -9,11 +9,24 @@ diagonal approximation and δy = ΔW·x independent of g,
 
     cost ≈ Σ_o F_o · (ΔW C ΔWᵀ)_oo,   F_o = E_t[g_{t,o}²]
 
-which the sensitivity pass computes per output row. This pass runs the
-calibration windows forward and backward once, in torch (a plan-time extra;
-the runtime never needs it), through a small interpreter of the same IR nodes
-as the numpy executor, and keeps F per linear weight (and, for a tied
-embedding, the Fisher of its lookup output too).
+which the sensitivity pass computes per output row.
+
+That factorisation E_t[g²_{t,o}·(Δw_o·x_t)²] ≈ E_t[g²_{t,o}]·E_t[(Δw_o·x_t)²]
+fails where the tokens with large inputs are not the tokens whose outputs
+matter: measured on SmolLM2 (bench/results/additivity_groups.json), it
+overstates ffn_down's KLD 2.5-3.1x (q3_k, q4_0) and mis-ranks random plans. So by default
+(`token_weighted`) each token is also weighted by its share of the output's
+gradient energy, a_t = Σ_o g²_{t,o} / mean_t(Σ_o g²_{t,o}), i.e. g² ≈ F_o·a_t
+(rank one over tokens × channels) and
+
+    cost ≈ Σ_o F_o · (ΔW C_F ΔWᵀ)_oo,   C_F = Σ_t a_t x_t x_tᵀ / Σ_t a_t
+
+(likewise each embedding row's lookup error is weighted by its tokens' mean
+a_t). This pass runs the calibration windows forward and backward once, in
+torch (a plan-time extra; the runtime never needs it), through a small
+interpreter of the same IR nodes as the numpy executor, and keeps F per
+linear weight (and, for a tied embedding, the Fisher of its lookup output
+too), plus C_F per linear weight and the per-token lookup weights.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
             x, w = args
             out = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + a["eps"]) * w
         elif node.op == "linear":
+            keep[("input", node.inputs[1])] = args[0]
             out = args[0] @ args[1].T
             if len(args) > 2:
                 out = out + args[2]
@@ -85,14 +99,19 @@ def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
     return env[graph.outputs[0].name]
 
 
-def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0,
-                  progress: Callable | None = None) -> dict[str, np.ndarray]:
-    """{weight: F per output channel} and {'lookup:<embedding>': F per embedding dimension}, mean over tokens."""
+def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progress: Callable | None = None,
+                  token_weighted: bool = True) -> dict[str, np.ndarray]:
+    """{weight: F per output channel} and {'lookup:<embedding>': F per embedding dimension}, mean over tokens;
+    with `token_weighted`, also {'cov:<weight>': C_F} and {'lookup_tokens:<embedding>': mean a_t per token id,
+    1 for ids the windows do not contain} (see the module docstring)."""
     torch = _torch()
     gen = torch.Generator().manual_seed(seed)
     weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32))     # (a writable copy)
                for n, t in graph.weights.items()}
     sums: dict[str, np.ndarray] = {}
+    outer: dict[str, np.ndarray] = {}           # Σ_t a_t x_t x_tᵀ with unnormalised a_t, and Σ_t a_t
+    a_sum: dict[str, float] = {}
+    tok_a: dict[str, tuple[np.ndarray, np.ndarray]] = {}      # per id: Σ a_t, occurrences
     count = 0
     for w in (windows if progress is None else progress(windows, desc="fisher", unit="window")):
         keep: dict = {}
@@ -102,12 +121,38 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0,
             sampled = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
         (-logp.gather(1, sampled[:, None]).sum()).backward()
         for (kind, name), t in keep.items():
+            if kind == "input":
+                continue
             key = name if kind == "linear" else f"lookup:{name}"
-            g2 = t.grad.double().square().sum(0).numpy()
+            g2t = t.grad.double().square()
+            g2 = g2t.sum(0).numpy()
             sums[key] = g2 if key not in sums else sums[key] + g2
+            if not token_weighted:
+                continue
+            a = g2t.sum(1)
+            a_sum[key] = a_sum.get(key, 0.0) + float(a.sum())
+            if kind == "linear":
+                x = keep[("input", name)].detach().double()
+                o = ((x * a[:, None]).T @ x).numpy()
+                outer[key] = o if key not in outer else outer[key] + o
+            else:
+                ids = np.asarray(w)
+                s_a, n_a = tok_a.get(key, (np.zeros(weights[name].shape[0]), np.zeros(weights[name].shape[0])))
+                np.add.at(s_a, ids, a.numpy())
+                np.add.at(n_a, ids, 1.0)
+                tok_a[key] = (s_a, n_a)
         count += len(w)
         del keep, logits, logp
-    return {k: v / max(count, 1) for k, v in sums.items()}
+    out = {k: v / max(count, 1) for k, v in sums.items()}
+    for key, o in outer.items():
+        out[f"cov:{key}"] = (o / max(a_sum[key], 1e-300)).astype(np.float32)
+    for key, (s_a, n_a) in tok_a.items():
+        mean_a = a_sum[key] / max(count, 1)
+        rel = np.ones_like(s_a)
+        seen = n_a > 0
+        rel[seen] = s_a[seen] / n_a[seen] / max(mean_a, 1e-300)
+        out[f"lookup_tokens:{key.split(':', 1)[1]}"] = rel
+    return out
 
 
 class Fisher(Pass):
@@ -115,15 +160,18 @@ class Fisher(Pass):
 
     name = "fisher"
 
-    def __init__(self, n_windows: int = 2, ctx: int = 512):
+    def __init__(self, n_windows: int = 2, ctx: int = 512, token_weighted: bool = True):
         self.n_windows = n_windows
         self.ctx_len = ctx
+        self.token_weighted = token_weighted
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         from edgeq.passes.calibrate import calibration_tokens, calibration_windows
 
         tokens, bos, add_bos = calibration_tokens(graph)
         windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos)
-        ctx.analysis["fisher"] = output_fisher(graph, windows, progress=ctx.progress)
-        ctx.record(self.name, windows=len(windows), ctx=self.ctx_len, weights=len(ctx.analysis["fisher"]))
+        ctx.analysis["fisher"] = output_fisher(graph, windows, progress=ctx.progress,
+                                               token_weighted=self.token_weighted)
+        ctx.record(self.name, windows=len(windows), ctx=self.ctx_len, token_weighted=self.token_weighted,
+                   weights=sum(1 for k in ctx.analysis["fisher"] if ":" not in k))
         return graph, plan

@@ -105,8 +105,11 @@ def branch(e: np.ndarray, sc: Scaling, rank: int, seed: int = 0) -> tuple[np.nda
 
 
 def branch_costs(e: np.ndarray, a: np.ndarray, b: np.ndarray, ranks: list[int], cov: np.ndarray | None,
-                 diag: np.ndarray | None, base: float | None = None) -> dict[int, float]:
-    """tr((E − B_r A_r) C (E − B_r A_r)ᵀ) for every r in `ranks` (nested prefixes of one branch).
+                 diag: np.ndarray | None, base: float | None = None,
+                 rows: np.ndarray | None = None) -> dict[int, float]:
+    """tr((E − B_r A_r) C (E − B_r A_r)ᵀ) for every r in `ranks` (nested prefixes of one branch); with `rows`
+    (per-output-row Fisher weights F) Σ_o F_o ((E − B_r A_r) C (E − B_r A_r)ᵀ)_oo, and then `base` must be
+    weighted the same way.
 
     Expanded as tr(ECEᵀ) − 2 tr(B_r A_r C Eᵀ) + tr(B_r A_r C A_rᵀ B_rᵀ) so that only k×n products are formed.
     C is full, diagonal, or the identity, like the sensitivity pass's cost; `base` = tr(ECEᵀ) when the caller
@@ -115,22 +118,24 @@ def branch_costs(e: np.ndarray, a: np.ndarray, b: np.ndarray, ranks: list[int], 
     e = np.asarray(e, dtype=np.float64)
     a = a.astype(np.float64)
     b = b.astype(np.float64)
+    w = np.ones(e.shape[0]) if rows is None else np.asarray(rows, dtype=np.float64)
     if cov is not None:
         ac = a @ cov
         if base is None:
-            base = float(np.einsum("ij,ij->", e @ cov, e))
+            base = float(np.einsum("ij,ij->i", e @ cov, e) @ w)
     elif diag is not None:
         ac = a * diag
         if base is None:
-            base = float(np.square(e).sum(0) @ diag)
+            base = float((np.square(e) @ diag) @ w)
     else:
         ac = a
         if base is None:
-            base = float(np.square(e).sum())
+            base = float(np.square(e).sum(1) @ w)
+    bw = b * w[:, None]
     p = ac @ e.T                                    # (k, out): row i is A_i C Eᵀ
     h = ac @ a.T                                    # (k, k)
-    kk = b.T @ b                                    # (k, k)
-    cross = np.einsum("oi,io->i", b, p)             # B_i · P_i
+    kk = bw.T @ b                                   # (k, k): Bᵀ diag(F) B
+    cross = np.einsum("oi,io->i", bw, p)            # B_i · diag(F) P_i
     out = {}
     for r in ranks:
         r = min(r, a.shape[0])

@@ -150,17 +150,23 @@ def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) 
 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
                    token_p: np.ndarray | None, layout: FileLayout, ranks: list[int] = (), scaling=None,
-                   fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None) -> list[Option]:
+                   fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None,
+                   fisher_cov: np.ndarray | None = None) -> list[Option]:
     """Every candidate format that can carry `w` natively, with its cost (see module docstring).
 
     With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
     also gets options with a rank-r error branch: its cost is the output error left after the branch, its
-    bytes include the branch's bytes (`layout`: what each adds to the backend's files).
+    bytes include the branch's bytes (`layout`: what each adds to the backend's files). With Fisher
+    weights (`fisher_rows`, and the token-weighted input covariance `fisher_cov` in place of C where given)
+    every cost is Fisher-weighted, the branches' residuals too.
     """
     from edgeq.passes import lowrank_compensate as lr
 
     cov32 = diag = full = None
-    if stats is not None:
+    if fisher_cov is not None:
+        full = fisher_cov.astype(np.float64)
+        cov32 = fisher_cov.astype(np.float32)
+    elif stats is not None:
         full = stats.full()
         if full is not None:
             cov32 = full.astype(np.float32)
@@ -179,7 +185,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
         out.append(Option(f.name, base_bytes, cost))
         if ranks and token_p is None and f.bits_per_weight < BRANCH_MAX_BPW:
             a, b = lr.branch(-dw, scaling, max(ranks))
-            costs = lr.branch_costs(-dw, a, b, ranks, full, diag, out_cost)
+            costs = lr.branch_costs(-dw, a, b, ranks, full, diag, out_cost, fisher_rows)
             for r in ranks:
                 if r > a.shape[0]:
                     continue
@@ -221,6 +227,8 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
     token_p = None
     if calibration is not None and calibration.token_counts is not None:
         token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
+        if fisher is not None and embd is not None and f"lookup_tokens:{embd}" in fisher:
+            token_p = token_p * fisher[f"lookup_tokens:{embd}"]
     from edgeq.passes import lowrank_compensate as lr
 
     options = {}
@@ -240,10 +248,16 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p if name == embd else None,
                                        layout, ranks if sc is not None else (), sc,
                                        None if fisher is None else fisher.get(name),
-                                       None if fisher is None else fisher.get(f"lookup:{name}"))
+                                       None if fisher is None else fisher.get(f"lookup:{name}"),
+                                       None if fisher is None else fisher.get(f"cov:{name}"))
     kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
-    info = {"cost": "tr(dW C dW^T)" if fisher is None else "sum_o F_o (dW C dW^T)_oo (output Fisher, HAWQ-style)",
-            "C": kind, "formats": [f.name for f in fmts]}
+    cost = "tr(dW C dW^T)"
+    if fisher is not None and any(k.startswith("cov:") for k in fisher):
+        cost = "sum_o F_o (dW C_F dW^T)_oo (output Fisher, tokens weighted by gradient energy)"
+        kind = "C_F = E[a_t x x^T] / E[a_t], a_t = the token's output-gradient energy"
+    elif fisher is not None:
+        cost = "sum_o F_o (dW C dW^T)_oo (output Fisher, HAWQ-style)"
+    info = {"cost": cost, "C": kind, "formats": [f.name for f in fmts]}
     if any(r > 0 for r in ranks):
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
     return CostTable(options, fixed, graph.n_params, info)
@@ -268,8 +282,6 @@ class Sensitivity(Pass):
         fmts = candidate_formats(ctx.backend, self.formats)
         cal = ctx.analysis.get("calibration")
         self._fisher = ctx.analysis.get("fisher")
-        if self._fisher is not None and self.ranks:
-            raise EdgeqError(None, "Fisher-weighted costs (--cost fisher) do not combine with --ranks yet")
         path = self._cache_path(graph, cal, fmts)
         table = None
         if path is not None and path.is_file():

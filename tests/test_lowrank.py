@@ -49,6 +49,21 @@ def test_exact_branch_is_the_closed_form_and_beats_diag_and_identity():
     assert costs[0] == pytest.approx(_weighted(e, cov)) and costs[0] > costs[4] > costs[8] > costs[16]
 
 
+def test_fisher_weighted_branch_costs_are_the_weighted_residual():
+    """With per-row Fisher weights F the branch's residual cost is Σ_o F_o ((E − BA) C (E − BA)ᵀ)_oo, for every
+    C the sensitivity pass uses (full, diagonal, identity)."""
+    e, cov = _layer(seed=2)
+    rows = np.random.default_rng(5).uniform(0.0, 3.0, e.shape[0])
+    sc = scaling("exact", e.shape[1], cov, np.diag(cov))
+    a, b = branch(e, sc, 12)
+    for c, full, diag in ((cov, cov, None), (np.diag(np.diag(cov)), None, np.diag(cov)),
+                          (np.eye(e.shape[1]), None, None)):
+        got = branch_costs(e, a, b, [0, 4, 12], full, diag, rows=rows)
+        for r in (0, 4, 12):
+            res = e - b[:, :r].astype(np.float64) @ a[:r].astype(np.float64)
+            assert got[r] == pytest.approx(float(np.diag(res @ c @ res.T) @ rows), rel=1e-6)
+
+
 def test_randomized_decomposition_matches_the_full_svd_on_a_wide_layer():
     e, cov = _layer(seed=1, out_dim=300, in_dim=200)
     sc = scaling("exact", 200, cov)
@@ -185,8 +200,9 @@ def test_budget_counts_the_adapter(tiny_gguf, tmp_path, monkeypatch):
     from edgeq.pipeline import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    # (the plain output error: on this random tiny model the Fisher-weighted costs buy no branch at 3.6 bpw)
     res = export(ExportOptions(model=str(tiny_gguf), bpw=3.6, ranks=[0, 8, 16], formats=["q2_k", "q3_k", "q4_0"],
-                               out=str(tmp_path / "b"), calib_windows=2, check=False))
+                               out=str(tmp_path / "b"), calib_windows=2, check=False, cost="output"))
     s = res["manifest"]["plan"]["search"]
     files = sum(p.stat().st_size for p in (tmp_path / "b").glob("*.gguf"))
     assert files <= s["predicted_bytes"] <= s["budget_bytes"]
@@ -286,6 +302,65 @@ def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
     assert "Fisher" in s["cost"] and (tmp_path / "b" / "model.gguf").stat().st_size == s["predicted_bytes"]
     assert s["predicted_bytes"] <= s["budget_bytes"]
     assert any(r["pass"] == "fisher" for r in res["manifest"]["passes"])
-    with pytest.raises(EdgeqError, match="do not combine with --ranks"):
-        export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", ranks=[0, 8], out=str(tmp_path / "c"),
-                             calib_windows=2, check=False))
+    # Fisher costs combine with --ranks: branch options are Fisher-weighted too, model + adapter within budget
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", ranks=[0, 8], out=str(tmp_path / "c"),
+                               calib_windows=2, check=False))
+    s = res["manifest"]["plan"]["search"]
+    files = sum(f.stat().st_size for f in (tmp_path / "c").glob("*.gguf"))
+    assert "Fisher" in s["cost"] and s["ranks"] == [8] and files <= s["predicted_bytes"] <= s["budget_bytes"]
+    with pytest.raises(EdgeqError, match="--cost"):
+        export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="hessian", out=str(tmp_path / "d"), check=False))
+
+
+def test_default_cost_is_fisher_with_torch_and_the_output_error_without(tiny_gguf, tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import sys
+
+    from edgeq.pipeline import ExportOptions, export
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "b"), calib_windows=2, check=False))
+    assert "Fisher" in res["manifest"]["plan"]["search"]["cost"]
+    monkeypatch.setitem(sys.modules, "torch", None)              # what an install without torch sees
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "c"), calib_windows=2, check=False))
+    m = res["manifest"]
+    assert m["plan"]["search"]["cost"] == "tr(dW C dW^T)"
+    assert any("torch is not installed" in r.get("note", "") for r in m["passes"])
+    assert (tmp_path / "c" / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"]
+
+
+def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second_moment():
+    """C_F = Σ_t a_t x_t x_tᵀ / Σ_t a_t with a_t = Σ_o g²_{t,o}, so that Σ_o F_o (ΔW C_F ΔWᵀ)_oo is the rank-one
+    (tokens × channels) model of Σ_t Σ_o g²_{t,o} (Δw_o·x_t)²: exact when g² factorises, checked here on the
+    interpreter's own gradients (one window: the same sampled tokens as output_fisher)."""
+    torch = pytest.importorskip("torch")
+    from edgeq.models.synthetic import random_llama, tiny_config
+    from edgeq.passes.fisher import _forward, output_fisher
+    from edgeq.passes.sensitivity import output_error
+
+    cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
+    graph = random_llama(cfg, seed=3, scale=0.08)
+    ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
+    f = output_fisher(graph, [ids])
+    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
+    keep: dict = {}
+    logp = torch.log_softmax(_forward(graph, ids, weights, torch, keep).double(), -1)
+    with torch.no_grad():
+        sampled = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(0))[:, 0]
+    (-logp.gather(1, sampled[:, None]).sum()).backward()
+    name = "model.layers.1.mlp.down_proj.weight"
+    g2 = keep[("linear", name)].grad.double().square().numpy()
+    x = keep[("input", name)].detach().double().numpy()
+    a = g2.sum(1)
+    np.testing.assert_allclose(f[name], g2.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(f[f"cov:{name}"], (x * a[:, None]).T @ x / a.sum(), rtol=1e-4, atol=1e-7)
+    dw = np.random.default_rng(1).standard_normal(graph.weights[name].shape).astype(np.float32) * 0.01
+    rank_one = (g2.mean(0)[None, :] * a[:, None] / a.mean())            # g² ≈ F_o · a_t / mean(a)
+    want = float((rank_one * np.square(x @ dw.T.astype(np.float64))).mean(0).sum())
+    assert output_error(dw, f[f"cov:{name}"], None, f[name]) == pytest.approx(want, rel=1e-4)
+    # each embedding row's lookup weight is its tokens' mean gradient energy over the mean (1 for unseen ids)
+    rel = f["lookup_tokens:model.embed_tokens.weight"]
+    lk = keep[("lookup", "model.embed_tokens.weight")].grad.double().square().sum(1).numpy()
+    tok = ids[5]
+    assert rel[tok] == pytest.approx(lk[np.array(ids) == tok].mean() / lk.mean(), rel=1e-6)
+    assert rel[next(i for i in range(384) if i not in ids)] == 1.0
