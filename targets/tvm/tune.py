@@ -105,14 +105,18 @@ def _runner():
 
 
 def fixed_schedule(task):
-    """edgeq's fixed schedule (schedule.py) of a task's workload, as the untuned build gives that kernel."""
+    """edgeq's fixed schedule (schedule.py) of a task's workload, as the untuned build gives that kernel; None
+    where it does not apply (a workload fused beyond one linear kernel)."""
     from edgeq.targets.tvm.schedule import linear_schedule
 
-    return linear_schedule(task.dispatched[0]["main"], packed_pairs="int4_g32" in task.task_name)
+    try:
+        return linear_schedule(task.dispatched[0]["main"], packed_pairs="int4_g32" in task.task_name)
+    except (RuntimeError, ValueError):     # a schedule or lookup error
+        return None
 
 
 def is_fixed_record(record, fixed) -> bool:
-    return str(record.trace) == str(fixed.trace)
+    return fixed is not None and str(record.trace) == str(fixed.trace)
 
 
 def _records(db, workload) -> list:
@@ -133,7 +137,7 @@ def _add_fixed_records(db, tasks, tgt, log) -> None:
     todo = []
     for t in tasks:
         fixed = fixed_schedule(t)
-        if not any(is_fixed_record(r, fixed) for r in _records(db, t.dispatched[0])):
+        if fixed is not None and not any(is_fixed_record(r, fixed) for r in _records(db, t.dispatched[0])):
             todo.append((t, fixed))
     if not todo:
         return
