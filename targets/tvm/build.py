@@ -190,12 +190,19 @@ def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
 def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
-    from edgeq.targets.tvm.schedule import ScheduleLinears
+    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones). The static
+    linear kernels are marked opaque as the fixed schedule marks them: left fusable, FuseOps merges the
+    following add, silu or multiply into them, and the build then compiles fused kernels that are neither in
+    the tuning database (tuned unfused) nor named as linear kernels, so they ran unscheduled (serial loops)."""
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+    from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears
 
     picked = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                            if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
     done = dict(ScheduleLinears(picked).functions.items())
+    for gv, f in mod.functions.items():
+        if gv not in done and isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX):
+            done[gv] = f.with_attr("op_pattern", OPAQUE)
     return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 
 
