@@ -308,6 +308,17 @@ def test_tuning_never_applies_a_kernel_slower_than_the_fixed_schedule(tmp_path, 
     recs.write_text("".join(ln + "\n" for ln in kept))
     db = tune(mod, target, get_profile("cpu"), 0, True)
     assert check(db) == tuned
+    # every static linear kernel the build compiles is a tuned workload, given its best record (none fused
+    # into another kernel: fused, it fell outside the database and ran unscheduled)
+    from edgeq.targets.tvm.build import symbolic_kernel, tuned_kernels
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+
+    with db:
+        kernels = tuned_kernels(lower_tvm(graph, plan).mod, tgt)
+    static = {gv.name_hint: f for gv, f in kernels.functions.items()
+              if isinstance(f, tvm.tirx.PrimFunc) and LINEAR_PREFIX in gv.name_hint and not symbolic_kernel(f)}
+    assert len(static) >= len(tasks) and all(n.startswith(LINEAR_PREFIX) for n in static)
+    assert all(f.attrs and "tirx.is_scheduled" in f.attrs for f in static.values())
     # the tuned build computes the model: prefill, then one token through the tuned `decode` kernels
     built = Built(graph, plan, tuning=(target, db))
     ids = np.random.default_rng(1).integers(0, graph.config.vocab_size, 12)

@@ -163,14 +163,22 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
     def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:
         with tgt:
-            m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
-                                          *rp.legalize_passes(tgt)])(m)
-            m = _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
             return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
-                                             _SortShapeStores])(m)
+                                             _SortShapeStores])(tuned_kernels(m, tgt))
 
     with tuning_db:
         return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
+
+
+def tuned_kernels(mod: tvm.IRModule, tgt) -> tvm.IRModule:
+    """The tuned build's module once its kernels are scheduled: the symbolic ones fixed, the static linear ones
+    from the tuning database in scope (its best record each), the rest as TVM leaves them."""
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    with tgt:
+        m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
+                                      *rp.legalize_passes(tgt)])(mod)
+        return _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedLinears")
