@@ -40,7 +40,8 @@ CONFIGS = {
 class Built:
     """A lowered, compiled synthetic decoder loaded in the local Relax VM."""
 
-    def __init__(self, graph, plan: Plan):
+    def __init__(self, graph, plan: Plan, tuning=None):
+        """`tuning`: a (target, database) pair from tune.py for a tuned build."""
         from tvm.runtime.vm import VirtualMachine
 
         from edgeq.targets.tvm.build import compile_module, resolve_target
@@ -49,7 +50,8 @@ class Built:
 
         self.graph = graph
         self.lowered = lower_tvm(graph, plan)
-        ex = compile_module(self.lowered.mod, resolve_target(get_profile("cpu")))
+        target, db = tuning or (resolve_target(get_profile("cpu")), None)
+        ex = compile_module(self.lowered.mod, target, db)
         self.dev = tvm.cpu(0)
         self.vm = VirtualMachine(ex, self.dev)
         self.params = [tvm.runtime.tensor(a, self.dev) for a in self.lowered.params.values()]
@@ -95,23 +97,29 @@ def test_kv_cache_prefill_then_decode_equals_full_recompute_and_the_executor(syn
     assert (cached.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("fmt", ["int8_wo", "int4_g32"])
-def test_quantized_matmuls_compute_exactly_their_dequantization(fmt):
-    """The fused kernel equals the float model whose weights are the stored values dequantized."""
+def _dequantized(graph, fmt: str, embed: str = "f32"):
+    """The float model whose weights are the values `_plan(graph, fmt, embed)` stores, dequantized."""
     from edgeq.models import llama
 
-    graph = random_llama(tiny_config(**SMALL, **CONFIGS["gqa_tied_bias"]), seed=4, scale=0.08)
-    built = Built(graph, _plan(graph, fmt, embed="int8_wo"))
     deq = {}
     for n, t in graph.weights.items():
         w = t.numpy()
-        if n == "model.embed_tokens.weight" or (len(w.shape) == 2 and fmt == "int8_wo"):
+        f = embed if n == "model.embed_tokens.weight" else fmt if len(w.shape) == 2 else "f32"
+        if f == "int8_wo":
             q, s = int8_quantize_rows(w)
             w = q.astype(np.float32) * s[:, None]
-        elif len(w.shape) == 2:
+        elif f == "int4_g32":
             w = int4_dequantize_groups(*int4_quantize_groups(w))
         deq[n] = w
-    ref = Executor(llama.graph_from_arrays(graph.config, deq)).logits(np.arange(5, 25))
+    return llama.graph_from_arrays(graph.config, deq)
+
+
+@pytest.mark.parametrize("fmt", ["int8_wo", "int4_g32"])
+def test_quantized_matmuls_compute_exactly_their_dequantization(fmt):
+    """The fused kernel equals the float model whose weights are the stored values dequantized."""
+    graph = random_llama(tiny_config(**SMALL, **CONFIGS["gqa_tied_bias"]), seed=4, scale=0.08)
+    built = Built(graph, _plan(graph, fmt, embed="int8_wo"))
+    ref = Executor(_dequantized(graph, fmt, embed="int8_wo")).logits(np.arange(5, 25))
     got, _ = built(np.arange(5, 25), built.empty())
     assert np.abs(got - ref).max() <= 2e-4 * max(1.0, np.abs(ref).max())
     stored = built.lowered.params["model.layers.0.mlp.up_proj.weight"]
@@ -246,6 +254,87 @@ def test_tuning_caches_its_database_per_profile(hf_model, tmp_path, monkeypatch)
     # the database is reused: what was tuned stays, only kernels it lacks get the new trials
     assert again.startswith(records)
     assert (db / "workloads.json").read_text().splitlines()[:len(workloads)] == workloads
+
+
+@pytest.mark.skipif(not os.environ.get("EDGEQ_SLOW_TESTS"),
+                    reason="meta-schedule builds one kernel per worker process: over 10 min on 2 busy cores; "
+                           "set EDGEQ_SLOW_TESTS=1 to run it")
+def test_tuning_never_applies_a_kernel_slower_than_the_fixed_schedule(tmp_path, monkeypatch):
+    """The fixed schedule of each tuned workload is a measured record in the database, so the record the build
+    applies (the best) is never slower than it, even with a budget of two random candidates; a database
+    without those records (written before them) gets them; the tuned build still computes the model."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from edgeq.targets.profiles import get_profile
+    from edgeq.targets.tvm.build import resolve_target
+    from edgeq.targets.tvm.lower import lower_tvm
+    from edgeq.targets.tvm.tune import fixed_schedule, is_fixed_record, static_tasks, tune, tuning_target
+
+    monkeypatch.setenv("EDGEQ_TVM_TUNE_DIR", str(tmp_path))
+    graph = random_llama(tiny_config(**{**SMALL, "n_layers": 1}, **CONFIGS["gqa_tied_bias"]), seed=5, scale=0.08)
+    plan = _plan(graph, "int4_g32")
+    mod = lower_tvm(graph, plan).mod
+    target = tuning_target(resolve_target(get_profile("cpu")))
+    tgt = tvm.target.Target(target)
+    tasks = static_tasks(mod, tgt)
+    assert len(tasks) >= 5                          # the decode matmuls: q, k (with v), o, gate (with up), down, head
+
+    def mean(r):
+        return float(np.mean([float(s) for s in r.run_secs]))
+
+    def check(db):
+        tuned = 0
+        for t in tasks:
+            fixed = fixed_schedule(t)
+            records = db.get_top_k(db.commit_workload(t.dispatched[0]), 1000)
+            base = [r for r in records if is_fixed_record(r, fixed)]
+            assert len(base) == 1, t.task_name
+            tuned += len(records) - 1
+            applied = db.query_tuning_record(t.dispatched[0], tgt, "main")   # what MetaScheduleApplyDatabase uses
+            assert mean(applied) <= mean(base[0]), t.task_name
+        return tuned
+
+    db = tune(mod, target, get_profile("cpu"), 2, True)
+    tuned = check(db)
+    assert tuned >= 1                               # the search's candidates are in it too
+    # a database from before the fixed records: they are measured and added, the search's records kept
+    recs = tmp_path / "cpu" / "records.json"
+    fixed_traces = {str(fixed_schedule(t).trace) for t in tasks}
+    lines = recs.read_text().splitlines()
+    kept = [ln for ln in lines
+            if str(ms.database.TuningRecord.from_json(json.loads(ln)[1], _workload(tmp_path, ln)).trace)
+            not in fixed_traces]
+    assert len(kept) == len(lines) - len(tasks)
+    recs.write_text("".join(ln + "\n" for ln in kept))
+    db = tune(mod, target, get_profile("cpu"), 0, True)
+    assert check(db) == tuned
+    # every static linear kernel the build compiles is a tuned workload, given its best record (none fused
+    # into another kernel: fused, it fell outside the database and ran unscheduled)
+    from edgeq.targets.tvm.build import symbolic_kernel, tuned_kernels
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+
+    with db:
+        kernels = tuned_kernels(lower_tvm(graph, plan).mod, tgt)
+    static = {gv.name_hint: f for gv, f in kernels.functions.items()
+              if isinstance(f, tvm.tirx.PrimFunc) and LINEAR_PREFIX in gv.name_hint and not symbolic_kernel(f)}
+    assert len(static) >= len(tasks) and all(n.startswith(LINEAR_PREFIX) for n in static)
+    assert all(f.attrs and "tirx.is_scheduled" in f.attrs for f in static.values())
+    # the tuned build computes the model: prefill, then one token through the tuned `decode` kernels
+    built = Built(graph, plan, tuning=(target, db))
+    ids = np.random.default_rng(1).integers(0, graph.config.vocab_size, 12)
+    ref = Executor(_dequantized(graph, "int4_g32")).logits(ids)
+    _, past = built(ids[:11], built.empty())
+    got, _ = built(ids[11:], past, entry="decode")
+    assert np.abs(got[-1] - ref[-1]).max() <= 2e-4 * max(1.0, np.abs(ref).max())
+
+
+def _workload(tune_root: Path, record_line: str):
+    """The workload a records.json line refers to (its first field: a line number of workloads.json)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    index = json.loads(record_line)[0]
+    line = (tune_root / "cpu" / "workloads.json").read_text().splitlines()[index]
+    return ms.database.Workload.from_json(json.loads(line))
 
 
 def test_int4_quantizes_with_the_importance_matrix_like_gguf_and_onnx(hf_model, tmp_path):

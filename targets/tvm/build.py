@@ -163,14 +163,22 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
     def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:
         with tgt:
-            m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
-                                          *rp.legalize_passes(tgt)])(m)
-            m = _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
             return tvm.transform.Sequential([*rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt),
-                                             _SortShapeStores])(m)
+                                             _SortShapeStores])(tuned_kernels(m, tgt))
 
     with tuning_db:
         return tvm.compile(mod, target=tgt, relax_pipeline=tuned)
+
+
+def tuned_kernels(mod: tvm.IRModule, tgt) -> tvm.IRModule:
+    """The tuned build's module once its kernels are scheduled: the symbolic ones fixed, the static linear ones
+    from the tuning database in scope (its best record each), the rest as TVM leaves them."""
+    from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    with tgt:
+        m = tvm.transform.Sequential([ScheduleSymbolic, *rp.library_dispatch_passes(tgt),
+                                      *rp.legalize_passes(tgt)])(mod)
+        return _ScheduleUntunedLinears(relax.transform.MetaScheduleApplyDatabase()(m))
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedLinears")
@@ -190,12 +198,19 @@ def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 @tvm.transform.module_pass(opt_level=0, name="ScheduleSymbolic")
 def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones)."""
-    from edgeq.targets.tvm.schedule import ScheduleLinears
+    """The fixed CPU schedule for the symbolic-shape kernels only (tuning takes the static ones). The static
+    linear kernels are marked opaque as the fixed schedule marks them: left fusable, FuseOps merges the
+    following add, silu or multiply into them, and the build then compiles fused kernels that are neither in
+    the tuning database (tuned unfused) nor named as linear kernels, so they ran unscheduled (serial loops)."""
+    from edgeq.targets.tvm.ops import LINEAR_PREFIX
+    from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears
 
     picked = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                            if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
     done = dict(ScheduleLinears(picked).functions.items())
+    for gv, f in mod.functions.items():
+        if gv not in done and isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX):
+            done[gv] = f.with_attr("op_pattern", OPAQUE)
     return tvm.IRModule({gv: done.get(gv, f) for gv, f in mod.functions.items()}, attrs=mod.attrs)  # a new module
 
 

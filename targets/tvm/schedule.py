@@ -49,6 +49,11 @@ def _static_rows(func: tirx.PrimFunc) -> int | None:
 
 def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.PrimFunc:
     """`packed_pairs` (int4): the reduction runs two inputs per byte, so each nibble's shift is a constant."""
+    return linear_schedule(func, packed_pairs).mod["main"].with_attr("op_pattern", OPAQUE)
+
+
+def linear_schedule(func: tirx.PrimFunc, packed_pairs: bool = False) -> s_tir.Schedule:
+    """The schedule itself, its trace what tune.py records as the fixed schedule's tuning record."""
     if _static_rows(func) is not None:
         return _schedule_gemv(func, packed_pairs)
     sch = s_tir.Schedule(func)
@@ -89,7 +94,7 @@ def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.Pri
     sch.parallel(io)
     sch.decompose_reduction(blk, k)
     _schedule_epilogue(sch, vec)
-    return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+    return sch
 
 
 def _schedule_epilogue(sch, vec: int) -> None:
@@ -109,7 +114,7 @@ def _schedule_epilogue(sch, vec: int) -> None:
         sch.parallel(ep_lead[0])
 
 
-def _schedule_gemv(func: tirx.PrimFunc, packed_pairs: bool) -> tirx.PrimFunc:
+def _schedule_gemv(func: tirx.PrimFunc, packed_pairs: bool) -> s_tir.Schedule:
     """A few rows (decode: one token): the weight panels (ops.panels) run in parallel, each thread streaming
     one panel contiguously down the inputs with its outputs' sums in registers (a local buffer)."""
     sch = s_tir.Schedule(func)
@@ -145,7 +150,7 @@ def _schedule_gemv(func: tirx.PrimFunc, packed_pairs: bool) -> tirx.PrimFunc:
     if part is not None:            # after `parallel`, which wants whole reduction blocks below it
         sch.decompose_reduction(part, part_k)
     _schedule_epilogue(sch, vec)
-    return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+    return sch
 
 
 def _gemv_group_sums(sch, part, group_loop, vec: int):
