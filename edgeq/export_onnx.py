@@ -97,21 +97,10 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
             calibration, calibration_source = calibration_inputs(graph)
         _, plan = run_passes([CalibrateRanges(calibration, calibration_source or "calibration inputs", percentile)],
                              graph, plan, ctx)
+    from edgeq.passes.calibrate import imatrix_calibration
+
     imatrix_calibration(graph, plan, ctx, opts)
     return plan
-
-
-def imatrix_calibration(graph: Graph, plan: Plan, ctx: Context, opts) -> None:
-    """The importance matrix for the plan's formats that take one (ONNX and TVM int4, as GGUF's types), unless
-    `opts` says --no-calibration: `opts.imatrix`'s file or the Calibrate pass (its cache), in
-    ctx.analysis['calibration']; the plan records it."""
-    if opts is not None and opts.calibration and takes_imatrix(plan):
-        from edgeq.passes.calibrate import Calibrate
-
-        if "calibration" not in ctx.analysis:
-            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
-                       ctx)
-        plan.calibration = ctx.analysis["calibration"].to_json()
 
 
 CALIB_MAX_IMAGES = 512          # the whitepaper calibrates on 100-500 samples
@@ -165,12 +154,6 @@ def graph_digest(graph: Graph) -> str:
         h.update(f"\0{name}\0{arr.shape}\0".encode())
         h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def takes_imatrix(plan: Plan) -> bool:
-    from edgeq.formats import get_format
-
-    return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
 
 
 def source_name(path: Path, given: str | None) -> str:

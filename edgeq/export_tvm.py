@@ -34,7 +34,7 @@ PARAMS_FILE = "params.safetensors"
 def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context,
                opts=None) -> Plan:
     """Preset, the user's rules, legalize; for decoders, the importance matrix of the formats that take one
-    (int4_g32: ggml's Q4_0 scale search) exactly as the ONNX export gets it (export_onnx.imatrix_calibration;
+    (int4_g32: ggml's Q4_0 scale search) exactly as the ONNX export gets it (passes/calibrate.imatrix_calibration;
     `opts` carries --no-calibration / --imatrix / --calib-windows). Encoders and CNNs have no calibration text
     here: their int4 is plain Q4_0."""
     passes = [AssignPreset(preset)]
@@ -43,7 +43,7 @@ def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str
     passes.append(Legalize())
     _, plan = run_passes(passes, graph, Plan(), ctx)
     if graph.kind == "decoder":
-        from edgeq.export_onnx import imatrix_calibration
+        from edgeq.passes.calibrate import imatrix_calibration
 
         imatrix_calibration(graph, plan, ctx, opts)
     return plan

@@ -274,3 +274,22 @@ class Calibrate(Pass):
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan
+
+
+def takes_imatrix(plan) -> bool:
+    from edgeq.formats import get_format
+
+    return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
+
+
+def imatrix_calibration(graph: Graph, plan, ctx, opts) -> None:
+    """The importance matrix for the plan's formats that take one (ONNX and TVM int4, as GGUF's types), unless
+    `opts` says --no-calibration: `opts.imatrix`'s file or the Calibrate pass (its cache), in
+    ctx.analysis['calibration']; the plan records it."""
+    if opts is not None and opts.calibration and takes_imatrix(plan):
+        from edgeq.passes import run_passes
+
+        if "calibration" not in ctx.analysis:
+            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
+                       ctx)
+        plan.calibration = ctx.analysis["calibration"].to_json()
