@@ -140,7 +140,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             from edgeq.targets.tvm.decoder import ENTRIES
 
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
-        from edgeq.pipeline import _calibration_record, manifest_head
+        from edgeq.pipeline import calibration_record, manifest_head
 
         manifest: dict[str, Any] = {
             **manifest_head(graph, plan, runtime_versions()),
@@ -150,7 +150,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
             "artifacts": artifacts,
             "tokenizer": tokenizer,
-            **({"calibration": _calibration_record(decision, opts)} if graph.kind == "decoder" else {}),
+            **({"calibration": calibration_record(decision, opts)} if graph.kind == "decoder" else {}),
             "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target, "tune_trials": trials,
                     "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
             "plan": plan.to_json(),

@@ -399,7 +399,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
             "artifacts": artifacts,
             "tokenizer": {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
                           "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None},
-            "calibration": _calibration_record(decision, opts),
+            "calibration": calibration_record(decision, opts),
             "plan": plan.to_json(),
             "passes": ctx.records,
             "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
@@ -500,7 +500,7 @@ def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DevicePr
     return (opts.quant or (user_plan.preset if user_plan else None) or profile.default_quant[backend]).lower()
 
 
-def _calibration_record(decision: Decision, opts: ExportOptions) -> dict[str, Any]:
+def calibration_record(decision: Decision, opts: ExportOptions) -> dict[str, Any]:
     cal = decision.calibration
     if cal is not None:
         return {"enabled": True, "imatrix": "importance matrix (E[x^2] per input channel) passed to ggml's "
