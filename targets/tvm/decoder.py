@@ -78,12 +78,22 @@ def kv_specs(graph: Graph) -> list[dict]:
     return out
 
 
-def lower_decoder(graph: Graph, plan: Plan, progress=None,
-                  imatrix: dict[str, np.ndarray] | None = None) -> tuple[relax.BlockBuilder, Params]:
-    """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by."""
+def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
+                  branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  params_type: type[Params] = Params) -> tuple[relax.BlockBuilder, Params]:
+    """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
+    `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
+    `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py)."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
+    branches = dict(branches or {})
+    if EMBED in branches:
+        raise EdgeqError(None, f"a low-rank branch on {EMBED} is not lowered on TVM (it would apply to the token "
+                               "lookup as well as the head); plan it with rank 0")
+    unknown = sorted(set(branches) - set(graph.weights))
+    if unknown:
+        raise EdgeqError(None, f"low-rank branch for {unknown[0]}, which the model does not have")
     n_pos = int(cfg.context_length)
     cos, sin = rope_tables(graph, n_pos)
     cache: dict[str, np.ndarray] = {}
@@ -97,9 +107,10 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None,
     bb = relax.BlockBuilder()
     params = None
     for entry in ENTRIES:
-        p = Params()
+        p = params_type()
         seq = sym("seq") if entry == "prefill" else 1
-        _function(bb, p, graph, plan, W, imatrix, entry, seq, cos, sin, progress if entry == "prefill" else None)
+        _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
+                  progress if entry == "prefill" else None)
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -107,8 +118,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None,
     return bb, params
 
 
-def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, entry: str, seq,
-              cos: np.ndarray, sin: np.ndarray, progress) -> None:
+def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
+              entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress) -> None:
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -139,7 +150,8 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 def lin(x, name, hint, bias=False):
                     b = W(pre + name + ".bias") if bias else None
                     wn = pre + name + ".weight"
-                    return emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn))
+                    return emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn),
+                                       branch=branches.get(wn))
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
@@ -160,7 +172,8 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
             else:
                 logits = emit_linear(bb, params, hn, "lm_head.weight", W("lm_head.weight"), None,
-                                     plan.tensors["lm_head.weight"], hint="head", imatrix=imatrix.get("lm_head.weight"))
+                                     plan.tensors["lm_head.weight"], hint="head", imatrix=imatrix.get("lm_head.weight"),
+                                     branch=branches.get("lm_head.weight"))
             out = bb.emit_output(relax.Tuple([logits, *kv_out]))
         bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
 

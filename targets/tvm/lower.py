@@ -28,8 +28,15 @@ class Lowered:
         return list(self.params)
 
 
-def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None) -> Lowered:
-    """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders)."""
+def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
+              branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False) -> Lowered:
+    """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders);
+    `branches`: low-rank error branches {weight: (A, B)} (decoders); `sizing`: keep only each stored array's
+    dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py)."""
+    if branches and graph.kind != "decoder":
+        raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
+    if sizing and graph.kind != "decoder":
+        raise EdgeqError(None, f"TVM plans are sized for decoders only, not {graph.kind}s")
     missing = [n for n in graph.weights if n not in plan.tensors]
     if missing:
         raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
@@ -43,7 +50,10 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     elif graph.kind == "decoder" and graph.arch == "llama":
         from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
 
-        bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix)
+        from edgeq.targets.tvm.ops import Params, SizingParams
+
+        bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
+                                   params_type=SizingParams if sizing else Params)
         kv = kv_specs(graph)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
         outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},

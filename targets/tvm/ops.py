@@ -42,8 +42,32 @@ class Params:
         arr = np.ascontiguousarray(arr)
         v = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
         self.vars.append(v)
-        self.arrays[name] = arr
+        self.arrays[name] = self.keep(arr)
         return v
+
+    def keep(self, arr: np.ndarray):
+        """What `arrays` holds for a parameter: the array itself (SizingParams keeps only its size)."""
+        return arr
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """A stored parameter's dtype and shape, without its data (targets/tvm/layout.py sizes plans with these)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class SizingParams(Params):
+    """Params that keep each array's dtype and shape only: the real lowering sizes a plan's params file
+    without holding its weights."""
+
+    def keep(self, arr: np.ndarray) -> ArraySpec:
+        return ArraySpec(arr.dtype, tuple(int(d) for d in arr.shape))
 
 
 PANEL = 64      # outputs per stored weight panel (one 64-byte cache line per input row for the 8-bit formats)
@@ -174,12 +198,31 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
     raise EdgeqError(None, f"format {fmt} (for {name}) is not carried by the TVM target")
 
 
+def branch_arrays(name: str, a: np.ndarray, b: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The stored arrays of a low-rank error branch (passes/lowrank_compensate: A (r, in), B (out, r)), float16
+    as the branch was computed, panelled like an f16 weight: Aᵀ (in, r) and Bᵀ (r, out) as two linears' weights."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+        raise EdgeqError(None, f"{name}: low-rank branch shapes {a.shape} and {b.shape} do not fit")
+    return [(name + ".lowrank_a", panels(np.asarray(a, np.float16).T)),
+            (name + ".lowrank_b", panels(np.asarray(b, np.float16).T))]
+
+
+def emit_branch(bb: relax.BlockBuilder, params: Params, x: relax.Expr, y: relax.Expr, name: str,
+                branch: tuple[np.ndarray, np.ndarray], hint: str = "linear") -> relax.Expr:
+    """y + B·(A·x): two f16 linears (widened to f32 in the loop, like f16 weights) over the r-wide middle."""
+    a, b = (params.add(n, arr) for n, arr in branch_arrays(name, *branch))
+    xa = emit_linear_vars(bb, x, "f16", [a], None, hint=f"{hint}_lowrank_a")
+    return bb.emit(relax.op.add(y, emit_linear_vars(bb, xa, "f16", [b], None, hint=f"{hint}_lowrank_b")))
+
+
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,
                 bias: np.ndarray | None, d: TensorPlan, hint: str = "linear",
-                imatrix: np.ndarray | None = None) -> relax.Expr:
+                imatrix: np.ndarray | None = None, branch: tuple[np.ndarray, np.ndarray] | None = None) -> relax.Expr:
+    """`branch`: (A, B) of a low-rank error branch on this weight, or None."""
     ws = [params.add(n, a) for n, a in weight_arrays(name, w, d, imatrix)]
     b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
-    return emit_linear_vars(bb, x, d.format, ws, b, hint)
+    y = emit_linear_vars(bb, x, d.format, ws, b, hint)
+    return y if branch is None else emit_branch(bb, params, x, y, name, branch, hint)
 
 
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
@@ -208,6 +251,25 @@ def emit_embedding(bb: relax.BlockBuilder, params: Params, ids: relax.Expr, name
         rows = bb.emit(relax.op.astype(relax.op.take(tq, ids, axis=0, mode="clip"), "float32"))
         s = bb.emit(relax.op.expand_dims(relax.op.take(ts, ids, axis=0, mode="clip"), axis=-1))
         return bb.emit(relax.op.multiply(rows, s))
+    if d.format == "int4_g32":
+        # a budgeted plan may put an untied table on int4: each token's row decoded from its packed bytes and
+        # group scales (ggml's Q4_0 codes, row-major: the lookup reads whole rows, not the head's panels)
+        if table.shape[1] % INT4_GROUP:
+            raise EdgeqError(None, f"{name}: {table.shape[1]} columns are not a multiple of {INT4_GROUP}")
+        packed, scale = int4_quantize_groups(table)
+        tp, ts = params.add(name, packed), params.add(name + ".scale", scale)
+
+        def rows_fn(it, pt, st):
+            def val(*i):
+                t = tir.max(tir.min(it[i[:-1]].astype("int64"), pt.shape[0] - 1), 0)     # take's mode="clip"
+                c = i[-1]
+                byte = pt[t, c // 2].astype("int32")
+                nib = tir.bitwise_and(tir.shift_right(byte, ((c % 2) * 4).astype("int32")), 15) - 8
+                return nib.astype("float32") * st[t, c // INT4_GROUP].astype("float32")
+
+            return te.compute(tuple(it.shape) + (pt.shape[1] * 2,), val, name="lookup_int4")
+
+        return bb.emit_te(rows_fn, ids, tp, ts, primfunc_name_hint="token_lookup_int4")
     raise EdgeqError(None, f"format {d.format} (for {name}) cannot carry an embedding table on TVM")
 
 
@@ -226,7 +288,7 @@ def sym(name: str) -> tir.Var:
     return tir.Var(name, "int64")
 
 
-__all__ = ["Params", "emit_linear", "emit_linear_vars", "emit_embedding", "emit_table_prefix", "weight_arrays", "sym", "tvm"]
+__all__ = ["Params", "SizingParams", "ArraySpec", "emit_branch", "branch_arrays", "emit_linear", "emit_linear_vars", "emit_embedding", "emit_table_prefix", "weight_arrays", "sym", "tvm"]
 
 
 ATTENTION_PREFIX = "edgeq_attention_"
