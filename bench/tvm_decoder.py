@@ -22,6 +22,15 @@ ratio to the GGUF bundle of its format.
 
 Prints tables and writes bench/results/tvm_decoder.json (after each stage, so a
 run stopped during tuning keeps the quality rows).
+
+With `--budgeted`, budgeted TVM plans instead (issue 7 on TVM): the ILP over
+the TVM candidates (f32, f16, int8_wo, int4_g32; default cost, i.e. Fisher
+when torch is here) at the true size of the `int4` preset's bundle (library +
+params), without and (`--qera`) with low-rank branches (`--ranks 0,8,16`),
+beside the int4 preset; KLD in the same convention. Writes
+tvm_budgeted.json / .png (after each stage).
+
+    python bench/tvm_decoder.py --budgeted --qera
 """
 
 from __future__ import annotations
@@ -95,8 +104,12 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--quality", default="all", help="variants to score: all, none, or names (comma-separated)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--budgeted", action="store_true", help="budgeted TVM plans at int4's bundle size vs the preset")
+    ap.add_argument("--qera", action="store_true", help="with --budgeted: also the plan with --ranks 0,8,16")
     a = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    if a.budgeted:
+        return budgeted(a, a.out if a.out != DEFAULT_OUT else DEFAULT_OUT.with_name("tvm_budgeted.json"))
 
     from edgeq import runtime
 
@@ -189,6 +202,76 @@ def main() -> int:
               f"{r['export_s']:9.0f}")
     print(f"wrote {a.out}")
     return 0
+
+
+def budgeted(a, out_json: Path) -> int:
+    """The ILP at the int4 preset's true bundle size (library + params), +- QERA branches, vs the preset."""
+    from importlib import metadata
+
+    reference = ReferenceCache(make_reference)
+    work = Path(tempfile.mkdtemp(prefix="edgeq-bench-tvmbudget-"))
+    doc: dict[str, Any] = {"model": "SmolLM2-135M-Instruct", "threads": a.threads, "ctx": a.ctx, "chunks": a.chunks,
+                           "versions": {**versions(), "apache-tvm": metadata.version("apache-tvm")}, "rows": []}
+    log("export tvm int4")
+    m4, secs = export(work / "int4", backend="tvm", quant="int4")
+    budget = model_bytes(m4)
+    variants = [("preset int4", work / "int4", m4, secs)]
+    for ranks, what in [([0], "ilp @ int4 size")] + ([([0, 8, 16], "ilp + qera r8/16 @ int4 size")] if a.qera else []):
+        log(f"export {what}: budget {budget} bytes")
+        out = work / what.split(" @")[0].replace(" ", "-").replace("/", "_").replace("+", "")
+        m, secs = export(out, backend="tvm", budget_mb=budget / 1e6, ranks=ranks)
+        variants.append((what, out, m, secs))
+    for name, out, m, secs in variants:
+        log(f"quality: {name}")
+        search = m["plan"].get("search") or {}
+        files = model_bytes(m)
+        if search:
+            assert files == search["predicted_bytes"] <= search["budget_bytes"], (name, files, search)
+        lib = sum(x["bytes"] for x in m["artifacts"] if x["role"] == "model")
+        doc["rows"].append({"variant": name, "bytes": files, "library_bytes": lib, "bpw": 8 * files / m["model"]["n_params"],
+                            "budget_bytes": search.get("budget_bytes"), "branches": search.get("branches", 0),
+                            "cost": search.get("cost"), "formats": _formats(m), "export_s": secs,
+                            **quality(out, reference, a)})
+        write(out_json, doc)
+    base = doc["rows"][0]["kld_mean"]
+    for r in doc["rows"]:
+        r["kld_vs_preset_int4"] = r["kld_mean"] / base
+    doc["load_avg"] = os.getloadavg()
+    write(out_json, doc)
+    print(f"{'variant':32s} {'MB':>9s} {'bpw':>6s} {'br':>4s} {'KLD':>9s} {'x int4':>7s} {'top1':>7s}")
+    for r in doc["rows"]:
+        print(f"{r['variant']:32s} {r['bytes'] / 1e6:9.3f} {r['bpw']:6.3f} {r['branches']:4d} {r['kld_mean']:9.5f} "
+              f"{r['kld_vs_preset_int4']:7.3f} {r['top1']:7.4f}")
+    _plot_budgeted(doc["rows"], out_json.with_suffix(".png"))
+    print(f"wrote {out_json}")
+    return 0
+
+
+def _formats(m: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in m["plan"]["tensors"].values():
+        key = t["format"] + (f"+r{t['rank']}" if t.get("rank") else "")
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plot_budgeted(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [r["variant"] for r in rows]
+    ax.barh(names, [r["kld_mean"] for r in rows], color=["tab:gray" if n.startswith("preset") else "tab:blue"
+                                                          for n in names])
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['kld_mean']:.4f}, {r['bytes'] / 1e6:.3f} MB", (r["kld_mean"], i), fontsize=8)
+    ax.set_xlabel("KLD vs float reference (mean, held-out tokens)")
+    ax.set_title("SmolLM2-135M on TVM at the int4 preset's bundle size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -81,13 +81,13 @@ def cmd_plan(a) -> int:
         raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
     user = load_plan(a.plan) if a.plan else None
     if a.backend == "all":
-        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf or --backend onnx")
+        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf, onnx or tvm")
     ctx = Context(backend=a.backend or "gguf", profile=profile, progress=make_progress(a.quiet))
     _, graph = import_and_merge(a.model, opts.adapters, ctx)
     backend = a.backend or profile.backend_for(graph.kind)
     ctx.backend = backend
     preset = choose_preset(opts, user, profile, backend)
-    if backend == "onnx" and preset is None and graph.kind != "decoder":
+    if backend in ("onnx", "tvm") and preset is None and graph.kind != "decoder":
         raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
                                f"with this {graph.kind}")
     if backend == "onnx" and preset is not None:  # static INT8 ranges are calibrated here too, so the plan shows them
@@ -95,12 +95,9 @@ def cmd_plan(a) -> int:
 
         calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
         plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
-    elif backend == "tvm":
+    elif backend == "tvm" and preset is not None:
         from edgeq.export_tvm import decide_tvm
 
-        if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) are gguf and onnx only for now; use --quant "
-                                   "with tvm")
         plan = decide_tvm(graph, preset, user, a.plan, ctx)
     else:
         plan = decide(graph, backend, preset, user, a.plan, ctx, opts, branches=False).plan

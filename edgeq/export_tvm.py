@@ -74,29 +74,35 @@ def host_can_run(profile) -> bool:
     return "mtriple" not in t and profile.os == platform.system().lower()
 
 
-def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str,
+def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | None, preset: str | None,
                progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
-               t_start: float) -> dict:
+               t_start: float, decision=None, ctx: Context | None = None) -> dict:
+    """`decision` (with the `ctx` that made it): a budgeted plan from pipeline.decide, else `preset` decides."""
     from edgeq.export_onnx import (REFERENCE_SENTENCES, cnn_calibration, cnn_reference_and_check, cnn_reference_images,
                                    encoder_reference_and_check, source_record)
     from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
     from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
-    ctx = Context(backend="tvm", profile=profile, progress=progress)
-    t0 = time.perf_counter()
-    plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx, opts)
-    from edgeq.pipeline import Decision
+    from edgeq.pipeline import Decision, _check_budget, budgeted
 
-    decision = Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
-    timings["passes"] = time.perf_counter() - t0
+    if decision is None:
+        ctx = Context(backend="tvm", profile=profile, progress=progress)
+        t0 = time.perf_counter()
+        plan = decide_tvm(graph, preset, user_plan, opts.plan, ctx, opts)
+        decision = Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
+        timings["passes"] = time.perf_counter() - t0
+    plan = decision.plan
+    what = preset or (f"{plan.search['method']} plan for {plan.search['budget_mb']:.3f} MB"
+                      if plan.search and budgeted(opts) else "plan")
     ndk_clang = getattr(opts, "ndk_clang", None) or os.environ.get("EDGEQ_ANDROID_CLANG") or None
     target = resolve_target(profile)
-    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as tvm {preset} "
+    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as tvm {what} "
         f"({json.dumps(target, sort_keys=True)}, {library_kind(profile, ndk_clang)})")
 
     t0 = time.perf_counter()
     lowered = lower_tvm(graph, plan, progress=progress,
-                        imatrix=decision.calibration.imatrix() if decision.calibration is not None else None)
+                        imatrix=decision.calibration.imatrix() if decision.calibration is not None else None,
+                        branches=decision.branches or None)
     timings["lower"] = time.perf_counter() - t0
     tuning_db, trials = None, int(getattr(opts, "tune_trials", 0) or 0)
     if trials:
@@ -124,8 +130,11 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             {"role": "model", "backend": "tvm", "path": lib.name, "sha256": sha256_file(lib),
              "bytes": lib.stat().st_size, "formats": plan.format_counts()},
             {"role": "params", "backend": "tvm", "path": PARAMS_FILE, "sha256": sha256_file(tmp / PARAMS_FILE),
-             "bytes": (tmp / PARAMS_FILE).stat().st_size, "formats": {}},
+             "bytes": (tmp / PARAMS_FILE).stat().st_size,
+             "formats": {"f16": 2 * len(decision.branches)} if decision.branches else {}},
         ]
+        if budgeted(opts):        # library + params within the budget, as planned (the size model builds it)
+            _check_budget({"tvm": decision}, artifacts)
         tokenizer: dict[str, Any] = {}
         if graph.kind == "encoder":
             shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")

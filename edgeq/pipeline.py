@@ -203,8 +203,17 @@ def file_layout(graph: Graph, backend: str, opts: ExportOptions, tokenizer: dict
         from edgeq.targets.onnx.layout import onnx_layout
 
         return onnx_layout(graph, candidate_formats(backend, opts.formats), opts.ranks)
+    if backend == "tvm" and graph.kind == "decoder":
+        from edgeq.passes.sensitivity import candidate_formats
+        from edgeq.targets.tvm.layout import tvm_layout
+
+        if opts.tune_trials:
+            raise EdgeqError(None, "--tune-trials with a budget: a tuned library's size is not known when the plan "
+                                   "is sized; export the budgeted plan untuned")
+        return tvm_layout(graph, candidate_formats(backend, opts.formats), opts.ranks, get_profile(opts.target),
+                          opts.ndk_clang or os.environ.get("EDGEQ_ANDROID_CLANG") or None)
     raise EdgeqError(None, f"budgeted plans for backend {backend!r} ({graph.kind}s) are not available yet "
-                           "(gguf and onnx decoders are)")
+                           "(gguf, onnx and tvm decoders are)")
 
 
 def search_cost(opts: ExportOptions, ctx: Context) -> str:
@@ -239,6 +248,8 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
         raise EdgeqError(None, "--ranks must be non-negative integers")
     # the budget in bytes needs only the parameter count: check it before anything is sized
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    if opts.method == "dynaquant" and backend == "tvm":      # (before the TVM layout builds a library)
+        raise EdgeqError(None, f"--method dynaquant plans gguf only for now; use --method ilp with {backend}")
     layout = file_layout(graph, backend, opts, tokenizer)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed
@@ -296,12 +307,21 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     ctx.backend = backends[0]
     if backends == ["tvm"]:
         preset = choose_preset(opts, user_plan, profile, "tvm")
-        if preset is None:
-            raise EdgeqError(None, "budgeted plans (--budget-mb / --bpw) lower to gguf and onnx only for now; "
-                                   "use --quant with tvm")
+        decision = None
+        if preset is None:      # a budget, or a budgeted plan: the passes every backend's search shares
+            if graph.kind != "decoder":
+                raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use "
+                                       f"--quant with this {graph.kind}")
+            from edgeq.tokenizer import spec_to_json
+
+            t0 = time.perf_counter()
+            decision = decide(graph, "tvm", None, user_plan, opts.plan, ctx, opts,
+                              spec_to_json(graph_tokenizer_spec(graph)))
+            timings["passes"] = time.perf_counter() - t0
         from edgeq.export_tvm import export_tvm
 
-        return export_tvm(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start)
+        return export_tvm(opts, graph, model_path, profile, user_plan, preset, progress, log, timings, t_start,
+                          decision=decision, ctx=ctx if decision is not None else None)
     if "tvm" in backends:
         raise EdgeqError(None, "a bundle with several backends cannot include tvm yet; export it with --backend tvm")
     if graph.kind != "decoder":

@@ -30,6 +30,7 @@ never from a restatement of it:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 from dataclasses import replace
@@ -200,22 +201,70 @@ def _coverage_plan(graph: Graph, mats: list[str], fmts: list[str], ranks: list[i
 
 
 class _Library:
-    """Bytes of the library built for a plan on the device profile (each plan built once)."""
+    """Bytes of the library built for a plan on the device profile. Each plan is built once; sizes are cached
+    under EDGEQ_CACHE keyed by the plan, the weights' shapes, the target, TVM's version and the TVM lowering's
+    own source (a build is deterministic, so the same key is the same size)."""
 
     def __init__(self, zero_graph: Graph, profile, ndk_clang: str | None):
+        from edgeq.targets.tvm.build import library_kind, resolve_target
+
         self.graph = zero_graph
         self.profile = profile
         self.ndk_clang = ndk_clang
+        self.target = resolve_target(profile)
         self.sizes: dict[str, int] = {}
+        self.context = [LAYOUT_VERSION, self.target, library_kind(profile, ndk_clang), ndk_clang, _tvm_version(),
+                        _lowering_digest(), zero_graph.config.to_json(),
+                        [[n, list(t.shape)] for n, t in zero_graph.weights.items()]]
 
     def bytes(self, plan: Plan, ranks: dict[str, int]) -> int:
         key = json.dumps([[n, plan.tensors[n].format, ranks.get(n, 0)] for n in self.graph.weights])
-        if key not in self.sizes:
-            from edgeq.targets.tvm.build import compile_module, export_library, resolve_target
-            from edgeq.targets.tvm.lower import lower_tvm
+        if key in self.sizes:
+            return self.sizes[key]
+        path = self._cache_path(key)
+        if path is not None and path.is_file():
+            try:
+                self.sizes[key] = int(json.loads(path.read_text())["bytes"])
+                return self.sizes[key]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        from edgeq.targets.tvm.build import compile_module, export_library
+        from edgeq.targets.tvm.lower import lower_tvm
 
-            mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True).mod
-            ex = compile_module(mod, resolve_target(self.profile), None)
-            with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
-                self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
+        mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True).mod
+        ex = compile_module(mod, self.target, None)
+        with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
+            self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
+        if path is not None:
+            try:
+                from edgeq.fsutil import atomic_write_text
+
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"bytes": self.sizes[key]}))
+            except OSError:
+                pass
         return self.sizes[key]
+
+    def _cache_path(self, key: str) -> Path | None:
+        from edgeq.passes.calibrate import cache_dir
+
+        root = cache_dir()
+        if root is None:
+            return None
+        digest = hashlib.sha256(json.dumps([self.context, key], sort_keys=True, default=str).encode()).hexdigest()
+        return root / "tvm-library-size" / f"{digest[:32]}.json"
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return str(getattr(tvm, "__version__", "unknown"))
+
+
+@functools.lru_cache(maxsize=1)
+def _lowering_digest() -> str:
+    """SHA-256 of the TVM target's own sources: a change to the lowering or the schedule changes the library."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()

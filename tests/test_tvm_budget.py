@@ -1,0 +1,209 @@
+"""Budgeted plans on TVM decoders: exact params sizes, the built library counted, QERA branches as extra matmuls.
+
+Small synthetic models only: the size model against the params file written,
+one budgeted export with low-rank branches through the CLI (library + params
+within the budget, to the byte of the plan's prediction), run in the TVM
+runtime against the reference executor on the plan's quantized weights plus
+B·A, the plan file round trip, and an impossible budget. TVM builds are slow:
+the budgeted export is made once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm")
+
+from edgeq.errors import EdgeqError  # noqa: E402
+from edgeq.executor import Executor  # noqa: E402
+from edgeq.formats import get_format  # noqa: E402
+from edgeq.models import llama  # noqa: E402
+from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
+from edgeq.passes.sensitivity import candidate_formats  # noqa: E402
+from edgeq.plan import Plan, TensorPlan  # noqa: E402
+
+EMBED = "model.embed_tokens.weight"
+SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, n_layers=2, head_dim=16, context_length=128,
+             n_heads=4, n_kv_heads=2)
+
+
+def test_candidates_are_the_tvm_weight_formats():
+    assert [f.name for f in candidate_formats("tvm")] == ["f32", "f16", "int8_wo", "int4_g32"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_params_file_is_sized_to_the_byte(tied, tmp_path):
+    """Random mixed plans with branches (int4 on the untied table too): the sizing lowering's safetensors size is the
+    file save_params writes, and the ILP's additive option bytes bound it from above by a few bytes per array."""
+    from edgeq.export_tvm import save_params
+    from edgeq.targets.tvm.layout import _zero_weights, params_file_bytes, size_params
+    from edgeq.targets.tvm.lower import lower_tvm
+
+    graph = random_llama(tiny_config(**SMALL, tied_embeddings=tied, attention_bias=tied), seed=3, scale=0.08)
+    zg = _zero_weights(graph)
+    fmts = candidate_formats("tvm")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        tensors, branches, ranks = {}, {}, {}
+        for n, t in graph.weights.items():
+            if len(t.shape) == 1:
+                tensors[n] = TensorPlan("f32")
+                continue
+            r = 0 if n == EMBED else int(rng.choice([0, 4, 8]))
+            tensors[n] = TensorPlan(fmts[(i + rng.integers(len(fmts))) % len(fmts)].name, rank=r)
+            if r:
+                ranks[n] = r
+                branches[n] = (rng.standard_normal((r, t.shape[1])).astype(np.float16),
+                               rng.standard_normal((t.shape[0], r)).astype(np.float16))
+        plan = Plan(tensors=tensors)
+        save_params(lower_tvm(graph, plan, branches=branches).params, tmp_path / f"p{i}.safetensors")
+        assert params_file_bytes(size_params(zg, plan, ranks)) == (tmp_path / f"p{i}.safetensors").stat().st_size
+
+
+def test_a_branch_on_the_token_table_is_refused():
+    from edgeq.targets.tvm.lower import lower_tvm
+
+    graph = random_llama(tiny_config(**SMALL, tied_embeddings=True), seed=3, scale=0.08)
+    plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
+    w = graph.weights[EMBED]
+    with pytest.raises(EdgeqError, match="low-rank branch on model.embed_tokens.weight is not lowered on TVM"):
+        lower_tvm(graph, plan, branches={EMBED: (np.zeros((4, w.shape[1]), np.float16),
+                                                 np.zeros((w.shape[0], 4), np.float16))})
+
+
+# --- a budgeted plan with branches through the CLI -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    from edgeq.models.hf_folder import graph_to_hf_folder
+
+    cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
+    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("tvm-budget") / "m",
+                              byte_level_spec(400))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _edgeq(*args, cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGEQ_CACHE": str(cache), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+BUDGET_MB = 1.9          # the coverage library (~0.85 MB) plus 1.53 M params between int4 (0.9 MB) and int8 (1.6 MB)
+OPTS = ["--budget-mb", BUDGET_MB, "--ranks", "0,8,16", "--calib-windows", "1", "--cost", "output"]
+
+
+@pytest.fixture(scope="module")
+def budgeted(hf_model, cache, tmp_path_factory):
+    """`edgeq export --backend tvm --budget-mb` with --ranks (the ILP buys branches here), and the decision behind
+    it, made again in-process from the same caches."""
+    from edgeq.importers.loader import import_model
+    from edgeq.passes import Context
+    from edgeq.pipeline import ExportOptions, decide
+
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", *OPTS, "--quiet", "-o", out, cache=cache)
+    assert r.returncode == 0, r.stderr
+    old = os.environ.get("EDGEQ_CACHE")
+    os.environ["EDGEQ_CACHE"] = str(cache)
+    try:
+        graph = import_model(hf_model)
+        decision = decide(graph, "tvm", None, None, None, Context(backend="tvm"),
+                          ExportOptions(budget_mb=BUDGET_MB, ranks=[0, 8, 16], calib_windows=1, cost="output"))
+    finally:
+        if old is None:
+            os.environ.pop("EDGEQ_CACHE")
+        else:
+            os.environ["EDGEQ_CACHE"] = old
+    return out, json.loads((out / "manifest.json").read_text()), graph, decision
+
+
+def test_budgeted_tvm_bundle_is_the_predicted_size_within_the_budget(budgeted):
+    out, m, graph, decision = budgeted
+    s = m["plan"]["search"]
+    files = (out / "model.so").stat().st_size + (out / "params.safetensors").stat().st_size
+    assert s["method"] == "ilp" and s["formats"] == ["f32", "f16", "int8_wo", "int4_g32"]
+    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(BUDGET_MB * 1e6)
+    assert files >= 0.95 * s["budget_bytes"]       # spent, but for what the coverage library over-counts
+    assert sum(a["bytes"] for a in m["artifacts"] if a["role"] in ("model", "params")) == files
+    assert s["branches"] > 0 and m["plan"]["tensors"] == decision.plan.to_json()["tensors"]
+    used = {t["format"] for n, t in m["plan"]["tensors"].items() if len(graph.weights[n].shape) == 2}
+    assert len(used) > 1
+    meas = json.loads((out / "measurements.json").read_text())
+    assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["kld_mean"] < 0.5
+
+
+def test_budgeted_tvm_with_branches_is_the_executor_on_the_plans_weights(budgeted):
+    """The TVM runtime on the bundle equals the reference executor on each tensor's registry round trip plus its
+    branch B·A (A and B as lowrank_compensate made them); dropping the branches moves it far away."""
+    from safetensors.numpy import load_file
+
+    from edgeq import runtime
+    from edgeq.targets.tvm.ops import unpanel
+
+    out, _, graph, decision = budgeted
+    cfg = graph.config
+    imatrix = decision.calibration.imatrix()
+    assert decision.branches and EMBED not in decision.branches
+    stored = load_file(str(out / "params.safetensors"))
+    for n, (a, b) in decision.branches.items():
+        assert decision.plan.tensors[n].rank == a.shape[0] == b.shape[1] > 0
+        np.testing.assert_array_equal(unpanel(stored[n + ".lowrank_a"]), a.T)
+        np.testing.assert_array_equal(unpanel(stored[n + ".lowrank_b"]), b.T)
+    arrays, plain = {}, {}
+    for n, t in graph.weights.items():
+        w = t.numpy()
+        if len(t.shape) == 2:
+            f = get_format(decision.plan.tensors[n].format)
+            w = f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None)
+        plain[n] = w
+        if n in decision.branches:
+            a, b = decision.branches[n]
+            w = w + b.astype(np.float32) @ a.astype(np.float32)
+        arrays[n] = w
+    ids = np.random.default_rng(1).integers(3, cfg.vocab_size, 40)
+    ref = Executor(llama.graph_from_arrays(cfg, arrays)).logits(ids)
+    with runtime.load(out, threads=1) as s:
+        got = s.logits(list(map(int, ids)))
+    err = np.abs(got - ref).max()
+    assert err <= 2e-4 * max(1.0, np.abs(ref).max())
+    without = Executor(llama.graph_from_arrays(cfg, plain)).logits(ids)
+    assert np.abs(without - ref).max() > 20 * err
+
+
+def test_tvm_plan_file_exports_the_same_bytes(budgeted, hf_model, cache, tmp_path):
+    """`edgeq plan --backend tvm` writes the budgeted plan; `export --plan` of it reproduces the bundle's files."""
+    out, m, *_ = budgeted
+    r = _edgeq("plan", "--model", hf_model, "--backend", "tvm", *OPTS, "--quiet", "-o", tmp_path / "plan.json",
+               cache=cache)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["backend"] == "tvm" and plan["tensors"] == m["plan"]["tensors"]
+    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--plan", tmp_path / "plan.json",
+               "--calib-windows", "1", "--quiet", "-o", tmp_path / "again", cache=cache)
+    assert r.returncode == 0, r.stderr
+    for name in ("model.so", "params.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_impossible_tvm_budget_is_one_clear_error(hf_model, cache, tmp_path):
+    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", *OPTS, "--budget-mb", "0.5", "--quiet",
+               "-o", tmp_path / "out", cache=cache)
+    assert r.returncode == 2, r.stderr
+    assert "below the smallest feasible size" in r.stderr and "int4_g32" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--budget-mb", "3", "--method", "dynaquant",
+               "--quiet", "-o", tmp_path / "out", cache=cache)
+    assert r.returncode == 2 and "use --method ilp with tvm" in r.stderr, r.stderr
