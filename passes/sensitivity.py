@@ -15,8 +15,10 @@ frequencies of the calibration text) to the head's output error.
 
 Bytes are what the tensor adds to the backend's model files (a FileLayout per
 backend: GGUF 32-byte aligned data, targets/gguf/layout.py; ONNX initializers
-and the nodes that read them, targets/onnx/layout.py), so that a plan's
-predicted size is the size of the files written.
+and the nodes that read them, targets/onnx/layout.py; TVM stored arrays and
+their safetensors header entries, with the built library as fixed bytes,
+targets/tvm/layout.py), so that a plan's predicted size is the size of the
+files written.
 """
 
 from __future__ import annotations
