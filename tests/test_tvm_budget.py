@@ -78,6 +78,35 @@ def test_a_branch_on_the_token_table_is_refused():
                                                  np.zeros((w.shape[0], 4), np.float16))})
 
 
+def test_an_untied_int4_table_is_looked_up_as_its_dequantization():
+    """A plan may put an untied token table on int4_g32 (the ILP's candidates): the lookup decodes each row as
+    stored, so the model equals the executor on the table's registry round trip."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    from edgeq.targets.profiles import get_profile
+    from edgeq.targets.tvm.build import compile_module, resolve_target
+    from edgeq.targets.tvm.lower import lower_tvm
+
+    graph = random_llama(tiny_config(**SMALL, tied_embeddings=False), seed=4, scale=0.08)
+    plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
+    plan.tensors[EMBED] = TensorPlan("int4_g32")
+    low = lower_tvm(graph, plan)
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(compile_module(low.mod, resolve_target(get_profile("cpu")), None), dev)
+    cfg = graph.config
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 12)
+    kv = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+          for _ in range(2 * cfg.n_layers)]
+    params = [tvm.runtime.tensor(a, dev) for a in low.params.values()]
+    got = vm["prefill"](tvm.runtime.tensor(ids.astype(np.int32), dev), *kv, *params)[0].numpy()
+    arrays = {n: t.numpy() for n, t in graph.weights.items()}
+    arrays[EMBED] = get_format("int4_g32").roundtrip(arrays[EMBED])
+    ref = Executor(llama.graph_from_arrays(cfg, arrays)).logits(ids)
+    assert np.abs(got - ref).max() <= 2e-4 * max(1.0, np.abs(ref).max())
+    assert low.params[EMBED].dtype == np.uint8 and low.params[EMBED].shape == (cfg.vocab_size, cfg.hidden_size // 2)
+
+
 # --- a budgeted plan with branches through the CLI -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
