@@ -75,8 +75,16 @@ def main() -> int:
     ap.add_argument("--groups", action="store_true", help="also the per-group check against float KLD")
     ap.add_argument("--reuse-tables", action="store_true",
                     help="reuse the cost tables an earlier run left in the cache (skips the Fisher pass)")
+    ap.add_argument("--what-if", default=None, metavar="GROUP=FACTOR",
+                    help="score with one group's costs multiplied by FACTOR (e.g. v_proj=1.86, the coherence factor "
+                         "bench/fisher_attention.py measures): what correcting that group would do to ρ")
     args = ap.parse_args()
     from scipy.stats import spearmanr
+
+    factor = np.ones(len(GROUPS))
+    if args.what_if:
+        g, f = args.what_if.split("=")
+        factor[GROUPS.index(g)] = float(f)
 
     from edgeq.importers.gguf import import_gguf
     from edgeq.models.default import default_model_path
@@ -104,10 +112,10 @@ def main() -> int:
     out = {"results": str(Path(args.results).relative_to(ROOT)) if Path(args.results).is_absolute() else args.results,
            "n_plans": len(rand), "n_tokens_scored": rand[0]["n_tokens_scored"], "budget_bytes": rand[0]["budget_bytes"],
            "bytes_range": [min(r["bytes"] for r in rand), max(r["bytes"] for r in rand)],
-           "kld_range": [float(kld.min()), float(kld.max())], "costs": {}}
+           "kld_range": [float(kld.min()), float(kld.max())], "what_if": args.what_if, "costs": {}}
     for kind, t in tables.items():
         per = np.array([[sum(t.option(n, f).cost for n, f in ch.items() if group(n) == g) for g in GROUPS]
-                        for ch in plans])
+                        for ch in plans]) * factor
         total = per.sum(1)
         rho = spearmanr(total, kld)
         row = {"cost": t.info.get("cost"), "rho": float(rho.statistic), "p": float(rho.pvalue),
@@ -121,9 +129,11 @@ def main() -> int:
         out["costs"][kind] = row
         print(f"{kind:12s} rho {row['rho']:+.3f} (p {row['p']:.2g})  pearson {row['pearson_r']:+.3f}", flush=True)
     out["measured_kld_mean"] = float(kld.mean())
-    path = Path(args.results).with_name(Path(args.results).stem + "_costs.json")
+    suffix = f"_costs_{args.what_if.replace('=', '')}" if args.what_if else "_costs"
+    path = Path(args.results).with_name(Path(args.results).stem + suffix + ".json")
     path.write_text(json.dumps(out, indent=1) + "\n")
-    _plot(tables, plans, kld, out, path.with_suffix(".png"))
+    if not args.what_if:
+        _plot(tables, plans, kld, out, path.with_suffix(".png"))
     print(json.dumps(out, indent=1))
     if args.groups:
         groups_check(graph, cal, tables, ROOT / "bench" / "results" / "additivity_groups.json")

@@ -237,21 +237,26 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4, help="512-token windows of held-out text per evaluation")
     ap.add_argument("--random", type=int, default=30, help="random plans at the q4_k_m size (additivity)")
     ap.add_argument("--random-other", type=int, default=3, help="random plans for the other comparisons")
-    ap.add_argument("--presets", default="q4_k_m,q3_k_m")
+    ap.add_argument("--presets", default=None,
+                    help="calibrated presets whose true sizes are the budgets (default q4_k_m,q3_k_m; "
+                         "q4_k_m with --additivity-only)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "mixed_precision.json"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--additivity-only", action="store_true",
-                    help="only the additivity check: the q4_k_m preset's size, then --random plans at it")
+                    help="only the additivity check: the preset's size (--presets, one; default q4_k_m), "
+                         "then --random plans at it")
     ap.add_argument("--cost", default="fisher", choices=["output", "fisher"],
                     help="the ILP's cost (the uniform and random plans are sensitivity-blind): as edgeq plan --cost")
     ap.add_argument("--no-plain-presets", action="store_true", help="skip the presets without calibration")
     ap.add_argument("--resume", action="store_true",
                     help="keep the random plans --out already holds (the seeded draws are the same) and measure the rest")
     ap.add_argument("--budget-bytes", type=int, default=None,
-                    help="additivity: the q4_k_m preset's true size, known from an earlier run (skips measuring it)")
+                    help="additivity: the preset's true size, known from an earlier run (skips measuring it)")
     args = ap.parse_args()
-    if args.additivity_only:
-        args.presets = "q4_k_m"
+    if args.presets is None:
+        args.presets = "q4_k_m" if args.additivity_only else "q4_k_m,q3_k_m"
+    if args.additivity_only and "," in args.presets:
+        ap.error("--additivity-only takes one preset")
 
     from scipy.stats import spearmanr
 
@@ -339,7 +344,8 @@ def main() -> int:
             if args.additivity_only and tname != "no_q4_1_q5_1":
                 continue
             summary.setdefault(key, {})
-            n_rand = args.random if (preset == "q4_k_m" and tname == "no_q4_1_q5_1") else args.random_other
+            n_rand = (args.random if ((args.additivity_only or preset == "q4_k_m") and tname == "no_q4_1_q5_1")
+                      else args.random_other)
             rand = []
             for i in range(n_rand):
                 label, choice = f"random{i}@{preset} [{tname}]", random_choice(tb, budgets[preset], rng)

@@ -5,7 +5,8 @@
 
 lowrank (QERA): at one budget between the smallest feasible file (~4.2 bpw) and q3_k_m's size, the ILP
 without branches vs the ILP with rank 8/16 branches (bytes of the adapter GGUF counted in the budget),
-for the exact (E[xxᵀ]^½), diagonal and identity scalings.
+for the exact (E[xxᵀ]^½), diagonal and identity scalings. --cost fisher: the ILP's costs (branch costs too) are
+Fisher-weighted, as `edgeq plan`'s default (--cost auto) makes them.
 dynaquant: the DynaQuant-style learned allocator vs the ILP at the same budget.
 Each comparison runs with candidates without Q4_1/Q5_1 and with them (SmolLM2's weights come from a
 Q4_1 file). Plans are written and scored exactly as bench/mixed_precision.py does (same reference cache,
@@ -45,6 +46,9 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true",
                     help="lowrank: skip re-measuring the plan without branches (deterministic: reuse an earlier run)")
     ap.add_argument("--all-scalings", default="exact", help="lowrank: the scalings also run with Q4_1/Q5_1 allowed")
+    ap.add_argument("--cost", default="output", choices=["output", "fisher"],
+                    help="lowrank, dynaquant: the ILP's cost (fisher: edgeq plan's default, --cost auto); "
+                         "--what fisher compares both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     bpw = args.bpw or {"lowrank": 4.8, "dynaquant": 5.0, "fisher": 5.0}[args.what]
@@ -80,9 +84,17 @@ def main() -> int:
     overhead = layout_overhead(graph, tok)
     budget = int(bpw * graph.n_params / 8)
 
+    if args.cost == "fisher" and args.what != "fisher":
+        from edgeq.passes.fisher import Fisher
+
+        t0 = time.perf_counter()
+        Fisher(n_windows=args.fisher_windows).run(graph, None, ctx)
+        results["fisher_s"] = round(time.perf_counter() - t0, 1)
+    fisher = ctx.analysis.get("fisher") if args.what != "fisher" else None
+
     def table_for(ranks=(), scaling="exact"):
         t0 = time.perf_counter()
-        c = Context(backend="gguf", analysis={"calibration": cal})
+        c = Context(backend="gguf", analysis={"calibration": cal, **({"fisher": fisher} if fisher else {})})
         Sensitivity(gguf_layout(graph, tok, bool(ranks)), formats=FORMATS_B if "all" in chosen_sets else FORMATS_A,
                     ranks=list(ranks), scaling=scaling).run(graph, None, c)
         results.setdefault("sensitivity_s", {})[f"{scaling}:{list(ranks)}"] = round(time.perf_counter() - t0, 1)

@@ -270,9 +270,7 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
 
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
-        if layout.exact_bytes is not None:
-            raise EdgeqError(None, f"--method dynaquant plans gguf only for now; use --method ilp with {backend}")
-        passes.append(AllocateDynaQuant(budget, ties))
+        passes.append(AllocateDynaQuant(budget, ties, exact_bytes=layout.exact_bytes))
         return passes
     passes.append(Allocate(budget, ties, adapter_overhead=layout.branch_overhead, exact_bytes=layout.exact_bytes))
     return passes

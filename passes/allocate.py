@@ -220,6 +220,30 @@ def plan_from_choice(graph: Graph, table: CostTable, choice: dict[str, Option], 
     return Plan(tensors=tensors, preset=None, backend=backend, search=search)
 
 
+def fit_exact_bytes(solve_at: Callable[[int], tuple[Allocation, Plan]], budget: int,
+                    exact_bytes: Callable[[Plan], int] | None, n_params: int) -> tuple[Allocation, Plan]:
+    """`solve_at(budget)`, checked against the files' exact size where option bytes are additive only to within a
+    few bytes (FileLayout.exact_bytes, ONNX: node names carry running counters). A plan over the budget is solved
+    again under a budget smaller by its excess, a few times at most: deterministic, and every allocator that
+    plans such a backend shares it (the ILP, DynaQuant's repair)."""
+    target = budget
+    for tries in range(1, EXACT_TRIES + 1):
+        alloc, out = solve_at(target)
+        if exact_bytes is None:
+            return alloc, out
+        exact = exact_bytes(out)
+        s = out.search
+        alloc.info.update(additive_bytes=s["predicted_bytes"], exact_tries=tries)
+        s.update(additive_bytes=s["predicted_bytes"], exact_tries=tries, predicted_bytes=exact,
+                 predicted_mb=exact / MB, predicted_bpw=8 * exact / n_params)
+        alloc.total_bytes = exact
+        if exact <= budget:
+            return alloc, out
+        target -= exact - budget
+    raise EdgeqError(None, f"no plan found whose files fit {budget / MB:.3f} MB exactly "
+                           f"(the last was {alloc.total_bytes / MB:.6f} MB)")
+
+
 class Allocate(Pass):
     """Replaces the plan with the ILP's choice for ctx.analysis['costs'] under the byte budget."""
 
@@ -240,24 +264,13 @@ class Allocate(Pass):
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         table: CostTable = ctx.analysis["costs"]
-        target = self.budget
-        for _ in range(EXACT_TRIES):
+
+        def solve_at(target: int) -> tuple[Allocation, Plan]:
             alloc = solve(table, target, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
-            out = plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend, alloc.info)
-            if self.exact_bytes is None:
-                break
-            exact = self.exact_bytes(out)
-            s = out.search
-            alloc.info["additive_bytes"] = s["predicted_bytes"]
-            s.update(additive_bytes=s["predicted_bytes"], predicted_bytes=exact, predicted_mb=exact / MB,
-                     predicted_bpw=8 * exact / table.n_params)
-            alloc.total_bytes = exact
-            if exact <= self.budget:
-                break
-            target -= exact - self.budget
-        else:
-            raise EdgeqError(None, f"no plan found whose files fit {self.budget / MB:.3f} MB exactly "
-                                   f"(the last was {alloc.total_bytes / MB:.6f} MB)")
+            return alloc, plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend,
+                                           alloc.info)
+
+        alloc, out = fit_exact_bytes(solve_at, self.budget, self.exact_bytes, table.n_params)
         out.calibration = plan.calibration
         ctx.record(self.name, method="ilp", budget_bytes=self.budget, predicted_bytes=alloc.total_bytes,
                    predicted_error=alloc.total_cost, formats=out.format_counts(), **alloc.info)

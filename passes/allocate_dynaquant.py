@@ -1,7 +1,7 @@
 """allocate by DynaQuant-style learning: a softmax over each tensor's candidate formats, trained with a size penalty.
 
 Per decidable tensor i a logit vector α_i over its candidate formats (the
-registry's real GGUF types); p_i = softmax(α_i / τ) with τ annealed
+registry's real types: GGUF's, or ONNX's MatMulNBits formats); p_i = softmax(α_i / τ) with τ annealed
 geometrically towards one-hot. Each candidate j is simulated by a
 differentiable proxy of its quantizer (its bit-width, block and symmetry)
 with learnable per-output-channel step multipliers (LSQ+: log-parameterised,
@@ -20,7 +20,10 @@ format (the method's known pitfall).
 
 Output: argmax per tensor, then a greedy repair on the learned per-candidate
 losses until the real bytes fit the budget (downgrades with the least loss per
-byte saved; then upgrades with the most gain per byte while they fit). The
+byte saved; then upgrades with the most gain per byte while they fit). Where
+the backend sizes only whole plans exactly (ONNX), the plan is checked
+against the exact size and repaired again under a budget smaller by any
+excess (allocate.fit_exact_bytes, shared with the ILP). The
 learned scales steer the selection only: ggml computes its own scales when
 the file is written, so the plan holds ordinary formats.
 """
@@ -35,7 +38,7 @@ import numpy as np
 
 from edgeq.errors import EdgeqError
 from edgeq.ir import Graph
-from edgeq.passes.allocate import Allocation, budget_error, min_feasible_bytes, plan_from_choice
+from edgeq.passes.allocate import Allocation, budget_error, fit_exact_bytes, min_feasible_bytes, plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
 from edgeq.plan import Plan
@@ -66,10 +69,14 @@ ESTIMATORS: dict[str, Callable] = {"ste": ste_round}
 
 
 def _proxy(fmt: str, bits_per_weight: float) -> tuple[int, int, bool] | None:
+    from edgeq.formats import NBITS
+
     if fmt in FLOAT:
         return None
     if fmt in PROXY:
         return PROXY[fmt]
+    if fmt in NBITS:            # ONNX's MatMulNBits formats: the proxy is the format itself
+        return NBITS[fmt]
     return (max(2, int(bits_per_weight) - 1), 32, True)      # an unknown format: its payload bits, 32-blocks
 
 
@@ -153,11 +160,37 @@ def _groups(graph: Graph, table: CostTable, calibration, k: int, torch) -> list[
     return groups
 
 
-def learn_allocation(graph: Graph, table: CostTable, calibration, budget: int, steps: int = 150,
-                     lam: float = 50.0, tau: tuple[float, float] = (1.0, 0.02), rows_per_step: int = 32,
-                     eigen_k: int = 32, lr: float = 0.05, estimator: str | Callable = "ste", seed: int = 0,
-                     progress: Callable | None = None) -> Allocation:
+@dataclass
+class Selection:
+    """What training learned: per tensor its options, the learned loss of each and the argmax; `fit` turns it
+    into an allocation for any budget (the greedy repair, no retraining)."""
+
+    names: list[str]
+    opts: list[list[Option]]
+    learned: list[np.ndarray]
+    pick: list[int]
+    fixed_bytes: int
+    info: dict[str, Any]
+
+    def fit(self, budget: int) -> Allocation:
+        """The argmax repaired on real bytes until it fits `budget` (see _repair)."""
+        choice = _repair(self.names, self.opts, self.learned, self.pick, budget - self.fixed_bytes)
+        total = self.fixed_bytes + sum(o.bytes for o in choice.values())
+        info = {**self.info, "changed_by_repair": sum(1 for n, o, j in zip(self.names, self.opts, self.pick)
+                                                      if choice[n] is not o[j])}
+        return Allocation(choice, total, sum(o.cost for o in choice.values()), info)
+
+
+def learn_allocation(graph: Graph, table: CostTable, calibration, budget: int, **train: Any) -> Allocation:
     """Train the selector and scales (see module docstring); returns an allocation that fits `budget`."""
+    return train_selection(graph, table, calibration, budget, **train).fit(budget)
+
+
+def train_selection(graph: Graph, table: CostTable, calibration, budget: int, steps: int = 150,
+                    lam: float = 50.0, tau: tuple[float, float] = (1.0, 0.02), rows_per_step: int = 32,
+                    eigen_k: int = 32, lr: float = 0.05, estimator: str | Callable = "ste", seed: int = 0,
+                    progress: Callable | None = None) -> Selection:
+    """Train the selector and scales towards `budget` (see module docstring)."""
     torch = _torch()
     if budget < min_feasible_bytes(table):
         raise budget_error(table, budget, [])
@@ -223,16 +256,13 @@ def learn_allocation(graph: Graph, table: CostTable, calibration, budget: int, s
     order = {n: i for i, n in enumerate(table.options)}
     idx = sorted(range(len(names)), key=lambda i: order[names[i]])
     names, opts, learned, pick = ([x[i] for i in idx] for x in (names, opts, learned, pick))
-    choice = _repair(names, opts, learned, pick, budget - table.fixed_bytes)
-    total = table.fixed_bytes + sum(o.bytes for o in choice.values())
     info = {"solver": "DynaQuant-style learned selection (softmax over formats, LSQ+ scales, "
                       f"{estimator if isinstance(estimator, str) else 'custom'} estimator)",
             "objective": "layer-local reconstruction tr(dW C dW^T) on calibration statistics + size penalty",
             "steps": steps, "lambda": lam, "tau": list(tau), "rows_per_step": rows_per_step, "eigen_k": eigen_k,
             "seconds": round(time.perf_counter() - t0, 2), "history": history,
-            "argmax_mb": (table.fixed_bytes + sum(o[j].bytes for o, j in zip(opts, pick))) / 1e6,
-            "changed_by_repair": sum(1 for n, o, j in zip(names, opts, pick) if choice[n] is not o[j])}
-    return Allocation(choice, total, sum(o.cost for o in choice.values()), info)
+            "argmax_mb": (table.fixed_bytes + sum(o[j].bytes for o, j in zip(opts, pick))) / 1e6}
+    return Selection(names, opts, learned, pick, table.fixed_bytes, info)
 
 
 def _repair(names: list[str], opts: list[list[Option]], learned: list[np.ndarray], pick: list[int],
@@ -277,18 +307,28 @@ class AllocateDynaQuant(Pass):
 
     name = "allocate"
 
-    def __init__(self, budget: int, ties: list[list[str]] = (), **train: Any):
+    def __init__(self, budget: int, ties: list[list[str]] = (), exact_bytes: Callable[[Plan], int] | None = None,
+                 **train: Any):
+        """`exact_bytes`: as Allocate's (FileLayout.exact_bytes, ONNX); training runs once on the cost table's
+        additive bytes, and a plan over the budget is repaired again under a budget smaller by the excess."""
         self.budget = budget
         self.ties = [g for g in ties if len(g) > 1]
+        self.exact_bytes = exact_bytes
         self.train = train
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if self.ties:
             raise EdgeqError(None, "--method dynaquant does not take --ties (use --method ilp)")
         table: CostTable = ctx.analysis["costs"]
-        alloc = learn_allocation(graph, table, ctx.analysis.get("calibration"), self.budget, progress=ctx.progress,
-                                 **self.train)
-        out = plan_from_choice(graph, table, alloc.choice, "dynaquant", self.budget, [], ctx.backend, alloc.info)
+        sel = train_selection(graph, table, ctx.analysis.get("calibration"), self.budget, progress=ctx.progress,
+                              **self.train)
+
+        def fit_at(target: int) -> tuple[Allocation, Plan]:
+            alloc = sel.fit(target)
+            return alloc, plan_from_choice(graph, table, alloc.choice, "dynaquant", self.budget, [], ctx.backend,
+                                           alloc.info)
+
+        alloc, out = fit_exact_bytes(fit_at, self.budget, self.exact_bytes, table.n_params)
         out.calibration = plan.calibration
         ctx.record(self.name, method="dynaquant", budget_bytes=self.budget, predicted_bytes=alloc.total_bytes,
                    predicted_error=alloc.total_cost, formats=out.format_counts(),

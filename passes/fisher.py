@@ -49,8 +49,9 @@ def _torch():
     return torch
 
 
-def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
-    """The IR's decoder ops in torch (mirrors edgeq/executor.py); linear outputs are kept with their grads."""
+def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
+    """The IR's decoder ops in torch (mirrors edgeq/executor.py); linear outputs are kept with their grads.
+    `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
     from edgeq.executor import rope_inv_freq
 
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
@@ -69,6 +70,8 @@ def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
             out = args[0] @ args[1].T
             if len(args) > 2:
                 out = out + args[2]
+            if edit and node.inputs[1] in edit:
+                out = edit[node.inputs[1]](args[0], out)
             if out.requires_grad:
                 out.retain_grad()
             keep[("linear", node.inputs[1])] = out

@@ -193,39 +193,80 @@ def test_budgeted_onnx_files_meet_the_budget_exactly_as_planned(budgeted):
     assert res["measurements"]["reference_check"]["kld_mean"] < 0.5
 
 
+def _exact_model(path: Path) -> onnx.ModelProto:
+    """The exported file with MatMulNBits computing exactly (accuracy_level 0), so that it equals the executor."""
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    return model
+
+
+def _plan_weights(graph, plan: Plan, imatrix: dict, branches: dict) -> tuple[dict, dict]:
+    """Each tensor's registry round trip in the plan's format, without and with its branch B·A."""
+    arrays, plain = {}, {}
+    for n, t in graph.weights.items():
+        w = t.numpy()
+        if len(t.shape) == 2:
+            f = get_format(plan.tensors[n].format)
+            w = f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None)
+        plain[n] = w
+        if n in branches:
+            a, b = branches[n]
+            w = w + b.astype(np.float32) @ a.astype(np.float32)
+        arrays[n] = w
+    return plain, arrays
+
+
 def test_budgeted_onnx_with_branches_is_the_executor_on_the_plans_weights(budgeted):
     """The exported file, with MatMulNBits computing exactly (accuracy_level 0), equals the reference executor on
     each tensor's registry round trip plus its branch B·A; dropping the branches moves it away."""
     out, _, graph, decision = budgeted
     cfg = graph.config
-    imatrix = decision.calibration.imatrix()
     assert decision.branches
-    model = onnx.load(str(out / "model.onnx"))
+    model = _exact_model(out / "model.onnx")
     names = {i.name for i in model.graph.initializer}
     for n, (a, b) in decision.branches.items():
         assert decision.plan.tensors[n].rank == a.shape[0] == b.shape[1] > 0
         assert {n + "_lowrank_a", n + "_lowrank_b"} <= names
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
-                attr.i = 0
-    arrays, plain = {}, {}
-    for n, t in graph.weights.items():
-        w = t.numpy()
-        if len(t.shape) == 2:
-            f = get_format(decision.plan.tensors[n].format)
-            w = f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None)
-        plain[n] = w
-        if n in decision.branches:
-            a, b = decision.branches[n]
-            w = w + b.astype(np.float32) @ a.astype(np.float32)
-        arrays[n] = w
+    plain, arrays = _plan_weights(graph, decision.plan, decision.calibration.imatrix(), decision.branches)
     ids = np.random.default_rng(1).integers(3, cfg.vocab_size, 40)
     ref = Executor(llama.graph_from_arrays(cfg, arrays)).logits(ids)
     got = _logits(_session(model), cfg, ids)
     assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max()
     without = Executor(llama.graph_from_arrays(cfg, plain)).logits(ids)
     assert np.abs(without - ref).max() > 100 * np.abs(got - ref).max()
+
+
+def test_dynaquant_plans_onnx_to_the_exact_budget(hf_model, cache, tmp_path, monkeypatch):
+    """--method dynaquant on ONNX: trained on the cost table's additive bytes, checked (and repaired) against the
+    files' exact size; the file meets the budget to the byte as planned, spends it, mixes formats, and runs in
+    onnxruntime as the executor on the plan's weights."""
+    from edgeq.importers.loader import import_model
+    from edgeq.passes import Context
+    from edgeq.passes.calibrate import Calibrate
+    from edgeq.pipeline import ExportOptions, export
+    from edgeq.plan import plan_from_json
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
+    res = export(ExportOptions(model=str(hf_model), backend="onnx", out=str(tmp_path / "b"), bpw=6.0,
+                               method="dynaquant", calib_windows=2))
+    graph = import_model(hf_model)
+    s = res["manifest"]["plan"]["search"]
+    size = (tmp_path / "b" / "model.onnx").stat().st_size
+    assert s["method"] == "dynaquant" and 1 <= s["exact_tries"] <= 4
+    assert size == s["predicted_bytes"] <= s["budget_bytes"] == int(6.0 * graph.n_params / 8)
+    assert size >= 0.98 * s["budget_bytes"]
+    plan = plan_from_json(res["manifest"]["plan"])
+    assert len({plan.tensors[n].format for n, t in graph.weights.items() if len(t.shape) == 2}) > 1
+    ctx = Context(backend="onnx")           # the export's importance matrix (calibration is deterministic)
+    Calibrate(n_windows=2).run(graph, None, ctx)
+    plain, _ = _plan_weights(graph, plan, ctx.analysis["calibration"].imatrix(), {})
+    ids = np.random.default_rng(2).integers(3, graph.config.vocab_size, 40)
+    ref = Executor(llama.graph_from_arrays(graph.config, plain)).logits(ids)
+    got = _logits(_session(_exact_model(tmp_path / "b" / "model.onnx")), graph.config, ids)
+    assert np.abs(got - ref).max() <= 2e-5 * np.abs(ref).max()
 
 
 def _edgeq(*args, cache) -> "subprocess.CompletedProcess":
