@@ -88,3 +88,25 @@ def smollm_hf_dir(tmp_path_factory, smollm_graph, smollm_spec) -> Path:
 
     return graph_to_hf_folder(smollm_graph, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
                               dtype="F32", shard_bytes=200 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 (the encoder acceptance model), imported once for the ONNX and TVM encoder tests."""
+    from edgeq.importers.loader import import_model, resolve_model_path
+
+    return import_model(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_reference(minilm):
+    """MiniLM's float reference embeddings, cached by token ids: every backend's evaluation shares them."""
+    from edgeq.executor import Executor
+
+    ex = Executor(minilm)
+
+    @functools.lru_cache(maxsize=512)
+    def cached(ids: tuple[int, ...]) -> np.ndarray:
+        return ex.embed(list(ids))
+
+    return lambda ids: cached(tuple(int(i) for i in ids))
