@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.bundle_tail import copy_encoder_tokenizer, file_artifact, finish_bundle
 from edgeq.errors import EdgeqError
 from edgeq.fsutil import sha256_file, staged_dir
 from edgeq.ir import Graph
@@ -192,45 +191,15 @@ def export_onnx(opts, graph: Graph, model_path: Path, profile, user_plan: Plan |
         t0 = time.perf_counter()
         artifacts = write_onnx(graph, plan, tmp, progress)
         timings["lower"] = time.perf_counter() - t0
-        tokenizer: dict[str, Any] = {}
-        if graph.kind == "encoder":
-            shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
-            artifacts.append({"role": "tokenizer", "backend": "any", "path": "tokenizer.json",
-                              "sha256": sha256_file(tmp / "tokenizer.json"),
-                              "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
-            tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
-        from edgeq.pipeline import manifest_head
-
-        manifest: dict[str, Any] = {
-            **manifest_head(graph, plan, runtime_versions()),
-            "source": source,
-            "target": profile.to_json(),
-            "n_ctx": int(getattr(graph.config, "context_length", 0)) or None,
-            "kv_cache_dtype": None,
-            "artifacts": artifacts,
-            "tokenizer": tokenizer,
-            "plan": plan.to_json(),
-            "passes": ctx.records,
-            "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
-            "pruning_rates": None,
-            "reference": {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images),
-                          **({} if ref_images is None else {"images": "calibration images" if calib else
-                                                            "seeded uniform noise in [0, 1)"})},
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        t0 = time.perf_counter()
-        measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
-        if graph.kind == "encoder":
-            encoder_reference_and_check(graph, tmp, measurements, opts.check)
-        elif graph.kind == "cnn":
-            cnn_reference_and_check(graph, tmp, measurements, opts.check, ref_images)
-        timings["reference_and_check"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")
-        from edgeq.report import write_report
-
-        write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
+        tokenizer = copy_encoder_tokenizer(graph, tmp, artifacts) if graph.kind == "encoder" else {}
+        reference = {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images),
+                     **({} if ref_images is None else {"images": "calibration images" if calib else
+                                                       "seeded uniform noise in [0, 1)"})}
+        manifest, measurements = finish_bundle(
+            tmp, graph, plan, ctx, profile, versions=runtime_versions(), source=source,
+            n_ctx=int(getattr(graph.config, "context_length", 0)) or None, kv_cache_dtype=None, artifacts=artifacts,
+            tokenizer=tokenizer, sections={}, reference=reference, check=opts.check, ref_images=ref_images,
+            timings=timings, t_start=t_start)
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
 
@@ -285,9 +254,8 @@ def write_onnx(graph: Graph, plan: Plan, folder: Path, progress: Callable | None
     model = lower_onnx(graph, plan, progress=progress, **options)
     files = save_model(model, folder / MODEL_FILE)
     del model
-    return [{"role": "model" if f.name == MODEL_FILE else "model_data", "backend": "onnx", "path": f.name,
-             "sha256": sha256_file(f), "bytes": f.stat().st_size,
-             "formats": plan.format_counts() if f.name == MODEL_FILE else {}} for f in files]
+    return [file_artifact(f, "model" if f.name == MODEL_FILE else "model_data", "onnx",
+                          plan.format_counts() if f.name == MODEL_FILE else {}) for f in files]
 
 
 def cosines(ref: np.ndarray, got: np.ndarray) -> np.ndarray:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.bundle_tail import copy_encoder_tokenizer, file_artifact, finish_bundle
 from edgeq.errors import EdgeqError
-from edgeq.fsutil import sha256_file, staged_dir
+from edgeq.fsutil import staged_dir
 from edgeq.ir import Graph
 from edgeq.passes import Context, run_passes
 from edgeq.passes.apply_rules import ApplyRules
@@ -78,8 +78,7 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
                progress: Callable | None, log: Callable[[str], None], timings: dict[str, float],
                t_start: float, decision=None, ctx: Context | None = None) -> dict:
     """`decision` (with the `ctx` that made it): a budgeted plan from pipeline.decide, else `preset` decides."""
-    from edgeq.export_onnx import (REFERENCE_SENTENCES, cnn_calibration, cnn_reference_and_check, cnn_reference_images,
-                                   encoder_reference_and_check, source_record)
+    from edgeq.export_onnx import REFERENCE_SENTENCES, cnn_calibration, cnn_reference_images, source_record
     from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
     from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
@@ -127,21 +126,14 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
         lib = export_library(executable, tmp / LIBRARY_STEM, profile, ndk_clang)
         save_params(lowered.params, tmp / PARAMS_FILE)
         artifacts: list[dict[str, Any]] = [
-            {"role": "model", "backend": "tvm", "path": lib.name, "sha256": sha256_file(lib),
-             "bytes": lib.stat().st_size, "formats": plan.format_counts()},
-            {"role": "params", "backend": "tvm", "path": PARAMS_FILE, "sha256": sha256_file(tmp / PARAMS_FILE),
-             "bytes": (tmp / PARAMS_FILE).stat().st_size,
-             "formats": {"f16": 2 * len(decision.branches)} if decision.branches else {}},
-        ]
+            file_artifact(lib, "model", "tvm", plan.format_counts()),
+            file_artifact(tmp / PARAMS_FILE, "params", "tvm",
+                          {"f16": 2 * len(decision.branches)} if decision.branches else {})]
         if budgeted(opts):        # library + params within the budget, as planned (the size model builds it)
             _check_budget({"tvm": decision}, artifacts)
         tokenizer: dict[str, Any] = {}
         if graph.kind == "encoder":
-            shutil.copyfile(graph.metadata["tokenizer_json"], tmp / "tokenizer.json")
-            artifacts.append({"role": "tokenizer", "backend": "any", "path": "tokenizer.json",
-                              "sha256": sha256_file(tmp / "tokenizer.json"),
-                              "bytes": (tmp / "tokenizer.json").stat().st_size, "formats": {}})
-            tokenizer = {"tokenizer_json": "tokenizer.json", "max_length": graph.config.context_length, "pad_id": 0}
+            tokenizer = copy_encoder_tokenizer(graph, tmp, artifacts)
         elif graph.kind == "decoder":
             tokenizer = _write_decoder_tokenizer(graph, tmp, artifacts)
         entries = {"entry": ENTRY}
@@ -149,47 +141,24 @@ def export_tvm(opts, graph: Graph, model_path: Path, profile, user_plan: Plan | 
             from edgeq.targets.tvm.decoder import ENTRIES
 
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
-        from edgeq.pipeline import calibration_record, manifest_head
+        from edgeq.pipeline import calibration_record
 
-        manifest: dict[str, Any] = {
-            **manifest_head(graph, plan, runtime_versions()),
-            "source": source,
-            "target": profile.to_json(),
-            "n_ctx": _n_ctx(opts, graph, profile),
-            "kv_cache_dtype": "f32" if graph.kind == "decoder" else None,
-            "artifacts": artifacts,
-            "tokenizer": tokenizer,
-            **({"calibration": calibration_record(decision, opts)} if graph.kind == "decoder" else {}),
-            "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target, "tune_trials": trials,
-                    "inputs": lowered.inputs, "outputs": lowered.outputs, "param_names": lowered.param_names},
-            "plan": plan.to_json(),
-            "passes": ctx.records,
-            "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
-            "pruning_rates": None,
-            "reference": ({"path": "reference", "prompts": 2} if graph.kind == "decoder" else
-                          {"path": "reference",
-                           "inputs": len(REFERENCE_SENTENCES) if ref_images is None else len(ref_images)}),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        t0 = time.perf_counter()
-        measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
         runnable = host_can_run(profile)
-        if not runnable:
-            measurements["reference_check"] = {"backend": "tvm", "skipped": f"library is for {profile.name}, "
-                                                                            "not this host"}
-        if graph.kind == "encoder":
-            encoder_reference_and_check(graph, tmp, measurements, opts.check and runnable)
-        elif graph.kind == "decoder":
-            decoder_reference_and_check(graph, tmp, manifest, measurements, opts.check, runnable)
-        elif graph.kind == "cnn":
-            cnn_reference_and_check(graph, tmp, measurements, opts.check and runnable, ref_images)
-        timings["reference_and_check"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")
-        from edgeq.report import write_report
-
-        write_report(tmp / "report.md", manifest, measurements, graph, plan, None)
+        manifest, measurements = finish_bundle(
+            tmp, graph, plan, ctx, profile, versions=runtime_versions(), source=source,
+            n_ctx=_n_ctx(opts, graph, profile), kv_cache_dtype="f32" if graph.kind == "decoder" else None,
+            artifacts=artifacts, tokenizer=tokenizer,
+            sections={**({"calibration": calibration_record(decision, opts)} if graph.kind == "decoder" else {}),
+                      "tvm": {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
+                              "tune_trials": trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
+                              "param_names": lowered.param_names}},
+            reference=({"path": "reference", "prompts": 2} if graph.kind == "decoder" else
+                       {"path": "reference", "inputs": len(REFERENCE_SENTENCES) if ref_images is None else
+                        len(ref_images)}),
+            check=opts.check, ref_images=ref_images, timings=timings, t_start=t_start,
+            not_run=None if runnable else f"library is for {profile.name}, not this host",
+            decoder_reference=lambda manifest, measurements: decoder_reference_and_check(
+                graph, tmp, manifest, measurements, opts.check, runnable))
     return {"out": str(opts.out), "manifest": manifest, "measurements": measurements}
 
 
@@ -210,8 +179,7 @@ def _write_decoder_tokenizer(graph: Graph, tmp: Path, artifacts: list) -> dict:
     spec = graph_tokenizer_spec(graph)
     spec_file = tmp / "tokenizer_spec.json"
     spec_file.write_text(json.dumps(spec_to_json(spec), ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    artifacts.append({"role": "tokenizer", "backend": "any", "path": spec_file.name, "sha256": sha256_file(spec_file),
-                      "bytes": spec_file.stat().st_size, "formats": {}})
+    artifacts.append(file_artifact(spec_file, "tokenizer", "any"))
     return {"spec": spec_file.name, "bos_id": spec.bos_id, "eos_id": spec.eos_id, "eot_id": spec.eot_id,
             "add_bos": spec.add_bos, "chat_template": spec.chat_template is not None}
 
@@ -233,29 +201,3 @@ def decoder_reference_and_check(graph: Graph, bundle: Path, manifest: dict, meas
     tok = build_tokenizer(spec)
     ids = reference_token_ids(lambda s: encode(tok, spec, s, add_special=True, parse_special=False))
     write_reference(bundle / "reference", ids, Executor(graph, cache_weights=False).logits_many(ids))
-
-
-def reference_images(graph: Graph, n: int = 4, seed: int = 0) -> np.ndarray:
-    """Seeded images in [0, 1] of the model's input shape (batch n), stored in the bundle with their logits."""
-    shape = [n] + [int(d) for d in graph.inputs[0].shape[1:]]
-    return np.random.default_rng(seed).random(shape, dtype=np.float32)
-
-
-def cnn_reference_and_check(graph: Graph, bundle: Path, measurements: dict, check: bool) -> None:
-    from edgeq import runtime
-    from edgeq.executor import Executor
-
-    name_in, name_out = graph.inputs[0].name, graph.outputs[0].name
-    x = reference_images(graph)
-    ref = Executor(graph).run_inputs({name_in: x}, outputs=(name_out,))[name_out]
-    folder = bundle / "reference"
-    folder.mkdir()
-    np.save(folder / "inputs.npy", x)
-    np.save(folder / "outputs.npy", ref.astype(np.float32))
-    if check:
-        with runtime.load(bundle) as s:
-            got = s.run({name_in: x})[name_out]
-        err = float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
-        measurements["reference_check"] = {"backend": s.backend_name, "max_rel_error": err,
-                                           "argmax_agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
-                                           "n_inputs": int(x.shape[0])}

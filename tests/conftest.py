@@ -24,17 +24,34 @@ def smollm_graph(smollm_path):
 
 
 @pytest.fixture(scope="session")
-def reference_logits(smollm_graph):
-    """Float reference logits, cached by token window so several bundles share one computation."""
+def smollm_executor(smollm_graph):
+    """One float executor of the default model (its weights dequantized once) for every reference below."""
     from edgeq.executor import Executor
 
-    ex = Executor(smollm_graph)
+    return Executor(smollm_graph)
+
+
+@pytest.fixture(scope="session")
+def reference_logits(smollm_executor):
+    """Float reference logits, cached by token window so several bundles share one computation."""
 
     @functools.lru_cache(maxsize=64)
     def cached(ids: tuple[int, ...]) -> np.ndarray:
-        return ex.logits(list(ids))
+        return smollm_executor.logits(list(ids))
 
     return lambda ids: cached(tuple(int(i) for i in ids))
+
+
+@pytest.fixture(scope="session")
+def smollm_greedy(smollm_executor):
+    """The reference executor's greedy tokens after a prompt, computed once per (prompt, n) for every backend."""
+    from decoder_checks import greedy_reference
+
+    @functools.lru_cache(maxsize=8)
+    def cached(prompt: tuple[int, ...], n: int) -> list[int]:
+        return greedy_reference(smollm_executor, list(prompt), n)
+
+    return lambda prompt, n: list(cached(tuple(int(i) for i in prompt), n))
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +88,25 @@ def smollm_hf_dir(tmp_path_factory, smollm_graph, smollm_spec) -> Path:
 
     return graph_to_hf_folder(smollm_graph, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
                               dtype="F32", shard_bytes=200 * 2**20)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 (the encoder acceptance model), imported once for the ONNX and TVM encoder tests."""
+    from edgeq.importers.loader import import_model, resolve_model_path
+
+    return import_model(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def minilm_reference(minilm):
+    """MiniLM's float reference embeddings, cached by token ids: every backend's evaluation shares them."""
+    from edgeq.executor import Executor
+
+    ex = Executor(minilm)
+
+    @functools.lru_cache(maxsize=512)
+    def cached(ids: tuple[int, ...]) -> np.ndarray:
+        return ex.embed(list(ids))
+
+    return lambda ids: cached(tuple(int(i) for i in ids))

@@ -6,7 +6,6 @@ exported bundles are checked against the reference executor in onnxruntime.
 
 from __future__ import annotations
 
-import functools
 import json
 import subprocess
 import sys
@@ -19,26 +18,9 @@ import pytest
 from edgeq.errors import EdgeqError
 from edgeq.executor import Executor
 from edgeq.export_onnx import cosines, encoder_tokenizer
-from edgeq.importers.loader import import_model, resolve_model_path
 from edgeq.texts import calibration_sentences, evaluation_sentences
 
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    return import_model(resolve_model_path("all-MiniLM-L6-v2"))
-
-
-@pytest.fixture(scope="module")
-def reference_embed(minilm):
-    ex = Executor(minilm)
-
-    @functools.lru_cache(maxsize=512)
-    def cached(ids: tuple[int, ...]) -> np.ndarray:
-        return ex.embed(list(ids))
-
-    return lambda ids: cached(tuple(int(i) for i in ids))
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +56,18 @@ def test_bert_reference_matches_transformers(minilm):
         assert cosines(theirs[None], ours[None])[0] >= 0.99999
 
 
-def test_f32_bundle_equals_the_reference(bundles, reference_embed):
+def test_f32_bundle_equals_the_reference(bundles, minilm_reference):
     from edgeq.evaluate_bundle import evaluate_bundle
 
-    res = evaluate_bundle(bundles["f32"], sentences=48, record=False, reference_logits=reference_embed)
+    res = evaluate_bundle(bundles["f32"], sentences=48, record=False, reference_logits=minilm_reference)
     assert res["n_sentences"] == 48 and res["cosine_min"] >= 0.99999
 
 
-def test_int8_bundle_fidelity_size_and_manifest(bundles, reference_embed):
+def test_int8_bundle_fidelity_size_and_manifest(bundles, minilm_reference):
     from edgeq.evaluate_bundle import evaluate_bundle
 
     b = bundles["int8"]
-    res = evaluate_bundle(b, sentences=256, record=True, reference_logits=reference_embed)
+    res = evaluate_bundle(b, sentences=256, record=True, reference_logits=minilm_reference)
     assert res["n_sentences"] >= 200
     assert res["cosine_mean"] >= 0.99 and res["cosine_min"] >= 0.95
     assert (b / "model.onnx").stat().st_size <= 0.3 * (bundles["f32"] / "model.onnx").stat().st_size
@@ -128,19 +110,19 @@ def test_int8_runs_on_integer_kernels(bundles, tmp_path):
     assert dyn.get("MatMul", 0) == 0
 
 
-def test_f16_halves_the_file_and_keeps_the_embeddings(bundles, reference_embed):
+def test_f16_halves_the_file_and_keeps_the_embeddings(bundles, minilm_reference):
     from edgeq.evaluate_bundle import evaluate_bundle
 
-    res = evaluate_bundle(bundles["f16"], sentences=16, record=False, reference_logits=reference_embed)
+    res = evaluate_bundle(bundles["f16"], sentences=16, record=False, reference_logits=minilm_reference)
     assert res["cosine_min"] >= 0.9999
     size = (bundles["f16"] / "model.onnx").stat().st_size
     assert size <= 0.51 * (bundles["f32"] / "model.onnx").stat().st_size
 
 
-def test_int8_dyn_fidelity(bundles, reference_embed):
+def test_int8_dyn_fidelity(bundles, minilm_reference):
     from edgeq.evaluate_bundle import evaluate_bundle
 
-    res = evaluate_bundle(bundles["int8-dyn"], sentences=64, record=False, reference_logits=reference_embed)
+    res = evaluate_bundle(bundles["int8-dyn"], sentences=64, record=False, reference_logits=minilm_reference)
     assert res["cosine_mean"] >= 0.99
 
 

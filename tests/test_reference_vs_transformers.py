@@ -58,9 +58,9 @@ def test_synthetic_llama_matches_transformers(overrides):
     assert np.std(ours) > 0.1
 
 
-def test_smollm2_matches_transformers(smollm_graph):
+def test_smollm2_matches_transformers(smollm_graph, smollm_executor):
     ids = list(range(500, 564))
-    ours = Executor(smollm_graph).logits(ids)
+    ours = smollm_executor.logits(ids)
     theirs = hf_logits(smollm_graph.config, smollm_graph, ids)
     assert kld_mean(theirs, ours) <= 1e-6
     assert np.argmax(ours, -1).tolist() == np.argmax(theirs, -1).tolist()

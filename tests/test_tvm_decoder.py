@@ -20,6 +20,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from decoder_checks import check_smollm_f32_fidelity, check_smollm_f32_greedy, greedy_cached  # noqa: E402
 from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.executor import Executor  # noqa: E402
 from edgeq.formats import int4_dequantize_groups, int4_quantize_groups, int8_quantize_rows  # noqa: E402
@@ -147,22 +148,6 @@ def _export(model: Path, out: Path, **kw) -> dict:
 def bundle(hf_model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tvmdec") / "b"
     _export(hf_model, out, quant="int8")
-    return out
-
-
-def greedy_reference(ex: Executor, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(np.argmax(ex.logits(ids)[-1])))
-    return ids[len(prompt):]
-
-
-def greedy_cached(backend, prompt: list[int], n: int) -> list[int]:
-    backend.reset()
-    logits, out = backend.feed(prompt), []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = backend.feed([out[-1]])
     return out
 
 
@@ -380,20 +365,11 @@ def smollm_tvm_f32(tmp_path_factory) -> Path:
 
 
 def test_smollm_f32_tvm_matches_the_reference(smollm_tvm_f32, reference_logits):
-    from edgeq.evaluate_bundle import evaluate_bundle
-
-    res = evaluate_bundle(smollm_tvm_f32, chunks=8, record=False, reference_logits=reference_logits)
-    assert res["backend"] == "tvm" and res["n_tokens_scored"] >= 2000
-    assert res["kld_mean"] <= 1e-4 and res["top1"] >= 0.999
+    check_smollm_f32_fidelity(smollm_tvm_f32, "tvm", reference_logits)
 
 
-def test_smollm_f32_tvm_greedy_32_tokens_with_the_cache(smollm_tvm_f32, smollm_graph):
-    from edgeq import runtime
-
-    with runtime.load(smollm_tvm_f32, threads=1) as s:
-        prompt = s.tokenize("The capital of France is", add_special=True, parse_special=False)
-        got = greedy_cached(s.backend, prompt, 32)
-    assert got == greedy_reference(Executor(smollm_graph), prompt, 32)
+def test_smollm_f32_tvm_greedy_32_tokens_with_the_cache(smollm_tvm_f32, smollm_greedy):
+    check_smollm_f32_greedy(smollm_tvm_f32, "tvm", smollm_greedy)
 
 
 def test_smollm_int4_within_1_2x_of_gguf_q4_0(tmp_path_factory, export_bundle, reference_logits):

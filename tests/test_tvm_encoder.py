@@ -7,7 +7,6 @@ A small random BERT (models/synthetic.py) serves most checks; all-MiniLM-L6-v2 i
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import socket
@@ -265,19 +264,6 @@ def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
 
 
 # --- all-MiniLM-L6-v2 (acceptance) --------------------------------------------------
-
-@pytest.fixture(scope="module")
-def minilm_reference():
-    from edgeq.importers.loader import import_model, resolve_model_path
-
-    ex = Executor(import_model(resolve_model_path("all-MiniLM-L6-v2")))
-
-    @functools.lru_cache(maxsize=512)
-    def cached(ids: tuple[int, ...]) -> np.ndarray:
-        return ex.embed(list(ids))
-
-    return lambda ids: cached(tuple(int(i) for i in ids))
-
 
 @pytest.mark.parametrize("quant,floor", [("f32", 0.9999), ("int8", 0.99)])
 def test_minilm_on_tvm(quant, floor, minilm_reference, tmp_path):
