@@ -248,8 +248,6 @@ def _search_passes(graph: Graph, backend: str, opts: ExportOptions, tokenizer: d
         raise EdgeqError(None, "--ranks must be non-negative integers")
     # the budget in bytes needs only the parameter count: check it before anything is sized
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
-    if opts.method == "dynaquant" and backend == "tvm":      # (before the TVM layout builds a library)
-        raise EdgeqError(None, f"--method dynaquant plans gguf only for now; use --method ilp with {backend}")
     layout = file_layout(graph, backend, opts, tokenizer)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed

@@ -48,6 +48,7 @@ PROXY = {
     "q8_0": (8, 32, False), "q6_k": (6, 16, False), "q5_k": (5, 32, True), "q5_1": (5, 32, True),
     "q5_0": (5, 32, False), "q4_k": (4, 32, True), "q4_1": (4, 32, True), "q4_0": (4, 32, False),
     "q3_k": (3, 16, False), "q2_k": (2, 16, True),
+    "int4_g32": (4, 32, False), "int8_wo": (8, 0, False),      # TVM's (block 0: one scale per output row)
 }
 FLOAT = {"f32", "f16", "bf16"}
 
@@ -84,7 +85,9 @@ def fake_quant(w, log_gamma, spec, rnd, torch):
     """Blockwise proxy quantizer of w (..., rows, cols) with per-row step multipliers exp(log_gamma) (..., rows)."""
     bits, block, asym = spec
     cols = w.shape[-1]
-    if cols % block:
+    if block <= 0:
+        block = cols
+    elif cols % block:
         block = 32 if cols % 32 == 0 else cols
     wb = w.reshape(*w.shape[:-1], cols // block, block)
     gamma = torch.exp(log_gamma)[..., None, None]

@@ -233,6 +233,20 @@ def test_impossible_tvm_budget_is_one_clear_error(hf_model, cache, tmp_path):
     assert "below the smallest feasible size" in r.stderr and "int4_g32" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
-    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--budget-mb", "3", "--method", "dynaquant",
-               "--quiet", "-o", tmp_path / "out", cache=cache)
-    assert r.returncode == 2 and "use --method ilp with tvm" in r.stderr, r.stderr
+
+
+def test_dynaquant_plans_tvm_to_the_built_size(hf_model, cache, tmp_path):
+    """--method dynaquant on TVM: trained on the table's bytes, then checked against the built library plus the
+    params file; the bundle is the predicted size, within the budget, with mixed formats, and checks out against
+    the executor at export time."""
+    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--budget-mb", BUDGET_MB, "--method", "dynaquant",
+               "--calib-windows", "1", "--cost", "output", "--quiet", "-o", tmp_path / "out", cache=cache)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    s = m["plan"]["search"]
+    files = (tmp_path / "out" / "model.so").stat().st_size + (tmp_path / "out" / "params.safetensors").stat().st_size
+    assert s["method"] == "dynaquant" and 1 <= s["exact_tries"] <= 4
+    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(BUDGET_MB * 1e6)
+    assert len({t["format"] for t in m["plan"]["tensors"].values() if t["format"] != "f32"}) > 1
+    meas = json.loads((tmp_path / "out" / "measurements.json").read_text())
+    assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["kld_mean"] < 0.5
