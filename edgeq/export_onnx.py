@@ -21,10 +21,8 @@ from edgeq.errors import EdgeqError
 from edgeq.fsutil import sha256_file, staged_dir
 from edgeq.ir import Graph
 from edgeq.passes import Context, run_passes
-from edgeq.passes.apply_rules import ApplyRules
-from edgeq.passes.assign_preset import AssignPreset
+from edgeq.passes.assign_preset import preset_plan
 from edgeq.passes.calibrate_ranges import CalibrateRanges
-from edgeq.passes.legalize import Legalize
 from edgeq.plan import Plan
 
 MODEL_FILE = "model.onnx"
@@ -84,11 +82,7 @@ def decide_onnx(graph: Graph, preset: str, user_plan: Plan | None, plan_path: st
     """Preset, the user's rules, legalize; then calibration where the plan's formats need it: static INT8 ranges
     (in the plan), and the importance matrix for formats that take one (int4: in ctx.analysis['calibration'],
     as for GGUF; `opts` carries --no-calibration / --imatrix / --calib-windows)."""
-    passes = [AssignPreset(preset)]
-    if user_plan is not None:
-        passes.append(ApplyRules(user_plan, plan_path))
-    passes.append(Legalize())
-    _, plan = run_passes(passes, graph, Plan(), ctx)
+    plan = preset_plan(graph, preset, user_plan, plan_path, ctx)
     if graph.kind == "cnn":
         return _decide_cnn_ranges(graph, plan, ctx, calibration, calibration_source, percentile)
     if any(d.format == "int8" and d.act_range is None for d in plan.tensors.values()):

@@ -21,10 +21,8 @@ from edgeq.bundle_tail import copy_encoder_tokenizer, file_artifact, finish_bund
 from edgeq.errors import EdgeqError
 from edgeq.fsutil import staged_dir
 from edgeq.ir import Graph
-from edgeq.passes import Context, run_passes
-from edgeq.passes.apply_rules import ApplyRules
-from edgeq.passes.assign_preset import AssignPreset
-from edgeq.passes.legalize import Legalize
+from edgeq.passes import Context
+from edgeq.passes.assign_preset import preset_plan
 from edgeq.plan import Plan
 
 LIBRARY_STEM = "model"
@@ -37,11 +35,7 @@ def decide_tvm(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str
     (int4_g32: ggml's Q4_0 scale search) exactly as the ONNX export gets it (passes/calibrate.imatrix_calibration;
     `opts` carries --no-calibration / --imatrix / --calib-windows). Encoders and CNNs have no calibration text
     here: their int4 is plain Q4_0."""
-    passes = [AssignPreset(preset)]
-    if user_plan is not None:
-        passes.append(ApplyRules(user_plan, plan_path))
-    passes.append(Legalize())
-    _, plan = run_passes(passes, graph, Plan(), ctx)
+    plan = preset_plan(graph, preset, user_plan, plan_path, ctx)
     if graph.kind == "decoder":
         from edgeq.passes.calibrate import imatrix_calibration
 

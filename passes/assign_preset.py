@@ -52,3 +52,17 @@ class AssignPreset(Pass):
                     pruning=plan.pruning)
         ctx.record(self.name, preset=self.preset, formats=plan.format_counts(), fallbacks=0)
         return graph, plan
+
+
+def preset_plan(graph: Graph, preset: str, user_plan: Plan | None, plan_path: str | None, ctx: Context) -> Plan:
+    """A preset, then the user's rules, then legalize: the plan of an ONNX or TVM preset export (calibration,
+    where a format needs one, follows in the caller)."""
+    from edgeq.passes import run_passes
+    from edgeq.passes.apply_rules import ApplyRules
+    from edgeq.passes.legalize import Legalize
+
+    passes: list[Pass] = [AssignPreset(preset)]
+    if user_plan is not None:
+        passes.append(ApplyRules(user_plan, plan_path))
+    passes.append(Legalize())
+    return run_passes(passes, graph, Plan(), ctx)[1]

@@ -23,9 +23,10 @@ files written.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -39,6 +40,14 @@ from edgeq.plan import Plan
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
 BRANCH_MAX_BPW = 7.0          # a low-rank branch is considered only on formats below this (not f16/q8_0)
+
+
+def zero_weights(graph: Graph) -> Graph:
+    """The graph with zero matrices, for size models that run the real lowering: sizes (and TVM's kernels) do
+    not depend on values, and no source weight is read."""
+    zeros = {n: replace(t, load=functools.partial(np.zeros, t.shape, np.float32)) if len(t.shape) == 2 else t
+             for n, t in graph.weights.items()}
+    return replace(graph, weights=zeros)
 
 
 @dataclass

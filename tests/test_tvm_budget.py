@@ -43,11 +43,12 @@ def test_params_file_is_sized_to_the_byte(tied, tmp_path):
     """Random mixed plans with branches (int4 on the untied table too): the sizing lowering's safetensors size is the
     file save_params writes, and the ILP's additive option bytes bound it from above by a few bytes per array."""
     from edgeq.export_tvm import save_params
-    from edgeq.targets.tvm.layout import _zero_weights, params_file_bytes, size_params
+    from edgeq.passes.sensitivity import zero_weights
+    from edgeq.targets.tvm.layout import params_file_bytes, size_params
     from edgeq.targets.tvm.lower import lower_tvm
 
     graph = random_llama(tiny_config(**SMALL, tied_embeddings=tied, attention_bias=tied), seed=3, scale=0.08)
-    zg = _zero_weights(graph)
+    zg = zero_weights(graph)
     fmts = candidate_formats("tvm")
     rng = np.random.default_rng(0)
     for i in range(3):

@@ -20,7 +20,6 @@ its plan against it.
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 
 import numpy as np
 from onnx import numpy_helper
@@ -28,7 +27,7 @@ from onnx import numpy_helper
 from edgeq.errors import EdgeqError
 from edgeq.formats import Format, get_format
 from edgeq.ir import Graph
-from edgeq.passes.sensitivity import FileLayout
+from edgeq.passes.sensitivity import FileLayout, zero_weights
 from edgeq.plan import Plan, TensorPlan
 from edgeq.targets.onnx.builder import Builder
 
@@ -66,16 +65,9 @@ class SizingBuilder(Builder):
         return name
 
 
-def _zero_weights(graph: Graph) -> Graph:
-    """The graph with zero matrices (sizes do not depend on values; no source weight is read)."""
-    zeros = {n: replace(t, load=functools.partial(np.zeros, t.shape, np.float32)) if len(t.shape) == 2 else t
-             for n, t in graph.weights.items()}
-    return replace(graph, weights=zeros)
-
-
 def size_plan(graph: Graph, plan: Plan, ranks: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """(bytes of model.onnx, bytes per weight: its initializers and the nodes that read them) for `plan` with
-    rank-r branches on `ranks`' weights. `graph` should have zero weights (_zero_weights)."""
+    rank-r branches on `ranks`' weights. `graph` should have zero weights (zero_weights)."""
     from edgeq.targets.onnx.lower import lower_onnx
 
     data: dict[str, int] = {}
@@ -124,7 +116,7 @@ def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> File
     """The FileLayout of ONNX decoders for the candidate formats `fmts` (and branch ranks `ranks`)."""
     from edgeq.targets.onnx.lower import INLINE_LIMIT
 
-    zg = _zero_weights(graph)
+    zg = zero_weights(graph)
     mats = [n for n, t in graph.weights.items() if len(t.shape) == 2]
 
     def plan_in(fmt: str, rank: int = 0) -> tuple[Plan, dict[str, int]]:

@@ -33,7 +33,6 @@ import functools
 import hashlib
 import json
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,19 +40,12 @@ import numpy as np
 from edgeq.errors import EdgeqError
 from edgeq.formats import Format, get_format
 from edgeq.ir import Graph
-from edgeq.passes.sensitivity import FileLayout
+from edgeq.passes.sensitivity import FileLayout, zero_weights
 from edgeq.plan import Plan, TensorPlan
 
 LAYOUT_VERSION = 1
 EMBED = "model.embed_tokens.weight"
 OWNED_SUFFIXES = ("", ".scale", ".lowrank_a", ".lowrank_b")
-
-
-def _zero_weights(graph: Graph) -> Graph:
-    """The graph with zero matrices (sizes and kernels do not depend on values; no source weight is read)."""
-    zeros = {n: replace(t, load=functools.partial(np.zeros, t.shape, np.float32)) if len(t.shape) == 2 else t
-             for n, t in graph.weights.items()}
-    return replace(graph, weights=zeros)
 
 
 def _zero_branches(graph: Graph, ranks: dict[str, int]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -116,7 +108,7 @@ def tvm_layout(graph: Graph, fmts: list[Format], ranks: list[int] = (), profile=
     if graph.kind != "decoder":
         raise EdgeqError(None, f"budgeted TVM plans are for decoders only for now, not {graph.kind}s")
     profile = profile or get_profile("cpu")
-    zg = _zero_weights(graph)
+    zg = zero_weights(graph)
     mats = [n for n, t in graph.weights.items() if len(t.shape) == 2]
     ranks = sorted({int(r) for r in ranks if r > 0})
     # the widest data offset any plan can have: every matrix f32 and every branch at the largest rank
