@@ -67,6 +67,25 @@ class FileLayout:
     key: str = ""                                        # identifies the size model in cache keys
     exact_bytes: Callable[[Any], int] | None = None      # plan -> bytes of all its model files
 
+    @classmethod
+    def from_tables(cls, backend: str, overhead: int, table: dict[tuple[str, str], int],
+                    branch_table: dict[tuple[str, int], int], key: str,
+                    exact_bytes: Callable[[Any], int] | None = None) -> "FileLayout":
+        """A layout whose per-tensor bytes were sized ahead, per (weight, format) and (weight, rank), by running
+        the backend's real lowering (ONNX, TVM): asking for anything else is a sizing bug, said as such."""
+
+        def tensor_bytes(name: str, shape: tuple, fmt: Format) -> int:
+            if (name, fmt.name) not in table:
+                raise EdgeqError(None, f"format {fmt.name} was not sized for {name} {tuple(shape)}")
+            return table[(name, fmt.name)]
+
+        def branch_bytes(name: str, shape: tuple, rank: int) -> int:
+            if (name, rank) not in branch_table:
+                raise EdgeqError(None, f"no rank-{rank} branch was sized for {name}")
+            return branch_table[(name, rank)]
+
+        return cls(backend, overhead, tensor_bytes, branch_bytes, key=key, exact_bytes=exact_bytes)
+
 
 @dataclass
 class Option:

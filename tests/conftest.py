@@ -110,3 +110,21 @@ def minilm_reference(minilm):
         return ex.embed(list(ids))
 
     return lambda ids: cached(tuple(int(i) for i in ids))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory) -> Path:
+    """A small tied Llama as a Hugging Face folder (byte-level tokenizer, 512 positions): the synthetic model
+    the ONNX and TVM decoder and budget tests export through the pipeline."""
+    from edgeq.models.hf_folder import graph_to_hf_folder
+    from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+
+    cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
+    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("tiny-decoder") / "m",
+                              byte_level_spec(400))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """An EDGEQ_CACHE folder per test module: its exports share calibration and sizes, other modules' do not."""
+    return tmp_path_factory.mktemp("cache")

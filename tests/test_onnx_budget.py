@@ -21,7 +21,7 @@ from edgeq.errors import EdgeqError
 from edgeq.executor import Executor
 from edgeq.formats import NBITS, get_format
 from edgeq.models import llama
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.models.synthetic import random_llama, tiny_config
 from edgeq.passes.sensitivity import candidate_formats
 from edgeq.plan import Plan, TensorPlan
 from edgeq.targets.onnx import lower_onnx
@@ -139,21 +139,7 @@ def test_onnx_layout_sizes_plans_to_the_byte(tied):
 # --- a budgeted plan with branches through the pipeline -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> Path:
-    from edgeq.models.hf_folder import graph_to_hf_folder
-
-    cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
-    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("onnx-budget") / "m",
-                              byte_level_spec(400))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
-def budgeted(hf_model, cache, tmp_path_factory):
+def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     """One budgeted export with --ranks 0,8,16 (the ILP buys branches here), and the decision behind it."""
     import os
 
@@ -166,8 +152,8 @@ def budgeted(hf_model, cache, tmp_path_factory):
     try:
         opts = dict(bpw=6.0, ranks=RANKS, calib_windows=2)
         out = tmp_path_factory.mktemp("b") / "bundle"
-        res = export(ExportOptions(model=str(hf_model), backend="onnx", out=str(out), **opts))
-        graph = import_model(hf_model)
+        res = export(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", out=str(out), **opts))
+        graph = import_model(tiny_decoder_dir)
         decision = decide(graph, "onnx", None, None, None, Context(backend="onnx"), ExportOptions(**opts))
     finally:
         if old is None:
@@ -239,7 +225,7 @@ def test_budgeted_onnx_with_branches_is_the_executor_on_the_plans_weights(budget
     assert np.abs(without - ref).max() > 100 * np.abs(got - ref).max()
 
 
-def test_dynaquant_plans_onnx_to_the_exact_budget(hf_model, cache, tmp_path, monkeypatch):
+def test_dynaquant_plans_onnx_to_the_exact_budget(tiny_decoder_dir, cache, tmp_path, monkeypatch):
     """--method dynaquant on ONNX: trained on the cost table's additive bytes, checked (and repaired) against the
     files' exact size; the file meets the budget to the byte as planned, spends it, mixes formats, and runs in
     onnxruntime as the executor on the plan's weights."""
@@ -250,9 +236,9 @@ def test_dynaquant_plans_onnx_to_the_exact_budget(hf_model, cache, tmp_path, mon
     from edgeq.plan import plan_from_json
 
     monkeypatch.setenv("EDGEQ_CACHE", str(cache))
-    res = export(ExportOptions(model=str(hf_model), backend="onnx", out=str(tmp_path / "b"), bpw=6.0,
+    res = export(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", out=str(tmp_path / "b"), bpw=6.0,
                                method="dynaquant", calib_windows=2))
-    graph = import_model(hf_model)
+    graph = import_model(tiny_decoder_dir)
     s = res["manifest"]["plan"]["search"]
     size = (tmp_path / "b" / "model.onnx").stat().st_size
     assert s["method"] == "dynaquant" and 1 <= s["exact_tries"] <= 4
@@ -279,23 +265,23 @@ def _edgeq(*args, cache) -> "subprocess.CompletedProcess":
                           env=env, timeout=600)
 
 
-def test_onnx_plan_file_exports_the_same_bytes(budgeted, hf_model, cache, tmp_path):
+def test_onnx_plan_file_exports_the_same_bytes(budgeted, tiny_decoder_dir, cache, tmp_path):
     """`edgeq plan --backend onnx` writes the budgeted plan; `export --plan` of it reproduces the bundle's bytes."""
     out, res, *_ = budgeted
-    r = _edgeq("plan", "--model", hf_model, "--backend", "onnx", "--bpw", "6", "--ranks", "0,8,16", "--calib-windows",
+    r = _edgeq("plan", "--model", tiny_decoder_dir, "--backend", "onnx", "--bpw", "6", "--ranks", "0,8,16", "--calib-windows",
                "2", "--quiet", "-o", tmp_path / "plan.json", cache=cache)
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["backend"] == "onnx" and plan["tensors"] == res["manifest"]["plan"]["tensors"]
-    r = _edgeq("export", "--model", hf_model, "--backend", "onnx", "--plan", tmp_path / "plan.json",
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "onnx", "--plan", tmp_path / "plan.json",
                "--calib-windows", "2", "--quiet", "-o", tmp_path / "again", cache=cache)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "again" / "model.onnx").read_bytes() == (out / "model.onnx").read_bytes()
 
 
-def test_impossible_onnx_budget_is_one_clear_error(hf_model, tmp_path):
+def test_impossible_onnx_budget_is_one_clear_error(tiny_decoder_dir, tmp_path):
     for cmd in (["plan", "-o", tmp_path / "p.json"], ["export", "-o", tmp_path / "out"]):
-        r = _edgeq(*cmd, "--model", hf_model, "--backend", "onnx", "--bpw", "2", "--quiet", cache=tmp_path / "cache")
+        r = _edgeq(*cmd, "--model", tiny_decoder_dir, "--backend", "onnx", "--bpw", "2", "--quiet", cache=tmp_path / "cache")
         assert r.returncode == 2, r.stderr
         assert "below the smallest feasible size" in r.stderr and "bpw" in r.stderr and "int4_b128" in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1

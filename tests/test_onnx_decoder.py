@@ -24,7 +24,7 @@ from edgeq.errors import EdgeqError
 from edgeq.executor import Executor
 from edgeq.formats import get_format
 from edgeq.models import llama
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.models.synthetic import random_llama, tiny_config
 from edgeq.plan import Plan, TensorPlan
 from edgeq.targets.onnx import lower_onnx
 
@@ -179,15 +179,6 @@ def test_padded_batch_gives_each_sequence_its_own_logits():
 
 # --- bundles through the pipeline, on a synthetic model ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> Path:
-    from edgeq.models.hf_folder import graph_to_hf_folder
-
-    cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
-    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("dec") / "m",
-                              byte_level_spec(400))
-
-
 def _export(model: Path, out: Path, **kw) -> dict:
     from edgeq.pipeline import ExportOptions, export
 
@@ -195,9 +186,9 @@ def _export(model: Path, out: Path, **kw) -> dict:
 
 
 @pytest.fixture(scope="module")
-def both(hf_model, tmp_path_factory) -> Path:
+def both(tiny_decoder_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("both") / "b"
-    _export(hf_model, out, backend="all", quant="gguf=q8_0,onnx=f32")
+    _export(tiny_decoder_dir, out, backend="all", quant="gguf=q8_0,onnx=f32")
     return out
 
 
@@ -212,11 +203,11 @@ def test_backend_all_writes_one_artifact_per_backend(both):
     assert meas["reference_checks"]["gguf"]["kld_mean"] < 0.05
 
 
-def test_onnx_generate_greedy_equals_the_executor_and_sampling_is_seeded(both, hf_model):
+def test_onnx_generate_greedy_equals_the_executor_and_sampling_is_seeded(both, tiny_decoder_dir):
     from edgeq import runtime
     from edgeq.importers.loader import import_model
 
-    ex = Executor(import_model(hf_model))
+    ex = Executor(import_model(tiny_decoder_dir))
     with runtime.load(both, backend="onnx", threads=1) as s:
         assert s.backend_name == "onnx"
         prompt = s.tokenize("the rain in spain", add_special=True, parse_special=False)
@@ -234,19 +225,19 @@ def test_onnx_generate_greedy_equals_the_executor_and_sampling_is_seeded(both, h
         assert g.tokenize("the rain in spain", add_special=True, parse_special=False) == prompt
 
 
-def test_eval_on_onnx_decoder_gives_the_decoder_figures(both, hf_model, tmp_path):
+def test_eval_on_onnx_decoder_gives_the_decoder_figures(both, tiny_decoder_dir, tmp_path):
     from edgeq.evaluate_bundle import evaluate_bundle
 
     text = tmp_path / "t.txt"
     text.write_text("the rain in spain stays mainly in the plain. " * 60, encoding="utf-8")
-    res = evaluate_bundle(both, text_file=str(text), ctx=128, chunks=2, reference=str(hf_model), backend="onnx",
+    res = evaluate_bundle(both, text_file=str(text), ctx=128, chunks=2, reference=str(tiny_decoder_dir), backend="onnx",
                           record=False)
     assert res["backend"] == "onnx" and res["n_tokens_scored"] == 2 * 63
     assert res["kld_mean"] < 1e-8 and res["top1"] == 1.0
     assert set(res) >= {"ppl", "ppl_reference", "kld_p99", "kld_max", "ctx", "text"}
 
 
-def test_same_inputs_byte_identical_onnx(hf_model, tmp_path):
+def test_same_inputs_byte_identical_onnx(tiny_decoder_dir, tmp_path):
     """Static QDQ where a plan asks for it (ranges calibrated into the plan), int4 with the importance matrix."""
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"version": 1, "preset": "int8", "rules": [
@@ -255,7 +246,7 @@ def test_same_inputs_byte_identical_onnx(hf_model, tmp_path):
     shas = []
     for i in range(2):
         out = tmp_path / f"o{i}"
-        _export(hf_model, out, backend="onnx", plan=str(plan), check=False)
+        _export(tiny_decoder_dir, out, backend="onnx", plan=str(plan), check=False)
         shas.append(hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest())
     assert shas[0] == shas[1]
     m = json.loads((out / "manifest.json").read_text())
@@ -273,11 +264,11 @@ def test_same_inputs_byte_identical_onnx(hf_model, tmp_path):
     ({"version": 1, "preset": "int4", "rules": [{"match": "*.ffn_up", "format": "int3"}]},
      "unknown format 'int3'"),
 ])
-def test_bad_plans_fail_in_one_line_and_write_nothing(hf_model, tmp_path, plan, msg):
+def test_bad_plans_fail_in_one_line_and_write_nothing(tiny_decoder_dir, tmp_path, plan, msg):
     p = tmp_path / "plan.json"
     p.write_text(json.dumps(plan))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--model", str(hf_model), "--backend", "onnx",
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--model", str(tiny_decoder_dir), "--backend", "onnx",
                         "--plan", str(p), "-o", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -285,9 +276,9 @@ def test_bad_plans_fail_in_one_line_and_write_nothing(hf_model, tmp_path, plan, 
     assert not out.exists() and not any(tmp_path.glob("out*"))
 
 
-def test_quant_must_name_a_preset_per_backend_with_all(hf_model, tmp_path):
+def test_quant_must_name_a_preset_per_backend_with_all(tiny_decoder_dir, tmp_path):
     with pytest.raises(EdgeqError, match="gguf=q4_0,onnx=int4"):
-        _export(hf_model, tmp_path / "x", backend="all", quant="q4_0")
+        _export(tiny_decoder_dir, tmp_path / "x", backend="all", quant="q4_0")
     assert not (tmp_path / "x").exists()
 
 
@@ -357,12 +348,12 @@ def _shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
         manifest["model"]["config"])).items()}
 
 
-def test_plan_picks_block_sizes_and_the_manifest_records_them(hf_model, tmp_path):
+def test_plan_picks_block_sizes_and_the_manifest_records_them(tiny_decoder_dir, tmp_path):
     """`edgeq plan` writes the ONNX plan; a rule moves ffn_down to blocks of 128; export carries exactly that."""
     from edgeq.cli import main
 
     plan = tmp_path / "plan.json"
-    assert main(["plan", "--model", str(hf_model), "--backend", "onnx", "--quant", "int4", "-o", str(plan),
+    assert main(["plan", "--model", str(tiny_decoder_dir), "--backend", "onnx", "--quant", "int4", "-o", str(plan),
                  "--quiet"]) == 0
     d = json.loads(plan.read_text())
     assert d["tensors"]["model.layers.0.mlp.down_proj.weight"]["format"] == "int4"
@@ -371,7 +362,7 @@ def test_plan_picks_block_sizes_and_the_manifest_records_them(hf_model, tmp_path
     del d["tensors"]["model.layers.0.mlp.down_proj.weight"], d["tensors"]["model.layers.1.mlp.down_proj.weight"]
     plan.write_text(json.dumps(d))
     out = tmp_path / "b"
-    assert main(["export", "--model", str(hf_model), "--backend", "onnx", "--plan", str(plan), "-o", str(out),
+    assert main(["export", "--model", str(tiny_decoder_dir), "--backend", "onnx", "--plan", str(plan), "-o", str(out),
                  "--quiet"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     t = m["plan"]["tensors"]

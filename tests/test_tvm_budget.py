@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from edgeq.errors import EdgeqError  # noqa: E402
 from edgeq.executor import Executor  # noqa: E402
 from edgeq.formats import get_format  # noqa: E402
 from edgeq.models import llama  # noqa: E402
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
+from edgeq.models.synthetic import random_llama, tiny_config  # noqa: E402
 from edgeq.passes.sensitivity import candidate_formats  # noqa: E402
 from edgeq.plan import Plan, TensorPlan  # noqa: E402
 
@@ -110,20 +109,6 @@ def test_an_untied_int4_table_is_looked_up_as_its_dequantization():
 
 # --- a budgeted plan with branches through the CLI -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory) -> Path:
-    from edgeq.models.hf_folder import graph_to_hf_folder
-
-    cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
-    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("tvm-budget") / "m",
-                              byte_level_spec(400))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def _edgeq(*args, cache) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDGEQ_CACHE": str(cache), "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True,
@@ -135,7 +120,7 @@ OPTS = ["--budget-mb", BUDGET_MB, "--ranks", "0,8,16", "--calib-windows", "1", "
 
 
 @pytest.fixture(scope="module")
-def budgeted(hf_model, cache, tmp_path_factory):
+def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     """`edgeq export --backend tvm --budget-mb` with --ranks (the ILP buys branches here), and the decision behind
     it, made again in-process from the same caches."""
     from edgeq.importers.loader import import_model
@@ -143,12 +128,12 @@ def budgeted(hf_model, cache, tmp_path_factory):
     from edgeq.pipeline import ExportOptions, decide
 
     out = tmp_path_factory.mktemp("b") / "bundle"
-    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", *OPTS, "--quiet", "-o", out, cache=cache)
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--quiet", "-o", out, cache=cache)
     assert r.returncode == 0, r.stderr
     old = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
-        graph = import_model(hf_model)
+        graph = import_model(tiny_decoder_dir)
         decision = decide(graph, "tvm", None, None, None, Context(backend="tvm"),
                           ExportOptions(budget_mb=BUDGET_MB, ranks=[0, 8, 16], calib_windows=1, cost="output"))
     finally:
@@ -212,23 +197,23 @@ def test_budgeted_tvm_with_branches_is_the_executor_on_the_plans_weights(budgete
     assert np.abs(without - ref).max() > 20 * err
 
 
-def test_tvm_plan_file_exports_the_same_bytes(budgeted, hf_model, cache, tmp_path):
+def test_tvm_plan_file_exports_the_same_bytes(budgeted, tiny_decoder_dir, cache, tmp_path):
     """`edgeq plan --backend tvm` writes the budgeted plan; `export --plan` of it reproduces the bundle's files."""
     out, m, *_ = budgeted
-    r = _edgeq("plan", "--model", hf_model, "--backend", "tvm", *OPTS, "--quiet", "-o", tmp_path / "plan.json",
+    r = _edgeq("plan", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--quiet", "-o", tmp_path / "plan.json",
                cache=cache)
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["backend"] == "tvm" and plan["tensors"] == m["plan"]["tensors"]
-    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--plan", tmp_path / "plan.json",
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", "--plan", tmp_path / "plan.json",
                "--calib-windows", "1", "--quiet", "-o", tmp_path / "again", cache=cache)
     assert r.returncode == 0, r.stderr
     for name in ("model.so", "params.safetensors"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_impossible_tvm_budget_is_one_clear_error(hf_model, cache, tmp_path):
-    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", *OPTS, "--budget-mb", "0.5", "--quiet",
+def test_impossible_tvm_budget_is_one_clear_error(tiny_decoder_dir, cache, tmp_path):
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--budget-mb", "0.5", "--quiet",
                "-o", tmp_path / "out", cache=cache)
     assert r.returncode == 2, r.stderr
     assert "below the smallest feasible size" in r.stderr and "int4_g32" in r.stderr
@@ -236,11 +221,11 @@ def test_impossible_tvm_budget_is_one_clear_error(hf_model, cache, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_dynaquant_plans_tvm_to_the_built_size(hf_model, cache, tmp_path):
+def test_dynaquant_plans_tvm_to_the_built_size(tiny_decoder_dir, cache, tmp_path):
     """--method dynaquant on TVM: trained on the table's bytes, then checked against the built library plus the
     params file; the bundle is the predicted size, within the budget, with mixed formats, and checks out against
     the executor at export time."""
-    r = _edgeq("export", "--model", hf_model, "--backend", "tvm", "--budget-mb", BUDGET_MB, "--method", "dynaquant",
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", "--budget-mb", BUDGET_MB, "--method", "dynaquant",
                "--calib-windows", "1", "--cost", "output", "--quiet", "-o", tmp_path / "out", cache=cache)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())

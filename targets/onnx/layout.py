@@ -151,17 +151,6 @@ def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> File
         branch_table.update({(n, r): per[n] - base[n] for n in has})
     overhead = base_total - sum(base.values())
 
-    def tensor_bytes(name: str, shape: tuple, fmt: Format) -> int:
-        try:
-            return table[(name, fmt.name)]
-        except KeyError:
-            raise EdgeqError(None, f"format {fmt.name} was not sized for {name} {tuple(shape)}") from None
-
-    def branch_bytes(name: str, shape: tuple, rank: int) -> int:
-        if (name, rank) not in branch_table:
-            raise EdgeqError(None, f"no rank-{rank} branch was sized for {name}")
-        return branch_table[(name, rank)]
-
     def exact_bytes(plan: Plan) -> int:
         total, _ = size_plan(zg, plan, {n: t.rank for n, t in plan.tensors.items() if t.rank})
         if total >= INLINE_LIMIT:
@@ -169,6 +158,6 @@ def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> File
                                    "which budgeted plans cannot size exactly yet")
         return total
 
-    return FileLayout("onnx", overhead, tensor_bytes, branch_bytes, branch_overhead=0,
-                      key=f"onnx/layout-v{LAYOUT_VERSION}", exact_bytes=exact_bytes)
+    return FileLayout.from_tables("onnx", overhead, table, branch_table, key=f"onnx/layout-v{LAYOUT_VERSION}",
+                                  exact_bytes=exact_bytes)
 

@@ -155,23 +155,12 @@ def tvm_layout(graph: Graph, fmts: list[Format], ranks: list[int] = (), profile=
     coverage = _coverage_plan(graph, mats, [f.name for f in fmts], ranks)
     overhead = params_overhead + library.bytes(*coverage)
 
-    def tensor_bytes(name: str, shape: tuple, fmt: Format) -> int:
-        try:
-            return table[(name, fmt.name)]
-        except KeyError:
-            raise EdgeqError(None, f"format {fmt.name} was not sized for {name} {tuple(shape)}") from None
-
-    def branch_bytes(name: str, shape: tuple, rank: int) -> int:
-        if (name, rank) not in branch_table:
-            raise EdgeqError(None, f"no rank-{rank} branch was sized for {name}")
-        return branch_table[(name, rank)]
-
     def exact_bytes(plan: Plan) -> int:
         ranks_of = {n: t.rank for n, t in plan.tensors.items() if t.rank}
         return params_file_bytes(size_params(zg, plan, ranks_of)) + library.bytes(plan, ranks_of)
 
-    return FileLayout("tvm", overhead, tensor_bytes, branch_bytes, branch_overhead=0,
-                      key=f"tvm/layout-v{LAYOUT_VERSION}/params", exact_bytes=exact_bytes)
+    return FileLayout.from_tables("tvm", overhead, table, branch_table, key=f"tvm/layout-v{LAYOUT_VERSION}/params",
+                                  exact_bytes=exact_bytes)
 
 
 def _coverage_plan(graph: Graph, mats: list[str], fmts: list[str], ranks: list[int]) -> tuple[Plan, dict[str, int]]:
