@@ -23,7 +23,7 @@ from edgeq.imatrix import Imatrix, ImatrixEntry, calibration_from_imatrix, imatr
 from edgeq.importers.gguf import import_gguf
 from edgeq.models import llama
 from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
-from edgeq.passes.allocate import min_feasible_bytes, solve_ilp
+from edgeq.passes.allocate import fit_exact_bytes, min_feasible_bytes, solve_ilp
 from edgeq.passes.calibrate import Calibration, calibration_windows, collect
 from edgeq.passes.sensitivity import CostTable, Option, compute_costs, output_error
 from edgeq.plan import Plan, TensorPlan
@@ -112,6 +112,34 @@ def test_ilp_extra_row_is_respected():
     limited = solve_ilp(table, budget, extra_rows=[ExtraRow("latency_ms", ms, bound)])
     assert sum(ms(n, o) for n, o in limited.choice.items()) <= bound + 1e-9
     assert limited.total_cost >= free.total_cost
+
+
+def test_a_plan_over_its_exact_size_is_solved_again_until_it_fits():
+    """Where the files cost more than the options' bytes add up to (a TVM library holds one kernel per distinct
+    format), the plan over the budget is solved again under a budget less its excess, until its exact size fits;
+    a size that never fits is one clear error."""
+    table = random_table(np.random.default_rng(5), n_tensors=6, n_opts=4)
+    kernel = 150
+
+    def exact(plan: Plan) -> int:        # called before fit_exact_bytes records the exact size in the plan
+        return plan.search["predicted_bytes"] + kernel * len({t.format for t in plan.tensors.values()})
+
+    def solve_at(target: int):
+        alloc = solve_ilp(table, target)
+        return alloc, Plan(tensors={n: TensorPlan(o.format) for n, o in alloc.choice.items()},
+                           search={"predicted_bytes": alloc.total_bytes})
+
+    lo = min_feasible_bytes(table) + 4 * kernel
+    hi = table.fixed_bytes + sum(max(o.bytes for o in v) for v in table.options.values())
+    budget = (lo + hi) // 2
+    assert exact(solve_at(budget)[1]) > budget                 # the additive plan alone is over
+    alloc, plan = fit_exact_bytes(solve_at, budget, exact, table.n_params)
+    s = plan.search
+    assert s["exact_tries"] > 1 and alloc.total_bytes == s["predicted_bytes"] <= budget
+    assert s["predicted_bytes"] == s["additive_bytes"] + kernel * len({t.format for t in plan.tensors.values()})
+    assert s["predicted_bpw"] == pytest.approx(8 * s["predicted_bytes"] / table.n_params)
+    with pytest.raises(EdgeqError, match="no plan found whose files fit"):
+        fit_exact_bytes(solve_at, hi, lambda p: hi + 1, table.n_params)      # never fits, whatever is chosen
 
 
 # --- calibration ---------------------------------------------------------------------------
