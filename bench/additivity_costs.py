@@ -49,8 +49,8 @@ def cost_tables(graph, model, formats: list[str]):
     from edgeq.passes.fisher import Fisher
     from edgeq.passes.sensitivity import Sensitivity
     from edgeq.targets.gguf.layout import gguf_layout
-    from edgeq.progress import make_progress
-    from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+    from edgeq.core.progress import make_progress
+    from edgeq.runtime.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     ctx = Context(backend="gguf", progress=make_progress(False))
     Calibrate().run(graph, None, ctx)
@@ -87,9 +87,9 @@ def main() -> int:
         factor[GROUPS.index(g)] = float(f)
 
     from edgeq.importers.gguf import import_gguf
-    from edgeq.models.default import default_model_path
+    from edgeq.models.recipes.default import default_model_path
 
-    from edgeq.passes.calibrate import cache_dir
+    from edgeq.core.cache import cache_dir
     from edgeq.passes.sensitivity import CostTable
 
     model = default_model_path()
@@ -166,7 +166,7 @@ def groups_check(graph, cal, tables, path: Path) -> None:
     """Per group and format: float KLD of quantizing that group alone vs each cost's Σ predicted / 2."""
     import torch
 
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
     from edgeq.passes.calibrate import calibration_tokens, calibration_windows
     from edgeq.passes.fisher import _forward
 

@@ -49,8 +49,8 @@ def log(msg: str) -> None:
 def make_checkpoint(folder: Path, args) -> tuple[int, int]:
     """Random float16 weights in shards; returns (parameters, bytes of the safetensors files)."""
     from edgeq.models import llama
-    from edgeq.models.hf_folder import write_hf_folder
-    from edgeq.models.synthetic import byte_level_spec
+    from edgeq.models.recipes.hf_folder import write_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec
 
     cfg = llama.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                             n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.kv_heads,

@@ -47,9 +47,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
     from edgeq.importers.gguf import import_gguf
-    from edgeq.models.default import default_model_path
+    from edgeq.models.recipes.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.calibrate import Calibrate, calibration_tokens, calibration_windows
     from edgeq.passes.fisher import _forward

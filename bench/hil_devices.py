@@ -21,9 +21,9 @@ from pathlib import Path
 
 
 def small_bundles(root: Path) -> list[Path]:
-    from edgeq.models.hf_folder import graph_to_hf_folder
-    from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.api import ExportOptions, export
 
     src = graph_to_hf_folder(random_llama(tiny_config(vocab_size=384), seed=1, scale=0.08), root / "tiny-src",
                              byte_level_spec(384))

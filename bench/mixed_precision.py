@@ -105,7 +105,7 @@ class Reference:
     """Float reference logits per window, cached in memory and on disk (the scored half only)."""
 
     def __init__(self, graph, cache: Path):
-        from edgeq.executor import Executor
+        from edgeq.core.executor import Executor
 
         self.ex = Executor(graph)
         self.cache = cache
@@ -134,7 +134,7 @@ def memoize_quantizer() -> None:
     """Quantize each (weights, format, importance) once per bench run: random plans reuse the same few
     hundred (tensor, format) pairs, and ggml's imatrix-guided quantizers are most of a plan's measuring time.
     Keyed by content digests, so the bytes written are exactly the uncached ones."""
-    from edgeq.formats import Format
+    from edgeq.core.formats import Format
 
     if getattr(Format.quantize, "memoized", False):
         return
@@ -158,8 +158,8 @@ class Meter:
     append a row (bytes, bpw, KLD, top-1, ppl, seconds and the caller's fields) to the results JSON."""
 
     def __init__(self, graph, model, chunks: int, threads: int, results: dict, save, width: int = 48):
-        from edgeq.passes.calibrate import cache_dir
-        from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+        from edgeq.core.cache import cache_dir
+        from edgeq.runtime.tokenizer import spec_from_gguf_metadata, spec_to_json
 
         self.graph, self.chunks, self.threads = graph, chunks, threads
         self.results, self.save, self.width = results, save, width
@@ -173,11 +173,11 @@ class Meter:
     def plan(self, label: str, plan, imatrix, extra: dict, branches: dict | None = None) -> dict:
         """Write the plan's file(s) and score them in llama.cpp directly (no bundle: what a plan costs to
         measure is the quantized write and llama.cpp's own logits, as in export + eval)."""
-        from edgeq.evaluation import evaluate
+        from edgeq.evaluate.decoder import evaluate
         from edgeq.runtime.gguf_backend import LlamaCppBackend
         from edgeq.targets.gguf import write_gguf
         from edgeq.targets.gguf.adapter import write_adapter
-        from edgeq.texts import evaluation_text
+        from edgeq.evaluate.texts import evaluation_text
 
         t = time.perf_counter()
         path, lora = self.work / "m.gguf", None
@@ -207,8 +207,8 @@ class Meter:
 
     def preset(self, label: str, quant: str, extra: dict, calibration: bool = True) -> dict:
         """Export a llama.cpp preset through the pipeline and score the bundle the same way."""
-        from edgeq.evaluate_bundle import evaluate_bundle
-        from edgeq.pipeline import ExportOptions, export
+        from edgeq.evaluate.bundle import evaluate_bundle
+        from edgeq.api import ExportOptions, export
 
         t = time.perf_counter()
         bundle = self.work / quant
@@ -261,13 +261,13 @@ def main() -> int:
     from scipy.stats import spearmanr
 
     from edgeq.importers.gguf import import_gguf
-    from edgeq.models.default import default_model_path
+    from edgeq.models.recipes.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.allocate import plan_from_choice, solve_ilp
     from edgeq.passes.calibrate import Calibrate
     from edgeq.passes.sensitivity import Sensitivity
     from edgeq.targets.gguf.layout import gguf_layout
-    from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+    from edgeq.runtime.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

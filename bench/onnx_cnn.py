@@ -38,9 +38,9 @@ def main() -> None:
     import torch
 
     from edgeq import export_module
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
     from edgeq.importers.torch_export import import_module
-    from edgeq.models.digits import accuracy, train_digits_cnn
+    from edgeq.models.recipes.digits import accuracy, train_digits_cnn
     from edgeq.runtime.onnx_backend import session_options
 
     model, data = train_digits_cnn(seed=0)

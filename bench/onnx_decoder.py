@@ -1,6 +1,6 @@
 """SmolLM2 on ONNX (onnxruntime) beside GGUF (llama.cpp): fidelity of every ONNX preset and decode speed.
 
-Quality: each bundle is scored by `edgeq.evaluate_bundle` (llama-perplexity's
+Quality: each bundle is scored by `edgeq.evaluate.bundle` (llama-perplexity's
 convention, held-out text) against one shared float reference, so every row
 compares with the same logits: ONNX f32, f16, int8, int8-dyn, int4,
 int4-asym and GGUF q8_0, q4_0. The int4 and q4_0 artifacts come from one
@@ -50,7 +50,7 @@ ONNX_PRESETS = ("f32", "f16", "int8", "int8-dyn", "int4-asym")
 
 
 def export(out: Path, backend: str, quant: str) -> dict:
-    from edgeq.pipeline import ExportOptions, export as run_export
+    from edgeq.api import ExportOptions, export as run_export
 
     t0 = time.perf_counter()
     res = run_export(ExportOptions(target="cpu", backend=backend, quant=quant, out=str(out), force=True))
@@ -63,7 +63,7 @@ def artifact_bytes(manifest: dict, backend: str) -> int:
 
 
 def quality(bundle: Path, backend: str, reference, args) -> dict:
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     ev = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, threads=args.threads, backend=backend,
                          record=False, progress=window_progress, reference_logits=reference)
@@ -106,9 +106,9 @@ def main() -> int:
         return budgeted(args)
 
     from edgeq import runtime
-    from edgeq.evaluation import evaluate
+    from edgeq.evaluate.decoder import evaluate
     from edgeq.runtime.onnx_backend import OnnxDecoderBackend
-    from edgeq.texts import evaluation_text
+    from edgeq.evaluate.texts import evaluation_text
 
     args.out.mkdir(parents=True, exist_ok=True)
     reference = ReferenceCache(make_reference)
@@ -125,18 +125,18 @@ def main() -> int:
             bundles[("onnx", p)] = (b, export(b, "onnx", p))
 
         # int4 with float activations: the same plan and importance matrix, lowered with accuracy_level 0
-        from edgeq.export_onnx import write_onnx
         from edgeq.importers.loader import import_model
-        from edgeq.models.default import default_model_path
+        from edgeq.targets.onnx.lower import lower_onnx, save_model
+        from edgeq.models.recipes.default import default_model_path
         from edgeq.passes.calibrate import calibrate
-        from edgeq.plan import plan_from_json
+        from edgeq.core.plan import plan_from_json
 
         graph = import_model(default_model_path())
         plan = plan_from_json(m["plans"]["onnx"])
         acc0 = tmp / "int4-acc0"
         acc0.mkdir()
         cal = calibrate(graph, n_windows=plan.calibration["windows"], max_full=0)
-        write_onnx(graph, plan, acc0, imatrix=cal.imatrix(), accuracy_level=0)
+        save_model(lower_onnx(graph, plan, imatrix=cal.imatrix(), accuracy_level=0), acc0 / "model.onnx")
 
         for (backend, preset), (b, man) in bundles.items():
             log(f"quality: {backend} {preset}")
@@ -201,7 +201,7 @@ def main() -> int:
 
 
 def export_budget(out: Path, budget_bytes: int, ranks: list[int], cost: str = "output") -> dict:
-    from edgeq.pipeline import ExportOptions, export as run_export
+    from edgeq.api import ExportOptions, export as run_export
 
     t0 = time.perf_counter()
     res = run_export(ExportOptions(target="cpu", backend="onnx", budget_mb=budget_bytes / 1e6, ranks=ranks,
@@ -213,7 +213,7 @@ def export_budget(out: Path, budget_bytes: int, ranks: list[int], cost: str = "o
 def budgeted(args) -> int:
     """Budgeted ONNX plans at the int4 preset's size and between int4 and int8, with and without QERA branches."""
     from edgeq import runtime
-    from edgeq.texts import evaluation_text
+    from edgeq.evaluate.texts import evaluation_text
 
     args.out.mkdir(parents=True, exist_ok=True)
     reference = ReferenceCache(make_reference)

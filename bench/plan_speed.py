@@ -36,8 +36,8 @@ def main() -> int:
     args = ap.parse_args()
     os.environ["EDGEQ_CACHE"] = "off"
 
-    from edgeq.passes import Context
-    from edgeq.pipeline import ExportOptions, decide, import_and_merge
+    from edgeq.compile.options import ExportOptions
+    from edgeq.compile.pipeline import decide_all, prepare
 
     threads = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     prof = None
@@ -50,8 +50,7 @@ def main() -> int:
         prof.enable()
     opts = ExportOptions(bpw=args.bpw, method=args.method, ranks=[int(r) for r in args.ranks.split(",")],
                          calib_windows=args.calib_windows, cost=args.cost)
-    ctx = Context(backend="gguf")
-    _, graph = import_and_merge(None, [], ctx)
+    c = prepare(opts, None, None, several_allowed=False)
 
     cpu: dict[str, float] = {}
     runs = {}           # wall time per pass comes from run_passes (ctx.timings); CPU time per pass from here
@@ -70,14 +69,14 @@ def main() -> int:
             finally:
                 cpu[_name] = round(time.process_time() - t, 2)
         cls.run = timed
-    plan = decide(graph, "gguf", None, None, None, ctx, opts).plan
+    plan = decide_all(c, opts, branches=False)["gguf"].plan
     wall, total_cpu = time.perf_counter() - w0, time.process_time() - c0
     for cls, run in runs.items():
         cls.run = run
     if prof:
         prof.disable()
     res = {"settings": {**vars(args), **threads, "cpu_count": os.cpu_count()}, "wall_s": round(wall, 1),
-           "cpu_s": round(total_cpu, 1), "pass_wall_s": ctx.timings, "pass_cpu_s": cpu,
+           "cpu_s": round(total_cpu, 1), "pass_wall_s": c.ctx.timings, "pass_cpu_s": cpu,
            "predicted_mb": plan.search["predicted_mb"], "target_s": 300, "meets_target_wall": wall <= 300,
            "load_average_after": os.getloadavg()}
     if prof:

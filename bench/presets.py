@@ -4,7 +4,7 @@ One table answers "what does each `--quant` preset cost and buy on this model":
 size (true bits per weight, not the preset's nominal name, because SmolLM2's
 576-wide rows push most tensors off the K-types), and fidelity against the
 float source (PPL, KLD, top-1) through the bundle's own runtime, with the
-same `edgeq.pipeline.export` and `edgeq.evaluate_bundle` a user would run.
+same `edgeq.api.export` and `edgeq.evaluate.bundle` a user would run.
 
 The float reference (numpy executor) is by far the slowest part, so it is
 computed once per evaluation window and shared by every preset; all presets
@@ -75,9 +75,9 @@ class ReferenceCache:
 
 def make_reference() -> Callable[[list[int]], np.ndarray]:
     """The numpy executor on the default model: the float model every bundle is compared with."""
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
     from edgeq.importers.gguf import import_gguf
-    from edgeq.models.default import default_model_path
+    from edgeq.models.recipes.default import default_model_path
 
     log("loading float reference (numpy executor on the default model)")
     return Executor(import_gguf(default_model_path())).logits
@@ -106,8 +106,8 @@ def versions() -> dict[str, str | None]:
 
 
 def run_preset(preset: str, workdir: Path, reference: ReferenceCache, args: argparse.Namespace) -> dict[str, Any]:
-    from edgeq.evaluate_bundle import evaluate_bundle
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.evaluate.bundle import evaluate_bundle
+    from edgeq.api import ExportOptions, export
 
     bundle = workdir / preset
     log(f"{preset}: export -> {bundle}")
@@ -275,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"unknown preset(s) {unknown}; known: {', '.join(GGUF_PRESETS)}")
         return 2
 
-    from edgeq.fsutil import sha256_file
-    from edgeq.models.default import DEFAULT_NAME, default_model_path
-    from edgeq.texts import EVALUATION_TEXT_NAME
+    from edgeq.core.fs import sha256_file
+    from edgeq.models.recipes.default import DEFAULT_NAME, default_model_path
+    from edgeq.evaluate.texts import EVALUATION_TEXT_NAME
 
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / "presets.json", args.out / "presets.png"

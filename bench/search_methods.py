@@ -56,7 +56,7 @@ def main() -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     from edgeq.importers.gguf import import_gguf
-    from edgeq.models.default import default_model_path
+    from edgeq.models.recipes.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.allocate import plan_from_choice, solve
     from edgeq.passes.calibrate import Calibrate
@@ -64,7 +64,7 @@ def main() -> int:
     from edgeq.targets.gguf.adapter import adapter_overhead
     from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.targets.gguf.writer import layout_overhead, padded
-    from edgeq.tokenizer import spec_from_gguf_metadata, spec_to_json
+    from edgeq.runtime.tokenizer import spec_from_gguf_metadata, spec_to_json
 
     t_start = time.perf_counter()
     results: dict = {"settings": {**vars(args), "bpw": bpw}, "runs": [], "summary": {}}
@@ -144,12 +144,12 @@ def main() -> int:
         if args.at_preset:          # the calibrated preset's file size, without writing it
             from edgeq.passes.assign_preset import AssignPreset
             from edgeq.passes.legalize import Legalize
-            from edgeq.plan import Plan
+            from edgeq.core.plan import Plan
 
             c = Context(backend="gguf")
             _, pp = AssignPreset(args.at_preset, has_imatrix=True).run(graph, Plan(), c)
             _, pp = Legalize().run(graph, pp, c)
-            from edgeq.formats import get_format
+            from edgeq.core.formats import get_format
 
             args.at_bytes = overhead + sum(padded(get_format(pp.tensors[n].format).nbytes(t.shape))
                                            for n, t in graph.weights.items())

@@ -21,10 +21,10 @@ class EncoderFixture:
 
 
 def encoder_fixture(model: str, seq: int, n_sentences: int) -> EncoderFixture:
-    from edgeq.executor import Executor
-    from edgeq.export_onnx import encoder_tokenizer
+    from edgeq.core.executor import Executor
+    from edgeq.importers.hf_bert import encoder_tokenizer
     from edgeq.importers.loader import import_model, resolve_model_path
-    from edgeq.texts import calibration_text, evaluation_sentences
+    from edgeq.evaluate.texts import calibration_text, evaluation_sentences
 
     graph = import_model(resolve_model_path(model))
     tok = encoder_tokenizer(graph)
@@ -36,7 +36,7 @@ def encoder_fixture(model: str, seq: int, n_sentences: int) -> EncoderFixture:
 
 
 def fidelity(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    from edgeq.export_onnx import cosines
+    from edgeq.evaluate.encoder import cosines
 
     c = cosines(reference, got)
     return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}

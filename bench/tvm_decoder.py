@@ -5,7 +5,7 @@ the same weights), GGUF q8_0 vs TVM int8 (per channel), and the TVM builds again
 meta-schedule tuned with `--trials` trials in all (their own, fresh tuning
 database, so the stated budget is what was spent).
 
-Quality: every bundle is scored by `edgeq.evaluate_bundle` (llama-perplexity's
+Quality: every bundle is scored by `edgeq.evaluate.bundle` (llama-perplexity's
 convention: 512-token windows of the held-out text, second halves scored,
 KLD over the full vocabulary) against one shared float reference. The presets
 are calibration-aware by default (q4_0 and int4 get the same importance matrix,
@@ -66,7 +66,7 @@ def decode_rate(session, prompt: list[int], n: int) -> float:
 
 
 def export(out: Path, **kw) -> tuple[dict, float]:
-    from edgeq.pipeline import ExportOptions, export as run_export
+    from edgeq.api import ExportOptions, export as run_export
 
     t0 = time.perf_counter()
     res = run_export(ExportOptions(target="cpu", out=str(out), force=True, check=False, **kw))
@@ -74,7 +74,7 @@ def export(out: Path, **kw) -> tuple[dict, float]:
 
 
 def quality(bundle: Path, reference, args) -> dict:
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     ev = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, threads=args.threads, record=False,
                          progress=window_progress, reference_logits=reference)

@@ -40,7 +40,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from edgeq import runtime
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-tvm-"))
     export_s: dict[str, float] = {}

@@ -12,18 +12,21 @@ import json
 import sys
 from pathlib import Path
 
-from edgeq import __version__
-from edgeq.errors import EdgeqError
+from edgeq import __version__, api, runtime
+from edgeq.compile.options import ExportOptions
+from edgeq.core.errors import EdgeqError
+from edgeq.core.progress import make_progress
+from edgeq.devices.cli import add_device_parser
+from edgeq.targets.profiles import PROFILES
+from edgeq.targets.registry import TARGETS
 
 
 def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
 
 
-def _options(a, out: str = "out"):
+def _options(a, out: str = "out") -> ExportOptions:
     """ExportOptions from the options `export` and `plan` share."""
-    from edgeq.pipeline import ExportOptions
-
     return ExportOptions(
         model=a.model, target=a.target, backend=a.backend, quant=a.quant, plan=a.plan, out=out,
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
@@ -36,104 +39,52 @@ def _options(a, out: str = "out"):
     )
 
 
-def cmd_export(a) -> int:
-    from edgeq.pipeline import export
-    from edgeq.progress import make_progress
+def _check_summary(chk: dict) -> str:
+    if "skipped" in chk:
+        return f"not checked here ({chk['skipped']})"
+    if "cosine_mean" in chk:
+        return f"reference-sentence cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})"
+    if "agreement" in chk:
+        return (f"reference images: argmax agreement {chk['agreement']:.3f}, max |logit diff| "
+                f"{chk['max_abs_diff']:.2e}")
+    if "kld_mean" in chk:
+        return f"reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}"
+    return "reference not checked"
 
-    res = export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
-    m = res["manifest"]
-    art = m["artifacts"][0]
-    chk = res["measurements"].get("reference_check", {})
-    if not a.quiet and m.get("tvm"):          # a library plus its weights file
-        sizes = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in m["artifacts"]
-                          if x["role"] in ("model", "params"))
-        check = (f"cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})" if "cosine_mean" in chk else
-                 f"argmax agreement {chk['agreement']:.3f}" if "agreement" in chk else
-                 f"not checked here ({chk.get('skipped', 'no check')})")
-        print(f"wrote {a.out}: {sizes}, {m['tvm']['target']}, formats {art['formats']}; reference {check}")
-    elif not a.quiet and "agreement" in chk:
-        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**10:.1f} KiB, formats {art['formats']}; "
-              f"reference images: argmax agreement {chk['agreement']:.3f}, max |logit diff| {chk['max_abs_diff']:.2e}")
-    elif not a.quiet and "cosine_mean" in chk:
-        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB, formats {art['formats']}; "
-              f"reference-sentence cosine {chk['cosine_mean']:.5f} (min {chk['cosine_min']:.5f})")
-    elif not a.quiet:
-        print(f"wrote {a.out}: {art['path']} {art['bytes'] / 2**20:.1f} MiB ({art['bytes'] / 1e6:.3f} MB), "
-              f"{m['model']['bits_per_weight']:.3f} bpw, formats {art['formats']}"
-              + (f"; reference-prompt KLD {chk['kld_mean']:.2e}, top-1 {chk['top1']:.3f}" if chk else ""))
+
+def cmd_export(a) -> int:
+    res = api.export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
+    if not a.quiet:
+        m = res["manifest"]
+        files = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in m["artifacts"] if x["role"] != "tokenizer")
+        formats = next(x["formats"] for x in m["artifacts"] if x["role"] == "model")
+        print(f"wrote {a.out}: {files} ({sum(x['bytes'] for x in m['artifacts'] if x['role'] != 'tokenizer') / 1e6:.3f} "
+              f"MB), {m['model']['bits_per_weight']:.3f} bpw, formats {formats}; "
+              f"{_check_summary(res['measurements'].get('reference_check', {}))}")
     return 0
 
 
 def cmd_plan(a) -> int:
-    from edgeq.passes import Context
-    from edgeq.pipeline import budgeted, choose_preset, decide, import_and_merge
-    from edgeq.plan import load_plan
-    from edgeq.progress import make_progress
-    from edgeq.targets.profiles import get_profile
-
-    opts = _options(a)
-    profile = get_profile(a.target)
-    out = Path(a.out)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise EdgeqError(out.parent, "is a file")
-    if opts.quant and budgeted(opts):
-        raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
-    user = load_plan(a.plan) if a.plan else None
-    if a.backend == "all":
-        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf, onnx or tvm")
-    ctx = Context(backend=a.backend or "gguf", profile=profile, progress=make_progress(a.quiet))
-    _, graph = import_and_merge(a.model, opts.adapters, ctx)
-    backend = a.backend or profile.backend_for(graph.kind)
-    ctx.backend = backend
-    preset = choose_preset(opts, user, profile, backend)
-    if backend in ("onnx", "tvm") and preset is None and graph.kind != "decoder":
-        raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
-                               f"with this {graph.kind}")
-    if backend == "onnx" and preset is not None:  # static INT8 ranges are calibrated here too, so the plan shows them
-        from edgeq.export_onnx import cnn_calibration, decide_onnx
-
-        calib = cnn_calibration(graph, a.calib_images) if graph.kind == "cnn" else (None, None)
-        plan = decide_onnx(graph, preset, user, a.plan, ctx, *calib, opts=opts)
-    elif backend == "tvm" and preset is not None:
-        from edgeq.export_tvm import decide_tvm
-
-        plan = decide_tvm(graph, preset, user, a.plan, ctx)
-    else:
-        plan = decide(graph, backend, preset, user, a.plan, ctx, opts, branches=False).plan
-    plan.save(out)
+    plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet))
     if not a.quiet:
         extra = ""
-        if plan.search and budgeted(opts):
+        if plan.search and (a.budget_mb is not None or a.bpw is not None):
             s = plan.search
             extra = (f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw) for a budget of "
                      f"{s['budget_mb']:.3f} MB, predicted error {s['predicted_error']:.4g}")
-        print(f"wrote {out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
+        print(f"wrote {a.out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
     return 0
 
 
 def cmd_calibrate(a) -> int:
-    from edgeq.imatrix import imatrix_from_calibration, write_imatrix
-    from edgeq.passes import Context
-    from edgeq.passes.calibrate import calibrate
-    from edgeq.pipeline import import_and_merge
-    from edgeq.progress import make_progress
-
-    out = Path(a.out)
-    if out.parent.exists() and not out.parent.is_dir():
-        raise EdgeqError(out.parent, "is a file")
-    _, graph = import_and_merge(a.model, a.adapter or [], Context(backend="gguf"))
-    cal = calibrate(graph, n_windows=a.calib_windows, progress=make_progress(a.quiet))
-    im = imatrix_from_calibration(graph, cal)
-    write_imatrix(out, im)
+    im, info = api.calibrate(a.out, a.model, a.adapter or [], a.calib_windows, progress=make_progress(a.quiet))
     if not a.quiet:
-        print(f"wrote {out}: llama.cpp imatrix, {len(im.entries)} entries from {cal.info.get('tokens')} tokens "
+        print(f"wrote {a.out}: llama.cpp imatrix, {len(im.entries)} entries from {info.get('tokens')} tokens "
               f"({im.chunk_count} chunks of {im.chunk_size})")
     return 0
 
 
 def cmd_run(a) -> int:
-    from edgeq import runtime
-
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
         if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
@@ -147,10 +98,7 @@ def cmd_run(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from edgeq.evaluate_bundle import evaluate_bundle
-    from edgeq.progress import make_progress
-
-    res = evaluate_bundle(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
+    res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
                           record=not a.no_record, device=a.device,
                           progress=make_progress(a.quiet))
@@ -171,9 +119,7 @@ def cmd_eval(a) -> int:
 
 
 def cmd_inspect(a) -> int:
-    from edgeq.inspect import inspect_path
-
-    info = inspect_path(a.path)
+    info = api.inspect(a.path)
     if a.json:
         print(json.dumps(info, sort_keys=True))
     else:
@@ -183,8 +129,6 @@ def cmd_inspect(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgeq.targets.profiles import PROFILES
-
     p = argparse.ArgumentParser(prog="edgeq", description="edge-deployment compiler")
     p.add_argument("--version", action="version", version=f"edgeq {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -202,12 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
-        sp.add_argument("--backend", choices=["gguf", "onnx", "tvm", "all"],
+        sp.add_argument("--backend", choices=[*TARGETS, "all"],
                         help="runtime family (default: the profile's choice); all: one artifact per backend the "
                              "model kind supports")
-        sp.add_argument("--quant", help="preset, e.g. f32 f16 q8_0 q6_k q5_k_m q4_k_m q4_0 q3_k_m q2_k (gguf); "
-                                        "f32 f16 int8 int8-dyn int4 int4-asym (onnx); f32 f16 int8 int4 (tvm); with "
-                                        "--backend all one per backend: gguf=q4_0,onnx=int4")
+        sp.add_argument("--quant", help="preset: " + "; ".join(f"{' '.join(t.presets)} ({t.name})"
+                                                               for t in TARGETS.values())
+                        + "; with --backend all one per backend, e.g. gguf=q4_0,onnx=int4")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
@@ -310,8 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
-
-    from edgeq.devices.cli import add_device_parser
 
     add_device_parser(sub)
     return p

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from edgeq.ir import Graph
+from edgeq.core.ir import Graph
 
 CNN_OPS = ("conv2d", "relu", "relu6", "max_pool2d", "avg_pool2d", "global_avg_pool", "flatten", "linear", "add")
 WEIGHT_OPS = ("conv2d", "linear")

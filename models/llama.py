@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph, Node, Tensor, Value, checked_weights
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph, Node, Tensor, Value, checked_weights
 
 
 @dataclass(frozen=True)
@@ -214,10 +214,19 @@ def gguf_hparams(cfg: LlamaConfig) -> dict[str, Any]:
     return kv
 
 
+def llama3_freq_factors(inv: np.ndarray, s: dict) -> np.ndarray:
+    """Llama 3.1's per-frequency divisors (what GGUF stores as rope_freqs.weight)."""
+    old_ctx = s["original_max_position_embeddings"]
+    low_wl = old_ctx / s["low_freq_factor"]
+    high_wl = old_ctx / s["high_freq_factor"]
+    wl = 2 * np.pi / inv
+    smooth = (old_ctx / wl - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    mid = 1.0 / ((1 - smooth) / s["factor"] + smooth)
+    return np.where(wl < high_wl, 1.0, np.where(wl > low_wl, s["factor"], mid))
+
+
 def llama3_rope_freqs(cfg: LlamaConfig) -> np.ndarray:
     """llama.cpp's representation of llama3 RoPE scaling: the per-frequency divisors, float32 (head_dim/2,)."""
-    from edgeq.executor import llama3_freq_factors
-
     d = cfg.head_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
     return llama3_freq_factors(inv, cfg.rope_scaling).astype(np.float32)

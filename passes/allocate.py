@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.plan import Plan, TensorPlan
 
 MB = 1_000_000
 EXACT_TRIES = 4

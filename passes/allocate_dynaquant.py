@@ -36,12 +36,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.passes.allocate import Allocation, budget_error, fit_exact_bytes, min_feasible_bytes, plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 # format -> (bits, block, asymmetric): the proxy each candidate is trained with
 PROXY = {
@@ -70,7 +70,7 @@ ESTIMATORS: dict[str, Callable] = {"ste": ste_round}
 
 
 def _proxy(fmt: str, bits_per_weight: float) -> tuple[int, int, bool] | None:
-    from edgeq.formats import NBITS
+    from edgeq.core.formats import NBITS
 
     if fmt in FLOAT:
         return None
@@ -138,7 +138,7 @@ def _factor(stats, cols: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _groups(graph: Graph, table: CostTable, calibration, k: int, torch) -> list[_Group]:
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
 
     by: dict[tuple, list[str]] = {}
     for name, opts in table.options.items():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.plan import Plan, TensorPlan
 
 
 class ApplyRules(Pass):

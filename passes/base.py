@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from edgeq.ir import Graph
-from edgeq.plan import Plan
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
 
 
 @dataclass

@@ -25,10 +25,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.cache import cache_dir
+from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import sha256_file, sha256_source
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
+from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix
+from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
 
 CALIBRATION_VERSION = 1
 DEFAULT_WINDOWS = 4
@@ -113,14 +117,6 @@ class Calibration:
         return cls(inputs, meta["weight_input"], counts, meta["info"])
 
 
-def cache_dir() -> Path | None:
-    """Where calibrations are cached (EDGEQ_CACHE; 'off' disables caching)."""
-    root = os.environ.get("EDGEQ_CACHE")
-    if root == "off":
-        return None
-    return Path(root) if root else Path.home() / ".cache" / "edgeq"
-
-
 def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool) -> list[list[int]]:
     """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix."""
     available = len(tokens) // ctx
@@ -140,7 +136,7 @@ def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int
 def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_FULL,
             progress: Callable | None = None) -> Calibration:
     """Run the windows through the reference executor and accumulate every linear input's moments."""
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
 
     inputs: dict[str, InputStats] = {}
     weight_input: dict[str, str] = {}
@@ -197,8 +193,8 @@ def _embedding_name(graph: Graph) -> str:
 def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
     """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
     from edgeq.importers.loader import graph_tokenizer_spec
-    from edgeq.texts import calibration_text
-    from edgeq.tokenizer import build_tokenizer, encode
+    from edgeq.evaluate.texts import calibration_text
+    from edgeq.runtime.tokenizer import build_tokenizer, encode
 
     spec = graph_tokenizer_spec(graph)
     tok = build_tokenizer(spec)
@@ -209,8 +205,6 @@ def source_digest(graph: Graph) -> str:
     """SHA-256 of the source file or folder when there is one (with the merged adapters), else of the weights."""
     src = graph.metadata.get("source_path")
     if src and Path(src).exists():
-        from edgeq.fsutil import sha256_source
-
         digest = sha256_source(src)
         adapters = graph.metadata.get("adapters")
         if adapters:     # a merged adapter changes every statistic downstream of it
@@ -227,7 +221,7 @@ def source_digest(graph: Graph) -> str:
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
               progress: Callable | None = None, use_cache: bool = True) -> Calibration:
     """Calibration statistics for `graph`, from the cache when the same ones were computed before."""
-    from edgeq.texts import CALIBRATION_TEXT_NAME, calibration_text
+    from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_text
 
     text_sha = hashlib.sha256(calibration_text().encode()).hexdigest()
     src = source_digest(graph)
@@ -252,6 +246,49 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     return cal
 
 
+def imatrix_from_calibration(graph, cal) -> Imatrix:
+    """A llama.cpp imatrix from edgeq's calibration (raw sums and token counts, GGUF names)."""
+    entries = {}
+    for weight, key in cal.weight_input.items():
+        t = graph.weights[weight]
+        s = cal.inputs[key]
+        entries[t.alias or llama.gguf_name(weight)] = ImatrixEntry(s.sum_sq.astype(np.float32), np.array([s.n]))
+    info = cal.info
+    return Imatrix(entries, [str(info.get("text", "edgeq calibration text"))], int(info.get("windows", 0)),
+                   int(info.get("ctx", 0)))
+
+
+def calibration_from_imatrix(graph, im: Imatrix, source: str | os.PathLike | None = None):
+    """A diagonal-only Calibration from an imatrix, keyed by the graph's canonical names.
+
+    Entries for tensors the model does not have, or of the wrong width, are an
+    error (llama-quantize refuses a size mismatch too); weights without an
+    entry are quantized without an importance matrix, as llama.cpp does.
+    """
+    by_alias = {(t.alias or llama.gguf_name(n)): n for n, t in graph.weights.items() if len(t.shape) == 2}
+    inputs, weight_input = {}, {}
+    for name, e in im.entries.items():
+        canonical = by_alias.get(name)
+        if canonical is None:
+            raise EdgeqError(source, f"imatrix entry {name} names no 2-D weight of this model")
+        width = graph.weights[canonical].shape[-1]
+        if e.counts.size != 1 or e.sums.size != width:
+            raise EdgeqError(source, f"imatrix entry {name} has {e.sums.size} values, the weight has {width} columns")
+        if e.counts[0] > 0:
+            n, sums = int(e.counts[0]), e.sums.astype(np.float64)
+        else:                                   # nothing counted: llama.cpp uses ones
+            n, sums = 1, np.ones(width)
+        key = f"file:{name}"
+        inputs[key] = InputStats(n, sums, None)
+        weight_input[canonical] = key
+    info = {"source": "imatrix file", "path": None if source is None else os.fspath(source),
+            "datasets": im.datasets, "chunk_count": im.chunk_count, "chunk_size": im.chunk_size,
+            "legacy_format": im.legacy, "entries": len(im.entries)}
+    if source is not None:
+        info["sha256"] = sha256_file(source)
+    return Calibration(inputs, weight_input, None, info)
+
+
 class Calibrate(Pass):
     """Analysis pass: puts a `Calibration` in ctx.analysis['calibration'] (the plan is unchanged)."""
 
@@ -266,8 +303,6 @@ class Calibrate(Pass):
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if self.imatrix_file:
-            from edgeq.imatrix import calibration_from_imatrix, read_imatrix
-
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
             cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress)
@@ -277,7 +312,7 @@ class Calibrate(Pass):
 
 
 def takes_imatrix(plan) -> bool:
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
 
     return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
 

@@ -16,13 +16,33 @@ from dataclasses import replace
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import Executor
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_sentences
+from edgeq.importers.hf_bert import encoder_tokenizer
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
+from edgeq.passes.calibrate import calibration_tokens, calibration_windows
+from edgeq.core.plan import Plan
 
-STATIC_FORMATS = ("int8",)
+def needs_ranges(plan: Plan) -> bool:
+    """Whether any of the plan's formats quantizes activations with a range calibrated ahead (static INT8)."""
+    return any(get_format(d.format).static_activations for d in plan.tensors.values())
+
+
+def text_inputs(graph: Graph, n: int = 128) -> tuple[list[np.ndarray], str]:
+    """The default calibration inputs of a text model: sentences of the calibration text for an encoder,
+    512-token windows of it for a decoder (never the evaluation half)."""
+    if graph.kind == "encoder":
+        tok = encoder_tokenizer(graph)
+        return [np.array(tok.encode(s).ids, dtype=np.int64) for s in calibration_sentences(n)], \
+            f"{n} sentences of pydoc_data.topics (even-indexed topics)"
+    if graph.kind == "decoder":
+        tokens, bos, add_bos = calibration_tokens(graph)
+        wins = calibration_windows(tokens, 512, 4, bos, add_bos)
+        return [np.array(w, dtype=np.int64) for w in wins], f"{len(wins)} windows of 512 tokens of {CALIBRATION_TEXT_NAME}"
+    raise EdgeqError(None, f"no default calibration data for {graph.kind} models; pass calibration inputs")
 
 
 class CalibrateRanges(Pass):
@@ -58,7 +78,7 @@ class CalibrateRanges(Pass):
             return self._run_cnn(graph, plan, ctx)
         multiplied = {n.inputs[1] for n in graph.nodes if n.op == "linear"}
         wanted = {n for n, d in plan.tensors.items()
-                  if d.format in STATIC_FORMATS and d.act_range is None and n in multiplied}
+                  if get_format(d.format).static_activations and d.act_range is None and n in multiplied}
         if not wanted:
             ctx.record(self.name, tensors=0)
             return graph, plan
@@ -120,7 +140,7 @@ class CalibrateRanges(Pass):
         Ranges already in the plan are kept as they are (an activation the plan leaves out stays float)."""
         from edgeq.models.cnn import quantized_activations
 
-        if plan.activations is not None or not any(d.format in STATIC_FORMATS for d in plan.tensors.values()):
+        if plan.activations is not None or not needs_ranges(plan):
             ctx.record(self.name, activations=0)
             return graph, plan
         self._check(graph)

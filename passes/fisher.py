@@ -35,10 +35,10 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 
 def _torch():
@@ -52,7 +52,7 @@ def _torch():
 def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
     """The IR's decoder ops in torch (mirrors edgeq/executor.py); linear outputs are kept with their grads.
     `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
-    from edgeq.executor import rope_inv_freq
+    from edgeq.core.executor import rope_inv_freq
 
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
     for node in graph.nodes:

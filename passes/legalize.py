@@ -1,19 +1,20 @@
 """legalize: make every decision writable by the backend, the way its runtime would.
 
-A type a tensor's shape cannot carry falls back (llama.cpp's own fallback
-table for GGUF), and the plan records both the requested and the written
-format with the reason, so a plan never silently lies about what shipped.
+A format a tensor's shape cannot carry falls back along the registry's chain
+(llama.cpp's own fallback table for GGUF types), and the plan records both
+the requested and the written format with the reason, so a plan never
+silently lies about what shipped. A format with no fallback is an error.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import get_format
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format, shape_fallback
+from edgeq.core.ir import Graph
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 
 class Legalize(Pass):
@@ -32,16 +33,13 @@ class Legalize(Pass):
                     d = replace(d, format="f32", requested=d.format, reason=f"1-D tensors stay f32 (asked {fmt.name})")
                 tensors[name] = d
                 continue
-            if ctx.backend == "gguf":
-                from edgeq.targets.gguf.presets import fallback_type
-
-                written, why = fallback_type(fmt.name, t.shape[-1])
-                if written != fmt.name:
-                    fallbacks += 1
-                    d = replace(d, format=written, requested=d.requested or fmt.name,
-                                reason=f"{d.reason}; {why}" if d.reason else why)
-            elif not fmt.can_carry(t.shape):
-                raise EdgeqError(None, f"format {fmt.name} cannot carry {name} of shape {t.shape}")
+            if not fmt.can_carry(t.shape):
+                if fmt.fallback is None:
+                    raise EdgeqError(None, f"format {fmt.name} cannot carry {name} of shape {t.shape}")
+                written, why = shape_fallback(fmt.name, t.shape[-1])      # as the runtime demotes it
+                fallbacks += 1
+                d = replace(d, format=written, requested=d.requested or fmt.name,
+                            reason=f"{d.reason}; {why}" if d.reason else why)
             tensors[name] = d
         ctx.record(self.name, fallbacks=fallbacks)
         return graph, replace(plan, tensors=tensors)

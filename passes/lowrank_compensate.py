@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.passes.base import Pass
 
 SCALINGS = ("exact", "diag", "identity")
@@ -143,15 +143,6 @@ def branch_costs(e: np.ndarray, a: np.ndarray, b: np.ndarray, ranks: list[int], 
     return out
 
 
-def branch_bytes(gguf_name: str, shape: tuple[int, int], rank: int) -> int:
-    """Bytes a rank-`rank` F16 branch of a (out, in) weight adds to the adapter GGUF: data and tensor infos."""
-    from edgeq.targets.gguf.writer import padded
-
-    out_dim, in_dim = shape
-    info = sum(8 + len(f"{gguf_name}.{ab}".encode()) + 4 + 2 * 8 + 4 + 8 for ab in ("lora_a", "lora_b"))
-    return padded(2 * rank * in_dim) + padded(2 * out_dim * rank) + info
-
-
 def compute_branches(graph, plan, calibration, mode: str = "exact", k_max: int | None = None,
                      progress=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The branch of every tensor the plan gives a rank, against the error of the format the plan writes.
@@ -159,7 +150,7 @@ def compute_branches(graph, plan, calibration, mode: str = "exact", k_max: int |
     `k_max` is the largest rank the sensitivity pass decomposed for: branches are prefixes of that
     decomposition, so the branch written is the one whose cost the allocator saw.
     """
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
 
     todo = [n for n, t in plan.tensors.items() if t.rank and n in graph.weights]
     if not todo:

@@ -26,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
-from edgeq.ir import Graph, Tensor
+from edgeq.core.ir import Graph, Tensor
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -223,7 +223,7 @@ def _pattern_value(patterns: dict[str, Any], key: str, default):
 
 def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     """Validate an adapter folder against the base graph; nothing is loaded but headers and the config."""
-    from edgeq.fsutil import sha256_file
+    from edgeq.core.fs import sha256_file
 
     path_s, weight = parse_adapter_arg(arg) if isinstance(arg, str) else arg
     folder = Path(path_s)

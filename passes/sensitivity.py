@@ -31,60 +31,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import FORMATS, Format, get_format
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format, candidate_formats
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout
 from edgeq.passes.base import Context, Pass
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
 BRANCH_MAX_BPW = 7.0          # a low-rank branch is considered only on formats below this (not f16/q8_0)
-
-
-def zero_weights(graph: Graph) -> Graph:
-    """The graph with zero matrices, for size models that run the real lowering: sizes (and TVM's kernels) do
-    not depend on values, and no source weight is read."""
-    zeros = {n: replace(t, load=functools.partial(np.zeros, t.shape, np.float32)) if len(t.shape) == 2 else t
-             for n, t in graph.weights.items()}
-    return replace(graph, weights=zeros)
-
-
-@dataclass
-class FileLayout:
-    """What `bytes` means for one backend: what each decision adds to the files it writes.
-
-    One per backend (targets/<backend>/layout.py), so that candidates, costs and budgets follow one code path
-    whatever the backend. `exact_bytes`, where a backend's sizes are not exactly additive (ONNX node names),
-    gives the true size of a whole plan's files; the allocator then checks its plan against it.
-    """
-
-    backend: str
-    overhead: int                                        # bytes no decision changes (headers, 1-D tensors, graph)
-    tensor_bytes: Callable[[str, tuple, Format], int]    # (weight, shape, format) -> bytes in the files
-    branch_bytes: Callable[[str, tuple, int], int]       # (weight, shape, rank) -> bytes of a rank-r branch
-    branch_overhead: int = 0                             # spent once when any branch is chosen (GGUF: adapter file)
-    key: str = ""                                        # identifies the size model in cache keys
-    exact_bytes: Callable[[Any], int] | None = None      # plan -> bytes of all its model files
-
-    @classmethod
-    def from_tables(cls, backend: str, overhead: int, table: dict[tuple[str, str], int],
-                    branch_table: dict[tuple[str, int], int], key: str,
-                    exact_bytes: Callable[[Any], int] | None = None) -> "FileLayout":
-        """A layout whose per-tensor bytes were sized ahead, per (weight, format) and (weight, rank), by running
-        the backend's real lowering (ONNX, TVM): asking for anything else is a sizing bug, said as such."""
-
-        def tensor_bytes(name: str, shape: tuple, fmt: Format) -> int:
-            if (name, fmt.name) not in table:
-                raise EdgeqError(None, f"format {fmt.name} was not sized for {name} {tuple(shape)}")
-            return table[(name, fmt.name)]
-
-        def branch_bytes(name: str, shape: tuple, rank: int) -> int:
-            if (name, rank) not in branch_table:
-                raise EdgeqError(None, f"no rank-{rank} branch was sized for {name}")
-            return branch_table[(name, rank)]
-
-        return cls(backend, overhead, tensor_bytes, branch_bytes, key=key, exact_bytes=exact_bytes)
 
 
 @dataclass
@@ -127,28 +83,6 @@ class CostTable:
     def from_json(cls, d: dict[str, Any]) -> "CostTable":
         return cls({k: [Option(**o) for o in v] for k, v in d["options"].items()}, d["fixed_bytes"], d["n_params"],
                    d.get("info", {}))
-
-
-def candidate_formats(backend: str, names: list[str] | None = None, path=None) -> list[Format]:
-    """The registry's formats for `backend` (those with a reference quantizer), or the named subset.
-
-    Formats that also quantize activations (ONNX int8 / int8_dyn: one range per tensor) are not candidates:
-    the cost here is the weights' error alone, and on a decoder the activation error dominates (SmolLM2's
-    down_proj inputs: KLD 0.84, targets/onnx/presets.py)."""
-    if names:
-        out = []
-        for n in names:
-            f = get_format(n.strip(), path)
-            if backend not in f.backends:
-                raise EdgeqError(path, f"format {f.name} is not carried by backend {backend}")
-            if f.quantizes_activations:
-                raise EdgeqError(path, f"format {f.name} quantizes activations too; a budgeted plan chooses among "
-                                       "weight formats (their error is what the sensitivity pass measures)")
-            if f not in out:
-                out.append(f)
-        return out
-    return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None
-            and not f.quantizes_activations]
 
 
 def output_error(dw: np.ndarray, cov32: np.ndarray | None, diag: np.ndarray | None,
@@ -325,7 +259,7 @@ class Sensitivity(Pass):
                                   ctx.analysis.get("fisher"))
             if path is not None:
                 try:
-                    from edgeq.fsutil import atomic_write_text
+                    from edgeq.core.fs import atomic_write_text
 
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(path, json.dumps(table.to_json()))
@@ -337,7 +271,8 @@ class Sensitivity(Pass):
         return graph, plan
 
     def _cache_path(self, graph: Graph, cal, fmts: list[Format]):
-        from edgeq.passes.calibrate import cache_dir, source_digest
+        from edgeq.core.cache import cache_dir
+        from edgeq.passes.calibrate import source_digest
 
         root = cache_dir() if self.use_cache else None
         if root is None:

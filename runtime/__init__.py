@@ -24,7 +24,7 @@ class Session:
     """A loaded bundle: tokenizer plus one backend."""
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
-        from edgeq.tokenizer import stop_ids
+        from edgeq.runtime.tokenizer import stop_ids
 
         self.bundle = bundle
         self.manifest = manifest
@@ -47,7 +47,7 @@ class Session:
         return self.backend.logits([int(t) for t in token_ids])
 
     def chat_prompt(self, message: str) -> str:
-        from edgeq.tokenizer import render_chat
+        from edgeq.runtime.tokenizer import render_chat
 
         return render_chat(self.spec, [{"role": "user", "content": message}], add_generation_prompt=True)
 
@@ -86,7 +86,7 @@ class Session:
 def _spec(bundle: Path, manifest: dict[str, Any]):
     import json
 
-    from edgeq.tokenizer import spec_from_json
+    from edgeq.runtime.tokenizer import spec_from_json
 
     spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
     return spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")), spec_file)

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgeq.errors import EdgeqError
-from edgeq.fsutil import sha256_file
+from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import sha256_file
 
 BUNDLE_FORMAT = "edgeq-bundle"
 BUNDLE_VERSION = 1

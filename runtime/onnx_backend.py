@@ -102,7 +102,7 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
-        from edgeq.tokenizer import build_tokenizer
+        from edgeq.runtime.tokenizer import build_tokenizer
 
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx

@@ -144,7 +144,7 @@ def execute(work: Path) -> dict[str, Any]:
         req = json.loads((work / "request.json").read_text(encoding="utf-8"))
         resp: dict[str, Any] = {"ok": True, **_run_op(req, work, out)}
     except Exception as exc:       # reported to the host as one line, whatever it is
-        from edgeq.errors import EdgeqError
+        from edgeq.core.errors import EdgeqError
 
         msg = str(exc) if isinstance(exc, EdgeqError) else f"{type(exc).__name__}: {exc}"
         resp = {"ok": False, "error": msg.splitlines()[0] if msg else type(exc).__name__,

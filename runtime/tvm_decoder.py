@@ -19,7 +19,7 @@ class TvmDecoderBackend(TokenizerText):
     name = "tvm"
 
     def __init__(self, session: TvmSession, spec, n_ctx: int):
-        from edgeq.tokenizer import build_tokenizer
+        from edgeq.runtime.tokenizer import build_tokenizer
 
         self.session = session
         tvm_spec = session.manifest["tvm"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeq.models.default import default_model_path
+from edgeq.models.recipes.default import default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def smollm_graph(smollm_path):
 @pytest.fixture(scope="session")
 def smollm_executor(smollm_graph):
     """One float executor of the default model (its weights dequantized once) for every reference below."""
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
 
     return Executor(smollm_graph)
 
@@ -57,7 +57,7 @@ def smollm_greedy(smollm_executor):
 @pytest.fixture(scope="session")
 def export_bundle(tmp_path_factory):
     """Export the default model once per (target, quant), uncalibrated, and reuse the bundle."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -75,7 +75,7 @@ def export_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm_spec(smollm_path, smollm_graph):
-    from edgeq.tokenizer import spec_from_gguf_metadata
+    from edgeq.runtime.tokenizer import spec_from_gguf_metadata
 
     return spec_from_gguf_metadata(smollm_graph.metadata["gguf"], smollm_path)
 
@@ -84,7 +84,7 @@ def smollm_spec(smollm_path, smollm_graph):
 def smollm_hf_dir(tmp_path_factory, smollm_graph, smollm_spec) -> Path:
     """SmolLM2 as a Hugging Face folder: the default model's dequantized weights (float32, exact), its config
     and a tokenizer.json built from its GGUF tokenizer."""
-    from edgeq.models.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
 
     return graph_to_hf_folder(smollm_graph, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
                               dtype="F32", shard_bytes=200 * 2**20)
@@ -101,7 +101,7 @@ def minilm():
 @pytest.fixture(scope="session")
 def minilm_reference(minilm):
     """MiniLM's float reference embeddings, cached by token ids: every backend's evaluation shares them."""
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
 
     ex = Executor(minilm)
 
@@ -116,8 +116,8 @@ def minilm_reference(minilm):
 def tiny_decoder_dir(tmp_path_factory) -> Path:
     """A small tied Llama as a Hugging Face folder (byte-level tokenizer, 512 positions): the synthetic model
     the ONNX and TVM decoder and budget tests export through the pipeline."""
-    from edgeq.models.hf_folder import graph_to_hf_folder
-    from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 
     cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
     return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("tiny-decoder") / "m",

@@ -32,7 +32,7 @@ def greedy_cached(backend, prompt: list[int], n: int) -> list[int]:
 def check_smollm_f32_fidelity(bundle: Path, backend: str, reference_logits) -> None:
     """An f32 bundle of SmolLM2 scores the evaluation text like the reference executor (8 chunks, >= 2,000
     tokens): mean KLD <= 1e-4 and top-1 agreement >= 0.999."""
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = evaluate_bundle(bundle, chunks=8, record=False, reference_logits=reference_logits)
     assert res["backend"] == backend and res["n_tokens_scored"] >= 2000

@@ -17,14 +17,14 @@ peft = pytest.importorskip("peft")
 
 import llama_cpp
 
-from edgeq.evaluation import log_softmax64
-from edgeq.fsutil import sha256_file
+from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.fs import sha256_file
 from edgeq.importers.hf import import_hf
-from edgeq.models.hf_folder import graph_to_hf_folder
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 from edgeq.passes import Context
 from edgeq.passes.merge_adapters import MergeAdapters, parse_adapter_arg
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 
@@ -351,7 +351,7 @@ def test_bad_weight_and_plan_takes_adapters(untied, good_adapter, tmp_path):
 
 
 def test_adapters_need_a_decoder(good_adapter, tmp_path):
-    from edgeq.models.minilm import minilm_path
+    from edgeq.models.recipes.minilm import minilm_path
 
     try:
         encoder = minilm_path()

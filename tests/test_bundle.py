@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from edgeq import runtime
-from edgeq.pipeline import ExportOptions, export
-from edgeq.reference import compare_logits, read_reference
+from edgeq.api import ExportOptions, export
+from edgeq.bundle.reference import read_reference
+from edgeq.evaluate.decoder import compare_logits
 from edgeq.runtime.manifest import BundleError
 
 DETERMINISTIC = ["model.gguf", "manifest.json", "tokenizer_spec.json"]

@@ -51,7 +51,7 @@ def test_run_chat_answers_and_stops(android):
 
 def test_eval_json_is_one_flat_object(android, tmp_path):
     out, _ = android
-    from edgeq.texts import evaluation_text
+    from edgeq.evaluate.texts import evaluation_text
 
     text = tmp_path / "held_out.txt"
     text.write_text(evaluation_text()[:20000])

@@ -20,10 +20,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from edgeq.errors import EdgeqError  # noqa: E402
-from edgeq.executor import Executor  # noqa: E402
+from edgeq.core.errors import EdgeqError  # noqa: E402
+from edgeq.core.executor import Executor  # noqa: E402
 from edgeq.importers.torch_export import import_exported_program, import_module, import_pt2  # noqa: E402
-from edgeq.models.digits import accuracy, train_digits_cnn  # noqa: E402
+from edgeq.models.recipes.digits import accuracy, train_digits_cnn  # noqa: E402
 
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 
@@ -230,7 +230,7 @@ def test_f32_and_f16_bundles_match_the_reference(digits, digits_graph, digits_bu
 
 
 def test_int8_within_one_point_of_float_on_held_out_digits(digits, digits_graph, digits_bundles, digits_files):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     _, data = digits
     ex = Executor(digits_graph)
@@ -355,7 +355,7 @@ def test_a_plan_keeps_an_activation_float(digits, digits_graph, tmp_path):
 
 
 def test_int8_conv_weights_count_one_scale_per_output_channel(digits_graph, digits_bundles):
-    from edgeq.formats import get_format
+    from edgeq.core.formats import get_format
 
     fmt = get_format("int8")
     w = digits_graph.weights["block.conv1.weight"].numpy()                  # (16, 16, 3, 3)
@@ -395,7 +395,7 @@ def test_cli_plan_for_a_cnn_records_the_activation_ranges(digits_files, tmp_path
 
 
 def test_inspect_describes_a_pt2_and_a_cnn_bundle(digits_files, digits_bundles):
-    from edgeq.inspect import inspect_path
+    from edgeq.bundle.inspect import inspect_path
 
     info = inspect_path(digits_files / "digits.pt2")
     assert info["classes"] == 10 and info["ops"]["conv2d"] == 4

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeq.evaluate_bundle import evaluate_bundle
-from edgeq.evaluation import evaluate, windows
+from edgeq.evaluate.bundle import evaluate_bundle
+from edgeq.evaluate.decoder import evaluate, windows
 
 
 def test_windows_follow_llama_perplexity():

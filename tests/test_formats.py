@@ -7,9 +7,9 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from edgeq import ggml
-from edgeq.errors import EdgeqError
-from edgeq.formats import FORMATS, formats_for, get_format
+from edgeq.core import ggml
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import FORMATS, formats_for, get_format
 
 GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
 

@@ -31,13 +31,13 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from edgeq.errors import EdgeqError
-from edgeq.models.default import default_model_path
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import shape_fallback
+from edgeq.models.recipes.default import default_model_path
 from edgeq.targets.gguf.presets import (
     GGUF_PRESETS,
     PresetChoice,
     TensorInfo,
-    fallback_type,
     llama_cpp_order,
     preset_file_type,
     preset_types,
@@ -291,20 +291,20 @@ def test_deep_llama_paths(deep_llama: F32Model) -> None:
     assert q4_k_s["blk.40.ffn_down.weight"].requested == "q4_k"
 
 
-def test_fallback_type() -> None:
-    assert fallback_type("q4_k", 512) == ("q4_k", None)
-    assert fallback_type("q4_k", 576)[0] == "q5_0"
-    assert fallback_type("q5_k", 576)[0] == "q5_1"
-    assert fallback_type("q6_k", 576)[0] == "q8_0"
-    assert fallback_type("q2_k", 576)[0] == "q4_0"
-    assert fallback_type("q3_k", 576)[0] == "q4_0"
-    assert fallback_type("q4_k", 208)[0] == "f16"  # q5_0 does not fit either
-    assert fallback_type("q8_0", 208)[0] == "f16"
-    assert fallback_type("f16", 7) == ("f16", None)
-    t, why = fallback_type("Q6_K", 576)
+def test_shape_fallback() -> None:
+    assert shape_fallback("q4_k", 512) == ("q4_k", None)
+    assert shape_fallback("q4_k", 576)[0] == "q5_0"
+    assert shape_fallback("q5_k", 576)[0] == "q5_1"
+    assert shape_fallback("q6_k", 576)[0] == "q8_0"
+    assert shape_fallback("q2_k", 576)[0] == "q4_0"
+    assert shape_fallback("q3_k", 576)[0] == "q4_0"
+    assert shape_fallback("q4_k", 208)[0] == "f16"  # q5_0 does not fit either
+    assert shape_fallback("q8_0", 208)[0] == "f16"
+    assert shape_fallback("f16", 7) == ("f16", None)
+    t, why = shape_fallback("Q6_K", 576)
     assert t == "q8_0" and "576" in why and "256" in why
     with pytest.raises(EdgeqError):
-        fallback_type("q9_z", 256)
+        shape_fallback("q9_z", 256)
 
 
 def test_file_types_match_llama_h() -> None:

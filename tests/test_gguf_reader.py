@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.importers.gguf_metadata import open_gguf, read_metadata
 
 

@@ -10,15 +10,15 @@ import pytest
 import llama_cpp
 from gguf import GGUFReader
 
-from edgeq.evaluation import log_softmax64
-from edgeq.executor import Executor
-from edgeq.formats import get_format
+from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
 from edgeq.importers.gguf import import_gguf
 from edgeq.models import llama
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
-from edgeq.plan import Plan, TensorPlan
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.gguf import write_gguf
-from edgeq.tokenizer import spec_to_json
+from edgeq.runtime.tokenizer import spec_to_json
 
 MIXED = ["q8_0", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "q5_0", "q5_1", "q4_0", "q4_1", "f16", "bf16", "f32"]
 
@@ -140,7 +140,7 @@ def _imatrix_params(ftype: int, importance: dict[str, np.ndarray]):
 @pytest.fixture(scope="module")
 def random_imatrix_file(smollm_graph, tmp_path_factory):
     """An importance matrix for every 2-D weight of SmolLM2 (GGUF names), heavy-tailed like real ones."""
-    from edgeq.imatrix import Imatrix, ImatrixEntry, write_imatrix
+    from edgeq.importers.imatrix import Imatrix, ImatrixEntry, write_imatrix
 
     rng = np.random.default_rng(0)
     entries = {t.alias: ImatrixEntry((rng.lognormal(0, 2, t.shape[-1]) * 100).astype(np.float32), np.array([100]))
@@ -154,8 +154,8 @@ def random_imatrix_file(smollm_graph, tmp_path_factory):
 def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, export_bundle, random_imatrix_file, tmp_path):
     """With the same importance matrix, edgeq's export is llama_model_quantize's with params.imatrix, byte for byte
     (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1)."""
-    from edgeq.imatrix import read_imatrix
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.importers.imatrix import read_imatrix
+    from edgeq.api import ExportOptions, export
     from edgeq.targets.gguf.presets import preset_file_type
 
     ours_dir = tmp_path / "ours"

@@ -11,17 +11,17 @@ import pytest
 import llama_cpp
 from gguf import GGUFReader
 
-from edgeq.errors import EdgeqError
-from edgeq.evaluation import log_softmax64
-from edgeq.executor import Executor
+from edgeq.core.errors import EdgeqError
+from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.executor import Executor
 from edgeq.importers.hf import import_hf
 from edgeq.importers.hf_tokenizer import spec_from_hf_folder
 from edgeq.importers.safetensors_io import SafetensorsFile, write_safetensors
 from edgeq.models import llama
-from edgeq.models.hf_folder import graph_to_hf_folder, write_tokenizer
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
-from edgeq.pipeline import ExportOptions, export
-from edgeq.tokenizer import build_tokenizer, encode
+from edgeq.models.recipes.hf_folder import graph_to_hf_folder, write_tokenizer
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.api import ExportOptions, export
+from edgeq.runtime.tokenizer import build_tokenizer, encode
 
 
 def kld(ref, other) -> float:
@@ -358,7 +358,7 @@ def test_unexpected_and_missing_tensors(tmp_path):
     graph = random_llama(cfg, seed=1)
     names = list(graph.weights)
     folder = tmp_path / "m"
-    from edgeq.models.hf_folder import write_hf_folder
+    from edgeq.models.recipes.hf_folder import write_hf_folder
 
     write_hf_folder(folder, cfg, lambda n: graph.weights[n].numpy(), byte_level_spec(400), names=names[:-2])
     with pytest.raises(EdgeqError, match="checkpoint has no tensor"):
@@ -382,7 +382,7 @@ def test_tokenizer_json_from_a_gguf_spec_is_saved_by_tokenizers(smollm_spec, tmp
 
 
 def test_inspect_a_folder(small_folder):
-    from edgeq.inspect import inspect_path
+    from edgeq.bundle.inspect import inspect_path
 
     info = inspect_path(small_folder)
     assert info["kind"] == "hf" and info["model_type"] == "llama" and info["shards"] > 1

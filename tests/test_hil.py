@@ -39,7 +39,7 @@ def _flip_byte(bundle: Path, dst: Path) -> Path:
 def hil_bundles(tmp_path_factory):
     """Small bundles per backend, exported once: a tiny random Llama (gguf) and MiniLM int8 (onnx: the
     smallest encoder the ONNX target takes)."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     made: dict[tuple[str, str], Path] = {}
 
@@ -48,8 +48,8 @@ def hil_bundles(tmp_path_factory):
         if key not in made:
             root = tmp_path_factory.mktemp(f"hil-{backend}")
             if backend == "gguf":
-                from edgeq.models.hf_folder import graph_to_hf_folder
-                from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+                from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+                from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 
                 src = graph_to_hf_folder(random_llama(tiny_config(vocab_size=384), seed=1, scale=0.08),
                                          root / "tiny-llama", byte_level_spec(384))
@@ -58,7 +58,7 @@ def hil_bundles(tmp_path_factory):
                 export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant="int8", out=str(root / "b")))
             elif backend == "tvm":
                 try:
-                    from edgeq.models.synthetic import write_bert_folder
+                    from edgeq.models.recipes.synthetic import write_bert_folder
                 except ImportError:
                     pytest.skip("this edgeq has no TVM backend yet (issue 5)")
                 src = write_bert_folder(root / "tiny-bert")
@@ -127,7 +127,7 @@ def test_latency_against_the_host(edgeq_device, edgeq_backend, hil_bundles, host
 @pytest.fixture(scope="session")
 def real_bundles(tmp_path_factory):
     """The acceptance bundles: SmolLM2 for `android` (its default gguf preset)."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     made: dict[str, Path] = {}
 
@@ -188,7 +188,7 @@ def test_gguf_bundle_runs_and_tamper_is_refused(which, request, hil_bundles, tmp
 
 
 def test_unknown_device_is_one_clear_error():
-    from edgeq.errors import EdgeqError
+    from edgeq.core.errors import EdgeqError
 
     with pytest.raises(EdgeqError, match="unknown device 'phone'"):
         open_device("phone")

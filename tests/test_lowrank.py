@@ -134,10 +134,10 @@ def test_ilp_with_ranks_matches_brute_force(seed):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
-    from edgeq.plan import Plan, TensorPlan
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.core.plan import Plan, TensorPlan
     from edgeq.targets.gguf import write_gguf
-    from edgeq.tokenizer import spec_to_json
+    from edgeq.runtime.tokenizer import spec_to_json
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
     graph = random_llama(cfg, seed=7, scale=0.08)
@@ -153,11 +153,11 @@ def test_adapter_gguf_moves_llama_cpp_towards_the_float_reference(tiny_gguf, tmp
     (Quantization error of random weights is nearly white, so only a large rank shows a clear gain here.)
     """
     from edgeq import runtime
-    from edgeq.executor import Executor
+    from edgeq.core.executor import Executor
     from edgeq.importers.gguf import import_gguf
-    from edgeq.pipeline import ExportOptions, export
-    from edgeq.plan import Plan, TensorPlan
-    from edgeq.reference import compare_logits
+    from edgeq.api import ExportOptions, export
+    from edgeq.core.plan import Plan, TensorPlan
+    from edgeq.evaluate.decoder import compare_logits
     from edgeq.runtime.gguf_backend import LlamaCppBackend
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
@@ -197,7 +197,7 @@ def test_adapter_gguf_moves_llama_cpp_towards_the_float_reference(tiny_gguf, tmp
 
 def test_budget_counts_the_adapter(tiny_gguf, tmp_path, monkeypatch):
     """With --ranks the ILP may buy branches; model + adapter files stay within the budget and as planned."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     # (the plain output error: on this random tiny model the Fisher-weighted costs buy no branch at 3.6 bpw)
@@ -215,8 +215,8 @@ def test_budget_counts_the_adapter(tiny_gguf, tmp_path, monkeypatch):
 def test_dynaquant_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
     """A learned plan of real GGUF types fits the budget, nearly fills it, and predicts its file size."""
     pytest.importorskip("torch")
-    from edgeq.formats import FORMATS
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.core.formats import FORMATS
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     res = export(ExportOptions(model=str(tiny_gguf), bpw=4.5, method="dynaquant", out=str(tmp_path / "b"),
@@ -232,8 +232,8 @@ def test_dynaquant_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, monkeypatch):
-    from edgeq.errors import EdgeqError
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.core.errors import EdgeqError
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     with pytest.raises(EdgeqError, match="below the smallest feasible size"):
@@ -244,8 +244,8 @@ def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, mon
 # --- the export report's Pareto plot -----------------------------------------------------------------
 
 def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf, tmp_path, monkeypatch):
-    from edgeq.evaluate_bundle import evaluate_bundle
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.evaluate.bundle import evaluate_bundle
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     export(ExportOptions(model=str(tiny_gguf), quant="q4_0", out=str(tmp_path / "p"), calib_windows=2, check=False))
@@ -265,8 +265,8 @@ def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf
 
 def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
     torch = pytest.importorskip("torch")
-    from edgeq.executor import Executor
-    from edgeq.models.synthetic import random_llama, tiny_config
+    from edgeq.core.executor import Executor
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
     from edgeq.passes.fisher import _forward, output_fisher
     from edgeq.passes.sensitivity import output_error
 
@@ -292,8 +292,8 @@ def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
 
 def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    from edgeq.errors import EdgeqError
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.core.errors import EdgeqError
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", out=str(tmp_path / "b"),
@@ -316,7 +316,7 @@ def test_default_cost_is_fisher_with_torch_and_the_output_error_without(tiny_ggu
     pytest.importorskip("torch")
     import sys
 
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "b"), calib_windows=2, check=False))
@@ -334,7 +334,7 @@ def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second
     (tokens × channels) model of Σ_t Σ_o g²_{t,o} (Δw_o·x_t)²: exact when g² factorises, checked here on the
     interpreter's own gradients (one window: the same sampled tokens as output_fisher)."""
     torch = pytest.importorskip("torch")
-    from edgeq.models.synthetic import random_llama, tiny_config
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
     from edgeq.passes.fisher import _forward, output_fisher
     from edgeq.passes.sensitivity import output_error
 

@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import Executor
-from edgeq.formats import get_format
-from edgeq.imatrix import Imatrix, ImatrixEntry, calibration_from_imatrix, imatrix_from_calibration, read_imatrix, write_imatrix
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
+from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
+from edgeq.passes.calibrate import calibration_from_imatrix, imatrix_from_calibration
 from edgeq.importers.gguf import import_gguf
 from edgeq.models import llama
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 from edgeq.passes.allocate import fit_exact_bytes, min_feasible_bytes, solve_ilp
 from edgeq.passes.calibrate import Calibration, calibration_windows, collect
 from edgeq.passes.sensitivity import CostTable, Option, compute_costs, output_error
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.gguf import write_gguf
-from edgeq.tokenizer import spec_to_json
+from edgeq.runtime.tokenizer import spec_to_json
 
 
 # --- ILP against brute force ------------------------------------------------------------------
@@ -272,7 +273,7 @@ def test_output_error_is_the_measured_output_mse():
 
 
 def test_costs_use_the_bytes_and_round_trip_the_writer_uses(tiny):
-    from edgeq.passes.sensitivity import candidate_formats
+    from edgeq.core.formats import candidate_formats
     from edgeq.targets.gguf.layout import gguf_layout
     from edgeq.targets.gguf.writer import layout_overhead, padded
 

@@ -17,14 +17,14 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import Executor
-from edgeq.formats import NBITS, get_format
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.core.formats import NBITS, get_format
 from edgeq.models import llama
-from edgeq.models.synthetic import random_llama, tiny_config
-from edgeq.passes.sensitivity import candidate_formats
-from edgeq.plan import Plan, TensorPlan
-from edgeq.targets.onnx import lower_onnx
+from edgeq.models.recipes.synthetic import random_llama, tiny_config
+from edgeq.core.formats import candidate_formats
+from edgeq.core.plan import Plan, TensorPlan
+from edgeq.targets.onnx.lower import lower_onnx
 
 RANKS = [0, 8, 16]
 
@@ -143,9 +143,8 @@ def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     """One budgeted export with --ranks 0,8,16 (the ILP buys branches here), and the decision behind it."""
     import os
 
-    from edgeq.importers.loader import import_model
-    from edgeq.passes import Context
-    from edgeq.pipeline import ExportOptions, decide, export
+    from edgeq.api import ExportOptions, export
+    from edgeq.compile.pipeline import decisions
 
     old = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(cache)
@@ -153,8 +152,8 @@ def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
         opts = dict(bpw=6.0, ranks=RANKS, calib_windows=2)
         out = tmp_path_factory.mktemp("b") / "bundle"
         res = export(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", out=str(out), **opts))
-        graph = import_model(tiny_decoder_dir)
-        decision = decide(graph, "onnx", None, None, None, Context(backend="onnx"), ExportOptions(**opts))
+        graph, made = decisions(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", **opts))
+        decision = made["onnx"]
     finally:
         if old is None:
             os.environ.pop("EDGEQ_CACHE")
@@ -232,8 +231,8 @@ def test_dynaquant_plans_onnx_to_the_exact_budget(tiny_decoder_dir, cache, tmp_p
     from edgeq.importers.loader import import_model
     from edgeq.passes import Context
     from edgeq.passes.calibrate import Calibrate
-    from edgeq.pipeline import ExportOptions, export
-    from edgeq.plan import plan_from_json
+    from edgeq.api import ExportOptions, export
+    from edgeq.core.plan import plan_from_json
 
     monkeypatch.setenv("EDGEQ_CACHE", str(cache))
     res = export(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", out=str(tmp_path / "b"), bpw=6.0,

@@ -20,13 +20,13 @@ import onnxruntime as ort
 import pytest
 from decoder_checks import check_smollm_f32_fidelity, check_smollm_f32_greedy, greedy_cached, greedy_reference
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import Executor
-from edgeq.formats import get_format
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
 from edgeq.models import llama
-from edgeq.models.synthetic import random_llama, tiny_config
-from edgeq.plan import Plan, TensorPlan
-from edgeq.targets.onnx import lower_onnx
+from edgeq.models.recipes.synthetic import random_llama, tiny_config
+from edgeq.core.plan import Plan, TensorPlan
+from edgeq.targets.onnx.lower import lower_onnx
 
 LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -180,7 +180,7 @@ def test_padded_batch_gives_each_sequence_its_own_logits():
 # --- bundles through the pipeline, on a synthetic model ------------------------------------------------------
 
 def _export(model: Path, out: Path, **kw) -> dict:
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     return export(ExportOptions(model=str(model), out=str(out), **kw))
 
@@ -226,7 +226,7 @@ def test_onnx_generate_greedy_equals_the_executor_and_sampling_is_seeded(both, t
 
 
 def test_eval_on_onnx_decoder_gives_the_decoder_figures(both, tiny_decoder_dir, tmp_path):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     text = tmp_path / "t.txt"
     text.write_text("the rain in spain stays mainly in the plain. " * 60, encoding="utf-8")
@@ -299,7 +299,7 @@ def test_decoder_runtime_runs_without_torch(both):
 
 @pytest.fixture(scope="module")
 def smollm_onnx_f32(tmp_path_factory) -> Path:
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smol-onnx") / "f32"          # ~540 MB, once for the module
     # no export-time check: the tests below run the same bundle on far more tokens
@@ -310,7 +310,7 @@ def smollm_onnx_f32(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def smollm_q4_pair(tmp_path_factory) -> Path:
     """One bundle, one calibration: GGUF q4_0 and ONNX int4 (both take the same importance matrix)."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smol-q4") / "b"
     export(ExportOptions(backend="all", quant="gguf=q4_0,onnx=int4", out=str(out), check=False))
@@ -326,7 +326,7 @@ def test_smollm_f32_onnx_greedy_32_tokens_with_the_cache(smollm_onnx_f32, smollm
 
 
 def test_smollm_int4_within_1_2x_of_gguf_q4_0(smollm_q4_pair, reference_logits):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = {b: evaluate_bundle(smollm_q4_pair, chunks=4, backend=b, record=False, reference_logits=reference_logits)
            for b in ("onnx", "gguf")}
@@ -377,7 +377,7 @@ def test_plan_picks_block_sizes_and_the_manifest_records_them(tiny_decoder_dir, 
 
 
 def test_external_data_past_the_inline_limit_keeps_the_decoder_exact(tmp_path):
-    from edgeq.targets.onnx import save_model
+    from edgeq.targets.onnx.lower import save_model
 
     cfg = tiny_config(tied_embeddings=False)
     graph = random_llama(cfg, seed=6)

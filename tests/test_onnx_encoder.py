@@ -15,10 +15,11 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import Executor
-from edgeq.export_onnx import cosines, encoder_tokenizer
-from edgeq.texts import calibration_sentences, evaluation_sentences
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.evaluate.encoder import cosines
+from edgeq.importers.hf_bert import encoder_tokenizer
+from edgeq.evaluate.texts import calibration_sentences, evaluation_sentences
 
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 
@@ -26,7 +27,7 @@ EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """int8 through the CLI with the profile's defaults (encoder -> onnx int8); f32 and int8-dyn through the API."""
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     root = tmp_path_factory.mktemp("onnx-enc")
     r = subprocess.run([*EDGEQ, "export", "--model", "all-MiniLM-L6-v2", "-o", str(root / "int8"), "--quiet"],
@@ -57,14 +58,14 @@ def test_bert_reference_matches_transformers(minilm):
 
 
 def test_f32_bundle_equals_the_reference(bundles, minilm_reference):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = evaluate_bundle(bundles["f32"], sentences=48, record=False, reference_logits=minilm_reference)
     assert res["n_sentences"] == 48 and res["cosine_min"] >= 0.99999
 
 
 def test_int8_bundle_fidelity_size_and_manifest(bundles, minilm_reference):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     b = bundles["int8"]
     res = evaluate_bundle(b, sentences=256, record=True, reference_logits=minilm_reference)
@@ -111,7 +112,7 @@ def test_int8_runs_on_integer_kernels(bundles, tmp_path):
 
 
 def test_f16_halves_the_file_and_keeps_the_embeddings(bundles, minilm_reference):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = evaluate_bundle(bundles["f16"], sentences=16, record=False, reference_logits=minilm_reference)
     assert res["cosine_min"] >= 0.9999
@@ -120,7 +121,7 @@ def test_f16_halves_the_file_and_keeps_the_embeddings(bundles, minilm_reference)
 
 
 def test_int8_dyn_fidelity(bundles, minilm_reference):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = evaluate_bundle(bundles["int8-dyn"], sentences=64, record=False, reference_logits=minilm_reference)
     assert res["cosine_mean"] >= 0.99
@@ -148,17 +149,27 @@ def test_cli_eval_json_for_encoders(bundles, tmp_path):
     assert res["backend"] == "onnx" and res["n_sentences"] == 20 and res["cosine_min"] >= 0.99999
 
 
+def decide_onnx(graph, preset: str, user=None, calibration=None):
+    """The ONNX export's decision for `preset` (and the user's plan), static INT8 ranges on `calibration`."""
+    from edgeq.api import ExportOptions
+    from edgeq.compile.decide import DecideInputs, decide
+    from edgeq.passes import Context
+    from edgeq.targets.profiles import get_profile
+    from edgeq.targets.registry import get_target
+
+    inputs = DecideInputs(get_target("onnx"), preset, get_profile("cpu"), user, calibration=calibration)
+    return decide(graph, inputs, ExportOptions(), Context(backend="onnx")).plan
+
+
 def test_same_inputs_same_bytes(minilm):
     """Decide (calibration included) and lower twice: byte-identical ONNX."""
-    from edgeq.export_onnx import decide_onnx
-    from edgeq.passes import Context
-    from edgeq.targets.onnx import lower_onnx
+    from edgeq.targets.onnx.lower import lower_onnx
 
     tok = encoder_tokenizer(minilm)
     cal = [np.array(tok.encode(s).ids) for s in calibration_sentences(6)]
     blobs = []
     for _ in range(2):
-        plan = decide_onnx(minilm, "int8", None, None, Context(backend="onnx"), calibration=cal)
+        plan = decide_onnx(minilm, "int8", calibration=cal)
         blobs.append(lower_onnx(minilm, plan).SerializeToString(deterministic=True))
     assert blobs[0] == blobs[1]
     onnx.checker.check_model(onnx.load_from_string(blobs[0]))
@@ -169,7 +180,7 @@ def test_int8_format_matches_dequantize_linear():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.formats import get_format, int8_quantize_rows
+    from edgeq.core.formats import get_format, int8_quantize_rows
 
     fmt = get_format("int8")
     w = (np.random.default_rng(0).standard_normal((48, 96)) * np.linspace(0.01, 3, 96)).astype(np.float32)
@@ -188,10 +199,8 @@ def test_int8_format_matches_dequantize_linear():
 
 
 def test_bad_inputs_are_one_clear_error(minilm, tmp_path):
-    from edgeq.export_onnx import decide_onnx
-    from edgeq.passes import Context
-    from edgeq.pipeline import ExportOptions, export
-    from edgeq.plan import plan_from_json
+    from edgeq.api import ExportOptions, export
+    from edgeq.core.plan import plan_from_json
 
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text(json.dumps({"preset": "int8", "tensors": {"encoder.layer.9.nope.weight": "f32"}}))
@@ -200,15 +209,15 @@ def test_bad_inputs_are_one_clear_error(minilm, tmp_path):
         export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", plan=str(bad_plan), out=str(out)))
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
     with pytest.raises(EdgeqError, match="shape"):
-        decide_onnx(minilm, "int8", None, None, Context(backend="onnx"), calibration=[np.zeros((2, 8), np.int64)])
+        decide_onnx(minilm, "int8", calibration=[np.zeros((2, 8), np.int64)])
     with pytest.raises(EdgeqError, match="outside"):
-        decide_onnx(minilm, "int8", None, None, Context(backend="onnx"), calibration=[np.array([101, 99999])])
+        decide_onnx(minilm, "int8", calibration=[np.array([101, 99999])])
     with pytest.raises(EdgeqError, match="presets"):
-        decide_onnx(minilm, "q4_k_m", None, None, Context(backend="onnx"))
+        decide_onnx(minilm, "q4_k_m")
     # a plan rule may move a tensor to another ONNX format; a GGUF-only format is refused by name
     user = plan_from_json({"rules": [{"match": "*intermediate.dense*", "format": "q4_0"}]})
     with pytest.raises(EdgeqError, match="q4_0"):
-        decide_onnx(minilm, "int8", user, None, Context(backend="onnx"))
+        decide_onnx(minilm, "int8", user)
     r = subprocess.run([*EDGEQ, "export", "--model", "all-MiniLM-L6-v2", "--backend", "gguf", "-o", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "onnx" in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -216,9 +225,9 @@ def test_bad_inputs_are_one_clear_error(minilm, tmp_path):
 
 
 def test_unsupported_model_is_refused_by_the_onnx_target():
-    from edgeq.models.synthetic import random_llama, tiny_config
-    from edgeq.plan import Plan, TensorPlan
-    from edgeq.targets.onnx import lower_onnx
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.core.plan import Plan, TensorPlan
+    from edgeq.targets.onnx.lower import lower_onnx
 
     g = random_llama(tiny_config(n_layers=1))
     g.arch = "falcon"                          # llama decoders lower since the decoder half of issue 4
@@ -230,11 +239,9 @@ def test_external_data_past_the_inline_limit(minilm, tmp_path):
     """Big models keep their weights in one external data file; onnxruntime loads it; bytes are deterministic."""
     import onnxruntime as ort
 
-    from edgeq.passes import Context
-    from edgeq.export_onnx import decide_onnx
-    from edgeq.targets.onnx import lower_onnx, save_model
+    from edgeq.targets.onnx.lower import lower_onnx, save_model
 
-    plan = decide_onnx(minilm, "f32", None, None, Context(backend="onnx"))
+    plan = decide_onnx(minilm, "f32")
     files = []
     for i in range(2):
         (tmp_path / str(i)).mkdir()

@@ -8,10 +8,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from edgeq.evaluation import log_softmax64
-from edgeq.executor import Executor
+from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.executor import Executor
 from edgeq.models import llama
-from edgeq.models.synthetic import random_llama, tiny_config
+from edgeq.models.recipes.synthetic import random_llama, tiny_config
 
 
 def hf_logits(cfg: llama.LlamaConfig, graph, ids: list[int]) -> np.ndarray:

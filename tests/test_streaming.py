@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.executor import Executor
-from edgeq.models.synthetic import random_llama, tiny_config
+from edgeq.core.executor import Executor
+from edgeq.models.recipes.synthetic import random_llama, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ import llama_cpp
 import pytest
 from tokenizers import Tokenizer
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.importers.gguf_metadata import open_gguf, read_metadata
-from edgeq.tokenizer import (
+from edgeq.runtime.tokenizer import (
     build_tokenizer,
     decode,
     encode,
@@ -68,7 +68,7 @@ TEXTS = {
 
 def _model_path():
     try:
-        from edgeq.models.default import default_model_path
+        from edgeq.models.recipes.default import default_model_path
     except ImportError:  # models/ maps onto edgeq.models only once the package is installed
         from models.default import default_model_path
     try:

@@ -20,13 +20,13 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from edgeq.errors import EdgeqError  # noqa: E402
-from edgeq.executor import Executor  # noqa: E402
-from edgeq.formats import get_format  # noqa: E402
+from edgeq.core.errors import EdgeqError  # noqa: E402
+from edgeq.core.executor import Executor  # noqa: E402
+from edgeq.core.formats import get_format  # noqa: E402
 from edgeq.models import llama  # noqa: E402
-from edgeq.models.synthetic import random_llama, tiny_config  # noqa: E402
-from edgeq.passes.sensitivity import candidate_formats  # noqa: E402
-from edgeq.plan import Plan, TensorPlan  # noqa: E402
+from edgeq.models.recipes.synthetic import random_llama, tiny_config  # noqa: E402
+from edgeq.core.formats import candidate_formats  # noqa: E402
+from edgeq.core.plan import Plan, TensorPlan  # noqa: E402
 
 EMBED = "model.embed_tokens.weight"
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, n_layers=2, head_dim=16, context_length=128,
@@ -41,8 +41,8 @@ def test_candidates_are_the_tvm_weight_formats():
 def test_params_file_is_sized_to_the_byte(tied, tmp_path):
     """Random mixed plans with branches (int4 on the untied table too): the sizing lowering's safetensors size is the
     file save_params writes, and the ILP's additive option bytes bound it from above by a few bytes per array."""
-    from edgeq.export_tvm import save_params
-    from edgeq.passes.sensitivity import zero_weights
+    from edgeq.targets.tvm.target import save_params
+    from edgeq.core.layout import zero_weights
     from edgeq.targets.tvm.layout import params_file_bytes, size_params
     from edgeq.targets.tvm.lower import lower_tvm
 
@@ -123,9 +123,8 @@ OPTS = ["--budget-mb", BUDGET_MB, "--ranks", "0,8,16", "--calib-windows", "1", "
 def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     """`edgeq export --backend tvm --budget-mb` with --ranks (the ILP buys branches here), and the decision behind
     it, made again in-process from the same caches."""
-    from edgeq.importers.loader import import_model
-    from edgeq.passes import Context
-    from edgeq.pipeline import ExportOptions, decide
+    from edgeq.api import ExportOptions
+    from edgeq.compile.pipeline import decisions
 
     out = tmp_path_factory.mktemp("b") / "bundle"
     r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--quiet", "-o", out, cache=cache)
@@ -133,9 +132,9 @@ def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     old = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
-        graph = import_model(tiny_decoder_dir)
-        decision = decide(graph, "tvm", None, None, None, Context(backend="tvm"),
-                          ExportOptions(budget_mb=BUDGET_MB, ranks=[0, 8, 16], calib_windows=1, cost="output"))
+        graph, made = decisions(ExportOptions(model=str(tiny_decoder_dir), backend="tvm", budget_mb=BUDGET_MB,
+                                              ranks=[0, 8, 16], calib_windows=1, cost="output"))
+        decision = made["tvm"]
     finally:
         if old is None:
             os.environ.pop("EDGEQ_CACHE")

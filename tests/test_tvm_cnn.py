@@ -16,9 +16,9 @@ pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from edgeq.formats import get_format                      # noqa: E402
-from edgeq.ir import Graph, Node, Tensor, Value           # noqa: E402
-from edgeq.plan import Plan                               # noqa: E402
+from edgeq.core.formats import get_format                      # noqa: E402
+from edgeq.core.ir import Graph, Node, Tensor, Value           # noqa: E402
+from edgeq.core.plan import Plan                               # noqa: E402
 
 
 def _t(name, arr):
@@ -107,7 +107,7 @@ def test_cnn_preset_runs_in_tvm_like_torch(graph, quant):
 @pytest.fixture(scope="module")
 def digits_tvm(tmp_path_factory):
     from edgeq import export_module
-    from edgeq.models.digits import train_digits_cnn
+    from edgeq.models.recipes.digits import train_digits_cnn
 
     model, data = train_digits_cnn(seed=0)
     root = tmp_path_factory.mktemp("digits-tvm")
@@ -120,8 +120,8 @@ def digits_tvm(tmp_path_factory):
 
 
 def test_digits_int8_on_tvm_within_one_point_of_float(digits_tvm):
-    from edgeq.evaluate_bundle import evaluate_bundle
-    from edgeq.executor import Executor
+    from edgeq.evaluate.bundle import evaluate_bundle
+    from edgeq.core.executor import Executor
     from edgeq.importers.torch_export import import_module
 
     model, data, root, bundles = digits_tvm

@@ -21,11 +21,11 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from decoder_checks import check_smollm_f32_fidelity, check_smollm_f32_greedy, greedy_cached  # noqa: E402
-from edgeq.errors import EdgeqError  # noqa: E402
-from edgeq.executor import Executor  # noqa: E402
-from edgeq.formats import int4_dequantize_groups, int4_quantize_groups, int8_quantize_rows  # noqa: E402
-from edgeq.models.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
-from edgeq.plan import Plan, TensorPlan  # noqa: E402
+from edgeq.core.errors import EdgeqError  # noqa: E402
+from edgeq.core.executor import Executor  # noqa: E402
+from edgeq.core.formats import int4_dequantize_groups, int4_quantize_groups, int8_quantize_rows  # noqa: E402
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
+from edgeq.core.plan import Plan, TensorPlan  # noqa: E402
 from edgeq.targets.tvm.ops import unpanel  # noqa: E402
 
 LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -131,7 +131,7 @@ def test_quantized_matmuls_compute_exactly_their_dequantization(fmt):
 
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory) -> Path:
-    from edgeq.models.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
 
     cfg = tiny_config(**{**SMALL, "vocab_size": 400}, n_heads=4, n_kv_heads=2, tied_embeddings=True)
     return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("dec") / "m",
@@ -139,7 +139,7 @@ def hf_model(tmp_path_factory) -> Path:
 
 
 def _export(model: Path, out: Path, **kw) -> dict:
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     return export(ExportOptions(model=str(model), out=str(out), backend="tvm", **kw))
 
@@ -177,7 +177,7 @@ def test_bundle_generates_through_session_like_gguf(bundle):
 
 
 def test_eval_on_tvm_decoder_gives_the_decoder_figures(bundle, hf_model):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     res = evaluate_bundle(bundle, ctx=64, chunks=2, reference=str(hf_model), record=False)
     assert res["backend"] == "tvm"
@@ -357,7 +357,7 @@ def test_tuning_refuses_a_device_that_does_not_run_here(hf_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_tvm_f32(tmp_path_factory) -> Path:
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.api import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smol-tvm") / "f32"
     export(ExportOptions(backend="tvm", quant="f32", out=str(out), check=False))
@@ -374,8 +374,8 @@ def test_smollm_f32_tvm_greedy_32_tokens_with_the_cache(smollm_tvm_f32, smollm_g
 
 def test_smollm_int4_within_1_2x_of_gguf_q4_0(tmp_path_factory, export_bundle, reference_logits):
     """Symmetric int4 in groups of 32 against llama.cpp's q4_0 (both without an importance matrix), same text."""
-    from edgeq.evaluate_bundle import evaluate_bundle
-    from edgeq.pipeline import ExportOptions, export
+    from edgeq.evaluate.bundle import evaluate_bundle
+    from edgeq.api import ExportOptions, export
 
     out = tmp_path_factory.mktemp("smol-tvm") / "int4"
     export(ExportOptions(backend="tvm", quant="int4", out=str(out), check=False, calibration=False))

@@ -21,10 +21,11 @@ import pytest
 
 pytest.importorskip("tvm")
 
-from edgeq.executor import Executor                                  # noqa: E402
-from edgeq.export_onnx import cosines, encoder_tokenizer             # noqa: E402
-from edgeq.models.bert import import_hf_folder                       # noqa: E402
-from edgeq.pipeline import ExportOptions, export                     # noqa: E402
+from edgeq.core.executor import Executor                                  # noqa: E402
+from edgeq.evaluate.encoder import cosines
+from edgeq.importers.hf_bert import encoder_tokenizer             # noqa: E402
+from edgeq.importers.hf_bert import import_hf_folder                       # noqa: E402
+from edgeq.api import ExportOptions, export                     # noqa: E402
 
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 SENTENCES = ["The capital of France is Paris.", "a function returns a value", "ok",
@@ -34,7 +35,7 @@ EM_AARCH64 = 183
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edgeq.models.synthetic import write_bert_folder
+    from edgeq.models.recipes.synthetic import write_bert_folder
 
     return write_bert_folder(tmp_path_factory.mktemp("tinybert") / "tiny-bert")
 
@@ -109,7 +110,7 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     """Each matmul weight is stored in its plan format; the weights file holds exactly the bytes the formats say."""
     from safetensors.numpy import load_file
 
-    from edgeq.formats import get_format, int4_dequantize_groups
+    from edgeq.core.formats import get_format, int4_dequantize_groups
 
     for quant, fmt in (("f32", "f32"), ("f16", "f16"), ("int8", "int8_wo"), ("int4", "int4_g32")):
         m = json.loads((tiny_bundles[quant] / "manifest.json").read_text())
@@ -135,7 +136,7 @@ def test_int4_dequantize_is_inside_the_matmul(tiny_graph):
     from edgeq.targets.tvm.schedule import schedule_linear
     from edgeq.targets.tvm.lower import lower_tvm
     from edgeq.targets.tvm.presets import preset_formats
-    from edgeq.plan import Plan
+    from edgeq.core.plan import Plan
 
     lowered = lower_tvm(tiny_graph, Plan(tensors=preset_formats(tiny_graph, "int4")))
     kernels = {gv.name_hint: f for gv, f in lowered.mod.functions.items() if "int4_g32" in gv.name_hint}
@@ -267,7 +268,7 @@ def test_arm64_exports_are_aarch64_and_byte_identical(tiny, tmp_path):
 
 @pytest.mark.parametrize("quant,floor", [("f32", 0.9999), ("int8", 0.99)])
 def test_minilm_on_tvm(quant, floor, minilm_reference, tmp_path):
-    from edgeq.evaluate_bundle import evaluate_bundle
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     out = tmp_path / quant
     export(ExportOptions(model="all-MiniLM-L6-v2", backend="tvm", quant=quant, out=str(out)))

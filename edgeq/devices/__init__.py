@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from edgeq.devices.base import Device, DeviceError, RunResult
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 __all__ = ["open_device", "Device", "DeviceError", "RunResult"]
 

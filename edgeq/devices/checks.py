@@ -56,13 +56,14 @@ def compare(bundle: str | Path, result: RunResult) -> dict[str, Any]:
         return {"agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
                 "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(ref))}
     if result.result.get("kind") == "embeddings":
-        from edgeq.export_onnx import cosines
+        from edgeq.evaluate.encoder import cosines
 
         ref = np.load(bundle / "reference" / "embeddings.npy", allow_pickle=False)
         got = np.load(result.outputs / "embeddings.npy", allow_pickle=False)
         c = cosines(ref, got)
         return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "n_inputs": int(c.size)}
-    from edgeq.reference import compare_logits, read_reference
+    from edgeq.bundle.reference import read_reference
+    from edgeq.evaluate.decoder import compare_logits
 
     _, ref = read_reference(bundle / "reference")
     got = [np.load(result.outputs / f, allow_pickle=False) for f in result.result["files"]]

@@ -8,7 +8,7 @@ import sys
 
 def cmd_setup(a) -> int:
     from edgeq.devices.qemu_arm64 import setup
-    from edgeq.errors import EdgeqError
+    from edgeq.core.errors import EdgeqError
 
     if a.device != "qemu-arm64":
         raise EdgeqError(None, f"only qemu-arm64 is set up by edgeq; {a.device!r} is a real device")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 
 def _free_port() -> int:

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from edgeq.devices.base import Device, DeviceError, RunResult
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 
 class RpcDevice(Device):

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from edgeq.devices.base import DeviceError, ShellDevice
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 
 class SshDevice(ShellDevice):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.importers.gguf_metadata import open_gguf, read_metadata
-from edgeq.ir import Graph, Tensor
+from edgeq.core.ir import Graph, Tensor
 from edgeq.models import llama
 
 

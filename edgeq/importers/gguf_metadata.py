@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4

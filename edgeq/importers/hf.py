@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
-from edgeq.ir import Graph, Tensor
+from edgeq.core.ir import Graph, Tensor
 from edgeq.models import llama
 
 INDEX = "model.safetensors.index.json"

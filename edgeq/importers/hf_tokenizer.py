@@ -26,10 +26,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from edgeq.errors import EdgeqError
-from edgeq.tokenizer import (TYPE_CONTROL, TYPE_NORMAL, TYPE_UNUSED, TYPE_USER_DEFINED, TokenizerSpec,
+from edgeq.core.errors import EdgeqError
+from edgeq.runtime.tokenizer import (TYPE_CONTROL, TYPE_NORMAL, TYPE_UNUSED, TYPE_USER_DEFINED, TokenizerSpec,
                              spec_from_gguf_metadata)
-from edgeq import tokenizer as _tok
+from edgeq.runtime import tokenizer as _tok
 
 MAX_JSON_BYTES = 256 * 2**20
 

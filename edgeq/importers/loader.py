@@ -5,18 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
     if model is None:
-        from edgeq.models.default import default_model_path
+        from edgeq.models.recipes.default import default_model_path
 
         return default_model_path()
     p = Path(model)
     if not p.exists() and str(model) == "all-MiniLM-L6-v2":
-        from edgeq.models.minilm import minilm_path
+        from edgeq.models.recipes.minilm import minilm_path
 
         return minilm_path()
     if not p.exists():
@@ -34,10 +34,10 @@ def import_model(path: Path) -> Graph:
 
         return import_gguf(path)
     if path.is_dir():
-        from edgeq.models import bert
+        from edgeq.importers import hf_bert
 
-        if bert.is_bert_folder(path):
-            return bert.import_hf_folder(path)
+        if hf_bert.is_bert_folder(path):
+            return hf_bert.import_hf_folder(path)
         from edgeq.importers.hf import import_hf
 
         return import_hf(path)
@@ -46,7 +46,7 @@ def import_model(path: Path) -> Graph:
 
 def graph_tokenizer_spec(graph: Graph):
     """The model's tokenizer: the one its importer built (HF folders), else the GGUF metadata's."""
-    from edgeq.tokenizer import spec_from_gguf_metadata
+    from edgeq.runtime.tokenizer import spec_from_gguf_metadata
 
     spec = graph.metadata.get("tokenizer_spec")
     if spec is not None:

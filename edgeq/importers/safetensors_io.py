@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 # Large vocabularies with many tensors stay far below this; anything bigger is refused unread.
 MAX_HEADER_BYTES = 100 * 2**20

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph, Node, Tensor, Value
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph, Node, Tensor, Value
 from edgeq.models.cnn import INPUT, OUTPUT, CnnConfig
 
 MAX_PT2_BYTES = 1 << 30          # a CNN this compiler lowers is far smaller

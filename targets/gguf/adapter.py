@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.ir import Graph
+from edgeq.core.ir import Graph
 from edgeq.models import llama
 from edgeq.targets.gguf.writer import ALIGNMENT
 

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgeq.formats import Format, get_format
-from edgeq.ir import Graph
-from edgeq.passes.sensitivity import FileLayout
+from edgeq.core.formats import Format, get_format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout
+from edgeq.models import llama
+from edgeq.targets.gguf.adapter import adapter_overhead
+from edgeq.targets.gguf.writer import layout_overhead, padded
+
+
+def branch_bytes(gguf_name: str, shape: tuple[int, int], rank: int) -> int:
+    """Bytes a rank-`rank` F16 branch of a (out, in) weight adds to the adapter GGUF: data and tensor infos."""
+    out_dim, in_dim = shape
+    info = sum(8 + len(f"{gguf_name}.{ab}".encode()) + 4 + 2 * 8 + 4 + 8 for ab in ("lora_a", "lora_b"))
+    return padded(2 * rank * in_dim) + padded(2 * out_dim * rank) + info
 
 
 def gguf_layout(graph: Graph, tokenizer: dict[str, Any], with_branches: bool = False) -> FileLayout:
-    from edgeq.models import llama
-    from edgeq.passes.lowrank_compensate import branch_bytes
-    from edgeq.targets.gguf.adapter import adapter_overhead
-    from edgeq.targets.gguf.writer import layout_overhead, padded
-
     f32 = get_format("f32")
     overhead = layout_overhead(graph, tokenizer) + sum(padded(f32.nbytes(t.shape)) for t in graph.weights.values()
                                                        if len(t.shape) != 2)

@@ -19,9 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-import gguf
-
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format, shape_fallback
 
 GGUF_PRESETS: tuple[str, ...] = (
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s",
@@ -41,17 +40,6 @@ _DEFAULT_TYPE: dict[str, str] = {
     "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k",
     "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1",
     "q3_k_m": "q3_k", "q3_k_s": "q3_k", "q3_k_l": "q3_k", "q2_k": "q2_k",
-}
-
-# tensor_type_fallback: where a type goes when a row cannot hold its blocks.
-# Types with 32-element blocks (and anything whose fallback still does not fit)
-# end up as f16.
-_FALLBACK: dict[str, str] = {
-    **dict.fromkeys(("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s", "iq4_xs"), "iq4_nl"),
-    **dict.fromkeys(("q2_0", "q2_k", "q3_k", "tq1_0", "tq2_0"), "q4_0"),
-    "q4_k": "q5_0",
-    "q5_k": "q5_1",
-    "q6_k": "q8_0",
 }
 
 # tensor_allows_quantization: name fragments that keep a weight in its input
@@ -186,40 +174,12 @@ def preset_file_type(preset: str) -> int:
 
 
 def _block_size(type_name: str) -> int:
-    try:
-        qtype = gguf.GGMLQuantizationType[type_name.upper()]
-    except KeyError:
-        raise EdgeqError(None, f"unknown GGML type '{type_name}'") from None
-    return gguf.GGML_QUANT_SIZES[qtype][0]
+    return get_format(type_name).block[1]
 
 
 def _is_quantized(type_name: str) -> bool:
     """ggml_is_quantized: only block types go through the mixture rules and fallbacks."""
     return _block_size(type_name) > 1
-
-
-def fallback_type(type_name: str, ne0: int) -> tuple[str, str | None]:
-    """The type llama.cpp actually writes for rows of `ne0` elements when `type_name` was asked for.
-
-    A quantized row must hold whole blocks; llama.cpp silently demotes the
-    type otherwise, so plans and size estimates must apply the same demotion.
-    """
-    type_name = type_name.lower()
-    block = _block_size(type_name)
-    if ne0 % block == 0:
-        return type_name, None
-    if type_name in _FALLBACK:
-        to = _FALLBACK[type_name]
-    elif block <= 32:
-        to = type_name
-    else:
-        raise EdgeqError(None, f"type {type_name} does not fit rows of {ne0} and llama.cpp defines no fallback for it")
-    why = f"row length {ne0} is not a multiple of the {type_name} block ({block})"
-    if ne0 % _block_size(to) == 0:
-        return to, f"{why} -> {to}"
-    if to != type_name:
-        why = f"{why} nor of the {to} block ({_block_size(to)})"
-    return "f16", f"{why} -> f16"
 
 
 def _layer_of(name: str) -> int:
@@ -330,7 +290,7 @@ def _choose(preset: str, t: TensorInfo, model: _Model, counters: _Counters) -> P
             wanted, why = "q5_k", f"{why}; 70B-class model (80 layers, GQA) bumps attn_v -> q5_k"
     else:
         wanted, why = default, f"{preset}: default {default}"
-    got, fell = fallback_type(wanted, t.ne[0])
+    got, fell = shape_fallback(wanted, t.ne[0])
     if fell is None:
         return PresetChoice(got, why, None)
     return PresetChoice(got, f"{why}; {fell}", wanted)

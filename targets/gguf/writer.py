@@ -14,11 +14,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import get_format
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
 from edgeq.models import llama
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 
 # llama_ftype for a "mostly <type>" file: what general.file_type says when no preset names it.
 MOSTLY_FTYPE = {
@@ -112,7 +112,7 @@ def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
         entries.append((name, tensor, fmt, nbytes))
     if cfg.rope_scaling and cfg.rope_scaling.get("type") == "llama3" and "rope_freqs.weight" not in graph.weights:
         # llama.cpp applies llama3 scaling through this tensor (convert_hf_to_gguf writes it the same way)
-        from edgeq.ir import Tensor
+        from edgeq.core.ir import Tensor
 
         freqs = llama.llama3_rope_freqs(cfg)
         f32 = get_format("f32")
@@ -131,7 +131,7 @@ def layout_overhead(graph: Graph, tokenizer: dict[str, Any]) -> int:
     """
     import tempfile
 
-    from edgeq.plan import TensorPlan
+    from edgeq.core.plan import TensorPlan
 
     plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
     with tempfile.TemporaryDirectory(prefix="edgeq-layout-") as d:

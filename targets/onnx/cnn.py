@@ -22,11 +22,11 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import int8_quantize_rows
-from edgeq.ir import Graph, Node
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import int8_quantize_rows
+from edgeq.core.ir import Graph, Node
 from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 from edgeq.targets.onnx.builder import F32, Builder
 from edgeq.targets.onnx.linear import activation_qparams
 

@@ -16,11 +16,11 @@ from the weight-only block formats' MatMulNBits / GatherBlockQuantized.
 from __future__ import annotations
 
 import numpy as np
-from edgeq.errors import EdgeqError
-from edgeq.executor import rope_inv_freq
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import rope_inv_freq
+from edgeq.core.ir import Graph
 from edgeq.models.llama import LlamaConfig
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 from edgeq.targets.onnx.builder import F32, I64, Builder
 from edgeq.targets.onnx.linear import emit_embedding, emit_linear
 

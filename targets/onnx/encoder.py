@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.models.bert import BertConfig
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.onnx.builder import F32, I64, MS_DOMAIN, Builder
 from edgeq.targets.onnx.linear import emit_embedding, emit_linear, emit_table_prefix
 

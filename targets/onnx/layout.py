@@ -24,11 +24,11 @@ import functools
 import numpy as np
 from onnx import numpy_helper
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import Format, get_format
-from edgeq.ir import Graph
-from edgeq.passes.sensitivity import FileLayout, zero_weights
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format, get_format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout, zero_weights
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.onnx.builder import Builder
 
 LAYOUT_VERSION = 1

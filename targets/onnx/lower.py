@@ -7,9 +7,9 @@ from pathlib import Path
 
 import onnx
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
-from edgeq.plan import Plan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
 
 
 

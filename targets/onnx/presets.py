@@ -22,9 +22,9 @@ Decoders (Llama family) follow the same rule with the LLM forms:
 
 from __future__ import annotations
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
-from edgeq.plan import TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
+from edgeq.core.plan import TensorPlan
 
 ONNX_PRESETS = ("f32", "f16", "int8", "int8-dyn", "int4", "int4-asym")
 

@@ -25,7 +25,7 @@ from typing import Any
 import tvm
 from tvm import relax, tirx
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
 ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"

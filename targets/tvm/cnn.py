@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
-from edgeq.ir import Graph, Node
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
+from edgeq.core.ir import Graph, Node
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.tvm.ops import Params, emit_linear, sym
 
 R = relax.op

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import relax, te, tirx as tir
 
-from edgeq.errors import EdgeqError
-from edgeq.executor import rope_inv_freq
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import rope_inv_freq
+from edgeq.core.ir import Graph
 from edgeq.models.llama import LlamaConfig
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 from edgeq.targets.tvm.ops import (Params, emit_embedding, emit_linear, emit_linear_vars, int4_value, stored,
                                    sym, weight_arrays)
 

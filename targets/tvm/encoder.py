@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
 from edgeq.models.bert import BertConfig
-from edgeq.plan import Plan
+from edgeq.core.plan import Plan
 from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_linear, emit_table_prefix, sym
 
 R = relax.op

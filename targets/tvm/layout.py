@@ -37,11 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import Format, get_format
-from edgeq.ir import Graph
-from edgeq.passes.sensitivity import FileLayout, zero_weights
-from edgeq.plan import Plan, TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format, get_format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout, zero_weights
+from edgeq.core.plan import Plan, TensorPlan
 
 LAYOUT_VERSION = 1
 EMBED = "model.embed_tokens.weight"
@@ -218,7 +218,7 @@ class _Library:
             self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
         if path is not None:
             try:
-                from edgeq.fsutil import atomic_write_text
+                from edgeq.core.fs import atomic_write_text
 
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps({"bytes": self.sizes[key]}))
@@ -227,7 +227,7 @@ class _Library:
         return self.sizes[key]
 
     def _cache_path(self, key: str) -> Path | None:
-        from edgeq.passes.calibrate import cache_dir
+        from edgeq.core.cache import cache_dir
 
         root = cache_dir()
         if root is None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
-from edgeq.plan import Plan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
 
 ENTRY = "main"
 

@@ -18,9 +18,9 @@ import numpy as np
 import tvm
 from tvm import relax, te, tirx as tir
 
-from edgeq.errors import EdgeqError
-from edgeq.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
-from edgeq.plan import TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
+from edgeq.core.plan import TensorPlan
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
 LINEAR_PREFIX = "edgeq_linear_"     # the schedule pass finds the linear kernels by this name

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeq.errors import EdgeqError
-from edgeq.ir import Graph
-from edgeq.plan import TensorPlan
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.core.plan import TensorPlan
 
 TVM_PRESETS = ("f32", "f16", "int8", "int4")
 MATMUL_FORMAT = {"f32": "f32", "f16": "f16", "int8": "int8_wo", "int4": "int4_g32"}
@@ -29,10 +30,11 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
             out[name] = TensorPlan(format="f32", reason="1-D (norm, bias) tensors stay f32")
         elif name in matmuls:
             fmt = MATMUL_FORMAT[preset]
-            cols = int(np.prod(t.shape[1:]))
-            if fmt == "int4_g32" and cols % 32:
+            if not get_format(fmt).can_carry(t.shape):
+                cols = int(np.prod(t.shape[1:]))
                 out[name] = TensorPlan(format="int8_wo", requested=fmt, reason=f"preset int4: {cols} inputs per "
-                                       "output channel are not a multiple of the 32-group; per-channel int8 instead")
+                                       f"output channel are not a multiple of the {get_format(fmt).block[1]}-group; "
+                                       "per-channel int8 instead")
             else:
                 out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: matmul weight, {fmt}")
         elif name in tables and preset != "f32":

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import tvm
 from tvm import tirx
 
-from edgeq.errors import EdgeqError
+from edgeq.core.errors import EdgeqError
 
 TUNE_DIR_ENV = "EDGEQ_TVM_TUNE_DIR"
 BUILD_TIMEOUT_S = 600         # a kernel build in a fresh worker process, on two shared cores

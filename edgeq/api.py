@@ -1,0 +1,85 @@
+"""edgeq's Python API, one function per command of the CLI (`edgeq.export`, `edgeq.plan`, ...).
+
+Options are those of the command line, as an `ExportOptions` or as keywords (`quant="q4_k_m"`); the CLI
+only parses arguments and calls these. Running a bundle is `edgeq.runtime` (what a device installs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeq.bundle.inspect import inspect_path
+from edgeq.compile import pipeline
+from edgeq.compile.options import ExportOptions
+from edgeq.core.errors import EdgeqError
+from edgeq.core.plan import Plan
+from edgeq.evaluate.bundle import evaluate_bundle
+from edgeq.importers.imatrix import Imatrix, write_imatrix
+from edgeq.importers.torch_export import import_module
+from edgeq.passes import Context
+from edgeq.passes.calibrate import calibrate as run_calibration, imatrix_from_calibration
+
+__all__ = ["ExportOptions", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
+
+
+def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:
+    return replace(opts or ExportOptions(), **kwargs)
+
+
+def export(opts: ExportOptions | None = None, *, progress: Callable | None = None,
+           log: Callable[[str], None] = lambda s: None, **options) -> dict:
+    """`edgeq export`: compile a model into a bundle folder (`out`); returns its manifest and measurements."""
+    return pipeline.export(_options(opts, options), progress=progress, log=log)
+
+
+def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
+         progress: Callable | None = None, **options) -> Plan:
+    """`edgeq plan`: the plan an export with these options would use, written to `out` when given."""
+    if out is not None:
+        parent = Path(out).parent
+        if parent.exists() and not parent.is_dir():
+            raise EdgeqError(parent, "is a file")
+    p = pipeline.plan(_options(opts, options), progress=progress)
+    if out is not None:
+        p.save(out)
+    return p
+
+
+def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[str] = (), calib_windows: int = 4,
+              progress: Callable | None = None) -> tuple[Imatrix, dict[str, Any]]:
+    """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text; returns it and
+    what it was computed on."""
+    parent = Path(out).parent
+    if parent.exists() and not parent.is_dir():
+        raise EdgeqError(parent, "is a file")
+    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"))
+    cal = run_calibration(graph, n_windows=calib_windows, progress=progress)
+    im = imatrix_from_calibration(graph, cal)
+    write_imatrix(out, im)
+    return im, cal.info
+
+
+def evaluate(bundle: str | os.PathLike, **options) -> dict:
+    """`edgeq eval`: a bundle's fidelity in its own runtime against the float source model."""
+    return evaluate_bundle(bundle, **options)
+
+
+def inspect(path: str | os.PathLike) -> dict[str, Any]:
+    """`edgeq inspect`: a bundle (checksums verified), a GGUF file, a .pt2 or a Hugging Face folder."""
+    return inspect_path(path)
+
+
+def export_module(module, example, out: str | os.PathLike, quant: str | None = None, calib_images=None,
+                  target: str = "cpu", plan: str | None = None, force: bool = False, check: bool = True,
+                  name: str | None = None, progress: Callable | None = None, backend: str = "onnx") -> dict:
+    """Export a torch CNN (eval mode, `example` one NCHW float32 batch) to an ONNX (or `backend="tvm"`) bundle,
+    like `edgeq export`.
+
+    `calib_images`: an .npz path (array `images`) or an (n, C, H, W) array; static `int8` needs it."""
+    graph = import_module(module, example, name=name or type(module).__name__)
+    opts = ExportOptions(target=target, backend=backend, quant=quant, plan=plan, out=os.fspath(out), force=force,
+                         check=check, calib_images=calib_images)
+    return pipeline.export(opts, progress=progress, graph=graph)

@@ -1,0 +1,206 @@
+"""Deciding a plan: the declared pass lists, per way of deciding and model kind.
+
+Three ways to decide, each one list of passes (the target supplies what it knows as data: what a preset
+means, its formats, its size model):
+
+- budgeted (`--budget-mb` / `--bpw`): calibrate, [fisher], sensitivity, allocate (ILP or DynaQuant),
+  legalize, [lowrank_compensate];
+- a preset on a target whose preset reads the importance matrix (GGUF: llama.cpp picks some types by
+  whether one is given), or a plan file that decides every tensor itself: [calibrate], [assign_preset],
+  [apply_rules], legalize, [lowrank_compensate];
+- a preset elsewhere: assign_preset, [apply_rules], legalize, then what the finished plan's formats need:
+  calibrate_ranges (static INT8 activations: per weight, or per activation on CNNs) and calibrate (an
+  importance matrix for decoders' formats that take one).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeq.compile.options import ExportOptions
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
+from edgeq.models import llama
+from edgeq.passes import Context, Pass, run_passes
+from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
+from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
+from edgeq.passes.apply_rules import ApplyRules
+from edgeq.passes.assign_preset import AssignPreset
+from edgeq.passes.calibrate import Calibrate
+from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
+from edgeq.passes.fisher import Fisher
+from edgeq.passes.legalize import Legalize
+from edgeq.passes.lowrank_compensate import LowrankCompensate
+from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
+from edgeq.targets.base import Target
+
+PERCENTILE = 99.999          # static INT8 activation ranges: this percentile of |x| per tensor
+
+
+@dataclass
+class Decision:
+    """A plan and what the passes computed for the writer."""
+
+    plan: Plan
+    calibration: Any = None          # a passes.calibrate.Calibration, or None (llama.cpp's plain behaviour)
+    branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
+
+
+@dataclass
+class DecideInputs:
+    """What a decision reads besides the graph and the options."""
+
+    target: Target
+    preset: str | None
+    profile: Any                                     # targets.profiles.DeviceProfile
+    user_plan: Plan | None = None
+    spec: Any = None                                 # the decoder's TokenizerSpec (the GGUF size model holds it)
+    # static INT8 activation ranges are calibrated on these: a CNN's images (required), a text model's token
+    # ids (default: the calibration text)
+    calibration: list | None = None
+    calibration_source: str | None = None
+
+
+def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, branches: bool = True) -> Decision:
+    """Run the passes that make one target's plan. `branches`: also compute the low-rank branches a plan's ranks
+    ask for (`edgeq plan` only writes the plan)."""
+    if opts.imatrix and not opts.calibration:
+        raise EdgeqError(opts.imatrix, "--imatrix and --no-calibration contradict each other")
+    if opts.budgeted and inp.user_plan is not None:
+        raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
+    if opts.budgeted and opts.method not in ("ilp", "dynaquant"):
+        raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
+    if inp.preset is None or inp.target.preset_reads_imatrix:
+        decision = _decide_calibrated_first(graph, inp, opts, ctx, branches)
+    else:
+        decision = _decide_preset(graph, inp, opts, ctx)
+    inp.target.check_plan(graph, decision.plan)
+    return decision
+
+
+def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context,
+                             branches: bool) -> Decision:
+    user = inp.user_plan
+    search = opts.budgeted
+    ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
+    passes: list[Pass] = []
+    if opts.calibration and (search or ranks or opts.imatrix or _takes_imatrix(graph, inp)):
+        # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
+        # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix,
+                                **({} if search or ranks else {"max_full": 0})))
+    if search:
+        passes += _search_passes(graph, inp, opts, ctx)
+    elif inp.preset is not None:
+        passes.append(AssignPreset(inp.preset, inp.target.preset))
+    if user is not None:
+        passes.append(ApplyRules(user, opts.plan))
+    passes.append(Legalize())
+    if ranks and branches:
+        passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
+    _, plan = run_passes(passes, graph, Plan(), ctx)
+    cal = ctx.analysis.get("calibration")
+    plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
+    return Decision(plan, cal, ctx.analysis.get("branches", {}))
+
+
+def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:
+    """Whether any format the preset or the plan file writes uses an importance matrix (else calibrating is
+    wasted)."""
+    if inp.preset is not None and inp.target.preset_takes_imatrix(graph, inp.preset):
+        return True
+    if inp.user_plan is not None:
+        used = [t.format for t in inp.user_plan.tensors.values()] + [r.format for r in inp.user_plan.rules]
+        return any(get_format(f).takes_imatrix for f in used)
+    return False
+
+
+def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> Decision:
+    passes: list[Pass] = [AssignPreset(inp.preset, inp.target.preset)]
+    if inp.user_plan is not None:
+        passes.append(ApplyRules(inp.user_plan, opts.plan))
+    passes.append(Legalize())
+    _, plan = run_passes(passes, graph, Plan(), ctx)
+    if graph.kind == "cnn":
+        return Decision(_cnn_activation_ranges(graph, plan, inp, ctx))
+    if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
+        inputs, source = ((inp.calibration, inp.calibration_source or "calibration inputs")
+                          if inp.calibration is not None else text_inputs(graph))
+        _, plan = run_passes([CalibrateRanges(inputs, source, PERCENTILE)], graph, plan, ctx)
+    if graph.kind == "decoder" and opts.calibration and any(get_format(d.format).takes_imatrix
+                                                            for d in plan.tensors.values()):
+        if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
+            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
+                       ctx)
+        plan.calibration = ctx.analysis["calibration"].to_json()
+    return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
+
+
+def _cnn_activation_ranges(graph: Graph, plan: Plan, inp: DecideInputs, ctx: Context) -> Plan:
+    """Static INT8 CNNs get a calibrated range per activation (the plan's `activations`) unless the plan has them."""
+    if plan.activations is not None or not needs_ranges(plan):
+        return plan
+    if inp.calibration is None:
+        raise EdgeqError(None, "static int8 needs calibration images: pass --calib-images FILE.npz (array 'images' "
+                               f"of shape (n, {', '.join(map(str, graph.config.image_shape))}) float32), or use "
+                               "--quant int8-dyn")
+    source = inp.calibration_source or "calibration images"
+    _, plan = run_passes([CalibrateRanges(inp.calibration, source, PERCENTILE)], graph, plan, ctx)
+    plan.calibration = {"activations": f"per-tensor [min, max] of each quantized activation, {PERCENTILE} "
+                                       "percentile of |x|", "source": inp.calibration_source,
+                        "images": int(sum(len(x) for x in inp.calibration))}
+    return plan
+
+
+def search_cost(opts: ExportOptions, ctx: Context) -> str:
+    """The sensitivity cost a budgeted plan uses. By default the Fisher-weighted output error (in KLD units,
+    bench/results/additivity_groups.json), which needs torch at plan time; without torch, or without
+    calibration, the plain output error, with a one-line note."""
+    if opts.cost != "auto":
+        return opts.cost
+    if not opts.calibration:
+        return "output"
+    try:
+        import torch  # noqa: F401
+        return "fisher"
+    except ImportError:
+        pass
+    note = ("note: torch is not installed, so the plan's costs are the plain output error tr(dW C dW^T) "
+            "(pip install 'edgeq[search]' for Fisher-weighted costs)")
+    ctx.record("sensitivity", note=note)
+    if ctx.progress is not None:
+        print(note, file=sys.stderr)
+    return "output"
+
+
+def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> list[Pass]:
+    if any(r < 0 for r in opts.ranks):
+        raise EdgeqError(None, "--ranks must be non-negative integers")
+    # the budget in bytes needs only the parameter count: check it before anything is sized
+    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    target = inp.target
+    layout = target.layout(graph, target.candidate_formats(opts.formats), opts.ranks, inp.profile, spec=inp.spec,
+                           ndk_clang=opts.android_clang)
+    ties = llama.fused_groups(graph, opts.ties)
+    # feasibility needs only the bytes: check it before any calibration or cost is computed
+    sizes = bytes_table(graph, layout, opts.formats)
+    if budget < min_feasible_bytes(sizes, ties):
+        raise budget_error(sizes, budget, ties)
+    passes: list[Pass] = []
+    cost = search_cost(opts, ctx)
+    if cost == "fisher":
+        passes.append(Fisher())
+    elif cost != "output":
+        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
+    passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
+    if opts.method == "dynaquant":
+        if any(opts.ranks):
+            raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
+        passes.append(AllocateDynaQuant(budget, ties, exact_bytes=layout.exact_bytes))
+        return passes
+    passes.append(Allocate(budget, ties, adapter_overhead=layout.branch_overhead, exact_bytes=layout.exact_bytes))
+    return passes

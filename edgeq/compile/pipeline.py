@@ -1,0 +1,210 @@
+"""The one compile pipeline: options -> import + merge -> passes -> each target's lowering -> one bundle.
+
+`export` writes a bundle for every backend the options name (one, or `--backend all`), whatever the model
+kind; `plan` stops after the passes and returns the plan an export would use. Everything a backend knows
+comes from its Target (targets/registry.py); everything a bundle holds is written by edgeq/bundle/.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeq.bundle.manifest import ManifestParts, calibration_record, manifest, write_manifest
+from edgeq.bundle.pareto import plan_pareto
+from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
+from edgeq.bundle.report import plot_layers, write_report
+from edgeq.bundle.source import source_record
+from edgeq.bundle.tokenizer import write_tokenizer
+from edgeq.compile.decide import DecideInputs, Decision, decide
+from edgeq.compile.options import ExportOptions, backend_preset
+from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import check_output_dir, staged_dir
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan, load_plan
+from edgeq.importers.images import calibration_images
+from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
+from edgeq.passes import Context, run_passes
+from edgeq.passes.merge_adapters import MergeAdapters
+from edgeq.targets.base import LowerRequest, Target
+from edgeq.targets.profiles import DeviceProfile, get_profile
+from edgeq.targets.registry import get_target
+
+LAYER_PLOT = "formats_by_layer.png"
+
+
+def import_and_merge(model: str | None, adapters: list[str], ctx: Context) -> tuple[Path, Graph]:
+    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet)."""
+    model_path = resolve_model_path(model)
+    graph = import_model(model_path)
+    if adapters:
+        graph, _ = run_passes([MergeAdapters(adapters)], graph, Plan(), ctx)
+    return model_path, graph
+
+
+@dataclass
+class Compilation:
+    """An imported model and what the options decide for it before any pass runs."""
+
+    graph: Graph
+    model_path: Path | None
+    profile: DeviceProfile
+    targets: list[Target]
+    inputs: dict[str, DecideInputs]       # per target
+    ctx: Context
+
+
+def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool) -> Compilation:
+    """Check the options, import the model (unless given), pick the targets and their presets."""
+    profile = get_profile(opts.target)
+    user_plan = load_plan(opts.plan) if opts.plan else None
+    opts.check_against(user_plan)
+    if opts.backend == "all" and not several_allowed:
+        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf, onnx or tvm")
+    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
+    model_path = None
+    if graph is None:
+        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
+    targets = [get_target(b) for b in profile.backends_to_export(graph.kind, opts.backend)]
+    several = len(targets) > 1
+    for t in targets:
+        if several and not t.joins_bundles:
+            raise EdgeqError(None, f"a bundle with several backends cannot include {t.name} yet; export it with "
+                                   f"--backend {t.name}")
+        if opts.budgeted and graph.kind not in t.budget_kinds:
+            raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
+                                   f"with this {graph.kind}")
+        t.check(graph, profile, budgeted=opts.budgeted, n_ctx=opts.n_ctx, tune_trials=opts.tune_trials)
+    spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
+    images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
+    inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,
+                                   images, images_source) for t in targets}
+    return Compilation(graph, model_path, profile, targets, inputs, ctx)
+
+
+def decide_all(c: Compilation, opts: ExportOptions, branches: bool = True) -> dict[str, Decision]:
+    """Each target's decision, in bundle order, sharing one context (and so one calibration)."""
+    decisions = {}
+    # a model kind that can be bundled with several backends says which backend each pass record decided for
+    tag = len(c.profile.all_backends.get(c.graph.kind, ())) > 1
+    for t in c.targets:
+        c.ctx.backend = t.name
+        first = len(c.ctx.records)
+        decisions[t.name] = decide(c.graph, c.inputs[t.name], opts, c.ctx, branches)
+        if tag and t.name in c.profile.all_backends[c.graph.kind]:
+            for r in c.ctx.records[first:]:
+                r.setdefault("backend", t.name)
+    return decisions
+
+
+def decisions(opts: ExportOptions, progress: Callable | None = None,
+              branches: bool = True) -> tuple[Graph, dict[str, Decision]]:
+    """The model and the decision `export` would make for each backend, without writing anything."""
+    c = prepare(opts, progress, None, several_allowed=True)
+    return c.graph, decide_all(c, opts, branches)
+
+
+def plan(opts: ExportOptions, progress: Callable | None = None) -> Plan:
+    """The plan `export` would use with these options (low-rank branches are not computed: only the plan)."""
+    c = prepare(opts, progress, None, several_allowed=False)
+    return decide_all(c, opts, branches=False)[c.targets[0].name].plan
+
+
+def n_ctx(graph: Graph, profile: DeviceProfile, opts: ExportOptions) -> int | None:
+    """The context length a bundle records for the device: a decoder's --n-ctx or the profile's (within the
+    model's); an encoder's own length; none for a CNN."""
+    if graph.kind == "decoder":
+        return int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
+    return int(getattr(graph.config, "context_length", 0)) or None
+
+
+def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
+           graph: Graph | None = None) -> dict:
+    """Export `opts.model`, or `graph` when the caller imported it already (export_module)."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    check_output_dir(opts.out, opts.force)
+    t0 = time.perf_counter()
+    c = prepare(opts, progress, graph, several_allowed=True)
+    timings["import"] = time.perf_counter() - t0
+    graph, profile, targets, first = c.graph, c.profile, c.targets, c.targets[0]
+    t0 = time.perf_counter()
+    decisions = decide_all(c, opts)
+    timings["passes"] = time.perf_counter() - t0
+    plan_ = decisions[first.name].plan
+    what = (f"{plan_.search['method']} plan for {plan_.search['budget_mb']:.3f} MB" if plan_.search and opts.budgeted
+            else " + ".join(f"{t.name} {c.inputs[t.name].preset or 'plan'}" for t in targets))
+    log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what} "
+        f"{' '.join(t.describe(profile, opts.android_clang) for t in targets)}".rstrip())
+    cannot_run = first.cannot_run_here(profile)
+    spec = c.inputs[first.name].spec
+    images = c.inputs[first.name].calibration
+    ref_images = reference_images(graph, images) if graph.kind == "cnn" else None
+
+    with staged_dir(opts.out, opts.force) as tmp:
+        t0 = time.perf_counter()
+        artifacts, sections = [], {}
+        for t in targets:
+            d = decisions[t.name]
+            lowered = t.lower(LowerRequest(graph, d.plan, tmp, profile,
+                                           imatrix=d.calibration.imatrix() if d.calibration is not None else None,
+                                           branches=d.branches, spec=spec, ndk_clang=opts.android_clang,
+                                           tune_trials=opts.tune_trials, progress=progress, log=log))
+            artifacts += lowered.artifacts
+            if lowered.section is not None:
+                sections[t.name] = lowered.section
+            timings.update(lowered.timings)
+        timings.setdefault("lower", time.perf_counter() - t0)
+        if opts.budgeted:
+            _check_budget(decisions, artifacts)
+        tokenizer_file, tokenizer = write_tokenizer(graph, spec, tmp)
+        if tokenizer_file is not None:
+            artifacts.append(tokenizer_file)
+
+        m = manifest(ManifestParts(
+            graph=graph, plan=plan_, plans={t.name: decisions[t.name].plan for t in targets},
+            versions={k: v for t in targets for k, v in t.runtime_versions().items()},
+            source=source_record(graph, c.model_path, opts.model), target=profile.to_json(),
+            n_ctx=n_ctx(graph, profile, opts),
+            kv_cache_dtype=(first.kv_cache_dtype(c.inputs[first.name].preset, profile, opts.kv_dtype)
+                            if graph.kind == "decoder" else None),
+            artifacts=[a.entry() for a in artifacts], tokenizer=tokenizer,
+            calibration=(calibration_record(decisions[first.name].calibration, opts.calibration)
+                         if graph.kind == "decoder" else None),
+            sections=sections, passes=c.ctx.records,
+            reference=reference_record(graph, ref_images, images is not None)))
+        write_manifest(tmp, m)
+
+        t0 = time.perf_counter()
+        measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
+        reference_and_check(graph, tmp, [t.name for t in targets], measurements, opts.check, cannot_run, spec,
+                            ref_images)
+        timings["reference_and_check"] = time.perf_counter() - t0
+        if opts.budgeted and opts.check and cannot_run is None:   # the plan's measured point beside the presets'
+            t0 = time.perf_counter()
+            measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.adapters,
+                                                 ctx=min(512, graph.config.context_length))
+            timings["pareto_eval"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+        (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")
+        plot = None
+        if graph.kind == "decoder":
+            plot = LAYER_PLOT
+            plot_layers(graph, plan_, tmp / plot)
+        write_report(tmp / "report.md", m, measurements, graph, plan_, plot)
+    return {"out": str(opts.out), "manifest": m, "measurements": measurements}
+
+
+def _check_budget(decisions: dict[str, Decision], artifacts: list) -> None:
+    """Each backend's model files (adapters and external data included) within its plan's budget: the size
+    models are exact, so a failure here is a bug, caught before the bundle is renamed into place."""
+    for b, d in decisions.items():
+        written = sum(a.path.stat().st_size for a in artifacts if a.backend == b)
+        if d.plan.search and written > d.plan.search["budget_bytes"]:
+            raise EdgeqError(None, f"{b} files are {written} bytes, over the budget of "
+                                   f"{d.plan.search['budget_bytes']} bytes (predicted {d.plan.search['predicted_bytes']})")

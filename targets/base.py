@@ -1,0 +1,124 @@
+"""The Target interface: everything edgeq knows about one backend, behind one protocol.
+
+A target is a runtime family (`gguf`, `onnx`, `tvm`). It knows what its presets mean tensor by tensor,
+which formats it carries, how many bytes a plan's files take (its `FileLayout`), how to lower a finished
+plan into files and what the manifest says about them, which runtime versions it records, and whether its
+artifact can run on this host (for the bundle's reference check). The compile pipeline (edgeq/compile/)
+drives every target through these methods alone: nothing outside targets/ asks which backend it holds.
+
+Adding a backend: a folder targets/<name>/ whose `target.py` subclasses `Target`, and one line in
+targets/registry.py. Formats it carries are registered in edgeq/core/formats.py with its name in
+`backends`; the runtime that loads its artifacts is a module of runtime/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from edgeq.bundle.manifest import Artifact
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format, candidate_formats, get_format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout
+from edgeq.core.plan import Plan, PresetTensors
+
+
+@dataclass
+class LowerRequest:
+    """What a target lowers: the graph, the finished plan and what the passes computed for it."""
+
+    graph: Graph
+    plan: Plan
+    folder: Path                          # the staged bundle folder to write into
+    profile: Any                          # targets.profiles.DeviceProfile
+    imatrix: dict | None = None           # weight -> importance (E[x^2]) for formats that take one
+    branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
+    spec: Any = None                      # the decoder's runtime.tokenizer.TokenizerSpec
+    ndk_clang: str | None = None          # android: the NDK clang that links a .so
+    tune_trials: int = 0                  # meta-schedule trials (targets that tune)
+    progress: Callable | None = None
+    log: Callable[[str], None] = lambda s: None
+
+
+@dataclass
+class Lowered:
+    """What a target wrote: its files in manifest order, and its own manifest section."""
+
+    artifacts: list[Artifact]
+    section: dict[str, Any] | None = None  # written under the target's name in the manifest, when not None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Target:
+    """A backend. Subclasses set the class attributes and implement the methods that raise here."""
+
+    name: str = ""
+    presets: tuple[str, ...] = ()
+    kinds: frozenset[str] = frozenset()           # model kinds it lowers (decoder, encoder, cnn)
+    budget_kinds: frozenset[str] = frozenset()    # kinds whose files it sizes exactly (budgeted plans)
+    runtime_dists: tuple[str, ...] = ()           # the distributions whose versions a bundle records
+    # llama.cpp picks some of a preset's types by whether an importance matrix is given, so such a target's
+    # calibration runs before its preset is resolved; others calibrate what the finished plan needs
+    preset_reads_imatrix: bool = False
+    joins_bundles: bool = True                    # may share a bundle with other backends (`--backend all`)
+
+    # --- deciding ---------------------------------------------------------------------------------------
+
+    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
+        """What `preset` means for each tensor of `graph` on this backend."""
+        raise NotImplementedError
+
+    def preset_takes_imatrix(self, graph: Graph, preset: str) -> bool:
+        """Whether any format `preset` writes on this model uses an importance matrix (else calibrating is
+        wasted)."""
+        return any(get_format(tp.format).takes_imatrix
+                   for has in (False, True) for tp in self.preset(graph, preset, has).tensors.values())
+
+    def candidate_formats(self, names: list[str] | None = None) -> list[Format]:
+        """The formats a budgeted plan chooses among here (the registry's, or the named subset)."""
+        return candidate_formats(self.name, names)
+
+    def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
+               ndk_clang: str | None = None) -> FileLayout:
+        """The exact size model of this backend's files for these candidate formats and branch ranks."""
+        raise EdgeqError(None, f"budgeted plans for backend {self.name!r} ({graph.kind}s) are not available yet")
+
+    def check(self, graph: Graph, profile, *, budgeted: bool, n_ctx: int | None, tune_trials: int) -> None:
+        """Refuse, in one line, what this backend cannot do with these options (before any work is done)."""
+        if graph.kind not in self.kinds:
+            raise EdgeqError(None, f"the {self.name} backend does not carry {graph.kind} models")
+
+    def check_plan(self, graph: Graph, plan: Plan) -> None:
+        """Refuse a finished plan this backend cannot lower (before anything is written)."""
+
+    # --- lowering and running ---------------------------------------------------------------------------
+
+    def lower(self, req: LowerRequest) -> Lowered:
+        """Write this backend's files for the plan into `req.folder`."""
+        raise NotImplementedError
+
+    def describe(self, profile, ndk_clang: str | None) -> str:
+        """What the export log says besides the plan (the device code a target builds, say)."""
+        return ""
+
+    def cannot_run_here(self, profile) -> str | None:
+        """Why this host cannot run the artifact built for `profile` (None: it can, and the bundle's reference
+        outputs are checked in the runtime)."""
+        return None
+
+    def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
+        """The KV-cache type a decoder bundle of this backend runs with."""
+        return "f32"
+
+    def runtime_versions(self) -> dict[str, str]:
+        """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
+        out = {}
+        for dist in self.runtime_dists:
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+        return out

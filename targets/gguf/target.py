@@ -1,0 +1,69 @@
+"""The GGUF target: a file stock llama.cpp loads, with llama.cpp's own presets and quantizers.
+
+A preset means exactly what llama-quantize means by it (presets.py), tensor for tensor; the file holds
+ggml's own quantized bytes (writer.py); low-rank error branches go to a LoRA-adapter GGUF beside it that
+llama.cpp applies at load (adapter.py); the size model is exact (layout.py).
+"""
+
+from __future__ import annotations
+
+from edgeq.bundle.manifest import Artifact
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout
+from edgeq.core.plan import Plan, PresetTensors, TensorPlan
+from edgeq.models import llama
+from edgeq.runtime.tokenizer import spec_to_json
+from edgeq.targets.base import LowerRequest, Lowered, Target
+from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
+from edgeq.targets.gguf.layout import gguf_layout
+from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
+from edgeq.targets.gguf.writer import write_gguf
+
+MODEL_FILE = "model.gguf"
+
+
+class GgufTarget(Target):
+    name = "gguf"
+    presets = GGUF_PRESETS
+    kinds = frozenset({"decoder"})
+    budget_kinds = frozenset({"decoder"})
+    runtime_dists = ("llama-cpp-python", "gguf")
+    preset_reads_imatrix = True
+
+    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
+        cfg = graph.config
+        infos = [TensorInfo(t.alias or llama.gguf_name(n), tuple(reversed(t.shape))) for n, t in graph.weights.items()]
+        choices = preset_types(preset, infos, cfg.n_heads, cfg.n_kv_heads, has_imatrix=has_imatrix)
+        tensors = {}
+        for (name, _), info in zip(graph.weights.items(), infos):
+            c = choices[info.name]
+            tensors[name] = TensorPlan(format=c.type, reason=c.reason, requested=c.requested)
+        return PresetTensors(tensors, {"preset": preset, "imatrix": has_imatrix,
+                                      "formats": Plan(tensors=tensors).format_counts(),
+                                      "fallbacks": sum(1 for t in tensors.values() if t.requested)})
+
+    def check(self, graph: Graph, profile, *, budgeted: bool, n_ctx: int | None, tune_trials: int) -> None:
+        if graph.kind not in self.kinds:
+            raise EdgeqError(graph.metadata.get("source_path"),
+                             f"the gguf backend carries decoders; this is an {graph.kind} (use --backend onnx)")
+
+    def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
+               ndk_clang: str | None = None) -> FileLayout:
+        return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
+
+    def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
+        return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
+
+    def lower(self, req: LowerRequest) -> Lowered:
+        model_file = req.folder / MODEL_FILE
+        written = write_gguf(req.graph, req.plan, model_file, spec_to_json(req.spec), imatrix=req.imatrix,
+                             progress=req.progress)
+        artifacts = [Artifact("model", model_file, self.name, written)]
+        if req.branches:
+            adapter = req.folder / ADAPTER_FILE
+            write_adapter(req.graph, req.branches, adapter)
+            artifacts.append(Artifact("adapter", adapter, self.name, {"f16": 2 * len(req.branches)},
+                                      {"applies_to": model_file.name, "kind": "lora (low-rank error compensation)"}))
+        return Lowered(artifacts)

@@ -1,0 +1,57 @@
+"""The ONNX target: a model file onnxruntime runs, for decoders, encoders and CNNs.
+
+Presets (presets.py) put static or dynamic INT8 (QDQ) where onnxruntime has integer kernels and
+weight-only 4/8-bit blocks (MatMulNBits, GatherBlockQuantized) on decoders; the lowering per model
+kind is lower.py; decoders are sized exactly (layout.py) for budgeted plans.
+
+The onnx package is a heavy import: the modules that need it are imported when a method runs, so that
+choosing a target (the CLI, a GGUF export) does not pay for it.
+"""
+
+from __future__ import annotations
+
+from edgeq.bundle.manifest import Artifact
+from edgeq.core.formats import Format
+from edgeq.core.ir import Graph
+from edgeq.core.layout import FileLayout
+from edgeq.core.plan import Plan, PresetTensors
+from edgeq.targets.base import LowerRequest, Lowered, Target
+from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
+
+MODEL_FILE = "model.onnx"
+
+
+class OnnxTarget(Target):
+    name = "onnx"
+    presets = ONNX_PRESETS
+    kinds = frozenset({"decoder", "encoder", "cnn"})
+    budget_kinds = frozenset({"decoder"})
+    runtime_dists = ("onnxruntime", "onnx")
+
+    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
+        tensors = preset_formats(graph, preset)
+        return PresetTensors(tensors, {"preset": preset, "formats": Plan(tensors=tensors).format_counts(),
+                                      "fallbacks": 0})
+
+    def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
+               ndk_clang: str | None = None) -> FileLayout:
+        from edgeq.targets.onnx.layout import onnx_layout
+
+        return onnx_layout(graph, formats, ranks)
+
+    def check_plan(self, graph: Graph, plan: Plan) -> None:
+        if graph.kind == "cnn":
+            from edgeq.targets.onnx.cnn import activation_params
+
+            activation_params(graph, plan)      # a plan naming an activation the model lacks fails here
+
+    def lower(self, req: LowerRequest) -> Lowered:
+        from edgeq.targets.onnx.lower import lower_onnx, save_model
+
+        options = {**({"imatrix": req.imatrix} if req.imatrix is not None else {}),
+                   **({"branches": req.branches} if req.branches else {})}
+        model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
+        files = save_model(model, req.folder / MODEL_FILE)
+        del model
+        return Lowered([Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
+                        Artifact("model_data", f, self.name) for f in files])
