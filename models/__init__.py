@@ -1,1 +1,1 @@
-"""Architecture families (how each maps to the IR) and the small reference models used in tests."""
+"""Architecture families over the IR (llama, bert, cnn: canonical weight names, graphs); reference models in recipes/."""

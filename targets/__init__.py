@@ -1,1 +1,1 @@
-"""Targets: one sub-package per backend (gguf/, later onnx/ and tvm/), plus the device profiles."""
+"""The backends edgeq lowers to, one folder each behind targets/base.Target (registry.py), and the device profiles."""

@@ -23,7 +23,7 @@ from edgeq.core.errors import EdgeqError
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
 # the runner's own files: the runtime package and the few edgeq modules it imports
-RUNTIME_MODULES = ("__init__.py", "errors.py", "fsutil.py", "tokenizer.py")
+RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py")
 
 
 class DeviceError(EdgeqError):
@@ -132,6 +132,7 @@ def stage_runtime(dst: Path) -> Path:
     (pkg / "runtime").mkdir(parents=True)
     src = Path(edgeq.__file__).parent
     for name in RUNTIME_MODULES:
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / name, pkg / name)
     for f in sorted(Path(edgeq.runtime.__file__).parent.glob("*.py")):
         shutil.copy2(f, pkg / "runtime" / f.name)
