@@ -20,7 +20,8 @@ from edgeq.evaluate.bundle import evaluate_bundle
 from edgeq.importers.imatrix import Imatrix, write_imatrix
 from edgeq.importers.torch_export import import_module
 from edgeq.passes import Context
-from edgeq.passes.calibrate import calibrate as run_calibration, imatrix_from_calibration
+from edgeq.passes.calibrate import calibrate as run_calibration
+from edgeq.passes.calibrate import imatrix_from_calibration
 
 __all__ = ["ExportOptions", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
 

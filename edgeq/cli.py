@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from edgeq import __version__, api, runtime
 from edgeq.compile.options import ExportOptions

@@ -11,11 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
-from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph, Node, Tensor, Value, checked_weights
-
+from edgeq.models import names
 
 
 @dataclass(frozen=True)
@@ -47,9 +44,9 @@ class BertConfig:
 def expected_shapes(cfg: BertConfig) -> dict[str, tuple[int, ...]]:
     h, f = cfg.hidden_size, cfg.intermediate_size
     out: dict[str, tuple[int, ...]] = {
-        "embeddings.word_embeddings.weight": (cfg.vocab_size, h),
-        "embeddings.position_embeddings.weight": (cfg.max_positions, h),
-        "embeddings.token_type_embeddings.weight": (cfg.type_vocab_size, h),
+        names.WORD_EMBED: (cfg.vocab_size, h),
+        names.POSITION_EMBED: (cfg.max_positions, h),
+        names.TOKEN_TYPE_EMBED: (cfg.type_vocab_size, h),
         "embeddings.LayerNorm.weight": (h,),
         "embeddings.LayerNorm.bias": (h,),
     }
@@ -75,9 +72,9 @@ def build_graph(cfg: BertConfig, weights: dict[str, Tensor], metadata: dict[str,
     ordered = checked_weights(expected_shapes(cfg), weights)
     eps = {"eps": cfg.ln_eps}
     nodes = [
-        Node("embedding", ["tokens", "embeddings.word_embeddings.weight"], ["e_word"]),
-        Node("embedding", ["positions", "embeddings.position_embeddings.weight"], ["e_pos"]),
-        Node("embedding", ["token_types", "embeddings.token_type_embeddings.weight"], ["e_type"]),
+        Node("embedding", ["tokens", names.WORD_EMBED], ["e_word"]),
+        Node("embedding", ["positions", names.POSITION_EMBED], ["e_pos"]),
+        Node("embedding", ["token_types", names.TOKEN_TYPE_EMBED], ["e_type"]),
         Node("add", ["e_word", "e_pos"], ["e_wp"]),
         Node("add", ["e_wp", "e_type"], ["e_sum"]),
         Node("layer_norm", ["e_sum", "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"], ["h0"], eps),

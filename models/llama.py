@@ -9,13 +9,14 @@ side applies llama.cpp's row permutation when writing and undoes it on import.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph, Node, Tensor, Value, checked_weights
+from edgeq.models import names
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ _LAYER_HF_TO_GGUF = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _GLOBAL_HF_TO_GGUF = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
+    names.EMBED: "token_embd.weight",
+    names.FINAL_NORM: "output_norm.weight",
+    names.LM_HEAD: "output.weight",
     "rope_freqs.weight": "rope_freqs.weight",
 }
 _LAYER_GGUF_TO_HF = {v: k for k, v in _LAYER_HF_TO_GGUF.items()}
@@ -90,7 +91,7 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape (numpy order) for every tensor the family defines, in canonical order."""
     h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h)}
+    out: dict[str, tuple[int, ...]] = {names.EMBED: (cfg.vocab_size, h)}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (h,)
@@ -106,9 +107,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
         out[p + "mlp.gate_proj.weight"] = (f, h)
         out[p + "mlp.up_proj.weight"] = (f, h)
         out[p + "mlp.down_proj.weight"] = (h, f)
-    out["model.norm.weight"] = (h,)
+    out[names.FINAL_NORM] = (h,)
     if not cfg.tied_embeddings:
-        out["lm_head.weight"] = (cfg.vocab_size, h)
+        out[names.LM_HEAD] = (cfg.vocab_size, h)
     return out
 
 
@@ -243,7 +244,7 @@ def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str
     nodes: list[Node] = []
     rope = {"theta": cfg.rope_theta, "head_dim": cfg.head_dim, "scaling": cfg.rope_scaling,
             "freq_factors": "rope_freqs.weight" if "rope_freqs.weight" in weights else None}
-    nodes.append(Node("embedding", ["tokens", "model.embed_tokens.weight"], ["h0"]))
+    nodes.append(Node("embedding", ["tokens", names.EMBED], ["h0"]))
     h = "h0"
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
@@ -269,8 +270,8 @@ def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str
             Node("add", [t + "h1", t + "d"], [t + "h2"]),
         ]
         h = t + "h2"
-    nodes.append(Node("rms_norm", [h, "model.norm.weight"], ["hn"], {"eps": cfg.rms_eps}))
-    head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
+    nodes.append(Node("rms_norm", [h, names.FINAL_NORM], ["hn"], {"eps": cfg.rms_eps}))
+    head = names.head(cfg.tied_embeddings)
     nodes.append(Node("linear", ["hn", head], ["logits"]))
     return Graph(
         arch="llama",

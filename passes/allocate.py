@@ -21,9 +21,9 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
-from edgeq.core.plan import Plan, TensorPlan
 
 MB = 1_000_000
 EXACT_TRIES = 4

@@ -37,20 +37,12 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import Format, get_format
 from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
 from edgeq.passes.allocate import Allocation, budget_error, fit_exact_bytes, min_feasible_bytes, plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
-from edgeq.core.plan import Plan
-
-# format -> (bits, block, asymmetric): the proxy each candidate is trained with
-PROXY = {
-    "q8_0": (8, 32, False), "q6_k": (6, 16, False), "q5_k": (5, 32, True), "q5_1": (5, 32, True),
-    "q5_0": (5, 32, False), "q4_k": (4, 32, True), "q4_1": (4, 32, True), "q4_0": (4, 32, False),
-    "q3_k": (3, 16, False), "q2_k": (2, 16, True),
-    "int4_g32": (4, 32, False), "int8_wo": (8, 0, False),      # TVM's (block 0: one scale per output row)
-}
-FLOAT = {"f32", "f16", "bf16"}
 
 
 def _torch():
@@ -69,16 +61,11 @@ def ste_round(x):
 ESTIMATORS: dict[str, Callable] = {"ste": ste_round}
 
 
-def _proxy(fmt: str, bits_per_weight: float) -> tuple[int, int, bool] | None:
-    from edgeq.core.formats import NBITS
-
-    if fmt in FLOAT:
-        return None
-    if fmt in PROXY:
-        return PROXY[fmt]
-    if fmt in NBITS:            # ONNX's MatMulNBits formats: the proxy is the format itself
-        return NBITS[fmt]
-    return (max(2, int(bits_per_weight) - 1), 32, True)      # an unknown format: its payload bits, 32-blocks
+def _proxy(fmt: Format) -> tuple[int, int, bool] | None:
+    """(bits, block, asymmetric) the candidate is trained with: its grid in the registry (None: a float)."""
+    if fmt.grid is None and fmt.bits_per_weight < 16:       # a format registered without a grid
+        return (max(2, int(fmt.bits_per_weight) - 1), 32, True)
+    return fmt.grid
 
 
 def fake_quant(w, log_gamma, spec, rnd, torch):
@@ -138,8 +125,6 @@ def _factor(stats, cols: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _groups(graph: Graph, table: CostTable, calibration, k: int, torch) -> list[_Group]:
-    from edgeq.core.formats import get_format
-
     by: dict[tuple, list[str]] = {}
     for name, opts in table.options.items():
         fm = tuple(sorted(o.format for o in opts if not o.rank))
@@ -157,7 +142,7 @@ def _groups(graph: Graph, table: CostTable, calibration, k: int, torch) -> list[
             fs.append(f.astype(np.float32))
             rs.append(r.astype(np.float32))
             opts.append([next(o for o in table.options[n] if o.format == f_ and not o.rank) for f_ in fm])
-        specs = [_proxy(f_, get_format(f_).bits_per_weight) for f_ in fm]
+        specs = [_proxy(get_format(f_)) for f_ in fm]
         groups.append(_Group(names, opts, specs, torch.from_numpy(np.stack(ws)), torch.from_numpy(np.stack(fs)),
                              torch.from_numpy(np.stack(rs)), ))
     return groups

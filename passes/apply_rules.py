@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
-from edgeq.passes.base import Context, Pass
 from edgeq.core.plan import Plan, TensorPlan
+from edgeq.passes.base import Context, Pass
 
 
 class ApplyRules(Pass):

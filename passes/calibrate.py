@@ -27,12 +27,16 @@ import numpy as np
 
 from edgeq.core.cache import cache_dir
 from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
 from edgeq.core.fs import sha256_file, sha256_source
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
+from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_text
 from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix
+from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
+from edgeq.runtime.tokenizer import build_tokenizer, encode
 
 CALIBRATION_VERSION = 1
 DEFAULT_WINDOWS = 4
@@ -136,8 +140,6 @@ def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int
 def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_FULL,
             progress: Callable | None = None) -> Calibration:
     """Run the windows through the reference executor and accumulate every linear input's moments."""
-    from edgeq.core.executor import Executor
-
     inputs: dict[str, InputStats] = {}
     weight_input: dict[str, str] = {}
     owner: dict[str, str] = {}
@@ -192,10 +194,6 @@ def _embedding_name(graph: Graph) -> str:
 
 def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
     """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
-    from edgeq.importers.loader import graph_tokenizer_spec
-    from edgeq.evaluate.texts import calibration_text
-    from edgeq.runtime.tokenizer import build_tokenizer, encode
-
     spec = graph_tokenizer_spec(graph)
     tok = build_tokenizer(spec)
     return encode(tok, spec, calibration_text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
@@ -221,8 +219,6 @@ def source_digest(graph: Graph) -> str:
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
               progress: Callable | None = None, use_cache: bool = True) -> Calibration:
     """Calibration statistics for `graph`, from the cache when the same ones were computed before."""
-    from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_text
-
     text_sha = hashlib.sha256(calibration_text().encode()).hexdigest()
     src = source_digest(graph)
     key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full]).encode()).hexdigest()
@@ -310,21 +306,3 @@ class Calibrate(Pass):
         ctx.record(self.name, **cal.to_json())
         return graph, plan
 
-
-def takes_imatrix(plan) -> bool:
-    from edgeq.core.formats import get_format
-
-    return any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
-
-
-def imatrix_calibration(graph: Graph, plan, ctx, opts) -> None:
-    """The importance matrix for the plan's formats that take one (ONNX and TVM int4, as GGUF's types), unless
-    `opts` says --no-calibration: `opts.imatrix`'s file or the Calibrate pass (its cache), in
-    ctx.analysis['calibration']; the plan records it."""
-    if opts is not None and opts.calibration and takes_imatrix(plan):
-        from edgeq.passes import run_passes
-
-        if "calibration" not in ctx.analysis:
-            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
-                       ctx)
-        plan.calibration = ctx.analysis["calibration"].to_json()

@@ -20,11 +20,13 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
 from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_sentences
 from edgeq.importers.hf_bert import encoder_tokenizer
+from edgeq.models.cnn import quantized_activations
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
-from edgeq.core.plan import Plan
+
 
 def needs_ranges(plan: Plan) -> bool:
     """Whether any of the plan's formats quantizes activations with a range calibrated ahead (static INT8)."""
@@ -138,8 +140,6 @@ class CalibrateRanges(Pass):
         """CNNs are quantized between layers: a range per activation (the plan's `activations`), not per weight.
 
         Ranges already in the plan are kept as they are (an activation the plan leaves out stays float)."""
-        from edgeq.models.cnn import quantized_activations
-
         if plan.activations is not None or not needs_ranges(plan):
             ctx.record(self.name, activations=0)
             return graph, plan

@@ -36,9 +36,11 @@ from typing import Callable
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
-from edgeq.passes.base import Context, Pass
 from edgeq.core.plan import Plan
+from edgeq.passes.base import Context, Pass
+from edgeq.passes.calibrate import calibration_tokens, calibration_windows
 
 
 def _torch():
@@ -52,8 +54,6 @@ def _torch():
 def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
     """The IR's decoder ops in torch (mirrors edgeq/executor.py); linear outputs are kept with their grads.
     `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
-    from edgeq.core.executor import rope_inv_freq
-
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
     for node in graph.nodes:
         args = [env[i] if i in env else weights[i] for i in node.inputs]
@@ -169,8 +169,6 @@ class Fisher(Pass):
         self.token_weighted = token_weighted
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
-        from edgeq.passes.calibrate import calibration_tokens, calibration_windows
-
         tokens, bos, add_bos = calibration_tokens(graph)
         windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos)
         ctx.analysis["fisher"] = output_fisher(graph, windows, progress=ctx.progress,

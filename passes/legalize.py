@@ -13,8 +13,8 @@ from dataclasses import replace
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format, shape_fallback
 from edgeq.core.ir import Graph
-from edgeq.passes.base import Context, Pass
 from edgeq.core.plan import Plan
+from edgeq.passes.base import Context, Pass
 
 
 class Legalize(Pass):

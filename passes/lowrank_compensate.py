@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
 from edgeq.passes.base import Pass
 
 SCALINGS = ("exact", "diag", "identity")
@@ -150,8 +151,6 @@ def compute_branches(graph, plan, calibration, mode: str = "exact", k_max: int |
     `k_max` is the largest rank the sensitivity pass decomposed for: branches are prefixes of that
     decomposition, so the branch written is the one whose cost the allocator saw.
     """
-    from edgeq.core.formats import get_format
-
     todo = [n for n, t in plan.tensors.items() if t.rank and n in graph.weights]
     if not todo:
         return {}

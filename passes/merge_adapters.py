@@ -27,10 +27,12 @@ from typing import Any
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
-from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
+from edgeq.core.fs import sha256_file
 from edgeq.core.ir import Graph, Tensor
-from edgeq.passes.base import Context, Pass
 from edgeq.core.plan import Plan
+from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
+from edgeq.models import names
+from edgeq.passes.base import Context, Pass
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -165,13 +167,13 @@ def _check_config(c: dict[str, Any], path: Path) -> None:
 def model_modules(graph: Graph) -> dict[str, tuple[str, bool]]:
     """PEFT module name -> (canonical weight it changes, is an embedding), for a llama-family graph."""
     cfg = graph.config
-    out: dict[str, tuple[str, bool]] = {"model.embed_tokens": ("model.embed_tokens.weight", True)}
+    out: dict[str, tuple[str, bool]] = {"model.embed_tokens": (names.EMBED, True)}
     for i in range(cfg.n_layers):
         for leaf in _LAYER_LINEAR:
             m = f"model.layers.{i}.{leaf}"
             out[m] = (m + ".weight", False)
     # With tied embeddings lm_head's weight is the embedding table: a LoRA on lm_head changes both.
-    out["lm_head"] = ("model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight", False)
+    out["lm_head"] = (names.head(cfg.tied_embeddings), False)
     return out
 
 
@@ -223,8 +225,6 @@ def _pattern_value(patterns: dict[str, Any], key: str, default):
 
 def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     """Validate an adapter folder against the base graph; nothing is loaded but headers and the config."""
-    from edgeq.core.fs import sha256_file
-
     path_s, weight = parse_adapter_arg(arg) if isinstance(arg, str) else arg
     folder = Path(path_s)
     if not folder.exists():

@@ -23,20 +23,23 @@ files written.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.core.cache import cache_dir
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats
+from edgeq.core.fs import atomic_write_text
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
-from edgeq.passes.base import Context, Pass
 from edgeq.core.plan import Plan
+from edgeq.passes import lowrank_compensate as lr
+from edgeq.passes.base import Context, Pass
+from edgeq.passes.calibrate import source_digest
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
@@ -124,8 +127,6 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
     weights (`fisher_rows`, and the token-weighted input covariance `fisher_cov` in place of C where given)
     every cost is Fisher-weighted, the branches' residuals too.
     """
-    from edgeq.passes import lowrank_compensate as lr
-
     cov32 = diag = full = None
     if fisher_cov is not None:
         full = fisher_cov.astype(np.float64)
@@ -193,8 +194,6 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
         if fisher is not None and embd is not None and f"lookup_tokens:{embd}" in fisher:
             token_p = token_p * fisher[f"lookup_tokens:{embd}"]
-    from edgeq.passes import lowrank_compensate as lr
-
     options = {}
     scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
     it = decide if progress is None else progress(decide, desc="sensitivity", unit="tensor")
@@ -259,8 +258,6 @@ class Sensitivity(Pass):
                                   ctx.analysis.get("fisher"))
             if path is not None:
                 try:
-                    from edgeq.core.fs import atomic_write_text
-
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(path, json.dumps(table.to_json()))
                 except OSError:
@@ -271,9 +268,6 @@ class Sensitivity(Pass):
         return graph, plan
 
     def _cache_path(self, graph: Graph, cal, fmts: list[Format]):
-        from edgeq.core.cache import cache_dir
-        from edgeq.passes.calibrate import source_digest
-
         root = cache_dir() if self.use_cache else None
         if root is None:
             return None

@@ -13,11 +13,22 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import (BundleError, artifact_path, check_runtime_version, pick_artifact, read_manifest,
-                                    verify_artifacts)
+from edgeq.runtime import gguf_backend, onnx_backend, tvm_backend
+from edgeq.runtime.manifest import (
+    BundleError,
+    artifact_path,
+    check_runtime_version,
+    pick_artifact,
+    read_manifest,
+    verify_artifacts,
+)
 from edgeq.runtime.sampling import sample
 
 __all__ = ["load", "Session", "BundleError"]
+
+# the runtimes a bundle's artifacts run in, by backend name; each module imports its library (llama_cpp,
+# onnxruntime, tvm) only when it opens an artifact, so a device needs only the ones its bundles use
+BACKENDS = {m.NAME: m for m in (gguf_backend, onnx_backend, tvm_backend)}
 
 
 class Session:
@@ -102,38 +113,14 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
-    n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
-    if device not in (None, "cpu", "local") and art["backend"] != "tvm":
-        raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
-    if art["backend"] == "onnx":
-        check_runtime_version(manifest, "onnxruntime")
-        if manifest["model"].get("kind") != "decoder":
-            from edgeq.runtime.onnx_backend import OnnxSession
-
-            return OnnxSession(bundle, manifest, art, threads=threads)
-        from edgeq.runtime.onnx_backend import OnnxDecoderBackend
-
-        impl = OnnxDecoderBackend(artifact_path(bundle, art["path"]), _spec(bundle, manifest), n_ctx=n_ctx,
-                                  threads=threads)
-    elif art["backend"] == "tvm":
-        check_runtime_version(manifest, "apache-tvm")
-        from edgeq.runtime.tvm_backend import TvmSession
-
-        tvm_session = TvmSession(bundle, manifest, art, threads=threads, device=device)
-        if manifest["model"].get("kind") != "decoder":
-            return tvm_session
-        from edgeq.runtime.tvm_decoder import TvmDecoderBackend
-
-        impl = TvmDecoderBackend(tvm_session, _spec(bundle, manifest), n_ctx)
-    elif art["backend"] == "gguf":
-        check_runtime_version(manifest, "llama-cpp-python")
-        from edgeq.runtime.gguf_backend import LlamaCppBackend
-
-        # low-rank error branches travel as a LoRA-adapter GGUF beside the model; llama.cpp applies it at load
-        lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == "gguf"]
-        impl = LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
-                               kv_dtype=manifest.get("kv_cache_dtype", "f16"),
-                               lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
-    else:
+    impl = BACKENDS.get(art["backend"])
+    if impl is None:
         raise BundleError(bundle, f"backend {art['backend']!r} is not supported by this runtime")
-    return Session(bundle, manifest, impl, art)
+    if device not in (None, "cpu", "local") and not impl.REMOTE:
+        raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
+    check_runtime_version(manifest, impl.RUNTIME_DIST)
+    if manifest["model"].get("kind") != "decoder":
+        return impl.open_model(bundle, manifest, art, threads=threads, device=device)
+    n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
+    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,
+                                                       threads=threads, device=device), art)

@@ -6,7 +6,25 @@ import os
 
 import numpy as np
 
+from edgeq.runtime.manifest import BundleError, artifact_path
+
+NAME = "gguf"
+RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
+REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+
+
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+    """llama.cpp on the artifact, with the bundle's low-rank error branches (a LoRA-adapter GGUF beside the model,
+    applied at load) when it has them."""
+    lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == NAME]
+    return LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
+                           kv_dtype=manifest.get("kv_cache_dtype", "f16"),
+                           lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
+
+
+def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
+    raise BundleError(bundle, f"a gguf bundle holds a decoder, not a {manifest['model'].get('kind')}")
 
 
 class LlamaCppBackend:

@@ -14,7 +14,20 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.runtime.manifest import artifact_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
+
+NAME = "onnx"
+RUNTIME_DIST = "onnxruntime"
+REMOTE = False
+
+
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+    return OnnxDecoderBackend(artifact_path(bundle, art["path"]), spec, n_ctx=n_ctx, threads=threads)
+
+
+def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
+    return OnnxSession(bundle, manifest, art, threads=threads)
 
 
 def session_options(threads: int = 1, spinning: bool = False):
@@ -44,8 +57,6 @@ class OnnxSession(SentenceEmbedding):
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], artifact: dict[str, Any], threads: int = 1,
                  spinning: bool = False):
-        from edgeq.runtime.manifest import artifact_path
-
         self.bundle = bundle
         self.manifest = manifest
         self.artifact = artifact

@@ -16,6 +16,19 @@ import numpy as np
 
 from edgeq.runtime.manifest import BundleError, artifact_path
 from edgeq.runtime.text_io import SentenceEmbedding
+from edgeq.runtime.tvm_decoder import TvmDecoderBackend
+
+NAME = "tvm"
+RUNTIME_DIST = "apache-tvm"
+REMOTE = True          # the library also runs on a TVM RPC server (`device="rpc://HOST:PORT"`)
+
+
+def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
+    return TvmSession(bundle, manifest, art, threads=threads, device=device)
+
+
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+    return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device), spec, n_ctx)
 
 MAX_BATCH = 1024
 

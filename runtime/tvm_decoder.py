@@ -12,13 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.runtime.text_io import TokenizerText
-from edgeq.runtime.tvm_backend import TvmSession
 
 
 class TvmDecoderBackend(TokenizerText):
     name = "tvm"
 
-    def __init__(self, session: TvmSession, spec, n_ctx: int):
+    def __init__(self, session, spec, n_ctx: int):
+        """`session`: the bundle's tvm_backend.TvmSession (its VM, device and parameters)."""
         from edgeq.runtime.tokenizer import build_tokenizer
 
         self.session = session

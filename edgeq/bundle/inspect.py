@@ -9,11 +9,14 @@ from typing import Any
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.importers import hf_bert
+from edgeq.importers.gguf_metadata import open_gguf, read_metadata
+from edgeq.importers.hf import hf_tensors, import_hf, read_config
+from edgeq.importers.torch_export import import_pt2
+from edgeq.runtime.manifest import read_manifest, verify_artifacts
 
 
 def inspect_gguf(path: Path) -> dict[str, Any]:
-    from edgeq.importers.gguf_metadata import open_gguf, read_metadata
-
     r = open_gguf(path)
     meta = read_metadata(r)
     types: dict[str, int] = {}
@@ -42,9 +45,6 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 def inspect_hf(path: Path) -> dict[str, Any]:
     """A Hugging Face model folder: what edgeq reads from it (headers only, no weights loaded)."""
-    from edgeq.importers.hf import hf_tensors, import_hf, read_config
-    from edgeq.importers import hf_bert
-
     tensors = hf_tensors(path)
     dtypes: dict[str, int] = {}
     for t in tensors.values():
@@ -70,8 +70,6 @@ def inspect_hf(path: Path) -> dict[str, Any]:
 
 def inspect_bundle(path: Path) -> dict[str, Any]:
     import json
-
-    from edgeq.runtime.manifest import read_manifest, verify_artifacts
 
     m = read_manifest(path)
     try:
@@ -124,8 +122,6 @@ def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
             return inspect_hf(p)
         return inspect_bundle(p)
     if p.is_file() and p.suffix == ".pt2":
-        from edgeq.importers.torch_export import import_pt2
-
         g = import_pt2(p)
         return {"kind": "torch.export program (CNN)", "path": str(p), "input": ["batch", *g.config.image_shape],
                 "classes": g.config.n_classes, "n_params": g.n_params,

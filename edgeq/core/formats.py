@@ -45,6 +45,9 @@ class Format:
     # The format written instead when a row cannot hold whole blocks (llama.cpp's tensor_type_fallback for ggml
     # types: a K-type's 32-block sibling, then f16); None: a plan asking for it on such a shape is an error.
     fallback: str | None = None
+    # The quantization grid: (bits per code, weights per scale (0: one scale per output row), whether codes have
+    # an offset). What a differentiable stand-in of the quantizer needs (DynaQuant); None for plain floats.
+    grid: tuple[int, int, bool] | None = None
 
     def _rows(self, shape: tuple[int, ...]) -> int:
         if len(shape) < 2:
@@ -177,7 +180,8 @@ def _ggml_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> n
 
 
 def _register_gguf_types() -> None:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
     described = {
         "f32": (T.F32, False, "32-bit float"),
@@ -198,6 +202,10 @@ def _register_gguf_types() -> None:
     # still does not fit becomes f16. (Its IQ types fall back to iq4_nl; register them with that fallback.)
     fallback = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0",
                 **dict.fromkeys(("q8_0", "q5_0", "q5_1", "q4_0", "q4_1"), "f16")}
+    # K-types: the sub-block that carries a (quantized) scale; q4_k/q5_k sub-blocks have a min too
+    grid = {"q8_0": (8, 32, False), "q6_k": (6, 16, False), "q5_k": (5, 32, True), "q5_1": (5, 32, True),
+            "q5_0": (5, 32, False), "q4_k": (4, 32, True), "q4_1": (4, 32, True), "q4_0": (4, 32, False),
+            "q3_k": (3, 16, False), "q2_k": (2, 16, True)}
     for name, (t, imat, desc) in described.items():
         block, size = GGML_QUANT_SIZES[t]
         # Plain floats are written the same way (little-endian IEEE) by every backend.
@@ -205,7 +213,7 @@ def _register_gguf_types() -> None:
         register(Format(
             name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
             takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
-            fallback=fallback.get(name),
+            fallback=fallback.get(name), grid=grid.get(name),
         ))
 
 
@@ -250,7 +258,7 @@ for _name, _static, _desc in (
     # per row: the f32 scale (the zero point is 0: DequantizeLinear and MatMulInteger default to it)
     register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
                     quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4,
-                    channel_rows=True, quantizes_activations=True, static_activations=_static))
+                    channel_rows=True, quantizes_activations=True, static_activations=_static, grid=(8, 0, False)))
 
 
 # --- block-wise weight-only formats (onnxruntime's MatMulNBits / GatherBlockQuantized) ---------------
@@ -283,6 +291,7 @@ for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4
         quantize_fn=_nbits_quantize, dequantize_fn=_nbits_dequantize,
         row_bytes_fn=functools.partial(lambda cols, b, k, a: blockq.nbytes(1, cols, b, k, a), b=_bits, k=_block,
                                        a=_asym),
+        grid=(_bits, _block, _asym),
     ))
 
 
@@ -292,7 +301,8 @@ for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4
 register(Format(name="int8_wo", block=(1, 1), block_bytes=1, backends=frozenset({"tvm"}),
                 description="8-bit symmetric per output channel, f32 scale per row; weight-only (activations "
                             "float, dequantized inside the matmul)",
-                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True))
+                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True,
+                grid=(8, 0, False)))
 
 INT4_GROUP = 32
 
@@ -349,4 +359,5 @@ register(Format(name="int4_g32", block=(1, INT4_GROUP), block_bytes=INT4_GROUP /
                 description="4-bit symmetric in groups of 32 along the input, f16 scale per group (ggml's Q4_0 "
                             "codes and scales; an importance matrix weights its scale search); weight-only, "
                             "dequantized inside the matmul",
-                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True, takes_imatrix=True))
+                quantize_fn=_int4_quantize, dequantize_fn=_int4_dequantize, channel_rows=True, takes_imatrix=True,
+                grid=(4, INT4_GROUP, False)))

@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.core.errors import EdgeqError
+
 
 @dataclass
 class Tensor:
@@ -82,8 +84,6 @@ class Graph:
 
 def checked_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, Tensor]) -> dict[str, Tensor]:
     """The weights a family's config implies, in the family's canonical order, each with the implied shape."""
-    from edgeq.core.errors import EdgeqError
-
     for name, shape in expected.items():
         if name not in weights:
             raise EdgeqError(None, f"model is missing tensor {name}")

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import FORMATS
+from edgeq.core.fs import atomic_write_text
 
 PLAN_VERSION = 1
 
@@ -104,8 +106,6 @@ class Plan:
         return dict(sorted(counts.items()))
 
     def save(self, path: str | os.PathLike) -> None:
-        from edgeq.core.fs import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
@@ -114,8 +114,6 @@ _TENSOR_KEYS = {"format", "reason", "requested", "rank", "keep", "order", "tie",
 
 
 def _check_format(name: str, where: str, path) -> str:
-    from edgeq.core.formats import FORMATS
-
     name = name.lower()
     if name not in FORMATS:
         raise EdgeqError(path, f"{where}: unknown format {name!r}; known formats: {', '.join(sorted(FORMATS))}")

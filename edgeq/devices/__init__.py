@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from edgeq.devices.base import Device, DeviceError, RunResult
 from edgeq.core.errors import EdgeqError
+from edgeq.devices.base import Device, DeviceError, RunResult
 
 __all__ = ["open_device", "Device", "DeviceError", "RunResult"]
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import edgeq
+import edgeq.runtime
 from edgeq.core.errors import EdgeqError
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
@@ -125,9 +127,6 @@ def bundle_digest(bundle: Path) -> str:
 
 def stage_runtime(dst: Path) -> Path:
     """The runner's code as a folder to copy onto a device: edgeq/{a few modules} and edgeq/runtime/."""
-    import edgeq
-    import edgeq.runtime
-
     pkg = dst / "edgeq"
     (pkg / "runtime").mkdir(parents=True)
     src = Path(edgeq.__file__).parent

@@ -18,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.bundle.reference import read_reference
 from edgeq.devices.base import Device, RunResult
+from edgeq.evaluate.decoder import compare_logits
+from edgeq.evaluate.encoder import cosines
 
 # logits: KL(reference || device) and top-1 agreement; embeddings: cosine to the reference
 KLD_MEAN_MAX = 0.05          # tests/test_bundle.py's bound for a q8_0 bundle, used when the host measured nothing
@@ -56,15 +59,10 @@ def compare(bundle: str | Path, result: RunResult) -> dict[str, Any]:
         return {"agreement": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
                 "max_abs_diff": float(np.abs(got - ref).max()), "n_inputs": int(len(ref))}
     if result.result.get("kind") == "embeddings":
-        from edgeq.evaluate.encoder import cosines
-
         ref = np.load(bundle / "reference" / "embeddings.npy", allow_pickle=False)
         got = np.load(result.outputs / "embeddings.npy", allow_pickle=False)
         c = cosines(ref, got)
         return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "n_inputs": int(c.size)}
-    from edgeq.bundle.reference import read_reference
-    from edgeq.evaluate.decoder import compare_logits
-
     _, ref = read_reference(bundle / "reference")
     got = [np.load(result.outputs / f, allow_pickle=False) for f in result.result["files"]]
     return compare_logits(ref, got)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
+from edgeq.core.errors import EdgeqError
+from edgeq.devices import open_device
+from edgeq.devices.qemu_arm64 import setup
+
 
 def cmd_setup(a) -> int:
-    from edgeq.devices.qemu_arm64 import setup
-    from edgeq.core.errors import EdgeqError
-
     if a.device != "qemu-arm64":
         raise EdgeqError(None, f"only qemu-arm64 is set up by edgeq; {a.device!r} is a real device")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr))
@@ -19,8 +20,6 @@ def cmd_setup(a) -> int:
 
 
 def cmd_probe(a) -> int:
-    from edgeq.devices import open_device
-
     dev = open_device(a.device)
     try:
         print(json.dumps(dev.probe(), indent=1))

@@ -28,9 +28,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import atomic_write_text
 from edgeq.devices.base import DeviceError
 from edgeq.devices.local import FolderDevice
-from edgeq.core.errors import EdgeqError
 
 SUITE = "bookworm"                 # Python 3.11, as the cp311 wheels below
 # pip takes --platform literally: name the older manylinux tags too (tokenizers ships manylinux_2_17 only)
@@ -276,8 +277,6 @@ def setup(force: bool = False, jobs: int | None = None, log: Callable[[str], Non
         raise EdgeqError(cache, f"qemu-arm64 set-up: the guest cannot import the runtime: "
                                 f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")
     info = {**json.loads(res.stdout.strip().splitlines()[-1]), "setup_seconds": round(time.perf_counter() - t0, 1)}
-    from edgeq.core.fs import atomic_write_text
-
     atomic_write_text(ready_file(cache), json.dumps(info, indent=1) + "\n")
     log(f"qemu-arm64: ready in {info['setup_seconds']:.0f} s ({cache})")
     return info

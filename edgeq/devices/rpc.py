@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from edgeq.devices.base import Device, DeviceError, RunResult
 from edgeq.core.errors import EdgeqError
+from edgeq.devices.base import Device, DeviceError, RunResult
 
 
 class RpcDevice(Device):

@@ -15,8 +15,8 @@ import tarfile
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from edgeq.devices.base import DeviceError, ShellDevice
 from edgeq.core.errors import EdgeqError
+from edgeq.devices.base import DeviceError, ShellDevice
 
 
 class SshDevice(ShellDevice):

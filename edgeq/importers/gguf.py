@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
-from edgeq.importers.gguf_metadata import open_gguf, read_metadata
 from edgeq.core.ir import Graph, Tensor
+from edgeq.importers.gguf_metadata import open_gguf, read_metadata
 from edgeq.models import llama
 
 

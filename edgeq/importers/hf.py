@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
-from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
 from edgeq.core.ir import Graph, Tensor
-from edgeq.models import llama
+from edgeq.importers.hf_tokenizer import _read_json, spec_from_hf_folder
+from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
+from edgeq.models import llama, names
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -34,8 +35,6 @@ def is_hf_folder(path: Path) -> bool:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    from edgeq.importers.hf_tokenizer import _read_json
-
     path = folder / "config.json"
     if not path.is_file():
         if (folder / "adapter_config.json").is_file():
@@ -68,8 +67,6 @@ def config_from_folder(folder: Path, c: dict[str, Any]) -> llama.LlamaConfig:
 
 
 def _shard_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
-    from edgeq.importers.hf_tokenizer import _read_json
-
     index = folder / INDEX
     if index.is_file():
         d = _read_json(index, INDEX)
@@ -139,7 +136,7 @@ def import_hf(path: str | os.PathLike) -> Graph:
     for name, t in tensors.items():
         want = expected.get(name)
         if want is None:
-            if _IGNORED.match(name) or (name == "lm_head.weight" and cfg.tied_embeddings):
+            if _IGNORED.match(name) or (name == names.LM_HEAD and cfg.tied_embeddings):
                 continue        # recomputed, or tied to the embedding (transformers ignores it too)
             if _O_BIAS.match(name) and not np.any(t.load()):
                 continue        # an all-zero o_proj bias (Llama with attention_bias) changes nothing
@@ -156,8 +153,6 @@ def import_hf(path: str | os.PathLike) -> Graph:
     missing = [n for n in expected if n not in weights]
     if missing:
         raise EdgeqError(folder, f"checkpoint has no tensor {missing[0]} ({len(missing)} missing)")
-    from edgeq.importers.hf_tokenizer import spec_from_hf_folder
-
     meta = _metadata(folder, c)
     meta["tokenizer_spec"] = spec_from_hf_folder(folder, cfg.vocab_size, c)
     return llama.build_graph(cfg, weights, meta)

@@ -27,9 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from edgeq.core.errors import EdgeqError
-from edgeq.runtime.tokenizer import (TYPE_CONTROL, TYPE_NORMAL, TYPE_UNUSED, TYPE_USER_DEFINED, TokenizerSpec,
-                             spec_from_gguf_metadata)
 from edgeq.runtime import tokenizer as _tok
+from edgeq.runtime.tokenizer import (
+    TYPE_CONTROL,
+    TYPE_NORMAL,
+    TYPE_UNUSED,
+    TYPE_USER_DEFINED,
+    TokenizerSpec,
+    spec_from_gguf_metadata,
+)
 
 MAX_JSON_BYTES = 256 * 2**20
 

@@ -7,17 +7,20 @@ from pathlib import Path
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
+from edgeq.importers import hf_bert
+from edgeq.importers.gguf import import_gguf
+from edgeq.importers.hf import import_hf
+from edgeq.importers.torch_export import import_pt2
+from edgeq.models.recipes.default import default_model_path
+from edgeq.models.recipes.minilm import minilm_path
+from edgeq.runtime.tokenizer import spec_from_gguf_metadata
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
     if model is None:
-        from edgeq.models.recipes.default import default_model_path
-
         return default_model_path()
     p = Path(model)
     if not p.exists() and str(model) == "all-MiniLM-L6-v2":
-        from edgeq.models.recipes.minilm import minilm_path
-
         return minilm_path()
     if not p.exists():
         raise EdgeqError(p, "no such file or folder")
@@ -26,28 +29,18 @@ def resolve_model_path(model: str | os.PathLike | None) -> Path:
 
 def import_model(path: Path) -> Graph:
     if path.is_file() and path.suffix == ".pt2":
-        from edgeq.importers.torch_export import import_pt2
-
         return import_pt2(path)
     if path.is_file():
-        from edgeq.importers.gguf import import_gguf
-
         return import_gguf(path)
     if path.is_dir():
-        from edgeq.importers import hf_bert
-
         if hf_bert.is_bert_folder(path):
             return hf_bert.import_hf_folder(path)
-        from edgeq.importers.hf import import_hf
-
         return import_hf(path)
     raise EdgeqError(path, "not a model file or folder")
 
 
 def graph_tokenizer_spec(graph: Graph):
     """The model's tokenizer: the one its importer built (HF folders), else the GGUF metadata's."""
-    from edgeq.runtime.tokenizer import spec_from_gguf_metadata
-
     spec = graph.metadata.get("tokenizer_spec")
     if spec is not None:
         return spec

@@ -18,6 +18,7 @@ import numpy as np
 
 from edgeq.importers.safetensors_io import write_safetensors
 from edgeq.models import llama
+from edgeq.runtime.tokenizer import build_tokenizer
 
 
 def write_hf_folder(folder: str | os.PathLike, cfg: llama.LlamaConfig, tensor: Callable[[str], np.ndarray],
@@ -65,8 +66,6 @@ _TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 def write_tokenizer(folder: Path, spec) -> None:
     """tokenizer.json from edgeq's TokenizerSpec, and the tokenizer_config.json transformers reads."""
-    from edgeq.runtime.tokenizer import build_tokenizer
-
     build_tokenizer(spec).save(str(folder / "tokenizer.json"))
 
     def text(i):

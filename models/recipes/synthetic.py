@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.core.ir import Graph
-from edgeq.models import llama
+from edgeq.models import bert, llama
+from edgeq.models.bert import BertConfig
+from edgeq.runtime.tokenizer import TokenizerSpec
 
 
 def random_llama(cfg: llama.LlamaConfig, seed: int = 0, scale: float = 0.05) -> Graph:
@@ -46,8 +48,6 @@ def byte_level_spec(vocab_size: int):
     then merged tokens built from the most common English letter pairs, so that
     text really exercises merges.
     """
-    from edgeq.runtime.tokenizer import TokenizerSpec
-
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     byte_tokens = _byte_chars()
     if vocab_size < len(specials) + len(byte_tokens):
@@ -73,8 +73,6 @@ def byte_level_spec(vocab_size: int):
 
 
 def tiny_bert_config(**overrides):
-    from edgeq.models.bert import BertConfig
-
     base = dict(vocab_size=160, hidden_size=64, intermediate_size=128, n_layers=2, n_heads=4, max_positions=64,
                 context_length=64)
     base.update(overrides)
@@ -83,8 +81,6 @@ def tiny_bert_config(**overrides):
 
 def random_bert(cfg, seed: int = 0, scale: float = 0.05) -> dict[str, np.ndarray]:
     """Random weights for a BERT config, in canonical names (norm weights near 1, biases small)."""
-    from edgeq.models import bert
-
     rng = np.random.default_rng(seed)
     arrays = {}
     for name, shape in bert.expected_shapes(cfg).items():

@@ -15,7 +15,7 @@ from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, PresetTensors, TensorPlan
 from edgeq.models import llama
 from edgeq.runtime.tokenizer import spec_to_json
-from edgeq.targets.base import LowerRequest, Lowered, Target
+from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types

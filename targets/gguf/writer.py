@@ -16,9 +16,10 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
-from edgeq.core.ir import Graph
+from edgeq.core.ir import Graph, Tensor
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.models import llama
-from edgeq.core.plan import Plan
+from edgeq.targets.gguf.presets import preset_file_type
 
 # llama_ftype for a "mostly <type>" file: what general.file_type says when no preset names it.
 MOSTLY_FTYPE = {
@@ -29,8 +30,6 @@ MOSTLY_FTYPE = {
 
 def file_type(plan: Plan, graph: Graph) -> int:
     if plan.preset:
-        from edgeq.targets.gguf.presets import preset_file_type
-
         return preset_file_type(plan.preset)
     counts: dict[str, int] = {}
     for name, tp in plan.tensors.items():
@@ -71,7 +70,7 @@ def padded(nbytes: int) -> int:
 
 def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
     """A GGUFWriter with all metadata and tensor infos declared, and the (name, tensor, format, bytes) list."""
-    from gguf import GGUFWriter, GGMLQuantizationType
+    from gguf import GGMLQuantizationType, GGUFWriter
 
     if graph.arch != "llama":
         raise EdgeqError(None, f"the GGUF target lowers llama-family decoders, not {graph.arch}")
@@ -112,8 +111,6 @@ def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
         entries.append((name, tensor, fmt, nbytes))
     if cfg.rope_scaling and cfg.rope_scaling.get("type") == "llama3" and "rope_freqs.weight" not in graph.weights:
         # llama.cpp applies llama3 scaling through this tensor (convert_hf_to_gguf writes it the same way)
-        from edgeq.core.ir import Tensor
-
         freqs = llama.llama3_rope_freqs(cfg)
         f32 = get_format("f32")
         rope = Tensor("rope_freqs.weight", freqs.shape, load=lambda: freqs, alias="rope_freqs.weight")
@@ -130,8 +127,6 @@ def layout_overhead(graph: Graph, tokenizer: dict[str, Any]) -> int:
     size of any plan's file is this plus `padded(bytes)` of each tensor.
     """
     import tempfile
-
-    from edgeq.core.plan import TensorPlan
 
     plan = Plan(tensors={n: TensorPlan("f32") for n in graph.weights})
     with tempfile.TemporaryDirectory(prefix="edgeq-layout-") as d:

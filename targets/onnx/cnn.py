@@ -25,8 +25,8 @@ from onnx import TensorProto
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import int8_quantize_rows
 from edgeq.core.ir import Graph, Node
-from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS
 from edgeq.core.plan import Plan
+from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS
 from edgeq.targets.onnx.builder import F32, Builder
 from edgeq.targets.onnx.linear import activation_qparams
 

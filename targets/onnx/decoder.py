@@ -16,11 +16,13 @@ from the weight-only block formats' MatMulNBits / GatherBlockQuantized.
 from __future__ import annotations
 
 import numpy as np
+
 from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
-from edgeq.models.llama import LlamaConfig
 from edgeq.core.plan import Plan
+from edgeq.models import names
+from edgeq.models.llama import LlamaConfig
 from edgeq.targets.onnx.builder import F32, I64, Builder
 from edgeq.targets.onnx.linear import emit_embedding, emit_linear
 
@@ -55,7 +57,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     cfg: LlamaConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     branches = dict(branches or {})
-    if "model.embed_tokens.weight" in branches:
+    if names.EMBED in branches:
         raise EdgeqError(None, "a low-rank branch on model.embed_tokens.weight is not lowered on ONNX (it would "
                                "correct the head but not the lookup)")
     unknown = sorted(set(branches) - set(graph.weights))
@@ -75,8 +77,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
                       b.input(f"past_key_values.{i}.value", F32, ["batch", nkv, "past", d])))
     i64 = lambda v: b.const(v, np.int64)                                       # noqa: E731
 
-    h = emit_embedding(b, ids, "model.embed_tokens.weight", W("model.embed_tokens.weight"),
-                       plan.tensors["model.embed_tokens.weight"])
+    h = emit_embedding(b, ids, names.EMBED, W(names.EMBED),
+                       plan.tensors[names.EMBED])
 
     # RoPE: cos/sin rows for each position, duplicated to the full head (rotate-half), (B, 1, S, d)
     cos_t, sin_t = rope_tables(graph)
@@ -138,8 +140,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
         a = b.op("Mul", [b.op("Mul", [g, b.op("Sigmoid", [g], hint="sig")], hint="silu"), u], hint="swiglu")
         h = b.op("Add", [h1, lin(a, "mlp.down_proj", "down")], hint="h2")
 
-    hn = _rms_norm(b, h, "model.norm.weight", W("model.norm.weight"), cfg.rms_eps)
-    head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
+    hn = _rms_norm(b, h, names.FINAL_NORM, W(names.FINAL_NORM), cfg.rms_eps)
+    head = names.head(cfg.tied_embeddings)
     logits = emit_linear(b, hn, head, W(head), None, plan.tensors[head], hint="logits", branch=branches.get(head))
     b.op("Identity", [logits], outputs=["logits"])
     b.output("logits", F32, ["batch", "seq", cfg.vocab_size])

@@ -13,8 +13,9 @@ from onnx import TensorProto
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
-from edgeq.models.bert import BertConfig
 from edgeq.core.plan import Plan, TensorPlan
+from edgeq.models import names
+from edgeq.models.bert import BertConfig
 from edgeq.targets.onnx.builder import F32, I64, MS_DOMAIN, Builder
 from edgeq.targets.onnx.linear import emit_embedding, emit_linear, emit_table_prefix
 
@@ -28,16 +29,16 @@ def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=Non
     H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
 
     # embeddings: word (planned format) + position (+ token type 0, folded into the position table)
-    we = emit_embedding(b, ids, "embeddings.word_embeddings.weight", W("embeddings.word_embeddings.weight"),
-                        plan.tensors["embeddings.word_embeddings.weight"])
+    we = emit_embedding(b, ids, names.WORD_EMBED, W(names.WORD_EMBED),
+                        plan.tensors[names.WORD_EMBED])
     seq = b.op("Slice", [b.op("Shape", [ids], hint="shape"), b.const([1], np.int64), b.const([2], np.int64)],
                hint="seq_len")                                                   # shape (1,)
-    if plan.tensors["embeddings.token_type_embeddings.weight"].format != "f32":
+    if plan.tensors[names.TOKEN_TYPE_EMBED].format != "f32":
         raise EdgeqError(None, "embeddings.token_type_embeddings.weight must stay f32 on ONNX (its row 0 is folded "
                                "into the position table)")
-    pos_table = W("embeddings.position_embeddings.weight") + W("embeddings.token_type_embeddings.weight")[0][None, :]
-    pe = emit_table_prefix(b, seq, "embeddings.position_embeddings.weight", pos_table,
-                           plan.tensors["embeddings.position_embeddings.weight"])
+    pos_table = W(names.POSITION_EMBED) + W(names.TOKEN_TYPE_EMBED)[0][None, :]
+    pe = emit_table_prefix(b, seq, names.POSITION_EMBED, pos_table,
+                           plan.tensors[names.POSITION_EMBED])
     h = b.op("Add", [we, pe], hint="emb_sum")
     h = _layer_norm(b, h, graph, "embeddings.LayerNorm", cfg.ln_eps)
 

@@ -29,7 +29,9 @@ from edgeq.core.formats import Format, get_format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout, zero_weights
 from edgeq.core.plan import Plan, TensorPlan
+from edgeq.models import names
 from edgeq.targets.onnx.builder import Builder
+from edgeq.targets.onnx.lower import INLINE_LIMIT, lower_onnx
 
 LAYOUT_VERSION = 1
 _OWNED_SUFFIXES = ("", "_scale", "_zero_point", "_lowrank_a", "_lowrank_b")
@@ -68,8 +70,6 @@ class SizingBuilder(Builder):
 def size_plan(graph: Graph, plan: Plan, ranks: dict[str, int] | None = None) -> tuple[int, dict[str, int]]:
     """(bytes of model.onnx, bytes per weight: its initializers and the nodes that read them) for `plan` with
     rank-r branches on `ranks`' weights. `graph` should have zero weights (zero_weights)."""
-    from edgeq.targets.onnx.lower import lower_onnx
-
     data: dict[str, int] = {}
     branches = {n: (np.zeros((r, graph.weights[n].shape[1]), np.float16),
                     np.zeros((graph.weights[n].shape[0], r), np.float16)) for n, r in (ranks or {}).items() if r}
@@ -114,8 +114,6 @@ def size_plan(graph: Graph, plan: Plan, ranks: dict[str, int] | None = None) -> 
 
 def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> FileLayout:
     """The FileLayout of ONNX decoders for the candidate formats `fmts` (and branch ranks `ranks`)."""
-    from edgeq.targets.onnx.lower import INLINE_LIMIT
-
     zg = zero_weights(graph)
     mats = [n for n, t in graph.weights.items() if len(t.shape) == 2]
 
@@ -124,7 +122,7 @@ def onnx_layout(graph: Graph, fmts: list[Format], ranks: list[int] = ()) -> File
         for n in mats:
             if get_format(fmt).can_carry(graph.weights[n].shape):
                 tensors[n] = TensorPlan(fmt)
-        has_branch = {n: rank for n in mats if rank and n != "model.embed_tokens.weight"}
+        has_branch = {n: rank for n in mats if rank and n != names.EMBED}
         return Plan(tensors=tensors), has_branch
 
     def spread(total: int, per: dict[str, int], changed: list[str]) -> dict[str, int]:

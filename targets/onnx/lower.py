@@ -10,8 +10,9 @@ import onnx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-
-
+from edgeq.targets.onnx.cnn import lower_cnn
+from edgeq.targets.onnx.decoder import lower_decoder
+from edgeq.targets.onnx.encoder import lower_encoder
 
 
 def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.ModelProto:
@@ -19,16 +20,10 @@ def lower_onnx(graph: Graph, plan: Plan, progress=None, **options) -> onnx.Model
     if missing:
         raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
     if graph.kind == "encoder" and graph.arch == "bert":
-        from edgeq.targets.onnx.encoder import lower_encoder
-
         b = lower_encoder(graph, plan, progress=progress, **options)
     elif graph.kind == "cnn":
-        from edgeq.targets.onnx.cnn import lower_cnn
-
         b = lower_cnn(graph, plan, progress=progress, **options)
     elif graph.kind == "decoder" and graph.arch == "llama":
-        from edgeq.targets.onnx.decoder import lower_decoder
-
         b = lower_decoder(graph, plan, progress=progress, **options)
     else:
         raise EdgeqError(None, f"the ONNX target does not lower {graph.kind} models of arch {graph.arch!r} yet")

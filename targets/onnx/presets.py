@@ -25,6 +25,9 @@ from __future__ import annotations
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
 from edgeq.core.plan import TensorPlan
+from edgeq.models import llama, names
+from edgeq.models.bert import matmul_weights
+from edgeq.models.cnn import weight_nodes
 
 ONNX_PRESETS = ("f32", "f16", "int8", "int8-dyn", "int4", "int4-asym")
 
@@ -44,7 +47,7 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
                                                         "where its conv/linear is static int8, else f32")
         elif len(t.shape) == 1:
             out[name] = TensorPlan(format="f32", reason="1-D (norm, bias) tensors stay f32")
-        elif name == "embeddings.token_type_embeddings.weight":
+        elif name == names.TOKEN_TYPE_EMBED:
             out[name] = TensorPlan(format="f32", reason="row 0 is folded into the position table in f32")
         elif preset == "f32":
             out[name] = TensorPlan(format="f32", reason="preset f32")
@@ -64,22 +67,16 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
 
 def _quantizable(graph: Graph) -> list[str]:
     if graph.arch == "bert":
-        from edgeq.models.bert import matmul_weights
-
-        return matmul_weights(graph) + ["embeddings.word_embeddings.weight"]
+        return matmul_weights(graph) + [names.WORD_EMBED]
     if graph.kind == "cnn":
-        from edgeq.models.cnn import weight_nodes
-
         return list(weight_nodes(graph))
     raise EdgeqError(None, f"the onnx backend does not lower {graph.arch} {graph.kind}s yet (it lowers BERT encoders); "
                            "use --backend gguf")
 
 
 def _decoder_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
-    from edgeq.models import llama
-
     cfg = graph.config
-    head = "model.embed_tokens.weight" if cfg.tied_embeddings else "lm_head.weight"
+    head = names.head(cfg.tied_embeddings)
     linear_fmt = {"int4": "int4", "int4-asym": "int4_asym", "int8": "int8", "int8-dyn": "int8_dyn"}
     out: dict[str, TensorPlan] = {}
     for name in graph.weights:
@@ -92,7 +89,7 @@ def _decoder_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
         elif name == head:
             out[name] = TensorPlan(format="int8_b32", reason=f"preset {preset}: LM head{' (tied embedding)' if cfg.tied_embeddings else ''}"
                                                               " 8-bit weight-only, blocks of 32, input float")
-        elif name == "model.embed_tokens.weight":
+        elif name == names.EMBED:
             fmt = linear_fmt[preset] if preset.startswith("int4") else "int8"
             out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: untied word embedding ({fmt} rows)")
         elif name in llama.linear_weights(graph):

@@ -15,7 +15,7 @@ from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, PresetTensors
-from edgeq.targets.base import LowerRequest, Lowered, Target
+from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
 MODEL_FILE = "model.onnx"

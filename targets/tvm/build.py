@@ -26,6 +26,8 @@ import tvm
 from tvm import relax, tirx
 
 from edgeq.core.errors import EdgeqError
+from edgeq.targets.tvm.ops import LINEAR_PREFIX
+from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears, schedule_linear
 
 ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
 ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"
@@ -148,8 +150,6 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     Tuned (a meta-schedule database from tune.py): the fixed schedule only for kernels with symbolic
     shapes (those are not tuned), the database's schedules for the others.
     """
-    from edgeq.targets.tvm.schedule import ScheduleLinears
-
     tgt = tvm.target.Target(target)
     if is_gpu(target):
         return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([_gpu_pipeline(tgt),
@@ -184,9 +184,6 @@ def tuned_kernels(mod: tvm.IRModule, tgt) -> tvm.IRModule:
 @tvm.transform.module_pass(opt_level=0, name="ScheduleUntunedLinears")
 def _ScheduleUntunedLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     """Linear kernels the database has no schedule for (the trial budget ran out) get the fixed one."""
-    from edgeq.targets.tvm.ops import LINEAR_PREFIX
-    from edgeq.targets.tvm.schedule import schedule_linear
-
     funcs = {}
     for gv, f in mod.functions.items():
         if (isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX)
@@ -202,9 +199,6 @@ def ScheduleSymbolic(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     linear kernels are marked opaque as the fixed schedule marks them: left fusable, FuseOps merges the
     following add, silu or multiply into them, and the build then compiles fused kernels that are neither in
     the tuning database (tuned unfused) nor named as linear kernels, so they ran unscheduled (serial loops)."""
-    from edgeq.targets.tvm.ops import LINEAR_PREFIX
-    from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears
-
     picked = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                            if isinstance(f, tirx.PrimFunc) and symbolic_kernel(f)})
     done = dict(ScheduleLinears(picked).functions.items())

@@ -24,18 +24,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from tvm import relax, te, tirx as tir
+from tvm import relax, te
+from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
-from edgeq.models.llama import LlamaConfig
 from edgeq.core.plan import Plan
-from edgeq.targets.tvm.ops import (Params, emit_embedding, emit_linear, emit_linear_vars, int4_value, stored,
-                                   sym, weight_arrays)
+from edgeq.models import names
+from edgeq.models.llama import LlamaConfig
+from edgeq.targets.tvm.ops import (
+    Params,
+    emit_embedding,
+    emit_linear,
+    emit_linear_vars,
+    int4_value,
+    stored,
+    sym,
+    weight_arrays,
+)
 
 R = relax.op
-EMBED = "model.embed_tokens.weight"
 ROPE_COS, ROPE_SIN = "rope.cos", "rope.sin"
 ENTRIES = ("prefill", "decode")
 
@@ -88,8 +97,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
     branches = dict(branches or {})
-    if EMBED in branches:
-        raise EdgeqError(None, f"a low-rank branch on {EMBED} is not lowered on TVM (it would apply to the token "
+    if names.EMBED in branches:
+        raise EdgeqError(None, f"a low-rank branch on {names.EMBED} is not lowered on TVM (it would apply to the token "
                                "lookup as well as the head); plan it with rank 0")
     unknown = sorted(set(branches) - set(graph.weights))
     if unknown:
@@ -128,12 +137,12 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
     d = cfg.head_dim
     with bb.function(entry):
         with bb.dataflow():
-            d_emb = plan.tensors[EMBED]
+            d_emb = plan.tensors[names.EMBED]
             if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
-                table = [params.add(n, a) for n, a in weight_arrays(EMBED, W(EMBED), d_emb, imatrix.get(EMBED))]
+                table = [params.add(n, a) for n, a in weight_arrays(names.EMBED, W(names.EMBED), d_emb, imatrix.get(names.EMBED))]
                 h = _lookup_columns(bb, ids, d_emb.format, table)
             else:
-                h = emit_embedding(bb, params, ids, EMBED, W(EMBED), d_emb)
+                h = emit_embedding(bb, params, ids, names.EMBED, W(names.EMBED), d_emb)
             cos_v = params.add(ROPE_COS, cos)
             sin_v = params.add(ROPE_SIN, sin)
             # rows past .. past+seq-1 of the tables: the new tokens' positions
@@ -167,13 +176,13 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 g = lin(xm, "mlp.gate_proj", "gate")
                 u = lin(xm, "mlp.up_proj", "up")
                 h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down")))
-            hn = _rms_norm(bb, params, h, "model.norm.weight", W, cfg.rms_eps)
+            hn = _rms_norm(bb, params, h, names.FINAL_NORM, W, cfg.rms_eps)
             if cfg.tied_embeddings:
                 logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
             else:
-                logits = emit_linear(bb, params, hn, "lm_head.weight", W("lm_head.weight"), None,
-                                     plan.tensors["lm_head.weight"], hint="head", imatrix=imatrix.get("lm_head.weight"),
-                                     branch=branches.get("lm_head.weight"))
+                logits = emit_linear(bb, params, hn, names.LM_HEAD, W(names.LM_HEAD), None,
+                                     plan.tensors[names.LM_HEAD], hint="head", imatrix=imatrix.get(names.LM_HEAD),
+                                     branch=branches.get(names.LM_HEAD))
             out = bb.emit_output(relax.Tuple([logits, *kv_out]))
         bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
 

@@ -13,8 +13,9 @@ from tvm import relax
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
-from edgeq.models.bert import BertConfig
 from edgeq.core.plan import Plan
+from edgeq.models import names
+from edgeq.models.bert import BertConfig
 from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_linear, emit_table_prefix, sym
 
 R = relax.op
@@ -31,15 +32,15 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
     params = Params()
     with bb.function("main"):
         with bb.dataflow():
-            if plan.tensors["embeddings.token_type_embeddings.weight"].format != "f32":
+            if plan.tensors[names.TOKEN_TYPE_EMBED].format != "f32":
                 raise EdgeqError(None, "embeddings.token_type_embeddings.weight must stay f32 on TVM (its row 0 is "
                                        "folded into the position table)")
-            we = emit_embedding(bb, params, ids, "embeddings.word_embeddings.weight",
-                                W("embeddings.word_embeddings.weight"), plan.tensors["embeddings.word_embeddings.weight"])
-            pos_table = (W("embeddings.position_embeddings.weight")
-                         + W("embeddings.token_type_embeddings.weight")[0][None, :])
-            pe = emit_table_prefix(bb, params, s, "embeddings.position_embeddings.weight", pos_table,
-                                   plan.tensors["embeddings.position_embeddings.weight"])
+            we = emit_embedding(bb, params, ids, names.WORD_EMBED,
+                                W(names.WORD_EMBED), plan.tensors[names.WORD_EMBED])
+            pos_table = (W(names.POSITION_EMBED)
+                         + W(names.TOKEN_TYPE_EMBED)[0][None, :])
+            pe = emit_table_prefix(bb, params, s, names.POSITION_EMBED, pos_table,
+                                   plan.tensors[names.POSITION_EMBED])
             h = _layer_norm(bb, params, bb.emit(R.add(we, pe)), graph, "embeddings.LayerNorm", cfg.ln_eps)
 
             mask_f = bb.emit(R.astype(mask, "float32"))

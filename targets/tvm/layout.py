@@ -37,14 +37,19 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.core.cache import cache_dir
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, get_format
+from edgeq.core.fs import atomic_write_text
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout, zero_weights
 from edgeq.core.plan import Plan, TensorPlan
+from edgeq.models import names
+from edgeq.targets.profiles import get_profile
+from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
+from edgeq.targets.tvm.lower import lower_tvm
 
 LAYOUT_VERSION = 1
-EMBED = "model.embed_tokens.weight"
 OWNED_SUFFIXES = ("", ".scale", ".lowrank_a", ".lowrank_b")
 
 
@@ -84,17 +89,15 @@ def params_file_bytes(specs: dict) -> int:
 
 def size_params(zero_graph: Graph, plan: Plan, ranks: dict[str, int] | None = None) -> dict:
     """{stored array name: ArraySpec} of `plan` (with rank-r branches on `ranks`' weights), in parameter order."""
-    from edgeq.targets.tvm.lower import lower_tvm
-
     return lower_tvm(zero_graph, plan, branches=_zero_branches(zero_graph, ranks or {}), sizing=True).params
 
 
-def _owner(graph: Graph, mats: list[str], names) -> dict[str, str]:
+def _owner(graph: Graph, mats: list[str], stored) -> dict[str, str]:
     """Stored array -> the decidable weight it belongs to (its own arrays, scales and branch factors)."""
     out = {}
     for n in mats:
         for s in OWNED_SUFFIXES:
-            if n + s in names:
+            if n + s in stored:
                 out[n + s] = n
     return out
 
@@ -103,8 +106,6 @@ def tvm_layout(graph: Graph, fmts: list[Format], ranks: list[int] = (), profile=
                ndk_clang: str | None = None) -> FileLayout:
     """The FileLayout of TVM decoders for the candidate formats `fmts` and branch ranks `ranks`, the library
     built for `profile` (a targets.profiles.DeviceProfile; default `cpu`)."""
-    from edgeq.targets.profiles import get_profile
-
     if graph.kind != "decoder":
         raise EdgeqError(None, f"budgeted TVM plans are for decoders only for now, not {graph.kind}s")
     profile = profile or get_profile("cpu")
@@ -114,7 +115,7 @@ def tvm_layout(graph: Graph, fmts: list[Format], ranks: list[int] = (), profile=
     # the widest data offset any plan can have: every matrix f32 and every branch at the largest rank
     widest = sum(4 * t.n_elements for t in graph.weights.values())
     if ranks:
-        widest += sum(2 * ranks[-1] * sum(graph.weights[n].shape) for n in mats if n != EMBED)
+        widest += sum(2 * ranks[-1] * sum(graph.weights[n].shape) for n in mats if n != names.EMBED)
     digits = 10 ** len(str(widest)) - 1
 
     def entry_bound(name: str, spec) -> int:
@@ -147,7 +148,7 @@ def tvm_layout(graph: Graph, fmts: list[Format], ranks: list[int] = (), profile=
     branch_table: dict[tuple[str, int], int] = {}
     base = per_weight(base_specs)
     for r in ranks:
-        has = {n: r for n in mats if n != EMBED}
+        has = {n: r for n in mats if n != names.EMBED}
         per = per_weight(size_params(zg, plan_in("f32"), has))
         branch_table.update({(n, r): per[n] - base[n] for n in has})
 
@@ -176,7 +177,7 @@ def _coverage_plan(graph: Graph, mats: list[str], fmts: list[str], ranks: list[i
             if get_format(f).can_carry(graph.weights[n].shape):
                 tensors[n] = TensorPlan(f)
                 break
-        if ranks and n != EMBED:
+        if ranks and n != names.EMBED:
             branches[n] = ranks[(layer // len(fmts)) % len(ranks)]
     return Plan(tensors=tensors), branches
 
@@ -187,8 +188,6 @@ class _Library:
     own source (a build is deterministic, so the same key is the same size)."""
 
     def __init__(self, zero_graph: Graph, profile, ndk_clang: str | None):
-        from edgeq.targets.tvm.build import library_kind, resolve_target
-
         self.graph = zero_graph
         self.profile = profile
         self.ndk_clang = ndk_clang
@@ -209,17 +208,12 @@ class _Library:
                 return self.sizes[key]
             except (OSError, ValueError, KeyError, TypeError):
                 pass
-        from edgeq.targets.tvm.build import compile_module, export_library
-        from edgeq.targets.tvm.lower import lower_tvm
-
         mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True).mod
         ex = compile_module(mod, self.target, None)
         with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
             self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
         if path is not None:
             try:
-                from edgeq.core.fs import atomic_write_text
-
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps({"bytes": self.sizes[key]}))
             except OSError:
@@ -227,8 +221,6 @@ class _Library:
         return self.sizes[key]
 
     def _cache_path(self, key: str) -> Path | None:
-        from edgeq.core.cache import cache_dir
-
         root = cache_dir()
         if root is None:
             return None

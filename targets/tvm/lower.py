@@ -10,6 +10,10 @@ import tvm
 from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
+from edgeq.targets.tvm.cnn import lower_cnn
+from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
+from edgeq.targets.tvm.encoder import lower_encoder
+from edgeq.targets.tvm.ops import Params, SizingParams
 
 ENTRY = "main"
 
@@ -41,17 +45,11 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     if missing:
         raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
     if graph.kind == "encoder" and graph.arch == "bert":
-        from edgeq.targets.tvm.encoder import lower_encoder
-
         bb, params = lower_encoder(graph, plan, progress=progress)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["batch", "seq"]},
                   {"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]}]
         outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", graph.config.hidden_size]}]
     elif graph.kind == "decoder" and graph.arch == "llama":
-        from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
-
-        from edgeq.targets.tvm.ops import Params, SizingParams
-
         bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
                                    params_type=SizingParams if sizing else Params)
         kv = kv_specs(graph)
@@ -59,8 +57,6 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
         outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},
                    *({**s, "shape": [s["shape"][0], "past+seq", s["shape"][2]]} for s in kv)]
     elif graph.kind == "cnn":
-        from edgeq.targets.tvm.cnn import lower_cnn
-
         bb, params = lower_cnn(graph, plan)
         inputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.inputs]
         outputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.outputs]

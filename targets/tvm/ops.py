@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx as tir
+from tvm import relax, te
+from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows

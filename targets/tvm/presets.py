@@ -15,6 +15,8 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import TensorPlan
+from edgeq.models import names
+from edgeq.models.bert import matmul_weights
 
 TVM_PRESETS = ("f32", "f16", "int8", "int4")
 MATMUL_FORMAT = {"f32": "f32", "f16": "f16", "int8": "int8_wo", "int4": "int4_g32"}
@@ -47,12 +49,10 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
 
 def _matmul_weights(graph: Graph) -> set[str]:
     if graph.arch == "bert":
-        from edgeq.models.bert import matmul_weights
-
         return set(matmul_weights(graph))
     if graph.arch == "llama":
         # the token table is a gather (and, when tied, the head): it follows the table rule
-        return {n for n, t in graph.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"}
+        return {n for n, t in graph.weights.items() if len(t.shape) == 2 and n != names.EMBED}
     if graph.kind == "cnn":
         # convolutions and linear layers: every weight of rank >= 2
         return {n for n, t in graph.weights.items() if len(t.shape) >= 2}
@@ -61,4 +61,4 @@ def _matmul_weights(graph: Graph) -> set[str]:
 
 
 def _tables(graph: Graph) -> set[str]:
-    return {"bert": {"embeddings.word_embeddings.weight"}, "llama": {"model.embed_tokens.weight"}}.get(graph.arch, set())
+    return {"bert": {names.WORD_EMBED}, "llama": {names.EMBED}}.get(graph.arch, set())

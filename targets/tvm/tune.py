@@ -33,6 +33,9 @@ import tvm
 from tvm import tirx
 
 from edgeq.core.errors import EdgeqError
+from edgeq.targets.tvm.build import ScheduleSymbolic, symbolic_kernel
+from edgeq.targets.tvm.ops import LINEAR_PREFIX
+from edgeq.targets.tvm.schedule import linear_schedule
 
 TUNE_DIR_ENV = "EDGEQ_TVM_TUNE_DIR"
 BUILD_TIMEOUT_S = 600         # a kernel build in a fresh worker process, on two shared cores
@@ -44,8 +47,6 @@ def tune_dir(profile_name: str) -> Path:
 
 
 def _static(mod: tvm.IRModule) -> bool:
-    from edgeq.targets.tvm.build import symbolic_kernel
-
     return not any(isinstance(f, tirx.PrimFunc) and symbolic_kernel(f) for f in mod.functions.values())
 
 
@@ -58,9 +59,6 @@ def static_tasks(mod: tvm.IRModule, tgt: tvm.target.Target) -> list:
     """The tasks tune() tunes: what the tuned build compiles, the symbolic kernels already scheduled, the
     static linear ones open."""
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
-
-    from edgeq.targets.tvm.build import ScheduleSymbolic
-    from edgeq.targets.tvm.ops import LINEAR_PREFIX
 
     return [t for t in extract_tasks(ScheduleSymbolic(mod), tgt)
             if LINEAR_PREFIX in t.task_name and _static(t.dispatched[0])]
@@ -109,8 +107,6 @@ def _runner():
 def fixed_schedule(task):
     """edgeq's fixed schedule (schedule.py) of a task's workload, as the untuned build gives that kernel; None
     where it does not apply (a workload fused beyond one linear kernel)."""
-    from edgeq.targets.tvm.schedule import linear_schedule
-
     try:
         return linear_schedule(task.dispatched[0]["main"], packed_pairs="int4_g32" in task.task_name)
     except (RuntimeError, ValueError):     # a schedule or lookup error
