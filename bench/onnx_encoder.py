@@ -126,7 +126,7 @@ def gemm_int8_vs_f32(threads: int, rounds: int) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.core.formats import int8_quantize_rows
+    from edgeq.core.formats.int8 import int8_quantize_rows
     from edgeq.runtime.onnx_backend import session_options
 
     m, k, n = 128, 384, 1536

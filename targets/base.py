@@ -7,7 +7,7 @@ artifact can run on this host (for the bundle's reference check). The compile pi
 drives every target through these methods alone: nothing outside targets/ asks which backend it holds.
 
 Adding a backend: a folder targets/<name>/ whose `target.py` subclasses `Target`, and one line in
-targets/registry.py. Formats it carries are registered in edgeq/core/formats.py with its name in
+targets/registry.py. Formats it carries are registered in edgeq/core/formats/ with its name in
 `backends`; the runtime that loads its artifacts is a module of runtime/.
 """
 

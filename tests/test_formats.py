@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType
 from gguf import quants as gq
 
-from edgeq.core import ggml
+from edgeq.core.formats import ggml
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import FORMATS, formats_for, get_format
 

@@ -19,7 +19,8 @@ from onnx import numpy_helper
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
-from edgeq.core.formats import NBITS, get_format
+from edgeq.core.formats.nbits import NBITS
+from edgeq.core.formats import get_format
 from edgeq.models import llama
 from edgeq.models.recipes.synthetic import random_llama, tiny_config
 from edgeq.core.formats import candidate_formats

@@ -180,7 +180,8 @@ def test_int8_format_matches_dequantize_linear():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgeq.core.formats import get_format, int8_quantize_rows
+    from edgeq.core.formats import get_format
+    from edgeq.core.formats.int8 import int8_quantize_rows
 
     fmt = get_format("int8")
     w = (np.random.default_rng(0).standard_normal((48, 96)) * np.linspace(0.01, 3, 96)).astype(np.float32)

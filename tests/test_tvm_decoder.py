@@ -23,7 +23,8 @@ tvm = pytest.importorskip("tvm")
 from decoder_checks import check_smollm_f32_fidelity, check_smollm_f32_greedy, greedy_cached  # noqa: E402
 from edgeq.core.errors import EdgeqError  # noqa: E402
 from edgeq.core.executor import Executor  # noqa: E402
-from edgeq.core.formats import int4_dequantize_groups, int4_quantize_groups, int8_quantize_rows  # noqa: E402
+from edgeq.core.formats.int4_groups import int4_dequantize_groups, int4_quantize_groups  # noqa: E402
+from edgeq.core.formats.int8 import int8_quantize_rows  # noqa: E402
 from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
 from edgeq.core.plan import Plan, TensorPlan  # noqa: E402
 from edgeq.targets.tvm.ops import unpanel  # noqa: E402

@@ -110,7 +110,8 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     """Each matmul weight is stored in its plan format; the weights file holds exactly the bytes the formats say."""
     from safetensors.numpy import load_file
 
-    from edgeq.core.formats import get_format, int4_dequantize_groups
+    from edgeq.core.formats import get_format
+    from edgeq.core.formats.int4_groups import int4_dequantize_groups
 
     for quant, fmt in (("f32", "f32"), ("f16", "f16"), ("int8", "int8_wo"), ("int4", "int4_g32")):
         m = json.loads((tiny_bundles[quant] / "manifest.json").read_text())

@@ -24,9 +24,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from edgeq.core import blockq
 from edgeq.core.errors import EdgeqError
-from edgeq.core.formats import NBITS, int8_quantize_rows
+from edgeq.core.formats import blockq
+from edgeq.core.formats.int8 import int8_quantize_rows
+from edgeq.core.formats.nbits import NBITS
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.onnx.builder import MS_DOMAIN, Builder
 

@@ -14,7 +14,8 @@ import numpy as np
 from tvm import relax, te
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
+from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
+from edgeq.core.formats.int8 import int8_quantize_rows
 from edgeq.core.ir import Graph, Node
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.tvm.ops import Params, emit_linear, sym

@@ -20,7 +20,8 @@ from tvm import relax, te
 from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.formats import INT4_GROUP, int4_quantize_groups, int8_quantize_rows
+from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
+from edgeq.core.formats.int8 import int8_quantize_rows
 from edgeq.core.plan import TensorPlan
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}

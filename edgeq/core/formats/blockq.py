@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
+
+import edgeq.core.formats.ggml as ggml
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,6 @@ def quantize(w: np.ndarray, bits: int, block: int, asym: bool, imatrix: np.ndarr
 def _from_q4_0(w: np.ndarray, imatrix: np.ndarray) -> BlockQ:
     """ggml's Q4_0 blocks (f16 scale, 16 bytes: element j in the low nibble of byte j, j+16 in its high nibble),
     repacked in MatMulNBits' order (consecutive elements share a byte), scales widened to f32 exactly."""
-    from gguf import GGMLQuantizationType
-
-    from edgeq.core import ggml
-
     rows, cols = w.shape
     raw = ggml.quantize(int(GGMLQuantizationType.Q4_0), w, imatrix).reshape(rows, cols // 32, 18)
     scales = np.ascontiguousarray(raw[..., :2]).view("<f2")[..., 0].astype(np.float32)

@@ -1,0 +1,66 @@
+"""GGUF's ggml types: llama.cpp quantizes them (ggml.py, its own code), gguf-py dequantizes them.
+
+Their facts (block sizes and bytes) come from gguf-py's table; their shape fallbacks are llama.cpp's.
+f32 and f16 are written the same way (little-endian IEEE) by every backend, so they carry all three.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+import edgeq.core.formats.ggml as ggml
+from edgeq.core.formats.registry import Format, register
+
+
+def _ggml_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    if fmt.name == "f32":
+        return np.ascontiguousarray(w, dtype="<f4").view(np.uint8).reshape(w.shape[0], -1)
+    return ggml.quantize(fmt.ggml_type, w, imatrix if fmt.takes_imatrix else None)
+
+
+def _ggml_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    arr = dequantize(flat.reshape(rows, -1), T(fmt.ggml_type))
+    return np.asarray(arr, dtype=np.float32).reshape(shape)
+
+
+def _register_gguf_types() -> None:
+    described = {
+        "f32": (T.F32, False, "32-bit float"),
+        "f16": (T.F16, False, "16-bit float"),
+        "bf16": (T.BF16, False, "bfloat16"),
+        "q8_0": (T.Q8_0, False, "8-bit, blocks of 32, f16 scale"),
+        "q5_0": (T.Q5_0, True, "5-bit symmetric, blocks of 32"),
+        "q5_1": (T.Q5_1, True, "5-bit with offset, blocks of 32"),
+        "q4_0": (T.Q4_0, True, "4-bit symmetric, blocks of 32"),
+        "q4_1": (T.Q4_1, True, "4-bit with offset, blocks of 32"),
+        "q6_k": (T.Q6_K, True, "6-bit k-quant, super-blocks of 256"),
+        "q5_k": (T.Q5_K, True, "5-bit k-quant, super-blocks of 256"),
+        "q4_k": (T.Q4_K, True, "4-bit k-quant, super-blocks of 256"),
+        "q3_k": (T.Q3_K, True, "3-bit k-quant, super-blocks of 256"),
+        "q2_k": (T.Q2_K, True, "2-bit k-quant, super-blocks of 256"),
+    }
+    # llama.cpp's tensor_type_fallback: a K-type (256-blocks) becomes a 32-block type, and a 32-block type that
+    # still does not fit becomes f16. (Its IQ types fall back to iq4_nl; register them with that fallback.)
+    fallback = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q2_k": "q4_0", "q3_k": "q4_0",
+                **dict.fromkeys(("q8_0", "q5_0", "q5_1", "q4_0", "q4_1"), "f16")}
+    # K-types: the sub-block that carries a (quantized) scale; q4_k/q5_k sub-blocks have a min too
+    grid = {"q8_0": (8, 32, False), "q6_k": (6, 16, False), "q5_k": (5, 32, True), "q5_1": (5, 32, True),
+            "q5_0": (5, 32, False), "q4_k": (4, 32, True), "q4_1": (4, 32, True), "q4_0": (4, 32, False),
+            "q3_k": (3, 16, False), "q2_k": (2, 16, True)}
+    for name, (t, imat, desc) in described.items():
+        block, size = GGML_QUANT_SIZES[t]
+        # Plain floats are written the same way (little-endian IEEE) by every backend.
+        backends = {"gguf", "onnx", "tvm"} if name in ("f32", "f16") else {"gguf"}
+        register(Format(
+            name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
+            takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
+            fallback=fallback.get(name), grid=grid.get(name),
+        ))
+
+
+_register_gguf_types()

@@ -1,0 +1,54 @@
+"""8-bit symmetric per output channel (a float32 scale per row): ONNX's int8 / int8_dyn (QDQ: activations
+quantized per tensor too) and TVM's weight-only int8_wo."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgeq.core.formats.registry import Format, register
+
+
+def int8_row_scales(w: np.ndarray) -> np.ndarray:
+    """Symmetric per-output-channel scales: the largest magnitude of each row maps to 127."""
+    amax = np.max(np.abs(w), axis=-1).astype(np.float32)
+    return np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+
+
+def int8_quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values, float32 scale per row); rounding half to even, like QuantizeLinear."""
+    scale = int8_row_scales(w)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _int8_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    q, scale = int8_quantize_rows(w)
+    return np.concatenate([q.view(np.uint8), scale.astype("<f4")[:, None].view(np.uint8)], axis=1)
+
+
+def _int8_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """What DequantizeLinear computes: (q - 0) * scale, in float32."""
+    cols = int(np.prod(shape[1:])) if len(shape) > 1 else int(shape[0])
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, cols + 4)
+    q = data[:, :-4].view(np.int8).astype(np.float32)
+    scale = np.ascontiguousarray(data[:, -4:]).view("<f4").reshape(-1)
+    return (q * scale[:, None]).astype(np.float32).reshape(shape)
+
+
+for _name, _static, _desc in (
+    ("int8", True, "8-bit symmetric per output channel, f32 scale per row; activations per tensor, static ranges "
+                   "calibrated on real inputs (QDQ)"),
+    ("int8_dyn", False, "8-bit symmetric per output channel, f32 scale per row; activations per tensor, ranges "
+                        "computed at run time (dynamic)"),
+):
+    # per row: the f32 scale (the zero point is 0: DequantizeLinear and MatMulInteger default to it)
+    register(Format(name=_name, block=(1, 1), block_bytes=1, backends=frozenset({"onnx"}), description=_desc,
+                    quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4,
+                    channel_rows=True, quantizes_activations=True, static_activations=_static, grid=(8, 0, False)))
+
+
+register(Format(name="int8_wo", block=(1, 1), block_bytes=1, backends=frozenset({"tvm"}),
+                description="8-bit symmetric per output channel, f32 scale per row; weight-only (activations "
+                            "float, dequantized inside the matmul)",
+                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True,
+                grid=(8, 0, False)))
