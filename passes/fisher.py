@@ -52,7 +52,7 @@ def _torch():
 
 
 def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
-    """The IR's decoder ops in torch (mirrors edgeq/executor.py); linear outputs are kept with their grads.
+    """The IR's decoder ops in torch (mirrors edgeq/core/executor.py); linear outputs are kept with their grads.
     `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
     for node in graph.nodes:

@@ -23,7 +23,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats, get_format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
-from edgeq.core.plan import Plan, PresetTensors
+from edgeq.core.plan import Plan, PresetTensors, TensorPlan
 
 
 @dataclass
@@ -67,15 +67,24 @@ class Target:
 
     # --- deciding ---------------------------------------------------------------------------------------
 
-    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
-        """What `preset` means for each tensor of `graph` on this backend."""
+    def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
+        """What `preset` means for each tensor of `graph` on this backend (`requested` set where a shape made it
+        fall back)."""
         raise NotImplementedError
+
+    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
+        """The preset's decisions, and what the plan's record says of them."""
+        tensors = self.preset_formats(graph, preset, has_imatrix)
+        return PresetTensors(tensors, {"preset": preset,
+                                       **({"imatrix": has_imatrix} if self.preset_reads_imatrix else {}),
+                                       "formats": Plan(tensors=tensors).format_counts(),
+                                       "fallbacks": sum(1 for t in tensors.values() if t.requested)})
 
     def preset_takes_imatrix(self, graph: Graph, preset: str) -> bool:
         """Whether any format `preset` writes on this model uses an importance matrix (else calibrating is
         wasted)."""
         return any(get_format(tp.format).takes_imatrix
-                   for has in (False, True) for tp in self.preset(graph, preset, has).tensors.values())
+                   for has in (False, True) for tp in self.preset_formats(graph, preset, has).values())
 
     def candidate_formats(self, names: list[str] | None = None) -> list[Format]:
         """The formats a budgeted plan chooses among here (the registry's, or the named subset)."""

@@ -8,6 +8,10 @@ that legitimately vary removed, `VOLATILE`). Errors are results too (their one-l
 
     python tests/export_matrix.py record -o tests/data/export_matrix.json     # before a change
     python tests/export_matrix.py check tests/data/export_matrix.json         # after: exit 1 on a difference
+    python tests/export_matrix.py accept tests/data/export_matrix.json CASE... --reason "why"
+
+`accept` records the last check's outputs of CASEs as changed on purpose, with the reason: later checks
+compare those cases with their accepted outputs, and say so.
 
 Hashes depend on the machine's float kernels (BLAS, llama.cpp's build): compare on the machine that
 recorded them (the file records its CPU flags). `--work DIR` keeps the bundles for diffing; `--only REGEX`
@@ -260,11 +264,22 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("-o", "--out", required=True)
     chk = sub.add_parser("check")
     chk.add_argument("against")
-    for sp in (rec, chk):
+    acc = sub.add_parser("accept")
+    acc.add_argument("against")
+    acc.add_argument("cases", nargs="+")
+    acc.add_argument("--reason", required=True)
+    for sp in (rec, chk, acc):
         sp.add_argument("--work", default="/tmp/edgeq-export-matrix")
         sp.add_argument("--only", help="regex over case names")
     a = ap.parse_args(argv)
     work = Path(a.work)
+    if a.cmd == "accept":
+        recorded = json.loads(Path(a.against).read_text())
+        last = json.loads((work / "after" / "results.json").read_text())
+        for name in a.cases:
+            recorded.setdefault("changed", {})[name] = {"reason": a.reason, **last[name]}
+        Path(a.against).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+        return 0
     if a.cmd == "check":
         before = json.loads(Path(a.against).read_text())
         work = work / "after"
@@ -276,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         (work / "inputs").symlink_to(work.parent / "inputs")
     results = run_matrix(work, a.only)
+    (work / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     head = {"machine": platform.machine(), "cpu_flags": _cpu_flags(), "python": platform.python_version()}
     if a.cmd == "record":
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -286,11 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for name, res in results.items():
         old = before["cases"].get(name)
+        changed = before.get("changed", {}).get(name)
+        if changed is not None:
+            old = changed
         if old is None:
             print(f"NEW   {name}")
             continue
-        if {k: v for k, v in old.items() if k != "seconds"} == {k: v for k, v in res.items() if k != "seconds"}:
-            print(f"same  {name} ({old['seconds']} s -> {res['seconds']} s)")
+        if {k: v for k, v in old.items() if k not in ("seconds", "reason")} == \
+                {k: v for k, v in res.items() if k != "seconds"}:
+            why = f"; changed on purpose: {changed['reason']}" if changed else ""
+            print(f"same  {name} ({old['seconds']} s -> {res['seconds']} s{why})")
             continue
         bad += 1
         print(f"DIFF  {name}")
@@ -300,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in sorted(set(old["files"]) | set(res["files"])):
             if old["files"].get(f) != res["files"].get(f):
                 print(f"      {f}: {old['files'].get(f, '-')[:12]} -> {res['files'].get(f, '-')[:12]}")
-    print(f"{len(results) - bad} of {len(results)} cases byte-identical")
+    accepted = sum(1 for n in results if n in before.get("changed", {}))
+    print(f"{len(results) - bad} of {len(results)} cases byte-identical to what was recorded"
+          + (f" ({accepted} of them changed on purpose, as accepted)" if accepted else ""))
     return 1 if bad else 0
 
 

@@ -1,6 +1,6 @@
 """A Hugging Face tokenizer folder -> edgeq's TokenizerSpec (what llama.cpp would load from a GGUF).
 
-This is the reverse of `edgeq.tokenizer.build_tokenizer`, and does what
+This is the reverse of `edgeq.runtime.tokenizer.build_tokenizer`, and does what
 llama.cpp's `convert_hf_to_gguf.py` does for byte-level BPE vocabularies:
 
 * tokens by id from tokenizer.json's BPE vocabulary and added tokens; ids the

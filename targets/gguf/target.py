@@ -12,7 +12,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
-from edgeq.core.plan import Plan, PresetTensors, TensorPlan
+from edgeq.core.plan import TensorPlan
 from edgeq.models import llama
 from edgeq.runtime.tokenizer import spec_to_json
 from edgeq.targets.base import Lowered, LowerRequest, Target
@@ -32,17 +32,15 @@ class GgufTarget(Target):
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
 
-    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
+    def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config
         infos = [TensorInfo(t.alias or llama.gguf_name(n), tuple(reversed(t.shape))) for n, t in graph.weights.items()]
         choices = preset_types(preset, infos, cfg.n_heads, cfg.n_kv_heads, has_imatrix=has_imatrix)
-        tensors = {}
-        for (name, _), info in zip(graph.weights.items(), infos):
+        out = {}
+        for name, info in zip(graph.weights, infos):
             c = choices[info.name]
-            tensors[name] = TensorPlan(format=c.type, reason=c.reason, requested=c.requested)
-        return PresetTensors(tensors, {"preset": preset, "imatrix": has_imatrix,
-                                      "formats": Plan(tensors=tensors).format_counts(),
-                                      "fallbacks": sum(1 for t in tensors.values() if t.requested)})
+            out[name] = TensorPlan(format=c.type, reason=c.reason, requested=c.requested)
+        return out
 
     def check(self, graph: Graph, profile, *, budgeted: bool, n_ctx: int | None, tune_trials: int) -> None:
         if graph.kind not in self.kinds:

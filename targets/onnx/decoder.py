@@ -5,7 +5,7 @@ Inputs and outputs carry the names ORT GenAI and Optimum use:
 `past_key_values.N.key/value` (batch, kv_heads, past, head_dim; past may be 0)
 -> `logits` (batch, seq, vocab), `present.N.key/value` (past + seq along axis 2).
 
-The graph follows the IR's semantics (edgeq/executor.py): HF rotate-half RoPE
+The graph follows the IR's semantics (edgeq/core/executor.py): HF rotate-half RoPE
 with cos/sin tables computed in float64 (llama3 and linear scaling included),
 grouped-query attention without copying K/V per head (queries are grouped
 by KV head instead), causal plus padding mask, SwiGLU, RMSNorm in the pattern

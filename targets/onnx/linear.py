@@ -9,7 +9,7 @@
 - int8_dyn: the same weights; the activation range is computed per call
   (DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
   DynamicQuantizeMatMul).
-- int4[_asym][_bNN], int8_b32: weight-only block formats (edgeq/blockq.py) in
+- int4[_asym][_bNN], int8_b32: weight-only block formats (edgeq/core/formats/blockq.py) in
   com.microsoft MatMulNBits; embedding tables in GatherBlockQuantized.
 The bias, the residual adds, the norms and softmax stay float. A low-rank
 error branch (passes/lowrank_compensate.py) adds (x·Aᵀ)·Bᵀ to any of these:

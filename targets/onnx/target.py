@@ -14,7 +14,7 @@ from edgeq.bundle.manifest import Artifact
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
-from edgeq.core.plan import Plan, PresetTensors
+from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
@@ -28,10 +28,8 @@ class OnnxTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("onnxruntime", "onnx")
 
-    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
-        tensors = preset_formats(graph, preset)
-        return PresetTensors(tensors, {"preset": preset, "formats": Plan(tensors=tensors).format_counts(),
-                                      "fallbacks": 0})
+    def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
+        return preset_formats(graph, preset)
 
     def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
                ndk_clang: str | None = None) -> FileLayout:

@@ -1,7 +1,7 @@
 """The TVM size model for budgeted plans: the params file exactly, the library by building it.
 
 A TVM decoder bundle's model files are the compiled library and
-`params.safetensors` (export_tvm.py). Both are sized from the real lowering,
+`params.safetensors` (target.py). Both are sized from the real lowering,
 never from a restatement of it:
 
 - params: the lowering runs on zero weights with `SizingParams`, which keeps

@@ -22,7 +22,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
-from edgeq.core.plan import Plan, PresetTensors
+from edgeq.core.plan import TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.tvm.presets import TVM_PRESETS, preset_formats
 
@@ -45,10 +45,8 @@ class TvmTarget(Target):
     runtime_dists = ("apache-tvm", "apache-tvm-ffi")
     joins_bundles = False         # its runtime selection beside other artifacts is not built yet
 
-    def preset(self, graph: Graph, preset: str, has_imatrix: bool = False) -> PresetTensors:
-        tensors = preset_formats(graph, preset)
-        return PresetTensors(tensors, {"preset": preset, "formats": Plan(tensors=tensors).format_counts(),
-                                      "fallbacks": 0})
+    def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
+        return preset_formats(graph, preset)
 
     def check(self, graph: Graph, profile, *, budgeted: bool, n_ctx: int | None, tune_trials: int) -> None:
         super().check(graph, profile, budgeted=budgeted, n_ctx=n_ctx, tune_trials=tune_trials)
