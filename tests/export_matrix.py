@@ -14,8 +14,9 @@ that legitimately vary removed, `VOLATILE`). Errors are results too (their one-l
 compare those cases with their accepted outputs, and say so.
 
 Hashes depend on the machine's float kernels (BLAS, llama.cpp's build): compare on the machine that
-recorded them (the file records its CPU flags). `--work DIR` keeps the bundles for diffing; `--only REGEX`
-runs a subset.
+recorded them (the file records its CPU flags). `--work DIR` is where the bundles go (keep one per checkout
+when several run at once); `--only REGEX` runs a subset. The inputs are made once, seeded, in INPUTS: their
+absolute paths reach some manifests (an imatrix file's path), so every run reads them from there.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 
 # manifest keys whose values depend on the run, not the inputs: the package version, and solver wall time
 VOLATILE = {"edgeq_version", "seconds"}
+INPUTS = Path("/tmp/edgeq-export-matrix/inputs")
 # bundle files that hold measurements (timings, this host) rather than what was compiled
 MEASURED = {"measurements.json", "report.md"}
 
@@ -240,9 +242,9 @@ def run_case(argv: list[str], out: Path, env: dict[str, str]) -> dict:
 
 
 def run_matrix(work: Path, only: str | None) -> dict:
-    inputs = make_inputs(work / "inputs")
+    inputs = make_inputs(INPUTS)
     env = {**os.environ, "EDGEQ_CACHE": str(work / "cache")}
-    imatrix = (work / "inputs").resolve() / "imatrix.gguf"
+    imatrix = INPUTS / "imatrix.gguf"
     if not imatrix.is_file():        # an input too (made once by whichever run came first)
         subprocess.run([sys.executable, "-m", "edgeq.cli", "calibrate", "--model", inputs["decoder"], "-o",
                         str(imatrix), "--quiet"], check=True, env=env)
@@ -285,11 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         work = work / "after"
     else:
         work = work / "before"
-    # the inputs are shared between both runs: made once, by whichever ran first
-    (work.parent / "inputs").mkdir(parents=True, exist_ok=True)
-    if not (work / "inputs").exists():
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "inputs").symlink_to(work.parent / "inputs")
     results = run_matrix(work, a.only)
     (work / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     head = {"machine": platform.machine(), "cpu_flags": _cpu_flags(), "python": platform.python_version()}
