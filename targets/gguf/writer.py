@@ -56,6 +56,8 @@ def _add_tokenizer(w, tok: dict[str, Any]) -> None:
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(tok[field]))
     w.add_bool("tokenizer.ggml.add_bos_token", bool(tok.get("add_bos", False)))
     w.add_bool("tokenizer.ggml.add_eos_token", bool(tok.get("add_eos", False)))
+    if tok["model"] == "llama":        # SentencePiece: whether text gets a leading space (llama.cpp's default: yes)
+        w.add_bool("tokenizer.ggml.add_space_prefix", bool(tok.get("add_space_prefix", True)))
     if tok.get("chat_template"):
         w.add_string("tokenizer.chat_template", tok["chat_template"])
 
