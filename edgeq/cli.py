@@ -16,12 +16,20 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
+from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
 
 
 def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
+
+
+def _announce_default_model(a) -> None:
+    """Forgetting --model must not pass unnoticed: say which model is compiled instead."""
+    if getattr(a, "model", None) is None and not getattr(a, "quiet", False):
+        print(f"edgeq: no --model given: using the embedded default model {DEFAULT_NAME} "
+              "(SmolLM2-135M-Instruct)", file=sys.stderr)
 
 
 def _options(a, out: str = "out") -> ExportOptions:
@@ -52,6 +60,7 @@ def _check_summary(chk: dict) -> str:
 
 
 def cmd_export(a) -> int:
+    _announce_default_model(a)
     res = api.export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         m = res["manifest"]
@@ -64,6 +73,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_plan(a) -> int:
+    _announce_default_model(a)
     plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet))
     if not a.quiet:
         extra = ""
@@ -76,6 +86,7 @@ def cmd_plan(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
+    _announce_default_model(a)
     im, info = api.calibrate(a.out, a.model, a.adapter or [], a.calib_windows, progress=make_progress(a.quiet))
     if not a.quiet:
         print(f"wrote {a.out}: llama.cpp imatrix, {len(im.entries)} entries from {info.get('tokens')} tokens "
@@ -135,13 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     def adapter_option(sp, help_text):
         sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT]", help=help_text)
 
-    merge_help = ("PEFT LoRA adapter folder merged into the float weights before anything else, optionally "
-                  "scaled by WEIGHT (default 1); repeat to merge several")
-    model_help = "GGUF file or Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)"
+    merge_help = ("PEFT LoRA adapter folder (or Hub id org/name[@revision]) merged into the float weights before "
+                  "anything else, optionally scaled by WEIGHT (default 1); repeat to merge several")
+    model_help = ("GGUF file, Hugging Face model folder or Hub id org/name[@revision] (resolved through the HF cache; "
+                  "default: the embedded SmolLM2-135M-Instruct)")
 
     def common_model(sp):
         sp.add_argument("--model", help="GGUF file, Hugging Face folder (Llama family, or a BERT encoder such as "
-                                        "all-MiniLM-L6-v2), or a torch.export.save'd CNN (.pt2) "
+                                        "all-MiniLM-L6-v2), a Hub id org/name[@revision] or org/name/FILE.gguf "
+                                        "(looked up in the HF cache, $HF_HOME; downloaded when online and "
+                                        "HF_HUB_OFFLINE is unset), or a torch.export.save'd CNN (.pt2) "
                                         "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeq.core.fs import sha256_file, sha256_source, source_bytes
 from edgeq.core.ir import Graph
+from edgeq.importers.hub import looks_like_hub_id
 from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.models.recipes.minilm import MINILM_NAME
 
@@ -63,6 +64,8 @@ def source_name(path: Path | None, given: str | None) -> str:
         return MINILM_NAME
     if given is None:
         return DEFAULT_NAME
+    if looks_like_hub_id(given) and not Path(given).exists():
+        return f"{given}@{path.name}" if "@" not in given and path.is_dir() else given   # the commit it resolved to
     return path.name
 
 
