@@ -26,6 +26,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import check_output_dir, staged_dir
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan, load_plan
+from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
 from edgeq.passes import Context, run_passes
@@ -58,14 +59,16 @@ class Compilation:
     ctx: Context
 
 
-def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool) -> Compilation:
+def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool,
+            log: Callable[[str], None] | None = None) -> Compilation:
     """Check the options, import the model (unless given), pick the targets and their presets."""
     profile = get_profile(opts.target)
     user_plan = load_plan(opts.plan) if opts.plan else None
     opts.check_against(user_plan)
     if opts.backend == "all" and not several_allowed:
         raise EdgeqError(None, "a plan is for one backend; pass --backend gguf, onnx or tvm")
-    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
+    text = calibration_source(opts.calib_text, opts.calib_jsonl)
+    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress, log=log)
     model_path = None
     if graph is None:
         model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
@@ -82,7 +85,7 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
     images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
     inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,
-                                   images, images_source) for t in targets}
+                                   images, images_source, text) for t in targets}
     return Compilation(graph, model_path, profile, targets, inputs, ctx)
 
 
@@ -108,9 +111,9 @@ def decisions(opts: ExportOptions, progress: Callable | None = None,
     return c.graph, decide_all(c, opts, branches)
 
 
-def plan(opts: ExportOptions, progress: Callable | None = None) -> Plan:
+def plan(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] | None = None) -> Plan:
     """The plan `export` would use with these options (low-rank branches are not computed: only the plan)."""
-    c = prepare(opts, progress, None, several_allowed=False)
+    c = prepare(opts, progress, None, several_allowed=False, log=log)
     return decide_all(c, opts, branches=False)[c.targets[0].name].plan
 
 
@@ -129,7 +132,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     timings: dict[str, float] = {}
     check_output_dir(opts.out, opts.force)
     t0 = time.perf_counter()
-    c = prepare(opts, progress, graph, several_allowed=True)
+    c = prepare(opts, progress, graph, several_allowed=True, log=log)
     timings["import"] = time.perf_counter() - t0
     graph, profile, targets, first = c.graph, c.profile, c.targets, c.targets[0]
     t0 = time.perf_counter()
