@@ -383,7 +383,7 @@ class MergeAdapters(Pass):
                 replaced[target] = _same_tensor(replaced[target], t, ad.path) if target in replaced else t
         weights = dict(graph.weights)
         for target in sorted(set(by_target) | set(replaced), key=list(graph.weights).index):
-            weights[target] = replace(graph.weights[target], load=_merged_loader(
+            weights[target] = replace(graph.weights[target], source_bytes=None, load=_merged_loader(
                 graph.weights[target], by_target.get(target, []), replaced.get(target)))
         meta = dict(graph.metadata)
         meta["adapters"] = [a.to_json() for a in self.adapters]

@@ -18,7 +18,7 @@ from edgeq.bundle.manifest import ManifestParts, calibration_record, manifest, w
 from edgeq.bundle.pareto import plan_pareto
 from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
 from edgeq.bundle.report import plot_layers, write_report
-from edgeq.bundle.source import source_record
+from edgeq.bundle.source import requantize_note, requantized_tensors, source_record
 from edgeq.bundle.tokenizer import write_tokenizer
 from edgeq.compile.decide import DecideInputs, Decision, decide
 from edgeq.compile.options import ExportOptions, backend_preset
@@ -101,7 +101,24 @@ def decide_all(c: Compilation, opts: ExportOptions, branches: bool = True) -> di
         if tag and t.name in c.profile.all_backends[c.graph.kind]:
             for r in c.ctx.records[first:]:
                 r.setdefault("backend", t.name)
+        _check_requantize(c, decisions[t.name].plan, opts)
     return decisions
+
+
+def _check_requantize(c: Compilation, plan: Plan, opts: ExportOptions) -> None:
+    """A quantized source quantized again: one line on stderr, or a refusal with --no-requantize (as
+    llama-quantize refuses without --allow-requantize)."""
+    note = requantize_note(c.graph, plan)
+    if note is None:
+        return
+    moved = requantized_tensors(c.graph, plan)
+    if moved and not opts.allow_requantize:
+        first = next(iter(moved))
+        raise EdgeqError(c.graph.metadata.get("source_path"),
+                         f"is already quantized and this plan requantizes {sum(map(len, moved.values()))} tensors "
+                         f"({first}: {moved[first][0]} ...); --no-requantize refuses (keep their source formats in "
+                         "a plan, or export a float source)")
+    c.ctx.warn(note)
 
 
 def decisions(opts: ExportOptions, progress: Callable | None = None,
@@ -171,7 +188,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         m = manifest(ManifestParts(
             graph=graph, plan=plan_, plans={t.name: decisions[t.name].plan for t in targets},
             versions={k: v for t in targets for k, v in t.runtime_versions().items()},
-            source=source_record(graph, c.model_path, opts.model), target=profile.to_json(),
+            source=source_record(graph, c.model_path, opts.model, plan_), target=profile.to_json(),
             n_ctx=n_ctx(graph, profile, opts),
             kv_cache_dtype=(first.kv_cache_dtype(c.inputs[first.name].preset, profile, opts.kv_dtype)
                             if graph.kind == "decoder" else None),

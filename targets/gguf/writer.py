@@ -168,6 +168,14 @@ def write_gguf(
         w.write_ti_data_to_file()
         it = entries if progress is None else progress(entries, desc="quantize+write", unit="tensor")
         for name, tensor, fmt, nbytes in it:
+            if tensor.source_bytes is not None and tensor.source_format == fmt.name:
+                # the source's own bytes in the format the plan keeps: no dequantize/quantize round trip
+                data = tensor.source_bytes()
+                if data.nbytes != nbytes:
+                    raise RuntimeError(f"{name}: the source holds {data.nbytes} bytes, the registry says {nbytes}")
+                w.write_tensor_data(data)
+                counts[fmt.name] = counts.get(fmt.name, 0) + 1
+                continue
             arr = tensor.numpy()
             heads = llama.qk_heads(cfg, name)
             if heads is not None:
