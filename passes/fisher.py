@@ -176,6 +176,7 @@ class Fisher(Pass):
         windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source)
         ctx.analysis["fisher"] = output_fisher(graph, windows, progress=ctx.progress,
                                                token_weighted=self.token_weighted)
+        text = {} if self.source is None or self.source.is_default else self.source.record()
         ctx.record(self.name, windows=len(windows), ctx=self.ctx_len, token_weighted=self.token_weighted,
-                   weights=sum(1 for k in ctx.analysis["fisher"] if ":" not in k))
+                   weights=sum(1 for k in ctx.analysis["fisher"] if ":" not in k), **text)
         return graph, plan
