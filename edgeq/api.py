@@ -59,7 +59,7 @@ def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[s
     if parent.exists() and not parent.is_dir():
         raise EdgeqError(parent, "is a file")
     source = calibration_source(calib_text, calib_jsonl)
-    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"))
+    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"), log)
     cal = run_calibration(graph, n_windows=calib_windows, progress=progress, source=source,
                           warn=None if log is None else (lambda s: log(f"edgeq: {s}")))
     im = imatrix_from_calibration(graph, cal)

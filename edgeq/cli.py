@@ -16,20 +16,12 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
-from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
 
 
 def _log(quiet: bool):
     return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr))
-
-
-def _announce_default_model(a) -> None:
-    """Forgetting --model must not pass unnoticed: say which model is compiled instead."""
-    if getattr(a, "model", None) is None and not getattr(a, "quiet", False):
-        print(f"edgeq: no --model given: using the embedded default model {DEFAULT_NAME} "
-              "(SmolLM2-135M-Instruct)", file=sys.stderr)
 
 
 def _options(a, out: str = "out") -> ExportOptions:
@@ -62,7 +54,6 @@ def _check_summary(chk: dict) -> str:
 
 
 def cmd_export(a) -> int:
-    _announce_default_model(a)
     res = api.export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         m = res["manifest"]
@@ -75,7 +66,6 @@ def cmd_export(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    _announce_default_model(a)
     plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         extra = ""
@@ -88,7 +78,6 @@ def cmd_plan(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    _announce_default_model(a)
     im, info = api.calibrate(a.out, a.model, a.adapter or [], a.calib_windows, progress=make_progress(a.quiet),
                              calib_text=a.calib_text, calib_jsonl=a.calib_jsonl, log=_log(a.quiet))
     if not a.quiet:

@@ -135,11 +135,10 @@ def test_static_int8_ranges_use_the_user_text(minilm, texts, tmp_path):
 
 # --- quantized sources ---------------------------------------------------------------------------------
 
-def test_default_model_export_names_its_requantization(smollm_graph, tmp_path, capsys):
-    rc = cli.main(["export", "--quant", "q4_0", "--no-calibration", "-o", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert rc == 0
-    line = next(x for x in err.splitlines() if "already quantized" in x)
+def test_default_model_export_names_its_requantization(smollm_graph, tmp_path):
+    lines: list[str] = []       # what the CLI prints on stderr
+    api.export(quant="q4_0", calibration=False, out=str(tmp_path / "o"), check=False, log=lines.append)
+    line = next(x for x in lines if "already quantized" in x)
     assert "q4_1 210" in line and "requantized onto another grid" in line
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["source"]["formats"] == {"f32": 61, "q4_1": 210, "q8_0": 1}
@@ -149,12 +148,11 @@ def test_default_model_export_names_its_requantization(smollm_graph, tmp_path, c
     assert "## Requantized tensors" in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_kept_source_formats_are_written_byte_for_byte(smollm_path, tmp_path, capsys):
+def test_kept_source_formats_are_written_byte_for_byte(smollm_path, tmp_path):
     plan = tmp_path / "keep.json"
     plan.write_text(json.dumps({"version": 1, "rules": [{"match": "*", "format": "q4_1"}],
                                 "tensors": {"model.embed_tokens.weight": {"format": "q8_0"}}}))
-    assert cli.main(["export", "--plan", str(plan), "--no-calibration", "--no-requantize", "-o",
-                     str(tmp_path / "o"), "--quiet"]) == 0
+    api.export(plan=str(plan), calibration=False, allow_requantize=False, out=str(tmp_path / "o"), check=False)
     src = {t.name: t for t in open_gguf(smollm_path).tensors}
     out = open_gguf(tmp_path / "o" / "model.gguf").tensors
     assert len(out) == len(src) == 272

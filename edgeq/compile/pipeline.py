@@ -29,6 +29,7 @@ from edgeq.core.plan import Plan, load_plan
 from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
+from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
 from edgeq.passes.merge_adapters import MergeAdapters
 from edgeq.targets.base import LowerRequest, Target
@@ -38,8 +39,12 @@ from edgeq.targets.registry import get_target
 LAYER_PLOT = "formats_by_layer.png"
 
 
-def import_and_merge(model: str | None, adapters: list[str], ctx: Context) -> tuple[Path, Graph]:
-    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet)."""
+def import_and_merge(model: str | None, adapters: list[str], ctx: Context,
+                     log: Callable[[str], None] | None = None) -> tuple[Path, Graph]:
+    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet). Forgetting the model
+    must not pass unnoticed: `log` hears which one is used instead."""
+    if model is None and log is not None:
+        log(f"edgeq: no --model given: using the embedded default model {DEFAULT_NAME} (SmolLM2-135M-Instruct)")
     model_path = resolve_model_path(model)
     graph = import_model(model_path)
     if adapters:
@@ -71,7 +76,7 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress, log=log)
     model_path = None
     if graph is None:
-        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
+        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx, log)
     targets = [get_target(b) for b in profile.backends_to_export(graph.kind, opts.backend)]
     several = len(targets) > 1
     for t in targets:
