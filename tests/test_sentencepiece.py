@@ -220,3 +220,22 @@ def test_metaspace_that_splits_at_spaces_is_refused(spm_root, tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(d))
     with pytest.raises(EdgeqError, match="has no llama.cpp equivalent"):
         spec_from_hf_folder(tmp_path, V)
+
+
+def test_gguf_flags_are_llama_cpp_s(spm_root, tmp_path):
+    """add_space_prefix / add_bos / add_eos off and on, written to a GGUF and read back: llama.cpp agrees."""
+    import dataclasses
+
+    graph, spec, _ = _gguf(spm_root, "model")
+    for flags in ({"add_space_prefix": False, "add_bos": False}, {"add_eos": True}):
+        variant = dataclasses.replace(spec, **flags)
+        path = tmp_path / f"{'-'.join(flags)}.gguf"
+        write_gguf(graph, Plan(tensors={n: TensorPlan("f32") for n in graph.weights}), path, spec_to_json(variant))
+        from edgeq.importers.loader import graph_tokenizer_spec
+
+        assert graph_tokenizer_spec(import_gguf(path)) == variant
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        tok = build_tokenizer(variant)
+        for text in ("  two spaces", "<|im_start|>user\n hi<|im_end|>", SPM_TEXTS["code"]):
+            assert encode(tok, variant, text) == llm.tokenize(text.encode(), add_bos=True, special=True), flags
+        llm.close()
