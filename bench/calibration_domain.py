@@ -49,6 +49,14 @@ def domain_split(root: Path, max_calib_bytes: int, max_eval_bytes: int) -> tuple
     return calib, evald
 
 
+def _write(out: str, rows: list, args, cpu: list[str]) -> None:
+    result = {"rows": rows, "chunks": args.chunks, "ctx": 512, "calib_windows": args.calib_windows,
+              "domain": "Python stdlib top-level modules: even-indexed calibrate, odd-indexed evaluate",
+              "threads": 1, "load": os.getloadavg(), "cpu_flags": [f for f in cpu if f.startswith(("avx", "fma"))]}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default="q4_k_m,q3_k_m")
@@ -92,16 +100,14 @@ def main() -> int:
                 row[text_name] = {"kld_mean": e["kld_mean"], "top1": e["top1"], "ppl": e["ppl"],
                                   "n_tokens_scored": e["n_tokens_scored"]}
             rows.append(row)
+            _write(args.out, rows, args, cpu)         # after every row: a long run keeps what it measured
             print(f"{preset:8s} {name:22s} code KLD {row['code']['kld_mean']:.5f} top1 {row['code']['top1']:.4f} | "
                   f"pydoc KLD {row['pydoc']['kld_mean']:.5f} top1 {row['pydoc']['top1']:.4f}  ({t_export:.0f} s)",
                   flush=True)
-    result = {"rows": rows, "chunks": args.chunks, "ctx": 512, "calib_windows": args.calib_windows,
-              "domain": "Python stdlib top-level modules: even-indexed calibrate, odd-indexed evaluate",
-              "threads": 1, "load": os.getloadavg(), "cpu_flags": [f for f in cpu if f.startswith(("avx", "fma"))]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for preset in args.presets.split(","):
         by = {r["calibration"]: r for r in rows if r["preset"] == preset}
+        if len(by) < len(variants):
+            continue
         d, u = by["default (pydoc)"]["code"]["kld_mean"], by["domain (--calib-text)"]["code"]["kld_mean"]
         print(f"{preset}: domain calibration / default on held-out code KLD = {u / d:.3f}")
     return 0
