@@ -235,6 +235,21 @@ def _write_pt2(path: Path) -> Path:
 
 # --- the readers ----------------------------------------------------------------------------------------------
 
+def import_readers() -> None:
+    """Import every module the readers use (atheris instruments what is imported inside its context)."""
+    import edgeq.api  # noqa: F401
+    import edgeq.bundle.inspect  # noqa: F401
+    import edgeq.importers.gguf  # noqa: F401
+    import edgeq.importers.hf  # noqa: F401
+    import edgeq.importers.hf_bert  # noqa: F401
+    import edgeq.importers.images  # noqa: F401
+    import edgeq.importers.imatrix  # noqa: F401
+    import edgeq.importers.loader  # noqa: F401
+    import edgeq.importers.torch_export  # noqa: F401
+    import edgeq.passes.merge_adapters  # noqa: F401
+    import edgeq.runtime  # noqa: F401
+
+
 def _read_gguf(case: Path):
     from edgeq.bundle.inspect import inspect_gguf
     from edgeq.importers.gguf import import_gguf
