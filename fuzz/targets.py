@@ -54,7 +54,7 @@ def build_seeds(root: Path) -> dict[str, Path]:
 
     from edgeq.api import ExportOptions, calibrate, export, plan
     from edgeq.models.recipes.hf_folder import graph_to_hf_folder
-    from edgeq.models.recipes.synthetic import write_bert_folder, tiny_bert_config
+    from edgeq.models.recipes.synthetic import tiny_bert_config, write_bert_folder
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.core.errors import EdgeqError
-from edgeq.core.untrusted import number
+from edgeq.core.errors import EdgeqError, number
 from edgeq.core.ir import Graph, Node, Tensor, Value, checked_weights
 from edgeq.models import names
 

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
+import crash_points
 import numpy as np
 import pytest
 
-import crash_points
 from edgeq.core.cache import read_entry, write_entry
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import output_lock

@@ -11,10 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import EdgeqError, number, required
 from edgeq.core.ir import Graph, Tensor
-from edgeq.core.untrusted import number, required
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from edgeq.models.bert import BertConfig, build_graph, expected_shapes
 
