@@ -50,6 +50,23 @@ def parse_device(device: str | None) -> tuple[str, str | None, int | None]:
     raise BundleError(None, f"unknown device {device!r}: expected cpu or rpc://HOST:PORT")
 
 
+def _check_section(spec: dict, path: Path) -> None:
+    """The manifest's `tvm` section, as this runtime reads it (the manifest itself has no checksum)."""
+    for key in ("library", "params", "entry", "inputs", "param_names"):
+        if key not in spec:
+            raise BundleError(path, f"tvm section lacks {key!r}")
+    ok = isinstance(spec["entry"], str) and isinstance(spec["param_names"], list) and \
+        all(isinstance(n, str) for n in spec["param_names"])
+    for io in [*(spec["inputs"] if isinstance(spec["inputs"], list) else [None]), *(spec.get("outputs") or [])]:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("name"), str) and (
+            io is not None and ("shape" not in io or (isinstance(io["shape"], list) and all(
+                isinstance(d, (int, str)) and not isinstance(d, bool) for d in io["shape"]))))
+    for io in spec["inputs"] if isinstance(spec["inputs"], list) else []:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("dtype"), str) and "shape" in io
+    if not ok:
+        raise BundleError(path, "tvm section is malformed (entry, inputs, outputs or param_names)")
+
+
 def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
@@ -79,9 +96,7 @@ class TvmSession(SentenceEmbedding):
         self.artifact = artifact
         self.kind = manifest["model"]["kind"]
         spec = manifest.get("tvm") or {}
-        for key in ("library", "params", "entry", "inputs", "param_names"):
-            if key not in spec:
-                raise BundleError(bundle / "manifest.json", f"tvm section lacks {key!r}")
+        _check_section(spec, bundle / "manifest.json")
         self.entry = spec["entry"]
         self.inputs = spec["inputs"]
         self.outputs = spec.get("outputs") or [{"name": "output"}]
