@@ -295,6 +295,9 @@ def _read_adapter(case: Path):
     from edgeq.passes import Context
     from edgeq.passes.merge_adapters import MergeAdapters
 
+    from edgeq.bundle.inspect import inspect_path
+
+    inspect_path(case / "adapter")
     graph, _ = MergeAdapters([str(case / "adapter")]).run(import_hf(case / "hf"), Plan(), Context(backend="gguf"))
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"):
         graph.weights[name].numpy()
@@ -310,6 +313,9 @@ def _read_plan(case: Path):
     from edgeq.api import plan
     from edgeq.core.plan import load_plan
 
+    from edgeq.bundle.inspect import inspect_path
+
+    inspect_path(case / "plan.json")
     load_plan(case / "plan.json")
     plan(model=str(case / "hf"), plan=str(case / "plan.json"), calibration=False)
 

@@ -179,6 +179,13 @@ def _check_config(c: dict[str, Any], path: Path) -> None:
             raise EdgeqError(path, f"{key} {p!r} is not a valid regular expression ({exc})") from None
 
 
+def adapter_config(folder: Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, read bounded and checked (what `load_adapter` accepts)."""
+    c = _read_config(folder)
+    _check_config(c, folder / CONFIG)
+    return c
+
+
 # --- which modules PEFT targets ---------------------------------------------------
 
 def model_modules(graph: Graph) -> dict[str, tuple[str, bool]]:
@@ -249,9 +256,8 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     if not folder.is_dir():
         raise EdgeqError(folder, "is not a folder (a PEFT adapter is a folder with adapter_config.json and "
                                  "adapter_model.safetensors)")
-    c = _read_config(folder)
+    c = adapter_config(folder)
     cpath = folder / CONFIG
-    _check_config(c, cpath)
     wpath = folder / WEIGHTS
     if not wpath.is_file():
         other = " (found adapter_model.bin: only safetensors adapters are read)" if (folder / "adapter_model.bin").exists() else ""

@@ -1,8 +1,11 @@
-"""`edgeq inspect`: what is in a bundle or a GGUF file, in a few flat fields."""
+"""`edgeq inspect`: what is in a bundle, a GGUF file (model or imatrix), a Hugging Face folder, a PEFT adapter
+folder, a .pt2 program or a plan, in a few flat fields. It is the command-line face of every reader: each input
+gives its fields or one line naming the file and the problem (exit status 2)."""
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,10 @@ from edgeq.core.errors import EdgeqError
 from edgeq.importers import hf_bert
 from edgeq.importers.gguf_metadata import open_gguf, read_metadata
 from edgeq.importers.hf import hf_tensors, import_hf, read_config
+from edgeq.core.plan import load_plan
+from edgeq.importers.safetensors_io import SafetensorsFile
 from edgeq.importers.torch_export import import_pt2
+from edgeq.passes.merge_adapters import WEIGHTS, adapter_config
 from edgeq.runtime.manifest import read_manifest, verify_artifacts
 
 
@@ -132,12 +138,37 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     return out
 
 
+def inspect_adapter(path: Path) -> dict[str, Any]:
+    """A PEFT LoRA adapter folder: its config (checked as a merge would) and its weights' header."""
+    c = adapter_config(path)
+    w = path / WEIGHTS
+    if not w.is_file():
+        raise EdgeqError(w, "missing (a PEFT adapter folder needs adapter_model.safetensors)")
+    st = SafetensorsFile(w)
+    modules = sorted({n.split(".lora_")[0] for n in st.keys() if ".lora_" in n})
+    return {"kind": "peft adapter", "path": str(path), "r": c["r"], "lora_alpha": c["lora_alpha"],
+            "use_rslora": bool(c.get("use_rslora")), "target_modules": c["target_modules"],
+            "base_model": c.get("base_model_name_or_path"), "n_tensors": len(st.tensors), "modules": len(modules),
+            "tensor_dtypes": dict(sorted(Counter(t.dtype.lower() for t in st.tensors.values()).items()))}
+
+
+def inspect_plan(path: Path) -> dict[str, Any]:
+    plan = load_plan(path)
+    return {"kind": "plan", "path": str(path), "preset": plan.preset, "backend": plan.backend,
+            "rules": len(plan.rules), "tensors": len(plan.tensors), "formats": plan.format_counts(),
+            "budget_mb": (plan.search or {}).get("budget_mb")}
+
+
 def inspect_path(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if p.is_dir():
         if not (p / "manifest.json").exists() and (p / "config.json").is_file():
             return inspect_hf(p)
+        if not (p / "manifest.json").exists() and (p / "adapter_config.json").is_file():
+            return inspect_adapter(p)
         return inspect_bundle(p)
+    if p.is_file() and p.suffix == ".json":
+        return inspect_plan(p)
     if p.is_file() and p.suffix == ".pt2":
         g = import_pt2(p)
         return {"kind": "torch.export program (CNN)", "path": str(p), "input": ["batch", *g.config.image_shape],
