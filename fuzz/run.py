@@ -469,15 +469,15 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--engine atheris fuzzes one target at a time (--targets NAME)")
         return run_atheris(names[0], seeds_root, a.cases)
     rows = []
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     for n in names:
         r = fuzz_target(n, seeds_root, a.cases, a.seed, a.engine, a.crashes)
         rows.append(r)
         print(f"{n}: {r['cases']} cases, {r['crash']} crash, {r['hang']} hang, {r['memory']} memory "
               f"({r['seconds']} s)", flush=True)
+        Path(a.out).write_text(json.dumps({"engine": a.engine, "seed": a.seed, "cases_per_target": a.cases,
+                                           "targets": rows}, indent=1) + "\n")      # after each target
     print(table(rows))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"engine": a.engine, "seed": a.seed, "cases_per_target": a.cases,
-                                       "targets": rows}, indent=1) + "\n")
     return 1 if any(r["crash"] or r["hang"] or r["memory"] for r in rows) else 0
 
 
