@@ -206,6 +206,8 @@ def worker(name: str, seeds_root: Path, case_root: Path, cases: int, seed: int, 
         else []
     mutate = mutate_json if target.kind == "json" else mutate_bytes
     out = os.fdopen(out_fd, "w", buffering=1)
+    for data in seeds + regress:     # warm-up, unmeasured: lazy imports (torch's, say) are not a case's memory
+        run_case(target, case_file, case_dir, data)
     inputs = iter_inputs(seeds, regress, cases, seed, start, mutate, engine, target.kind)
     for i, data in inputs:
         (case_root / f"{name}.current").write_bytes(data)
@@ -312,12 +314,13 @@ def fuzz_target(name: str, seeds_root: Path, cases: int, seed: int, engine: str,
     case_root = Path(tempfile.mkdtemp(prefix=f"edgeq-fuzz-{name}-"))
     start = 0
     t0 = time.perf_counter()
+    errlog = open(case_root / "worker.stderr", "w+b")    # a file: a pipe nobody reads would block the worker
     while True:
         r, w = os.pipe()
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", name, "--seeds-root",
                                  str(seeds_root), "--case-root", str(case_root), "--cases", str(cases), "--seed",
                                  str(seed), "--start", str(start), "--engine", engine, "--fd", str(w)],
-                                pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=errlog)
         os.close(w)
         f = os.fdopen(r)
         current, last = None, time.monotonic()
@@ -356,7 +359,10 @@ def fuzz_target(name: str, seeds_root: Path, cases: int, seed: int, engine: str,
                 break
         f.close()
         proc.wait()
-        err = proc.stderr.read().decode(errors="replace")
+        errlog.seek(0)
+        err = errlog.read()[-4000:].decode(errors="replace")
+        errlog.seek(0)
+        errlog.truncate()
         if done:
             break
         if hung:

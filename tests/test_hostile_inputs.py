@@ -117,3 +117,14 @@ def test_short_fuzz_run_of_every_reader(tmp_path):
     for r in rows:
         assert r["cases"] >= 200 and r["crash"] == r["hang"] == r["memory"] == 0, r
         assert r["parsed"] > 0 and r["refused"] > 0, r        # both outcomes really exercised
+
+
+@pytest.mark.parametrize("name", ["unknown-op.pt2", "corrupt-zip-torch-logs.pt2"])
+def test_a_pt2_torch_cannot_load_is_one_line(name):
+    """torch.export.load logs a traceback per failure; the user sees edgeq's one line and torch's reason."""
+    p = ROOT / "fuzz" / "corpus" / "pt2" / name
+    res = subprocess.run([sys.executable, "-m", "edgeq.cli", "inspect", str(p)], capture_output=True, text=True,
+                         timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith(f"edgeq: error: {p}: torch.export.load failed: ")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import operator
 import os
 import zipfile
@@ -68,11 +69,42 @@ def import_pt2(path: str | os.PathLike) -> Graph:
         raise EdgeqError(path, f"is {size} bytes; edgeq reads .pt2 programs up to {MAX_PT2_BYTES} bytes")
     data = path.read_bytes()
     check_pt2_archive(data, path)
-    try:
-        ep = torch.export.load(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeqError(path, f"torch.export.load failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    with _TorchLogs() as logs:
+        try:
+            ep = torch.export.load(io.BytesIO(data))
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises, the user gets one line
+            root = logs.errors[-1] if logs.errors else exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            why = (str(root).strip().splitlines() or [type(root).__name__])[0]
+            raise EdgeqError(path, f"torch.export.load failed: {type(root).__name__}: {why}") from None
     return import_exported_program(ep, name=path.stem, source=path)
+
+
+class _TorchLogs(logging.Handler):
+    """Holds what torch.export logs while loading (a traceback per failure) instead of printing it: edgeq reports
+    one line, and the reason in it is the logged exception's."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> "_TorchLogs":
+        self.loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]
+        self.saved = [(lg.propagate, lg.handlers) for lg in self.loggers]
+        for lg in self.loggers:
+            lg.handlers = [self]          # torch attaches its own stream handlers to these loggers
+            lg.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lg, (propagate, handlers) in zip(self.loggers, self.saved):
+            lg.handlers = handlers
+            lg.propagate = propagate
 
 
 def check_pt2_archive(data: bytes, path) -> None:
