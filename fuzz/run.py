@@ -194,6 +194,9 @@ def worker(name: str, seeds_root: Path, case_root: Path, cases: int, seed: int, 
 
     warnings.simplefilter("ignore")
     os.environ.setdefault("EDGEQ_CACHE", "off")
+    # OpenMP's idle threads spin: their CPU time would count towards a case's hang budget
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import targets as T
 
     target = T.TARGETS[name]
