@@ -18,6 +18,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
 from edgeq.core.plan import Plan
 from edgeq.evaluate.bundle import evaluate_bundle
+from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.imatrix import Imatrix, write_imatrix
 from edgeq.importers.torch_export import import_module
 from edgeq.passes import Context
@@ -38,13 +39,13 @@ def export(opts: ExportOptions | None = None, *, progress: Callable | None = Non
 
 
 def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
-         progress: Callable | None = None, **options) -> Plan:
+         progress: Callable | None = None, log: Callable[[str], None] | None = None, **options) -> Plan:
     """`edgeq plan`: the plan an export with these options would use, written to `out` when given."""
     if out is None:
-        return pipeline.plan(_options(opts, options), progress=progress)
+        return pipeline.plan(_options(opts, options), progress=progress, log=log)
     _check_output_file(out)
     with output_lock(out):      # written whole (a temporary file renamed into place), one writer at a time
-        p = pipeline.plan(_options(opts, options), progress=progress)
+        p = pipeline.plan(_options(opts, options), progress=progress, log=log)
         p.save(out)
     return p
 
@@ -58,13 +59,16 @@ def _check_output_file(out: str | os.PathLike) -> None:
 
 
 def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[str] = (), calib_windows: int = 4,
-              progress: Callable | None = None) -> tuple[Imatrix, dict[str, Any]]:
-    """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text; returns it and
-    what it was computed on."""
+              progress: Callable | None = None, calib_text: str | None = None, calib_jsonl: str | None = None,
+              log: Callable[[str], None] | None = None) -> tuple[Imatrix, dict[str, Any]]:
+    """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text (pydoc's, or the
+    user's `calib_text` / `calib_jsonl`); returns it and what it was computed on."""
     _check_output_file(out)
+    source = calibration_source(calib_text, calib_jsonl)
     with output_lock(out):      # written whole (a temporary file renamed into place), one writer at a time
-        _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"))
-        cal = run_calibration(graph, n_windows=calib_windows, progress=progress)
+        _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"), log)
+        cal = run_calibration(graph, n_windows=calib_windows, progress=progress, source=source,
+                              warn=None if log is None else (lambda s: log(f"edgeq: {s}")))
         im = imatrix_from_calibration(graph, cal)
         atomic_write(out, lambda tmp: write_imatrix(tmp, im))
     return im, cal.info
