@@ -15,6 +15,7 @@ from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import atomic_write, output_lock
 from edgeq.core.plan import Plan
 from edgeq.evaluate.bundle import evaluate_bundle
 from edgeq.importers.calibration_text import calibration_source
@@ -40,14 +41,21 @@ def export(opts: ExportOptions | None = None, *, progress: Callable | None = Non
 def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
          progress: Callable | None = None, log: Callable[[str], None] | None = None, **options) -> Plan:
     """`edgeq plan`: the plan an export with these options would use, written to `out` when given."""
-    if out is not None:
-        parent = Path(out).parent
-        if parent.exists() and not parent.is_dir():
-            raise EdgeqError(parent, "is a file")
-    p = pipeline.plan(_options(opts, options), progress=progress, log=log)
-    if out is not None:
+    if out is None:
+        return pipeline.plan(_options(opts, options), progress=progress, log=log)
+    _check_output_file(out)
+    with output_lock(out):      # written whole (a temporary file renamed into place), one writer at a time
+        p = pipeline.plan(_options(opts, options), progress=progress, log=log)
         p.save(out)
     return p
+
+
+def _check_output_file(out: str | os.PathLike) -> None:
+    parent = Path(out).parent
+    if parent.exists() and not parent.is_dir():
+        raise EdgeqError(parent, "is a file")
+    if Path(out).is_dir():
+        raise EdgeqError(out, "is a folder, expected a file to write")
 
 
 def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[str] = (), calib_windows: int = 4,
@@ -55,15 +63,14 @@ def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[s
               log: Callable[[str], None] | None = None) -> tuple[Imatrix, dict[str, Any]]:
     """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text (pydoc's, or the
     user's `calib_text` / `calib_jsonl`); returns it and what it was computed on."""
-    parent = Path(out).parent
-    if parent.exists() and not parent.is_dir():
-        raise EdgeqError(parent, "is a file")
+    _check_output_file(out)
     source = calibration_source(calib_text, calib_jsonl)
-    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"), log)
-    cal = run_calibration(graph, n_windows=calib_windows, progress=progress, source=source,
-                          warn=None if log is None else (lambda s: log(f"edgeq: {s}")))
-    im = imatrix_from_calibration(graph, cal)
-    write_imatrix(out, im)
+    with output_lock(out):      # written whole (a temporary file renamed into place), one writer at a time
+        _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"), log)
+        cal = run_calibration(graph, n_windows=calib_windows, progress=progress, source=source,
+                              warn=None if log is None else (lambda s: log(f"edgeq: {s}")))
+        im = imatrix_from_calibration(graph, cal)
+        atomic_write(out, lambda tmp: write_imatrix(tmp, im))
     return im, cal.info
 
 

@@ -18,6 +18,7 @@ windows, width limit), so repeated plans and exports cost one calibration.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.core.cache import cache_dir
+from edgeq.core.cache import cache_dir, read_entry, write_entry
 from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
 from edgeq.core.fs import sha256_file, sha256_source
@@ -93,7 +94,8 @@ class Calibration:
                 "inputs_with_full_covariance": full}
 
     # --- cache -------------------------------------------------------------
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
+        """The statistics as an .npz (no pickles), for the cache."""
         arrays: dict[str, np.ndarray] = {}
         keys = sorted(self.inputs)
         for i, k in enumerate(keys):
@@ -106,14 +108,13 @@ class Calibration:
             arrays["token_counts"] = self.token_counts
         meta = {"keys": keys, "weight_input": self.weight_input, "info": self.info}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
 
     @classmethod
-    def load(cls, path: Path) -> "Calibration":
-        with np.load(path) as z:
+    def from_bytes(cls, data: bytes) -> "Calibration":
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             inputs = {}
             for i, k in enumerate(meta["keys"]):
@@ -258,14 +259,15 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full]).encode()).hexdigest()
     root = cache_dir() if use_cache else None
     path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
-    if path is not None and path.is_file():
+    cached = read_entry(path)       # None when absent, or torn (then removed): computed again
+    if cached is not None:
         try:
-            cal = Calibration.load(path)
+            cal = Calibration.from_bytes(cached)
             if warn is not None and cal.info.get("warning"):
                 warn(cal.info["warning"])
             return cal
         except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)        # a damaged cache entry is recomputed
+            pass
     tokens, bos, add_bos = calibration_tokens(graph, source)
     note = shortfall_note(len(tokens), n_windows, ctx, source)
     if note is not None and warn is not None:
@@ -276,10 +278,7 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     if note is not None:
         cal.info["warning"] = note
     if path is not None:
-        try:
-            cal.save(path)
-        except OSError:
-            pass                                 # caching is an optimisation only
+        write_entry(path, cal.to_bytes())        # best effort: caching is an optimisation only
     return cal
 
 

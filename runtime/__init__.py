@@ -17,8 +17,8 @@ import numpy as np
 from edgeq.runtime import gguf_backend, onnx_backend, tvm_backend
 from edgeq.runtime.manifest import (
     BundleError,
-    artifact_path,
     check_runtime_version,
+    listed_path,
     pick_artifact,
     read_manifest,
     verify_artifacts,
@@ -93,15 +93,24 @@ class Session:
 
 
 def _spec(bundle: Path, manifest: dict[str, Any]):
-    spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
-    return spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")), spec_file)
+    spec_file = listed_path(bundle, manifest, (manifest.get("tokenizer") or {}).get("spec"), "tokenizer.spec")
+    try:
+        d = json.loads(spec_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(spec_file, f"not valid JSON ({str(exc).splitlines()[0]})") from None
+    return spec_from_json(d, spec_file)
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
          verify: bool = True, device: str | None = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
     (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
-    server."""
+    server.
+
+    Every artifact's size and SHA-256 are checked against the manifest before any backend opens a file
+    (`verify=False` skips that, for a bundle just written and checked by this process); a TVM library, native
+    code, is checked again as it is copied to a private folder and loaded from there, whatever `verify` says.
+    A failed check is a `BundleError` naming the file."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     if verify:
@@ -113,7 +122,7 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     if device not in (None, "cpu", "local") and not impl.REMOTE:
         raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
     check_runtime_version(manifest, impl.RUNTIME_DIST)
-    if manifest["model"].get("kind") != "decoder":
+    if manifest["model"]["kind"] != "decoder":
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, artifact_path
+from edgeq.runtime.manifest import BundleError, listed_path
 
 NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
@@ -18,9 +18,12 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
     """llama.cpp on the artifact, with the bundle's low-rank error branches (a LoRA-adapter GGUF beside the model,
     applied at load) when it has them."""
     lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == NAME]
-    return LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
-                           kv_dtype=manifest.get("kv_cache_dtype", "f16"),
-                           lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
+    kv = manifest.get("kv_cache_dtype") or "f16"
+    if kv not in KV_TYPES:
+        raise BundleError(bundle / "manifest.json", f"unsupported kv_cache_dtype {kv!r}")
+    return LlamaCppBackend(listed_path(bundle, manifest, art["path"], "model"), n_ctx=n_ctx, threads=threads,
+                           kv_dtype=kv,
+                           lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):

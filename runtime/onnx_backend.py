@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import artifact_path
+from edgeq.runtime.manifest import listed_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
@@ -24,7 +24,7 @@ REMOTE = False
 
 
 def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
-    return OnnxDecoderBackend(artifact_path(bundle, art["path"]), spec, n_ctx=n_ctx, threads=threads)
+    return OnnxDecoderBackend(listed_path(bundle, manifest, art["path"], "model"), spec, n_ctx=n_ctx, threads=threads)
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
@@ -62,13 +62,14 @@ class OnnxSession(SentenceEmbedding):
         self.manifest = manifest
         self.artifact = artifact
         self.kind = manifest["model"]["kind"]
-        self.session = open_session(artifact_path(bundle, artifact["path"]), threads, spinning)
+        self.session = open_session(listed_path(bundle, manifest, artifact["path"], "model"), threads, spinning)
         self.tokenizer = None
         tok = manifest.get("tokenizer") or {}
         if tok.get("tokenizer_json"):
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(artifact_path(bundle, tok["tokenizer_json"])))
+            self.tokenizer = Tokenizer.from_file(str(listed_path(bundle, manifest, tok["tokenizer_json"],
+                                                                 "tokenizer.tokenizer_json")))
             self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(int(tok.get("max_length", 512)))
             self.pad_id = int(tok.get("pad_id", 0))

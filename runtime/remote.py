@@ -12,7 +12,9 @@ Request (WORKDIR/request.json):
      "backend": null, "threads": 1, "n_ctx": null, "args": {...}}
 Response (WORKDIR/out/response.json): {"ok": true, "result": {...}, "latency_s": [...], "load_s": ...,
     "peak_rss_bytes": ..., "machine": ..., "python": ..., "runtime_file": ...}
-or {"ok": false, "error": "one line", "error_type": "BundleError"}.
+or {"ok": false, "error": "one line", "error_type": "BundleError", "user_error": true}.
+Exit status 0, 2 when edgeq refused the request (a damaged or altered bundle: `runtime.load` verifies it before
+anything is loaded, as on the host), 1 for anything else.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def execute(work: Path) -> dict[str, Any]:
     except Exception as exc:       # reported to the host as one line, whatever it is
         msg = str(exc) if isinstance(exc, EdgeqError) else f"{type(exc).__name__}: {exc}"
         resp = {"ok": False, "error": msg.splitlines()[0] if msg else type(exc).__name__,
-                "error_type": type(exc).__name__}
+                "error_type": type(exc).__name__, "user_error": isinstance(exc, EdgeqError)}
     resp.update(peak_rss_bytes=_peak_rss_bytes(), machine=platform.machine(), python=platform.python_version(),
                 runtime_file=edgeq.runtime.__file__)
     tmp = out / "response.json.tmp"
@@ -162,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m edgeq.runtime.remote WORKDIR", file=sys.stderr)
         return 2
-    return 0 if execute(Path(argv[0]))["ok"] else 1
+    resp = execute(Path(argv[0]))
+    if resp["ok"]:
+        return 0
+    print(f"edgeq: error: {resp['error']}", file=sys.stderr)
+    return 2 if resp.get("user_error") else 1
 
 
 if __name__ == "__main__":

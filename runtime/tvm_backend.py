@@ -1,5 +1,10 @@
 """The TVM runtime (Relax VM) as an edgeq runtime backend: encoders (`embed`) and CNNs (`run`). No torch.
 
+A TVM library is native code: loading it runs it (dlopen). Its SHA-256 in the manifest is what stands between
+a user and arbitrary code, so the library is never loaded from the bundle: it is copied into a private folder
+while its bytes are hashed, and that copy is loaded (or uploaded to the RPC server) only if the hash matches,
+whether or not `load(verify=...)` checked the bundle first.
+
 The device is local (`cpu`) or a TVM RPC server (`rpc://host:port`, how phones and
 boards are reached): the library is uploaded there, the weights are copied to the
 remote device once, and calls run remotely. `time()` uses the runtime's own time
@@ -14,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, artifact_path
+from edgeq.runtime.manifest import BundleError, listed_path, private_dir, remove_private_dir, verified_copy
 from edgeq.runtime.text_io import SentenceEmbedding
 from edgeq.runtime.tvm_decoder import TvmDecoderBackend
 
@@ -43,6 +48,23 @@ def parse_device(device: str | None) -> tuple[str, str | None, int | None]:
             raise BundleError(None, f"bad device {device!r}: expected rpc://HOST:PORT")
         return "rpc", host, int(port)
     raise BundleError(None, f"unknown device {device!r}: expected cpu or rpc://HOST:PORT")
+
+
+def _check_section(spec: dict, path: Path) -> None:
+    """The manifest's `tvm` section, as this runtime reads it (the manifest itself has no checksum)."""
+    for key in ("library", "params", "entry", "inputs", "param_names"):
+        if key not in spec:
+            raise BundleError(path, f"tvm section lacks {key!r}")
+    ok = isinstance(spec["entry"], str) and isinstance(spec["param_names"], list) and \
+        all(isinstance(n, str) for n in spec["param_names"])
+    for io in [*(spec["inputs"] if isinstance(spec["inputs"], list) else [None]), *(spec.get("outputs") or [])]:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("name"), str) and (
+            io is not None and ("shape" not in io or (isinstance(io["shape"], list) and all(
+                isinstance(d, (int, str)) and not isinstance(d, bool) for d in io["shape"]))))
+    for io in spec["inputs"] if isinstance(spec["inputs"], list) else []:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("dtype"), str) and "shape" in io
+    if not ok:
+        raise BundleError(path, "tvm section is malformed (entry, inputs, outputs or param_names)")
 
 
 def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
@@ -74,48 +96,52 @@ class TvmSession(SentenceEmbedding):
         self.artifact = artifact
         self.kind = manifest["model"]["kind"]
         spec = manifest.get("tvm") or {}
-        for key in ("library", "params", "entry", "inputs", "param_names"):
-            if key not in spec:
-                raise BundleError(bundle / "manifest.json", f"tvm section lacks {key!r}")
+        _check_section(spec, bundle / "manifest.json")
         self.entry = spec["entry"]
         self.inputs = spec["inputs"]
         self.outputs = spec.get("outputs") or [{"name": "output"}]
-        lib_path = artifact_path(bundle, spec["library"])
         mode, host, port = parse_device(device)
         gpu = (spec.get("target") or {}).get("kind") == "cuda"
         if gpu:       # the library carries CUDA source; this registers the compiler TVM calls when loading it
             import tvm.support.nvcc  # noqa: F401
         self.device_name = device or "cpu"
-        if mode == "local":
-            _set_threads(threads)
-            try:
-                lib = tvm.runtime.load_module(str(lib_path))
-            except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
-                raise BundleError(lib_path, f"cannot be loaded on this machine ({str(exc).splitlines()[0]}); "
-                                            "run it on its device, e.g. device='rpc://HOST:PORT'") from None
-            self.remote = None
-            self.dev = tvm.cuda(0) if gpu else tvm.cpu(0)
-        else:
-            from tvm import rpc
+        self.remote = None
+        private = private_dir("edgeq-tvm-lib-")
+        try:
+            lib_path = verified_copy(bundle, manifest, spec["library"], "tvm.library", private)
+            if mode == "local":
+                _set_threads(threads)
+                try:
+                    lib = tvm.runtime.load_module(str(lib_path))
+                except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
+                    raise BundleError(bundle / spec["library"], f"cannot be loaded on this machine "
+                                      f"({str(exc).splitlines()[0]}); run it on its device, e.g. "
+                                      "device='rpc://HOST:PORT'") from None
+                self.dev = tvm.cuda(0) if gpu else tvm.cpu(0)
+            else:
+                from tvm import rpc
 
-            try:
-                self.remote = rpc.connect(host, port)
-            except Exception as exc:
-                raise BundleError(None, f"cannot reach the TVM RPC server at {host}:{port} "
-                                        f"({str(exc).splitlines()[0]})") from None
-            self.remote.upload(str(lib_path))
-            lib = self.remote.load_module(lib_path.name)
-            self.dev = self.remote.cuda(0) if gpu else self.remote.cpu(0)
+                try:
+                    self.remote = rpc.connect(host, port)
+                except Exception as exc:
+                    raise BundleError(None, f"cannot reach the TVM RPC server at {host}:{port} "
+                                            f"({str(exc).splitlines()[0]})") from None
+                self.remote.upload(str(lib_path))
+                lib = self.remote.load_module(lib_path.name)
+                self.dev = self.remote.cuda(0) if gpu else self.remote.cpu(0)
+        finally:     # a loaded library stays mapped; its file is no longer needed
+            remove_private_dir(private)
         self.vm = VirtualMachine(lib, self.dev)
         names = list(spec["param_names"])
         self.params = [tvm.runtime.tensor(a, self.dev) for a in
-                       load_params(artifact_path(bundle, spec["params"]), names)]
+                       load_params(listed_path(bundle, manifest, spec["params"], "tvm.params"), names)]
         self.tokenizer = None
         tok = manifest.get("tokenizer") or {}
         if tok.get("tokenizer_json"):
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(artifact_path(bundle, tok["tokenizer_json"])))
+            self.tokenizer = Tokenizer.from_file(str(listed_path(bundle, manifest, tok["tokenizer_json"],
+                                                                 "tokenizer.tokenizer_json")))
             self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(int(tok.get("max_length", 512)))
             self.pad_id = int(tok.get("pad_id", 0))

@@ -23,7 +23,7 @@ from edgeq.bundle.tokenizer import write_tokenizer
 from edgeq.compile.decide import DecideInputs, Decision, decide
 from edgeq.compile.options import ExportOptions, backend_preset
 from edgeq.core.errors import EdgeqError
-from edgeq.core.fs import check_output_dir, staged_dir
+from edgeq.core.fs import check_output_dir, output_lock, staged_dir
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan, load_plan
 from edgeq.importers.calibration_text import calibration_source
@@ -150,7 +150,14 @@ def n_ctx(graph: Graph, profile: DeviceProfile, opts: ExportOptions) -> int | No
 
 def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
            graph: Graph | None = None) -> dict:
-    """Export `opts.model`, or `graph` when the caller imported it already (export_module)."""
+    """Export `opts.model`, or `graph` when the caller imported it already (export_module). The output path is
+    locked for the whole export and the bundle is staged beside it and renamed into place (core/fs.py)."""
+    check_output_dir(opts.out, opts.force)
+    with output_lock(opts.out):
+        return _export(opts, progress, log, graph)
+
+
+def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str], None], graph: Graph | None) -> dict:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     check_output_dir(opts.out, opts.force)
