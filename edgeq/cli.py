@@ -37,6 +37,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         allow_requantize=not getattr(a, "no_requantize", False),
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
+        native=getattr(a, "native", None),
     )
 
 
@@ -217,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-dtype", choices=["f32", "f16", "q8_0"], help="KV-cache type (default: f32 for f32, else f16)")
     e.add_argument("--ndk-clang", help="tvm on android: the NDK's clang++ that links a .so (default: "
                                        "$EDGEQ_ANDROID_CLANG; without one, a .tar of objects)")
+    e.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                   help="put bin/edgeq-run (a static aarch64 runner over llama.cpp, no Python needed) and a `run` "
+                        "script in the bundle; default: on for android and linux-arm64 gguf decoders (built once "
+                        "with the aarch64-linux-gnu cross toolchain, cached in ~/.cache/edgeq/native)")
     e.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="tvm: meta-schedule tuning trials in all (default 0: untuned, byte-identical); the "
                         "database is cached per profile in ~/.cache/edgeq/tvm-tune/ and reused")

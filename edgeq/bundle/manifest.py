@@ -30,9 +30,11 @@ class Artifact:
     backend: str                 # the target's name, or "any"
     formats: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)   # role-specific fields (an adapter's applies_to, kind)
+    rel: str | None = None       # its path in the bundle when not at the top (bin/edgeq-run)
 
     def entry(self) -> dict[str, Any]:
-        return {"role": self.role, "backend": self.backend, "path": self.path.name, "sha256": sha256_file(self.path),
+        return {"role": self.role, "backend": self.backend, "path": self.rel or self.path.name,
+                "sha256": sha256_file(self.path),
                 "bytes": self.path.stat().st_size, "formats": self.formats, **self.extra}
 
 

@@ -44,6 +44,7 @@ class ExportOptions:
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
+    native: bool | None = None             # bin/edgeq-run in the bundle; None: where the profile has a native runner
 
     @property
     def budgeted(self) -> bool:

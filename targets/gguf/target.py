@@ -30,6 +30,7 @@ class GgufTarget(Target):
     kinds = frozenset({"decoder"})
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("llama-cpp-python", "gguf")
+    native_kinds = frozenset({"decoder"})      # bin/edgeq-run over llama.h
     preset_reads_imatrix = True
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
