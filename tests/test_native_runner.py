@@ -27,10 +27,13 @@ from edgeq.native import llama_source
 from edgeq.native.runner import build_runner, check_static_aarch64, interpreter
 
 MARCH = "armv8.2-a+dotprod"
-# x86 and arm64 kernels sum in different orders: a position's argmax may differ only where the host's two
-# candidates are this close (a near-tie), and the logits themselves agree to about this much
-NEAR_TIE = 0.05
-LOGIT_ATOL = 0.05
+# x86 and arm64 llama.cpp differ in attention precision: measured on this bundle, position 0 agrees to 1e-7 and
+# later ones by up to 0.1 (x86's sgemm multiplies the f16 K cache by f32 Q; arm64 without FP16 arithmetic rounds Q
+# to f16 first), with both equally far from the float reference. So: logits within LOGIT_ATOL, a position's argmax
+# may differ only where the host's two candidates are within NEAR_TIE, and the device no further from the float
+# reference than the host (+10 %).
+LOGIT_ATOL = 0.25
+NEAR_TIE = 2 * LOGIT_ATOL
 
 
 def _runner_or_skip():
@@ -92,13 +95,15 @@ def test_runner_in_a_bare_root_matches_the_host_runtime(android_bundle, bare):
     assert res.ok, res.error
     assert res.response["machine"] == "aarch64" and res.response["python"] is None
     assert all(res.result["tokenized_ids_match"])         # llama.cpp's tokenizer on the device, same ids
-    ids, _ = read_reference(android_bundle / "reference")
+    ids, ref = read_reference(android_bundle / "reference")
     with runtime.load(android_bundle, threads=1, n_ctx=256) as s:
         for i, x in enumerate(ids):
             host = s.logits(x)
             dev = np.load(res.outputs / f"logits_{i}.npy")
             assert dev.shape == host.shape
+            assert np.abs(dev[0] - host[0]).max() < 1e-4            # no attention yet: the same numbers
             assert np.abs(dev - host).max() < LOGIT_ATOL
+            assert np.abs(dev - ref[i]).mean() <= 1.1 * np.abs(host - ref[i]).mean() + 1e-3
             am = res.result["argmax"][i]
             for k, (a, b) in enumerate(zip(host.argmax(-1).tolist(), am)):
                 assert a == b or abs(host[k, a] - host[k, b]) < NEAR_TIE, (i, k, a, b, host[k, a], host[k, b])

@@ -65,6 +65,8 @@ def add_native(folder: Path, profile, runner: NativeRunner) -> tuple[list[Artifa
     exe = folder / BIN / RUNNER_NAME
     shutil.copyfile(runner.path, exe)
     exe.chmod(0o755)
+    notices = folder / BIN / runner.licences.name
+    shutil.copyfile(runner.licences, notices)
     script = folder / LAUNCHER
     script.write_text(launcher_script(profile.os), encoding="utf-8")
     script.chmod(0o755)
@@ -73,4 +75,6 @@ def add_native(folder: Path, profile, runner: NativeRunner) -> tuple[list[Artifa
         "usage": USAGE,
         "verifies": "every artifact's size and SHA-256 before loading (llama.cpp's vendored public-domain SHA-256)",
     }
-    return [Artifact("runner", exe, BACKEND, rel=f"{BIN}/{RUNNER_NAME}"), Artifact("launcher", script, BACKEND)], section
+    return [Artifact("runner", exe, BACKEND, rel=f"{BIN}/{RUNNER_NAME}"),
+            Artifact("licences", notices, BACKEND, rel=f"{BIN}/{notices.name}"),
+            Artifact("launcher", script, BACKEND)], section

@@ -99,7 +99,9 @@ class QemuArm64BareDevice(FolderDevice):
     def __init__(self, spec: str = "qemu-arm64-bare"):
         base = os.environ.get("EDGEQ_DEVICE_CACHE") or Path.home() / ".cache" / "edgeq" / "devices"
         self.bare_root = Path(base) / "qemu-arm64-bare" / "root"
-        self.chroot = hasattr(os, "geteuid") and os.geteuid() == 0 and shutil.which("chroot") is not None
+        # the commands run with an empty environment (no PATH): absolute paths
+        self.chroot_exe = shutil.which("chroot") if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+        self.chroot = self.chroot_exe is not None
         if self.chroot:      # the device's own paths, inside the root
             super().__init__(spec, [], self.bare_root, root="/tmp/edgeq-hil", emulated=True)
         else:                # host paths under the root (qemu-user sees the host's files too)
@@ -119,7 +121,7 @@ class QemuArm64BareDevice(FolderDevice):
             shutil.copy2(qemu, dst)        # the emulator is static: it needs nothing in the root either
 
     def exec_native(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-        cmd = ["chroot", str(self.bare_root), f"/{QEMU}", *argv] if self.chroot else [QEMU, *argv]
+        cmd = [self.chroot_exe, str(self.bare_root), f"/{QEMU}", *argv] if self.chroot else [shutil.which(QEMU), *argv]
         return self.exec(cmd, env={}, timeout=timeout)
 
     def exec(self, argv, env=None, timeout=60):
@@ -132,7 +134,7 @@ class QemuArm64BareDevice(FolderDevice):
         self._make_root()
         entries = sorted(p.name for p in self.bare_root.iterdir())
         if self.chroot:
-            res = self.exec(["chroot", str(self.bare_root), f"/{QEMU}", "-version"], timeout=60)
+            res = self.exec([self.chroot_exe, str(self.bare_root), f"/{QEMU}", "-version"], timeout=60)
             if res.returncode != 0:
                 raise DeviceError(None, f"{self.name} is unreachable: chroot into {self.bare_root} failed: "
                                         f"{(res.stderr.strip().splitlines() or ['?'])[-1]}")

@@ -40,12 +40,18 @@ VENDORED = ("vendor/nlohmann/json.hpp", "vendor/nlohmann/json_fwd.hpp", "vendor/
             "vendor/hash/sha256/sha256.h", "vendor/hash/sha256/LICENSE", "vendor/hash/rotate-bits/rotate-bits.h",
             "vendor/hash/rotate-bits/LICENSE.md", "LICENSE", "licenses/LICENSE-jsonhpp")
 
+LICENCES = (("llama.cpp and ggml (MIT)", "LICENSE"), ("nlohmann/json, vendored by llama.cpp (MIT)", "licenses/LICENSE-jsonhpp"),
+            ("SHA-256 by Igor Pavlov, vendored by llama.cpp (public domain)", "vendor/hash/sha256/LICENSE"),
+            ("rotate-bits by William Casarin, vendored by llama.cpp (MIT)", "vendor/hash/rotate-bits/LICENSE.md"))
+LICENCES_FILE = "LICENSES.txt"
+
 
 @dataclass(frozen=True)
 class NativeRunner:
     """A built runner: the executable and what it was built from."""
 
     path: Path
+    licences: Path          # the third-party notices that ship beside the executable
     march: str
     llama_version: str
     info: dict
@@ -145,8 +151,9 @@ def _runner(llama: Path, march: str) -> Callable[[Path], dict]:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         check_static_aarch64(out)
-        for lic in ("LICENSE", "licenses/LICENSE-jsonhpp", "vendor/hash/sha256/LICENSE"):
-            shutil.copy2(llama / lic, tmp / f"LICENSE.{lic.replace('/', '-')}")
+        # the notices the MIT licences ask to travel with the binary (SHA-256: public domain)
+        notices = [f"{what}\n\n{(llama / lic).read_text(encoding='utf-8').strip()}\n" for what, lic in LICENCES]
+        (tmp / LICENCES_FILE).write_text(("\n" + "-" * 78 + "\n\n").join(notices), encoding="utf-8")
         return {"edgeq": __version__, "llama_cpp_python": llama_source.llama_version(), "march": march,
                 "bytes": out.stat().st_size, "sha256": _sha256(out)}
     return build
@@ -185,17 +192,20 @@ def interpreter(path: Path) -> str | None:
 def build_runner(march: str, jobs: int | None = None, log: Callable[[str], None] = lambda s: None) -> NativeRunner:
     """The runner for `march` (e.g. armv8.2-a+dotprod), built on first use, then from the cache (milliseconds)."""
     version = llama_source.llama_version()
-    source_hash = hashlib.sha256(RUNNER_SOURCE.read_bytes()).hexdigest()[:12]
+    # the keys name what each step is built from: a change of source, recipe or flags builds anew
+    flags = json.dumps(llama_source.aarch64_cmake_flags(shared=False, march=march)).encode()
+    llama_key = f"{version}-{march}-{hashlib.sha256(flags).hexdigest()[:8]}"
+    recipe = hashlib.sha256(RUNNER_SOURCE.read_bytes() + Path(__file__).read_bytes() + flags).hexdigest()[:12]
     root = cache_root()
-    final = root / "runner" / f"{__version__}-llama{version}-{march}-{source_hash}"
+    final = root / "runner" / f"{__version__}-llama{version}-{march}-{recipe}"
     if not (final / "build.json").is_file():
         missing = llama_source.missing_cross_tools()
         if missing:
             raise EdgeqError(None, f"the native runner needs a cross toolchain: apt-get install {' '.join(missing)} "
                                    "(or export with --no-native)")
         jobs = jobs or max(1, os.cpu_count() or 1)
-        llama = _step(root / "llama" / f"{version}-{march}", _llama_static(march, jobs), log,
+        llama = _step(root / "llama" / llama_key, _llama_static(march, jobs), log,
                       f"llama.cpp {version} for aarch64 ({march}, static)")
         _step(final, _runner(llama, march), log, "edgeq-run")
     info = json.loads((final / "build.json").read_text(encoding="utf-8"))
-    return NativeRunner(final / RUNNER_NAME, march, version, info)
+    return NativeRunner(final / RUNNER_NAME, final / LICENCES_FILE, march, version, info)
