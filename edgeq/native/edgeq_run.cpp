@@ -24,6 +24,7 @@ extern "C" {
 #include "sha256/sha256.h"
 }
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -529,16 +530,20 @@ void write_npy(const std::string & path, const float * data, size_t rows, size_t
     if (!ok) throw std::runtime_error("cannot write " + path);
 }
 
-// Peak resident memory (VmHWM), as the Python runner reports it; -1 where /proc is not mounted.
+// Peak resident memory, as the Python runner reports it: VmHWM, else getrusage (a root without /proc).
 long long peak_rss_bytes() {
-    FILE * f = std::fopen("/proc/self/status", "r");
-    if (!f) return -1;
-    char line[256];
     long long kb = -1;
-    while (std::fgets(line, sizeof line, f)) {
-        if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atoll(line + 6);
+    if (FILE * f = std::fopen("/proc/self/status", "r")) {
+        char line[256];
+        while (std::fgets(line, sizeof line, f)) {
+            if (std::strncmp(line, "VmHWM:", 6) == 0) kb = std::atoll(line + 6);
+        }
+        std::fclose(f);
     }
-    std::fclose(f);
+    if (kb < 0) {
+        struct rusage ru;
+        if (getrusage(RUSAGE_SELF, &ru) == 0) kb = ru.ru_maxrss;
+    }
     return kb < 0 ? -1 : kb * 1024;
 }
 
