@@ -58,7 +58,7 @@ esac
 """
 
 
-def add_native(folder: Path, profile, runner: NativeRunner) -> tuple[list[Artifact], dict]:
+def add_native(folder: Path, profile, runner: NativeRunner, backend: str) -> tuple[list[Artifact], dict]:
     """Copy the runner into `folder`/bin and write the launcher; their artifacts and the manifest's `native`
     section."""
     (folder / BIN).mkdir()
@@ -71,7 +71,7 @@ def add_native(folder: Path, profile, runner: NativeRunner) -> tuple[list[Artifa
     script.write_text(launcher_script(profile.os), encoding="utf-8")
     script.chmod(0o755)
     section: dict[str, Any] = {
-        "runner": f"{BIN}/{RUNNER_NAME}", "launcher": LAUNCHER, **runner.to_json(),
+        "runner": f"{BIN}/{RUNNER_NAME}", "launcher": LAUNCHER, "runs": backend, **runner.to_json(),
         "usage": USAGE,
         "verifies": "every artifact's size and SHA-256 before loading (llama.cpp's vendored public-domain SHA-256)",
     }

@@ -200,7 +200,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         if opts.budgeted:
             _check_budget(decisions, artifacts)
         if runner is not None:
-            native_files, sections["native"] = add_native(tmp, profile, runner)
+            native_files, sections["native"] = add_native(tmp, profile, runner, first.name)
             artifacts += native_files
         tokenizer_file, tokenizer = write_tokenizer(graph, spec, tmp)
         if tokenizer_file is not None:

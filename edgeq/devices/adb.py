@@ -69,9 +69,9 @@ class AdbDevice(ShellDevice):
         return "android"
 
     def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800) -> RunResult:
-        runner = self._native.get(device_bundle)
-        if runner is not None and backend in (None, "gguf"):
-            return run_native(self, device_bundle, runner, op, args, threads, n_ctx, timeout)
+        native = self._native.get(device_bundle)
+        if native is not None and backend in (None, native[1]):
+            return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout)
         return super().run(device_bundle, op, args, backend, threads, n_ctx, timeout)
 
     def put(self, local_dir: Path, remote_dir: str) -> None:

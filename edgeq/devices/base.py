@@ -126,14 +126,15 @@ def bundle_digest(bundle: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def native_runner_of(bundle: Path) -> str | None:
-    """The native runner a bundle carries (its path inside the bundle, from the manifest's `native`), or None."""
+def native_runner_of(bundle: Path) -> tuple[str, str] | None:
+    """The native runner a bundle carries (its path inside the bundle, from the manifest's `native`) and the
+    backend whose model it runs, or None."""
     try:
         section = read_manifest(bundle).get("native")
     except EdgeqError:
         return None          # the device's runner says what is wrong with the bundle
-    if isinstance(section, dict) and isinstance(section.get("runner"), str):
-        return section["runner"]
+    if isinstance(section, dict) and isinstance(section.get("runner"), str) and isinstance(section.get("runs"), str):
+        return section["runner"], section["runs"]
     return None
 
 
@@ -166,7 +167,8 @@ class ShellDevice(Device, ABC):
         self.python = python
         self.session_dir = f"{root.rstrip('/')}/s-{uuid.uuid4().hex[:12]}"
         self._pushed: dict[str, str] = {}
-        self._native: dict[str, str] = {}       # pushed bundle -> its native runner (bin/edgeq-run), if any
+        # pushed bundle -> (its native runner, e.g. bin/edgeq-run; the backend whose model it runs), if any
+        self._native: dict[str, tuple[str, str]] = {}
         self._code: str | None = None
         self._host_tmp = Path(tempfile.mkdtemp(prefix="edgeq-hil-"))
 

@@ -24,7 +24,8 @@ def _setup_bare(jobs: int | None, log) -> dict:
 
 def cmd_setup(a) -> int:
     if a.device not in ("qemu-arm64", "qemu-arm64-bare"):
-        raise EdgeqError(None, f"only qemu-arm64 and qemu-arm64-bare are set up by edgeq; {a.device!r} is a real device")
+        raise EdgeqError(None, f"only qemu-arm64 and qemu-arm64-bare are set up by edgeq; {a.device!r} is a real "
+                               "device")
     log = (lambda s: None) if a.quiet else (lambda s: print(s, file=sys.stderr))
     if a.device == "qemu-arm64-bare":
         info = _setup_bare(a.jobs, log)

@@ -31,7 +31,8 @@ NATIVE_OPS = ("reference", "generate")
 
 def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads: int, n_ctx: int | None,
                 out: str) -> list[str]:
-    argv = [runner, "--bundle", bundle, "--json", "--threads", str(threads), *(["--n-ctx", str(n_ctx)] if n_ctx else [])]
+    argv = [runner, "--bundle", bundle, "--json", "--threads", str(threads),
+            *(["--n-ctx", str(n_ctx)] if n_ctx else [])]
     if op == "reference":
         return [*argv, "--logits-out", out, "--max-tokens", str(int(args.get("decode_tokens", 8)))]
     if op == "generate":
@@ -40,7 +41,7 @@ def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads
     raise DeviceError(None, f"the native runner has no op {op!r} (it runs {', '.join(NATIVE_OPS)})")
 
 
-def response_of(proc: subprocess.CompletedProcess, op: str, runner: str) -> dict[str, Any]:
+def response_of(proc: subprocess.CompletedProcess, op: str, runner: str, backend: str) -> dict[str, Any]:
     """The runner's exit status and JSON as the Python runner's response."""
     if proc.returncode != 0:
         line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -53,7 +54,7 @@ def response_of(proc: subprocess.CompletedProcess, op: str, runner: str) -> dict
         return {"ok": False, "error": f"the native runner printed no JSON ({proc.stdout[:200]!r})",
                 "error_type": "RunnerError", "user_error": False}
     peak = out.get("peak_rss_bytes")
-    common = {"ok": True, "load_s": out["timings_ms"]["load"] / 1000, "backend": "gguf", "machine": "aarch64",
+    common = {"ok": True, "load_s": out["timings_ms"]["load"] / 1000, "backend": backend, "machine": "aarch64",
               "python": None, "runtime_file": runner, "peak_rss_bytes": peak if peak and peak > 0 else None,
               "native": {k: out[k] for k in ("edgeq_version", "llama_cpp_python_version", "n_ctx", "threads",
                                              "kv_cache_dtype", "timings_ms")}}
@@ -71,21 +72,22 @@ def response_of(proc: subprocess.CompletedProcess, op: str, runner: str) -> dict
                        "tokenized_ids_match": [r.get("tokenized_ids_match") for r in refs]}}
 
 
-def run_native(device: ShellDevice, device_bundle: str, runner: str, op: str, args: dict[str, Any] | None,
-               threads: int, n_ctx: int | None, timeout: float) -> RunResult:
+def run_native(device: ShellDevice, device_bundle: str, native: tuple[str, str], op: str,
+               args: dict[str, Any] | None, threads: int, n_ctx: int | None, timeout: float) -> RunResult:
     """One op by the bundle's runner on the device; its outputs pulled into a host folder."""
     job = uuid.uuid4().hex[:12]
     local = device._host_tmp / job
     (local / "out").mkdir(parents=True)
     work = f"{device.session_dir}/jobs/{job}"
     device.put(local, work)
+    runner, backend = native
     exe = f"{device_bundle}/{runner}"
     argv = native_argv(exe, device_bundle, op, args or {}, threads, n_ctx, f"{work}/out")
     t0 = time.perf_counter()
     proc = device.exec_native(argv, timeout=timeout)
     wall = time.perf_counter() - t0
     try:
-        response = response_of(proc, op, exe)
+        response = response_of(proc, op, exe, backend)
         out = local / "pulled"
         device.get(f"{work}/out", out)
     finally:
@@ -143,8 +145,8 @@ class QemuArm64BareDevice(FolderDevice):
                 "root_entries": entries}
 
     def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800) -> RunResult:
-        runner = self._native.get(device_bundle)
-        if runner is None:
+        native = self._native.get(device_bundle)
+        if native is None:
             raise DeviceError(None, f"{self.name} runs only bundles with a native runner (export for android or "
                                     "linux-arm64 with --native); this one has none")
-        return run_native(self, device_bundle, runner, op, args, threads, n_ctx, timeout)
+        return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout)

@@ -40,7 +40,8 @@ VENDORED = ("vendor/nlohmann/json.hpp", "vendor/nlohmann/json_fwd.hpp", "vendor/
             "vendor/hash/sha256/sha256.h", "vendor/hash/sha256/LICENSE", "vendor/hash/rotate-bits/rotate-bits.h",
             "vendor/hash/rotate-bits/LICENSE.md", "LICENSE", "licenses/LICENSE-jsonhpp")
 
-LICENCES = (("llama.cpp and ggml (MIT)", "LICENSE"), ("nlohmann/json, vendored by llama.cpp (MIT)", "licenses/LICENSE-jsonhpp"),
+LICENCES = (("llama.cpp and ggml (MIT)", "LICENSE"),
+            ("nlohmann/json, vendored by llama.cpp (MIT)", "licenses/LICENSE-jsonhpp"),
             ("SHA-256 by Igor Pavlov, vendored by llama.cpp (public domain)", "vendor/hash/sha256/LICENSE"),
             ("rotate-bits by William Casarin, vendored by llama.cpp (MIT)", "vendor/hash/rotate-bits/LICENSE.md"))
 LICENCES_FILE = "LICENSES.txt"
