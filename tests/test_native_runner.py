@@ -112,6 +112,19 @@ def test_runner_in_a_bare_root_matches_the_host_runtime(android_bundle, bare):
     checks.assert_outputs_match(android_bundle, res)
 
 
+def test_quantized_kv_cache_is_applied_as_on_the_host(tiny_decoder_dir, bare, tmp_path):
+    """kv_cache_dtype q8_0 (with flash attention, which llama.cpp needs to quantize V): the host's greedy ids."""
+    out = tmp_path / "kvq8"
+    export(ExportOptions(model=str(tiny_decoder_dir), target="android", quant="q8_0", kv_dtype="q8_0", out=str(out),
+                         calibration=False, check=False))
+    res = checks.run_reference(bare, out, n_ctx=256, decode_tokens=8)
+    assert res.ok, res.error
+    assert res.response["native"]["kv_cache_dtype"] == "q8_0"
+    ids, _ = read_reference(out / "reference")
+    with runtime.load(out, threads=1, n_ctx=256) as s:
+        assert res.result["greedy"] == [s.generate_ids(x, 8) for x in ids]
+
+
 def test_runner_continues_a_prompt_like_the_host(android_bundle, bare):
     prompt = "The capital of France is"
     res = bare.run(bare.push(android_bundle), "generate", {"prompt": prompt, "max_tokens": 12})

@@ -76,13 +76,14 @@ struct Options {
     bool verbose = false;
     std::string logits_out;   // --json reference mode: logits_<i>.npy per prompt written here
     int max_tokens = -1;
+    double pruning_rate = 0.0;
     int threads = 0;
     int n_ctx = 0;
 };
 
 const char * USAGE =
     "usage: edgeq-run --bundle DIR [--prompt TEXT] [--chat] [--max-tokens N] [--threads N] [--n-ctx N] [--json] "
-    "[--logits-out DIR] [--verify-only] [--verbose]";
+    "[--logits-out DIR] [--pruning-rate 0] [--verify-only] [--verbose]";
 
 int parse_int(const std::string & flag, const char * v, int lo, int hi) {
     char * end = nullptr;
@@ -110,6 +111,14 @@ Options parse_args(int argc, char ** argv) {
         else if (a == "--verify-only") o.verify_only = true;
         else if (a == "--verbose") o.verbose = true;
         else if (a == "--logits-out") o.logits_out = value();
+        else if (a == "--pruning-rate") {
+            const char * v = value();
+            char * end = nullptr;
+            o.pruning_rate = std::strtod(v, &end);
+            if (end == v || *end || !(o.pruning_rate >= 0.0 && o.pruning_rate < 1.0)) {
+                refuse("", std::string("--pruning-rate takes a number in [0, 1), not '") + v + "'");
+            }
+        }
         else if (a == "--max-tokens") o.max_tokens = parse_int(a, value(), 0, 1 << 20);
         else if (a == "--threads") o.threads = parse_int(a, value(), 1, 1024);
         else if (a == "--n-ctx") o.n_ctx = parse_int(a, value(), 1, 1 << 24);
@@ -313,8 +322,11 @@ Plan plan_for(const Bundle & b, const Options & o) {
     const std::string mpath = b.dir + "/manifest.json";
     if (m["model"]["kind"] != "decoder") refuse(mpath, "edgeq-run runs decoders; this bundle holds a " +
                                                            m["model"]["kind"].dump());
-    if (m.contains("pruning_rates") && !m["pruning_rates"].is_null()) {
-        refuse(mpath, "the bundle needs structured pruning applied at load, which this runner does not do yet");
+    // a bundle exported with --pruning-rates holds the full model: it runs as it is (rate 0, as on the host);
+    // another rate narrows the GGUF's MLPs at load, which edgeq's Python runtime does and this runner not yet
+    if (o.pruning_rate != 0.0) {
+        refuse(mpath, "--pruning-rate " + std::to_string(o.pruning_rate) + ": the native runner runs the full model "
+                      "only (edgeq run --pruning-rate narrows it)");
     }
     Plan p;
     const Artifact * model = nullptr;
@@ -390,7 +402,8 @@ struct Runner {
         cp.n_threads_batch = p.threads;
         cp.type_k = p.kv;
         cp.type_v = p.kv;
-        cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        // as the host: flash attention only for a quantized KV cache (llama.cpp quantizes V only with it)
+        cp.flash_attn_type = p.kv == GGML_TYPE_Q8_0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
         cp.no_perf = false;
         ctx = llama_init_from_model(model, cp);
         if (!ctx) throw std::runtime_error("llama.cpp could not create a context for " + p.model);
