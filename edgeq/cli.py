@@ -13,6 +13,7 @@ import os
 import sys
 
 from edgeq import __version__, api, runtime
+from edgeq.bundle.manifest import MODEL_ROLES
 from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
@@ -56,9 +57,10 @@ def cmd_export(a) -> int:
     res = api.export(_options(a, a.out), progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         m = res["manifest"]
-        files = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in m["artifacts"] if x["role"] != "tokenizer")
-        formats = next(x["formats"] for x in m["artifacts"] if x["role"] == "model")
-        print(f"wrote {a.out}: {files} ({sum(x['bytes'] for x in m['artifacts'] if x['role'] != 'tokenizer') / 1e6:.3f} "
+        models = [x for x in m["artifacts"] if x["role"] in MODEL_ROLES]
+        files = ", ".join(f"{x['path']} {x['bytes'] / 2**20:.2f} MiB" for x in models)
+        formats = next(x["formats"] for x in models if x["role"] == "model")
+        print(f"wrote {a.out}: {files} ({sum(x['bytes'] for x in models) / 1e6:.3f} "
               f"MB), {m['model']['bits_per_weight']:.3f} bpw, formats {formats}; "
               f"{_check_summary(res['measurements'].get('reference_check', {}))}")
     return 0

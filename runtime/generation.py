@@ -61,7 +61,9 @@ class StopStrings:
         self.hit = False
 
     def feed(self, text: str) -> str:
-        """The part of `text` (after what was held back) that is safe to give out."""
+        """The part of `text` (after what was held back) that is safe to give out; nothing after a stop."""
+        if self.hit:
+            return ""
         self.pending += text
         if not self.stops or not self.pending:
             out, self.pending = self.pending, ""
@@ -76,7 +78,7 @@ class StopStrings:
         return out
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
+        out, self.pending = ("" if self.hit else self.pending), ""
         return out
 
 
