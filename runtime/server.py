@@ -393,6 +393,8 @@ def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, 
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:               # uvicorn shut down gracefully, then passed Ctrl-C on: a normal stop
+        log("edgeq: server stopped")
     finally:
         sock.close()
         session.close()

@@ -191,3 +191,49 @@ def test_a_prompt_longer_than_the_context_is_one_error_or_truncated(tiny_bundles
         with pytest.raises(RequestError, match="context"):
             s.chat(turns, 16)
         assert s.stream(turns, 16, truncate=True).prompt_tokens <= 48
+
+
+# --- files stock tools load ----------------------------------------------------------------------------------
+
+TEXTS = ["the rain in spain", "Numbers 12345 and 3.14159, CAPS and ünïcödé 日本語 🙂", "line one\n\n  line  two\t.",
+         "<|im_start|>user\nhi<|im_end|>"]
+
+
+def test_onnx_decoder_bundle_opens_in_onnxruntime_genai_with_the_same_tokens(tiny_bundles):
+    og = pytest.importorskip("onnxruntime_genai")
+    path, _ = tiny_bundles["onnx"]
+    model = og.Model(str(path))
+    tok = og.Tokenizer(model)
+    with runtime.load(path, backend="onnx") as s:
+        for text in TEXTS:
+            assert [int(t) for t in tok.encode(text)] == s.tokenize(text, add_special=True, parse_special=True), text
+        for prompt in ("the rain", "snow falls on the", "x"):
+            ids = s.tokenize(prompt, add_special=True, parse_special=False)
+            want = s.generate_ids(ids, 40)
+            params = og.GeneratorParams(model)
+            params.set_search_options(do_sample=False, max_length=len(ids) + 40)
+            gen = og.Generator(model, params)
+            gen.append_tokens(np.array(ids, dtype=np.int32))
+            got = []
+            while not gen.is_done():
+                gen.generate_next_token()
+                got.append(int(gen.get_next_tokens()[0]))
+            assert got[:len(want)] == want and (len(want) == 40 or got[len(want)] in s.stop_ids), prompt
+
+
+def test_hf_tokenizer_files_load_in_transformers_as_edgeq_tokenizes(smollm_spec, tmp_path):
+    """SmolLM2's tokenizer as the ONNX bundle writes it: transformers reads tokenizer.json + tokenizer_config.json
+    and gives llama.cpp's ids and the same chat prompt."""
+    from transformers import AutoTokenizer
+
+    from edgeq.bundle.tokenizer import write_hf_tokenizer
+    from edgeq.runtime.tokenizer import encode, render_chat
+
+    write_hf_tokenizer(smollm_spec, tmp_path, 2048)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    tok = build_tokenizer(smollm_spec)
+    for text in TEXTS:
+        assert hf(text)["input_ids"] == encode(tok, smollm_spec, text), text
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_chat(smollm_spec, msgs)
+    assert hf.eos_token == "<|im_end|>" and hf.model_max_length == 2048
