@@ -167,6 +167,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Unknown options are reported by the command they were given to, so the hint names its --help."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            cmd = " ".join(c for c in (getattr(ns, "cmd", None), getattr(ns, "device_cmd", None)) if c)
+            self.exit(2, f"{self.prog}: error: unrecognized arguments: {' '.join(extras)} "
+                         f"(see {' '.join((self.prog, cmd))} --help)\n")
+        return ns
+
 
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Each option's help ends with its default; the examples after the options are kept as written."""

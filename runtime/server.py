@@ -67,16 +67,54 @@ class Busy(Exception):
     """The queue is full."""
 
 
+# What a job sends back to its request, in order: per choice Start, Piece..., End; then Done (or Failed).
+@dataclass
+class Start:
+    index: int
+    prompt_index: int
+
+
+@dataclass
+class Piece:
+    index: int
+    text: str
+
+
+@dataclass
+class End:
+    index: int
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Vectors:
+    embeddings: np.ndarray
+    n_tokens: int
+
+
+@dataclass
+class Done:
+    pass
+
+
+@dataclass
+class Failed:
+    status: int
+    body: dict[str, Any]
+
+
 @dataclass
 class Job:
     """A request's work, run on the worker thread; what it produces goes back to the request's event loop."""
 
-    work: Callable[[Any, Callable[[tuple], None], Callable[[], bool]], None]
+    work: Callable[[Any, Callable[[Any], None], Callable[[], bool]], None]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
@@ -110,14 +148,14 @@ class Worker:
             self.busy = True
             try:
                 job.work(self.session, job.emit, job.cancelled.is_set)
-                job.emit(("done",))
+                job.emit(Done())
             except RequestError as exc:
-                job.emit(("error", 400, error_body(str(exc), param=exc.param, code=exc.code)))
+                job.emit(Failed(400, error_body(str(exc), param=exc.param, code=exc.code)))
             except EdgeqError as exc:
-                job.emit(("error", 400, error_body(str(exc))))
+                job.emit(Failed(400, error_body(str(exc))))
             except Exception as exc:            # a failure of the server, not of the request: say so and go on
                 traceback.print_exc(file=sys.stderr)
-                job.emit(("error", 500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")))
+                job.emit(Failed(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")))
             finally:
                 self.busy = False
 
@@ -194,11 +232,11 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
                                "server_error", code="server_busy")
         return job, None
 
-    async def events(job: Job) -> AsyncIterator[tuple]:
+    async def events(job: Job) -> AsyncIterator[Any]:
         while True:
             ev = await job.events.get()
             yield ev
-            if ev[0] in ("done", "error"):
+            if isinstance(ev, (Done, Failed)):
                 return
 
     @app.get("/health")
@@ -237,15 +275,15 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
                     index = p * req.n + j
                     c = s.stream(prompt, limit if limit is not None else s.n_ctx, chat=chat, stop=stops,
                                  truncate=req.truncate, **{**sampling, "seed": (seed + index) % (MAX_SEED + 1)})
-                    emit(("start", index, p))
+                    emit(Start(index, p))
                     if not chat and getattr(req, "echo", False):
-                        emit(("piece", index, prompt if isinstance(prompt, str) else s.detokenize(prompt)))
+                        emit(Piece(index, prompt if isinstance(prompt, str) else s.detokenize(prompt)))
                     for piece in c:
                         if cancelled():
                             c.close()
                             return
-                        emit(("piece", index, piece))
-                    emit(("end", index, c.finish_reason, c.prompt_tokens, c.completion_tokens))
+                        emit(Piece(index, piece))
+                    emit(End(index, c.finish_reason, c.prompt_tokens, c.completion_tokens))
         return work
 
     async def respond(req: GenerationRequest, prompts: list, chat: bool):
@@ -264,43 +302,49 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
         rid = new_id("chatcmpl" if chat else "cmpl")
         stream = events(job)
         first = await stream.__anext__()          # errors found before generating are a plain error response
-        if first[0] == "error":
-            return JSONResponse(first[2], status_code=first[1])
+        if isinstance(first, Failed):
+            return JSONResponse(first.body, status_code=first.status)
         if not req.stream:
             texts: dict[int, list[str]] = {}
             choices: list[Choice] = []
+            prompt_of: dict[int, int] = {}
             async for ev in _chain(first, stream):
-                if ev[0] == "piece":
-                    texts.setdefault(ev[1], []).append(ev[2])
-                elif ev[0] == "start":
-                    prompt_index = ev[2]
-                elif ev[0] == "end":
-                    choices.append(Choice(ev[1], prompt_index, "".join(texts.get(ev[1], [])), ev[2], ev[3], ev[4]))
-                elif ev[0] == "error":
-                    return JSONResponse(ev[2], status_code=ev[1])
+                if isinstance(ev, Start):
+                    prompt_of[ev.index] = ev.prompt_index
+                elif isinstance(ev, Piece):
+                    texts.setdefault(ev.index, []).append(ev.text)
+                elif isinstance(ev, End):
+                    choices.append(Choice(ev.index, prompt_of[ev.index], "".join(texts.get(ev.index, [])),
+                                          ev.finish_reason, ev.prompt_tokens, ev.completion_tokens))
+                elif isinstance(ev, Failed):
+                    return JSONResponse(ev.body, status_code=ev.status)
             build = chat_response if chat else completion_response
             return build(rid, model_id, choices, fingerprint)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+        def chunk(index: int, text: str | None, finish_reason: str | None = None) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+                return _sse(chat_chunk(rid, model_id, fingerprint, index, delta, finish_reason))
+            return _sse(completion_chunk(rid, model_id, fingerprint, index, text or "", finish_reason))
+
         async def sse() -> AsyncIterator[str]:
             choices: list[Choice] = []
-            prompt_index = 0
+            prompt_of: dict[int, int] = {}
             try:
                 async for ev in _chain(first, stream):
-                    if ev[0] == "start":
-                        prompt_index = ev[2]
+                    if isinstance(ev, Start):
+                        prompt_of[ev.index] = ev.prompt_index
                         if chat:
-                            yield _sse(chat_chunk(rid, model_id, fingerprint, ev[1], {"role": "assistant",
-                                                                                      "content": ""}))
-                    elif ev[0] == "piece":
-                        yield _sse(chat_chunk(rid, model_id, fingerprint, ev[1], {"content": ev[2]}) if chat else
-                                   completion_chunk(rid, model_id, fingerprint, ev[1], ev[2]))
-                    elif ev[0] == "end":
-                        choices.append(Choice(ev[1], prompt_index, "", ev[2], ev[3], ev[4]))
-                        yield _sse(chat_chunk(rid, model_id, fingerprint, ev[1], {}, ev[2]) if chat else
-                                   completion_chunk(rid, model_id, fingerprint, ev[1], "", ev[2]))
-                    elif ev[0] == "error":
-                        yield _sse(ev[2])
+                            yield chunk(ev.index, None)           # the assistant's role comes first
+                    elif isinstance(ev, Piece):
+                        yield chunk(ev.index, ev.text)
+                    elif isinstance(ev, End):
+                        choices.append(Choice(ev.index, prompt_of[ev.index], "", ev.finish_reason, ev.prompt_tokens,
+                                              ev.completion_tokens))
+                        yield chunk(ev.index, "", ev.finish_reason)
+                    elif isinstance(ev, Failed):
+                        yield _sse(ev.body)
                         return
                 if include_usage:
                     yield _sse(usage_chunk(rid, model_id, "chat.completion.chunk" if chat else "text_completion",
@@ -345,16 +389,16 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
             if req.dimensions is not None and req.dimensions != vectors.shape[1]:
                 raise RequestError(f"dimensions {req.dimensions}: this model's embeddings have {vectors.shape[1]}",
                                    param="dimensions")
-            emit(("vectors", np.asarray(vectors, np.float32), sum(len(x) for x in ids)))
+            emit(Vectors(np.asarray(vectors, np.float32), sum(len(x) for x in ids)))
 
         job, busy = await run(work)
         if busy is not None:
             return busy
         async for ev in events(job):
-            if ev[0] == "error":
-                return JSONResponse(ev[2], status_code=ev[1])
-            if ev[0] == "vectors":
-                vectors, n_tokens = ev[1], ev[2]
+            if isinstance(ev, Failed):
+                return JSONResponse(ev.body, status_code=ev.status)
+            if isinstance(ev, Vectors):
+                vectors, n_tokens = ev.embeddings, ev.n_tokens
         data = [{"object": "embedding", "index": i,
                  "embedding": (base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64"
                                else [float(x) for x in v])} for i, v in enumerate(vectors)]
@@ -364,7 +408,7 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
     return app
 
 
-async def _chain(first: tuple, rest: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
+async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for ev in rest:
         yield ev
