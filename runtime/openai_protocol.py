@@ -105,14 +105,7 @@ class CompletionRequest(GenerationRequest):
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if not p:
-            raise RequestError("prompt is empty", param="prompt")
-        if all(isinstance(x, int) for x in p):
-            return [list(p)]
-        return list(p)
+        return _texts_or_ids(self.prompt, "prompt")
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -129,14 +122,18 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = None
 
     def inputs(self) -> list[str | list[int]]:
-        x = self.input
-        if isinstance(x, str):
-            return [x]
-        if not x:
-            raise RequestError("input is empty", param="input")
-        if all(isinstance(v, int) for v in x):
-            return [list(x)]
-        return list(x)
+        return _texts_or_ids(self.input, "input")
+
+
+def _texts_or_ids(value: str | list, param: str) -> list[str | list[int]]:
+    """OpenAI's text inputs as a list: one string, a list of strings, one list of token ids, or several."""
+    if isinstance(value, str):
+        return [value]
+    if not value:
+        raise RequestError(f"{param} is empty", param=param)
+    if all(isinstance(x, int) for x in value):
+        return [list(value)]
+    return list(value)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
