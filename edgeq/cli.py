@@ -94,7 +94,7 @@ def _sampling(a) -> dict:
 
 def cmd_run(a) -> int:
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device) as s:
-        if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
+        if getattr(s, "kind", None) == "encoder":   # the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
                 res["latency"] = s.time(s.encoder_inputs([s.tokenize(a.prompt)]))

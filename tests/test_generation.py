@@ -237,3 +237,16 @@ def test_hf_tokenizer_files_load_in_transformers_as_edgeq_tokenizes(smollm_spec,
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == render_chat(smollm_spec, msgs)
     assert hf.eos_token == "<|im_end|>" and hf.model_max_length == 2048
+
+
+def test_streamed_text_of_a_real_vocabulary_splits_no_character(android):
+    """SmolLM2 writes Japanese in tokens that end inside characters: the pieces still hold whole ones."""
+    out, _ = android
+    msgs = [{"role": "user", "content": "日本語で自己紹介してください。"}]
+    with runtime.load(out) as s:
+        c = s.stream(msgs, 40)
+        pieces = list(c)
+        assert "".join(pieces) == s.detokenize(c.token_ids) == s.chat(msgs, 40)
+        assert any(ord(ch) > 0x3000 for ch in c.text)                        # it did write Japanese
+        assert all("\ufffd" not in p for p in pieces[:-1])
+        assert len(pieces) < c.completion_tokens                             # some tokens held a part of a character
