@@ -86,8 +86,9 @@ def overhead(session, bundle: Path, rounds: int, n_tokens: int) -> dict:
             assert c.completion_tokens == n_tokens
             times["runtime"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            chunks = client.completions.create(model=bundle.resolve().name, prompt=prompt, max_tokens=n_tokens, stream=True,
-                                               logit_bias={str(k): v for k, v in ban.items()}, temperature=0)
+            chunks = client.completions.create(model=bundle.resolve().name, prompt=prompt, max_tokens=n_tokens,
+                                               stream=True, logit_bias={str(k): v for k, v in ban.items()},
+                                               temperature=0)
             text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
             times["server, streamed"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
