@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -28,6 +29,7 @@ from edgeq.runtime.manifest import (
     verify_artifacts,
 )
 from edgeq.runtime.sampling import MAX_SEED, NumpySampler, Sampler, SamplingParams
+from edgeq.runtime.tokenizer import chat_messages, render_chat, spec_from_json, stop_ids
 
 __all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "SamplingParams"]
 
@@ -45,8 +47,6 @@ class Session:
     """
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
-        from edgeq.runtime.tokenizer import stop_ids
-
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
@@ -73,8 +73,6 @@ class Session:
 
     def chat_prompt(self, messages: str | list[dict]) -> str:
         """The chat template's text for a message list (a string is one user message), ready for the reply."""
-        from edgeq.runtime.tokenizer import chat_messages, render_chat
-
         return render_chat(self.spec, chat_messages(messages), add_generation_prompt=True)
 
     def sampler(self, **sampling) -> Sampler:
@@ -107,8 +105,6 @@ class Session:
     def fit_messages(self, messages: str | list[dict], max_tokens: int = 128) -> list[dict]:
         """The messages without their oldest turns (the system message stays) until the prompt leaves room for
         `max_tokens` (at most half the context), or only the last turn is left."""
-        from edgeq.runtime.tokenizer import chat_messages
-
         messages = chat_messages(messages)
         while len(self._chat_ids(messages)) > self._room(max_tokens):
             shorter = _drop_oldest_turn(messages)
@@ -191,10 +187,6 @@ def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:
 
 
 def _spec(bundle: Path, manifest: dict[str, Any]):
-    import json
-
-    from edgeq.runtime.tokenizer import spec_from_json
-
     spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
     return spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")), spec_file)
 

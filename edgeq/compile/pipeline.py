@@ -32,7 +32,7 @@ from edgeq.passes import Context, run_passes
 from edgeq.passes.merge_adapters import MergeAdapters
 from edgeq.targets.base import LowerRequest, Target
 from edgeq.targets.profiles import DeviceProfile, get_profile
-from edgeq.targets.registry import get_target
+from edgeq.targets.registry import TARGETS, get_target
 
 LAYER_PLOT = "formats_by_layer.png"
 
@@ -64,7 +64,7 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     user_plan = load_plan(opts.plan) if opts.plan else None
     opts.check_against(user_plan)
     if opts.backend == "all" and not several_allowed:
-        raise EdgeqError(None, "a plan is for one backend; pass --backend gguf, onnx or tvm")
+        raise EdgeqError(None, f"a plan is for one backend; pass --backend {', '.join(TARGETS)}")
     ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
     model_path = None
     if graph is None:
@@ -76,7 +76,8 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
             raise EdgeqError(None, f"a bundle with several backends cannot include {t.name} yet; export it with "
                                    f"--backend {t.name}")
         if opts.budgeted and graph.kind not in t.budget_kinds:
-            raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for decoders only for now; use --quant "
+            kinds = " and ".join(f"{k}s" for k in sorted(t.budget_kinds)) or f"no model kind on {t.name}"
+            raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for {kinds} only for now; use --quant "
                                    f"with this {graph.kind}")
         t.check(graph, profile, budgeted=opts.budgeted, n_ctx=opts.n_ctx, tune_trials=opts.tune_trials)
     spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
