@@ -124,7 +124,7 @@ class Worker:
     def __init__(self, session, queue_size: int):
         self.session = session
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
-        self.busy = False
+        self.current: Job | None = None
         self.thread = threading.Thread(target=self._loop, name="edgeq-serve", daemon=True)
         self.thread.start()
 
@@ -134,7 +134,23 @@ class Worker:
         except queue.Full:
             raise Busy from None
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
     def stop(self) -> None:
+        """Cancel what runs and what waits, then end the thread."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancelled.set()
+                job.emit(Failed(503, error_body("the server is stopping", "server_error", code="cancelled")))
+        current = self.current
+        if current is not None:
+            current.cancelled.set()
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
@@ -143,9 +159,10 @@ class Worker:
             job = self.jobs.get()
             if job is None:
                 return
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():          # its client left, or the server is stopping
+                job.emit(Failed(503, error_body("the request was cancelled", "server_error", code="cancelled")))
                 continue
-            self.busy = True
+            self.current = job
             try:
                 job.work(self.session, job.emit, job.cancelled.is_set)
                 job.emit(Done())
@@ -157,7 +174,7 @@ class Worker:
                 traceback.print_exc(file=sys.stderr)
                 job.emit(Failed(500, error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")))
             finally:
-                self.busy = False
+                self.current = None
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -198,6 +215,10 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if request.method == "POST" and "json" not in request.headers.get("content-type", ""):
+            # the body is JSON whatever the client labels it (`curl -d` says form data), as llama-server reads it
+            request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + \
+                [(b"content-type", b"application/json")]
         if api_key is not None and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):

@@ -243,3 +243,21 @@ def test_embeddings_from_an_encoder_bundle(encoder_bundle):
         status, body = http(url, "/v1/embeddings", {"input": texts[0], "encoding_format": "float"})
         assert status == 200 and np.allclose(body["data"][0]["embedding"], want[0], atol=1e-6)
         assert http(url, "/v1/chat/completions", {"messages": PARIS})[0] == 400
+
+
+def test_an_onnx_bundle_is_served_the_same_and_a_body_needs_no_content_type(tiny_decoder_dir, tmp_path):
+    from edgeq import runtime
+    from edgeq.api import ExportOptions, export
+
+    out = tmp_path / "tiny-onnx"
+    export(ExportOptions(model=str(tiny_decoder_dir), backend="onnx", quant="f32", out=str(out), check=False))
+    with runtime.load(out) as s:
+        want = s.generate("snow falls on the", 16)
+    with running_server(out, "--backend", "onnx") as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        chunks = client.completions.create(model="tiny-onnx", prompt="snow falls on the", max_tokens=16, stream=True)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        req = urllib.request.Request(url + "/v1/completions", method="POST", data=json.dumps(
+            {"prompt": "snow falls on the", "max_tokens": 16}).encode())       # `curl -d` labels it form data
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == want
