@@ -182,8 +182,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or action.required or "default" in text or action.default is argparse.SUPPRESS
-                or action.nargs == 0 and action.const is not None and action.default is None):
+        if not action.option_strings or action.required or "default" in text or action.default is argparse.SUPPRESS:
             return text
         if isinstance(action, argparse._StoreTrueAction):
             return f"{text} (default: off)"
