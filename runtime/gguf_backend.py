@@ -14,6 +14,7 @@ NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
 REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+QUANTIZED_KV = {"q8_0"}
 
 
 def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
@@ -50,6 +51,7 @@ class LlamaCppBackend:
             logits_all=True,
             type_k=KV_TYPES[kv_dtype],
             type_v=KV_TYPES[kv_dtype],
+            flash_attn=kv_dtype in QUANTIZED_KV,     # llama.cpp quantizes the V cache only with flash attention
             seed=0,
             lora_path=None if lora_path is None else os.fspath(lora_path),
             verbose=False,

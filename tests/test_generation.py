@@ -250,3 +250,17 @@ def test_streamed_text_of_a_real_vocabulary_splits_no_character(android):
         assert any(ord(ch) > 0x3000 for ch in c.text)                        # it did write Japanese
         assert all("\ufffd" not in p for p in pieces[:-1])
         assert len(pieces) < c.completion_tokens                             # some tokens held a part of a character
+
+
+def test_a_q8_0_kv_cache_loads_and_generates(tiny_decoder_dir, tmp_path):
+    """llama.cpp quantizes the V cache only with flash attention: the runtime turns it on for such bundles."""
+    import json
+
+    from edgeq.api import ExportOptions, export
+
+    out = tmp_path / "kv8"
+    export(ExportOptions(model=str(tiny_decoder_dir), quant="f32", kv_dtype="q8_0", n_ctx=256, out=str(out)))
+    check = json.loads((out / "measurements.json").read_text())["reference_check"]
+    assert check["kld_mean"] < 1e-3 and check["top1"] > 0.95, check
+    with runtime.load(out) as s:
+        assert len(s.generate_ids(s.tokenize("the rain"), 8)) == 8
