@@ -40,11 +40,15 @@ def write_tokenizer(graph: Graph, spec, folder: Path) -> tuple[Artifact | None, 
 
 def write_hf_tokenizer(spec: TokenizerSpec, folder: Path, n_ctx: int) -> list[Path]:
     """tokenizer.json (the spec as a `tokenizers` BPE that gives llama.cpp's ids) and tokenizer_config.json (the
-    special tokens, BOS/EOS handling and chat template transformers and ORT GenAI read); same spec, same bytes."""
+    special tokens, BOS/EOS handling and chat template transformers and ORT GenAI read); same spec, same bytes.
+    Byte-level BPE only: for a SentencePiece vocabulary nothing is written (returns no files)."""
+    tok = build_tokenizer(spec)
+    if not hasattr(tok, "to_str"):       # SentencePiece: llama.cpp's algorithm in edgeq, no tokenizer.json form yet
+        return []
     texts = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(spec.tokens)]
     name = lambda i: None if i is None else texts[i]                       # noqa: E731
     tok_path = folder / HF_TOKENIZER_FILE
-    tok_path.write_text(build_tokenizer(spec).to_str() + "\n", encoding="utf-8")
+    tok_path.write_text(tok.to_str() + "\n", encoding="utf-8")
     eos = spec.eot_id if spec.eot_id is not None else spec.eos_id
     config = {
         "tokenizer_class": "GPT2Tokenizer",       # byte-level BPE: the class transformers and ORT GenAI map it to

@@ -57,7 +57,12 @@ class OnnxTarget(Target):
                      Artifact("model_data", f, self.name) for f in files]
         if req.graph.kind == "decoder":       # the files ORT GenAI and Hugging Face tooling open the bundle with
             n_ctx = req.n_ctx or req.graph.config.context_length
-            artifacts += [Artifact("tokenizer", f, self.name) for f in write_hf_tokenizer(req.spec, req.folder, n_ctx)]
-            artifacts.append(Artifact("config", write_genai_config(req.graph, req.spec, req.folder, MODEL_FILE, n_ctx),
-                                      self.name))
+            hf_files = write_hf_tokenizer(req.spec, req.folder, n_ctx)
+            if hf_files:
+                artifacts += [Artifact("tokenizer", f, self.name) for f in hf_files]
+                artifacts.append(Artifact("config", write_genai_config(req.graph, req.spec, req.folder, MODEL_FILE,
+                                                                       n_ctx), self.name))
+            else:
+                req.log("note: no tokenizer.json or genai_config.json for a SentencePiece vocabulary yet: edgeq's "
+                        "runtime runs this ONNX bundle, onnxruntime-genai cannot open it as it is")
         return Lowered(artifacts)
