@@ -7,10 +7,12 @@ only parses arguments and calls these. Running a bundle is `edgeq.runtime` (what
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeq import runtime
 from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
@@ -24,8 +26,9 @@ from edgeq.importers.torch_export import import_module
 from edgeq.passes import Context
 from edgeq.passes.calibrate import calibrate as run_calibration
 from edgeq.passes.calibrate import imatrix_from_calibration
+from edgeq.runtime.terminal_chat import chat_loop
 
-__all__ = ["ExportOptions", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
+__all__ = ["ExportOptions", "calibrate", "chat", "evaluate", "export", "export_module", "inspect", "plan", "serve"]
 
 
 def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:
@@ -95,3 +98,30 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
     opts = ExportOptions(target=target, backend=backend, quant=quant, plan=plan, out=os.fspath(out), force=force,
                          check=check, calib_images=calib_images)
     return pipeline.export(opts, progress=progress, graph=graph)
+
+
+def chat(bundle: str | os.PathLike, system: str | None = None, max_tokens: int = 512, backend: str | None = None,
+         threads: int = 1, n_ctx: int | None = None, device: str | None = None, **sampling) -> int:
+    """`edgeq chat`: a conversation with a decoder bundle on this terminal (stdin/stdout); returns the number of
+    replies. Sampling settings are `edgeq.runtime.SamplingParams` keywords."""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    with runtime.load(bundle, backend=backend, threads=threads, n_ctx=n_ctx, device=device) as s:
+        if not hasattr(s, "stream"):
+            raise EdgeqError(bundle, "edgeq chat needs a decoder bundle")
+        if sys.stdin.isatty():
+            print(f"edgeq chat: {s.manifest['model'].get('name')} on {s.backend_name}, context {s.n_ctx} tokens. "
+                  "/reset forgets the conversation, /exit ends it.", file=sys.stderr)
+        return chat_loop(s, system=system, max_tokens=max_tokens, sampling=sampling,
+                         prompt="> " if sys.stdin.isatty() else "")
+
+
+def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
+    """`edgeq serve`: an OpenAI-compatible HTTP server for the bundle until interrupted (options: those of
+    `edgeq.runtime.server.serve`: api_key, queue_size, model_name, backend, threads, n_ctx, device, defaults)."""
+    try:
+        from edgeq.runtime.server import serve as serve_bundle
+    except ImportError as exc:
+        raise EdgeqError(None, f"edgeq serve needs the server packages ({exc.name} is missing): "
+                               "pip install 'edgeq[serve]'") from None
+    serve_bundle(bundle, host, port, **options)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime.manifest import listed_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
@@ -76,7 +77,7 @@ class OnnxSession(SentenceEmbedding):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer")
+            raise RequestError("this bundle has no tokenizer")
         return self.tokenizer.encode(text).ids
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -133,7 +134,8 @@ class OnnxDecoderBackend(TokenizerText):
     def _run(self, ids: list[int]) -> np.ndarray:
         n = len(ids)
         if self.n_tokens + n > self.n_ctx:
-            raise ValueError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}")
+            raise RequestError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}",
+                               code="context_length_exceeded")
         feeds = {"input_ids": np.asarray([ids], np.int64),
                  "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
                  "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}

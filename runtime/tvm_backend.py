@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime.manifest import BundleError, listed_path, private_dir, remove_private_dir, verified_copy
 from edgeq.runtime.text_io import SentenceEmbedding
 from edgeq.runtime.tvm_decoder import TvmDecoderBackend
@@ -154,13 +155,16 @@ class TvmSession(SentenceEmbedding):
         args = []
         for spec in self.inputs:
             if spec["name"] not in inputs:
-                raise ValueError(f"missing input {spec['name']!r} (the model takes {[s['name'] for s in self.inputs]})")
+                raise RequestError(f"missing input {spec['name']!r} "
+                                   f"(the model takes {[s['name'] for s in self.inputs]})")
             x = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
             if x.ndim != len(spec["shape"]):
-                raise ValueError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes {spec['shape']}")
+                raise RequestError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes "
+                                   f"{spec['shape']}")
             for got, want in zip(x.shape, spec["shape"]):
                 if isinstance(want, int) and got != want:
-                    raise ValueError(f"input {spec['name']!r} has shape {x.shape}, the model takes {spec['shape']}")
+                    raise RequestError(f"input {spec['name']!r} has shape {x.shape}, the model takes "
+                                       f"{spec['shape']}")
             args.append(tvm.runtime.tensor(x, self.dev))
         return args + self.params
 
@@ -179,12 +183,12 @@ class TvmSession(SentenceEmbedding):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer")
+            raise RequestError("this bundle has no tokenizer")
         return self.tokenizer.encode(text).ids
 
     def encoder_inputs(self, batch: list[list[int]]) -> dict[str, np.ndarray]:
         if not batch or len(batch) > MAX_BATCH:
-            raise ValueError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
+            raise RequestError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
         n = max(len(x) for x in batch)
         ids = np.full((len(batch), n), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(batch), n), dtype=np.int32)
@@ -192,7 +196,7 @@ class TvmSession(SentenceEmbedding):
             ids[i, :len(x)] = x
             mask[i, :len(x)] = 1
         if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range of the vocabulary ({self.vocab_size})")
+            raise RequestError(f"token id out of range of the vocabulary ({self.vocab_size})")
         return {"input_ids": ids, "attention_mask": mask}
 
     def embed_ids(self, batch: list[list[int]]) -> np.ndarray:

@@ -37,6 +37,7 @@ class LowerRequest:
     imatrix: dict | None = None           # weight -> importance (E[x^2]) for formats that take one
     branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
     spec: Any = None                      # the decoder's runtime.tokenizer.TokenizerSpec
+    n_ctx: int | None = None              # the context length the bundle records for the device
     ndk_clang: str | None = None          # android: the NDK clang that links a .so
     tune_trials: int = 0                  # meta-schedule trials (targets that tune)
     progress: Callable | None = None

@@ -19,13 +19,15 @@ from edgeq.core.plan import Plan
 from edgeq.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION
 
 MANIFEST_FILE = "manifest.json"
+# the roles of the files that hold the model (what a budget counts); beside them: tokenizer and config files
+MODEL_ROLES = ("model", "model_data", "params", "adapter")
 
 
 @dataclass
 class Artifact:
     """A file a target (or the bundle writer) put in the staged bundle, as the manifest lists it."""
 
-    role: str                    # model, model_data, params, adapter, tokenizer
+    role: str                    # model, model_data, params, adapter (MODEL_ROLES), tokenizer, config
     path: Path
     backend: str                 # the target's name, or "any"
     formats: dict[str, int] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeq.bundle.manifest import ManifestParts, calibration_record, manifest, write_manifest
+from edgeq.bundle.manifest import MODEL_ROLES, ManifestParts, calibration_record, manifest, write_manifest
 from edgeq.bundle.pareto import plan_pareto
 from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
 from edgeq.bundle.report import plot_layers, write_report
@@ -185,7 +185,8 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
             d = decisions[t.name]
             lowered = t.lower(LowerRequest(graph, d.plan, tmp, profile,
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
-                                           branches=d.branches, spec=spec, ndk_clang=opts.android_clang,
+                                           branches=d.branches, spec=spec, n_ctx=n_ctx(graph, profile, opts),
+                                           ndk_clang=opts.android_clang,
                                            tune_trials=opts.tune_trials, progress=progress, log=log))
             artifacts += lowered.artifacts
             if lowered.section is not None:
@@ -237,7 +238,8 @@ def _check_budget(decisions: dict[str, Decision], artifacts: list) -> None:
     """Each backend's model files (adapters and external data included) within its plan's budget: the size
     models are exact, so a failure here is a bug, caught before the bundle is renamed into place."""
     for b, d in decisions.items():
-        written = sum(a.path.stat().st_size for a in artifacts if a.backend == b)
+        written = sum(a.path.stat().st_size for a in artifacts
+                      if a.backend == b and a.role in MODEL_ROLES)
         if d.plan.search and written > d.plan.search["budget_bytes"]:
             raise EdgeqError(None, f"{b} files are {written} bytes, over the budget of "
                                    f"{d.plan.search['budget_bytes']} bytes (predicted {d.plan.search['predicted_bytes']})")

@@ -64,4 +64,7 @@ class GgufTarget(Target):
             write_adapter(req.graph, req.branches, adapter)
             artifacts.append(Artifact("adapter", adapter, self.name, {"f16": 2 * len(req.branches)},
                                       {"applies_to": model_file.name, "kind": "lora (low-rank error compensation)"}))
+            req.log(f"note: {len(req.branches)} low-rank error branches are in {ADAPTER_FILE}; edgeq's runtime applies "
+                    f"them, stock llama.cpp needs them named: llama-cli -m {MODEL_FILE} --lora {ADAPTER_FILE} "
+                    "(llama-server likewise)")
         return Lowered(artifacts)

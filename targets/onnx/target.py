@@ -11,11 +11,13 @@ choosing a target (the CLI, a GGUF export) does not pay for it.
 from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.bundle.tokenizer import write_hf_tokenizer
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.onnx.genai import write_genai_config
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
 MODEL_FILE = "model.onnx"
@@ -51,5 +53,16 @@ class OnnxTarget(Target):
         model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
         files = save_model(model, req.folder / MODEL_FILE)
         del model
-        return Lowered([Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
-                        Artifact("model_data", f, self.name) for f in files])
+        artifacts = [Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
+                     Artifact("model_data", f, self.name) for f in files]
+        if req.graph.kind == "decoder":       # the files ORT GenAI and Hugging Face tooling open the bundle with
+            n_ctx = req.n_ctx or req.graph.config.context_length
+            hf_files = write_hf_tokenizer(req.spec, req.folder, n_ctx)
+            if hf_files:
+                artifacts += [Artifact("tokenizer", f, self.name) for f in hf_files]
+                artifacts.append(Artifact("config", write_genai_config(req.graph, req.spec, req.folder, MODEL_FILE,
+                                                                       n_ctx), self.name))
+            else:
+                req.log("note: no tokenizer.json or genai_config.json for a SentencePiece vocabulary yet: edgeq's "
+                        "runtime runs this ONNX bundle, onnxruntime-genai cannot open it as it is")
+        return Lowered(artifacts)
