@@ -35,6 +35,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
+        latency_profile=a.latency_profile, latency_ms=a.latency_ms, prompt_tokens=a.prompt_tokens,
+        context_tokens=a.context_tokens,
     )
 
 
@@ -67,10 +69,14 @@ def cmd_plan(a) -> int:
     plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet))
     if not a.quiet:
         extra = ""
-        if plan.search and (a.budget_mb is not None or a.bpw is not None):
+        if plan.search and (a.budget_mb is not None or a.bpw is not None or a.latency_ms is not None):
             s = plan.search
-            extra = (f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw) for a budget of "
-                     f"{s['budget_mb']:.3f} MB, predicted error {s['predicted_error']:.4g}")
+            extra = f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw)"
+            if a.budget_mb is not None or a.bpw is not None:
+                extra += f" for a budget of {s['budget_mb']:.3f} MB"
+            if "predicted_latency_ms" in s:
+                extra += f", predicted {s['predicted_latency_ms']:.3f} ms for a limit of {a.latency_ms:g} ms"
+            extra += f", predicted error {s['predicted_error']:.4g}"
         print(f"wrote {a.out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
     return 0
 
@@ -114,6 +120,42 @@ def cmd_eval(a) -> int:
     else:
         print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    res = api.profile(a.device, a.backend, a.threads, out=a.out, validate_plans=a.validate, model=a.model,
+                      latency_profile=a.latency_profile, validate_dir=a.validate_dir, allow_noisy=a.allow_noisy,
+                      quick=a.quick, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
+                      progress=make_progress(a.quiet), log=_log(a.quiet))
+    if a.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "validation"}
+                         | ({"validation": {k: res["validation"][k] for k in ("decode", "prefill", "memory_mape",
+                                                                               "load_average")}}
+                            if "validation" in res else {}), sort_keys=True))
+        return 0
+    n = res["noise"]
+    print(f"latency profile {res['profile']}: {res['backend']}, {res['threads']} thread(s) on {res['device']}; "
+          f"run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average {res['load_average'].get('max_1min')}")
+    v = res.get("validation")
+    if v:
+        for what in ("decode", "prefill"):
+            s = v[what]
+            print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
+                  f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
+        print(f"  peak memory MAPE {v['memory_mape']:.1%}; report and plot in {res['validation_dir']}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    pred = api.predict(a.path, latency_profile=a.latency_profile, backend=a.backend, model=a.model, threads=a.threads,
+                       prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
+    if a.json:
+        print(json.dumps(pred.to_json(), sort_keys=True))
+    else:
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
+              f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
+              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     return 0
 
 
@@ -189,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokens weighted by gradient energy (needs torch); auto (default): fisher when torch "
                              "is installed and calibration is on, else output")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up")
+        latency_options(sp)
+        sp.add_argument("--latency-ms", type=float,
+                        help="latency budget: the plan's predicted decode step (or prefill of --prompt-tokens) on the "
+                             "profiled device may not exceed this many ms (needs --latency-profile)")
+
+    def latency_options(sp):
+        sp.add_argument("--latency-profile", help="latency profile (edgeq profile) of the device: predicts the plan "
+                                                  "(manifest `predicted`)")
+        sp.add_argument("--prompt-tokens", type=int,
+                        help="tokens of the prompt whose prefill is predicted (default 128); with --latency-ms the "
+                             "budget bounds this prefill instead of a decode step")
+        sp.add_argument("--context-tokens", type=int,
+                        help="tokens already in the KV cache at the decode step predicted (default 64)")
 
     e = sub.add_parser("export", help="compile a model into a bundle")
     common_model(e)
@@ -253,6 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    pr = sub.add_parser("profile", help="measure a latency profile of a device (once), optionally validate it")
+    pr.add_argument("--device", default="local",
+                    help="local (or cpu), ssh://user@host[:port], rpc://host:port, adb:SERIAL, qemu-arm64 (default local)")
+    pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
+    pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
+    pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in ~/.cache/edgeq/profiles/)")
+    pr.add_argument("--validate", type=int, default=0, metavar="K",
+                    help="then export K held-out plans of --model with random per-tensor formats, run them on the "
+                         "device and report the prediction's accuracy (validation.json, validation.png)")
+    pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the profile)")
+    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
+    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length timed (default 128)")
+    pr.add_argument("--context-tokens", type=int, help="validation: context of the decode steps timed (default 64)")
+    pr.add_argument("--allow-noisy", action="store_true",
+                    help="keep a profile although the device's run-to-run spread is above 5%%")
+    pr.add_argument("--quick", action="store_true", help="two micro-model shapes, fewer rounds: a rough profile")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(fn=cmd_profile)
+
+    pd = sub.add_parser("predict", help="predict a bundle's or a plan's prefill, decode step and peak memory")
+    pd.add_argument("path", help="bundle folder, or plan JSON (then --model names the model)")
+    latency_options(pd)
+    pd.add_argument("--backend", help="which artifact of the bundle (or the plan's backend)")
+    pd.add_argument("--model", help="plans: the model they are for (default: the embedded SmolLM2-135M-Instruct)")
+    pd.add_argument("--threads", type=int, help="threads (must be the profile's)")
+    pd.add_argument("--device", help="check first that the profile was measured on this device (local, ssh://...)")
+    pd.add_argument("--json", action="store_true", help="print one flat JSON object")
+    pd.set_defaults(fn=cmd_predict)
 
     add_device_parser(sub)
     return p

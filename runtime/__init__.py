@@ -31,6 +31,11 @@ __all__ = ["load", "Session", "BundleError"]
 BACKENDS = {m.NAME: m for m in (gguf_backend, onnx_backend, tvm_backend)}
 
 
+def runtime_dists() -> list[str]:
+    """The distributions whose versions bundles record and latency profiles depend on, one per backend."""
+    return sorted({m.RUNTIME_DIST for m in BACKENDS.values()})
+
+
 class Session:
     """A loaded bundle: tokenizer plus one backend."""
 
