@@ -101,6 +101,7 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
 def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out: str | os.PathLike | None = None,
             validate_plans: int = 0, model: str | None = None, latency_profile: str | os.PathLike | None = None,
             validate_dir: str | os.PathLike | None = None, allow_noisy: bool = False, quick: bool = False,
+            clock: str = "wall",
             prompt_tokens: int | None = None, context_tokens: int | None = None, progress: Callable | None = None,
             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """`edgeq profile`: measure a latency profile of `device` for a backend and thread count (cached in
@@ -113,8 +114,8 @@ def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out:
         prof = load_profile(path)
         prof.check_use(backend, threads, path)
     else:
-        prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, progress=progress,
-                              log=log)
+        prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
+                              progress=progress, log=log)
         path = cached_profile_path(prof.device, backend, threads)
         for p in (path, out):
             if p is not None:

@@ -16,8 +16,14 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
+from edgeq.devices.session import DeviceSession, runs_remotely
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
+
+
+DEVICE_HELP = ("where to run: local (or cpu, the default: this process), ssh://user@host[:port], adb:SERIAL, "
+               "qemu-arm64 (the HIL devices: the bundle is pushed and run by the on-device runner), or "
+               "rpc://HOST:PORT (a TVM RPC server, tvm bundles)")
 
 
 def _log(quiet: bool):
@@ -90,6 +96,15 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_run(a) -> int:
+    if runs_remotely(a.device):
+        with DeviceSession(a.bundle, a.device, a.backend, a.threads) as s:
+            if s.kind == "decoder":
+                text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed, chat=a.chat)
+                print(text if a.chat else a.prompt + text)
+            else:
+                print(json.dumps({"backend": s.backend_name,
+                                  "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}))
+        return 0
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
         if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
@@ -126,7 +141,7 @@ def cmd_eval(a) -> int:
 def cmd_profile(a) -> int:
     res = api.profile(a.device, a.backend, a.threads, out=a.out, validate_plans=a.validate, model=a.model,
                       latency_profile=a.latency_profile, validate_dir=a.validate_dir, allow_noisy=a.allow_noisy,
-                      quick=a.quick, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
+                      quick=a.quick, clock=a.clock, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
                       progress=make_progress(a.quiet), log=_log(a.quiet))
     if a.json:
         print(json.dumps({k: v for k, v in res.items() if k != "validation"}
@@ -282,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--backend", help="which artifact of the bundle to run")
-    r.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
+    r.add_argument("--device", help=DEVICE_HELP)
     r.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
@@ -298,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
-    ev.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
+    ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true")
@@ -326,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--allow-noisy", action="store_true",
                     help="keep a profile although the device's run-to-run spread is above 5%%")
     pr.add_argument("--quick", action="store_true", help="two micro-model shapes, fewer rounds: a rough profile")
+    pr.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall (default): the wall clock; cpu: the runtime's CPU time (one thread), which leaves out "
+                         "time spent waiting for a core on a shared machine: an idle device's wall time")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
     pr.add_argument("--quiet", action="store_true")
     pr.set_defaults(fn=cmd_profile)

@@ -46,7 +46,7 @@ class Session:
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
-        self.spec = _spec(bundle, manifest)
+        self.spec = bundle_spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
 
     @property
@@ -99,7 +99,7 @@ class Session:
         self.close()
 
 
-def _spec(bundle: Path, manifest: dict[str, Any]):
+def bundle_spec(bundle: Path, manifest: dict[str, Any]):
     import json
 
     from edgeq.runtime.tokenizer import spec_from_json
@@ -127,5 +127,6 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     if manifest["model"].get("kind") != "decoder":
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
-    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,
-                                                       threads=threads, device=device), art)
+    spec = bundle_spec(bundle, manifest)
+    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
+                                                       device=device), art)

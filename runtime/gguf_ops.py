@@ -10,7 +10,8 @@ the logits of every token, as the runtime's backend does (llama-cpp-python with 
 
 Per timed call (a prefill of N tokens, a decode step at context C) the result holds, per weight, the time of
 the matrix multiplication that reads it (the median over the call's repeats), the time of every other op
-kind summed, and the hand-over time.
+kind summed, the hand-over time, and the wall time of the same call through the runtime's own backend, timed
+alternately with the node-by-node calls so that both see the same load.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import numpy as np
 from edgeq.runtime.latency import token_ids
 
 NOOPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
+# (per node, per call): the wall clock, or CPU time (this thread's per node: with one thread llama.cpp computes
+# in the caller's thread; the process's per call)
+CLOCKS = {"wall": (time.perf_counter, time.perf_counter), "cpu": (time.thread_time, time.process_time)}
 
 
 class _Tensor(ctypes.Structure):
@@ -52,8 +56,9 @@ def _ggml_base():
 class _Recorder:
     """The evaluation callback: while `on`, every node is asked for and timed."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, clock):
         self.lib = lib
+        self.clock = clock
         self.on = False
         self.times: list[float] = []
         # per node: (op, weight name or "", weight type, KV length the node reads or 0)
@@ -66,7 +71,7 @@ class _Recorder:
         self._info = []
         self._describe = describe
         self.on = True
-        self._last = time.perf_counter()
+        self._last = self.clock()
 
     def stop(self) -> None:
         self.on = False
@@ -76,7 +81,7 @@ class _Recorder:
     def __call__(self, ptr, ask, _user) -> bool:
         if ask:
             return self.on
-        now = time.perf_counter()
+        now = self.clock()
         self.times.append(now - self._last)
         if self._describe:
             t = _Tensor.from_address(ptr)
@@ -90,18 +95,18 @@ class _Recorder:
                 elif name.startswith("cache_k"):
                     kv = int(s0.ne[1])
             self._info.append((op, weight, wtype, kv))
-        self._last = time.perf_counter()
+        self._last = self.clock()
         return True
 
 
 class OpTimer:
     """A second context over a LlamaCppBackend's model, whose calls are timed node by node."""
 
-    def __init__(self, backend, threads: int):
+    def __init__(self, backend, threads: int, clock=time.perf_counter):
         from llama_cpp import llama_cpp as lc
 
         self.lc = lc
-        self.rec = _Recorder(_ggml_base())
+        self.rec = _Recorder(_ggml_base(), clock)
         self._cb = lc.ggml_backend_sched_eval_callback(self.rec)   # kept alive as long as the context
         src = backend.llm.context_params
         params = type(src).from_buffer_copy(src)
@@ -174,9 +179,22 @@ def _summary(nodes: list[tuple[str, str, str, int]], runs: list[list[float]]) ->
             "nodes": n, "total_us": round(float(med.sum()), 1), "kv_len": max((x[3] for x in nodes), default=0)}
 
 
+def _timed(clock, fn, *args) -> float:
+    t0 = clock()
+    fn(*args)
+    return clock() - t0
+
+
+def _median_us(times: list[float]) -> float:
+    return round(float(np.median(times)) * 1e6, 1)
+
+
 def op_latency(backend, args: dict[str, Any], threads: int) -> dict[str, Any]:
-    """Node-by-node timings of the prefills and decode steps `decoder_latency` times (runtime/latency.py)."""
-    timer = OpTimer(backend, threads)
+    """Node-by-node timings of the prefills and decode steps `decoder_latency` times (runtime/latency.py), each
+    beside the same call through the runtime's own backend, alternating (`call_us`: its median). args['clock']:
+    `wall` (default) or `cpu` (the thread's CPU time per node, the process's per call: one thread only)."""
+    node_clock, call_clock = CLOCKS[args.get("clock", "wall")]
+    timer = OpTimer(backend, threads, node_clock)
     try:
         n_vocab = timer.n_vocab
         steps = int(args.get("steps", 5))
@@ -185,21 +203,30 @@ def op_latency(backend, args: dict[str, Any], threads: int) -> dict[str, Any]:
         timer.reset()
         timer.feed(token_ids(min(32, timer.n_ctx), n_vocab, seed=99))         # warm-up, not timed
         for n in args.get("prefill", []):
-            runs = []
+            runs, walls = [], []
             for rep in range(prefill_steps):
+                ids = token_ids(int(n), n_vocab, seed=rep)
                 timer.reset()
-                runs.append(list(timer.timed(token_ids(int(n), n_vocab, seed=rep), describe=True)))
-            nodes = timer.rec.nodes or []
-            out["prefill"][str(n)] = _summary(nodes, runs)
+                runs.append(list(timer.timed(ids, describe=True)))
+                backend.reset()
+                walls.append(_timed(call_clock, backend.feed, ids))
+            out["prefill"][str(n)] = {**_summary(timer.rec.nodes or [], runs), "call_us": _median_us(walls)}
         for ctx in args.get("decode", []):
             ctx = int(ctx)
-            timer.reset()
             ids = token_ids(ctx + steps + 1, n_vocab, seed=1)
+            timer.reset()
+            backend.reset()
             if ctx:
                 timer.feed(ids[:ctx])
-            timer.feed([ids[ctx]])                                             # one untimed step
-            runs = [list(timer.timed([ids[ctx + 1 + k]], describe=(k == 0))) for k in range(steps)]
-            out["decode"][str(ctx)] = _summary(timer.rec.nodes or [], runs)
+                backend.feed(ids[:ctx])
+            timer.feed([ids[ctx]])                                             # one untimed step each
+            backend.feed([ids[ctx]])
+            runs, walls = [], []
+            for k in range(steps):                     # node by node and whole, alternating: the same load
+                runs.append(list(timer.timed([ids[ctx + 1 + k]], describe=(k == 0))))
+                walls.append(_timed(call_clock, backend.feed, [ids[ctx + 1 + k]]))
+            out["decode"][str(ctx)] = {**_summary(timer.rec.nodes or [], runs), "call_us": _median_us(walls)}
+        backend.reset()
         return out
     finally:
         timer.close()

@@ -5,7 +5,8 @@ at `end_profiling()`; each node event falls inside the `model_run` event of its 
 those runtime/latency.py times (prefills of N tokens, decode steps at a context), run through a copy of the
 runtime's own decoder backend, so the graph, the optimisations and the threads are the runtime's. The nodes
 the host names in args['kernels'] (the ones that multiply with a weight) are reported one by one; every
-other node is summed per op type.
+other node is summed per op type. Each call is also timed through the runtime's own session, alternately
+(`call_us`), so that the whole call and its nodes see the same load.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -75,34 +77,51 @@ def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> di
             "kv_len": 0}
 
 
+def _timed(clock, fn, *args) -> float:
+    t0 = clock()
+    fn(*args)
+    return clock() - t0
+
+
 def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> dict[str, Any]:
     """Node-by-node timings of the prefills and decode steps `decoder_latency` times (runtime/latency.py)."""
     kernels = set(args.get("kernels") or ())
+    # onnxruntime's profiler times nodes by the wall clock; the whole calls beside them follow args['clock']
+    call_clock = time.process_time if args.get("clock") == "cpu" else time.perf_counter
     steps = int(args.get("steps", 5))
     prefill_steps = int(args.get("prefill_steps", max(1, steps // 2)))
     with tempfile.TemporaryDirectory(prefix="edgeq-ort-prof-") as folder:
         b = _profiled_backend(backend, threads, folder, session_options)
         n_vocab = int(b.n_vocab)
         plan: list[tuple[str, str, bool]] = []          # (kind, key, timed) per session.run, in order
+        walls: dict[tuple[str, str], list[float]] = {}  # the same calls through the runtime's session, alternating
         b.feed(token_ids(min(32, b.n_ctx), n_vocab, seed=99))
         plan.append(("warmup", "", False))
         for n in args.get("prefill", []):
             for rep in range(prefill_steps):
+                ids = token_ids(int(n), n_vocab, seed=rep)
                 b.reset()
-                b.feed(token_ids(int(n), n_vocab, seed=rep))
+                b.feed(ids)
                 plan.append(("prefill", str(n), True))
+                backend.reset()
+                walls.setdefault(("prefill", str(n)), []).append(_timed(call_clock, backend.feed, ids))
         for ctx in args.get("decode", []):
             ctx = int(ctx)
             b.reset()
+            backend.reset()
             ids = token_ids(ctx + steps + 1, n_vocab, seed=1)
             if ctx:
                 b.feed(ids[:ctx])
+                backend.feed(ids[:ctx])
                 plan.append(("fill", "", False))
             b.feed([ids[ctx]])
+            backend.feed([ids[ctx]])
             plan.append(("decode", str(ctx), False))
             for k in range(steps):
                 b.feed([ids[ctx + 1 + k]])
                 plan.append(("decode", str(ctx), True))
+                walls.setdefault(("decode", str(ctx)), []).append(_timed(call_clock, backend.feed, [ids[ctx + 1 + k]]))
+        backend.reset()
         path = b.session.end_profiling()
         with open(path, encoding="utf-8") as f:
             events = json.load(f)
@@ -115,5 +134,6 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
         keys = sorted({k for kd, k, timed in plan if kd == kind and timed}, key=int)
         for key in keys:
             picked = [c for c, (kd, k, timed) in zip(calls, plan) if kd == kind and k == key and timed]
-            out[kind][key] = _summary(picked, kernels)
+            out[kind][key] = {**_summary(picked, kernels),
+                              "call_us": round(float(np.median(walls[(kind, key)])) * 1e6, 1)}
     return out

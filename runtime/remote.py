@@ -142,7 +142,9 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
             result, lat = {"files": ["embeddings.npy"]}, [dt]
         elif op == "generate":
             text, dt = _timed(lambda: session.generate(args["prompt"], max_tokens=int(args.get("max_tokens", 32)),
-                                                       chat=bool(args.get("chat", False))))
+                                                       chat=bool(args.get("chat", False)),
+                                                       temperature=float(args.get("temperature", 0.0)),
+                                                       seed=int(args.get("seed", 0))))
             result, lat = {"text": text}, [dt]
         elif op == "latency":
             result = _latency(session, req, args)

@@ -45,10 +45,14 @@ class Settings:
     warmup: int = 1
     rounds: int = 3                                   # interleaved rounds of whole-model timings
     op_rounds: int = 2                                # interleaved rounds of node-by-node timings
+    # `wall`: the wall clock (what a user waits); `cpu`: the process's CPU time, one thread only: on a shared
+    # machine it leaves out the time the runtime waited for a core, i.e. it is what an idle device's wall clock
+    # would show
+    clock: str = "wall"
 
     def runner_args(self) -> dict[str, Any]:
         return {"prefill": list(self.prefill), "decode": list(self.decode), "steps": self.steps,
-                "prefill_steps": self.prefill_steps, "warmup": self.warmup}
+                "prefill_steps": self.prefill_steps, "warmup": self.warmup, "clock": self.clock}
 
 
 def device_for(spec: str) -> Device:
@@ -72,8 +76,16 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
     return folder
 
 
-def _median_ms(times: dict[str, list[float]]) -> float:
-    return float(np.median(times["wall_s"]) * 1e3)
+def median_ms(times: dict[str, list[float]], clock: str = "wall") -> float:
+    """The median of a runner's timed calls (runtime/latency.py) in ms, by the wall clock or CPU time."""
+    return float(np.median(times["cpu_s" if clock == "cpu" else "wall_s"]) * 1e3)
+
+
+def check_clock(clock: str, threads: int) -> None:
+    if clock not in ("wall", "cpu"):
+        raise EdgeqError(None, f"unknown --clock {clock!r} (wall, cpu)")
+    if clock == "cpu" and threads != 1:
+        raise EdgeqError(None, "--clock cpu times one thread (the CPU time of several threads is not a latency)")
 
 
 def _merge_ops(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,6 +101,9 @@ def _merge_ops(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "handover_us": round(float(np.median([s["handover_us"] for s in summaries])), 3),
         "kv_len": int(max(s.get("kv_len", 0) for s in summaries)),
         "total_us": round(float(np.median([s["total_us"] for s in summaries])), 1),
+        "nodes": int(max(s.get("nodes", 0) for s in summaries)),
+        **({"call_us": round(float(np.median([s["call_us"] for s in summaries])), 1)}
+           if all("call_us" in s for s in summaries) else {}),
     }
 
 
@@ -147,21 +162,23 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
                 workloads[mm.name], kernels[mm.name] = w, sorted(w.aliases)
             wall: dict[str, list[dict]] = {mm.name: [] for mm in models}
             ops: dict[str, list[dict]] = {mm.name: [] for mm in models}
-            jobs = [(r, False) for r in range(settings.rounds)] + [(r, True) for r in range(settings.op_rounds)]
-            total = len(jobs) * len(models)
-            bar = None if progress is None else progress(range(total), desc="time micro-models", unit="run")
+            # each model's whole-call and node-by-node runs back to back, so that the correction learned between
+            # them sees the same load; rounds rotate the order of the models
+            jobs = [(r, mm, node_by_node) for r in range(max(settings.rounds, settings.op_rounds))
+                    for mm in models[r % len(models):] + models[:r % len(models)]
+                    for node_by_node in (False, True)
+                    if (settings.op_rounds if node_by_node else settings.rounds) > r]
+            bar = None if progress is None else progress(range(len(jobs)), desc="time micro-models", unit="run")
             ticks = iter(bar) if bar is not None else None
             facts, loads = None, []
-            for r, node_by_node in jobs:
-                order = models[r % len(models):] + models[:r % len(models)]    # rotate: no model always first
-                for mm in order:
-                    extra = {"ops": True, "kernels": kernels[mm.name]} if node_by_node else {}
-                    res = run_checked(device, remote[mm.name], {**args, **extra}, backend, threads, mm.n_ctx, mm.name)
-                    facts = facts or res["device"]
-                    loads += [res.get("load_average_before"), res.get("load_average_after")]
-                    (ops if node_by_node else wall)[mm.name].append(res)
-                    if ticks is not None:
-                        next(ticks, None)
+            for r, mm, node_by_node in jobs:
+                extra = {"ops": True, "kernels": kernels[mm.name]} if node_by_node else {}
+                res = run_checked(device, remote[mm.name], {**args, **extra}, backend, threads, mm.n_ctx, mm.name)
+                facts = facts or res["device"]
+                loads += [res.get("load_average_before"), res.get("load_average_after")]
+                (ops if node_by_node else wall)[mm.name].append(res)
+                if ticks is not None:
+                    next(ticks, None)
             if bar is not None and hasattr(bar, "close"):
                 bar.close()
             runs = []
@@ -171,9 +188,9 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
                 op_runs = ops[mm.name]
                 runs.append(ModelRun(
                     name=mm.name, workload=w,
-                    prefill_ms={str(n): [round(_median_ms(x["prefill"][str(n)]), 4) for x in rounds]
+                    prefill_ms={str(n): [round(median_ms(x["prefill"][str(n)], settings.clock), 4) for x in rounds]
                                 for n in settings.prefill},
-                    decode_ms={str(c): [round(_median_ms(x["decode"][str(c)]), 4) for x in rounds]
+                    decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), 4) for x in rounds]
                                for c in settings.decode},
                     peak_rss_bytes=[int(x["peak_rss_bytes"] or 0) for x in rounds],
                     max_tokens=max(max(settings.prefill), max(settings.decode) + settings.warmup + settings.steps),
@@ -195,7 +212,7 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
 
 
 def profile_device(device_spec: str, backend: str, threads: int, quick: bool = False, allow_noisy: bool = False,
-                   settings: Settings | None = None, progress: Callable | None = None,
+                   clock: str = "wall", settings: Settings | None = None, progress: Callable | None = None,
                    log: Callable[[str], None] = lambda s: None) -> LatencyProfile:
     """`edgeq profile`: measure the micro-models on the device, fit them once (so a profile that cannot be fitted
     is never written), and judge the noise: a device whose same measurement varies by more than NOISE_LIMIT from
@@ -209,9 +226,10 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
                                f"{', '.join(sorted(target.kinds))}")
     if threads < 1:
         raise EdgeqError(None, "--threads must be at least 1")
-    settings = settings or (Settings(rounds=2, op_rounds=1) if quick else Settings())
+    check_clock(clock, threads)
+    settings = settings or (Settings(rounds=2, op_rounds=1, clock=clock) if quick else Settings(clock=clock))
     models = decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick)
-    log(f"profiling {backend} with {threads} thread(s) on {device_spec}: {len(models)} micro-models"
+    log(f"profiling {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): {len(models)} micro-models"
         f"{' (quick: ' + str(len(QUICK_SHAPES)) + ' shapes)' if quick else ''}, {settings.rounds} rounds + "
         f"{settings.op_rounds} node-by-node")
     prof = measure(models, device_spec, backend, threads, settings, progress, log)

@@ -286,18 +286,20 @@ class Predictor:
         self.kv_pad = kv_padding(pads)
         self.other = {k: OtherOps(v) for k, v in other.items() if v}
         # the whole call, against the real runs
+        # wall times: those taken alternately with the node-by-node runs (the same load), else the rounds'
         rows: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
         for run in self.profile.models:
             w = run.workload
             for kind, table in (("prefill", run.prefill_ms), ("decode", run.decode_ms)):
                 for key, vals in table.items():
-                    if not vals:
+                    paired = (run.ops.get(kind) or {}).get(key, {}).get("call_us")
+                    if not vals and paired is None:
                         continue
                     n, kv = self._call(w, kind, int(key))
                     g = self.graph_ms(w, n, kv, kind)
                     rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g),
                                        "s": shape_features(w, n, kv, g),
-                                       "y": float(np.median(vals))})
+                                       "y": paired / 1e3 if paired is not None else float(np.median(vals))})
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
         mem = [(memory_features(r.workload, r.max_tokens), float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]

@@ -67,6 +67,12 @@ class LatencyProfile:
     # --- identity -----------------------------------------------------------------------------------------
 
     @property
+    def clock(self) -> str:
+        """What the figures measure: `wall` (the wall clock) or `cpu` (one thread's CPU time: an idle device's
+        wall clock)."""
+        return self.settings.get("clock", "wall")
+
+    @property
     def runtime_version(self) -> str | None:
         return (self.device.get("runtime_versions") or {}).get(runtime_dist(self.backend))
 
@@ -74,7 +80,8 @@ class LatencyProfile:
         return device_key(self.device)
 
     def describe(self) -> str:
-        return (f"{self.backend} {self.runtime_version or '?'}, {self.threads} thread{'s' * (self.threads != 1)}, "
+        return (f"{self.backend} {self.runtime_version or '?'}, {self.threads} thread{'s' * (self.threads != 1)}"
+                f"{', CPU time' if self.clock == 'cpu' else ''}, "
                 f"{self.device.get('cpu', '?')} ({self.device.get('cores', '?')} cores) via {self.device.get('spec')}")
 
     # --- checks -------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan, TensorPlan, plan_from_json
 from edgeq.passes import Context
-from edgeq.predictor.measure import device_for, spread
+from edgeq.predictor.measure import device_for, median_ms, spread
 from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, DEFAULT_PROMPT_TOKENS
 from edgeq.predictor.profile import LatencyProfile
 from edgeq.targets.registry import get_target
@@ -158,14 +158,18 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         for b, rr in zip(bundles, runs):
             m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
             pred = m["predicted"]
-            dec = [float(np.median(x["decode"][str(settings.context_tokens)]["wall_s"]) * 1e3) for x in rr]
-            pre = [float(np.median(x["prefill"][str(settings.prompt_tokens)]["wall_s"]) * 1e3) for x in rr]
+            clock = profile.clock
+            dec = [median_ms(x["decode"][str(settings.context_tokens)], clock) for x in rr]
+            pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
+            other = "wall" if clock == "cpu" else "cpu"
+            dec_other = [median_ms(x["decode"][str(settings.context_tokens)], other) for x in rr]
             measured = {"decode_ms_per_token": float(np.median(dec)), "decode_ms_per_token_spread": spread(dec),
                         "prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
                         "rounds_decode_ms": [round(x, 4) for x in dec], "rounds_prefill_ms": [round(x, 3) for x in pre],
                         "peak_rss_bytes": int(np.median([x["peak_rss_bytes"] or 0 for x in rr])),
                         "prompt_tokens": settings.prompt_tokens, "context_tokens": settings.context_tokens,
-                        "threads": threads, "device": device.name}
+                        "threads": threads, "device": device.name, "clock": clock,
+                        f"decode_ms_per_token_{other}": float(np.median(dec_other))}
             predicted = {"decode_ms_per_token": pred["latency_ms_per_token"], "prefill_ms": pred["prefill_ms"],
                          "peak_memory_bytes": pred["peak_memory_bytes"]}
             mfile = b / "measurements.json"
@@ -177,7 +181,7 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
                          "formats": plan_from_json(m["plan"]).format_counts(), "predicted": predicted,
                          "measured": measured})
         good = [x for x in loads if x]
-        report = {"backend": backend, "threads": threads, "device": device.name,
+        report = {"backend": backend, "threads": threads, "device": device.name, "clock": profile.clock,
                   "cpu": (facts or {}).get("cpu"), "model": model or "SmolLM2-135M-Instruct (default)",
                   "settings": settings.__dict__, "tolerance": f"max({TOLERANCE:.0%}, 2 x the plan's run-to-run spread)",
                   "load_average": {"first": good[0] if good else None, "last": good[-1] if good else None,
@@ -190,7 +194,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
                   "plans": rows}
         (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         d, p = report["decode"], report["prefill"]
-        plot(rows, f"{backend}, {threads} thread(s), {k} held-out plans on {report['cpu']}: decode {d['share_within']:.0%} "
+        plot(rows, f"{backend}, {threads} thread(s), {profile.clock} clock, {k} held-out plans on {report['cpu']}: "
+                   f"decode {d['share_within']:.0%} "
                    f"within (MAPE {d['mape']:.1%}), prefill {p['share_within']:.0%} (MAPE {p['mape']:.1%}); "
                    f"load {report['load_average']['max_1min']}", out / "validation.png")
         return report
