@@ -53,7 +53,7 @@ class ManifestParts:
     calibration: dict[str, Any] | None     # decoders: what the plan was calibrated on (or why not)
     sections: dict[str, Any]               # each target's own section, under its name
     passes: list[dict[str, Any]]
-    reference: dict[str, Any]
+    reference: dict[str, Any] | None      # None: a bundle made without reference outputs (latency measurements)
     predicted: dict[str, Any] | None = None   # a latency profile's prediction (edgeq/predictor), else nulls
 
 

@@ -24,6 +24,7 @@ class ExportOptions:
     n_ctx: int | None = None
     kv_dtype: str | None = None
     check: bool = True
+    reference: bool = True                 # write the reference inputs and float outputs (a device checks itself with them)
     # calibration: presets and plans are calibration-aware unless turned off
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating

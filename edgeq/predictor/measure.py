@@ -71,7 +71,7 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
     plan_file = work / f"{mm.name}.plan.json"
     mm.plan().save(plan_file)
     opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
-                         check=False, calibration=False, n_ctx=mm.n_ctx)
+                         check=False, reference=False, calibration=False, n_ctx=mm.n_ctx)
     pipeline.export(opts, graph=mm.graph(), progress=None)
     return folder
 

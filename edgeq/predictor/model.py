@@ -10,9 +10,9 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
    token counts. Node-by-node timing costs a hand-over per node (measured on nodes that compute nothing);
    it is taken off each kernel.
 2. **Everything else in the graph** (`OtherOps`): norms, RoPE, attention over the KV cache, softmax, SwiGLU,
-   adds, the cache writes, per call; a non-negative linear model over what each costs in proportion to
-   (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is the cache
-   length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
+   adds, the cache writes, per call; per op kind a non-negative linear model over what such ops cost in
+   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is
+   the cache length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
 3. **The whole call** (`Correction`): the runtime's wall time for the call against (1) + (2), learned over
    the micro-models' real (not node-by-node) runs: a robust linear model (scikit-learn's HuberRegressor)
    of wall time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
@@ -63,13 +63,18 @@ class Prediction:
                 **self.parts}
 
 
-def _positive_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1])."""
+def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
+    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]); `relative`: minimise
+    relative errors (each row weighted by 1/y), so that small kernels weigh as much as large ones."""
     from scipy.optimize import nnls
 
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
     a = np.hstack([x / scale, np.ones((len(x), 1))])
-    coef, _ = nnls(a, y)
+    b = y
+    if relative:
+        wgt = 1.0 / np.maximum(np.abs(y), 1e-9)
+        a, b = a * wgt[:, None], y * wgt
+    coef, _ = nnls(a, b)
     return coef[:-1] / scale, float(coef[-1])
 
 
@@ -91,7 +96,7 @@ class KernelTable:
             shapes = sorted(by_shape)
             x = np.array([[r * c, r, c] for r, c in shapes], dtype=np.float64)
             y = np.array([self.lookup[(fmt, n, r, c)] for r, c in shapes])
-            self.fits[(fmt, n)] = _positive_fit(x, y)
+            self.fits[(fmt, n)] = _positive_fit(x, y, relative=True)
             self.tokens[fmt].append(n)
         for fmt in self.tokens:
             self.tokens[fmt].sort()
@@ -136,13 +141,18 @@ def other_features(w: Workload, n: int, kv: int) -> np.ndarray:
 
 
 class OtherOps:
-    def __init__(self, rows: list[tuple[np.ndarray, float]]):
+    """One non-negative linear model per op kind (its own mix of the features: a softmax scales with
+    heads·n·kv, a norm with n·d), summed: per-kind fits extrapolate to deeper and wider models better than one
+    fit of the total."""
+
+    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]]):
         x = np.array([r[0] for r in rows])
-        y = np.array([r[1] for r in rows])
-        self.coef, self.icpt = _positive_fit(x, y)
+        kinds = sorted({k for _, per in rows for k in per})
+        self.fits = {k: _positive_fit(x, np.array([per.get(k, 0.0) for _, per in rows])) for k in kinds}
 
     def cost_us(self, w: Workload, n: int, kv: int) -> float:
-        return float(self.icpt + self.coef @ other_features(w, n, kv))
+        f = other_features(w, n, kv)
+        return float(sum(icpt + coef @ f for coef, icpt in self.fits.values()))
 
 
 def kv_padding(pairs: list[tuple[int, int, int]]) -> int:
@@ -262,7 +272,7 @@ class Predictor:
 
     def _fit(self) -> None:
         samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
-        other: dict[str, list[tuple[np.ndarray, float]]] = {"decode": [], "prefill": []}
+        other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
         pads = []
         for run in self.profile.models:
             w = run.workload
@@ -276,10 +286,10 @@ class Predictor:
                         m = canon.get(w.aliases.get(rt_name, rt_name))
                         if m is not None:
                             samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
-                    rest = sum(max(0.0, t - c * hand) for c, t in s["ops_us"].values())
+                    per_op = {op: max(0.0, t - c * hand) for op, (c, t) in s["ops_us"].items()}
                     kv = int(s.get("kv_len") or 0)
                     pads.append((tokens, kv, w.n_ctx))
-                    other[kind].append((other_features(w, n, kv or tokens), rest))
+                    other[kind].append((other_features(w, n, kv or tokens), per_op))
         if not samples:
             raise EdgeqError(None, "the latency profile has no per-kernel timings")
         self.kernels = KernelTable(samples)

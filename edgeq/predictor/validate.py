@@ -131,7 +131,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             plan_file = out / f"plan-{i:02d}.json"
             plan.save(plan_file)
             opts = ExportOptions(model=model, target=device.profile(), backend=backend, plan=str(plan_file),
-                                 out=str(folder), force=True, check=False, calibration=False, n_ctx=n_ctx,
+                                 out=str(folder), force=True, check=False, reference=False, calibration=False,
+                                 n_ctx=n_ctx,
                                  latency_profile=str(profile_path), prompt_tokens=settings.prompt_tokens,
                                  context_tokens=settings.context_tokens)
             pipeline.export(opts)
