@@ -116,7 +116,7 @@ def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out:
     else:
         prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
                               progress=progress, log=log)
-        path = cached_profile_path(prof.device, backend, threads)
+        path = cached_profile_path(prof.device, backend, threads, prof.clock)
         for p in (path, out):
             if p is not None:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)

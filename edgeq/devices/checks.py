@@ -144,6 +144,8 @@ def measure_prediction(device: Device, bundle: str | Path, backend: str | None =
         raise AssertionError(f"{bundle} was predicted for {pred.get('threads')} threads, not {threads}")
     remote = device.push(Path(bundle))
     n, c = int(pred["prompt_tokens"]), int(pred["context_tokens"])
+    # a profile timed in CPU time (one thread, `edgeq profile --clock cpu`) predicts CPU time
+    clock = "cpu_s" if (pred.get("latency_profile") or {}).get("clock") == "cpu" else "wall_s"
     args = {"prefill": [n], "decode": [c], "steps": 8, "prefill_steps": 2, "warmup": 1}
     dec, pre = [], []
     for _ in range(rounds):
@@ -151,13 +153,13 @@ def measure_prediction(device: Device, bundle: str | Path, backend: str | None =
                          n_ctx=max(256, n, c + 16))
         if not res.ok:
             raise AssertionError(f"the device failed to time {bundle}: {res.error}")
-        dec.append(statistics.median(res.result["decode"][str(c)]["wall_s"]) * 1e3)
-        pre.append(statistics.median(res.result["prefill"][str(n)]["wall_s"]) * 1e3)
+        dec.append(statistics.median(res.result["decode"][str(c)][clock]) * 1e3)
+        pre.append(statistics.median(res.result["prefill"][str(n)][clock]) * 1e3)
     got = {"decode_ms_per_token": statistics.median(dec), "prefill_ms": statistics.median(pre)}
     return {"measured": got, "predicted": {"decode_ms_per_token": pred["latency_ms_per_token"],
                                            "prefill_ms": pred["prefill_ms"]},
             "decode_ratio": got["decode_ms_per_token"] / pred["latency_ms_per_token"],
-            "prefill_ratio": got["prefill_ms"] / pred["prefill_ms"], "rounds": rounds}
+            "prefill_ratio": got["prefill_ms"] / pred["prefill_ms"], "rounds": rounds, "clock": clock[:-2]}
 
 
 def assert_peak_memory(bundle: str | Path, result: RunResult, max_bytes: int | None = None) -> int:

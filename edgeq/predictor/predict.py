@@ -34,8 +34,11 @@ def open_profile(path: str | os.PathLike | None, backend: str, threads: int | No
                                                                                            Predictor]:
     """The profile at `path`, or this machine's cached profile for the backend and threads; fitted."""
     if path is None:
-        cached = cached_profile_path(device_facts(runtime_dists()), backend, threads or 1)
-        if cached is None or not cached.is_file():
+        facts = device_facts(runtime_dists())
+        found = [p for p in (cached_profile_path(facts, backend, threads or 1, c) for c in ("wall", "cpu"))
+                 if p is not None and p.is_file()]
+        cached = found[0] if found else None
+        if cached is None:
             raise EdgeqError(None, f"no latency profile of this machine for {backend} with {threads or 1} thread(s): "
                                    f"run `edgeq profile --device local --backend {backend} --threads {threads or 1}` or "
                                    "pass --latency-profile FILE")
@@ -74,7 +77,8 @@ def predict_workload(fitted: Predictor, w: Workload, prompt_tokens: int | None,
 def profile_record(path: Path, profile: LatencyProfile) -> dict[str, Any]:
     """How a manifest or a plan names the profile a prediction came from (no paths: bundles are portable)."""
     return {"device": profile.device.get("cpu"), "device_key": profile.device_key(), "sha256": profile.digest(),
-            "runtime_version": profile.runtime_version, "noise_spread": profile.noise.get("spread")}
+            "runtime_version": profile.runtime_version, "clock": profile.clock,
+            "noise_spread": profile.noise.get("spread")}
 
 
 def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backend: str, n_ctx: int, kv_dtype: str,

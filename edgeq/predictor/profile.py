@@ -161,9 +161,9 @@ def load_profile(path: str | os.PathLike) -> LatencyProfile:
         raise EdgeqError(path, f"latency profile is incomplete or damaged ({type(exc).__name__}: {exc})") from None
 
 
-def cached_profile_path(facts: dict[str, Any], backend: str, threads: int) -> Path | None:
-    """Where the profile of this device, backend and thread count is cached (None: caching is off)."""
+def cached_profile_path(facts: dict[str, Any], backend: str, threads: int, clock: str = "wall") -> Path | None:
+    """Where the profile of this device, backend, thread count (and clock) is cached (None: caching is off)."""
     root = cache_dir()
     if root is None:
         return None
-    return root / "profiles" / f"{device_key(facts)}-{backend}-t{int(threads)}.json"
+    return root / "profiles" / f"{device_key(facts)}-{backend}-t{int(threads)}{'-cpu' if clock == 'cpu' else ''}.json"
