@@ -42,6 +42,7 @@ class ExtraRow:
     bound: float
     exact: Callable[[dict[str, Option]], float] | None = None
     limit: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)    # recorded in the plan's `search` beside the row's value
 
 
 @dataclass
@@ -195,7 +196,7 @@ def solve_rows(table: CostTable, budget: int, ties: list[list[str]] = (), extra_
         for i, r in enumerate(rows):
             if r.exact is not None and r.limit is not None:
                 value = r.exact(alloc.choice)
-                alloc.info[r.name] = round(value, 6)
+                alloc.info.update({r.name: round(value, 6), f"{r.name}_limit": r.limit, **r.info})
                 if value > r.limit:
                     over[i] = value - r.limit
         if not over:

@@ -37,7 +37,7 @@ from edgeq.passes.legalize import Legalize
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
 from edgeq.predictor.budget import LatencyBudget
-from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, check_runtime_here, open_profile
+from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, check_runtime_here, open_profile, profile_record
 from edgeq.targets.base import Target
 
 PERCENTILE = 99.999          # static INT8 activation ranges: this percentile of |x| per tensor
@@ -200,7 +200,8 @@ def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: Co
     return ExtraRow("predicted_latency_ms", lambda n, o: lb.coef(n, o.format, o.rank),
                     opts.latency_ms - lb.fixed_ms(fast_choice),
                     exact=lambda choice: lb.exact({n: (o.format, o.rank) for n, o in choice.items()}),
-                    limit=float(opts.latency_ms))
+                    limit=float(opts.latency_ms),
+                    info={"latency_of": lb.what, "latency_profile": profile_record(path, profile)})
 
 
 def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> list[Pass]:

@@ -13,9 +13,9 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
    adds, the cache writes, per call; per op kind a non-negative linear model over what such ops cost in
    proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is
    the cache length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
-3. **The whole call** (`Correction`): the runtime's wall time for the call against (1) + (2), learned over
-   the micro-models' real (not node-by-node) runs: a robust linear model (scikit-learn's HuberRegressor)
-   of wall time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
+3. **The whole call** (`Correction`): the runtime's time for the call against (1) + (2), learned over the
+   micro-models' real (not node-by-node) calls: a non-negative linear model (scikit-learn's LinearRegression,
+   relative errors) of the call's time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
    and the KV cache handed between calls, plus, where leave-one-model-out
    validation shows it helps, gradient-boosted trees (scikit-learn) on its remaining relative error from the
    workload's shape. The linear part keeps the prediction linear in each weight's kernel, which is what the
@@ -184,7 +184,7 @@ def shape_features(w: Workload, n: int, kv: int, graph_ms: float) -> np.ndarray:
 
 @dataclass
 class Correction:
-    """Wall time (ms) of one call from its graph time: linear (Huber), then optionally x (1 + trees)."""
+    """Time (ms) of one call from its graph time: linear, then optionally x (1 + trees)."""
 
     coef: np.ndarray
     icpt: float
@@ -201,14 +201,20 @@ class Correction:
         return y
 
 
-def _huber(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    from sklearn.linear_model import HuberRegressor
+def _linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """The call's time as its graph time (x[:, 0], slope 1: the node-by-node timings already are the kernels'
+    times) plus non-negative overheads on the other features, in relative error (scikit-learn's
+    LinearRegression, positive, weighted by 1/y²: a 5 ms decode step weighs as much as a 1 s prefill). Fixing the
+    slope keeps a profile of few micro-models from trading the graph for its correlates."""
+    from sklearn.linear_model import LinearRegression
 
-    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+    rest = x[:, 1:]
+    scale = np.maximum(np.abs(rest).max(axis=0), 1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = HuberRegressor(epsilon=1.35, alpha=1e-6, max_iter=2000).fit(x / scale, y)
-    return m.coef_ / scale, float(m.intercept_)
+        m = LinearRegression(positive=True).fit(rest / scale, y - x[:, 0],
+                                                sample_weight=1.0 / np.maximum(y, 1e-9) ** 2)
+    return np.concatenate([[1.0], m.coef_ / scale]), float(m.intercept_)
 
 
 def fit_correction(rows: list[dict[str, Any]]) -> Correction:
@@ -220,10 +226,10 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
     y = np.array([r["y"] for r in rows])
     s = np.array([r["s"] for r in rows])
     groups = np.array([r["group"] for r in rows])
-    coef, icpt = _huber(x, y)
+    coef, icpt = _linear(x, y)
 
     def trees_on(xx, yy, ss):
-        c, i = _huber(xx, yy)
+        c, i = _linear(xx, yy)
         lin = i + xx @ c
         t = GradientBoostingRegressor(n_estimators=60, max_depth=2, learning_rate=0.1, subsample=1.0,
                                       random_state=0).fit(ss, yy / lin - 1.0)
@@ -234,7 +240,7 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
         tr, te = groups != g, groups == g
         if tr.sum() < 8:
             continue
-        c, i = _huber(x[tr], y[tr])
+        c, i = _linear(x[tr], y[tr])
         lin = i + x[te] @ c
         errs_lin += list(np.abs(lin / y[te] - 1))
         c2, i2, t = trees_on(x[tr], y[tr], s[tr])
@@ -252,7 +258,18 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
 # --- memory -------------------------------------------------------------------------------------------------------
 
 def memory_features(w: Workload, tokens: int) -> np.ndarray:
+    """What a runtime keeps resident: the files it maps, the KV cache it allocates, the logits of the tokens."""
     return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), tokens * w.vocab * 4.0], dtype=np.float64)
+
+
+def fit_memory(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Peak memory = a fixed base + each feature once (the prior), adjusted where the micro-models say otherwise
+    (scikit-learn's Ridge on the deviations, relative errors: with few micro-models the prior stands)."""
+    from sklearn.linear_model import Ridge
+
+    scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+    m = Ridge(alpha=2.0).fit(x / scale, y - x.sum(axis=1), sample_weight=(np.mean(y) / np.maximum(y, 1.0)) ** 2)
+    return 1.0 + m.coef_ / scale, float(m.intercept_)
 
 
 # --- the predictor ------------------------------------------------------------------------------------------------
@@ -313,7 +330,7 @@ class Predictor:
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
         mem = [(memory_features(r.workload, r.max_tokens), float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
-        self.memory = _positive_fit(np.array([m[0] for m in mem]), np.array([m[1] for m in mem])) if mem else None
+        self.memory = fit_memory(np.array([m[0] for m in mem]), np.array([m[1] for m in mem])) if mem else None
 
     # -- predicting ---------------------------------------------------------------------------------------------
 
