@@ -208,13 +208,14 @@ def _linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     slope keeps a profile of few micro-models from trading the graph for its correlates."""
     from sklearn.linear_model import LinearRegression
 
-    rest = x[:, 1:]
+    rest = np.hstack([x[:, 1:], np.ones((len(x), 1))])          # the constant is an overhead too: non-negative
     scale = np.maximum(np.abs(rest).max(axis=0), 1e-12)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m = LinearRegression(positive=True).fit(rest / scale, y - x[:, 0],
-                                                sample_weight=1.0 / np.maximum(y, 1e-9) ** 2)
-    return np.concatenate([[1.0], m.coef_ / scale]), float(m.intercept_)
+        m = LinearRegression(positive=True, fit_intercept=False).fit(
+            rest / scale, y - x[:, 0], sample_weight=1.0 / np.maximum(y, 1e-9) ** 2)
+    coef = m.coef_ / scale
+    return np.concatenate([[1.0], coef[:-1]]), float(coef[-1])
 
 
 def fit_correction(rows: list[dict[str, Any]]) -> Correction:
