@@ -3,10 +3,10 @@
 What a latency profile and a prediction's check measure, the same way everywhere: a decoder's prefill
 (one `feed` of N tokens into an empty cache; time to the last token's logits) and its decode step (one
 `feed` of one token with C tokens already in the cache), through the bundle's own runtime backend, as
-`edgeq run` uses it. Each figure is the median of `steps` calls after `warmup` calls; wall time is what is
-reported, the process's CPU time beside it says how much of the wall time the device gave to others.
+`edgeq run` uses it, `steps` timed calls after `warmup` calls. Every call is reported in wall time and in the
+process's CPU time (what an idle device's wall time would be with one thread; `--clock cpu`).
 
-With `ops`, the backend's own per-kernel timings of the same calls come back too (llama.cpp: ggml's graph
+With `ops`, the backend's own per-kernel timings of the same calls come back instead (llama.cpp: ggml's graph
 evaluation callback, runtime/gguf_ops.py; onnxruntime: its profiler, runtime/onnx_ops.py), so one run
 yields a cost for every weight's kernel.
 """
@@ -104,20 +104,3 @@ def decoder_latency(backend, args: dict[str, Any]) -> dict[str, Any]:
         out["decode"][str(ctx)] = {"wall_s": walls, "cpu_s": cpus}
     backend.reset()
     return out
-
-
-def model_latency(session, inputs: dict[str, np.ndarray], args: dict[str, Any]) -> dict[str, Any]:
-    """Encoders and CNNs: `steps` calls of the whole model on `inputs` after `warmup` calls."""
-    steps = int(args.get("steps", 5))
-    for _ in range(int(args.get("warmup", 1))):
-        session.run(inputs)
-    walls, cpus = [], []
-    for _ in range(steps):
-        _, w, c = _timed(session.run, inputs)
-        walls.append(w)
-        cpus.append(c)
-    return {"run": {"wall_s": walls, "cpu_s": cpus}}
-
-
-def median_ms(times: dict[str, list[float]]) -> float:
-    return float(np.median(times["wall_s"]) * 1e3)

@@ -6,7 +6,8 @@ those runtime/latency.py times (prefills of N tokens, decode steps at a context)
 runtime's own decoder backend, so the graph, the optimisations and the threads are the runtime's. The nodes
 the host names in args['kernels'] (the ones that multiply with a weight) are reported one by one; every
 other node is summed per op type. Each call is also timed through the runtime's own session, alternately
-(`call_us`), so that the whole call and its nodes see the same load.
+(`call_us`), so that the whole call and its nodes see the same load. The profiler times nodes by the wall
+clock; with args['clock'] `cpu` each call's node times are scaled by that call's CPU time over its wall time.
 """
 
 from __future__ import annotations
@@ -94,15 +95,21 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
         b = _profiled_backend(backend, threads, folder, session_options)
         n_vocab = int(b.n_vocab)
         plan: list[tuple[str, str, bool]] = []          # (kind, key, timed) per session.run, in order
+        ratio: list[float] = []                         # per session.run: its CPU time / its wall time
         walls: dict[tuple[str, str], list[float]] = {}  # the same calls through the runtime's session, alternating
-        b.feed(token_ids(min(32, b.n_ctx), n_vocab, seed=99))
-        plan.append(("warmup", "", False))
+
+        def profiled(kind: str, key: str, timed: bool, ids: list[int]) -> None:
+            c0, t0 = time.process_time(), time.perf_counter()
+            b.feed(ids)
+            ratio.append(min(1.0, (time.process_time() - c0) / max(time.perf_counter() - t0, 1e-9)))
+            plan.append((kind, key, timed))
+
+        profiled("warmup", "", False, token_ids(min(32, b.n_ctx), n_vocab, seed=99))
         for n in args.get("prefill", []):
             for rep in range(prefill_steps):
                 ids = token_ids(int(n), n_vocab, seed=rep)
                 b.reset()
-                b.feed(ids)
-                plan.append(("prefill", str(n), True))
+                profiled("prefill", str(n), True, ids)
                 backend.reset()
                 walls.setdefault(("prefill", str(n)), []).append(_timed(call_clock, backend.feed, ids))
         for ctx in args.get("decode", []):
@@ -111,15 +118,12 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
             backend.reset()
             ids = token_ids(ctx + steps + 1, n_vocab, seed=1)
             if ctx:
-                b.feed(ids[:ctx])
+                profiled("fill", "", False, ids[:ctx])
                 backend.feed(ids[:ctx])
-                plan.append(("fill", "", False))
-            b.feed([ids[ctx]])
+            profiled("decode", str(ctx), False, [ids[ctx]])
             backend.feed([ids[ctx]])
-            plan.append(("decode", str(ctx), False))
             for k in range(steps):
-                b.feed([ids[ctx + 1 + k]])
-                plan.append(("decode", str(ctx), True))
+                profiled("decode", str(ctx), True, [ids[ctx + 1 + k]])
                 walls.setdefault(("decode", str(ctx)), []).append(_timed(call_clock, backend.feed, [ids[ctx + 1 + k]]))
         backend.reset()
         path = b.session.end_profiling()
@@ -129,6 +133,10 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
     calls = _calls(events)
     if len(calls) != len(plan):
         raise RuntimeError(f"onnxruntime's profile has {len(calls)} runs, {len(plan)} were made")
+    if args.get("clock") == "cpu":
+        # the profiler's node times are wall time: scale each call's by its CPU share, so that a call the OS
+        # paused counts only the time its nodes computed
+        calls = [[(name, op, us * r) for name, op, us in c] for c, r in zip(calls, ratio)]
     out: dict[str, Any] = {"prefill": {}, "decode": {}}
     for kind in ("prefill", "decode"):
         keys = sorted({k for kd, k, timed in plan if kd == kind and timed}, key=int)

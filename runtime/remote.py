@@ -95,8 +95,8 @@ def _reference(session, bundle: Path, out: Path, args: dict[str, Any]) -> tuple[
 
 
 def _latency(session, req: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-    """Timed prefills and decode steps (decoders) or whole calls (other models), runtime/latency.py; with
-    args['ops'] the backend's per-kernel timings of the same calls instead."""
+    """Timed prefills and decode steps of a decoder (runtime/latency.py); with args['ops'] the backend's
+    per-kernel timings of the same calls instead."""
     from edgeq import runtime
     from edgeq.runtime import latency
 

@@ -386,9 +386,3 @@ class Predictor:
                 "kernel_shapes": len(self.kernels.lookup),
                 "correction": {k: c.report for k, c in self.correction.items()}}
 
-
-def predictor(profile: LatencyProfile) -> Predictor:
-    return Predictor(profile)
-
-
-__all__ = ["Prediction", "Predictor", "predictor"]

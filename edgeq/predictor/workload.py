@@ -8,7 +8,6 @@ the KV-cache type. It comes from a graph and a finished plan (planning, export),
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,10 +117,3 @@ def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Wor
     w = decoder_workload(config, formats, int(m.get("n_ctx") or 2048), m.get("kv_cache_dtype") or "f16", files,
                          source=str(bundle / "manifest.json"))
     return w, backend, m
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EdgeqError(path, f"not readable JSON ({exc})") from None
