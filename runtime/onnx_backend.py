@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeq.runtime.manifest import artifact_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
+from edgeq.runtime.tokenizer import build_tokenizer
 
 NAME = "onnx"
 RUNTIME_DIST = "onnxruntime"
@@ -120,8 +121,6 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
-        from edgeq.runtime.tokenizer import build_tokenizer
-
         self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
