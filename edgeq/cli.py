@@ -18,8 +18,14 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
+from edgeq.devices.session import DeviceSession, runs_remotely
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
+
+
+DEVICE_HELP = ("where to run: local (or cpu, the default: this process), ssh://user@host[:port], adb:SERIAL, "
+               "qemu-arm64 (the HIL devices: the bundle is pushed and run by the on-device runner), or "
+               "rpc://HOST:PORT (a TVM RPC server, tvm bundles)")
 
 
 def _log(quiet: bool):
@@ -39,6 +45,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         allow_requantize=not getattr(a, "no_requantize", False),
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
+        latency_profile=a.latency_profile, latency_ms=a.latency_ms, prompt_tokens=a.prompt_tokens,
+        context_tokens=a.context_tokens,
     )
 
 
@@ -72,10 +80,14 @@ def cmd_plan(a) -> int:
     plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         extra = ""
-        if plan.search and (a.budget_mb is not None or a.bpw is not None):
+        if plan.search and (a.budget_mb is not None or a.bpw is not None or a.latency_ms is not None):
             s = plan.search
-            extra = (f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw) for a budget of "
-                     f"{s['budget_mb']:.3f} MB, predicted error {s['predicted_error']:.4g}")
+            extra = f"; {s['method']}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw)"
+            if a.budget_mb is not None or a.bpw is not None:
+                extra += f" for a budget of {s['budget_mb']:.3f} MB"
+            if "predicted_latency_ms" in s:
+                extra += f", predicted {s['predicted_latency_ms']:.3f} ms for a limit of {a.latency_ms:g} ms"
+            extra += f", predicted error {s['predicted_error']:.4g}"
         print(f"wrote {a.out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
     return 0
 
@@ -96,6 +108,18 @@ def _sampling(a) -> dict:
 
 
 def cmd_run(a) -> int:
+    if runs_remotely(a.device):     # a HIL device: the bundle is pushed and run by the on-device runner
+        if a.system is not None or a.stop or a.truncate:
+            raise EdgeqError(None, f"--system, --stop and --truncate run in this process, not on {a.device}")
+        with DeviceSession(a.bundle, a.device, a.backend, a.threads) as s:
+            if s.kind == "decoder":
+                text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
+                                  chat=a.chat)
+                print(text if a.chat else a.prompt + text)
+            else:
+                print(json.dumps({"backend": s.backend_name,
+                                  "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}))
+        return 0
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device) as s:
         if getattr(s, "kind", None) == "encoder":   # the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
@@ -151,6 +175,42 @@ def cmd_eval(a) -> int:
     else:
         print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
+    return 0
+
+
+def cmd_profile(a) -> int:
+    res = api.profile(a.device, a.backend, a.threads, out=a.out, validate_plans=a.validate, model=a.model,
+                      latency_profile=a.latency_profile, validate_dir=a.validate_dir, allow_noisy=a.allow_noisy,
+                      quick=a.quick, clock=a.clock, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
+                      progress=make_progress(a.quiet), log=_log(a.quiet))
+    if a.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "validation"}
+                         | ({"validation": {k: res["validation"][k] for k in ("decode", "prefill", "memory_mape",
+                                                                               "load_average")}}
+                            if "validation" in res else {}), sort_keys=True))
+        return 0
+    n = res["noise"]
+    print(f"latency profile {res['profile']}: {res['backend']}, {res['threads']} thread(s) on {res['device']}; "
+          f"run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average {res['load_average'].get('max_1min')}")
+    v = res.get("validation")
+    if v:
+        for what in ("decode", "prefill"):
+            s = v[what]
+            print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
+                  f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
+        print(f"  peak memory MAPE {v['memory_mape']:.1%}; report and plot in {res['validation_dir']}")
+    return 0
+
+
+def cmd_predict(a) -> int:
+    pred = api.predict(a.path, latency_profile=a.latency_profile, backend=a.backend, model=a.model, threads=a.threads,
+                       prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
+    if a.json:
+        print(json.dumps(pred.to_json(), sort_keys=True))
+    else:
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
+              f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
+              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     return 0
 
 
@@ -295,13 +355,27 @@ def build_parser() -> argparse.ArgumentParser:
                              "torch is installed and calibration is on, else output")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
+        latency_options(sp)
+        sp.add_argument("--latency-ms", type=float,
+                        help="latency budget: the plan's predicted decode step (or prefill of --prompt-tokens) on the "
+                             "profiled device may not exceed this many ms (needs --latency-profile)")
 
-    def bundle_runtime(sp, what: str):
+    def latency_options(sp):
+        sp.add_argument("--latency-profile", help="latency profile (edgeq profile) of the device: predicts the plan "
+                                                  "(manifest `predicted`)")
+        sp.add_argument("--prompt-tokens", type=int,
+                        help="tokens of the prompt whose prefill is predicted (default 128); with --latency-ms the "
+                             "budget bounds this prefill instead of a decode step")
+        sp.add_argument("--context-tokens", type=int,
+                        help="tokens already in the KV cache at the decode step predicted (default 64)")
+
+    def bundle_runtime(sp, what: str, device_help: str = "tvm bundles: cpu or rpc://HOST:PORT, a TVM RPC server "
+                                                         "(default: cpu)"):
         sp.add_argument("bundle", help="bundle folder (what edgeq export wrote)")
         sp.add_argument("--backend", help=f"which artifact of the bundle to {what} (default: the first)")
         sp.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime")
         sp.add_argument("--n-ctx", type=int, metavar="N", help="context length in tokens (default: the bundle's)")
-        sp.add_argument("--device", help="tvm bundles: cpu or rpc://HOST:PORT, a TVM RPC server (default: cpu)")
+        sp.add_argument("--device", help=device_help)
 
     def sampling_options(sp, seed: int | None, title: str = "sampling"):
         g = sp.add_argument_group(f"{title} (llama.cpp's sampler on gguf, the same steps in edgeq's elsewhere)")
@@ -358,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
                 'edgeq run out/ "The capital of France is"',
                 'edgeq run out/ --chat "What is the capital of France?"',
                 'edgeq run out/ --system "Answer in French." "Name a colour." --temperature 0.7 --seed 1', fn=cmd_run)
-    bundle_runtime(r, "run")
+    bundle_runtime(r, "run", DEVICE_HELP)
     r.add_argument("prompt", help="text to continue, or with --chat the user's message")
     r.add_argument("--chat", action="store_true", help="send the prompt as a user message through the model's chat "
                                                        "template; stops at the end of the turn")
@@ -414,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate (default: the first)")
     ev.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime")
-    ev.add_argument("--device", help="tvm bundles: cpu or rpc://HOST:PORT, a TVM RPC server (default: cpu)")
+    ev.add_argument("--device", help=DEVICE_HELP)
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true", help=quiet_help)
@@ -424,6 +498,46 @@ def build_parser() -> argparse.ArgumentParser:
                 "edgeq inspect model.gguf --json", fn=cmd_inspect)
     i.add_argument("path", help="bundle folder, GGUF file, .pt2 or Hugging Face folder")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pr = command("profile", "measure a latency profile of a device (once), optionally validate it",
+                 "edgeq profile --backend gguf --clock cpu",
+                 "edgeq profile --device ssh://user@board --backend onnx --validate 4", fn=cmd_profile)
+    pr.add_argument("--device", default="local",
+                    help="local (or cpu), ssh://user@host[:port], rpc://host:port, adb:SERIAL, qemu-arm64 "
+                         "(default local)")
+    pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
+    pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
+    pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in "
+                                        "~/.cache/edgeq/profiles/)")
+    pr.add_argument("--validate", type=int, default=0, metavar="K",
+                    help="then export K held-out plans of --model with random per-tensor formats, run them on the "
+                         "device and report the prediction's accuracy (validation.json, validation.png)")
+    pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the "
+                                           "profile)")
+    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
+    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length timed (default 128)")
+    pr.add_argument("--context-tokens", type=int, help="validation: context of the decode steps timed (default 64)")
+    pr.add_argument("--allow-noisy", action="store_true",
+                    help="keep a profile although the device's run-to-run spread is above 5%%")
+    pr.add_argument("--quick", action="store_true", help="two micro-model shapes, fewer rounds: a rough profile")
+    pr.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="wall (default): the wall clock; cpu: the runtime's CPU time (one thread), which leaves out "
+                         "time spent waiting for a core on a shared machine: an idle device's wall time")
+    pr.add_argument("--json", action="store_true", help="print one JSON object")
+    pr.add_argument("--quiet", action="store_true")
+
+    pd = command("predict", "predict a bundle's or a plan's prefill, decode step and peak memory",
+                 "edgeq predict out/ --latency-profile ~/.cache/edgeq/profiles/PROFILE.json",
+                 "edgeq predict plan.json --latency-profile prof.json --prompt-tokens 512", fn=cmd_predict)
+    pd.add_argument("path", help="bundle folder, or plan JSON (then --model names the model)")
+    latency_options(pd)
+    pd.add_argument("--backend", help="which artifact of the bundle (or the plan's backend)")
+    pd.add_argument("--model", help="plans: the model they are for (default: the embedded SmolLM2-135M-Instruct)")
+    pd.add_argument("--threads", type=int, help="threads (must be the profile's)")
+    pd.add_argument("--device", help="check first that the profile was measured on this device (local, ssh://...)")
+    pd.add_argument("--json", action="store_true", help="print one flat JSON object")
+
 
     add_device_parser(sub, command)
     return p

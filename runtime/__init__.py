@@ -38,6 +38,11 @@ __all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "Samp
 BACKENDS = {m.NAME: m for m in (gguf_backend, onnx_backend, tvm_backend)}
 
 
+def runtime_dists() -> list[str]:
+    """The distributions whose versions bundles record and latency profiles depend on, one per backend."""
+    return sorted({m.RUNTIME_DIST for m in BACKENDS.values()})
+
+
 class Session:
     """A loaded decoder bundle: its tokenizer and one backend, and the decode loop over them.
 
@@ -51,7 +56,7 @@ class Session:
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
-        self.spec = _spec(bundle, manifest)
+        self.spec = bundle_spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
 
     @property
@@ -186,7 +191,7 @@ def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:
     return messages[:start] + messages[users[0]:]
 
 
-def _spec(bundle: Path, manifest: dict[str, Any]):
+def bundle_spec(bundle: Path, manifest: dict[str, Any]):
     spec_file = listed_path(bundle, manifest, (manifest.get("tokenizer") or {}).get("spec"), "tokenizer.spec")
     try:
         d = json.loads(spec_file.read_text(encoding="utf-8"))
@@ -219,5 +224,6 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     if manifest["model"]["kind"] != "decoder":
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
-    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,
-                                                       threads=threads, device=device), art)
+    spec = bundle_spec(bundle, manifest)
+    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
+                                                       device=device), art)

@@ -29,6 +29,13 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
                            lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
 
 
+def op_latency(backend, args: dict, threads: int) -> dict:
+    """Per-kernel timings of the calls runtime/latency.py times (runtime/gguf_ops.py)."""
+    from edgeq.runtime.gguf_ops import op_latency as timed
+
+    return timed(backend, args, threads)
+
+
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
     raise BundleError(bundle, f"a gguf bundle holds a decoder, not a {manifest['model'].get('kind')}")
 

@@ -32,6 +32,13 @@ def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | No
     return OnnxSession(bundle, manifest, art, threads=threads)
 
 
+def op_latency(backend, args: dict, threads: int) -> dict:
+    """Per-kernel timings of the calls runtime/latency.py times (runtime/onnx_ops.py)."""
+    from edgeq.runtime.onnx_ops import op_latency as timed
+
+    return timed(backend, args, threads, session_options)
+
+
 def session_options(threads: int = 1, spinning: bool = False):
     import onnxruntime as ort
 
@@ -116,6 +123,7 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+        self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
         self.spec = spec

@@ -123,6 +123,12 @@ class Target:
         """The KV-cache type a decoder bundle of this backend runs with."""
         return "f32"
 
+    def kernel_names(self, bundle: Path, graph_weights: dict[str, str]) -> dict[str, str]:
+        """The runtime's names for the kernels that multiply with each weight of a bundle this target wrote:
+        {name the runtime's per-kernel timer reports: canonical weight}. `graph_weights` maps each canonical
+        weight to its GGUF alias. Latency profiles read kernel timings through this (edgeq/predictor)."""
+        return {}
+
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
         out = {}

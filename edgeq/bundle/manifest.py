@@ -55,7 +55,8 @@ class ManifestParts:
     calibration: dict[str, Any] | None     # decoders: what the plan was calibrated on (or why not)
     sections: dict[str, Any]               # each target's own section, under its name
     passes: list[dict[str, Any]]
-    reference: dict[str, Any]
+    reference: dict[str, Any] | None      # None: a bundle made without reference outputs (latency measurements)
+    predicted: dict[str, Any] | None = None   # a latency profile's prediction (edgeq/predictor), else nulls
 
 
 def manifest(p: ManifestParts) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def manifest(p: ManifestParts) -> dict[str, Any]:
         **p.sections,
         "plan": p.plan.to_json(),
         "passes": p.passes,
-        "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
+        "predicted": p.predicted or {"latency_ms_per_token": None, "peak_memory_bytes": None},
         "pruning_rates": None,
         "reference": p.reference,
     }

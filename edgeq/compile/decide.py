@@ -3,7 +3,7 @@
 Three ways to decide, each one list of passes (the target supplies what it knows as data: what a preset
 means, its formats, its size model):
 
-- budgeted (`--budget-mb` / `--bpw`): calibrate, [fisher], sensitivity, allocate (ILP or DynaQuant),
+- budgeted (`--budget-mb` / `--bpw` / `--latency-ms`): calibrate, [fisher], sensitivity, allocate (ILP or DynaQuant),
   legalize, [lowrank_compensate];
 - a preset on a target whose preset reads the importance matrix (GGUF: llama.cpp picks some types by
   whether one is given), or a plan file that decides every tensor itself: [calibrate], [assign_preset],
@@ -16,17 +16,17 @@ means, its formats, its size model):
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edgeq.compile.options import ExportOptions
+from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes import Context, Pass, run_passes
-from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
+from edgeq.passes.allocate import Allocate, ExtraRow, budget_bytes, budget_error, min_feasible_bytes, solve_ilp
 from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
 from edgeq.passes.apply_rules import ApplyRules
 from edgeq.passes.assign_preset import AssignPreset
@@ -36,6 +36,8 @@ from edgeq.passes.fisher import Fisher
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
+from edgeq.predictor.budget import LatencyBudget
+from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, check_runtime_here, open_profile, profile_record
 from edgeq.targets.base import Target
 
 PERCENTILE = 99.999          # static INT8 activation ranges: this percentile of |x| per tensor
@@ -178,19 +180,54 @@ def search_cost(opts: ExportOptions, ctx: Context) -> str:
     return "output"
 
 
+def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
+                 ties: list[list[str]], byte_budget: bool) -> ExtraRow:
+    """The ILP row bounding the plan's predicted decode step (or prefill of --prompt-tokens), after checking that
+    the fastest plan within the byte budget meets it (one error naming that plan's latency if not)."""
+    path, profile, fitted = open_profile(opts.latency_profile, inp.target.name, None)
+    check_runtime_here(profile, path)
+    kind, key = (("prefill", opts.prompt_tokens) if opts.prompt_tokens is not None
+                 else ("decode", DEFAULT_CONTEXT_TOKENS if opts.context_tokens is None else opts.context_tokens))
+    lb = LatencyBudget(fitted, graph, bundle_n_ctx(graph, inp.profile, opts),
+                       inp.target.kv_cache_dtype(inp.preset, inp.profile, opts.kv_dtype), kind, int(key),
+                       float(opts.latency_ms))
+    fastest_table = CostTable({n: [replace(o, cost=lb.coef(n, o.format, o.rank)) for o in v]
+                               for n, v in sizes.options.items()}, sizes.fixed_bytes, sizes.n_params, sizes.info)
+    fast = solve_ilp(fastest_table, budget, ties)
+    fast_choice = {n: (o.format, o.rank) for n, o in fast.choice.items()}
+    fastest = lb.exact(fast_choice)
+    if fastest > opts.latency_ms:
+        raise lb.too_fast_error(fastest, f"; within {budget / 1e6:.3f} MB" if byte_budget else "")
+    return ExtraRow("predicted_latency_ms", lambda n, o: lb.coef(n, o.format, o.rank),
+                    opts.latency_ms - lb.fixed_ms(fast_choice),
+                    exact=lambda choice: lb.exact({n: (o.format, o.rank) for n, o in choice.items()}),
+                    limit=float(opts.latency_ms),
+                    info={"latency_of": lb.what, "latency_profile": profile_record(path, profile)})
+
+
 def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> list[Pass]:
     if any(r < 0 for r in opts.ranks):
         raise EdgeqError(None, "--ranks must be non-negative integers")
+    byte_budget = opts.budget_mb is not None or opts.bpw is not None
     # the budget in bytes needs only the parameter count: check it before anything is sized
-    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw) if byte_budget else None
     target = inp.target
     layout = target.layout(graph, target.candidate_formats(opts.formats), opts.ranks, inp.profile, spec=inp.spec,
                            ndk_clang=opts.android_clang)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed
     sizes = bytes_table(graph, layout, opts.formats)
+    if budget is None:            # a latency budget alone: every size is allowed
+        budget = sizes.fixed_bytes + sum(max(o.bytes for o in v) for v in sizes.options.values()) \
+            + layout.branch_overhead + sum(layout.branch_bytes(n, graph.weights[n].shape, r)
+                                           for n in sizes.options for r in opts.ranks if r)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
+    rows = []
+    if opts.latency_ms is not None:
+        if opts.method != "ilp":
+            raise EdgeqError(None, "--latency-ms is a row of the ILP: use it with --method ilp")
+        rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget))
     passes: list[Pass] = []
     cost = search_cost(opts, ctx)
     if cost == "fisher":
@@ -203,5 +240,6 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
         passes.append(AllocateDynaQuant(budget, ties, exact_bytes=layout.exact_bytes))
         return passes
-    passes.append(Allocate(budget, ties, adapter_overhead=layout.branch_overhead, exact_bytes=layout.exact_bytes))
+    passes.append(Allocate(budget, ties, extra_rows=rows, adapter_overhead=layout.branch_overhead,
+                           exact_bytes=layout.exact_bytes))
     return passes

@@ -94,6 +94,11 @@ class Device(ABC):
         """The device profile (`--target`) to export bundles for this device with."""
         return {"aarch64": "linux-arm64", "arm64": "linux-arm64"}.get(self.probe().get("machine"), "cpu")
 
+    def facts(self) -> dict[str, Any]:
+        """The device's CPU (model, flags), cores and runtime versions (runtime/latency.device_facts): what a
+        latency profile is valid for."""
+        raise DeviceError(None, f"{self.name} cannot report its CPU")
+
     def missing_backend_reason(self, backend: str) -> str | None:
         have = self.probe().get("backends", [])
         if backend not in have:
@@ -144,6 +149,10 @@ PROBE = ("import json, platform, importlib.util as u; "
          "'backends': sorted(b for b, m in mods.items() if u.find_spec(m) is not None)}))")
 
 
+FACTS = ("import json; from edgeq.runtime import runtime_dists; from edgeq.runtime.latency import device_facts; "
+         "print(json.dumps(device_facts(runtime_dists())))")
+
+
 class ShellDevice(Device, ABC):
     """A device reached by running commands and copying folders."""
 
@@ -190,6 +199,18 @@ class ShellDevice(Device, ABC):
             return json.loads(res.stdout.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
             raise DeviceError(None, f"{self.name}: its Python did not answer the probe ({res.stdout[:200]!r})") from None
+
+    def facts(self) -> dict[str, Any]:
+        code = self._runtime_code()
+        extra = self.device_env()
+        env = {**extra, "PYTHONPATH": ":".join(p for p in (code, extra.get("PYTHONPATH")) if p),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        res = self.exec([*self.python, "-c", FACTS], env=env, timeout=120)
+        try:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+            raise DeviceError(None, f"{self.name} did not report its CPU: {why}") from None
 
     def _runtime_code(self) -> str:
         if self._code is None:

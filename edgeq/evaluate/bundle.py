@@ -10,6 +10,7 @@ from typing import Callable
 from edgeq import runtime
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write_text
+from edgeq.devices.session import DeviceSession, runs_remotely
 from edgeq.evaluate.cnn import evaluate_cnn
 from edgeq.evaluate.decoder import evaluate
 from edgeq.evaluate.encoder import evaluate_encoder
@@ -31,6 +32,8 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
     """
     bundle = Path(bundle)
     kind = read_manifest(bundle)["model"].get("kind")
+    if runs_remotely(device) and kind != "decoder":
+        raise EdgeqError(bundle, f"edgeq eval --device {device} scores decoders; run an {kind} there with edgeq run")
     if kind == "cnn":
         with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
             res = evaluate_cnn(session, images, reference=reference, reference_logits=reference_logits,
@@ -58,7 +61,8 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         text_name = p.name
     else:
         text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
-    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device)
+    session = (DeviceSession(bundle, device, backend, threads, n_ctx=ctx) if runs_remotely(device)
+               else runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device))
     try:
         manifest = session.manifest
         if reference_logits is None:

@@ -51,6 +51,10 @@ class GgufTarget(Target):
                ndk_clang: str | None = None) -> FileLayout:
         return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
 
+    def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
+        # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name
+        return {alias: name for name, alias in graph_weights.items()}
+
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
 

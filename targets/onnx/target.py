@@ -45,6 +45,11 @@ class OnnxTarget(Target):
 
             activation_params(graph, plan)      # a plan naming an activation the model lacks fails here
 
+    def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
+        from edgeq.targets.onnx.lower import kernel_nodes
+
+        return kernel_nodes(bundle / MODEL_FILE, set(graph_weights))
+
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
 
