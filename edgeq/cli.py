@@ -35,6 +35,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
+        calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
+        prune_alloc=a.prune_alloc,
     )
 
 
@@ -84,7 +86,8 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_run(a) -> int:
-    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device,
+                      pruning_rate=a.pruning_rate) as s:
         if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
@@ -99,7 +102,7 @@ def cmd_run(a) -> int:
 def cmd_eval(a) -> int:
     res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
-                          record=not a.no_record, device=a.device,
+                          record=not a.no_record, device=a.device, pruning_rate=a.pruning_rate,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -157,19 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
     def csv(kind):
         def parse(text: str):
             items = [t.strip() for t in text.split(",") if t.strip()]
-            if kind is int:
+            if kind in (int, float):
                 try:
-                    return [int(t) for t in items]
+                    return [kind(t) for t in items]
                 except ValueError:
-                    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+                    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
             return [t.lower() for t in items]
         return parse
+
+    def subset(text: str) -> tuple[int, int]:
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected I/N (the I-th of N disjoint window sets), got {text!r}") from None
+        if not 0 <= i < n:
+            raise argparse.ArgumentTypeError(f"--calib-subset {text}: I must be in 0..N-1")
+        return i, n
+
+    def pruning_rate_option(sp):
+        sp.add_argument("--pruning-rate", type=float, metavar="R",
+                        help="decoders exported with --pruning-rates: load at this rate (the share of the MLPs' "
+                             "channels removed; one of the rates the bundle carries)")
 
     def calibration_options(sp):
         sp.add_argument("--no-calibration", dest="calibration", action="store_false",
                         help="no importance matrix: llama.cpp's plain quantization")
         sp.add_argument("--imatrix", help="llama.cpp imatrix file (GGUF or legacy .dat) to use instead of calibrating")
         sp.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+        sp.add_argument("--calib-subset", type=subset, default=(0, 1), metavar="I/N",
+                        help="calibrate on the I-th of N disjoint sets of windows spread over the text (default 0/1: "
+                             "all of them); measures how much a result depends on the calibration text")
         sp.add_argument("--calib-images", help="CNNs: .npz with an array 'images' (n, C, H, W) float32 to calibrate "
                                                "static int8 activation ranges on (the first 512 are used)")
 
@@ -189,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "tokens weighted by gradient energy (needs torch); auto (default): fisher when torch "
                              "is installed and calibration is on, else output")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up")
+        sp.add_argument("--pruning-rates", type=csv(float), metavar="R,R,...",
+                        help="decoders: sort every MLP's channels and record per-layer widths for these pruning rates "
+                             "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
+                             "the rate picked at load (edgeq run/eval --pruning-rate)")
+        sp.add_argument("--prune-order", default="uniql", choices=["uniql", "magnitude", "wanda", "random"],
+                        help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
+                             "covariance; default), magnitude (L1 of down's columns), wanda, random")
+        sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
+                        help="per-layer widths for a rate: uniql (layers that change the residual stream less are "
+                             "pruned more; default) or uniform")
 
     e = sub.add_parser("export", help="compile a model into a bundle")
     common_model(e)
@@ -228,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--backend", help="which artifact of the bundle to run")
     r.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
+    pruning_rate_option(r)
     r.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
@@ -244,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
+    pruning_rate_option(ev)
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true")

@@ -19,6 +19,7 @@ from edgeq.runtime.manifest import (
     artifact_path,
     check_runtime_version,
     pick_artifact,
+    pick_pruning,
     read_manifest,
     verify_artifacts,
 )
@@ -104,12 +105,16 @@ def _spec(bundle: Path, manifest: dict[str, Any]):
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True, device: str | None = None):
+         verify: bool = True, device: str | None = None, pruning_rate: float | None = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
     (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
-    server."""
+    server. `pruning_rate`: one of the rates a bundle exported with `--pruning-rates` carries (the share of the MLPs'
+    channels removed); the runtime narrows the model to that rate's widths before loading it."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
+    pruning = pick_pruning(bundle, manifest, pruning_rate)
+    if pruning is not None and manifest["model"].get("kind") != "decoder":
+        raise BundleError(bundle, "pruning rates are for decoders")
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
@@ -123,4 +128,4 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,
-                                                       threads=threads, device=device), art)
+                                                       threads=threads, device=device, pruning=pruning), art)

@@ -2,25 +2,62 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, artifact_path
+from edgeq.core.cache import cache_dir
+from edgeq.runtime.gguf_slice import slice_mlp
+from edgeq.runtime.manifest import BundleError, Pruning, artifact_path
 
 NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
 REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+SLICE_VERSION = 1                     # of runtime/gguf_slice.py's output: part of the cached file's key
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning: Pruning | None = None):
     """llama.cpp on the artifact, with the bundle's low-rank error branches (a LoRA-adapter GGUF beside the model,
-    applied at load) when it has them."""
+    applied at load) when it has them; at a pruning rate, on the artifact narrowed to that rate's MLP widths."""
     lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == NAME]
-    return LlamaCppBackend(artifact_path(bundle, art["path"]), n_ctx=n_ctx, threads=threads,
-                           kv_dtype=manifest.get("kv_cache_dtype", "f16"),
-                           lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
+    model = artifact_path(bundle, art["path"])
+    if pruning is None:
+        return LlamaCppBackend(model, n_ctx=n_ctx, threads=threads, kv_dtype=manifest.get("kv_cache_dtype", "f16"),
+                               lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
+    if lora:
+        raise BundleError(bundle, "a bundle with low-rank branches cannot be loaded at a pruning rate")
+    with pruned_file(model, art["sha256"], pruning) as path:
+        return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=manifest.get("kv_cache_dtype", "f16"))
+
+
+@contextmanager
+def pruned_file(model: Path, sha256: str, pruning: Pruning) -> Iterator[Path]:
+    """The model narrowed to `pruning`'s widths: made once into the cache (EDGEQ_CACHE, ~/.cache/edgeq/pruned/) and
+    reused; with the cache off, a temporary file that is gone once llama.cpp has mapped it."""
+    key = hashlib.sha256(json.dumps([SLICE_VERSION, sha256, pruning.widths, pruning.align]).encode()).hexdigest()
+    root = cache_dir()
+    if root is not None:
+        path = root / "pruned" / f"{key[:32]}.gguf"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.is_file():
+                slice_mlp(model, path, pruning.widths, pruning.align)
+            yield path
+            return
+        except OSError:
+            pass                                  # an unwritable cache: fall back to a temporary file
+    with tempfile.TemporaryDirectory(prefix="edgeq-pruned-") as d:
+        path = Path(d) / "model.gguf"
+        slice_mlp(model, path, pruning.widths, pruning.align)
+        yield path
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import artifact_path
+from edgeq.runtime.manifest import BundleError, artifact_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 
 NAME = "onnx"
@@ -22,7 +22,10 @@ RUNTIME_DIST = "onnxruntime"
 REMOTE = False
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning=None):
+    if pruning is not None:
+        raise BundleError(bundle, f"the {NAME} runtime cannot load a pruning rate yet")
     return OnnxDecoderBackend(artifact_path(bundle, art["path"]), spec, n_ctx=n_ctx, threads=threads)
 
 

@@ -27,7 +27,10 @@ def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | No
     return TvmSession(bundle, manifest, art, threads=threads, device=device)
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning=None):
+    if pruning is not None:
+        raise BundleError(bundle, f"the {NAME} runtime cannot load a pruning rate yet")
     return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device), spec, n_ctx)
 
 MAX_BATCH = 1024

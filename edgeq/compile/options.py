@@ -28,6 +28,7 @@ class ExportOptions:
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
     calib_windows: int = 4                 # 512-token windows of calibration text
+    calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
     budget_mb: float | None = None         # 10^6 bytes of all model files written
@@ -41,6 +42,14 @@ class ExportOptions:
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
+    # UniQL: one bundle, the MLP pruning rate chosen at load time (None: no pruning table)
+    pruning_rates: list[float] | None = None
+    prune_order: str = "uniql"             # uniql | magnitude | wanda | random
+    prune_alloc: str = "uniql"             # uniql | uniform
+
+    @property
+    def pruning(self) -> bool:
+        return self.pruning_rates is not None
 
     @property
     def budgeted(self) -> bool:
@@ -57,6 +66,9 @@ class ExportOptions:
             raise EdgeqError(self.plan, f"plan says preset {user_plan.preset!r} but --quant says {self.quant!r}")
         if self.quant and self.budgeted:
             raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
+        if self.pruning and self.backend == "all":
+            raise EdgeqError(None, "--pruning-rates writes one backend per bundle (the widths follow each backend's "
+                                   "formats); export each backend with --backend gguf, onnx or tvm")
 
 
 def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:

@@ -25,7 +25,7 @@ from edgeq.core.errors import EdgeqError
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
 # the runner's own files: the runtime package and the few edgeq modules it imports
-RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py")
+RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py", "core/cache.py")
 
 
 class DeviceError(EdgeqError):

@@ -1,0 +1,164 @@
+"""uniql_alloc: per-layer MLP widths for each global pruning rate, aligned so a runtime slices without requantizing.
+
+The pruning rate is the fraction of all MLP channels removed (so of the MLPs' parameters: a channel is one row of
+gate and of up and one column of down in every layer). For each rate the pass picks every layer's width:
+
+- `uniql`: layers that change the residual stream less are pruned more. Importance I_l = 1 − cos(layer input,
+  layer output), averaged over the calibration tokens (the calibrate pass); a layer's share of the removed channels
+  is softmax(−I/τ) with τ = `temperature` × std(I), clamped at `max_layer_rate` of the layer and renormalised;
+- `uniform`: every layer loses the same share.
+
+Widths are multiples of each layer's alignment: the block of the down projection's format along its input (the
+registry's `block`; 32 for legacy GGUF types and 4-bit groups, 256 for K-types), and whatever the target needs along
+the MLP's channels (TVM's weight panels), so a width is a byte prefix of every stored row and whole panels of rows.
+The rounding keeps the global count exact whenever the alignments allow it (the `achieved` rate says otherwise).
+
+A plan file can instead fix each layer's width (`keep` on the MLP tensors): the graph is narrowed to those widths
+and written as an already-pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
+from edgeq.models import llama
+from edgeq.passes.base import Context, Pass
+
+ALLOCS = ("uniql", "uniform")
+# softmax temperature in units of the importances' spread; bench/uniql.py --temperature sweeps it
+TEMPERATURE = 1.0
+MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its channels
+
+
+def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
+    """The step of layer `layer`'s width: every MLP tensor's format block along the channels (down's columns,
+    gate's and up's rows) and the target's multiple."""
+    gate, up, down = llama.mlp_weights(layer)
+    steps = [get_format(plan.tensors[down].format).block[1], get_format(plan.tensors[gate].format).block[0],
+             get_format(plan.tensors[up].format).block[0], max(1, channel_multiple)]
+    return math.lcm(*steps)
+
+
+def layer_shares(importance: np.ndarray, rate: float, alloc: str, temperature: float = TEMPERATURE,
+                 max_layer_rate: float = MAX_LAYER_RATE) -> np.ndarray:
+    """Each layer's pruning rate, averaging `rate` over layers (equal widths; `channels_removed` weights them)."""
+    n = len(importance)
+    if alloc == "uniform" or rate <= 0:
+        return np.full(n, rate)
+    if alloc != "uniql":
+        raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
+    spread = float(np.std(importance))
+    if spread == 0 or temperature <= 0:
+        return np.full(n, rate)
+    z = -(importance - importance.mean()) / (temperature * spread)
+    w = np.exp(z - z.max())
+    p = rate * n * w / w.sum()
+    cap = max(max_layer_rate, rate)
+    for _ in range(n):                      # water-filling: clamp, hand the excess to the unclamped layers
+        over = p > cap
+        if not over.any():
+            break
+        excess = float((p[over] - cap).sum())
+        p[over] = cap
+        free = p < cap
+        p[free] += excess * p[free] / p[free].sum()
+    return p
+
+
+def widths_for(full: list[int], align: list[int], shares: np.ndarray, rate: float) -> list[int]:
+    """Aligned widths whose removed channels total round(rate · Σ full), as close to `shares` as the steps allow."""
+    full_a, align_a = np.asarray(full), np.asarray(align)
+    target = rate * full_a.sum()
+    g = math.gcd(*align)
+    goal = int(round(target / g)) * g
+    ideal = shares * full_a                     # channels each layer would lose
+    most = full_a - align_a                     # at least one step stays
+    steps = np.minimum(np.floor(ideal / align_a), most // align_a).astype(np.int64)
+    removed = int((steps * align_a).sum())
+    while removed < goal:
+        room = (steps * align_a + align_a <= most) & (align_a <= goal - removed)
+        if not room.any():
+            break
+        deficit = np.where(room, (ideal - steps * align_a) / align_a, -np.inf)
+        i = int(np.argmax(deficit))
+        steps[i] += 1
+        removed += int(align_a[i])
+    return [int(f - s * a) for f, s, a in zip(full, steps, align)]
+
+
+class UniqlAlloc(Pass):
+    """Writes the plan's `pruning` table (rate -> per-layer widths), or narrows the graph to a plan's `keep`."""
+
+    name = "uniql_alloc"
+
+    def __init__(self, rates: list[float], alloc: str = "uniql", channel_multiple: int = 1,
+                 temperature: float = TEMPERATURE, order: str = "uniql"):
+        if alloc not in ALLOCS:
+            raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
+        bad = [r for r in rates if not 0 <= r < 1]
+        if bad:
+            raise EdgeqError(None, f"pruning rate {bad[0]} is outside [0, 1)")
+        self.rates = sorted(set([0.0] + [float(r) for r in rates]))
+        self.alloc = alloc
+        self.channel_multiple = channel_multiple
+        self.temperature = temperature
+        self.order = order
+
+    def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
+        n = graph.config.n_layers
+        full = llama.mlp_widths(graph)
+        align = [layer_alignment(graph, plan, i, self.channel_multiple) for i in range(n)]
+        keep = _plan_keep(plan, n, full, align)
+        if keep is not None:
+            if len(self.rates) > 1:
+                raise EdgeqError(None, "the plan fixes the MLP widths (keep); --pruning-rates would prune it again")
+            ctx.record(self.name, keep=keep)
+            return llama.prune_mlp(graph, {i: np.arange(k) for i, k in enumerate(keep) if k < full[i]}), plan
+        cal = ctx.analysis.get("calibration")
+        importance = None
+        if cal is not None and cal.layer_cos is not None:
+            importance = 1.0 - np.asarray(cal.layer_cos, dtype=np.float64)
+        if importance is None and self.alloc == "uniql":
+            raise EdgeqError(None, "--prune-alloc uniql needs calibration (layer importances); use --prune-alloc "
+                                   "uniform without it")
+        table = []
+        total = sum(full)
+        for r in self.rates:
+            shares = layer_shares(importance if importance is not None else np.zeros(n), r, self.alloc,
+                                  self.temperature)
+            widths = widths_for(full, align, shares, r)
+            table.append({"rate": r, "achieved": round(1 - sum(widths) / total, 6), "widths": widths})
+        plan.pruning = {"what": "mlp channels", "order": self.order, "alloc": self.alloc,
+                        **({"temperature": self.temperature} if self.alloc == "uniql" else {}),
+                        "full": full, "align": align,
+                        "importance": None if importance is None else [round(float(v), 6) for v in importance],
+                        "rates": table}
+        ctx.record(self.name, alloc=self.alloc, rates=self.rates,
+                   achieved=[t["achieved"] for t in table], align=sorted(set(align)))
+        return graph, plan
+
+
+def _plan_keep(plan: Plan, n: int, full: list[int], align: list[int]) -> list[int] | None:
+    """Per-layer widths a plan file fixes (`keep` on each MLP tensor, the same in a layer), or None."""
+    out, any_keep = [], False
+    for i in range(n):
+        names = llama.mlp_weights(i)
+        keeps = [plan.tensors[m].keep for m in names]
+        if all(k is None for k in keeps):
+            out.append(full[i])
+            continue
+        any_keep = True
+        if any(k != keeps[0] for k in keeps):
+            raise EdgeqError(None, f"layer {i}: the plan's keep differs between {', '.join(names)} (one width per MLP)")
+        k = keeps[0]
+        if not isinstance(k, int) or not 0 < k <= full[i] or k % align[i]:
+            raise EdgeqError(None, f"layer {i}: keep {k} must be a multiple of {align[i]} in 1..{full[i]} (the formats' "
+                                   "blocks along the MLP's channels)")
+        out.append(k)
+    return out if any_keep else None
