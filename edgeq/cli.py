@@ -36,7 +36,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
         calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
-        prune_alloc=a.prune_alloc,
+        prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
     )
 
 
@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
                         help="per-layer widths for a rate: uniql (layers that change the residual stream less are "
                              "pruned more; default) or uniform")
+        sp.add_argument("--prune-ridge", type=float, metavar="F",
+                        help="uniql order: the ridge lambda as a multiple of the covariance's mean eigenvalue "
+                             "(default 1, chosen by bench/uniql.py)")
+        sp.add_argument("--prune-temperature", type=float, metavar="T",
+                        help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
+                             "1, chosen by bench/uniql.py; 0 is uniform)")
 
     e = sub.add_parser("export", help="compile a model into a bundle")
     common_model(e)

@@ -97,14 +97,15 @@ class UniqlAlloc(Pass):
 
     name = "uniql_alloc"
 
-    def __init__(self, rates: list[float], alloc: str = "uniql", channel_multiple: int = 1,
+    def __init__(self, rates: list[float] | None, alloc: str = "uniql", channel_multiple: int = 1,
                  temperature: float = TEMPERATURE, order: str = "uniql"):
+        """`rates` None: the plan file's table (checked against this plan's alignments), or its `keep`."""
         if alloc not in ALLOCS:
             raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
-        bad = [r for r in rates if not 0 <= r < 1]
+        bad = [r for r in rates or [] if not 0 <= r < 1]
         if bad:
             raise EdgeqError(None, f"pruning rate {bad[0]} is outside [0, 1)")
-        self.rates = sorted(set([0.0] + [float(r) for r in rates]))
+        self.rates = None if rates is None else sorted(set([0.0] + [float(r) for r in rates]))
         self.alloc = alloc
         self.channel_multiple = channel_multiple
         self.temperature = temperature
@@ -116,10 +117,19 @@ class UniqlAlloc(Pass):
         align = [layer_alignment(graph, plan, i, self.channel_multiple) for i in range(n)]
         keep = _plan_keep(plan, n, full, align)
         if keep is not None:
-            if len(self.rates) > 1:
-                raise EdgeqError(None, "the plan fixes the MLP widths (keep); --pruning-rates would prune it again")
+            if self.rates is not None or plan.pruning:
+                raise EdgeqError(None, "the plan fixes the MLP widths (keep); a pruning table would prune it again")
             ctx.record(self.name, keep=keep)
-            return llama.prune_mlp(graph, {i: np.arange(k) for i, k in enumerate(keep) if k < full[i]}), plan
+            narrowed = {i: np.arange(k) for i, k in enumerate(keep) if k < full[i]}
+            cal = ctx.analysis.get("calibration")
+            if cal is not None:
+                ctx.analysis["calibration"] = cal.reindexed({llama.mlp_weights(i)[2]: idx for i, idx in narrowed.items()})
+            return llama.prune_mlp(graph, narrowed), plan
+        if self.rates is None:
+            if plan.pruning:
+                _check_table(plan.pruning, full, align)
+                ctx.record(self.name, table="from the plan", rates=[r["rate"] for r in plan.pruning["rates"]])
+            return graph, plan
         cal = ctx.analysis.get("calibration")
         importance = None
         if cal is not None and cal.layer_cos is not None:
@@ -142,6 +152,19 @@ class UniqlAlloc(Pass):
         ctx.record(self.name, alloc=self.alloc, rates=self.rates,
                    achieved=[t["achieved"] for t in table], align=sorted(set(align)))
         return graph, plan
+
+
+def _check_table(table: dict, full: list[int], align: list[int]) -> None:
+    """A plan file's pruning table must fit this model and the formats the plan now has."""
+    if table.get("full") != full or not isinstance(table.get("rates"), list):
+        raise EdgeqError(None, f"the plan's pruning table is for MLP widths {table.get('full')}, the model has {full}")
+    for entry in table["rates"]:
+        w = entry.get("widths") if isinstance(entry, dict) else None
+        if not isinstance(w, list) or len(w) != len(full) or any(
+                not isinstance(v, int) or not 0 < v <= f or v % a for v, f, a in zip(w, full, align)):
+            raise EdgeqError(None, f"the plan's pruning table at rate {entry.get('rate') if isinstance(entry, dict) else entry}: "
+                                   f"widths must be multiples of {align} within {full}")
+    table["align"] = align
 
 
 def _plan_keep(plan: Plan, n: int, full: list[int], align: list[int]) -> list[int] | None:

@@ -148,8 +148,10 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
     if ranks and opts.pruning_rates:
         raise EdgeqError(None, "--pruning-rates with low-rank branches (--ranks) is not supported: a branch would "
                                "need slicing with its weight")
-    return [UniqlSort(opts.prune_order),
-            UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order)]
+    sort = UniqlSort(opts.prune_order, **({} if opts.prune_ridge is None else {"ridge": opts.prune_ridge}))
+    alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
+                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
+    return [sort, alloc]
 
 
 def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:

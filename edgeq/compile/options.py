@@ -46,6 +46,8 @@ class ExportOptions:
     pruning_rates: list[float] | None = None
     prune_order: str = "uniql"             # uniql | magnitude | wanda | random
     prune_alloc: str = "uniql"             # uniql | uniform
+    prune_ridge: float | None = None       # uniql order: λ as a share of tr(C)/n (None: passes/uniql_sort.RIDGE)
+    prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
 
     @property
     def pruning(self) -> bool:

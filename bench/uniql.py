@@ -1,0 +1,328 @@
+"""UniQL on the default model: one bundle, the MLP pruning rate chosen at load.
+
+Quality (`--stage quality`): for each channel order (uniql, magnitude, wanda, random) and each of `--subsets`
+disjoint calibration subsets, an f32 GGUF bundle with `--pruning-rates` is exported and evaluated in llama.cpp at
+every rate against the unpruned float source (edgeq eval's convention: KLD, PPL, top-1 on held-out text); the
+uniql order with `--prune-alloc uniform` too. f32 keeps quantization out of the comparison. `--ridge` and
+`--temperature` sweep the two method constants on subset 0 (what their defaults were chosen on).
+
+Speed and memory (`--stage speed`): a `--speed-quant` bundle (q4_0) loaded at each rate in a fresh process, one
+round after another with the rates' order alternating: resident memory after load and after decoding, the model file
+llama.cpp maps, and greedy decode tokens/s (1 thread).
+
+    python bench/uniql.py                       # both stages (about an hour on the 2-core machine)
+    python bench/uniql.py --stage speed --rounds 5
+
+Writes bench/results/uniql.json (after each step) and uniql.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from presets import ReferenceCache, log, make_reference, versions, window_progress  # noqa: E402
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "uniql.json"
+ORDERS = ("uniql", "magnitude", "wanda", "random")
+
+
+def export(out: Path, **kw) -> dict:
+    from edgeq.api import ExportOptions, export as run_export
+
+    t0 = time.perf_counter()
+    res = run_export(ExportOptions(target="cpu", out=str(out), force=True, check=False, **kw))
+    log(f"  exported {out.name} in {time.perf_counter() - t0:.0f} s")
+    return res["manifest"]
+
+
+def quality(bundle: Path, rate: float, reference, a) -> dict:
+    from edgeq.evaluate.bundle import evaluate_bundle
+
+    ev = evaluate_bundle(bundle, ctx=a.ctx, chunks=a.chunks, threads=a.threads, record=False, pareto=False,
+                         progress=None, reference_logits=reference, pruning_rate=rate)
+    return {k: ev[k] for k in ("kld_mean", "kld_p99", "top1", "ppl", "ppl_reference", "n_tokens_scored")}
+
+
+def write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, **opts) -> dict:
+    """Export one f32 bundle with a pruning table and score every rate in llama.cpp."""
+    bundle = work / name
+    m = export(bundle, quant="f32", pruning_rates=a.rates, **opts)
+    table = {r["rate"]: r for r in m["pruning_rates"]["rates"]}
+    res: dict[str, Any] = {"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+                           "rates": {}}
+    for r in a.rates:
+        q = quality(bundle, r, reference, a)
+        q["achieved"] = table[r]["achieved"]
+        q["widths"] = table[r]["widths"]
+        res["rates"][str(r)] = q
+        log(f"  {name} rate {r}: KLD {q['kld_mean']:.4f} ppl {q['ppl']:.3f} top-1 {q['top1']:.3f}")
+    shutil.rmtree(bundle, ignore_errors=True)
+    doc["quality"][name] = res
+    write(out, doc)
+    return res
+
+
+def stage_quality(a, doc: dict, out: Path) -> None:
+    reference = ReferenceCache(make_reference)
+    doc.setdefault("quality", {})
+    with tempfile.TemporaryDirectory(prefix="edgeq-uniql-", dir=a.workdir) as d:
+        work = Path(d)
+        for s in range(a.subsets):
+            for order in a.orders:
+                name = f"{order}/s{s}"
+                if name in doc["quality"]:
+                    continue
+                log(f"{name}")
+                run_variant(work, name, reference, a, doc, out, prune_order=order, prune_alloc="uniql",
+                            calib_subset=(s, a.subsets))
+            name = f"uniql+uniform/s{s}"
+            if name not in doc["quality"] and "uniql" in a.orders:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
+                            calib_subset=(s, a.subsets))
+        for ridge in a.ridge:
+            name = f"uniql ridge={ridge:g}/s0"
+            if name not in doc["quality"]:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
+                            prune_ridge=ridge, calib_subset=(0, a.subsets))
+        for t in a.temperature:
+            name = f"uniql T={t:g}/s0"
+            if name not in doc["quality"]:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniql",
+                            prune_temperature=t, calib_subset=(0, a.subsets))
+    doc["summary"] = summary(doc["quality"], a.rates, a.subsets)
+    write(out, doc)
+
+
+def summary(q: dict, rates: list[float], subsets: int) -> dict:
+    """Per variant and rate: mean KLD over the calibration subsets and its spread (max - min)."""
+    out: dict[str, dict] = {}
+    for variant in [f"{o}" for o in ORDERS] + ["uniql+uniform"]:
+        runs = [q[f"{variant}/s{s}"] for s in range(subsets) if f"{variant}/s{s}" in q]
+        if not runs:
+            continue
+        out[variant] = {}
+        for r in rates:
+            klds = [x["rates"][str(r)]["kld_mean"] for x in runs]
+            ppls = [x["rates"][str(r)]["ppl"] for x in runs]
+            out[variant][str(r)] = {"kld_mean": float(np.mean(klds)), "kld_spread": float(max(klds) - min(klds)),
+                                    "kld_min": min(klds), "kld_max": max(klds), "ppl_mean": float(np.mean(ppls)),
+                                    "subsets": len(klds)}
+    return out
+
+
+# --- speed and memory --------------------------------------------------------------------------------------
+
+def rss_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0])
+    return out
+
+
+def child_speed(bundle: str, rate: float, tokens: int, threads: int) -> None:
+    """One fresh process: load at `rate`, report memory after load and after decoding, and decode tokens/s."""
+    from edgeq import runtime
+    from edgeq.evaluate.texts import evaluation_text
+    from edgeq.runtime.gguf_slice import sliced_bytes
+    from edgeq.runtime.manifest import artifact_path, pick_pruning, read_manifest
+
+    b = Path(bundle)
+    m = read_manifest(b)
+    art = next(x for x in m["artifacts"] if x["role"] == "model")
+    pr = pick_pruning(b, m, rate)
+    file_bytes = art["bytes"] if pr is None else sliced_bytes(artifact_path(b, art["path"]), pr.widths, pr.align)
+    before = rss_kib()
+    t0 = time.perf_counter()
+    s = runtime.load(bundle, threads=threads, n_ctx=512, pruning_rate=rate)
+    load_s = time.perf_counter() - t0
+    after_load = rss_kib()
+    prompt = s.tokenize(evaluation_text()[:2000])[:64]
+    be = s.backend
+    be.reset()
+    logits = be.feed(prompt)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        logits = be.feed([int(np.argmax(logits))])
+    tps = tokens / (time.perf_counter() - t0)
+    after = rss_kib()
+    s.close()
+    print(json.dumps({"rate": rate, "file_bytes": file_bytes, "load_s": load_s, "rss_before_kib": before,
+                      "rss_after_load_kib": after_load, "rss_after_decode_kib": after, "tokens_per_s": tps}))
+
+
+def stage_speed(a, doc: dict, out: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="edgeq-uniql-speed-", dir=a.workdir))
+    try:
+        bundle = work / a.speed_quant
+        m = export(bundle, quant=a.speed_quant, pruning_rates=a.speed_rates)
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+        for r in a.speed_rates:          # the first load at a rate slices the file into the cache: not timed below
+            subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r), "1", str(a.threads)],
+                           check=True, capture_output=True, env=env)
+        runs: dict[str, list[dict]] = {str(r): [] for r in a.speed_rates}
+        for rnd in range(a.rounds):
+            order = a.speed_rates if rnd % 2 == 0 else list(reversed(a.speed_rates))
+            for r in order:
+                p = subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r), str(a.tokens),
+                                    str(a.threads)], check=True, capture_output=True, text=True, env=env)
+                res = json.loads(p.stdout.strip().splitlines()[-1])
+                runs[str(r)].append(res)
+                log(f"  round {rnd} rate {r}: {res['tokens_per_s']:.1f} tok/s, RSS after load "
+                    f"{res['rss_after_load_kib']['VmRSS'] / 1024:.0f} MiB")
+        per_rate = {}
+        for r, rs in runs.items():
+            tps = [x["tokens_per_s"] for x in rs]
+            per_rate[r] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps),
+                           "tokens_per_s_max": max(tps), "file_bytes": rs[0]["file_bytes"],
+                           "rss_after_load_mib_median": statistics.median(
+                               x["rss_after_load_kib"]["VmRSS"] / 1024 for x in rs),
+                           "rss_after_decode_mib_median": statistics.median(
+                               x["rss_after_decode_kib"]["VmRSS"] / 1024 for x in rs),
+                           "load_s_median": statistics.median(x["load_s"] for x in rs), "runs": rs}
+        base = per_rate[str(a.speed_rates[0])]
+        for r, v in per_rate.items():
+            pruned_mib = (base["file_bytes"] - v["file_bytes"]) / 2**20
+            freed = base["rss_after_load_mib_median"] - v["rss_after_load_mib_median"]
+            v["model_mib_pruned"] = pruned_mib
+            v["rss_freed_share_of_pruned"] = freed / pruned_mib if pruned_mib else None
+            v["decode_speedup"] = v["tokens_per_s_median"] / base["tokens_per_s_median"]
+        if a.speed_quant != "f32":
+            reference = ReferenceCache(make_reference)
+            for r in a.speed_rates:
+                per_rate[str(r)]["quality"] = quality(bundle, r, reference, a)
+        doc["speed"] = {"quant": a.speed_quant, "threads": a.threads, "rounds": a.rounds, "tokens": a.tokens,
+                        "artifact_bytes": next(x["bytes"] for x in m["artifacts"] if x["role"] == "model"),
+                        "rates": per_rate}
+        write(out, doc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    summ = doc.get("summary") or {}
+    for variant, per in summ.items():
+        rates = sorted(float(r) for r in per)
+        kld = [per[str(r)]["kld_mean"] for r in rates]
+        err = [per[str(r)]["kld_spread"] / 2 for r in rates]
+        axes[0].errorbar([100 * r for r in rates], kld, yerr=err, marker="o", capsize=3, label=variant)
+        axes[1].plot([100 * r for r in rates], [per[str(r)]["ppl_mean"] for r in rates], marker="o", label=variant)
+    axes[0].set(xlabel="MLP channels pruned (%)", ylabel="KLD vs float source (f32 GGUF)", yscale="log",
+                title="KLD by channel order (bars: spread over calibration subsets)")
+    axes[1].set(xlabel="MLP channels pruned (%)", ylabel="perplexity (held-out)", title="perplexity")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    sp = doc.get("speed")
+    if sp:
+        rates = sorted(float(r) for r in sp["rates"])
+        ax = axes[2]
+        ax.plot([100 * r for r in rates], [sp["rates"][str(r)]["tokens_per_s_median"] for r in rates], "o-",
+                color="C0", label="decode tok/s")
+        ax.set(xlabel="MLP channels pruned (%)", ylabel="decode tokens/s (1 thread)",
+               title=f"{sp['quant']}: speed and memory in llama.cpp")
+        ax2 = ax.twinx()
+        ax2.plot([100 * r for r in rates], [sp["rates"][str(r)]["rss_after_load_mib_median"] for r in rates], "s--",
+                 color="C1", label="RSS after load (MiB)")
+        ax2.set_ylabel("resident MiB after load")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def print_table(doc: dict) -> None:
+    summ = doc.get("summary") or {}
+    if summ:
+        rates = sorted({float(r) for per in summ.values() for r in per})
+        print(f"{'variant':16}" + "".join(f" {'KLD @' + format(100 * r, 'g') + '%':>18}" for r in rates))
+        for variant, per in summ.items():
+            print(f"{variant:16}" + "".join(f" {per[str(r)]['kld_mean']:10.4f} ±{per[str(r)]['kld_spread'] / 2:.4f}"
+                                            for r in rates))
+    sp = doc.get("speed")
+    if sp:
+        print(f"\n{sp['quant']} in llama.cpp, {sp['threads']} thread(s), median of {sp['rounds']} interleaved rounds")
+        print(f"{'rate':>6} {'file MiB':>9} {'RSS load':>9} {'RSS dec':>8} {'freed/pruned':>13} {'tok/s':>7} {'x':>6}")
+        for r, v in sp["rates"].items():
+            share = v["rss_freed_share_of_pruned"]
+            print(f"{float(r):6.2f} {v['file_bytes'] / 2**20:9.1f} {v['rss_after_load_mib_median']:9.1f} "
+                  f"{v['rss_after_decode_mib_median']:8.1f} {'' if share is None else format(share, '.2f'):>13} "
+                  f"{v['tokens_per_s_median']:7.1f} {v['decode_speedup']:6.3f}")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-speed":
+        child_speed(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    floats = lambda s: [float(x) for x in s.split(",") if x.strip()]                 # noqa: E731
+    ap.add_argument("--stage", default="all", choices=["all", "quality", "speed"])
+    ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
+    ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
+    ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
+    ap.add_argument("--ridge", type=floats, default=[], help="uniql order: ridge factors to sweep (subset 0)")
+    ap.add_argument("--temperature", type=floats, default=[], help="uniql alloc: temperatures to sweep (subset 0)")
+    ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored (8: 2,040 tokens)")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speed-quant", default="q4_0")
+    ap.add_argument("--speed-rates", type=floats, default=[0.0, 0.15, 0.25, 0.35])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per load")
+    ap.add_argument("--workdir", default=None, help="where the bundles are written (default: the temp folder)")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
+    a = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    doc: dict[str, Any] = {}
+    if a.out.is_file() and not a.fresh:
+        doc = json.loads(a.out.read_text())
+    load = os.getloadavg()
+    flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
+    doc["run"] = {"versions": versions(), "load_average_at_start": load, "cpu_count": os.cpu_count(),
+                  "cpu_flags": [f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4"))],
+                  "rates": a.rates, "chunks": a.chunks, "ctx": a.ctx, "threads": a.threads}
+    if a.stage in ("all", "quality"):
+        stage_quality(a, doc, a.out)
+    if a.stage in ("all", "speed"):
+        stage_speed(a, doc, a.out)
+    doc["run"]["load_average_at_end"] = os.getloadavg()
+    write(a.out, doc)
+    plot(doc, a.out.with_suffix(".png"))
+    print_table(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""UniQL: sorted MLPs, per-layer width tables, one GGUF that llama.cpp loads at any rate the bundle carries.
+
+Everything here runs on a small synthetic Llama through the real pipeline and llama.cpp; the comparison of orders
+and allocations on SmolLM2 is bench/uniql.py's job (README: UniQL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
+from edgeq.models import llama
+from edgeq.passes.uniql_alloc import layer_shares, widths_for
+from edgeq.passes.uniql_sort import channel_scores, ridge_leverage, sort_order
+
+RATES = [0.0, 0.1, 0.25, 0.4]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cache, monkeypatch_module):
+    monkeypatch_module.setenv("EDGEQ_CACHE", str(cache))
+    return tmp_path_factory.mktemp("uniql")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _export(out, model, **kw):
+    from edgeq.api import ExportOptions, export
+
+    return export(ExportOptions(model=str(model), out=str(out), force=True, calib_windows=1, **kw))["manifest"]
+
+
+@pytest.fixture(scope="module")
+def f32_bundle(env, tiny_decoder_dir):
+    out = env / "f32"
+    m = _export(out, tiny_decoder_dir, quant="f32", pruning_rates=RATES[1:])
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def source(tiny_decoder_dir):
+    from edgeq.importers.loader import import_model
+
+    return import_model(tiny_decoder_dir)
+
+
+def _ids(n=96, seed=0):
+    return [1] + list(np.random.default_rng(seed).integers(3, 400, n - 1))
+
+
+def _kld(ref: np.ndarray, got: np.ndarray) -> float:
+    from edgeq.evaluate.decoder import log_softmax64
+
+    lr, lg = log_softmax64(ref), log_softmax64(got)
+    return float(np.mean(np.sum(np.exp(lr) * (lr - lg), -1)))
+
+
+def test_sorting_keeps_the_source_outputs(f32_bundle, source):
+    """The sorted model at rate 0 is the source: same logits in the executor, and in llama.cpp (f32 GGUF) the
+    bundle's full width scores like the float reference."""
+    from edgeq import runtime
+
+    out, m = f32_bundle
+    orders = {i: np.asarray(m["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"]) for i in range(2)}
+    for i, o in orders.items():
+        assert sorted(o.tolist()) == list(range(512)) and o.tolist() != list(range(512))
+        assert all(m["plan"]["tensors"][n]["order"] == o.tolist() for n in llama.mlp_weights(i))
+    ids = _ids()
+    ref = Executor(source).logits(ids)
+    np.testing.assert_allclose(Executor(llama.prune_mlp(source, orders)).logits(ids), ref, atol=2e-5, rtol=0)
+    with runtime.load(out, pruning_rate=0.0) as s:
+        assert _kld(ref, s.logits(ids)) <= 1e-4
+
+
+def test_every_rate_is_a_valid_model_that_meets_its_rate(f32_bundle, source):
+    """Each rate of the table: achieved exactly in channels (so in MLP parameters), and the file llama.cpp loads at
+    that rate computes the sorted source narrowed to the table's widths (a prefix of every layer's order)."""
+    from edgeq import runtime
+
+    out, m = f32_bundle
+    table = m["pruning_rates"]
+    assert [r["rate"] for r in table["rates"]] == RATES and table["full"] == [512, 512]
+    assert m["plan"]["pruning"]["rates"] == table["rates"]
+    ids = _ids(seed=1)
+    klds = []
+    for entry in table["rates"]:
+        widths = entry["widths"]
+        assert sum(512 - w for w in widths) == round(entry["rate"] * 1024)
+        assert entry["achieved"] == pytest.approx(entry["rate"], abs=0.5 / 1024 + 1e-6)     # to the channel
+        channels = {i: np.asarray(m["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"])[:w]
+                    for i, w in enumerate(widths)}
+        want = Executor(llama.prune_mlp(source, channels)).logits(ids)
+        with runtime.load(out, pruning_rate=entry["rate"]) as s:
+            got = s.logits(ids)
+        assert _kld(want, got) <= 1e-4
+        klds.append(_kld(Executor(source).logits(ids), got))
+    assert klds[0] <= 1e-4 and klds == sorted(klds)       # more pruned, further from the source
+    assert len(set(table["rates"][2]["widths"])) > 1       # the allocation gave the layers different widths
+
+
+def test_widths_align_with_each_format_block(env, tiny_decoder_dir):
+    """q4_0 (32-blocks) and a plan putting ffn_down on q4_k (256-blocks along its input): every width is a multiple
+    of the format's block, the global rate is still met, and llama.cpp loads the q4_k bundle at every rate."""
+    from edgeq import runtime
+
+    plan = env / "k.json"
+    plan.write_text(json.dumps({"preset": "q4_0", "rules": [{"match": "*.ffn_down", "format": "q4_k"}]}))
+    for name, kw, block in (("q4_0", {"quant": "q4_0"}, 32), ("k", {"plan": str(plan)}, 256)):
+        m = _export(env / name, tiny_decoder_dir, pruning_rates=[0.25, 0.5], **kw)
+        downs = {m["plan"]["tensors"][llama.mlp_weights(i)[2]]["format"] for i in range(2)}
+        assert {get_format(f).block[1] for f in downs} == {block}
+        assert m["pruning_rates"]["align"] == [block, block]
+        for entry in m["pruning_rates"]["rates"]:
+            assert all(w % block == 0 and 0 < w <= 512 for w in entry["widths"])
+            assert entry["achieved"] == pytest.approx(entry["rate"], abs=1e-6)
+            with runtime.load(env / name, pruning_rate=entry["rate"]) as s:
+                assert np.isfinite(s.logits(_ids(16))).all()
+
+
+def test_a_rate_the_bundle_lacks_is_one_clear_error(f32_bundle, capsys):
+    from edgeq.cli import main
+
+    out, _ = f32_bundle
+    assert main(["eval", str(out), "--pruning-rate", "0.3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"edgeq: error: {out}: carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3"]
+    assert main(["run", str(out), "hi", "--pruning-rate", "0.3"]) == 2
+
+
+def test_a_plan_can_fix_the_widths(env, tiny_decoder_dir, f32_bundle, source):
+    """A plan with `keep` per MLP (the search issue's interface) exports the already-pruned model: layers of
+    different widths, written as llama.cpp's per-layer `deci` architecture, computing the narrowed source."""
+    from edgeq import runtime
+
+    _, m = f32_bundle
+    tensors = {}
+    for i, k in enumerate((384, 160)):
+        for n in llama.mlp_weights(i):
+            tensors[n] = {"format": "f32", "keep": k}
+    plan = env / "keep.json"
+    plan.write_text(json.dumps({"preset": "f32", "tensors": tensors}))
+    out = env / "keep"
+    m2 = _export(out, tiny_decoder_dir, plan=str(plan))
+    assert m2["pruning_rates"] is None
+    assert m2["model"]["n_params"] == source.n_params - 3 * 256 * (128 + 352)
+    from gguf import GGUFReader
+
+    r = GGUFReader(out / "model.gguf")
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "deci"
+    assert [int(r.fields["deci.feed_forward_length"].parts[i][0]) for i in r.fields["deci.feed_forward_length"].data] \
+        == [384, 160]
+    channels = {i: np.asarray(m2["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"])[:k]
+                for i, k in enumerate((384, 160))}
+    ids = _ids(seed=2)
+    with runtime.load(out) as s:
+        assert _kld(Executor(llama.prune_mlp(source, channels)).logits(ids), s.logits(ids)) <= 1e-4
+
+
+def test_orders_and_allocations():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 48)) @ (rng.standard_normal((48, 48)) * np.exp(rng.uniform(-2, 1, 48)))
+    cov = x.T @ x / len(x)
+    lam = np.trace(cov) / 48
+    direct = np.diag(cov @ np.linalg.inv(cov + lam * np.eye(48)))
+    np.testing.assert_allclose(ridge_leverage(cov, 1.0), direct, rtol=1e-9, atol=1e-12)
+    assert np.all((direct > 0) & (direct < 1))
+    down = rng.standard_normal((16, 48))
+    for order in ("uniql", "magnitude", "wanda", "random"):
+        o = sort_order(channel_scores(order, down, cov, np.diag(cov), layer=3))
+        assert sorted(o.tolist()) == list(range(48))
+    # duplicated channels share their span: ridge leverage ranks a copy below a unique channel of equal energy
+    h = rng.standard_normal((4000, 3))
+    h = np.column_stack([h[:, 0], h[:, 0], h[:, 1], h[:, 2]])
+    s = ridge_leverage(h.T @ h / 4000, 0.01)
+    assert s[0] == pytest.approx(s[1]) and s[0] < 0.6 < s[2]
+    # allocation: the global count met exactly with mixed steps; more important layers pruned less
+    imp = np.array([0.9, 0.1, 0.3, 0.05])
+    shares = layer_shares(imp, 0.25, "uniql")
+    assert shares.mean() == pytest.approx(0.25) and shares[0] < shares[2] < shares[1] < shares[3]
+    full, align = [1536] * 4, [32, 256, 32, 32]
+    for rate in (0.05, 0.15, 0.35):
+        w = widths_for(full, align, layer_shares(imp, rate, "uniql"), rate)
+        assert sum(1536 - v for v in w) == round(rate * 6144 / 32) * 32
+        assert all(v % a == 0 and 0 < v <= 1536 for v, a in zip(w, align))
+    assert widths_for([1536] * 3, [32] * 3, layer_shares(imp[:3], 0.25, "uniform"), 0.25) == [1152] * 3
+    assert math.isclose(layer_shares(np.ones(4), 0.3, "uniql").sum(), 1.2)
+
+
+def test_calibration_subsets_are_disjoint():
+    from edgeq.passes.calibrate import calibration_windows
+
+    tokens = list(range(512 * 40))
+    sets = [calibration_windows(tokens, 512, 4, 0, False, (i, 3)) for i in range(3)]
+    firsts = [{w[0] for w in s} for s in sets]
+    assert all(len(f) == 4 for f in firsts) and not (firsts[0] & firsts[1] or firsts[1] & firsts[2] or
+                                                    firsts[0] & firsts[2])
+    assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, (0, 1))
+
+
+def test_the_slicer_refuses_a_damaged_file(f32_bundle, tmp_path):
+    from edgeq.runtime.gguf_slice import slice_mlp
+    from edgeq.runtime.manifest import BundleError
+
+    out, _ = f32_bundle
+    data = (out / "model.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    for blob, why in ((data[:4000], "past the end"), (b"GGUF\x03\0\0\0" + b"\xff" * 60, "implausible"),
+                      (b"GGJT" + data[4:], "not a GGUF file")):
+        bad.write_bytes(blob)
+        with pytest.raises(BundleError, match=why):
+            slice_mlp(bad, tmp_path / "x.gguf", [256, 256], [1, 1])
+        assert not (tmp_path / "x.gguf").exists()
