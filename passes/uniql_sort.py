@@ -1,11 +1,11 @@
-"""uniql_sort: order every MLP's channels so that each prefix is a good smaller MLP (UniQL).
+"""uniql_sort: rank every MLP's channels so that the best k of them make a good k-channel MLP, for every k (UniQL).
 
 A SwiGLU MLP is a sum over its channels, y = Σ_j W_down[:, j]·h_j with h = silu(gate·x) ⊙ (up·x), so permuting
-gate's and up's rows and down's columns together leaves the model's outputs unchanged, and keeping the first k
-channels of the sorted MLP is the k-channel MLP that the order considers best. The down projection is never
-refitted: a refit would be a different matrix for each width, and one file must serve every width.
+gate's and up's rows and down's columns together leaves the model's outputs unchanged, and the k best channels of a
+ranking are the k-channel MLP that the ranking considers best. The down projection is never refitted: a refit would
+be a different matrix for each width, and one file must serve every width.
 
-Orders (`--prune-order`):
+Rankings (`--prune-order`):
 - `uniql`: ridge-leverage scores of the down projection's input covariance C = E[hhᵀ] (from the calibrate pass),
   s = diag(C(C + λI)⁻¹) with λ = λ_rel·tr(C)/n: how much of the calibration activations' span channel j carries
   that the others do not, with directions weaker than λ (noise at this many tokens) discounted;
@@ -13,9 +13,7 @@ Orders (`--prune-order`):
 - `wanda`: ‖W_down[:, j]‖·√E[h_j²] (Wanda's score, per channel);
 - `random`: a fixed-seed permutation (the floor any order must beat).
 
-The pass returns the sorted graph (weights stay lazy) and records each MLP tensor's `order` in the plan; the
-calibration statistics of the down projections' inputs are reindexed to match, so that later passes and the
-quantizers' importance matrices see the sorted model.
+The ranking goes to `ctx.analysis["mlp_ranking"]`; uniql_alloc turns it into widths and the stored channel order.
 """
 
 from __future__ import annotations
@@ -35,14 +33,24 @@ SEED = 0
 
 
 def ridge_leverage(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
-    """diag(C (C + λI)⁻¹) with λ = ridge · tr(C)/n, from C's eigendecomposition (C symmetric PSD, float64)."""
+    """diag(C (C + λI)⁻¹) with λ = ridge · tr(C)/n (C symmetric PSD, float64).
+
+    C(C + λI)⁻¹ = I − λ(C + λI)⁻¹, and C + λI is positive definite, so the scores are 1 − λ·diag((C + λI)⁻¹) from
+    one Cholesky factorisation and its inverse (LAPACK potrf/potri): a third of an eigendecomposition's work."""
+    from scipy.linalg import lapack
+
     n = cov.shape[0]
     lam = ridge * float(np.trace(cov)) / n
     if not lam > 0:
         return np.zeros(n)
-    evals, vecs = np.linalg.eigh(cov)
-    evals = np.maximum(evals, 0.0)
-    return (vecs * vecs) @ (evals / (evals + lam))
+    a = np.array(cov, dtype=np.float64, order="F")
+    a[np.diag_indices(n)] += lam
+    c, info = lapack.dpotrf(a, lower=0, overwrite_a=1)
+    if info == 0:
+        inv, info = lapack.dpotri(c, lower=0, overwrite_c=1)
+    if info != 0:
+        raise EdgeqError(None, f"the MLP input covariance is not positive semi-definite (LAPACK info {info})")
+    return np.clip(1.0 - lam * np.diag(inv), 0.0, 1.0)
 
 
 def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_moment: np.ndarray, layer: int,
@@ -68,7 +76,8 @@ def sort_order(scores: np.ndarray) -> np.ndarray:
 
 
 class UniqlSort(Pass):
-    """Sorts every MLP's channels; in the plan, each MLP tensor's `order`."""
+    """Ranks every MLP's channels (ctx.analysis["mlp_ranking"]: layer -> channels, best first). Layers whose order a
+    plan file fixes are not ranked: that order is already the stored one."""
 
     name = "uniql_sort"
 
@@ -81,43 +90,21 @@ class UniqlSort(Pass):
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         cal = ctx.analysis.get("calibration")
-        given = {i: _plan_order(plan, i, graph) for i in range(graph.config.n_layers)}
-        orders: dict[int, np.ndarray] = {}
-        for i, fixed in given.items():
-            if fixed is not None:         # a plan file's order wins (it was computed on this model before)
-                orders[i] = fixed
-                continue
-            if cal is None and self.order in ("uniql", "wanda"):
-                raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
+        todo = [i for i in range(graph.config.n_layers)
+                if all(plan.tensors[n].order is None for n in llama.mlp_weights(i))]
+        if todo and cal is None and self.order in ("uniql", "wanda"):
+            raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
+        ranking: dict[int, np.ndarray] = {}
+        for i in (ctx.progress(todo, desc=f"rank MLP channels ({self.order})", unit="layer")
+                  if ctx.progress is not None else todo):
             down = llama.mlp_weights(i)[2]
             stats = cal.stats(down) if cal is not None else None
             w = graph.weights[down].numpy()
             scores = channel_scores(self.order, w, None if stats is None else stats.full(),
                                     np.zeros(w.shape[1]) if stats is None else stats.diag(), i, self.ridge, self.seed)
-            orders[i] = sort_order(scores)
-        for i, o in orders.items():
-            for name in llama.mlp_weights(i):
-                plan.tensors[name].order = [int(v) for v in o]
-        if cal is not None:
-            ctx.analysis.setdefault("calibration_source", cal)
-            ctx.analysis["calibration"] = cal.reindexed({llama.mlp_weights(i)[2]: o for i, o in orders.items()})
+            ranking[i] = sort_order(scores)
+        ctx.analysis["mlp_ranking"] = ranking
         ctx.record(self.name, order=self.order, **({"ridge": self.ridge} if self.order == "uniql" else {}),
-                   **({"seed": self.seed} if self.order == "random" else {}),
-                   from_plan=sum(1 for o in given.values() if o is not None), layers=len(orders))
-        return llama.prune_mlp(graph, orders), plan
-
-
-def _plan_order(plan: Plan, layer: int, graph: Graph) -> np.ndarray | None:
-    """The order a plan file gives layer `layer`'s MLP: the same permutation on gate, up and down, or none."""
-    names = llama.mlp_weights(layer)
-    given = [plan.tensors[n].order for n in names]
-    if all(o is None for o in given):
-        return None
-    if any(o != given[0] for o in given):
-        raise EdgeqError(None, f"layer {layer}: the plan's MLP orders differ between {', '.join(names)} (they must be "
-                               "one permutation of the MLP's channels)")
-    full = graph.weights[names[0]].shape[0]
-    o = np.asarray(given[0], dtype=np.int64)
-    if o.shape != (full,) or sorted(o.tolist()) != list(range(full)):
-        raise EdgeqError(None, f"{names[0]}: order must be a permutation of its {full} channels")
-    return o
+                   **({"seed": self.seed} if self.order == "random" else {}), ranked=len(ranking),
+                   from_plan=graph.config.n_layers - len(ranking))
+        return graph, plan

@@ -15,7 +15,7 @@ import pytest
 from edgeq.core.executor import Executor
 from edgeq.core.formats import get_format
 from edgeq.models import llama
-from edgeq.passes.uniql_alloc import layer_shares, widths_for
+from edgeq.passes.uniql_alloc import layer_shares, segmented, widths_for
 from edgeq.passes.uniql_sort import channel_scores, ridge_leverage, sort_order
 
 RATES = [0.0, 0.1, 0.25, 0.4]
@@ -194,6 +194,12 @@ def test_orders_and_allocations():
         assert all(v % a == 0 and 0 < v <= 1536 for v, a in zip(w, align))
     assert widths_for([1536] * 3, [32] * 3, layer_shares(imp[:3], 0.25, "uniform"), 0.25) == [1152] * 3
     assert math.isclose(layer_shares(np.ones(4), 0.3, "uniql").sum(), 1.2)
+    # stored order: every width's best channels first, each segment in source order
+    ranking = rng.permutation(96)
+    stored = segmented(ranking, [64, 32, 64, 96])
+    for w in (32, 64, 96):
+        assert set(stored[:w].tolist()) == set(ranking[:w].tolist())
+    assert stored[:32].tolist() == sorted(stored[:32].tolist()) and stored[32:64].tolist() == sorted(stored[32:64])
 
 
 def test_calibration_subsets_are_disjoint():
