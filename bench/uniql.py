@@ -10,7 +10,8 @@ Speed and memory (`--stage speed`): a `--speed-quant` bundle (q4_0) loaded at ea
 round after another with the rates' order alternating: resident memory after load and after decoding, the model file
 llama.cpp maps, and greedy decode tokens/s (1 thread).
 
-    python bench/uniql.py                       # both stages (about an hour on the 2-core machine)
+    python bench/uniql.py --stage select        # the constants' sweep (calibration text only)
+    python bench/uniql.py                       # quality and speed (about an hour on the 2-core machine)
     python bench/uniql.py --stage speed --rounds 5
 
 Writes bench/results/uniql.json (after each step) and uniql.png.
@@ -48,11 +49,12 @@ def export(out: Path, **kw) -> dict:
     return res["manifest"]
 
 
-def quality(bundle: Path, rate: float, reference, a) -> dict:
+def quality(bundle: Path, rate: float, reference, a, text: Path | None = None, chunks: int | None = None) -> dict:
     from edgeq.evaluate.bundle import evaluate_bundle
 
-    ev = evaluate_bundle(bundle, ctx=a.ctx, chunks=a.chunks, threads=a.threads, record=False, pareto=False,
-                         progress=None, reference_logits=reference, pruning_rate=rate)
+    ev = evaluate_bundle(bundle, text_file=None if text is None else str(text), ctx=a.ctx,
+                         chunks=a.chunks if chunks is None else chunks, threads=a.threads, record=False,
+                         pareto=False, progress=None, reference_logits=reference, pruning_rate=rate)
     return {k: ev[k] for k in ("kld_mean", "kld_p99", "top1", "ppl", "ppl_reference", "n_tokens_scored")}
 
 
@@ -63,21 +65,25 @@ def write(path: Path, doc: dict) -> None:
     tmp.replace(path)
 
 
-def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, **opts) -> dict:
-    """Export one f32 bundle with a pruning table and score every rate in llama.cpp."""
-    bundle = work / name
-    m = export(bundle, quant="f32", pruning_rates=a.rates, **opts)
+def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, section: str = "quality",
+                rates: list[float] | None = None, text: Path | None = None, chunks: int | None = None,
+                **opts) -> dict:
+    """Export one f32 bundle with a pruning table and score `rates` in llama.cpp (on `text`, else the held-out
+    text)."""
+    rates = a.rates if rates is None else rates
+    bundle = work / name.replace("/", "_")
+    m = export(bundle, quant="f32", pruning_rates=rates, **opts)
     table = {r["rate"]: r for r in m["pruning_rates"]["rates"]}
     res: dict[str, Any] = {"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
                            "rates": {}}
-    for r in a.rates:
-        q = quality(bundle, r, reference, a)
+    for r in rates:
+        q = quality(bundle, r, reference, a, text, chunks)
         q["achieved"] = table[r]["achieved"]
         q["widths"] = table[r]["widths"]
         res["rates"][str(r)] = q
         log(f"  {name} rate {r}: KLD {q['kld_mean']:.4f} ppl {q['ppl']:.3f} top-1 {q['top1']:.3f}")
     shutil.rmtree(bundle, ignore_errors=True)
-    doc["quality"][name] = res
+    doc.setdefault(section, {})[name] = res
     write(out, doc)
     return res
 
@@ -100,20 +106,36 @@ def stage_quality(a, doc: dict, out: Path) -> None:
                 log(name)
                 run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
                             calib_subset=(s, a.subsets))
-        for ridge in a.ridge:
-            name = f"uniql ridge={ridge:g}/s0"
-            if name not in doc["quality"]:
-                log(name)
-                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
-                            prune_ridge=ridge, calib_subset=(0, a.subsets))
-        for t in a.temperature:
-            name = f"uniql T={t:g}/s0"
-            if name not in doc["quality"]:
-                log(name)
-                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniql",
-                            prune_temperature=t, calib_subset=(0, a.subsets))
     doc["summary"] = summary(doc["quality"], a.rates, a.subsets)
     write(out, doc)
+
+
+def stage_select(a, doc: dict, out: Path) -> None:
+    """The two method constants, chosen on calibration text only: calibration subset 1 of 3 (its windows start at
+    the 11th), scored on the calibration text's first `--select-chunks` windows (none of them in that subset); the
+    held-out half is never looked at here."""
+    from edgeq.evaluate.texts import calibration_text
+
+    reference = ReferenceCache(make_reference)
+    doc.setdefault("select", {})
+    with tempfile.TemporaryDirectory(prefix="edgeq-uniql-", dir=a.workdir) as d:
+        work = Path(d)
+        text = work / "calibration.txt"
+        text.write_text(calibration_text(), encoding="utf-8")
+        kw = dict(section="select", rates=a.select_rates, text=text, chunks=a.select_chunks,
+                  calib_subset=(1, 3))
+        for ridge in a.ridge:
+            name = f"ridge={ridge:g}"
+            if name not in doc["select"]:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
+                            prune_ridge=ridge, **kw)
+        for t in a.temperature:
+            name = f"temperature={t:g}"
+            if name not in doc["select"]:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniql",
+                            prune_temperature=t, **kw)
 
 
 def summary(q: dict, rates: list[float], subsets: int) -> dict:
@@ -287,12 +309,17 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]                 # noqa: E731
-    ap.add_argument("--stage", default="all", choices=["all", "quality", "speed"])
+    ap.add_argument("--stage", default="all", choices=["all", "select", "quality", "speed"],
+                    help="select: sweep --ridge/--temperature on calibration text; all: quality then speed")
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
-    ap.add_argument("--ridge", type=floats, default=[], help="uniql order: ridge factors to sweep (subset 0)")
-    ap.add_argument("--temperature", type=floats, default=[], help="uniql alloc: temperatures to sweep (subset 0)")
+    ap.add_argument("--ridge", type=floats, default=[0.01, 0.1, 1.0, 10.0],
+                    help="select: uniql order's ridge factors (uniform widths)")
+    ap.add_argument("--temperature", type=floats, default=[0.5, 1.0, 2.0, 4.0],
+                    help="select: uniql allocation's temperatures (uniql order)")
+    ap.add_argument("--select-rates", type=floats, default=[0.15, 0.35])
+    ap.add_argument("--select-chunks", type=int, default=4)
     ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored (8: 2,040 tokens)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
@@ -313,6 +340,8 @@ def main() -> int:
     doc["run"] = {"versions": versions(), "load_average_at_start": load, "cpu_count": os.cpu_count(),
                   "cpu_flags": [f for f in flags if f.startswith(("avx", "fma", "f16c", "sse4"))],
                   "rates": a.rates, "chunks": a.chunks, "ctx": a.ctx, "threads": a.threads}
+    if a.stage == "select":
+        stage_select(a, doc, a.out)
     if a.stage in ("all", "quality"):
         stage_quality(a, doc, a.out)
     if a.stage in ("all", "speed"):
