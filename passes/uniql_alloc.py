@@ -44,10 +44,10 @@ MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its chann
 
 
 def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
-    """The step of layer `layer`'s width: every MLP tensor's format block along the channels (down's columns,
-    gate's and up's rows) and the target's multiple."""
+    """The step of layer `layer`'s width: every MLP tensor's format block along the channels (down's columns: the
+    registry's slice step, a block or two; gate's and up's rows) and the target's multiple."""
     gate, up, down = llama.mlp_weights(layer)
-    steps = [get_format(plan.tensors[down].format).block[1], get_format(plan.tensors[gate].format).block[0],
+    steps = [get_format(plan.tensors[down].format).slice_step, get_format(plan.tensors[gate].format).block[0],
              get_format(plan.tensors[up].format).block[0], max(1, channel_multiple)]
     return math.lcm(*steps)
 

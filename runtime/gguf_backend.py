@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from edgeq.core.cache import cache_dir
 from edgeq.runtime.gguf_slice import slice_mlp
 from edgeq.runtime.manifest import BundleError, Pruning, artifact_path
+from edgeq.runtime.pruned import pruned_file
 
 NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
 REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 SLICE_VERSION = 1                     # of runtime/gguf_slice.py's output: part of the cached file's key
-PRUNED_CACHE_MB = 2048                # narrowed files kept for reuse, least recently used evicted first
 
 
 def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
@@ -35,52 +28,9 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
                                lora_path=artifact_path(bundle, lora[0]["path"]) if lora else None)
     if lora:
         raise BundleError(bundle, "a bundle with low-rank branches cannot be loaded at a pruning rate")
-    with pruned_file(model, art["sha256"], pruning) as path:
+    with pruned_file(art["sha256"], pruning, ".gguf", SLICE_VERSION,
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.align)) as path:
         return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=manifest.get("kv_cache_dtype", "f16"))
-
-
-@contextmanager
-def pruned_file(model: Path, sha256: str, pruning: Pruning) -> Iterator[Path]:
-    """The model narrowed to `pruning`'s widths: made once into the cache (EDGEQ_CACHE, ~/.cache/edgeq/pruned/) and
-    reused; with the cache off, a temporary file that is gone once llama.cpp has mapped it."""
-    key = hashlib.sha256(json.dumps([SLICE_VERSION, sha256, pruning.widths, pruning.align]).encode()).hexdigest()
-    root = cache_dir()
-    path = None
-    if root is not None:
-        path = root / "pruned" / f"{key[:32]}.gguf"
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_file():
-                os.utime(path)                    # most recently used: evicted last
-            else:
-                slice_mlp(model, path, pruning.widths, pruning.align)
-                evict(path.parent, keep=path)
-        except OSError:
-            path = None                           # an unwritable cache: a temporary file instead
-    if path is not None:
-        yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="edgeq-pruned-") as d:
-        path = Path(d) / "model.gguf"
-        slice_mlp(model, path, pruning.widths, pruning.align)
-        yield path
-
-
-def evict(folder: Path, keep: Path) -> None:
-    """Least recently used narrowed files go until the folder holds at most EDGEQ_PRUNED_CACHE_MB (default 2048) MB,
-    `keep` (the file just made) apart. A file llama.cpp has mapped stays readable after it is removed."""
-    cap = float(os.environ.get("EDGEQ_PRUNED_CACHE_MB", PRUNED_CACHE_MB)) * 1e6
-    files = sorted((f for f in folder.glob("*.gguf") if f != keep), key=lambda f: f.stat().st_mtime)
-    total = keep.stat().st_size + sum(f.stat().st_size for f in files)
-    for f in files:
-        if total <= cap:
-            break
-        total -= f.stat().st_size
-        f.unlink(missing_ok=True)
-
-
-def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
-    raise BundleError(bundle, f"a gguf bundle holds a decoder, not a {manifest['model'].get('kind')}")
 
 
 class LlamaCppBackend:

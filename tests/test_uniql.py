@@ -1,4 +1,5 @@
-"""UniQL: sorted MLPs, per-layer width tables, one GGUF that llama.cpp loads at any rate the bundle carries.
+"""UniQL: sorted MLPs, per-layer width tables, one model file that llama.cpp and onnxruntime load at any rate the
+bundle carries.
 
 Everything here runs on a small synthetic Llama through the real pipeline and llama.cpp; the comparison of orders
 and allocations on SmolLM2 is bench/uniql.py's job (README: UniQL).
@@ -40,10 +41,10 @@ def _export(out, model, **kw):
     return export(ExportOptions(model=str(model), out=str(out), force=True, calib_windows=1, **kw))["manifest"]
 
 
-@pytest.fixture(scope="module")
-def f32_bundle(env, tiny_decoder_dir):
-    out = env / "f32"
-    m = _export(out, tiny_decoder_dir, quant="f32", pruning_rates=RATES[1:])
+@pytest.fixture(scope="module", params=["gguf", "onnx"])
+def f32_bundle(request, env, tiny_decoder_dir):
+    out = env / f"f32-{request.param}"
+    m = _export(out, tiny_decoder_dir, backend=request.param, quant="f32", pruning_rates=RATES[1:])
     return out, m
 
 
@@ -66,8 +67,8 @@ def _kld(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def test_sorting_keeps_the_source_outputs(f32_bundle, source):
-    """The sorted model at rate 0 is the source: same logits in the executor, and in llama.cpp (f32 GGUF) the
-    bundle's full width scores like the float reference."""
+    """The sorted model at rate 0 is the source: same logits in the executor, and in the runtime (f32) the bundle's
+    full width scores like the float reference."""
     from edgeq import runtime
 
     out, m = f32_bundle
@@ -83,8 +84,8 @@ def test_sorting_keeps_the_source_outputs(f32_bundle, source):
 
 
 def test_every_rate_is_a_valid_model_that_meets_its_rate(f32_bundle, source):
-    """Each rate of the table: achieved exactly in channels (so in MLP parameters), and the file llama.cpp loads at
-    that rate computes the sorted source narrowed to the table's widths (a prefix of every layer's order)."""
+    """Each rate of the table: achieved exactly in channels (so in MLP parameters), and the model the runtime loads
+    at that rate computes the sorted source narrowed to the table's widths (a prefix of every layer's order)."""
     from edgeq import runtime
 
     out, m = f32_bundle
@@ -109,16 +110,18 @@ def test_every_rate_is_a_valid_model_that_meets_its_rate(f32_bundle, source):
 
 
 def test_widths_align_with_each_format_block(env, tiny_decoder_dir):
-    """q4_0 (32-blocks) and a plan putting ffn_down on q4_k (256-blocks along its input): every width is a multiple
-    of the format's block, the global rate is still met, and llama.cpp loads the q4_k bundle at every rate."""
+    """GGUF q4_0 (32-blocks), a plan putting ffn_down on q4_k (256-blocks along its input) and ONNX int4-asym (two
+    32-blocks: zero points are packed two a byte): every width is a multiple of the format's step, the global rate is
+    still met, and the runtime loads each bundle at every rate."""
     from edgeq import runtime
 
     plan = env / "k.json"
     plan.write_text(json.dumps({"preset": "q4_0", "rules": [{"match": "*.ffn_down", "format": "q4_k"}]}))
-    for name, kw, block in (("q4_0", {"quant": "q4_0"}, 32), ("k", {"plan": str(plan)}, 256)):
+    for name, kw, block in (("q4_0", {"quant": "q4_0"}, 32), ("k", {"plan": str(plan)}, 256),
+                            ("asym", {"backend": "onnx", "quant": "int4-asym"}, 64)):
         m = _export(env / name, tiny_decoder_dir, pruning_rates=[0.25, 0.5], **kw)
         downs = {m["plan"]["tensors"][llama.mlp_weights(i)[2]]["format"] for i in range(2)}
-        assert {get_format(f).block[1] for f in downs} == {block}
+        assert {get_format(f).slice_step for f in downs} == {block}
         assert m["pruning_rates"]["align"] == [block, block]
         for entry in m["pruning_rates"]["rates"]:
             assert all(w % block == 0 and 0 < w <= 512 for w in entry["widths"])
@@ -130,19 +133,20 @@ def test_widths_align_with_each_format_block(env, tiny_decoder_dir):
 def test_a_rate_the_bundle_lacks_is_one_clear_error(f32_bundle, capsys):
     from edgeq.cli import main
 
-    out, _ = f32_bundle
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] != "gguf":
+        pytest.skip("one backend is enough: the rate is checked before a backend is chosen")
     assert main(["eval", str(out), "--pruning-rate", "0.3", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"edgeq: error: {out}: carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3"]
     assert main(["run", str(out), "hi", "--pruning-rate", "0.3"]) == 2
 
 
-def test_a_plan_can_fix_the_widths(env, tiny_decoder_dir, f32_bundle, source):
+def test_a_plan_can_fix_the_widths(env, tiny_decoder_dir, source):
     """A plan with `keep` per MLP (the search issue's interface) exports the already-pruned model: layers of
     different widths, written as llama.cpp's per-layer `deci` architecture, computing the narrowed source."""
     from edgeq import runtime
 
-    _, m = f32_bundle
     tensors = {}
     for i, k in enumerate((384, 160)):
         for n in llama.mlp_weights(i):
@@ -213,11 +217,24 @@ def test_calibration_subsets_are_disjoint():
     assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, (0, 1))
 
 
-def test_the_slicer_refuses_a_damaged_file(f32_bundle, tmp_path):
-    from edgeq.runtime.gguf_slice import slice_mlp
+def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):
+    from edgeq.runtime import gguf_slice, onnx_slice
     from edgeq.runtime.manifest import BundleError
 
-    out, _ = f32_bundle
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] == "onnx":
+        data = (out / "model.onnx").read_bytes()
+        bad = tmp_path / "bad.onnx"
+        recipe = m["onnx"]["pruning"]
+        graph_at = data.index(b"\x3a")             # a graph field claiming 4 GB, then the real one
+        for blob, why in ((data[:len(data) // 2], "runs past"), (b"\x0f" + data[1:], "wire type"),
+                          (b"\x3a\xff\xff\xff\x0f" + data[graph_at:], "runs past")):
+            bad.write_bytes(blob)
+            with pytest.raises(BundleError, match=why):
+                onnx_slice.slice_mlp(bad, tmp_path / "x.onnx", [256, 256], [512, 512], recipe)
+            assert not (tmp_path / "x.onnx").exists()
+        return
+    slice_mlp = gguf_slice.slice_mlp
     data = (out / "model.gguf").read_bytes()
     bad = tmp_path / "bad.gguf"
     for blob, why in ((data[:4000], "past the end"), (b"GGUF\x03\0\0\0" + b"\xff" * 60, "implausible"),
