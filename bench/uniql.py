@@ -6,9 +6,10 @@ every rate against the unpruned float source (edgeq eval's convention: KLD, PPL,
 uniql order with `--prune-alloc uniform` too. f32 keeps quantization out of the comparison. `--ridge` and
 `--temperature` sweep the two method constants on subset 0 (what their defaults were chosen on).
 
-Speed and memory (`--stage speed`): a `--speed-quant` bundle (q4_0) loaded at each rate in a fresh process, one
-round after another with the rates' order alternating: resident memory after load and after decoding, the model file
-llama.cpp maps, and greedy decode tokens/s (1 thread).
+Speed and memory (`--stage speed`): a q4-class bundle per runtime (GGUF q4_0 in llama.cpp, ONNX int4 in
+onnxruntime, TVM int4), each loaded at each rate in a fresh process, round after round with the rates' order
+alternating: the bytes of the model files loaded, resident memory after load and after decoding, and greedy decode
+tokens/s (1 thread).
 
     python bench/uniql.py --stage select        # the constants' sweep (calibration text only)
     python bench/uniql.py                       # quality and speed (about an hour on the 2-core machine)
@@ -20,6 +21,7 @@ Writes bench/results/uniql.json (after each step) and uniql.png.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -167,18 +169,48 @@ def rss_kib() -> dict[str, int]:
     return out
 
 
+def pruned_bytes(bundle: Path, m: dict, rate: float) -> int:
+    """Bytes of the model files the runtime loads at `rate` (the narrowed file, or the narrowed params + library)."""
+    from edgeq.runtime import gguf_slice, onnx_slice
+    from edgeq.runtime.manifest import artifact_path, pick_pruning
+    from edgeq.runtime.tvm_backend import pruning_cuts
+
+    art = next(x for x in m["artifacts"] if x["role"] == "model")
+    full = sum(x["bytes"] for x in m["artifacts"] if x["role"] in ("model", "params", "model_data"))
+    pr = pick_pruning(bundle, m, rate)
+    if pr is None:
+        return full
+    if art["backend"] == "gguf":
+        return gguf_slice.sliced_bytes(artifact_path(bundle, art["path"]), pr.widths, pr.align)
+    if art["backend"] == "onnx":
+        with tempfile.TemporaryDirectory() as d:
+            onnx_slice.slice_mlp(artifact_path(bundle, art["path"]), Path(d) / "m.onnx", pr.widths, pr.full,
+                                 m["onnx"]["pruning"])
+            return (Path(d) / "m.onnx").stat().st_size
+    from safetensors import safe_open
+
+    cuts = pruning_cuts(bundle, m["tvm"], pr)
+    removed = 0
+    with safe_open(str(artifact_path(bundle, m["tvm"]["params"])), framework="np") as f:
+        for name, (axis, keep) in cuts.items():
+            sl = f.get_slice(name)
+            shape = sl.get_shape()
+            itemsize = np.dtype({"F32": "f4", "F16": "f2", "I8": "i1", "U8": "u1"}[sl.get_dtype()]).itemsize
+            removed += (shape[axis] - keep) * int(np.prod(shape)) // shape[axis] * itemsize
+    return full - removed
+
+
 def child_speed(bundle: str, rate: float, tokens: int, threads: int) -> None:
     """One fresh process: load at `rate`, report memory after load and after decoding, and decode tokens/s."""
     from edgeq import runtime
     from edgeq.evaluate.texts import evaluation_text
-    from edgeq.runtime.gguf_slice import sliced_bytes
-    from edgeq.runtime.manifest import artifact_path, pick_pruning, read_manifest
+    from edgeq.runtime.manifest import read_manifest
 
     b = Path(bundle)
     m = read_manifest(b)
-    art = next(x for x in m["artifacts"] if x["role"] == "model")
-    pr = pick_pruning(b, m, rate)
-    file_bytes = art["bytes"] if pr is None else sliced_bytes(artifact_path(b, art["path"]), pr.widths, pr.align)
+    file_bytes = pruned_bytes(b, m, rate)
+    backend = next(x["backend"] for x in m["artifacts"] if x["role"] == "model")
+    importlib.import_module({"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}[backend])   # not timed
     before = rss_kib()
     t0 = time.perf_counter()
     s = runtime.load(bundle, threads=threads, n_ctx=512, pruning_rate=rate)
@@ -188,6 +220,7 @@ def child_speed(bundle: str, rate: float, tokens: int, threads: int) -> None:
     be = s.backend
     be.reset()
     logits = be.feed(prompt)
+    after_prefill = rss_kib()
     t0 = time.perf_counter()
     for _ in range(tokens):
         logits = be.feed([int(np.argmax(logits))])
@@ -195,53 +228,59 @@ def child_speed(bundle: str, rate: float, tokens: int, threads: int) -> None:
     after = rss_kib()
     s.close()
     print(json.dumps({"rate": rate, "file_bytes": file_bytes, "load_s": load_s, "rss_before_kib": before,
-                      "rss_after_load_kib": after_load, "rss_after_decode_kib": after, "tokens_per_s": tps}))
+                      "rss_after_load_kib": after_load, "rss_after_prefill_kib": after_prefill,
+                      "rss_after_decode_kib": after, "tokens_per_s": tps}))
 
 
 def stage_speed(a, doc: dict, out: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="edgeq-uniql-speed-", dir=a.workdir))
     try:
-        bundle = work / a.speed_quant
-        m = export(bundle, quant=a.speed_quant, pruning_rates=a.speed_rates)
-        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-        for r in a.speed_rates:          # the first load at a rate slices the file into the cache: not timed below
-            subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r), "1", str(a.threads)],
-                           check=True, capture_output=True, env=env)
-        runs: dict[str, list[dict]] = {str(r): [] for r in a.speed_rates}
+        env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TVM_NUM_THREADS": str(a.threads)}
+        bundles = {}
+        for backend, quant in a.speed:
+            bundle = work / f"{backend}-{quant}"
+            bundles[backend] = (bundle, quant, export(bundle, backend=backend, quant=quant,
+                                                      pruning_rates=a.speed_rates))
+            for r in a.speed_rates:      # the first load at a rate may slice into the cache: not timed below
+                subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r), "1", str(a.threads)],
+                               check=True, capture_output=True, env=env)
+        runs: dict[str, dict[str, list[dict]]] = {b: {str(r): [] for r in a.speed_rates} for b in bundles}
         for rnd in range(a.rounds):
-            order = a.speed_rates if rnd % 2 == 0 else list(reversed(a.speed_rates))
-            for r in order:
-                p = subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r), str(a.tokens),
-                                    str(a.threads)], check=True, capture_output=True, text=True, env=env)
-                res = json.loads(p.stdout.strip().splitlines()[-1])
-                runs[str(r)].append(res)
-                log(f"  round {rnd} rate {r}: {res['tokens_per_s']:.1f} tok/s, RSS after load "
-                    f"{res['rss_after_load_kib']['VmRSS'] / 1024:.0f} MiB")
-        per_rate = {}
-        for r, rs in runs.items():
-            tps = [x["tokens_per_s"] for x in rs]
-            per_rate[r] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps),
-                           "tokens_per_s_max": max(tps), "file_bytes": rs[0]["file_bytes"],
-                           "rss_after_load_mib_median": statistics.median(
-                               x["rss_after_load_kib"]["VmRSS"] / 1024 for x in rs),
-                           "rss_after_decode_mib_median": statistics.median(
-                               x["rss_after_decode_kib"]["VmRSS"] / 1024 for x in rs),
-                           "load_s_median": statistics.median(x["load_s"] for x in rs), "runs": rs}
-        base = per_rate[str(a.speed_rates[0])]
-        for r, v in per_rate.items():
-            pruned_mib = (base["file_bytes"] - v["file_bytes"]) / 2**20
-            freed = base["rss_after_load_mib_median"] - v["rss_after_load_mib_median"]
-            v["model_mib_pruned"] = pruned_mib
-            v["rss_freed_share_of_pruned"] = freed / pruned_mib if pruned_mib else None
-            v["decode_speedup"] = v["tokens_per_s_median"] / base["tokens_per_s_median"]
-        if a.speed_quant != "f32":
-            reference = ReferenceCache(make_reference)
-            for r in a.speed_rates:
-                per_rate[str(r)]["quality"] = quality(bundle, r, reference, a)
-        doc["speed"] = {"quant": a.speed_quant, "threads": a.threads, "rounds": a.rounds, "tokens": a.tokens,
-                        "artifact_bytes": next(x["bytes"] for x in m["artifacts"] if x["role"] == "model"),
-                        "rates": per_rate}
-        write(out, doc)
+            for backend, (bundle, quant, _) in bundles.items():
+                order = a.speed_rates if rnd % 2 == 0 else list(reversed(a.speed_rates))
+                for r in order:
+                    p = subprocess.run([sys.executable, __file__, "--child-speed", str(bundle), str(r),
+                                        str(a.tokens), str(a.threads)], check=True, capture_output=True, text=True,
+                                       env=env)
+                    res = json.loads(p.stdout.strip().splitlines()[-1])
+                    runs[backend][str(r)].append(res)
+                    log(f"  round {rnd} {backend} rate {r}: {res['tokens_per_s']:.1f} tok/s, RSS after load "
+                        f"{res['rss_after_load_kib']['VmRSS'] / 1024:.0f} MiB")
+        doc["speed"] = {"threads": a.threads, "rounds": a.rounds, "tokens": a.tokens, "backends": {}}
+        reference = ReferenceCache(make_reference) if a.speed_quality else None
+        for backend, (bundle, quant, m) in bundles.items():
+            per_rate = {}
+            for r, rs in runs[backend].items():
+                tps = [x["tokens_per_s"] for x in rs]
+                med = lambda key: statistics.median(x[key]["VmRSS"] / 1024 for x in rs)   # noqa: E731
+                per_rate[r] = {"tokens_per_s_median": statistics.median(tps), "tokens_per_s_min": min(tps),
+                               "tokens_per_s_max": max(tps), "file_bytes": rs[0]["file_bytes"],
+                               "rss_after_load_mib_median": med("rss_after_load_kib"),
+                               "rss_after_prefill_mib_median": med("rss_after_prefill_kib"),
+                               "rss_after_decode_mib_median": med("rss_after_decode_kib"),
+                               "load_s_median": statistics.median(x["load_s"] for x in rs), "runs": rs}
+            base = per_rate[str(a.speed_rates[0])]
+            for r, v in per_rate.items():
+                pruned_mib = (base["file_bytes"] - v["file_bytes"]) / 2**20
+                v["model_mib_pruned"] = pruned_mib
+                for when in ("load", "decode"):
+                    freed = base[f"rss_after_{when}_mib_median"] - v[f"rss_after_{when}_mib_median"]
+                    v[f"rss_freed_after_{when}_share_of_pruned"] = freed / pruned_mib if pruned_mib else None
+                v["decode_speedup"] = v["tokens_per_s_median"] / base["tokens_per_s_median"]
+                if reference is not None:
+                    v["quality"] = quality(bundle, float(r), reference, a)
+            doc["speed"]["backends"][backend] = {"quant": quant, "rates": per_rate}
+            write(out, doc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -268,18 +307,21 @@ def plot(doc: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     sp = doc.get("speed")
     if sp:
-        rates = sorted(float(r) for r in sp["rates"])
         ax = axes[2]
-        ax.plot([100 * r for r in rates], [sp["rates"][str(r)]["tokens_per_s_median"] for r in rates], "o-",
-                color="C0", label="decode tok/s")
-        ax.set(xlabel="MLP channels pruned (%)", ylabel="decode tokens/s (1 thread)",
-               title=f"{sp['quant']}: speed and memory in llama.cpp")
         ax2 = ax.twinx()
-        ax2.plot([100 * r for r in rates], [sp["rates"][str(r)]["rss_after_load_mib_median"] for r in rates], "s--",
-                 color="C1", label="RSS after load (MiB)")
-        ax2.set_ylabel("resident MiB after load")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="lower left", fontsize=8)
+        for c, (backend, v) in enumerate(sp["backends"].items()):
+            rates = sorted(float(r) for r in v["rates"])
+            x = [100 * r for r in rates]
+            ax.plot(x, [v["rates"][str(r)]["decode_speedup"] for r in rates], "o-", color=f"C{c}",
+                    label=f"{backend} {v['quant']}: decode tok/s (x rate 0)")
+            ax2.plot(x, [v["rates"][str(r)]["rss_after_load_mib_median"] / v["rates"][str(rates[0])][
+                "rss_after_load_mib_median"] for r in rates], "s--", color=f"C{c}", alpha=0.6,
+                     label=f"{backend}: resident after load (x rate 0)")
+        ax.set(xlabel="MLP channels pruned (%)", ylabel="decode tokens/s, x rate 0 (1 thread)",
+               title="speed and memory in each runtime")
+        ax2.set_ylabel("resident memory after load, x rate 0")
+        ax.legend(loc="upper left", fontsize=7)
+        ax2.legend(loc="lower left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -294,13 +336,15 @@ def print_table(doc: dict) -> None:
                                             for r in rates))
     sp = doc.get("speed")
     if sp:
-        print(f"\n{sp['quant']} in llama.cpp, {sp['threads']} thread(s), median of {sp['rounds']} interleaved rounds")
-        print(f"{'rate':>6} {'file MiB':>9} {'RSS load':>9} {'RSS dec':>8} {'freed/pruned':>13} {'tok/s':>7} {'x':>6}")
-        for r, v in sp["rates"].items():
-            share = v["rss_freed_share_of_pruned"]
-            print(f"{float(r):6.2f} {v['file_bytes'] / 2**20:9.1f} {v['rss_after_load_mib_median']:9.1f} "
-                  f"{v['rss_after_decode_mib_median']:8.1f} {'' if share is None else format(share, '.2f'):>13} "
-                  f"{v['tokens_per_s_median']:7.1f} {v['decode_speedup']:6.3f}")
+        print(f"\nspeed and memory, {sp['threads']} thread(s), median of {sp['rounds']} interleaved rounds")
+        print(f"{'backend':8} {'rate':>5} {'files MiB':>9} {'RSS load':>9} {'RSS dec':>8} {'freed/pruned':>13} "
+              f"{'tok/s':>7} {'x':>6}")
+        for backend, v in sp["backends"].items():
+            for r, x in v["rates"].items():
+                share = x["rss_freed_after_load_share_of_pruned"]
+                print(f"{backend:8} {float(r):5.2f} {x['file_bytes'] / 2**20:9.1f} {x['rss_after_load_mib_median']:9.1f} "
+                      f"{x['rss_after_decode_mib_median']:8.1f} {'' if share is None else format(share, '.2f'):>13} "
+                      f"{x['tokens_per_s_median']:7.1f} {x['decode_speedup']:6.3f}")
 
 
 def main() -> int:
@@ -323,8 +367,11 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=8, help="512-token windows scored (8: 2,040 tokens)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--speed-quant", default="q4_0")
+    ap.add_argument("--speed", type=lambda t: [tuple(p.split("=")) for p in t.split(",")],
+                    default=[("gguf", "q4_0"), ("onnx", "int4"), ("tvm", "int4")],
+                    help="backend=preset pairs for the speed stage")
     ap.add_argument("--speed-rates", type=floats, default=[0.0, 0.15, 0.25, 0.35])
+    ap.add_argument("--speed-quality", action="store_true", help="also score each speed bundle at each rate")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per load")
     ap.add_argument("--workdir", default=None, help="where the bundles are written (default: the temp folder)")
