@@ -68,6 +68,7 @@ class Target:
     # multiple its stored layout needs along the MLP's channels besides the formats' blocks
     prunes_mlp: bool = False
     mlp_channel_multiple: int = 1
+    prunes_budgeted: bool = True                  # its size model holds for a pruning bundle (the full width)
 
     # --- deciding ---------------------------------------------------------------------------------------
 

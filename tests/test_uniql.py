@@ -262,3 +262,24 @@ def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):
         with pytest.raises(BundleError, match=why):
             slice_mlp(bad, tmp_path / "x.gguf", [256, 256], [1, 1])
         assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_hil_runner_loads_a_rate(f32_bundle):
+    """The device runner (a clean process running only the staged runtime) loads the bundle at a rate: its full
+    width matches the reference outputs as the host's check did, a pruned rate runs and differs from them by what
+    the pruning costs, and a rate the bundle lacks is the runtime's one-line error."""
+    from edgeq.devices import checks, open_device
+
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] != "gguf":
+        pytest.skip("the runner is backend-independent; one backend is enough")
+    dev = open_device("local")
+    try:
+        full = checks.run_reference(dev, out, pruning_rate=0.0)
+        assert checks.assert_outputs_match(out, full)["kld_mean"] <= 1e-4
+        pruned = checks.run_reference(dev, out, pruning_rate=0.4)
+        assert pruned.ok and checks.compare(out, pruned)["kld_mean"] > 1e-3
+        missing = checks.run_reference(dev, out, pruning_rate=0.3)
+        assert not missing.ok and "carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3" in missing.error
+    finally:
+        dev.close()

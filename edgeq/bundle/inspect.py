@@ -97,6 +97,11 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     }
     if m.get("tvm"):
         out["tvm_target"] = m["tvm"]["target"]
+    if m.get("pruning_rates"):
+        pr = m["pruning_rates"]
+        out["pruning_rates"] = ", ".join(f"{e['rate']:g} ({e['achieved']:.4f} of MLP channels, widths "
+                                         f"{min(e['widths'])}-{max(e['widths'])})" for e in pr["rates"])
+        out["pruning"] = f"{pr['order']} order, {pr['alloc']} allocation, MLP widths in steps of {sorted(set(pr['align']))}"
     if m["source"].get("adapters"):
         out["adapters"] = ", ".join(f"{a['name']}:{a['weight']:g}" for a in m["source"]["adapters"])
     chk = meas.get("reference_check") or {}

@@ -135,6 +135,9 @@ def _prunes(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
         raise EdgeqError(None, f"--pruning-rates prunes Llama-family decoders' MLPs, not a {graph.arch} {graph.kind}")
     if not inp.target.prunes_mlp:
         raise EdgeqError(None, f"--pruning-rates is not available for backend {inp.target.name} yet")
+    if opts.budgeted and not inp.target.prunes_budgeted:
+        raise EdgeqError(None, f"a budget with --pruning-rates is not sized on {inp.target.name} (its library has "
+                               "symbolic MLP widths); export the budgeted plan, then --plan it with --pruning-rates")
     return True
 
 

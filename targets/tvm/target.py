@@ -47,6 +47,7 @@ class TvmTarget(Target):
     joins_bundles = False         # its runtime selection beside other artifacts is not built yet
     prunes_mlp = True             # MLP widths symbolic in the library; the runtime slices the weights at load
     mlp_channel_multiple = PANEL  # a pruned gate or up keeps whole weight panels
+    prunes_budgeted = False       # the size model builds static-width libraries, a pruning bundle's is symbolic
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
