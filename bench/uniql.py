@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import ReferenceCache, log, make_reference, versions, window_progress  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "uniql.json"
-ORDERS = ("uniql", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "leverage", "magnitude", "wanda", "random")
 
 
 def export(out: Path, **kw) -> dict:
@@ -101,13 +101,15 @@ def stage_quality(a, doc: dict, out: Path) -> None:
                 if name in doc["quality"]:
                     continue
                 log(f"{name}")
-                run_variant(work, name, reference, a, doc, out, prune_order=order, prune_alloc="uniql",
+                # rate 0 is the source whatever the order: scored once (the f32 check)
+                rates = a.rates if name == "uniql/s0" else [r for r in a.rates if r > 0]
+                run_variant(work, name, reference, a, doc, out, rates=rates, prune_order=order, prune_alloc="uniql",
                             calib_subset=(s, a.subsets))
             name = f"uniql+uniform/s{s}"
             if name not in doc["quality"] and "uniql" in a.orders:
                 log(name)
-                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
-                            calib_subset=(s, a.subsets))
+                run_variant(work, name, reference, a, doc, out, rates=[r for r in a.rates if r > 0],
+                            prune_order="uniql", prune_alloc="uniform", calib_subset=(s, a.subsets))
     doc["summary"] = summary(doc["quality"], a.rates, a.subsets)
     write(out, doc)
 
@@ -126,29 +128,35 @@ def stage_select(a, doc: dict, out: Path) -> None:
         text.write_text(calibration_text(), encoding="utf-8")
         kw = dict(section="select", rates=a.select_rates, text=text, chunks=a.select_chunks,
                   calib_subset=(1, 3))
-        for ridge in a.ridge:
-            name = f"ridge={ridge:g}"
-            if name not in doc["select"]:
-                log(name)
-                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniform",
-                            prune_ridge=ridge, **kw)
+        for order, ridges in (("leverage", a.ridge), ("uniql", a.ridge)):
+            for ridge in ridges:
+                name = f"{order} ridge={ridge:g}"
+                if name not in doc["select"]:
+                    log(name)
+                    run_variant(work, name, reference, a, doc, out, prune_order=order, prune_alloc="uniform",
+                                prune_ridge=ridge, **kw)
+        if "wanda" not in doc["select"]:
+            log("wanda")
+            run_variant(work, "wanda", reference, a, doc, out, prune_order="wanda", prune_alloc="uniform", **kw)
         for t in a.temperature:
             name = f"temperature={t:g}"
             if name not in doc["select"]:
                 log(name)
-                run_variant(work, name, reference, a, doc, out, prune_order="uniql", prune_alloc="uniql",
+                run_variant(work, name, reference, a, doc, out, prune_order="leverage", prune_alloc="uniql",
                             prune_temperature=t, **kw)
 
 
 def summary(q: dict, rates: list[float], subsets: int) -> dict:
     """Per variant and rate: mean KLD over the calibration subsets and its spread (max - min)."""
     out: dict[str, dict] = {}
-    for variant in [f"{o}" for o in ORDERS] + ["uniql+uniform"]:
+    for variant in list(ORDERS) + ["uniql+uniform"]:
         runs = [q[f"{variant}/s{s}"] for s in range(subsets) if f"{variant}/s{s}" in q]
         if not runs:
             continue
         out[variant] = {}
         for r in rates:
+            if not all(str(r) in x["rates"] for x in runs):
+                continue
             klds = [x["rates"][str(r)]["kld_mean"] for x in runs]
             ppls = [x["rates"][str(r)]["ppl"] for x in runs]
             out[variant][str(r)] = {"kld_mean": float(np.mean(klds)), "kld_spread": float(max(klds) - min(klds)),
@@ -333,7 +341,7 @@ def print_table(doc: dict) -> None:
         print(f"{'variant':16}" + "".join(f" {'KLD @' + format(100 * r, 'g') + '%':>18}" for r in rates))
         for variant, per in summ.items():
             print(f"{variant:16}" + "".join(f" {per[str(r)]['kld_mean']:10.4f} ±{per[str(r)]['kld_spread'] / 2:.4f}"
-                                            for r in rates))
+                                            if str(r) in per else f" {'':>18}" for r in rates))
     sp = doc.get("speed")
     if sp:
         print(f"\nspeed and memory, {sp['threads']} thread(s), median of {sp['rounds']} interleaved rounds")

@@ -213,15 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoders: sort every MLP's channels and record per-layer widths for these pruning rates "
                              "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
                              "the rate picked at load (edgeq run/eval --pruning-rate)")
-        sp.add_argument("--prune-order", default="uniql", choices=["uniql", "magnitude", "wanda", "random"],
+        sp.add_argument("--prune-order", default="uniql", choices=["uniql", "leverage", "magnitude", "wanda", "random"],
                         help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
-                             "covariance; default), magnitude (L1 of down's columns), wanda, random")
+                             "covariance in the output's metric, C x W^T W; default), leverage (of C itself, the "
+                             "seed paper's), magnitude (L1 of down's columns), wanda, random")
         sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
                         help="per-layer widths for a rate: uniql (layers that change the residual stream less are "
                              "pruned more; default) or uniform")
         sp.add_argument("--prune-ridge", type=float, metavar="F",
-                        help="uniql order: the ridge lambda as a multiple of the covariance's mean eigenvalue "
-                             "(default 1, chosen by bench/uniql.py)")
+                        help="uniql and leverage orders: the ridge lambda as a multiple of the matrix's mean "
+                             "eigenvalue (defaults 10 and 1, chosen on calibration text by bench/uniql.py)")
         sp.add_argument("--prune-temperature", type=float, metavar="T",
                         help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
                              "1, chosen by bench/uniql.py; 0 is uniform)")

@@ -6,11 +6,19 @@ ranking are the k-channel MLP that the ranking considers best. The down projecti
 be a different matrix for each width, and one file must serve every width.
 
 Rankings (`--prune-order`):
-- `uniql`: ridge-leverage scores of the down projection's input covariance C = E[hhᵀ] (from the calibrate pass),
-  s = diag(C(C + λI)⁻¹) with λ = λ_rel·tr(C)/n: how much of the calibration activations' span channel j carries
-  that the others do not, with directions weaker than λ (noise at this many tokens) discounted;
+- `uniql`: ridge-leverage scores of the down projection's input covariance measured in the output's metric:
+  s = diag(G(G + λI)⁻¹) with G = C ⊙ W_downᵀW_down, C = E[hhᵀ] (from the calibrate pass), λ = λ_rel·tr(G)/n.
+  G is the covariance of the channels' contributions to the MLP output (G_jk = E[(W_down[:, j]h_j)·(W_down[:, k]h_k)]):
+  what removing channels without a refit takes away. A channel scores high when its contribution carries a
+  direction of the output that the others do not, with directions weaker than λ discounted;
+- `leverage`: the same score on C itself, s = diag(C(C + λI)⁻¹) (the seed paper's, which a refit of the down
+  projection would go with). Without a refit it ranks channels with large activations but small down weights high:
+  on SmolLM2 at 15% uniform pruning (f32, scored on calibration text outside the calibration subset) it gave KLD
+  0.259, 0.262, 0.231, 0.198, 0.192, 0.189 for λ_rel 0.01, 0.1, 1, 10, 100, 1000 (larger λ drifts towards ranking by
+  E[h_j²]), against 0.175, 0.175, 0.175, 0.173 for `uniql` at λ_rel 0.01, 0.1, 1, 10 and 0.172 for `wanda`
+  (bench/uniql.py --stage select, and README: UniQL);
 - `magnitude`: the L1 norm of each column of the down projection;
-- `wanda`: ‖W_down[:, j]‖·√E[h_j²] (Wanda's score, per channel);
+- `wanda`: ‖W_down[:, j]‖·√E[h_j²] (Wanda's score, per channel: the diagonal of G, square-rooted);
 - `random`: a fixed-seed permutation (the floor any order must beat).
 
 The ranking goes to `ctx.analysis["mlp_ranking"]`; uniql_alloc turns it into widths and the stored channel order.
@@ -26,13 +34,13 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
 
-ORDERS = ("uniql", "magnitude", "wanda", "random")
-# λ as a fraction of C's mean eigenvalue; bench/uniql.py --ridge sweeps it (KLD at 15% pruning on held-out text)
-RIDGE = 1.0
+ORDERS = ("uniql", "leverage", "magnitude", "wanda", "random")
+# λ as a multiple of the matrix's mean eigenvalue, per order; chosen on calibration text (bench/uniql.py --stage select)
+RIDGE = {"uniql": 10.0, "leverage": 1.0}
 SEED = 0
 
 
-def ridge_leverage(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
+def ridge_leverage(cov: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     """diag(C (C + λI)⁻¹) with λ = ridge · tr(C)/n (C symmetric PSD, float64).
 
     C(C + λI)⁻¹ = I − λ(C + λI)⁻¹, and C + λI is positive definite, so the scores are 1 − λ·diag((C + λI)⁻¹) from
@@ -54,13 +62,17 @@ def ridge_leverage(cov: np.ndarray, ridge: float = RIDGE) -> np.ndarray:
 
 
 def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_moment: np.ndarray, layer: int,
-                   ridge: float = RIDGE, seed: int = SEED) -> np.ndarray:
+                   ridge: float | None = None, seed: int = SEED) -> np.ndarray:
     """Higher is kept longer. `down`: (out, channels); `cov`: E[hhᵀ] or None; `second_moment`: E[h_j²]."""
-    if order == "uniql":
+    if order in RIDGE:
         if cov is None:
-            raise EdgeqError(None, "--prune-order uniql needs the full covariance of each down projection's input "
+            raise EdgeqError(None, f"--prune-order {order} needs the full covariance of each down projection's input "
                                    "(calibration with full statistics; an --imatrix file has only their diagonal)")
-        return ridge_leverage(cov, ridge)
+        ridge = RIDGE[order] if ridge is None else ridge
+        if order == "leverage":
+            return ridge_leverage(cov, ridge)
+        w = down.astype(np.float64)
+        return ridge_leverage(cov * (w.T @ w), ridge)
     if order == "magnitude":
         return np.abs(down).sum(axis=0, dtype=np.float64)
     if order == "wanda":
@@ -81,7 +93,7 @@ class UniqlSort(Pass):
 
     name = "uniql_sort"
 
-    def __init__(self, order: str = "uniql", ridge: float = RIDGE, seed: int = SEED):
+    def __init__(self, order: str = "uniql", ridge: float | None = None, seed: int = SEED):
         if order not in ORDERS:
             raise EdgeqError(None, f"unknown --prune-order {order!r} ({', '.join(ORDERS)})")
         self.order = order
@@ -104,7 +116,8 @@ class UniqlSort(Pass):
                                     np.zeros(w.shape[1]) if stats is None else stats.diag(), i, self.ridge, self.seed)
             ranking[i] = sort_order(scores)
         ctx.analysis["mlp_ranking"] = ranking
-        ctx.record(self.name, order=self.order, **({"ridge": self.ridge} if self.order == "uniql" else {}),
+        ctx.record(self.name, order=self.order,
+                   **({"ridge": RIDGE[self.order] if self.ridge is None else self.ridge} if self.order in RIDGE else {}),
                    **({"seed": self.seed} if self.order == "random" else {}), ranked=len(ranking),
                    from_plan=graph.config.n_layers - len(ranking))
         return graph, plan

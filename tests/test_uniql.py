@@ -186,7 +186,7 @@ def test_orders_and_allocations():
     np.testing.assert_allclose(ridge_leverage(cov, 1.0), direct, rtol=1e-9, atol=1e-12)
     assert np.all((direct > 0) & (direct < 1))
     down = rng.standard_normal((16, 48))
-    for order in ("uniql", "magnitude", "wanda", "random"):
+    for order in ("uniql", "leverage", "magnitude", "wanda", "random"):
         o = sort_order(channel_scores(order, down, cov, np.diag(cov), layer=3))
         assert sorted(o.tolist()) == list(range(48))
     # duplicated channels share their span: ridge leverage ranks a copy below a unique channel of equal energy
@@ -194,6 +194,14 @@ def test_orders_and_allocations():
     h = np.column_stack([h[:, 0], h[:, 0], h[:, 1], h[:, 2]])
     s = ridge_leverage(h.T @ h / 4000, 0.01)
     assert s[0] == pytest.approx(s[1]) and s[0] < 0.6 < s[2]
+    # a channel with large activations whose down column is ~0 contributes nothing to the output: uniql (leverage
+    # in the output's metric) ranks it last, leverage of C alone ranks it first
+    h = rng.standard_normal((4000, 6)) * np.array([10.0, 1, 1, 1, 1, 1])
+    w = rng.standard_normal((8, 6))
+    w[:, 0] *= 1e-4
+    cov6 = h.T @ h / 4000
+    assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
+    assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
     # allocation: the global count met exactly with mixed steps; more important layers pruned less
     imp = np.array([0.9, 0.1, 0.3, 0.05])
     shares = layer_shares(imp, 0.25, "uniql")

@@ -151,7 +151,7 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
     if ranks and opts.pruning_rates:
         raise EdgeqError(None, "--pruning-rates with low-rank branches (--ranks) is not supported: a branch would "
                                "need slicing with its weight")
-    sort = UniqlSort(opts.prune_order, **({} if opts.prune_ridge is None else {"ridge": opts.prune_ridge}))
+    sort = UniqlSort(opts.prune_order, opts.prune_ridge)
     alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
                        **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
     return [sort, alloc]

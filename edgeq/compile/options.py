@@ -44,9 +44,9 @@ class ExportOptions:
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
     # UniQL: one bundle, the MLP pruning rate chosen at load time (None: no pruning table)
     pruning_rates: list[float] | None = None
-    prune_order: str = "uniql"             # uniql | magnitude | wanda | random
+    prune_order: str = "uniql"             # uniql | leverage | magnitude | wanda | random
     prune_alloc: str = "uniql"             # uniql | uniform
-    prune_ridge: float | None = None       # uniql order: λ as a share of tr(C)/n (None: passes/uniql_sort.RIDGE)
+    prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
     prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
 
     @property
