@@ -37,6 +37,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         tune_trials=getattr(a, "tune_trials", 0) or 0,
         calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
         prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
+        recover_steps=a.recover_steps,
     )
 
 
@@ -223,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--prune-ridge", type=float, metavar="F",
                         help="uniql and leverage orders: the ridge lambda as a multiple of the matrix's mean "
                              "eigenvalue (defaults 10 and 1, chosen on calibration text by bench/uniql.py)")
+        sp.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                        help="with --pruning-rates: N steps of masked LoRA fine-tuning on the calibration text, a "
+                             "rate sampled per step, merged into the weights (needs torch: pip install "
+                             "'edgeq[search]'; default 0)")
         sp.add_argument("--prune-temperature", type=float, metavar="T",
                         help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
                              "1, chosen by bench/uniql.py; 0 is uniform)")

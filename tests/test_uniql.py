@@ -291,3 +291,28 @@ def test_the_hil_runner_loads_a_rate(f32_bundle):
         assert not missing.ok and "carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3" in missing.error
     finally:
         dev.close()
+
+
+def test_recovery_merges_into_weights_that_still_nest(env, tiny_decoder_dir, source):
+    """--recover-steps: masked LoRA steps merged into the weights (they differ from the sorted source), and every
+    rate of the bundle is still the merged model narrowed to the table's widths (the updates live in each channel's
+    own rows and column)."""
+    pytest.importorskip("torch")
+    from edgeq import runtime
+    from edgeq.importers.gguf import import_gguf
+
+    out = env / "recovered"
+    m = _export(out, tiny_decoder_dir, quant="f32", pruning_rates=[0.25, 0.5], recover_steps=3)
+    rec = next(p for p in m["passes"] if p["pass"] == "uniql_recover")
+    assert rec["steps"] == 3 and sum(len(v) for v in rec["loss_by_rate"].values()) == 3
+    assert m["plan"]["pruning"]["recovery"]["adapted"] == 2 * 7
+    merged = import_gguf(out / "model.gguf")
+    order = np.asarray(m["plan"]["tensors"][llama.mlp_weights(0)[0]]["order"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.allclose(merged.weights[q].numpy(), source.weights[q].numpy(), atol=1e-7)
+    ids = _ids(seed=3)
+    for entry in m["pruning_rates"]["rates"]:
+        narrowed = llama.prune_mlp(merged, {i: np.arange(w) for i, w in enumerate(entry["widths"])})
+        with runtime.load(out, pruning_rate=entry["rate"]) as s:
+            assert _kld(Executor(narrowed).logits(ids), s.logits(ids)) <= 1e-4
+    assert order.shape == (512,)

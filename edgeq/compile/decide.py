@@ -41,6 +41,7 @@ from edgeq.passes.legalize import Legalize
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
 from edgeq.passes.uniql_alloc import UniqlAlloc
+from edgeq.passes.uniql_recover import UniqlRecover
 from edgeq.passes.uniql_sort import UniqlSort
 from edgeq.targets.base import Target
 
@@ -154,7 +155,9 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
     sort = UniqlSort(opts.prune_order, opts.prune_ridge)
     alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
                        **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
-    return [sort, alloc]
+    if not opts.recover_steps:
+        return [sort, alloc]
+    return [sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset)]
 
 
 def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:

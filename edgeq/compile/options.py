@@ -48,6 +48,7 @@ class ExportOptions:
     prune_alloc: str = "uniql"             # uniql | uniform
     prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
     prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
+    recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
 
     @property
     def pruning(self) -> bool:
@@ -68,6 +69,8 @@ class ExportOptions:
             raise EdgeqError(self.plan, f"plan says preset {user_plan.preset!r} but --quant says {self.quant!r}")
         if self.quant and self.budgeted:
             raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
+        if self.recover_steps and not self.pruning:
+            raise EdgeqError(None, "--recover-steps fine-tunes for the bundle's pruning rates: give --pruning-rates")
         if self.pruning and self.backend == "all":
             raise EdgeqError(None, "--pruning-rates writes one backend per bundle (the widths follow each backend's "
                                    "formats); export each backend with --backend gguf, onnx or tvm")
