@@ -10,11 +10,13 @@ which is also the output head, gets the head's input statistics plus the
 token counts of the lookups. It also keeps, per layer, the mean cosine between
 the residual stream entering and leaving the layer (UniQL's layer importance).
 
-Calibration text comes from `edgeq.texts.calibration_text()` (disjoint from
-the evaluation text), cut into llama-imatrix-style windows (first token
-replaced by BOS); `subset=(i, n)` takes the i-th of n disjoint sets of windows
-(to measure how much a result depends on the text). Results are cached on disk by (source model, text, windows,
-width limit), so repeated plans and exports cost one calibration.
+Calibration text is the user's (`--calib-text`, `--calib-jsonl`: a
+`CalibrationText`), else `edgeq.texts.calibration_text()` (disjoint from the
+evaluation text), cut into llama-imatrix-style windows (first token replaced
+by BOS); `subset=(i, n)` takes the i-th of n disjoint sets of windows (to
+measure how much a result depends on the text). Results are cached on disk
+by (source model, the text's SHA-256, windows, width limit, subset), so
+repeated plans and exports cost one calibration.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ from edgeq.core.executor import Executor
 from edgeq.core.fs import sha256_file, sha256_source
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_text
+from edgeq.importers.calibration_text import CalibrationText, default_calibration_text
 from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix
 from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
-from edgeq.runtime.tokenizer import build_tokenizer, encode
+from edgeq.runtime.tokenizer import build_tokenizer, encode, render_chat
 
 CALIBRATION_VERSION = 2
 DEFAULT_WINDOWS = 4
@@ -141,9 +143,13 @@ class Calibration:
         return cls(inputs, meta["weight_input"], counts, meta["info"], cos)
 
 
+MIN_TOKENS = 64              # below this a calibration says nothing about a layer's inputs
+
+
 def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool,
-                        subset: tuple[int, int] = (0, 1)) -> list[list[int]]:
-    """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix.
+                        source=None, subset: tuple[int, int] = (0, 1)) -> list[list[int]]:
+    """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix; text shorter
+    than one window is one shorter window.
 
     `subset=(i, n)`: n x n_windows windows are spread over the text and this is every n-th of them from the i-th,
     so the n subsets are disjoint and each covers the whole text."""
@@ -151,8 +157,15 @@ def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int
     if not 0 <= which < n_sets:
         raise EdgeqError(None, f"calibration subset {which} of {n_sets} does not exist")
     available = len(tokens) // ctx
+    if available < 1 and n_sets == 1:
+        if len(tokens) < MIN_TOKENS:
+            raise EdgeqError(getattr(source, "path", None), f"calibration text has {len(tokens)} tokens, fewer "
+                                                            f"than the {MIN_TOKENS} edgeq needs ({n_windows * ctx} "
+                                                            "recommended)")
+        ctx, available = len(tokens), 1
     if available < n_sets:
-        raise EdgeqError(None, f"calibration text has {len(tokens)} tokens, fewer than {n_sets} windows of {ctx}")
+        raise EdgeqError(getattr(source, "path", None), f"calibration text has {len(tokens)} tokens, fewer than "
+                                                        f"{n_sets} windows of {ctx} (--calib-subset)")
     n = min(n_windows * n_sets, available)
     n -= n % n_sets
     starts = [int(round(i * (available - 1) / max(n - 1, 1))) * ctx for i in range(n)] if n > 1 else [0]
@@ -250,11 +263,32 @@ def _embedding_name(graph: Graph) -> str:
     raise EdgeqError(None, "the model has no embedding node")
 
 
-def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
-    """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
+def calibration_tokens(graph: Graph, source: CalibrationText | None = None) -> tuple[list[int], int | None, bool]:
+    """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids); a chat source rendered
+    conversation by conversation through the model's template, its special tokens parsed (as on the device)."""
+    source = source or default_calibration_text()
     spec = graph_tokenizer_spec(graph)
     tok = build_tokenizer(spec)
-    return encode(tok, spec, calibration_text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
+    if source.kind != "jsonl":
+        return encode(tok, spec, source.text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
+    if spec.chat_template is None:
+        raise EdgeqError(source.path, "--calib-jsonl renders conversations with the model's chat template, and "
+                                      "this model has none (use --calib-text)")
+    ids: list[int] = []
+    for conv in source.conversations():
+        ids += encode(tok, spec, render_chat(spec, conv, add_generation_prompt=False), add_special=True,
+                      parse_special=True)
+    return ids, spec.bos_id, spec.add_bos
+
+
+def shortfall_note(n_tokens: int, n_windows: int, ctx: int, source: CalibrationText | None) -> str | None:
+    """A warning when the text holds fewer tokens than the windows asked for."""
+    wanted = n_windows * ctx
+    if n_tokens >= wanted:
+        return None
+    name = (source or default_calibration_text()).name
+    return (f"warning: calibration text {name} has {n_tokens} tokens, fewer than the {wanted} recommended "
+            f"({n_windows} windows of {ctx}); the statistics rest on less text")
 
 
 def source_digest(graph: Graph) -> str:
@@ -275,10 +309,13 @@ def source_digest(graph: Graph) -> str:
 
 
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
-              progress: Callable | None = None, use_cache: bool = True, full_for: frozenset[str] = frozenset(),
+              progress: Callable | None = None, use_cache: bool = True, source: CalibrationText | None = None,
+              warn: Callable[[str], None] | None = None, full_for: frozenset[str] = frozenset(),
               subset: tuple[int, int] = (0, 1)) -> Calibration:
-    """Calibration statistics for `graph`, from the cache when the same ones were computed before."""
-    text_sha = hashlib.sha256(calibration_text().encode()).hexdigest()
+    """Calibration statistics for `graph`, from the cache when the same ones were computed before. `warn` hears
+    when the text is shorter than the windows asked for."""
+    source = source or default_calibration_text()
+    text_sha = source.sha256 if source.is_default else f"{source.kind}:{source.sha256}"   # one file, two readings
     src = source_digest(graph)
     key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full, sorted(full_for),
                                      list(subset)]).encode()).hexdigest()
@@ -286,14 +323,21 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
     if path is not None and path.is_file():
         try:
-            return Calibration.load(path)
+            cal = Calibration.load(path)
+            if warn is not None and cal.info.get("warning"):
+                warn(cal.info["warning"])
+            return cal
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)        # a damaged cache entry is recomputed
-    tokens, bos, add_bos = calibration_tokens(graph)
-    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, subset)
+    tokens, bos, add_bos = calibration_tokens(graph, source)
+    note = shortfall_note(len(tokens), n_windows, ctx, source)
+    if note is not None and warn is not None:
+        warn(note)
+    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, source, subset)
     cal = collect(graph, windows, max_full, progress, full_for)
-    cal.info.update({"source": "edgeq calibrate", "text": CALIBRATION_TEXT_NAME, "text_sha256": text_sha,
-                     "model_sha256": src, "max_full_width": max_full})
+    cal.info.update({"source": "edgeq calibrate", **source.record(), "model_sha256": src, "max_full_width": max_full})
+    if note is not None:
+        cal.info["warning"] = note
     if subset != (0, 1):
         cal.info["subset"] = f"{subset[0]}/{subset[1]}"
     if path is not None:
@@ -353,8 +397,9 @@ class Calibrate(Pass):
     name = "calibrate"
 
     def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
-                 imatrix_file: str | None = None, full_for: frozenset[str] = frozenset(),
-                 subset: tuple[int, int] = (0, 1)):
+                 imatrix_file: str | None = None, source: CalibrationText | None = None,
+                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1)):
+        self.source = source
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.max_full = max_full
@@ -366,8 +411,8 @@ class Calibrate(Pass):
         if self.imatrix_file:
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
-            cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, full_for=self.full_for,
-                            subset=self.subset)
+            cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, source=self.source,
+                            warn=ctx.warn, full_for=self.full_for, subset=self.subset)
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan

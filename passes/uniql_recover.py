@@ -35,11 +35,12 @@ class UniqlRecover(Pass):
     name = "uniql_recover"
 
     def __init__(self, steps: int, rank: int = RANK, lr: float = LR, ctx: int = CTX, n_windows: int = WINDOWS,
-                 subset: tuple[int, int] = (0, 1), seed: int = SEED):
+                 subset: tuple[int, int] = (0, 1), seed: int = SEED, source=None):
+        """`source`: the calibration text (importers.calibration_text; None: the default)."""
         if steps < 0 or rank < 1:
             raise EdgeqError(None, "--recover-steps must be a non-negative number of steps")
         self.steps, self.rank, self.lr, self.ctx_len = steps, rank, lr, ctx
-        self.n_windows, self.subset, self.seed = n_windows, subset, seed
+        self.n_windows, self.subset, self.seed, self.source = n_windows, subset, seed, source
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if self.steps == 0:
@@ -49,8 +50,8 @@ class UniqlRecover(Pass):
         torch = require_torch("--recover-steps")
         torch.manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
-        tokens, bos, add_bos = calibration_tokens(graph)
-        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.subset)
+        tokens, bos, add_bos = calibration_tokens(graph, self.source)
+        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source, self.subset)
         weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
         head = {names.EMBED, names.LM_HEAD}
         targets = [n for n in llama.linear_weights(graph) if n not in head]

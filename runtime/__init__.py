@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from edgeq.runtime.manifest import (
     verify_artifacts,
 )
 from edgeq.runtime.sampling import sample
+from edgeq.runtime.tokenizer import render_chat, spec_from_json, stop_ids
 
 __all__ = ["load", "Session", "BundleError"]
 
@@ -36,8 +38,6 @@ class Session:
     """A loaded bundle: tokenizer plus one backend."""
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
-        from edgeq.runtime.tokenizer import stop_ids
-
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
@@ -59,8 +59,6 @@ class Session:
         return self.backend.logits([int(t) for t in token_ids])
 
     def chat_prompt(self, message: str) -> str:
-        from edgeq.runtime.tokenizer import render_chat
-
         return render_chat(self.spec, [{"role": "user", "content": message}], add_generation_prompt=True)
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
@@ -96,10 +94,6 @@ class Session:
 
 
 def _spec(bundle: Path, manifest: dict[str, Any]):
-    import json
-
-    from edgeq.runtime.tokenizer import spec_from_json
-
     spec_file = artifact_path(bundle, manifest["tokenizer"]["spec"])
     return spec_from_json(json.loads(spec_file.read_text(encoding="utf-8")), spec_file)
 

@@ -18,6 +18,7 @@ from edgeq.runtime.manifest import BundleError, artifact_path
 from edgeq.runtime.onnx_slice import slice_mlp
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
+from edgeq.runtime.tokenizer import build_tokenizer
 
 NAME = "onnx"
 RUNTIME_DIST = "onnxruntime"
@@ -125,8 +126,6 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
-        from edgeq.runtime.tokenizer import build_tokenizer
-
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
         self.spec = spec

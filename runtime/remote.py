@@ -27,6 +27,10 @@ from typing import Any
 
 import numpy as np
 
+import edgeq.runtime
+from edgeq import runtime
+from edgeq.core.errors import EdgeqError
+
 
 def _peak_rss_bytes() -> int:
     """This process's peak resident memory. Linux's VmHWM first: getrusage's ru_maxrss survives exec, so it
@@ -95,8 +99,6 @@ def _reference(session, bundle: Path, out: Path, args: dict[str, Any]) -> tuple[
 
 
 def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
-    from edgeq import runtime
-
     bundle = Path(req["bundle"])
     op = req["op"]
     args = req.get("args") or {}
@@ -146,13 +148,9 @@ def execute(work: Path) -> dict[str, Any]:
         req = json.loads((work / "request.json").read_text(encoding="utf-8"))
         resp: dict[str, Any] = {"ok": True, **_run_op(req, work, out)}
     except Exception as exc:       # reported to the host as one line, whatever it is
-        from edgeq.core.errors import EdgeqError
-
         msg = str(exc) if isinstance(exc, EdgeqError) else f"{type(exc).__name__}: {exc}"
         resp = {"ok": False, "error": msg.splitlines()[0] if msg else type(exc).__name__,
                 "error_type": type(exc).__name__}
-    import edgeq.runtime
-
     resp.update(peak_rss_bytes=_peak_rss_bytes(), machine=platform.machine(), python=platform.python_version(),
                 runtime_file=edgeq.runtime.__file__)
     tmp = out / "response.json.tmp"

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeq.runtime.tokenizer import decode, encode
+
 
 class TokenizerText:
     """tokenize/detokenize through the bundle's tokenizer spec (decoder backends)."""
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        from edgeq.runtime.tokenizer import encode
-
         return encode(self.tok, self.spec, text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, ids) -> str:
-        from edgeq.runtime.tokenizer import decode
-
         return decode(self.tok, [int(i) for i in ids])
 
 

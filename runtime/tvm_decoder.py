@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.runtime.text_io import TokenizerText
+from edgeq.runtime.tokenizer import build_tokenizer
 
 
 class TvmDecoderBackend(TokenizerText):
@@ -19,8 +20,6 @@ class TvmDecoderBackend(TokenizerText):
 
     def __init__(self, session, spec, n_ctx: int):
         """`session`: the bundle's tvm_backend.TvmSession (its VM, device and parameters)."""
-        from edgeq.runtime.tokenizer import build_tokenizer
-
         self.session = session
         tvm_spec = session.manifest["tvm"]
         self.max_positions = int(tvm_spec.get("max_positions") or n_ctx)

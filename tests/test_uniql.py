@@ -225,11 +225,11 @@ def test_calibration_subsets_are_disjoint():
     from edgeq.passes.calibrate import calibration_windows
 
     tokens = list(range(512 * 40))
-    sets = [calibration_windows(tokens, 512, 4, 0, False, (i, 3)) for i in range(3)]
+    sets = [calibration_windows(tokens, 512, 4, 0, False, subset=(i, 3)) for i in range(3)]
     firsts = [{w[0] for w in s} for s in sets]
     assert all(len(f) == 4 for f in firsts) and not (firsts[0] & firsts[1] or firsts[1] & firsts[2] or
                                                     firsts[0] & firsts[2])
-    assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, (0, 1))
+    assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, subset=(0, 1))
 
 
 def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):

@@ -71,6 +71,7 @@ class DecideInputs:
     # ids (default: the calibration text)
     calibration: list | None = None
     calibration_source: str | None = None
+    text: Any = None                                 # the calibration text (importers.calibration_text), every pass's
 
 
 def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, branches: bool = True) -> Decision:
@@ -104,8 +105,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
         # Sorting the MLPs needs the covariance of each down projection's input, whatever its width.
         max_full = DEFAULT_MAX_FULL if search or ranks else 0
-        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=max_full,
-                                full_for=_full_for(graph, max_full) if prune else frozenset(),
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
+                                max_full=max_full, full_for=_full_for(graph, max_full) if prune else frozenset(),
                                 subset=opts.calib_subset))
     if search:
         passes += _search_passes(graph, inp, opts, ctx)
@@ -157,7 +158,7 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
                        **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
     if not opts.recover_steps:
         return [sort, alloc]
-    return [sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset)]
+    return [sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]
 
 
 def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:
@@ -183,13 +184,13 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         return Decision(_cnn_activation_ranges(graph, plan, inp, ctx))
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
         inputs, source = ((inp.calibration, inp.calibration_source or "calibration inputs")
-                          if inp.calibration is not None else text_inputs(graph))
+                          if inp.calibration is not None else text_inputs(graph, source=inp.text))
         _, plan = run_passes([CalibrateRanges(inputs, source, PERCENTILE)], graph, plan, ctx)
     if graph.kind == "decoder" and opts.calibration and any(get_format(d.format).takes_imatrix
                                                             for d in plan.tensors.values()):
         if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
             run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
-                                  subset=opts.calib_subset)], graph, plan, ctx)
+                                  source=inp.text, subset=opts.calib_subset)], graph, plan, ctx)
         plan.calibration = ctx.analysis["calibration"].to_json()
     return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
 
@@ -200,11 +201,11 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
     from one calibration with the down projections' full covariances."""
     passes: list[Pass] = []
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
-        inputs, source = text_inputs(graph)
+        inputs, source = text_inputs(graph, source=inp.text)
         passes.append(CalibrateRanges(inputs, source, PERCENTILE))
     if opts.calibration:
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
-                                full_for=_full_for(graph, 0), subset=opts.calib_subset))
+                                full_for=_full_for(graph, 0), subset=opts.calib_subset, source=inp.text))
     passes += _pruning_passes(inp, opts, False)
     out, plan = run_passes(passes, graph, plan, ctx)
     cal = ctx.analysis.get("calibration")
@@ -266,7 +267,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     passes: list[Pass] = []
     cost = search_cost(opts, ctx)
     if cost == "fisher":
-        passes.append(Fisher())
+        passes.append(Fisher(source=inp.text))
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
     passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))

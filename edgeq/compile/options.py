@@ -30,6 +30,9 @@ class ExportOptions:
     calib_windows: int = 4                 # 512-token windows of calibration text
     calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
+    calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
+    calib_jsonl: str | None = None         # ... or chat conversations (JSON lines), rendered with the chat template
+    allow_requantize: bool = True          # False: refuse a source whose weights are already quantized
     # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
     budget_mb: float | None = None         # 10^6 bytes of all model files written
     bpw: float | None = None               # 8 x those bytes / source parameters
