@@ -47,6 +47,9 @@ def _options(a, out: str = "out") -> ExportOptions:
         tune_trials=getattr(a, "tune_trials", 0) or 0,
         latency_profile=a.latency_profile, latency_ms=a.latency_ms, prompt_tokens=a.prompt_tokens,
         context_tokens=a.context_tokens,
+        calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
+        prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
+        recover_steps=a.recover_steps,
     )
 
 
@@ -111,7 +114,7 @@ def cmd_run(a) -> int:
     if runs_remotely(a.device):     # a HIL device: the bundle is pushed and run by the on-device runner
         if a.system is not None or a.stop or a.truncate:
             raise EdgeqError(None, f"--system, --stop and --truncate run in this process, not on {a.device}")
-        with DeviceSession(a.bundle, a.device, a.backend, a.threads) as s:
+        with DeviceSession(a.bundle, a.device, a.backend, a.threads, pruning_rate=a.pruning_rate) as s:
             if s.kind == "decoder":
                 text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
                                   chat=a.chat)
@@ -120,7 +123,8 @@ def cmd_run(a) -> int:
                 print(json.dumps({"backend": s.backend_name,
                                   "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}))
         return 0
-    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device) as s:
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device,
+                      pruning_rate=a.pruning_rate) as s:
         if getattr(s, "kind", None) == "encoder":   # the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
@@ -160,7 +164,7 @@ def cmd_serve(a) -> int:
 def cmd_eval(a) -> int:
     res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
-                          record=not a.no_record, device=a.device,
+                          record=not a.no_record, device=a.device, pruning_rate=a.pruning_rate,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -305,11 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     def csv(kind):
         def parse(text: str):
             items = [t.strip() for t in text.split(",") if t.strip()]
-            if kind is int:
+            if kind in (int, float):
                 try:
-                    return [int(t) for t in items]
+                    return [kind(t) for t in items]
                 except ValueError:
-                    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+                    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
             return [t.lower() for t in items]
         return parse
 
@@ -321,6 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your own calibration chats, one {\"messages\": [{\"role\", \"content\"}, ...]} per "
                              "line, rendered with the model's chat template as the device will see them")
 
+    def subset(text: str) -> tuple[int, int]:
+        try:
+            i, n = (int(v) for v in text.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected I/N (the I-th of N disjoint window sets), got {text!r}") from None
+        if not 0 <= i < n:
+            raise argparse.ArgumentTypeError(f"--calib-subset {text}: I must be in 0..N-1")
+        return i, n
+
+    def pruning_rate_option(sp):
+        sp.add_argument("--pruning-rate", type=float, metavar="R",
+                        help="decoders exported with --pruning-rates: load at this rate (the share of the MLPs' "
+                             "channels removed; one of the rates the bundle carries)")
+
     def calibration_options(sp):
         sp.add_argument("--no-calibration", dest="calibration", action="store_false",
                         help="no importance matrix: llama.cpp's plain quantization (default: calibrated)")
@@ -328,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "(default: computed from the calibration text)")
         sp.add_argument("--calib-windows", type=int, default=4, metavar="N",
                         help="512-token windows of calibration text")
+        sp.add_argument("--calib-subset", type=subset, default=(0, 1), metavar="I/N",
+                        help="calibrate on the I-th of N disjoint sets of windows spread over the text (default 0/1: "
+                             "all of them); measures how much a result depends on the calibration text")
         calib_text_options(sp)
         sp.add_argument("--no-requantize", action="store_true",
                         help="refuse a source whose weights are already quantized (a GGUF in Q4_1, say) instead of "
@@ -359,6 +380,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--latency-ms", type=float,
                         help="latency budget: the plan's predicted decode step (or prefill of --prompt-tokens) on the "
                              "profiled device may not exceed this many ms (needs --latency-profile)")
+        sp.add_argument("--pruning-rates", type=csv(float), metavar="R,R,...",
+                        help="decoders: sort every MLP's channels and record per-layer widths for these pruning rates "
+                             "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
+                             "the rate picked at load (edgeq run/eval --pruning-rate)")
+        sp.add_argument("--prune-order", default="uniql", choices=["uniql", "leverage", "magnitude", "wanda", "random"],
+                        help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
+                             "covariance in the output's metric, C x W^T W; default), leverage (of C itself, the "
+                             "seed paper's), magnitude (L1 of down's columns), wanda, random")
+        sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
+                        help="per-layer widths for a rate: uniql (layers that change the residual stream less are "
+                             "pruned more; default) or uniform")
+        sp.add_argument("--prune-ridge", type=float, metavar="F",
+                        help="uniql and leverage orders: the ridge lambda as a multiple of the matrix's mean "
+                             "eigenvalue (defaults 10 and 1, chosen on calibration text by bench/uniql.py)")
+        sp.add_argument("--recover-steps", type=int, default=0, metavar="N",
+                        help="with --pruning-rates: N steps of masked LoRA fine-tuning on the calibration text, a "
+                             "rate sampled per step, merged into the weights (needs torch: pip install "
+                             "'edgeq[search]'; default 0)")
+        sp.add_argument("--prune-temperature", type=float, metavar="T",
+                        help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
+                             "1, chosen by bench/uniql.py; 0 is uniform)")
 
     def latency_options(sp):
         sp.add_argument("--latency-profile", help="latency profile (edgeq profile) of the device: predicts the plan "
@@ -443,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--truncate", action="store_true", help="cut a prompt that does not fit the context (its "
                                                            "start) instead of refusing it")
     sampling_options(r, seed=0)
+    pruning_rate_option(r)
 
     ch = command("chat", "chat with a decoder bundle in the terminal: history, streaming; /reset, /exit",
                  "edgeq chat out/",
@@ -489,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate (default: the first)")
     ev.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime")
     ev.add_argument("--device", help=DEVICE_HELP)
+    pruning_rate_option(ev)
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true", help=quiet_help)

@@ -25,6 +25,7 @@ from edgeq.runtime.manifest import (
     check_runtime_version,
     listed_path,
     pick_artifact,
+    pick_pruning,
     read_manifest,
     verify_artifacts,
 )
@@ -201,10 +202,11 @@ def bundle_spec(bundle: Path, manifest: dict[str, Any]):
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True, device: str | None = None):
+         verify: bool = True, device: str | None = None, pruning_rate: float | None = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
     (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
-    server.
+    server. `pruning_rate`: one of the rates a bundle exported with `--pruning-rates` carries (the share of the MLPs'
+    channels removed); the runtime narrows the model to that rate's widths before loading it.
 
     Every artifact's size and SHA-256 are checked against the manifest before any backend opens a file
     (`verify=False` skips that, for a bundle just written and checked by this process); a TVM library, native
@@ -212,6 +214,9 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     A failed check is a `BundleError` naming the file."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
+    pruning = pick_pruning(bundle, manifest, pruning_rate)
+    if pruning is not None and manifest["model"].get("kind") != "decoder":
+        raise BundleError(bundle, "pruning rates are for decoders")
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
@@ -226,4 +231,4 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     spec = bundle_spec(bundle, manifest)
     return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
-                                                       device=device), art)
+                                                       device=device, pruning=pruning), art)

@@ -7,7 +7,9 @@ import os
 import numpy as np
 
 from edgeq.core.errors import RequestError
-from edgeq.runtime.manifest import BundleError, listed_path
+from edgeq.runtime.gguf_slice import slice_mlp
+from edgeq.runtime.manifest import BundleError, Pruning, listed_path
+from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.sampling import SamplingParams
 
 NAME = "gguf"
@@ -15,18 +17,26 @@ RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a
 REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 QUANTIZED_KV = {"q8_0"}
+SLICE_VERSION = 1                     # of runtime/gguf_slice.py's output: part of the cached file's key
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning: Pruning | None = None):
     """llama.cpp on the artifact, with the bundle's low-rank error branches (a LoRA-adapter GGUF beside the model,
-    applied at load) when it has them."""
+    applied at load) when it has them; at a pruning rate, on the artifact narrowed to that rate's MLP widths."""
     lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == NAME]
     kv = manifest.get("kv_cache_dtype") or "f16"
     if kv not in KV_TYPES:
         raise BundleError(bundle / "manifest.json", f"unsupported kv_cache_dtype {kv!r}")
-    return LlamaCppBackend(listed_path(bundle, manifest, art["path"], "model"), n_ctx=n_ctx, threads=threads,
-                           kv_dtype=kv,
-                           lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
+    model = listed_path(bundle, manifest, art["path"], "model")
+    if pruning is None:
+        return LlamaCppBackend(model, n_ctx=n_ctx, threads=threads, kv_dtype=kv,
+                               lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
+    if lora:
+        raise BundleError(bundle, "a bundle with low-rank branches cannot be loaded at a pruning rate")
+    with pruned_file(art["sha256"], pruning, ".gguf", SLICE_VERSION,
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.align)) as path:
+        return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=kv)
 
 
 def op_latency(backend, args: dict, threads: int) -> dict:

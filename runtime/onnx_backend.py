@@ -15,17 +15,29 @@ from typing import Any
 import numpy as np
 
 from edgeq.core.errors import RequestError
-from edgeq.runtime.manifest import listed_path
+from edgeq.runtime.manifest import BundleError, listed_path
+from edgeq.runtime.onnx_slice import slice_mlp
+from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
 NAME = "onnx"
 RUNTIME_DIST = "onnxruntime"
 REMOTE = False
+SLICE_VERSION = 1          # of runtime/onnx_slice.py's output: part of a narrowed file's cache key
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
-    return OnnxDecoderBackend(listed_path(bundle, manifest, art["path"], "model"), spec, n_ctx=n_ctx, threads=threads)
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning=None):
+    model = listed_path(bundle, manifest, art["path"], "model")
+    if pruning is None:
+        return OnnxDecoderBackend(model, spec, n_ctx=n_ctx, threads=threads)
+    recipe = (manifest.get("onnx") or {}).get("pruning")
+    if not recipe:
+        raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
+    with pruned_file(art["sha256"], pruning, ".onnx", SLICE_VERSION,
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe)) as path:
+        return OnnxDecoderBackend(path, spec, n_ctx=n_ctx, threads=threads)
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):

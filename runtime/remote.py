@@ -129,6 +129,8 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     # `device`: a TVM RPC server the TVM backend drives from here (the rpc device runs this on the host)
     extra = {"device": req["device"]} if req.get("device") else {}
+    if req.get("pruning_rate") is not None:       # a rate of a bundle exported with --pruning-rates
+        extra["pruning_rate"] = float(req["pruning_rate"])
     session = runtime.load(bundle, backend=req.get("backend"), threads=int(req.get("threads", 1)),
                            n_ctx=req.get("n_ctx"), **extra)
     load_s = time.perf_counter() - t0

@@ -65,6 +65,11 @@ class Target:
     # calibration runs before its preset is resolved; others calibrate what the finished plan needs
     preset_reads_imatrix: bool = False
     joins_bundles: bool = True                    # may share a bundle with other backends (`--backend all`)
+    # UniQL pruning: whether its runtime narrows the MLPs of a sorted model at load (`--pruning-rates`), and the
+    # multiple its stored layout needs along the MLP's channels besides the formats' blocks
+    prunes_mlp: bool = False
+    mlp_channel_multiple: int = 1
+    prunes_budgeted: bool = True                  # its size model holds for a pruning bundle (the full width)
 
     # --- deciding ---------------------------------------------------------------------------------------
 

@@ -257,6 +257,15 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         "plan/cnn-int8": ["plan", *cnn, "--calib-images", i["calib"]],
         "plan/encoder-int8": ["plan", *enc],
         "calibrate/imatrix": ["calibrate", *dec],
+        # UniQL: sorted MLPs and a pruning table
+        "uniql/gguf-q4_0": ["export", *dec, "--backend", "gguf", "--quant", "q4_0", "--pruning-rates",
+                            "0,0.15,0.35"],
+        "uniql/gguf-wanda-uniform": ["export", *dec, "--backend", "gguf", "--quant", "q8_0", "--pruning-rates",
+                                     "0.25", "--prune-order", "wanda", "--prune-alloc", "uniform"],
+        "uniql/onnx-int4": ["export", *dec, "--backend", "onnx", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
+        "uniql/tvm-int4": ["export", *dec, "--backend", "tvm", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
+        "uniql/plan": ["plan", *dec, "--quant", "q4_0", "--pruning-rates", "0.15,0.35"],
+        "uniql/backend-all": ["export", *dec, "--backend", "all", "--pruning-rates", "0.15"],
         # the embedded default model: README command 1
         "smollm2/android": ["export", "--target", "android"],
     }

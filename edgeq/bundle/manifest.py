@@ -88,12 +88,22 @@ def manifest(p: ManifestParts) -> dict[str, Any]:
         "plan": p.plan.to_json(),
         "passes": p.passes,
         "predicted": p.predicted or {"latency_ms_per_token": None, "peak_memory_bytes": None},
-        "pruning_rates": None,
+        "pruning_rates": pruning_rates(p.plan),
         "reference": p.reference,
     }
     if len(p.plans) > 1:   # each artifact's own plan (the first is also `plan`)
         m["plans"] = {b: plan.to_json() for b, plan in p.plans.items()}
     return m
+
+
+def pruning_rates(plan: Plan) -> dict[str, Any] | None:
+    """What a runtime needs to load the bundle at a pruning rate: per rate, each layer's MLP width (a prefix of the
+    sorted channels), and each layer's alignment (a width is a multiple of it: whole blocks of every MLP format)."""
+    t = plan.pruning
+    if not t or not t.get("rates"):
+        return None
+    return {"what": t["what"], "order": t["order"], "alloc": t["alloc"], "full": t["full"], "align": t["align"],
+            "rates": [{"rate": r["rate"], "achieved": r["achieved"], "widths": r["widths"]} for r in t["rates"]]}
 
 
 def write_manifest(folder: Path, m: dict[str, Any]) -> None:

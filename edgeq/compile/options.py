@@ -29,6 +29,7 @@ class ExportOptions:
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
     calib_windows: int = 4                 # 512-token windows of calibration text
+    calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
     calib_jsonl: str | None = None         # ... or chat conversations (JSON lines), rendered with the chat template
@@ -52,6 +53,18 @@ class ExportOptions:
     prompt_tokens: int | None = None       # with latency_ms: bound the prefill of this many tokens instead
     context_tokens: int | None = None      # tokens in the cache at the decode step predicted (default 64)
 
+    # UniQL: one bundle, the MLP pruning rate chosen at load time (None: no pruning table)
+    pruning_rates: list[float] | None = None
+    prune_order: str = "uniql"             # uniql | leverage | magnitude | wanda | random
+    prune_alloc: str = "uniql"             # uniql | uniform
+    prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
+    prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
+    recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
+
+    @property
+    def pruning(self) -> bool:
+        return self.pruning_rates is not None
+
     @property
     def budgeted(self) -> bool:
         return self.budget_mb is not None or self.bpw is not None or self.latency_ms is not None
@@ -67,6 +80,11 @@ class ExportOptions:
             raise EdgeqError(self.plan, f"plan says preset {user_plan.preset!r} but --quant says {self.quant!r}")
         if self.quant and self.budgeted:
             raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw / --latency-ms), not both")
+        if self.recover_steps and not self.pruning:
+            raise EdgeqError(None, "--recover-steps fine-tunes for the bundle's pruning rates: give --pruning-rates")
+        if self.pruning and self.backend == "all":
+            raise EdgeqError(None, "--pruning-rates writes one backend per bundle (the widths follow each backend's "
+                                   "formats); export each backend with --backend gguf, onnx or tvm")
         if self.latency_ms is not None:
             if not self.latency_ms > 0:
                 raise EdgeqError(None, "--latency-ms must be positive")

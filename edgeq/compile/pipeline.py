@@ -162,6 +162,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
     decisions = decide_all(c, opts)
     timings["passes"] = time.perf_counter() - t0
     plan_ = decisions[first.name].plan
+    graph = decisions[first.name].graph or graph      # what the passes made of it (sorted or narrowed MLPs)
     what = (f"{plan_.search['method']} plan for {plan_.search['budget_mb']:.3f} MB" if plan_.search and opts.budgeted
             else " + ".join(f"{t.name} {c.inputs[t.name].preset or 'plan'}" for t in targets))
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what} "
@@ -176,9 +177,9 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         artifacts, sections = [], {}
         for t in targets:
             d = decisions[t.name]
-            lowered = t.lower(LowerRequest(graph, d.plan, tmp, profile,
+            lowered = t.lower(LowerRequest(d.graph or c.graph, d.plan, tmp, profile,
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
-                                           branches=d.branches, spec=spec, n_ctx=n_ctx(graph, profile, opts),
+                                           branches=d.branches, spec=spec, n_ctx=bundle_n_ctx(graph, profile, opts),
                                            ndk_clang=opts.android_clang,
                                            tune_trials=opts.tune_trials, progress=progress, log=log))
             artifacts += lowered.artifacts

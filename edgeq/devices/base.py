@@ -25,7 +25,7 @@ from edgeq.core.errors import EdgeqError
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
 # the runner's own files: the runtime package and the few edgeq modules it imports
-RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py")
+RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py", "core/cache.py")
 
 
 class DeviceError(EdgeqError):
@@ -111,8 +111,10 @@ class Device(ABC):
 
     @abstractmethod
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
-        """Run one op of the runner on a pushed bundle and pull its results."""
+            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            pruning_rate: float | None = None) -> RunResult:
+        """Run one op of the runner on a pushed bundle and pull its results (`pruning_rate`: one the bundle
+        carries)."""
 
     def close(self) -> None:
         pass
@@ -231,13 +233,14 @@ class ShellDevice(Device, ABC):
         return self._pushed[key]
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
+            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            pruning_rate: float | None = None) -> RunResult:
         code = self._runtime_code()
         job = uuid.uuid4().hex[:12]
         local = self._host_tmp / job
         (local / "req").mkdir(parents=True)
         req = {"bundle": device_bundle, "op": op, "args": args or {}, "backend": backend, "threads": threads,
-               "n_ctx": n_ctx}
+               "n_ctx": n_ctx, **({"pruning_rate": pruning_rate} if pruning_rate is not None else {})}
         (local / "req" / "request.json").write_text(json.dumps(req) + "\n", encoding="utf-8")
         work = f"{self.session_dir}/jobs/{job}"
         self.put(local / "req", work)

@@ -34,11 +34,14 @@ RUNTIME_OVERHEAD_BYTES = 512 << 20                # interpreter, numpy and the r
 
 
 def run_reference(device: Device, bundle: str | Path, backend: str | None = None, threads: int = 1,
-                  n_ctx: int | None = 256, decode_tokens: int = 8, timeout: float = 1800) -> RunResult:
-    """Push the bundle (once per content) and run its reference inputs there."""
+                  n_ctx: int | None = 256, decode_tokens: int = 8, timeout: float = 1800,
+                  pruning_rate: float | None = None) -> RunResult:
+    """Push the bundle (once per content) and run its reference inputs there; `pruning_rate`: at one of the rates a
+    bundle exported with --pruning-rates carries (its outputs then differ from the full model's reference outputs by
+    what the pruning costs: check latency and memory there, fidelity at rate 0)."""
     remote = device.push(Path(bundle))
     return device.run(remote, "reference", {"decode_tokens": decode_tokens}, backend=backend, threads=threads,
-                      n_ctx=n_ctx, timeout=timeout)
+                      n_ctx=n_ctx, timeout=timeout, pruning_rate=pruning_rate)
 
 
 def host_check(bundle: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ class DeviceSession:
     """generate / logits / embed of a decoder or encoder bundle, computed on a HIL device."""
 
     def __init__(self, bundle: str | Path, device: str, backend: str | None = None, threads: int = 1,
-                 n_ctx: int | None = None):
+                 n_ctx: int | None = None, pruning_rate: float | None = None):
         from edgeq.runtime import bundle_spec
         from edgeq.runtime.manifest import pick_artifact, read_manifest, verify_artifacts
 
@@ -38,7 +38,7 @@ class DeviceSession:
         self.backend_name = pick_artifact(self.bundle, self.manifest, backend)["backend"]
         self.kind = self.manifest["model"].get("kind")
         self.spec = bundle_spec(self.bundle, self.manifest) if self.kind == "decoder" else None
-        self.threads, self.n_ctx = threads, n_ctx
+        self.threads, self.n_ctx, self.pruning_rate = threads, n_ctx, pruning_rate
         self.device = open_device(device)
         why = self.device.unreachable_reason() or self.device.missing_backend_reason(self.backend_name)
         if why:
@@ -49,7 +49,7 @@ class DeviceSession:
 
     def _run(self, op: str, args: dict[str, Any]):
         res = self.device.run(self.remote, op, args, backend=self.backend_name, threads=self.threads,
-                              n_ctx=self.n_ctx)
+                              n_ctx=self.n_ctx, pruning_rate=self.pruning_rate)
         if not res.ok:
             raise EdgeqError(self.bundle, f"{self.device.name}: {res.error}")
         return res

@@ -31,6 +31,7 @@ class GgufTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
+    prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config

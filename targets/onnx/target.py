@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
 from edgeq.bundle.tokenizer import write_hf_tokenizer
+from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
@@ -29,6 +30,7 @@ class OnnxTarget(Target):
     kinds = frozenset({"decoder", "encoder", "cnn"})
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("onnxruntime", "onnx")
+    prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
@@ -56,8 +58,15 @@ class OnnxTarget(Target):
         options = {**({"imatrix": req.imatrix} if req.imatrix is not None else {}),
                    **({"branches": req.branches} if req.branches else {})}
         model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
+        section = None
+        if req.plan.pruning:
+            from edgeq.targets.onnx.pruning import pruning_recipe
+
+            section = {"pruning": pruning_recipe(req.graph, req.plan, model)}
         files = save_model(model, req.folder / MODEL_FILE)
         del model
+        if section is not None and len(files) > 1:
+            raise EdgeqError(None, "--pruning-rates on ONNX needs the weights inside model.onnx (under 2 GB)")
         artifacts = [Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
                      Artifact("model_data", f, self.name) for f in files]
         if req.graph.kind == "decoder":       # the files ORT GenAI and Hugging Face tooling open the bundle with
@@ -70,4 +79,4 @@ class OnnxTarget(Target):
             else:
                 req.log("note: no tokenizer.json or genai_config.json for a SentencePiece vocabulary yet: edgeq's "
                         "runtime runs this ONNX bundle, onnxruntime-genai cannot open it as it is")
-        return Lowered(artifacts)
+        return Lowered(artifacts, section)
