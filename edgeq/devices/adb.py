@@ -68,11 +68,12 @@ class AdbDevice(ShellDevice):
     def profile(self) -> str:
         return "android"
 
-    def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800) -> RunResult:
+    def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800,
+            pruning_rate=None) -> RunResult:
         native = self._native.get(device_bundle)
         if native is not None and backend in (None, native[1]):
-            return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout)
-        return super().run(device_bundle, op, args, backend, threads, n_ctx, timeout)
+            return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout, pruning_rate)
+        return super().run(device_bundle, op, args, backend, threads, n_ctx, timeout, pruning_rate)
 
     def put(self, local_dir: Path, remote_dir: str) -> None:
         self._check(self._adb(["shell", f"mkdir -p '{remote_dir}'"], 60), f"mkdir {remote_dir}")

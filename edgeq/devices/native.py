@@ -73,7 +73,8 @@ def response_of(proc: subprocess.CompletedProcess, op: str, runner: str, backend
 
 
 def run_native(device: ShellDevice, device_bundle: str, native: tuple[str, str], op: str,
-               args: dict[str, Any] | None, threads: int, n_ctx: int | None, timeout: float) -> RunResult:
+               args: dict[str, Any] | None, threads: int, n_ctx: int | None, timeout: float,
+               pruning_rate: float | None = None) -> RunResult:
     """One op by the bundle's runner on the device; its outputs pulled into a host folder."""
     job = uuid.uuid4().hex[:12]
     local = device._host_tmp / job
@@ -83,6 +84,8 @@ def run_native(device: ShellDevice, device_bundle: str, native: tuple[str, str],
     runner, backend = native
     exe = f"{device_bundle}/{runner}"
     argv = native_argv(exe, device_bundle, op, args or {}, threads, n_ctx, f"{work}/out")
+    if pruning_rate:                     # the runner runs the full model only: it refuses another rate in one line
+        argv += ["--pruning-rate", repr(float(pruning_rate))]
     t0 = time.perf_counter()
     proc = device.exec_native(argv, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -144,9 +147,10 @@ class QemuArm64BareDevice(FolderDevice):
                 "isolation": "chroot" if self.chroot else "qemu-user library prefix", "root": str(self.bare_root),
                 "root_entries": entries}
 
-    def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800) -> RunResult:
+    def run(self, device_bundle, op, args=None, backend=None, threads=1, n_ctx=None, timeout=1800,
+            pruning_rate=None) -> RunResult:
         native = self._native.get(device_bundle)
         if native is None:
             raise DeviceError(None, f"{self.name} runs only bundles with a native runner (export for android or "
                                     "linux-arm64 with --native); this one has none")
-        return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout)
+        return run_native(self, device_bundle, native, op, args, threads, n_ctx, timeout, pruning_rate)
