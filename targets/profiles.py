@@ -32,7 +32,11 @@ class DeviceProfile:
         "decoder": ("gguf", "onnx"), "encoder": ("onnx",), "cnn": ("onnx",)})
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The manifest's `target`. The native runner's -march is left out: a bundle that carries the runner
+        records it in its `native` section, and the other bundles' manifests stay as they were."""
+        d = asdict(self)
+        del d["native_march"]
+        return d
 
     def backend_for(self, kind: str) -> str:
         return self.backends.get(kind, "gguf")

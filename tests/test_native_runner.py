@@ -81,6 +81,25 @@ def test_android_bundle_holds_only_static_aarch64_executables(android_bundle):
     assert subprocess.run(["sh", "-n", str(android_bundle / "run")]).returncode == 0
 
 
+def test_launcher_passes_the_prompt_and_options_through(android_bundle, tmp_path):
+    """The `run` script's own logic, in this host's POSIX sh: this machine cannot exec an aarch64 file from a
+    shell (no binfmt_misc), so bin/edgeq-run is replaced by a script that prints the argv it was given; the runner
+    itself is exercised under qemu by the tests below."""
+    copy = tmp_path / "b"
+    shutil.copytree(android_bundle, copy)
+    exe = copy / "bin" / "edgeq-run"
+    exe.write_text('#!/bin/sh\nfor a in "$@"; do printf "[%s]" "$a"; done\n')
+    exe.chmod(0o755)
+    launcher = ["sh", str(copy / "run")]
+    prompt = "It's \"quoted\" & $HOME -x"
+    got = subprocess.run([*launcher, prompt, "--max-tokens", "3"], capture_output=True, text=True, cwd=tmp_path)
+    assert got.stdout == f"[--bundle][{copy}][--prompt][{prompt}][--max-tokens][3]"
+    got = subprocess.run([*launcher, "--json"], capture_output=True, text=True, cwd="/")
+    assert got.stdout == f"[--bundle][{copy}][--json]"
+    exe.chmod(0o644)                 # adb push without mode bits: the launcher makes it executable
+    assert subprocess.run([*launcher, "--verify-only"], capture_output=True, text=True).returncode == 0
+
+
 def test_cached_runner_is_the_bundles_runner(android_bundle):
     """A second export takes the cached build: same bytes, so bundles stay byte-identical."""
     r = build_runner(MARCH)
