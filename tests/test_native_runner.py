@@ -114,6 +114,7 @@ def test_runner_in_a_bare_root_matches_the_host_runtime(android_bundle, bare):
     assert res.ok, res.error
     assert res.response["machine"] == "aarch64" and res.response["python"] is None
     assert all(res.result["tokenized_ids_match"])         # llama.cpp's tokenizer on the device, same ids
+    assert 0 < res.peak_rss_bytes < 256 << 20             # the runner's (and the emulator's), not its parent's
     ids, ref = read_reference(android_bundle / "reference")
     with runtime.load(android_bundle, threads=1, n_ctx=256) as s:
         for i, x in enumerate(ids):

@@ -26,6 +26,7 @@ from edgeq.devices.base import DeviceError, RunResult, ShellDevice
 from edgeq.devices.local import FolderDevice
 
 QEMU = "qemu-aarch64-static"
+SHELL = "/bin/sh"         # on the host, not the device
 NATIVE_OPS = ("reference", "generate")
 
 
@@ -127,7 +128,9 @@ class QemuArm64BareDevice(FolderDevice):
 
     def exec_native(self, argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         cmd = [self.chroot_exe, str(self.bare_root), f"/{QEMU}", *argv] if self.chroot else [shutil.which(QEMU), *argv]
-        return self.exec(cmd, env={}, timeout=timeout)
+        # started from a fresh fork of a small shell: peak RSS (getrusage, the runner's measure where the root has
+        # no /proc) is kept across exec, so a process exec'ed straight from this one would count its memory too
+        return self.exec([SHELL, "-c", '"$@" & wait $!', "sh", *cmd], env={}, timeout=timeout)
 
     def exec(self, argv, env=None, timeout=60):
         try:
