@@ -60,11 +60,12 @@ def bundle_run(bundle: Path) -> dict:
     dev = open_device("qemu-arm64-bare")
     try:
         res = checks.run_reference(dev, bundle, n_ctx=256, decode_tokens=8)
+        assert res.ok, res.error
+        dev_logits = [np.load(res.outputs / f) for f in res.result["files"]]    # before close() removes them
         gen = dev.run(dev.push(bundle), "generate", {"prompt": "The capital of France is", "max_tokens": 16})
     finally:
         dev.close()
     ids, ref = read_reference(bundle / "reference")
-    dev_logits = [np.load(res.outputs / f) for f in res.result["files"]]
     with runtime.load(bundle, threads=1, n_ctx=256) as s:
         host = [s.logits(x) for x in ids]
         host_greedy = [s.generate_ids(x, 8) for x in ids]
