@@ -28,6 +28,7 @@ from edgeq.devices.local import FolderDevice
 QEMU = "qemu-aarch64-static"
 SHELL = "/bin/sh"         # on the host, not the device
 NATIVE_OPS = ("reference", "generate")
+SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")   # generate args
 
 
 def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads: int, n_ctx: int | None,
@@ -37,8 +38,9 @@ def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads
     if op == "reference":
         return [*argv, "--logits-out", out, "--max-tokens", str(int(args.get("decode_tokens", 8)))]
     if op == "generate":
+        sampling = [a for k in SAMPLING if k in args for a in (f"--{k.replace('_', '-')}", str(args[k]))]
         return [*argv, "--prompt", str(args["prompt"]), "--max-tokens", str(int(args.get("max_tokens", 32))),
-                *(["--chat"] if args.get("chat") else [])]
+                *(["--chat"] if args.get("chat") else []), *sampling]
     raise DeviceError(None, f"the native runner has no op {op!r} (it runs {', '.join(NATIVE_OPS)})")
 
 

@@ -11,6 +11,8 @@
 //   edgeq-run --bundle DIR --json [--logits-out D]  the reference prompts: greedy ids per position, the greedy
 //                                                   continuation, timings; D gets logits_<i>.npy (float32)
 //   edgeq-run --bundle DIR --chat            chat on standard input, one user message a line
+//   sampling (default greedy): --temperature T --top-k K --top-p P --min-p P --repeat-penalty R --seed S, drawn by
+//   llama.cpp's sampler chain in the host runtime's order, so a seed gives the host's tokens
 //   edgeq-run --bundle DIR --verify-only
 //
 // Exit status: 0 done, 2 refused (usage, a bundle that fails verification or needs what this runner lacks),
@@ -77,13 +79,28 @@ struct Options {
     std::string logits_out;   // --json reference mode: logits_<i>.npy per prompt written here
     int max_tokens = -1;
     double pruning_rate = 0.0;
+    // sampling, as edgeq's SamplingParams and in llama.cpp's order; the neutral value turns a step off
+    double temperature = 0.0, top_p = 1.0, min_p = 0.0, repeat_penalty = 1.0;
+    int top_k = 0, repeat_last_n = 64;
+    long long seed = 0;
     int threads = 0;
     int n_ctx = 0;
 };
 
 const char * USAGE =
     "usage: edgeq-run --bundle DIR [--prompt TEXT] [--chat] [--max-tokens N] [--threads N] [--n-ctx N] [--json] "
+    "[--temperature T] [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R] [--repeat-last-n N] [--seed S] "
     "[--logits-out DIR] [--pruning-rate 0] [--verify-only] [--verbose]";
+
+double parse_real(const std::string & flag, const char * v, double lo, double hi) {
+    char * end = nullptr;
+    double x = std::strtod(v, &end);
+    if (end == v || *end || !(x >= lo && x <= hi)) {
+        refuse("", flag + " takes a number in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], not '" + v +
+                       "'");
+    }
+    return x;
+}
 
 int parse_int(const std::string & flag, const char * v, int lo, int hi) {
     char * end = nullptr;
@@ -111,14 +128,14 @@ Options parse_args(int argc, char ** argv) {
         else if (a == "--verify-only") o.verify_only = true;
         else if (a == "--verbose") o.verbose = true;
         else if (a == "--logits-out") o.logits_out = value();
-        else if (a == "--pruning-rate") {
-            const char * v = value();
-            char * end = nullptr;
-            o.pruning_rate = std::strtod(v, &end);
-            if (end == v || *end || !(o.pruning_rate >= 0.0 && o.pruning_rate < 1.0)) {
-                refuse("", std::string("--pruning-rate takes a number in [0, 1), not '") + v + "'");
-            }
-        }
+        else if (a == "--pruning-rate") o.pruning_rate = parse_real(a, value(), 0.0, 0.999999);
+        else if (a == "--temperature") o.temperature = parse_real(a, value(), 0.0, 100.0);
+        else if (a == "--top-p") o.top_p = parse_real(a, value(), 0.0, 1.0);
+        else if (a == "--min-p") o.min_p = parse_real(a, value(), 0.0, 1.0);
+        else if (a == "--repeat-penalty") o.repeat_penalty = parse_real(a, value(), 0.0, 100.0);
+        else if (a == "--top-k") o.top_k = parse_int(a, value(), 0, 1 << 24);
+        else if (a == "--repeat-last-n") o.repeat_last_n = parse_int(a, value(), 0, 1 << 24);
+        else if (a == "--seed") o.seed = parse_int(a, value(), 0, INT32_MAX);
         else if (a == "--max-tokens") o.max_tokens = parse_int(a, value(), 0, 1 << 20);
         else if (a == "--threads") o.threads = parse_int(a, value(), 1, 1024);
         else if (a == "--n-ctx") o.n_ctx = parse_int(a, value(), 1, 1 << 24);
@@ -489,11 +506,17 @@ struct Runner {
         return (int) (std::max_element(row, row + n_vocab) - row);
     }
 
-    // Greedy continuation after the tokens fed so far, whose last logits are `last`; stops at end-of-generation.
-    std::vector<llama_token> greedy(std::vector<float> last, int max_tokens, bool stream) {
+    // The continuation after the tokens fed so far (`prompt`), whose last logits are `last`: greedy, or drawn by
+    // `chain` (llama.cpp's sampler chain, as the host runtime builds it); stops at end-of-generation, at
+    // max_tokens, or where the context is full (as the host's TokenStream).
+    std::vector<llama_token> greedy(std::vector<float> last, int max_tokens, bool stream,
+                                    llama_sampler * chain = nullptr, const std::vector<llama_token> & prompt = {}) {
         std::vector<llama_token> out;
+        if (chain) {
+            for (llama_token t : prompt) llama_sampler_accept(chain, t);    // penalties see the prompt too
+        }
         while ((int) out.size() < max_tokens) {
-            llama_token t = argmax(last.data());
+            llama_token t = chain ? llama_sampler_sample(chain, ctx, -1) : argmax(last.data());
             if (llama_vocab_is_eog(vocab, t)) break;
             out.push_back(t);
             if (stream) {
@@ -501,10 +524,38 @@ struct Runner {
                 std::fwrite(s.data(), 1, s.size(), stdout);
                 std::fflush(stdout);
             }
-            if ((int) out.size() == max_tokens || n_past + 1 > n_ctx) break;
+            if ((int) out.size() == max_tokens || n_past + 1 >= n_ctx) break;
             last = feed({t}, false);
         }
         return out;
+    }
+};
+
+// llama.cpp's sampler chain for these settings, built as the host runtime builds it (runtime/gguf_backend.py's
+// LlamaCppSampler): penalties, then greedy at temperature 0, else top-k, top-p, min-p, temperature and a seeded
+// draw; nullptr when every setting is neutral (plain greedy: the argmax of the logits).
+struct Chain {
+    llama_sampler * chain = nullptr;
+    Chain(const Options & o, int n_vocab) {
+        const bool penalised = o.repeat_penalty != 1.0;
+        if (o.temperature <= 0.0 && !penalised) return;
+        chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+        if (penalised) {
+            llama_sampler_chain_add(chain, llama_sampler_init_penalties(n_vocab, o.repeat_last_n,
+                                                                         (float) o.repeat_penalty, 0.0f, 0.0f));
+        }
+        if (o.temperature <= 0.0) {
+            llama_sampler_chain_add(chain, llama_sampler_init_greedy());
+            return;
+        }
+        if (o.top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(o.top_k));
+        if (o.top_p < 1.0) llama_sampler_chain_add(chain, llama_sampler_init_top_p((float) o.top_p, 1));
+        if (o.min_p > 0.0) llama_sampler_chain_add(chain, llama_sampler_init_min_p((float) o.min_p, 1));
+        llama_sampler_chain_add(chain, llama_sampler_init_temp((float) o.temperature));
+        llama_sampler_chain_add(chain, llama_sampler_init_dist((uint32_t) o.seed));
+    }
+    ~Chain() {
+        if (chain) llama_sampler_free(chain);
     }
 };
 
@@ -668,7 +719,8 @@ int run(const Options & o) {
             }
             std::vector<llama_token> ids = r.tokenize(chat_prompt(r, msgs, mpath), true, true);
             r.reset();
-            std::vector<llama_token> gen = r.greedy(r.feed(ids, false), max_tokens, true);
+            Chain sampler(o, r.n_vocab);
+            std::vector<llama_token> gen = r.greedy(r.feed(ids, false), max_tokens, true, sampler.chain, ids);
             std::string reply;
             for (llama_token t : gen) reply += r.piece(t);
             turns.push_back(reply);
@@ -685,7 +737,8 @@ int run(const Options & o) {
         double a = now_ms();
         std::vector<float> last = r.feed(ids, false);
         double c = now_ms();
-        std::vector<llama_token> gen = r.greedy(last, max_tokens, !o.json_out);
+        Chain sampler(o, r.n_vocab);
+        std::vector<llama_token> gen = r.greedy(last, max_tokens, !o.json_out, sampler.chain, ids);
         double d = now_ms();
         if (!o.json_out) {
             std::printf("\n");
@@ -696,6 +749,9 @@ int run(const Options & o) {
         std::string s;
         for (llama_token t : gen) s += r.piece(t);
         result["generation"] = {{"prompt", o.prompt}, {"chat", o.chat}, {"prompt_ids", ids}, {"ids", gen},
+                                {"sampling", {{"temperature", o.temperature}, {"top_k", o.top_k}, {"top_p", o.top_p},
+                                              {"min_p", o.min_p}, {"repeat_penalty", o.repeat_penalty},
+                                              {"repeat_last_n", o.repeat_last_n}, {"seed", o.seed}}},
                                 {"text", s}, {"timings", timings(c - a, (int) ids.size(), d - c, (int) gen.size())}};
     }
     if (!o.json_out) refuse("", std::string("give --prompt TEXT, --chat or --json (") + USAGE + ")");
