@@ -220,6 +220,21 @@ def test_altered_manifest_is_refused_in_one_line(android_bundle, bare, tmp_path)
         f"edgeq-run: {remote}/manifest.json: artifact path '../model.gguf' escapes the bundle"]
 
 
+def test_no_cross_toolchain_is_one_line_before_any_work(tiny_decoder_dir, tmp_path):
+    """A machine without the cross toolchain (PATH without it) and without a cached runner: the default android
+    export stops with one line saying what to install, or --no-native, and writes nothing."""
+    import sys
+
+    env = {"PATH": str(Path(sys.executable).parent), "HOME": str(tmp_path), "EDGEQ_NATIVE_CACHE": str(tmp_path / "c")}
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--model", str(tiny_decoder_dir), "--target",
+                        "android", "--quant", "q8_0", "-o", str(tmp_path / "out")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert "apt-get install" in lines[0] and "g++-aarch64-linux-gnu" in lines[0] and "--no-native" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_native_is_refused_where_there_is_no_runner(tiny_decoder_dir, tmp_path):
     with pytest.raises(EdgeqError, match="the cpu profile has no native runner"):
         export(ExportOptions(model=str(tiny_decoder_dir), target="cpu", native=True, out=str(tmp_path / "a")))
