@@ -27,9 +27,9 @@ from edgeq.native import llama_source
 from edgeq.native.runner import build_runner, check_static_aarch64, interpreter
 
 MARCH = "armv8.2-a+dotprod"
-# x86 and arm64 llama.cpp differ in attention precision: measured on this bundle, position 0 agrees to 1e-7 and
-# later ones by up to 0.1 (x86's sgemm multiplies the f16 K cache by f32 Q; arm64 without FP16 arithmetic rounds Q
-# to f16 first), with both equally far from the float reference. So: logits within LOGIT_ATOL, a position's argmax
+# x86 and arm64 llama.cpp differ with an f16 KV cache: measured on this bundle, position 0 agrees to 1e-7 and
+# later ones by up to 0.1 (with an f32 cache, 5e-7; probably the K·Q product: x86's sgemm takes f32 Q as it is,
+# arm64 without FP16 arithmetic rounds it to f16), with both equally far from the float reference. So: logits within LOGIT_ATOL, a position's argmax
 # may differ only where the host's two candidates are within NEAR_TIE, and the device no further from the float
 # reference than the host (+10 %).
 LOGIT_ATOL = 0.25
