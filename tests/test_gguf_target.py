@@ -11,6 +11,7 @@ import llama_cpp
 from gguf import GGUFReader
 
 from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
 from edgeq.core.formats import get_format
 from edgeq.importers.gguf import import_gguf
@@ -150,10 +151,11 @@ def random_imatrix_file(smollm_graph, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "iq4_nl", "iq3_xxs"])
 def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, export_bundle, random_imatrix_file, tmp_path):
     """With the same importance matrix, edgeq's export is llama_model_quantize's with params.imatrix, byte for byte
-    (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1)."""
+    (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1; iq3_xxs writes
+    ffn_down in a format llama.cpp writes only from an importance matrix)."""
     from edgeq.importers.imatrix import read_imatrix
     from edgeq.api import ExportOptions, export
     from edgeq.targets.gguf.presets import preset_file_type
@@ -167,15 +169,20 @@ def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, expor
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), ctypes.byref(params)) == 0
     ours = {t.name: t for t in GGUFReader(ours_dir / "model.gguf").tensors}
     theirs = {t.name: t for t in GGUFReader(theirs_path).tensors}
-    plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
     assert ours.keys() == theirs.keys()
-    differs_from_plain = 0
     for name, t in theirs.items():
         assert ours[name].tensor_type == t.tensor_type, name
         assert np.array_equal(np.asarray(ours[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
-        differs_from_plain += (plain[name].tensor_type != t.tensor_type
-                               or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
-                                                     np.asarray(t.data).view(np.uint8)))
+    if preset == "iq3_xxs":                # no plain export: refused without an importance matrix, in one line
+        with pytest.raises(EdgeqError, match="iq3_xxs .* importance matrix"):
+            export(ExportOptions(quant=preset, calibration=False, out=str(tmp_path / "plain"), check=False))
+        assert not (tmp_path / "plain").exists()
+        assert ours["blk.7.ffn_down.weight"].tensor_type.name == "IQ3_XXS"
+        return
+    plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
+    differs_from_plain = sum(plain[name].tensor_type != t.tensor_type
+                             or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
+                                                   np.asarray(t.data).view(np.uint8)) for name, t in theirs.items())
     assert differs_from_plain > 100       # the importance matrix was really used
     if preset == "q4_0":
         assert ours["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"

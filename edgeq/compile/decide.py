@@ -78,8 +78,19 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
         decision = _decide_calibrated_first(graph, inp, opts, ctx, branches)
     else:
         decision = _decide_preset(graph, inp, opts, ctx)
+    _check_importance(decision)
     inp.target.check_plan(graph, decision.plan)
     return decision
+
+
+def _check_importance(decision: Decision) -> None:
+    """Formats written from an importance matrix only (the low-bit i-quants) need one for their tensor."""
+    have = set(decision.calibration.weight_input) if decision.calibration is not None else set()
+    for name, tp in decision.plan.tensors.items():
+        fmt = get_format(tp.format)
+        if fmt.requires_imatrix and name not in have:
+            raise EdgeqError(None, f"format {fmt.name} (for {name}) is written from an importance matrix only, as "
+                                   "llama.cpp's is: calibrate (drop --no-calibration) or give an --imatrix that has it")
 
 
 def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context,
@@ -183,11 +194,17 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     # the budget in bytes needs only the parameter count: check it before anything is sized
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
     target = inp.target
-    layout = target.layout(graph, target.candidate_formats(opts.formats), opts.ranks, inp.profile, spec=inp.spec,
-                           ndk_clang=opts.android_clang)
+    fmts = target.candidate_formats(opts.formats)
+    if not opts.calibration:          # formats written from an importance matrix only are not candidates then
+        named = [f.name for f in fmts if f.requires_imatrix and opts.formats]
+        if named:
+            raise EdgeqError(None, f"--formats {named[0]} needs an importance matrix; drop --no-calibration")
+        fmts = [f for f in fmts if not f.requires_imatrix]
+    formats = [f.name for f in fmts]
+    layout = target.layout(graph, fmts, opts.ranks, inp.profile, spec=inp.spec, ndk_clang=opts.android_clang)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed
-    sizes = bytes_table(graph, layout, opts.formats)
+    sizes = bytes_table(graph, layout, formats)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     passes: list[Pass] = []
@@ -196,7 +213,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         passes.append(Fisher())
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
-    passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
+    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
     if opts.method == "dynaquant":
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
