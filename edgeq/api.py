@@ -17,6 +17,7 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan
 from edgeq.evaluate.bundle import evaluate_bundle
+from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.imatrix import Imatrix, write_imatrix
 from edgeq.importers.torch_export import import_module
 from edgeq.passes import Context
@@ -37,27 +38,30 @@ def export(opts: ExportOptions | None = None, *, progress: Callable | None = Non
 
 
 def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
-         progress: Callable | None = None, **options) -> Plan:
+         progress: Callable | None = None, log: Callable[[str], None] | None = None, **options) -> Plan:
     """`edgeq plan`: the plan an export with these options would use, written to `out` when given."""
     if out is not None:
         parent = Path(out).parent
         if parent.exists() and not parent.is_dir():
             raise EdgeqError(parent, "is a file")
-    p = pipeline.plan(_options(opts, options), progress=progress)
+    p = pipeline.plan(_options(opts, options), progress=progress, log=log)
     if out is not None:
         p.save(out)
     return p
 
 
 def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[str] = (), calib_windows: int = 4,
-              progress: Callable | None = None) -> tuple[Imatrix, dict[str, Any]]:
-    """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text; returns it and
-    what it was computed on."""
+              progress: Callable | None = None, calib_text: str | None = None, calib_jsonl: str | None = None,
+              log: Callable[[str], None] | None = None) -> tuple[Imatrix, dict[str, Any]]:
+    """`edgeq calibrate`: llama.cpp's importance matrix (imatrix GGUF) from the calibration text (pydoc's, or the
+    user's `calib_text` / `calib_jsonl`); returns it and what it was computed on."""
     parent = Path(out).parent
     if parent.exists() and not parent.is_dir():
         raise EdgeqError(parent, "is a file")
-    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"))
-    cal = run_calibration(graph, n_windows=calib_windows, progress=progress)
+    source = calibration_source(calib_text, calib_jsonl)
+    _, graph = pipeline.import_and_merge(model, list(adapters), Context(backend="gguf"), log)
+    cal = run_calibration(graph, n_windows=calib_windows, progress=progress, source=source,
+                          warn=None if log is None else (lambda s: log(f"edgeq: {s}")))
     im = imatrix_from_calibration(graph, cal)
     write_imatrix(out, im)
     return im, cal.info

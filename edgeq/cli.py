@@ -33,6 +33,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost,
         adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
+        calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
+        allow_requantize=not getattr(a, "no_requantize", False),
         ndk_clang=getattr(a, "ndk_clang", None),
         tune_trials=getattr(a, "tune_trials", 0) or 0,
     )
@@ -64,7 +66,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet))
+    plan = api.plan(_options(a), out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         extra = ""
         if plan.search and (a.budget_mb is not None or a.bpw is not None):
@@ -76,7 +78,8 @@ def cmd_plan(a) -> int:
 
 
 def cmd_calibrate(a) -> int:
-    im, info = api.calibrate(a.out, a.model, a.adapter or [], a.calib_windows, progress=make_progress(a.quiet))
+    im, info = api.calibrate(a.out, a.model, a.adapter or [], a.calib_windows, progress=make_progress(a.quiet),
+                             calib_text=a.calib_text, calib_jsonl=a.calib_jsonl, log=_log(a.quiet))
     if not a.quiet:
         print(f"wrote {a.out}: llama.cpp imatrix, {len(im.entries)} entries from {info.get('tokens')} tokens "
               f"({im.chunk_count} chunks of {im.chunk_size})")
@@ -135,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     def adapter_option(sp, help_text):
         sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT]", help=help_text)
 
-    merge_help = ("PEFT LoRA adapter folder merged into the float weights before anything else, optionally "
-                  "scaled by WEIGHT (default 1); repeat to merge several")
-    model_help = "GGUF file or Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)"
+    merge_help = ("PEFT LoRA adapter folder (or Hub id org/name[@revision]) merged into the float weights before "
+                  "anything else, optionally scaled by WEIGHT (default 1); repeat to merge several")
+    model_help = ("GGUF file, Hugging Face model folder or Hub id org/name[@revision] (resolved through the HF cache; "
+                  "default: the embedded SmolLM2-135M-Instruct)")
 
     def common_model(sp):
         sp.add_argument("--model", help="GGUF file, Hugging Face folder (Llama family, or a BERT encoder such as "
-                                        "all-MiniLM-L6-v2), or a torch.export.save'd CNN (.pt2) "
+                                        "all-MiniLM-L6-v2), a Hub id org/name[@revision] or org/name/FILE.gguf "
+                                        "(looked up in the HF cache, $HF_HOME; downloaded when online and "
+                                        "HF_HUB_OFFLINE is unset), or a torch.export.save'd CNN (.pt2) "
                                         "(default: the embedded SmolLM2-135M-Instruct)")
         adapter_option(sp, merge_help)
         sp.add_argument("--target", default="cpu", help=f"device profile: {', '.join(PROFILES)} (default cpu)")
@@ -165,11 +171,23 @@ def build_parser() -> argparse.ArgumentParser:
             return [t.lower() for t in items]
         return parse
 
+    def calib_text_options(sp):
+        sp.add_argument("--calib-text", metavar="FILE|DIR",
+                        help="your own calibration text (UTF-8; a folder: every file in it) for the importance "
+                             "matrix, Fisher costs, static INT8 ranges and budgeted plans (default: pydoc's topics)")
+        sp.add_argument("--calib-jsonl", metavar="FILE",
+                        help="your own calibration chats, one {\"messages\": [{\"role\", \"content\"}, ...]} per "
+                             "line, rendered with the model's chat template as the device will see them")
+
     def calibration_options(sp):
         sp.add_argument("--no-calibration", dest="calibration", action="store_false",
                         help="no importance matrix: llama.cpp's plain quantization")
         sp.add_argument("--imatrix", help="llama.cpp imatrix file (GGUF or legacy .dat) to use instead of calibrating")
         sp.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+        calib_text_options(sp)
+        sp.add_argument("--no-requantize", action="store_true",
+                        help="refuse a source whose weights are already quantized (a GGUF in Q4_1, say) instead of "
+                             "quantizing them onto another grid (llama-quantize without --allow-requantize)")
         sp.add_argument("--calib-images", help="CNNs: .npz with an array 'images' (n, C, H, W) float32 to calibrate "
                                                "static int8 activation ranges on (the first 512 are used)")
 
@@ -214,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help=model_help)
     adapter_option(c, merge_help)
     c.add_argument("--calib-windows", type=int, default=4, help="512-token windows of calibration text (default 4)")
+    calib_text_options(c)
     c.add_argument("-o", "--out", required=True, help="imatrix file to write (.gguf)")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(fn=cmd_calibrate)

@@ -1,7 +1,8 @@
 """What every pass shares: a name, declared options, and a record of what it did.
 
 The context collects each pass's record so the report can explain every
-choice; passes never print.
+choice; passes never print (a warning goes to `Context.warn`, which the caller
+may show).
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ class Context:
     records: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     analysis: dict[str, Any] = field(default_factory=dict)   # what analysis passes computed (calibration, costs)
+    log: Callable[[str], None] | None = None     # where warnings are shown (the CLI: stderr), or None
+    warnings: list[str] = field(default_factory=list)
 
     def record(self, pass_name: str, **what: Any) -> None:
         self.records.append({"pass": pass_name, **what})
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            self.warnings.append(message)
+            if self.log is not None:
+                self.log(f"edgeq: {message}")
 
 
 class Pass:

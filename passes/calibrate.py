@@ -8,10 +8,11 @@ the sensitivity pass and to low-rank compensation. The tied embedding, which
 is also the output head, gets the head's input statistics plus the token
 counts of the lookups.
 
-Calibration text comes from `edgeq.texts.calibration_text()` (disjoint from
-the evaluation text), cut into llama-imatrix-style windows (first token
-replaced by BOS). Results are cached on disk by (source model, text, windows,
-width limit), so repeated plans and exports cost one calibration.
+Calibration text is the user's (`--calib-text`, `--calib-jsonl`: a
+`CalibrationText`), else `edgeq.texts.calibration_text()` (disjoint from the
+evaluation text), cut into llama-imatrix-style windows (first token replaced
+by BOS). Results are cached on disk by (source model, the text's SHA-256,
+windows, width limit), so repeated plans and exports cost one calibration.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from edgeq.core.executor import Executor
 from edgeq.core.fs import sha256_file, sha256_source
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_text
+from edgeq.importers.calibration_text import CalibrationText, default_calibration_text
 from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix
 from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
-from edgeq.runtime.tokenizer import build_tokenizer, encode
+from edgeq.runtime.tokenizer import build_tokenizer, encode, render_chat
 
 CALIBRATION_VERSION = 1
 DEFAULT_WINDOWS = 4
@@ -121,11 +122,20 @@ class Calibration:
         return cls(inputs, meta["weight_input"], counts, meta["info"])
 
 
-def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool) -> list[list[int]]:
-    """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix."""
+MIN_TOKENS = 64              # below this a calibration says nothing about a layer's inputs
+
+
+def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool,
+                        source=None) -> list[list[int]]:
+    """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix; text shorter
+    than one window is one shorter window (`short_of` says how short)."""
     available = len(tokens) // ctx
     if available < 1:
-        raise EdgeqError(None, f"calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
+        if len(tokens) < MIN_TOKENS:
+            raise EdgeqError(getattr(source, "path", None), f"calibration text has {len(tokens)} tokens, fewer "
+                                                            f"than the {MIN_TOKENS} edgeq needs ({n_windows * ctx} "
+                                                            "recommended)")
+        ctx, available = len(tokens), 1
     n = min(n_windows, available)
     starts = [int(round(i * (available - 1) / max(n - 1, 1))) * ctx for i in range(n)] if n > 1 else [0]
     out = []
@@ -192,11 +202,32 @@ def _embedding_name(graph: Graph) -> str:
     raise EdgeqError(None, "the model has no embedding node")
 
 
-def calibration_tokens(graph: Graph) -> tuple[list[int], int | None, bool]:
-    """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids)."""
+def calibration_tokens(graph: Graph, source: CalibrationText | None = None) -> tuple[list[int], int | None, bool]:
+    """The calibration text tokenized with the model's own tokenizer (llama.cpp's ids); a chat source rendered
+    conversation by conversation through the model's template, its special tokens parsed (as on the device)."""
+    source = source or default_calibration_text()
     spec = graph_tokenizer_spec(graph)
     tok = build_tokenizer(spec)
-    return encode(tok, spec, calibration_text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
+    if source.kind != "jsonl":
+        return encode(tok, spec, source.text(), add_special=True, parse_special=False), spec.bos_id, spec.add_bos
+    if spec.chat_template is None:
+        raise EdgeqError(source.path, "--calib-jsonl renders conversations with the model's chat template, and "
+                                      "this model has none (use --calib-text)")
+    ids: list[int] = []
+    for conv in source.conversations():
+        ids += encode(tok, spec, render_chat(spec, conv, add_generation_prompt=False), add_special=True,
+                      parse_special=True)
+    return ids, spec.bos_id, spec.add_bos
+
+
+def shortfall_note(n_tokens: int, n_windows: int, ctx: int, source: CalibrationText | None) -> str | None:
+    """A warning when the text holds fewer tokens than the windows asked for."""
+    wanted = n_windows * ctx
+    if n_tokens >= wanted:
+        return None
+    name = (source or default_calibration_text()).name
+    return (f"warning: calibration text {name} has {n_tokens} tokens, fewer than the {wanted} recommended "
+            f"({n_windows} windows of {ctx}); the statistics rest on less text")
 
 
 def source_digest(graph: Graph) -> str:
@@ -217,23 +248,33 @@ def source_digest(graph: Graph) -> str:
 
 
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
-              progress: Callable | None = None, use_cache: bool = True) -> Calibration:
-    """Calibration statistics for `graph`, from the cache when the same ones were computed before."""
-    text_sha = hashlib.sha256(calibration_text().encode()).hexdigest()
+              progress: Callable | None = None, use_cache: bool = True, source: CalibrationText | None = None,
+              warn: Callable[[str], None] | None = None) -> Calibration:
+    """Calibration statistics for `graph`, from the cache when the same ones were computed before. `warn` hears
+    when the text is shorter than the windows asked for."""
+    source = source or default_calibration_text()
+    text_sha = source.sha256 if source.is_default else f"{source.kind}:{source.sha256}"   # one file, two readings
     src = source_digest(graph)
     key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full]).encode()).hexdigest()
     root = cache_dir() if use_cache else None
     path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
     if path is not None and path.is_file():
         try:
-            return Calibration.load(path)
+            cal = Calibration.load(path)
+            if warn is not None and cal.info.get("warning"):
+                warn(cal.info["warning"])
+            return cal
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)        # a damaged cache entry is recomputed
-    tokens, bos, add_bos = calibration_tokens(graph)
-    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos)
+    tokens, bos, add_bos = calibration_tokens(graph, source)
+    note = shortfall_note(len(tokens), n_windows, ctx, source)
+    if note is not None and warn is not None:
+        warn(note)
+    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, source)
     cal = collect(graph, windows, max_full, progress)
-    cal.info.update({"source": "edgeq calibrate", "text": CALIBRATION_TEXT_NAME, "text_sha256": text_sha,
-                     "model_sha256": src, "max_full_width": max_full})
+    cal.info.update({"source": "edgeq calibrate", **source.record(), "model_sha256": src, "max_full_width": max_full})
+    if note is not None:
+        cal.info["warning"] = note
     if path is not None:
         try:
             cal.save(path)
@@ -291,7 +332,8 @@ class Calibrate(Pass):
     name = "calibrate"
 
     def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
-                 imatrix_file: str | None = None):
+                 imatrix_file: str | None = None, source: CalibrationText | None = None):
+        self.source = source
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.max_full = max_full
@@ -301,7 +343,8 @@ class Calibrate(Pass):
         if self.imatrix_file:
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
-            cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress)
+            cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, source=self.source,
+                            warn=ctx.warn)
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan

@@ -21,7 +21,8 @@ from edgeq.core.executor import Executor
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-from edgeq.evaluate.texts import CALIBRATION_TEXT_NAME, calibration_sentences
+from edgeq.evaluate.texts import calibration_sentences
+from edgeq.importers.calibration_text import CalibrationText, default_calibration_text
 from edgeq.importers.hf_bert import encoder_tokenizer
 from edgeq.models.cnn import quantized_activations
 from edgeq.passes.base import Context, Pass
@@ -33,17 +34,27 @@ def needs_ranges(plan: Plan) -> bool:
     return any(get_format(d.format).static_activations for d in plan.tensors.values())
 
 
-def text_inputs(graph: Graph, n: int = 128) -> tuple[list[np.ndarray], str]:
-    """The default calibration inputs of a text model: sentences of the calibration text for an encoder,
-    512-token windows of it for a decoder (never the evaluation half)."""
+def text_inputs(graph: Graph, n: int = 128, source: CalibrationText | None = None) -> tuple[list[np.ndarray], str]:
+    """The calibration inputs of a text model: sentences of the calibration text for an encoder (its lines, or
+    the messages of a chat source, spread over it), 512-token windows of it for a decoder; by default the
+    calibration half of pydoc's topics (never the evaluation half)."""
+    source = source or default_calibration_text()
     if graph.kind == "encoder":
         tok = encoder_tokenizer(graph)
-        return [np.array(tok.encode(s).ids, dtype=np.int64) for s in calibration_sentences(n)], \
-            f"{n} sentences of pydoc_data.topics (even-indexed topics)"
+        if source.is_default:
+            sentences, what = calibration_sentences(n), f"{n} sentences of pydoc_data.topics (even-indexed topics)"
+        else:
+            every = source.sentences()
+            if not every:
+                raise EdgeqError(source.path, "calibration text has no non-empty lines")
+            sentences = [every[i * len(every) // min(n, len(every))] for i in range(min(n, len(every)))]
+            what = f"{len(sentences)} lines of {source.name} (sha256 {source.sha256[:12]})"
+        return [np.array(tok.encode(s).ids, dtype=np.int64) for s in sentences], what
     if graph.kind == "decoder":
-        tokens, bos, add_bos = calibration_tokens(graph)
-        wins = calibration_windows(tokens, 512, 4, bos, add_bos)
-        return [np.array(w, dtype=np.int64) for w in wins], f"{len(wins)} windows of 512 tokens of {CALIBRATION_TEXT_NAME}"
+        tokens, bos, add_bos = calibration_tokens(graph, source)
+        wins = calibration_windows(tokens, 512, 4, bos, add_bos, source)
+        name = source.name if source.is_default else f"{source.name} (sha256 {source.sha256[:12]})"
+        return [np.array(w, dtype=np.int64) for w in wins], f"{len(wins)} windows of {len(wins[0])} tokens of {name}"
     raise EdgeqError(None, f"no default calibration data for {graph.kind} models; pass calibration inputs")
 
 

@@ -39,6 +39,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
+from edgeq.importers.calibration_text import CalibrationText
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
 
@@ -163,16 +164,19 @@ class Fisher(Pass):
 
     name = "fisher"
 
-    def __init__(self, n_windows: int = 2, ctx: int = 512, token_weighted: bool = True):
+    def __init__(self, n_windows: int = 2, ctx: int = 512, token_weighted: bool = True,
+                 source: CalibrationText | None = None):
+        self.source = source
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.token_weighted = token_weighted
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
-        tokens, bos, add_bos = calibration_tokens(graph)
-        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos)
+        tokens, bos, add_bos = calibration_tokens(graph, self.source)
+        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source)
         ctx.analysis["fisher"] = output_fisher(graph, windows, progress=ctx.progress,
                                                token_weighted=self.token_weighted)
+        text = {} if self.source is None or self.source.is_default else self.source.record()
         ctx.record(self.name, windows=len(windows), ctx=self.ctx_len, token_weighted=self.token_weighted,
-                   weights=sum(1 for k in ctx.analysis["fisher"] if ":" not in k))
+                   weights=sum(1 for k in ctx.analysis["fisher"] if ":" not in k), **text)
         return graph, plan

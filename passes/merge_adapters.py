@@ -30,6 +30,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import sha256_file
 from edgeq.core.ir import Graph, Tensor
 from edgeq.core.plan import Plan
+from edgeq.importers.hub import looks_like_hub_id, resolve_hub_id
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
 from edgeq.models import names
 from edgeq.passes.base import Context, Pass
@@ -226,9 +227,11 @@ def _pattern_value(patterns: dict[str, Any], key: str, default):
 def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     """Validate an adapter folder against the base graph; nothing is loaded but headers and the config."""
     path_s, weight = parse_adapter_arg(arg) if isinstance(arg, str) else arg
-    folder = Path(path_s)
+    folder = Path(path_s).expanduser()
+    if not folder.exists() and looks_like_hub_id(path_s):
+        folder = resolve_hub_id(path_s, "adapter")
     if not folder.exists():
-        raise EdgeqError(folder, "no such adapter folder")
+        raise EdgeqError(folder, "no such adapter folder (nor a Hugging Face id org/name[@revision])")
     if not folder.is_dir():
         raise EdgeqError(folder, "is not a folder (a PEFT adapter is a folder with adapter_config.json and "
                                  "adapter_model.safetensors)")
@@ -380,7 +383,7 @@ class MergeAdapters(Pass):
                 replaced[target] = _same_tensor(replaced[target], t, ad.path) if target in replaced else t
         weights = dict(graph.weights)
         for target in sorted(set(by_target) | set(replaced), key=list(graph.weights).index):
-            weights[target] = replace(graph.weights[target], load=_merged_loader(
+            weights[target] = replace(graph.weights[target], source_bytes=None, load=_merged_loader(
                 graph.weights[target], by_target.get(target, []), replaced.get(target)))
         meta = dict(graph.metadata)
         meta["adapters"] = [a.to_json() for a in self.adapters]

@@ -16,19 +16,22 @@ model) that mirrors what llama.cpp's `llama-vocab.cpp` does:
 * control and unknown tokens are matched in the text only when
   parse_special is on, user-defined ones always.
 
-Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE) is supported: the
-SentencePiece path ("llama") needs the token scores, which a spec does not
-carry.
+Two vocabulary models are read: "gpt2" (byte-level BPE, through the
+`tokenizers` library as above) and "llama" (SentencePiece: token scores,
+byte-fallback tokens, a space prefix; tokenized by `runtime/spm.py`, a
+replica of llama.cpp's own SPM algorithm). Others are refused.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
 from edgeq.core.errors import EdgeqError
+from edgeq.runtime.spm import SpmTokenizer
 
 # llama.cpp token types (GGUF tokenizer.ggml.token_type).
 TYPE_UNDEFINED = 0
@@ -57,7 +60,7 @@ _TYPE_TO_ATTR = {
     TYPE_BYTE: _ATTR_BYTE,
 }
 
-SUPPORTED_MODELS = ("gpt2",)
+SUPPORTED_MODELS = ("gpt2", "llama")
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class TokenizerSpec:
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    # SentencePiece ("llama") vocabularies only: float32 scores per token (what llama.cpp merges by) and whether
+    # each piece of text gets a leading space (tokenizer.ggml.add_space_prefix). Left out of a "gpt2" spec's JSON.
+    scores: tuple[float, ...] | None = None
+    add_space_prefix: bool = False
 
 
 # ---------------------------------------------------------------------------
@@ -274,30 +281,58 @@ def spec_from_gguf_metadata(meta: Mapping[str, Any], path=None) -> TokenizerSpec
     if model not in SUPPORTED_MODELS:
         raise EdgeqError(path, f"unsupported tokenizer model '{model}' (supported: {', '.join(SUPPORTED_MODELS)})")
     _refuse_per_model_attributes(meta, path)
-    # A GGUF without a pre type is tokenized with "default" by llama.cpp (it only warns).
-    pre = meta.get(_KEY + "pre") or "default"
-    if not isinstance(pre, str):
-        raise EdgeqError(path, f"{_KEY}pre is not a string")
-    config = _pre_config(pre, path)
     tokens = _require_str_list(meta, _KEY + "tokens", path)
     n = len(tokens)
+    if model == "llama":
+        # llama.cpp's SPM defaults: BOS 1, EOS 2, UNK 0, add BOS, a space prefix; no pre type, no merges
+        config = _PreConfig((), add_bos=True)
+        pre, merges, scores = "default", (), _scores(meta, n, path)
+        defaults = {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0}
+    else:
+        # A GGUF without a pre type is tokenized with "default" by llama.cpp (it only warns).
+        pre = meta.get(_KEY + "pre") or "default"
+        if not isinstance(pre, str):
+            raise EdgeqError(path, f"{_KEY}pre is not a string")
+        config = _pre_config(pre, path)
+        merges, scores = _require_str_list(meta, _KEY + "merges", path), None
+        defaults = {"bos_token_id": config.default_special, "eos_token_id": config.default_special}
     spec = TokenizerSpec(
         model=model,
         pre=pre,
         tokens=tokens,
         token_types=_token_types(meta, n, path),
-        merges=_require_str_list(meta, _KEY + "merges", path),
-        bos_id=_special_id(meta, "bos_token_id", n, config.default_special, path),
-        eos_id=_special_id(meta, "eos_token_id", n, config.default_special, path),
+        merges=merges,
+        bos_id=_special_id(meta, "bos_token_id", n, defaults.get("bos_token_id"), path),
+        eos_id=_special_id(meta, "eos_token_id", n, defaults.get("eos_token_id"), path),
         eot_id=_special_id(meta, "eot_token_id", n, None, path),
         pad_id=_special_id(meta, "padding_token_id", n, None, path),
-        unk_id=_special_id(meta, "unknown_token_id", n, None, path),
+        unk_id=_special_id(meta, "unknown_token_id", n, defaults.get("unknown_token_id"), path),
         add_bos=_flag(meta, "add_bos_token", config.add_bos, path),
         add_eos=_flag(meta, "add_eos_token", False, path),
         chat_template=_optional_str(meta, "tokenizer.chat_template", path),
+        scores=scores,
+        add_space_prefix=_flag(meta, "add_space_prefix", True, path) if model == "llama" else False,
     )
     _check_spec(spec, path)
     return spec
+
+
+def _scores(meta: Mapping[str, Any], n_tokens: int, path) -> tuple[float, ...]:
+    """float32 scores (llama.cpp also takes int32 ones); absent scores are all 0, which llama.cpp allows."""
+    value = meta.get(_KEY + "scores")
+    if value is None:
+        return (0.0,) * n_tokens
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in value):
+        raise EdgeqError(path, f"invalid {_KEY}scores (expected a list of numbers)")
+    if len(value) < n_tokens:
+        raise EdgeqError(path, f"{_KEY}scores has {len(value)} entries for {n_tokens} tokens")
+    return tuple(float32(v) for v in value[:n_tokens])
+
+
+def float32(x: float) -> float:
+    """The value as llama.cpp holds it (a C float), so edgeq's merge order is llama.cpp's, ties included."""
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
 
 
 def _refuse_per_model_attributes(meta: Mapping[str, Any], path) -> None:
@@ -369,12 +404,19 @@ def _check_spec(spec: TokenizerSpec, path=None) -> None:
     """Refuse what llama.cpp would refuse or crash on, so no bundle carries a broken tokenizer."""
     if spec.model not in SUPPORTED_MODELS:
         raise EdgeqError(path, f"unsupported tokenizer model '{spec.model}'")
-    _pre_config(spec.pre, path)
     n = len(spec.tokens)
     if n == 0:
         raise EdgeqError(path, "tokenizer has no tokens")
     if len(spec.token_types) != n:
         raise EdgeqError(path, f"tokenizer has {len(spec.token_types)} token types for {n} tokens")
+    if spec.model == "llama":
+        if spec.scores is None or len(spec.scores) != n:
+            raise EdgeqError(path, f"SentencePiece tokenizer has {len(spec.scores or ())} scores for {n} tokens")
+        _check_byte_fallback(spec, path)
+    else:
+        _pre_config(spec.pre, path)
+        if spec.scores is not None or spec.add_space_prefix:
+            raise EdgeqError(path, "a byte-level BPE tokenizer has no scores or space prefix")
     seen: set[str] = set()
     for text in _token_texts(spec):
         if text in seen:  # llama.cpp aborts on these (one text must map to one id)
@@ -390,6 +432,17 @@ def _check_spec(spec: TokenizerSpec, path=None) -> None:
         raise EdgeqError(path, "tokenizer adds an EOS token but has no EOS id")
 
 
+def _check_byte_fallback(spec: TokenizerSpec, path) -> None:
+    """llama.cpp turns a character that is no token into its UTF-8 bytes' <0xXX> tokens (or, for ASCII, the
+    one-character token) and aborts when one is missing: such a vocabulary cannot tokenize arbitrary text."""
+    ids = set(_token_texts(spec))
+    missing = [b for b in range(256) if f"<0x{b:02X}>" not in ids and not (b < 0x80 and chr(b) in ids)]
+    if missing:
+        raise EdgeqError(path, f"SentencePiece vocabulary lacks byte-fallback token <0x{missing[0]:02X}> "
+                               f"({len(missing)} of 256 missing): llama.cpp cannot tokenize text outside its "
+                               "vocabulary without them")
+
+
 def _token_texts(spec: TokenizerSpec) -> tuple[str, ...]:
     """llama.cpp renames empty tokens so that every text maps back to one id."""
     return tuple(t if t else f"[EMPTY_{i}]" for i, t in enumerate(spec.tokens))
@@ -400,10 +453,16 @@ def _token_texts(spec: TokenizerSpec) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------
 
 
+_SPM_ONLY = ("scores", "add_space_prefix")
+
+
 def spec_to_json(spec: TokenizerSpec) -> dict:
-    """Plain lists and scalars, in field order, so the same spec always writes the same bytes."""
+    """Plain lists and scalars, in field order, so the same spec always writes the same bytes (a byte-level
+    BPE spec without the SentencePiece-only fields, as bundles wrote it before they existed)."""
     out: dict[str, Any] = {}
     for f in fields(spec):
+        if spec.model != "llama" and f.name in _SPM_ONLY:
+            continue
         value = getattr(spec, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
@@ -414,7 +473,7 @@ def spec_from_json(d: Mapping[str, Any], path=None) -> TokenizerSpec:
     if not isinstance(d, Mapping):
         raise EdgeqError(path, "tokenizer spec is not a JSON object")
     names = [f.name for f in fields(TokenizerSpec)]
-    missing = [name for name in names if name not in d]
+    missing = [name for name in names if name not in d and name not in _SPM_ONLY]
     if missing:
         raise EdgeqError(path, f"tokenizer spec lacks {', '.join(missing)}")
     for name in ("model", "pre"):
@@ -425,14 +484,19 @@ def spec_from_json(d: Mapping[str, Any], path=None) -> TokenizerSpec:
             raise EdgeqError(path, f"tokenizer spec field {name} is not a list of strings")
     if not isinstance(d["token_types"], list) or not all(_is_int(v) for v in d["token_types"]):
         raise EdgeqError(path, "tokenizer spec field token_types is not a list of integers")
-    for name in ("add_bos", "add_eos"):
-        if not isinstance(d[name], bool):
+    for name in ("add_bos", "add_eos", "add_space_prefix"):
+        if not isinstance(d.get(name, False), bool):
             raise EdgeqError(path, f"tokenizer spec field {name} is not a boolean")
     if d["chat_template"] is not None and not isinstance(d["chat_template"], str):
         raise EdgeqError(path, "tokenizer spec field chat_template is not a string")
-    spec = TokenizerSpec(**{
-        name: tuple(d[name]) if isinstance(d[name], list) else d[name] for name in names
-    })
+    scores = d.get("scores")
+    if scores is not None and (not isinstance(scores, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores)):
+        raise EdgeqError(path, "tokenizer spec field scores is not a list of numbers")
+    values = {name: tuple(d[name]) if isinstance(d.get(name), list) else d.get(name) for name in names}
+    values["scores"] = None if scores is None else tuple(float32(v) for v in scores)
+    values["add_space_prefix"] = bool(d.get("add_space_prefix", False))
+    spec = TokenizerSpec(**values)
     _check_spec(spec, path)
     return spec
 
@@ -531,10 +595,13 @@ def stop_ids(spec: TokenizerSpec) -> frozenset[int]:
 
 
 def build_tokenizer(spec: TokenizerSpec):
-    """A `tokenizers.Tokenizer` that gives llama.cpp's ids, and can be saved as tokenizer.json."""
+    """What gives llama.cpp's ids for this spec: for byte-level BPE a `tokenizers.Tokenizer` (which can be saved
+    as tokenizer.json), for SentencePiece vocabularies llama.cpp's SPM algorithm (`runtime/spm.py`)."""
+    _check_spec(spec)
+    if spec.model == "llama":
+        return _spm_tokenizer(spec)
     from tokenizers import Tokenizer, decoders, models
 
-    _check_spec(spec)
     config = _pre_config(spec.pre)
     texts = _token_texts(spec)
     vocab = {t: i for i, t in enumerate(texts)}
@@ -553,6 +620,25 @@ def build_tokenizer(spec: TokenizerSpec):
     if post is not None:
         tok.post_processor = post
     return tok
+
+
+def _spm_tokenizer(spec: TokenizerSpec) -> SpmTokenizer:
+    attrs = _llama_cpp_attributes(spec).attrs
+    special = _ATTR_CONTROL | _ATTR_UNKNOWN
+
+    def kind(attr: int) -> str:      # llama.cpp's token_to_piece, in its order of tests
+        if attr & (special | _ATTR_USER_DEFINED):
+            return "text"
+        if attr & _ATTR_NORMAL:
+            return "normal"
+        return "byte" if attr & _ATTR_BYTE else "none"
+
+    return SpmTokenizer(
+        _token_texts(spec), spec.scores,
+        partition_ids=[i for i, a in enumerate(attrs) if a & (special | _ATTR_USER_DEFINED)],
+        always_ids=[i for i, a in enumerate(attrs) if a & _ATTR_USER_DEFINED and not a & special],
+        piece_kind=[kind(a) for a in attrs], bos_id=spec.bos_id, eos_id=spec.eos_id, add_bos=spec.add_bos,
+        add_eos=spec.add_eos, add_space_prefix=spec.add_space_prefix)
 
 
 def _merge_pairs(merges: Iterable[str], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
@@ -624,6 +710,8 @@ def encode(tok, spec: TokenizerSpec, text: str, add_special: bool = True, parse_
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be str, not {type(text).__name__}")
+    if isinstance(tok, SpmTokenizer):
+        return tok.tokenize(text, add_special, parse_special)
     previous = tok.encode_special_tokens
     tok.encode_special_tokens = not parse_special
     try:
@@ -634,6 +722,8 @@ def encode(tok, spec: TokenizerSpec, text: str, add_special: bool = True, parse_
 
 def decode(tok, ids: Iterable[int]) -> str:
     """Text of the ids, control tokens included, as llama.cpp detokenizes with special=True."""
+    if isinstance(tok, SpmTokenizer):
+        return tok.detokenize(ids)
     return tok.decode(list(ids), skip_special_tokens=False)
 
 

@@ -86,7 +86,11 @@ def make_inputs(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "inputs.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        inputs = json.loads(done.read_text())
+        if "spm_decoder" not in inputs:          # a folder made before these inputs existed
+            inputs.update(_user_data_inputs(folder))
+            done.write_text(json.dumps(inputs, indent=1) + "\n")
+        return inputs
     from edgeq.models.recipes.hf_folder import graph_to_hf_folder
     from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config, write_bert_folder
 
@@ -97,6 +101,7 @@ def make_inputs(folder: Path) -> dict[str, str]:
     inputs["encoder"] = str(write_bert_folder(folder / "encoder"))
     inputs["adapter"] = str(_write_adapter(folder / "adapter", cfg))
     inputs.update(_write_cnn(folder))
+    inputs.update(_user_data_inputs(folder))
     plans = {
         "gguf_rules": {"version": 1, "preset": "q4_0", "rules": [{"match": "*.mlp.down_proj", "format": "q8_0"}],
                        "tensors": {"blk.1.attn_v.weight": {"format": "q6_k"}}},
@@ -111,6 +116,26 @@ def make_inputs(folder: Path) -> dict[str, str]:
         inputs[name] = str(folder / f"{name}.json")
     done.write_text(json.dumps(inputs, indent=1) + "\n")
     return inputs
+
+
+def _user_data_inputs(folder: Path) -> dict[str, str]:
+    """A decoder with a trained SentencePiece tokenizer.model, and calibration text and chats of the user's own."""
+    from edgeq.evaluate.texts import evaluation_text
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.sentencepiece_vocab import llama_tokenizer_config, train_sentencepiece
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+
+    cfg = tiny_config(vocab_size=600, tied_embeddings=True, context_length=512)
+    spm = graph_to_hf_folder(random_llama(cfg, seed=2, scale=0.08), folder / "spm-decoder")
+    train_sentencepiece(spm / "tokenizer.model", 600, control_symbols=("<|im_start|>", "<|im_end|>"))
+    llama_tokenizer_config(spm, chat_template="{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + "
+                                              "m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    text = evaluation_text()                 # text the default calibration never sees stands in for a user's
+    (folder / "calib.txt").write_text(text[:60_000], encoding="utf-8")
+    chats = [{"messages": [{"role": "user", "content": p[:200]}, {"role": "assistant", "content": p[200:1200]}]}
+             for p in text[60_000:160_000].split("\n\n") if len(p) > 300]
+    (folder / "calib.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats), encoding="utf-8")
+    return {"spm_decoder": str(spm), "calib_text": str(folder / "calib.txt"), "calib_jsonl": str(folder / "calib.jsonl")}
 
 
 def _write_adapter(folder: Path, cfg) -> Path:
@@ -171,6 +196,15 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         "gguf/q8_0-ctx": ["export", *dec, "--quant", "q8_0", "--n-ctx", "256", "--kv-dtype", "q8_0"],
         "gguf/budget-too-small": ["export", *dec, "--backend", "gguf", "--bpw", "1"],
         "all/gguf+onnx": ["export", *dec, "--backend", "all", "--quant", "gguf=q4_0,onnx=int4"],
+        # models and data as users have them: a SentencePiece vocabulary, their own calibration text and chats
+        "gguf/spm-q4_k_m": ["export", "--model", i["spm_decoder"], "--backend", "gguf", "--quant", "q4_k_m"],
+        "all/spm-gguf+onnx": ["export", "--model", i["spm_decoder"], "--backend", "all", "--quant",
+                              "gguf=q4_0,onnx=int4"],
+        "gguf/calib-text": ["export", *dec, "--backend", "gguf", "--quant", "q4_k_m", "--calib-text", i["calib_text"]],
+        "gguf/calib-jsonl-budget": ["export", *dec, "--backend", "gguf", "--bpw", "5", "--cost", "output",
+                                    "--calib-jsonl", i["calib_jsonl"]],
+        "onnx-enc/int8-calib-text": ["export", *enc, "--backend", "onnx", "--quant", "int8", "--calib-text",
+                                     i["calib_text"]],
         # ONNX decoders
         "onnx-dec/int4": ["export", *dec, "--backend", "onnx", "--quant", "int4"],
         "onnx-dec/int8": ["export", *dec, "--backend", "onnx", "--quant", "int8"],

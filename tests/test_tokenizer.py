@@ -280,7 +280,10 @@ def test_unsupported_pre_type_is_a_clear_error(meta, gguf_path):
 
 
 def test_invalid_metadata_is_a_clear_error(meta, gguf_path):
-    with pytest.raises(EdgeqError, match="unsupported tokenizer model 'llama'"):
+    with pytest.raises(EdgeqError, match="unsupported tokenizer model 'bert'"):
+        spec_from_gguf_metadata({**meta, K + "model": "bert"}, gguf_path)
+    # a SentencePiece vocabulary without the <0xXX> tokens: llama.cpp aborts on any character outside it
+    with pytest.raises(EdgeqError, match=r"lacks byte-fallback token <0x00> \(162 of 256 missing\)"):
         spec_from_gguf_metadata({**meta, K + "model": "llama"}, gguf_path)
     with pytest.raises(EdgeqError, match=K + "tokens"):
         spec_from_gguf_metadata({k: v for k, v in meta.items() if k != K + "tokens"}, gguf_path)

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from edgeq.bundle.source import FLOAT_SOURCES, requantized_tensors
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
@@ -52,6 +53,25 @@ def plot_layers(graph: Graph, plan: Plan, path: Path) -> None:
     plt.close(fig)
 
 
+def _requantized_section(graph: Graph, plan: Plan, src: dict[str, Any]) -> list[str]:
+    """Which tensors of a quantized source went onto another grid (their error adds up), and which kept their bytes."""
+    if not src.get("formats"):
+        return []
+    moved = requantized_tensors(graph, plan)
+    kept = sum(1 for n, t in graph.weights.items() if plan.tensors[n].format == t.source_format
+               and t.source_format not in FLOAT_SOURCES)
+    held = ", ".join(f"{k} {v}" for k, v in src["formats"].items())
+    lines = ["", "## Requantized tensors", "",
+             f"The source is already quantized ({held}). {kept} quantized tensors keep their source format and are "
+             f"written byte for byte; {sum(map(len, moved.values()))} are requantized onto another grid"
+             + (", which adds to the error they already carry (a float source of the same model avoids it):"
+                if moved else "."), ""]
+    for change, names in moved.items():
+        shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"- {change}: {len(names)} tensors ({shown})")
+    return lines
+
+
 def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, Any], graph: Graph, plan: Plan,
                  plot_name: str | None) -> None:
     src = manifest["source"]
@@ -86,6 +106,7 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
     if fallbacks:
         lines += ["", f"{len(fallbacks)} tensors could not take the requested format and fell back "
                       f"(the plan in manifest.json records each), e.g. `{fallbacks[0][0]}`: {fallbacks[0][1].reason}."]
+    lines += _requantized_section(graph, plan, src)
     fid = measurements.get("reference_check")
     if fid and "cosine_mean" in fid:
         lines += ["", "## Fidelity on the bundled reference sentences", "",

@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeq.core.fs import sha256_file, sha256_source, source_bytes
 from edgeq.core.ir import Graph
+from edgeq.importers.hub import looks_like_hub_id
 from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.models.recipes.minilm import MINILM_NAME
 
@@ -63,10 +64,50 @@ def source_name(path: Path | None, given: str | None) -> str:
         return MINILM_NAME
     if given is None:
         return DEFAULT_NAME
+    if looks_like_hub_id(given) and not Path(given).exists():
+        return f"{given}@{path.name}" if "@" not in given and path.is_dir() else given   # the commit it resolved to
     return path.name
 
 
-def source_record(graph: Graph, model_path: Path | None, given: str | None) -> dict[str, Any]:
+FLOAT_SOURCES = frozenset({"f32", "f16", "bf16", "f64"})
+
+
+def quantized_source_formats(graph: Graph) -> dict[str, int]:
+    """{format: tensor count} of a source whose weights are stored quantized (a Q4_1 GGUF, say); {} for float."""
+    counts: dict[str, int] = {}
+    for t in graph.weights.values():
+        counts[t.source_format] = counts.get(t.source_format, 0) + 1
+    return dict(sorted(counts.items())) if set(counts) - FLOAT_SOURCES else {}
+
+
+def requantized_tensors(graph: Graph, plan) -> dict[str, list[str]]:
+    """{"q4_1 -> q5_0": [tensor, ...]}: tensors a quantized source holds on one grid that the plan puts on another
+    (a tensor kept in its source format is written byte for byte instead)."""
+    out: dict[str, list[str]] = {}
+    for name, t in graph.weights.items():
+        fmt = plan.tensors[name].format
+        if t.source_format not in FLOAT_SOURCES and fmt != t.source_format:
+            out.setdefault(f"{t.source_format} -> {fmt}", []).append(name)
+    return dict(sorted(out.items()))
+
+
+def requantize_note(graph: Graph, plan) -> str | None:
+    """The one line that says a quantized source is quantized again, and how much of it."""
+    formats = quantized_source_formats(graph)
+    if not formats:
+        return None
+    moved = requantized_tensors(graph, plan)
+    n = sum(len(v) for v in moved.values())
+    src = ", ".join(f"{k} {v}" for k, v in formats.items())
+    if not n:
+        return f"note: the source is already quantized ({src}); every tensor keeps its source format, byte for byte"
+    groups = ", ".join(f"{k}: {len(v)}" for k, v in sorted(moved.items(), key=lambda kv: -len(kv[1]))[:4])
+    return (f"warning: the source is already quantized ({src}): {n} tensors are requantized onto another grid "
+            f"({groups}{', ...' if len(moved) > 4 else ''}), which adds to their error; a float source avoids "
+            "it (--no-requantize refuses)")
+
+
+def source_record(graph: Graph, model_path: Path | None, given: str | None, plan=None) -> dict[str, Any]:
     """The manifest's `source`: name, digest and bytes of the source, its licence and the merged adapters."""
     tail = {"license": graph.metadata.get("license"), "adapters": graph.metadata.get("adapters", [])}
     if graph.kind == "cnn":
@@ -80,4 +121,10 @@ def source_record(graph: Graph, model_path: Path | None, given: str | None) -> d
         sha, size = encoder_digest(model_path)
     else:
         sha, size = sha256_source(model_path), source_bytes(model_path)
-    return {"name": source_name(model_path, given), "sha256": sha, "bytes": size, **tail}
+    rec = {"name": source_name(model_path, given), "sha256": sha, "bytes": size, **tail}
+    formats = quantized_source_formats(graph)
+    if formats:          # what a quantized source held, and what this bundle moved onto other grids
+        rec["formats"] = formats
+        if plan is not None:
+            rec["requantized"] = {k: len(v) for k, v in requantized_tensors(graph, plan).items()}
+    return rec

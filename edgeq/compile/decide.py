@@ -63,6 +63,7 @@ class DecideInputs:
     # ids (default: the calibration text)
     calibration: list | None = None
     calibration_source: str | None = None
+    text: Any = None                                 # the calibration text (importers.calibration_text), every pass's
 
 
 def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, branches: bool = True) -> Decision:
@@ -102,7 +103,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if opts.calibration and (search or ranks or opts.imatrix or _takes_imatrix(graph, inp)):
         # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
         # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
-        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix,
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 **({} if search or ranks else {"max_full": 0})))
     if search:
         passes += _search_passes(graph, inp, opts, ctx)
@@ -140,13 +141,13 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         return Decision(_cnn_activation_ranges(graph, plan, inp, ctx))
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
         inputs, source = ((inp.calibration, inp.calibration_source or "calibration inputs")
-                          if inp.calibration is not None else text_inputs(graph))
+                          if inp.calibration is not None else text_inputs(graph, source=inp.text))
         _, plan = run_passes([CalibrateRanges(inputs, source, PERCENTILE)], graph, plan, ctx)
     if graph.kind == "decoder" and opts.calibration and any(get_format(d.format).takes_imatrix
                                                             for d in plan.tensors.values()):
         if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
-            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0)], graph, plan,
-                       ctx)
+            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
+                                  source=inp.text)], graph, plan, ctx)
         plan.calibration = ctx.analysis["calibration"].to_json()
     return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
 
@@ -210,7 +211,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     passes: list[Pass] = []
     cost = search_cost(opts, ctx)
     if cost == "fisher":
-        passes.append(Fisher())
+        passes.append(Fisher(source=inp.text))
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
     passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))

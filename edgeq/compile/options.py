@@ -29,6 +29,9 @@ class ExportOptions:
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
     calib_windows: int = 4                 # 512-token windows of calibration text
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
+    calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
+    calib_jsonl: str | None = None         # ... or chat conversations (JSON lines), rendered with the chat template
+    allow_requantize: bool = True          # False: refuse a source whose weights are already quantized
     # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
     budget_mb: float | None = None         # 10^6 bytes of all model files written
     bpw: float | None = None               # 8 x those bytes / source parameters

@@ -18,7 +18,7 @@ from edgeq.bundle.manifest import ManifestParts, calibration_record, manifest, w
 from edgeq.bundle.pareto import plan_pareto
 from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
 from edgeq.bundle.report import plot_layers, write_report
-from edgeq.bundle.source import source_record
+from edgeq.bundle.source import requantize_note, requantized_tensors, source_record
 from edgeq.bundle.tokenizer import write_tokenizer
 from edgeq.compile.decide import DecideInputs, Decision, decide
 from edgeq.compile.options import ExportOptions, backend_preset
@@ -26,8 +26,10 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import check_output_dir, staged_dir
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan, load_plan
+from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
+from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
 from edgeq.passes.merge_adapters import MergeAdapters
 from edgeq.targets.base import LowerRequest, Target
@@ -37,8 +39,12 @@ from edgeq.targets.registry import TARGETS, get_target
 LAYER_PLOT = "formats_by_layer.png"
 
 
-def import_and_merge(model: str | None, adapters: list[str], ctx: Context) -> tuple[Path, Graph]:
-    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet)."""
+def import_and_merge(model: str | None, adapters: list[str], ctx: Context,
+                     log: Callable[[str], None] | None = None) -> tuple[Path, Graph]:
+    """Import the source model and merge its LoRA adapters (lazily: nothing is loaded yet). Forgetting the model
+    must not pass unnoticed: `log` hears which one is used instead."""
+    if model is None and log is not None:
+        log(f"edgeq: no --model given: using the embedded default model {DEFAULT_NAME} (SmolLM2-135M-Instruct)")
     model_path = resolve_model_path(model)
     graph = import_model(model_path)
     if adapters:
@@ -58,17 +64,19 @@ class Compilation:
     ctx: Context
 
 
-def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool) -> Compilation:
+def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool,
+            log: Callable[[str], None] | None = None) -> Compilation:
     """Check the options, import the model (unless given), pick the targets and their presets."""
     profile = get_profile(opts.target)
     user_plan = load_plan(opts.plan) if opts.plan else None
     opts.check_against(user_plan)
     if opts.backend == "all" and not several_allowed:
         raise EdgeqError(None, f"a plan is for one backend; pass --backend {', '.join(TARGETS)}")
-    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress)
+    text = calibration_source(opts.calib_text, opts.calib_jsonl)
+    ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress, log=log)
     model_path = None
     if graph is None:
-        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx)
+        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx, log)
     targets = [get_target(b) for b in profile.backends_to_export(graph.kind, opts.backend)]
     several = len(targets) > 1
     for t in targets:
@@ -83,7 +91,7 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
     images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
     inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,
-                                   images, images_source) for t in targets}
+                                   images, images_source, text) for t in targets}
     return Compilation(graph, model_path, profile, targets, inputs, ctx)
 
 
@@ -99,7 +107,24 @@ def decide_all(c: Compilation, opts: ExportOptions, branches: bool = True) -> di
         if tag and t.name in c.profile.all_backends[c.graph.kind]:
             for r in c.ctx.records[first:]:
                 r.setdefault("backend", t.name)
+        _check_requantize(c, decisions[t.name].plan, opts)
     return decisions
+
+
+def _check_requantize(c: Compilation, plan: Plan, opts: ExportOptions) -> None:
+    """A quantized source quantized again: one line on stderr, or a refusal with --no-requantize (as
+    llama-quantize refuses without --allow-requantize)."""
+    note = requantize_note(c.graph, plan)
+    if note is None:
+        return
+    moved = requantized_tensors(c.graph, plan)
+    if moved and not opts.allow_requantize:
+        first = next(iter(moved))
+        raise EdgeqError(c.graph.metadata.get("source_path"),
+                         f"is already quantized and this plan requantizes {sum(map(len, moved.values()))} tensors "
+                         f"({first}: {moved[first][0]} ...); --no-requantize refuses (keep their source formats in "
+                         "a plan, or export a float source)")
+    c.ctx.warn(note)
 
 
 def decisions(opts: ExportOptions, progress: Callable | None = None,
@@ -109,9 +134,9 @@ def decisions(opts: ExportOptions, progress: Callable | None = None,
     return c.graph, decide_all(c, opts, branches)
 
 
-def plan(opts: ExportOptions, progress: Callable | None = None) -> Plan:
+def plan(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] | None = None) -> Plan:
     """The plan `export` would use with these options (low-rank branches are not computed: only the plan)."""
-    c = prepare(opts, progress, None, several_allowed=False)
+    c = prepare(opts, progress, None, several_allowed=False, log=log)
     return decide_all(c, opts, branches=False)[c.targets[0].name].plan
 
 
@@ -130,7 +155,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
     timings: dict[str, float] = {}
     check_output_dir(opts.out, opts.force)
     t0 = time.perf_counter()
-    c = prepare(opts, progress, graph, several_allowed=True)
+    c = prepare(opts, progress, graph, several_allowed=True, log=log)
     timings["import"] = time.perf_counter() - t0
     graph, profile, targets, first = c.graph, c.profile, c.targets, c.targets[0]
     t0 = time.perf_counter()
@@ -169,7 +194,7 @@ def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         m = manifest(ManifestParts(
             graph=graph, plan=plan_, plans={t.name: decisions[t.name].plan for t in targets},
             versions={k: v for t in targets for k, v in t.runtime_versions().items()},
-            source=source_record(graph, c.model_path, opts.model), target=profile.to_json(),
+            source=source_record(graph, c.model_path, opts.model, plan_), target=profile.to_json(),
             n_ctx=n_ctx(graph, profile, opts),
             kv_cache_dtype=(first.kv_cache_dtype(c.inputs[first.name].preset, profile, opts.kv_dtype)
                             if graph.kind == "decoder" else None),

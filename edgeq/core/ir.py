@@ -26,6 +26,10 @@ class Tensor:
     load: Callable[[], np.ndarray] = field(repr=False)
     alias: str | None = None          # the GGUF name, when the tensor has one
     source_format: str = "f32"        # the format it was stored in by the source model
+    # the stored bytes, in the target file's layout, when a GGUF source holds the tensor in `source_format`: a
+    # plan that keeps that format writes them unchanged instead of a dequantize/quantize round trip. None once
+    # anything changes the weights (a merged adapter).
+    source_bytes: Callable[[], np.ndarray] | None = field(default=None, repr=False)
 
     def numpy(self) -> np.ndarray:
         """Float32 data in canonical layout; loaded afresh on each call (callers cache if they need to)."""

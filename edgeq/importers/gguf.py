@@ -31,6 +31,11 @@ def _loader(reader_tensor, shape: tuple[int, ...], n_heads: int | None):
     return load
 
 
+def _raw(reader_tensor):
+    """The tensor's bytes exactly as the file stores them (GGUF layout, Q/K rows still permuted)."""
+    return lambda: np.ascontiguousarray(reader_tensor.data).view(np.uint8).reshape(-1)
+
+
 def import_gguf(path: str | os.PathLike) -> Graph:
     path = Path(path)
     reader = open_gguf(path)
@@ -57,6 +62,7 @@ def import_gguf(path: str | os.PathLike) -> Graph:
             load=_loader(t, shape, llama.qk_heads(cfg, canonical)),
             alias=t.name,
             source_format=t.tensor_type.name.lower(),
+            source_bytes=_raw(t),
         )
     missing = [n for n in expected if n not in weights]
     if missing:

@@ -1,7 +1,10 @@
 """A Hugging Face tokenizer folder -> edgeq's TokenizerSpec (what llama.cpp would load from a GGUF).
 
-This is the reverse of `edgeq.runtime.tokenizer.build_tokenizer`, and does what
-llama.cpp's `convert_hf_to_gguf.py` does for byte-level BPE vocabularies:
+SentencePiece vocabularies (Llama-2, Mistral, TinyLlama ...: tokenizer.json with byte fallback and U+2581
+spaces, or only a tokenizer.model) become llama.cpp's "llama" vocabulary: tokens, scores, types, the space
+prefix (see `_sentencepiece_bpe_meta` for where scores come from). For byte-level BPE vocabularies this is
+the reverse of `edgeq.runtime.tokenizer.build_tokenizer`, and does what llama.cpp's `convert_hf_to_gguf.py`
+does:
 
 * tokens by id from tokenizer.json's BPE vocabulary and added tokens; ids the
   embedding has but the tokenizer lacks become `[PAD<id>]` (unused);
@@ -23,14 +26,18 @@ and every check on GGUF tokenizers apply unchanged.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from edgeq.core.errors import EdgeqError
+from edgeq.importers.sentencepiece_model import read_sentencepiece_model
 from edgeq.runtime import tokenizer as _tok
 from edgeq.runtime.tokenizer import (
+    TYPE_BYTE,
     TYPE_CONTROL,
     TYPE_NORMAL,
+    TYPE_UNKNOWN,
     TYPE_UNUSED,
     TYPE_USER_DEFINED,
     TokenizerSpec,
@@ -59,52 +66,44 @@ def _read_json(path: Path, what: str) -> Any:
 
 
 def spec_from_hf_folder(folder: str | Path, vocab_size: int, config: dict | None = None) -> TokenizerSpec:
-    """The tokenizer of an HF model folder; `vocab_size` is the embedding's row count."""
+    """The tokenizer of an HF model folder; `vocab_size` is the embedding's row count.
+
+    tokenizer.json is read when present (byte-level BPE, or SentencePiece-style BPE with byte fallback); a
+    SentencePiece tokenizer.model only when it is the folder's only tokenizer file."""
     folder = Path(folder)
     tj_path = folder / "tokenizer.json"
-    if not tj_path.is_file():
-        have = [p.name for p in folder.iterdir() if p.name in ("tokenizer.model", "vocab.json", "merges.txt")]
-        extra = f" (found {', '.join(sorted(have))}; save the fast tokenizer with tokenizers/transformers)" if have else ""
-        raise EdgeqError(folder, f"no tokenizer.json{extra}")
-    tj = _read_json(tj_path, "tokenizer.json")
-    if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
-        raise EdgeqError(tj_path, "tokenizer.json has no model object")
+    sp_path = folder / "tokenizer.model"
     tc_path = folder / "tokenizer_config.json"
     tc = _read_json(tc_path, "tokenizer_config.json") if tc_path.is_file() else {}
     if not isinstance(tc, dict):
         raise EdgeqError(tc_path, "tokenizer_config.json is not a JSON object")
     config = config or {}
-
-    model = tj["model"]
-    if model.get("type") != "BPE":
-        raise EdgeqError(tj_path, f"tokenizer model {model.get('type')!r} is not supported (edgeq reads byte-level "
-                                  "BPE tokenizers, as llama.cpp's 'gpt2' vocabulary)")
-    if model.get("byte_fallback"):
-        raise EdgeqError(tj_path, "SentencePiece-style BPE (byte_fallback) is not supported yet; edgeq reads "
-                                  "byte-level BPE tokenizers")
-    _check_decoder(tj.get("decoder"), tj_path)
-    _check_normalizer(tj.get("normalizer"), tj_path)
-    regexes = _pre_tokenizer_regexes(tj.get("pre_tokenizer"), tj_path)
-    pre = _pre_name(regexes, bool(model.get("ignore_merges", False)), tj_path)
-
-    tokens, types = _vocabulary(tj, model, vocab_size, tj_path)
-    merges = _merges(model.get("merges"), tj_path)
+    post = None
+    if tj_path.is_file():
+        tj = _read_json(tj_path, "tokenizer.json")
+        if not isinstance(tj, dict) or not isinstance(tj.get("model"), dict):
+            raise EdgeqError(tj_path, "tokenizer.json has no model object")
+        post = tj.get("post_processor")
+        if tj["model"].get("type") == "BPE" and tj["model"].get("byte_fallback"):
+            meta, added = _sentencepiece_bpe_meta(tj, vocab_size, tj_path)
+        else:
+            meta, added = _byte_level_meta(tj, vocab_size, tj_path)
+    elif sp_path.is_file():
+        meta, added = _sentencepiece_model_meta(sp_path, folder, tc, vocab_size)
+    else:
+        have = [p.name for p in folder.iterdir() if p.name in ("vocab.json", "merges.txt")]
+        extra = f" (found {', '.join(sorted(have))}; save the fast tokenizer with tokenizers/transformers)" if have else ""
+        raise EdgeqError(folder, f"no tokenizer.json or tokenizer.model{extra}")
+    if meta["tokenizer.ggml.model"] == "llama" and isinstance(tc.get("add_prefix_space"), bool):
+        meta["tokenizer.ggml.add_space_prefix"] = tc["add_prefix_space"]     # as convert_hf_to_gguf.py reads it
+    tokens = meta["tokenizer.ggml.tokens"]
     ids = {t: i for i, t in enumerate(tokens)}
-    added = {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
-
-    meta: dict[str, Any] = {
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types,
-        "tokenizer.ggml.merges": merges,
-    }
     for typ, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
                      ("pad", "padding_token_id")):
         tid = _special_token_id(tc, config, typ, added, ids, vocab_size, tc_path)
         if tid is not None:
             meta["tokenizer.ggml." + key] = tid
-    add_bos, add_eos = _add_flags(tc, tj.get("post_processor"), meta, tokens)
+    add_bos, add_eos = _add_flags(tc, post, meta, tokens)
     if add_bos is not None:
         meta["tokenizer.ggml.add_bos_token"] = add_bos
     if add_eos is not None:
@@ -113,6 +112,140 @@ def spec_from_hf_folder(folder: str | Path, vocab_size: int, config: dict | None
     if template is not None:
         meta["tokenizer.chat_template"] = template
     return spec_from_gguf_metadata(meta, folder)
+
+
+def _byte_level_meta(tj: dict, vocab_size: int, tj_path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A GPT-2-style byte-level BPE tokenizer.json as llama.cpp's "gpt2" vocabulary."""
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise EdgeqError(tj_path, f"tokenizer model {model.get('type')!r} is not supported (edgeq reads byte-level "
+                                  "BPE and SentencePiece-style BPE tokenizers, llama.cpp's 'gpt2' and 'llama' "
+                                  "vocabularies)")
+    _check_decoder(tj.get("decoder"), tj_path)
+    _check_normalizer(tj.get("normalizer"), tj_path)
+    regexes = _pre_tokenizer_regexes(tj.get("pre_tokenizer"), tj_path)
+    pre = _pre_name(regexes, bool(model.get("ignore_merges", False)), tj_path)
+    tokens, types = _vocabulary(tj, model, vocab_size, tj_path)
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": _merges(model.get("merges"), tj_path),
+    }
+    return meta, {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
+
+
+# --- SentencePiece vocabularies (llama.cpp's "llama" model) ---------------------------------------------------
+
+_SPACE = "\u2581"
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+PAD_SCORE, ADDED_SCORE = -10000.0, -1000.0     # what convert_hf_to_gguf.py gives padding and added tokens
+
+
+def _sentencepiece_bpe_meta(tj: dict, vocab_size: int, path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A SentencePiece-style tokenizer.json (BPE with byte fallback over U+2581-escaped text) as llama.cpp's SPM
+    vocabulary. tokenizer.json keeps merge ranks, not scores: each token's score is minus the rank of the first
+    merge that makes it, so llama.cpp's highest-score-first merging follows the ranks the file's BPE uses."""
+    model = tj["model"]
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges"):
+        if model.get(key):
+            raise EdgeqError(path, f"SentencePiece-style BPE with {key}={model[key]!r} has no llama.cpp equivalent")
+    space_prefix = _space_prefix(tj.get("normalizer"), tj.get("pre_tokenizer"), path)
+    tokens, types = _vocabulary(tj, model, vocab_size, path)
+    unk = model.get("unk_token")
+    rank: dict[str, int] = {}
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise EdgeqError(path, "tokenizer.json BPE merges is not a list")
+    for r, m in enumerate(merges):
+        if isinstance(m, str) and m.find(" ", 1) > 0:
+            a, b = m[:m.find(" ", 1)], m[m.find(" ", 1) + 1:]
+        elif isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m):
+            a, b = m
+        else:
+            raise EdgeqError(path, f"invalid BPE merge {m!r}")
+        rank.setdefault(a + b, r)
+    scores = []
+    for i, (text, typ) in enumerate(zip(tokens, types)):
+        if typ == TYPE_NORMAL and _BYTE_TOKEN.fullmatch(text):
+            types[i] = TYPE_BYTE
+        elif text == unk and typ != TYPE_UNUSED:
+            types[i] = TYPE_UNKNOWN
+        elif typ == TYPE_USER_DEFINED:
+            tokens[i] = text.replace(_SPACE, " ")     # matched in raw text, before spaces are escaped
+        if types[i] == TYPE_UNUSED:
+            scores.append(PAD_SCORE)
+        elif types[i] == TYPE_NORMAL:
+            # tokens no merge makes (single characters) never score a merge: below every merged one
+            scores.append(-float(rank.get(text, len(merges) + i)))
+        else:
+            scores.append(0.0 if types[i] != TYPE_USER_DEFINED else ADDED_SCORE)
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.add_space_prefix": space_prefix}
+    return meta, {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
+
+
+def _space_prefix(norm: Any, pt: Any, path: Path) -> bool:
+    """Whether the tokenizer puts U+2581 before the text, from the two layouts transformers writes: a
+    normalizer [Prepend(U+2581)], Replace(' ', U+2581) (legacy Llama), or a Metaspace pre-tokenizer. Whatever
+    else rewrites the text is refused: llama.cpp only escapes spaces (and adds the prefix)."""
+    steps = (norm.get("normalizers") or [] if isinstance(norm, dict) and norm.get("type") == "Sequence"
+             else [] if norm is None else [norm])
+    kinds = [st.get("type") if isinstance(st, dict) else st for st in steps]
+    if pt is None and kinds in (["Prepend", "Replace"], ["Replace"]):
+        prepend, replace = (steps[0], steps[1]) if len(steps) == 2 else (None, steps[0])
+        if (replace.get("pattern") == {"String": " "} and replace.get("content") == _SPACE
+                and (prepend is None or prepend.get("prepend") == _SPACE)):
+            return prepend is not None
+    if not steps and isinstance(pt, dict) and pt.get("type") == "Metaspace" and pt.get("replacement") == _SPACE:
+        if pt.get("split"):
+            raise EdgeqError(path, "Metaspace pre-tokenizer with split=true cuts the text at every space; "
+                                   "llama.cpp does not (so whitespace tokens such as U+2581U+2581 would differ)")
+        scheme = pt.get("prepend_scheme", "always" if pt.get("add_prefix_space", True) else "never")
+        if scheme in ("always", "first", "never"):
+            return scheme != "never"
+    shown = json.dumps({"normalizer": norm, "pre_tokenizer": pt})[:160]
+    raise EdgeqError(path, f"SentencePiece-style tokenizer with {shown} has no llama.cpp equivalent (llama.cpp "
+                           "only replaces spaces with U+2581 and adds a leading one)")
+
+
+def _sentencepiece_model_meta(sp_path: Path, folder: Path, tc: dict, vocab_size: int
+                              ) -> tuple[dict[str, Any], dict[str, int]]:
+    """A SentencePiece tokenizer.model (and the folder's added tokens) as convert_hf_to_gguf.py converts it."""
+    sp = read_sentencepiece_model(sp_path)
+    if len(sp.pieces) > vocab_size:
+        raise EdgeqError(sp_path, f"the tokenizer has {len(sp.pieces)} pieces, but the model's embedding has only "
+                                  f"{vocab_size} rows (config.json vocab_size)")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [PAD_SCORE] * vocab_size
+    types = [TYPE_UNUSED] * vocab_size
+    tokens[:len(sp.pieces)], scores[:len(sp.pieces)], types[:len(sp.pieces)] = sp.pieces, sp.scores, sp.types
+    added: dict[str, int] = {}
+    extra = folder / "added_tokens.json"
+    entries: list[tuple[int, str, bool]] = []
+    if extra.is_file():
+        d = _read_json(extra, "added_tokens.json")
+        if not isinstance(d, dict):
+            raise EdgeqError(extra, "added_tokens.json is not a JSON object")
+        entries += [(tid, text, False) for text, tid in d.items()]
+    decoder = tc.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise EdgeqError(folder / "tokenizer_config.json", "added_tokens_decoder is not a JSON object")
+    for key, d in decoder.items():
+        if not isinstance(d, dict) or not isinstance(d.get("content"), str) or not str(key).isdigit():
+            raise EdgeqError(folder / "tokenizer_config.json", f"invalid added token {key!r}: {d!r}")
+        entries.append((int(key), d["content"], bool(d.get("special")) or _looks_special(d["content"])))
+    for tid, text, control in entries:
+        if not isinstance(tid, int) or isinstance(tid, bool) or not 0 <= tid < vocab_size:
+            raise EdgeqError(folder, f"added token {text!r} has id {tid!r}, outside the embedding's {vocab_size} rows")
+        tokens[tid] = text if control else text.replace(_SPACE, " ")
+        types[tid] = TYPE_CONTROL if control else TYPE_USER_DEFINED
+        scores[tid] = ADDED_SCORE
+        added[text] = tid
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": scores, "tokenizer.ggml.add_space_prefix": sp.add_dummy_prefix}
+    return meta, added
 
 
 # --- structure checks ---------------------------------------------------------

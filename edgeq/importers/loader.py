@@ -11,20 +11,23 @@ from edgeq.importers import hf_bert
 from edgeq.importers.gguf import import_gguf
 from edgeq.importers.hf import import_hf
 from edgeq.importers.torch_export import import_pt2
+from edgeq.importers.hub import looks_like_hub_id, resolve_hub_id
 from edgeq.models.recipes.default import default_model_path
-from edgeq.models.recipes.minilm import minilm_path
+from edgeq.models.recipes.minilm import MINILM_NAME, minilm_path
 from edgeq.runtime.tokenizer import spec_from_gguf_metadata
 
 
 def resolve_model_path(model: str | os.PathLike | None) -> Path:
     if model is None:
         return default_model_path()
-    p = Path(model)
-    if not p.exists() and str(model) == "all-MiniLM-L6-v2":
+    p = Path(model).expanduser()
+    if p.exists():                   # a local path always wins over a shipped name or a Hub id
+        return p
+    if str(model) == MINILM_NAME:
         return minilm_path()
-    if not p.exists():
-        raise EdgeqError(p, "no such file or folder")
-    return p
+    if looks_like_hub_id(str(model)):
+        return resolve_hub_id(str(model), "model")
+    raise EdgeqError(p, "no such file or folder (nor a Hugging Face id org/name[@revision])")
 
 
 def import_model(path: Path) -> Graph:

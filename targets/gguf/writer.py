@@ -56,6 +56,8 @@ def _add_tokenizer(w, tok: dict[str, Any]) -> None:
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", int(tok[field]))
     w.add_bool("tokenizer.ggml.add_bos_token", bool(tok.get("add_bos", False)))
     w.add_bool("tokenizer.ggml.add_eos_token", bool(tok.get("add_eos", False)))
+    if tok["model"] == "llama":        # SentencePiece: whether text gets a leading space (llama.cpp's default: yes)
+        w.add_bool("tokenizer.ggml.add_space_prefix", bool(tok.get("add_space_prefix", True)))
     if tok.get("chat_template"):
         w.add_string("tokenizer.chat_template", tok["chat_template"])
 
@@ -166,6 +168,14 @@ def write_gguf(
         w.write_ti_data_to_file()
         it = entries if progress is None else progress(entries, desc="quantize+write", unit="tensor")
         for name, tensor, fmt, nbytes in it:
+            if tensor.source_bytes is not None and tensor.source_format == fmt.name:
+                # the source's own bytes in the format the plan keeps: no dequantize/quantize round trip
+                data = tensor.source_bytes()
+                if data.nbytes != nbytes:
+                    raise RuntimeError(f"{name}: the source holds {data.nbytes} bytes, the registry says {nbytes}")
+                w.write_tensor_data(data)
+                counts[fmt.name] = counts.get(fmt.name, 0) + 1
+                continue
             arr = tensor.numpy()
             heads = llama.qk_heads(cfg, name)
             if heads is not None:
