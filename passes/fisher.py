@@ -22,11 +22,13 @@ gradient energy, a_t = Σ_o g²_{t,o} / mean_t(Σ_o g²_{t,o}), i.e. g² ≈ F_o
     cost ≈ Σ_o F_o · (ΔW C_F ΔWᵀ)_oo,   C_F = Σ_t a_t x_t x_tᵀ / Σ_t a_t
 
 (likewise each embedding row's lookup error is weighted by its tokens' mean
-a_t). This pass runs the calibration windows forward and backward once, in
-torch (a plan-time extra; the runtime never needs it), through a small
-interpreter of the same IR nodes as the numpy executor, and keeps F per
-linear weight (and, for a tied embedding, the Fisher of its lookup output
-too), plus C_F per linear weight and the per-token lookup weights.
+a_t). This pass runs the calibration windows forward through edgeq's own
+numpy executor (its observers record every node's inputs) and backward
+through the same ops by hand, so the compiler's main install needs no torch
+for its best cost; it keeps F per linear weight (and, for a tied embedding,
+the Fisher of its lookup output too), plus C_F per linear weight and the
+per-token lookup weights. Only gradients with respect to activations are
+formed, never with respect to weights.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Callable
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.executor import rope_inv_freq
+from edgeq.core.executor import Executor, rope_inv_freq
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.importers.calibration_text import CalibrationText
@@ -44,63 +46,123 @@ from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
 
 
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        raise EdgeqError(None, "Fisher-weighted costs need torch (pip install 'edgeq[search]')") from None
-    return torch
+def _sample(logits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(ŷ sampled from the model's own distribution per position, ∂(−Σ_t log p(ŷ_t))/∂logits), in float64."""
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    u = rng.random(len(p))
+    sampled = np.minimum((np.cumsum(p, -1) < u[:, None]).sum(-1), p.shape[1] - 1)
+    grad = p
+    grad[np.arange(len(p)), sampled] -= 1.0
+    return sampled, grad
 
 
-def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
-    """The IR's decoder ops in torch (mirrors edgeq/core/executor.py); linear outputs are kept with their grads.
-    `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
-    env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
-    for node in graph.nodes:
-        args = [env[i] if i in env else weights[i] for i in node.inputs]
-        a = node.attrs
-        if node.op == "embedding":
-            # a leaf that requires grad: everything downstream carries gradients, no weight gradient is formed
-            out = args[1][args[0]].detach().requires_grad_(torch.is_grad_enabled())
-            keep[("lookup", node.inputs[1])] = out
+class _Tape:
+    """The inputs of every node of one forward pass, recorded through the executor's observers, so that the
+    backward pass differentiates exactly the forward the rest of edgeq computes (edgeq/core/executor.py)."""
+
+    def __init__(self, graph: Graph, edits: dict[str, Callable] | None = None):
+        self.graph = graph
+        self.args: dict[int, list] = {}
+        index = {id(n): i for i, n in enumerate(graph.nodes)}
+
+        def record(node, args):
+            self.args[index[id(node)]] = list(args)
+
+        self.executor = Executor(graph, observers={op: record for op in {n.op for n in graph.nodes}}, edits=edits)
+
+    def forward(self, tokens) -> np.ndarray:
+        self.args.clear()
+        return self.executor.logits(tokens)
+
+
+def _rope_backward(node, dy: np.ndarray, positions: np.ndarray, freq_factors) -> np.ndarray:
+    a = node.attrs
+    inv = rope_inv_freq(a, freq_factors)
+    ang = positions.astype(np.float64)[:, None] * inv[None, :]
+    c, s = np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
+    d = a["head_dim"]
+    gh = dy.reshape(len(positions), a["n_heads"], d)
+    g1, g2 = gh[..., : d // 2], gh[..., d // 2:]
+    return np.concatenate([g1 * c + g2 * s, g2 * c - g1 * s], axis=-1).reshape(dy.shape)
+
+
+def _attention_backward(node, dy: np.ndarray, q, k, v) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Causal GQA attention's input gradients, one head at a time (probabilities recomputed, not stored)."""
+    a = node.attrs
+    seq, d, nh, nkv = q.shape[0], a["head_dim"], a["n_heads"], a["n_kv_heads"]
+    rep = nh // nkv
+    scale = np.float32(1.0 / np.sqrt(d))
+    mask = np.triu(np.full((seq, seq), -np.inf, dtype=np.float32), k=1) if a.get("causal", True) else None
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for h in range(nh):
+        g = h // rep
+        qh, kh, vh = q[:, h * d:(h + 1) * d], k[:, g * d:(g + 1) * d], v[:, g * d:(g + 1) * d]
+        s = (qh @ kh.T) * scale
+        if mask is not None:
+            s += mask
+        s -= s.max(-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(-1, keepdims=True)
+        do = dy[:, h * d:(h + 1) * d]
+        dv[:, g * d:(g + 1) * d] += s.T @ do
+        dp = do @ vh.T
+        ds = s * (dp - np.sum(dp * s, -1, keepdims=True)) * scale
+        dq[:, h * d:(h + 1) * d] = ds @ kh
+        dk[:, g * d:(g + 1) * d] += ds.T @ qh
+    return dq, dk, dv
+
+
+def backward(tape: _Tape, tokens, dlogits: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({linear weight: ∂loss/∂its output (seq, out)}, {embedding: ∂loss/∂its lookup (seq, dim)}) for the loss
+    whose gradient at the logits is `dlogits` (float32 throughout, as the forward)."""
+    graph = tape.graph
+    grads: dict[str, np.ndarray] = {graph.outputs[0].name: dlogits.astype(np.float32)}
+    linear: dict[str, np.ndarray] = {}
+    lookup: dict[str, np.ndarray] = {}
+    positions = np.arange(len(tokens))
+
+    def add(name: str, g: np.ndarray) -> None:
+        if name in graph.weights or name in ("tokens", "positions"):
+            return
+        grads[name] = g if name not in grads else grads[name] + g
+
+    for i in range(len(graph.nodes) - 1, -1, -1):
+        node = graph.nodes[i]
+        dy = grads.pop(node.outputs[0], None)
+        if dy is None:
+            continue
+        args = tape.args[i]
+        if node.op == "linear":
+            linear[node.inputs[1]] = dy
+            add(node.inputs[0], dy @ args[1])
+        elif node.op == "embedding":
+            lookup[node.inputs[1]] = dy
+        elif node.op == "add":
+            add(node.inputs[0], dy)
+            add(node.inputs[1], dy)
         elif node.op == "rms_norm":
             x, w = args
-            out = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + a["eps"]) * w
-        elif node.op == "linear":
-            keep[("input", node.inputs[1])] = args[0]
-            out = args[0] @ args[1].T
-            if len(args) > 2:
-                out = out + args[2]
-            if edit and node.inputs[1] in edit:
-                out = edit[node.inputs[1]](args[0], out)
-            if out.requires_grad:
-                out.retain_grad()
-            keep[("linear", node.inputs[1])] = out
-        elif node.op == "add":
-            out = args[0] + args[1]
+            r = 1.0 / np.sqrt(np.mean(np.square(x, dtype=np.float64), -1, keepdims=True) + node.attrs["eps"])
+            u = dy.astype(np.float64) * w
+            add(node.inputs[0], (r * u - x * r ** 3 * np.mean(u * x, -1, keepdims=True)).astype(np.float32))
         elif node.op == "swiglu":
-            out = torch.nn.functional.silu(args[0]) * args[1]
+            g, u = args
+            sig = np.float32(1.0) / (np.float32(1.0) + np.exp(-g))
+            add(node.inputs[0], dy * u * sig * (np.float32(1.0) + g * (np.float32(1.0) - sig)))
+            add(node.inputs[1], dy * g * sig)
         elif node.op == "rope":
-            factors = weights[a["freq_factors"]].numpy() if a.get("freq_factors") else None
-            inv = torch.from_numpy(rope_inv_freq(a, factors))
-            ang = env["positions"].double()[:, None] * inv[None, :]
-            cos, sin = ang.cos().float()[:, None, :], ang.sin().float()[:, None, :]
-            d = a["head_dim"]
-            xh = args[0].reshape(len(tokens), a["n_heads"], d)
-            x1, x2 = xh[..., : d // 2], xh[..., d // 2:]
-            out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).reshape(len(tokens), -1)
+            a = node.attrs
+            factors = tape.executor.weight(a["freq_factors"]) if a.get("freq_factors") else None
+            add(node.inputs[0], _rope_backward(node, dy, positions, factors))
         elif node.op == "attention":
-            q, k, v = args
-            seq, d, nh, nkv = q.shape[0], a["head_dim"], a["n_heads"], a["n_kv_heads"]
-            qh = q.reshape(seq, nh, d).transpose(0, 1)
-            kh = k.reshape(seq, nkv, d).transpose(0, 1).repeat_interleave(nh // nkv, 0)
-            vh = v.reshape(seq, nkv, d).transpose(0, 1).repeat_interleave(nh // nkv, 0)
-            out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=a.get("causal", True))
-            out = out.transpose(0, 1).reshape(seq, nh * d)
+            for name, g in zip(node.inputs, _attention_backward(node, dy, *args)):
+                add(name, g)
         else:
             raise EdgeqError(None, f"Fisher weighting does not know op {node.op!r}")
-        env[node.outputs[0]] = out
-    return env[graph.outputs[0].name]
+    return linear, lookup
 
 
 def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progress: Callable | None = None,
@@ -108,45 +170,40 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progres
     """{weight: F per output channel} and {'lookup:<embedding>': F per embedding dimension}, mean over tokens;
     with `token_weighted`, also {'cov:<weight>': C_F} and {'lookup_tokens:<embedding>': mean a_t per token id,
     1 for ids the windows do not contain} (see the module docstring)."""
-    torch = _torch()
-    gen = torch.Generator().manual_seed(seed)
-    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32))     # (a writable copy)
-               for n, t in graph.weights.items()}
+    rng = np.random.default_rng(seed)
+    tape = _Tape(graph)
     sums: dict[str, np.ndarray] = {}
     outer: dict[str, np.ndarray] = {}           # Σ_t a_t x_t x_tᵀ with unnormalised a_t, and Σ_t a_t
     a_sum: dict[str, float] = {}
     tok_a: dict[str, tuple[np.ndarray, np.ndarray]] = {}      # per id: Σ a_t, occurrences
+    inputs = {n.inputs[1]: i for i, n in enumerate(graph.nodes) if n.op == "linear"}
     count = 0
     for w in (windows if progress is None else progress(windows, desc="fisher", unit="window")):
-        keep: dict = {}
-        logits = _forward(graph, w, weights, torch, keep)
-        logp = torch.log_softmax(logits.double(), -1)
-        with torch.no_grad():
-            sampled = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]
-        (-logp.gather(1, sampled[:, None]).sum()).backward()
-        for (kind, name), t in keep.items():
-            if kind == "input":
-                continue
-            key = name if kind == "linear" else f"lookup:{name}"
-            g2t = t.grad.double().square()
-            g2 = g2t.sum(0).numpy()
-            sums[key] = g2 if key not in sums else sums[key] + g2
+        _, dlogits = _sample(tape.forward(w), rng)
+        linear, lookup = backward(tape, w, dlogits)
+        grads = {**linear, **{f"lookup:{k}": v for k, v in lookup.items()}}
+        for key, g in grads.items():
+            g2t = np.square(g, dtype=np.float64)
+            sums[key] = g2t.sum(0) if key not in sums else sums[key] + g2t.sum(0)
             if not token_weighted:
                 continue
             a = g2t.sum(1)
             a_sum[key] = a_sum.get(key, 0.0) + float(a.sum())
-            if kind == "linear":
-                x = keep[("input", name)].detach().double()
-                o = ((x * a[:, None]).T @ x).numpy()
+            if key in linear:
+                x = tape.args[inputs[key]][0].astype(np.float64)
+                o = (x * a[:, None]).T @ x
                 outer[key] = o if key not in outer else outer[key] + o
             else:
+                name = key.split(":", 1)[1]
                 ids = np.asarray(w)
-                s_a, n_a = tok_a.get(key, (np.zeros(weights[name].shape[0]), np.zeros(weights[name].shape[0])))
-                np.add.at(s_a, ids, a.numpy())
+                rows = graph.weights[name].shape[0]
+                s_a, n_a = tok_a.get(key, (np.zeros(rows), np.zeros(rows)))
+                np.add.at(s_a, ids, a)
                 np.add.at(n_a, ids, 1.0)
                 tok_a[key] = (s_a, n_a)
         count += len(w)
-        del keep, logits, logp
+        del linear, lookup, grads, dlogits
+    tape.args.clear()
     out = {k: v / max(count, 1) for k, v in sums.items()}
     for key, o in outer.items():
         out[f"cov:{key}"] = (o / max(a_sum[key], 1e-300)).astype(np.float32)

@@ -151,11 +151,10 @@ def random_imatrix_file(smollm_graph, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "iq4_nl", "iq3_xxs"])
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "iq4_nl"])
 def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, export_bundle, random_imatrix_file, tmp_path):
     """With the same importance matrix, edgeq's export is llama_model_quantize's with params.imatrix, byte for byte
-    (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1; iq3_xxs writes
-    ffn_down in a format llama.cpp writes only from an importance matrix)."""
+    (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1)."""
     from edgeq.importers.imatrix import read_imatrix
     from edgeq.api import ExportOptions, export
     from edgeq.targets.gguf.presets import preset_file_type
@@ -173,12 +172,6 @@ def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, expor
     for name, t in theirs.items():
         assert ours[name].tensor_type == t.tensor_type, name
         assert np.array_equal(np.asarray(ours[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
-    if preset == "iq3_xxs":                # no plain export: refused without an importance matrix, in one line
-        with pytest.raises(EdgeqError, match="iq3_xxs .* importance matrix"):
-            export(ExportOptions(quant=preset, calibration=False, out=str(tmp_path / "plain"), check=False))
-        assert not (tmp_path / "plain").exists()
-        assert ours["blk.7.ffn_down.weight"].tensor_type.name == "IQ3_XXS"
-        return
     plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
     differs_from_plain = sum(plain[name].tensor_type != t.tensor_type
                              or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
@@ -189,3 +182,22 @@ def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, expor
         assert ours["blk.3.ffn_down.weight"].tensor_type.name == "Q4_0"
     m = __import__("json").loads((ours_dir / "manifest.json").read_text())
     assert m["calibration"]["enabled"] and m["calibration"]["source"] == "imatrix file"
+
+
+def test_formats_written_from_an_importance_matrix_only(tmp_path):
+    """iq2_xxs (and iq3_xxs, iq2_s, iq2_xs, iq1_m, iq1_s) are refused without one, in one line and before anything
+    is written, as llama-quantize refuses them; with calibration they are written and llama.cpp runs the file."""
+    from edgeq.api import ExportOptions, export
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+
+    cfg = tiny_config(vocab_size=300, hidden_size=256, intermediate_size=512, n_layers=1, tied_embeddings=True)
+    folder = graph_to_hf_folder(random_llama(cfg, seed=2, scale=0.08), tmp_path / "m", byte_level_spec(300))
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"preset": "q8_0", "rules": [{"match": "*.mlp.down_proj", "format": "iq2_xxs"}]}')
+    with pytest.raises(EdgeqError, match="iq2_xxs .*importance matrix"):
+        export(ExportOptions(model=str(folder), plan=str(plan), calibration=False, out=str(tmp_path / "no")))
+    assert not (tmp_path / "no").exists()
+    res = export(ExportOptions(model=str(folder), plan=str(plan), calib_windows=1, out=str(tmp_path / "yes")))
+    assert res["manifest"]["artifacts"][0]["formats"]["iq2_xxs"] == 1
+    chk = res["measurements"]["reference_check"]                    # llama.cpp loaded and ran it
+    assert chk["n_positions"] > 0 and 0 <= chk["kld_mean"] < 0.5

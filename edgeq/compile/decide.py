@@ -15,7 +15,6 @@ means, its formats, its size model):
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,25 +167,13 @@ def _cnn_activation_ranges(graph: Graph, plan: Plan, inp: DecideInputs, ctx: Con
     return plan
 
 
-def search_cost(opts: ExportOptions, ctx: Context) -> str:
-    """The sensitivity cost a budgeted plan uses. By default the Fisher-weighted output error (in KLD units,
-    bench/results/additivity_groups.json), which needs torch at plan time; without torch, or without
-    calibration, the plain output error, with a one-line note."""
+def search_cost(opts: ExportOptions) -> str:
+    """The sensitivity cost a budgeted plan uses: by default the Fisher-weighted output error (in KLD units,
+    bench/results/additivity_groups.json), computed in numpy (no torch), which needs the calibration text;
+    without calibration, the plain output error."""
     if opts.cost != "auto":
         return opts.cost
-    if not opts.calibration:
-        return "output"
-    try:
-        import torch  # noqa: F401
-        return "fisher"
-    except ImportError:
-        pass
-    note = ("note: torch is not installed, so the plan's costs are the plain output error tr(dW C dW^T) "
-            "(pip install 'edgeq[search]' for Fisher-weighted costs)")
-    ctx.record("sensitivity", note=note)
-    if ctx.progress is not None:
-        print(note, file=sys.stderr)
-    return "output"
+    return "fisher" if opts.calibration else "output"
 
 
 def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> list[Pass]:
@@ -209,7 +196,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     passes: list[Pass] = []
-    cost = search_cost(opts, ctx)
+    cost = search_cost(opts)
     if cost == "fisher":
         passes.append(Fisher(source=inp.text))
     elif cost != "output":
