@@ -62,6 +62,14 @@ def cmd_export(a) -> int:
         print(f"wrote {a.out}: {files} ({sum(x['bytes'] for x in m['artifacts'] if x['role'] != 'tokenizer') / 1e6:.3f} "
               f"MB), {m['model']['bits_per_weight']:.3f} bpw, formats {formats}; "
               f"{_check_summary(res['measurements'].get('reference_check', {}))}")
+        sp = res["measurements"].get("speed")
+        if sp:
+            print(f"speed ({sp['runtime']}, {sp['threads']} thread(s), this machine): decode "
+                  f"{sp['plan']['decode_tps']:.1f} "
+                  f"tokens/s, prefill {sp['plan']['prefill_tps']:.1f} tokens/s; the preset of the nearest bytes "
+                  f"({sp['preset']['name']}, {sp['preset']['bytes'] / 1e6:.1f} MB): decode "
+                  f"{sp['preset']['decode_tps']:.1f}, prefill {sp['preset']['prefill_tps']:.1f} "
+                  f"({sp['decode_ratio']:.2f}x / {sp['prefill_ratio']:.2f}x)")
     return 0
 
 

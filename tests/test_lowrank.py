@@ -11,6 +11,7 @@ import pytest
 from edgeq.passes.allocate import min_feasible_bytes, solve
 from edgeq.passes.lowrank_compensate import branch, branch_costs, scaling
 from edgeq.passes.sensitivity import CostTable, Option
+from edgeq.targets.gguf.presets import GGUF_PRESETS
 
 
 def _layer(seed=0, out_dim=96, in_dim=64, tokens=4000):
@@ -259,6 +260,15 @@ def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf
     report = (tmp_path / "b" / "report.md").read_text()
     assert "![bits per weight vs KLD](pareto.png)" in report and "| q4_0 |" in report
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # and its speed beside the preset whose bytes are nearest, both files timed in llama.cpp
+    sp = res["measurements"]["speed"]
+    assert sp["runtime"] == "gguf" and sp["plan"]["bytes"] == (tmp_path / "b" / "model.gguf").stat().st_size
+    near = sp["preset"]
+    assert near["name"] in GGUF_PRESETS and near["name"] not in ("f32", "f16", "bf16")
+    for v in (sp["plan"], near):
+        assert v["decode_tps"] > 0 and v["prefill_tps"] > 0
+    assert sp["decode_ratio"] == pytest.approx(sp["plan"]["decode_tps"] / near["decode_tps"], rel=1e-2)
+    assert "## Speed beside the preset of the nearest bytes" in report and f"| {near['name']} |" in report
 
 
 # --- Fisher-weighted costs ----------------------------------------------------------------------------

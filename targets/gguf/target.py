@@ -7,6 +7,8 @@ llama.cpp applies at load (adapter.py); the size model is exact (layout.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgeq.bundle.manifest import Artifact
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
@@ -19,6 +21,7 @@ from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
+from edgeq.targets.gguf.speed import compare_speed
 from edgeq.targets.gguf.writer import write_gguf
 
 MODEL_FILE = "model.gguf"
@@ -31,6 +34,7 @@ class GgufTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
+    measures_speed = True
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config
@@ -50,6 +54,9 @@ class GgufTarget(Target):
     def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
                ndk_clang: str | None = None) -> FileLayout:
         return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
+
+    def compare_speed(self, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
+        return compare_speed(files, threads)
 
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
