@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import EdgeqError, number
 from edgeq.core.ir import Graph, Node, Tensor, Value, checked_weights
 from edgeq.models import names
 
@@ -140,66 +140,100 @@ def qk_heads(cfg: LlamaConfig, name: str) -> int | None:
 
 # --- GGUF metadata -----------------------------------------------------------
 
+# Far above any released model, far below what would make the shapes' byte sizes overflow or a vocabulary loop
+# run for hours: a config outside them is refused before anything is sized or allocated.
+LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "n_layers": 1 << 12,
+          "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "head_dim": 1 << 12, "context_length": 1 << 24}
+
+
+def check_config(cfg: LlamaConfig, path=None, source: str = "config") -> LlamaConfig:
+    """Every size positive and bounded, heads that divide, finite positive floats; one line otherwise."""
+    for name, top in LIMITS.items():
+        v = getattr(cfg, name)
+        if type(v) is not int or not 0 < v <= top:
+            raise EdgeqError(path, f"implausible {name} = {v!r} in the {source} (expected 1..{top})")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise EdgeqError(path, f"inconsistent attention heads ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads)")
+    for name in ("rope_theta", "rms_eps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, float) or not np.isfinite(v) or v <= 0:
+            raise EdgeqError(path, f"implausible {name} = {v!r} in the {source}")
+    for k, v in (cfg.rope_scaling or {}).items():
+        if k != "type" and (not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0):
+            raise EdgeqError(path, f"implausible rope scaling {k} = {v!r} in the {source}")
+    return cfg
+
+
+def _number(v: Any, key: str, path, kind: type, source: str):
+    return number(v, key, path, kind, source)
+
+
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path=None) -> LlamaConfig:
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise EdgeqError(path, f"unsupported architecture {arch!r} (edgeq imports llama-architecture GGUF files)")
+        raise EdgeqError(path, f"unsupported architecture {str(arch)[:60]!r} (edgeq imports llama-architecture GGUF "
+                               "files)")
 
-    def need(key: str):
+    def num(key: str, kind: type = int, default=None):
         full = f"llama.{key}"
         if full not in meta:
-            raise EdgeqError(path, f"missing metadata key {full}")
-        return meta[full]
+            if default is None:
+                raise EdgeqError(path, f"missing metadata key {full}")
+            return default
+        return _number(meta[full], full, path, kind, "GGUF metadata")
 
-    n_heads = int(need("attention.head_count"))
-    hidden = int(need("embedding_length"))
-    n_kv = int(meta.get("llama.attention.head_count_kv", n_heads))
-    head_dim = int(meta.get("llama.attention.key_length", hidden // max(n_heads, 1)))
+    n_heads = num("attention.head_count")
+    hidden = num("embedding_length")
+    if n_heads <= 0:
+        raise EdgeqError(path, f"implausible llama.attention.head_count = {n_heads}")
+    n_kv = num("attention.head_count_kv", default=n_heads)
+    head_dim = num("attention.key_length", default=hidden // n_heads)
     vocab = meta.get("llama.vocab_size")
     if vocab is None:
-        vocab = len(meta.get("tokenizer.ggml.tokens", []))
+        tokens = meta.get("tokenizer.ggml.tokens", [])
+        vocab = len(tokens) if isinstance(tokens, list) else 0
     scaling = None
     stype = meta.get("llama.rope.scaling.type")
     if stype and stype != "none":
         if stype != "linear":
-            raise EdgeqError(path, f"unsupported rope scaling type {stype!r} (supported: none, linear, llama3 frequency factors)")
-        scaling = {"type": "linear", "factor": float(meta["llama.rope.scaling.factor"])}
+            raise EdgeqError(path, f"unsupported rope scaling type {str(stype)[:40]!r} (supported: none, linear, "
+                                   "llama3 frequency factors)")
+        scaling = {"type": "linear", "factor": num("rope.scaling.factor", float)}
     elif "llama.rope.scale_linear" in meta:
-        scaling = {"type": "linear", "factor": float(meta["llama.rope.scale_linear"])}
-    rope_dims = int(meta.get("llama.rope.dimension_count", head_dim))
+        scaling = {"type": "linear", "factor": num("rope.scale_linear", float)}
+    rope_dims = num("rope.dimension_count", default=head_dim)
     if rope_dims != head_dim:
         raise EdgeqError(path, f"partial RoPE (rope.dimension_count {rope_dims} != head dim {head_dim}) is not supported")
     cfg = LlamaConfig(
-        vocab_size=int(vocab),
+        vocab_size=_number(vocab, "llama.vocab_size", path, int, "GGUF metadata"),
         hidden_size=hidden,
-        intermediate_size=int(need("feed_forward_length")),
-        n_layers=int(need("block_count")),
+        intermediate_size=num("feed_forward_length"),
+        n_layers=num("block_count"),
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
-        rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
-        rms_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=num("rope.freq_base", float, 10000.0),
+        rms_eps=num("attention.layer_norm_rms_epsilon", float),
         tied_embeddings="output.weight" not in tensor_names,
-        context_length=int(meta.get("llama.context_length", 2048)),
+        context_length=num("context_length", default=2048),
         rope_scaling=scaling,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
     )
-    for name, value in (("head_count", n_heads), ("block_count", cfg.n_layers), ("embedding_length", hidden)):
-        if value <= 0 or value > 1 << 20:
-            raise EdgeqError(path, f"implausible llama.{name} = {value}")
-    if n_heads % n_kv or hidden <= 0 or cfg.vocab_size <= 0:
-        raise EdgeqError(path, f"inconsistent attention heads ({n_heads} heads, {n_kv} KV heads)")
-    return cfg
+    return check_config(cfg, path, "GGUF metadata")
 
 
-def gguf_hparams(cfg: LlamaConfig) -> dict[str, Any]:
-    """The llama.* keys llama.cpp reads, as (key -> value) in a fixed order."""
+def gguf_hparams(cfg: LlamaConfig, ffn_widths: list[int] | None = None) -> dict[str, Any]:
+    """The llama.* keys llama.cpp reads, as (key -> value) in a fixed order. `ffn_widths`: each layer's MLP width
+    when the graph's differ from the config's (a list when they differ between layers)."""
+    ffn: int | list[int] = cfg.intermediate_size
+    if ffn_widths is not None:
+        ffn = ffn_widths[0] if len(set(ffn_widths)) == 1 else [int(v) for v in ffn_widths]
     kv: dict[str, Any] = {
         "llama.vocab_size": cfg.vocab_size,
         "llama.context_length": cfg.context_length,
         "llama.embedding_length": cfg.hidden_size,
         "llama.block_count": cfg.n_layers,
-        "llama.feed_forward_length": cfg.intermediate_size,
+        "llama.feed_forward_length": ffn,
         "llama.rope.dimension_count": cfg.head_dim,
         "llama.attention.head_count": cfg.n_heads,
         "llama.attention.head_count_kv": cfg.n_kv_heads,
@@ -285,6 +319,44 @@ def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str
     )
 
 
+def residual_norms(graph: Graph) -> list[str]:
+    """The norms that read the residual stream at each layer boundary, in order: layer i's input norm (what enters
+    layer i), then the final norm (what leaves the last layer)."""
+    return [f"model.layers.{i}.input_layernorm.weight" for i in range(graph.config.n_layers)] + [names.FINAL_NORM]
+
+
+MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_weights(layer: int) -> tuple[str, str, str]:
+    """Layer `layer`'s MLP weights, gate, up, down: the MLP's channels are gate's and up's rows and down's columns."""
+    return tuple(f"model.layers.{layer}.mlp.{k}.weight" for k in MLP_KINDS)        # type: ignore[return-value]
+
+
+def mlp_widths(graph: Graph) -> list[int]:
+    """Each layer's MLP width (its channels), read from the weights: a pruned graph's layers may differ."""
+    return [graph.weights[mlp_weights(i)[0]].shape[0] for i in range(graph.config.n_layers)]
+
+
+def prune_mlp(graph: Graph, channels: dict[int, np.ndarray]) -> Graph:
+    """The graph whose layer i's MLP keeps channels `channels[i]` (indices into its channels, in that order): a
+    permutation sorts the MLP, a shorter list also narrows it. The output is unchanged by a permutation (the MLP is a
+    sum over its channels). Weights stay lazy: each is gathered from the source when loaded."""
+    weights = dict(graph.weights)
+    for layer, idx in channels.items():
+        idx = np.asarray(idx, dtype=np.int64)
+        for name, axis in zip(mlp_weights(layer), (0, 0, 1)):
+            src = graph.weights[name]
+            full = src.shape[axis]
+            if idx.ndim != 1 or len(idx) == 0 or idx.min() < 0 or idx.max() >= full or len(np.unique(idx)) != len(idx):
+                raise EdgeqError(None, f"layer {layer}: MLP channels must be distinct indices below {full}")
+            shape = (len(idx), src.shape[1]) if axis == 0 else (src.shape[0], len(idx))
+            weights[name] = Tensor(name, shape, load=lambda s=src, i=idx, a=axis: np.take(s.numpy(), i, axis=a),
+                                   alias=src.alias, source_format=src.source_format)
+    return Graph(graph.arch, graph.kind, graph.config, graph.inputs, graph.outputs, graph.nodes, weights,
+                 dict(graph.metadata))
+
+
 def linear_weights(graph: Graph) -> list[str]:
     """Canonical names of the 2-D weights that a quantization plan decides on (embedding and head included)."""
     return [n for n, t in graph.weights.items() if len(t.shape) == 2]
@@ -295,36 +367,52 @@ def linear_weights(graph: Graph) -> list[str]:
 def config_from_hf(c: dict[str, Any], path=None) -> LlamaConfig:
     """A transformers LlamaConfig dict (4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
     if c.get("model_type") not in (None, "llama", "smollm", "smollm2", "qwen2", "mistral"):
-        raise EdgeqError(path, f"model_type {c.get('model_type')!r} is not a llama-family model")
-    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+        raise EdgeqError(path, f"model_type {str(c.get('model_type'))[:40]!r} is not a llama-family model")
+
+    def num(v: Any, key: str, kind: type = int):
+        return _number(v, key, path, kind, "config")
+
+    def need(d: dict, key: str):
+        if key not in d:
+            raise EdgeqError(path, f"config.json lacks {key}")
+        return d[key]
+
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise EdgeqError(path, "rope_parameters / rope_scaling must be an object")
+    theta = num(rope.get("rope_theta", c.get("rope_theta", 10000.0)), "rope_theta", float)
     rtype = rope.get("rope_type", rope.get("type", "default"))
     scaling = None
     if rtype == "linear":
-        scaling = {"type": "linear", "factor": float(rope["factor"])}
+        scaling = {"type": "linear", "factor": num(need(rope, "factor"), "factor", float)}
     elif rtype == "llama3":
-        scaling = {"type": "llama3", "factor": float(rope["factor"]), "low_freq_factor": float(rope["low_freq_factor"]),
-                   "high_freq_factor": float(rope["high_freq_factor"]),
-                   "original_max_position_embeddings": int(rope["original_max_position_embeddings"])}
+        scaling = {"type": "llama3", "factor": num(need(rope, "factor"), "factor", float),
+                   "low_freq_factor": num(need(rope, "low_freq_factor"), "low_freq_factor", float),
+                   "high_freq_factor": num(need(rope, "high_freq_factor"), "high_freq_factor", float),
+                   "original_max_position_embeddings": num(need(rope, "original_max_position_embeddings"),
+                                                           "original_max_position_embeddings")}
     elif rtype not in ("default", None):
-        raise EdgeqError(path, f"rope type {rtype!r} is not supported (default, linear, llama3)")
-    n_heads = int(c["num_attention_heads"])
-    hidden = int(c["hidden_size"])
-    return LlamaConfig(
-        vocab_size=int(c["vocab_size"]),
+        raise EdgeqError(path, f"rope type {str(rtype)[:40]!r} is not supported (default, linear, llama3)")
+    n_heads = num(need(c, "num_attention_heads"), "num_attention_heads")
+    hidden = num(need(c, "hidden_size"), "hidden_size")
+    if n_heads <= 0:
+        raise EdgeqError(path, f"implausible num_attention_heads = {n_heads}")
+    cfg = LlamaConfig(
+        vocab_size=num(need(c, "vocab_size"), "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(c["intermediate_size"]),
-        n_layers=int(c["num_hidden_layers"]),
+        intermediate_size=num(need(c, "intermediate_size"), "intermediate_size"),
+        n_layers=num(need(c, "num_hidden_layers"), "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=int(c.get("num_key_value_heads") or n_heads),
-        head_dim=int(c.get("head_dim") or hidden // n_heads),
+        n_kv_heads=num(c.get("num_key_value_heads") or n_heads, "num_key_value_heads"),
+        head_dim=num(c.get("head_dim") or hidden // n_heads, "head_dim"),
         rope_theta=theta,
-        rms_eps=float(c.get("rms_norm_eps", 1e-6)),
+        rms_eps=num(c.get("rms_norm_eps", 1e-6), "rms_norm_eps", float),
         tied_embeddings=bool(c.get("tie_word_embeddings", False)),
-        context_length=int(c.get("max_position_embeddings", 2048)),
+        context_length=num(c.get("max_position_embeddings", 2048), "max_position_embeddings"),
         rope_scaling=scaling,
         attention_bias=bool(c.get("attention_bias", False)),
     )
+    return check_config(cfg, path, "config")
 
 
 def hf_config_dict(cfg: LlamaConfig) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from edgeq.passes.base import Context, Pass
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_PATTERN_CHARS = 1000
 
 # The Linear modules of a llama-family model (PEFT's "all-linear" leaves out the output head).
 _LAYER_LINEAR = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -122,7 +123,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise EdgeqError(path, f"larger than {MAX_CONFIG_BYTES} bytes")
     try:
         c = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EdgeqError(path, f"not valid JSON ({exc})") from None
     if not isinstance(c, dict):
         raise EdgeqError(path, "not a JSON object")
@@ -161,6 +162,29 @@ def _check_config(c: dict[str, Any], path: Path) -> None:
     ltt = c.get("layers_to_transform")
     if ltt is not None and not (isinstance(ltt, int) or (isinstance(ltt, list) and all(isinstance(i, int) for i in ltt))):
         raise EdgeqError(path, f"layers_to_transform must be an integer or a list of integers, not {ltt!r}")
+    ex, lp = c.get("exclude_modules"), c.get("layers_pattern")
+    if ex is not None and not (isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(e, str) for e in ex))):
+        raise EdgeqError(path, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
+    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
+        raise EdgeqError(path, f"layers_pattern must be a string or a list of strings, not {lp!r}")
+    # every pattern PEFT would compile, compiled here first: a bad one is one line, not re.error
+    patterns = [(k, v) for k in ("target_modules", "exclude_modules") if isinstance(v := c.get(k), str)]
+    patterns += [("layers_pattern", p) for p in ([lp] if isinstance(lp, str) else lp or [])]
+    patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in (c.get(key) or {})]
+    for key, p in patterns:
+        if len(p) > MAX_PATTERN_CHARS:
+            raise EdgeqError(path, f"{key} pattern of {len(p)} characters (more than {MAX_PATTERN_CHARS})")
+        try:
+            re.compile(p)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise EdgeqError(path, f"{key} {p!r} is not a valid regular expression ({exc})") from None
+
+
+def adapter_config(folder: Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, read bounded and checked (what `load_adapter` accepts)."""
+    c = _read_config(folder)
+    _check_config(c, folder / CONFIG)
+    return c
 
 
 # --- which modules PEFT targets ---------------------------------------------------
@@ -235,9 +259,8 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     if not folder.is_dir():
         raise EdgeqError(folder, "is not a folder (a PEFT adapter is a folder with adapter_config.json and "
                                  "adapter_model.safetensors)")
-    c = _read_config(folder)
+    c = adapter_config(folder)
     cpath = folder / CONFIG
-    _check_config(c, cpath)
     wpath = folder / WEIGHTS
     if not wpath.is_file():
         other = " (found adapter_model.bin: only safetensors adapters are read)" if (folder / "adapter_model.bin").exists() else ""

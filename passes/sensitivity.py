@@ -30,10 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.core.cache import cache_dir
+from edgeq.core.cache import cache_dir, read_json_entry, write_json_entry
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats
-from edgeq.core.fs import atomic_write_text
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan
@@ -247,21 +246,17 @@ class Sensitivity(Pass):
         self._fisher = ctx.analysis.get("fisher")
         path = self._cache_path(graph, cal, fmts)
         table = None
-        if path is not None and path.is_file():
+        cached = read_json_entry(path)      # None when absent, or torn (then removed): computed again
+        if cached is not None:
             try:
-                table = CostTable.from_json(json.loads(path.read_text()))
+                table = CostTable.from_json(cached)
                 table.fixed_bytes = self.layout.overhead
-            except (OSError, ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 table = None
         if table is None:
             table = compute_costs(graph, fmts, cal, self.layout, ctx.progress, self.ranks, self.scaling,
                                   ctx.analysis.get("fisher"))
-            if path is not None:
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(path, json.dumps(table.to_json()))
-                except OSError:
-                    pass
+            write_json_entry(path, table.to_json())
         ctx.analysis["costs"] = table
         ctx.record(self.name, tensors=len(table.options), formats=[f.name for f in fmts],
                    options=sum(len(v) for v in table.options.values()), min_bytes=table.min_bytes())

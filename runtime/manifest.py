@@ -1,14 +1,31 @@
 """Open and verify a bundle's manifest: versions, paths and every artifact's SHA-256.
 
-A device must refuse a damaged bundle with a checksum error, never run it and
-give a wrong answer, so verification happens before any backend is loaded.
+A bundle is untrusted input: it is copied to phones and boards and passes through hands on the way. A device
+must refuse a damaged or altered bundle with one line naming the file, never run it and give a wrong answer
+(or, for a TVM library, run code nobody exported), so:
+
+* the manifest is read bounded and its structure checked before any field is used;
+* every artifact path must be relative and stay inside the bundle (no `..`, no absolute path, no symbolic
+  link that points out), and no file may be listed twice;
+* every artifact's size and SHA-256 are checked before any backend is loaded;
+* a runtime opens only files the manifest lists as artifacts (`listed_path`), so a field such as
+  `tvm.library` cannot name a file the checksums did not cover;
+* native code (a TVM library, loaded with dlopen) is hashed while it is copied to a private folder and the
+  copy is what gets loaded (`verified_copy`), so the file cannot change between its check and its load.
+
+Files the runtime never loads (the report, measurements, reference inputs and outputs) are not covered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from pathlib import Path
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgeq.core.errors import EdgeqError
@@ -16,14 +33,19 @@ from edgeq.core.fs import sha256_file
 
 BUNDLE_FORMAT = "edgeq-bundle"
 BUNDLE_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_ARTIFACTS = 10_000
+MODEL_KINDS = ("decoder", "encoder", "cnn")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(EdgeqError):
-    """The bundle is damaged, incomplete or from an incompatible edgeq."""
+    """The bundle is damaged, incomplete, altered or from an incompatible edgeq."""
 
 
 def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
+    """The manifest, its structure checked (every field a runtime reads has the type it expects)."""
     bundle = Path(bundle)
     path = bundle / "manifest.json"
     if not bundle.is_dir():
@@ -34,35 +56,148 @@ def read_manifest(bundle: str | os.PathLike) -> dict[str, Any]:
         raise BundleError(path, "manifest is implausibly large")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BundleError(path, f"not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleError(path, f"not valid JSON ({_one_line(exc)})") from None
     if not isinstance(m, dict) or m.get("format") != BUNDLE_FORMAT:
         raise BundleError(path, f"not an {BUNDLE_FORMAT} manifest")
     version = m.get("version")
-    if not isinstance(version, int) or version > BUNDLE_VERSION:
-        raise BundleError(path, f"bundle version {version} is newer than this runtime supports ({BUNDLE_VERSION})")
-    if not isinstance(m.get("artifacts"), list) or not m["artifacts"]:
-        raise BundleError(path, "manifest lists no artifacts")
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
+        raise BundleError(path, f"unknown manifest version {version!r} (this runtime reads version "
+                                f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+    check_structure(m, path)
     return m
 
 
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_structure(m: dict[str, Any], path: Path) -> None:
+    """The fields runtimes and `edgeq inspect` read, with their types; each problem is one line."""
+    arts = m.get("artifacts")
+    if not isinstance(arts, list) or not arts:
+        raise BundleError(path, "manifest lists no artifacts")
+    if len(arts) > MAX_ARTIFACTS:
+        raise BundleError(path, f"manifest lists {len(arts)} artifacts (more than {MAX_ARTIFACTS})")
+    seen: dict[str, int] = {}
+    for i, a in enumerate(arts):
+        if not isinstance(a, dict):
+            raise BundleError(path, f"artifacts[{i}] is not an object")
+        for key in ("path", "sha256", "backend", *(("role",) if "role" in a else ())):
+            if not isinstance(a.get(key), str):
+                raise BundleError(path, f"artifacts[{i}].{key} is missing or not a string")
+        if type(a.get("bytes")) is not int or a["bytes"] < 0:
+            raise BundleError(path, f"artifacts[{i}].bytes is missing or not a non-negative integer")
+        if not _SHA256.match(a["sha256"]):
+            raise BundleError(path, f"artifacts[{i}].sha256 is not a SHA-256 hex digest")
+        key = _normal_path(a["path"], path)
+        if key in seen:
+            raise BundleError(path, f"artifact {a['path']!r} is listed twice (artifacts[{seen[key]}] and "
+                                    f"artifacts[{i}])")
+        seen[key] = i
+    model = m.get("model")
+    if not isinstance(model, dict) or model.get("kind") not in MODEL_KINDS:
+        raise BundleError(path, f"model.kind must be one of {', '.join(MODEL_KINDS)}")
+    for key, typ in (("tokenizer", dict), ("target", dict), ("source", dict), ("plan", dict),
+                     ("runtime_versions", dict), ("n_ctx", int), ("kv_cache_dtype", str), ("tvm", dict)):
+        v = m.get(key)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+            raise BundleError(path, f"{key} must be a JSON {'object' if typ is dict else typ.__name__}")
+    if m.get("n_ctx") is not None and not 0 < m["n_ctx"] <= 1 << 24:
+        raise BundleError(path, f"n_ctx {m['n_ctx']} is out of range")
+    for key in ("spec", "tokenizer_json"):
+        v = (m.get("tokenizer") or {}).get(key)
+        if v is not None and not isinstance(v, str):
+            raise BundleError(path, f"tokenizer.{key} must be a file name")
+
+
+def _normal_path(rel: str, manifest_path: Path) -> str:
+    """A manifest path as a key, refused when it is absolute or climbs out (`..`)."""
+    if not rel or "\0" in rel or "\\" in rel:
+        raise BundleError(manifest_path, f"artifact path {rel!r} is not a plain relative path")
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise BundleError(manifest_path, f"artifact path {rel!r} escapes the bundle")
+    return str(p)
+
+
 def artifact_path(bundle: Path, rel: str) -> Path:
-    p = (bundle / rel).resolve()
-    if Path(rel).is_absolute() or bundle.resolve() not in p.parents:
+    """The file `rel` names inside the bundle; refused when it lies outside it (`..`, an absolute path, a
+    symbolic link pointing out)."""
+    bundle = Path(bundle)
+    _normal_path(rel, bundle / "manifest.json")
+    root = bundle.resolve()
+    p = (root / rel).resolve()
+    if root not in p.parents:
         raise BundleError(bundle / "manifest.json", f"artifact path {rel!r} escapes the bundle")
     return p
 
 
+def listed_path(bundle: Path, manifest: dict[str, Any], rel: Any, what: str) -> Path:
+    """A file a runtime is about to open: it must be one of the manifest's artifacts, whose checksums
+    `verify_artifacts` covers; a field naming anything else is refused."""
+    if not isinstance(rel, str):
+        raise BundleError(bundle / "manifest.json", f"{what} is not a file name")
+    key = _normal_path(rel, bundle / "manifest.json")
+    if not any(_normal_path(a["path"], bundle / "manifest.json") == key for a in manifest["artifacts"]):
+        raise BundleError(bundle / "manifest.json", f"{what} {rel!r} is not an artifact the manifest lists "
+                                                    "(unverified files are never loaded)")
+    return artifact_path(bundle, rel)
+
+
 def verify_artifacts(bundle: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Every artifact present, a regular file inside the bundle, of its size and SHA-256."""
     bundle = Path(bundle)
     for a in manifest["artifacts"]:
         p = artifact_path(bundle, a["path"])
+        if not p.exists():
+            raise BundleError(bundle / a["path"], "artifact listed in the manifest is missing")
         if not p.is_file():
-            raise BundleError(p, "artifact listed in the manifest is missing")
-        if p.stat().st_size != a["bytes"]:
-            raise BundleError(p, f"checksum error: size {p.stat().st_size} != {a['bytes']} bytes in the manifest")
+            raise BundleError(bundle / a["path"], "artifact listed in the manifest is not a regular file")
+        size = p.stat().st_size
+        if size != a["bytes"]:
+            raise BundleError(bundle / a["path"], f"checksum error: size {size} != {a['bytes']} bytes in the "
+                                                  "manifest")
         if sha256_file(p) != a["sha256"]:
-            raise BundleError(p, "checksum error: SHA-256 does not match the manifest")
+            raise BundleError(bundle / a["path"], "checksum error: SHA-256 does not match the manifest")
+
+
+def artifact_entry(manifest: dict[str, Any], rel: str) -> dict[str, Any]:
+    key = str(PurePosixPath(rel))
+    return next(a for a in manifest["artifacts"] if str(PurePosixPath(a["path"])) == key)
+
+
+def verified_copy(bundle: Path, manifest: dict[str, Any], rel: str, what: str, into: Path) -> Path:
+    """Copy a listed artifact into the private folder `into`, hashing the bytes copied; the copy is returned
+    only if they match the manifest. Native code is loaded from this copy, so what runs is what was checked
+    even if the bundle's file changes after `verify_artifacts` read it."""
+    src = listed_path(bundle, manifest, rel, what)
+    entry = artifact_entry(manifest, rel)
+    dst = into / src.name
+    h = hashlib.sha256()
+    n = 0
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        while True:
+            b = fi.read(1 << 22)
+            if not b:
+                break
+            h.update(b)
+            fo.write(b)
+            n += len(b)
+    if n != entry["bytes"] or h.hexdigest() != entry["sha256"]:
+        dst.unlink(missing_ok=True)
+        raise BundleError(bundle / rel, "checksum error: SHA-256 does not match the manifest")
+    return dst
+
+
+def private_dir(prefix: str) -> Path:
+    """A folder only this user can read or write (mkdtemp's 0700), for verified copies."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def remove_private_dir(path: Path | None) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_runtime_version(manifest: dict[str, Any], dist: str) -> None:
@@ -89,3 +224,35 @@ def pick_artifact(bundle: Path, manifest: dict[str, Any], backend: str | None) -
     if not models:
         raise BundleError(bundle, "bundle has no model artifact")
     return models[0]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """A pruning rate a bundle carries: each layer's MLP width (a prefix of its sorted channels) and alignment."""
+
+    rate: float
+    widths: list[int]
+    align: list[int]
+    full: list[int]
+
+
+def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> Pruning | None:
+    """The bundle's widths at `rate`, checked before anything is loaded; None for the full model (no rate, or 0)."""
+    if rate is None:
+        return None
+    table = manifest.get("pruning_rates")
+    if not table:
+        if rate == 0:
+            return None
+        raise BundleError(bundle, f"carries no pruning rates (pruning rate {rate:g} asked); export it with "
+                                  "--pruning-rates")
+    rates = table.get("rates") or []
+    for entry in rates:
+        if abs(float(entry["rate"]) - float(rate)) < 1e-9:
+            widths, align, full = entry["widths"], table["align"], table["full"]
+            if not (len(widths) == len(align) == len(full)) or any(
+                    not isinstance(w, int) or not 0 < w <= f or w % a for w, a, f in zip(widths, align, full)):
+                raise BundleError(bundle / "manifest.json", f"pruning table of rate {rate:g} is inconsistent")
+            return None if widths == full else Pruning(float(rate), list(widths), list(align), list(full))
+    have = ", ".join(f"{float(e['rate']):g}" for e in rates)
+    raise BundleError(bundle, f"carries pruning rates {have}, not {rate:g}")

@@ -1,5 +1,10 @@
 """The TVM runtime (Relax VM) as an edgeq runtime backend: encoders (`embed`) and CNNs (`run`). No torch.
 
+A TVM library is native code: loading it runs it (dlopen). Its SHA-256 in the manifest is what stands between
+a user and arbitrary code, so the library is never loaded from the bundle: it is copied into a private folder
+while its bytes are hashed, and that copy is loaded (or uploaded to the RPC server) only if the hash matches,
+whether or not `load(verify=...)` checked the bundle first.
+
 The device is local (`cpu`) or a TVM RPC server (`rpc://host:port`, how phones and
 boards are reached): the library is uploaded there, the weights are copied to the
 remote device once, and calls run remotely. `time()` uses the runtime's own time
@@ -9,12 +14,14 @@ evaluator on the device, so remote timings exclude the network.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, artifact_path
+from edgeq.core.errors import RequestError
+from edgeq.runtime.manifest import BundleError, Pruning, listed_path, private_dir, remove_private_dir, verified_copy
 from edgeq.runtime.text_io import SentenceEmbedding
 from edgeq.runtime.tvm_decoder import TvmDecoderBackend
 
@@ -23,12 +30,14 @@ RUNTIME_DIST = "apache-tvm"
 REMOTE = True          # the library also runs on a TVM RPC server (`device="rpc://HOST:PORT"`)
 
 
-def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
-    return TvmSession(bundle, manifest, art, threads=threads, device=device)
+def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None, pruning: Pruning | None = None):
+    return TvmSession(bundle, manifest, art, threads=threads, device=device, pruning=pruning)
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
-    return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device), spec, n_ctx)
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning: Pruning | None = None):
+    """At a pruning rate the same library runs (its MLP widths are symbolic) on the MLP weights sliced at load."""
+    return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device, pruning), spec, n_ctx)
 
 MAX_BATCH = 1024
 
@@ -45,18 +54,65 @@ def parse_device(device: str | None) -> tuple[str, str | None, int | None]:
     raise BundleError(None, f"unknown device {device!r}: expected cpu or rpc://HOST:PORT")
 
 
-def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def _check_section(spec: dict, path: Path) -> None:
+    """The manifest's `tvm` section, as this runtime reads it (the manifest itself has no checksum)."""
+    for key in ("library", "params", "entry", "inputs", "param_names"):
+        if key not in spec:
+            raise BundleError(path, f"tvm section lacks {key!r}")
+    ok = isinstance(spec["entry"], str) and isinstance(spec["param_names"], list) and \
+        all(isinstance(n, str) for n in spec["param_names"])
+    for io in [*(spec["inputs"] if isinstance(spec["inputs"], list) else [None]), *(spec.get("outputs") or [])]:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("name"), str) and (
+            io is not None and ("shape" not in io or (isinstance(io["shape"], list) and all(
+                isinstance(d, (int, str)) and not isinstance(d, bool) for d in io["shape"]))))
+    for io in spec["inputs"] if isinstance(spec["inputs"], list) else []:
+        ok = ok and isinstance(io, dict) and isinstance(io.get("dtype"), str) and "shape" in io
+    if not ok:
+        raise BundleError(path, "tvm section is malformed (entry, inputs, outputs or param_names)")
 
+
+def load_params(path: Path, names: list[str], cuts: dict[str, tuple[int, int]] | None = None) -> list[np.ndarray]:
+    """The parameters in call order; `cuts` {name: (axis, length)}: read only that prefix of those (pruning)."""
+    from safetensors import SafetensorError, safe_open
+
+    cuts = cuts or {}
+    out = []
     try:
-        arrays = load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            have = set(f.keys())
+            for n in names:
+                if n not in have:
+                    raise BundleError(path, f"weights file lacks parameter {n}")
+                if n not in cuts:
+                    out.append(f.get_tensor(n))
+                    continue
+                axis, keep = cuts[n]
+                view = f.get_slice(n)
+                shape = view.get_shape()
+                if not 0 <= axis < len(shape) or not 0 < keep <= shape[axis]:
+                    raise BundleError(path, f"parameter {n} {shape} cannot keep {keep} along axis {axis}")
+                out.append(np.ascontiguousarray(view[(slice(None),) * axis + (slice(0, keep),)]))
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(path, f"not a readable safetensors file ({exc})") from None
-    missing = [n for n in names if n not in arrays]
+    missing = set(cuts) - set(names)
     if missing:
-        raise BundleError(path, f"weights file lacks parameter {missing[0]}")
-    return [arrays[n] for n in names]
+        raise BundleError(path, f"the pruning recipe names {sorted(missing)[0]}, which the library does not take")
+    return out
+
+
+def pruning_cuts(bundle: Path, spec: dict, pruning: Pruning) -> dict[str, tuple[int, int]]:
+    """{parameter: (axis, elements kept)} at the rate's widths, from the manifest's `tvm.pruning` recipe."""
+    recipe = spec.get("pruning")
+    if not recipe or len(recipe) != len(pruning.widths):
+        raise BundleError(bundle / "manifest.json", "the tvm section has no pruning recipe for its pruning rates")
+    cuts = {}
+    for layer, (items, k) in enumerate(zip(recipe, pruning.widths)):
+        for it in items:
+            keep = Fraction(k) * Fraction(int(it["per_channel"][0]), int(it["per_channel"][1]))
+            if keep.denominator != 1:
+                raise BundleError(bundle, f"width {k} of layer {layer} splits an element of {it['param']}")
+            cuts[it["param"]] = (int(it["axis"]), int(keep))
+    return cuts
 
 
 class TvmSession(SentenceEmbedding):
@@ -65,7 +121,7 @@ class TvmSession(SentenceEmbedding):
     backend_name = "tvm"
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], artifact: dict[str, Any], threads: int = 1,
-                 device: str | None = None):
+                 device: str | None = None, pruning: Pruning | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -74,48 +130,53 @@ class TvmSession(SentenceEmbedding):
         self.artifact = artifact
         self.kind = manifest["model"]["kind"]
         spec = manifest.get("tvm") or {}
-        for key in ("library", "params", "entry", "inputs", "param_names"):
-            if key not in spec:
-                raise BundleError(bundle / "manifest.json", f"tvm section lacks {key!r}")
+        _check_section(spec, bundle / "manifest.json")
         self.entry = spec["entry"]
         self.inputs = spec["inputs"]
         self.outputs = spec.get("outputs") or [{"name": "output"}]
-        lib_path = artifact_path(bundle, spec["library"])
         mode, host, port = parse_device(device)
         gpu = (spec.get("target") or {}).get("kind") == "cuda"
         if gpu:       # the library carries CUDA source; this registers the compiler TVM calls when loading it
             import tvm.support.nvcc  # noqa: F401
         self.device_name = device or "cpu"
-        if mode == "local":
-            _set_threads(threads)
-            try:
-                lib = tvm.runtime.load_module(str(lib_path))
-            except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
-                raise BundleError(lib_path, f"cannot be loaded on this machine ({str(exc).splitlines()[0]}); "
-                                            "run it on its device, e.g. device='rpc://HOST:PORT'") from None
-            self.remote = None
-            self.dev = tvm.cuda(0) if gpu else tvm.cpu(0)
-        else:
-            from tvm import rpc
+        self.remote = None
+        private = private_dir("edgeq-tvm-lib-")
+        try:
+            lib_path = verified_copy(bundle, manifest, spec["library"], "tvm.library", private)
+            if mode == "local":
+                _set_threads(threads)
+                try:
+                    lib = tvm.runtime.load_module(str(lib_path))
+                except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
+                    raise BundleError(bundle / spec["library"], f"cannot be loaded on this machine "
+                                      f"({str(exc).splitlines()[0]}); run it on its device, e.g. "
+                                      "device='rpc://HOST:PORT'") from None
+                self.dev = tvm.cuda(0) if gpu else tvm.cpu(0)
+            else:
+                from tvm import rpc
 
-            try:
-                self.remote = rpc.connect(host, port)
-            except Exception as exc:
-                raise BundleError(None, f"cannot reach the TVM RPC server at {host}:{port} "
-                                        f"({str(exc).splitlines()[0]})") from None
-            self.remote.upload(str(lib_path))
-            lib = self.remote.load_module(lib_path.name)
-            self.dev = self.remote.cuda(0) if gpu else self.remote.cpu(0)
+                try:
+                    self.remote = rpc.connect(host, port)
+                except Exception as exc:
+                    raise BundleError(None, f"cannot reach the TVM RPC server at {host}:{port} "
+                                            f"({str(exc).splitlines()[0]})") from None
+                self.remote.upload(str(lib_path))
+                lib = self.remote.load_module(lib_path.name)
+                self.dev = self.remote.cuda(0) if gpu else self.remote.cpu(0)
+        finally:     # a loaded library stays mapped; its file is no longer needed
+            remove_private_dir(private)
         self.vm = VirtualMachine(lib, self.dev)
         names = list(spec["param_names"])
+        cuts = pruning_cuts(bundle, spec, pruning) if pruning is not None else None
         self.params = [tvm.runtime.tensor(a, self.dev) for a in
-                       load_params(artifact_path(bundle, spec["params"]), names)]
+                       load_params(listed_path(bundle, manifest, spec["params"], "tvm.params"), names, cuts)]
         self.tokenizer = None
         tok = manifest.get("tokenizer") or {}
         if tok.get("tokenizer_json"):
             from tokenizers import Tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(artifact_path(bundle, tok["tokenizer_json"])))
+            self.tokenizer = Tokenizer.from_file(str(listed_path(bundle, manifest, tok["tokenizer_json"],
+                                                                 "tokenizer.tokenizer_json")))
             self.tokenizer.no_padding()
             self.tokenizer.enable_truncation(int(tok.get("max_length", 512)))
             self.pad_id = int(tok.get("pad_id", 0))
@@ -128,13 +189,16 @@ class TvmSession(SentenceEmbedding):
         args = []
         for spec in self.inputs:
             if spec["name"] not in inputs:
-                raise ValueError(f"missing input {spec['name']!r} (the model takes {[s['name'] for s in self.inputs]})")
+                raise RequestError(f"missing input {spec['name']!r} "
+                                   f"(the model takes {[s['name'] for s in self.inputs]})")
             x = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
             if x.ndim != len(spec["shape"]):
-                raise ValueError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes {spec['shape']}")
+                raise RequestError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes "
+                                   f"{spec['shape']}")
             for got, want in zip(x.shape, spec["shape"]):
                 if isinstance(want, int) and got != want:
-                    raise ValueError(f"input {spec['name']!r} has shape {x.shape}, the model takes {spec['shape']}")
+                    raise RequestError(f"input {spec['name']!r} has shape {x.shape}, the model takes "
+                                       f"{spec['shape']}")
             args.append(tvm.runtime.tensor(x, self.dev))
         return args + self.params
 
@@ -153,12 +217,12 @@ class TvmSession(SentenceEmbedding):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer")
+            raise RequestError("this bundle has no tokenizer")
         return self.tokenizer.encode(text).ids
 
     def encoder_inputs(self, batch: list[list[int]]) -> dict[str, np.ndarray]:
         if not batch or len(batch) > MAX_BATCH:
-            raise ValueError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
+            raise RequestError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
         n = max(len(x) for x in batch)
         ids = np.full((len(batch), n), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(batch), n), dtype=np.int32)
@@ -166,7 +230,7 @@ class TvmSession(SentenceEmbedding):
             ids[i, :len(x)] = x
             mask[i, :len(x)] = 1
         if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range of the vocabulary ({self.vocab_size})")
+            raise RequestError(f"token id out of range of the vocabulary ({self.vocab_size})")
         return {"input_ids": ids, "attention_mask": mask}
 
     def embed_ids(self, batch: list[list[int]]) -> np.ndarray:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,17 @@ def export_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def android(tmp_path_factory):
+    """`edgeq export --target android` as a user runs it (the default model, q4_k_m, calibrated), once per session:
+    the CLI's and the server's tests use it. Returns the bundle and the finished process."""
+    out = tmp_path_factory.mktemp("android") / "out"
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--target", "android", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+@pytest.fixture(scope="session")
 def smollm_spec(smollm_path, smollm_graph):
     from edgeq.runtime.tokenizer import spec_from_gguf_metadata
 
@@ -128,3 +141,39 @@ def tiny_decoder_dir(tmp_path_factory) -> Path:
 def cache(tmp_path_factory) -> Path:
     """An EDGEQ_CACHE folder per test module: its exports share calibration and sizes, other modules' do not."""
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def hil_bundles(tmp_path_factory):
+    """Small bundles per backend, exported once: a tiny random Llama (gguf) and MiniLM int8 (onnx: the
+    smallest encoder the ONNX target takes)."""
+    from edgeq.api import ExportOptions, export
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(backend: str, target: str = "cpu") -> Path:
+        key = (backend, target if backend == "tvm" else "any")     # gguf and onnx bundles run anywhere
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"hil-{backend}")
+            if backend == "gguf":
+                from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+                from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+
+                src = graph_to_hf_folder(random_llama(tiny_config(vocab_size=384), seed=1, scale=0.08),
+                                         root / "tiny-llama", byte_level_spec(384))
+                export(ExportOptions(model=str(src), quant="q8_0", out=str(root / "b"), calibration=False))
+            elif backend == "onnx":
+                export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant="int8", out=str(root / "b")))
+            elif backend == "tvm":
+                try:
+                    from edgeq.models.recipes.synthetic import write_bert_folder
+                except ImportError:
+                    pytest.skip("this edgeq has no TVM backend yet (issue 5)")
+                src = write_bert_folder(root / "tiny-bert")
+                export(ExportOptions(model=str(src), backend="tvm", quant="int8", target=target, out=str(root / "b")))
+            else:
+                pytest.skip(f"edgeq cannot export {backend} bundles")
+            made[key] = root / "b"
+        return made[key]
+
+    return get

@@ -36,42 +36,6 @@ def _flip_byte(bundle: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hil_bundles(tmp_path_factory):
-    """Small bundles per backend, exported once: a tiny random Llama (gguf) and MiniLM int8 (onnx: the
-    smallest encoder the ONNX target takes)."""
-    from edgeq.api import ExportOptions, export
-
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(backend: str, target: str = "cpu") -> Path:
-        key = (backend, target if backend == "tvm" else "any")     # gguf and onnx bundles run anywhere
-        if key not in made:
-            root = tmp_path_factory.mktemp(f"hil-{backend}")
-            if backend == "gguf":
-                from edgeq.models.recipes.hf_folder import graph_to_hf_folder
-                from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
-
-                src = graph_to_hf_folder(random_llama(tiny_config(vocab_size=384), seed=1, scale=0.08),
-                                         root / "tiny-llama", byte_level_spec(384))
-                export(ExportOptions(model=str(src), quant="q8_0", out=str(root / "b"), calibration=False))
-            elif backend == "onnx":
-                export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant="int8", out=str(root / "b")))
-            elif backend == "tvm":
-                try:
-                    from edgeq.models.recipes.synthetic import write_bert_folder
-                except ImportError:
-                    pytest.skip("this edgeq has no TVM backend yet (issue 5)")
-                src = write_bert_folder(root / "tiny-bert")
-                export(ExportOptions(model=str(src), backend="tvm", quant="int8", target=target, out=str(root / "b")))
-            else:
-                pytest.skip(f"edgeq cannot export {backend} bundles")
-            made[key] = root / "b"
-        return made[key]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def host_runs(hil_bundles):
     """The same reference run on the host (the `local` device), for latency comparisons."""
     dev = open_device("local")
@@ -122,6 +86,42 @@ def test_latency_against_the_host(edgeq_device, edgeq_backend, hil_bundles, host
     # generous: this checks the plumbing (same code, same machine for local and loopback ssh), not speed
     got = hil.assert_latency(bundle, res, host_runs(edgeq_backend), factor=10.0)
     assert got["device_s"] > 0 and got["host_s"] > 0
+
+
+@pytest.mark.hil
+def test_latency_against_the_prediction(edgeq_device, edgeq_backend, tmp_path, hil, record_property):
+    """Measured latency on the device against the bundle's prediction from the device's own latency profile
+    (`edgeq profile --device SPEC`, cached); the ratio is reported (junit property, and the output)."""
+    why = hil.latency_skip_reason(edgeq_device)
+    if why:
+        pytest.skip(why)
+    if edgeq_backend not in ("gguf", "onnx"):
+        pytest.skip(f"latency profiles cover decoders on gguf and onnx, not {edgeq_backend} yet")
+    from edgeq.api import ExportOptions, export
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.predictor.profile import cached_profile_path
+
+    facts = edgeq_device.facts()
+    found = [p for p in (cached_profile_path(facts, edgeq_backend, 1, c) for c in ("wall", "cpu")) if p and p.is_file()]
+    profile = found[0] if found else None
+    if profile is None:
+        pytest.skip(f"no latency profile of {edgeq_device.name} for {edgeq_backend}: run `edgeq profile --device "
+                    f"{edgeq_device.name} --backend {edgeq_backend}` once")
+    cfg = tiny_config(vocab_size=4096, hidden_size=512, intermediate_size=1536, n_layers=8, n_heads=8, n_kv_heads=2,
+                      tied_embeddings=True, context_length=512)
+    src = graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.05), tmp_path / "m", byte_level_spec(4096))
+    quant = {"gguf": "q4_0", "onnx": "int4"}[edgeq_backend]
+    bundle = tmp_path / "b"
+    export(ExportOptions(model=str(src), backend=edgeq_backend, quant=quant, out=str(bundle), calibration=False,
+                         check=False, latency_profile=str(profile)))
+    got = hil.measure_prediction(edgeq_device, bundle)
+    for k in ("decode_ratio", "prefill_ratio"):
+        record_property(k, round(got[k], 4))
+    print(f"{edgeq_device.name} {edgeq_backend}: measured/predicted decode {got['decode_ratio']:.3f}, "
+          f"prefill {got['prefill_ratio']:.3f} ({got['measured']} vs {got['predicted']})")
+    # the device is the profile's: a plan outside the profile's micro-models is still predicted within 2x
+    assert 0.5 < got["decode_ratio"] < 2.0 and 0.5 < got["prefill_ratio"] < 2.0, got
 
 
 @pytest.fixture(scope="session")

@@ -167,8 +167,12 @@ def test_adapter_gguf_moves_llama_cpp_towards_the_float_reference(tiny_gguf, tmp
                                        rank=64 if len(t.shape) == 2 and "embed" not in n else 0)
                          for n, t in graph.weights.items()}, search={"lowrank_scaling": "exact", "ranks": [64]})
     plan.save(tmp_path / "plan.json")
+    said = []
     export(ExportOptions(model=str(tiny_gguf), plan=str(tmp_path / "plan.json"), out=str(tmp_path / "b"),
-                         calib_windows=2, check=False))
+                         calib_windows=2, check=False), log=said.append)
+    # stock llama.cpp does not read the manifest: the export and the report name the flag it needs
+    assert any("--lora adapter.gguf" in line for line in said)
+    assert "llama-cli -m model.gguf --lora adapter.gguf" in (tmp_path / "b" / "report.md").read_text()
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     adapter = [a for a in m["artifacts"] if a.get("role") == "adapter"]
     assert adapter and (tmp_path / "b" / "adapter.gguf").stat().st_size == adapter[0]["bytes"]
@@ -278,10 +282,9 @@ def test_fisher_backward_is_torch_autograd_of_the_executor(tied):
     """The numpy backward (passes/fisher.py) gives autograd's gradients at every linear output and lookup, through
     a forward that is the executor's own (GQA attention, RoPE with llama3 scaling, SwiGLU, RMSNorm, tied head)."""
     torch = pytest.importorskip("torch")
-    from torch_reference import forward
-
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
     from edgeq.passes.fisher import _sample, _Tape, backward
+    from edgeq.passes.torch_forward import torch_forward as forward
 
     scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}

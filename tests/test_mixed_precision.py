@@ -25,7 +25,7 @@ from edgeq.importers.gguf import import_gguf
 from edgeq.models import llama
 from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 from edgeq.passes.allocate import fit_exact_bytes, min_feasible_bytes, solve_ilp
-from edgeq.passes.calibrate import Calibration, calibration_windows, collect
+from edgeq.passes.calibrate import MIN_TOKENS, Calibration, calibration_windows, collect
 from edgeq.passes.sensitivity import CostTable, Option, compute_costs, output_error
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.gguf import write_gguf
@@ -186,8 +186,7 @@ def test_calibration_cache_round_trip(tiny, tmp_path):
     rng = np.random.default_rng(1)
     cal = collect(tiny, [list(rng.integers(3, 384, 32))], max_full=300)
     cal.info["x"] = 1
-    cal.save(tmp_path / "c.npz")
-    back = Calibration.load(tmp_path / "c.npz")
+    back = Calibration.from_bytes(cal.to_bytes())
     assert back.weight_input == cal.weight_input and back.info == cal.info
     for k, s in cal.inputs.items():
         assert back.inputs[k].n == s.n and np.array_equal(back.inputs[k].sum_sq, s.sum_sq)
@@ -200,8 +199,10 @@ def test_calibration_windows_start_with_bos():
     ws = calibration_windows(toks, 512, 4, bos_id=1, add_bos=True)
     assert len(ws) == 4 and all(len(w) == 512 and w[0] == 1 for w in ws)
     assert ws[0][1] == 101 and ws[-1][1] == 100 + 8 * 512 + 1        # spread over the whole text
-    with pytest.raises(EdgeqError):
-        calibration_windows(toks[:100], 512, 4, 1, True)
+    short = calibration_windows(toks[:100], 512, 4, 1, True)       # shorter than a window: one shorter window
+    assert len(short) == 1 and len(short[0]) == 100 and short[0][0] == 1
+    with pytest.raises(EdgeqError, match="fewer than the 64"):
+        calibration_windows(toks[:MIN_TOKENS - 1], 512, 4, 1, True)
 
 
 # --- imatrix files ---------------------------------------------------------------------------

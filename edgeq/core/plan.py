@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from edgeq.core.formats import FORMATS
 from edgeq.core.fs import atomic_write_text
 
 PLAN_VERSION = 1
+MAX_RANK = 1 << 16
+MAX_PLAN_BYTES = 64 << 20
 
 
 @dataclass
@@ -125,12 +128,16 @@ def plan_from_json(d: Any, path=None) -> Plan:
     if not isinstance(d, dict):
         raise EdgeqError(path, "a plan must be a JSON object")
     version = d.get("version", PLAN_VERSION)
-    if version != PLAN_VERSION:
-        raise EdgeqError(path, f"plan version {version} is not supported (this edgeq reads version {PLAN_VERSION})")
+    if type(version) is not int or version != PLAN_VERSION:
+        raise EdgeqError(path, f"plan version {version!r} is not supported (this edgeq reads version {PLAN_VERSION})")
     unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning", "search", "calibration",
                          "activations"}
     if unknown:
         raise EdgeqError(path, f"unknown plan key {sorted(unknown)[0]!r}")
+    for key, typ in (("rules", list), ("tensors", dict), ("pruning", dict), ("search", dict), ("calibration", dict),
+                     ("activations", dict), ("preset", str), ("backend", str)):
+        if d.get(key) is not None and not isinstance(d[key], typ):
+            raise EdgeqError(path, f"'{key}' must be {'a list' if typ is list else 'an object' if typ is dict else 'a string'}")
     rules = []
     for i, r in enumerate(d.get("rules") or []):
         if not isinstance(r, dict) or not isinstance(r.get("match"), str) or not isinstance(r.get("format"), str):
@@ -149,8 +156,19 @@ def plan_from_json(d: Any, path=None) -> Plan:
         if bad:
             raise EdgeqError(path, f"tensors[{name!r}] has unknown key {sorted(bad)[0]!r}")
         rank = t.get("rank", 0)
-        if not isinstance(rank, int) or rank < 0:
-            raise EdgeqError(path, f"tensors[{name!r}].rank must be a non-negative integer")
+        if type(rank) is not int or not 0 <= rank <= MAX_RANK:
+            raise EdgeqError(path, f"tensors[{name!r}].rank must be an integer from 0 to {MAX_RANK}")
+        for key, ok, what in (("reason", lambda v: isinstance(v, str), "a string"),
+                              ("requested", lambda v: isinstance(v, str), "a format name"),
+                              ("tie", lambda v: isinstance(v, str), "a tensor name"),
+                              ("keep", lambda v: type(v) is int and v > 0, "a positive integer"),
+                              ("order", lambda v: isinstance(v, list) and all(type(i) is int for i in v),
+                               "a list of integers"),
+                              ("bytes", lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+                              ("predicted_error", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                               "a number")):
+            if t.get(key) is not None and not ok(t[key]):
+                raise EdgeqError(path, f"tensors[{name!r}].{key} must be {what}")
         act = t.get("act_range")
         if act is not None and not _is_range(act):
             raise EdgeqError(path, f"tensors[{name!r}].act_range must be [min, max] with min <= 0 <= max")
@@ -161,11 +179,6 @@ def plan_from_json(d: Any, path=None) -> Plan:
             act_range=[float(v) for v in act] if act is not None else None,
         )
     preset = d.get("preset")
-    if preset is not None and not isinstance(preset, str):
-        raise EdgeqError(path, "'preset' must be a string")
-    for key in ("search", "calibration"):
-        if d.get(key) is not None and not isinstance(d[key], dict):
-            raise EdgeqError(path, f"'{key}' must be an object")
     acts = d.get("activations")
     if acts is not None:
         if not isinstance(acts, dict):
@@ -180,15 +193,17 @@ def plan_from_json(d: Any, path=None) -> Plan:
 
 def _is_range(r: Any) -> bool:
     return (isinstance(r, list) and len(r) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in r) and r[0] <= 0 <= r[1])
+                                                       and math.isfinite(v) for v in r) and r[0] <= 0 <= r[1])
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
     path = Path(path)
     if not path.is_file():
         raise EdgeqError(path, "no such plan file")
+    if path.stat().st_size > MAX_PLAN_BYTES:
+        raise EdgeqError(path, f"larger than {MAX_PLAN_BYTES} bytes")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EdgeqError(path, f"not valid JSON ({exc})") from None
     return plan_from_json(d, path)

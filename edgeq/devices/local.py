@@ -45,7 +45,7 @@ class FolderDevice(ShellDevice):
     def put(self, local_dir: Path, remote_dir: str) -> None:
         dst = self.host_path(remote_dir)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(local_dir, dst, dirs_exist_ok=True)
+        shutil.copytree(local_dir, dst, symlinks=True, dirs_exist_ok=True)   # links stay links, as in tar over ssh
 
     def get(self, remote_dir: str, local_dir: Path) -> None:
         src = self.host_path(remote_dir)

@@ -10,6 +10,7 @@ from typing import Callable
 from edgeq import runtime
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write_text
+from edgeq.devices.session import DeviceSession, runs_remotely
 from edgeq.evaluate.cnn import evaluate_cnn
 from edgeq.evaluate.decoder import evaluate
 from edgeq.evaluate.encoder import evaluate_encoder
@@ -24,13 +25,20 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
                     reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
-                    device: str | None = None, pareto: bool = True) -> dict:
+                    device: str | None = None, pareto: bool = True, pruning_rate: float | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles.
+
+    `pruning_rate`: a decoder bundle's rate to load it at; the reference is still the unpruned float source, so
+    rates (and orderings) compare on one scale.
 
     `pareto`: add the (bpw, KLD) point to the source model's cache that export reports plot (edgeq/evaluate/points.py).
     """
     bundle = Path(bundle)
     kind = read_manifest(bundle)["model"].get("kind")
+    if runs_remotely(device) and kind != "decoder":
+        raise EdgeqError(bundle, f"edgeq eval --device {device} scores decoders; run an {kind} there with edgeq run")
+    if pruning_rate is not None and kind != "decoder":
+        raise EdgeqError(bundle, f"pruning rates are for decoders, this bundle holds an {kind}")
     if kind == "cnn":
         with runtime.load(bundle, backend=backend, threads=threads, device=device) as session:
             res = evaluate_cnn(session, images, reference=reference, reference_logits=reference_logits,
@@ -58,7 +66,10 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         text_name = p.name
     else:
         text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
-    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device)
+    session = (DeviceSession(bundle, device, backend, threads, n_ctx=ctx, pruning_rate=pruning_rate)
+               if runs_remotely(device)
+               else runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device,
+                                 pruning_rate=pruning_rate))
     try:
         manifest = session.manifest
         if reference_logits is None:
@@ -72,9 +83,11 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         session.close()
     res["backend"] = session.backend_name
     res["text"] = text_name
+    if pruning_rate is not None:
+        res["pruning_rate"] = pruning_rate
     if record:
         _record(bundle, res)
-    if pareto and text_file is None:
+    if pareto and text_file is None and not pruning_rate:
         record_point(bundle, manifest, res)
     return res
 

@@ -8,12 +8,10 @@ disables it). edgeq/bundle/pareto.py plots a budgeted plan beside the cached pre
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from edgeq.core.cache import cache_dir
-from edgeq.core.fs import atomic_write_text
+from edgeq.core.cache import cache_dir, read_json_entry, write_json_entry
 from edgeq.evaluate.texts import EVALUATION_TEXT_NAME
 
 PARETO_VERSION = 1
@@ -53,23 +51,23 @@ def record_point(bundle: Path, manifest: dict[str, Any], res: dict[str, Any]) ->
         return
     label, kind = bundle_label(manifest)
     try:
-        data = json.loads(path.read_text()) if path.is_file() else {"version": PARETO_VERSION, "series": {}}
+        data = read_json_entry(path)        # None when absent, or torn (then removed): started again
+        if not isinstance(data, dict) or not isinstance(data.get("series"), dict):
+            data = {"version": PARETO_VERSION, "series": {}}
         series = data["series"].setdefault(_series(res), {})
         series[label] = {"bpw": bundle_bpw(bundle, manifest), "kld_mean": res["kld_mean"], "kind": kind,
                          "top1": res.get("top1")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
-    except (OSError, ValueError, KeyError, TypeError):
+        write_json_entry(path, data)
+    except (ValueError, KeyError, TypeError, AttributeError):
         pass
 
 
 def cached_presets(source_sha: str, max_ctx: int) -> tuple[int | None, int | None, dict[str, dict[str, Any]]]:
     """(ctx, chunks, {label: point}) of the held-out-text series with the most preset points, or (None, None, {})."""
-    path = _path(source_sha)
-    if path is None or not path.is_file():
+    data = read_json_entry(_path(source_sha))
+    if data is None:
         return None, None, {}
     try:
-        data = json.loads(path.read_text())
         series = [(k, v) for k, v in data["series"].items() if k.split("|")[0] == EVALUATION_TEXT_NAME
                   and int(k.split("|")[1][3:]) <= max_ctx]
         if not series:
@@ -77,5 +75,5 @@ def cached_presets(source_sha: str, max_ctx: int) -> tuple[int | None, int | Non
         key, points = max(series, key=lambda kv: (sum(p["kind"] == "preset" for p in kv[1].values()), kv[0]))
         _, ctx, chunks = key.split("|")
         return int(ctx[3:]), int(chunks[6:]), {k: v for k, v in points.items() if v["kind"] == "preset"}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None, None, {}

@@ -23,6 +23,9 @@ from edgeq.core.errors import EdgeqError
 GGUF_MAGIC = b"GGUF"
 MAX_DIMS = 4
 DEFAULT_ALIGNMENT = 32
+MAX_ALIGNMENT = 1 << 16
+MAX_ARRAY_NESTING = 4         # llama.cpp writes none; a deeper array is refused rather than recursed into
+LIST_MAX = 1 << 20            # numeric arrays longer than this stay numpy views of the file (no per-element objects)
 
 # GGUF value types -> (struct code, numpy dtype); 8 = string, 9 = array
 _SCALARS = {
@@ -61,13 +64,15 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             v = self.scalar(_SCALARS[vtype][0], what)
             return bool(v) if vtype == 7 else v
         if vtype == STRING:
             return self.string(what)
         if vtype == ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise _Corrupt(f"{what}: arrays nested more than {MAX_ARRAY_NESTING} deep")
             sub = self.scalar("<I", what)
             count = self.scalar("<Q", what)
             if sub in _SCALARS:
@@ -75,13 +80,15 @@ class _Cursor:
                 self.need(count * dt.itemsize, what)
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
                 self.pos += count * dt.itemsize
+                if count > LIST_MAX:
+                    return arr
                 return [bool(x) for x in arr] if sub == 7 else arr.tolist()
             if sub == STRING:
                 self.need(count * 8, what)  # every string costs at least its length field
                 return [self.string(what) for _ in range(count)]
             if sub == ARRAY:
                 self.need(count * 12, what)
-                return [self.value(ARRAY, what) for _ in range(count)]
+                return [self.value(ARRAY, what, depth + 1) for _ in range(count)]
             raise _Corrupt(f"{what}: unknown array element type {sub}")
         raise _Corrupt(f"{what}: unknown value type {vtype}")
 
@@ -138,11 +145,15 @@ def _parse(path: Path) -> GGUFFile:
     meta: dict[str, Any] = {}
     for _ in range(n_kv):
         key = c.string("metadata key")
-        vtype = c.scalar("<I", f"type of {key}")
-        meta[key] = c.value(vtype, key)
+        vtype = c.scalar("<I", f"type of {key!r}")
+        if key in meta:
+            raise _Corrupt(f"metadata key {key!r} appears twice")
+        meta[key] = c.value(vtype, repr(key))
     infos = []
     for _ in range(n_tensors):
         name = c.string("tensor name")
+        if len(name) > 1024:      # llama.cpp's GGML_MAX_NAME is 64; be generous, but bounded
+            raise _Corrupt(f"tensor name of {len(name)} characters")
         n_dims = c.scalar("<I", f"{name} dims")
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Corrupt(f"tensor {name} has {n_dims} dimensions")
@@ -158,9 +169,9 @@ def _parse(path: Path) -> GGUFFile:
         if any(d <= 0 for d in dims) or dims[0] % block or n_el > c.size * 64:
             raise _Corrupt(f"tensor {name} has an impossible shape {dims} for {qtype.name}")
         infos.append((name, qtype, dims, n_el, n_el // block * type_size, offset))
-    align = int(meta.get("general.alignment", DEFAULT_ALIGNMENT))
-    if align <= 0 or align & (align - 1):
-        raise _Corrupt(f"general.alignment {align} is not a power of two")
+    align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(align) is not int or not 0 < align <= MAX_ALIGNMENT or align & (align - 1):
+        raise _Corrupt(f"general.alignment {align!r} is not a power of two up to {MAX_ALIGNMENT}")
     data_start = (c.pos + align - 1) // align * align
     tensors = []
     seen = set()
@@ -168,11 +179,17 @@ def _parse(path: Path) -> GGUFFile:
         if name in seen:
             raise _Corrupt(f"tensor {name} appears twice")
         seen.add(name)
+        if offset % align:
+            raise _Corrupt(f"tensor {name} data offset {offset} is not a multiple of the alignment {align}")
         start = data_start + offset
         if start + n_bytes > c.size:
             raise EdgeqError(path, f"tensor {name} data runs past the end of the file "
                                    f"({start + n_bytes} > {c.size} bytes)")
         tensors.append(GGUFTensor(name, qtype, np.array(dims, dtype=np.int64), n_el, n_bytes, start, mm))
+    spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in tensors)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise EdgeqError(path, f"corrupt GGUF: tensors {n0} and {n1} have overlapping data")
     return GGUFFile(path=path, version=version, metadata=meta, tensors=tensors)
 
 

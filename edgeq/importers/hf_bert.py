@@ -11,25 +11,23 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors import SafetensorError, safe_open
-
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import EdgeqError, number, required
 from edgeq.core.ir import Graph, Tensor
+from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile
 from edgeq.models.bert import BertConfig, build_graph, expected_shapes
 
 MAX_CONFIG_BYTES = 1 << 20
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, want: type = dict) -> Any:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise EdgeqError(path, "implausibly large JSON file")
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EdgeqError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise EdgeqError(path, "expected a JSON object")
+    if not isinstance(d, want):
+        raise EdgeqError(path, f"expected a JSON {'object' if want is dict else 'array'}")
     return d
 
 
@@ -50,20 +48,29 @@ def config_from_hf(folder: Path) -> BertConfig:
             raise EdgeqError(pool_cfg, "only mean pooling is supported")
     modules = folder / "modules.json"
     if modules.is_file():
-        mods = json.loads(modules.read_text(encoding="utf-8"))
+        mods = _read_json(modules, list)
         normalize = any(str(m.get("type", "")).endswith("Normalize") for m in mods if isinstance(m, dict))
     st = folder / "sentence_bert_config.json"
     if st.is_file():
         max_seq = _read_json(st).get("max_seq_length")
-    n_heads = int(c["num_attention_heads"])
-    hidden = int(c["hidden_size"])
-    if n_heads <= 0 or hidden % n_heads:
-        raise EdgeqError(folder / "config.json", f"hidden_size {hidden} is not a multiple of {n_heads} heads")
-    max_pos = int(c.get("max_position_embeddings", 512))
+    path = folder / "config.json"
+
+    def num(key: str, default=None, kind: type = int, lo=1, hi=1 << 22):
+        v = required(c, key, path) if default is None else c.get(key, default)
+        return number(v, key, path, kind, "config", lo, hi)
+
+    n_heads = num("num_attention_heads", hi=1 << 12)
+    hidden = num("hidden_size", hi=1 << 17)
+    if hidden % n_heads:
+        raise EdgeqError(path, f"hidden_size {hidden} is not a multiple of {n_heads} heads")
+    max_pos = num("max_position_embeddings", 512, hi=1 << 20)
+    if max_seq is not None:
+        max_seq = number(max_seq, "max_seq_length", st, int, "sentence-transformers config", 1, 1 << 20)
     return BertConfig(
-        vocab_size=int(c["vocab_size"]), hidden_size=hidden, intermediate_size=int(c["intermediate_size"]),
-        n_layers=int(c["num_hidden_layers"]), n_heads=n_heads, max_positions=max_pos,
-        type_vocab_size=int(c.get("type_vocab_size", 2)), ln_eps=float(c.get("layer_norm_eps", 1e-12)),
+        vocab_size=num("vocab_size"), hidden_size=hidden, intermediate_size=num("intermediate_size", hi=1 << 20),
+        n_layers=num("num_hidden_layers", hi=1 << 12), n_heads=n_heads, max_positions=max_pos,
+        type_vocab_size=num("type_vocab_size", 2, hi=1 << 16),
+        ln_eps=num("layer_norm_eps", 1e-12, float, lo=0.0, hi=1.0),
         pooling=pooling, normalize=normalize, context_length=int(min(max_seq or max_pos, max_pos)),
     )
 
@@ -78,11 +85,8 @@ def import_hf_folder(folder: str | os.PathLike) -> Graph:
     if not (folder / "tokenizer.json").is_file():
         raise EdgeqError(folder, "no tokenizer.json (a Hugging Face tokenizers file is needed for encoders)")
     expected = expected_shapes(cfg)
-    try:
-        f = safe_open(str(st), "np")
-        names = list(f.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise EdgeqError(st, f"not a readable safetensors file ({exc})") from None
+    f = SafetensorsFile(st)          # the header checked by edgeq before anything reads the file
+    names = list(f.keys())
     strip = "bert." if any(n.startswith("bert.") for n in names) else ""
     by_canonical = {n[len(strip):]: n for n in names if n.startswith(strip)}
     weights: dict[str, Tensor] = {}
@@ -90,16 +94,12 @@ def import_hf_folder(folder: str | os.PathLike) -> Graph:
         src = by_canonical.get(name)
         if src is None:
             raise EdgeqError(st, f"missing tensor {strip}{name}")
-        sl = f.get_slice(src)
-        got = tuple(int(x) for x in sl.get_shape())
-        if got != shape:
-            raise EdgeqError(st, f"tensor {src} has shape {got}, config implies {shape}")
-
-        def load(src=src, path=str(st)) -> np.ndarray:
-            with safe_open(path, "np") as g:
-                return g.get_tensor(src).astype(np.float32)
-
-        weights[name] = Tensor(name=name, shape=shape, load=load, source_format=str(sl.get_dtype()).lower())
+        t = f[src]
+        if t.shape != shape:
+            raise EdgeqError(st, f"tensor {src} has shape {t.shape}, config implies {shape}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise EdgeqError(st, f"tensor {src} has dtype {t.dtype}, expected a float type")
+        weights[name] = Tensor(name=name, shape=shape, load=t.load, source_format=t.dtype.lower())
     metadata = {"source_path": str(folder), "name": folder.name if folder.name != "model" else folder.parent.name,
                 "license": "apache-2.0", "tokenizer_json": str(folder / "tokenizer.json")}
     readme = folder / "README.md"
@@ -116,8 +116,10 @@ def is_bert_folder(folder: Path) -> bool:
     if not cfg.is_file():
         return False
     try:
+        if cfg.stat().st_size > MAX_CONFIG_BYTES:
+            return False
         return json.loads(cfg.read_text(encoding="utf-8")).get("model_type") == "bert"
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    except (UnicodeDecodeError, ValueError, RecursionError, AttributeError, OSError):
         return False
 
 

@@ -61,7 +61,7 @@ def _read_json(path: Path, what: str) -> Any:
         raise EdgeqError(path, f"{what} is larger than {MAX_JSON_BYTES} bytes")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EdgeqError(path, f"{what} is not valid JSON ({exc})") from None
 
 
@@ -69,8 +69,18 @@ def spec_from_hf_folder(folder: str | Path, vocab_size: int, config: dict | None
     """The tokenizer of an HF model folder; `vocab_size` is the embedding's row count.
 
     tokenizer.json is read when present (byte-level BPE, or SentencePiece-style BPE with byte fallback); a
-    SentencePiece tokenizer.model only when it is the folder's only tokenizer file."""
-    folder = Path(folder)
+    SentencePiece tokenizer.model only when it is the folder's only tokenizer file.
+
+    The files are untrusted: every structure is checked where it is read, and a value of a type the format
+    does not allow anywhere else is one line naming the file, not a Python error."""
+    try:
+        return _spec_from_hf_folder(Path(folder), vocab_size, config)
+    except (TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise EdgeqError(Path(folder) / "tokenizer.json", f"unexpected structure in the tokenizer files "
+                                                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _spec_from_hf_folder(folder: Path, vocab_size: int, config: dict | None) -> TokenizerSpec:
     tj_path = folder / "tokenizer.json"
     sp_path = folder / "tokenizer.model"
     tc_path = folder / "tokenizer_config.json"
@@ -338,6 +348,8 @@ def _vocabulary(tj: dict, model: dict, vocab_size: int, path: Path) -> tuple[lis
             raise EdgeqError(path, f"tokens {by_id[tid]!r} and {text!r} share id {tid}")
         by_id[tid] = text
     types: dict[int, int] = {}
+    if not isinstance(tj.get("added_tokens") or [], list):
+        raise EdgeqError(path, "tokenizer.json added_tokens is not a list")
     for a in tj.get("added_tokens") or []:
         if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int):
             raise EdgeqError(path, f"invalid added token {a!r}")
@@ -426,7 +438,12 @@ def _add_flags(tc: dict, post: Any, meta: dict, tokens: list[str]) -> tuple[bool
 def _chat_template(folder: Path, tc: dict) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
+        if jinja.stat().st_size > MAX_JSON_BYTES:
+            raise EdgeqError(jinja, f"larger than {MAX_JSON_BYTES} bytes")
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise EdgeqError(jinja, f"not UTF-8 text ({exc})") from None
     t = tc.get("chat_template")
     if t is None and (folder / "chat_template.json").is_file():
         t = _read_json(folder / "chat_template.json", "chat_template.json")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ def read_images(path: str | os.PathLike, image_shape: tuple[int, ...]) -> tuple[
     try:
         with zipfile.ZipFile(path) as zf:
             sizes = {i.filename: i.file_size for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError) as exc:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
         raise EdgeqError(path, f"not an .npz file ({exc})") from None
     if "images.npy" not in sizes:
         raise EdgeqError(path, f"has no array 'images' (expected {want}; arrays found: "
@@ -38,8 +39,8 @@ def read_images(path: str | os.PathLike, image_shape: tuple[int, ...]) -> tuple[
         with np.load(path, allow_pickle=False) as z:
             images = z["images"]
             labels = z["labels"] if "labels.npy" in sizes else None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise EdgeqError(path, f"cannot read its arrays ({str(exc).splitlines()[0]})") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, NotImplementedError, zlib.error, KeyError) as exc:
+        raise EdgeqError(path, f"cannot read its arrays ({type(exc).__name__}: {exc})") from None
     if images.ndim != 1 + len(image_shape) or tuple(images.shape[1:]) != tuple(image_shape) or len(images) == 0:
         raise EdgeqError(path, f"'images' has shape {images.shape} and dtype {images.dtype}; expected {want}")
     if not np.issubdtype(images.dtype, np.floating):

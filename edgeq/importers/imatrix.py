@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.importers.gguf_metadata import open_gguf
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -90,38 +91,46 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
-    from gguf import GGMLQuantizationType, GGUFReader
+    """Through edgeq's bounded GGUF reader (gguf_metadata), never gguf-py's: the file is untrusted."""
+    from gguf import GGMLQuantizationType
 
-    try:
-        r = GGUFReader(path)
-    except Exception as exc:  # gguf-py raises ValueError/struct errors on damaged files
-        raise EdgeqError(path, f"not a readable GGUF imatrix ({exc})") from None
+    r = open_gguf(path)
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     for t in r.tensors:
         if t.tensor_type != GGMLQuantizationType.F32:
             raise EdgeqError(path, f"imatrix tensor {t.name} must be F32")
         if t.name.endswith(".in_sum2"):
-            sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            sums[t.name[: -len(".in_sum2")]] = np.array(t.data, dtype=np.float32).reshape(-1)
         elif t.name.endswith(".counts"):
-            counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            counts[t.name[: -len(".counts")]] = np.array(t.data, dtype=np.float32).reshape(-1)
     if not sums:
         raise EdgeqError(path, "no imatrix data (no <name>.in_sum2 tensors)")
     entries = {}
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
             raise EdgeqError(path, f"mismatched sums and counts for {name}")
-        c = np.round(counts[name]).astype(np.int64)
+        c = counts[name]
+        if not np.isfinite(c).all() or (c < 0).any() or (c > 2**53).any():
+            raise EdgeqError(path, f"{name}: token counts must be finite and non-negative")
+        c = np.round(c).astype(np.int64)
+        if not np.isfinite(sums[name]).all():
+            raise EdgeqError(path, f"{name}: sums hold NaN or infinite values")
         if sums[name].size % c.size:
             raise EdgeqError(path, f"{name}: {sums[name].size} sums do not split into {c.size} matrices")
         entries[name] = ImatrixEntry(sums[name], c)
+    meta = r.metadata
 
-    def field_value(key, default):
-        f = r.fields.get(key)
-        return default if f is None else f.contents()
+    def field(key: str, want: type, default):
+        v = meta.get(key, default)
+        if want is int and (type(v) is not int or v < 0):
+            raise EdgeqError(path, f"{key} must be a non-negative integer")
+        if want is list and (not isinstance(v, list) or not all(isinstance(x, str) for x in v)):
+            raise EdgeqError(path, f"{key} must be a list of strings")
+        return v
 
-    return Imatrix(entries, list(field_value(KEY_DATASETS, [])), int(field_value(KEY_CHUNK_COUNT, 0)),
-                   int(field_value(KEY_CHUNK_SIZE, 0)))
+    return Imatrix(entries, list(field(KEY_DATASETS, list, [])), field(KEY_CHUNK_COUNT, int, 0),
+                   field(KEY_CHUNK_SIZE, int, 0))
 
 
 def _read_legacy(path: Path) -> Imatrix:
@@ -148,9 +157,16 @@ def _read_legacy(path: Path) -> Imatrix:
             raise EdgeqError(path, "not an imatrix file (bad entry name length)")
         name = bytes(take(f"<{ln}s")[0]).decode("utf-8", "replace")
         ncall, nval = take("<ii")
-        if nval < 1:
-            raise EdgeqError(path, f"entry {name} has no values")
-        vals = np.array(take(f"<{nval}f"), dtype=np.float32)
+        if nval < 1 or ncall < 0:
+            raise EdgeqError(path, f"entry {name} has {nval} values from {ncall} calls")
+        if pos + 4 * nval > len(data):
+            raise EdgeqError(path, "truncated imatrix file (neither GGUF nor complete legacy .dat)")
+        vals = np.frombuffer(data, dtype="<f4", count=nval, offset=pos).astype(np.float32)
+        pos += 4 * nval
+        if not np.isfinite(vals).all():
+            raise EdgeqError(path, f"entry {name} holds NaN or infinite values")
+        if name in entries:
+            raise EdgeqError(path, f"entry {name} appears twice")
         # legacy sums are (raw / count) * ncall: importance = sums / ncall, i.e. counts = ncall
         entries[name] = ImatrixEntry(vals, np.array([ncall], dtype=np.int64))
     chunks, datasets = 0, []

@@ -111,7 +111,7 @@ def _read_header(path: Path) -> tuple[dict[str, STensor], dict[str, str]]:
         raw = f.read(hlen)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise EdgeqError(path, f"corrupt safetensors header: not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise EdgeqError(path, "corrupt safetensors header: not a JSON object")

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import operator
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +62,49 @@ def import_pt2(path: str | os.PathLike) -> Graph:
     import torch
 
     path = Path(path)
+    if not path.is_file():
+        raise EdgeqError(path, "no such file")
     size = path.stat().st_size
     if size > MAX_PT2_BYTES:
         raise EdgeqError(path, f"is {size} bytes; edgeq reads .pt2 programs up to {MAX_PT2_BYTES} bytes")
     data = path.read_bytes()
     check_pt2_archive(data, path)
-    try:
-        ep = torch.export.load(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001
-        raise EdgeqError(path, f"torch.export.load failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+    with _TorchLogs() as logs:
+        try:
+            ep = torch.export.load(io.BytesIO(data))
+        except Exception as exc:  # noqa: BLE001 - whatever torch raises, the user gets one line
+            root = logs.errors[-1] if logs.errors else exc
+            while root.__cause__ is not None:
+                root = root.__cause__
+            why = (str(root).strip().splitlines() or [type(root).__name__])[0]
+            raise EdgeqError(path, f"torch.export.load failed: {type(root).__name__}: {why}") from None
     return import_exported_program(ep, name=path.stem, source=path)
+
+
+class _TorchLogs(logging.Handler):
+    """Holds what torch.export logs while loading (a traceback per failure) instead of printing it: edgeq reports
+    one line, and the reason in it is the logged exception's."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+    def __enter__(self) -> "_TorchLogs":
+        self.loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]
+        self.saved = [(lg.propagate, lg.handlers) for lg in self.loggers]
+        for lg in self.loggers:
+            lg.handlers = [self]          # torch attaches its own stream handlers to these loggers
+            lg.propagate = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lg, (propagate, handlers) in zip(self.loggers, self.saved):
+            lg.handlers = handlers
+            lg.propagate = propagate
 
 
 def check_pt2_archive(data: bytes, path) -> None:
@@ -79,7 +114,7 @@ def check_pt2_archive(data: bytes, path) -> None:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
-    except (zipfile.BadZipFile, ValueError) as exc:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
         raise EdgeqError(path, f"not a torch.export archive (.pt2 is a zip file: {exc})") from None
     if len(infos) > MAX_PT2_ENTRIES:
         raise EdgeqError(path, f"archive has {len(infos)} entries (more than {MAX_PT2_ENTRIES})")
@@ -91,7 +126,14 @@ def check_pt2_archive(data: bytes, path) -> None:
         raise EdgeqError(path, "not a torch.export archive (expected one root folder)")
     root = roots.pop() + "/"
     rel = {n[len(root):]: n for n in names}
-    if "archive_format" not in rel or zf.read(rel["archive_format"]).strip() != b"pt2":
+    def read(r: str) -> bytes:
+        try:
+            return zf.read(rel[r])
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError,
+                OSError) as exc:
+            raise EdgeqError(path, f"archive entry {r!r} cannot be read ({exc})") from None
+
+    if "archive_format" not in rel or read("archive_format").strip() != b"pt2":
         raise EdgeqError(path, "not a torch.export.save archive (no archive_format 'pt2'; older formats are pickles "
                                "and are refused)")
     plain = ("archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id")
@@ -110,7 +152,7 @@ def check_pt2_archive(data: bytes, path) -> None:
     for r in rel:
         if r.startswith("data/") and r.endswith(".json"):
             try:
-                cfg = json.loads(zf.read(rel[r]))
+                cfg = json.loads(read(r))
             except (ValueError, RecursionError) as exc:
                 raise EdgeqError(path, f"{r} is not valid JSON ({exc})") from None
             for key, meta in (cfg.get("config") or {}).items() if isinstance(cfg, dict) else ():
@@ -121,7 +163,10 @@ def check_pt2_archive(data: bytes, path) -> None:
     for r in rel:
         if r.startswith("data/sample_inputs/"):
             try:
-                torch.load(io.BytesIO(zf.read(rel[r])), weights_only=True)
+                payload = read(r)
+                torch.load(io.BytesIO(payload), weights_only=True)
+            except EdgeqError:
+                raise
             except Exception:  # noqa: BLE001 - anything a weights-only load refuses is refused
                 raise EdgeqError(path, f"{r} is not a weights-only tensor file (refused: torch would unpickle it)") from None
 

@@ -35,6 +35,7 @@ class GgufTarget(Target):
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
     measures_speed = True
+    prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config
@@ -58,6 +59,10 @@ class GgufTarget(Target):
     def compare_speed(self, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
         return compare_speed(files, threads)
 
+    def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
+        # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name
+        return {alias: name for name, alias in graph_weights.items()}
+
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
 
@@ -71,4 +76,7 @@ class GgufTarget(Target):
             write_adapter(req.graph, req.branches, adapter)
             artifacts.append(Artifact("adapter", adapter, self.name, {"f16": 2 * len(req.branches)},
                                       {"applies_to": model_file.name, "kind": "lora (low-rank error compensation)"}))
+            req.log(f"note: {len(req.branches)} low-rank error branches are in {ADAPTER_FILE}; edgeq's runtime applies "
+                    f"them, stock llama.cpp needs them named: llama-cli -m {MODEL_FILE} --lora {ADAPTER_FILE} "
+                    "(llama-server likewise)")
         return Lowered(artifacts)

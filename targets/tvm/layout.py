@@ -37,10 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeq.core.cache import cache_dir
+from edgeq.core.cache import cache_dir, read_json_entry, write_json_entry
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, get_format
-from edgeq.core.fs import atomic_write_text
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout, zero_weights
 from edgeq.core.plan import Plan, TensorPlan
@@ -202,22 +201,15 @@ class _Library:
         if key in self.sizes:
             return self.sizes[key]
         path = self._cache_path(key)
-        if path is not None and path.is_file():
-            try:
-                self.sizes[key] = int(json.loads(path.read_text())["bytes"])
-                return self.sizes[key]
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+        cached = read_json_entry(path)      # None when absent, or torn (then removed): built again
+        if isinstance(cached, dict) and type(cached.get("bytes")) is int and cached["bytes"] > 0:
+            self.sizes[key] = cached["bytes"]
+            return self.sizes[key]
         mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True).mod
         ex = compile_module(mod, self.target, None)
         with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
             self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, json.dumps({"bytes": self.sizes[key]}))
-            except OSError:
-                pass
+        write_json_entry(path, {"bytes": self.sizes[key]})
         return self.sizes[key]
 
     def _cache_path(self, key: str) -> Path | None:

@@ -25,6 +25,9 @@ decode 6x slower tuned than untuned.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +36,7 @@ import tvm
 from tvm import tirx
 
 from edgeq.core.errors import EdgeqError
+from edgeq.core.fs import atomic_write_bytes
 from edgeq.targets.tvm.build import ScheduleSymbolic, symbolic_kernel
 from edgeq.targets.tvm.ops import LINEAR_PREFIX
 from edgeq.targets.tvm.schedule import linear_schedule
@@ -77,19 +81,67 @@ def tune(mod: tvm.IRModule, target: dict[str, Any], profile, trials: int, host_r
                                "on this machine (tune with --target cpu, or build untuned)")
     work = tune_dir(profile.name)
     work.mkdir(parents=True, exist_ok=True)
-    db = ms.database.JSONDatabase(path_workload=str(work / "workloads.json"),
-                                  path_tuning_record=str(work / "records.json"), allow_missing=True)
-    tgt = tvm.target.Target(target)
-    tasks = static_tasks(mod, tgt)
-    todo = [t for t in tasks if not _tuned(db, t)]
-    log(f"tuning: {len(tasks)} static kernels, {len(tasks) - len(todo)} already in {work}, "
-        f"{len(todo)} to tune with {trials} trials")
-    if todo and trials > 0:
-        contexts, weights = extracted_tasks_to_tune_contexts(todo, str(work / "logs"), num_threads=1, seed=0)
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "logs"), max_trials_global=trials,
-                      num_trials_per_iter=min(16, max(1, trials)), builder=_builder(), runner=_runner(), database=db)
-    _add_fixed_records(db, tasks, tgt, log)
+    with _locked(work):       # one tuner per database at a time; others wait
+        dropped = repair_database(work)
+        if dropped:
+            log(f"tuning: dropped {dropped} torn or dangling lines of {work} (a tuning run was killed); their "
+                "kernels are measured again")
+        db = ms.database.JSONDatabase(path_workload=str(work / "workloads.json"),
+                                      path_tuning_record=str(work / "records.json"), allow_missing=True)
+        tgt = tvm.target.Target(target)
+        tasks = static_tasks(mod, tgt)
+        todo = [t for t in tasks if not _tuned(db, t)]
+        log(f"tuning: {len(tasks)} static kernels, {len(tasks) - len(todo)} already in {work}, "
+            f"{len(todo)} to tune with {trials} trials")
+        if todo and trials > 0:
+            contexts, weights = extracted_tasks_to_tune_contexts(todo, str(work / "logs"), num_threads=1, seed=0)
+            ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=str(work / "logs"), max_trials_global=trials,
+                          num_trials_per_iter=min(16, max(1, trials)), builder=_builder(), runner=_runner(),
+                          database=db)
+        _add_fixed_records(db, tasks, tgt, log)
     return db
+
+
+@contextlib.contextmanager
+def _locked(work: Path):
+    fd = os.open(work / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def repair_database(work: Path) -> int:
+    """Drop what a killed run tore from meta-schedule's JSON-lines database (TVM appends a line per workload
+    and per record, and its reader fails on a torn one): lines that do not parse, or do not end, and records
+    whose workload index is not a complete workload line. Returns how many lines were dropped."""
+    dropped = 0
+    n_workloads = 0
+    for name in ("workloads.json", "records.json"):
+        path = work / name
+        if not path.is_file():
+            continue
+        raw = path.read_bytes()
+        keep = []
+        for line in raw.splitlines(keepends=True):
+            try:
+                v = json.loads(line) if line.endswith(b"\n") and line.strip() else None
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                v = None
+            ok = isinstance(v, list) and len(v) == 2
+            if ok and name == "records.json":
+                ok = type(v[0]) is int and 0 <= v[0] < n_workloads
+            if ok and not (name == "workloads.json" and dropped):     # records index workloads by line:
+                keep.append(line)                                     # none after a torn one is kept
+            elif line.strip():
+                dropped += 1
+        if name == "workloads.json":
+            n_workloads = len(keep)
+        fixed = b"".join(keep)
+        if fixed != raw:
+            atomic_write_bytes(path, fixed)
+    return dropped
 
 
 def _builder():

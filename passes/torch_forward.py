@@ -1,14 +1,28 @@
-"""A torch interpreter of the IR's decoder ops: the oracle the numpy Fisher backward (passes/fisher.py) is checked
-against with autograd. Test code only: edgeq itself needs no torch for its costs."""
+"""The IR's decoder ops in torch, for the passes that train (UniQL recovery's masked LoRA) and as the autograd
+oracle the numpy Fisher backward (passes/fisher.py) is tested against. torch is a plan-time extra; nothing that
+edgeq needs by default imports this module.
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
+from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
 
 
-def forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
-    """The IR's decoder ops in torch (mirrors edgeq/core/executor.py); linear outputs are kept with their grads."""
+def require_torch(what: str):
+    try:
+        import torch
+    except ImportError:
+        raise EdgeqError(None, f"{what} need torch (pip install 'edgeq[search]')") from None
+    return torch
+
+
+def torch_forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
+    """The IR's decoder ops in torch (mirrors edgeq/core/executor.py); linear outputs are kept with their grads.
+    `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
     for node in graph.nodes:
         args = [env[i] if i in env else weights[i] for i in node.inputs]
@@ -25,6 +39,8 @@ def forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
             out = args[0] @ args[1].T
             if len(args) > 2:
                 out = out + args[2]
+            if edit and node.inputs[1] in edit:
+                out = edit[node.inputs[1]](args[0], out)
             if out.requires_grad:
                 out.retain_grad()
             keep[("linear", node.inputs[1])] = out
@@ -50,6 +66,6 @@ def forward(graph: Graph, tokens, weights: dict, torch, keep: dict):
             out = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=a.get("causal", True))
             out = out.transpose(0, 1).reshape(seq, nh * d)
         else:
-            raise NotImplementedError(node.op)
+            raise EdgeqError(None, f"the torch interpreter does not know op {node.op!r}")
         env[node.outputs[0]] = out
     return env[graph.outputs[0].name]
