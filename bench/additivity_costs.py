@@ -57,7 +57,7 @@ def cost_tables(graph, model, formats: list[str]):
     cal = ctx.analysis["calibration"]
     layout = gguf_layout(graph, spec_to_json(spec_from_gguf_metadata(graph.metadata["gguf"], model)))
     Fisher().run(graph, None, ctx)
-    full = ctx.analysis["fisher"]
+    full = ctx.analysis["fisher"].collect()
     variants = {"output": None, "fisher-diag": {k: v for k, v in full.items() if not k.startswith(("cov:", "lookup_tokens:"))},
                 "fisher": full}
     out = {}

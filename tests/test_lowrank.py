@@ -332,6 +332,51 @@ def test_fisher_weights_are_per_output_channel():
     assert output_error(dw, c, None, f[q]) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fisher_streams_a_segment_at_a_time_and_costs_equal_the_whole(tied):
+    """The statistics come top layer first, each weight's once and final, in pieces no bigger than a few
+    weights; the gradients equal one whole backward per window; the cost table built while streaming is the
+    one built from every statistic at once (same options, same order)."""
+    from edgeq.core.formats import get_format
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.passes.calibrate import collect
+    from edgeq.passes.fisher import FisherSource, _sample, _Tape, backward
+    from edgeq.runtime.tokenizer import spec_to_json
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.gguf.layout import gguf_layout
+
+    cfg = tiny_config(n_layers=3, vocab_size=384, tied_embeddings=tied)
+    graph = random_llama(cfg, seed=3, scale=0.08)
+    rng = np.random.default_rng(0)
+    wins = [[1] + rng.integers(3, 384, 47).tolist(), [1] + rng.integers(3, 384, 31).tolist()]
+    src = FisherSource(graph, wins)
+    parts = list(src.stream())
+    keys = [k for p in parts for k in p]
+    assert len(keys) == len(set(keys)) and len(parts) >= 2 * cfg.n_layers
+    linears = src.linear_weights()
+    assert max(sum(1 for k in p if k in linears) for p in parts) <= 4          # q,k,v,o or gate,up,down
+    first = {k.split(".")[2] for k in parts[1] if k.startswith("model.layers.")}
+    assert first == {str(cfg.n_layers - 1)}                                    # the top layer first
+    whole = src.collect()
+    tape, r, n = _Tape(graph), np.random.default_rng(0), sum(map(len, wins))
+    sums: dict = {}
+    for w in wins:
+        lin, look = backward(tape, w, _sample(tape.forward(w), r)[1])
+        for k, g in {**lin, **{f"lookup:{k}": v for k, v in look.items()}}.items():
+            sums[k] = sums.get(k, 0) + np.square(g, dtype=np.float64).sum(0)
+    for k, v in sums.items():
+        np.testing.assert_allclose(whole[k], v / n, rtol=1e-5)
+    cal = collect(graph, wins, max_full=0)
+    fmts = [get_format(f) for f in ("q8_0", "q4_0", "iq4_nl")]
+    layout = gguf_layout(graph, spec_to_json(byte_level_spec(cfg.vocab_size)))
+    a = compute_costs(graph, fmts, cal, layout, fisher=src)
+    b = compute_costs(graph, fmts, cal, layout, fisher=whole)
+    assert list(a.options) == list(b.options) == [k for k, t in graph.weights.items() if len(t.shape) == 2]
+    for name in a.options:
+        assert [(o.format, o.bytes) for o in a.options[name]] == [(o.format, o.bytes) for o in b.options[name]]
+        np.testing.assert_allclose([o.cost for o in a.options[name]], [o.cost for o in b.options[name]], rtol=1e-6)
+
+
 def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
     from edgeq.api import ExportOptions, export
     from edgeq.core.errors import EdgeqError

@@ -113,10 +113,12 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
     if opts.calibration and (search or ranks or opts.imatrix or prune or _takes_imatrix(graph, inp)):
-        # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
-        # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
-        # Sorting the MLPs needs the covariance of each down projection's input, whatever its width.
-        max_full = DEFAULT_MAX_FULL if search or ranks else 0
+        # Only low-rank branches, DynaQuant and a search under the plain output error read full input
+        # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
+        # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
+        # the covariance of each down projection's input, whatever its width.
+        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
+        max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full, full_for=_full_for(graph, max_full) if prune else frozenset(),
                                 subset=opts.calib_subset))
