@@ -577,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall (default): the wall clock; cpu: the runtime's CPU time (one thread), which leaves out "
                          "time spent waiting for a core on a shared machine: an idle device's wall time")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
-    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help=quiet_help)
 
     pd = command("predict", "predict a bundle's or a plan's prefill, decode step and peak memory",
                  "edgeq predict out/ --latency-profile ~/.cache/edgeq/profiles/PROFILE.json",
