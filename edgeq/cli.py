@@ -32,7 +32,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost,
-        adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
+        adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
+        calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
         allow_requantize=not getattr(a, "no_requantize", False),
         ndk_clang=getattr(a, "ndk_clang", None),
@@ -136,10 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def adapter_option(sp, help_text):
-        sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT]", help=help_text)
+        sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT][=NAME]", help=help_text)
 
     merge_help = ("PEFT LoRA adapter folder (or Hub id org/name[@revision]) merged into the float weights before "
-                  "anything else, optionally scaled by WEIGHT (default 1); repeat to merge several")
+                  "anything else, optionally scaled by WEIGHT (default 1); repeat to merge several. With "
+                  "--adapter-mode separate it is written beside the base instead, named NAME (default: the "
+                  "folder's name), WEIGHT its default scale")
     model_help = ("GGUF file, Hugging Face model folder or Hub id org/name[@revision] (resolved through the HF cache; "
                   "default: the embedded SmolLM2-135M-Instruct)")
 
@@ -158,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                for t in TARGETS.values())
                         + "; with --backend all one per backend, e.g. gguf=q4_0,onnx=int4")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply")
+        sp.add_argument("--adapter-mode", choices=["merged", "separate"], default="merged",
+                        help="merged (default): adapters folded into the float weights, then quantized; separate: "
+                             "the base quantized and calibrated alone, each adapter its own small file beside it, "
+                             "switched at run time (edgeq run --use-adapter, runtime.load(adapters=...))")
         sp.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
     def csv(kind):

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.core.adapter import ADAPTER_NAME, LoraAdapter, check_adapter_name
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import sha256_file
 from edgeq.core.ir import Graph, Tensor
@@ -92,10 +93,11 @@ class Adapter:
     base_layers: dict[str, STensor] = field(default_factory=dict)
     sha256: str = ""
     config_sha256: str = ""
+    name: str = ""              # DIR=NAME, else the folder's name
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
-        return {"name": self.path.resolve().name, "sha256": self.sha256, "config_sha256": self.config_sha256,
+        return {"name": self.name, "sha256": self.sha256, "config_sha256": self.config_sha256,
                 "weight": self.weight, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "modules": len(self.modules),
                 "base_model_name_or_path": c.get("base_model_name_or_path")}
@@ -113,6 +115,17 @@ def parse_adapter_arg(arg: str) -> tuple[str, float]:
             raise EdgeqError(head, f"adapter weight {tail!r} is not a finite number")
         return head, w
     return arg, 1.0
+
+
+def parse_adapter_spec(arg: str) -> tuple[str, float, str | None]:
+    """`DIR[:WEIGHT][=NAME]`: the folder, its weight and the name it is listed under (None: the folder's). An
+    `=` that is part of an existing path is left alone."""
+    head, sep, tail = arg.rpartition("=")
+    name = None
+    if sep and head and ADAPTER_NAME.match(tail) and not Path(arg).expanduser().exists():
+        arg, name = head, tail
+    path, weight = parse_adapter_arg(arg)
+    return path, weight, name
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -250,7 +263,7 @@ def _pattern_value(patterns: dict[str, Any], key: str, default):
 
 def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     """Validate an adapter folder against the base graph; nothing is loaded but headers and the config."""
-    path_s, weight = parse_adapter_arg(arg) if isinstance(arg, str) else arg
+    path_s, weight, listed_as = parse_adapter_spec(arg) if isinstance(arg, str) else (*arg, None)
     folder = Path(path_s).expanduser()
     if not folder.exists() and looks_like_hub_id(path_s):
         folder = resolve_hub_id(path_s, "adapter")
@@ -348,7 +361,8 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
         out.append(LoraModule(module, target, is_emb, A, B, r, alpha, scale))
     return Adapter(path=folder, weight=weight, config=c, modules=out, base_layers=base_layers,
                    sha256=sha256_file(wpath),
-                   config_sha256=sha256_file(cpath))
+                   config_sha256=sha256_file(cpath),
+                   name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
 
 
 def _same_tensor(a: STensor, b: STensor, path: Path) -> STensor:
@@ -362,6 +376,36 @@ def _check_vocab_rows(module: str, t: STensor, graph: Graph, path: Path) -> None
     if module.split(".")[-1] in ("embed_tokens", "lm_head") and t.shape and t.shape[0] != graph.config.vocab_size:
         raise EdgeqError(path, f"{module} has {t.shape[0]} vocabulary rows, the base model {graph.config.vocab_size}: "
                                "resized vocabularies are not supported yet")
+
+
+def unmerged(ad: Adapter, graph: Graph) -> LoraAdapter:
+    """The adapter as a target writes it beside the base (--adapter-mode separate): each module's A and B with
+    its PEFT scale folded into B. What only a merge can express is refused in one line."""
+    wpath = ad.path / WEIGHTS
+    for target, t in ad.base_layers.items():    # PEFT saves them whenever an embedding is targeted: usually the base's own
+        if not np.array_equal(t.load(), graph.weights[target].numpy()):
+            raise EdgeqError(wpath, f"holds full weights for {target} that differ from the base model's "
+                                    "(save_embedding_layers): only --adapter-mode merged can apply them")
+    for m in ad.modules:
+        if m.embedding:
+            raise EdgeqError(wpath, f"has a LoRA on {m.module}; embedding adapters are applied with --adapter-mode "
+                                    "merged only for now")
+        if m.module == "lm_head" and graph.config.tied_embeddings:
+            raise EdgeqError(wpath, "has a LoRA on lm_head of a model with tied embeddings (the head is the "
+                                    "embedding table): only --adapter-mode merged can apply it")
+    order = list(graph.weights)
+    modules = sorted(ad.modules, key=lambda m: order.index(m.target))
+
+    def load() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {m.target: (np.asarray(m.A.load(), np.float32),
+                           np.asarray(m.B.load(), np.float32) * np.float32(m.scale)) for m in modules}
+
+    return LoraAdapter(name=ad.name, scale=ad.weight, rank=max(m.r for m in modules),
+                       targets=[m.target for m in modules],
+                       modules=sorted({m.module.rsplit(".", 1)[-1] for m in modules}),
+                       source_sha256=ad.sha256, config_sha256=ad.config_sha256,
+                       dtype="f32" if any(t.dtype in ("F32", "F64") for m in modules for t in (m.A, m.B)) else "f16",
+                       load_factors=load)
 
 
 # --- the pass -------------------------------------------------------------------------

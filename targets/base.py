@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import LoraAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats, get_format
 from edgeq.core.ir import Graph
@@ -108,6 +109,12 @@ class Target:
     def lower(self, req: LowerRequest) -> Lowered:
         """Write this backend's files for the plan into `req.folder`."""
         raise NotImplementedError
+
+    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder: Path) -> Artifact:
+        """Write a LoRA adapter kept apart from the base (`--adapter-mode separate`) into `folder`, in the form
+        this backend's runtime applies at run time over the base artifact, without touching the base."""
+        raise EdgeqError(None, f"--adapter-mode separate is not available on the {self.name} backend yet "
+                               "(use --adapter-mode merged)")
 
     def describe(self, profile, ndk_clang: str | None) -> str:
         """What the export log says besides the plan (the device code a target builds, say)."""

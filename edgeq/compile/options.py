@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edgeq.core.adapter import ADAPTER_MODES
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan
 from edgeq.targets.base import Target
@@ -41,7 +42,8 @@ class ExportOptions:
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
-    adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
+    adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order
+    adapter_mode: str = "merged"           # merged: into the float base; separate: files beside the quantized base
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
 
@@ -60,6 +62,15 @@ class ExportOptions:
             raise EdgeqError(self.plan, f"plan says preset {user_plan.preset!r} but --quant says {self.quant!r}")
         if self.quant and self.budgeted:
             raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise EdgeqError(None, f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, not {self.adapter_mode!r}")
+        if self.adapter_mode == "separate" and not self.adapters:
+            raise EdgeqError(None, "--adapter-mode separate needs at least one --adapter DIR")
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters folded into the float weights (none when they are kept apart)."""
+        return self.adapters if self.adapter_mode == "merged" else []
 
 
 def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:

@@ -31,7 +31,8 @@ from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
 from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
-from edgeq.passes.merge_adapters import MergeAdapters
+from edgeq.core.adapter import LoraAdapter
+from edgeq.passes.merge_adapters import MergeAdapters, load_adapter, unmerged
 from edgeq.targets.base import LowerRequest, Target
 from edgeq.targets.profiles import DeviceProfile, get_profile
 from edgeq.targets.registry import TARGETS, get_target
@@ -52,6 +53,20 @@ def import_and_merge(model: str | None, adapters: list[str], ctx: Context,
     return model_path, graph
 
 
+def separate_adapters(graph: Graph, args: list[str]) -> list[LoraAdapter]:
+    """The adapters kept apart from the base, each checked against it (shapes, modules) and uniquely named."""
+    if graph.arch != "llama":
+        raise EdgeqError(graph.metadata.get("source_path"),
+                         f"LoRA adapters apply to llama-family decoders; this model is {graph.arch}")
+    out: list[LoraAdapter] = []
+    for arg in args:
+        ad = load_adapter(arg, graph)
+        if any(o.name == ad.name for o in out):
+            raise EdgeqError(ad.path, f"a second adapter named {ad.name!r}; name them apart with DIR=NAME")
+        out.append(unmerged(ad, graph))
+    return out
+
+
 @dataclass
 class Compilation:
     """An imported model and what the options decide for it before any pass runs."""
@@ -62,6 +77,7 @@ class Compilation:
     targets: list[Target]
     inputs: dict[str, DecideInputs]       # per target
     ctx: Context
+    adapters: list[LoraAdapter]           # kept apart from the base (--adapter-mode separate)
 
 
 def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool,
@@ -76,7 +92,8 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress, log=log)
     model_path = None
     if graph is None:
-        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx, log)
+        model_path, graph = import_and_merge(opts.model, opts.merged_adapters, ctx, log)
+    adapters = separate_adapters(graph, opts.adapters) if opts.adapter_mode == "separate" else []
     targets = [get_target(b) for b in profile.backends_to_export(graph.kind, opts.backend)]
     several = len(targets) > 1
     for t in targets:
@@ -92,7 +109,7 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
     inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,
                                    images, images_source, text) for t in targets}
-    return Compilation(graph, model_path, profile, targets, inputs, ctx)
+    return Compilation(graph, model_path, profile, targets, inputs, ctx, adapters)
 
 
 def decide_all(c: Compilation, opts: ExportOptions, branches: bool = True) -> dict[str, Decision]:
@@ -191,6 +208,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
             if lowered.section is not None:
                 sections[t.name] = lowered.section
             timings.update(lowered.timings)
+            artifacts += [t.lower_adapter(graph, ad, tmp) for ad in c.adapters]
         timings.setdefault("lower", time.perf_counter() - t0)
         if opts.budgeted:
             _check_budget(decisions, artifacts)
@@ -219,7 +237,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         timings["reference_and_check"] = time.perf_counter() - t0
         if opts.budgeted and opts.check and cannot_run is None:   # the plan's measured point beside the presets'
             t0 = time.perf_counter()
-            measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.adapters,
+            measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.merged_adapters,
                                                  ctx=min(512, graph.config.context_length))
             timings["pareto_eval"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
@@ -234,10 +252,11 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
 
 
 def _check_budget(decisions: dict[str, Decision], artifacts: list) -> None:
-    """Each backend's model files (adapters and external data included) within its plan's budget: the size
-    models are exact, so a failure here is a bug, caught before the bundle is renamed into place."""
+    """Each backend's model files (error-branch adapters and external data included; users' adapters kept apart
+    are not the base's) within its plan's budget: the size models are exact, so a failure here is a bug,
+    caught before the bundle is renamed into place."""
     for b, d in decisions.items():
-        written = sum(a.path.stat().st_size for a in artifacts if a.backend == b)
+        written = sum(a.path.stat().st_size for a in artifacts if a.backend == b and a.role != "lora")
         if d.plan.search and written > d.plan.search["budget_bytes"]:
             raise EdgeqError(None, f"{b} files are {written} bytes, over the budget of "
                                    f"{d.plan.search['budget_bytes']} bytes (predicted {d.plan.search['predicted_bytes']})")

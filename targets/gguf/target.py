@@ -7,7 +7,10 @@ llama.cpp applies at load (adapter.py); the size model is exact (layout.py).
 
 from __future__ import annotations
 
+import numpy as np
+
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import LoraAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -16,7 +19,7 @@ from edgeq.core.plan import TensorPlan
 from edgeq.models import llama
 from edgeq.runtime.tokenizer import spec_to_json
 from edgeq.targets.base import Lowered, LowerRequest, Target
-from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
+from edgeq.targets.gguf.adapter import ADAPTER_FILE, lora_file, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
 from edgeq.targets.gguf.writer import write_gguf
@@ -65,3 +68,12 @@ class GgufTarget(Target):
             artifacts.append(Artifact("adapter", adapter, self.name, {"f16": 2 * len(req.branches)},
                                       {"applies_to": model_file.name, "kind": "lora (low-rank error compensation)"}))
         return Lowered(artifacts)
+
+    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder) -> Artifact:
+        """A user's adapter as llama.cpp's LoRA-adapter GGUF (alpha 0: llama.cpp's scale is the runtime weight
+        alone, PEFT's alpha/r is in B)."""
+        path = folder / lora_file(adapter.name)
+        write_adapter(graph, adapter.factors(), path, title=f"LoRA adapter {adapter.name}",
+                      dtype=np.float32 if adapter.dtype == "f32" else np.float16)
+        return Artifact("lora", path, self.name, {adapter.dtype: 2 * len(adapter.targets)},
+                        {"applies_to": MODEL_FILE, **adapter.entry()})
