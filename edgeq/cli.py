@@ -88,7 +88,8 @@ def cmd_calibrate(a) -> int:
 
 
 def cmd_run(a) -> int:
-    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device) as s:
+    use = runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None
+    with runtime.load(a.bundle, backend=a.backend, threads=a.threads, device=a.device, adapters=use) as s:
         if hasattr(s, "embed"):   # encoder bundles (onnx, tvm): the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
@@ -104,6 +105,7 @@ def cmd_eval(a) -> int:
     res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
                           record=not a.no_record, device=a.device,
+                          use_adapters=runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -116,7 +118,8 @@ def cmd_eval(a) -> int:
         print(f"{a.bundle}: {res['backend']} cosine to the float reference: mean {res['cosine_mean']:.5f}, "
               f"min {res['cosine_min']:.5f} over {res['n_sentences']} sentences")
     else:
-        print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
+        using = "".join(f" +{n}:{w:g}" for n, w in (res.get("adapters") or {}).items())
+        print(f"{a.bundle}: {res['backend']}{using} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
     return 0
 
@@ -135,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgeq", description="edge-deployment compiler")
     p.add_argument("--version", action="version", version=f"edgeq {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    def use_adapter_option(sp):
+        sp.add_argument("--use-adapter", action="append", metavar="NAME[:WEIGHT]",
+                        help="apply the bundle's separate LoRA adapter NAME (export --adapter-mode separate) with "
+                             "WEIGHT (default: its scale in the manifest); repeat to add several")
 
     def adapter_option(sp, help_text):
         sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT][=NAME]", help=help_text)
@@ -254,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--backend", help="which artifact of the bundle to run")
     r.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")
+    use_adapter_option(r)
     r.set_defaults(fn=cmd_run)
 
     ev = sub.add_parser("eval", help="fidelity of a bundle in its runtime vs the float reference")
@@ -266,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sentences", type=int, default=256, help="encoders: sentences to score (0: all)")
     ev.add_argument("--reference", help="float source model, file or folder (default: the one the manifest names, "
                                         "if found; CNNs: the .pt2)")
-    adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
+    adapter_option(ev, "the adapter folders of the float reference: those the bundle merged at export, then those "
+                       "--use-adapter applies (checked against the manifest's SHA-256)")
+    use_adapter_option(ev)
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate")
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--device", help="tvm bundles: cpu (default) or rpc://HOST:PORT (a TVM RPC server)")

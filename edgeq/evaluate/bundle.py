@@ -24,8 +24,12 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
                     reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
-                    device: str | None = None, pareto: bool = True) -> dict:
+                    device: str | None = None, pareto: bool = True,
+                    use_adapters: dict[str, float | None] | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles.
+
+    `use_adapters`: the bundle's separate LoRA adapters to apply (name -> weight, None: its default scale); the
+    float reference merges them, from the folders `adapters` names after the bundle's merged ones.
 
     `pareto`: add the (bpw, KLD) point to the source model's cache that export reports plot (edgeq/evaluate/points.py).
     """
@@ -58,11 +62,12 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         text_name = p.name
     else:
         text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
-    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device)
+    session = runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device, adapters=use_adapters)
     try:
         manifest = session.manifest
         if reference_logits is None:
-            reference_logits = reference_executor(manifest, reference, adapters or [], bundle).logits
+            reference_logits = reference_executor(manifest, reference, adapters or [], bundle,
+                                                  session.adapters).logits
         tokens = session.tokenize(text, add_special=True, parse_special=False)
         if len(tokens) < ctx:
             raise EdgeqError(text_file, f"text has {len(tokens)} tokens, fewer than one --ctx {ctx} window")
@@ -72,9 +77,11 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         session.close()
     res["backend"] = session.backend_name
     res["text"] = text_name
+    if session.adapters:
+        res["adapters"] = session.adapters
     if record:
         _record(bundle, res)
-    if pareto and text_file is None:
+    if pareto and text_file is None and not session.adapters:
         record_point(bundle, manifest, res)
     return res
 

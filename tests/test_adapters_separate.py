@@ -1,0 +1,222 @@
+"""LoRA adapters kept apart from the base (`--adapter-mode separate`): written beside the quantized base, applied
+and switched at run time without reloading it, in the backend's real runtime, against PEFT's merged model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from edgeq import runtime
+from edgeq.core.fs import sha256_file
+from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+from edgeq.runtime.manifest import BundleError
+
+from test_adapters import assert_clean_failure, edgeq, hf_logits, kld, load_hf, make_adapter, merged_state
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = [int(i) for i in np.random.default_rng(0).integers(3, 400, 48)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """An untied tiny Llama, two random nonzero adapters (one with rsLoRA and a rank pattern, one on the head too),
+    PEFT's merged logits for each and for both at weights 0.5 and 1.5, and one f32 bundle holding both apart."""
+    t = tmp_path_factory.mktemp("sep")
+    cfg = tiny_config(vocab_size=400)
+    base = graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), t / "base", byte_level_spec(400))
+    model = load_hf(base)
+    chat, pm = make_adapter(base, t / "chat", seed=4, model=model, name="one", r=8, lora_alpha=16,
+                            target_modules=[*ALL, "lm_head"])
+    torch.manual_seed(5)
+    import peft
+
+    pm.add_adapter("two", peft.LoraConfig(r=4, lora_alpha=4, use_rslora=True, rank_pattern={"down_proj": 2},
+                                          target_modules=["q_proj", "v_proj", "down_proj"]))
+    for n, p in pm.named_parameters():
+        if "lora_" in n and ".two." in n:
+            p.data = torch.randn_like(p) * 0.05
+    pm.save_pretrained(t / "sql", selected_adapters=["two"])
+    sql = t / "sql" / "two"
+    ref = {}
+    for names, scales in ((["one"], (1.0,)), (["two"], (1.0,)), (["one", "two"], (0.5, 1.5))):
+        for module in pm.modules():
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                for n, s in zip(names, scales):
+                    if n in module.scaling:
+                        module.set_scale(n, s)
+        pm.base_model.set_adapter(names)
+        with torch.no_grad():
+            ref[tuple(names)] = pm(torch.tensor([IDS]), attention_mask=torch.ones(1, len(IDS), dtype=torch.long)
+                                   ).logits[0].float().numpy()
+    plain = hf_logits(load_hf(base), IDS)
+    out = t / "bundle"
+    r = edgeq("export", "--model", base, "--adapter", f"{chat}=chat", "--adapter", f"{sql}:0.5=sql", "--adapter-mode",
+              "separate", "--quant", "f32", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    return {"base": base, "chat": chat, "sql": sql, "ref": ref, "plain": plain, "bundle": out, "tmp": t}
+
+
+def test_manifest_lists_each_adapter(setup):
+    m = json.loads((setup["bundle"] / "manifest.json").read_text())
+    loras = {a["name"]: a for a in m["artifacts"] if a["role"] == "lora"}
+    assert sorted(loras) == ["chat", "sql"]
+    chat, sql = loras["chat"], loras["sql"]
+    assert chat["path"] == "lora-chat.gguf" and chat["applies_to"] == "model.gguf" and chat["backend"] == "gguf"
+    assert chat["rank"] == 8 and chat["scale"] == 1.0 and chat["modules"] == sorted([*ALL, "lm_head"])
+    assert sql["rank"] == 4 and sql["scale"] == 0.5 and sql["modules"] == ["down_proj", "q_proj", "v_proj"]
+    assert chat["source_sha256"] == sha256_file(setup["chat"] / "adapter_model.safetensors")
+    assert chat["sha256"] == sha256_file(setup["bundle"] / "lora-chat.gguf")
+    assert m["source"]["adapters"] == []         # nothing merged: the base is the source model alone
+    base_bytes = next(a["bytes"] for a in m["artifacts"] if a["role"] == "model")
+    assert sql["bytes"] < chat["bytes"] < base_bytes / 10
+
+
+def test_f32_separate_equals_peft_merged_and_switches(setup):
+    ref, plain = setup["ref"], setup["plain"]
+    with runtime.load(setup["bundle"]) as s:
+        assert s.adapters == {} and sorted(s.available_adapters) == ["chat", "sql"]
+        base = s.logits(IDS)
+        assert kld(plain, base) <= 1e-6
+        s.set_adapters(["chat"])
+        chat = s.logits(IDS)
+        assert kld(ref[("one",)], chat) <= 1e-4
+        assert kld(ref[("one",)], plain) > 100 * max(kld(ref[("one",)], chat), 1e-8)    # the adapter matters
+        s.set_adapters({"sql": 1.0})
+        sql = s.logits(IDS)
+        assert kld(ref[("two",)], sql) <= 1e-4 and kld(ref[("two",)], plain) > 1e-3
+        s.set_adapters(["chat:0.5", "sql:1.5"])          # several at once add their deltas, as PEFT does
+        assert s.adapters == {"chat": 0.5, "sql": 1.5}
+        assert kld(ref[("one", "two")], s.logits(IDS)) <= 1e-4
+        s.set_adapters({})
+        assert np.array_equal(s.logits(IDS), base)        # back to the exact base
+        s.set_adapters(["chat"])
+        assert np.array_equal(s.logits(IDS), chat)
+        s.set_adapters(["sql"])                           # the manifest's default scale, 0.5
+        assert s.adapters == {"sql": 0.5}
+        half = s.logits(IDS)
+        text = s.generate("hello", max_tokens=4)          # generation after a switch runs on the switched model
+        assert isinstance(text, str)
+    with runtime.load(setup["bundle"], adapters=["chat"]) as fresh:
+        assert np.array_equal(fresh.logits(IDS), chat)    # switching to an adapter equals loading it fresh
+    with runtime.load(setup["bundle"], adapters={"sql": None}) as fresh:
+        assert np.array_equal(fresh.logits(IDS), half)
+
+
+def test_cli_run_and_eval_use_adapter(setup, tmp_path):
+    b = setup["bundle"]
+    runs = {w: edgeq("run", b, "abc", "--max-tokens", "6", *w) for w in ((), ("--use-adapter", "chat"))}
+    for r in runs.values():
+        assert r.returncode == 0, r.stderr
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and then some more text " * 40)
+    common = ("--reference", setup["base"], "--text", text, "--ctx", "64", "--chunks", "1", "--json", "--no-record")
+    r = edgeq("eval", b, "--use-adapter", "chat", *common)
+    assert r.returncode == 2 and "--adapter" in r.stderr      # the float reference needs the adapter's folder
+    r = edgeq("eval", b, "--use-adapter", "chat", "--adapter", setup["sql"], *common)
+    assert r.returncode == 2 and "SHA-256" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = edgeq("eval", b, "--use-adapter", "chat:1", "--use-adapter", "sql:2", "--adapter", setup["chat"],
+              "--adapter", setup["sql"], *common)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kld_mean"] <= 1e-4 and res["adapters"] == {"chat": 1.0, "sql": 2.0}
+
+
+def test_q8_0_base_with_adapter_close_to_merged_mode(setup, tmp_path):
+    """A quantized base calibrated alone, the adapter applied in float over it: about as close to PEFT's merged
+    float model as merging before quantizing (the benchmark measures this on SmolLM2)."""
+    outs = {}
+    for mode in ("merged", "separate"):
+        outs[mode] = tmp_path / mode
+        r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter-mode", mode, "--quant",
+                  "q8_0", "-o", outs[mode], "--quiet")
+        assert r.returncode == 0, r.stderr
+    want = setup["ref"][("one",)]
+    with runtime.load(outs["merged"]) as s:
+        merged = kld(want, s.logits(IDS))
+    with runtime.load(outs["separate"], adapters=["chat"]) as s:
+        separate = kld(want, s.logits(IDS))
+    assert separate <= 2 * merged + 1e-5, (separate, merged)
+    assert separate < kld(want, setup["plain"]) / 100
+
+
+# --- bad input: one line --------------------------------------------------------------------------------
+
+def _other_base(tmp_path: Path) -> Path:
+    """A model of the same family whose MLP is narrower: the adapters' shapes cannot fit the test base."""
+    return graph_to_hf_folder(random_llama(tiny_config(vocab_size=400, intermediate_size=384), seed=2, scale=0.08),
+                              tmp_path / "other-base", byte_level_spec(400))
+
+
+def test_adapter_for_another_base_is_refused(setup, tmp_path):
+    bad, _ = make_adapter(_other_base(tmp_path), tmp_path / "bad", r=4, lora_alpha=8, target_modules=ALL)
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", setup["base"], "--adapter", bad, "--adapter-mode", "separate", "--quant", "f32",
+              "-o", out)
+    assert_clean_failure(r, "adapter_model.safetensors", out, "do not fit the base weight")
+
+
+def test_unknown_adapter_name_is_one_line(setup):
+    r = edgeq("run", setup["bundle"], "abc", "--use-adapter", "nope")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no adapter named 'nope'" in r.stderr and "chat, sql" in r.stderr
+    r = edgeq("run", setup["bundle"], "abc", "--use-adapter", "chat:x")
+    assert r.returncode == 2 and "not a number" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    with runtime.load(setup["bundle"]) as s, pytest.raises(BundleError, match="no adapter named"):
+        s.set_adapters({"chat": 1.0, "other": 1.0})
+
+
+def test_tampered_adapter_file(setup, tmp_path):
+    b = shutil.copytree(setup["bundle"], tmp_path / "b")
+    path = b / "lora-sql.gguf"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    r = edgeq("run", b, "abc", "--use-adapter", "chat")
+    assert r.returncode == 2 and "lora-sql.gguf" in r.stderr and "checksum" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    # loaded unverified (a bundle this process just checked), the file is still checked when it is first read
+    with runtime.load(b, verify=False) as s:
+        s.set_adapters(["chat"])
+        with pytest.raises(BundleError, match="lora-sql.gguf.*checksum"):
+            s.set_adapters(["sql"])
+        assert s.adapters == {"chat": 1.0}
+
+
+def test_adapter_file_for_another_base_in_the_runtime(setup, tmp_path):
+    """A bundle whose adapter file (and manifest hash) was replaced by one made for another model: llama.cpp's
+    refusal is one line naming the file."""
+    b = shutil.copytree(setup["bundle"], tmp_path / "b")
+    other = tmp_path / "other"
+    bad, _ = make_adapter(_other_base(tmp_path), tmp_path / "bad", r=4, lora_alpha=8, target_modules=ALL)
+    r = edgeq("export", "--model", tmp_path / "other-base", "--adapter", f"{bad}=sql", "--adapter-mode", "separate",
+              "--quant", "f32", "-o", other, "--quiet")
+    assert r.returncode == 0, r.stderr
+    shutil.copyfile(other / "lora-sql.gguf", b / "lora-sql.gguf")
+    m = json.loads((b / "manifest.json").read_text())
+    for a in m["artifacts"]:
+        if a["path"] == "lora-sql.gguf":
+            a["sha256"], a["bytes"] = sha256_file(b / a["path"]), (b / a["path"]).stat().st_size
+    (b / "manifest.json").write_text(json.dumps(m))
+    r = edgeq("run", b, "abc", "--use-adapter", "sql")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "lora-sql.gguf" in r.stderr and "another base model" in r.stderr
+
+
+def test_option_errors(setup, tmp_path):
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", setup["base"], "--adapter-mode", "separate", "--quant", "f32", "-o", out)
+    assert_clean_failure(r, "--adapter-mode separate", out, "needs at least one --adapter")
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter", f"{setup['sql']}=chat",
+              "--adapter-mode", "separate", "--quant", "f32", "-o", out)
+    assert_clean_failure(r, "sql", out, "a second adapter named 'chat'")
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=..bad", "--adapter-mode",
+              "separate", "--quant", "f32", "-o", out)
+    assert r.returncode == 2 and not out.exists()
