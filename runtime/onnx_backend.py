@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from edgeq.runtime.manifest import listed_path
+from edgeq.runtime.manifest import BundleError, listed_path
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
@@ -124,7 +124,67 @@ class OnnxDecoderBackend(TokenizerText):
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_shape = [(int(i.shape[1]), int(i.shape[3])) for i in past]
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        # LoRA inputs (bundles exported with --adapter-mode separate): weight -> (in, out); overridable
+        # initializers of rank 0 (the base) unless fed
+        lora = self.session.get_overridable_initializers()
+        self.lora_shapes = {i.name[: -len(".lora_A")]: (int(i.shape[0]), 0) for i in lora
+                            if i.name.endswith(".lora_A")}
+        for i in lora:
+            if i.name.endswith(".lora_B") and i.name[: -len(".lora_B")] in self.lora_shapes:
+                w = i.name[: -len(".lora_B")]
+                self.lora_shapes[w] = (self.lora_shapes[w][0], int(i.shape[1]))
+        self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.lora_feeds: dict[str, np.ndarray] = {}
         self.reset()
+
+    def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
+        """Feed these adapters (name, scale) to the graph's LoRA inputs: per weight, the active adapters' A
+        stacked along the rank and their B·scale likewise, so their deltas add; rank 0 where none applies.
+        Each file is read once (`open_file` checks it against the manifest)."""
+        for name, _ in chosen:
+            if name not in self._lora_files:
+                self._lora_files[name] = self._read_adapter(open_file(name))
+        if chosen and not self.lora_shapes:
+            raise BundleError(None, "this ONNX model has no LoRA inputs (not exported with --adapter-mode separate)")
+        feeds = {}
+        for w, (n_in, n_out) in self.lora_shapes.items():
+            parts = [(self._lora_files[n][w][0], self._lora_files[n][w][1] * np.float32(scale))
+                     for n, scale in chosen if w in self._lora_files[n]]
+            if parts:     # else the graph's own rank-0 defaults
+                a, b = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 0)
+                feeds[f"{w}.lora_A"], feeds[f"{w}.lora_B"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        self.lora_feeds = feeds
+        self.reset()
+
+    def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """An .onnx_adapter file (onnxruntime's format), its tensors checked against the graph's LoRA inputs."""
+        import onnxruntime as ort
+
+        try:
+            adapter = ort.AdapterFormat.read_adapter(os.fspath(path))
+            # copies: the arrays numpy() returns view memory the adapter object owns
+            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            del adapter
+        except Exception as exc:       # onnxruntime's flatbuffer verifier: a damaged or foreign file
+            raise BundleError(path, f"not an onnxruntime adapter file ({str(exc).strip().splitlines()[0]})") from None
+        out = {}
+        for key in params:
+            w, sep, part = key.rpartition(".lora_")
+            if not sep or part not in ("A", "B"):
+                raise BundleError(path, f"unexpected tensor {key!r} in a LoRA adapter file")
+            if w not in self.lora_shapes:
+                raise BundleError(path, f"adapts {w}, which this model has no LoRA input for (made for another "
+                                        "base model or bundle?)")
+        for w in {k.rpartition(".lora_")[0] for k in params}:
+            a, b = params.get(f"{w}.lora_A"), params.get(f"{w}.lora_B")
+            n_in, n_out = self.lora_shapes[w]
+            if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim != 2 or \
+                    b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
+                raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
+                                        f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
+                                        "for another base model?)")
+            out[w] = (a, b)
+        return out
 
     def reset(self) -> None:
         self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]
@@ -138,6 +198,7 @@ class OnnxDecoderBackend(TokenizerText):
                  "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
                  "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}
         feeds.update(zip(self.past_names, self.past))
+        feeds.update(self.lora_feeds)
         out = self.session.run(["logits"] + self.present_names, feeds)
         self.past = out[1:]
         self.n_tokens += n

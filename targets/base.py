@@ -40,6 +40,7 @@ class LowerRequest:
     spec: Any = None                      # the decoder's runtime.tokenizer.TokenizerSpec
     ndk_clang: str | None = None          # android: the NDK clang that links a .so
     tune_trials: int = 0                  # meta-schedule trials (targets that tune)
+    adapters: list[LoraAdapter] = field(default_factory=list)   # users' adapters kept apart (separate mode)
     progress: Callable | None = None
     log: Callable[[str], None] = lambda s: None
 

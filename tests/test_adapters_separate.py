@@ -22,6 +22,8 @@ from edgeq.runtime.manifest import BundleError
 from test_adapters import assert_clean_failure, edgeq, hf_logits, kld, load_hf, make_adapter, merged_state
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BACKENDS = ("gguf", "onnx")
+FILES = {"gguf": ("model.gguf", "lora-{}.gguf"), "onnx": ("model.onnx", "lora-{}.onnx_adapter")}
 IDS = [int(i) for i in np.random.default_rng(0).integers(3, 400, 48)]
 
 
@@ -57,31 +59,40 @@ def setup(tmp_path_factory):
             ref[tuple(names)] = pm(torch.tensor([IDS]), attention_mask=torch.ones(1, len(IDS), dtype=torch.long)
                                    ).logits[0].float().numpy()
     plain = hf_logits(load_hf(base), IDS)
-    out = t / "bundle"
-    r = edgeq("export", "--model", base, "--adapter", f"{chat}=chat", "--adapter", f"{sql}:0.5=sql", "--adapter-mode",
-              "separate", "--quant", "f32", "-o", out, "--quiet")
-    assert r.returncode == 0, r.stderr
-    return {"base": base, "chat": chat, "sql": sql, "ref": ref, "plain": plain, "bundle": out, "tmp": t}
+    bundles = {}
+    for backend in BACKENDS:
+        bundles[backend] = t / f"bundle-{backend}"
+        r = edgeq("export", "--model", base, "--adapter", f"{chat}=chat", "--adapter", f"{sql}:0.5=sql",
+                  "--adapter-mode", "separate", "--backend", backend, "--quant", "f32", "-o", bundles[backend], "--quiet")
+        assert r.returncode == 0, r.stderr
+    return {"base": base, "chat": chat, "sql": sql, "ref": ref, "plain": plain, "bundles": bundles, "tmp": t}
 
 
-def test_manifest_lists_each_adapter(setup):
-    m = json.loads((setup["bundle"] / "manifest.json").read_text())
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def test_manifest_lists_each_adapter(setup, backend):
+    bundle = setup["bundles"][backend]
+    model_file, lora = FILES[backend]
+    m = json.loads((bundle / "manifest.json").read_text())
     loras = {a["name"]: a for a in m["artifacts"] if a["role"] == "lora"}
     assert sorted(loras) == ["chat", "sql"]
     chat, sql = loras["chat"], loras["sql"]
-    assert chat["path"] == "lora-chat.gguf" and chat["applies_to"] == "model.gguf" and chat["backend"] == "gguf"
+    assert chat["path"] == lora.format("chat") and chat["applies_to"] == model_file and chat["backend"] == backend
     assert chat["rank"] == 8 and chat["scale"] == 1.0 and chat["modules"] == sorted([*ALL, "lm_head"])
     assert sql["rank"] == 4 and sql["scale"] == 0.5 and sql["modules"] == ["down_proj", "q_proj", "v_proj"]
     assert chat["source_sha256"] == sha256_file(setup["chat"] / "adapter_model.safetensors")
-    assert chat["sha256"] == sha256_file(setup["bundle"] / "lora-chat.gguf")
+    assert chat["sha256"] == sha256_file(bundle / lora.format("chat"))
     assert m["source"]["adapters"] == []         # nothing merged: the base is the source model alone
     base_bytes = next(a["bytes"] for a in m["artifacts"] if a["role"] == "model")
     assert sql["bytes"] < chat["bytes"] < base_bytes / 10
 
 
-def test_f32_separate_equals_peft_merged_and_switches(setup):
-    ref, plain = setup["ref"], setup["plain"]
-    with runtime.load(setup["bundle"]) as s:
+def test_f32_separate_equals_peft_merged_and_switches(setup, backend):
+    ref, plain, bundle = setup["ref"], setup["plain"], setup["bundles"][backend]
+    with runtime.load(bundle) as s:
         assert s.adapters == {} and sorted(s.available_adapters) == ["chat", "sql"]
         base = s.logits(IDS)
         assert kld(plain, base) <= 1e-6
@@ -104,14 +115,14 @@ def test_f32_separate_equals_peft_merged_and_switches(setup):
         half = s.logits(IDS)
         text = s.generate("hello", max_tokens=4)          # generation after a switch runs on the switched model
         assert isinstance(text, str)
-    with runtime.load(setup["bundle"], adapters=["chat"]) as fresh:
+    with runtime.load(bundle, adapters=["chat"]) as fresh:
         assert np.array_equal(fresh.logits(IDS), chat)    # switching to an adapter equals loading it fresh
-    with runtime.load(setup["bundle"], adapters={"sql": None}) as fresh:
+    with runtime.load(bundle, adapters={"sql": None}) as fresh:
         assert np.array_equal(fresh.logits(IDS), half)
 
 
-def test_cli_run_and_eval_use_adapter(setup, tmp_path):
-    b = setup["bundle"]
+def test_cli_run_and_eval_use_adapter(setup, backend, tmp_path):
+    b = setup["bundles"][backend]
     runs = {w: edgeq("run", b, "abc", "--max-tokens", "6", *w) for w in ((), ("--use-adapter", "chat"))}
     for r in runs.values():
         assert r.returncode == 0, r.stderr
@@ -147,6 +158,30 @@ def test_q8_0_base_with_adapter_close_to_merged_mode(setup, tmp_path):
     assert separate < kld(want, setup["plain"]) / 100
 
 
+def test_onnx_adapter_file_runs_in_stock_onnxruntime(setup):
+    """The .onnx_adapter is onnxruntime's own adapter format: RunOptions.add_active_adapter feeds its tensors to
+    the graph's LoRA inputs (overridable initializers, rank 0 by default), giving what edgeq's runtime gives."""
+    import onnxruntime as ort
+
+    bundle = setup["bundles"]["onnx"]
+    sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    n = len(IDS)
+    feeds = {"input_ids": np.array([IDS], np.int64), "attention_mask": np.ones((1, n), np.int64),
+             "position_ids": np.arange(n, dtype=np.int64)[None]}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    opts = ort.RunOptions()
+    lora = ort.LoraAdapter()
+    lora.Load(str(bundle / "lora-sql.onnx_adapter"))
+    opts.add_active_adapter(lora)
+    stock = sess.run(["logits"], feeds, opts)[0][0]
+    with runtime.load(bundle, adapters={"sql": 1.0}) as s:
+        ours = s.logits(IDS)
+    np.testing.assert_allclose(stock, ours, rtol=1e-5, atol=1e-5)
+    assert kld(setup["ref"][("two",)], stock) <= 1e-4
+
+
 # --- bad input: one line --------------------------------------------------------------------------------
 
 def _other_base(tmp_path: Path) -> Path:
@@ -164,50 +199,52 @@ def test_adapter_for_another_base_is_refused(setup, tmp_path):
 
 
 def test_unknown_adapter_name_is_one_line(setup):
-    r = edgeq("run", setup["bundle"], "abc", "--use-adapter", "nope")
+    r = edgeq("run", setup["bundles"]["gguf"], "abc", "--use-adapter", "nope")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "no adapter named 'nope'" in r.stderr and "chat, sql" in r.stderr
-    r = edgeq("run", setup["bundle"], "abc", "--use-adapter", "chat:x")
+    r = edgeq("run", setup["bundles"]["gguf"], "abc", "--use-adapter", "chat:x")
     assert r.returncode == 2 and "not a number" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    with runtime.load(setup["bundle"]) as s, pytest.raises(BundleError, match="no adapter named"):
+    with runtime.load(setup["bundles"]["onnx"]) as s, pytest.raises(BundleError, match="no adapter named"):
         s.set_adapters({"chat": 1.0, "other": 1.0})
 
 
-def test_tampered_adapter_file(setup, tmp_path):
-    b = shutil.copytree(setup["bundle"], tmp_path / "b")
-    path = b / "lora-sql.gguf"
+def test_tampered_adapter_file(setup, backend, tmp_path):
+    b = shutil.copytree(setup["bundles"][backend], tmp_path / "b")
+    sql = FILES[backend][1].format("sql")
+    path = b / sql
     data = bytearray(path.read_bytes())
     data[-5] ^= 1
     path.write_bytes(bytes(data))
     r = edgeq("run", b, "abc", "--use-adapter", "chat")
-    assert r.returncode == 2 and "lora-sql.gguf" in r.stderr and "checksum" in r.stderr
+    assert r.returncode == 2 and sql in r.stderr and "checksum" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     # loaded unverified (a bundle this process just checked), the file is still checked when it is first read
     with runtime.load(b, verify=False) as s:
         s.set_adapters(["chat"])
-        with pytest.raises(BundleError, match="lora-sql.gguf.*checksum"):
+        with pytest.raises(BundleError, match=f"{sql}.*checksum"):
             s.set_adapters(["sql"])
         assert s.adapters == {"chat": 1.0}
 
 
-def test_adapter_file_for_another_base_in_the_runtime(setup, tmp_path):
-    """A bundle whose adapter file (and manifest hash) was replaced by one made for another model: llama.cpp's
-    refusal is one line naming the file."""
-    b = shutil.copytree(setup["bundle"], tmp_path / "b")
+def test_adapter_file_for_another_base_in_the_runtime(setup, backend, tmp_path):
+    """A bundle whose adapter file (and manifest hash) was replaced by one made for another model: the runtime's
+    refusal (llama.cpp's, or the ONNX inputs' shapes) is one line naming the file."""
+    b = shutil.copytree(setup["bundles"][backend], tmp_path / "b")
+    sql = FILES[backend][1].format("sql")
     other = tmp_path / "other"
     bad, _ = make_adapter(_other_base(tmp_path), tmp_path / "bad", r=4, lora_alpha=8, target_modules=ALL)
     r = edgeq("export", "--model", tmp_path / "other-base", "--adapter", f"{bad}=sql", "--adapter-mode", "separate",
-              "--quant", "f32", "-o", other, "--quiet")
+              "--backend", backend, "--quant", "f32", "-o", other, "--quiet")
     assert r.returncode == 0, r.stderr
-    shutil.copyfile(other / "lora-sql.gguf", b / "lora-sql.gguf")
+    shutil.copyfile(other / sql, b / sql)
     m = json.loads((b / "manifest.json").read_text())
     for a in m["artifacts"]:
-        if a["path"] == "lora-sql.gguf":
+        if a["path"] == sql:
             a["sha256"], a["bytes"] = sha256_file(b / a["path"]), (b / a["path"]).stat().st_size
     (b / "manifest.json").write_text(json.dumps(m))
     r = edgeq("run", b, "abc", "--use-adapter", "sql")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "lora-sql.gguf" in r.stderr and "another base model" in r.stderr
+    assert sql in r.stderr and "another base model" in r.stderr
 
 
 def test_option_errors(setup, tmp_path):

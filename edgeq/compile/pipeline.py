@@ -203,7 +203,8 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
             lowered = t.lower(LowerRequest(graph, d.plan, tmp, profile,
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
                                            branches=d.branches, spec=spec, ndk_clang=opts.android_clang,
-                                           tune_trials=opts.tune_trials, progress=progress, log=log))
+                                           tune_trials=opts.tune_trials, adapters=c.adapters,
+                                           progress=progress, log=log))
             artifacts += lowered.artifacts
             if lowered.section is not None:
                 sections[t.name] = lowered.section

@@ -11,6 +11,8 @@ choosing a target (the CLI, a GGUF export) does not pay for it.
 from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import LoraAdapter
+from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
@@ -46,10 +48,30 @@ class OnnxTarget(Target):
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
 
+        slots = lora_slots(req.graph, req.adapters)
         options = {**({"imatrix": req.imatrix} if req.imatrix is not None else {}),
-                   **({"branches": req.branches} if req.branches else {})}
+                   **({"branches": req.branches} if req.branches else {}),
+                   **({"lora_slots": slots} if slots else {})}
         model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
         files = save_model(model, req.folder / MODEL_FILE)
         del model
         return Lowered([Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
-                        Artifact("model_data", f, self.name) for f in files])
+                        Artifact("model_data", f, self.name) for f in files],
+                       {"lora_slots": slots} if slots else None)
+
+    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder) -> Artifact:
+        """The adapter in onnxruntime's adapter format, its tensors named for the graph's LoRA inputs."""
+        from edgeq.targets.onnx.adapter import lora_file, write_adapter
+
+        if graph.kind != "decoder":
+            raise EdgeqError(None, f"LoRA adapters apply to decoders; this is an {graph.kind}")
+        path = folder / lora_file(adapter.name)
+        write_adapter(graph, adapter, path)
+        return Artifact("lora", path, self.name, {"f32": 2 * len(adapter.targets)},
+                        {"applies_to": MODEL_FILE, **adapter.entry(), "dtype": "f32"})
+
+
+def lora_slots(graph: Graph, adapters: list[LoraAdapter]) -> list[str]:
+    """The weights that take LoRA inputs: every weight some adapter of the bundle changes, in graph order."""
+    wanted = {t for a in adapters for t in a.targets}
+    return [n for n in graph.weights if n in wanted]
