@@ -9,8 +9,12 @@ bundle's tokenizer spec), so ids match the GGUF artifact of the same model.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
+from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
@@ -29,7 +33,69 @@ class TvmDecoderBackend(TokenizerText):
         self.kv = [(int(s["shape"][0]), int(s["shape"][2])) for s in session.inputs[1:]]
         self.decode_entry = tvm_spec.get("decode_entry")
         self.n_vocab = int(session.outputs[0]["shape"][-1])
+        # LoRA parameters (bundles exported with --adapter-mode separate): weight -> (index of A, of B, in, out)
+        index = {n: i for i, n in enumerate(session.param_names)}
+        self.lora = {n[: -len(".lora_a")]: (i, index[n[:-1] + "b"], int(session.params[i].shape[0]),
+                                            int(session.params[index[n[:-1] + "b"]].shape[1]))
+                     for n, i in index.items() if n.endswith(".lora_a") and n[:-1] + "b" in index}
+        self._base_lora = {w: (session.params[i], session.params[j]) for w, (i, j, _, _) in self.lora.items()}
+        self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.reset()
+
+    def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
+        """Pass these adapters (name, scale) as the library's LoRA parameters: per weight, the active adapters' A
+        stacked along the rank and their B·scale likewise (their deltas add); rank 0 where none applies. The
+        library is not rebuilt or reloaded. Each file is read once (`open_file` checks it)."""
+        import tvm
+
+        for name, _ in chosen:
+            if name not in self._lora_files:
+                self._lora_files[name] = self._read_adapter(open_file(name))
+        if chosen and not self.lora:
+            raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
+                                    "separate)")
+        for w, (i, j, _, _) in self.lora.items():
+            parts = [(self._lora_files[n][w][0], self._lora_files[n][w][1] * np.float32(scale))
+                     for n, scale in chosen if w in self._lora_files[n]]
+            if parts:
+                a = np.ascontiguousarray(np.concatenate([p[0] for p in parts], 1))
+                b = np.ascontiguousarray(np.concatenate([p[1] for p in parts], 0))
+                self.session.params[i] = tvm.runtime.tensor(a, self.session.dev)
+                self.session.params[j] = tvm.runtime.tensor(b, self.session.dev)
+            else:
+                self.session.params[i], self.session.params[j] = self._base_lora[w]
+        self.reset()
+
+    def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """An adapter's safetensors, each factor checked against the library's LoRA parameters."""
+        from edgeq.runtime.tvm_backend import load_params
+
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "numpy") as f:
+                keys = list(f.keys())
+        except Exception as exc:
+            raise BundleError(path, f"not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+        arrays = dict(zip(keys, load_params(path, keys)))
+        out = {}
+        for key in keys:
+            w, sep, part = key.rpartition(".lora_")
+            if not sep or part not in ("a", "b"):
+                raise BundleError(path, f"unexpected tensor {key!r} in a LoRA adapter file")
+            if w not in self.lora:
+                raise BundleError(path, f"adapts {w}, which this library has no LoRA parameters for (made for "
+                                        "another base model or bundle?)")
+        for w in {k.rpartition(".lora_")[0] for k in keys}:
+            a, b = arrays.get(w + ".lora_a"), arrays.get(w + ".lora_b")
+            _, _, n_in, n_out = self.lora[w]
+            if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim != 2 or \
+                    b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
+                raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
+                                        f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
+                                        "for another base model?)")
+            out[w] = (a, b)
+        return out
 
     def reset(self) -> None:
         import tvm

@@ -22,8 +22,9 @@ from edgeq.runtime.manifest import BundleError
 from test_adapters import assert_clean_failure, edgeq, hf_logits, kld, load_hf, make_adapter, merged_state
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BACKENDS = ("gguf", "onnx")
-FILES = {"gguf": ("model.gguf", "lora-{}.gguf"), "onnx": ("model.onnx", "lora-{}.onnx_adapter")}
+BACKENDS = ("gguf", "onnx", "tvm")
+FILES = {"gguf": ("model.gguf", "lora-{}.gguf"), "onnx": ("model.onnx", "lora-{}.onnx_adapter"),
+         "tvm": ("params.safetensors", "lora-{}.safetensors")}
 IDS = [int(i) for i in np.random.default_rng(0).integers(3, 400, 48)]
 
 
@@ -86,7 +87,7 @@ def test_manifest_lists_each_adapter(setup, backend):
     assert chat["source_sha256"] == sha256_file(setup["chat"] / "adapter_model.safetensors")
     assert chat["sha256"] == sha256_file(bundle / lora.format("chat"))
     assert m["source"]["adapters"] == []         # nothing merged: the base is the source model alone
-    base_bytes = next(a["bytes"] for a in m["artifacts"] if a["role"] == "model")
+    base_bytes = next(a["bytes"] for a in m["artifacts"] if a["path"] == model_file)
     assert sql["bytes"] < chat["bytes"] < base_bytes / 10
 
 

@@ -53,3 +53,10 @@ class LoraAdapter:
                 "tensors": len(self.targets), "dtype": self.dtype,
                 "source_sha256": self.source_sha256,
                 "config_sha256": self.config_sha256}
+
+
+def lora_slots(weights: list[str], adapters: list[LoraAdapter]) -> list[str]:
+    """The weights a backend gives run-time LoRA inputs: every weight some adapter of the bundle changes, in
+    graph order (`weights`). An adapter added later (edgeq add-adapter) must change only these."""
+    wanted = {t for a in adapters for t in a.targets}
+    return [n for n in weights if n in wanted]

@@ -11,7 +11,7 @@ choosing a target (the CLI, a GGUF export) does not pay for it.
 from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import LoraAdapter
+from edgeq.core.adapter import LoraAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -48,7 +48,7 @@ class OnnxTarget(Target):
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
 
-        slots = lora_slots(req.graph, req.adapters)
+        slots = lora_slots(list(req.graph.weights), req.adapters)
         options = {**({"imatrix": req.imatrix} if req.imatrix is not None else {}),
                    **({"branches": req.branches} if req.branches else {}),
                    **({"lora_slots": slots} if slots else {})}
@@ -70,8 +70,3 @@ class OnnxTarget(Target):
         return Artifact("lora", path, self.name, {"f32": 2 * len(adapter.targets)},
                         {"applies_to": MODEL_FILE, **adapter.entry(), "dtype": "f32"})
 
-
-def lora_slots(graph: Graph, adapters: list[LoraAdapter]) -> list[str]:
-    """The weights that take LoRA inputs: every weight some adapter of the bundle changes, in graph order."""
-    wanted = {t for a in adapters for t in a.targets}
-    return [n for n in graph.weights if n in wanted]

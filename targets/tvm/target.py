@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import LoraAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -35,6 +36,10 @@ def save_params(params: dict[str, np.ndarray], path: Path) -> None:
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(path))
+
+
+def lora_file(name: str) -> str:
+    return f"lora-{name}.safetensors"
 
 
 class TvmTarget(Target):
@@ -79,6 +84,25 @@ class TvmTarget(Target):
             runs = "mtriple" not in t and profile.os == platform.system().lower()
         return None if runs else f"library is for {profile.name}, not this host"
 
+    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder) -> Artifact:
+        """The adapter's factors as the library's LoRA parameters take them: `<weight>.lora_a` Aᵀ (in, r) and
+        `.lora_b` (B·scale)ᵀ (r, out), float32, in safetensors like the base's params."""
+        from edgeq.targets.tvm.ops import lora_param_names
+
+        if graph.kind != "decoder":
+            raise EdgeqError(None, f"LoRA adapters apply to decoders; this is an {graph.kind}")
+        factors = adapter.factors()
+        arrays = {}
+        for name in graph.weights:
+            if name in factors:
+                a, b = factors[name]
+                an, bn = lora_param_names(name)
+                arrays[an], arrays[bn] = np.ascontiguousarray(a.T, np.float32), np.ascontiguousarray(b.T, np.float32)
+        path = folder / lora_file(adapter.name)
+        save_params(arrays, path)
+        return Artifact("lora", path, self.name, {"f32": 2 * len(adapter.targets)},
+                        {"applies_to": PARAMS_FILE, **adapter.entry(), "dtype": "f32"})
+
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.tvm.build import compile_module, export_library, resolve_target
         from edgeq.targets.tvm.lower import ENTRY, lower_tvm
@@ -86,7 +110,9 @@ class TvmTarget(Target):
         graph, plan, timings = req.graph, req.plan, {}
         target = resolve_target(req.profile)
         t0 = time.perf_counter()
-        lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None)
+        slots = lora_slots(list(graph.weights), req.adapters)
+        lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
+                            lora_slots=slots)
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:
@@ -109,7 +135,7 @@ class TvmTarget(Target):
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
-                   "param_names": lowered.param_names}
+                   "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {})}
         return Lowered([Artifact("model", lib, self.name, plan.format_counts()),
                         Artifact("params", req.folder / PARAMS_FILE, self.name,
                                  {"f16": 2 * len(req.branches)} if req.branches else {})], section, timings)
