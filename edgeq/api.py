@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
+from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
 from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
@@ -25,7 +26,7 @@ from edgeq.passes import Context
 from edgeq.passes.calibrate import calibrate as run_calibration
 from edgeq.passes.calibrate import imatrix_from_calibration
 
-__all__ = ["ExportOptions", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
+__all__ = ["ExportOptions", "add_adapter", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
 
 
 def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:
@@ -72,6 +73,12 @@ def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[s
         im = imatrix_from_calibration(graph, cal)
         atomic_write(out, lambda tmp: write_imatrix(tmp, im))
     return im, cal.info
+
+
+def add_adapter(bundle: str | os.PathLike, adapter: str, model: str | None = None) -> list[dict[str, Any]]:
+    """`edgeq add-adapter`: a LoRA adapter (`DIR[:WEIGHT][=NAME]`) written beside the bundle's base for each of its
+    backends and listed in its manifest (replaced atomically); returns the new manifest entries."""
+    return add_adapter_to_bundle(bundle, adapter, model)
 
 
 def evaluate(bundle: str | os.PathLike, **options) -> dict:

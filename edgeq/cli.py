@@ -124,6 +124,15 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_add_adapter(a) -> int:
+    entries = api.add_adapter(a.bundle, a.adapter, model=a.model)
+    if not a.quiet:
+        files = ", ".join(f"{e['path']} {e['bytes'] / 2**20:.2f} MiB" for e in entries)
+        print(f"added adapter {entries[0]['name']} (rank {entries[0]['rank']}, scale {entries[0]['scale']:g}) to "
+              f"{a.bundle}: {files}")
+    return 0
+
+
 def cmd_inspect(a) -> int:
     info = api.inspect(a.path)
     if a.json:
@@ -285,6 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(fn=cmd_eval)
+
+    aa = sub.add_parser("add-adapter", help="add a LoRA adapter to a bundle beside its base (the base untouched)")
+    aa.add_argument("bundle", help="bundle folder (exported with --adapter-mode separate for onnx and tvm)")
+    aa.add_argument("adapter", metavar="DIR[:WEIGHT][=NAME]",
+                    help="PEFT LoRA adapter folder (or Hub id), its default scale WEIGHT and the NAME it is listed "
+                         "under (default: the folder's name)")
+    aa.add_argument("--model", help="the bundle's source model, needed only when the adapter saved full embedding "
+                                    "or head weights (checked against them and the manifest's digest)")
+    aa.add_argument("--quiet", action="store_true")
+    aa.set_defaults(fn=cmd_add_adapter)
 
     i = sub.add_parser("inspect", help="describe a bundle, a GGUF file or a Hugging Face model folder")
     i.add_argument("path")

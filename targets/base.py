@@ -66,6 +66,8 @@ class Target:
     # calibration runs before its preset is resolved; others calibrate what the finished plan needs
     preset_reads_imatrix: bool = False
     joins_bundles: bool = True                    # may share a bundle with other backends (`--backend all`)
+    # users' adapters run on weights the exported model gave LoRA inputs (its manifest section's lora_slots)
+    adapters_need_slots: bool = True
 
     # --- deciding ---------------------------------------------------------------------------------------
 

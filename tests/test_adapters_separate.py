@@ -258,3 +258,53 @@ def test_option_errors(setup, tmp_path):
     r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=..bad", "--adapter-mode",
               "separate", "--quant", "f32", "-o", out)
     assert r.returncode == 2 and not out.exists()
+
+
+# --- edgeq add-adapter --------------------------------------------------------------------------------
+
+def test_add_adapter_equals_exporting_with_it(setup, backend, tmp_path):
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter-mode", "separate",
+              "--backend", backend, "--quant", "f32", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
+    r = edgeq("add-adapter", out, f"{setup['sql']}:0.5=sql")
+    assert r.returncode == 0, r.stderr
+    sql = FILES[backend][1].format("sql")
+    both = setup["bundles"][backend]
+    assert (out / sql).read_bytes() == (both / sql).read_bytes()       # as export writes it
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in ("manifest.json", sql)} == before
+    m, want = (json.loads((d / "manifest.json").read_text()) for d in (out, both))
+    entry = lambda mm: next(a for a in mm["artifacts"] if a.get("name") == "sql")      # noqa: E731
+    assert entry(m) == entry(want)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    with runtime.load(out, adapters=["sql"]) as s, runtime.load(both, adapters=["sql"]) as t:
+        assert np.array_equal(s.logits(IDS), t.logits(IDS))
+    r = edgeq("add-adapter", out, f"{setup['sql']}=sql")
+    assert r.returncode == 2 and "already holds an adapter named 'sql'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_add_adapter_refusals(setup, tmp_path):
+    """An ONNX graph exported with `sql` only has LoRA inputs on q, v and down: `chat` needs a new export (GGUF
+    takes it); a damaged bundle is refused before anything is written."""
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['sql']}=sql", "--adapter-mode", "separate",
+              "--backend", "onnx", "--quant", "f32", "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    manifest = (out / "manifest.json").read_bytes()
+    r = edgeq("add-adapter", out, f"{setup['chat']}=chat")        # PEFT saved lm_head's full weights beside it
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--model" in r.stderr
+    r = edgeq("add-adapter", out, f"{setup['chat']}=chat", "--model", setup["base"])
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "export again" in r.stderr
+    assert (out / "manifest.json").read_bytes() == manifest and not (out / "lora-chat.onnx_adapter").exists()
+    g = tmp_path / "g"
+    r = edgeq("export", "--model", setup["base"], "--quant", "q8_0", "-o", g, "--quiet")     # a plain bundle
+    assert r.returncode == 0, r.stderr
+    r = edgeq("add-adapter", g, f"{setup['chat']}=chat", "--model", setup["base"])
+    assert r.returncode == 0, r.stderr
+    with runtime.load(g, adapters=["chat"]) as s:
+        assert kld(setup["ref"][("one",)], s.logits(IDS)) < kld(setup["ref"][("one",)], setup["plain"]) / 100
+    (g / "model.gguf").write_bytes((g / "model.gguf").read_bytes()[:-1] + b"\x01")
+    r = edgeq("add-adapter", g, f"{setup['sql']}=sql")
+    assert r.returncode == 2 and "model.gguf" in r.stderr and not (g / "lora-sql.gguf").exists()

@@ -34,6 +34,7 @@ class GgufTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
+    adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config
