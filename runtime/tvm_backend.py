@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.runtime.arrays import read_arrays
 from edgeq.runtime.manifest import BundleError, listed_path, private_dir, remove_private_dir, verified_copy
 from edgeq.runtime.text_io import SentenceEmbedding
 from edgeq.runtime.tvm_decoder import TvmDecoderBackend
@@ -68,13 +69,7 @@ def _check_section(spec: dict, path: Path) -> None:
 
 
 def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        arrays = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(path, f"not a readable safetensors file ({exc})") from None
+    arrays = read_arrays(path)
     missing = [n for n in names if n not in arrays]
     if missing:
         raise BundleError(path, f"weights file lacks parameter {missing[0]}")

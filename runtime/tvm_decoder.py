@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeq.runtime.arrays import read_arrays
 from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
@@ -68,16 +69,8 @@ class TvmDecoderBackend(TokenizerText):
 
     def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """An adapter's safetensors, each factor checked against the library's LoRA parameters."""
-        from edgeq.runtime.tvm_backend import load_params
-
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "numpy") as f:
-                keys = list(f.keys())
-        except Exception as exc:
-            raise BundleError(path, f"not a readable safetensors file ({str(exc).splitlines()[0]})") from None
-        arrays = dict(zip(keys, load_params(path, keys)))
+        arrays = read_arrays(path)
+        keys = list(arrays)
         out = {}
         for key in keys:
             w, sep, part = key.rpartition(".lora_")
