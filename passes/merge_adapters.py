@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.core.adapter import ADAPTER_NAME, LoraAdapter, check_adapter_name
+from edgeq.core.adapter import ADAPTER_NAME, LoraAdapter, SparseAdapter, UserAdapter, check_adapter_name
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import sha256_file
 from edgeq.core.ir import Graph, Tensor
@@ -35,6 +35,7 @@ from edgeq.importers.hub import looks_like_hub_id, resolve_hub_id
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
 from edgeq.models import names
 from edgeq.passes.base import Context, Pass
+from edgeq.passes.sparse_adapters import SparseModule, is_sparse, sparse_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -98,6 +99,7 @@ class Adapter:
     def to_json(self) -> dict[str, Any]:
         c = self.config
         return {"name": self.name, "sha256": self.sha256, "config_sha256": self.config_sha256,
+                **({"peft_type": "SHIRA"} if is_sparse(c) else {}),
                 "weight": self.weight, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "modules": len(self.modules),
                 "base_model_name_or_path": c.get("base_model_name_or_path")}
@@ -272,7 +274,10 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     if not folder.is_dir():
         raise EdgeqError(folder, "is not a folder (a PEFT adapter is a folder with adapter_config.json and "
                                  "adapter_model.safetensors)")
-    c = adapter_config(folder)
+    c = _read_config(folder)
+    if is_sparse(c):
+        return _load_sparse(folder, c, graph, weight, listed_as)
+    _check_config(c, folder / CONFIG)
     cpath = folder / CONFIG
     wpath = folder / WEIGHTS
     if not wpath.is_file():
@@ -365,6 +370,40 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
                    name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
 
 
+def _load_sparse(folder: Path, c: dict[str, Any], graph: Graph, weight: float, listed_as: str | None) -> Adapter:
+    """A SHiRA folder: its config checked as PEFT would read it, its sparse deltas against the base."""
+    cpath = folder / CONFIG
+    for key in ("modules_to_save", "layers_to_transform"):
+        if c.get(key):
+            raise EdgeqError(cpath, f"{key} is not supported for SHiRA adapters")
+    tm = c.get("target_modules")
+    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise EdgeqError(cpath, f"target_modules must be a regex or a list of module names, not {tm!r}")
+    ex = c.get("exclude_modules")
+    if ex is not None and not (isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(e, str) for e in ex))):
+        raise EdgeqError(cpath, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
+    for p in [v for v in (tm, ex) if isinstance(v, str)]:
+        if len(p) > MAX_PATTERN_CHARS:
+            raise EdgeqError(cpath, f"pattern of {len(p)} characters (more than {MAX_PATTERN_CHARS})")
+        try:
+            re.compile(p)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise EdgeqError(cpath, f"{p!r} is not a valid regular expression ({exc})") from None
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise EdgeqError(wpath, "missing")
+    base = c.get("base_model_name_or_path")
+    base_hint = f" (the adapter was trained on {base})" if base else ""
+    modules = model_modules(graph)
+    targeted = [name for name in modules if _targeted(c, name) and name != "model.embed_tokens"]
+    if not targeted:
+        raise EdgeqError(cpath, f"target_modules {tm!r} matches no module of the base model{base_hint}")
+    found = sparse_modules(folder, c, graph, modules, targeted, base_hint)
+    return Adapter(path=folder, weight=weight, config=c, modules=found, sha256=sha256_file(wpath),
+                   config_sha256=sha256_file(cpath),
+                   name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
+
+
 def _same_tensor(a: STensor, b: STensor, path: Path) -> STensor:
     """A tied embedding saved twice (embed_tokens and lm_head base layers): both copies must agree."""
     if a.shape != b.shape or not np.array_equal(a.load(), b.load()):
@@ -378,10 +417,13 @@ def _check_vocab_rows(module: str, t: STensor, graph: Graph, path: Path) -> None
                                "resized vocabularies are not supported yet")
 
 
-def unmerged(ad: Adapter, graph: Graph) -> LoraAdapter:
+def unmerged(ad: Adapter, graph: Graph) -> UserAdapter:
     """The adapter as a target writes it beside the base (--adapter-mode separate): each module's A and B with
-    its PEFT scale folded into B. What only a merge can express is refused in one line."""
+    its PEFT scale folded into B, or a SHiRA adapter's sparse entries. What only a merge can express is refused in
+    one line."""
     wpath = ad.path / WEIGHTS
+    if is_sparse(ad.config):
+        return _unmerged_sparse(ad, graph)
     for target, t in ad.base_layers.items():    # PEFT saves them whenever an embedding is targeted: usually the base's own
         if not np.array_equal(t.load(), graph.weights[target].numpy()):
             raise EdgeqError(wpath, f"holds full weights for {target} that differ from the base model's "
@@ -408,6 +450,25 @@ def unmerged(ad: Adapter, graph: Graph) -> LoraAdapter:
                        load_factors=load)
 
 
+def _unmerged_sparse(ad: Adapter, graph: Graph) -> SparseAdapter:
+    order = list(graph.weights)
+    modules = sorted(ad.modules, key=lambda m: order.index(m.target))
+    for m in modules:
+        if m.module == "lm_head" and graph.config.tied_embeddings:
+            raise EdgeqError(ad.path / WEIGHTS, "has a SHiRA delta on lm_head of a model with tied embeddings (the "
+                                                "head is the embedding table): only --adapter-mode merged applies it")
+    if len({m.target for m in modules}) != len(modules):
+        raise EdgeqError(ad.path / WEIGHTS, "two SHiRA deltas change one weight")
+
+    def load() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return {m.target: m.entries() for m in modules}
+
+    return SparseAdapter(name=ad.name, scale=ad.weight, targets=[m.target for m in modules],
+                         modules=sorted({m.module.rsplit(".", 1)[-1] for m in modules}),
+                         nnz=sum(int(m.values.shape[0]) for m in modules), source_sha256=ad.sha256,
+                         config_sha256=ad.config_sha256, load_entries=load)
+
+
 # --- the pass -------------------------------------------------------------------------
 
 def _merged_loader(base: Tensor, deltas: list[tuple[LoraModule, float]], replaced: STensor | None = None):
@@ -416,11 +477,15 @@ def _merged_loader(base: Tensor, deltas: list[tuple[LoraModule, float]], replace
         out = np.empty(w.shape, dtype=np.float32)
         step = max(1, (1 << 24) // max(1, w.shape[-1]))      # rows per chunk: ~64 MiB of float32 at a time
         # Row blocks of B·A (or of (B·A)ᵀ for embeddings): the full delta never exists at once.
-        loaded = [(m, m.A.load(), m.B.load(), np.float32(wt * m.scale)) for m, wt in deltas]
+        loaded = [(m, None, None, np.float32(wt)) if isinstance(m, SparseModule)
+                  else (m, m.A.load(), m.B.load(), np.float32(wt * m.scale)) for m, wt in deltas]
         for r0 in range(0, w.shape[0], step):
             r1 = min(w.shape[0], r0 + step)
             block = w[r0:r1].copy()
             for m, a, b, s in loaded:
+                if a is None:            # a SHiRA delta: its entries in these rows
+                    m.add_rows(block, r0, r1, s)
+                    continue
                 d = (b @ a[:, r0:r1]).T if m.embedding else b[r0:r1] @ a
                 block += d * s
             out[r0:r1] = block

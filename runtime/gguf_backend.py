@@ -72,7 +72,11 @@ class LlamaCppBackend:
         for name, _ in chosen:
             if name not in self._loras:
                 path = open_file(name)
-                handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, os.fspath(path).encode("utf-8"))
+                from llama_cpp._utils import suppress_stdout_stderr
+
+                with suppress_stdout_stderr(disable=self.llm.verbose):   # llama.cpp logs a line per tensor
+                    handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model,
+                                                               os.fspath(path).encode("utf-8"))
                 if not handle:
                     raise BundleError(path, "llama.cpp cannot apply this LoRA adapter to the bundle's model "
                                             "(made for another base model?)")

@@ -40,7 +40,9 @@ class TvmDecoderBackend(TokenizerText):
                                             int(session.params[index[n[:-1] + "b"]].shape[1]))
                      for n, i in index.items() if n.endswith(".lora_a") and n[:-1] + "b" in index}
         self._base_lora = {w: (session.params[i], session.params[j]) for w, (i, j, _, _) in self.lora.items()}
-        self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._lora_files: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}
+        self._sparse: set[str] = set()             # adapters read so far that are SHiRA (sparse, in place)
+        self._applied: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (flat view, positions, old values)
         self.reset()
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
@@ -51,7 +53,18 @@ class TvmDecoderBackend(TokenizerText):
 
         for name, _ in chosen:
             if name not in self._lora_files:
-                self._lora_files[name] = self._read_adapter(open_file(name))
+                self._lora_files[name] = self._read_adapter(open_file(name), name)
+        sparse = [(n, s) for n, s in chosen if n in self._sparse]
+        chosen = [(n, s) for n, s in chosen if n not in self._sparse]
+        plan = [self._sparse_plan(self._lora_files[n], s) for n, s in sparse]   # every check before any write
+        for flat, pos, old in reversed(self._applied):      # the base's own values back, exactly
+            flat[pos] = old
+        self._applied = []
+        for steps in plan:
+            for flat, pos, add in steps:
+                old = flat[pos].copy()
+                flat[pos] = (old.astype(np.float32) + add).astype(flat.dtype)
+                self._applied.append((flat, pos, old))
         if chosen and not self.lora:
             raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
                                     "separate)")
@@ -67,10 +80,29 @@ class TvmDecoderBackend(TokenizerText):
                 self.session.params[i], self.session.params[j] = self._base_lora[w]
         self.reset()
 
-    def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """An adapter's safetensors, each factor checked against the library's LoRA parameters."""
+    def _sparse_plan(self, entries: dict[str, tuple[np.ndarray, ...]], scale: float) -> list:
+        """Where a SHiRA adapter writes: per weight, the flat view of its parameter (shared with the VM: an
+        in-place change), the positions and the values to add (repeated pairs summed)."""
+        steps = []
+        index = {n: i for i, n in enumerate(self.session.param_names)}
+        for w, (rows, cols, vals) in entries.items():
+            view = np.from_dlpack(self.session.params[index[w]])
+            panel = view.shape[2]
+            pos = np.ravel_multi_index((rows // panel, cols, rows % panel), view.shape)
+            uniq, inv = np.unique(pos, return_inverse=True)
+            add = np.bincount(inv, weights=vals.astype(np.float64) * scale).astype(np.float32)
+            steps.append((view.reshape(-1), uniq, add))
+        return steps
+
+    def _read_adapter(self, path: Path, name: str) -> dict[str, tuple[np.ndarray, ...]]:
+        """An adapter's safetensors: LoRA factors checked against the library's LoRA parameters, or a SHiRA
+        adapter's entries against the weights they change (f32 or f16 parameters, on this machine's memory)."""
         arrays = read_arrays(path)
         keys = list(arrays)
+        if keys and all(".shira_" in k for k in keys):
+            out = self._read_sparse(path, arrays)
+            self._sparse.add(name)
+            return out
         out = {}
         for key in keys:
             w, sep, part = key.rpartition(".lora_")
@@ -125,6 +157,34 @@ class TvmDecoderBackend(TokenizerText):
         out = self._run(list(ids))
         self.reset()
         return np.asarray(out, dtype=np.float32)
+
+    def _read_sparse(self, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, ...]]:
+        if self.session.remote is not None:
+            raise BundleError(path, "SHiRA adapters are applied in place in this process's memory; not over RPC")
+        index = {n: i for i, n in enumerate(self.session.param_names)}
+        out = {}
+        for w in sorted({k.rpartition(".shira_")[0] for k in arrays}):
+            idx, vals = arrays.get(w + ".shira_indices"), arrays.get(w + ".shira_weight")
+            if set(arrays) & {w + ".shira_indices", w + ".shira_weight"} != {w + ".shira_indices", w + ".shira_weight"} \
+                    or idx is None or vals is None:
+                raise BundleError(path, f"{w}: a SHiRA adapter needs shira_indices and shira_weight")
+            if w not in index:
+                raise BundleError(path, f"changes {w}, which this library does not have (made for another base?)")
+            p = self.session.params[index[w]]
+            if str(p.dtype) not in ("float32", "float16") or len(p.shape) != 3:
+                raise BundleError(path, f"SHiRA is applied in place to f32 or f16 weights; {w} is stored as "
+                                        f"{p.dtype} (export it f16 or f32)")
+            n_out, n_in = int(p.shape[0]) * int(p.shape[2]), int(p.shape[1])
+            if idx.ndim != 2 or idx.shape[0] != 2 or vals.ndim != 1 or idx.shape[1] != vals.shape[0] or \
+                    not np.issubdtype(idx.dtype, np.integer) or vals.dtype != np.float32:
+                raise BundleError(path, f"{w}: SHiRA indices {idx.shape} {idx.dtype} and values {vals.shape} "
+                                        f"{vals.dtype} do not fit")
+            rows, cols = idx[0].astype(np.int64), idx[1].astype(np.int64)
+            if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_out or cols.max() >= n_in):
+                raise BundleError(path, f"{w}: SHiRA indices outside the weight ({n_out}, {n_in}) (made for another "
+                                        "base model?)")
+            out[w] = (rows, cols, vals)
+        return out
 
     def close(self) -> None:
         self.past = []

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import LoraAdapter
+from edgeq.core.adapter import UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats, get_format
 from edgeq.core.ir import Graph
@@ -40,7 +40,7 @@ class LowerRequest:
     spec: Any = None                      # the decoder's runtime.tokenizer.TokenizerSpec
     ndk_clang: str | None = None          # android: the NDK clang that links a .so
     tune_trials: int = 0                  # meta-schedule trials (targets that tune)
-    adapters: list[LoraAdapter] = field(default_factory=list)   # users' adapters kept apart (separate mode)
+    adapters: list[UserAdapter] = field(default_factory=list)   # users' adapters kept apart (separate mode)
     progress: Callable | None = None
     log: Callable[[str], None] = lambda s: None
 
@@ -113,7 +113,7 @@ class Target:
         """Write this backend's files for the plan into `req.folder`."""
         raise NotImplementedError
 
-    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder: Path) -> Artifact:
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder: Path) -> Artifact:
         """Write a LoRA adapter kept apart from the base (`--adapter-mode separate`) into `folder`, in the form
         this backend's runtime applies at run time over the base artifact, without touching the base."""
         raise EdgeqError(None, f"--adapter-mode separate is not available on the {self.name} backend yet "

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeq.core.adapter import LoraAdapter
+from edgeq.core.adapter import LoraAdapter, UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write_text, fsync_tree, output_lock
 from edgeq.core.ir import Tensor
@@ -82,9 +82,9 @@ def add_adapter(bundle: str | Path, arg: str, model: str | None = None) -> list[
     return entries
 
 
-def _check_slots(bundle: Path, m: dict[str, Any], backend: str, adapter: LoraAdapter) -> None:
+def _check_slots(bundle: Path, m: dict[str, Any], backend: str, adapter: UserAdapter) -> None:
     """ONNX and TVM graphs have LoRA inputs only on the weights their export's adapters changed."""
-    if not get_target(backend).adapters_need_slots:
+    if not get_target(backend).adapters_need_slots or not isinstance(adapter, LoraAdapter):
         return
     slots = set((m.get(backend) or {}).get("lora_slots") or [])
     outside = [t for t in adapter.targets if t not in slots]

@@ -31,7 +31,7 @@ from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
 from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
-from edgeq.core.adapter import LoraAdapter
+from edgeq.core.adapter import UserAdapter
 from edgeq.passes.merge_adapters import MergeAdapters, load_adapter, unmerged
 from edgeq.targets.base import LowerRequest, Target
 from edgeq.targets.profiles import DeviceProfile, get_profile
@@ -53,12 +53,12 @@ def import_and_merge(model: str | None, adapters: list[str], ctx: Context,
     return model_path, graph
 
 
-def separate_adapters(graph: Graph, args: list[str]) -> list[LoraAdapter]:
+def separate_adapters(graph: Graph, args: list[str]) -> list[UserAdapter]:
     """The adapters kept apart from the base, each checked against it (shapes, modules) and uniquely named."""
     if graph.arch != "llama":
         raise EdgeqError(graph.metadata.get("source_path"),
                          f"LoRA adapters apply to llama-family decoders; this model is {graph.arch}")
-    out: list[LoraAdapter] = []
+    out: list[UserAdapter] = []
     for arg in args:
         ad = load_adapter(arg, graph)
         if any(o.name == ad.name for o in out):
@@ -77,7 +77,7 @@ class Compilation:
     targets: list[Target]
     inputs: dict[str, DecideInputs]       # per target
     ctx: Context
-    adapters: list[LoraAdapter]           # kept apart from the base (--adapter-mode separate)
+    adapters: list[UserAdapter]           # kept apart from the base (--adapter-mode separate)
 
 
 def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool,

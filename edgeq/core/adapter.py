@@ -49,14 +49,41 @@ class LoraAdapter:
 
     def entry(self) -> dict[str, Any]:
         """The fields every backend's artifact entry for this adapter carries."""
-        return {"name": self.name, "rank": self.rank, "scale": self.scale, "modules": self.modules,
+        return {"name": self.name, "method": "lora", "rank": self.rank, "scale": self.scale, "modules": self.modules,
                 "tensors": len(self.targets), "dtype": self.dtype,
                 "source_sha256": self.source_sha256,
                 "config_sha256": self.config_sha256}
 
 
-def lora_slots(weights: list[str], adapters: list[LoraAdapter]) -> list[str]:
-    """The weights a backend gives run-time LoRA inputs: every weight some adapter of the bundle changes, in
+@dataclass
+class SparseAdapter:
+    """A SHiRA adapter kept apart: a few base weights changed, applied in place over the base on the device and
+    undone exactly (the values it overwrote are kept)."""
+
+    name: str
+    scale: float
+    targets: list[str]
+    modules: list[str]
+    nnz: int                              # entries in all
+    source_sha256: str
+    config_sha256: str
+    load_entries: Callable[[], dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]] = field(repr=False)
+
+    def entries(self) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """{canonical weight: (rows, cols, values)}: int64, int64, float32 (PEFT's scaling folded in)."""
+        return self.load_entries()
+
+    def entry(self) -> dict[str, Any]:
+        return {"name": self.name, "method": "shira", "nnz": self.nnz, "scale": self.scale, "modules": self.modules,
+                "tensors": len(self.targets), "source_sha256": self.source_sha256,
+                "config_sha256": self.config_sha256}
+
+
+UserAdapter = LoraAdapter | SparseAdapter
+
+
+def lora_slots(weights: list[str], adapters: list[UserAdapter]) -> list[str]:
+    """The weights a backend gives run-time LoRA inputs: every weight some LoRA adapter of the bundle changes, in
     graph order (`weights`). An adapter added later (edgeq add-adapter) must change only these."""
-    wanted = {t for a in adapters for t in a.targets}
+    wanted = {t for a in adapters if isinstance(a, LoraAdapter) for t in a.targets}
     return [n for n in weights if n in wanted]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import LoraAdapter, lora_slots
+from edgeq.core.adapter import SparseAdapter, UserAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -40,6 +40,10 @@ def save_params(params: dict[str, np.ndarray], path: Path) -> None:
 
 def lora_file(name: str) -> str:
     return f"lora-{name}.safetensors"
+
+
+def shira_file(name: str) -> str:
+    return f"shira-{name}.safetensors"
 
 
 class TvmTarget(Target):
@@ -84,13 +88,27 @@ class TvmTarget(Target):
             runs = "mtriple" not in t and profile.os == platform.system().lower()
         return None if runs else f"library is for {profile.name}, not this host"
 
-    def lower_adapter(self, graph: Graph, adapter: LoraAdapter, folder) -> Artifact:
-        """The adapter's factors as the library's LoRA parameters take them: `<weight>.lora_a` Aᵀ (in, r) and
-        `.lora_b` (B·scale)ᵀ (r, out), float32, in safetensors like the base's params."""
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
+        """A LoRA adapter's factors as the library's LoRA parameters take them: `<weight>.lora_a` Aᵀ (in, r) and
+        `.lora_b` (B·scale)ᵀ (r, out), float32, in safetensors like the base's params. A SHiRA adapter's entries,
+        `<weight>.shira_indices` (2, nnz) int32 (row, column of the (out, in) weight) and `.shira_weight`
+        (nnz,) float32, which the runtime adds in place to the f32/f16 parameter (and takes back)."""
         from edgeq.targets.tvm.ops import lora_param_names
 
         if graph.kind != "decoder":
             raise EdgeqError(None, f"LoRA adapters apply to decoders; this is an {graph.kind}")
+        if isinstance(adapter, SparseAdapter):
+            entries = adapter.entries()
+            arrays = {}
+            for name in graph.weights:
+                if name in entries:
+                    rows, cols, vals = entries[name]
+                    arrays[name + ".shira_indices"] = np.stack([rows, cols]).astype(np.int32)
+                    arrays[name + ".shira_weight"] = np.ascontiguousarray(vals, np.float32)
+            path = folder / shira_file(adapter.name)
+            save_params(arrays, path)
+            return Artifact("lora", path, self.name, {"f32": len(adapter.targets)},
+                            {"applies_to": PARAMS_FILE, **adapter.entry()})
         factors = adapter.factors()
         arrays = {}
         for name in graph.weights:
