@@ -398,8 +398,9 @@ def _load_sparse(folder: Path, c: dict[str, Any], graph: Graph, weight: float, l
     targeted = [name for name in modules if _targeted(c, name) and name != "model.embed_tokens"]
     if not targeted:
         raise EdgeqError(cpath, f"target_modules {tm!r} matches no module of the base model{base_hint}")
-    found = sparse_modules(folder, c, graph, modules, targeted, base_hint)
-    return Adapter(path=folder, weight=weight, config=c, modules=found, sha256=sha256_file(wpath),
+    found, base_layers = sparse_modules(folder, c, graph, modules, targeted, base_hint)
+    return Adapter(path=folder, weight=weight, config=c, modules=found, base_layers=base_layers,
+                   sha256=sha256_file(wpath),
                    config_sha256=sha256_file(cpath),
                    name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
 
@@ -422,12 +423,12 @@ def unmerged(ad: Adapter, graph: Graph) -> UserAdapter:
     its PEFT scale folded into B, or a SHiRA adapter's sparse entries. What only a merge can express is refused in
     one line."""
     wpath = ad.path / WEIGHTS
-    if is_sparse(ad.config):
-        return _unmerged_sparse(ad, graph)
     for target, t in ad.base_layers.items():    # PEFT saves them whenever an embedding is targeted: usually the base's own
         if not np.array_equal(t.load(), graph.weights[target].numpy()):
             raise EdgeqError(wpath, f"holds full weights for {target} that differ from the base model's "
                                     "(save_embedding_layers): only --adapter-mode merged can apply them")
+    if is_sparse(ad.config):
+        return _unmerged_sparse(ad, graph)
     for m in ad.modules:
         if m.embedding:
             raise EdgeqError(wpath, f"has a LoRA on {m.module}; embedding adapters are applied with --adapter-mode "

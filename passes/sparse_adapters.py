@@ -58,13 +58,22 @@ class SparseModule:
 
 
 def sparse_modules(folder: Path, config: dict[str, Any], graph: Graph, modules: dict[str, tuple[str, bool]],
-                   targeted: list[str], base_hint: str) -> list[SparseModule]:
-    """The folder's sparse deltas, each checked against the base weight it changes."""
+                   targeted: list[str], base_hint: str) -> tuple[list[SparseModule], dict[str, STensor]]:
+    """The folder's sparse deltas, each checked against the base weight it changes, and the full base weights
+    PEFT saved beside them (it does when the head is targeted), by the weight they stand for."""
     wpath = folder / "adapter_model.safetensors"
     st = SafetensorsFile(wpath)
     parts: dict[str, dict[str, STensor]] = {}
+    base_layers: dict[str, STensor] = {}
     for key, t in st.tensors.items():
         name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        if name.endswith(".base_layer.weight") and name[:-len(".base_layer.weight")] in modules:
+            target = modules[name[:-len(".base_layer.weight")]][0]
+            if t.shape != graph.weights[target].shape or t.dtype not in FLOAT_DTYPES:
+                raise EdgeqError(wpath, f"{key} has shape {t.shape} {t.dtype}, the base weight {target} "
+                                        f"{graph.weights[target].shape}{base_hint}")
+            base_layers[target] = t
+            continue
         m = _KEY.match(name)
         if m is None:
             raise EdgeqError(wpath, f"unexpected tensor {key} in a SHiRA adapter")
@@ -96,4 +105,4 @@ def sparse_modules(folder: Path, config: dict[str, Any], graph: Graph, modules: 
             raise EdgeqError(wpath, f"{module}: {val.shape[0]} SHiRA entries for a weight of {shape[0] * shape[1]}")
         out.append(SparseModule(module, target, idx, val, (int(shape[0]), int(shape[1])),
                                 r=int(config.get("r") or 0)))
-    return out
+    return out, base_layers

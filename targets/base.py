@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import UserAdapter
+from edgeq.core.adapter import SparseAdapter, UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats, get_format
 from edgeq.core.ir import Graph
@@ -68,6 +68,7 @@ class Target:
     joins_bundles: bool = True                    # may share a bundle with other backends (`--backend all`)
     # users' adapters run on weights the exported model gave LoRA inputs (its manifest section's lora_slots)
     adapters_need_slots: bool = True
+    sparse_adapters: bool = False                 # applies SHiRA adapters in place on the device
 
     # --- deciding ---------------------------------------------------------------------------------------
 
@@ -112,6 +113,12 @@ class Target:
     def lower(self, req: LowerRequest) -> Lowered:
         """Write this backend's files for the plan into `req.folder`."""
         raise NotImplementedError
+
+    def check_adapter(self, adapter: UserAdapter) -> None:
+        """Refuse, before anything is written, an adapter this backend cannot apply at run time."""
+        if isinstance(adapter, SparseAdapter) and not self.sparse_adapters:
+            raise EdgeqError(None, f"SHiRA adapter {adapter.name}: sparse adapters are applied in place on the tvm "
+                                   f"backend only for now, not {self.name} (or merge it: --adapter-mode merged)")
 
     def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder: Path) -> Artifact:
         """Write a LoRA adapter kept apart from the base (`--adapter-mode separate`) into `folder`, in the form

@@ -308,3 +308,76 @@ def test_add_adapter_refusals(setup, tmp_path):
     (g / "model.gguf").write_bytes((g / "model.gguf").read_bytes()[:-1] + b"\x01")
     r = edgeq("add-adapter", g, f"{setup['sql']}=sql")
     assert r.returncode == 2 and "model.gguf" in r.stderr and not (g / "lora-sql.gguf").exists()
+
+
+# --- SHiRA sparse adapters --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shira(setup):
+    """A PEFT SHiRA adapter (random mask, random nonzero values) on q_proj, down_proj and the untied head, with
+    PEFT's merged logits."""
+    import peft
+
+    torch.manual_seed(9)
+    pm = peft.get_peft_model(load_hf(setup["base"]), peft.ShiraConfig(r=4, target_modules=["q_proj", "down_proj",
+                                                                                            "lm_head"]))
+    for n, p in pm.named_parameters():
+        if "shira_weight" in n:
+            p.data = torch.randn_like(p) * 0.05
+    folder = setup["tmp"] / "shira"
+    pm.save_pretrained(folder)
+    merged, model = merged_state(pm)
+    return {"folder": folder, "weights": merged, "ref": hf_logits(model, IDS)}
+
+
+def test_shira_merged_equals_peft(setup, shira):
+    from edgeq.core.plan import Plan
+    from edgeq.importers.hf import import_hf
+    from edgeq.passes import Context
+    from edgeq.passes.merge_adapters import MergeAdapters
+
+    ours, _ = MergeAdapters([str(shira["folder"])]).run(import_hf(setup["base"]), Plan(), Context(backend="gguf"))
+    changed = 0
+    for name, t in ours.weights.items():
+        np.testing.assert_allclose(t.numpy(), shira["weights"][name], rtol=1e-6, atol=1e-7, err_msg=name)
+        changed += int(np.count_nonzero(t.numpy() != import_hf(setup["base"]).weights[name].numpy()))
+    assert changed > 1000
+
+
+def test_shira_in_place_on_tvm_and_back(setup, shira, tmp_path):
+    """Applied in place over an f32 base on TVM it equals PEFT's merged model; switching back restores the exact
+    base weights (and logits); with a LoRA adapter at once both deltas add."""
+    out = tmp_path / "b"
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{shira['folder']}=sh", "--adapter",
+              f"{setup['chat']}=chat", "--adapter-mode", "separate", "--backend", "tvm", "--quant", "f32", "-o", out,
+              "--quiet")
+    assert r.returncode == 0, r.stderr
+    entry = next(a for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a.get("name") == "sh")
+    assert entry["method"] == "shira" and entry["path"] == "shira-sh.safetensors" and entry["nnz"] > 0
+    with runtime.load(out) as s:
+        base = s.logits(IDS)
+        params = [np.array(np.from_dlpack(p)) for p in s.backend.session.params]
+        s.set_adapters(["sh"])
+        got = s.logits(IDS)
+        assert kld(shira["ref"], got) <= 1e-4 and kld(shira["ref"], setup["plain"]) > 1e-3
+        s.set_adapters({"sh": 1.0, "chat": 1.0})
+        both = s.logits(IDS)
+        assert kld(shira["ref"], both) > 1e-3                      # the LoRA adds its own delta on top
+        s.set_adapters({})
+        assert np.array_equal(s.logits(IDS), base)
+        assert all(np.array_equal(np.from_dlpack(p), q) for p, q in zip(s.backend.session.params, params))
+        s.set_adapters(["sh"])
+        assert np.array_equal(s.logits(IDS), got)
+
+
+def test_shira_refusals(setup, shira, tmp_path):
+    out = tmp_path / "g"
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{shira['folder']}=sh", "--adapter-mode", "separate",
+              "--quant", "f32", "-o", out)
+    assert_clean_failure(r, "sh", out, "tvm backend only")
+    t = tmp_path / "t"                     # int4 weights: an in-place sparse change would need requantizing
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{shira['folder']}=sh", "--adapter-mode", "separate",
+              "--backend", "tvm", "--quant", "int4", "-o", t, "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = edgeq("run", t, "abc", "--use-adapter", "sh")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "f32 or f16" in r.stderr

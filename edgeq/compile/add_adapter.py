@@ -57,6 +57,7 @@ def add_adapter(bundle: str | Path, arg: str, model: str | None = None) -> list[
             raise EdgeqError(bundle, f"already holds an adapter named {adapter.name!r}; name this one with DIR=NAME")
         backends = list(dict.fromkeys(a["backend"] for a in m["artifacts"] if a.get("role", "model") == "model"))
         for b in backends:
+            get_target(b).check_adapter(adapter)
             _check_slots(bundle, m, b, adapter)
         stage = Path(tempfile.mkdtemp(prefix=f".add-adapter-{adapter.name}-", dir=bundle))
         moved: list[Path] = []

@@ -105,6 +105,8 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
             raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for {kinds} only for now; use --quant "
                                    f"with this {graph.kind}")
         t.check(graph, profile, budgeted=opts.budgeted, n_ctx=opts.n_ctx, tune_trials=opts.tune_trials)
+        for ad in adapters:
+            t.check_adapter(ad)
     spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
     images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
     inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,

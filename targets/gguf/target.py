@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import SparseAdapter, UserAdapter
+from edgeq.core.adapter import UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -73,9 +73,7 @@ class GgufTarget(Target):
     def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
         """A user's adapter as llama.cpp's LoRA-adapter GGUF (alpha 0: llama.cpp's scale is the runtime weight
         alone, PEFT's alpha/r is in B)."""
-        if isinstance(adapter, SparseAdapter):
-            raise EdgeqError(None, f"SHiRA adapter {adapter.name}: sparse adapters are applied in place on the tvm "
-                                   "backend only for now (or merge it: --adapter-mode merged)")
+        self.check_adapter(adapter)
         path = folder / lora_file(adapter.name)
         write_adapter(graph, adapter.factors(), path, title=f"LoRA adapter {adapter.name}",
                       dtype=np.float32 if adapter.dtype == "f32" else np.float16)

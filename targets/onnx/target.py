@@ -11,7 +11,7 @@ choosing a target (the CLI, a GGUF export) does not pay for it.
 from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
-from edgeq.core.adapter import SparseAdapter, UserAdapter, lora_slots
+from edgeq.core.adapter import UserAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -61,9 +61,7 @@ class OnnxTarget(Target):
 
     def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
         """The adapter in onnxruntime's adapter format, its tensors named for the graph's LoRA inputs."""
-        if isinstance(adapter, SparseAdapter):
-            raise EdgeqError(None, f"SHiRA adapter {adapter.name}: sparse adapters are applied in place on the tvm "
-                                   "backend only for now (or merge it: --adapter-mode merged)")
+        self.check_adapter(adapter)
         from edgeq.targets.onnx.adapter import lora_file, write_adapter
 
         if graph.kind != "decoder":

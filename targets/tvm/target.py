@@ -53,6 +53,7 @@ class TvmTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("apache-tvm", "apache-tvm-ffi")
     joins_bundles = False         # its runtime selection beside other artifacts is not built yet
+    sparse_adapters = True        # SHiRA entries added in place to f32/f16 parameters (runtime/tvm_decoder.py)
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
