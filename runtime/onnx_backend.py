@@ -148,11 +148,15 @@ class OnnxDecoderBackend(TokenizerText):
             raise BundleError(None, "this ONNX model has no LoRA inputs (not exported with --adapter-mode separate)")
         feeds = {}
         for w, (n_in, n_out) in self.lora_shapes.items():
-            parts = [(self._lora_files[n][w][0], self._lora_files[n][w][1] * np.float32(scale))
-                     for n, scale in chosen if w in self._lora_files[n]]
-            if parts:     # else the graph's own rank-0 defaults
-                a, b = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 0)
-                feeds[f"{w}.lora_A"], feeds[f"{w}.lora_B"] = np.ascontiguousarray(a), np.ascontiguousarray(b)
+            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
+            if not parts:      # the graph's own rank-0 defaults
+                continue
+            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own arrays: no copy
+                a, b = parts[0][0]
+            else:
+                a = np.ascontiguousarray(np.concatenate([f[0] for f, _ in parts], 1))
+                b = np.ascontiguousarray(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
+            feeds[f"{w}.lora_A"], feeds[f"{w}.lora_B"] = a, b
         self.lora_feeds = feeds
         self.reset()
 
@@ -183,7 +187,7 @@ class OnnxDecoderBackend(TokenizerText):
                 raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
                                         f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
                                         "for another base model?)")
-            out[w] = (a, b)
+            out[w] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
         return out
 
     def reset(self) -> None:

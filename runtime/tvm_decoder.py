@@ -20,6 +20,16 @@ from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
 
+def _aligned(arr: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """A C-contiguous copy of `arr` whose data starts on an `alignment`-byte boundary (TVM shares such memory
+    through DLPack instead of copying it)."""
+    buf = np.empty(arr.nbytes + alignment, np.uint8)
+    start = (-buf.ctypes.data) % alignment
+    out = buf[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
+
+
 class TvmDecoderBackend(TokenizerText):
     name = "tvm"
 
@@ -47,16 +57,18 @@ class TvmDecoderBackend(TokenizerText):
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
         """Pass these adapters (name, scale) as the library's LoRA parameters: per weight, the active adapters' A
-        stacked along the rank and their B·scale likewise (their deltas add); rank 0 where none applies. The
-        library is not rebuilt or reloaded. Each file is read once (`open_file` checks it)."""
-        import tvm
-
+        stacked along the rank and their B·scale likewise (their deltas add); the params file's zeros where none
+        applies. SHiRA adapters are added in place to their weights (the values they overwrite kept, and put
+        back first). The library is not rebuilt or reloaded. Each file is read once (`open_file` checks it)."""
         for name, _ in chosen:
             if name not in self._lora_files:
                 self._lora_files[name] = self._read_adapter(open_file(name), name)
         sparse = [(n, s) for n, s in chosen if n in self._sparse]
         chosen = [(n, s) for n, s in chosen if n not in self._sparse]
         plan = [self._sparse_plan(self._lora_files[n], s) for n, s in sparse]   # every check before any write
+        if chosen and not self.lora:
+            raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
+                                    "separate)")
         for flat, pos, old in reversed(self._applied):      # the base's own values back, exactly
             flat[pos] = old
         self._applied = []
@@ -65,20 +77,27 @@ class TvmDecoderBackend(TokenizerText):
                 old = flat[pos].copy()
                 flat[pos] = (old.astype(np.float32) + add).astype(flat.dtype)
                 self._applied.append((flat, pos, old))
-        if chosen and not self.lora:
-            raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
-                                    "separate)")
         for w, (i, j, _, _) in self.lora.items():
-            parts = [(self._lora_files[n][w][0], self._lora_files[n][w][1] * np.float32(scale))
-                     for n, scale in chosen if w in self._lora_files[n]]
-            if parts:
-                a = np.ascontiguousarray(np.concatenate([p[0] for p in parts], 1))
-                b = np.ascontiguousarray(np.concatenate([p[1] for p in parts], 0))
-                self.session.params[i] = tvm.runtime.tensor(a, self.session.dev)
-                self.session.params[j] = tvm.runtime.tensor(b, self.session.dev)
-            else:
+            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
+            if not parts:
                 self.session.params[i], self.session.params[j] = self._base_lora[w]
+                continue
+            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own (aligned) arrays, shared: no copy
+                a, b = parts[0][0]
+            else:
+                a = _aligned(np.concatenate([f[0] for f, _ in parts], 1))
+                b = _aligned(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
+            self.session.params[i], self.session.params[j] = self._device(a), self._device(b)
         self.reset()
+
+    def _device(self, arr: np.ndarray):
+        """A parameter tensor for `arr`: on this machine's CPU the same memory (an adapter resident once),
+        elsewhere a copy on the device."""
+        import tvm
+
+        if self.session.remote is None and self.session.dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+            return tvm.runtime.from_dlpack(arr)
+        return tvm.runtime.tensor(arr, self.session.dev)
 
     def _sparse_plan(self, entries: dict[str, tuple[np.ndarray, ...]], scale: float) -> list:
         """Where a SHiRA adapter writes: per weight, the flat view of its parameter (shared with the VM: an
@@ -119,7 +138,7 @@ class TvmDecoderBackend(TokenizerText):
                 raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
                                         f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
                                         "for another base model?)")
-            out[w] = (a, b)
+            out[w] = (_aligned(a), _aligned(b))
         return out
 
     def reset(self) -> None:
@@ -159,8 +178,11 @@ class TvmDecoderBackend(TokenizerText):
         return np.asarray(out, dtype=np.float32)
 
     def _read_sparse(self, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, ...]]:
-        if self.session.remote is not None:
-            raise BundleError(path, "SHiRA adapters are applied in place in this process's memory; not over RPC")
+        import tvm
+
+        if self.session.remote is not None or self.session.dev.dlpack_device_type() != tvm.cpu(0).dlpack_device_type():
+            raise BundleError(path, "SHiRA adapters are applied in place in this process's CPU memory; not over RPC "
+                                    "or on a GPU yet")
         index = {n: i for i, n in enumerate(self.session.param_names)}
         out = {}
         for w in sorted({k.rpartition(".shira_")[0] for k in arrays}):
