@@ -12,7 +12,9 @@ written for SmolLM2 (its float weights: the shipped Q4_1 dequantized). Per backe
 - decode tokens/s: the separate base with adapter A applied, the merged bundle, and the separate base with no
   adapter, interleaved round by round (`--tokens` decoded after a short prompt, median);
 - resident memory: RSS after loading the base, after applying A, after A and B (read in a fresh process per
-  backend), against the adapters' file sizes.
+  backend), against the adapters' file sizes;
+- TVM only, SHiRA (PEFT layout, r·(in+out) random entries per weight: a rank-r LoRA's parameter count) on an f16
+  base beside LoRA A: fidelity against its merged float model, first switch, later switches, back to the base.
 
     python bench/adapters.py                                  # all backends, 1 thread
     python bench/adapters.py --backends gguf,onnx --chunks 1  # quicker look
@@ -81,6 +83,35 @@ def random_lora(folder: Path, base: Path, rank: int, seed: int, std: float) -> P
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(MODULES),
         "bias": "none", "base_model_name_or_path": base.name}, indent=1))
+    return folder
+
+
+def random_shira(folder: Path, base: Path, r: int, seed: int, std: float) -> Path:
+    """A PEFT-layout SHiRA adapter on the same modules: r·(in + out) random positions per weight (PEFT's count,
+    as many parameters as a rank-r LoRA), random values."""
+    from safetensors.numpy import save_file
+
+    from edgeq.importers.hf import import_hf
+
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    graph = import_hf(base)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(graph.config.n_layers):
+        for leaf in MODULES:
+            part = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            module = f"model.layers.{i}.{part}.{leaf}"
+            out_f, in_f = graph.weights[module + ".weight"].shape
+            flat = rng.choice(out_f * in_f, size=r * (in_f + out_f), replace=False)
+            key = f"base_model.model.{module}"
+            tensors[key + ".shira_indices"] = np.stack([flat // in_f, flat % in_f]).astype(np.int64)
+            tensors[key + ".shira_weight"] = (rng.standard_normal(flat.size) * std).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "SHIRA", "r": r, "target_modules": list(MODULES), "base_model_name_or_path": base.name},
+        indent=1))
     return folder
 
 
@@ -190,6 +221,22 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
     row["first_switch"] = median_ms(first)
     row["switch"] = median_ms(switch)
     row["switch_over_load"] = row["switch"]["median_ms"] / row["load_base"]["median_ms"]
+    # llama.cpp only marks its graph for re-reservation on a switch: the first token after it pays the rest
+    s = runtime.load(b["sep_q4"], backend=backend, threads=args.threads, verify=False)
+    token_after_switch, token = [], []
+    for i in range(2 * args.rounds):
+        s.set_adapters(["A" if i % 2 == 0 else "B"])
+        t0 = time.perf_counter()
+        s.backend.feed([100])
+        token_after_switch.append(time.perf_counter() - t0)
+        s.backend.reset()
+        t0 = time.perf_counter()
+        s.backend.feed([100])
+        token.append(time.perf_counter() - t0)
+        s.backend.reset()
+    s.close()
+    row["first_token_after_switch"] = median_ms(token_after_switch)
+    row["first_token_no_switch"] = median_ms(token)
 
     prompt = list(range(200, 232))
     sessions = {"separate+A": runtime.load(b["sep_q4"], backend=backend, threads=args.threads, adapters=["A"]),
@@ -216,8 +263,55 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
                                        "B": (rss["A+B"] - rss["A"]) / files["B"]}
     else:
         row["rss_error"] = probe.stderr.strip().splitlines()[-1:]
+    if backend == "tvm" and "S" in ads:
+        row["shira"] = bench_shira(base, ads, work, refs, args)
     log(f"{backend}: {json.dumps({k: row[k] for k in ('load_base', 'switch', 'decode_tok_s')})}")
     return row
+
+
+def bench_shira(base: Path, ads: dict[str, Path], work: Path, refs: dict[str, ReferenceCache],
+                args: argparse.Namespace) -> dict[str, Any]:
+    """TVM f16 base with LoRA A and SHiRA S (same parameter count): switch times of each, S's fidelity."""
+    from edgeq import runtime
+    from edgeq.evaluate.bundle import evaluate_bundle
+
+    bundle = work / "tvm-sep-f16-shira"
+    export(bundle, base, "tvm", "f16", [f"{ads['A']}=A", f"{ads['S']}=S"], "separate")
+    out: dict[str, Any] = {}
+    for name in ("A", "S"):
+        r = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, reference_logits=refs[name], backend="tvm",
+                            threads=args.threads, record=False, pareto=False, use_adapters={name: 1.0})
+        out[f"kld_f16+{name}"] = r["kld_mean"]
+    r = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, reference_logits=refs["S"], backend="tvm",
+                        threads=args.threads, record=False, pareto=False)
+    out["kld_f16 no adapter vs S"] = r["kld_mean"]
+    first: dict[str, list[float]] = {"A": [], "S": []}
+    switch: dict[str, list[float]] = {"A": [], "S": []}
+    back: dict[str, list[float]] = {"A": [], "S": []}
+    for _ in range(args.rounds):
+        s = runtime.load(bundle, backend="tvm", threads=args.threads, verify=False)
+        for name in ("A", "S"):
+            t0 = time.perf_counter()
+            s.set_adapters([name])
+            first[name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            s.set_adapters({})
+            back[name].append(time.perf_counter() - t0)
+        for _ in range(3):
+            for name in ("A", "S"):
+                t0 = time.perf_counter()
+                s.set_adapters([name])
+                switch[name].append(time.perf_counter() - t0)
+                s.set_adapters({})
+        s.close()
+    m = json.loads((bundle / "manifest.json").read_text())
+    out["file_bytes"] = {a["name"]: a["bytes"] for a in m["artifacts"] if a.get("role") == "lora"}
+    for name in ("A", "S"):
+        out[f"first_switch_{name}"] = median_ms(first[name])
+        out[f"switch_{name}"] = median_ms(switch[name])
+        out[f"back_to_base_{name}"] = median_ms(back[name])
+    log(f"tvm shira: {json.dumps(out)}")
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -240,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backends", default="gguf,onnx,tvm")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the random A and B entries")
+    ap.add_argument("--std", type=float, default=0.05, help="standard deviation of the random A and B entries")
+    ap.add_argument("--shira-std", type=float, default=0.02,
+                    help="standard deviation of the SHiRA adapter's values (tvm only)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
@@ -264,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     base = smollm_folder(work)
     ads = {"A": random_lora(work / "lora-A", base, args.rank, 1, args.std),
            "B": random_lora(work / "lora-B", base, args.rank, 2, args.std)}
+    if "tvm" in args.backends.split(","):
+        ads["S"] = random_shira(work / "shira-S", base, args.rank, 3, args.shira_std)
 
     def merged_executor(name: str):
         def make():
