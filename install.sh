@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install edgeq (editable) into the active Python environment.
-#   ./install.sh        the compiler, the runtime and the embedded default model
+#   ./install.sh        the compiler, the runtime, the server (edgeq serve) and the embedded default model
 #   ./install.sh test   the same plus everything the test suite needs (torch, transformers)
 #
 # llama-cpp-python compiles llama.cpp from source (10-25 min on 2 cores), so its
@@ -53,5 +53,5 @@ if [ "${1:-}" = "test" ]; then
   "${pip_q[@]}" install "torch==2.13.0"
   "${pip_q[@]}" install -e ".[test]"
 else
-  "${pip_q[@]}" install -e .
+  "${pip_q[@]}" install -e ".[serve]"
 fi

@@ -168,7 +168,7 @@ def groups_check(graph, cal, tables, path: Path) -> None:
 
     from edgeq.core.formats import get_format
     from edgeq.passes.calibrate import calibration_tokens, calibration_windows
-    from edgeq.passes.fisher import _forward
+    from edgeq.passes.fisher import torch_forward
 
     torch.set_num_threads(1)
     tokens, bos, add_bos = calibration_tokens(graph)
@@ -178,7 +178,7 @@ def groups_check(graph, cal, tables, path: Path) -> None:
 
     def logp(ws):
         with torch.no_grad():
-            return torch.log_softmax(_forward(graph, win, ws, torch, {}).double(), -1)
+            return torch.log_softmax(torch_forward(graph, win, ws, torch, {}).double(), -1)
 
     ref = logp(weights)
     rows = []

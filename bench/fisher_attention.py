@@ -52,7 +52,7 @@ def main() -> int:
     from edgeq.models.recipes.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.calibrate import Calibrate, calibration_tokens, calibration_windows
-    from edgeq.passes.fisher import _forward
+    from edgeq.passes.fisher import torch_forward
 
     torch.set_num_threads(1)
     graph = import_gguf(default_model_path())
@@ -67,7 +67,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
 
     def logp(edit=None, keep=None):
-        return torch.log_softmax(_forward(graph, win, weights, torch, {} if keep is None else keep, edit).double(), -1)
+        return torch.log_softmax(torch_forward(graph, win, weights, torch, {} if keep is None else keep, edit).double(), -1)
 
     def kld(ref, lp):
         return float((ref.exp() * (ref - lp)).sum(-1)[1:].mean())

@@ -7,17 +7,19 @@ only parses arguments and calls these. Running a bundle is `edgeq.runtime` (what
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeq import runtime
 from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
 from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
-from edgeq.compile.options import ExportOptions
+from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
-from edgeq.core.plan import Plan
+from edgeq.core.plan import Plan, load_plan
 from edgeq.evaluate.bundle import evaluate_bundle
 from edgeq.importers.calibration_text import calibration_source
 from edgeq.importers.imatrix import Imatrix, write_imatrix
@@ -25,8 +27,23 @@ from edgeq.importers.torch_export import import_module
 from edgeq.passes import Context
 from edgeq.passes.calibrate import calibrate as run_calibration
 from edgeq.passes.calibrate import imatrix_from_calibration
+from edgeq.runtime.terminal_chat import chat_loop
 
-__all__ = ["ExportOptions", "add_adapter", "calibrate", "evaluate", "export", "export_module", "inspect", "plan"]
+from edgeq.predictor.measure import device_for, profile_device
+from edgeq.predictor.model import Prediction
+from edgeq.predictor.predict import (
+    check_runtime_here,
+    latency_profile_backend,
+    open_profile,
+    predict_bundle,
+    predict_workload,
+)
+from edgeq.predictor.profile import cached_profile_path, load_profile
+from edgeq.predictor.validate import ValidationSettings, validate
+from edgeq.predictor.workload import graph_workload
+
+__all__ = ["ExportOptions", "add_adapter", "calibrate", "chat", "evaluate", "export", "export_module", "inspect", "plan",
+           "predict", "profile", "serve"]
 
 
 def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:
@@ -102,3 +119,105 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
     opts = ExportOptions(target=target, backend=backend, quant=quant, plan=plan, out=os.fspath(out), force=force,
                          check=check, calib_images=calib_images)
     return pipeline.export(opts, progress=progress, graph=graph)
+
+
+def chat(bundle: str | os.PathLike, system: str | None = None, max_tokens: int = 512, backend: str | None = None,
+         threads: int = 1, n_ctx: int | None = None, device: str | None = None, **sampling) -> int:
+    """`edgeq chat`: a conversation with a decoder bundle on this terminal (stdin/stdout); returns the number of
+    replies. Sampling settings are `edgeq.runtime.SamplingParams` keywords."""
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    with runtime.load(bundle, backend=backend, threads=threads, n_ctx=n_ctx, device=device) as s:
+        if not hasattr(s, "stream"):
+            raise EdgeqError(bundle, "edgeq chat needs a decoder bundle")
+        if sys.stdin.isatty():
+            print(f"edgeq chat: {s.manifest['model'].get('name')} on {s.backend_name}, context {s.n_ctx} tokens. "
+                  "/reset forgets the conversation, /exit ends it.", file=sys.stderr)
+        return chat_loop(s, system=system, max_tokens=max_tokens, sampling=sampling,
+                         prompt="> " if sys.stdin.isatty() else "")
+
+
+def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, **options) -> None:
+    """`edgeq serve`: an OpenAI-compatible HTTP server for the bundle until interrupted (options: those of
+    `edgeq.runtime.server.serve`: api_key, queue_size, model_name, backend, threads, n_ctx, device, defaults)."""
+    try:
+        from edgeq.runtime.server import serve as serve_bundle
+    except ImportError as exc:
+        raise EdgeqError(None, f"edgeq serve needs the server packages ({exc.name} is missing): "
+                               "pip install 'edgeq[serve]'") from None
+    serve_bundle(bundle, host, port, **options)
+
+
+def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out: str | os.PathLike | None = None,
+            validate_plans: int = 0, model: str | None = None, latency_profile: str | os.PathLike | None = None,
+            validate_dir: str | os.PathLike | None = None, allow_noisy: bool = False, quick: bool = False,
+            clock: str = "wall",
+            prompt_tokens: int | None = None, context_tokens: int | None = None, progress: Callable | None = None,
+            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """`edgeq profile`: measure a latency profile of `device` for a backend and thread count (cached in
+    ~/.cache/edgeq/profiles/, also written to `out`), or take `latency_profile`; with `validate_plans` K, check
+    it on K held-out plans run on the device."""
+    if out is not None and Path(out).is_dir():
+        raise EdgeqError(out, "is a folder; -o names the profile file to write")
+    if latency_profile is not None:
+        path = Path(latency_profile)
+        prof = load_profile(path)
+        prof.check_use(backend, threads, path)
+    else:
+        prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
+                              progress=progress, log=log)
+        path = cached_profile_path(prof.device, backend, threads, prof.clock)
+        for p in (path, out):
+            if p is not None:
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+                prof.save(p)
+        path = Path(out) if out is not None else path
+    _, _, fitted = open_profile(path, backend, threads)
+    res: dict[str, Any] = {"profile": str(path), "backend": backend, "threads": threads, "device": prof.device.get("cpu"),
+                           "noise": prof.noise, "load_average": prof.load_average, "fit": fitted.fit_report()}
+    if validate_plans:
+        folder = Path(validate_dir) if validate_dir else path.with_name(path.stem + "-validation")
+        settings = ValidationSettings(**{k: v for k, v in (("prompt_tokens", prompt_tokens),
+                                                            ("context_tokens", context_tokens)) if v is not None})
+        res["validation"] = validate(path, prof, device, validate_plans, folder, model, settings, progress, log)
+        res["validation_dir"] = str(folder)
+    return res
+
+
+def predict(path: str | os.PathLike, latency_profile: str | os.PathLike | None = None, backend: str | None = None,
+            model: str | None = None, threads: int | None = None, prompt_tokens: int | None = None,
+            context_tokens: int | None = None, device: str | None = None) -> Prediction:
+    """`edgeq predict`: a bundle's or a plan's prefill, decode step and peak memory on the profiled device
+    (`device`: check first that the profile was measured on that device)."""
+    path = Path(path)
+    if device is not None:
+        check_profile_device(latency_profile, device, backend, threads)
+    if path.is_dir():
+        return predict_bundle(path, latency_profile, backend, threads, prompt_tokens, context_tokens)
+    if not path.is_file():
+        raise EdgeqError(path, "no such bundle folder or plan file")
+    backend = backend or load_plan(path).backend or (
+        latency_profile_backend(latency_profile) if latency_profile else "gguf")
+    prof_path, prof, fitted = open_profile(latency_profile, backend, threads)
+    check_runtime_here(prof, prof_path)
+    opts = ExportOptions(model=model, backend=backend, plan=os.fspath(path), calibration=False)
+    c = pipeline.prepare(opts, None, None, several_allowed=False)
+    decision = pipeline.decide_all(c, opts, branches=False)[backend]
+    t = c.inputs[backend]
+    w = graph_workload(c.graph, decision.plan, bundle_n_ctx(c.graph, c.profile, opts),
+                       t.target.kv_cache_dtype(t.preset, c.profile, None))
+    return predict_workload(fitted, w, prompt_tokens, context_tokens)
+
+
+def check_profile_device(latency_profile: str | os.PathLike | None, device: str, backend: str | None,
+                         threads: int | None) -> None:
+    """Refuse a latency profile measured on another device than `device` (another CPU, flags or core count)."""
+    if latency_profile is None:
+        raise EdgeqError(None, "--device checks a --latency-profile; give one")
+    prof = load_profile(latency_profile)
+    dev = device_for(device)
+    try:
+        facts = dev.facts()
+    finally:
+        dev.close()
+    prof.check_device(facts, dev.name, latency_profile)

@@ -222,14 +222,18 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path=None) ->
     return check_config(cfg, path, "GGUF metadata")
 
 
-def gguf_hparams(cfg: LlamaConfig) -> dict[str, Any]:
-    """The llama.* keys llama.cpp reads, as (key -> value) in a fixed order."""
+def gguf_hparams(cfg: LlamaConfig, ffn_widths: list[int] | None = None) -> dict[str, Any]:
+    """The llama.* keys llama.cpp reads, as (key -> value) in a fixed order. `ffn_widths`: each layer's MLP width
+    when the graph's differ from the config's (a list when they differ between layers)."""
+    ffn: int | list[int] = cfg.intermediate_size
+    if ffn_widths is not None:
+        ffn = ffn_widths[0] if len(set(ffn_widths)) == 1 else [int(v) for v in ffn_widths]
     kv: dict[str, Any] = {
         "llama.vocab_size": cfg.vocab_size,
         "llama.context_length": cfg.context_length,
         "llama.embedding_length": cfg.hidden_size,
         "llama.block_count": cfg.n_layers,
-        "llama.feed_forward_length": cfg.intermediate_size,
+        "llama.feed_forward_length": ffn,
         "llama.rope.dimension_count": cfg.head_dim,
         "llama.attention.head_count": cfg.n_heads,
         "llama.attention.head_count_kv": cfg.n_kv_heads,
@@ -313,6 +317,44 @@ def build_graph(cfg: LlamaConfig, weights: dict[str, Tensor], metadata: dict[str
         weights=ordered,
         metadata=dict(metadata or {}),
     )
+
+
+def residual_norms(graph: Graph) -> list[str]:
+    """The norms that read the residual stream at each layer boundary, in order: layer i's input norm (what enters
+    layer i), then the final norm (what leaves the last layer)."""
+    return [f"model.layers.{i}.input_layernorm.weight" for i in range(graph.config.n_layers)] + [names.FINAL_NORM]
+
+
+MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
+
+
+def mlp_weights(layer: int) -> tuple[str, str, str]:
+    """Layer `layer`'s MLP weights, gate, up, down: the MLP's channels are gate's and up's rows and down's columns."""
+    return tuple(f"model.layers.{layer}.mlp.{k}.weight" for k in MLP_KINDS)        # type: ignore[return-value]
+
+
+def mlp_widths(graph: Graph) -> list[int]:
+    """Each layer's MLP width (its channels), read from the weights: a pruned graph's layers may differ."""
+    return [graph.weights[mlp_weights(i)[0]].shape[0] for i in range(graph.config.n_layers)]
+
+
+def prune_mlp(graph: Graph, channels: dict[int, np.ndarray]) -> Graph:
+    """The graph whose layer i's MLP keeps channels `channels[i]` (indices into its channels, in that order): a
+    permutation sorts the MLP, a shorter list also narrows it. The output is unchanged by a permutation (the MLP is a
+    sum over its channels). Weights stay lazy: each is gathered from the source when loaded."""
+    weights = dict(graph.weights)
+    for layer, idx in channels.items():
+        idx = np.asarray(idx, dtype=np.int64)
+        for name, axis in zip(mlp_weights(layer), (0, 0, 1)):
+            src = graph.weights[name]
+            full = src.shape[axis]
+            if idx.ndim != 1 or len(idx) == 0 or idx.min() < 0 or idx.max() >= full or len(np.unique(idx)) != len(idx):
+                raise EdgeqError(None, f"layer {layer}: MLP channels must be distinct indices below {full}")
+            shape = (len(idx), src.shape[1]) if axis == 0 else (src.shape[0], len(idx))
+            weights[name] = Tensor(name, shape, load=lambda s=src, i=idx, a=axis: np.take(s.numpy(), i, axis=a),
+                                   alias=src.alias, source_format=src.source_format)
+    return Graph(graph.arch, graph.kind, graph.config, graph.inputs, graph.outputs, graph.nodes, weights,
+                 dict(graph.metadata))
 
 
 def linear_weights(graph: Graph) -> list[str]:

@@ -14,7 +14,7 @@ for further linear budgets (a latency predictor's per-option milliseconds).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -31,11 +31,18 @@ EXACT_TRIES = 4
 
 @dataclass
 class ExtraRow:
-    """A linear constraint Σ coef(tensor, option) · x ≤ bound, e.g. predicted latency."""
+    """A linear constraint Σ coef(tensor, option) · x ≤ bound, e.g. predicted latency.
+
+    Where the row's quantity is linear only to within a small factor (a latency predictor's learned part),
+    `exact(choice)` gives its true value for a whole choice and `limit` what that may not exceed: a solution
+    over the limit is solved again under a bound lowered by its excess."""
 
     name: str
     coef: Callable[[str, Option], float]
     bound: float
+    exact: Callable[[dict[str, Option]], float] | None = None
+    limit: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)    # recorded in the plan's `search` beside the row's value
 
 
 @dataclass
@@ -133,6 +140,9 @@ def solve_ilp(table: CostTable, budget: int, ties: list[list[str]] = (), extra_r
                options={"time_limit": time_limit, "mip_rel_gap": gap, "disp": False})
     elapsed = time.perf_counter() - t0
     if res.x is None:
+        if res.status == 2 and extra_rows:
+            raise EdgeqError(None, f"no plan fits both {budget / MB:.3f} MB and the "
+                                   f"{', '.join(r.name for r in extra_rows)} bound")
         if res.status == 2:
             raise budget_error(table, budget, ties)
         raise EdgeqError(None, f"the ILP solver found no plan ({res.message})")
@@ -173,6 +183,30 @@ def solve(table: CostTable, budget: int, ties: list[list[str]] = (), extra_rows:
             best = with_branches
     best.info["branches"] = sum(1 for o in best.choice.values() if o.rank)
     return best
+
+
+def solve_rows(table: CostTable, budget: int, ties: list[list[str]] = (), extra_rows: list[ExtraRow] = (),
+               time_limit: float = 120.0, adapter_overhead: int = 0) -> Allocation:
+    """`solve`, with every extra row that has an exact value checked on the solution: a row whose exact value is
+    over its limit is solved again with its bound lowered by the excess, a few times at most."""
+    rows = list(extra_rows)
+    for tries in range(1, EXACT_TRIES + 1):
+        alloc = solve(table, budget, ties, rows, time_limit, adapter_overhead)
+        over = {}
+        for i, r in enumerate(rows):
+            if r.exact is not None and r.limit is not None:
+                value = r.exact(alloc.choice)
+                alloc.info.update({r.name: round(value, 6), f"{r.name}_limit": r.limit, **r.info})
+                if value > r.limit:
+                    over[i] = value - r.limit
+        if not over:
+            if rows:
+                alloc.info["row_tries"] = tries
+            return alloc
+        rows = [replace(r, bound=r.bound - over[i]) if i in over else r for i, r in enumerate(rows)]
+    names = ", ".join(rows[i].name for i in over)
+    raise EdgeqError(None, f"no plan found within the {names} bound after {EXACT_TRIES} tries (the last was over "
+                           f"by {max(over.values()):.4g})")
 
 
 def budget_bytes(table: CostTable, budget_mb: float | None, bpw: float | None) -> int:
@@ -266,7 +300,7 @@ class Allocate(Pass):
         table: CostTable = ctx.analysis["costs"]
 
         def solve_at(target: int) -> tuple[Allocation, Plan]:
-            alloc = solve(table, target, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
+            alloc = solve_rows(table, target, self.ties, self.extra_rows, self.time_limit, self.adapter_overhead)
             return alloc, plan_from_choice(graph, table, alloc.choice, "ilp", self.budget, self.ties, ctx.backend,
                                            alloc.info)
 

@@ -3,16 +3,20 @@
 Per distinct linear input (q/k/v share one, gate/up share one) it keeps the
 token count, the sum of squares per input channel (llama.cpp's importance
 matrix is exactly that: `in_sum2` / `counts`) and, where the width allows
-(`max_full`), the full sum of outer products, so that E[xxᵀ] is available to
-the sensitivity pass and to low-rank compensation. The tied embedding, which
-is also the output head, gets the head's input statistics plus the token
-counts of the lookups.
+(`max_full`, or named in `full_for` whatever their width), the full sum of
+outer products, so that E[xxᵀ] is available to the sensitivity pass, to
+low-rank compensation and to the MLP channel ordering. The tied embedding,
+which is also the output head, gets the head's input statistics plus the
+token counts of the lookups. It also keeps, per layer, the mean cosine between
+the residual stream entering and leaving the layer (UniQL's layer importance).
 
 Calibration text is the user's (`--calib-text`, `--calib-jsonl`: a
 `CalibrationText`), else `edgeq.texts.calibration_text()` (disjoint from the
 evaluation text), cut into llama-imatrix-style windows (first token replaced
-by BOS). Results are cached on disk by (source model, the text's SHA-256,
-windows, width limit), so repeated plans and exports cost one calibration.
+by BOS); `subset=(i, n)` takes the i-th of n disjoint sets of windows (to
+measure how much a result depends on the text). Results are cached on disk
+by (source model, the text's SHA-256, windows, width limit, subset), so
+repeated plans and exports cost one calibration.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
 from edgeq.runtime.tokenizer import build_tokenizer, encode, render_chat
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 DEFAULT_WINDOWS = 4
 DEFAULT_CTX = 512
 DEFAULT_MAX_FULL = 2048
@@ -78,10 +82,24 @@ class Calibration:
     weight_input: dict[str, str]                  # weight canonical name -> input key
     token_counts: np.ndarray | None = None        # lookups per token id (embedding), if known
     info: dict[str, Any] = field(default_factory=dict)   # provenance: text, windows, ctx, tokens, source ...
+    layer_cos: np.ndarray | None = None           # per layer, mean cos(residual in, residual out) over tokens
 
     def stats(self, weight: str) -> InputStats | None:
         key = self.weight_input.get(weight)
         return None if key is None else self.inputs[key]
+
+    def reindexed(self, columns: dict[str, np.ndarray]) -> "Calibration":
+        """The statistics of a model whose weights named in `columns` read only those input channels, in that
+        order (a permuted and possibly narrowed input; the MLP orderings and widths of pruning)."""
+        inputs, weight_input = dict(self.inputs), dict(self.weight_input)
+        for weight, idx in columns.items():
+            key = weight_input[weight]
+            s = inputs[key]
+            weight_input[weight] = new = f"{key}[{weight}]" if not key.endswith(f"[{weight}]") else key
+            inputs[new] = InputStats(s.n, s.sum_sq[idx], None if s.sum_outer is None else s.sum_outer[np.ix_(idx, idx)])
+        used = set(weight_input.values())
+        inputs = {k: v for k, v in inputs.items() if k in used}
+        return Calibration(inputs, weight_input, self.token_counts, self.info, self.layer_cos)
 
     def imatrix(self) -> dict[str, np.ndarray]:
         """Canonical weight name -> importance (E[x²], float32), what ggml's quantizers take."""
@@ -106,6 +124,8 @@ class Calibration:
                 arrays[f"outer{i}"] = s.sum_outer
         if self.token_counts is not None:
             arrays["token_counts"] = self.token_counts
+        if self.layer_cos is not None:
+            arrays["layer_cos"] = self.layer_cos
         meta = {"keys": keys, "weight_input": self.weight_input, "info": self.info}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
@@ -120,25 +140,37 @@ class Calibration:
             for i, k in enumerate(meta["keys"]):
                 inputs[k] = InputStats(int(z[f"n{i}"]), z[f"sq{i}"], z[f"outer{i}"] if f"outer{i}" in z else None)
             counts = z["token_counts"] if "token_counts" in z else None
-        return cls(inputs, meta["weight_input"], counts, meta["info"])
+            cos = z["layer_cos"] if "layer_cos" in z else None
+        return cls(inputs, meta["weight_input"], counts, meta["info"], cos)
 
 
 MIN_TOKENS = 64              # below this a calibration says nothing about a layer's inputs
 
 
 def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int | None, add_bos: bool,
-                        source=None) -> list[list[int]]:
+                        source=None, subset: tuple[int, int] = (0, 1)) -> list[list[int]]:
     """`n_windows` windows of `ctx` tokens spread evenly over the text, BOS first like llama-imatrix; text shorter
-    than one window is one shorter window (`short_of` says how short)."""
+    than one window is one shorter window.
+
+    `subset=(i, n)`: n x n_windows windows are spread over the text and this is every n-th of them from the i-th,
+    so the n subsets are disjoint and each covers the whole text."""
+    which, n_sets = subset
+    if not 0 <= which < n_sets:
+        raise EdgeqError(None, f"calibration subset {which} of {n_sets} does not exist")
     available = len(tokens) // ctx
-    if available < 1:
+    if available < 1 and n_sets == 1:
         if len(tokens) < MIN_TOKENS:
             raise EdgeqError(getattr(source, "path", None), f"calibration text has {len(tokens)} tokens, fewer "
                                                             f"than the {MIN_TOKENS} edgeq needs ({n_windows * ctx} "
                                                             "recommended)")
         ctx, available = len(tokens), 1
-    n = min(n_windows, available)
+    if available < n_sets:
+        raise EdgeqError(getattr(source, "path", None), f"calibration text has {len(tokens)} tokens, fewer than "
+                                                        f"{n_sets} windows of {ctx} (--calib-subset)")
+    n = min(n_windows * n_sets, available)
+    n -= n % n_sets
     starts = [int(round(i * (available - 1) / max(n - 1, 1))) * ctx for i in range(n)] if n > 1 else [0]
+    starts = starts[which::n_sets]
     out = []
     for s in starts:
         w = list(tokens[s:s + ctx])
@@ -149,8 +181,10 @@ def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int
 
 
 def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_FULL,
-            progress: Callable | None = None) -> Calibration:
-    """Run the windows through the reference executor and accumulate every linear input's moments."""
+            progress: Callable | None = None, full_for: frozenset[str] = frozenset()) -> Calibration:
+    """Run the windows through the reference executor and accumulate every linear input's moments (the full
+    covariance of inputs up to `max_full` wide and of the weights named in `full_for`), and each layer's cosine
+    between its residual input and output."""
     inputs: dict[str, InputStats] = {}
     weight_input: dict[str, str] = {}
     owner: dict[str, str] = {}
@@ -165,15 +199,41 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
         s = inputs.get(key)
         if s is None:
             width = x.shape[-1]
-            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if width <= max_full else None)
+            full = width <= max_full or weight in full_for
+            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if full else None)
         s.n += x.shape[0]
         s.sum_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
         if s.sum_outer is not None:
             s.sum_outer += x.T @ x
 
+    # The residual stream at each layer boundary is what the norm opening the next layer (or the final norm)
+    # reads; windows pass each node in order, so the k-th call at a boundary is the k-th window.
+    boundary = {w: i for i, w in enumerate(llama.residual_norms(graph))} if graph.arch == "llama" else {}
+    streams: dict[int, list[np.ndarray]] = {}
+    cos_sum = np.zeros(max(len(boundary) - 1, 0))
+    cos_n = 0
+
+    def observe_norm(node, args) -> None:
+        nonlocal cos_n
+        b = boundary.get(node.inputs[1])
+        if b is None:
+            return
+        x = np.asarray(args[0], dtype=np.float64)
+        here = streams.setdefault(b, [])
+        if b > 0:
+            prev = streams[b - 1][len(here)]
+            cos = np.einsum("ij,ij->i", prev, x) / np.maximum(np.linalg.norm(prev, axis=1) * np.linalg.norm(x, axis=1),
+                                                              1e-30)
+            cos_sum[b - 1] += cos.sum()
+            if b == 1:
+                cos_n += len(cos)
+        here.append(x)
+        if b > 0 and len(here) == len(windows):
+            del streams[b - 1]
+
     # Streamed: every weight is loaded once for all windows and dropped, so calibrating costs about one
     # layer of float weights however big the model.
-    ex = Executor(graph, observers={"linear": observe}, cache_weights=False)
+    ex = Executor(graph, observers={"linear": observe, "rms_norm": observe_norm}, cache_weights=False)
     # The output head's product (vocab-wide logits) is the costliest node and only its input
     # matters here: stop before it and observe that input directly.
     graph_outputs = {v.name for v in graph.outputs}
@@ -193,7 +253,8 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
         if s.sum_outer is not None:
             s.sum_outer = (s.sum_outer + s.sum_outer.T) / 2
     return Calibration(inputs, weight_input, counts, {"windows": len(windows), "ctx": len(windows[0]),
-                                                       "tokens": int(sum(len(w) for w in windows))})
+                                                       "tokens": int(sum(len(w) for w in windows))},
+                       cos_sum / cos_n if cos_n else None)
 
 
 def _embedding_name(graph: Graph) -> str:
@@ -250,13 +311,15 @@ def source_digest(graph: Graph) -> str:
 
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
               progress: Callable | None = None, use_cache: bool = True, source: CalibrationText | None = None,
-              warn: Callable[[str], None] | None = None) -> Calibration:
+              warn: Callable[[str], None] | None = None, full_for: frozenset[str] = frozenset(),
+              subset: tuple[int, int] = (0, 1)) -> Calibration:
     """Calibration statistics for `graph`, from the cache when the same ones were computed before. `warn` hears
     when the text is shorter than the windows asked for."""
     source = source or default_calibration_text()
     text_sha = source.sha256 if source.is_default else f"{source.kind}:{source.sha256}"   # one file, two readings
     src = source_digest(graph)
-    key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full]).encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full, sorted(full_for),
+                                     list(subset)]).encode()).hexdigest()
     root = cache_dir() if use_cache else None
     path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
     cached = read_entry(path)       # None when absent, or torn (then removed): computed again
@@ -272,11 +335,13 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     note = shortfall_note(len(tokens), n_windows, ctx, source)
     if note is not None and warn is not None:
         warn(note)
-    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, source)
-    cal = collect(graph, windows, max_full, progress)
+    windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, source, subset)
+    cal = collect(graph, windows, max_full, progress, full_for)
     cal.info.update({"source": "edgeq calibrate", **source.record(), "model_sha256": src, "max_full_width": max_full})
     if note is not None:
         cal.info["warning"] = note
+    if subset != (0, 1):
+        cal.info["subset"] = f"{subset[0]}/{subset[1]}"
     if path is not None:
         write_entry(path, cal.to_bytes())        # best effort: caching is an optimisation only
     return cal
@@ -331,19 +396,22 @@ class Calibrate(Pass):
     name = "calibrate"
 
     def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
-                 imatrix_file: str | None = None, source: CalibrationText | None = None):
+                 imatrix_file: str | None = None, source: CalibrationText | None = None,
+                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1)):
         self.source = source
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.max_full = max_full
         self.imatrix_file = imatrix_file
+        self.full_for = full_for
+        self.subset = subset
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         if self.imatrix_file:
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
             cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, source=self.source,
-                            warn=ctx.warn)
+                            warn=ctx.warn, full_for=self.full_for, subset=self.subset)
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan

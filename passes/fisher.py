@@ -44,15 +44,15 @@ from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
 
 
-def _torch():
+def require_torch(what: str = "Fisher-weighted costs"):
     try:
         import torch
     except ImportError:
-        raise EdgeqError(None, "Fisher-weighted costs need torch (pip install 'edgeq[search]')") from None
+        raise EdgeqError(None, f"{what} need torch (pip install 'edgeq[search]')") from None
     return torch
 
 
-def _forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
+def torch_forward(graph: Graph, tokens, weights: dict, torch, keep: dict, edit: dict[str, Callable] | None = None):
     """The IR's decoder ops in torch (mirrors edgeq/core/executor.py); linear outputs are kept with their grads.
     `edit`: {weight: f(x, out) -> out} changes a linear's output (bench/fisher_attention.py perturbs it)."""
     env = {"tokens": torch.as_tensor(tokens), "positions": torch.arange(len(tokens))}
@@ -108,7 +108,7 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progres
     """{weight: F per output channel} and {'lookup:<embedding>': F per embedding dimension}, mean over tokens;
     with `token_weighted`, also {'cov:<weight>': C_F} and {'lookup_tokens:<embedding>': mean a_t per token id,
     1 for ids the windows do not contain} (see the module docstring)."""
-    torch = _torch()
+    torch = require_torch()
     gen = torch.Generator().manual_seed(seed)
     weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32))     # (a writable copy)
                for n, t in graph.weights.items()}
@@ -119,7 +119,7 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progres
     count = 0
     for w in (windows if progress is None else progress(windows, desc="fisher", unit="window")):
         keep: dict = {}
-        logits = _forward(graph, w, weights, torch, keep)
+        logits = torch_forward(graph, w, weights, torch, keep)
         logp = torch.log_softmax(logits.double(), -1)
         with torch.no_grad():
             sampled = torch.multinomial(logp.exp(), 1, generator=gen)[:, 0]

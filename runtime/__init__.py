@@ -2,6 +2,8 @@
 
     s = edgeq.runtime.load("out/")
     s.generate("The capital of France is", max_tokens=16)
+    for piece in s.stream([{"role": "user", "content": "Hi!"}], temperature=0.7, top_p=0.9):
+        print(piece, end="", flush=True)
     s.logits(token_ids)
 
 A bundle exported with `--adapter-mode separate` holds LoRA adapters beside its base:
@@ -14,26 +16,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime import gguf_backend, onnx_backend, tvm_backend
+from edgeq.runtime.generation import Completion, TokenStream
 from edgeq.runtime.manifest import (
     BundleError,
     check_runtime_version,
     listed_path,
     lora_adapters,
     pick_artifact,
+    pick_pruning,
     read_manifest,
     verified_file,
     verify_artifacts,
 )
-from edgeq.runtime.sampling import sample
-from edgeq.runtime.tokenizer import render_chat, spec_from_json, stop_ids
+from edgeq.runtime.sampling import MAX_SEED, NumpySampler, Sampler, SamplingParams
+from edgeq.runtime.tokenizer import chat_messages, render_chat, spec_from_json, stop_ids
 
-__all__ = ["load", "Session", "BundleError", "parse_adapter_choice"]
+__all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "SamplingParams", "parse_adapter_choice"]
 
 AdapterChoice = Mapping[str, "float | None"] | Iterable[str] | None
 
@@ -42,15 +48,25 @@ AdapterChoice = Mapping[str, "float | None"] | Iterable[str] | None
 BACKENDS = {m.NAME: m for m in (gguf_backend, onnx_backend, tvm_backend)}
 
 
+def runtime_dists() -> list[str]:
+    """The distributions whose versions bundles record and latency profiles depend on, one per backend."""
+    return sorted({m.RUNTIME_DIST for m in BACKENDS.values()})
+
+
 class Session:
-    """A loaded bundle: tokenizer plus one backend."""
+    """A loaded decoder bundle: its tokenizer and one backend, and the decode loop over them.
+
+    `stream` is the one way text is generated (`generate` and `chat` join its pieces); a prompt is a string
+    (continued as it is, or sent as one user message with `chat=True`) or an OpenAI-style message list, which
+    goes through the bundle's chat template. Sampling settings are those of `SamplingParams`, as keywords.
+    """
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
-        self.spec = _spec(bundle, manifest)
+        self.spec = bundle_spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
         self._adapters: dict[str, float] = {}
 
@@ -105,6 +121,10 @@ class Session:
     def backend_name(self) -> str:
         return self.backend.name
 
+    @property
+    def n_ctx(self) -> int:
+        return self.backend.n_ctx
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.backend.tokenize(text, add_special, parse_special)
 
@@ -114,30 +134,96 @@ class Session:
     def logits(self, token_ids) -> np.ndarray:
         return self.backend.logits([int(t) for t in token_ids])
 
-    def chat_prompt(self, message: str) -> str:
-        return render_chat(self.spec, [{"role": "user", "content": message}], add_generation_prompt=True)
+    def chat_prompt(self, messages: str | list[dict]) -> str:
+        """The chat template's text for a message list (a string is one user message), ready for the reply."""
+        return render_chat(self.spec, chat_messages(messages), add_generation_prompt=True)
+
+    def sampler(self, **sampling) -> Sampler:
+        """The backend runtime's own sampler where it has one (llama.cpp's chain), else edgeq's; the settings
+        are checked first (seed None: a random seed)."""
+        if sampling.get("seed", 0) is None:
+            sampling["seed"] = secrets.randbelow(MAX_SEED + 1)
+        params = SamplingParams(**sampling).check(self.backend.n_vocab)
+        own = getattr(self.backend, "sampler", None)
+        return own(params) if own is not None else NumpySampler(params)
+
+    def prompt_ids(self, prompt: str | list[dict] | list[int], chat: bool = False, max_tokens: int = 128,
+                   truncate: bool = False) -> list[int]:
+        """A prompt's token ids (a list of ints is taken as it is), checked to leave room for a reply.
+
+        A prompt that fills the context is an error; with `truncate` a prompt is cut so that `max_tokens` (at
+        most half the context) fit after it: a message list loses its oldest turns after the system message,
+        then any text loses its start (its BOS is kept)."""
+        if isinstance(prompt, (list, tuple)) and all(_is_token(t) for t in prompt):
+            ids = [int(t) for t in prompt]
+            if not all(0 <= t < self.backend.n_vocab for t in ids):
+                raise RequestError(f"prompt token ids must be below {self.backend.n_vocab}", param="prompt")
+        elif isinstance(prompt, str) and not chat:
+            ids = self.tokenize(prompt, add_special=True, parse_special=False)
+        else:
+            messages = self.fit_messages(prompt, max_tokens) if truncate else prompt
+            ids = self._chat_ids(messages)
+        return self._fit(ids, max_tokens, truncate)
+
+    def fit_messages(self, messages: str | list[dict], max_tokens: int = 128) -> list[dict]:
+        """The messages without their oldest turns (the system message stays) until the prompt leaves room for
+        `max_tokens` (at most half the context), or only the last turn is left."""
+        messages = chat_messages(messages)
+        while len(self._chat_ids(messages)) > self._room(max_tokens):
+            shorter = _drop_oldest_turn(messages)
+            if shorter is None:
+                break
+            messages = shorter
+        return messages
+
+    def _chat_ids(self, messages) -> list[int]:
+        return self.tokenize(self.chat_prompt(messages), add_special=True, parse_special=True)
+
+    def _room(self, max_tokens: int) -> int:
+        return self.n_ctx - min(max(int(max_tokens), 1), self.n_ctx // 2)
+
+    def _fit(self, ids: list[int], max_tokens: int, truncate: bool) -> list[int]:
+        if not ids:
+            raise RequestError("the prompt is empty (no tokens)", param="prompt")
+        if truncate and len(ids) > self._room(max_tokens):
+            head = ids[:1] if self.spec.add_bos and ids[0] == self.spec.bos_id else []
+            return head + ids[len(ids) - self._room(max_tokens) + len(head):]
+        if len(ids) >= self.n_ctx:
+            raise RequestError(f"the prompt is {len(ids)} tokens and the context holds {self.n_ctx} (n_ctx): shorten "
+                               "it, load the bundle with a larger n_ctx, or truncate it", param="prompt",
+                               code="context_length_exceeded")
+        return ids
+
+    def stream(self, prompt: str | list[dict] | list[int], max_tokens: int = 128, *, chat: bool = False,
+               stop: Iterable[str] = (), truncate: bool = False, **sampling) -> Completion:
+        """Generate from a prompt: iterate the result for text pieces as tokens are decoded (whole UTF-8
+        characters), stopping at an end-of-generation token, a `stop` string (not included), `max_tokens` or the
+        context's end; afterwards it says which (`finish_reason`) and the token counts."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise RequestError(f"max_tokens {max_tokens!r} is not a non-negative integer", param="max_tokens")
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) for s in stop):
+            raise RequestError("stop strings must be strings", param="stop")
+        sampler = self.sampler(**sampling)
+        ids = self.prompt_ids(prompt, chat, max_tokens, truncate)
+        return Completion(TokenStream(self.backend, sampler, ids, max_tokens, self.stop_ids), self.detokenize, stop)
+
+    def generate(self, prompt: str | list[dict], max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
+                 chat: bool = False, top_k: int = 0, top_p: float = 1.0, **options) -> str:
+        """The whole text `stream` would give (options: `stop`, `truncate`, and the other sampling settings)."""
+        return self.stream(prompt, max_tokens, chat=chat, temperature=temperature, seed=seed, top_k=top_k,
+                           top_p=top_p, **options).result()
+
+    def chat(self, messages: list[dict], max_tokens: int = 128, **options) -> str:
+        """The assistant's reply to an OpenAI-style message list (system, user, assistant ...)."""
+        return self.stream(messages, max_tokens, chat=True, **options).result()
 
     def generate_ids(self, prompt_ids: list[int], max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                     top_k: int = 0, top_p: float = 1.0) -> list[int]:
-        rng = np.random.default_rng(seed)
-        self.backend.reset()
-        logits = self.backend.feed(prompt_ids)
-        out: list[int] = []
-        for _ in range(max_tokens):
-            tok = sample(logits, temperature, rng, top_k, top_p)
-            if tok in self.stop_ids:
-                break
-            out.append(tok)
-            if len(prompt_ids) + len(out) >= self.backend.n_ctx:
-                break
-            logits = self.backend.feed([tok])
-        return out
-
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, seed: int = 0,
-                 chat: bool = False, top_k: int = 0, top_p: float = 1.0) -> str:
-        text = self.chat_prompt(prompt) if chat else prompt
-        ids = self.tokenize(text, add_special=True, parse_special=chat)
-        return self.detokenize(self.generate_ids(ids, max_tokens, temperature, seed, top_k, top_p))
+                     top_k: int = 0, top_p: float = 1.0, **sampling) -> list[int]:
+        """Token ids after `prompt_ids` (the end-of-generation token is not included)."""
+        ids = self.prompt_ids(list(prompt_ids), max_tokens=max_tokens)
+        sampler = self.sampler(temperature=temperature, seed=seed, top_k=top_k, top_p=top_p, **sampling)
+        return list(TokenStream(self.backend, sampler, ids, max_tokens, self.stop_ids))
 
     def close(self) -> None:
         self.backend.close()
@@ -170,7 +256,21 @@ def parse_adapter_choice(items: Iterable[str]) -> dict[str, float | None]:
     return out
 
 
-def _spec(bundle: Path, manifest: dict[str, Any]):
+def _is_token(t) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+
+
+def _drop_oldest_turn(messages: list[dict]) -> list[dict] | None:
+    """The messages without their oldest turn after the leading system message (up to the next user message,
+    so a template that wants user/assistant alternation still gets it); None when only the last turn is left."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    users = [i for i in range(start + 1, len(messages)) if messages[i]["role"] == "user"]
+    if not users:
+        return None
+    return messages[:start] + messages[users[0]:]
+
+
+def bundle_spec(bundle: Path, manifest: dict[str, Any]):
     spec_file = listed_path(bundle, manifest, (manifest.get("tokenizer") or {}).get("spec"), "tokenizer.spec")
     try:
         d = json.loads(spec_file.read_text(encoding="utf-8"))
@@ -180,10 +280,12 @@ def _spec(bundle: Path, manifest: dict[str, Any]):
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True, device: str | None = None, adapters: AdapterChoice = None):
+         verify: bool = True, device: str | None = None, pruning_rate: float | None = None,
+         adapters: AdapterChoice = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
     (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
-    server.
+    server. `pruning_rate`: one of the rates a bundle exported with `--pruning-rates` carries (the share of the MLPs'
+    channels removed); the runtime narrows the model to that rate's widths before loading it.
 
     Every artifact's size and SHA-256 are checked against the manifest before any backend opens a file
     (`verify=False` skips that, for a bundle just written and checked by this process); a TVM library, native
@@ -194,6 +296,11 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     `Session.set_adapters`."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
+    pruning = pick_pruning(bundle, manifest, pruning_rate)
+    if pruning is not None and manifest["model"].get("kind") != "decoder":
+        raise BundleError(bundle, "pruning rates are for decoders")
+    if pruning is not None and adapters:
+        raise BundleError(bundle, "adapters over a pruned model (a pruning rate) are not supported yet")
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
@@ -205,11 +312,12 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     check_runtime_version(manifest, impl.RUNTIME_DIST)
     if manifest["model"]["kind"] != "decoder":
         if adapters:
-            raise BundleError(bundle, f"LoRA adapters apply to decoders; this bundle holds a {manifest['model']['kind']}")
+            raise BundleError(bundle, f"adapters apply to decoders; this bundle holds a {manifest['model']['kind']}")
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
-    session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, _spec(bundle, manifest), n_ctx=n_ctx,
-                                                          threads=threads, device=device), art)
+    spec = bundle_spec(bundle, manifest)
+    session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
+                                                          device=device, pruning=pruning), art)
     if adapters:
         try:
             session.set_adapters(adapters)

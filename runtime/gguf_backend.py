@@ -9,24 +9,44 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.runtime.manifest import BundleError, listed_path
+from edgeq.core.errors import RequestError
+from edgeq.runtime.gguf_slice import slice_mlp
+from edgeq.runtime.manifest import BundleError, Pruning, listed_path
+from edgeq.runtime.pruned import pruned_file
+from edgeq.runtime.sampling import SamplingParams
 
 NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
 REMOTE = False                        # runs only on this machine (no TVM RPC)
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
+QUANTIZED_KV = {"q8_0"}
+SLICE_VERSION = 1                     # of runtime/gguf_slice.py's output: part of the cached file's key
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning: Pruning | None = None):
     """llama.cpp on the artifact, with the bundle's low-rank error branches (a LoRA-adapter GGUF beside the model,
-    applied at load) when it has them."""
+    applied at load) when it has them; at a pruning rate, on the artifact narrowed to that rate's MLP widths."""
     lora = [a for a in manifest["artifacts"] if a.get("role") == "adapter" and a["backend"] == NAME]
     kv = manifest.get("kv_cache_dtype") or "f16"
     if kv not in KV_TYPES:
         raise BundleError(bundle / "manifest.json", f"unsupported kv_cache_dtype {kv!r}")
-    return LlamaCppBackend(listed_path(bundle, manifest, art["path"], "model"), n_ctx=n_ctx, threads=threads,
-                           kv_dtype=kv,
-                           lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
+    model = listed_path(bundle, manifest, art["path"], "model")
+    if pruning is None:
+        return LlamaCppBackend(model, n_ctx=n_ctx, threads=threads, kv_dtype=kv,
+                               lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
+    if lora:
+        raise BundleError(bundle, "a bundle with low-rank branches cannot be loaded at a pruning rate")
+    with pruned_file(art["sha256"], pruning, ".gguf", SLICE_VERSION,
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.align)) as path:
+        return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=kv)
+
+
+def op_latency(backend, args: dict, threads: int) -> dict:
+    """Per-kernel timings of the calls runtime/latency.py times (runtime/gguf_ops.py)."""
+    from edgeq.runtime.gguf_ops import op_latency as timed
+
+    return timed(backend, args, threads)
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
@@ -42,7 +62,7 @@ class LlamaCppBackend:
         import llama_cpp
 
         if kv_dtype not in KV_TYPES:
-            raise ValueError(f"unsupported KV-cache dtype {kv_dtype!r}")
+            raise BundleError(model_path, f"unsupported KV-cache dtype {kv_dtype!r}")
         self.n_ctx = n_ctx
         self.llm = llama_cpp.Llama(
             model_path=os.fspath(model_path),
@@ -54,6 +74,7 @@ class LlamaCppBackend:
             logits_all=True,
             type_k=KV_TYPES[kv_dtype],
             type_v=KV_TYPES[kv_dtype],
+            flash_attn=kv_dtype in QUANTIZED_KV,     # llama.cpp quantizes the V cache only with flash attention
             seed=0,
             lora_path=None if lora_path is None else os.fspath(lora_path),
             verbose=False,
@@ -102,17 +123,23 @@ class LlamaCppBackend:
     def feed(self, ids: list[int]) -> np.ndarray:
         """Append tokens to the KV cache; logits after the last one."""
         if self.llm.n_tokens + len(ids) > self.n_ctx:
-            raise ValueError(f"context overflow: {self.llm.n_tokens + len(ids)} tokens > n_ctx {self.n_ctx}")
+            raise RequestError(f"context overflow: {self.llm.n_tokens + len(ids)} tokens > n_ctx {self.n_ctx}",
+                               code="context_length_exceeded")
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
         if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens exceed n_ctx {self.n_ctx}")
+            raise RequestError(f"{len(ids)} tokens exceed n_ctx {self.n_ctx}",
+                               code="context_length_exceeded")
         self.reset()
         self.llm.eval(list(ids))
         return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+
+    def sampler(self, params: SamplingParams) -> "LlamaCppSampler":
+        """llama.cpp's own sampler chain, reading the logits `feed` left in the context."""
+        return LlamaCppSampler(self, params)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
@@ -123,3 +150,56 @@ class LlamaCppBackend:
             for handle in loras.values():      # before the model that owns them
                 llama_cpp.llama_adapter_lora_free(handle)
             llm.close()
+
+
+class LlamaCppSampler:
+    """llama.cpp's sampler chain (what llama-cli and llama-server build) for these settings.
+
+    The steps and their order are edgeq's `SamplingParams` order, which is llama.cpp's: logit bias,
+    penalties, top-k, top-p, min-p, temperature, then a seeded draw (`dist`), or `greedy` at temperature 0.
+    It samples from the last position of the context's logits, so the array `feed` returned is not read.
+    """
+
+    def __init__(self, backend: LlamaCppBackend, params: SamplingParams):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self._ctx = backend.llm.ctx
+        lib, n_vocab = llama_cpp, backend.n_vocab
+        self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        steps = []
+        if params.logit_bias:
+            bias = (lib.llama_logit_bias * len(params.logit_bias))()
+            for i, (tok, b) in enumerate(sorted(params.logit_bias.items())):
+                bias[i].token, bias[i].bias = tok, b
+            steps.append(lib.llama_sampler_init_logit_bias(n_vocab, len(bias), bias))   # copies the array
+        if params.penalised:
+            steps.append(lib.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty,
+                                                          params.frequency_penalty, params.presence_penalty))
+        if params.temperature <= 0:
+            steps.append(lib.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                steps.append(lib.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                steps.append(lib.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                steps.append(lib.llama_sampler_init_min_p(params.min_p, 1))
+            steps.append(lib.llama_sampler_init_temp(params.temperature))
+            steps.append(lib.llama_sampler_init_dist(params.seed))
+        for s in steps:
+            lib.llama_sampler_chain_add(self.chain, s)        # the chain owns and frees them
+
+    def accept(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self.chain, int(token))
+
+    def sample(self, logits: np.ndarray) -> int:
+        return int(self._lib.llama_sampler_sample(self.chain, self._ctx, -1))   # also accepts the token
+
+    def close(self) -> None:
+        chain, self.chain = self.chain, None
+        if chain is not None:
+            self._lib.llama_sampler_free(chain)
+
+    def __del__(self) -> None:
+        self.close()

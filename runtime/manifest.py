@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -256,3 +257,35 @@ def pick_artifact(bundle: Path, manifest: dict[str, Any], backend: str | None) -
     if not models:
         raise BundleError(bundle, "bundle has no model artifact")
     return models[0]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """A pruning rate a bundle carries: each layer's MLP width (a prefix of its sorted channels) and alignment."""
+
+    rate: float
+    widths: list[int]
+    align: list[int]
+    full: list[int]
+
+
+def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> Pruning | None:
+    """The bundle's widths at `rate`, checked before anything is loaded; None for the full model (no rate, or 0)."""
+    if rate is None:
+        return None
+    table = manifest.get("pruning_rates")
+    if not table:
+        if rate == 0:
+            return None
+        raise BundleError(bundle, f"carries no pruning rates (pruning rate {rate:g} asked); export it with "
+                                  "--pruning-rates")
+    rates = table.get("rates") or []
+    for entry in rates:
+        if abs(float(entry["rate"]) - float(rate)) < 1e-9:
+            widths, align, full = entry["widths"], table["align"], table["full"]
+            if not (len(widths) == len(align) == len(full)) or any(
+                    not isinstance(w, int) or not 0 < w <= f or w % a for w, a, f in zip(widths, align, full)):
+                raise BundleError(bundle / "manifest.json", f"pruning table of rate {rate:g} is inconsistent")
+            return None if widths == full else Pruning(float(rate), list(widths), list(align), list(full))
+    have = ", ".join(f"{float(e['rate']):g}" for e in rates)
+    raise BundleError(bundle, f"carries pruning rates {have}, not {rate:g}")

@@ -14,21 +14,41 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime.manifest import BundleError, listed_path
+from edgeq.runtime.onnx_slice import slice_mlp
+from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
 
 NAME = "onnx"
 RUNTIME_DIST = "onnxruntime"
 REMOTE = False
+SLICE_VERSION = 1          # of runtime/onnx_slice.py's output: part of a narrowed file's cache key
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
-    return OnnxDecoderBackend(listed_path(bundle, manifest, art["path"], "model"), spec, n_ctx=n_ctx, threads=threads)
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning=None):
+    model = listed_path(bundle, manifest, art["path"], "model")
+    if pruning is None:
+        return OnnxDecoderBackend(model, spec, n_ctx=n_ctx, threads=threads)
+    recipe = (manifest.get("onnx") or {}).get("pruning")
+    if not recipe:
+        raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
+    with pruned_file(art["sha256"], pruning, ".onnx", SLICE_VERSION,
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe)) as path:
+        return OnnxDecoderBackend(path, spec, n_ctx=n_ctx, threads=threads)
 
 
 def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
     return OnnxSession(bundle, manifest, art, threads=threads)
+
+
+def op_latency(backend, args: dict, threads: int) -> dict:
+    """Per-kernel timings of the calls runtime/latency.py times (runtime/onnx_ops.py)."""
+    from edgeq.runtime.onnx_ops import op_latency as timed
+
+    return timed(backend, args, threads, session_options)
 
 
 def session_options(threads: int = 1, spinning: bool = False):
@@ -76,7 +96,7 @@ class OnnxSession(SentenceEmbedding):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer")
+            raise RequestError("this bundle has no tokenizer")
         return self.tokenizer.encode(text).ids
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,6 +135,7 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+        self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
         self.spec = spec
@@ -197,7 +218,8 @@ class OnnxDecoderBackend(TokenizerText):
     def _run(self, ids: list[int]) -> np.ndarray:
         n = len(ids)
         if self.n_tokens + n > self.n_ctx:
-            raise ValueError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}")
+            raise RequestError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}",
+                               code="context_length_exceeded")
         feeds = {"input_ids": np.asarray([ids], np.int64),
                  "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
                  "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}

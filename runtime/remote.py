@@ -8,7 +8,7 @@ runner's peak resident memory (VmHWM, else getrusage; under qemu-user it
 includes the emulator's own memory).
 
 Request (WORKDIR/request.json):
-    {"bundle": "/device/path", "op": "reference" | "logits" | "embed" | "generate" | "run",
+    {"bundle": "/device/path", "op": "reference" | "logits" | "embed" | "generate" | "run" | "latency",
      "backend": null, "threads": 1, "n_ctx": null, "args": {...}}
 Response (WORKDIR/out/response.json): {"ok": true, "result": {...}, "latency_s": [...], "load_s": ...,
     "peak_rss_bytes": ..., "machine": ..., "python": ..., "runtime_file": ...}
@@ -100,6 +100,28 @@ def _reference(session, bundle: Path, out: Path, args: dict[str, Any]) -> tuple[
     return result, lat
 
 
+def _latency(session, req: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
+    """Timed prefills and decode steps of a decoder (runtime/latency.py); with args['ops'] the backend's
+    per-kernel timings of the same calls instead."""
+    from edgeq import runtime
+    from edgeq.runtime import latency
+
+    result: dict[str, Any] = {"device": latency.device_facts(runtime.runtime_dists()),
+                              "load_average_before": latency.load_average()}
+    backend = getattr(session, "backend", None)
+    if backend is None or not hasattr(backend, "feed"):
+        raise ValueError("the latency op times decoder bundles")
+    if args.get("ops"):
+        impl = runtime.BACKENDS[backend.name]
+        if not hasattr(impl, "op_latency"):
+            raise ValueError(f"the {backend.name} runtime has no per-kernel timer")
+        result["ops"] = impl.op_latency(backend, args, int(req.get("threads", 1)))
+    else:
+        result.update(latency.decoder_latency(backend, args))
+    result["load_average_after"] = latency.load_average()
+    return result
+
+
 def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
     bundle = Path(req["bundle"])
     op = req["op"]
@@ -107,6 +129,8 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     # `device`: a TVM RPC server the TVM backend drives from here (the rpc device runs this on the host)
     extra = {"device": req["device"]} if req.get("device") else {}
+    if req.get("pruning_rate") is not None:       # a rate of a bundle exported with --pruning-rates
+        extra["pruning_rate"] = float(req["pruning_rate"])
     session = runtime.load(bundle, backend=req.get("backend"), threads=int(req.get("threads", 1)),
                            n_ctx=req.get("n_ctx"), **extra)
     load_s = time.perf_counter() - t0
@@ -124,8 +148,12 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
             result, lat = {"files": ["embeddings.npy"]}, [dt]
         elif op == "generate":
             text, dt = _timed(lambda: session.generate(args["prompt"], max_tokens=int(args.get("max_tokens", 32)),
-                                                       chat=bool(args.get("chat", False))))
+                                                       chat=bool(args.get("chat", False)),
+                                                       temperature=float(args.get("temperature", 0.0)),
+                                                       seed=int(args.get("seed", 0))))
             result, lat = {"text": text}, [dt]
+        elif op == "latency":
+            result = _latency(session, req, args)
         elif op == "run":
             with np.load(work / args["inputs"], allow_pickle=False) as f:      # absolute, or in WORKDIR
                 feeds = {k: f[k] for k in f.files}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime.tokenizer import decode, encode
 
 
@@ -27,7 +28,7 @@ class SentenceEmbedding:
     def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
         """Sentence embeddings, shape (n, hidden) (or (hidden,) for one string), as the source model computes them."""
         if self.kind != "encoder":
-            raise ValueError(f"embed() needs an encoder bundle; this one is a {self.kind}")
+            raise RequestError(f"embed() needs an encoder bundle; this one is a {self.kind}")
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
         ids = [self.tokenize(t) for t in texts]

@@ -28,9 +28,9 @@ import json
 import struct
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
-from edgeq.core.errors import EdgeqError
+from edgeq.core.errors import EdgeqError, RequestError
 from edgeq.runtime.spm import SpmTokenizer
 
 # llama.cpp token types (GGUF tokenizer.ggml.token_type).
@@ -732,6 +732,39 @@ def decode(tok, ids: Iterable[int]) -> str:
 # ---------------------------------------------------------------------------
 
 
+MAX_MESSAGES = 4096
+
+
+def chat_messages(messages: str | Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """An OpenAI-style message list, checked and reduced to what chat templates read: `role` and text `content`.
+
+    A string is one user message. Content may be a string, a list of text parts (`{"type": "text", "text": ...}`)
+    or null (an assistant turn that only called tools). OpenAI's `developer` role is the templates' `system`.
+    Whether a role is allowed where it stands is the template's own rule (some have no system role)."""
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    if not isinstance(messages, Sequence) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"{len(messages)} messages; at most {MAX_MESSAGES}", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not m["role"]:
+            raise RequestError(f"messages[{i}] has no role", param="messages")
+        content = m.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise RequestError(f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content is not text", param="messages")
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    return out
+
+
 def render_chat(spec: TokenizerSpec, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """Render the model's own chat template the way transformers and llama.cpp do.
 
@@ -739,7 +772,8 @@ def render_chat(spec: TokenizerSpec, messages: list[dict], add_generation_prompt
     loop controls, a non-escaping tojson and raise_exception; so does this.
     """
     if spec.chat_template is None:
-        raise EdgeqError(None, "the model has no chat template (tokenizer.chat_template)")
+        raise RequestError("the model has no chat template (tokenizer.chat_template): send a plain prompt",
+                           param="messages")
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -756,7 +790,7 @@ def render_chat(spec: TokenizerSpec, messages: list[dict], add_generation_prompt
             eos_token=texts[spec.eos_id] if spec.eos_id is not None else "",
         )
     except jinja2.TemplateError as exc:
-        raise EdgeqError(None, f"chat template failed: {exc}") from None
+        raise RequestError(f"chat template failed: {exc}", param="messages") from None
 
 
 def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False):
@@ -781,4 +815,5 @@ __all__ = [
     "decode",
     "stop_ids",
     "render_chat",
+    "chat_messages",
 ]

@@ -14,13 +14,14 @@ evaluator on the device, so remote timings exclude the network.
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.arrays import read_arrays
-from edgeq.runtime.manifest import BundleError, listed_path, private_dir, remove_private_dir, verified_copy
+from edgeq.core.errors import RequestError
+from edgeq.runtime.manifest import BundleError, Pruning, listed_path, private_dir, remove_private_dir, verified_copy
 from edgeq.runtime.text_io import SentenceEmbedding
 from edgeq.runtime.tvm_decoder import TvmDecoderBackend
 
@@ -29,12 +30,14 @@ RUNTIME_DIST = "apache-tvm"
 REMOTE = True          # the library also runs on a TVM RPC server (`device="rpc://HOST:PORT"`)
 
 
-def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None):
-    return TvmSession(bundle, manifest, art, threads=threads, device=device)
+def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | None, pruning: Pruning | None = None):
+    return TvmSession(bundle, manifest, art, threads=threads, device=device, pruning=pruning)
 
 
-def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None):
-    return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device), spec, n_ctx)
+def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
+                 pruning: Pruning | None = None):
+    """At a pruning rate the same library runs (its MLP widths are symbolic) on the MLP weights sliced at load."""
+    return TvmDecoderBackend(open_model(bundle, manifest, art, threads, device, pruning), spec, n_ctx)
 
 MAX_BATCH = 1024
 
@@ -68,12 +71,48 @@ def _check_section(spec: dict, path: Path) -> None:
         raise BundleError(path, "tvm section is malformed (entry, inputs, outputs or param_names)")
 
 
-def load_params(path: Path, names: list[str]) -> list[np.ndarray]:
-    arrays = read_arrays(path)
-    missing = [n for n in names if n not in arrays]
+def load_params(path: Path, names: list[str], cuts: dict[str, tuple[int, int]] | None = None) -> list[np.ndarray]:
+    """The parameters in call order; `cuts` {name: (axis, length)}: read only that prefix of those (pruning)."""
+    from safetensors import SafetensorError, safe_open
+
+    cuts = cuts or {}
+    out = []
+    try:
+        with safe_open(str(path), framework="np") as f:
+            have = set(f.keys())
+            for n in names:
+                if n not in have:
+                    raise BundleError(path, f"weights file lacks parameter {n}")
+                if n not in cuts:
+                    out.append(f.get_tensor(n))
+                    continue
+                axis, keep = cuts[n]
+                view = f.get_slice(n)
+                shape = view.get_shape()
+                if not 0 <= axis < len(shape) or not 0 < keep <= shape[axis]:
+                    raise BundleError(path, f"parameter {n} {shape} cannot keep {keep} along axis {axis}")
+                out.append(np.ascontiguousarray(view[(slice(None),) * axis + (slice(0, keep),)]))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(path, f"not a readable safetensors file ({exc})") from None
+    missing = set(cuts) - set(names)
     if missing:
-        raise BundleError(path, f"weights file lacks parameter {missing[0]}")
-    return [arrays[n] for n in names]
+        raise BundleError(path, f"the pruning recipe names {sorted(missing)[0]}, which the library does not take")
+    return out
+
+
+def pruning_cuts(bundle: Path, spec: dict, pruning: Pruning) -> dict[str, tuple[int, int]]:
+    """{parameter: (axis, elements kept)} at the rate's widths, from the manifest's `tvm.pruning` recipe."""
+    recipe = spec.get("pruning")
+    if not recipe or len(recipe) != len(pruning.widths):
+        raise BundleError(bundle / "manifest.json", "the tvm section has no pruning recipe for its pruning rates")
+    cuts = {}
+    for layer, (items, k) in enumerate(zip(recipe, pruning.widths)):
+        for it in items:
+            keep = Fraction(k) * Fraction(int(it["per_channel"][0]), int(it["per_channel"][1]))
+            if keep.denominator != 1:
+                raise BundleError(bundle, f"width {k} of layer {layer} splits an element of {it['param']}")
+            cuts[it["param"]] = (int(it["axis"]), int(keep))
+    return cuts
 
 
 class TvmSession(SentenceEmbedding):
@@ -82,7 +121,7 @@ class TvmSession(SentenceEmbedding):
     backend_name = "tvm"
 
     def __init__(self, bundle: Path, manifest: dict[str, Any], artifact: dict[str, Any], threads: int = 1,
-                 device: str | None = None):
+                 device: str | None = None, pruning: Pruning | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -129,8 +168,9 @@ class TvmSession(SentenceEmbedding):
         self.vm = VirtualMachine(lib, self.dev)
         names = list(spec["param_names"])
         self.param_names = names
+        cuts = pruning_cuts(bundle, spec, pruning) if pruning is not None else None
         self.params = [tvm.runtime.tensor(a, self.dev) for a in
-                       load_params(listed_path(bundle, manifest, spec["params"], "tvm.params"), names)]
+                       load_params(listed_path(bundle, manifest, spec["params"], "tvm.params"), names, cuts)]
         self.tokenizer = None
         tok = manifest.get("tokenizer") or {}
         if tok.get("tokenizer_json"):
@@ -150,13 +190,16 @@ class TvmSession(SentenceEmbedding):
         args = []
         for spec in self.inputs:
             if spec["name"] not in inputs:
-                raise ValueError(f"missing input {spec['name']!r} (the model takes {[s['name'] for s in self.inputs]})")
+                raise RequestError(f"missing input {spec['name']!r} "
+                                   f"(the model takes {[s['name'] for s in self.inputs]})")
             x = np.ascontiguousarray(inputs[spec["name"]], dtype=spec["dtype"])
             if x.ndim != len(spec["shape"]):
-                raise ValueError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes {spec['shape']}")
+                raise RequestError(f"input {spec['name']!r} has {x.ndim} dimensions, the model takes "
+                                   f"{spec['shape']}")
             for got, want in zip(x.shape, spec["shape"]):
                 if isinstance(want, int) and got != want:
-                    raise ValueError(f"input {spec['name']!r} has shape {x.shape}, the model takes {spec['shape']}")
+                    raise RequestError(f"input {spec['name']!r} has shape {x.shape}, the model takes "
+                                       f"{spec['shape']}")
             args.append(tvm.runtime.tensor(x, self.dev))
         return args + self.params
 
@@ -175,12 +218,12 @@ class TvmSession(SentenceEmbedding):
 
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
-            raise ValueError("this bundle has no tokenizer")
+            raise RequestError("this bundle has no tokenizer")
         return self.tokenizer.encode(text).ids
 
     def encoder_inputs(self, batch: list[list[int]]) -> dict[str, np.ndarray]:
         if not batch or len(batch) > MAX_BATCH:
-            raise ValueError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
+            raise RequestError(f"batch of {len(batch)} sentences (1..{MAX_BATCH})")
         n = max(len(x) for x in batch)
         ids = np.full((len(batch), n), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(batch), n), dtype=np.int32)
@@ -188,7 +231,7 @@ class TvmSession(SentenceEmbedding):
             ids[i, :len(x)] = x
             mask[i, :len(x)] = 1
         if self.vocab_size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ValueError(f"token id out of range of the vocabulary ({self.vocab_size})")
+            raise RequestError(f"token id out of range of the vocabulary ({self.vocab_size})")
         return {"input_ids": ids, "attention_mask": mask}
 
     def embed_ids(self, batch: list[list[int]]) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeq.core.errors import RequestError
 from edgeq.runtime.arrays import read_arrays
 from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
@@ -152,12 +153,13 @@ class TvmDecoderBackend(TokenizerText):
 
         n = len(ids)
         if n == 0:
-            raise ValueError("no tokens to feed")
+            raise RequestError("no tokens to feed")
         if self.n_tokens + n > self.n_ctx:
-            raise ValueError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}")
+            raise RequestError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}",
+                               code="context_length_exceeded")
         x = np.asarray(ids, dtype=np.int64)
         if x.min() < 0 or x.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range of the vocabulary ({self.n_vocab})")
+            raise RequestError(f"token id out of range of the vocabulary ({self.n_vocab})")
         entry = self.decode_entry if n == 1 and self.decode_entry else self.session.entry
         out = self.session.vm[entry](tvm.runtime.tensor(x.astype(np.int32), self.session.dev), *self.past,
                                      *self.session.params)

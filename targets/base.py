@@ -38,6 +38,7 @@ class LowerRequest:
     imatrix: dict | None = None           # weight -> importance (E[x^2]) for formats that take one
     branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
     spec: Any = None                      # the decoder's runtime.tokenizer.TokenizerSpec
+    n_ctx: int | None = None              # the context length the bundle records for the device
     ndk_clang: str | None = None          # android: the NDK clang that links a .so
     tune_trials: int = 0                  # meta-schedule trials (targets that tune)
     adapters: list[UserAdapter] = field(default_factory=list)   # users' adapters kept apart (separate mode)
@@ -69,6 +70,11 @@ class Target:
     # users' adapters run on weights the exported model gave LoRA inputs (its manifest section's lora_slots)
     adapters_need_slots: bool = True
     sparse_adapters: bool = False                 # applies SHiRA adapters in place on the device
+    # UniQL pruning: whether its runtime narrows the MLPs of a sorted model at load (`--pruning-rates`), and the
+    # multiple its stored layout needs along the MLP's channels besides the formats' blocks
+    prunes_mlp: bool = False
+    mlp_channel_multiple: int = 1
+    prunes_budgeted: bool = True                  # its size model holds for a pruning bundle (the full width)
 
     # --- deciding ---------------------------------------------------------------------------------------
 
@@ -138,6 +144,12 @@ class Target:
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         """The KV-cache type a decoder bundle of this backend runs with."""
         return "f32"
+
+    def kernel_names(self, bundle: Path, graph_weights: dict[str, str]) -> dict[str, str]:
+        """The runtime's names for the kernels that multiply with each weight of a bundle this target wrote:
+        {name the runtime's per-kernel timer reports: canonical weight}. `graph_weights` maps each canonical
+        weight to its GGUF alias. Latency profiles read kernel timings through this (edgeq/predictor)."""
+        return {}
 
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""

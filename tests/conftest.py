@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,17 @@ def export_bundle(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def android(tmp_path_factory):
+    """`edgeq export --target android` as a user runs it (the default model, q4_k_m, calibrated), once per session:
+    the CLI's and the server's tests use it. Returns the bundle and the finished process."""
+    out = tmp_path_factory.mktemp("android") / "out"
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--target", "android", "-o", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return out, r
 
 
 @pytest.fixture(scope="session")

@@ -175,9 +175,13 @@ def _write_cnn(folder: Path) -> dict[str, str]:
 
 # --- cases ----------------------------------------------------------------------
 
+LATENCY_PROFILE = str(Path(__file__).resolve().parent / "data" / "latency_profile_gguf_quick.json")
+
+
 def cases(i: dict[str, str]) -> dict[str, list[str]]:
     """name -> edgeq argv (the output path is appended: `-o OUT`)."""
     dec, enc, cnn = ["--model", i["decoder"]], ["--model", i["encoder"]], ["--model", i["cnn"]]
+    lat = ["--latency-profile", LATENCY_PROFILE]
     c = {
         # GGUF decoders
         "gguf/q4_k_m": ["export", *dec, "--backend", "gguf", "--quant", "q4_k_m"],
@@ -195,6 +199,9 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         "gguf/imatrix-file": ["export", *dec, "--backend", "gguf", "--quant", "q4_k_s", "--imatrix", i["imatrix"]],
         "gguf/q8_0-ctx": ["export", *dec, "--quant", "q8_0", "--n-ctx", "256", "--kv-dtype", "q8_0"],
         "gguf/budget-too-small": ["export", *dec, "--backend", "gguf", "--bpw", "1"],
+        "gguf/latency-predicted": ["export", *dec, "--backend", "gguf", "--quant", "q4_0", *lat],
+        "gguf/latency-budget": ["export", *dec, "--backend", "gguf", "--latency-ms", "0.6", "--cost", "output", *lat],
+        "gguf/latency-too-fast": ["export", *dec, "--backend", "gguf", "--latency-ms", "0.001", *lat],
         "all/gguf+onnx": ["export", *dec, "--backend", "all", "--quant", "gguf=q4_0,onnx=int4"],
         # models and data as users have them: a SentencePiece vocabulary, their own calibration text and chats
         "gguf/spm-q4_k_m": ["export", "--model", i["spm_decoder"], "--backend", "gguf", "--quant", "q4_k_m"],
@@ -242,12 +249,23 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         # plans and imatrix files
         "plan/gguf-q4_k_m": ["plan", *dec, "--quant", "q4_k_m"],
         "plan/gguf-budget": ["plan", *dec, "--bpw", "5", "--cost", "output"],
+        "plan/gguf-latency-and-bytes": ["plan", *dec, "--bpw", "6", "--latency-ms", "4", "--prompt-tokens", "64",
+                                        "--cost", "output", *lat],
         "plan/onnx-int8": ["plan", *dec, "--backend", "onnx", "--quant", "int8"],
         "plan/onnx-budget": ["plan", *dec, "--backend", "onnx", "--bpw", "6", "--cost", "output"],
         "plan/tvm-int4": ["plan", *dec, "--backend", "tvm", "--quant", "int4"],
         "plan/cnn-int8": ["plan", *cnn, "--calib-images", i["calib"]],
         "plan/encoder-int8": ["plan", *enc],
         "calibrate/imatrix": ["calibrate", *dec],
+        # UniQL: sorted MLPs and a pruning table
+        "uniql/gguf-q4_0": ["export", *dec, "--backend", "gguf", "--quant", "q4_0", "--pruning-rates",
+                            "0,0.15,0.35"],
+        "uniql/gguf-wanda-uniform": ["export", *dec, "--backend", "gguf", "--quant", "q8_0", "--pruning-rates",
+                                     "0.25", "--prune-order", "wanda", "--prune-alloc", "uniform"],
+        "uniql/onnx-int4": ["export", *dec, "--backend", "onnx", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
+        "uniql/tvm-int4": ["export", *dec, "--backend", "tvm", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
+        "uniql/plan": ["plan", *dec, "--quant", "q4_0", "--pruning-rates", "0.15,0.35"],
+        "uniql/backend-all": ["export", *dec, "--backend", "all", "--pruning-rates", "0.15"],
         # the embedded default model: README command 1
         "smollm2/android": ["export", "--target", "android"],
     }

@@ -16,14 +16,6 @@ def edgeq(*args, cwd=None, timeout=900):
     return subprocess.run([*EDGEQ, *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def android(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "out"
-    r = edgeq("export", "--target", "android", "-o", out)
-    assert r.returncode == 0, r.stderr
-    return out, r
-
-
 def test_export_android(android):
     out, r = android
     m = json.loads((out / "manifest.json").read_text())
@@ -174,3 +166,114 @@ def test_bad_plan(tmp_path):
 def test_unknown_target(tmp_path):
     r = edgeq("export", "--target", "toaster", "-o", tmp_path / "b")
     assert r.returncode == 2 and "toaster" in r.stderr
+
+
+# --- a CLI that explains itself ------------------------------------------------------------------------------
+
+def _commands(parser):
+    """(name, parser) of every command and subcommand."""
+    import argparse
+
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sp in action.choices.items():
+                out.append((f"{parser.prog.split(' ', 1)[-1]} {name}".replace("edgeq ", ""), sp))
+                out += _commands(sp)
+    return out
+
+
+def test_every_option_says_its_default_and_every_command_ends_with_examples():
+    from edgeq.cli import build_parser
+
+    commands = _commands(build_parser())
+    assert {"export", "plan", "calibrate", "run", "chat", "serve", "eval", "inspect", "device setup"} <= \
+        {name for name, _ in commands}
+    for name, sp in commands:
+        text = sp.format_help()
+        formatter = sp._get_formatter()
+        for action in sp._actions:
+            if not action.option_strings or "--help" in action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            shown = formatter._get_help_string(action) % {"default": action.default}
+            assert action.required or "default" in shown, f"{name} {action.option_strings[0]}: {shown}"
+        tail = text.rstrip().split("examples:\n")
+        assert len(tail) == 2, f"{name} --help has no examples"
+        examples = [line.strip() for line in tail[1].splitlines()]
+        assert 2 <= len(examples) <= 3 and all(e.startswith(("edgeq ", "curl ")) for e in examples), name
+    r = edgeq("serve", "--help")
+    flat = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "(default: 127.0.0.1)" in flat and "(default: 8080)" in flat
+    assert r.stdout.rstrip().splitlines()[-3].strip() == "edgeq serve out/"
+
+
+def test_version():
+    from edgeq import __version__
+
+    r = edgeq("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"edgeq {__version__}"
+
+
+def test_user_errors_are_one_line_and_exit_2(android, tmp_path):
+    out, _ = android
+    cases = {
+        "unknown option": (["run", out, "hi", "--bogus"], "--bogus"),
+        "missing bundle": (["run", tmp_path / "nowhere", "hi"], "nowhere"),
+        "prompt longer than the context": (["run", out, "word " * 300, "--n-ctx", "128"], "context holds 128"),
+        "bad sampling value": (["run", out, "hi", "--top-p", "0"], "top_p"),
+        "chat with a missing bundle": (["chat", tmp_path / "nowhere"], "nowhere"),
+        "serve a folder that is no bundle": (["serve", tmp_path], "no manifest.json"),
+        "no command": ([], "required"),
+    }
+    for name, (args, needle) in cases.items():
+        r = edgeq(*args)
+        err = [line for line in r.stderr.splitlines() if line.strip()]
+        assert r.returncode == 2 and len(err) == 1, (name, r.stderr)
+        assert err[0].startswith("edgeq") and "error:" in err[0] and needle in err[0], (name, err)
+        assert "Traceback" not in r.stderr
+    import os
+
+    r = subprocess.run([*EDGEQ, "run", str(tmp_path / "nowhere"), "hi"], capture_output=True, text=True,
+                       env={**os.environ, "EDGEQ_DEBUG": "1"}, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "BundleError" in r.stderr
+
+
+def test_run_streams_sampling_options_and_truncation(android):
+    out, _ = android
+    r = edgeq("run", out, "--system", "You are a geography teacher.", "What is the capital of France?",
+              "--max-tokens", "24")
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
+    a = edgeq("run", out, "Once upon a time", "--max-tokens", "16", "--temperature", "0.9", "--seed", "3")
+    b = edgeq("run", out, "Once upon a time", "--max-tokens", "16", "--temperature", "0.9", "--seed", "3")
+    c = edgeq("run", out, "Once upon a time", "--max-tokens", "16", "--temperature", "0.9", "--seed", "4")
+    assert a.stdout == b.stdout != c.stdout and a.stdout.startswith("Once upon a time")
+    r = edgeq("run", out, "word " * 300, "--n-ctx", "128", "--truncate", "--max-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    r = edgeq("run", out, "The capital of France is", "--stop", "Paris", "--max-tokens", "12")
+    assert r.returncode == 0 and r.stdout.strip() == "The capital of France is"
+
+
+def test_chat_keeps_history_resets_and_exits(android):
+    """The terminal chat on piped input: each reply sees the turns before it; /reset forgets them."""
+    import io
+
+    from edgeq import runtime
+    from edgeq.runtime.terminal_chat import chat_loop
+
+    out, _ = android
+    turns = iter(["My name is Ada.", "What is my name?", "/reset", "What is my name?", "/exit", "never read"])
+    screen = io.StringIO()
+    with runtime.load(out) as s:
+        n = chat_loop(s, system="You are brief.", max_tokens=24, read=lambda prompt: next(turns), out=screen,
+                      prompt="")
+        sys_msg = {"role": "system", "content": "You are brief."}
+        first = s.chat([sys_msg, {"role": "user", "content": "My name is Ada."}], 24)
+        second = s.chat([sys_msg, {"role": "user", "content": "My name is Ada."},
+                         {"role": "assistant", "content": first}, {"role": "user", "content": "What is my name?"}], 24)
+        fresh = s.chat([sys_msg, {"role": "user", "content": "What is my name?"}], 24)
+    assert n == 3 and second != fresh
+    assert screen.getvalue() == f"{first}\n{second}\n(conversation reset)\n{fresh}\n"
+    r = subprocess.run([*EDGEQ, "chat", str(out), "--max-tokens", "24"], input="What is the capital of France?\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Paris" in r.stdout, r.stderr

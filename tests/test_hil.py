@@ -88,6 +88,42 @@ def test_latency_against_the_host(edgeq_device, edgeq_backend, hil_bundles, host
     assert got["device_s"] > 0 and got["host_s"] > 0
 
 
+@pytest.mark.hil
+def test_latency_against_the_prediction(edgeq_device, edgeq_backend, tmp_path, hil, record_property):
+    """Measured latency on the device against the bundle's prediction from the device's own latency profile
+    (`edgeq profile --device SPEC`, cached); the ratio is reported (junit property, and the output)."""
+    why = hil.latency_skip_reason(edgeq_device)
+    if why:
+        pytest.skip(why)
+    if edgeq_backend not in ("gguf", "onnx"):
+        pytest.skip(f"latency profiles cover decoders on gguf and onnx, not {edgeq_backend} yet")
+    from edgeq.api import ExportOptions, export
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.predictor.profile import cached_profile_path
+
+    facts = edgeq_device.facts()
+    found = [p for p in (cached_profile_path(facts, edgeq_backend, 1, c) for c in ("wall", "cpu")) if p and p.is_file()]
+    profile = found[0] if found else None
+    if profile is None:
+        pytest.skip(f"no latency profile of {edgeq_device.name} for {edgeq_backend}: run `edgeq profile --device "
+                    f"{edgeq_device.name} --backend {edgeq_backend}` once")
+    cfg = tiny_config(vocab_size=4096, hidden_size=512, intermediate_size=1536, n_layers=8, n_heads=8, n_kv_heads=2,
+                      tied_embeddings=True, context_length=512)
+    src = graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.05), tmp_path / "m", byte_level_spec(4096))
+    quant = {"gguf": "q4_0", "onnx": "int4"}[edgeq_backend]
+    bundle = tmp_path / "b"
+    export(ExportOptions(model=str(src), backend=edgeq_backend, quant=quant, out=str(bundle), calibration=False,
+                         check=False, latency_profile=str(profile)))
+    got = hil.measure_prediction(edgeq_device, bundle)
+    for k in ("decode_ratio", "prefill_ratio"):
+        record_property(k, round(got[k], 4))
+    print(f"{edgeq_device.name} {edgeq_backend}: measured/predicted decode {got['decode_ratio']:.3f}, "
+          f"prefill {got['prefill_ratio']:.3f} ({got['measured']} vs {got['predicted']})")
+    # the device is the profile's: a plan outside the profile's micro-models is still predicted within 2x
+    assert 0.5 < got["decode_ratio"] < 2.0 and 0.5 < got["prefill_ratio"] < 2.0, got
+
+
 @pytest.fixture(scope="session")
 def real_bundles(tmp_path_factory):
     """The acceptance bundles: SmolLM2 for `android` (its default gguf preset)."""

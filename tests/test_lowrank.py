@@ -166,8 +166,12 @@ def test_adapter_gguf_moves_llama_cpp_towards_the_float_reference(tiny_gguf, tmp
                                        rank=64 if len(t.shape) == 2 and "embed" not in n else 0)
                          for n, t in graph.weights.items()}, search={"lowrank_scaling": "exact", "ranks": [64]})
     plan.save(tmp_path / "plan.json")
+    said = []
     export(ExportOptions(model=str(tiny_gguf), plan=str(tmp_path / "plan.json"), out=str(tmp_path / "b"),
-                         calib_windows=2, check=False))
+                         calib_windows=2, check=False), log=said.append)
+    # stock llama.cpp does not read the manifest: the export and the report name the flag it needs
+    assert any("--lora adapter.gguf" in line for line in said)
+    assert "llama-cli -m model.gguf --lora adapter.gguf" in (tmp_path / "b" / "report.md").read_text()
     m = json.loads((tmp_path / "b" / "manifest.json").read_text())
     adapter = [a for a in m["artifacts"] if a.get("role") == "adapter"]
     assert adapter and (tmp_path / "b" / "adapter.gguf").stat().st_size == adapter[0]["bytes"]
@@ -267,7 +271,7 @@ def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
     torch = pytest.importorskip("torch")
     from edgeq.core.executor import Executor
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.passes.fisher import _forward, output_fisher
+    from edgeq.passes.fisher import torch_forward, output_fisher
     from edgeq.passes.sensitivity import output_error
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
@@ -275,7 +279,7 @@ def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
     ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
     weights = {n: torch.from_numpy(np.ascontiguousarray(t.numpy())) for n, t in graph.weights.items()}
     with torch.no_grad():
-        got = _forward(graph, ids, weights, torch, {}).numpy()
+        got = torch_forward(graph, ids, weights, torch, {}).numpy()
     np.testing.assert_allclose(got, Executor(graph).logits(ids), rtol=1e-4, atol=1e-4)
     f = output_fisher(graph, [ids, ids[::-1]])
     q = "model.layers.1.self_attn.q_proj.weight"
@@ -335,7 +339,7 @@ def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second
     interpreter's own gradients (one window: the same sampled tokens as output_fisher)."""
     torch = pytest.importorskip("torch")
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.passes.fisher import _forward, output_fisher
+    from edgeq.passes.fisher import torch_forward, output_fisher
     from edgeq.passes.sensitivity import output_error
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
@@ -344,7 +348,7 @@ def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second
     f = output_fisher(graph, [ids])
     weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
     keep: dict = {}
-    logp = torch.log_softmax(_forward(graph, ids, weights, torch, keep).double(), -1)
+    logp = torch.log_softmax(torch_forward(graph, ids, weights, torch, keep).double(), -1)
     with torch.no_grad():
         sampled = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(0))[:, 0]
     (-logp.gather(1, sampled[:, None]).sum()).backward()

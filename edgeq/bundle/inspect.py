@@ -120,6 +120,15 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     }
     if _field(m, "tvm", "target") is not None:
         out["tvm_target"] = m["tvm"]["target"]
+    pr = m.get("pruning_rates")
+    if isinstance(pr, dict) and isinstance(pr.get("rates"), list):
+        try:
+            out["pruning_rates"] = ", ".join(f"{e['rate']:g} ({e['achieved']:.4f} of MLP channels, widths "
+                                             f"{min(e['widths'])}-{max(e['widths'])})" for e in pr["rates"])
+            out["pruning"] = (f"{pr['order']} order, {pr['alloc']} allocation, MLP widths in steps of "
+                              f"{sorted(set(pr['align']))}")
+        except (KeyError, TypeError, ValueError):
+            out["pruning_rates"] = "(unreadable)"
     adapters = _field(m, "source", "adapters")
     if isinstance(adapters, list) and adapters:
         out["adapters"] = ", ".join(f"{_field(a, 'name')}:{_field(a, 'weight')}" for a in adapters)

@@ -19,13 +19,15 @@ from edgeq.core.plan import Plan
 from edgeq.runtime.manifest import BUNDLE_FORMAT, BUNDLE_VERSION
 
 MANIFEST_FILE = "manifest.json"
+# the roles of the files that hold the model (what a budget counts); beside them: tokenizer and config files
+MODEL_ROLES = ("model", "model_data", "params", "adapter")
 
 
 @dataclass
 class Artifact:
     """A file a target (or the bundle writer) put in the staged bundle, as the manifest lists it."""
 
-    role: str                    # model, model_data, params, adapter, tokenizer
+    role: str                    # model, model_data, params, adapter (MODEL_ROLES), tokenizer, config
     path: Path
     backend: str                 # the target's name, or "any"
     formats: dict[str, int] = field(default_factory=dict)
@@ -53,7 +55,8 @@ class ManifestParts:
     calibration: dict[str, Any] | None     # decoders: what the plan was calibrated on (or why not)
     sections: dict[str, Any]               # each target's own section, under its name
     passes: list[dict[str, Any]]
-    reference: dict[str, Any]
+    reference: dict[str, Any] | None      # None: a bundle made without reference outputs (latency measurements)
+    predicted: dict[str, Any] | None = None   # a latency profile's prediction (edgeq/predictor), else nulls
 
 
 def manifest(p: ManifestParts) -> dict[str, Any]:
@@ -84,13 +87,23 @@ def manifest(p: ManifestParts) -> dict[str, Any]:
         **p.sections,
         "plan": p.plan.to_json(),
         "passes": p.passes,
-        "predicted": {"latency_ms_per_token": None, "peak_memory_bytes": None},
-        "pruning_rates": None,
+        "predicted": p.predicted or {"latency_ms_per_token": None, "peak_memory_bytes": None},
+        "pruning_rates": pruning_rates(p.plan),
         "reference": p.reference,
     }
     if len(p.plans) > 1:   # each artifact's own plan (the first is also `plan`)
         m["plans"] = {b: plan.to_json() for b, plan in p.plans.items()}
     return m
+
+
+def pruning_rates(plan: Plan) -> dict[str, Any] | None:
+    """What a runtime needs to load the bundle at a pruning rate: per rate, each layer's MLP width (a prefix of the
+    sorted channels), and each layer's alignment (a width is a multiple of it: whole blocks of every MLP format)."""
+    t = plan.pruning
+    if not t or not t.get("rates"):
+        return None
+    return {"what": t["what"], "order": t["order"], "alloc": t["alloc"], "full": t["full"], "align": t["align"],
+            "rates": [{"rate": r["rate"], "achieved": r["achieved"], "widths": r["widths"]} for r in t["rates"]]}
 
 
 def write_manifest(folder: Path, m: dict[str, Any]) -> None:

@@ -101,7 +101,9 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
             ranked = sorted({t.rank for t in plan.tensors.values() if t.rank})
             lines += ["", f"Low-rank error branches (ranks {', '.join(map(str, ranked))}) on "
                           f"{sum(1 for t in plan.tensors.values() if t.rank)} tensors: `{a['path']}`, {a['bytes']:,} "
-                          "bytes, a LoRA-adapter GGUF llama.cpp applies at load (counted in the budget)."]
+                          "bytes, a LoRA-adapter GGUF llama.cpp applies at load (counted in the budget). edgeq's "
+                          "runtime applies it; stock llama.cpp needs it named: `llama-cli -m "
+                          f"{a.get('applies_to', 'model.gguf')} --lora {a['path']}` (`llama-server` likewise)."]
     fallbacks = [(n, t) for n, t in plan.tensors.items() if t.requested and t.requested != t.format]
     if fallbacks:
         lines += ["", f"{len(fallbacks)} tensors could not take the requested format and fell back "

@@ -110,7 +110,7 @@ def requantize_note(graph: Graph, plan) -> str | None:
 def source_record(graph: Graph, model_path: Path | None, given: str | None, plan=None) -> dict[str, Any]:
     """The manifest's `source`: name, digest and bytes of the source, its licence and the merged adapters."""
     tail = {"license": graph.metadata.get("license"), "adapters": graph.metadata.get("adapters", [])}
-    if graph.kind == "cnn":
+    if graph.kind == "cnn" or model_path is None:     # a CNN, or a graph built in memory (latency micro-models)
         rec: dict[str, Any] = {"name": model_path.name if model_path else graph.metadata.get("name"),
                                "sha256": graph_digest(graph), "sha256_of": "the imported graph (ops, attributes, weights)",
                                "bytes": 4 * graph.n_params}

@@ -3,7 +3,7 @@
 Three ways to decide, each one list of passes (the target supplies what it knows as data: what a preset
 means, its formats, its size model):
 
-- budgeted (`--budget-mb` / `--bpw`): calibrate, [fisher], sensitivity, allocate (ILP or DynaQuant),
+- budgeted (`--budget-mb` / `--bpw` / `--latency-ms`): calibrate, [fisher], sensitivity, allocate (ILP or DynaQuant),
   legalize, [lowrank_compensate];
 - a preset on a target whose preset reads the importance matrix (GGUF: llama.cpp picks some types by
   whether one is given), or a plan file that decides every tensor itself: [calibrate], [assign_preset],
@@ -11,31 +11,40 @@ means, its formats, its size model):
 - a preset elsewhere: assign_preset, [apply_rules], legalize, then what the finished plan's formats need:
   calibrate_ranges (static INT8 activations: per weight, or per activation on CNNs) and calibrate (an
   importance matrix for decoders' formats that take one).
+
+With `--pruning-rates` (or a plan that fixes MLP orders or widths) every list ends, before any low-rank branch, with
+uniql_sort (the MLPs' channels sorted; the graph the target lowers changes) and uniql_alloc (the rate -> per-layer
+widths table, aligned to the formats just decided, or the plan's widths applied).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from edgeq.compile.options import ExportOptions
+from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes import Context, Pass, run_passes
-from edgeq.passes.allocate import Allocate, budget_bytes, budget_error, min_feasible_bytes
+from edgeq.passes.allocate import Allocate, ExtraRow, budget_bytes, budget_error, min_feasible_bytes, solve_ilp
 from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
 from edgeq.passes.apply_rules import ApplyRules
 from edgeq.passes.assign_preset import AssignPreset
-from edgeq.passes.calibrate import Calibrate
+from edgeq.passes.calibrate import DEFAULT_MAX_FULL, Calibrate
 from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
 from edgeq.passes.fisher import Fisher
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
+from edgeq.predictor.budget import LatencyBudget
+from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, check_runtime_here, open_profile, profile_record
+from edgeq.passes.uniql_alloc import UniqlAlloc
+from edgeq.passes.uniql_recover import UniqlRecover
+from edgeq.passes.uniql_sort import UniqlSort
 from edgeq.targets.base import Target
 
 PERCENTILE = 99.999          # static INT8 activation ranges: this percentile of |x| per tensor
@@ -48,6 +57,7 @@ class Decision:
     plan: Plan
     calibration: Any = None          # a passes.calibrate.Calibration, or None (llama.cpp's plain behaviour)
     branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
+    graph: Graph | None = None       # the model to lower when the passes changed it (sorted or narrowed MLPs)
 
 
 @dataclass
@@ -75,6 +85,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant"):
         raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
+    if "calibration_source" in ctx.analysis:     # an earlier backend sorted the MLPs: start from the source's stats
+        ctx.analysis["calibration"] = ctx.analysis.pop("calibration_source")
     if inp.preset is None or inp.target.preset_reads_imatrix:
         decision = _decide_calibrated_first(graph, inp, opts, ctx, branches)
     else:
@@ -88,12 +100,16 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     user = inp.user_plan
     search = opts.budgeted
     ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
+    prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
-    if opts.calibration and (search or ranks or opts.imatrix or _takes_imatrix(graph, inp)):
+    if opts.calibration and (search or ranks or opts.imatrix or prune or _takes_imatrix(graph, inp)):
         # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
         # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
+        # Sorting the MLPs needs the covariance of each down projection's input, whatever its width.
+        max_full = DEFAULT_MAX_FULL if search or ranks else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
-                                **({} if search or ranks else {"max_full": 0})))
+                                max_full=max_full, full_for=_full_for(graph, max_full) if prune else frozenset(),
+                                subset=opts.calib_subset))
     if search:
         passes += _search_passes(graph, inp, opts, ctx)
     elif inp.preset is not None:
@@ -101,12 +117,50 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if user is not None:
         passes.append(ApplyRules(user, opts.plan))
     passes.append(Legalize())
+    if prune:
+        passes += _pruning_passes(inp, opts, ranks)
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
-    _, plan = run_passes(passes, graph, Plan(), ctx)
+    out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
-    return Decision(plan, cal, ctx.analysis.get("branches", {}))
+    return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out)
+
+
+def _prunes(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
+    """Whether the MLPs are sorted and a width table made (--pruning-rates), or a plan file's orders or widths
+    applied."""
+    user = inp.user_plan
+    fixed = user is not None and (user.pruning is not None or any(t.keep is not None or t.order is not None
+                                                                   for t in user.tensors.values()))
+    if not (opts.pruning or fixed):
+        return False
+    if graph.kind != "decoder" or graph.arch != "llama":
+        raise EdgeqError(None, f"--pruning-rates prunes Llama-family decoders' MLPs, not a {graph.arch} {graph.kind}")
+    if not inp.target.prunes_mlp:
+        raise EdgeqError(None, f"--pruning-rates is not available for backend {inp.target.name} yet")
+    if opts.budgeted and not inp.target.prunes_budgeted:
+        raise EdgeqError(None, f"a budget with --pruning-rates is not sized on {inp.target.name} (its library has "
+                               "symbolic MLP widths); export the budgeted plan, then --plan it with --pruning-rates")
+    return True
+
+
+def _full_for(graph: Graph, max_full: int) -> frozenset[str]:
+    """The down projections whose input is wider than `max_full`: their covariance is kept all the same."""
+    return frozenset(n for i in range(graph.config.n_layers) for n in [llama.mlp_weights(i)[2]]
+                     if graph.weights[n].shape[1] > max_full)
+
+
+def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list[Pass]:
+    if ranks and opts.pruning_rates:
+        raise EdgeqError(None, "--pruning-rates with low-rank branches (--ranks) is not supported: a branch would "
+                               "need slicing with its weight")
+    sort = UniqlSort(opts.prune_order, opts.prune_ridge)
+    alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
+                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
+    if not opts.recover_steps:
+        return [sort, alloc]
+    return [sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]
 
 
 def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:
@@ -126,6 +180,8 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         passes.append(ApplyRules(inp.user_plan, opts.plan))
     passes.append(Legalize())
     _, plan = run_passes(passes, graph, Plan(), ctx)
+    if graph.kind == "decoder" and _prunes(graph, inp, opts):
+        return _decide_preset_pruned(graph, plan, inp, opts, ctx)
     if graph.kind == "cnn":
         return Decision(_cnn_activation_ranges(graph, plan, inp, ctx))
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
@@ -136,9 +192,28 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
                                                             for d in plan.tensors.values()):
         if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
             run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
-                                  source=inp.text)], graph, plan, ctx)
+                                  source=inp.text, subset=opts.calib_subset)], graph, plan, ctx)
         plan.calibration = ctx.analysis["calibration"].to_json()
     return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
+
+
+def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: ExportOptions,
+                          ctx: Context) -> Decision:
+    """A preset plan whose MLPs are then sorted and given a width table: the importance matrix and the orders come
+    from one calibration with the down projections' full covariances."""
+    passes: list[Pass] = []
+    if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
+        inputs, source = text_inputs(graph, source=inp.text)
+        passes.append(CalibrateRanges(inputs, source, PERCENTILE))
+    if opts.calibration:
+        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
+                                full_for=_full_for(graph, 0), subset=opts.calib_subset, source=inp.text))
+    passes += _pruning_passes(inp, opts, False)
+    out, plan = run_passes(passes, graph, plan, ctx)
+    cal = ctx.analysis.get("calibration")
+    takes = any(get_format(d.format).takes_imatrix for d in plan.tensors.values())
+    plan.calibration = cal.to_json() if cal is not None and takes else None
+    return Decision(plan, cal if plan.calibration else None, graph=None if out is graph else out)
 
 
 def _cnn_activation_ranges(graph: Graph, plan: Plan, inp: DecideInputs, ctx: Context) -> Plan:
@@ -178,19 +253,54 @@ def search_cost(opts: ExportOptions, ctx: Context) -> str:
     return "output"
 
 
+def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
+                 ties: list[list[str]], byte_budget: bool) -> ExtraRow:
+    """The ILP row bounding the plan's predicted decode step (or prefill of --prompt-tokens), after checking that
+    the fastest plan within the byte budget meets it (one error naming that plan's latency if not)."""
+    path, profile, fitted = open_profile(opts.latency_profile, inp.target.name, None)
+    check_runtime_here(profile, path)
+    kind, key = (("prefill", opts.prompt_tokens) if opts.prompt_tokens is not None
+                 else ("decode", DEFAULT_CONTEXT_TOKENS if opts.context_tokens is None else opts.context_tokens))
+    lb = LatencyBudget(fitted, graph, bundle_n_ctx(graph, inp.profile, opts),
+                       inp.target.kv_cache_dtype(inp.preset, inp.profile, opts.kv_dtype), kind, int(key),
+                       float(opts.latency_ms))
+    fastest_table = CostTable({n: [replace(o, cost=lb.coef(n, o.format, o.rank)) for o in v]
+                               for n, v in sizes.options.items()}, sizes.fixed_bytes, sizes.n_params, sizes.info)
+    fast = solve_ilp(fastest_table, budget, ties)
+    fast_choice = {n: (o.format, o.rank) for n, o in fast.choice.items()}
+    fastest = lb.exact(fast_choice)
+    if fastest > opts.latency_ms:
+        raise lb.too_fast_error(fastest, f"; within {budget / 1e6:.3f} MB" if byte_budget else "")
+    return ExtraRow("predicted_latency_ms", lambda n, o: lb.coef(n, o.format, o.rank),
+                    opts.latency_ms - lb.fixed_ms(fast_choice),
+                    exact=lambda choice: lb.exact({n: (o.format, o.rank) for n, o in choice.items()}),
+                    limit=float(opts.latency_ms),
+                    info={"latency_of": lb.what, "latency_profile": profile_record(path, profile)})
+
+
 def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> list[Pass]:
     if any(r < 0 for r in opts.ranks):
         raise EdgeqError(None, "--ranks must be non-negative integers")
+    byte_budget = opts.budget_mb is not None or opts.bpw is not None
     # the budget in bytes needs only the parameter count: check it before anything is sized
-    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw)
+    budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw) if byte_budget else None
     target = inp.target
     layout = target.layout(graph, target.candidate_formats(opts.formats), opts.ranks, inp.profile, spec=inp.spec,
                            ndk_clang=opts.android_clang)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed
     sizes = bytes_table(graph, layout, opts.formats)
+    if budget is None:            # a latency budget alone: every size is allowed
+        budget = sizes.fixed_bytes + sum(max(o.bytes for o in v) for v in sizes.options.values()) \
+            + layout.branch_overhead + sum(layout.branch_bytes(n, graph.weights[n].shape, r)
+                                           for n in sizes.options for r in opts.ranks if r)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
+    rows = []
+    if opts.latency_ms is not None:
+        if opts.method != "ilp":
+            raise EdgeqError(None, "--latency-ms is a row of the ILP: use it with --method ilp")
+        rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget))
     passes: list[Pass] = []
     cost = search_cost(opts, ctx)
     if cost == "fisher":
@@ -203,5 +313,6 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
         passes.append(AllocateDynaQuant(budget, ties, exact_bytes=layout.exact_bytes))
         return passes
-    passes.append(Allocate(budget, ties, adapter_overhead=layout.branch_overhead, exact_bytes=layout.exact_bytes))
+    passes.append(Allocate(budget, ties, extra_rows=rows, adapter_overhead=layout.branch_overhead,
+                           exact_bytes=layout.exact_bytes))
     return passes

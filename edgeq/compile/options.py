@@ -25,10 +25,12 @@ class ExportOptions:
     n_ctx: int | None = None
     kv_dtype: str | None = None
     check: bool = True
+    reference: bool = True                 # write the reference inputs and float outputs (a device checks itself with them)
     # calibration: presets and plans are calibration-aware unless turned off
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
     calib_windows: int = 4                 # 512-token windows of calibration text
+    calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
     calib_jsonl: str | None = None         # ... or chat conversations (JSON lines), rendered with the chat template
@@ -46,10 +48,28 @@ class ExportOptions:
     adapter_mode: str = "merged"           # merged: into the float base; separate: files beside the quantized base
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
+    # latency: a profile measured by `edgeq profile` predicts the bundle (manifest `predicted`) and, with
+    # latency_ms, bounds the plan's predicted decode step (or prefill of prompt_tokens) in the ILP
+    latency_profile: str | None = None
+    latency_ms: float | None = None
+    prompt_tokens: int | None = None       # with latency_ms: bound the prefill of this many tokens instead
+    context_tokens: int | None = None      # tokens in the cache at the decode step predicted (default 64)
+
+    # UniQL: one bundle, the MLP pruning rate chosen at load time (None: no pruning table)
+    pruning_rates: list[float] | None = None
+    prune_order: str = "uniql"             # uniql | leverage | magnitude | wanda | random
+    prune_alloc: str = "uniql"             # uniql | uniform
+    prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
+    prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
+    recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
+
+    @property
+    def pruning(self) -> bool:
+        return self.pruning_rates is not None
 
     @property
     def budgeted(self) -> bool:
-        return self.budget_mb is not None or self.bpw is not None
+        return self.budget_mb is not None or self.bpw is not None or self.latency_ms is not None
 
     @property
     def android_clang(self) -> str | None:
@@ -61,16 +81,42 @@ class ExportOptions:
         if self.quant and user_plan and user_plan.preset and user_plan.preset != self.quant:
             raise EdgeqError(self.plan, f"plan says preset {user_plan.preset!r} but --quant says {self.quant!r}")
         if self.quant and self.budgeted:
-            raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw), not both")
+            raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw / --latency-ms), not both")
+        if self.recover_steps and not self.pruning:
+            raise EdgeqError(None, "--recover-steps fine-tunes for the bundle's pruning rates: give --pruning-rates")
+        if self.pruning and self.backend == "all":
+            raise EdgeqError(None, "--pruning-rates writes one backend per bundle (the widths follow each backend's "
+                                   "formats); export each backend with --backend gguf, onnx or tvm")
+        if self.latency_ms is not None:
+            if not self.latency_ms > 0:
+                raise EdgeqError(None, "--latency-ms must be positive")
+            if self.latency_profile is None:
+                raise EdgeqError(None, "--latency-ms needs --latency-profile FILE (made by `edgeq profile`)")
+        if self.prompt_tokens is not None and self.prompt_tokens < 1:
+            raise EdgeqError(None, "--prompt-tokens must be at least 1")
+        if self.context_tokens is not None and self.context_tokens < 0:
+            raise EdgeqError(None, "--context-tokens must not be negative")
         if self.adapter_mode not in ADAPTER_MODES:
-            raise EdgeqError(None, f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, not {self.adapter_mode!r}")
+            raise EdgeqError(None, f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, not "
+                                   f"{self.adapter_mode!r}")
         if self.adapter_mode == "separate" and not self.adapters:
             raise EdgeqError(None, "--adapter-mode separate needs at least one --adapter DIR")
+        if self.adapter_mode == "separate" and self.pruning:
+            raise EdgeqError(None, "--adapter-mode separate with --pruning-rates is not supported yet (the adapters' "
+                                   "shapes would have to follow each rate's widths)")
 
     @property
     def merged_adapters(self) -> list[str]:
         """The adapters folded into the float weights (none when they are kept apart)."""
         return self.adapters if self.adapter_mode == "merged" else []
+
+
+def bundle_n_ctx(graph, profile: DeviceProfile, opts: ExportOptions) -> int | None:
+    """The context length a bundle records for the device: a decoder's --n-ctx or the profile's (within the
+    model's); an encoder's own length; none for a CNN."""
+    if graph.kind == "decoder":
+        return int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
+    return int(getattr(graph.config, "context_length", 0)) or None
 
 
 def choose_preset(opts: ExportOptions, user_plan: Plan | None, profile: DeviceProfile, backend: str) -> str | None:

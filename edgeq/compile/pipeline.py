@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeq.bundle.manifest import ManifestParts, calibration_record, manifest, write_manifest
+from edgeq.bundle.manifest import MODEL_ROLES, ManifestParts, calibration_record, manifest, write_manifest
 from edgeq.bundle.pareto import plan_pareto
 from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
 from edgeq.bundle.report import plot_layers, write_report
 from edgeq.bundle.source import requantize_note, requantized_tensors, source_record
 from edgeq.bundle.tokenizer import write_tokenizer
 from edgeq.compile.decide import DecideInputs, Decision, decide
-from edgeq.compile.options import ExportOptions, backend_preset
+from edgeq.compile.options import ExportOptions, backend_preset, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import check_output_dir, output_lock, staged_dir
 from edgeq.core.ir import Graph
@@ -33,6 +33,7 @@ from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
 from edgeq.core.adapter import UserAdapter
 from edgeq.passes.merge_adapters import MergeAdapters, load_adapter, unmerged
+from edgeq.predictor.predict import latency_profile_backend, manifest_prediction
 from edgeq.targets.base import LowerRequest, Target
 from edgeq.targets.profiles import DeviceProfile, get_profile
 from edgeq.targets.registry import TARGETS, get_target
@@ -159,14 +160,6 @@ def plan(opts: ExportOptions, progress: Callable | None = None, log: Callable[[s
     return decide_all(c, opts, branches=False)[c.targets[0].name].plan
 
 
-def n_ctx(graph: Graph, profile: DeviceProfile, opts: ExportOptions) -> int | None:
-    """The context length a bundle records for the device: a decoder's --n-ctx or the profile's (within the
-    model's); an encoder's own length; none for a CNN."""
-    if graph.kind == "decoder":
-        return int(opts.n_ctx or min(profile.n_ctx, graph.config.context_length))
-    return int(getattr(graph.config, "context_length", 0)) or None
-
-
 def export(opts: ExportOptions, progress: Callable | None = None, log: Callable[[str], None] = lambda s: None,
            graph: Graph | None = None) -> dict:
     """Export `opts.model`, or `graph` when the caller imported it already (export_module). The output path is
@@ -188,6 +181,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
     decisions = decide_all(c, opts)
     timings["passes"] = time.perf_counter() - t0
     plan_ = decisions[first.name].plan
+    graph = decisions[first.name].graph or graph      # what the passes made of it (sorted or narrowed MLPs)
     what = (f"{plan_.search['method']} plan for {plan_.search['budget_mb']:.3f} MB" if plan_.search and opts.budgeted
             else " + ".join(f"{t.name} {c.inputs[t.name].preset or 'plan'}" for t in targets))
     log(f"exporting {graph.metadata.get('name')} ({graph.n_params:,} params) for {profile.name} as {what} "
@@ -202,11 +196,11 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         artifacts, sections = [], {}
         for t in targets:
             d = decisions[t.name]
-            lowered = t.lower(LowerRequest(graph, d.plan, tmp, profile,
+            lowered = t.lower(LowerRequest(d.graph or c.graph, d.plan, tmp, profile,
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
-                                           branches=d.branches, spec=spec, ndk_clang=opts.android_clang,
-                                           tune_trials=opts.tune_trials, adapters=c.adapters,
-                                           progress=progress, log=log))
+                                           branches=d.branches, spec=spec, n_ctx=bundle_n_ctx(graph, profile, opts),
+                                           ndk_clang=opts.android_clang,
+                                           tune_trials=opts.tune_trials, adapters=c.adapters, progress=progress, log=log))
             artifacts += lowered.artifacts
             if lowered.section is not None:
                 sections[t.name] = lowered.section
@@ -215,6 +209,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         timings.setdefault("lower", time.perf_counter() - t0)
         if opts.budgeted:
             _check_budget(decisions, artifacts)
+        predicted = _prediction(opts, graph, profile, decisions, c.inputs, artifacts)
         tokenizer_file, tokenizer = write_tokenizer(graph, spec, tmp)
         if tokenizer_file is not None:
             artifacts.append(tokenizer_file)
@@ -223,20 +218,24 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
             graph=graph, plan=plan_, plans={t.name: decisions[t.name].plan for t in targets},
             versions={k: v for t in targets for k, v in t.runtime_versions().items()},
             source=source_record(graph, c.model_path, opts.model, plan_), target=profile.to_json(),
-            n_ctx=n_ctx(graph, profile, opts),
+            n_ctx=bundle_n_ctx(graph, profile, opts),
             kv_cache_dtype=(first.kv_cache_dtype(c.inputs[first.name].preset, profile, opts.kv_dtype)
                             if graph.kind == "decoder" else None),
             artifacts=[a.entry() for a in artifacts], tokenizer=tokenizer,
             calibration=(calibration_record(decisions[first.name].calibration, opts.calibration)
                          if graph.kind == "decoder" else None),
             sections=sections, passes=c.ctx.records,
-            reference=reference_record(graph, ref_images, images is not None)))
+            reference=(reference_record(graph, ref_images, images is not None) if opts.reference else None),
+            predicted=predicted))
         write_manifest(tmp, m)
 
         t0 = time.perf_counter()
         measurements: dict[str, Any] = {"host": {"machine": platform.machine(), "python": platform.python_version()}}
-        reference_and_check(graph, tmp, [t.name for t in targets], measurements, opts.check, cannot_run, spec,
-                            ref_images)
+        if opts.reference:
+            reference_and_check(graph, tmp, [t.name for t in targets], measurements, opts.check, cannot_run, spec,
+                                ref_images)
+        else:
+            measurements["reference_check"] = {"backend": first.name, "skipped": "no reference outputs were asked for"}
         timings["reference_and_check"] = time.perf_counter() - t0
         if opts.budgeted and opts.check and cannot_run is None:   # the plan's measured point beside the presets'
             t0 = time.perf_counter()
@@ -254,12 +253,30 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
     return {"out": str(opts.out), "manifest": m, "measurements": measurements}
 
 
+def _prediction(opts: ExportOptions, graph: Graph, profile: DeviceProfile, decisions: dict[str, Decision],
+                inputs: dict[str, DecideInputs], artifacts: list) -> dict[str, Any] | None:
+    """The manifest's `predicted`: what the latency profile predicts for the artifact of its backend."""
+    if opts.latency_profile is None:
+        return None
+    backend = latency_profile_backend(opts.latency_profile)
+    if backend not in decisions:
+        raise EdgeqError(opts.latency_profile, f"this latency profile is for {backend}; the bundle has "
+                                               f"{', '.join(decisions)}")
+    t = inputs[backend].target
+    return manifest_prediction(opts.latency_profile, graph, decisions[backend].plan, backend,
+                               bundle_n_ctx(graph, profile, opts),
+                               t.kv_cache_dtype(inputs[backend].preset, profile, opts.kv_dtype),
+                               sum(a.path.stat().st_size for a in artifacts if a.backend == backend),
+                               opts.prompt_tokens, opts.context_tokens)
+
+
 def _check_budget(decisions: dict[str, Decision], artifacts: list) -> None:
     """Each backend's model files (error-branch adapters and external data included; users' adapters kept apart
     are not the base's) within its plan's budget: the size models are exact, so a failure here is a bug,
     caught before the bundle is renamed into place."""
     for b, d in decisions.items():
-        written = sum(a.path.stat().st_size for a in artifacts if a.backend == b and a.role != "lora")
+        written = sum(a.path.stat().st_size for a in artifacts
+                      if a.backend == b and a.role in MODEL_ROLES)
         if d.plan.search and written > d.plan.search["budget_bytes"]:
             raise EdgeqError(None, f"{b} files are {written} bytes, over the budget of "
                                    f"{d.plan.search['budget_bytes']} bytes (predicted {d.plan.search['predicted_bytes']})")

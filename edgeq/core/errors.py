@@ -57,3 +57,14 @@ def required(d: dict, key: str, path, source: str = "config") -> Any:
     if key not in d:
         raise EdgeqError(path, f"the {source} lacks {key}")
     return d[key]
+
+
+class RequestError(EdgeqError, ValueError):
+    """A request to a loaded model that cannot be served as asked: a sampling value out of range, a prompt
+    longer than the context, a malformed message list. One line in the CLI; a 400 from the server, whose error
+    object names `param` and `code`. A ValueError too, for callers that catch those."""
+
+    def __init__(self, problem: str, param: str | None = None, code: str | None = None):
+        self.param = param
+        self.code = code
+        super().__init__(None, problem)

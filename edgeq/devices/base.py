@@ -25,7 +25,7 @@ from edgeq.core.errors import EdgeqError
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
 # the runner's own files: the runtime package and the few edgeq modules it imports
-RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py")
+RUNTIME_MODULES = ("__init__.py", "core/__init__.py", "core/errors.py", "core/fs.py", "core/cache.py")
 
 
 class DeviceError(EdgeqError):
@@ -94,6 +94,11 @@ class Device(ABC):
         """The device profile (`--target`) to export bundles for this device with."""
         return {"aarch64": "linux-arm64", "arm64": "linux-arm64"}.get(self.probe().get("machine"), "cpu")
 
+    def facts(self) -> dict[str, Any]:
+        """The device's CPU (model, flags), cores and runtime versions (runtime/latency.device_facts): what a
+        latency profile is valid for."""
+        raise DeviceError(None, f"{self.name} cannot report its CPU")
+
     def missing_backend_reason(self, backend: str) -> str | None:
         have = self.probe().get("backends", [])
         if backend not in have:
@@ -106,8 +111,10 @@ class Device(ABC):
 
     @abstractmethod
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
-        """Run one op of the runner on a pushed bundle and pull its results."""
+            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            pruning_rate: float | None = None) -> RunResult:
+        """Run one op of the runner on a pushed bundle and pull its results (`pruning_rate`: one the bundle
+        carries)."""
 
     def close(self) -> None:
         pass
@@ -142,6 +149,10 @@ PROBE = ("import json, platform, importlib.util as u; "
          f"mods = {json.dumps(BACKEND_MODULES)}; "
          "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
          "'backends': sorted(b for b, m in mods.items() if u.find_spec(m) is not None)}))")
+
+
+FACTS = ("import json; from edgeq.runtime import runtime_dists; from edgeq.runtime.latency import device_facts; "
+         "print(json.dumps(device_facts(runtime_dists())))")
 
 
 class ShellDevice(Device, ABC):
@@ -191,6 +202,18 @@ class ShellDevice(Device, ABC):
         except (IndexError, json.JSONDecodeError):
             raise DeviceError(None, f"{self.name}: its Python did not answer the probe ({res.stdout[:200]!r})") from None
 
+    def facts(self) -> dict[str, Any]:
+        code = self._runtime_code()
+        extra = self.device_env()
+        env = {**extra, "PYTHONPATH": ":".join(p for p in (code, extra.get("PYTHONPATH")) if p),
+               "PYTHONDONTWRITEBYTECODE": "1"}
+        res = self.exec([*self.python, "-c", FACTS], env=env, timeout=120)
+        try:
+            return json.loads(res.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            why = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+            raise DeviceError(None, f"{self.name} did not report its CPU: {why}") from None
+
     def _runtime_code(self) -> str:
         if self._code is None:
             local = stage_runtime(Path(tempfile.mkdtemp(dir=self._host_tmp)))
@@ -210,13 +233,14 @@ class ShellDevice(Device, ABC):
         return self._pushed[key]
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
+            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            pruning_rate: float | None = None) -> RunResult:
         code = self._runtime_code()
         job = uuid.uuid4().hex[:12]
         local = self._host_tmp / job
         (local / "req").mkdir(parents=True)
         req = {"bundle": device_bundle, "op": op, "args": args or {}, "backend": backend, "threads": threads,
-               "n_ctx": n_ctx}
+               "n_ctx": n_ctx, **({"pruning_rate": pruning_rate} if pruning_rate is not None else {})}
         (local / "req" / "request.json").write_text(json.dumps(req) + "\n", encoding="utf-8")
         work = f"{self.session_dir}/jobs/{job}"
         self.put(local / "req", work)

@@ -34,11 +34,14 @@ RUNTIME_OVERHEAD_BYTES = 512 << 20                # interpreter, numpy and the r
 
 
 def run_reference(device: Device, bundle: str | Path, backend: str | None = None, threads: int = 1,
-                  n_ctx: int | None = 256, decode_tokens: int = 8, timeout: float = 1800) -> RunResult:
-    """Push the bundle (once per content) and run its reference inputs there."""
+                  n_ctx: int | None = 256, decode_tokens: int = 8, timeout: float = 1800,
+                  pruning_rate: float | None = None) -> RunResult:
+    """Push the bundle (once per content) and run its reference inputs there; `pruning_rate`: at one of the rates a
+    bundle exported with --pruning-rates carries (its outputs then differ from the full model's reference outputs by
+    what the pruning costs: check latency and memory there, fidelity at rate 0)."""
     remote = device.push(Path(bundle))
     return device.run(remote, "reference", {"decode_tokens": decode_tokens}, backend=backend, threads=threads,
-                      n_ctx=n_ctx, timeout=timeout)
+                      n_ctx=n_ctx, timeout=timeout, pruning_rate=pruning_rate)
 
 
 def host_check(bundle: Path) -> dict[str, Any]:
@@ -129,6 +132,37 @@ def assert_latency(bundle: str | Path, result: RunResult, host_result: RunResult
         raise AssertionError("no latency to compare with: the bundle predicts none and no host run was given")
     assert got <= factor * ref, f"latency {got * 1e3:.2f} ms is over {factor} x the {what} {ref * 1e3:.2f} ms"
     return {"device_s": got, f"{what}_s": ref}
+
+
+def measure_prediction(device: Device, bundle: str | Path, backend: str | None = None, threads: int = 1,
+                       rounds: int = 3) -> dict[str, Any]:
+    """Time the bundle on the device the way its manifest's `predicted` was predicted (a prefill of its
+    prompt_tokens, decode steps at its context_tokens; edgeq/predictor), in `rounds` separate runs, and return
+    both with their ratios (measured / predicted). Raises AssertionError when the bundle predicts nothing."""
+    m = json.loads((Path(bundle) / "manifest.json").read_text(encoding="utf-8"))
+    pred = m.get("predicted") or {}
+    if pred.get("latency_ms_per_token") is None:
+        raise AssertionError(f"{bundle} has no prediction: export it with --latency-profile")
+    if int(pred.get("threads", threads)) != threads:
+        raise AssertionError(f"{bundle} was predicted for {pred.get('threads')} threads, not {threads}")
+    remote = device.push(Path(bundle))
+    n, c = int(pred["prompt_tokens"]), int(pred["context_tokens"])
+    # a profile timed in CPU time (one thread, `edgeq profile --clock cpu`) predicts CPU time
+    clock = "cpu_s" if (pred.get("latency_profile") or {}).get("clock") == "cpu" else "wall_s"
+    args = {"prefill": [n], "decode": [c], "steps": 8, "prefill_steps": 2, "warmup": 1}
+    dec, pre = [], []
+    for _ in range(rounds):
+        res = device.run(remote, "latency", args, backend=backend or pred.get("backend"), threads=threads,
+                         n_ctx=max(256, n, c + 16))
+        if not res.ok:
+            raise AssertionError(f"the device failed to time {bundle}: {res.error}")
+        dec.append(statistics.median(res.result["decode"][str(c)][clock]) * 1e3)
+        pre.append(statistics.median(res.result["prefill"][str(n)][clock]) * 1e3)
+    got = {"decode_ms_per_token": statistics.median(dec), "prefill_ms": statistics.median(pre)}
+    return {"measured": got, "predicted": {"decode_ms_per_token": pred["latency_ms_per_token"],
+                                           "prefill_ms": pred["prefill_ms"]},
+            "decode_ratio": got["decode_ms_per_token"] / pred["latency_ms_per_token"],
+            "prefill_ratio": got["prefill_ms"] / pred["prefill_ms"], "rounds": rounds, "clock": clock[:-2]}
 
 
 def assert_peak_memory(bundle: str | Path, result: RunResult, max_bytes: int | None = None) -> int:

@@ -28,15 +28,24 @@ def cmd_probe(a) -> int:
     return 0
 
 
-def add_device_parser(sub) -> None:
-    d = sub.add_parser("device", help="devices for hardware-in-the-loop tests")
-    dsub = d.add_subparsers(dest="device_cmd", required=True)
-    s = dsub.add_parser("setup", help="build the emulated arm64 device once into ~/.cache/edgeq/devices")
+def add_device_parser(sub, command) -> None:
+    """`command(name, help, *examples)` makes a subcommand parser the way the main CLI does (help and examples)."""
+    d = command("device", "devices for hardware-in-the-loop tests: set up the emulated one, probe any",
+                "edgeq device setup qemu-arm64",
+                'edgeq device probe "ssh://pi@raspberrypi.local"')
+    dsub = d.add_subparsers(dest="device_cmd", required=True, metavar="COMMAND")
+    s = dsub.add_parser("setup", help="build the emulated arm64 device once into ~/.cache/edgeq/devices",
+                        description="build the emulated arm64 device once into ~/.cache/edgeq/devices",
+                        formatter_class=d.formatter_class,
+                        epilog="examples:\n  edgeq device setup qemu-arm64\n  edgeq device setup qemu-arm64 --force")
     s.add_argument("device", help="qemu-arm64")
     s.add_argument("--force", action="store_true", help="rebuild from scratch")
     s.add_argument("--jobs", type=int, help="compile jobs for the llama.cpp cross-build (default: all cores)")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress messages")
     s.set_defaults(fn=cmd_setup)
-    p = dsub.add_parser("probe", help="reach a device; print its machine, Python and runtimes")
+    p = dsub.add_parser("probe", help="reach a device; print its machine, Python and runtimes",
+                        description="reach a device; print its machine, Python and runtimes",
+                        formatter_class=d.formatter_class,
+                        epilog="examples:\n  edgeq device probe local\n  edgeq device probe rpc://127.0.0.1:9090")
     p.add_argument("device", help="local, ssh://user@host[:port], adb:SERIAL, rpc://host:port, qemu-arm64")
     p.set_defaults(fn=cmd_probe)

@@ -60,7 +60,8 @@ class RpcDevice(Device):
         return str(Path(bundle).resolve())       # the TVM backend uploads what it needs when it loads
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800) -> RunResult:
+            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            pruning_rate: float | None = None) -> RunResult:
         import json
         import tempfile
         import time
@@ -69,7 +70,8 @@ class RpcDevice(Device):
 
         work = Path(tempfile.mkdtemp(prefix="edgeq-rpc-"))
         req = {"bundle": device_bundle, "op": op, "args": args or {}, "backend": backend or "tvm",
-               "threads": threads, "n_ctx": n_ctx, "device": f"rpc://{self.host}:{self.port}"}
+               "threads": threads, "n_ctx": n_ctx, "device": f"rpc://{self.host}:{self.port}",
+               **({"pruning_rate": pruning_rate} if pruning_rate is not None else {})}
         (work / "request.json").write_text(json.dumps(req) + "\n", encoding="utf-8")
         t0 = time.perf_counter()
         resp = remote.execute(work)

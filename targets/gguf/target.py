@@ -35,6 +35,7 @@ class GgufTarget(Target):
     runtime_dists = ("llama-cpp-python", "gguf")
     preset_reads_imatrix = True
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
+    prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config
@@ -55,6 +56,10 @@ class GgufTarget(Target):
                ndk_clang: str | None = None) -> FileLayout:
         return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
 
+    def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
+        # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name
+        return {alias: name for name, alias in graph_weights.items()}
+
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
 
@@ -68,6 +73,9 @@ class GgufTarget(Target):
             write_adapter(req.graph, req.branches, adapter)
             artifacts.append(Artifact("adapter", adapter, self.name, {"f16": 2 * len(req.branches)},
                                       {"applies_to": model_file.name, "kind": "lora (low-rank error compensation)"}))
+            req.log(f"note: {len(req.branches)} low-rank error branches are in {ADAPTER_FILE}; edgeq's runtime applies "
+                    f"them, stock llama.cpp needs them named: llama-cli -m {MODEL_FILE} --lora {ADAPTER_FILE} "
+                    "(llama-server likewise)")
         return Lowered(artifacts)
 
     def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:

@@ -77,16 +77,23 @@ def _declare(graph: Graph, plan: Plan, path: Path, tokenizer: dict[str, Any]):
     if graph.arch != "llama":
         raise EdgeqError(None, f"the GGUF target lowers llama-family decoders, not {graph.arch}")
     cfg: llama.LlamaConfig = graph.config
-    w = GGUFWriter(path, arch="llama")
+    widths = llama.mlp_widths(graph)
+    # llama.cpp's `llama` architecture builds every layer with one FFN width; `deci` (its Llama with per-layer widths)
+    # computes the same graph with each layer's own (runtime/gguf_slice.py says more)
+    arch = "llama" if len(set(widths)) == 1 else "deci"
+    w = GGUFWriter(path, arch=arch)
     w.add_string("general.type", "model")
     w.add_string("general.name", str(graph.metadata.get("name") or "model"))
     if graph.metadata.get("license"):
         w.add_string("general.license", str(graph.metadata["license"]))
-    for key, value in llama.gguf_hparams(cfg).items():
+    for key, value in llama.gguf_hparams(cfg, widths).items():
+        key = arch + key[len("llama"):]
         if isinstance(value, str):
             w.add_string(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)
+        elif isinstance(value, list):
+            w.add_array(key, value)
         else:
             w.add_uint32(key, int(value))
     w.add_uint32("general.file_type", file_type(plan, graph))

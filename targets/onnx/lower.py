@@ -54,3 +54,33 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inline_limit: in
     onnx.save_model(model, str(path))
     onnx.checker.check_model(str(path))
     return [path, path.parent / data]
+
+
+MULTIPLYING_OPS = frozenset({"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "FusedMatMul"})
+PASS_THROUGH_OPS = frozenset({"Cast", "Identity", "DequantizeLinear", "Transpose", "Reshape"})
+
+
+def kernel_nodes(path: str | os.PathLike, weights: set[str]) -> dict[str, str]:
+    """{node name: canonical weight} for every node that multiplies activations with a weight, the weight read
+    directly or through casts, dequantizations and reshapes (f16 weights are cast once at load). onnxruntime's
+    profiler names the nodes it times this way; a tied head shares the token table's initializers."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name for i in model.graph.initializer}
+
+    def source(value: str, depth: int = 0) -> str | None:
+        if value in inits:
+            return value if value in weights else None
+        node = producer.get(value)
+        if node is None or depth > 4 or node.op_type not in PASS_THROUGH_OPS:
+            return None
+        return source(node.input[0], depth + 1)
+
+    out = {}
+    for node in model.graph.node:
+        if node.op_type in MULTIPLYING_OPS:
+            for value in node.input[:2]:
+                w = source(value)
+                if w is not None:
+                    out[node.name] = w
+    return out

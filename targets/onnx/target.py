@@ -11,6 +11,7 @@ choosing a target (the CLI, a GGUF export) does not pay for it.
 from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.bundle.tokenizer import write_hf_tokenizer
 from edgeq.core.adapter import UserAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
@@ -18,6 +19,7 @@ from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.onnx.genai import write_genai_config
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
 MODEL_FILE = "model.onnx"
@@ -29,6 +31,7 @@ class OnnxTarget(Target):
     kinds = frozenset({"decoder", "encoder", "cnn"})
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("onnxruntime", "onnx")
+    prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
@@ -45,6 +48,11 @@ class OnnxTarget(Target):
 
             activation_params(graph, plan)      # a plan naming an activation the model lacks fails here
 
+    def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
+        from edgeq.targets.onnx.lower import kernel_nodes
+
+        return kernel_nodes(bundle / MODEL_FILE, set(graph_weights))
+
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
 
@@ -53,11 +61,30 @@ class OnnxTarget(Target):
                    **({"branches": req.branches} if req.branches else {}),
                    **({"lora_slots": slots} if slots else {})}
         model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
+        section = None
+        if req.plan.pruning:
+            from edgeq.targets.onnx.pruning import pruning_recipe
+
+            section = {"pruning": pruning_recipe(req.graph, req.plan, model)}
         files = save_model(model, req.folder / MODEL_FILE)
         del model
-        return Lowered([Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
-                        Artifact("model_data", f, self.name) for f in files],
-                       {"lora_slots": slots} if slots else None)
+        if section is not None and len(files) > 1:
+            raise EdgeqError(None, "--pruning-rates on ONNX needs the weights inside model.onnx (under 2 GB)")
+        artifacts = [Artifact("model", f, self.name, req.plan.format_counts()) if f.name == MODEL_FILE else
+                     Artifact("model_data", f, self.name) for f in files]
+        if req.graph.kind == "decoder":       # the files ORT GenAI and Hugging Face tooling open the bundle with
+            n_ctx = req.n_ctx or req.graph.config.context_length
+            hf_files = write_hf_tokenizer(req.spec, req.folder, n_ctx)
+            if hf_files:
+                artifacts += [Artifact("tokenizer", f, self.name) for f in hf_files]
+                artifacts.append(Artifact("config", write_genai_config(req.graph, req.spec, req.folder, MODEL_FILE,
+                                                                       n_ctx), self.name))
+            else:
+                req.log("note: no tokenizer.json or genai_config.json for a SentencePiece vocabulary yet: edgeq's "
+                        "runtime runs this ONNX bundle, onnxruntime-genai cannot open it as it is")
+        if slots:
+            section = {**(section or {}), "lora_slots": slots}
+        return Lowered(artifacts, section)
 
     def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
         """The adapter in onnxruntime's adapter format, its tensors named for the graph's LoRA inputs."""

@@ -16,12 +16,16 @@ executor does (linear and llama3 scaling, GGUF's frequency factors), stored as a
 parameter: the TVM result follows the reference's rounding, not a re-derivation.
 
 Structured widths (FFN width, head counts) are read from the weight shapes in one
-place (`Widths`), so a later pruning issue can turn them into symbolic variables.
+place (`Widths`). With a pruning table (`--pruning-rates`) each layer's MLP width is a
+symbolic variable (`ffn_units_i` panels of 64 channels) in both functions, so one
+library runs the model at every rate; the runtime slices the stored MLP arrays to a
+rate's widths at load (`pruning_recipe` says which arrays, along which axis).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from tvm import relax, te
@@ -31,7 +35,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-from edgeq.models import names
+from edgeq.models import llama, names
 from edgeq.models.llama import LlamaConfig
 from edgeq.targets.tvm.ops import (
     Params,
@@ -41,6 +45,7 @@ from edgeq.targets.tvm.ops import (
     emit_lora_slot,
     int4_value,
     stored,
+    stored_channel_axis,
     sym,
     weight_arrays,
 )
@@ -66,6 +71,24 @@ class Widths:
         return cls(heads=graph.weights[p + "self_attn.q_proj.weight"].shape[0] // cfg.head_dim,
                    kv_heads=graph.weights[p + "self_attn.k_proj.weight"].shape[0] // cfg.head_dim,
                    head_dim=cfg.head_dim, ffn=graph.weights[p + "mlp.gate_proj.weight"].shape[0])
+
+
+def pruning_recipe(graph: Graph, params: dict[str, np.ndarray]) -> list[list[dict]]:
+    """Per layer, the stored arrays that hold the MLP's channels: name, axis, elements per channel (a fraction)."""
+    out = []
+    for i in range(graph.config.n_layers):
+        items = []
+        for name, axis in zip(llama.mlp_weights(i), (0, 0, 1)):
+            full = graph.weights[name].shape[axis]
+            for suffix in ("", ".scale"):
+                if name + suffix not in params:
+                    continue
+                a = params[name + suffix]
+                ax = stored_channel_axis(a, axis)
+                per = Fraction(int(a.shape[ax]), full)
+                items.append({"param": name + suffix, "axis": ax, "per_channel": [per.numerator, per.denominator]})
+        out.append(items)
+    return out
 
 
 def rope_tables(graph: Graph, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,8 +147,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
     for entry in ENTRIES:
         p = params_type()
         seq = sym("seq") if entry == "prefill" else 1
+        units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
-                  progress if entry == "prefill" else None, frozenset(lora_slots))
+                  progress if entry == "prefill" else None, units, frozenset(lora_slots))
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -134,7 +158,10 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
 
 def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
-              entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, lora_slots: frozenset = frozenset()) -> None:
+              entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None,
+              lora_slots: frozenset = frozenset()) -> None:
+    """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths.
+    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot)."""
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -162,11 +189,11 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 pre = f"model.layers.{i}."
                 w = Widths.of(graph, i)
 
-                def lin(x, name, hint, bias=False):
+                def lin(x, name, hint, bias=False, channels=None):
                     b = W(pre + name + ".bias") if bias else None
                     wn = pre + name + ".weight"
                     y = emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn),
-                                    branch=branches.get(wn))
+                                    branch=branches.get(wn), channels=channels)
                     return emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint) if wn in lora_slots else y
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
@@ -180,9 +207,11 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 att = _attention(bb, q, k_all, v_all, w, seq)
                 h1 = bb.emit(R.add(h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
-                g = lin(xm, "mlp.gate_proj", "gate")
-                u = lin(xm, "mlp.up_proj", "up")
-                h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down")))
+                rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
+                g = lin(xm, "mlp.gate_proj", "gate", channels=rows)
+                u = lin(xm, "mlp.up_proj", "up", channels=rows)
+                h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down",
+                                          channels=cols)))
             hn = _rms_norm(bb, params, h, names.FINAL_NORM, W, cfg.rms_eps)
             if cfg.tied_embeddings:
                 logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")

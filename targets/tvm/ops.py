@@ -11,7 +11,6 @@ reduction over the input axis), f16 weights widened to f32 in the loop.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +22,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
 from edgeq.core.formats.int8 import int8_quantize_rows
 from edgeq.core.plan import TensorPlan
+from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
 LINEAR_PREFIX = "edgeq_linear_"     # the schedule pass finds the linear kernels by this name
@@ -38,11 +38,12 @@ class Params:
     def var(self, name: str) -> relax.Var:
         return self.vars[list(self.arrays).index(name)]
 
-    def add(self, name: str, arr: np.ndarray) -> relax.Var:
+    def add(self, name: str, arr: np.ndarray, shape: tuple | None = None) -> relax.Var:
+        """`shape`: the parameter's shape when it is not the stored array's (symbolic widths: MLP pruning)."""
         if name in self.arrays:
             raise ValueError(f"duplicate TVM parameter {name}")
         arr = np.ascontiguousarray(arr)
-        v = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
+        v = relax.Var(name, relax.TensorType(arr.shape if shape is None else shape, str(arr.dtype)))
         self.vars.append(v)
         self.arrays[name] = self.keep(arr)
         return v
@@ -82,12 +83,6 @@ class SizingParams(Params):
         return ArraySpec(arr.dtype, tuple(int(d) for d in arr.shape))
 
 
-PANEL = 64      # outputs per stored weight panel (one 64-byte cache line per input row for the 8-bit formats)
-
-
-def panel_width(n_out: int) -> int:
-    """Outputs per panel: 64, or the largest power of two dividing a width that 64 does not."""
-    return math.gcd(n_out, PANEL)
 
 
 def panels(a: np.ndarray) -> np.ndarray:
@@ -265,12 +260,37 @@ def emit_lora_slot(bb: relax.BlockBuilder, params: Params, x: relax.Expr, y: rel
 
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,
                 bias: np.ndarray | None, d: TensorPlan, hint: str = "linear",
-                imatrix: np.ndarray | None = None, branch: tuple[np.ndarray, np.ndarray] | None = None) -> relax.Expr:
-    """`branch`: (A, B) of a low-rank error branch on this weight, or None."""
-    ws = [params.add(n, a) for n, a in weight_arrays(name, w, d, imatrix)]
+                imatrix: np.ndarray | None = None, branch: tuple[np.ndarray, np.ndarray] | None = None,
+                channels: tuple[int, tir.PrimExpr] | None = None) -> relax.Expr:
+    """`branch`: (A, B) of a low-rank error branch on this weight, or None. `channels`: (axis, units) when the
+    weight's size along `axis` of (out, in) is symbolic (an MLP's channels under pruning): `units` counts PANEL
+    channels, and each stored array's matching dimension becomes `units` times its extent per PANEL channels."""
+    ws = []
+    for n, a in weight_arrays(name, w, d, imatrix):
+        shape = None
+        if channels is not None:
+            axis = stored_channel_axis(a, channels[0])
+            full_units, rest = divmod(w.shape[channels[0]], PANEL)
+            per, bad = divmod(a.shape[axis], full_units) if not rest else (0, 1)
+            if bad or rest:
+                raise EdgeqError(None, f"{name}: {w.shape[channels[0]]} channels are not whole panels of {PANEL} in "
+                                       f"its stored array {n} {a.shape}")
+            shape = tuple(channels[1] * per if i == axis else s for i, s in enumerate(a.shape))
+        ws.append(params.add(n, a, shape))
     b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
     y = emit_linear_vars(bb, x, d.format, ws, b, hint)
     return y if branch is None else emit_branch(bb, params, x, y, name, branch, hint)
+
+
+def stored_channel_axis(stored: np.ndarray, channel_axis: int) -> int:
+    """The axis of a stored array (weight_arrays) that runs along a (out, in) weight's `channel_axis`: outputs are
+    the panels (axis 0) or a 1-D scale's entries; inputs are the panels' rows (axis 1: one per input, half a byte
+    row per input for int4, one scale row per 32 inputs)."""
+    if stored.ndim == 1:
+        if channel_axis != 0:
+            raise EdgeqError(None, "a per-output scale does not run along the inputs")
+        return 0
+    return 0 if channel_axis == 0 else 1
 
 
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,

@@ -21,17 +21,23 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, panel_width
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX
+from edgeq.targets.tvm.panel import PANEL, panel_width
 
 ROWS = 4
 OPAQUE = 8      # relax OpPatternKind.kOpaque
 
 
-def _vec(n: int) -> int:
-    for v in (16, 8, 4):
-        if n % v == 0:
-            return v
-    return 1
+def _vec(n) -> int:
+    """Vector lanes for an output extent: the widest of 16, 8, 4 that divides it (provably, when it is symbolic:
+    a pruned MLP's gate and up have whole 64-output panels)."""
+    if isinstance(n, int) or isinstance(n, tvm.tirx.IntImm):
+        n = int(n)
+        return next((v for v in (16, 8, 4) if n % v == 0), 1)
+    from tvm.sym.analyzer import Analyzer
+
+    ana = Analyzer()
+    return next((v for v in (16, 8, 4) if ana.can_prove(tvm.tirx.floormod(n, v) == 0)), 1)
 
 
 def _static_rows(func: tirx.PrimFunc) -> int | None:
@@ -62,7 +68,7 @@ def linear_schedule(func: tirx.PrimFunc, packed_pairs: bool = False) -> s_tir.Sc
     i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
     io, ii = sch.split(i, [None, ROWS])
     n_extent = sch.get(n).extent
-    vec = _vec(int(n_extent)) if isinstance(n_extent, tvm.tirx.IntImm) else 1
+    vec = _vec(n_extent)
     no, ni = sch.split(n, [None, vec])
     if packed_pairs:
         k, ki = sch.split(k, [None, 2])
@@ -121,7 +127,8 @@ def _schedule_gemv(func: tirx.PrimFunc, packed_pairs: bool) -> s_tir.Schedule:
     blk = sch.get_sblock("matmul")
     *lead, n, k = sch.get_loops(blk)
     i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    width = panel_width(int(sch.get(n).extent))
+    n_extent = sch.get(n).extent         # symbolic for a pruned MLP's gate and up: whole panels all the same
+    width = panel_width(int(n_extent)) if isinstance(n_extent, tvm.tirx.IntImm) else PANEL
     vec = _vec(width)
     no, nj, ni = sch.split(n, [None, width // vec, vec])
     try:

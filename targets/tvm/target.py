@@ -25,6 +25,7 @@ from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.tvm.panel import PANEL
 from edgeq.targets.tvm.presets import TVM_PRESETS, preset_formats
 
 LIBRARY_STEM = "model"
@@ -54,6 +55,9 @@ class TvmTarget(Target):
     runtime_dists = ("apache-tvm", "apache-tvm-ffi")
     joins_bundles = False         # its runtime selection beside other artifacts is not built yet
     sparse_adapters = True        # SHiRA entries added in place to f32/f16 parameters (runtime/tvm_decoder.py)
+    prunes_mlp = True             # MLP widths symbolic in the library; the runtime slices the weights at load
+    mlp_channel_multiple = PANEL  # a pruned gate or up keeps whole weight panels
+    prunes_budgeted = False       # the size model builds static-width libraries, a pruning bundle's is symbolic
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
@@ -155,6 +159,10 @@ class TvmTarget(Target):
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
                    "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {})}
+        if graph.kind == "decoder" and plan.pruning:
+            from edgeq.targets.tvm.decoder import pruning_recipe
+
+            section["pruning"] = pruning_recipe(graph, lowered.params)
         return Lowered([Artifact("model", lib, self.name, plan.format_counts()),
                         Artifact("params", req.folder / PARAMS_FILE, self.name,
                                  {"f16": 2 * len(req.branches)} if req.branches else {})], section, timings)

@@ -41,4 +41,5 @@ for _bits, _block, _asym in ((4, 32, False), (4, 64, False), (4, 128, False), (4
         row_bytes_fn=functools.partial(lambda cols, b, k, a: blockq.nbytes(1, cols, b, k, a), b=_bits, k=_block,
                                        a=_asym),
         grid=(_bits, _block, _asym),
+        slice_cols=_block * 8 // _bits if _asym and _bits < 8 else None,
     ))

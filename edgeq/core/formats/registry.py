@@ -45,6 +45,13 @@ class Format:
     # The quantization grid: (bits per code, weights per scale (0: one scale per output row), whether codes have
     # an offset). What a differentiable stand-in of the quantizer needs (DynaQuant); None for plain floats.
     grid: tuple[int, int, bool] | None = None
+    # Columns of the shortest row prefix that every array the format stores keeps in whole bytes (what a runtime can
+    # slice without requantizing: MLP pruning); None: one block. Packed 4-bit zero points need two blocks.
+    slice_cols: int | None = None
+
+    @property
+    def slice_step(self) -> int:
+        return self.slice_cols or self.block[1]
 
     def _rows(self, shape: tuple[int, ...]) -> int:
         if len(shape) < 2:

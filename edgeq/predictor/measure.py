@@ -1,0 +1,245 @@
+"""Measuring a latency profile: export the micro-models, run them on the device, interleaved, and judge noise.
+
+Each micro-model is exported through the one compile pipeline (a plan file naming every weight's format),
+pushed to the device through the HIL `Device` interface and timed there by the on-device runner (op
+`latency`, runtime/latency.py). Rounds are interleaved (round r runs every model before round r+1 runs any),
+so a burst of load on a shared machine spreads over all models instead of skewing one. Every figure is a
+median: of the timed calls in a round, then over rounds. The same measurement's spread over rounds is the
+device's noise; above NOISE_LIMIT the device is too noisy to profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq import __version__
+from edgeq.compile import pipeline
+from edgeq.compile.options import ExportOptions
+from edgeq.core.cache import cache_dir
+from edgeq.core.errors import EdgeqError
+from edgeq.devices import Device, open_device
+from edgeq.predictor.design import MicroModel
+from edgeq.predictor.profile import NOISE_LIMIT, LatencyProfile, ModelRun
+from edgeq.models import llama
+from edgeq.predictor.workload import bundle_workload
+from edgeq.targets.registry import get_target
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is timed per micro-model and how often."""
+
+    prefill: tuple[int, ...] = (8, 32, 128, 512)      # prompt lengths
+    decode: tuple[int, ...] = (0, 64, 256, 1000)      # tokens already in the cache at a decode step
+    steps: int = 6                                    # timed decode steps per context (the median is kept)
+    prefill_steps: int = 2                            # timed prefills per length
+    warmup: int = 1
+    rounds: int = 3                                   # interleaved rounds of whole-model timings
+    op_rounds: int = 2                                # interleaved rounds of node-by-node timings
+    # `wall`: the wall clock (what a user waits); `cpu`: the process's CPU time, one thread only: on a shared
+    # machine it leaves out the time the runtime waited for a core, i.e. it is what an idle device's wall clock
+    # would show
+    clock: str = "wall"
+
+    def runner_args(self) -> dict[str, Any]:
+        return {"prefill": list(self.prefill), "decode": list(self.decode), "steps": self.steps,
+                "prefill_steps": self.prefill_steps, "warmup": self.warmup, "clock": self.clock}
+
+
+def device_for(spec: str) -> Device:
+    """The HIL device a spec names; `cpu` is an alias of `local`."""
+    return open_device("local" if spec.strip() == "cpu" else spec)
+
+
+def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress=None) -> Path:
+    """The micro-model's bundle, exported once per content (cached beside the profiles)."""
+    key = hashlib.sha256(json.dumps([__version__, backend, target, mm.name, mm.seed, mm.n_ctx, mm.formats,
+                                     mm.config.to_json()], sort_keys=True).encode()).hexdigest()[:16]
+    root = cache_dir()
+    folder = (root / "profiles" / "micro" if root is not None else work) / f"{backend}-{mm.name}-{key}"
+    if (folder / "manifest.json").is_file():
+        return folder
+    plan_file = work / f"{mm.name}.plan.json"
+    mm.plan().save(plan_file)
+    opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
+                         check=False, reference=False, calibration=False, n_ctx=mm.n_ctx)
+    pipeline.export(opts, graph=mm.graph(), progress=None)
+    return folder
+
+
+def median_ms(times: dict[str, list[float]], clock: str = "wall") -> float:
+    """The median of a runner's timed calls (runtime/latency.py) in ms, by the wall clock or CPU time."""
+    return float(np.median(times["cpu_s" if clock == "cpu" else "wall_s"]) * 1e3)
+
+
+def check_clock(clock: str, threads: int) -> None:
+    if clock not in ("wall", "cpu"):
+        raise EdgeqError(None, f"unknown --clock {clock!r} (wall, cpu)")
+    if clock == "cpu" and threads != 1:
+        raise EdgeqError(None, "--clock cpu times one thread (the CPU time of several threads is not a latency)")
+
+
+def _merge_ops(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Node-by-node summaries of the same call from several rounds: medians, weight by weight."""
+    weights = sorted({w for s in summaries for w in s["weights_us"]})
+    ops = sorted({o for s in summaries for o in s["ops_us"]})
+    return {
+        "weights_us": {w: round(float(np.median([s["weights_us"][w] for s in summaries if w in s["weights_us"]])), 2)
+                       for w in weights},
+        "ops_us": {o: [int(np.median([s["ops_us"][o][0] for s in summaries if o in s["ops_us"]])),
+                       round(float(np.median([s["ops_us"][o][1] for s in summaries if o in s["ops_us"]])), 2)]
+                   for o in ops},
+        "handover_us": round(float(np.median([s["handover_us"] for s in summaries])), 3),
+        "kv_len": int(max(s.get("kv_len", 0) for s in summaries)),
+        "total_us": round(float(np.median([s["total_us"] for s in summaries])), 1),
+        "nodes": int(max(s.get("nodes", 0) for s in summaries)),
+        **({"call_us": round(float(np.median([s["call_us"] for s in summaries])), 1)}
+           if all("call_us" in s for s in summaries) else {}),
+    }
+
+
+def spread(values: list[float]) -> float:
+    """Run-to-run spread of one measurement: relative standard deviation over its rounds."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2 or v.mean() <= 0:
+        return 0.0
+    return float(v.std(ddof=1) / v.mean())
+
+
+def noise_verdict(runs: list[ModelRun]) -> dict[str, Any]:
+    """The device's spread: the median over every measurement of its spread over rounds."""
+    per = [(m.name, kind, k, spread(v)) for m in runs for kind, d in (("prefill", m.prefill_ms), ("decode", m.decode_ms))
+           for k, v in d.items()]
+    if not per:
+        return {"spread": 0.0, "limit": NOISE_LIMIT, "noisy": False, "measurements": 0}
+    s = float(np.median([p[3] for p in per]))
+    worst = sorted(per, key=lambda p: -p[3])[:3]
+    return {"spread": round(s, 4), "limit": NOISE_LIMIT, "noisy": s > NOISE_LIMIT, "measurements": len(per),
+            "p90_spread": round(float(np.percentile([p[3] for p in per], 90)), 4),
+            "worst": [{"model": n, kind: int(k), "spread": round(x, 4)} for n, kind, k, x in worst]}
+
+
+def run_checked(device: Device, remote: str, args: dict[str, Any], backend: str, threads: int, n_ctx: int,
+                what: str) -> dict[str, Any]:
+    res = device.run(remote, "latency", args, backend=backend, threads=threads, n_ctx=n_ctx, timeout=3600)
+    if not res.ok:
+        raise EdgeqError(None, f"{device.name}: timing {what} failed: {res.error}")
+    return {**res.result, "peak_rss_bytes": res.peak_rss_bytes}
+
+
+def measure(models: list[MicroModel], device_spec: str, backend: str, threads: int, settings: Settings,
+            progress: Callable | None = None, log: Callable[[str], None] = lambda s: None) -> LatencyProfile:
+    """Export, push and time every micro-model on the device; the raw profile (not yet judged for noise)."""
+    device = device_for(device_spec)
+    try:
+        why = device.unreachable_reason() or device.missing_backend_reason(backend)
+        if why:
+            raise EdgeqError(None, why)
+        target = device.profile()
+        work = Path(tempfile.mkdtemp(prefix="edgeq-profile-"))
+        try:
+            bundles = {}
+            it = models if progress is None else progress(models, desc="export micro-models", unit="model")
+            for mm in it:
+                bundles[mm.name] = micro_bundle(mm, backend, target, work)
+            remote = {mm.name: device.push(bundles[mm.name]) for mm in models}
+            args = settings.runner_args()
+            target_impl = get_target(backend)
+            workloads, kernels = {}, {}
+            for mm in models:
+                w, _, _ = bundle_workload(bundles[mm.name], backend)
+                w.aliases = target_impl.kernel_names(bundles[mm.name], {m.weight: llama.gguf_name(m.weight)
+                                                                        for m in w.matmuls})
+                workloads[mm.name], kernels[mm.name] = w, sorted(w.aliases)
+            wall: dict[str, list[dict]] = {mm.name: [] for mm in models}
+            ops: dict[str, list[dict]] = {mm.name: [] for mm in models}
+            # each model's whole-call and node-by-node runs back to back, so that the correction learned between
+            # them sees the same load; rounds rotate the order of the models
+            jobs = [(r, mm, node_by_node) for r in range(max(settings.rounds, settings.op_rounds))
+                    for mm in models[r % len(models):] + models[:r % len(models)]
+                    for node_by_node in (False, True)
+                    if (settings.op_rounds if node_by_node else settings.rounds) > r]
+            bar = None if progress is None else progress(range(len(jobs)), desc="time micro-models", unit="run")
+            ticks = iter(bar) if bar is not None else None
+            facts, loads = None, []
+            for r, mm, node_by_node in jobs:
+                extra = {"ops": True, "kernels": kernels[mm.name]} if node_by_node else {}
+                res = run_checked(device, remote[mm.name], {**args, **extra}, backend, threads, mm.n_ctx, mm.name)
+                facts = facts or res["device"]
+                loads += [res.get("load_average_before"), res.get("load_average_after")]
+                (ops if node_by_node else wall)[mm.name].append(res)
+                if ticks is not None:
+                    next(ticks, None)
+            if bar is not None and hasattr(bar, "close"):
+                bar.close()
+            runs = []
+            for mm in models:
+                w = workloads[mm.name]
+                rounds = wall[mm.name]
+                op_runs = ops[mm.name]
+                runs.append(ModelRun(
+                    name=mm.name, workload=w,
+                    prefill_ms={str(n): [round(median_ms(x["prefill"][str(n)], settings.clock), 4) for x in rounds]
+                                for n in settings.prefill},
+                    decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), 4) for x in rounds]
+                               for c in settings.decode},
+                    peak_rss_bytes=[int(x["peak_rss_bytes"] or 0) for x in rounds],
+                    max_tokens=max(max(settings.prefill), max(settings.decode) + settings.warmup + settings.steps),
+                    ops={"prefill": {str(n): _merge_ops([x["ops"]["prefill"][str(n)] for x in op_runs])
+                                     for n in settings.prefill} if op_runs else {},
+                         "decode": {str(c): _merge_ops([x["ops"]["decode"][str(c)] for x in op_runs])
+                                    for c in settings.decode} if op_runs else {}}))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        good = [x for x in loads if x]
+        return LatencyProfile(
+            backend=backend, threads=threads, device={"spec": device.name, **(facts or {})},
+            settings=asdict(settings), noise=noise_verdict(runs),
+            load_average={"first": good[0] if good else None, "last": good[-1] if good else None,
+                          "max_1min": max((x[0] for x in good), default=None)},
+            models=runs, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeq_version=__version__)
+    finally:
+        device.close()
+
+
+def profile_device(device_spec: str, backend: str, threads: int, quick: bool = False, allow_noisy: bool = False,
+                   clock: str = "wall", settings: Settings | None = None, progress: Callable | None = None,
+                   log: Callable[[str], None] = lambda s: None) -> LatencyProfile:
+    """`edgeq profile`: measure the micro-models on the device, fit them once (so a profile that cannot be fitted
+    is never written), and judge the noise: a device whose same measurement varies by more than NOISE_LIMIT from
+    run to run is refused unless `allow_noisy`."""
+    from edgeq.predictor.design import QUICK_SHAPES, decoder_micro_models
+    from edgeq.predictor.model import Predictor
+
+    target = get_target(backend)
+    if "decoder" not in target.kinds:
+        raise EdgeqError(None, f"latency profiles cover decoder backends for now; {backend} carries "
+                               f"{', '.join(sorted(target.kinds))}")
+    if threads < 1:
+        raise EdgeqError(None, "--threads must be at least 1")
+    check_clock(clock, threads)
+    settings = settings or (Settings(rounds=2, op_rounds=1, clock=clock) if quick else Settings(clock=clock))
+    models = decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick)
+    log(f"profiling {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): {len(models)} micro-models"
+        f"{' (quick: ' + str(len(QUICK_SHAPES)) + ' shapes)' if quick else ''}, {settings.rounds} rounds + "
+        f"{settings.op_rounds} node-by-node")
+    prof = measure(models, device_spec, backend, threads, settings, progress, log)
+    Predictor(prof)
+    n = prof.noise
+    if n["noisy"]:
+        msg = (f"{device_spec} is too noisy to profile: the same measurement varies by {n['spread']:.1%} from run "
+               f"to run (median over {n['measurements']}; limit {n['limit']:.0%}; load average "
+               f"{prof.load_average.get('max_1min')})")
+        if not allow_noisy:
+            raise EdgeqError(None, msg + ": profile again when the device is idle, or pass --allow-noisy to keep it")
+        log(f"warning: {msg}; kept (--allow-noisy)")
+    return prof

@@ -1,0 +1,388 @@
+"""The latency and memory model fitted on a latency profile.
+
+A prediction has three layers, each fitted on the profile's micro-models (profile.py):
+
+1. **Kernels** (`KernelTable`): the time of the matrix product that reads each weight, by format, shape
+   (rows x cols) and tokens n. A (format, shape, n) the profile timed is looked up (the median of every such
+   kernel it timed); any other shape comes from a per-(format, n) fit over the timed shapes,
+   t = a + b·rows·cols + c·rows + d·cols (non-negative least squares: per-call cost, streaming the weights,
+   per-row dot products, converting the input), and any other n is interpolated linearly between the timed
+   token counts. Node-by-node timing costs a hand-over per node (measured on nodes that compute nothing);
+   it is taken off each kernel.
+2. **Everything else in the graph** (`OtherOps`): norms, RoPE, attention over the KV cache, softmax, SwiGLU,
+   adds, the cache writes, per call; per op kind a non-negative linear model over what such ops cost in
+   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is
+   the cache length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
+3. **The whole call** (`Correction`): the runtime's time for the call against (1) + (2), learned over the
+   micro-models' real (not node-by-node) calls: a non-negative linear model (scikit-learn's LinearRegression,
+   relative errors) of the call's time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
+   and the KV cache handed between calls, plus, where leave-one-model-out
+   validation shows it helps, gradient-boosted trees (scikit-learn) on its remaining relative error from the
+   workload's shape. The linear part keeps the prediction linear in each weight's kernel, which is what the
+   ILP's latency row needs.
+
+Peak memory (`MemoryModel`) is a non-negative linear model of the runner's peak resident memory on the files
+it maps, the KV cache it allocates and the logits it keeps per token.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeq.core.errors import EdgeqError
+from edgeq.predictor.profile import LatencyProfile
+from edgeq.predictor.workload import Workload
+
+KV_PADDINGS = (1, 32, 64, 128, 256, 512)
+MIN_KERNEL_US = 0.2
+
+
+@dataclass
+class Prediction:
+    """What a plan costs on the profiled device."""
+
+    backend: str
+    threads: int
+    prompt_tokens: int
+    context_tokens: int
+    prefill_ms: float
+    decode_ms_per_token: float
+    peak_memory_bytes: int
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decode_ms_per_token": round(self.decode_ms_per_token, 4), "prefill_ms": round(self.prefill_ms, 3),
+                "prompt_tokens": self.prompt_tokens, "context_tokens": self.context_tokens,
+                "peak_memory_bytes": int(self.peak_memory_bytes), "backend": self.backend, "threads": self.threads,
+                **self.parts}
+
+
+def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
+    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]); `relative`: minimise
+    relative errors (each row weighted by 1/y), so that small kernels weigh as much as large ones."""
+    from scipy.optimize import nnls
+
+    scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
+    a = np.hstack([x / scale, np.ones((len(x), 1))])
+    b = y
+    if relative:
+        wgt = 1.0 / np.maximum(np.abs(y), 1e-9)
+        a, b = a * wgt[:, None], y * wgt
+    coef, _ = nnls(a, b)
+    return coef[:-1] / scale, float(coef[-1])
+
+
+# --- 1. kernels -----------------------------------------------------------------------------------------------
+
+class KernelTable:
+    """Time (µs) of the matrix product with one weight, by (format, rows, cols, tokens)."""
+
+    def __init__(self, samples: dict[tuple[str, int], list[tuple[int, int, float]]]):
+        self.lookup: dict[tuple[str, int, int, int], float] = {}
+        self.fits: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+        self.tokens: dict[str, list[int]] = defaultdict(list)
+        for (fmt, n), rows in samples.items():
+            by_shape: dict[tuple[int, int], list[float]] = defaultdict(list)
+            for r, c, us in rows:
+                by_shape[(r, c)].append(us)
+            for (r, c), v in by_shape.items():
+                self.lookup[(fmt, n, r, c)] = float(np.median(v))
+            shapes = sorted(by_shape)
+            x = np.array([[r * c, r, c] for r, c in shapes], dtype=np.float64)
+            y = np.array([self.lookup[(fmt, n, r, c)] for r, c in shapes])
+            self.fits[(fmt, n)] = _positive_fit(x, y, relative=True)
+            self.tokens[fmt].append(n)
+        for fmt in self.tokens:
+            self.tokens[fmt].sort()
+
+    @property
+    def formats(self) -> list[str]:
+        return sorted(self.tokens)
+
+    def _at(self, fmt: str, n: int, rows: int, cols: int) -> float:
+        hit = self.lookup.get((fmt, n, rows, cols))
+        if hit is not None:
+            return hit
+        coef, icpt = self.fits[(fmt, n)]
+        return float(icpt + coef @ np.array([rows * cols, rows, cols], dtype=np.float64))
+
+    def cost_us(self, fmt: str, rows: int, cols: int, n: int) -> float:
+        ns = self.tokens.get(fmt)
+        if not ns:
+            raise EdgeqError(None, f"the latency profile has no timings for format {fmt}")
+        if n in ns:
+            return self._at(fmt, n, rows, cols)
+        if n < ns[0]:
+            lo, hi = ns[0], ns[1] if len(ns) > 1 else ns[0]
+        elif n > ns[-1]:
+            lo, hi = (ns[-2], ns[-1]) if len(ns) > 1 else (ns[-1], ns[-1])
+        else:
+            i = int(np.searchsorted(ns, n))
+            lo, hi = ns[i - 1], ns[i]
+        a, b = self._at(fmt, lo, rows, cols), self._at(fmt, hi, rows, cols)
+        if hi == lo:
+            return a * n / lo
+        return max(MIN_KERNEL_US, a + (b - a) * (n - lo) / (hi - lo))
+
+
+# --- 2. everything else in the graph ---------------------------------------------------------------------------
+
+def other_features(w: Workload, n: int, kv: int) -> np.ndarray:
+    """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens."""
+    L, d, f, h, hd = w.n_layers, w.hidden, w.ffn, w.n_heads, w.head_dim
+    return np.array([L, L * n * d, L * n * f, L * n * (h + w.n_kv_heads) * hd, L * h * hd * n * kv, L * h * n * kv,
+                     n * d], dtype=np.float64)
+
+
+class OtherOps:
+    """One non-negative linear model per op kind (its own mix of the features: a softmax scales with
+    heads·n·kv, a norm with n·d), summed: per-kind fits extrapolate to deeper and wider models better than one
+    fit of the total."""
+
+    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]]):
+        x = np.array([r[0] for r in rows])
+        kinds = sorted({k for _, per in rows for k in per})
+        self.fits = {k: _positive_fit(x, np.array([per.get(k, 0.0) for _, per in rows])) for k in kinds}
+
+    def cost_us(self, w: Workload, n: int, kv: int) -> float:
+        f = other_features(w, n, kv)
+        return float(sum(icpt + coef @ f for coef, icpt in self.fits.values()))
+
+
+def kv_padding(pairs: list[tuple[int, int, int]]) -> int:
+    """The padding P with which the runtime's attention read kv = min(n_ctx, ceil(tokens / P)·P) in every timed
+    call ((tokens, kv, n_ctx) pairs); 1 when no call says."""
+    pairs = [p for p in pairs if p[1] > 0]
+    for p in KV_PADDINGS:
+        if all(kv == min(n_ctx, math.ceil(t / p) * p) for t, kv, n_ctx in pairs):
+            return p
+    return 1
+
+
+# --- 3. the whole call ----------------------------------------------------------------------------------------
+
+def call_features(w: Workload, n: int, kv: int, graph_ms: float) -> np.ndarray:
+    """What a call costs beyond its graph: the graph itself (slope near 1), the logits the runtime copies out
+    (n·vocab), per-token and per-layer work outside the kernels (scheduling nodes), and the cache the runtime
+    passes between calls (layers·kv heads·head_dim·kv)."""
+    return np.array([graph_ms, n * w.vocab * 1e-6, n * 1e-3, w.n_layers,
+                     w.n_layers * w.n_kv_heads * w.head_dim * kv * 1e-6], dtype=np.float64)
+
+
+def shape_features(w: Workload, n: int, kv: int, graph_ms: float) -> np.ndarray:
+    """What the learned residual sees: the call's size and the model's shape, never its name."""
+    return np.array([math.log(max(graph_ms, 1e-3)), math.log(n), math.log(max(kv, 1)), w.n_layers,
+                     math.log(w.hidden), w.ffn / w.hidden, math.log(w.vocab), math.log(max(w.weight_bytes, 1))],
+                    dtype=np.float64)
+
+
+@dataclass
+class Correction:
+    """Time (ms) of one call from its graph time: linear, then optionally x (1 + trees)."""
+
+    coef: np.ndarray
+    icpt: float
+    trees: Any = None
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def linear(self, x: np.ndarray) -> float:
+        return float(self.icpt + self.coef @ x)
+
+    def __call__(self, w: Workload, n: int, kv: int, graph_ms: float) -> float:
+        y = self.linear(call_features(w, n, kv, graph_ms))
+        if self.trees is not None:
+            y *= 1.0 + float(self.trees.predict(shape_features(w, n, kv, graph_ms)[None])[0])
+        return y
+
+
+def _linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """The call's time as its graph time (x[:, 0], slope 1: the node-by-node timings already are the kernels'
+    times) plus non-negative overheads on the other features, in relative error (scikit-learn's
+    LinearRegression, positive, weighted by 1/y²: a 5 ms decode step weighs as much as a 1 s prefill). Fixing the
+    slope keeps a profile of few micro-models from trading the graph for its correlates."""
+    from sklearn.linear_model import LinearRegression
+
+    rest = np.hstack([x[:, 1:], np.ones((len(x), 1))])          # the constant is an overhead too: non-negative
+    scale = np.maximum(np.abs(rest).max(axis=0), 1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = LinearRegression(positive=True, fit_intercept=False).fit(
+            rest / scale, y - x[:, 0], sample_weight=1.0 / np.maximum(y, 1e-9) ** 2)
+    coef = m.coef_ / scale
+    return np.concatenate([[1.0], coef[:-1]]), float(coef[-1])
+
+
+def fit_correction(rows: list[dict[str, Any]]) -> Correction:
+    """rows: {group, x (call features), s (shape features), y (measured ms)}; trees only where leave-one-group-out
+    says they lower the median relative error."""
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    x = np.array([r["x"] for r in rows])
+    y = np.array([r["y"] for r in rows])
+    s = np.array([r["s"] for r in rows])
+    groups = np.array([r["group"] for r in rows])
+    coef, icpt = _linear(x, y)
+
+    def trees_on(xx, yy, ss):
+        c, i = _linear(xx, yy)
+        lin = i + xx @ c
+        t = GradientBoostingRegressor(n_estimators=60, max_depth=2, learning_rate=0.1, subsample=1.0,
+                                      random_state=0).fit(ss, yy / lin - 1.0)
+        return c, i, t
+
+    errs_lin, errs_tree = [], []
+    for g in sorted(set(groups)):
+        tr, te = groups != g, groups == g
+        if tr.sum() < 8:
+            continue
+        c, i = _linear(x[tr], y[tr])
+        lin = i + x[te] @ c
+        errs_lin += list(np.abs(lin / y[te] - 1))
+        c2, i2, t = trees_on(x[tr], y[tr], s[tr])
+        errs_tree += list(np.abs((i2 + x[te] @ c2) * (1 + t.predict(s[te])) / y[te] - 1))
+    report = {"samples": int(len(y)), "groups": int(len(set(groups))),
+              "lomo_mape_linear": round(float(np.mean(errs_lin)), 4) if errs_lin else None,
+              "lomo_mape_trees": round(float(np.mean(errs_tree)), 4) if errs_tree else None}
+    trees = None
+    if errs_tree and np.median(errs_tree) < 0.9 * np.median(errs_lin):
+        trees = trees_on(x, y, s)[2]
+    report["trees"] = trees is not None
+    return Correction(coef, icpt, trees, report)
+
+
+# --- memory -------------------------------------------------------------------------------------------------------
+
+def memory_features(w: Workload, tokens: int) -> np.ndarray:
+    """What a runtime keeps resident: the files it maps, the KV cache it allocates, the logits of the tokens."""
+    return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), tokens * w.vocab * 4.0], dtype=np.float64)
+
+
+def fit_memory(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Peak memory = a fixed base + each feature once (the prior), adjusted where the micro-models say otherwise
+    (scikit-learn's Ridge on the deviations, relative errors: with few micro-models the prior stands)."""
+    from sklearn.linear_model import Ridge
+
+    scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+    m = Ridge(alpha=2.0).fit(x / scale, y - x.sum(axis=1), sample_weight=(np.mean(y) / np.maximum(y, 1.0)) ** 2)
+    return 1.0 + m.coef_ / scale, float(m.intercept_)
+
+
+# --- the predictor ------------------------------------------------------------------------------------------------
+
+class Predictor:
+    """A latency profile, fitted; `predict` any decoder plan (Workload) on its device."""
+
+    def __init__(self, profile: LatencyProfile):
+        self.profile = profile
+        self.backend = profile.backend
+        self.threads = profile.threads
+        if not profile.models:
+            raise EdgeqError(None, "the latency profile holds no measurements")
+        self._fit()
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+
+    def _fit(self) -> None:
+        samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
+        other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
+        pads = []
+        for run in self.profile.models:
+            w = run.workload
+            canon = {m.weight: m for m in w.matmuls}
+            for kind in ("prefill", "decode"):
+                for key, s in (run.ops.get(kind) or {}).items():
+                    n = int(key) if kind == "prefill" else 1
+                    tokens = int(key) if kind == "prefill" else int(key) + 2
+                    hand = float(s.get("handover_us", 0.0))
+                    for rt_name, us in s["weights_us"].items():
+                        m = canon.get(w.aliases.get(rt_name, rt_name))
+                        if m is not None:
+                            samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
+                    per_op = {op: max(0.0, t - c * hand) for op, (c, t) in s["ops_us"].items()}
+                    kv = int(s.get("kv_len") or 0)
+                    pads.append((tokens, kv, w.n_ctx))
+                    other[kind].append((other_features(w, n, kv or tokens), per_op))
+        if not samples:
+            raise EdgeqError(None, "the latency profile has no per-kernel timings")
+        self.kernels = KernelTable(samples)
+        self.kv_pad = kv_padding(pads)
+        self.other = {k: OtherOps(v) for k, v in other.items() if v}
+        # the whole call, against the real runs
+        # wall times: those taken alternately with the node-by-node runs (the same load), else the rounds'
+        rows: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
+        for run in self.profile.models:
+            w = run.workload
+            for kind, table in (("prefill", run.prefill_ms), ("decode", run.decode_ms)):
+                for key, vals in table.items():
+                    paired = (run.ops.get(kind) or {}).get(key, {}).get("call_us")
+                    if not vals and paired is None:
+                        continue
+                    n, kv = self._call(w, kind, int(key))
+                    g = self.graph_ms(w, n, kv, kind)
+                    rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g),
+                                       "s": shape_features(w, n, kv, g),
+                                       "y": paired / 1e3 if paired is not None else float(np.median(vals))})
+        self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
+        mem = [(memory_features(r.workload, r.max_tokens), float(np.median(r.peak_rss_bytes)))
+               for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
+        self.memory = fit_memory(np.array([m[0] for m in mem]), np.array([m[1] for m in mem])) if mem else None
+
+    # -- predicting ---------------------------------------------------------------------------------------------
+
+    def kv_len(self, tokens: int, n_ctx: int) -> int:
+        return min(n_ctx, math.ceil(max(tokens, 1) / self.kv_pad) * self.kv_pad)
+
+    def _call(self, w: Workload, kind: str, key: int) -> tuple[int, int]:
+        """(tokens in the call, cache length it reads) of a prefill of `key` tokens or a decode step at context
+        `key`."""
+        if kind == "prefill":
+            return key, self.kv_len(key, w.n_ctx)
+        return 1, self.kv_len(key + 1, w.n_ctx)
+
+    def kernel_us(self, fmt: str, rows: int, cols: int, n: int) -> float:
+        return self.kernels.cost_us(fmt, rows, cols, n)
+
+    def graph_ms(self, w: Workload, n: int, kv: int, kind: str) -> float:
+        k = sum(self.kernel_us(m.format, m.rows, m.cols, n) for m in w.matmuls)
+        return (k + self.other[kind].cost_us(w, n, kv)) / 1e3
+
+    def call_ms(self, w: Workload, kind: str, key: int) -> float:
+        n, kv = self._call(w, kind, key)
+        return self.correction[kind](w, n, kv, self.graph_ms(w, n, kv, kind))
+
+    def marginal_ms(self, kind: str) -> float:
+        """How much one ms of kernel time adds to the call's wall time (the linear correction's slope)."""
+        return float(self.correction[kind].coef[0])
+
+    def peak_memory(self, w: Workload, tokens: int) -> int:
+        if self.memory is None:
+            return 0
+        coef, icpt = self.memory
+        return int(icpt + coef @ memory_features(w, tokens))
+
+    def predict(self, w: Workload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
+        for m in w.matmuls:
+            if m.format not in self.kernels.tokens:
+                raise EdgeqError(None, f"the latency profile has no timings for format {m.format} ({m.weight}); "
+                                       f"it timed {', '.join(self.kernels.formats)}")
+        if prompt_tokens < 1 or context_tokens < 0:
+            raise EdgeqError(None, "--prompt-tokens must be at least 1 and --context-tokens at least 0")
+        if max(prompt_tokens, context_tokens + 1) > w.n_ctx:
+            raise EdgeqError(None, f"{max(prompt_tokens, context_tokens + 1)} tokens do not fit the bundle's context "
+                                   f"of {w.n_ctx}")
+        return Prediction(self.backend, self.threads, int(prompt_tokens), int(context_tokens),
+                          prefill_ms=self.call_ms(w, "prefill", prompt_tokens),
+                          decode_ms_per_token=self.call_ms(w, "decode", context_tokens),
+                          peak_memory_bytes=self.peak_memory(w, max(prompt_tokens, context_tokens + 1)))
+
+    def fit_report(self) -> dict[str, Any]:
+        return {"kv_padding": self.kv_pad, "formats": self.kernels.formats,
+                "kernel_shapes": len(self.kernels.lookup),
+                "correction": {k: c.report for k, c in self.correction.items()}}
+

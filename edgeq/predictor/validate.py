@@ -1,0 +1,205 @@
+"""Accuracy, measured: held-out whole-model plans, predicted from a profile and run for real on the device.
+
+`edgeq profile --validate K` draws K plans of a real model (default SmolLM2-135M) that no micro-model looks
+like: every 2-D weight gets a random format among those the backend can write at its shape, with each plan's
+own random preference over formats (so plans range from mostly-2-bit to mostly-float). Each plan is exported
+through the pipeline with the profile, so its manifest carries the prediction; all bundles are then timed on
+the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps at C tokens
+of context), and each bundle's measurements.json gets the measured figures beside the predicted ones. A plan
+is within tolerance when |predicted / measured − 1| ≤ max(10 %, 2 × its own run-to-run spread). The device's
+spread (the same plan measured in several rounds) is reported beside the errors: it is the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.compile import pipeline
+from edgeq.compile.options import ExportOptions
+from edgeq.core.errors import EdgeqError
+from edgeq.core.plan import Plan, TensorPlan, plan_from_json
+from edgeq.passes import Context
+from edgeq.predictor.measure import device_for, median_ms, spread
+from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, DEFAULT_PROMPT_TOKENS
+from edgeq.predictor.profile import LatencyProfile
+from edgeq.targets.registry import get_target
+
+TOLERANCE = 0.10
+SEED = 20_000                 # plan seeds: far from the micro-models' (design.py)
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    rounds: int = 3
+    steps: int = 8
+    prefill_steps: int = 2
+
+
+def random_plans(graph, backend: str, k: int, seed: int = SEED) -> list[Plan]:
+    """K plans with a random format per 2-D weight, each plan with its own preference over the formats."""
+    formats = get_target(backend).candidate_formats()
+    plans = []
+    for i in range(k):
+        rng = np.random.default_rng(seed + i)
+        pref = rng.dirichlet(np.full(len(formats), 0.4))
+        tensors = {}
+        for name, t in graph.weights.items():
+            if len(t.shape) != 2:
+                continue
+            fits = [j for j, f in enumerate(formats) if f.can_carry(t.shape)]
+            p = pref[fits] + 1e-3
+            tensors[name] = TensorPlan(formats[int(rng.choice(fits, p=p / p.sum()))].name,
+                                       reason=f"latency validation plan {i}")
+        plans.append(Plan(tensors=tensors, preset=None))
+    return plans
+
+
+def _within(pred: float, meas: float, spr: float) -> bool:
+    return abs(pred / meas - 1.0) <= max(TOLERANCE, 2.0 * spr)
+
+
+def summarize(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
+    pred = np.array([r["predicted"][what] for r in rows])
+    meas = np.array([r["measured"][what] for r in rows])
+    spr = np.array([r["measured"][f"{what}_spread"] for r in rows])
+    err = pred / meas - 1.0
+    ok = [_within(p, m, s) for p, m, s in zip(pred, meas, spr)]
+    return {"plans": len(rows), "within": int(sum(ok)), "share_within": round(float(np.mean(ok)), 4),
+            "share_within_10pct": round(float(np.mean(np.abs(err) <= TOLERANCE)), 4),
+            "mape": round(float(np.mean(np.abs(err))), 4), "median_error": round(float(np.median(err)), 4),
+            "worst_error": round(float(err[np.argmax(np.abs(err))]), 4),
+            "device_spread_median": round(float(np.median(spr)), 4),
+            "device_spread_p90": round(float(np.percentile(spr, 90)), 4)}
+
+
+def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, what, label in zip(axes, ("decode_ms_per_token", "prefill_ms"), ("decode step (ms)", "prefill (ms)")):
+        p = np.array([r["predicted"][what] for r in rows])
+        m = np.array([r["measured"][what] for r in rows])
+        lo, hi = 0.9 * min(p.min(), m.min()), 1.1 * max(p.max(), m.max())
+        xs = np.linspace(lo, hi, 10)
+        ax.fill_between(xs, xs * (1 - TOLERANCE), xs * (1 + TOLERANCE), color="0.9", label="±10 %")
+        ax.plot(xs, xs, color="0.5", lw=1)
+        ax.scatter(m, p, s=18, color="tab:blue")
+        ax.set_xlabel(f"measured {label}")
+        ax.set_ylabel(f"predicted {label}")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.legend(loc="upper left")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: int, out: Path, model: str | None = None,
+             settings: ValidationSettings = ValidationSettings(), progress: Callable | None = None,
+             log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Export, predict and time K held-out plans; the report (also written to `out`/validation.json and
+    validation.png)."""
+    if k < 1:
+        raise EdgeqError(None, "--validate needs at least one plan")
+    backend, threads = profile.backend, profile.threads
+    out.mkdir(parents=True, exist_ok=True)
+    device = device_for(device_spec)
+    try:
+        why = device.unreachable_reason() or device.missing_backend_reason(backend)
+        if why:
+            raise EdgeqError(None, why)
+        _, graph = pipeline.import_and_merge(model, [], Context(backend=backend))
+        n_ctx = max(settings.prompt_tokens, settings.context_tokens + settings.steps + 2)
+        n_ctx = int(min(graph.config.context_length, max(256, 2 ** math.ceil(math.log2(n_ctx)))))
+        bundles: list[Path] = []
+        plans = random_plans(graph, backend, k)
+        it = plans if progress is None else progress(plans, desc="export held-out plans", unit="plan")
+        for i, plan in enumerate(it):
+            folder = out / f"plan-{i:02d}"
+            plan_file = out / f"plan-{i:02d}.json"
+            plan.save(plan_file)
+            opts = ExportOptions(model=model, target=device.profile(), backend=backend, plan=str(plan_file),
+                                 out=str(folder), force=True, check=False, reference=False, calibration=False,
+                                 n_ctx=n_ctx,
+                                 latency_profile=str(profile_path), prompt_tokens=settings.prompt_tokens,
+                                 context_tokens=settings.context_tokens)
+            pipeline.export(opts)
+            bundles.append(folder)
+        remote = [device.push(b) for b in bundles]
+        args = {"prefill": [settings.prompt_tokens], "decode": [settings.context_tokens], "steps": settings.steps,
+                "prefill_steps": settings.prefill_steps, "warmup": 1}
+        runs: list[list[dict]] = [[] for _ in bundles]
+        facts = None
+        loads = []
+        jobs = [(r, i) for r in range(settings.rounds) for i in range(len(bundles))]
+        it2 = jobs if progress is None else progress(jobs, desc="time held-out plans", unit="run")
+        for r, j in it2:
+            i = (j + r) % len(bundles)          # rotate the order each round
+            res = device.run(remote[i], "latency", args, backend=backend, threads=threads, n_ctx=n_ctx, timeout=3600)
+            if not res.ok:
+                raise EdgeqError(bundles[i], f"{device.name}: timing failed: {res.error}")
+            facts = facts or res.result.get("device")
+            loads += [res.result.get("load_average_before"), res.result.get("load_average_after")]
+            runs[i].append({**res.result, "peak_rss_bytes": res.peak_rss_bytes})
+        if facts is not None:
+            profile.check_device(facts, device.name, profile_path)
+        rows = []
+        for b, rr in zip(bundles, runs):
+            m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
+            pred = m["predicted"]
+            clock = profile.clock
+            dec = [median_ms(x["decode"][str(settings.context_tokens)], clock) for x in rr]
+            pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
+            other = "wall" if clock == "cpu" else "cpu"
+            dec_other = [median_ms(x["decode"][str(settings.context_tokens)], other) for x in rr]
+            measured = {"decode_ms_per_token": float(np.median(dec)), "decode_ms_per_token_spread": spread(dec),
+                        "prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
+                        "rounds_decode_ms": [round(x, 4) for x in dec], "rounds_prefill_ms": [round(x, 3) for x in pre],
+                        "peak_rss_bytes": int(np.median([x["peak_rss_bytes"] or 0 for x in rr])),
+                        "prompt_tokens": settings.prompt_tokens, "context_tokens": settings.context_tokens,
+                        "threads": threads, "device": device.name, "clock": clock,
+                        f"decode_ms_per_token_{other}": float(np.median(dec_other))}
+            predicted = {"decode_ms_per_token": pred["latency_ms_per_token"], "prefill_ms": pred["prefill_ms"],
+                         "peak_memory_bytes": pred["peak_memory_bytes"]}
+            mfile = b / "measurements.json"
+            meas_doc = json.loads(mfile.read_text(encoding="utf-8")) if mfile.is_file() else {}
+            meas_doc["latency"] = {"measured": measured, "predicted": predicted}
+            mfile.write_text(json.dumps(meas_doc, indent=1) + "\n", encoding="utf-8")
+            model_bytes = sum(a["bytes"] for a in m["artifacts"] if a["role"] != "tokenizer")
+            rows.append({"bundle": b.name, "bytes": model_bytes, "bpw": m["model"]["bits_per_weight"],
+                         "formats": plan_from_json(m["plan"]).format_counts(), "predicted": predicted,
+                         "measured": measured})
+        good = [x for x in loads if x]
+        report = {"backend": backend, "threads": threads, "device": device.name, "clock": profile.clock,
+                  "cpu": (facts or {}).get("cpu"), "model": model or "SmolLM2-135M-Instruct (default)",
+                  "settings": settings.__dict__, "tolerance": f"max({TOLERANCE:.0%}, 2 x the plan's run-to-run spread)",
+                  "load_average": {"first": good[0] if good else None, "last": good[-1] if good else None,
+                                   "max_1min": max((x[0] for x in good), default=None)},
+                  "profile": {"sha256": profile.digest(), "noise": profile.noise},
+                  "decode": summarize(rows, "decode_ms_per_token"), "prefill": summarize(rows, "prefill_ms"),
+                  "memory_mape": round(float(np.mean([abs(r["predicted"]["peak_memory_bytes"]
+                                                          / max(r["measured"]["peak_rss_bytes"], 1) - 1)
+                                                      for r in rows])), 4),
+                  "plans": rows}
+        (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        d, p = report["decode"], report["prefill"]
+        plot(rows, f"{backend}, {threads} thread(s), {profile.clock} clock, {k} held-out plans on {report['cpu']}: "
+                   f"decode {d['share_within']:.0%} "
+                   f"within (MAPE {d['mape']:.1%}), prefill {p['share_within']:.0%} (MAPE {p['mape']:.1%}); "
+                   f"load {report['load_average']['max_1min']}", out / "validation.png")
+        return report
+    finally:
+        device.close()
+

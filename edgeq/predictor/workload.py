@@ -1,0 +1,119 @@
+"""What a plan asks of a device: its matrix products (weight, shape, format) and the architecture around them.
+
+The predictor never looks at weights' values, only at this: a decoder's config, the format of every weight
+its runtime multiplies with (the tied embedding is the output head), the context the runtime allocates and
+the KV-cache type. It comes from a graph and a finished plan (planning, export), or from a bundle's manifest
+(`edgeq predict BUNDLE`), so a plan is predicted the same way before and after it is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan
+from edgeq.models import llama, names
+
+
+@dataclass(frozen=True)
+class MatMul:
+    """One weight the runtime multiplies activations with: its canonical name, (rows, cols) and format."""
+
+    weight: str
+    rows: int
+    cols: int
+    format: str
+
+
+@dataclass
+class Workload:
+    """A decoder plan as the device sees it."""
+
+    hidden: int
+    ffn: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    matmuls: list[MatMul]
+    n_ctx: int
+    kv_dtype: str = "f16"
+    file_bytes: int = 0                      # the model files a runtime maps (0: unknown)
+    aliases: dict[str, str] = field(default_factory=dict)   # the runtime's weight names -> canonical names
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(get_format(m.format).nbytes((m.rows, m.cols)) for m in self.matmuls)
+
+    def kv_bytes(self) -> int:
+        """The KV cache the runtime allocates for n_ctx tokens."""
+        per = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}.get(self.kv_dtype, 2.0)
+        return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * self.n_ctx * per)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["matmuls"] = [[m.weight, m.rows, m.cols, m.format] for m in self.matmuls]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Workload":
+        d = dict(d)
+        d["matmuls"] = [MatMul(*m) for m in d["matmuls"]]
+        return cls(**d)
+
+
+def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: int, kv_dtype: str = "f16",
+                     file_bytes: int = 0, source: str | None = None) -> Workload:
+    """The workload of a Llama-family decoder whose 2-D weights are written in `formats` (canonical names)."""
+    shapes = llama.expected_shapes(config)
+    head = names.EMBED if config.tied_embeddings else names.LM_HEAD
+    matmuls = []
+    for name, shape in shapes.items():
+        if len(shape) != 2 or (name == names.EMBED and not config.tied_embeddings):
+            continue                    # 1-D tensors; an untied embedding is only looked up
+        if name not in formats:
+            raise EdgeqError(source, f"the plan gives no format for {name}")
+        matmuls.append(MatMul(name, int(shape[0]), int(shape[1]), formats[name]))
+    # the head last, as the runtime runs it
+    matmuls.sort(key=lambda m: m.weight == head)
+    return Workload(hidden=config.hidden_size, ffn=config.intermediate_size, n_layers=config.n_layers,
+                    n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
+                    vocab=config.vocab_size, matmuls=matmuls, n_ctx=int(n_ctx), kv_dtype=kv_dtype,
+                    file_bytes=int(file_bytes), aliases={llama.gguf_name(n): n for n in shapes})
+
+
+def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", file_bytes: int = 0) -> Workload:
+    if graph.kind != "decoder":
+        raise EdgeqError(None, f"latency prediction covers decoders for now; this is an {graph.kind}")
+    formats = {n: plan.tensors[n].format for n in graph.weights if n in plan.tensors}
+    return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes)
+
+
+def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Workload, str, dict[str, Any]]:
+    """A bundle's workload for one of its backends (default: its first model artifact), that backend, and the
+    manifest."""
+    from edgeq.runtime.manifest import pick_artifact, read_manifest
+
+    bundle = Path(bundle)
+    m = read_manifest(bundle)
+    art = pick_artifact(bundle, m, backend)
+    backend = art["backend"]
+    model = m.get("model") or {}
+    if model.get("kind") != "decoder":
+        raise EdgeqError(bundle, f"latency prediction covers decoders for now; this bundle holds an "
+                                 f"{model.get('kind')}")
+    plan = (m.get("plans") or {}).get(backend) or m["plan"]
+    formats = {n: t["format"] for n, t in plan["tensors"].items()}
+    files = sum(int(a["bytes"]) for a in m["artifacts"] if a.get("backend") == backend)
+    try:
+        config = llama.LlamaConfig.from_json(model["config"])
+    except (KeyError, TypeError) as exc:
+        raise EdgeqError(bundle / "manifest.json", f"model config unreadable ({exc})") from None
+    w = decoder_workload(config, formats, int(m.get("n_ctx") or 2048), m.get("kv_cache_dtype") or "f16", files,
+                         source=str(bundle / "manifest.json"))
+    return w, backend, m

@@ -1,0 +1,147 @@
+"""Per-kernel timings inside onnxruntime: its own profiler, on a second session of the same decoder. No torch.
+
+onnxruntime times every node it runs when profiling is on (`enable_profiling`) and writes the events as JSON
+at `end_profiling()`; each node event falls inside the `model_run` event of its call. The timed calls are
+those runtime/latency.py times (prefills of N tokens, decode steps at a context), run through a copy of the
+runtime's own decoder backend, so the graph, the optimisations and the threads are the runtime's. The nodes
+the host names in args['kernels'] (the ones that multiply with a weight) are reported one by one; every
+other node is summed per op type. Each call is also timed through the runtime's own session, alternately
+(`call_us`), so that the whole call and its nodes see the same load. The profiler times nodes by the wall
+clock; with args['clock'] `cpu` each call's node times are scaled by that call's CPU time over its wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from edgeq.runtime.latency import token_ids
+
+
+def _profiled_backend(backend, threads: int, folder: str, session_options):
+    """A copy of an OnnxDecoderBackend whose session (`session_options(threads)`, the runtime's) profiles every
+    node."""
+    import onnxruntime as ort
+
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(folder, "ort")
+    copy = object.__new__(type(backend))
+    copy.__dict__.update(backend.__dict__)
+    copy.session = ort.InferenceSession(backend.model_path, so, providers=["CPUExecutionProvider"])
+    copy.reset()
+    return copy
+
+
+def _calls(events: list[dict[str, Any]]) -> list[list[tuple[str, str, float]]]:
+    """Per `model_run`, in order: the (node name, op type, µs) of the nodes it ran."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session"
+                  and e.get("name") == "model_run")
+    out: list[list[tuple[str, str, float]]] = [[] for _ in runs]
+    starts = np.array([r[0] for r in runs])
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        i = int(np.searchsorted(starts, e["ts"], side="right")) - 1
+        if 0 <= i < len(runs) and e["ts"] <= runs[i][1]:
+            out[i].append((e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"), float(e["dur"])))
+    return out
+
+
+def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> dict[str, Any]:
+    per: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for c in calls:
+        seen: dict[str, float] = {}
+        for name, op, us in c:
+            seen[name] = seen.get(name, 0.0) + us
+            op_of[name] = op
+        for name, us in seen.items():
+            per.setdefault(name, []).append(us)
+    weights: dict[str, float] = {}
+    ops: dict[str, list[float]] = {}
+    for name, v in per.items():
+        t = float(np.median(v))
+        if name in kernels:
+            weights[name] = round(t, 2)
+        else:
+            c = ops.setdefault(op_of[name], [0, 0.0])
+            c[0] += 1
+            c[1] = round(c[1] + t, 2)
+    total = sum(weights.values()) + sum(c[1] for c in ops.values())
+    return {"weights_us": weights, "ops_us": ops, "handover_us": 0.0, "nodes": len(per), "total_us": round(total, 1),
+            "kv_len": 0}
+
+
+def _timed(clock, fn, *args) -> float:
+    t0 = clock()
+    fn(*args)
+    return clock() - t0
+
+
+def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> dict[str, Any]:
+    """Node-by-node timings of the prefills and decode steps `decoder_latency` times (runtime/latency.py)."""
+    kernels = set(args.get("kernels") or ())
+    # onnxruntime's profiler times nodes by the wall clock; the whole calls beside them follow args['clock']
+    call_clock = time.process_time if args.get("clock") == "cpu" else time.perf_counter
+    steps = int(args.get("steps", 5))
+    prefill_steps = int(args.get("prefill_steps", max(1, steps // 2)))
+    with tempfile.TemporaryDirectory(prefix="edgeq-ort-prof-") as folder:
+        b = _profiled_backend(backend, threads, folder, session_options)
+        n_vocab = int(b.n_vocab)
+        plan: list[tuple[str, str, bool]] = []          # (kind, key, timed) per session.run, in order
+        ratio: list[float] = []                         # per session.run: its CPU time / its wall time
+        walls: dict[tuple[str, str], list[float]] = {}  # the same calls through the runtime's session, alternating
+
+        def profiled(kind: str, key: str, timed: bool, ids: list[int]) -> None:
+            c0, t0 = time.process_time(), time.perf_counter()
+            b.feed(ids)
+            ratio.append(min(1.0, (time.process_time() - c0) / max(time.perf_counter() - t0, 1e-9)))
+            plan.append((kind, key, timed))
+
+        profiled("warmup", "", False, token_ids(min(32, b.n_ctx), n_vocab, seed=99))
+        for n in args.get("prefill", []):
+            for rep in range(prefill_steps):
+                ids = token_ids(int(n), n_vocab, seed=rep)
+                b.reset()
+                profiled("prefill", str(n), True, ids)
+                backend.reset()
+                walls.setdefault(("prefill", str(n)), []).append(_timed(call_clock, backend.feed, ids))
+        for ctx in args.get("decode", []):
+            ctx = int(ctx)
+            b.reset()
+            backend.reset()
+            ids = token_ids(ctx + steps + 1, n_vocab, seed=1)
+            if ctx:
+                profiled("fill", "", False, ids[:ctx])
+                backend.feed(ids[:ctx])
+            profiled("decode", str(ctx), False, [ids[ctx]])
+            backend.feed([ids[ctx]])
+            for k in range(steps):
+                profiled("decode", str(ctx), True, [ids[ctx + 1 + k]])
+                walls.setdefault(("decode", str(ctx)), []).append(_timed(call_clock, backend.feed, [ids[ctx + 1 + k]]))
+        backend.reset()
+        path = b.session.end_profiling()
+        with open(path, encoding="utf-8") as f:
+            events = json.load(f)
+        b.session = None
+    calls = _calls(events)
+    if len(calls) != len(plan):
+        raise RuntimeError(f"onnxruntime's profile has {len(calls)} runs, {len(plan)} were made")
+    if args.get("clock") == "cpu":
+        # the profiler's node times are wall time: scale each call's by its CPU share, so that a call the OS
+        # paused counts only the time its nodes computed
+        calls = [[(name, op, us * r) for name, op, us in c] for c, r in zip(calls, ratio)]
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    for kind in ("prefill", "decode"):
+        keys = sorted({k for kd, k, timed in plan if kd == kind and timed}, key=int)
+        for key in keys:
+            picked = [c for c, (kd, k, timed) in zip(calls, plan) if kd == kind and k == key and timed]
+            out[kind][key] = {**_summary(picked, kernels),
+                              "call_us": round(float(np.median(walls[(kind, key)])) * 1e6, 1)}
+    return out

@@ -1,0 +1,231 @@
+"""The latency predictor: fitting a recorded profile, predicting plans and bundles, the ILP's latency row, and
+the refusals (a budget no plan meets, a profile of another device or runtime, a damaged profile).
+
+The profile in tests/data was measured on the 2-core development machine (`edgeq profile --quick`,
+llama.cpp, 1 thread); its figures are only right there, so these tests check what holds anywhere: the fit,
+the orderings a latency model must respect, that the ILP's row is exact, that the runner times every kernel.
+Accuracy is measured by `edgeq profile --validate`, never in a test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.models import llama
+from edgeq.models.recipes.synthetic import random_llama, tiny_config
+from edgeq.passes.allocate import ExtraRow, solve_rows
+from edgeq.passes.sensitivity import CostTable, Option
+from edgeq.predictor.budget import LatencyBudget
+from edgeq.predictor.measure import noise_verdict
+from edgeq.predictor.model import Predictor
+from edgeq.predictor.profile import ModelRun, load_profile
+from edgeq.predictor.workload import decoder_workload
+
+PROFILE = Path(__file__).parent / "data" / "latency_profile_gguf_quick.json"
+
+
+def edgeq(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"edgeq {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def fitted() -> Predictor:
+    return Predictor(load_profile(PROFILE))
+
+
+def smollm_like(formats: str) -> object:
+    cfg = llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_layers=30, n_heads=9,
+                            n_kv_heads=3, head_dim=64, tied_embeddings=True, context_length=2048)
+    shapes = llama.expected_shapes(cfg)
+    return decoder_workload(cfg, {n: formats for n, s in shapes.items() if len(s) == 2}, 2048)
+
+
+def test_fit_on_the_recorded_profile(fitted):
+    profile = fitted.profile
+    report = fitted.fit_report()
+    # every GGUF candidate format was timed, at several shapes and token counts
+    assert set(report["formats"]) >= {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "q2_k", "q6_k"}
+    assert all(len(fitted.kernels.tokens[f]) == 1 + len(profile.settings["prefill"]) for f in report["formats"])
+    assert report["kv_padding"] == 256           # llama.cpp pads the KV length its attention reads
+    # in sample: the profile's own micro-models against their measured medians (a quick profile is one noisy
+    # node-by-node round, so single points may be off; the typical one may not)
+    errors = [fitted.call_ms(run.workload, kind, int(key)) / np.median(vals) - 1 for run in profile.models
+              for kind, table in (("decode", run.decode_ms), ("prefill", run.prefill_ms)) for key, vals in table.items()]
+    assert len(errors) == 16 and np.median(np.abs(errors)) < 0.1 and np.max(np.abs(errors)) < 0.4, errors
+
+
+def test_predictions_respect_what_latency_must_do(fitted):
+    q4, q8, f32 = smollm_like("q4_0"), smollm_like("q8_0"), smollm_like("f32")
+    p = {k: fitted.predict(w) for k, w in (("q4", q4), ("q8", q8), ("f32", f32))}
+    # decode streams the weights: 4x the bytes is several times slower, q8_0 in between
+    assert p["q4"].decode_ms_per_token < p["q8"].decode_ms_per_token < p["f32"].decode_ms_per_token
+    assert p["f32"].decode_ms_per_token > 2 * p["q4"].decode_ms_per_token
+    # longer prompts cost more, and roughly in proportion once they are long
+    pre = [fitted.predict(q4, prompt_tokens=n).prefill_ms for n in (16, 64, 128, 256, 512)]
+    assert pre == sorted(pre) and 2.5 < pre[4] / pre[2] < 5.0
+    # a decode step reads a longer cache at a longer context
+    dec = [fitted.predict(q4, context_tokens=c).decode_ms_per_token for c in (0, 300, 1500)]
+    assert dec == sorted(dec)
+    # peak memory: the files and the KV cache at least
+    assert p["f32"].peak_memory_bytes > f32.weight_bytes + f32.kv_bytes() > p["q4"].peak_memory_bytes / 4
+
+
+def test_prediction_refuses_what_the_profile_cannot_answer(fitted):
+    w = smollm_like("q4_0")
+    with pytest.raises(EdgeqError, match="do not fit the bundle's context"):
+        fitted.predict(w, prompt_tokens=5000)
+    bad = smollm_like("int4")
+    with pytest.raises(EdgeqError, match="no timings for format int4"):
+        fitted.predict(bad)
+
+
+def test_noise_verdict_is_the_median_run_to_run_spread():
+    w = smollm_like("q4_0")
+    quiet = ModelRun("a", w, {"128": [100.0, 101.0, 99.0]}, {"64": [10.0, 10.1, 9.9]}, [1, 1, 1], 200)
+    noisy = ModelRun("b", w, {"128": [100.0, 130.0, 80.0]}, {"64": [10.0, 13.0, 8.0]}, [1, 1, 1], 200)
+    assert not noise_verdict([quiet])["noisy"]
+    v = noise_verdict([quiet, noisy, noisy])
+    assert v["noisy"] and v["spread"] > 0.05 and v["worst"][0]["model"] == "b"
+
+
+# --- the ILP's latency row --------------------------------------------------------------------------------------
+
+def tiny_graph():
+    cfg = tiny_config(n_layers=1, vocab_size=300, tied_embeddings=True, context_length=256)
+    return random_llama(cfg, seed=3)
+
+
+def tiny_table(graph, formats=("q8_0", "q4_0", "f16")) -> CostTable:
+    rng = np.random.default_rng(0)
+    options = {}
+    for name, t in graph.weights.items():
+        if len(t.shape) != 2:
+            continue
+        options[name] = [Option(f, get_format(f).nbytes(t.shape), float(rng.uniform(0.5, 2.0)) *
+                                (8.0 / get_format(f).bits_per_weight) ** 2) for f in formats]
+    return CostTable(options, 1000, graph.n_params, {"formats": list(formats)})
+
+
+def test_latency_row_finds_the_brute_force_optimum(fitted):
+    graph = tiny_graph()
+    table = tiny_table(graph)
+    lb = LatencyBudget(fitted, graph, 256, "f16", "decode", 64, 0.0)
+    names = list(table.options)
+    combos = []
+    for pick in itertools.product(*(table.options[n] for n in names)):
+        choice = {n: (o.format, o.rank) for n, o in zip(names, pick)}
+        combos.append((sum(o.cost for o in pick), lb.exact(choice), sum(o.bytes for o in pick)))
+    lat = sorted(c[1] for c in combos)
+    budget = 10**9
+    for limit in np.quantile(lat, [0.05, 0.3, 0.6, 0.95]):
+        fast = {n: (min(table.options[n], key=lambda o: lb.coef(n, o.format)).format, 0) for n in names}
+        row = ExtraRow("predicted_latency_ms", lambda n, o: lb.coef(n, o.format, o.rank), limit - lb.fixed_ms(fast),
+                       exact=lambda ch: lb.exact({n: (o.format, o.rank) for n, o in ch.items()}), limit=float(limit))
+        got = solve_rows(table, budget, extra_rows=[row])
+        best = min(c[0] for c in combos if c[1] <= limit + 1e-9)
+        assert got.info["predicted_latency_ms"] <= limit + 1e-9
+        assert got.total_cost == pytest.approx(best, rel=1e-9), (limit, got.total_cost, best)
+
+
+def test_infeasible_latency_budget_is_one_clear_error(tiny_decoder_dir, tmp_path):
+    r = edgeq("plan", "--model", tiny_decoder_dir, "--backend", "gguf", "--latency-ms", "0.001", "--latency-profile",
+              PROFILE, "--cost", "output", "-o", tmp_path / "p.json", "--quiet", check=False)
+    assert r.returncode == 2, r.stderr
+    line = r.stderr.strip()
+    assert line.count("\n") == 0 and "latency budget 0.001 ms is below the fastest feasible plan's predicted decode " \
+                                     "step at 64 tokens of context" in line, line
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_latency_budget_plans_and_exports_within_the_limit(tiny_decoder_dir, tmp_path, fitted):
+    plan = tmp_path / "p.json"
+    # the fastest and the slowest uniform plans bracket the limit
+    edgeq("plan", "--model", tiny_decoder_dir, "--backend", "gguf", "--quant", "q4_0", "-o", tmp_path / "q4.json",
+          "--quiet")
+    edgeq("plan", "--model", tiny_decoder_dir, "--backend", "gguf", "--quant", "f32", "-o", tmp_path / "f32.json",
+          "--quiet")
+    fast = json.loads(edgeq("predict", tmp_path / "q4.json", "--model", tiny_decoder_dir, "--latency-profile", PROFILE,
+                            "--json").stdout)
+    slow = json.loads(edgeq("predict", tmp_path / "f32.json", "--model", tiny_decoder_dir, "--latency-profile",
+                            PROFILE, "--json").stdout)
+    assert set(fast) >= {"decode_ms_per_token", "prefill_ms", "prompt_tokens", "context_tokens", "peak_memory_bytes",
+                         "backend", "threads"}
+    assert fast["prompt_tokens"] == 128 and fast["context_tokens"] == 64 and fast["backend"] == "gguf"
+    limit = (fast["decode_ms_per_token"] + slow["decode_ms_per_token"]) / 2
+    edgeq("plan", "--model", tiny_decoder_dir, "--backend", "gguf", "--latency-ms", f"{limit:.4f}", "--latency-profile",
+          PROFILE, "--cost", "output", "-o", plan, "--quiet")
+    s = json.loads(plan.read_text())["search"]
+    assert s["predicted_latency_ms"] <= limit and s["predicted_latency_ms_limit"] == pytest.approx(limit, abs=1e-4)
+    got = json.loads(edgeq("predict", plan, "--model", tiny_decoder_dir, "--latency-profile", PROFILE,
+                           "--json").stdout)
+    assert got["decode_ms_per_token"] == pytest.approx(s["predicted_latency_ms"], abs=2e-4)
+    # the export's manifest carries the same prediction
+    out = tmp_path / "b"
+    edgeq("export", "--model", tiny_decoder_dir, "--plan", plan, "--latency-profile", PROFILE, "-o", out, "--quiet")
+    pred = json.loads((out / "manifest.json").read_text())["predicted"]
+    assert pred["latency_ms_per_token"] == pytest.approx(got["decode_ms_per_token"], rel=1e-3)
+    assert pred["peak_memory_bytes"] > 0 and pred["latency_profile"]["sha256"] == fitted.profile.digest()
+    bundle = json.loads(edgeq("predict", out, "--latency-profile", PROFILE, "--json").stdout)
+    assert bundle["decode_ms_per_token"] == pytest.approx(pred["latency_ms_per_token"], rel=1e-3)
+
+
+def test_profile_of_another_device_or_runtime_is_refused(tiny_decoder_dir, tmp_path):
+    out = tmp_path / "b"
+    edgeq("export", "--model", tiny_decoder_dir, "--quant", "q8_0", "-o", out, "--quiet")
+    d = json.loads(PROFILE.read_text())
+    other = dict(d, device={**d["device"], "cpu": "Some Other CPU", "cores": 8})
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps(other))
+    r = edgeq("predict", out, "--latency-profile", p, "--device", "local", check=False)
+    assert r.returncode == 2 and "measured on 'Some Other CPU' (8 cores), not on local" in r.stderr, r.stderr
+    old = dict(d, device={**d["device"], "runtime_versions": {**d["device"]["runtime_versions"],
+                                                               "llama-cpp-python": "0.2.0"}})
+    p.write_text(json.dumps(old))
+    r = edgeq("predict", out, "--latency-profile", p, check=False)
+    assert r.returncode == 2 and "timed llama-cpp-python 0.2.0, but bundle" in r.stderr, r.stderr
+    p.write_text(json.dumps(dict(d, version=99)))
+    r = edgeq("predict", out, "--latency-profile", p, check=False)
+    assert r.returncode == 2 and "latency profile version 99" in r.stderr
+    p.write_text("{not json")
+    r = edgeq("predict", out, "--latency-profile", p, check=False)
+    assert r.returncode == 2 and "not a latency profile" in r.stderr
+    r = edgeq("predict", out, "--latency-profile", PROFILE, "--threads", "2", check=False)
+    assert r.returncode == 2 and "measured with 1 thread" in r.stderr
+
+
+def test_the_runner_times_every_kernel_of_a_bundle(tiny_decoder_dir, tmp_path):
+    """The profile's measurement path on the `local` device: whole calls, and node by node every weight's
+    matmul inside llama.cpp."""
+    from edgeq.devices import open_device
+
+    out = tmp_path / "b"
+    edgeq("export", "--model", tiny_decoder_dir, "--quant", "q4_0", "--no-calibration", "-o", out, "--quiet")
+    dev = open_device("local")
+    try:
+        remote = dev.push(out)
+        args = {"prefill": [16], "decode": [40], "steps": 3, "prefill_steps": 1}
+        whole = dev.run(remote, "latency", args, threads=1, n_ctx=256)
+        ops = dev.run(remote, "latency", {**args, "ops": True}, threads=1, n_ctx=256)
+    finally:
+        dev.close()
+    assert whole.ok and ops.ok, (whole.error, ops.error)
+    assert len(whole.result["decode"]["40"]["wall_s"]) == 3 and whole.peak_rss_bytes > 0
+    dec = ops.result["ops"]["decode"]["40"]
+    weights = json.loads((out / "manifest.json").read_text())["plan"]["tensors"]
+    n_mat = sum(1 for n in weights if n.startswith("model.layers.") and n.endswith("proj.weight")) + 1
+    assert len(dec["weights_us"]) == n_mat and all(v > 0 for v in dec["weights_us"].values())
+    assert "token_embd.weight" in dec["weights_us"]          # the tied head
+    assert dec["kv_len"] == 256 and "SOFT_MAX" in dec["ops_us"]
+    assert ops.result["ops"]["prefill"]["16"]["total_us"] > dec["total_us"]

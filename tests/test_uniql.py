@@ -1,0 +1,318 @@
+"""UniQL: sorted MLPs, per-layer width tables, one model that llama.cpp, onnxruntime and TVM load at any rate the
+bundle carries.
+
+Everything here runs on a small synthetic Llama through the real pipeline and llama.cpp; the comparison of orders
+and allocations on SmolLM2 is bench/uniql.py's job (README: UniQL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from edgeq.core.executor import Executor
+from edgeq.core.formats import get_format
+from edgeq.models import llama
+from edgeq.passes.uniql_alloc import layer_shares, segmented, widths_for
+from edgeq.passes.uniql_sort import channel_scores, ridge_leverage, sort_order
+
+RATES = [0.0, 0.1, 0.25, 0.4]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cache, monkeypatch_module):
+    monkeypatch_module.setenv("EDGEQ_CACHE", str(cache))
+    return tmp_path_factory.mktemp("uniql")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _export(out, model, **kw):
+    from edgeq.api import ExportOptions, export
+
+    return export(ExportOptions(model=str(model), out=str(out), force=True, calib_windows=1, **kw))["manifest"]
+
+
+@pytest.fixture(scope="module", params=["gguf", "onnx", "tvm"])
+def f32_bundle(request, env, tiny_decoder_dir):
+    out = env / f"f32-{request.param}"
+    m = _export(out, tiny_decoder_dir, backend=request.param, quant="f32", pruning_rates=RATES[1:])
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def source(tiny_decoder_dir):
+    from edgeq.importers.loader import import_model
+
+    return import_model(tiny_decoder_dir)
+
+
+def _ids(n=96, seed=0):
+    return [1] + list(np.random.default_rng(seed).integers(3, 400, n - 1))
+
+
+def _kld(ref: np.ndarray, got: np.ndarray) -> float:
+    from edgeq.evaluate.decoder import log_softmax64
+
+    lr, lg = log_softmax64(ref), log_softmax64(got)
+    return float(np.mean(np.sum(np.exp(lr) * (lr - lg), -1)))
+
+
+def test_sorting_keeps_the_source_outputs(f32_bundle, source):
+    """The sorted model at rate 0 is the source: same logits in the executor, and in the runtime (f32) the bundle's
+    full width scores like the float reference."""
+    from edgeq import runtime
+
+    out, m = f32_bundle
+    orders = {i: np.asarray(m["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"]) for i in range(2)}
+    for i, o in orders.items():
+        assert sorted(o.tolist()) == list(range(512)) and o.tolist() != list(range(512))
+        assert all(m["plan"]["tensors"][n]["order"] == o.tolist() for n in llama.mlp_weights(i))
+    ids = _ids()
+    ref = Executor(source).logits(ids)
+    np.testing.assert_allclose(Executor(llama.prune_mlp(source, orders)).logits(ids), ref, atol=2e-5, rtol=0)
+    with runtime.load(out, pruning_rate=0.0) as s:
+        assert _kld(ref, s.logits(ids)) <= 1e-4
+
+
+def test_every_rate_is_a_valid_model_that_meets_its_rate(f32_bundle, source):
+    """Each rate of the table: achieved exactly in channels (so in MLP parameters), and the model the runtime loads
+    at that rate computes the sorted source narrowed to the table's widths (a prefix of every layer's order)."""
+    from edgeq import runtime
+
+    out, m = f32_bundle
+    table = m["pruning_rates"]
+    assert [r["rate"] for r in table["rates"]] == RATES and table["full"] == [512, 512]
+    assert m["plan"]["pruning"]["rates"] == table["rates"]
+    ids = _ids(seed=1)
+    klds = []
+    for entry in table["rates"]:
+        widths = entry["widths"]
+        step = math.gcd(*table["align"])          # f32: one channel; TVM: whole 64-output panels
+        assert sum(512 - w for w in widths) == round(entry["rate"] * 1024 / step) * step
+        assert entry["achieved"] == pytest.approx(entry["rate"], abs=step / 2048 + 1e-6)
+        channels = {i: np.asarray(m["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"])[:w]
+                    for i, w in enumerate(widths)}
+        want = Executor(llama.prune_mlp(source, channels)).logits(ids)
+        with runtime.load(out, pruning_rate=entry["rate"]) as s:
+            got = s.logits(ids)
+        assert _kld(want, got) <= 1e-4
+        klds.append(_kld(Executor(source).logits(ids), got))
+    assert klds[0] <= 1e-4 and klds == sorted(klds)       # more pruned, further from the source
+    assert len(set(table["rates"][2]["widths"])) > 1       # the allocation gave the layers different widths
+
+
+def test_widths_align_with_each_format_block(env, tiny_decoder_dir):
+    """GGUF q4_0 (32-blocks), a plan putting ffn_down on q4_k (256-blocks along its input) and ONNX int4-asym (two
+    32-blocks: zero points are packed two a byte): every width is a multiple of the format's step, the global rate is
+    still met, and the runtime loads each bundle at every rate."""
+    from edgeq import runtime
+
+    plan = env / "k.json"
+    plan.write_text(json.dumps({"preset": "q4_0", "rules": [{"match": "*.ffn_down", "format": "q4_k"}]}))
+    for name, kw, block in (("q4_0", {"quant": "q4_0"}, 32), ("k", {"plan": str(plan)}, 256),
+                            ("asym", {"backend": "onnx", "quant": "int4-asym"}, 64),
+                            ("tvm", {"backend": "tvm", "quant": "int4"}, 64)):
+        m = _export(env / name, tiny_decoder_dir, pruning_rates=[0.25, 0.5], **kw)
+        downs = {m["plan"]["tensors"][llama.mlp_weights(i)[2]]["format"] for i in range(2)}
+        # TVM: int4 groups of 32 along down's inputs, and whole 64-output panels of gate and up
+        assert {get_format(f).slice_step for f in downs} == {32 if name == "tvm" else block}
+        assert m["pruning_rates"]["align"] == [block, block]
+        for entry in m["pruning_rates"]["rates"]:
+            assert all(w % block == 0 and 0 < w <= 512 for w in entry["widths"])
+            assert entry["achieved"] == pytest.approx(entry["rate"], abs=1e-6)
+            with runtime.load(env / name, pruning_rate=entry["rate"]) as s:
+                ids = _ids(24)
+                full = s.logits(ids)
+                s.backend.reset()          # the decode path (one token a call) computes what prefill did
+                steps = np.stack([s.backend.feed([t]) for t in ids])
+                assert np.isfinite(full).all() and _kld(full, steps) <= 1e-4
+
+
+def test_a_rate_the_bundle_lacks_is_one_clear_error(f32_bundle, capsys):
+    from edgeq.cli import main
+
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] != "gguf":
+        pytest.skip("one backend is enough: the rate is checked before a backend is chosen")
+    assert main(["eval", str(out), "--pruning-rate", "0.3", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"edgeq: error: {out}: carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3"]
+    assert main(["run", str(out), "hi", "--pruning-rate", "0.3"]) == 2
+
+
+def test_a_plan_can_fix_the_widths(env, tiny_decoder_dir, source):
+    """A plan with `keep` per MLP (the search issue's interface) exports the already-pruned model: layers of
+    different widths, written as llama.cpp's per-layer `deci` architecture, computing the narrowed source."""
+    from edgeq import runtime
+
+    tensors = {}
+    for i, k in enumerate((384, 160)):
+        for n in llama.mlp_weights(i):
+            tensors[n] = {"format": "f32", "keep": k}
+    plan = env / "keep.json"
+    plan.write_text(json.dumps({"preset": "f32", "tensors": tensors}))
+    out = env / "keep"
+    m2 = _export(out, tiny_decoder_dir, plan=str(plan))
+    assert m2["pruning_rates"] is None
+    assert m2["model"]["n_params"] == source.n_params - 3 * 256 * (128 + 352)
+    from gguf import GGUFReader
+
+    r = GGUFReader(out / "model.gguf")
+    assert bytes(r.fields["general.architecture"].parts[-1]).decode() == "deci"
+    assert [int(r.fields["deci.feed_forward_length"].parts[i][0]) for i in r.fields["deci.feed_forward_length"].data] \
+        == [384, 160]
+    channels = {i: np.asarray(m2["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"])[:k]
+                for i, k in enumerate((384, 160))}
+    ids = _ids(seed=2)
+    with runtime.load(out) as s:
+        assert _kld(Executor(llama.prune_mlp(source, channels)).logits(ids), s.logits(ids)) <= 1e-4
+
+
+def test_orders_and_allocations():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 48)) @ (rng.standard_normal((48, 48)) * np.exp(rng.uniform(-2, 1, 48)))
+    cov = x.T @ x / len(x)
+    lam = np.trace(cov) / 48
+    direct = np.diag(cov @ np.linalg.inv(cov + lam * np.eye(48)))
+    np.testing.assert_allclose(ridge_leverage(cov, 1.0), direct, rtol=1e-9, atol=1e-12)
+    assert np.all((direct > 0) & (direct < 1))
+    down = rng.standard_normal((16, 48))
+    for order in ("uniql", "leverage", "magnitude", "wanda", "random"):
+        o = sort_order(channel_scores(order, down, cov, np.diag(cov), layer=3))
+        assert sorted(o.tolist()) == list(range(48))
+    # duplicated channels share their span: ridge leverage ranks a copy below a unique channel of equal energy
+    h = rng.standard_normal((4000, 3))
+    h = np.column_stack([h[:, 0], h[:, 0], h[:, 1], h[:, 2]])
+    s = ridge_leverage(h.T @ h / 4000, 0.01)
+    assert s[0] == pytest.approx(s[1]) and s[0] < 0.6 < s[2]
+    # a channel with large activations whose down column is ~0 contributes nothing to the output: uniql (leverage
+    # in the output's metric) ranks it last, leverage of C alone ranks it first
+    h = rng.standard_normal((4000, 6)) * np.array([10.0, 1, 1, 1, 1, 1])
+    w = rng.standard_normal((8, 6))
+    w[:, 0] *= 1e-4
+    cov6 = h.T @ h / 4000
+    assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
+    assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
+    # allocation: the global count met exactly with mixed steps; more important layers pruned less
+    imp = np.array([0.9, 0.1, 0.3, 0.05])
+    shares = layer_shares(imp, 0.25, "uniql")
+    assert shares.mean() == pytest.approx(0.25) and shares[0] < shares[2] < shares[1] < shares[3]
+    full, align = [1536] * 4, [32, 256, 32, 32]
+    for rate in (0.05, 0.15, 0.35):
+        w = widths_for(full, align, layer_shares(imp, rate, "uniql"), rate)
+        assert sum(1536 - v for v in w) == round(rate * 6144 / 32) * 32
+        assert all(v % a == 0 and 0 < v <= 1536 for v, a in zip(w, align))
+    assert widths_for([1536] * 3, [32] * 3, layer_shares(imp[:3], 0.25, "uniform"), 0.25) == [1152] * 3
+    assert math.isclose(layer_shares(np.ones(4), 0.3, "uniql").sum(), 1.2)
+    # stored order: every width's best channels first, each segment in source order
+    ranking = rng.permutation(96)
+    stored = segmented(ranking, [64, 32, 64, 96])
+    for w in (32, 64, 96):
+        assert set(stored[:w].tolist()) == set(ranking[:w].tolist())
+    assert stored[:32].tolist() == sorted(stored[:32].tolist()) and stored[32:64].tolist() == sorted(stored[32:64])
+
+
+def test_calibration_subsets_are_disjoint():
+    from edgeq.passes.calibrate import calibration_windows
+
+    tokens = list(range(512 * 40))
+    sets = [calibration_windows(tokens, 512, 4, 0, False, subset=(i, 3)) for i in range(3)]
+    firsts = [{w[0] for w in s} for s in sets]
+    assert all(len(f) == 4 for f in firsts) and not (firsts[0] & firsts[1] or firsts[1] & firsts[2] or
+                                                    firsts[0] & firsts[2])
+    assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, subset=(0, 1))
+
+
+def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):
+    from edgeq.runtime import gguf_slice, onnx_slice
+    from edgeq.runtime.manifest import BundleError
+
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] == "tvm":
+        from edgeq.runtime.manifest import Pruning
+        from edgeq.runtime.tvm_backend import load_params, pruning_cuts
+
+        spec = json.loads(json.dumps(m["tvm"]))
+        spec["pruning"][0][0]["per_channel"] = [1, 3]
+        with pytest.raises(BundleError, match="splits an element"):
+            pruning_cuts(out, spec, Pruning(0.5, [128, 128], [64, 64], [512, 512]))
+        name = spec["pruning"][0][0]["param"]
+        with pytest.raises(BundleError, match="cannot keep"):
+            load_params(out / "params.safetensors", [name], {name: (0, 10**6)})
+        return
+    if m["artifacts"][0]["backend"] == "onnx":
+        data = (out / "model.onnx").read_bytes()
+        bad = tmp_path / "bad.onnx"
+        recipe = m["onnx"]["pruning"]
+        graph_at = data.index(b"\x3a")             # a graph field claiming 4 GB, then the real one
+        for blob, why in ((data[:len(data) // 2], "runs past"), (b"\x0f" + data[1:], "wire type"),
+                          (b"\x3a\xff\xff\xff\x0f" + data[graph_at:], "runs past")):
+            bad.write_bytes(blob)
+            with pytest.raises(BundleError, match=why):
+                onnx_slice.slice_mlp(bad, tmp_path / "x.onnx", [256, 256], [512, 512], recipe)
+            assert not (tmp_path / "x.onnx").exists()
+        return
+    slice_mlp = gguf_slice.slice_mlp
+    data = (out / "model.gguf").read_bytes()
+    bad = tmp_path / "bad.gguf"
+    for blob, why in ((data[:4000], "past the end"), (b"GGUF\x03\0\0\0" + b"\xff" * 60, "implausible"),
+                      (b"GGJT" + data[4:], "not a GGUF file")):
+        bad.write_bytes(blob)
+        with pytest.raises(BundleError, match=why):
+            slice_mlp(bad, tmp_path / "x.gguf", [256, 256], [1, 1])
+        assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_hil_runner_loads_a_rate(f32_bundle):
+    """The device runner (a clean process running only the staged runtime) loads the bundle at a rate: its full
+    width matches the reference outputs as the host's check did, a pruned rate runs and differs from them by what
+    the pruning costs, and a rate the bundle lacks is the runtime's one-line error."""
+    from edgeq.devices import checks, open_device
+
+    out, m = f32_bundle
+    if m["artifacts"][0]["backend"] != "gguf":
+        pytest.skip("the runner is backend-independent; one backend is enough")
+    dev = open_device("local")
+    try:
+        full = checks.run_reference(dev, out, pruning_rate=0.0)
+        assert checks.assert_outputs_match(out, full)["kld_mean"] <= 1e-4
+        pruned = checks.run_reference(dev, out, pruning_rate=0.4)
+        assert pruned.ok and checks.compare(out, pruned)["kld_mean"] > 1e-3
+        missing = checks.run_reference(dev, out, pruning_rate=0.3)
+        assert not missing.ok and "carries pruning rates 0, 0.1, 0.25, 0.4, not 0.3" in missing.error
+    finally:
+        dev.close()
+
+
+def test_recovery_merges_into_weights_that_still_nest(env, tiny_decoder_dir, source):
+    """--recover-steps: masked LoRA steps merged into the weights (they differ from the sorted source), and every
+    rate of the bundle is still the merged model narrowed to the table's widths (the updates live in each channel's
+    own rows and column)."""
+    pytest.importorskip("torch")
+    from edgeq import runtime
+    from edgeq.importers.gguf import import_gguf
+
+    out = env / "recovered"
+    m = _export(out, tiny_decoder_dir, quant="f32", pruning_rates=[0.25, 0.5], recover_steps=3)
+    rec = next(p for p in m["passes"] if p["pass"] == "uniql_recover")
+    assert rec["steps"] == 3 and sum(len(v) for v in rec["loss_by_rate"].values()) == 3
+    assert m["plan"]["pruning"]["recovery"]["adapted"] == 2 * 7
+    merged = import_gguf(out / "model.gguf")
+    order = np.asarray(m["plan"]["tensors"][llama.mlp_weights(0)[0]]["order"])
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.allclose(merged.weights[q].numpy(), source.weights[q].numpy(), atol=1e-7)
+    ids = _ids(seed=3)
+    for entry in m["pruning_rates"]["rates"]:
+        narrowed = llama.prune_mlp(merged, {i: np.arange(w) for i, w in enumerate(entry["widths"])})
+        with runtime.load(out, pruning_rate=entry["rate"]) as s:
+            assert _kld(Executor(narrowed).logits(ids), s.logits(ids)) <= 1e-4
+    assert order.shape == (512,)
