@@ -191,8 +191,10 @@ def cmd_add_adapter(a) -> int:
     entries = api.add_adapter(a.bundle, a.adapter, model=a.model)
     if not a.quiet:
         files = ", ".join(f"{e['path']} {e['bytes'] / 2**20:.2f} MiB" for e in entries)
-        print(f"added adapter {entries[0]['name']} (rank {entries[0]['rank']}, scale {entries[0]['scale']:g}) to "
-              f"{a.bundle}: {files}")
+        e = entries[0]
+        size = f"rank {e['rank']}" if "rank" in e else f"{e['nnz']} sparse entries"
+        print(f"added {e['method']} adapter {e['name']} ({size}, scale {e['scale']:g}) to {a.bundle}: {files}")
+    return 0
 
 
 def cmd_profile(a) -> int:
@@ -610,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall (default): the wall clock; cpu: the runtime's CPU time (one thread), which leaves out "
                          "time spent waiting for a core on a shared machine: an idle device's wall time")
     pr.add_argument("--json", action="store_true", help="print one JSON object")
-    pr.add_argument("--quiet", action="store_true")
+    pr.add_argument("--quiet", action="store_true", help=quiet_help)
 
     pd = command("predict", "predict a bundle's or a plan's prefill, decode step and peak memory",
                  "edgeq predict out/ --latency-profile ~/.cache/edgeq/profiles/PROFILE.json",
