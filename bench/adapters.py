@@ -59,25 +59,30 @@ def smollm_folder(work: Path) -> Path:
     return folder
 
 
-def random_lora(folder: Path, base: Path, rank: int, seed: int, std: float) -> Path:
-    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) with random nonzero A and B."""
-    from safetensors.numpy import save_file
-
+def linear_modules(base: Path):
+    """(PEFT module name, out, in) of every targeted linear of the model."""
     from edgeq.importers.hf import import_hf
 
-    if (folder / "adapter_model.safetensors").exists():
-        return folder
     graph = import_hf(base)
-    rng = np.random.default_rng(seed)
-    tensors = {}
     for i in range(graph.config.n_layers):
         for leaf in MODULES:
             part = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             module = f"model.layers.{i}.{part}.{leaf}"
-            out_f, in_f = graph.weights[module + ".weight"].shape
-            key = f"base_model.model.{module}"
-            tensors[key + ".lora_A.weight"] = (rng.standard_normal((rank, in_f)) * std).astype(np.float32)
-            tensors[key + ".lora_B.weight"] = (rng.standard_normal((out_f, rank)) * std).astype(np.float32)
+            yield (module, *graph.weights[module + ".weight"].shape)
+
+
+def random_lora(folder: Path, base: Path, rank: int, seed: int, std: float) -> Path:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) with random nonzero A and B."""
+    from safetensors.numpy import save_file
+
+    if (folder / "adapter_model.safetensors").exists():
+        return folder
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, out_f, in_f in linear_modules(base):
+        key = f"base_model.model.{module}"
+        tensors[key + ".lora_A.weight"] = (rng.standard_normal((rank, in_f)) * std).astype(np.float32)
+        tensors[key + ".lora_B.weight"] = (rng.standard_normal((out_f, rank)) * std).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({
@@ -91,22 +96,15 @@ def random_shira(folder: Path, base: Path, r: int, seed: int, std: float) -> Pat
     as many parameters as a rank-r LoRA), random values."""
     from safetensors.numpy import save_file
 
-    from edgeq.importers.hf import import_hf
-
     if (folder / "adapter_model.safetensors").exists():
         return folder
-    graph = import_hf(base)
     rng = np.random.default_rng(seed)
     tensors = {}
-    for i in range(graph.config.n_layers):
-        for leaf in MODULES:
-            part = "self_attn" if leaf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            module = f"model.layers.{i}.{part}.{leaf}"
-            out_f, in_f = graph.weights[module + ".weight"].shape
-            flat = rng.choice(out_f * in_f, size=r * (in_f + out_f), replace=False)
-            key = f"base_model.model.{module}"
-            tensors[key + ".shira_indices"] = np.stack([flat // in_f, flat % in_f]).astype(np.int64)
-            tensors[key + ".shira_weight"] = (rng.standard_normal(flat.size) * std).astype(np.float32)
+    for module, out_f, in_f in linear_modules(base):
+        flat = rng.choice(out_f * in_f, size=r * (in_f + out_f), replace=False)
+        key = f"base_model.model.{module}"
+        tensors[key + ".shira_indices"] = np.stack([flat // in_f, flat % in_f]).astype(np.int64)
+        tensors[key + ".shira_weight"] = (rng.standard_normal(flat.size) * std).astype(np.float32)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     (folder / "adapter_config.json").write_text(json.dumps({

@@ -182,10 +182,14 @@ def _check_config(c: dict[str, Any], path: Path) -> None:
         raise EdgeqError(path, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
     if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
         raise EdgeqError(path, f"layers_pattern must be a string or a list of strings, not {lp!r}")
-    # every pattern PEFT would compile, compiled here first: a bad one is one line, not re.error
     patterns = [(k, v) for k in ("target_modules", "exclude_modules") if isinstance(v := c.get(k), str)]
     patterns += [("layers_pattern", p) for p in ([lp] if isinstance(lp, str) else lp or [])]
     patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in (c.get(key) or {})]
+    _compile_patterns(patterns, path)
+
+
+def _compile_patterns(patterns: list[tuple[str, str]], path: Path) -> None:
+    """Every (field, pattern) PEFT would compile, compiled here first: a bad one is one line, not re.error."""
     for key, p in patterns:
         if len(p) > MAX_PATTERN_CHARS:
             raise EdgeqError(path, f"{key} pattern of {len(p)} characters (more than {MAX_PATTERN_CHARS})")
@@ -382,13 +386,8 @@ def _load_sparse(folder: Path, c: dict[str, Any], graph: Graph, weight: float, l
     ex = c.get("exclude_modules")
     if ex is not None and not (isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(e, str) for e in ex))):
         raise EdgeqError(cpath, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
-    for p in [v for v in (tm, ex) if isinstance(v, str)]:
-        if len(p) > MAX_PATTERN_CHARS:
-            raise EdgeqError(cpath, f"pattern of {len(p)} characters (more than {MAX_PATTERN_CHARS})")
-        try:
-            re.compile(p)
-        except (re.error, RecursionError, OverflowError) as exc:
-            raise EdgeqError(cpath, f"{p!r} is not a valid regular expression ({exc})") from None
+    _compile_patterns([(k, v) for k, v in (("target_modules", tm), ("exclude_modules", ex)) if isinstance(v, str)],
+                      cpath)
     wpath = folder / WEIGHTS
     if not wpath.is_file():
         raise EdgeqError(wpath, "missing")

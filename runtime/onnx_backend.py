@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.core.errors import RequestError
+from edgeq.runtime.lora import checked_factors
 from edgeq.runtime.manifest import BundleError, listed_path
 from edgeq.runtime.onnx_slice import slice_mlp
 from edgeq.runtime.pruned import pruned_file
@@ -192,24 +193,7 @@ class OnnxDecoderBackend(TokenizerText):
             del adapter
         except Exception as exc:       # onnxruntime's flatbuffer verifier: a damaged or foreign file
             raise BundleError(path, f"not an onnxruntime adapter file ({str(exc).strip().splitlines()[0]})") from None
-        out = {}
-        for key in params:
-            w, sep, part = key.rpartition(".lora_")
-            if not sep or part not in ("A", "B"):
-                raise BundleError(path, f"unexpected tensor {key!r} in a LoRA adapter file")
-            if w not in self.lora_shapes:
-                raise BundleError(path, f"adapts {w}, which this model has no LoRA input for (made for another "
-                                        "base model or bundle?)")
-        for w in {k.rpartition(".lora_")[0] for k in params}:
-            a, b = params.get(f"{w}.lora_A"), params.get(f"{w}.lora_B")
-            n_in, n_out = self.lora_shapes[w]
-            if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim != 2 or \
-                    b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
-                raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
-                                        f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
-                                        "for another base model?)")
-            out[w] = (np.ascontiguousarray(a), np.ascontiguousarray(b))
-        return out
+        return checked_factors(path, params, self.lora_shapes, ("A", "B"))
 
     def reset(self) -> None:
         self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]

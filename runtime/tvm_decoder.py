@@ -16,6 +16,7 @@ import numpy as np
 
 from edgeq.core.errors import RequestError
 from edgeq.runtime.arrays import read_arrays
+from edgeq.runtime.lora import checked_factors
 from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
@@ -123,24 +124,8 @@ class TvmDecoderBackend(TokenizerText):
             out = self._read_sparse(path, arrays)
             self._sparse.add(name)
             return out
-        out = {}
-        for key in keys:
-            w, sep, part = key.rpartition(".lora_")
-            if not sep or part not in ("a", "b"):
-                raise BundleError(path, f"unexpected tensor {key!r} in a LoRA adapter file")
-            if w not in self.lora:
-                raise BundleError(path, f"adapts {w}, which this library has no LoRA parameters for (made for "
-                                        "another base model or bundle?)")
-        for w in {k.rpartition(".lora_")[0] for k in keys}:
-            a, b = arrays.get(w + ".lora_a"), arrays.get(w + ".lora_b")
-            _, _, n_in, n_out = self.lora[w]
-            if a is None or b is None or a.dtype != np.float32 or b.dtype != np.float32 or a.ndim != 2 or \
-                    b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
-                raise BundleError(path, f"{w}: LoRA factors {getattr(a, 'shape', None)} and "
-                                        f"{getattr(b, 'shape', None)} do not fit the weight ({n_out}, {n_in}) (made "
-                                        "for another base model?)")
-            out[w] = (_aligned(a), _aligned(b))
-        return out
+        shapes = {w: (n_in, n_out) for w, (_, _, n_in, n_out) in self.lora.items()}
+        return {w: (_aligned(a), _aligned(b)) for w, (a, b) in checked_factors(path, arrays, shapes, ("a", "b")).items()}
 
     def reset(self) -> None:
         import tvm
