@@ -102,18 +102,9 @@ class TvmDecoderBackend(TokenizerText):
         return tvm.runtime.tensor(arr, self.session.dev)
 
     def _sparse_plan(self, entries: dict[str, tuple[np.ndarray, ...]], scale: float) -> list:
-        """Where a SHiRA adapter writes: per weight, the flat view of its parameter (shared with the VM: an
-        in-place change), the positions and the values to add (repeated pairs summed)."""
-        steps = []
-        index = {n: i for i, n in enumerate(self.session.param_names)}
-        for w, (rows, cols, vals) in entries.items():
-            view = np.from_dlpack(self.session.params[index[w]])
-            panel = view.shape[2]
-            pos = np.ravel_multi_index((rows // panel, cols, rows % panel), view.shape)
-            uniq, inv = np.unique(pos, return_inverse=True)
-            add = np.bincount(inv, weights=vals.astype(np.float64) * scale).astype(np.float32)
-            steps.append((view.reshape(-1), uniq, add))
-        return steps
+        """A SHiRA adapter's writes at this scale: per weight, the flat view of its parameter (shared with the VM:
+        an in-place change), the positions and the values to add."""
+        return [(flat, pos, add * np.float32(scale)) for flat, pos, add in entries.values()]
 
     def _read_adapter(self, path: Path, name: str) -> dict[str, tuple[np.ndarray, ...]]:
         """An adapter's safetensors: LoRA factors checked against the library's LoRA parameters, or a SHiRA
@@ -192,7 +183,13 @@ class TvmDecoderBackend(TokenizerText):
             if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_out or cols.max() >= n_in):
                 raise BundleError(path, f"{w}: SHiRA indices outside the weight ({n_out}, {n_in}) (made for another "
                                         "base model?)")
-            out[w] = (rows, cols, vals)
+            # where (out, in) entries live in the panelled parameter (ops.panels: (out/P, in, P)), each position
+            # once with its values summed (repeated pairs add), computed once so that a switch only scatters
+            view = np.from_dlpack(p)
+            panel = view.shape[2]
+            pos, inv = np.unique(np.ravel_multi_index((rows // panel, cols, rows % panel), view.shape),
+                                 return_inverse=True)
+            out[w] = (view.reshape(-1), pos, np.bincount(inv, weights=vals.astype(np.float64)).astype(np.float32))
         return out
 
     def close(self) -> None:
