@@ -324,7 +324,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {f['merged_q4(A)']['kld_mean']:.4f} | {f['ratio_sep_over_merged_q4']:.2f} "
             f"| {r['load_base']['median_ms']:.0f} | {r['first_switch']['median_ms']:.1f} "
             f"| {r['switch']['median_ms']:.2f} | {d['separate+A']['median']:.1f} / {d['merged']['median']:.1f} / "
-            f"{d['separate, no adapter']['median']:.1f} | {g.get('A', float('nan')):.2f}, {g.get('B', float('nan')):.2f} |")
+            f"{d['separate, no adapter']['median']:.1f} | {g.get('A', float('nan')):.2f}, "
+            f"{g.get('B', float('nan')):.2f} |")
     return "\n".join(lines)
 
 

@@ -42,8 +42,8 @@ from edgeq.predictor.profile import cached_profile_path, load_profile
 from edgeq.predictor.validate import ValidationSettings, validate
 from edgeq.predictor.workload import graph_workload
 
-__all__ = ["ExportOptions", "add_adapter", "calibrate", "chat", "evaluate", "export", "export_module", "inspect", "plan",
-           "predict", "profile", "serve"]
+__all__ = ["ExportOptions", "add_adapter", "calibrate", "chat", "evaluate", "export", "export_module", "inspect",
+           "plan", "predict", "profile", "serve"]
 
 
 def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:

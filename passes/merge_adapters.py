@@ -422,7 +422,7 @@ def unmerged(ad: Adapter, graph: Graph) -> UserAdapter:
     its PEFT scale folded into B, or a SHiRA adapter's sparse entries. What only a merge can express is refused in
     one line."""
     wpath = ad.path / WEIGHTS
-    for target, t in ad.base_layers.items():    # PEFT saves them whenever an embedding is targeted: usually the base's own
+    for target, t in ad.base_layers.items():    # PEFT saves them when an embedding or the head is targeted: the base's
         if not np.array_equal(t.load(), graph.weights[target].numpy()):
             raise EdgeqError(wpath, f"holds full weights for {target} that differ from the base model's "
                                     "(save_embedding_layers): only --adapter-mode merged can apply them")

@@ -116,7 +116,8 @@ class TvmDecoderBackend(TokenizerText):
             self._sparse.add(name)
             return out
         shapes = {w: (n_in, n_out) for w, (_, _, n_in, n_out) in self.lora.items()}
-        return {w: (_aligned(a), _aligned(b)) for w, (a, b) in checked_factors(path, arrays, shapes, ("a", "b")).items()}
+        factors = checked_factors(path, arrays, shapes, ("a", "b"))
+        return {w: (_aligned(a), _aligned(b)) for w, (a, b) in factors.items()}
 
     def reset(self) -> None:
         import tvm
@@ -165,8 +166,7 @@ class TvmDecoderBackend(TokenizerText):
         out = {}
         for w in sorted({k.rpartition(".shira_")[0] for k in arrays}):
             idx, vals = arrays.get(w + ".shira_indices"), arrays.get(w + ".shira_weight")
-            if set(arrays) & {w + ".shira_indices", w + ".shira_weight"} != {w + ".shira_indices", w + ".shira_weight"} \
-                    or idx is None or vals is None:
+            if idx is None or vals is None:
                 raise BundleError(path, f"{w}: a SHiRA adapter needs shira_indices and shira_weight")
             if w not in index:
                 raise BundleError(path, f"changes {w}, which this library does not have (made for another base?)")

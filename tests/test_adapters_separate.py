@@ -64,7 +64,8 @@ def setup(tmp_path_factory):
     for backend in BACKENDS:
         bundles[backend] = t / f"bundle-{backend}"
         r = edgeq("export", "--model", base, "--adapter", f"{chat}=chat", "--adapter", f"{sql}:0.5=sql",
-                  "--adapter-mode", "separate", "--backend", backend, "--quant", "f32", "-o", bundles[backend], "--quiet")
+                  "--adapter-mode", "separate", "--backend", backend, "--quant", "f32", "-o", bundles[backend],
+                  "--quiet")
         assert r.returncode == 0, r.stderr
     return {"base": base, "chat": chat, "sql": sql, "ref": ref, "plain": plain, "bundles": bundles, "tmp": t}
 
@@ -147,8 +148,8 @@ def test_q8_0_base_with_adapter_close_to_merged_mode(setup, tmp_path):
     outs = {}
     for mode in ("merged", "separate"):
         outs[mode] = tmp_path / mode
-        r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter-mode", mode, "--quant",
-                  "q8_0", "-o", outs[mode], "--quiet")
+        r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter-mode", mode,
+                  "--quant", "q8_0", "-o", outs[mode], "--quiet")
         assert r.returncode == 0, r.stderr
     want = setup["ref"][("one",)]
     with runtime.load(outs["merged"]) as s:
@@ -252,8 +253,8 @@ def test_option_errors(setup, tmp_path):
     out = tmp_path / "b"
     r = edgeq("export", "--model", setup["base"], "--adapter-mode", "separate", "--quant", "f32", "-o", out)
     assert_clean_failure(r, "--adapter-mode separate", out, "needs at least one --adapter")
-    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter", f"{setup['sql']}=chat",
-              "--adapter-mode", "separate", "--quant", "f32", "-o", out)
+    r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=chat", "--adapter",
+              f"{setup['sql']}=chat", "--adapter-mode", "separate", "--quant", "f32", "-o", out)
     assert_clean_failure(r, "sql", out, "a second adapter named 'chat'")
     r = edgeq("export", "--model", setup["base"], "--adapter", f"{setup['chat']}=..bad", "--adapter-mode",
               "separate", "--quant", "f32", "-o", out)
@@ -273,7 +274,8 @@ def test_add_adapter_equals_exporting_with_it(setup, backend, tmp_path):
     sql = FILES[backend][1].format("sql")
     both = setup["bundles"][backend]
     assert (out / sql).read_bytes() == (both / sql).read_bytes()       # as export writes it
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in ("manifest.json", sql)} == before
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in ("manifest.json", sql)}
+    assert after == before
     m, want = (json.loads((d / "manifest.json").read_text()) for d in (out, both))
     entry = lambda mm: next(a for a in mm["artifacts"] if a.get("name") == "sql")      # noqa: E731
     assert entry(m) == entry(want)

@@ -200,7 +200,8 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
                                            branches=d.branches, spec=spec, n_ctx=bundle_n_ctx(graph, profile, opts),
                                            ndk_clang=opts.android_clang,
-                                           tune_trials=opts.tune_trials, adapters=c.adapters, progress=progress, log=log))
+                                           tune_trials=opts.tune_trials, adapters=c.adapters, progress=progress,
+                                           log=log))
             artifacts += lowered.artifacts
             if lowered.section is not None:
                 sections[t.name] = lowered.section

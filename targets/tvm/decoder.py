@@ -194,7 +194,9 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                     wn = pre + name + ".weight"
                     y = emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn),
                                     branch=branches.get(wn), channels=channels)
-                    return emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint) if wn in lora_slots else y
+                    if wn in lora_slots:
+                        y = emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint)
+                    return y
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
