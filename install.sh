@@ -21,17 +21,21 @@ if ! ls "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
 fi
 "${pip_q[@]}" install --find-links "$cache" "llama-cpp-python==$LLAMA_VERSION"
 
-# TVM exports for linux-arm64 link with Debian's aarch64 cross compiler; install it when missing (needs root
-# or sudo; elsewhere say what to install). Quiet and idempotent.
-if ! command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# TVM exports for linux-arm64 link with Debian's aarch64 cross compiler, and android/linux-arm64 gguf bundles carry
+# a native runner cross-built with it (cmake, ninja); install them when missing (needs root or sudo; elsewhere say
+# what to install). Quiet and idempotent.
+cross=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build)
+if ! { command -v aarch64-linux-gnu-g++ && command -v cmake && command -v ninja; } >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo -n"
   if $sudo_ true 2>/dev/null; then
-    echo "install.sh: installing the aarch64 cross toolchain (g++-aarch64-linux-gnu)" >&2
-    ( $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu g++-aarch64-linux-gnu \
+    echo "install.sh: installing the aarch64 cross toolchain (${cross[*]})" >&2
+    ( $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${cross[@]}" \
       || { $sudo_ apt-get update -qq && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-           gcc-aarch64-linux-gnu g++-aarch64-linux-gnu; } ) >/dev/null
+           "${cross[@]}"; } ) >/dev/null
   else
-    echo "install.sh: note: no aarch64-linux-gnu-g++; tvm exports for linux-arm64 need g++-aarch64-linux-gnu" >&2
+    echo "install.sh: note: no aarch64 cross toolchain; tvm exports for linux-arm64 and the native runner of" \
+         "android/linux-arm64 bundles need: apt-get install ${cross[*]} (or export with --no-native)" >&2
   fi
 fi
 

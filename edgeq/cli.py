@@ -51,6 +51,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
         prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
         recover_steps=a.recover_steps,
+        native=getattr(a, "native", None),
     )
 
 
@@ -476,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "the profile's)")
     e.add_argument("--ndk-clang", help="tvm on android: the NDK's clang++ that links a .so (default: "
                                        "$EDGEQ_ANDROID_CLANG; without one, a .tar of objects)")
+    e.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                   help="put bin/edgeq-run (a static aarch64 runner over llama.cpp, no Python needed) and a `run` "
+                        "script in the bundle; default: on for android and linux-arm64 gguf decoders (built once "
+                        "with the aarch64-linux-gnu cross toolchain, cached in ~/.cache/edgeq/native)")
     e.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="tvm: meta-schedule tuning trials in all (default 0: untuned, byte-identical); the "
                         "database is cached per profile in ~/.cache/edgeq/tvm-tune/ and reused")

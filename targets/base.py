@@ -63,6 +63,8 @@ class Target:
     kinds: frozenset[str] = frozenset()           # model kinds it lowers (decoder, encoder, cnn)
     budget_kinds: frozenset[str] = frozenset()    # kinds whose files it sizes exactly (budgeted plans)
     runtime_dists: tuple[str, ...] = ()           # the distributions whose versions a bundle records
+    # model kinds edgeq's native runner (edgeq/native/, a static executable over the backend's C library) runs
+    native_kinds: frozenset[str] = frozenset()
     # llama.cpp picks some of a preset's types by whether an importance matrix is given, so such a target's
     # calibration runs before its preset is resolved; others calibrate what the finished plan needs
     preset_reads_imatrix: bool = False

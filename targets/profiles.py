@@ -25,12 +25,18 @@ class DeviceProfile:
     n_ctx: int = 2048
     kv_cache_dtype: str = "f16"
     threads: int = 4
+    # arm64 profiles: the -march edgeq's native runner (bin/edgeq-run) is built for; None: no native runner
+    native_march: str | None = None
     # what `--backend all` writes per model kind (one artifact each, the preferred backend first)
     all_backends: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
         "decoder": ("gguf", "onnx"), "encoder": ("onnx",), "cnn": ("onnx",)})
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The manifest's `target`. The native runner's -march is left out: a bundle that carries the runner
+        records it in its `native` section, and the other bundles' manifests stay as they were."""
+        d = asdict(self)
+        del d["native_march"]
+        return d
 
     def backend_for(self, kind: str) -> str:
         return self.backends.get(kind, "gguf")
@@ -61,14 +67,14 @@ PROFILES: dict[str, DeviceProfile] = {
             # q4_k_m, not q4_0: on the default model q4_0 measures KLD 0.24 vs 0.054 for +0.8 bpw
             # (bench/presets.py). q4_0 stays the speed-first choice (llama.cpp repacks it for arm64).
             default_quant={"gguf": "q4_k_m", "onnx": "int8", "tvm": "int4"},
-            n_ctx=2048, threads=4,
+            n_ctx=2048, threads=4, native_march="armv8.2-a+dotprod",
         ),
         DeviceProfile(
             name="linux-arm64", description="arm64 Linux board (Raspberry Pi 5 class)", isa="arm64", os="linux",
             tvm_target={"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]},
             backends={"decoder": "gguf", "encoder": "onnx", "cnn": "onnx"},
             default_quant={"gguf": "q4_k_m", "onnx": "int8", "tvm": "int4"},
-            n_ctx=2048, threads=4,
+            n_ctx=2048, threads=4, native_march="armv8.2-a+dotprod",     # Cortex-A76 (Pi 5): dotprod
         ),
         DeviceProfile(
             name="cuda", description="NVIDIA GPU", isa="x86_64", os="linux", tvm_target="cuda",

@@ -146,13 +146,15 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hil_bundles(tmp_path_factory):
     """Small bundles per backend, exported once: a tiny random Llama (gguf) and MiniLM int8 (onnx: the
-    smallest encoder the ONNX target takes)."""
+    smallest encoder the ONNX target takes). A gguf bundle for an arm64 profile carries the native runner
+    (bin/edgeq-run), which a device with nothing installed (qemu-arm64-bare, a phone) runs."""
     from edgeq.api import ExportOptions, export
 
     made: dict[tuple[str, str], Path] = {}
 
     def get(backend: str, target: str = "cpu") -> Path:
-        key = (backend, target if backend == "tvm" else "any")     # gguf and onnx bundles run anywhere
+        # onnx bundles and cpu gguf bundles run anywhere; arm64 gguf ones add the native runner
+        key = (backend, target if backend == "tvm" or (backend == "gguf" and target != "cpu") else "any")
         if key not in made:
             root = tmp_path_factory.mktemp(f"hil-{backend}")
             if backend == "gguf":
@@ -161,7 +163,8 @@ def hil_bundles(tmp_path_factory):
 
                 src = graph_to_hf_folder(random_llama(tiny_config(vocab_size=384), seed=1, scale=0.08),
                                          root / "tiny-llama", byte_level_spec(384))
-                export(ExportOptions(model=str(src), quant="q8_0", out=str(root / "b"), calibration=False))
+                export(ExportOptions(model=str(src), quant="q8_0", out=str(root / "b"), calibration=False,
+                                     target=key[1] if key[1] != "any" else "cpu"))
             elif backend == "onnx":
                 export(ExportOptions(model="all-MiniLM-L6-v2", backend="onnx", quant="int8", out=str(root / "b")))
             elif backend == "tvm":

@@ -27,14 +27,17 @@ MODEL_ROLES = ("model", "model_data", "params", "adapter")
 class Artifact:
     """A file a target (or the bundle writer) put in the staged bundle, as the manifest lists it."""
 
-    role: str                    # model, model_data, params, adapter (MODEL_ROLES), tokenizer, config
+    role: str                    # model, model_data, params, adapter (MODEL_ROLES), tokenizer, config, runner,
+                                 # licences, launcher (a native runner and its files: edgeq/bundle/native.py)
     path: Path
     backend: str                 # the target's name, or "any"
     formats: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)   # role-specific fields (an adapter's applies_to, kind)
+    rel: str | None = None       # its path in the bundle when not at the top (bin/edgeq-run)
 
     def entry(self) -> dict[str, Any]:
-        return {"role": self.role, "backend": self.backend, "path": self.path.name, "sha256": sha256_file(self.path),
+        return {"role": self.role, "backend": self.backend, "path": self.rel or self.path.name,
+                "sha256": sha256_file(self.path),
                 "bytes": self.path.stat().st_size, "formats": self.formats, **self.extra}
 
 

@@ -48,6 +48,7 @@ class ExportOptions:
     adapter_mode: str = "merged"           # merged: into the float base; separate: files beside the quantized base
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
+    native: bool | None = None             # bin/edgeq-run in the bundle; None: where the profile has a native runner
     # latency: a profile measured by `edgeq profile` predicts the bundle (manifest `predicted`) and, with
     # latency_ms, bounds the plan's predicted decode step (or prefill of prompt_tokens) in the ILP
     latency_profile: str | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.bundle.manifest import MODEL_ROLES, ManifestParts, calibration_record, manifest, write_manifest
+from edgeq.bundle.native import add_native, native_runner
 from edgeq.bundle.pareto import plan_pareto
 from edgeq.bundle.reference import reference_and_check, reference_images, reference_record
 from edgeq.bundle.report import plot_layers, write_report
@@ -178,6 +179,10 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
     timings["import"] = time.perf_counter() - t0
     graph, profile, targets, first = c.graph, c.profile, c.targets, c.targets[0]
     t0 = time.perf_counter()
+    runner = native_runner(opts.native, profile, first, graph.kind, log)
+    if runner is not None:
+        timings["native_runner"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     decisions = decide_all(c, opts)
     timings["passes"] = time.perf_counter() - t0
     plan_ = decisions[first.name].plan
@@ -210,6 +215,9 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         timings.setdefault("lower", time.perf_counter() - t0)
         if opts.budgeted:
             _check_budget(decisions, artifacts)
+        if runner is not None:
+            native_files, sections["native"] = add_native(tmp, profile, runner, first.name)
+            artifacts += native_files
         predicted = _prediction(opts, graph, profile, decisions, c.inputs, artifacts)
         tokenizer_file, tokenizer = write_tokenizer(graph, spec, tmp)
         if tokenizer_file is not None:

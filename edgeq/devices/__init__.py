@@ -5,6 +5,7 @@
     adb:SERIAL                 an Android device through adb (untested: no device here)
     rpc://host:port            a TVM RPC server (phones run the TVM RPC app), for TVM bundles
     qemu-arm64                 an emulated arm64 Linux (`edgeq device setup qemu-arm64` builds it once)
+    qemu-arm64-bare            an emulated arm64 with nothing installed: bundles run by their native runner
 """
 
 from __future__ import annotations
@@ -38,5 +39,9 @@ def open_device(spec: str) -> Device:
         from edgeq.devices.qemu_arm64 import QemuArm64Device
 
         return QemuArm64Device(spec)
+    if spec == "qemu-arm64-bare":
+        from edgeq.devices.native import QemuArm64BareDevice
+
+        return QemuArm64BareDevice(spec)
     raise EdgeqError(None, f"unknown device {spec!r} (local, ssh://user@host[:port], adb:SERIAL, rpc://host:port, "
-                           "qemu-arm64)")
+                           "qemu-arm64, qemu-arm64-bare)")

@@ -22,6 +22,7 @@ from typing import Any
 import edgeq
 import edgeq.runtime
 from edgeq.core.errors import EdgeqError
+from edgeq.runtime.manifest import read_manifest
 
 BACKEND_MODULES = {"gguf": "llama_cpp", "onnx": "onnxruntime", "tvm": "tvm"}
 # the runner's own files: the runtime package and the few edgeq modules it imports
@@ -132,6 +133,18 @@ def bundle_digest(bundle: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def native_runner_of(bundle: Path) -> tuple[str, str] | None:
+    """The native runner a bundle carries (its path inside the bundle, from the manifest's `native`) and the
+    backend whose model it runs, or None."""
+    try:
+        section = read_manifest(bundle).get("native")
+    except EdgeqError:
+        return None          # the device's runner says what is wrong with the bundle
+    if isinstance(section, dict) and isinstance(section.get("runner"), str) and isinstance(section.get("runs"), str):
+        return section["runner"], section["runs"]
+    return None
+
+
 def stage_runtime(dst: Path) -> Path:
     """The runner's code as a folder to copy onto a device: edgeq/{a few modules} and edgeq/runtime/."""
     pkg = dst / "edgeq"
@@ -165,6 +178,8 @@ class ShellDevice(Device, ABC):
         self.python = python
         self.session_dir = f"{root.rstrip('/')}/s-{uuid.uuid4().hex[:12]}"
         self._pushed: dict[str, str] = {}
+        # pushed bundle -> (its native runner, e.g. bin/edgeq-run; the backend whose model it runs), if any
+        self._native: dict[str, tuple[str, str]] = {}
         self._code: str | None = None
         self._host_tmp = Path(tempfile.mkdtemp(prefix="edgeq-hil-"))
 
@@ -230,7 +245,14 @@ class ShellDevice(Device, ABC):
             remote = f"{self.session_dir}/bundles/{key}"
             self.put(bundle, remote)
             self._pushed[key] = remote
+            runner = native_runner_of(bundle)
+            if runner is not None:
+                self._native[remote] = runner
         return self._pushed[key]
+
+    def exec_native(self, argv: list[str], timeout: float = 60):
+        """Run a native executable of a pushed bundle (no Python, no environment)."""
+        return self.exec(argv, timeout=timeout)
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
             threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,

@@ -21,7 +21,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from importlib import metadata
@@ -32,6 +31,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write_text
 from edgeq.devices.base import DeviceError
 from edgeq.devices.local import FolderDevice
+from edgeq.native import llama_source
 
 SUITE = "bookworm"                 # Python 3.11, as the cp311 wheels below
 # pip takes --platform literally: name the older manylinux tags too (tokenizers ships manylinux_2_17 only)
@@ -190,37 +190,15 @@ def _site_tvm(tmp: Path) -> None:
           "--implementation", "cp", "--only-binary=:all:", *reqs], "pip install of the aarch64 TVM wheels")
 
 
-def _llama_source(cache: Path) -> Path:
-    version = _host_version("llama-cpp-python")
-    src = cache / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    found = sorted(src.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if not found:
-        _run([sys.executable, "-m", "pip", "--disable-pip-version-check", "download", "--quiet", "--no-deps",
-              "--no-binary", ":all:", "-d", str(src), f"llama-cpp-python=={version}"], "download of llama.cpp sources")
-        found = sorted(src.glob(f"llama_cpp_python-{version}.tar.gz"))
-    if not found:
-        raise EdgeqError(src, f"qemu-arm64 set-up: no llama_cpp_python-{version}.tar.gz after download")
-    return found[0]
-
-
 def _llama_libs(cache: Path, jobs: int) -> Callable[[Path], None]:
     def build(tmp: Path) -> None:
-        sdist = _llama_source(cache)
+        archive = llama_source.sdist(cache / "src", "qemu-arm64 set-up")
         work = Path(tempfile.mkdtemp(prefix=".llama-build-", dir=cache))
         try:
-            with tarfile.open(sdist) as tf:
-                members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name]
-                tf.extractall(work, members=members, filter="data")
-            srcdir = next(work.glob("*/vendor/llama.cpp"))
+            srcdir = llama_source.unpack(archive, work)
             build_dir = work / "build"
-            flags = ["-DCMAKE_SYSTEM_NAME=Linux", "-DCMAKE_SYSTEM_PROCESSOR=aarch64",
-                     "-DCMAKE_C_COMPILER=aarch64-linux-gnu-gcc", "-DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++",
-                     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=OFF",
-                     "-DGGML_OPENMP=OFF", "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                     "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                     "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
-            _run(["cmake", "-G", "Ninja", "-S", str(srcdir), "-B", str(build_dir), *flags], "cmake (aarch64)")
+            _run(["cmake", "-G", "Ninja", "-S", str(srcdir), "-B", str(build_dir),
+                  *llama_source.aarch64_cmake_flags(shared=True)], "cmake (aarch64)")
             _run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(jobs)], "llama.cpp cross-build")
             for name in LLAMA_LIBS:
                 hits = sorted(build_dir.rglob(name))

@@ -33,6 +33,7 @@ class GgufTarget(Target):
     kinds = frozenset({"decoder"})
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("llama-cpp-python", "gguf")
+    native_kinds = frozenset({"decoder"})      # bin/edgeq-run over llama.h
     preset_reads_imatrix = True
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
