@@ -283,11 +283,20 @@ def bench_shira(base: Path, ads: dict[str, Path], work: Path, refs: dict[str, Re
     r = evaluate_bundle(bundle, ctx=args.ctx, chunks=args.chunks, reference_logits=refs["S"], backend="tvm",
                         threads=args.threads, record=False, pareto=False)
     out["kld_f16 no adapter vs S"] = r["kld_mean"]
+    out.update(shira_switch_times(bundle, args.rounds, args.threads))
+    log(f"tvm shira: {json.dumps(out)}")
+    return out
+
+
+def shira_switch_times(bundle: Path, rounds: int, threads: int) -> dict[str, Any]:
+    """First switch (file read) and later switches to LoRA A and to SHiRA S, and back to the base, on TVM."""
+    from edgeq import runtime
+
     first: dict[str, list[float]] = {"A": [], "S": []}
     switch: dict[str, list[float]] = {"A": [], "S": []}
     back: dict[str, list[float]] = {"A": [], "S": []}
-    for _ in range(args.rounds):
-        s = runtime.load(bundle, backend="tvm", threads=args.threads, verify=False)
+    for _ in range(rounds):
+        s = runtime.load(bundle, backend="tvm", threads=threads, verify=False)
         for name in ("A", "S"):
             t0 = time.perf_counter()
             s.set_adapters([name])
@@ -303,12 +312,11 @@ def bench_shira(base: Path, ads: dict[str, Path], work: Path, refs: dict[str, Re
                 s.set_adapters({})
         s.close()
     m = json.loads((bundle / "manifest.json").read_text())
-    out["file_bytes"] = {a["name"]: a["bytes"] for a in m["artifacts"] if a.get("role") == "lora"}
+    out: dict[str, Any] = {"file_bytes": {a["name"]: a["bytes"] for a in m["artifacts"] if a.get("role") == "lora"}}
     for name in ("A", "S"):
         out[f"first_switch_{name}"] = median_ms(first[name])
         out[f"switch_{name}"] = median_ms(switch[name])
         out[f"back_to_base_{name}"] = median_ms(back[name])
-    log(f"tvm shira: {json.dumps(out)}")
     return out
 
 
@@ -343,10 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="/tmp/edgeq-bench-adapters")
     ap.add_argument("--out", default=str(DEFAULT_OUT / "adapters.json"))
+    ap.add_argument("--shira-switch-only", action="store_true",
+                    help="only time the TVM LoRA/SHiRA switches again on the bundle of an earlier run (--work), into "
+                         "the JSON's rows[tvm].shira_switch_rerun")
     ap.add_argument("--rss-probe", nargs=3, metavar=("BUNDLE", "BACKEND", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_probe:
         print(json.dumps(rss_probe(args.rss_probe[0], args.rss_probe[1], int(args.rss_probe[2]))))
+        return 0
+    if args.shira_switch_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        times = shira_switch_times(Path(args.work) / "tvm-sep-f16-shira", args.rounds, args.threads)
+        times["load"] = os.getloadavg()
+        next(r for r in result["rows"] if r["backend"] == "tvm")["shira_switch_rerun"] = times
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(times))
         return 0
     from edgeq.core.executor import Executor
     from edgeq.importers.hf import import_hf
