@@ -14,7 +14,7 @@ up, down) its mean share of the summed cost and the ρ left when that group is d
 against the measurement).
 
 --groups also checks each cost against the truth per group: every tensor of one group in one format, the
-rest float, KLD measured in float (torch, the Fisher pass's interpreter, dequantized weights) on one
+rest float, KLD measured in float (edgeq's executor, dequantized weights) on one
 calibration window, against Σ predicted / 2 (the costs are 2·KLD to second order). Writes JSON beside the
 results (…_costs.json, and additivity_groups.json for --groups).
 """
@@ -44,20 +44,20 @@ def group(name: str) -> str:
 
 def cost_tables(graph, model, formats: list[str]):
     """{'output', 'fisher-diag', 'fisher'}: CostTable, all from one calibration and one Fisher pass (cached)."""
+    from edgeq.core.progress import make_progress
     from edgeq.passes import Context
     from edgeq.passes.calibrate import Calibrate
     from edgeq.passes.fisher import Fisher
     from edgeq.passes.sensitivity import Sensitivity
-    from edgeq.targets.gguf.layout import gguf_layout
-    from edgeq.core.progress import make_progress
     from edgeq.runtime.tokenizer import spec_from_gguf_metadata, spec_to_json
+    from edgeq.targets.gguf.layout import gguf_layout
 
     ctx = Context(backend="gguf", progress=make_progress(False))
     Calibrate().run(graph, None, ctx)
     cal = ctx.analysis["calibration"]
     layout = gguf_layout(graph, spec_to_json(spec_from_gguf_metadata(graph.metadata["gguf"], model)))
     Fisher().run(graph, None, ctx)
-    full = ctx.analysis["fisher"]
+    full = ctx.analysis["fisher"].collect()
     variants = {"output": None, "fisher-diag": {k: v for k, v in full.items() if not k.startswith(("cov:", "lookup_tokens:"))},
                 "fisher": full}
     out = {}
@@ -86,10 +86,9 @@ def main() -> int:
         g, f = args.what_if.split("=")
         factor[GROUPS.index(g)] = float(f)
 
+    from edgeq.core.cache import cache_dir
     from edgeq.importers.gguf import import_gguf
     from edgeq.models.recipes.default import default_model_path
-
-    from edgeq.core.cache import cache_dir
     from edgeq.passes.sensitivity import CostTable
 
     model = default_model_path()
@@ -164,34 +163,33 @@ def _plot(tables, plans, kld, out: dict, path: Path) -> None:
 
 def groups_check(graph, cal, tables, path: Path) -> None:
     """Per group and format: float KLD of quantizing that group alone vs each cost's Σ predicted / 2."""
-    import torch
+    from dataclasses import replace
 
+    from edgeq.core.executor import Executor
     from edgeq.core.formats import get_format
+    from edgeq.evaluate.decoder import log_softmax64
     from edgeq.passes.calibrate import calibration_tokens, calibration_windows
-    from edgeq.passes.fisher import torch_forward
 
-    torch.set_num_threads(1)
     tokens, bos, add_bos = calibration_tokens(graph)
     win = calibration_windows(tokens, 512, 4, bos, add_bos)[1]
     imatrix = cal.imatrix()
-    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
 
-    def logp(ws):
-        with torch.no_grad():
-            return torch.log_softmax(torch_forward(graph, win, ws, torch, {}).double(), -1)
+    def logp(g):
+        return log_softmax64(Executor(g).logits(win))
 
-    ref = logp(weights)
+    ref = logp(graph)
     rows = []
     cases = [(g, "q4_0") for g in GROUPS] + [("down", "q3_k"), ("down", "q2_k"), ("embed", "q5_0")]
     for g, fmt in cases:
         t0 = time.perf_counter()
         f = get_format(fmt)
         names = [n for n, t in graph.weights.items() if len(t.shape) == 2 and group(n) == g]
-        ws = dict(weights)
+        ws = dict(graph.weights)
         for n in names:
             w = np.array(graph.weights[n].numpy(), dtype=np.float32)
-            ws[n] = torch.from_numpy(f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None).astype(np.float32))
-        kld = float((ref.exp() * (ref - logp(ws))).sum(-1)[1:].mean())
+            q = f.roundtrip(w, imatrix.get(n) if f.takes_imatrix else None).astype(np.float32)
+            ws[n] = replace(ws[n], load=lambda q=q: q)
+        kld = float((np.exp(ref) * (ref - logp(replace(graph, weights=ws)))).sum(-1)[1:].mean())
         row = {"group": g, "format": fmt, "tensors": len(names), "float_kld": kld,
                **{f"{k}_predicted": sum(t.option(n, fmt).cost for n in names) / 2 for k, t in tables.items()}}
         for k in tables:

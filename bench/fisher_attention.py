@@ -7,8 +7,8 @@ bench/additivity_costs.py --groups found the Fisher cost under-predicting v_proj
 through attention's weighted sum over positions, out_t = Σ_s p_ts v_s, so one ΔW gives errors ΔW·x_s that the
 attention adds up coherently at every later position. The Fisher cost is a sum over positions of per-position
 terms (E[(gᵀδy)²] with the cross-position products dropped). This bench quantizes one group (every tensor of
-it in --format, the rest float) and measures on one 512-token calibration window, in float (torch, the Fisher
-pass's interpreter):
+it in --format, the rest float) and measures on one 512-token calibration window, in float (edgeq's executor and
+the Fisher pass's backward):
 
   - kld:          the true KLD of the error δy_s = ΔW x_s (the perturbation as quantization makes it),
   - kld_signed:   the KLD of ±ΔW x_s with a random sign per position (cross-position products cancel; what a
@@ -45,16 +45,16 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4, help="sign draws, and sampled labels for the gradients")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "fisher_attention.json"))
     args = ap.parse_args()
-    import torch
 
+    from edgeq.core.executor import Executor
     from edgeq.core.formats import get_format
+    from edgeq.evaluate.decoder import log_softmax64
     from edgeq.importers.gguf import import_gguf
     from edgeq.models.recipes.default import default_model_path
     from edgeq.passes import Context
     from edgeq.passes.calibrate import Calibrate, calibration_tokens, calibration_windows
-    from edgeq.passes.fisher import torch_forward
+    from edgeq.passes.fisher import _sample, _Tape, backward
 
-    torch.set_num_threads(1)
     graph = import_gguf(default_model_path())
     ctx = Context(backend="gguf")
     Calibrate().run(graph, None, ctx)
@@ -62,61 +62,56 @@ def main() -> int:
     imatrix = cal.imatrix()
     tokens, bos, add_bos = calibration_tokens(graph)
     win = calibration_windows(tokens, 512, 4, bos, add_bos)[1]       # the window additivity_costs --groups uses
-    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
     fmt = get_format(args.format)
-    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    linear_input = {n.inputs[1]: i for i, n in enumerate(graph.nodes) if n.op == "linear"}
 
-    def logp(edit=None, keep=None):
-        return torch.log_softmax(torch_forward(graph, win, weights, torch, {} if keep is None else keep, edit).double(), -1)
+    def logp(edit=None):
+        return log_softmax64(Executor(graph, edits=edit).logits(win))
 
     def kld(ref, lp):
-        return float((ref.exp() * (ref - lp)).sum(-1)[1:].mean())
+        return float((np.exp(ref) * (ref - lp)).sum(-1)[1:].mean())
 
-    with torch.no_grad():
-        ref = logp()
+    ref = logp()
     out = {"window": "calibration window 1 of 4 (512 tokens)", "format": args.format, "rows": []}
+    tape = _Tape(graph)
     for g in args.groups.split(","):
         t0 = time.perf_counter()
         names = [n for n, t in graph.weights.items() if len(t.shape) == 2 and group(n) == g]
         dw = {}
         for n in names:
             w = np.array(graph.weights[n].numpy(), dtype=np.float32)
-            q = fmt.roundtrip(w, imatrix.get(n) if fmt.takes_imatrix else None).astype(np.float32)
-            dw[n] = torch.from_numpy(q - w)
+            dw[n] = fmt.roundtrip(w, imatrix.get(n) if fmt.takes_imatrix else None).astype(np.float32) - w
 
         def perturb(sign):
             return {n: (lambda x, y, n=n: y + sign[:, None] * (x @ dw[n].T)) for n in names}
 
-        with torch.no_grad():
-            true = kld(ref, logp(perturb(torch.ones(len(win)))))
-            signed = []
-            for _ in range(args.samples):
-                sign = torch.randint(0, 2, (len(win),), generator=gen).float() * 2 - 1
-                signed.append(kld(ref, logp(perturb(sign))))
+        true = kld(ref, logp(perturb(np.ones(len(win), np.float32))))
+        signed = []
+        for _ in range(args.samples):
+            sign = rng.integers(0, 2, len(win)).astype(np.float32) * 2 - 1
+            signed.append(kld(ref, logp(perturb(sign))))
         # gradients of sampled labels at the group's outputs: the per-token sum, and F, C_F, C as the Fisher pass
         diag, f_sum, cf_sum, a_tot, c_sum = 0.0, {}, {}, {}, {}
         for _ in range(args.samples):
-            keep: dict = {}
-            lp = logp(keep=keep)
-            with torch.no_grad():
-                y = torch.multinomial(lp.exp(), 1, generator=gen)[:, 0]
-            (-lp.gather(1, y[:, None]).sum()).backward()
+            _, dlogits = _sample(tape.forward(win), rng)
+            linear, _ = backward(tape, win, dlogits)
             for n in names:
-                gr = keep[("linear", n)].grad.double()
-                x = keep[("input", n)].detach().double()
-                e = x @ dw[n].double().T
-                g2 = gr.square()
-                diag += float((g2 * e.square()).sum()) / len(win)
+                gr = linear[n].astype(np.float64)
+                x = tape.args[linear_input[n]][0].astype(np.float64)
+                e = x @ dw[n].astype(np.float64).T
+                g2 = np.square(gr)
+                diag += float((g2 * np.square(e)).sum()) / len(win)
                 a = g2.sum(1)
                 f_sum[n] = f_sum.get(n, 0) + g2.sum(0)
                 cf_sum[n] = cf_sum.get(n, 0) + (x * a[:, None]).T @ x
                 a_tot[n] = a_tot.get(n, 0.0) + float(a.sum())
                 c_sum[n] = c_sum.get(n, 0) + x.T @ x
-            del keep, lp
+            del linear
         fisher = plain = 0.0
         for n in names:
             f = f_sum[n] / (args.samples * len(win))
-            d = dw[n].double()
+            d = dw[n].astype(np.float64)
             fisher += float((f * ((d @ (cf_sum[n] / a_tot[n])) * d).sum(1)).sum())
             plain += float((f * ((d @ (c_sum[n] / (args.samples * len(win)))) * d).sum(1)).sum())
         row = {"group": g, "tensors": len(names), "kld": true, "kld_signed": float(np.mean(signed)),

@@ -90,7 +90,8 @@ def main() -> int:
         t0 = time.perf_counter()
         Fisher(n_windows=args.fisher_windows).run(graph, None, ctx)
         results["fisher_s"] = round(time.perf_counter() - t0, 1)
-    fisher = ctx.analysis.get("fisher") if args.what != "fisher" else None
+    src = ctx.analysis.get("fisher")
+    fisher = src.collect() if src is not None and args.what != "fisher" else None      # computed once, reused
 
     def table_for(ranks=(), scaling="exact"):
         t0 = time.perf_counter()

@@ -78,6 +78,14 @@ def cmd_export(a) -> int:
         print(f"wrote {a.out}: {files} ({sum(x['bytes'] for x in models) / 1e6:.3f} "
               f"MB), {m['model']['bits_per_weight']:.3f} bpw, formats {formats}; "
               f"{_check_summary(res['measurements'].get('reference_check', {}))}")
+        sp = res["measurements"].get("speed")
+        if sp:
+            print(f"speed ({sp['runtime']}, {sp['threads']} thread(s), this machine): decode "
+                  f"{sp['plan']['decode_tps']:.1f} "
+                  f"tokens/s, prefill {sp['plan']['prefill_tps']:.1f} tokens/s; the preset of the nearest bytes "
+                  f"({sp['preset']['name']}, {sp['preset']['bytes'] / 1e6:.1f} MB): decode "
+                  f"{sp['preset']['decode_tps']:.1f}, prefill {sp['preset']['prefill_tps']:.1f} "
+                  f"({sp['decode_ratio']:.2f}x / {sp['prefill_ratio']:.2f}x)")
     return 0
 
 
@@ -401,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input scaling of the branches' SVD: E[xx^T]^1/2, its diagonal, or none")
         sp.add_argument("--cost", default="auto", choices=["auto", "output", "fisher"],
                         help="sensitivity: output error tr(dW C dW^T), or weighted by the output Fisher with "
-                             "tokens weighted by gradient energy (needs torch); auto (the default): fisher when "
-                             "torch is installed and calibration is on, else output")
+                             "tokens weighted by gradient energy (a numpy backward, no torch needed); auto (the "
+                             "default): fisher when calibration is on, else output")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -183,22 +183,36 @@ def bytes_table(graph: Graph, layout: FileLayout, formats: list[str] | None) -> 
 
 def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLayout,
                   progress: Callable | None = None, ranks: list[int] = (),
-                  scaling_mode: str = "exact", fisher: dict[str, np.ndarray] | None = None) -> CostTable:
+                  scaling_mode: str = "exact", fisher=None) -> CostTable:
+    """The cost of every candidate for every 2-D weight. `fisher`: output_fisher's dict, or a FisherSource
+    whose statistics are computed a segment at a time as the costs use them (so a plan never holds every
+    weight's token-weighted covariance at once)."""
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
-    fixed = layout.overhead
     embd = embedding_name(graph)
     imatrix = calibration.imatrix() if calibration is not None else {}
-    token_p = None
+    base_p = None
     if calibration is not None and calibration.token_counts is not None:
-        token_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
-        if fisher is not None and embd is not None and f"lookup_tokens:{embd}" in fisher:
-            token_p = token_p * fisher[f"lookup_tokens:{embd}"]
+        base_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
     options = {}
     scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
-    it = decide if progress is None else progress(decide, desc="sensitivity", unit="tensor")
-    for name in it:
-        t = graph.weights[name]
-        w = t.numpy()
+    if fisher is None:
+        parts: Iterator[dict[str, np.ndarray]] = iter([{}])
+        token_weighted = False
+    elif isinstance(fisher, dict):
+        parts, token_weighted = iter([fisher]), any(k.startswith("cov:") for k in fisher)
+    else:
+        parts, token_weighted = fisher.stream(), fisher.token_weighted
+
+    def each() -> Iterator[tuple[dict[str, np.ndarray], str]]:
+        for part in parts:
+            yield from ((part, n) for n in decide
+                        if n not in options and (not streamed or n in part or f"lookup:{n}" in part))
+
+    streamed = fisher is not None and not isinstance(fisher, dict)
+    it = each() if progress is None else progress(each(), desc="fisher + sensitivity" if streamed else "sensitivity",
+                                                  unit="tensor", total=len(decide))
+    for part, name in it:
+        w = graph.weights[name].numpy()
         stats = calibration.stats(name) if calibration is not None else None
         sc = None
         if any(r > 0 for r in ranks) and name != embd:
@@ -207,14 +221,20 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
                 scalings[key] = lr.scaling(scaling_mode, w.shape[1], *((stats.full(), stats.diag())
                                                                        if stats is not None else (None, None)))
             sc = scalings[key]
-        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p if name == embd else None,
-                                       layout, ranks if sc is not None else (), sc,
-                                       None if fisher is None else fisher.get(name),
-                                       None if fisher is None else fisher.get(f"lookup:{name}"),
-                                       None if fisher is None else fisher.get(f"cov:{name}"))
+        token_p = None
+        if name == embd and base_p is not None:
+            token_p = base_p * part[f"lookup_tokens:{embd}"] if f"lookup_tokens:{embd}" in part else base_p
+        options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p, layout,
+                                       ranks if sc is not None else (), sc, part.get(name),
+                                       part.get(f"lookup:{name}"), part.get(f"cov:{name}"))
+        del w, part
+    missing = [n for n in decide if n not in options]
+    if missing:
+        raise EdgeqError(None, f"no Fisher statistics for {missing[0]} (a weight no linear or lookup reads)")
+    options = {n: options[n] for n in decide}          # the graph's order, whatever order the statistics came in
     kind = "identity" if calibration is None else "input second moments (full where kept, else diagonal)"
     cost = "tr(dW C dW^T)"
-    if fisher is not None and any(k.startswith("cov:") for k in fisher):
+    if fisher is not None and token_weighted:
         cost = "sum_o F_o (dW C_F dW^T)_oo (output Fisher, tokens weighted by gradient energy)"
         kind = "C_F = E[a_t x x^T] / E[a_t], a_t = the token's output-gradient energy"
     elif fisher is not None:
@@ -222,7 +242,7 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
     info = {"cost": cost, "C": kind, "formats": [f.name for f in fmts]}
     if any(r > 0 for r in ranks):
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
-    return CostTable(options, fixed, graph.n_params, info)
+    return CostTable(options, layout.overhead, graph.n_params, info)
 
 
 class Sensitivity(Pass):
@@ -271,11 +291,13 @@ class Sensitivity(Pass):
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
         fisher = getattr(self, "_fisher", None)
-        if fisher is not None:
+        if isinstance(fisher, dict):
             h = hashlib.sha256()
             for k in sorted(fisher):
                 h.update(k.encode())
                 h.update(np.ascontiguousarray(fisher[k]).tobytes())
             parts += ["fisher", h.hexdigest()]
+        elif fisher is not None:
+            parts += ["fisher", fisher.key()]
         key = hashlib.sha256(json.dumps(parts).encode())
         return root / "sensitivity" / f"{key.hexdigest()[:32]}.json"

@@ -8,7 +8,7 @@ computed once). The branches are then merged into the float weights, W += B·A, 
 Merging keeps the nesting: a channel's update lives in its own gate/up rows and down column, so a width that drops
 the channel drops its update too.
 
-Runs the IR's decoder ops in torch (passes/fisher.torch_forward) on the CPU: `steps` forward and backward passes
+Runs the IR's decoder ops in torch (passes/torch_forward.py) on the CPU: `steps` forward and backward passes
 over `ctx`-token windows (SmolLM2: seconds each on two cores).
 """
 
@@ -22,7 +22,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama, names
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
-from edgeq.passes.fisher import require_torch, torch_forward
+from edgeq.passes.torch_forward import require_torch, torch_forward
 
 RANK = 8
 LR = 5e-4              # Adam; the branches start at zero (B = 0), so the first steps do not disturb the model

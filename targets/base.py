@@ -72,6 +72,7 @@ class Target:
     # users' adapters run on weights the exported model gave LoRA inputs (its manifest section's lora_slots)
     adapters_need_slots: bool = True
     sparse_adapters: bool = False                 # applies SHiRA adapters in place on the device
+    measures_speed: bool = False                  # compare_speed() times its files in its runtime
     # UniQL pruning: whether its runtime narrows the MLPs of a sorted model at load (`--pruning-rates`), and the
     # multiple its stored layout needs along the MLP's channels besides the formats' blocks
     prunes_mlp: bool = False
@@ -141,6 +142,11 @@ class Target:
     def cannot_run_here(self, profile) -> str | None:
         """Why this host cannot run the artifact built for `profile` (None: it can, and the bundle's reference
         outputs are checked in the runtime)."""
+        return None
+
+    def compare_speed(self, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]] | None:
+        """Prefill and decode tokens/s of these model files of this backend, timed side by side in its runtime;
+        None where the backend has no such measurement."""
         return None
 
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:

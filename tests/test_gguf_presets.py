@@ -234,9 +234,11 @@ def _assert_predicted(model: F32Model, preset: str, actual: dict[str, str]) -> N
 # every fallback (q4_k->q5_0, q6_k->q8_0, q5_k->q5_1, q3_k->q4_0, q2_k->q4_0)
 # and the tied-embedding rule. All presets run as dry runs.
 _SMOLLM2_WRITTEN = ("q4_k_m", "q3_k_l", "q2_k")
+# i-quant files take seconds each even for tiny models; two are written for real, every one is dry-run below
+_IQ_PRESETS = tuple(p for p in GGUF_PRESETS if p.startswith("iq"))
 _WRITTEN_CASES = [("smollm2", p) for p in _SMOLLM2_WRITTEN] + [
-    (m, p) for m in ("gqa_llama", "deep_llama") for p in GGUF_PRESETS
-]
+    (m, p) for m in ("gqa_llama", "deep_llama") for p in GGUF_PRESETS if p not in _IQ_PRESETS
+] + [("gqa_llama", "iq4_nl"), ("gqa_llama", "iq3_m")]
 
 
 @pytest.mark.parametrize(("model_name", "preset"), _WRITTEN_CASES)
@@ -333,10 +335,9 @@ def test_experts_not_supported() -> None:
         preset_types("q4_k_m", [TensorInfo("blk.0.ffn_down_exps.weight", (256, 256, 8))], 8, 2)
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q5_0", "q4_k_m", "q3_k_m"])
-def test_smollm2_dry_run_with_imatrix_matches_prediction(smollm2: F32Model, preset: str, tmp_path: Path) -> None:
-    """With an importance matrix llama.cpp changes some choices (q4_0/q5_0: the first eighth of ffn_down)."""
-    weights = [t for t in smollm2.tensors if _n_dims_of(t) == 2]
+def _dry_run_with_imatrix(model: F32Model, preset: str, dst: Path) -> dict[str, str]:
+    """llama.cpp's dry-run choices for `preset` when an importance matrix (all ones) is given."""
+    weights = [t for t in model.tensors if _n_dims_of(t) == 2]
     arrays = [np.ones(t.ne[0], dtype=np.float32) for t in weights]
     entries = (llama_cpp.llama_model_imatrix_data * (len(weights) + 1))()
     names = [t.name.encode() for t in weights]
@@ -347,12 +348,34 @@ def test_smollm2_dry_run_with_imatrix_matches_prediction(smollm2: F32Model, pres
     entries[len(weights)].name = None
     params = _params(preset, dry_run=True)
     params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    actual = _llama_dry_run(smollm2.path, tmp_path / "dry.gguf", preset, params)
+    return _llama_dry_run(model.path, dst, preset, params)
+
+
+@pytest.mark.parametrize("model_name", ["gqa_llama", "deep_llama"])
+@pytest.mark.parametrize("preset", _IQ_PRESETS)
+def test_iq_presets_dry_run_match_prediction(model_name: str, preset: str, request, tmp_path: Path) -> None:
+    """The i-quant presets' rules (GQA >= 4 on gqa_llama, the eighths of 80 layers on deep_llama), without and with
+    an importance matrix (which iq3_xxs, iq4_nl and iq4_xs consult)."""
+    model: F32Model = request.getfixturevalue(model_name)
+    _assert_predicted(model, preset, _llama_dry_run(model.path, tmp_path / "dry.gguf", preset))
+    actual = _dry_run_with_imatrix(model, preset, tmp_path / "dry-im.gguf")
+    predicted = preset_types(preset, model.tensors, model.n_head, model.n_head_kv, has_imatrix=True)
+    assert {n: c.type for n, c in predicted.items()} == actual
+
+
+@pytest.mark.parametrize("preset", ["q4_0", "q5_0", "q4_k_m", "q3_k_m", "iq3_xxs", "iq4_nl"])
+def test_smollm2_dry_run_with_imatrix_matches_prediction(smollm2: F32Model, preset: str, tmp_path: Path) -> None:
+    """With an importance matrix llama.cpp changes some choices (q4_0/q5_0: the first eighth of ffn_down)."""
+    actual = _dry_run_with_imatrix(smollm2, preset, tmp_path / "dry.gguf")
     predicted = preset_types(preset, smollm2.tensors, smollm2.n_head, smollm2.n_head_kv, has_imatrix=True)
     assert {n: c.type for n, c in predicted.items()} == actual
     plain = preset_types(preset, smollm2.tensors, smollm2.n_head, smollm2.n_head_kv)
     changed = {n for n in actual if plain[n].type != actual[n]}
     if preset in ("q4_0", "q5_0"):
+        assert changed == {f"blk.{i}.ffn_down.weight" for i in range(30 // 8)}
+    elif preset == "iq3_xxs":        # attn_v iq3_s -> iq3_xxs (falls back to iq4_nl on 576 columns either way)
+        assert {n for n in changed if "attn_v" not in n} == {f"blk.{i}.ffn_down.weight" for i in range(30)}
+    elif preset == "iq4_nl":         # the first eighth of ffn_down keeps iq4_nl instead of q5_k
         assert changed == {f"blk.{i}.ffn_down.weight" for i in range(30 // 8)}
     else:
         assert not changed

@@ -11,6 +11,7 @@ import llama_cpp
 from gguf import GGUFReader
 
 from edgeq.evaluate.decoder import log_softmax64
+from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
 from edgeq.core.formats import get_format
 from edgeq.importers.gguf import import_gguf
@@ -150,7 +151,7 @@ def random_imatrix_file(smollm_graph, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m"])
+@pytest.mark.parametrize("preset", ["q4_0", "q4_k_m", "iq4_nl"])
 def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, export_bundle, random_imatrix_file, tmp_path):
     """With the same importance matrix, edgeq's export is llama_model_quantize's with params.imatrix, byte for byte
     (q4_0 also checks llama.cpp's imatrix-only rule: the first eighth of ffn_down becomes q4_1)."""
@@ -167,18 +168,36 @@ def test_tensor_bytes_identical_to_llama_cpp_quantize_with_imatrix(preset, expor
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs_path).encode(), ctypes.byref(params)) == 0
     ours = {t.name: t for t in GGUFReader(ours_dir / "model.gguf").tensors}
     theirs = {t.name: t for t in GGUFReader(theirs_path).tensors}
-    plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
     assert ours.keys() == theirs.keys()
-    differs_from_plain = 0
     for name, t in theirs.items():
         assert ours[name].tensor_type == t.tensor_type, name
         assert np.array_equal(np.asarray(ours[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
-        differs_from_plain += (plain[name].tensor_type != t.tensor_type
-                               or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
-                                                     np.asarray(t.data).view(np.uint8)))
+    plain = {t.name: t for t in GGUFReader(export_bundle(preset) / "model.gguf").tensors}
+    differs_from_plain = sum(plain[name].tensor_type != t.tensor_type
+                             or not np.array_equal(np.asarray(plain[name].data).view(np.uint8),
+                                                   np.asarray(t.data).view(np.uint8)) for name, t in theirs.items())
     assert differs_from_plain > 100       # the importance matrix was really used
     if preset == "q4_0":
         assert ours["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
         assert ours["blk.3.ffn_down.weight"].tensor_type.name == "Q4_0"
     m = __import__("json").loads((ours_dir / "manifest.json").read_text())
     assert m["calibration"]["enabled"] and m["calibration"]["source"] == "imatrix file"
+
+
+def test_formats_written_from_an_importance_matrix_only(tmp_path):
+    """iq2_xxs (and iq3_xxs, iq2_s, iq2_xs, iq1_m, iq1_s) are refused without one, in one line and before anything
+    is written, as llama-quantize refuses them; with calibration they are written and llama.cpp runs the file."""
+    from edgeq.api import ExportOptions, export
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+
+    cfg = tiny_config(vocab_size=300, hidden_size=256, intermediate_size=512, n_layers=1, tied_embeddings=True)
+    folder = graph_to_hf_folder(random_llama(cfg, seed=2, scale=0.08), tmp_path / "m", byte_level_spec(300))
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"preset": "q8_0", "rules": [{"match": "*.mlp.down_proj", "format": "iq2_xxs"}]}')
+    with pytest.raises(EdgeqError, match="iq2_xxs .*importance matrix"):
+        export(ExportOptions(model=str(folder), plan=str(plan), calibration=False, out=str(tmp_path / "no")))
+    assert not (tmp_path / "no").exists()
+    res = export(ExportOptions(model=str(folder), plan=str(plan), calib_windows=1, out=str(tmp_path / "yes")))
+    assert res["manifest"]["artifacts"][0]["formats"]["iq2_xxs"] == 1
+    chk = res["measurements"]["reference_check"]                    # llama.cpp loaded and ran it
+    assert chk["n_positions"] > 0 and 0 <= chk["kld_mean"] < 0.5

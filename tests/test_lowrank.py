@@ -11,6 +11,7 @@ import pytest
 from edgeq.passes.allocate import min_feasible_bytes, solve
 from edgeq.passes.lowrank_compensate import branch, branch_costs, scaling
 from edgeq.passes.sensitivity import CostTable, Option
+from edgeq.targets.gguf.presets import GGUF_PRESETS
 
 
 def _layer(seed=0, out_dim=96, in_dim=64, tokens=4000):
@@ -134,10 +135,10 @@ def test_ilp_with_ranks_matches_brute_force(seed):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
     from edgeq.core.plan import Plan, TensorPlan
-    from edgeq.targets.gguf import write_gguf
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
     from edgeq.runtime.tokenizer import spec_to_json
+    from edgeq.targets.gguf import write_gguf
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
     graph = random_llama(cfg, seed=7, scale=0.08)
@@ -153,11 +154,11 @@ def test_adapter_gguf_moves_llama_cpp_towards_the_float_reference(tiny_gguf, tmp
     (Quantization error of random weights is nearly white, so only a large rank shows a clear gain here.)
     """
     from edgeq import runtime
-    from edgeq.core.executor import Executor
-    from edgeq.importers.gguf import import_gguf
     from edgeq.api import ExportOptions, export
+    from edgeq.core.executor import Executor
     from edgeq.core.plan import Plan, TensorPlan
     from edgeq.evaluate.decoder import compare_logits
+    from edgeq.importers.gguf import import_gguf
     from edgeq.runtime.gguf_backend import LlamaCppBackend
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
@@ -219,8 +220,8 @@ def test_budget_counts_the_adapter(tiny_gguf, tmp_path, monkeypatch):
 def test_dynaquant_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
     """A learned plan of real GGUF types fits the budget, nearly fills it, and predicts its file size."""
     pytest.importorskip("torch")
-    from edgeq.core.formats import FORMATS
     from edgeq.api import ExportOptions, export
+    from edgeq.core.formats import FORMATS
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     res = export(ExportOptions(model=str(tiny_gguf), bpw=4.5, method="dynaquant", out=str(tmp_path / "b"),
@@ -236,8 +237,8 @@ def test_dynaquant_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
 
 
 def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, monkeypatch):
-    from edgeq.core.errors import EdgeqError
     from edgeq.api import ExportOptions, export
+    from edgeq.core.errors import EdgeqError
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     with pytest.raises(EdgeqError, match="below the smallest feasible size"):
@@ -248,8 +249,8 @@ def test_dynaquant_impossible_budget_is_one_clear_error(tiny_gguf, tmp_path, mon
 # --- the export report's Pareto plot -----------------------------------------------------------------
 
 def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf, tmp_path, monkeypatch):
-    from edgeq.evaluate.bundle import evaluate_bundle
     from edgeq.api import ExportOptions, export
+    from edgeq.evaluate.bundle import evaluate_bundle
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     export(ExportOptions(model=str(tiny_gguf), quant="q4_0", out=str(tmp_path / "p"), calib_windows=2, check=False))
@@ -263,29 +264,66 @@ def test_budgeted_export_report_plots_the_plan_beside_measured_presets(tiny_gguf
     report = (tmp_path / "b" / "report.md").read_text()
     assert "![bits per weight vs KLD](pareto.png)" in report and "| q4_0 |" in report
     assert (tmp_path / "b" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    # and its speed beside the preset whose bytes are nearest, both files timed in llama.cpp
+    sp = res["measurements"]["speed"]
+    assert sp["runtime"] == "gguf" and sp["plan"]["bytes"] == (tmp_path / "b" / "model.gguf").stat().st_size
+    near = sp["preset"]
+    assert near["name"] in GGUF_PRESETS and near["name"] not in ("f32", "f16", "bf16")
+    for v in (sp["plan"], near):
+        assert v["decode_tps"] > 0 and v["prefill_tps"] > 0
+    assert sp["decode_ratio"] == pytest.approx(sp["plan"]["decode_tps"] / near["decode_tps"], rel=1e-2)
+    assert "## Speed beside the preset of the nearest bytes" in report and f"| {near['name']} |" in report
 
 
 # --- Fisher-weighted costs ----------------------------------------------------------------------------
 
-def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
+@pytest.mark.parametrize("tied", [True, False])
+def test_fisher_backward_is_torch_autograd_of_the_executor(tied):
+    """The numpy backward (passes/fisher.py) gives autograd's gradients at every linear output and lookup, through
+    a forward that is the executor's own (GQA attention, RoPE with llama3 scaling, SwiGLU, RMSNorm, tied head)."""
     torch = pytest.importorskip("torch")
-    from edgeq.core.executor import Executor
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.passes.fisher import torch_forward, output_fisher
+    from edgeq.passes.fisher import _sample, _Tape, backward
+    from edgeq.passes.torch_forward import torch_forward as forward
+
+    scaling = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=tied, rope_scaling=None if tied else scaling)
+    graph = random_llama(cfg, seed=3, scale=0.08)
+    ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
+    tape = _Tape(graph)
+    logits = tape.forward(ids)
+    sampled, dlogits = _sample(logits, np.random.default_rng(0))
+    linear, lookup = backward(tape, ids, dlogits)
+    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
+    keep: dict = {}
+    out = forward(graph, ids, weights, torch, keep)
+    np.testing.assert_allclose(out.detach().numpy(), logits, rtol=1e-4, atol=1e-4)
+    logp = torch.log_softmax(out.double(), -1)
+    (-logp[torch.arange(len(ids)), torch.from_numpy(sampled)].sum()).backward()
+    assert set(linear) == {n for (k, n) in keep if k == "linear"} and len(linear) == 7 * cfg.n_layers + 1
+    for name, g in linear.items():
+        want = keep[("linear", name)].grad.numpy()
+        np.testing.assert_allclose(g, want, rtol=2e-3, atol=2e-3 * float(np.abs(want).max())), name
+    want = keep[("lookup", "model.embed_tokens.weight")].grad.numpy()
+    np.testing.assert_allclose(lookup["model.embed_tokens.weight"], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    assert sampled.min() >= 0 and sampled.max() < cfg.vocab_size
+
+
+def test_fisher_weights_are_per_output_channel():
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.passes.fisher import output_fisher
     from edgeq.passes.sensitivity import output_error
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
     graph = random_llama(cfg, seed=3, scale=0.08)
     ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
-    weights = {n: torch.from_numpy(np.ascontiguousarray(t.numpy())) for n, t in graph.weights.items()}
-    with torch.no_grad():
-        got = torch_forward(graph, ids, weights, torch, {}).numpy()
-    np.testing.assert_allclose(got, Executor(graph).logits(ids), rtol=1e-4, atol=1e-4)
     f = output_fisher(graph, [ids, ids[::-1]])
     q = "model.layers.1.self_attn.q_proj.weight"
     assert f[q].shape == (cfg.hidden_size,) and (f[q] >= 0).all() and f[q].sum() > 0
     assert f["model.embed_tokens.weight"].shape == (cfg.vocab_size,)
     assert f["lookup:model.embed_tokens.weight"].shape == (cfg.hidden_size,)
+    assert output_fisher(graph, [ids, ids[::-1]])[q].tobytes() == f[q].tobytes()     # seeded: the same twice
     # the weighted cost is Σ_o F_o (ΔW C ΔWᵀ)_oo
     rng = np.random.default_rng(1)
     dw = rng.standard_normal((cfg.hidden_size, cfg.hidden_size)).astype(np.float32)
@@ -294,10 +332,54 @@ def test_fisher_forward_is_the_executor_and_weights_are_per_output_channel():
     assert output_error(dw, c, None, f[q]) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_fisher_streams_a_segment_at_a_time_and_costs_equal_the_whole(tied):
+    """The statistics come top layer first, each weight's once and final, in pieces no bigger than a few
+    weights; the gradients equal one whole backward per window; the cost table built while streaming is the
+    one built from every statistic at once (same options, same order)."""
+    from edgeq.core.formats import get_format
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.passes.calibrate import collect
+    from edgeq.passes.fisher import FisherSource, _sample, _Tape, backward
+    from edgeq.runtime.tokenizer import spec_to_json
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.gguf.layout import gguf_layout
+
+    cfg = tiny_config(n_layers=3, vocab_size=384, tied_embeddings=tied)
+    graph = random_llama(cfg, seed=3, scale=0.08)
+    rng = np.random.default_rng(0)
+    wins = [[1] + rng.integers(3, 384, 47).tolist(), [1] + rng.integers(3, 384, 31).tolist()]
+    src = FisherSource(graph, wins)
+    parts = list(src.stream())
+    keys = [k for p in parts for k in p]
+    assert len(keys) == len(set(keys)) and len(parts) >= 2 * cfg.n_layers
+    linears = src.linear_weights()
+    assert max(sum(1 for k in p if k in linears) for p in parts) <= 4          # q,k,v,o or gate,up,down
+    first = {k.split(".")[2] for k in parts[1] if k.startswith("model.layers.")}
+    assert first == {str(cfg.n_layers - 1)}                                    # the top layer first
+    whole = src.collect()
+    tape, r, n = _Tape(graph), np.random.default_rng(0), sum(map(len, wins))
+    sums: dict = {}
+    for w in wins:
+        lin, look = backward(tape, w, _sample(tape.forward(w), r)[1])
+        for k, g in {**lin, **{f"lookup:{k}": v for k, v in look.items()}}.items():
+            sums[k] = sums.get(k, 0) + np.square(g, dtype=np.float64).sum(0)
+    for k, v in sums.items():
+        np.testing.assert_allclose(whole[k], v / n, rtol=1e-5)
+    cal = collect(graph, wins, max_full=0)
+    fmts = [get_format(f) for f in ("q8_0", "q4_0", "iq4_nl")]
+    layout = gguf_layout(graph, spec_to_json(byte_level_spec(cfg.vocab_size)))
+    a = compute_costs(graph, fmts, cal, layout, fisher=src)
+    b = compute_costs(graph, fmts, cal, layout, fisher=whole)
+    assert list(a.options) == list(b.options) == [k for k, t in graph.weights.items() if len(t.shape) == 2]
+    for name in a.options:
+        assert [(o.format, o.bytes) for o in a.options[name]] == [(o.format, o.bytes) for o in b.options[name]]
+        np.testing.assert_allclose([o.cost for o in a.options[name]], [o.cost for o in b.options[name]], rtol=1e-6)
+
+
 def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
-    pytest.importorskip("torch")
-    from edgeq.core.errors import EdgeqError
     from edgeq.api import ExportOptions, export
+    from edgeq.core.errors import EdgeqError
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="fisher", out=str(tmp_path / "b"),
@@ -316,45 +398,42 @@ def test_fisher_cost_plan_meets_the_budget(tiny_gguf, tmp_path, monkeypatch):
         export(ExportOptions(model=str(tiny_gguf), bpw=5.0, cost="hessian", out=str(tmp_path / "d"), check=False))
 
 
-def test_default_cost_is_fisher_with_torch_and_the_output_error_without(tiny_gguf, tmp_path, monkeypatch):
-    pytest.importorskip("torch")
+def test_default_cost_is_fisher_without_torch_and_the_output_error_without_calibration(tiny_gguf, tmp_path,
+                                                                                       monkeypatch):
     import sys
 
     from edgeq.api import ExportOptions, export
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "torch", None)              # what the main install (no torch) sees
     res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "b"), calib_windows=2, check=False))
-    assert "Fisher" in res["manifest"]["plan"]["search"]["cost"]
-    monkeypatch.setitem(sys.modules, "torch", None)              # what an install without torch sees
-    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "c"), calib_windows=2, check=False))
     m = res["manifest"]
-    assert m["plan"]["search"]["cost"] == "tr(dW C dW^T)"
-    assert any("torch is not installed" in r.get("note", "") for r in m["passes"])
-    assert (tmp_path / "c" / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"]
+    assert "Fisher" in m["plan"]["search"]["cost"] and any(r["pass"] == "fisher" for r in m["passes"])
+    assert (tmp_path / "b" / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"]
+    res = export(ExportOptions(model=str(tiny_gguf), bpw=5.0, out=str(tmp_path / "c"), calibration=False,
+                               check=False))
+    assert res["manifest"]["plan"]["search"]["cost"] == "tr(dW C dW^T)"
 
 
 def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second_moment():
     """C_F = Σ_t a_t x_t x_tᵀ / Σ_t a_t with a_t = Σ_o g²_{t,o}, so that Σ_o F_o (ΔW C_F ΔWᵀ)_oo is the rank-one
     (tokens × channels) model of Σ_t Σ_o g²_{t,o} (Δw_o·x_t)²: exact when g² factorises, checked here on the
-    interpreter's own gradients (one window: the same sampled tokens as output_fisher)."""
-    torch = pytest.importorskip("torch")
+    backward's own gradients (one window: the same sampled tokens as output_fisher)."""
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.passes.fisher import torch_forward, output_fisher
+    from edgeq.passes.fisher import _sample, _Tape, backward, output_fisher
     from edgeq.passes.sensitivity import output_error
 
     cfg = tiny_config(n_layers=2, vocab_size=384, tied_embeddings=True)
     graph = random_llama(cfg, seed=3, scale=0.08)
     ids = [1] + np.random.default_rng(0).integers(3, 384, 47).tolist()
     f = output_fisher(graph, [ids])
-    weights = {n: torch.from_numpy(np.array(t.numpy(), dtype=np.float32)) for n, t in graph.weights.items()}
-    keep: dict = {}
-    logp = torch.log_softmax(torch_forward(graph, ids, weights, torch, keep).double(), -1)
-    with torch.no_grad():
-        sampled = torch.multinomial(logp.exp(), 1, generator=torch.Generator().manual_seed(0))[:, 0]
-    (-logp.gather(1, sampled[:, None]).sum()).backward()
+    tape = _Tape(graph)
+    _, dlogits = _sample(tape.forward(ids), np.random.default_rng(0))
+    linear, lookup = backward(tape, ids, dlogits)
+    index = {n.inputs[1]: i for i, n in enumerate(graph.nodes) if n.op == "linear"}
     name = "model.layers.1.mlp.down_proj.weight"
-    g2 = keep[("linear", name)].grad.double().square().numpy()
-    x = keep[("input", name)].detach().double().numpy()
+    g2 = np.square(linear[name], dtype=np.float64)
+    x = tape.args[index[name]][0].astype(np.float64)
     a = g2.sum(1)
     np.testing.assert_allclose(f[name], g2.mean(0), rtol=1e-6)
     np.testing.assert_allclose(f[f"cov:{name}"], (x * a[:, None]).T @ x / a.sum(), rtol=1e-4, atol=1e-7)
@@ -364,7 +443,7 @@ def test_token_weighted_fisher_covariance_is_the_gradient_energy_weighted_second
     assert output_error(dw, f[f"cov:{name}"], None, f[name]) == pytest.approx(want, rel=1e-4)
     # each embedding row's lookup weight is its tokens' mean gradient energy over the mean (1 for unseen ids)
     rel = f["lookup_tokens:model.embed_tokens.weight"]
-    lk = keep[("lookup", "model.embed_tokens.weight")].grad.double().square().sum(1).numpy()
+    lk = np.square(lookup["model.embed_tokens.weight"], dtype=np.float64).sum(1)
     tok = ids[5]
     assert rel[tok] == pytest.approx(lk[np.array(ids) == tok].mean() / lk.mean(), rel=1e-6)
     assert rel[next(i for i in range(384) if i not in ids)] == 1.0

@@ -72,6 +72,23 @@ def _requantized_section(graph: Graph, plan: Plan, src: dict[str, Any]) -> list[
     return lines
 
 
+def _speed_section(speed: dict[str, Any] | None) -> list[str]:
+    """A budgeted plan's speed beside the preset of the nearest bytes: bytes bought for quality can cost speed
+    (formats without repacked kernels, slower kernels per byte), and a user should see it before shipping."""
+    if not speed:
+        return []
+    p, q = speed["plan"], speed["preset"]
+    rows = [("this plan", p), (q["name"], q)]
+    return ["", "## Speed beside the preset of the nearest bytes", "",
+            f"Measured in {speed['runtime']}'s runtime on this machine, {speed['threads']} thread(s), the two files "
+            f"timed interleaved (medians; spread = interquartile range / median): decode "
+            f"{speed['decode_ratio']:.2f}x and prefill {speed['prefill_ratio']:.2f}x the preset's speed.", "",
+            "| model | bytes | prefill tokens/s | decode tokens/s | spread (prefill / decode) |",
+            "|---|---:|---:|---:|---:|",
+            *[f"| {k} | {v['bytes']:,} | {v['prefill_tps']:.1f} | {v['decode_tps']:.1f} | "
+              f"{v['prefill_spread']:.1%} / {v['decode_spread']:.1%} |" for k, v in rows]]
+
+
 def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, Any], graph: Graph, plan: Plan,
                  plot_name: str | None) -> None:
     src = manifest["source"]
@@ -145,6 +162,7 @@ def write_report(path: Path, manifest: dict[str, Any], measurements: dict[str, A
             lines += ["", "No preset of this model has been measured yet with these settings: `edgeq eval` a preset "
                           f"bundle (`--chunks {par['chunks']}`) and export again to see them beside the plan."]
         lines += ["", f"![bits per weight vs KLD]({par['plot']})"]
+    lines += _speed_section(measurements.get("speed"))
     lines += ["", "## Timings", "", "| step | seconds |", "|---|---:|"]
     for k, v in measurements.get("timings_s", {}).items():
         lines.append(f"| {k} | {v:.2f} |")

@@ -19,7 +19,6 @@ widths table, aligned to the formats just decided, or the plan's widths applied)
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -91,8 +90,19 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
         decision = _decide_calibrated_first(graph, inp, opts, ctx, branches)
     else:
         decision = _decide_preset(graph, inp, opts, ctx)
+    _check_importance(decision)
     inp.target.check_plan(graph, decision.plan)
     return decision
+
+
+def _check_importance(decision: Decision) -> None:
+    """Formats written from an importance matrix only (the low-bit i-quants) need one for their tensor."""
+    have = set(decision.calibration.weight_input) if decision.calibration is not None else set()
+    for name, tp in decision.plan.tensors.items():
+        fmt = get_format(tp.format)
+        if fmt.requires_imatrix and name not in have:
+            raise EdgeqError(None, f"format {fmt.name} (for {name}) is written from an importance matrix only, as "
+                                   "llama.cpp's is: calibrate (drop --no-calibration) or give an --imatrix that has it")
 
 
 def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context,
@@ -103,10 +113,12 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
     if opts.calibration and (search or ranks or opts.imatrix or prune or _takes_imatrix(graph, inp)):
-        # Only a budgeted search and low-rank branches read full input covariances; a preset needs the
-        # importance matrix (their diagonals), and on a big model the covariances alone cost gigabytes.
-        # Sorting the MLPs needs the covariance of each down projection's input, whatever its width.
-        max_full = DEFAULT_MAX_FULL if search or ranks else 0
+        # Only low-rank branches, DynaQuant and a search under the plain output error read full input
+        # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
+        # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
+        # the covariance of each down projection's input, whatever its width.
+        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
+        max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full, full_for=_full_for(graph, max_full) if prune else frozenset(),
                                 subset=opts.calib_subset))
@@ -232,25 +244,13 @@ def _cnn_activation_ranges(graph: Graph, plan: Plan, inp: DecideInputs, ctx: Con
     return plan
 
 
-def search_cost(opts: ExportOptions, ctx: Context) -> str:
-    """The sensitivity cost a budgeted plan uses. By default the Fisher-weighted output error (in KLD units,
-    bench/results/additivity_groups.json), which needs torch at plan time; without torch, or without
-    calibration, the plain output error, with a one-line note."""
+def search_cost(opts: ExportOptions) -> str:
+    """The sensitivity cost a budgeted plan uses: by default the Fisher-weighted output error (in KLD units,
+    bench/results/additivity_groups.json), computed in numpy (no torch), which needs the calibration text;
+    without calibration, the plain output error."""
     if opts.cost != "auto":
         return opts.cost
-    if not opts.calibration:
-        return "output"
-    try:
-        import torch  # noqa: F401
-        return "fisher"
-    except ImportError:
-        pass
-    note = ("note: torch is not installed, so the plan's costs are the plain output error tr(dW C dW^T) "
-            "(pip install 'edgeq[search]' for Fisher-weighted costs)")
-    ctx.record("sensitivity", note=note)
-    if ctx.progress is not None:
-        print(note, file=sys.stderr)
-    return "output"
+    return "fisher" if opts.calibration else "output"
 
 
 def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
@@ -285,11 +285,17 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     # the budget in bytes needs only the parameter count: check it before anything is sized
     budget = budget_bytes(CostTable({}, 0, graph.n_params), opts.budget_mb, opts.bpw) if byte_budget else None
     target = inp.target
-    layout = target.layout(graph, target.candidate_formats(opts.formats), opts.ranks, inp.profile, spec=inp.spec,
-                           ndk_clang=opts.android_clang)
+    fmts = target.candidate_formats(opts.formats)
+    if not opts.calibration:          # formats written from an importance matrix only are not candidates then
+        named = [f.name for f in fmts if f.requires_imatrix and opts.formats]
+        if named:
+            raise EdgeqError(None, f"--formats {named[0]} needs an importance matrix; drop --no-calibration")
+        fmts = [f for f in fmts if not f.requires_imatrix]
+    formats = [f.name for f in fmts]
+    layout = target.layout(graph, fmts, opts.ranks, inp.profile, spec=inp.spec, ndk_clang=opts.android_clang)
     ties = llama.fused_groups(graph, opts.ties)
     # feasibility needs only the bytes: check it before any calibration or cost is computed
-    sizes = bytes_table(graph, layout, opts.formats)
+    sizes = bytes_table(graph, layout, formats)
     if budget is None:            # a latency budget alone: every size is allowed
         budget = sizes.fixed_bytes + sum(max(o.bytes for o in v) for v in sizes.options.values()) \
             + layout.branch_overhead + sum(layout.branch_bytes(n, graph.weights[n].shape, r)
@@ -302,12 +308,12 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
             raise EdgeqError(None, "--latency-ms is a row of the ILP: use it with --method ilp")
         rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget))
     passes: list[Pass] = []
-    cost = search_cost(opts, ctx)
+    cost = search_cost(opts)
     if cost == "fisher":
         passes.append(Fisher(source=inp.text))
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
-    passes.append(Sensitivity(layout, formats=opts.formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
+    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
     if opts.method == "dynaquant":
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")

@@ -23,6 +23,7 @@ from edgeq.bundle.source import requantize_note, requantized_tensors, source_rec
 from edgeq.bundle.tokenizer import write_tokenizer
 from edgeq.compile.decide import DecideInputs, Decision, decide
 from edgeq.compile.options import ExportOptions, backend_preset, bundle_n_ctx
+from edgeq.compile.speed import speed_beside_preset
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import check_output_dir, output_lock, staged_dir
 from edgeq.core.ir import Graph
@@ -251,6 +252,14 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
             measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.merged_adapters,
                                                  ctx=min(512, graph.config.context_length))
             timings["pareto_eval"] = time.perf_counter() - t0
+        if opts.budgeted and opts.check and cannot_run is None:   # what the plan costs in speed, beside a preset
+            t0 = time.perf_counter()
+            model_file = next(a.path for a in artifacts if a.role == "model" and a.backend == first.name)
+            speed = speed_beside_preset(graph, first, plan_, model_file, profile, decisions[first.name].calibration,
+                                        spec)
+            if speed is not None:
+                measurements["speed"] = speed
+                timings["speed"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         measurements["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
         (tmp / "measurements.json").write_text(json.dumps(measurements, indent=1) + "\n", encoding="utf-8")

@@ -36,16 +36,19 @@ class Executor:
     every weight once for all of them. Activations are dropped after their
     last use either way.
 
-    `observers` lets passes (calibration) see the input of every node by op,
-    without the executor knowing about them.
+    `observers` lets passes (calibration, the Fisher pass's backward) see the
+    inputs of every node by op, without the executor knowing about them;
+    `edits` ({weight: f(x, out) -> out}) changes a linear layer's output, so a
+    benchmark can perturb one layer and measure what a cost model missed.
     """
 
     def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None,
-                 cache_weights: bool = True):
+                 cache_weights: bool = True, edits: dict[str, Callable] | None = None):
         self.graph = graph
         self._weights: dict[str, np.ndarray] = {}
         self.observers = observers or {}
         self.cache_weights = cache_weights
+        self.edits = edits or {}
 
     def weight(self, name: str) -> np.ndarray:
         w = self._weights.get(name)
@@ -151,6 +154,9 @@ def _linear(ex, node, args):
     y = x @ w.T
     if len(args) > 2:
         y = y + args[2]
+    edit = ex.edits.get(node.inputs[1])
+    if edit is not None:
+        y = edit(x, y)
     return y.astype(np.float32, copy=False)
 
 

@@ -10,8 +10,8 @@ from edgeq.core.ir import Graph
 from edgeq.importers import hf_bert
 from edgeq.importers.gguf import import_gguf
 from edgeq.importers.hf import import_hf
-from edgeq.importers.torch_export import import_pt2
 from edgeq.importers.hub import looks_like_hub_id, resolve_hub_id
+from edgeq.importers.torch_export import import_pt2
 from edgeq.models.recipes.default import default_model_path
 from edgeq.models.recipes.minilm import MINILM_NAME, minilm_path
 from edgeq.runtime.tokenizer import spec_from_gguf_metadata

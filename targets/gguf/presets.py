@@ -25,6 +25,7 @@ from edgeq.core.formats import get_format, shape_fallback
 GGUF_PRESETS: tuple[str, ...] = (
     "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s",
     "q4_0", "q4_1", "q5_0", "q5_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k",
+    "iq4_nl", "iq4_xs", "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s",
 )
 
 # llama.h: enum llama_ftype -- what llama.cpp stores as general.file_type.
@@ -32,6 +33,8 @@ _FILE_TYPE: dict[str, int] = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
     "q2_k": 10, "q3_k_s": 11, "q3_k_m": 12, "q3_k_l": 13, "q4_k_s": 14, "q4_k_m": 15,
     "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "bf16": 32,
+    "iq2_xxs": 19, "iq2_xs": 20, "iq3_xs": 22, "iq3_xxs": 23, "iq1_s": 24, "iq4_nl": 25, "iq3_s": 26, "iq3_m": 27,
+    "iq2_s": 28, "iq2_m": 29, "iq4_xs": 30, "iq1_m": 31,
 }
 
 # llama_ftype_get_default_type: the type a preset gives a tensor no rule mentions.
@@ -40,7 +43,13 @@ _DEFAULT_TYPE: dict[str, str] = {
     "q5_k_m": "q5_k", "q5_k_s": "q5_k", "q4_k_m": "q4_k", "q4_k_s": "q4_k",
     "q4_0": "q4_0", "q4_1": "q4_1", "q5_0": "q5_0", "q5_1": "q5_1",
     "q3_k_m": "q3_k", "q3_k_s": "q3_k", "q3_k_l": "q3_k", "q2_k": "q2_k",
+    "iq2_xxs": "iq2_xxs", "iq2_xs": "iq2_xs", "iq2_s": "iq2_xs", "iq2_m": "iq2_s", "iq3_xs": "iq3_s",
+    "iq3_xxs": "iq3_xxs", "iq1_s": "iq1_s", "iq1_m": "iq1_m", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs", "iq3_s": "iq3_s",
+    "iq3_m": "iq3_s",
 }
+
+# The lowest-bit presets, which llama.cpp treats as one group (its first branch after the output and embedding).
+_LOW_BIT = "iq2_xxs iq2_xs iq1_s iq2_s iq2_m iq1_m"
 
 # tensor_allows_quantization: name fragments that keep a weight in its input
 # type whatever the preset (small or precision-critical tensors of various
@@ -132,10 +141,46 @@ def _rule(presets: str, kind: str, to: str, why: str, when: Callable[[_Ctx], boo
     return _Rule(frozenset(presets.split()), kind, when, to, why)
 
 
-# llama_tensor_get_type_impl for the non-IQ presets, llama arch, n_expert <= 1.
+# llama_tensor_get_type_impl for the llama arch, n_expert <= 1 (not Falcon).
 # Within one (preset, kind) the first rule whose condition holds applies;
 # none holding means the preset's default type.
 _RULES: tuple[_Rule, ...] = (
+    # the lowest-bit presets
+    _rule(_LOW_BIT, "attn_v", "q4_k", "attn_v with n_gqa >= 4", lambda c: c.n_gqa >= 4),
+    _rule("iq2_s iq2_m", "attn_v", "iq3_s", "attn_v with n_gqa < 4"),
+    _rule("iq2_xxs iq2_xs iq1_s iq1_m", "attn_v", "q2_k", "attn_v with n_gqa < 4"),
+    _rule("iq2_s iq2_m", "ffn_down", "iq3_s", "ffn_down in the first eighth of layers", lambda c: c.i < c.n // 8),
+    _rule("iq2_xxs iq2_xs iq1_s iq1_m", "ffn_down", "q2_k", "ffn_down in the first eighth of layers",
+          lambda c: c.i < c.n // 8),
+    _rule("iq1_s iq1_m", "attn_output", "iq2_xxs", "attn_output"),
+    _rule("iq2_s iq2_m", "attn_output", "iq3_s", "attn_output"),
+    _rule("iq2_xxs iq2_xs iq1_s iq1_m", "token_embd", "q2_k", "token_embd (untied)"),
+    _rule("iq2_s iq2_m iq3_xxs", "token_embd", "iq3_s", "token_embd (untied)"),
+    # the 3- and 4-bit i-quant presets
+    _rule("iq3_xxs", "attn_v", "q4_k", "attn_v with n_gqa >= 4", lambda c: c.n_gqa >= 4),
+    _rule("iq3_xxs", "attn_v", "iq3_s", "attn_v without an imatrix", lambda c: not c.has_imatrix),
+    _rule("iq3_xxs", "attn_v", "iq3_xxs", "attn_v with an imatrix"),
+    _rule("iq3_xs iq3_s", "attn_v", "q4_k", "attn_v with n_gqa >= 4", lambda c: c.n_gqa >= 4),
+    _rule("iq3_m", "attn_v", "q4_k", "attn_v"),
+    _rule("iq4_nl iq4_xs", "attn_v", "q5_k", "attn_v with n_gqa >= 4", lambda c: c.n_gqa >= 4),
+    _rule("iq3_xs", "attn_k", "iq3_xxs", "attn_k"),
+    _rule("iq3_xxs", "attn_k", "iq2_s", "attn_k"),
+    _rule("iq3_xs", "attn_q", "iq3_xxs", "attn_q"),
+    _rule("iq3_xxs", "attn_q", "iq2_s", "attn_q"),
+    _rule("iq3_xxs", "ffn_down", "q4_k", "ffn_down in the first eighth of layers, without an imatrix",
+          lambda c: not c.has_imatrix and c.i < c.n // 8),
+    _rule("iq3_xxs", "ffn_down", "q3_k", "ffn_down after the first eighth of layers, without an imatrix",
+          lambda c: not c.has_imatrix),
+    _rule("iq3_m", "ffn_down", "q4_k", "ffn_down in the first eighth of layers", lambda c: c.i < c.n // 8),
+    _rule("iq4_nl iq4_xs", "ffn_down", "q5_k", "ffn_down in the first eighth of layers, without an imatrix",
+          lambda c: not c.has_imatrix and c.i < c.n // 8),
+    _rule("iq3_xxs", "attn_output", "iq3_s", "attn_output"),
+    _rule("iq3_m", "attn_output", "q4_k", "attn_output"),
+    _rule("iq3_xs", "ffn_gate", "iq3_xxs", "ffn_gate in the middle three quarters of layers",
+          lambda c: c.n // 8 <= c.i < 7 * c.n // 8),
+    _rule("iq3_xs", "ffn_up", "iq3_xxs", "ffn_up in the middle three quarters of layers",
+          lambda c: c.n // 8 <= c.i < 7 * c.n // 8),
+    # the k-quant and legacy presets
     _rule("q2_k", "attn_v", "q4_k", "attn_v with n_gqa >= 4", lambda c: c.n_gqa >= 4),
     _rule("q2_k", "attn_v", "q3_k", "attn_v with n_gqa < 4"),
     _rule("q3_k_m", "attn_v", "q5_k", "one of the first two attn_v", lambda c: c.i < 2),
@@ -236,16 +281,23 @@ def _output_rule(preset: str, default: str, ne0: int, tied: bool) -> tuple[str, 
     who = "token_embd (tied, so it follows the output rule)" if tied else "output"
     if ne0 % _block_size(default) != 0:
         return "q8_0", f"{preset}: {who}, row length {ne0} does not hold {default} blocks -> q8_0"
+    if preset in _LOW_BIT.split() or preset == "iq3_xxs":
+        return "q5_k", f"{preset}: {who} -> q5_k"
     if default != "q8_0":
         return "q6_k", f"{preset}: {who} -> q6_k"
     return default, f"{preset}: {who} stays {default}"
 
 
-def _mixture_rule(preset: str, kind: str, ctx: _Ctx, default: str) -> tuple[str, str]:
+def _mixture_rule(preset: str, kind: str, ctx: _Ctx) -> tuple[str, str] | None:
     for r in _RULES:
         if preset in r.presets and r.kind == kind and r.when(ctx):
             return r.to, f"{preset}: {r.why} -> {r.to}"
-    return default, f"{preset}: {kind} default {default}"
+    return None
+
+
+# the kinds a rule may single out; llama.cpp counts the first four in its running indices
+_COUNTED_KINDS = ("attn_v", "ffn_down", "ffn_gate", "ffn_up")
+_RULE_KINDS = (*_COUNTED_KINDS, "attn_output", "attn_k", "attn_q", "token_embd")
 
 
 class _Counters:
@@ -282,11 +334,17 @@ def _choose(preset: str, t: TensorInfo, model: _Model, counters: _Counters) -> P
     kind = _kind(t.name)
     if kind == "output" or (kind == "token_embd" and model.tied):
         wanted, why = _output_rule(preset, default, t.ne[0], kind == "token_embd")
-    elif kind in ("attn_v", "ffn_down", "attn_output"):
+    elif kind in _RULE_KINDS:
         n = model.n_attn_v if kind == "attn_v" else model.n_layer
-        i = counters.next(kind) if kind != "attn_output" else 0
-        wanted, why = _mixture_rule(preset, kind, _Ctx(i, n, model.n_gqa, model.has_imatrix), default)
-        if kind == "attn_v" and model.is_70b and wanted in ("q3_k", "q4_k"):
+        i = counters.next(kind) if kind in _COUNTED_KINDS else 0
+        ruled = _mixture_rule(preset, kind, _Ctx(i, n, model.n_gqa, model.has_imatrix))
+        if ruled is not None:
+            wanted, why = ruled
+        elif kind in _COUNTED_KINDS[:2] + ("attn_output",):       # (how edgeq has always worded these)
+            wanted, why = default, f"{preset}: {kind} default {default}"
+        else:
+            wanted, why = default, f"{preset}: default {default}"
+        if kind == "attn_v" and model.is_70b and wanted in ("q3_k", "q4_k") and preset not in _LOW_BIT.split():
             wanted, why = "q5_k", f"{why}; 70B-class model (80 layers, GQA) bumps attn_v -> q5_k"
     else:
         wanted, why = default, f"{preset}: default {default}"

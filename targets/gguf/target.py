@@ -7,6 +7,8 @@ llama.cpp applies at load (adapter.py); the size model is exact (layout.py).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from edgeq.bundle.manifest import Artifact
@@ -22,6 +24,7 @@ from edgeq.targets.base import Lowered, LowerRequest, Target
 from edgeq.targets.gguf.adapter import ADAPTER_FILE, lora_file, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
+from edgeq.targets.gguf.speed import compare_speed
 from edgeq.targets.gguf.writer import write_gguf
 
 MODEL_FILE = "model.gguf"
@@ -36,6 +39,7 @@ class GgufTarget(Target):
     native_kinds = frozenset({"decoder"})      # bin/edgeq-run over llama.h
     preset_reads_imatrix = True
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
+    measures_speed = True
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
@@ -56,6 +60,9 @@ class GgufTarget(Target):
     def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
                ndk_clang: str | None = None) -> FileLayout:
         return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
+
+    def compare_speed(self, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
+        return compare_speed(files, threads)
 
     def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
         # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name

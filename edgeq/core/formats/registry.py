@@ -24,6 +24,8 @@ class Format:
     backends: frozenset[str]
     ggml_type: int | None = None        # the GGMLQuantizationType value, for formats GGUF carries
     takes_imatrix: bool = False         # whether ggml's quantizer uses an importance matrix for this type
+    requires_imatrix: bool = False      # ... and is not written without one (llama.cpp refuses; the output head and
+                                        # token table excepted)
     description: str = ""
     quantize_fn: Callable[["Format", np.ndarray, np.ndarray | None], np.ndarray] | None = None
     dequantize_fn: Callable[["Format", np.ndarray, tuple[int, ...]], np.ndarray] | None = None

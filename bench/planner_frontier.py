@@ -1,0 +1,111 @@
+"""The budgeted planner's frontier below 6 bits, as README command 1 installs it (no torch), against llama.cpp's
+presets with edgeq's importance matrix.
+
+    python bench/planner_frontier.py [--bpw 6.27,5.46,5.0,4.5] [--chunks 4] [--presets q4_k_m,q3_k_m,iq4_nl]
+
+Each budget is one `edgeq export --bpw X --formats <every GGUF candidate but Q4_1/Q5_1>` of the default model
+(SmolLM2-135M-Instruct; its weights come from a Q4_1 file, which Q4_1 reproduces exactly, hence the exclusion),
+with the default cost (`--cost auto`: the numpy Fisher) and the default candidates (i-quants included), scored
+as `edgeq eval` scores it: llama.cpp's logits against the float reference executor on --chunks 512-token
+windows of held-out text. The export's own speed measurement (llama.cpp, interleaved with the preset of the
+nearest bytes) is kept beside each row. Writes bench/results/planner_frontier.json and a plot (bpw vs KLD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_flags() -> list[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return sorted(have & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "f16c", "fma"})
+    except OSError:
+        pass
+    return []
+
+
+def main() -> int:
+    from edgeq.api import ExportOptions, export
+    from edgeq.core.formats.registry import candidate_formats
+    from edgeq.evaluate.bundle import evaluate_bundle
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bpw", default="6.27,5.46,5.0,4.5")
+    ap.add_argument("--presets", default="q4_k_m,q3_k_m,iq4_nl", help="calibrated presets measured beside")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_frontier.json"))
+    a = ap.parse_args()
+
+    formats = [f.name for f in candidate_formats("gguf") if f.name not in ("q4_1", "q5_1")]
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
+           "formats": formats, "rows": []}
+
+    def save() -> None:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+
+    work = Path(tempfile.mkdtemp(prefix="edgeq-frontier-"))
+    jobs = [("preset", q) for q in a.presets.split(",") if q] + [("plan", float(b)) for b in a.bpw.split(",") if b]
+    for kind, what in jobs:
+        t0 = time.perf_counter()
+        bundle = work / f"{kind}-{what}"
+        opts = (ExportOptions(quant=what, out=str(bundle), force=True, check=False) if kind == "preset" else
+                ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True))
+        r = export(opts, log=lambda s: print(s, file=sys.stderr))
+        ev = evaluate_bundle(bundle, chunks=a.chunks, threads=a.threads, record=False, pareto=False)
+        m = r["manifest"]
+        row = {"kind": kind, "what": what, "bpw": m["model"]["bits_per_weight"],
+               "bytes": sum(x["bytes"] for x in m["artifacts"] if x["role"] == "model"),
+               "kld_mean": ev["kld_mean"], "top1": ev["top1"], "ppl": ev["ppl"],
+               "n_tokens": ev["n_tokens_scored"], "formats": next(x["formats"] for x in m["artifacts"]
+                                                                  if x["role"] == "model"),
+               "speed": r["measurements"].get("speed"), "seconds": round(time.perf_counter() - t0, 1)}
+        res["rows"].append(row)
+        sp = row["speed"]
+        print(f"{kind} {what}: {row['bpw']:.3f} bpw, KLD {row['kld_mean']:.4f}, top-1 {row['top1']:.3f}"
+              + (f", decode {sp['decode_ratio']:.2f}x / prefill {sp['prefill_ratio']:.2f}x {sp['preset']['name']}"
+                 if sp else ""), flush=True)
+        save()
+    plot(res, out.with_suffix(".png"))
+    return 0
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("preset", "s"), ("plan", "o-")):
+        rows = sorted((r for r in res["rows"] if r["kind"] == kind), key=lambda r: r["bpw"])
+        ax.plot([r["bpw"] for r in rows], [r["kld_mean"] for r in rows], style,
+                label="llama.cpp presets + imatrix" if kind == "preset" else "edgeq budgeted plan (no torch)")
+        if kind == "preset":
+            for r in rows:
+                ax.annotate(r["what"], (r["bpw"], r["kld_mean"]), fontsize=8)
+    ax.set_xlabel("bits per weight (model file)")
+    ax.set_ylabel(f"KLD vs float ({res['chunks']} held-out windows)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
