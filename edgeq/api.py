@@ -15,6 +15,7 @@ from typing import Any, Callable
 from edgeq import runtime
 from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
+from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
 from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
@@ -41,8 +42,8 @@ from edgeq.predictor.profile import cached_profile_path, load_profile
 from edgeq.predictor.validate import ValidationSettings, validate
 from edgeq.predictor.workload import graph_workload
 
-__all__ = ["ExportOptions", "calibrate", "chat", "evaluate", "export", "export_module", "inspect", "plan", "predict", "profile",
-           "serve"]
+__all__ = ["ExportOptions", "add_adapter", "calibrate", "chat", "evaluate", "export", "export_module", "inspect",
+           "plan", "predict", "profile", "serve"]
 
 
 def _options(opts: ExportOptions | None, kwargs: dict[str, Any]) -> ExportOptions:
@@ -89,6 +90,12 @@ def calibrate(out: str | os.PathLike, model: str | None = None, adapters: list[s
         im = imatrix_from_calibration(graph, cal)
         atomic_write(out, lambda tmp: write_imatrix(tmp, im))
     return im, cal.info
+
+
+def add_adapter(bundle: str | os.PathLike, adapter: str, model: str | None = None) -> list[dict[str, Any]]:
+    """`edgeq add-adapter`: a LoRA adapter (`DIR[:WEIGHT][=NAME]`) written beside the bundle's base for each of its
+    backends and listed in its manifest (replaced atomically); returns the new manifest entries."""
+    return add_adapter_to_bundle(bundle, adapter, model)
 
 
 def evaluate(bundle: str | os.PathLike, **options) -> dict:

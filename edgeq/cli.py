@@ -40,7 +40,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost,
-        adapters=getattr(a, "adapter", None) or [], calib_images=getattr(a, "calib_images", None),
+        adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
+        calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
         allow_requantize=not getattr(a, "no_requantize", False),
         ndk_clang=getattr(a, "ndk_clang", None),
@@ -121,8 +122,9 @@ def _sampling(a) -> dict:
 
 def cmd_run(a) -> int:
     if runs_remotely(a.device):     # a HIL device: the bundle is pushed and run by the on-device runner
-        if a.system is not None or a.stop or a.truncate:
-            raise EdgeqError(None, f"--system, --stop and --truncate run in this process, not on {a.device}")
+        if a.system is not None or a.stop or a.truncate or a.use_adapter:
+            raise EdgeqError(None, f"--system, --stop, --truncate and --use-adapter run in this process, not on "
+                                   f"{a.device}")
         with DeviceSession(a.bundle, a.device, a.backend, a.threads, pruning_rate=a.pruning_rate) as s:
             if s.kind == "decoder":
                 text = s.generate(a.prompt, max_tokens=a.max_tokens, temperature=a.temperature, seed=a.seed,
@@ -132,8 +134,9 @@ def cmd_run(a) -> int:
                 print(json.dumps({"backend": s.backend_name,
                                   "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}))
         return 0
+    use = runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device,
-                      pruning_rate=a.pruning_rate) as s:
+                      pruning_rate=a.pruning_rate, adapters=use) as s:
         if getattr(s, "kind", None) == "encoder":   # the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
@@ -174,6 +177,7 @@ def cmd_eval(a) -> int:
     res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
                           record=not a.no_record, device=a.device, pruning_rate=a.pruning_rate,
+                          use_adapters=runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None,
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -186,8 +190,19 @@ def cmd_eval(a) -> int:
         print(f"{a.bundle}: {res['backend']} cosine to the float reference: mean {res['cosine_mean']:.5f}, "
               f"min {res['cosine_min']:.5f} over {res['n_sentences']} sentences")
     else:
-        print(f"{a.bundle}: {res['backend']} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
+        using = "".join(f" +{n}:{w:g}" for n, w in (res.get("adapters") or {}).items())
+        print(f"{a.bundle}: {res['backend']}{using} ppl {res['ppl']:.4f} (reference {res['ppl_reference']:.4f}), "
               f"KLD {res['kld_mean']:.3e}, top-1 {res['top1']:.4f} over {res['n_tokens_scored']} tokens, ctx {res['ctx']}")
+    return 0
+
+
+def cmd_add_adapter(a) -> int:
+    entries = api.add_adapter(a.bundle, a.adapter, model=a.model)
+    if not a.quiet:
+        files = ", ".join(f"{e['path']} {e['bytes'] / 2**20:.2f} MiB" for e in entries)
+        e = entries[0]
+        size = f"rank {e['rank']}" if "rank" in e else f"{e['nnz']} sparse entries"
+        print(f"added {e['method']} adapter {e['name']} ({size}, scale {e['scale']:g}) to {a.bundle}: {files}")
     return 0
 
 
@@ -288,11 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(fn=fn)
         return sp
 
+    def use_adapter_option(sp):
+        sp.add_argument("--use-adapter", action="append", metavar="NAME[:WEIGHT]",
+                        help="apply the bundle's separate LoRA adapter NAME (export --adapter-mode separate) with "
+                             "WEIGHT (default weight: its scale in the manifest); repeat to add several (default: "
+                             "none, the base model)")
+
     def adapter_option(sp, help_text):
-        sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT]", help=help_text + " (default: none)")
+        sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT][=NAME]",
+                        help=help_text + " (default: none)")
 
     merge_help = ("PEFT LoRA adapter folder (or Hub id org/name[@revision]) merged into the float weights before "
-                  "anything else, optionally scaled by WEIGHT (default weight 1); repeat to merge several")
+                  "anything else, optionally scaled by WEIGHT (default weight 1); repeat to merge several. With "
+                  "--adapter-mode separate it is written beside the base instead, named NAME (default: the "
+                  "folder's name), WEIGHT its default scale")
     model_help = ("GGUF file, Hugging Face model folder or Hub id org/name[@revision] (resolved through the HF cache; "
                   "default: the embedded SmolLM2-135M-Instruct)")
     quiet_help = "no progress bars or messages"
@@ -313,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; with --backend all one per backend, e.g. gguf=q4_0,onnx=int4 (default: the "
                           "profile's preset for the backend and model kind)")
         sp.add_argument("--plan", help="plan JSON (rules and per-tensor formats) to apply (default: none)")
+        sp.add_argument("--adapter-mode", choices=["merged", "separate"], default="merged",
+                        help="merged (default): adapters folded into the float weights, then quantized; separate: "
+                             "the base quantized and calibrated alone, each adapter its own small file beside it, "
+                             "switched at run time (edgeq run --use-adapter, runtime.load(adapters=...))")
         sp.add_argument("--quiet", action="store_true", help=quiet_help)
 
     def csv(kind):
@@ -499,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "start) instead of refusing it")
     sampling_options(r, seed=0)
     pruning_rate_option(r)
+    use_adapter_option(r)
 
     ch = command("chat", "chat with a decoder bundle in the terminal: history, streaming; /reset, /exit",
                  "edgeq chat out/",
@@ -541,7 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sentences", type=int, default=256, metavar="N", help="encoders: sentences to score (0: all)")
     ev.add_argument("--reference", help="float source model, file or folder (default: the one the manifest names, "
                                         "if found; CNNs: the .pt2)")
-    adapter_option(ev, "the adapters the bundle was exported with (checked against the manifest)")
+    adapter_option(ev, "the adapter folders of the float reference: those the bundle merged at export, then those "
+                       "--use-adapter applies (checked against the manifest's SHA-256)")
+    use_adapter_option(ev)
     ev.add_argument("--backend", help="which artifact of the bundle to evaluate (default: the first)")
     ev.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime")
     ev.add_argument("--device", help=DEVICE_HELP)
@@ -549,6 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one flat JSON object")
     ev.add_argument("--no-record", action="store_true", help="do not add the result to measurements.json")
     ev.add_argument("--quiet", action="store_true", help=quiet_help)
+
+    aa = command("add-adapter", "add a LoRA or SHiRA adapter to a bundle beside its base (the base untouched)",
+                 "edgeq add-adapter out/ ./sql-lora/=sql",
+                 "edgeq add-adapter out/ ./chat-lora/:0.5=chat --model ./base/", fn=cmd_add_adapter)
+    aa.add_argument("bundle", help="bundle folder (exported with --adapter-mode separate for onnx and tvm)")
+    aa.add_argument("adapter", metavar="DIR[:WEIGHT][=NAME]",
+                    help="PEFT adapter folder (or Hub id), its default scale WEIGHT and the NAME it is listed "
+                         "under (default: the folder's name)")
+    aa.add_argument("--model", help="the bundle's source model, needed only when the adapter saved full embedding "
+                                    "or head weights (checked against them and the manifest's digest) (default: "
+                                    "none)")
+    aa.add_argument("--quiet", action="store_true", help="no messages")
 
     i = command("inspect", "describe a bundle (checksums verified), a GGUF file or a Hugging Face model folder",
                 "edgeq inspect out/",

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.core.adapter import ADAPTER_NAME, LoraAdapter, SparseAdapter, UserAdapter, check_adapter_name
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import sha256_file
 from edgeq.core.ir import Graph, Tensor
@@ -34,6 +35,7 @@ from edgeq.importers.hub import looks_like_hub_id, resolve_hub_id
 from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile, STensor
 from edgeq.models import names
 from edgeq.passes.base import Context, Pass
+from edgeq.passes.sparse_adapters import SparseModule, is_sparse, sparse_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -92,10 +94,12 @@ class Adapter:
     base_layers: dict[str, STensor] = field(default_factory=dict)
     sha256: str = ""
     config_sha256: str = ""
+    name: str = ""              # DIR=NAME, else the folder's name
 
     def to_json(self) -> dict[str, Any]:
         c = self.config
-        return {"name": self.path.resolve().name, "sha256": self.sha256, "config_sha256": self.config_sha256,
+        return {"name": self.name, "sha256": self.sha256, "config_sha256": self.config_sha256,
+                **({"peft_type": "SHIRA"} if is_sparse(c) else {}),
                 "weight": self.weight, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "modules": len(self.modules),
                 "base_model_name_or_path": c.get("base_model_name_or_path")}
@@ -113,6 +117,17 @@ def parse_adapter_arg(arg: str) -> tuple[str, float]:
             raise EdgeqError(head, f"adapter weight {tail!r} is not a finite number")
         return head, w
     return arg, 1.0
+
+
+def parse_adapter_spec(arg: str) -> tuple[str, float, str | None]:
+    """`DIR[:WEIGHT][=NAME]`: the folder, its weight and the name it is listed under (None: the folder's). An
+    `=` that is part of an existing path is left alone."""
+    head, sep, tail = arg.rpartition("=")
+    name = None
+    if sep and head and ADAPTER_NAME.match(tail) and not Path(arg).expanduser().exists():
+        arg, name = head, tail
+    path, weight = parse_adapter_arg(arg)
+    return path, weight, name
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -167,10 +182,14 @@ def _check_config(c: dict[str, Any], path: Path) -> None:
         raise EdgeqError(path, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
     if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(p, str) for p in lp))):
         raise EdgeqError(path, f"layers_pattern must be a string or a list of strings, not {lp!r}")
-    # every pattern PEFT would compile, compiled here first: a bad one is one line, not re.error
     patterns = [(k, v) for k in ("target_modules", "exclude_modules") if isinstance(v := c.get(k), str)]
     patterns += [("layers_pattern", p) for p in ([lp] if isinstance(lp, str) else lp or [])]
     patterns += [(key, p) for key in ("rank_pattern", "alpha_pattern") for p in (c.get(key) or {})]
+    _compile_patterns(patterns, path)
+
+
+def _compile_patterns(patterns: list[tuple[str, str]], path: Path) -> None:
+    """Every (field, pattern) PEFT would compile, compiled here first: a bad one is one line, not re.error."""
     for key, p in patterns:
         if len(p) > MAX_PATTERN_CHARS:
             raise EdgeqError(path, f"{key} pattern of {len(p)} characters (more than {MAX_PATTERN_CHARS})")
@@ -250,7 +269,7 @@ def _pattern_value(patterns: dict[str, Any], key: str, default):
 
 def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     """Validate an adapter folder against the base graph; nothing is loaded but headers and the config."""
-    path_s, weight = parse_adapter_arg(arg) if isinstance(arg, str) else arg
+    path_s, weight, listed_as = parse_adapter_spec(arg) if isinstance(arg, str) else (*arg, None)
     folder = Path(path_s).expanduser()
     if not folder.exists() and looks_like_hub_id(path_s):
         folder = resolve_hub_id(path_s, "adapter")
@@ -259,7 +278,10 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
     if not folder.is_dir():
         raise EdgeqError(folder, "is not a folder (a PEFT adapter is a folder with adapter_config.json and "
                                  "adapter_model.safetensors)")
-    c = adapter_config(folder)
+    c = _read_config(folder)
+    if is_sparse(c):
+        return _load_sparse(folder, c, graph, weight, listed_as)
+    _check_config(c, folder / CONFIG)
     cpath = folder / CONFIG
     wpath = folder / WEIGHTS
     if not wpath.is_file():
@@ -348,7 +370,38 @@ def load_adapter(arg: str | tuple[str, float], graph: Graph) -> Adapter:
         out.append(LoraModule(module, target, is_emb, A, B, r, alpha, scale))
     return Adapter(path=folder, weight=weight, config=c, modules=out, base_layers=base_layers,
                    sha256=sha256_file(wpath),
-                   config_sha256=sha256_file(cpath))
+                   config_sha256=sha256_file(cpath),
+                   name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
+
+
+def _load_sparse(folder: Path, c: dict[str, Any], graph: Graph, weight: float, listed_as: str | None) -> Adapter:
+    """A SHiRA folder: its config checked as PEFT would read it, its sparse deltas against the base."""
+    cpath = folder / CONFIG
+    for key in ("modules_to_save", "layers_to_transform"):
+        if c.get(key):
+            raise EdgeqError(cpath, f"{key} is not supported for SHiRA adapters")
+    tm = c.get("target_modules")
+    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise EdgeqError(cpath, f"target_modules must be a regex or a list of module names, not {tm!r}")
+    ex = c.get("exclude_modules")
+    if ex is not None and not (isinstance(ex, str) or (isinstance(ex, list) and all(isinstance(e, str) for e in ex))):
+        raise EdgeqError(cpath, f"exclude_modules must be a regex or a list of module names, not {ex!r}")
+    _compile_patterns([(k, v) for k, v in (("target_modules", tm), ("exclude_modules", ex)) if isinstance(v, str)],
+                      cpath)
+    wpath = folder / WEIGHTS
+    if not wpath.is_file():
+        raise EdgeqError(wpath, "missing")
+    base = c.get("base_model_name_or_path")
+    base_hint = f" (the adapter was trained on {base})" if base else ""
+    modules = model_modules(graph)
+    targeted = [name for name in modules if _targeted(c, name) and name != "model.embed_tokens"]
+    if not targeted:
+        raise EdgeqError(cpath, f"target_modules {tm!r} matches no module of the base model{base_hint}")
+    found, base_layers = sparse_modules(folder, c, graph, modules, targeted, base_hint)
+    return Adapter(path=folder, weight=weight, config=c, modules=found, base_layers=base_layers,
+                   sha256=sha256_file(wpath),
+                   config_sha256=sha256_file(cpath),
+                   name=check_adapter_name(listed_as, folder) if listed_as else folder.resolve().name)
 
 
 def _same_tensor(a: STensor, b: STensor, path: Path) -> STensor:
@@ -364,6 +417,58 @@ def _check_vocab_rows(module: str, t: STensor, graph: Graph, path: Path) -> None
                                "resized vocabularies are not supported yet")
 
 
+def unmerged(ad: Adapter, graph: Graph) -> UserAdapter:
+    """The adapter as a target writes it beside the base (--adapter-mode separate): each module's A and B with
+    its PEFT scale folded into B, or a SHiRA adapter's sparse entries. What only a merge can express is refused in
+    one line."""
+    wpath = ad.path / WEIGHTS
+    for target, t in ad.base_layers.items():    # PEFT saves them when an embedding or the head is targeted: the base's
+        if not np.array_equal(t.load(), graph.weights[target].numpy()):
+            raise EdgeqError(wpath, f"holds full weights for {target} that differ from the base model's "
+                                    "(save_embedding_layers): only --adapter-mode merged can apply them")
+    if is_sparse(ad.config):
+        return _unmerged_sparse(ad, graph)
+    for m in ad.modules:
+        if m.embedding:
+            raise EdgeqError(wpath, f"has a LoRA on {m.module}; embedding adapters are applied with --adapter-mode "
+                                    "merged only for now")
+        if m.module == "lm_head" and graph.config.tied_embeddings:
+            raise EdgeqError(wpath, "has a LoRA on lm_head of a model with tied embeddings (the head is the "
+                                    "embedding table): only --adapter-mode merged can apply it")
+    order = list(graph.weights)
+    modules = sorted(ad.modules, key=lambda m: order.index(m.target))
+
+    def load() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {m.target: (np.asarray(m.A.load(), np.float32),
+                           np.asarray(m.B.load(), np.float32) * np.float32(m.scale)) for m in modules}
+
+    return LoraAdapter(name=ad.name, scale=ad.weight, rank=max(m.r for m in modules),
+                       targets=[m.target for m in modules],
+                       modules=sorted({m.module.rsplit(".", 1)[-1] for m in modules}),
+                       source_sha256=ad.sha256, config_sha256=ad.config_sha256,
+                       dtype="f32" if any(t.dtype in ("F32", "F64") for m in modules for t in (m.A, m.B)) else "f16",
+                       load_factors=load)
+
+
+def _unmerged_sparse(ad: Adapter, graph: Graph) -> SparseAdapter:
+    order = list(graph.weights)
+    modules = sorted(ad.modules, key=lambda m: order.index(m.target))
+    for m in modules:
+        if m.module == "lm_head" and graph.config.tied_embeddings:
+            raise EdgeqError(ad.path / WEIGHTS, "has a SHiRA delta on lm_head of a model with tied embeddings (the "
+                                                "head is the embedding table): only --adapter-mode merged applies it")
+    if len({m.target for m in modules}) != len(modules):
+        raise EdgeqError(ad.path / WEIGHTS, "two SHiRA deltas change one weight")
+
+    def load() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return {m.target: m.entries() for m in modules}
+
+    return SparseAdapter(name=ad.name, scale=ad.weight, targets=[m.target for m in modules],
+                         modules=sorted({m.module.rsplit(".", 1)[-1] for m in modules}),
+                         nnz=sum(int(m.values.shape[0]) for m in modules), source_sha256=ad.sha256,
+                         config_sha256=ad.config_sha256, load_entries=load)
+
+
 # --- the pass -------------------------------------------------------------------------
 
 def _merged_loader(base: Tensor, deltas: list[tuple[LoraModule, float]], replaced: STensor | None = None):
@@ -372,11 +477,15 @@ def _merged_loader(base: Tensor, deltas: list[tuple[LoraModule, float]], replace
         out = np.empty(w.shape, dtype=np.float32)
         step = max(1, (1 << 24) // max(1, w.shape[-1]))      # rows per chunk: ~64 MiB of float32 at a time
         # Row blocks of B·A (or of (B·A)ᵀ for embeddings): the full delta never exists at once.
-        loaded = [(m, m.A.load(), m.B.load(), np.float32(wt * m.scale)) for m, wt in deltas]
+        loaded = [(m, None, None, np.float32(wt)) if isinstance(m, SparseModule)
+                  else (m, m.A.load(), m.B.load(), np.float32(wt * m.scale)) for m, wt in deltas]
         for r0 in range(0, w.shape[0], step):
             r1 = min(w.shape[0], r0 + step)
             block = w[r0:r1].copy()
             for m, a, b, s in loaded:
+                if a is None:            # a SHiRA delta: its entries in these rows
+                    m.add_rows(block, r0, r1, s)
+                    continue
                 d = (b @ a[:, r0:r1]).T if m.embedding else b[r0:r1] @ a
                 block += d * s
             out[r0:r1] = block

@@ -5,15 +5,20 @@
     for piece in s.stream([{"role": "user", "content": "Hi!"}], temperature=0.7, top_p=0.9):
         print(piece, end="", flush=True)
     s.logits(token_ids)
+
+A bundle exported with `--adapter-mode separate` holds LoRA adapters beside its base:
+`load("out/", adapters={"chat": 1.0})`, then `s.set_adapters({"sql": 0.5})` switches without reloading the base
+and `s.set_adapters({})` gives the base model back.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -24,15 +29,19 @@ from edgeq.runtime.manifest import (
     BundleError,
     check_runtime_version,
     listed_path,
+    lora_adapters,
     pick_artifact,
     pick_pruning,
     read_manifest,
+    verified_file,
     verify_artifacts,
 )
 from edgeq.runtime.sampling import MAX_SEED, NumpySampler, Sampler, SamplingParams
 from edgeq.runtime.tokenizer import chat_messages, render_chat, spec_from_json, stop_ids
 
-__all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "SamplingParams"]
+__all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "SamplingParams", "parse_adapter_choice"]
+
+AdapterChoice = Mapping[str, "float | None"] | Iterable[str] | None
 
 # the runtimes a bundle's artifacts run in, by backend name; each module imports its library (llama_cpp,
 # onnxruntime, tvm) only when it opens an artifact, so a device needs only the ones its bundles use
@@ -59,6 +68,54 @@ class Session:
         self.artifact = artifact
         self.spec = bundle_spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
+        self._adapters: dict[str, float] = {}
+
+    # --- adapters kept apart from the base -----------------------------------------------------------------
+
+    @property
+    def available_adapters(self) -> dict[str, dict[str, Any]]:
+        """The bundle's LoRA adapters for this backend, by name (their manifest entries: rank, scale, modules)."""
+        return lora_adapters(self.manifest, self.backend.name)
+
+    @property
+    def adapters(self) -> dict[str, float]:
+        """The adapters applied now, with their weights."""
+        return dict(self._adapters)
+
+    def set_adapters(self, adapters: AdapterChoice) -> None:
+        """Apply exactly these adapters over the base, switching without reloading it: names (each with its
+        default scale, or `NAME:WEIGHT`) or {name: weight} (None: the default scale); several add their deltas,
+        as PEFT and llama.cpp do; `{}` or None gives the base model. Each adapter file is checked against the
+        manifest's SHA-256 when it is first read. The KV cache starts afresh."""
+        chosen = self._resolve_adapters(adapters)
+        if chosen == self._adapters:
+            return
+        switch = getattr(self.backend, "set_adapters", None)
+        if switch is None:
+            raise BundleError(self.bundle, f"the {self.backend.name} runtime cannot apply separate adapters yet")
+        avail = self.available_adapters
+        switch(list(chosen.items()),
+               lambda name: verified_file(self.bundle, self.manifest, avail[name]["path"], f"adapter {name}"))
+        self._adapters = chosen
+
+    def _resolve_adapters(self, adapters: AdapterChoice) -> dict[str, float]:
+        avail = self.available_adapters
+        if adapters is None:
+            return {}
+        if isinstance(adapters, str):
+            adapters = [adapters]
+        items = adapters.items() if isinstance(adapters, Mapping) else parse_adapter_choice(adapters).items()
+        out: dict[str, float] = {}
+        for name, weight in items:
+            if name not in avail:
+                have = ", ".join(sorted(avail)) or "none"
+                raise BundleError(self.bundle, f"no adapter named {name!r} for {self.backend.name} in this bundle "
+                                               f"(it has: {have})")
+            w = avail[name]["scale"] if weight is None else weight
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise BundleError(self.bundle, f"adapter {name}: weight {weight!r} is not a finite number")
+            out[name] = float(w)
+        return out
 
     @property
     def backend_name(self) -> str:
@@ -178,6 +235,27 @@ class Session:
         self.close()
 
 
+def parse_adapter_choice(items: Iterable[str]) -> dict[str, float | None]:
+    """`NAME` or `NAME:WEIGHT` items (`--use-adapter`), in order; a name given twice is refused."""
+    out: dict[str, float | None] = {}
+    for item in items:
+        name, sep, tail = str(item).rpartition(":")
+        if not sep:
+            name, weight = str(item), None
+        else:
+            try:
+                weight = float(tail)
+            except ValueError:
+                raise BundleError(None, f"adapter {item!r}: weight {tail!r} is not a number (NAME or "
+                                        "NAME:WEIGHT)") from None
+            if not math.isfinite(weight):
+                raise BundleError(None, f"adapter {item!r}: weight {tail!r} is not a finite number")
+        if name in out:
+            raise BundleError(None, f"adapter {name!r} is given twice")
+        out[name] = weight
+    return out
+
+
 def _is_token(t) -> bool:
     return isinstance(t, (int, np.integer)) and not isinstance(t, bool)
 
@@ -202,7 +280,8 @@ def bundle_spec(bundle: Path, manifest: dict[str, Any]):
 
 
 def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
-         verify: bool = True, device: str | None = None, pruning_rate: float | None = None):
+         verify: bool = True, device: str | None = None, pruning_rate: float | None = None,
+         adapters: AdapterChoice = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
     (embed/run) for encoders and CNNs. `device` (TVM bundles): `cpu` (default) or `rpc://HOST:PORT`, a TVM RPC
     server. `pruning_rate`: one of the rates a bundle exported with `--pruning-rates` carries (the share of the MLPs'
@@ -211,12 +290,17 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     Every artifact's size and SHA-256 are checked against the manifest before any backend opens a file
     (`verify=False` skips that, for a bundle just written and checked by this process); a TVM library, native
     code, is checked again as it is copied to a private folder and loaded from there, whatever `verify` says.
-    A failed check is a `BundleError` naming the file."""
+    A failed check is a `BundleError` naming the file.
+
+    `adapters`: the bundle's LoRA adapters to apply from the start (names, or {name: weight}); see
+    `Session.set_adapters`."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
     pruning = pick_pruning(bundle, manifest, pruning_rate)
     if pruning is not None and manifest["model"].get("kind") != "decoder":
         raise BundleError(bundle, "pruning rates are for decoders")
+    if pruning is not None and adapters:
+        raise BundleError(bundle, "adapters over a pruned model (a pruning rate) are not supported yet")
     if verify:
         verify_artifacts(bundle, manifest)
     art = pick_artifact(bundle, manifest, backend)
@@ -227,8 +311,17 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
         raise BundleError(bundle, f"device {device!r} needs a tvm bundle (this one is {art['backend']})")
     check_runtime_version(manifest, impl.RUNTIME_DIST)
     if manifest["model"]["kind"] != "decoder":
+        if adapters:
+            raise BundleError(bundle, f"adapters apply to decoders; this bundle holds a {manifest['model']['kind']}")
         return impl.open_model(bundle, manifest, art, threads=threads, device=device)
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     spec = bundle_spec(bundle, manifest)
-    return Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
-                                                       device=device, pruning=pruning), art)
+    session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
+                                                          device=device, pruning=pruning), art)
+    if adapters:
+        try:
+            session.set_adapters(adapters)
+        except BaseException:
+            session.close()
+            raise
+    return session

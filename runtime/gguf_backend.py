@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -77,6 +80,36 @@ class LlamaCppBackend:
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
+        self._loras: dict[str, object] = {}     # users' adapters read so far, by name (llama_adapter_lora *)
+
+    def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
+        """Apply these LoRA adapters (name, scale) over the model, with the bundle's error branches if any.
+
+        Each adapter file is read once (`open_file` checks it against the manifest) and kept for later
+        switches; switching is llama.cpp's `llama_set_adapters_lora`, no reload of the base. llama.cpp adds
+        scale·B·(A·x) per adapter (alpha 0 in edgeq's files: the scale is the weight alone)."""
+        import llama_cpp
+
+        for name, _ in chosen:
+            if name not in self._loras:
+                path = open_file(name)
+                from llama_cpp._utils import suppress_stdout_stderr
+
+                with suppress_stdout_stderr(disable=self.llm.verbose):   # llama.cpp logs a line per tensor
+                    handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model,
+                                                               os.fspath(path).encode("utf-8"))
+                if not handle:
+                    raise BundleError(path, "llama.cpp cannot apply this LoRA adapter to the bundle's model "
+                                            "(made for another base model?)")
+                self._loras[name] = handle
+        pairs = [(self.llm._lora_adapter, 1.0)] if self.llm._lora_adapter is not None else []
+        pairs += [(self._loras[name], scale) for name, scale in chosen]
+        n = len(pairs)
+        handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in pairs)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in pairs)) if n else None
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, handles, n, scales):
+            raise BundleError(None, "llama.cpp refused the adapters")
+        self.reset()     # the KV cache holds keys and values computed with the previous adapters
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
@@ -111,6 +144,11 @@ class LlamaCppBackend:
     def close(self) -> None:
         llm, self.llm = self.llm, None
         if llm is not None:
+            import llama_cpp
+
+            loras, self._loras = self._loras, {}
+            for handle in loras.values():      # before the model that owns them
+                llama_cpp.llama_adapter_lora_free(handle)
             llm.close()
 
 

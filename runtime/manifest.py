@@ -95,6 +95,8 @@ def check_structure(m: dict[str, Any], path: Path) -> None:
             raise BundleError(path, f"artifact {a['path']!r} is listed twice (artifacts[{seen[key]}] and "
                                     f"artifacts[{i}])")
         seen[key] = i
+        if a.get("role") == LORA_ROLE:
+            _check_lora_entry(a, i, path)
     model = m.get("model")
     if not isinstance(model, dict) or model.get("kind") not in MODEL_KINDS:
         raise BundleError(path, f"model.kind must be one of {', '.join(MODEL_KINDS)}")
@@ -109,6 +111,37 @@ def check_structure(m: dict[str, Any], path: Path) -> None:
         v = (m.get("tokenizer") or {}).get(key)
         if v is not None and not isinstance(v, str):
             raise BundleError(path, f"tokenizer.{key} must be a file name")
+
+
+LORA_ROLE = "lora"       # a user's LoRA adapter kept apart from the base (export --adapter-mode separate)
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def _check_lora_entry(a: dict[str, Any], i: int, path: Path) -> None:
+    if not isinstance(a.get("name"), str) or not _ADAPTER_NAME.match(a["name"]):
+        raise BundleError(path, f"artifacts[{i}].name is missing or not an adapter name")
+    s = a.get("scale")
+    if type(s) not in (int, float) or s != s or abs(s) == float("inf"):
+        raise BundleError(path, f"artifacts[{i}].scale is missing or not a finite number")
+    if not isinstance(a.get("applies_to"), str):
+        raise BundleError(path, f"artifacts[{i}].applies_to is missing or not a file name")
+
+
+def lora_adapters(manifest: dict[str, Any], backend: str) -> dict[str, dict[str, Any]]:
+    """The users' adapters a bundle holds for one backend, by name."""
+    return {a["name"]: a for a in manifest["artifacts"] if a.get("role") == LORA_ROLE and a["backend"] == backend}
+
+
+def verified_file(bundle: Path, manifest: dict[str, Any], rel: str, what: str) -> Path:
+    """A listed artifact whose size and SHA-256 are checked now, just before a runtime reads it (an adapter
+    opened long after the bundle was loaded)."""
+    p = listed_path(bundle, manifest, rel, what)
+    entry = artifact_entry(manifest, rel)
+    if not p.is_file():
+        raise BundleError(bundle / rel, "artifact listed in the manifest is missing")
+    if p.stat().st_size != entry["bytes"] or sha256_file(p) != entry["sha256"]:
+        raise BundleError(bundle / rel, "checksum error: SHA-256 does not match the manifest")
+    return p
 
 
 def _normal_path(rel: str, manifest_path: Path) -> str:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeq.core.errors import RequestError
+from edgeq.runtime.lora import checked_factors
 from edgeq.runtime.manifest import BundleError, listed_path
 from edgeq.runtime.onnx_slice import slice_mlp
 from edgeq.runtime.pruned import pruned_file
@@ -145,7 +146,54 @@ class OnnxDecoderBackend(TokenizerText):
         self.present_names = [n.replace("past_key_values.", "present.") for n in self.past_names]
         self.kv_shape = [(int(i.shape[1]), int(i.shape[3])) for i in past]
         self.n_vocab = int(self.session.get_outputs()[0].shape[-1])
+        # LoRA inputs (bundles exported with --adapter-mode separate): weight -> (in, out); overridable
+        # initializers of rank 0 (the base) unless fed
+        lora = self.session.get_overridable_initializers()
+        self.lora_shapes = {i.name[: -len(".lora_A")]: (int(i.shape[0]), 0) for i in lora
+                            if i.name.endswith(".lora_A")}
+        for i in lora:
+            if i.name.endswith(".lora_B") and i.name[: -len(".lora_B")] in self.lora_shapes:
+                w = i.name[: -len(".lora_B")]
+                self.lora_shapes[w] = (self.lora_shapes[w][0], int(i.shape[1]))
+        self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.lora_feeds: dict[str, np.ndarray] = {}
         self.reset()
+
+    def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
+        """Feed these adapters (name, scale) to the graph's LoRA inputs: per weight, the active adapters' A
+        stacked along the rank and their B·scale likewise, so their deltas add; rank 0 where none applies.
+        Each file is read once (`open_file` checks it against the manifest)."""
+        for name, _ in chosen:
+            if name not in self._lora_files:
+                self._lora_files[name] = self._read_adapter(open_file(name))
+        if chosen and not self.lora_shapes:
+            raise BundleError(None, "this ONNX model has no LoRA inputs (not exported with --adapter-mode separate)")
+        feeds = {}
+        for w, (n_in, n_out) in self.lora_shapes.items():
+            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
+            if not parts:      # the graph's own rank-0 defaults
+                continue
+            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own arrays: no copy
+                a, b = parts[0][0]
+            else:
+                a = np.ascontiguousarray(np.concatenate([f[0] for f, _ in parts], 1))
+                b = np.ascontiguousarray(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
+            feeds[f"{w}.lora_A"], feeds[f"{w}.lora_B"] = a, b
+        self.lora_feeds = feeds
+        self.reset()
+
+    def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """An .onnx_adapter file (onnxruntime's format), its tensors checked against the graph's LoRA inputs."""
+        import onnxruntime as ort
+
+        try:
+            adapter = ort.AdapterFormat.read_adapter(os.fspath(path))
+            # copies: the arrays numpy() returns view memory the adapter object owns
+            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
+            del adapter
+        except Exception as exc:       # onnxruntime's flatbuffer verifier: a damaged or foreign file
+            raise BundleError(path, f"not an onnxruntime adapter file ({str(exc).strip().splitlines()[0]})") from None
+        return checked_factors(path, params, self.lora_shapes, ("A", "B"))
 
     def reset(self) -> None:
         self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]
@@ -160,6 +208,7 @@ class OnnxDecoderBackend(TokenizerText):
                  "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
                  "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}
         feeds.update(zip(self.past_names, self.past))
+        feeds.update(self.lora_feeds)
         out = self.session.run(["logits"] + self.present_names, feeds)
         self.past = out[1:]
         self.n_tokens += n

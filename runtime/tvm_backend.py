@@ -167,6 +167,7 @@ class TvmSession(SentenceEmbedding):
             remove_private_dir(private)
         self.vm = VirtualMachine(lib, self.dev)
         names = list(spec["param_names"])
+        self.param_names = names
         cuts = pruning_cuts(bundle, spec, pruning) if pruning is not None else None
         self.params = [tvm.runtime.tensor(a, self.dev) for a in
                        load_params(listed_path(bundle, manifest, spec["params"], "tvm.params"), names, cuts)]

@@ -9,11 +9,27 @@ bundle's tokenizer spec), so ids match the GGUF artifact of the same model.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from edgeq.core.errors import RequestError
+from edgeq.runtime.arrays import read_arrays
+from edgeq.runtime.lora import checked_factors
+from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
+
+
+def _aligned(arr: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """A C-contiguous copy of `arr` whose data starts on an `alignment`-byte boundary (TVM shares such memory
+    through DLPack instead of copying it)."""
+    buf = np.empty(arr.nbytes + alignment, np.uint8)
+    start = (-buf.ctypes.data) % alignment
+    out = buf[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    return out
 
 
 class TvmDecoderBackend(TokenizerText):
@@ -30,7 +46,78 @@ class TvmDecoderBackend(TokenizerText):
         self.kv = [(int(s["shape"][0]), int(s["shape"][2])) for s in session.inputs[1:]]
         self.decode_entry = tvm_spec.get("decode_entry")
         self.n_vocab = int(session.outputs[0]["shape"][-1])
+        # LoRA parameters (bundles exported with --adapter-mode separate): weight -> (index of A, of B, in, out)
+        index = {n: i for i, n in enumerate(session.param_names)}
+        self.lora = {n[: -len(".lora_a")]: (i, index[n[:-1] + "b"], int(session.params[i].shape[0]),
+                                            int(session.params[index[n[:-1] + "b"]].shape[1]))
+                     for n, i in index.items() if n.endswith(".lora_a") and n[:-1] + "b" in index}
+        self._base_lora = {w: (session.params[i], session.params[j]) for w, (i, j, _, _) in self.lora.items()}
+        self._lora_files: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}
+        self._sparse: set[str] = set()             # adapters read so far that are SHiRA (sparse, in place)
+        self._applied: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (flat view, positions, old values)
         self.reset()
+
+    def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
+        """Pass these adapters (name, scale) as the library's LoRA parameters: per weight, the active adapters' A
+        stacked along the rank and their B·scale likewise (their deltas add); the params file's zeros where none
+        applies. SHiRA adapters are added in place to their weights (the values they overwrite kept, and put
+        back first). The library is not rebuilt or reloaded. Each file is read once (`open_file` checks it)."""
+        for name, _ in chosen:
+            if name not in self._lora_files:
+                self._lora_files[name] = self._read_adapter(open_file(name), name)
+        sparse = [(n, s) for n, s in chosen if n in self._sparse]
+        chosen = [(n, s) for n, s in chosen if n not in self._sparse]
+        plan = [self._sparse_plan(self._lora_files[n], s) for n, s in sparse]   # every check before any write
+        if chosen and not self.lora:
+            raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
+                                    "separate)")
+        for flat, pos, old in reversed(self._applied):      # the base's own values back, exactly
+            flat[pos] = old
+        self._applied = []
+        for steps in plan:
+            for flat, pos, add in steps:
+                old = flat[pos].copy()
+                flat[pos] = (old.astype(np.float32) + add).astype(flat.dtype)
+                self._applied.append((flat, pos, old))
+        for w, (i, j, _, _) in self.lora.items():
+            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
+            if not parts:
+                self.session.params[i], self.session.params[j] = self._base_lora[w]
+                continue
+            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own (aligned) arrays, shared: no copy
+                a, b = parts[0][0]
+            else:
+                a = _aligned(np.concatenate([f[0] for f, _ in parts], 1))
+                b = _aligned(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
+            self.session.params[i], self.session.params[j] = self._device(a), self._device(b)
+        self.reset()
+
+    def _device(self, arr: np.ndarray):
+        """A parameter tensor for `arr`: on this machine's CPU the same memory (an adapter resident once),
+        elsewhere a copy on the device."""
+        import tvm
+
+        if self.session.remote is None and self.session.dev.dlpack_device_type() == tvm.cpu(0).dlpack_device_type():
+            return tvm.runtime.from_dlpack(arr)
+        return tvm.runtime.tensor(arr, self.session.dev)
+
+    def _sparse_plan(self, entries: dict[str, tuple[np.ndarray, ...]], scale: float) -> list:
+        """A SHiRA adapter's writes at this scale: per weight, the flat view of its parameter (shared with the VM:
+        an in-place change), the positions and the values to add."""
+        return [(flat, pos, add * np.float32(scale)) for flat, pos, add in entries.values()]
+
+    def _read_adapter(self, path: Path, name: str) -> dict[str, tuple[np.ndarray, ...]]:
+        """An adapter's safetensors: LoRA factors checked against the library's LoRA parameters, or a SHiRA
+        adapter's entries against the weights they change (f32 or f16 parameters, on this machine's memory)."""
+        arrays = read_arrays(path)
+        keys = list(arrays)
+        if keys and all(".shira_" in k for k in keys):
+            out = self._read_sparse(path, arrays)
+            self._sparse.add(name)
+            return out
+        shapes = {w: (n_in, n_out) for w, (_, _, n_in, n_out) in self.lora.items()}
+        factors = checked_factors(path, arrays, shapes, ("a", "b"))
+        return {w: (_aligned(a), _aligned(b)) for w, (a, b) in factors.items()}
 
     def reset(self) -> None:
         import tvm
@@ -68,6 +155,42 @@ class TvmDecoderBackend(TokenizerText):
         out = self._run(list(ids))
         self.reset()
         return np.asarray(out, dtype=np.float32)
+
+    def _read_sparse(self, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, ...]]:
+        import tvm
+
+        if self.session.remote is not None or self.session.dev.dlpack_device_type() != tvm.cpu(0).dlpack_device_type():
+            raise BundleError(path, "SHiRA adapters are applied in place in this process's CPU memory; not over RPC "
+                                    "or on a GPU yet")
+        index = {n: i for i, n in enumerate(self.session.param_names)}
+        out = {}
+        for w in sorted({k.rpartition(".shira_")[0] for k in arrays}):
+            idx, vals = arrays.get(w + ".shira_indices"), arrays.get(w + ".shira_weight")
+            if idx is None or vals is None:
+                raise BundleError(path, f"{w}: a SHiRA adapter needs shira_indices and shira_weight")
+            if w not in index:
+                raise BundleError(path, f"changes {w}, which this library does not have (made for another base?)")
+            p = self.session.params[index[w]]
+            if str(p.dtype) not in ("float32", "float16") or len(p.shape) != 3:
+                raise BundleError(path, f"SHiRA is applied in place to f32 or f16 weights; {w} is stored as "
+                                        f"{p.dtype} (export it f16 or f32)")
+            n_out, n_in = int(p.shape[0]) * int(p.shape[2]), int(p.shape[1])
+            if idx.ndim != 2 or idx.shape[0] != 2 or vals.ndim != 1 or idx.shape[1] != vals.shape[0] or \
+                    not np.issubdtype(idx.dtype, np.integer) or vals.dtype != np.float32:
+                raise BundleError(path, f"{w}: SHiRA indices {idx.shape} {idx.dtype} and values {vals.shape} "
+                                        f"{vals.dtype} do not fit")
+            rows, cols = idx[0].astype(np.int64), idx[1].astype(np.int64)
+            if rows.size and (rows.min() < 0 or cols.min() < 0 or rows.max() >= n_out or cols.max() >= n_in):
+                raise BundleError(path, f"{w}: SHiRA indices outside the weight ({n_out}, {n_in}) (made for another "
+                                        "base model?)")
+            # where (out, in) entries live in the panelled parameter (ops.panels: (out/P, in, P)), each position
+            # once with its values summed (repeated pairs add), computed once so that a switch only scatters
+            view = np.from_dlpack(p)
+            panel = view.shape[2]
+            pos, inv = np.unique(np.ravel_multi_index((rows // panel, cols, rows % panel), view.shape),
+                                 return_inverse=True)
+            out[w] = (view.reshape(-1), pos, np.bincount(inv, weights=vals.astype(np.float64)).astype(np.float32))
+        return out
 
     def close(self) -> None:
         self.past = []

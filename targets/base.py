@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import SparseAdapter, UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format, candidate_formats, get_format
 from edgeq.core.ir import Graph
@@ -40,6 +41,7 @@ class LowerRequest:
     n_ctx: int | None = None              # the context length the bundle records for the device
     ndk_clang: str | None = None          # android: the NDK clang that links a .so
     tune_trials: int = 0                  # meta-schedule trials (targets that tune)
+    adapters: list[UserAdapter] = field(default_factory=list)   # users' adapters kept apart (separate mode)
     progress: Callable | None = None
     log: Callable[[str], None] = lambda s: None
 
@@ -67,6 +69,9 @@ class Target:
     # calibration runs before its preset is resolved; others calibrate what the finished plan needs
     preset_reads_imatrix: bool = False
     joins_bundles: bool = True                    # may share a bundle with other backends (`--backend all`)
+    # users' adapters run on weights the exported model gave LoRA inputs (its manifest section's lora_slots)
+    adapters_need_slots: bool = True
+    sparse_adapters: bool = False                 # applies SHiRA adapters in place on the device
     measures_speed: bool = False                  # compare_speed() times its files in its runtime
     # UniQL pruning: whether its runtime narrows the MLPs of a sorted model at load (`--pruning-rates`), and the
     # multiple its stored layout needs along the MLP's channels besides the formats' blocks
@@ -117,6 +122,18 @@ class Target:
     def lower(self, req: LowerRequest) -> Lowered:
         """Write this backend's files for the plan into `req.folder`."""
         raise NotImplementedError
+
+    def check_adapter(self, adapter: UserAdapter) -> None:
+        """Refuse, before anything is written, an adapter this backend cannot apply at run time."""
+        if isinstance(adapter, SparseAdapter) and not self.sparse_adapters:
+            raise EdgeqError(None, f"SHiRA adapter {adapter.name}: sparse adapters are applied in place on the tvm "
+                                   f"backend only for now, not {self.name} (or merge it: --adapter-mode merged)")
+
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder: Path) -> Artifact:
+        """Write a LoRA adapter kept apart from the base (`--adapter-mode separate`) into `folder`, in the form
+        this backend's runtime applies at run time over the base artifact, without touching the base."""
+        raise EdgeqError(None, f"--adapter-mode separate is not available on the {self.name} backend yet "
+                               "(use --adapter-mode merged)")
 
     def describe(self, profile, ndk_clang: str | None) -> str:
         """What the export log says besides the plan (the device code a target builds, say)."""

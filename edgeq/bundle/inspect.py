@@ -120,6 +120,12 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
     }
     if _field(m, "tvm", "target") is not None:
         out["tvm_target"] = m["tvm"]["target"]
+    adapters = [a for a in m["artifacts"] if a.get("role") == "lora"]
+    if adapters:      # kept apart from the base (--adapter-mode separate, add-adapter)
+        out["adapters"] = ", ".join(
+            f"{a.get('name')} ({a['backend']} {a.get('method', 'lora')}, "
+            f"{'rank ' + str(a.get('rank')) if 'rank' in a else str(a.get('nnz')) + ' entries'}, scale "
+            f"{a.get('scale')}, {a['bytes'] / 2**20:.2f} MiB)" for a in adapters)
     pr = m.get("pruning_rates")
     if isinstance(pr, dict) and isinstance(pr.get("rates"), list):
         try:

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from edgeq.core.adapter import ADAPTER_MODES
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan
 from edgeq.targets.base import Target
@@ -43,7 +44,8 @@ class ExportOptions:
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
-    adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR" or "DIR:WEIGHT", merged in this order
+    adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order
+    adapter_mode: str = "merged"           # merged: into the float base; separate: files beside the quantized base
     ndk_clang: str | None = None           # tvm on android: the NDK clang that links a .so (else a .tar of objects)
     tune_trials: int = 0                   # tvm: meta-schedule trials (0: untuned, deterministic)
     native: bool | None = None             # bin/edgeq-run in the bundle; None: where the profile has a native runner
@@ -95,6 +97,19 @@ class ExportOptions:
             raise EdgeqError(None, "--prompt-tokens must be at least 1")
         if self.context_tokens is not None and self.context_tokens < 0:
             raise EdgeqError(None, "--context-tokens must not be negative")
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise EdgeqError(None, f"--adapter-mode must be one of {', '.join(ADAPTER_MODES)}, not "
+                                   f"{self.adapter_mode!r}")
+        if self.adapter_mode == "separate" and not self.adapters:
+            raise EdgeqError(None, "--adapter-mode separate needs at least one --adapter DIR")
+        if self.adapter_mode == "separate" and self.pruning:
+            raise EdgeqError(None, "--adapter-mode separate with --pruning-rates is not supported yet (the adapters' "
+                                   "shapes would have to follow each rate's widths)")
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters folded into the float weights (none when they are kept apart)."""
+        return self.adapters if self.adapter_mode == "merged" else []
 
 
 def bundle_n_ctx(graph, profile: DeviceProfile, opts: ExportOptions) -> int | None:

@@ -33,7 +33,8 @@ from edgeq.importers.images import calibration_images
 from edgeq.importers.loader import graph_tokenizer_spec, import_model, resolve_model_path
 from edgeq.models.recipes.default import DEFAULT_NAME
 from edgeq.passes import Context, run_passes
-from edgeq.passes.merge_adapters import MergeAdapters
+from edgeq.core.adapter import UserAdapter
+from edgeq.passes.merge_adapters import MergeAdapters, load_adapter, unmerged
 from edgeq.predictor.predict import latency_profile_backend, manifest_prediction
 from edgeq.targets.base import LowerRequest, Target
 from edgeq.targets.profiles import DeviceProfile, get_profile
@@ -55,6 +56,20 @@ def import_and_merge(model: str | None, adapters: list[str], ctx: Context,
     return model_path, graph
 
 
+def separate_adapters(graph: Graph, args: list[str]) -> list[UserAdapter]:
+    """The adapters kept apart from the base, each checked against it (shapes, modules) and uniquely named."""
+    if graph.arch != "llama":
+        raise EdgeqError(graph.metadata.get("source_path"),
+                         f"LoRA adapters apply to llama-family decoders; this model is {graph.arch}")
+    out: list[UserAdapter] = []
+    for arg in args:
+        ad = load_adapter(arg, graph)
+        if any(o.name == ad.name for o in out):
+            raise EdgeqError(ad.path, f"a second adapter named {ad.name!r}; name them apart with DIR=NAME")
+        out.append(unmerged(ad, graph))
+    return out
+
+
 @dataclass
 class Compilation:
     """An imported model and what the options decide for it before any pass runs."""
@@ -65,6 +80,7 @@ class Compilation:
     targets: list[Target]
     inputs: dict[str, DecideInputs]       # per target
     ctx: Context
+    adapters: list[UserAdapter]           # kept apart from the base (--adapter-mode separate)
 
 
 def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None, several_allowed: bool,
@@ -79,7 +95,8 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
     ctx = Context(backend=opts.backend or "gguf", profile=profile, progress=progress, log=log)
     model_path = None
     if graph is None:
-        model_path, graph = import_and_merge(opts.model, opts.adapters, ctx, log)
+        model_path, graph = import_and_merge(opts.model, opts.merged_adapters, ctx, log)
+    adapters = separate_adapters(graph, opts.adapters) if opts.adapter_mode == "separate" else []
     targets = [get_target(b) for b in profile.backends_to_export(graph.kind, opts.backend)]
     several = len(targets) > 1
     for t in targets:
@@ -91,11 +108,13 @@ def prepare(opts: ExportOptions, progress: Callable | None, graph: Graph | None,
             raise EdgeqError(None, f"budgeted plans (--budget-mb / --bpw) are for {kinds} only for now; use --quant "
                                    f"with this {graph.kind}")
         t.check(graph, profile, budgeted=opts.budgeted, n_ctx=opts.n_ctx, tune_trials=opts.tune_trials)
+        for ad in adapters:
+            t.check_adapter(ad)
     spec = graph_tokenizer_spec(graph) if graph.kind == "decoder" else None
     images, images_source = (calibration_images(graph, opts.calib_images) if graph.kind == "cnn" else (None, None))
     inputs = {t.name: DecideInputs(t, backend_preset(opts, user_plan, profile, t, several), profile, user_plan, spec,
                                    images, images_source, text) for t in targets}
-    return Compilation(graph, model_path, profile, targets, inputs, ctx)
+    return Compilation(graph, model_path, profile, targets, inputs, ctx, adapters)
 
 
 def decide_all(c: Compilation, opts: ExportOptions, branches: bool = True) -> dict[str, Decision]:
@@ -187,11 +206,13 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
                                            branches=d.branches, spec=spec, n_ctx=bundle_n_ctx(graph, profile, opts),
                                            ndk_clang=opts.android_clang,
-                                           tune_trials=opts.tune_trials, progress=progress, log=log))
+                                           tune_trials=opts.tune_trials, adapters=c.adapters, progress=progress,
+                                           log=log))
             artifacts += lowered.artifacts
             if lowered.section is not None:
                 sections[t.name] = lowered.section
             timings.update(lowered.timings)
+            artifacts += [t.lower_adapter(graph, ad, tmp) for ad in c.adapters]
         timings.setdefault("lower", time.perf_counter() - t0)
         if opts.budgeted:
             _check_budget(decisions, artifacts)
@@ -228,7 +249,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         timings["reference_and_check"] = time.perf_counter() - t0
         if opts.budgeted and opts.check and cannot_run is None:   # the plan's measured point beside the presets'
             t0 = time.perf_counter()
-            measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.adapters,
+            measurements["pareto"] = plan_pareto(tmp, m, str(c.model_path), opts.merged_adapters,
                                                  ctx=min(512, graph.config.context_length))
             timings["pareto_eval"] = time.perf_counter() - t0
         if opts.budgeted and opts.check and cannot_run is None:   # what the plan costs in speed, beside a preset
@@ -268,8 +289,9 @@ def _prediction(opts: ExportOptions, graph: Graph, profile: DeviceProfile, decis
 
 
 def _check_budget(decisions: dict[str, Decision], artifacts: list) -> None:
-    """Each backend's model files (adapters and external data included) within its plan's budget: the size
-    models are exact, so a failure here is a bug, caught before the bundle is renamed into place."""
+    """Each backend's model files (error-branch adapters and external data included; users' adapters kept apart
+    are not the base's) within its plan's budget: the size models are exact, so a failure here is a bug,
+    caught before the bundle is renamed into place."""
     for b, d in decisions.items():
         written = sum(a.path.stat().st_size for a in artifacts
                       if a.backend == b and a.role in MODEL_ROLES)

@@ -25,11 +25,14 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
                     backend: str | None = None, threads: int = 1,
                     record: bool = True, progress: Callable | None = None,
                     reference_logits: Callable | None = None, sentences: int = 256, images: str | None = None,
-                    device: str | None = None, pareto: bool = True, pruning_rate: float | None = None) -> dict:
+                    device: str | None = None, pareto: bool = True, pruning_rate: float | None = None,
+                    use_adapters: dict[str, float | None] | None = None) -> dict:
     """Evaluate; `reference_logits` lets a benchmark reuse one float reference across many bundles.
 
     `pruning_rate`: a decoder bundle's rate to load it at; the reference is still the unpruned float source, so
     rates (and orderings) compare on one scale.
+    `use_adapters`: the bundle's separate adapters to apply (name -> weight, None: its default scale); the float
+    reference merges them, from the folders `adapters` names after the bundle's merged ones.
 
     `pareto`: add the (bpw, KLD) point to the source model's cache that export reports plot (edgeq/evaluate/points.py).
     """
@@ -66,14 +69,17 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         text_name = p.name
     else:
         text, text_name = evaluation_text(), EVALUATION_TEXT_NAME
+    if use_adapters and runs_remotely(device):
+        raise EdgeqError(None, f"--use-adapter runs in this process, not on {device}")
     session = (DeviceSession(bundle, device, backend, threads, n_ctx=ctx, pruning_rate=pruning_rate)
                if runs_remotely(device)
                else runtime.load(bundle, backend=backend, threads=threads, n_ctx=ctx, device=device,
-                                 pruning_rate=pruning_rate))
+                                 pruning_rate=pruning_rate, adapters=use_adapters))
     try:
         manifest = session.manifest
         if reference_logits is None:
-            reference_logits = reference_executor(manifest, reference, adapters or [], bundle).logits
+            reference_logits = reference_executor(manifest, reference, adapters or [], bundle,
+                                                  getattr(session, "adapters", None)).logits
         tokens = session.tokenize(text, add_special=True, parse_special=False)
         if len(tokens) < ctx:
             raise EdgeqError(text_file, f"text has {len(tokens)} tokens, fewer than one --ctx {ctx} window")
@@ -83,11 +89,14 @@ def evaluate_bundle(bundle: str | os.PathLike, text_file: str | None = None, ctx
         session.close()
     res["backend"] = session.backend_name
     res["text"] = text_name
+    using = dict(getattr(session, "adapters", None) or {})
+    if using:
+        res["adapters"] = using
     if pruning_rate is not None:
         res["pruning_rate"] = pruning_rate
     if record:
         _record(bundle, res)
-    if pareto and text_file is None and not pruning_rate:
+    if pareto and text_file is None and not pruning_rate and not using:
         record_point(bundle, manifest, res)
     return res
 

@@ -16,7 +16,7 @@ from edgeq.importers.loader import import_model
 from edgeq.models.recipes.default import DEFAULT_NAME, default_model_path
 from edgeq.models.recipes.minilm import MINILM_NAME, minilm_path
 from edgeq.passes import Context
-from edgeq.passes.merge_adapters import MergeAdapters
+from edgeq.passes.merge_adapters import MergeAdapters, parse_adapter_spec
 
 
 def reference_graph(manifest: dict, reference: str | None, bundle: Path):
@@ -47,20 +47,28 @@ def _shipped_source(name: str) -> Path | None:
     return {DEFAULT_NAME: default_model_path, MINILM_NAME: minilm_path}.get(name, lambda: None)()
 
 
-def reference_executor(manifest: dict, reference: str | None, adapters: list[str], bundle: Path):
-    """The float source model, with the bundle's adapters merged (their hashes and weights must match)."""
+def reference_executor(manifest: dict, reference: str | None, adapters: list[str], bundle: Path,
+                       separate: dict[str, float] | None = None):
+    """The float source model, with the bundle's merged adapters and the separate ones in use (`separate`:
+    name -> weight) merged in that order; the folders `adapters` names must have their hashes (and a merged
+    adapter its weight)."""
     graph = reference_graph(manifest, reference, bundle)
-    want = manifest["source"].get("adapters") or []
+    want = [dict(a, separate=False) for a in manifest["source"].get("adapters") or []]
+    loras = {a["name"]: a for a in manifest["artifacts"] if a.get("role") == "lora"}
+    want += [{"name": n, "sha256": loras[n]["source_sha256"], "weight": w, "separate": True}
+             for n, w in (separate or {}).items()]
     if want or adapters:
         if len(adapters) != len(want):
             names = ", ".join(f"{a['name']}:{a['weight']:g}" for a in want) or "none"
-            raise EdgeqError(bundle, f"the bundle was exported with adapters [{names}]; pass the same with --adapter "
-                                     f"(got {len(adapters)})")
-        merge = MergeAdapters(adapters)
+            raise EdgeqError(bundle, f"the bundle's reference needs adapters [{names}] (merged at export, then those "
+                                     f"in use); pass their folders with --adapter in that order (got {len(adapters)})")
+        args = [(path, exp["weight"] if exp["separate"] else w)
+                for (path, w, _), exp in zip(map(parse_adapter_spec, adapters), want)]
+        merge = MergeAdapters(args)
         graph, _ = merge.run(graph, Plan(), Context(backend="gguf"))
         for got, exp in zip(merge.adapters, want):
             if got.sha256 != exp["sha256"] or got.weight != exp["weight"]:
                 raise EdgeqError(got.path, f"is not adapter {exp['name']} with weight {exp['weight']:g} that the "
-                                           "bundle was exported with (SHA-256 or weight differ)")
+                                           "bundle holds (SHA-256 or weight differ)")
     # Eval runs many windows: keep the weights unless they would not fit comfortably.
     return Executor(graph, cache_weights=graph.n_params * 4 <= 2 * 2**30)

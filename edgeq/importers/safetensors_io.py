@@ -77,6 +77,17 @@ class STensor:
         return out.reshape(self.shape)
 
 
+    def load_ints(self) -> np.ndarray:
+        """An integer tensor as int64 (indices: a sparse adapter's rows and columns)."""
+        if self.dtype not in ("I64", "I32", "I16", "I8", "U8"):
+            raise EdgeqError(self.path, f"tensor {self.name} has dtype {self.dtype}, expected an integer type")
+        n = int(np.prod(self.shape, dtype=np.int64))
+        with open(self.path, "rb") as f:
+            f.seek(self.start)
+            raw = f.read(self.nbytes)
+        return np.frombuffer(raw, dtype=DTYPES[self.dtype], count=n).astype(np.int64).reshape(self.shape)
+
+
 class SafetensorsFile:
     """A validated safetensors file: `tensors` by name, `metadata` (the optional __metadata__ strings)."""
 

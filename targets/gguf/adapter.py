@@ -1,4 +1,6 @@
-"""Low-rank error branches as a llama.cpp LoRA-adapter GGUF, applied by llama.cpp at load over the quantized model.
+"""Low-rank factors as a llama.cpp LoRA-adapter GGUF (the file `llama-cli --lora` reads): edgeq's low-rank error
+branches, applied at load over the quantized model, and users' LoRA adapters kept apart from the base
+(`--adapter-mode separate`), switched and scaled at run time.
 
 Format (llama.cpp's adapter loader): general.type = adapter, adapter.type = lora,
 adapter.lora.alpha, and per compensated weight `<gguf name>.lora_a` (ggml shape
@@ -24,12 +26,20 @@ from edgeq.targets.gguf.writer import ALIGNMENT
 ADAPTER_FILE = "adapter.gguf"
 
 
-def _writer(graph: Graph, path: Path):
+COMPENSATION = "low-rank error compensation"
+
+
+def lora_file(name: str) -> str:
+    """The file of a user's adapter in a bundle."""
+    return f"lora-{name}.gguf"
+
+
+def _writer(graph: Graph, path: Path, title: str = COMPENSATION):
     from gguf import GGUFWriter
 
     w = GGUFWriter(path, arch="llama")
     w.add_string("general.type", "adapter")
-    w.add_string("general.name", f"{graph.metadata.get('name') or 'model'} low-rank error compensation")
+    w.add_string("general.name", f"{graph.metadata.get('name') or 'model'} {title}")
     w.add_string("adapter.type", "lora")
     w.add_float32("adapter.lora.alpha", 0.0)
     return w
@@ -51,10 +61,11 @@ def adapter_overhead(graph: Graph) -> int:
     return size + ALIGNMENT - 1
 
 
-def write_adapter(graph: Graph, branches: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike) -> int:
-    """Write the branches {canonical weight name: (A (r, in), B (out, r)) float16}; returns the file's bytes."""
+def write_adapter(graph: Graph, branches: dict[str, tuple[np.ndarray, np.ndarray]], path: str | os.PathLike,
+                  title: str = COMPENSATION, dtype=np.float16) -> int:
+    """Write the factors {canonical weight name: (A (r, in), B (out, r))} as `dtype`; returns the file's bytes."""
     path = Path(path)
-    w = _writer(graph, path)
+    w = _writer(graph, path, title)
     try:
         for name, t in graph.weights.items():         # graph order: byte-identical files
             if name not in branches:
@@ -64,8 +75,8 @@ def write_adapter(graph: Graph, branches: dict[str, tuple[np.ndarray, np.ndarray
             if heads is not None:
                 b = llama.permute_for_gguf(b, heads)
             gname = t.alias or llama.gguf_name(name)
-            w.add_tensor(f"{gname}.lora_a", np.ascontiguousarray(a, dtype=np.float16))
-            w.add_tensor(f"{gname}.lora_b", np.ascontiguousarray(b, dtype=np.float16))
+            w.add_tensor(f"{gname}.lora_a", np.ascontiguousarray(a, dtype=dtype))
+            w.add_tensor(f"{gname}.lora_b", np.ascontiguousarray(b, dtype=dtype))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

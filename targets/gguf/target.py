@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import UserAdapter
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -18,7 +21,7 @@ from edgeq.core.plan import TensorPlan
 from edgeq.models import llama
 from edgeq.runtime.tokenizer import spec_to_json
 from edgeq.targets.base import Lowered, LowerRequest, Target
-from edgeq.targets.gguf.adapter import ADAPTER_FILE, write_adapter
+from edgeq.targets.gguf.adapter import ADAPTER_FILE, lora_file, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
 from edgeq.targets.gguf.speed import compare_speed
@@ -35,6 +38,7 @@ class GgufTarget(Target):
     runtime_dists = ("llama-cpp-python", "gguf")
     native_kinds = frozenset({"decoder"})      # bin/edgeq-run over llama.h
     preset_reads_imatrix = True
+    adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     measures_speed = True
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
@@ -81,3 +85,13 @@ class GgufTarget(Target):
                     f"them, stock llama.cpp needs them named: llama-cli -m {MODEL_FILE} --lora {ADAPTER_FILE} "
                     "(llama-server likewise)")
         return Lowered(artifacts)
+
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
+        """A user's adapter as llama.cpp's LoRA-adapter GGUF (alpha 0: llama.cpp's scale is the runtime weight
+        alone, PEFT's alpha/r is in B)."""
+        self.check_adapter(adapter)
+        path = folder / lora_file(adapter.name)
+        write_adapter(graph, adapter.factors(), path, title=f"LoRA adapter {adapter.name}",
+                      dtype=np.float32 if adapter.dtype == "f32" else np.float16)
+        return Artifact("lora", path, self.name, {adapter.dtype: 2 * len(adapter.targets)},
+                        {"applies_to": MODEL_FILE, **adapter.entry()})

@@ -67,6 +67,12 @@ class Builder:
         self._names.add(name)
         return name
 
+    def overridable(self, name: str, elem: int, shape: list, default: np.ndarray) -> str:
+        """A graph input with a default: an initializer of the same name, which a run may feed (onnxruntime's
+        overridable initializers, the form its adapters and onnxruntime-genai's override by name)."""
+        self.initializer(name, default)
+        return self.input(name, elem, shape)
+
     def output(self, name: str, elem: int, shape: list) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 

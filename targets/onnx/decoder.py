@@ -24,7 +24,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import names
 from edgeq.models.llama import LlamaConfig
 from edgeq.targets.onnx.builder import F32, I64, Builder
-from edgeq.targets.onnx.linear import emit_embedding, emit_linear
+from edgeq.targets.onnx.linear import emit_embedding, emit_linear, emit_lora_slot
 
 NEG = float(np.finfo(np.float32).min)
 
@@ -45,9 +45,13 @@ ACCURACY_LEVEL = 4
 def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int = ACCURACY_LEVEL,
                   imatrix: dict[str, np.ndarray] | None = None,
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                  lora_slots: list[str] | tuple[str, ...] = (),
                   builder: type[Builder] = Builder) -> Builder:
     """`imatrix`: per-weight importance for the formats that take one (int4: ggml's weighted Q4_0 search).
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, extra MatMuls beside the weight's.
+    `lora_slots`: weights that take users' LoRA adapters at run time (`--adapter-mode separate`): each gets
+    graph inputs `<weight>.lora_A` (in, r) and `<weight>.lora_B` (r, out) and y += (x·A)·B, so adapters are fed
+    (r may be 0: the base model) and switched without touching the base weights.
     `builder`: the Builder class (targets/onnx/layout.py sizes a plan with one that keeps no data).
 
     `accuracy_level` is MatMulNBits': 4 quantizes each activation row to int8 per block, as llama.cpp's q4_0
@@ -60,7 +64,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     if names.EMBED in branches:
         raise EdgeqError(None, "a low-rank branch on model.embed_tokens.weight is not lowered on ONNX (it would "
                                "correct the head but not the lookup)")
-    unknown = sorted(set(branches) - set(graph.weights))
+    if names.EMBED in lora_slots:
+        raise EdgeqError(None, "a LoRA adapter on model.embed_tokens.weight is not lowered on ONNX")
+    unknown = sorted((set(branches) | set(lora_slots)) - set(graph.weights))
     if unknown:
         raise EdgeqError(None, f"low-rank branch for {unknown[0]}, which the model does not have")
     b = builder(f"edgeq_{graph.arch}")
@@ -110,7 +116,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
         def lin(x, n, hint, has_bias=False):
             wn = p + n + ".weight"
             bias_ = W(p + n + ".bias") if has_bias else None
-            return emit_linear(b, x, wn, W(wn), bias_, plan.tensors[wn], hint=hint, branch=branches.get(wn))
+            y = emit_linear(b, x, wn, W(wn), bias_, plan.tensors[wn], hint=hint, branch=branches.get(wn))
+            return emit_lora_slot(b, x, y, wn, graph.weights[wn].shape) if wn in lora_slots else y
 
         xa = _rms_norm(b, h, p + "input_layernorm.weight", W(p + "input_layernorm.weight"), cfg.rms_eps)
         ab = cfg.attention_bias
@@ -143,6 +150,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     hn = _rms_norm(b, h, names.FINAL_NORM, W(names.FINAL_NORM), cfg.rms_eps)
     head = names.head(cfg.tied_embeddings)
     logits = emit_linear(b, hn, head, W(head), None, plan.tensors[head], hint="logits", branch=branches.get(head))
+    if head in lora_slots:
+        logits = emit_lora_slot(b, hn, logits, head, graph.weights[head].shape)
     b.op("Identity", [logits], outputs=["logits"])
     b.output("logits", F32, ["batch", "seq", cfg.vocab_size])
     b.outputs.insert(0, b.outputs.pop())          # logits first, then present.N.key/value in layer order

@@ -29,7 +29,7 @@ from edgeq.core.formats import blockq
 from edgeq.core.formats.int8 import int8_quantize_rows
 from edgeq.core.formats.nbits import NBITS
 from edgeq.core.plan import TensorPlan
-from edgeq.targets.onnx.builder import MS_DOMAIN, Builder
+from edgeq.targets.onnx.builder import F32, MS_DOMAIN, Builder
 
 
 def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
@@ -75,6 +75,23 @@ def emit_branch(b: Builder, x: str, y: str, name: str, a: np.ndarray, bm: np.nda
     at, bt = (b.op("Cast", [v], hint="lowrank_f32", to=TensorProto.FLOAT) for v in (at, bt))
     xa = b.op("MatMul", [x, at], hint="lowrank_xa")
     return b.op("Add", [y, b.op("MatMul", [xa, bt], hint="lowrank")], hint=hint)
+
+
+def lora_input_names(weight: str) -> tuple[str, str]:
+    """The graph inputs (and adapter-file parameters) that carry a user's LoRA factors for one weight."""
+    return f"{weight}.lora_A", f"{weight}.lora_B"
+
+
+def emit_lora_slot(b: Builder, x: str, y: str, name: str, shape: tuple[int, ...]) -> str:
+    """y + (x·A)·B with A (in, r) and B (r, out) overridable initializers of rank 0 by default (the base model):
+    a LoRA adapter (or several, concatenated along r) is fed at run time over the unchanged base weights."""
+    out_f, in_f = shape
+    a_name, b_name = lora_input_names(name)
+    rank = f"{name}.lora_rank"
+    a = b.overridable(a_name, F32, [in_f, rank], np.zeros((in_f, 0), np.float32))
+    bm = b.overridable(b_name, F32, [rank, out_f], np.zeros((0, out_f), np.float32))
+    xa = b.op("MatMul", [x, a], hint="lora_xa")
+    return b.op("Add", [y, b.op("MatMul", [xa, bm], hint="lora")], hint="y_lora")
 
 
 def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray | None, d: TensorPlan,

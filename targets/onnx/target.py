@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from edgeq.bundle.manifest import Artifact
 from edgeq.bundle.tokenizer import write_hf_tokenizer
+from edgeq.core.adapter import UserAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -55,8 +56,10 @@ class OnnxTarget(Target):
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
 
+        slots = lora_slots(list(req.graph.weights), req.adapters)
         options = {**({"imatrix": req.imatrix} if req.imatrix is not None else {}),
-                   **({"branches": req.branches} if req.branches else {})}
+                   **({"branches": req.branches} if req.branches else {}),
+                   **({"lora_slots": slots} if slots else {})}
         model = lower_onnx(req.graph, req.plan, progress=req.progress, **options)
         section = None
         if req.plan.pruning:
@@ -79,4 +82,19 @@ class OnnxTarget(Target):
             else:
                 req.log("note: no tokenizer.json or genai_config.json for a SentencePiece vocabulary yet: edgeq's "
                         "runtime runs this ONNX bundle, onnxruntime-genai cannot open it as it is")
+        if slots:
+            section = {**(section or {}), "lora_slots": slots}
         return Lowered(artifacts, section)
+
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
+        """The adapter in onnxruntime's adapter format, its tensors named for the graph's LoRA inputs."""
+        self.check_adapter(adapter)
+        from edgeq.targets.onnx.adapter import lora_file, write_adapter
+
+        if graph.kind != "decoder":
+            raise EdgeqError(None, f"LoRA adapters apply to decoders; this is an {graph.kind}")
+        path = folder / lora_file(adapter.name)
+        write_adapter(graph, adapter, path)
+        return Artifact("lora", path, self.name, {"f32": 2 * len(adapter.targets)},
+                        {"applies_to": MODEL_FILE, **adapter.entry(), "dtype": "f32"})
+

@@ -42,6 +42,7 @@ from edgeq.targets.tvm.ops import (
     emit_embedding,
     emit_linear,
     emit_linear_vars,
+    emit_lora_slot,
     int4_value,
     stored,
     stored_channel_axis,
@@ -112,10 +113,13 @@ def kv_specs(graph: Graph) -> list[dict]:
 
 def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-                  params_type: type[Params] = Params) -> tuple[relax.BlockBuilder, Params]:
+                  params_type: type[Params] = Params,
+                  lora_slots: list[str] | tuple[str, ...] = ()) -> tuple[relax.BlockBuilder, Params]:
     """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
-    `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py)."""
+    `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py).
+    `lora_slots`: weights that take users' LoRA adapters at run time (`--adapter-mode separate`): each gets
+    factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
@@ -123,7 +127,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
     if names.EMBED in branches:
         raise EdgeqError(None, f"a low-rank branch on {names.EMBED} is not lowered on TVM (it would apply to the token "
                                "lookup as well as the head); plan it with rank 0")
-    unknown = sorted(set(branches) - set(graph.weights))
+    if names.EMBED in lora_slots or (cfg.tied_embeddings and names.LM_HEAD in lora_slots):
+        raise EdgeqError(None, "a LoRA adapter on the token embedding is not lowered on TVM")
+    unknown = sorted((set(branches) | set(lora_slots)) - set(graph.weights))
     if unknown:
         raise EdgeqError(None, f"low-rank branch for {unknown[0]}, which the model does not have")
     n_pos = int(cfg.context_length)
@@ -143,7 +149,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
         seq = sym("seq") if entry == "prefill" else 1
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
-                  progress if entry == "prefill" else None, units)
+                  progress if entry == "prefill" else None, units, frozenset(lora_slots))
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -152,8 +158,10 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
 
 def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
-              entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None) -> None:
-    """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths."""
+              entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None,
+              lora_slots: frozenset = frozenset()) -> None:
+    """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths.
+    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot)."""
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -184,8 +192,11 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 def lin(x, name, hint, bias=False, channels=None):
                     b = W(pre + name + ".bias") if bias else None
                     wn = pre + name + ".weight"
-                    return emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn),
-                                       branch=branches.get(wn), channels=channels)
+                    y = emit_linear(bb, params, x, wn, W(wn), b, plan.tensors[wn], hint=hint, imatrix=imatrix.get(wn),
+                                    branch=branches.get(wn), channels=channels)
+                    if wn in lora_slots:
+                        y = emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint)
+                    return y
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
@@ -210,6 +221,9 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 logits = emit_linear(bb, params, hn, names.LM_HEAD, W(names.LM_HEAD), None,
                                      plan.tensors[names.LM_HEAD], hint="head", imatrix=imatrix.get(names.LM_HEAD),
                                      branch=branches.get(names.LM_HEAD))
+                if names.LM_HEAD in lora_slots:
+                    logits = emit_lora_slot(bb, params, hn, logits, names.LM_HEAD, graph.weights[names.LM_HEAD].shape,
+                                            "head")
             out = bb.emit_output(relax.Tuple([logits, *kv_out]))
         bb.emit_func_output(out, params=[ids, *kv_in, *params.vars])
 

@@ -33,12 +33,16 @@ class Lowered:
 
 
 def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
-              branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False) -> Lowered:
+              branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False,
+              lora_slots: list[str] | tuple[str, ...] = ()) -> Lowered:
     """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders);
     `branches`: low-rank error branches {weight: (A, B)} (decoders); `sizing`: keep only each stored array's
-    dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py)."""
+    dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py); `lora_slots`: decoder
+    weights that take LoRA adapters at run time (decoder.lower_decoder)."""
     if branches and graph.kind != "decoder":
         raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
+    if lora_slots and graph.kind != "decoder":
+        raise EdgeqError(None, f"LoRA adapters apply to decoders, not {graph.kind}s")
     if sizing and graph.kind != "decoder":
         raise EdgeqError(None, f"TVM plans are sized for decoders only, not {graph.kind}s")
     missing = [n for n in graph.weights if n not in plan.tensors]
@@ -51,7 +55,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
         outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", graph.config.hidden_size]}]
     elif graph.kind == "decoder" and graph.arch == "llama":
         bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
-                                   params_type=SizingParams if sizing else Params)
+                                   params_type=SizingParams if sizing else Params, lora_slots=lora_slots)
         kv = kv_specs(graph)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
         outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},

@@ -48,6 +48,16 @@ class Params:
         self.arrays[name] = self.keep(arr)
         return v
 
+    def add_symbolic(self, name: str, shape: tuple, default: np.ndarray) -> relax.Var:
+        """A float32 parameter whose shape has symbolic dimensions (a LoRA factor's rank): `default` is what the
+        params file stores (a rank-0 factor: the base model), the runtime may pass any conforming array."""
+        if name in self.arrays:
+            raise ValueError(f"duplicate TVM parameter {name}")
+        v = relax.Var(name, relax.TensorType(shape, "float32"))
+        self.vars.append(v)
+        self.arrays[name] = self.keep(np.ascontiguousarray(default, np.float32))
+        return v
+
     def keep(self, arr: np.ndarray):
         """What `arrays` holds for a parameter: the array itself (SizingParams keeps only its size)."""
         return arr
@@ -210,6 +220,42 @@ def emit_branch(bb: relax.BlockBuilder, params: Params, x: relax.Expr, y: relax.
     a, b = (params.add(n, arr) for n, arr in branch_arrays(name, *branch))
     xa = emit_linear_vars(bb, x, "f16", [a], None, hint=f"{hint}_lowrank_a")
     return bb.emit(relax.op.add(y, emit_linear_vars(bb, xa, "f16", [b], None, hint=f"{hint}_lowrank_b")))
+
+
+LORA_PREFIX = "edgeq_lora_"
+
+
+def lora_param_names(weight: str) -> tuple[str, str]:
+    """The parameters (and adapter-file tensors) that carry a user's LoRA factors for one weight."""
+    return f"{weight}.lora_a", f"{weight}.lora_b"
+
+
+def emit_lora_slot(bb: relax.BlockBuilder, params: Params, x: relax.Expr, y: relax.Expr, name: str,
+                   shape: tuple[int, ...], hint: str = "linear") -> relax.Expr:
+    """y + (x·A)·B with A (in, r) and B (r, out) float32 parameters of a symbolic rank r: a LoRA adapter, or
+    several concatenated along r, is passed at run time in their place, swapped without rebuilding the library.
+    The params file holds rank-1 zeros (the base model exactly: y + 0); rank 0 computed garbage in TVM 0.27's
+    CPU kernels (an empty reduction over a zero-size buffer)."""
+    out_f, in_f = shape
+    r = sym("lora_rank")
+    a_name, b_name = lora_param_names(name)
+    a = params.add_symbolic(a_name, (in_f, r), np.zeros((in_f, 1), np.float32))
+    b = params.add_symbolic(b_name, (r, out_f), np.zeros((1, out_f), np.float32))
+
+    def xa_fn(xt, at):
+        k = te.reduce_axis((0, in_f), "k")
+        lead = list(xt.shape[:-1])
+        return te.compute(lead + [at.shape[1]], lambda *i: te.sum(xt[tuple(i[:-1]) + (k,)] * at[k, i[-1]], axis=k),
+                          name="lora_xa")
+
+    def delta_fn(xat, bt):
+        j = te.reduce_axis((0, bt.shape[0]), "j")
+        lead = list(xat.shape[:-1])
+        return te.compute(lead + [out_f], lambda *i: te.sum(xat[tuple(i[:-1]) + (j,)] * bt[j, i[-1]], axis=j),
+                          name="lora_delta")
+
+    xa = bb.emit_te(xa_fn, x, a, primfunc_name_hint=f"{LORA_PREFIX}{hint}_a")
+    return bb.emit(relax.op.add(y, bb.emit_te(delta_fn, xa, b, primfunc_name_hint=f"{LORA_PREFIX}{hint}_b")))
 
 
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeq.bundle.manifest import Artifact
+from edgeq.core.adapter import SparseAdapter, UserAdapter, lora_slots
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import Format
 from edgeq.core.ir import Graph
@@ -38,6 +39,14 @@ def save_params(params: dict[str, np.ndarray], path: Path) -> None:
     save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(path))
 
 
+def lora_file(name: str) -> str:
+    return f"lora-{name}.safetensors"
+
+
+def shira_file(name: str) -> str:
+    return f"shira-{name}.safetensors"
+
+
 class TvmTarget(Target):
     name = "tvm"
     presets = TVM_PRESETS
@@ -45,6 +54,7 @@ class TvmTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("apache-tvm", "apache-tvm-ffi")
     joins_bundles = False         # its runtime selection beside other artifacts is not built yet
+    sparse_adapters = True        # SHiRA entries added in place to f32/f16 parameters (runtime/tvm_decoder.py)
     prunes_mlp = True             # MLP widths symbolic in the library; the runtime slices the weights at load
     mlp_channel_multiple = PANEL  # a pruned gate or up keeps whole weight panels
     prunes_budgeted = False       # the size model builds static-width libraries, a pruning bundle's is symbolic
@@ -83,6 +93,39 @@ class TvmTarget(Target):
             runs = "mtriple" not in t and profile.os == platform.system().lower()
         return None if runs else f"library is for {profile.name}, not this host"
 
+    def lower_adapter(self, graph: Graph, adapter: UserAdapter, folder) -> Artifact:
+        """A LoRA adapter's factors as the library's LoRA parameters take them: `<weight>.lora_a` Aᵀ (in, r) and
+        `.lora_b` (B·scale)ᵀ (r, out), float32, in safetensors like the base's params. A SHiRA adapter's entries,
+        `<weight>.shira_indices` (2, nnz) int32 (row, column of the (out, in) weight) and `.shira_weight`
+        (nnz,) float32, which the runtime adds in place to the f32/f16 parameter (and takes back)."""
+        from edgeq.targets.tvm.ops import lora_param_names
+
+        if graph.kind != "decoder":
+            raise EdgeqError(None, f"LoRA adapters apply to decoders; this is an {graph.kind}")
+        if isinstance(adapter, SparseAdapter):
+            entries = adapter.entries()
+            arrays = {}
+            for name in graph.weights:
+                if name in entries:
+                    rows, cols, vals = entries[name]
+                    arrays[name + ".shira_indices"] = np.stack([rows, cols]).astype(np.int32)
+                    arrays[name + ".shira_weight"] = np.ascontiguousarray(vals, np.float32)
+            path = folder / shira_file(adapter.name)
+            save_params(arrays, path)
+            return Artifact("lora", path, self.name, {"f32": len(adapter.targets)},
+                            {"applies_to": PARAMS_FILE, **adapter.entry()})
+        factors = adapter.factors()
+        arrays = {}
+        for name in graph.weights:
+            if name in factors:
+                a, b = factors[name]
+                an, bn = lora_param_names(name)
+                arrays[an], arrays[bn] = np.ascontiguousarray(a.T, np.float32), np.ascontiguousarray(b.T, np.float32)
+        path = folder / lora_file(adapter.name)
+        save_params(arrays, path)
+        return Artifact("lora", path, self.name, {"f32": 2 * len(adapter.targets)},
+                        {"applies_to": PARAMS_FILE, **adapter.entry(), "dtype": "f32"})
+
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.tvm.build import compile_module, export_library, resolve_target
         from edgeq.targets.tvm.lower import ENTRY, lower_tvm
@@ -90,7 +133,9 @@ class TvmTarget(Target):
         graph, plan, timings = req.graph, req.plan, {}
         target = resolve_target(req.profile)
         t0 = time.perf_counter()
-        lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None)
+        slots = lora_slots(list(graph.weights), req.adapters)
+        lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
+                            lora_slots=slots)
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:
@@ -113,7 +158,7 @@ class TvmTarget(Target):
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
-                   "param_names": lowered.param_names}
+                   "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {})}
         if graph.kind == "decoder" and plan.pruning:
             from edgeq.targets.tvm.decoder import pruning_recipe
 
