@@ -139,8 +139,8 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
     ranks = sorted(r for r in set(ranks) if r > 0)
     out = []
     for f in fmts:
-        if not f.can_carry(w.shape):
-            continue
+        if not f.can_carry(w.shape) or (f.requires_imatrix and importance is None):
+            continue        # (a format written from an importance matrix only, for a tensor that has none)
         dw = f.roundtrip(w, importance if f.takes_imatrix else None) - w
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
         if token_p is not None:

@@ -254,10 +254,10 @@ def search_cost(opts: ExportOptions) -> str:
 
 
 def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
-                 ties: list[list[str]], byte_budget: bool) -> ExtraRow:
+                 ties: list[list[str]], byte_budget: bool, opened) -> ExtraRow:
     """The ILP row bounding the plan's predicted decode step (or prefill of --prompt-tokens), after checking that
     the fastest plan within the byte budget meets it (one error naming that plan's latency if not)."""
-    path, profile, fitted = open_profile(opts.latency_profile, inp.target.name, None)
+    path, profile, fitted = opened
     check_runtime_here(profile, path)
     kind, key = (("prefill", opts.prompt_tokens) if opts.prompt_tokens is not None
                  else ("decode", DEFAULT_CONTEXT_TOKENS if opts.context_tokens is None else opts.context_tokens))
@@ -291,6 +291,15 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         if named:
             raise EdgeqError(None, f"--formats {named[0]} needs an importance matrix; drop --no-calibration")
         fmts = [f for f in fmts if not f.requires_imatrix]
+    opened = None
+    if opts.latency_ms is not None:      # a latency row prices each candidate with the profile's timings
+        opened = open_profile(opts.latency_profile, target.name, None)
+        timed = set(opened[2].kernels.formats)
+        untimed = [f.name for f in fmts if f.name not in timed]
+        if untimed and opts.formats:
+            raise EdgeqError(opened[0], f"the latency profile has no timings for format {untimed[0]}: drop it from "
+                                        "--formats or profile the device again (edgeq profile)")
+        fmts = [f for f in fmts if f.name in timed]     # formats newer than the profile are no candidates
     formats = [f.name for f in fmts]
     layout = target.layout(graph, fmts, opts.ranks, inp.profile, spec=inp.spec, ndk_clang=opts.android_clang)
     ties = llama.fused_groups(graph, opts.ties)
@@ -306,7 +315,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     if opts.latency_ms is not None:
         if opts.method != "ilp":
             raise EdgeqError(None, "--latency-ms is a row of the ILP: use it with --method ilp")
-        rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget))
+        rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget, opened))
     passes: list[Pass] = []
     cost = search_cost(opts)
     if cost == "fisher":

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeq.core.errors import EdgeqError
+
 
 @functools.lru_cache(maxsize=1)
 def lib() -> ctypes.CDLL:
@@ -62,6 +64,9 @@ def quantize(ggml_type: int, w: np.ndarray, imatrix: np.ndarray | None = None, t
         im = np.ascontiguousarray(imatrix, dtype=np.float32)
         if im.shape != (n,):
             raise ValueError(f"imatrix has shape {im.shape}, expected ({n},)")
+    if im is None and so.ggml_quantize_requires_imatrix(ggml_type):
+        # ggml aborts the whole process (GGML_ASSERT) when asked; refuse in one line instead
+        raise EdgeqError(None, f"ggml type {ggml_type} is written from an importance matrix only; none was given")
     so.ggml_quantize_init(ggml_type)
     im_ptr = None if im is None else im.ctypes.data
 

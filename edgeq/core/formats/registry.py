@@ -86,6 +86,8 @@ class Format:
         """Float weights (rows, cols) -> the exact bytes the backend stores, shape (rows, row_bytes)."""
         if self.quantize_fn is None:
             raise NotImplementedError(f"format {self.name} has no reference quantizer")
+        if self.requires_imatrix and imatrix is None:
+            raise EdgeqError(None, f"format {self.name} is written from an importance matrix only, as llama.cpp's is")
         w = np.asarray(w, dtype=np.float32)
         w2 = w.reshape(self._rows(w.shape), -1) if w.ndim > 1 else w.reshape(1, -1)
         return self.quantize_fn(self, w2, imatrix)
