@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.executor import OPS, Executor, rope_inv_freq
+from edgeq.core.executor import OPS, Executor, attention_probs, rope_inv_freq
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.importers.calibration_text import CalibrationText
@@ -110,12 +110,7 @@ def _attention_backward(node, dy: np.ndarray, q, k, v) -> tuple[np.ndarray, np.n
     for h in range(nh):
         g = h // rep
         qh, kh, vh = q[:, h * d:(h + 1) * d], k[:, g * d:(g + 1) * d], v[:, g * d:(g + 1) * d]
-        s = (qh @ kh.T) * scale
-        if mask is not None:
-            s += mask
-        s -= s.max(-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(-1, keepdims=True)
+        s = attention_probs(qh, kh, scale, mask)
         do = dy[:, h * d:(h + 1) * d]
         dv[:, g * d:(g + 1) * d] += s.T @ do
         dp = do @ vh.T

@@ -218,14 +218,19 @@ def _attention(ex, node, args):
         qh = q[:, h * d:(h + 1) * d]
         kh = k[:, g * d:(g + 1) * d]
         vh = v[:, g * d:(g + 1) * d]
-        s = (qh @ kh.T) * scale
-        if mask is not None:
-            s += mask
-        s -= s.max(-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(-1, keepdims=True)
-        out[:, h * d:(h + 1) * d] = s @ vh
+        out[:, h * d:(h + 1) * d] = attention_probs(qh, kh, scale, mask) @ vh
     return out
+
+
+def attention_probs(qh: np.ndarray, kh: np.ndarray, scale: np.float32, mask: np.ndarray | None) -> np.ndarray:
+    """One head's softmax(q·kᵀ·scale + mask), in place in float32 (the Fisher backward recomputes it so)."""
+    s = (qh @ kh.T) * scale
+    if mask is not None:
+        s += mask
+    s -= s.max(-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(-1, keepdims=True)
+    return s
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
