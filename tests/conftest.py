@@ -3,14 +3,39 @@
 from __future__ import annotations
 
 import functools
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edgeq.models.recipes.default import default_model_path
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory):
+    """Folders that live as long as the session (bundles exported once and shared by many modules), kept apart
+    from the rest of the base folder, which `_drop_module_tmp` empties as each module ends."""
+    root = tmp_path_factory.getbasetemp() / "session"
+    root.mkdir(exist_ok=True)
+    return lambda name: Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_module_tmp(request, tmp_path_factory):
+    """A module's folders go when it ends, unless one of its tests failed: a full run exports a few hundred
+    models, several GB if every module's were kept to the end."""
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        for p in base.iterdir():
+            if p.name not in before and p.name != "session":
+                shutil.rmtree(p, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +82,7 @@ def smollm_greedy(smollm_executor):
 
 
 @pytest.fixture(scope="session")
-def export_bundle(tmp_path_factory):
+def export_bundle(session_tmp):
     """Export the default model once per (target, quant), uncalibrated, and reuse the bundle."""
     from edgeq.api import ExportOptions, export
 
@@ -66,7 +91,7 @@ def export_bundle(tmp_path_factory):
     def get(quant: str, target: str = "cpu") -> Path:
         key = (target, quant)
         if key not in made:
-            out = tmp_path_factory.mktemp(f"bundle-{target}-{quant}") / "b"
+            out = session_tmp(f"bundle-{target}-{quant}") / "b"
             # llama.cpp's plain quantization: the byte-identity tests compare with llama-quantize without imatrix
             export(ExportOptions(target=target, quant=quant, out=str(out), calibration=False))
             made[key] = out
@@ -76,10 +101,10 @@ def export_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def android(tmp_path_factory):
+def android(session_tmp):
     """`edgeq export --target android` as a user runs it (the default model, q4_k_m, calibrated), once per session:
     the CLI's and the server's tests use it. Returns the bundle and the finished process."""
-    out = tmp_path_factory.mktemp("android") / "out"
+    out = session_tmp("android") / "out"
     r = subprocess.run([sys.executable, "-m", "edgeq.cli", "export", "--target", "android", "-o", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
@@ -94,12 +119,12 @@ def smollm_spec(smollm_path, smollm_graph):
 
 
 @pytest.fixture(scope="session")
-def smollm_hf_dir(tmp_path_factory, smollm_graph, smollm_spec) -> Path:
+def smollm_hf_dir(session_tmp, smollm_graph, smollm_spec) -> Path:
     """SmolLM2 as a Hugging Face folder: the default model's dequantized weights (float32, exact), its config
     and a tokenizer.json built from its GGUF tokenizer."""
     from edgeq.models.recipes.hf_folder import graph_to_hf_folder
 
-    return graph_to_hf_folder(smollm_graph, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
+    return graph_to_hf_folder(smollm_graph, session_tmp("hf") / "SmolLM2-135M-Instruct", smollm_spec,
                               dtype="F32", shard_bytes=200 * 2**20)
 
 
@@ -126,14 +151,14 @@ def minilm_reference(minilm):
 
 
 @pytest.fixture(scope="session")
-def tiny_decoder_dir(tmp_path_factory) -> Path:
+def tiny_decoder_dir(session_tmp) -> Path:
     """A small tied Llama as a Hugging Face folder (byte-level tokenizer, 512 positions): the synthetic model
     the ONNX and TVM decoder and budget tests export through the pipeline."""
     from edgeq.models.recipes.hf_folder import graph_to_hf_folder
     from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
 
     cfg = tiny_config(vocab_size=400, tied_embeddings=True, context_length=512)
-    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), tmp_path_factory.mktemp("tiny-decoder") / "m",
+    return graph_to_hf_folder(random_llama(cfg, seed=1, scale=0.08), session_tmp("tiny-decoder") / "m",
                               byte_level_spec(400))
 
 
@@ -144,7 +169,7 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hil_bundles(tmp_path_factory):
+def hil_bundles(session_tmp):
     """Small bundles per backend, exported once: a tiny random Llama (gguf) and MiniLM int8 (onnx: the
     smallest encoder the ONNX target takes). A gguf bundle for an arm64 profile carries the native runner
     (bin/edgeq-run), which a device with nothing installed (qemu-arm64-bare, a phone) runs."""
@@ -156,7 +181,7 @@ def hil_bundles(tmp_path_factory):
         # onnx bundles and cpu gguf bundles run anywhere; arm64 gguf ones add the native runner
         key = (backend, target if backend == "tvm" or (backend == "gguf" and target != "cpu") else "any")
         if key not in made:
-            root = tmp_path_factory.mktemp(f"hil-{backend}")
+            root = session_tmp(f"hil-{backend}")
             if backend == "gguf":
                 from edgeq.models.recipes.hf_folder import graph_to_hf_folder
                 from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config

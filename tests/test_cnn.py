@@ -41,10 +41,10 @@ def digits_graph(digits):
 
 
 @pytest.fixture(scope="session")
-def digits_files(digits, tmp_path_factory):
+def digits_files(digits, session_tmp):
     """The digits CNN as a user hands it over: a torch.export.save'd program, calibration and test images."""
     model, data = digits
-    root = tmp_path_factory.mktemp("digits")
+    root = session_tmp("digits")
     torch.export.save(torch.export.export(model, (torch.from_numpy(data.x_test[:1]),)), root / "digits.pt2")
     np.savez(root / "calib.npz", images=data.x_train[:256])
     np.savez(root / "test.npz", images=data.x_test, labels=data.y_test)
@@ -52,12 +52,12 @@ def digits_files(digits, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def digits_bundles(digits, tmp_path_factory):
+def digits_bundles(digits, session_tmp):
     """Every ONNX preset of the digits CNN through the Python API (static int8 calibrated on training images)."""
     from edgeq import export_module
 
     model, data = digits
-    root = tmp_path_factory.mktemp("digits-onnx")
+    root = session_tmp("digits-onnx")
     out = {}
     for q in ("f32", "f16", "int8", "int8-dyn"):
         export_module(model, torch.from_numpy(data.x_test[:1]), root / q, quant=q,

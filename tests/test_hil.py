@@ -125,7 +125,7 @@ def test_latency_against_the_prediction(edgeq_device, edgeq_backend, tmp_path, h
 
 
 @pytest.fixture(scope="session")
-def real_bundles(tmp_path_factory):
+def real_bundles(session_tmp):
     """The acceptance bundles: SmolLM2 for `android` (its default gguf preset)."""
     from edgeq.api import ExportOptions, export
 
@@ -133,7 +133,7 @@ def real_bundles(tmp_path_factory):
 
     def get(backend: str) -> Path:
         if backend not in made:
-            out = tmp_path_factory.mktemp("hil-smollm") / "android"
+            out = session_tmp("hil-smollm") / "android"
             # uncalibrated: the device check is about running the bundle, not about its quality
             export(ExportOptions(target="android", out=str(out), calibration=False))
             made[backend] = out
@@ -158,12 +158,12 @@ def test_real_models_match_their_reference_on_emulated_arm64(edgeq_device, edgeq
 # --- always run: local and a loopback sshd, driven directly ---------------------------------------------------
 
 @pytest.fixture(scope="session")
-def loopback_ssh(tmp_path_factory):
+def loopback_ssh(session_tmp):
     from edgeq.devices.loopback_sshd import LoopbackSshd
 
     if shutil.which("sshd") is None and not Path("/usr/sbin/sshd").exists():
         pytest.skip("sshd is not installed (apt-get install openssh-server; install.sh does it)")
-    with LoopbackSshd(tmp_path_factory.mktemp("sshd")) as sshd:
+    with LoopbackSshd(session_tmp("sshd")) as sshd:
         yield sshd.spec
 
 
