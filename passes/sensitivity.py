@@ -39,6 +39,7 @@ from edgeq.core.plan import Plan
 from edgeq.passes import lowrank_compensate as lr
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import source_digest
+from edgeq.passes.gptq import DEFAULT_DAMP, compensate, inverse_cholesky
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
@@ -117,14 +118,16 @@ def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
                    token_p: np.ndarray | None, layout: FileLayout, ranks: list[int] = (), scaling=None,
                    fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None,
-                   fisher_cov: np.ndarray | None = None) -> list[Option]:
+                   fisher_cov: np.ndarray | None = None, gptq: np.ndarray | None = None) -> list[Option]:
     """Every candidate format that can carry `w` natively, with its cost (see module docstring).
 
     With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
     also gets options with a rank-r error branch: its cost is the output error left after the branch, its
     bytes include the branch's bytes (`layout`: what each adds to the backend's files). With Fisher
     weights (`fisher_rows`, and the token-weighted input covariance `fisher_cov` in place of C where given)
-    every cost is Fisher-weighted, the branches' residuals too.
+    every cost is Fisher-weighted, the branches' residuals too. With `gptq` (the Cholesky factor of the input's
+    damped inverse covariance, passes/gptq.py) each quantizing format is priced by the error of its compensated
+    weights, what `--gptq` writes.
     """
     cov32 = diag = full = None
     if fisher_cov is not None:
@@ -141,7 +144,11 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
     for f in fmts:
         if not f.can_carry(w.shape) or (f.requires_imatrix and importance is None):
             continue        # (a format written from an importance matrix only, for a tensor that has none)
-        dw = f.roundtrip(w, importance if f.takes_imatrix else None) - w
+        imp = importance if f.takes_imatrix else None
+        if gptq is not None and f.quantize_fn is not None and f.bits_per_weight < 16:
+            dw = f.roundtrip(compensate(w, f, gptq, imp), imp) - w
+        else:
+            dw = f.roundtrip(w, imp) - w
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
         if token_p is not None:
             cost += lookup_error(dw, token_p, fisher_lookup)
@@ -183,7 +190,7 @@ def bytes_table(graph: Graph, layout: FileLayout, formats: list[str] | None) -> 
 
 def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLayout,
                   progress: Callable | None = None, ranks: list[int] = (),
-                  scaling_mode: str = "exact", fisher=None) -> CostTable:
+                  scaling_mode: str = "exact", fisher=None, gptq: bool = False) -> CostTable:
     """The cost of every candidate for every 2-D weight. `fisher`: output_fisher's dict, or a FisherSource
     whose statistics are computed a segment at a time as the costs use them (so a plan never holds every
     weight's token-weighted covariance at once)."""
@@ -195,6 +202,8 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         base_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
     options = {}
     scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
+    factors: dict[str, np.ndarray] = {}         # --gptq: the input's factor, kept while its weights come
+    priced = 0
     if fisher is None:
         parts: Iterator[dict[str, np.ndarray]] = iter([{}])
         token_weighted = False
@@ -221,12 +230,20 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
                 scalings[key] = lr.scaling(scaling_mode, w.shape[1], *((stats.full(), stats.diag())
                                                                        if stats is not None else (None, None)))
             sc = scalings[key]
+        u = None
+        if gptq and name != embd and stats is not None and stats.sum_outer is not None:
+            key = calibration.weight_input[name]
+            if key not in factors:
+                factors.clear()
+                factors[key] = inverse_cholesky(stats.full(), DEFAULT_DAMP)
+            u = factors[key]
+            priced += 1
         token_p = None
         if name == embd and base_p is not None:
             token_p = base_p * part[f"lookup_tokens:{embd}"] if f"lookup_tokens:{embd}" in part else base_p
         options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p, layout,
                                        ranks if sc is not None else (), sc, part.get(name),
-                                       part.get(f"lookup:{name}"), part.get(f"cov:{name}"))
+                                       part.get(f"lookup:{name}"), part.get(f"cov:{name}"), u)
         del w, part
     missing = [n for n in decide if n not in options]
     if missing:
@@ -242,6 +259,8 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
     info = {"cost": cost, "C": kind, "formats": [f.name for f in fmts]}
     if any(r > 0 for r in ranks):
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
+    if gptq:
+        info["gptq"] = {"damp": DEFAULT_DAMP, "compensated_tensors": priced}
     return CostTable(options, layout.overhead, graph.n_params, info)
 
 
@@ -251,8 +270,9 @@ class Sensitivity(Pass):
     name = "sensitivity"
 
     def __init__(self, layout: FileLayout, formats: list[str] | None = None, use_cache: bool = True,
-                 ranks: list[int] = (), scaling: str = "exact"):
+                 ranks: list[int] = (), scaling: str = "exact", gptq: bool = False):
         self.layout = layout
+        self.gptq = gptq
         self.formats = formats
         self.ranks = sorted(r for r in set(ranks) if r > 0)
         self.scaling = scaling
@@ -275,7 +295,7 @@ class Sensitivity(Pass):
                 table = None
         if table is None:
             table = compute_costs(graph, fmts, cal, self.layout, ctx.progress, self.ranks, self.scaling,
-                                  ctx.analysis.get("fisher"))
+                                  ctx.analysis.get("fisher"), self.gptq)
             write_json_entry(path, table.to_json())
         ctx.analysis["costs"] = table
         ctx.record(self.name, tensors=len(table.options), formats=[f.name for f in fmts],
@@ -290,6 +310,8 @@ class Sensitivity(Pass):
         parts = [SENSITIVITY_VERSION, source_digest(graph), cal_id, [f.name for f in fmts], self.layout.key]
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
+        if self.gptq:
+            parts += ["gptq", DEFAULT_DAMP]
         fisher = getattr(self, "_fisher", None)
         if isinstance(fisher, dict):
             h = hashlib.sha256()

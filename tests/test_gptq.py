@@ -90,6 +90,30 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
     assert ref[False] and ref[False] == ref[True]
 
 
+def test_the_planner_prices_the_compensated_error(tiny_decoder_dir, cache, monkeypatch):
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.registry import get_target
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
+    graph = import_model(tiny_decoder_dir)
+    cal = calibrate(graph, n_windows=2)
+    fmts = [f for f in candidate_formats("gguf") if f.name in ("f16", "q8_0", "q4_0", "q4_k", "iq4_nl")]
+    layout = get_target("gguf").layout(graph, fmts, [0], None, spec=graph_tokenizer_spec(graph))
+    plain, comp = (compute_costs(graph, fmts, cal, layout, gptq=g) for g in (False, True))
+    assert comp.info["gptq"]["compensated_tensors"] == len(comp.options) - 1      # all but the tied embedding
+    for name, options in comp.options.items():
+        for o, p in zip(options, plain.options[name]):
+            assert (o.format, o.bytes) == (p.format, p.bytes)
+            if o.format == "f16" or name == "model.embed_tokens.weight":
+                assert o.cost == p.cost
+    # (q4_k's blocks are 256 wide: only the 512-wide down projections have a second block to pay the first back)
+    for fmt, most in (("q4_0", 0.9), ("iq4_nl", 0.9), ("q4_k", 0.99)):
+        before, after = (sum(o.cost for v in t.options.values() for o in v if o.format == fmt) for t in (plain, comp))
+        assert after < most * before, fmt
+
+
 def test_refused_where_it_cannot_apply(tiny_decoder_dir, tmp_path):
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, calibration=False,

@@ -337,7 +337,8 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         passes.append(Fisher(source=inp.text))
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
-    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling))
+    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling,
+                              gptq=opts.gptq))
     if opts.method == "dynaquant":
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
