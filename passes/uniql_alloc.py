@@ -52,6 +52,17 @@ def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int 
     return math.lcm(*steps)
 
 
+def attention_alignment(graph: Graph, plan: Plan, layer: int) -> tuple[int, int]:
+    """The steps of layer `layer`'s Q/K and V head widths (dimensions per head): whole RoPE pairs and whole row blocks
+    of Q and K; whole blocks of the output projection's input per head (its columns), or no V pruning where a head is
+    not a whole number of them."""
+    q, k, v, o = llama.attention_weights(layer)
+    d = graph.config.head_dim
+    qk = math.lcm(2, *(get_format(plan.tensors[n].format).block[0] for n in (q, k)))
+    vs = math.lcm(get_format(plan.tensors[o].format).slice_step, get_format(plan.tensors[v].format).block[0])
+    return (qk if d % qk == 0 else d), (vs if d % vs == 0 else d)
+
+
 def layer_shares(importance: np.ndarray, rate: float, alloc: str, temperature: float = TEMPERATURE,
                  max_layer_rate: float = MAX_LAYER_RATE) -> np.ndarray:
     """Each layer's pruning rate, averaging `rate` over layers (equal widths; `channels_removed` weights them)."""
@@ -134,6 +145,9 @@ class UniqlAlloc(Pass):
             cuts = [[k] for k in keep]
             ctx.record(self.name, keep=keep)
         elif self.rates is None:
+            if plan.pruning and plan.pruning.get("attention"):
+                raise EdgeqError(None, "the plan's pruning table has attention widths, whose sorted attention a plan "
+                                       "does not record; export with --pruning-rates --prune-attention instead")
             if plan.pruning:
                 _check_table(plan.pruning, full, align)
                 ctx.record(self.name, table="from the plan", rates=[r["rate"] for r in plan.pruning["rates"]])
@@ -157,6 +171,9 @@ class UniqlAlloc(Pass):
                             "full": full, "align": align,
                             "importance": None if importance is None else [round(float(v), 6) for v in importance],
                             "rates": table}
+            if ctx.analysis.get("attention_sorted"):
+                plan.pruning["attention"] = _attention_table(graph, plan, table, importance, self.alloc,
+                                                             self.temperature)
             cuts = [[e["widths"][i] for e in table] for i in range(n)]
             ctx.record(self.name, alloc=self.alloc, rates=self.rates, achieved=[t["achieved"] for t in table],
                        align=sorted(set(align)))
@@ -175,6 +192,25 @@ class UniqlAlloc(Pass):
             ctx.analysis.setdefault("calibration_source", cal)
             ctx.analysis["calibration"] = cal.reindexed({llama.mlp_weights(i)[2]: c for i, c in channels.items()})
         return llama.prune_mlp(graph, channels), plan
+
+
+def _attention_table(graph: Graph, plan: Plan, table: list[dict], importance: np.ndarray | None, alloc: str,
+                     temperature: float) -> dict:
+    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`): the rate applies to
+    the attention's head dimensions as to the MLP's channels, both by the layers' importance, so the rate is also
+    the share of all the layers' prunable parameters removed (one Q/K pair removes the same Q and K rows in every
+    head; one V dimension a V row and an O column per head)."""
+    n, d = graph.config.n_layers, graph.config.head_dim
+    steps = [attention_alignment(graph, plan, i) for i in range(n)]
+    full = [d] * n
+    out = {"full_qk": full, "align_qk": [s[0] for s in steps], "full_v": full, "align_v": [s[1] for s in steps]}
+    for entry in table:
+        r = entry["rate"]
+        shares = layer_shares(importance if importance is not None else np.zeros(n), r, alloc, temperature)
+        entry["qk"] = widths_for(full, out["align_qk"], shares, r)
+        entry["v"] = widths_for(full, out["align_v"], shares, r)
+        entry["achieved_attention"] = round(1 - (sum(entry["qk"]) + sum(entry["v"])) / (2 * sum(full)), 6)
+    return out
 
 
 def segmented(ranking: np.ndarray, widths: list[int]) -> np.ndarray:
