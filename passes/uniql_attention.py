@@ -86,7 +86,8 @@ class UniqlAttention(Pass):
             if cal is not None and cov is None:
                 raise EdgeqError(None, f"{q}: --prune-attention needs the full covariance of the attention input "
                                        "(calibration with full statistics; an --imatrix file has only their diagonal)")
-            bias = lambda n: graph.weights[n[: -len("weight")] + "bias"].numpy() if cfg.attention_bias else None  # noqa: E731
+            bias = lambda n: (graph.weights[n.removesuffix("weight") + "bias"].numpy()     # noqa: E731
+                              if cfg.attention_bias else None)
             pairs[i] = pair_order(graph.weights[q].numpy(), graph.weights[k].numpy(), cov, cfg.n_heads,
                                   cfg.n_kv_heads, bias(q), bias(k))
             rotations[i] = value_rotation(graph.weights[v].numpy(), cov, cfg.n_kv_heads, bias(v))

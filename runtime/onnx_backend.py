@@ -36,9 +36,9 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
     recipe = (manifest.get("onnx") or {}).get("pruning")
     if not recipe:
         raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
+    attention = None if pruning.qk is None else {"qk": pruning.qk, "v": pruning.v}
     with pruned_file(art["sha256"], pruning, ".onnx", SLICE_VERSION,
-                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe,
-                                            None if pruning.qk is None else {"qk": pruning.qk, "v": pruning.v})) as path:
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe, attention)) as path:
         return OnnxDecoderBackend(path, spec, n_ctx=n_ctx, threads=threads)
 
 

@@ -349,8 +349,8 @@ def test_attention_sort_keeps_the_outputs_and_nests():
         assert pairs[i].shape == (2, 16) and pairs[i].tolist() != [list(range(16))] * 2
         np.testing.assert_allclose(np.einsum("gij,gik->gjk", rots[i], rots[i]), np.stack([np.eye(32)] * 2),
                                    atol=1e-10)
-        energy = np.einsum("gdh,hx,gdx->gd", np.einsum("gde,gdh->geh", rots[i], v.astype(np.float64).reshape(2, 32, -1)),
-                           cov, np.einsum("gde,gdh->geh", rots[i], v.astype(np.float64).reshape(2, 32, -1)))
+        vr = np.einsum("gde,gdh->geh", rots[i], v.astype(np.float64).reshape(2, 32, -1))    # stored V rows
+        energy = np.einsum("gdh,hx,gdx->gd", vr, cov, vr)
         assert np.all(np.diff(energy, axis=1) <= 1e-9)              # best V dimensions first
     s = llama.reshape_attention(g, pairs, rots)
     ids = _ids(48)

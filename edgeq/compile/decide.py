@@ -231,7 +231,8 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
         passes.append(CalibrateRanges(inputs, source, PERCENTILE))
     if opts.calibration:
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
-                                full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset, source=inp.text))
+                                full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset,
+                                source=inp.text))
     passes += _pruning_passes(inp, opts, False)
     out, plan = run_passes(passes, graph, plan, ctx)
     cal = ctx.analysis.get("calibration")

@@ -73,7 +73,6 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     b.nbits_accuracy_level = accuracy_level
     b.imatrix = dict(imatrix or {})
     nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    rep = nh // nkv
     ids = b.input("input_ids", I64, ["batch", "seq"])
     mask = b.input("attention_mask", I64, ["batch", "total"])
     pos = b.input("position_ids", I64, ["batch", "seq"])
