@@ -20,6 +20,10 @@ into the same quantization blocks, where one scale serves them all (SmolLM2, q4_
 down projections' output error tr(ΔW·C·ΔWᵀ) 1.45x the unsorted one in rank order, 1.15x in segments, 1.14x for a
 random permutation, which is what moving SmolLM2's Q4_1-quantized columns out of their source blocks costs).
 
+With `--prune-attention` (uniql_attention sorted the heads) each rate's entry also gets every layer's Q/K and V
+head widths (`qk`, `v`: dimensions per head) at the same rate and layer shares, in whole RoPE pairs and whole blocks
+of the output projection's input (see `_attention_table`); the head order itself is the sorted graph's.
+
 A plan file can instead fix each layer's width (`keep` on the MLP tensors): the graph is narrowed to those widths
 and written as an already-pruned model; or give the stored `order` itself and a table (what `edgeq plan` wrote).
 """

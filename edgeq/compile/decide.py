@@ -13,8 +13,9 @@ means, its formats, its size model):
   importance matrix for decoders' formats that take one).
 
 With `--pruning-rates` (or a plan that fixes MLP orders or widths) every list ends, before any low-rank branch, with
-uniql_sort (the MLPs' channels sorted; the graph the target lowers changes) and uniql_alloc (the rate -> per-layer
-widths table, aligned to the formats just decided, or the plan's widths applied).
+uniql_sort (the MLPs' channels sorted; the graph the target lowers changes), with `--prune-attention` uniql_attention
+(the heads' Q/K pairs sorted and V/O rotated) and uniql_alloc (the rate -> per-layer widths table, aligned to the
+formats just decided, or the plan's widths applied).
 """
 
 from __future__ import annotations
