@@ -129,10 +129,11 @@ def mlp_share() -> float:
 
 def stage_attention(a, doc: dict, out: Path) -> None:
     """--prune-attention on ONNX f32 (the only runtime that carries it), two questions:
-    - the split (calibration text only, as `select`): at equal parameters removed, the MLPs alone (at rate r / the
-      MLPs' share of the parameters) against the MLPs and the attention both at r (the rule the table uses);
-    - the held-out figures: KLD at each rate with and without attention pruning (the rate then counts the attention's
-      parameters too, so the pruned model is smaller with it)."""
+    - the split (calibration text only, as `select`): at equal parameters removed (the rate counts the MLPs' and the
+      attention's), the MLPs alone (at rate r / the MLPs' share of the parameters) against the attention pruned at
+      each `--attention-ratios` multiple of the MLPs' rate (uniql_alloc.ATTENTION_RATIO is chosen here);
+    - the held-out figures: KLD at each rate with and without attention pruning (with it the rate counts the
+      attention's parameters too, so that model is smaller at the same rate)."""
     from edgeq.evaluate.texts import calibration_text
 
     reference = ReferenceCache(make_reference)
@@ -145,11 +146,15 @@ def stage_attention(a, doc: dict, out: Path) -> None:
         text = work / "calibration.txt"
         text.write_text(calibration_text(), encoding="utf-8")
         sel = dict(section="attention", text=text, chunks=a.select_chunks, calib_subset=(1, 3), backend="onnx")
-        variants = [("select/mlp+attention", dict(rates=rates, prune_attention=True, **sel)),
-                    ("select/mlp-only-same-params", dict(rates=[round(r / share, 6) for r in rates], **sel)),
-                    ("heldout/mlp-only", dict(section="attention", rates=rates, backend="onnx")),
-                    ("heldout/mlp+attention", dict(section="attention", rates=rates, backend="onnx",
-                                                   prune_attention=True))]
+        from edgeq.passes.uniql_alloc import ATTENTION_RATIO
+
+        variants = [("select/mlp-only-same-params", dict(rates=[round(r / share, 6) for r in rates], **sel))]
+        variants += [(f"select/mlp+attention ratio={b:g}", dict(rates=rates, prune_attention=True,
+                                                                 prune_attention_ratio=b, **sel))
+                     for b in sorted(set(a.attention_ratios) | {1.0})]
+        variants += [("heldout/mlp-only", dict(section="attention", rates=rates, backend="onnx")),
+                     (f"heldout/mlp+attention ratio={ATTENTION_RATIO:g}",
+                      dict(section="attention", rates=rates, backend="onnx", prune_attention=True))]
         for name, kw in variants:
             if name not in doc["attention"]:
                 log(name)
@@ -415,6 +420,8 @@ def main() -> int:
                     help="select: sweep --ridge/--temperature on calibration text; all: quality then speed; "
                          "attention: --prune-attention on ONNX f32 (the split on calibration text, held-out KLD)")
     ap.add_argument("--attention-rates", type=floats, default=[0.15, 0.25, 0.35])
+    ap.add_argument("--attention-ratios", type=floats, default=[0.25, 0.5],
+                    help="attention: the attention/MLP rate ratios tried on calibration text (1 and 0 always are)")
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")

@@ -51,6 +51,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
         prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
         recover_steps=a.recover_steps, prune_attention=getattr(a, "prune_attention", False),
+        prune_attention_ratio=getattr(a, "prune_attention_ratio", None),
         native=getattr(a, "native", None),
     )
 
@@ -439,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --pruning-rates: prune the attention's head dimensions at the same rate too (Q/K "
                              "RoPE pairs by the product of their norms, V/O by an SVD per KV group; ONNX only: "
                              "llama.cpp has one head size for all layers, TVM's library fixes it)")
+        sp.add_argument("--prune-attention-ratio", type=float, metavar="B",
+                        help="with --prune-attention: the attention's pruning rate as a multiple of the MLPs' (the "
+                             "rate then counts both; default chosen by bench/uniql.py --stage attention)")
         sp.add_argument("--prune-temperature", type=float, metavar="T",
                         help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
                              "1, chosen by bench/uniql.py; 0 is uniform)")

@@ -45,6 +45,8 @@ ALLOCS = ("uniql", "uniform")
 # softmax temperature in units of the importances' spread; bench/uniql.py --temperature sweeps it
 TEMPERATURE = 1.0
 MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its channels
+# --prune-attention: the attention's pruning rate as a multiple of the MLPs' (β); bench/uniql.py --stage attention
+ATTENTION_RATIO = 1.0
 
 
 def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
@@ -121,7 +123,7 @@ class UniqlAlloc(Pass):
     name = "uniql_alloc"
 
     def __init__(self, rates: list[float] | None, alloc: str = "uniql", channel_multiple: int = 1,
-                 temperature: float = TEMPERATURE, order: str = "uniql"):
+                 temperature: float = TEMPERATURE, order: str = "uniql", attention_ratio: float = ATTENTION_RATIO):
         """`rates` None: the plan file's table (checked against this plan's alignments), or its `keep`."""
         if alloc not in ALLOCS:
             raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
@@ -133,6 +135,9 @@ class UniqlAlloc(Pass):
         self.channel_multiple = channel_multiple
         self.temperature = temperature
         self.order = order
+        if not 0 <= attention_ratio <= 1 / MAX_LAYER_RATE:
+            raise EdgeqError(None, f"--prune-attention-ratio {attention_ratio} is outside [0, {1 / MAX_LAYER_RATE:.3g}]")
+        self.attention_ratio = attention_ratio
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         n = graph.config.n_layers
@@ -165,19 +170,22 @@ class UniqlAlloc(Pass):
                                        "uniform without it")
             table = []
             total = sum(full)
+            attention = bool(ctx.analysis.get("attention_sorted"))
+            split = _rate_split(graph, self.attention_ratio) if attention else 1.0
             for r in self.rates:
-                shares = layer_shares(importance if importance is not None else np.zeros(n), r, self.alloc,
+                r_mlp = min(r * split, MAX_LAYER_RATE)
+                shares = layer_shares(importance if importance is not None else np.zeros(n), r_mlp, self.alloc,
                                       self.temperature)
-                widths = widths_for(full, align, shares, r)
+                widths = widths_for(full, align, shares, r_mlp)
                 table.append({"rate": r, "achieved": round(1 - sum(widths) / total, 6), "widths": widths})
             plan.pruning = {"what": "mlp channels", "order": self.order, "alloc": self.alloc,
                             **({"temperature": self.temperature} if self.alloc == "uniql" else {}),
                             "full": full, "align": align,
                             "importance": None if importance is None else [round(float(v), 6) for v in importance],
                             "rates": table}
-            if ctx.analysis.get("attention_sorted"):
+            if attention:
                 plan.pruning["attention"] = _attention_table(graph, plan, table, importance, self.alloc,
-                                                             self.temperature)
+                                                             self.temperature, split * self.attention_ratio)
             cuts = [[e["widths"][i] for e in table] for i in range(n)]
             ctx.record(self.name, alloc=self.alloc, rates=self.rates, achieved=[t["achieved"] for t in table],
                        align=sorted(set(align)))
@@ -198,18 +206,27 @@ class UniqlAlloc(Pass):
         return llama.prune_mlp(graph, channels), plan
 
 
+def _rate_split(graph: Graph, ratio: float) -> float:
+    """With attention pruning the rate is the share of all the layers' prunable parameters removed (the MLPs' and the
+    attention projections'), the attention pruned at `ratio` times the MLPs' rate: the MLPs' rate is the returned
+    factor times the rate. One Q/K dimension removes the same Q and K rows in every head, one V dimension a V row
+    and an O column per head, so the attention's parameters are proportional to its head dimensions."""
+    c = graph.config
+    mlp = 3 * c.hidden_size * sum(llama.mlp_widths(graph))
+    att = 2 * c.hidden_size * c.head_dim * (c.n_heads + c.n_kv_heads) * c.n_layers
+    return (mlp + att) / (mlp + ratio * att)
+
+
 def _attention_table(graph: Graph, plan: Plan, table: list[dict], importance: np.ndarray | None, alloc: str,
-                     temperature: float) -> dict:
-    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`): the rate applies to
-    the attention's head dimensions as to the MLP's channels, both by the layers' importance, so the rate is also
-    the share of all the layers' prunable parameters removed (one Q/K pair removes the same Q and K rows in every
-    head; one V dimension a V row and an O column per head)."""
+                     temperature: float, factor: float) -> dict:
+    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`) at `factor` times the
+    rate, with the layers' shares of the MLPs (by the layers' importance)."""
     n, d = graph.config.n_layers, graph.config.head_dim
     steps = [attention_alignment(graph, plan, i) for i in range(n)]
     full = [d] * n
     out = {"full_qk": full, "align_qk": [s[0] for s in steps], "full_v": full, "align_v": [s[1] for s in steps]}
     for entry in table:
-        r = entry["rate"]
+        r = min(entry["rate"] * factor, MAX_LAYER_RATE)
         shares = layer_shares(importance if importance is not None else np.zeros(n), r, alloc, temperature)
         entry["qk"] = widths_for(full, out["align_qk"], shares, r)
         entry["v"] = widths_for(full, out["align_v"], shares, r)

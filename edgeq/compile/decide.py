@@ -178,7 +178,8 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
                                "need slicing with its weight")
     sort = UniqlSort(opts.prune_order, opts.prune_ridge)
     alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
-                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
+                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}),
+                       **({} if opts.prune_attention_ratio is None else {"attention_ratio": opts.prune_attention_ratio}))
     if opts.prune_attention:
         sort = [sort, UniqlAttention()]
     else:
