@@ -447,7 +447,7 @@ def reshape_attention(graph: Graph, pairs: dict[int, np.ndarray] | None = None,
         for name in (v, bias(v)):
             put(name, v_side, width=nkv * kv)
         put(o, o_side, axis=1, width=nh * kv)
-        if pairs and i in pairs:
+        if pairs and i in pairs or keep is not None:     # a narrowed head's rope needs its pairs named too
             old = nodes[rope_at[f"l{i}.qr"]].attrs.get("pairs")
             src = np.asarray(old, dtype=np.int64) if old is not None else np.tile(np.arange(d // 2), (nkv, 1))
             new = np.take_along_axis(src[:, :dq // 2], perm, axis=1).tolist()

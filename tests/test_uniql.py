@@ -448,3 +448,10 @@ def test_attention_ratio_splits_the_rate_in_parameters(env, tiny_decoder_dir, so
         64 - w for w in e["qk"] + e["v"])
     assert abs(removed / full - 0.3) < 0.01
     assert abs(e["achieved_attention"] - 0.5 * e["achieved"]) < 0.02
+
+
+def test_narrowing_an_unsorted_attention_names_its_pairs(source):
+    """Narrowing heads that were never sorted keeps each head's first pairs with their own frequencies."""
+    narrow = llama.reshape_attention(source, keep=([48, 48], [64, 64]))
+    assert all(n.attrs["pairs"] == [list(range(32))] * 2 for n in narrow.nodes if n.op == "rope")
+    assert np.isfinite(Executor(narrow).logits(_ids(16))).all()
