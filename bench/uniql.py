@@ -130,8 +130,8 @@ def mlp_share() -> float:
 def stage_attention(a, doc: dict, out: Path) -> None:
     """--prune-attention on ONNX f32 (the only runtime that carries it), two questions:
     - the split (calibration text only, as `select`): at equal parameters removed (the rate counts the MLPs' and the
-      attention's), the MLPs alone (at rate r / the MLPs' share of the parameters) against the attention pruned at
-      each `--attention-ratios` multiple of the MLPs' rate (uniql_alloc.ATTENTION_RATIO is chosen here);
+      attention's), the MLPs alone (at rate r / the MLPs' share of the parameters) against Q/K and V pruned at each
+      `--attention-ratios` pair of multiples of the MLPs' rate (uniql_alloc.ATTENTION_RATIO is chosen here);
     - the held-out figures: KLD at each rate with and without attention pruning (with it the rate counts the
       attention's parameters too, so that model is smaller at the same rate)."""
     from edgeq.evaluate.texts import calibration_text
@@ -149,11 +149,11 @@ def stage_attention(a, doc: dict, out: Path) -> None:
         from edgeq.passes.uniql_alloc import ATTENTION_RATIO
 
         variants = [("select/mlp-only-same-params", dict(rates=[round(r / share, 6) for r in rates], **sel))]
-        variants += [(f"select/mlp+attention ratio={b:g}", dict(rates=rates, prune_attention=True,
-                                                                 prune_attention_ratio=b, **sel))
-                     for b in sorted(set(a.attention_ratios) | {1.0})]
+        variants += [(f"select/mlp+attention ratio={qk:g}:{v:g}", dict(rates=rates, prune_attention=True,
+                                                                         prune_attention_ratio=(qk, v), **sel))
+                     for qk, v in a.attention_ratios]
         variants += [("heldout/mlp-only", dict(section="attention", rates=rates, backend="onnx")),
-                     (f"heldout/mlp+attention ratio={ATTENTION_RATIO:g}",
+                     ("heldout/mlp+attention ratio={:g}:{:g}".format(*ATTENTION_RATIO),
                       dict(section="attention", rates=rates, backend="onnx", prune_attention=True))]
         for name, kw in variants:
             if name not in doc["attention"]:
@@ -420,8 +420,10 @@ def main() -> int:
                     help="select: sweep --ridge/--temperature on calibration text; all: quality then speed; "
                          "attention: --prune-attention on ONNX f32 (the split on calibration text, held-out KLD)")
     ap.add_argument("--attention-rates", type=floats, default=[0.15, 0.25, 0.35])
-    ap.add_argument("--attention-ratios", type=floats, default=[0.25, 0.5],
-                    help="attention: the attention/MLP rate ratios tried on calibration text (1 and 0 always are)")
+    ap.add_argument("--attention-ratios", type=lambda t: [tuple(float(x) for x in p.split(":")) for p in t.split(",")],
+                    default=[(1, 1), (0.5, 0.5), (0.25, 0.25), (1, 0), (0.5, 0)],
+                    help="attention: the Q/K:V rate ratios (to the MLPs') tried on calibration text; the MLPs alone "
+                         "at equal parameters always are")
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")

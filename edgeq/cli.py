@@ -440,9 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --pruning-rates: prune the attention's head dimensions at the same rate too (Q/K "
                              "RoPE pairs by the product of their norms, V/O by an SVD per KV group; ONNX only: "
                              "llama.cpp has one head size for all layers, TVM's library fixes it)")
-        sp.add_argument("--prune-attention-ratio", type=float, metavar="B",
-                        help="with --prune-attention: the attention's pruning rate as a multiple of the MLPs' (the "
-                             "rate then counts both; default chosen by bench/uniql.py --stage attention)")
+        sp.add_argument("--prune-attention-ratio", type=csv(float), metavar="QK,V",
+                        help="with --prune-attention: the Q/K and the V head dimensions' pruning rates as multiples "
+                             "of the MLPs' (the rate then counts every family's parameters; default chosen by "
+                             "bench/uniql.py --stage attention)")
         sp.add_argument("--prune-temperature", type=float, metavar="T",
                         help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
                              "1, chosen by bench/uniql.py; 0 is uniform)")

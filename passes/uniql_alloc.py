@@ -45,8 +45,9 @@ ALLOCS = ("uniql", "uniform")
 # softmax temperature in units of the importances' spread; bench/uniql.py --temperature sweeps it
 TEMPERATURE = 1.0
 MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its channels
-# --prune-attention: the attention's pruning rate as a multiple of the MLPs' (β); bench/uniql.py --stage attention
-ATTENTION_RATIO = 1.0
+# --prune-attention: the Q/K and the V head dimensions' pruning rates as multiples of the MLPs' (bench/uniql.py
+# --stage attention chooses them on calibration text)
+ATTENTION_RATIO = (1.0, 1.0)
 
 
 def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
@@ -123,7 +124,8 @@ class UniqlAlloc(Pass):
     name = "uniql_alloc"
 
     def __init__(self, rates: list[float] | None, alloc: str = "uniql", channel_multiple: int = 1,
-                 temperature: float = TEMPERATURE, order: str = "uniql", attention_ratio: float = ATTENTION_RATIO):
+                 temperature: float = TEMPERATURE, order: str = "uniql",
+                 attention_ratio: tuple[float, float] = ATTENTION_RATIO):
         """`rates` None: the plan file's table (checked against this plan's alignments), or its `keep`."""
         if alloc not in ALLOCS:
             raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
@@ -135,9 +137,10 @@ class UniqlAlloc(Pass):
         self.channel_multiple = channel_multiple
         self.temperature = temperature
         self.order = order
-        if not 0 <= attention_ratio <= 1 / MAX_LAYER_RATE:
-            raise EdgeqError(None, f"--prune-attention-ratio {attention_ratio} is outside [0, {1 / MAX_LAYER_RATE:.3g}]")
-        self.attention_ratio = attention_ratio
+        if len(attention_ratio) != 2 or not all(0 <= b <= 1 / MAX_LAYER_RATE for b in attention_ratio):
+            raise EdgeqError(None, f"--prune-attention-ratio takes two multiples (Q/K, V) in [0, "
+                                   f"{1 / MAX_LAYER_RATE:.3g}], not {','.join(map(str, attention_ratio))}")
+        self.attention_ratio = (float(attention_ratio[0]), float(attention_ratio[1]))
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         n = graph.config.n_layers
@@ -185,7 +188,8 @@ class UniqlAlloc(Pass):
                             "rates": table}
             if attention:
                 plan.pruning["attention"] = _attention_table(graph, plan, table, importance, self.alloc,
-                                                             self.temperature, split * self.attention_ratio)
+                                                             self.temperature,
+                                                             tuple(split * b for b in self.attention_ratio))
             cuts = [[e["widths"][i] for e in table] for i in range(n)]
             ctx.record(self.name, alloc=self.alloc, rates=self.rates, achieved=[t["achieved"] for t in table],
                        align=sorted(set(align)))
@@ -206,30 +210,31 @@ class UniqlAlloc(Pass):
         return llama.prune_mlp(graph, channels), plan
 
 
-def _rate_split(graph: Graph, ratio: float) -> float:
+def _rate_split(graph: Graph, ratio: tuple[float, float]) -> float:
     """With attention pruning the rate is the share of all the layers' prunable parameters removed (the MLPs' and the
-    attention projections'), the attention pruned at `ratio` times the MLPs' rate: the MLPs' rate is the returned
-    factor times the rate. One Q/K dimension removes the same Q and K rows in every head, one V dimension a V row
-    and an O column per head, so the attention's parameters are proportional to its head dimensions."""
+    attention projections'), the Q/K and V head dimensions pruned at `ratio` times the MLPs' rate: the MLPs' rate is
+    the returned factor times the rate. One Q/K dimension removes the same Q and K rows in every head, one V
+    dimension a V row and an O column per head: the same count, so Q/K and V hold half the attention's parameters
+    each."""
     c = graph.config
     mlp = 3 * c.hidden_size * sum(llama.mlp_widths(graph))
     att = 2 * c.hidden_size * c.head_dim * (c.n_heads + c.n_kv_heads) * c.n_layers
-    return (mlp + att) / (mlp + ratio * att)
+    return (mlp + att) / (mlp + att * (ratio[0] + ratio[1]) / 2)
 
 
 def _attention_table(graph: Graph, plan: Plan, table: list[dict], importance: np.ndarray | None, alloc: str,
-                     temperature: float, factor: float) -> dict:
-    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`) at `factor` times the
+                     temperature: float, factors: tuple[float, float]) -> dict:
+    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`) at `factors` times the
     rate, with the layers' shares of the MLPs (by the layers' importance)."""
     n, d = graph.config.n_layers, graph.config.head_dim
     steps = [attention_alignment(graph, plan, i) for i in range(n)]
     full = [d] * n
     out = {"full_qk": full, "align_qk": [s[0] for s in steps], "full_v": full, "align_v": [s[1] for s in steps]}
     for entry in table:
-        r = min(entry["rate"] * factor, MAX_LAYER_RATE)
-        shares = layer_shares(importance if importance is not None else np.zeros(n), r, alloc, temperature)
-        entry["qk"] = widths_for(full, out["align_qk"], shares, r)
-        entry["v"] = widths_for(full, out["align_v"], shares, r)
+        for key, factor in zip(("qk", "v"), factors):
+            r = min(entry["rate"] * factor, MAX_LAYER_RATE)
+            shares = layer_shares(importance if importance is not None else np.zeros(n), r, alloc, temperature)
+            entry[key] = widths_for(full, out[f"align_{key}"], shares, r)
         entry["achieved_attention"] = round(1 - (sum(entry["qk"]) + sum(entry["v"])) / (2 * sum(full)), 6)
     return out
 

@@ -436,10 +436,10 @@ def test_attention_pruning_is_refused_where_the_runtime_cannot_carry_it(env, tin
 
 
 def test_attention_ratio_splits_the_rate_in_parameters(env, tiny_decoder_dir, source):
-    """--prune-attention-ratio 0.5: the attention loses half the MLPs' share of its head dimensions, and the rate is
-    the share of all the layers' prunable parameters removed."""
+    """--prune-attention-ratio 0.5,0.5: the attention loses half the MLPs' share of its head dimensions, and the rate
+    is the share of all the layers' prunable parameters removed."""
     m = _export(env / "att-ratio", tiny_decoder_dir, backend="onnx", quant="f32", pruning_rates=[0.3],
-                prune_attention=True, prune_attention_ratio=0.5)
+                prune_attention=True, prune_attention_ratio=(0.5, 0.5))
     c = source.config
     per_dim = c.hidden_size * (c.n_heads + c.n_kv_heads)          # one Q/K or V dimension per head, every head
     full = 3 * c.hidden_size * 512 * 2 + per_dim * 2 * 64 * 2

@@ -64,7 +64,8 @@ class ExportOptions:
     prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
     recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
     prune_attention: bool = False          # also the attention's head dimensions (Q/K RoPE pairs, V/O by SVD)
-    prune_attention_ratio: float | None = None   # attention rate / MLP rate (None: passes/uniql_alloc.ATTENTION_RATIO)
+    # Q/K and V rates / the MLPs' rate (None: passes/uniql_alloc.ATTENTION_RATIO)
+    prune_attention_ratio: tuple[float, float] | None = None
 
     @property
     def pruning(self) -> bool:
