@@ -48,6 +48,7 @@ MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its chann
 # --prune-attention: the Q/K and the V head dimensions' pruning rates as multiples of the MLPs' (bench/uniql.py
 # --stage attention chooses them on calibration text)
 ATTENTION_RATIO = (1.0, 1.0)
+MAX_ATTENTION_RATIO = 4.0     # a family's rate is capped at MAX_LAYER_RATE whatever the multiple
 
 
 def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
@@ -137,9 +138,9 @@ class UniqlAlloc(Pass):
         self.channel_multiple = channel_multiple
         self.temperature = temperature
         self.order = order
-        if len(attention_ratio) != 2 or not all(0 <= b <= 1 / MAX_LAYER_RATE for b in attention_ratio):
-            raise EdgeqError(None, f"--prune-attention-ratio takes two multiples (Q/K, V) in [0, "
-                                   f"{1 / MAX_LAYER_RATE:.3g}], not {','.join(map(str, attention_ratio))}")
+        if len(attention_ratio) != 2 or not all(0 <= b <= MAX_ATTENTION_RATIO for b in attention_ratio):
+            raise EdgeqError(None, f"--prune-attention-ratio takes two multiples (Q/K, V) in [0, {MAX_ATTENTION_RATIO}]"
+                                   f", not {','.join(map(str, attention_ratio))}")
         self.attention_ratio = (float(attention_ratio[0]), float(attention_ratio[1]))
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
