@@ -368,8 +368,9 @@ def test_attention_sort_keeps_the_outputs_and_nests():
 @pytest.fixture(scope="module")
 def attention_bundle(env, tiny_decoder_dir):
     out = env / "att-onnx"
+    # Q/K and V at the MLPs' rate (not the default split, which keeps V whole): every array the loader narrows
     return out, _export(out, tiny_decoder_dir, backend="onnx", quant="f32", pruning_rates=RATES[1:],
-                        prune_attention=True)
+                        prune_attention=True, prune_attention_ratio=(1, 1))
 
 
 def test_onnx_prunes_attention_at_each_rate(attention_bundle, source):
@@ -414,7 +415,8 @@ def test_attention_pruning_aligns_with_int4_blocks(env, tiny_decoder_dir):
     from edgeq import runtime
 
     out = env / "att-int4"
-    m = _export(out, tiny_decoder_dir, backend="onnx", quant="int4", pruning_rates=[0.25, 0.5], prune_attention=True)
+    m = _export(out, tiny_decoder_dir, backend="onnx", quant="int4", pruning_rates=[0.25, 0.5], prune_attention=True,
+                prune_attention_ratio=(1, 1))
     table = m["pruning_rates"]
     assert table["attention"]["align_v"] == [32, 32]
     assert any(w < 64 for e in table["rates"] for w in e["v"])
