@@ -15,6 +15,7 @@ tokens/s (1 thread).
     python bench/uniql.py                       # quality and speed (about an hour on the 2-core machine)
     python bench/uniql.py --stage speed --rounds 5
     python bench/uniql.py --stage attention --out bench/results/uniql_attention.json   # --prune-attention, ONNX f32
+    python bench/uniql.py --stage attention-parts --out bench/results/uniql_attention.json   # Q/K against V
 
 Writes bench/results/uniql.json (after each step) and uniql.png.
 """
@@ -159,6 +160,52 @@ def stage_attention(a, doc: dict, out: Path) -> None:
             if name not in doc["attention"]:
                 log(name)
                 run_variant(work, name, reference, a, doc, out, **kw)
+
+
+def stage_attention_parts(a, doc: dict, out: Path) -> None:
+    """What each half of attention pruning costs, in the reference executor on calibration text only: covariances
+    from 4 windows of 256 tokens, KLD on a fifth, every layer's heads narrowed from 64 to 56 dimensions: Q/K sorted,
+    in the source's order and in reverse; V rotated by the SVD and unrotated."""
+    from edgeq.core.executor import Executor
+    from edgeq.importers.gguf import import_gguf
+    from edgeq.models import llama
+    from edgeq.models.recipes.default import default_model_path
+    from edgeq.passes.calibrate import calibration_tokens, calibration_windows, collect
+    from edgeq.passes.uniql_attention import pair_order, value_rotation
+
+    g = import_gguf(default_model_path())
+    c = g.config
+    tokens, bos, add_bos = calibration_tokens(g)
+    wins = calibration_windows(tokens, 256, 5, bos, add_bos)
+    cal = collect(g, wins[:4], max_full=0, full_for=frozenset(llama.attention_weights(i)[0] for i in range(c.n_layers)))
+    pairs, rots = {}, {}
+    for i in range(c.n_layers):
+        q, k, v, _ = (g.weights[n].numpy() for n in llama.attention_weights(i))
+        cov = cal.stats(llama.attention_weights(i)[0]).full()
+        pairs[i] = pair_order(q, k, cov, c.n_heads, c.n_kv_heads)
+        rots[i] = value_rotation(v, cov, c.n_kv_heads)
+    s = llama.reshape_attention(g, pairs, rots)
+    ref = Executor(g).logits(wins[4])
+    n, d, keep = c.n_layers, c.head_dim, c.head_dim - 8
+    variants = {"qk sorted": (s, [keep] * n, [d] * n), "qk source order": (g, [keep] * n, [d] * n),
+                "qk reversed": (llama.reshape_attention(g, {i: p[:, ::-1].copy() for i, p in pairs.items()}),
+                                [keep] * n, [d] * n),
+                "v svd": (s, [d] * n, [keep] * n), "v unrotated": (g, [d] * n, [keep] * n)}
+    res = {}
+    for name, (base, qk, vw) in variants.items():
+        res[name] = kld_mean(ref, Executor(llama.reshape_attention(base, keep=(qk, vw))).logits(wins[4]))
+        log(f"  {name}: KLD {res[name]:.4f}")
+    doc["attention_parts"] = {"kept": f"{keep} of {d} dimensions per head, every layer", "kld": res}
+    write(out, doc)
+
+
+def kld_mean(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(p || q) over positions, from logits."""
+    lp = p_logits - p_logits.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q_logits - q_logits.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def stage_select(a, doc: dict, out: Path) -> None:
@@ -416,7 +463,8 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]                 # noqa: E731
-    ap.add_argument("--stage", default="all", choices=["all", "select", "quality", "speed", "attention"],
+    ap.add_argument("--stage", default="all",
+                    choices=["all", "select", "quality", "speed", "attention", "attention-parts"],
                     help="select: sweep --ridge/--temperature on calibration text; all: quality then speed; "
                          "attention: --prune-attention on ONNX f32 (the split on calibration text, held-out KLD)")
     ap.add_argument("--attention-rates", type=floats, default=[0.15, 0.25, 0.35])
@@ -464,6 +512,8 @@ def main() -> int:
         stage_speed(a, doc, a.out)
     if a.stage == "attention":
         stage_attention(a, doc, a.out)
+    if a.stage == "attention-parts":
+        stage_attention_parts(a, doc, a.out)
     doc["run"]["load_average_at_end"] = os.getloadavg()
     write(a.out, doc)
     plot(doc, a.out.with_suffix(".png"))
