@@ -516,7 +516,8 @@ def main() -> int:
         stage_attention_parts(a, doc, a.out)
     doc["run"]["load_average_at_end"] = os.getloadavg()
     write(a.out, doc)
-    plot(doc, a.out.with_suffix(".png"))
+    if doc.get("summary") or doc.get("speed"):
+        plot(doc, a.out.with_suffix(".png"))
     print_table(doc)
     return 0
 
