@@ -37,6 +37,7 @@ from edgeq.passes.assign_preset import AssignPreset
 from edgeq.passes.calibrate import DEFAULT_MAX_FULL, Calibrate
 from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
 from edgeq.passes.fisher import Fisher
+from edgeq.passes.gptq import GptqCompensate
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
@@ -59,6 +60,9 @@ class Decision:
     calibration: Any = None          # a passes.calibrate.Calibration, or None (llama.cpp's plain behaviour)
     branches: dict = field(default_factory=dict)   # low-rank error branches {weight: (A, B)}
     graph: Graph | None = None       # the model to lower when the passes changed it (sorted or narrowed MLPs)
+    # the weights to write when they differ from the model's (GPTQ's compensated W': their quantization is the
+    # model, their float values are not, so references and presets keep reading `graph`)
+    written: Graph | None = None
 
 
 @dataclass
@@ -82,6 +86,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     ask for (`edgeq plan` only writes the plan)."""
     if opts.imatrix and not opts.calibration:
         raise EdgeqError(opts.imatrix, "--imatrix and --no-calibration contradict each other")
+    if opts.gptq and not opts.calibration:
+        raise EdgeqError(None, "--gptq compensates through the calibration's input covariances: drop --no-calibration")
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant"):
@@ -114,12 +120,15 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
     prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
-    if opts.calibration and (search or ranks or opts.imatrix or prune or _takes_imatrix(graph, inp)):
+    if opts.gptq and (ranks or prune):
+        raise EdgeqError(None, "--gptq with low-rank branches or pruning rates is not supported yet (both start from "
+                               "the uncompensated weights)")
+    if opts.calibration and (search or ranks or opts.imatrix or prune or opts.gptq or _takes_imatrix(graph, inp)):
         # Only low-rank branches, DynaQuant and a search under the plain output error read full input
         # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
         # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
         # the covariance of each down projection's input, whatever its width.
-        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
+        full = ranks or opts.gptq or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
         max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full,
@@ -132,6 +141,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if user is not None:
         passes.append(ApplyRules(user, opts.plan))
     passes.append(Legalize())
+    if opts.gptq:
+        passes.append(GptqCompensate())
     if prune:
         passes += _pruning_passes(inp, opts, ranks)
     if ranks and branches:
@@ -139,7 +150,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
-    return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out)
+    return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
+                    ctx.analysis.pop("written", None))
 
 
 def _prunes(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
@@ -201,6 +213,9 @@ def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:
 
 
 def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context) -> Decision:
+    if opts.gptq:
+        raise EdgeqError(None, f"--gptq compensates calibrated plans; backend {inp.target.name}'s --quant "
+                               f"{inp.preset} is not one (give a budget or --plan)")
     passes: list[Pass] = [AssignPreset(inp.preset, inp.target.preset)]
     if inp.user_plan is not None:
         passes.append(ApplyRules(inp.user_plan, opts.plan))

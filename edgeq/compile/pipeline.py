@@ -202,7 +202,7 @@ def _export(opts: ExportOptions, progress: Callable | None, log: Callable[[str],
         artifacts, sections = [], {}
         for t in targets:
             d = decisions[t.name]
-            lowered = t.lower(LowerRequest(d.graph or c.graph, d.plan, tmp, profile,
+            lowered = t.lower(LowerRequest(d.written or d.graph or c.graph, d.plan, tmp, profile,
                                            imatrix=d.calibration.imatrix() if d.calibration is not None else None,
                                            branches=d.branches, spec=spec, n_ctx=bundle_n_ctx(graph, profile, opts),
                                            ndk_clang=opts.android_clang,

@@ -1,0 +1,99 @@
+"""GPTQ-style compensation (passes/gptq.py): lower output error than the plain round trip, in the file llama.cpp
+reads, and refused where it cannot apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeq.api import ExportOptions, export
+from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
+from edgeq.core.ir import Graph
+from edgeq.importers.gguf import import_gguf
+from edgeq.importers.loader import import_model
+from edgeq.passes.calibrate import calibrate
+from edgeq.passes.gptq import compensate, inverse_cholesky
+
+
+def _inputs(seed: int, width: int):
+    """Correlated inputs with channels of very different scales, as a transformer's are: draw(tokens, rng)."""
+    law = np.random.default_rng(seed)
+    mix = law.standard_normal((width, width)) * 0.3 + np.eye(width)
+    scale = np.exp(law.standard_normal(width))
+    return lambda tokens, rng: (rng.standard_normal((tokens, width)) @ mix) * scale
+
+
+def _error(dw: np.ndarray, h: np.ndarray) -> float:
+    d = dw.astype(np.float64)
+    return float(np.einsum("ij,jk,ik->", d, h, d))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "iq4_nl", "q3_k"])
+def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt):
+    rng = np.random.default_rng(0)
+    draw = _inputs(1, 512)
+    x, held = draw(4000, rng), draw(4000, rng)          # calibration tokens, and other tokens of the same law
+    h, h_held = x.T @ x / len(x), held.T @ held / len(held)
+    w = (rng.standard_normal((128, 512)) * 0.05).astype(np.float32)
+    f = get_format(fmt)
+    imp = np.diag(h).astype(np.float32)
+    plain = f.roundtrip(w, imp) - w
+    comp = f.roundtrip(compensate(w, f, inverse_cholesky(h), imp), imp) - w
+    assert _error(comp, h) < 0.9 * _error(plain, h)
+    assert _error(comp, h_held) < 0.95 * _error(plain, h_held)
+
+
+def test_inverse_cholesky_survives_dead_inputs():
+    h = np.diag([4.0, 0.0, 1.0])
+    u = inverse_cholesky(h)
+    assert np.all(np.isfinite(u)) and np.allclose(np.triu(u), u)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_decoder_dir, cache, tmp_path_factory):
+    import os
+
+    os.environ["EDGEQ_CACHE"] = str(cache)
+    try:
+        out = {}
+        for gptq in (False, True):
+            b = tmp_path_factory.mktemp("gptq") / "b"
+            export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=gptq, calib_windows=2, out=str(b)))
+            out[gptq] = b
+        return out
+    finally:
+        os.environ.pop("EDGEQ_CACHE", None)
+
+
+def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_decoder_dir, cache, monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
+    source: Graph = import_model(tiny_decoder_dir)
+    cal = calibrate(source, n_windows=2)
+    plain, comp = (import_gguf(exported[g] / "model.gguf") for g in (False, True))
+    q4 = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
+    assert len(q4) >= 2 * 7 - 1
+    total = {False: 0.0, True: 0.0}
+    for name in q4:
+        h = cal.stats(name).full()
+        w = source.weights[name].numpy()
+        for g, graph in ((False, plain), (True, comp)):
+            total[g] += _error(graph.weights[name].numpy() - w, h)
+    assert total[True] < 0.9 * total[False]
+    # what was written is the format's own quantization of W' (ggml's code), nothing else
+    name = q4[0]
+    f, imp = get_format("q4_0"), cal.imatrix()[name]
+    w_prime = compensate(source.weights[name].numpy(), f, inverse_cholesky(cal.stats(name).full()), imp)
+    np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imp))
+    # W' is only what is quantized: the reference outputs the bundle is checked against are the source's
+    ref = {g: {p.name: p.read_bytes() for p in (exported[g] / "reference").iterdir()} for g in (False, True)}
+    assert ref[False] and ref[False] == ref[True]
+
+
+def test_refused_where_it_cannot_apply(tiny_decoder_dir, tmp_path):
+    with pytest.raises(EdgeqError, match="gptq"):
+        export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, calibration=False,
+                             out=str(tmp_path / "a")))
+    with pytest.raises(EdgeqError, match="gptq"):
+        export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, ranks=[0, 8], gptq=True, out=str(tmp_path / "b")))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
