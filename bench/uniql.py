@@ -14,6 +14,8 @@ tokens/s (1 thread).
     python bench/uniql.py --stage select        # the constants' sweep (calibration text only)
     python bench/uniql.py                       # quality and speed (about an hour on the 2-core machine)
     python bench/uniql.py --stage speed --rounds 5
+    python bench/uniql.py --stage attention --out bench/results/uniql_attention.json   # --prune-attention, ONNX f32
+    python bench/uniql.py --stage attention-parts --out bench/results/uniql_attention.json   # Q/K against V
 
 Writes bench/results/uniql.json (after each step) and uniql.png.
 """
@@ -70,8 +72,8 @@ def write(path: Path, doc: dict) -> None:
 def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, section: str = "quality",
                 rates: list[float] | None = None, text: Path | None = None, chunks: int | None = None,
                 **opts) -> dict:
-    """Export one f32 bundle with a pruning table and score `rates` in llama.cpp (on `text`, else the held-out
-    text)."""
+    """Export one f32 bundle with a pruning table and score `rates` in its runtime (llama.cpp unless `opts` names a
+    backend; on `text`, else the held-out text)."""
     rates = a.rates if rates is None else rates
     bundle = work / name.replace("/", "_")
     m = export(bundle, quant="f32", pruning_rates=rates, **opts)
@@ -82,6 +84,8 @@ def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, secti
         q = quality(bundle, r, reference, a, text, chunks)
         q["achieved"] = table[r]["achieved"]
         q["widths"] = table[r]["widths"]
+        if "qk" in table[r]:
+            q.update(achieved_attention=table[r]["achieved_attention"], qk=table[r]["qk"], v=table[r]["v"])
         res["rates"][str(r)] = q
         log(f"  {name} rate {r}: KLD {q['kld_mean']:.4f} ppl {q['ppl']:.3f} top-1 {q['top1']:.3f}")
     shutil.rmtree(bundle, ignore_errors=True)
@@ -112,6 +116,96 @@ def stage_quality(a, doc: dict, out: Path) -> None:
                             prune_order="uniql", prune_alloc="uniform", calib_subset=(s, a.subsets))
     doc["summary"] = summary(doc["quality"], a.rates, a.subsets)
     write(out, doc)
+
+
+def mlp_share() -> float:
+    """The MLPs' share of the default model's prunable parameters (MLP and attention projections)."""
+    from edgeq.importers.gguf import import_gguf
+    from edgeq.models.recipes.default import default_model_path
+
+    c = import_gguf(default_model_path()).config
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    return mlp / (mlp + 2 * c.hidden_size * c.head_dim * (c.n_heads + c.n_kv_heads))
+
+
+def stage_attention(a, doc: dict, out: Path) -> None:
+    """--prune-attention on ONNX f32 (the only runtime that carries it), two questions:
+    - the split (calibration text only, as `select`): at equal parameters removed (the rate counts the MLPs' and the
+      attention's), the MLPs alone (at rate r / the MLPs' share of the parameters) against Q/K and V pruned at each
+      `--attention-ratios` pair of multiples of the MLPs' rate (uniql_alloc.ATTENTION_RATIO is chosen here);
+    - the held-out figures: KLD at each rate with and without attention pruning (with it the rate counts the
+      attention's parameters too, so that model is smaller at the same rate)."""
+    from edgeq.evaluate.texts import calibration_text
+
+    reference = ReferenceCache(make_reference)
+    doc.setdefault("attention", {})
+    share = mlp_share()
+    doc["attention_mlp_share"] = share
+    rates = a.attention_rates
+    with tempfile.TemporaryDirectory(prefix="edgeq-uniql-", dir=a.workdir) as d:
+        work = Path(d)
+        text = work / "calibration.txt"
+        text.write_text(calibration_text(), encoding="utf-8")
+        sel = dict(section="attention", text=text, chunks=a.select_chunks, calib_subset=(1, 3), backend="onnx")
+        from edgeq.passes.uniql_alloc import ATTENTION_RATIO
+
+        variants = [("select/mlp-only-same-params", dict(rates=[round(r / share, 6) for r in rates], **sel))]
+        variants += [(f"select/mlp+attention ratio={qk:g}:{v:g}", dict(rates=rates, prune_attention=True,
+                                                                         prune_attention_ratio=(qk, v), **sel))
+                     for qk, v in a.attention_ratios]
+        variants += [("heldout/mlp-only", dict(section="attention", rates=rates, backend="onnx")),
+                     ("heldout/mlp+attention ratio={:g}:{:g}".format(*ATTENTION_RATIO),
+                      dict(section="attention", rates=rates, backend="onnx", prune_attention=True))]
+        for name, kw in variants:
+            if name not in doc["attention"]:
+                log(name)
+                run_variant(work, name, reference, a, doc, out, **kw)
+
+
+def stage_attention_parts(a, doc: dict, out: Path) -> None:
+    """What each half of attention pruning costs, in the reference executor on calibration text only: covariances
+    from 4 windows of 256 tokens, KLD on a fifth, every layer's heads narrowed from 64 to 56 dimensions: Q/K sorted,
+    in the source's order and in reverse; V rotated by the SVD and unrotated."""
+    from edgeq.core.executor import Executor
+    from edgeq.importers.gguf import import_gguf
+    from edgeq.models import llama
+    from edgeq.models.recipes.default import default_model_path
+    from edgeq.passes.calibrate import calibration_tokens, calibration_windows, collect
+    from edgeq.passes.uniql_attention import pair_order, value_rotation
+
+    g = import_gguf(default_model_path())
+    c = g.config
+    tokens, bos, add_bos = calibration_tokens(g)
+    wins = calibration_windows(tokens, 256, 5, bos, add_bos)
+    cal = collect(g, wins[:4], max_full=0, full_for=frozenset(llama.attention_weights(i)[0] for i in range(c.n_layers)))
+    pairs, rots = {}, {}
+    for i in range(c.n_layers):
+        q, k, v, _ = (g.weights[n].numpy() for n in llama.attention_weights(i))
+        cov = cal.stats(llama.attention_weights(i)[0]).full()
+        pairs[i] = pair_order(q, k, cov, c.n_heads, c.n_kv_heads)
+        rots[i] = value_rotation(v, cov, c.n_kv_heads)
+    s = llama.reshape_attention(g, pairs, rots)
+    ref = Executor(g).logits(wins[4])
+    n, d, keep = c.n_layers, c.head_dim, c.head_dim - 8
+    variants = {"qk sorted": (s, [keep] * n, [d] * n), "qk source order": (g, [keep] * n, [d] * n),
+                "qk reversed": (llama.reshape_attention(g, {i: p[:, ::-1].copy() for i, p in pairs.items()}),
+                                [keep] * n, [d] * n),
+                "v svd": (s, [d] * n, [keep] * n), "v unrotated": (g, [d] * n, [keep] * n)}
+    res = {}
+    for name, (base, qk, vw) in variants.items():
+        res[name] = kld_mean(ref, Executor(llama.reshape_attention(base, keep=(qk, vw))).logits(wins[4]))
+        log(f"  {name}: KLD {res[name]:.4f}")
+    doc["attention_parts"] = {"kept": f"{keep} of {d} dimensions per head, every layer", "kld": res}
+    write(out, doc)
+
+
+def kld_mean(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    """Mean KL(p || q) over positions, from logits."""
+    lp = p_logits - p_logits.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = q_logits - q_logits.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 def stage_select(a, doc: dict, out: Path) -> None:
@@ -353,6 +447,14 @@ def print_table(doc: dict) -> None:
                 print(f"{backend:8} {float(r):5.2f} {x['file_bytes'] / 2**20:9.1f} {x['rss_after_load_mib_median']:9.1f} "
                       f"{x['rss_after_decode_mib_median']:8.1f} {'' if share is None else format(share, '.2f'):>13} "
                       f"{x['tokens_per_s_median']:7.1f} {x['decode_speedup']:6.3f}")
+    att = doc.get("attention")
+    if att:
+        print(f"\n--prune-attention (ONNX f32; MLPs {doc['attention_mlp_share']:.3f} of the prunable parameters)")
+        print(f"{'variant':30} {'rate':>7} {'MLP':>7} {'attn':>7} {'KLD':>8} {'ppl':>8} {'top-1':>6}")
+        for name, res in att.items():
+            for r, q in res["rates"].items():
+                print(f"{name:30} {float(r):7.4f} {q['achieved']:7.4f} {q.get('achieved_attention', 0.0):7.4f} "
+                      f"{q['kld_mean']:8.4f} {q['ppl']:8.3f} {q['top1']:6.3f}")
 
 
 def main() -> int:
@@ -361,8 +463,15 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]                 # noqa: E731
-    ap.add_argument("--stage", default="all", choices=["all", "select", "quality", "speed"],
-                    help="select: sweep --ridge/--temperature on calibration text; all: quality then speed")
+    ap.add_argument("--stage", default="all",
+                    choices=["all", "select", "quality", "speed", "attention", "attention-parts"],
+                    help="select: sweep --ridge/--temperature on calibration text; all: quality then speed; "
+                         "attention: --prune-attention on ONNX f32 (the split on calibration text, held-out KLD)")
+    ap.add_argument("--attention-rates", type=floats, default=[0.15, 0.25, 0.35])
+    ap.add_argument("--attention-ratios", type=lambda t: [tuple(float(x) for x in p.split(":")) for p in t.split(",")],
+                    default=[(1, 1), (0.5, 0.5), (0.25, 0.25), (1, 0), (0.5, 0)],
+                    help="attention: the Q/K:V rate ratios (to the MLPs') tried on calibration text; the MLPs alone "
+                         "at equal parameters always are")
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
@@ -401,9 +510,14 @@ def main() -> int:
         stage_quality(a, doc, a.out)
     if a.stage in ("all", "speed"):
         stage_speed(a, doc, a.out)
+    if a.stage == "attention":
+        stage_attention(a, doc, a.out)
+    if a.stage == "attention-parts":
+        stage_attention_parts(a, doc, a.out)
     doc["run"]["load_average_at_end"] = os.getloadavg()
     write(a.out, doc)
-    plot(doc, a.out.with_suffix(".png"))
+    if doc.get("summary") or doc.get("speed"):
+        plot(doc, a.out.with_suffix(".png"))
     print_table(doc)
     return 0
 

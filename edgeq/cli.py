@@ -50,7 +50,8 @@ def _options(a, out: str = "out") -> ExportOptions:
         context_tokens=a.context_tokens,
         calib_subset=a.calib_subset, pruning_rates=a.pruning_rates, prune_order=a.prune_order,
         prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
-        recover_steps=a.recover_steps,
+        recover_steps=a.recover_steps, prune_attention=getattr(a, "prune_attention", False),
+        prune_attention_ratio=getattr(a, "prune_attention_ratio", None),
         native=getattr(a, "native", None),
     )
 
@@ -439,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --pruning-rates: N steps of masked LoRA fine-tuning on the calibration text, a "
                              "rate sampled per step, merged into the weights (needs torch: pip install "
                              "'edgeq[search]'; default 0)")
+        sp.add_argument("--prune-attention", action="store_true",
+                        help="with --pruning-rates: prune the attention's head dimensions at the same rate too (Q/K "
+                             "RoPE pairs by the product of their norms, V/O by an SVD per KV group; ONNX only: "
+                             "llama.cpp has one head size for all layers, TVM's library fixes it)")
+        sp.add_argument("--prune-attention-ratio", type=csv(float), metavar="QK,V",
+                        help="with --prune-attention: the Q/K and the V head dimensions' pruning rates as multiples "
+                             "of the MLPs' (the rate then counts every family's parameters; default chosen by "
+                             "bench/uniql.py --stage attention)")
         sp.add_argument("--prune-temperature", type=float, metavar="T",
                         help="uniql alloc: softmax temperature in units of the layer importances' spread (default "
                              "1, chosen by bench/uniql.py; 0 is uniform)")

@@ -357,6 +357,107 @@ def prune_mlp(graph: Graph, channels: dict[int, np.ndarray]) -> Graph:
                  dict(graph.metadata))
 
 
+ATTN_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def attention_weights(layer: int) -> tuple[str, str, str, str]:
+    """Layer `layer`'s attention projections q, k, v, o: Q/K head dimensions are q's and k's rows within each head,
+    V head dimensions v's rows and o's columns within each head."""
+    return tuple(f"model.layers.{layer}.self_attn.{k}.weight" for k in ATTN_KINDS)   # type: ignore[return-value]
+
+
+def attention_widths(graph: Graph) -> tuple[list[int], list[int]]:
+    """Each layer's Q/K and V head widths (dimensions per head), read from the weights: a pruned graph's differ."""
+    cfg: LlamaConfig = graph.config
+    qk, v = [], []
+    for i in range(cfg.n_layers):
+        q, _, vw, _ = attention_weights(i)
+        qk.append(graph.weights[q].shape[0] // cfg.n_heads)
+        v.append(graph.weights[vw].shape[0] // cfg.n_kv_heads)
+    return qk, v
+
+
+def qk_rows(pairs: np.ndarray, keep_pairs: int, head_dim: int) -> np.ndarray:
+    """Rows of a Q or K weight (HF rotate-half layout: pair j is rows j and j + d/2 of its head) that keep, per head,
+    the rotation pairs `pairs[h][:keep_pairs]`, in that order, as a narrowed head's rotate-half layout."""
+    half = head_dim // 2
+    return np.concatenate([h * head_dim + np.concatenate([p[:keep_pairs], p[:keep_pairs] + half])
+                           for h, p in enumerate(np.asarray(pairs, dtype=np.int64))])
+
+
+def reshape_attention(graph: Graph, pairs: dict[int, np.ndarray] | None = None,
+                      rotations: dict[int, np.ndarray] | None = None,
+                      keep: tuple[list[int], list[int]] | None = None) -> Graph:
+    """The graph whose attention is sorted and/or narrowed, per layer:
+    - `pairs[l]` (n_kv, d/2): each KV group's rotation pairs in their new order (its K head and every Q head sharing
+      it); the rope nodes learn which source pair (so which frequency) each stored pair is;
+    - `rotations[l]` (n_kv, d, d) orthogonal: V rows of group g become U_gᵀ·W_V[g] and the O columns of every head
+      of the group W_O[:, head]·U_g, so the output is unchanged (attention is linear in V);
+    - `keep` (Q/K widths, V widths per head, per layer): a prefix of each head's stored pairs and V dimensions.
+    Weights stay lazy."""
+    cfg: LlamaConfig = graph.config
+    nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    rep = nh // nkv
+    weights = dict(graph.weights)
+    nodes = list(graph.nodes)
+    rope_at = {n.outputs[0]: k for k, n in enumerate(nodes) if n.op == "rope"}
+    widths = attention_widths(graph)
+
+    def put(name: str, fn, axis: int = 0, width: int = 0) -> None:
+        src = graph.weights.get(name)
+        if src is None:
+            return
+        shape = tuple(width if a == axis else n for a, n in enumerate(src.shape))
+        weights[name] = Tensor(name, shape, load=lambda s=src: fn(s.numpy()), alias=src.alias,
+                               source_format=src.source_format)
+
+    for i in range(cfg.n_layers):
+        q, k, v, o = attention_weights(i)
+        bias = lambda n: n[: -len("weight")] + "bias"             # noqa: E731
+        dq, dv = widths[0][i], widths[1][i]
+        kq = dq // 2 if keep is None else keep[0][i] // 2
+        kv = dv if keep is None else keep[1][i]
+        if kq * 2 > dq or kv > dv or kq < 1 or kv < 1:
+            raise EdgeqError(None, f"layer {i}: attention widths {2 * kq}/{kv} outside the heads' {dq}/{dv}")
+        perm = np.asarray(pairs[i], dtype=np.int64) if pairs and i in pairs else np.tile(np.arange(dq // 2), (nkv, 1))
+        if perm.shape != (nkv, dq // 2) or any(sorted(p) != list(range(dq // 2)) for p in perm.tolist()):
+            raise EdgeqError(None, f"layer {i}: Q/K pair orders must be {nkv} permutations of {dq // 2} pairs")
+        q_rows = qk_rows(np.repeat(perm, rep, axis=0), kq, dq)
+        k_rows = qk_rows(perm, kq, dq)
+        for name in (q, bias(q)):
+            put(name, lambda a, r=q_rows: np.take(a, r, axis=0), width=len(q_rows))
+        for name in (k, bias(k)):
+            put(name, lambda a, r=k_rows: np.take(a, r, axis=0), width=len(k_rows))
+        rot = None if not rotations or i not in rotations else np.asarray(rotations[i], dtype=np.float64)
+        if rot is not None and rot.shape != (nkv, dv, dv):
+            raise EdgeqError(None, f"layer {i}: V rotations must be {nkv} matrices {dv}x{dv}")
+
+        def v_side(a, r=rot, kv=kv, dv=dv):                      # (nkv·dv, ...) -> (nkv·kv, ...)
+            g = a.reshape(nkv, dv, -1).astype(np.float64 if r is not None else a.dtype)
+            if r is not None:
+                g = np.einsum("gde,gdx->gex", r, g)
+            return g[:, :kv].reshape(nkv * kv, *a.shape[1:]).astype(np.float32)
+
+        def o_side(a, r=rot, kv=kv, dv=dv):                      # (hidden, nh·dv) -> (hidden, nh·kv)
+            g = a.reshape(a.shape[0], nh, dv).astype(np.float64 if r is not None else a.dtype)
+            if r is not None:
+                g = np.einsum("xhd,hde->xhe", g, np.repeat(r, rep, axis=0))
+            return np.ascontiguousarray(g[:, :, :kv].reshape(a.shape[0], nh * kv)).astype(np.float32)
+
+        for name in (v, bias(v)):
+            put(name, v_side, width=nkv * kv)
+        put(o, o_side, axis=1, width=nh * kv)
+        if pairs and i in pairs or keep is not None:     # a narrowed head's rope needs its pairs named too
+            old = nodes[rope_at[f"l{i}.qr"]].attrs.get("pairs")
+            src = np.asarray(old, dtype=np.int64) if old is not None else np.tile(np.arange(d // 2), (nkv, 1))
+            new = np.take_along_axis(src[:, :dq // 2], perm, axis=1).tolist()
+            for out in (f"l{i}.qr", f"l{i}.kr"):
+                at = rope_at[out]
+                nodes[at] = Node(nodes[at].op, nodes[at].inputs, nodes[at].outputs, {**nodes[at].attrs, "pairs": new})
+    return Graph(graph.arch, graph.kind, graph.config, graph.inputs, graph.outputs, nodes, weights,
+                 dict(graph.metadata))
+
+
 def linear_weights(graph: Graph) -> list[str]:
     """Canonical names of the 2-D weights that a quantization plan decides on (embedding and head included)."""
     return [n for n, t in graph.weights.items() if len(t.shape) == 2]

@@ -101,6 +101,23 @@ class Calibration:
         inputs = {k: v for k, v in inputs.items() if k in used}
         return Calibration(inputs, weight_input, self.token_counts, self.info, self.layer_cos)
 
+    def rotated(self, maps: dict[str, np.ndarray]) -> "Calibration":
+        """The statistics of a model whose weights named in `maps` read x' = Mᵀx instead of x (M square, applied
+        to their input: attention pruning's V/O rotation seen from the output projection). Needs the full
+        covariance of those inputs."""
+        inputs, weight_input = dict(self.inputs), dict(self.weight_input)
+        for weight, m in maps.items():
+            key = weight_input[weight]
+            s = inputs[key]
+            if s.sum_outer is None:
+                raise EdgeqError(None, f"{weight}: rotating its input needs the full covariance of it (calibration)")
+            outer = m.T @ s.sum_outer @ m
+            weight_input[weight] = new = f"{key}[{weight}]" if not key.endswith(f"[{weight}]") else key
+            inputs[new] = InputStats(s.n, np.maximum(np.diag(outer), 0.0), outer)
+        used = set(weight_input.values())
+        return Calibration({k: v for k, v in inputs.items() if k in used}, weight_input, self.token_counts, self.info,
+                           self.layer_cos)
+
     def imatrix(self) -> dict[str, np.ndarray]:
         """Canonical weight name -> importance (E[x²], float32), what ggml's quantizers take."""
         return {w: self.inputs[k].importance() for w, k in self.weight_input.items()}

@@ -20,6 +20,10 @@ into the same quantization blocks, where one scale serves them all (SmolLM2, q4_
 down projections' output error tr(ΔW·C·ΔWᵀ) 1.45x the unsorted one in rank order, 1.15x in segments, 1.14x for a
 random permutation, which is what moving SmolLM2's Q4_1-quantized columns out of their source blocks costs).
 
+With `--prune-attention` (uniql_attention sorted the heads) each rate's entry also gets every layer's Q/K and V
+head widths (`qk`, `v`: dimensions per head) at the same rate and layer shares, in whole RoPE pairs and whole blocks
+of the output projection's input (see `_attention_table`); the head order itself is the sorted graph's.
+
 A plan file can instead fix each layer's width (`keep` on the MLP tensors): the graph is narrowed to those widths
 and written as an already-pruned model; or give the stored `order` itself and a table (what `edgeq plan` wrote).
 """
@@ -41,6 +45,13 @@ ALLOCS = ("uniql", "uniform")
 # softmax temperature in units of the importances' spread; bench/uniql.py --temperature sweeps it
 TEMPERATURE = 1.0
 MAX_LAYER_RATE = 0.9          # no layer loses more than this share of its channels
+# --prune-attention: the Q/K and the V head dimensions' pruning rates as multiples of the MLPs'. Chosen on calibration
+# text (bench/uniql.py --stage attention; SmolLM2, ONNX f32, KLD at equal parameters removed, rates 15/25/35%): the
+# MLPs alone 0.215/0.439/0.762; Q/K:V 1:1 0.367/0.708/1.108, 0.5:0.5 0.319/0.558/0.819, 0.25:0.25 0.299/0.558/0.798,
+# 1:0 0.246/0.559/0.978, 0.5:0 0.209/0.446/0.783, 0.25:0 0.207/0.432/0.731. A V dimension costs far more than a Q/K
+# pair per parameter (one V row feeds every query head of its group), so V stays whole by default.
+ATTENTION_RATIO = (0.25, 0.0)
+MAX_ATTENTION_RATIO = 4.0     # a family's rate is capped at MAX_LAYER_RATE whatever the multiple
 
 
 def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int = 1) -> int:
@@ -50,6 +61,17 @@ def layer_alignment(graph: Graph, plan: Plan, layer: int, channel_multiple: int 
     steps = [get_format(plan.tensors[down].format).slice_step, get_format(plan.tensors[gate].format).block[0],
              get_format(plan.tensors[up].format).block[0], max(1, channel_multiple)]
     return math.lcm(*steps)
+
+
+def attention_alignment(graph: Graph, plan: Plan, layer: int) -> tuple[int, int]:
+    """The steps of layer `layer`'s Q/K and V head widths (dimensions per head): whole RoPE pairs and whole row blocks
+    of Q and K; whole blocks of the output projection's input per head (its columns), or no V pruning where a head is
+    not a whole number of them."""
+    q, k, v, o = llama.attention_weights(layer)
+    d = graph.config.head_dim
+    qk = math.lcm(2, *(get_format(plan.tensors[n].format).block[0] for n in (q, k)))
+    vs = math.lcm(get_format(plan.tensors[o].format).slice_step, get_format(plan.tensors[v].format).block[0])
+    return (qk if d % qk == 0 else d), (vs if d % vs == 0 else d)
 
 
 def layer_shares(importance: np.ndarray, rate: float, alloc: str, temperature: float = TEMPERATURE,
@@ -106,7 +128,8 @@ class UniqlAlloc(Pass):
     name = "uniql_alloc"
 
     def __init__(self, rates: list[float] | None, alloc: str = "uniql", channel_multiple: int = 1,
-                 temperature: float = TEMPERATURE, order: str = "uniql"):
+                 temperature: float = TEMPERATURE, order: str = "uniql",
+                 attention_ratio: tuple[float, float] = ATTENTION_RATIO):
         """`rates` None: the plan file's table (checked against this plan's alignments), or its `keep`."""
         if alloc not in ALLOCS:
             raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
@@ -118,6 +141,10 @@ class UniqlAlloc(Pass):
         self.channel_multiple = channel_multiple
         self.temperature = temperature
         self.order = order
+        if len(attention_ratio) != 2 or not all(0 <= b <= MAX_ATTENTION_RATIO for b in attention_ratio):
+            raise EdgeqError(None, f"--prune-attention-ratio takes two multiples (Q/K, V) in [0, {MAX_ATTENTION_RATIO}]"
+                                   f", not {','.join(map(str, attention_ratio))}")
+        self.attention_ratio = (float(attention_ratio[0]), float(attention_ratio[1]))
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         n = graph.config.n_layers
@@ -134,6 +161,9 @@ class UniqlAlloc(Pass):
             cuts = [[k] for k in keep]
             ctx.record(self.name, keep=keep)
         elif self.rates is None:
+            if plan.pruning and plan.pruning.get("attention"):
+                raise EdgeqError(None, "the plan's pruning table has attention widths, whose sorted attention a plan "
+                                       "does not record; export with --pruning-rates --prune-attention instead")
             if plan.pruning:
                 _check_table(plan.pruning, full, align)
                 ctx.record(self.name, table="from the plan", rates=[r["rate"] for r in plan.pruning["rates"]])
@@ -147,16 +177,23 @@ class UniqlAlloc(Pass):
                                        "uniform without it")
             table = []
             total = sum(full)
+            attention = bool(ctx.analysis.get("attention_sorted"))
+            split = _rate_split(graph, self.attention_ratio) if attention else 1.0
             for r in self.rates:
-                shares = layer_shares(importance if importance is not None else np.zeros(n), r, self.alloc,
+                r_mlp = min(r * split, MAX_LAYER_RATE)
+                shares = layer_shares(importance if importance is not None else np.zeros(n), r_mlp, self.alloc,
                                       self.temperature)
-                widths = widths_for(full, align, shares, r)
+                widths = widths_for(full, align, shares, r_mlp)
                 table.append({"rate": r, "achieved": round(1 - sum(widths) / total, 6), "widths": widths})
             plan.pruning = {"what": "mlp channels", "order": self.order, "alloc": self.alloc,
                             **({"temperature": self.temperature} if self.alloc == "uniql" else {}),
                             "full": full, "align": align,
                             "importance": None if importance is None else [round(float(v), 6) for v in importance],
                             "rates": table}
+            if attention:
+                plan.pruning["attention"] = _attention_table(graph, plan, table, importance, self.alloc,
+                                                             self.temperature,
+                                                             tuple(split * b for b in self.attention_ratio))
             cuts = [[e["widths"][i] for e in table] for i in range(n)]
             ctx.record(self.name, alloc=self.alloc, rates=self.rates, achieved=[t["achieved"] for t in table],
                        align=sorted(set(align)))
@@ -175,6 +212,35 @@ class UniqlAlloc(Pass):
             ctx.analysis.setdefault("calibration_source", cal)
             ctx.analysis["calibration"] = cal.reindexed({llama.mlp_weights(i)[2]: c for i, c in channels.items()})
         return llama.prune_mlp(graph, channels), plan
+
+
+def _rate_split(graph: Graph, ratio: tuple[float, float]) -> float:
+    """With attention pruning the rate is the share of all the layers' prunable parameters removed (the MLPs' and the
+    attention projections'), the Q/K and V head dimensions pruned at `ratio` times the MLPs' rate: the MLPs' rate is
+    the returned factor times the rate. One Q/K dimension removes the same Q and K rows in every head, one V
+    dimension a V row and an O column per head: the same count, so Q/K and V hold half the attention's parameters
+    each."""
+    c = graph.config
+    mlp = 3 * c.hidden_size * sum(llama.mlp_widths(graph))
+    att = 2 * c.hidden_size * c.head_dim * (c.n_heads + c.n_kv_heads) * c.n_layers
+    return (mlp + att) / (mlp + att * (ratio[0] + ratio[1]) / 2)
+
+
+def _attention_table(graph: Graph, plan: Plan, table: list[dict], importance: np.ndarray | None, alloc: str,
+                     temperature: float, factors: tuple[float, float]) -> dict:
+    """Per rate, each layer's Q/K and V head widths (added to the rate's entry as `qk` and `v`) at `factors` times the
+    rate, with the layers' shares of the MLPs (by the layers' importance)."""
+    n, d = graph.config.n_layers, graph.config.head_dim
+    steps = [attention_alignment(graph, plan, i) for i in range(n)]
+    full = [d] * n
+    out = {"full_qk": full, "align_qk": [s[0] for s in steps], "full_v": full, "align_v": [s[1] for s in steps]}
+    for entry in table:
+        for key, factor in zip(("qk", "v"), factors):
+            r = min(entry["rate"] * factor, MAX_LAYER_RATE)
+            shares = layer_shares(importance if importance is not None else np.zeros(n), r, alloc, temperature)
+            entry[key] = widths_for(full, out[f"align_{key}"], shares, r)
+        entry["achieved_attention"] = round(1 - (sum(entry["qk"]) + sum(entry["v"])) / (2 * sum(full)), 6)
+    return out
 
 
 def segmented(ranking: np.ndarray, widths: list[int]) -> np.ndarray:

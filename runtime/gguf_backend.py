@@ -37,6 +37,9 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
                                lora_path=listed_path(bundle, manifest, lora[0]["path"], "adapter") if lora else None)
     if lora:
         raise BundleError(bundle, "a bundle with low-rank branches cannot be loaded at a pruning rate")
+    if pruning.qk is not None:
+        raise BundleError(bundle / "manifest.json", "attention widths in the pruning table: llama.cpp has one head "
+                                                    "size for all layers (only ONNX bundles prune attention)")
     with pruned_file(art["sha256"], pruning, ".gguf", SLICE_VERSION,
                      lambda path: slice_mlp(model, path, pruning.widths, pruning.align)) as path:
         return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=kv)

@@ -267,6 +267,9 @@ class Pruning:
     widths: list[int]
     align: list[int]
     full: list[int]
+    # --prune-attention bundles: each layer's Q/K and V head widths (dimensions per head), else None
+    qk: list[int] | None = None
+    v: list[int] | None = None
 
 
 def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> Pruning | None:
@@ -283,9 +286,18 @@ def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> 
     for entry in rates:
         if abs(float(entry["rate"]) - float(rate)) < 1e-9:
             widths, align, full = entry["widths"], table["align"], table["full"]
-            if not (len(widths) == len(align) == len(full)) or any(
-                    not isinstance(w, int) or not 0 < w <= f or w % a for w, a, f in zip(widths, align, full)):
+            att = table.get("attention")
+            checks = [(widths, align, full)]
+            if att:
+                checks += [(entry.get("qk"), att.get("align_qk"), att.get("full_qk")),
+                           (entry.get("v"), att.get("align_v"), att.get("full_v"))]
+            if any(not all(isinstance(x, list) for x in (w, a, f)) or not (len(w) == len(a) == len(f) == len(full))
+                   or any(not isinstance(x, int) or not isinstance(s, int) or s < 1 or not 0 < x <= y or x % s
+                          for x, s, y in zip(w, a, f)) for w, a, f in checks):
                 raise BundleError(bundle / "manifest.json", f"pruning table of rate {rate:g} is inconsistent")
-            return None if widths == full else Pruning(float(rate), list(widths), list(align), list(full))
+            if all(w == f for w, _, f in checks):
+                return None
+            return Pruning(float(rate), list(widths), list(align), list(full),
+                           *((list(entry["qk"]), list(entry["v"])) if att else ()))
     have = ", ".join(f"{float(e['rate']):g}" for e in rates)
     raise BundleError(bundle, f"carries pruning rates {have}, not {rate:g}")

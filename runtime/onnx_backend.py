@@ -25,7 +25,7 @@ from edgeq.runtime.tokenizer import build_tokenizer
 NAME = "onnx"
 RUNTIME_DIST = "onnxruntime"
 REMOTE = False
-SLICE_VERSION = 1          # of runtime/onnx_slice.py's output: part of a narrowed file's cache key
+SLICE_VERSION = 2          # of runtime/onnx_slice.py's output: part of a narrowed file's cache key
 
 
 def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: int, device: str | None,
@@ -36,8 +36,9 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
     recipe = (manifest.get("onnx") or {}).get("pruning")
     if not recipe:
         raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
+    attention = None if pruning.qk is None else {"qk": pruning.qk, "v": pruning.v}
     with pruned_file(art["sha256"], pruning, ".onnx", SLICE_VERSION,
-                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe)) as path:
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.full, recipe, attention)) as path:
         return OnnxDecoderBackend(path, spec, n_ctx=n_ctx, threads=threads)
 
 

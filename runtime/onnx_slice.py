@@ -8,6 +8,11 @@ initializers keep a prefix of k·per_channel elements along their axis, the attr
 is copied byte for byte, so onnxruntime builds its session on the narrowed weights only (never a Slice in the graph
 that would keep the full weights resident).
 
+With `--prune-attention` the recipe also names the attention's arrays (`width` "qk" or "v": which of the table's
+widths they follow). Their axis holds `groups` equal runs (heads, or RoPE halves of heads), each narrowed to a
+prefix; MatMulNBits attributes read the width times `times`; and the KV cache inputs and outputs (`value`) declare
+the narrowed head width in their dimension `dim`.
+
 Only the protobuf wire format is parsed (ModelProto -> GraphProto -> NodeProto / AttributeProto / TensorProto, by
 field number); the file is untrusted input and every length is checked against the bytes it lies in.
 """
@@ -25,7 +30,8 @@ from edgeq.runtime.manifest import BundleError
 
 # field numbers of onnx.proto
 MODEL_GRAPH = 7
-GRAPH_NODE, GRAPH_INITIALIZER = 1, 5
+GRAPH_NODE, GRAPH_INITIALIZER, GRAPH_INPUT, GRAPH_OUTPUT = 1, 5, 11, 12
+VALUE_NAME, VALUE_TYPE, TYPE_TENSOR, TENSOR_TYPE_SHAPE, SHAPE_DIM, DIM_VALUE, DIM_PARAM = 1, 2, 1, 2, 1, 1, 2
 NODE_NAME, NODE_ATTRIBUTE = 3, 5
 ATTR_NAME, ATTR_I = 1, 3
 TENSOR_DIMS, TENSOR_NAME, TENSOR_RAW, TENSOR_EXTERNAL = 1, 8, 9, 13
@@ -120,13 +126,44 @@ def _edit_node(buf, start: int, end: int, attrs: dict[str, dict[str, int]], path
     return b"".join(out)
 
 
-def _edit_tensor(buf, start: int, end: int, cuts: dict[str, tuple[int, int]], path: Path) -> bytes | None:
-    """The initializer re-encoded with a prefix of `keep` along `axis`, or None when the recipe does not name it."""
+def _edit_value(buf, start: int, end: int, dims: dict[str, dict[int, int]], path: Path) -> bytes | None:
+    """A graph input or output (ValueInfoProto) re-encoded with the dimensions `dims[name]` set, or None when the
+    recipe does not name it."""
+    fields = list(_fields(buf, start, end, path))
+    name = next((_string(buf, v) for f, w, v, _, _ in fields if f == VALUE_NAME and w == 2), None)
+    if name not in dims:
+        return None
+    want, seen = dims[name], [0]
+
+    def nested(s: int, e: int, chain: tuple[int, ...]) -> bytes:
+        out = []
+        for f, w, v, a, b in _fields(buf, s, e, path):
+            if chain and f == chain[0] and w == 2:
+                out.append(_len_field(f, nested(v[0], v[1], chain[1:])))
+            elif not chain and f == SHAPE_DIM and w == 2:
+                i = seen[0]
+                seen[0] += 1
+                out.append(_len_field(f, _enc_varint(DIM_VALUE << 3) + _enc_varint(want[i])) if i in want
+                           else bytes(buf[a:b]))
+            else:
+                out.append(bytes(buf[a:b]))
+        return b"".join(out)
+
+    body = b"".join(_len_field(VALUE_TYPE, nested(v[0], v[1], (TYPE_TENSOR, TENSOR_TYPE_SHAPE)))
+                    if f == VALUE_TYPE and w == 2 else bytes(buf[a:b]) for f, w, v, a, b in fields)
+    if any(i >= seen[0] for i in want):
+        raise BundleError(path, f"ONNX value {name} has no dimension {max(want)}")
+    return body
+
+
+def _edit_tensor(buf, start: int, end: int, cuts: dict[str, tuple[int, int, int]], path: Path) -> bytes | None:
+    """The initializer re-encoded with a prefix of `keep` along `axis` (in each of `groups` equal runs of it), or
+    None when the recipe does not name it."""
     fields = list(_fields(buf, start, end, path))
     name = next((_string(buf, v) for f, w, v, _, _ in fields if f == TENSOR_NAME and w == 2), None)
     if name not in cuts:
         return None
-    axis, keep = cuts[name]
+    axis, keep, groups = cuts[name]
     dims: list[int] = []
     raw = None
     for f, w, v, _, _ in fields:
@@ -141,15 +178,17 @@ def _edit_tensor(buf, start: int, end: int, cuts: dict[str, tuple[int, int]], pa
             raw = v
         elif f == TENSOR_EXTERNAL or f in TENSOR_DATA_FIELDS:
             raise BundleError(path, f"ONNX initializer {name} is not stored as raw data in the model")
-    if raw is None or not 0 <= axis < len(dims) or not 0 < keep <= dims[axis]:
+    if (raw is None or not 0 <= axis < len(dims) or dims[axis] % groups
+            or not 0 < keep <= dims[axis] // groups):
         raise BundleError(path, f"ONNX initializer {name} does not fit the pruning recipe")
     count = int(np.prod(dims, dtype=np.int64))
     nbytes = raw[1] - raw[0]
     if count <= 0 or nbytes % count:
         raise BundleError(path, f"ONNX initializer {name}: {nbytes} bytes are not {count} elements")
-    arr = np.frombuffer(buf, np.uint8, count=nbytes, offset=raw[0]).reshape(*dims, nbytes // count)
-    sliced = np.ascontiguousarray(arr[(slice(None),) * axis + (slice(0, keep),)])
-    new_dims = dims[:axis] + [keep] + dims[axis + 1:]
+    arr = np.frombuffer(buf, np.uint8, count=nbytes, offset=raw[0]).reshape(
+        *dims[:axis], groups, dims[axis] // groups, *dims[axis + 1:], nbytes // count)
+    sliced = np.ascontiguousarray(arr[(slice(None),) * (axis + 1) + (slice(0, keep),)])
+    new_dims = dims[:axis] + [groups * keep] + dims[axis + 1:]
     out = [b"".join(_enc_varint(TENSOR_DIMS << 3) + _enc_varint(d) for d in new_dims)]
     for f, w, v, a, b in fields:
         if f == TENSOR_DIMS:
@@ -158,33 +197,47 @@ def _edit_tensor(buf, start: int, end: int, cuts: dict[str, tuple[int, int]], pa
     return b"".join(out)
 
 
-def plan_cuts(recipe: list, widths: list[int], full: list[int], path: Path):
-    """Per initializer (axis, elements kept) and per node {attribute: value} at these widths."""
-    if len(recipe) != len(widths):
+def plan_cuts(recipe: list, widths: list[int], full: list[int], path: Path,
+              attention: dict[str, list[int]] | None = None):
+    """Per initializer (axis, elements kept per group, groups), per node {attribute: value} and per graph input or
+    output {dimension: value} at these widths (`attention`: {"qk": [...], "v": [...]} per layer, or None)."""
+    table = {None: widths, **(attention or {})}
+    if len(recipe) != len(widths) or any(len(w) != len(widths) for w in table.values()):
         raise BundleError(path, "the ONNX pruning recipe and the pruning table disagree on the number of layers")
-    cuts: dict[str, tuple[int, int]] = {}
+    cuts: dict[str, tuple[int, int, int]] = {}
     attrs: dict[str, dict[str, int]] = {}
-    for layer, (items, k, f) in enumerate(zip(recipe, widths, full)):
+    dims: dict[str, dict[int, int]] = {}
+    for layer, items in enumerate(recipe):
         for it in items:
+            kind = it.get("width")
+            if kind not in table:
+                raise BundleError(path, f"the ONNX pruning recipe follows {kind} widths, which the table lacks")
+            k = table[kind][layer]
             if "initializer" in it:
                 per = Fraction(int(it["per_channel"][0]), int(it["per_channel"][1]))
                 keep = k * per
                 if keep.denominator != 1:
                     raise BundleError(path, f"width {k} of layer {layer} splits an element of {it['initializer']}")
-                cuts[it["initializer"]] = (int(it["axis"]), int(keep))
+                cuts[it["initializer"]] = (int(it["axis"]), int(keep), int(it.get("groups", 1)))
+            elif "value" in it:
+                dims.setdefault(it["value"], {})[int(it["dim"])] = int(k)
             else:
-                attrs.setdefault(it["node"], {})[it["attribute"]] = int(k)
-    return cuts, attrs
+                times = Fraction(*(int(v) for v in it.get("times", (1, 1))))
+                if (k * times).denominator != 1:
+                    raise BundleError(path, f"width {k} of layer {layer} does not fit node {it['node']}")
+                attrs.setdefault(it["node"], {})[it["attribute"]] = int(k * times)
+    return cuts, attrs, dims
 
 
 def slice_mlp(src: str | os.PathLike, dst: str | os.PathLike, widths: list[int], full: list[int],
-              recipe: list) -> None:
-    """Write the model at `src` with layer i's MLP narrowed to its first `widths[i]` channels to `dst` (atomically)."""
+              recipe: list, attention: dict[str, list[int]] | None = None) -> None:
+    """Write the model at `src` with layer i's MLP narrowed to its first `widths[i]` channels (and its attention
+    heads to `attention`'s widths) to `dst` (atomically)."""
     src, dst = Path(src), Path(dst)
-    cuts, attrs = plan_cuts(recipe, widths, full, src)
+    cuts, attrs, dims = plan_cuts(recipe, widths, full, src, attention)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        found_t, found_n = set(), set()
+        found_t, found_n, found_v = set(), set(), set()
         out = []
         graph_seen = False
         for f, w, v, a, b in _fields(buf, 0, len(buf), src):
@@ -205,9 +258,14 @@ def slice_mlp(src: str | os.PathLike, dst: str | os.PathLike, widths: list[int],
                     if new is not None:
                         found_n.add(_string(buf, next(x[2] for x in _fields(buf, gv[0], gv[1], src)
                                                       if x[0] == NODE_NAME)))
+                elif gf in (GRAPH_INPUT, GRAPH_OUTPUT) and gw == 2 and dims:
+                    new = _edit_value(buf, gv[0], gv[1], dims, src)
+                    if new is not None:
+                        found_v.add(_string(buf, next(x[2] for x in _fields(buf, gv[0], gv[1], src)
+                                                      if x[0] == VALUE_NAME)))
                 parts.append(bytes(buf[ga:gb]) if new is None else _len_field(gf, new))
             out.append(_len_field(MODEL_GRAPH, b"".join(parts)))
-        missing = sorted(set(cuts) - found_t) + sorted(set(attrs) - found_n)
+        missing = sorted(set(cuts) - found_t) + sorted(set(attrs) - found_n) + sorted(set(dims) - found_v)
         if not graph_seen or missing:
             raise BundleError(src, f"ONNX model lacks {missing[0] if missing else 'a graph'} named by the pruning "
                                    "recipe")

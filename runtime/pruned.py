@@ -27,7 +27,10 @@ def pruned_file(sha256: str, pruning: Pruning, suffix: str, version: int,
                 make: Callable[[Path], object]) -> Iterator[Path]:
     """A path holding the model at `pruning`'s widths; `make(path)` writes it (atomically) when it is not cached.
     `version`: of the slicer's output, part of the key."""
-    key = hashlib.sha256(json.dumps([version, sha256, pruning.widths, pruning.align]).encode()).hexdigest()
+    parts = [version, sha256, pruning.widths, pruning.align]
+    if pruning.qk is not None:
+        parts += [pruning.qk, pruning.v]
+    key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     root = cache_dir()
     path = None
     if root is not None:

@@ -78,6 +78,10 @@ class Target:
     prunes_mlp: bool = False
     mlp_channel_multiple: int = 1
     prunes_budgeted: bool = True                  # its size model holds for a pruning bundle (the full width)
+    # --prune-attention: whether its runtime narrows the attention's heads at load (per-layer Q/K and V widths, RoPE
+    # frequencies that follow the sorted pairs), and why not where it does not
+    prunes_attention: bool = False
+    prunes_attention_why: str = "its runtime cannot narrow the attention's heads per layer"
 
     # --- deciding ---------------------------------------------------------------------------------------
 

@@ -273,6 +273,8 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
                                      "0.25", "--prune-order", "wanda", "--prune-alloc", "uniform"],
         "uniql/onnx-int4": ["export", *dec, "--backend", "onnx", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
         "uniql/tvm-int4": ["export", *dec, "--backend", "tvm", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
+        "uniql/onnx-int4-attention": ["export", *dec, "--backend", "onnx", "--quant", "int4", "--pruning-rates",
+                                      "0.15,0.35", "--prune-attention"],
         "uniql/plan": ["plan", *dec, "--quant", "q4_0", "--pruning-rates", "0.15,0.35"],
         "uniql/backend-all": ["export", *dec, "--backend", "all", "--pruning-rates", "0.15"],
         # the embedded default model: README command 1

@@ -316,3 +316,144 @@ def test_recovery_merges_into_weights_that_still_nest(env, tiny_decoder_dir, sou
         with runtime.load(out, pruning_rate=entry["rate"]) as s:
             assert _kld(Executor(narrowed).logits(ids), s.logits(ids)) <= 1e-4
     assert order.shape == (512,)
+
+
+# --- attention (--prune-attention): ONNX narrows the heads, GGUF and TVM refuse ---------------------------------
+
+def _graph_with_pairs(source, arrays: dict, pairs: dict[int, list]):
+    """The source's graph over `arrays`, its rope nodes told which source pair each stored pair is."""
+    g = llama.graph_from_arrays(source.config, {**{n: source.weights[n].numpy() for n in source.weights}, **arrays})
+    for node in g.nodes:
+        if node.op == "rope":
+            node.attrs["pairs"] = pairs[int(node.outputs[0][1:].split(".")[0])]
+    return g
+
+
+def test_attention_sort_keeps_the_outputs_and_nests():
+    """Sorted Q/K pairs (one order per KV group, pairs kept together) and V/O rotated by the SVD of W_V·C^½: the
+    same outputs at full width (f32), every narrower prefix a valid model, and the stored V dimensions ordered by
+    their energy on the calibration inputs."""
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.passes.uniql_attention import pair_order, value_rotation
+
+    cfg = tiny_config(vocab_size=400, n_heads=4, n_kv_heads=2, head_dim=32, attention_bias=True)
+    g = random_llama(cfg, seed=3, scale=0.08)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, cfg.hidden_size)) * np.exp(rng.uniform(-1, 1, cfg.hidden_size))
+    cov = x.T @ x / len(x)
+    pairs, rots = {}, {}
+    for i in range(cfg.n_layers):
+        q, k, v, _ = (g.weights[n].numpy() for n in llama.attention_weights(i))
+        pairs[i] = pair_order(q, k, cov, cfg.n_heads, cfg.n_kv_heads)
+        rots[i] = value_rotation(v, cov, cfg.n_kv_heads)
+        assert pairs[i].shape == (2, 16) and pairs[i].tolist() != [list(range(16))] * 2
+        np.testing.assert_allclose(np.einsum("gij,gik->gjk", rots[i], rots[i]), np.stack([np.eye(32)] * 2),
+                                   atol=1e-10)
+        vr = np.einsum("gde,gdh->geh", rots[i], v.astype(np.float64).reshape(2, 32, -1))    # stored V rows
+        energy = np.einsum("gdh,hx,gdx->gd", vr, cov, vr)
+        assert np.all(np.diff(energy, axis=1) <= 1e-9)              # best V dimensions first
+    s = llama.reshape_attention(g, pairs, rots)
+    ids = _ids(48)
+    ref = Executor(g).logits(ids)
+    np.testing.assert_allclose(Executor(s).logits(ids), ref, atol=2e-5, rtol=0)
+    assert llama.attention_widths(s) == ([32, 32], [32, 32])
+    errs = []
+    for w in (24, 16, 8):
+        narrow = llama.reshape_attention(s, keep=([w, w], [w, w]))
+        assert llama.attention_widths(narrow) == ([w, w], [w, w])
+        errs.append(float(np.abs(Executor(narrow).logits(ids) - ref).mean()))
+    assert errs == sorted(errs) and errs[0] > 0                    # narrower is further from the source
+
+
+@pytest.fixture(scope="module")
+def attention_bundle(env, tiny_decoder_dir):
+    out = env / "att-onnx"
+    # Q/K and V at the MLPs' rate (not the default split, which keeps V whole): every array the loader narrows
+    return out, _export(out, tiny_decoder_dir, backend="onnx", quant="f32", pruning_rates=RATES[1:],
+                        prune_attention=True, prune_attention_ratio=(1, 1))
+
+
+def test_onnx_prunes_attention_at_each_rate(attention_bundle, source):
+    """Each rate's Q/K and V widths meet the rate (in head dimensions, so in attention parameters) and nest; the
+    sorted bundle at rate 0 is the source; onnxruntime at every rate computes what the executor computes on the
+    bundle's own sorted weights narrowed to that rate's widths."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeq import runtime
+
+    out, m = attention_bundle
+    table = m["pruning_rates"]
+    assert table["attention"] == {"full_qk": [64, 64], "align_qk": [2, 2], "full_v": [64, 64], "align_v": [1, 1]}
+    prev = None
+    for e in table["rates"]:
+        assert abs(e["achieved_attention"] - e["rate"]) <= 2 / 256 and all(w % 2 == 0 for w in e["qk"])
+        if prev is not None:
+            assert all(a <= b for a, b in zip(e["qk"] + e["v"], prev["qk"] + prev["v"]))
+        prev = e
+    model = onnx.load(str(out / m["artifacts"][0]["path"]))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    arrays = {n: inits[n].T for i in range(2) for n in llama.attention_weights(i) + llama.mlp_weights(i)}
+    stored = _graph_with_pairs(source, arrays, {i: inits[f"model.layers.{i}.self_attn.rope_pairs"].tolist()
+                                                for i in range(2)})
+    ids = _ids(64, seed=2)
+    ref = Executor(source).logits(ids)
+    np.testing.assert_allclose(Executor(stored).logits(ids), ref, atol=2e-5, rtol=0)
+    for e in table["rates"]:
+        narrow = llama.prune_mlp(llama.reshape_attention(stored, keep=(e["qk"], e["v"])),
+                                 {i: np.arange(w) for i, w in enumerate(e["widths"])})
+        with runtime.load(out, pruning_rate=e["rate"]) as s:
+            got = s.backend.logits(ids)
+        np.testing.assert_allclose(got, Executor(narrow).logits(ids), atol=5e-5, rtol=0)
+        if e["rate"] == 0:
+            np.testing.assert_allclose(got, ref, atol=5e-5, rtol=0)
+
+
+def test_attention_pruning_aligns_with_int4_blocks(env, tiny_decoder_dir):
+    """ONNX int4 (32-blocks along the output projection's input): V widths are whole blocks per head, and
+    onnxruntime loads the bundle at every rate."""
+    from edgeq import runtime
+
+    out = env / "att-int4"
+    m = _export(out, tiny_decoder_dir, backend="onnx", quant="int4", pruning_rates=[0.25, 0.5], prune_attention=True,
+                prune_attention_ratio=(1, 1))
+    table = m["pruning_rates"]
+    assert table["attention"]["align_v"] == [32, 32]
+    assert any(w < 64 for e in table["rates"] for w in e["v"])
+    for e in table["rates"]:
+        assert all(w % 32 == 0 for w in e["v"])
+        with runtime.load(out, pruning_rate=e["rate"]) as s:
+            assert np.isfinite(s.backend.logits(_ids(16))).all()
+
+
+@pytest.mark.parametrize("backend", ["gguf", "tvm"])
+def test_attention_pruning_is_refused_where_the_runtime_cannot_carry_it(env, tiny_decoder_dir, backend, capsys):
+    from edgeq.cli import main
+
+    assert main(["export", "--model", str(tiny_decoder_dir), "-o", str(env / f"att-{backend}"), "--backend", backend,
+                 "--quant", "f32", "--pruning-rates", "0.25", "--prune-attention"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--prune-attention is not available for backend" in err[0]
+    assert not (env / f"att-{backend}").exists()
+
+
+def test_attention_ratio_splits_the_rate_in_parameters(env, tiny_decoder_dir, source):
+    """--prune-attention-ratio 0.5,0.5: the attention loses half the MLPs' share of its head dimensions, and the rate
+    is the share of all the layers' prunable parameters removed."""
+    m = _export(env / "att-ratio", tiny_decoder_dir, backend="onnx", quant="f32", pruning_rates=[0.3],
+                prune_attention=True, prune_attention_ratio=(0.5, 0.5))
+    c = source.config
+    per_dim = c.hidden_size * (c.n_heads + c.n_kv_heads)          # one Q/K or V dimension per head, every head
+    full = 3 * c.hidden_size * 512 * 2 + per_dim * 2 * 64 * 2
+    e = next(x for x in m["pruning_rates"]["rates"] if x["rate"] == 0.3)
+    removed = 3 * c.hidden_size * sum(512 - w for w in e["widths"]) + per_dim * sum(
+        64 - w for w in e["qk"] + e["v"])
+    assert abs(removed / full - 0.3) < 0.01
+    assert abs(e["achieved_attention"] - 0.5 * e["achieved"]) < 0.02
+
+
+def test_narrowing_an_unsorted_attention_names_its_pairs(source):
+    """Narrowing heads that were never sorted keeps each head's first pairs with their own frequencies."""
+    narrow = llama.reshape_attention(source, keep=([48, 48], [64, 64]))
+    assert all(n.attrs["pairs"] == [list(range(32))] * 2 for n in narrow.nodes if n.op == "rope")
+    assert np.isfinite(Executor(narrow).logits(_ids(16))).all()

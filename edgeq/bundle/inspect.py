@@ -133,6 +133,10 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
                                              f"{min(e['widths'])}-{max(e['widths'])})" for e in pr["rates"])
             out["pruning"] = (f"{pr['order']} order, {pr['alloc']} allocation, MLP widths in steps of "
                               f"{sorted(set(pr['align']))}")
+            if pr.get("attention"):
+                out["pruning_attention"] = ", ".join(
+                    f"{e['rate']:g} ({e['achieved_attention']:.4f} of head dimensions, Q/K {min(e['qk'])}-"
+                    f"{max(e['qk'])}, V {min(e['v'])}-{max(e['v'])})" for e in pr["rates"])
         except (KeyError, TypeError, ValueError):
             out["pruning_rates"] = "(unreadable)"
     adapters = _field(m, "source", "adapters")

@@ -105,8 +105,14 @@ def pruning_rates(plan: Plan) -> dict[str, Any] | None:
     t = plan.pruning
     if not t or not t.get("rates"):
         return None
-    return {"what": t["what"], "order": t["order"], "alloc": t["alloc"], "full": t["full"], "align": t["align"],
-            "rates": [{"rate": r["rate"], "achieved": r["achieved"], "widths": r["widths"]} for r in t["rates"]]}
+    att = t.get("attention")
+    out = {"what": t["what"], "order": t["order"], "alloc": t["alloc"], "full": t["full"], "align": t["align"],
+           "rates": [{"rate": r["rate"], "achieved": r["achieved"], "widths": r["widths"],
+                      **({"qk": r["qk"], "v": r["v"], "achieved_attention": r["achieved_attention"]} if att else {})}
+                     for r in t["rates"]]}
+    if att:            # --prune-attention: each layer's Q/K and V head widths too (dimensions per head)
+        out["attention"] = att
+    return out
 
 
 def write_manifest(folder: Path, m: dict[str, Any]) -> None:

@@ -13,8 +13,9 @@ means, its formats, its size model):
   importance matrix for decoders' formats that take one).
 
 With `--pruning-rates` (or a plan that fixes MLP orders or widths) every list ends, before any low-rank branch, with
-uniql_sort (the MLPs' channels sorted; the graph the target lowers changes) and uniql_alloc (the rate -> per-layer
-widths table, aligned to the formats just decided, or the plan's widths applied).
+uniql_sort (the MLPs' channels sorted; the graph the target lowers changes), with `--prune-attention` uniql_attention
+(the heads' Q/K pairs sorted and V/O rotated) and uniql_alloc (the rate -> per-layer widths table, aligned to the
+formats just decided, or the plan's widths applied).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
 from edgeq.predictor.budget import LatencyBudget
 from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, check_runtime_here, open_profile, profile_record
 from edgeq.passes.uniql_alloc import UniqlAlloc
+from edgeq.passes.uniql_attention import UniqlAttention
 from edgeq.passes.uniql_recover import UniqlRecover
 from edgeq.passes.uniql_sort import UniqlSort
 from edgeq.targets.base import Target
@@ -129,7 +131,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         full = ranks or opts.gptq or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
         max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
-                                max_full=max_full, full_for=_full_for(graph, max_full) if prune else frozenset(),
+                                max_full=max_full,
+                                full_for=_full_for(graph, max_full, opts.prune_attention) if prune else frozenset(),
                                 subset=opts.calib_subset))
     if search:
         passes += _search_passes(graph, inp, opts, ctx)
@@ -163,16 +166,22 @@ def _prunes(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
         raise EdgeqError(None, f"--pruning-rates prunes Llama-family decoders' MLPs, not a {graph.arch} {graph.kind}")
     if not inp.target.prunes_mlp:
         raise EdgeqError(None, f"--pruning-rates is not available for backend {inp.target.name} yet")
+    if opts.prune_attention and not inp.target.prunes_attention:
+        raise EdgeqError(None, f"--prune-attention is not available for backend {inp.target.name}: "
+                               f"{inp.target.prunes_attention_why}")
     if opts.budgeted and not inp.target.prunes_budgeted:
         raise EdgeqError(None, f"a budget with --pruning-rates is not sized on {inp.target.name} (its library has "
                                "symbolic MLP widths); export the budgeted plan, then --plan it with --pruning-rates")
     return True
 
 
-def _full_for(graph: Graph, max_full: int) -> frozenset[str]:
-    """The down projections whose input is wider than `max_full`: their covariance is kept all the same."""
-    return frozenset(n for i in range(graph.config.n_layers) for n in [llama.mlp_weights(i)[2]]
-                     if graph.weights[n].shape[1] > max_full)
+def _full_for(graph: Graph, max_full: int, attention: bool = False) -> frozenset[str]:
+    """The down projections whose input is wider than `max_full`: their covariance is kept all the same; with
+    attention pruning also the attention's input (Q/K/V's) and the output projection's."""
+    kept = [llama.mlp_weights(i)[2] for i in range(graph.config.n_layers)]
+    if attention:
+        kept += [n for i in range(graph.config.n_layers) for n in llama.attention_weights(i)[::3]]
+    return frozenset(n for n in kept if graph.weights[n].shape[1] > max_full)
 
 
 def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list[Pass]:
@@ -181,10 +190,15 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
                                "need slicing with its weight")
     sort = UniqlSort(opts.prune_order, opts.prune_ridge)
     alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
-                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}))
+                       **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}),
+                       **({} if opts.prune_attention_ratio is None else {"attention_ratio": opts.prune_attention_ratio}))
+    if opts.prune_attention:
+        sort = [sort, UniqlAttention()]
+    else:
+        sort = [sort]
     if not opts.recover_steps:
-        return [sort, alloc]
-    return [sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]
+        return [*sort, alloc]
+    return [*sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]
 
 
 def _takes_imatrix(graph: Graph, inp: DecideInputs) -> bool:
@@ -234,7 +248,8 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
         passes.append(CalibrateRanges(inputs, source, PERCENTILE))
     if opts.calibration:
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
-                                full_for=_full_for(graph, 0), subset=opts.calib_subset, source=inp.text))
+                                full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset,
+                                source=inp.text))
     passes += _pruning_passes(inp, opts, False)
     out, plan = run_passes(passes, graph, plan, ctx)
     cal = ctx.analysis.get("calibration")

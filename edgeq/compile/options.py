@@ -64,6 +64,9 @@ class ExportOptions:
     prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
     prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
     recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
+    prune_attention: bool = False          # also the attention's head dimensions (Q/K RoPE pairs, V/O by SVD)
+    # Q/K and V rates / the MLPs' rate (None: passes/uniql_alloc.ATTENTION_RATIO)
+    prune_attention_ratio: tuple[float, float] | None = None
 
     @property
     def pruning(self) -> bool:
@@ -86,6 +89,12 @@ class ExportOptions:
             raise EdgeqError(None, "give either --quant or a budget (--budget-mb / --bpw / --latency-ms), not both")
         if self.recover_steps and not self.pruning:
             raise EdgeqError(None, "--recover-steps fine-tunes for the bundle's pruning rates: give --pruning-rates")
+        if self.prune_attention and not self.pruning:
+            raise EdgeqError(None, "--prune-attention adds the attention to the table of --pruning-rates: give them")
+        if self.prune_attention_ratio is not None and not self.prune_attention:
+            raise EdgeqError(None, "--prune-attention-ratio is for --prune-attention")
+        if self.prune_attention and self.recover_steps:
+            raise EdgeqError(None, "--recover-steps masks the MLPs only; it is not combined with --prune-attention yet")
         if self.pruning and self.backend == "all":
             raise EdgeqError(None, "--pruning-rates writes one backend per bundle (the widths follow each backend's "
                                    "formats); export each backend with --backend gguf, onnx or tvm")

@@ -186,19 +186,24 @@ def rope_inv_freq(attrs: dict, freq_factors: np.ndarray | None) -> np.ndarray:
 
 @op("rope")
 def _rope(ex, node, args):
-    """HF rotate-half RoPE on canonical (un-permuted) Q/K rows."""
+    """HF rotate-half RoPE on canonical (un-permuted) Q/K rows. `pairs` (attention pruning): which of the head's
+    rotation pairs each stored pair is (their frequencies follow them); a narrowed head keeps a prefix of them."""
     x, pos = args
     a = node.attrs
     factors = ex.weight(a["freq_factors"]) if a.get("freq_factors") else None
     inv = rope_inv_freq(a, factors)
-    ang = pos.astype(np.float64)[:, None] * inv[None, :]          # (seq, d/2)
-    cos = np.cos(ang).astype(np.float32)
-    sin = np.sin(ang).astype(np.float32)
     seq = x.shape[0]
-    d = a["head_dim"]
+    d = x.shape[1] // a["n_heads"]
+    if a.get("pairs") is not None:         # one order per KV group, shared by the group's query heads
+        pairs = np.asarray(a["pairs"], dtype=np.int64)[:, : d // 2]
+        inv = np.repeat(inv[pairs], a["n_heads"] // len(pairs), axis=0)          # (heads, d/2)
+        ang = pos.astype(np.float64)[:, None, None] * inv[None]                  # (seq, heads, d/2)
+        c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    else:
+        ang = pos.astype(np.float64)[:, None] * inv[None, :]          # (seq, d/2)
+        c, s = np.cos(ang).astype(np.float32)[:, None, :], np.sin(ang).astype(np.float32)[:, None, :]
     xh = x.reshape(seq, a["n_heads"], d)
     x1, x2 = xh[..., : d // 2], xh[..., d // 2:]
-    c, s = cos[:, None, :], sin[:, None, :]
     out = np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
     return out.reshape(seq, -1)
 
@@ -208,17 +213,18 @@ def _attention(ex, node, args):
     """Causal GQA attention, one 2-D BLAS matmul per head (numpy's batched matmul is far slower)."""
     q, k, v = args
     a = node.attrs
-    seq, d, nh, nkv = q.shape[0], a["head_dim"], a["n_heads"], a["n_kv_heads"]
+    seq, nh, nkv = q.shape[0], a["n_heads"], a["n_kv_heads"]
+    d, dv = q.shape[1] // nh, v.shape[1] // nkv      # pruned attention: narrower heads, the source's scale
     rep = nh // nkv
-    scale = np.float32(1.0 / np.sqrt(d))
+    scale = np.float32(1.0 / np.sqrt(a["head_dim"]))
     mask = np.triu(np.full((seq, seq), -np.inf, dtype=np.float32), k=1) if a.get("causal", True) else None
-    out = np.empty((seq, nh * d), dtype=np.float32)
+    out = np.empty((seq, nh * dv), dtype=np.float32)
     for h in range(nh):
         g = h // rep
         qh = q[:, h * d:(h + 1) * d]
         kh = k[:, g * d:(g + 1) * d]
-        vh = v[:, g * d:(g + 1) * d]
-        out[:, h * d:(h + 1) * d] = attention_probs(qh, kh, scale, mask) @ vh
+        vh = v[:, g * dv:(g + 1) * dv]
+        out[:, h * dv:(h + 1) * dv] = attention_probs(qh, kh, scale, mask) @ vh
     return out
 
 

@@ -41,6 +41,9 @@ class GgufTarget(Target):
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     measures_speed = True
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
+    prunes_attention_why = ("llama.cpp's llama and deci architectures have one head size (attention.key_length = "
+                            "value_length = rope.dimension_count, asserted equal) and one rope_freqs table for all "
+                            "layers, so per-layer head widths and sorted RoPE pairs cannot be carried")
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         cfg = graph.config

@@ -73,7 +73,6 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     b.nbits_accuracy_level = accuracy_level
     b.imatrix = dict(imatrix or {})
     nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    rep = nh // nkv
     ids = b.input("input_ids", I64, ["batch", "seq"])
     mask = b.input("attention_mask", I64, ["batch", "total"])
     pos = b.input("position_ids", I64, ["batch", "seq"])
@@ -88,9 +87,10 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
 
     # RoPE: cos/sin rows for each position, duplicated to the full head (rotate-half), (B, 1, S, d)
     cos_t, sin_t = rope_tables(graph)
-    cs = []
+    cs, halves = [], []
     for name, t in (("rope_cos", cos_t), ("rope_sin", sin_t)):
         g = b.op("Gather", [b.initializer(name, t), pos], hint=name, axis=0)          # (B, S, d/2)
+        halves.append(g)
         g = b.op("Concat", [g, g], hint=name, axis=-1)
         cs.append(b.op("Unsqueeze", [g, i64([1])], hint=name))
     cos, sin = cs
@@ -109,6 +109,8 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     bias = b.op("Unsqueeze", [bias, i64([1, 2])], hint="mask_bias")                            # (B, 1, 1, S, T)
 
     scale = b.const(1.0 / np.sqrt(d))
+    pairs = {int(n.outputs[0][1:].split(".")[0]): n.attrs["pairs"] for n in graph.nodes
+             if n.op == "rope" and n.attrs.get("pairs") is not None}
     layers = range(cfg.n_layers)
     for i in (progress(layers, desc="lower onnx", unit="layer") if progress else layers):
         p = f"model.layers.{i}."
@@ -121,24 +123,11 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
 
         xa = _rms_norm(b, h, p + "input_layernorm.weight", W(p + "input_layernorm.weight"), cfg.rms_eps)
         ab = cfg.attention_bias
-        q = _heads(b, lin(xa, "self_attn.q_proj", "q", ab), nh, d)                    # (B, nh, S, d)
-        k = _heads(b, lin(xa, "self_attn.k_proj", "k", ab), nkv, d)                   # (B, nkv, S, d)
-        v = _heads(b, lin(xa, "self_attn.v_proj", "v", ab), nkv, d)
-        q = _rope(b, q, cos, sin, d)
-        k = _rope(b, k, cos, sin, d)
-        k_all = b.op("Concat", [pasts[i][0], k], outputs=[f"present.{i}.key"], axis=2)   # (B, nkv, T, d)
-        v_all = b.op("Concat", [pasts[i][1], v], outputs=[f"present.{i}.value"], axis=2)
-        b.output(f"present.{i}.key", F32, ["batch", nkv, "total", d])
-        b.output(f"present.{i}.value", F32, ["batch", nkv, "total", d])
-        # GQA: the rep query heads of one KV head share it; (B, nkv, rep, S, d) against (B, nkv, 1, T, d)
-        qg = b.op("Reshape", [b.op("Mul", [q, scale], hint="q_scaled"), i64([0, nkv, rep, -1, d])], hint="qg")
-        kt = b.op("Unsqueeze", [b.op("Transpose", [k_all], hint="kt", perm=[0, 1, 3, 2]), i64([2])], hint="kt")
-        s = b.op("Add", [b.op("MatMul", [qg, kt], hint="scores"), bias], hint="scores")
-        pr = b.op("Softmax", [s], hint="probs", axis=-1)
-        ctx = b.op("MatMul", [pr, b.op("Unsqueeze", [v_all, i64([2])], hint="vg")], hint="ctx")   # (B, nkv, rep, S, d)
-        ctx = b.op("Reshape", [ctx, i64([0, nh, -1, d])], hint="ctx")
-        ctx = b.op("Transpose", [ctx], hint="ctx", perm=[0, 2, 1, 3])
-        att = b.op("Reshape", [ctx, i64([0, 0, nh * d])], hint="att")
+        project = lambda n: lin(xa, f"self_attn.{n}_proj", n, ab)             # noqa: E731
+        if i in pairs:
+            att = _sorted_attention(b, i, project, pairs[i], pasts[i], halves, scale, bias, nh, nkv, d)
+        else:
+            att = _attention(b, i, project, pasts[i], cos, sin, scale, bias, nh, nkv, d)
         h1 = b.op("Add", [h, lin(att, "self_attn.o_proj", "ao")], hint="h1")
         xm = _rms_norm(b, h1, p + "post_attention_layernorm.weight", W(p + "post_attention_layernorm.weight"),
                        cfg.rms_eps)
@@ -158,6 +147,67 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, accuracy_level: int =
     return b
 
 
+def _attention(b: Builder, i: int, project, past: tuple[str, str], cos: str, sin: str, scale: str, bias: str,
+               nh: int, nkv: int, d: int) -> str:
+    """Layer i's attention, (B, S, nh·d), its KV cache in and out (`present.i.*`)."""
+    i64 = lambda v: b.const(v, np.int64)                                       # noqa: E731
+    rep = nh // nkv
+    q = _heads(b, project("q"), nh, d)                                         # (B, nh, S, d)
+    k = _heads(b, project("k"), nkv, d)                                        # (B, nkv, S, d)
+    v = _heads(b, project("v"), nkv, d)
+    q = _rope(b, q, cos, sin, d)
+    k = _rope(b, k, cos, sin, d)
+    k_all = b.op("Concat", [past[0], k], outputs=[f"present.{i}.key"], axis=2)   # (B, nkv, T, d)
+    v_all = b.op("Concat", [past[1], v], outputs=[f"present.{i}.value"], axis=2)
+    b.output(f"present.{i}.key", F32, ["batch", nkv, "total", d])
+    b.output(f"present.{i}.value", F32, ["batch", nkv, "total", d])
+    # GQA: the rep query heads of one KV head share it; (B, nkv, rep, S, d) against (B, nkv, 1, T, d)
+    qg = b.op("Reshape", [b.op("Mul", [q, scale], hint="q_scaled"), i64([0, nkv, rep, -1, d])], hint="qg")
+    kt = b.op("Unsqueeze", [b.op("Transpose", [k_all], hint="kt", perm=[0, 1, 3, 2]), i64([2])], hint="kt")
+    s = b.op("Add", [b.op("MatMul", [qg, kt], hint="scores"), bias], hint="scores")
+    pr = b.op("Softmax", [s], hint="probs", axis=-1)
+    ctx = b.op("MatMul", [pr, b.op("Unsqueeze", [v_all, i64([2])], hint="vg")], hint="ctx")   # (B, nkv, rep, S, d)
+    ctx = b.op("Reshape", [ctx, i64([0, nh, -1, d])], hint="ctx")
+    ctx = b.op("Transpose", [ctx], hint="ctx", perm=[0, 2, 1, 3])
+    return b.op("Reshape", [ctx, i64([0, 0, nh * d])], hint="att")
+
+
+def _sorted_attention(b: Builder, i: int, project, pairs: list[list[int]], past: tuple[str, str], halves: list[str],
+                      scale: str, bias: str, nh: int, nkv: int, d: int) -> str:
+    """Layer i's attention after uniql_attention (--prune-attention): every width is read from the tensors, so the
+    loader can narrow the heads by editing initializers and the KV inputs' declared widths (runtime/onnx_slice.py).
+    Each KV group's RoPE pairs are a permutation of the source's: `model.layers.i.self_attn.rope_pairs` (n_kv, d/2)
+    picks the cos/sin columns of each stored pair (a narrowed head keeps a prefix of them). The scale stays the
+    source's 1/√d: the narrowed scores approximate the full ones."""
+    i64 = lambda v: b.const(v, np.int64)                                       # noqa: E731
+    rep = nh // nkv
+    idx = b.initializer(f"model.layers.{i}.self_attn.rope_pairs", np.asarray(pairs, dtype=np.int64))
+    tables = []
+    for half in halves:                                       # (B, S, d/2) -> (B, nkv, S, 2k): each group's pairs
+        t = b.op("Transpose", [b.op("Gather", [half, idx], hint="rope_pairs", axis=2)], hint="rope_pairs",
+                 perm=[0, 2, 1, 3])
+        tables.append(b.op("Concat", [t, t], hint="rope_pairs", axis=-1))
+    cos, sin = tables
+    # (B, S, nh·dk) -> (B, nkv, rep, S, dk): the query heads grouped by the KV head they read
+    q = b.op("Transpose", [b.op("Reshape", [project("q"), i64([0, 0, nkv, rep, -1])], hint="qg")], hint="qg",
+             perm=[0, 2, 3, 1, 4])
+    k = _heads(b, project("k"), nkv, -1)                                        # (B, nkv, S, dk)
+    v = _heads(b, project("v"), nkv, -1)                                        # (B, nkv, S, dv)
+    q = _rope(b, q, *(b.op("Unsqueeze", [t, i64([2])], hint="rope_q") for t in tables))
+    k = _rope(b, k, cos, sin)
+    k_all = b.op("Concat", [past[0], k], outputs=[f"present.{i}.key"], axis=2)   # (B, nkv, T, dk)
+    v_all = b.op("Concat", [past[1], v], outputs=[f"present.{i}.value"], axis=2)
+    b.output(f"present.{i}.key", F32, ["batch", nkv, "total", d])
+    b.output(f"present.{i}.value", F32, ["batch", nkv, "total", d])
+    kt = b.op("Unsqueeze", [b.op("Transpose", [k_all], hint="kt", perm=[0, 1, 3, 2]), i64([2])], hint="kt")
+    s = b.op("Add", [b.op("MatMul", [b.op("Mul", [q, scale], hint="q_scaled"), kt], hint="scores"), bias],
+             hint="scores")
+    pr = b.op("Softmax", [s], hint="probs", axis=-1)
+    ctx = b.op("MatMul", [pr, b.op("Unsqueeze", [v_all, i64([2])], hint="vg")], hint="ctx")   # (B, nkv, rep, S, dv)
+    ctx = b.op("Transpose", [ctx], hint="ctx", perm=[0, 3, 1, 2, 4])                         # (B, S, nkv, rep, dv)
+    return b.op("Reshape", [ctx, i64([0, 0, -1])], hint="att")
+
+
 def _rms_norm(b: Builder, x: str, name: str, w: np.ndarray, eps: float) -> str:
     """x / sqrt(mean(x²) + eps) · w, in the Pow/ReduceMean/Add/Sqrt/Div/Mul form onnxruntime fuses."""
     ms = b.op("ReduceMean", [b.op("Pow", [x, b.const(2.0)], hint="sq"), b.const([-1], np.int64)], hint="ms",
@@ -172,9 +222,9 @@ def _heads(b: Builder, x: str, n: int, d: int) -> str:
                 perm=[0, 2, 1, 3])
 
 
-def _rope(b: Builder, x: str, cos: str, sin: str, d: int) -> str:
-    """HF rotate-half: x·cos + [-x2, x1]·sin on (B, n, S, d)."""
-    x1, x2 = b.op("Split", [x, b.const([d // 2, d // 2], np.int64)], hint="half", n_out=2, axis=-1)
+def _rope(b: Builder, x: str, cos: str, sin: str, d: int | None = None) -> str:
+    """HF rotate-half: x·cos + [-x2, x1]·sin on (..., d); `d` None: halves of whatever width x has."""
+    sizes = [] if d is None else [b.const([d // 2, d // 2], np.int64)]
+    x1, x2 = b.op("Split", [x, *sizes], hint="half", n_out=2, axis=-1, **({} if d else {"num_outputs": 2}))
     rot = b.op("Concat", [b.op("Neg", [x2], hint="neg"), x1], hint="rot", axis=-1)
     return b.op("Add", [b.op("Mul", [x, cos], hint="xc"), b.op("Mul", [rot, sin], hint="xs")], hint="roped")
-

@@ -32,6 +32,7 @@ class OnnxTarget(Target):
     budget_kinds = frozenset({"decoder"})
     runtime_dists = ("onnxruntime", "onnx")
     prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
+    prunes_attention = True    # ... and the attention's (per-layer head widths, per-group RoPE tables, KV inputs)
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)

@@ -58,6 +58,8 @@ class TvmTarget(Target):
     prunes_mlp = True             # MLP widths symbolic in the library; the runtime slices the weights at load
     mlp_channel_multiple = PANEL  # a pruned gate or up keeps whole weight panels
     prunes_budgeted = False       # the size model builds static-width libraries, a pruning bundle's is symbolic
+    prunes_attention_why = ("its library's head size and RoPE tables are fixed at build (symbolic widths cover the "
+                            "MLP only)")
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
         return preset_formats(graph, preset)
