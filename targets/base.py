@@ -78,6 +78,7 @@ class Target:
     prunes_mlp: bool = False
     mlp_channel_multiple: int = 1
     prunes_budgeted: bool = True                  # its size model holds for a pruning bundle (the full width)
+    sizes_any_width: bool = False                 # its size model sizes any MLP width (`edgeq search` prunes with it)
 
     # --- deciding ---------------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class GgufTarget(Target):
     preset_reads_imatrix = True
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     measures_speed = True
+    sizes_any_width = True     # layout.py: bytes from each tensor's shape, the header from the widths' metadata
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
 
     def preset_formats(self, graph: Graph, preset: str, has_imatrix: bool = False) -> dict[str, TensorPlan]:
