@@ -33,7 +33,7 @@ from edgeq.models import llama
 from edgeq.passes.allocate import plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.search_accuracy import AccuracyPredictor
-from edgeq.passes.search_space import Budgets, Candidate, Gene, SearchSpace, pruning_costs
+from edgeq.passes.search_space import Budgets, Candidate, SearchSpace, genes_of, pruning_costs
 from edgeq.passes.sensitivity import CostTable, tensor_options
 from edgeq.passes.uniql_alloc import segmented
 
@@ -94,26 +94,13 @@ class Search(Pass):
         ranking = ctx.analysis.get("mlp_ranking")
         if ranking is None:
             raise EdgeqError(None, "the search needs every MLP's channel ranking (uniql_sort runs first)")
-        groups, seen = [], set()
-        for g in self.inp.ties:
-            members = [m for m in g if m in table.options]
-            if len(members) > 1:
-                groups.append(members)
-                seen.update(members)
-        groups += [[n] for n in table.options if n not in seen]
-        genes = []
-        for members in groups:
-            shared = [o.format for o in table.options[members[0]] if o.rank == 0
-                      and all(any(p.format == o.format and p.rank == 0 for p in table.options[m]) for m in members)]
-            if not shared:
-                raise EdgeqError(None, f"tied tensors {', '.join(members)} share no candidate format")
-            genes.append(Gene(members, shared))
+        genes = genes_of(table, self.inp.ties)
         costs = {(n, o.format): o.cost for n, opts in table.options.items() for o in opts if o.rank == 0}
         shapes = {n: tuple(graph.weights[n].shape) for n in table.options}
         full = llama.mlp_widths(graph)
-        return SearchSpace(genes, shapes, full, costs, self._prune_costs(graph, table, ranking, ctx), self.inp.tensor_bytes,
-                           self.inp.overhead, self.inp.latency, self.s.width_step, self.s.max_prune,
-                           self.inp.channel_multiple)
+        return SearchSpace(genes, shapes, full, costs, self._prune_costs(graph, table, ranking, ctx),
+                           self.inp.tensor_bytes, self.inp.overhead, self.inp.latency, self.s.width_step,
+                           self.s.max_prune, self.inp.channel_multiple)
 
     def _prune_costs(self, graph: Graph, table: CostTable, ranking: dict[int, np.ndarray],
                      ctx: Context) -> list[np.ndarray]:
@@ -142,6 +129,7 @@ class Search(Pass):
         s, budgets = self.s, self.inp.budgets
         space = self.space(graph, ctx)
         anchor = space.feasible_anchor(budgets)
+        ctx.analysis["search_space"] = (space, anchor)      # for whoever checks the space (tests, bench/search.py)
         rng = np.random.default_rng(s.seed)
         bar = ctx.progress
         # 1. cheap labels over the whole space (the predictor must rank points outside the budget's edge too)
@@ -239,7 +227,7 @@ class Search(Pass):
 
         b = self.inp.budgets
         return {"settings": asdict(self.s), "budget_latency_ms": b.latency_ms,
-                "expensive_labels": len(measured), "finalists": [point(c) for c in finalists],
+                "measured_configurations": len(measured), "finalists": [point(c) for c in finalists],
                 "chosen": point(best), **({"kld": round(measured[best], 8)} if best in measured else {})}
 
 

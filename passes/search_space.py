@@ -277,6 +277,25 @@ class SearchSpace:
         return self.repair(Candidate(fmts, widths))
 
 
+def genes_of(table, ties: list[list[str]]) -> list[Gene]:
+    """One gene per tie group (the formats all its members may take) and per other tensor of a CostTable."""
+    groups, seen = [], set()
+    for g in ties:
+        members = [m for m in g if m in table.options]
+        if len(members) > 1:
+            groups.append(members)
+            seen.update(members)
+    groups += [[n] for n in table.options if n not in seen]
+    genes = []
+    for members in groups:
+        shared = [o.format for o in table.options[members[0]] if o.rank == 0
+                  and all(any(p.format == o.format and p.rank == 0 for p in table.options[m]) for m in members)]
+        if not shared:
+            raise EdgeqError(None, f"tied tensors {', '.join(members)} share no candidate format")
+        genes.append(Gene(members, shared))
+    return genes
+
+
 def pruning_costs(down: np.ndarray, ranking: np.ndarray, cov: np.ndarray | None, diag: np.ndarray | None,
                   scale: float = 1.0) -> np.ndarray:
     """cost[k] = the output error of keeping only the first k channels of `ranking` (no refit): tr(W_R C_RR W_Rᵀ)

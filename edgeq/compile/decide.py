@@ -42,7 +42,7 @@ from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_in
 from edgeq.passes.fisher import Fisher
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.search import Search, SearchInputs
-from edgeq.passes.search_space import Budgets
+from edgeq.passes.search_space import Budgets, SearchSpace, genes_of
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
 from edgeq.predictor.budget import LatencyBudget
@@ -383,9 +383,19 @@ def _search_widths_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, 
     if lb is not None:
         path, profile, _ = opened
         info = {"latency_of": lb.what, "latency_profile": profile_record(path, profile)}
+    # feasibility needs only bytes and latency: check it before any calibration or cost is computed
+    sizes = bytes_table(graph, layout, formats)
+
+    def bytes_of(name: str, shape: tuple[int, int], fmt: str) -> int:
+        return layout.tensor_bytes(name, shape, get_format(fmt))
+
+    budgets = Budgets(byte_budget, opts.latency_ms)
+    SearchSpace(genes_of(sizes, ties), {n: tuple(graph.weights[n].shape) for n in sizes.options}, full, {}, [],
+                bytes_of, overhead, None if lb is None else lb.pruned_ms, opts.search.width_step,
+                opts.search.max_prune, target.mlp_channel_multiple).feasible_anchor(budgets)
     inputs = SearchInputs(
-        Budgets(byte_budget, opts.latency_ms), budget,
-        lambda name, shape, fmt: layout.tensor_bytes(name, shape, get_format(fmt)), overhead,
+        budgets, budget,
+        bytes_of, overhead,
         None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.evaluate)
     return _cost_passes(inp, opts, layout, formats) + [UniqlSort(opts.prune_order, opts.prune_ridge),
                                                        Search(inputs, opts.search)]
