@@ -187,31 +187,7 @@ class Search(Pass):
         return graph, out
 
     def candidate_plan(self, graph: Graph, space: SearchSpace, c: Candidate, ctx: Context) -> Plan:
-        """The plan of a point: formats, bytes and costs per tensor, `keep` and the stored `order` on the MLPs."""
-        table: CostTable = ctx.analysis["costs"]
-        fm = space.formats(c)
-        choice = {n: table.option(n, f) for n, f in fm.items()}
-        m = space.measures(c)
-        p = plan_from_choice(graph, table, choice, "search", self.inp.budget_bytes, self.inp.ties, ctx.backend,
-                             {k: v for k, v in self.inp.latency_info.items()})
-        ranking = ctx.analysis["mlp_ranking"]
-        for i, names in enumerate(space.mlp):
-            k = c.widths[i]
-            order = [int(v) for v in segmented(ranking[i], [k])] if k != space.full[i] else None
-            for n in names:
-                t = p.tensors[n]
-                t.keep = k if k != space.full[i] else None
-                t.order = order
-                t.bytes = space._tensor_bytes(n, space.shape(n, c.widths), fm[n])
-                t.predicted_error = round(t.predicted_error * k / space.full[i], 12)
-                if t.keep is not None:
-                    t.reason += f"; MLP width {k} of {space.full[i]}"
-        p.search.update({"predicted_bytes": m.bytes, "predicted_mb": m.bytes / 1e6,
-                         "predicted_bpw": 8 * m.bytes / table.n_params, "predicted_error": space.cheap_label(c),
-                         "mlp_widths": list(c.widths)})
-        if m.latency_ms is not None:
-            p.search["predicted_latency_ms"] = round(m.latency_ms, 4)
-        return p
+        return candidate_plan(graph, space, c, ctx, self.inp.budget_bytes, self.inp.ties, self.inp.latency_info)
 
     def _record(self, space: SearchSpace, best: Candidate, finalists: list[Candidate],
                 measured: dict[Candidate, float], predictor: AccuracyPredictor, score) -> dict[str, Any]:
@@ -229,6 +205,34 @@ class Search(Pass):
         return {"settings": asdict(self.s), "budget_latency_ms": b.latency_ms,
                 "measured_configurations": len(measured), "finalists": [point(c) for c in finalists],
                 "chosen": point(best), **({"kld": round(measured[best], 8)} if best in measured else {})}
+
+
+def candidate_plan(graph: Graph, space: SearchSpace, c: Candidate, ctx: Context, budget_bytes: int,
+                   ties: list[list[str]] = (), info: dict[str, Any] | None = None) -> Plan:
+    """The plan of a point: formats, bytes and costs per tensor, `keep` and the stored `order` on the MLPs."""
+    table: CostTable = ctx.analysis["costs"]
+    fm = space.formats(c)
+    choice = {n: table.option(n, f) for n, f in fm.items()}
+    m = space.measures(c)
+    p = plan_from_choice(graph, table, choice, "search", budget_bytes, list(ties), ctx.backend, dict(info or {}))
+    ranking = ctx.analysis["mlp_ranking"]
+    for i, names in enumerate(space.mlp):
+        k = c.widths[i]
+        order = [int(v) for v in segmented(ranking[i], [k])] if k != space.full[i] else None
+        for n in names:
+            t = p.tensors[n]
+            t.keep = k if k != space.full[i] else None
+            t.order = order
+            t.bytes = space.tensor_bytes(n, c.widths, fm[n])
+            t.predicted_error = round(t.predicted_error * k / space.full[i], 12)
+            if t.keep is not None:
+                t.reason += f"; MLP width {k} of {space.full[i]}"
+    p.search.update({"predicted_bytes": m.bytes, "predicted_mb": m.bytes / 1e6,
+                     "predicted_bpw": 8 * m.bytes / table.n_params, "predicted_error": space.cheap_label(c),
+                     "mlp_widths": list(c.widths)})
+    if m.latency_ms is not None:
+        p.search["predicted_latency_ms"] = round(m.latency_ms, 4)
+    return p
 
 
 class _BytesOnly:

@@ -6,9 +6,10 @@ only their order matters to the search:
 
 - `cheap`: trained on the cheap labels only (summed Fisher costs plus pruning costs: thousands per second);
 - `expensive`: trained from scratch on the expensive labels only (real KLD of the exported model in its runtime);
-- `transfer` (APQ): trained on the cheap labels, then fine-tuned on the expensive ones, starting from those
-  weights with a smaller step, so a handful of real measurements corrects the cheap proxy's bias (what it misses:
-  interactions between layers, the runtime's real kernels) without having to learn the space from scratch.
+- `transfer` (APQ): trained on the cheap labels, then fine-tuned on the expensive ones: the output layer re-fitted
+  with a pull towards the pre-trained one whose strength leave-one-out picks (`_fine_tune`), so a handful of real
+  measurements corrects the cheap proxy's bias (what it misses: interactions between layers, the runtime's real
+  kernels) without having to learn the space from scratch, and cannot wreck the ranking it started from.
 
 bench/search.py measures each against held-out configurations (Spearman ρ) at several label budgets.
 """
@@ -25,8 +26,6 @@ from edgeq.core.errors import EdgeqError
 MODES = ("cheap", "expensive", "transfer")
 HIDDEN = (64, 32)
 PRETRAIN_ITERS = 400
-FINETUNE_ITERS = 150
-FINETUNE_LR = 3e-4
 
 
 def _log_labels(y: np.ndarray) -> np.ndarray:
@@ -76,34 +75,68 @@ class AccuracyPredictor:
             raise EdgeqError(None, f"the {self.mode} accuracy predictor needs cheap labels")
         if self.mode == "expensive" and not use_exp:
             raise EdgeqError(None, "the expensive-only accuracy predictor needs expensive labels")
-        base = x_cheap if use_cheap else x_exp
-        self.fitted["x"] = _Standard.of(base)
+        x_train, y_train = (x_cheap, y_cheap) if use_cheap else (x_exp, y_exp)
+        self.fitted["x"] = _Standard.of(x_train)
+        y = _log_labels(y_train)
+        self.fitted["y"] = _Standard.of(y, axis=None)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # ConvergenceWarning: the iteration counts are the schedule
-            if use_cheap:
-                yc = _log_labels(y_cheap)
-                self.fitted["y"] = _Standard.of(yc, axis=None)
-                net = self._net(PRETRAIN_ITERS)
-                net.fit(self.fitted["x"](x_cheap), self.fitted["y"](yc))
-                if use_exp:
-                    ye = _log_labels(y_exp)
-                    self.fitted["y"] = _Standard.of(ye, axis=None)
-                    net.set_params(max_iter=FINETUNE_ITERS, n_iter_no_change=FINETUNE_ITERS + 1,
-                                   learning_rate_init=FINETUNE_LR)
-                    net.fit(self.fitted["x"](x_exp), self.fitted["y"](ye))
-            else:
-                ye = _log_labels(y_exp)
-                self.fitted["y"] = _Standard.of(ye, axis=None)
-                net = self._net(PRETRAIN_ITERS)
-                net.fit(self.fitted["x"](x_exp), self.fitted["y"](ye))
+            warnings.simplefilter("ignore")        # ConvergenceWarning: the iteration count is the schedule
+            net = self._net(PRETRAIN_ITERS)
+            net.fit(self.fitted["x"](x_train), self.fitted["y"](y))
         self.fitted["net"] = net
+        self.fitted["head"] = None
+        if use_cheap and use_exp:
+            self._fine_tune(x_exp, _log_labels(y_exp))
         return self
+
+    def _hidden(self, x: np.ndarray) -> np.ndarray:
+        """The last hidden layer's activations (ReLU), with a constant column: what the output layer reads."""
+        net = self.fitted["net"]
+        h = self.fitted["x"](np.atleast_2d(x))
+        for w, b in zip(net.coefs_[:-1], net.intercepts_[:-1]):
+            h = np.maximum(h @ w + b, 0.0)
+        return np.hstack([h, np.ones((len(h), 1))])
+
+    def _fine_tune(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Fine-tune the output layer on the expensive labels, pulled towards the pre-trained one.
+
+        The pre-trained prediction p is first mapped onto the expensive labels' scale (y ≈ a·p + b, least squares:
+        the two label kinds are different units of the same error), then the output layer's correction d solves
+        min ‖H d − (y − a·p − b)‖² + λ‖d‖² with λ picked by closed-form leave-one-out error over a grid that
+        includes no correction at all. With a handful of labels LOO keeps the pre-trained ranking; with more it lets
+        the real measurements reshape it. The hidden layers stay as pre-trained (few labels cannot train them)."""
+        h = self._hidden(x)
+        net = self.fitted["net"]
+        w0 = np.append(net.coefs_[-1][:, 0], net.intercepts_[-1][0])
+        p = h @ w0
+        ys = _Standard.of(y, axis=None)
+        z = ys(y)
+        a_b = np.linalg.lstsq(np.column_stack([p, np.ones_like(p)]), z, rcond=None)[0] if len(z) > 1 \
+            else np.array([1.0, z[0] - p[0]])
+        r = z - (a_b[0] * p + a_b[1])
+        scale = float(np.trace(h.T @ h)) / h.shape[1] or 1.0
+        best = (float(np.mean(r ** 2)), np.zeros(h.shape[1]))          # λ = ∞: no correction
+        for lam in scale * np.logspace(-3, 3, 13):
+            hat_inv = np.linalg.inv(h.T @ h + lam * np.eye(h.shape[1]))
+            d = hat_inv @ h.T @ r
+            lev = np.einsum("ij,jk,ik->i", h, hat_inv, h)
+            loo = float(np.mean(((r - h @ d) / np.maximum(1 - lev, 1e-6)) ** 2))
+            if loo < best[0] - 1e-12:
+                best = (loo, d)
+        self.fitted["head"] = (w0, a_b, best[1])
+        self.fitted["y"] = ys
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted log-error, in the units of the last labels trained on."""
         if "net" not in self.fitted:
             raise EdgeqError(None, "the accuracy predictor is not trained")
-        z = self.fitted["net"].predict(self.fitted["x"](np.atleast_2d(x)))
+        head = self.fitted["head"]
+        if head is None:
+            z = self.fitted["net"].predict(self.fitted["x"](np.atleast_2d(x)))
+        else:
+            w0, (a, b), d = head
+            h = self._hidden(x)
+            z = a * (h @ w0) + b + h @ d
         y = self.fitted["y"]
         return z * y.std + y.mean
 

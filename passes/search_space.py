@@ -128,6 +128,9 @@ class SearchSpace:
                 return rows, widths[i]
         return rows, cols
 
+    def tensor_bytes(self, tensor: str, widths: tuple[int, ...], fmt: str) -> int:
+        return self._tensor_bytes(tensor, self.shape(tensor, widths), fmt)
+
     def repair(self, c: Candidate) -> Candidate:
         """Each layer's width narrowed to the largest one its formats can slice (the full width always can)."""
         widths = []
@@ -144,7 +147,7 @@ class SearchSpace:
             fm = self.formats(c)
             pruned = any(w != f for w, f in zip(c.widths, self.full))
             nbytes = self._overhead(len(set(c.widths)) == 1) + sum(
-                self._tensor_bytes(t, self.shape(t, c.widths), f) for t, f in fm.items())
+                self.tensor_bytes(t, c.widths, f) for t, f in fm.items())
             lat = None if self._latency is None else self._latency(fm, list(c.widths) if pruned else None)
             m = self._cache[c] = Measures(int(nbytes), lat)
         return m
