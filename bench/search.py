@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from latency_budget import export, log, time_bundles  # noqa: E402
+from latency_budget import export, log, plot, score_rows, time_bundles  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 TOLERANCE = 0.10
@@ -106,10 +106,8 @@ def stage_rho(a, limit_ms: float, work: Path) -> dict[str, Any]:
 def stage_search(a, work: Path) -> dict[str, Any]:
     from edgeq.api import search
     from edgeq.compile.options import ExportOptions
-    from edgeq.evaluate.bundle import evaluate_bundle
     from edgeq.passes.search import SearchSettings
     from edgeq.predictor.profile import load_profile
-    from presets import ReferenceCache, make_reference
 
     profile = load_profile(a.latency_profile)
     bundles = {p: export(work, f"preset-{p}", a.latency_profile, quant=p, model=a.model) for p in PRESETS}
@@ -127,15 +125,7 @@ def stage_search(a, work: Path) -> dict[str, Any]:
     log(f"searched in {search_s:.0f} s: widths {searched.search['mlp_widths']}")
     bundles["search"] = export(work, f"search-{limit:g}ms", a.latency_profile, plan=str(plan), model=a.model)
     timed = time_bundles(bundles, profile.clock, a.rounds, profile.threads)
-    reference = ReferenceCache(make_reference)
-    rows = []
-    for name, b in bundles.items():
-        m = json.loads((b / "manifest.json").read_text())
-        ev = evaluate_bundle(b, chunks=a.chunks, reference_logits=reference, record=False, pareto=False)
-        rows.append({"name": name, "mb": sum(x["bytes"] for x in m["artifacts"] if x["role"] != "tokenizer") / 1e6,
-                     "predicted_ms": m["predicted"]["latency_ms_per_token"], "measured_ms": timed[name]["decode_ms"],
-                     "spread": timed[name]["spread"], "kld": ev["kld_mean"], "top1": ev["top1"]})
-        log(f"{name}: {rows[-1]['measured_ms']:.3f} ms (predicted {rows[-1]['predicted_ms']:.3f}), KLD {ev['kld_mean']:.4f}")
+    rows = score_rows(bundles, timed, a.chunks)
     by = {r["name"]: r for r in rows}
     rivals = [r for r in rows if r["name"] != "search" and r["measured_ms"] <= limit * (1 + TOLERANCE)]
     best = min(rivals, key=lambda r: r["kld"]) if rivals else None
@@ -145,25 +135,6 @@ def stage_search(a, work: Path) -> dict[str, Any]:
             "search_meets_within_10pct": s["measured_ms"] <= limit * (1 + TOLERANCE),
             "best_rival": best and best["name"], "best_rival_kld": best and best["kld"],
             "search_beats_rivals": best is None or s["kld"] < best["kld"]}
-
-
-def plot(rows, limit: float, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        color = {"search": "tab:red", "ilp": "tab:green"}.get(r["name"], "tab:blue")
-        ax.scatter(r["measured_ms"], r["kld"], color=color, marker="*" if r["name"] == "search" else "o")
-        ax.annotate(r["name"], (r["measured_ms"], r["kld"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.axvline(limit, color="grey", ls="--", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("measured decode step at 64 tokens of context (ms)")
-    ax.set_ylabel("held-out KLD vs float")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|")
         for r in s["rows"]:
             print(f"| {r['name']} | {r['measured_ms']:.2f} ({r['predicted_ms']:.2f}) | {r['mb']:.1f} | {r['kld']:.4f} |")
-        plot(s["rows"], s["limit_ms"], out.with_suffix(".png"), f"{profile.describe()}; limit {s['limit_ms']} ms")
+        plot(s["rows"], [s["limit_ms"]], out.with_suffix(".png"), f"{profile.describe()}; limit {s['limit_ms']} ms",
+             planned=("ilp", "search"))
     if a.stage in ("all", "rho"):
         limit = a.limit_ms or (res.get("search", {}).get("limit_ms") or _predicted_q4km(a, work))
         res["rho"] = stage_rho(a, limit, work)
