@@ -48,7 +48,7 @@ def open_space(model: str | None, profile: str, limit_ms: float, work: Path):
     search's expensive-label evaluator."""
     from edgeq.compile import pipeline
     from edgeq.compile.options import ExportOptions
-    from edgeq.compile.search import kld_evaluator
+    from edgeq.compile.search_labels import kld_evaluator
     from edgeq.passes.search import SearchSettings
 
     opts = ExportOptions(model=model, backend="gguf", method="search", latency_profile=profile, latency_ms=limit_ms,

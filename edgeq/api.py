@@ -70,14 +70,16 @@ def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = N
 
 
 def search(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
-           progress: Callable | None = None, log: Callable[[str], None] | None = None, **options) -> Plan:
+           progress: Callable | None = None, log: Callable[[str], None] | None = None, ray: str | None = None,
+           **options) -> Plan:
     """`edgeq search`: MLP widths x formats by evolution under the latency (predicted) and byte (exact) budgets;
-    the plan `edgeq export --plan` writes, saved to `out` when given."""
+    the plan `edgeq export --plan` writes, saved to `out` when given. `ray`: measure the expensive labels on the
+    Ray cluster at that address ("local": a new local instance)."""
     if out is None:
-        return search_plan(_options(opts, options), progress=progress, log=log)
+        return search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
     _check_output_file(out)
     with output_lock(out):
-        p = search_plan(_options(opts, options), progress=progress, log=log)
+        p = search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
         p.save(out)
     return p
 

@@ -112,7 +112,7 @@ def cmd_search(a) -> int:
         population=a.population, generations=a.generations, mutation=a.mutation, cheap_labels=a.cheap_labels,
         expensive_labels=a.expensive_labels, finalists=a.finalists, seed=a.seed, width_step=a.width_step,
         max_prune=a.max_prune))
-    plan = api.search(opts, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
+    plan = api.search(opts, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet), ray=a.ray)
     if not a.quiet:
         s = plan.search
         lat = f", predicted {s['predicted_latency_ms']:.3f} ms ({s['latency_of']})" if "predicted_latency_ms" in s else ""
@@ -641,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLP width menu step, then aligned to each layer's formats' blocks")
     g.add_argument("--max-prune", type=float, default=d.max_prune, metavar="R",
                    help="largest share of a layer's MLP channels the search may prune")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="measure the expensive labels as tasks on this Ray cluster (ray://host:10001, host:6379, or "
+                        "local: a new local instance; needs pip install 'edgeq[ray]') (default: in this process)")
 
     pr = command("profile", "measure a latency profile of a device (once), optionally validate it",
                  "edgeq profile --backend gguf --clock cpu",

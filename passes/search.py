@@ -75,7 +75,8 @@ class SearchInputs:
     latency_info: dict[str, Any]
     ties: list[list[str]]
     channel_multiple: int = 1
-    evaluate: Callable[[Plan], float] | None = None              # a plan's real KLD (None: no expensive labels)
+    # plans -> their real KLDs, in order (an executor's map: compile/label_executors.py); None: no expensive labels
+    measure: Callable[..., list[float]] | None = None
 
 
 class Search(Pass):
@@ -138,10 +139,11 @@ class Search(Pass):
         y_cheap = np.array([space.cheap_label(c) for c in pts])
         # 2. expensive labels on points within the budgets
         measured: dict[Candidate, float] = {}
-        if self.inp.evaluate is not None and s.expensive_labels:
+        if self.inp.measure is not None and s.expensive_labels:
             todo = _unique([space.sample(rng, anchor, budgets) for _ in range(s.expensive_labels)])
-            for c in (bar(todo, desc="search: expensive labels (real KLD)", unit="config") if bar else todo):
-                measured[c] = self.inp.evaluate(self.candidate_plan(graph, space, c, ctx))
+            got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
+                                   "search: expensive labels (real KLD)")
+            measured.update(zip(todo, got))
         x_exp = np.array([space.features(c) for c in measured]) if measured else None
         y_exp = np.array(list(measured.values())) if measured else None
         predictor = AccuracyPredictor("transfer", seed=s.seed).fit(x_cheap, y_cheap, x_exp, y_exp)
@@ -167,13 +169,12 @@ class Search(Pass):
         # 4. finalists measured for real
         ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
         finalists = ranked[:max(1, s.finalists)]
-        finals = []
-        if self.inp.evaluate is not None and s.finalists:
-            for c in (bar(finalists, desc="search: finalists (real KLD)", unit="config") if bar else finalists):
-                if c not in measured:
-                    measured[c] = self.inp.evaluate(self.candidate_plan(graph, space, c, ctx))
-                finals.append(c)
-            best = min(finals, key=lambda c: (measured[c], finals.index(c)))
+        if self.inp.measure is not None and s.finalists:
+            todo = [c for c in finalists if c not in measured]
+            got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
+                                   "search: finalists (real KLD)")
+            measured.update(zip(todo, got))
+            best = min(finalists, key=lambda c: (measured[c], finalists.index(c)))
         else:
             best = finalists[0]
         out = self.candidate_plan(graph, space, best, ctx)

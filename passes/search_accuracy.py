@@ -59,7 +59,10 @@ class AccuracyPredictor:
             raise EdgeqError(None, f"unknown predictor mode {self.mode!r} ({', '.join(MODES)})")
 
     def _net(self, iters: int, lr: float = 1e-3):
-        from sklearn.neural_network import MLPRegressor
+        try:
+            from sklearn.neural_network import MLPRegressor
+        except ImportError:
+            raise EdgeqError(None, "edgeq search needs scikit-learn: pip install 'edgeq[search]'") from None
 
         return MLPRegressor(hidden_layer_sizes=HIDDEN, alpha=1e-4, learning_rate_init=lr, max_iter=iters,
                             random_state=self.seed, warm_start=True, tol=0.0, n_iter_no_change=iters + 1,

@@ -151,3 +151,11 @@ def test_transfer_predictor_trains_and_ranks(tiny_decoder_dir, cache_env):
     assert spearman(t1.predict(x[few]), np.log(exp_y[few])) > spearman(cheap.predict(x[few]), np.log(exp_y[few]))
     with pytest.raises(Exception, match="needs expensive labels"):
         AccuracyPredictor("expensive").fit(None, None, None, None)
+
+
+def test_ray_path_gives_the_in_process_plan(tiny_decoder_dir, cache_env):
+    """The expensive labels as tasks on a local Ray instance: the same labels, so the same plan."""
+    pytest.importorskip("ray")
+    here = search(_opts(tiny_decoder_dir, cost="output", search=SMALL)).to_json()
+    there = search(_opts(tiny_decoder_dir, cost="output", search=SMALL), ray="local").to_json()
+    assert json.dumps(here, sort_keys=True) == json.dumps(there, sort_keys=True)

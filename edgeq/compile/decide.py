@@ -79,7 +79,7 @@ class DecideInputs:
     calibration: list | None = None
     calibration_source: str | None = None
     text: Any = None                                 # the calibration text (importers.calibration_text), every pass's
-    evaluate: Any = None                             # the search's expensive label: Plan -> real KLD (compile/search.py)
+    measure: Any = None                              # the search's expensive labels: plans -> real KLDs (compile/search.py)
 
 
 def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, branches: bool = True) -> Decision:
@@ -396,6 +396,6 @@ def _search_widths_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, 
     inputs = SearchInputs(
         budgets, budget,
         bytes_of, overhead,
-        None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.evaluate)
+        None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.measure)
     return _cost_passes(inp, opts, layout, formats) + [UniqlSort(opts.prune_order, opts.prune_ridge),
                                                        Search(inputs, opts.search)]
