@@ -111,7 +111,7 @@ def cmd_search(a) -> int:
     opts = replace(_options(a), method="search", search=SearchSettings(
         population=a.population, generations=a.generations, mutation=a.mutation, cheap_labels=a.cheap_labels,
         expensive_labels=a.expensive_labels, finalists=a.finalists, seed=a.seed, width_step=a.width_step,
-        max_prune=a.max_prune))
+        max_prune=a.max_prune, menu=a.menu))
     plan = api.search(opts, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet), ray=a.ray)
     if not a.quiet:
         s = plan.search
@@ -641,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MLP width menu step, then aligned to each layer's formats' blocks")
     g.add_argument("--max-prune", type=float, default=d.max_prune, metavar="R",
                    help="largest share of a layer's MLP channels the search may prune")
+    g.add_argument("--menu", default=d.menu, choices=["fixed", "auto"],
+                   help="fixed: --width-step and every format; auto: score width steps 16/32/64/256 x format sets "
+                        "(all, 32-weight blocks, 256-weight blocks) by SpaceEvo's Q-T score (share of samples within "
+                        "the budgets x predicted quality of the best) and search the best (the table: plan "
+                        "search.menus)")
     g.add_argument("--ray", metavar="ADDRESS",
                    help="measure the expensive labels as tasks on this Ray cluster (ray://host:10001, host:6379, or "
                         "local: a new local instance; needs pip install 'edgeq[ray]') (default: in this process)")

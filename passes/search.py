@@ -33,6 +33,7 @@ from edgeq.models import llama
 from edgeq.passes.allocate import plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.search_accuracy import AccuracyPredictor
+from edgeq.passes.search_menus import menu_table, score_menus
 from edgeq.passes.search_space import Budgets, Candidate, SearchSpace, genes_of, pruning_costs
 from edgeq.passes.sensitivity import CostTable, tensor_options
 from edgeq.passes.uniql_alloc import segmented
@@ -50,6 +51,7 @@ class SearchSettings:
     finalists: int = 3                # best points by the predictor measured for real at the end
     seed: int = 0
     width_step: int = 32              # MLP width menu step (then aligned to each layer's formats)
+    menu: str = "fixed"               # fixed: width_step and every format; auto: SpaceEvo's Q-T score picks a menu
     max_prune: float = 0.5            # no layer loses more than this share of its MLP channels
 
     def check(self) -> None:
@@ -59,6 +61,8 @@ class SearchSettings:
         for k in ("expensive_labels", "finalists"):
             if getattr(self, k) < 0:
                 raise EdgeqError(None, f"--{k.replace('_', '-')} must be non-negative")
+        if self.menu not in ("fixed", "auto"):
+            raise EdgeqError(None, f"unknown --menu {self.menu!r} (fixed, auto)")
         if not 0 <= self.mutation <= 1:
             raise EdgeqError(None, "--mutation must be within [0, 1]")
 
@@ -137,6 +141,16 @@ class Search(Pass):
         pts = [space.random(rng) for _ in range(s.cheap_labels)]
         x_cheap = np.array([space.features(c) for c in pts])
         y_cheap = np.array([space.cheap_label(c) for c in pts])
+        menus = None
+        if s.menu == "auto":             # SpaceEvo: the menu whose samples meet the budgets most and best
+            cheap = AccuracyPredictor("cheap", seed=s.seed).fit(x_cheap, y_cheap, None, None)
+            scored = score_menus(space, cheap.predict, budgets, s.seed)
+            menus = menu_table(scored)
+            feasible = [sp for m, sp in scored if m.score > 0]
+            if feasible:
+                space = feasible[0]
+                anchor = space.feasible_anchor(budgets)
+                ctx.analysis["search_space"] = (space, anchor)
         # 2. expensive labels on points within the budgets
         measured: dict[Candidate, float] = {}
         if self.inp.measure is not None and s.expensive_labels:
@@ -179,6 +193,8 @@ class Search(Pass):
             best = finalists[0]
         out = self.candidate_plan(graph, space, best, ctx)
         out.search.update(self._record(space, best, finalists, measured, predictor, score))
+        if menus is not None:
+            out.search["menus"] = menus
         out.calibration = plan.calibration
         m = space.measures(best)
         ctx.record(self.name, seed=s.seed, population=s.population, generations=s.generations,

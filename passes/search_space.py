@@ -95,12 +95,20 @@ class SearchSpace:
         self._overhead = overhead
         self._latency = latency
         self.channel_multiple = channel_multiple
+        self.width_step, self.max_prune = width_step, max_prune
         self.gene_of = {m: i for i, g in enumerate(genes) for m in g.members}
         self.mlp = [llama.mlp_weights(i) for i in range(len(full))]
         step = max(1, int(width_step))
         self.menus = [sorted({f} | {w for w in range(step, f, step) if w >= math.ceil((1 - max_prune) * f)})
                       for f in full]
         self._cache: dict[Candidate, Measures] = {}
+
+    def variant(self, width_step: int, keep: Callable[[str], bool]) -> "SearchSpace":
+        """The same model and budgets' data with another width step and only the formats `keep` accepts (a gene
+        none of whose formats it accepts keeps them all: its tensors' shapes allow nothing else)."""
+        genes = [Gene(g.members, [f for f in g.formats if keep(f)] or list(g.formats)) for g in self.genes]
+        return SearchSpace(genes, self.shapes, self.full, self.costs, self.prune_costs, self._tensor_bytes,
+                           self._overhead, self._latency, width_step, self.max_prune, self.channel_multiple)
 
     # --- shapes, validity -----------------------------------------------------------------------------------
     def format_of(self, c: Candidate, tensor: str) -> str:
@@ -189,6 +197,11 @@ class SearchSpace:
             k = int(np.clip(round(level * (len(ok) - 1) + rng.normal(0, 1.0)), 0, len(ok) - 1))
             widths.append(ok[k])
         return Candidate(tuple(fmts), tuple(widths))
+
+    def uniform(self, rng: np.random.Generator) -> Candidate:
+        """A point drawn uniformly: each gene's format, then each layer's width among those its formats allow."""
+        raw = Candidate(tuple(int(rng.integers(len(g.formats))) for g in self.genes), tuple(self.full))
+        return Candidate(raw.formats, tuple(int(rng.choice(self.valid_widths(raw, i))) for i in range(len(self.full))))
 
     def anchors(self) -> dict[str, Candidate]:
         """The smallest point (fewest bytes per gene, narrowest widths) and the fastest (least predicted time of

@@ -159,3 +159,23 @@ def test_ray_path_gives_the_in_process_plan(tiny_decoder_dir, cache_env):
     here = search(_opts(tiny_decoder_dir, cost="output", search=SMALL)).to_json()
     there = search(_opts(tiny_decoder_dir, cost="output", search=SMALL), ray="local").to_json()
     assert json.dumps(here, sort_keys=True) == json.dumps(there, sort_keys=True)
+
+
+def test_menus_are_scored_and_the_best_searched(tiny_decoder_dir, cache_env):
+    """SpaceEvo: every menu (width step x format set) gets a Q-T score, the table is in the plan, best first, and
+    the plan lies in the best menu's space (its formats from its set, its widths on its step)."""
+    from edgeq.passes.search_menus import FORMAT_SETS, WIDTH_STEPS
+
+    opts = _opts(tiny_decoder_dir, cost="output", search=SearchSettings(
+        population=8, generations=2, cheap_labels=200, expensive_labels=0, finalists=0, menu="auto"))
+    p = search(opts)
+    menus = p.search["menus"]
+    assert len(menus) == len(WIDTH_STEPS) * len(FORMAT_SETS)
+    scores = [m["score"] for m in menus]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
+    for m in menus:
+        assert m["score"] == pytest.approx(m["feasible_share"] * m["quality"], rel=1e-3, abs=1e-6)
+    top = menus[0]
+    keep = FORMAT_SETS[top["formats"]]
+    assert all(keep(t.format) for n, t in p.tensors.items() if t.bytes is not None)
+    assert all(w == 512 or w % top["width_step"] == 0 for w in p.search["mlp_widths"])
