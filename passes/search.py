@@ -7,12 +7,13 @@ Runs after the sensitivity pass (every tensor's cost per format) and uniql_sort 
    from the device's latency profile (both handed in as data by compile/decide.py);
 2. the accuracy predictor (search_accuracy.py), APQ's transfer: pre-trained on `cheap_labels` random points'
    summed Fisher + pruning costs, fine-tuned on `expensive_labels` points within the budgets measured for real
-   (the exported model's KLD against the float source in its runtime, `evaluate`, from compile/search.py);
+   (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py);
 3. evolution: a population of points within the budgets, each generation keeping the best quarter by the
    predictor and filling the rest with mutations and crossovers, every child repaired (widths follow formats) and
    walked back within the budgets (search_space.toward); seeded, so the same inputs give the same plan;
-4. finalists: the `finalists` best points by the predictor are measured for real (when `evaluate` is given) and
-   the best measured one is the plan; each finalist's bytes, latency and KLD go to the plan's `search` record.
+4. finalists: the `finalists` best points by the predictor are measured for real (when `measure` is given) and
+   the best measured point (finalists and expensive labels alike, all within the budgets) is the plan; each
+   finalist's bytes, latency and KLD go to the plan's `search` record.
 
 The plan fixes `keep` (and, after uniql_alloc, `order`) on every MLP tensor, so `edgeq export --plan` writes the
 pruned model without calibrating the ranking again.
@@ -166,7 +167,8 @@ class Search(Pass):
             return predictor.predict(np.array([space.features(c) for c in cs]))
 
         # 3. evolution within the budgets
-        pop = _unique([anchor] + [space.sample(rng, anchor, budgets) for _ in range(s.population - 1)])
+        pop = _unique([anchor] + list(measured) + [space.sample(rng, anchor, budgets)
+                                                   for _ in range(max(0, s.population - 1 - len(measured)))])
         gens = range(s.generations)
         for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
             ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
@@ -188,7 +190,8 @@ class Search(Pass):
             got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
                                    "search: finalists (real KLD)")
             measured.update(zip(todo, got))
-            best = min(finalists, key=lambda c: (measured[c], finalists.index(c)))
+            order = list(measured)          # every measured point is within the budgets: the best of them wins
+            best = min(order, key=lambda c: (measured[c], order.index(c)))
         else:
             best = finalists[0]
         out = self.candidate_plan(graph, space, best, ctx)
