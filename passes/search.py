@@ -8,9 +8,10 @@ Runs after the sensitivity pass (every tensor's cost per format) and uniql_sort 
 2. the accuracy predictor (search_accuracy.py), APQ's transfer: pre-trained on `cheap_labels` random points'
    summed Fisher + pruning costs, fine-tuned on `expensive_labels` points within the budgets measured for real
    (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py);
-3. evolution: a population of points within the budgets, each generation keeping the best quarter by the
-   predictor and filling the rest with mutations and crossovers, every child repaired (widths follow formats) and
-   walked back within the budgets (search_space.toward); seeded, so the same inputs give the same plan;
+3. evolution: a population of points within the budgets (the anchor, every uniform format at full width that
+   meets them, the measured points, random samples), each generation keeping the best quarter by the predictor
+   and filling the rest with mutations and crossovers, every child repaired (widths follow formats) and walked
+   back within the budgets towards its parent (search_space.toward); seeded, so the same inputs give the same plan;
 4. finalists: the `finalists` best points by the predictor are measured for real (when `measure` is given) and
    the best measured point (finalists and expensive labels alike, all within the budgets) is the plan; each
    finalist's bytes, latency and KLD go to the plan's `search` record.
@@ -167,8 +168,9 @@ class Search(Pass):
             return predictor.predict(np.array([space.features(c) for c in cs]))
 
         # 3. evolution within the budgets
-        pop = _unique([anchor] + list(measured) + [space.sample(rng, anchor, budgets)
-                                                   for _ in range(max(0, s.population - 1 - len(measured)))])
+        uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
+        pop = _unique([anchor] + uniform + list(measured) + [
+            space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - 1 - len(uniform) - len(measured)))])
         gens = range(s.generations)
         for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
             ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
@@ -176,11 +178,15 @@ class Search(Pass):
             children = []
             for k in range(s.population - len(elite)):
                 if k % 2 == 0:
-                    child = space.mutate(elite[int(rng.integers(len(elite)))], rng, s.mutation)
+                    parent = elite[int(rng.integers(len(elite)))]
+                    child = space.mutate(parent, rng, s.mutation)
                 else:
                     a, b = rng.choice(len(elite), 2, replace=len(elite) < 2)
-                    child = space.mutate(space.crossover(elite[int(a)], elite[int(b)], rng), rng, s.mutation / 2)
-                children.append(space.toward(child, anchor, budgets, rng))
+                    parent = elite[int(a)]
+                    child = space.mutate(space.crossover(parent, elite[int(b)], rng), rng, s.mutation / 2)
+                # back within the budgets towards the (feasible) parent, not the anchor: a repair that reached
+                # for the smallest formats would drag every over-budget child to the space's poorest corner
+                children.append(space.toward(child, parent, budgets, rng))
             pop = _unique(elite + children)
         # 4. finalists measured for real
         ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]

@@ -203,6 +203,20 @@ class SearchSpace:
         raw = Candidate(tuple(int(rng.integers(len(g.formats))) for g in self.genes), tuple(self.full))
         return Candidate(raw.formats, tuple(int(rng.choice(self.valid_widths(raw, i))) for i in range(len(self.full))))
 
+    def uniform_points(self) -> list[Candidate]:
+        """One point per format at full width: every gene in that format, or the one nearest in bits per weight
+        where its shapes do not allow it (the uniform presets' neighbours, to seed the population)."""
+        names = sorted({f for g in self.genes for f in g.formats})
+        out = []
+        for name in names:
+            bpw = get_format(name).bits_per_weight
+            fmts = tuple(g.formats.index(name) if name in g.formats else
+                         min(range(len(g.formats)), key=lambda i, g=g: (abs(get_format(g.formats[i]).bits_per_weight
+                                                                            - bpw), g.formats[i]))
+                         for g in self.genes)
+            out.append(self.repair(Candidate(fmts, tuple(self.full))))
+        return out
+
     def anchors(self) -> dict[str, Candidate]:
         """The smallest point (fewest bytes per gene, narrowest widths) and the fastest (least predicted time of
         each gene's products, narrowest widths)."""
@@ -238,8 +252,9 @@ class SearchSpace:
                                "the budget, allow more pruning (--max-prune) or smaller formats")
 
     def toward(self, c: Candidate, anchor: Candidate, budgets: Budgets, rng: np.random.Generator) -> Candidate:
-        """`c` if it meets the budgets, else `c` with genes and widths taken from the feasible `anchor` one at a time
-        (random order) until it does: at most one step per gene and layer, ending at the anchor at worst."""
+        """`c` if it meets the budgets, else `c` with genes and widths taken from the feasible `anchor` (a feasible
+        anchor point, or a child's feasible parent) one at a time (random order) until it does: at most one step per
+        gene and layer, ending at `anchor` at worst."""
         if self.measures(c).meets(budgets):
             return c
         steps = [("f", g) for g in range(len(self.genes))] + [("w", i) for i in range(len(self.full))]
