@@ -77,6 +77,26 @@ def time_bundles(bundles: dict[str, Path], clock: str, rounds: int, threads: int
                 "load_average": [x for x in loads if x]} for k, v in per.items()}
 
 
+def score_rows(bundles: dict[str, Path], timed: dict[str, dict[str, Any]], chunks: int) -> list[dict[str, Any]]:
+    """Per bundle: size, predicted and measured decode step, and held-out KLD against the float model (one float
+    reference for all)."""
+    from edgeq.evaluate.bundle import evaluate_bundle
+    from presets import ReferenceCache, make_reference
+
+    reference = ReferenceCache(make_reference)
+    rows = []
+    for name, b in bundles.items():
+        m = json.loads((b / "manifest.json").read_text())
+        ev = evaluate_bundle(b, chunks=chunks, reference_logits=reference, record=False, pareto=False)
+        rows.append({"name": name, "mb": sum(x["bytes"] for x in m["artifacts"] if x["role"] != "tokenizer") / 1e6,
+                     "bpw": m["model"]["bits_per_weight"], "predicted_ms": m["predicted"]["latency_ms_per_token"],
+                     "measured_ms": timed[name]["decode_ms"], "spread": timed[name]["spread"],
+                     "rounds_ms": timed[name]["rounds"], "kld": ev["kld_mean"], "top1": ev["top1"],
+                     "limit_ms": m["plan"].get("search", {}) and m["plan"]["search"].get("predicted_latency_ms_limit")})
+        log(f"{name}: {rows[-1]['measured_ms']:.3f} ms (predicted {rows[-1]['predicted_ms']:.3f}), KLD {ev['kld_mean']:.4f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency-profile", required=True)
@@ -88,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(OUT / "latency_budget.json"))
     a = ap.parse_args(argv)
 
-    from edgeq.evaluate.bundle import evaluate_bundle
     from edgeq.predictor.profile import load_profile
-    from presets import ReferenceCache, make_reference
 
     profile = load_profile(a.latency_profile)
     clock, threads = profile.clock, profile.threads
@@ -107,17 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for x in limits:
         bundles[f"ilp@{x:g}ms"] = export(work, f"ilp-{x:g}ms", a.latency_profile, latency_ms=x)
     timed = time_bundles(bundles, clock, a.rounds, threads)
-    reference = ReferenceCache(make_reference)
-    rows = []
-    for name, b in bundles.items():
-        m = json.loads((b / "manifest.json").read_text())
-        ev = evaluate_bundle(b, chunks=a.chunks, reference_logits=reference, record=False, pareto=False)
-        rows.append({"name": name, "mb": sum(x["bytes"] for x in m["artifacts"] if x["role"] != "tokenizer") / 1e6,
-                     "bpw": m["model"]["bits_per_weight"], "predicted_ms": m["predicted"]["latency_ms_per_token"],
-                     "measured_ms": timed[name]["decode_ms"], "spread": timed[name]["spread"],
-                     "rounds_ms": timed[name]["rounds"], "kld": ev["kld_mean"], "top1": ev["top1"],
-                     "limit_ms": m["plan"].get("search", {}) and m["plan"]["search"].get("predicted_latency_ms_limit")})
-        log(f"{name}: {rows[-1]['measured_ms']:.3f} ms (predicted {rows[-1]['predicted_ms']:.3f}), KLD {ev['kld_mean']:.4f}")
+    rows = score_rows(bundles, timed, a.chunks)
     by = {r["name"]: r for r in rows}
     verdicts = []
     for x in limits:
@@ -147,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot(rows, limits, path: Path, title: str) -> None:
+def plot(rows, limits, path: Path, title: str, planned: tuple[str, ...] = ("ilp",)) -> None:
+    """Measured decode step against KLD; rows whose name starts with one of `planned` starred."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +164,7 @@ def plot(rows, limits, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows:
-        ilp = r["name"].startswith("ilp")
+        ilp = r["name"].startswith(planned)
         ax.scatter(r["measured_ms"], r["kld"], color="tab:red" if ilp else "tab:blue", marker="*" if ilp else "o")
         ax.annotate(r["name"], (r["measured_ms"], r["kld"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for x in limits:

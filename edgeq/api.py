@@ -17,6 +17,7 @@ from edgeq.bundle.inspect import inspect_path
 from edgeq.compile import pipeline
 from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
 from edgeq.compile.options import ExportOptions, bundle_n_ctx
+from edgeq.compile.search import search as search_plan
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
 from edgeq.core.plan import Plan, load_plan
@@ -64,6 +65,21 @@ def plan(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = N
     _check_output_file(out)
     with output_lock(out):      # written whole (a temporary file renamed into place), one writer at a time
         p = pipeline.plan(_options(opts, options), progress=progress, log=log)
+        p.save(out)
+    return p
+
+
+def search(opts: ExportOptions | None = None, *, out: str | os.PathLike | None = None,
+           progress: Callable | None = None, log: Callable[[str], None] | None = None, ray: str | None = None,
+           **options) -> Plan:
+    """`edgeq search`: MLP widths x formats by evolution under the latency (predicted) and byte (exact) budgets;
+    the plan `edgeq export --plan` writes, saved to `out` when given. `ray`: measure the expensive labels on the
+    Ray cluster at that address ("local": a new local instance)."""
+    if out is None:
+        return search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
+    _check_output_file(out)
+    with output_lock(out):
+        p = search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
         p.save(out)
     return p
 
@@ -204,7 +220,7 @@ def predict(path: str | os.PathLike, latency_profile: str | os.PathLike | None =
     c = pipeline.prepare(opts, None, None, several_allowed=False)
     decision = pipeline.decide_all(c, opts, branches=False)[backend]
     t = c.inputs[backend]
-    w = graph_workload(c.graph, decision.plan, bundle_n_ctx(c.graph, c.profile, opts),
+    w = graph_workload(decision.graph or c.graph, decision.plan, bundle_n_ctx(c.graph, c.profile, opts),
                        t.target.kv_cache_dtype(t.preset, c.profile, None))
     return predict_workload(fitted, w, prompt_tokens, context_tokens)
 

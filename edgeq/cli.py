@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from edgeq import __version__, api, runtime
 from edgeq.bundle.manifest import MODEL_ROLES
@@ -19,6 +20,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
 from edgeq.devices.session import DeviceSession, runs_remotely
+from edgeq.passes.search import SearchSettings
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
 
@@ -103,6 +105,21 @@ def cmd_plan(a) -> int:
                 extra += f", predicted {s['predicted_latency_ms']:.3f} ms for a limit of {a.latency_ms:g} ms"
             extra += f", predicted error {s['predicted_error']:.4g}"
         print(f"wrote {a.out}: {len(plan.tensors)} tensors, formats {plan.format_counts()}{extra}")
+    return 0
+
+
+def cmd_search(a) -> int:
+    opts = replace(_options(a), method="search", search=SearchSettings(
+        population=a.population, generations=a.generations, mutation=a.mutation, cheap_labels=a.cheap_labels,
+        expensive_labels=a.expensive_labels, finalists=a.finalists, seed=a.seed, width_step=a.width_step,
+        max_prune=a.max_prune, menu=a.menu))
+    plan = api.search(opts, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet), ray=a.ray)
+    if not a.quiet:
+        s = plan.search
+        lat = f", predicted {s['predicted_latency_ms']:.3f} ms ({s['latency_of']})" if "predicted_latency_ms" in s else ""
+        kld = f", measured KLD {s['kld']:.4g}" if "kld" in s else ""
+        print(f"wrote {a.out}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw){lat}{kld}; MLP widths "
+              f"{s['mlp_widths']}; formats {plan.format_counts()}")
     return 0
 
 
@@ -611,6 +628,40 @@ def build_parser() -> argparse.ArgumentParser:
                 "edgeq inspect model.gguf --json", fn=cmd_inspect)
     i.add_argument("path", help="bundle folder, GGUF file, .pt2 or Hugging Face folder")
     i.add_argument("--json", action="store_true", help="print one JSON object")
+
+    se = command("search", "search MLP widths x formats under latency and memory budgets (APQ); write the plan",
+                 "edgeq search --latency-ms 20 --latency-profile prof.json -o plan.json",
+                 "edgeq search --latency-ms 20 --budget-mb 80 --latency-profile prof.json -o plan.json "
+                 "--expensive-labels 16", fn=cmd_search)
+    common_model(se)
+    search_options(se)
+    se.add_argument("-o", "--out", required=True, help="plan JSON to write (then: edgeq export --plan)")
+    g = se.add_argument_group("search")
+    d = SearchSettings()
+    g.add_argument("--population", type=int, default=d.population, help="candidates per generation")
+    g.add_argument("--generations", type=int, default=d.generations, help="generations of evolution")
+    g.add_argument("--mutation", type=float, default=d.mutation, help="chance to mutate each gene and width")
+    g.add_argument("--cheap-labels", type=int, default=d.cheap_labels, metavar="N",
+                   help="random configurations labelled by their summed Fisher + pruning cost (pre-training)")
+    g.add_argument("--expensive-labels", type=int, default=d.expensive_labels, metavar="N",
+                   help="configurations within the budgets exported and measured for real (KLD in the runtime) "
+                        "to fine-tune the accuracy predictor (0: the cheap predictor alone)")
+    g.add_argument("--finalists", type=int, default=d.finalists, metavar="N",
+                   help="best configurations by the predictor measured for real at the end; the best measured "
+                        "one is written (0: the predictor's best, unmeasured)")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (same inputs and seed: same plan)")
+    g.add_argument("--width-step", type=int, default=d.width_step, metavar="N",
+                   help="MLP width menu step, then aligned to each layer's formats' blocks")
+    g.add_argument("--max-prune", type=float, default=d.max_prune, metavar="R",
+                   help="largest share of a layer's MLP channels the search may prune")
+    g.add_argument("--menu", default=d.menu, choices=["fixed", "auto"],
+                   help="fixed: --width-step and every format; auto: score width steps 16/32/64/256 x format sets "
+                        "(all, 32-weight blocks, 256-weight blocks) by SpaceEvo's Q-T score (share of samples within "
+                        "the budgets x predicted quality of the best) and search the best (the table: plan "
+                        "search.menus)")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="measure the expensive labels as tasks on this Ray cluster (ray://host:10001, host:6379, or "
+                        "local: a new local instance; needs pip install 'edgeq[ray]') (default: in this process)")
 
     pr = command("profile", "measure a latency profile of a device (once), optionally validate it",
                  "edgeq profile --backend gguf --clock cpu",

@@ -103,7 +103,7 @@ class UniqlSort(Pass):
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         cal = ctx.analysis.get("calibration")
         todo = [i for i in range(graph.config.n_layers)
-                if all(plan.tensors[n].order is None for n in llama.mlp_weights(i))]
+                if all(n not in plan.tensors or plan.tensors[n].order is None for n in llama.mlp_weights(i))]
         if todo and cal is None and self.order in ("uniql", "wanda"):
             raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
         ranking: dict[int, np.ndarray] = {}

@@ -82,6 +82,7 @@ class Target:
     # frequencies that follow the sorted pairs), and why not where it does not
     prunes_attention: bool = False
     prunes_attention_why: str = "its runtime cannot narrow the attention's heads per layer"
+    sizes_any_width: bool = False                 # its size model sizes any MLP width (`edgeq search` prunes with it)
 
     # --- deciding ---------------------------------------------------------------------------------------
 

@@ -20,13 +20,17 @@ formats just decided, or the plan's widths applied).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
+from edgeq.core.layout import zero_weights
 from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes import Context, Pass, run_passes
@@ -39,6 +43,8 @@ from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_in
 from edgeq.passes.fisher import Fisher
 from edgeq.passes.gptq import GptqCompensate
 from edgeq.passes.legalize import Legalize
+from edgeq.passes.search import Search, SearchInputs
+from edgeq.passes.search_space import Budgets, SearchSpace, genes_of
 from edgeq.passes.lowrank_compensate import LowrankCompensate
 from edgeq.passes.sensitivity import CostTable, Sensitivity, bytes_table
 from edgeq.predictor.budget import LatencyBudget
@@ -79,6 +85,7 @@ class DecideInputs:
     calibration: list | None = None
     calibration_source: str | None = None
     text: Any = None                                 # the calibration text (importers.calibration_text), every pass's
+    measure: Any = None                              # the search's expensive labels: plans -> real KLDs (compile/search.py)
 
 
 def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, branches: bool = True) -> Decision:
@@ -90,8 +97,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
         raise EdgeqError(None, "--gptq compensates through the calibration's input covariances: drop --no-calibration")
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
-    if opts.budgeted and opts.method not in ("ilp", "dynaquant"):
-        raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant)")
+    if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
+        raise EdgeqError(None, f"unknown --method {opts.method!r} (ilp, dynaquant, search)")
     if "calibration_source" in ctx.analysis:     # an earlier backend sorted the MLPs: start from the source's stats
         ctx.analysis["calibration"] = ctx.analysis.pop("calibration_source")
     if inp.preset is None or inp.target.preset_reads_imatrix:
@@ -120,9 +127,9 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
     prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
-    if opts.gptq and (ranks or prune):
-        raise EdgeqError(None, "--gptq with low-rank branches or pruning rates is not supported yet (both start from "
-                               "the uncompensated weights)")
+    if opts.gptq and (ranks or prune or opts.method == "search"):
+        raise EdgeqError(None, "--gptq with low-rank branches, pruning rates or `edgeq search` is not supported yet "
+                               "(they start from the uncompensated weights)")
     if opts.calibration and (search or ranks or opts.imatrix or prune or opts.gptq or _takes_imatrix(graph, inp)):
         # Only low-rank branches, DynaQuant and a search under the plain output error read full input
         # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
@@ -144,7 +151,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if opts.gptq:
         passes.append(GptqCompensate())
     if prune:
-        passes += _pruning_passes(inp, opts, ranks)
+        passes += _pruning_passes(inp, opts, ranks)[1 if opts.budgeted and opts.method == "search" else 0:]
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
     out, plan = run_passes(passes, graph, Plan(), ctx)
@@ -160,7 +167,8 @@ def _prunes(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
     user = inp.user_plan
     fixed = user is not None and (user.pruning is not None or any(t.keep is not None or t.order is not None
                                                                    for t in user.tensors.values()))
-    if not (opts.pruning or fixed):
+    searched = opts.budgeted and opts.method == "search"       # the search decides widths with the formats
+    if not (opts.pruning or fixed or searched):
         return False
     if graph.kind != "decoder" or graph.arch != "llama":
         raise EdgeqError(None, f"--pruning-rates prunes Llama-family decoders' MLPs, not a {graph.arch} {graph.kind}")
@@ -283,17 +291,24 @@ def search_cost(opts: ExportOptions) -> str:
     return "fisher" if opts.calibration else "output"
 
 
-def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
-                 ties: list[list[str]], byte_budget: bool, opened) -> ExtraRow:
-    """The ILP row bounding the plan's predicted decode step (or prefill of --prompt-tokens), after checking that
-    the fastest plan within the byte budget meets it (one error naming that plan's latency if not)."""
+def _latency_budget(graph: Graph, inp: DecideInputs, opts: ExportOptions, opened) -> LatencyBudget:
+    """The predicted call --latency-ms bounds: a decode step at --context-tokens, or the prefill of
+    --prompt-tokens."""
     path, profile, fitted = opened
     check_runtime_here(profile, path)
     kind, key = (("prefill", opts.prompt_tokens) if opts.prompt_tokens is not None
                  else ("decode", DEFAULT_CONTEXT_TOKENS if opts.context_tokens is None else opts.context_tokens))
-    lb = LatencyBudget(fitted, graph, bundle_n_ctx(graph, inp.profile, opts),
-                       inp.target.kv_cache_dtype(inp.preset, inp.profile, opts.kv_dtype), kind, int(key),
-                       float(opts.latency_ms))
+    return LatencyBudget(fitted, graph, bundle_n_ctx(graph, inp.profile, opts),
+                         inp.target.kv_cache_dtype(inp.preset, inp.profile, opts.kv_dtype), kind, int(key),
+                         float(opts.latency_ms))
+
+
+def _latency_row(graph: Graph, inp: DecideInputs, opts: ExportOptions, sizes: CostTable, budget: int,
+                 ties: list[list[str]], byte_budget: bool, opened) -> ExtraRow:
+    """The ILP row bounding the plan's predicted decode step (or prefill of --prompt-tokens), after checking that
+    the fastest plan within the byte budget meets it (one error naming that plan's latency if not)."""
+    path, profile, _ = opened
+    lb = _latency_budget(graph, inp, opts, opened)
     fastest_table = CostTable({n: [replace(o, cost=lb.coef(n, o.format, o.rank)) for o in v]
                                for n, v in sizes.options.items()}, sizes.fixed_bytes, sizes.n_params, sizes.info)
     fast = solve_ilp(fastest_table, budget, ties)
@@ -339,6 +354,9 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         budget = sizes.fixed_bytes + sum(max(o.bytes for o in v) for v in sizes.options.values()) \
             + layout.branch_overhead + sum(layout.branch_bytes(n, graph.weights[n].shape, r)
                                            for n in sizes.options for r in opts.ranks if r)
+    if opts.method == "search":
+        return _search_widths_passes(graph, inp, opts, layout, formats, ties, budget if byte_budget else None,
+                                     budget, opened)
     if budget < min_feasible_bytes(sizes, ties):
         raise budget_error(sizes, budget, ties)
     rows = []
@@ -346,14 +364,7 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
         if opts.method != "ilp":
             raise EdgeqError(None, "--latency-ms is a row of the ILP: use it with --method ilp")
         rows.append(_latency_row(graph, inp, opts, sizes, budget, ties, byte_budget, opened))
-    passes: list[Pass] = []
-    cost = search_cost(opts)
-    if cost == "fisher":
-        passes.append(Fisher(source=inp.text))
-    elif cost != "output":
-        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
-    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling,
-                              gptq=opts.gptq))
+    passes = _cost_passes(inp, opts, layout, formats)
     if opts.method == "dynaquant":
         if any(opts.ranks):
             raise EdgeqError(None, "--method dynaquant chooses formats only; use --ranks with --method ilp")
@@ -362,3 +373,60 @@ def _search_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     passes.append(Allocate(budget, ties, extra_rows=rows, adapter_overhead=layout.branch_overhead,
                            exact_bytes=layout.exact_bytes))
     return passes
+
+
+def _cost_passes(inp: DecideInputs, opts: ExportOptions, layout, formats: list[str]) -> list[Pass]:
+    """[fisher], sensitivity: every candidate's cost for every tensor."""
+    passes: list[Pass] = []
+    cost = search_cost(opts)
+    if cost == "fisher":
+        passes.append(Fisher(source=inp.text))
+    elif cost != "output":
+        raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
+    passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling,
+                              gptq=opts.gptq))
+    return passes
+
+
+def _search_widths_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, layout, formats: list[str],
+                          ties: list[list[str]], byte_budget: int | None, budget: int, opened) -> list[Pass]:
+    """`edgeq search`: costs, the MLPs' channel rankings, then the evolutionary search over widths x formats with
+    the target's exact bytes and the profile's latency as data."""
+    target = inp.target
+    if graph.kind != "decoder" or graph.arch != "llama" or not target.sizes_any_width:
+        raise EdgeqError(None, f"edgeq search prunes Llama-family decoders' MLPs on backends that size any width "
+                               f"(gguf); not a {graph.arch} {graph.kind} on {target.name}")
+    if any(opts.ranks) or opts.pruning_rates is not None:
+        raise EdgeqError(None, "edgeq search decides formats and fixed MLP widths: no --ranks or --pruning-rates")
+    lb = _latency_budget(graph, inp, opts, opened) if opened is not None else None
+    full = llama.mlp_widths(graph)
+
+    @functools.lru_cache(maxsize=2)
+    def overhead(uniform: bool) -> int:
+        """The header records one MLP width, or one per layer when they differ (fixed-width numbers either way)."""
+        if uniform or len(full) < 2:
+            return layout.overhead
+        narrowed = llama.prune_mlp(zero_weights(graph), {0: np.arange(full[0] - 1)})
+        return target.layout(narrowed, [get_format(f) for f in formats], [0], inp.profile, spec=inp.spec,
+                             ndk_clang=opts.android_clang).overhead
+
+    info = {}
+    if lb is not None:
+        path, profile, _ = opened
+        info = {"latency_of": lb.what, "latency_profile": profile_record(path, profile)}
+    # feasibility needs only bytes and latency: check it before any calibration or cost is computed
+    sizes = bytes_table(graph, layout, formats)
+
+    def bytes_of(name: str, shape: tuple[int, int], fmt: str) -> int:
+        return layout.tensor_bytes(name, shape, get_format(fmt))
+
+    budgets = Budgets(byte_budget, opts.latency_ms)
+    SearchSpace(genes_of(sizes, ties), {n: tuple(graph.weights[n].shape) for n in sizes.options}, full, {}, [],
+                bytes_of, overhead, None if lb is None else lb.pruned_ms, opts.search.width_step,
+                opts.search.max_prune, target.mlp_channel_multiple).feasible_anchor(budgets)
+    inputs = SearchInputs(
+        budgets, budget,
+        bytes_of, overhead,
+        None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.measure)
+    return _cost_passes(inp, opts, layout, formats) + [UniqlSort(opts.prune_order, opts.prune_ridge),
+                                                       Search(inputs, opts.search)]

@@ -9,6 +9,7 @@ from typing import Any
 from edgeq.core.adapter import ADAPTER_MODES
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan
+from edgeq.passes.search import SearchSettings
 from edgeq.targets.base import Target
 from edgeq.targets.profiles import DeviceProfile
 
@@ -38,7 +39,8 @@ class ExportOptions:
     # budgeted mixed precision (`edgeq plan` and `edgeq export` share these)
     budget_mb: float | None = None         # 10^6 bytes of all model files written
     bpw: float | None = None               # 8 x those bytes / source parameters
-    method: str = "ilp"
+    method: str = "ilp"                    # ilp | dynaquant | search (edgeq search: widths x formats, evolution)
+    search: SearchSettings = field(default_factory=SearchSettings)   # method "search": how hard to search
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity

@@ -44,9 +44,14 @@ class LatencyBudget:
         return (f"decode step at {self.key} tokens of context" if self.kind == "decode"
                 else f"prefill of {self.key} tokens")
 
-    def _workload(self, formats: dict[str, str]):
+    def _workload(self, formats: dict[str, str], mlp_widths: list[int] | None = None):
         full = {n: formats.get(n, "f32") for n, t in self.graph.weights.items() if len(t.shape) == 2}
-        return decoder_workload(self.graph.config, full, self.n_ctx, self.kv_dtype)
+        return decoder_workload(self.graph.config, full, self.n_ctx, self.kv_dtype, mlp_widths=mlp_widths)
+
+    def pruned_ms(self, formats: dict[str, str], mlp_widths: list[int] | None) -> float:
+        """The full prediction (ms) of a plan writing `formats` whose MLPs keep `mlp_widths` channels per layer
+        (the search's latency: widths change the shapes, not only the formats)."""
+        return self.fitted.call_ms(self._workload(formats, mlp_widths), self.kind, self.key)
 
     def _branch_us(self, shape: tuple[int, ...], rank: int) -> float:
         rows, cols = shape

@@ -68,9 +68,18 @@ class Workload:
 
 
 def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: int, kv_dtype: str = "f16",
-                     file_bytes: int = 0, source: str | None = None) -> Workload:
-    """The workload of a Llama-family decoder whose 2-D weights are written in `formats` (canonical names)."""
-    shapes = llama.expected_shapes(config)
+                     file_bytes: int = 0, source: str | None = None, mlp_widths: list[int] | None = None) -> Workload:
+    """The workload of a Llama-family decoder whose 2-D weights are written in `formats` (canonical names);
+    `mlp_widths`: each layer's MLP channels when pruned (the ops around the MLPs then see their mean width, which
+    is exact for costs linear in the width)."""
+    shapes = dict(llama.expected_shapes(config))
+    ffn = config.intermediate_size
+    if mlp_widths is not None:
+        for i, k in enumerate(mlp_widths):
+            gate, up, down = llama.mlp_weights(i)
+            shapes[gate], shapes[up] = (k, shapes[gate][1]), (k, shapes[up][1])
+            shapes[down] = (shapes[down][0], k)
+        ffn = max(1, round(sum(mlp_widths) / len(mlp_widths)))
     head = names.EMBED if config.tied_embeddings else names.LM_HEAD
     matmuls = []
     for name, shape in shapes.items():
@@ -81,7 +90,7 @@ def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: 
         matmuls.append(MatMul(name, int(shape[0]), int(shape[1]), formats[name]))
     # the head last, as the runtime runs it
     matmuls.sort(key=lambda m: m.weight == head)
-    return Workload(hidden=config.hidden_size, ffn=config.intermediate_size, n_layers=config.n_layers,
+    return Workload(hidden=config.hidden_size, ffn=ffn, n_layers=config.n_layers,
                     n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
                     vocab=config.vocab_size, matmuls=matmuls, n_ctx=int(n_ctx), kv_dtype=kv_dtype,
                     file_bytes=int(file_bytes), aliases={llama.gguf_name(n): n for n in shapes})
@@ -91,7 +100,9 @@ def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", 
     if graph.kind != "decoder":
         raise EdgeqError(None, f"latency prediction covers decoders for now; this is an {graph.kind}")
     formats = {n: plan.tensors[n].format for n in graph.weights if n in plan.tensors}
-    return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes)
+    widths = llama.mlp_widths(graph)
+    return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes,
+                            mlp_widths=None if widths == [graph.config.intermediate_size] * len(widths) else widths)
 
 
 def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Workload, str, dict[str, Any]]:
@@ -114,6 +125,9 @@ def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Wor
         config = llama.LlamaConfig.from_json(model["config"])
     except (KeyError, TypeError) as exc:
         raise EdgeqError(bundle / "manifest.json", f"model config unreadable ({exc})") from None
+    keeps = [(plan["tensors"].get(llama.mlp_weights(i)[0]) or {}).get("keep") for i in range(config.n_layers)]
+    widths = [k if isinstance(k, int) and k > 0 else config.intermediate_size for k in keeps]
     w = decoder_workload(config, formats, int(m.get("n_ctx") or 2048), m.get("kv_cache_dtype") or "f16", files,
-                         source=str(bundle / "manifest.json"))
+                         source=str(bundle / "manifest.json"),
+                         mlp_widths=widths if any(k is not None for k in keeps) else None)
     return w, backend, m

@@ -40,6 +40,7 @@ class GgufTarget(Target):
     preset_reads_imatrix = True
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     measures_speed = True
+    sizes_any_width = True     # layout.py: bytes from each tensor's shape, the header from the widths' metadata
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
     prunes_attention_why = ("llama.cpp's llama and deci architectures have one head size (attention.key_length = "
                             "value_length = rope.dimension_count, asserted equal) and one rope_freqs table for all "
