@@ -26,7 +26,9 @@ from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
 from edgeq.core.cache import cache_dir
 from edgeq.core.errors import EdgeqError
+from edgeq.core.formats import get_format
 from edgeq.devices import Device, open_device
+from edgeq.importers.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from edgeq.predictor.design import MicroModel
 from edgeq.predictor.profile import NOISE_LIMIT, LatencyProfile, ModelRun
 from edgeq.models import llama
@@ -70,9 +72,20 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
         return folder
     plan_file = work / f"{mm.name}.plan.json"
     mm.plan().save(plan_file)
+    graph = mm.graph()
+    # formats written from an importance matrix only (the low-bit i-quants) get one of ones: their speed does not
+    # depend on the values, and calibrating a random micro-model would time nothing better
+    needs = [n for n, f in mm.formats.items() if get_format(f).requires_imatrix]
+    imatrix = None
+    if needs:
+        imatrix = work / f"{mm.name}.imatrix.gguf"
+        write_imatrix(imatrix, Imatrix({graph.weights[n].alias or llama.gguf_name(n): ImatrixEntry(
+            np.ones(graph.weights[n].shape[-1], np.float32), np.array([1.0], np.float32)) for n in needs},
+            ["ones (latency profile micro-model)"], 1, 1))
     opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
-                         check=False, reference=False, calibration=False, n_ctx=mm.n_ctx)
-    pipeline.export(opts, graph=mm.graph(), progress=None)
+                         check=False, reference=False, calibration=imatrix is not None,
+                         imatrix=None if imatrix is None else str(imatrix), n_ctx=mm.n_ctx)
+    pipeline.export(opts, graph=graph, progress=None)
     return folder
 
 
