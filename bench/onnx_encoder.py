@@ -7,6 +7,13 @@ reference executor on held-out sentences.
 
     python bench/onnx_encoder.py                     # 2 threads, 15 rounds
     python bench/onnx_encoder.py --threads 1 --rounds 5 --sentences 64
+    python bench/onnx_encoder.py --variants          # + edgeq int8's other lowerings (why the export has its form)
+
+`--variants` lowers the int8 bundle's own plan again in the forms the export
+does not write: static int8 as QDQ pairs around float MatMuls (left to
+onnxruntime's fusion), q/k/v as three MatMulIntegerToFloat + MultiHeadAttention
+instead of one QAttention, and Add + LayerNormalization as
+SkipLayerNormalization.
 
 Prints a table and writes bench/results/onnx_encoder.json.
 """
@@ -22,7 +29,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from shared import encoder_fixture, fidelity, interleaved_times, latency_ms
+from shared import (
+    encoder_fixture,
+    fidelity,
+    interleaved_times,
+    isa_flags,
+    latency_ms,
+    optimized_ops,
+    ort_float_optimized,
+    ort_quantize_dynamic,
+)
 
 
 def main() -> None:
@@ -32,15 +48,16 @@ def main() -> None:
     ap.add_argument("--runs-per-round", type=int, default=10)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--sentences", type=int, default=200)
+    ap.add_argument("--variants", action="store_true", help="also edgeq int8's other lowerings of the same plan")
     ap.add_argument("--out", default="bench/results/onnx_encoder.json")
     a = ap.parse_args()
 
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgeq.api import ExportOptions, export
     from edgeq.runtime.onnx_backend import session_options
 
+    load_before = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-"))
     models: dict[str, str] = {}
     export_s: dict[str, float] = {}
@@ -50,20 +67,12 @@ def main() -> None:
         export_s[q] = time.perf_counter() - t0
         models[f"edgeq {q}"] = str(work / q / "model.onnx")
     f32 = models["edgeq f32"]
-    # the float baseline as onnxruntime's transformer optimizer leaves it (falls back to the plain file if it fails)
-    try:
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        opt = optimize_model(f32, model_type="bert", num_heads=12, hidden_size=384, opt_level=1)
-        opt.save_model_to_file(str(work / "f32_ortopt.onnx"))
-        models["float, ORT transformer optimizer"] = str(work / "f32_ortopt.onnx")
-    except Exception as exc:  # noqa: BLE001 - a baseline we could not build is reported, not fatal
-        print(f"ORT transformer optimizer failed on the float model: {exc}")
-    import onnx
-
-    quantize_dynamic(f32, str(work / "ort_dyn_pc.onnx"), per_channel=True, weight_type=QuantType.QInt8,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    models["ORT quantize_dynamic per-channel int8"] = str(work / "ort_dyn_pc.onnx")
+    opt = ort_float_optimized(f32, work / "f32_ortopt.onnx")
+    if opt:
+        models["float, ORT transformer optimizer"] = opt
+    models["ORT quantize_dynamic per-channel int8"] = ort_quantize_dynamic(f32, work / "ort_dyn_pc.onnx")
+    if a.variants:
+        models.update(lowering_variants(work / "int8", work))
 
     fx = encoder_fixture("all-MiniLM-L6-v2", a.seq, a.sentences)
     feed = {"input_ids": np.array([fx.long_ids], np.int64), "attention_mask": np.ones((1, a.seq), np.int64)}
@@ -78,16 +87,18 @@ def main() -> None:
     gemm = gemm_int8_vs_f32(a.threads, a.rounds)
     base = "float, ORT transformer optimizer" if "float, ORT transformer optimizer" in times else "edgeq f32"
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    dyn = "ORT quantize_dynamic per-channel int8"
     rows = []
     for k in sessions:
         rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, **latency_ms(times[k]),
-                     "vs_float": med[k] / med[base], **quality[k], "optimized_ops": ops[k]})
+                     "vs_float": med[k] / med[base], "speedup_vs_quantize_dynamic": med[dyn] / med[k], **quality[k],
+                     "optimized_ops": ops[k]})
     print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning off, {a.rounds}x{a.runs_per_round} "
           f"interleaved runs; baseline: {base}")
-    print(f"{'variant':42s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'cos mean':>9s} {'cos min':>8s}")
+    print(f"{'variant':56s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'dyn/ms':>7s} {'cos mean':>9s} {'cos min':>8s}")
     for r in rows:
-        print(f"{r['variant']:42s} {r['file_mb']:6.1f} {r['latency_ms_median']:7.2f} {r['vs_float']:8.3f} "
-              f"{r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
+        print(f"{r['variant']:56s} {r['file_mb']:6.1f} {r['latency_ms_median']:7.2f} {r['vs_float']:8.3f} "
+              f"{r['speedup_vs_quantize_dynamic']:7.3f} {r['cosine_mean']:9.5f} {r['cosine_min']:8.5f}")
     print(f"one 128x384x1536 GEMM alone, {a.threads} threads: int8 (QDQ -> {gemm['int8_kernel']}) "
           f"{gemm['int8_ms']:.3f} ms vs f32 MatMul {gemm['f32_ms']:.3f} ms = {gemm['int8_vs_f32']:.3f}x; "
           f"CPU integer-dot-product extensions: {', '.join(gemm['cpu_flags']) or 'none (AVX2 only)'}")
@@ -97,24 +108,30 @@ def main() -> None:
                                "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(fx.sentence_ids),
                                "gemm_128x384x1536": gemm,
                                "export_s": export_s, "onnxruntime": ort.__version__, "rows": rows,
+                               "isa_flags": isa_flags(), "load_before": load_before,
                                "load_avg": os.getloadavg()}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
-def optimized_ops(path: str, threads: int, work: Path) -> dict[str, int]:
-    """The ops onnxruntime really runs (the graph after ORT_ENABLE_ALL): shows whether QDQ became integer kernels."""
-    import onnx
-    import onnxruntime as ort
+LOWERING_VARIANTS = {"edgeq int8 as QDQ (ORT fuses)": {"int8_as_qdq": True},
+                     "edgeq int8, MatMulIntegerToFloat + MultiHeadAttention": {"qattention": False},
+                     "edgeq int8 + SkipLayerNormalization": {"skip_layer_norm": True}}
 
-    from edgeq.runtime.onnx_backend import session_options
 
-    so = session_options(threads)
-    so.optimized_model_filepath = str(work / "optimized.onnx")
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    counts: dict[str, int] = {}
-    for n in onnx.load(str(work / "optimized.onnx"), load_external_data=False).graph.node:
-        counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return dict(sorted(counts.items()))
+def lowering_variants(bundle: Path, work: Path) -> dict[str, str]:
+    """The int8 bundle's plan lowered again in the forms the export does not write (same weights, same ranges)."""
+    from edgeq.core.plan import plan_from_json
+    from edgeq.importers.loader import import_model, resolve_model_path
+    from edgeq.targets.onnx.lower import lower_onnx, save_model
+
+    plan = plan_from_json(json.loads((bundle / "manifest.json").read_text())["plan"])
+    graph = import_model(resolve_model_path("all-MiniLM-L6-v2"))
+    out = {}
+    for i, (name, options) in enumerate(LOWERING_VARIANTS.items()):
+        path = work / f"variant{i}.onnx"
+        save_model(lower_onnx(graph, plan, **options), path)
+        out[name] = str(path)
+    return out
 
 
 def gemm_int8_vs_f32(threads: int, rounds: int) -> dict:
@@ -164,16 +181,8 @@ def gemm_int8_vs_f32(threads: int, rounds: int) -> dict:
                 sess.run(None, {"x": x})
                 t[name].append(time.perf_counter() - t0)
     f, i = statistics.median(t["f32"]) * 1e3, statistics.median(t["int8"]) * 1e3
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
     return {"f32_ms": f, "int8_ms": i, "int8_vs_f32": i / f, "int8_kernel": kernel,
-            "cpu_flags": sorted(flags & {"avx512_vnni", "avx_vnni", "avx512vnni", "amx_int8", "avx512bw"})}
+            "cpu_flags": [x for x in isa_flags() if x in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512bw")]}
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class Builder:
         self.memo: dict = {}           # lowering helpers share sub-graphs (one QuantizeLinear per activation)
         self.imatrix: dict = {}        # weight name -> importance (E[x²] per input), for formats that take one
         self.nbits_accuracy_level = 0  # MatMulNBits: 0 computes in float; 4 quantizes activations to int8 (faster)
+        self.int8_as_qdq = False       # static int8 as QDQ around a float MatMul (left to ORT's fusion; benchmarks)
 
     def fresh(self, hint: str) -> str:
         self._count += 1

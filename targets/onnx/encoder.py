@@ -3,7 +3,14 @@
 Batched and padded: the mask removes padding from attention (as a key padding
 mask) and from the mean, so a padded batch gives each sentence's own embedding.
 Attention is onnxruntime's fused MultiHeadAttention (float; what its transformer
-optimizer would produce), or plain ONNX ops with `attention="standard"`.
+optimizer would produce), or plain ONNX ops with `attention="standard"`. Where
+q, k and v are static int8 over one calibrated range, the three projections and
+the attention are one com.microsoft QAttention: the u8s8 GEMM of all heads in one
+batch, written straight into the per-head layout the attention reads (MultiHeadAttention
+transposes its float inputs first). GELU is com.microsoft Gelu (exact, erf), the
+kernel onnxruntime's own fusion makes of the erf pattern. Add + LayerNormalization
+stay apart: onnxruntime's fused SkipLayerNormalization measured slower on x86
+(bench/onnx_encoder.py --variants).
 """
 
 from __future__ import annotations
@@ -17,13 +24,24 @@ from edgeq.core.plan import Plan, TensorPlan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
 from edgeq.targets.onnx.builder import F32, I64, MS_DOMAIN, Builder
-from edgeq.targets.onnx.linear import emit_embedding, emit_linear, emit_table_prefix
+from edgeq.targets.onnx.linear import (
+    bias_initializer,
+    emit_embedding,
+    emit_linear,
+    emit_table_prefix,
+    int8_weight_initializers,
+    quantized_input,
+)
 
 
-def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=None) -> Builder:
+def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=None, qattention: bool = True,
+                  skip_layer_norm: bool = False, int8_as_qdq: bool = False) -> Builder:
+    """`qattention`, `skip_layer_norm`, `int8_as_qdq`: the fused forms, chosen by measurement
+    (bench/onnx_encoder.py --variants builds the others)."""
     cfg: BertConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     b = Builder(f"edgeq_{graph.arch}")
+    b.int8_as_qdq = int8_as_qdq
     ids = b.input("input_ids", I64, ["batch", "seq"])
     mask = b.input("attention_mask", I64, ["batch", "seq"])
     H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
@@ -57,20 +75,25 @@ def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=Non
             return emit_linear(b, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
                                plan.tensors[p + n + ".weight"], hint=hint)
 
-        q = lin(h, "attention.self.query", "q")
-        k = lin(h, "attention.self.key", "k")
-        v = lin(h, "attention.self.value", "v")
-        if attention == "mha":
-            att = b.op("MultiHeadAttention", [q, k, v, "", mask_i32], hint="att", domain=MS_DOMAIN,
-                       num_heads=nh, scale=float(1.0 / np.sqrt(d)))
+        qkv = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
+        if attention == "mha" and qattention and not int8_as_qdq and _one_static_range([plan.tensors[n] for n in qkv]):
+            att = _qattention(b, h, qkv, [W(n) for n in qkv], [W(n.removesuffix(".weight") + ".bias") for n in qkv],
+                              plan.tensors[qkv[0]], mask_i32, nh)
         else:
-            att = _standard_attention(b, q, k, v, bias, nh, d, H)
+            q = lin(h, "attention.self.query", "q")
+            k = lin(h, "attention.self.key", "k")
+            v = lin(h, "attention.self.value", "v")
+            if attention == "mha":
+                att = b.op("MultiHeadAttention", [q, k, v, "", mask_i32], hint="att", domain=MS_DOMAIN,
+                           num_heads=nh, scale=float(1.0 / np.sqrt(d)))
+            else:
+                att = _standard_attention(b, q, k, v, bias, nh, d, H)
         ao = lin(att, "attention.output.dense", "ao")
-        h1 = _layer_norm(b, b.op("Add", [ao, h], hint="r1"), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
+        h1 = _add_norm(b, ao, h, graph, p + "attention.output.LayerNorm", cfg.ln_eps, skip_layer_norm)
         inter = lin(h1, "intermediate.dense", "inter")
         g = _gelu(b, inter)
         o = lin(g, "output.dense", "o")
-        h = _layer_norm(b, b.op("Add", [o, h1], hint="r2"), graph, p + "output.LayerNorm", cfg.ln_eps)
+        h = _add_norm(b, o, h1, graph, p + "output.LayerNorm", cfg.ln_eps, skip_layer_norm)
 
     # mean over the unpadded tokens, then L2 normalisation
     m3 = b.op("Unsqueeze", [mask_f, b.const([-1], np.int64)], hint="mask3")
@@ -92,11 +115,41 @@ def _layer_norm(b: Builder, x: str, graph: Graph, prefix: str, eps: float) -> st
     return b.op("LayerNormalization", [x, w, bias], hint="ln", axis=-1, epsilon=float(eps))
 
 
+def _add_norm(b: Builder, x: str, residual: str, graph: Graph, prefix: str, eps: float, fused: bool) -> str:
+    """LayerNorm(x + residual): two ops, or com.microsoft SkipLayerNormalization when `fused`."""
+    if not fused:
+        return _layer_norm(b, b.op("Add", [x, residual], hint="r"), graph, prefix, eps)
+    w = b.initializer(prefix + ".weight", graph.weights[prefix + ".weight"].numpy())
+    bias = b.initializer(prefix + ".bias", graph.weights[prefix + ".bias"].numpy())
+    return b.op("SkipLayerNormalization", [x, residual, w, bias], hint="ln", domain=MS_DOMAIN, epsilon=float(eps))
+
+
 def _gelu(b: Builder, x: str) -> str:
-    """Exact GELU as x·½·(1 + erf(x/√2)); onnxruntime fuses the pattern into its Gelu kernel."""
-    e = b.op("Erf", [b.op("Div", [x, b.const(np.sqrt(2.0))], hint="gd")], hint="erf")
-    return b.op("Mul", [b.op("Mul", [x, b.op("Add", [e, b.const(1.0)], hint="g1")], hint="g2"), b.const(0.5)],
-                hint="gelu")
+    """Exact GELU, x·½·(1 + erf(x/√2)), as the com.microsoft Gelu kernel (what onnxruntime's fusion makes of the
+    erf pattern, here whatever optimisation level a session uses)."""
+    return b.op("Gelu", [x], hint="gelu", domain=MS_DOMAIN)
+
+
+def _one_static_range(plans: list[TensorPlan]) -> bool:
+    """Whether q, k and v are all static int8 over one calibrated input range (one QuantizeLinear feeds them)."""
+    return all(d.format == "int8" and d.act_range is not None for d in plans) and \
+        len({tuple(d.act_range) for d in plans}) == 1
+
+
+def _qattention(b: Builder, h: str, names_: list[str], ws: list[np.ndarray], biases: list[np.ndarray],
+                d: TensorPlan, mask_i32: str, nh: int) -> str:
+    """q, k, v projections and attention as one QAttention over the static uint8 input.
+
+    The weights stay three initializers under their own names (a Concat onnxruntime folds when it loads the
+    model); per-column scales, so the numbers are those of three MatMulIntegerToFloat."""
+    xq, xs, xzp = quantized_input(b, h, names_[0], d)
+    pairs = [int8_weight_initializers(b, n, w) for n, w in zip(names_, ws)]
+    bias = [bias_initializer(b, n, v) for n, v in zip(names_, biases)]
+    w_cat = b.op("Concat", [q for q, _ in pairs], hint="qkv_w", axis=1)
+    s_cat = b.op("Concat", [s for _, s in pairs], hint="qkv_scale", axis=0)
+    b_cat = b.op("Concat", bias, hint="qkv_bias", axis=0)
+    return b.op("QAttention", [xq, w_cat, b_cat, xs, s_cat, mask_i32, xzp], hint="att", domain=MS_DOMAIN,
+                num_heads=nh)
 
 
 def _standard_attention(b: Builder, q: str, k: str, v: str, bias: str, nh: int, d: int, H: int) -> str:

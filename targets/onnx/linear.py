@@ -3,9 +3,10 @@
 - f32 / f16: a float MatMul (f16 weights are stored half size and cast once at load).
 - int8 (static, the whitepaper's scheme): weights symmetric per output channel
   (int8, zero point 0, f32 scale per row), the input activation per tensor with a
-  calibrated range (uint8 with zero point: the fast U8S8 path on x86), written as
-  QuantizeLinear/DequantizeLinear pairs around a float MatMul that onnxruntime
-  fuses into an integer kernel (MatMulIntegerToFloat / QLinearMatMul).
+  calibrated range (uint8 with zero point: the u8s8 kernels, VNNI's vpdpbusd on
+  x86), written as QuantizeLinear + com.microsoft MatMulIntegerToFloat with the
+  bias inside: the fused integer kernel onnxruntime runs anyway, with the bias
+  add it does not fuse from a QDQ pair (measured: one float Add per linear less).
 - int8_dyn: the same weights; the activation range is computed per call
   (DynamicQuantizeLinear + MatMulInteger, which onnxruntime fuses into
   DynamicQuantizeMatMul).
@@ -110,22 +111,17 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
     elif fmt in ("f32", "f16"):
         y = b.op("MatMul", [x, weight_initializer(b, name, w, fmt)], hint=hint)
     elif fmt in ("int8", "int8_dyn"):
-        q, scale = int8_quantize_rows(w)
-        wq = b.initializer(name, np.ascontiguousarray(q.T))                      # (in, out) int8
-        ws = b.initializer(name + "_scale", scale)
-        if fmt == "int8":
-            if d.act_range is None:
-                raise EdgeqError(None, f"{name}: static int8 needs a calibrated act_range (run calibration)")
-            xs, xzp = activation_qparams(*d.act_range)
-            key = (x, float(xs), int(xzp))
-            xd = b.memo.get(key)
-            if xd is None:  # layers reading one activation with one range (q, k, v) share one QuantizeLinear
-                s_name = b.initializer(name + "_input_scale", np.array(xs, np.float32))
-                z_name = b.initializer(name + "_input_zero_point", np.array(xzp, np.uint8))
-                xq = b.op("QuantizeLinear", [x, s_name, z_name], hint="xq")
-                xd = b.memo[key] = b.op("DequantizeLinear", [xq, s_name, z_name], hint="xdq")
-            wd = b.op("DequantizeLinear", [wq, ws], hint="wdq", axis=1)     # zero point 0 (int8) by default
-            y = b.op("MatMul", [xd, wd], hint=hint)
+        wq, ws = int8_weight_initializers(b, name, w)
+        if fmt == "int8" and b.int8_as_qdq:
+            xq, xs, xzp = quantized_input(b, x, name, d)
+            xd = b.op("DequantizeLinear", [xq, xs, xzp], hint="xdq")
+            y = b.op("MatMul", [xd, b.op("DequantizeLinear", [wq, ws], hint="wdq", axis=1)], hint=hint)
+        elif fmt == "int8":
+            xq, xs, xzp = quantized_input(b, x, name, d)
+            bias_in = bias_initializer(b, name, bias)
+            y = b.op("MatMulIntegerToFloat", [xq, wq, xs, ws, xzp] + (["", bias_in] if bias_in else []), hint=hint,
+                     domain=MS_DOMAIN)
+            bias = None                                                     # added inside the kernel
         else:
             xq, xs, xzp = b.op("DynamicQuantizeLinear", [x], n_out=3, hint="xq")
             acc = b.op("MatMulInteger", [xq, wq, xzp], hint="acc")          # weight zero point 0 by default
@@ -137,8 +133,37 @@ def emit_linear(b: Builder, x: str, name: str, w: np.ndarray, bias: np.ndarray |
     if branch is not None:
         y = emit_branch(b, x, y, name, *branch, hint=hint)
     if bias is not None:
-        y = b.op("Add", [y, b.initializer(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))], hint=hint)
+        y = b.op("Add", [y, bias_initializer(b, name, bias)], hint=hint)
     return y
+
+
+def int8_weight_initializers(b: Builder, name: str, w: np.ndarray) -> tuple[str, str]:
+    """(int8 weight in (in, out) layout, f32 scale per output column): zero point 0, per-channel on the N axis, the
+    layout onnxruntime's integer kernels prepack."""
+    q, scale = int8_quantize_rows(w)
+    return b.initializer(name, np.ascontiguousarray(q.T)), b.initializer(name + "_scale", scale)
+
+
+def bias_initializer(b: Builder, weight: str, bias: np.ndarray | None) -> str:
+    """The f32 bias of a linear layer, named for its weight; "" (an absent optional input) when there is none."""
+    if bias is None:
+        return ""
+    return b.initializer(weight.removesuffix(".weight") + ".bias", np.asarray(bias, np.float32))
+
+
+def quantized_input(b: Builder, x: str, name: str, d: TensorPlan) -> tuple[str, str, str]:
+    """(uint8 x, scale, zero point) for a static int8 layer: QuantizeLinear with the plan's calibrated range.
+
+    Layers that read one activation with one range (q, k, v) share one QuantizeLinear."""
+    if d.act_range is None:
+        raise EdgeqError(None, f"{name}: static int8 needs a calibrated act_range (run calibration)")
+    xs, xzp = activation_qparams(*d.act_range)
+    key = (x, float(xs), int(xzp))
+    if key not in b.memo:
+        s_name = b.initializer(name + "_input_scale", np.array(xs, np.float32))
+        z_name = b.initializer(name + "_input_zero_point", np.array(xzp, np.uint8))
+        b.memo[key] = (b.op("QuantizeLinear", [x, s_name, z_name], hint="xq"), s_name, z_name)
+    return b.memo[key]
 
 
 def emit_embedding(b: Builder, ids: str, name: str, table: np.ndarray, d: TensorPlan) -> str:
