@@ -331,8 +331,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xlabel(label)
         ax.tick_params(axis="y", labelsize=7)
-    fig.suptitle(f"{doc['threads']} threads; {' '.join(f for f in doc['isa_flags'] if 'vnni' in f or '512f' in f) or 'AVX2'}"
-                 f"; load {doc['load_before'][0]:.1f}", fontsize=9)
+    isa = " ".join(f for f in doc["isa_flags"] if "vnni" in f or "512f" in f) or "AVX2"
+    fig.suptitle(f"{doc['cpu']}; {isa}; {doc['threads']} threads; load {doc['load_before'][0]:.1f}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

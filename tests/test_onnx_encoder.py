@@ -81,7 +81,10 @@ def test_int8_bundle_fidelity_size_and_manifest(bundles, minilm_reference):
     assert plan["encoder.layer.0.attention.output.LayerNorm.weight"]["format"] == "f32"
     lo, hi = plan["encoder.layer.3.intermediate.dense.weight"]["act_range"]
     assert lo < 0 < hi
-    assert [p["pass"] for p in m["passes"]] == ["assign_preset", "legalize", "calibrate_ranges"]
+    assert [p["pass"] for p in m["passes"]] == ["assign_preset", "legalize", "calibrate_ranges",
+                                                "choose_activation_ranges"]
+    assert m["passes"][-1]["per_call"] == 0           # MiniLM's static ranges cost under 6 dB on every layer
+    assert "dB of output SQNR" in plan["encoder.layer.3.intermediate.dense.weight"]["reason"]
     assert json.loads((b / "measurements.json").read_text())["eval"][-1]["cosine_mean"] == res["cosine_mean"]
 
 

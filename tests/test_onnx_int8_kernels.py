@@ -15,12 +15,11 @@ import onnx
 import pytest
 
 from edgeq.core.executor import Executor
-from edgeq.core.formats.int8 import int8_quantize_rows
+from edgeq.core.formats.int8 import fake_quantize_activation, int8_dequantized_rows
 from edgeq.core.plan import Plan, plan_from_json
 from edgeq.evaluate.encoder import cosines
 from edgeq.importers.hf_bert import encoder_tokenizer
 from edgeq.importers.loader import import_model
-from edgeq.targets.onnx.linear import activation_qparams
 from edgeq.targets.onnx.lower import lower_onnx, save_model
 
 SENTENCES = ["the value of a function is the model", "it is capital, and that is it!", "a", "for the model in it"]
@@ -61,23 +60,14 @@ def _static_int8_reference(graph, plan: Plan) -> Executor:
     """The reference executor computing the plan's static scheme: int8 weights (and word table) dequantized per
     row, each linear's input quantized to uint8 over its calibrated range and back (QuantizeLinear's rounding)."""
 
-    def fake_quant(x: np.ndarray, rng: list[float]) -> np.ndarray:
-        scale, zp = activation_qparams(*rng)
-        q = np.clip(np.rint(x / scale) + float(zp), 0, 255)
-        return ((q - float(zp)) * scale).astype(np.float32)
-
-    def dequant(w: np.ndarray) -> np.ndarray:
-        q, s = int8_quantize_rows(w)
-        return q.astype(np.float32) * s[:, None]
-
     def linear(node, args):
         d = plan.tensors[node.inputs[1]]
         if d.format == "int8":
-            args[0], args[1] = fake_quant(args[0], d.act_range), dequant(args[1])
+            args[0], args[1] = fake_quantize_activation(args[0], *d.act_range), int8_dequantized_rows(args[1])
 
     def embedding(node, args):
         if plan.tensors[node.inputs[1]].format == "int8":
-            args[1] = dequant(args[1])
+            args[1] = int8_dequantized_rows(args[1])
 
     return Executor(graph, observers={"linear": linear, "embedding": embedding})
 
@@ -153,3 +143,28 @@ def test_mixed_qkv_formats_fall_back_to_multihead_attention(tiny_int8, tmp_path)
     ids = tok.encode(SENTENCES[0]).ids
     ref = Executor(graph).embed(ids)
     assert cosines(ref[None], _embed(_session(path), ids)[None])[0] >= 0.98
+
+
+def test_a_range_stretched_by_outliers_moves_to_per_call_ranges(tiny_int8):
+    """choose_activation_ranges: a static range far wider than the inputs (what one outlier in calibration does)
+    costs many dB and becomes int8_dyn, with the measured loss in its reason; the calibrated ranges stay static;
+    a range a person set is not re-decided."""
+    from dataclasses import replace
+
+    from edgeq.passes.base import Context
+    from edgeq.passes.calibrate_ranges import text_inputs
+    from edgeq.passes.choose_activation_ranges import ChooseActivationRanges
+
+    _, graph, plan = tiny_int8
+    up, down = "encoder.layer.1.intermediate.dense.weight", "encoder.layer.0.output.dense.weight"
+    stretched = {**plan.tensors, up: replace(plan.tensors[up], act_range=[-500.0, 500.0]),
+                 down: replace(plan.tensors[down], act_range=[-500.0, 500.0])}
+    inputs, _ = text_inputs(graph, 8)
+    by_calibration = {n for n, d in plan.tensors.items() if d.act_range is not None and n != down}
+    _, out = ChooseActivationRanges(inputs, by_calibration).run(graph, replace(plan, tensors=stretched),
+                                                                Context("onnx"))
+    assert out.tensors[up].format == "int8_dyn" and out.tensors[up].act_range is None
+    assert "range per call" in out.tensors[up].reason and out.tensors[up].requested == "int8"
+    assert out.tensors[down] == stretched[down]                              # set by a person: left as it is
+    kept = [n for n in by_calibration if n != up and "attention" not in n]
+    assert kept and all(out.tensors[n].format == "int8" and "kept static" in out.tensors[n].reason for n in kept)

@@ -9,8 +9,9 @@ means, its formats, its size model):
   whether one is given), or a plan file that decides every tensor itself: [calibrate], [assign_preset],
   [apply_rules], legalize, [lowrank_compensate];
 - a preset elsewhere: assign_preset, [apply_rules], legalize, then what the finished plan's formats need:
-  calibrate_ranges (static INT8 activations: per weight, or per activation on CNNs) and calibrate (an
-  importance matrix for decoders' formats that take one).
+  calibrate_ranges (static INT8 activations: per weight, or per activation on CNNs) then
+  choose_activation_ranges (per layer: the static range, or per-call ranges where it costs too much), and
+  calibrate (an importance matrix for decoders' formats that take one).
 
 With `--pruning-rates` (or a plan that fixes MLP orders or widths) every list ends, before any low-rank branch, with
 uniql_sort (the MLPs' channels sorted; the graph the target lowers changes), with `--prune-attention` uniql_attention
@@ -40,6 +41,7 @@ from edgeq.passes.apply_rules import ApplyRules
 from edgeq.passes.assign_preset import AssignPreset
 from edgeq.passes.calibrate import DEFAULT_MAX_FULL, Calibrate
 from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
+from edgeq.passes.choose_activation_ranges import ChooseActivationRanges
 from edgeq.passes.fisher import Fisher
 from edgeq.passes.gptq import GptqCompensate
 from edgeq.passes.legalize import Legalize
@@ -236,7 +238,7 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
         inputs, source = ((inp.calibration, inp.calibration_source or "calibration inputs")
                           if inp.calibration is not None else text_inputs(graph, source=inp.text))
-        _, plan = run_passes([CalibrateRanges(inputs, source, PERCENTILE)], graph, plan, ctx)
+        _, plan = run_passes(_range_passes(plan, inputs, source), graph, plan, ctx)
     if graph.kind == "decoder" and opts.calibration and any(get_format(d.format).takes_imatrix
                                                             for d in plan.tensors.values()):
         if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
@@ -246,6 +248,13 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
 
 
+def _range_passes(plan: Plan, inputs: list, source: str) -> list[Pass]:
+    """Static activation ranges calibrated, then per layer kept static or moved to per-call ranges by measurement
+    (only where calibration, not a person, set the range)."""
+    fresh = {n for n, d in plan.tensors.items() if get_format(d.format).static_activations and d.act_range is None}
+    return [CalibrateRanges(inputs, source, PERCENTILE), ChooseActivationRanges(inputs, fresh)]
+
+
 def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: ExportOptions,
                           ctx: Context) -> Decision:
     """A preset plan whose MLPs are then sorted and given a width table: the importance matrix and the orders come
@@ -253,7 +262,7 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
     passes: list[Pass] = []
     if any(get_format(d.format).static_activations and d.act_range is None for d in plan.tensors.values()):
         inputs, source = text_inputs(graph, source=inp.text)
-        passes.append(CalibrateRanges(inputs, source, PERCENTILE))
+        passes += _range_passes(plan, inputs, source)
     if opts.calibration:
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
                                 full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset,

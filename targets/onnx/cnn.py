@@ -23,12 +23,11 @@ import numpy as np
 from onnx import TensorProto
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.formats.int8 import int8_quantize_rows
+from edgeq.core.formats.int8 import activation_qparams, int8_quantize_rows
 from edgeq.core.ir import Graph, Node
 from edgeq.core.plan import Plan
 from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS
 from edgeq.targets.onnx.builder import F32, Builder
-from edgeq.targets.onnx.linear import activation_qparams
 
 
 def lower_cnn(graph: Graph, plan: Plan, progress=None) -> Builder:

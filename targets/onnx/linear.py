@@ -27,18 +27,10 @@ from onnx import TensorProto
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import blockq
-from edgeq.core.formats.int8 import int8_quantize_rows
+from edgeq.core.formats.int8 import activation_qparams, int8_quantize_rows
 from edgeq.core.formats.nbits import NBITS
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.onnx.builder import F32, MS_DOMAIN, Builder
-
-
-def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-    """uint8 affine parameters for a calibrated range; 0 is exactly representable (padding, ReLU zeros)."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
-    zp = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
-    return scale, zp
 
 
 def weight_initializer(b: Builder, name: str, w: np.ndarray, fmt: str) -> str:

@@ -21,6 +21,28 @@ def int8_quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def activation_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+    """uint8 affine parameters for an activation range (static int8's input grid); 0 is exactly representable
+    (padding, ReLU zeros)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = np.float32((hi - lo) / 255.0) if hi > lo else np.float32(1.0)
+    zp = np.uint8(np.clip(np.rint(-lo / float(scale)), 0, 255))
+    return scale, zp
+
+
+def fake_quantize_activation(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """x through QuantizeLinear and DequantizeLinear over [lo, hi] (round half to even, saturate), in float32."""
+    scale, zp = activation_qparams(lo, hi)
+    q = np.clip(np.rint(x / scale) + np.float32(zp), 0, 255)
+    return ((q - np.float32(zp)) * scale).astype(np.float32)
+
+
+def int8_dequantized_rows(w: np.ndarray) -> np.ndarray:
+    """The float weights an int8 row-quantized tensor stands for."""
+    q, scale = int8_quantize_rows(w)
+    return q.astype(np.float32) * scale[:, None]
+
+
 def _int8_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
     q, scale = int8_quantize_rows(w)
     return np.concatenate([q.view(np.uint8), scale.astype("<f4")[:, None].view(np.uint8)], axis=1)
