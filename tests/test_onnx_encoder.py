@@ -111,7 +111,7 @@ def test_int8_runs_on_integer_kernels(bundles, tmp_path):
     assert ops["LayerNormalization"] == 13
     assert ops["QuantizeLinear"] == 6 * 4      # q/k/v share one quantized input per layer
     dyn = _optimized_ops(bundles["int8-dyn"] / "model.onnx", tmp_path)
-    assert dyn.get("DynamicQuantizeMatMul", 0) + dyn.get("MatMulIntegerToFloat", 0) == 36
+    assert dyn.get("DynamicQuantizeMatMul", 0) + dyn.get("MatMulIntegerToFloat", 0) == 18 and dyn["QAttention"] == 6
     assert dyn.get("MatMul", 0) == 0
 
 

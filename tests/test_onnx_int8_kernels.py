@@ -168,3 +168,26 @@ def test_a_range_stretched_by_outliers_moves_to_per_call_ranges(tiny_int8):
     assert out.tensors[down] == stretched[down]                              # set by a person: left as it is
     kept = [n for n in by_calibration if n != up and "attention" not in n]
     assert kept and all(out.tensors[n].format == "int8" and "kept static" in out.tensors[n].reason for n in kept)
+
+
+def test_int8_dyn_qkv_run_as_one_qattention_too(tiny_int8, tmp_path):
+    """All-int8_dyn q/k/v: one DynamicQuantizeLinear feeds one QAttention, the other linears run as
+    onnxruntime's DynamicQuantizeMatMul, and the numbers are those of the unfused lowering."""
+    from dataclasses import replace
+
+    _, graph, plan = tiny_int8
+    dyn = replace(plan, tensors={n: (replace(d, format="int8_dyn", act_range=None) if d.act_range else d)
+                                 for n, d in plan.tensors.items()})
+    paths = {}
+    for name, options in (("fused", {}), ("unfused", {"qattention": False})):
+        paths[name] = tmp_path / f"{name}.onnx"
+        save_model(lower_onnx(graph, dyn, **options), paths[name])
+    _session(paths["fused"], tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    layers = graph.config.n_layers
+    assert ops.count("QAttention") == layers and ops.count("DynamicQuantizeMatMul") == 3 * layers
+    assert "MatMul" not in ops and "MultiHeadAttention" not in ops
+    ids = encoder_tokenizer(graph).encode(SENTENCES[1]).ids
+    fused, unfused = (_embed(_session(paths[k]), ids) for k in ("fused", "unfused"))
+    assert np.abs(fused - unfused).max() < 1e-5
+    assert cosines(Executor(graph).embed(ids)[None], fused[None])[0] >= 0.98

@@ -4,10 +4,11 @@ Batched and padded: the mask removes padding from attention (as a key padding
 mask) and from the mean, so a padded batch gives each sentence's own embedding.
 Attention is onnxruntime's fused MultiHeadAttention (float; what its transformer
 optimizer would produce), or plain ONNX ops with `attention="standard"`. Where
-q, k and v are static int8 over one calibrated range, the three projections and
-the attention are one com.microsoft QAttention: the u8s8 GEMM of all heads in one
-batch, written straight into the per-head layout the attention reads (MultiHeadAttention
-transposes its float inputs first). GELU is com.microsoft Gelu (exact, erf), the
+q, k and v read one quantized input (static int8 over one calibrated range, or
+all int8_dyn), the three projections and the attention are one com.microsoft
+QAttention: the u8s8 GEMM of all heads in one batch, written straight into the
+per-head layout the attention reads (MultiHeadAttention transposes its float
+inputs first). GELU is com.microsoft Gelu (exact, erf), the
 kernel onnxruntime's own fusion makes of the erf pattern. Add + LayerNormalization
 stay apart: onnxruntime's fused SkipLayerNormalization measured slower on x86
 (bench/onnx_encoder.py --variants).
@@ -76,7 +77,8 @@ def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=Non
                                plan.tensors[p + n + ".weight"], hint=hint)
 
         qkv = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
-        if attention == "mha" and qattention and not int8_as_qdq and _one_static_range([plan.tensors[n] for n in qkv]):
+        fused_qkv = qattention and not int8_as_qdq and _one_quantized_input([plan.tensors[n] for n in qkv])
+        if attention == "mha" and fused_qkv:
             att = _qattention(b, h, qkv, [W(n) for n in qkv], [W(n.removesuffix(".weight") + ".bias") for n in qkv],
                               plan.tensors[qkv[0]], mask_i32, nh)
         else:
@@ -130,19 +132,26 @@ def _gelu(b: Builder, x: str) -> str:
     return b.op("Gelu", [x], hint="gelu", domain=MS_DOMAIN)
 
 
-def _one_static_range(plans: list[TensorPlan]) -> bool:
-    """Whether q, k and v are all static int8 over one calibrated input range (one QuantizeLinear feeds them)."""
+def _one_quantized_input(plans: list[TensorPlan]) -> bool:
+    """Whether q, k and v read one quantized input: all static int8 over one calibrated range (one QuantizeLinear),
+    or all int8_dyn (one DynamicQuantizeLinear)."""
+    if all(d.format == "int8_dyn" for d in plans):
+        return True
     return all(d.format == "int8" and d.act_range is not None for d in plans) and \
         len({tuple(d.act_range) for d in plans}) == 1
 
 
 def _qattention(b: Builder, h: str, names_: list[str], ws: list[np.ndarray], biases: list[np.ndarray],
                 d: TensorPlan, mask_i32: str, nh: int) -> str:
-    """q, k, v projections and attention as one QAttention over the static uint8 input.
+    """q, k, v projections and attention as one QAttention over the uint8 input (static range, or the one
+    DynamicQuantizeLinear computes per call for int8_dyn).
 
     The weights stay three initializers under their own names (a Concat onnxruntime folds when it loads the
     model); per-column scales, so the numbers are those of three MatMulIntegerToFloat."""
-    xq, xs, xzp = quantized_input(b, h, names_[0], d)
+    if d.format == "int8_dyn":
+        xq, xs, xzp = b.op("DynamicQuantizeLinear", [h], n_out=3, hint="xq")
+    else:
+        xq, xs, xzp = quantized_input(b, h, names_[0], d)
     pairs = [int8_weight_initializers(b, n, w) for n, w in zip(names_, ws)]
     bias = [bias_initializer(b, n, v) for n, v in zip(names_, biases)]
     w_cat = b.op("Concat", [q for q, _ in pairs], hint="qkv_w", axis=1)
