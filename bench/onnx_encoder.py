@@ -1,6 +1,7 @@
 """all-MiniLM-L6-v2 on onnxruntime: edgeq int8 vs the float model after ORT's optimisations vs ORT's own INT8.
 
-Batch 1, sequence 128, the same thread count for every variant, spinning off,
+Batch 1, sequence 128, the same thread count for every variant, spinning off
+(`--spinning`: on, onnxruntime's default, as a plain session opens the file),
 variants interleaved round by round (so load on a shared machine hits all of
 them alike); median latency per variant. Fidelity: cosine to edgeq's float
 reference executor on held-out sentences.
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--runs-per-round", type=int, default=10)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--sentences", type=int, default=200)
+    ap.add_argument("--spinning", action="store_true", help="intra-op threads spin between ops (ORT's default)")
     ap.add_argument("--variants", action="store_true", help="also edgeq int8's other lowerings of the same plan")
     ap.add_argument("--out", default="bench/results/onnx_encoder.json")
     a = ap.parse_args()
@@ -76,7 +78,7 @@ def main() -> None:
 
     fx = encoder_fixture("all-MiniLM-L6-v2", a.seq, a.sentences)
     feed = {"input_ids": np.array([fx.long_ids], np.int64), "attention_mask": np.ones((1, a.seq), np.int64)}
-    sessions = {k: ort.InferenceSession(v, session_options(a.threads), providers=["CPUExecutionProvider"])
+    sessions = {k: ort.InferenceSession(v, session_options(a.threads, a.spinning), providers=["CPUExecutionProvider"])
                 for k, v in models.items()}
     quality = {k: fidelity(fx.reference, np.stack([
         s.run(["embedding"], {"input_ids": np.array([i]), "attention_mask": np.ones((1, len(i)), np.int64)})[0][0]
@@ -93,7 +95,8 @@ def main() -> None:
         rows.append({"variant": k, "file_mb": os.path.getsize(models[k]) / 1e6, **latency_ms(times[k]),
                      "vs_float": med[k] / med[base], "speedup_vs_quantize_dynamic": med[dyn] / med[k], **quality[k],
                      "optimized_ops": ops[k]})
-    print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning off, {a.rounds}x{a.runs_per_round} "
+    print(f"MiniLM-L6-v2, batch 1, seq {a.seq}, {a.threads} threads, spinning {'on' if a.spinning else 'off'}, "
+          f"{a.rounds}x{a.runs_per_round} "
           f"interleaved runs; baseline: {base}")
     print(f"{'variant':56s} {'MB':>6s} {'ms':>7s} {'x float':>8s} {'dyn/ms':>7s} {'cos mean':>9s} {'cos min':>8s}")
     for r in rows:
@@ -104,7 +107,8 @@ def main() -> None:
           f"CPU integer-dot-product extensions: {', '.join(gemm['cpu_flags']) or 'none (AVX2 only)'}")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": a.threads, "seq": a.seq, "batch": 1, "rounds": a.rounds,
+    out.write_text(json.dumps({"threads": a.threads, "spinning": a.spinning, "seq": a.seq, "batch": 1,
+                               "rounds": a.rounds,
                                "runs_per_round": a.runs_per_round, "baseline": base, "n_sentences": len(fx.sentence_ids),
                                "gemm_128x384x1536": gemm,
                                "export_s": export_s, "onnxruntime": ort.__version__, "rows": rows,
