@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -115,6 +116,7 @@ def main() -> None:
                                "isa_flags": isa_flags(), "load_before": load_before,
                                "load_avg": os.getloadavg()}, indent=1) + "\n")
     print(f"wrote {out}")
+    shutil.rmtree(work, ignore_errors=True)             # ~300 MB of exports
 
 
 LOWERING_VARIANTS = {"edgeq int8 as QDQ (ORT fuses)": {"int8_as_qdq": True},
@@ -175,6 +177,7 @@ def gemm_int8_vs_f32(threads: int, rounds: int) -> dict:
     so.optimized_model_filepath = str(path)
     s8 = ort.InferenceSession(int8, so, providers=["CPUExecutionProvider"])
     kernel = "+".join(nd.op_type for nd in onnx.load(str(path)).graph.node)
+    shutil.rmtree(path.parent, ignore_errors=True)
     s32 = ort.InferenceSession(f32, session_options(threads), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((m, k)).astype(np.float32)
     t = {"f32": [], "int8": []}
