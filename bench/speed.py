@@ -374,17 +374,16 @@ def main() -> int:
                            "sentences": a.sentences, "runs_per_round": a.runs_per_round,
                            "ort_spinning": a.ort_spinning, "versions": versions,
                            "load_before": [round(x, 2) for x in os.getloadavg()], "rows": []}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if a.only in (None, "encoder"):
-            doc["rows"] += encoder_section(a, work)
-        if a.only in (None, "decoder"):
-            doc["rows"] += decoder_section(a, work)
+        for section, run in (("encoder", encoder_section), ("decoder", decoder_section)):
+            if a.only in (None, section):
+                doc["rows"] += run(a, work)
+                doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
+                a.out.write_text(json.dumps(doc, indent=1) + "\n")      # after each section: a stopped run keeps it
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print_tables(doc)
     plot(doc, a.out.with_suffix(".png"))
     print(f"\nwrote {a.out} and {a.out.with_suffix('.png')}")
