@@ -34,7 +34,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
 
-ORDERS = ("uniql", "leverage", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "greedy", "leverage", "magnitude", "wanda", "random")
 # λ as a multiple of the matrix's mean eigenvalue, per order; chosen on calibration text (bench/uniql.py --stage select)
 RIDGE = {"uniql": 10.0, "leverage": 1.0}
 SEED = 0
@@ -61,6 +61,23 @@ def ridge_leverage(cov: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     return np.clip(1.0 - lam * np.diag(inv), 0.0, 1.0)
 
 
+def greedy_removal(g: np.ndarray) -> np.ndarray:
+    """Scores from nested greedy removal on G: what removing a set S takes away from the MLP output is
+    1_Sᵀ G 1_S (cross terms included: channels whose contributions cancel are cheap to remove together), so each
+    step removes the channel that adds least to it, G_jj + 2 Σ_{i∈S} G_ij. The score is the step a channel is
+    removed at: every prefix of the ranking is the greedy choice for its width."""
+    n = g.shape[0]
+    acc = np.diag(g).copy()
+    scores = np.empty(n)
+    alive = np.ones(n, bool)
+    for step in range(n):
+        j = int(np.argmin(np.where(alive, acc, np.inf)))
+        scores[j] = step
+        alive[j] = False
+        acc += 2.0 * g[:, j]
+    return scores
+
+
 def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_moment: np.ndarray, layer: int,
                    ridge: float | None = None, seed: int = SEED) -> np.ndarray:
     """Higher is kept longer. `down`: (out, channels); `cov`: E[hhᵀ] or None; `second_moment`: E[h_j²]."""
@@ -73,6 +90,12 @@ def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_
             return ridge_leverage(cov, ridge)
         w = down.astype(np.float64)
         return ridge_leverage(cov * (w.T @ w), ridge)
+    if order == "greedy":
+        if cov is None:
+            raise EdgeqError(None, "--prune-order greedy needs the full covariance of each down projection's input "
+                                   "(calibration with full statistics; an --imatrix file has only their diagonal)")
+        w = down.astype(np.float64)
+        return greedy_removal(cov * (w.T @ w))
     if order == "magnitude":
         return np.abs(down).sum(axis=0, dtype=np.float64)
     if order == "wanda":
@@ -104,7 +127,7 @@ class UniqlSort(Pass):
         cal = ctx.analysis.get("calibration")
         todo = [i for i in range(graph.config.n_layers)
                 if all(n not in plan.tensors or plan.tensors[n].order is None for n in llama.mlp_weights(i))]
-        if todo and cal is None and self.order in ("uniql", "wanda"):
+        if todo and cal is None and self.order in ("uniql", "greedy", "wanda"):
             raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
         ranking: dict[int, np.ndarray] = {}
         for i in (ctx.progress(todo, desc=f"rank MLP channels ({self.order})", unit="layer")
