@@ -444,10 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
                              "the rate picked at load (edgeq run/eval --pruning-rate)")
         sp.add_argument("--prune-order", default="uniql",
-                        choices=["uniql", "greedy", "leverage", "magnitude", "wanda", "random"],
+                        choices=["uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random"],
                         help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
                              "covariance in the output's metric, C x W^T W; default), greedy (nested greedy "
-                             "removal of what least changes the MLP output, by C x W^T W with its cross terms), "
+                             "removal of what least changes the MLP output, by C x W^T W with its cross terms), fisher (the "
+                             "same greedy removal weighted by each output channel's Fisher: least KLD), "
                              "leverage (of C itself, the "
                              "seed paper's), magnitude (L1 of down's columns), wanda, random")
         sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],

@@ -34,7 +34,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
 
-ORDERS = ("uniql", "greedy", "leverage", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random")
 # λ as a multiple of the matrix's mean eigenvalue, per order; chosen on calibration text (bench/uniql.py --stage select)
 RIDGE = {"uniql": 10.0, "leverage": 1.0}
 SEED = 0
@@ -130,6 +130,9 @@ class UniqlSort(Pass):
         if todo and cal is None and self.order in ("uniql", "greedy", "wanda"):
             raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
         ranking: dict[int, np.ndarray] = {}
+        if self.order == "fisher":
+            ranking = self._fisher_ranking(graph, todo, cal, ctx)
+            todo = []
         for i in (ctx.progress(todo, desc=f"rank MLP channels ({self.order})", unit="layer")
                   if ctx.progress is not None else todo):
             down = llama.mlp_weights(i)[2]
@@ -144,3 +147,25 @@ class UniqlSort(Pass):
                    **({"seed": self.seed} if self.order == "random" else {}), ranked=len(ranking),
                    from_plan=graph.config.n_layers - len(ranking))
         return graph, plan
+
+    def _fisher_ranking(self, graph: Graph, layers: list[int], cal, ctx: Context) -> dict[int, np.ndarray]:
+        """Greedy removal on G_F = C_F ⊙ Wᵀ diag(F) W: the MLP output's change weighted by what each output
+        channel costs at the logits (the Fisher pass's F and token-weighted C_F, passes/fisher.py), so the
+        ranking minimises the KLD a layer's pruning causes, to second order, not its Euclidean output error."""
+        src = ctx.analysis.get("fisher")
+        if src is None:
+            raise EdgeqError(None, "--prune-order fisher needs the Fisher statistics (calibration text)")
+        downs = {llama.mlp_weights(i)[2]: i for i in layers}
+        out: dict[int, np.ndarray] = {}
+        for part in src.stream():
+            for name in [n for n in downs if n in part]:
+                w = graph.weights[name].numpy().astype(np.float64)
+                cov = part.get(f"cov:{name}")
+                if cov is None:
+                    cov = cal.stats(name).full()
+                f = np.asarray(part[name], np.float64)
+                out[downs[name]] = sort_order(greedy_removal(np.asarray(cov, np.float64) * (w.T @ (f[:, None] * w))))
+        missing = [i for i in layers if i not in out]
+        if missing:
+            raise EdgeqError(None, f"no Fisher statistics for layer {missing[0]}'s down projection")
+        return dict(sorted(out.items()))
