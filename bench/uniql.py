@@ -1,10 +1,10 @@
 """UniQL on the default model: one bundle, the MLP pruning rate chosen at load.
 
-Quality (`--stage quality`): for each channel order (uniql, magnitude, wanda, random) and each of `--subsets`
+Quality (`--stage quality`): for each channel order (uniql, ridge, leverage, magnitude, wanda, random) and each of `--subsets`
 disjoint calibration subsets, an f32 GGUF bundle with `--pruning-rates` is exported and evaluated in llama.cpp at
 every rate against the unpruned float source (edgeq eval's convention: KLD, PPL, top-1 on held-out text); the
-uniql order with `--prune-alloc uniform` too. f32 keeps quantization out of the comparison. `--ridge` and
-`--temperature` sweep the two method constants on subset 0 (what their defaults were chosen on).
+uniql order with `--prune-alloc uniform` too. f32 keeps quantization out of the comparison. `--ridge` (the
+`ridge` and `leverage` orders) and `--temperature` sweep the two method constants on subset 0 (what their defaults were chosen on).
 
 Speed and memory (`--stage speed`): a q4-class bundle per runtime (GGUF q4_0 in llama.cpp, ONNX int4 in
 onnxruntime, TVM int4), each loaded at each rate in a fresh process, round after round with the rates' order
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import ReferenceCache, log, make_reference, versions  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "uniql.json"
-ORDERS = ("uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "ridge", "leverage", "magnitude", "wanda", "random")
 
 
 def export(out: Path, **kw) -> dict:
@@ -222,7 +222,7 @@ def stage_select(a, doc: dict, out: Path) -> None:
         text.write_text(calibration_text(), encoding="utf-8")
         kw = dict(section="select", rates=a.select_rates, text=text, chunks=a.select_chunks,
                   calib_subset=(1, 3))
-        for order, ridges in (("leverage", a.ridge), ("uniql", a.ridge)):
+        for order, ridges in (("leverage", a.ridge), ("ridge", a.ridge)):
             for ridge in ridges:
                 name = f"{order} ridge={ridge:g}"
                 if name not in doc["select"]:
@@ -476,7 +476,7 @@ def main() -> int:
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
     ap.add_argument("--ridge", type=floats, default=[0.01, 0.1, 1.0, 10.0],
-                    help="select: uniql order's ridge factors (uniform widths)")
+                    help="select: the ridge and leverage orders' ridge factors (uniform widths)")
     ap.add_argument("--temperature", type=floats, default=[0.5, 1.0, 2.0, 4.0],
                     help="select: uniql allocation's temperatures (uniql order)")
     ap.add_argument("--select-rates", type=floats, default=[0.15, 0.35])

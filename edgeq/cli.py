@@ -444,18 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
                              "the rate picked at load (edgeq run/eval --pruning-rate)")
         sp.add_argument("--prune-order", default="uniql",
-                        choices=["uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random"],
-                        help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
-                             "covariance in the output's metric, C x W^T W; default), greedy (nested greedy "
-                             "removal of what least changes the MLP output, by C x W^T W with its cross terms), fisher (the "
-                             "same greedy removal weighted by each output channel's Fisher: least KLD), "
-                             "leverage (of C itself, the "
+                        choices=["uniql", "ridge", "leverage", "magnitude", "wanda", "random"],
+                        help="how MLP channels are ordered: uniql (nested greedy removal of what least changes the "
+                             "MLP output, by the covariance of the channels' contributions C x W^T W with its "
+                             "cross terms; default), ridge (ridge leverage of C x W^T W), leverage (of C itself, the "
                              "seed paper's), magnitude (L1 of down's columns), wanda, random")
         sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
                         help="per-layer widths for a rate: uniql (layers that change the residual stream less are "
                              "pruned more; default) or uniform")
         sp.add_argument("--prune-ridge", type=float, metavar="F",
-                        help="uniql and leverage orders: the ridge lambda as a multiple of the matrix's mean "
+                        help="ridge and leverage orders: the ridge lambda as a multiple of the matrix's mean "
                              "eigenvalue (defaults 10 and 1, chosen on calibration text by bench/uniql.py)")
         sp.add_argument("--recover-steps", type=int, default=0, metavar="N",
                         help="with --pruning-rates: N steps of masked LoRA fine-tuning on the calibration text, a "

@@ -186,7 +186,7 @@ def test_orders_and_allocations():
     np.testing.assert_allclose(ridge_leverage(cov, 1.0), direct, rtol=1e-9, atol=1e-12)
     assert np.all((direct > 0) & (direct < 1))
     down = rng.standard_normal((16, 48))
-    for order in ("uniql", "greedy", "leverage", "magnitude", "wanda", "random"):
+    for order in ("uniql", "ridge", "leverage", "magnitude", "wanda", "random"):
         o = sort_order(channel_scores(order, down, cov, np.diag(cov), layer=3))
         assert sorted(o.tolist()) == list(range(48))
     # duplicated channels share their span: ridge leverage ranks a copy below a unique channel of equal energy
@@ -194,18 +194,19 @@ def test_orders_and_allocations():
     h = np.column_stack([h[:, 0], h[:, 0], h[:, 1], h[:, 2]])
     s = ridge_leverage(h.T @ h / 4000, 0.01)
     assert s[0] == pytest.approx(s[1]) and s[0] < 0.6 < s[2]
-    # a channel with large activations whose down column is ~0 contributes nothing to the output: uniql (leverage
-    # in the output's metric) ranks it last, leverage of C alone ranks it first
+    # a channel with large activations whose down column is ~0 contributes nothing to the output: uniql and ridge
+    # (in the output's metric) rank it last, leverage of C alone ranks it first
     h = rng.standard_normal((4000, 6)) * np.array([10.0, 1, 1, 1, 1, 1])
     w = rng.standard_normal((8, 6))
     w[:, 0] *= 1e-4
     cov6 = h.T @ h / 4000
     assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
+    assert sort_order(channel_scores("ridge", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
-    # every prefix of the greedy ranking removes, step by step, the channel that adds least to 1_S^T G 1_S
+    # every prefix of the uniql ranking removes, step by step, the channel that adds least to 1_S^T G 1_S
     g = cov * (down.T @ down)
     removed: list[int] = []
-    for j in sort_order(channel_scores("greedy", down, cov, np.diag(cov), 0))[::-1][:6]:
+    for j in sort_order(channel_scores("uniql", down, cov, np.diag(cov), 0))[::-1][:6]:
         rest = [k for k in range(48) if k not in removed]
         inc = [g[k, k] + 2 * g[k, removed].sum() for k in rest]
         assert inc[rest.index(j)] == pytest.approx(min(inc))

@@ -207,8 +207,6 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
         sort = [sort, UniqlAttention()]
     else:
         sort = [sort]
-    if opts.prune_order == "fisher":        # the ranking reads the output Fisher of the calibration windows
-        sort = [Fisher(n_windows=opts.calib_windows, source=inp.text, subset=opts.calib_subset), *sort]
     if not opts.recover_steps:
         return [*sort, alloc]
     return [*sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]

@@ -63,7 +63,7 @@ class ExportOptions:
     pruning_rates: list[float] | None = None
     prune_order: str = "uniql"             # uniql | leverage | magnitude | wanda | random
     prune_alloc: str = "uniql"             # uniql | uniform
-    prune_ridge: float | None = None       # uniql/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
+    prune_ridge: float | None = None       # ridge/leverage orders: λ as a multiple of tr/n (None: uniql_sort.RIDGE)
     prune_temperature: float | None = None   # uniql alloc: softmax temperature (None: passes/uniql_alloc.TEMPERATURE)
     recover_steps: int = 0                 # masked LoRA steps over the pruning rates, merged back (needs torch)
     prune_attention: bool = False          # also the attention's head dimensions (Q/K RoPE pairs, V/O by SVD)
