@@ -108,14 +108,14 @@ class TokenStream:
             backend.reset()
             logits = backend.feed(self.prompt_ids, logits=want)
             n = len(self.prompt_ids)
-            for _ in range(self.max_tokens):
+            for left in range(self.max_tokens - 1, -1, -1):
                 tok = sampler.sample(logits)
                 if tok in stop_ids:
                     self.finish_reason = "stop"
                     return
                 yield tok
                 n += 1
-                if n >= backend.n_ctx:
+                if left == 0 or n >= backend.n_ctx:      # no decode of a token nothing will follow
                     break
                 logits = backend.feed([tok], logits=want)
             self.finish_reason = "length"
