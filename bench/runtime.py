@@ -30,7 +30,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -66,10 +65,7 @@ def llama_bench() -> Path:
     final = cache_root() / "llama-bench" / f"{version}-{key}"
 
     def build(tmp: Path) -> dict:
-        archive = llama_source.sdist(cache_root() / "src", "llama-bench build")
-        work = Path(tempfile.mkdtemp(prefix=".llama-bench-", dir=tmp.parent))
-        try:
-            src = llama_source.unpack(archive, work)
+        with llama_source.unpacked_tree(cache_root() / "src", "llama-bench build", tmp.parent) as (src, work):
             bdir = work / "build"
             generator = ["-G", "Ninja"] if shutil.which("ninja") else []
             for cmd in (["cmake", *generator, "-S", str(src), "-B", str(bdir), *BENCH_FLAGS],
@@ -77,10 +73,7 @@ def llama_bench() -> Path:
                 res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 if res.returncode != 0:
                     sys.exit(f"llama-bench build failed: {' '.join(cmd[:3])}: {res.stdout.strip()[-2000:]}")
-            exe = next(bdir.rglob("llama-bench"))
-            shutil.copy2(exe, tmp / "llama-bench")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.copy2(next(p for p in bdir.rglob("llama-bench") if p.is_file()), tmp / "llama-bench")
         return {"llama_cpp_python": version, "cmake_flags": BENCH_FLAGS}
 
     return build_once(final, build, log, f"llama-bench from llama.cpp {version} (this CPU)") / "llama-bench"

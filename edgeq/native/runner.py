@@ -104,10 +104,7 @@ def _build_step(final: Path, build: Callable[[Path], dict], log: Callable[[str],
 
 def _llama_static(march: str, jobs: int) -> Callable[[Path], dict]:
     def build(tmp: Path) -> dict:
-        archive = llama_source.sdist(cache_root() / "src", "native runner build")
-        work = Path(tempfile.mkdtemp(prefix=".llama-static-", dir=tmp.parent))
-        try:
-            src = llama_source.unpack(archive, work)
+        with llama_source.unpacked_tree(cache_root() / "src", "native runner build", tmp.parent) as (src, work):
             bdir = work / "build"
             _run(["cmake", "-G", "Ninja", "-S", str(src), "-B", str(bdir),
                   *llama_source.aarch64_cmake_flags(shared=False, march=march, prefix_map=src)], "cmake (aarch64)")
@@ -125,8 +122,6 @@ def _llama_static(march: str, jobs: int) -> Callable[[Path], dict]:
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / rel, dst)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         return {"llama_cpp_python": llama_source.llama_version(), "march": march, "libs": list(STATIC_LIBS)}
     return build
 
