@@ -140,6 +140,8 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+        import onnxruntime as ort
+
         self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
@@ -162,6 +164,10 @@ class OnnxDecoderBackend(TokenizerText):
         self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.lora_feeds: dict[str, np.ndarray] = {}
         self._io = self.session.io_binding()
+        self._ones = np.ones((1, n_ctx), np.int64)                       # attention masks and positions: views
+        self._positions = np.arange(n_ctx, dtype=np.int64)[None]
+        self._step_logits = (ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.n_vocab], np.float32)
+                             if self.session.get_outputs()[0].type == "tensor(float)" else None)
         self.reset()
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
@@ -220,13 +226,16 @@ class OnnxDecoderBackend(TokenizerText):
         io.clear_binding_inputs()
         io.clear_binding_outputs()
         io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("attention_mask", np.ones((1, self.n_tokens + n), np.int64))
-        io.bind_cpu_input("position_ids", np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None])
+        io.bind_cpu_input("attention_mask", self._ones[:, :self.n_tokens + n])
+        io.bind_cpu_input("position_ids", self._positions[:, self.n_tokens:self.n_tokens + n])
         for name, value in zip(self.past_names, self.past):
             io.bind_ortvalue_input(name, value)
         for name, arr in self.lora_feeds.items():
             io.bind_cpu_input(name, arr)
-        io.bind_output("logits", "cpu")
+        if n == 1 and self._step_logits is not None:       # a decode step writes into the same logits buffer
+            io.bind_ortvalue_output("logits", self._step_logits)
+        else:
+            io.bind_output("logits", "cpu")
         for name in self.present_names:
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
@@ -238,14 +247,15 @@ class OnnxDecoderBackend(TokenizerText):
     def feed(self, ids: list[int], logits: bool = True) -> np.ndarray | None:
         """Append tokens to the KV cache; logits after the last one (None without `logits`)."""
         out = self._run(list(ids))
-        return np.asarray(out.numpy()[0, -1], dtype=np.float32) if logits else None
+        # a copy: numpy() views the OrtValue's memory, which the next step reuses
+        return np.array(out.numpy()[0, -1], dtype=np.float32) if logits else None
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
         self.reset()
         out = self._run(list(ids))
         self.reset()
-        return np.asarray(out.numpy()[0], dtype=np.float32)
+        return np.array(out.numpy()[0], dtype=np.float32)
 
     def close(self) -> None:
         self.session = None

@@ -105,6 +105,11 @@ def test_logits_are_copied_only_when_asked(bundles):
             np.testing.assert_allclose(last, s.logits(ids)[-1], rtol=1e-5, atol=1e-5)
             s.backend.reset()
             s.backend.feed(ids, logits=False)
+            step = s.backend.feed([greedy[0]])
+            s.backend.feed([greedy[1]])              # a later step leaves the array given out alone
+            np.testing.assert_allclose(step, s.logits(ids + greedy[:1])[-1], rtol=1e-5, atol=1e-5)
+            s.backend.reset()
+            s.backend.feed(ids, logits=False)
             assert s.backend.feed([greedy[0]], logits=False) is None
     assert len(asked["gguf"]) == len(asked["onnx"]) == 2 * 12
     assert all(not want and none for _, want, none in asked["gguf"])
