@@ -222,24 +222,31 @@ class OnnxDecoderBackend(TokenizerText):
         if self.n_tokens + n > self.n_ctx:
             raise RequestError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}",
                                code="context_length_exceeded")
-        io = self._io
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        io.bind_cpu_input("input_ids", np.asarray([ids], np.int64))
-        io.bind_cpu_input("attention_mask", self._ones[:, :self.n_tokens + n])
-        io.bind_cpu_input("position_ids", self._positions[:, self.n_tokens:self.n_tokens + n])
-        for name, value in zip(self.past_names, self.past):
-            io.bind_ortvalue_input(name, value)
-        for name, arr in self.lora_feeds.items():
-            io.bind_cpu_input(name, arr)
-        if n == 1 and self._step_logits is not None:       # a decode step writes into the same logits buffer
-            io.bind_ortvalue_output("logits", self._step_logits)
+        inputs = {"input_ids": np.asarray([ids], np.int64), "attention_mask": self._ones[:, :self.n_tokens + n],
+                  "position_ids": self._positions[:, self.n_tokens:self.n_tokens + n]}
+        if self.lora_feeds:
+            # an IO binding cannot name initializers (the graph's LoRA inputs are): OrtValues in and out instead
+            import onnxruntime as ort
+
+            feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in {**inputs, **self.lora_feeds}.items()}
+            feeds.update(zip(self.past_names, self.past))
+            out = self.session.run_with_ort_values(["logits", *self.present_names], feeds)
         else:
-            io.bind_output("logits", "cpu")
-        for name in self.present_names:
-            io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
-        out = io.get_outputs()
+            io = self._io
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            for name, arr in inputs.items():
+                io.bind_cpu_input(name, arr)
+            for name, value in zip(self.past_names, self.past):
+                io.bind_ortvalue_input(name, value)
+            if n == 1 and self._step_logits is not None:       # a decode step writes into the same logits buffer
+                io.bind_ortvalue_output("logits", self._step_logits)
+            else:
+                io.bind_output("logits", "cpu")
+            for name in self.present_names:
+                io.bind_output(name, "cpu")
+            self.session.run_with_iobinding(io)
+            out = io.get_outputs()
         self.past = list(out[1:])
         self.n_tokens += n
         return out[0]
