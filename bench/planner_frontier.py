@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gptq", action="store_true", help="plans with --gptq (passes/gptq.py)")
+    ap.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (edgeq's default 4)")
     ap.add_argument("--no-speed", action="store_true", help="skip each export's check and speed measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_frontier.json"))
     a = ap.parse_args()
@@ -55,7 +56,7 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
-           "formats": formats, "gptq": a.gptq, "rows": []}
+           "formats": formats, "gptq": a.gptq, "calib_windows": a.calib_windows, "rows": []}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n")
@@ -65,9 +66,10 @@ def main() -> int:
     for kind, what in jobs:
         t0 = time.perf_counter()
         bundle = work / f"{kind}-{what}"
-        opts = (ExportOptions(quant=what, out=str(bundle), force=True, check=False) if kind == "preset" else
+        opts = (ExportOptions(quant=what, out=str(bundle), force=True, check=False, calib_windows=a.calib_windows)
+                if kind == "preset" else
                 ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True, gptq=a.gptq,
-                              check=not a.no_speed))
+                              calib_windows=a.calib_windows, check=not a.no_speed))
         r = export(opts, log=lambda s: print(s, file=sys.stderr))
         ev = evaluate_bundle(bundle, chunks=a.chunks, threads=a.threads, record=False, pareto=False)
         m = r["manifest"]

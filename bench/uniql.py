@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from presets import ReferenceCache, log, make_reference, versions  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "uniql.json"
-ORDERS = ("uniql", "leverage", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random")
 
 
 def export(out: Path, **kw) -> dict:

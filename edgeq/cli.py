@@ -443,9 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="decoders: sort every MLP's channels and record per-layer widths for these pruning rates "
                              "(shares of the MLPs' channels removed, e.g. 0,0.05,0.15,0.25,0.35); one model file, "
                              "the rate picked at load (edgeq run/eval --pruning-rate)")
-        sp.add_argument("--prune-order", default="uniql", choices=["uniql", "leverage", "magnitude", "wanda", "random"],
+        sp.add_argument("--prune-order", default="uniql",
+                        choices=["uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random"],
                         help="how MLP channels are ordered: uniql (ridge leverage of the down projection's input "
-                             "covariance in the output's metric, C x W^T W; default), leverage (of C itself, the "
+                             "covariance in the output's metric, C x W^T W; default), greedy (nested greedy "
+                             "removal of what least changes the MLP output, by C x W^T W with its cross terms), fisher (the "
+                             "same greedy removal weighted by each output channel's Fisher: least KLD), "
+                             "leverage (of C itself, the "
                              "seed paper's), magnitude (L1 of down's columns), wanda, random")
         sp.add_argument("--prune-alloc", default="uniql", choices=["uniql", "uniform"],
                         help="per-layer widths for a rate: uniql (layers that change the residual stream less are "

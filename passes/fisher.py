@@ -384,19 +384,21 @@ class Fisher(Pass):
     name = "fisher"
 
     def __init__(self, n_windows: int = 2, ctx: int = 512, token_weighted: bool = True,
-                 source: CalibrationText | None = None):
+                 source: CalibrationText | None = None, subset: tuple[int, int] = (0, 1)):
         self.source = source
+        self.subset = subset
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.token_weighted = token_weighted
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         tokens, bos, add_bos = calibration_tokens(graph, self.source)
-        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source)
+        windows = calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source, self.subset)
         # computed as the sensitivity pass consumes it, a segment at a time (or not at all when its costs are
         # cached)
         src = ctx.analysis["fisher"] = FisherSource(graph, windows, token_weighted=self.token_weighted)
         text = {} if self.source is None or self.source.is_default else self.source.record()
         ctx.record(self.name, windows=len(windows), ctx=self.ctx_len, token_weighted=self.token_weighted,
-                   weights=len(src.linear_weights()), **text)
+                   weights=len(src.linear_weights()), **text,
+                   **({"subset": list(self.subset)} if self.subset != (0, 1) else {}))
         return graph, plan

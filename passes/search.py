@@ -8,12 +8,12 @@ Runs after the sensitivity pass (every tensor's cost per format) and uniql_sort 
 2. the accuracy predictor (search_accuracy.py), APQ's transfer: pre-trained on `cheap_labels` random points'
    summed Fisher + pruning costs, fine-tuned on `expensive_labels` points within the budgets measured for real
    (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py);
-3. evolution: a population of points within the budgets (the anchor, every uniform format at full width that
-   meets them, the measured points, random samples), each generation keeping the best quarter by the predictor
+3. evolution: a population of points within the budgets (the anchor, the ILP's plan at full widths under the
+   same budgets, every uniform format at full width that meets them, the measured points, random samples), each generation keeping the best quarter by the predictor
    and filling the rest with mutations and crossovers, every child repaired (widths follow formats) and walked
    back within the budgets towards its parent (search_space.toward); seeded, so the same inputs give the same plan;
-4. finalists: the `finalists` best points by the predictor are measured for real (when `measure` is given) and
-   the best measured point (finalists and expensive labels alike, all within the budgets) is the plan; each
+4. finalists: the `finalists` best points by the predictor, and the ILP's plan, are measured for real (when
+   `measure` is given) and the best measured point (finalists and expensive labels alike, all within the budgets) is the plan; each
    finalist's bytes, latency and KLD go to the plan's `search` record.
 
 The plan fixes `keep` (and, after uniql_alloc, `order`) on every MLP tensor, so `edgeq export --plan` writes the
@@ -83,6 +83,9 @@ class SearchInputs:
     channel_multiple: int = 1
     # plans -> their real KLDs, in order (an executor's map: compile/label_executors.py); None: no expensive labels
     measure: Callable[..., list[float]] | None = None
+    # costs -> the ILP's formats at full MLP widths under the same budgets (None: it finds none): the search
+    # starts from that plan and measures it beside its finalists, so it never returns one worse by the real KLD
+    ilp_formats: Callable[[CostTable], dict[str, str] | None] | None = None
 
 
 class Search(Pass):
@@ -167,10 +170,12 @@ class Search(Pass):
         def score(cs: list[Candidate]) -> np.ndarray:
             return predictor.predict(np.array([space.features(c) for c in cs]))
 
-        # 3. evolution within the budgets
+        # 3. evolution within the budgets, from the ILP's plan, every uniform format and the measured points
+        ilp = self.ilp_point(space, ctx.analysis["costs"])
         uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
-        pop = _unique([anchor] + uniform + list(measured) + [
-            space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - 1 - len(uniform) - len(measured)))])
+        seeds = _unique([anchor] + ([ilp] if ilp else []) + uniform + list(measured))
+        pop = seeds + [space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - len(seeds)))]
+        pop = _unique(pop)
         gens = range(s.generations)
         for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
             ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
@@ -192,7 +197,7 @@ class Search(Pass):
         ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
         finalists = ranked[:max(1, s.finalists)]
         if self.inp.measure is not None and s.finalists:
-            todo = [c for c in finalists if c not in measured]
+            todo = _unique([c for c in finalists + ([ilp] if ilp else []) if c not in measured])
             got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
                                    "search: finalists (real KLD)")
             measured.update(zip(todo, got))
@@ -202,6 +207,9 @@ class Search(Pass):
             best = finalists[0]
         out = self.candidate_plan(graph, space, best, ctx)
         out.search.update(self._record(space, best, finalists, measured, predictor, score))
+        if ilp is not None:
+            out.search["ilp_seed"] = {"chosen": best == ilp, **({"kld": round(measured[ilp], 8)}
+                                                                if ilp in measured else {})}
         if menus is not None:
             out.search["menus"] = menus
         out.calibration = plan.calibration
@@ -211,6 +219,21 @@ class Search(Pass):
                    predicted_latency_ms=None if m.latency_ms is None else round(m.latency_ms, 4),
                    widths=list(best.widths), formats=out.format_counts())
         return graph, out
+
+    def ilp_point(self, space: SearchSpace, table: CostTable) -> Candidate | None:
+        """The ILP's plan as a point of `space` (full widths), or None: no ILP plan, a format outside the
+        space's menu, or over the budgets by the space's own exact bytes and predicted latency."""
+        fmts = self.inp.ilp_formats(table) if self.inp.ilp_formats is not None else None
+        if fmts is None:
+            return None
+        idx = []
+        for g in space.genes:
+            f = fmts.get(g.members[0])
+            if f not in g.formats:
+                return None
+            idx.append(g.formats.index(f))
+        c = Candidate(tuple(idx), tuple(space.full))
+        return c if space.measures(c).meets(self.inp.budgets) else None
 
     def candidate_plan(self, graph: Graph, space: SearchSpace, c: Candidate, ctx: Context) -> Plan:
         return candidate_plan(graph, space, c, ctx, self.inp.budget_bytes, self.inp.ties, self.inp.latency_info)

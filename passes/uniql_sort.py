@@ -34,7 +34,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
 
-ORDERS = ("uniql", "leverage", "magnitude", "wanda", "random")
+ORDERS = ("uniql", "greedy", "fisher", "leverage", "magnitude", "wanda", "random")
 # λ as a multiple of the matrix's mean eigenvalue, per order; chosen on calibration text (bench/uniql.py --stage select)
 RIDGE = {"uniql": 10.0, "leverage": 1.0}
 SEED = 0
@@ -61,6 +61,23 @@ def ridge_leverage(cov: np.ndarray, ridge: float = 1.0) -> np.ndarray:
     return np.clip(1.0 - lam * np.diag(inv), 0.0, 1.0)
 
 
+def greedy_removal(g: np.ndarray) -> np.ndarray:
+    """Scores from nested greedy removal on G: what removing a set S takes away from the MLP output is
+    1_Sᵀ G 1_S (cross terms included: channels whose contributions cancel are cheap to remove together), so each
+    step removes the channel that adds least to it, G_jj + 2 Σ_{i∈S} G_ij. The score is the step a channel is
+    removed at: every prefix of the ranking is the greedy choice for its width."""
+    n = g.shape[0]
+    acc = np.diag(g).copy()
+    scores = np.empty(n)
+    alive = np.ones(n, bool)
+    for step in range(n):
+        j = int(np.argmin(np.where(alive, acc, np.inf)))
+        scores[j] = step
+        alive[j] = False
+        acc += 2.0 * g[:, j]
+    return scores
+
+
 def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_moment: np.ndarray, layer: int,
                    ridge: float | None = None, seed: int = SEED) -> np.ndarray:
     """Higher is kept longer. `down`: (out, channels); `cov`: E[hhᵀ] or None; `second_moment`: E[h_j²]."""
@@ -73,6 +90,12 @@ def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_
             return ridge_leverage(cov, ridge)
         w = down.astype(np.float64)
         return ridge_leverage(cov * (w.T @ w), ridge)
+    if order == "greedy":
+        if cov is None:
+            raise EdgeqError(None, "--prune-order greedy needs the full covariance of each down projection's input "
+                                   "(calibration with full statistics; an --imatrix file has only their diagonal)")
+        w = down.astype(np.float64)
+        return greedy_removal(cov * (w.T @ w))
     if order == "magnitude":
         return np.abs(down).sum(axis=0, dtype=np.float64)
     if order == "wanda":
@@ -104,9 +127,12 @@ class UniqlSort(Pass):
         cal = ctx.analysis.get("calibration")
         todo = [i for i in range(graph.config.n_layers)
                 if all(n not in plan.tensors or plan.tensors[n].order is None for n in llama.mlp_weights(i))]
-        if todo and cal is None and self.order in ("uniql", "wanda"):
+        if todo and cal is None and self.order in ("uniql", "greedy", "wanda"):
             raise EdgeqError(None, f"--prune-order {self.order} needs calibration (drop --no-calibration)")
         ranking: dict[int, np.ndarray] = {}
+        if self.order == "fisher":
+            ranking = self._fisher_ranking(graph, todo, cal, ctx)
+            todo = []
         for i in (ctx.progress(todo, desc=f"rank MLP channels ({self.order})", unit="layer")
                   if ctx.progress is not None else todo):
             down = llama.mlp_weights(i)[2]
@@ -121,3 +147,25 @@ class UniqlSort(Pass):
                    **({"seed": self.seed} if self.order == "random" else {}), ranked=len(ranking),
                    from_plan=graph.config.n_layers - len(ranking))
         return graph, plan
+
+    def _fisher_ranking(self, graph: Graph, layers: list[int], cal, ctx: Context) -> dict[int, np.ndarray]:
+        """Greedy removal on G_F = C_F ⊙ Wᵀ diag(F) W: the MLP output's change weighted by what each output
+        channel costs at the logits (the Fisher pass's F and token-weighted C_F, passes/fisher.py), so the
+        ranking minimises the KLD a layer's pruning causes, to second order, not its Euclidean output error."""
+        src = ctx.analysis.get("fisher")
+        if src is None:
+            raise EdgeqError(None, "--prune-order fisher needs the Fisher statistics (calibration text)")
+        downs = {llama.mlp_weights(i)[2]: i for i in layers}
+        out: dict[int, np.ndarray] = {}
+        for part in src.stream():
+            for name in [n for n in downs if n in part]:
+                w = graph.weights[name].numpy().astype(np.float64)
+                cov = part.get(f"cov:{name}")
+                if cov is None:
+                    cov = cal.stats(name).full()
+                f = np.asarray(part[name], np.float64)
+                out[downs[name]] = sort_order(greedy_removal(np.asarray(cov, np.float64) * (w.T @ (f[:, None] * w))))
+        missing = [i for i in layers if i not in out]
+        if missing:
+            raise EdgeqError(None, f"no Fisher statistics for layer {missing[0]}'s down projection")
+        return dict(sorted(out.items()))

@@ -186,7 +186,7 @@ def test_orders_and_allocations():
     np.testing.assert_allclose(ridge_leverage(cov, 1.0), direct, rtol=1e-9, atol=1e-12)
     assert np.all((direct > 0) & (direct < 1))
     down = rng.standard_normal((16, 48))
-    for order in ("uniql", "leverage", "magnitude", "wanda", "random"):
+    for order in ("uniql", "greedy", "leverage", "magnitude", "wanda", "random"):
         o = sort_order(channel_scores(order, down, cov, np.diag(cov), layer=3))
         assert sorted(o.tolist()) == list(range(48))
     # duplicated channels share their span: ridge leverage ranks a copy below a unique channel of equal energy
@@ -202,6 +202,14 @@ def test_orders_and_allocations():
     cov6 = h.T @ h / 4000
     assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
+    # every prefix of the greedy ranking removes, step by step, the channel that adds least to 1_S^T G 1_S
+    g = cov * (down.T @ down)
+    removed: list[int] = []
+    for j in sort_order(channel_scores("greedy", down, cov, np.diag(cov), 0))[::-1][:6]:
+        rest = [k for k in range(48) if k not in removed]
+        inc = [g[k, k] + 2 * g[k, removed].sum() for k in rest]
+        assert inc[rest.index(j)] == pytest.approx(min(inc))
+        removed.append(int(j))
     # allocation: the global count met exactly with mixed steps; more important layers pruned less
     imp = np.array([0.9, 0.1, 0.3, 0.05])
     shares = layer_shares(imp, 0.25, "uniql")

@@ -34,7 +34,8 @@ from edgeq.core.layout import zero_weights
 from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes import Context, Pass, run_passes
-from edgeq.passes.allocate import Allocate, ExtraRow, budget_bytes, budget_error, min_feasible_bytes, solve_ilp
+from edgeq.passes.allocate import (Allocate, ExtraRow, budget_bytes, budget_error, min_feasible_bytes, solve_ilp,
+                                   solve_rows)
 from edgeq.passes.allocate_dynaquant import AllocateDynaQuant
 from edgeq.passes.apply_rules import ApplyRules
 from edgeq.passes.assign_preset import AssignPreset
@@ -204,6 +205,8 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
         sort = [sort, UniqlAttention()]
     else:
         sort = [sort]
+    if opts.prune_order == "fisher":        # the ranking reads the output Fisher of the calibration windows
+        sort = [Fisher(n_windows=opts.calib_windows, source=inp.text, subset=opts.calib_subset), *sort]
     if not opts.recover_steps:
         return [*sort, alloc]
     return [*sort, alloc, UniqlRecover(opts.recover_steps, subset=opts.calib_subset, source=inp.text)]
@@ -424,9 +427,20 @@ def _search_widths_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, 
     SearchSpace(genes_of(sizes, ties), {n: tuple(graph.weights[n].shape) for n in sizes.options}, full, {}, [],
                 bytes_of, overhead, None if lb is None else lb.pruned_ms, opts.search.width_step,
                 opts.search.max_prune, target.mlp_channel_multiple).feasible_anchor(budgets)
+    def ilp_formats(table: CostTable) -> dict[str, str] | None:
+        """The ILP's plan at full MLP widths under the same budgets (None where none exists: the search may
+        still meet a latency only narrower MLPs reach)."""
+        try:
+            rows = [] if opened is None else [_latency_row(graph, inp, opts, sizes, budget, ties,
+                                                           byte_budget is not None, opened)]
+            alloc = solve_rows(table, budget, ties, rows)
+        except EdgeqError:
+            return None
+        return {n: o.format for n, o in alloc.choice.items()}
+
     inputs = SearchInputs(
         budgets, budget,
         bytes_of, overhead,
-        None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.measure)
+        None if lb is None else lb.pruned_ms, info, ties, target.mlp_channel_multiple, inp.measure, ilp_formats)
     return _cost_passes(inp, opts, layout, formats) + [UniqlSort(opts.prune_order, opts.prune_ridge),
                                                        Search(inputs, opts.search)]

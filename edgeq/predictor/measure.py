@@ -62,6 +62,19 @@ def device_for(spec: str) -> Device:
     return open_device("local" if spec.strip() == "cpu" else spec)
 
 
+def ones_imatrix(graph, formats: dict[str, str], path: Path) -> Path | None:
+    """An importance matrix of ones for the weights whose formats are written from one only (the low-bit
+    i-quants), or None when no weight needs one: a plan exported to be timed, not scored, needs no calibration,
+    since a kernel's speed does not depend on the values."""
+    needs = [n for n, f in formats.items() if get_format(f).requires_imatrix]
+    if not needs:
+        return None
+    write_imatrix(path, Imatrix({graph.weights[n].alias or llama.gguf_name(n): ImatrixEntry(
+        np.ones(graph.weights[n].shape[-1], np.float32), np.array([1.0], np.float32)) for n in needs},
+        ["ones (latency timing only)"], 1, 1))
+    return path
+
+
 def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress=None) -> Path:
     """The micro-model's bundle, exported once per content (cached beside the profiles)."""
     key = hashlib.sha256(json.dumps([__version__, backend, target, mm.name, mm.seed, mm.n_ctx, mm.formats,
@@ -73,15 +86,7 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
     plan_file = work / f"{mm.name}.plan.json"
     mm.plan().save(plan_file)
     graph = mm.graph()
-    # formats written from an importance matrix only (the low-bit i-quants) get one of ones: their speed does not
-    # depend on the values, and calibrating a random micro-model would time nothing better
-    needs = [n for n, f in mm.formats.items() if get_format(f).requires_imatrix]
-    imatrix = None
-    if needs:
-        imatrix = work / f"{mm.name}.imatrix.gguf"
-        write_imatrix(imatrix, Imatrix({graph.weights[n].alias or llama.gguf_name(n): ImatrixEntry(
-            np.ones(graph.weights[n].shape[-1], np.float32), np.array([1.0], np.float32)) for n in needs},
-            ["ones (latency profile micro-model)"], 1, 1))
+    imatrix = ones_imatrix(graph, mm.formats, work / f"{mm.name}.imatrix.gguf")
     opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
                          check=False, reference=False, calibration=imatrix is not None,
                          imatrix=None if imatrix is None else str(imatrix), n_ctx=mm.n_ctx)

@@ -25,7 +25,7 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan, TensorPlan, plan_from_json
 from edgeq.passes import Context
-from edgeq.predictor.measure import device_for, median_ms, spread
+from edgeq.predictor.measure import device_for, median_ms, ones_imatrix, spread
 from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, DEFAULT_PROMPT_TOKENS
 from edgeq.predictor.profile import LatencyProfile
 from edgeq.targets.registry import get_target
@@ -130,8 +130,11 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             folder = out / f"plan-{i:02d}"
             plan_file = out / f"plan-{i:02d}.json"
             plan.save(plan_file)
+            imatrix = ones_imatrix(graph, {n: t.format for n, t in plan.tensors.items()},
+                                   out / f"plan-{i:02d}.imatrix.gguf")
             opts = ExportOptions(model=model, target=device.profile(), backend=backend, plan=str(plan_file),
-                                 out=str(folder), force=True, check=False, reference=False, calibration=False,
+                                 out=str(folder), force=True, check=False, reference=False,
+                                 calibration=imatrix is not None, imatrix=None if imatrix is None else str(imatrix),
                                  n_ctx=n_ctx,
                                  latency_profile=str(profile_path), prompt_tokens=settings.prompt_tokens,
                                  context_tokens=settings.context_tokens)
