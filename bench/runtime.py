@@ -174,6 +174,20 @@ def default_bundle(path: Path, tvm: bool) -> Path:
     return path
 
 
+def document(settings: dict, host: dict, start: dict, end: dict, exe: Path, info: dict,
+             samples: dict[str, dict[str, list[float]]], rounds_done: int) -> dict[str, Any]:
+    stats = {k: {kind: spread(xs) for kind, xs in v.items()} for k, v in samples.items()}
+    ratios = {ref: {k: {kind: round(stats[k][kind]["median"] / stats[ref][kind]["median"], 3)
+                        for kind in ("decode", "prefill")} for k in stats if k != ref}
+              for ref in ("llama-bench", "llama-bench -fa 0")}
+    g = ratios["llama-bench"].get("edgeq.runtime gguf")
+    return {"settings": settings, "rounds_done": rounds_done, "host": host, "uptime_start": start, "uptime_end": end,
+            "llama_bench": {"binary": str(exe), "runs": info}, "tokens_per_s": stats, "ratio": ratios,
+            "goal": None if g is None else {"decode_ge_0.9x_llama_bench": g["decode"] >= 0.9,
+                                             "prefill_ge_0.9x_llama_bench": g["prefill"] >= 0.9},
+            "samples": samples}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", type=Path, help="a decoder bundle (default: SmolLM2 gguf=q4_0,onnx=int4, exported "
@@ -218,6 +232,11 @@ def main() -> None:
 
     samples: dict[str, dict[str, list[float]]] = {k: {"decode": [], "prefill": []} for k in variants}
     info: dict[str, Any] = {}
+    settings = {"bundle": str(bundle), "model": str(model), "model_bytes": model.stat().st_size,
+                "formats": {b: a.get("formats") for b, a in arts.items()}, "threads": args.threads,
+                "rounds": args.rounds, "reps": args.reps, "decode_tokens": 64, "prefill_tokens": 128,
+                "command": " ".join(["python", "bench/runtime.py", *sys.argv[1:]])}
+    host = device_facts(["llama-cpp-python", "onnxruntime", "apache-tvm"])
     for fn in variants.values():          # warm-up: page the weights in, start the thread pools
         fn()
     for r in range(args.rounds):
@@ -231,28 +250,10 @@ def main() -> None:
         log(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{k} {statistics.median(v['decode']):.1f}/{statistics.median(v['prefill']):.0f}"
             for k, v in samples.items()))
-    end = uptime()
-
-    stats = {k: {kind: spread(xs) for kind, xs in v.items()} for k, v in samples.items()}
-    ratios = {ref: {k: {kind: round(stats[k][kind]["median"] / stats[ref][kind]["median"], 3)
-                        for kind in ("decode", "prefill")} for k in stats if k != ref}
-              for ref in ("llama-bench", "llama-bench -fa 0")}
-    g = ratios["llama-bench"]["edgeq.runtime gguf"] if "edgeq.runtime gguf" in stats else None
-    doc = {
-        "settings": {"bundle": str(bundle), "model": str(model), "model_bytes": model.stat().st_size,
-                     "formats": {b: a.get("formats") for b, a in arts.items()},
-                     "threads": args.threads, "rounds": args.rounds, "reps": args.reps, "decode_tokens": 64,
-                     "prefill_tokens": 128, "command": " ".join(["python", "bench/runtime.py", *sys.argv[1:]])},
-        "host": device_facts(["llama-cpp-python", "onnxruntime", "apache-tvm"]),
-        "uptime_start": start, "uptime_end": end,
-        "llama_bench": {"binary": str(exe), "runs": info},
-        "tokens_per_s": stats, "ratio": ratios,
-        "goal": None if g is None else {"decode_ge_0.9x_llama_bench": g["decode"] >= 0.9,
-                                         "prefill_ge_0.9x_llama_bench": g["prefill"] >= 0.9},
-        "samples": samples,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        doc = document(settings, host, start, uptime(), exe, info, samples, r + 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")       # after every round: a cut-short run keeps its data
+    stats, ratios, end = doc["tokens_per_s"], doc["ratio"], doc["uptime_end"]
     print(f"{'variant':28s} {'decode tok/s (p10-p90)':>26s} {'prefill tok/s (p10-p90)':>28s}  x llama-bench")
     for k, v in stats.items():
         d, p = v["decode"], v["prefill"]
