@@ -138,7 +138,7 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
 
 
 def chat(bundle: str | os.PathLike, system: str | None = None, max_tokens: int = 512, backend: str | None = None,
-         threads: int = 1, n_ctx: int | None = None, device: str | None = None, **sampling) -> int:
+         threads: int | None = None, n_ctx: int | None = None, device: str | None = None, **sampling) -> int:
     """`edgeq chat`: a conversation with a decoder bundle on this terminal (stdin/stdout); returns the number of
     replies. Sampling settings are `edgeq.runtime.SamplingParams` keywords."""
     if sys.stdin.isatty():

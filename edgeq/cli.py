@@ -484,7 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: cpu)"):
         sp.add_argument("bundle", help="bundle folder (what edgeq export wrote)")
         sp.add_argument("--backend", help=f"which artifact of the bundle to {what} (default: the first)")
-        sp.add_argument("--threads", type=int, default=1, help="CPU threads for the runtime")
+        sp.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for the runtime (default: the bundle's device profile's, e.g. 4 for "
+                             "--target android or cpu, at most this machine's physical cores; all of them for a "
+                             "profile that says auto; the EDGEQ_THREADS environment variable overrides it)")
         sp.add_argument("--n-ctx", type=int, metavar="N", help="context length in tokens (default: the bundle's)")
         sp.add_argument("--device", help=device_help)
 

@@ -37,6 +37,7 @@ from edgeq.runtime.manifest import (
     verify_artifacts,
 )
 from edgeq.runtime.sampling import MAX_SEED, NumpySampler, Sampler, SamplingParams
+from edgeq.runtime.threads import checked_threads, default_threads
 from edgeq.runtime.tokenizer import chat_messages, render_chat, spec_from_json, stop_ids
 
 __all__ = ["load", "Session", "BundleError", "Completion", "RequestError", "SamplingParams", "parse_adapter_choice"]
@@ -61,11 +62,12 @@ class Session:
     goes through the bundle's chat template. Sampling settings are those of `SamplingParams`, as keywords.
     """
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any]):
+    def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any], threads: int = 1):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
+        self.threads = threads          # CPU threads the backend was opened with
         self.spec = bundle_spec(bundle, manifest)
         self.stop_ids = stop_ids(self.spec)
         self._adapters: dict[str, float] = {}
@@ -279,7 +281,7 @@ def bundle_spec(bundle: Path, manifest: dict[str, Any]):
     return spec_from_json(d, spec_file)
 
 
-def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, n_ctx: int | None = None,
+def load(path: str | os.PathLike, backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
          verify: bool = True, device: str | None = None, pruning_rate: float | None = None,
          adapters: AdapterChoice = None):
     """Open a bundle: a `Session` (generate/logits) for decoders (GGUF or ONNX), an `OnnxSession` or `TvmSession`
@@ -293,9 +295,14 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     A failed check is a `BundleError` naming the file.
 
     `adapters`: the bundle's LoRA adapters to apply from the start (names, or {name: weight}); see
-    `Session.set_adapters`."""
+    `Session.set_adapters`.
+
+    `threads`: CPU threads the runtime computes with; None: the `EDGEQ_THREADS` environment variable, else the
+    bundle's device profile's count (android: 4; `auto`: the machine's physical cores), at most the machine's
+    physical cores (runtime/threads.py). The session's `threads` says which."""
     bundle = Path(path)
     manifest = read_manifest(bundle)
+    threads = default_threads(bundle, manifest) if threads is None else checked_threads(threads)
     pruning = pick_pruning(bundle, manifest, pruning_rate)
     if pruning is not None and manifest["model"].get("kind") != "decoder":
         raise BundleError(bundle, "pruning rates are for decoders")
@@ -317,7 +324,7 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int = 1, 
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     spec = bundle_spec(bundle, manifest)
     session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
-                                                          device=device, pruning=pruning), art)
+                                                          device=device, pruning=pruning), art, threads)
     if adapters:
         try:
             session.set_adapters(adapters)

@@ -85,7 +85,10 @@ class StopStrings:
 class TokenStream:
     """Tokens after the prompt until an end-of-generation token (not yielded), `max_tokens`, or the context's
     end; `finish_reason` says which ("stop" or "length"). The caller has checked that the prompt leaves room
-    for one token."""
+    for one token.
+
+    Per token the loop does what llama.cpp's own tools do, no more: one decode step and one draw. The backend
+    copies the last position's logits out only for a sampler that reads them (`needs_logits`)."""
 
     def __init__(self, backend, sampler: Sampler, prompt_ids: Sequence[int], max_tokens: int,
                  stop_ids: frozenset[int]):
@@ -97,23 +100,24 @@ class TokenStream:
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[int]:
-        backend, sampler = self.backend, self.sampler
+        backend, sampler, stop_ids = self.backend, self.sampler, self.stop_ids
+        want = getattr(sampler, "needs_logits", True)      # False: the sampler reads them inside the runtime
         try:
             for t in self.prompt_ids:
                 sampler.accept(t)
             backend.reset()
-            logits = backend.feed(self.prompt_ids)
+            logits = backend.feed(self.prompt_ids, logits=want)
             n = len(self.prompt_ids)
-            for _ in range(self.max_tokens):
+            for left in range(self.max_tokens - 1, -1, -1):
                 tok = sampler.sample(logits)
-                if tok in self.stop_ids:
+                if tok in stop_ids:
                     self.finish_reason = "stop"
                     return
                 yield tok
                 n += 1
-                if n >= backend.n_ctx:
+                if left == 0 or n >= backend.n_ctx:      # no decode of a token nothing will follow
                     break
-                logits = backend.feed([tok])
+                logits = backend.feed([tok], logits=want)
             self.finish_reason = "length"
         finally:
             close = getattr(sampler, "close", None)

@@ -11,6 +11,7 @@ import numpy as np
 
 from edgeq.core.errors import RequestError
 from edgeq.runtime.gguf_slice import slice_mlp
+from edgeq.runtime.llama_context import LlamaContext
 from edgeq.runtime.manifest import BundleError, Pruning, listed_path
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.sampling import SamplingParams
@@ -57,33 +58,71 @@ def open_model(bundle, manifest: dict, art: dict, threads: int, device: str | No
 
 
 class LlamaCppBackend:
+    """A GGUF model in llama.cpp: tokenization, a KV cache fed token by token, and llama.cpp's sampler chain.
+
+    Decoding goes through llama.cpp's C API (runtime/llama_context.py): a decode step is one `llama_decode` of a
+    batch of one, and the logits are copied out only when a caller asks for them (`feed(..., logits=True)`,
+    `logits`); llama.cpp's own sampler reads them where they are."""
+
     name = "gguf"
+    model = ctx = _error_branches = None       # until loaded (close() runs after a failed __init__ too)
+    _loras: dict[str, object] = {}
 
     def __init__(self, model_path: str | os.PathLike, n_ctx: int, threads: int = 1, kv_dtype: str = "f16",
                  lora_path: str | os.PathLike | None = None):
         """`lora_path`: a LoRA-adapter GGUF llama.cpp applies at load (edgeq's low-rank error branches)."""
         import llama_cpp
+        from llama_cpp._logger import set_verbose
+        from llama_cpp._utils import suppress_stdout_stderr
 
         if kv_dtype not in KV_TYPES:
             raise BundleError(model_path, f"unsupported KV-cache dtype {kv_dtype!r}")
-        self.n_ctx = n_ctx
-        self.llm = llama_cpp.Llama(
-            model_path=os.fspath(model_path),
-            n_ctx=n_ctx,
-            n_batch=min(n_ctx, 512),
-            n_ubatch=min(n_ctx, 512),
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,
-            type_k=KV_TYPES[kv_dtype],
-            type_v=KV_TYPES[kv_dtype],
-            flash_attn=kv_dtype in QUANTIZED_KV,     # llama.cpp quantizes the V cache only with flash attention
-            seed=0,
-            lora_path=None if lora_path is None else os.fspath(lora_path),
-            verbose=False,
-        )
-        self.n_vocab = self.llm.n_vocab()
-        self._loras: dict[str, object] = {}     # users' adapters read so far, by name (llama_adapter_lora *)
+        self._lib = lib = llama_cpp
+        self._error_branches = None                 # the bundle's low-rank error branches (llama_adapter_lora *)
+        self._loras = {}                            # users' adapters read so far, by name (llama_adapter_lora *)
+        set_verbose(False)                          # llama.cpp's log: errors only
+        _init_backend()
+        with suppress_stdout_stderr(disable=False):  # the loader prints to stdout too
+            self.model = lib.llama_model_load_from_file(os.fspath(model_path).encode("utf-8"),
+                                                        lib.llama_model_default_params())
+        if not self.model:
+            raise BundleError(model_path, "llama.cpp cannot load this model file")
+        try:
+            self.vocab = lib.llama_model_get_vocab(self.model)
+            self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
+            self._bos = int(lib.llama_vocab_bos(self.vocab))
+            p = lib.llama_context_default_params()
+            p.n_ctx = n_ctx
+            p.n_batch = p.n_ubatch = min(n_ctx, 512)
+            p.n_threads = p.n_threads_batch = threads
+            p.type_k = p.type_v = KV_TYPES[kv_dtype]
+            # llama.cpp quantizes the V cache only with flash attention
+            p.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv_dtype in QUANTIZED_KV
+                                 else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            self.context_params = p
+            self.ctx = LlamaContext(self.model, p, self.n_vocab)
+            self.n_ctx = n_ctx
+            if lora_path is not None:
+                self._error_branches = self._read_lora(Path(lora_path))
+                self._apply_loras([])
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def threads(self) -> int:
+        """The threads llama.cpp decodes with."""
+        return self.ctx.threads
+
+    def _read_lora(self, path: Path):
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):      # llama.cpp logs a line per tensor
+            handle = self._lib.llama_adapter_lora_init(self.model, os.fspath(path).encode("utf-8"))
+        if not handle:
+            raise BundleError(path, "llama.cpp cannot apply this LoRA adapter to the bundle's model "
+                                    "(made for another base model?)")
+        return handle
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
         """Apply these LoRA adapters (name, scale) over the model, with the bundle's error branches if any.
@@ -91,68 +130,104 @@ class LlamaCppBackend:
         Each adapter file is read once (`open_file` checks it against the manifest) and kept for later
         switches; switching is llama.cpp's `llama_set_adapters_lora`, no reload of the base. llama.cpp adds
         scale·B·(A·x) per adapter (alpha 0 in edgeq's files: the scale is the weight alone)."""
-        import llama_cpp
-
         for name, _ in chosen:
             if name not in self._loras:
-                path = open_file(name)
-                from llama_cpp._utils import suppress_stdout_stderr
-
-                with suppress_stdout_stderr(disable=self.llm.verbose):   # llama.cpp logs a line per tensor
-                    handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model,
-                                                               os.fspath(path).encode("utf-8"))
-                if not handle:
-                    raise BundleError(path, "llama.cpp cannot apply this LoRA adapter to the bundle's model "
-                                            "(made for another base model?)")
-                self._loras[name] = handle
-        pairs = [(self.llm._lora_adapter, 1.0)] if self.llm._lora_adapter is not None else []
-        pairs += [(self._loras[name], scale) for name, scale in chosen]
-        n = len(pairs)
-        handles = (llama_cpp.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in pairs)) if n else None
-        scales = (ctypes.c_float * n)(*(s for _, s in pairs)) if n else None
-        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, handles, n, scales):
-            raise BundleError(None, "llama.cpp refused the adapters")
+                self._loras[name] = self._read_lora(open_file(name))
+        self._apply_loras([(self._loras[name], scale) for name, scale in chosen])
         self.reset()     # the KV cache holds keys and values computed with the previous adapters
 
+    def _apply_loras(self, pairs: list[tuple[object, float]]) -> None:
+        lib = self._lib
+        if self._error_branches is not None:
+            pairs = [(self._error_branches, 1.0), *pairs]
+        n = len(pairs)
+        handles = (lib.llama_adapter_lora_p_ctypes * n)(*(h for h, _ in pairs)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in pairs)) if n else None
+        if lib.llama_set_adapters_lora(self.ctx.ctx, handles, n, scales):
+            raise BundleError(None, "llama.cpp refused the adapters")
+
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        for _ in range(2):
+            buf = (self._lib.llama_token * cap)()
+            n = self._lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return buf[:n]
+            cap = -n
+        raise RequestError(f"llama.cpp could not tokenize a text of {len(data)} bytes")
 
     def detokenize(self, ids: list[int]) -> str:
-        return self.llm.detokenize(list(ids)).decode("utf-8", errors="replace")
+        """The tokens' text, special tokens left out, as llama-cpp-python's `Llama.detokenize` gives it (the
+        space a SentencePiece vocabulary puts before the first word is dropped after a BOS)."""
+        out, buf = bytearray(), ctypes.create_string_buffer(64)
+        for t in ids:
+            n = self._lib.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, False)
+            if n < 0:                                   # a longer piece: its length, negated
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, False)
+            out += buf.raw[:n]
+        if ids and int(ids[0]) == self._bos and out[:1] == b" ":
+            del out[:1]
+        return out.decode("utf-8", errors="replace")
 
     def reset(self) -> None:
-        self.llm.reset()
+        self.ctx.reset()
 
-    def feed(self, ids: list[int]) -> np.ndarray:
-        """Append tokens to the KV cache; logits after the last one."""
-        if self.llm.n_tokens + len(ids) > self.n_ctx:
-            raise RequestError(f"context overflow: {self.llm.n_tokens + len(ids)} tokens > n_ctx {self.n_ctx}",
-                               code="context_length_exceeded")
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+    def feed(self, ids: list[int], logits: bool = True) -> np.ndarray | None:
+        """Append tokens to the KV cache; the logits after the last one (a copy), or None without `logits`
+        (llama.cpp's sampler reads them in place)."""
+        if len(ids) == 1:
+            self.ctx.step(int(ids[0]))
+        else:
+            self.ctx.decode(ids)
+        return self.ctx.last_logits() if logits else None
 
     def logits(self, ids: list[int]) -> np.ndarray:
-        """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
+        """Logits at every position of a fresh sequence, shape (len(ids), n_vocab): only this call computes
+        them all."""
         if len(ids) > self.n_ctx:
-            raise RequestError(f"{len(ids)} tokens exceed n_ctx {self.n_ctx}",
-                               code="context_length_exceeded")
+            raise RequestError(f"{len(ids)} tokens exceed n_ctx {self.n_ctx}", code="context_length_exceeded")
+        out = np.empty((len(ids), self.n_vocab), dtype=np.float32)
         self.reset()
-        self.llm.eval(list(ids))
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
+        self.ctx.decode(ids, every=True,
+                        on_chunk=lambda start, n: out.__setitem__(slice(start, start + n), self.ctx.output_logits(n)))
+        return out
 
     def sampler(self, params: SamplingParams) -> "LlamaCppSampler":
         """llama.cpp's own sampler chain, reading the logits `feed` left in the context."""
         return LlamaCppSampler(self, params)
 
     def close(self) -> None:
-        llm, self.llm = self.llm, None
-        if llm is not None:
-            import llama_cpp
+        lib = getattr(self, "_lib", None)
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            ctx.close()
+        loras, self._loras = self._loras, {}
+        for handle in [*loras.values(), *([self._error_branches] if self._error_branches is not None else [])]:
+            lib.llama_adapter_lora_free(handle)      # before the model that owns them
+        self._error_branches = None
+        model, self.model = self.model, None
+        if model:
+            lib.llama_model_free(model)
 
-            loras, self._loras = self._loras, {}
-            for handle in loras.values():      # before the model that owns them
-                llama_cpp.llama_adapter_lora_free(handle)
-            llm.close()
+    def __del__(self) -> None:
+        self.close()
+
+
+_BACKEND_READY = False
+
+
+def _init_backend() -> None:
+    """llama.cpp's one-time process setup (llama_backend_init), as `Llama` does it on its first load."""
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        import llama_cpp
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        with suppress_stdout_stderr(disable=False):
+            llama_cpp.llama_backend_init()
+        _BACKEND_READY = True
 
 
 class LlamaCppSampler:
@@ -160,14 +235,17 @@ class LlamaCppSampler:
 
     The steps and their order are edgeq's `SamplingParams` order, which is llama.cpp's: logit bias,
     penalties, top-k, top-p, min-p, temperature, then a seeded draw (`dist`), or `greedy` at temperature 0.
-    It samples from the last position of the context's logits, so the array `feed` returned is not read.
+    It samples from the last position of the context's logits where llama.cpp left them: the decode loop asks
+    `feed` for no copy (`needs_logits` False).
     """
+
+    needs_logits = False
 
     def __init__(self, backend: LlamaCppBackend, params: SamplingParams):
         import llama_cpp
 
         self._lib = llama_cpp
-        self._ctx = backend.llm.ctx
+        self._ctx = backend.ctx.ctx
         lib, n_vocab = llama_cpp, backend.n_vocab
         self.chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         steps = []
@@ -196,7 +274,7 @@ class LlamaCppSampler:
     def accept(self, token: int) -> None:
         self._lib.llama_sampler_accept(self.chain, int(token))
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray | None = None) -> int:
         return int(self._lib.llama_sampler_sample(self.chain, self._ctx, -1))   # also accepts the token
 
     def close(self) -> None:

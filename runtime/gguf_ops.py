@@ -5,8 +5,8 @@ see it; a node it wants is computed on its own and handed over. Asking for every
 node by node in the real runtime (the same kernels, repacked weights and threads), and the time between
 two hand-overs is one node's compute plus the hand-over itself. That hand-over is measured on the nodes
 that compute nothing (views, reshapes, permutes) and reported beside the kernels, so the host can take it
-off. A second llama.cpp context over the backend's loaded model runs the timed calls; its batches ask for
-the logits of every token, as the runtime's backend does (llama-cpp-python with logits_all).
+off. A second llama.cpp context over the backend's loaded model runs the timed calls, decoding as the runtime's
+backend does (runtime/llama_context.py: the last token's logits only).
 
 Per timed call (a prefill of N tokens, a decode step at context C) the result holds, per weight, the time of
 the matrix multiplication that reads it (the median over the call's repeats), the time of every other op
@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edgeq.runtime.latency import token_ids
+from edgeq.runtime.llama_context import LlamaContext
 
 NOOPS = frozenset({"NONE", "VIEW", "RESHAPE", "PERMUTE", "TRANSPOSE"})
 # (per node, per call): the wall clock, or CPU time (this thread's per node: with one thread llama.cpp computes
@@ -105,43 +106,22 @@ class OpTimer:
     def __init__(self, backend, threads: int, clock=time.perf_counter):
         from llama_cpp import llama_cpp as lc
 
-        self.lc = lc
         self.rec = _Recorder(_ggml_base(), clock)
         self._cb = lc.ggml_backend_sched_eval_callback(self.rec)   # kept alive as long as the context
-        src = backend.llm.context_params
+        src = backend.context_params
         params = type(src).from_buffer_copy(src)
         params.cb_eval = self._cb
         params.cb_eval_user_data = None
         params.n_threads = threads
         params.n_threads_batch = threads
-        self.ctx = lc.llama_init_from_model(backend.llm.model, params)
-        if not self.ctx:
-            raise RuntimeError("llama.cpp could not create a second context for per-kernel timing")
-        self.n_ctx = int(lc.llama_n_ctx(self.ctx))
-        self.n_batch = int(params.n_batch)
-        self.n_vocab = int(backend.n_vocab)
-        self.batch = lc.llama_batch_init(self.n_batch, 0, 1)
-        self.n_past = 0
+        self.context = LlamaContext(backend.model, params, backend.n_vocab)
+        self.n_ctx, self.n_vocab = self.context.n_ctx, self.context.n_vocab
 
     def reset(self) -> None:
-        self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
-        self.n_past = 0
+        self.context.reset()
 
     def feed(self, ids: list[int]) -> None:
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start:start + self.n_batch]
-            b = self.batch
-            b.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = self.n_past + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = True
-            rc = self.lc.llama_decode(self.ctx, b)
-            if rc != 0:
-                raise RuntimeError(f"llama_decode returned {rc}")
-            self.n_past += len(chunk)
+        self.context.decode(ids)
 
     def timed(self, ids: list[int], describe: bool) -> list[float]:
         self.rec.start(describe)
@@ -152,12 +132,7 @@ class OpTimer:
         return self.rec.times
 
     def close(self) -> None:
-        if self.batch is not None:
-            self.lc.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            self.lc.llama_free(self.ctx)
-            self.ctx = None
+        self.context.close()
 
 
 def _summary(nodes: list[tuple[str, str, str, int]], runs: list[list[float]]) -> dict[str, Any]:

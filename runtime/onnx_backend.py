@@ -83,6 +83,7 @@ class OnnxSession(SentenceEmbedding):
         self.bundle = bundle
         self.manifest = manifest
         self.artifact = artifact
+        self.threads = threads
         self.kind = manifest["model"]["kind"]
         self.session = open_session(listed_path(bundle, manifest, artifact["path"], "model"), threads, spinning)
         self.tokenizer = None
@@ -129,7 +130,9 @@ class OnnxDecoderBackend(TokenizerText):
     """A decoder graph with a KV cache (edgeq/targets/onnx/decoder.py) behind `Session`'s backend interface.
 
     `feed` appends tokens: the cache is the previous call's `present.N.*`
-    outputs, given back as `past_key_values.N.*`. Tokenization is edgeq's own
+    outputs, given back as `past_key_values.N.*` through an IO binding (onnxruntime's tensors, no numpy copy
+    of the cache per step; the graph's Concat still writes a new, longer cache each step: a fixed-size cache
+    updated in place would need another graph). Tokenization is edgeq's own
     (the bundle's tokenizer spec, llama.cpp's rules), so ids match the GGUF
     artifact of the same model.
     """
@@ -137,6 +140,8 @@ class OnnxDecoderBackend(TokenizerText):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+        import onnxruntime as ort
+
         self.model_path = os.fspath(model_path)
         self.session = open_session(model_path, threads, spinning)
         self.n_ctx = n_ctx
@@ -158,6 +163,11 @@ class OnnxDecoderBackend(TokenizerText):
                 self.lora_shapes[w] = (self.lora_shapes[w][0], int(i.shape[1]))
         self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.lora_feeds: dict[str, np.ndarray] = {}
+        self._io = self.session.io_binding()
+        self._ones = np.ones((1, n_ctx), np.int64)                       # attention masks and positions: views
+        self._positions = np.arange(n_ctx, dtype=np.int64)[None]
+        self._step_logits = (ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.n_vocab], np.float32)
+                             if self.session.get_outputs()[0].type == "tensor(float)" else None)
         self.reset()
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
@@ -197,34 +207,62 @@ class OnnxDecoderBackend(TokenizerText):
         return checked_factors(path, params, self.lora_shapes, ("A", "B"))
 
     def reset(self) -> None:
-        self.past = [np.zeros((1, h, 0, d), np.float32) for h, d in self.kv_shape]
+        import onnxruntime as ort
+
+        self.past = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, h, 0, d), np.float32)) for h, d in self.kv_shape]
         self.n_tokens = 0
 
-    def _run(self, ids: list[int]) -> np.ndarray:
+    def _run(self, ids: list[int]):
+        """Run the graph on the new tokens through an IO binding: the cache goes in and comes out as
+        onnxruntime's own tensors (OrtValues), never through numpy; the logits (an OrtValue) are returned for
+        the caller to copy if it wants them."""
         n = len(ids)
+        if n == 0:
+            raise RequestError("no tokens to feed")
         if self.n_tokens + n > self.n_ctx:
             raise RequestError(f"context overflow: {self.n_tokens + n} tokens > n_ctx {self.n_ctx}",
                                code="context_length_exceeded")
-        feeds = {"input_ids": np.asarray([ids], np.int64),
-                 "attention_mask": np.ones((1, self.n_tokens + n), np.int64),
-                 "position_ids": np.arange(self.n_tokens, self.n_tokens + n, dtype=np.int64)[None]}
-        feeds.update(zip(self.past_names, self.past))
-        feeds.update(self.lora_feeds)
-        out = self.session.run(["logits"] + self.present_names, feeds)
-        self.past = out[1:]
-        self.n_tokens += n
-        return out[0][0]
+        inputs = {"input_ids": np.asarray([ids], np.int64), "attention_mask": self._ones[:, :self.n_tokens + n],
+                  "position_ids": self._positions[:, self.n_tokens:self.n_tokens + n]}
+        if self.lora_feeds:
+            # an IO binding cannot name initializers (the graph's LoRA inputs are): OrtValues in and out instead
+            import onnxruntime as ort
 
-    def feed(self, ids: list[int]) -> np.ndarray:
-        """Append tokens to the KV cache; logits after the last one."""
-        return np.asarray(self._run(list(ids))[-1], dtype=np.float32)
+            feeds = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in {**inputs, **self.lora_feeds}.items()}
+            feeds.update(zip(self.past_names, self.past))
+            out = self.session.run_with_ort_values(["logits", *self.present_names], feeds)
+        else:
+            io = self._io
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            for name, arr in inputs.items():
+                io.bind_cpu_input(name, arr)
+            for name, value in zip(self.past_names, self.past):
+                io.bind_ortvalue_input(name, value)
+            if n == 1 and self._step_logits is not None:       # a decode step writes into the same logits buffer
+                io.bind_ortvalue_output("logits", self._step_logits)
+            else:
+                io.bind_output("logits", "cpu")
+            for name in self.present_names:
+                io.bind_output(name, "cpu")
+            self.session.run_with_iobinding(io)
+            out = io.get_outputs()
+        self.past = list(out[1:])
+        self.n_tokens += n
+        return out[0]
+
+    def feed(self, ids: list[int], logits: bool = True) -> np.ndarray | None:
+        """Append tokens to the KV cache; logits after the last one (None without `logits`)."""
+        out = self._run(list(ids))
+        # a copy: numpy() views the OrtValue's memory, which the next step reuses
+        return np.array(out.numpy()[0, -1], dtype=np.float32) if logits else None
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
         self.reset()
         out = self._run(list(ids))
         self.reset()
-        return np.asarray(out, dtype=np.float32)
+        return np.array(out.numpy()[0], dtype=np.float32)
 
     def close(self) -> None:
         self.session = None

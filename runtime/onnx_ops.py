@@ -34,6 +34,7 @@ def _profiled_backend(backend, threads: int, folder: str, session_options):
     copy = object.__new__(type(backend))
     copy.__dict__.update(backend.__dict__)
     copy.session = ort.InferenceSession(backend.model_path, so, providers=["CPUExecutionProvider"])
+    copy._io = copy.session.io_binding()
     copy.reset()
     return copy
 

@@ -9,7 +9,7 @@ includes the emulator's own memory).
 
 Request (WORKDIR/request.json):
     {"bundle": "/device/path", "op": "reference" | "logits" | "embed" | "generate" | "run" | "latency",
-     "backend": null, "threads": 1, "n_ctx": null, "args": {...}}
+     "backend": null, "threads": 1 (null: the bundle profile's), "n_ctx": null, "args": {...}}
 Response (WORKDIR/out/response.json): {"ok": true, "result": {...}, "latency_s": [...], "load_s": ...,
     "peak_rss_bytes": ..., "machine": ..., "python": ..., "runtime_file": ...}
 or {"ok": false, "error": "one line", "error_type": "BundleError", "user_error": true}.
@@ -115,7 +115,7 @@ def _latency(session, req: dict[str, Any], args: dict[str, Any]) -> dict[str, An
         impl = runtime.BACKENDS[backend.name]
         if not hasattr(impl, "op_latency"):
             raise ValueError(f"the {backend.name} runtime has no per-kernel timer")
-        result["ops"] = impl.op_latency(backend, args, int(req.get("threads", 1)))
+        result["ops"] = impl.op_latency(backend, args, session.threads)
     else:
         result.update(latency.decoder_latency(backend, args))
     result["load_average_after"] = latency.load_average()
@@ -131,7 +131,8 @@ def _run_op(req: dict[str, Any], work: Path, out: Path) -> dict[str, Any]:
     extra = {"device": req["device"]} if req.get("device") else {}
     if req.get("pruning_rate") is not None:       # a rate of a bundle exported with --pruning-rates
         extra["pruning_rate"] = float(req["pruning_rate"])
-    session = runtime.load(bundle, backend=req.get("backend"), threads=int(req.get("threads", 1)),
+    threads = req.get("threads", 1)           # null: the bundle's profile's (runtime.load)
+    session = runtime.load(bundle, backend=req.get("backend"), threads=None if threads is None else int(threads),
                            n_ctx=req.get("n_ctx"), **extra)
     load_s = time.perf_counter() - t0
     lat: list[float] = []

@@ -11,7 +11,8 @@ top-p and min-p look at the distribution before the temperature, as llama.cpp's 
 whole sequence: the prompt is `accept`ed before the first draw, each drawn token after it.
 
 This module is the seam for the decode loop (runtime/generation.py): a sampler takes the backend's logits for
-the last position and returns one token id.
+the last position and returns one token id. A sampler that reads them inside the runtime (llama.cpp's) says so
+(`needs_logits` False), and the loop then never copies the vocabulary's logits out of the runtime.
 """
 
 from __future__ import annotations
@@ -86,15 +87,20 @@ class SamplingParams:
 class Sampler(Protocol):
     """What the decode loop needs of a sampler (edgeq's, or a runtime's own)."""
 
+    needs_logits: bool
+    """Whether `sample` reads the logits it is given (False: it reads them inside the runtime, given None)."""
+
     def accept(self, token: int) -> None:
         """Record a token of the sequence (prompt or generated) for the penalties."""
 
-    def sample(self, logits: np.ndarray) -> int:
+    def sample(self, logits: np.ndarray | None) -> int:
         """The next token from the last position's logits; it is accepted too."""
 
 
 class NumpySampler:
     """edgeq's sampler, for backends whose runtime has none (onnxruntime, TVM): llama.cpp's steps in numpy."""
+
+    needs_logits = True
 
     def __init__(self, params: SamplingParams):
         self.params = params

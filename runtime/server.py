@@ -437,7 +437,7 @@ async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
           queue_size: int = DEFAULT_QUEUE, model_name: str | None = None, backend: str | None = None,
-          threads: int = 1, n_ctx: int | None = None, device: str | None = None,
+          threads: int | None = None, n_ctx: int | None = None, device: str | None = None,
           defaults: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> None:
     """Load `bundle` and serve it until interrupted. `port` 0 takes a free port; the address actually bound is
     logged once the socket is open (`edgeq: serving MODEL at http://HOST:PORT/v1`)."""

@@ -131,6 +131,7 @@ class TvmSession(SentenceEmbedding):
         self.bundle = bundle
         self.manifest = manifest
         self.artifact = artifact
+        self.threads = threads
         self.kind = manifest["model"]["kind"]
         spec = manifest.get("tvm") or {}
         _check_section(spec, bundle / "manifest.json")

@@ -125,7 +125,8 @@ class TvmDecoderBackend(TokenizerText):
         self.past = [tvm.runtime.tensor(np.zeros((h, 0, d), np.float32), self.session.dev) for h, d in self.kv]
         self.n_tokens = 0
 
-    def _run(self, ids: list[int]) -> np.ndarray:
+    def _run(self, ids: list[int]):
+        """The graph on the new tokens: the cache stays on the device; the logits come back as a device tensor."""
         import tvm
 
         n = len(ids)
@@ -143,16 +144,18 @@ class TvmDecoderBackend(TokenizerText):
         out = list(out)
         self.past = out[1:]
         self.n_tokens += n
-        return out[0].numpy()
+        return out[0]
 
-    def feed(self, ids: list[int]) -> np.ndarray:
-        """Append tokens to the KV cache; logits after the last one."""
-        return np.asarray(self._run(list(ids))[-1], dtype=np.float32)
+    def feed(self, ids: list[int], logits: bool = True) -> np.ndarray | None:
+        """Append tokens to the KV cache; logits after the last one (copied to the host; None without
+        `logits`)."""
+        out = self._run(list(ids))
+        return np.asarray(out.numpy()[-1], dtype=np.float32) if logits else None
 
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
         self.reset()
-        out = self._run(list(ids))
+        out = self._run(list(ids)).numpy()
         self.reset()
         return np.asarray(out, dtype=np.float32)
 

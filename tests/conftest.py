@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,11 @@ import numpy as np
 import pytest
 
 from edgeq.models.recipes.default import default_model_path
+
+# Bundles loaded without `threads` use their device profile's count (cpu: 4, at most the physical cores); tests
+# time nothing and share a small machine, so they run at 1 thread (subprocesses inherit it). The tests of the
+# default itself remove it.
+os.environ.setdefault("EDGEQ_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -112,10 +112,10 @@ class Device(ABC):
 
     @abstractmethod
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            threads: int | None = 1, n_ctx: int | None = None, timeout: float = 1800,
             pruning_rate: float | None = None) -> RunResult:
         """Run one op of the runner on a pushed bundle and pull its results (`pruning_rate`: one the bundle
-        carries)."""
+        carries; `threads` None: the bundle's profile's)."""
 
     def close(self) -> None:
         pass
@@ -255,8 +255,9 @@ class ShellDevice(Device, ABC):
         return self.exec(argv, timeout=timeout)
 
     def run(self, device_bundle: str, op: str, args: dict[str, Any] | None = None, backend: str | None = None,
-            threads: int = 1, n_ctx: int | None = None, timeout: float = 1800,
+            threads: int | None = 1, n_ctx: int | None = None, timeout: float = 1800,
             pruning_rate: float | None = None) -> RunResult:
+        """`threads` None: the bundle's profile's, resolved on the device (edgeq.runtime.load)."""
         code = self._runtime_code()
         job = uuid.uuid4().hex[:12]
         local = self._host_tmp / job
@@ -268,7 +269,8 @@ class ShellDevice(Device, ABC):
         self.put(local / "req", work)
         extra = self.device_env()
         env = {**extra, "PYTHONPATH": ":".join(p for p in (code, extra.get("PYTHONPATH")) if p),
-               "OMP_NUM_THREADS": str(threads), "OPENBLAS_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+               **({"OMP_NUM_THREADS": str(threads)} if threads is not None else {}),
+               "OPENBLAS_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
         t0 = time.perf_counter()
         proc = self.exec([*self.python, "-m", "edgeq.runtime.remote", work], env=env, timeout=timeout)
         wall = time.perf_counter() - t0

@@ -31,9 +31,10 @@ NATIVE_OPS = ("reference", "generate")
 SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")   # generate args
 
 
-def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads: int, n_ctx: int | None,
+def native_argv(runner: str, bundle: str, op: str, args: dict[str, Any], threads: int | None, n_ctx: int | None,
                 out: str) -> list[str]:
-    argv = [runner, "--bundle", bundle, "--json", "--threads", str(threads),
+    """`threads` None: the runner's default, the manifest's target.threads."""
+    argv = [runner, "--bundle", bundle, "--json", *(["--threads", str(threads)] if threads else []),
             *(["--n-ctx", str(n_ctx)] if n_ctx else [])]
     if op == "reference":
         return [*argv, "--logits-out", out, "--max-tokens", str(int(args.get("decode_tokens", 8)))]
@@ -76,7 +77,7 @@ def response_of(proc: subprocess.CompletedProcess, op: str, runner: str, backend
 
 
 def run_native(device: ShellDevice, device_bundle: str, native: tuple[str, str], op: str,
-               args: dict[str, Any] | None, threads: int, n_ctx: int | None, timeout: float,
+               args: dict[str, Any] | None, threads: int | None, n_ctx: int | None, timeout: float,
                pruning_rate: float | None = None) -> RunResult:
     """One op by the bundle's runner on the device; its outputs pulled into a host folder."""
     job = uuid.uuid4().hex[:12]

@@ -27,7 +27,7 @@ def runs_remotely(device: str | None) -> bool:
 class DeviceSession:
     """generate / logits / embed of a decoder or encoder bundle, computed on a HIL device."""
 
-    def __init__(self, bundle: str | Path, device: str, backend: str | None = None, threads: int = 1,
+    def __init__(self, bundle: str | Path, device: str, backend: str | None = None, threads: int | None = 1,
                  n_ctx: int | None = None, pruning_rate: float | None = None):
         from edgeq.runtime import bundle_spec
         from edgeq.runtime.manifest import pick_artifact, read_manifest, verify_artifacts

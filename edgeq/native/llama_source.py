@@ -11,8 +11,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from edgeq.core.errors import EdgeqError
 
@@ -55,6 +58,18 @@ def unpack(archive: Path, into: Path) -> Path:
         members = [m for m in tf.getmembers() if "/vendor/llama.cpp/" in m.name]
         tf.extractall(into, members=members, filter="data")
     return next(into.glob("*/vendor/llama.cpp"))
+
+
+@contextmanager
+def unpacked_tree(cache: Path, what: str, near: Path) -> Iterator[tuple[Path, Path]]:
+    """(llama.cpp's source tree, a scratch folder for its build) in a temporary folder beside `near`, removed
+    afterwards; the source archive is downloaded into `cache` once."""
+    archive = sdist(cache, what)
+    work = Path(tempfile.mkdtemp(prefix=".llama-src-", dir=near))
+    try:
+        yield unpack(archive, work), work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def aarch64_cmake_flags(shared: bool, march: str | None = None, prefix_map: Path | None = None) -> list[str]:

@@ -72,8 +72,9 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
         raise EdgeqError(None, f"native runner build: {what} failed (exit {res.returncode}): {tail}")
 
 
-def _step(final: Path, build: Callable[[Path], dict], log: Callable[[str], None], what: str) -> Path:
-    """Build `final` once: into a temporary sibling, renamed when complete; its build.json records the time."""
+def build_once(final: Path, build: Callable[[Path], dict], log: Callable[[str], None], what: str) -> Path:
+    """Build `final` once: into a temporary sibling, renamed when complete; its build.json records the time.
+    Another process building the same `final` is waited for. (Also bench/runtime.py's host llama-bench.)"""
     if (final / "build.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,7 @@ def _step(final: Path, build: Callable[[Path], dict], log: Callable[[str], None]
 
 
 def _build_step(final: Path, build: Callable[[Path], dict], log: Callable[[str], None], what: str) -> Path:
-    log(f"native runner: building {what} (once; cached in {final}) ...")
+    log(f"native build: {what} (once; cached in {final}) ...")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
@@ -97,16 +98,13 @@ def _build_step(final: Path, build: Callable[[Path], dict], log: Callable[[str],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"native runner: {what} built in {info['build_seconds']:.0f} s")
+    log(f"native build: {what} built in {info['build_seconds']:.0f} s")
     return final
 
 
 def _llama_static(march: str, jobs: int) -> Callable[[Path], dict]:
     def build(tmp: Path) -> dict:
-        archive = llama_source.sdist(cache_root() / "src", "native runner build")
-        work = Path(tempfile.mkdtemp(prefix=".llama-static-", dir=tmp.parent))
-        try:
-            src = llama_source.unpack(archive, work)
+        with llama_source.unpacked_tree(cache_root() / "src", "native runner build", tmp.parent) as (src, work):
             bdir = work / "build"
             _run(["cmake", "-G", "Ninja", "-S", str(src), "-B", str(bdir),
                   *llama_source.aarch64_cmake_flags(shared=False, march=march, prefix_map=src)], "cmake (aarch64)")
@@ -124,8 +122,6 @@ def _llama_static(march: str, jobs: int) -> Callable[[Path], dict]:
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src / rel, dst)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         return {"llama_cpp_python": llama_source.llama_version(), "march": march, "libs": list(STATIC_LIBS)}
     return build
 
@@ -205,8 +201,8 @@ def build_runner(march: str, jobs: int | None = None, log: Callable[[str], None]
             raise EdgeqError(None, f"the native runner needs a cross toolchain: apt-get install {' '.join(missing)} "
                                    "(or export with --no-native)")
         jobs = jobs or max(1, os.cpu_count() or 1)
-        llama = _step(root / "llama" / llama_key, _llama_static(march, jobs), log,
+        llama = build_once(root / "llama" / llama_key, _llama_static(march, jobs), log,
                       f"llama.cpp {version} for aarch64 ({march}, static)")
-        _step(final, _runner(llama, march), log, "edgeq-run")
+        build_once(final, _runner(llama, march), log, "edgeq-run")
     info = json.loads((final / "build.json").read_text(encoding="utf-8"))
     return NativeRunner(final / RUNNER_NAME, final / LICENCES_FILE, march, version, info)
