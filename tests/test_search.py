@@ -151,7 +151,11 @@ def test_transfer_predictor_trains_and_ranks(tiny_decoder_dir, cache_env):
     t1 = AccuracyPredictor("transfer", seed=0).fit(x[train], y[train], x[few], exp_y[few])
     t2 = AccuracyPredictor("transfer", seed=0).fit(x[train], y[train], x[few], exp_y[few])
     assert np.array_equal(t1.predict(x[test]), t2.predict(x[test]))
-    assert spearman(t1.predict(x[few]), np.log(exp_y[few])) > spearman(cheap.predict(x[few]), np.log(exp_y[few]))
+    # towards the expensive labels: far closer to them than the cheap predictor, and ranking them no worse (both
+    # rank these 16 points almost perfectly, so a strict rank test would compare ties)
+    target = np.log(exp_y[few])
+    assert np.abs(t1.predict(x[few]) - target).mean() < 0.5 * np.abs(cheap.predict(x[few]) - target).mean()
+    assert spearman(t1.predict(x[few]), target) >= spearman(cheap.predict(x[few]), target)
     with pytest.raises(Exception, match="needs expensive labels"):
         AccuracyPredictor("expensive").fit(None, None, None, None)
 
