@@ -9,12 +9,13 @@ Runs after the sensitivity pass (every tensor's cost per format) and uniql_sort 
    summed Fisher + pruning costs, fine-tuned on `expensive_labels` points within the budgets measured for real
    (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py);
 3. evolution: a population of points within the budgets (the anchor, the ILP's plan at full widths under the
-   same budgets, every uniform format at full width that meets them, the measured points, random samples), each generation keeping the best quarter by the predictor
-   and filling the rest with mutations and crossovers, every child repaired (widths follow formats) and walked
-   back within the budgets towards its parent (search_space.toward); seeded, so the same inputs give the same plan;
+   same budgets, every uniform format at full width that meets them, the measured points, random samples), each
+   generation keeping the best quarter by the predictor and filling the rest with mutations and crossovers, every
+   child repaired (widths follow formats) and walked back within the budgets towards its parent
+   (search_space.toward); seeded, so the same inputs give the same plan;
 4. finalists: the `finalists` best points by the predictor, and the ILP's plan, are measured for real (when
-   `measure` is given) and the best measured point (finalists and expensive labels alike, all within the budgets) is the plan; each
-   finalist's bytes, latency and KLD go to the plan's `search` record.
+   `measure` is given) and the best measured point (finalists and expensive labels alike, all within the budgets)
+   is the plan; each finalist's bytes, latency and KLD go to the plan's `search` record.
 
 The plan fixes `keep` (and, after uniql_alloc, `order`) on every MLP tensor, so `edgeq export --plan` writes the
 pruned model without calibrating the ranking again.
@@ -174,8 +175,7 @@ class Search(Pass):
         ilp = self.ilp_point(space, ctx.analysis["costs"])
         uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
         seeds = _unique([anchor] + ([ilp] if ilp else []) + uniform + list(measured))
-        pop = seeds + [space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - len(seeds)))]
-        pop = _unique(pop)
+        pop = _unique(seeds + [space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - len(seeds)))])
         gens = range(s.generations)
         for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
             ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]

@@ -82,21 +82,17 @@ def greedy_removal(g: np.ndarray) -> np.ndarray:
 def channel_scores(order: str, down: np.ndarray, cov: np.ndarray | None, second_moment: np.ndarray, layer: int,
                    ridge: float | None = None, seed: int = SEED) -> np.ndarray:
     """Higher is kept longer. `down`: (out, channels); `cov`: E[hhᵀ] or None; `second_moment`: E[h_j²]."""
-    if order in RIDGE:
+    if order in RIDGE or order == "uniql":
         if cov is None:
             raise EdgeqError(None, f"--prune-order {order} needs the full covariance of each down projection's input "
                                    "(calibration with full statistics; an --imatrix file has only their diagonal)")
-        ridge = RIDGE[order] if ridge is None else ridge
         if order == "leverage":
-            return ridge_leverage(cov, ridge)
+            return ridge_leverage(cov, RIDGE[order] if ridge is None else ridge)
         w = down.astype(np.float64)
-        return ridge_leverage(cov * (w.T @ w), ridge)
-    if order == "uniql":
-        if cov is None:
-            raise EdgeqError(None, "--prune-order uniql needs the full covariance of each down projection's input "
-                                   "(calibration with full statistics; an --imatrix file has only their diagonal)")
-        w = down.astype(np.float64)
-        return greedy_removal(cov * (w.T @ w))
+        g = cov * (w.T @ w)             # the covariance of the channels' contributions to the MLP output
+        if order == "uniql":
+            return greedy_removal(g)
+        return ridge_leverage(g, RIDGE[order] if ridge is None else ridge)
     if order == "magnitude":
         return np.abs(down).sum(axis=0, dtype=np.float64)
     if order == "wanda":

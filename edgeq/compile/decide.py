@@ -434,6 +434,7 @@ def _search_widths_passes(graph: Graph, inp: DecideInputs, opts: ExportOptions, 
     SearchSpace(genes_of(sizes, ties), {n: tuple(graph.weights[n].shape) for n in sizes.options}, full, {}, [],
                 bytes_of, overhead, None if lb is None else lb.pruned_ms, opts.search.width_step,
                 opts.search.max_prune, target.mlp_channel_multiple).feasible_anchor(budgets)
+
     def ilp_formats(table: CostTable) -> dict[str, str] | None:
         """The ILP's plan at full MLP widths under the same budgets (None where none exists: the search may
         still meet a latency only narrower MLPs reach)."""
