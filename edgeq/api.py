@@ -169,27 +169,28 @@ def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out:
             validate_dir: str | os.PathLike | None = None, allow_noisy: bool = False, quick: bool = False,
             clock: str = "wall",
             prompt_tokens: int | None = None, context_tokens: int | None = None, progress: Callable | None = None,
-            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """`edgeq profile`: measure a latency profile of `device` for a backend and thread count (cached in
-    ~/.cache/edgeq/profiles/, also written to `out`), or take `latency_profile`; with `validate_plans` K, check
-    it on K held-out plans run on the device."""
+            log: Callable[[str], None] = lambda s: None, kind: str | None = None) -> dict[str, Any]:
+    """`edgeq profile`: measure a latency profile of `device` for a backend, thread count and model kind (default
+    decoder; cached in ~/.cache/edgeq/profiles/, also written to `out`), or take `latency_profile`; with
+    `validate_plans` K, check it on K held-out plans run on the device."""
     if out is not None and Path(out).is_dir():
         raise EdgeqError(out, "is a folder; -o names the profile file to write")
     if latency_profile is not None:
         path = Path(latency_profile)
         prof = load_profile(path)
-        prof.check_use(backend, threads, path)
+        prof.check_use(backend, threads, path, kind)
     else:
         prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
-                              progress=progress, log=log)
-        path = cached_profile_path(prof.device, backend, threads, prof.clock)
+                              progress=progress, log=log, kind=kind or "decoder")
+        path = cached_profile_path(prof.device, backend, threads, prof.clock, prof.kind)
         for p in (path, out):
             if p is not None:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
                 prof.save(p)
         path = Path(out) if out is not None else path
-    _, _, fitted = open_profile(path, backend, threads)
-    res: dict[str, Any] = {"profile": str(path), "backend": backend, "threads": threads, "device": prof.device.get("cpu"),
+    _, _, fitted = open_profile(path, backend, threads, prof.kind)
+    res: dict[str, Any] = {"profile": str(path), "backend": backend, "kind": prof.kind, "threads": threads,
+                           "device": prof.device.get("cpu"),
                            "noise": prof.noise, "load_average": prof.load_average, "fit": fitted.fit_report()}
     if validate_plans:
         folder = Path(validate_dir) if validate_dir else path.with_name(path.stem + "-validation")
@@ -214,14 +215,14 @@ def predict(path: str | os.PathLike, latency_profile: str | os.PathLike | None =
         raise EdgeqError(path, "no such bundle folder or plan file")
     backend = backend or load_plan(path).backend or (
         latency_profile_backend(latency_profile) if latency_profile else "gguf")
-    prof_path, prof, fitted = open_profile(latency_profile, backend, threads)
-    check_runtime_here(prof, prof_path)
     opts = ExportOptions(model=model, backend=backend, plan=os.fspath(path), calibration=False)
     c = pipeline.prepare(opts, None, None, several_allowed=False)
+    prof_path, prof, fitted = open_profile(latency_profile, backend, threads, c.graph.kind)
+    check_runtime_here(prof, prof_path)
     decision = pipeline.decide_all(c, opts, branches=False)[backend]
     t = c.inputs[backend]
     w = graph_workload(decision.graph or c.graph, decision.plan, bundle_n_ctx(c.graph, c.profile, opts),
-                       t.target.kv_cache_dtype(t.preset, c.profile, None))
+                       t.target.kv_cache_dtype(t.preset, c.profile, None), backend=backend)
     return predict_workload(fitted, w, prompt_tokens, context_tokens)
 
 

@@ -228,19 +228,22 @@ def cmd_profile(a) -> int:
     res = api.profile(a.device, a.backend, a.threads, out=a.out, validate_plans=a.validate, model=a.model,
                       latency_profile=a.latency_profile, validate_dir=a.validate_dir, allow_noisy=a.allow_noisy,
                       quick=a.quick, clock=a.clock, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
-                      progress=make_progress(a.quiet), log=_log(a.quiet))
+                      progress=make_progress(a.quiet), log=_log(a.quiet), kind=a.model_kind)
     if a.json:
         print(json.dumps({k: v for k, v in res.items() if k != "validation"}
                          | ({"validation": {k: res["validation"][k] for k in ("decode", "prefill", "memory_mape",
-                                                                               "load_average")}}
+                                                                               "load_average") if k in res["validation"]}}
                             if "validation" in res else {}), sort_keys=True))
         return 0
     n = res["noise"]
-    print(f"latency profile {res['profile']}: {res['backend']}, {res['threads']} thread(s) on {res['device']}; "
-          f"run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average {res['load_average'].get('max_1min')}")
+    print(f"latency profile {res['profile']}: {res['backend']} {res['kind']}s, {res['threads']} thread(s) on "
+          f"{res['device']}; run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average "
+          f"{res['load_average'].get('max_1min')}")
     v = res.get("validation")
     if v:
         for what in ("decode", "prefill"):
+            if what not in v:
+                continue
             s = v[what]
             print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
@@ -253,6 +256,9 @@ def cmd_predict(a) -> int:
                        prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
     if a.json:
         print(json.dumps(pred.to_json(), sort_keys=True))
+    elif pred.decode_ms_per_token is None:
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
+              f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     else:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
               f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
@@ -676,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default local)")
     pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
     pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
+    pr.add_argument("--model-kind", choices=["decoder", "encoder"],
+                    help="what the micro-models are: decoder (default) or encoder (BERT, onnx; calls of batch 1 at "
+                         "32-256 tokens); with --latency-profile, checked against the profile")
     pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in "
                                         "~/.cache/edgeq/profiles/)")
     pr.add_argument("--validate", type=int, default=0, metavar="K",
@@ -683,9 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "device and report the prediction's accuracy (validation.json, validation.png)")
     pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the "
                                            "profile)")
-    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct; "
+                                    "encoders: all-MiniLM-L6-v2)")
     pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
-    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length timed (default 128)")
+    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length (an encoder's sequence) timed "
+                                                      "(default 128)")
     pr.add_argument("--context-tokens", type=int, help="validation: context of the decode steps timed (default 64)")
     pr.add_argument("--allow-noisy", action="store_true",
                     help="keep a profile although the device's run-to-run spread is above 5%%")

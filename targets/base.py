@@ -164,6 +164,11 @@ class Target:
         weight to its GGUF alias. Latency profiles read kernel timings through this (edgeq/predictor)."""
         return {}
 
+    def fused_qkv(self, plans: list[TensorPlan]) -> bool:
+        """Whether an encoder layer's q, k and v projections planned so run as one kernel with its attention (the
+        latency predictor prices that kernel, not three)."""
+        return False
+
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
         out = {}

@@ -19,6 +19,7 @@ from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.onnx.fusion import one_quantized_input
 from edgeq.targets.onnx.genai import write_genai_config
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
@@ -53,6 +54,9 @@ class OnnxTarget(Target):
         from edgeq.targets.onnx.lower import kernel_nodes
 
         return kernel_nodes(bundle / MODEL_FILE, set(graph_weights))
+
+    def fused_qkv(self, plans: list[TensorPlan]) -> bool:
+        return one_quantized_input(plans)
 
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model
