@@ -149,8 +149,8 @@ class KernelTable:
 
 def encoder_features(w: Workload, n: int) -> np.ndarray:
     """An encoder's other ops for one call of n tokens: norms and residual adds (n·d per layer), GELU after a float
-    layer (fused with its bias) or another (n·ffn each), attention of the layers not fused into QAttention (n²·d,
-    n·d), embeddings and pooling (n·d), the bias adds of float layers (n·rows), the activation quantization of
+    layer (fused with its bias) or another (n·ffn each), attention of the layers not fused into QAttention (n²·d
+    for its products, n²·heads for its softmax, n·d), embeddings and pooling (n·d), the bias adds of float layers (n·rows), the activation quantization of
     static int8 layers (n·cols per quantized input) and of fused dynamic-int8 layers (n·d)."""
     d, f = w.hidden, w.ffn
     fused = [m for m in w.matmuls if m.format.startswith(FUSED_QKV)]
@@ -165,7 +165,8 @@ def encoder_features(w: Workload, n: int) -> np.ndarray:
             static_in[(layer, "qkv") if role else (m.weight, "")] = m.cols
     dyn_fused = sum(m.format == FUSED_QKV + "int8_dyn" for m in fused)
     return np.array([w.n_layers, w.n_layers * n * d, n * f * float_inter, n * f * (len(inter) - float_inter),
-                     unfused * n * n * d, unfused * n * d, n * d, n * float_rows, n * sum(static_in.values()),
+                     unfused * n * n * d, unfused * n * n * w.n_heads, unfused * n * d, n * d, n * float_rows,
+                     n * sum(static_in.values()),
                      n * d * dyn_fused], dtype=np.float64)
 
 
