@@ -231,8 +231,8 @@ def cmd_profile(a) -> int:
                       progress=make_progress(a.quiet), log=_log(a.quiet), kind=a.model_kind)
     if a.json:
         print(json.dumps({k: v for k, v in res.items() if k != "validation"}
-                         | ({"validation": {k: res["validation"][k] for k in ("decode", "prefill", "memory_mape",
-                                                                               "load_average") if k in res["validation"]}}
+                         | ({"validation": {k: v for k, v in res["validation"].items()
+                                            if k in ("decode", "prefill", "memory_mape", "load_average")}}
                             if "validation" in res else {}), sort_keys=True))
         return 0
     n = res["noise"]

@@ -62,6 +62,7 @@ class Target:
     presets: tuple[str, ...] = ()
     kinds: frozenset[str] = frozenset()           # model kinds it lowers (decoder, encoder, cnn)
     budget_kinds: frozenset[str] = frozenset()    # kinds whose files it sizes exactly (budgeted plans)
+    latency_kinds: frozenset[str] = frozenset({"decoder"})   # kinds `edgeq profile` times (edgeq/predictor)
     runtime_dists: tuple[str, ...] = ()           # the distributions whose versions a bundle records
     # model kinds edgeq's native runner (edgeq/native/, a static executable over the backend's C library) runs
     native_kinds: frozenset[str] = frozenset()

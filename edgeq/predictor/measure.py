@@ -33,7 +33,7 @@ from edgeq.predictor.design import MicroModel
 from edgeq.predictor.profile import NOISE_LIMIT, PROFILED_KINDS, LatencyProfile, ModelRun
 from edgeq.models import llama
 from edgeq.predictor.workload import bundle_workload
-from edgeq.targets.registry import get_target
+from edgeq.targets.registry import TARGETS, get_target
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,8 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
                     decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), 4) for x in rounds]
                                for c in settings.decode},
                     peak_rss_bytes=[int(x["peak_rss_bytes"] or 0) for x in rounds],
-                    max_tokens=max(*settings.prefill, *(c + settings.warmup + settings.steps for c in settings.decode)),
+                    max_tokens=max(*settings.prefill,
+                                   *(c + settings.warmup + settings.steps for c in settings.decode)),
                     ops={"prefill": {str(n): _merge_ops([x["ops"]["prefill"][str(n)] for x in op_runs])
                                      for n in settings.prefill} if op_runs else {},
                          "decode": {str(c): _merge_ops([x["ops"]["decode"][str(c)] for x in op_runs])
@@ -253,10 +254,10 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
     target = get_target(backend)
     if kind not in PROFILED_KINDS:
         raise EdgeqError(None, f"latency profiles cover {' and '.join(PROFILED_KINDS)}s; not {kind}s")
-    if kind == "encoder" and backend != "onnx":
-        raise EdgeqError(None, f"latency profiles of encoders cover the onnx backend for now, not {backend}")
-    if kind not in target.kinds:
-        raise EdgeqError(None, f"the {backend} backend does not carry {kind}s")
+    if kind not in target.latency_kinds:
+        where = [t for t in TARGETS if kind in get_target(t).latency_kinds]
+        raise EdgeqError(None, f"latency profiles of {kind}s cover the {' and '.join(where)} backend"
+                               f"{'s' * (len(where) != 1)} for now, not {backend}")
     if threads < 1:
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)

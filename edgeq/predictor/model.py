@@ -67,7 +67,8 @@ class Prediction:
         """Decoders: the flat object of the issue; encoders: `latency_ms` (one call of batch 1 over
         `prompt_tokens` tokens, the same as `prefill_ms`) and a null decode step."""
         if self.kind != "decoder":
-            return {"kind": self.kind, "latency_ms": round(self.prefill_ms, 3), "prefill_ms": round(self.prefill_ms, 3),
+            return {"kind": self.kind, "latency_ms": round(self.prefill_ms, 3),
+                    "prefill_ms": round(self.prefill_ms, 3),
                     "decode_ms_per_token": None, "prompt_tokens": self.prompt_tokens, "batch": 1,
                     "peak_memory_bytes": int(self.peak_memory_bytes), "backend": self.backend,
                     "threads": self.threads, **self.parts}
@@ -148,10 +149,11 @@ class KernelTable:
 # --- 2. everything else in the graph ---------------------------------------------------------------------------
 
 def encoder_features(w: Workload, n: int) -> np.ndarray:
-    """An encoder's other ops for one call of n tokens: norms and residual adds (n·d per layer), GELU after a float
-    layer (fused with its bias) or another (n·ffn each), attention of the layers not fused into QAttention (n²·d
-    for its products, n²·heads for its softmax, n·d), embeddings and pooling (n·d), the bias adds of float layers (n·rows), the activation quantization of
-    static int8 layers (n·cols per quantized input) and of fused dynamic-int8 layers (n·d)."""
+    """An encoder's other ops for one call of n tokens: norms and residual adds (n·d per layer), GELU after a
+    float layer (fused with its bias) or another (n·ffn each), attention of the layers not fused into QAttention
+    (n²·d for its products, n²·heads for its softmax, n·d), embeddings and pooling (n·d), the bias adds of float
+    layers (n·rows), the activation quantization of static int8 layers (n·cols per quantized input) and of fused
+    dynamic-int8 layers (n·d)."""
     d, f = w.hidden, w.ffn
     fused = [m for m in w.matmuls if m.format.startswith(FUSED_QKV)]
     unfused = w.n_layers - len(fused)

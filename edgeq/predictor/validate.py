@@ -1,16 +1,16 @@
 """Accuracy, measured: held-out whole-model plans, predicted from a profile and run for real on the device.
 
 `edgeq profile --validate K` draws K plans of a real model (default SmolLM2-135M; encoder profiles:
-all-MiniLM-L6-v2) that no micro-model looks like: every 2-D weight gets a random format among those the backend
-can write at its shape, with each plan's own random preference over formats (so plans range from mostly-2-bit to
+all-MiniLM-L6-v2) that no micro-model looks like: every 2-D weight gets a random format among those the backend can
+write at its shape, with each plan's own random preference over formats (so plans range from mostly-2-bit to
 mostly-float). An encoder's linears draw from every format written for encoders (static and dynamic int8 too),
-and in about a third of its layers q, k and v share one draw (so fused QAttention layers occur as they do in
-real plans); an encoder's call (batch 1, --prompt-tokens tokens) is its `prefill`, and it has no decode step. Each plan is exported
-through the pipeline with the profile, so its manifest carries the prediction; all bundles are then timed on
-the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps at C tokens
-of context), and each bundle's measurements.json gets the measured figures beside the predicted ones. A plan
-is within tolerance when |predicted / measured − 1| ≤ max(10 %, 2 × its own run-to-run spread). The device's
-spread (the same plan measured in several rounds) is reported beside the errors: it is the floor.
+and in about a third of its layers q, k and v share one draw (so fused QAttention layers occur as they do in real
+plans); an encoder's call (batch 1, --prompt-tokens tokens) is its `prefill`, and it has no decode step. Each
+plan is exported through the pipeline with the profile, so its manifest carries the prediction; all bundles are
+then timed on the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps
+at C tokens of context), and each bundle's measurements.json gets the measured figures beside the predicted ones.
+A plan is within tolerance when |predicted / measured − 1| ≤ max(10 %, 2 × its own run-to-run spread). The
+device's spread (the same plan measured in several rounds) is reported beside the errors: it is the floor.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             if not encoder:
                 dec = [median_ms(x["decode"][str(settings.context_tokens)], clock) for x in rr]
                 dec_other = [median_ms(x["decode"][str(settings.context_tokens)], other) for x in rr]
-                measured.update({"decode_ms_per_token": float(np.median(dec)), "decode_ms_per_token_spread": spread(dec),
+                measured.update({"decode_ms_per_token": float(np.median(dec)),
+                                 "decode_ms_per_token_spread": spread(dec),
                                  "rounds_decode_ms": [round(x, 4) for x in dec],
                                  "context_tokens": settings.context_tokens,
                                  f"decode_ms_per_token_{other}": float(np.median(dec_other))})
@@ -219,7 +220,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         good = [x for x in loads if x]
         report = {"backend": backend, "kind": profile.kind, "threads": threads, "device": device.name,
                   "clock": profile.clock, "cpu": (facts or {}).get("cpu"),
-                  "cpu_flags": " ".join(f for f in (facts or {}).get("flags", []) if f.startswith(("avx", "fma", "sse4"))),
+                  "cpu_flags": " ".join(f for f in (facts or {}).get("flags", [])
+                                        if f.startswith(("avx", "fma", "sse4"))),
                   "model": model or "SmolLM2-135M-Instruct (default)",
                   "settings": settings.__dict__, "tolerance": f"max({TOLERANCE:.0%}, 2 x the plan's run-to-run spread)",
                   "load_average": {"first": good[0] if good else None, "last": good[-1] if good else None,
