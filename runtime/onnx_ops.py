@@ -51,7 +51,9 @@ def _calls(events: list[dict[str, Any]]) -> list[list[tuple[str, str, float]]]:
     return out
 
 
-def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> dict[str, Any]:
+def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str], reduce=np.median,
+             total: float | None = None) -> dict[str, Any]:
+    """Per node, `reduce` of its times over the calls; with `total`, all scaled to add up to it."""
     per: dict[str, list[float]] = {}
     op_of: dict[str, str] = {}
     for c in calls:
@@ -63,8 +65,11 @@ def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> di
             per.setdefault(name, []).append(us)
     weights: dict[str, float] = {}
     ops: dict[str, list[float]] = {}
+    scale = 1.0
+    if total is not None:
+        scale = total / max(sum(float(reduce(v)) for v in per.values()), 1e-9)
     for name, v in per.items():
-        t = float(np.median(v))
+        t = float(reduce(v)) * scale
         if name in kernels:
             weights[name] = round(t, 2)
         else:
@@ -170,22 +175,27 @@ def model_op_latency(session, args: dict[str, Any], threads: int, session_option
     call_clock = time.process_time if args.get("clock") == "cpu" else time.perf_counter
     steps = int(args.get("prefill_steps", 2))
     keys: list[str] = []
-    ratio: list[float] = []
+    cpu_us: list[float] = []
     walls: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="edgeq-ort-prof-") as folder:
         prof = _profiled_session(session.model_path, threads, folder, session_options)
         for n in args.get("prefill", []):
             feeds = model_feeds(session, int(n))
             for rep in range(steps + 1):                      # the first call warms up
-                c0, t0 = time.process_time(), time.perf_counter()
+                c0 = time.process_time()
                 prof.run(None, feeds)
-                ratio.append(min(1.0, (time.process_time() - c0) / max(time.perf_counter() - t0, 1e-9)))
+                cpu_us.append((time.process_time() - c0) * 1e6)
                 keys.append(str(n) if rep else "")
             session.run(feeds)
             walls[str(n)] = [_timed(call_clock, session.run, feeds) for _ in range(steps)]
-        calls = _node_calls(prof, ratio, args.get("clock"))
+        calls = _node_calls(prof, [1.0] * len(keys), None)
     out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    cpu = args.get("clock") == "cpu"
     for key in walls:
-        out["prefill"][key] = {**_summary([c for c, k in zip(calls, keys) if k == key], kernels),
-                               "call_us": round(float(np.median(walls[key])) * 1e6, 1)}
+        picked = [c for c, k in zip(calls, keys) if k == key]
+        # CPU clock: the profiler times nodes by the wall clock, and on a loaded machine a wait lands on whichever
+        # node was running; each node's least time over the calls is its share, the calls' CPU time the total
+        summary = (_summary(picked, kernels, np.min, float(np.median([u for u, k in zip(cpu_us, keys) if k == key])))
+                   if cpu else _summary(picked, kernels))
+        out["prefill"][key] = {**summary, "call_us": round(float(np.median(walls[key])) * 1e6, 1)}
     return out
