@@ -37,13 +37,14 @@ def bundles(tiny_decoder_dir, tmp_path_factory) -> dict:
 
 def _old_path(session):
     """llama-cpp-python's `Llama` over the session's model file, configured as the runtime configured it before
-    (logits_all, the bundle's KV type, one thread)."""
+    (logits_all, the bundle's KV type and attention kernel, one thread)."""
     import llama_cpp
 
     p = session.backend.context_params
     return llama_cpp.Llama(model_path=str(session.bundle / session.artifact["path"]), n_ctx=session.n_ctx,
                            n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=1, n_threads_batch=1, logits_all=True,
-                           type_k=p.type_k, type_v=p.type_v, seed=0, verbose=False)
+                           type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                           seed=0, verbose=False)
 
 
 @pytest.mark.parametrize("which", ["cpu", "android"])
