@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -123,7 +124,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.legend(loc="upper left")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 75 * len(panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
