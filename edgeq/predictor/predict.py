@@ -90,6 +90,8 @@ def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backe
     over `prompt_tokens` tokens, and no per-token latency)."""
     p, profile, fitted = open_profile(path, backend, None, graph.kind)
     w = graph_workload(graph, plan, n_ctx, kv_dtype, file_bytes, backend)
+    if w.kind == "encoder" and prompt_tokens is None:       # an encoder truncates longer inputs to its own length
+        prompt_tokens = min(DEFAULT_PROMPT_TOKENS, int(graph.config.context_length))
     pred = predict_workload(fitted, w, prompt_tokens, context_tokens)
     if w.kind == "encoder":
         return {"latency_ms_per_token": None, "latency_ms": round(pred.prefill_ms, 3),

@@ -83,7 +83,7 @@ class LatencyProfile:
         return device_key(self.device)
 
     def describe(self) -> str:
-        return (f"{self.backend} {self.runtime_version or '?'} {self.kind}s, "
+        return (f"{self.backend} {self.runtime_version or '?'}{'' if self.kind == 'decoder' else ' ' + self.kind + 's'}, "
                 f"{self.threads} thread{'s' * (self.threads != 1)}"
                 f"{', CPU time' if self.clock == 'cpu' else ''}, "
                 f"{self.device.get('cpu', '?')} ({self.device.get('cores', '?')} cores) via {self.device.get('spec')}")
