@@ -280,7 +280,7 @@ def fitted_encoder() -> Predictor:
 
 def minilm_like(fmt: str, n_layers: int = 6, hidden: int = 384, ffn: int = 1536):
     cfg = bert.BertConfig(vocab_size=30522, hidden_size=hidden, intermediate_size=ffn, n_layers=n_layers,
-                          n_heads=hidden // 32)
+                          n_heads=hidden // 32, context_length=512)
     return encoder_workload(cfg, {n: timing_plan(fmt, "") for n, s in bert.expected_shapes(cfg).items()
                                   if len(s) == 2}, "onnx")
 

@@ -72,8 +72,9 @@ def check_runtime_here(profile: LatencyProfile, path: Path) -> None:
 
 def predict_workload(fitted: Predictor, w: Workload, prompt_tokens: int | None,
                      context_tokens: int | None) -> Prediction:
-    return fitted.predict(w, DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens,
-                          DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens)
+    if prompt_tokens is None:       # an encoder truncates longer inputs to its own length
+        prompt_tokens = min(DEFAULT_PROMPT_TOKENS, w.n_ctx) if w.kind == "encoder" else DEFAULT_PROMPT_TOKENS
+    return fitted.predict(w, prompt_tokens, DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens)
 
 
 def profile_record(path: Path, profile: LatencyProfile) -> dict[str, Any]:
@@ -90,8 +91,6 @@ def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backe
     over `prompt_tokens` tokens, and no per-token latency)."""
     p, profile, fitted = open_profile(path, backend, None, graph.kind)
     w = graph_workload(graph, plan, n_ctx, kv_dtype, file_bytes, backend)
-    if w.kind == "encoder" and prompt_tokens is None:       # an encoder truncates longer inputs to its own length
-        prompt_tokens = min(DEFAULT_PROMPT_TOKENS, int(graph.config.context_length))
     pred = predict_workload(fitted, w, prompt_tokens, context_tokens)
     if w.kind == "encoder":
         return {"latency_ms_per_token": None, "latency_ms": round(pred.prefill_ms, 3),

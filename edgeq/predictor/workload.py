@@ -149,7 +149,8 @@ def encoder_workload(config: bert.BertConfig, plans: dict[str, TensorPlan], back
             rows, cols = (f, h) if role == "intermediate.dense" else (h, f) if role == "output.dense" else (h, h)
             matmuls.append(MatMul(p + role + ".weight", rows, cols, plans[p + role + ".weight"].format))
     return Workload(hidden=h, ffn=f, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_heads,
-                    head_dim=config.head_dim, vocab=config.vocab_size, matmuls=matmuls, n_ctx=config.max_positions,
+                    head_dim=config.head_dim, vocab=config.vocab_size, matmuls=matmuls,
+                    n_ctx=min(config.context_length, config.max_positions),     # longer inputs are truncated
                     kv_dtype="none", file_bytes=int(file_bytes), kind="encoder")
 
 
