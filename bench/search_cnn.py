@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -120,7 +119,8 @@ def main() -> None:
         check = {"latency_vs_full_int8": srch["vs_full_int8"], "latency_ok": srch["vs_full_int8"] <= a.ratio,
                  "accuracy_drop_points": 100 * (ref["test_accuracy"] - srch["test_accuracy"]),
                  "accuracy_ok": ref["test_accuracy"] - srch["test_accuracy"] <= 0.01,
-                 "uniform_same_latency": uni and uni["variant"], "uniform_next_wider": uni_wider and uni_wider["variant"]}
+                 "uniform_same_latency": uni and uni["variant"],
+                 "uniform_next_wider": uni_wider and uni_wider["variant"]}
         print(f"\ndigits CNN supernet (scale {a.scale}), {len(sn.data.y_test)} held-out test images, batch 1, "
               f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; limit {a.ratio} x full int8 "
               f"predicted = {s.budget_ms:.4f} ms")

@@ -104,6 +104,12 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
     it = widths if progress is None else progress(widths, desc="search: cheap labels (float, width only)",
                                                   unit="config")
     cheap = {w: cheap_error(w) for w in it}
+
+    def cheap_of(w: tuple[int, ...]) -> float:
+        if w not in cheap:
+            cheap[w] = cheap_error(w)
+        return cheap[w]
+
     x_cheap = np.array([space.features(c) for c in pts])
     y_cheap = np.array([cheap[c.widths] for c in pts])
     measured: dict[Candidate, float] = {}
@@ -132,14 +138,15 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
         m = space.measures(c)
         d = {"widths": list(c.widths), "formats": list(space.format_names(c)),
              "predicted_latency_ms": round(m.latency_ms, 5), "weight_bytes": m.bytes,
-             "cheap_error": round(cheap.get(c.widths, float("nan")), 6),
+             "cheap_error": round(cheap_of(c.widths), 6),
              "predicted_log_error": round(float(score([c])[0]), 6)}
         if c in measured:
             d["val_error"] = round(measured[c], 6)
         return d
 
+    n_cheap = len(cheap)
     record = {"settings": asdict(s), "budget_latency_ms": budgets.latency_ms, "cheap_labels": len(pts),
-              "cheap_widths": len(cheap), "measured_configurations": len(measured),
+              "cheap_widths": n_cheap, "measured_configurations": len(measured),
               "finalists": [point(c) for c in finalists], "chosen": point(best),
               "expensive_labels": [point(c) for c in measured]}
     return CnnSearchResult(best, finalists, measured, record)

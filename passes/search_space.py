@@ -173,7 +173,8 @@ class GeneSpace:
         reach = "; ".join(f"the {k} point: {self.measures(a).bytes / 1e6:.3f} MB"
                           + (f", predicted {self.measures(a).latency_ms:.3f} ms" if self.measures(a).latency_ms
                              is not None else "") for k, a in anchors.items())
-        raise EdgeqError(None, f"no configuration of the search space meets {budgets.describe()} ({reach}); {self.hint}")
+        raise EdgeqError(None, f"no configuration of the search space meets {budgets.describe()} ({reach}); "
+                               f"{self.hint}")
 
     def toward(self, c: Candidate, anchor: Candidate, budgets: Budgets, rng: np.random.Generator) -> Candidate:
         """`c` if it meets the budgets, else `c` with genes and widths taken from the feasible `anchor` (a feasible
