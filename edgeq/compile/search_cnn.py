@@ -210,14 +210,22 @@ def measure_table(models: SubnetModels, ts: TableSettings, seed: int, progress: 
     timed = models.time(fit_pts + held_pts, ts.rounds, ts.per_round, progress)
     x = np.array([features(sn.layers, w, f, models.n_quantized(f)) for w, f in fit_pts + held_pts])
     y = np.array([t["median"] for t in timed])
-    facts = device_facts(("onnxruntime",))
-    device = {"cpu": facts.get("cpu"), "flags": facts.get("flags"), "versions": facts.get("versions"),
-              "threads": models.threads}
+    device = {**this_device(), "threads": models.threads}
     table = CnnLatencyTable.fitted(sn.name, sn.full, [l.weight for l in sn.layers], x[:len(fit_pts)],
                                    y[:len(fit_pts)], device, x[len(fit_pts):], y[len(fit_pts):])
     table.fit["points"] = [{"widths": list(w), "formats": list(f), **{k: round(v, 5) for k, v in t.items()}}
                            for (w, f), t in zip(fit_pts + held_pts, timed)]
     return table
+
+
+ISA = ("avx", "fma", "f16c", "vnni", "amx", "sve", "asimd", "i8mm", "neon")
+
+
+def this_device() -> dict[str, Any]:
+    """What the table's timings depend on: the CPU, its kernel-relevant ISA flags, onnxruntime's version."""
+    facts = device_facts(("onnxruntime",))
+    return {"cpu": facts["cpu"], "flags": [f for f in facts["flags"] if any(k in f for k in ISA)],
+            "onnxruntime": facts["runtime_versions"].get("onnxruntime")}
 
 
 def open_table(o: CnnSearchOptions, models: SubnetModels, progress: Callable | None = None,
@@ -229,6 +237,14 @@ def open_table(o: CnnSearchOptions, models: SubnetModels, progress: Callable | N
         table.check_for(sn.name, sn.full, [l.weight for l in sn.layers], path)
         if table.device.get("threads") != models.threads:
             raise EdgeqError(path, f"was measured with {table.device.get('threads')} thread(s), not {models.threads}")
+        here = this_device()
+        for k in ("cpu", "flags", "onnxruntime"):
+            if table.device.get(k) != here[k]:
+                theirs, ours = table.device.get(k), here[k]
+                if k == "flags":
+                    theirs, ours = sorted(set(theirs or []) - set(ours)), sorted(set(ours) - set(theirs or []))
+                raise EdgeqError(path, f"was measured with another {k} (there: {theirs}; here: {ours}); measure "
+                                       "the table on this machine (name a new file)")
         return table
     table = measure_table(models, o.table, o.settings.seed, progress)
     if log is not None:
