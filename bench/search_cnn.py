@@ -12,8 +12,8 @@ validation images carved from the training split).
 The uniform model "of the same latency" is the widest uniform slim whose measured latency is within the searched
 model's (the next wider one is reported too).
 
-    python bench/search_cnn.py                           # 1 thread
-    python bench/search_cnn.py --latency-profile /tmp/digits-table.json --rounds 30
+    python bench/search_cnn.py                           # 1 thread, the supernet at 4x the recipe's widths
+    python bench/search_cnn.py --scale 1 --latency-profile /tmp/digits-table-s1.json
 
 Prints a table and writes bench/results/search_cnn.json and search_cnn.png (measured latency vs test accuracy).
 """
@@ -39,7 +39,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratio", type=float, default=0.7, help="latency limit as a share of the full int8 model's")
     ap.add_argument("--latency-profile", help="the supernet's latency table (read if it exists, else written)")
-    ap.add_argument("--scale", type=int, default=1, help="supernet width multiplier")
+    ap.add_argument("--scale", type=int, default=4,
+                    help="supernet width multiplier (default 4: at 1, batch-1 latency is per-kernel overhead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=20)
