@@ -211,43 +211,41 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
         g = torch.Generator().manual_seed(seed)
         net = digits_net(*full)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-        # 1. the full network
-        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, full_epochs))
-        net.train()
         epochs = range(full_epochs + sandwich_epochs)
         it = iter(epochs if progress is None else progress(epochs, desc="supernet: train", unit="epoch"))
-        for _ in range(full_epochs):
-            next(it, None)
-            order = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), batch):
-                idx = order[i:i + batch]
-                opt.zero_grad()
-                F.cross_entropy(net(x[idx]), y[idx]).backward()
-                opt.step()
-            sched.step()
+
+        def run(lr: float, n_epochs: int, step) -> None:
+            """Adam with a cosine schedule over `n_epochs` of shuffled batches; `step(idx)` backpropagates."""
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, n_epochs))
+            for _ in range(n_epochs):
+                next(it, None)
+                order = torch.randperm(len(y), generator=g)
+                for i in range(0, len(y), batch):
+                    opt.zero_grad()
+                    step(order[i:i + batch])
+                    opt.step()
+                sched.step()
+
+        # 1. the full network
+        net.train()
+        run(3e-3, full_epochs, lambda idx: F.cross_entropy(net(x[idx]), y[idx]).backward())
         # 2. channels sorted by importance: every width is a prefix
         sort_channels(net, full)
         sn = DigitsSupernet(net, data, scale, seed)
         # 3. sandwich training: largest, smallest, two random widths per step
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, sandwich_epochs))
         largest = tuple(sn.full)
         smallest = tuple(m[0] for m in sn.menus)
-        for _ in range(sandwich_epochs):
-            next(it, None)
-            order = torch.randperm(len(y), generator=g)
-            for i in range(0, len(y), batch):
-                idx = order[i:i + batch]
-                opt.zero_grad()
-                big = sn.forward(x[idx], largest)
-                F.cross_entropy(big, y[idx]).backward()
-                soft = F.softmax(big.detach(), -1)
-                rand = [tuple(m[int(torch.randint(len(m), (1,), generator=g))] for m in sn.menus) for _ in range(2)]
-                for w in [smallest] + rand:
-                    F.kl_div(F.log_softmax(sn.forward(x[idx], w), -1), soft, reduction="batchmean").backward()
-                opt.step()
-            sched.step()
+
+        def sandwich(idx) -> None:
+            big = sn.forward(x[idx], largest)
+            F.cross_entropy(big, y[idx]).backward()
+            soft = F.softmax(big.detach(), -1)
+            rand = [tuple(m[int(torch.randint(len(m), (1,), generator=g))] for m in sn.menus) for _ in range(2)]
+            for w in [smallest] + rand:
+                F.kl_div(F.log_softmax(sn.forward(x[idx], w), -1), soft, reduction="batchmean").backward()
+
+        run(1e-3, sandwich_epochs, sandwich)
         for _ in it:
             pass
     finally:
