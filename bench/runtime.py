@@ -5,8 +5,8 @@ machine's load hits every variant alike):
 
 * `llama-bench` tg64 and pp128, built with cmake from the llama.cpp source llama-cpp-python vendors (the same
   version, GGML_NATIVE and OpenMP as the wheel), once, then cached under ~/.cache/edgeq/native/llama-bench/;
-  run with its defaults (flash attention `auto`) and with `-fa 0`, the attention the runtime uses on an f16 KV
-  cache;
+  run with its defaults (flash attention `auto`: on for the CPU, as the runtime runs f16 and q8_0 caches) and
+  with `-fa 0` (the unfused attention, which the runtime keeps for f32 caches);
 * edgeq.runtime per backend in the bundle: decode = `Session.generate_ids` of 64 greedy tokens after a one-token
   prompt (64 decode steps and 64 draws, as tg64 decodes 64 tokens), prefill = `generate_ids` of one token after
   a 128-token prompt (the time to the first token: one 128-token decode and a draw);

@@ -36,6 +36,7 @@ from edgeq.runtime.manifest import (
     verified_file,
     verify_artifacts,
 )
+from edgeq.runtime.memory import release_freed_heap
 from edgeq.runtime.sampling import MAX_SEED, NumpySampler, Sampler, SamplingParams
 from edgeq.runtime.threads import checked_threads, default_threads
 from edgeq.runtime.tokenizer import chat_messages, render_chat, spec_from_json, stop_ids
@@ -320,7 +321,9 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int | Non
     if manifest["model"]["kind"] != "decoder":
         if adapters:
             raise BundleError(bundle, f"adapters apply to decoders; this bundle holds a {manifest['model']['kind']}")
-        return impl.open_model(bundle, manifest, art, threads=threads, device=device)
+        model = impl.open_model(bundle, manifest, art, threads=threads, device=device)
+        release_freed_heap()
+        return model
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     spec = bundle_spec(bundle, manifest)
     session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
@@ -331,4 +334,5 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int | Non
         except BaseException:
             session.close()
             raise
+    release_freed_heap()          # what loading staged and dropped: resident memory is then the model's
     return session

@@ -62,9 +62,9 @@ class _Recorder:
         self.clock = clock
         self.on = False
         self.times: list[float] = []
-        # per node: (op, weight name or "", weight type, KV length the node reads or 0)
-        self.nodes: list[tuple[str, str, str, int]] | None = None
-        self._info: list[tuple[str, str, str, int]] = []
+        # per node: (op, weight name or "", weight type, KV length the node reads or 0, rows (tokens) computed)
+        self.nodes: list[tuple[str, str, str, int, int]] | None = None
+        self._info: list[tuple[str, str, str, int, int]] = []
         self._last = 0.0
 
     def start(self, describe: bool) -> None:
@@ -95,7 +95,11 @@ class _Recorder:
                     weight, wtype = name, self.lib.ggml_type_name(s0.type).decode()
                 elif name.startswith("cache_k"):
                     kv = int(s0.ne[1])
-            self._info.append((op, weight, wtype, kv))
+            elif op == "FLASH_ATTN_EXT" and t.src[1]:                   # (q, k, v, mask): k is the cache read
+                s1 = _Tensor.from_address(t.src[1])
+                if s1.name.decode(errors="replace").startswith("cache_k"):
+                    kv = int(s1.ne[1])
+            self._info.append((op, weight, wtype, kv, int(t.ne[1])))
         self._last = self.clock()
         return True
 
@@ -135,22 +139,28 @@ class OpTimer:
         self.context.close()
 
 
-def _summary(nodes: list[tuple[str, str, str, int]], runs: list[list[float]]) -> dict[str, Any]:
-    """Per node the median over the runs, then: each weight's matmul, each other op kind summed, the hand-over,
-    and the KV length attention read (llama.cpp pads the cache it reads)."""
+def _summary(nodes: list[tuple[str, str, str, int, int]], runs: list[list[float]]) -> dict[str, Any]:
+    """Per node the median over the runs, then: each weight's matmul and the rows (tokens) it computed, each
+    other op kind summed, the hand-over, and the KV length attention read (llama.cpp pads the cache it reads).
+
+    The rows are recorded because llama.cpp computes the last layer's MLP and the head only for the tokens whose
+    logits are asked for (one, in a prefill): timed as a 512-token product they would read as impossibly fast."""
     n = min(len(nodes), *(len(r) for r in runs))
     med = np.median(np.array([r[:n] for r in runs]), axis=0) * 1e6
     weights: dict[str, float] = {}
+    rows: dict[str, int] = {}
     ops: dict[str, list[float]] = {}
     noop = [float(t) for (op, *_), t in zip(nodes[:n], med) if op in NOOPS]
-    for (op, weight, *_), t in zip(nodes[:n], med):
+    for (op, weight, _, _, tokens), t in zip(nodes[:n], med):
         if weight:
             weights[weight] = round(weights.get(weight, 0.0) + float(t), 2)
+            rows[weight] = tokens
         elif op not in NOOPS:
             c = ops.setdefault(op, [0, 0.0])
             c[0] += 1
             c[1] = round(c[1] + float(t), 2)
-    return {"weights_us": weights, "ops_us": ops, "handover_us": round(float(np.median(noop)) if noop else 0.0, 3),
+    return {"weights_us": weights, "weights_rows": rows, "ops_us": ops,
+            "handover_us": round(float(np.median(noop)) if noop else 0.0, 3),
             "nodes": n, "total_us": round(float(med.sum()), 1), "kv_len": max((x[3] for x in nodes), default=0)}
 
 

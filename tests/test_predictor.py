@@ -227,5 +227,37 @@ def test_the_runner_times_every_kernel_of_a_bundle(tiny_decoder_dir, tmp_path):
     n_mat = sum(1 for n in weights if n.startswith("model.layers.") and n.endswith("proj.weight")) + 1
     assert len(dec["weights_us"]) == n_mat and all(v > 0 for v in dec["weights_us"].values())
     assert "token_embd.weight" in dec["weights_us"]          # the tied head
-    assert dec["kv_len"] == 256 and "SOFT_MAX" in dec["ops_us"]
-    assert ops.result["ops"]["prefill"]["16"]["total_us"] > dec["total_us"]
+    assert dec["kv_len"] == 256 and "FLASH_ATTN_EXT" in dec["ops_us"]     # flash attention on the f16 cache
+    pre = ops.result["ops"]["prefill"]["16"]
+    assert pre["total_us"] > dec["total_us"]
+    # the rows each product computed: llama.cpp runs the last layer's MLP and the head for the asked-for token only
+    last = max(int(n.split(".")[1]) for n in pre["weights_rows"] if n.startswith("blk."))
+    one_row = {n for n, r in pre["weights_rows"].items() if r == 1}
+    assert one_row == {f"blk.{last}.ffn_{p}.weight" for p in ("gate", "up", "down")} | {"token_embd.weight"}
+    assert all(r == 16 for n, r in pre["weights_rows"].items() if n not in one_row)
+    assert set(dec["weights_rows"].values()) == {1}
+
+
+def test_prefill_prices_products_the_runtime_computes_for_one_row(fitted):
+    """A profile that saw the last MLP and the head computed for one row prices them so in any prefill."""
+    import copy
+
+    from edgeq.predictor.model import Predictor
+    from edgeq.predictor.workload import layer_role
+
+    prof = copy.deepcopy(fitted.profile)
+    full = Predictor(prof)
+    run = prof.models[0]
+    w = run.workload
+    rt = {canon: rt for rt, canon in w.aliases.items()}
+    only = [m.weight for m in w.matmuls if m.weight.startswith(f"model.layers.{w.n_layers - 1}.mlp.")]
+    key = next(iter(run.ops["prefill"]))
+    run.ops["prefill"][key]["weights_rows"] = {rt[n]: 1 for n in only}
+    fixed = Predictor(prof)
+    assert fixed.output_rows_only == {layer_role(n, w.n_layers) for n in only}
+    assert layer_role(only[0], w.n_layers).startswith("model.layers.last.")
+    n, kv = fixed._call(w, "prefill", 128)
+    saved = sum(fixed.kernel_us(m.format, m.rows, m.cols, 128) - fixed.kernel_us(m.format, m.rows, m.cols, 1)
+                for m in w.matmuls if m.weight in only)
+    assert saved > 0
+    assert fixed.graph_ms(w, n, kv, "prefill") < full.graph_ms(w, n, kv, "prefill")

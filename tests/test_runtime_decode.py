@@ -37,13 +37,14 @@ def bundles(tiny_decoder_dir, tmp_path_factory) -> dict:
 
 def _old_path(session):
     """llama-cpp-python's `Llama` over the session's model file, configured as the runtime configured it before
-    (logits_all, the bundle's KV type, one thread)."""
+    (logits_all, the bundle's KV type and attention kernel, one thread)."""
     import llama_cpp
 
     p = session.backend.context_params
     return llama_cpp.Llama(model_path=str(session.bundle / session.artifact["path"]), n_ctx=session.n_ctx,
                            n_batch=p.n_batch, n_ubatch=p.n_ubatch, n_threads=1, n_threads_batch=1, logits_all=True,
-                           type_k=p.type_k, type_v=p.type_v, seed=0, verbose=False)
+                           type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                           seed=0, verbose=False)
 
 
 @pytest.mark.parametrize("which", ["cpu", "android"])
@@ -159,3 +160,32 @@ def test_run_help_says_what_the_thread_default_is():
                          check=True).stdout
     text = " ".join(out.split())
     assert "default: the bundle's device profile's" in text and "physical cores" in text and "EDGEQ_THREADS" in text
+
+
+def test_freed_heap_goes_back_to_the_system():
+    """What a load frees in the middle of glibc's heap stays resident until `malloc_trim`: a fresh process frees
+    64 MiB of 1 KiB blocks below one it keeps, and `release_freed_heap` must hand most of it back."""
+    code = """
+import ctypes, json
+from edgeq.runtime.memory import release_freed_heap
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')) // 1024
+blocks = [libc.malloc(1024) for _ in range(65536)]
+for b in blocks:
+    ctypes.memset(b, 1, 1024)
+keep = libc.malloc(1024)              # above the freed blocks: the heap's top cannot shrink past it
+ctypes.memset(keep, 1, 1024)
+for b in blocks:
+    libc.free(b)
+before = rss()
+ok = release_freed_heap()
+print(json.dumps({"ok": ok, "freed_mib": before - rss()}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = json.loads(r.stdout)
+    if not out["ok"]:
+        pytest.skip("this C library has no malloc_trim")
+    assert out["freed_mib"] >= 48, out

@@ -26,8 +26,10 @@ extern "C" {
 #include "sha256/sha256.h"
 }
 
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -36,6 +38,7 @@ extern "C" {
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <set>
 #include <string>
@@ -334,6 +337,46 @@ struct Plan {
     std::string kv_name = "f16";
 };
 
+// The physical cores this process may run on (its CPU affinity, SMT siblings once), from Linux's CPU topology, as
+// runtime/threads.py counts them; the logical CPUs where the topology cannot be read.
+int physical_cores() {
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    const bool masked = sched_getaffinity(0, sizeof(allowed), &allowed) == 0;
+    const long n = std::min<long>(sysconf(_SC_NPROCESSORS_CONF), CPU_SETSIZE);
+    std::set<std::string> cores;
+    for (int cpu = 0; cpu < n; ++cpu) {
+        if (masked && !CPU_ISSET(cpu, &allowed)) continue;
+        const std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+        std::ifstream package(topo + "physical_package_id"), core(topo + "core_id");
+        std::string a, b;
+        if (package >> a && core >> b) cores.insert(a + ":" + b);
+        else cores.insert("cpu" + std::to_string(cpu));
+    }
+    return std::max<int>(1, (int) cores.size());
+}
+
+// The threads without --threads, as the host runtime chooses them (runtime/threads.py): EDGEQ_THREADS, else the
+// device profile's count (`auto`: every physical core), never more than the physical cores: llama.cpp's threads
+// spin at each barrier, and a thread more than the cores (a 4-thread profile on a 2-core board) stalls every step.
+int default_threads(const json & m, const std::string & mpath) {
+    if (const char * env = std::getenv("EDGEQ_THREADS"); env && *env) {
+        char * end = nullptr;
+        errno = 0;
+        const long n = std::strtol(env, &end, 10);
+        if (errno || *end || n < 1 || n > 1024) refuse("EDGEQ_THREADS", std::string("'") + env +
+                                                                            "' is not a thread count from 1 to 1024");
+        return (int) n;
+    }
+    const int cores = physical_cores();
+    if (!m.contains("target") || !m["target"].is_object() || !m["target"].contains("threads")) return cores;
+    const json & t = m["target"]["threads"];
+    if (t.is_string() && t.get<std::string>() == "auto") return cores;
+    if (!t.is_number_integer() || t.get<long long>() < 1) refuse(mpath, "target.threads " + t.dump() +
+                                                                          " is not a positive integer or \"auto\"");
+    return (int) std::min<long long>(t.get<long long>(), cores);
+}
+
 Plan plan_for(const Bundle & b, const Options & o) {
     const json & m = b.manifest;
     const std::string mpath = b.dir + "/manifest.json";
@@ -368,10 +411,7 @@ Plan plan_for(const Bundle & b, const Options & o) {
         p.n_ctx = (int) n;
     }
     if (o.n_ctx) p.n_ctx = o.n_ctx;
-    if (m.contains("target") && m["target"].is_object() && m["target"].contains("threads") &&
-        m["target"]["threads"].is_number_integer()) {
-        p.threads = std::clamp(m["target"]["threads"].get<int>(), 1, 1024);
-    }
+    p.threads = default_threads(m, mpath);
     if (o.threads) p.threads = o.threads;
     if (m.contains("kv_cache_dtype") && m["kv_cache_dtype"].is_string()) {
         p.kv_name = m["kv_cache_dtype"].get<std::string>();
@@ -419,8 +459,8 @@ struct Runner {
         cp.n_threads_batch = p.threads;
         cp.type_k = p.kv;
         cp.type_v = p.kv;
-        // as the host: flash attention only for a quantized KV cache (llama.cpp quantizes V only with it)
-        cp.flash_attn_type = p.kv == GGML_TYPE_Q8_0 ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        // as the host: flash attention on f16 and q8_0 caches, the unfused attention on an f32 cache
+        cp.flash_attn_type = p.kv == GGML_TYPE_F32 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
         cp.no_perf = false;
         ctx = llama_init_from_model(model, cp);
         if (!ctx) throw std::runtime_error("llama.cpp could not create a context for " + p.model);

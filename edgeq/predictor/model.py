@@ -37,7 +37,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.profile import LatencyProfile
-from edgeq.predictor.workload import Workload
+from edgeq.predictor.workload import Workload, layer_role
 
 KV_PADDINGS = (1, 32, 64, 128, 256, 512)
 MIN_KERNEL_US = 0.2
@@ -292,6 +292,8 @@ class Predictor:
         samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
         other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
         pads = []
+        # the weights (by layer role) whose product the runtime computes for the asked-for rows only in a prefill
+        self.output_rows_only: set[str] = set()
         for run in self.profile.models:
             w = run.workload
             canon = {m.weight: m for m in w.matmuls}
@@ -300,10 +302,17 @@ class Predictor:
                     n = int(key) if kind == "prefill" else 1
                     tokens = int(key) if kind == "prefill" else int(key) + 2
                     hand = float(s.get("handover_us", 0.0))
+                    rows = s.get("weights_rows") or {}
                     for rt_name, us in s["weights_us"].items():
                         m = canon.get(w.aliases.get(rt_name, rt_name))
-                        if m is not None:
-                            samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
+                        if m is None:
+                            continue
+                        if int(rows.get(rt_name, n)) < n:
+                            # priced as a decode step's product: one row inside a prefill's graph is timed
+                            # with the prefill's per-node overheads, which the whole-call fit carries
+                            self.output_rows_only.add(layer_role(m.weight, w.n_layers))
+                            continue
+                        samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
                     per_op = {op: max(0.0, t - c * hand) for op, (c, t) in s["ops_us"].items()}
                     kv = int(s.get("kv_len") or 0)
                     pads.append((tokens, kv, w.n_ctx))
@@ -349,7 +358,10 @@ class Predictor:
         return self.kernels.cost_us(fmt, rows, cols, n)
 
     def graph_ms(self, w: Workload, n: int, kv: int, kind: str) -> float:
-        k = sum(self.kernel_us(m.format, m.rows, m.cols, n) for m in w.matmuls)
+        k = sum(self.kernel_us(m.format, m.rows, m.cols,
+                               1 if kind == "prefill" and layer_role(m.weight, w.n_layers) in self.output_rows_only
+                               else n)
+                for m in w.matmuls)
         return (k + self.other[kind].cost_us(w, n, kv)) / 1e3
 
     def call_ms(self, w: Workload, kind: str, key: int) -> float:
@@ -383,6 +395,7 @@ class Predictor:
 
     def fit_report(self) -> dict[str, Any]:
         return {"kv_padding": self.kv_pad, "formats": self.kernels.formats,
+                "prefill_output_rows_only": sorted(self.output_rows_only),
                 "kernel_shapes": len(self.kernels.lookup),
                 "correction": {k: c.report for k, c in self.correction.items()}}
 

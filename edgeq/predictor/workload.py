@@ -67,6 +67,18 @@ class Workload:
         return cls(**d)
 
 
+def layer_role(weight: str, n_layers: int) -> str:
+    """A weight's name with its layer index written as `last` (the model's last layer) or `i` (any other): what
+    decides whether a runtime computes the weight's product for every token of a prefill or only for those whose
+    logits are asked for (llama.cpp's last MLP and head)."""
+    parts = weight.split(".")
+    for k, p in enumerate(parts[:-1]):
+        if p.isdigit() and k and parts[k - 1] == "layers":
+            parts[k] = "last" if int(p) == n_layers - 1 else "i"
+            break
+    return ".".join(parts)
+
+
 def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: int, kv_dtype: str = "f16",
                      file_bytes: int = 0, source: str | None = None, mlp_widths: list[int] | None = None) -> Workload:
     """The workload of a Llama-family decoder whose 2-D weights are written in `formats` (canonical names);
