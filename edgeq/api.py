@@ -18,6 +18,7 @@ from edgeq.compile import pipeline
 from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
 from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.compile.search import search as search_plan
+from edgeq.compile.search_cnn import CnnSearchOptions, run_search as run_cnn_search, save_search
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
 from edgeq.core.plan import Plan, load_plan
@@ -82,6 +83,20 @@ def search(opts: ExportOptions | None = None, *, out: str | os.PathLike | None =
         p = search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
         p.save(out)
     return p
+
+
+def search_supernet(opts: CnnSearchOptions, *, out: str | os.PathLike, progress: Callable | None = None,
+                    log: Callable[[str], None] | None = None, supernet=None) -> tuple[Plan, Path]:
+    """`edgeq search --supernet`: a CNN supernet's stage widths x int8/float under a latency limit on onnxruntime;
+    writes the plan to `out` and the subnet beside it (`out` with suffix .pt2). Returns (plan, model path)."""
+    _check_output_file(out)
+    with output_lock(out):
+        s = run_cnn_search(opts, progress=progress, log=log, supernet=supernet)
+        try:
+            _, model = save_search(s, out)
+            return s.plan(s.result.best), model
+        finally:
+            s.models.close()
 
 
 def _check_output_file(out: str | os.PathLike) -> None:

@@ -19,9 +19,26 @@ import os
 import platform
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+
+def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int, per_round: int,
+                      warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call for each variant; variants alternate order round by round, so load on a shared
+    machine hits all of them alike."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        for k in (list(runs) if r % 2 == 0 else list(reversed(list(runs)))):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                runs[k]()
+                times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def device_facts(dists: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
