@@ -20,7 +20,7 @@ from edgeq.core.plan import TensorPlan
 from edgeq.models import names
 from edgeq.models.bert import matmul_weights
 
-TVM_PRESETS = ("f32", "f16", "int8", "int8-dyn", "int4")
+TVM_PRESETS = ("f32", "f16", "int8", "int4", "int8-dyn")
 MATMUL_FORMAT = {"f32": "f32", "f16": "f16", "int8": "int8_wo", "int8-dyn": "int8_dyn_rows", "int4": "int4_g32"}
 
 
