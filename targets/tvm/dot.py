@@ -23,58 +23,51 @@ import numpy as np
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 
 DOT_OUT, DOT_IN = 16, 4
 ACT_Q = "act_q"            # the quantized activations' block; the schedule reads the kind from its suffix
 KINDS = ("vnni", "sdot", "generic")
-ROWS = 4                   # rows per register block when a kernel has many (prefill, encoders)
 VNNI_INTRIN = "edgeq_dot_16x4_u8i8i32_vnni"
 SDOT_INTRIN = "edgeq_dot_4x4_i8i8i32_sdot"
 
 
-@T.prim_func(s_tir=True)
-def _vnni_impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-               C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="uint8x64")
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"), a,
-            B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
+def _intrinsics(idx: str, lanes: int, a_dtype: str, llvm_name: str):
+    """(desc, impl) of C[i] += sum_k A[k] * B[i, k] for `lanes` outputs by 4 inputs, buffers indexed in `idx`
+    (int64 in kernels with symbolic shapes: the matcher compares index types too)."""
+    n4, nl, z = tvm.tirx.const(4, idx), tvm.tirx.const(lanes, idx), tvm.tirx.const(0, idx)
 
-
-TensorIntrin.register(VNNI_INTRIN, dot_product_16x4_u8i8i32_desc, _vnni_impl, override=True)
-
-
-@T.prim_func(s_tir=True)
-def _sdot_desc(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
-               C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        for i in T.serial(0, 4):
-            for k in T.serial(0, 4):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((n4,), a_dtype, offset_factor=1), B: T.Buffer((nl, n4), "int8", offset_factor=1),
+             C: T.Buffer((nl,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[z:nl], A[z:n4], B[z:nl, z:n4])
+            T.writes(C[z:nl])
+            for i, k in T.grid(nl, n4):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
                     C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((n4,), a_dtype, offset_factor=1), B: T.Buffer((nl, n4), "int8", offset_factor=1),
+             C: T.Buffer((nl,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[z:nl], A[z:n4], B[z:nl, z:n4])
+            T.writes(C[z:nl])
+            a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([z], f"{a_dtype}x4"), dtype="int32"), lanes),
+                              dtype=f"{a_dtype}x{4 * lanes}")
+            C[T.ramp(z, 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), C.vload([z], dtype=f"int32x{lanes}"), a,
+                B.vload([z, z], dtype=f"int8x{4 * lanes}"), dtype=f"int32x{lanes}")
 
-@T.prim_func(s_tir=True)
-def _sdot_impl(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((4, 4), "int8", offset_factor=1),
-               C: T.Buffer((4,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
-        C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"), a,
-            B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+    return desc, impl
 
 
-TensorIntrin.register(SDOT_INTRIN, _sdot_desc, _sdot_impl, override=True)
+for _idx in ("int32", "int64"):
+    TensorIntrin.register(f"{VNNI_INTRIN}_{_idx}", *_intrinsics(_idx, 16, "uint8", "llvm.x86.avx512.vpdpbusd.512"),
+                          override=True)
+    TensorIntrin.register(f"{SDOT_INTRIN}_{_idx}", *_intrinsics(_idx, 4, "int8", "llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                          override=True)
 
 
 def dot_kind(target: dict[str, Any]) -> str:
@@ -112,32 +105,30 @@ def _static_extent(sch, loop) -> int | None:
 
 
 def schedule_dot_linear(func: tirx.PrimFunc, kind: str) -> s_tir.Schedule:
-    """Rows in blocks of ROWS (one row when there are fewer), 16 outputs by 4 inputs per instruction; blocks of
-    rows by 16 outputs in parallel. The quantize and rescale stages run rows in parallel, vectorized."""
+    """16 outputs by 4 inputs per instruction, blocks of 16 outputs in parallel, every row inside each. The quantize
+    and rescale stages run rows in parallel, vectorized."""
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("matmul")
     *lead, n, k = sch.get_loops(blk)
-    i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    rows = _static_extent(sch, i)
-    r = ROWS if rows is None or rows >= ROWS and rows % ROWS == 0 else 1
-    io, ii = sch.split(i, [None, r])
+    idx = str(sch.get(k).extent.ty)
     no, ni = sch.split(n, [None, DOT_OUT])
     ko, ki = sch.split(k, [None, DOT_IN])
+    # rows stay unfused (fused symbolic rows bind as // and %, which tensorize cannot blockize) and inside the
+    # parallel loop over 16-output blocks, so each block's weights serve every row from cache
     if kind == "sdot":
         nj, nv = sch.split(ni, [None, 4])
-        sch.reorder(io, no, ko, ii, nj, nv, ki)
+        sch.reorder(no, *lead, ko, nj, nv, ki)
+        sch.unroll(nj)
     elif kind == "vnni":
-        sch.reorder(io, no, ko, ii, ni, ki)
+        sch.reorder(no, *lead, ko, ni, ki)
     else:
-        sch.reorder(io, no, ko, ii, ki, ni)
-    sch.parallel(sch.fuse(io, no))
-    sch.unroll(ii)
+        sch.reorder(no, *lead, ko, ki, ni)
+    sch.parallel(no)
     sch.decompose_reduction(blk, ko)
     if kind == "vnni":
-        sch.tensorize(ni, VNNI_INTRIN)
+        sch.tensorize(ni, f"{VNNI_INTRIN}_{idx}")
     elif kind == "sdot":
-        sch.unroll(nj)
-        sch.tensorize(nv, SDOT_INTRIN)
+        sch.tensorize(nv, f"{SDOT_INTRIN}_{idx}")
     else:                    # correctness only: left to LLVM's own vectorizer
         sch.unroll(ki)
     for name in (act_block(kind), "linear"):
