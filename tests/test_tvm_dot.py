@@ -124,3 +124,46 @@ def test_linux_arm64_build_has_sdot(tiny, tmp_path):
                              out=str(tmp_path / quant)))
         counts[quant] = _count(tmp_path / quant / "model.so", "aarch64-linux-gnu-objdump", "sdot")
     assert counts["int8-dyn"] >= 16 and counts["int8"] == 0, counts
+
+
+def test_decoder_prefill_and_decode_match_reference_integer_scheme():
+    """A small Llama with every linear int8_dyn_rows (the tied head on the int8_wo table): prefill and one-token
+    decode (static one-row kernels) against the reference executor running the same integers."""
+    from tvm.runtime.vm import VirtualMachine
+
+    from edgeq.core.plan import Plan, TensorPlan
+    from edgeq.models import llama
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.targets.tvm.build import compile_module
+    from edgeq.targets.tvm.lower import lower_tvm
+
+    graph = random_llama(tiny_config(vocab_size=320, hidden_size=64, intermediate_size=96, n_layers=2, head_dim=16,
+                                     context_length=128, n_heads=4, n_kv_heads=2, tied_embeddings=True,
+                                     attention_bias=True), seed=4, scale=0.08)
+    tensors = {n: TensorPlan(format="int8_dyn_rows" if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()}
+    tensors[names.EMBED] = TensorPlan(format="int8_wo")
+    lowered = lower_tvm(graph, Plan(tensors=tensors), dot=dot_kind(HOST))
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
+    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
+    cfg = graph.config
+    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+            for _ in range(2 * cfg.n_layers)]
+    ids = np.arange(5, 26)
+    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
+    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
+    got = np.concatenate([out[0].numpy(), step[0].numpy()])
+
+    arrays = {n: t.numpy() for n, t in graph.weights.items()}
+    arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])
+    deq = llama.graph_from_arrays(cfg, arrays)
+    edits = {}
+    for n, t in graph.weights.items():
+        if len(t.shape) == 2 and n != names.EMBED:
+            b = arrays.get(n.removesuffix(".weight") + ".bias")
+            edits[n] = lambda x, y, w=arrays[n], b=b: int8_dyn_rows_matmul(x, w) + (0 if b is None else b)
+    ref = Executor(deq, edits=edits).logits(ids)
+    flt = Executor(deq).logits(ids)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 2e-4 * scale
+    assert np.abs(flt - ref).max() > 10 * np.abs(got - ref).max()
