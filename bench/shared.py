@@ -6,12 +6,12 @@ only in the variants it builds."""
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
+from edgeq.runtime.latency import interleaved_times  # noqa: F401  (the benches' timing loop lives there)
 
 
 @dataclass
@@ -43,23 +43,6 @@ def fidelity(reference: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
     c = cosines(reference, got)
     return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min())}
-
-
-def interleaved_times(runs: dict[str, Callable[[], object]], rounds: int, per_round: int,
-                      warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call for each variant; variants alternate order round by round, so load on a shared
-    machine hits all of them alike."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(rounds):
-        for k in (list(runs) if r % 2 == 0 else list(reversed(list(runs)))):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                runs[k]()
-                times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def latency_ms(times: list[float]) -> dict[str, float]:

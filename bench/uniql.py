@@ -76,9 +76,10 @@ def run_variant(work: Path, name: str, reference, a, doc: dict, out: Path, secti
     backend; on `text`, else the held-out text)."""
     rates = a.rates if rates is None else rates
     bundle = work / name.replace("/", "_")
-    m = export(bundle, quant="f32", pruning_rates=rates, **opts)
+    m = export(bundle, quant="f32", pruning_rates=rates, calib_windows=a.calib_windows, **opts)
     table = {r["rate"]: r for r in m["pruning_rates"]["rates"]}
-    res: dict[str, Any] = {"options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+    res: dict[str, Any] = {"options": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
+                                       "calib_windows": a.calib_windows},
                            "rates": {}}
     for r in rates:
         q = quality(bundle, r, reference, a, text, chunks)
@@ -475,6 +476,8 @@ def main() -> int:
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
     ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
+    ap.add_argument("--calib-windows", type=int, default=4,
+                    help="512-token calibration windows per subset (the channel statistics' sample)")
     ap.add_argument("--ridge", type=floats, default=[0.01, 0.1, 1.0, 10.0],
                     help="select: the ridge and leverage orders' ridge factors (uniform widths)")
     ap.add_argument("--temperature", type=floats, default=[0.5, 1.0, 2.0, 4.0],

@@ -18,6 +18,7 @@ from edgeq.compile import pipeline
 from edgeq.compile.add_adapter import add_adapter as add_adapter_to_bundle
 from edgeq.compile.options import ExportOptions, bundle_n_ctx
 from edgeq.compile.search import search as search_plan
+from edgeq.compile.search_cnn import CnnSearchOptions, run_search as run_cnn_search, save_search
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write, output_lock
 from edgeq.core.plan import Plan, load_plan
@@ -82,6 +83,20 @@ def search(opts: ExportOptions | None = None, *, out: str | os.PathLike | None =
         p = search_plan(_options(opts, options), progress=progress, log=log, ray=ray)
         p.save(out)
     return p
+
+
+def search_supernet(opts: CnnSearchOptions, *, out: str | os.PathLike, progress: Callable | None = None,
+                    log: Callable[[str], None] | None = None, supernet=None) -> tuple[Plan, Path]:
+    """`edgeq search --supernet`: a CNN supernet's stage widths x int8/float under a latency limit on onnxruntime;
+    writes the plan to `out` and the subnet beside it (`out` with suffix .pt2). Returns (plan, model path)."""
+    _check_output_file(out)
+    with output_lock(out):
+        s = run_cnn_search(opts, progress=progress, log=log, supernet=supernet)
+        try:
+            _, model = save_search(s, out)
+            return s.plan(s.result.best), model
+        finally:
+            s.models.close()
 
 
 def _check_output_file(out: str | os.PathLike) -> None:
@@ -169,27 +184,28 @@ def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out:
             validate_dir: str | os.PathLike | None = None, allow_noisy: bool = False, quick: bool = False,
             clock: str = "wall",
             prompt_tokens: int | None = None, context_tokens: int | None = None, progress: Callable | None = None,
-            log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """`edgeq profile`: measure a latency profile of `device` for a backend and thread count (cached in
-    ~/.cache/edgeq/profiles/, also written to `out`), or take `latency_profile`; with `validate_plans` K, check
-    it on K held-out plans run on the device."""
+            log: Callable[[str], None] = lambda s: None, kind: str | None = None) -> dict[str, Any]:
+    """`edgeq profile`: measure a latency profile of `device` for a backend, thread count and model kind (default
+    decoder; cached in ~/.cache/edgeq/profiles/, also written to `out`), or take `latency_profile`; with
+    `validate_plans` K, check it on K held-out plans run on the device."""
     if out is not None and Path(out).is_dir():
         raise EdgeqError(out, "is a folder; -o names the profile file to write")
     if latency_profile is not None:
         path = Path(latency_profile)
         prof = load_profile(path)
-        prof.check_use(backend, threads, path)
+        prof.check_use(backend, threads, path, kind)
     else:
         prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
-                              progress=progress, log=log)
-        path = cached_profile_path(prof.device, backend, threads, prof.clock)
+                              progress=progress, log=log, kind=kind or "decoder")
+        path = cached_profile_path(prof.device, backend, threads, prof.clock, prof.kind)
         for p in (path, out):
             if p is not None:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
                 prof.save(p)
         path = Path(out) if out is not None else path
-    _, _, fitted = open_profile(path, backend, threads)
-    res: dict[str, Any] = {"profile": str(path), "backend": backend, "threads": threads, "device": prof.device.get("cpu"),
+    _, _, fitted = open_profile(path, backend, threads, prof.kind)
+    res: dict[str, Any] = {"profile": str(path), "backend": backend, "kind": prof.kind, "threads": threads,
+                           "device": prof.device.get("cpu"),
                            "noise": prof.noise, "load_average": prof.load_average, "fit": fitted.fit_report()}
     if validate_plans:
         folder = Path(validate_dir) if validate_dir else path.with_name(path.stem + "-validation")
@@ -214,14 +230,14 @@ def predict(path: str | os.PathLike, latency_profile: str | os.PathLike | None =
         raise EdgeqError(path, "no such bundle folder or plan file")
     backend = backend or load_plan(path).backend or (
         latency_profile_backend(latency_profile) if latency_profile else "gguf")
-    prof_path, prof, fitted = open_profile(latency_profile, backend, threads)
-    check_runtime_here(prof, prof_path)
     opts = ExportOptions(model=model, backend=backend, plan=os.fspath(path), calibration=False)
     c = pipeline.prepare(opts, None, None, several_allowed=False)
+    prof_path, prof, fitted = open_profile(latency_profile, backend, threads, c.graph.kind)
+    check_runtime_here(prof, prof_path)
     decision = pipeline.decide_all(c, opts, branches=False)[backend]
     t = c.inputs[backend]
     w = graph_workload(decision.graph or c.graph, decision.plan, bundle_n_ctx(c.graph, c.profile, opts),
-                       t.target.kv_cache_dtype(t.preset, c.profile, None))
+                       t.target.kv_cache_dtype(t.preset, c.profile, None), backend=backend)
     return predict_workload(fitted, w, prompt_tokens, context_tokens)
 
 

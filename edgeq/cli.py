@@ -20,6 +20,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.progress import make_progress
 from edgeq.devices.cli import add_device_parser
 from edgeq.devices.session import DeviceSession, runs_remotely
+from edgeq.compile.search_cnn import SUPERNETS, CnnSearchOptions, TableSettings
 from edgeq.passes.search import SearchSettings
 from edgeq.targets.profiles import PROFILES
 from edgeq.targets.registry import TARGETS
@@ -109,10 +110,13 @@ def cmd_plan(a) -> int:
 
 
 def cmd_search(a) -> int:
-    opts = replace(_options(a), method="search", search=SearchSettings(
+    settings = SearchSettings(
         population=a.population, generations=a.generations, mutation=a.mutation, cheap_labels=a.cheap_labels,
         expensive_labels=a.expensive_labels, finalists=a.finalists, seed=a.seed, width_step=a.width_step,
-        max_prune=a.max_prune, menu=a.menu))
+        max_prune=a.max_prune, menu=a.menu)
+    if a.supernet is not None:
+        return _search_supernet(a, settings)
+    opts = replace(_options(a), method="search", search=settings)
     plan = api.search(opts, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet), ray=a.ray)
     if not a.quiet:
         s = plan.search
@@ -120,6 +124,26 @@ def cmd_search(a) -> int:
         kld = f", measured KLD {s['kld']:.4g}" if "kld" in s else ""
         print(f"wrote {a.out}: {s['predicted_mb']:.3f} MB ({s['predicted_bpw']:.3f} bpw){lat}{kld}; MLP widths "
               f"{s['mlp_widths']}; formats {plan.format_counts()}")
+    return 0
+
+
+def _search_supernet(a, settings: SearchSettings) -> int:
+    """`edgeq search --supernet NAME`: a CNN supernet's stage widths x int8/float on onnxruntime."""
+    if a.model is not None or a.budget_mb is not None or a.bpw is not None or a.plan is not None:
+        raise EdgeqError(None, "--supernet searches the named supernet under --latency-ms only: no --model, --plan, "
+                               "--budget-mb or --bpw")
+    if a.latency_ms is None:
+        raise EdgeqError(None, "--supernet needs --latency-ms (the subnet's batch-1 latency on onnxruntime)")
+    o = CnnSearchOptions(latency_ms=a.latency_ms, latency_profile=a.latency_profile, supernet=a.supernet,
+                         scale=a.supernet_scale, settings=settings,
+                         table=replace(TableSettings(), threads=a.search_threads))
+    plan, model = api.search_supernet(o, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
+    if not a.quiet:
+        s = plan.search
+        err = f", validation error {s['chosen']['val_error']:.4f}" if "val_error" in s["chosen"] else ""
+        print(f"wrote {a.out} and {model}: widths {s['widths']} of {s['full_widths']}, predicted "
+              f"{s['predicted_latency_ms']:.4f} ms for a limit of {a.latency_ms:g} ms{err}; formats "
+              f"{plan.format_counts()}. Next: edgeq export --model {model} --plan {a.out} -o out/")
     return 0
 
 
@@ -228,19 +252,22 @@ def cmd_profile(a) -> int:
     res = api.profile(a.device, a.backend, a.threads, out=a.out, validate_plans=a.validate, model=a.model,
                       latency_profile=a.latency_profile, validate_dir=a.validate_dir, allow_noisy=a.allow_noisy,
                       quick=a.quick, clock=a.clock, prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens,
-                      progress=make_progress(a.quiet), log=_log(a.quiet))
+                      progress=make_progress(a.quiet), log=_log(a.quiet), kind=a.model_kind)
     if a.json:
         print(json.dumps({k: v for k, v in res.items() if k != "validation"}
-                         | ({"validation": {k: res["validation"][k] for k in ("decode", "prefill", "memory_mape",
-                                                                               "load_average")}}
+                         | ({"validation": {k: v for k, v in res["validation"].items()
+                                            if k in ("decode", "prefill", "memory_mape", "load_average")}}
                             if "validation" in res else {}), sort_keys=True))
         return 0
     n = res["noise"]
-    print(f"latency profile {res['profile']}: {res['backend']}, {res['threads']} thread(s) on {res['device']}; "
-          f"run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average {res['load_average'].get('max_1min')}")
+    print(f"latency profile {res['profile']}: {res['backend']} {res['kind']}s, {res['threads']} thread(s) on "
+          f"{res['device']}; run-to-run spread {n['spread']:.1%} (limit {n['limit']:.0%}), load average "
+          f"{res['load_average'].get('max_1min')}")
     v = res.get("validation")
     if v:
         for what in ("decode", "prefill"):
+            if what not in v:
+                continue
             s = v[what]
             print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
@@ -253,6 +280,9 @@ def cmd_predict(a) -> int:
                        prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
     if a.json:
         print(json.dumps(pred.to_json(), sort_keys=True))
+    elif pred.decode_ms_per_token is None:
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
+              f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     else:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
               f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
@@ -664,6 +694,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(all, 32-weight blocks, 256-weight blocks) by SpaceEvo's Q-T score (share of samples within "
                         "the budgets x predicted quality of the best) and search the best (the table: plan "
                         "search.menus)")
+    g.add_argument("--supernet", choices=list(SUPERNETS),
+                   help="search a CNN once-for-all supernet instead of --model: per-stage channel widths x int8/float "
+                        "per layer on onnxruntime, under --latency-ms (batch 1); digits: the digits CNN's, trained "
+                        "here (seeded, about a minute); writes the plan and the subnet beside it as a .pt2 "
+                        "(then: edgeq export --model PLAN.pt2 --plan PLAN.json). --latency-profile names its "
+                        "per-layer latency table: read when the file exists, else measured and written there")
+    g.add_argument("--supernet-scale", type=int, default=1, metavar="K",
+                   help="--supernet: K times the network's channels in every stage (default 1)")
+    g.add_argument("--search-threads", type=int, default=1, metavar="N",
+                   help="--supernet: onnxruntime threads the latency table is measured with (default 1)")
     g.add_argument("--ray", metavar="ADDRESS",
                    help="measure the expensive labels as tasks on this Ray cluster (ray://host:10001, host:6379, or "
                         "local: a new local instance; needs pip install 'edgeq[ray]') (default: in this process)")
@@ -676,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default local)")
     pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
     pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
+    pr.add_argument("--model-kind", choices=["decoder", "encoder"],
+                    help="what the micro-models are: decoder (default) or encoder (BERT, onnx; calls of batch 1 at "
+                         "32-256 tokens); with --latency-profile, checked against the profile")
     pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in "
                                         "~/.cache/edgeq/profiles/)")
     pr.add_argument("--validate", type=int, default=0, metavar="K",
@@ -683,9 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "device and report the prediction's accuracy (validation.json, validation.png)")
     pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the "
                                            "profile)")
-    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct)")
+    pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct; "
+                                    "encoders: all-MiniLM-L6-v2)")
     pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
-    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length timed (default 128)")
+    pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length (an encoder's sequence) timed "
+                                                      "(default 128)")
     pr.add_argument("--context-tokens", type=int, help="validation: context of the decode steps timed (default 64)")
     pr.add_argument("--allow-noisy", action="store_true",
                     help="keep a profile although the device's run-to-run spread is above 5%%")

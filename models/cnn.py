@@ -78,3 +78,62 @@ def quantized_activations(graph: Graph) -> list[str]:
 def activation_names(graph: Graph) -> list[str]:
     """Every activation value of the graph (input and node outputs), in order."""
     return [graph.inputs[0].name] + [n.outputs[0] for n in graph.nodes]
+
+
+@dataclass(frozen=True)
+class StageLayer:
+    """A conv or linear of a supernet whose channels are sliced by stage: its weight (the IR / state_dict name),
+    the stage that sets its output and input channels (None: fixed, `fixed_out` / `fixed_in`, e.g. the classes or
+    the image's channels), its weights per (output channel x input channel) pair (the kernel area; for a linear
+    after a flatten, the pixels each channel spreads over) and its output pixels."""
+
+    weight: str
+    out_stage: int | None
+    in_stage: int | None
+    weights_per_pair: int
+    pixels: int = 1
+    fixed_out: int = 0
+    fixed_in: int = 0
+
+    def params(self, widths: tuple[int, ...] | list[int]) -> int:
+        o = self.fixed_out if self.out_stage is None else widths[self.out_stage]
+        i = self.fixed_in if self.in_stage is None else widths[self.in_stage]
+        return int(o) * int(i) * self.weights_per_pair
+
+    def macs(self, widths: tuple[int, ...] | list[int]) -> int:
+        return self.params(widths) * self.pixels
+
+
+def mixed_activations(graph: Graph, int8_weights: set[str]) -> list[str]:
+    """The activations a mixed int8/float plan quantizes (in quantized_activations' order): the input and the
+    output of every int8 conv/linear (through pooling and flatten back to the value that carries the range, and
+    through a fused relu forward), and an add's output when all its inputs are quantized (onnxruntime then adds
+    in uint8). The rest stays float, so a float layer reads and writes float without a Q/DQ round trip."""
+    producer = {n.outputs[0]: n for n in graph.nodes}
+    readers: dict[str, list] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            readers.setdefault(i, []).append(n)
+    wanted: set[str] = set()
+
+    def source(v: str) -> str:
+        while v in producer and producer[v].op in SAME_RANGE_OPS:
+            v = producer[v].inputs[0]
+        return v
+
+    for n in graph.nodes:
+        if n.op in WEIGHT_OPS and n.inputs[1] in int8_weights:
+            wanted.add(source(n.inputs[0]))
+            out = n.outputs[0]
+            r = readers.get(out, [])
+            if r and all(x.op in FUSED_ACTIVATIONS for x in r):
+                out = r[0].outputs[0]
+            wanted.add(out)
+    for n in graph.nodes:
+        if n.op == "add" and all(source(i) in wanted for i in n.inputs):
+            out = n.outputs[0]
+            r = readers.get(out, [])
+            if r and all(x.op in FUSED_ACTIVATIONS for x in r):
+                out = r[0].outputs[0]
+            wanted.add(out)
+    return [a for a in quantized_activations(graph) if a in wanted]

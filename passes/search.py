@@ -37,7 +37,7 @@ from edgeq.passes.allocate import plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.search_accuracy import AccuracyPredictor
 from edgeq.passes.search_menus import menu_table, score_menus
-from edgeq.passes.search_space import Budgets, Candidate, SearchSpace, genes_of, pruning_costs
+from edgeq.passes.search_space import Budgets, Candidate, GeneSpace, SearchSpace, genes_of, pruning_costs
 from edgeq.passes.sensitivity import CostTable, tensor_options
 from edgeq.passes.uniql_alloc import segmented
 
@@ -175,26 +175,8 @@ class Search(Pass):
         ilp = self.ilp_point(space, ctx.analysis["costs"])
         uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
         seeds = _unique([anchor] + ([ilp] if ilp else []) + uniform + list(measured))
-        pop = _unique(seeds + [space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - len(seeds)))])
-        gens = range(s.generations)
-        for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
-            ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
-            elite = ranked[:max(2, len(ranked) // 4)]
-            children = []
-            for k in range(s.population - len(elite)):
-                if k % 2 == 0:
-                    parent = elite[int(rng.integers(len(elite)))]
-                    child = space.mutate(parent, rng, s.mutation)
-                else:
-                    a, b = rng.choice(len(elite), 2, replace=len(elite) < 2)
-                    parent = elite[int(a)]
-                    child = space.mutate(space.crossover(parent, elite[int(b)], rng), rng, s.mutation / 2)
-                # back within the budgets towards the (feasible) parent, not the anchor: a repair that reached
-                # for the smallest formats would drag every over-budget child to the space's poorest corner
-                children.append(space.toward(child, parent, budgets, rng))
-            pop = _unique(elite + children)
+        ranked = evolve(space, score, budgets, seeds, anchor, rng, s, bar)
         # 4. finalists measured for real
-        ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
         finalists = ranked[:max(1, s.finalists)]
         if self.inp.measure is not None and s.finalists:
             todo = _unique([c for c in finalists + ([ilp] if ilp else []) if c not in measured])
@@ -282,6 +264,34 @@ def candidate_plan(graph: Graph, space: SearchSpace, c: Candidate, ctx: Context,
     if m.latency_ms is not None:
         p.search["predicted_latency_ms"] = round(m.latency_ms, 4)
     return p
+
+
+def evolve(space: GeneSpace, score: Callable[[list[Candidate]], np.ndarray], budgets: Budgets,
+           seeds: list[Candidate], anchor: Candidate, rng: np.random.Generator, s: SearchSettings,
+           bar: Callable | None = None) -> list[Candidate]:
+    """APQ's evolution within the budgets, for any space (decoders' MLP widths x formats, CNN stage widths x
+    int8/float): `seeds` plus points sampled within the budgets make the population; each generation keeps the
+    best quarter by `score` (lower is better) and fills the rest with mutations and crossovers, each child walked
+    back within the budgets towards its feasible parent. Returns the last population, best first."""
+    pop = _unique(seeds + [space.sample(rng, anchor, budgets) for _ in range(max(0, s.population - len(seeds)))])
+    gens = range(s.generations)
+    for _ in (bar(gens, desc="search: evolution", unit="generation") if bar else gens):
+        ranked = [pop[i] for i in np.argsort(score(pop), kind="stable")]
+        elite = ranked[:max(2, len(ranked) // 4)]
+        children = []
+        for k in range(s.population - len(elite)):
+            if k % 2 == 0:
+                parent = elite[int(rng.integers(len(elite)))]
+                child = space.mutate(parent, rng, s.mutation)
+            else:
+                a, b = rng.choice(len(elite), 2, replace=len(elite) < 2)
+                parent = elite[int(a)]
+                child = space.mutate(space.crossover(parent, elite[int(b)], rng), rng, s.mutation / 2)
+            # back within the budgets towards the (feasible) parent, not the anchor: a repair that reached
+            # for the smallest formats would drag every over-budget child to the space's poorest corner
+            children.append(space.toward(child, parent, budgets, rng))
+        pop = _unique(elite + children)
+    return [pop[i] for i in np.argsort(score(pop), kind="stable")]
 
 
 class _BytesOnly:

@@ -76,68 +76,36 @@ class Measures:
                 and (b.latency_ms is None or self.latency_ms is None or self.latency_ms <= b.latency_ms))
 
 
-class SearchSpace:
-    """Formats per gene x widths per layer, with the exact bytes, predicted latency and cheap label of a point."""
+class GeneSpace:
+    """What every search space shares: a format per gene and a width per layer (or stage) from a menu, with
+    constraint-respecting sampling, mutation and crossover. A subclass says what a point costs (`measures`), which
+    widths its formats allow (`valid_widths`), and its anchors (the smallest and fastest points)."""
 
-    def __init__(self, genes: list[Gene], shapes: dict[str, tuple[int, int]], full: list[int],
-                 costs: dict[tuple[str, str], float], prune_costs: list[np.ndarray],
-                 tensor_bytes: Callable[[str, tuple[int, int], str], int], overhead: Callable[[bool], int],
-                 latency: Callable[[dict[str, str], list[int] | None], float] | None,
-                 width_step: int = 32, max_prune: float = 0.5, channel_multiple: int = 1):
-        if not 0 <= max_prune < 1:
-            raise EdgeqError(None, f"--max-prune {max_prune} is outside [0, 1)")
+    # what to change when nothing meets the budgets (the end of feasible_anchor's error)
+    hint = "raise the budget, allow more pruning (--max-prune) or smaller formats"
+
+    def __init__(self, genes: list[Gene], full: list[int], menus: list[list[int]]):
         self.genes = genes
-        self.shapes = shapes
         self.full = full
-        self.costs = costs
-        self.prune_costs = prune_costs
-        self._tensor_bytes = tensor_bytes
-        self._overhead = overhead
-        self._latency = latency
-        self.channel_multiple = channel_multiple
-        self.width_step, self.max_prune = width_step, max_prune
+        self.menus = menus
         self.gene_of = {m: i for i, g in enumerate(genes) for m in g.members}
-        self.mlp = [llama.mlp_weights(i) for i in range(len(full))]
-        step = max(1, int(width_step))
-        self.menus = [sorted({f} | {w for w in range(step, f, step) if w >= math.ceil((1 - max_prune) * f)})
-                      for f in full]
         self._cache: dict[Candidate, Measures] = {}
 
-    def variant(self, width_step: int, keep: Callable[[str], bool]) -> "SearchSpace":
-        """The same model and budgets' data with another width step and only the formats `keep` accepts (a gene
-        none of whose formats it accepts keeps them all: its tensors' shapes allow nothing else)."""
-        genes = [Gene(g.members, [f for f in g.formats if keep(f)] or list(g.formats)) for g in self.genes]
-        return SearchSpace(genes, self.shapes, self.full, self.costs, self.prune_costs, self._tensor_bytes,
-                           self._overhead, self._latency, width_step, self.max_prune, self.channel_multiple)
+    def measures(self, c: Candidate) -> Measures:
+        raise NotImplementedError
 
-    # --- shapes, validity -----------------------------------------------------------------------------------
+    def anchors(self) -> dict[str, Candidate]:
+        raise NotImplementedError
+
+    def valid_widths(self, c: Candidate, layer: int) -> list[int]:
+        return self.menus[layer]
+
     def format_of(self, c: Candidate, tensor: str) -> str:
         g = self.gene_of[tensor]
         return self.genes[g].formats[c.formats[g]]
 
     def formats(self, c: Candidate) -> dict[str, str]:
         return {m: g.formats[i] for g, i in zip(self.genes, c.formats) for m in g.members}
-
-    def alignment(self, c: Candidate, layer: int) -> int:
-        gate, up, down = self.mlp[layer]
-        return math.lcm(get_format(self.format_of(c, down)).slice_step, get_format(self.format_of(c, gate)).block[0],
-                        get_format(self.format_of(c, up)).block[0], self.channel_multiple)
-
-    def valid_widths(self, c: Candidate, layer: int) -> list[int]:
-        a = self.alignment(c, layer)
-        return [w for w in self.menus[layer] if w == self.full[layer] or w % a == 0]
-
-    def shape(self, tensor: str, widths: tuple[int, ...]) -> tuple[int, int]:
-        rows, cols = self.shapes[tensor]
-        for i, (gate, up, down) in enumerate(self.mlp):
-            if tensor in (gate, up):
-                return widths[i], cols
-            if tensor == down:
-                return rows, widths[i]
-        return rows, cols
-
-    def tensor_bytes(self, tensor: str, widths: tuple[int, ...], fmt: str) -> int:
-        return self._tensor_bytes(tensor, self.shape(tensor, widths), fmt)
 
     def repair(self, c: Candidate) -> Candidate:
         """Each layer's width narrowed to the largest one its formats can slice (the full width always can)."""
@@ -148,35 +116,11 @@ class SearchSpace:
             widths.append(max(below) if below else self.full[i])
         return Candidate(c.formats, tuple(widths))
 
-    # --- what a point costs -----------------------------------------------------------------------------------
-    def measures(self, c: Candidate) -> Measures:
-        m = self._cache.get(c)
-        if m is None:
-            fm = self.formats(c)
-            pruned = any(w != f for w, f in zip(c.widths, self.full))
-            nbytes = self._overhead(len(set(c.widths)) == 1) + sum(
-                self.tensor_bytes(t, c.widths, f) for t, f in fm.items())
-            lat = None if self._latency is None else self._latency(fm, list(c.widths) if pruned else None)
-            m = self._cache[c] = Measures(int(nbytes), lat)
-        return m
-
-    def cheap_label(self, c: Candidate) -> float:
-        """Summed sensitivity cost, MLP tensors scaled by the channels kept, plus each layer's pruning cost."""
-        total = 0.0
-        for t, f in self.formats(c).items():
-            cost = self.costs[(t, f)]
-            layer = next((i for i, names in enumerate(self.mlp) if t in names), None)
-            if layer is not None:
-                cost *= c.widths[layer] / self.full[layer]
-            total += cost
-        return total + sum(float(pc[w]) for pc, w in zip(self.prune_costs, c.widths))
-
     def features(self, c: Candidate) -> np.ndarray:
         """What the accuracy predictor sees: each gene's bits per weight and each layer's kept share of channels."""
         bits = [get_format(g.formats[i]).bits_per_weight for g, i in zip(self.genes, c.formats)]
         return np.array(bits + [w / f for w, f in zip(c.widths, self.full)], dtype=np.float64)
 
-    # --- sampling ----------------------------------------------------------------------------------------------
     def _by_size(self, g: int) -> list[int]:
         fm = self.genes[g].formats
         return sorted(range(len(fm)), key=lambda i: (get_format(fm[i]).bits_per_weight, fm[i]))
@@ -217,25 +161,6 @@ class SearchSpace:
             out.append(self.repair(Candidate(fmts, tuple(self.full))))
         return out
 
-    def anchors(self) -> dict[str, Candidate]:
-        """The smallest point (fewest bytes per gene, narrowest widths) and the fastest (least predicted time of
-        each gene's products, narrowest widths)."""
-        small = Candidate(tuple(min(range(len(g.formats)), key=lambda i, g=g: (sum(
-            self._tensor_bytes(m, self.shapes[m], g.formats[i]) for m in g.members), g.formats[i]))
-            for g in self.genes), tuple(self.full))
-        out = {"smallest": self._narrowest(small)}
-        if self._latency is not None:
-            base = self.formats(small)
-            fmts = []
-            for g in self.genes:
-                def ms(i: int, g=g) -> float:
-                    trial = dict(base)
-                    trial.update({m: g.formats[i] for m in g.members})
-                    return self._latency(trial, None)
-                fmts.append(min(range(len(g.formats)), key=lambda i: (ms(i), g.formats[i])))
-            out["fastest"] = self._narrowest(Candidate(tuple(fmts), tuple(self.full)))
-        return out
-
     def _narrowest(self, c: Candidate) -> Candidate:
         return Candidate(c.formats, tuple(self.valid_widths(c, i)[0] for i in range(len(self.full))))
 
@@ -248,8 +173,8 @@ class SearchSpace:
         reach = "; ".join(f"the {k} point: {self.measures(a).bytes / 1e6:.3f} MB"
                           + (f", predicted {self.measures(a).latency_ms:.3f} ms" if self.measures(a).latency_ms
                              is not None else "") for k, a in anchors.items())
-        raise EdgeqError(None, f"no configuration of the search space meets {budgets.describe()} ({reach}); raise "
-                               "the budget, allow more pruning (--max-prune) or smaller formats")
+        raise EdgeqError(None, f"no configuration of the search space meets {budgets.describe()} ({reach}); "
+                               f"{self.hint}")
 
     def toward(self, c: Candidate, anchor: Candidate, budgets: Budgets, rng: np.random.Generator) -> Candidate:
         """`c` if it meets the budgets, else `c` with genes and widths taken from the feasible `anchor` (a feasible
@@ -306,6 +231,100 @@ class SearchSpace:
         fmts = tuple(x if rng.random() < 0.5 else y for x, y in zip(a.formats, b.formats))
         widths = tuple(x if rng.random() < 0.5 else y for x, y in zip(a.widths, b.widths))
         return self.repair(Candidate(fmts, widths))
+
+
+class SearchSpace(GeneSpace):
+    """Formats per gene x widths per layer, with the exact bytes, predicted latency and cheap label of a point."""
+
+    def __init__(self, genes: list[Gene], shapes: dict[str, tuple[int, int]], full: list[int],
+                 costs: dict[tuple[str, str], float], prune_costs: list[np.ndarray],
+                 tensor_bytes: Callable[[str, tuple[int, int], str], int], overhead: Callable[[bool], int],
+                 latency: Callable[[dict[str, str], list[int] | None], float] | None,
+                 width_step: int = 32, max_prune: float = 0.5, channel_multiple: int = 1):
+        if not 0 <= max_prune < 1:
+            raise EdgeqError(None, f"--max-prune {max_prune} is outside [0, 1)")
+        step = max(1, int(width_step))
+        super().__init__(genes, full, [sorted({f} | {w for w in range(step, f, step)
+                                                     if w >= math.ceil((1 - max_prune) * f)}) for f in full])
+        self.shapes = shapes
+        self.costs = costs
+        self.prune_costs = prune_costs
+        self._tensor_bytes = tensor_bytes
+        self._overhead = overhead
+        self._latency = latency
+        self.channel_multiple = channel_multiple
+        self.width_step, self.max_prune = width_step, max_prune
+        self.mlp = [llama.mlp_weights(i) for i in range(len(full))]
+
+    def variant(self, width_step: int, keep: Callable[[str], bool]) -> "SearchSpace":
+        """The same model and budgets' data with another width step and only the formats `keep` accepts (a gene
+        none of whose formats it accepts keeps them all: its tensors' shapes allow nothing else)."""
+        genes = [Gene(g.members, [f for f in g.formats if keep(f)] or list(g.formats)) for g in self.genes]
+        return SearchSpace(genes, self.shapes, self.full, self.costs, self.prune_costs, self._tensor_bytes,
+                           self._overhead, self._latency, width_step, self.max_prune, self.channel_multiple)
+
+    def alignment(self, c: Candidate, layer: int) -> int:
+        gate, up, down = self.mlp[layer]
+        return math.lcm(get_format(self.format_of(c, down)).slice_step, get_format(self.format_of(c, gate)).block[0],
+                        get_format(self.format_of(c, up)).block[0], self.channel_multiple)
+
+    def valid_widths(self, c: Candidate, layer: int) -> list[int]:
+        a = self.alignment(c, layer)
+        return [w for w in self.menus[layer] if w == self.full[layer] or w % a == 0]
+
+    def shape(self, tensor: str, widths: tuple[int, ...]) -> tuple[int, int]:
+        rows, cols = self.shapes[tensor]
+        for i, (gate, up, down) in enumerate(self.mlp):
+            if tensor in (gate, up):
+                return widths[i], cols
+            if tensor == down:
+                return rows, widths[i]
+        return rows, cols
+
+    def tensor_bytes(self, tensor: str, widths: tuple[int, ...], fmt: str) -> int:
+        return self._tensor_bytes(tensor, self.shape(tensor, widths), fmt)
+
+    def measures(self, c: Candidate) -> Measures:
+        m = self._cache.get(c)
+        if m is None:
+            fm = self.formats(c)
+            pruned = any(w != f for w, f in zip(c.widths, self.full))
+            nbytes = self._overhead(len(set(c.widths)) == 1) + sum(
+                self.tensor_bytes(t, c.widths, f) for t, f in fm.items())
+            lat = None if self._latency is None else self._latency(fm, list(c.widths) if pruned else None)
+            m = self._cache[c] = Measures(int(nbytes), lat)
+        return m
+
+    def cheap_label(self, c: Candidate) -> float:
+        """Summed sensitivity cost, MLP tensors scaled by the channels kept, plus each layer's pruning cost."""
+        total = 0.0
+        for t, f in self.formats(c).items():
+            cost = self.costs[(t, f)]
+            layer = next((i for i, names in enumerate(self.mlp) if t in names), None)
+            if layer is not None:
+                cost *= c.widths[layer] / self.full[layer]
+            total += cost
+        return total + sum(float(pc[w]) for pc, w in zip(self.prune_costs, c.widths))
+
+    def anchors(self) -> dict[str, Candidate]:
+        """The smallest point (fewest bytes per gene, narrowest widths) and the fastest (least predicted time of
+        each gene's products, narrowest widths)."""
+        small = Candidate(tuple(min(range(len(g.formats)), key=lambda i, g=g: (sum(
+            self._tensor_bytes(m, self.shapes[m], g.formats[i]) for m in g.members), g.formats[i]))
+            for g in self.genes), tuple(self.full))
+        out = {"smallest": self._narrowest(small)}
+        if self._latency is not None:
+            base = self.formats(small)
+            fmts = []
+            for g in self.genes:
+                def ms(i: int, g=g) -> float:
+                    trial = dict(base)
+                    trial.update({m: g.formats[i] for m in g.members})
+                    return self._latency(trial, None)
+                fmts.append(min(range(len(g.formats)), key=lambda i: (ms(i), g.formats[i])))
+            out["fastest"] = self._narrowest(Candidate(tuple(fmts), tuple(self.full)))
+        return out
+
 
 
 def genes_of(table, ties: list[list[str]]) -> list[Gene]:

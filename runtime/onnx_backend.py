@@ -53,6 +53,13 @@ def op_latency(backend, args: dict, threads: int) -> dict:
     return timed(backend, args, threads, session_options)
 
 
+def model_op_latency(session, args: dict, threads: int) -> dict:
+    """Per-kernel timings of an encoder's or CNN's calls runtime/latency.py times (runtime/onnx_ops.py)."""
+    from edgeq.runtime.onnx_ops import model_op_latency as timed
+
+    return timed(session, args, threads, session_options)
+
+
 def session_options(threads: int = 1, spinning: bool = False):
     import onnxruntime as ort
 
@@ -85,7 +92,8 @@ class OnnxSession(SentenceEmbedding):
         self.artifact = artifact
         self.threads = threads
         self.kind = manifest["model"]["kind"]
-        self.session = open_session(listed_path(bundle, manifest, artifact["path"], "model"), threads, spinning)
+        self.model_path = listed_path(bundle, manifest, artifact["path"], "model")
+        self.session = open_session(self.model_path, threads, spinning)
         self.tokenizer = None
         tok = manifest.get("tokenizer") or {}
         if tok.get("tokenizer_json"):

@@ -1,4 +1,4 @@
-"""Per-kernel timings inside onnxruntime: its own profiler, on a second session of the same decoder. No torch.
+"""Per-kernel timings inside onnxruntime: its own profiler, on a second session of the same model. No torch.
 
 onnxruntime times every node it runs when profiling is on (`enable_profiling`) and writes the events as JSON
 at `end_profiling()`; each node event falls inside the `model_run` event of its call. The timed calls are
@@ -8,6 +8,8 @@ the host names in args['kernels'] (the ones that multiply with a weight) are rep
 other node is summed per op type. Each call is also timed through the runtime's own session, alternately
 (`call_us`), so that the whole call and its nodes see the same load. The profiler times nodes by the wall
 clock; with args['clock'] `cpu` each call's node times are scaled by that call's CPU time over its wall time.
+Encoders and CNNs (`model_op_latency`) are timed the same way, one call per sequence length (runtime/latency.py's
+`model_latency`), under the `prefill` key.
 """
 
 from __future__ import annotations
@@ -20,20 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.runtime.latency import token_ids
+from edgeq.runtime.latency import model_feeds, token_ids
 
 
 def _profiled_backend(backend, threads: int, folder: str, session_options):
     """A copy of an OnnxDecoderBackend whose session (`session_options(threads)`, the runtime's) profiles every
     node."""
-    import onnxruntime as ort
-
-    so = session_options(threads)
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(folder, "ort")
     copy = object.__new__(type(backend))
     copy.__dict__.update(backend.__dict__)
-    copy.session = ort.InferenceSession(backend.model_path, so, providers=["CPUExecutionProvider"])
+    copy.session = _profiled_session(backend.model_path, threads, folder, session_options)
     copy._io = copy.session.io_binding()
     copy.reset()
     return copy
@@ -54,7 +51,9 @@ def _calls(events: list[dict[str, Any]]) -> list[list[tuple[str, str, float]]]:
     return out
 
 
-def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> dict[str, Any]:
+def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str], reduce=np.median,
+             total: float | None = None) -> dict[str, Any]:
+    """Per node, `reduce` of its times over the calls; with `total`, all scaled to add up to it."""
     per: dict[str, list[float]] = {}
     op_of: dict[str, str] = {}
     for c in calls:
@@ -66,8 +65,11 @@ def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> di
             per.setdefault(name, []).append(us)
     weights: dict[str, float] = {}
     ops: dict[str, list[float]] = {}
+    scale = 1.0
+    if total is not None:
+        scale = total / max(sum(float(reduce(v)) for v in per.values()), 1e-9)
     for name, v in per.items():
-        t = float(np.median(v))
+        t = float(reduce(v)) * scale
         if name in kernels:
             weights[name] = round(t, 2)
         else:
@@ -77,6 +79,31 @@ def _summary(calls: list[list[tuple[str, str, float]]], kernels: set[str]) -> di
     total = sum(weights.values()) + sum(c[1] for c in ops.values())
     return {"weights_us": weights, "ops_us": ops, "handover_us": 0.0, "nodes": len(per), "total_us": round(total, 1),
             "kv_len": 0}
+
+
+def _profiled_session(model_path, threads: int, folder: str, session_options):
+    import onnxruntime as ort
+
+    so = session_options(threads)
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(folder, "ort")
+    return ort.InferenceSession(os.fspath(model_path), so, providers=["CPUExecutionProvider"])
+
+
+def _node_calls(session, ratio: list[float], clock: str | None) -> list[list[tuple[str, str, float]]]:
+    """The profiled session's calls, node by node, its profile file read and gone; with the CPU clock each
+    call's node times scaled by its CPU share (`ratio`, one per call)."""
+    path = session.end_profiling()
+    with open(path, encoding="utf-8") as f:
+        events = json.load(f)
+    calls = _calls(events)
+    if len(calls) != len(ratio):
+        raise RuntimeError(f"onnxruntime's profile has {len(calls)} runs, {len(ratio)} were made")
+    if clock == "cpu":
+        # the profiler's node times are wall time: scale each call's by its CPU share, so that a call the OS
+        # paused counts only the time its nodes computed
+        calls = [[(name, op, us * r) for name, op, us in c] for c, r in zip(calls, ratio)]
+    return calls
 
 
 def _timed(clock, fn, *args) -> float:
@@ -127,17 +154,8 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
                 profiled("decode", str(ctx), True, [ids[ctx + 1 + k]])
                 walls.setdefault(("decode", str(ctx)), []).append(_timed(call_clock, backend.feed, [ids[ctx + 1 + k]]))
         backend.reset()
-        path = b.session.end_profiling()
-        with open(path, encoding="utf-8") as f:
-            events = json.load(f)
+        calls = _node_calls(b.session, ratio, args.get("clock"))
         b.session = None
-    calls = _calls(events)
-    if len(calls) != len(plan):
-        raise RuntimeError(f"onnxruntime's profile has {len(calls)} runs, {len(plan)} were made")
-    if args.get("clock") == "cpu":
-        # the profiler's node times are wall time: scale each call's by its CPU share, so that a call the OS
-        # paused counts only the time its nodes computed
-        calls = [[(name, op, us * r) for name, op, us in c] for c, r in zip(calls, ratio)]
     out: dict[str, Any] = {"prefill": {}, "decode": {}}
     for kind in ("prefill", "decode"):
         keys = sorted({k for kd, k, timed in plan if kd == kind and timed}, key=int)
@@ -145,4 +163,39 @@ def op_latency(backend, args: dict[str, Any], threads: int, session_options) -> 
             picked = [c for c, (kd, k, timed) in zip(calls, plan) if kd == kind and k == key and timed]
             out[kind][key] = {**_summary(picked, kernels),
                               "call_us": round(float(np.median(walls[(kind, key)])) * 1e6, 1)}
+    return out
+
+
+def model_op_latency(session, args: dict[str, Any], threads: int, session_options) -> dict[str, Any]:
+    """Node-by-node timings of the encoder or CNN calls `model_latency` times (runtime/latency.py), and beside
+    them the same calls through the runtime's own session (`call_us`). Each length's profiled calls run back to
+    back, then its plain ones: alternating call by call would have two copies of the weights evict each other
+    from the caches, which a small model's repeated calls (what is predicted) never see."""
+    kernels = set(args.get("kernels") or ())
+    call_clock = time.process_time if args.get("clock") == "cpu" else time.perf_counter
+    steps = int(args.get("prefill_steps", 2))
+    keys: list[str] = []
+    cpu_us: list[float] = []
+    walls: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeq-ort-prof-") as folder:
+        prof = _profiled_session(session.model_path, threads, folder, session_options)
+        for n in args.get("prefill", []):
+            feeds = model_feeds(session, int(n))
+            for rep in range(steps + 1):                      # the first call warms up
+                c0 = time.process_time()
+                prof.run(None, feeds)
+                cpu_us.append((time.process_time() - c0) * 1e6)
+                keys.append(str(n) if rep else "")
+            session.run(feeds)
+            walls[str(n)] = [_timed(call_clock, session.run, feeds) for _ in range(steps)]
+        calls = _node_calls(prof, [1.0] * len(keys), None)
+    out: dict[str, Any] = {"prefill": {}, "decode": {}}
+    cpu = args.get("clock") == "cpu"
+    for key in walls:
+        picked = [c for c, k in zip(calls, keys) if k == key]
+        # CPU clock: the profiler times nodes by the wall clock, and on a loaded machine a wait lands on whichever
+        # node was running; each node's least time over the calls is its share, the calls' CPU time the total
+        summary = (_summary(picked, kernels, np.min, float(np.median([u for u, k in zip(cpu_us, keys) if k == key])))
+                   if cpu else _summary(picked, kernels))
+        out["prefill"][key] = {**summary, "call_us": round(float(np.median(walls[key])) * 1e6, 1)}
     return out

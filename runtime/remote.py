@@ -101,17 +101,25 @@ def _reference(session, bundle: Path, out: Path, args: dict[str, Any]) -> tuple[
 
 
 def _latency(session, req: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
-    """Timed prefills and decode steps of a decoder (runtime/latency.py); with args['ops'] the backend's
-    per-kernel timings of the same calls instead."""
+    """Timed prefills and decode steps of a decoder, or calls of an encoder or CNN (runtime/latency.py); with
+    args['ops'] the backend's per-kernel timings of the same calls instead."""
     from edgeq import runtime
     from edgeq.runtime import latency
 
     result: dict[str, Any] = {"device": latency.device_facts(runtime.runtime_dists()),
                               "load_average_before": latency.load_average()}
     backend = getattr(session, "backend", None)
-    if backend is None or not hasattr(backend, "feed"):
-        raise ValueError("the latency op times decoder bundles")
-    if args.get("ops"):
+    if backend is None or not hasattr(backend, "feed"):          # an encoder or a CNN: one call per input
+        if not hasattr(session, "run") or getattr(session, "kind", None) not in ("encoder", "cnn"):
+            raise ValueError("the latency op times decoder, encoder and CNN bundles")
+        impl = runtime.BACKENDS[session.backend_name]
+        if args.get("ops"):
+            if not hasattr(impl, "model_op_latency"):
+                raise ValueError(f"the {session.backend_name} runtime has no per-kernel timer for {session.kind}s")
+            result["ops"] = impl.model_op_latency(session, args, session.threads)
+        else:
+            result.update(latency.model_latency(session, args))
+    elif args.get("ops"):
         impl = runtime.BACKENDS[backend.name]
         if not hasattr(impl, "op_latency"):
             raise ValueError(f"the {backend.name} runtime has no per-kernel timer")

@@ -62,6 +62,7 @@ class Target:
     presets: tuple[str, ...] = ()
     kinds: frozenset[str] = frozenset()           # model kinds it lowers (decoder, encoder, cnn)
     budget_kinds: frozenset[str] = frozenset()    # kinds whose files it sizes exactly (budgeted plans)
+    latency_kinds: frozenset[str] = frozenset({"decoder"})   # kinds `edgeq profile` times (edgeq/predictor)
     runtime_dists: tuple[str, ...] = ()           # the distributions whose versions a bundle records
     # model kinds edgeq's native runner (edgeq/native/, a static executable over the backend's C library) runs
     native_kinds: frozenset[str] = frozenset()
@@ -163,6 +164,11 @@ class Target:
         {name the runtime's per-kernel timer reports: canonical weight}. `graph_weights` maps each canonical
         weight to its GGUF alias. Latency profiles read kernel timings through this (edgeq/predictor)."""
         return {}
+
+    def fused_qkv(self, plans: list[TensorPlan]) -> bool:
+        """Whether an encoder layer's q, k and v projections planned so run as one kernel with its attention (the
+        latency predictor prices that kernel, not three)."""
+        return False
 
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""

@@ -176,6 +176,7 @@ def _write_cnn(folder: Path) -> dict[str, str]:
 # --- cases ----------------------------------------------------------------------
 
 LATENCY_PROFILE = str(Path(__file__).resolve().parent / "data" / "latency_profile_gguf_quick.json")
+ENCODER_LATENCY_PROFILE = str(Path(__file__).resolve().parent / "data" / "latency_profile_onnx_encoder_quick.json")
 
 
 def cases(i: dict[str, str]) -> dict[str, list[str]]:
@@ -211,6 +212,8 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         "gguf/latency-predicted": ["export", *dec, "--backend", "gguf", "--quant", "q4_0", *lat],
         "gguf/latency-budget": ["export", *dec, "--backend", "gguf", "--latency-ms", "0.6", "--cost", "output", *lat],
         "gguf/latency-too-fast": ["export", *dec, "--backend", "gguf", "--latency-ms", "0.001", *lat],
+        "onnx-enc/latency-predicted": ["export", *enc, "--backend", "onnx", "--quant", "int8-dyn",
+                                       "--latency-profile", ENCODER_LATENCY_PROFILE],
         "all/gguf+onnx": ["export", *dec, "--backend", "all", "--quant", "gguf=q4_0,onnx=int4"],
         # models and data as users have them: a SentencePiece vocabulary, their own calibration text and chats
         "gguf/spm-q4_k_m": ["export", "--model", i["spm_decoder"], "--backend", "gguf", "--quant", "q4_k_m"],

@@ -1,5 +1,5 @@
-"""The micro-models a latency profile measures: small synthetic decoders that put every candidate format in
-every role.
+"""The micro-models a latency profile measures: small synthetic decoders (or encoders) that put every candidate
+format in every role.
 
 A kernel's cost depends on its format and shape, and a little on what runs around it (caches, threads), so
 the profile times whole small decoders in the real runtime, node by node, rather than kernels alone. Each
@@ -9,20 +9,28 @@ every format the backend can write at that shape, so that one run yields a cost 
 pairs and the formats around a kernel vary. Widths that are not multiples of 256 are there on purpose:
 K-quant types then fall back, as they do on real models (SmolLM2's 576). No width here is a real model's
 width, so that predictions on real models are out of sample.
+
+Encoder micro-models (BERT, `encoder_micro_models`) do the same over the six linear roles of a layer with every
+format the backend writes for encoders (static and dynamic int8 included), and in every third layer give q, k
+and v one int8 format, so that the runtime's fused QAttention kernel is timed too. Their widths (256-768) and
+head sizes (32 and 64) avoid MiniLM's 384.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from edgeq.core.formats import Format
+from edgeq.core.formats import FORMATS, Format
 from edgeq.core.ir import Graph, Tensor
 from edgeq.core.plan import Plan, TensorPlan
-from edgeq.models import llama, names
-from edgeq.models.recipes.synthetic import byte_level_spec
+from edgeq.models import bert, llama, names
+from edgeq.models.recipes.synthetic import byte_level_spec, write_bert_folder
+
+STATIC_RANGE = [-8.0, 8.0]      # the activation range static int8 is written with where timing is all that matters
 
 
 @dataclass(frozen=True)
@@ -30,18 +38,27 @@ class MicroModel:
     """One synthetic decoder to build and time, and the format of each of its 2-D weights."""
 
     name: str
-    config: llama.LlamaConfig
+    config: llama.LlamaConfig | bert.BertConfig
     formats: dict[str, str]
     n_ctx: int
     seed: int
 
+    @property
+    def kind(self) -> str:
+        return "encoder" if isinstance(self.config, bert.BertConfig) else "decoder"
+
     def plan(self) -> Plan:
-        return Plan(tensors={n: TensorPlan(f, reason="latency profile micro-model") for n, f in self.formats.items()},
+        return Plan(tensors={n: timing_plan(f, "latency profile micro-model") for n, f in self.formats.items()},
                     preset=None)
 
-    def graph(self) -> Graph:
-        """The decoder with small random weights (latency does not depend on the values), generated tensor by
-        tensor as the writer asks, and a complete byte-level tokenizer of the config's vocabulary."""
+    def graph(self, work: Path) -> Graph:
+        """The model with small random weights (latency does not depend on the values): a decoder generated
+        tensor by tensor as the writer asks, with a complete byte-level tokenizer of the config's vocabulary; an
+        encoder written as a Hugging Face folder under `work` (with a WordPiece tokenizer) and imported."""
+        if self.kind == "encoder":
+            from edgeq.importers.hf_bert import import_hf_folder
+
+            return import_hf_folder(write_bert_folder(work / f"{self.name}-source", self.config, seed=self.seed))
         shapes = llama.expected_shapes(self.config)
         weights = {}
         for i, (name, shape) in enumerate(shapes.items()):
@@ -50,6 +67,12 @@ class MicroModel:
         meta = {"name": f"latency-micro-{self.name}", "license": "apache-2.0",
                 "tokenizer_spec": padded_spec(self.config.vocab_size)}
         return llama.build_graph(self.config, weights, meta)
+
+
+def timing_plan(fmt: str, reason: str) -> TensorPlan:
+    """A weight's plan in a plan built to be timed: static int8 gets a fixed activation range (one for every
+    input, so an encoder's q, k and v share it, as calibrated ranges of one input do)."""
+    return TensorPlan(fmt, reason=reason, act_range=list(STATIC_RANGE) if fmt == "int8" else None)
 
 
 def _random(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -107,4 +130,54 @@ def decoder_micro_models(formats: list[Format], variants: int = 2, quick: bool =
                     fits = [x.name for x in formats if x.can_carry(shapes[name])]
                     chosen[name] = str(fits[int(rng.integers(len(fits)))])
             out.append(MicroModel(f"d{d}-f{f}-l{n_layers}-v{vocab}-{v}", cfg, chosen, n_ctx, seed))
+    return out
+
+
+# (hidden, ffn, heads, layers, vocab): 6-30 M parameters each; head sizes 32 and 64
+ENCODER_SHAPES: tuple[tuple[int, int, int, int, int], ...] = (
+    (256, 1024, 8, 6, 4000),
+    (320, 1280, 5, 5, 8000),
+    (448, 1344, 14, 4, 6000),
+    (512, 2048, 8, 4, 12000),
+    (640, 2560, 20, 3, 3000),
+    (768, 3072, 12, 3, 16000),
+)
+QUICK_ENCODER_SHAPES = ENCODER_SHAPES[:2]
+ENCODER_ROLES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                 "intermediate.dense", "output.dense")
+FUSING_FORMATS = ("int8", "int8_dyn")       # q, k and v all in one of these: one QAttention kernel
+
+
+def encoder_formats(backend: str) -> list[Format]:
+    """Every format the backend writes an encoder's linear layers in (activation-quantizing int8 included)."""
+    return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None]
+
+
+def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool = False) -> list[MicroModel]:
+    out = []
+    shapes_ = QUICK_ENCODER_SHAPES if quick else ENCODER_SHAPES
+    for ci, (d, f, h, n_layers, vocab) in enumerate(shapes_):
+        cfg = bert.BertConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f, n_layers=n_layers, n_heads=h,
+                              max_positions=512, context_length=512)
+        shapes = bert.expected_shapes(cfg)
+        fusing = [x for x in FUSING_FORMATS if x in {y.name for y in formats}]
+        for v in range(variants):
+            seed = 500 + 100 * ci + v
+            rng = np.random.default_rng(seed)
+            chosen: dict[str, str] = {}
+            for r, role in enumerate(ENCODER_ROLES):
+                shape = shapes[f"encoder.layer.0.{role}.weight"]
+                order = list(rng.permutation([x.name for x in formats if x.can_carry(shape)]))
+                for i in range(n_layers):
+                    chosen[f"encoder.layer.{i}.{role}.weight"] = str(order[(i + r + v) % len(order)])
+            for i in range(n_layers):
+                if fusing and (i + v) % 3 == 0:
+                    fmt = fusing[(i // 3 + v + ci) % len(fusing)]
+                    for role in ENCODER_ROLES[:3]:
+                        chosen[f"encoder.layer.{i}.{role}.weight"] = fmt
+            for name, shape in shapes.items():
+                if len(shape) == 1 or name in chosen:
+                    continue
+                chosen[name] = "f32" if name != names.WORD_EMBED else str(["f32", "f16", "int8"][int(rng.integers(3))])
+            out.append(MicroModel(f"enc-d{d}-f{f}-h{h}-l{n_layers}-{v}", cfg, chosen, 512, seed))
     return out

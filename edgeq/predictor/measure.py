@@ -30,10 +30,10 @@ from edgeq.core.formats import get_format
 from edgeq.devices import Device, open_device
 from edgeq.importers.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from edgeq.predictor.design import MicroModel
-from edgeq.predictor.profile import NOISE_LIMIT, LatencyProfile, ModelRun
+from edgeq.predictor.profile import NOISE_LIMIT, PROFILED_KINDS, LatencyProfile, ModelRun
 from edgeq.models import llama
 from edgeq.predictor.workload import bundle_workload
-from edgeq.targets.registry import get_target
+from edgeq.targets.registry import TARGETS, get_target
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,14 @@ class Settings:
     # machine it leaves out the time the runtime waited for a core, i.e. it is what an idle device's wall clock
     # would show
     clock: str = "wall"
+
+    @classmethod
+    def for_kind(cls, kind: str, quick: bool, clock: str) -> "Settings":
+        """A decoder's prefills and decode steps; an encoder's calls at four sequence lengths (no decode)."""
+        rounds = {"rounds": 2, "op_rounds": 1} if quick else {}
+        if kind == "encoder":
+            return cls(prefill=(32, 64, 128, 256), decode=(), prefill_steps=3, clock=clock, **rounds)
+        return cls(clock=clock, **rounds)
 
     def runner_args(self) -> dict[str, Any]:
         return {"prefill": list(self.prefill), "decode": list(self.decode), "steps": self.steps,
@@ -85,11 +93,12 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
         return folder
     plan_file = work / f"{mm.name}.plan.json"
     mm.plan().save(plan_file)
-    graph = mm.graph()
+    graph = mm.graph(work)
     imatrix = ones_imatrix(graph, mm.formats, work / f"{mm.name}.imatrix.gguf")
     opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
                          check=False, reference=False, calibration=imatrix is not None,
-                         imatrix=None if imatrix is None else str(imatrix), n_ctx=mm.n_ctx)
+                         imatrix=None if imatrix is None else str(imatrix),
+                         n_ctx=mm.n_ctx if mm.kind == "decoder" else None)
     pipeline.export(opts, graph=graph, progress=None)
     return folder
 
@@ -177,8 +186,9 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
             workloads, kernels = {}, {}
             for mm in models:
                 w, _, _ = bundle_workload(bundles[mm.name], backend)
-                w.aliases = target_impl.kernel_names(bundles[mm.name], {m.weight: llama.gguf_name(m.weight)
-                                                                        for m in w.matmuls})
+                weights = ({m.weight: llama.gguf_name(m.weight) for m in w.matmuls} if mm.kind == "decoder"
+                           else {n: n for n in mm.formats})          # a fused kernel reads several weights
+                w.aliases = target_impl.kernel_names(bundles[mm.name], weights)
                 workloads[mm.name], kernels[mm.name] = w, sorted(w.aliases)
             wall: dict[str, list[dict]] = {mm.name: [] for mm in models}
             ops: dict[str, list[dict]] = {mm.name: [] for mm in models}
@@ -193,7 +203,8 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
             facts, loads = None, []
             for r, mm, node_by_node in jobs:
                 extra = {"ops": True, "kernels": kernels[mm.name]} if node_by_node else {}
-                res = run_checked(device, remote[mm.name], {**args, **extra}, backend, threads, mm.n_ctx, mm.name)
+                res = run_checked(device, remote[mm.name], {**args, **extra}, backend, threads,
+                                  mm.n_ctx if mm.kind == "decoder" else None, mm.name)
                 facts = facts or res["device"]
                 loads += [res.get("load_average_before"), res.get("load_average_after")]
                 (ops if node_by_node else wall)[mm.name].append(res)
@@ -213,7 +224,8 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
                     decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), 4) for x in rounds]
                                for c in settings.decode},
                     peak_rss_bytes=[int(x["peak_rss_bytes"] or 0) for x in rounds],
-                    max_tokens=max(max(settings.prefill), max(settings.decode) + settings.warmup + settings.steps),
+                    max_tokens=max(*settings.prefill,
+                                   *(c + settings.warmup + settings.steps for c in settings.decode)),
                     ops={"prefill": {str(n): _merge_ops([x["ops"]["prefill"][str(n)] for x in op_runs])
                                      for n in settings.prefill} if op_runs else {},
                          "decode": {str(c): _merge_ops([x["ops"]["decode"][str(c)] for x in op_runs])
@@ -226,31 +238,37 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
             settings=asdict(settings), noise=noise_verdict(runs),
             load_average={"first": good[0] if good else None, "last": good[-1] if good else None,
                           "max_1min": max((x[0] for x in good), default=None)},
-            models=runs, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeq_version=__version__)
+            models=runs, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), edgeq_version=__version__,
+            kind=models[0].kind)
     finally:
         device.close()
 
 
 def profile_device(device_spec: str, backend: str, threads: int, quick: bool = False, allow_noisy: bool = False,
                    clock: str = "wall", settings: Settings | None = None, progress: Callable | None = None,
-                   log: Callable[[str], None] = lambda s: None) -> LatencyProfile:
-    """`edgeq profile`: measure the micro-models on the device, fit them once (so a profile that cannot be fitted
-    is never written), and judge the noise: a device whose same measurement varies by more than NOISE_LIMIT from
-    run to run is refused unless `allow_noisy`."""
-    from edgeq.predictor.design import QUICK_SHAPES, decoder_micro_models
+                   log: Callable[[str], None] = lambda s: None, kind: str = "decoder") -> LatencyProfile:
+    """`edgeq profile`: measure the micro-models of a model kind (decoder, encoder) on the device, fit them once
+    (so a profile that cannot be fitted is never written), and judge the noise: a device whose same measurement
+    varies by more than NOISE_LIMIT from run to run is refused unless `allow_noisy`."""
+    from edgeq.predictor.design import decoder_micro_models, encoder_formats, encoder_micro_models
     from edgeq.predictor.model import Predictor
 
     target = get_target(backend)
-    if "decoder" not in target.kinds:
-        raise EdgeqError(None, f"latency profiles cover decoder backends for now; {backend} carries "
-                               f"{', '.join(sorted(target.kinds))}")
+    if kind not in PROFILED_KINDS:
+        raise EdgeqError(None, f"latency profiles cover {' and '.join(PROFILED_KINDS)}s; not {kind}s")
+    if kind not in target.latency_kinds:
+        where = [t for t in TARGETS if kind in get_target(t).latency_kinds]
+        raise EdgeqError(None, f"latency profiles of {kind}s cover the {' and '.join(where)} backend"
+                               f"{'s' * (len(where) != 1)} for now, not {backend}")
     if threads < 1:
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)
-    settings = settings or (Settings(rounds=2, op_rounds=1, clock=clock) if quick else Settings(clock=clock))
-    models = decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick)
-    log(f"profiling {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): {len(models)} micro-models"
-        f"{' (quick: ' + str(len(QUICK_SHAPES)) + ' shapes)' if quick else ''}, {settings.rounds} rounds + "
+    settings = settings or Settings.for_kind(kind, quick, clock)
+    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick)
+              if kind == "encoder" else
+              decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick))
+    log(f"profiling {kind}s on {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): "
+        f"{len(models)} micro-models{' (quick)' if quick else ''}, {settings.rounds} rounds + "
         f"{settings.op_rounds} node-by-node")
     prof = measure(models, device_spec, backend, threads, settings, progress, log)
     Predictor(prof)

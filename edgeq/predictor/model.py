@@ -23,6 +23,12 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
 
 Peak memory (`MemoryModel`) is a non-negative linear model of the runner's peak resident memory on the files
 it maps, the KV cache it allocates and the logits it keeps per token.
+
+Encoders go through the same three layers with their own features: a call is one forward pass over n tokens
+(the profile's `prefill`; there is no decode step); a layer whose q, k and v run as one fused kernel with the
+attention (`qattention:FORMAT`, workload.py) is one kernel of the table, and the other ops' features count what
+the formats add around the kernels (bias adds of float layers, activation quantization of static int8, the
+attention of the unfused layers over n², GELU with or without its bias).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.profile import LatencyProfile
-from edgeq.predictor.workload import Workload, layer_role
+from edgeq.predictor.workload import FUSED_QKV, Workload, layer_role
 
 KV_PADDINGS = (1, 32, 64, 128, 256, 512)
 MIN_KERNEL_US = 0.2
@@ -52,11 +58,20 @@ class Prediction:
     prompt_tokens: int
     context_tokens: int
     prefill_ms: float
-    decode_ms_per_token: float
+    decode_ms_per_token: float | None
     peak_memory_bytes: int
     parts: dict[str, Any] = field(default_factory=dict)
+    kind: str = "decoder"
 
     def to_json(self) -> dict[str, Any]:
+        """Decoders: the flat object of the issue; encoders: `latency_ms` (one call of batch 1 over
+        `prompt_tokens` tokens, the same as `prefill_ms`) and a null decode step."""
+        if self.kind != "decoder":
+            return {"kind": self.kind, "latency_ms": round(self.prefill_ms, 3),
+                    "prefill_ms": round(self.prefill_ms, 3),
+                    "decode_ms_per_token": None, "prompt_tokens": self.prompt_tokens, "batch": 1,
+                    "peak_memory_bytes": int(self.peak_memory_bytes), "backend": self.backend,
+                    "threads": self.threads, **self.parts}
         return {"decode_ms_per_token": round(self.decode_ms_per_token, 4), "prefill_ms": round(self.prefill_ms, 3),
                 "prompt_tokens": self.prompt_tokens, "context_tokens": self.context_tokens,
                 "peak_memory_bytes": int(self.peak_memory_bytes), "backend": self.backend, "threads": self.threads,
@@ -133,8 +148,34 @@ class KernelTable:
 
 # --- 2. everything else in the graph ---------------------------------------------------------------------------
 
+def encoder_features(w: Workload, n: int) -> np.ndarray:
+    """An encoder's other ops for one call of n tokens: norms and residual adds (n·d per layer), GELU after a
+    float layer (fused with its bias) or another (n·ffn each), attention of the layers not fused into QAttention
+    (n²·d for its products, n²·heads for its softmax, n·d), embeddings and pooling (n·d), the bias adds of float
+    layers (n·rows), the activation quantization of static int8 layers (n·cols per quantized input) and of fused
+    dynamic-int8 layers (n·d)."""
+    d, f = w.hidden, w.ffn
+    fused = [m for m in w.matmuls if m.format.startswith(FUSED_QKV)]
+    unfused = w.n_layers - len(fused)
+    inter = [m for m in w.matmuls if m.weight.endswith("intermediate.dense.weight")]
+    float_inter = sum(m.format in ("f32", "f16") for m in inter)
+    float_rows = sum(m.rows for m in w.matmuls if m.format in ("f32", "f16"))
+    static_in: dict[tuple[str, str], int] = {}          # one QuantizeLinear per (layer, input) read by static int8
+    for m in w.matmuls:
+        if m.format == "int8":
+            layer, _, role = m.weight.partition(".attention.self.")
+            static_in[(layer, "qkv") if role else (m.weight, "")] = m.cols
+    dyn_fused = sum(m.format == FUSED_QKV + "int8_dyn" for m in fused)
+    return np.array([w.n_layers, w.n_layers * n * d, n * f * float_inter, n * f * (len(inter) - float_inter),
+                     unfused * n * n * d, unfused * n * n * w.n_heads, unfused * n * d, n * d, n * float_rows,
+                     n * sum(static_in.values()),
+                     n * d * dyn_fused], dtype=np.float64)
+
+
 def other_features(w: Workload, n: int, kv: int) -> np.ndarray:
     """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens."""
+    if w.kind == "encoder":
+        return encoder_features(w, n)
     L, d, f, h, hd = w.n_layers, w.hidden, w.ffn, w.n_heads, w.head_dim
     return np.array([L, L * n * d, L * n * f, L * n * (h + w.n_kv_heads) * hd, L * h * hd * n * kv, L * h * n * kv,
                      n * d], dtype=np.float64)
@@ -170,7 +211,10 @@ def kv_padding(pairs: list[tuple[int, int, int]]) -> int:
 def call_features(w: Workload, n: int, kv: int, graph_ms: float) -> np.ndarray:
     """What a call costs beyond its graph: the graph itself (slope near 1), the logits the runtime copies out
     (n·vocab), per-token and per-layer work outside the kernels (scheduling nodes), and the cache the runtime
-    passes between calls (layers·kv heads·head_dim·kv)."""
+    passes between calls (layers·kv heads·head_dim·kv). An encoder returns one vector per call and keeps no
+    cache: those two are 0."""
+    if w.kind == "encoder":
+        return np.array([graph_ms, 0.0, n * 1e-3, w.n_layers, 0.0], dtype=np.float64)
     return np.array([graph_ms, n * w.vocab * 1e-6, n * 1e-3, w.n_layers,
                      w.n_layers * w.n_kv_heads * w.head_dim * kv * 1e-6], dtype=np.float64)
 
@@ -259,8 +303,10 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
 # --- memory -------------------------------------------------------------------------------------------------------
 
 def memory_features(w: Workload, tokens: int) -> np.ndarray:
-    """What a runtime keeps resident: the files it maps, the KV cache it allocates, the logits of the tokens."""
-    return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), tokens * w.vocab * 4.0], dtype=np.float64)
+    """What a runtime keeps resident: the files it maps, the KV cache it allocates, the logits of the tokens (an
+    encoder: its widest activation, n·ffn)."""
+    out = tokens * (w.ffn if w.kind == "encoder" else w.vocab) * 4.0
+    return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), out], dtype=np.float64)
 
 
 def fit_memory(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -379,12 +425,20 @@ class Predictor:
         return int(icpt + coef @ memory_features(w, tokens))
 
     def predict(self, w: Workload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
+        if w.kind != self.profile.kind:
+            self.profile.check_use(self.backend, None, kind=w.kind)
         for m in w.matmuls:
             if m.format not in self.kernels.tokens:
                 raise EdgeqError(None, f"the latency profile has no timings for format {m.format} ({m.weight}); "
                                        f"it timed {', '.join(self.kernels.formats)}")
         if prompt_tokens < 1 or context_tokens < 0:
             raise EdgeqError(None, "--prompt-tokens must be at least 1 and --context-tokens at least 0")
+        if w.kind == "encoder":
+            if prompt_tokens > w.n_ctx:
+                raise EdgeqError(None, f"{prompt_tokens} tokens do not fit the encoder's {w.n_ctx} positions")
+            return Prediction(self.backend, self.threads, int(prompt_tokens), 0,
+                              prefill_ms=self.call_ms(w, "prefill", prompt_tokens), decode_ms_per_token=None,
+                              peak_memory_bytes=self.peak_memory(w, prompt_tokens), kind=w.kind)
         if max(prompt_tokens, context_tokens + 1) > w.n_ctx:
             raise EdgeqError(None, f"{max(prompt_tokens, context_tokens + 1)} tokens do not fit the bundle's context "
                                    f"of {w.n_ctx}")

@@ -30,24 +30,26 @@ def _fitted(path: str, mtime: float) -> tuple[LatencyProfile, Predictor]:
     return profile, Predictor(profile)
 
 
-def open_profile(path: str | os.PathLike | None, backend: str, threads: int | None) -> tuple[Path, LatencyProfile,
-                                                                                           Predictor]:
-    """The profile at `path`, or this machine's cached profile for the backend and threads; fitted."""
+def open_profile(path: str | os.PathLike | None, backend: str, threads: int | None,
+                 kind: str | None = None) -> tuple[Path, LatencyProfile, Predictor]:
+    """The profile at `path`, or this machine's cached profile for the backend, threads and model kind (default
+    decoder); fitted. A profile of another backend, thread count or model kind is refused in one line."""
     if path is None:
         facts = device_facts(runtime_dists())
-        found = [p for p in (cached_profile_path(facts, backend, threads or 1, c) for c in ("wall", "cpu"))
-                 if p is not None and p.is_file()]
+        found = [p for p in (cached_profile_path(facts, backend, threads or 1, c, kind or "decoder")
+                             for c in ("wall", "cpu")) if p is not None and p.is_file()]
         cached = found[0] if found else None
         if cached is None:
-            raise EdgeqError(None, f"no latency profile of this machine for {backend} with {threads or 1} thread(s): "
-                                   f"run `edgeq profile --device local --backend {backend} --threads {threads or 1}` or "
-                                   "pass --latency-profile FILE")
+            what = "" if kind in (None, "decoder") else f" --model-kind {kind}"
+            raise EdgeqError(None, f"no latency profile of this machine for {backend}{what} with {threads or 1} "
+                                   f"thread(s): run `edgeq profile --device local --backend {backend}{what} --threads "
+                                   f"{threads or 1}` or pass --latency-profile FILE")
         path = cached
     path = Path(path)
     if not path.is_file():
         raise EdgeqError(path, "no such latency profile")
     profile, fitted = _fitted(str(path.resolve()), path.stat().st_mtime)
-    profile.check_use(backend, threads, path)
+    profile.check_use(backend, threads, path, kind)
     return path, profile, fitted
 
 
@@ -70,8 +72,9 @@ def check_runtime_here(profile: LatencyProfile, path: Path) -> None:
 
 def predict_workload(fitted: Predictor, w: Workload, prompt_tokens: int | None,
                      context_tokens: int | None) -> Prediction:
-    return fitted.predict(w, DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens,
-                          DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens)
+    if prompt_tokens is None:       # an encoder truncates longer inputs to its own length
+        prompt_tokens = min(DEFAULT_PROMPT_TOKENS, w.n_ctx) if w.kind == "encoder" else DEFAULT_PROMPT_TOKENS
+    return fitted.predict(w, prompt_tokens, DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens)
 
 
 def profile_record(path: Path, profile: LatencyProfile) -> dict[str, Any]:
@@ -84,10 +87,16 @@ def profile_record(path: Path, profile: LatencyProfile) -> dict[str, Any]:
 def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backend: str, n_ctx: int, kv_dtype: str,
                         file_bytes: int, prompt_tokens: int | None = None,
                         context_tokens: int | None = None) -> dict[str, Any]:
-    """The manifest's `predicted` for one backend's artifact."""
-    p, profile, fitted = open_profile(path, backend, None)
-    w = graph_workload(graph, plan, n_ctx, kv_dtype, file_bytes)
+    """The manifest's `predicted` for one backend's artifact (an encoder's: `latency_ms` of one call of batch 1
+    over `prompt_tokens` tokens, and no per-token latency)."""
+    p, profile, fitted = open_profile(path, backend, None, graph.kind)
+    w = graph_workload(graph, plan, n_ctx, kv_dtype, file_bytes, backend)
     pred = predict_workload(fitted, w, prompt_tokens, context_tokens)
+    if w.kind == "encoder":
+        return {"latency_ms_per_token": None, "latency_ms": round(pred.prefill_ms, 3),
+                "peak_memory_bytes": pred.peak_memory_bytes, "prefill_ms": round(pred.prefill_ms, 3),
+                "prompt_tokens": pred.prompt_tokens, "batch": 1, "backend": backend, "threads": profile.threads,
+                "latency_profile": profile_record(p, profile)}
     return {"latency_ms_per_token": round(pred.decode_ms_per_token, 4), "peak_memory_bytes": pred.peak_memory_bytes,
             "prefill_ms": round(pred.prefill_ms, 3), "prompt_tokens": pred.prompt_tokens,
             "context_tokens": pred.context_tokens, "backend": backend, "threads": profile.threads,
@@ -97,6 +106,6 @@ def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backe
 def predict_bundle(bundle: str | os.PathLike, profile_path, backend: str | None = None, threads: int | None = None,
                    prompt_tokens: int | None = None, context_tokens: int | None = None) -> Prediction:
     w, backend, manifest = bundle_workload(bundle, backend)
-    p, profile, fitted = open_profile(profile_path, backend, threads)
+    p, profile, fitted = open_profile(profile_path, backend, threads, w.kind)
     profile.check_runtime(manifest.get("runtime_versions") or {}, f"bundle {bundle}", p)
     return predict_workload(fitted, w, prompt_tokens, context_tokens)

@@ -1,4 +1,5 @@
-"""The latency profile: what `edgeq profile` measured on one device, for one backend and thread count.
+"""The latency profile: what `edgeq profile` measured on one device, for one backend, thread count and model
+kind (decoders, or encoders: a profile of one kind is refused for the other).
 
 A versioned JSON file (format `edgeq-latency-profile`), cached per device, backend and threads in
 ~/.cache/edgeq/profiles/. It keeps the raw measurements (each micro-model's workload, its per-round wall
@@ -26,6 +27,7 @@ PROFILE_FORMAT = "edgeq-latency-profile"
 PROFILE_VERSION = 1
 NOISE_LIMIT = 0.05            # run-to-run spread of the same measurement above this: too noisy to profile
 MAX_PROFILE_BYTES = 256 << 20
+PROFILED_KINDS = ("decoder", "encoder")
 
 
 @dataclass
@@ -63,6 +65,7 @@ class LatencyProfile:
     models: list[ModelRun]
     created: str = ""
     edgeq_version: str = ""
+    kind: str = "decoder"                   # the model kind its micro-models are (decoder, encoder)
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -80,7 +83,8 @@ class LatencyProfile:
         return device_key(self.device)
 
     def describe(self) -> str:
-        return (f"{self.backend} {self.runtime_version or '?'}, {self.threads} thread{'s' * (self.threads != 1)}"
+        return (f"{self.backend} {self.runtime_version or '?'}{'' if self.kind == 'decoder' else ' ' + self.kind + 's'}, "
+                f"{self.threads} thread{'s' * (self.threads != 1)}"
                 f"{', CPU time' if self.clock == 'cpu' else ''}, "
                 f"{self.device.get('cpu', '?')} ({self.device.get('cores', '?')} cores) via {self.device.get('spec')}")
 
@@ -103,9 +107,13 @@ class LatencyProfile:
             raise EdgeqError(path, f"this latency profile timed {dist} {self.runtime_version}, but {where} uses "
                                    f"{dist} {have}: profile again with that version")
 
-    def check_use(self, backend: str, threads: int | None, path=None) -> None:
+    def check_use(self, backend: str, threads: int | None, path=None, kind: str | None = None) -> None:
         if backend != self.backend:
             raise EdgeqError(path, f"this latency profile is for the {self.backend} backend, not {backend}")
+        if kind is not None and kind != self.kind:
+            how = (f"profile with `edgeq profile --backend {backend} --model-kind {kind}`" if kind in PROFILED_KINDS
+                   else f"latency profiles cover {' and '.join(PROFILED_KINDS)}s for now")
+            raise EdgeqError(path, f"this latency profile times {self.kind}s, not {kind}s: {how}")
         if threads is not None and int(threads) != self.threads:
             raise EdgeqError(path, f"this latency profile was measured with {self.threads} thread"
                                    f"{'s' * (self.threads != 1)}; profile with --threads {threads} for that")
@@ -114,7 +122,9 @@ class LatencyProfile:
 
     def to_json(self) -> dict[str, Any]:
         return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "edgeq_version": self.edgeq_version,
-                "created": self.created, "backend": self.backend, "threads": self.threads, "device": self.device,
+                "created": self.created, "backend": self.backend,
+                **({} if self.kind == "decoder" else {"kind": self.kind}),   # decoder profiles' digests unchanged
+                "threads": self.threads, "device": self.device,
                 "settings": self.settings, "noise": self.noise, "load_average": self.load_average,
                 "models": [m.to_json() for m in self.models]}
 
@@ -156,14 +166,17 @@ def load_profile(path: str | os.PathLike) -> LatencyProfile:
         return LatencyProfile(backend=d["backend"], threads=int(d["threads"]), device=d["device"],
                               settings=d["settings"], noise=d["noise"], load_average=d.get("load_average") or {},
                               models=[ModelRun.from_json(m) for m in d["models"]], created=d.get("created", ""),
-                              edgeq_version=d.get("edgeq_version", ""))
+                              edgeq_version=d.get("edgeq_version", ""), kind=str(d.get("kind", "decoder")))
     except (KeyError, TypeError, ValueError) as exc:
         raise EdgeqError(path, f"latency profile is incomplete or damaged ({type(exc).__name__}: {exc})") from None
 
 
-def cached_profile_path(facts: dict[str, Any], backend: str, threads: int, clock: str = "wall") -> Path | None:
-    """Where the profile of this device, backend, thread count (and clock) is cached (None: caching is off)."""
+def cached_profile_path(facts: dict[str, Any], backend: str, threads: int, clock: str = "wall",
+                        kind: str = "decoder") -> Path | None:
+    """Where the profile of this device, backend, thread count, clock and model kind is cached (None: caching is
+    off)."""
     root = cache_dir()
     if root is None:
         return None
-    return root / "profiles" / f"{device_key(facts)}-{backend}-t{int(threads)}{'-cpu' if clock == 'cpu' else ''}.json"
+    return root / "profiles" / (f"{device_key(facts)}-{backend}{'' if kind == 'decoder' else '-' + kind}"
+                                f"-t{int(threads)}{'-cpu' if clock == 'cpu' else ''}.json")

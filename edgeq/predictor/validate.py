@@ -1,19 +1,23 @@
 """Accuracy, measured: held-out whole-model plans, predicted from a profile and run for real on the device.
 
-`edgeq profile --validate K` draws K plans of a real model (default SmolLM2-135M) that no micro-model looks
-like: every 2-D weight gets a random format among those the backend can write at its shape, with each plan's
-own random preference over formats (so plans range from mostly-2-bit to mostly-float). Each plan is exported
-through the pipeline with the profile, so its manifest carries the prediction; all bundles are then timed on
-the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps at C tokens
-of context), and each bundle's measurements.json gets the measured figures beside the predicted ones. A plan
-is within tolerance when |predicted / measured − 1| ≤ max(10 %, 2 × its own run-to-run spread). The device's
-spread (the same plan measured in several rounds) is reported beside the errors: it is the floor.
+`edgeq profile --validate K` draws K plans of a real model (default SmolLM2-135M; encoder profiles:
+all-MiniLM-L6-v2) that no micro-model looks like: every 2-D weight gets a random format among those the backend can
+write at its shape, with each plan's own random preference over formats (so plans range from mostly-2-bit to
+mostly-float). An encoder's linears draw from every format written for encoders (static and dynamic int8 too),
+and in about a third of its layers q, k and v share one draw (so fused QAttention layers occur as they do in real
+plans); an encoder's call (batch 1, --prompt-tokens tokens) is its `prefill`, and it has no decode step. Each
+plan is exported through the pipeline with the profile, so its manifest carries the prediction; all bundles are
+then timed on the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps
+at C tokens of context), and each bundle's measurements.json gets the measured figures beside the predicted ones.
+A plan is within tolerance when |predicted / measured − 1| ≤ max(10 %, 2 × its own run-to-run spread). The
+device's spread (the same plan measured in several rounds) is reported beside the errors: it is the floor.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +29,9 @@ from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan, TensorPlan, plan_from_json
 from edgeq.passes import Context
+from edgeq.models import names
+from edgeq.models.recipes.minilm import MINILM_NAME
+from edgeq.predictor.design import ENCODER_ROLES, encoder_formats, timing_plan
 from edgeq.predictor.measure import device_for, median_ms, ones_imatrix, spread
 from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, DEFAULT_PROMPT_TOKENS
 from edgeq.predictor.profile import LatencyProfile
@@ -45,19 +52,34 @@ class ValidationSettings:
 
 def random_plans(graph, backend: str, k: int, seed: int = SEED) -> list[Plan]:
     """K plans with a random format per 2-D weight, each plan with its own preference over the formats."""
-    formats = get_target(backend).candidate_formats()
+    encoder = graph.kind == "encoder"
+    formats = encoder_formats(backend) if encoder else get_target(backend).candidate_formats()
     plans = []
     for i in range(k):
         rng = np.random.default_rng(seed + i)
         pref = rng.dirichlet(np.full(len(formats), 0.4))
+        why = f"latency validation plan {i}"
+
+        def draw(shape) -> str:
+            fits = [j for j, f in enumerate(formats) if f.can_carry(shape)]
+            p = pref[fits] + 1e-3
+            return formats[int(rng.choice(fits, p=p / p.sum()))].name
+
         tensors = {}
         for name, t in graph.weights.items():
-            if len(t.shape) != 2:
-                continue
-            fits = [j for j, f in enumerate(formats) if f.can_carry(t.shape)]
-            p = pref[fits] + 1e-3
-            tensors[name] = TensorPlan(formats[int(rng.choice(fits, p=p / p.sum()))].name,
-                                       reason=f"latency validation plan {i}")
+            if encoder and (len(t.shape) != 2 or not name.startswith("encoder.")):
+                # embeddings are looked up, not multiplied: the token table's format varies, the rest stay f32
+                tensors[name] = TensorPlan(str(rng.choice(["f32", "f16", "int8"])) if name == names.WORD_EMBED
+                                           else "f32", reason=why)
+            elif len(t.shape) == 2:
+                tensors[name] = timing_plan(draw(t.shape), why)
+        if encoder:
+            for layer in range(graph.config.n_layers):
+                if rng.random() < 1 / 3:                  # q, k and v in one format (int8 ones fuse)
+                    qkv = [f"encoder.layer.{layer}.{r}.weight" for r in ENCODER_ROLES[:3]]
+                    fmt = draw(graph.weights[qkv[0]].shape)
+                    for n in qkv:
+                        tensors[n] = timing_plan(fmt, why)
         plans.append(Plan(tensors=tensors, preset=None))
     return plans
 
@@ -86,8 +108,10 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for ax, what, label in zip(axes, ("decode_ms_per_token", "prefill_ms"), ("decode step (ms)", "prefill (ms)")):
+    panels = [(w, label) for w, label in (("decode_ms_per_token", "decode step (ms)"), ("prefill_ms", "prefill (ms)"))
+              if all(r["predicted"].get(w) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
+    for ax, (what, label) in zip(axes[0], panels):
         p = np.array([r["predicted"][what] for r in rows])
         m = np.array([r["measured"][what] for r in rows])
         lo, hi = 0.9 * min(p.min(), m.min()), 1.1 * max(p.max(), m.max())
@@ -100,7 +124,7 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.legend(loc="upper left")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 75 * len(panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -120,9 +144,14 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         why = device.unreachable_reason() or device.missing_backend_reason(backend)
         if why:
             raise EdgeqError(None, why)
+        encoder = profile.kind == "encoder"
+        model = model or (MINILM_NAME if encoder else None)
         _, graph = pipeline.import_and_merge(model, [], Context(backend=backend))
+        if graph.kind != profile.kind:
+            raise EdgeqError(model, f"the latency profile times {profile.kind}s; this model is a {graph.kind}")
         n_ctx = max(settings.prompt_tokens, settings.context_tokens + settings.steps + 2)
-        n_ctx = int(min(graph.config.context_length, max(256, 2 ** math.ceil(math.log2(n_ctx)))))
+        n_ctx = None if encoder else int(min(graph.config.context_length,
+                                             max(256, 2 ** math.ceil(math.log2(n_ctx)))))
         bundles: list[Path] = []
         plans = random_plans(graph, backend, k)
         it = plans if progress is None else progress(plans, desc="export held-out plans", unit="plan")
@@ -141,8 +170,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             pipeline.export(opts)
             bundles.append(folder)
         remote = [device.push(b) for b in bundles]
-        args = {"prefill": [settings.prompt_tokens], "decode": [settings.context_tokens], "steps": settings.steps,
-                "prefill_steps": settings.prefill_steps, "warmup": 1}
+        args = {"prefill": [settings.prompt_tokens], "decode": [] if encoder else [settings.context_tokens],
+                "steps": settings.steps, "prefill_steps": settings.prefill_steps, "warmup": 1}
         runs: list[list[dict]] = [[] for _ in bundles]
         facts = None
         loads = []
@@ -163,17 +192,22 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             m = json.loads((b / "manifest.json").read_text(encoding="utf-8"))
             pred = m["predicted"]
             clock = profile.clock
-            dec = [median_ms(x["decode"][str(settings.context_tokens)], clock) for x in rr]
-            pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
             other = "wall" if clock == "cpu" else "cpu"
-            dec_other = [median_ms(x["decode"][str(settings.context_tokens)], other) for x in rr]
-            measured = {"decode_ms_per_token": float(np.median(dec)), "decode_ms_per_token_spread": spread(dec),
-                        "prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
-                        "rounds_decode_ms": [round(x, 4) for x in dec], "rounds_prefill_ms": [round(x, 3) for x in pre],
+            pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
+            pre_other = [median_ms(x["prefill"][str(settings.prompt_tokens)], other) for x in rr]
+            measured = {"prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
+                        "rounds_prefill_ms": [round(x, 3) for x in pre],
                         "peak_rss_bytes": int(np.median([x["peak_rss_bytes"] or 0 for x in rr])),
-                        "prompt_tokens": settings.prompt_tokens, "context_tokens": settings.context_tokens,
-                        "threads": threads, "device": device.name, "clock": clock,
-                        f"decode_ms_per_token_{other}": float(np.median(dec_other))}
+                        "prompt_tokens": settings.prompt_tokens, "threads": threads, "device": device.name,
+                        "clock": clock, f"prefill_ms_{other}": float(np.median(pre_other))}
+            if not encoder:
+                dec = [median_ms(x["decode"][str(settings.context_tokens)], clock) for x in rr]
+                dec_other = [median_ms(x["decode"][str(settings.context_tokens)], other) for x in rr]
+                measured.update({"decode_ms_per_token": float(np.median(dec)),
+                                 "decode_ms_per_token_spread": spread(dec),
+                                 "rounds_decode_ms": [round(x, 4) for x in dec],
+                                 "context_tokens": settings.context_tokens,
+                                 f"decode_ms_per_token_{other}": float(np.median(dec_other))})
             predicted = {"decode_ms_per_token": pred["latency_ms_per_token"], "prefill_ms": pred["prefill_ms"],
                          "peak_memory_bytes": pred["peak_memory_bytes"]}
             mfile = b / "measurements.json"
@@ -185,22 +219,28 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
                          "formats": plan_from_json(m["plan"]).format_counts(), "predicted": predicted,
                          "measured": measured})
         good = [x for x in loads if x]
-        report = {"backend": backend, "threads": threads, "device": device.name, "clock": profile.clock,
-                  "cpu": (facts or {}).get("cpu"), "model": model or "SmolLM2-135M-Instruct (default)",
+        report = {"backend": backend, "kind": profile.kind, "threads": threads, "device": device.name,
+                  "clock": profile.clock, "cpu": (facts or {}).get("cpu"),
+                  "cpu_flags": " ".join(f for f in (facts or {}).get("flags", [])
+                                        if f.startswith(("avx", "fma", "sse4"))),
+                  "model": model or "SmolLM2-135M-Instruct (default)",
                   "settings": settings.__dict__, "tolerance": f"max({TOLERANCE:.0%}, 2 x the plan's run-to-run spread)",
                   "load_average": {"first": good[0] if good else None, "last": good[-1] if good else None,
                                    "max_1min": max((x[0] for x in good), default=None)},
                   "profile": {"sha256": profile.digest(), "noise": profile.noise},
-                  "decode": summarize(rows, "decode_ms_per_token"), "prefill": summarize(rows, "prefill_ms"),
+                  **({} if encoder else {"decode": summarize(rows, "decode_ms_per_token")}),
+                  "prefill": summarize(rows, "prefill_ms"),
                   "memory_mape": round(float(np.mean([abs(r["predicted"]["peak_memory_bytes"]
                                                           / max(r["measured"]["peak_rss_bytes"], 1) - 1)
                                                       for r in rows])), 4),
                   "plans": rows}
         (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        d, p = report["decode"], report["prefill"]
-        plot(rows, f"{backend}, {threads} thread(s), {profile.clock} clock, {k} held-out plans on {report['cpu']}: "
-                   f"decode {d['share_within']:.0%} "
-                   f"within (MAPE {d['mape']:.1%}), prefill {p['share_within']:.0%} (MAPE {p['mape']:.1%}); "
+        p = report["prefill"]
+        d = report.get("decode")
+        what = (f"decode {d['share_within']:.0%} within (MAPE {d['mape']:.1%}), prefill" if d else
+                f"batch 1 x {settings.prompt_tokens} tokens")
+        plot(rows, f"{backend} {profile.kind}s, {threads} thread(s), {profile.clock} clock, {k} held-out plans on "
+                   f"{report['cpu']}: {what} {p['share_within']:.0%} within (MAPE {p['mape']:.1%}); "
                    f"load {report['load_average']['max_1min']}", out / "validation.png")
         return report
     finally:

@@ -2,8 +2,11 @@
 
 The predictor never looks at weights' values, only at this: a decoder's config, the format of every weight
 its runtime multiplies with (the tied embedding is the output head), the context the runtime allocates and
-the KV-cache type. It comes from a graph and a finished plan (planning, export), or from a bundle's manifest
-(`edgeq predict BUNDLE`), so a plan is predicted the same way before and after it is built.
+the KV-cache type; an encoder's config and the format of every linear layer, where a layer whose q, k and v
+the runtime multiplies as one kernel with its attention (ONNX's QAttention) counts as one product of the
+fused format `qattention:FORMAT` (3·hidden x hidden), named for the query. It comes from a graph and a
+finished plan (planning, export), or from a bundle's manifest (`edgeq predict BUNDLE`), so a plan is predicted
+the same way before and after it is built.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
-from edgeq.models import llama, names
+from edgeq.core.plan import TensorPlan
+from edgeq.models import bert, llama, names
+from edgeq.targets.registry import get_target
+
+FUSED_QKV = "qattention:"          # the format prefix of an encoder layer's fused q, k, v and attention
+QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
+ENCODER_ROLES = QKV + ("attention.output.dense", "intermediate.dense", "output.dense")
 
 
 @dataclass(frozen=True)
@@ -29,9 +38,14 @@ class MatMul:
     format: str
 
 
+def stored_format(fmt: str) -> str:
+    """The weight format behind a workload's kernel format (a fused QAttention's weights are `int8`...)."""
+    return fmt.removeprefix(FUSED_QKV)
+
+
 @dataclass
 class Workload:
-    """A decoder plan as the device sees it."""
+    """A decoder or encoder plan as the device sees it (an encoder: n_kv_heads = n_heads, no KV cache)."""
 
     hidden: int
     ffn: int
@@ -45,19 +59,24 @@ class Workload:
     kv_dtype: str = "f16"
     file_bytes: int = 0                      # the model files a runtime maps (0: unknown)
     aliases: dict[str, str] = field(default_factory=dict)   # the runtime's weight names -> canonical names
+    kind: str = "decoder"                    # decoder | encoder
 
     @property
     def weight_bytes(self) -> int:
-        return sum(get_format(m.format).nbytes((m.rows, m.cols)) for m in self.matmuls)
+        return sum(get_format(stored_format(m.format)).nbytes((m.rows, m.cols)) for m in self.matmuls)
 
     def kv_bytes(self) -> int:
-        """The KV cache the runtime allocates for n_ctx tokens."""
+        """The KV cache the runtime allocates for n_ctx tokens (none in an encoder)."""
+        if self.kind != "decoder":
+            return 0
         per = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}.get(self.kv_dtype, 2.0)
         return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * self.n_ctx * per)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["matmuls"] = [[m.weight, m.rows, m.cols, m.format] for m in self.matmuls]
+        if self.kind == "decoder":
+            del d["kind"]                   # decoder profiles' digests stay what they were
         return d
 
     @classmethod
@@ -108,9 +127,41 @@ def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: 
                     file_bytes=int(file_bytes), aliases={llama.gguf_name(n): n for n in shapes})
 
 
-def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", file_bytes: int = 0) -> Workload:
+def encoder_workload(config: bert.BertConfig, plans: dict[str, TensorPlan], backend: str, file_bytes: int = 0,
+                     source: str | None = None) -> Workload:
+    """The workload of a BERT encoder whose linear layers are planned `plans` (canonical names), on `backend`
+    (which decides what it fuses). The embeddings are looked up, not multiplied: their cost is the other ops'."""
+    target = get_target(backend)
+    h, f = config.hidden_size, config.intermediate_size
+    matmuls = []
+    for i in range(config.n_layers):
+        p = f"encoder.layer.{i}."
+        for role in ENCODER_ROLES:
+            if p + role + ".weight" not in plans:
+                raise EdgeqError(source, f"the plan gives no format for {p + role}.weight")
+        qkv = [plans[p + r + ".weight"] for r in QKV]
+        if target.fused_qkv(qkv):
+            matmuls.append(MatMul(p + QKV[0] + ".weight", 3 * h, h, FUSED_QKV + qkv[0].format))
+            roles = ENCODER_ROLES[3:]
+        else:
+            roles = ENCODER_ROLES
+        for role in roles:
+            rows, cols = (f, h) if role == "intermediate.dense" else (h, f) if role == "output.dense" else (h, h)
+            matmuls.append(MatMul(p + role + ".weight", rows, cols, plans[p + role + ".weight"].format))
+    return Workload(hidden=h, ffn=f, n_layers=config.n_layers, n_heads=config.n_heads, n_kv_heads=config.n_heads,
+                    head_dim=config.head_dim, vocab=config.vocab_size, matmuls=matmuls,
+                    n_ctx=min(config.context_length, config.max_positions),     # longer inputs are truncated
+                    kv_dtype="none", file_bytes=int(file_bytes), kind="encoder")
+
+
+def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", file_bytes: int = 0,
+                   backend: str = "onnx") -> Workload:
+    """`backend`: the runtime an encoder runs on (what it fuses); decoders do not need it."""
+    if graph.kind == "encoder" and graph.arch == "bert":
+        return encoder_workload(graph.config, plan.tensors, backend, file_bytes)
     if graph.kind != "decoder":
-        raise EdgeqError(None, f"latency prediction covers decoders for now; this is an {graph.kind}")
+        raise EdgeqError(None, f"latency prediction covers decoders and BERT encoders for now; this is a "
+                               f"{graph.arch} {graph.kind}")
     formats = {n: plan.tensors[n].format for n in graph.weights if n in plan.tensors}
     widths = llama.mlp_widths(graph)
     return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes,
@@ -127,12 +178,19 @@ def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Wor
     art = pick_artifact(bundle, m, backend)
     backend = art["backend"]
     model = m.get("model") or {}
-    if model.get("kind") != "decoder":
-        raise EdgeqError(bundle, f"latency prediction covers decoders for now; this bundle holds an "
-                                 f"{model.get('kind')}")
     plan = (m.get("plans") or {}).get(backend) or m["plan"]
     formats = {n: t["format"] for n, t in plan["tensors"].items()}
     files = sum(int(a["bytes"]) for a in m["artifacts"] if a.get("backend") == backend)
+    if model.get("kind") == "encoder" and model.get("arch") == "bert":
+        try:
+            config = bert.BertConfig.from_json(model["config"])
+            plans = {n: TensorPlan(t["format"], act_range=t.get("act_range")) for n, t in plan["tensors"].items()}
+        except (KeyError, TypeError) as exc:
+            raise EdgeqError(bundle / "manifest.json", f"model config or plan unreadable ({exc})") from None
+        return encoder_workload(config, plans, backend, files, source=str(bundle / "manifest.json")), backend, m
+    if model.get("kind") != "decoder":
+        raise EdgeqError(bundle, f"latency prediction covers decoders and BERT encoders for now; this bundle holds "
+                                 f"a {model.get('arch')} {model.get('kind')}")
     try:
         config = llama.LlamaConfig.from_json(model["config"])
     except (KeyError, TypeError) as exc:

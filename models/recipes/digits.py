@@ -36,17 +36,19 @@ def load_digits_data(seed: int = 0) -> DigitsData:
     return DigitsData(x[train], y[train], x[test], y[test])
 
 
-def digits_net():
-    """The module (untrained). Built lazily so importing edgeq.models.recipes.digits needs no torch."""
+def digits_net(stem: int = 16, mid: int = 16, conv: int = 32):
+    """The module (untrained). Built lazily so importing edgeq.models.recipes.digits needs no torch. The widths:
+    `stem` channels (the stem and the residual block's output, tied by the residual add), `mid` (inside the block),
+    `conv` (the last conv); the once-for-all supernet (digits_supernet.py) slices these three."""
     import torch
     from torch import nn
 
     class Block(nn.Module):
-        def __init__(self, c: int):
+        def __init__(self, c: int, m: int):
             super().__init__()
-            self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-            self.bn1 = nn.BatchNorm2d(c)
-            self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(c, m, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(m)
+            self.conv2 = nn.Conv2d(m, c, 3, padding=1, bias=False)
             self.bn2 = nn.BatchNorm2d(c)
 
         def forward(self, x):
@@ -56,14 +58,14 @@ def digits_net():
     class DigitsNet(nn.Module):
         def __init__(self):
             super().__init__()
-            self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
-            self.bn = nn.BatchNorm2d(16)
-            self.block = Block(16)
+            self.stem = nn.Conv2d(1, stem, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(stem)
+            self.block = Block(stem, mid)
             self.pool = nn.MaxPool2d(2)                       # 8x8 -> 4x4
-            self.conv = nn.Conv2d(16, 32, 3, padding=1)
+            self.conv = nn.Conv2d(stem, conv, 3, padding=1)
             self.act = nn.ReLU6()
             self.avg = nn.AvgPool2d(2)                        # 4x4 -> 2x2
-            self.fc = nn.Linear(32 * 2 * 2, 10)
+            self.fc = nn.Linear(conv * 2 * 2, 10)
 
         def forward(self, x):
             x = torch.relu(self.bn(self.stem(x)))

@@ -25,6 +25,7 @@ from edgeq.core.plan import Plan, TensorPlan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
 from edgeq.targets.onnx.builder import F32, I64, MS_DOMAIN, Builder
+from edgeq.targets.onnx.fusion import one_quantized_input
 from edgeq.targets.onnx.linear import (
     bias_initializer,
     emit_embedding,
@@ -77,7 +78,7 @@ def lower_encoder(graph: Graph, plan: Plan, attention: str = "mha", progress=Non
                                plan.tensors[p + n + ".weight"], hint=hint)
 
         qkv = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
-        fused_qkv = qattention and not int8_as_qdq and _one_quantized_input([plan.tensors[n] for n in qkv])
+        fused_qkv = qattention and not int8_as_qdq and one_quantized_input([plan.tensors[n] for n in qkv])
         if attention == "mha" and fused_qkv:
             att = _qattention(b, h, qkv, [W(n) for n in qkv], [W(n.removesuffix(".weight") + ".bias") for n in qkv],
                               plan.tensors[qkv[0]], mask_i32, nh)
@@ -130,15 +131,6 @@ def _gelu(b: Builder, x: str) -> str:
     """Exact GELU, x·½·(1 + erf(x/√2)), as the com.microsoft Gelu kernel (what onnxruntime's fusion makes of the
     erf pattern, here whatever optimisation level a session uses)."""
     return b.op("Gelu", [x], hint="gelu", domain=MS_DOMAIN)
-
-
-def _one_quantized_input(plans: list[TensorPlan]) -> bool:
-    """Whether q, k and v read one quantized input: all static int8 over one calibrated range (one QuantizeLinear),
-    or all int8_dyn (one DynamicQuantizeLinear)."""
-    if all(d.format == "int8_dyn" for d in plans):
-        return True
-    return all(d.format == "int8" and d.act_range is not None for d in plans) and \
-        len({tuple(d.act_range) for d in plans}) == 1
 
 
 def _qattention(b: Builder, h: str, names_: list[str], ws: list[np.ndarray], biases: list[np.ndarray],

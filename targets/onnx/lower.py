@@ -56,14 +56,17 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, inline_limit: in
     return [path, path.parent / data]
 
 
-MULTIPLYING_OPS = frozenset({"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "FusedMatMul"})
+MULTIPLYING_OPS = frozenset({"MatMul", "MatMulNBits", "Gemm", "MatMulInteger", "FusedMatMul",
+                             "MatMulIntegerToFloat", "QAttention"})
 PASS_THROUGH_OPS = frozenset({"Cast", "Identity", "DequantizeLinear", "Transpose", "Reshape"})
 
 
 def kernel_nodes(path: str | os.PathLike, weights: set[str]) -> dict[str, str]:
     """{node name: canonical weight} for every node that multiplies activations with a weight, the weight read
     directly or through casts, dequantizations and reshapes (f16 weights are cast once at load). onnxruntime's
-    profiler names the nodes it times this way; a tied head shares the token table's initializers."""
+    profiler names the nodes it times this way; a tied head shares the token table's initializers. An
+    encoder's QAttention multiplies with the concatenation of q, k and v: it is reported under the query's
+    name (the predictor's workload calls that fused kernel so, edgeq/predictor/workload.py)."""
     model = onnx.load(os.fspath(path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name for i in model.graph.initializer}
@@ -72,6 +75,9 @@ def kernel_nodes(path: str | os.PathLike, weights: set[str]) -> dict[str, str]:
         if value in inits:
             return value if value in weights else None
         node = producer.get(value)
+        if node is not None and node.op_type == "Concat" and depth == 0:
+            parts = [source(v, depth + 1) for v in node.input]
+            return parts[0] if parts and all(parts) else None
         if node is None or depth > 4 or node.op_type not in PASS_THROUGH_OPS:
             return None
         return source(node.input[0], depth + 1)

@@ -19,6 +19,7 @@ from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import Plan, TensorPlan
 from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.onnx.fusion import one_quantized_input
 from edgeq.targets.onnx.genai import write_genai_config
 from edgeq.targets.onnx.presets import ONNX_PRESETS, preset_formats
 
@@ -30,6 +31,7 @@ class OnnxTarget(Target):
     presets = ONNX_PRESETS
     kinds = frozenset({"decoder", "encoder", "cnn"})
     budget_kinds = frozenset({"decoder"})
+    latency_kinds = frozenset({"decoder", "encoder"})
     runtime_dists = ("onnxruntime", "onnx")
     prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
     prunes_attention = True    # ... and the attention's (per-layer head widths, per-group RoPE tables, KV inputs)
@@ -53,6 +55,9 @@ class OnnxTarget(Target):
         from edgeq.targets.onnx.lower import kernel_nodes
 
         return kernel_nodes(bundle / MODEL_FILE, set(graph_weights))
+
+    def fused_qkv(self, plans: list[TensorPlan]) -> bool:
+        return one_quantized_input(plans)
 
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.onnx.lower import lower_onnx, save_model

@@ -1,0 +1,350 @@
+"""`edgeq search --supernet digits`: stage widths x int8/float of a CNN once-for-all supernet on onnxruntime.
+
+What it wires together (the search itself is passes/search_cnn.py, numpy only):
+- the supernet (models/recipes/digits_supernet.py: trained here, seeded, CPU minutes);
+- a subnet's model: the supernet's prefix weights with recalibrated batch norm, imported through torch.export
+  (importers/torch_export.py) like any `export_module` CNN; its plan: the target's int8 preset, the layers the
+  search keeps float set to f32, the activation ranges calibrated on training images and kept only where an int8
+  layer reads or writes them (models/cnn.mixed_activations);
+- the latency table (predictor/cnn_table.py): whole subnets lowered by the ONNX Target and timed in onnxruntime,
+  interleaved, then fitted per layer; read from `--latency-profile FILE` when it exists, else measured and written
+  there;
+- the expensive labels: a configuration lowered by the ONNX Target and run in onnxruntime on the validation
+  images (its real int8 error), through one executor interface (compile/search_labels.InProcess).
+
+The result is a plan (formats, activation ranges, the search record) and the subnet as a `.pt2` beside it:
+`edgeq export --model plan.pt2 --plan plan.json -o out/` writes the bundle through the normal pipeline.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.compile.decide import PERCENTILE
+from edgeq.compile.search_labels import InProcess
+from edgeq.core.errors import EdgeqError
+from edgeq.core.ir import Graph
+from edgeq.core.plan import Plan, TensorPlan
+from edgeq.importers.torch_export import import_module
+from edgeq.models.cnn import mixed_activations, weight_nodes
+from edgeq.passes import Context, run_passes
+from edgeq.passes.calibrate_ranges import CalibrateRanges
+from edgeq.passes.search import SearchSettings
+from edgeq.passes.search_cnn import CnnSearchResult, CnnSpace, search_cnn, smoothed_error
+from edgeq.passes.search_space import Budgets, Candidate
+from edgeq.predictor.cnn_table import CnnLatencyTable, features
+from edgeq.runtime.latency import device_facts, interleaved_times
+from edgeq.targets.base import LowerRequest
+from edgeq.targets.profiles import get_profile
+from edgeq.targets.registry import get_target
+
+SUPERNETS = ("digits",)
+CALIB_IMAGES = 256            # training images the activation ranges are calibrated on
+
+
+@dataclass
+class TableSettings:
+    """How the latency table is measured: `fit` random mixed points plus every uniform point, `held` more random
+    points to judge it, `rounds` x `per_round` batch-1 runs of each, interleaved."""
+
+    fit: int = 32
+    held: int = 12
+    rounds: int = 7
+    per_round: int = 30
+    threads: int = 1
+
+
+@dataclass
+class CnnSearchOptions:
+    latency_ms: float | None = None
+    latency_ratio: float | None = None         # or a share of the full int8 model's predicted latency
+    latency_profile: str | None = None         # the table: read when the file exists, else measured and written
+    supernet: str = "digits"
+    scale: int = 1
+    full_epochs: int = 8
+    sandwich_epochs: int = 12
+    settings: SearchSettings = field(default_factory=lambda: SearchSettings(population=24, generations=12,
+                                                                              cheap_labels=400, expensive_labels=8,
+                                                                              finalists=3))
+    table: TableSettings = field(default_factory=TableSettings)
+
+
+class SubnetModels:
+    """The supernet's subnets as IR graphs, plans and ONNX models through the ONNX Target (memoised by widths)."""
+
+    def __init__(self, supernet, threads: int = 1):
+        self.sn = supernet
+        self.threads = threads
+        self.target = get_target("onnx")
+        self.profile = get_profile("cpu")
+        self._graphs: dict[tuple[int, ...], Graph] = {}
+        self._ranges: dict[tuple[int, ...], dict[str, list[float]]] = {}
+        self._work = Path(tempfile.mkdtemp(prefix="edgeq-search-cnn-"))
+        self._count = 0
+
+    def graph(self, widths: tuple[int, ...]) -> Graph:
+        w = tuple(int(v) for v in widths)
+        if w not in self._graphs:
+            self._graphs[w] = import_module(self.sn.subnet(w), self.sn.example, name=f"{self.sn.name}-supernet")
+        return self._graphs[w]
+
+    def ranges(self, widths: tuple[int, ...]) -> dict[str, list[float]]:
+        """Every default activation's calibrated range at these widths (the int8 preset's calibration)."""
+        w = tuple(int(v) for v in widths)
+        if w not in self._ranges:
+            g = self.graph(w)
+            plan = Plan(tensors=self.target.preset_formats(g, "int8"), preset="int8")
+            _, plan = run_passes([CalibrateRanges([self.sn.data.x_train[:CALIB_IMAGES]], "supernet training images",
+                                                  PERCENTILE)], g, plan, Context(backend="onnx"))
+            self._ranges[w] = dict(plan.activations)
+        return self._ranges[w]
+
+    def plan(self, widths: tuple[int, ...], formats: tuple[str, ...]) -> Plan:
+        """The int8 preset with the search's float layers set to f32 and ranges where an int8 layer needs them."""
+        g = self.graph(widths)
+        tensors = self.target.preset_formats(g, "int8")
+        by_layer = dict(zip([l.weight for l in self.sn.layers], formats))
+        for name in weight_nodes(g):
+            if by_layer.get(name) == "f32":
+                tensors[name] = TensorPlan(format="f32", reason="search: kept float")
+            elif name in by_layer:
+                tensors[name] = replace(tensors[name], reason="search: int8, per-channel, static activation ranges")
+        int8 = {n for n, f in by_layer.items() if f == "int8"}
+        ranges = self.ranges(widths)
+        acts = {a: ranges[a] for a in mixed_activations(g, int8) if a in ranges}
+        return Plan(tensors=tensors, preset="int8", backend="onnx", activations=acts)
+
+    def onnx(self, widths: tuple[int, ...], formats: tuple[str, ...]) -> Path:
+        """The model file the ONNX Target writes for this point."""
+        self._count += 1
+        folder = self._work / f"m{self._count}"
+        folder.mkdir()
+        lowered = self.target.lower(LowerRequest(self.graph(widths), self.plan(widths, formats), folder, self.profile))
+        return lowered.artifacts[0].path
+
+    def session(self, path: Path):
+        import onnxruntime as ort
+
+        from edgeq.runtime.onnx_backend import session_options
+
+        return ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
+
+    def n_quantized(self, formats: tuple[str, ...]) -> int:
+        """Quantized activations of a format assignment (the same at every width)."""
+        g = self.graph(tuple(self.sn.full))
+        return len(mixed_activations(g, {l.weight for l, f in zip(self.sn.layers, formats) if f == "int8"}))
+
+    def error(self, points: list[tuple[tuple[int, ...], tuple[str, ...]]], split: str = "val") -> list[float]:
+        """Real error of each point in onnxruntime on the validation (or test) images."""
+        d = self.sn.data
+        x, y = (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
+        out = []
+        for w, f in points:
+            s = self.session(self.onnx(w, f))
+            logits = s.run(["logits"], {"images": x})[0]
+            out.append(smoothed_error(int(np.sum(logits.argmax(-1) == y)), len(y)))
+        return out
+
+    def time(self, points: list[tuple[tuple[int, ...], tuple[str, ...]]], rounds: int, per_round: int,
+             progress: Callable | None = None) -> list[dict[str, float]]:
+        """Batch-1 latency of each point, all interleaved: median, p10, p90 in ms."""
+        feed = {"images": self.sn.example.astype(np.float32)}
+        it = points if progress is None else progress(points, desc="latency table: build", unit="model")
+        sessions = [self.session(self.onnx(w, f)) for w, f in it]
+        runs = {str(i): (lambda s=s: s.run(["logits"], feed)) for i, s in enumerate(sessions)}
+        t = interleaved_times(runs, rounds, per_round, warmup=10)
+        return [{"median": statistics.median(t[str(i)]) * 1e3, "p10": float(np.percentile(t[str(i)], 10) * 1e3),
+                 "p90": float(np.percentile(t[str(i)], 90) * 1e3)} for i in range(len(points))]
+
+    def close(self) -> None:
+        shutil.rmtree(self._work, ignore_errors=True)
+
+
+def _check_supernet(o: CnnSearchOptions) -> None:
+    if o.supernet not in SUPERNETS:
+        raise EdgeqError(None, f"unknown --supernet {o.supernet!r} ({', '.join(SUPERNETS)})")
+    if o.scale < 1:
+        raise EdgeqError(None, "--supernet-scale must be at least 1")
+
+
+def build_supernet(o: CnnSearchOptions, progress: Callable | None = None):
+    """The trained supernet (seeded: the same options give the same weights)."""
+    _check_supernet(o)
+    from edgeq.models.recipes.digits_supernet import train_digits_supernet
+
+    return train_digits_supernet(o.settings.seed, o.scale, o.full_epochs, o.sandwich_epochs, progress=progress)
+
+
+def supernet_structure(o: CnnSearchOptions):
+    """The supernet untrained: its subnets time like the trained ones', so the table and the budget's feasibility
+    are settled before minutes of training."""
+    _check_supernet(o)
+    from edgeq.models.recipes.digits_supernet import untrained_digits_supernet
+
+    return untrained_digits_supernet(o.settings.seed, o.scale)
+
+
+def table_points(sn, n: int, seed: int) -> list[tuple[tuple[int, ...], tuple[str, ...]]]:
+    """`n` random points (widths from the menus, each layer int8 or float), seeded."""
+    rng = np.random.default_rng([seed, 7])
+    return [(tuple(int(rng.choice(m)) for m in sn.menus), tuple(str(rng.choice(["f32", "int8"])) for _ in sn.layers))
+            for _ in range(n)]
+
+
+def measure_table(models: SubnetModels, ts: TableSettings, seed: int, progress: Callable | None = None) \
+        -> CnnLatencyTable:
+    """Time uniform and random subnets for real and fit the per-layer table (held-out points judge it)."""
+    sn = models.sn
+    steps = min(len(m) for m in sn.menus)
+    uniform = [(tuple(m[len(m) - steps + k] for m in sn.menus), (f,) * len(sn.layers))
+               for k in range(steps) for f in ("int8", "f32")]
+    fit_pts = uniform + table_points(sn, ts.fit, seed)
+    held_pts = table_points(sn, ts.fit + ts.held, seed)[ts.fit:]
+    timed = models.time(fit_pts + held_pts, ts.rounds, ts.per_round, progress)
+    x = np.array([features(sn.layers, w, f, models.n_quantized(f)) for w, f in fit_pts + held_pts])
+    y = np.array([t["median"] for t in timed])
+    device = {**this_device(), "threads": models.threads}
+    table = CnnLatencyTable.fitted(sn.name, sn.full, [l.weight for l in sn.layers], x[:len(fit_pts)],
+                                   y[:len(fit_pts)], device, x[len(fit_pts):], y[len(fit_pts):])
+    table.fit["points"] = [{"widths": list(w), "formats": list(f), **{k: round(v, 5) for k, v in t.items()}}
+                           for (w, f), t in zip(fit_pts + held_pts, timed)]
+    return table
+
+
+ISA = ("avx", "fma", "f16c", "vnni", "amx", "sve", "asimd", "i8mm", "neon")
+
+
+def this_device() -> dict[str, Any]:
+    """What the table's timings depend on: the CPU, its kernel-relevant ISA flags, onnxruntime's version."""
+    facts = device_facts(("onnxruntime",))
+    return {"cpu": facts["cpu"], "flags": [f for f in facts["flags"] if any(k in f for k in ISA)],
+            "onnxruntime": facts["runtime_versions"].get("onnxruntime")}
+
+
+def open_table(o: CnnSearchOptions, models: SubnetModels, progress: Callable | None = None,
+               log: Callable[[str], None] | None = None) -> CnnLatencyTable:
+    sn = models.sn
+    path = Path(o.latency_profile) if o.latency_profile else None
+    if path is not None and path.exists():
+        table = CnnLatencyTable.load(path)
+        table.check_for(sn.name, sn.full, [l.weight for l in sn.layers], path)
+        if table.device.get("threads") != models.threads:
+            raise EdgeqError(path, f"was measured with {table.device.get('threads')} thread(s), not {models.threads}")
+        here = this_device()
+        for k in ("cpu", "flags", "onnxruntime"):
+            if table.device.get(k) != here[k]:
+                theirs, ours = table.device.get(k), here[k]
+                if k == "flags":
+                    theirs, ours = sorted(set(theirs or []) - set(ours)), sorted(set(ours) - set(theirs or []))
+                raise EdgeqError(path, f"was measured with another {k} (there: {theirs}; here: {ours}); measure "
+                                       "the table on this machine (name a new file)")
+        return table
+    table = measure_table(models, o.table, o.settings.seed, progress)
+    if log is not None:
+        log(f"latency table: {table.fit['samples']} subnets fitted, held-out mean error "
+            f"{100 * table.fit.get('held_out_mean_abs_rel_error', float('nan')):.1f} %")
+    if path is not None:
+        table.save(path)
+    return table
+
+
+@dataclass
+class CnnSearch:
+    """A finished search: the supernet, its models, the table, the space and the result."""
+
+    supernet: Any
+    models: SubnetModels
+    table: CnnLatencyTable
+    space: CnnSpace
+    result: CnnSearchResult
+    budget_ms: float
+
+    def plan(self, c: Candidate) -> Plan:
+        fm = self.space.format_names(c)
+        p = self.models.plan(c.widths, fm)
+        m = self.space.measures(c)
+        p.search = {"method": "search", "supernet": self.supernet.name, "stages": list(self.supernet.stages),
+                    "widths": list(c.widths), "full_widths": list(self.supernet.full),
+                    "predicted_latency_ms": round(m.latency_ms, 5), "budget_latency_ms": round(self.budget_ms, 5),
+                    "latency_table": {"device": self.table.device, "fit": {k: v for k, v in self.table.fit.items()
+                                                                           if k != "points"}},
+                    **self.result.record}
+        p.calibration = {"activations": f"per-tensor [min, max] of each quantized activation, {PERCENTILE} "
+                                        "percentile of |x|", "source": "supernet training images",
+                         "images": CALIB_IMAGES}
+        return p
+
+
+def space_of(sn, table: CnnLatencyTable, models: SubnetModels) -> CnnSpace:
+    nq: dict[tuple[str, ...], int] = {}
+
+    def latency(widths: tuple[int, ...], formats: tuple[str, ...]) -> float:
+        if formats not in nq:
+            nq[formats] = models.n_quantized(formats)
+        return table.predict(features(sn.layers, widths, formats, nq[formats]))
+
+    return CnnSpace(sn.layers, sn.full, sn.menus, latency)
+
+
+def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Callable[[str], None] | None = None,
+               supernet=None) -> CnnSearch:
+    """Open or measure the latency table, check the limit is reachable (one clear error if not), train (or take)
+    the supernet, and search under the latency limit."""
+    o.settings.check()
+    if (o.latency_ms is None) == (o.latency_ratio is None):
+        raise EdgeqError(None, "a CNN search needs one latency limit: --latency-ms (or, from Python, latency_ratio)")
+    if o.latency_ms is not None and not o.latency_ms > 0:
+        raise EdgeqError(None, f"--latency-ms must be positive, not {o.latency_ms:g}")
+    structure = SubnetModels(supernet if supernet is not None else supernet_structure(o), o.table.threads)
+    try:
+        table = open_table(o, structure, progress, log)
+        space = space_of(structure.sn, table, structure)
+        full_int8 = space.point(tuple(structure.sn.full), "int8")
+        budget = o.latency_ms if o.latency_ms is not None else o.latency_ratio * space.measures(full_int8).latency_ms
+        budgets = Budgets(None, float(budget))
+        space.feasible_anchor(budgets)                  # nothing meets the limit: say so before training
+    finally:
+        structure.close()
+    sn = supernet if supernet is not None else build_supernet(o, progress)
+    models = SubnetModels(sn, o.table.threads)
+    try:
+        space = space_of(sn, table, models)
+        executor = InProcess(lambda c: models.error([(c.widths, space.format_names(c))])[0])
+
+        def measure(points: list[Candidate]) -> list[float]:
+            return executor.map(points, progress, "search: real int8 error (onnxruntime)")
+
+        n_val = len(sn.data.y_val)
+        result = search_cnn(space, budgets, lambda w: smoothed_error(round(sn.accuracy(w) * n_val), n_val),
+                            measure, o.settings, progress)
+        return CnnSearch(sn, models, table, space, result, float(budget))
+    except BaseException:
+        models.close()
+        raise
+
+
+def save_search(s: CnnSearch, out: str | Path) -> tuple[Path, Path]:
+    """The plan JSON at `out` and the subnet's ExportedProgram beside it (`out` with suffix .pt2)."""
+    import io
+
+    import torch
+
+    from edgeq.core.fs import atomic_write_bytes
+
+    out = Path(out)
+    plan = s.plan(s.result.best)
+    model_path = out.with_suffix(".pt2")
+    sub = s.supernet.subnet(s.result.best.widths)
+    ep = torch.export.export(sub, (torch.from_numpy(s.supernet.example),))
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    atomic_write_bytes(model_path, buf.getvalue())
+    plan.save(out)
+    return out, model_path

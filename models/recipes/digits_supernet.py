@@ -1,0 +1,254 @@
+"""A once-for-all supernet of the digits CNN: any prefix of each stage's channels is a working smaller CNN.
+
+The digits CNN (digits.py) has three channel widths a search can slice: `stem` (the stem conv and the residual
+block's output, tied by the residual add), `mid` (inside the block) and `conv` (the last conv, read by the
+classifier through a 2x2 flatten). Training follows once-for-all (OFA), compressed to CPU minutes:
+
+1. the full network is trained as usual (the digits recipe's schedule);
+2. each stage's channels are sorted by importance (the L1 norm of each output filter, times its batch norm's
+   |gamma| / sigma where one follows; the stem stage sums its two producers, the stem and the block's second conv),
+   and every tensor that reads them is permuted alike, so the function is unchanged and a width is a prefix;
+3. sandwich training (slimmable networks' rule): each step runs the largest, the smallest and two random widths
+   on the same batch, the largest on the labels and the others distilled from its soft outputs (in-place
+   distillation), gradients summed. Batch norm uses batch statistics while training; a subnet gets its own
+   statistics afterwards, recalibrated on training images (OFA's BN recalibration), before it is exported.
+
+Data: the digits recipe's training images are split once more (seeded) into training and validation images; the
+search labels configurations on the validation images only, and the held-out test images stay for the report.
+Everything is seeded and single-threaded, so the same seed gives the same supernet bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeq.models.cnn import StageLayer
+from edgeq.models.recipes.digits import DigitsData, digits_net, load_digits_data
+
+STAGES = ("stem", "mid", "conv")
+BASE_WIDTHS = (16, 16, 32)
+N_VAL = 300                 # validation images taken from the digits training split
+RECAL_IMAGES = 512          # training images a subnet's batch norm statistics are recalibrated on
+MENU_STEPS = 8              # widths per stage: k/8 of the full width, k = 2..8
+
+
+@dataclass
+class SearchData:
+    """Training images (the supernet's, calibration, BN recalibration), validation images (the search's labels),
+    held-out test images (the report only)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def search_data(seed: int = 0) -> SearchData:
+    d: DigitsData = load_digits_data(seed)
+    order = np.random.default_rng([seed, 1]).permutation(len(d.y_train))
+    val, train = order[:N_VAL], order[N_VAL:]
+    return SearchData(d.x_train[train], d.y_train[train], d.x_train[val], d.y_train[val], d.x_test, d.y_test)
+
+
+class DigitsSupernet:
+    """The trained supernet: its stages, menus and sliced layers (data for the search), and its subnets."""
+
+    name = "digits"
+    stages = STAGES
+
+    def __init__(self, net, data: SearchData, scale: int, seed: int):
+        self.net = net                      # the full-width torch module, channels sorted
+        self.data = data
+        self.scale = scale
+        self.seed = seed
+        self.full = [w * scale for w in BASE_WIDTHS]
+        self.menus = [sorted({f * k // MENU_STEPS for k in range(2, MENU_STEPS + 1)}) for f in self.full]
+        self.layers = [StageLayer("stem.weight", 0, None, 9, 64, fixed_in=1),          # 8x8 pixels
+                       StageLayer("block.conv1.weight", 1, 0, 9, 64),
+                       StageLayer("block.conv2.weight", 0, 1, 9, 64),
+                       StageLayer("conv.weight", 2, 0, 9, 16),                          # 4x4 after the max pool
+                       StageLayer("fc.weight", None, 2, 4, 1, fixed_out=10)]            # 2x2 per channel
+
+    @property
+    def example(self) -> np.ndarray:
+        return self.data.x_test[:1]
+
+    def forward(self, x, widths):
+        """The sliced network on a batch (batch statistics in batch norm: the training forward)."""
+        import torch
+        import torch.nn.functional as F
+
+        s, m, c = widths
+        n = self.net
+
+        def bn(y, mod, k):
+            return F.batch_norm(y, None, None, mod.weight[:k], mod.bias[:k], training=True)
+
+        x = torch.relu(bn(F.conv2d(x, n.stem.weight[:s], padding=1), n.bn, s))
+        y = torch.relu(bn(F.conv2d(x, n.block.conv1.weight[:m, :s], padding=1), n.block.bn1, m))
+        y = bn(F.conv2d(y, n.block.conv2.weight[:s, :m], padding=1), n.block.bn2, s)
+        x = F.max_pool2d(torch.relu(y + x), 2)
+        x = F.avg_pool2d(F.relu6(F.conv2d(x, n.conv.weight[:c, :s], n.conv.bias[:c], padding=1)), 2)
+        fc = n.fc.weight.view(10, self.full[2], 4)[:, :c].reshape(10, c * 4)
+        return F.linear(torch.flatten(x, 1), fc, n.fc.bias)
+
+    def subnet(self, widths, recalibrate: bool = True):
+        """The plain digits CNN of these widths (eval mode), its weights the supernet's prefixes and its batch
+        norm statistics recalibrated on training images (or the full network's, sliced, with recalibrate=False:
+        enough to time it)."""
+        import torch
+
+        s, m, c = (int(w) for w in widths)
+        sub = digits_net(s, m, c)
+        src = self.net.state_dict()
+        cut = {"stem.weight": (s,), "bn": (s,), "block.conv1.weight": (m, s), "block.bn1": (m,),
+               "block.conv2.weight": (s, m), "block.bn2": (s,), "conv.weight": (c, s), "conv.bias": (c,)}
+        out = {}
+        for k, v in src.items():
+            if k == "fc.weight":
+                out[k] = v.view(10, self.full[2], 4)[:, :c].reshape(10, c * 4).clone()
+                continue
+            key = k if k in cut else k.rsplit(".", 1)[0]
+            shape = cut.get(key)
+            if shape is None or v.ndim == 0:
+                out[k] = v.clone()
+            else:
+                out[k] = v[tuple(slice(0, n) for n in shape)].clone()
+        sub.load_state_dict(out)
+        if recalibrate:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                for mod in sub.modules():
+                    if isinstance(mod, torch.nn.BatchNorm2d):
+                        mod.reset_running_stats()
+                        mod.momentum = None         # a cumulative average over the recalibration batches
+                sub.train()
+                x = torch.from_numpy(self.data.x_train[:RECAL_IMAGES])
+                with torch.no_grad():
+                    for i in range(0, len(x), 128):
+                        sub(x[i:i + 128])
+            finally:
+                torch.set_num_threads(threads)
+        return sub.eval()
+
+    def accuracy(self, widths, split: str = "val") -> float:
+        """Float accuracy of the recalibrated subnet on the validation (or test) images: the search's cheap label."""
+        import torch
+
+        x, y = (self.data.x_val, self.data.y_val) if split == "val" else (self.data.x_test, self.data.y_test)
+        sub = self.subnet(widths)
+        with torch.no_grad():
+            logits = sub(torch.from_numpy(x)).numpy()
+        return float(np.mean(logits.argmax(-1) == y))
+
+
+def _importance(w, bn=None):
+    """Per output channel: the filter's L1 norm, times |gamma| / sigma of the batch norm after it."""
+    import torch
+
+    imp = w.detach().abs().flatten(1).sum(1)
+    if bn is not None:
+        imp = imp * (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps))
+    return imp
+
+
+def sort_channels(net, full: list[int]) -> None:
+    """Permute every stage's channels by decreasing importance (in place; the network's function is unchanged)."""
+    import torch
+
+    def perm(imp):
+        return torch.argsort(-imp, stable=True)
+
+    def bn_take(bn, p):
+        for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+            t.data = t.data[p].clone()
+
+    with torch.no_grad():
+        b = net.block
+        p = perm(_importance(net.stem.weight, net.bn) + _importance(b.conv2.weight, b.bn2))
+        net.stem.weight.data = net.stem.weight.data[p].clone()
+        bn_take(net.bn, p)
+        b.conv1.weight.data = b.conv1.weight.data[:, p].clone()
+        b.conv2.weight.data = b.conv2.weight.data[p].clone()
+        bn_take(b.bn2, p)
+        net.conv.weight.data = net.conv.weight.data[:, p].clone()
+        q = perm(_importance(b.conv1.weight, b.bn1))
+        b.conv1.weight.data = b.conv1.weight.data[q].clone()
+        bn_take(b.bn1, q)
+        b.conv2.weight.data = b.conv2.weight.data[:, q].clone()
+        r = perm(_importance(net.conv.weight))
+        net.conv.weight.data = net.conv.weight.data[r].clone()
+        net.conv.bias.data = net.conv.bias.data[r].clone()
+        net.fc.weight.data = net.fc.weight.data.view(10, full[2], 4)[:, r].reshape(10, full[2] * 4).clone()
+
+
+def untrained_digits_supernet(seed: int = 0, scale: int = 1) -> DigitsSupernet:
+    """The supernet's structure with initial weights: enough to time its subnets (speed does not depend on the
+    values) before any training."""
+    import torch
+
+    torch.manual_seed(seed)
+    return DigitsSupernet(digits_net(*(w * scale for w in BASE_WIDTHS)).eval(), search_data(seed), scale, seed)
+
+
+def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, sandwich_epochs: int = 12,
+                          batch: int = 64, progress=None) -> DigitsSupernet:
+    """Train, sort and sandwich-train the supernet (seeded, one thread: the same seed gives the same weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    data = search_data(seed)
+    full = [w * scale for w in BASE_WIDTHS]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        net = digits_net(*full)
+        x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+        epochs = range(full_epochs + sandwich_epochs)
+        it = iter(epochs if progress is None else progress(epochs, desc="supernet: train", unit="epoch"))
+
+        def run(lr: float, n_epochs: int, step) -> None:
+            """Adam with a cosine schedule over `n_epochs` of shuffled batches; `step(idx)` backpropagates."""
+            opt = torch.optim.Adam(net.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, n_epochs))
+            for _ in range(n_epochs):
+                next(it, None)
+                order = torch.randperm(len(y), generator=g)
+                for i in range(0, len(y), batch):
+                    opt.zero_grad()
+                    step(order[i:i + batch])
+                    opt.step()
+                sched.step()
+
+        # 1. the full network
+        net.train()
+        run(3e-3, full_epochs, lambda idx: F.cross_entropy(net(x[idx]), y[idx]).backward())
+        # 2. channels sorted by importance: every width is a prefix
+        sort_channels(net, full)
+        sn = DigitsSupernet(net, data, scale, seed)
+        # 3. sandwich training: largest, smallest, two random widths per step
+        largest = tuple(sn.full)
+        smallest = tuple(m[0] for m in sn.menus)
+
+        def sandwich(idx) -> None:
+            big = sn.forward(x[idx], largest)
+            F.cross_entropy(big, y[idx]).backward()
+            soft = F.softmax(big.detach(), -1)
+            rand = [tuple(m[int(torch.randint(len(m), (1,), generator=g))] for m in sn.menus) for _ in range(2)]
+            for w in [smallest] + rand:
+                F.kl_div(F.log_softmax(sn.forward(x[idx], w), -1), soft, reduction="batchmean").backward()
+
+        run(1e-3, sandwich_epochs, sandwich)
+        for _ in it:
+            pass
+    finally:
+        torch.set_num_threads(threads)
+    net.eval()
+    return sn

@@ -1,0 +1,156 @@
+"""`edgeq search` for CNNs (APQ over a once-for-all supernet): per-stage channel widths x int8/float per layer.
+
+The same search as the decoders' (search.py), on another space:
+
+- the space (`CnnSpace`): one gene per conv/linear (f32 or int8: the ONNX CNN lowering's static INT8), one width
+  per stage from the supernet's menu (a prefix of its importance-sorted channels; any width of a stage is valid
+  whatever the formats, as per-tensor activation scales and per-channel weight scales slice freely);
+- what a point costs: latency from a per-layer latency table fitted on real onnxruntime timings of whole models
+  (edgeq/predictor/cnn_table.py, handed in as a callable), bytes from the weights' formats;
+- accuracy, APQ's transfer (search_accuracy.py): the predictor is pre-trained on cheap labels (the float error of
+  the width configuration, measured on validation images with the supernet's recalibrated subnet: formats do not
+  change it) and fine-tuned on expensive labels (the real int8 error of whole configurations exported through the
+  compile pipeline and run in onnxruntime, on the same validation images);
+- evolution (search.evolve), seeded from the anchor, the uniform points within the budget and the measured
+  points; the finalists are measured for real and the best measured point (finalists and expensive labels alike,
+  ties to the faster) is the result.
+
+Budgets: a latency limit (ms, the table's prediction); a byte budget is not offered for CNNs yet.
+Deterministic: the same supernet, table, labels and seed give the same point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeq.core.formats import get_format
+from edgeq.models.cnn import StageLayer
+from edgeq.passes.search import SearchSettings, _unique, evolve
+from edgeq.passes.search_accuracy import AccuracyPredictor
+from edgeq.passes.search_space import Budgets, Candidate, Gene, GeneSpace, Measures
+
+CNN_FORMATS = ("f32", "int8")
+
+
+def smoothed_error(correct: int, n: int) -> float:
+    """(wrong + 1) / (n + 2): an error rate that stays positive (the predictor learns log-errors) and orders
+    configurations like the plain one."""
+    return (n - correct + 1) / (n + 2)
+
+
+class CnnSpace(GeneSpace):
+    """Stage widths x a format per conv/linear, with bytes and the latency table's prediction of a point."""
+
+    hint = "raise --latency-ms: the fastest point is the floor of this supernet on this device"
+
+    def __init__(self, layers: list[StageLayer], full: list[int], menus: list[list[int]],
+                 latency: Callable[[tuple[int, ...], tuple[str, ...]], float]):
+        super().__init__([Gene([l.weight], list(CNN_FORMATS)) for l in layers], list(full),
+                         [sorted(set(m) | {f}) for m, f in zip(menus, full)])
+        self.layers = layers
+        self._latency = latency
+
+    def format_names(self, c: Candidate) -> tuple[str, ...]:
+        return tuple(g.formats[i] for g, i in zip(self.genes, c.formats))
+
+    def measures(self, c: Candidate) -> Measures:
+        m = self._cache.get(c)
+        if m is None:
+            fm = self.format_names(c)
+            nbytes = sum(int(l.params(c.widths) * get_format(f).bits_per_weight) // 8 for l, f in zip(self.layers, fm))
+            m = self._cache[c] = Measures(nbytes, float(self._latency(c.widths, fm)))
+        return m
+
+    def point(self, widths: tuple[int, ...], fmt: str) -> Candidate:
+        """Every layer in `fmt` at these widths (a uniform point)."""
+        return Candidate(tuple(CNN_FORMATS.index(fmt) for _ in self.genes), tuple(int(w) for w in widths))
+
+    def anchors(self) -> dict[str, Candidate]:
+        """The smallest point (int8, narrowest) and the fastest (each layer's faster format in turn, narrowest)."""
+        narrow = tuple(m[0] for m in self.menus)
+        small = self.point(narrow, "int8")
+        fmts = list(small.formats)
+        for g in range(len(self.genes)):
+            fmts[g] = min(range(len(CNN_FORMATS)), key=lambda i: (self._latency(
+                narrow, tuple(CNN_FORMATS[j if k != g else i] for k, j in enumerate(fmts))), i))
+        return {"smallest": small, "fastest": Candidate(tuple(fmts), narrow)}
+
+    def uniform_slim(self, fmt: str = "int8") -> list[Candidate]:
+        """The uniformly slimmed points: every stage at the same menu position (the k-th narrowest), one format."""
+        steps = min(len(m) for m in self.menus)
+        return [self.point(tuple(m[len(m) - steps + k] for m in self.menus), fmt) for k in range(steps)]
+
+
+@dataclass
+class CnnSearchResult:
+    best: Candidate
+    finalists: list[Candidate]
+    measured: dict[Candidate, float]          # real int8 error on the validation images
+    record: dict[str, Any]
+
+
+def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[int, ...]], float],
+               measure: Callable[[list[Candidate]], list[float]] | None, s: SearchSettings,
+               progress: Callable | None = None) -> CnnSearchResult:
+    """The best point within `budgets`: `cheap_error(widths)` labels the pre-training, `measure(points)` the real
+    errors (expensive labels, finalists)."""
+    anchor = space.feasible_anchor(budgets)             # one clear error when nothing meets the budget
+    rng = np.random.default_rng(s.seed)
+    pts = [space.random(rng) for _ in range(s.cheap_labels)]
+    widths = _unique_widths(pts)
+    it = widths if progress is None else progress(widths, desc="search: cheap labels (float, width only)",
+                                                  unit="config")
+    cheap = {w: cheap_error(w) for w in it}
+
+    def cheap_of(w: tuple[int, ...]) -> float:
+        if w not in cheap:
+            cheap[w] = cheap_error(w)
+        return cheap[w]
+
+    x_cheap = np.array([space.features(c) for c in pts])
+    y_cheap = np.array([cheap[c.widths] for c in pts])
+    measured: dict[Candidate, float] = {}
+    if measure is not None and s.expensive_labels:
+        todo = _unique([space.sample(rng, anchor, budgets) for _ in range(s.expensive_labels)])
+        measured.update(zip(todo, measure(todo)))
+    x_exp = np.array([space.features(c) for c in measured]) if measured else None
+    y_exp = np.array(list(measured.values())) if measured else None
+    predictor = AccuracyPredictor("transfer", seed=s.seed).fit(x_cheap, y_cheap, x_exp, y_exp)
+
+    def score(cs: list[Candidate]) -> np.ndarray:
+        return predictor.predict(np.array([space.features(c) for c in cs]))
+
+    uniform = [c for c in space.uniform_slim("int8") + space.uniform_slim("f32") if space.measures(c).meets(budgets)]
+    seeds = _unique([anchor] + uniform + list(measured))
+    ranked = evolve(space, score, budgets, seeds, anchor, rng, s, progress)
+    finalists = ranked[:max(1, s.finalists)]
+    if measure is not None and s.finalists:
+        todo = [c for c in finalists if c not in measured]
+        measured.update(zip(todo, measure(todo)))
+        best = min(measured, key=lambda c: (measured[c], space.measures(c).latency_ms, list(measured).index(c)))
+    else:
+        best = finalists[0]
+
+    def point(c: Candidate) -> dict[str, Any]:
+        m = space.measures(c)
+        d = {"widths": list(c.widths), "formats": list(space.format_names(c)),
+             "predicted_latency_ms": round(m.latency_ms, 5), "weight_bytes": m.bytes,
+             "cheap_error": round(cheap_of(c.widths), 6),
+             "predicted_log_error": round(float(score([c])[0]), 6)}
+        if c in measured:
+            d["val_error"] = round(measured[c], 6)
+        return d
+
+    n_cheap = len(cheap)
+    record = {"settings": asdict(s), "budget_latency_ms": budgets.latency_ms, "cheap_labels": len(pts),
+              "cheap_widths": n_cheap, "measured_configurations": len(measured),
+              "finalists": [point(c) for c in finalists], "chosen": point(best),
+              "expensive_labels": [point(c) for c in measured]}
+    return CnnSearchResult(best, finalists, measured, record)
+
+
+def _unique_widths(pts: list[Candidate]) -> list[tuple[int, ...]]:
+    return list(dict.fromkeys(c.widths for c in pts))

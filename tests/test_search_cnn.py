@@ -1,0 +1,156 @@
+"""edgeq search --supernet (APQ on a CNN once-for-all supernet): stage widths x int8/float on onnxruntime.
+
+A tiny setting: the digits supernet trained for 2 + 2 epochs, a latency table of a few subnets timed for real,
+a search of a few generations. Checked: every point the search can make (sampled, mutated, crossed, walked back)
+meets the latency limit; an unreachable limit is one line and exit status 2 before any training; the same seed
+gives the same plan; the searched subnet exported through `edgeq export --model PLAN.pt2 --plan PLAN.json` runs in
+onnxruntime and agrees with the float reference executor, with the searched formats and widths. Whether the search
+beats uniform slimming is measured by bench/search_cnn.py, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeq import api
+from edgeq.compile.search_cnn import CnnSearchOptions, SubnetModels, TableSettings, measure_table, run_search
+from edgeq.core.errors import EdgeqError
+from edgeq.core.executor import Executor
+from edgeq.models.cnn import StageLayer, mixed_activations, quantized_activations
+from edgeq.passes.search import SearchSettings
+from edgeq.passes.search_cnn import CnnSpace
+from edgeq.passes.search_space import Budgets
+from edgeq.predictor.cnn_table import CnnLatencyTable
+
+TINY = SearchSettings(population=8, generations=3, cheap_labels=24, expensive_labels=2, finalists=1, seed=5)
+TABLE = TableSettings(fit=6, held=2, rounds=2, per_round=5)
+
+
+def edgeq(*args, check=True):
+    r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"edgeq {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-2000:]}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    from edgeq.models.recipes.digits_supernet import train_digits_supernet
+
+    return train_digits_supernet(seed=0, full_epochs=2, sandwich_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def table_file(supernet, tmp_path_factory):
+    models = SubnetModels(supernet)
+    try:
+        table = measure_table(models, TABLE, seed=0)
+    finally:
+        models.close()
+    path = tmp_path_factory.mktemp("cnn-table") / "table.json"
+    table.save(path)
+    return path
+
+
+def _options(table_file, **kw) -> CnnSearchOptions:
+    return CnnSearchOptions(latency_profile=str(table_file), settings=TINY, table=TABLE,
+                            **({"latency_ratio": 0.8} | kw))
+
+
+def test_every_candidate_meets_the_limit():
+    """Sampling, mutation, crossover and the walk back keep every point within the limit (an additive latency)."""
+    layers = [StageLayer("a", 0, None, 9, 64, fixed_in=1), StageLayer("b", 1, 0, 9, 64),
+              StageLayer("c", None, 1, 4, fixed_out=10)]
+
+    def latency(widths, formats):
+        return 0.01 + sum(l.macs(widths) / 1e6 * (0.2 if f == "int8" else 1.0) for l, f in zip(layers, formats))
+
+    space = CnnSpace(layers, [16, 32], [[4, 8, 12, 16], [8, 16, 24, 32]], latency)
+    full = space.measures(space.point((16, 32), "f32")).latency_ms
+    budgets = Budgets(None, 0.4 * full)
+    anchor = space.feasible_anchor(budgets)
+    rng = np.random.default_rng(0)
+    pts = [space.sample(rng, anchor, budgets) for _ in range(50)]
+    for _ in range(200):
+        a, b = pts[int(rng.integers(len(pts)))], pts[int(rng.integers(len(pts)))]
+        child = space.toward(space.mutate(space.crossover(a, b, rng), rng, 0.5), a, budgets, rng)
+        assert space.measures(child).meets(budgets)
+        pts.append(child)
+    assert len(set(pts)) > 10                                    # the space is explored, not collapsed to the anchor
+    assert {space.format_names(c)[0] for c in pts} == {"f32", "int8"}
+    with pytest.raises(EdgeqError, match="no configuration of the search space meets"):
+        space.feasible_anchor(Budgets(None, 0.001))
+
+
+def test_mixed_activations_follow_the_int8_layers(supernet):
+    models = SubnetModels(supernet)
+    try:
+        g = models.graph(tuple(supernet.full))
+    finally:
+        models.close()
+    every = [l.weight for l in supernet.layers]
+    assert mixed_activations(g, set(every)) == quantized_activations(g)
+    assert mixed_activations(g, set()) == []
+    only_fc = mixed_activations(g, {"fc.weight"})
+    assert len(only_fc) == 1 and only_fc[0] in quantized_activations(g)
+
+
+def test_unreachable_limit_is_one_clear_error(table_file, tmp_path):
+    out = tmp_path / "plan.json"
+    r = edgeq("search", "--supernet", "digits", "--latency-ms", "0.00001", "--latency-profile", table_file,
+              "-o", out, "--quiet", check=False)
+    line = r.stderr.strip()
+    assert r.returncode == 2 and line.count("\n") == 0, r.stderr
+    assert "no configuration of the search space meets 1e-05 ms" in line and "predicted" in line, line
+    assert not out.exists() and not out.with_suffix(".pt2").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"version": 1, "coef": "x"}))
+    r = edgeq("search", "--supernet", "digits", "--latency-ms", "1", "--latency-profile", bad, "-o", out, "--quiet",
+              check=False)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bad.json" in r.stderr, r.stderr
+
+
+def test_table_predicts_timed_subnets(table_file):
+    t = CnnLatencyTable.load(table_file)
+    assert len(t.fit["points"]) == 2 * 7 + TABLE.fit + TABLE.held      # uniform slims x 2 formats + random points
+    assert all(p["median"] > 0 for p in t.fit["points"])
+    assert all(c >= 0 for c in t.coef)
+    assert t.fit["train_mean_abs_rel_error"] < 0.5
+
+
+def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, tmp_path):
+    a = run_search(_options(table_file), supernet=supernet)
+    try:
+        pa = a.plan(a.result.best)
+        assert a.space.measures(a.result.best).latency_ms <= a.budget_ms
+        assert pa.search["chosen"]["val_error"] == round(a.result.measured[a.result.best], 6)
+        fm = a.space.format_names(a.result.best)
+    finally:
+        a.models.close()
+    # the same search again, through the API that writes the plan and the subnet (.pt2): the same plan
+    out = tmp_path / "plan.json"
+    plan, model = api.search_supernet(_options(table_file), out=out, supernet=supernet)
+    assert plan.to_json() == pa.to_json()
+    assert model.exists() and json.loads(out.read_text())["search"]["widths"] == list(a.result.best.widths)
+    # exported through the normal pipeline and run in onnxruntime
+    edgeq("export", "--model", model, "--plan", out, "-o", tmp_path / "bundle", "--quiet")
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert [manifest["plan"]["tensors"][l.weight]["format"] for l in supernet.layers] == list(fm)
+    assert sorted(manifest["plan"]["activations"]) == sorted(plan.activations)
+    from edgeq import runtime
+    from edgeq.importers.torch_export import import_pt2
+
+    x, y = supernet.data.x_test, supernet.data.y_test
+    with runtime.load(tmp_path / "bundle", threads=1) as s:
+        got = s.run({"images": x})["logits"]
+    ref_graph = import_pt2(model)
+    assert ref_graph.weights["block.conv1.weight"].shape[0] == a.result.best.widths[1]
+    ref = Executor(ref_graph).run_inputs({"images": x})["logits"]
+    assert got.shape == (len(x), 10)
+    assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.97
+    assert np.mean(got.argmax(-1) == y) > 0.5                        # a working classifier, not noise
