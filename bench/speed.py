@@ -62,7 +62,7 @@ from shared import (  # noqa: E402
 
 DECODER = "SmolLM2-135M-Instruct"
 ENCODER = "all-MiniLM-L6-v2"
-GGUF_OF = {"int4": "q4_0", "int8": "q8_0", "q4_0": "q4_0", "q8_0": "q8_0"}
+GGUF_OF = {"int4": "q4_0", "int8": "q8_0", "int8-dyn": "q8_0", "q4_0": "q4_0", "q8_0": "q8_0"}
 
 
 @dataclass
@@ -346,7 +346,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="decode steps timed per round")
     ap.add_argument("--prefill", type=int, default=128, help="prompt tokens of the timed prefill")
     ap.add_argument("--n-ctx", type=int, default=512)
-    ap.add_argument("--decoder-quants", default="int4,int8", help="format classes (int4 -> q4_0, int8 -> q8_0)")
+    ap.add_argument("--decoder-quants", default="int4,int8",
+                    help="format classes (int4 -> q4_0, int8 and int8-dyn -> q8_0)")
     ap.add_argument("--decoders", default="gguf,onnx,tvm", help="edgeq backends timed on the decoder")
     ap.add_argument("--tvm-encoder-quants", default="f32,int8", help="TVM encoder presets ('' for none)")
     ap.add_argument("--seq", type=int, default=128)

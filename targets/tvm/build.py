@@ -42,7 +42,11 @@ def resolve_target(profile) -> dict[str, Any]:
 
         return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu())}
     if isinstance(t, dict) and t.get("kind") == "llvm":
-        return dict(t)
+        t = dict(t)
+        if "+dotprod" in (profile.native_march or "") and "+dotprod" not in t.get("mattr", []):
+            # the device's -march has the dot-product extension (sdot/udot): int8_dyn_rows kernels use it
+            t["mattr"] = [*t.get("mattr", []), "+dotprod"]
+        return t
     if t == "cuda":
         # no GPU to detect here: a fixed architecture (Ampere, sm_80) keeps the build the same on every machine
         return {"kind": "cuda", "arch": CUDA_ARCH, "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,

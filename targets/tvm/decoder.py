@@ -114,7 +114,7 @@ def kv_specs(graph: Graph) -> list[dict]:
 def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   params_type: type[Params] = Params,
-                  lora_slots: list[str] | tuple[str, ...] = ()) -> tuple[relax.BlockBuilder, Params]:
+                  lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
     """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
     `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py).
@@ -145,7 +145,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
     bb = relax.BlockBuilder()
     params = None
     for entry in ENTRIES:
-        p = params_type()
+        p = params_type(dot=dot)
         seq = sym("seq") if entry == "prefill" else 1
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,

@@ -21,7 +21,7 @@ from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_l
 R = relax.op
 
 
-def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockBuilder, Params]:
+def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
     cfg: BertConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
@@ -29,7 +29,7 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None) -> tuple[relax.BlockB
     ids = relax.Var("input_ids", relax.TensorType((b, s), "int32"))
     mask = relax.Var("attention_mask", relax.TensorType((b, s), "int32"))
     bb = relax.BlockBuilder()
-    params = Params()
+    params = Params(dot=dot)
     with bb.function("main"):
         with bb.dataflow():
             if plan.tensors[names.TOKEN_TYPE_EMBED].format != "f32":

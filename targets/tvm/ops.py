@@ -20,8 +20,9 @@ from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
-from edgeq.core.formats.int8 import int8_quantize_rows
+from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
 from edgeq.core.plan import TensorPlan
+from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
@@ -34,6 +35,9 @@ class Params:
 
     vars: list[relax.Var] = field(default_factory=list)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    # which integer kernel int8_dyn_rows linears get (dot.dot_kind of the build's target): the activations'
+    # dtype differs between them (uint8 for x86 VNNI, int8 otherwise), the stored arrays do not
+    dot: str = "generic"
 
     def var(self, name: str) -> relax.Var:
         return self.vars[list(self.arrays).index(name)]
@@ -126,8 +130,43 @@ def _few_rows(lead) -> bool:
     return all(isinstance(d, (int, tir.IntImm)) for d in lead) and int(np.prod([int(d) for d in lead])) <= FEW_ROWS
 
 
-def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None) -> te.Tensor:
+def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, kind: str) -> te.Tensor:
+    """int8_dyn_rows: each row of x quantized to 8 bits (scale max|x|/127), int32 sums against the int8 weights
+    (dot.py's blocks), rescaled after: y = sum * x_scale * w_scale (+ b). Mirrors formats.int8.int8_dyn_rows_matmul
+    operation for operation, so the library and the reference agree to float rounding of the rescale."""
+    w, w_scale, w_sum = ws
+    k_dim, lead = x.shape[-1], list(x.shape[:-1])
+    n_dim = w.shape[0] * DOT_OUT
+    r = te.reduce_axis((0, k_dim), "r")
+    amax = te.compute(lead, lambda *i: te.max(tir.abs(x[tuple(i) + (r,)]), axis=r), name="act_amax")
+    x_scale = te.compute(lead, lambda *i: tir.Select(amax[i] > 0, amax[i] / tir.const(127.0, "float32"),
+                                                     tir.const(1.0, "float32")), name="act_scale")
+    zero = INT8_DOT_ZERO if kind == "vnni" else 0
+
+    def quantized(*i):
+        q = tir.max(tir.min(tir.round(x[i] / x_scale[i[:-1]]), tir.const(127.0, "float32")),
+                    tir.const(-127.0, "float32")).astype("int32")
+        return (q + zero).astype("uint8") if zero else q.astype("int8")
+
+    xq = te.compute(lead + [k_dim], quantized, name=act_block(kind))
+    k = te.reduce_axis((0, k_dim), "k")
+    acc = te.compute(lead + [n_dim], lambda *i: te.sum(
+        xq[tuple(i[:-1]) + (k,)].astype("int32")
+        * w[i[-1] // DOT_OUT, k // DOT_IN, i[-1] % DOT_OUT, k % DOT_IN].astype("int32"), axis=k), name="matmul")
+
+    def epilogue(*i):
+        a = acc[i] - w_sum[i[-1]] * zero if zero else acc[i]
+        v = a.astype("float32") * x_scale[i[:-1]] * w_scale[i[-1]]
+        return v + bias[i[-1]] if bias is not None else v
+
+    return te.compute(acc.shape, epilogue, name="linear")
+
+
+def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None,
+               dot: str = "generic") -> te.Tensor:
     """y[..., n] = sum_k x[..., k] * W[k, n] (+ b[n]) with W read in its stored (panelled) format."""
+    if fmt == "int8_dyn_rows":
+        return _dot_linear_te(x, ws, bias, dot)
     k_dim = x.shape[-1]
     n_dim = ws[0].shape[0] * ws[0].shape[2]
     k = te.reduce_axis((0, k_dim), "k")
@@ -186,7 +225,8 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
     contiguously (a plain (in, out) layout strides a whole row per input: a cache and TLB miss each, which
     held SmolLM2's decode to ~1 GB/s).
 
-    f32/f16: W^T. int8_wo: int8 W^T and an f32 scale per output. int4_g32: bytes (in/2 rows), the low nibble
+    f32/f16: W^T. int8_wo: int8 W^T and an f32 scale per output. int8_dyn_rows: int8 W in dot.py's blocks (not
+    panels), an f32 scale and the int32 sum of each output's weights. int4_g32: bytes (in/2 rows), the low nibble
     for the even input, and f16 scales (in/32 rows); ggml's Q4_0 codes and scales, with `imatrix` (E[x²] per
     input) its weighted scale search. Same values as the format's reference quantizer.
     """
@@ -197,6 +237,12 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
     if fmt == "int8_wo":
         q, scale = int8_quantize_rows(w)
         return [(name, panels(q.T)), (name + ".scale", scale)]
+    if fmt == "int8_dyn_rows":
+        q, scale = int8_quantize_rows(w)
+        if q.shape[0] % DOT_OUT or q.shape[1] % DOT_IN:
+            raise EdgeqError(None, f"{name}: int8_dyn_rows needs outputs in 16s and inputs in 4s, not {q.shape}")
+        return [(name, dot_weight_blocks(q)), (name + ".scale", scale),
+                (name + ".sum", q.astype(np.int32).sum(axis=1, dtype=np.int32))]
     if fmt == "int4_g32":
         if w.shape[-1] % INT4_GROUP:
             raise EdgeqError(None, f"{name}: {w.shape[-1]} input columns are not a multiple of {INT4_GROUP}")
@@ -266,6 +312,8 @@ def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str
     weight's size along `axis` of (out, in) is symbolic (an MLP's channels under pruning): `units` counts PANEL
     channels, and each stored array's matching dimension becomes `units` times its extent per PANEL channels."""
     ws = []
+    if channels is not None and d.format == "int8_dyn_rows":
+        raise EdgeqError(None, f"{name}: int8_dyn_rows weights are not lowered with pruned (symbolic) widths")
     for n, a in weight_arrays(name, w, d, imatrix):
         shape = None
         if channels is not None:
@@ -278,7 +326,7 @@ def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str
             shape = tuple(channels[1] * per if i == axis else s for i, s in enumerate(a.shape))
         ws.append(params.add(n, a, shape))
     b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
-    y = emit_linear_vars(bb, x, d.format, ws, b, hint)
+    y = emit_linear_vars(bb, x, d.format, ws, b, hint, dot=params.dot)
     return y if branch is None else emit_branch(bb, params, x, y, name, branch, hint)
 
 
@@ -294,13 +342,13 @@ def stored_channel_axis(stored: np.ndarray, channel_axis: int) -> int:
 
 
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
-                     hint: str = "linear") -> relax.Expr:
+                     hint: str = "linear", dot: str = "generic") -> relax.Expr:
     """A linear layer over weight parameters already added (a tied head shares the token table's)."""
     args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
     def fn(xt, *rest):
-        return _linear_te(xt, fmt, list(rest[:n_w]), rest[n_w] if len(rest) > n_w else None)
+        return _linear_te(xt, fmt, list(rest[:n_w]), rest[n_w] if len(rest) > n_w else None, dot)
 
     return bb.emit_te(fn, *args, primfunc_name_hint=f"{LINEAR_PREFIX}{hint}_{fmt}")
 

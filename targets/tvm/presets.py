@@ -1,6 +1,8 @@
 """What each `--quant` preset means on TVM, tensor by tensor.
 
-Weight-only: the matmul weights of every linear layer are stored in the preset's
+`int8-dyn` (opt-in): matmul weights int8 per output channel and each call's activations quantized per row at
+run time, the sums in int32 on the CPU's dot-product instructions (targets/tvm/dot.py). The others are
+weight-only: the matmul weights of every linear layer are stored in the preset's
 format and dequantized inside the matmul kernel; activations, norms, softmax and
 GELU stay f32. The word embedding (half an encoder's bytes) is per-row int8 in
 both integer presets (a gather, not a matmul: int4 groups would buy little there).
@@ -18,13 +20,15 @@ from edgeq.core.plan import TensorPlan
 from edgeq.models import names
 from edgeq.models.bert import matmul_weights
 
-TVM_PRESETS = ("f32", "f16", "int8", "int4")
-MATMUL_FORMAT = {"f32": "f32", "f16": "f16", "int8": "int8_wo", "int4": "int4_g32"}
+TVM_PRESETS = ("f32", "f16", "int8", "int4", "int8-dyn")
+MATMUL_FORMAT = {"f32": "f32", "f16": "f16", "int8": "int8_wo", "int8-dyn": "int8_dyn_rows", "int4": "int4_g32"}
 
 
 def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
     if preset not in TVM_PRESETS:
         raise EdgeqError(None, f"unknown --quant {preset!r} for backend tvm; presets: {', '.join(TVM_PRESETS)}")
+    if preset == "int8-dyn" and graph.kind == "cnn":
+        raise EdgeqError(None, "--quant int8-dyn is lowered for encoders and decoders on TVM, not CNNs; use int8")
     matmuls, tables = _matmul_weights(graph), _tables(graph)
     out: dict[str, TensorPlan] = {}
     for name, t in graph.weights.items():
@@ -34,9 +38,10 @@ def preset_formats(graph: Graph, preset: str) -> dict[str, TensorPlan]:
             fmt = MATMUL_FORMAT[preset]
             if not get_format(fmt).can_carry(t.shape):
                 cols = int(np.prod(t.shape[1:]))
-                out[name] = TensorPlan(format="int8_wo", requested=fmt, reason=f"preset int4: {cols} inputs per "
-                                       f"output channel are not a multiple of the {get_format(fmt).block[1]}-group; "
-                                       "per-channel int8 instead")
+                why = (f"{cols} inputs per output channel are not a multiple of the {get_format(fmt).block[1]}-group"
+                       if preset == "int4" else f"shape {tuple(t.shape)} is not whole {get_format(fmt).block} blocks")
+                out[name] = TensorPlan(format="int8_wo", requested=fmt, reason=f"preset {preset}: {why}; per-channel "
+                                       "int8 instead")
             else:
                 out[name] = TensorPlan(format=fmt, reason=f"preset {preset}: matmul weight, {fmt}")
         elif name in tables and preset != "f32":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
+from edgeq.targets.tvm.dot import kernel_kind, schedule_dot_linear
 from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
@@ -60,6 +61,9 @@ def schedule_linear(func: tirx.PrimFunc, packed_pairs: bool = False) -> tirx.Pri
 
 def linear_schedule(func: tirx.PrimFunc, packed_pairs: bool = False) -> s_tir.Schedule:
     """The schedule itself, its trace what tune.py records as the fixed schedule's tuning record."""
+    kind = kernel_kind(func)
+    if kind is not None:             # int8_dyn_rows: integer sums on the dot-product instructions (dot.py)
+        return schedule_dot_linear(func, kind)
     if _static_rows(func) is not None:
         return _schedule_gemv(func, packed_pairs)
     sch = s_tir.Schedule(func)

@@ -130,6 +130,7 @@ class TvmTarget(Target):
 
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.tvm.build import compile_module, export_library, resolve_target
+        from edgeq.targets.tvm.dot import dot_kind
         from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
         graph, plan, timings = req.graph, req.plan, {}
@@ -137,7 +138,7 @@ class TvmTarget(Target):
         t0 = time.perf_counter()
         slots = lora_slots(list(graph.weights), req.adapters)
         lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
-                            lora_slots=slots)
+                            lora_slots=slots, dot=dot_kind(target))
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:

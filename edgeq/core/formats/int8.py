@@ -74,3 +74,25 @@ register(Format(name="int8_wo", block=(1, 1), block_bytes=1, backends=frozenset(
                             "float, dequantized inside the matmul)",
                 quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=4, channel_rows=True,
                 grid=(8, 0, False)))
+
+
+INT8_DOT_ZERO = 128     # x86 VNNI multiplies unsigned by signed bytes: activations shifted by this, taken off after
+
+
+def int8_dyn_rows_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """What an int8_dyn_rows linear computes for float input rows x (..., in) and float weights w (out, in):
+    x quantized per row (scale max|x|/127, round half to even, int8), w per output row (int8_quantize_rows),
+    exact int32 sums, then sum * x_scale * w_scale in float32. The TVM kernel (targets/tvm/dot.py) does the same."""
+    q, w_scale = int8_quantize_rows(w)
+    amax = np.max(np.abs(x), axis=-1).astype(np.float32)
+    x_scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    xq = np.clip(np.rint(x / x_scale[..., None]), -127, 127).astype(np.int32)
+    acc = (xq @ q.astype(np.int32).T).astype(np.float32)
+    return (acc * x_scale[..., None] * w_scale).astype(np.float32)
+
+
+register(Format(name="int8_dyn_rows", block=(16, 4), block_bytes=64, backends=frozenset({"tvm"}),
+                description="8-bit symmetric per output channel, f32 scale per row; activations quantized per row "
+                            "(per token) at run time, int32 sums on the CPU's dot-product instructions",
+                quantize_fn=_int8_quantize, dequantize_fn=_int8_dequantize, row_overhead_bytes=8, channel_rows=True,
+                quantizes_activations=True, grid=(8, 0, False)))

@@ -1,0 +1,169 @@
+"""TVM's integer linears (int8_dyn_rows, `--quant int8-dyn`): each kernel's output against the integer scheme in
+numpy (formats.int8.int8_dyn_rows_matmul), a whole exported encoder against the reference executor running the
+same scheme, and the dot-product instructions in the built libraries (x86 `vpdpbusd`, arm64 `sdot`), checked by
+disassembly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from edgeq.core.executor import Executor                          # noqa: E402
+from edgeq.core.formats.int8 import int8_dequantized_rows, int8_dyn_rows_matmul  # noqa: E402
+from edgeq.evaluate.encoder import cosines                         # noqa: E402
+from edgeq.importers.hf_bert import import_hf_folder               # noqa: E402
+from edgeq.api import ExportOptions, export                        # noqa: E402
+from edgeq.models import names                                     # noqa: E402
+from edgeq.targets.profiles import get_profile                     # noqa: E402
+from edgeq.targets.tvm.build import resolve_target                 # noqa: E402
+from edgeq.targets.tvm.dot import dot_kind                         # noqa: E402
+
+HOST = resolve_target(get_profile("cpu"))
+
+
+def _kernel(rows, k_dim: int, n_dim: int, kind: str, bias: bool):
+    """One int8_dyn_rows linear, scheduled as a build schedules it, compiled for this host."""
+    from tvm import te
+
+    from edgeq.targets.tvm.ops import _linear_te
+    from edgeq.targets.tvm.schedule import schedule_linear
+
+    x = te.placeholder((rows, k_dim), "float32", name="x")
+    w = te.placeholder((n_dim // 16, k_dim // 4, 16, 4), "int8", name="w")
+    s = te.placeholder((n_dim,), "float32", name="s")
+    ws = te.placeholder((n_dim,), "int32", name="ws")
+    b = te.placeholder((n_dim,), "float32", name="b") if bias else None
+    y = _linear_te(x, "int8_dyn_rows", [w, s, ws], b, kind)
+    f = schedule_linear(te.create_prim_func([x, w, s, ws, *([b] if bias else []), y]))
+    return tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(HOST))
+
+
+@pytest.mark.parametrize("kind,rows,bias", [("host", 1, False), ("host", 24, True), ("generic", 6, True)])
+def test_kernel_is_the_integer_scheme(kind, rows, bias):
+    """The library's integers are the reference's: the outputs agree to the float rounding of the rescale."""
+    from edgeq.core.plan import TensorPlan
+    from edgeq.targets.tvm.ops import weight_arrays
+
+    kind = dot_kind(HOST) if kind == "host" else kind
+    rng = np.random.default_rng(0)
+    k_dim, n_dim = 96, 48
+    x = rng.standard_normal((rows, k_dim)).astype(np.float32)
+    if rows > 1:
+        x[-1] = 0.0                                                # an all-zero row: scale 1, the bias alone
+    w = rng.standard_normal((n_dim, k_dim)).astype(np.float32)
+    bvec = rng.standard_normal(n_dim).astype(np.float32)
+    stored = [a for _, a in weight_arrays("w", w, TensorPlan(format="int8_dyn_rows"))]
+    lib = _kernel(rows, k_dim, n_dim, kind, bias)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((rows, n_dim), np.float32), dev)
+    lib(*(tvm.runtime.tensor(a, dev) for a in [x, *stored, *([bvec] if bias else [])]), out)
+    ref = int8_dyn_rows_matmul(x, w) + (bvec if bias else 0)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-6, atol=1e-5)
+    assert np.abs(ref - x @ w.T - (bvec if bias else 0)).max() > 1e-3    # not the float product
+
+
+def _count(lib_path, objdump: str, mnemonic: str) -> int:
+    text = subprocess.run([objdump, "-d", str(lib_path)], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in text.splitlines() if f"\t{mnemonic}" in line or f" {mnemonic} " in line)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from edgeq.models.recipes.synthetic import write_bert_folder
+
+    return write_bert_folder(tmp_path_factory.mktemp("tinybert-dot") / "tiny-bert")
+
+
+def test_encoder_matches_reference_integer_scheme(tiny, tmp_path):
+    """The exported library against the reference executor running the same integers: every linear per-row
+    quantized (edits), the word table's int8 rows dequantized."""
+    from edgeq import runtime
+    from edgeq.importers.hf_bert import encoder_tokenizer
+
+    out = tmp_path / "b"
+    export(ExportOptions(model=str(tiny), backend="tvm", quant="int8-dyn", out=str(out)))
+    m = json.loads((out / "manifest.json").read_text())
+    tensors = m["plan"]["tensors"]
+    dyn = [n for n, t in tensors.items() if t["format"] == "int8_dyn_rows"]
+    assert len(dyn) >= 6 and tensors[names.WORD_EMBED]["format"] == "int8_wo"
+    graph = import_hf_folder(tiny)
+    tok = encoder_tokenizer(graph)
+    ids = [tok.encode(t).ids for t in ("The capital of France is Paris.", "ok", "a function returns a value")]
+    edits = {}
+    for n in dyn:
+        w, b = graph.weights[n].numpy(), graph.weights[n.removesuffix(".weight") + ".bias"].numpy()
+        edits[n] = lambda x, y, w=w, b=b: int8_dyn_rows_matmul(x, w) + b
+    ex = Executor(graph, edits=edits)
+    ex._weights[names.WORD_EMBED] = int8_dequantized_rows(graph.weights[names.WORD_EMBED].numpy())
+    ref = np.stack([ex.embed(i) for i in ids])
+    flt = np.stack([Executor(graph).embed(i) for i in ids])
+    with runtime.load(out) as s:
+        got = np.stack([s.embed_ids([i])[0] for i in ids])
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+    assert cosines(flt, got).min() >= 0.99
+    assert np.abs(got - flt).max() > 10 * np.abs(got - ref).max()        # closer to its scheme than to float
+    if dot_kind(HOST) == "vnni":
+        assert _count(out / "model.so", "objdump", "vpdpbusd") > 0
+
+
+def test_linux_arm64_build_has_sdot(tiny, tmp_path):
+    """linux-arm64 (armv8.2-a+dotprod): the int8-dyn library's linears run on `sdot`; the float-compute int8
+    preset has none (its kernels widen the weights to float)."""
+    if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("aarch64-linux-gnu-objdump")):
+        pytest.skip("no aarch64 cross toolchain (g++-aarch64-linux-gnu, binutils-aarch64-linux-gnu)")
+    assert "+dotprod" in resolve_target(get_profile("linux-arm64"))["mattr"]
+    counts = {}
+    for quant in ("int8-dyn", "int8"):
+        export(ExportOptions(model=str(tiny), backend="tvm", quant=quant, target="linux-arm64",
+                             out=str(tmp_path / quant)))
+        counts[quant] = _count(tmp_path / quant / "model.so", "aarch64-linux-gnu-objdump", "sdot")
+    assert counts["int8-dyn"] >= 16 and counts["int8"] == 0, counts
+
+
+def test_decoder_prefill_and_decode_match_reference_integer_scheme():
+    """A small Llama with every linear int8_dyn_rows (the tied head on the int8_wo table): prefill and one-token
+    decode (static one-row kernels) against the reference executor running the same integers."""
+    from tvm.runtime.vm import VirtualMachine
+
+    from edgeq.core.plan import Plan, TensorPlan
+    from edgeq.models import llama
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.targets.tvm.build import compile_module
+    from edgeq.targets.tvm.lower import lower_tvm
+
+    graph = random_llama(tiny_config(vocab_size=320, hidden_size=64, intermediate_size=96, n_layers=2, head_dim=16,
+                                     context_length=128, n_heads=4, n_kv_heads=2, tied_embeddings=True,
+                                     attention_bias=True), seed=4, scale=0.08)
+    tensors = {n: TensorPlan(format="int8_dyn_rows" if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()}
+    tensors[names.EMBED] = TensorPlan(format="int8_wo")
+    lowered = lower_tvm(graph, Plan(tensors=tensors), dot=dot_kind(HOST))
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
+    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
+    cfg = graph.config
+    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+            for _ in range(2 * cfg.n_layers)]
+    ids = np.arange(5, 26)
+    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
+    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
+    got = np.concatenate([out[0].numpy(), step[0].numpy()])
+
+    arrays = {n: t.numpy() for n, t in graph.weights.items()}
+    arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])
+    deq = llama.graph_from_arrays(cfg, arrays)
+    edits = {}
+    for n, t in graph.weights.items():
+        if len(t.shape) == 2 and n != names.EMBED:
+            b = arrays.get(n.removesuffix(".weight") + ".bias")
+            edits[n] = lambda x, y, w=arrays[n], b=b: int8_dyn_rows_matmul(x, w) + (0 if b is None else b)
+    ref = Executor(deq, edits=edits).logits(ids)
+    flt = Executor(deq).logits(ids)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 2e-4 * scale
+    assert np.abs(flt - ref).max() > 10 * np.abs(got - ref).max()
