@@ -11,15 +11,14 @@ and 193 MiB every time. A no-op where the C library has no `malloc_trim` (musl, 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 
 
 @functools.cache
 def _malloc_trim():
-    name = ctypes.util.find_library("c")
+    """glibc's malloc_trim among the symbols the process already has (no library search, which runs ldconfig)."""
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
 

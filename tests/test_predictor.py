@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import edgeq
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
@@ -39,13 +38,6 @@ from edgeq.predictor.workload import FUSED_QKV, decoder_workload, encoder_worklo
 
 PROFILE = Path(__file__).parent / "data" / "latency_profile_gguf_quick.json"
 ENCODER_PROFILE = Path(__file__).parent / "data" / "latency_profile_onnx_encoder_quick.json"
-
-
-def edgeq(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"edgeq {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")

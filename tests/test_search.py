@@ -10,12 +10,11 @@ status 2. How well the accuracy predictor ranks configurations is measured by be
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_run import edgeq
 
 from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
@@ -29,13 +28,6 @@ PROFILE = Path(__file__).parent / "data" / "latency_profile_gguf_quick.json"
 # the tiny decoder's uniform q4_0 plan predicts about 0.554 ms a decode step on this profile, f16 0.621 ms
 LIMIT_MS = 0.58
 SMALL = SearchSettings(population=12, generations=4, cheap_labels=200, expensive_labels=2, finalists=1, seed=3)
-
-
-def edgeq(*args, check=True, env=None):
-    r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True, env=env)
-    if check and r.returncode != 0:
-        raise AssertionError(f"edgeq {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r
 
 
 @pytest.fixture

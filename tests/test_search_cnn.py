@@ -11,11 +11,10 @@ beats uniform slimming is measured by bench/search_cnn.py, not here.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from cli_run import edgeq
 
 from edgeq import api
 from edgeq.compile.search_cnn import CnnSearchOptions, SubnetModels, TableSettings, measure_table, run_search
@@ -29,13 +28,6 @@ from edgeq.predictor.cnn_table import CnnLatencyTable
 
 TINY = SearchSettings(population=8, generations=3, cheap_labels=24, expensive_labels=2, finalists=1, seed=5)
 TABLE = TableSettings(fit=6, held=2, rounds=2, per_round=5)
-
-
-def edgeq(*args, check=True):
-    r = subprocess.run([sys.executable, "-m", "edgeq.cli", *map(str, args)], capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"edgeq {' '.join(map(str, args))} failed ({r.returncode}): {r.stderr[-2000:]}")
-    return r
 
 
 @pytest.fixture(scope="module")

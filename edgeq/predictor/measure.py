@@ -122,8 +122,7 @@ def _merge_ops(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "weights_us": {w: round(float(np.median([s["weights_us"][w] for s in summaries if w in s["weights_us"]])), 2)
                        for w in weights},
-        "weights_rows": {w: int(max(s.get("weights_rows", {}).get(w, 0) for s in summaries)) for w in weights
-                         if any(w in s.get("weights_rows", {}) for s in summaries)},
+        "weights_rows": {w: r for s in summaries for w, r in s.get("weights_rows", {}).items()},
         "ops_us": {o: [int(np.median([s["ops_us"][o][0] for s in summaries if o in s["ops_us"]])),
                        round(float(np.median([s["ops_us"][o][1] for s in summaries if o in s["ops_us"]])), 2)]
                    for o in ops},
