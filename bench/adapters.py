@@ -11,8 +11,8 @@ written for SmolLM2 (its float weights: the shipped Q4_1 dequantized). Per backe
   switch to each adapter (reading its file) and later switches between them, median of `--rounds`;
 - decode tokens/s: the separate base with adapter A applied, the merged bundle, and the separate base with no
   adapter, interleaved round by round (`--tokens` decoded after a short prompt, median);
-- resident memory: RSS after loading the base, after applying A, after A and B (read in a fresh process per
-  backend), against the adapters' file sizes;
+- resident memory: RSS after loading the base, after applying A, after A and B, after B alone, after the base
+  again (read in a fresh process per backend, see `rss_probe`), against the adapters' file sizes;
 - TVM only, SHiRA (PEFT layout, r·(in+out) random entries per weight: a rank-r LoRA's parameter count) on an f16
   base beside LoRA A: fidelity against its merged float model, first switch, later switches, back to the base.
 
@@ -144,19 +144,23 @@ def rss_bytes() -> int:
 
 
 def rss_probe(bundle: str, backend: str, threads: int) -> dict[str, int]:
-    """Run in a fresh process: RSS after the base, after adapter A, after A and B (and their logits computed)."""
+    """Run in a fresh process: resident memory after the base, after adapter A, after A and B together, after B
+    alone and after the base again, each after two 64-token logits calls (TVM's allocator pool settles on the
+    second) and after returning the heap this probe's own dropped logits arrays left (`*_untrimmed`: before)."""
     from edgeq import runtime
+    from edgeq.runtime.memory import release_freed_heap
 
     ids = list(range(100, 164))
+    out = {}
     s = runtime.load(bundle, backend=backend, threads=threads, verify=False)
-    s.logits(ids)
-    out = {"base": rss_bytes()}
-    s.set_adapters(["A"])
-    s.logits(ids)
-    out["A"] = rss_bytes()
-    s.set_adapters(["A", "B"])
-    s.logits(ids)
-    out["A+B"] = rss_bytes()
+    for key, choice in (("base", None), ("A", ["A"]), ("A+B", ["A", "B"]), ("B", ["B"]), ("base again", {})):
+        if choice is not None:
+            s.set_adapters(choice)
+        s.logits(ids)
+        s.logits(ids)
+        out[key + "_untrimmed"] = rss_bytes()
+        release_freed_heap()
+        out[key] = rss_bytes()
     s.close()
     return out
 
@@ -258,7 +262,12 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
         rss = json.loads(probe.stdout.strip().splitlines()[-1])
         row["rss_bytes"] = rss
         row["rss_growth_over_file"] = {"A": (rss["A"] - rss["base"]) / files["A"],
-                                       "B": (rss["A+B"] - rss["A"]) / files["B"]}
+                                       "B": (rss["A+B"] - rss["A"]) / files["B"],
+                                       "B alone after A+B": (rss["B"] - rss["base"]) / files["B"],
+                                       "base again, both read": (rss["base again"] - rss["base"])
+                                       / (files["A"] + files["B"]),
+                                       "A, untrimmed": (rss["A_untrimmed"] - rss["base_untrimmed"]) / files["A"],
+                                       "B, untrimmed": (rss["A+B_untrimmed"] - rss["A_untrimmed"]) / files["B"]}
     else:
         row["rss_error"] = probe.stderr.strip().splitlines()[-1:]
     if backend == "tvm" and "S" in ads:

@@ -89,7 +89,7 @@ class Session:
         """Apply exactly these adapters over the base, switching without reloading it: names (each with its
         default scale, or `NAME:WEIGHT`) or {name: weight} (None: the default scale); several add their deltas,
         as PEFT and llama.cpp do; `{}` or None gives the base model. Each adapter file is checked against the
-        manifest's SHA-256 when it is first read. The KV cache starts afresh."""
+        manifest's SHA-256 whenever it is read. The KV cache starts afresh."""
         chosen = self._resolve_adapters(adapters)
         if chosen == self._adapters:
             return
@@ -100,6 +100,7 @@ class Session:
         switch(list(chosen.items()),
                lambda name: verified_file(self.bundle, self.manifest, avail[name]["path"], f"adapter {name}"))
         self._adapters = chosen
+        release_freed_heap()        # the file's staging copies and the previous choice's arrays
 
     def _resolve_adapters(self, adapters: AdapterChoice) -> dict[str, float]:
         avail = self.available_adapters

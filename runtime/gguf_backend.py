@@ -146,6 +146,7 @@ class LlamaCppBackend:
         scales = (ctypes.c_float * n)(*(s for _, s in pairs)) if n else None
         if lib.llama_set_adapters_lora(self.ctx.ctx, handles, n, scales):
             raise BundleError(None, "llama.cpp refused the adapters")
+        self.ctx.graph_changed = True         # llama.cpp reserves the graph again in the next decode
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")

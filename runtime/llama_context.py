@@ -17,6 +17,7 @@ import ctypes
 import numpy as np
 
 from edgeq.core.errors import RequestError
+from edgeq.runtime.memory import release_freed_heap
 
 
 class LlamaContext:
@@ -43,6 +44,7 @@ class LlamaContext:
         self._pos = np.ctypeslib.as_array(b.pos, shape=(self.n_batch,))
         self._want = np.ctypeslib.as_array(b.logits, shape=(self.n_batch,))
         self.n_past = 0                            # tokens in the KV cache
+        self.graph_changed = False                 # see `_decode`
 
     @property
     def threads(self) -> int:
@@ -102,6 +104,12 @@ class LlamaContext:
     def _decode(self) -> None:
         rc = self.lib.llama_decode(self.ctx, self.batch)
         if rc == 0:
+            if self.graph_changed:
+                # a new set of LoRA adapters: llama.cpp reserved a new graph in this decode, freeing the old
+                # compute buffers into the C heap, where glibc keeps them mapped (measured: 14 MiB more resident
+                # than after returning them, 0.7x a 19 MiB adapter's file)
+                self.graph_changed = False
+                release_freed_heap()
             return
         if rc == 1:
             raise RequestError(f"llama.cpp found no room in the KV cache for {self.batch.n_tokens} more tokens "

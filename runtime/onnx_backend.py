@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.core.errors import RequestError
-from edgeq.runtime.lora import checked_factors
-from edgeq.runtime.manifest import BundleError, listed_path
+from edgeq.runtime.lora import LoraFactorStore, checked_factors
+from edgeq.runtime.manifest import BundleError, listed_path, lora_adapters
 from edgeq.runtime.onnx_slice import slice_mlp
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.text_io import SentenceEmbedding, TokenizerText
@@ -32,7 +32,8 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
                  pruning=None):
     model = listed_path(bundle, manifest, art["path"], "model")
     if pruning is None:
-        return OnnxDecoderBackend(model, spec, n_ctx=n_ctx, threads=threads)
+        return OnnxDecoderBackend(model, spec, n_ctx=n_ctx, threads=threads,
+                                  arena=not lora_adapters(manifest, NAME))
     recipe = (manifest.get("onnx") or {}).get("pruning")
     if not recipe:
         raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
@@ -60,10 +61,15 @@ def model_op_latency(session, args: dict, threads: int) -> dict:
     return timed(session, args, threads, session_options)
 
 
-def session_options(threads: int = 1, spinning: bool = False):
+def session_options(threads: int = 1, spinning: bool = False, arena: bool = True):
+    """The runtime's session settings. `arena=False`: tensors from the C heap instead of onnxruntime's CPU arena,
+    which keeps the most any run needed and grows by powers of two. Measured on an int4 SmolLM2 with LoRA inputs
+    (a 256-token prompt, bench/adapters.py's probe): feeding a rank-16 adapter grew the arena by 58 MiB, three
+    times the adapter's file; without the arena 3 MiB, and decode and prefill as fast, interleaved."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.intra_op_num_threads = max(1, int(threads))
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -73,10 +79,10 @@ def session_options(threads: int = 1, spinning: bool = False):
     return so
 
 
-def open_session(model_path: str | os.PathLike, threads: int = 1, spinning: bool = False):
+def open_session(model_path: str | os.PathLike, threads: int = 1, spinning: bool = False, arena: bool = True):
     import onnxruntime as ort
 
-    return ort.InferenceSession(os.fspath(model_path), session_options(threads, spinning),
+    return ort.InferenceSession(os.fspath(model_path), session_options(threads, spinning, arena),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -147,11 +153,13 @@ class OnnxDecoderBackend(TokenizerText):
 
     name = "onnx"
 
-    def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False):
+    def __init__(self, model_path: str | os.PathLike, spec, n_ctx: int, threads: int = 1, spinning: bool = False,
+                 arena: bool = True):
+        """`arena=False` for a graph fed LoRA adapters (see `session_options`)."""
         import onnxruntime as ort
 
         self.model_path = os.fspath(model_path)
-        self.session = open_session(model_path, threads, spinning)
+        self.session = open_session(model_path, threads, spinning, arena)
         self.n_ctx = n_ctx
         self.spec = spec
         self.tok = build_tokenizer(spec)
@@ -169,7 +177,7 @@ class OnnxDecoderBackend(TokenizerText):
             if i.name.endswith(".lora_B") and i.name[: -len(".lora_B")] in self.lora_shapes:
                 w = i.name[: -len(".lora_B")]
                 self.lora_shapes[w] = (self.lora_shapes[w][0], int(i.shape[1]))
-        self._lora_files: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self._lora = LoraFactorStore(self._read_adapter)
         self.lora_feeds: dict[str, np.ndarray] = {}
         self._io = self.session.io_binding()
         self._ones = np.ones((1, n_ctx), np.int64)                       # attention masks and positions: views
@@ -179,24 +187,13 @@ class OnnxDecoderBackend(TokenizerText):
         self.reset()
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
-        """Feed these adapters (name, scale) to the graph's LoRA inputs: per weight, the active adapters' A
-        stacked along the rank and their B·scale likewise, so their deltas add; rank 0 where none applies.
-        Each file is read once (`open_file` checks it against the manifest)."""
-        for name, _ in chosen:
-            if name not in self._lora_files:
-                self._lora_files[name] = self._read_adapter(open_file(name))
+        """Feed these adapters (name, scale) to the graph's LoRA inputs (runtime/lora.py's LoraFactorStore: one
+        adapter its file's arrays, several their factors side by side, so their deltas add); the graph's rank-0
+        defaults where none applies. `open_file` checks a file against the manifest each time it is read."""
         if chosen and not self.lora_shapes:
             raise BundleError(None, "this ONNX model has no LoRA inputs (not exported with --adapter-mode separate)")
         feeds = {}
-        for w, (n_in, n_out) in self.lora_shapes.items():
-            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
-            if not parts:      # the graph's own rank-0 defaults
-                continue
-            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own arrays: no copy
-                a, b = parts[0][0]
-            else:
-                a = np.ascontiguousarray(np.concatenate([f[0] for f, _ in parts], 1))
-                b = np.ascontiguousarray(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
+        for w, (a, b) in self._lora.select(chosen, open_file).items():
             feeds[f"{w}.lora_A"], feeds[f"{w}.lora_B"] = a, b
         self.lora_feeds = feeds
         self.reset()

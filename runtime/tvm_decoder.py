@@ -16,20 +16,10 @@ import numpy as np
 
 from edgeq.core.errors import RequestError
 from edgeq.runtime.arrays import read_arrays
-from edgeq.runtime.lora import checked_factors
+from edgeq.runtime.lora import LoraFactorStore, aligned_copy, checked_factors
 from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
-
-
-def _aligned(arr: np.ndarray, alignment: int = 64) -> np.ndarray:
-    """A C-contiguous copy of `arr` whose data starts on an `alignment`-byte boundary (TVM shares such memory
-    through DLPack instead of copying it)."""
-    buf = np.empty(arr.nbytes + alignment, np.uint8)
-    start = (-buf.ctypes.data) % alignment
-    out = buf[start:start + arr.nbytes].view(arr.dtype).reshape(arr.shape)
-    out[...] = arr
-    return out
 
 
 class TvmDecoderBackend(TokenizerText):
@@ -52,25 +42,28 @@ class TvmDecoderBackend(TokenizerText):
                                             int(session.params[index[n[:-1] + "b"]].shape[1]))
                      for n, i in index.items() if n.endswith(".lora_a") and n[:-1] + "b" in index}
         self._base_lora = {w: (session.params[i], session.params[j]) for w, (i, j, _, _) in self.lora.items()}
-        self._lora_files: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}
-        self._sparse: set[str] = set()             # adapters read so far that are SHiRA (sparse, in place)
+        self._lora = LoraFactorStore(lambda path: self._read_lora(path, read_arrays(path)))
+        self._sparse: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}   # SHiRA adapters read so far (in place)
+        self._read_names: set[str] = set()          # every adapter read so far (SHiRA or LoRA)
         self._applied: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (flat view, positions, old values)
         self.reset()
 
     def set_adapters(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> None:
-        """Pass these adapters (name, scale) as the library's LoRA parameters: per weight, the active adapters' A
-        stacked along the rank and their B·scale likewise (their deltas add); the params file's zeros where none
-        applies. SHiRA adapters are added in place to their weights (the values they overwrite kept, and put
-        back first). The library is not rebuilt or reloaded. Each file is read once (`open_file` checks it)."""
+        """Pass these adapters (name, scale) as the library's LoRA parameters (runtime/lora.py's LoraFactorStore:
+        one adapter its file's arrays, several their factors side by side, so their deltas add); the params
+        file's zeros where none applies. SHiRA adapters are added in place to their weights (the values they
+        overwrite kept, and put back first). The library is not rebuilt or reloaded. `open_file` checks a file
+        against the manifest each time it is read."""
         for name, _ in chosen:
-            if name not in self._lora_files:
-                self._lora_files[name] = self._read_adapter(open_file(name), name)
+            if name not in self._read_names:
+                self._read_adapter(open_file(name), name)
         sparse = [(n, s) for n, s in chosen if n in self._sparse]
         chosen = [(n, s) for n, s in chosen if n not in self._sparse]
-        plan = [self._sparse_plan(self._lora_files[n], s) for n, s in sparse]   # every check before any write
+        plan = [self._sparse_plan(self._sparse[n], s) for n, s in sparse]   # every check before any write
         if chosen and not self.lora:
             raise BundleError(None, "this TVM library has no LoRA parameters (not exported with --adapter-mode "
                                     "separate)")
+        factors = self._lora.select(chosen, open_file)
         for flat, pos, old in reversed(self._applied):      # the base's own values back, exactly
             flat[pos] = old
         self._applied = []
@@ -80,16 +73,11 @@ class TvmDecoderBackend(TokenizerText):
                 flat[pos] = (old.astype(np.float32) + add).astype(flat.dtype)
                 self._applied.append((flat, pos, old))
         for w, (i, j, _, _) in self.lora.items():
-            parts = [(self._lora_files[n][w], scale) for n, scale in chosen if w in self._lora_files[n]]
-            if not parts:
+            a, b = factors.get(w, (None, None))
+            if a is None:
                 self.session.params[i], self.session.params[j] = self._base_lora[w]
-                continue
-            if len(parts) == 1 and parts[0][1] == 1.0:       # the file's own (aligned) arrays, shared: no copy
-                a, b = parts[0][0]
-            else:
-                a = _aligned(np.concatenate([f[0] for f, _ in parts], 1))
-                b = _aligned(np.concatenate([f[1] * np.float32(scale) for f, scale in parts], 0))
-            self.session.params[i], self.session.params[j] = self._device(a), self._device(b)
+            else:       # on this machine's CPU the arrays themselves (aligned), shared with the VM: no copy
+                self.session.params[i], self.session.params[j] = self._device(a), self._device(b)
         self.reset()
 
     def _device(self, arr: np.ndarray):
@@ -106,18 +94,23 @@ class TvmDecoderBackend(TokenizerText):
         an in-place change), the positions and the values to add."""
         return [(flat, pos, add * np.float32(scale)) for flat, pos, add in entries.values()]
 
-    def _read_adapter(self, path: Path, name: str) -> dict[str, tuple[np.ndarray, ...]]:
-        """An adapter's safetensors: LoRA factors checked against the library's LoRA parameters, or a SHiRA
-        adapter's entries against the weights they change (f32 or f16 parameters, on this machine's memory)."""
+    def _read_adapter(self, path: Path, name: str) -> None:
+        """An adapter's safetensors, read the first time it is chosen: a SHiRA adapter's entries checked against
+        the weights they change (f32 or f16 parameters, on this machine's memory), kept; LoRA factors checked
+        against the library's LoRA parameters, handed to the factor store."""
         arrays = read_arrays(path)
         keys = list(arrays)
         if keys and all(".shira_" in k for k in keys):
-            out = self._read_sparse(path, arrays)
-            self._sparse.add(name)
-            return out
+            self._sparse[name] = self._read_sparse(path, arrays)
+        else:
+            self._lora.add(name, self._read_lora(path, arrays))
+        self._read_names.add(name)
+
+    def _read_lora(self, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         shapes = {w: (n_in, n_out) for w, (_, _, n_in, n_out) in self.lora.items()}
         factors = checked_factors(path, arrays, shapes, ("a", "b"))
-        return {w: (_aligned(a), _aligned(b)) for w, (a, b) in factors.items()}
+        arrays.clear()
+        return {w: (aligned_copy(a), aligned_copy(b)) for w, (a, b) in factors.items()}
 
     def reset(self) -> None:
         import tvm
