@@ -22,10 +22,11 @@ import tvm
 from tvm import s_tir, tirx
 
 from edgeq.targets.tvm.dot import kernel_kind, schedule_dot_linear
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, LORA_PREFIX
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 ROWS = 4
+TILE_LANES = 4  # vectors of outputs a LoRA delta tile keeps in registers
 OPAQUE = 8      # relax OpPatternKind.kOpaque
 
 
@@ -183,6 +184,44 @@ def _gemv_group_sums(sch, part, group_loop, vec: int):
     return ko
 
 
+def schedule_lora(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The two kernels of a LoRA branch (ops.emit_lora_slot), whose rank is symbolic. x·A: the rank innermost, so
+    each input reads one row of A contiguously into the rank's sums (a runtime-length loop LLVM vectorizes); as
+    written, each of the rank's sums walked a column of A (stride r). (x·A)·B: the outputs in tiles of
+    TILE_LANES·vec held in registers across the rank, each row of B read contiguously, vectorized."""
+    sch = s_tir.Schedule(func)
+    try:
+        blk = sch.get_sblock("lora_xa")
+    except Exception:       # the (x·A)·B kernel
+        blk = None
+    if blk is not None:
+        *lead, c, k = sch.get_loops(blk)
+        i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        sch.reorder(i, k, c)
+        sch.parallel(i)
+        sch.decompose_reduction(blk, k)
+    else:
+        blk = sch.get_sblock("lora_delta")
+        *lead, c, j = sch.get_loops(blk)
+        i = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        extent = sch.get(c).extent
+        vec = _vec(extent)
+        lanes = next((t for t in (TILE_LANES, 2) if isinstance(extent, tvm.tirx.IntImm)
+                      and int(extent) % (t * vec) == 0), 1)
+        co, cj, ci = sch.split(c, [None, lanes, vec])
+        sch.reorder(i, co, j, cj, ci)
+        acc = sch.cache_write(blk, 0, "local")
+        sch.reverse_compute_at(acc, co)
+        sch.unroll(cj)
+        if vec > 1:
+            sch.vectorize(ci)
+            *_, acc_ci = sch.get_loops(acc)
+            sch.vectorize(acc_ci)
+        sch.parallel(sch.fuse(i, co))
+        sch.decompose_reduction(blk, j)
+    return sch.mod["main"].with_attr("op_pattern", OPAQUE)
+
+
 def _parallel_rows(sch, blk, keep: int) -> None:
     """Fuse all but the last `keep` loops of a block and run them in parallel."""
     loops = sch.get_loops(blk)
@@ -222,6 +261,8 @@ def ScheduleLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     for gv, f in mod.functions.items():
         if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LINEAR_PREFIX):
             updates[gv] = schedule_linear(f, packed_pairs=gv.name_hint.endswith("int4_g32"))
+        elif isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LORA_PREFIX):
+            updates[gv] = schedule_lora(f)
         elif isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(ATTENTION_PREFIX):
             updates[gv] = schedule_attention(f, "scores" if gv.name_hint.startswith(ATTENTION_PREFIX + "scores")
                                              else "context")
