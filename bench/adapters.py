@@ -239,6 +239,7 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
     s.close()
     row["first_token_after_switch"] = median_ms(token_after_switch)
     row["first_token_no_switch"] = median_ms(token)
+    row.update(combination_switch_times(b["sep_q4"], backend, args.rounds, args.threads))
 
     prompt = list(range(200, 232))
     sessions = {"separate+A": runtime.load(b["sep_q4"], backend=backend, threads=args.threads, adapters=["A"]),
@@ -274,6 +275,27 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
         row["shira"] = bench_shira(base, ads, work, refs, args)
     log(f"{backend}: {json.dumps({k: row[k] for k in ('load_base', 'switch', 'decode_tok_s')})}")
     return row
+
+
+def combination_switch_times(bundle: Path, backend: str, rounds: int, threads: int) -> dict[str, Any]:
+    """Switching from A alone to A and B together (their factors combined in new arrays) and back to A alone
+    (ONNX and TVM read and hash-check A's file again: the combination held its bytes)."""
+    from edgeq import runtime
+
+    to_both, back = [], []
+    s = runtime.load(bundle, backend=backend, threads=threads, verify=False)
+    s.set_adapters(["A"])
+    s.set_adapters(["B"])
+    for _ in range(rounds):
+        s.set_adapters(["A"])
+        t0 = time.perf_counter()
+        s.set_adapters(["A", "B"])
+        to_both.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        s.set_adapters(["A"])
+        back.append(time.perf_counter() - t0)
+    s.close()
+    return {"switch_to_A+B": median_ms(to_both), "switch_A+B_to_A": median_ms(back)}
 
 
 def bench_shira(base: Path, ads: dict[str, Path], work: Path, refs: dict[str, ReferenceCache],
@@ -363,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shira-switch-only", action="store_true",
                     help="only time the TVM LoRA/SHiRA switches again on the bundle of an earlier run (--work), into "
                          "the JSON's rows[tvm].shira_switch_rerun")
+    ap.add_argument("--combination-only", action="store_true",
+                    help="only time the switches to A+B and back to A again on the bundles of an earlier run (--work), "
+                         "into the JSON's rows")
     ap.add_argument("--rss-probe", nargs=3, metavar=("BUNDLE", "BACKEND", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_probe:
@@ -376,6 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         next(r for r in result["rows"] if r["backend"] == "tvm")["shira_switch_rerun"] = times
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(times))
+        return 0
+    if args.combination_only:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        for row in result["rows"]:
+            if row["backend"] in args.backends.split(","):
+                row.update(combination_switch_times(Path(args.work) / f"{row['backend']}-sep-{row['q4_preset']}",
+                                                    row["backend"], args.rounds, args.threads))
+                print(json.dumps({k: row[k] for k in ("backend", "switch_to_A+B", "switch_A+B_to_A")}))
+        out.write_text(json.dumps(result, indent=1) + "\n")
         return 0
     from edgeq.core.executor import Executor
     from edgeq.importers.hf import import_hf
