@@ -153,12 +153,14 @@ def export_module(module, example, out: str | os.PathLike, quant: str | None = N
 
 
 def chat(bundle: str | os.PathLike, system: str | None = None, max_tokens: int = 512, backend: str | None = None,
-         threads: int | None = None, n_ctx: int | None = None, device: str | None = None, **sampling) -> int:
+         threads: int | None = None, n_ctx: int | None = None, device: str | None = None, adapters=None,
+         **sampling) -> int:
     """`edgeq chat`: a conversation with a decoder bundle on this terminal (stdin/stdout); returns the number of
-    replies. Sampling settings are `edgeq.runtime.SamplingParams` keywords."""
+    replies. Sampling settings are `edgeq.runtime.SamplingParams` keywords; `adapters` the bundle's LoRA adapters
+    to apply (`runtime.load`'s)."""
     if sys.stdin.isatty():
         import readline  # noqa: F401  (line editing and history for input())
-    with runtime.load(bundle, backend=backend, threads=threads, n_ctx=n_ctx, device=device) as s:
+    with runtime.load(bundle, backend=backend, threads=threads, n_ctx=n_ctx, device=device, adapters=adapters) as s:
         if not hasattr(s, "stream"):
             raise EdgeqError(bundle, "edgeq chat needs a decoder bundle")
         if sys.stdin.isatty():

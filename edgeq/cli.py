@@ -176,9 +176,8 @@ def cmd_run(a) -> int:
                 print(json.dumps({"backend": s.backend_name,
                                   "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}))
         return 0
-    use = runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None
     with runtime.load(a.bundle, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device,
-                      pruning_rate=a.pruning_rate, adapters=use) as s:
+                      pruning_rate=a.pruning_rate, adapters=_use_adapters(a)) as s:
         if getattr(s, "kind", None) == "encoder":   # the sentence's embedding, and on tvm its latency
             res = {"backend": s.backend_name, "embedding": [round(float(x), 6) for x in s.embed(a.prompt)]}
             if hasattr(s, "time"):
@@ -202,16 +201,20 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _use_adapters(a) -> dict[str, float | None] | None:
+    return runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None
+
+
 def cmd_chat(a) -> int:
     api.chat(a.bundle, system=a.system, max_tokens=a.max_tokens, backend=a.backend, threads=a.threads,
-             n_ctx=a.n_ctx, device=a.device, **_sampling(a))
+             n_ctx=a.n_ctx, device=a.device, adapters=_use_adapters(a), **_sampling(a))
     return 0
 
 
 def cmd_serve(a) -> int:
     api.serve(a.bundle, host=a.host, port=a.port, api_key=a.api_key, queue_size=a.queue_size,
               model_name=a.model_name, backend=a.backend, threads=a.threads, n_ctx=a.n_ctx, device=a.device,
-              defaults=_sampling(a))
+              defaults=_sampling(a), adapters=_use_adapters(a))
     return 0
 
 
@@ -219,7 +222,7 @@ def cmd_eval(a) -> int:
     res = api.evaluate(a.bundle, text_file=a.text, ctx=a.ctx, chunks=a.chunks, sentences=a.sentences, images=a.images,
                           reference=a.reference, adapters=a.adapter or [], backend=a.backend, threads=a.threads,
                           record=not a.no_record, device=a.device, pruning_rate=a.pruning_rate,
-                          use_adapters=runtime.parse_adapter_choice(a.use_adapter) if a.use_adapter else None,
+                          use_adapters=_use_adapters(a),
                           progress=make_progress(a.quiet))
     if a.json:
         print(json.dumps(res, sort_keys=True))
@@ -351,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
             sp.set_defaults(fn=fn)
         return sp
 
-    def use_adapter_option(sp):
+    def use_adapter_option(sp, what: str = ""):
         sp.add_argument("--use-adapter", action="append", metavar="NAME[:WEIGHT]",
                         help="apply the bundle's separate LoRA adapter NAME (export --adapter-mode separate) with "
-                             "WEIGHT (default weight: its scale in the manifest); repeat to add several (default: "
-                             "none, the base model)")
+                             "WEIGHT (default weight: its scale in the manifest)" + what + "; repeat to add several "
+                             "(default: none, the base model)")
 
     def adapter_option(sp, help_text):
         sp.add_argument("--adapter", action="append", metavar="DIR[:WEIGHT][=NAME]",
@@ -603,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "template's own)")
     ch.add_argument("--max-tokens", type=int, default=512, metavar="N", help="most tokens per reply")
     sampling_options(ch, seed=None)
+    use_adapter_option(ch)
 
     sv = command("serve", "serve a bundle over HTTP with OpenAI's API: /v1/chat/completions, /v1/completions "
                           "(streamed or not), /v1/embeddings, /v1/models, /health",
@@ -620,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model-name", help="the model id clients send (default: the bundle folder's name; the "
                                          "model's own name is accepted too)")
     sampling_options(sv, seed=None, title="sampling for requests that leave it out")
+    use_adapter_option(sv, " for requests that name none (a request's \"adapters\": {\"NAME\": WEIGHT} or "
+                           "[\"NAME[:WEIGHT]\"] chooses its own; {} the base)")
 
     ev = command("eval", "fidelity of a bundle in its runtime vs the float reference",
                  "edgeq eval out/ --json",

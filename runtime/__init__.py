@@ -90,7 +90,7 @@ class Session:
         default scale, or `NAME:WEIGHT`) or {name: weight} (None: the default scale); several add their deltas,
         as PEFT and llama.cpp do; `{}` or None gives the base model. Each adapter file is checked against the
         manifest's SHA-256 whenever it is read. The KV cache starts afresh."""
-        chosen = self._resolve_adapters(adapters)
+        chosen = self.resolve_adapters(adapters)
         if chosen == self._adapters:
             return
         switch = getattr(self.backend, "set_adapters", None)
@@ -102,7 +102,9 @@ class Session:
         self._adapters = chosen
         release_freed_heap()        # the file's staging copies and the previous choice's arrays
 
-    def _resolve_adapters(self, adapters: AdapterChoice) -> dict[str, float]:
+    def resolve_adapters(self, adapters: AdapterChoice) -> dict[str, float]:
+        """A choice of adapters as {name: weight}, checked against the bundle (its names, finite weights) without
+        applying it: what `set_adapters` would apply."""
         avail = self.available_adapters
         if adapters is None:
             return {}

@@ -52,6 +52,7 @@ class GenerationRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     truncate: bool = False
+    adapters: dict[str, float | None] | list[str] | None = None     # edgeq: the bundle's LoRA adapters to apply
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -190,7 +190,10 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
                queue_size: int = DEFAULT_QUEUE, defaults: dict[str, Any] | None = None) -> FastAPI:
     """The server's ASGI app for a loaded bundle (a decoder `Session`, or an encoder session with `embed`).
 
-    `defaults`: sampling settings for fields a request leaves out (SamplingParams names)."""
+    `defaults`: sampling settings for fields a request leaves out (SamplingParams names). A decoder request may
+    name the bundle's separate LoRA adapters to apply (`"adapters": {"NAME": WEIGHT}` or `["NAME[:WEIGHT]"]`,
+    `{}`: the base); one that leaves them out gets those the session was loaded with. Requests run one at a time,
+    so each switches the session (no reload) before it generates."""
     if queue_size < 1:
         raise EdgeqError(None, f"queue size {queue_size} must be at least 1")
     decoder = hasattr(session, "stream")
@@ -198,6 +201,7 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
     if not decoder and not encoder:
         raise EdgeqError(getattr(session, "bundle", None), "edgeq serve needs a decoder or encoder bundle")
     defaults = dict(defaults or {})
+    default_adapters = dict(session.adapters) if decoder else {}
     worker = Worker(session, queue_size)
     fingerprint = f"edgeq-{__version__}-{session.backend_name}"
     names = {model_id, *aliases}
@@ -268,7 +272,8 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "edgeq",
                 "backend": session.backend_name, "kind": "decoder" if decoder else "encoder",
-                **({"n_ctx": session.n_ctx} if decoder else {})}
+                **({"n_ctx": session.n_ctx, "adapters": sorted(session.available_adapters),
+                    "default_adapters": default_adapters} if decoder else {})}
 
     @app.get("/v1/models")
     async def models():
@@ -285,11 +290,16 @@ def create_app(session, model_id: str, *, aliases: tuple[str, ...] = (), api_key
         if len(prompts) * req.n > MAX_CHOICES:
             raise RequestError(f"{len(prompts)} prompts x n {req.n} choices; at most {MAX_CHOICES}", param="n")
         sampling = req.sampling(defaults)
+        try:
+            adapters = default_adapters if req.adapters is None else session.resolve_adapters(req.adapters)
+        except EdgeqError as exc:
+            raise RequestError(str(exc), param="adapters") from None
         seed = sampling.get("seed")
         if seed is None:
             seed = secrets.randbelow(MAX_SEED - MAX_CHOICES)
 
         def work(s, emit, cancelled):
+            s.set_adapters(adapters)
             limit = req.limit()
             for p, prompt in enumerate(prompts):
                 for j in range(req.n):
@@ -438,14 +448,16 @@ async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
 def serve(bundle: str | os.PathLike, host: str = "127.0.0.1", port: int = 8080, *, api_key: str | None = None,
           queue_size: int = DEFAULT_QUEUE, model_name: str | None = None, backend: str | None = None,
           threads: int | None = None, n_ctx: int | None = None, device: str | None = None,
-          defaults: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> None:
+          defaults: dict[str, Any] | None = None, log: Callable[[str], None] | None = None,
+          adapters=None) -> None:
     """Load `bundle` and serve it until interrupted. `port` 0 takes a free port; the address actually bound is
-    logged once the socket is open (`edgeq: serving MODEL at http://HOST:PORT/v1`)."""
+    logged once the socket is open (`edgeq: serving MODEL at http://HOST:PORT/v1`). `adapters`: the bundle's
+    LoRA adapters for requests that name none (`runtime.load`'s)."""
     from edgeq import runtime
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     path = Path(bundle)
-    session = runtime.load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device)
+    session = runtime.load(path, backend=backend, threads=threads, n_ctx=n_ctx, device=device, adapters=adapters)
     name = model_name or path.resolve().name
     aliases = tuple(a for a in (session.manifest["model"].get("name"),) if a)
     app = create_app(session, name, aliases=aliases, api_key=api_key, queue_size=queue_size, defaults=defaults)

@@ -29,8 +29,8 @@ from edgeq.core.plan import Plan
 EDGEQ = [sys.executable, "-m", "edgeq.cli"]
 
 
-def edgeq(*args, timeout=900):
-    return subprocess.run([*EDGEQ, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+def edgeq(*args, timeout=900, input=None):
+    return subprocess.run([*EDGEQ, *map(str, args)], capture_output=True, text=True, timeout=timeout, input=input)
 
 
 def kld(ref, other) -> float:

@@ -142,6 +142,50 @@ def test_cli_run_and_eval_use_adapter(setup, backend, tmp_path):
     assert res["kld_mean"] <= 1e-4 and res["adapters"] == {"chat": 1.0, "sql": 2.0}
 
 
+def test_serve_and_chat_use_adapter(setup):
+    """`edgeq serve --use-adapter`: a request that names no adapters gets the server's, one with "adapters" its
+    own (the session switched per request, not reloaded), {} the base: the runtime's greedy text for each, over
+    a real HTTP client; a bad name is a 400 naming it. `edgeq chat --use-adapter` replies with the adapter on."""
+    import openai
+    from test_server import http, running_server
+
+    bundle = setup["bundles"]["gguf"]
+    prompt = "the cat"
+    choices = {"chat": ["chat"], "sql": {"sql": 1.0}, "base": {}, "both": ["chat:0.5", "sql:1.5"]}
+    with runtime.load(bundle) as s:
+        want = {}
+        for key, choice in choices.items():
+            s.set_adapters(choice)
+            want[key] = s.generate(prompt, max_tokens=8, temperature=0)
+        s.set_adapters(["chat"])
+        chat_reply = s.generate("hi", max_tokens=6, temperature=0, chat=True)
+    assert len(set(want.values())) == len(want)           # the adapters change the text: the check can fail
+    with running_server(bundle, "--use-adapter", "chat") as url:
+        status, models = http(url, "/v1/models")
+        card = models["data"][0]
+        assert status == 200 and card["adapters"] == ["chat", "sql"] and card["default_adapters"] == {"chat": 1.0}
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(**body) -> str:
+            r = client.completions.create(model=card["id"], prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body=body or None)
+            return r.choices[0].text
+
+        assert complete() == want["chat"]
+        for key in ("sql", "base", "both"):
+            assert complete(adapters=choices[key]) == want[key], key
+        assert complete() == want["chat"]                  # back to the server's own choice
+        status, body = http(url, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "adapters": ["nope"]})
+        assert status == 400 and "'nope'" in body["error"]["message"] and body["error"]["param"] == "adapters"
+        status, body = http(url, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "adapters": ["sql:x"]})
+        assert status == 400 and body["error"]["param"] == "adapters"
+        assert complete() == want["chat"]                  # a refused request changed nothing
+    r = edgeq("chat", bundle, "--use-adapter", "chat", "--temperature", "0", "--max-tokens", "6", input="hi\n")
+    assert r.returncode == 0 and chat_reply in r.stdout, r.stderr
+    r = edgeq("chat", bundle, "--use-adapter", "nope", input="hi\n")
+    assert r.returncode == 2 and "'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_q8_0_base_with_adapter_close_to_merged_mode(setup, tmp_path):
     """A quantized base calibrated alone, the adapter applied in float over it: about as close to PEFT's merged
     float model as merging before quantizing (the benchmark measures this on SmolLM2)."""
