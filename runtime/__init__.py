@@ -97,10 +97,16 @@ class Session:
         if switch is None:
             raise BundleError(self.bundle, f"the {self.backend.name} runtime cannot apply separate adapters yet")
         avail = self.available_adapters
-        switch(list(chosen.items()),
-               lambda name: verified_file(self.bundle, self.manifest, avail[name]["path"], f"adapter {name}"))
+        read = []
+
+        def open_file(name: str) -> Path:
+            read.append(name)
+            return verified_file(self.bundle, self.manifest, avail[name]["path"], f"adapter {name}")
+
+        switch(list(chosen.items()), open_file)
+        if read or _combined(chosen) or _combined(self._adapters):
+            release_freed_heap()    # a file's staging copies, a combination's dropped arrays (runtime/lora.py)
         self._adapters = chosen
-        release_freed_heap()        # the file's staging copies and the previous choice's arrays
 
     def resolve_adapters(self, adapters: AdapterChoice) -> dict[str, float]:
         """A choice of adapters as {name: weight}, checked against the bundle (its names, finite weights) without
@@ -239,6 +245,11 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _combined(choice: dict[str, float]) -> bool:
+    """Whether a choice of adapters is fed as a combination built for it (runtime/lora.py's LoraFactorStore)."""
+    return len(choice) > 1 or any(w != 1.0 for w in choice.values())
 
 
 def parse_adapter_choice(items: Iterable[str]) -> dict[str, float | None]:
