@@ -272,6 +272,27 @@ def test_tampered_adapter_file(setup, backend, tmp_path):
         assert s.adapters == {"chat": 1.0}
 
 
+@pytest.mark.parametrize("fed", ["onnx", "tvm"])
+def test_combined_adapters_are_held_once(setup, fed, tmp_path):
+    """Two adapters at once are one combination of their factors, and their own arrays are dropped (each
+    adapter's bytes resident once): choosing one alone again reads and checks its file anew, so a file changed
+    since is refused and the session keeps the combination; unchanged, it gives a fresh load's logits."""
+    b = shutil.copytree(setup["bundles"][fed], tmp_path / "b")
+    with runtime.load(b, adapters=["chat", "sql"]) as s:
+        both = s.logits(IDS)
+        path = b / FILES[fed][1].format("chat")
+        good = path.read_bytes()
+        path.write_bytes(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:])
+        with pytest.raises(BundleError, match="checksum"):
+            s.set_adapters(["chat"])
+        assert s.adapters == {"chat": 1.0, "sql": 0.5} and np.array_equal(s.logits(IDS), both)
+        path.write_bytes(good)
+        s.set_adapters(["chat"])
+        chat = s.logits(IDS)
+    with runtime.load(b, adapters=["chat"]) as fresh:
+        assert np.array_equal(fresh.logits(IDS), chat)
+
+
 def test_adapter_file_for_another_base_in_the_runtime(setup, backend, tmp_path):
     """A bundle whose adapter file (and manifest hash) was replaced by one made for another model: the runtime's
     refusal (llama.cpp's, or the ONNX inputs' shapes) is one line naming the file."""
