@@ -13,6 +13,7 @@ from edgeq.core.errors import RequestError
 from edgeq.runtime.gguf_slice import slice_mlp
 from edgeq.runtime.llama_context import LlamaContext
 from edgeq.runtime.manifest import BundleError, Pruning, listed_path
+from edgeq.runtime.memory import drop_mapped_pages
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.sampling import SamplingParams
 
@@ -86,6 +87,7 @@ class LlamaCppBackend:
                                                         lib.llama_model_default_params())
         if not self.model:
             raise BundleError(model_path, "llama.cpp cannot load this model file")
+        drop_mapped_pages(model_path)             # the repacked tensors' originals: read once, never again
         try:
             self.vocab = lib.llama_model_get_vocab(self.model)
             self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
