@@ -3,7 +3,8 @@
 Each variant runs in a fresh process (`--rounds` times, the order alternated): load with n_ctx 256, a 128-token
 prompt and 16 greedy tokens, then the process's resident memory from /proc/self/status: the total, the anonymous
 part (buffers the runtime allocated: repacked weights, KV cache, compute buffers) and the file-backed part (the
-mapped GGUF pages still resident), minus what the bare interpreter with the library imported already held.
+mapped GGUF pages still resident) and the peak (VmHWM), minus what the bare interpreter with the library
+imported already held.
 Per preset the medians; the CPU's flags and the load. Writes bench/results/resident.json and a bar chart.
 
 Why it matters: llama.cpp maps the file and copies the tensors its kernels repack (x86: Q4_0, Q4_K, IQ4_NL)
@@ -34,7 +35,7 @@ def status():
     d = {}
     for line in open("/proc/self/status"):
         k = line.split(":")[0]
-        if k in ("VmRSS", "RssAnon", "RssFile"):
+        if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             d[k] = int(line.split()[1]) / 1024
     return d
 variant, bundle, model = sys.argv[1:4]
@@ -101,12 +102,13 @@ def main() -> int:
         doc["presets"][preset] = row
         log(f"{preset}: file {file_mb:.1f} MiB; edgeq {row['edgeq']}; llama-cpp-python {row['llama-cpp-python']}")
     doc["load_after"] = os.getloadavg()
-    print("| preset | file MiB | edgeq.runtime MiB (anon + file) | llama-cpp-python MiB (anon + file) | ratio |")
+    print("| preset | file MiB | edgeq.runtime MiB (anon + file); peak | llama-cpp-python MiB (anon + file); peak "
+          "| ratio |")
     print("|---|---|---|---|---|")
     for p, row in doc["presets"].items():
         e, ll = row["edgeq"], row["llama-cpp-python"]
-        print(f"| {p} | {row['file_mib']} | {e['VmRSS']} ({e['RssAnon']} + {e['RssFile']}) | {ll['VmRSS']} "
-              f"({ll['RssAnon']} + {ll['RssFile']}) | {row['edgeq_over_llama_cpp_python']} |")
+        print(f"| {p} | {row['file_mib']} | {e['VmRSS']} ({e['RssAnon']} + {e['RssFile']}); {e['VmHWM']} | "
+              f"{ll['VmRSS']} ({ll['RssAnon']} + {ll['RssFile']}); {ll['VmHWM']} | {row['edgeq_over_llama_cpp_python']} |")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, a.out.with_suffix(".png"))
