@@ -163,9 +163,13 @@ def stage_search(a, work: Path) -> dict[str, Any]:
 
     profile = load_profile(a.latency_profile)
     bundles = {p: export(work, f"preset-{p}", a.latency_profile, quant=p, model=a.model) for p in PRESETS}
-    first = time_bundles({"q4_k_m": bundles["q4_k_m"]}, profile.clock, a.rounds, profile.threads)
-    limit = round(first["q4_k_m"]["decode_ms"], 3)
-    log(f"limit: q4_k_m's measured decode step {limit} ms")
+    if a.limit_ms:
+        limit = a.limit_ms
+        log(f"limit: {limit} ms (--limit-ms)")
+    else:
+        first = time_bundles({"q4_k_m": bundles["q4_k_m"]}, profile.clock, a.rounds, profile.threads)
+        limit = round(first["q4_k_m"]["decode_ms"], 3)
+        log(f"limit: q4_k_m's measured decode step {limit} ms")
     bundles["ilp"] = export(work, f"ilp-{limit:g}ms", a.latency_profile, latency_ms=limit, model=a.model)
     plan = work / f"search-{limit:g}ms.json"
     t0 = time.perf_counter()
@@ -195,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--stage", default="all", choices=["all", "rho", "search", "menus"])
     ap.add_argument("--limit-ms", type=float,
-                    help="rho and menus stages: latency limit (default: the search stage's, else q4_k_m's predicted "
-                         "decode step)")
+                    help="latency limit (default: search stage: q4_k_m's measured decode step; rho and menus: the "
+                         "search stage's, else q4_k_m's predicted decode step)")
     ap.add_argument("--train", type=int, default=20, help="rho: expensive labels the budgets draw from")
     ap.add_argument("--held", type=int, default=20, help="rho: held-out configurations scored")
     ap.add_argument("--budgets", default="5,10,20", help="rho: expensive-label budgets")
