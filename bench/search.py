@@ -16,6 +16,13 @@ limit, all timed together and scored on the held-out evaluation text (KLD agains
     python bench/search.py --latency-profile ~/.cache/edgeq/profiles/XXXX-gguf-t1.json            # both stages
     python bench/search.py --latency-profile P --stage rho --train 20 --held 20 --budgets 5,10,20
 
+Stage `menus` (SpaceEvo's check): every menu (width step x format set) scored by its Q-T score with the cheap
+predictor, as `edgeq search --menu auto` does; `--menus` of them, spread over that ranking, are each searched (the
+same evolution, the cheap predictor, `--population`/`--generations`) and their `--finalists` measured for real; the
+Q-T ranking is compared with the ranking of each menu's best real KLD (Spearman rho), agreeing or not.
+
+    python bench/search.py --latency-profile P --stage menus --menus 4 --finalists 3
+
 Writes bench/results/search.json (and search.png: measured latency vs held-out KLD). Heavy: every expensive label
 is an export and a scoring run (about half a minute each for SmolLM2 on a 2-core machine).
 """
@@ -103,6 +110,51 @@ def stage_rho(a, limit_ms: float, work: Path) -> dict[str, Any]:
             "cheap_label_itself_rho": proxy_rho, "kld_labels": [round(float(v), 6) for v in y], "rows": rows}
 
 
+def stage_menus(a, limit_ms: float, work: Path) -> dict[str, Any]:
+    from edgeq.passes.search import SearchSettings, candidate_plan, evolve
+    from edgeq.passes.search_accuracy import AccuracyPredictor, spearman
+    from edgeq.passes.search_menus import score_menus
+    from edgeq.passes.search_space import Budgets
+
+    space, _anchor, evaluate, c = open_space(a.model, a.latency_profile, limit_ms, work)
+    budgets = Budgets(None, limit_ms)
+    rng = np.random.default_rng(a.seed)
+    pts = [space.random(rng) for _ in range(a.cheap)]
+    cheap = AccuracyPredictor("cheap", seed=a.seed).fit(np.array([space.features(p) for p in pts]),
+                                                        np.array([space.cheap_label(p) for p in pts]), None, None)
+    scored = score_menus(space, cheap.predict, budgets, a.seed)
+    feasible = [(m, sp) for m, sp in scored if m.score > 0]
+    log("menus by Q-T score: " + "; ".join(f"{m.name} {m.score:.4f}" for m, _ in scored))
+    k = min(a.menus, len(feasible))
+    picks = sorted({round(i * (len(feasible) - 1) / max(1, k - 1)) for i in range(k)})
+    settings = SearchSettings(population=a.population, generations=a.generations, seed=a.seed)
+    rows = []
+    for i in picks:
+        m, sp = feasible[i]
+        sp_anchor = sp.feasible_anchor(budgets)
+        seeds = list(dict.fromkeys([sp_anchor] + [u for u in sp.uniform_points() if sp.measures(u).meets(budgets)]))
+
+        def score(cs, sp=sp):
+            return cheap.predict(np.array([sp.features(x) for x in cs]))
+
+        ranked = evolve(sp, score, budgets, seeds, sp_anchor, np.random.default_rng([a.seed, i]), settings)
+        klds = []
+        for j, cand in enumerate(ranked[:a.finalists]):
+            t0 = time.perf_counter()
+            klds.append(evaluate(candidate_plan(c.graph, sp, cand, c.ctx, 0)))
+            log(f"{m.name}: finalist {j + 1}/{a.finalists} KLD {klds[-1]:.4f} ({time.perf_counter() - t0:.0f} s)")
+        best = int(np.argmin(klds))
+        ms = sp.measures(ranked[best])
+        rows.append({"menu": m.name, "qt_rank": i + 1, "score": m.score, "feasible_share": m.feasible_share,
+                     "quality": m.quality, "best_kld": float(klds[best]), "finalist_klds": [float(v) for v in klds],
+                     "best_predicted_ms": ms.latency_ms, "best_mb": ms.bytes / 1e6})
+    rho = spearman(np.array([-r["score"] for r in rows]), np.array([r["best_kld"] for r in rows]))
+    return {"limit_ms": limit_ms, "menus_scored": len(scored), "menus_feasible": len(feasible),
+            "all_scores": [{"menu": m.name, "score": m.score, "feasible_share": m.feasible_share,
+                            "quality": m.quality} for m, _ in scored],
+            "rows": rows, "spearman_qt_vs_best_kld": rho}
+
+
 def stage_search(a, work: Path) -> dict[str, Any]:
     from edgeq.api import search
     from edgeq.compile.options import ExportOptions
@@ -111,9 +163,13 @@ def stage_search(a, work: Path) -> dict[str, Any]:
 
     profile = load_profile(a.latency_profile)
     bundles = {p: export(work, f"preset-{p}", a.latency_profile, quant=p, model=a.model) for p in PRESETS}
-    first = time_bundles({"q4_k_m": bundles["q4_k_m"]}, profile.clock, a.rounds, profile.threads)
-    limit = round(first["q4_k_m"]["decode_ms"], 3)
-    log(f"limit: q4_k_m's measured decode step {limit} ms")
+    if a.limit_ms:
+        limit = a.limit_ms
+        log(f"limit: {limit} ms (--limit-ms)")
+    else:
+        first = time_bundles({"q4_k_m": bundles["q4_k_m"]}, profile.clock, a.rounds, profile.threads)
+        limit = round(first["q4_k_m"]["decode_ms"], 3)
+        log(f"limit: q4_k_m's measured decode step {limit} ms")
     bundles["ilp"] = export(work, f"ilp-{limit:g}ms", a.latency_profile, latency_ms=limit, model=a.model)
     plan = work / f"search-{limit:g}ms.json"
     t0 = time.perf_counter()
@@ -141,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency-profile", required=True)
     ap.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--stage", default="all", choices=["all", "rho", "search"])
-    ap.add_argument("--limit-ms", type=float, help="rho stage: latency limit (default: q4_k_m's predicted decode step)")
+    ap.add_argument("--stage", default="all", choices=["all", "rho", "search", "menus"])
+    ap.add_argument("--limit-ms", type=float,
+                    help="latency limit (default: search stage: q4_k_m's measured decode step; rho and menus: the "
+                         "search stage's, else q4_k_m's predicted decode step)")
     ap.add_argument("--train", type=int, default=20, help="rho: expensive labels the budgets draw from")
     ap.add_argument("--held", type=int, default=20, help="rho: held-out configurations scored")
     ap.add_argument("--budgets", default="5,10,20", help="rho: expensive-label budgets")
@@ -152,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--expensive", type=int, default=12, help="search: expensive labels")
     ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--menus", type=int, default=4, 
+                    help="menus: how many menus (spread over the Q-T ranking) are searched")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunks", type=int, default=4, help="search: held-out 512-token windows scored")
     ap.add_argument("--rounds", type=int, default=3, help="search: interleaved timing rounds")
@@ -186,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in res["rho"]["rows"]:
             print(f"| {r['labels']} | {r['expensive_only']:.3f} ± {r['expensive_only_spread']:.3f} | "
                   f"{r['cheap_only']:.3f} | {r['transfer']:.3f} ± {r['transfer_spread']:.3f} |")
+    if a.stage == "menus":
+        limit = a.limit_ms or (res.get("search", {}).get("limit_ms") or _predicted_q4km(a, work))
+        res["menus"] = stage_menus(a, limit, work)
+        print("| menu | Q-T rank | score (T x Q) | best real KLD | predicted ms |")
+        print("|---|---|---|---|---|")
+        for r in res["menus"]["rows"]:
+            print(f"| {r['menu']} | {r['qt_rank']} | {r['score']:.4f} ({r['feasible_share']:.2f} x {r['quality']:.4f}) "
+                  f"| {r['best_kld']:.4f} | {r['best_predicted_ms']:.2f} |")
+        print(f"Spearman rho, Q-T score vs best real KLD: {res['menus']['spearman_qt_vs_best_kld']:.3f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     return 0

@@ -157,10 +157,16 @@ class Search(Pass):
                 space = feasible[0]
                 anchor = space.feasible_anchor(budgets)
                 ctx.analysis["search_space"] = (space, anchor)
-        # 2. expensive labels on points within the budgets
+        # 2. expensive labels on points within the budgets: half of them around the ILP's plan when there is one
+        # (the region the answer must beat: random points alone teach the predictor the space's coarse slope,
+        # not how to rank plans near the ILP's, where the additive cost it optimises stops being exact)
+        ilp = self.ilp_point(space, ctx.analysis["costs"])
         measured: dict[Candidate, float] = {}
         if self.inp.measure is not None and s.expensive_labels:
-            todo = _unique([space.sample(rng, anchor, budgets) for _ in range(s.expensive_labels)])
+            local = s.expensive_labels // 2 if ilp is not None else 0
+            near = [space.toward(space.mutate(ilp, rng, s.mutation / 2), ilp, budgets, rng) for _ in range(local)]
+            todo = _unique([c for c in near if c != ilp] +
+                           [space.sample(rng, anchor, budgets) for _ in range(s.expensive_labels - local)])
             got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
                                    "search: expensive labels (real KLD)")
             measured.update(zip(todo, got))
@@ -172,7 +178,6 @@ class Search(Pass):
             return predictor.predict(np.array([space.features(c) for c in cs]))
 
         # 3. evolution within the budgets, from the ILP's plan, every uniform format and the measured points
-        ilp = self.ilp_point(space, ctx.analysis["costs"])
         uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
         seeds = _unique([anchor] + ([ilp] if ilp else []) + uniform + list(measured))
         ranked = evolve(space, score, budgets, seeds, anchor, rng, s, bar)

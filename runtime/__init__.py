@@ -63,13 +63,14 @@ class Session:
     goes through the bundle's chat template. Sampling settings are those of `SamplingParams`, as keywords.
     """
 
-    def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any], threads: int = 1):
+    def __init__(self, bundle: Path, manifest: dict[str, Any], backend, artifact: dict[str, Any], threads: int = 1,
+                 spec=None):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.artifact = artifact
         self.threads = threads          # CPU threads the backend was opened with
-        self.spec = bundle_spec(bundle, manifest)
+        self.spec = spec if spec is not None else bundle_spec(bundle, manifest)   # the backend's, parsed once
         self.stop_ids = stop_ids(self.spec)
         self._adapters: dict[str, float] = {}
 
@@ -327,7 +328,7 @@ def load(path: str | os.PathLike, backend: str | None = None, threads: int | Non
     n_ctx = int(n_ctx or manifest.get("n_ctx") or 2048)
     spec = bundle_spec(bundle, manifest)
     session = Session(bundle, manifest, impl.open_decoder(bundle, manifest, art, spec, n_ctx=n_ctx, threads=threads,
-                                                          device=device, pruning=pruning), art, threads)
+                                                          device=device, pruning=pruning), art, threads, spec)
     if adapters:
         try:
             session.set_adapters(adapters)

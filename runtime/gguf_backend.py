@@ -13,6 +13,7 @@ from edgeq.core.errors import RequestError
 from edgeq.runtime.gguf_slice import slice_mlp
 from edgeq.runtime.llama_context import LlamaContext
 from edgeq.runtime.manifest import BundleError, Pruning, listed_path
+from edgeq.runtime.memory import drop_pages, mapped_ranges
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.sampling import SamplingParams
 
@@ -81,11 +82,23 @@ class LlamaCppBackend:
         self._loras = {}                            # users' adapters read so far, by name (llama_adapter_lora *)
         set_verbose(False)                          # llama.cpp's log: errors only
         _init_backend()
+        mapped: list[tuple[int, int]] = []
+
+        def loaded_some(progress: float, _data) -> bool:
+            """Between tensors: drop the file's pages read so far (runtime/memory.py), so the pages of tensors
+            llama.cpp copied into repacked buffers never pile up: peak memory is the model's, not model + file."""
+            mapped[:] = mapped or mapped_ranges(model_path)
+            drop_pages(mapped)
+            return True
+
+        params = lib.llama_model_default_params()
+        params.progress_callback = on_progress = lib.llama_progress_callback(loaded_some)
         with suppress_stdout_stderr(disable=False):  # the loader prints to stdout too
-            self.model = lib.llama_model_load_from_file(os.fspath(model_path).encode("utf-8"),
-                                                        lib.llama_model_default_params())
+            self.model = lib.llama_model_load_from_file(os.fspath(model_path).encode("utf-8"), params)
+        del on_progress
         if not self.model:
             raise BundleError(model_path, "llama.cpp cannot load this model file")
+        drop_pages(mapped or mapped_ranges(model_path))
         try:
             self.vocab = lib.llama_model_get_vocab(self.model)
             self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))

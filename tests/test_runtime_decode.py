@@ -10,6 +10,8 @@ logits only for a sampler that reads them. Speed is bench/runtime.py's, not a te
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 
 from edgeq import runtime
 from edgeq.runtime import threads as runtime_threads
+from edgeq.runtime.memory import drop_mapped_pages
 
 PROMPTS = ["the rain", "x", "snow falls on the"]
 
@@ -189,3 +192,42 @@ print(json.dumps({"ok": ok, "freed_mib": before - rss()}))
     if not out["ok"]:
         pytest.skip("this C library has no malloc_trim")
     assert out["freed_mib"] >= 48, out
+
+
+def _mapped_rss_kib(path) -> int:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps)."""
+    target, total, inside = os.path.realpath(path), 0, False
+    with open("/proc/self/smaps") as f:
+        lines = f.readlines()
+    for line in lines:
+        head = line.split()
+        if len(head) >= 5 and "-" in head[0] and ":" not in head[0]:
+            inside = len(head) >= 6 and line.split(None, 5)[5].rstrip("\n") == target
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+def test_dropped_mapped_pages_read_back_the_same_bytes(tmp_path):
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 256, 8 << 20, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        view = np.frombuffer(buf, dtype=np.uint8)
+        assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))       # every page touched
+        assert _mapped_rss_kib(path) >= 7 << 10
+        assert drop_mapped_pages(path) >= 8 << 20
+        assert _mapped_rss_kib(path) < 1 << 10
+        assert np.array_equal(view, data)
+        del view
+    assert drop_mapped_pages(tmp_path / "not-mapped.bin") == 0
+
+
+def test_a_loaded_gguf_keeps_no_pages_of_its_file_until_it_reads_them(bundles):
+    """llama.cpp's load reads every tensor (and copies those it repacks); the runtime drops the file's pages after
+    it, and the first decode reads back only what the kernels use."""
+    with runtime.load(bundles["android"], backend="gguf", threads=1) as s:
+        path = s.bundle / s.artifact["path"]
+        assert _mapped_rss_kib(path) == 0
+        s.generate_ids(s.tokenize("the rain", add_special=True, parse_special=False), 4)
+        assert _mapped_rss_kib(path) > 0
