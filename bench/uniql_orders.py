@@ -118,10 +118,15 @@ def mask(torch, order: np.ndarray, width: int, n: int):
 class Statistics:
     """What one forward pass over the calibration windows yields per layer: the orders and the channels' means."""
 
-    def __init__(self, model: Model, weighted: bool = False, sequential_widths: list[int] | None = None):
+    def __init__(self, model: Model, weighted: bool = False, sequential_widths: list[int] | None = None,
+                 cost_widths: list[int] | None = None):
+        """`cost_widths`: also record, per layer, the output error 1_Sᵀ G 1_S of the channels `uniql` and `wanda`
+        remove at those widths, on these windows' own G (`output_error`: layer -> (uniql, wanda))."""
         self.model, self.weighted, self.sequential_widths = model, weighted, sequential_widths
+        self.cost_widths = cost_widths
         self.orders: dict[str, dict[int, np.ndarray]] = {}
         self.mean: dict[int, np.ndarray] = {}
+        self.output_error: dict[int, tuple[float, float]] = {}
 
     def __call__(self, layer: int, xs: list, residuals: list):
         from edgeq.passes.uniql_sort import greedy_removal, sort_order
@@ -138,6 +143,10 @@ class Statistics:
         if not prefix:
             norms = np.linalg.norm(wd, axis=0)
             self.orders.setdefault("wanda", {})[layer] = sort_order(norms * np.sqrt(np.maximum(np.diag(c), 0)))
+            if self.cost_widths is not None:
+                g = c * wtw
+                cut = [self.orders[k][layer][self.cost_widths[layer]:] for k in ("uniql", "wanda")]
+                self.output_error[layer] = tuple(float(g[np.ix_(x, x)].sum()) for x in cut)
         if self.weighted:
             r = torch.cat([res + x @ w.T for res, x in zip(residuals, xs)]).double()
             scale = 1.0 / (r.square().mean(-1) + 1e-12)
@@ -219,12 +228,13 @@ def main() -> int:
 
     doc = json.loads(a.out.read_text()) if a.out.is_file() else {}
     flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
-    doc["run"] = {"versions": versions(), "load_average_at_start": os.getloadavg(), "threads": a.threads,
+    doc["run"] = {"versions": {**versions(), "torch": torch.__version__}, "load_average_at_start": os.getloadavg(),
+                  "threads": a.threads,
                   "cpu_flags": [f for f in flags if f.startswith(("avx", "fma", "f16c"))],
                   "calib_windows": a.calib_windows, "eval_windows": len(scored), "reference_rate": a.reference_rate}
     doc.setdefault("kld", {})
     for s in a.subsets_run if a.subsets_run is not None else range(a.subsets):
-        # the subset's layer importances, uniql_alloc's input (the calibrate pass's cache when bench/uniql.py ran)
+        # the subset's layer importances, uniql_alloc's input (the cosines need no full covariances: max_full=0)
         cal = calibrate(model.graph, a.calib_windows, ctx, max_full=0, subset=(s, a.subsets))
         importance = 1.0 - np.asarray(cal.layer_cos, dtype=np.float64)
         widths = {r: widths_for(model.full, [1] * n, layer_shares(importance, r, "uniql"), r) for r in a.rates}
@@ -238,9 +248,14 @@ def main() -> int:
             model.run(subsets[s], on_down=seq)
             orders["sequential"] = seq.orders["sequential"]
         if any(v.startswith("insample") for v in a.variants):
-            ins = Statistics(model)
+            ins = Statistics(model, cost_widths=widths[a.rates[0]])
             model.run(scored, on_down=ins)
             orders.update({f"insample-{k}": v for k, v in ins.orders.items()})
+            ratio = [u / w if w > 0 else 1.0 for u, w in (ins.output_error[i] for i in range(n))]
+            doc.setdefault("insample_output_error_uniql_over_wanda", {})[str(s)] = {
+                "rate": a.rates[0], "per_layer": [round(x, 4) for x in ratio]}
+            log(f"  in-sample output error, uniql / wanda at {a.rates[0]}: {min(ratio):.3f}-{max(ratio):.3f} "
+                f"(median {np.median(ratio):.3f})")
         log(f"subset {s}: orders ready ({time.perf_counter() - t0:.0f} s)")
         for r in a.rates:
             for v in a.variants:
