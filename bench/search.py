@@ -18,7 +18,7 @@ limit, all timed together and scored on the held-out evaluation text (KLD agains
 
 Stage `menus` (SpaceEvo's check): every menu (width step x format set) scored by its Q-T score with the cheap
 predictor, as `edgeq search --menu auto` does; `--menus` of them, spread over that ranking, are each searched (the
-same evolution, the cheap predictor, `--population`/`--generations`) and their `--finalists` measured for real; the
+same evolution on the exact cheap label, `--population`/`--generations`) and their `--finalists` measured for real; the
 Q-T ranking is compared with the ranking of each menu's best real KLD (Spearman rho), agreeing or not.
 
     python bench/search.py --latency-profile P --stage menus --menus 4 --finalists 3
@@ -134,8 +134,8 @@ def stage_menus(a, limit_ms: float, work: Path) -> dict[str, Any]:
         sp_anchor = sp.feasible_anchor(budgets)
         seeds = list(dict.fromkeys([sp_anchor] + [u for u in sp.uniform_points() if sp.measures(u).meets(budgets)]))
 
-        def score(cs, sp=sp):
-            return cheap.predict(np.array([sp.features(x) for x in cs]))
+        def score(cs, sp=sp):           # the exact cheap label (a learned model's extrapolation would be searched)
+            return np.log(np.maximum([sp.cheap_label(x) for x in cs], 1e-12))
 
         ranked = evolve(sp, score, budgets, seeds, sp_anchor, np.random.default_rng([a.seed, i]), settings)
         klds = []
