@@ -12,8 +12,9 @@ from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.importers.gguf import import_gguf
 from edgeq.importers.loader import import_model
-from edgeq.passes.calibrate import calibrate
-from edgeq.passes.gptq import compensate, inverse_cholesky
+from edgeq.core.executor import Executor
+from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
+from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky
 
 
 def _inputs(seed: int, width: int):
@@ -29,8 +30,9 @@ def _error(dw: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("ij,jk,ik->", d, h, d))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "iq4_nl", "q3_k"])
-def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt):
+@pytest.mark.parametrize("fmt,act_order", [("q4_0", False), ("q4_k", False), ("iq4_nl", False), ("q3_k", False),
+                                           ("q4_0", True), ("q4_k", True)])
+def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt, act_order):
     rng = np.random.default_rng(0)
     draw = _inputs(1, 512)
     x, held = draw(4000, rng), draw(4000, rng)          # calibration tokens, and other tokens of the same law
@@ -39,14 +41,14 @@ def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt):
     f = get_format(fmt)
     imp = np.diag(h).astype(np.float32)
     plain = f.roundtrip(w, imp) - w
-    comp = f.roundtrip(compensate(w, f, inverse_cholesky(h), imp), imp) - w
+    comp = f.roundtrip(compensate(w, f, Hessian.of(h, act_order=act_order), imp), imp) - w
     assert _error(comp, h) < 0.9 * _error(plain, h)
     assert _error(comp, h_held) < 0.95 * _error(plain, h_held)
 
 
 def test_inverse_cholesky_survives_dead_inputs():
     h = np.diag([4.0, 0.0, 1.0])
-    u = inverse_cholesky(h)
+    u = inverse_cholesky(damped(h))
     assert np.all(np.isfinite(u)) and np.allclose(np.triu(u), u)
 
 
@@ -80,11 +82,23 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
         for g, graph in ((False, plain), (True, comp)):
             total[g] += _error(graph.weights[name].numpy() - w, h)
     assert total[True] < 0.9 * total[False]
-    # what was written is the format's own quantization of W' (ggml's code), nothing else
-    name = q4[0]
-    f, imp = get_format("q4_0"), cal.imatrix()[name]
-    w_prime = compensate(source.weights[name].numpy(), f, inverse_cholesky(cal.stats(name).full()), imp)
-    np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imp))
+    # what was written is the format's own quantization of W' (ggml's code), W' compensated through the H of the
+    # inputs that reach each layer when every weight before it is what the file holds (sequential GPTQ)
+    f, imatrix = get_format("q4_0"), cal.imatrix()
+    tokens, bos, add_bos = calibration_tokens(source)
+    windows = calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos)
+    checked = []
+
+    def check(node, envs):
+        name = node.inputs[1]
+        if name in q4:
+            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]),
+                                 imatrix[name])
+            np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
+            checked.append(name)
+
+    Executor(comp, before={"linear": check}).run_many(windows, outputs=("logits",))
+    assert len(checked) == len(q4)
     # W' is only what is quantized: the reference outputs the bundle is checked against are the source's
     ref = {g: {p.name: p.read_bytes() for p in (exported[g] / "reference").iterdir()} for g in (False, True)}
     assert ref[False] and ref[False] == ref[True]
