@@ -72,25 +72,27 @@ class Hessian:
     def of(cls, cov: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> "Hessian":
         return cls(damped(cov, damp), act_order)
 
-    def factor(self, step: int) -> tuple[np.ndarray | None, np.ndarray]:
-        """(column order or None, U of H in that order)."""
-        key = step if self.act_order else 0
-        if key not in self._factors:
+    def factor(self, step: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
+        """(column order or None, for each block S of `step` columns in that order U_SS⁻¹ U_SR): every format of
+        that block size (the planner prices many) reuses them."""
+        if step not in self._factors:
             perm = None
             if self.act_order and self.h.shape[0] > step:
                 energy = np.diag(self.h).reshape(-1, step).sum(1)
                 blocks = np.argsort(-energy, kind="stable")
                 perm = (blocks[:, None] * step + np.arange(step)).reshape(-1)
-            h = self.h if perm is None else self.h[np.ix_(perm, perm)]
-            self._factors[key] = (perm, inverse_cholesky(h))
-        return self._factors[key]
+            u = inverse_cholesky(self.h if perm is None else self.h[np.ix_(perm, perm)])
+            cols = u.shape[0]
+            self._factors[step] = (perm, [solve_triangular(u[s0:s0 + step, s0:s0 + step], u[s0:s0 + step, s0 + step:],
+                                                           lower=False) for s0 in range(0, cols - step, step)])
+        return self._factors[step]
 
 
 def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None = None) -> np.ndarray:
     """W' (float32, w's shape): the weights whose quantization by `fmt` block by block is GPTQ's."""
     step = fmt.block[1]
     cols = w.shape[1]
-    perm, u = hess.factor(step)
+    perm, updates = hess.factor(step)
     out = np.array(w, dtype=np.float32)
     imp = importance if fmt.takes_imatrix else None
     if perm is not None:
@@ -101,8 +103,7 @@ def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray
         blk = out[:, s0:s1]
         err = blk - fmt.roundtrip(blk, None if imp is None else imp[s0:s1])
         if s1 < cols:
-            x = solve_triangular(u[s0:s1, s0:s1], u[s0:s1, s1:], lower=False)
-            out[:, s1:] -= (err.astype(np.float64) @ x).astype(np.float32)
+            out[:, s1:] -= (err.astype(np.float64) @ updates[s0 // step]).astype(np.float32)
     if perm is not None:
         out = out[:, np.argsort(perm)]
     return np.ascontiguousarray(out)

@@ -3,6 +3,7 @@ reads, and refused where it cannot apply."""
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -135,3 +136,58 @@ def test_refused_where_it_cannot_apply(tiny_decoder_dir, tmp_path):
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, ranks=[0, 8], gptq=True, out=str(tmp_path / "b")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny_decoder_dir, tmp_path, monkeypatch):
+    """README command 1's install (no torch): a budgeted GGUF export prices and writes the compensated weights
+    (llama.cpp runs the file as the executor runs its weights: the bytes are in the file's row order);
+    --no-gptq writes the plain quantization."""
+    import sys
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = {}
+    for gptq in (None, False):
+        b = tmp_path / f"b{gptq}"
+        res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, gptq=gptq, calib_windows=2, out=str(b),
+                                   formats=["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"], check=False))
+        m = res["manifest"]
+        out[gptq] = (m, import_gguf(b / "model.gguf"))
+        assert (b / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"] <= \
+            m["plan"]["search"]["budget_bytes"]
+    (m, comp), (m_plain, plain) = out[None], out[False]
+    rec = next(r for r in m["passes"] if r["pass"] == "gptq")
+    assert rec["sequential"] and rec["compensated"] > 0
+    assert not any(r["pass"] == "gptq" for r in m_plain["passes"])
+    assert "Fisher" in m["plan"]["search"]["cost"]
+    # the weights GPTQ rewrote differ from their plain quantization; the embedding (looked up, not compensated)
+    # is the same where both plans chose its format
+    same_fmt = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == plain.weights[n].source_format
+                and t.source_format not in ("f16", "f32", "bf16")]
+    assert any(not np.array_equal(comp.weights[n].numpy(), plain.weights[n].numpy()) for n in same_fmt)
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, comp.config.vocab_size, 48)]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "bNone" / "model.gguf"), n_ctx=64, n_batch=64, logits_all=True,
+                          n_threads=1, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    llm.close()
+    ref = Executor(comp).logits(ids).astype(np.float64)
+    la, lb = (x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+              for x in (ref, got))
+    assert float(np.mean(np.sum(np.exp(la) * (la - lb), -1))) < 5e-3
+
+
+def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
+    from edgeq.compile.decide import DecideInputs, gptq_on
+    from edgeq.targets.registry import get_target
+
+    graph = import_model(tiny_decoder_dir)
+    gguf, onnx = (DecideInputs(target=get_target(b), preset=None, profile=None) for b in ("gguf", "onnx"))
+    assert gptq_on(graph, gguf, ExportOptions(bpw=5.0))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, gptq=False))
+    assert not gptq_on(graph, gguf, ExportOptions(quant="q4_k_m"))                    # a preset: llama.cpp's own
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, calibration=False))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, ranks=[0, 8]))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, method="dynaquant"))
+    assert not gptq_on(graph, onnx, ExportOptions(bpw=5.0))
+    assert gptq_on(graph, onnx, ExportOptions(bpw=5.0, gptq=True))
