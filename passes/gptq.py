@@ -83,8 +83,10 @@ class Hessian:
                 perm = (blocks[:, None] * step + np.arange(step)).reshape(-1)
             u = inverse_cholesky(self.h if perm is None else self.h[np.ix_(perm, perm)])
             cols = u.shape[0]
+            # (float32: each update sums `step` products into float32 weights; float64 doubled the planner's time)
             self._factors[step] = (perm, [solve_triangular(u[s0:s0 + step, s0:s0 + step], u[s0:s0 + step, s0 + step:],
-                                                           lower=False) for s0 in range(0, cols - step, step)])
+                                                           lower=False).astype(np.float32)
+                                          for s0 in range(0, cols - step, step)])
         return self._factors[step]
 
 
@@ -103,7 +105,7 @@ def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray
         blk = out[:, s0:s1]
         err = blk - fmt.roundtrip(blk, None if imp is None else imp[s0:s1])
         if s1 < cols:
-            out[:, s1:] -= (err.astype(np.float64) @ updates[s0 // step]).astype(np.float32)
+            out[:, s1:] -= err @ updates[s0 // step]
     if perm is not None:
         out = out[:, np.argsort(perm)]
     return np.ascontiguousarray(out)
