@@ -42,7 +42,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
-        cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order,
+        cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -461,12 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "default): fisher when calibration is on, else output")
         sp.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                         help="compensate each weight's quantization error block by block in its columns not yet "
-                             "quantized, layer after layer from the inputs the quantized earlier layers produce "
-                             "(GPTQ with the format's own quantizer: the file stays a plain llama.cpp/onnx/tvm "
+                             "quantized, through each layer's input covariance (GPTQ with the format's own quantizer: the file stays a plain llama.cpp/onnx/tvm "
                              "file); calibrated plans only. Default: on for budgeted GGUF plans with calibration, "
                              "off elsewhere; --no-gptq writes the plain quantization")
         sp.add_argument("--gptq-act-order", action="store_true",
                         help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")
+        sp.add_argument("--gptq-sequential", action="store_true",
+                        help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
+                             "already quantized (default: the float model's)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

@@ -60,9 +60,10 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         out = {}
-        for gptq in (False, True):
+        for gptq in (False, True, "sequential"):
             b = tmp_path_factory.mktemp("gptq") / "b"
-            export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=gptq, calib_windows=2, out=str(b)))
+            export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=bool(gptq), calib_windows=2,
+                                 gptq_sequential=gptq == "sequential", out=str(b)))
             out[gptq] = b
         return out
     finally:
@@ -83,8 +84,8 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
         for g, graph in ((False, plain), (True, comp)):
             total[g] += _error(graph.weights[name].numpy() - w, h)
     assert total[True] < 0.9 * total[False]
-    # what was written is the format's own quantization of W' (ggml's code), W' compensated through the H of the
-    # inputs that reach each layer when every weight before it is what the file holds (sequential GPTQ)
+    # what was written is the format's own quantization of W' (ggml's code), W' compensated through the H of each
+    # layer's inputs in the float model over the calibration windows, one streamed run
     f, imatrix = get_format("q4_0"), cal.imatrix()
     tokens, bos, add_bos = calibration_tokens(source)
     windows = calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos)
@@ -98,11 +99,34 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
             np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
             checked.append(name)
 
-    Executor(comp, before={"linear": check}).run_many(windows, outputs=("logits",))
+    Executor(source, before={"linear": check}).run_many(windows, outputs=("logits",))
     assert len(checked) == len(q4)
     # W' is only what is quantized: the reference outputs the bundle is checked against are the source's
     ref = {g: {p.name: p.read_bytes() for p in (exported[g] / "reference").iterdir()} for g in (False, True)}
     assert ref[False] and ref[False] == ref[True]
+
+
+def test_sequential_gptq_takes_each_layers_h_from_the_quantized_layers_before_it(exported, tiny_decoder_dir, cache,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
+    source: Graph = import_model(tiny_decoder_dir)
+    seq = import_gguf(exported["sequential"] / "model.gguf")
+    f, imatrix = get_format("q4_0"), calibrate(source, n_windows=2).imatrix()
+    q4 = [n for n, t in seq.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
+    tokens, bos, add_bos = calibration_tokens(source)
+    checked = []
+
+    def check(node, envs):          # the file's own weights produce the inputs each layer was compensated for
+        name = node.inputs[1]
+        if name in q4:
+            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]),
+                                 imatrix[name])
+            np.testing.assert_array_equal(seq.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
+            checked.append(name)
+
+    Executor(seq, before={"linear": check}).run_many(calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos),
+                                                     outputs=("logits",))
+    assert q4 and len(checked) == len(q4)
 
 
 def test_the_planner_prices_the_compensated_error(tiny_decoder_dir, cache, monkeypatch):
@@ -157,7 +181,7 @@ def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny
             m["plan"]["search"]["budget_bytes"]
     (m, comp), (m_plain, plain) = out[None], out[False]
     rec = next(r for r in m["passes"] if r["pass"] == "gptq")
-    assert rec["sequential"] and rec["compensated"] > 0
+    assert rec["sequential"] is False and rec["compensated"] > 0
     assert not any(r["pass"] == "gptq" for r in m_plain["passes"])
     assert "Fisher" in m["plan"]["search"]["cost"]
     # the weights GPTQ rewrote differ from their plain quantization; the embedding (looked up, not compensated)

@@ -165,7 +165,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes.append(ApplyRules(user, opts.plan))
     passes.append(Legalize())
     if opts.gptq:
-        passes.append(GptqCompensate(act_order=opts.gptq_act_order, n_windows=opts.calib_windows, source=inp.text,
+        passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential, n_windows=opts.calib_windows, source=inp.text,
                                      subset=opts.calib_subset,
                                      file_rows=functools.partial(inp.target.file_rows, graph)))
     if prune:
