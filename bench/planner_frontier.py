@@ -49,7 +49,8 @@ def main() -> int:
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                     help="GPTQ (passes/gptq.py) on or off (default: edgeq's, on for budgeted GGUF plans)")
     ap.add_argument("--act-order", action="store_true", help="GPTQ's blocks in order of decreasing input energy")
-    ap.add_argument("--sequential", action="store_true", help="GPTQ's H from the already-quantized layers' outputs")
+    ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ's H from the already-quantized layers' outputs (default), or the float model's")
     ap.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (edgeq's default 4)")
     ap.add_argument("--no-speed", action="store_true", help="skip each export's check and speed measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_frontier.json"))

@@ -466,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "off elsewhere; --no-gptq writes the plain quantization")
         sp.add_argument("--gptq-act-order", action="store_true",
                         help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")
-        sp.add_argument("--gptq-sequential", action="store_true",
+        sp.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
-                             "already quantized (default: the float model's)")
+                             "already quantized (the default), or (--no-gptq-sequential) from the float model")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

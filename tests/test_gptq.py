@@ -60,21 +60,40 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         out = {}
-        for gptq in (False, True, "sequential"):
+        for gptq in (False, True, "float"):
             b = tmp_path_factory.mktemp("gptq") / "b"
             export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=bool(gptq), calib_windows=2,
-                                 gptq_sequential=gptq == "sequential", out=str(b)))
+                                 gptq_sequential=gptq != "float", out=str(b)))
             out[gptq] = b
         return out
     finally:
         os.environ.pop("EDGEQ_CACHE", None)
 
 
+def _assert_compensated_through(run: Graph, written: Graph, source: Graph, names: list[str], imatrix: dict) -> None:
+    """Each of `names` in `written` is its format's quantization of W' = the source's weight compensated through the
+    H of the inputs that reach it when `run` runs the calibration windows."""
+    checked = []
+    tokens, bos, add_bos = calibration_tokens(source)
+
+    def check(node, envs):
+        name = node.inputs[1]
+        if name in names:
+            f = get_format(written.weights[name].source_format)
+            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]), imatrix[name])
+            np.testing.assert_array_equal(written.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
+            checked.append(name)
+
+    Executor(run, before={"linear": check}).run_many(calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos),
+                                                     outputs=("logits",))
+    assert names and sorted(checked) == sorted(names)
+
+
 def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_decoder_dir, cache, monkeypatch):
     monkeypatch.setenv("EDGEQ_CACHE", str(cache))
     source: Graph = import_model(tiny_decoder_dir)
     cal = calibrate(source, n_windows=2)
-    plain, comp = (import_gguf(exported[g] / "model.gguf") for g in (False, True))
+    plain, comp = (import_gguf(exported[g] / "model.gguf") for g in (False, "float"))
     q4 = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
     assert len(q4) >= 2 * 7 - 1
     total = {False: 0.0, True: 0.0}
@@ -86,21 +105,7 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
     assert total[True] < 0.9 * total[False]
     # what was written is the format's own quantization of W' (ggml's code), W' compensated through the H of each
     # layer's inputs in the float model over the calibration windows, one streamed run
-    f, imatrix = get_format("q4_0"), cal.imatrix()
-    tokens, bos, add_bos = calibration_tokens(source)
-    windows = calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos)
-    checked = []
-
-    def check(node, envs):
-        name = node.inputs[1]
-        if name in q4:
-            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]),
-                                 imatrix[name])
-            np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
-            checked.append(name)
-
-    Executor(source, before={"linear": check}).run_many(windows, outputs=("logits",))
-    assert len(checked) == len(q4)
+    _assert_compensated_through(source, comp, source, q4, cal.imatrix())
     # W' is only what is quantized: the reference outputs the bundle is checked against are the source's
     ref = {g: {p.name: p.read_bytes() for p in (exported[g] / "reference").iterdir()} for g in (False, True)}
     assert ref[False] and ref[False] == ref[True]
@@ -110,23 +115,10 @@ def test_sequential_gptq_takes_each_layers_h_from_the_quantized_layers_before_it
                                                                                  monkeypatch):
     monkeypatch.setenv("EDGEQ_CACHE", str(cache))
     source: Graph = import_model(tiny_decoder_dir)
-    seq = import_gguf(exported["sequential"] / "model.gguf")
-    f, imatrix = get_format("q4_0"), calibrate(source, n_windows=2).imatrix()
+    seq = import_gguf(exported[True] / "model.gguf")
     q4 = [n for n, t in seq.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
-    tokens, bos, add_bos = calibration_tokens(source)
-    checked = []
-
-    def check(node, envs):          # the file's own weights produce the inputs each layer was compensated for
-        name = node.inputs[1]
-        if name in q4:
-            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]),
-                                 imatrix[name])
-            np.testing.assert_array_equal(seq.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
-            checked.append(name)
-
-    Executor(seq, before={"linear": check}).run_many(calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos),
-                                                     outputs=("logits",))
-    assert q4 and len(checked) == len(q4)
+    # the file's own weights produce the inputs each layer was compensated for
+    _assert_compensated_through(seq, seq, source, q4, calibrate(source, n_windows=2).imatrix())
 
 
 def test_the_planner_prices_the_compensated_error(tiny_decoder_dir, cache, monkeypatch):
@@ -181,14 +173,16 @@ def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny
             m["plan"]["search"]["budget_bytes"]
     (m, comp), (m_plain, plain) = out[None], out[False]
     rec = next(r for r in m["passes"] if r["pass"] == "gptq")
-    assert rec["sequential"] is False and rec["compensated"] > 0
+    assert rec["sequential"] is True and rec["compensated"] > 0
     assert not any(r["pass"] == "gptq" for r in m_plain["passes"])
     assert "Fisher" in m["plan"]["search"]["cost"]
     # the weights GPTQ rewrote differ from their plain quantization; the embedding (looked up, not compensated)
     # is the same where both plans chose its format
-    same_fmt = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == plain.weights[n].source_format
-                and t.source_format not in ("f16", "f32", "bf16")]
-    assert any(not np.array_equal(comp.weights[n].numpy(), plain.weights[n].numpy()) for n in same_fmt)
+    # every weight in a quantizing format but the embedding holds its sequential compensation
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"
+             and get_format(t.source_format).bits_per_weight < 16]
+    source = import_model(tiny_decoder_dir)
+    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix())
     ids = [int(i) for i in np.random.default_rng(1).integers(3, comp.config.vocab_size, 48)]
     llm = llama_cpp.Llama(model_path=str(tmp_path / "bNone" / "model.gguf"), n_ctx=64, n_batch=64, logits_all=True,
                           n_threads=1, verbose=False, type_k=0, type_v=0)

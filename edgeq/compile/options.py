@@ -48,7 +48,7 @@ class ExportOptions:
     # with calibration on a target that compensates by default (GGUF), off elsewhere
     gptq: bool | None = None
     gptq_act_order: bool = False           # GPTQ's blocks quantized in order of decreasing input energy
-    gptq_sequential: bool = False          # GPTQ's H from the inputs the already-quantized layers produce
+    gptq_sequential: bool = True           # GPTQ's H from the inputs the already-quantized layers produce
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order
