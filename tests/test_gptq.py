@@ -176,8 +176,6 @@ def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny
     assert rec["sequential"] is True and rec["compensated"] > 0
     assert not any(r["pass"] == "gptq" for r in m_plain["passes"])
     assert "Fisher" in m["plan"]["search"]["cost"]
-    # the weights GPTQ rewrote differ from their plain quantization; the embedding (looked up, not compensated)
-    # is the same where both plans chose its format
     # every weight in a quantizing format but the embedding holds its sequential compensation
     names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"
              and get_format(t.source_format).bits_per_weight < 16]
