@@ -46,7 +46,11 @@ def main() -> int:
     ap.add_argument("--presets", default="q4_k_m,q3_k_m,iq4_nl", help="calibrated presets measured beside")
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--gptq", action="store_true", help="plans with --gptq (passes/gptq.py)")
+    ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                    help="GPTQ (passes/gptq.py) on or off (default: edgeq's, on for budgeted GGUF plans)")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ's blocks in order of decreasing input energy")
+    ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ's H from the already-quantized layers' outputs (default), or the float model's")
     ap.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (edgeq's default 4)")
     ap.add_argument("--no-speed", action="store_true", help="skip each export's check and speed measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_frontier.json"))
@@ -56,7 +60,8 @@ def main() -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
-           "formats": formats, "gptq": a.gptq, "calib_windows": a.calib_windows, "rows": []}
+           "formats": formats, "gptq": a.gptq, "act_order": a.act_order, "sequential": a.sequential,
+           "calib_windows": a.calib_windows, "rows": []}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n")
@@ -69,6 +74,7 @@ def main() -> int:
         opts = (ExportOptions(quant=what, out=str(bundle), force=True, check=False, calib_windows=a.calib_windows)
                 if kind == "preset" else
                 ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True, gptq=a.gptq,
+                              gptq_act_order=a.act_order, gptq_sequential=a.sequential,
                               calib_windows=a.calib_windows, check=not a.no_speed))
         r = export(opts, log=lambda s: print(s, file=sys.stderr))
         ev = evaluate_bundle(bundle, chunks=a.chunks, threads=a.threads, record=False, pareto=False)

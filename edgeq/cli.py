@@ -42,7 +42,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         force=getattr(a, "force", False), n_ctx=getattr(a, "n_ctx", None), kv_dtype=getattr(a, "kv_dtype", None),
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
-        cost=a.cost, gptq=a.gptq,
+        cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -462,10 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sensitivity: output error tr(dW C dW^T), or weighted by the output Fisher with "
                              "tokens weighted by gradient energy (a numpy backward, no torch needed); auto (the "
                              "default): fisher when calibration is on, else output")
-        sp.add_argument("--gptq", action="store_true",
+        sp.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                         help="compensate each weight's quantization error block by block in its columns not yet "
-                             "quantized, through the calibration's input covariance (GPTQ with the format's own "
-                             "quantizer: the file stays a plain llama.cpp/onnx/tvm file); calibrated plans only")
+                             "quantized, through each layer's input covariance (GPTQ with the format's own quantizer: the file stays a plain llama.cpp/onnx/tvm "
+                             "file); calibrated plans only. Default: on for budgeted GGUF plans with calibration, "
+                             "off elsewhere; --no-gptq writes the plain quantization")
+        sp.add_argument("--gptq-act-order", action="store_true",
+                        help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")
+        sp.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
+                             "already quantized (the default), or (--no-gptq-sequential) from the float model")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

@@ -39,7 +39,7 @@ from edgeq.core.plan import Plan
 from edgeq.passes import lowrank_compensate as lr
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import source_digest
-from edgeq.passes.gptq import DEFAULT_DAMP, compensate, inverse_cholesky
+from edgeq.passes.gptq import DEFAULT_DAMP, Hessian, compensate
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
@@ -118,16 +118,15 @@ def lookup_error(dw: np.ndarray, p: np.ndarray, cols: np.ndarray | None = None) 
 def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importance: np.ndarray | None,
                    token_p: np.ndarray | None, layout: FileLayout, ranks: list[int] = (), scaling=None,
                    fisher_rows: np.ndarray | None = None, fisher_lookup: np.ndarray | None = None,
-                   fisher_cov: np.ndarray | None = None, gptq: np.ndarray | None = None) -> list[Option]:
+                   fisher_cov: np.ndarray | None = None, gptq: Hessian | None = None) -> list[Option]:
     """Every candidate format that can carry `w` natively, with its cost (see module docstring).
 
     With `ranks` (and the input's `scaling`, see lowrank_compensate), each format below BRANCH_MAX_BPW
     also gets options with a rank-r error branch: its cost is the output error left after the branch, its
     bytes include the branch's bytes (`layout`: what each adds to the backend's files). With Fisher
     weights (`fisher_rows`, and the token-weighted input covariance `fisher_cov` in place of C where given)
-    every cost is Fisher-weighted, the branches' residuals too. With `gptq` (the Cholesky factor of the input's
-    damped inverse covariance, passes/gptq.py) each quantizing format is priced by the error of its compensated
-    weights, what `--gptq` writes.
+    every cost is Fisher-weighted, the branches' residuals too. With `gptq` (the input's damped H, passes/gptq.py)
+    each quantizing format is priced by the error of its compensated weights, what GPTQ writes.
     """
     cov32 = diag = full = None
     if fisher_cov is not None:
@@ -190,10 +189,13 @@ def bytes_table(graph: Graph, layout: FileLayout, formats: list[str] | None) -> 
 
 def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLayout,
                   progress: Callable | None = None, ranks: list[int] = (),
-                  scaling_mode: str = "exact", fisher=None, gptq: bool = False) -> CostTable:
+                  scaling_mode: str = "exact", fisher=None, gptq: bool = False,
+                  act_order: bool = False) -> CostTable:
     """The cost of every candidate for every 2-D weight. `fisher`: output_fisher's dict, or a FisherSource
     whose statistics are computed a segment at a time as the costs use them (so a plan never holds every
-    weight's token-weighted covariance at once)."""
+    weight's token-weighted covariance at once). `gptq`: price each quantizing format by its compensated
+    weights' error, compensated through the Fisher's token-weighted covariance C_F where the Fisher gives one
+    (the cost's own metric, so no plain full covariance is kept for it), else the calibration's E[xxᵀ]."""
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
     embd = embedding_name(graph)
     imatrix = calibration.imatrix() if calibration is not None else {}
@@ -202,7 +204,7 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         base_p = calibration.token_counts / max(calibration.token_counts.sum(), 1)
     options = {}
     scalings: dict[str, lr.Scaling] = {}        # one per distinct input (q/k/v share theirs)
-    factors: dict[str, np.ndarray] = {}         # --gptq: the input's factor, kept while its weights come
+    hessians: dict[str, Hessian] = {}           # gptq: the input's H, kept while its weights come
     priced = 0
     if fisher is None:
         parts: Iterator[dict[str, np.ndarray]] = iter([{}])
@@ -231,19 +233,20 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
                                                                        if stats is not None else (None, None)))
             sc = scalings[key]
         u = None
-        if gptq and name != embd and stats is not None and stats.sum_outer is not None:
-            key = calibration.weight_input[name]
-            if key not in factors:
-                factors.clear()
-                factors[key] = inverse_cholesky(stats.full(), DEFAULT_DAMP)
-            u = factors[key]
+        fcov = part.get(f"cov:{name}")
+        if gptq and name != embd and (fcov is not None or stats is not None and stats.sum_outer is not None):
+            key = f"cov:{name}" if fcov is not None else calibration.weight_input[name]
+            if fcov is not None or key not in hessians:
+                hessians.clear()
+                hessians[key] = Hessian.of(fcov if fcov is not None else stats.full(), DEFAULT_DAMP, act_order)
+            u = hessians[key]
             priced += 1
         token_p = None
         if name == embd and base_p is not None:
             token_p = base_p * part[f"lookup_tokens:{embd}"] if f"lookup_tokens:{embd}" in part else base_p
         options[name] = tensor_options(name, w, fmts, stats, imatrix.get(name), token_p, layout,
                                        ranks if sc is not None else (), sc, part.get(name),
-                                       part.get(f"lookup:{name}"), part.get(f"cov:{name}"), u)
+                                       part.get(f"lookup:{name}"), fcov, u)
         del w, part
     missing = [n for n in decide if n not in options]
     if missing:
@@ -260,7 +263,8 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
     if any(r > 0 for r in ranks):
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
     if gptq:
-        info["gptq"] = {"damp": DEFAULT_DAMP, "compensated_tensors": priced}
+        info["gptq"] = {"damp": DEFAULT_DAMP, "act_order": act_order, "compensated_tensors": priced,
+                        "H": "C_F" if token_weighted else "E[xx^T]"}
     return CostTable(options, layout.overhead, graph.n_params, info)
 
 
@@ -270,9 +274,9 @@ class Sensitivity(Pass):
     name = "sensitivity"
 
     def __init__(self, layout: FileLayout, formats: list[str] | None = None, use_cache: bool = True,
-                 ranks: list[int] = (), scaling: str = "exact", gptq: bool = False):
+                 ranks: list[int] = (), scaling: str = "exact", gptq: bool = False, act_order: bool = False):
         self.layout = layout
-        self.gptq = gptq
+        self.gptq, self.act_order = gptq, act_order
         self.formats = formats
         self.ranks = sorted(r for r in set(ranks) if r > 0)
         self.scaling = scaling
@@ -295,7 +299,7 @@ class Sensitivity(Pass):
                 table = None
         if table is None:
             table = compute_costs(graph, fmts, cal, self.layout, ctx.progress, self.ranks, self.scaling,
-                                  ctx.analysis.get("fisher"), self.gptq)
+                                  ctx.analysis.get("fisher"), self.gptq, self.act_order)
             write_json_entry(path, table.to_json())
         ctx.analysis["costs"] = table
         ctx.record(self.name, tensors=len(table.options), formats=[f.name for f in fmts],
@@ -311,7 +315,7 @@ class Sensitivity(Pass):
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
         if self.gptq:
-            parts += ["gptq", DEFAULT_DAMP]
+            parts += ["gptq", DEFAULT_DAMP] + (["act_order"] if self.act_order else [])
         fisher = getattr(self, "_fisher", None)
         if isinstance(fisher, dict):
             h = hashlib.sha256()

@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from edgeq.bundle.manifest import Artifact
 from edgeq.core.adapter import SparseAdapter, UserAdapter
 from edgeq.core.errors import EdgeqError
@@ -84,6 +86,9 @@ class Target:
     prunes_attention: bool = False
     prunes_attention_why: str = "its runtime cannot narrow the attention's heads per layer"
     sizes_any_width: bool = False                 # its size model sizes any MLP width (`edgeq search` prunes with it)
+    # budgeted plans compensate by default (GPTQ, passes/gptq.py): its formats' bytes are ggml's, computed exactly
+    # here, so what the planner prices is what the file holds
+    compensates: bool = False
 
     # --- deciding ---------------------------------------------------------------------------------------
 
@@ -119,6 +124,10 @@ class Target:
         """Refuse, in one line, what this backend cannot do with these options (before any work is done)."""
         if graph.kind not in self.kinds:
             raise EdgeqError(None, f"the {self.name} backend does not carry {graph.kind} models")
+
+    def file_rows(self, graph: Graph, name: str, rows: np.ndarray) -> np.ndarray:
+        """A weight's quantized rows (the graph's row order) in the order this backend's file stores them."""
+        return rows
 
     def check_plan(self, graph: Graph, plan: Plan) -> None:
         """Refuse a finished plan this backend cannot lower (before anything is written)."""

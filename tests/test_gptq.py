@@ -3,6 +3,7 @@ reads, and refused where it cannot apply."""
 
 from __future__ import annotations
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -12,8 +13,9 @@ from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.importers.gguf import import_gguf
 from edgeq.importers.loader import import_model
-from edgeq.passes.calibrate import calibrate
-from edgeq.passes.gptq import compensate, inverse_cholesky
+from edgeq.core.executor import Executor
+from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
+from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky
 
 
 def _inputs(seed: int, width: int):
@@ -29,8 +31,9 @@ def _error(dw: np.ndarray, h: np.ndarray) -> float:
     return float(np.einsum("ij,jk,ik->", d, h, d))
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_k", "iq4_nl", "q3_k"])
-def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt):
+@pytest.mark.parametrize("fmt,act_order", [("q4_0", False), ("q4_k", False), ("iq4_nl", False), ("q3_k", False),
+                                           ("q4_0", True), ("q4_k", True)])
+def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt, act_order):
     rng = np.random.default_rng(0)
     draw = _inputs(1, 512)
     x, held = draw(4000, rng), draw(4000, rng)          # calibration tokens, and other tokens of the same law
@@ -39,14 +42,14 @@ def test_compensation_lowers_the_output_error_in_and_out_of_sample(fmt):
     f = get_format(fmt)
     imp = np.diag(h).astype(np.float32)
     plain = f.roundtrip(w, imp) - w
-    comp = f.roundtrip(compensate(w, f, inverse_cholesky(h), imp), imp) - w
+    comp = f.roundtrip(compensate(w, f, Hessian.of(h, act_order=act_order), imp), imp) - w
     assert _error(comp, h) < 0.9 * _error(plain, h)
     assert _error(comp, h_held) < 0.95 * _error(plain, h_held)
 
 
 def test_inverse_cholesky_survives_dead_inputs():
     h = np.diag([4.0, 0.0, 1.0])
-    u = inverse_cholesky(h)
+    u = inverse_cholesky(damped(h))
     assert np.all(np.isfinite(u)) and np.allclose(np.triu(u), u)
 
 
@@ -57,20 +60,40 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
         out = {}
-        for gptq in (False, True):
+        for gptq in (False, True, "float"):
             b = tmp_path_factory.mktemp("gptq") / "b"
-            export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=gptq, calib_windows=2, out=str(b)))
+            export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=bool(gptq), calib_windows=2,
+                                 gptq_sequential=gptq != "float", out=str(b)))
             out[gptq] = b
         return out
     finally:
         os.environ.pop("EDGEQ_CACHE", None)
 
 
+def _assert_compensated_through(run: Graph, written: Graph, source: Graph, names: list[str], imatrix: dict) -> None:
+    """Each of `names` in `written` is its format's quantization of W' = the source's weight compensated through the
+    H of the inputs that reach it when `run` runs the calibration windows."""
+    checked = []
+    tokens, bos, add_bos = calibration_tokens(source)
+
+    def check(node, envs):
+        name = node.inputs[1]
+        if name in names:
+            f = get_format(written.weights[name].source_format)
+            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]), imatrix[name])
+            np.testing.assert_array_equal(written.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
+            checked.append(name)
+
+    Executor(run, before={"linear": check}).run_many(calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos),
+                                                     outputs=("logits",))
+    assert names and sorted(checked) == sorted(names)
+
+
 def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_decoder_dir, cache, monkeypatch):
     monkeypatch.setenv("EDGEQ_CACHE", str(cache))
     source: Graph = import_model(tiny_decoder_dir)
     cal = calibrate(source, n_windows=2)
-    plain, comp = (import_gguf(exported[g] / "model.gguf") for g in (False, True))
+    plain, comp = (import_gguf(exported[g] / "model.gguf") for g in (False, "float"))
     q4 = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
     assert len(q4) >= 2 * 7 - 1
     total = {False: 0.0, True: 0.0}
@@ -80,14 +103,22 @@ def test_the_file_holds_the_compensated_weights_and_errs_less(exported, tiny_dec
         for g, graph in ((False, plain), (True, comp)):
             total[g] += _error(graph.weights[name].numpy() - w, h)
     assert total[True] < 0.9 * total[False]
-    # what was written is the format's own quantization of W' (ggml's code), nothing else
-    name = q4[0]
-    f, imp = get_format("q4_0"), cal.imatrix()[name]
-    w_prime = compensate(source.weights[name].numpy(), f, inverse_cholesky(cal.stats(name).full()), imp)
-    np.testing.assert_array_equal(comp.weights[name].numpy(), f.roundtrip(w_prime, imp))
+    # what was written is the format's own quantization of W' (ggml's code), W' compensated through the H of each
+    # layer's inputs in the float model over the calibration windows, one streamed run
+    _assert_compensated_through(source, comp, source, q4, cal.imatrix())
     # W' is only what is quantized: the reference outputs the bundle is checked against are the source's
     ref = {g: {p.name: p.read_bytes() for p in (exported[g] / "reference").iterdir()} for g in (False, True)}
     assert ref[False] and ref[False] == ref[True]
+
+
+def test_sequential_gptq_takes_each_layers_h_from_the_quantized_layers_before_it(exported, tiny_decoder_dir, cache,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("EDGEQ_CACHE", str(cache))
+    source: Graph = import_model(tiny_decoder_dir)
+    seq = import_gguf(exported[True] / "model.gguf")
+    q4 = [n for n, t in seq.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"]
+    # the file's own weights produce the inputs each layer was compensated for
+    _assert_compensated_through(seq, seq, source, q4, calibrate(source, n_windows=2).imatrix())
 
 
 def test_the_planner_prices_the_compensated_error(tiny_decoder_dir, cache, monkeypatch):
@@ -121,3 +152,58 @@ def test_refused_where_it_cannot_apply(tiny_decoder_dir, tmp_path):
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, ranks=[0, 8], gptq=True, out=str(tmp_path / "b")))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny_decoder_dir, tmp_path, monkeypatch):
+    """README command 1's install (no torch): a budgeted GGUF export prices and writes the compensated weights
+    (llama.cpp runs the file as the executor runs its weights: the bytes are in the file's row order);
+    --no-gptq writes the plain quantization."""
+    import sys
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "torch", None)
+    out = {}
+    for gptq in (None, False):
+        b = tmp_path / f"b{gptq}"
+        res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, gptq=gptq, calib_windows=2, out=str(b),
+                                   formats=["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"], check=False))
+        m = res["manifest"]
+        out[gptq] = (m, import_gguf(b / "model.gguf"))
+        assert (b / "model.gguf").stat().st_size == m["plan"]["search"]["predicted_bytes"] <= \
+            m["plan"]["search"]["budget_bytes"]
+    (m, comp), (m_plain, plain) = out[None], out[False]
+    rec = next(r for r in m["passes"] if r["pass"] == "gptq")
+    assert rec["sequential"] is True and rec["compensated"] > 0
+    assert not any(r["pass"] == "gptq" for r in m_plain["passes"])
+    assert "Fisher" in m["plan"]["search"]["cost"]
+    # every weight in a quantizing format but the embedding holds its sequential compensation
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"
+             and get_format(t.source_format).bits_per_weight < 16]
+    source = import_model(tiny_decoder_dir)
+    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix())
+    ids = [int(i) for i in np.random.default_rng(1).integers(3, comp.config.vocab_size, 48)]
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "bNone" / "model.gguf"), n_ctx=64, n_batch=64, logits_all=True,
+                          n_threads=1, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float64)
+    llm.close()
+    ref = Executor(comp).logits(ids).astype(np.float64)
+    la, lb = (x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+              for x in (ref, got))
+    assert float(np.mean(np.sum(np.exp(la) * (la - lb), -1))) < 5e-3
+
+
+def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
+    from edgeq.compile.decide import DecideInputs, gptq_on
+    from edgeq.targets.registry import get_target
+
+    graph = import_model(tiny_decoder_dir)
+    gguf, onnx = (DecideInputs(target=get_target(b), preset=None, profile=None) for b in ("gguf", "onnx"))
+    assert gptq_on(graph, gguf, ExportOptions(bpw=5.0))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, gptq=False))
+    assert not gptq_on(graph, gguf, ExportOptions(quant="q4_k_m"))                    # a preset: llama.cpp's own
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, calibration=False))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, ranks=[0, 8]))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, method="dynaquant"))
+    assert not gptq_on(graph, onnx, ExportOptions(bpw=5.0))
+    assert gptq_on(graph, onnx, ExportOptions(bpw=5.0, gptq=True))

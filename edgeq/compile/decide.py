@@ -97,7 +97,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     if opts.imatrix and not opts.calibration:
         raise EdgeqError(opts.imatrix, "--imatrix and --no-calibration contradict each other")
     if opts.gptq and not opts.calibration:
-        raise EdgeqError(None, "--gptq compensates through the calibration's input covariances: drop --no-calibration")
+        raise EdgeqError(None, "--gptq compensates through the calibration's inputs: drop --no-calibration")
+    opts = replace(opts, gptq=gptq_on(graph, inp, opts))
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -111,6 +112,16 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     _check_importance(decision)
     inp.target.check_plan(graph, decision.plan)
     return decision
+
+
+def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
+    """--gptq / --no-gptq, else on for a budgeted ILP plan with calibration on a target that compensates by
+    default (what the planner prices is then what the file holds), where no low-rank branch, pruning or plan file
+    starts from the uncompensated weights."""
+    if opts.gptq is not None:
+        return opts.gptq
+    return bool(opts.budgeted and opts.calibration and inp.target.compensates and graph.kind == "decoder"
+                and opts.method == "ilp" and not any(opts.ranks) and not opts.pruning and inp.user_plan is None)
 
 
 def _check_importance(decision: Decision) -> None:
@@ -138,7 +149,9 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
         # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
         # the covariance of each down projection's input, whatever its width.
-        full = ranks or opts.gptq or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
+        # GPTQ's writer takes each layer's H from its own run; its pricing reads the Fisher's C_F, else these.
+        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher") or (
+            opts.gptq and search and search_cost(opts) != "fisher")
         max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full,
@@ -152,7 +165,9 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes.append(ApplyRules(user, opts.plan))
     passes.append(Legalize())
     if opts.gptq:
-        passes.append(GptqCompensate())
+        passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential, n_windows=opts.calib_windows, source=inp.text,
+                                     subset=opts.calib_subset,
+                                     file_rows=functools.partial(inp.target.file_rows, graph)))
     if prune:
         passes += _pruning_passes(inp, opts, ranks)[1 if opts.budgeted and opts.method == "search" else 0:]
     if ranks and branches:
@@ -394,7 +409,7 @@ def _cost_passes(inp: DecideInputs, opts: ExportOptions, layout, formats: list[s
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
     passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling,
-                              gptq=opts.gptq))
+                              gptq=opts.gptq, act_order=opts.gptq_act_order))
     return passes
 
 

@@ -44,7 +44,11 @@ class ExportOptions:
     formats: list[str] | None = None       # candidate formats (default: every format the backend carries)
     ranks: list[int] = field(default_factory=lambda: [0])
     lowrank_scaling: str = "exact"         # S of the low-rank branches: exact | diag | identity
-    gptq: bool = False                     # compensate each weight's block errors in its later columns (passes/gptq.py)
+    # compensate each weight's block errors in its later columns (passes/gptq.py); None: on for budgeted plans
+    # with calibration on a target that compensates by default (GGUF), off elsewhere
+    gptq: bool | None = None
+    gptq_act_order: bool = False           # GPTQ's blocks quantized in order of decreasing input energy
+    gptq_sequential: bool = True           # GPTQ's H from the inputs the already-quantized layers produce
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order

@@ -40,11 +40,17 @@ class Executor:
     inputs of every node by op, without the executor knowing about them;
     `edits` ({weight: f(x, out) -> out}) changes a linear layer's output, so a
     benchmark can perturb one layer and measure what a cost model missed.
+    `before` ({op: f(node, envs)}) sees a node's inputs in every sequence before
+    its weights are loaded, so a pass can decide a weight from the activations
+    that reach it (sequential GPTQ quantizes each layer from the inputs its
+    already-quantized predecessors produce).
     """
 
     def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None,
-                 cache_weights: bool = True, edits: dict[str, Callable] | None = None):
+                 cache_weights: bool = True, edits: dict[str, Callable] | None = None,
+                 before: dict[str, Callable[[Node, list[dict]], None]] | None = None):
         self.graph = graph
+        self.before = before or {}
         self._weights: dict[str, np.ndarray] = {}
         self.observers = observers or {}
         self.cache_weights = cache_weights
@@ -101,6 +107,8 @@ class Executor:
                 last_use[name] = i
         fed = set(envs[0]) if envs else set()
         for i, node in enumerate(nodes):
+            if node.op in self.before:
+                self.before[node.op](node, envs)
             weights = {n: self.weight(n) for n in node.inputs if n in self.graph.weights}
             hook = self.observers.get(node.op)
             for env in envs:

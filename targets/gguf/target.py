@@ -41,6 +41,7 @@ class GgufTarget(Target):
     adapters_need_slots = False      # llama.cpp applies a LoRA GGUF to any weight of the model
     measures_speed = True
     sizes_any_width = True     # layout.py: bytes from each tensor's shape, the header from the widths' metadata
+    compensates = True
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
     prunes_attention_why = ("llama.cpp's llama and deci architectures have one head size (attention.key_length = "
                             "value_length = rope.dimension_count, asserted equal) and one rope_freqs table for all "
@@ -64,6 +65,10 @@ class GgufTarget(Target):
     def layout(self, graph: Graph, formats: list[Format], ranks: list[int], profile, *, spec=None,
                ndk_clang: str | None = None) -> FileLayout:
         return gguf_layout(graph, spec_to_json(spec), any(r > 0 for r in ranks))
+
+    def file_rows(self, graph: Graph, name: str, rows: np.ndarray) -> np.ndarray:
+        heads = llama.qk_heads(graph.config, name)          # llama.cpp's interleaved RoPE rows (writer.py)
+        return rows if heads is None else llama.permute_for_gguf(rows, heads)
 
     def compare_speed(self, files: dict[str, Path], threads: int) -> dict[str, dict[str, float]]:
         return compare_speed(files, threads)
