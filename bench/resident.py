@@ -9,7 +9,7 @@ Per preset the medians; the CPU's flags and the load. Writes bench/results/resid
 
 Why it matters: llama.cpp maps the file and copies the tensors its kernels repack (x86: Q4_0, Q4_K, IQ4_NL)
 into buffers of their own, and the pages it copied them from stay resident unless someone drops them
-(`edgeq.runtime.memory.drop_mapped_pages`, which the runtime does after every GGUF load).
+(`edgeq.runtime.memory.drop_pages`, which the GGUF backend does as llama.cpp loads and once after).
 
     python bench/resident.py                            # SmolLM2 q4_0, q4_k_m, q8_0, 3 rounds
     python bench/resident.py --presets q4_0,iq4_nl --rounds 5

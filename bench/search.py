@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         plot(s["rows"], [s["limit_ms"]], out.with_suffix(".png"), f"{profile.describe()}; limit {s['limit_ms']} ms",
              planned=("ilp", "search"))
     if a.stage in ("all", "rho"):
-        limit = a.limit_ms or (res.get("search", {}).get("limit_ms") or _predicted_q4km(a, work))
+        limit = _stage_limit(a, res, work)
         res["rho"] = stage_rho(a, limit, work)
         print("| expensive labels | expensive only ρ | cheap only ρ | transfer ρ |")
         print("|---|---|---|---|")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['labels']} | {r['expensive_only']:.3f} ± {r['expensive_only_spread']:.3f} | "
                   f"{r['cheap_only']:.3f} | {r['transfer']:.3f} ± {r['transfer_spread']:.3f} |")
     if a.stage == "menus":
-        limit = a.limit_ms or (res.get("search", {}).get("limit_ms") or _predicted_q4km(a, work))
+        limit = _stage_limit(a, res, work)
         res["menus"] = stage_menus(a, limit, work)
         print("| menu | Q-T rank | score (T x Q) | best real KLD | predicted ms |")
         print("|---|---|---|---|---|")
@@ -258,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     return 0
+
+
+def _stage_limit(a, res: dict[str, Any], work: Path) -> float:
+    """The rho and menus stages' latency limit: --limit-ms, else the search stage's, else q4_k_m's predicted step."""
+    return a.limit_ms or res.get("search", {}).get("limit_ms") or _predicted_q4km(a, work)
 
 
 def _predicted_q4km(a, work: Path) -> float:

@@ -80,7 +80,3 @@ def drop_pages(ranges: list[tuple[int, int]]) -> int:
         return 0
     return sum(end - start for start, end in ranges if madvise(start, end - start, _MADV_DONTNEED) == 0)
 
-
-def drop_mapped_pages(path: str | os.PathLike) -> int:
-    """`drop_pages` on every read-only mapping of `path`."""
-    return drop_pages(mapped_ranges(path))

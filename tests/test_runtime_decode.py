@@ -21,7 +21,7 @@ import pytest
 
 from edgeq import runtime
 from edgeq.runtime import threads as runtime_threads
-from edgeq.runtime.memory import drop_mapped_pages
+from edgeq.runtime.memory import drop_pages, mapped_ranges
 
 PROMPTS = ["the rain", "x", "snow falls on the"]
 
@@ -216,11 +216,11 @@ def test_dropped_mapped_pages_read_back_the_same_bytes(tmp_path):
         view = np.frombuffer(buf, dtype=np.uint8)
         assert int(view.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))       # every page touched
         assert _mapped_rss_kib(path) >= 7 << 10
-        assert drop_mapped_pages(path) >= 8 << 20
+        assert drop_pages(mapped_ranges(path)) >= 8 << 20
         assert _mapped_rss_kib(path) < 1 << 10
         assert np.array_equal(view, data)
         del view
-    assert drop_mapped_pages(tmp_path / "not-mapped.bin") == 0
+    assert drop_pages(mapped_ranges(tmp_path / "not-mapped.bin")) == 0
 
 
 def test_a_loaded_gguf_keeps_no_pages_of_its_file_until_it_reads_them(bundles):
