@@ -7,11 +7,13 @@ ONNX and TVM bundles name the factors of weight W `W.lora_A`/`W.lora_B` (ONNX in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from edgeq.runtime.arrays import aligned_empty
 from edgeq.runtime.manifest import BundleError
 
 
@@ -42,66 +44,102 @@ def checked_factors(path: Path, arrays: dict[str, np.ndarray], shapes: dict[str,
 Factors = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
-def aligned_empty(shape: tuple[int, ...], dtype=np.float32, alignment: int = 64) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `alignment`-byte boundary (TVM shares such
-    memory through DLPack instead of copying it)."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(nbytes + alignment, np.uint8)
-    start = (-buf.ctypes.data) % alignment
-    return buf[start:start + nbytes].view(dtype).reshape(shape)
+@dataclass
+class HeldAdapter:
+    """An adapter's factors as a runtime read them; `owner`: what holds their memory where the arrays are views
+    of it (onnxruntime's adapter object over the file's bytes), kept alive with them."""
+    factors: Factors
+    owner: object = None
 
 
-def aligned_copy(arr: np.ndarray) -> np.ndarray:
-    out = aligned_empty(arr.shape, arr.dtype)
-    out[...] = arr
-    return out
+@dataclass
+class _Combination:
+    """Factors built for a choice of several adapters (or one at another scale): per weight, A side by side along
+    the rank and B·scale stacked likewise; `spans`: weight -> [(name, first rank, rank)] of each member."""
+    chosen: tuple[tuple[str, float], ...]
+    factors: Factors
+    spans: dict[str, list[tuple[str, int, int]]]
 
 
 class LoraFactorStore:
     """The LoRA factors a runtime feeds for a choice of adapters, each adapter's bytes resident once.
 
-    An adapter applied alone at scale 1 is fed its file's own arrays, kept for later switches. Several adapters
-    (or one at another scale) are fed per weight their A side by side along the rank and their B·scale stacked
-    likewise: that combination is a copy, so the adapters it holds are dropped from the store when it is built,
-    and read again (`open_file` checks the file once more) when one is next chosen alone. Keeping both would hold
-    every combined adapter twice (measured: the second adapter of a pair grew resident memory by 3x its file).
+    An adapter applied alone at scale 1 is fed the arrays its file was read into, kept for later switches.
+    Several adapters (or one at another scale) are fed per weight their A side by side along the rank and their
+    B·scale stacked likewise: that combination is a copy, so its members' own arrays are dropped when it is
+    built (keeping both held every combined adapter twice: the second adapter of a pair grew resident memory by
+    3x its file). Leaving the combination gives the members at scale 1 their own arrays back, copied out of it
+    (exactly their bytes: A is never scaled, B·1 is B), so moving between an adapter and a combination with it
+    reads no file; a member at another scale is read again (`open_file` checks the file once more) when next
+    chosen, since B·scale/scale is not always B to the bit.
     """
 
-    def __init__(self, read: Callable[[Path], Factors]):
+    def __init__(self, read: Callable[[Path], HeldAdapter]):
         self._read = read
-        self._held: dict[str, Factors] = {}
+        self._held: dict[str, HeldAdapter] = {}
+        self._combined: _Combination | None = None
 
-    def add(self, name: str, factors: Factors) -> None:
+    @property
+    def held_alone(self) -> list[str]:
+        """The adapters whose own arrays are held now (the rest are read again, or live in the combination)."""
+        return sorted(self._held)
+
+    def add(self, name: str, held: HeldAdapter) -> None:
         """An adapter the runtime read itself (its first read, which told it the file holds LoRA factors)."""
-        self._held[name] = factors
+        self._held[name] = held
 
     def select(self, chosen: list[tuple[str, float]], open_file: Callable[[str], Path]) -> Factors:
         """{weight: (A, B)} for these adapters (name, scale); weights no chosen adapter changes are absent."""
-        def factors(name: str) -> Factors:
-            f = self._held.get(name)
-            return f if f is not None else self._read(open_file(name))
+        key = tuple(chosen)
+        if self._combined is not None and self._combined.chosen == key:
+            return self._combined.factors
+        self._leave_combination()
+
+        def held(name: str) -> HeldAdapter:
+            if name not in self._held:
+                self._held[name] = self._read(open_file(name))
+            return self._held[name]
 
         if len(chosen) == 1 and chosen[0][1] == 1.0:
-            name = chosen[0][0]
-            self._held[name] = factors(name)
-            return self._held[name]
-        parts = [(factors(n), np.float32(s)) for n, s in chosen]
-        for n, _ in chosen:
-            self._held.pop(n, None)       # their bytes live in the combination from now on
-        out = {}
-        for w in sorted({w for f, _ in parts for w in f}):
-            ps = [(f[w], s) for f, s in parts if w in f]
-            if len(ps) == 1:
-                (a, b), s = ps[0]
-                out[w] = (a, b if s == 1.0 else np.multiply(b, s, out=aligned_empty(b.shape)))
-                continue
-            rank = sum(a.shape[1] for (a, _), _ in ps)
-            a_all = np.concatenate([a for (a, _), _ in ps], 1, out=aligned_empty((ps[0][0][0].shape[0], rank)))
-            b_all = aligned_empty((rank, ps[0][0][1].shape[1]))
-            row = 0
-            for (_, b), s in ps:
-                np.multiply(b, s, out=b_all[row:row + b.shape[0]])
-                row += b.shape[0]
+            return held(chosen[0][0]).factors
+        if not chosen:
+            return {}
+        parts = [(n, held(n).factors, np.float32(s)) for n, s in chosen]
+        out, spans = {}, {}
+        for w in sorted({w for _, f, _ in parts for w in f}):
+            ps = [(n, f[w], s) for n, f, s in parts if w in f]
+            rank = sum(a.shape[1] for _, (a, _), _ in ps)
+            a_all = aligned_empty((ps[0][1][0].shape[0], rank))
+            b_all = aligned_empty((rank, ps[0][1][1].shape[1]))
+            spans[w], row = [], 0
+            for n, (a, b), s in ps:
+                r = a.shape[1]
+                a_all[:, row:row + r] = a
+                np.multiply(b, s, out=b_all[row:row + r])
+                spans[w].append((n, row, r))
+                row += r
             out[w] = (a_all, b_all)
+        for n, _ in chosen:
+            del self._held[n]           # their bytes live in the combination from now on
+        self._combined = _Combination(key, out, spans)
         return out
+
+    def _leave_combination(self) -> None:
+        """The members at scale 1 held alone again, copied out of the combination, which is dropped."""
+        c, self._combined = self._combined, None
+        if c is None:
+            return
+        for name, scale in c.chosen:
+            if scale != 1.0:
+                continue
+            factors = {}
+            for w, spans in c.spans.items():
+                for n, row, r in spans:
+                    if n == name:
+                        a_all, b_all = c.factors[w]
+                        a = aligned_empty((a_all.shape[0], r))
+                        a[...] = a_all[:, row:row + r]
+                        b = aligned_empty((r, b_all.shape[1]))
+                        b[...] = b_all[row:row + r]
+                        factors[w] = (a, b)
+            self._held[name] = HeldAdapter(factors)

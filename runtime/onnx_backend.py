@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeq.core.errors import RequestError
-from edgeq.runtime.lora import LoraFactorStore, checked_factors
+from edgeq.runtime.lora import HeldAdapter, LoraFactorStore, checked_factors
 from edgeq.runtime.manifest import BundleError, listed_path, lora_adapters
 from edgeq.runtime.onnx_slice import slice_mlp
 from edgeq.runtime.pruned import pruned_file
@@ -201,18 +201,18 @@ class OnnxDecoderBackend(TokenizerText):
         self.lora_feeds = feeds
         self.reset()
 
-    def _read_adapter(self, path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """An .onnx_adapter file (onnxruntime's format), its tensors checked against the graph's LoRA inputs."""
+    def _read_adapter(self, path: Path) -> HeldAdapter:
+        """An .onnx_adapter file (onnxruntime's format), its tensors checked against the graph's LoRA inputs. The
+        factors are views of the adapter object's own buffer (the file's bytes, read once), which is kept with
+        them: copying them out cost as much as reading the file."""
         import onnxruntime as ort
 
         try:
             adapter = ort.AdapterFormat.read_adapter(os.fspath(path))
-            # copies: the arrays numpy() returns view memory the adapter object owns
-            params = {k: np.array(v.numpy(), copy=True) for k, v in adapter.get_parameters().items()}
-            del adapter
+            params = {k: v.numpy() for k, v in adapter.get_parameters().items()}
         except Exception as exc:       # onnxruntime's flatbuffer verifier: a damaged or foreign file
             raise BundleError(path, f"not an onnxruntime adapter file ({str(exc).strip().splitlines()[0]})") from None
-        return checked_factors(path, params, self.lora_shapes, ("A", "B"))
+        return HeldAdapter(checked_factors(path, params, self.lora_shapes, ("A", "B")), owner=adapter)
 
     def reset(self) -> None:
         import onnxruntime as ort

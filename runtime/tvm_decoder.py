@@ -15,8 +15,8 @@ from typing import Callable
 import numpy as np
 
 from edgeq.core.errors import RequestError
-from edgeq.runtime.arrays import read_arrays
-from edgeq.runtime.lora import LoraFactorStore, aligned_copy, checked_factors
+from edgeq.runtime.arrays import read_aligned_arrays
+from edgeq.runtime.lora import HeldAdapter, LoraFactorStore, checked_factors
 from edgeq.runtime.manifest import BundleError
 from edgeq.runtime.text_io import TokenizerText
 from edgeq.runtime.tokenizer import build_tokenizer
@@ -42,7 +42,7 @@ class TvmDecoderBackend(TokenizerText):
                                             int(session.params[index[n[:-1] + "b"]].shape[1]))
                      for n, i in index.items() if n.endswith(".lora_a") and n[:-1] + "b" in index}
         self._base_lora = {w: (session.params[i], session.params[j]) for w, (i, j, _, _) in self.lora.items()}
-        self._lora = LoraFactorStore(lambda path: self._read_lora(path, read_arrays(path)))
+        self._lora = LoraFactorStore(lambda path: self._read_lora(path, read_aligned_arrays(path)))
         self._sparse: dict[str, dict[str, tuple[np.ndarray, ...]]] = {}   # SHiRA adapters read so far (in place)
         self._read_names: set[str] = set()          # every adapter read so far (SHiRA or LoRA)
         self._applied: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []   # (flat view, positions, old values)
@@ -98,7 +98,7 @@ class TvmDecoderBackend(TokenizerText):
         """An adapter's safetensors, read the first time it is chosen: a SHiRA adapter's entries checked against
         the weights they change (f32 or f16 parameters, on this machine's memory), kept; LoRA factors checked
         against the library's LoRA parameters, handed to the factor store."""
-        arrays = read_arrays(path)
+        arrays = read_aligned_arrays(path)
         keys = list(arrays)
         if keys and all(".shira_" in k for k in keys):
             self._sparse[name] = self._read_sparse(path, arrays)
@@ -106,11 +106,10 @@ class TvmDecoderBackend(TokenizerText):
             self._lora.add(name, self._read_lora(path, arrays))
         self._read_names.add(name)
 
-    def _read_lora(self, path: Path, arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _read_lora(self, path: Path, arrays: dict[str, np.ndarray]) -> HeldAdapter:
+        """The factors as read (aligned arrays, shared with the VM as they are)."""
         shapes = {w: (n_in, n_out) for w, (_, _, n_in, n_out) in self.lora.items()}
-        factors = checked_factors(path, arrays, shapes, ("a", "b"))
-        arrays.clear()
-        return {w: (aligned_copy(a), aligned_copy(b)) for w, (a, b) in factors.items()}
+        return HeldAdapter(checked_factors(path, arrays, shapes, ("a", "b")))
 
     def reset(self) -> None:
         import tvm

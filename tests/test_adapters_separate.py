@@ -275,22 +275,34 @@ def test_tampered_adapter_file(setup, backend, tmp_path):
 @pytest.mark.parametrize("fed", ["onnx", "tvm"])
 def test_combined_adapters_are_held_once(setup, fed, tmp_path):
     """Two adapters at once are one combination of their factors, and their own arrays are dropped (each
-    adapter's bytes resident once): choosing one alone again reads and checks its file anew, so a file changed
-    since is refused and the session keeps the combination; unchanged, it gives a fresh load's logits."""
+    adapter's bytes resident once). Leaving it, a member at scale 1 gets its arrays back from the combination
+    without reading its file (so a file changed since does not matter); one at another scale (sql's default 0.5)
+    is read and checked anew, so its changed file is refused and the session keeps what it had. Every way back
+    gives a fresh load's logits to the bit."""
     b = shutil.copytree(setup["bundles"][fed], tmp_path / "b")
+    fresh = {}
+    for choice in (["chat"], ["chat", "sql"]):
+        with runtime.load(b, adapters=choice) as s:
+            fresh[tuple(choice)] = s.logits(IDS)
+    paths = {n: b / FILES[fed][1].format(n) for n in ("chat", "sql")}
+    good = {n: p.read_bytes() for n, p in paths.items()}
     with runtime.load(b, adapters=["chat", "sql"]) as s:
-        both = s.logits(IDS)
-        path = b / FILES[fed][1].format("chat")
-        good = path.read_bytes()
-        path.write_bytes(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:])
-        with pytest.raises(BundleError, match="checksum"):
-            s.set_adapters(["chat"])
-        assert s.adapters == {"chat": 1.0, "sql": 0.5} and np.array_equal(s.logits(IDS), both)
-        path.write_bytes(good)
+        assert np.array_equal(s.logits(IDS), fresh[("chat", "sql")])
+        assert s.backend._lora.held_alone == []        # the combination holds both adapters' bytes, once
+        for n, p in paths.items():
+            p.write_bytes(good[n][:-5] + bytes([good[n][-5] ^ 1]) + good[n][-4:])
         s.set_adapters(["chat"])
-        chat = s.logits(IDS)
-    with runtime.load(b, adapters=["chat"]) as fresh:
-        assert np.array_equal(fresh.logits(IDS), chat)
+        assert s.backend._lora.held_alone == ["chat"]
+        assert np.array_equal(s.logits(IDS), fresh[("chat",)])
+        with pytest.raises(BundleError, match="checksum"):
+            s.set_adapters(["chat", "sql"])
+        assert s.adapters == {"chat": 1.0} and np.array_equal(s.logits(IDS), fresh[("chat",)])
+        paths["sql"].write_bytes(good["sql"])
+        s.set_adapters(["chat", "sql"])
+        assert np.array_equal(s.logits(IDS), fresh[("chat", "sql")])
+        s.set_adapters({})
+        s.set_adapters(["chat"])
+        assert np.array_equal(s.logits(IDS), fresh[("chat",)])
 
 
 def test_adapter_file_for_another_base_in_the_runtime(setup, backend, tmp_path):
