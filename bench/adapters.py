@@ -7,8 +7,10 @@ written for SmolLM2 (its float weights: the shipped Q4_1 dequantized). Per backe
   holds equal to PEFT's merge_and_unload to 1e-5), on held-out text, for a separate f32 base, a separate
   q4-class base (gguf q4_0, onnx int4, tvm int4) and the adapter merged into the same q4-class preset (both
   calibrated by the same pipeline: separate on the base alone, merged on the merged model);
-- times on the q4-class separate bundle: loading the base (runtime.load, checksums included and not), the first
-  switch to each adapter (reading its file) and later switches between them, median of `--rounds`;
+- times on the q4-class separate bundle: loading the base (runtime.load, checksums included and not) and, per
+  round in one session, every kind of switch (`SWITCHES`: the first use of each adapter, which reads its file,
+  between adapters already read, between an adapter and a combination with it, to and from the base, to another
+  weight and back), medians of `--rounds`, each against the verified load;
 - decode tokens/s: the separate base with adapter A applied, the merged bundle, and the separate base with no
   adapter, interleaved round by round (`--tokens` decoded after a short prompt, median);
 - resident memory: RSS after loading the base, after applying A, after A and B, after B alone, after the base
@@ -18,6 +20,7 @@ written for SmolLM2 (its float weights: the shipped Q4_1 dequantized). Per backe
 
     python bench/adapters.py                                  # all backends, 1 thread
     python bench/adapters.py --backends gguf,onnx --chunks 1  # quicker look
+    python bench/adapters.py --switch-only                    # every kind of switch against the base load
 
 Writes bench/results/adapters.json.
 """
@@ -201,28 +204,7 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
     row["base_file_bytes"] = sum(a["bytes"] for a in m["artifacts"] if a["backend"] == backend
                                  and a.get("role") != "lora")
 
-    loads, loads_unverified, first, switch = [], [], [], []
-    for _ in range(args.rounds):
-        t0 = time.perf_counter()
-        runtime.load(b["sep_q4"], backend=backend, threads=args.threads).close()
-        loads.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        s = runtime.load(b["sep_q4"], backend=backend, threads=args.threads, verify=False)
-        loads_unverified.append(time.perf_counter() - t0)
-        for name in ("A", "B"):
-            t0 = time.perf_counter()
-            s.set_adapters([name])
-            first.append(time.perf_counter() - t0)
-        for i in range(4):
-            t0 = time.perf_counter()
-            s.set_adapters(["A" if i % 2 == 0 else "B"])
-            switch.append(time.perf_counter() - t0)
-        s.close()
-    row["load_base"] = median_ms(loads)
-    row["load_base_unverified"] = median_ms(loads_unverified)
-    row["first_switch"] = median_ms(first)
-    row["switch"] = median_ms(switch)
-    row["switch_over_load"] = row["switch"]["median_ms"] / row["load_base"]["median_ms"]
+    row.update(switch_times(b["sep_q4"], backend, args.rounds, args.threads))
     # llama.cpp only marks its graph for re-reservation on a switch: the first token after it pays the rest
     s = runtime.load(b["sep_q4"], backend=backend, threads=args.threads, verify=False)
     token_after_switch, token = [], []
@@ -239,7 +221,6 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
     s.close()
     row["first_token_after_switch"] = median_ms(token_after_switch)
     row["first_token_no_switch"] = median_ms(token)
-    row.update(combination_switch_times(b["sep_q4"], backend, args.rounds, args.threads))
 
     prompt = list(range(200, 232))
     sessions = {"separate+A": runtime.load(b["sep_q4"], backend=backend, threads=args.threads, adapters=["A"]),
@@ -277,25 +258,54 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
     return row
 
 
-def combination_switch_times(bundle: Path, backend: str, rounds: int, threads: int) -> dict[str, Any]:
-    """Switching from A alone to A and B together (their factors combined in new arrays) and back to A alone
-    (ONNX and TVM read and hash-check A's file again: the combination held its bytes)."""
+# every kind of switch, in the order a round makes them (one session per round, after a base load): (name, choice)
+SWITCHES = (("first A", ["A"]), ("first B", ["B"]), ("A to B", ["B"]), ("B to A", ["A"]),
+            ("A to A+B", ["A", "B"]), ("A+B to A", ["A"]), ("A to base", {}), ("base to A+B", ["A", "B"]),
+            ("A+B to base", {}), ("base to A", ["A"]), ("A to A:0.5", {"A": 0.5}), ("A:0.5 to A", ["A"]))
+
+
+def switch_times(bundle: Path, backend: str, rounds: int, threads: int) -> dict[str, Any]:
+    """Per round: the base loaded with its checksums (the yardstick) and without, then in that session every kind
+    of switch (`SWITCHES`: first use, between adapters already read, between an adapter and a combination with
+    it, to and from the base, to another weight and back), each timed alone; medians over the rounds and each
+    median over the verified load's."""
     from edgeq import runtime
 
-    to_both, back = [], []
-    s = runtime.load(bundle, backend=backend, threads=threads, verify=False)
-    s.set_adapters(["A"])
-    s.set_adapters(["B"])
+    loads, loads_unverified = [], []
+    times: dict[str, list[float]] = {k: [] for k, _ in SWITCHES}
     for _ in range(rounds):
-        s.set_adapters(["A"])
         t0 = time.perf_counter()
-        s.set_adapters(["A", "B"])
-        to_both.append(time.perf_counter() - t0)
+        runtime.load(bundle, backend=backend, threads=threads).close()
+        loads.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        s.set_adapters(["A"])
-        back.append(time.perf_counter() - t0)
-    s.close()
-    return {"switch_to_A+B": median_ms(to_both), "switch_A+B_to_A": median_ms(back)}
+        s = runtime.load(bundle, backend=backend, threads=threads, verify=False)
+        loads_unverified.append(time.perf_counter() - t0)
+        for k, choice in SWITCHES:
+            t0 = time.perf_counter()
+            s.set_adapters(choice)
+            times[k].append(time.perf_counter() - t0)
+        s.close()
+    load = statistics.median(loads)
+    out: dict[str, Any] = {"load_base": median_ms(loads), "load_base_unverified": median_ms(loads_unverified),
+                           "switches": {k: {**median_ms(v), "over_load": statistics.median(v) / load}
+                                        for k, v in times.items()}}
+    out["first_switch"] = median_ms(times["first A"] + times["first B"])
+    out["switch"] = median_ms(times["A to B"] + times["B to A"])
+    out["switch_over_load"] = out["switch"]["median_ms"] / out["load_base"]["median_ms"]
+    out["worst_switch_over_load"] = max(v["over_load"] for v in out["switches"].values())
+    return out
+
+
+def switch_table(rows: list[dict[str, Any]]) -> str:
+    """Each kind of switch's median ms and its share of the verified base load, per backend."""
+    lines = ["| switch | " + " | ".join(f"{r['backend']} ({r['q4_preset']})" for r in rows) + " |",
+             "|---|" + "---|" * len(rows),
+             "| load base (verified) | " + " | ".join(f"{r['load_base']['median_ms']:.0f} ms" for r in rows) + " |"]
+    for k, _ in SWITCHES:
+        lines.append(f"| {k} | " + " | ".join(f"{r['switches'][k]['median_ms']:.1f} ms "
+                                               f"({r['switches'][k]['over_load']:.3f}x)" for r in rows) + " |")
+    lines.append("| worst / load | " + " | ".join(f"{r['worst_switch_over_load']:.3f}x" for r in rows) + " |")
+    return "\n".join(lines)
 
 
 def bench_shira(base: Path, ads: dict[str, Path], work: Path, refs: dict[str, ReferenceCache],
@@ -385,9 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shira-switch-only", action="store_true",
                     help="only time the TVM LoRA/SHiRA switches again on the bundle of an earlier run (--work), into "
                          "the JSON's rows[tvm].shira_switch_rerun")
-    ap.add_argument("--combination-only", action="store_true",
-                    help="only time the switches to A+B and back to A again on the bundles of an earlier run (--work), "
-                         "into the JSON's rows")
+    ap.add_argument("--switch-only", action="store_true",
+                    help="only time every kind of switch (and the base load) again on the q4 bundles of an earlier "
+                         "run (--work), exporting them first if missing; writes --out's rows with those fields only "
+                         "(default bench/results/adapters_switch.json)")
     ap.add_argument("--rss-probe", nargs=3, metavar=("BUNDLE", "BACKEND", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rss_probe:
@@ -402,16 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(times))
         return 0
-    if args.combination_only:
-        out = Path(args.out)
-        result = json.loads(out.read_text())
-        for row in result["rows"]:
-            if row["backend"] in args.backends.split(","):
-                row.update(combination_switch_times(Path(args.work) / f"{row['backend']}-sep-{row['q4_preset']}",
-                                                    row["backend"], args.rounds, args.threads))
-                print(json.dumps({k: row[k] for k in ("backend", "switch_to_A+B", "switch_A+B_to_A")}))
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        return 0
+    if args.switch_only:
+        return switch_only(args)
     from edgeq.core.executor import Executor
     from edgeq.importers.hf import import_hf
     from edgeq.passes import Context
@@ -445,6 +448,35 @@ def main(argv: list[str] | None = None) -> int:
         result["machine"]["load_at_end"] = os.getloadavg()
         out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(rows))
+    print(switch_table(rows))
+    log(f"wrote {out}")
+    return 0
+
+
+def switch_only(args: argparse.Namespace) -> int:
+    """`--switch-only`: the q4 separate bundles (exported from the same SmolLM2 and adapters when missing), then
+    `switch_times` per backend, in one process."""
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = smollm_folder(work)
+    ads = {k: random_lora(work / f"lora-{k}", base, args.rank, seed, args.std) for k, seed in (("A", 1), ("B", 2))}
+    rows = []
+    result: dict[str, Any] = {"machine": {"cpu_flags": _flags(), "load_at_start": os.getloadavg(),
+                                          "threads": args.threads, "python": platform.python_version()},
+                              "versions": versions(), "args": vars(args), "rows": rows}
+    out = Path(args.out if args.out != str(DEFAULT_OUT / "adapters.json") else DEFAULT_OUT / "adapters_switch.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for backend in args.backends.split(","):
+        bundle = work / f"{backend}-sep-{Q4[backend]}"
+        export(bundle, base, backend, Q4[backend], [f"{ads['A']}=A", f"{ads['B']}=B"], "separate")
+        rows.append({"backend": backend, "q4_preset": Q4[backend],
+                     "adapter_file_bytes": {a["name"]: a["bytes"] for a in json.loads(
+                         (bundle / "manifest.json").read_text())["artifacts"] if a.get("role") == "lora"},
+                     **switch_times(bundle, backend, args.rounds, args.threads)})
+        result["machine"]["load_at_end"] = os.getloadavg()
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        log(f"{backend}: worst switch {rows[-1]['worst_switch_over_load']:.3f}x the base load")
+    print(switch_table(rows))
     log(f"wrote {out}")
     return 0
 

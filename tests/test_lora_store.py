@@ -85,7 +85,8 @@ def test_aligned_reader_equals_safetensors_and_aligns(tmp_path):
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k])
-        assert got[k].ctypes.data % ALIGNMENT == 0 and got[k].flags.c_contiguous and got[k].flags.writeable
+        assert got[k].flags.c_contiguous and got[k].flags.writeable
+        assert got[k].size == 0 or got[k].ctypes.data % ALIGNMENT == 0
 
 
 def _raw(header: dict, data: bytes, pad: int = 0) -> bytes:
