@@ -259,9 +259,9 @@ def bench_backend(backend: str, base: Path, ads: dict[str, Path], work: Path, re
 
 
 # every kind of switch, in the order a round makes them (one session per round, after a base load): (name, choice)
-SWITCHES = (("first A", ["A"]), ("first B", ["B"]), ("A to B", ["B"]), ("B to A", ["A"]),
-            ("A to A+B", ["A", "B"]), ("A+B to A", ["A"]), ("A to base", {}), ("base to A+B", ["A", "B"]),
-            ("A+B to base", {}), ("base to A", ["A"]), ("A to A:0.5", {"A": 0.5}), ("A:0.5 to A", ["A"]))
+SWITCHES = (("first A", ["A"]), ("first B", ["B"]), ("B to A", ["A"]), ("A to B", ["B"]), ("B to A+B", ["A", "B"]),
+            ("A+B to A", ["A"]), ("A to A+B", ["A", "B"]), ("A+B to base", {}), ("base to A", ["A"]),
+            ("A to base", {}), ("base to A+B", ["A", "B"]), ("A+B to A:0.5", {"A": 0.5}), ("A:0.5 to A", ["A"]))
 
 
 def switch_times(bundle: Path, backend: str, rounds: int, threads: int) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def switch_times(bundle: Path, backend: str, rounds: int, threads: int) -> dict[
                            "switches": {k: {**median_ms(v), "over_load": statistics.median(v) / load}
                                         for k, v in times.items()}}
     out["first_switch"] = median_ms(times["first A"] + times["first B"])
-    out["switch"] = median_ms(times["A to B"] + times["B to A"])
+    out["switch"] = median_ms(times["B to A"] + times["A to B"])
     out["switch_over_load"] = out["switch"]["median_ms"] / out["load_base"]["median_ms"]
     out["worst_switch_over_load"] = max(v["over_load"] for v in out["switches"].values())
     return out

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from edgeq.runtime.arrays import aligned_empty
+from edgeq.runtime.arrays import aligned_arrays
 from edgeq.runtime.manifest import BundleError
 
 
@@ -68,7 +68,7 @@ class LoraFactorStore:
     Several adapters (or one at another scale) are fed per weight their A side by side along the rank and their
     B·scale stacked likewise: that combination is a copy, so its members' own arrays are dropped when it is
     built (keeping both held every combined adapter twice: the second adapter of a pair grew resident memory by
-    3x its file). Leaving the combination gives the members at scale 1 their own arrays back, copied out of it
+    3x its file). Leaving the combination gives the members at scale 1 their own arrays back out of it
     (exactly their bytes: A is never scaled, B·1 is B), so moving between an adapter and a combination with it
     reads no file; a member at another scale is read again (`open_file` checks the file once more) when next
     chosen, since B·scale/scale is not always B to the bit.
@@ -105,14 +105,19 @@ class LoraFactorStore:
         if not chosen:
             return {}
         parts = [(n, held(n).factors, np.float32(s)) for n, s in chosen]
-        out, spans = {}, {}
+        layout = {}         # weight -> [(name, A, B, scale)] of the members that change it
         for w in sorted({w for _, f, _ in parts for w in f}):
-            ps = [(n, f[w], s) for n, f, s in parts if w in f]
-            rank = sum(a.shape[1] for _, (a, _), _ in ps)
-            a_all = aligned_empty((ps[0][1][0].shape[0], rank))
-            b_all = aligned_empty((rank, ps[0][1][1].shape[1]))
+            layout[w] = [(n, *f[w], s) for n, f, s in parts if w in f]
+        shapes = []
+        for ms in layout.values():
+            rank = sum(a.shape[1] for _, a, _, _ in ms)
+            shapes += [((ms[0][1].shape[0], rank), np.float32), ((rank, ms[0][2].shape[1]), np.float32)]
+        arrays = iter(aligned_arrays(shapes))
+        out, spans = {}, {}
+        for w, ms in layout.items():
+            a_all, b_all = next(arrays), next(arrays)
             spans[w], row = [], 0
-            for n, (a, b), s in ps:
+            for n, a, b, s in ms:
                 r = a.shape[1]
                 a_all[:, row:row + r] = a
                 np.multiply(b, s, out=b_all[row:row + r])
@@ -125,21 +130,21 @@ class LoraFactorStore:
         return out
 
     def _leave_combination(self) -> None:
-        """The members at scale 1 held alone again, copied out of the combination, which is dropped."""
+        """The members at scale 1 held alone again, copied out of the combination (each into one buffer of its
+        own, so that dropping one frees its bytes), which is dropped."""
         c, self._combined = self._combined, None
         if c is None:
             return
         for name, scale in c.chosen:
             if scale != 1.0:
                 continue
+            mine = [(w, row, r) for w, spans in c.spans.items() for n, row, r in spans if n == name]
+            arrays = iter(aligned_arrays([spec for w, _, r in mine for spec in (
+                ((c.factors[w][0].shape[0], r), np.float32), ((r, c.factors[w][1].shape[1]), np.float32))]))
             factors = {}
-            for w, spans in c.spans.items():
-                for n, row, r in spans:
-                    if n == name:
-                        a_all, b_all = c.factors[w]
-                        a = aligned_empty((a_all.shape[0], r))
-                        a[...] = a_all[:, row:row + r]
-                        b = aligned_empty((r, b_all.shape[1]))
-                        b[...] = b_all[row:row + r]
-                        factors[w] = (a, b)
+            for w, row, r in mine:
+                a, b = next(arrays), next(arrays)
+                a[...] = c.factors[w][0][:, row:row + r]
+                b[...] = c.factors[w][1][row:row + r]
+                factors[w] = (a, b)
             self._held[name] = HeldAdapter(factors)
