@@ -271,8 +271,16 @@ def _read_imatrix(case: Path):
 
 
 def _read_safetensors(case: Path):
+    """The compiler's reader, then the runtime's (TVM adapters and SHiRA files: runtime/arrays.py), on the same
+    bytes: the runtime's runs first so that every case reaches it."""
+    from edgeq.core.errors import EdgeqError
     from edgeq.importers.safetensors_io import FLOAT_DTYPES, SafetensorsFile
+    from edgeq.runtime.arrays import read_aligned_arrays
 
+    try:
+        read_aligned_arrays(case / "model.safetensors")
+    except EdgeqError:
+        pass
     f = SafetensorsFile(case / "model.safetensors")
     for t in f.tensors.values():
         if t.dtype in FLOAT_DTYPES:
@@ -339,7 +347,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("gguf", "model.gguf", "binary", _read_gguf, "GGUF model: header, metadata values and arrays, tensor "
            "infos and offsets, then import (config, tokenizer, first tensors)"),
     Target("imatrix", "imatrix", "binary", _read_imatrix, "llama.cpp importance matrix: GGUF or legacy .dat"),
-    Target("safetensors", "model.safetensors", "binary", _read_safetensors, "safetensors header and tensors"),
+    Target("safetensors", "model.safetensors", "binary", _read_safetensors,
+           "safetensors header and tensors (the compiler's reader and the runtime's aligned one)"),
     Target("hf_config", "hf/config.json", "json", _read_hf, "config.json of a Llama HF folder"),
     Target("hf_tokenizer", "hf/tokenizer.json", "json", _read_hf, "tokenizer.json of a Llama HF folder"),
     Target("hf_tokenizer_config", "hf/tokenizer_config.json", "json", _read_hf,

@@ -69,9 +69,9 @@ class LoraFactorStore:
     B·scale stacked likewise: that combination is a copy, so its members' own arrays are dropped when it is
     built (keeping both held every combined adapter twice: the second adapter of a pair grew resident memory by
     3x its file). Leaving the combination gives the members at scale 1 their own arrays back out of it
-    (exactly their bytes: A is never scaled, B·1 is B), so moving between an adapter and a combination with it
-    reads no file; a member at another scale is read again (`open_file` checks the file once more) when next
-    chosen, since B·scale/scale is not always B to the bit.
+    (exactly their bytes: A is never scaled, B·1 is B), or copies them straight into the next combination, so
+    moving between an adapter and combinations with it reads no file; a member at another scale is read again
+    (`open_file` checks the file once more) when next chosen, since B·scale/scale is not always B to the bit.
     """
 
     def __init__(self, read: Callable[[Path], HeldAdapter]):
@@ -93,18 +93,22 @@ class LoraFactorStore:
         key = tuple(chosen)
         if self._combined is not None and self._combined.chosen == key:
             return self._combined.factors
-        self._leave_combination()
+        alone = len(chosen) == 1 and chosen[0][1] == 1.0
+        # members of the combination left that the next one takes too are copied from it straight into the next
+        members = self._leave_combination(set() if alone else {n for n, _ in chosen})
 
-        def held(name: str) -> HeldAdapter:
+        def factors(name: str) -> Factors:
+            if name in members:
+                return members[name]
             if name not in self._held:
                 self._held[name] = self._read(open_file(name))
-            return self._held[name]
+            return self._held[name].factors
 
-        if len(chosen) == 1 and chosen[0][1] == 1.0:
-            return held(chosen[0][0]).factors
+        if alone:
+            return factors(chosen[0][0])
         if not chosen:
             return {}
-        parts = [(n, held(n).factors, np.float32(s)) for n, s in chosen]
+        parts = [(n, factors(n), np.float32(s)) for n, s in chosen]
         layout = {}         # weight -> [(name, A, B, scale)] of the members that change it
         for w in sorted({w for _, f, _ in parts for w in f}):
             layout[w] = [(n, *f[w], s) for n, f, s in parts if w in f]
@@ -125,20 +129,26 @@ class LoraFactorStore:
                 row += r
             out[w] = (a_all, b_all)
         for n, _ in chosen:
-            del self._held[n]           # their bytes live in the combination from now on
+            self._held.pop(n, None)     # their bytes live in the combination from now on
         self._combined = _Combination(key, out, spans)
         return out
 
-    def _leave_combination(self) -> None:
-        """The members at scale 1 held alone again, copied out of the combination (each into one buffer of its
-        own, so that dropping one frees its bytes), which is dropped."""
+    def _leave_combination(self, next_members: set[str]) -> dict[str, Factors]:
+        """Drop the combination. Its members at scale 1 are held alone again, copied out of it (each into one
+        buffer of its own, so that dropping one frees its bytes), except those in `next_members`, whose factors
+        are returned as views of it instead (a source for the next combination, no copy in between)."""
         c, self._combined = self._combined, None
+        views: dict[str, Factors] = {}
         if c is None:
-            return
+            return views
         for name, scale in c.chosen:
             if scale != 1.0:
                 continue
             mine = [(w, row, r) for w, spans in c.spans.items() for n, row, r in spans if n == name]
+            if name in next_members:
+                views[name] = {w: (c.factors[w][0][:, row:row + r], c.factors[w][1][row:row + r])
+                               for w, row, r in mine}
+                continue
             arrays = iter(aligned_arrays([spec for w, _, r in mine for spec in (
                 ((c.factors[w][0].shape[0], r), np.float32), ((r, c.factors[w][1].shape[1]), np.float32))]))
             factors = {}
@@ -148,3 +158,4 @@ class LoraFactorStore:
                 b[...] = c.factors[w][1][row:row + r]
                 factors[w] = (a, b)
             self._held[name] = HeldAdapter(factors)
+        return views

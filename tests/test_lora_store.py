@@ -63,6 +63,27 @@ def test_store_switches_without_reading_members_at_scale_one():
     assert reads == ["p", "q", "q", "q"] and store.held_alone == ["p", "q"]
 
 
+def test_store_moves_between_combinations_without_reading():
+    files = {"p": factors(3, {"w1": 4, "w2": 2}), "q": factors(4, {"w1": 3, "w2": 5})}
+    reads = []
+
+    def read(path: Path) -> HeldAdapter:
+        reads.append(path.name)
+        return HeldAdapter({w: (a.copy(), b.copy()) for w, (a, b) in files[path.name].items()})
+
+    store = LoraFactorStore(read)
+    store.select([("p", 1.0), ("q", 1.0)], Path)
+    for scales in ((0.5, 1.0), (1.0, 3.0)):          # p at 0.5 and q at 1, then p from the first (re-read), q at 3
+        got = store.select([("p", scales[0]), ("q", scales[1])], Path)
+        for w in SHAPES:
+            want = scales[0] * delta(files["p"], w) + scales[1] * delta(files["q"], w)
+            assert np.allclose(delta(got, w), want, atol=1e-5)
+    assert reads == ["p", "q", "p"] and store.held_alone == []
+    alone = store.select([("p", 1.0)], Path)                                   # copied out of the last one
+    assert reads == ["p", "q", "p"] and store.held_alone == ["p"]
+    assert all(np.array_equal(alone[w][i], files["p"][w][i]) for w in files["p"] for i in (0, 1))
+
+
 def test_store_keeps_an_owner_with_its_views():
     owner = np.arange(24 * 2 + 2 * 40, dtype=np.float32)
     held = HeldAdapter({"w1": (owner[:48].reshape(24, 2), owner[48:].reshape(2, 40))}, owner=owner)
