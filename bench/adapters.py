@@ -22,7 +22,7 @@ written for SmolLM2 (its float weights: the shipped Q4_1 dequantized). Per backe
     python bench/adapters.py --backends gguf,onnx --chunks 1  # quicker look
     python bench/adapters.py --switch-only                    # every kind of switch against the base load
 
-Writes bench/results/adapters.json.
+Writes bench/results/adapters.json (`--switch-only`: bench/results/adapters_switch.json).
 """
 
 from __future__ import annotations
