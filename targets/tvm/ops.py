@@ -22,7 +22,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
 from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
 from edgeq.core.plan import TensorPlan
-from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks
+from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks, row_tile
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
@@ -133,10 +133,16 @@ def _few_rows(lead) -> bool:
 def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, kind: str) -> te.Tensor:
     """int8_dyn_rows: each row of x quantized to 8 bits (scale max|x|/127), int32 sums against the int8 weights
     (dot.py's blocks), rescaled after: y = sum * x_scale * w_scale (+ b). Mirrors formats.int8.int8_dyn_rows_matmul
-    operation for operation, so the library and the reference agree to float rounding of the rescale."""
+    operation for operation, so the library and the reference agree to float rounding of the rescale.
+
+    The quantized rows and the int32 sums are laid out in row tiles (dot.row_tile: the last row dimension padded up
+    to whole tiles, the padding repeating its last row), so the schedule keeps one tile's sums in registers with
+    no tail: a symbolic row count split by the schedule instead leaves a guard that tensorize refuses."""
     w, w_scale, w_sum = ws
     k_dim, lead = x.shape[-1], list(x.shape[:-1])
+    outer, rows = lead[:-1], lead[-1]
     n_dim = w.shape[0] * DOT_OUT
+    tile = row_tile(rows)
     r = te.reduce_axis((0, k_dim), "r")
     amax = te.compute(lead, lambda *i: te.max(tir.abs(x[tuple(i) + (r,)]), axis=r), name="act_amax")
     x_scale = te.compute(lead, lambda *i: tir.Select(amax[i] > 0, amax[i] / tir.const(127.0, "float32"),
@@ -144,22 +150,26 @@ def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, ki
     zero = INT8_DOT_ZERO if kind == "vnni" else 0
 
     def quantized(*i):
-        q = tir.max(tir.min(tir.round(x[i] / x_scale[i[:-1]]), tir.const(127.0, "float32")),
+        row = tir.min(i[-3] * tile + i[-2], rows - 1)          # a padding row repeats the last one
+        at = tuple(i[:-3]) + (row,)
+        q = tir.max(tir.min(tir.round(x[at + (i[-1],)] / x_scale[at]), tir.const(127.0, "float32")),
                     tir.const(-127.0, "float32")).astype("int32")
         return (q + zero).astype("uint8") if zero else q.astype("int8")
 
-    xq = te.compute(lead + [k_dim], quantized, name=act_block(kind))
+    n_tiles = (rows - 1) // tile + 1      # as region analysis bounds the reads i // tile (it proves cover with this)
+    xq = te.compute(outer + [n_tiles, tile, k_dim], quantized, name=act_block(kind))
     k = te.reduce_axis((0, k_dim), "k")
-    acc = te.compute(lead + [n_dim], lambda *i: te.sum(
+    acc = te.compute(outer + [n_tiles, tile, n_dim], lambda *i: te.sum(
         xq[tuple(i[:-1]) + (k,)].astype("int32")
         * w[i[-1] // DOT_OUT, k // DOT_IN, i[-1] % DOT_OUT, k % DOT_IN].astype("int32"), axis=k), name="matmul")
 
     def epilogue(*i):
-        a = acc[i] - w_sum[i[-1]] * zero if zero else acc[i]
+        a = acc[tuple(i[:-2]) + (i[-2] // tile, i[-2] % tile, i[-1])]
+        a = a - w_sum[i[-1]] * zero if zero else a
         v = a.astype("float32") * x_scale[i[:-1]] * w_scale[i[-1]]
         return v + bias[i[-1]] if bias is not None else v
 
-    return te.compute(acc.shape, epilogue, name="linear")
+    return te.compute(lead + [n_dim], epilogue, name="linear")
 
 
 def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None,
