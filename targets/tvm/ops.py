@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax, te, topi
 from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
@@ -440,7 +440,9 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
         return te.compute(raw.shape, lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j], name="scores_epi")
 
     scores = bb.emit_te(scores_fn, q, k, mask_bias, primfunc_name_hint=ATTENTION_PREFIX + "scores")
-    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    # exp as a vectorizable polynomial (topi's fast_exp; within float32 rounding of exp): legalized softmax calls
+    # libm's expf once per score, which LLVM cannot vectorize (MiniLM int8-dyn: more time than all the linears)
+    probs = bb.emit_te(lambda st: topi.nn.fast_softmax(st, axis=-1), scores, primfunc_name_hint="softmax")
 
     def context_fn(p, vt):
         bsz, seq = vt.shape[0], vt.shape[1]
@@ -451,3 +453,16 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
 
     ctx = bb.emit_te(context_fn, probs, v, primfunc_name_hint=ATTENTION_PREFIX + "context")
     return ctx
+
+
+def emit_gelu(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    """GELU, x/2 (1 + erf(x/sqrt 2)), with erf as topi's fast_erf (a rational polynomial, float32-accurate), so the
+    element-wise kernel vectorizes; legalized R.nn.gelu calls libm's erff per element."""
+
+    def gelu(xt):
+        e = topi.fast_erf(te.compute(xt.shape, lambda *i: xt[i] * tir.const(float(np.sqrt(0.5)), "float32"),
+                                     name="gelu_arg"))
+        return te.compute(xt.shape, lambda *i: xt[i] * tir.const(0.5, "float32") * (tir.const(1.0, "float32") + e[i]),
+                          name="gelu")
+
+    return bb.emit_te(gelu, x, primfunc_name_hint="gelu")
