@@ -418,6 +418,7 @@ __all__ = ["Params", "SizingParams", "ArraySpec", "emit_branch", "branch_arrays"
 
 
 ATTENTION_PREFIX = "edgeq_attention_"
+SCORE_KEYS = 64     # keys per register block of the scores kernel (4 vectors of 16 lanes; schedule.py)
 
 
 def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask_bias: relax.Expr,
@@ -432,12 +433,17 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
 
     def scores_fn(qt, kt_in, bias):
         bsz, seq = qt.shape[0], qt.shape[1]
-        kt = te.compute((bsz, n_heads, head_dim, seq), lambda b_, h, d, j: kt_in[b_, j, h * head_dim + d], name="kt")
+        # keys padded to whole SCORE_KEYS blocks (the padding repeats the last key and is never read back), so the
+        # schedule holds a block of one query's scores in registers with no tail
+        padded = ((seq - 1) // SCORE_KEYS + 1) * SCORE_KEYS
+        kt = te.compute((bsz, n_heads, head_dim, padded),
+                        lambda b_, h, d, j: kt_in[b_, tir.min(j, seq - 1), h * head_dim + d], name="kt")
         d = te.reduce_axis((0, head_dim), "d")
-        raw = te.compute((bsz, n_heads, seq, seq),
+        raw = te.compute((bsz, n_heads, seq, padded),
                          lambda b_, h, i, j: te.sum(qt[b_, i, h * head_dim + d] * kt[b_, h, d, j], axis=d),
                          name="scores")
-        return te.compute(raw.shape, lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j], name="scores_epi")
+        return te.compute((bsz, n_heads, seq, seq), lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j],
+                          name="scores_epi")
 
     scores = bb.emit_te(scores_fn, q, k, mask_bias, primfunc_name_hint=ATTENTION_PREFIX + "scores")
     # exp as a vectorizable polynomial (topi's fast_exp; within float32 rounding of exp): legalized softmax calls

@@ -22,10 +22,11 @@ import tvm
 from tvm import s_tir, tirx
 
 from edgeq.targets.tvm.dot import kernel_kind, schedule_dot_linear
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, LORA_PREFIX
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, LORA_PREFIX, SCORE_KEYS
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 ROWS = 4
+VEC_LANES = 16           # f32 lanes of an AVX-512 vector (two AVX2 vectors; LLVM splits them where narrower)
 TILE_LANES = 4  # vectors of outputs a LoRA delta tile keeps in registers
 OPAQUE = 8      # relax OpPatternKind.kOpaque
 
@@ -238,9 +239,20 @@ def schedule_attention(func: tirx.PrimFunc, which: str) -> tirx.PrimFunc:
         blk = sch.get_sblock("scores")
         b_, h, i, j, d = sch.get_loops(blk)
         bhi = sch.fuse(b_, h, i)
-        sch.reorder(bhi, d, j)
+        jo, jv, ji = sch.split(j, [None, SCORE_KEYS // VEC_LANES, VEC_LANES])   # keys padded to whole blocks
+        sch.reorder(bhi, jo, d, jv, ji)
+        acc = sch.cache_write(blk, 0, "local")        # a block of one query's scores in registers down d
+        sch.reverse_compute_at(acc, jo)
+        *_, acc_j = sch.get_loops(acc)
+        _, acc_v = sch.split(acc_j, [None, VEC_LANES])
+        sch.vectorize(acc_v)
+        sch.unroll(jv)
+        sch.vectorize(ji)
         sch.parallel(bhi)
-        sch.decompose_reduction(blk, d)
+        init = sch.decompose_reduction(blk, d)
+        *_, init_j = sch.get_loops(init)
+        _, init_v = sch.split(init_j, [None, VEC_LANES])
+        sch.vectorize(init_v)
         _parallel_rows(sch, sch.get_sblock("kt"), 1)
         _parallel_rows(sch, sch.get_sblock("scores_epi"), 1)
     else:
@@ -248,9 +260,15 @@ def schedule_attention(func: tirx.PrimFunc, which: str) -> tirx.PrimFunc:
         b_, i, h, d, j = sch.get_loops(blk)
         bih = sch.fuse(b_, i, h)
         sch.reorder(bih, j, d)
+        acc = sch.cache_write(blk, 0, "local")        # one query's head of context in registers across the keys
+        sch.reverse_compute_at(acc, bih)
+        *_, acc_d = sch.get_loops(acc)
+        sch.vectorize(acc_d)
         sch.parallel(bih)
         sch.vectorize(d)
-        sch.decompose_reduction(blk, j)
+        init = sch.decompose_reduction(blk, j)
+        *_, init_d = sch.get_loops(init)
+        sch.vectorize(init_d)
     return sch.mod["main"].with_attr("op_pattern", OPAQUE)
 
 
@@ -272,7 +290,6 @@ def ScheduleLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 
 
 EDGEQ_PREFIXES = (LINEAR_PREFIX, LORA_PREFIX, ATTENTION_PREFIX)
-VEC_LANES = 16           # f32 lanes of an AVX-512 vector (two AVX2 vectors; LLVM splits them where narrower)
 
 
 def _static_rows_width(sch, infos) -> bool:
