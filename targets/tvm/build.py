@@ -27,7 +27,7 @@ from tvm import relax, tirx
 
 from edgeq.core.errors import EdgeqError
 from edgeq.targets.tvm.ops import LINEAR_PREFIX
-from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears, schedule_linear
+from edgeq.targets.tvm.schedule import OPAQUE, ScheduleLinears, ScheduleRest, schedule_linear
 
 ANDROID_CLANG_ENV = "EDGEQ_ANDROID_CLANG"
 ARM64_LINUX_CXX = "aarch64-linux-gnu-g++"
@@ -148,7 +148,8 @@ def _gpu_pipeline(tgt):
 def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     """Relax -> VM executable.
 
-    CPU, untuned: edgeq's fixed linear/attention schedule (schedule.py), then the default llvm pipeline.
+    CPU, untuned: edgeq's fixed linear/attention schedule (schedule.py), TVM's CPU passes, and the legalized kernels
+    between them scheduled (schedule.ScheduleRest: rows in parallel, vectorized).
     CUDA: the same passes with every kernel scheduled by dlight's GPU rules (`_DlightGpu`); TVM 0.27 embeds
     the kernels as CUDA source in the library's `cuda` module, compiled on the device when it is loaded.
     Tuned (a meta-schedule database from tune.py): the fixed schedule only for kernels with symbolic
@@ -158,11 +159,17 @@ def compile_module(mod: tvm.IRModule, target: dict[str, Any], tuning_db=None):
     if is_gpu(target):
         return tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential([_gpu_pipeline(tgt),
                                                                                       _SortShapeStores]))
-    if tuning_db is None:
-        pipeline = relax.get_default_pipeline(tgt)
-        return tvm.compile(mod, target=tgt,
-                           relax_pipeline=tvm.transform.Sequential([ScheduleLinears, pipeline, _SortShapeStores]))
     from tvm.relax.backend.cpu_generic import pipeline as rp
+
+    if tuning_db is None:
+        @tvm.transform.module_pass(opt_level=0, name="EdgeqCpuPipeline")
+        def fixed(m: tvm.IRModule, _ctx) -> tvm.IRModule:
+            with tgt:     # TVM's default CPU pipeline with the kernels it leaves as plain loops scheduled
+                return tvm.transform.Sequential([
+                    ScheduleLinears, *rp.library_dispatch_passes(tgt), *rp.legalize_passes(tgt), ScheduleRest,
+                    *rp.dataflow_lower_passes(tgt), *rp.finalize_passes(tgt), _SortShapeStores])(m)
+
+        return tvm.compile(mod, target=tgt, relax_pipeline=fixed)
 
     @tvm.transform.module_pass(opt_level=0, name="TunedPipeline")
     def tuned(m: tvm.IRModule, _ctx) -> tvm.IRModule:

@@ -26,6 +26,11 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
 DOT_OUT, DOT_IN = 16, 4
+# a register tile: ROW_TILE rows (ops._dot_linear_te pads to whole tiles) by OUT_BLOCKS blocks of 16 outputs, 16
+# int32 vectors of sums; 8 x 2 rather than 4 x 4 halves the weight loads per instruction (a 1536-input block's
+# weights outgrow L1, so each row tile streams them from L2)
+ROW_TILE = 8
+OUT_BLOCKS = 2
 ACT_Q = "act_q"            # the quantized activations' block; the schedule reads the kind from its suffix
 KINDS = ("vnni", "sdot", "generic")
 VNNI_INTRIN = "edgeq_dot_16x4_u8i8i32_vnni"
@@ -34,12 +39,13 @@ SDOT_INTRIN = "edgeq_dot_4x4_i8i8i32_sdot"
 
 def _intrinsics(idx: str, lanes: int, a_dtype: str, llvm_name: str):
     """(desc, impl) of C[i] += sum_k A[k] * B[i, k] for `lanes` outputs by 4 inputs, buffers indexed in `idx`
-    (int64 in kernels with symbolic shapes: the matcher compares index types too)."""
+    (int64 in kernels with symbolic shapes: the matcher compares index types too), C the register tile's sums
+    (a local buffer: the matcher compares scopes too)."""
     n4, nl, z = tvm.tirx.const(4, idx), tvm.tirx.const(lanes, idx), tvm.tirx.const(0, idx)
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((n4,), a_dtype, offset_factor=1), B: T.Buffer((nl, n4), "int8", offset_factor=1),
-             C: T.Buffer((nl,), "int32", offset_factor=1)) -> None:
+             C: T.Buffer((nl,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[z:nl], A[z:n4], B[z:nl, z:n4])
             T.writes(C[z:nl])
@@ -50,7 +56,7 @@ def _intrinsics(idx: str, lanes: int, a_dtype: str, llvm_name: str):
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((n4,), a_dtype, offset_factor=1), B: T.Buffer((nl, n4), "int8", offset_factor=1),
-             C: T.Buffer((nl,), "int32", offset_factor=1)) -> None:
+             C: T.Buffer((nl,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
             T.reads(C[z:nl], A[z:n4], B[z:nl, z:n4])
             T.writes(C[z:nl])
@@ -104,27 +110,48 @@ def _static_extent(sch, loop) -> int | None:
     return int(ext) if isinstance(ext, tvm.tirx.IntImm) else None
 
 
+def row_tile(rows) -> int:
+    """Rows per register tile: a few static rows (decode) are one tile as they are; more rows, or a symbolic count,
+    go in tiles of ROW_TILE (ops._dot_linear_te pads the last tile)."""
+    if isinstance(rows, (int, tvm.tirx.IntImm)) and int(rows) <= ROW_TILE:
+        return int(rows)
+    return ROW_TILE
+
+
 def schedule_dot_linear(func: tirx.PrimFunc, kind: str) -> s_tir.Schedule:
-    """16 outputs by 4 inputs per instruction, blocks of 16 outputs in parallel, every row inside each. The quantize
-    and rescale stages run rows in parallel, vectorized."""
+    """A register tile of ROW_TILE rows (ops._dot_linear_te's row tiles) by OUT_BLOCKS x 16 outputs: its int32 sums
+    stay in registers (a local buffer) down the whole reduction, each 16 x 4 weight block loaded once per tile
+    serves all its rows, 4 inputs x 16 outputs per instruction. Output blocks run in parallel with every row tile
+    inside, so a block's weights are reused from cache. The quantize and rescale stages run rows in parallel,
+    vectorized."""
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("matmul")
-    *lead, n, k = sch.get_loops(blk)
+    *lead, t, ti, n, k = sch.get_loops(blk)
     idx = str(sch.get(k).extent.ty)
-    no, ni = sch.split(n, [None, DOT_OUT])
+    n_blocks = int(sch.get(n).extent) // DOT_OUT
+    nj_n = next(v for v in (OUT_BLOCKS, 2, 1) if n_blocks % v == 0)
+    no, nj, ni = sch.split(n, [None, nj_n, DOT_OUT])
     ko, ki = sch.split(k, [None, DOT_IN])
-    # rows stay unfused (fused symbolic rows bind as // and %, which tensorize cannot blockize) and inside the
-    # parallel loop over 16-output blocks, so each block's weights serve every row from cache
+    # the row loops stay unfused (fused symbolic rows bind as // and %, which tensorize cannot blockize)
     if kind == "sdot":
-        nj, nv = sch.split(ni, [None, 4])
-        sch.reorder(no, *lead, ko, nj, nv, ki)
-        sch.unroll(nj)
+        nv_o, nv = sch.split(ni, [None, 4])
+        sch.reorder(no, *lead, t, ko, ti, nj, nv_o, nv, ki)
+        sch.unroll(nv_o)
     elif kind == "vnni":
-        sch.reorder(no, *lead, ko, ni, ki)
+        sch.reorder(no, *lead, t, ko, ti, nj, ni, ki)
     else:
-        sch.reorder(no, *lead, ko, ki, ni)
+        sch.reorder(no, *lead, t, ko, ki, ti, nj, ni)
+    acc = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(acc, t)
+    *_, acc_n = sch.get_loops(acc)
+    _, acc_v = sch.split(acc_n, [None, DOT_OUT])
+    sch.vectorize(acc_v)
+    sch.unroll(ti)
+    sch.unroll(nj)
     sch.parallel(no)
-    sch.decompose_reduction(blk, ko)
+    init = sch.decompose_reduction(blk, ko)
+    *_, init_n = sch.get_loops(init)
+    sch.vectorize(init_n)
     if kind == "vnni":
         sch.tensorize(ni, f"{VNNI_INTRIN}_{idx}")
     elif kind == "sdot":

@@ -16,7 +16,8 @@ from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
-from edgeq.targets.tvm.ops import Params, emit_attention, emit_embedding, emit_linear, emit_table_prefix, sym
+from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
+                                   sym)
 
 R = relax.op
 
@@ -60,7 +61,7 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic")
                 ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
-                g = bb.emit(R.nn.gelu(lin(h1, "intermediate.dense", "inter")))
+                g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
                 o = lin(g, "output.dense", "o")
                 h = _layer_norm(bb, params, bb.emit(R.add(o, h1)), graph, p + "output.LayerNorm", cfg.ln_eps)
 

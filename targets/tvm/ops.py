@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
-from tvm import relax, te
+from tvm import relax, te, topi
 from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
 from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
 from edgeq.core.plan import TensorPlan
-from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks
+from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks, row_tile
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
@@ -133,10 +133,16 @@ def _few_rows(lead) -> bool:
 def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, kind: str) -> te.Tensor:
     """int8_dyn_rows: each row of x quantized to 8 bits (scale max|x|/127), int32 sums against the int8 weights
     (dot.py's blocks), rescaled after: y = sum * x_scale * w_scale (+ b). Mirrors formats.int8.int8_dyn_rows_matmul
-    operation for operation, so the library and the reference agree to float rounding of the rescale."""
+    operation for operation, so the library and the reference agree to float rounding of the rescale.
+
+    The quantized rows and the int32 sums are laid out in row tiles (dot.row_tile: the last row dimension padded up
+    to whole tiles, the padding repeating its last row), so the schedule keeps one tile's sums in registers with
+    no tail: a symbolic row count split by the schedule instead leaves a guard that tensorize refuses."""
     w, w_scale, w_sum = ws
     k_dim, lead = x.shape[-1], list(x.shape[:-1])
+    outer, rows = lead[:-1], lead[-1]
     n_dim = w.shape[0] * DOT_OUT
+    tile = row_tile(rows)
     r = te.reduce_axis((0, k_dim), "r")
     amax = te.compute(lead, lambda *i: te.max(tir.abs(x[tuple(i) + (r,)]), axis=r), name="act_amax")
     x_scale = te.compute(lead, lambda *i: tir.Select(amax[i] > 0, amax[i] / tir.const(127.0, "float32"),
@@ -144,22 +150,26 @@ def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, ki
     zero = INT8_DOT_ZERO if kind == "vnni" else 0
 
     def quantized(*i):
-        q = tir.max(tir.min(tir.round(x[i] / x_scale[i[:-1]]), tir.const(127.0, "float32")),
+        row = tir.min(i[-3] * tile + i[-2], rows - 1)          # a padding row repeats the last one
+        at = tuple(i[:-3]) + (row,)
+        q = tir.max(tir.min(tir.round(x[at + (i[-1],)] / x_scale[at]), tir.const(127.0, "float32")),
                     tir.const(-127.0, "float32")).astype("int32")
         return (q + zero).astype("uint8") if zero else q.astype("int8")
 
-    xq = te.compute(lead + [k_dim], quantized, name=act_block(kind))
+    n_tiles = (rows - 1) // tile + 1      # as region analysis bounds the reads i // tile (it proves cover with this)
+    xq = te.compute(outer + [n_tiles, tile, k_dim], quantized, name=act_block(kind))
     k = te.reduce_axis((0, k_dim), "k")
-    acc = te.compute(lead + [n_dim], lambda *i: te.sum(
+    acc = te.compute(outer + [n_tiles, tile, n_dim], lambda *i: te.sum(
         xq[tuple(i[:-1]) + (k,)].astype("int32")
         * w[i[-1] // DOT_OUT, k // DOT_IN, i[-1] % DOT_OUT, k % DOT_IN].astype("int32"), axis=k), name="matmul")
 
     def epilogue(*i):
-        a = acc[i] - w_sum[i[-1]] * zero if zero else acc[i]
+        a = acc[tuple(i[:-2]) + (i[-2] // tile, i[-2] % tile, i[-1])]
+        a = a - w_sum[i[-1]] * zero if zero else a
         v = a.astype("float32") * x_scale[i[:-1]] * w_scale[i[-1]]
         return v + bias[i[-1]] if bias is not None else v
 
-    return te.compute(acc.shape, epilogue, name="linear")
+    return te.compute(lead + [n_dim], epilogue, name="linear")
 
 
 def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None,
@@ -408,6 +418,7 @@ __all__ = ["Params", "SizingParams", "ArraySpec", "emit_branch", "branch_arrays"
 
 
 ATTENTION_PREFIX = "edgeq_attention_"
+SCORE_KEYS = 64     # keys per register block of the scores kernel (4 vectors of 16 lanes; schedule.py)
 
 
 def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: relax.Expr, mask_bias: relax.Expr,
@@ -422,15 +433,22 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
 
     def scores_fn(qt, kt_in, bias):
         bsz, seq = qt.shape[0], qt.shape[1]
-        kt = te.compute((bsz, n_heads, head_dim, seq), lambda b_, h, d, j: kt_in[b_, j, h * head_dim + d], name="kt")
+        # keys padded to whole SCORE_KEYS blocks (the padding repeats the last key and is never read back), so the
+        # schedule holds a block of one query's scores in registers with no tail
+        padded = ((seq - 1) // SCORE_KEYS + 1) * SCORE_KEYS
+        kt = te.compute((bsz, n_heads, head_dim, padded),
+                        lambda b_, h, d, j: kt_in[b_, tir.min(j, seq - 1), h * head_dim + d], name="kt")
         d = te.reduce_axis((0, head_dim), "d")
-        raw = te.compute((bsz, n_heads, seq, seq),
+        raw = te.compute((bsz, n_heads, seq, padded),
                          lambda b_, h, i, j: te.sum(qt[b_, i, h * head_dim + d] * kt[b_, h, d, j], axis=d),
                          name="scores")
-        return te.compute(raw.shape, lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j], name="scores_epi")
+        return te.compute((bsz, n_heads, seq, seq), lambda b_, h, i, j: raw[b_, h, i, j] * scale + bias[b_, j],
+                          name="scores_epi")
 
     scores = bb.emit_te(scores_fn, q, k, mask_bias, primfunc_name_hint=ATTENTION_PREFIX + "scores")
-    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    # exp as a vectorizable polynomial (topi's fast_exp; within float32 rounding of exp): legalized softmax calls
+    # libm's expf once per score, which LLVM cannot vectorize (MiniLM int8-dyn: more time than all the linears)
+    probs = bb.emit_te(lambda st: topi.nn.fast_softmax(st, axis=-1), scores, primfunc_name_hint="softmax")
 
     def context_fn(p, vt):
         bsz, seq = vt.shape[0], vt.shape[1]
@@ -441,3 +459,16 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
 
     ctx = bb.emit_te(context_fn, probs, v, primfunc_name_hint=ATTENTION_PREFIX + "context")
     return ctx
+
+
+def emit_gelu(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
+    """GELU, x/2 (1 + erf(x/sqrt 2)), with erf as topi's fast_erf (a rational polynomial, float32-accurate), so the
+    element-wise kernel vectorizes; legalized R.nn.gelu calls libm's erff per element."""
+
+    def gelu(xt):
+        e = topi.fast_erf(te.compute(xt.shape, lambda *i: xt[i] * tir.const(float(np.sqrt(0.5)), "float32"),
+                                     name="gelu_arg"))
+        return te.compute(xt.shape, lambda *i: xt[i] * tir.const(0.5, "float32") * (tir.const(1.0, "float32") + e[i]),
+                          name="gelu")
+
+    return bb.emit_te(gelu, x, primfunc_name_hint="gelu")

@@ -22,10 +22,11 @@ import tvm
 from tvm import s_tir, tirx
 
 from edgeq.targets.tvm.dot import kernel_kind, schedule_dot_linear
-from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, LORA_PREFIX
+from edgeq.targets.tvm.ops import ATTENTION_PREFIX, DEQUANT, GROUP_SUM, LINEAR_PREFIX, LORA_PREFIX, SCORE_KEYS
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 ROWS = 4
+VEC_LANES = 16           # f32 lanes of an AVX-512 vector (two AVX2 vectors; LLVM splits them where narrower)
 TILE_LANES = 4  # vectors of outputs a LoRA delta tile keeps in registers
 OPAQUE = 8      # relax OpPatternKind.kOpaque
 
@@ -238,9 +239,20 @@ def schedule_attention(func: tirx.PrimFunc, which: str) -> tirx.PrimFunc:
         blk = sch.get_sblock("scores")
         b_, h, i, j, d = sch.get_loops(blk)
         bhi = sch.fuse(b_, h, i)
-        sch.reorder(bhi, d, j)
+        jo, jv, ji = sch.split(j, [None, SCORE_KEYS // VEC_LANES, VEC_LANES])   # keys padded to whole blocks
+        sch.reorder(bhi, jo, d, jv, ji)
+        acc = sch.cache_write(blk, 0, "local")        # a block of one query's scores in registers down d
+        sch.reverse_compute_at(acc, jo)
+        *_, acc_j = sch.get_loops(acc)
+        _, acc_v = sch.split(acc_j, [None, VEC_LANES])
+        sch.vectorize(acc_v)
+        sch.unroll(jv)
+        sch.vectorize(ji)
         sch.parallel(bhi)
-        sch.decompose_reduction(blk, d)
+        init = sch.decompose_reduction(blk, d)
+        *_, init_j = sch.get_loops(init)
+        _, init_v = sch.split(init_j, [None, VEC_LANES])
+        sch.vectorize(init_v)
         _parallel_rows(sch, sch.get_sblock("kt"), 1)
         _parallel_rows(sch, sch.get_sblock("scores_epi"), 1)
     else:
@@ -248,9 +260,15 @@ def schedule_attention(func: tirx.PrimFunc, which: str) -> tirx.PrimFunc:
         b_, i, h, d, j = sch.get_loops(blk)
         bih = sch.fuse(b_, i, h)
         sch.reorder(bih, j, d)
+        acc = sch.cache_write(blk, 0, "local")        # one query's head of context in registers across the keys
+        sch.reverse_compute_at(acc, bih)
+        *_, acc_d = sch.get_loops(acc)
+        sch.vectorize(acc_d)
         sch.parallel(bih)
         sch.vectorize(d)
-        sch.decompose_reduction(blk, j)
+        init = sch.decompose_reduction(blk, j)
+        *_, init_d = sch.get_loops(init)
+        sch.vectorize(init_d)
     return sch.mod["main"].with_attr("op_pattern", OPAQUE)
 
 
@@ -266,6 +284,72 @@ def ScheduleLinears(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         elif isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(ATTENTION_PREFIX):
             updates[gv] = schedule_attention(f, "scores" if gv.name_hint.startswith(ATTENTION_PREFIX + "scores")
                                              else "context")
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
+
+
+EDGEQ_PREFIXES = (LINEAR_PREFIX, LORA_PREFIX, ATTENTION_PREFIX)
+
+
+def _static_rows_width(sch, infos) -> bool:
+    """Whether every block's innermost loop (a row's width) is a static multiple of VEC_LANES."""
+    for bi in infos:
+        loops = sch.get_loops(bi.block_rv)
+        ext = sch.get(loops[-1]).extent if loops else None
+        if not (isinstance(ext, tvm.tirx.IntImm) and int(ext) % VEC_LANES == 0):
+            return False
+    return True
+
+
+def schedule_rows(func: tirx.PrimFunc, target) -> tirx.PrimFunc | None:
+    """A row-wise kernel whose rows have a static width (LayerNorm, RMSNorm, GELU, adds over the hidden size):
+    dlight's CPU reduction rule where it has reductions (rows in parallel, each row's blocks under them,
+    vectorized), else element-wise: producers inlined, rows in parallel, the row vectorized. None otherwise:
+    a symbolic row (softmax over the keys) is left as plain loops, which LLVM vectorizes itself; dlight's rule
+    splits it with a guard that scalarizes (MiniLM's softmax 17x slower), and parallel row loops over the
+    symbolic shape measured 5x slower than the plain nest."""
+    from tvm.s_tir import dlight as dl
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or not _static_rows_width(sch, infos):
+        return None
+    if not all(bi.is_injective() for bi in infos):
+        red = dl.cpu.Reduction().apply(func, target, False)
+        return red.mod["main"] if red is not None else None
+    for bi in infos[:-1]:
+        sch.compute_inline(bi.block_rv)
+    loops = sch.get_loops(infos[-1].block_rv)
+    if len(loops) < 2:
+        return None
+    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+    _, vec = sch.split(loops[-1], [None, VEC_LANES])
+    sch.vectorize(vec)
+    return sch.mod["main"]
+
+
+@tvm.transform.module_pass(opt_level=0, name="ScheduleRest")
+def ScheduleRest(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """The kernels TVM legalizes for edgeq's other ops (softmax, LayerNorm, RMSNorm, GELU, adds), after fusion:
+    as legalized they are serial loops (MiniLM int8-dyn: GELU, softmax and LayerNorm took longer than all the
+    linears). schedule_rows gives them rows in parallel; edgeq's own kernels keep theirs (ScheduleLinears), and
+    a kernel it cannot schedule is left as it was."""
+    from tvm.target import Target
+
+    target = Target.current(allow_none=False)
+    updates = {}
+    for gv, f in mod.functions.items():
+        if (not isinstance(f, tirx.PrimFunc) or gv.name_hint.startswith(EDGEQ_PREFIXES)
+                or (f.attrs and f.attrs.get("tirx.is_scheduled"))):
+            continue
+        try:
+            new = schedule_rows(f, target)
+        except Exception:  # noqa: BLE001  (a shape the rule cannot schedule keeps TVM's plain loops)
+            new = None
+        if new is not None:
+            updates[gv] = new.with_attr("tirx.is_scheduled", True)
     for gv, f in updates.items():
         mod[gv] = f
     return mod
