@@ -1,0 +1,99 @@
+"""Peak resident memory of a plan on a profiled device: what its runtime keeps, term by term, plus a base.
+
+Where a backend's runtime has its terms measured (`Target.resident`, targets/base.py: llama.cpp's), a session
+that prefills N tokens into a context of n_ctx peaks at
+
+    base + file + KV cache + activations(N) + logits + tokenizer
+
+each term computed from the plan and those facts (the file once; the KV cache of the padded context; one graph's
+live activations per token of the largest batch; the logits the runtime keeps; the tokenizer's entries) and only
+`base` taken from the profile: what the micro-models' measured peaks leave over their terms (the interpreter, the
+runtime's libraries and code pages, llama.cpp's graph bookkeeping), their median. A profile whose workloads do not
+record their tokenizers (older profiles) leaves that term in the base.
+
+Elsewhere (ONNX, TVM: terms not measured yet) the older model: a base plus the files, the KV cache and the logits
+of every token (an encoder: its widest activation), each once unless the micro-models say otherwise (ridge
+regression on the deviations, relative errors: with few micro-models the prior stands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeq.predictor.workload import Workload
+from edgeq.targets.base import ResidentFacts
+
+F32 = 4
+
+
+def resident_terms(w: Workload, facts: ResidentFacts, prompt_tokens: int) -> dict[str, float]:
+    """The bytes a measured runtime keeps beyond its base for a decoder that prefilled `prompt_tokens` tokens."""
+    batch = min(max(prompt_tokens, 1), w.n_ctx, facts.max_batch_tokens or prompt_tokens)
+    per_hidden, per_ffn = facts.activation_floats
+    return {
+        "file": float(w.file_bytes or w.weight_bytes),
+        "kv_cache": float(w.kv_bytes(facts.kv_cell_multiple)),
+        "activations": float(batch * (F32 * (per_hidden * w.hidden + per_ffn * w.ffn) + facts.work_bytes_per_ffn * w.ffn)),
+        # the runtime's buffer and the copy it hands out
+        "logits": float(2 * F32 * w.vocab * (prompt_tokens if facts.prompt_logits else 1)),
+        "tokenizer": float(facts.tokenizer_bytes_per_entry * w.tokenizer_entries),
+    }
+
+
+def memory_features(w: Workload, tokens: int) -> np.ndarray:
+    """The older model's features: the files a runtime maps, the KV cache it allocates, the logits of the tokens
+    (an encoder: its widest activation, n·ffn)."""
+    out = tokens * (w.ffn if w.kind == "encoder" else w.vocab) * float(F32)
+    return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), out], dtype=np.float64)
+
+
+@dataclass
+class MemoryModel:
+    """Fitted on a profile's measured peaks (`fit`); `peak_bytes` of any workload of its backend."""
+
+    facts: ResidentFacts
+    base: float
+    coef: np.ndarray | None = None            # the older model's per-feature multipliers (unmeasured runtimes)
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def uses_terms(self, w: Workload) -> bool:
+        return self.coef is None and w.kind == "decoder"
+
+    def terms(self, w: Workload, prompt_tokens: int) -> dict[str, float]:
+        """The prediction's parts (bytes), the base included."""
+        if self.uses_terms(w):
+            return {"base": self.base, **resident_terms(w, self.facts, prompt_tokens)}
+        return {"base": self.base, "features": float(self.coef @ memory_features(w, prompt_tokens))}
+
+    def peak_bytes(self, w: Workload, prompt_tokens: int, tokens: int) -> int:
+        """`prompt_tokens`: the largest prefill; `tokens`: the most the cache held (the older model's logits)."""
+        if self.uses_terms(w):
+            return int(self.base + sum(resident_terms(w, self.facts, prompt_tokens).values()))
+        return int(self.base + self.coef @ memory_features(w, tokens))
+
+    @classmethod
+    def fit(cls, facts: ResidentFacts, runs: list[tuple[Workload, int, int, float]]) -> "MemoryModel":
+        """`runs`: (workload, largest prefill, most tokens held, measured peak bytes) per micro-model."""
+        if facts.measured and all(w.kind == "decoder" for w, *_ in runs):
+            left = np.array([y - sum(resident_terms(w, facts, n).values()) for w, n, _, y in runs])
+            base = float(np.median(left))
+            y = np.array([r[3] for r in runs])
+            return cls(facts, base, report={"model": "terms", "base_mib": round(base / 2**20, 2),
+                                            "micro_model_mape": round(float(np.mean(np.abs(left - base) / y)), 4)})
+        x = np.array([memory_features(w, t) for w, _, t, _ in runs])
+        y = np.array([r[3] for r in runs])
+        coef, icpt = fit_features(x, y)
+        return cls(facts, icpt, coef, report={"model": "features"})
+
+
+def fit_features(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Peak memory = a fixed base + each feature once (the prior), adjusted where the micro-models say otherwise
+    (scikit-learn's Ridge on the deviations, relative errors: with few micro-models the prior stands)."""
+    from sklearn.linear_model import Ridge
+
+    scale = np.maximum(np.abs(x).max(axis=0), 1.0)
+    m = Ridge(alpha=2.0).fit(x / scale, y - x.sum(axis=1), sample_weight=(np.mean(y) / np.maximum(y, 1.0)) ** 2)
+    return 1.0 + m.coef_ / scale, float(m.intercept_)
