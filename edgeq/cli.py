@@ -287,9 +287,12 @@ def cmd_predict(a) -> int:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
               f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     else:
+        terms = " + ".join(f"{k.removeprefix('peak_memory_').removesuffix('_bytes').replace('_', ' ')} "
+                           f"{v / 2**20:.1f}" for k, v in pred.parts.items() if k.startswith("peak_memory_"))
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
               f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
-              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
+              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB"
+              + (f" ({terms} MiB)" if terms else ""))
     return 0
 
 

@@ -409,17 +409,17 @@ def test_memory_terms_of_a_llama_cpp_session():
     assert t["file"] == 90_000_000
     assert t["kv_cache"] == 2 * 30 * 3 * 64 * 512 * 2                  # 300 tokens: 512 cells of f16
     per_token = 4 * (4 * 576 + 3 * 1536) + 34 / 32 * 1536
-    assert t["activations"] == pytest.approx(128 * per_token)
+    assert t["activations"] == pytest.approx(128 * per_token)           # a prompt of 128: batches of 128
     assert resident_terms(w, facts, 5000)["activations"] == pytest.approx(300 * per_token)   # the context bounds it
     w.n_ctx = 4096
     assert resident_terms(w, facts, 5000)["activations"] == pytest.approx(512 * per_token)   # so does n_ubatch
     assert t["logits"] == 2 * 4 * 49152 and t["tokenizer"] == pytest.approx(265 * 98_052)
     # the base is what measured peaks leave over the terms; the prediction adds it back
-    runs = [(smollm_like(f), 512, 1007, 0.0) for f in ("q4_0", "q8_0", "f16")]
-    runs = [(r[0], 512, 1007, 50e6 + sum(resident_terms(r[0], facts, 512).values())) for r in runs]
+    runs = [(w, 1007, 50e6 + sum(resident_terms(w, facts, 1007).values()))
+            for w in (smollm_like(f) for f in ("q4_0", "q8_0", "f16"))]
     m = MemoryModel.fit(facts, runs)
     assert m.base == pytest.approx(50e6) and m.report["micro_model_mape"] == pytest.approx(0.0, abs=1e-9)
-    assert m.peak_bytes(runs[0][0], 512, 1007) == pytest.approx(runs[0][3], rel=1e-9)
+    assert m.peak_bytes(runs[0][0], 1007) == pytest.approx(runs[0][2], rel=1e-9)
     # a runtime whose terms are not measured (ONNX) keeps the older per-feature fit
     assert MemoryModel.fit(get_target("onnx").resident, runs).coef is not None
 

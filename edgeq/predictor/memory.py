@@ -29,16 +29,17 @@ from edgeq.targets.base import ResidentFacts
 F32 = 4
 
 
-def resident_terms(w: Workload, facts: ResidentFacts, prompt_tokens: int) -> dict[str, float]:
-    """The bytes a measured runtime keeps beyond its base for a decoder that prefilled `prompt_tokens` tokens."""
-    batch = min(max(prompt_tokens, 1), w.n_ctx, facts.max_batch_tokens or prompt_tokens)
+def resident_terms(w: Workload, facts: ResidentFacts, tokens: int) -> dict[str, float]:
+    """The bytes a measured runtime keeps beyond its base for a decoder session that held `tokens` tokens, fed as
+    one prompt (its largest batch: what the latency runs and `edgeq predict` describe)."""
+    batch = min(max(tokens, 1), w.n_ctx, facts.max_batch_tokens or tokens)
     per_hidden, per_ffn = facts.activation_floats
     return {
         "file": float(w.file_bytes or w.weight_bytes),
         "kv_cache": float(w.kv_bytes(facts.kv_cell_multiple)),
         "activations": float(batch * (F32 * (per_hidden * w.hidden + per_ffn * w.ffn) + facts.work_bytes_per_ffn * w.ffn)),
         # the runtime's buffer and the copy it hands out
-        "logits": float(2 * F32 * w.vocab * (prompt_tokens if facts.prompt_logits else 1)),
+        "logits": float(2 * F32 * w.vocab * (min(tokens, w.n_ctx) if facts.prompt_logits else 1)),
         "tokenizer": float(facts.tokenizer_bytes_per_entry * w.tokenizer_entries),
     }
 
@@ -62,29 +63,26 @@ class MemoryModel:
     def uses_terms(self, w: Workload) -> bool:
         return self.coef is None and w.kind == "decoder"
 
-    def terms(self, w: Workload, prompt_tokens: int) -> dict[str, float]:
-        """The prediction's parts (bytes), the base included."""
+    def terms(self, w: Workload, tokens: int) -> dict[str, float]:
+        """The prediction's parts (bytes), the base included, for a session that held `tokens` tokens."""
         if self.uses_terms(w):
-            return {"base": self.base, **resident_terms(w, self.facts, prompt_tokens)}
-        return {"base": self.base, "features": float(self.coef @ memory_features(w, prompt_tokens))}
+            return {"base": self.base, **resident_terms(w, self.facts, tokens)}
+        return {"base": self.base, "features": float(self.coef @ memory_features(w, tokens))}
 
-    def peak_bytes(self, w: Workload, prompt_tokens: int, tokens: int) -> int:
-        """`prompt_tokens`: the largest prefill; `tokens`: the most the cache held (the older model's logits)."""
-        if self.uses_terms(w):
-            return int(self.base + sum(resident_terms(w, self.facts, prompt_tokens).values()))
-        return int(self.base + self.coef @ memory_features(w, tokens))
+    def peak_bytes(self, w: Workload, tokens: int) -> int:
+        return int(sum(self.terms(w, tokens).values()))
 
     @classmethod
-    def fit(cls, facts: ResidentFacts, runs: list[tuple[Workload, int, int, float]]) -> "MemoryModel":
-        """`runs`: (workload, largest prefill, most tokens held, measured peak bytes) per micro-model."""
+    def fit(cls, facts: ResidentFacts, runs: list[tuple[Workload, int, float]]) -> "MemoryModel":
+        """`runs`: (workload, the most tokens one runner process held, its measured peak bytes) per micro-model."""
         if facts.measured and all(w.kind == "decoder" for w, *_ in runs):
-            left = np.array([y - sum(resident_terms(w, facts, n).values()) for w, n, _, y in runs])
+            left = np.array([y - sum(resident_terms(w, facts, n).values()) for w, n, y in runs])
             base = float(np.median(left))
-            y = np.array([r[3] for r in runs])
+            y = np.array([r[2] for r in runs])
             return cls(facts, base, report={"model": "terms", "base_mib": round(base / 2**20, 2),
                                             "micro_model_mape": round(float(np.mean(np.abs(left - base) / y)), 4)})
-        x = np.array([memory_features(w, t) for w, _, t, _ in runs])
-        y = np.array([r[3] for r in runs])
+        x = np.array([memory_features(w, t) for w, t, _ in runs])
+        y = np.array([r[2] for r in runs])
         coef, icpt = fit_features(x, y)
         return cls(facts, icpt, coef, report={"model": "features"})
 

@@ -367,8 +367,7 @@ class Predictor:
                                        "s": shape_features(w, n, kv, g),
                                        "y": paired / 1e3 if paired is not None else float(np.median(vals))})
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
-        prompt = max(self.profile.settings.get("prefill") or [0])
-        mem = [(r.workload, prompt or r.max_tokens, r.max_tokens, float(np.median(r.peak_rss_bytes)))
+        mem = [(r.workload, r.max_tokens, float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
         self.memory = MemoryModel.fit(get_target(self.backend).resident, mem) if mem else None
 
@@ -402,9 +401,9 @@ class Predictor:
         """How much one ms of kernel time adds to the call's wall time (the linear correction's slope)."""
         return float(self.correction[kind].coef[0])
 
-    def peak_memory(self, w: Workload, prompt_tokens: int, tokens: int) -> int:
-        """Peak resident bytes of a session that prefilled `prompt_tokens` and held `tokens` in its cache."""
-        return 0 if self.memory is None else self.memory.peak_bytes(w, prompt_tokens, tokens)
+    def peak_memory(self, w: Workload, tokens: int) -> int:
+        """Peak resident bytes of a session that held `tokens` tokens (fed as one prompt)."""
+        return 0 if self.memory is None else self.memory.peak_bytes(w, tokens)
 
     def predict(self, w: Workload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
         if w.kind != self.profile.kind:
@@ -420,15 +419,17 @@ class Predictor:
                 raise EdgeqError(None, f"{prompt_tokens} tokens do not fit the encoder's {w.n_ctx} positions")
             return Prediction(self.backend, self.threads, int(prompt_tokens), 0,
                               prefill_ms=self.call_ms(w, "prefill", prompt_tokens), decode_ms_per_token=None,
-                              peak_memory_bytes=self.peak_memory(w, prompt_tokens, prompt_tokens), kind=w.kind)
+                              peak_memory_bytes=self.peak_memory(w, prompt_tokens), kind=w.kind)
         if max(prompt_tokens, context_tokens + 1) > w.n_ctx:
             raise EdgeqError(None, f"{max(prompt_tokens, context_tokens + 1)} tokens do not fit the bundle's context "
                                    f"of {w.n_ctx}")
+        held = max(prompt_tokens, context_tokens + 1)
+        terms = {} if self.memory is None else self.memory.terms(w, held)
         return Prediction(self.backend, self.threads, int(prompt_tokens), int(context_tokens),
                           prefill_ms=self.call_ms(w, "prefill", prompt_tokens),
                           decode_ms_per_token=self.call_ms(w, "decode", context_tokens),
-                          peak_memory_bytes=self.peak_memory(w, prompt_tokens,
-                                                             max(prompt_tokens, context_tokens + 1)))
+                          peak_memory_bytes=self.peak_memory(w, held),
+                          parts={f"peak_memory_{k}_bytes": int(v) for k, v in terms.items() if k != "features"})
 
     def fit_report(self) -> dict[str, Any]:
         return {"kv_padding": self.kv_pad, "formats": self.kernels.formats,
