@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared import isa_flags  # noqa: E402
+
 OUT = Path(__file__).resolve().parent / "results" / "resident_terms.json"
 MIB = 2**20
 CONTEXT = 16        # decode steps after a 16-token prefill: the prompt is the largest batch
@@ -49,10 +52,7 @@ def main() -> int:
     from edgeq.predictor.workload import bundle_workload
 
     _, profile, fitted = open_profile(a.latency_profile, "gguf", None)
-    with open("/proc/cpuinfo") as f:
-        flags = next((ln.split(":")[1].split() for ln in f if ln.startswith("flags")), [])
-    keep = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "asimddp", "i8mm")
-    doc: dict[str, Any] = {"cpu_flags": [f for f in flags if f in keep], "load_before": os.getloadavg(),
+    doc: dict[str, Any] = {"cpu_flags": isa_flags(), "load_before": os.getloadavg(),
                            "profile": profile.digest(), "memory_fit": fitted.memory.report, "rows": []}
     dev = open_device("local")
     try:

@@ -274,7 +274,8 @@ def cmd_profile(a) -> int:
             s = v[what]
             print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
-        print(f"  peak memory MAPE {v['memory_mape']:.1%}; report and plot in {res['validation_dir']}")
+        print(f"  peak memory MAPE {v['memory_mape']:.1%}, {v['memory']['share_within_10pct']:.0%} within 10% "
+              f"(median error {v['memory']['median_error']:+.1%}); report and plot in {res['validation_dir']}")
     return 0
 
 
