@@ -114,7 +114,8 @@ def plot(doc: dict, path: Path) -> None:
     presets = sorted({r["preset"] for r in doc["rows"]})
     for i, p in enumerate(presets):
         rows = [r for r in doc["rows"] if r["preset"] == p]
-        ax.scatter([r["measured_mib"] for r in rows], [r["predicted_mib"] for r in rows], s=18, color=f"C{i}", label=p)
+        ax.scatter([r["measured_mib"] for r in rows], [r["predicted_mib"] for r in rows], s=18, color=f"C{i}", label=p,
+                   zorder=3)
     m = [r["measured_mib"] for r in doc["rows"]]
     xs = np.linspace(0.9 * min(m), 1.1 * max(m), 10)
     ax.fill_between(xs, 0.9 * xs, 1.1 * xs, color="0.9", label="±10 %")
