@@ -200,6 +200,11 @@ class Target:
         latency predictor prices that kernel, not three)."""
         return False
 
+    def repacks(self, fmt: str, rows: int, cpu_flags: frozenset[str]) -> bool:
+        """Whether the runtime copies a weight of this format and row count into a layout of its own on a CPU with
+        these flags (its file pages then serve lookups only; edgeq/predictor/memory.py)."""
+        return False
+
     def runtime_versions(self) -> dict[str, str]:
         """Versions of the runtime libraries a bundle was written and checked with (recorded in the manifest)."""
         out = {}

@@ -417,11 +417,15 @@ def test_memory_terms_of_a_llama_cpp_session():
     # the base is what measured peaks leave over the terms; the prediction adds it back
     runs = [(w, 1007, 50e6 + sum(resident_terms(w, facts, 1007).values()))
             for w in (smollm_like(f) for f in ("q4_0", "q8_0", "f16"))]
-    m = MemoryModel.fit(facts, runs)
+    m = MemoryModel.fit(get_target("gguf"), frozenset(), runs)
     assert m.base == pytest.approx(50e6) and m.report["micro_model_mape"] == pytest.approx(0.0, abs=1e-9)
     assert m.peak_bytes(runs[0][0], 1007) == pytest.approx(runs[0][2], rel=1e-9)
+    # on an AVX2 CPU llama.cpp repacks a q4_0 head: the tied embedding's lookups read its rows from the file again
+    avx2 = MemoryModel.fit(get_target("gguf"), frozenset({"avx2", "fma"}), runs)
+    assert avx2.terms(w, 128)["embedding_lookups"] == get_format("q4_0").nbytes((49152, 576))
+    assert avx2.terms(smollm_like("q8_0"), 128)["embedding_lookups"] == 0 == m.terms(w, 128)["embedding_lookups"]
     # a runtime whose terms are not measured (ONNX) keeps the older per-feature fit
-    assert MemoryModel.fit(get_target("onnx").resident, runs).coef is not None
+    assert MemoryModel.fit(get_target("onnx"), frozenset(), runs).coef is not None
 
 
 def test_memory_terms_against_the_real_runtime(tmp_path):

@@ -23,19 +23,26 @@ from typing import Any
 
 import numpy as np
 
+from edgeq.core.formats import get_format
+from edgeq.models import names
 from edgeq.predictor.workload import Workload
-from edgeq.targets.base import ResidentFacts
+from edgeq.targets.base import ResidentFacts, Target
 
 F32 = 4
 
 
-def resident_terms(w: Workload, facts: ResidentFacts, tokens: int) -> dict[str, float]:
+def resident_terms(w: Workload, facts: ResidentFacts, tokens: int, repacked_head: bool = False) -> dict[str, float]:
     """The bytes a measured runtime keeps beyond its base for a decoder session that held `tokens` tokens, fed as
-    one prompt (its largest batch: what the latency runs and `edgeq predict` describe)."""
+    one prompt (its largest batch: what the latency runs and `edgeq predict` describe). `repacked_head`: the tied
+    embedding is copied into the runtime's own layout for the head while the lookups read its rows from the file,
+    so up to its bytes again (counted whole: every row is looked up sooner or later, and the kernel faults a page
+    window in around each row)."""
     batch = min(max(tokens, 1), w.n_ctx, facts.max_batch_tokens or tokens)
     per_hidden, per_ffn = facts.activation_floats
+    head = next((m for m in w.matmuls if m.weight == names.EMBED), None) if repacked_head else None
     return {
         "file": float(w.file_bytes or w.weight_bytes),
+        "embedding_lookups": float(get_format(head.format).nbytes((head.rows, head.cols)) if head else 0),
         "kv_cache": float(w.kv_bytes(facts.kv_cell_multiple)),
         "activations": float(batch * (F32 * (per_hidden * w.hidden + per_ffn * w.ffn) + facts.work_bytes_per_ffn * w.ffn)),
         # the runtime's buffer and the copy it hands out
@@ -55,36 +62,46 @@ def memory_features(w: Workload, tokens: int) -> np.ndarray:
 class MemoryModel:
     """Fitted on a profile's measured peaks (`fit`); `peak_bytes` of any workload of its backend."""
 
-    facts: ResidentFacts
+    target: Target
+    cpu_flags: frozenset[str]                 # the profiled device's (which weights its runtime repacks)
     base: float
     coef: np.ndarray | None = None            # the older model's per-feature multipliers (unmeasured runtimes)
     report: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def facts(self) -> ResidentFacts:
+        return self.target.resident
+
     def uses_terms(self, w: Workload) -> bool:
         return self.coef is None and w.kind == "decoder"
+
+    def repacked_head(self, w: Workload) -> bool:
+        return any(m.weight == names.EMBED and self.target.repacks(m.format, m.rows, self.cpu_flags)
+                   for m in w.matmuls)
 
     def terms(self, w: Workload, tokens: int) -> dict[str, float]:
         """The prediction's parts (bytes), the base included, for a session that held `tokens` tokens."""
         if self.uses_terms(w):
-            return {"base": self.base, **resident_terms(w, self.facts, tokens)}
+            return {"base": self.base, **resident_terms(w, self.facts, tokens, self.repacked_head(w))}
         return {"base": self.base, "features": float(self.coef @ memory_features(w, tokens))}
 
     def peak_bytes(self, w: Workload, tokens: int) -> int:
         return int(sum(self.terms(w, tokens).values()))
 
     @classmethod
-    def fit(cls, facts: ResidentFacts, runs: list[tuple[Workload, int, float]]) -> "MemoryModel":
+    def fit(cls, target: Target, cpu_flags: frozenset[str], runs: list[tuple[Workload, int, float]]) -> "MemoryModel":
         """`runs`: (workload, the most tokens one runner process held, its measured peak bytes) per micro-model."""
-        if facts.measured and all(w.kind == "decoder" for w, *_ in runs):
-            left = np.array([y - sum(resident_terms(w, facts, n).values()) for w, n, y in runs])
+        if target.resident.measured and all(w.kind == "decoder" for w, *_ in runs):
+            m = cls(target, cpu_flags, 0.0)
+            left = np.array([y - sum(m.terms(w, n).values()) for w, n, y in runs])
             base = float(np.median(left))
             y = np.array([r[2] for r in runs])
-            return cls(facts, base, report={"model": "terms", "base_mib": round(base / 2**20, 2),
+            return cls(target, cpu_flags, base, report={"model": "terms", "base_mib": round(base / 2**20, 2),
                                             "micro_model_mape": round(float(np.mean(np.abs(left - base) / y)), 4)})
         x = np.array([memory_features(w, t) for w, t, _ in runs])
         y = np.array([r[2] for r in runs])
         coef, icpt = fit_features(x, y)
-        return cls(facts, icpt, coef, report={"model": "features"})
+        return cls(target, cpu_flags, icpt, coef, report={"model": "features"})
 
 
 def fit_features(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:

@@ -369,7 +369,8 @@ class Predictor:
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
         mem = [(r.workload, r.max_tokens, float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
-        self.memory = MemoryModel.fit(get_target(self.backend).resident, mem) if mem else None
+        self.memory = (MemoryModel.fit(get_target(self.backend), frozenset(self.profile.device.get("flags") or ()), mem)
+                       if mem else None)
 
     # -- predicting ---------------------------------------------------------------------------------------------
 

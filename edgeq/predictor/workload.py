@@ -20,6 +20,7 @@ from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.core.plan import TensorPlan
+from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import bert, llama, names
 from edgeq.targets.registry import get_target
 
@@ -178,7 +179,7 @@ def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", 
     widths = llama.mlp_widths(graph)
     return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes,
                             mlp_widths=None if widths == [graph.config.intermediate_size] * len(widths) else widths,
-                            tokenizer_entries=tokenizer_entries(graph.metadata.get("tokenizer_spec")))
+                            tokenizer_entries=tokenizer_entries(graph_tokenizer_spec(graph)))
 
 
 def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Workload, str, dict[str, Any]]:

@@ -95,6 +95,15 @@ class GgufTarget(Target):
         # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name
         return {alias: name for name, alias in graph_weights.items()}
 
+    def repacks(self, fmt: str, rows: int, cpu_flags: frozenset[str]) -> bool:
+        # ggml-cpu's repack.cpp (ggml_repack_get_optimal_repack_type), x86 and arm64, for the formats edgeq writes
+        if "avx2" in cpu_flags:
+            return rows % 8 == 0 and (fmt in ("q4_0", "q4_k", "iq4_nl") or (fmt == "q2_k" and "avx512f" in cpu_flags))
+        if "asimddp" in cpu_flags or "i8mm" in cpu_flags:      # read from the source, not measured on arm64
+            return ((fmt in ("q4_k", "q5_k", "q6_k") and rows % 8 == 0)
+                    or (fmt in ("q4_0", "iq4_nl", "q8_0") and rows % 4 == 0))
+        return False
+
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
 
