@@ -274,7 +274,8 @@ def cmd_profile(a) -> int:
             s = v[what]
             print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
-        print(f"  peak memory MAPE {v['memory_mape']:.1%}; report and plot in {res['validation_dir']}")
+        print(f"  peak memory MAPE {v['memory_mape']:.1%}, {v['memory']['share_within_10pct']:.0%} within 10% "
+              f"(median error {v['memory']['median_error']:+.1%}); report and plot in {res['validation_dir']}")
     return 0
 
 
@@ -287,9 +288,12 @@ def cmd_predict(a) -> int:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
               f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     else:
+        terms = " + ".join(f"{k.removeprefix('peak_memory_').removesuffix('_bytes').replace('_', ' ')} "
+                           f"{v / 2**20:.1f}" for k, v in pred.parts.items() if k.startswith("peak_memory_"))
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): decode {pred.decode_ms_per_token:.3f} ms/token at "
               f"{pred.context_tokens} tokens of context, prefill of {pred.prompt_tokens} tokens "
-              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
+              f"{pred.prefill_ms:.1f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB"
+              + (f" ({terms} MiB)" if terms else ""))
     return 0
 
 

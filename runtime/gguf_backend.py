@@ -17,6 +17,8 @@ from edgeq.runtime.memory import drop_pages, mapped_ranges
 from edgeq.runtime.pruned import pruned_file
 from edgeq.runtime.sampling import SamplingParams
 
+MAX_BATCH = 512     # tokens per graph: a longer prompt is decoded in batches of this many (its compute buffers)
+
 NAME = "gguf"
 RUNTIME_DIST = "llama-cpp-python"     # whose version the manifest records and a device is checked against
 REMOTE = False                        # runs only on this machine (no TVM RPC)
@@ -105,7 +107,7 @@ class LlamaCppBackend:
             self._bos = int(lib.llama_vocab_bos(self.vocab))
             p = lib.llama_context_default_params()
             p.n_ctx = n_ctx
-            p.n_batch = p.n_ubatch = min(n_ctx, 512)
+            p.n_batch = p.n_ubatch = min(n_ctx, MAX_BATCH)
             p.n_threads = p.n_threads_batch = threads
             p.type_k = p.type_v = KV_TYPES[kv_dtype]
             # Flash attention on CPU reads the f16/q8_0 cache in place instead of converting K and V for two

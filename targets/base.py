@@ -57,6 +57,26 @@ class Lowered:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ResidentFacts:
+    """What a backend's runtime keeps resident for a decoder besides its model file and its interpreter, term by
+    term, where it has been measured (edgeq/predictor/memory.py prices a plan with these; `measured` False: the
+    predictor fits its older per-feature model on the latency profile instead).
+
+    Units: `activation_floats` are the f32 values per token one graph keeps live at once, per hidden and per MLP
+    channel; `work_bytes_per_ffn` the bytes per token and MLP channel of the widest product's input converted for
+    the kernels; `tokenizer_bytes_per_entry` what each vocabulary token and BPE merge costs once loaded (the
+    Python spec and the runtime's own vocabulary)."""
+
+    measured: bool = False
+    kv_cell_multiple: int = 1              # the KV cache is allocated in whole multiples of this many tokens
+    max_batch_tokens: int | None = None    # a prompt is computed in graphs of at most this many tokens
+    prompt_logits: bool = True             # keeps every prompt position's logits (else the last position's)
+    activation_floats: tuple[float, float] = (0.0, 0.0)
+    work_bytes_per_ffn: float = 0.0
+    tokenizer_bytes_per_entry: float = 0.0
+
+
 class Target:
     """A backend. Subclasses set the class attributes and implement the methods that raise here."""
 
@@ -89,6 +109,7 @@ class Target:
     # budgeted plans compensate by default (GPTQ, passes/gptq.py): its formats' bytes are ggml's, computed exactly
     # here, so what the planner prices is what the file holds
     compensates: bool = False
+    resident: ResidentFacts = ResidentFacts()     # what its runtime keeps resident (the latency predictor's memory)
 
     # --- deciding ---------------------------------------------------------------------------------------
 
@@ -177,6 +198,11 @@ class Target:
     def fused_qkv(self, plans: list[TensorPlan]) -> bool:
         """Whether an encoder layer's q, k and v projections planned so run as one kernel with its attention (the
         latency predictor prices that kernel, not three)."""
+        return False
+
+    def repacks(self, fmt: str, rows: int, cpu_flags: frozenset[str]) -> bool:
+        """Whether the runtime copies a weight of this format and row count into a layout of its own on a CPU with
+        these flags (its file pages then serve lookups only; edgeq/predictor/memory.py)."""
         return False
 
     def runtime_versions(self) -> dict[str, str]:

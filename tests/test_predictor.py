@@ -391,3 +391,76 @@ def test_predict_prices_an_encoder_bundle(tiny_encoder_bundle):
     r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", ENCODER_PROFILE, "--prompt-tokens", "1000",
               check=False)
     assert r.returncode == 2 and "do not fit the encoder's 128 positions" in r.stderr
+
+
+# --- peak memory: the terms of a llama.cpp session ---------------------------------------------------------------
+
+def test_memory_terms_of_a_llama_cpp_session():
+    """Each term from the plan and the runtime's facts: the file once, the KV cache of the context padded to 256,
+    one graph's activations for the largest batch (at most n_ubatch = 512 tokens), the last position's logits,
+    the tokenizer's entries; a profile fits the base alone."""
+    from edgeq.predictor.memory import MemoryModel, resident_terms
+    from edgeq.targets.registry import get_target
+
+    facts = get_target("gguf").resident
+    w = smollm_like("q4_0")
+    w.n_ctx, w.file_bytes, w.tokenizer_entries = 300, 90_000_000, 98_052
+    t = resident_terms(w, facts, 128)
+    assert t["file"] == 90_000_000
+    assert t["kv_cache"] == 2 * 30 * 3 * 64 * 512 * 2                  # 300 tokens: 512 cells of f16
+    per_token = 4 * (4 * 576 + 3 * 1536) + 34 / 32 * 1536
+    assert t["activations"] == pytest.approx(128 * per_token)           # a prompt of 128: batches of 128
+    assert resident_terms(w, facts, 5000)["activations"] == pytest.approx(300 * per_token)   # the context bounds it
+    w.n_ctx = 4096
+    assert resident_terms(w, facts, 5000)["activations"] == pytest.approx(512 * per_token)   # so does n_ubatch
+    assert t["logits"] == 2 * 4 * 49152 and t["tokenizer"] == pytest.approx(265 * 98_052)
+    # the base is what measured peaks leave over the terms; the prediction adds it back
+    runs = [(w, 1007, 50e6 + sum(resident_terms(w, facts, 1007).values()))
+            for w in (smollm_like(f) for f in ("q4_0", "q8_0", "f16"))]
+    m = MemoryModel.fit(get_target("gguf"), frozenset(), runs)
+    assert m.base == pytest.approx(50e6) and m.report["micro_model_mape"] == pytest.approx(0.0, abs=1e-9)
+    assert m.peak_bytes(runs[0][0], 1007) == pytest.approx(runs[0][2], rel=1e-9)
+    # on an AVX2 CPU llama.cpp repacks a q4_0 head: the tied embedding's lookups read its rows from the file again
+    avx2 = MemoryModel.fit(get_target("gguf"), frozenset({"avx2", "fma"}), runs)
+    assert avx2.terms(w, 128)["embedding_lookups"] == get_format("q4_0").nbytes((49152, 576))
+    assert avx2.terms(smollm_like("q8_0"), 128)["embedding_lookups"] == 0 == m.terms(w, 128)["embedding_lookups"]
+    # a runtime whose terms are not measured (ONNX) keeps the older per-feature fit
+    assert MemoryModel.fit(get_target("onnx"), frozenset(), runs).coef is not None
+
+
+def test_memory_terms_against_the_real_runtime(tmp_path):
+    """What the runner's peak does when only the context or only the prompt changes is what the KV-cache and
+    activation terms say (fresh runner processes on the `local` device)."""
+    from edgeq.devices import open_device
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec
+    from edgeq.predictor.memory import resident_terms
+    from edgeq.predictor.workload import bundle_workload
+    from edgeq.targets.registry import get_target
+
+    cfg = tiny_config(vocab_size=400, n_layers=4, n_kv_heads=4, tied_embeddings=True, context_length=8192)
+    src = graph_to_hf_folder(random_llama(cfg, seed=3, scale=0.08), tmp_path / "m", byte_level_spec(400))
+    out = tmp_path / "b"
+    edgeq("export", "--model", src, "--quant", "q4_0", "--no-calibration", "-o", out, "--quiet")
+    dev = open_device("local")
+    try:
+        remote = dev.push(out)
+        peak = {}
+        for n_ctx, prompt in ((256, 32), (8192, 32), (8192, 512)):
+            r = dev.run(remote, "latency", {"prefill": [prompt], "decode": [], "steps": 1, "prefill_steps": 1},
+                        threads=1, n_ctx=n_ctx)
+            assert r.ok, r.error
+            peak[n_ctx, prompt] = r.peak_rss_bytes
+    finally:
+        dev.close()
+    w = bundle_workload(out)[0]
+    facts = get_target("gguf").resident
+
+    def term(name: str, n_ctx: int, prompt: int) -> float:
+        w.n_ctx = n_ctx
+        return resident_terms(w, facts, prompt)[name]
+
+    kv = term("kv_cache", 8192, 32) - term("kv_cache", 256, 32)                       # 31 MiB
+    act = term("activations", 8192, 512) - term("activations", 8192, 32)            # 5 MiB
+    assert abs(peak[8192, 32] - peak[256, 32] - kv) < 0.05 * kv + 2**20, (peak, kv)
+    assert abs(peak[8192, 512] - peak[8192, 32] - act) < 0.2 * act + 2**20, (peak, act)

@@ -21,8 +21,8 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
    workload's shape. The linear part keeps the prediction linear in each weight's kernel, which is what the
    ILP's latency row needs.
 
-Peak memory (`MemoryModel`) is a non-negative linear model of the runner's peak resident memory on the files
-it maps, the KV cache it allocates and the logits it keeps per token.
+Peak memory is memory.py's `MemoryModel`: what the backend's runtime keeps, term by term, plus a base the
+profile's micro-models measure.
 
 Encoders go through the same three layers with their own features: a call is one forward pass over n tokens
 (the profile's `prefill`; there is no decode step); a layer whose q, k and v run as one fused kernel with the
@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 
 from edgeq.core.errors import EdgeqError
+from edgeq.predictor.memory import MemoryModel
 from edgeq.predictor.profile import LatencyProfile
 from edgeq.predictor.workload import FUSED_QKV, Workload, layer_role
+from edgeq.targets.registry import get_target
 
 KV_PADDINGS = (1, 32, 64, 128, 256, 512)
 MIN_KERNEL_US = 0.2
@@ -300,25 +302,6 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
     return Correction(coef, icpt, trees, report)
 
 
-# --- memory -------------------------------------------------------------------------------------------------------
-
-def memory_features(w: Workload, tokens: int) -> np.ndarray:
-    """What a runtime keeps resident: the files it maps, the KV cache it allocates, the logits of the tokens (an
-    encoder: its widest activation, n·ffn)."""
-    out = tokens * (w.ffn if w.kind == "encoder" else w.vocab) * 4.0
-    return np.array([w.file_bytes or w.weight_bytes, w.kv_bytes(), out], dtype=np.float64)
-
-
-def fit_memory(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Peak memory = a fixed base + each feature once (the prior), adjusted where the micro-models say otherwise
-    (scikit-learn's Ridge on the deviations, relative errors: with few micro-models the prior stands)."""
-    from sklearn.linear_model import Ridge
-
-    scale = np.maximum(np.abs(x).max(axis=0), 1.0)
-    m = Ridge(alpha=2.0).fit(x / scale, y - x.sum(axis=1), sample_weight=(np.mean(y) / np.maximum(y, 1.0)) ** 2)
-    return 1.0 + m.coef_ / scale, float(m.intercept_)
-
-
 # --- the predictor ------------------------------------------------------------------------------------------------
 
 class Predictor:
@@ -384,9 +367,10 @@ class Predictor:
                                        "s": shape_features(w, n, kv, g),
                                        "y": paired / 1e3 if paired is not None else float(np.median(vals))})
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
-        mem = [(memory_features(r.workload, r.max_tokens), float(np.median(r.peak_rss_bytes)))
+        mem = [(r.workload, r.max_tokens, float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
-        self.memory = fit_memory(np.array([m[0] for m in mem]), np.array([m[1] for m in mem])) if mem else None
+        self.memory = (MemoryModel.fit(get_target(self.backend), frozenset(self.profile.device.get("flags") or ()), mem)
+                       if mem else None)
 
     # -- predicting ---------------------------------------------------------------------------------------------
 
@@ -419,10 +403,8 @@ class Predictor:
         return float(self.correction[kind].coef[0])
 
     def peak_memory(self, w: Workload, tokens: int) -> int:
-        if self.memory is None:
-            return 0
-        coef, icpt = self.memory
-        return int(icpt + coef @ memory_features(w, tokens))
+        """Peak resident bytes of a session that held `tokens` tokens (fed as one prompt)."""
+        return 0 if self.memory is None else self.memory.peak_bytes(w, tokens)
 
     def predict(self, w: Workload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
         if w.kind != self.profile.kind:
@@ -442,14 +424,18 @@ class Predictor:
         if max(prompt_tokens, context_tokens + 1) > w.n_ctx:
             raise EdgeqError(None, f"{max(prompt_tokens, context_tokens + 1)} tokens do not fit the bundle's context "
                                    f"of {w.n_ctx}")
+        held = max(prompt_tokens, context_tokens + 1)
+        terms = {} if self.memory is None else self.memory.terms(w, held)
         return Prediction(self.backend, self.threads, int(prompt_tokens), int(context_tokens),
                           prefill_ms=self.call_ms(w, "prefill", prompt_tokens),
                           decode_ms_per_token=self.call_ms(w, "decode", context_tokens),
-                          peak_memory_bytes=self.peak_memory(w, max(prompt_tokens, context_tokens + 1)))
+                          peak_memory_bytes=self.peak_memory(w, held),
+                          parts={f"peak_memory_{k}_bytes": int(v) for k, v in terms.items() if k != "features"})
 
     def fit_report(self) -> dict[str, Any]:
         return {"kv_padding": self.kv_pad, "formats": self.kernels.formats,
                 "prefill_output_rows_only": sorted(self.output_rows_only),
                 "kernel_shapes": len(self.kernels.lookup),
+                "memory": self.memory.report if self.memory is not None else None,
                 "correction": {k: c.report for k, c in self.correction.items()}}
 

@@ -102,6 +102,15 @@ def summarize(rows: list[dict[str, Any]], what: str) -> dict[str, Any]:
             "device_spread_p90": round(float(np.percentile(spr, 90)), 4)}
 
 
+def memory_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The peak-memory predictions against the runner's measured peaks (VmHWM; the median over rounds)."""
+    err = np.array([r["predicted"]["peak_memory_bytes"] / max(r["measured"]["peak_rss_bytes"], 1) - 1 for r in rows])
+    return {"memory_mape": round(float(np.mean(np.abs(err))), 4),
+            "memory": {"share_within_10pct": round(float(np.mean(np.abs(err) <= TOLERANCE)), 4),
+                       "median_error": round(float(np.median(err)), 4),
+                       "worst_error": round(float(err[np.argmax(np.abs(err))]), 4)}}
+
+
 def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     import matplotlib
 
@@ -230,9 +239,7 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
                   "profile": {"sha256": profile.digest(), "noise": profile.noise},
                   **({} if encoder else {"decode": summarize(rows, "decode_ms_per_token")}),
                   "prefill": summarize(rows, "prefill_ms"),
-                  "memory_mape": round(float(np.mean([abs(r["predicted"]["peak_memory_bytes"]
-                                                          / max(r["measured"]["peak_rss_bytes"], 1) - 1)
-                                                      for r in rows])), 4),
+                  **memory_summary(rows),
                   "plans": rows}
         (out / "validation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         p = report["prefill"]

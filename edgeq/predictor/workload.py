@@ -20,6 +20,7 @@ from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.core.plan import TensorPlan
+from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import bert, llama, names
 from edgeq.targets.registry import get_target
 
@@ -60,23 +61,28 @@ class Workload:
     file_bytes: int = 0                      # the model files a runtime maps (0: unknown)
     aliases: dict[str, str] = field(default_factory=dict)   # the runtime's weight names -> canonical names
     kind: str = "decoder"                    # decoder | encoder
+    tokenizer_entries: int = 0               # a decoder's vocabulary tokens + BPE merges (0: unknown)
 
     @property
     def weight_bytes(self) -> int:
         return sum(get_format(stored_format(m.format)).nbytes((m.rows, m.cols)) for m in self.matmuls)
 
-    def kv_bytes(self) -> int:
-        """The KV cache the runtime allocates for n_ctx tokens (none in an encoder)."""
+    def kv_bytes(self, cell_multiple: int = 1) -> int:
+        """The KV cache the runtime allocates for n_ctx tokens, in whole multiples of `cell_multiple` tokens (none
+        in an encoder)."""
         if self.kind != "decoder":
             return 0
         per = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}.get(self.kv_dtype, 2.0)
-        return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * self.n_ctx * per)
+        cells = -(-self.n_ctx // cell_multiple) * cell_multiple
+        return int(2 * self.n_layers * self.n_kv_heads * self.head_dim * cells * per)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["matmuls"] = [[m.weight, m.rows, m.cols, m.format] for m in self.matmuls]
         if self.kind == "decoder":
             del d["kind"]                   # decoder profiles' digests stay what they were
+        if not self.tokenizer_entries:
+            del d["tokenizer_entries"]
         return d
 
     @classmethod
@@ -84,6 +90,11 @@ class Workload:
         d = dict(d)
         d["matmuls"] = [MatMul(*m) for m in d["matmuls"]]
         return cls(**d)
+
+
+def tokenizer_entries(spec) -> int:
+    """A decoder tokenizer's vocabulary tokens and BPE merges: what loading it costs in proportion to."""
+    return 0 if spec is None else len(spec.tokens) + len(spec.merges)
 
 
 def layer_role(weight: str, n_layers: int) -> str:
@@ -99,7 +110,8 @@ def layer_role(weight: str, n_layers: int) -> str:
 
 
 def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: int, kv_dtype: str = "f16",
-                     file_bytes: int = 0, source: str | None = None, mlp_widths: list[int] | None = None) -> Workload:
+                     file_bytes: int = 0, source: str | None = None, mlp_widths: list[int] | None = None,
+                     tokenizer_entries: int = 0) -> Workload:
     """The workload of a Llama-family decoder whose 2-D weights are written in `formats` (canonical names);
     `mlp_widths`: each layer's MLP channels when pruned (the ops around the MLPs then see their mean width, which
     is exact for costs linear in the width)."""
@@ -124,7 +136,8 @@ def decoder_workload(config: llama.LlamaConfig, formats: dict[str, str], n_ctx: 
     return Workload(hidden=config.hidden_size, ffn=ffn, n_layers=config.n_layers,
                     n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, head_dim=config.head_dim,
                     vocab=config.vocab_size, matmuls=matmuls, n_ctx=int(n_ctx), kv_dtype=kv_dtype,
-                    file_bytes=int(file_bytes), aliases={llama.gguf_name(n): n for n in shapes})
+                    file_bytes=int(file_bytes), aliases={llama.gguf_name(n): n for n in shapes},
+                    tokenizer_entries=int(tokenizer_entries))
 
 
 def encoder_workload(config: bert.BertConfig, plans: dict[str, TensorPlan], backend: str, file_bytes: int = 0,
@@ -165,12 +178,14 @@ def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", 
     formats = {n: plan.tensors[n].format for n in graph.weights if n in plan.tensors}
     widths = llama.mlp_widths(graph)
     return decoder_workload(graph.config, formats, n_ctx, kv_dtype, file_bytes,
-                            mlp_widths=None if widths == [graph.config.intermediate_size] * len(widths) else widths)
+                            mlp_widths=None if widths == [graph.config.intermediate_size] * len(widths) else widths,
+                            tokenizer_entries=tokenizer_entries(graph_tokenizer_spec(graph)))
 
 
 def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Workload, str, dict[str, Any]]:
     """A bundle's workload for one of its backends (default: its first model artifact), that backend, and the
     manifest."""
+    from edgeq.runtime import bundle_spec
     from edgeq.runtime.manifest import pick_artifact, read_manifest
 
     bundle = Path(bundle)
@@ -199,5 +214,6 @@ def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Wor
     widths = [k if isinstance(k, int) and k > 0 else config.intermediate_size for k in keeps]
     w = decoder_workload(config, formats, int(m.get("n_ctx") or 2048), m.get("kv_cache_dtype") or "f16", files,
                          source=str(bundle / "manifest.json"),
-                         mlp_widths=widths if any(k is not None for k in keeps) else None)
+                         mlp_widths=widths if any(k is not None for k in keeps) else None,
+                         tokenizer_entries=tokenizer_entries(bundle_spec(bundle, m)))
     return w, backend, m

@@ -19,8 +19,9 @@ from edgeq.core.ir import Graph
 from edgeq.core.layout import FileLayout
 from edgeq.core.plan import TensorPlan
 from edgeq.models import llama
+from edgeq.runtime.gguf_backend import MAX_BATCH
 from edgeq.runtime.tokenizer import spec_to_json
-from edgeq.targets.base import Lowered, LowerRequest, Target
+from edgeq.targets.base import Lowered, LowerRequest, ResidentFacts, Target
 from edgeq.targets.gguf.adapter import ADAPTER_FILE, lora_file, write_adapter
 from edgeq.targets.gguf.layout import gguf_layout
 from edgeq.targets.gguf.presets import GGUF_PRESETS, TensorInfo, preset_types
@@ -28,6 +29,22 @@ from edgeq.targets.gguf.speed import compare_speed
 from edgeq.targets.gguf.writer import write_gguf
 
 MODEL_FILE = "model.gguf"
+
+# What edgeq.runtime's llama.cpp session keeps resident (bench/resident_terms.py measures each term):
+# - the file once: llama.cpp maps it and copies the tensors it repacks (x86: Q4_0, Q4_K, IQ4_NL) into buffers of
+#   the same size, and the runtime drops the mapped pages it copied from (runtime/memory.py);
+# - the KV cache of n_ctx padded to 256 tokens (llama_context pads n_ctx so), cleared at creation, so resident;
+# - one graph's activations per token of the largest batch: the MLP's input, its norm, the residual and the
+#   attention's output (4 x hidden) beside gate, up and their product (3 x ffn), f32, and the down product's input
+#   quantized to 8 bits (34 bytes per 32) in the CPU backend's work buffer; llama.cpp reserves the buffer for
+#   n_ubatch tokens and n_ubatch outputs, but pages never written stay out (measured 17.1, 19.1 and 28.1 KB per
+#   token on widths 256/1024, 384/1024 and 576/1536, formula 17.1, 19.1, 28.6);
+# - the last position's logits only (llama.cpp's output buffer and the copy the runtime hands out);
+# - the tokenizer twice, as the runtime's Python spec and as llama.cpp's vocabulary: about 265 bytes per token
+#   and per BPE merge (measured 263-270 on vocabularies of 8 k-98 k entries).
+LLAMA_CPP_RESIDENT = ResidentFacts(measured=True, kv_cell_multiple=256, max_batch_tokens=MAX_BATCH,
+                                   prompt_logits=False, activation_floats=(4.0, 3.0), work_bytes_per_ffn=34 / 32,
+                                   tokenizer_bytes_per_entry=265.0)
 
 
 class GgufTarget(Target):
@@ -42,6 +59,7 @@ class GgufTarget(Target):
     measures_speed = True
     sizes_any_width = True     # layout.py: bytes from each tensor's shape, the header from the widths' metadata
     compensates = True
+    resident = LLAMA_CPP_RESIDENT
     prunes_mlp = True          # runtime/gguf_slice.py narrows the file by whole blocks; llama.cpp loads it as `deci`
     prunes_attention_why = ("llama.cpp's llama and deci architectures have one head size (attention.key_length = "
                             "value_length = rope.dimension_count, asserted equal) and one rope_freqs table for all "
@@ -76,6 +94,15 @@ class GgufTarget(Target):
     def kernel_names(self, bundle, graph_weights: dict[str, str]) -> dict[str, str]:
         # llama.cpp's graph names each matmul's weight operand by its GGUF tensor name
         return {alias: name for name, alias in graph_weights.items()}
+
+    def repacks(self, fmt: str, rows: int, cpu_flags: frozenset[str]) -> bool:
+        # ggml-cpu's repack.cpp (ggml_repack_get_optimal_repack_type), x86 and arm64, for the formats edgeq writes
+        if "avx2" in cpu_flags:
+            return rows % 8 == 0 and (fmt in ("q4_0", "q4_k", "iq4_nl") or (fmt == "q2_k" and "avx512f" in cpu_flags))
+        if "asimddp" in cpu_flags or "i8mm" in cpu_flags:      # read from the source, not measured on arm64
+            return ((fmt in ("q4_k", "q5_k", "q6_k") and rows % 8 == 0)
+                    or (fmt in ("q4_0", "iq4_nl", "q8_0") and rows % 4 == 0))
+        return False
 
     def kv_cache_dtype(self, preset: str | None, profile, requested: str | None) -> str:
         return requested or ("f32" if preset == "f32" else profile.kv_cache_dtype)
