@@ -7,16 +7,18 @@ Runs after the sensitivity pass (every tensor's cost per format) and uniql_sort 
    from the device's latency profile (both handed in as data by compile/decide.py);
 2. the accuracy predictor (search_accuracy.py), APQ's transfer: pre-trained on `cheap_labels` random points'
    summed Fisher + pruning costs, fine-tuned on `expensive_labels` points within the budgets measured for real
-   (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py);
-3. evolution: a population of points within the budgets (the anchor, the ILP's plan at full widths under the
-   same budgets, every uniform format at full width that meets them, the measured points, random samples), each
-   generation keeping the best quarter by the predictor (held within a band around the exact cheap label,
-   `proxy_banded`) and filling the rest with mutations and crossovers, every
-   child repaired (widths follow formats) and walked back within the budgets towards its parent
-   (search_space.toward); seeded, so the same inputs give the same plan;
-4. finalists: the `finalists` best points by the predictor, and the ILP's plan, are measured for real (when
-   `measure` is given) and the best measured point (finalists and expensive labels alike, all within the budgets)
-   is the plan; each finalist's bytes, latency and KLD go to the plan's `search` record.
+   (the exported model's KLD against the float source in its runtime, `measure`, from compile/search_labels.py):
+   the ILP's plan at full widths under the same budgets, half of the rest around it, half sampled anywhere;
+3. the additive cost corrected per tensor role by those labels (search_correction.py) and the ILP solved again on
+   each correction: plans the ILP would have chosen had its cost been what the labels say;
+4. evolution: a population of points within the budgets (the anchor, the ILP's plans, every uniform format at full
+   width that meets them, the measured points, random samples), each generation keeping the best quarter by the
+   predictor (held within a band around the corrected cheap label, `proxy_banded`) and filling the rest with
+   mutations and crossovers, every child repaired (widths follow formats) and walked back within the budgets
+   towards its parent (search_space.toward); seeded, so the same inputs give the same plan;
+5. finalists: the `finalists` best points by the predictor, and the re-solved ILP's plans, are measured for real
+   (when `measure` is given) and the best measured point (finalists and labels alike, all within the budgets) is
+   the plan; each finalist's bytes, latency and KLD go to the plan's `search` record.
 
 The plan fixes `keep` (and, after uniql_alloc, `order`) on every MLP tensor, so `edgeq export --plan` writes the
 pruned model without calibrating the ranking again.
@@ -37,6 +39,7 @@ from edgeq.models import llama
 from edgeq.passes.allocate import plan_from_choice
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.search_accuracy import AccuracyPredictor
+from edgeq.passes.search_correction import CostCorrection, corrections
 from edgeq.passes.search_menus import menu_table, score_menus
 from edgeq.passes.search_space import Budgets, Candidate, GeneSpace, SearchSpace, genes_of, pruning_costs
 from edgeq.passes.sensitivity import CostTable, tensor_options
@@ -161,12 +164,13 @@ class Search(Pass):
         # 2. expensive labels on points within the budgets: half of them around the ILP's plan when there is one
         # (the region the answer must beat: random points alone teach the predictor the space's coarse slope,
         # not how to rank plans near the ILP's, where the additive cost it optimises stops being exact)
-        ilp = self.ilp_point(space, ctx.analysis["costs"])
+        table: CostTable = ctx.analysis["costs"]
+        ilp = self.ilp_point(space, table)
         measured: dict[Candidate, float] = {}
         if self.inp.measure is not None and s.expensive_labels:
             local = s.expensive_labels // 2 if ilp is not None else 0
             near = [space.toward(space.mutate(ilp, rng, s.mutation / 2), ilp, budgets, rng) for _ in range(local)]
-            todo = _unique([c for c in near if c != ilp] +
+            todo = _unique(([ilp] if ilp else []) + [c for c in near if c != ilp] +
                            [space.sample(rng, anchor, budgets) for _ in range(s.expensive_labels - local)])
             got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
                                    "search: expensive labels (real KLD)")
@@ -174,17 +178,24 @@ class Search(Pass):
         x_exp = np.array([space.features(c) for c in measured]) if measured else None
         y_exp = np.array(list(measured.values())) if measured else None
         predictor = AccuracyPredictor("transfer", seed=s.seed).fit(x_cheap, y_cheap, x_exp, y_exp)
+        # the additive cost corrected per role by the labels, and the ILP solved again on each correction
+        fitted, correction = corrections(space, measured)
+        resolved = {}
+        for corr in fitted:
+            point = self.ilp_point(space, corr.table(table))
+            if point is not None:
+                resolved.setdefault(point, corr)
 
-        score = proxy_banded(predictor, space, measured)
+        score = proxy_banded(predictor, space, measured, correction)
 
-        # 3. evolution within the budgets, from the ILP's plan, every uniform format and the measured points
+        # 4. evolution within the budgets, from the ILP's plans, every uniform format and the measured points
         uniform = [c for c in space.uniform_points() if space.measures(c).meets(budgets)]
-        seeds = _unique([anchor] + ([ilp] if ilp else []) + uniform + list(measured))
+        seeds = _unique([anchor] + ([ilp] if ilp else []) + list(resolved) + uniform + list(measured))
         ranked = evolve(space, score, budgets, seeds, anchor, rng, s, bar)
-        # 4. finalists measured for real
+        # 5. finalists (and the re-solved ILP's plans) measured for real
         finalists = ranked[:max(1, s.finalists)]
         if self.inp.measure is not None and s.finalists:
-            todo = _unique([c for c in finalists + ([ilp] if ilp else []) if c not in measured])
+            todo = _unique([c for c in finalists + ([ilp] if ilp else []) + list(resolved) if c not in measured])
             got = self.inp.measure([self.candidate_plan(graph, space, c, ctx) for c in todo], bar,
                                    "search: finalists (real KLD)")
             measured.update(zip(todo, got))
@@ -197,6 +208,12 @@ class Search(Pass):
         if ilp is not None:
             out.search["ilp_seed"] = {"chosen": best == ilp, **({"kld": round(measured[ilp], 8)}
                                                                 if ilp in measured else {})}
+        if correction is not None:
+            out.search["cost_correction"] = {
+                "chosen": correction.to_json(),
+                "ilp_plans": [{"lambda": corr.lam, "chosen": best == c, **({"kld": round(measured[c], 8)}
+                                                                            if c in measured else {})}
+                              for c, corr in resolved.items()]}
         if menus is not None:
             out.search["menus"] = menus
         out.calibration = plan.calibration
@@ -208,8 +225,8 @@ class Search(Pass):
         return graph, out
 
     def ilp_point(self, space: SearchSpace, table: CostTable) -> Candidate | None:
-        """The ILP's plan as a point of `space` (full widths), or None: no ILP plan, a format outside the
-        space's menu, or over the budgets by the space's own exact bytes and predicted latency."""
+        """The ILP's plan on `table`'s costs as a point of `space` (full widths), or None: no ILP plan, a format
+        outside the space's menu, or over the budgets by the space's own exact bytes and predicted latency."""
         fmts = self.inp.ilp_formats(table) if self.inp.ilp_formats is not None else None
         if fmts is None:
             return None
@@ -271,10 +288,11 @@ def candidate_plan(graph: Graph, space: SearchSpace, c: Candidate, ctx: Context,
     return p
 
 
-def proxy_banded(predictor: AccuracyPredictor, space: SearchSpace,
-                 measured: dict[Candidate, float]) -> Callable[[list[Candidate]], np.ndarray]:
+def proxy_banded(predictor: AccuracyPredictor, space: SearchSpace, measured: dict[Candidate, float],
+                 correction: CostCorrection | None = None) -> Callable[[list[Candidate]], np.ndarray]:
     """The search's score: the predictor's log-error, held within a band around the exact cheap label (summed
-    Fisher + pruning costs, computed for any point) mapped onto the real labels' scale.
+    Fisher + pruning costs, computed for any point; per role corrected by the labels when `correction` is given,
+    search_correction.py) mapped onto the real labels' scale.
 
     Why: the evolution ranks thousands of points by the predictor and keeps the best, so it finds exactly the
     points where a learned model extrapolates wrongly. On SmolLM2 the finalists of an unguarded search (MLP widths
@@ -285,8 +303,10 @@ def proxy_banded(predictor: AccuracyPredictor, space: SearchSpace,
     def raw(cs: list[Candidate]) -> np.ndarray:
         return predictor.predict(np.array([space.features(c) for c in cs]))
 
+    label = space.cheap_label if correction is None else (lambda c: correction.label(space, c))
+
     def proxy(cs: list[Candidate]) -> np.ndarray:
-        return np.log(np.maximum([space.cheap_label(c) for c in cs], 1e-12))
+        return np.log(np.maximum([label(c) for c in cs], 1e-12))
 
     if len(measured) < 2:
         return raw

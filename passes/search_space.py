@@ -295,16 +295,24 @@ class SearchSpace(GeneSpace):
             m = self._cache[c] = Measures(int(nbytes), lat)
         return m
 
+    def layer_of(self, tensor: str) -> int | None:
+        """The layer whose MLP `tensor` is in (None: not an MLP tensor)."""
+        return next((i for i, names in enumerate(self.mlp) if tensor in names), None)
+
+    def tensor_costs(self, c: Candidate) -> dict[str, float]:
+        """Each tensor's sensitivity cost at the point's format, MLP tensors scaled by the channels kept."""
+        out = {}
+        for t, f in self.formats(c).items():
+            layer = self.layer_of(t)
+            out[t] = self.costs[(t, f)] * (1.0 if layer is None else c.widths[layer] / self.full[layer])
+        return out
+
+    def pruning_cost(self, c: Candidate) -> float:
+        return sum(float(pc[w]) for pc, w in zip(self.prune_costs, c.widths))
+
     def cheap_label(self, c: Candidate) -> float:
         """Summed sensitivity cost, MLP tensors scaled by the channels kept, plus each layer's pruning cost."""
-        total = 0.0
-        for t, f in self.formats(c).items():
-            cost = self.costs[(t, f)]
-            layer = next((i for i, names in enumerate(self.mlp) if t in names), None)
-            if layer is not None:
-                cost *= c.widths[layer] / self.full[layer]
-            total += cost
-        return total + sum(float(pc[w]) for pc, w in zip(self.prune_costs, c.widths))
+        return sum(self.tensor_costs(c).values()) + self.pruning_cost(c)
 
     def anchors(self) -> dict[str, Candidate]:
         """The smallest point (fewest bytes per gene, narrowest widths) and the fastest (least predicted time of

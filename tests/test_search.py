@@ -22,12 +22,12 @@ from edgeq.compile.search import search
 from edgeq.core.formats import get_format
 from edgeq.passes.search import SearchSettings
 from edgeq.passes.search_accuracy import AccuracyPredictor, spearman
-from edgeq.passes.search_space import Budgets
+from edgeq.passes.search_space import Budgets, Candidate
 
 PROFILE = Path(__file__).parent / "data" / "latency_profile_gguf_quick.json"
 # the tiny decoder's uniform q4_0 plan predicts about 0.554 ms a decode step on this profile, f16 0.621 ms
 LIMIT_MS = 0.58
-SMALL = SearchSettings(population=12, generations=4, cheap_labels=200, expensive_labels=2, finalists=1, seed=3)
+SMALL = SearchSettings(population=12, generations=4, cheap_labels=200, expensive_labels=6, finalists=1, seed=3)
 
 
 @pytest.fixture
@@ -95,6 +95,12 @@ def test_same_seed_same_plan(tiny_decoder_dir, cache_env):
     # the ILP's plan at full widths was a seed and measured beside the finalists: the search never does worse
     ilp = a["search"]["ilp_seed"]
     assert a["search"]["kld"] <= ilp["kld"], ilp
+    # the labels (the ILP's plan and up to six more) corrected the cost per role and the ILP was solved again on it:
+    # every re-solved plan that differs from the first was measured too, and none beat the chosen plan
+    corr = a["search"]["cost_correction"]
+    assert set(corr["chosen"]["multipliers"]) >= {"model.layers.*.mlp.down_proj.weight", "pruning"}
+    for r in corr["ilp_plans"]:
+        assert r["kld"] >= a["search"]["kld"], corr
 
 
 def test_found_plan_exports_within_the_budgets(tiny_decoder_dir, tmp_path, cache_env):
@@ -150,6 +156,41 @@ def test_transfer_predictor_trains_and_ranks(tiny_decoder_dir, cache_env):
     assert spearman(t1.predict(x[few]), target) >= spearman(cheap.predict(x[few]), target)
     with pytest.raises(Exception, match="needs expensive labels"):
         AccuracyPredictor("expensive").fit(None, None, None, None)
+
+
+def test_cost_correction_recovers_a_mispriced_role(tiny_decoder_dir, cache_env):
+    """Labels made from the space's own costs with the value projections priced 8x: the weakly pulled fit finds
+    that factor against the other roles, the strongly pulled one stays near the uncorrected cost, leave-one-out
+    picks the fit that predicts the labels, and the corrected table scales each tensor's options by its role."""
+    from edgeq.passes.search_correction import corrections, fit, role_costs, role_of
+
+    opts = _opts(tiny_decoder_dir, cost="output",
+                 search=SearchSettings(population=4, generations=1, cheap_labels=20, expensive_labels=0,
+                                       finalists=0))
+    c = pipeline.prepare(opts, None, None, several_allowed=False)
+    pipeline.decide_all(c, opts, branches=False)
+    space, anchor = c.ctx.analysis["search_space"]
+    rng = np.random.default_rng(5)
+    v = "model.layers.*.self_attn.v_proj.weight"
+    # full MLP widths, random formats (labels near the ILP's plan are mostly so: pruning would drown the roles)
+    pts = list(dict.fromkeys(Candidate(space.random(rng).formats, tuple(space.full)) for _ in range(40)))
+    truth = {p: 0.01 * sum(cost * (8.0 if g == v else 1.0) for g, cost in role_costs(space, p).items())
+             for p in pts}
+    assert sum(role_costs(space, pts[0]).values()) == pytest.approx(space.cheap_label(pts[0]), rel=1e-12)
+    weak, strong = fit(space, truth, 1e-10), fit(space, truth, 1e3)
+    others = np.median([m for g, m in weak.multipliers.items() if g not in (v, "pruning")])
+    assert weak.multipliers[v] / others == pytest.approx(8.0, rel=0.05), weak
+    assert abs(strong.multipliers[v] - 1.0) < 0.2 and strong.multipliers[v] < weak.multipliers[v]
+    fitted, best = corrections(space, truth, (1e3, 1e-10))
+    assert best is fitted[1]
+    for p in pts:
+        assert best.label(space, p) == pytest.approx(truth[p], rel=1e-3)
+    table = c.ctx.analysis["costs"]
+    name = next(n for n in table.options if role_of(n) == v)
+    scaled = best.table(table)
+    for o, so in zip(table.options[name], scaled.options[name]):
+        assert so.cost == pytest.approx(o.cost * best.multipliers[v]) and so.bytes == o.bytes
+    assert corrections(space, dict(list(truth.items())[:3])) == ([], None)
 
 
 def test_ray_path_gives_the_in_process_plan(tiny_decoder_dir, cache_env):
