@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compensate each weight's quantization error block by block in its columns not yet "
                              "quantized, through each layer's input covariance (GPTQ with the format's own quantizer: the file stays a plain llama.cpp/onnx/tvm "
                              "file); calibrated plans only. Default: on for budgeted GGUF plans with calibration, "
-                             "off elsewhere; --no-gptq writes the plain quantization")
+                             "and for a plan file that records it, off elsewhere; --no-gptq writes the plain quantization")
         sp.add_argument("--gptq-act-order", action="store_true",
                         help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")
         sp.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,

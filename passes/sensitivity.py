@@ -194,8 +194,8 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
     """The cost of every candidate for every 2-D weight. `fisher`: output_fisher's dict, or a FisherSource
     whose statistics are computed a segment at a time as the costs use them (so a plan never holds every
     weight's token-weighted covariance at once). `gptq`: price each quantizing format by its compensated
-    weights' error, compensated through the Fisher's token-weighted covariance C_F where the Fisher gives one
-    (the cost's own metric, so no plain full covariance is kept for it), else the calibration's E[xxᵀ]."""
+    weights' error: compensated through the calibration's E[xxᵀ] as the writer compensates (passes/gptq.py),
+    measured by the cost (Fisher-weighted where the Fisher is on)."""
     decide = [n for n, t in graph.weights.items() if len(t.shape) == 2]
     embd = embedding_name(graph)
     imatrix = calibration.imatrix() if calibration is not None else {}
@@ -234,11 +234,13 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
             sc = scalings[key]
         u = None
         fcov = part.get(f"cov:{name}")
-        if gptq and name != embd and (fcov is not None or stats is not None and stats.sum_outer is not None):
-            key = f"cov:{name}" if fcov is not None else calibration.weight_input[name]
-            if fcov is not None or key not in hessians:
+        if gptq and name != embd and stats is not None and stats.sum_outer is not None:
+            # The writer's H (the calibration's E[xxᵀ], passes/gptq.py), not the cost's C_F: the price is the
+            # cost of what is written (compensating through C_F priced weights no file holds).
+            key = calibration.weight_input[name]
+            if key not in hessians:
                 hessians.clear()
-                hessians[key] = Hessian.of(fcov if fcov is not None else stats.full(), DEFAULT_DAMP, act_order)
+                hessians[key] = Hessian.of(stats.full(), DEFAULT_DAMP, act_order)
             u = hessians[key]
             priced += 1
         token_p = None
@@ -264,7 +266,7 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
     if gptq:
         info["gptq"] = {"damp": DEFAULT_DAMP, "act_order": act_order, "compensated_tensors": priced,
-                        "H": "C_F" if token_weighted else "E[xx^T]"}
+                        "H": "E[xx^T]"}
     return CostTable(options, layout.overhead, graph.n_params, info)
 
 
@@ -315,7 +317,7 @@ class Sensitivity(Pass):
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
         if self.gptq:
-            parts += ["gptq", DEFAULT_DAMP] + (["act_order"] if self.act_order else [])
+            parts += ["gptq", DEFAULT_DAMP, "H=E[xx^T]"] + (["act_order"] if self.act_order else [])
         fisher = getattr(self, "_fisher", None)
         if isinstance(fisher, dict):
             h = hashlib.sha256()

@@ -207,3 +207,69 @@ def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
     assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, method="dynaquant"))
     assert not gptq_on(graph, onnx, ExportOptions(bpw=5.0))
     assert gptq_on(graph, onnx, ExportOptions(bpw=5.0, gptq=True))
+
+
+def test_the_price_is_the_written_error(tiny_decoder_dir, tmp_path, monkeypatch):
+    """The ILP prices each compensated format by the error of what the writer writes: the plan's predicted error of
+    every compensated tensor equals the error of the file's weights under the plan's own (Fisher) cost. (Pricing
+    through the Fisher's C_F compensated weights no file holds: the file erred up to 2x its price.)"""
+    from edgeq.passes.fisher import output_fisher
+    from edgeq.passes.sensitivity import output_error
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    b = tmp_path / "b"
+    res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, calib_windows=2, gptq_sequential=False,
+                               out=str(b), formats=["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"], check=False))
+    plan = res["manifest"]["plan"]
+    source = import_model(tiny_decoder_dir)
+    written = import_gguf(b / "model.gguf")
+    tokens, bos, add_bos = calibration_tokens(source)
+    fisher = output_fisher(source, calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos))
+    priced = measured = 0.0
+    checked = 0
+    for name, t in written.weights.items():
+        fmt = get_format(t.source_format)
+        if len(t.shape) != 2 or name == "model.embed_tokens.weight" or fmt.bits_per_weight >= 16:
+            continue
+        dw = t.numpy() - source.weights[name].numpy()
+        got = output_error(dw, fisher[f"cov:{name}"], None, fisher[name])
+        want = plan["tensors"][name]["predicted_error"]
+        assert got == pytest.approx(want, rel=0.05), name
+        priced, measured, checked = priced + want, measured + got, checked + 1
+    assert checked >= 10 and measured == pytest.approx(priced, rel=0.01)
+
+
+def test_the_plan_file_records_gptq_and_reproduces_the_bytes(tiny_decoder_dir, tmp_path, monkeypatch):
+    """A budgeted export's plan says it was written compensated; `--plan` with that file (no --gptq) writes the same
+    bytes, and --no-gptq still writes the plain quantization of the same formats."""
+    import json
+
+    from edgeq.core.plan import load_plan
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    fmts = ["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"]
+    res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, calib_windows=2, out=str(tmp_path / "a"),
+                               formats=fmts, check=False))
+    plan = res["manifest"]["plan"]
+    assert plan["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": 2}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    assert load_plan(path).gptq == plan["gptq"]
+    again = export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calib_windows=2, out=str(tmp_path / "b"),
+                                 check=False))
+    assert any(r["pass"] == "gptq" for r in again["manifest"]["passes"])
+    assert (tmp_path / "b" / "model.gguf").read_bytes() == (tmp_path / "a" / "model.gguf").read_bytes()
+    plain = export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calib_windows=2, gptq=False,
+                                 out=str(tmp_path / "c"), check=False))
+    assert plain["manifest"]["plan"].get("gptq") is None
+    assert (tmp_path / "c" / "model.gguf").read_bytes() != (tmp_path / "a" / "model.gguf").read_bytes()
+    formats = [{n: t.source_format for n, t in import_gguf(tmp_path / x / "model.gguf").weights.items()}
+               for x in ("a", "c")]
+    assert formats[0] == formats[1]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**plan, "gptq": {"act_order": "yes"}}))
+    with pytest.raises(EdgeqError, match="gptq.act_order"):
+        load_plan(bad)
+    with pytest.raises(EdgeqError, match="gptq"):
+        export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calibration=False, out=str(tmp_path / "d")))
+    assert not (tmp_path / "d").exists()

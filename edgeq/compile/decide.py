@@ -44,7 +44,7 @@ from edgeq.passes.calibrate import DEFAULT_MAX_FULL, Calibrate
 from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
 from edgeq.passes.choose_activation_ranges import ChooseActivationRanges
 from edgeq.passes.fisher import Fisher
-from edgeq.passes.gptq import GptqCompensate
+from edgeq.passes.gptq import DEFAULT_DAMP, GptqCompensate
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.search import Search, SearchInputs
 from edgeq.passes.search_space import Budgets, SearchSpace, genes_of
@@ -99,6 +99,10 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     if opts.gptq and not opts.calibration:
         raise EdgeqError(None, "--gptq compensates through the calibration's inputs: drop --no-calibration")
     opts = replace(opts, gptq=gptq_on(graph, inp, opts))
+    recorded = inp.user_plan.gptq if inp.user_plan is not None else None
+    if opts.gptq and recorded is not None:      # write as the export that made the plan wrote
+        opts = replace(opts, gptq_act_order=recorded.get("act_order", False),
+                       gptq_sequential=recorded.get("sequential", True))
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -120,6 +124,12 @@ def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
     starts from the uncompensated weights."""
     if opts.gptq is not None:
         return opts.gptq
+    if inp.user_plan is not None and inp.user_plan.gptq is not None and inp.target.compensates:
+        # the plan was written compensated: --plan reproduces its bytes
+        if not opts.calibration:
+            raise EdgeqError(opts.plan, "the plan was written compensated (its 'gptq'), which needs the calibration: "
+                                        "drop --no-calibration or give --no-gptq")
+        return True
     return bool(opts.budgeted and opts.calibration and inp.target.compensates and graph.kind == "decoder"
                 and opts.method == "ilp" and not any(opts.ranks) and not opts.pruning and inp.user_plan is None)
 
@@ -149,9 +159,9 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
         # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
         # the covariance of each down projection's input, whatever its width.
-        # GPTQ's writer takes each layer's H from its own run; its pricing reads the Fisher's C_F, else these.
-        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher") or (
-            opts.gptq and search and search_cost(opts) != "fisher")
+        # GPTQ's writer takes each layer's H from its own run; its pricing compensates through these (the
+        # writer's H), so the ILP prices what is written.
+        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher" or opts.gptq)
         max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full,
@@ -175,6 +185,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
+    plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
+                 "windows": opts.calib_windows} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
 

@@ -83,6 +83,9 @@ class Plan:
     # static INT8 graphs quantized between layers (CNNs): activation value -> calibrated [min, max]; an
     # activation without an entry stays float, so this is also where the plan says where Q/DQ pairs go
     activations: dict[str, list[float]] | None = None
+    # compensated (GPTQ) writing, as decided (passes/gptq.py: act_order, sequential, damp, windows); None: plain.
+    # Recorded so that `--plan` writes the same bytes as the export that made the plan.
+    gptq: dict[str, Any] | None = None
     version: int = PLAN_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -99,6 +102,8 @@ class Plan:
             d["calibration"] = self.calibration
         if self.activations is not None:
             d["activations"] = self.activations
+        if self.gptq is not None:
+            d["gptq"] = self.gptq
         d["tensors"] = {k: v.to_json() for k, v in self.tensors.items()}
         return d
 
@@ -131,11 +136,11 @@ def plan_from_json(d: Any, path=None) -> Plan:
     if type(version) is not int or version != PLAN_VERSION:
         raise EdgeqError(path, f"plan version {version!r} is not supported (this edgeq reads version {PLAN_VERSION})")
     unknown = set(d) - {"version", "preset", "backend", "rules", "tensors", "pruning", "search", "calibration",
-                         "activations"}
+                         "activations", "gptq"}
     if unknown:
         raise EdgeqError(path, f"unknown plan key {sorted(unknown)[0]!r}")
     for key, typ in (("rules", list), ("tensors", dict), ("pruning", dict), ("search", dict), ("calibration", dict),
-                     ("activations", dict), ("preset", str), ("backend", str)):
+                     ("activations", dict), ("gptq", dict), ("preset", str), ("backend", str)):
         if d.get(key) is not None and not isinstance(d[key], typ):
             raise EdgeqError(path, f"'{key}' must be {'a list' if typ is list else 'an object' if typ is dict else 'a string'}")
     rules = []
@@ -187,8 +192,15 @@ def plan_from_json(d: Any, path=None) -> Plan:
             if not _is_range(r):
                 raise EdgeqError(path, f"activations[{name!r}] must be [min, max] with min <= 0 <= max")
         acts = {k: [float(v) for v in r] for k, r in acts.items()}
+    gptq = d.get("gptq")
+    if gptq is not None:
+        for key in ("act_order", "sequential"):
+            if type(gptq.get(key, False)) is not bool:
+                raise EdgeqError(path, f"gptq.{key} must be true or false")
+        if gptq.get("windows") is not None and not (type(gptq["windows"]) is int and gptq["windows"] > 0):
+            raise EdgeqError(path, "gptq.windows must be a positive integer")
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
-                search=d.get("search"), calibration=d.get("calibration"), activations=acts)
+                search=d.get("search"), calibration=d.get("calibration"), activations=acts, gptq=gptq)
 
 
 def _is_range(r: Any) -> bool:
