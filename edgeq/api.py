@@ -232,7 +232,8 @@ def predict(path: str | os.PathLike, latency_profile: str | os.PathLike | None =
         raise EdgeqError(path, "no such bundle folder or plan file")
     backend = backend or load_plan(path).backend or (
         latency_profile_backend(latency_profile) if latency_profile else "gguf")
-    opts = ExportOptions(model=model, backend=backend, plan=os.fspath(path), calibration=False)
+    # formats and widths are all a prediction reads: no calibration, and no compensated writing a plan may record
+    opts = ExportOptions(model=model, backend=backend, plan=os.fspath(path), calibration=False, gptq=False)
     c = pipeline.prepare(opts, None, None, several_allowed=False)
     prof_path, prof, fitted = open_profile(latency_profile, backend, threads, c.graph.kind)
     check_runtime_here(prof, prof_path)
