@@ -11,8 +11,8 @@ fit one multiplier per tensor role (q, k, v, o, gate, up, down, embedding, head;
 by non-negative least squares on relative errors, pulled towards the global scale (m_g = 1 after scaling) with a
 ridge of strength λ: a role the labels do not vary stays at 1, one they do moves only as far as they show. Each λ
 of a small grid gives a corrected cost table; the ILP solved on it is a plan the search measures beside its own
-(search.py). Leave-one-out on the labels picks the λ whose corrected cheap label ranks points best (it also
-guides the evolution's score).
+(search.py). Leave-one-out on the labels picks the λ whose corrected cheap label predicts a left-out label best
+(it also guides the evolution's score).
 """
 
 from __future__ import annotations
@@ -70,42 +70,57 @@ def role_costs(space: SearchSpace, c: Candidate) -> dict[str, float]:
     return out
 
 
-def fit(space: SearchSpace, measured: dict[Candidate, float], lam: float) -> CostCorrection:
-    """Multipliers for `lam` (see the module's docstring); relative errors, since labels span decades."""
-    from scipy.optimize import lsq_linear
-
-    points = list(measured)
+def _design(space: SearchSpace, points: list[Candidate]) -> tuple[list[str], np.ndarray]:
+    """The roles, and each point's cost per role (rows): computed once, shared by every fit and leave-one-out."""
     parts = [role_costs(space, c) for c in points]
     roles = sorted({g for p in parts for g in p})
-    x = np.array([[p.get(g, 0.0) for g in roles] for p in parts], dtype=np.float64)
-    y = np.maximum(np.array([measured[c] for c in points], dtype=np.float64), 1e-12)
+    return roles, np.array([[p.get(g, 0.0) for g in roles] for p in parts], dtype=np.float64)
+
+
+def _fit_rows(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
+    """(multipliers, global scale) for cost rows `x` and labels `y` (see the module's docstring); relative errors,
+    since labels span decades."""
+    from scipy.optimize import lsq_linear
+
+    y = np.maximum(y, 1e-12)
     total = x.sum(axis=1)
     ok = total > 0
     # the global scale s: min Σ ((s·C_i − y_i)/y_i)² over the points with any cost
     r = total[ok] / y[ok]
     s = float(r.sum() / (r @ r)) if ok.any() and r @ r > 0 else 1.0
-    a = np.vstack([s * x / y[:, None], np.sqrt(lam * len(points)) * np.eye(len(roles))])
-    b = np.concatenate([np.ones(len(points)), np.sqrt(lam * len(points)) * np.ones(len(roles))])
-    m = lsq_linear(a, b, bounds=(0.0, np.inf), method="bvls").x
+    n, k = x.shape
+    a = np.vstack([s * x / y[:, None], np.sqrt(lam * n) * np.eye(k)])
+    b = np.concatenate([np.ones(n), np.sqrt(lam * n) * np.ones(k)])
+    return lsq_linear(a, b, bounds=(0.0, np.inf), method="bvls").x, s
+
+
+def fit(space: SearchSpace, measured: dict[Candidate, float], lam: float) -> CostCorrection:
+    """The correction for `lam` fitted on every label."""
+    points = list(measured)
+    roles, x = _design(space, points)
+    m, s = _fit_rows(x, np.array([measured[c] for c in points], dtype=np.float64), lam)
     return CostCorrection(lam, {g: float(v) for g, v in zip(roles, m)}, s)
 
 
 def corrections(space: SearchSpace, measured: dict[Candidate, float],
                 lams: tuple[float, ...] = LAMBDAS) -> tuple[list[CostCorrection], CostCorrection | None]:
-    """One correction per λ (fitted on every label), and the one whose λ ranks best in leave-one-out (None with
-    fewer than four labels: too few to fit anything)."""
+    """One correction per λ (fitted on every label), and the one whose λ predicts the left-out label best in
+    leave-one-out (squared log error; None with fewer than four labels: too few to fit anything)."""
     if len(measured) < 4:
         return [], None
-    fitted = [fit(space, measured, lam) for lam in lams]
     points = list(measured)
-    y = np.log(np.maximum([measured[c] for c in points], 1e-12))
-    best, best_err = None, np.inf
-    for lam, full in zip(lams, fitted):
+    roles, x = _design(space, points)
+    y = np.array([measured[c] for c in points], dtype=np.float64)
+    fitted, best, best_err = [], None, np.inf
+    for lam in lams:
+        m, s = _fit_rows(x, y, lam)
+        full = CostCorrection(lam, {g: float(v) for g, v in zip(roles, m)}, s)
+        fitted.append(full)
         err = 0.0
-        for i, c in enumerate(points):
-            rest = {p: measured[p] for p in points if p != c}
-            pred = fit(space, rest, lam).label(space, c)
-            err += (np.log(max(pred, 1e-12)) - y[i]) ** 2
+        for i in range(len(points)):
+            rest = np.arange(len(points)) != i
+            m_i, s_i = _fit_rows(x[rest], y[rest], lam)
+            err += (np.log(max(s_i * float(x[i] @ m_i), 1e-12)) - np.log(max(y[i], 1e-12))) ** 2
         if err < best_err:
             best, best_err = full, err
     return fitted, best

@@ -43,6 +43,16 @@ def _opts(model, **kw) -> ExportOptions:
                          latency_ms=LIMIT_MS, **kw)
 
 
+def _decided(model, **kw):
+    """The pipeline decided up to the search (no evolution, no labels): its context holds the space and costs."""
+    opts = _opts(model, cost="output", search=SearchSettings(population=4, generations=1, cheap_labels=20,
+                                                             expensive_labels=0, finalists=0, seed=kw.pop("seed", 0)),
+                 **kw)
+    c = pipeline.prepare(opts, None, None, several_allowed=False)
+    pipeline.decide_all(c, opts, branches=False)
+    return c.ctx
+
+
 def test_infeasible_budget_is_one_clear_error(tiny_decoder_dir, tmp_path, cache_env):
     out = tmp_path / "p.json"
     r = edgeq("search", "--model", tiny_decoder_dir, "--backend", "gguf", "--latency-ms", "0.001",
@@ -60,12 +70,7 @@ def test_infeasible_budget_is_one_clear_error(tiny_decoder_dir, tmp_path, cache_
 def test_every_candidate_meets_the_budgets_and_its_formats_blocks(tiny_decoder_dir, cache_env):
     """Sampling, mutation, crossover and the walk back within the budgets, under a tight latency budget and a
     byte budget: every point the search can make is within both and its widths slice its formats' blocks."""
-    opts = _opts(tiny_decoder_dir, budget_mb=0.7, cost="output",
-                 search=SearchSettings(population=4, generations=1, cheap_labels=20, expensive_labels=0,
-                                       finalists=0, seed=1))
-    c = pipeline.prepare(opts, None, None, several_allowed=False)
-    pipeline.decide_all(c, opts, branches=False)
-    space, anchor = c.ctx.analysis["search_space"]
+    space, anchor = _decided(tiny_decoder_dir, budget_mb=0.7, seed=1).analysis["search_space"]
     budgets = Budgets(700_000, LIMIT_MS)
     rng = np.random.default_rng(0)
     made, walked = [], 0
@@ -130,12 +135,7 @@ def test_found_plan_exports_within_the_budgets(tiny_decoder_dir, tmp_path, cache
 def test_transfer_predictor_trains_and_ranks(tiny_decoder_dir, cache_env):
     """Pre-training on cheap labels ranks held-out configurations' cheap labels; fine-tuning moves the
     predictions towards the expensive labels it is given, deterministically."""
-    opts = _opts(tiny_decoder_dir, cost="output",
-                 search=SearchSettings(population=4, generations=1, cheap_labels=20, expensive_labels=0,
-                                       finalists=0))
-    c = pipeline.prepare(opts, None, None, several_allowed=False)
-    pipeline.decide_all(c, opts, branches=False)
-    space, _ = c.ctx.analysis["search_space"]
+    space, _ = _decided(tiny_decoder_dir).analysis["search_space"]
     rng = np.random.default_rng(7)
     pts = list(dict.fromkeys(space.random(rng) for _ in range(700)))
     x = np.array([space.features(p) for p in pts])
@@ -164,12 +164,8 @@ def test_cost_correction_recovers_a_mispriced_role(tiny_decoder_dir, cache_env):
     picks the fit that predicts the labels, and the corrected table scales each tensor's options by its role."""
     from edgeq.passes.search_correction import corrections, fit, role_costs, role_of
 
-    opts = _opts(tiny_decoder_dir, cost="output",
-                 search=SearchSettings(population=4, generations=1, cheap_labels=20, expensive_labels=0,
-                                       finalists=0))
-    c = pipeline.prepare(opts, None, None, several_allowed=False)
-    pipeline.decide_all(c, opts, branches=False)
-    space, anchor = c.ctx.analysis["search_space"]
+    ctx = _decided(tiny_decoder_dir)
+    space, _ = ctx.analysis["search_space"]
     rng = np.random.default_rng(5)
     v = "model.layers.*.self_attn.v_proj.weight"
     # full MLP widths, random formats (labels near the ILP's plan are mostly so: pruning would drown the roles)
@@ -185,7 +181,7 @@ def test_cost_correction_recovers_a_mispriced_role(tiny_decoder_dir, cache_env):
     assert best is fitted[1]
     for p in pts:
         assert best.label(space, p) == pytest.approx(truth[p], rel=1e-3)
-    table = c.ctx.analysis["costs"]
+    table = ctx.analysis["costs"]
     name = next(n for n in table.options if role_of(n) == v)
     scaled = best.table(table)
     for o, so in zip(table.options[name], scaled.options[name]):
