@@ -13,13 +13,28 @@ cache="${EDGEQ_WHEEL_CACHE:-$HOME/.cache/edgeq/wheels}"
 mkdir -p "$cache"
 pip_q=(python -m pip --disable-pip-version-check)
 
-if ! ls "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+# The multimodal library is not used by edgeq; skipping it saves a third of the build. ggml's AMX kernels (compiled
+# in when the building CPU has AMX, as -march=native then defines __AMX_INT8__) crash llama.cpp in its first batched
+# matmul on Sapphire Rapids virtual machines (a segfault in ggml_backend_amx_mul_mat on q4_0/q8_0 prompts;
+# ggml-org/llama.cpp issue 20824, measured here on an Intel Xeon with amx_int8):
+# the wheel is built without them (AVX-512 VNNI and the repacked kernels stay). The cache records the CMake
+# arguments each wheel was built with, so a wheel cached under other arguments is built again.
+cmake_args="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS=-U__AMX_INT8__ -DCMAKE_CXX_FLAGS=-U__AMX_INT8__}"
+stamp="$cache/llama_cpp_python-$LLAMA_VERSION.cmake-args"
+rebuilt=""
+if ! ls "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1 \
+    || [ "$(cat "$stamp" 2>/dev/null)" != "$cmake_args" ]; then
   echo "install.sh: building llama-cpp-python $LLAMA_VERSION once into $cache (compiles llama.cpp)" >&2
-  # The multimodal library is not used by edgeq; skipping it saves a third of the build.
-  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" "${pip_q[@]}" wheel --no-deps --no-cache-dir \
+  rm -f "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl "$stamp"
+  CMAKE_ARGS="$cmake_args" "${pip_q[@]}" wheel --no-deps --no-cache-dir \
     --no-binary llama-cpp-python "llama-cpp-python==$LLAMA_VERSION" -w "$cache"
+  printf '%s' "$cmake_args" > "$stamp"
+  rebuilt=1
 fi
 "${pip_q[@]}" install --find-links "$cache" "llama-cpp-python==$LLAMA_VERSION"
+if [ -n "$rebuilt" ]; then      # an environment that had the earlier wheel gets this one
+  "${pip_q[@]}" install --no-deps --force-reinstall "$cache"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+fi
 
 # TVM exports for linux-arm64 link with Debian's aarch64 cross compiler, and android/linux-arm64 gguf bundles carry
 # a native runner cross-built with it (cmake, ninja); install them when missing (needs root or sudo; elsewhere say
