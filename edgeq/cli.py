@@ -469,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                         help="compensate each weight's quantization error block by block in its columns not yet "
                              "quantized, through each layer's input covariance (GPTQ with the format's own quantizer: the file stays a plain llama.cpp/onnx/tvm "
-                             "file); calibrated plans only. Default: on for budgeted GGUF plans with calibration, "
+                             "file); calibrated plans only, fixed MLP widths (edgeq search's, a plan's keep) compensated after the "
+                             "narrowing. Default: on for budgeted GGUF ILP plans with calibration (edgeq search: "
+                             "off, as every measured label is then a compensated export), "
                              "and for a plan file that records it, off elsewhere; --no-gptq writes the plain quantization")
         sp.add_argument("--gptq-act-order", action="store_true",
                         help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")

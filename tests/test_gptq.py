@@ -7,6 +7,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from edgeq import runtime
 from edgeq.api import ExportOptions, export
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
@@ -14,6 +15,8 @@ from edgeq.core.ir import Graph
 from edgeq.importers.gguf import import_gguf
 from edgeq.importers.loader import import_model
 from edgeq.core.executor import Executor
+from edgeq.evaluate.decoder import log_softmax64
+from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
 from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky
 
@@ -151,7 +154,10 @@ def test_refused_where_it_cannot_apply(tiny_decoder_dir, tmp_path):
                              out=str(tmp_path / "a")))
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, ranks=[0, 8], gptq=True, out=str(tmp_path / "b")))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(EdgeqError, match="pruning rates"):     # a width table: many models, one set of weights
+        export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", pruning_rates=[0.0, 0.25], gptq=True,
+                             out=str(tmp_path / "c")))
+    assert not any((tmp_path / x).exists() for x in "abc")
 
 
 def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny_decoder_dir, tmp_path, monkeypatch):
@@ -205,6 +211,9 @@ def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
     assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, calibration=False))
     assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, ranks=[0, 8]))
     assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, method="dynaquant"))
+    assert not gptq_on(graph, gguf, ExportOptions(latency_ms=5.0, method="search"))   # opt-in: labels cost more
+    assert gptq_on(graph, gguf, ExportOptions(latency_ms=5.0, method="search", gptq=True))
+    assert not gptq_on(graph, gguf, ExportOptions(bpw=5.0, pruning_rates=[0.0, 0.25]))
     assert not gptq_on(graph, onnx, ExportOptions(bpw=5.0))
     assert gptq_on(graph, onnx, ExportOptions(bpw=5.0, gptq=True))
 
@@ -273,3 +282,45 @@ def test_the_plan_file_records_gptq_and_reproduces_the_bytes(tiny_decoder_dir, t
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calibration=False, out=str(tmp_path / "d")))
     assert not (tmp_path / "d").exists()
+
+
+def test_a_plan_that_fixes_the_mlp_widths_is_compensated_after_the_narrowing(tiny_decoder_dir, tmp_path,
+                                                                             monkeypatch):
+    """Plans that fix each MLP's width (`keep`: `edgeq search`'s, or a person's) are one narrowed model: GPTQ
+    compensates that model — every layer's H from the inputs that reach it in the narrowed, quantized model — and
+    llama.cpp, running the file, is closer to the narrowed float model than the plain quantization of the same
+    formats. (Compensating the full-width weights and slicing after would pay errors into removed columns.)"""
+    import json
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    widths = (288, 288)          # one width: llama.cpp's `llama` architecture, which edgeq's importer reads back
+    tensors = {n: {"format": "q4_0", "keep": k} for i, k in enumerate(widths) for n in llama.mlp_weights(i)}
+    path = tmp_path / "keep.json"
+    path.write_text(json.dumps({"preset": "q4_0", "tensors": tensors}))
+    res = {g: export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), gptq=g, calib_windows=2,
+                                   out=str(tmp_path / f"b{g}"), check=False))["manifest"] for g in (True, False)}
+    passes = [r["pass"] for r in res[True]["passes"]]
+    assert passes.index("uniql_alloc") < passes.index("gptq") and "gptq" not in [r["pass"] for r in res[False]["passes"]]
+    assert res[True]["plan"]["gptq"]["sequential"] is True
+    source = import_model(tiny_decoder_dir)
+    channels = {i: np.asarray(res[True]["plan"]["tensors"][llama.mlp_weights(i)[0]]["order"])[:k]
+                for i, k in enumerate(widths)}
+    narrow = llama.prune_mlp(source, channels)
+    comp = import_gguf(tmp_path / "bTrue" / "model.gguf")
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"
+             and n != "model.embed_tokens.weight"]
+    assert comp.weights[llama.mlp_weights(1)[2]].shape[1] == 288 and len(names) == 2 * 7
+    cal = calibrate(source, n_windows=2).reindexed({llama.mlp_weights(i)[2]: c for i, c in channels.items()})
+    _assert_compensated_through(comp, comp, narrow, names, cal.imatrix())
+    # on text the calibration did not see (windows 2 and 5 of 8 spread over it; its 2 were the first and the last)
+    tokens, bos, add_bos = calibration_tokens(source)
+    spread = calibration_windows(tokens, DEFAULT_CTX, 8, bos, add_bos)
+    assert spread[0] == calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos)[0]
+    held_out = [spread[i][:256] for i in (2, 5)]
+    kld = {True: 0.0, False: 0.0}
+    for g in kld:
+        with runtime.load(tmp_path / f"b{g}") as s:
+            for ids in held_out:
+                lr, lg = log_softmax64(Executor(narrow).logits(ids)), log_softmax64(s.logits(ids))
+                kld[g] += float(np.mean(np.sum(np.exp(lr) * (lr - lg), -1)))
+    assert kld[True] < 0.8 * kld[False], kld

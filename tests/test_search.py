@@ -112,18 +112,21 @@ def test_found_plan_exports_within_the_budgets(tiny_decoder_dir, tmp_path, cache
     plan, out = tmp_path / "plan.json", tmp_path / "b"
     edgeq("search", "--model", tiny_decoder_dir, "--backend", "gguf", "--latency-ms", LIMIT_MS, "--budget-mb", "0.7",
           "--latency-profile", PROFILE, "-o", plan, "--population", "12", "--generations", "4", "--cheap-labels",
-          "200", "--expensive-labels", "0", "--finalists", "1", "--quiet", env=cache_env)
+          "200", "--expensive-labels", "0", "--finalists", "1", "--gptq", "--quiet", env=cache_env)
     p = json.loads(plan.read_text())
     s = p["search"]
     assert s["method"] == "search" and s["predicted_latency_ms"] <= LIMIT_MS and s["predicted_bytes"] <= 700_000
     widths = s["mlp_widths"]
     keeps = [p["tensors"][f"model.layers.{i}.mlp.down_proj.weight"].get("keep") for i in range(len(widths))]
     assert [k or 512 for k in keeps] == widths
+    # --gptq: written as the ILP's plans are, compensated (GPTQ on the narrowed model), recorded so --plan writes so
+    assert p["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": 4}, p.get("gptq")
     edgeq("export", "--model", tiny_decoder_dir, "--plan", plan, "--latency-profile", PROFILE, "-o", out, "--quiet",
           env=cache_env)
     # exact bytes: the file is what the search counted
     assert (out / "model.gguf").stat().st_size == s["predicted_bytes"]
     manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["pass"] for r in manifest["passes"]][-1] == "gptq"
     assert manifest["predicted"]["latency_ms_per_token"] == pytest.approx(s["predicted_latency_ms"], rel=1e-3)
     # llama.cpp ran the pruned file: the export's reference check against the float source of the same widths
     chk = json.loads((out / "measurements.json").read_text())["reference_check"]

@@ -120,8 +120,9 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
 
 def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
     """--gptq / --no-gptq, else on for a budgeted ILP plan with calibration on a target that compensates by
-    default (what the planner prices is then what the file holds), where no low-rank branch, pruning or plan file
-    starts from the uncompensated weights."""
+    default (what the planner prices is then what the file holds), where no low-rank branch, width table or plan
+    file starts from the uncompensated weights. `edgeq search` compensates with --gptq only: each of its measured
+    labels is then a compensated export, several times the search's time on the test model."""
     if opts.gptq is not None:
         return opts.gptq
     if inp.user_plan is not None and inp.user_plan.gptq is not None and inp.target.compensates:
@@ -151,9 +152,12 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
     prune = _prunes(graph, inp, opts)
     passes: list[Pass] = []
-    if opts.gptq and (ranks or prune or opts.method == "search"):
-        raise EdgeqError(None, "--gptq with low-rank branches, pruning rates or `edgeq search` is not supported yet "
-                               "(they start from the uncompensated weights)")
+    # fixed MLP widths (a plan's keep, the search's) are one narrowed model, compensated after the narrowing; a
+    # width table is many models sharing their weights, which one compensation cannot serve
+    table = opts.pruning or user is not None and user.pruning is not None
+    if opts.gptq and (ranks or prune and table):
+        raise EdgeqError(None, "--gptq with low-rank branches or pruning rates is not supported yet (a branch, and "
+                               "every width of a table, would start from the uncompensated weights)")
     if opts.calibration and (search or ranks or opts.imatrix or prune or opts.gptq or _takes_imatrix(graph, inp)):
         # Only low-rank branches, DynaQuant and a search under the plain output error read full input
         # covariances (the Fisher cost reads its own token-weighted ones); a preset needs the importance matrix
@@ -174,12 +178,12 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if user is not None:
         passes.append(ApplyRules(user, opts.plan))
     passes.append(Legalize())
-    if opts.gptq:
-        passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential, n_windows=opts.calib_windows, source=inp.text,
-                                     subset=opts.calib_subset,
-                                     file_rows=functools.partial(inp.target.file_rows, graph)))
     if prune:
         passes += _pruning_passes(inp, opts, ranks)[1 if opts.budgeted and opts.method == "search" else 0:]
+    if opts.gptq:            # after the narrowing: each layer's H is that of the model the file holds
+        passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential,
+                                     n_windows=opts.calib_windows, source=inp.text, subset=opts.calib_subset,
+                                     file_rows=functools.partial(inp.target.file_rows, graph)))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
     out, plan = run_passes(passes, graph, Plan(), ctx)

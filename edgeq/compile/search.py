@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgeq.compile import pipeline
+from edgeq.compile.decide import gptq_on
 from edgeq.compile.options import ExportOptions
 from edgeq.compile.search_labels import InProcess, RayCluster, kld_evaluator, label_options
 from edgeq.core.errors import EdgeqError
@@ -22,6 +23,8 @@ def search(opts: ExportOptions, progress: Callable | None = None, log: Callable[
         raise EdgeqError(None, "edgeq search needs a budget: --latency-ms (with --latency-profile) and/or --budget-mb")
     opts = replace(opts, method="search")
     c = pipeline.prepare(opts, progress, None, several_allowed=False, log=log)
+    # decided once here, so the labels are written as the searched plan will be (compensated or not)
+    opts = replace(opts, gptq=gptq_on(c.graph, c.inputs[c.targets[0].name], opts))
     measuring = opts.search.expensive_labels or opts.search.finalists
     with tempfile.TemporaryDirectory(prefix="edgeq-search-") as tmp:
         executor = None
