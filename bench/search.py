@@ -176,7 +176,7 @@ def stage_search(a, work: Path) -> dict[str, Any]:
     settings = SearchSettings(population=a.population, generations=a.generations, cheap_labels=a.cheap,
                               expensive_labels=a.expensive, finalists=a.finalists, seed=a.seed)
     searched = search(ExportOptions(model=a.model, backend="gguf", latency_profile=a.latency_profile,
-                                    latency_ms=limit, search=settings), out=plan)
+                                    latency_ms=limit, search=settings, gptq=a.gptq or None), out=plan)
     search_s = time.perf_counter() - t0
     log(f"searched in {search_s:.0f} s: widths {searched.search['mlp_widths']}")
     bundles["search"] = export(work, f"search-{limit:g}ms", a.latency_profile, plan=str(plan), model=a.model)
@@ -187,6 +187,7 @@ def stage_search(a, work: Path) -> dict[str, Any]:
     best = min(rivals, key=lambda r: r["kld"]) if rivals else None
     s = by["search"]
     return {"limit_ms": limit, "search_seconds": round(search_s, 1), "settings": searched.search["settings"],
+            "search_gptq": searched.gptq is not None,
             "mlp_widths": searched.search["mlp_widths"], "rows": rows,
             "search_meets_within_10pct": s["measured_ms"] <= limit * (1 + TOLERANCE),
             "best_rival": best and best["name"], "best_rival_kld": best and best["kld"],
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--menus", type=int, default=4, 
                     help="menus: how many menus (spread over the Q-T ranking) are searched")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gptq", action="store_true",
+                    help="search: labels and plan compensated (edgeq search --gptq), as the rival ILP plan is")
     ap.add_argument("--chunks", type=int, default=4, help="search: held-out 512-token windows scored")
     ap.add_argument("--rounds", type=int, default=3, help="search: interleaved timing rounds")
     ap.add_argument("--work", default="/tmp/edgeq-bench-search")
