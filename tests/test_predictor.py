@@ -393,6 +393,29 @@ def test_predict_prices_an_encoder_bundle(tiny_encoder_bundle):
     assert r.returncode == 2 and "do not fit the encoder's 128 positions" in r.stderr
 
 
+def test_an_encoder_profile_without_the_kernels_is_refused(tiny_encoder_bundle, tmp_path):
+    """A profile whose node-by-node timings lack a format the bundle uses (here int8_b32), or hold no kernel at
+    all, is refused in one line naming what is missing, not priced from a fit that never saw it."""
+    doc = json.loads(ENCODER_PROFILE.read_text())
+    for m in doc["models"]:
+        b32 = {w for w, _, _, fmt in m["workload"]["matmuls"] if fmt == "int8_b32"}
+        for call in m["ops"]["prefill"].values():
+            call["weights_us"] = {k: v for k, v in call["weights_us"].items()
+                                  if m["workload"]["aliases"].get(k, k) not in b32}
+    (tmp_path / "no_b32.json").write_text(json.dumps(doc))
+    r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", tmp_path / "no_b32.json", check=False)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no_b32.json: the latency profile's micro-models run int8_b32 but it holds no per-kernel timings" \
+        in r.stderr
+    for m in doc["models"]:
+        for call in m["ops"]["prefill"].values():
+            call["weights_us"] = {}
+    (tmp_path / "no_kernels.json").write_text(json.dumps(doc))
+    r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", tmp_path / "no_kernels.json", check=False)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no_kernels.json" in r.stderr and "has no per-kernel timings" in r.stderr
+
+
 # --- peak memory: the terms of a llama.cpp session ---------------------------------------------------------------
 
 def test_memory_terms_of_a_llama_cpp_session():

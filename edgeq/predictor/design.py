@@ -141,6 +141,7 @@ ENCODER_SHAPES: tuple[tuple[int, int, int, int, int], ...] = (
     (512, 2048, 8, 4, 12000),
     (640, 2560, 20, 3, 3000),
     (768, 3072, 12, 3, 16000),
+    (384, 1536, 6, 4, 10000),
 )
 QUICK_ENCODER_SHAPES = ENCODER_SHAPES[:2]
 ENCODER_ROLES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",

@@ -349,6 +349,14 @@ class Predictor:
         if not samples:
             raise EdgeqError(None, "the latency profile has no per-kernel timings")
         self.kernels = KernelTable(samples)
+        # every format its micro-models ran must have been timed node by node: else the whole-call fit (and any
+        # plan using it) would price a kernel the profile never saw
+        ran = {m.format for run in self.profile.models for m in run.workload.matmuls}
+        missing = sorted(ran - set(self.kernels.tokens))
+        if missing:
+            raise EdgeqError(None, f"the latency profile's micro-models run {', '.join(missing)} but it holds no "
+                                   f"per-kernel timings of {'it' if len(missing) == 1 else 'them'} (a partial or "
+                                   f"damaged profile): measure it again with `edgeq profile`")
         self.kv_pad = kv_padding(pads)
         self.other = {k: OtherOps(v) for k, v in other.items() if v}
         # the whole call, against the real runs
