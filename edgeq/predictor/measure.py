@@ -268,7 +268,8 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)
     settings = settings or Settings.for_kind(kind, quick, clock)
-    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick)
+    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick,
+                                   dominated=not quick)
               if kind == "encoder" else
               decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick))
     log(f"profiling {kind}s on {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): "
