@@ -28,12 +28,16 @@ Encoders go through the same three layers with their own features: a call is one
 (the profile's `prefill`; there is no decode step); a layer whose q, k and v run as one fused kernel with the
 attention (`qattention:FORMAT`, workload.py) is one kernel of the table, and the other ops' features count what
 the formats add around the kernels (bias adds of float layers, activation quantization of static int8, the
-attention of the unfused layers over n², GELU with or without its bias).
+attention of the unfused layers over n², GELU with or without its bias). An encoder's whole-call model may also
+carry a bounded term (±0.5 per ms) on a format's kernel time, for the formats whose node-by-node time is not their
+time in a plain call (`format_terms`, chosen by leave-one-micro-model-out: onnxruntime's 8-bit MatMulNBits,
+`int8_b32`, runs about a third slower under the profiler).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,22 +261,30 @@ class Correction:
 
 def _linear(x: np.ndarray, y: np.ndarray, free: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
     """The call's time as its graph time (x[:, 0], slope 1: the node-by-node timings already are the kernels'
-    times) plus non-negative overheads on the other features, in relative error (scipy's bounded least squares,
-    each row weighted by 1/y: a 5 ms decode step weighs as much as a 1 s prefill). Fixing the slope keeps a
+    times) plus non-negative overheads on the other features, in relative error (scikit-learn's positive
+    LinearRegression, or scipy's bounded least squares with format terms; each row weighted by 1/y: a 5 ms decode
+    step weighs as much as a 1 s prefill). Fixing the slope keeps a
     profile of few micro-models from trading the graph for its correlates.
 
     Columns after the overheads (an encoder's kernel ms per format) are used only where `free` names them, each
     with a term within ±FORMAT_TERM_BOUND: a format whose node-by-node time is not its time in a plain call."""
     from scipy.optimize import lsq_linear
+    from sklearn.linear_model import LinearRegression
 
     cols = list(range(1, 1 + N_OVERHEADS)) + [1 + N_OVERHEADS + j for j in free]
     rest = np.hstack([x[:, cols], np.ones((len(x), 1))])        # the constant is an overhead too: non-negative
     scale = np.maximum(np.abs(rest).max(axis=0), 1e-12)
     wgt = 1.0 / np.maximum(y, 1e-9)
-    lo, hi = np.zeros(rest.shape[1]), np.full(rest.shape[1], np.inf)
-    fmt = slice(N_OVERHEADS, rest.shape[1] - 1)
-    lo[fmt], hi[fmt] = -FORMAT_TERM_BOUND * scale[fmt], FORMAT_TERM_BOUND * scale[fmt]
-    sol = lsq_linear(rest / scale * wgt[:, None], (y - x[:, 0]) * wgt, bounds=(lo, hi), method="bvls").x / scale
+    if free:        # bounded least squares (scikit-learn's positive fit has no other bounds)
+        lo, hi = np.zeros(rest.shape[1]), np.full(rest.shape[1], np.inf)
+        fmt = slice(N_OVERHEADS, rest.shape[1] - 1)
+        lo[fmt], hi[fmt] = -FORMAT_TERM_BOUND * scale[fmt], FORMAT_TERM_BOUND * scale[fmt]
+        sol = lsq_linear(rest / scale * wgt[:, None], (y - x[:, 0]) * wgt, bounds=(lo, hi), method="bvls").x / scale
+    else:           # a few micro-models leave the overheads' optimum not unique: this solver's pick, as before
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sol = LinearRegression(positive=True, fit_intercept=False).fit(
+                rest / scale, y - x[:, 0], sample_weight=wgt ** 2).coef_ / scale
     coef = np.zeros(x.shape[1])
     coef[0] = 1.0
     coef[cols] = sol[:-1]
