@@ -173,7 +173,9 @@ def model_op_latency(session, args: dict[str, Any], threads: int, session_option
     from the caches, which a small model's repeated calls (what is predicted) never see."""
     kernels = set(args.get("kernels") or ())
     call_clock = time.process_time if args.get("clock") == "cpu" else time.perf_counter
-    steps = int(args.get("prefill_steps", 2))
+    # `op_steps`: profiled calls per length (default `prefill_steps`); a node's least time needs several calls on a
+    # loaded machine, where a wait lands on a long node in about one call of two
+    steps = int(args.get("op_steps") or args.get("prefill_steps", 2))
     keys: list[str] = []
     cpu_us: list[float] = []
     walls: dict[str, list[float]] = {}

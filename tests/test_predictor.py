@@ -292,6 +292,30 @@ def test_fit_on_the_recorded_encoder_profile(fitted_encoder):
     assert np.max(np.abs(errors)) < 0.4, errors
 
 
+def test_encoder_micro_models_time_each_kernel_among_others_and_among_its_own():
+    """The full profile's micro-encoders: two per width cycle every format through every role (and fuse q, k, v
+    in an int8 format), a third per width is three quarters one weight-only format, as a preset's plan is
+    (onnxruntime's 8-bit MatMulNBits costs less after a node like it); no width is MiniLM's."""
+    from edgeq.predictor.design import ENCODER_SHAPES, encoder_formats, encoder_micro_models
+
+    models = encoder_micro_models(encoder_formats("onnx"), variants=2, dominated=True)
+    assert len(models) == 3 * len(ENCODER_SHAPES) and all(m.config.hidden_size != 384 for m in models)
+    linear = [[f for n, f in m.formats.items() if n.startswith("encoder.layer.") and n.endswith("dense.weight")
+               or ".attention.self." in n and n.endswith(".weight")] for m in models]
+    def cycling(m) -> bool:
+        return m.name.rsplit("-", 1)[1] in ("0", "1")
+
+    cycled = {f for m, fs in zip(models, linear) if cycling(m) for f in fs}
+    assert cycled == {f.name for f in encoder_formats("onnx")}
+    mains = [m.name.rsplit("-", 1)[1] for m in models if not cycling(m)]
+    assert mains.count("int8_b32") == 2 and all(f.startswith(("int4", "int8_b")) for f in mains)
+    for m, fs in zip(models, linear):
+        if not cycling(m):
+            assert fs.count(m.name.rsplit("-", 1)[1]) >= 0.7 * len(fs)
+    assert [m.name for m in encoder_micro_models(encoder_formats("onnx"), 1, quick=True)] == \
+        [f"enc-d{d}-f{f}-h{h}-l{n}-0" for d, f, h, n, _ in ENCODER_SHAPES[:2]]
+
+
 def test_encoder_predictions_respect_what_latency_must_do(fitted_encoder):
     w = minilm_like("f32")
     # longer sequences cost more; four times the tokens at least twice the time (attention grows faster)
@@ -391,6 +415,29 @@ def test_predict_prices_an_encoder_bundle(tiny_encoder_bundle):
     r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", ENCODER_PROFILE, "--prompt-tokens", "1000",
               check=False)
     assert r.returncode == 2 and "do not fit the encoder's 128 positions" in r.stderr
+
+
+def test_an_encoder_profile_without_the_kernels_is_refused(tiny_encoder_bundle, tmp_path):
+    """A profile whose node-by-node timings lack a format the bundle uses (here int8_b32), or hold no kernel at
+    all, is refused in one line naming what is missing, not priced from a fit that never saw it."""
+    doc = json.loads(ENCODER_PROFILE.read_text())
+    for m in doc["models"]:
+        b32 = {w for w, _, _, fmt in m["workload"]["matmuls"] if fmt == "int8_b32"}
+        for call in m["ops"]["prefill"].values():
+            call["weights_us"] = {k: v for k, v in call["weights_us"].items()
+                                  if m["workload"]["aliases"].get(k, k) not in b32}
+    (tmp_path / "no_b32.json").write_text(json.dumps(doc))
+    r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", tmp_path / "no_b32.json", check=False)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no_b32.json: the latency profile's micro-models run int8_b32 but it holds no per-kernel timings" \
+        in r.stderr
+    for m in doc["models"]:
+        for call in m["ops"]["prefill"].values():
+            call["weights_us"] = {}
+    (tmp_path / "no_kernels.json").write_text(json.dumps(doc))
+    r = edgeq("predict", tiny_encoder_bundle, "--latency-profile", tmp_path / "no_kernels.json", check=False)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "no_kernels.json" in r.stderr and "has no per-kernel timings" in r.stderr
 
 
 # --- peak memory: the terms of a llama.cpp session ---------------------------------------------------------------

@@ -13,7 +13,11 @@ width, so that predictions on real models are out of sample.
 Encoder micro-models (BERT, `encoder_micro_models`) do the same over the six linear roles of a layer with every
 format the backend writes for encoders (static and dynamic int8 included), and in every third layer give q, k
 and v one int8 format, so that the runtime's fused QAttention kernel is timed too. Their widths (256-768) and
-head sizes (32 and 64) avoid MiniLM's 384.
+head sizes (32 and 64) avoid MiniLM's 384. A third variant per width is dominated by one weight-only format (three
+linears in four, the rest cycling as above), as a preset's plan is: onnxruntime's 8-bit MatMulNBits dequantizes
+the whole weight into a float buffer on each call, and that costs much less when the node before did the same
+(measured at 128 tokens: a 1536x384 int8_b32 kernel 1.5-1.8 ms inside an int8_b32 MiniLM, 2.5-3 ms alone among
+other formats), so the table must see both neighbourhoods.
 """
 
 from __future__ import annotations
@@ -153,7 +157,13 @@ def encoder_formats(backend: str) -> list[Format]:
     return [f for f in FORMATS.values() if backend in f.backends and f.quantize_fn is not None]
 
 
-def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool = False) -> list[MicroModel]:
+def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool = False,
+                         dominated: bool = False) -> list[MicroModel]:
+    """`variants` micro-models per width cycling the formats; `dominated`: one more per width where one
+    weight-only format (MatMulNBits) that carries the width runs three linears in four: 8-bit at every third
+    width (its kernel is the one whose time depends most on its neighbours), the 4-bit ones in turn between."""
+    eight = [x.name for x in formats if x.name.startswith("int8_b")]
+    four = [x.name for x in formats if x.name.startswith("int4")]
     out = []
     shapes_ = QUICK_ENCODER_SHAPES if quick else ENCODER_SHAPES
     for ci, (d, f, h, n_layers, vocab) in enumerate(shapes_):
@@ -161,17 +171,23 @@ def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool =
                               max_positions=512, context_length=512)
         shapes = bert.expected_shapes(cfg)
         fusing = [x for x in FUSING_FORMATS if x in {y.name for y in formats}]
-        for v in range(variants):
+        pick = (eight if ci % 3 == 0 else four[ci - ci // 3 - 1:] + four[:ci - ci // 3 - 1]) + eight + four
+        main_fmt = next((x for x in pick if FORMATS[x].can_carry((d, d)) and FORMATS[x].can_carry((d, f))), None)
+        for v in range(variants + (1 if dominated and main_fmt else 0)):
             seed = 500 + 100 * ci + v
             rng = np.random.default_rng(seed)
             chosen: dict[str, str] = {}
+            main = main_fmt if v == variants else None
             for r, role in enumerate(ENCODER_ROLES):
                 shape = shapes[f"encoder.layer.0.{role}.weight"]
                 order = list(rng.permutation([x.name for x in formats if x.can_carry(shape)]))
                 for i in range(n_layers):
-                    chosen[f"encoder.layer.{i}.{role}.weight"] = str(order[(i + r + v) % len(order)])
+                    fmt = str(order[(i + r + v) % len(order)])
+                    if main is not None and (i * len(ENCODER_ROLES) + r) % 4 != 3 and FORMATS[main].can_carry(shape):
+                        fmt = main
+                    chosen[f"encoder.layer.{i}.{role}.weight"] = fmt
             for i in range(n_layers):
-                if fusing and (i + v) % 3 == 0:
+                if fusing and (i + v) % 3 == 0 and main is None:
                     fmt = fusing[(i // 3 + v + ci) % len(fusing)]
                     for role in ENCODER_ROLES[:3]:
                         chosen[f"encoder.layer.{i}.{role}.weight"] = fmt
@@ -179,5 +195,6 @@ def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool =
                 if len(shape) == 1 or name in chosen:
                     continue
                 chosen[name] = "f32" if name != names.WORD_EMBED else str(["f32", "f16", "int8"][int(rng.integers(3))])
-            out.append(MicroModel(f"enc-d{d}-f{f}-h{h}-l{n_layers}-{v}", cfg, chosen, 512, seed))
+            name = f"enc-d{d}-f{f}-h{h}-l{n_layers}-{v if main is None else main}"
+            out.append(MicroModel(name, cfg, chosen, 512, seed))
     return out

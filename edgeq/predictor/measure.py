@@ -47,6 +47,10 @@ class Settings:
     warmup: int = 1
     rounds: int = 3                                   # interleaved rounds of whole-model timings
     op_rounds: int = 2                                # interleaved rounds of node-by-node timings
+    # encoders: profiled calls per length in a node-by-node run (0: prefill_steps); each node's least time over
+    # them is its share of the call's CPU time (runtime/onnx_ops.py), so a wait of the OS that lands on a node in
+    # some calls must miss it in one: with 3 calls at load 10 a 1.5 ms kernel read 1.5-5 ms from run to run
+    op_steps: int = 0
     # `wall`: the wall clock (what a user waits); `cpu`: the process's CPU time, one thread only: on a shared
     # machine it leaves out the time the runtime waited for a core, i.e. it is what an idle device's wall clock
     # would show
@@ -57,12 +61,13 @@ class Settings:
         """A decoder's prefills and decode steps; an encoder's calls at four sequence lengths (no decode)."""
         rounds = {"rounds": 2, "op_rounds": 1} if quick else {}
         if kind == "encoder":
-            return cls(prefill=(32, 64, 128, 256), decode=(), prefill_steps=3, clock=clock, **rounds)
+            return cls(prefill=(32, 64, 128, 256), decode=(), prefill_steps=3, op_steps=10, clock=clock, **rounds)
         return cls(clock=clock, **rounds)
 
     def runner_args(self) -> dict[str, Any]:
         return {"prefill": list(self.prefill), "decode": list(self.decode), "steps": self.steps,
-                "prefill_steps": self.prefill_steps, "warmup": self.warmup, "clock": self.clock}
+                "prefill_steps": self.prefill_steps, "warmup": self.warmup, "clock": self.clock,
+                **({"op_steps": self.op_steps} if self.op_steps else {})}
 
 
 def device_for(spec: str) -> Device:
@@ -263,7 +268,8 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)
     settings = settings or Settings.for_kind(kind, quick, clock)
-    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick)
+    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick,
+                                   dominated=not quick)
               if kind == "encoder" else
               decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick))
     log(f"profiling {kind}s on {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): "

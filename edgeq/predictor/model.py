@@ -28,7 +28,10 @@ Encoders go through the same three layers with their own features: a call is one
 (the profile's `prefill`; there is no decode step); a layer whose q, k and v run as one fused kernel with the
 attention (`qattention:FORMAT`, workload.py) is one kernel of the table, and the other ops' features count what
 the formats add around the kernels (bias adds of float layers, activation quantization of static int8, the
-attention of the unfused layers over n², GELU with or without its bias).
+attention of the unfused layers over n², GELU with or without its bias). An encoder's whole-call model may also
+carry a bounded term (±0.5 per ms) on a format's kernel time, for the formats whose node-by-node time is not their
+time in a plain call (`format_terms`, chosen by leave-one-micro-model-out: onnxruntime's 8-bit MatMulNBits,
+`int8_b32`, runs about a third slower under the profiler).
 """
 
 from __future__ import annotations
@@ -210,13 +213,21 @@ def kv_padding(pairs: list[tuple[int, int, int]]) -> int:
 
 # --- 3. the whole call ----------------------------------------------------------------------------------------
 
-def call_features(w: Workload, n: int, kv: int, graph_ms: float) -> np.ndarray:
+N_OVERHEADS = 4              # call_features after the graph: logits, tokens, layers, cache
+FORMAT_TERM_BOUND = 0.5      # |how much a format's node-timed kernels misstate the plain call| per ms, at most
+MAX_FORMAT_TERMS = 2
+
+
+def call_features(w: Workload, n: int, kv: int, graph_ms: float, per_format_ms: np.ndarray | None = None) \
+        -> np.ndarray:
     """What a call costs beyond its graph: the graph itself (slope near 1), the logits the runtime copies out
     (n·vocab), per-token and per-layer work outside the kernels (scheduling nodes), and the cache the runtime
     passes between calls (layers·kv heads·head_dim·kv). An encoder returns one vector per call and keeps no
-    cache: those two are 0."""
+    cache: those two are 0; its features end with the ms of its kernels per format (`per_format_ms`), whose
+    terms the whole-call fit may make negative (see `_linear`)."""
     if w.kind == "encoder":
-        return np.array([graph_ms, 0.0, n * 1e-3, w.n_layers, 0.0], dtype=np.float64)
+        base = np.array([graph_ms, 0.0, n * 1e-3, w.n_layers, 0.0], dtype=np.float64)
+        return base if per_format_ms is None else np.concatenate([base, per_format_ms])
     return np.array([graph_ms, n * w.vocab * 1e-6, n * 1e-3, w.n_layers,
                      w.n_layers * w.n_kv_heads * w.head_dim * kv * 1e-6], dtype=np.float64)
 
@@ -240,43 +251,98 @@ class Correction:
     def linear(self, x: np.ndarray) -> float:
         return float(self.icpt + self.coef @ x)
 
-    def __call__(self, w: Workload, n: int, kv: int, graph_ms: float) -> float:
-        y = self.linear(call_features(w, n, kv, graph_ms))
+    def __call__(self, w: Workload, n: int, kv: int, graph_ms: float, per_format_ms: np.ndarray | None = None) \
+            -> float:
+        y = self.linear(call_features(w, n, kv, graph_ms, per_format_ms))
         if self.trees is not None:
             y *= 1.0 + float(self.trees.predict(shape_features(w, n, kv, graph_ms)[None])[0])
         return y
 
 
-def _linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def _linear(x: np.ndarray, y: np.ndarray, free: tuple[int, ...] = ()) -> tuple[np.ndarray, float]:
     """The call's time as its graph time (x[:, 0], slope 1: the node-by-node timings already are the kernels'
-    times) plus non-negative overheads on the other features, in relative error (scikit-learn's
-    LinearRegression, positive, weighted by 1/y²: a 5 ms decode step weighs as much as a 1 s prefill). Fixing the
-    slope keeps a profile of few micro-models from trading the graph for its correlates."""
+    times) plus non-negative overheads on the other features, in relative error (scikit-learn's positive
+    LinearRegression, or scipy's bounded least squares with format terms; each row weighted by 1/y: a 5 ms decode
+    step weighs as much as a 1 s prefill). Fixing the slope keeps a
+    profile of few micro-models from trading the graph for its correlates.
+
+    Columns after the overheads (an encoder's kernel ms per format) are used only where `free` names them, each
+    with a term within ±FORMAT_TERM_BOUND: a format whose node-by-node time is not its time in a plain call."""
+    from scipy.optimize import lsq_linear
     from sklearn.linear_model import LinearRegression
 
-    rest = np.hstack([x[:, 1:], np.ones((len(x), 1))])          # the constant is an overhead too: non-negative
+    cols = list(range(1, 1 + N_OVERHEADS)) + [1 + N_OVERHEADS + j for j in free]
+    rest = np.hstack([x[:, cols], np.ones((len(x), 1))])        # the constant is an overhead too: non-negative
     scale = np.maximum(np.abs(rest).max(axis=0), 1e-12)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = LinearRegression(positive=True, fit_intercept=False).fit(
-            rest / scale, y - x[:, 0], sample_weight=1.0 / np.maximum(y, 1e-9) ** 2)
-    coef = m.coef_ / scale
-    return np.concatenate([[1.0], coef[:-1]]), float(coef[-1])
+    wgt = 1.0 / np.maximum(y, 1e-9)
+    if free:        # bounded least squares (scikit-learn's positive fit has no other bounds)
+        lo, hi = np.zeros(rest.shape[1]), np.full(rest.shape[1], np.inf)
+        fmt = slice(N_OVERHEADS, rest.shape[1] - 1)
+        lo[fmt], hi[fmt] = -FORMAT_TERM_BOUND * scale[fmt], FORMAT_TERM_BOUND * scale[fmt]
+        sol = lsq_linear(rest / scale * wgt[:, None], (y - x[:, 0]) * wgt, bounds=(lo, hi), method="bvls").x / scale
+    else:           # a few micro-models leave the overheads' optimum not unique: this solver's pick, as before
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sol = LinearRegression(positive=True, fit_intercept=False).fit(
+                rest / scale, y - x[:, 0], sample_weight=wgt ** 2).coef_ / scale
+    coef = np.zeros(x.shape[1])
+    coef[0] = 1.0
+    coef[cols] = sol[:-1]
+    return coef, float(sol[-1])
+
+
+def _lomo_errors(x: np.ndarray, y: np.ndarray, groups: np.ndarray, free: tuple[int, ...] = ()) -> list[float]:
+    """Leave-one-micro-model-out relative errors of the linear whole-call fit."""
+    out: list[float] = []
+    for g in sorted(set(groups)):
+        tr, te = groups != g, groups == g
+        if tr.sum() < 8:
+            continue
+        c, i = _linear(x[tr], y[tr], free)
+        out += list(np.abs((i + x[te] @ c) / y[te] - 1))
+    return out
+
+
+def format_terms(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[int, ...]:
+    """The formats (columns after the overheads) that get a whole-call term: chosen one at a time, each only
+    where it lowers the leave-one-micro-model-out error by a tenth, at most MAX_FORMAT_TERMS (a term per
+    format would fit the profile's noise: tried, every term ran to its bound). Measured (onnxruntime 1.32,
+    1 thread, CPU clock, load 13): in encoders three quarters `int8_b32` the profiled session's nodes summed 22.0
+    and 56.2 ms where the plain calls took 16.7 and 45.0 (8-bit MatMulNBits dequantizes the whole weight per
+    call, which costs more under the profiler); with non-negative overheads only those calls set every overhead
+    to 0 and MiniLM plans were priced 11 % low."""
+    n_fmt = x.shape[1] - 1 - N_OVERHEADS
+    used = [j for j in range(n_fmt) if np.any(x[:, 1 + N_OVERHEADS + j])]
+    free: tuple[int, ...] = ()
+    errs = _lomo_errors(x, y, groups)
+    if not errs:
+        return free
+    best = float(np.mean(errs))
+    for _ in range(MAX_FORMAT_TERMS):
+        tried = [(float(np.mean(_lomo_errors(x, y, groups, free + (j,)))), j) for j in used if j not in free]
+        if not tried:
+            break
+        e, j = min(tried)
+        if e >= 0.9 * best:
+            break
+        free, best = free + (j,), e
+    return free
 
 
 def fit_correction(rows: list[dict[str, Any]]) -> Correction:
-    """rows: {group, x (call features), s (shape features), y (measured ms)}; trees only where leave-one-group-out
-    says they lower the median relative error."""
+    """rows: {group, x (call features), s (shape features), y (measured ms)}; format terms (encoders) and trees
+    only where leave-one-group-out says they lower the error."""
     from sklearn.ensemble import GradientBoostingRegressor
 
     x = np.array([r["x"] for r in rows])
     y = np.array([r["y"] for r in rows])
     s = np.array([r["s"] for r in rows])
     groups = np.array([r["group"] for r in rows])
-    coef, icpt = _linear(x, y)
+    free = format_terms(x, y, groups) if x.shape[1] > 1 + N_OVERHEADS else ()
+    coef, icpt = _linear(x, y, free)
 
     def trees_on(xx, yy, ss):
-        c, i = _linear(xx, yy)
+        c, i = _linear(xx, yy, free)
         lin = i + xx @ c
         t = GradientBoostingRegressor(n_estimators=60, max_depth=2, learning_rate=0.1, subsample=1.0,
                                       random_state=0).fit(ss, yy / lin - 1.0)
@@ -287,7 +353,7 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
         tr, te = groups != g, groups == g
         if tr.sum() < 8:
             continue
-        c, i = _linear(x[tr], y[tr])
+        c, i = _linear(x[tr], y[tr], free)
         lin = i + x[te] @ c
         errs_lin += list(np.abs(lin / y[te] - 1))
         c2, i2, t = trees_on(x[tr], y[tr], s[tr])
@@ -349,6 +415,14 @@ class Predictor:
         if not samples:
             raise EdgeqError(None, "the latency profile has no per-kernel timings")
         self.kernels = KernelTable(samples)
+        # every format its micro-models ran must have been timed node by node: else the whole-call fit (and any
+        # plan using it) would price a kernel the profile never saw
+        ran = {m.format for run in self.profile.models for m in run.workload.matmuls}
+        missing = sorted(ran - set(self.kernels.tokens))
+        if missing:
+            raise EdgeqError(None, f"the latency profile's micro-models run {', '.join(missing)} but it holds no "
+                                   f"per-kernel timings of {'it' if len(missing) == 1 else 'them'} (a partial or "
+                                   f"damaged profile): measure it again with `edgeq profile`")
         self.kv_pad = kv_padding(pads)
         self.other = {k: OtherOps(v) for k, v in other.items() if v}
         # the whole call, against the real runs
@@ -363,10 +437,14 @@ class Predictor:
                         continue
                     n, kv = self._call(w, kind, int(key))
                     g = self.graph_ms(w, n, kv, kind)
-                    rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g),
+                    rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g, self.per_format_ms(w, n)),
                                        "s": shape_features(w, n, kv, g),
                                        "y": paired / 1e3 if paired is not None else float(np.median(vals))})
         self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
+        for c in self.correction.values():
+            if len(c.coef) > 1 + N_OVERHEADS:
+                c.report["format_terms"] = {f: round(float(t), 4) for f, t in
+                                            zip(self.kernels.formats, c.coef[1 + N_OVERHEADS:]) if t}
         mem = [(r.workload, r.max_tokens, float(np.median(r.peak_rss_bytes)))
                for r in self.profile.models if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
         self.memory = (MemoryModel.fit(get_target(self.backend), frozenset(self.profile.device.get("flags") or ()), mem)
@@ -387,6 +465,17 @@ class Predictor:
     def kernel_us(self, fmt: str, rows: int, cols: int, n: int) -> float:
         return self.kernels.cost_us(fmt, rows, cols, n)
 
+    def per_format_ms(self, w: Workload, n: int) -> np.ndarray | None:
+        """An encoder's kernel time per format of the table (the whole-call fit's per-format terms); None for a
+        decoder."""
+        if w.kind != "encoder":
+            return None
+        fmts = self.kernels.formats
+        out = np.zeros(len(fmts))
+        for m in w.matmuls:
+            out[fmts.index(m.format)] += self.kernel_us(m.format, m.rows, m.cols, n) / 1e3
+        return out
+
     def graph_ms(self, w: Workload, n: int, kv: int, kind: str) -> float:
         k = sum(self.kernel_us(m.format, m.rows, m.cols,
                                1 if kind == "prefill" and layer_role(m.weight, w.n_layers) in self.output_rows_only
@@ -396,7 +485,7 @@ class Predictor:
 
     def call_ms(self, w: Workload, kind: str, key: int) -> float:
         n, kv = self._call(w, kind, key)
-        return self.correction[kind](w, n, kv, self.graph_ms(w, n, kv, kind))
+        return self.correction[kind](w, n, kv, self.graph_ms(w, n, kv, kind), self.per_format_ms(w, n))
 
     def marginal_ms(self, kind: str) -> float:
         """How much one ms of kernel time adds to the call's wall time (the linear correction's slope)."""

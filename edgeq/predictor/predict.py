@@ -27,7 +27,12 @@ DEFAULT_CONTEXT_TOKENS = 64
 @functools.lru_cache(maxsize=8)
 def _fitted(path: str, mtime: float) -> tuple[LatencyProfile, Predictor]:
     profile = load_profile(path)
-    return profile, Predictor(profile)
+    try:
+        return profile, Predictor(profile)
+    except EdgeqError as exc:           # a profile that cannot be fitted: the message names its file
+        if exc.path is not None:
+            raise
+        raise EdgeqError(path, exc.problem) from None
 
 
 def open_profile(path: str | os.PathLike | None, backend: str, threads: int | None,
