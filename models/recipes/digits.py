@@ -37,12 +37,14 @@ def load_digits_data(seed: int = 0) -> DigitsData:
 
 
 def digits_net(stem: int = 16, mid: int = 16, conv: int = 32, block: bool = True, block_kernel: int = 3,
-               conv_kernel: int = 3):
+               conv_kernel: int = 3, conv_bn: bool = False):
     """The module (untrained). Built lazily so importing edgeq.models.recipes.digits needs no torch. The widths:
     `stem` channels (the stem and the residual block's output, tied by the residual add), `mid` (inside the block),
     `conv` (the last conv); the once-for-all supernet (digits_supernet.py) slices these three, and its elastic depth
     and kernels pick the rest: `block=False` drops the residual block (its input goes straight to the max pool),
-    `block_kernel` / `conv_kernel` 1 makes the block's convs / the last conv 1x1 (the centre of the 3x3 kernels)."""
+    `block_kernel` / `conv_kernel` 1 makes the block's convs / the last conv 1x1 (the centre of the 3x3 kernels);
+    `conv_bn` puts a batch norm after the last conv (folded away at import; the supernet's, so that a subnet's
+    recalibrated statistics adapt the last conv to what reaches it with the block skipped or kept)."""
     import torch
     from torch import nn
 
@@ -66,6 +68,7 @@ def digits_net(stem: int = 16, mid: int = 16, conv: int = 32, block: bool = True
             self.block = Block(stem, mid) if block else nn.Identity()
             self.pool = nn.MaxPool2d(2)                       # 8x8 -> 4x4
             self.conv = nn.Conv2d(stem, conv, conv_kernel, padding=conv_kernel // 2)
+            self.cbn = nn.BatchNorm2d(conv) if conv_bn else nn.Identity()
             self.act = nn.ReLU6()
             self.avg = nn.AvgPool2d(2)                        # 4x4 -> 2x2
             self.fc = nn.Linear(conv * 2 * 2, 10)
@@ -73,7 +76,7 @@ def digits_net(stem: int = 16, mid: int = 16, conv: int = 32, block: bool = True
         def forward(self, x):
             x = torch.relu(self.bn(self.stem(x)))
             x = self.pool(self.block(x))
-            x = self.avg(self.act(self.conv(x)))
+            x = self.avg(self.act(self.cbn(self.conv(x))))
             return self.fc(torch.flatten(x, 1))
 
     return DigitsNet()

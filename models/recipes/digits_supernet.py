@@ -13,9 +13,10 @@ Training follows once-for-all (OFA), compressed to CPU minutes:
 2. each stage's channels are sorted by importance (the L1 norm of each output filter, times its batch norm's
    |gamma| / sigma where one follows; the stem stage sums its two producers, the stem and the block's second conv),
    and every tensor that reads them is permuted alike, so the function is unchanged and a width is a prefix;
-3. sandwich training (slimmable networks' rule): each step runs the largest, the smallest and two random widths
-   on the same batch, the largest on the labels and the others distilled from its soft outputs (in-place
-   distillation), gradients summed. Batch norm uses batch statistics while training; a subnet gets its own
+3. sandwich training (slimmable networks' rule): each step runs the largest, the smallest and two random points
+   (widths, depth, kernels) on the same batch, plus the full widths at the first random point's depth and kernels
+   (so the shallow and 1x1 shapes are trained at full width too), the largest on the labels and the others
+   distilled from its soft outputs (in-place distillation), gradients summed. Batch norm uses batch statistics while training; a subnet gets its own
    statistics afterwards, recalibrated on training images (OFA's BN recalibration), before it is exported.
 
 Data: the digits recipe's training images are split once more (seeded) into training and validation images; the
@@ -111,7 +112,7 @@ class DigitsSupernet:
             x = torch.relu(y + x)
         x = F.max_pool2d(x, 2)
         conv = F.conv2d(x, _centre(n.conv.weight[:c, :s], ck), n.conv.bias[:c], padding=ck // 2)
-        x = F.avg_pool2d(F.relu6(conv), 2)
+        x = F.avg_pool2d(F.relu6(bn(conv, n.cbn, c)), 2)
         fc = n.fc.weight.view(10, self.full[2], 4)[:, :c].reshape(10, c * 4)
         return F.linear(torch.flatten(x, 1), fc, n.fc.bias)
 
@@ -122,10 +123,11 @@ class DigitsSupernet:
         import torch
 
         s, m, c, block, bk, ck = self.point(widths)
-        sub = digits_net(s, m, c, block=bool(block), block_kernel=bk, conv_kernel=ck)
+        sub = digits_net(s, m, c, block=bool(block), block_kernel=bk, conv_kernel=ck, conv_bn=True)
         src = self.net.state_dict()
         cut = {"stem.weight": (s,), "bn": (s,), "block.conv1.weight": (m, s), "block.bn1": (m,),
-               "block.conv2.weight": (s, m), "block.bn2": (s,), "conv.weight": (c, s), "conv.bias": (c,)}
+               "block.conv2.weight": (s, m), "block.bn2": (s,), "conv.weight": (c, s), "conv.bias": (c,),
+               "cbn": (c,)}
         kernel = {"block.conv1.weight": bk, "block.conv2.weight": bk, "conv.weight": ck}
         wanted = set(sub.state_dict())
         out = {}
@@ -214,9 +216,10 @@ def sort_channels(net, full: list[int]) -> None:
         b.conv1.weight.data = b.conv1.weight.data[q].clone()
         bn_take(b.bn1, q)
         b.conv2.weight.data = b.conv2.weight.data[:, q].clone()
-        r = perm(_importance(net.conv.weight))
+        r = perm(_importance(net.conv.weight, net.cbn))
         net.conv.weight.data = net.conv.weight.data[r].clone()
         net.conv.bias.data = net.conv.bias.data[r].clone()
+        bn_take(net.cbn, r)
         net.fc.weight.data = net.fc.weight.data.view(10, full[2], 4)[:, r].reshape(10, full[2] * 4).clone()
 
 
@@ -226,10 +229,11 @@ def untrained_digits_supernet(seed: int = 0, scale: int = 1) -> DigitsSupernet:
     import torch
 
     torch.manual_seed(seed)
-    return DigitsSupernet(digits_net(*(w * scale for w in BASE_WIDTHS)).eval(), search_data(seed), scale, seed)
+    return DigitsSupernet(digits_net(*(w * scale for w in BASE_WIDTHS), conv_bn=True).eval(), search_data(seed),
+                          scale, seed)
 
 
-def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, sandwich_epochs: int = 12,
+def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, sandwich_epochs: int = 60,
                           batch: int = 64, progress=None) -> DigitsSupernet:
     """Train, sort and sandwich-train the supernet (seeded, one thread: the same seed gives the same weights)."""
     import torch
@@ -242,7 +246,7 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
     try:
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        net = digits_net(*full)
+        net = digits_net(*full, conv_bn=True)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         epochs = range(full_epochs + sandwich_epochs)
         it = iter(epochs if progress is None else progress(epochs, desc="supernet: train", unit="epoch"))
@@ -275,7 +279,10 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
             F.cross_entropy(big, y[idx]).backward()
             soft = F.softmax(big.detach(), -1)
             rand = [tuple(m[int(torch.randint(len(m), (1,), generator=g))] for m in sn.menus) for _ in range(2)]
-            for w in [smallest] + rand:
+            cs = sn.channel_stages
+            shape = rand[0][cs:]                # the full widths at a random depth and kernel size
+            extra = [largest[:cs] + shape] if shape != largest[cs:] else []
+            for w in [smallest] + rand + extra:
                 F.kl_div(F.log_softmax(sn.forward(x[idx], w), -1), soft, reduction="batchmean").backward()
 
         run(1e-3, sandwich_epochs, sandwich)
