@@ -10,7 +10,8 @@ and on the 500 held-out test images (never seen by the supernet's training or th
 validation images carved from the training split).
 
 The uniform model "of the same latency" is the widest uniform slim whose measured latency is within the searched
-model's (the next wider one is reported too).
+model's (the next wider one is reported too). The uniform slims come twice: at full depth and kernels, and with the
+supernet's elastic stages at their smallest (the residual block skipped, 1x1 kernels), all int8.
 
     python bench/search_cnn.py                           # 1 thread, the supernet at 4x the recipe's widths
     python bench/search_cnn.py --scale 1 --latency-profile /tmp/digits-table-s1.json
@@ -49,6 +50,7 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--expensive-labels", type=int, default=8)
     ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
     ap.add_argument("--out", default="bench/results/search_cnn.json")
     a = ap.parse_args()
 
@@ -67,6 +69,8 @@ def main() -> None:
                               expensive_labels=a.expensive_labels, finalists=a.finalists, seed=a.seed)
     o = CnnSearchOptions(latency_ratio=a.ratio, latency_profile=a.latency_profile, scale=a.scale, settings=settings,
                          table=TableSettings(threads=a.threads))
+    if a.sandwich_epochs is not None:
+        o.sandwich_epochs = a.sandwich_epochs
     sn = build_supernet(o)
     t_train = time.time() - t0
     s = run_search(o, log=print, supernet=sn)
@@ -81,6 +85,10 @@ def main() -> None:
             "searched": s.result.best,
         }
         slims = [c for c in space.uniform_slim("int8") if c.widths != full]
+        if len(full) > space.channel_stages:        # the same uniform slims with the elastic stages at their smallest
+            cs = space.channel_stages
+            slims += [Candidate(c.formats, c.widths[:cs] + tuple(m[0] for m in space.menus[cs:]))
+                      for c in space.uniform_slim("int8")]
         for c in slims:
             variants[f"uniform int8 {'/'.join(map(str, c.widths))}"] = c
         files = {}
@@ -164,13 +172,17 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    uni = sorted([r for r in rows if r["variant"].startswith("uniform")] +
-                 [r for r in rows if r["variant"] == "full int8"], key=lambda r: r["vs_full_int8"])
-    ax.plot([r["vs_full_int8"] for r in uni], [100 * r["test_accuracy"] for r in uni], "o-", c="C0",
-            label="uniformly slimmed, all int8")
-    for r in uni:
-        ax.annotate("/".join(map(str, r["widths"])), (r["vs_full_int8"], 100 * r["test_accuracy"]), fontsize=7,
-                    xytext=(3, -9), textcoords="offset points")
+    full = next(r for r in rows if r["variant"] == "full int8")
+    for shallow, c, label in ((False, "C0", "uniformly slimmed, all int8"),
+                              (True, "C1", "uniformly slimmed, all int8, smallest depth and kernels")):
+        uni = sorted([r for r in rows if r["variant"].startswith("uniform") and (r["widths"][3:] != full["widths"][3:])
+                      == shallow] + ([] if shallow else [full]), key=lambda r: r["vs_full_int8"])
+        if not uni:
+            continue
+        ax.plot([r["vs_full_int8"] for r in uni], [100 * r["test_accuracy"] for r in uni], "o-", c=c, label=label)
+        for r in uni:
+            ax.annotate("/".join(map(str, r["widths"])), (r["vs_full_int8"], 100 * r["test_accuracy"]), fontsize=6,
+                        xytext=(3, -9), textcoords="offset points")
     for name, marker, c in (("full int8", "s", "C2"), ("full f32", "D", "C7"), ("searched", "*", "C3")):
         r = next(x for x in rows if x["variant"] == name)
         ax.scatter([r["vs_full_int8"]], [100 * r["test_accuracy"]], marker=marker, s=140 if name == "searched" else 60,

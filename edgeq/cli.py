@@ -713,8 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the budgets x predicted quality of the best) and search the best (the table: plan "
                         "search.menus)")
     g.add_argument("--supernet", choices=list(SUPERNETS),
-                   help="search a CNN once-for-all supernet instead of --model: per-stage channel widths x int8/float "
-                        "per layer on onnxruntime, under --latency-ms (batch 1); digits: the digits CNN's, trained "
+                   help="search a CNN once-for-all supernet instead of --model: per-stage channel widths, elastic depth "
+                        "and kernel size x int8/float per layer on onnxruntime, under --latency-ms (batch 1); digits: the digits CNN's, trained "
                         "here (seeded, about a minute); writes the plan and the subnet beside it as a .pt2 "
                         "(then: edgeq export --model PLAN.pt2 --plan PLAN.json). --latency-profile names its "
                         "per-layer latency table: read when the file exists, else measured and written there")

@@ -4,7 +4,9 @@ The same search as the decoders' (search.py), on another space:
 
 - the space (`CnnSpace`): one gene per conv/linear (f32 or int8: the ONNX CNN lowering's static INT8), one width
   per stage from the supernet's menu (a prefix of its importance-sorted channels; any width of a stage is valid
-  whatever the formats, as per-tensor activation scales and per-channel weight scales slice freely);
+  whatever the formats, as per-tensor activation scales and per-channel weight scales slice freely), and the
+  supernet's elastic stages after its channel stages (once-for-all's depth and kernel size: a block skipped or
+  kept, a kernel 1 or 3), which ride in the same widths tuple (larger = slower and more accurate, like widths);
 - what a point costs: latency from a per-layer latency table fitted on real onnxruntime timings of whole models
   (edgeq/predictor/cnn_table.py, handed in as a callable), bytes from the weights' formats;
 - accuracy, APQ's transfer (search_accuracy.py): the predictor is pre-trained on cheap labels (the float error of
@@ -41,17 +43,26 @@ def smoothed_error(correct: int, n: int) -> float:
     return (n - correct + 1) / (n + 2)
 
 
+def uniform_widths(menus: list[list[int]], full: list[int], channel_stages: int) -> list[tuple[int, ...]]:
+    """Uniformly slimmed widths, narrowest first: every channel stage at the same menu position (the k-th
+    narrowest), the elastic stages after them (depth, kernels) at full."""
+    cs = channel_stages
+    steps = min(len(m) for m in menus[:cs])
+    return [tuple(m[len(m) - steps + k] for m in menus[:cs]) + tuple(full[cs:]) for k in range(steps)]
+
+
 class CnnSpace(GeneSpace):
     """Stage widths x a format per conv/linear, with bytes and the latency table's prediction of a point."""
 
     hint = "raise --latency-ms: the fastest point is the floor of this supernet on this device"
 
     def __init__(self, layers: list[StageLayer], full: list[int], menus: list[list[int]],
-                 latency: Callable[[tuple[int, ...], tuple[str, ...]], float]):
+                 latency: Callable[[tuple[int, ...], tuple[str, ...]], float], channel_stages: int | None = None):
         super().__init__([Gene([l.weight], list(CNN_FORMATS)) for l in layers], list(full),
                          [sorted(set(m) | {f}) for m, f in zip(menus, full)])
         self.layers = layers
         self._latency = latency
+        self.channel_stages = len(full) if channel_stages is None else channel_stages   # the rest: depth, kernels
 
     def format_names(self, c: Candidate) -> tuple[str, ...]:
         return tuple(g.formats[i] for g, i in zip(self.genes, c.formats))
@@ -79,9 +90,9 @@ class CnnSpace(GeneSpace):
         return {"smallest": small, "fastest": Candidate(tuple(fmts), narrow)}
 
     def uniform_slim(self, fmt: str = "int8") -> list[Candidate]:
-        """The uniformly slimmed points: every stage at the same menu position (the k-th narrowest), one format."""
-        steps = min(len(m) for m in self.menus)
-        return [self.point(tuple(m[len(m) - steps + k] for m in self.menus), fmt) for k in range(steps)]
+        """The uniformly slimmed points: every channel stage at the same menu position (the k-th narrowest), full
+        depth and kernels, one format."""
+        return [self.point(w, fmt) for w in uniform_widths(self.menus, self.full, self.channel_stages)]
 
 
 @dataclass

@@ -146,3 +146,39 @@ def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, 
     assert got.shape == (len(x), 10)
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.97
     assert np.mean(got.argmax(-1) == y) > 0.5                        # a working classifier, not noise
+
+
+def test_elastic_depth_and_kernel_subnets(supernet):
+    """Once-for-all's elastic depth and kernel size: a point with the residual block skipped or 1x1 kernels is a
+    plain digits CNN of that shape whose ONNX lowering (the average pool folded into the classifier) computes what
+    torch computes; the latency table's features drop a skipped layer and count its depth term."""
+    import onnx
+    import torch
+
+    from edgeq.predictor.cnn_table import features
+
+    x = supernet.data.x_val[:64]
+    models = SubnetModels(supernet)
+    try:
+        for w, convs in (((8, 8, 16, 0, 3, 1), 2), ((16, 16, 32, 1, 1, 3), 4)):
+            sub = supernet.subnet(w)
+            assert hasattr(sub.block, "conv1") == bool(w[3])
+            assert sub.conv.weight.shape[-1] == w[5]
+            with torch.no_grad():
+                ref = sub(torch.from_numpy(x)).numpy()
+            f32 = models.onnx(w, ("f32",) * 5)
+            got = models.session(f32).run(["logits"], {"images": x})[0]
+            np.testing.assert_allclose(got, ref, atol=1e-4)
+            ops = [n.op_type for n in onnx.load(str(f32)).graph.node]
+            assert ops.count("Conv") == convs and "AveragePool" not in ops, ops
+            int8 = models.onnx(w, ("int8",) * 5)
+            q = models.session(int8).run(["logits"], {"images": x})[0]
+            assert np.mean(q.argmax(-1) == ref.argmax(-1)) >= 0.9
+        layers = supernet.layers
+        skip = features(layers, (16, 16, 32, 0, 3, 3), ("int8",) * 5, 3)
+        keep = features(layers, (16, 16, 32, 1, 1, 3), ("int8",) * 5, 5)
+        assert list(skip[5:13]) == [0.0] * 8 and skip[-1] == 0.0 and keep[-1] == 1.0
+        assert keep[5] == pytest.approx(16 * 16 * 64 / 1e6)          # a 1x1 conv1: one weight per channel pair
+        assert layers[1].params((16, 16, 32, 1, 3, 3)) == 9 * layers[1].params((16, 16, 32, 1, 1, 3))
+    finally:
+        models.close()

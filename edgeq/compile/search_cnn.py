@@ -37,7 +37,7 @@ from edgeq.models.cnn import mixed_activations, weight_nodes
 from edgeq.passes import Context, run_passes
 from edgeq.passes.calibrate_ranges import CalibrateRanges
 from edgeq.passes.search import SearchSettings
-from edgeq.passes.search_cnn import CnnSearchResult, CnnSpace, search_cnn, smoothed_error
+from edgeq.passes.search_cnn import CnnSearchResult, CnnSpace, search_cnn, smoothed_error, uniform_widths
 from edgeq.passes.search_space import Budgets, Candidate
 from edgeq.predictor.cnn_table import CnnLatencyTable, features
 from edgeq.runtime.latency import device_facts, interleaved_times
@@ -69,7 +69,7 @@ class CnnSearchOptions:
     supernet: str = "digits"
     scale: int = 1
     full_epochs: int = 8
-    sandwich_epochs: int = 12
+    sandwich_epochs: int = 60                  # 12 left the shallow subnets (block skipped) 10 points behind on val
     settings: SearchSettings = field(default_factory=lambda: SearchSettings(population=24, generations=12,
                                                                               cheap_labels=400, expensive_labels=8,
                                                                               finalists=3))
@@ -90,14 +90,14 @@ class SubnetModels:
         self._count = 0
 
     def graph(self, widths: tuple[int, ...]) -> Graph:
-        w = tuple(int(v) for v in widths)
+        w = self.sn.point(widths)
         if w not in self._graphs:
             self._graphs[w] = import_module(self.sn.subnet(w), self.sn.example, name=f"{self.sn.name}-supernet")
         return self._graphs[w]
 
     def ranges(self, widths: tuple[int, ...]) -> dict[str, list[float]]:
         """Every default activation's calibrated range at these widths (the int8 preset's calibration)."""
-        w = tuple(int(v) for v in widths)
+        w = self.sn.point(widths)
         if w not in self._ranges:
             g = self.graph(w)
             plan = Plan(tensors=self.target.preset_formats(g, "int8"), preset="int8")
@@ -136,9 +136,11 @@ class SubnetModels:
 
         return ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
 
-    def n_quantized(self, formats: tuple[str, ...]) -> int:
-        """Quantized activations of a format assignment (the same at every width)."""
-        g = self.graph(tuple(self.sn.full))
+    def n_quantized(self, widths: tuple[int, ...], formats: tuple[str, ...]) -> int:
+        """Quantized activations of a format assignment (the same at every channel width; the elastic depth and
+        kernels of `widths` taken)."""
+        cs = self.sn.channel_stages
+        g = self.graph(tuple(self.sn.full[:cs]) + tuple(self.sn.point(widths)[cs:]))
         return len(mixed_activations(g, {l.weight for l, f in zip(self.sn.layers, formats) if f == "int8"}))
 
     def error(self, points: list[tuple[tuple[int, ...], tuple[str, ...]]], split: str = "val") -> list[float]:
@@ -202,13 +204,12 @@ def measure_table(models: SubnetModels, ts: TableSettings, seed: int, progress: 
         -> CnnLatencyTable:
     """Time uniform and random subnets for real and fit the per-layer table (held-out points judge it)."""
     sn = models.sn
-    steps = min(len(m) for m in sn.menus)
-    uniform = [(tuple(m[len(m) - steps + k] for m in sn.menus), (f,) * len(sn.layers))
-               for k in range(steps) for f in ("int8", "f32")]
+    uniform = [(w, (f,) * len(sn.layers)) for w in uniform_widths(sn.menus, sn.full, sn.channel_stages)
+               for f in ("int8", "f32")]
     fit_pts = uniform + table_points(sn, ts.fit, seed)
     held_pts = table_points(sn, ts.fit + ts.held, seed)[ts.fit:]
     timed = models.time(fit_pts + held_pts, ts.rounds, ts.per_round, progress)
-    x = np.array([features(sn.layers, w, f, models.n_quantized(f)) for w, f in fit_pts + held_pts])
+    x = np.array([features(sn.layers, w, f, models.n_quantized(w, f)) for w, f in fit_pts + held_pts])
     y = np.array([t["median"] for t in timed])
     device = {**this_device(), "threads": models.threads}
     table = CnnLatencyTable.fitted(sn.name, sn.full, [l.weight for l in sn.layers], x[:len(fit_pts)],
@@ -283,14 +284,16 @@ class CnnSearch:
 
 
 def space_of(sn, table: CnnLatencyTable, models: SubnetModels) -> CnnSpace:
-    nq: dict[tuple[str, ...], int] = {}
+    nq: dict[tuple, int] = {}
+    cs = sn.channel_stages
 
     def latency(widths: tuple[int, ...], formats: tuple[str, ...]) -> float:
-        if formats not in nq:
-            nq[formats] = models.n_quantized(formats)
-        return table.predict(features(sn.layers, widths, formats, nq[formats]))
+        key = (tuple(widths[cs:]), formats)
+        if key not in nq:
+            nq[key] = models.n_quantized(widths, formats)
+        return table.predict(features(sn.layers, widths, formats, nq[key]))
 
-    return CnnSpace(sn.layers, sn.full, sn.menus, latency)
+    return CnnSpace(sn.layers, sn.full, sn.menus, latency, channel_stages=cs)
 
 
 def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Callable[[str], None] | None = None,

@@ -36,19 +36,24 @@ def load_digits_data(seed: int = 0) -> DigitsData:
     return DigitsData(x[train], y[train], x[test], y[test])
 
 
-def digits_net(stem: int = 16, mid: int = 16, conv: int = 32):
+def digits_net(stem: int = 16, mid: int = 16, conv: int = 32, block: bool = True, block_kernel: int = 3,
+               conv_kernel: int = 3, conv_bn: bool = False):
     """The module (untrained). Built lazily so importing edgeq.models.recipes.digits needs no torch. The widths:
     `stem` channels (the stem and the residual block's output, tied by the residual add), `mid` (inside the block),
-    `conv` (the last conv); the once-for-all supernet (digits_supernet.py) slices these three."""
+    `conv` (the last conv); the once-for-all supernet (digits_supernet.py) slices these three, and its elastic depth
+    and kernels pick the rest: `block=False` drops the residual block (its input goes straight to the max pool),
+    `block_kernel` / `conv_kernel` 1 makes the block's convs / the last conv 1x1 (the centre of the 3x3 kernels);
+    `conv_bn` puts a batch norm after the last conv (folded away at import; the supernet's, so that a subnet's
+    recalibrated statistics adapt the last conv to what reaches it with the block skipped or kept)."""
     import torch
     from torch import nn
 
     class Block(nn.Module):
         def __init__(self, c: int, m: int):
             super().__init__()
-            self.conv1 = nn.Conv2d(c, m, 3, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(c, m, block_kernel, padding=block_kernel // 2, bias=False)
             self.bn1 = nn.BatchNorm2d(m)
-            self.conv2 = nn.Conv2d(m, c, 3, padding=1, bias=False)
+            self.conv2 = nn.Conv2d(m, c, block_kernel, padding=block_kernel // 2, bias=False)
             self.bn2 = nn.BatchNorm2d(c)
 
         def forward(self, x):
@@ -60,9 +65,10 @@ def digits_net(stem: int = 16, mid: int = 16, conv: int = 32):
             super().__init__()
             self.stem = nn.Conv2d(1, stem, 3, padding=1, bias=False)
             self.bn = nn.BatchNorm2d(stem)
-            self.block = Block(stem, mid)
+            self.block = Block(stem, mid) if block else nn.Identity()
             self.pool = nn.MaxPool2d(2)                       # 8x8 -> 4x4
-            self.conv = nn.Conv2d(stem, conv, 3, padding=1)
+            self.conv = nn.Conv2d(stem, conv, conv_kernel, padding=conv_kernel // 2)
+            self.cbn = nn.BatchNorm2d(conv) if conv_bn else nn.Identity()
             self.act = nn.ReLU6()
             self.avg = nn.AvgPool2d(2)                        # 4x4 -> 2x2
             self.fc = nn.Linear(conv * 2 * 2, 10)
@@ -70,7 +76,7 @@ def digits_net(stem: int = 16, mid: int = 16, conv: int = 32):
         def forward(self, x):
             x = torch.relu(self.bn(self.stem(x)))
             x = self.pool(self.block(x))
-            x = self.avg(self.act(self.conv(x)))
+            x = self.avg(self.act(self.cbn(self.conv(x))))
             return self.fc(torch.flatten(x, 1))
 
     return DigitsNet()

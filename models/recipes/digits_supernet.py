@@ -2,15 +2,21 @@
 
 The digits CNN (digits.py) has three channel widths a search can slice: `stem` (the stem conv and the residual
 block's output, tied by the residual add), `mid` (inside the block) and `conv` (the last conv, read by the
-classifier through a 2x2 flatten). Training follows once-for-all (OFA), compressed to CPU minutes:
+classifier through a 2x2 flatten), and, as once-for-all does, an elastic depth and kernel size: the residual block
+kept or skipped (`block` 1/0) and the block's convs and the last conv at 3x3 or 1x1 (`block_kernel`,
+`conv_kernel`: the centre of the 3x3 kernels). At batch 1 the recipe's widths are overhead-bound (bench/
+search_cnn.py: a kernel call costs about as much as its arithmetic), so slimming channels alone cannot remove much
+time; skipping the block removes three kernels (two convs and the residual add) and a 1x1 conv skips im2col.
+Training follows once-for-all (OFA), compressed to CPU minutes:
 
 1. the full network is trained as usual (the digits recipe's schedule);
 2. each stage's channels are sorted by importance (the L1 norm of each output filter, times its batch norm's
    |gamma| / sigma where one follows; the stem stage sums its two producers, the stem and the block's second conv),
    and every tensor that reads them is permuted alike, so the function is unchanged and a width is a prefix;
-3. sandwich training (slimmable networks' rule): each step runs the largest, the smallest and two random widths
-   on the same batch, the largest on the labels and the others distilled from its soft outputs (in-place
-   distillation), gradients summed. Batch norm uses batch statistics while training; a subnet gets its own
+3. sandwich training (slimmable networks' rule): each step runs the largest, the smallest and two random points
+   (widths, depth, kernels) on the same batch, plus the full widths at the first random point's depth and kernels
+   (so the shallow and 1x1 shapes are trained at full width too), the largest on the labels and the others
+   distilled from its soft outputs (in-place distillation), gradients summed. Batch norm uses batch statistics while training; a subnet gets its own
    statistics afterwards, recalibrated on training images (OFA's BN recalibration), before it is exported.
 
 Data: the digits recipe's training images are split once more (seeded) into training and validation images; the
@@ -27,8 +33,10 @@ import numpy as np
 from edgeq.models.cnn import StageLayer
 from edgeq.models.recipes.digits import DigitsData, digits_net, load_digits_data
 
-STAGES = ("stem", "mid", "conv")
+STAGES = ("stem", "mid", "conv", "block", "block_kernel", "conv_kernel")
+CHANNEL_STAGES = 3          # the first three stages are channel widths; the rest are elastic depth and kernels
 BASE_WIDTHS = (16, 16, 32)
+ELASTIC_MENUS = ([0, 1], [1, 3], [1, 3])     # the residual block skipped / kept; 1x1 or 3x3 kernels
 N_VAL = 300                 # validation images taken from the digits training split
 RECAL_IMAGES = 512          # training images a subnet's batch norm statistics are recalibrated on
 MENU_STEPS = 8              # widths per stage: k/8 of the full width, k = 2..8
@@ -60,18 +68,27 @@ class DigitsSupernet:
     name = "digits"
     stages = STAGES
 
+    channel_stages = CHANNEL_STAGES
+
     def __init__(self, net, data: SearchData, scale: int, seed: int):
         self.net = net                      # the full-width torch module, channels sorted
         self.data = data
         self.scale = scale
         self.seed = seed
-        self.full = [w * scale for w in BASE_WIDTHS]
-        self.menus = [sorted({f * k // MENU_STEPS for k in range(2, MENU_STEPS + 1)}) for f in self.full]
+        channels = [w * scale for w in BASE_WIDTHS]
+        self.full = channels + [max(m) for m in ELASTIC_MENUS]
+        self.menus = [sorted({f * k // MENU_STEPS for k in range(2, MENU_STEPS + 1)}) for f in channels] + \
+            [list(m) for m in ELASTIC_MENUS]
         self.layers = [StageLayer("stem.weight", 0, None, 9, 64, fixed_in=1),          # 8x8 pixels
-                       StageLayer("block.conv1.weight", 1, 0, 9, 64),
-                       StageLayer("block.conv2.weight", 0, 1, 9, 64),
-                       StageLayer("conv.weight", 2, 0, 9, 16),                          # 4x4 after the max pool
+                       StageLayer("block.conv1.weight", 1, 0, 9, 64, depth_stage=3, kernel_stage=4),
+                       StageLayer("block.conv2.weight", 0, 1, 9, 64, depth_stage=3, kernel_stage=4),
+                       StageLayer("conv.weight", 2, 0, 9, 16, kernel_stage=5),         # 4x4 after the max pool
                        StageLayer("fc.weight", None, 2, 4, 1, fixed_out=10)]            # 2x2 per channel
+
+    def point(self, widths) -> tuple[int, ...]:
+        """All six stage values: channel widths alone (the old three-stage points) keep full depth and kernels."""
+        w = tuple(int(v) for v in widths)
+        return w + tuple(self.full[len(w):])
 
     @property
     def example(self) -> np.ndarray:
@@ -82,17 +99,20 @@ class DigitsSupernet:
         import torch
         import torch.nn.functional as F
 
-        s, m, c = widths
+        s, m, c, block, bk, ck = self.point(widths)
         n = self.net
 
         def bn(y, mod, k):
             return F.batch_norm(y, None, None, mod.weight[:k], mod.bias[:k], training=True)
 
         x = torch.relu(bn(F.conv2d(x, n.stem.weight[:s], padding=1), n.bn, s))
-        y = torch.relu(bn(F.conv2d(x, n.block.conv1.weight[:m, :s], padding=1), n.block.bn1, m))
-        y = bn(F.conv2d(y, n.block.conv2.weight[:s, :m], padding=1), n.block.bn2, s)
-        x = F.max_pool2d(torch.relu(y + x), 2)
-        x = F.avg_pool2d(F.relu6(F.conv2d(x, n.conv.weight[:c, :s], n.conv.bias[:c], padding=1)), 2)
+        if block:
+            y = torch.relu(bn(F.conv2d(x, _centre(n.block.conv1.weight[:m, :s], bk), padding=bk // 2), n.block.bn1, m))
+            y = bn(F.conv2d(y, _centre(n.block.conv2.weight[:s, :m], bk), padding=bk // 2), n.block.bn2, s)
+            x = torch.relu(y + x)
+        x = F.max_pool2d(x, 2)
+        conv = F.conv2d(x, _centre(n.conv.weight[:c, :s], ck), n.conv.bias[:c], padding=ck // 2)
+        x = F.avg_pool2d(F.relu6(bn(conv, n.cbn, c)), 2)
         fc = n.fc.weight.view(10, self.full[2], 4)[:, :c].reshape(10, c * 4)
         return F.linear(torch.flatten(x, 1), fc, n.fc.bias)
 
@@ -102,13 +122,18 @@ class DigitsSupernet:
         enough to time it)."""
         import torch
 
-        s, m, c = (int(w) for w in widths)
-        sub = digits_net(s, m, c)
+        s, m, c, block, bk, ck = self.point(widths)
+        sub = digits_net(s, m, c, block=bool(block), block_kernel=bk, conv_kernel=ck, conv_bn=True)
         src = self.net.state_dict()
         cut = {"stem.weight": (s,), "bn": (s,), "block.conv1.weight": (m, s), "block.bn1": (m,),
-               "block.conv2.weight": (s, m), "block.bn2": (s,), "conv.weight": (c, s), "conv.bias": (c,)}
+               "block.conv2.weight": (s, m), "block.bn2": (s,), "conv.weight": (c, s), "conv.bias": (c,),
+               "cbn": (c,)}
+        kernel = {"block.conv1.weight": bk, "block.conv2.weight": bk, "conv.weight": ck}
+        wanted = set(sub.state_dict())
         out = {}
         for k, v in src.items():
+            if k not in wanted:
+                continue                    # the skipped block's tensors
             if k == "fc.weight":
                 out[k] = v.view(10, self.full[2], 4)[:, :c].reshape(10, c * 4).clone()
                 continue
@@ -117,7 +142,8 @@ class DigitsSupernet:
             if shape is None or v.ndim == 0:
                 out[k] = v.clone()
             else:
-                out[k] = v[tuple(slice(0, n) for n in shape)].clone()
+                v = v[tuple(slice(0, n) for n in shape)]
+                out[k] = (_centre(v, kernel[k]) if k in kernel else v).clone()
         sub.load_state_dict(out)
         if recalibrate:
             threads = torch.get_num_threads()
@@ -145,6 +171,15 @@ class DigitsSupernet:
         with torch.no_grad():
             logits = sub(torch.from_numpy(x)).numpy()
         return float(np.mean(logits.argmax(-1) == y))
+
+
+def _centre(w, k: int):
+    """The centre k x k of 3x3 kernels (once-for-all's elastic kernel size, without its transform matrices: the
+    sandwich training trains the shared centre for both sizes)."""
+    if k == w.shape[-1]:
+        return w
+    lo = (w.shape[-1] - k) // 2
+    return w[..., lo:lo + k, lo:lo + k]
 
 
 def _importance(w, bn=None):
@@ -181,9 +216,10 @@ def sort_channels(net, full: list[int]) -> None:
         b.conv1.weight.data = b.conv1.weight.data[q].clone()
         bn_take(b.bn1, q)
         b.conv2.weight.data = b.conv2.weight.data[:, q].clone()
-        r = perm(_importance(net.conv.weight))
+        r = perm(_importance(net.conv.weight, net.cbn))
         net.conv.weight.data = net.conv.weight.data[r].clone()
         net.conv.bias.data = net.conv.bias.data[r].clone()
+        bn_take(net.cbn, r)
         net.fc.weight.data = net.fc.weight.data.view(10, full[2], 4)[:, r].reshape(10, full[2] * 4).clone()
 
 
@@ -193,10 +229,11 @@ def untrained_digits_supernet(seed: int = 0, scale: int = 1) -> DigitsSupernet:
     import torch
 
     torch.manual_seed(seed)
-    return DigitsSupernet(digits_net(*(w * scale for w in BASE_WIDTHS)).eval(), search_data(seed), scale, seed)
+    return DigitsSupernet(digits_net(*(w * scale for w in BASE_WIDTHS), conv_bn=True).eval(), search_data(seed),
+                          scale, seed)
 
 
-def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, sandwich_epochs: int = 12,
+def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, sandwich_epochs: int = 60,
                           batch: int = 64, progress=None) -> DigitsSupernet:
     """Train, sort and sandwich-train the supernet (seeded, one thread: the same seed gives the same weights)."""
     import torch
@@ -209,7 +246,7 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
     try:
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
-        net = digits_net(*full)
+        net = digits_net(*full, conv_bn=True)
         x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
         epochs = range(full_epochs + sandwich_epochs)
         it = iter(epochs if progress is None else progress(epochs, desc="supernet: train", unit="epoch"))
@@ -233,7 +270,7 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
         # 2. channels sorted by importance: every width is a prefix
         sort_channels(net, full)
         sn = DigitsSupernet(net, data, scale, seed)
-        # 3. sandwich training: largest, smallest, two random widths per step
+        # 3. sandwich training: largest, smallest, two random points per step (widths, depth and kernels)
         largest = tuple(sn.full)
         smallest = tuple(m[0] for m in sn.menus)
 
@@ -242,7 +279,10 @@ def train_digits_supernet(seed: int = 0, scale: int = 1, full_epochs: int = 8, s
             F.cross_entropy(big, y[idx]).backward()
             soft = F.softmax(big.detach(), -1)
             rand = [tuple(m[int(torch.randint(len(m), (1,), generator=g))] for m in sn.menus) for _ in range(2)]
-            for w in [smallest] + rand:
+            cs = sn.channel_stages
+            shape = rand[0][cs:]                # the full widths at a random depth and kernel size
+            extra = [largest[:cs] + shape] if shape != largest[cs:] else []
+            for w in [smallest] + rand + extra:
                 F.kl_div(F.log_softmax(sn.forward(x[idx], w), -1), soft, reduction="batchmean").backward()
 
         run(1e-3, sandwich_epochs, sandwich)

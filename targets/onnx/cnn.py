@@ -15,6 +15,9 @@ Flatten, Gemm, Add). Formats per weight, from the plan:
   parameters). An activation the plan gives no range stays float there.
 - int8_dyn: the same weights; activations quantized per call
   (DynamicQuantizeLinear + ConvInteger / MatMulInteger, rescaled in float).
+
+A small average pool read only through a flatten by a linear is folded into that linear's weight
+(models.cnn.folded_pools): one kernel fewer, exact in float.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int8 import activation_qparams, int8_quantize_rows
 from edgeq.core.ir import Graph, Node
 from edgeq.core.plan import Plan
-from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS
+from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS, folded_pools
 from edgeq.targets.onnx.builder import F32, Builder
 
 
@@ -56,6 +59,9 @@ class _Lowering:
         self.b = Builder(f"edgeq_{graph.arch}")
         self.qp = activation_params(graph, plan)
         self.env: dict[str, str] = {}          # IR value -> ONNX float tensor
+        folds = folded_pools(graph)
+        self.folded = set(folds)               # average pools folded into the linear after them
+        self.weight_override = dict(folds.values())
         self.readers: dict[str, list[str]] = {}
         for n in graph.nodes:
             for i in n.inputs:
@@ -70,6 +76,9 @@ class _Lowering:
         for n in nodes:
             if n.op not in CNN_OPS:
                 raise EdgeqError(None, f"the ONNX CNN lowering has no op {n.op!r} (node {n.outputs[0]})")
+            if n.outputs[0] in self.folded:
+                self.env[n.outputs[0]] = self.env[n.inputs[0]]
+                continue
             y = getattr(self, "op_" + n.op)(n, [self.env[i] for i in n.inputs if i not in g.weights])
             self.env[n.outputs[0]] = self.requantize(n.outputs[0], y)
         b.op("Identity", [self.env[OUTPUT]], outputs=[OUTPUT])
@@ -104,7 +113,7 @@ class _Lowering:
         g, b = self.graph, self.b
         wname = n.inputs[1]
         fmt = self.plan.tensors[wname].format
-        w = g.weights[wname].numpy()
+        w = self.weight_override[wname] if wname in self.weight_override else g.weights[wname].numpy()
         bias = g.weights[n.inputs[2]].numpy() if len(n.inputs) > 2 else None
         bname = n.inputs[2] if len(n.inputs) > 2 else None
         if fmt == "f32":
@@ -135,7 +144,8 @@ class _Lowering:
     def dynamic(self, n: Node, x: str, op: str, **attrs) -> str:
         """DynamicQuantizeLinear(x) -> ConvInteger/MatMulInteger -> float, times Δx·Δw per output channel."""
         b, g = self.b, self.graph
-        w = g.weights[n.inputs[1]].numpy()
+        w = self.weight_override.get(n.inputs[1])
+        w = g.weights[n.inputs[1]].numpy() if w is None else w
         q, scale = int8_quantize_rows(w.reshape(w.shape[0], -1))
         xq, xs, xz = b.op("DynamicQuantizeLinear", [x], n_out=3, hint="xq")
         if op == "ConvInteger":
