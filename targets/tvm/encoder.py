@@ -16,13 +16,17 @@ from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
+from edgeq.targets.tvm.attention import emit_fused_attention
 from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
                                    sym)
 
 R = relax.op
 
 
-def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
+def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
+                  fused_attention: bool = False) -> tuple[relax.BlockBuilder, Params]:
+    """`fused_attention` (CPU targets): attention as one hand-written kernel (attention.py) instead of ops.py's
+    scores and context kernels around a softmax, which GPU builds keep (dlight schedules them)."""
     cfg: BertConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
@@ -58,7 +62,10 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic")
                 q = lin(h, "attention.self.query", "q")
                 k = lin(h, "attention.self.key", "k")
                 v = lin(h, "attention.self.value", "v")
-                ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
+                if fused_attention:
+                    ctx = emit_fused_attention(bb, q, k, v, bias, nh, d, b, s)
+                else:
+                    ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
                 g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
