@@ -48,16 +48,22 @@ def fast_exp(x):
     return p * tvm.tirx.reinterpret("float32", bits)
 
 
-def attention_kernel(n_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
+def attention_kernel(n_heads: int, head_dim: int, width: int | None = None,
+                     offsets: tuple[int, int, int] = (0, 0, 0)) -> tvm.tirx.PrimFunc:
     """out[b, i, h*D + d] = sum_j softmax_j(q_i . k_j / sqrt(D) + bias[b, j]) v[b, j, h*D + d], for symbolic batch and
-    sequence, q/k/v (batch, seq, heads*D) as the linears write them."""
+    sequence. q/k/v are (batch, seq, `width`) inputs read from column `offsets` on: three (batch, seq, heads*D)
+    tensors as three linears write them, or one (batch, seq, 3*heads*D) tensor passed three times with offsets
+    (0, H, 2H) as the fused q/k/v linear writes it."""
     H, D, QB, L = n_heads * head_dim, head_dim, QUERY_BLOCK, LANES
+    W = H if width is None else width
+    q0, k0, v0 = offsets
     scale = 1.0 / math.sqrt(head_dim)
 
     def q_dot_k(Q, kt, b, bh, i, h, pad, j):
         # one query's score against key j, its head_dim products as one expression (no accumulator buffer: TVM
         # puts local buffers in workspace memory, which LLVM cannot keep in registers across a loop)
-        terms = [Q[b, i, h * T.int64(D) + T.int64(d)] * kt[bh, T.int64(d) * pad * T.int64(L) + j] for d in range(D)]
+        terms = [Q[b, i, T.int64(q0) + h * T.int64(D) + T.int64(d)] * kt[bh, T.int64(d) * pad * T.int64(L) + j]
+                 for d in range(D)]
         return functools.reduce(lambda x, y: x + y, terms)
 
     def p_dot_v(sc, V, b, bh, row, col, jo, seq):
@@ -71,9 +77,9 @@ def attention_kernel(n_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
                   kt_h: T.handle, sc_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         batch, seq = T.int64(), T.int64()
-        Q = T.match_buffer(q_h, (batch, seq, H), "float32")
-        K = T.match_buffer(k_h, (batch, seq, H), "float32")
-        V = T.match_buffer(v_h, (batch, seq, H), "float32")
+        Q = T.match_buffer(q_h, (batch, seq, W), "float32")
+        K = T.match_buffer(k_h, (batch, seq, W), "float32")
+        V = T.match_buffer(v_h, (batch, seq, W), "float32")
         bias = T.match_buffer(bias_h, (batch, seq), "float32")
         out = T.match_buffer(out_h, (batch, seq, H), "float32")
         pad = T.meta_var((seq + T.int64(L - 1)) // T.int64(L))          # key vectors per row
@@ -86,7 +92,8 @@ def attention_kernel(n_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
             red = T.decl_buffer((L,), "float32", scope="local")
             stat = T.decl_buffer((QB,), "float32", scope="local")
             for d, j in T.grid(T.int64(D), pad * T.int64(L)):
-                kt_all[bh, d * pad * T.int64(L) + j] = K[b, T.min(j, seq - T.int64(1)), h * T.int64(D) + d]
+                kt_all[bh, d * pad * T.int64(L) + j] = K[b, T.min(j, seq - T.int64(1)),
+                                                          T.int64(k0) + h * T.int64(D) + d]
             for qb in T.serial((seq + T.int64(QB - 1)) // T.int64(QB)):
                 # every local buffer is written before the scores, so their lifetimes overlap and TVM's storage
                 # rewrite does not merge them into one buffer of mixed vector widths (LLVM then keeps none in
@@ -131,7 +138,7 @@ def attention_kernel(n_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
                     for r in T.unroll(QB):
                         for c in T.vectorized(D):
                             ctx[r * D + c] = ctx[r * D + c] + p_dot_v(sc_all, V, b, bh, T.int64(r) * pad * T.int64(L),
-                                                                      h * T.int64(D) + T.int64(c), jo, seq)
+                                                                      T.int64(v0) + h * T.int64(D) + T.int64(c), jo, seq)
                 for r in T.serial(QB):
                     if qb * T.int64(QB) + T.int64(r) < seq:
                         for c in T.vectorized(D):
@@ -144,16 +151,18 @@ def attention_kernel(n_heads: int, head_dim: int) -> tvm.tirx.PrimFunc:
 FUSED_NAME = "edgeq_mha"     # not ops.ATTENTION_PREFIX: this kernel carries its own loops, no schedule applies
 
 
-def emit_fused_attention(bb, q, k, v, mask_bias, n_heads: int, head_dim: int, batch, seq):
+def emit_fused_attention(bb, q, k, v, mask_bias, n_heads: int, head_dim: int, batch, seq, qkv: bool = False):
     """The fused kernel on (batch, seq, heads*dim) q/k/v and the (batch, seq) additive key bias (`batch`, `seq`:
-    their symbolic sizes); returns the context
+    their symbolic sizes; `qkv`: q, k and v are one (batch, seq, 3*heads*dim) tensor); returns the context
     in the same layout. Its two scratch outputs (keys transposed, one block's probabilities, per (batch, head))
     are function arguments rather than allocations inside the kernel: TVM puts per-thread scratch in workspace
     memory that LLVM must assume aliases everything."""
     from tvm import relax
 
     b, s = batch, seq
-    gv = bb.add_func(attention_kernel(n_heads, head_dim), FUSED_NAME)
+    H = n_heads * head_dim
+    kernel = attention_kernel(n_heads, head_dim, 3 * H, (0, H, 2 * H)) if qkv else attention_kernel(n_heads, head_dim)
+    gv = bb.add_func(kernel, FUSED_NAME)
     pad = (s + (LANES - 1)) // LANES
     outs = [relax.TensorType((b, s, n_heads * head_dim), "float32"),
             relax.TensorType((b * n_heads, pad * (head_dim * LANES)), "float32"),

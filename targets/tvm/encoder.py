@@ -59,13 +59,21 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
                     return emit_linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
                                        plan.tensors[p + n + ".weight"], hint=hint)
 
-                q = lin(h, "attention.self.query", "q")
-                k = lin(h, "attention.self.key", "k")
-                v = lin(h, "attention.self.value", "v")
-                if fused_attention:
-                    ctx = emit_fused_attention(bb, q, k, v, bias, nh, d, b, s)
+                qkv_names = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
+                if fused_attention and len({plan.tensors[n].format for n in qkv_names}) == 1:
+                    # one linear for q, k and v (their weights stacked: per-output formats quantize the same),
+                    # so the input is quantized once and the attention kernel reads the one output
+                    qkv = emit_linear(bb, params, h, p + "attention.self.qkv.weight",
+                                      np.concatenate([W(n) for n in qkv_names]),
+                                      np.concatenate([W(n.removesuffix(".weight") + ".bias") for n in qkv_names]),
+                                      plan.tensors[qkv_names[0]], hint="qkv")
+                    ctx = emit_fused_attention(bb, qkv, qkv, qkv, bias, nh, d, b, s, qkv=True)
                 else:
-                    ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
+                    q = lin(h, "attention.self.query", "q")
+                    k = lin(h, "attention.self.key", "k")
+                    v = lin(h, "attention.self.value", "v")
+                    ctx = (emit_fused_attention(bb, q, k, v, bias, nh, d, b, s) if fused_attention
+                           else bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H))))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
                 g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
