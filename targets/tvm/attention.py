@@ -26,6 +26,7 @@ from tvm.script import tirx as T
 
 LANES = 16            # f32 lanes of an AVX-512 vector; keys are padded to whole vectors (never read back)
 QUERY_BLOCK = 8       # queries per register block: 8 score vectors, 8 x head_dim/16 context vectors
+CHAINS = 4            # independent partial sums per dot product (_sum)
 
 _LOG2E = 1.44269504088896341
 _C1, _C2 = 0.693359375, -2.12194440e-4            # ln 2 split in two (Cephes), as topi's fast_exp
@@ -48,6 +49,15 @@ def fast_exp(x):
     return p * tvm.tirx.reinterpret("float32", bits)
 
 
+def _sum(terms: list, chains: int = CHAINS):
+    """Σ terms as `chains` interleaved running sums added at the end: one long chain of FMAs waits on each
+    one's latency (4 cycles) in turn, several keep the FMA units busy."""
+    parts = [functools.reduce(lambda x, y: x + y, terms[c::chains]) for c in range(min(chains, len(terms)))]
+    while len(parts) > 1:
+        parts = [parts[i] + parts[i + 1] if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
 def attention_kernel(n_heads: int, head_dim: int, width: int | None = None,
                      offsets: tuple[int, int, int] = (0, 0, 0)) -> tvm.tirx.PrimFunc:
     """out[b, i, h*D + d] = sum_j softmax_j(q_i . k_j / sqrt(D) + bias[b, j]) v[b, j, h*D + d], for symbolic batch and
@@ -59,18 +69,16 @@ def attention_kernel(n_heads: int, head_dim: int, width: int | None = None,
     q0, k0, v0 = offsets
     scale = 1.0 / math.sqrt(head_dim)
 
-    def q_dot_k(Q, kt, b, bh, i, h, pad, j):
-        # one query's score against key j, its head_dim products as one expression (no accumulator buffer: TVM
-        # puts local buffers in workspace memory, which LLVM cannot keep in registers across a loop)
-        terms = [Q[b, i, T.int64(q0) + h * T.int64(D) + T.int64(d)] * kt[bh, T.int64(d) * pad * T.int64(L) + j]
-                 for d in range(D)]
-        return functools.reduce(lambda x, y: x + y, terms)
+    def q_dot_k(Q, kt, b, bh, i, h, jo, l):
+        # one query's scores against one key vector, its head_dim products as one expression (no accumulator
+        # buffer: TVM puts local buffers in workspace memory, which LLVM cannot keep in registers across a loop)
+        return _sum([Q[b, i, T.int64(q0) + h * T.int64(D) + T.int64(d)]
+                     * kt[bh, (jo * T.int64(D) + T.int64(d)) * T.int64(L) + l] for d in range(D)])
 
     def p_dot_v(sc, V, b, bh, row, col, jo, seq):
         # one key vector's 16 probabilities times their value rows (padding keys weigh exactly zero)
-        terms = [sc[bh, row + jo * T.int64(L) + T.int64(l)]
-                 * V[b, T.min(jo * T.int64(L) + T.int64(l), seq - T.int64(1)), col] for l in range(L)]
-        return functools.reduce(lambda x, y: x + y, terms)
+        return _sum([sc[bh, row + jo * T.int64(L) + T.int64(l)]
+                     * V[b, T.min(jo * T.int64(L) + T.int64(l), seq - T.int64(1)), col] for l in range(L)])
 
     @T.prim_func(private=True)
     def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, out_h: T.handle,
@@ -92,7 +100,7 @@ def attention_kernel(n_heads: int, head_dim: int, width: int | None = None,
             red = T.decl_buffer((L,), "float32", scope="local")
             stat = T.decl_buffer((QB,), "float32", scope="local")
             for d, j in T.grid(T.int64(D), pad * T.int64(L)):
-                kt_all[bh, d * pad * T.int64(L) + j] = K[b, T.min(j, seq - T.int64(1)),
+                kt_all[bh, ((j // T.int64(L)) * T.int64(D) + d) * T.int64(L) + j % T.int64(L)] = K[b, T.min(j, seq - T.int64(1)),
                                                           T.int64(k0) + h * T.int64(D) + d]
             for qb in T.serial((seq + T.int64(QB - 1)) // T.int64(QB)):
                 # every local buffer is written before the scores, so their lifetimes overlap and TVM's storage
@@ -109,7 +117,7 @@ def attention_kernel(n_heads: int, head_dim: int, width: int | None = None,
                             sc_all[bh, (T.int64(r) * pad + jo) * T.int64(L) + T.int64(l)] = T.Select(
                                 jo * T.int64(L) + T.int64(l) < seq,
                                 q_dot_k(Q, kt_all, b, bh, T.min(qb * T.int64(QB) + T.int64(r), seq - T.int64(1)), h,
-                                        pad, jo * T.int64(L) + T.int64(l)) * T.float32(scale)
+                                        jo, T.int64(l)) * T.float32(scale)
                                 + bias[b, T.min(jo * T.int64(L) + T.int64(l), seq - T.int64(1))],
                                 T.float32(-3.0e38))
                 for r in T.serial(QB):
