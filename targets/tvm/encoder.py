@@ -18,7 +18,7 @@ from edgeq.models import names
 from edgeq.models.bert import BertConfig
 from edgeq.targets.tvm.attention import emit_fused_attention
 from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
-                                   sym)
+                                   fuses_gelu, sym)
 
 R = relax.op
 
@@ -76,7 +76,12 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
                            else bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H))))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
-                g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
+                inter = p + "intermediate.dense.weight"
+                if fuses_gelu(plan.tensors[inter], params):       # GELU inside the rescale: one pass fewer
+                    g = emit_linear(bb, params, h1, inter, W(inter), W(p + "intermediate.dense.bias"),
+                                    plan.tensors[inter], hint="inter", gelu=True)
+                else:
+                    g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
                 o = lin(g, "output.dense", "o")
                 h = _layer_norm(bb, params, bb.emit(R.add(o, h1)), graph, p + "output.LayerNorm", cfg.ln_eps)
 
