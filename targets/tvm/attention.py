@@ -3,16 +3,21 @@
 The three-kernel form (ops.emit_attention's TE kernels and a legalized softmax) wrote the (heads, seq, seq) score
 matrix twice and read it twice, ran the softmax over a symbolic row as scalar loops, and summed each query's context
 down one dependent chain of vector FMAs: MiniLM int8-dyn spent more time in attention than in its four q/k/v/out
-linears. Here each parallel task is one (batch, head): it copies that head's keys transposed (d, key) once, then per
-block of QUERY_BLOCK queries
+linears. Here each parallel task is one (batch, head): it copies that head's keys transposed once, in blocks of 16
+keys (head_dim x 16 contiguous per block), then per block of QUERY_BLOCK queries
 
-- scores: QUERY_BLOCK x 16 keys in registers, one key vector loaded per head dimension serving every query of the
-  block (its q element broadcast from memory), scaled and biased as written to a per-task row buffer;
+- scores: per query and key vector, the head_dim products as one expression in CHAINS interleaved FMA chains (the
+  key vector's loads shared by the block's queries), scaled and biased as written to the block's row buffer;
 - softmax over each row in 16-lane vectors (exp as the Cephes polynomial topi's fast_exp uses: within float32
   rounding of exp, no libm call), keys past the sequence (padding to 16) given exactly zero weight;
-- context: QUERY_BLOCK x head_dim sums in registers down the keys, one value row loaded per key serving every query,
-  scaled by 1/sum as written to (batch, seq, heads*head_dim), the layout the output linear reads.
+- context: per key vector, its 16 probabilities times their value rows as one expression per query and 16 output
+  lanes, added to the query's sums; scaled by 1/sum as written to (batch, seq, heads*head_dim), the layout the
+  output linear reads.
 
+Accumulating in local buffers (as a schedule's cache_write would) left a store per FMA: TVM allocates them from
+workspace memory, which LLVM must assume aliases the workspace scratch, so they never stay in registers. The
+scratch (transposed keys, one block's probabilities) are therefore extra outputs of the call (noalias arguments),
+and the sums are expressions.
 Written as plain TIR (no schedule to apply): the loop kinds (parallel, unrolled, vectorized) are the schedule.
 """
 
