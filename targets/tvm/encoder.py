@@ -16,13 +16,17 @@ from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
+from edgeq.targets.tvm.attention import emit_fused_attention
 from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
-                                   sym)
+                                   fuses_gelu, sym)
 
 R = relax.op
 
 
-def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
+def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
+                  fused_attention: bool = False) -> tuple[relax.BlockBuilder, Params]:
+    """`fused_attention` (CPU targets): attention as one hand-written kernel (attention.py) instead of ops.py's
+    scores and context kernels around a softmax, which GPU builds keep (dlight schedules them)."""
     cfg: BertConfig = graph.config
     W = lambda n: graph.weights[n].numpy()                                      # noqa: E731
     H, nh, d = cfg.hidden_size, cfg.n_heads, cfg.head_dim
@@ -55,13 +59,29 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic")
                     return emit_linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
                                        plan.tensors[p + n + ".weight"], hint=hint)
 
-                q = lin(h, "attention.self.query", "q")
-                k = lin(h, "attention.self.key", "k")
-                v = lin(h, "attention.self.value", "v")
-                ctx = bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H)))
+                qkv_names = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
+                if fused_attention and len({plan.tensors[n].format for n in qkv_names}) == 1:
+                    # one linear for q, k and v (their weights stacked: per-output formats quantize the same),
+                    # so the input is quantized once and the attention kernel reads the one output
+                    qkv = emit_linear(bb, params, h, p + "attention.self.qkv.weight",
+                                      np.concatenate([W(n) for n in qkv_names]),
+                                      np.concatenate([W(n.removesuffix(".weight") + ".bias") for n in qkv_names]),
+                                      plan.tensors[qkv_names[0]], hint="qkv")
+                    ctx = emit_fused_attention(bb, qkv, qkv, qkv, bias, nh, d, b, s, qkv=True)
+                else:
+                    q = lin(h, "attention.self.query", "q")
+                    k = lin(h, "attention.self.key", "k")
+                    v = lin(h, "attention.self.value", "v")
+                    ctx = (emit_fused_attention(bb, q, k, v, bias, nh, d, b, s) if fused_attention
+                           else bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H))))
                 ao = lin(ctx, "attention.output.dense", "ao")
                 h1 = _layer_norm(bb, params, bb.emit(R.add(ao, h)), graph, p + "attention.output.LayerNorm", cfg.ln_eps)
-                g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
+                inter = p + "intermediate.dense.weight"
+                if fuses_gelu(plan.tensors[inter], params):       # GELU inside the rescale: one pass fewer
+                    g = emit_linear(bb, params, h1, inter, W(inter), W(p + "intermediate.dense.bias"),
+                                    plan.tensors[inter], hint="inter", gelu=True)
+                else:
+                    g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
                 o = lin(g, "output.dense", "o")
                 h = _layer_norm(bb, params, bb.emit(R.add(o, h1)), graph, p + "output.LayerNorm", cfg.ln_eps)
 

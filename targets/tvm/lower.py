@@ -34,12 +34,14 @@ class Lowered:
 
 def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
               branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False,
-              lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic") -> Lowered:
+              lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
+              fused_attention: bool = False) -> Lowered:
     """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders);
     `branches`: low-rank error branches {weight: (A, B)} (decoders); `sizing`: keep only each stored array's
     dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py); `lora_slots`: decoder
     weights that take LoRA adapters at run time (decoder.lower_decoder); `dot`: the integer kernel int8_dyn_rows
-    linears get on the build's target (dot.dot_kind)."""
+    linears get on the build's target (dot.dot_kind); `fused_attention`: encoders' attention as one CPU kernel
+    (attention.py; CPU targets only)."""
     if branches and graph.kind != "decoder":
         raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
     if lora_slots and graph.kind != "decoder":
@@ -50,7 +52,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     if missing:
         raise EdgeqError(None, f"plan decides nothing for {missing[0]}")
     if graph.kind == "encoder" and graph.arch == "bert":
-        bb, params = lower_encoder(graph, plan, progress=progress, dot=dot)
+        bb, params = lower_encoder(graph, plan, progress=progress, dot=dot, fused_attention=fused_attention)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["batch", "seq"]},
                   {"name": "attention_mask", "dtype": "int32", "shape": ["batch", "seq"]}]
         outputs = [{"name": "embedding", "dtype": "float32", "shape": ["batch", graph.config.hidden_size]}]

@@ -130,7 +130,8 @@ def _few_rows(lead) -> bool:
     return all(isinstance(d, (int, tir.IntImm)) for d in lead) and int(np.prod([int(d) for d in lead])) <= FEW_ROWS
 
 
-def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, kind: str) -> te.Tensor:
+def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, kind: str,
+                   gelu: bool = False) -> te.Tensor:
     """int8_dyn_rows: each row of x quantized to 8 bits (scale max|x|/127), int32 sums against the int8 weights
     (dot.py's blocks), rescaled after: y = sum * x_scale * w_scale (+ b). Mirrors formats.int8.int8_dyn_rows_matmul
     operation for operation, so the library and the reference agree to float rounding of the rescale.
@@ -167,16 +168,19 @@ def _dot_linear_te(x: te.Tensor, ws: list[te.Tensor], bias: te.Tensor | None, ki
         a = acc[tuple(i[:-2]) + (i[-2] // tile, i[-2] % tile, i[-1])]
         a = a - w_sum[i[-1]] * zero if zero else a
         v = a.astype("float32") * x_scale[i[:-1]] * w_scale[i[-1]]
-        return v + bias[i[-1]] if bias is not None else v
+        v = v + bias[i[-1]] if bias is not None else v
+        return gelu_expr(v) if gelu else v
 
     return te.compute(lead + [n_dim], epilogue, name="linear")
 
 
 def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | None,
-               dot: str = "generic") -> te.Tensor:
+               dot: str = "generic", gelu: bool = False) -> te.Tensor:
     """y[..., n] = sum_k x[..., k] * W[k, n] (+ b[n]) with W read in its stored (panelled) format."""
     if fmt == "int8_dyn_rows":
-        return _dot_linear_te(x, ws, bias, dot)
+        return _dot_linear_te(x, ws, bias, dot, gelu)
+    if gelu:
+        raise EdgeqError(None, f"GELU is fused into int8_dyn_rows linears only, not {fmt}")
     k_dim = x.shape[-1]
     n_dim = ws[0].shape[0] * ws[0].shape[2]
     k = te.reduce_axis((0, k_dim), "k")
@@ -317,8 +321,9 @@ def emit_lora_slot(bb: relax.BlockBuilder, params: Params, x: relax.Expr, y: rel
 def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str, w: np.ndarray,
                 bias: np.ndarray | None, d: TensorPlan, hint: str = "linear",
                 imatrix: np.ndarray | None = None, branch: tuple[np.ndarray, np.ndarray] | None = None,
-                channels: tuple[int, tir.PrimExpr] | None = None) -> relax.Expr:
-    """`branch`: (A, B) of a low-rank error branch on this weight, or None. `channels`: (axis, units) when the
+                channels: tuple[int, tir.PrimExpr] | None = None, gelu: bool = False) -> relax.Expr:
+    """`gelu`: GELU applied to the output (int8_dyn_rows only: inside the rescale, one pass fewer over the output;
+    fuses_gelu() says when). `branch`: (A, B) of a low-rank error branch on this weight, or None. `channels`: (axis, units) when the
     weight's size along `axis` of (out, in) is symbolic (an MLP's channels under pruning): `units` counts PANEL
     channels, and each stored array's matching dimension becomes `units` times its extent per PANEL channels."""
     ws = []
@@ -336,7 +341,7 @@ def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str
             shape = tuple(channels[1] * per if i == axis else s for i, s in enumerate(a.shape))
         ws.append(params.add(n, a, shape))
     b = None if bias is None else params.add(name.removesuffix(".weight") + ".bias", bias.astype(np.float32))
-    y = emit_linear_vars(bb, x, d.format, ws, b, hint, dot=params.dot)
+    y = emit_linear_vars(bb, x, d.format, ws, b, hint, dot=params.dot, gelu=gelu)
     return y if branch is None else emit_branch(bb, params, x, y, name, branch, hint)
 
 
@@ -352,13 +357,13 @@ def stored_channel_axis(stored: np.ndarray, channel_axis: int) -> int:
 
 
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
-                     hint: str = "linear", dot: str = "generic") -> relax.Expr:
+                     hint: str = "linear", dot: str = "generic", gelu: bool = False) -> relax.Expr:
     """A linear layer over weight parameters already added (a tied head shares the token table's)."""
     args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
     def fn(xt, *rest):
-        return _linear_te(xt, fmt, list(rest[:n_w]), rest[n_w] if len(rest) > n_w else None, dot)
+        return _linear_te(xt, fmt, list(rest[:n_w]), rest[n_w] if len(rest) > n_w else None, dot, gelu)
 
     return bb.emit_te(fn, *args, primfunc_name_hint=f"{LINEAR_PREFIX}{hint}_{fmt}")
 
@@ -461,14 +466,43 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
     return ctx
 
 
+_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+               -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+             -1.42647390514189e-02)
+
+
+def fast_erf_expr(x: tir.PrimExpr) -> tir.PrimExpr:
+    """erf(x) for float32 as topi's fast_erf computes it (Eigen's rational approximation on [-4, 4]), as an
+    expression, so it can sit inside another kernel's epilogue."""
+    f32 = lambda v: tir.const(v, "float32")                                  # noqa: E731
+    x = tir.max(tir.min(x, f32(4.0)), f32(-4.0))
+    x2 = x * x
+    p = f32(_ERF_ALPHA[0])
+    for c in _ERF_ALPHA[1:]:
+        p = x2 * p + f32(c)
+    q = f32(_ERF_BETA[0])
+    for c in _ERF_BETA[1:]:
+        q = x2 * q + f32(c)
+    return x * p / q
+
+
+def gelu_expr(x: tir.PrimExpr) -> tir.PrimExpr:
+    """x/2 (1 + erf(x/sqrt 2)) with fast_erf_expr."""
+    return x * tir.const(0.5, "float32") * (tir.const(1.0, "float32")
+                                             + fast_erf_expr(x * tir.const(float(np.sqrt(0.5)), "float32")))
+
+
+def fuses_gelu(d: TensorPlan, params: Params) -> bool:
+    """Whether emit_linear(gelu=True) takes this weight: int8_dyn_rows on an integer kernel of the CPU."""
+    return d.format == "int8_dyn_rows" and params.dot != "generic"
+
+
 def emit_gelu(bb: relax.BlockBuilder, x: relax.Expr) -> relax.Expr:
     """GELU, x/2 (1 + erf(x/sqrt 2)), with erf as topi's fast_erf (a rational polynomial, float32-accurate), so the
     element-wise kernel vectorizes; legalized R.nn.gelu calls libm's erff per element."""
 
     def gelu(xt):
-        e = topi.fast_erf(te.compute(xt.shape, lambda *i: xt[i] * tir.const(float(np.sqrt(0.5)), "float32"),
-                                     name="gelu_arg"))
-        return te.compute(xt.shape, lambda *i: xt[i] * tir.const(0.5, "float32") * (tir.const(1.0, "float32") + e[i]),
-                          name="gelu")
+        return te.compute(xt.shape, lambda *i: gelu_expr(xt[i]), name="gelu")
 
     return bb.emit_te(gelu, x, primfunc_name_hint="gelu")

@@ -138,7 +138,8 @@ class TvmTarget(Target):
         t0 = time.perf_counter()
         slots = lora_slots(list(graph.weights), req.adapters)
         lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
-                            lora_slots=slots, dot=dot_kind(target))
+                            lora_slots=slots, dot=dot_kind(target),
+                            fused_attention=target.get("kind") == "llvm")
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:
