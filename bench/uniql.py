@@ -257,7 +257,15 @@ def summary(q: dict, rates: list[float], subsets: int) -> dict:
             ppls = [x["rates"][str(r)]["ppl"] for x in runs]
             out[variant][str(r)] = {"kld_mean": float(np.mean(klds)), "kld_spread": float(max(klds) - min(klds)),
                                     "kld_min": min(klds), "kld_max": max(klds), "ppl_mean": float(np.mean(ppls)),
-                                    "subsets": len(klds)}
+                                    "subsets": len(klds), "kld_per_subset": klds}
+            # paired with wanda (the same subset's statistics; with +comp, wanda+comp's): the order's own effect
+            base = "wanda+comp" if variant.endswith("+comp") else "wanda"
+            pairs = [(x["rates"][str(r)]["kld_mean"], q[f"{base}/s{s}"]["rates"][str(r)]["kld_mean"])
+                     for s, x in ((s, q.get(f"{variant}/s{s}")) for s in range(subsets))
+                     if x is not None and str(r) in x["rates"] and str(r) in q.get(f"{base}/s{s}", {}).get("rates", {})]
+            if variant != base and pairs:
+                d = [a - b for a, b in pairs]
+                out[variant][str(r)][f"minus_{base}_per_subset"] = d
     return out
 
 

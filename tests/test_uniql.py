@@ -522,7 +522,7 @@ def test_mean_compensation_lowers_the_error_and_keeps_rate_0(env, offset_mlp_dir
             continue
         with runtime.load(tmp_path / "plain", pruning_rate=e["rate"]) as s:
             without = _kld(ref, s.logits(ids))
-        assert with_bias < 0.8 * without, (e["rate"], with_bias, without)
+        assert with_bias < 0.9 * without, (e["rate"], with_bias, without)
 
 
 def test_a_damaged_bias_table_is_one_clear_error(env, offset_mlp_dir, tmp_path):
