@@ -101,17 +101,18 @@ def stage_quality(a, doc: dict, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="edgeq-uniql-", dir=a.workdir) as d:
         work = Path(d)
         for s in range(a.subsets):
-            for order in a.orders:
-                name = f"{order}/s{s}"
+            for variant in a.orders:
+                name = f"{variant}/s{s}"
                 if name in doc["quality"]:
                     continue
                 log(f"{name}")
-                # rate 0 is the source whatever the order: scored once (the f32 check)
-                rates = a.rates if name == "uniql/s0" else [r for r in a.rates if r > 0]
+                # rate 0 is the source whatever the order: scored once (the f32 check; with biases too)
+                rates = a.rates if name in ("uniql/s0", "uniql+comp/s0") else [r for r in a.rates if r > 0]
+                order, comp = (variant[:-len("+comp")], True) if variant.endswith("+comp") else (variant, False)
                 run_variant(work, name, reference, a, doc, out, rates=rates, prune_order=order, prune_alloc="uniql",
-                            calib_subset=(s, a.subsets))
+                            calib_subset=(s, a.subsets), **({"prune_compensate": True} if comp else {}))
             name = f"uniql+uniform/s{s}"
-            if name not in doc["quality"] and "uniql" in a.orders:
+            if name not in doc["quality"] and "uniql" in a.orders and not a.no_uniform:
                 log(name)
                 run_variant(work, name, reference, a, doc, out, rates=[r for r in a.rates if r > 0],
                             prune_order="uniql", prune_alloc="uniform", calib_subset=(s, a.subsets))
@@ -244,7 +245,7 @@ def stage_select(a, doc: dict, out: Path) -> None:
 def summary(q: dict, rates: list[float], subsets: int) -> dict:
     """Per variant and rate: mean KLD over the calibration subsets and its spread (max - min)."""
     out: dict[str, dict] = {}
-    for variant in list(ORDERS) + ["uniql+uniform"]:
+    for variant in dict.fromkeys(k.rsplit("/", 1)[0] for k in q):
         runs = [q[f"{variant}/s{s}"] for s in range(subsets) if f"{variant}/s{s}" in q]
         if not runs:
             continue
@@ -256,7 +257,15 @@ def summary(q: dict, rates: list[float], subsets: int) -> dict:
             ppls = [x["rates"][str(r)]["ppl"] for x in runs]
             out[variant][str(r)] = {"kld_mean": float(np.mean(klds)), "kld_spread": float(max(klds) - min(klds)),
                                     "kld_min": min(klds), "kld_max": max(klds), "ppl_mean": float(np.mean(ppls)),
-                                    "subsets": len(klds)}
+                                    "subsets": len(klds), "kld_per_subset": klds}
+            # paired with wanda (the same subset's statistics; with +comp, wanda+comp's): the order's own effect
+            base = "wanda+comp" if variant.endswith("+comp") else "wanda"
+            pairs = [(x["rates"][str(r)]["kld_mean"], q[f"{base}/s{s}"]["rates"][str(r)]["kld_mean"])
+                     for s, x in ((s, q.get(f"{variant}/s{s}")) for s in range(subsets))
+                     if x is not None and str(r) in x["rates"] and str(r) in q.get(f"{base}/s{s}", {}).get("rates", {})]
+            if variant != base and pairs:
+                d = [a - b for a, b in pairs]
+                out[variant][str(r)][f"minus_{base}_per_subset"] = d
     return out
 
 
@@ -474,10 +483,13 @@ def main() -> int:
                     help="attention: the Q/K:V rate ratios (to the MLPs') tried on calibration text; the MLPs alone "
                          "at equal parameters always are")
     ap.add_argument("--rates", type=floats, default=[0.0, 0.05, 0.15, 0.25, 0.35])
-    ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS))
+    ap.add_argument("--orders", type=lambda s: s.split(","), default=list(ORDERS),
+                    help="channel orders; ORDER+comp: with --prune-compensate (each rate's ffn_down bias)")
+    ap.add_argument("--no-uniform", action="store_true", help="quality: skip the uniql+uniform allocation")
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
     ap.add_argument("--calib-windows", type=int, default=4,
-                    help="512-token calibration windows per subset (the channel statistics' sample)")
+                    help="512-token calibration windows per subset (the channel statistics' sample; 4 is the "
+                         "export's default, 2,048 tokens; the default calibration text has 120 windows)")
     ap.add_argument("--ridge", type=floats, default=[0.01, 0.1, 1.0, 10.0],
                     help="select: the ridge and leverage orders' ridge factors (uniform widths)")
     ap.add_argument("--temperature", type=floats, default=[0.5, 1.0, 2.0, 4.0],

@@ -55,6 +55,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         prune_alloc=a.prune_alloc, prune_ridge=a.prune_ridge, prune_temperature=a.prune_temperature,
         recover_steps=a.recover_steps, prune_attention=getattr(a, "prune_attention", False),
         prune_attention_ratio=getattr(a, "prune_attention_ratio", None),
+        prune_compensate=getattr(a, "prune_compensate", False),
         native=getattr(a, "native", None),
     )
 
@@ -504,6 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --pruning-rates: N steps of masked LoRA fine-tuning on the calibration text, a "
                              "rate sampled per step, merged into the weights (needs torch: pip install "
                              "'edgeq[search]'; default 0)")
+        sp.add_argument("--prune-compensate", action="store_true",
+                        help="with --pruning-rates (GGUF): at each rate give every down projection the bias "
+                             "W_down[:, removed] . E[h_removed] over calibration (the removed channels' mean output; "
+                             "the uniql, ridge and leverage orders then rank on the centered covariance)")
         sp.add_argument("--prune-attention", action="store_true",
                         help="with --pruning-rates: prune the attention's head dimensions at the same rate too (Q/K "
                              "RoPE pairs by the product of their norms, V/O by an SVD per KV group; ONNX only: "

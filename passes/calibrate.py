@@ -57,6 +57,7 @@ class InputStats:
     n: int
     sum_sq: np.ndarray                     # (width,)
     sum_outer: np.ndarray | None = None    # (width, width), float64, or None when only the diagonal is kept
+    sum: np.ndarray | None = None          # (width,) first moments (None: an imatrix file, or an older cache entry)
 
     @property
     def width(self) -> int:
@@ -72,6 +73,10 @@ class InputStats:
 
     def full(self) -> np.ndarray | None:
         return None if self.sum_outer is None else self.sum_outer / max(self.n, 1)
+
+    def mean(self) -> np.ndarray | None:
+        """E[x_j] (pruning's mean compensation: a removed channel's average contribution goes into a bias)."""
+        return None if self.sum is None else self.sum / max(self.n, 1)
 
 
 @dataclass
@@ -96,7 +101,8 @@ class Calibration:
             key = weight_input[weight]
             s = inputs[key]
             weight_input[weight] = new = f"{key}[{weight}]" if not key.endswith(f"[{weight}]") else key
-            inputs[new] = InputStats(s.n, s.sum_sq[idx], None if s.sum_outer is None else s.sum_outer[np.ix_(idx, idx)])
+            inputs[new] = InputStats(s.n, s.sum_sq[idx], None if s.sum_outer is None else s.sum_outer[np.ix_(idx, idx)],
+                                     None if s.sum is None else s.sum[idx])
         used = set(weight_input.values())
         inputs = {k: v for k, v in inputs.items() if k in used}
         return Calibration(inputs, weight_input, self.token_counts, self.info, self.layer_cos)
@@ -113,7 +119,7 @@ class Calibration:
                 raise EdgeqError(None, f"{weight}: rotating its input needs the full covariance of it (calibration)")
             outer = m.T @ s.sum_outer @ m
             weight_input[weight] = new = f"{key}[{weight}]" if not key.endswith(f"[{weight}]") else key
-            inputs[new] = InputStats(s.n, np.maximum(np.diag(outer), 0.0), outer)
+            inputs[new] = InputStats(s.n, np.maximum(np.diag(outer), 0.0), outer, None if s.sum is None else m.T @ s.sum)
         used = set(weight_input.values())
         return Calibration({k: v for k, v in inputs.items() if k in used}, weight_input, self.token_counts, self.info,
                            self.layer_cos)
@@ -139,6 +145,8 @@ class Calibration:
             arrays[f"sq{i}"] = s.sum_sq
             if s.sum_outer is not None:
                 arrays[f"outer{i}"] = s.sum_outer
+            if s.sum is not None:
+                arrays[f"sum{i}"] = s.sum
         if self.token_counts is not None:
             arrays["token_counts"] = self.token_counts
         if self.layer_cos is not None:
@@ -155,7 +163,8 @@ class Calibration:
             meta = json.loads(bytes(z["meta"]).decode())
             inputs = {}
             for i, k in enumerate(meta["keys"]):
-                inputs[k] = InputStats(int(z[f"n{i}"]), z[f"sq{i}"], z[f"outer{i}"] if f"outer{i}" in z else None)
+                inputs[k] = InputStats(int(z[f"n{i}"]), z[f"sq{i}"], z[f"outer{i}"] if f"outer{i}" in z else None,
+                                       z[f"sum{i}"] if f"sum{i}" in z else None)
             counts = z["token_counts"] if "token_counts" in z else None
             cos = z["layer_cos"] if "layer_cos" in z else None
         return cls(inputs, meta["weight_input"], counts, meta["info"], cos)
@@ -217,9 +226,11 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
         if s is None:
             width = x.shape[-1]
             full = width <= max_full or weight in full_for
-            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if full else None)
+            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if full else None,
+                                         np.zeros(width))
         s.n += x.shape[0]
         s.sum_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+        s.sum += x.sum(axis=0, dtype=np.float64)
         if s.sum_outer is not None:
             s.sum_outer += x.T @ x
 
@@ -329,9 +340,10 @@ def source_digest(graph: Graph) -> str:
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
               progress: Callable | None = None, use_cache: bool = True, source: CalibrationText | None = None,
               warn: Callable[[str], None] | None = None, full_for: frozenset[str] = frozenset(),
-              subset: tuple[int, int] = (0, 1)) -> Calibration:
+              subset: tuple[int, int] = (0, 1), means: bool = False) -> Calibration:
     """Calibration statistics for `graph`, from the cache when the same ones were computed before. `warn` hears
-    when the text is shorter than the windows asked for."""
+    when the text is shorter than the windows asked for. `means`: the first moments are needed (a cached entry
+    without them is computed again)."""
     source = source or default_calibration_text()
     text_sha = source.sha256 if source.is_default else f"{source.kind}:{source.sha256}"   # one file, two readings
     src = source_digest(graph)
@@ -343,9 +355,11 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     if cached is not None:
         try:
             cal = Calibration.from_bytes(cached)
-            if warn is not None and cal.info.get("warning"):
-                warn(cal.info["warning"])
-            return cal
+            # entries written before first moments were kept lack them: computed again (and rewritten) when needed
+            if not means or all(s.sum is not None for s in cal.inputs.values()):
+                if warn is not None and cal.info.get("warning"):
+                    warn(cal.info["warning"])
+                return cal
         except (OSError, ValueError, KeyError):
             pass
     tokens, bos, add_bos = calibration_tokens(graph, source)
@@ -414,8 +428,10 @@ class Calibrate(Pass):
 
     def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
                  imatrix_file: str | None = None, source: CalibrationText | None = None,
-                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1)):
+                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1), means: bool = False):
+        """`means`: the first moments are needed (--prune-compensate)."""
         self.source = source
+        self.means = means
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.max_full = max_full
@@ -428,7 +444,7 @@ class Calibrate(Pass):
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
             cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, source=self.source,
-                            warn=ctx.warn, full_for=self.full_for, subset=self.subset)
+                            warn=ctx.warn, full_for=self.full_for, subset=self.subset, means=self.means)
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan

@@ -24,6 +24,13 @@ With `--prune-attention` (uniql_attention sorted the heads) each rate's entry al
 head widths (`qk`, `v`: dimensions per head) at the same rate and layer shares, in whole RoPE pairs and whole blocks
 of the output projection's input (see `_attention_table`); the head order itself is the sorted graph's.
 
+Mean compensation (`compensate`, `--prune-compensate`; FLAP's bias): at each rate, layer l's down projection gets
+the bias b = W_down[:, R]·E[h_R] of the channels R the rate removes (E[h] over the calibration tokens), so a removed
+channel's average contribution stays in the output and only its fluctuation is lost; uniql_sort then scores the
+centered covariance. One bias per layer per rate, in the table (`bias`, base64 float32), applied by the runtime when
+it narrows the file; rate 0 has none (the source model). llama.cpp's llama and deci architectures both read an
+optional `blk.N.ffn_down.bias`; ONNX and TVM bundles do not carry it yet (the export refuses).
+
 A plan file can instead fix each layer's width (`keep` on the MLP tensors): the graph is narrowed to those widths
 and written as an already-pruned model; or give the stored `order` itself and a table (what `edgeq plan` wrote).
 """
@@ -40,6 +47,7 @@ from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
+from edgeq.runtime.manifest import encode_bias
 
 ALLOCS = ("uniql", "uniform")
 # softmax temperature in units of the importances' spread; bench/uniql.py --temperature sweeps it
@@ -129,7 +137,7 @@ class UniqlAlloc(Pass):
 
     def __init__(self, rates: list[float] | None, alloc: str = "uniql", channel_multiple: int = 1,
                  temperature: float = TEMPERATURE, order: str = "uniql",
-                 attention_ratio: tuple[float, float] = ATTENTION_RATIO):
+                 attention_ratio: tuple[float, float] = ATTENTION_RATIO, compensate: bool = False):
         """`rates` None: the plan file's table (checked against this plan's alignments), or its `keep`."""
         if alloc not in ALLOCS:
             raise EdgeqError(None, f"unknown --prune-alloc {alloc!r} ({', '.join(ALLOCS)})")
@@ -145,6 +153,7 @@ class UniqlAlloc(Pass):
             raise EdgeqError(None, f"--prune-attention-ratio takes two multiples (Q/K, V) in [0, {MAX_ATTENTION_RATIO}]"
                                    f", not {','.join(map(str, attention_ratio))}")
         self.attention_ratio = (float(attention_ratio[0]), float(attention_ratio[1]))
+        self.compensate = compensate
 
     def run(self, graph: Graph, plan: Plan, ctx: Context) -> tuple[Graph, Plan]:
         n = graph.config.n_layers
@@ -208,10 +217,42 @@ class UniqlAlloc(Pass):
             for name in llama.mlp_weights(i):
                 plan.tensors[name].order = [int(v) for v in stored]
             channels[i] = stored[:keep[i]] if keep is not None else stored
+        if self.compensate:
+            if self.rates is None or keep is not None:
+                raise EdgeqError(None, "--prune-compensate makes a new pruning table (--pruning-rates); a plan's "
+                                       "table or keep carries no biases")
+            _add_biases(graph, plan.pruning, {i: _plan_order(plan, i, full[i]) for i in range(n)}, cal)
+            ctx.record(self.name, compensate=True)
         if cal is not None:
             ctx.analysis.setdefault("calibration_source", cal)
             ctx.analysis["calibration"] = cal.reindexed({llama.mlp_weights(i)[2]: c for i, c in channels.items()})
         return llama.prune_mlp(graph, channels), plan
+
+
+def _add_biases(graph: Graph, table: dict, stored: dict[int, np.ndarray], cal) -> None:
+    """Each rate's per-layer down-projection bias, W_down[:, R]·E[h_R] over the channels R the rate removes (the
+    source weights and the calibration's first moments, float64 sums)."""
+    n = graph.config.n_layers
+    means = []
+    for i in range(n):
+        down = llama.mlp_weights(i)[2]
+        stats = None if cal is None else cal.stats(down)
+        mu = None if stats is None else stats.mean()
+        if mu is None:
+            raise EdgeqError(None, f"--prune-compensate needs the mean of {down}'s input (edgeq's calibration, not an "
+                                   "--imatrix file or --no-calibration)")
+        means.append(mu)
+    table["compensate"] = {"what": "ffn_down bias = W_down[:, removed] . E[h_removed]", "dtype": "float32",
+                           "width": graph.config.hidden_size}
+    for entry in table["rates"]:
+        if all(w == f for w, f in zip(entry["widths"], table["full"])):
+            continue                       # the source model: no bias
+        out = []
+        for i in range(n):
+            removed = stored[i][entry["widths"][i]:]
+            w = graph.weights[llama.mlp_weights(i)[2]].numpy()
+            out.append(encode_bias(w[:, removed].astype(np.float64) @ means[i][removed]))
+        entry["bias"] = out
 
 
 def _rate_split(graph: Graph, ratio: tuple[float, float]) -> float:

@@ -24,6 +24,12 @@ Rankings (`--prune-order`):
 - `wanda`: ‖W_down[:, j]‖·√E[h_j²] (Wanda's score, per channel: the diagonal of G, square-rooted);
 - `random`: a fixed-seed permutation (the floor any order must beat).
 
+With mean compensation (`--prune-compensate`: uniql_alloc puts W_down[:, S]·E[h_S] of the removed channels S into
+the down projection's bias at each rate) what removing S takes away is 1_Sᵀ G_c 1_S with the centered
+G_c = (C − μμᵀ) ⊙ WᵀW (μ = E[h]): the channels' mean is no longer lost, only their fluctuation. The covariance-based
+orders (`uniql`, `ridge`, `leverage`) then score C − μμᵀ instead of C; `wanda`, `magnitude` and `random` keep their
+published scores (the comparison bench/uniql.py makes, each with and without the bias).
+
 The ranking goes to `ctx.analysis["mlp_ranking"]`; uniql_alloc turns it into widths and the stored channel order.
 """
 
@@ -113,10 +119,12 @@ class UniqlSort(Pass):
 
     name = "uniql_sort"
 
-    def __init__(self, order: str = "uniql", ridge: float | None = None, seed: int = SEED):
+    def __init__(self, order: str = "uniql", ridge: float | None = None, seed: int = SEED, centered: bool = False):
+        """`centered`: score the covariance-based orders on C − μμᵀ (with mean compensation, see the docstring)."""
         if order not in ORDERS:
             raise EdgeqError(None, f"unknown --prune-order {order!r} ({', '.join(ORDERS)})")
         self.order = order
+        self.centered = centered
         self.ridge = ridge
         self.seed = seed
 
@@ -132,12 +140,20 @@ class UniqlSort(Pass):
             down = llama.mlp_weights(i)[2]
             stats = cal.stats(down) if cal is not None else None
             w = graph.weights[down].numpy()
-            scores = channel_scores(self.order, w, None if stats is None else stats.full(),
+            cov = None if stats is None else stats.full()
+            if self.centered and cov is not None and self.order in (*RIDGE, "uniql"):
+                mu = stats.mean()
+                if mu is None:
+                    raise EdgeqError(None, f"{down}: centering the order needs the first moments of its input "
+                                           "(calibration with edgeq calibrate's statistics, not an --imatrix file)")
+                cov = cov - np.outer(mu, mu)
+            scores = channel_scores(self.order, w, cov,
                                     np.zeros(w.shape[1]) if stats is None else stats.diag(), i, self.ridge, self.seed)
             ranking[i] = sort_order(scores)
         ctx.analysis["mlp_ranking"] = ranking
         ctx.record(self.name, order=self.order,
                    **({"ridge": RIDGE[self.order] if self.ridge is None else self.ridge} if self.order in RIDGE else {}),
-                   **({"seed": self.seed} if self.order == "random" else {}), ranked=len(ranking),
+                   **({"seed": self.seed} if self.order == "random" else {}),
+                   **({"centered": True} if self.centered else {}), ranked=len(ranking),
                    from_plan=graph.config.n_layers - len(ranking))
         return graph, plan

@@ -44,7 +44,7 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
         raise BundleError(bundle / "manifest.json", "attention widths in the pruning table: llama.cpp has one head "
                                                     "size for all layers (only ONNX bundles prune attention)")
     with pruned_file(art["sha256"], pruning, ".gguf", SLICE_VERSION,
-                     lambda path: slice_mlp(model, path, pruning.widths, pruning.align)) as path:
+                     lambda path: slice_mlp(model, path, pruning.widths, pruning.align, pruning.bias)) as path:
         return LlamaCppBackend(path, n_ctx=n_ctx, threads=threads, kv_dtype=kv)
 
 

@@ -11,6 +11,10 @@ shape"); its `deci` architecture (Llama with per-layer FFN and head counts, from
 own width and computes exactly llama's graph otherwise (same logits to the bit at full width, tests/test_uniql.py).
 So a file whose layers differ is written as `deci`, with the `llama.*` keys renamed; equal widths stay `llama`.
 
+With mean compensation (`biases`) each layer also gets `blk.N.ffn_down.bias` (float32, the model's width), appended
+after the source's tensors: both architectures read it as an optional tensor (llama.cpp 0.3.36's models/llama.cpp
+and models/deci.cpp: `ffn_down_b`, TENSOR_NOT_REQUIRED) and add it to the down projection's output.
+
 The source is untrusted input: every count and length is checked against the file's size before it is used.
 """
 
@@ -23,6 +27,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edgeq.runtime.manifest import BundleError
 
 MAGIC = b"GGUF"
@@ -32,6 +38,7 @@ MAX_COUNT = 1 << 24
 _SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 _FFN = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.weight$")
+_F32 = 0                  # ggml type of a float32 tensor
 
 
 @dataclass
@@ -156,21 +163,23 @@ def _tensor_sizes(h: _Header, file_size: int, path: Path) -> dict[str, int]:
     return sizes
 
 
-def sliced_bytes(path: Path, widths: list[int], blocks: list[int]) -> int:
+def sliced_bytes(path: Path, widths: list[int], blocks: list[int], biases: list[np.ndarray] | None = None) -> int:
     """The size of the file `slice_mlp` writes (for callers that check a cached copy)."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         h = _read_header(buf, path)
-        plan = _plan(h, buf, path, widths, blocks)
+        plan = _plan(h, buf, path, widths, blocks, biases)
     return plan[-1]
 
 
-def _plan(h: _Header, buf, path: Path, widths: list[int], blocks: list[int]):
+def _plan(h: _Header, buf, path: Path, widths: list[int], blocks: list[int], biases: list[np.ndarray] | None = None):
     """New tensor infos and, per tensor, how to copy it: (info, source offset, row bytes in, row bytes out, rows)."""
     sizes = _tensor_sizes(h, len(buf), path)
     copies, infos, pos = [], [], 0
     n_layers = len(widths)
     seen: set[tuple[int, str]] = set()
     for t in h.tensors:
+        if biases is not None and t.name.endswith(".ffn_down.bias"):
+            raise BundleError(path, f"tensor {t.name}: the file already has a down-projection bias")
         m = _FFN.match(t.name)
         dims = list(t.dims)
         rows = 1
@@ -209,6 +218,17 @@ def _plan(h: _Header, buf, path: Path, widths: list[int], blocks: list[int]):
                if (layer, kind) not in seen]
     if missing:
         raise BundleError(path, f"GGUF file has no blk.{missing[0][0]}.ffn_{missing[0][1]}.weight")
+    if biases is not None:
+        if len(biases) != n_layers:
+            raise BundleError(path, f"{len(biases)} biases for {n_layers} layers")
+        out_dims = {int(m.group(1)): t.dims[1] for t in h.tensors if (m := _FFN.match(t.name)) and m.group(2) == "down"}
+        for layer, b in enumerate(biases):
+            if b.shape != (out_dims[layer],):
+                raise BundleError(path, f"bias of layer {layer} has {b.size} values, ffn_down has {out_dims[layer]} "
+                                        "outputs")
+            infos.append(_TensorInfo(f"blk.{layer}.ffn_down.bias", [b.size], _F32, pos))
+            copies.append((None, b.size * 4, b.size * 4, 1))
+            pos = _pad(pos + b.size * 4, h.alignment)
     header = _header_bytes(h, infos, widths, path)
     return header, infos, copies, len(header) + pos
 
@@ -255,24 +275,29 @@ def _header_bytes(h: _Header, infos: list[_TensorInfo], widths: list[int], path:
     return head + bytes(_pad(len(head), h.alignment) - len(head))
 
 
-def slice_mlp(src: str | os.PathLike, dst: str | os.PathLike, widths: list[int], blocks: list[int]) -> int:
+def slice_mlp(src: str | os.PathLike, dst: str | os.PathLike, widths: list[int], blocks: list[int],
+              biases: list[np.ndarray] | None = None) -> int:
     """Write `src` with layer i's MLP narrowed to its first `widths[i]` channels to `dst` (atomically); `blocks[i]`
-    is the block of layer i's ffn_down format along its input. Returns the bytes written."""
+    is the block of layer i's ffn_down format along its input; `biases[i]` (float32), layer i's ffn_down bias.
+    Returns the bytes written."""
     src, dst = Path(src), Path(dst)
     if len(blocks) != len(widths):
         raise BundleError(src, "pruning table and blocks disagree on the number of layers")
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
     with open(src, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         h = _read_header(buf, src)
-        header, infos, copies, total = _plan(h, buf, src, widths, blocks)
+        header, infos, copies, total = _plan(h, buf, src, widths, blocks, biases)
+        extra = iter([] if biases is None else biases)
         try:
             with open(tmp, "wb") as out:
                 out.write(header)
                 written = 0
                 for info, (start, row_in, row_out, n_rows) in zip(infos, copies):
-                    if start + row_in * n_rows > len(buf):
+                    if start is None:                     # an appended bias
+                        out.write(np.ascontiguousarray(next(extra), dtype="<f4").tobytes())
+                    elif start + row_in * n_rows > len(buf):
                         raise BundleError(src, f"tensor {info.name} lies outside the file")
-                    if row_in == row_out:
+                    elif row_in == row_out:
                         out.write(buf[start:start + row_out * n_rows])
                     else:
                         for r in range(n_rows):

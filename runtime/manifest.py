@@ -18,6 +18,8 @@ Files the runtime never loads (the report, measurements, reference inputs and ou
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -27,6 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import sha256_file
@@ -270,6 +274,39 @@ class Pruning:
     # --prune-attention bundles: each layer's Q/K and V head widths (dimensions per head), else None
     qk: list[int] | None = None
     v: list[int] | None = None
+    # --prune-compensate bundles: each layer's down-projection bias at this rate (float32, hidden wide), else None
+    bias: list[np.ndarray] | None = None
+
+
+BIAS_MAX = 1e4          # |bias| bound: a removed channel's mean output, far below this in any float model
+
+
+def encode_bias(values: np.ndarray) -> str:
+    """One layer's bias as the pruning table stores it: base64 of little-endian float32 (exact, a third of JSON's
+    decimal digits)."""
+    return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_biases(where: Path, entry: dict[str, Any], n_layers: int, width: int) -> list[np.ndarray]:
+    """A rate's per-layer biases, checked: one per layer, each exactly `width` finite float32 within ±BIAS_MAX (the
+    length checked before decoding, so a damaged table cannot make the reader allocate more than the model's size)."""
+    rate = entry.get("rate")
+    b = entry.get("bias")
+    chars = 4 * -(-4 * width // 3)
+    if not isinstance(b, list) or len(b) != n_layers or any(not isinstance(x, str) or len(x) != chars for x in b):
+        raise BundleError(where, f"pruning table of rate {rate}: bias must be {n_layers} base64 strings of {width} "
+                                 "float32")
+    out = []
+    for x in b:
+        try:
+            v = np.frombuffer(base64.b64decode(x, validate=True), dtype="<f4").astype(np.float32)
+        except (ValueError, binascii.Error):
+            raise BundleError(where, f"pruning table of rate {rate}: bias is not base64") from None
+        if v.shape != (width,) or not np.all(np.isfinite(v)) or np.abs(v).max(initial=0) > BIAS_MAX:
+            raise BundleError(where, f"pruning table of rate {rate}: bias values are not {width} finite numbers "
+                                     f"within ±{BIAS_MAX:g}")
+        out.append(v)
+    return out
 
 
 def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> Pruning | None:
@@ -297,7 +334,13 @@ def pick_pruning(bundle: Path, manifest: dict[str, Any], rate: float | None) -> 
                 raise BundleError(bundle / "manifest.json", f"pruning table of rate {rate:g} is inconsistent")
             if all(w == f for w, _, f in checks):
                 return None
+            bias = None
+            if table.get("compensate"):
+                width = (manifest.get("model") or {}).get("config", {}).get("hidden_size")
+                if not isinstance(width, int) or width < 1:
+                    raise BundleError(bundle / "manifest.json", "pruning table with biases but no model hidden_size")
+                bias = decode_biases(bundle / "manifest.json", entry, len(full), width)
             return Pruning(float(rate), list(widths), list(align), list(full),
-                           *((list(entry["qk"]), list(entry["v"])) if att else ()))
+                           *((list(entry["qk"]), list(entry["v"])) if att else (None, None)), bias=bias)
     have = ", ".join(f"{float(e['rate']):g}" for e in rates)
     raise BundleError(bundle, f"carries pruning rates {have}, not {rate:g}")

@@ -35,6 +35,9 @@ def open_decoder(bundle, manifest: dict, art: dict, spec, n_ctx: int, threads: i
         return OnnxDecoderBackend(model, spec, n_ctx=n_ctx, threads=threads,
                                   arena=not lora_adapters(manifest, NAME))
     recipe = (manifest.get("onnx") or {}).get("pruning")
+    if pruning.bias is not None:
+        raise BundleError(bundle / "manifest.json", "down-projection biases in the pruning table (--prune-compensate): "
+                                                    "ONNX bundles do not carry them")
     if not recipe:
         raise BundleError(bundle, "the manifest has no onnx pruning recipe for its pruning rates")
     attention = None if pruning.qk is None else {"qk": pruning.qk, "v": pruning.v}

@@ -30,6 +30,8 @@ def pruned_file(sha256: str, pruning: Pruning, suffix: str, version: int,
     parts = [version, sha256, pruning.widths, pruning.align]
     if pruning.qk is not None:
         parts += [pruning.qk, pruning.v]
+    if pruning.bias is not None:          # --prune-compensate: the biases' bytes
+        parts.append(hashlib.sha256(b"".join(b.astype("<f4").tobytes() for b in pruning.bias)).hexdigest())
     key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
     root = cache_dir()
     path = None

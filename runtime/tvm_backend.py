@@ -103,6 +103,9 @@ def load_params(path: Path, names: list[str], cuts: dict[str, tuple[int, int]] |
 def pruning_cuts(bundle: Path, spec: dict, pruning: Pruning) -> dict[str, tuple[int, int]]:
     """{parameter: (axis, elements kept)} at the rate's widths, from the manifest's `tvm.pruning` recipe."""
     recipe = spec.get("pruning")
+    if pruning.bias is not None:
+        raise BundleError(bundle / "manifest.json", "down-projection biases in the pruning table (--prune-compensate): "
+                                                    "TVM bundles do not carry them")
     if pruning.qk is not None:
         raise BundleError(bundle / "manifest.json", "attention widths in the pruning table: the TVM library's head "
                                                     "size is fixed (only ONNX bundles prune attention)")

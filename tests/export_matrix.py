@@ -278,6 +278,8 @@ def cases(i: dict[str, str]) -> dict[str, list[str]]:
         "uniql/tvm-int4": ["export", *dec, "--backend", "tvm", "--quant", "int4", "--pruning-rates", "0.15,0.35"],
         "uniql/onnx-int4-attention": ["export", *dec, "--backend", "onnx", "--quant", "int4", "--pruning-rates",
                                       "0.15,0.35", "--prune-attention"],
+        "uniql/gguf-q4_0-compensate": ["export", *dec, "--backend", "gguf", "--quant", "q4_0", "--pruning-rates",
+                                       "0,0.15,0.35", "--prune-compensate"],
         "uniql/plan": ["plan", *dec, "--quant", "q4_0", "--pruning-rates", "0.15,0.35"],
         "uniql/backend-all": ["export", *dec, "--backend", "all", "--pruning-rates", "0.15"],
         # the embedded default model: README command 1

@@ -466,3 +466,93 @@ def test_narrowing_an_unsorted_attention_names_its_pairs(source):
     narrow = llama.reshape_attention(source, keep=([48, 48], [64, 64]))
     assert all(n.attrs["pairs"] == [list(range(32))] * 2 for n in narrow.nodes if n.op == "rope")
     assert np.isfinite(Executor(narrow).logits(_ids(16))).all()
+
+
+@pytest.fixture(scope="module")
+def offset_mlp_dir(session_tmp):
+    """A tiny Llama whose MLP channels have a mean: up = gate in every layer, so h = silu(g)·g is mostly positive
+    (a random model's h averages to about zero, and a removed channel's mean would be nothing to compensate)."""
+    import dataclasses
+
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+
+    g = random_llama(tiny_config(vocab_size=400, tied_embeddings=True, context_length=512), seed=2, scale=0.08)
+    for i in range(g.config.n_layers):
+        gate, up, _ = llama.mlp_weights(i)
+        g.weights[up] = dataclasses.replace(g.weights[up], load=g.weights[gate].load)
+    return graph_to_hf_folder(g, session_tmp("offset-mlp") / "m", byte_level_spec(400))
+
+
+def _strip_biases(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    del m["pruning_rates"]["compensate"]
+    for e in m["pruning_rates"]["rates"]:
+        e.pop("bias", None)
+    (dst / "manifest.json").write_text(json.dumps(m))
+
+
+def test_mean_compensation_lowers_the_error_and_keeps_rate_0(env, offset_mlp_dir, tmp_path):
+    """--prune-compensate (GGUF): each rate > 0 carries one ffn_down bias per layer, W_down[:, removed]·E[h_removed];
+    llama.cpp loads it (llama and deci) and the output moves closer to the source than the same widths without it;
+    rate 0 is the source, unchanged."""
+    from edgeq import runtime
+    from edgeq.importers.loader import import_model
+    from edgeq.passes.calibrate import calibration_tokens
+
+    out = env / "comp"
+    m = _export(out, offset_mlp_dir, backend="gguf", quant="f32", pruning_rates=RATES[1:], prune_compensate=True)
+    table = m["pruning_rates"]
+    assert table["compensate"]["width"] == 256 and "bias" not in table["rates"][0]
+    assert all(len(e["bias"]) == 2 for e in table["rates"][1:])
+    assert any(p.get("centered") for p in m["passes"] if p["pass"] == "uniql_sort")
+    _strip_biases(out, tmp_path / "plain")
+    src = import_model(offset_mlp_dir)
+    tokens, _, _ = calibration_tokens(src)
+    ids = [1] + tokens[3000:3160]                   # beyond the one calibration window
+    ref = Executor(src).logits(ids)
+    for e in table["rates"]:
+        with runtime.load(out, pruning_rate=e["rate"]) as s:
+            with_bias = _kld(ref, s.logits(ids))
+        if e["rate"] == 0:
+            assert with_bias <= 1e-4
+            continue
+        with runtime.load(tmp_path / "plain", pruning_rate=e["rate"]) as s:
+            without = _kld(ref, s.logits(ids))
+        assert with_bias < 0.9 * without, (e["rate"], with_bias, without)
+
+
+def test_a_damaged_bias_table_is_one_clear_error(env, offset_mlp_dir, tmp_path):
+    """The biases are checked before anything loads: one per layer, exactly the model's width of finite float32
+    within bounds; ONNX and TVM exports refuse --prune-compensate in one line."""
+    import base64
+    import shutil
+
+    from edgeq.cli import main
+    from edgeq.runtime.manifest import BundleError, read_manifest
+
+    out = env / "comp"
+    if not out.exists():
+        _export(out, offset_mlp_dir, backend="gguf", quant="f32", pruning_rates=RATES[1:], prune_compensate=True)
+    good = read_manifest(out)["pruning_rates"]["rates"][1]["bias"]
+    nan = base64.b64encode(np.full(256, np.nan, "<f4").tobytes()).decode()
+    huge = base64.b64encode(np.full(256, 1e9, "<f4").tobytes()).decode()
+    for k, (bias, why) in enumerate([(good[:1], "must be 2 base64"), ([good[0], good[1][:-4]], "must be 2 base64"),
+                                     ([good[0], "!" * len(good[1])], "not base64"),
+                                     ([good[0], nan], "finite numbers"), ([huge, good[1]], "finite numbers")]):
+        bad = tmp_path / f"bad{k}"
+        shutil.copytree(out, bad)
+        m = json.loads((bad / "manifest.json").read_text())
+        m["pruning_rates"]["rates"][1]["bias"] = bias
+        (bad / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match=why):
+            from edgeq import runtime
+
+            runtime.load(bad, pruning_rate=RATES[1])
+    for backend in ("onnx", "tvm"):
+        assert main(["export", "--model", str(offset_mlp_dir), "-o", str(tmp_path / backend), "--backend", backend,
+                     "--quant", "f32", "--pruning-rates", "0.25", "--prune-compensate", "--calib-windows", "1"]) == 2
+        assert not (tmp_path / backend).exists()

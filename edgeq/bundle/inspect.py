@@ -132,7 +132,9 @@ def inspect_bundle(path: Path) -> dict[str, Any]:
             out["pruning_rates"] = ", ".join(f"{e['rate']:g} ({e['achieved']:.4f} of MLP channels, widths "
                                              f"{min(e['widths'])}-{max(e['widths'])})" for e in pr["rates"])
             out["pruning"] = (f"{pr['order']} order, {pr['alloc']} allocation, MLP widths in steps of "
-                              f"{sorted(set(pr['align']))}")
+                              f"{sorted(set(pr['align']))}"
+                              + (", removed channels' mean output as a ffn_down bias per rate" if pr.get("compensate")
+                                 else ""))
             if pr.get("attention"):
                 out["pruning_attention"] = ", ".join(
                     f"{e['rate']:g} ({e['achieved_attention']:.4f} of head dimensions, Q/K {min(e['qk'])}-"

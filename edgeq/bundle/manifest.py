@@ -108,8 +108,11 @@ def pruning_rates(plan: Plan) -> dict[str, Any] | None:
     att = t.get("attention")
     out = {"what": t["what"], "order": t["order"], "alloc": t["alloc"], "full": t["full"], "align": t["align"],
            "rates": [{"rate": r["rate"], "achieved": r["achieved"], "widths": r["widths"],
-                      **({"qk": r["qk"], "v": r["v"], "achieved_attention": r["achieved_attention"]} if att else {})}
+                      **({"qk": r["qk"], "v": r["v"], "achieved_attention": r["achieved_attention"]} if att else {}),
+                      **({"bias": r["bias"]} if "bias" in r else {})}
                      for r in t["rates"]]}
+    if t.get("compensate"):   # --prune-compensate: each rate's per-layer ffn_down bias (runtime/manifest.py reads it)
+        out["compensate"] = t["compensate"]
     if att:            # --prune-attention: each layer's Q/K and V head widths too (dimensions per head)
         out["attention"] = att
     return out

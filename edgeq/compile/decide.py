@@ -170,7 +170,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full,
                                 full_for=_full_for(graph, max_full, opts.prune_attention) if prune else frozenset(),
-                                subset=opts.calib_subset))
+                                subset=opts.calib_subset, means=prune and opts.prune_compensate))
     if search:
         passes += _search_passes(graph, inp, opts, ctx)
     elif inp.preset is not None:
@@ -230,8 +230,13 @@ def _pruning_passes(inp: DecideInputs, opts: ExportOptions, ranks: bool) -> list
     if ranks and opts.pruning_rates:
         raise EdgeqError(None, "--pruning-rates with low-rank branches (--ranks) is not supported: a branch would "
                                "need slicing with its weight")
-    sort = UniqlSort(opts.prune_order, opts.prune_ridge)
+    if opts.prune_compensate and (inp.target.name != "gguf" or opts.recover_steps or not opts.pruning_rates):
+        raise EdgeqError(None, "--prune-compensate goes with --pruning-rates on gguf bundles without --recover-steps "
+                               "(ONNX and TVM bundles carry no per-rate bias yet; recovery changes the weights after "
+                               "the biases are taken)")
+    sort = UniqlSort(opts.prune_order, opts.prune_ridge, centered=opts.prune_compensate)
     alloc = UniqlAlloc(opts.pruning_rates, opts.prune_alloc, inp.target.mlp_channel_multiple, order=opts.prune_order,
+                       compensate=opts.prune_compensate,
                        **({} if opts.prune_temperature is None else {"temperature": opts.prune_temperature}),
                        **({} if opts.prune_attention_ratio is None else {"attention_ratio": opts.prune_attention_ratio}))
     if opts.prune_attention:
@@ -298,7 +303,7 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
     if opts.calibration:
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
                                 full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset,
-                                source=inp.text))
+                                source=inp.text, means=opts.prune_compensate))
     passes += _pruning_passes(inp, opts, False)
     out, plan = run_passes(passes, graph, plan, ctx)
     cal = ctx.analysis.get("calibration")

@@ -73,6 +73,8 @@ class ExportOptions:
     prune_attention: bool = False          # also the attention's head dimensions (Q/K RoPE pairs, V/O by SVD)
     # Q/K and V rates / the MLPs' rate (None: passes/uniql_alloc.ATTENTION_RATIO)
     prune_attention_ratio: tuple[float, float] | None = None
+    # each rate's removed channels' mean output as a ffn_down bias (GGUF), covariance orders centered
+    prune_compensate: bool = False
 
     @property
     def pruning(self) -> bool:
