@@ -273,3 +273,63 @@ def test_the_plan_file_records_gptq_and_reproduces_the_bytes(tiny_decoder_dir, t
     with pytest.raises(EdgeqError, match="gptq"):
         export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calibration=False, out=str(tmp_path / "d")))
     assert not (tmp_path / "d").exists()
+
+
+def test_deferred_covariances_are_the_held_ones_bit_for_bit(tiny_decoder_dir, tmp_path, monkeypatch):
+    """A budgeted GPTQ plan's calibration holds no full covariance: each is recomputed from stored residual streams
+    when the pricing reads it, and equals the one calibration would have held to the bit (so the costs, the plan
+    and the files are the same); a cached calibration recomputes them the same way; its record is the same."""
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.passes.fisher import FisherSource
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.registry import get_target
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    graph = import_model(tiny_decoder_dir)
+    held = calibrate(graph, n_windows=2, use_cache=False)
+    lazy, cached = (calibrate(graph, n_windows=2, defer_full=True) for _ in range(2))
+    for cal in (lazy, cached):
+        assert all(s.sum_outer is None for s in cal.inputs.values()) and cal.deferred == set(held.inputs)
+        assert cal.to_json() == held.to_json() and cal.imatrix().keys() == held.imatrix().keys()
+        for w in reversed(list(held.weight_input)):          # top down, as the Fisher stream asks
+            np.testing.assert_array_equal(cal.full(w), held.stats(w).full())
+    fmts = [f for f in candidate_formats("gguf") if f.name in ("q8_0", "q4_0")]
+    layout = get_target("gguf").layout(graph, fmts, [0], None, spec=graph_tokenizer_spec(graph))
+    tokens, bos, add_bos = calibration_tokens(graph)
+    fisher = FisherSource(graph, calibration_windows(tokens, DEFAULT_CTX, 1, bos, add_bos))   # the plan's cost
+    a, b = (compute_costs(graph, fmts, cal, layout, gptq=True, fisher=fisher) for cal in (held, lazy))
+    assert a.to_json() == b.to_json() and b.info["gptq"]["compensated_tensors"] == len(b.options) - 1
+
+
+def test_gptq_pricing_holds_one_input_covariance_at_a_time(tmp_path, monkeypatch):
+    """Peak allocation of calibrating and pricing every weight with GPTQ on a deep model whose input covariances
+    (float64, 24 layers) outweigh everything else: below half of what holding them all takes (holding them, as
+    the planner did, peaks above their total)."""
+    import tracemalloc
+
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.registry import get_target
+
+    monkeypatch.setenv("EDGEQ_CACHE", "off")
+    cfg = tiny_config(vocab_size=300, hidden_size=64, intermediate_size=512, n_layers=24, n_heads=2, n_kv_heads=1,
+                      head_dim=32, context_length=256)
+    graph = import_model(graph_to_hf_folder(random_llama(cfg, seed=3, scale=0.08), tmp_path / "m",
+                                            byte_level_spec(300)))
+    fmts = [f for f in candidate_formats("gguf") if f.name in ("q8_0", "q4_0")]
+    layout = get_target("gguf").layout(graph, fmts, [0], None, spec=graph_tokenizer_spec(graph))
+    total = 24 * 8 * (3 * 64 ** 2 + 512 ** 2)           # every input's covariance: 3 of 64 wide, 1 of 512, per layer
+    peaks = {}
+    for defer in (True, False):
+        tracemalloc.start()
+        cal = calibrate(graph, n_windows=2, ctx=256, use_cache=False, defer_full=defer)
+        table = compute_costs(graph, fmts, cal, layout, gptq=True)
+        peaks[defer] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert table.info["gptq"]["compensated_tensors"] == 24 * 7
+        del cal, table
+    assert peaks[False] > total and peaks[True] < total / 2, (peaks, total)
