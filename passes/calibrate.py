@@ -109,7 +109,9 @@ class Calibration:
             return None
         s = self.inputs[key]
         if s.sum_outer is None and key in self.deferred and self.replay is not None:
-            return self.replay.sum_outer(key) / max(s.n, 1)
+            h = self.replay.sum_outer(key)
+            h /= max(s.n, 1)
+            return h
         return s.full()
 
     def reindexed(self, columns: dict[str, np.ndarray]) -> "Calibration":

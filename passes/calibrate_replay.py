@@ -8,7 +8,8 @@ gate/up share one), so its covariances come from here instead: the residual stre
 graph cut where a single value is live, as the Fisher pass cuts it) is stored per window after one forward run,
 and the input of a linear is recomputed from the nearest stored value below it. Checkpoints every ~√S of the S
 segments, and the values between the last checkpoint and the segment asked for kept until a lower one is asked
-for, so a top-down walk (the Fisher stream's order) recomputes the forward about once in all.
+for, so a top-down walk (the Fisher stream's order) recomputes the forward about once in all (a walk up goes on
+from the last value recomputed: once too).
 
 The sums are those `calibrate.collect` would have accumulated, bit for bit: the same ops on each window alone, in
 window order, each window's float32 product xᵀx added to a float64 sum, then symmetrised.
@@ -81,7 +82,10 @@ class MomentReplay:
         for env in envs:                    # window order, as calibration accumulates them
             x = np.asarray(env[key], dtype=np.float32)
             total += x.T @ x
-        return (total + total.T) / 2
+        del envs
+        total += total.T                    # (in place: the same sums as (total + total.T) / 2, one matrix less)
+        total /= 2
+        return total
 
     # --- the residual stream at segment entries ------------------------------------------------------------
     def _fresh(self, k: int, entry: list[np.ndarray] | None) -> list[dict]:
@@ -105,15 +109,16 @@ class MomentReplay:
             # a walk down needs nothing above this any more
             self._between = {j: v for j, v in self._between.items() if j <= k}
             return self._fresh(k, self._between[k])
-        c = max(j for j in self._stored if j < k)
-        self._between = {}
+        # from the nearest value below: a checkpoint, or (a walk up) the last value recomputed
+        c = max(j for j in (*self._stored, *self._between) if j < k)
+        self._between = {c: self._between[c]} if c in self._between else {}
         self._advance(c, k, store_every=False)
         return self._fresh(k, self._between[k])
 
     def _advance(self, c: int, k: int, store_every: bool) -> None:
         """Run segments c..k-1 from the stored entry of c, storing the entries of c+1..k (checkpoints only, or
         all of them)."""
-        envs = self._fresh(c, self._stored[c])
+        envs = self._fresh(c, self._stored[c] if c in self._stored else self._between[c])
         for j in range(c, k):
             lo, hi, _ = self._segs[j]
             self._run(envs, lo, hi)
