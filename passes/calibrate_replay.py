@@ -87,6 +87,10 @@ class MomentReplay:
         total /= 2
         return total
 
+    def drop(self) -> None:
+        """Let go of the stored residual streams (recomputed if asked again)."""
+        self._stored, self._between = None, {}
+
     # --- the residual stream at segment entries ------------------------------------------------------------
     def _fresh(self, k: int, entry: list[np.ndarray] | None) -> list[dict]:
         envs = []

@@ -252,6 +252,9 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
                                        ranks if sc is not None else (), sc, part.get(name),
                                        part.get(f"lookup:{name}"), fcov, u)
         del w, part
+    hessians.clear()
+    if calibration is not None and calibration.replay is not None:
+        calibration.replay.drop()           # the plan's later passes need none of it
     missing = [n for n in decide if n not in options]
     if missing:
         raise EdgeqError(None, f"no Fisher statistics for {missing[0]} (a weight no linear or lookup reads)")
