@@ -1,6 +1,11 @@
 """Peak resident memory of a budgeted `edgeq plan`, per pass, with nothing cached.
 
     EDGEQ_CACHE=off python bench/plan_memory.py [--bpw 5] [--model PATH] [--out bench/results/plan_memory.json]
+    EDGEQ_CACHE=off /usr/bin/time -v python bench/plan_memory.py --bpw 5 --frontier-formats --export DIR
+
+`--export DIR` runs the whole budgeted export (plan, GPTQ writer, files; no check or speed run) instead of the plan,
+`--frontier-formats` takes bench/planner_frontier.py's menu (every GGUF candidate but Q4_1/Q5_1), so the figure is
+that bench's export's.
 
 A thread samples the process's resident set (/proc/self/status VmRSS) every 20 ms while each pass runs, so the
 table says which pass sets the peak and by how much it rises above what the pass started with. The whole run's
@@ -15,6 +20,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,13 +59,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bpw", type=float, default=5.0)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--export", default=None, metavar="DIR", help="the whole export into DIR (check off)")
+    ap.add_argument("--frontier-formats", action="store_true", help="bench/planner_frontier.py's formats")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan_memory.json"))
     a = ap.parse_args()
     if os.environ.get("EDGEQ_CACHE") != "off":
         print("note: EDGEQ_CACHE is not off; cached calibration, Fisher or costs make the peak lower",
               file=sys.stderr)
 
-    from edgeq.api import ExportOptions, plan
+    from edgeq.api import ExportOptions, export, plan
+    from edgeq.core.formats.registry import candidate_formats
     from edgeq.compile import decide  # noqa: F401  (imports every pass class)
     from edgeq.passes.base import Pass
 
@@ -81,14 +90,22 @@ def main() -> int:
             cls.run = wrapped
     t0 = time.perf_counter()
     sampler.enter("import model")
-    p = plan(ExportOptions(model=a.model, bpw=a.bpw), out=None)
+    formats = [f.name for f in candidate_formats("gguf") if f.name not in ("q4_1", "q5_1")] \
+        if a.frontier_formats else None
+    opts = ExportOptions(model=a.model, bpw=a.bpw, formats=formats)
+    if a.export:
+        r = export(replace(opts, out=a.export, force=True, check=False))
+        predicted = r["manifest"]["model"]["bits_per_weight"]
+    else:
+        p = plan(opts, out=None)
+        predicted = p.search.get("predicted_bpw") if p.search else None
     wall = time.perf_counter() - t0
     sampler.stop()
     res = {"bpw": a.bpw, "model": a.model or "default", "cache": os.environ.get("EDGEQ_CACHE", "on"),
            "peak_rss_bytes": _status("VmHWM"), "wall_s": round(wall, 1),
            "passes": {k: {"peak_rss_bytes": v, "rise_bytes": v - sampler.start.get(k, v)}
                       for k, v in sampler.peaks.items()},
-           "plan_bpw": p.search.get("predicted_bpw") if p.search else None}
+           "export": a.export, "formats": formats, "plan_bpw": predicted}
     for k, v in res["passes"].items():
         print(f"{k:>16}: peak {v['peak_rss_bytes'] / 2**20:8.0f} MiB (+{v['rise_bytes'] / 2**20:.0f} MiB)")
     print(f"peak RSS (VmHWM): {res['peak_rss_bytes'] / 2**20:.0f} MiB, {wall:.0f} s")

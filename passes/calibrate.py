@@ -5,7 +5,10 @@ token count, the sum of squares per input channel (llama.cpp's importance
 matrix is exactly that: `in_sum2` / `counts`) and, where the width allows
 (`max_full`, or named in `full_for` whatever their width), the full sum of
 outer products, so that E[xxᵀ] is available to the sensitivity pass, to
-low-rank compensation and to the MLP channel ordering. The tied embedding,
+low-rank compensation and to the MLP channel ordering. With `defer_full` those
+full sums are not held: they are recomputed one input at a time when asked
+for (`Calibration.full`, passes/calibrate_replay.py), for a reader that needs
+each only briefly (GPTQ's pricing). The tied embedding,
 which is also the output head, gets the head's input statistics plus the
 token counts of the lookups. It also keeps, per layer, the mean cosine between
 the residual stream entering and leaving the layer (UniQL's layer importance).
@@ -42,6 +45,7 @@ from edgeq.importers.imatrix import Imatrix, ImatrixEntry, read_imatrix
 from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import llama
 from edgeq.passes.base import Context, Pass
+from edgeq.passes.calibrate_replay import MomentReplay
 from edgeq.runtime.tokenizer import build_tokenizer, encode, render_chat
 
 CALIBRATION_VERSION = 2
@@ -88,10 +92,32 @@ class Calibration:
     token_counts: np.ndarray | None = None        # lookups per token id (embedding), if known
     info: dict[str, Any] = field(default_factory=dict)   # provenance: text, windows, ctx, tokens, source ...
     layer_cos: np.ndarray | None = None           # per layer, mean cos(residual in, residual out) over tokens
+    # inputs whose full sum of outer products is not held but recomputed when asked for (`full`), by `replay`
+    deferred: frozenset[str] = frozenset()
+    replay: MomentReplay | None = field(default=None, repr=False, compare=False)
 
     def stats(self, weight: str) -> InputStats | None:
         key = self.weight_input.get(weight)
         return None if key is None else self.inputs[key]
+
+    def has_full(self, weight: str) -> bool:
+        """Whether `full` gives the weight's input covariance (held, or recomputed on demand)."""
+        key = self.weight_input.get(weight)
+        return key is not None and (self.inputs[key].sum_outer is not None
+                                    or key in self.deferred and self.replay is not None)
+
+    def full(self, weight: str) -> np.ndarray | None:
+        """E[xxᵀ] of the weight's input (float64): the held sums', or recomputed now (a new matrix each call: a
+        reader of deferred covariances holds one while it needs it)."""
+        key = self.weight_input.get(weight)
+        if key is None:
+            return None
+        s = self.inputs[key]
+        if s.sum_outer is None and key in self.deferred and self.replay is not None:
+            h = self.replay.sum_outer(key)
+            h /= max(s.n, 1)
+            return h
+        return s.full()
 
     def reindexed(self, columns: dict[str, np.ndarray]) -> "Calibration":
         """The statistics of a model whose weights named in `columns` read only those input channels, in that
@@ -130,7 +156,7 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         """What the manifest and the plan record about the calibration."""
-        full = sum(1 for s in self.inputs.values() if s.sum_outer is not None)
+        full = sum(1 for k, s in self.inputs.items() if s.sum_outer is not None or k in self.deferred)
         return {**self.info, "linear_weights": len(self.weight_input), "inputs": len(self.inputs),
                 "inputs_with_full_covariance": full}
 
@@ -152,6 +178,8 @@ class Calibration:
         if self.layer_cos is not None:
             arrays["layer_cos"] = self.layer_cos
         meta = {"keys": keys, "weight_input": self.weight_input, "info": self.info}
+        if self.deferred:
+            meta["deferred"] = sorted(self.deferred)
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
@@ -167,7 +195,7 @@ class Calibration:
                                        z[f"sum{i}"] if f"sum{i}" in z else None)
             counts = z["token_counts"] if "token_counts" in z else None
             cos = z["layer_cos"] if "layer_cos" in z else None
-        return cls(inputs, meta["weight_input"], counts, meta["info"], cos)
+        return cls(inputs, meta["weight_input"], counts, meta["info"], cos, frozenset(meta.get("deferred", ())))
 
 
 MIN_TOKENS = 64              # below this a calibration says nothing about a layer's inputs
@@ -207,11 +235,14 @@ def calibration_windows(tokens: list[int], ctx: int, n_windows: int, bos_id: int
 
 
 def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_FULL,
-            progress: Callable | None = None, full_for: frozenset[str] = frozenset()) -> Calibration:
+            progress: Callable | None = None, full_for: frozenset[str] = frozenset(),
+            defer_full: bool = False) -> Calibration:
     """Run the windows through the reference executor and accumulate every linear input's moments (the full
-    covariance of inputs up to `max_full` wide and of the weights named in `full_for`), and each layer's cosine
-    between its residual input and output."""
+    covariance of inputs up to `max_full` wide and of the weights named in `full_for`; with `defer_full` those
+    are left to a replay, see the module docstring), and each layer's cosine between its residual input and
+    output."""
     inputs: dict[str, InputStats] = {}
+    deferred: set[str] = set()
     weight_input: dict[str, str] = {}
     owner: dict[str, str] = {}
 
@@ -226,8 +257,10 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
         if s is None:
             width = x.shape[-1]
             full = width <= max_full or weight in full_for
-            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if full else None,
-                                         np.zeros(width))
+            if full and defer_full:
+                deferred.add(key)
+            s = inputs[key] = InputStats(0, np.zeros(width), np.zeros((width, width)) if full and not defer_full
+                                         else None, np.zeros(width))
         s.n += x.shape[0]
         s.sum_sq += np.einsum("ij,ij->j", x, x, dtype=np.float64)
         s.sum += x.sum(axis=0, dtype=np.float64)
@@ -282,7 +315,8 @@ def collect(graph: Graph, windows: list[list[int]], max_full: int = DEFAULT_MAX_
             s.sum_outer = (s.sum_outer + s.sum_outer.T) / 2
     return Calibration(inputs, weight_input, counts, {"windows": len(windows), "ctx": len(windows[0]),
                                                        "tokens": int(sum(len(w) for w in windows))},
-                       cos_sum / cos_n if cos_n else None)
+                       cos_sum / cos_n if cos_n else None, frozenset(deferred),
+                       MomentReplay(graph, windows) if deferred else None)
 
 
 def _embedding_name(graph: Graph) -> str:
@@ -340,15 +374,16 @@ def source_digest(graph: Graph) -> str:
 def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
               progress: Callable | None = None, use_cache: bool = True, source: CalibrationText | None = None,
               warn: Callable[[str], None] | None = None, full_for: frozenset[str] = frozenset(),
-              subset: tuple[int, int] = (0, 1), means: bool = False) -> Calibration:
+              subset: tuple[int, int] = (0, 1), means: bool = False, defer_full: bool = False) -> Calibration:
     """Calibration statistics for `graph`, from the cache when the same ones were computed before. `warn` hears
     when the text is shorter than the windows asked for. `means`: the first moments are needed (a cached entry
-    without them is computed again)."""
+    without them is computed again). `defer_full`: full covariances recomputed when read (`Calibration.full`), not
+    held; what the calibration records is the same."""
     source = source or default_calibration_text()
     text_sha = source.sha256 if source.is_default else f"{source.kind}:{source.sha256}"   # one file, two readings
     src = source_digest(graph)
     key = hashlib.sha256(json.dumps([CALIBRATION_VERSION, src, text_sha, n_windows, ctx, max_full, sorted(full_for),
-                                     list(subset)]).encode()).hexdigest()
+                                     list(subset)] + (["deferred"] if defer_full else [])).encode()).hexdigest()
     root = cache_dir() if use_cache else None
     path = None if root is None else root / "calibration" / f"{key[:32]}.npz"
     cached = read_entry(path)       # None when absent, or torn (then removed): computed again
@@ -359,6 +394,10 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
             if not means or all(s.sum is not None for s in cal.inputs.values()):
                 if warn is not None and cal.info.get("warning"):
                     warn(cal.info["warning"])
+                if cal.deferred:
+                    tokens, bos, add_bos = calibration_tokens(graph, source)
+                    cal.replay = MomentReplay(graph, calibration_windows(tokens, ctx, n_windows, bos, add_bos,
+                                                                         source, subset))
                 return cal
         except (OSError, ValueError, KeyError):
             pass
@@ -367,7 +406,7 @@ def calibrate(graph: Graph, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT
     if note is not None and warn is not None:
         warn(note)
     windows = calibration_windows(tokens, ctx, n_windows, bos, add_bos, source, subset)
-    cal = collect(graph, windows, max_full, progress, full_for)
+    cal = collect(graph, windows, max_full, progress, full_for, defer_full)
     cal.info.update({"source": "edgeq calibrate", **source.record(), "model_sha256": src, "max_full_width": max_full})
     if note is not None:
         cal.info["warning"] = note
@@ -428,10 +467,12 @@ class Calibrate(Pass):
 
     def __init__(self, n_windows: int = DEFAULT_WINDOWS, ctx: int = DEFAULT_CTX, max_full: int = DEFAULT_MAX_FULL,
                  imatrix_file: str | None = None, source: CalibrationText | None = None,
-                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1), means: bool = False):
-        """`means`: the first moments are needed (--prune-compensate)."""
+                 full_for: frozenset[str] = frozenset(), subset: tuple[int, int] = (0, 1), means: bool = False,
+                 defer_full: bool = False):
+        """`means`: the first moments are needed (--prune-compensate); `defer_full`: see `calibrate`."""
         self.source = source
         self.means = means
+        self.defer_full = defer_full
         self.n_windows = n_windows
         self.ctx_len = ctx
         self.max_full = max_full
@@ -444,7 +485,8 @@ class Calibrate(Pass):
             cal = calibration_from_imatrix(graph, read_imatrix(self.imatrix_file), self.imatrix_file)
         else:
             cal = calibrate(graph, self.n_windows, self.ctx_len, self.max_full, ctx.progress, source=self.source,
-                            warn=ctx.warn, full_for=self.full_for, subset=self.subset, means=self.means)
+                            warn=ctx.warn, full_for=self.full_for, subset=self.subset, means=self.means,
+                            defer_full=self.defer_full)
         ctx.analysis["calibration"] = cal
         ctx.record(self.name, **cal.to_json())
         return graph, plan

@@ -54,6 +54,7 @@ from edgeq.core.plan import Plan
 from edgeq.importers.calibration_text import CalibrationText
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import calibration_tokens, calibration_windows
+from edgeq.passes.calibrate_replay import segments
 
 
 def _sample(logits: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -176,26 +177,6 @@ def _backward_nodes(graph: Graph, lo: int, hi: int, args_of: dict[int, list], gr
     return linear, lookup
 
 
-def _segments(graph: Graph) -> list[tuple[int, int, str | None]]:
-    """[(first node, end, the one value live on entry or None for the graph's inputs)], cut wherever a single
-    value produced by a node (on a decoder: the residual stream) is all that later nodes still read."""
-    nodes = graph.nodes
-    last_use: dict[str, int] = {}
-    for i, n in enumerate(nodes):
-        for v in n.inputs:
-            last_use[v] = i
-    cuts: list[tuple[int, str | None]] = [(0, None)]
-    live: set[str] = set()
-    for i in range(1, len(nodes)):
-        out = nodes[i - 1].outputs[0]
-        if last_use.get(out, -1) >= i:
-            live.add(out)
-        live = {v for v in live if last_use[v] >= i}
-        if len(live) == 1:
-            cuts.append((i, next(iter(live))))
-    return [(lo, hi, v) for (lo, v), (hi, _) in zip(cuts, cuts[1:] + [(len(nodes), None)])]
-
-
 FISHER_VERSION = 2      # of the statistics' definition: part of the sensitivity cache's key
 
 
@@ -238,7 +219,7 @@ class FisherSource:
         graph, windows = self.graph, self.windows
         rng = np.random.default_rng(self.seed)
         ex = Executor(graph, cache_weights=False)
-        segs = _segments(graph)
+        segs = segments(graph)
         count = max(sum(len(w) for w in windows), 1)
         envs = [{"tokens": np.asarray(w, dtype=np.int64), "positions": np.arange(len(w)),
                  "token_types": np.zeros(len(w), dtype=np.int64)} for w in windows]

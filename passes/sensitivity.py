@@ -234,13 +234,15 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
             sc = scalings[key]
         u = None
         fcov = part.get(f"cov:{name}")
-        if gptq and name != embd and stats is not None and stats.sum_outer is not None:
+        if gptq and name != embd and calibration is not None and calibration.has_full(name):
             # The writer's H (the calibration's E[xxᵀ], passes/gptq.py), not the cost's C_F: the price is the
-            # cost of what is written (compensating through C_F priced weights no file holds).
+            # cost of what is written (compensating through C_F priced weights no file holds). One input's H at
+            # a time (its weights come one after another: q/k/v, gate/up), computed when first needed where the
+            # calibration defers full covariances, and dropped with the next input's.
             key = calibration.weight_input[name]
             if key not in hessians:
                 hessians.clear()
-                hessians[key] = Hessian.of(stats.full(), DEFAULT_DAMP, act_order)
+                hessians[key] = Hessian.of(calibration.full(name), DEFAULT_DAMP, act_order)
             u = hessians[key]
             priced += 1
         token_p = None
@@ -250,6 +252,9 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
                                        ranks if sc is not None else (), sc, part.get(name),
                                        part.get(f"lookup:{name}"), fcov, u)
         del w, part
+    hessians.clear()
+    if calibration is not None and calibration.replay is not None:
+        calibration.replay.drop()           # the plan's later passes need none of it
     missing = [n for n in decide if n not in options]
     if missing:
         raise EdgeqError(None, f"no Fisher statistics for {missing[0]} (a weight no linear or lookup reads)")

@@ -324,3 +324,66 @@ def test_a_plan_that_fixes_the_mlp_widths_is_compensated_after_the_narrowing(tin
                 lr, lg = log_softmax64(Executor(narrow).logits(ids)), log_softmax64(s.logits(ids))
                 kld[g] += float(np.mean(np.sum(np.exp(lr) * (lr - lg), -1)))
     assert kld[True] < 0.8 * kld[False], kld
+
+
+def test_deferred_covariances_are_the_held_ones_bit_for_bit(tiny_decoder_dir, tmp_path, monkeypatch):
+    """A budgeted GPTQ plan's calibration holds no full covariance: each is recomputed from stored residual streams
+    when the pricing reads it, and equals the one calibration would have held to the bit (so the costs, the plan
+    and the files are the same); a cached calibration recomputes them the same way; its record is the same."""
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.passes.fisher import FisherSource
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.registry import get_target
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    graph = import_model(tiny_decoder_dir)
+    held = calibrate(graph, n_windows=2, use_cache=False)
+    lazy, cached = (calibrate(graph, n_windows=2, defer_full=True) for _ in range(2))
+    for cal in (lazy, cached):
+        assert all(s.sum_outer is None for s in cal.inputs.values()) and cal.deferred == set(held.inputs)
+        assert cal.to_json() == held.to_json() and cal.imatrix().keys() == held.imatrix().keys()
+        for w in reversed(list(held.weight_input)):          # top down, as the Fisher stream asks
+            np.testing.assert_array_equal(cal.full(w), held.stats(w).full())
+    fmts = [f for f in candidate_formats("gguf") if f.name in ("q8_0", "q4_0")]
+    layout = get_target("gguf").layout(graph, fmts, [0], None, spec=graph_tokenizer_spec(graph))
+    tokens, bos, add_bos = calibration_tokens(graph)
+    fisher = FisherSource(graph, calibration_windows(tokens, DEFAULT_CTX, 1, bos, add_bos))   # the plan's cost
+    a, b = (compute_costs(graph, fmts, cal, layout, gptq=True, fisher=fisher) for cal in (held, lazy))
+    assert a.to_json() == b.to_json() and b.info["gptq"]["compensated_tensors"] == len(b.options) - 1
+
+
+def test_gptq_pricing_holds_one_input_covariance_at_a_time(tmp_path, monkeypatch):
+    """What GPTQ's pricing holds besides the calibration's diagonals, on a deep model whose input covariances
+    (float64, 20 layers) outweigh everything else: the peak allocation while pricing every weight stays below half
+    of holding every covariance (holding them, as the planner did, peaks above their total)."""
+    import tracemalloc
+
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.models.recipes.hf_folder import graph_to_hf_folder
+    from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
+    from edgeq.passes.sensitivity import compute_costs
+    from edgeq.targets.registry import get_target
+
+    monkeypatch.setenv("EDGEQ_CACHE", "off")
+    layers, width, inner = 20, 32, 256
+    cfg = tiny_config(vocab_size=300, hidden_size=width, intermediate_size=inner, n_layers=layers, n_heads=2,
+                      n_kv_heads=1, head_dim=16, context_length=128, tied_embeddings=True)
+    graph = import_model(graph_to_hf_folder(random_llama(cfg, seed=3, scale=0.08), tmp_path / "m",
+                                            byte_level_spec(300)))
+    fmts = [f for f in candidate_formats("gguf") if f.name == "q8_0"]
+    fmts[0].roundtrip(np.ones((4, 64), dtype=np.float32), None)      # the quantizer's one-off set-up, not traced
+    layout = get_target("gguf").layout(graph, fmts, [0], None, spec=graph_tokenizer_spec(graph))
+    total = layers * 8 * (3 * width ** 2 + inner ** 2)      # every input's covariance: q/k/v's, o's, gate/up's, down's
+    peaks = {}
+    for defer in (True, False):
+        tracemalloc.start()
+        cal = calibrate(graph, n_windows=2, ctx=64, use_cache=False, defer_full=defer)
+        tracemalloc.reset_peak()             # (the calibration text's tokens come and go before)
+        table = compute_costs(graph, fmts, cal, layout, gptq=True)
+        peaks[defer] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert table.info["gptq"]["compensated_tensors"] == layers * 7
+        del cal, table
+    assert peaks[False] > total and peaks[True] < total / 2, (peaks, total)

@@ -164,11 +164,15 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         # (their diagonals), and on a big model the covariances alone cost gigabytes. Sorting the MLPs needs
         # the covariance of each down projection's input, whatever its width.
         # GPTQ's writer takes each layer's H from its own run; its pricing compensates through these (the
-        # writer's H), so the ILP prices what is written.
-        full = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher" or opts.gptq)
+        # writer's H), so the ILP prices what is written: it reads each input's only while pricing that input's
+        # weights, so where nothing else reads them they are recomputed then, one at a time, not held
+        # (`defer_full`; the same matrices, bit for bit).
+        # (sorting MLPs, the search's among them, reads the down projections' covariances too: held then)
+        held = ranks or prune or search and (opts.method in ("dynaquant", "search") or search_cost(opts) != "fisher")
+        full = held or search and opts.gptq
         max_full = DEFAULT_MAX_FULL if full else 0
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
-                                max_full=max_full,
+                                max_full=max_full, defer_full=full and not held,
                                 full_for=_full_for(graph, max_full, opts.prune_attention) if prune else frozenset(),
                                 subset=opts.calib_subset, means=prune and opts.prune_compensate))
     if search:
