@@ -167,12 +167,12 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         # writer's H), so the ILP prices what is written: it reads each input's only while pricing that input's
         # weights, so where nothing else reads them they are recomputed then, one at a time, not held
         # (`defer_full`; the same matrices, bit for bit).
-        # (sorting MLPs, the search's among them, reads the down projections' covariances too: held then)
-        held = ranks or prune or search and (opts.method in ("dynaquant", "search") or search_cost(opts) != "fisher")
+        held = ranks or search and (opts.method == "dynaquant" or search_cost(opts) != "fisher")
         full = held or search and opts.gptq
         max_full = DEFAULT_MAX_FULL if full else 0
+        # sorting MLPs (the search's, a plan's widths) reads the down projections' covariances too: held then
         passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
-                                max_full=max_full, defer_full=full and not held,
+                                max_full=max_full, defer_full=full and not held and not prune,
                                 full_for=_full_for(graph, max_full, opts.prune_attention) if prune else frozenset(),
                                 subset=opts.calib_subset, means=prune and opts.prune_compensate))
     if search:
