@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard-mb", type=int, default=1000, help="shard size of the checkpoint (MiB)")
     p.add_argument("--quant", default="q4_0")
+    p.add_argument("--bpw", type=float, help="a budgeted export at this many bits per weight instead of --quant "
+                   "(the planner's default path: calibration, Fisher cost, sensitivity, ILP, GPTQ)")
     p.add_argument("--no-calibration", action="store_true", help="pass --no-calibration to the export")
     p.add_argument("--workdir", help="where the checkpoint and bundle go (default: a temporary folder, removed)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for big_model.json")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         t_write = time.perf_counter() - t0
         log(f"{n_params / 1e9:.3f} B parameters, {ckpt_bytes / 2**30:.2f} GiB of safetensors in "
             f"{len(list(ckpt.glob('*.safetensors')))} shards ({t_write:.0f} s)")
-        cmd = [sys.executable, "-m", "edgeq.cli", "export", "--model", str(ckpt), "--quant", args.quant,
+        how = ["--bpw", str(args.bpw)] if args.bpw else ["--quant", args.quant]
+        cmd = [sys.executable, "-m", "edgeq.cli", "export", "--model", str(ckpt), *how,
                "-o", str(bundle), "--quiet"] + (["--no-calibration"] if args.no_calibration else [])
         log("exporting in a child process: " + " ".join(cmd[1:]))
         m = measure(cmd)
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                       "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab},
             "checkpoint_bytes": ckpt_bytes,
             "checkpoint_dtype": "float16",
-            "quant": args.quant,
+            "quant": None if args.bpw else args.quant,
+            "bpw": args.bpw,
             "calibration": manifest.get("calibration", {}).get("enabled"),
             "gguf_bytes": gguf.stat().st_size,
             "peak_rss_bytes": m["peak_rss_bytes"],
@@ -152,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "big_model.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / ("big_model.json" if not args.bpw else f"big_model_bpw{args.bpw:g}.json")).write_text(json.dumps(result, indent=1) + "\n")
         print(f"{n_params / 1e9:.3f} B params; float16 checkpoint {ckpt_bytes / 2**30:.2f} GiB; "
-              f"{args.quant} GGUF {result['gguf_bytes'] / 2**30:.2f} GiB; export peak RSS "
+              f"{args.quant if not args.bpw else f'{args.bpw:g} bpw'} GGUF {result['gguf_bytes'] / 2**30:.2f} GiB; export peak RSS "
               f"{m['peak_rss_bytes'] / 2**30:.2f} GiB = {ratio:.2f}x the checkpoint "
               f"({'within' if ratio < BOUND else 'OVER'} the {BOUND}x bound); export {m['wall_s']:.0f} s")
         return 0

@@ -34,13 +34,27 @@ class LlamaConfig:
     context_length: int = 2048
     rope_scaling: dict[str, Any] | None = None   # {"type": "linear", "factor": f} ; llama3 factors come as a tensor
     attention_bias: bool = False
+    # each layer's MLP width where the layers differ (a pruned or searched model, llama.cpp's `deci` architecture);
+    # None: every layer has intermediate_size (which is then the widest)
+    ffn_widths: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["ffn_widths"] is None:
+            del d["ffn_widths"]      # a uniform model's record stays what it was before per-layer widths existed
+        else:
+            d["ffn_widths"] = list(d["ffn_widths"])
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "LlamaConfig":
+        d = dict(d)
+        if d.get("ffn_widths") is not None:
+            d["ffn_widths"] = tuple(d["ffn_widths"])
         return cls(**d)
+
+    def ffn_width(self, layer: int) -> int:
+        return self.intermediate_size if self.ffn_widths is None else self.ffn_widths[layer]
 
 
 # --- names -----------------------------------------------------------------
@@ -89,11 +103,12 @@ def hf_name(gguf: str) -> str | None:
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape (numpy order) for every tensor the family defines, in canonical order."""
-    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.n_heads * d, cfg.n_kv_heads * d
     out: dict[str, tuple[int, ...]] = {names.EMBED: (cfg.vocab_size, h)}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
+        f = cfg.ffn_width(i)
         out[p + "input_layernorm.weight"] = (h,)
         out[p + "self_attn.q_proj.weight"] = (q, h)
         out[p + "self_attn.k_proj.weight"] = (kv, h)
@@ -152,6 +167,12 @@ def check_config(cfg: LlamaConfig, path=None, source: str = "config") -> LlamaCo
         v = getattr(cfg, name)
         if type(v) is not int or not 0 < v <= top:
             raise EdgeqError(path, f"implausible {name} = {v!r} in the {source} (expected 1..{top})")
+    if cfg.ffn_widths is not None:
+        top = LIMITS["intermediate_size"]
+        if (len(cfg.ffn_widths) != cfg.n_layers
+                or any(type(v) is not int or not 0 < v <= top for v in cfg.ffn_widths)):
+            raise EdgeqError(path, f"implausible per-layer MLP widths in the {source} (expected {cfg.n_layers} "
+                                   f"widths in 1..{top})")
     if cfg.n_heads % cfg.n_kv_heads:
         raise EdgeqError(path, f"inconsistent attention heads ({cfg.n_heads} heads, {cfg.n_kv_heads} KV heads)")
     for name in ("rope_theta", "rms_eps"):
@@ -168,47 +189,77 @@ def _number(v: Any, key: str, path, kind: type, source: str):
     return number(v, key, path, kind, source)
 
 
+PER_LAYER_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
+
+# llama.cpp's two architectures for this family: `deci` is Llama whose layers may differ (per-layer FFN and head
+# counts, from Nemotron); edgeq writes it for models whose MLP widths differ (a pruned or searched plan)
+GGUF_ARCHITECTURES = ("llama", "deci")
+
+
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path=None) -> LlamaConfig:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise EdgeqError(path, f"unsupported architecture {str(arch)[:60]!r} (edgeq imports llama-architecture GGUF "
-                               "files)")
+    if arch not in GGUF_ARCHITECTURES:
+        raise EdgeqError(path, f"unsupported architecture {str(arch)[:60]!r} (edgeq imports llama- and "
+                               "deci-architecture GGUF files)")
 
     def num(key: str, kind: type = int, default=None):
-        full = f"llama.{key}"
+        full = f"{arch}.{key}"
         if full not in meta:
             if default is None:
                 raise EdgeqError(path, f"missing metadata key {full}")
             return default
-        return _number(meta[full], full, path, kind, "GGUF metadata")
+        v = meta[full]
+        if isinstance(v, list) and kind is int and key in PER_LAYER_KEYS:
+            if not v or len(v) > LIMITS["n_layers"]:
+                raise EdgeqError(path, f"implausible {full}: {len(v)} per-layer values")
+            return [_number(x, full, path, kind, "GGUF metadata") for x in v]
+        return _number(v, full, path, kind, "GGUF metadata")
 
-    n_heads = num("attention.head_count")
+    def one(key: str, default=None) -> int:
+        """A count every layer shares: a per-layer list (deci) must hold one value."""
+        v = num(key, default=default)
+        if isinstance(v, list):
+            if len(set(v)) != 1:
+                raise EdgeqError(path, f"per-layer {arch}.{key} that differs between layers ({sorted(set(v))[:4]}) "
+                                       "is not supported (edgeq's layers share their attention shape)")
+            v = v[0]
+        return v
+
+    n_heads = one("attention.head_count")
     hidden = num("embedding_length")
     if n_heads <= 0:
-        raise EdgeqError(path, f"implausible llama.attention.head_count = {n_heads}")
-    n_kv = num("attention.head_count_kv", default=n_heads)
+        raise EdgeqError(path, f"implausible {arch}.attention.head_count = {n_heads}")
+    n_kv = one("attention.head_count_kv", default=n_heads)
     head_dim = num("attention.key_length", default=hidden // n_heads)
-    vocab = meta.get("llama.vocab_size")
+    vocab = meta.get(f"{arch}.vocab_size")
     if vocab is None:
         tokens = meta.get("tokenizer.ggml.tokens", [])
         vocab = len(tokens) if isinstance(tokens, list) else 0
     scaling = None
-    stype = meta.get("llama.rope.scaling.type")
+    stype = meta.get(f"{arch}.rope.scaling.type")
     if stype and stype != "none":
         if stype != "linear":
             raise EdgeqError(path, f"unsupported rope scaling type {str(stype)[:40]!r} (supported: none, linear, "
                                    "llama3 frequency factors)")
         scaling = {"type": "linear", "factor": num("rope.scaling.factor", float)}
-    elif "llama.rope.scale_linear" in meta:
+    elif f"{arch}.rope.scale_linear" in meta:
         scaling = {"type": "linear", "factor": num("rope.scale_linear", float)}
     rope_dims = num("rope.dimension_count", default=head_dim)
     if rope_dims != head_dim:
         raise EdgeqError(path, f"partial RoPE (rope.dimension_count {rope_dims} != head dim {head_dim}) is not supported")
+    n_layers = num("block_count")
+    ffn = num("feed_forward_length")
+    widths = None
+    if isinstance(ffn, list):
+        if len(ffn) != n_layers:
+            raise EdgeqError(path, f"{arch}.feed_forward_length has {len(ffn)} values for {n_layers} layers")
+        widths = None if len(set(ffn)) == 1 else tuple(ffn)
+        ffn = max(ffn)
     cfg = LlamaConfig(
-        vocab_size=_number(vocab, "llama.vocab_size", path, int, "GGUF metadata"),
+        vocab_size=_number(vocab, f"{arch}.vocab_size", path, int, "GGUF metadata"),
         hidden_size=hidden,
-        intermediate_size=num("feed_forward_length"),
-        n_layers=num("block_count"),
+        intermediate_size=ffn,
+        n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=n_kv,
         head_dim=head_dim,
@@ -218,6 +269,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], path=None) ->
         context_length=num("context_length", default=2048),
         rope_scaling=scaling,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
+        ffn_widths=widths,
     )
     return check_config(cfg, path, "GGUF metadata")
 

@@ -293,7 +293,7 @@ def test_a_plan_that_fixes_the_mlp_widths_is_compensated_after_the_narrowing(tin
     import json
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
-    widths = (288, 288)          # one width: llama.cpp's `llama` architecture, which edgeq's importer reads back
+    widths = (288, 224)          # layers that differ: llama.cpp's `deci` architecture
     tensors = {n: {"format": "q4_0", "keep": k} for i, k in enumerate(widths) for n in llama.mlp_weights(i)}
     path = tmp_path / "keep.json"
     path.write_text(json.dumps({"preset": "q4_0", "tensors": tensors}))
@@ -309,7 +309,7 @@ def test_a_plan_that_fixes_the_mlp_widths_is_compensated_after_the_narrowing(tin
     comp = import_gguf(tmp_path / "bTrue" / "model.gguf")
     names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"
              and n != "model.embed_tokens.weight"]
-    assert comp.weights[llama.mlp_weights(1)[2]].shape[1] == 288 and len(names) == 2 * 7
+    assert llama.mlp_widths(comp) == list(widths) and len(names) == 2 * 7
     cal = calibrate(source, n_windows=2).reindexed({llama.mlp_weights(i)[2]: c for i, c in channels.items()})
     _assert_compensated_through(comp, comp, narrow, names, cal.imatrix())
     # on text the calibration did not see (windows 2 and 5 of 8 spread over it; its 2 were the first and the last)

@@ -176,6 +176,39 @@ def test_a_plan_can_fix_the_widths(env, tiny_decoder_dir, source):
     with runtime.load(out) as s:
         assert _kld(Executor(llama.prune_mlp(source, channels)).logits(ids), s.logits(ids)) <= 1e-4
 
+    # the file edgeq wrote is a model edgeq reads back (`edgeq export --model` of a searched GGUF): the same weights,
+    # and exporting it again writes the same tensors
+    from edgeq.importers.gguf import import_gguf
+
+    back = import_gguf(out / "model.gguf")
+    narrowed = llama.prune_mlp(source, channels)
+    assert back.config.ffn_widths == (384, 160) and llama.mlp_widths(back) == [384, 160]
+    assert back.weights.keys() == narrowed.weights.keys()
+    assert all(np.array_equal(back.weights[n].numpy(), narrowed.weights[n].numpy()) for n in back.weights)
+    again = env / "keep-again"
+    _export(again, out / "model.gguf", quant="f32", calibration=False)
+    r2 = GGUFReader(again / "model.gguf")
+    assert bytes(r2.fields["general.architecture"].parts[-1]).decode() == "deci"
+    assert {t.name: bytes(t.data) for t in r2.tensors} == {t.name: bytes(t.data) for t in r.tensors}
+
+
+def test_a_deci_file_whose_layers_differ_in_attention_is_refused(tmp_path):
+    """llama.cpp's `deci` may give layers their own head counts (or none); edgeq's layers share one attention shape,
+    so such a file is one clear error, not a wrong model."""
+    from edgeq.core.errors import EdgeqError
+
+    meta = {"general.architecture": "deci", "deci.embedding_length": 64, "deci.block_count": 2,
+            "deci.attention.head_count": [4, 0], "deci.feed_forward_length": [128, 96], "deci.vocab_size": 300,
+            "deci.attention.layer_norm_rms_epsilon": 1e-5}
+    with pytest.raises(EdgeqError, match="deci.attention.head_count that differs between layers"):
+        llama.config_from_gguf(meta, set(), tmp_path / "x.gguf")
+    cfg = llama.config_from_gguf({**meta, "deci.attention.head_count": [4, 4]}, set(), tmp_path / "x.gguf")
+    assert (cfg.intermediate_size, cfg.ffn_widths) == (128, (128, 96))
+    assert llama.expected_shapes(cfg)["model.layers.1.mlp.down_proj.weight"] == (64, 96)
+    with pytest.raises(EdgeqError, match="3 values for 2 layers"):
+        llama.config_from_gguf({**meta, "deci.attention.head_count": 4, "deci.feed_forward_length": [1, 2, 3]},
+                               set(), tmp_path / "x.gguf")
+
 
 def test_orders_and_allocations():
     rng = np.random.default_rng(0)
