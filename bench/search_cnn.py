@@ -2,8 +2,10 @@
 int8 model's latency, beside a uniformly slimmed int8 model of the same latency.
 
 Steps: train the once-for-all supernet (seeded, CPU minutes); measure its per-layer latency table (whole subnets
-timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile); search under --ratio x the full
-int8 model's predicted latency; export through the normal pipeline (edgeq.export_module with the plan): the full
+timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile); time the full int8 model and
+search under --ratio x its measured latency, timing every measured point (expensive labels, finalists from the
+evolution run at several levels of the limit) interleaved with the full int8 model and choosing the most accurate
+one measured within --ratio less the margin (compile/search_cnn.FinalistTiming); export through the normal pipeline (edgeq.export_module with the plan): the full
 int8 model, the full float model, the searched model and every uniformly slimmed int8 model (each stage at the same
 share of its channels); then measure all of them in one interleaved run (batch 1, --threads, spinning off, medians)
 and on the 500 held-out test images (never seen by the supernet's training or the search, which labels on
@@ -44,13 +46,15 @@ def main() -> None:
                     help="supernet width multiplier (default 4: at 1, batch-1 latency is per-kernel overhead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--runs-per-round", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--runs-per-round", type=int, default=10)
     ap.add_argument("--population", type=int, default=24)
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--expensive-labels", type=int, default=8)
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
+    ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
+                                                 "(default: the search's)")
     ap.add_argument("--out", default="bench/results/search_cnn.json")
     a = ap.parse_args()
 
@@ -71,6 +75,8 @@ def main() -> None:
                          table=TableSettings(threads=a.threads))
     if a.sandwich_epochs is not None:
         o.sandwich_epochs = a.sandwich_epochs
+    if a.margin is not None:
+        o.timing.margin = a.margin
     sn = build_supernet(o)
     t_train = time.time() - t0
     s = run_search(o, log=print, supernet=sn)
@@ -130,9 +136,16 @@ def main() -> None:
                  "accuracy_ok": ref["test_accuracy"] - srch["test_accuracy"] <= 0.01,
                  "uniform_same_latency": uni and uni["variant"],
                  "uniform_next_wider": uni_wider and uni_wider["variant"]}
+        timed = s.result.record.get("timed", {})
+        print(f"\nthe search's timed pick (full int8 {timed.get('full_int8_ms')} ms; within {timed.get('limit_ratio')}x: "
+              f"{timed.get('within_limit')}):")
+        for q in sorted(timed.get("points", []), key=lambda q: q["ratio"]):
+            print(f"  {'/'.join(map(str, q['widths'])):>16s} {sum(f == 'int8' for f in q['formats'])}/"
+                  f"{len(q['formats'])} int8  val error {q['val_error']:.4f}  pred {q['predicted_ms']:.4f} ms  "
+                  f"measured {q['measured_ms']:.4f} ms  {q['ratio']:.3f}x")
         print(f"\ndigits CNN supernet (scale {a.scale}), {len(sn.data.y_test)} held-out test images, batch 1, "
               f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; limit {a.ratio} x full int8 "
-              f"predicted = {s.budget_ms:.4f} ms")
+              f"measured ({s.full_int8_ms:.4f} ms) = {s.budget_ms:.4f} ms")
         print(f"{'variant':26s} {'widths':>9s} {'int8 layers':>11s} {'acc':>7s} {'pred ms':>8s} {'ms':>8s} "
               f"{'p10':>7s} {'p90':>7s} {'x int8':>7s}")
         for r in rows.values():
@@ -149,6 +162,7 @@ def main() -> None:
                       "name": sn.name, "full": sn.full, "menus": sn.menus, "stages": list(sn.stages),
                       "train_seconds": round(t_train, 1)},
                   "search_seconds": round(t_search, 1), "budget_ms": s.budget_ms,
+                  "measured_full_int8_ms_at_search": s.full_int8_ms,
                   "latency_table": {"coef": s.table.coef, "fit": s.table.fit, "device": s.table.device},
                   "search": s.result.record, "rows": list(rows.values()), "check": check,
                   "cpu_flags": isa_flags(), "load_avg": load_average(), "onnxruntime": ort.__version__}

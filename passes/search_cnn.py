@@ -23,11 +23,12 @@ Deterministic: the same supernet, table, labels and seed give the same point.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.models.cnn import StageLayer
 from edgeq.passes.search import SearchSettings, _unique, evolve
@@ -103,11 +104,21 @@ class CnnSearchResult:
     record: dict[str, Any]
 
 
+Pick = Callable[[dict[Candidate, float]], tuple[Candidate, dict[str, Any]]]
+
+
 def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[int, ...]], float],
                measure: Callable[[list[Candidate]], list[float]] | None, s: SearchSettings,
-               progress: Callable | None = None) -> CnnSearchResult:
+               progress: Callable | None = None, levels: tuple[float, ...] = (1.0,), pick: Pick | None = None) \
+        -> CnnSearchResult:
     """The best point within `budgets`: `cheap_error(widths)` labels the pre-training, `measure(points)` the real
-    errors (expensive labels, finalists)."""
+    errors (expensive labels, finalists).
+
+    `levels`: the evolution runs once per level, under the latency limit times it, and each run's best
+    `s.finalists` points are finalists; a level above 1 admits points the table predicts over the limit, so it is
+    for a `pick` that times the points for real. `pick(measured)` chooses among every measured point (expensive
+    labels and finalists, with their real errors) and returns its record; without it, the best measured point
+    within the budgets wins (ties to the faster), which is deterministic."""
     anchor = space.feasible_anchor(budgets)             # one clear error when nothing meets the budget
     rng = np.random.default_rng(s.seed)
     pts = [space.random(rng) for _ in range(s.cheap_labels)]
@@ -134,14 +145,29 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
     def score(cs: list[Candidate]) -> np.ndarray:
         return predictor.predict(np.array([space.features(c) for c in cs]))
 
-    uniform = [c for c in space.uniform_slim("int8") + space.uniform_slim("f32") if space.measures(c).meets(budgets)]
-    seeds = _unique([anchor] + uniform + list(measured))
-    ranked = evolve(space, score, budgets, seeds, anchor, rng, s, progress)
-    finalists = ranked[:max(1, s.finalists)]
+    uniform = space.uniform_slim("int8") + space.uniform_slim("f32")
+    finalists: list[Candidate] = []
+    level_of: dict[Candidate, float] = {}
+    for level in levels:
+        b = replace(budgets, latency_ms=budgets.latency_ms * level) if budgets.latency_ms is not None else budgets
+        try:
+            a = anchor if space.measures(anchor).meets(b) else space.feasible_anchor(b)
+        except EdgeqError:
+            continue                                    # a level below what the space reaches: nothing to add
+        seeds = _unique([a] + [c for c in uniform + list(measured) if space.measures(c).meets(b)])
+        ranked = evolve(space, score, b, seeds, a, rng, s, progress)
+        for c in [c for c in ranked if c not in level_of][:max(1, s.finalists)]:
+            level_of[c] = level
+            finalists.append(c)
+    pick_record: dict[str, Any] = {}
     if measure is not None and s.finalists:
         todo = [c for c in finalists if c not in measured]
         measured.update(zip(todo, measure(todo)))
-        best = min(measured, key=lambda c: (measured[c], space.measures(c).latency_ms, list(measured).index(c)))
+        if pick is not None:
+            best, pick_record = pick(measured)
+        else:
+            within = [c for c in measured if space.measures(c).meets(budgets)]
+            best = min(within, key=lambda c: (measured[c], space.measures(c).latency_ms, list(measured).index(c)))
     else:
         best = finalists[0]
 
@@ -151,6 +177,8 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
              "predicted_latency_ms": round(m.latency_ms, 5), "weight_bytes": m.bytes,
              "cheap_error": round(cheap_of(c.widths), 6),
              "predicted_log_error": round(float(score([c])[0]), 6)}
+        if c in level_of:
+            d["level"] = level_of[c]
         if c in measured:
             d["val_error"] = round(measured[c], 6)
         return d
@@ -160,6 +188,10 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
               "cheap_widths": n_cheap, "measured_configurations": len(measured),
               "finalists": [point(c) for c in finalists], "chosen": point(best),
               "expensive_labels": [point(c) for c in measured]}
+    if list(levels) != [1.0]:
+        record["levels"] = list(levels)
+    if pick_record:
+        record["timed"] = pick_record
     return CnnSearchResult(best, finalists, measured, record)
 
 
