@@ -140,8 +140,7 @@ def main() -> None:
         print(f"\nthe search's timed pick (full int8 {timed.get('full_int8_ms')} ms; within {timed.get('limit_ratio')}x: "
               f"{timed.get('within_limit')}):")
         for q in sorted(timed.get("points", []), key=lambda q: q["ratio"]):
-            print(f"  {'/'.join(map(str, q['widths'])):>16s} {sum(f == 'int8' for f in q['formats'])}/"
-                  f"{len(q['formats'])} int8  val error {q['val_error']:.4f}  pred {q['predicted_ms']:.4f} ms  "
+            print(f"  {'/'.join(map(str, q['widths'])):>16s} {int8_layers(sn, q)} int8  val cross-entropy {q['val_loss']:.4f}  pred {q['predicted_ms']:.4f} ms  "
                   f"measured {q['measured_ms']:.4f} ms  {q['ratio']:.3f}x")
         print(f"\ndigits CNN supernet (scale {a.scale}), {len(sn.data.y_test)} held-out test images, batch 1, "
               f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; limit {a.ratio} x full int8 "
@@ -150,7 +149,7 @@ def main() -> None:
               f"{'p10':>7s} {'p90':>7s} {'x int8':>7s}")
         for r in rows.values():
             print(f"{r['variant']:26s} {'/'.join(map(str, r['widths'])):>9s} "
-                  f"{sum(f == 'int8' for f in r['formats']):>5d}/{len(r['formats']):<5d} {r['test_accuracy']:7.4f} "
+                  f"{int8_layers(sn, r):>11s} {r['test_accuracy']:7.4f} "
                   f"{r['predicted_ms']:8.4f} {r['ms_median']:8.4f} {r['ms_p10']:7.4f} {r['ms_p90']:7.4f} "
                   f"{r['vs_full_int8']:7.3f}")
         print(f"check: searched at {check['latency_vs_full_int8']:.3f}x full int8 latency (limit {a.ratio}), "
@@ -174,6 +173,12 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def int8_layers(sn, r: dict) -> str:
+    """'k/n': int8 layers of the layers the point runs (a skipped block's layers are not counted)."""
+    on = [f for l, f in zip(sn.layers, r["formats"]) if l.present(r["widths"])]
+    return f"{sum(f == 'int8' for f in on)}/{len(on)}"
 
 
 def plot(result: dict, path: Path) -> None:

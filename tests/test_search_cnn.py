@@ -24,7 +24,7 @@ from edgeq.core.executor import Executor
 from edgeq.models.cnn import StageLayer, mixed_activations, quantized_activations
 from edgeq.passes.search import SearchSettings
 from edgeq.passes.search_cnn import CnnSpace, search_cnn
-from edgeq.passes.search_space import Budgets
+from edgeq.passes.search_space import Budgets, Candidate
 from edgeq.predictor.cnn_table import CnnLatencyTable
 
 TINY = SearchSettings(population=8, generations=3, cheap_labels=24, expensive_labels=2, finalists=1, seed=5)
@@ -131,7 +131,7 @@ def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, 
     try:
         pa = a.plan(a.result.best)
         assert a.space.measures(a.result.best).latency_ms <= a.budget_ms
-        assert pa.search["chosen"]["val_error"] == round(a.result.measured[a.result.best], 6)
+        assert pa.search["chosen"]["val_loss"] == round(a.result.measured[a.result.best], 6)
         fm = a.space.format_names(a.result.best)
     finally:
         a.models.close()
@@ -216,7 +216,8 @@ def test_levels_and_pick_choose_on_measured_latency():
 
     picked = {}
 
-    def pick(measured):
+    def pick(measured, score):
+        assert score(list(measured)).shape == (len(measured),)
         within = [c for c in measured if device(c) <= limit]
         best = min(within, key=lambda c: (measured[c], device(c)))
         picked["pool"] = list(measured)
@@ -250,10 +251,25 @@ def test_timed_search_limits_by_measured_latency(supernet, table_file):
         chosen = next(p for p in rec["points"] if p["widths"] == list(s.result.best.widths)
                       and p["formats"] == list(s.space.format_names(s.result.best)))
         if within:
-            assert chosen["val_error"] == min(p["val_error"] for p in within) and chosen["ratio"] <= rec["limit_ratio"]
+            assert chosen["val_loss"] == min(p["val_loss"] for p in within) and chosen["ratio"] <= rec["limit_ratio"]
         else:
             assert chosen["ratio"] == min(p["ratio"] for p in rec["points"])
         assert {f["level"] for f in s.result.record["finalists"]} <= {1.1, 0.9}
         assert s.plan(s.result.best).search["measured_full_int8_ms"] == round(s.full_int8_ms, 5)
     finally:
         s.models.close()
+
+
+def test_canonical_point_drops_what_skipped_layers_use(supernet):
+    """With the residual block skipped, its inner width, kernel size and formats are one model: one canonical
+    point (what only skipped layers use at full width and int8), with the same predicted latency."""
+    layers, full = supernet.layers, supernet.full
+    space = CnnSpace(layers, full, supernet.menus, lambda w, f: float(sum(l.macs(w) for l in layers)),
+                     channel_stages=supernet.channel_stages)
+    f32, q = 0, 1
+    skipped = Candidate((f32, f32, f32, q, f32), (12, 8, 24, 0, 1, 3))
+    c = space.canonical(skipped)
+    assert c == Candidate((f32, q, q, q, f32), (12, 16, 24, 0, 3, 3))
+    assert space.measures(c).latency_ms == space.measures(skipped).latency_ms
+    kept = Candidate((f32, f32, q, q, f32), (12, 8, 24, 1, 1, 3))
+    assert space.canonical(kept) == kept and space.canonical(c) == c

@@ -37,7 +37,7 @@ from edgeq.models.cnn import mixed_activations, weight_nodes
 from edgeq.passes import Context, run_passes
 from edgeq.passes.calibrate_ranges import CalibrateRanges
 from edgeq.passes.search import SearchSettings
-from edgeq.passes.search_cnn import CnnSearchResult, CnnSpace, search_cnn, smoothed_error, uniform_widths
+from edgeq.passes.search_cnn import CnnSearchResult, CnnSpace, cross_entropy, search_cnn, uniform_widths
 from edgeq.passes.search_space import Budgets, Candidate
 from edgeq.predictor.cnn_table import CnnLatencyTable, features
 from edgeq.runtime.latency import device_facts, interleaved_times
@@ -164,14 +164,15 @@ class SubnetModels:
         return len(mixed_activations(g, {l.weight for l, f in zip(self.sn.layers, formats) if f == "int8"}))
 
     def error(self, points: list[tuple[tuple[int, ...], tuple[str, ...]]], split: str = "val") -> list[float]:
-        """Real error of each point in onnxruntime on the validation (or test) images."""
+        """Real error of each point in onnxruntime on the validation (or test) images: the cross-entropy of their
+        labels (passes/search_cnn.cross_entropy)."""
         d = self.sn.data
         x, y = (d.x_val, d.y_val) if split == "val" else (d.x_test, d.y_test)
         out = []
         for w, f in points:
             s = self.session(self.onnx(w, f))
             logits = s.run(["logits"], {"images": x})[0]
-            out.append(smoothed_error(int(np.sum(logits.argmax(-1) == y)), len(y)))
+            out.append(cross_entropy(logits, y))
         return out
 
     def time(self, points: list[tuple[tuple[int, ...], tuple[str, ...]]], rounds: int, per_round: int,
@@ -359,10 +360,9 @@ def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Calla
         def measure(points: list[Candidate]) -> list[float]:
             return executor.map(points, progress, "search: real int8 error (onnxruntime)")
 
-        n_val = len(sn.data.y_val)
         extra = {"levels": o.timing.levels, "pick": timed_pick(models, space, o.latency_ratio, o.timing)} \
             if timed else {}
-        result = search_cnn(space, budgets, lambda w: smoothed_error(round(sn.accuracy(w) * n_val), n_val),
+        result = search_cnn(space, budgets, sn.loss,
                             measure, o.settings, progress, **extra)
         return CnnSearch(sn, models, table, space, result, float(budget), full_ms)
     except BaseException:
@@ -372,12 +372,16 @@ def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Calla
 
 def timed_pick(models: SubnetModels, space: CnnSpace, ratio: float, t: FinalistTiming):
     """APQ's "re-measure the finalists for real", for latency too: every measured point is timed interleaved with
-    the full int8 model, and the most accurate (validation error; ties to the faster) whose measured ratio is within
-    `ratio` x (1 - margin) is chosen. If none is, the fastest is, and the record says so. Why: the table's error
+    the full int8 model, and the most accurate (validation cross-entropy) whose measured ratio is within
+    `ratio` x (1 - margin) is chosen, ties to the accuracy predictor's estimate, then
+    to the faster. If none is, the fastest is, and the record
+    says so. Why: the table's error
     (about 10 % mean on held-out subnets) is what an evolution under a predicted limit finds and exploits."""
 
-    def pick(measured: dict[Candidate, float]) -> tuple[Candidate, dict[str, Any]]:
+    def pick(measured: dict[Candidate, float], score: Callable[[list[Candidate]], np.ndarray]) \
+            -> tuple[Candidate, dict[str, Any]]:
         pool = list(measured)
+        predicted = dict(zip(pool, score(pool)))
         full = tuple(models.sn.full)
         times = models.time([(full, ("int8",) * len(models.sn.layers))]
                             + [(c.widths, space.format_names(c)) for c in pool], t.rounds, t.per_round)
@@ -385,12 +389,12 @@ def timed_pick(models: SubnetModels, space: CnnSpace, ratio: float, t: FinalistT
         ratios = {c: tm["median"] / ref for c, tm in zip(pool, times[1:])}
         limit = ratio * (1 - t.margin)
         within = [c for c in pool if ratios[c] <= limit]
-        best = min(within, key=lambda c: (measured[c], ratios[c], pool.index(c))) if within else \
+        best = min(within, key=lambda c: (measured[c], predicted[c], ratios[c], pool.index(c))) if within else \
             min(pool, key=lambda c: (ratios[c], measured[c], pool.index(c)))
         record = {"full_int8_ms": round(ref, 5), "ratio": ratio, "margin": t.margin, "limit_ratio": round(limit, 4),
                   "within_limit": bool(within), "rounds": t.rounds, "per_round": t.per_round,
                   "points": [{"widths": list(c.widths), "formats": list(space.format_names(c)),
-                              "val_error": round(measured[c], 6), "measured_ms": round(tm["median"], 5),
+                              "val_loss": round(measured[c], 6), "measured_ms": round(tm["median"], 5),
                               "predicted_ms": round(space.measures(c).latency_ms, 5),
                               "ratio": round(ratios[c], 4)} for c, tm in zip(pool, times[1:])]}
         return best, record
