@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--expensive-labels", type=int, default=8)
     ap.add_argument("--finalists", type=int, default=3)
     ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
+    ap.add_argument("--formats", default="f32,int8", help="the format menu per layer (int8: all-int8 subnets only)")
     ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
                                                  "(default: the search's)")
     ap.add_argument("--out", default="bench/results/search_cnn.json")
@@ -63,7 +64,6 @@ def main() -> None:
     from edgeq import export_module
     from edgeq.compile.search_cnn import CnnSearchOptions, TableSettings, build_supernet, run_search
     from edgeq.passes.search import SearchSettings
-    from edgeq.passes.search_cnn import CNN_FORMATS
     from edgeq.passes.search_space import Candidate
     from edgeq.runtime.latency import load_average
     from edgeq.runtime.onnx_backend import session_options
@@ -75,6 +75,7 @@ def main() -> None:
                          table=TableSettings(threads=a.threads))
     if a.sandwich_epochs is not None:
         o.sandwich_epochs = a.sandwich_epochs
+    o.formats = tuple(a.formats.split(","))
     if a.margin is not None:
         o.timing.margin = a.margin
     sn = build_supernet(o)
@@ -85,11 +86,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-search-cnn-"))
     try:
         full = tuple(sn.full)
-        variants: dict[str, Candidate] = {
-            "full f32": space.point(full, "f32"),
-            "full int8": space.point(full, "int8"),
-            "searched": s.result.best,
-        }
+        variants: dict[str, Candidate] = {"full f32": space.point(full, "f32")} if "f32" in space.formats else {}
+        variants |= {"full int8": space.point(full, "int8"), "searched": s.result.best}
         slims = [c for c in space.uniform_slim("int8") if c.widths != full]
         if len(full) > space.channel_stages:        # the same uniform slims with the elastic stages at their smallest
             cs = space.channel_stages
@@ -157,7 +155,7 @@ def main() -> None:
               f"{check['uniform_same_latency']}")
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"settings": vars(a), "formats": list(CNN_FORMATS), "supernet": {
+        result = {"settings": vars(a), "formats": list(space.formats), "supernet": {
                       "name": sn.name, "full": sn.full, "menus": sn.menus, "stages": list(sn.stages),
                       "train_seconds": round(t_train, 1)},
                   "search_seconds": round(t_search, 1), "budget_ms": s.budget_ms,
@@ -203,7 +201,9 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate("/".join(map(str, r["widths"])), (r["vs_full_int8"], 100 * r["test_accuracy"]), fontsize=6,
                         xytext=(3, -9), textcoords="offset points")
     for name, marker, c in (("full int8", "s", "C2"), ("full f32", "D", "C7"), ("searched", "*", "C3")):
-        r = next(x for x in rows if x["variant"] == name)
+        r = next((x for x in rows if x["variant"] == name), None)
+        if r is None:
+            continue
         ax.scatter([r["vs_full_int8"]], [100 * r["test_accuracy"]], marker=marker, s=140 if name == "searched" else 60,
                    c=c, zorder=3, label=f"{name} {'/'.join(map(str, r['widths']))}")
     ax.axvline(result["settings"]["ratio"], color="grey", lw=0.8, ls="--", label="latency limit")

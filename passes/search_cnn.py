@@ -64,8 +64,13 @@ class CnnSpace(GeneSpace):
     hint = "raise --latency-ms: the fastest point is the floor of this supernet on this device"
 
     def __init__(self, layers: list[StageLayer], full: list[int], menus: list[list[int]],
-                 latency: Callable[[tuple[int, ...], tuple[str, ...]], float], channel_stages: int | None = None):
-        super().__init__([Gene([l.weight], list(CNN_FORMATS)) for l in layers], list(full),
+                 latency: Callable[[tuple[int, ...], tuple[str, ...]], float], channel_stages: int | None = None,
+                 formats: tuple[str, ...] = CNN_FORMATS):
+        if "int8" not in formats or not set(formats) <= set(CNN_FORMATS):
+            raise EdgeqError(None, f"a CNN search's formats are int8 or {', '.join(CNN_FORMATS)}, not "
+                                   f"{', '.join(formats)}")
+        self.formats = tuple(f for f in CNN_FORMATS if f in formats)      # the format menu (SpaceEvo's format set)
+        super().__init__([Gene([l.weight], list(self.formats)) for l in layers], list(full),
                          [sorted(set(m) | {f}) for m, f in zip(menus, full)])
         self.layers = layers
         self._latency = latency
@@ -92,13 +97,13 @@ class CnnSpace(GeneSpace):
         named = {st for ss in stages for st in ss if st is not None}
         depth = {l.depth_stage for l in self.layers if l.depth_stage is not None}
         widths = tuple(w if i in used or i in depth or i not in named else self.full[i] for i, w in enumerate(c.widths))
-        q = CNN_FORMATS.index("int8")
+        q = self.formats.index("int8")
         fmts = tuple(f if l.present(c.widths) else q for l, f in zip(self.layers, c.formats))
         return Candidate(fmts, widths)
 
     def point(self, widths: tuple[int, ...], fmt: str) -> Candidate:
         """Every layer in `fmt` at these widths (a uniform point)."""
-        return Candidate(tuple(CNN_FORMATS.index(fmt) for _ in self.genes), tuple(int(w) for w in widths))
+        return Candidate(tuple(self.formats.index(fmt) for _ in self.genes), tuple(int(w) for w in widths))
 
     def anchors(self) -> dict[str, Candidate]:
         """The smallest point (int8, narrowest) and the fastest (each layer's faster format in turn, narrowest)."""
@@ -106,8 +111,8 @@ class CnnSpace(GeneSpace):
         small = self.point(narrow, "int8")
         fmts = list(small.formats)
         for g in range(len(self.genes)):
-            fmts[g] = min(range(len(CNN_FORMATS)), key=lambda i: (self._latency(
-                narrow, tuple(CNN_FORMATS[j if k != g else i] for k, j in enumerate(fmts))), i))
+            fmts[g] = min(range(len(self.formats)), key=lambda i: (self._latency(
+                narrow, tuple(self.formats[j if k != g else i] for k, j in enumerate(fmts))), i))
         return {"smallest": small, "fastest": Candidate(tuple(fmts), narrow)}
 
     def uniform_slim(self, fmt: str = "int8") -> list[Candidate]:
@@ -166,7 +171,7 @@ def search_cnn(space: CnnSpace, budgets: Budgets, cheap_error: Callable[[tuple[i
     def score(cs: list[Candidate]) -> np.ndarray:
         return predictor.predict(np.array([space.features(c) for c in cs]))
 
-    uniform = space.uniform_slim("int8") + space.uniform_slim("f32")
+    uniform = [c for f in space.formats for c in space.uniform_slim(f)]
     finalists: list[Candidate] = []
     level_of: dict[Candidate, float] = {}
     for level in levels:

@@ -273,3 +273,14 @@ def test_canonical_point_drops_what_skipped_layers_use(supernet):
     assert space.measures(c).latency_ms == space.measures(skipped).latency_ms
     kept = Candidate((f32, f32, q, q, f32), (12, 8, 24, 1, 1, 3))
     assert space.canonical(kept) == kept and space.canonical(c) == c
+
+
+def test_format_menu_int8_only():
+    """The format menu (SpaceEvo's format set): int8 only gives all-int8 points; a menu without int8 is one error."""
+    layers = [StageLayer("a", 0, None, 9, 64, fixed_in=1), StageLayer("c", None, 0, 4, fixed_out=10)]
+    space = CnnSpace(layers, [16], [[4, 8, 16]], lambda w, f: 0.01 + w[0] * 1e-3, formats=("int8",))
+    rng = np.random.default_rng(0)
+    anchor = space.feasible_anchor(Budgets(None, 1.0))
+    assert {space.format_names(space.sample(rng, anchor, Budgets(None, 1.0))) for _ in range(20)} == {("int8", "int8")}
+    with pytest.raises(EdgeqError, match="formats are int8"):
+        CnnSpace(layers, [16], [[4, 8, 16]], lambda w, f: 0.01, formats=("f32",))

@@ -92,6 +92,7 @@ class CnnSearchOptions:
     settings: SearchSettings = field(default_factory=lambda: SearchSettings(population=24, generations=12,
                                                                               cheap_labels=400, expensive_labels=8,
                                                                               finalists=3))
+    formats: tuple[str, ...] = ("f32", "int8")  # the format menu: ("int8",) searches all-int8 subnets
     table: TableSettings = field(default_factory=TableSettings)
     timing: FinalistTiming = field(default_factory=FinalistTiming)
 
@@ -306,7 +307,8 @@ class CnnSearch:
         return p
 
 
-def space_of(sn, table: CnnLatencyTable, models: SubnetModels) -> CnnSpace:
+def space_of(sn, table: CnnLatencyTable, models: SubnetModels, formats: tuple[str, ...] = ("f32", "int8")) \
+        -> CnnSpace:
     nq: dict[tuple, int] = {}
     cs = sn.channel_stages
 
@@ -316,7 +318,7 @@ def space_of(sn, table: CnnLatencyTable, models: SubnetModels) -> CnnSpace:
             nq[key] = models.n_quantized(widths, formats)
         return table.predict(features(sn.layers, widths, formats, nq[key]))
 
-    return CnnSpace(sn.layers, sn.full, sn.menus, latency, channel_stages=cs)
+    return CnnSpace(sn.layers, sn.full, sn.menus, latency, channel_stages=cs, formats=formats)
 
 
 def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Callable[[str], None] | None = None,
@@ -338,7 +340,7 @@ def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Calla
     full_ms = None
     try:
         table = open_table(o, structure, progress, log)
-        space = space_of(structure.sn, table, structure)
+        space = space_of(structure.sn, table, structure, o.formats)
         full = tuple(structure.sn.full)
         if timed:
             full_ms = structure.time([(full, ("int8",) * len(structure.sn.layers))], o.timing.rounds,
@@ -354,7 +356,7 @@ def run_search(o: CnnSearchOptions, progress: Callable | None = None, log: Calla
     sn = supernet if supernet is not None else build_supernet(o, progress)
     models = SubnetModels(sn, o.table.threads)
     try:
-        space = space_of(sn, table, models)
+        space = space_of(sn, table, models, o.formats)
         executor = InProcess(lambda c: models.error([(c.widths, space.format_names(c))])[0])
 
         def measure(points: list[Candidate]) -> list[float]:
