@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=24)
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--expensive-labels", type=int, default=8)
-    ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--finalists", type=int, default=6, help="finalists per level of the limit")
     ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
     ap.add_argument("--formats", default="f32,int8", help="the format menu per layer (int8: all-int8 subnets only)")
     ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
