@@ -2,8 +2,10 @@
 int8 model's latency, beside a uniformly slimmed int8 model of the same latency.
 
 Steps: train the once-for-all supernet (seeded, CPU minutes); measure its per-layer latency table (whole subnets
-timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile); search under --ratio x the full
-int8 model's predicted latency; export through the normal pipeline (edgeq.export_module with the plan): the full
+timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile); time the full int8 model and
+search under --ratio x its measured latency, timing every measured point (expensive labels, finalists from the
+evolution run at several levels of the limit) interleaved with the full int8 model and choosing the most accurate
+one measured within --ratio less the margin (compile/search_cnn.FinalistTiming); export through the normal pipeline (edgeq.export_module with the plan): the full
 int8 model, the full float model, the searched model and every uniformly slimmed int8 model (each stage at the same
 share of its channels); then measure all of them in one interleaved run (batch 1, --threads, spinning off, medians)
 and on the 500 held-out test images (never seen by the supernet's training or the search, which labels on
@@ -44,13 +46,16 @@ def main() -> None:
                     help="supernet width multiplier (default 4: at 1, batch-1 latency is per-kernel overhead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--runs-per-round", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=100)
+    ap.add_argument("--runs-per-round", type=int, default=10)
     ap.add_argument("--population", type=int, default=24)
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--expensive-labels", type=int, default=8)
-    ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--finalists", type=int, default=6, help="finalists per level of the limit")
     ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
+    ap.add_argument("--formats", default="f32,int8", help="the format menu per layer (int8: all-int8 subnets only)")
+    ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
+                                                 "(default: the search's)")
     ap.add_argument("--out", default="bench/results/search_cnn.json")
     a = ap.parse_args()
 
@@ -59,7 +64,6 @@ def main() -> None:
     from edgeq import export_module
     from edgeq.compile.search_cnn import CnnSearchOptions, TableSettings, build_supernet, run_search
     from edgeq.passes.search import SearchSettings
-    from edgeq.passes.search_cnn import CNN_FORMATS
     from edgeq.passes.search_space import Candidate
     from edgeq.runtime.latency import load_average
     from edgeq.runtime.onnx_backend import session_options
@@ -71,6 +75,9 @@ def main() -> None:
                          table=TableSettings(threads=a.threads))
     if a.sandwich_epochs is not None:
         o.sandwich_epochs = a.sandwich_epochs
+    o.formats = tuple(a.formats.split(","))
+    if a.margin is not None:
+        o.timing.margin = a.margin
     sn = build_supernet(o)
     t_train = time.time() - t0
     s = run_search(o, log=print, supernet=sn)
@@ -79,11 +86,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="edgeq-bench-search-cnn-"))
     try:
         full = tuple(sn.full)
-        variants: dict[str, Candidate] = {
-            "full f32": space.point(full, "f32"),
-            "full int8": space.point(full, "int8"),
-            "searched": s.result.best,
-        }
+        variants: dict[str, Candidate] = {"full f32": space.point(full, "f32")} if "f32" in space.formats else {}
+        variants |= {"full int8": space.point(full, "int8"), "searched": s.result.best}
         slims = [c for c in space.uniform_slim("int8") if c.widths != full]
         if len(full) > space.channel_stages:        # the same uniform slims with the elastic stages at their smallest
             cs = space.channel_stages
@@ -130,14 +134,20 @@ def main() -> None:
                  "accuracy_ok": ref["test_accuracy"] - srch["test_accuracy"] <= 0.01,
                  "uniform_same_latency": uni and uni["variant"],
                  "uniform_next_wider": uni_wider and uni_wider["variant"]}
+        timed = s.result.record.get("timed", {})
+        print(f"\nthe search's timed pick (full int8 {timed.get('full_int8_ms')} ms; within {timed.get('limit_ratio')}x: "
+              f"{timed.get('within_limit')}):")
+        for q in sorted(timed.get("points", []), key=lambda q: q["ratio"]):
+            print(f"  {'/'.join(map(str, q['widths'])):>16s} {int8_layers(sn, q)} int8  val cross-entropy {q['val_loss']:.4f}  pred {q['predicted_ms']:.4f} ms  "
+                  f"measured {q['measured_ms']:.4f} ms  {q['ratio']:.3f}x")
         print(f"\ndigits CNN supernet (scale {a.scale}), {len(sn.data.y_test)} held-out test images, batch 1, "
               f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; limit {a.ratio} x full int8 "
-              f"predicted = {s.budget_ms:.4f} ms")
+              f"measured ({s.full_int8_ms:.4f} ms) = {s.budget_ms:.4f} ms")
         print(f"{'variant':26s} {'widths':>9s} {'int8 layers':>11s} {'acc':>7s} {'pred ms':>8s} {'ms':>8s} "
               f"{'p10':>7s} {'p90':>7s} {'x int8':>7s}")
         for r in rows.values():
             print(f"{r['variant']:26s} {'/'.join(map(str, r['widths'])):>9s} "
-                  f"{sum(f == 'int8' for f in r['formats']):>5d}/{len(r['formats']):<5d} {r['test_accuracy']:7.4f} "
+                  f"{int8_layers(sn, r):>11s} {r['test_accuracy']:7.4f} "
                   f"{r['predicted_ms']:8.4f} {r['ms_median']:8.4f} {r['ms_p10']:7.4f} {r['ms_p90']:7.4f} "
                   f"{r['vs_full_int8']:7.3f}")
         print(f"check: searched at {check['latency_vs_full_int8']:.3f}x full int8 latency (limit {a.ratio}), "
@@ -145,10 +155,11 @@ def main() -> None:
               f"{check['uniform_same_latency']}")
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"settings": vars(a), "formats": list(CNN_FORMATS), "supernet": {
+        result = {"settings": vars(a), "formats": list(space.formats), "supernet": {
                       "name": sn.name, "full": sn.full, "menus": sn.menus, "stages": list(sn.stages),
                       "train_seconds": round(t_train, 1)},
                   "search_seconds": round(t_search, 1), "budget_ms": s.budget_ms,
+                  "measured_full_int8_ms_at_search": s.full_int8_ms,
                   "latency_table": {"coef": s.table.coef, "fit": s.table.fit, "device": s.table.device},
                   "search": s.result.record, "rows": list(rows.values()), "check": check,
                   "cpu_flags": isa_flags(), "load_avg": load_average(), "onnxruntime": ort.__version__}
@@ -160,6 +171,12 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
+
+
+def int8_layers(sn, r: dict) -> str:
+    """'k/n': int8 layers of the layers the point runs (a skipped block's layers are not counted)."""
+    on = [f for l, f in zip(sn.layers, r["formats"]) if l.present(r["widths"])]
+    return f"{sum(f == 'int8' for f in on)}/{len(on)}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -184,7 +201,9 @@ def plot(result: dict, path: Path) -> None:
             ax.annotate("/".join(map(str, r["widths"])), (r["vs_full_int8"], 100 * r["test_accuracy"]), fontsize=6,
                         xytext=(3, -9), textcoords="offset points")
     for name, marker, c in (("full int8", "s", "C2"), ("full f32", "D", "C7"), ("searched", "*", "C3")):
-        r = next(x for x in rows if x["variant"] == name)
+        r = next((x for x in rows if x["variant"] == name), None)
+        if r is None:
+            continue
         ax.scatter([r["vs_full_int8"]], [100 * r["test_accuracy"]], marker=marker, s=140 if name == "searched" else 60,
                    c=c, zorder=3, label=f"{name} {'/'.join(map(str, r['widths']))}")
     ax.axvline(result["settings"]["ratio"], color="grey", lw=0.8, ls="--", label="latency limit")

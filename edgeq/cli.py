@@ -141,7 +141,7 @@ def _search_supernet(a, settings: SearchSettings) -> int:
     plan, model = api.search_supernet(o, out=a.out, progress=make_progress(a.quiet), log=_log(a.quiet))
     if not a.quiet:
         s = plan.search
-        err = f", validation error {s['chosen']['val_error']:.4f}" if "val_error" in s["chosen"] else ""
+        err = f", validation cross-entropy {s['chosen']['val_loss']:.4f}" if "val_loss" in s["chosen"] else ""
         print(f"wrote {a.out} and {model}: widths {s['widths']} of {s['full_widths']}, predicted "
               f"{s['predicted_latency_ms']:.4f} ms for a limit of {a.latency_ms:g} ms{err}; formats "
               f"{plan.format_counts()}. Next: edgeq export --model {model} --plan {a.out} -o out/")

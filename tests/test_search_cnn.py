@@ -17,13 +17,14 @@ import pytest
 from cli_run import edgeq
 
 from edgeq import api
-from edgeq.compile.search_cnn import CnnSearchOptions, SubnetModels, TableSettings, measure_table, run_search
+from edgeq.compile.search_cnn import (CnnSearchOptions, FinalistTiming, SubnetModels, TableSettings, measure_table,
+                                      run_search, space_of)
 from edgeq.core.errors import EdgeqError
 from edgeq.core.executor import Executor
 from edgeq.models.cnn import StageLayer, mixed_activations, quantized_activations
 from edgeq.passes.search import SearchSettings
-from edgeq.passes.search_cnn import CnnSpace
-from edgeq.passes.search_space import Budgets
+from edgeq.passes.search_cnn import CnnSpace, search_cnn
+from edgeq.passes.search_space import Budgets, Candidate
 from edgeq.predictor.cnn_table import CnnLatencyTable
 
 TINY = SearchSettings(population=8, generations=3, cheap_labels=24, expensive_labels=2, finalists=1, seed=5)
@@ -49,9 +50,19 @@ def table_file(supernet, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def limit_ms(supernet, table_file):
+    """0.8 x the table's prediction for the full int8 model: a limit in predicted ms (a deterministic search)."""
+    models = SubnetModels(supernet)
+    try:
+        space = space_of(supernet, CnnLatencyTable.load(table_file), models)
+        return 0.8 * space.measures(space.point(tuple(supernet.full), "int8")).latency_ms
+    finally:
+        models.close()
+
+
 def _options(table_file, **kw) -> CnnSearchOptions:
-    return CnnSearchOptions(latency_profile=str(table_file), settings=TINY, table=TABLE,
-                            **({"latency_ratio": 0.8} | kw))
+    return CnnSearchOptions(latency_profile=str(table_file), settings=TINY, table=TABLE, **kw)
 
 
 def test_every_candidate_meets_the_limit():
@@ -115,18 +126,18 @@ def test_table_predicts_timed_subnets(table_file):
     assert t.fit["train_mean_abs_rel_error"] < 0.5
 
 
-def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, tmp_path):
-    a = run_search(_options(table_file), supernet=supernet)
+def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, limit_ms, tmp_path):
+    a = run_search(_options(table_file, latency_ms=limit_ms), supernet=supernet)
     try:
         pa = a.plan(a.result.best)
         assert a.space.measures(a.result.best).latency_ms <= a.budget_ms
-        assert pa.search["chosen"]["val_error"] == round(a.result.measured[a.result.best], 6)
+        assert pa.search["chosen"]["val_loss"] == round(a.result.measured[a.result.best], 6)
         fm = a.space.format_names(a.result.best)
     finally:
         a.models.close()
     # the same search again, through the API that writes the plan and the subnet (.pt2): the same plan
     out = tmp_path / "plan.json"
-    plan, model = api.search_supernet(_options(table_file), out=out, supernet=supernet)
+    plan, model = api.search_supernet(_options(table_file, latency_ms=limit_ms), out=out, supernet=supernet)
     assert plan.to_json() == pa.to_json()
     assert model.exists() and json.loads(out.read_text())["search"]["widths"] == list(a.result.best.widths)
     # exported through the normal pipeline and run in onnxruntime
@@ -182,3 +193,94 @@ def test_elastic_depth_and_kernel_subnets(supernet):
         assert layers[1].params((16, 16, 32, 1, 3, 3)) == 9 * layers[1].params((16, 16, 32, 1, 1, 3))
     finally:
         models.close()
+
+
+def test_levels_and_pick_choose_on_measured_latency():
+    """Finalists come from evolutions at several levels of the limit (some predicted over it), and `pick` chooses
+    on what it measures: here a 'device' 20 % slower than the table for wide layers, so the pick takes the best point
+    measured within the limit, whatever the table predicted."""
+    layers = [StageLayer("a", 0, None, 9, 64, fixed_in=1), StageLayer("b", 1, 0, 9, 64),
+              StageLayer("c", None, 1, 4, fixed_out=10)]
+
+    def latency(widths, formats):
+        return 0.01 + sum(l.macs(widths) / 1e6 * (0.2 if f == "int8" else 1.0) for l, f in zip(layers, formats))
+
+    space = CnnSpace(layers, [16, 32], [[4, 8, 12, 16], [8, 16, 24, 32]], latency)
+    limit = 0.5 * space.measures(space.point((16, 32), "f32")).latency_ms
+
+    def device(c):                          # the real latency: wide first stages cost more than the table says
+        return space.measures(c).latency_ms * (1.2 if c.widths[0] > 8 else 1.0)
+
+    def error(c):                           # wider and float is more accurate
+        return 1.0 / (1 + sum(c.widths)) + 0.01 * sum(c.formats)
+
+    picked = {}
+
+    def pick(measured, score):
+        assert score(list(measured)).shape == (len(measured),)
+        within = [c for c in measured if device(c) <= limit]
+        best = min(within, key=lambda c: (measured[c], device(c)))
+        picked["pool"] = list(measured)
+        return best, {"within": len(within)}
+
+    s = SearchSettings(population=12, generations=4, cheap_labels=40, expensive_labels=4, finalists=2, seed=3)
+    r = search_cnn(space, Budgets(None, limit), lambda w: 1.0 / (1 + sum(w)), lambda cs: [error(c) for c in cs],
+                   s, levels=(1.2, 1.0, 0.8), pick=pick)
+    levels = {f["level"] for f in r.record["finalists"]}
+    assert levels == {1.2, 1.0, 0.8} and r.record["levels"] == [1.2, 1.0, 0.8]
+    assert all(space.measures(c).latency_ms <= f["level"] * limit for c, f in zip(r.finalists, r.record["finalists"]))
+    assert device(r.best) <= limit and r.record["timed"] == {"within": sum(device(c) <= limit for c in picked["pool"])}
+    assert r.best == min((c for c in picked["pool"] if device(c) <= limit), key=lambda c: (error(c), device(c)))
+    again = search_cnn(space, Budgets(None, limit), lambda w: 1.0 / (1 + sum(w)), lambda cs: [error(c) for c in cs],
+                       s, levels=(1.2, 1.0, 0.8), pick=pick)
+    assert again.best == r.best and again.record == r.record                    # seeded: the same finalists
+
+
+def test_timed_search_limits_by_measured_latency(supernet, table_file):
+    """A limit as a share of the full int8 model's measured latency: the full int8 model is timed first, the
+    evolution searches under ratio x that, and every measured point is timed with the full int8 model; the chosen
+    one is the most accurate measured within the ratio less the margin (or, if none is, the fastest)."""
+    timing = FinalistTiming(levels=(1.1, 0.9), margin=0.03, rounds=4, per_round=5)
+    s = run_search(_options(table_file, latency_ratio=0.8, timing=timing), supernet=supernet)
+    try:
+        rec = s.result.record["timed"]
+        assert s.full_int8_ms > 0 and s.budget_ms == pytest.approx(0.8 * s.full_int8_ms)
+        assert rec["limit_ratio"] == pytest.approx(0.8 * 0.97) and len(rec["points"]) == len(s.result.measured)
+        within = [p for p in rec["points"] if p["ratio"] <= rec["limit_ratio"]]
+        assert rec["within_limit"] == bool(within)
+        chosen = next(p for p in rec["points"] if p["widths"] == list(s.result.best.widths)
+                      and p["formats"] == list(s.space.format_names(s.result.best)))
+        if within:
+            assert chosen["val_loss"] == min(p["val_loss"] for p in within) and chosen["ratio"] <= rec["limit_ratio"]
+        else:
+            assert chosen["ratio"] == min(p["ratio"] for p in rec["points"])
+        assert {f["level"] for f in s.result.record["finalists"]} <= {1.1, 0.9}
+        assert s.plan(s.result.best).search["measured_full_int8_ms"] == round(s.full_int8_ms, 5)
+    finally:
+        s.models.close()
+
+
+def test_canonical_point_drops_what_skipped_layers_use(supernet):
+    """With the residual block skipped, its inner width, kernel size and formats are one model: one canonical
+    point (what only skipped layers use at full width and int8), with the same predicted latency."""
+    layers, full = supernet.layers, supernet.full
+    space = CnnSpace(layers, full, supernet.menus, lambda w, f: float(sum(l.macs(w) for l in layers)),
+                     channel_stages=supernet.channel_stages)
+    f32, q = 0, 1
+    skipped = Candidate((f32, f32, f32, q, f32), (12, 8, 24, 0, 1, 3))
+    c = space.canonical(skipped)
+    assert c == Candidate((f32, q, q, q, f32), (12, 16, 24, 0, 3, 3))
+    assert space.measures(c).latency_ms == space.measures(skipped).latency_ms
+    kept = Candidate((f32, f32, q, q, f32), (12, 8, 24, 1, 1, 3))
+    assert space.canonical(kept) == kept and space.canonical(c) == c
+
+
+def test_format_menu_int8_only():
+    """The format menu (SpaceEvo's format set): int8 only gives all-int8 points; a menu without int8 is one error."""
+    layers = [StageLayer("a", 0, None, 9, 64, fixed_in=1), StageLayer("c", None, 0, 4, fixed_out=10)]
+    space = CnnSpace(layers, [16], [[4, 8, 16]], lambda w, f: 0.01 + w[0] * 1e-3, formats=("int8",))
+    rng = np.random.default_rng(0)
+    anchor = space.feasible_anchor(Budgets(None, 1.0))
+    assert {space.format_names(space.sample(rng, anchor, Budgets(None, 1.0))) for _ in range(20)} == {("int8", "int8")}
+    with pytest.raises(EdgeqError, match="formats are int8"):
+        CnnSpace(layers, [16], [[4, 8, 16]], lambda w, f: 0.01, formats=("f32",))

@@ -9,7 +9,8 @@ and the bench are timed for real again.
 
 The table is additive per layer, APQ's lookup table made continuous over widths: latency = a constant + for each
 conv/linear, (its format's cost per million multiply-adds x its MACs at these widths + its format's fixed cost per
-kernel) + a cost per quantized activation (a Q/DQ pair: onnxruntime fuses most, not all) + a cost per elastic
+kernel) + a cost per quantized activation (a Q/DQ pair: onnxruntime fuses most, not all) + a cost for running
+int8 at all + a cost per elastic
 depth stage that runs (what its skip removes beyond its convs: the residual add). Non-negative least squares (a
 cost is never negative). The table's `full` names the supernet's stages (channels, depth, kernels), so a table of
 another search space is refused. Its error on timed subnets it was not fitted on is recorded with it.
@@ -28,7 +29,7 @@ import numpy as np
 from edgeq.core.errors import EdgeqError
 from edgeq.models.cnn import StageLayer
 
-TABLE_VERSION = 2                 # 2: elastic depth (a feature per depth stage)
+TABLE_VERSION = 3                 # 2: elastic depth (a feature per depth stage); 3: int8's entry cost
 
 
 def depth_stages(layers: list[StageLayer]) -> list[int]:
@@ -38,17 +39,22 @@ def depth_stages(layers: list[StageLayer]) -> list[int]:
 
 def features(layers: list[StageLayer], widths: tuple[int, ...], formats: tuple[str, ...], n_quantized: int) \
         -> np.ndarray:
-    """[1, per layer: int8 MMACs, float MMACs, int8 kernel, float kernel .., quantized activations, per depth
-    stage: 1 if its layers run]. A skipped layer's terms are 0 (its MACs and its kernel); what a skipped stage
-    takes beyond its convs (the residual add, its requantization) is its depth term. MACs follow the elastic
-    kernel size (StageLayer.macs)."""
+    """[1, per layer: int8 MMACs, float MMACs, int8 kernel, float kernel .., quantized activations, 1 if any int8
+    layer runs, per depth stage: 1 if its layers run]. A skipped layer's terms are 0 (its MACs and its kernel);
+    what a skipped stage takes beyond its convs (the residual add, its requantization) is its depth term. MACs
+    follow the elastic kernel size (StageLayer.macs). The any-int8 term is what a model pays once for running int8
+    at all (the input's quantization, onnxruntime's NHWC layout transposes): without it the constant carried it
+    and the all-float points were over-predicted by 3-7 % on the fitted subnets (leave-one-out error 0.105 ->
+    0.094, 0.115 -> 0.107 on two tables of the digits supernet; 0.106 -> 0.112 on a third)."""
     out = [1.0]
     for l, f in zip(layers, formats):
         m = l.macs(widths) / 1e6
         q = f == "int8"
         on = 1.0 if l.present(widths) else 0.0
         out += [m if q else 0.0, 0.0 if q else m, on if q else 0.0, 0.0 if q else on]
-    return np.array(out + [float(n_quantized)] + [1.0 if widths[d] else 0.0 for d in depth_stages(layers)])
+    any_int8 = any(f == "int8" and l.present(widths) for l, f in zip(layers, formats))
+    return np.array(out + [float(n_quantized), float(any_int8)]
+                    + [1.0 if widths[d] else 0.0 for d in depth_stages(layers)])
 
 
 @dataclass
@@ -102,7 +108,7 @@ class CnnLatencyTable:
             t = cls(**{k: d[k] for k in ("supernet", "full", "layers", "coef", "device", "fit", "version")})
         except (KeyError, TypeError):
             raise EdgeqError(p, "is not a CNN latency table (a field is missing)") from None
-        if len(t.coef) < 2 + 4 * len(t.layers) or not all(isinstance(c, (int, float)) for c in t.coef):
+        if len(t.coef) < 3 + 4 * len(t.layers) or not all(isinstance(c, (int, float)) for c in t.coef):
             raise EdgeqError(p, "CNN latency table: 'coef' does not match its layers")
         return t
 

@@ -162,15 +162,18 @@ class DigitsSupernet:
                 torch.set_num_threads(threads)
         return sub.eval()
 
-    def accuracy(self, widths, split: str = "val") -> float:
-        """Float accuracy of the recalibrated subnet on the validation (or test) images: the search's cheap label."""
+    def loss(self, widths, split: str = "val") -> float:
+        """Cross-entropy of the recalibrated float subnet on the validation (or test) images: the search's cheap
+        label (passes/search_cnn.cross_entropy: why not the 0/1 error)."""
         import torch
+
+        from edgeq.passes.search_cnn import cross_entropy
 
         x, y = (self.data.x_val, self.data.y_val) if split == "val" else (self.data.x_test, self.data.y_test)
         sub = self.subnet(widths)
         with torch.no_grad():
             logits = sub(torch.from_numpy(x)).numpy()
-        return float(np.mean(logits.argmax(-1) == y))
+        return cross_entropy(logits, y)
 
 
 def _centre(w, k: int):
