@@ -359,6 +359,15 @@ def stored_channel_axis(stored: np.ndarray, channel_axis: int) -> int:
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
                      hint: str = "linear", dot: str = "generic", gelu: bool = False) -> relax.Expr:
     """A linear layer over weight parameters already added (a tied head shares the token table's)."""
+    if dot == "amx":
+        from edgeq.targets.tvm.amx import emit_amx_linear, fits
+
+        sh = x.struct_info.shape
+        if (fmt == "int8_dyn_rows" and bias is not None and sh is not None and len(sh.values) == 3
+                and isinstance(sh.values[2], tir.IntImm)
+                and fits(int(sh.values[2]), int(ws[0].struct_info.shape.values[0]) * DOT_OUT)):
+            return emit_amx_linear(bb, x, ws, bias, hint, gelu)
+        dot = "vnni"                  # other shapes: the VNNI kernel (AMX targets have AVX-512 VNNI)
     args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
