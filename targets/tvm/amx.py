@@ -168,8 +168,8 @@ def emit_amx_linear(bb, x, ws: list, bias, hint: str, gelu: bool = False):
     not read) and `bias`; returns y (batch, seq, out)."""
     from tvm import relax
 
-    b, s, k_dim = x.struct_info.shape.values
-    n_dim = int(ws[0].struct_info.shape.values[0]) * DOT_OUT
+    b, s, k_dim = x.ty.shape.values
+    n_dim = int(ws[0].ty.shape.values[0]) * DOT_OUT
     gv = bb.add_func(amx_linear_kernel(int(k_dim), n_dim, gelu), f"{AMX_PREFIX}{hint}")
     padded = (b * s + (ROWS - 1)) // ROWS * ROWS
     outs = [relax.TensorType((b, s, n_dim), "float32"), relax.TensorType((padded, int(k_dim)), "int8"),

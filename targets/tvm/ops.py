@@ -362,10 +362,10 @@ def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[r
     if dot == "amx":
         from edgeq.targets.tvm.amx import emit_amx_linear, fits
 
-        sh = x.struct_info.shape
+        sh = x.ty.shape
         if (fmt == "int8_dyn_rows" and bias is not None and sh is not None and len(sh.values) == 3
                 and isinstance(sh.values[2], tir.IntImm)
-                and fits(int(sh.values[2]), int(ws[0].struct_info.shape.values[0]) * DOT_OUT)):
+                and fits(int(sh.values[2]), int(ws[0].ty.shape.values[0]) * DOT_OUT)):
             return emit_amx_linear(bb, x, ws, bias, hint, gelu)
         dot = "vnni"                  # other shapes: the VNNI kernel (AMX targets have AVX-512 VNNI)
     args = [x, *ws] + ([bias] if bias is not None else [])
