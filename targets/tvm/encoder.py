@@ -17,6 +17,7 @@ from edgeq.core.plan import Plan
 from edgeq.models import names
 from edgeq.models.bert import BertConfig
 from edgeq.targets.tvm.attention import emit_fused_attention
+from edgeq.targets.tvm.f32_linear import emit_f32_linear
 from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
                                    fuses_gelu, sym)
 
@@ -56,17 +57,17 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
                 p = f"encoder.layer.{i}."
 
                 def lin(x, n, hint):
-                    return emit_linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
-                                       plan.tensors[p + n + ".weight"], hint=hint)
+                    return _linear(bb, params, x, p + n + ".weight", W(p + n + ".weight"), W(p + n + ".bias"),
+                                   plan.tensors[p + n + ".weight"], hint, fused_attention)
 
                 qkv_names = [p + f"attention.self.{n}.weight" for n in ("query", "key", "value")]
                 if fused_attention and len({plan.tensors[n].format for n in qkv_names}) == 1:
                     # one linear for q, k and v (their weights stacked: per-output formats quantize the same),
                     # so the input is quantized once and the attention kernel reads the one output
-                    qkv = emit_linear(bb, params, h, p + "attention.self.qkv.weight",
-                                      np.concatenate([W(n) for n in qkv_names]),
-                                      np.concatenate([W(n.removesuffix(".weight") + ".bias") for n in qkv_names]),
-                                      plan.tensors[qkv_names[0]], hint="qkv")
+                    qkv = _linear(bb, params, h, p + "attention.self.qkv.weight",
+                                  np.concatenate([W(n) for n in qkv_names]),
+                                  np.concatenate([W(n.removesuffix(".weight") + ".bias") for n in qkv_names]),
+                                  plan.tensors[qkv_names[0]], "qkv", True)
                     ctx = emit_fused_attention(bb, qkv, qkv, qkv, bias, nh, d, b, s, qkv=True)
                 else:
                     q = lin(h, "attention.self.query", "q")
@@ -95,6 +96,13 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
             out = bb.emit_output(pooled)
         bb.emit_func_output(out, params=[ids, mask, *params.vars])
     return bb, params
+
+
+def _linear(bb: relax.BlockBuilder, params: Params, x, name: str, w: np.ndarray, bias: np.ndarray, d, hint: str,
+            cpu: bool):
+    """`cpu` (CPU targets): f32 weights on f32_linear.py's kernel (row blocks' sums in registers), where it fits."""
+    y = emit_f32_linear(bb, params, x, name, w, bias, d, hint) if cpu else None
+    return y if y is not None else emit_linear(bb, params, x, name, w, bias, d, hint=hint)
 
 
 def _layer_norm(bb: relax.BlockBuilder, params: Params, x, graph: Graph, prefix: str, eps: float):
