@@ -114,7 +114,7 @@ def test_encoder_matches_reference_integer_scheme(tiny, tmp_path):
         assert _count(out / "model.so", "objdump", "vpdpbusd") > 0
 
 
-@pytest.mark.parametrize("batch,seq,k_dim,n_dim,gelu", [(1, 5, 64, 32, False), (2, 37, 128, 96, True)])
+@pytest.mark.parametrize("batch,seq,k_dim,n_dim,gelu", [(1, 5, 64, 96, False), (2, 37, 128, 128, True)])
 def test_amx_kernel_is_the_integer_scheme(batch, seq, k_dim, n_dim, gelu):
     """The AMX linear (amx.py) on rows that are not whole 32-row blocks, with an all-zero row: the reference's
     integers, rescaled (GELU as fast_erf: within float32 rounding of erf)."""
@@ -122,7 +122,7 @@ def test_amx_kernel_is_the_integer_scheme(batch, seq, k_dim, n_dim, gelu):
 
     from edgeq.core.plan import TensorPlan
     from edgeq.runtime.tvm_backend import request_amx
-    from edgeq.targets.tvm.amx import OUTS, ROWS, amx_linear_kernel, amx_target
+    from edgeq.targets.tvm.amx import OUTS, ROWS, amx_linear_kernel, amx_target, split
     from edgeq.targets.tvm.ops import weight_arrays
 
     target = amx_target(HOST, host=True)
@@ -136,11 +136,12 @@ def test_amx_kernel_is_the_integer_scheme(batch, seq, k_dim, n_dim, gelu):
     blocks, scale, _ = (a for _, a in weight_arrays("w", w, TensorPlan(format="int8_dyn_rows")))
     f = amx_linear_kernel(k_dim, n_dim, gelu).with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(target))
-    rows = -(-batch * seq // ROWS) * ROWS
+    tasks = -(-batch * seq // ROWS) * split(n_dim)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in (x, blocks, scale, bvec, np.zeros((batch, seq, n_dim), np.float32),
-                                                 np.zeros((rows, k_dim), np.int8), np.zeros(rows, np.float32),
-                                                 np.zeros((n_dim // OUTS, ROWS * OUTS), np.int32))]
+                                                 np.zeros((tasks * ROWS, k_dim), np.int8),
+                                                 np.zeros(tasks * ROWS, np.float32),
+                                                 np.zeros((tasks, ROWS * OUTS), np.int32))]
     lib["main"](*args)
     ref = int8_dyn_rows_matmul(x.reshape(-1, k_dim), w).reshape(batch, seq, n_dim) + bvec
     ref = ref * 0.5 * (1 + erf(ref / np.sqrt(2))) if gelu else ref

@@ -77,6 +77,11 @@ def fits(k_dim: int, n_dim: int) -> bool:
     return k_dim % STEP == 0 and n_dim % OUTS == 0 and k_dim % DOT_IN == 0 and n_dim % DOT_OUT == 0
 
 
+def split(n_dim: int) -> int:
+    """Output parts per row block (tasks for two threads even for one row block)."""
+    return 2 if (n_dim // OUTS) % 2 == 0 else 1
+
+
 def _tile(name: str, *args):
     return T.evaluate(T.call_llvm_intrin("void", f"llvm.x86.{name}", *args))
 
@@ -88,6 +93,7 @@ def amx_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
     from edgeq.targets.tvm.ops import gelu_expr
 
     K, N, NT, KT = k_dim, n_dim, n_dim // OUTS, k_dim // STEP
+    SPLIT = split(n_dim)                 # noqa: N806
     f127 = T.float32(127.0)
 
     def epilogue(v):
@@ -105,28 +111,30 @@ def amx_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
         y = T.match_buffer(y_h, (batch, seq, N), "float32")
         rows = T.meta_var(batch * seq)
         blocks = T.meta_var((batch * seq + T.int64(ROWS - 1)) // T.int64(ROWS))
-        xq = T.match_buffer(xq_h, (blocks * T.int64(ROWS), K), "int8")
-        xs = T.match_buffer(xs_h, (blocks * T.int64(ROWS),), "float32")
-        acc = T.match_buffer(acc_h, (NT, ROWS * OUTS), "int32")
-        for m in T.parallel(blocks * T.int64(ROWS)):
+        xq = T.match_buffer(xq_h, (blocks * T.int64(SPLIT * ROWS), K), "int8")
+        xs = T.match_buffer(xs_h, (blocks * T.int64(SPLIT * ROWS),), "float32")
+        acc = T.match_buffer(acc_h, (blocks * T.int64(SPLIT), ROWS * OUTS), "int32")
+        # one parallel loop (one wait for the workers per call: on a loaded machine each wait can cost a time
+        # slice): a task is one block of 32 rows and one of SPLIT parts of the outputs; it quantizes its rows itself
+        for task in T.parallel(blocks * T.int64(SPLIT)):
             red = T.decl_buffer((16,), "float32", scope="local")
-            r = T.meta_var(T.min(m, rows - T.int64(1)))
-            bi = T.meta_var(r // seq)
-            si = T.meta_var(r % seq)
-            for l in T.vectorized(16):
-                red[l] = T.float32(0)
-            for ko in T.serial(K // 16):
-                for l in T.vectorized(16):
-                    red[l] = T.max(red[l], T.fabs(x[bi, si, ko * 16 + l]))
-            for l in T.serial(15):
-                red[0] = T.max(red[0], red[l + 1])
-            xs[m] = T.Select(red[0] > T.float32(0), red[0] / f127, T.float32(1.0))
-            for ko in T.serial(K // 16):
-                for l in T.vectorized(16):
-                    xq[m, ko * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
-                        T.round(x[bi, si, ko * 16 + l] / xs[m]), f127), -f127)))
-        for nt in T.parallel(T.int64(NT)):
             cfg = T.decl_buffer((64,), "uint8", scope="local")
+            m0 = T.meta_var(task // T.int64(SPLIT) * T.int64(ROWS))
+            q0 = T.meta_var(task * T.int64(ROWS))
+            for i in T.serial(ROWS):
+                r = T.meta_var(T.min(m0 + T.int64(i), rows - T.int64(1)))
+                for l in T.vectorized(16):
+                    red[l] = T.float32(0)
+                for ko in T.serial(K // 16):
+                    for l in T.vectorized(16):
+                        red[l] = T.max(red[l], T.fabs(x[r // seq, r % seq, ko * 16 + l]))
+                for l in T.serial(15):
+                    red[0] = T.max(red[0], red[l + 1])
+                xs[q0 + T.int64(i)] = T.Select(red[0] > T.float32(0), red[0] / f127, T.float32(1.0))
+                for ko in T.serial(K // 16):
+                    for l in T.vectorized(16):
+                        xq[q0 + T.int64(i), ko * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
+                            T.round(x[r // seq, r % seq, ko * 16 + l] / xs[q0 + T.int64(i)]), f127), -f127)))
             for i in T.serial(64):
                 cfg[i] = T.uint8(0)
             cfg[0] = T.uint8(1)                       # palette 1; 8 tiles of 16 rows x 64 bytes
@@ -134,30 +142,32 @@ def amx_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
                 cfg[16 + 2 * t] = T.uint8(64)
                 cfg[48 + t] = T.uint8(16)
             _tile("ldtilecfg", T.address_of(cfg[0]))
-            for mb in T.serial(blocks):
-                m0 = T.meta_var(mb * T.int64(ROWS))
+            for nj in T.serial(NT // SPLIT):
+                nt = T.meta_var(task % T.int64(SPLIT) * T.int64(NT // SPLIT) + T.int64(nj))
                 for t in T.unroll(4):
                     _tile("tilezero", T.uint8(t))
                 for kb in T.serial(KT):
-                    _tile("tileloadd64", T.uint8(4), T.address_of(xq[m0, kb * STEP]), T.int64(K))
-                    _tile("tileloadd64", T.uint8(5), T.address_of(xq[m0 + T.int64(16), kb * STEP]), T.int64(K))
-                    _tile("tileloadd64", T.uint8(6), T.address_of(w[nt * 2, kb * 16, 0, 0]), T.int64(64))
-                    _tile("tileloadd64", T.uint8(7), T.address_of(w[nt * 2 + 1, kb * 16, 0, 0]), T.int64(64))
+                    _tile("tileloadd64", T.uint8(4), T.address_of(xq[q0, kb * STEP]), T.int64(K))
+                    _tile("tileloadd64", T.uint8(5), T.address_of(xq[q0 + T.int64(16), kb * STEP]), T.int64(K))
+                    _tile("tileloadd64", T.uint8(6), T.address_of(w[nt * T.int64(2), kb * 16, 0, 0]), T.int64(64))
+                    _tile("tileloadd64", T.uint8(7), T.address_of(w[nt * T.int64(2) + T.int64(1), kb * 16, 0, 0]),
+                          T.int64(64))
                     _tile("tdpbssd", T.uint8(0), T.uint8(4), T.uint8(6))
                     _tile("tdpbssd", T.uint8(1), T.uint8(4), T.uint8(7))
                     _tile("tdpbssd", T.uint8(2), T.uint8(5), T.uint8(6))
                     _tile("tdpbssd", T.uint8(3), T.uint8(5), T.uint8(7))
                 # tile (row half i, output half j) -> the task's 32 x 32 sums, row-major (128-byte rows)
-                _tile("tilestored64", T.uint8(0), T.address_of(acc[nt, 0]), T.int64(OUTS * 4))
-                _tile("tilestored64", T.uint8(1), T.address_of(acc[nt, 16]), T.int64(OUTS * 4))
-                _tile("tilestored64", T.uint8(2), T.address_of(acc[nt, 16 * OUTS]), T.int64(OUTS * 4))
-                _tile("tilestored64", T.uint8(3), T.address_of(acc[nt, 16 * OUTS + 16]), T.int64(OUTS * 4))
+                _tile("tilestored64", T.uint8(0), T.address_of(acc[task, 0]), T.int64(OUTS * 4))
+                _tile("tilestored64", T.uint8(1), T.address_of(acc[task, 16]), T.int64(OUTS * 4))
+                _tile("tilestored64", T.uint8(2), T.address_of(acc[task, 16 * OUTS]), T.int64(OUTS * 4))
+                _tile("tilestored64", T.uint8(3), T.address_of(acc[task, 16 * OUTS + 16]), T.int64(OUTS * 4))
                 for i in T.serial(ROWS):
                     if m0 + T.int64(i) < rows:
                         for j in T.vectorized(OUTS):
-                            y[(m0 + T.int64(i)) // seq, (m0 + T.int64(i)) % seq, nt * OUTS + j] = epilogue(
-                                T.Cast("float32", acc[nt, i * OUTS + j]) * xs[m0 + T.int64(i)]
-                                * w_scale[nt * OUTS + j] + bias[nt * OUTS + j])
+                            y[(m0 + T.int64(i)) // seq, (m0 + T.int64(i)) % seq, nt * T.int64(OUTS) + T.int64(j)] = \
+                                epilogue(T.Cast("float32", acc[task, i * OUTS + j]) * xs[q0 + T.int64(i)]
+                                         * w_scale[nt * T.int64(OUTS) + T.int64(j)]
+                                         + bias[nt * T.int64(OUTS) + T.int64(j)])
             _tile("tilerelease")
 
     return amx_linear
@@ -171,7 +181,7 @@ def emit_amx_linear(bb, x, ws: list, bias, hint: str, gelu: bool = False):
     b, s, k_dim = x.ty.shape.values
     n_dim = int(ws[0].ty.shape.values[0]) * DOT_OUT
     gv = bb.add_func(amx_linear_kernel(int(k_dim), n_dim, gelu), f"{AMX_PREFIX}{hint}")
-    padded = (b * s + (ROWS - 1)) // ROWS * ROWS
-    outs = [relax.TensorType((b, s, n_dim), "float32"), relax.TensorType((padded, int(k_dim)), "int8"),
-            relax.TensorType((padded,), "float32"), relax.TensorType((n_dim // OUTS, ROWS * OUTS), "int32")]
+    tasks = (b * s + (ROWS - 1)) // ROWS * split(n_dim)
+    outs = [relax.TensorType((b, s, n_dim), "float32"), relax.TensorType((tasks * ROWS, int(k_dim)), "int8"),
+            relax.TensorType((tasks * ROWS,), "float32"), relax.TensorType((tasks, ROWS * OUTS), "int32")]
     return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, [x, ws[0], ws[1], bias], outs)), 0))
