@@ -83,7 +83,9 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
                     g = emit_linear(bb, params, h1, inter, W(inter), W(p + "intermediate.dense.bias"),
                                     plan.tensors[inter], hint="inter", gelu=True)
                 else:
-                    g = emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
+                    g = emit_f32_linear(bb, params, h1, inter, W(inter), W(p + "intermediate.dense.bias"),
+                                        plan.tensors[inter], "inter", gelu=True) if fused_attention else None
+                    g = g if g is not None else emit_gelu(bb, lin(h1, "intermediate.dense", "inter"))
                 o = lin(g, "output.dense", "o")
                 h = _add_layer_norm(bb, params, o, h1, graph, p + "output.LayerNorm", cfg.ln_eps, fused_attention)
 

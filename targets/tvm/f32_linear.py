@@ -5,7 +5,8 @@ every sum in memory (MiniLM f32's linears ran at ~9 G multiply-adds/s a core, on
 parallel task is one stored weight panel (ops.panels: 64 outputs, contiguous down the inputs); per block of ROWS
 rows it keeps ROWS x 64 sums in ROWS separate local vectors (each under LLVM's alloca limit, so they become
 registers: ROWS x 4 AVX-512 vectors), and per input multiplies one broadcast activation per row by the panel's
-64 weights. The sums run over the inputs in order, as the TE kernel's, and the bias is added after.
+64 weights. The sums run over the inputs in order, as the TE kernel's; the bias (and a fused GELU) is applied
+in one pass over the panel after.
 Written as plain TIR (no schedule applies), as attention.py and amx.py.
 """
 
@@ -23,9 +24,14 @@ def fits(k_dim: int, n_dim: int, panel: int) -> bool:
     return panel == PANEL_OUT and n_dim % PANEL_OUT == 0 and k_dim % KC == 0
 
 
-def f32_linear_kernel(k_dim: int, n_dim: int):
+def f32_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
     """y[b, s, n] = Σ_k x[b, s, k] W[k, n] + bias[n] for symbolic batch and sequence, W in panels (n/64, k, 64)."""
+    from edgeq.targets.tvm.ops import gelu_expr
+
     K, N, P = k_dim, n_dim, PANEL_OUT
+
+    def out(v):
+        return gelu_expr(v) if gelu else v
 
     @T.prim_func(private=True)
     def f32_linear(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -60,25 +66,30 @@ def f32_linear_kernel(k_dim: int, n_dim: int):
                             a1[l] = a1[l] + x[r1 // seq, r1 % seq, kc * KC + kk] * w[p, kc * KC + kk, l]
                             a2[l] = a2[l] + x[r2 // seq, r2 % seq, kc * KC + kk] * w[p, kc * KC + kk, l]
                             a3[l] = a3[l] + x[r3 // seq, r3 % seq, kc * KC + kk] * w[p, kc * KC + kk, l]
-                    last = T.meta_var(kc == K // KC - 1)
                     for l in T.vectorized(P):
-                        y[r0 // seq, r0 % seq, p * T.int64(P) + l] = a0[l] + T.Select(last, bias[p * T.int64(P) + l], T.float32(0))
+                        y[r0 // seq, r0 % seq, p * T.int64(P) + l] = a0[l]
                     if m0 + T.int64(1) < rows:
                         for l in T.vectorized(P):
-                            y[r1 // seq, r1 % seq, p * T.int64(P) + l] = a1[l] + T.Select(last, bias[p * T.int64(P) + l], T.float32(0))
+                            y[r1 // seq, r1 % seq, p * T.int64(P) + l] = a1[l]
                     if m0 + T.int64(2) < rows:
                         for l in T.vectorized(P):
-                            y[r2 // seq, r2 % seq, p * T.int64(P) + l] = a2[l] + T.Select(last, bias[p * T.int64(P) + l], T.float32(0))
+                            y[r2 // seq, r2 % seq, p * T.int64(P) + l] = a2[l]
                     if m0 + T.int64(3) < rows:
                         for l in T.vectorized(P):
-                            y[r3 // seq, r3 % seq, p * T.int64(P) + l] = a3[l] + T.Select(last, bias[p * T.int64(P) + l], T.float32(0))
+                            y[r3 // seq, r3 % seq, p * T.int64(P) + l] = a3[l]
+            # the bias (and GELU: ops.gelu_expr, as emit_gelu's kernel) over the panel's sums, still in cache
+            for m in T.serial(rows):
+                for l in T.vectorized(P):
+                    y[m // seq, m % seq, p * T.int64(P) + l] = out(y[m // seq, m % seq, p * T.int64(P) + l]
+                                                                   + bias[p * T.int64(P) + l])
 
     return f32_linear
 
 
-def emit_f32_linear(bb, params, x, name: str, w, bias, d, hint: str):
-    """The kernel on (batch, seq, in) `x` for an f32 weight `w` (out, in) and its bias, when its shape fits (else
-    None): the parameters are emit_linear's (same names and panels), so the params file does not change."""
+def emit_f32_linear(bb, params, x, name: str, w, bias, d, hint: str, gelu: bool = False):
+    """The kernel on (batch, seq, in) `x` for an f32 weight `w` (out, in) and its bias (GELU after when `gelu`), when
+    its shape fits (else None): the parameters are emit_linear's (same names and panels), so the params file does not
+    change."""
     from tvm import relax
 
     from edgeq.targets.tvm.ops import weight_arrays
@@ -93,5 +104,5 @@ def emit_f32_linear(bb, params, x, name: str, w, bias, d, hint: str):
     wv = params.add(wn, wa)
     bv = params.add(name.removesuffix(".weight") + ".bias", bias.astype("float32"))
     b, s, _ = shape.values
-    gv = bb.add_func(f32_linear_kernel(k_dim, n_dim), f"{F32_PREFIX}{hint}")
+    gv = bb.add_func(f32_linear_kernel(k_dim, n_dim, gelu), f"{F32_PREFIX}{hint}")
     return bb.emit(relax.call_tir(gv, [x, wv, bv], relax.TensorType((b, s, n_dim), "float32")))
