@@ -90,7 +90,7 @@ def amx_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
     """y[b, s, n] = (Σ_k q[b, s, k] w[n, k]) * x_scale[b, s] * w_scale[n] + bias[n] (GELU after when `gelu`), for
     symbolic batch and sequence; q the rows of x quantized per row. Arguments: x, the weight blocks, w_scale, bias;
     outputs y and the scratch (int8 rows, row scales, the tasks' int32 tiles)."""
-    from edgeq.targets.tvm.ops import gelu_expr
+    from edgeq.targets.tvm.gelu import gelu_expr
 
     K, N, NT, KT = k_dim, n_dim, n_dim // OUTS, k_dim // STEP
     SPLIT = split(n_dim)                 # noqa: N806

@@ -18,7 +18,8 @@ from edgeq.models import names
 from edgeq.models.bert import BertConfig
 from edgeq.targets.tvm.attention import emit_fused_attention
 from edgeq.targets.tvm.f32_linear import emit_f32_linear
-from edgeq.targets.tvm.layernorm import emit_add_layer_norm, fits
+from edgeq.targets.tvm.layernorm import emit_add_layer_norm
+from edgeq.targets.tvm.layernorm import fits as layer_norm_fits
 from edgeq.targets.tvm.ops import (Params, emit_attention, emit_embedding, emit_gelu, emit_linear, emit_table_prefix,
                                    fuses_gelu, sym)
 
@@ -77,7 +78,8 @@ def lower_encoder(graph: Graph, plan: Plan, progress=None, dot: str = "generic",
                     ctx = (emit_fused_attention(bb, q, k, v, bias, nh, d, b, s) if fused_attention
                            else bb.emit(R.reshape(emit_attention(bb, q, k, v, bias, nh, d), (b, s, H))))
                 ao = lin(ctx, "attention.output.dense", "ao")
-                h1 = _add_layer_norm(bb, params, ao, h, graph, p + "attention.output.LayerNorm", cfg.ln_eps, fused_attention)
+                h1 = _add_layer_norm(bb, params, ao, h, graph, p + "attention.output.LayerNorm", cfg.ln_eps,
+                                     fused_attention)
                 inter = p + "intermediate.dense.weight"
                 if fuses_gelu(plan.tensors[inter], params):       # GELU inside the rescale: one pass fewer
                     g = emit_linear(bb, params, h1, inter, W(inter), W(p + "intermediate.dense.bias"),
@@ -118,7 +120,7 @@ def _add_layer_norm(bb: relax.BlockBuilder, params: Params, x, residual, graph: 
                     cpu: bool):
     """LN(x + residual); on CPU targets one kernel with rows in parallel (layernorm.py)."""
     width = graph.weights[prefix + ".weight"].shape[0]
-    if not (cpu and fits(width)):
+    if not (cpu and layer_norm_fits(width)):
         return _layer_norm(bb, params, bb.emit(R.add(x, residual)), graph, prefix, eps)
     w = params.add(prefix + ".weight", graph.weights[prefix + ".weight"].numpy().astype(np.float32))
     bias = params.add(prefix + ".bias", graph.weights[prefix + ".bias"].numpy().astype(np.float32))

@@ -26,7 +26,7 @@ def fits(k_dim: int, n_dim: int, panel: int) -> bool:
 
 def f32_linear_kernel(k_dim: int, n_dim: int, gelu: bool = False):
     """y[b, s, n] = Σ_k x[b, s, k] W[k, n] + bias[n] for symbolic batch and sequence, W in panels (n/64, k, 64)."""
-    from edgeq.targets.tvm.ops import gelu_expr
+    from edgeq.targets.tvm.gelu import gelu_expr
 
     K, N, P = k_dim, n_dim, PANEL_OUT
 

@@ -59,7 +59,8 @@ def add_layer_norm_kernel(width: int, eps: float):
             stat[1] = T.float32(1) / T.sqrt(stat[1] * T.float32(inv_h) + T.float32(eps))
             for jo in T.serial(H // L):
                 for l in T.vectorized(L):
-                    y[bi, si, jo * L + l] = (y[bi, si, jo * L + l] - stat[0]) * stat[1] * gamma[jo * L + l] + beta[jo * L + l]
+                    y[bi, si, jo * L + l] = ((y[bi, si, jo * L + l] - stat[0]) * stat[1] * gamma[jo * L + l]
+                                             + beta[jo * L + l])
 
     return add_layer_norm
 
