@@ -13,7 +13,11 @@ evaluator on the device, so remote timings exclude the network.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
+import platform
+import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -152,6 +156,9 @@ class TvmSession(SentenceEmbedding):
             lib_path = verified_copy(bundle, manifest, spec["library"], "tvm.library", private)
             if mode == "local":
                 _set_threads(threads)
+                if spec.get("int8_kernels") == "amx" and not request_amx():
+                    raise BundleError(bundle / spec["library"], "its int8 linears use Intel AMX tiles, which this "
+                                      "machine or OS does not grant (Linux >= 5.16 on an AMX CPU); re-export it here")
                 try:
                     lib = tvm.runtime.load_module(str(lib_path))
                 except Exception as exc:   # a library for another ISA (arm64 on x86, or a .tar of objects)
@@ -255,6 +262,20 @@ class TvmSession(SentenceEmbedding):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state for this process (x86-64 Linux >= 5.16; a no-op once granted). False when
+    it is refused or the platform has no such request: an AMX kernel would then fault (targets/tvm/amx.py's kernels)."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _set_threads(threads: int) -> None:

@@ -108,8 +108,45 @@ def test_encoder_matches_reference_integer_scheme(tiny, tmp_path):
     np.testing.assert_allclose(got, ref, atol=2e-4)
     assert cosines(flt, got).min() >= 0.99
     assert np.abs(got - flt).max() > 10 * np.abs(got - ref).max()        # closer to its scheme than to float
-    if dot_kind(HOST) == "vnni":
+    if m["tvm"].get("int8_kernels") == "amx":
+        assert _count(out / "model.so", "objdump", "tdpbssd") > 0
+    elif dot_kind(HOST) == "vnni":
         assert _count(out / "model.so", "objdump", "vpdpbusd") > 0
+
+
+@pytest.mark.parametrize("batch,seq,k_dim,n_dim,gelu", [(1, 5, 64, 96, False), (2, 37, 128, 128, True)])
+def test_amx_kernel_is_the_integer_scheme(batch, seq, k_dim, n_dim, gelu):
+    """The AMX linear (amx.py) on rows that are not whole 32-row blocks, with an all-zero row: the reference's
+    integers, rescaled (GELU as fast_erf: within float32 rounding of erf)."""
+    from scipy.special import erf
+
+    from edgeq.core.plan import TensorPlan
+    from edgeq.runtime.tvm_backend import request_amx
+    from edgeq.targets.tvm.amx import OUTS, ROWS, amx_linear_kernel, amx_target, split
+    from edgeq.targets.tvm.ops import weight_arrays
+
+    target = amx_target(HOST, host=True)
+    if target is None or not request_amx():
+        pytest.skip("no AMX int8 on this host (or the OS does not grant the tile state)")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((batch, seq, k_dim)).astype(np.float32)
+    x[-1, -1] = 0.0
+    w = rng.standard_normal((n_dim, k_dim)).astype(np.float32)
+    bvec = rng.standard_normal(n_dim).astype(np.float32)
+    blocks, scale, _ = (a for _, a in weight_arrays("w", w, TensorPlan(format="int8_dyn_rows")))
+    f = amx_linear_kernel(k_dim, n_dim, gelu).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(target))
+    tasks = -(-batch * seq // ROWS) * split(n_dim)
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in (x, blocks, scale, bvec, np.zeros((batch, seq, n_dim), np.float32),
+                                                 np.zeros((tasks * ROWS, k_dim), np.int8),
+                                                 np.zeros(tasks * ROWS, np.float32),
+                                                 np.zeros((tasks, ROWS * OUTS), np.int32))]
+    lib["main"](*args)
+    ref = int8_dyn_rows_matmul(x.reshape(-1, k_dim), w).reshape(batch, seq, n_dim) + bvec
+    ref = ref * 0.5 * (1 + erf(ref / np.sqrt(2))) if gelu else ref
+    np.testing.assert_allclose(args[4].numpy(), ref, rtol=1e-5, atol=2e-5)
+    assert "tdpbssd" in lib.mod.inspect_source("asm")
 
 
 def test_linux_arm64_build_has_sdot(tiny, tmp_path):

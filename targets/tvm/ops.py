@@ -23,6 +23,7 @@ from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
 from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks, row_tile
+from edgeq.targets.tvm.gelu import gelu_expr
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
@@ -359,6 +360,15 @@ def stored_channel_axis(stored: np.ndarray, channel_axis: int) -> int:
 def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[relax.Var], bias: relax.Var | None,
                      hint: str = "linear", dot: str = "generic", gelu: bool = False) -> relax.Expr:
     """A linear layer over weight parameters already added (a tied head shares the token table's)."""
+    if dot == "amx":
+        from edgeq.targets.tvm.amx import emit_amx_linear, fits
+
+        sh = x.ty.shape
+        if (fmt == "int8_dyn_rows" and bias is not None and sh is not None and len(sh.values) == 3
+                and isinstance(sh.values[2], tir.IntImm)
+                and fits(int(sh.values[2]), int(ws[0].ty.shape.values[0]) * DOT_OUT)):
+            return emit_amx_linear(bb, x, ws, bias, hint, gelu)
+        dot = "vnni"                  # other shapes: the VNNI kernel (AMX targets have AVX-512 VNNI)
     args = [x, *ws] + ([bias] if bias is not None else [])
     n_w = len(ws)
 
@@ -464,33 +474,6 @@ def emit_attention(bb: relax.BlockBuilder, q: relax.Expr, k: relax.Expr, v: rela
 
     ctx = bb.emit_te(context_fn, probs, v, primfunc_name_hint=ATTENTION_PREFIX + "context")
     return ctx
-
-
-_ERF_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-               -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-             -1.42647390514189e-02)
-
-
-def fast_erf_expr(x: tir.PrimExpr) -> tir.PrimExpr:
-    """erf(x) for float32 as topi's fast_erf computes it (Eigen's rational approximation on [-4, 4]), as an
-    expression, so it can sit inside another kernel's epilogue."""
-    f32 = lambda v: tir.const(v, "float32")                                  # noqa: E731
-    x = tir.max(tir.min(x, f32(4.0)), f32(-4.0))
-    x2 = x * x
-    p = f32(_ERF_ALPHA[0])
-    for c in _ERF_ALPHA[1:]:
-        p = x2 * p + f32(c)
-    q = f32(_ERF_BETA[0])
-    for c in _ERF_BETA[1:]:
-        q = x2 * q + f32(c)
-    return x * p / q
-
-
-def gelu_expr(x: tir.PrimExpr) -> tir.PrimExpr:
-    """x/2 (1 + erf(x/sqrt 2)) with fast_erf_expr."""
-    return x * tir.const(0.5, "float32") * (tir.const(1.0, "float32")
-                                             + fast_erf_expr(x * tir.const(float(np.sqrt(0.5)), "float32")))
 
 
 def fuses_gelu(d: TensorPlan, params: Params) -> bool:

@@ -130,6 +130,7 @@ class TvmTarget(Target):
 
     def lower(self, req: LowerRequest) -> Lowered:
         from edgeq.targets.tvm.build import compile_module, export_library, resolve_target
+        from edgeq.targets.tvm.amx import amx_target, uses_amx
         from edgeq.targets.tvm.dot import dot_kind
         from edgeq.targets.tvm.lower import ENTRY, lower_tvm
 
@@ -137,8 +138,12 @@ class TvmTarget(Target):
         target = resolve_target(req.profile)
         t0 = time.perf_counter()
         slots = lora_slots(list(graph.weights), req.adapters)
+        dot = dot_kind(target)
+        amx = amx_target(target, req.profile.tvm_target == "llvm") if graph.kind == "encoder" else None
+        if dot == "vnni" and amx is not None:
+            target, dot = amx, "amx"   # many-row linears on AMX tiles (amx.py); decoders' one-row decode stays VNNI
         lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
-                            lora_slots=slots, dot=dot_kind(target),
+                            lora_slots=slots, dot=dot,
                             fused_attention=target.get("kind") == "llvm")
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
@@ -162,7 +167,8 @@ class TvmTarget(Target):
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "max_positions": graph.config.context_length}
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
-                   "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {})}
+                   "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {}),
+                   **({"int8_kernels": "amx"} if uses_amx(lowered.mod) else {})}
         if graph.kind == "decoder" and plan.pruning:
             from edgeq.targets.tvm.decoder import pruning_recipe
 
