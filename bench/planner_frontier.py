@@ -2,12 +2,14 @@
 presets with edgeq's importance matrix.
 
     python bench/planner_frontier.py [--bpw 6.27,5.46,5.0,4.5] [--chunks 4] [--presets q4_k_m,q3_k_m,iq4_nl]
+                                     [--gptq-windows N] [--gptq-conditional] [--text heldout|calibration]
 
 Each budget is one `edgeq export --bpw X --formats <every GGUF candidate but Q4_1/Q5_1>` of the default model
 (SmolLM2-135M-Instruct; its weights come from a Q4_1 file, which Q4_1 reproduces exactly, hence the exclusion),
 with the default cost (`--cost auto`: the numpy Fisher) and the default candidates (i-quants included), scored
 as `edgeq eval` scores it: llama.cpp's logits against the float reference executor on --chunks 512-token
-windows of held-out text. The export's own speed measurement (llama.cpp, interleaved with the preset of the
+windows of held-out text (`--text calibration`: the second half of the calibration text instead, the proxy
+to choose settings on, as `edgeq search`'s labels do; the held-out text is for final numbers only). The export's own speed measurement (llama.cpp, interleaved with the preset of the
 nearest bytes) is kept beside each row. Writes bench/results/planner_frontier.json and a plot (bpw vs KLD).
 """
 
@@ -40,6 +42,7 @@ def main() -> int:
     from edgeq.api import ExportOptions, export
     from edgeq.core.formats.registry import candidate_formats
     from edgeq.evaluate.bundle import evaluate_bundle
+    from edgeq.evaluate.texts import calibration_text
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bpw", default="6.27,5.46,5.0,4.5")
@@ -52,6 +55,12 @@ def main() -> int:
     ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ's H from the already-quantized layers' outputs (default), or the float model's")
     ap.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (edgeq's default 4)")
+    ap.add_argument("--gptq-windows", type=int, help="windows GPTQ's writer takes each H from (default: calib's)")
+    ap.add_argument("--gptq-conditional", action="store_true",
+                    help="GPTQ's quantizer weighted by the Schur complement's diagonal, not E[x^2]")
+    ap.add_argument("--text", choices=["heldout", "calibration"], default="heldout",
+                    help="score on the held-out text (final numbers) or on the calibration text's second half (the "
+                         "proxy settings are chosen on)")
     ap.add_argument("--no-speed", action="store_true", help="skip each export's check and speed measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "planner_frontier.json"))
     a = ap.parse_args()
@@ -61,12 +70,18 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
            "formats": formats, "gptq": a.gptq, "act_order": a.act_order, "sequential": a.sequential,
-           "calib_windows": a.calib_windows, "rows": []}
+           "calib_windows": a.calib_windows, "gptq_windows": a.gptq_windows,
+           "gptq_conditional": a.gptq_conditional, "text": a.text, "rows": []}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n")
 
     work = Path(tempfile.mkdtemp(prefix="edgeq-frontier-"))
+    text_file = None
+    if a.text == "calibration":
+        text = calibration_text()
+        text_file = work / "calibration-second-half.txt"
+        text_file.write_text(text[len(text) // 2:], encoding="utf-8")
     jobs = [("preset", q) for q in a.presets.split(",") if q] + [("plan", float(b)) for b in a.bpw.split(",") if b]
     for kind, what in jobs:
         t0 = time.perf_counter()
@@ -75,9 +90,11 @@ def main() -> int:
                 if kind == "preset" else
                 ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True, gptq=a.gptq,
                               gptq_act_order=a.act_order, gptq_sequential=a.sequential,
+                              gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional,
                               calib_windows=a.calib_windows, check=not a.no_speed))
         r = export(opts, log=lambda s: print(s, file=sys.stderr))
-        ev = evaluate_bundle(bundle, chunks=a.chunks, threads=a.threads, record=False, pareto=False)
+        ev = evaluate_bundle(bundle, None if text_file is None else str(text_file), chunks=a.chunks,
+                             threads=a.threads, record=False, pareto=False)
         m = r["manifest"]
         row = {"kind": kind, "what": what, "bpw": m["model"]["bits_per_weight"],
                "bytes": sum(x["bytes"] for x in m["artifacts"] if x["role"] == "model"),
@@ -110,7 +127,8 @@ def plot(res: dict, path: Path) -> None:
             for r in rows:
                 ax.annotate(r["what"], (r["bpw"], r["kld_mean"]), fontsize=8)
     ax.set_xlabel("bits per weight (model file)")
-    ax.set_ylabel(f"KLD vs float ({res['chunks']} held-out windows)")
+    which = "held-out" if res.get("text", "heldout") == "heldout" else "calibration-text (proxy)"
+    ax.set_ylabel(f"KLD vs float ({res['chunks']} {which} windows)")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)

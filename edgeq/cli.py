@@ -43,6 +43,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         calibration=a.calibration, imatrix=a.imatrix, calib_windows=a.calib_windows, budget_mb=a.budget_mb,
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
+        gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -479,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
                              "already quantized (the default), or (--no-gptq-sequential) from the float model")
+        sp.add_argument("--gptq-windows", type=int, metavar="N",
+                        help="calibration windows GPTQ's writer takes each layer's input covariance from (default: "
+                             "--calib-windows; the planner still prices through the calibration's)")
+        sp.add_argument("--gptq-conditional", action="store_true",
+                        help="GPTQ's quantizer weights each column by the part of its input the columns quantized "
+                             "after it cannot pay back (the Schur complement's diagonal), not by E[x^2]")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

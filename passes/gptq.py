@@ -63,19 +63,28 @@ def inverse_cholesky(h: np.ndarray) -> np.ndarray:
 @dataclass
 class Hessian:
     """One input's damped H and the factors the formats' block sizes need (one per block size with act-order,
-    whose block order depends on it; one in all without)."""
+    whose block order depends on it; one in all without).
+
+    `conditional`: the quantizer's per-column weights (its importance matrix) for block S are the diagonal of
+    the Schur complement H_SS − H_SR H_RR⁻¹ H_RS (R: the columns quantized after S), not E[x²] = diag H: the
+    error a block leaves is paid back through R, and what cannot be paid back is the part of x_S that R does
+    not predict, so the block's OBS loss is ΔSᵀ (U_SSᵀU_SS)⁻¹ ΔS (its diagonal: the row norms² of U_SS⁻¹).
+    The last block, with nothing after it, gets diag H_SS, the plain imatrix."""
 
     h: np.ndarray
     act_order: bool = False
+    conditional: bool = False
     _factors: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def of(cls, cov: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False) -> "Hessian":
-        return cls(damped(cov, damp), act_order)
+    def of(cls, cov: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = False,
+           conditional: bool = False) -> "Hessian":
+        return cls(damped(cov, damp), act_order, conditional)
 
-    def factor(self, step: int) -> tuple[np.ndarray | None, list[np.ndarray]]:
-        """(column order or None, for each block S of `step` columns in that order U_SS⁻¹ U_SR): every format of
-        that block size (the planner prices many) reuses them."""
+    def factor(self, step: int) -> tuple[np.ndarray | None, list[np.ndarray], np.ndarray | None]:
+        """(column order or None, for each block S of `step` columns in that order U_SS⁻¹ U_SR, the conditional
+        importance in the file's column order or None): every format of that block size (the planner prices
+        many) reuses them."""
         if step not in self._factors:
             perm = None
             if self.act_order and self.h.shape[0] > step:
@@ -85,19 +94,39 @@ class Hessian:
             u = inverse_cholesky(self.h if perm is None else self.h[np.ix_(perm, perm)])
             cols = u.shape[0]
             # (float32: each update sums `step` products into float32 weights; float64 doubled the planner's time)
-            self._factors[step] = (perm, [solve_triangular(u[s0:s0 + step, s0:s0 + step], u[s0:s0 + step, s0 + step:],
-                                                           lower=False).astype(np.float32)
-                                          for s0 in range(0, cols - step, step)])
+            updates = [solve_triangular(u[s0:s0 + step, s0:s0 + step], u[s0:s0 + step, s0 + step:],
+                                        lower=False).astype(np.float32) for s0 in range(0, cols - step, step)]
+            imp = None
+            if self.conditional:
+                imp = np.empty(cols, dtype=np.float64)
+                eye = np.eye(step)
+                for s0 in range(0, cols, step):
+                    inv = solve_triangular(u[s0:s0 + step, s0:s0 + step], eye, lower=False)
+                    imp[s0:s0 + step] = (inv * inv).sum(1)
+                if perm is not None:
+                    imp = imp[np.argsort(perm)]
+                imp = imp.astype(np.float32)
+            self._factors[step] = (perm, updates, imp)
         return self._factors[step]
+
+    def importance(self, fmt: Format, imatrix: np.ndarray | None) -> np.ndarray | None:
+        """The per-column weights `fmt`'s quantizer gets for this input's weights (None where it takes none): the
+        conditional ones, else the calibration's imatrix."""
+        if not fmt.takes_imatrix:
+            return None
+        if self.conditional and fmt.block[1] < self.h.shape[0]:
+            return self.factor(fmt.block[1])[2]
+        return imatrix
 
 
 def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None = None) -> np.ndarray:
-    """W' (float32, w's shape): the weights whose quantization by `fmt` block by block is GPTQ's."""
+    """W' (float32, w's shape): the weights whose quantization by `fmt` block by block is GPTQ's — quantized with
+    `hess.importance(fmt, importance)` (what `written` returns)."""
     step = fmt.block[1]
     cols = w.shape[1]
-    perm, updates = hess.factor(step)
+    perm, updates, _ = hess.factor(step)
     out = np.array(w, dtype=np.float32)
-    imp = importance if fmt.takes_imatrix else None
+    imp = hess.importance(fmt, importance)
     if perm is not None:
         out = out[:, perm]
         imp = None if imp is None else imp[perm]
@@ -112,10 +141,18 @@ def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray
     return np.ascontiguousarray(out)
 
 
-def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_order: bool = False) -> Hessian:
+def written(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W', the importance to quantize it with): `fmt.quantize(*written(...))` is the file's GPTQ bytes and
+    `fmt.roundtrip(*written(...))` their values."""
+    return compensate(w, fmt, hess, importance), hess.importance(fmt, importance)
+
+
+def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_order: bool = False,
+                  conditional: bool = False) -> Hessian:
     """H of the input `key` over every sequence's tokens (float64)."""
     x = np.concatenate([np.asarray(env[key], dtype=np.float64).reshape(-1, env[key].shape[-1]) for env in envs])
-    return Hessian.of(x.T @ x / len(x), damp, act_order)
+    return Hessian.of(x.T @ x / len(x), damp, act_order, conditional)
 
 
 def compensable(graph: Graph, plan: Plan) -> dict[str, Format]:
@@ -138,9 +175,10 @@ class _Sequential:
     windows (so `edgeq plan`, which writes nothing, pays nothing)."""
 
     def __init__(self, graph: Graph, plan: Plan, targets: dict[str, Format], imatrix: dict, windows: Callable,
-                 damp: float, act_order: bool, progress: Callable | None, sequential: bool = True):
+                 damp: float, act_order: bool, progress: Callable | None, sequential: bool = True,
+                 conditional: bool = False):
         self.graph, self.plan, self.targets, self.imatrix = graph, plan, targets, imatrix
-        self.sequential = sequential
+        self.sequential, self.conditional = sequential, conditional
         self.windows, self.damp, self.act_order, self.progress = windows, damp, act_order, progress
         self.bytes: dict[str, np.ndarray] | None = None
 
@@ -161,10 +199,10 @@ class _Sequential:
                 return
             if key not in hess:
                 hess.clear()
-                hess[key] = input_hessian(envs, key, self.damp, self.act_order)
+                hess[key] = input_hessian(envs, key, self.damp, self.act_order, self.conditional)
             w = graph.weights[name].numpy()
             imp = self.imatrix.get(name) if fmt.takes_imatrix else None
-            data = fmt.quantize(compensate(w, fmt, hess[key], imp), imp)
+            data = fmt.quantize(*written(w, fmt, hess[key], imp))
             out[name] = data
             fresh[name] = fmt.dequantize(data, tuple(w.shape))
 
@@ -202,10 +240,10 @@ class GptqCompensate(Pass):
     name = "gptq"
 
     def __init__(self, damp: float = DEFAULT_DAMP, act_order: bool = False, sequential: bool = True,
-                 n_windows: int = DEFAULT_WINDOWS,
+                 n_windows: int = DEFAULT_WINDOWS, conditional: bool = False,
                  ctx_len: int = DEFAULT_CTX, source: CalibrationText | None = None, subset: tuple[int, int] = (0, 1),
                  file_rows: Callable[[str, np.ndarray], np.ndarray] | None = None):
-        self.damp, self.act_order, self.sequential = damp, act_order, sequential
+        self.damp, self.act_order, self.sequential, self.conditional = damp, act_order, sequential, conditional
         self.n_windows, self.ctx_len, self.source, self.subset = n_windows, ctx_len, source, subset
         self.file_rows = file_rows or (lambda name, rows: rows)
 
@@ -221,7 +259,7 @@ class GptqCompensate(Pass):
             return calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source, self.subset)
 
         seq = _Sequential(graph, plan, targets, cal.imatrix(), windows, self.damp, self.act_order, ctx.progress,
-                          self.sequential)
+                          self.sequential, self.conditional)
         weights = dict(graph.weights)
         for name, fmt in targets.items():
             t = graph.weights[name]
@@ -230,7 +268,7 @@ class GptqCompensate(Pass):
                 load=lambda n=name, f=fmt, s=t.shape: f.dequantize(seq.result(n), tuple(s)),
                 source_bytes=lambda n=name: self.file_rows(n, seq.result(n)))
         ctx.record(self.name, damp=self.damp, act_order=self.act_order, sequential=self.sequential,
-                   compensated=len(targets),
+                   compensated=len(targets), **({"importance": "conditional"} if self.conditional else {}),
                    windows=self.n_windows)
         ctx.analysis["written"] = replace(graph, weights=weights)
         return graph, plan

@@ -39,7 +39,7 @@ from edgeq.core.plan import Plan
 from edgeq.passes import lowrank_compensate as lr
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import source_digest
-from edgeq.passes.gptq import DEFAULT_DAMP, Hessian, compensate
+from edgeq.passes.gptq import DEFAULT_DAMP, Hessian, written
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
@@ -145,7 +145,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
             continue        # (a format written from an importance matrix only, for a tensor that has none)
         imp = importance if f.takes_imatrix else None
         if gptq is not None and f.quantize_fn is not None and f.bits_per_weight < 16:
-            dw = f.roundtrip(compensate(w, f, gptq, imp), imp) - w
+            dw = f.roundtrip(*written(w, f, gptq, imp)) - w
         else:
             dw = f.roundtrip(w, imp) - w
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)
@@ -190,7 +190,7 @@ def bytes_table(graph: Graph, layout: FileLayout, formats: list[str] | None) -> 
 def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLayout,
                   progress: Callable | None = None, ranks: list[int] = (),
                   scaling_mode: str = "exact", fisher=None, gptq: bool = False,
-                  act_order: bool = False) -> CostTable:
+                  act_order: bool = False, conditional: bool = False) -> CostTable:
     """The cost of every candidate for every 2-D weight. `fisher`: output_fisher's dict, or a FisherSource
     whose statistics are computed a segment at a time as the costs use them (so a plan never holds every
     weight's token-weighted covariance at once). `gptq`: price each quantizing format by its compensated
@@ -242,7 +242,7 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
             key = calibration.weight_input[name]
             if key not in hessians:
                 hessians.clear()
-                hessians[key] = Hessian.of(calibration.full(name), DEFAULT_DAMP, act_order)
+                hessians[key] = Hessian.of(calibration.full(name), DEFAULT_DAMP, act_order, conditional)
             u = hessians[key]
             priced += 1
         token_p = None
@@ -271,7 +271,7 @@ def compute_costs(graph: Graph, fmts: list[Format], calibration, layout: FileLay
         info.update({"ranks": sorted(set(ranks)), "lowrank_scaling": scaling_mode})
     if gptq:
         info["gptq"] = {"damp": DEFAULT_DAMP, "act_order": act_order, "compensated_tensors": priced,
-                        "H": "E[xx^T]"}
+                        "H": "E[xx^T]", **({"importance": "conditional"} if conditional else {})}
     return CostTable(options, layout.overhead, graph.n_params, info)
 
 
@@ -281,9 +281,10 @@ class Sensitivity(Pass):
     name = "sensitivity"
 
     def __init__(self, layout: FileLayout, formats: list[str] | None = None, use_cache: bool = True,
-                 ranks: list[int] = (), scaling: str = "exact", gptq: bool = False, act_order: bool = False):
+                 ranks: list[int] = (), scaling: str = "exact", gptq: bool = False, act_order: bool = False,
+                 conditional: bool = False):
         self.layout = layout
-        self.gptq, self.act_order = gptq, act_order
+        self.gptq, self.act_order, self.conditional = gptq, act_order, conditional
         self.formats = formats
         self.ranks = sorted(r for r in set(ranks) if r > 0)
         self.scaling = scaling
@@ -306,7 +307,7 @@ class Sensitivity(Pass):
                 table = None
         if table is None:
             table = compute_costs(graph, fmts, cal, self.layout, ctx.progress, self.ranks, self.scaling,
-                                  ctx.analysis.get("fisher"), self.gptq, self.act_order)
+                                  ctx.analysis.get("fisher"), self.gptq, self.act_order, self.conditional)
             write_json_entry(path, table.to_json())
         ctx.analysis["costs"] = table
         ctx.record(self.name, tensors=len(table.options), formats=[f.name for f in fmts],
@@ -322,7 +323,8 @@ class Sensitivity(Pass):
         if self.ranks:      # (tables without branches keep their key)
             parts += [self.ranks, self.scaling, LOWRANK_VERSION]
         if self.gptq:
-            parts += ["gptq", DEFAULT_DAMP, "H=E[xx^T]"] + (["act_order"] if self.act_order else [])
+            parts += (["gptq", DEFAULT_DAMP, "H=E[xx^T]"] + (["act_order"] if self.act_order else [])
+                      + (["conditional importance"] if self.conditional else []))
         fisher = getattr(self, "_fisher", None)
         if isinstance(fisher, dict):
             h = hashlib.sha256()

@@ -18,7 +18,7 @@ from edgeq.core.executor import Executor
 from edgeq.evaluate.decoder import log_softmax64
 from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
-from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky
+from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky, written
 
 
 def _inputs(seed: int, width: int):
@@ -73,8 +73,9 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
         os.environ.pop("EDGEQ_CACHE", None)
 
 
-def _assert_compensated_through(run: Graph, written: Graph, source: Graph, names: list[str], imatrix: dict) -> None:
-    """Each of `names` in `written` is its format's quantization of W' = the source's weight compensated through the
+def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: list[str], imatrix: dict,
+                                n_windows: int = 2, conditional: bool = False) -> None:
+    """Each of `names` in `file` is its format's quantization of W' = the source's weight compensated through the
     H of the inputs that reach it when `run` runs the calibration windows."""
     checked = []
     tokens, bos, add_bos = calibration_tokens(source)
@@ -82,13 +83,14 @@ def _assert_compensated_through(run: Graph, written: Graph, source: Graph, names
     def check(node, envs):
         name = node.inputs[1]
         if name in names:
-            f = get_format(written.weights[name].source_format)
-            w_prime = compensate(source.weights[name].numpy(), f, input_hessian(envs, node.inputs[0]), imatrix[name])
-            np.testing.assert_array_equal(written.weights[name].numpy(), f.roundtrip(w_prime, imatrix[name]))
+            f = get_format(file.weights[name].source_format)
+            hess = input_hessian(envs, node.inputs[0], conditional=conditional)
+            w_prime, imp = written(source.weights[name].numpy(), f, hess, imatrix[name])
+            np.testing.assert_array_equal(file.weights[name].numpy(), f.roundtrip(w_prime, imp))
             checked.append(name)
 
-    Executor(run, before={"linear": check}).run_many(calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos),
-                                                     outputs=("logits",))
+    windows = calibration_windows(tokens, DEFAULT_CTX, n_windows, bos, add_bos)
+    Executor(run, before={"linear": check}).run_many(windows, outputs=("logits",))
     assert names and sorted(checked) == sorted(names)
 
 
@@ -387,3 +389,65 @@ def test_gptq_pricing_holds_one_input_covariance_at_a_time(tmp_path, monkeypatch
         assert table.info["gptq"]["compensated_tensors"] == layers * 7
         del cal, table
     assert peaks[False] > total and peaks[True] < total / 2, (peaks, total)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_conditional_importance_is_what_later_columns_cannot_pay_back(act_order):
+    """--gptq-conditional: block S's quantizer weighs its columns by diag(H_SS − H_SR H_RR⁻¹ H_RS) (R: the columns
+    quantized after S), read off the Cholesky factor the update uses; the block quantized last gets diag H."""
+    rng = np.random.default_rng(0)
+    x = _inputs(2, 256)(3000, rng)
+    h = x.T @ x / len(x)
+    f = get_format("iq4_nl")
+    hess = Hessian.of(h, act_order=act_order, conditional=True)
+    d = damped(h)
+    imp = hess.importance(f, np.diag(h).astype(np.float32))
+    perm = hess.factor(32)[0]
+    order = np.arange(256) if perm is None else perm
+    for s0 in (0, 96, 224):
+        s, r = order[s0:s0 + 32], order[s0 + 32:]
+        schur = d[np.ix_(s, s)] - (d[np.ix_(s, r)] @ np.linalg.solve(d[np.ix_(r, r)], d[np.ix_(r, s)]) if len(r) else 0)
+        np.testing.assert_allclose(imp[s], np.diag(schur), rtol=1e-4)
+    assert np.all(imp <= np.diag(d) * (1 + 1e-5)) and imp[order[:-32]].sum() < 0.9 * np.diag(d)[order[:-32]].sum()
+    # uncorrelated inputs: nothing later predicts a column, the weights are E[x²] (damped)
+    diag = Hessian.of(np.diag(np.diag(h)), conditional=True).importance(f, None)
+    np.testing.assert_allclose(diag, np.diag(damped(np.diag(np.diag(h)))), rtol=1e-5)
+    assert Hessian.of(h, conditional=True).importance(get_format("q8_0"), None) is None   # (takes no imatrix)
+    # the bytes: the compensated weights are quantized with those weights, and still err less than plain ones
+    w = (rng.standard_normal((64, 256)) * 0.05).astype(np.float32)
+    dq = f.roundtrip(*written(w, f, hess, np.diag(h).astype(np.float32)))
+    assert _error(dq - w, h) < 0.9 * _error(f.roundtrip(w, np.diag(h).astype(np.float32)) - w, h)
+
+
+def test_conditional_importance_and_gptq_windows_are_written_recorded_and_reproduced(tiny_decoder_dir, tmp_path,
+                                                                                    monkeypatch):
+    """--gptq-conditional and --gptq-windows: the file holds the format's quantization (with the conditional
+    weights) of W' compensated through H over that many windows; the plan records both and `--plan` writes the
+    same bytes."""
+    import json
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_decoder_dir), quant="iq4_nl", gptq=True, gptq_conditional=True,
+                               gptq_windows=3, gptq_sequential=False, calib_windows=2, out=str(tmp_path / "a"),
+                               check=False))
+    plan = res["manifest"]["plan"]
+    assert plan["gptq"] == {"act_order": False, "sequential": False, "damp": 0.01, "windows": 3,
+                            "importance": "conditional"}
+    source: Graph = import_model(tiny_decoder_dir)
+    comp = import_gguf(tmp_path / "a" / "model.gguf")
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "iq4_nl"
+             and n != "model.embed_tokens.weight"]
+    _assert_compensated_through(source, comp, source, names, calibrate(source, n_windows=2).imatrix(), n_windows=3,
+                                conditional=True)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calib_windows=2, out=str(tmp_path / "b"),
+                         check=False))
+    assert (tmp_path / "b" / "model.gguf").read_bytes() == (tmp_path / "a" / "model.gguf").read_bytes()
+    path.write_text(json.dumps({**plan, "gptq": {**plan["gptq"], "importance": "fisher"}}))
+    with pytest.raises(EdgeqError, match="gptq.importance"):
+        export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), out=str(tmp_path / "c")))
+    with pytest.raises(EdgeqError, match="--gptq-windows"):
+        export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, gptq_windows=0,
+                             out=str(tmp_path / "d")))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

@@ -102,7 +102,9 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     recorded = inp.user_plan.gptq if inp.user_plan is not None else None
     if opts.gptq and recorded is not None:      # write as the export that made the plan wrote
         opts = replace(opts, gptq_act_order=recorded.get("act_order", False),
-                       gptq_sequential=recorded.get("sequential", True))
+                       gptq_sequential=recorded.get("sequential", True),
+                       gptq_windows=recorded.get("windows", opts.gptq_windows),
+                       gptq_conditional=recorded.get("importance") == "conditional")
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -116,6 +118,14 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     _check_importance(decision)
     inp.target.check_plan(graph, decision.plan)
     return decision
+
+
+def gptq_windows(opts: ExportOptions) -> int:
+    """The calibration windows GPTQ's writer takes each layer's H from: --gptq-windows, else the calibration's
+    (its pricing always reads the calibration's E[xxᵀ])."""
+    if opts.gptq_windows is not None and opts.gptq_windows < 1:
+        raise EdgeqError(None, f"--gptq-windows must be at least 1, not {opts.gptq_windows}")
+    return opts.calib_windows if opts.gptq_windows is None else opts.gptq_windows
 
 
 def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
@@ -186,7 +196,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes += _pruning_passes(inp, opts, ranks)[1 if opts.budgeted and opts.method == "search" else 0:]
     if opts.gptq:            # after the narrowing: each layer's H is that of the model the file holds
         passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential,
-                                     n_windows=opts.calib_windows, source=inp.text, subset=opts.calib_subset,
+                                     n_windows=gptq_windows(opts), conditional=opts.gptq_conditional,
+                                     source=inp.text, subset=opts.calib_subset,
                                      file_rows=functools.partial(inp.target.file_rows, graph)))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
@@ -194,7 +205,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
-                 "windows": opts.calib_windows} if opts.gptq else None
+                 "windows": gptq_windows(opts),
+                 **({"importance": "conditional"} if opts.gptq_conditional else {})} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
 
@@ -434,7 +446,7 @@ def _cost_passes(inp: DecideInputs, opts: ExportOptions, layout, formats: list[s
     elif cost != "output":
         raise EdgeqError(None, f"unknown --cost {opts.cost!r} (auto, output, fisher)")
     passes.append(Sensitivity(layout, formats=formats, ranks=opts.ranks, scaling=opts.lowrank_scaling,
-                              gptq=opts.gptq, act_order=opts.gptq_act_order))
+                              gptq=opts.gptq, act_order=opts.gptq_act_order, conditional=opts.gptq_conditional))
     return passes
 
 

@@ -199,6 +199,8 @@ def plan_from_json(d: Any, path=None) -> Plan:
                 raise EdgeqError(path, f"gptq.{key} must be true or false")
         if gptq.get("windows") is not None and not (type(gptq["windows"]) is int and gptq["windows"] > 0):
             raise EdgeqError(path, "gptq.windows must be a positive integer")
+        if gptq.get("importance", "imatrix") not in ("imatrix", "conditional"):
+            raise EdgeqError(path, "gptq.importance must be \"imatrix\" or \"conditional\"")
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
                 search=d.get("search"), calibration=d.get("calibration"), activations=acts, gptq=gptq)
 
