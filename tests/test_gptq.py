@@ -56,6 +56,25 @@ def test_inverse_cholesky_survives_dead_inputs():
     assert np.all(np.isfinite(u)) and np.allclose(np.triu(u), u)
 
 
+def test_compensation_on_one_blas_thread_is_the_two_thread_result_bit_for_bit():
+    """compensate() limits BLAS to one thread (faster on a shared machine); the weights must not change with it."""
+    from threadpoolctl import threadpool_limits
+
+    from edgeq.passes.gptq import _compensate
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((384, 1024)) * 0.05).astype(np.float32)
+    x = _inputs(3, 1024)(2048, rng)
+    for act_order in (False, True):
+        hess = Hessian.of(x.T @ x / len(x), act_order=act_order)
+        imp = np.diag(hess.h).astype(np.float32)
+        for name in ("q4_0", "q4_k"):
+            fmt = get_format(name)
+            with threadpool_limits(limits=2, user_api="blas"):
+                two = _compensate(w, fmt, hess, imp)
+            assert np.array_equal(compensate(w, fmt, hess, imp), two), (name, act_order)
+
+
 @pytest.fixture(scope="module")
 def exported(tiny_decoder_dir, cache, tmp_path_factory):
     import os
