@@ -13,6 +13,12 @@ from edgeq.passes.search import SearchSettings
 from edgeq.targets.base import Target
 from edgeq.targets.profiles import DeviceProfile
 
+CALIB_WINDOWS = 4
+# A pruned export's channel orders and widths come from its calibration: on SmolLM2 at 15 % (bench/uniql.py,
+# 3 disjoint calibration subsets, held-out KLD) 4 windows (2,048 tokens) moved the uniql order's KLD by 0.010 from
+# subset to subset, 8 windows by 0.0004. Calibrating costs time in proportion (README: UniQL).
+PRUNING_CALIB_WINDOWS = 8
+
 
 @dataclass
 class ExportOptions:
@@ -30,7 +36,7 @@ class ExportOptions:
     # calibration: presets and plans are calibration-aware unless turned off
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
-    calib_windows: int = 4                 # 512-token windows of calibration text
+    calib_windows: int | None = None       # 512-token windows of calibration text (None: `windows`' default)
     calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
@@ -79,6 +85,14 @@ class ExportOptions:
     @property
     def pruning(self) -> bool:
         return self.pruning_rates is not None
+
+    @property
+    def windows(self) -> int:
+        """The calibration windows used: --calib-windows, else CALIB_WINDOWS, or PRUNING_CALIB_WINDOWS with
+        --pruning-rates (the MLP channel orders are read from these statistics; see that constant)."""
+        if self.calib_windows is not None:
+            return self.calib_windows
+        return PRUNING_CALIB_WINDOWS if self.pruning else CALIB_WINDOWS
 
     @property
     def budgeted(self) -> bool:
