@@ -108,7 +108,7 @@ def main() -> int:
     for name, r in table.items():
         rel = (r["out_of_sample_mean"] / ref["out_of_sample_mean"] - 1) if r["out_of_sample_mean"] else float("nan")
         r["out_of_sample_vs_wanda"] = rel
-        print(f"{name:18} {r['in_sample_mean']:10.5f} {r['out_of_sample_mean'] or float('nan'):14.5f} {rel:+15.2%}")
+        print(f"{name:18} {r['in_sample_mean']:10.6f} {r['out_of_sample_mean'] or float('nan'):14.6f} {rel:+15.2%}")
     flags = next((ln.split(":", 1)[1].split() for ln in open("/proc/cpuinfo") if ln.startswith("flags")), [])
     doc = {"run": {"versions": versions(), "calib_windows": windows, "subsets": a.subsets, "subsets_run": subs,
                    "rate": a.rate, "layers": layers, "load_average_at_end": os.getloadavg(),
