@@ -203,6 +203,13 @@ def test_orders_and_allocations():
     assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("ridge", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
+    # ridge leverage in the output's metric tends to wanda's order as λ grows (diag(M(M + λI)^-1) ~ diag(M)/λ, and
+    # G_jj = wanda_j^2); with D C D, D = diag(|W_down[:, j]|), too: no λ takes it past wanda without a refit
+    wanda = sort_order(channel_scores("wanda", down, cov, np.diag(cov), 0))
+    norms = np.linalg.norm(down, axis=0)
+    for m in (cov * (down.T @ down), cov * np.outer(norms, norms)):
+        assert sort_order(ridge_leverage(m, 1e6)).tolist() == wanda.tolist()
+        assert sort_order(ridge_leverage(m, 0.01)).tolist() != wanda.tolist()
     # every prefix of the uniql ranking removes, step by step, the channel that adds least to 1_S^T G 1_S
     g = cov * (down.T @ down)
     removed: list[int] = []
