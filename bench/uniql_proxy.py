@@ -95,7 +95,8 @@ def main() -> int:
                 cut = o[widths[s][i]:]
                 for t in subs:
                     g = cov[t, i] * wtw[i]
-                    err.setdefault(name, {}).setdefault(f"{s}->{t}", []).append(float(g[np.ix_(cut, cut)].sum() / g.sum()))
+                    share = float(g[np.ix_(cut, cut)].sum() / g.sum())
+                    err.setdefault(name, {}).setdefault(f"{s}->{t}", []).append(share)
         log(f"subset {s}: orders scored ({time.perf_counter() - t0:.0f} s)")
     table = {}
     for name, per in err.items():

@@ -252,10 +252,13 @@ def test_a_pruned_export_calibrates_on_more_windows():
     """The channel orders are read from the calibration: a pruned export takes 8 windows unless told otherwise."""
     from edgeq.compile.options import CALIB_WINDOWS, PRUNING_CALIB_WINDOWS, ExportOptions
 
-    assert ExportOptions().windows == CALIB_WINDOWS == 4
-    assert ExportOptions(pruning_rates=[0.15]).windows == PRUNING_CALIB_WINDOWS == 8
-    assert ExportOptions(pruning_rates=[0.15], calib_windows=2).windows == 2
-    assert ExportOptions(calib_windows=6).windows == 6
+    from edgeq.core.plan import Plan
+
+    assert ExportOptions().windows() == CALIB_WINDOWS == 4
+    assert ExportOptions(pruning_rates=[0.15]).windows() == PRUNING_CALIB_WINDOWS == 8
+    assert ExportOptions().windows(Plan(pruning={"rates": []})) == 8        # export --plan of a pruned plan
+    assert ExportOptions(pruning_rates=[0.15], calib_windows=2).windows() == 2
+    assert ExportOptions(calib_windows=6).windows(Plan(pruning={"rates": []})) == 6
 
 
 def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):

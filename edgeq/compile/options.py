@@ -37,7 +37,7 @@ class ExportOptions:
     # calibration: presets and plans are calibration-aware unless turned off
     calibration: bool = True
     imatrix: str | None = None             # bring a llama.cpp imatrix file instead of calibrating
-    calib_windows: int | None = None       # 512-token windows of calibration text (None: `windows`' default)
+    calib_windows: int | None = None       # 512-token windows of calibration text (None: see `windows`)
     calib_subset: tuple[int, int] = (0, 1)   # the i-th of n disjoint sets of calibration windows
     calib_images: Any = None               # CNNs: .npz path (array `images`, NCHW float32) or an array, for static int8
     calib_text: str | None = None          # the user's calibration text: a UTF-8 file or a folder of them
@@ -87,13 +87,13 @@ class ExportOptions:
     def pruning(self) -> bool:
         return self.pruning_rates is not None
 
-    @property
-    def windows(self) -> int:
-        """The calibration windows used: --calib-windows, else CALIB_WINDOWS, or PRUNING_CALIB_WINDOWS with
-        --pruning-rates (the MLP channel orders are read from these statistics; see that constant)."""
+    def windows(self, user_plan: Plan | None = None) -> int:
+        """The calibration windows used: --calib-windows, else CALIB_WINDOWS, or PRUNING_CALIB_WINDOWS when the export
+        writes a pruning table (--pruning-rates, or a plan file carrying one: the windows that made it remake it)."""
         if self.calib_windows is not None:
             return self.calib_windows
-        return PRUNING_CALIB_WINDOWS if self.pruning else CALIB_WINDOWS
+        table = self.pruning or user_plan is not None and user_plan.pruning is not None
+        return PRUNING_CALIB_WINDOWS if table else CALIB_WINDOWS
 
     @property
     def budgeted(self) -> bool:
