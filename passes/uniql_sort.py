@@ -26,8 +26,9 @@ Rankings (`--prune-order`):
   output's metric (M = G, or D C D with D = diag(‖W_down[:, j]‖), whose diagonal is G's) the large-λ end is
   `wanda`'s order (G_jj = wanda²) and smaller λ only moves away from it. Measured on the proxy bench/uniql_proxy.py
   (the share of each MLP output's energy that the channels removed at 15 % carry, on a calibration subset the
-  order was not computed from; SmolLM2, 16 windows per subset, subsets 0 and 1): `ridge` at λ 10 and 100 ties `wanda`; D C D at
-  λ 1, 10, 100 is 8.6 %, 3.7 %, 0.6 % above it, `leverage` (C, λ 1) 14 % above; only greedy removal is below (1.2 %);
+  order was not computed from; SmolLM2, 16 windows per subset, 3 subsets, every layer): `ridge` at λ 10 and 100 ties
+  `wanda`; D C D at λ 1, 10, 100 is 8.4 %, 3.3 %, 0.5 % above it, `leverage` (C, λ 1) 14 % above; only greedy
+  removal is below (1.2 %);
 - `magnitude`: the L1 norm of each column of the down projection;
 - `wanda`: ‖W_down[:, j]‖·√E[h_j²] (Wanda's score, per channel: the diagonal of G, square-rooted);
 - `random`: a fixed-seed permutation (the floor any order must beat).
