@@ -487,9 +487,10 @@ def main() -> int:
                     help="channel orders; ORDER+comp: with --prune-compensate (each rate's ffn_down bias)")
     ap.add_argument("--no-uniform", action="store_true", help="quality: skip the uniql+uniform allocation")
     ap.add_argument("--subsets", type=int, default=3, help="disjoint calibration subsets (the spread)")
-    ap.add_argument("--calib-windows", type=int, default=4,
-                    help="512-token calibration windows per subset (the channel statistics' sample; 4 is the "
-                         "export's default, 2,048 tokens; the default calibration text has 120 windows)")
+    ap.add_argument("--calib-windows", type=int, default=None,
+                    help="512-token calibration windows per subset (the channel statistics' sample; default: a "
+                         "pruned export's, edgeq.compile.options.PRUNING_CALIB_WINDOWS; the default calibration "
+                         "text has 120 windows)")
     ap.add_argument("--ridge", type=floats, default=[0.01, 0.1, 1.0, 10.0],
                     help="select: the ridge and leverage orders' ridge factors (uniform widths)")
     ap.add_argument("--temperature", type=floats, default=[0.5, 1.0, 2.0, 4.0],
@@ -510,6 +511,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--fresh", action="store_true", help="ignore results already in --out")
     a = ap.parse_args()
+    if a.calib_windows is None:
+        from edgeq.compile.options import PRUNING_CALIB_WINDOWS
+
+        a.calib_windows = PRUNING_CALIB_WINDOWS
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     doc: dict[str, Any] = {}
     if a.out.is_file() and not a.fresh:

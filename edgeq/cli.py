@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no importance matrix: llama.cpp's plain quantization (default: calibrated)")
         sp.add_argument("--imatrix", help="llama.cpp imatrix file (GGUF or legacy .dat) to use instead of calibrating "
                                           "(default: computed from the calibration text)")
-        sp.add_argument("--calib-windows", type=int, default=4, metavar="N",
-                        help="512-token windows of calibration text")
+        sp.add_argument("--calib-windows", type=int, default=None, metavar="N",
+                        help="512-token windows of calibration text (default 4; 8 with --pruning-rates, whose "
+                             "channel orders are read from them)")
         sp.add_argument("--calib-subset", type=subset, default=(0, 1), metavar="I/N",
                         help="calibrate on the I-th of N disjoint sets of windows spread over the text (default 0/1: "
                              "all of them); measures how much a result depends on the calibration text")

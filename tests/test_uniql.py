@@ -236,6 +236,13 @@ def test_orders_and_allocations():
     assert sort_order(channel_scores("uniql", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("ridge", w, cov6, np.diag(cov6), 0))[-1] == 0
     assert sort_order(channel_scores("leverage", w, cov6, np.diag(cov6), 0))[0] == 0
+    # ridge leverage in the output's metric tends to wanda's order as λ grows (diag(M(M + λI)^-1) ~ diag(M)/λ, and
+    # G_jj = wanda_j^2); with D C D, D = diag(|W_down[:, j]|), too: no λ takes it past wanda without a refit
+    wanda = sort_order(channel_scores("wanda", down, cov, np.diag(cov), 0))
+    norms = np.linalg.norm(down, axis=0)
+    for m in (cov * (down.T @ down), cov * np.outer(norms, norms)):
+        assert sort_order(ridge_leverage(m, 1e6)).tolist() == wanda.tolist()
+        assert sort_order(ridge_leverage(m, 0.01)).tolist() != wanda.tolist()
     # every prefix of the uniql ranking removes, step by step, the channel that adds least to 1_S^T G 1_S
     g = cov * (down.T @ down)
     removed: list[int] = []
@@ -272,6 +279,19 @@ def test_calibration_subsets_are_disjoint():
     assert all(len(f) == 4 for f in firsts) and not (firsts[0] & firsts[1] or firsts[1] & firsts[2] or
                                                     firsts[0] & firsts[2])
     assert calibration_windows(tokens, 512, 4, 0, False) == calibration_windows(tokens, 512, 4, 0, False, subset=(0, 1))
+
+
+def test_a_pruned_export_calibrates_on_more_windows():
+    """The channel orders are read from the calibration: a pruned export takes 8 windows unless told otherwise."""
+    from edgeq.compile.options import CALIB_WINDOWS, PRUNING_CALIB_WINDOWS, ExportOptions
+
+    from edgeq.core.plan import Plan
+
+    assert ExportOptions().windows() == CALIB_WINDOWS == 4
+    assert ExportOptions(pruning_rates=[0.15]).windows() == PRUNING_CALIB_WINDOWS == 8
+    assert ExportOptions().windows(Plan(pruning={"rates": []})) == 8        # export --plan of a pruned plan
+    assert ExportOptions(pruning_rates=[0.15], calib_windows=2).windows() == 2
+    assert ExportOptions(calib_windows=6).windows(Plan(pruning={"rates": []})) == 6
 
 
 def test_the_slicers_refuse_a_damaged_file(f32_bundle, tmp_path):

@@ -120,12 +120,12 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
     return decision
 
 
-def gptq_windows(opts: ExportOptions) -> int:
+def gptq_windows(opts: ExportOptions, calib_windows: int) -> int:
     """The calibration windows GPTQ's writer takes each layer's H from: --gptq-windows, else the calibration's
-    (its pricing always reads the calibration's E[xxᵀ])."""
+    (`calib_windows`; its pricing always reads the calibration's E[xxᵀ])."""
     if opts.gptq_windows is not None and opts.gptq_windows < 1:
         raise EdgeqError(None, f"--gptq-windows must be at least 1, not {opts.gptq_windows}")
-    return opts.calib_windows if opts.gptq_windows is None else opts.gptq_windows
+    return calib_windows if opts.gptq_windows is None else opts.gptq_windows
 
 
 def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:
@@ -158,6 +158,7 @@ def _check_importance(decision: Decision) -> None:
 def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context,
                              branches: bool) -> Decision:
     user = inp.user_plan
+    windows = opts.windows(user)
     search = opts.budgeted
     ranks = search and any(opts.ranks) or user is not None and any(t.rank for t in user.tensors.values())
     prune = _prunes(graph, inp, opts)
@@ -181,7 +182,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         full = held or search and opts.gptq
         max_full = DEFAULT_MAX_FULL if full else 0
         # sorting MLPs (the search's, a plan's widths) reads the down projections' covariances too: held then
-        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, source=inp.text,
+        passes.append(Calibrate(n_windows=windows, imatrix_file=opts.imatrix, source=inp.text,
                                 max_full=max_full, defer_full=full and not held and not prune,
                                 full_for=_full_for(graph, max_full, opts.prune_attention) if prune else frozenset(),
                                 subset=opts.calib_subset, means=prune and opts.prune_compensate))
@@ -196,16 +197,16 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes += _pruning_passes(inp, opts, ranks)[1 if opts.budgeted and opts.method == "search" else 0:]
     if opts.gptq:            # after the narrowing: each layer's H is that of the model the file holds
         passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential,
-                                     n_windows=gptq_windows(opts), conditional=opts.gptq_conditional,
+                                     n_windows=gptq_windows(opts, windows), conditional=opts.gptq_conditional,
                                      source=inp.text, subset=opts.calib_subset,
                                      file_rows=functools.partial(inp.target.file_rows, graph)))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
     out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
-    plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": opts.calib_windows}
+    plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": windows}
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
-                 "windows": gptq_windows(opts),
+                 "windows": gptq_windows(opts, windows),
                  **({"importance": "conditional"} if opts.gptq_conditional else {})} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
@@ -295,7 +296,7 @@ def _decide_preset(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Co
     if graph.kind == "decoder" and opts.calibration and any(get_format(d.format).takes_imatrix
                                                             for d in plan.tensors.values()):
         if "calibration" not in ctx.analysis:        # another backend of the bundle may have calibrated already
-            run_passes([Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
+            run_passes([Calibrate(n_windows=opts.windows(inp.user_plan), imatrix_file=opts.imatrix, max_full=0,
                                   source=inp.text, subset=opts.calib_subset)], graph, plan, ctx)
         plan.calibration = ctx.analysis["calibration"].to_json()
     return Decision(plan, ctx.analysis.get("calibration") if plan.calibration else None)
@@ -317,7 +318,7 @@ def _decide_preset_pruned(graph: Graph, plan: Plan, inp: DecideInputs, opts: Exp
         inputs, source = text_inputs(graph, source=inp.text)
         passes += _range_passes(plan, inputs, source)
     if opts.calibration:
-        passes.append(Calibrate(n_windows=opts.calib_windows, imatrix_file=opts.imatrix, max_full=0,
+        passes.append(Calibrate(n_windows=opts.windows(inp.user_plan), imatrix_file=opts.imatrix, max_full=0,
                                 full_for=_full_for(graph, 0, opts.prune_attention), subset=opts.calib_subset,
                                 source=inp.text, means=opts.prune_compensate))
     passes += _pruning_passes(inp, opts, False)
