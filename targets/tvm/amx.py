@@ -29,6 +29,7 @@ from typing import Any
 
 from tvm.script import tirx as T
 
+from edgeq.runtime.tvm_backend import request_amx
 from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT
 
 ROWS = 32            # rows per block: two 16-row tiles
@@ -51,10 +52,12 @@ def has_amx(target: dict[str, Any]) -> bool:
 def amx_target(target: dict[str, Any], host: bool) -> dict[str, Any] | None:
     """The target to build AMX kernels for, or None. `host`: the target is this machine's CPU (the "cpu"
     profile), whose LLVM name may not say AMX (under a hypervisor LLVM saw this Sapphire Rapids as `rocketlake`):
-    its /proc/cpuinfo flags then add the features."""
+    its /proc/cpuinfo flags then add the features — where Linux grants this process the tile state: a host whose
+    kernel refuses it (older than 5.16, or a hypervisor that hides it) builds VNNI kernels, as its bundle could not
+    load AMX ones."""
     if has_amx(target):
         return target
-    if host and target.get("kind") == "llvm" and _host_flags() >= {"amx_tile", "amx_int8"}:
+    if host and target.get("kind") == "llvm" and _host_flags() >= {"amx_tile", "amx_int8"} and request_amx():
         return {**target, "mattr": [*target.get("mattr", []), *(f"+{f}" for f in AMX_FEATURES)]}
     return None
 
