@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--expensive-labels", type=int, default=8)
     ap.add_argument("--finalists", type=int, default=6, help="finalists per level of the limit")
     ap.add_argument("--sandwich-epochs", type=int, help="supernet sandwich epochs (default: the search's)")
+    ap.add_argument("--depth-epochs", type=int, help="supernet elastic-depth epochs (default: the search's)")
     ap.add_argument("--formats", default="f32,int8", help="the format menu per layer (int8: all-int8 subnets only)")
     ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
                                                  "(default: the search's)")
@@ -75,6 +76,8 @@ def main() -> None:
                          table=TableSettings(threads=a.threads))
     if a.sandwich_epochs is not None:
         o.sandwich_epochs = a.sandwich_epochs
+    if a.depth_epochs is not None:
+        o.depth_epochs = a.depth_epochs
     o.formats = tuple(a.formats.split(","))
     if a.margin is not None:
         o.timing.margin = a.margin

@@ -1,6 +1,6 @@
 """edgeq search --supernet (APQ on a CNN once-for-all supernet): stage widths x int8/float on onnxruntime.
 
-A tiny setting: the digits supernet trained for 2 + 2 epochs, a latency table of a few subnets timed for real,
+A tiny setting: the digits supernet trained for 2 + 2 + 1 epochs, a latency table of a few subnets timed for real,
 a search of a few generations. Checked: every point the search can make (sampled, mutated, crossed, walked back)
 meets the latency limit; an unreachable limit is one line and exit status 2 before any training; the same seed
 gives the same plan; the searched subnet exported through `edgeq export --model PLAN.pt2 --plan PLAN.json` runs in
@@ -35,7 +35,7 @@ TABLE = TableSettings(fit=6, held=2, rounds=2, per_round=5)
 def supernet():
     from edgeq.models.recipes.digits_supernet import train_digits_supernet
 
-    return train_digits_supernet(seed=0, full_epochs=2, sandwich_epochs=2)
+    return train_digits_supernet(seed=0, full_epochs=2, sandwich_epochs=2, depth_epochs=1)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,7 @@ class CnnSearchOptions:
     scale: int = 1
     full_epochs: int = 8
     sandwich_epochs: int = 60                  # 12 left the shallow subnets (block skipped) 10 points behind on val
+    depth_epochs: int = 40                     # the elastic-depth phase (digits_supernet.py: why)
     settings: SearchSettings = field(default_factory=lambda: SearchSettings(population=24, generations=12,
                                                                               cheap_labels=400, expensive_labels=8,
                                                                               finalists=3))
@@ -206,7 +207,8 @@ def build_supernet(o: CnnSearchOptions, progress: Callable | None = None):
     _check_supernet(o)
     from edgeq.models.recipes.digits_supernet import train_digits_supernet
 
-    return train_digits_supernet(o.settings.seed, o.scale, o.full_epochs, o.sandwich_epochs, progress=progress)
+    return train_digits_supernet(o.settings.seed, o.scale, o.full_epochs, o.sandwich_epochs, progress=progress,
+                                 depth_epochs=o.depth_epochs)
 
 
 def supernet_structure(o: CnnSearchOptions):
