@@ -24,7 +24,7 @@ Training follows once-for-all (OFA), compressed to CPU minutes:
    1 and 2 (float, 16/16/32 3x3: 0.968 vs 0.992, 0.976 vs 0.994) while the same shape trained alone reached 0.982
    and 0.990; 40 epochs at 3e-3 left 0.984 vs 0.990 (seed 1). Tried, not kept: the block-skipped subnet in every step of
    the sandwich phase itself (the full model fell to 0.961, s32), a private batch norm affine for the last conv
-   with the block skipped (no change), a frozen phase-1 teacher (the full model fell 0.4-0.6 points), labels as
+   with the block skipped (no change), a frozen phase-1 teacher (the full model fell 0.2-0.6 points), labels as
    well as distillation for the block-skipped subnet (no change), the phase at 1e-3 (0.978 vs 0.992, seed 1).
 
 Data: the digits recipe's training images are split once more (seeded) into training and validation images; the
