@@ -6,7 +6,8 @@ timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile);
 search under --ratio x its measured latency, timing every measured point (expensive labels, finalists from the
 evolution run at several levels of the limit) interleaved with the full int8 model and choosing the most accurate
 one measured within --ratio less the margin (compile/search_cnn.FinalistTiming); export through the normal pipeline (edgeq.export_module with the plan): the full
-int8 model, the full float model, the searched model and every uniformly slimmed int8 model (each stage at the same
+int8 model, the full float model, the searched model, the all-int8 model at full widths with the block skipped
+("shallow int8": what an all-int8 search can reach) and every uniformly slimmed int8 model (each stage at the same
 share of its channels); then measure all of them in one interleaved run (batch 1, --threads, spinning off, medians)
 and on the 500 held-out test images (never seen by the supernet's training or the search, which labels on
 validation images carved from the training split).
@@ -91,6 +92,9 @@ def main() -> None:
         full = tuple(sn.full)
         variants: dict[str, Candidate] = {"full f32": space.point(full, "f32")} if "f32" in space.formats else {}
         variants |= {"full int8": space.point(full, "int8"), "searched": s.result.best}
+        if len(full) > space.channel_stages:        # all int8 at full widths with the block skipped: the int8 floor
+            cs = space.channel_stages
+            variants["shallow int8"] = space.point(full[:cs] + (0,) + full[cs + 1:], "int8")
         slims = [c for c in space.uniform_slim("int8") if c.widths != full]
         if len(full) > space.channel_stages:        # the same uniform slims with the elastic stages at their smallest
             cs = space.channel_stages
@@ -203,7 +207,8 @@ def plot(result: dict, path: Path) -> None:
         for r in uni:
             ax.annotate("/".join(map(str, r["widths"])), (r["vs_full_int8"], 100 * r["test_accuracy"]), fontsize=6,
                         xytext=(3, -9), textcoords="offset points")
-    for name, marker, c in (("full int8", "s", "C2"), ("full f32", "D", "C7"), ("searched", "*", "C3")):
+    for name, marker, c in (("full int8", "s", "C2"), ("full f32", "D", "C7"), ("shallow int8", "v", "C4"),
+                            ("searched", "*", "C3")):
         r = next((x for x in rows if x["variant"] == name), None)
         if r is None:
             continue
