@@ -159,6 +159,20 @@ def test_same_seed_same_plan_and_export_matches_reference(supernet, table_file, 
     assert np.mean(got.argmax(-1) == y) > 0.5                        # a working classifier, not noise
 
 
+def test_supernet_training_is_seeded(supernet):
+    """The supernet, its elastic-depth phase included, is the same bit for bit from the same seed (the search's
+    determinism rests on it); the depth phase does train (without it the weights differ)."""
+    import torch
+
+    from edgeq.models.recipes.digits_supernet import train_digits_supernet
+
+    want = supernet.net.state_dict()
+    again = train_digits_supernet(seed=0, full_epochs=2, sandwich_epochs=2, depth_epochs=1).net.state_dict()
+    assert want.keys() == again.keys() and all(torch.equal(want[k], again[k]) for k in want)
+    none = train_digits_supernet(seed=0, full_epochs=2, sandwich_epochs=2, depth_epochs=0).net.state_dict()
+    assert not torch.equal(want["conv.weight"], none["conv.weight"])
+
+
 def test_elastic_depth_and_kernel_subnets(supernet):
     """Once-for-all's elastic depth and kernel size: a point with the residual block skipped or 1x1 kernels is a
     plain digits CNN of that shape whose ONNX lowering (the average pool folded into the classifier) computes what
