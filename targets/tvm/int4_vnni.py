@@ -25,6 +25,7 @@ from tvm.script import tirx as T
 
 INT4_GROUP = 32
 BLOCK = 16                  # outputs per vpdpbusd (one int32 lane each)
+ROW_TILE = 4                # rows per register block of a many-row call (prefill): 4 x 32 outputs of sums
 VNNI_PREFIX = "edgeq_int4_vnni_linear_"
 DP = "llvm.x86.avx512.vpdpbusd.512"
 
@@ -75,117 +76,141 @@ def _intrin(name: str, dtype: str, *args):
     return T.call_llvm_pure_intrin(dtype, T.llvm_lookup_intrinsic_id(name), *args)
 
 
-def int4_vnni_gemv_kernel(k_dim: int, n_dim: int, panel: int, bias: bool):
-    """y[0, n] = Σ_g w_scale[g, n] * x_scale[g] * Σ_{k in g} (code[k, n] - 8) * xq[k] (+ bias[n]) for one row x
-    (1, k_dim); the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels (n/P, k/32, P).
-    Arguments: x, weights, scales[, bias]; outputs y, then the scratch (xq int8 (k), x_scale f32 (k/32),
-    8 * Σ xq int32 (k/32))."""
-    K, N, P, G = k_dim, n_dim, panel, k_dim // INT4_GROUP
-    OB = 2 if P % (2 * BLOCK) == 0 else 1            # noqa: N806  16-output blocks per task: broadcasts shared
+def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
+    """y[m, n] = Σ_g w_scale[g, n] * x_scale[m, g] * Σ_{k in g} (code[k, n] - 8) * xq[m, k] (+ bias[n]) for rows x
+    (rows, k_dim), `rows` symbolic; the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels
+    (n/P, k/32, P). `tile`: rows per register block (1 for decode's one row; more rows share each weight load).
+    Arguments: x, weights, scales[, bias]; outputs y, then the scratch (rows padded to whole tiles, a padding row
+    repeating the last row): xq int8 (rows, k), x_scale f32 (rows, k/32), 8 * Σ xq int32 (rows, k/32)."""
+    K, N, P, G, R = k_dim, n_dim, panel, k_dim // INT4_GROUP, tile
+    if P != 64:
+        raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
+    OB = 2                                  # noqa: N806  16-output blocks per task: each broadcast serves both
     tasks = N // (OB * BLOCK)
 
     @T.macro(hygienic=False)
-    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P):  # noqa: N803  (a macro sees its arguments only)
-        # the row quantized once per call, serially before the parallel loop (no second parallel region)
-        for g in T.serial(G):
+    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows):  # noqa: N803  (a macro sees its arguments only)
+        # the rows quantized once per call, serially before the parallel loop (no second parallel region)
+        for m in T.serial((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R)):
             red = T.decl_buffer((16,), "float32", scope="local")
             isum = T.decl_buffer((16,), "int32", scope="local")
-            for l in T.vectorized(16):
-                red[l] = T.max(T.fabs(x[0, g * 32 + l]), T.fabs(x[0, g * 32 + 16 + l]))
-            for l in T.serial(15):
-                red[0] = T.max(red[0], red[l + 1])
-            xs[g] = T.Select(red[0] > T.float32(0), red[0] / T.float32(127.0), T.float32(1.0))
-            for h in T.serial(2):
+            src = T.meta_var(T.min(m, rows - T.int64(1)))
+            for g in T.serial(G):
                 for l in T.vectorized(16):
-                    xq[g * 32 + h * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
-                        T.round(x[0, g * 32 + h * 16 + l] / xs[g]), T.float32(127.0)), T.float32(-127.0))))
-            for l in T.vectorized(16):
-                isum[l] = T.Cast("int32", xq[g * 32 + l]) + T.Cast("int32", xq[g * 32 + 16 + l])
-            for l in T.serial(15):
-                isum[0] = isum[0] + isum[l + 1]
-            xsum[g] = isum[0] * 8
+                    red[l] = T.max(T.fabs(x[src, g * 32 + l]), T.fabs(x[src, g * 32 + 16 + l]))
+                for l in T.serial(15):
+                    red[0] = T.max(red[0], red[l + 1])
+                xs[m, g] = T.Select(red[0] > T.float32(0), red[0] / T.float32(127.0), T.float32(1.0))
+                for h in T.serial(2):
+                    for l in T.vectorized(16):
+                        xq[m, g * 32 + h * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
+                            T.round(x[src, g * 32 + h * 16 + l] / xs[m, g]), T.float32(127.0)), T.float32(-127.0))))
+                for l in T.vectorized(16):
+                    isum[l] = T.Cast("int32", xq[m, g * 32 + l]) + T.Cast("int32", xq[m, g * 32 + 16 + l])
+                for l in T.serial(15):
+                    isum[0] = isum[0] + isum[l + 1]
+                xsum[m, g] = isum[0] * 8
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((OB * 16,), "float32", scope="local")
-            gs = T.decl_buffer((OB * 16,), "int32", scope="local")
+            acc = T.decl_buffer((R * OB * 16,), "float32", scope="local")
+            gs = T.decl_buffer((R * OB * 16,), "int32", scope="local")
             n0 = T.meta_var(t * (OB * BLOCK))
             p = T.meta_var(n0 // P)
             ob0 = T.meta_var(n0 % P // BLOCK)
-            for l in T.vectorized(OB * 16):
-                acc[l] = T.float32(0)
-            for g in T.serial(G):
-                for l in T.vectorized(OB * 16):
-                    gs[l] = 0
-                for j in T.unroll(4):
-                    xlo = T.meta_var(T.reinterpret(T.broadcast(T.reinterpret(
-                        xq.vload([g * 32 + j * 8], "int8x4"), dtype="int32"), 16), dtype="int8x64"))
-                    xhi = T.meta_var(T.reinterpret(T.broadcast(T.reinterpret(
-                        xq.vload([g * 32 + j * 8 + 4], "int8x4"), dtype="int32"), 16), dtype="int8x64"))
-                    for o in T.unroll(OB):
-                        wv = T.meta_var(w.vload([p, g * 16 + (ob0 + o) * 4 + j, 0], "uint8x64"))
-                        gs[T.ramp(o * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
-                            DP, "int32x16", gs.vload([o * 16], "int32x16"),
-                            T.bitwise_and(wv, T.broadcast(T.uint8(15), 64)), xlo),
-                            T.shift_right(wv, T.broadcast(T.uint8(4), 64)), xhi)
-                for o in T.serial(OB):
-                    for l in T.vectorized(16):
-                        acc[o * 16 + l] = acc[o * 16 + l] + T.Cast("float32", gs[o * 16 + l] - xsum[g]) * (
-                            T.Cast("float32", s[p, g, (ob0 + o) * 16 + l]) * xs[g])
-            for l in T.vectorized(OB * 16):
-                y[0, n0 + l] = _out(acc[l], b, n0 + l)
+            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                for l in T.vectorized(R * OB * 16):
+                    acc[l] = T.float32(0)
+                for g in T.serial(G):
+                    for l in T.vectorized(R * OB * 16):
+                        gs[l] = 0
+                    for j in T.unroll(4):
+                        for o in T.unroll(OB):
+                            wv = T.meta_var(w.vload([p, g * 16 + (ob0 + o) * 4 + j, 0], "uint8x64"))
+                            for r in T.unroll(R):
+                                gs[T.ramp((r * OB + o) * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
+                                    DP, "int32x16", gs.vload([(r * OB + o) * 16], "int32x16"),
+                                    T.bitwise_and(wv, T.broadcast(T.uint8(15), 64)),
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8], "int8x4"), dtype="int32"), 16),
+                                        dtype="int8x64")),
+                                    T.shift_right(wv, T.broadcast(T.uint8(4), 64)),
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8 + 4], "int8x4"), dtype="int32"),
+                                        16), dtype="int8x64"))
+                    for r in T.unroll(R):
+                        for o in T.unroll(OB):
+                            for l in T.vectorized(16):
+                                acc[(r * OB + o) * 16 + l] = acc[(r * OB + o) * 16 + l] + T.Cast(
+                                    "float32", gs[(r * OB + o) * 16 + l] - xsum[rb * T.int64(R) + T.int64(r), g]) * (
+                                    T.Cast("float32", s[p, g, (ob0 + o) * 16 + l]) * xs[rb * T.int64(R) + T.int64(r), g])
+                for r in T.unroll(R):
+                    if rb * T.int64(R) + T.int64(r) < rows:
+                        for l in T.vectorized(OB * 16):
+                            y[rb * T.int64(R) + T.int64(r), n0 + l] = _out(acc[r * OB * 16 + l], b, n0 + l)
 
-    if P != 64:
-        raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
     if bias:
         @T.prim_func(private=True)
-        def int4_vnni_gemv(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
-                           xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        def int4_vnni_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
+                             xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-            x = T.match_buffer(x_h, (1, K), "float32")
+            rows = T.int64()
+            padded = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
             w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
             s = T.match_buffer(s_h, (N // P, G, P), "float16")
             b = T.match_buffer(b_h, (N,), "float32")
-            y = T.match_buffer(y_h, (1, N), "float32")
-            xq = T.match_buffer(xq_h, (K,), "int8")
-            xs = T.match_buffer(xs_h, (G,), "float32")
-            xsum = T.match_buffer(xsum_h, (G,), "int32")
-            body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P)
-        return int4_vnni_gemv
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.match_buffer(xq_h, (padded, K), "int8")
+            xs = T.match_buffer(xs_h, (padded, G), "float32")
+            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
+        return int4_vnni_linear
 
     @T.prim_func(private=True)
-    def int4_vnni_gemv_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
-                          xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+    def int4_vnni_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
+                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
-        x = T.match_buffer(x_h, (1, K), "float32")
+        rows = T.int64()
+        padded = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
         w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
         s = T.match_buffer(s_h, (N // P, G, P), "float16")
-        y = T.match_buffer(y_h, (1, N), "float32")
-        xq = T.match_buffer(xq_h, (K,), "int8")
-        xs = T.match_buffer(xs_h, (G,), "float32")
-        xsum = T.match_buffer(xsum_h, (G,), "int32")
-        body(x, w, s, None, y, xq, xs, xsum, G, tasks, OB, P)
-    return int4_vnni_gemv_nb
+        y = T.match_buffer(y_h, (rows, N), "float32")
+        xq = T.match_buffer(xq_h, (padded, K), "int8")
+        xs = T.match_buffer(xs_h, (padded, G), "float32")
+        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        body(x, w, s, None, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
+    return int4_vnni_linear_nb
 
 
 def fits(x_shape, w_shape) -> bool:
-    """One static row, whole groups, static 64-output panels (not a pruned MLP's symbolic widths)."""
+    """Rows by whole groups (2-D: a decoder's (seq, hidden)), static 64-output panels (not a pruned MLP's symbolic
+    widths)."""
     xs = list(x_shape.values) if x_shape is not None else []
     ws = list(w_shape.values) if w_shape is not None else []
-    if len(xs) != 2 or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs + ws):
+    if len(xs) != 2 or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[1:] + ws):
         return False
-    rows, k_dim = (int(v) for v in xs)
+    k_dim = int(xs[1])
     _, half, panel = (int(v) for v in ws)
-    return rows == 1 and half * 2 == k_dim and k_dim % INT4_GROUP == 0 and panel == 64
+    return half * 2 == k_dim and k_dim % INT4_GROUP == 0 and panel == 64
+
+
+def row_tile(rows) -> int:
+    """One row (decode) as it is; more rows, or a symbolic count, in register blocks of ROW_TILE."""
+    return 1 if isinstance(rows, tir.IntImm) and int(rows) == 1 else ROW_TILE
 
 
 def emit_int4_vnni_linear(bb, x, ws: list, bias, hint: str):
-    """The kernel on a (1, in) `x` with int4_g32 parameters `ws` (bytes, scales) and an optional `bias`."""
+    """The kernel on (rows, in) `x` with int4_g32 parameters `ws` (bytes, scales) and an optional `bias`."""
     from tvm import relax
 
-    k_dim = int(x.ty.shape.values[1])
+    rows, k_dim = x.ty.shape.values
+    k_dim = int(k_dim)
     n_p, _, p = (int(v) for v in ws[0].ty.shape.values)
-    n_dim = n_p * p
-    gv = bb.add_func(int4_vnni_gemv_kernel(k_dim, n_dim, p, bias is not None), f"{VNNI_PREFIX}{hint}")
-    outs = [relax.TensorType((1, n_dim), "float32"), relax.TensorType((k_dim,), "int8"),
-            relax.TensorType((k_dim // INT4_GROUP,), "float32"), relax.TensorType((k_dim // INT4_GROUP,), "int32")]
+    n_dim, tile = n_p * p, row_tile(rows)
+    gv = bb.add_func(int4_vnni_kernel(k_dim, n_dim, p, bias is not None, tile), f"{VNNI_PREFIX}{hint}")
+    padded = (rows + (tile - 1)) // tile * tile
+    g = k_dim // INT4_GROUP
+    outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
+            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
     args = [x, *ws] + ([bias] if bias is not None else [])
     return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
