@@ -76,6 +76,32 @@ def _intrin(name: str, dtype: str, *args):
     return T.call_llvm_pure_intrin(dtype, T.llvm_lookup_intrinsic_id(name), *args)
 
 
+@T.macro(hygienic=False)
+def quantize_rows(x, xq, xs, xsum, G, R, rows):  # noqa: N803  (a macro sees its arguments only)
+    """Rows of x (padded to whole tiles of R, a padding row repeating the last) quantized per group of 32 inputs
+    into xq (scale max|x|/127 into xs, rounded half to even), and 8 * Σ xq per group into xsum."""
+    # the rows quantized once per call, serially before the parallel loop (no second parallel region)
+    for m in T.serial((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R)):
+        red = T.decl_buffer((16,), "float32", scope="local")
+        isum = T.decl_buffer((16,), "int32", scope="local")
+        src = T.meta_var(T.min(m, rows - T.int64(1)))
+        for g in T.serial(G):
+            for l in T.vectorized(16):
+                red[l] = T.max(T.fabs(x[src, g * 32 + l]), T.fabs(x[src, g * 32 + 16 + l]))
+            for l in T.serial(15):
+                red[0] = T.max(red[0], red[l + 1])
+            xs[m, g] = T.Select(red[0] > T.float32(0), red[0] / T.float32(127.0), T.float32(1.0))
+            for h in T.serial(2):
+                for l in T.vectorized(16):
+                    xq[m, g * 32 + h * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
+                        T.round(x[src, g * 32 + h * 16 + l] / xs[m, g]), T.float32(127.0)), T.float32(-127.0))))
+            for l in T.vectorized(16):
+                isum[l] = T.Cast("int32", xq[m, g * 32 + l]) + T.Cast("int32", xq[m, g * 32 + 16 + l])
+            for l in T.serial(15):
+                isum[0] = isum[0] + isum[l + 1]
+            xsum[m, g] = isum[0] * 8
+
+
 def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
     """y[m, n] = Σ_g w_scale[g, n] * x_scale[m, g] * Σ_{k in g} (code[k, n] - 8) * xq[m, k] (+ bias[n]) for rows x
     (rows, k_dim), `rows` symbolic; the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels
@@ -90,26 +116,7 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
 
     @T.macro(hygienic=False)
     def body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows):  # noqa: N803  (a macro sees its arguments only)
-        # the rows quantized once per call, serially before the parallel loop (no second parallel region)
-        for m in T.serial((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R)):
-            red = T.decl_buffer((16,), "float32", scope="local")
-            isum = T.decl_buffer((16,), "int32", scope="local")
-            src = T.meta_var(T.min(m, rows - T.int64(1)))
-            for g in T.serial(G):
-                for l in T.vectorized(16):
-                    red[l] = T.max(T.fabs(x[src, g * 32 + l]), T.fabs(x[src, g * 32 + 16 + l]))
-                for l in T.serial(15):
-                    red[0] = T.max(red[0], red[l + 1])
-                xs[m, g] = T.Select(red[0] > T.float32(0), red[0] / T.float32(127.0), T.float32(1.0))
-                for h in T.serial(2):
-                    for l in T.vectorized(16):
-                        xq[m, g * 32 + h * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
-                            T.round(x[src, g * 32 + h * 16 + l] / xs[m, g]), T.float32(127.0)), T.float32(-127.0))))
-                for l in T.vectorized(16):
-                    isum[l] = T.Cast("int32", xq[m, g * 32 + l]) + T.Cast("int32", xq[m, g * 32 + 16 + l])
-                for l in T.serial(15):
-                    isum[0] = isum[0] + isum[l + 1]
-                xsum[m, g] = isum[0] * 8
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(tasks):
             acc = T.decl_buffer((R * OB * 16,), "float32", scope="local")
             gs = T.decl_buffer((R * OB * 16,), "int32", scope="local")

@@ -24,7 +24,7 @@ from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks, row_tile
 from edgeq.targets.tvm.gelu import gelu_expr
-from edgeq.targets.tvm import int4_vnni
+from edgeq.targets.tvm import int4_vnni, int8_vnni
 from edgeq.targets.tvm.int4_vnni import vnni_byte, vnni_layout, vnni_order
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
@@ -370,6 +370,8 @@ def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[r
     """A linear layer over weight parameters already added (a tied head shares the token table's)."""
     if fmt == "int4_g32" and dot in ("vnni", "amx") and int4_vnni.fits(x.ty.shape, ws[0].ty.shape):
         return int4_vnni.emit_int4_vnni_linear(bb, x, ws, bias, hint)
+    if fmt == "int8_wo" and dot in ("vnni", "amx") and int8_vnni.fits(x.ty.shape, ws[0].ty.shape):
+        return int8_vnni.emit_int8_vnni_linear(bb, x, ws, bias, hint)
     if dot == "amx":
         from edgeq.targets.tvm.amx import emit_amx_linear, fits
 
