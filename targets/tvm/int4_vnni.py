@@ -190,13 +190,13 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
 
 
 def fits(x_shape, w_shape) -> bool:
-    """Rows by whole groups (2-D: a decoder's (seq, hidden)), static 64-output panels (not a pruned MLP's symbolic
-    widths)."""
+    """Rows by whole groups ((seq, hidden) of a decoder, (batch, seq, hidden) of an encoder: static inputs), static
+    64-output panels (not a pruned MLP's symbolic widths)."""
     xs = list(x_shape.values) if x_shape is not None else []
     ws = list(w_shape.values) if w_shape is not None else []
-    if len(xs) != 2 or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[1:] + ws):
+    if len(xs) not in (2, 3) or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[-1:] + ws):
         return False
-    k_dim = int(xs[1])
+    k_dim = int(xs[-1])
     _, half, panel = (int(v) for v in ws)
     return half * 2 == k_dim and k_dim % INT4_GROUP == 0 and panel == 64
 
@@ -207,11 +207,14 @@ def row_tile(rows) -> int:
 
 
 def emit_int4_vnni_linear(bb, x, ws: list, bias, hint: str):
-    """The kernel on (rows, in) `x` with int4_g32 parameters `ws` (bytes, scales) and an optional `bias`."""
+    """The kernel on (rows, in) or (batch, seq, in) `x` with int4_g32 parameters `ws` (bytes, scales) and an
+    optional `bias`."""
     from tvm import relax
 
-    rows, k_dim = x.ty.shape.values
+    *lead, k_dim = x.ty.shape.values
     k_dim = int(k_dim)
+    rows = lead[0] if len(lead) == 1 else lead[0] * lead[1]
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (rows, k_dim)))
     n_p, _, p = (int(v) for v in ws[0].ty.shape.values)
     n_dim, tile = n_p * p, row_tile(rows)
     gv = bb.add_func(int4_vnni_kernel(k_dim, n_dim, p, bias is not None, tile), f"{VNNI_PREFIX}{hint}")
@@ -219,5 +222,6 @@ def emit_int4_vnni_linear(bb, x, ws: list, bias, hint: str):
     g = k_dim // INT4_GROUP
     outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
             relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
-    args = [x, *ws] + ([bias] if bias is not None else [])
-    return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    args = [x2, *ws] + ([bias] if bias is not None else [])
+    y = bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_dim)))
