@@ -217,9 +217,10 @@ def test_decoder_prefill_and_decode_match_reference_integer_scheme():
 @pytest.mark.parametrize("fmt", ["int4_g32", "int8_wo"])
 def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
     """A small Llama with every linear int4_g32 or int8_wo and the tied head on the int8_wo table, on a VNNI host:
-    prefill and one-token decode run int4_vnni.py / int8_vnni.py (activations in int8 groups of 32, as llama.cpp's
-    q4_0 / q8_0 dot products), against the reference executor running the same integers (tests/test_tvm_kernels.py's
-    numpy scheme), and measurably not the float product."""
+    prefill and one-token decode run int4 linears and the head on int4_vnni.py / int8_vnni.py (activations in int8
+    groups of 32, as llama.cpp's q4_0 / q8_0 dot products; int8 layer linears keep f32 activations), against the
+    reference executor running the same arithmetic (tests/test_tvm_kernels.py's numpy scheme), and measurably not
+    the weight-only float product."""
     from tvm.runtime.vm import VirtualMachine
 
     from edgeq.core.formats.int4_groups import int4_dequantize_groups, int4_quantize_groups
@@ -252,10 +253,14 @@ def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
 
     arrays = {n: t.numpy() for n, t in graph.weights.items()}
     arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])
-    deq = llama.graph_from_arrays(cfg, arrays)
+    layers = [n for n, t in graph.weights.items() if len(t.shape) == 2 and n != names.EMBED]
+    # the same stored weights with float activations (the weight-only product)
+    stored = {**arrays, **{n: int8_dequantized_rows(arrays[n]) if fmt == "int8_wo" else int4_dequantize_groups(
+        *int4_quantize_groups(arrays[n])) for n in layers}}
+    deq = llama.graph_from_arrays(cfg, stored)
     edits = {}
     for n, t in graph.weights.items():
-        if len(t.shape) != 2:
+        if len(t.shape) != 2 or (fmt == "int8_wo" and n != names.EMBED):
             continue
         w = t.numpy()
         b = arrays.get(n.removesuffix(".weight") + ".bias")
@@ -270,8 +275,5 @@ def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
     ref = Executor(deq, edits=edits).logits(ids)
     scale = max(1.0, np.abs(ref).max())
     assert np.abs(got - ref).max() <= 2e-4 * scale
-    # the same stored weights with float activations (the weight-only product)
-    flt = Executor(llama.graph_from_arrays(cfg, {**arrays, **{
-        n: int8_dequantized_rows(arrays[n]) if fmt == "int8_wo" else int4_dequantize_groups(*int4_quantize_groups(
-            arrays[n])) for n, t in graph.weights.items() if len(t.shape) == 2 and n != names.EMBED}})).logits(ids)
+    flt = Executor(deq).logits(ids)
     assert np.abs(flt - ref).max() > 10 * np.abs(got - ref).max()

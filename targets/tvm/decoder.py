@@ -216,7 +216,8 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                                           channels=cols)))
             hn = _rms_norm(bb, params, h, names.FINAL_NORM, W, cfg.rms_eps)
             if cfg.tied_embeddings:
-                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head", dot=params.dot)
+                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head", dot=params.dot,
+                                          int8_act=True)
             else:
                 logits = emit_linear(bb, params, hn, names.LM_HEAD, W(names.LM_HEAD), None,
                                      plan.tensors[names.LM_HEAD], hint="head", imatrix=imatrix.get(names.LM_HEAD),
