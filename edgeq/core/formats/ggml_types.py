@@ -69,6 +69,9 @@ def _register_gguf_types() -> None:
             "iq4_nl": (4, 32, False), "iq4_xs": (4, 32, False), "iq3_s": (3, 32, False), "iq3_xxs": (3, 32, False),
             "iq2_s": (2, 32, False), "iq2_xs": (2, 16, False), "iq2_xxs": (2, 32, False), "iq1_m": (1, 16, False),
             "iq1_s": (1, 32, False)}
+    # llama.cpp's imatrix quantizers of these weight a block by the whole row's mean square (quantize_row_q4_0_impl
+    # and its siblings); every other quantizing type's block bytes depend on the block alone
+    row_scaled = {"q4_0", "q4_1", "q5_0", "q5_1"}
     for name, (t, imat, desc) in described.items():
         block, size = GGML_QUANT_SIZES[t]
         # Plain floats are written the same way (little-endian IEEE) by every backend.
@@ -77,6 +80,7 @@ def _register_gguf_types() -> None:
             name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
             takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
             fallback=fallback.get(name), grid=grid.get(name), requires_imatrix=name in requires,
+            blockwise=block > 1 and name not in row_scaled,
         ))
 
 
