@@ -98,6 +98,20 @@ def test_blockwise_formats_quantize_each_block_as_their_row_does():
                                                                                          "q5_1"}
 
 
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_ggml_dequantizer_equals_gguf_py(name):
+    """Dequantizing is ggml's C code (fast); gguf-py's numpy port gives the same floats, bit for bit."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((24, 768)) * np.exp(rng.standard_normal(768))).astype(np.float32)
+    w[:2, :300] = 0.0
+    w[5] *= 30.0
+    data = fmt.quantize(w, rng.uniform(0.01, 4.0, 768).astype(np.float32) if fmt.takes_imatrix else None)
+    ours = fmt.dequantize(data, w.shape)
+    theirs = np.asarray(gq.dequantize(data, GGMLQuantizationType(fmt.ggml_type)), dtype=np.float32).reshape(w.shape)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
 def test_threaded_quantization_is_deterministic():
     w = weights(rows=300, cols=768, seed=9)
     a = ggml.quantize(int(GGMLQuantizationType.Q4_K), w, threads=1)

@@ -160,7 +160,8 @@ def test_sequential_gptq_takes_each_layers_h_from_the_quantized_layers_before_it
 
 
 def test_the_planner_prices_the_compensated_error(tiny_decoder_dir, cache, monkeypatch):
-        from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
     from edgeq.passes.sensitivity import compute_costs
     from edgeq.targets.registry import get_target
 
@@ -364,7 +365,8 @@ def test_deferred_covariances_are_the_held_ones_bit_for_bit(tiny_decoder_dir, tm
     """A budgeted GPTQ plan's calibration holds no full covariance: each is recomputed from stored residual streams
     when the pricing reads it, and equals the one calibration would have held to the bit (so the costs, the plan
     and the files are the same); a cached calibration recomputes them the same way; its record is the same."""
-        from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
     from edgeq.passes.fisher import FisherSource
     from edgeq.passes.sensitivity import compute_costs
     from edgeq.targets.registry import get_target
@@ -392,7 +394,8 @@ def test_gptq_pricing_holds_one_input_covariance_at_a_time(tmp_path, monkeypatch
     of holding every covariance (holding them, as the planner did, peaks above their total)."""
     import tracemalloc
 
-        from edgeq.importers.loader import graph_tokenizer_spec
+    from edgeq.core.formats import candidate_formats
+    from edgeq.importers.loader import graph_tokenizer_spec
     from edgeq.models.recipes.hf_folder import graph_to_hf_folder
     from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config
     from edgeq.passes.sensitivity import compute_costs
