@@ -135,10 +135,12 @@ def compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray
     SmolLM2 down projection (576x1536, q4_0) in 0.63 s instead of 3.70 s wall (0.11 instead of 0.78 CPU-s; q4_k 0.55
     vs 0.83 s, the gate projection 0.49 vs 0.74 s), and W' came out bit-identical."""
     with _blas().limit(limits=1, user_api="blas"):
-        return _compensate(w, fmt, hess, importance)
+        return _compensate(w, fmt, hess, importance)[0]
 
 
-def _compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None) -> np.ndarray:
+def _compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None,
+                keep: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(W', with `keep` the round trip of each block as the loop quantized it, in W's column order, else None)."""
     step = fmt.block[1]
     cols = w.shape[1]
     perm, updates, _ = hess.factor(step)
@@ -147,22 +149,41 @@ def _compensate(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarra
     if perm is not None:
         out = out[:, perm]
         imp = None if imp is None else imp[perm]
+    kept = np.empty_like(out) if keep else None
     for s0 in range(0, cols, step):
         s1 = s0 + step
         blk = out[:, s0:s1]
-        err = blk - fmt.roundtrip(blk, None if imp is None else imp[s0:s1])
+        rt = fmt.roundtrip(blk, None if imp is None else imp[s0:s1])
+        if kept is not None:
+            kept[:, s0:s1] = rt
+        err = blk - rt
+        del rt
         if s1 < cols:
             out[:, s1:] -= err @ updates[s0 // step]
     if perm is not None:
-        out = out[:, np.argsort(perm)]
-    return np.ascontiguousarray(out)
+        back = np.argsort(perm)
+        out = out[:, back]
+        kept = None if kept is None else kept[:, back]
+    return np.ascontiguousarray(out), kept
 
 
 def written(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None = None
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """(W', the importance to quantize it with): `fmt.quantize(*written(...))` is the file's GPTQ bytes and
-    `fmt.roundtrip(*written(...))` their values."""
+    `fmt.roundtrip(*written(...))` their values (`written_values` computes the latter)."""
     return compensate(w, fmt, hess, importance), hess.importance(fmt, importance)
+
+
+def written_values(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.ndarray | None = None) -> np.ndarray:
+    """`fmt.roundtrip(*written(w, fmt, hess, importance))`, what the planner prices. Each block of W' is final once
+    the loop has quantized it, so for a `blockwise` format the loop's round trips are W''s, bit for bit, and the
+    tensor is quantized once instead of twice (the i-quants' search is most of a budgeted plan's time: on a
+    1.1B-shaped model's output head pricing every candidate took 17 of its first 19 minutes)."""
+    with _blas().limit(limits=1, user_api="blas"):
+        wp, kept = _compensate(w, fmt, hess, importance, keep=fmt.blockwise)
+    if kept is not None:
+        return kept
+    return fmt.roundtrip(wp, hess.importance(fmt, importance))
 
 
 def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_order: bool = False,

@@ -39,7 +39,7 @@ from edgeq.core.plan import Plan
 from edgeq.passes import lowrank_compensate as lr
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import source_digest
-from edgeq.passes.gptq import DEFAULT_DAMP, Hessian, written
+from edgeq.passes.gptq import DEFAULT_DAMP, Hessian, written_values
 
 SENSITIVITY_VERSION = 1
 LOWRANK_VERSION = 1
@@ -145,7 +145,7 @@ def tensor_options(name: str, w: np.ndarray, fmts: list[Format], stats, importan
             continue        # (a format written from an importance matrix only, for a tensor that has none)
         imp = importance if f.takes_imatrix else None
         if gptq is not None and f.quantize_fn is not None and f.bits_per_weight < 16:
-            dw = f.roundtrip(*written(w, f, gptq, imp)) - w
+            dw = written_values(w, f, gptq, imp) - w
         else:
             dw = f.roundtrip(w, imp) - w
         cost = out_cost = output_error(dw, cov32, diag, fisher_rows)

@@ -74,6 +74,44 @@ def test_roundtrip_error_shrinks_with_bits(name):
     assert rel <= bound
 
 
+def test_blockwise_formats_quantize_each_block_as_their_row_does():
+    """`Format.blockwise` (GPTQ's pricing reads the compensated round trip off its block loop, passes/gptq.py) holds for every
+    GGUF format that claims it, with and without an importance matrix; llama.cpp's row-scaled 32-block types do not
+    claim it, and they do differ."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((48, 1024)) * np.exp(rng.standard_normal(1024))).astype(np.float32)
+    w[:3, :40] = 0.0
+    imp = rng.uniform(0.05, 3.0, 1024).astype(np.float32)
+    claims = {}
+    for f in formats_for("gguf"):
+        if f.block[1] == 1:
+            continue
+        step = f.block[1]
+        for im in ([imp] if f.requires_imatrix else [None, imp]) if f.takes_imatrix else [None]:
+            whole = f.quantize(w, im)
+            parts = np.concatenate([f.quantize(np.ascontiguousarray(w[:, s:s + step]), None if im is None else
+                                               im[s:s + step]) for s in range(0, w.shape[1], step)], axis=1)
+            claims.setdefault(f.name, []).append(np.array_equal(whole, parts))
+    assert {n for n, same in claims.items() if all(same)} == {f.name for f in formats_for("gguf")
+                                                              if f.blockwise}
+    assert set(claims) - {f.name for f in formats_for("gguf") if f.blockwise} == {"q4_0", "q4_1", "q5_0",
+                                                                                         "q5_1"}
+
+
+@pytest.mark.parametrize("name", GGUF_TYPES)
+def test_ggml_dequantizer_equals_gguf_py(name):
+    """Dequantizing is ggml's C code (fast); gguf-py's numpy port gives the same floats, bit for bit."""
+    fmt = get_format(name)
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((24, 768)) * np.exp(rng.standard_normal(768))).astype(np.float32)
+    w[:2, :300] = 0.0
+    w[5] *= 30.0
+    data = fmt.quantize(w, rng.uniform(0.01, 4.0, 768).astype(np.float32) if fmt.takes_imatrix else None)
+    ours = fmt.dequantize(data, w.shape)
+    theirs = np.asarray(gq.dequantize(data, GGMLQuantizationType(fmt.ggml_type)), dtype=np.float32).reshape(w.shape)
+    assert ours.dtype == np.float32 and np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
+
+
 def test_threaded_quantization_is_deterministic():
     w = weights(rows=300, cols=768, seed=9)
     a = ggml.quantize(int(GGMLQuantizationType.Q4_K), w, threads=1)

@@ -18,7 +18,8 @@ from edgeq.core.executor import Executor
 from edgeq.evaluate.decoder import log_softmax64
 from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
-from edgeq.passes.gptq import Hessian, compensate, damped, input_hessian, inverse_cholesky, written
+from edgeq.passes.gptq import (Hessian, compensate, damped, input_hessian, inverse_cholesky, written,
+                               written_values)
 
 
 def _inputs(seed: int, width: int):
@@ -71,8 +72,21 @@ def test_compensation_on_one_blas_thread_is_the_two_thread_result_bit_for_bit():
         for name in ("q4_0", "q4_k"):
             fmt = get_format(name)
             with threadpool_limits(limits=2, user_api="blas"):
-                two = _compensate(w, fmt, hess, imp)
+                two = _compensate(w, fmt, hess, imp)[0]
             assert np.array_equal(compensate(w, fmt, hess, imp), two), (name, act_order)
+
+
+@pytest.mark.parametrize("fmt,act_order", [("q4_k", False), ("q4_k", True), ("iq2_xxs", True), ("q4_0", False)])
+def test_written_values_are_the_round_trip_of_the_written_weights(fmt, act_order):
+    """The planner's price of a GPTQ candidate (`written_values`: the block loop's round trips where the format is
+    blockwise) is exactly the round trip of what the writer quantizes."""
+    rng = np.random.default_rng(6)
+    x = _inputs(6, 512)(1500, rng)
+    hess = Hessian.of(x.T @ x / len(x), act_order=act_order)
+    w = (rng.standard_normal((64, 512)) * 0.05).astype(np.float32)
+    f = get_format(fmt)
+    imp = np.diag(hess.h).astype(np.float32)
+    assert np.array_equal(written_values(w, f, hess, imp), f.roundtrip(*written(w, f, hess, imp)))
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,43 @@ def lib() -> ctypes.CDLL:
     so.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     so.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     so.ggml_row_size.restype = ctypes.c_size_t
+    so.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    so.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
     return so
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's `struct ggml_type_traits` (llama-cpp-python 0.3.36's ggml)."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+                ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                ("from_float_ref", ctypes.c_void_p)]
+
+
+_TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+
+
+@functools.lru_cache(maxsize=None)
+def _to_float(ggml_type: int):
+    fn = lib().ggml_get_type_traits(ggml_type).contents.to_float
+    if not fn:
+        raise RuntimeError(f"ggml has no dequantizer for type {ggml_type}")
+    return _TO_FLOAT(fn)
 
 
 def row_size(ggml_type: int, n_per_row: int) -> int:
     return int(lib().ggml_row_size(ggml_type, n_per_row))
+
+
+def dequantize(ggml_type: int, data: np.ndarray, n: int) -> np.ndarray:
+    """`n` float32 values from the bytes of ggml type `ggml_type` (whole rows), by ggml's own dequantizer: the
+    planner dequantizes every candidate of every tensor, and gguf-py's numpy port took 3-15x as long (the i-quants'
+    grid lookups most) for the same values, bit for bit (tests/test_formats.py compares the two on every type)."""
+    data = np.ascontiguousarray(data, dtype=np.uint8)
+    out = np.empty(n, dtype=np.float32)
+    if n:
+        _to_float(ggml_type)(data.ctypes.data, out.ctypes.data, n)
+    return out
 
 
 def quantize(ggml_type: int, w: np.ndarray, imatrix: np.ndarray | None = None, threads: int = 2) -> np.ndarray:

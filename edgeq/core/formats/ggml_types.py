@@ -1,4 +1,4 @@
-"""GGUF's ggml types: llama.cpp quantizes them (ggml.py, its own code), gguf-py dequantizes them.
+"""GGUF's ggml types: llama.cpp quantizes and dequantizes them (ggml.py, its own code).
 
 Their facts (block sizes and bytes) come from gguf-py's table; their shape fallbacks are llama.cpp's.
 f32 and f16 are written the same way (little-endian IEEE) by every backend, so they carry all three.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
 
 import edgeq.core.formats.ggml as ggml
 from edgeq.core.formats.registry import Format, register
@@ -22,10 +21,11 @@ def _ggml_quantize(fmt: Format, w: np.ndarray, imatrix: np.ndarray | None) -> np
 
 
 def _ggml_dequantize(fmt: Format, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    flat = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
-    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-    arr = dequantize(flat.reshape(rows, -1), T(fmt.ggml_type))
-    return np.asarray(arr, dtype=np.float32).reshape(shape)
+    if data.size != fmt.nbytes(tuple(shape)):
+        raise ValueError(f"{fmt.name}: {data.size} bytes do not hold shape {tuple(shape)}")
+    if fmt.name == "f32":
+        return np.ascontiguousarray(data, dtype=np.uint8).reshape(-1).view("<f4").astype(np.float32).reshape(shape)
+    return ggml.dequantize(fmt.ggml_type, data, int(np.prod(shape))).reshape(shape)
 
 
 def _register_gguf_types() -> None:
@@ -69,6 +69,9 @@ def _register_gguf_types() -> None:
             "iq4_nl": (4, 32, False), "iq4_xs": (4, 32, False), "iq3_s": (3, 32, False), "iq3_xxs": (3, 32, False),
             "iq2_s": (2, 32, False), "iq2_xs": (2, 16, False), "iq2_xxs": (2, 32, False), "iq1_m": (1, 16, False),
             "iq1_s": (1, 32, False)}
+    # llama.cpp's imatrix quantizers of these weight a block by the whole row's mean square (quantize_row_q4_0_impl
+    # and its siblings); every other quantizing type's block bytes depend on the block alone
+    row_scaled = {"q4_0", "q4_1", "q5_0", "q5_1"}
     for name, (t, imat, desc) in described.items():
         block, size = GGML_QUANT_SIZES[t]
         # Plain floats are written the same way (little-endian IEEE) by every backend.
@@ -77,6 +80,7 @@ def _register_gguf_types() -> None:
             name=name, block=(1, block), block_bytes=size, backends=frozenset(backends), ggml_type=int(t),
             takes_imatrix=imat, description=desc, quantize_fn=_ggml_quantize, dequantize_fn=_ggml_dequantize,
             fallback=fallback.get(name), grid=grid.get(name), requires_imatrix=name in requires,
+            blockwise=block > 1 and name not in row_scaled,
         ))
 
 

@@ -50,6 +50,12 @@ class Format:
     # Columns of the shortest row prefix that every array the format stores keeps in whole bytes (what a runtime can
     # slice without requantizing: MLP pruning); None: one block. Packed 4-bit zero points need two blocks.
     slice_cols: int | None = None
+    # Whether the quantizer treats each block of a row on its own, so that quantizing the blocks one at a time (with
+    # their slices of the importance matrix) gives the row's bytes. GPTQ's pricing then reads the compensated
+    # weights' round trip off its block loop instead of quantizing them again (passes/gptq.py). False where a
+    # block's bytes depend on the rest of its row (llama.cpp's q4_0/q4_1/q5_0/q5_1 scale their importance weights by
+    # the row's mean square) and wherever that was not checked (tests/test_gptq.py checks every True).
+    blockwise: bool = False
 
     @property
     def slice_step(self) -> int:
