@@ -482,8 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
                              "already quantized (the default), or (--no-gptq-sequential) from the float model")
         sp.add_argument("--gptq-windows", type=int, metavar="N",
-                        help="calibration windows GPTQ's writer takes each layer's input covariance from (default: "
-                             "--calib-windows; the planner still prices through the calibration's)")
+                        help="calibration windows GPTQ's writer takes each layer's input covariance from (default: 32, "
+                             "or --calib-windows if more; the planner still prices through the calibration's)")
         sp.add_argument("--gptq-conditional", action="store_true",
                         help="GPTQ's quantizer weights each column by the part of its input the columns quantized "
                              "after it cannot pay back (the Schur complement's diagonal), not by E[x^2]")

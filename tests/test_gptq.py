@@ -9,6 +9,7 @@ import pytest
 
 from edgeq import runtime
 from edgeq.api import ExportOptions, export
+from edgeq.compile.options import GPTQ_WINDOWS
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
@@ -99,7 +100,7 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
         for gptq in (False, True, "float"):
             b = tmp_path_factory.mktemp("gptq") / "b"
             export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=bool(gptq), calib_windows=2,
-                                 gptq_sequential=gptq != "float", out=str(b)))
+                                 gptq_windows=2, gptq_sequential=gptq != "float", out=str(b)))
             out[gptq] = b
         return out
     finally:
@@ -221,7 +222,8 @@ def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny
     names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and n != "model.embed_tokens.weight"
              and get_format(t.source_format).bits_per_weight < 16]
     source = import_model(tiny_decoder_dir)
-    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix())
+    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix(),
+                                n_windows=GPTQ_WINDOWS)      # the writer's default H: more windows than calibration's
     ids = [int(i) for i in np.random.default_rng(1).integers(3, comp.config.vocab_size, 48)]
     llm = llama_cpp.Llama(model_path=str(tmp_path / "bNone" / "model.gguf"), n_ctx=64, n_batch=64, logits_all=True,
                           n_threads=1, verbose=False, type_k=0, type_v=0)
@@ -232,6 +234,20 @@ def test_budgeted_gguf_plans_compensate_by_default_and_no_gptq_turns_it_off(tiny
     la, lb = (x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
               for x in (ref, got))
     assert float(np.mean(np.sum(np.exp(la) * (la - lb), -1))) < 5e-3
+
+
+def test_gptq_writer_windows_default():
+    """The writer's H from GPTQ_WINDOWS windows unless asked, or the calibration's when it has more."""
+    from edgeq.compile.decide import gptq_windows
+    from edgeq.compile.search_labels import label_options
+
+    assert GPTQ_WINDOWS == 32
+    assert gptq_windows(ExportOptions(bpw=5.0), 4) == GPTQ_WINDOWS
+    assert gptq_windows(ExportOptions(bpw=5.0, calib_windows=64), 64) == 64
+    assert gptq_windows(ExportOptions(bpw=5.0, gptq_windows=3), 4) == 3
+    # a search's labels rank plans: written from the calibration's windows, not the final export's 32
+    assert label_options(ExportOptions(latency_ms=5.0, method="search")).gptq_windows == 4
+    assert label_options(ExportOptions(latency_ms=5.0, gptq_windows=16)).gptq_windows == 16
 
 
 def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
@@ -256,14 +272,17 @@ def test_gptq_default_only_where_it_applies(tiny_decoder_dir):
 def test_the_price_is_the_written_error(tiny_decoder_dir, tmp_path, monkeypatch):
     """The ILP prices each compensated format by the error of what the writer writes: the plan's predicted error of
     every compensated tensor equals the error of the file's weights under the plan's own (Fisher) cost. (Pricing
-    through the Fisher's C_F compensated weights no file holds: the file erred up to 2x its price.)"""
+    through the Fisher's C_F compensated weights no file holds: the file erred up to 2x its price.) The writer takes
+    the calibration's windows here; by default it takes more (GPTQ_WINDOWS), and the price is then the in-sample
+    proxy of a better-estimated H."""
     from edgeq.passes.fisher import output_fisher
     from edgeq.passes.sensitivity import output_error
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
     b = tmp_path / "b"
     res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, calib_windows=2, gptq_sequential=False,
-                               out=str(b), formats=["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"], check=False))
+                               gptq_windows=2, out=str(b), formats=["f16", "q8_0", "q6_k", "q4_0", "q4_k", "iq4_nl"],
+                               check=False))
     plan = res["manifest"]["plan"]
     source = import_model(tiny_decoder_dir)
     written = import_gguf(b / "model.gguf")
@@ -295,7 +314,7 @@ def test_the_plan_file_records_gptq_and_reproduces_the_bytes(tiny_decoder_dir, t
     res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, calib_windows=2, out=str(tmp_path / "a"),
                                formats=fmts, check=False))
     plan = res["manifest"]["plan"]
-    assert plan["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": 2}
+    assert plan["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": GPTQ_WINDOWS}
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     assert load_plan(path).gptq == plan["gptq"]
@@ -333,7 +352,8 @@ def test_a_plan_that_fixes_the_mlp_widths_is_compensated_after_the_narrowing(tin
     path = tmp_path / "keep.json"
     path.write_text(json.dumps({"preset": "q4_0", "tensors": tensors}))
     res = {g: export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), gptq=g, calib_windows=2,
-                                   out=str(tmp_path / f"b{g}"), check=False))["manifest"] for g in (True, False)}
+                                   gptq_windows=2, out=str(tmp_path / f"b{g}"), check=False))["manifest"]
+           for g in (True, False)}
     passes = [r["pass"] for r in res[True]["passes"]]
     assert passes.index("uniql_alloc") < passes.index("gptq") and "gptq" not in [r["pass"] for r in res[False]["passes"]]
     assert res[True]["plan"]["gptq"]["sequential"] is True

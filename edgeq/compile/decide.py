@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeq.compile.options import ExportOptions, bundle_n_ctx
+from edgeq.compile.options import GPTQ_WINDOWS, ExportOptions, bundle_n_ctx
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
@@ -121,11 +121,12 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
 
 
 def gptq_windows(opts: ExportOptions, calib_windows: int) -> int:
-    """The calibration windows GPTQ's writer takes each layer's H from: --gptq-windows, else the calibration's
-    (`calib_windows`; its pricing always reads the calibration's E[xxᵀ])."""
+    """The calibration windows GPTQ's writer takes each layer's H from: --gptq-windows, else GPTQ_WINDOWS or the
+    calibration's (`calib_windows`) if more (its pricing always reads the calibration's E[xxᵀ]); a text with fewer
+    windows gives what it has."""
     if opts.gptq_windows is not None and opts.gptq_windows < 1:
         raise EdgeqError(None, f"--gptq-windows must be at least 1, not {opts.gptq_windows}")
-    return calib_windows if opts.gptq_windows is None else opts.gptq_windows
+    return max(calib_windows, GPTQ_WINDOWS) if opts.gptq_windows is None else opts.gptq_windows
 
 
 def gptq_on(graph: Graph, inp: DecideInputs, opts: ExportOptions) -> bool:

@@ -64,9 +64,12 @@ def kld_evaluator(c: pipeline.Compilation, opts: ExportOptions, work: Path, ctx_
 
 
 def label_options(opts: ExportOptions) -> ExportOptions:
-    """The options an expensive label's export runs with (its plan file and folder are set per label)."""
+    """The options an expensive label's export runs with (its plan file and folder are set per label). GPTQ writes a
+    label from the calibration's windows, not the final export's larger default: a label ranks plans, and each of the
+    search's labels would otherwise pay the writer's longer pass."""
     return replace(opts, force=True, budget_mb=None, bpw=None, latency_ms=None, method="ilp", check=False,
-                   reference=False, native=False, latency_profile=None)
+                   reference=False, native=False, latency_profile=None,
+                   gptq_windows=opts.gptq_windows if opts.gptq_windows is not None else opts.windows())
 
 
 class InProcess:

@@ -46,6 +46,7 @@ from edgeq.core.plan import Plan, TensorPlan
 from edgeq.models import names
 from edgeq.targets.profiles import get_profile
 from edgeq.targets.tvm.build import compile_module, export_library, library_kind, resolve_target
+from edgeq.targets.tvm.dot import dot_kind
 from edgeq.targets.tvm.lower import lower_tvm
 
 LAYOUT_VERSION = 1
@@ -191,6 +192,7 @@ class _Library:
         self.profile = profile
         self.ndk_clang = ndk_clang
         self.target = resolve_target(profile)
+        self.dot = dot_kind(self.target)        # the export's integer kernels (VNNI int4/int8 differ in code size)
         self.sizes: dict[str, int] = {}
         self.context = [LAYOUT_VERSION, self.target, library_kind(profile, ndk_clang), ndk_clang, _tvm_version(),
                         _lowering_digest(), zero_graph.config.to_json(),
@@ -205,7 +207,7 @@ class _Library:
         if isinstance(cached, dict) and type(cached.get("bytes")) is int and cached["bytes"] > 0:
             self.sizes[key] = cached["bytes"]
             return self.sizes[key]
-        mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True).mod
+        mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True, dot=self.dot).mod
         ex = compile_module(mod, self.target, None)
         with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
             self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size
