@@ -27,6 +27,7 @@ from edgeq.core.formats.int4_groups import int4_dequantize_groups, int4_quantize
 from edgeq.core.formats.int8 import int8_quantize_rows  # noqa: E402
 from edgeq.models.recipes.synthetic import byte_level_spec, random_llama, tiny_config  # noqa: E402
 from edgeq.core.plan import Plan, TensorPlan  # noqa: E402
+from edgeq.targets.tvm.int4_vnni import plain_order  # noqa: E402
 from edgeq.targets.tvm.ops import unpanel  # noqa: E402
 
 LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -343,7 +344,7 @@ def test_int4_quantizes_with_the_importance_matrix_like_gguf_and_onnx(hf_model, 
     for out, imp in (("cal", imatrix[name]), ("plain", None)):
         arrays = load_file(str(tmp_path / out / "params.safetensors"))
         want = int4_quantize_groups(w, imatrix=imp)
-        for got, exp in zip((arrays[name], arrays[name + ".scale"]), want):
+        for got, exp in zip((plain_order(arrays[name]), arrays[name + ".scale"]), want):
             np.testing.assert_array_equal(unpanel(got), exp.T)
     assert not np.array_equal(int4_quantize_groups(w, imatrix=imatrix[name])[0], int4_quantize_groups(w)[0])
 

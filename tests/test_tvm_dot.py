@@ -204,3 +204,71 @@ def test_decoder_prefill_and_decode_match_reference_integer_scheme():
     scale = max(1.0, np.abs(ref).max())
     assert np.abs(got - ref).max() <= 2e-4 * scale
     assert np.abs(flt - ref).max() > 10 * np.abs(got - ref).max()
+
+
+@pytest.mark.skipif(dot_kind(HOST) != "vnni", reason="host without AVX-512 VNNI")
+@pytest.mark.parametrize("fmt", ["int4_g32", "int8_wo"])
+def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
+    """A small Llama with every linear int4_g32 or int8_wo and the tied head on the int8_wo table, on a VNNI host:
+    prefill and one-token decode run int4 linears and the head on int4_vnni.py / int8_vnni.py (activations in int8
+    groups of 32, as llama.cpp's q4_0 / q8_0 dot products; an int8 model keeps f32 activations), against the
+    reference executor running the same arithmetic (tests/test_tvm_kernels.py's numpy scheme), and measurably not
+    the weight-only float product."""
+    from tvm.runtime.vm import VirtualMachine
+
+    from edgeq.core.formats.int4_groups import int4_dequantize_groups, int4_quantize_groups
+    from edgeq.core.formats.int8 import int8_quantize_rows
+    from edgeq.core.plan import Plan, TensorPlan
+    from edgeq.models import llama
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.targets.tvm.build import compile_module
+    from edgeq.targets.tvm.lower import lower_tvm
+    from test_tvm_kernels import int4_groups_matmul, int8_groups_matmul
+
+    # every output width whole 64-output panels (narrower ones stay on ops.py's float kernels)
+    graph = random_llama(tiny_config(vocab_size=320, hidden_size=128, intermediate_size=192, n_layers=2, head_dim=16,
+                                     context_length=128, n_heads=8, n_kv_heads=4, tied_embeddings=True,
+                                     attention_bias=True), seed=5, scale=0.08)
+    tensors = {n: TensorPlan(format=fmt if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()}
+    tensors[names.EMBED] = TensorPlan(format="int8_wo")
+    lowered = lower_tvm(graph, Plan(tensors=tensors), dot="vnni")
+    kernels = {gv.name_hint.split("_linear_")[0] for gv in lowered.mod.functions if "_vnni_linear_" in gv.name_hint}
+    assert kernels == ({"edgeq_int4_vnni", "edgeq_int8_vnni"} if fmt == "int4_g32" else set())
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
+    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
+    cfg = graph.config
+    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+            for _ in range(2 * cfg.n_layers)]
+    ids = np.arange(5, 26)
+    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
+    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
+    got = np.concatenate([out[0].numpy(), step[0].numpy()])
+
+    arrays = {n: t.numpy() for n, t in graph.weights.items()}
+    arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])
+    layers = [n for n, t in graph.weights.items() if len(t.shape) == 2 and n != names.EMBED]
+    # the same stored weights with float activations (the weight-only product)
+    stored = {**arrays, **{n: int8_dequantized_rows(arrays[n]) if fmt == "int8_wo" else int4_dequantize_groups(
+        *int4_quantize_groups(arrays[n])) for n in layers}}
+    deq = llama.graph_from_arrays(cfg, stored)
+    edits = {}
+    for n, t in graph.weights.items():
+        if len(t.shape) != 2 or fmt == "int8_wo":        # int8 linears and their head keep f32 activations
+            continue
+        w = t.numpy()
+        b = arrays.get(n.removesuffix(".weight") + ".bias")
+        if n == names.EMBED or fmt == "int8_wo":
+            q, s = int8_quantize_rows(w)
+            f = lambda x, q=q, s=s: int8_groups_matmul(x, q, s)                    # noqa: E731
+        else:
+            packed, scale = int4_quantize_groups(w)
+            f = lambda x, p=packed, s=scale: int4_groups_matmul(x, p, s)           # noqa: E731
+        edits[n] = lambda x, y, f=f, b=b: (f(x.reshape(-1, x.shape[-1])).reshape(y.shape)
+                                           + (0 if b is None else b)).astype(np.float32)
+    ref = Executor(deq, edits=edits).logits(ids)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 2e-4 * scale
+    if fmt == "int4_g32":
+        flt = Executor(deq).logits(ids)
+        assert np.abs(flt - ref).max() > 10 * np.abs(got - ref).max()

@@ -124,9 +124,10 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     # int4: the stored nibbles and scales decode to the format's reference round trip
     arrays = load_file(str(tiny_bundles["int4"] / "params.safetensors"))
     w = tiny_graph.weights[name].numpy()
+    from edgeq.targets.tvm.int4_vnni import plain_order
     from edgeq.targets.tvm.ops import unpanel
 
-    packed, scale = (unpanel(arrays[n]) for n in (name, name + ".scale"))
+    packed, scale = unpanel(plain_order(arrays[name])), unpanel(arrays[name + ".scale"])
     dq = int4_dequantize_groups(packed.T, scale.T)
     np.testing.assert_array_equal(dq, get_format("int4_g32").roundtrip(w))
 

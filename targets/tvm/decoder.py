@@ -216,7 +216,11 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                                           channels=cols)))
             hn = _rms_norm(bb, params, h, names.FINAL_NORM, W, cfg.rms_eps)
             if cfg.tied_embeddings:
-                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head")
+                # the head's activations in int8 groups only beside 4-bit linears, whose error dwarfs theirs: with the
+                # int8 preset it measured KLD 0.0057 against 0.0039 for llama.cpp's q8_0 (4 windows)
+                four_bit = any(t.format == "int4_g32" for n, t in plan.tensors.items() if n.startswith("model.layers."))
+                logits = emit_linear_vars(bb, hn, d_emb.format, table, None, hint="head", dot=params.dot,
+                                          int8_act=four_bit)
             else:
                 logits = emit_linear(bb, params, hn, names.LM_HEAD, W(names.LM_HEAD), None,
                                      plan.tensors[names.LM_HEAD], hint="head", imatrix=imatrix.get(names.LM_HEAD),

@@ -1,0 +1,227 @@
+"""int4_g32 decode matmuls on AVX-512 VNNI (`vpdpbusd`), the way llama.cpp runs q4_0: activations in int8 blocks.
+
+A decode step's int4 matmul as a float kernel (ops.py's group sums) spends ~5 vector instructions per 16 weights
+(widen, shift, mask, convert, multiply-add): SmolLM2's int4 decode ran at ~0.5x llama.cpp's q4_0. Here, as in
+ggml's q4_0 x q8_0 dot product, the one input row is quantized per group of 32 to int8 (scale max|x|/127, rounded),
+and each group's sums are integer: one `vpdpbusd` multiplies 16 outputs by 4 inputs (the weights' unsigned codes
+0..15 by the signed activations), 8 * sum(activations) is taken off after (code - 8 is the weight), then the sum
+is scaled by the weight's and the activation's group scales into a float accumulator.
+
+Stored layout (the same bytes per panel as before, reordered within each group): a panel's 32 inputs by P outputs
+(16 byte rows of P bytes) hold, for each block of 16 outputs `ob` and each 8 inputs `j`, 64 contiguous bytes:
+output-major, 4 inputs a byte lane, the low nibble the inputs 8j..8j+3 and the high nibble 8j+4..8j+7 — one
+64-byte load is two instructions' weight operands. Panels narrower than 16 keep the plain order (int4_code reads
+both). The layout is the format's on every target; only x86 VNNI builds run this kernel, the others read the codes
+through int4_code in ops.py's float kernels.
+
+Written as plain TIR (no schedule applies), as amx.py; the quantized row is passed as extra call outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx as tir
+from tvm.script import tirx as T
+
+INT4_GROUP = 32
+BLOCK = 16                  # outputs per vpdpbusd (one int32 lane each)
+ROW_TILE = 4                # rows per register block of a many-row call (prefill): 4 x 32 outputs of sums
+VNNI_PREFIX = "edgeq_int4_vnni_linear_"
+DP = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def vnni_layout(panel: int) -> bool:
+    """Whether panels of this width are stored in the VNNI order (whole 16-output blocks)."""
+    return panel % BLOCK == 0
+
+
+def vnni_order(packed_panels: np.ndarray) -> np.ndarray:
+    """(n/P, in/2, P) bytes in the plain order (low nibble the even input) -> the same shape in the VNNI order."""
+    n_p, half, p = packed_panels.shape
+    if not vnni_layout(p):
+        return packed_panels
+    codes = np.empty((n_p, half * 2, p), np.uint8)                     # (panel, input, output)
+    codes[:, 0::2] = packed_panels & 15
+    codes[:, 1::2] = packed_panels >> 4
+    g = codes.reshape(n_p, half * 2 // INT4_GROUP, 4, 2, 4, p // BLOCK, BLOCK)    # panel, group, j, nibble, b, ob, n16
+    lo, hi = g[:, :, :, 0], g[:, :, :, 1]                              # (panel, group, j, b, ob, n16)
+    byte = (lo | (hi << 4)).astype(np.uint8)
+    out = byte.transpose(0, 1, 4, 2, 5, 3)                             # panel, group, ob, j, n16, b
+    return np.ascontiguousarray(out.reshape(n_p, half, p))
+
+
+def plain_order(vnni_panels: np.ndarray) -> np.ndarray:
+    """The inverse of vnni_order()."""
+    n_p, half, p = vnni_panels.shape
+    if not vnni_layout(p):
+        return vnni_panels
+    byte = vnni_panels.reshape(n_p, half * 2 // INT4_GROUP, p // BLOCK, 4, BLOCK, 4).transpose(0, 1, 3, 5, 2, 4)
+    codes = np.stack([byte & 15, byte >> 4], axis=3).reshape(n_p, half * 2, p)      # (panel, input, output)
+    return np.ascontiguousarray((codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8))
+
+
+def vnni_byte(panel: int, kk, n) -> tuple:
+    """(row, column, shift) of input `kk`, output `n` within its panel's stored bytes (VNNI order)."""
+    nn = n % panel
+    r = kk % INT4_GROUP
+    flat = (nn // BLOCK) * 256 + (r // 8) * 64 + (nn % BLOCK) * 4 + r % 4
+    return (kk // INT4_GROUP) * (INT4_GROUP // 2) + flat // panel, flat % panel, ((r % 8) // 4) * 4
+
+
+def _out(acc, b, i):
+    return acc + b[i] if b is not None else acc
+
+
+def _intrin(name: str, dtype: str, *args):
+    return T.call_llvm_pure_intrin(dtype, T.llvm_lookup_intrinsic_id(name), *args)
+
+
+@T.macro(hygienic=False)
+def quantize_rows(x, xq, xs, xsum, G, R, rows):  # noqa: N803  (a macro sees its arguments only)
+    """Rows of x (padded to whole tiles of R, a padding row repeating the last) quantized per group of 32 inputs
+    into xq (scale max|x|/127 into xs, rounded half to even), and 8 * Σ xq per group into xsum."""
+    # the rows quantized once per call, serially before the parallel loop (no second parallel region)
+    for m in T.serial((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R)):
+        red = T.decl_buffer((16,), "float32", scope="local")
+        isum = T.decl_buffer((16,), "int32", scope="local")
+        src = T.meta_var(T.min(m, rows - T.int64(1)))
+        for g in T.serial(G):
+            for l in T.vectorized(16):
+                red[l] = T.max(T.fabs(x[src, g * 32 + l]), T.fabs(x[src, g * 32 + 16 + l]))
+            for l in T.serial(15):
+                red[0] = T.max(red[0], red[l + 1])
+            xs[m, g] = T.Select(red[0] > T.float32(0), red[0] / T.float32(127.0), T.float32(1.0))
+            for h in T.serial(2):
+                for l in T.vectorized(16):
+                    xq[m, g * 32 + h * 16 + l] = T.Cast("int8", T.Cast("int32", T.max(T.min(
+                        T.round(x[src, g * 32 + h * 16 + l] / xs[m, g]), T.float32(127.0)), T.float32(-127.0))))
+            for l in T.vectorized(16):
+                isum[l] = T.Cast("int32", xq[m, g * 32 + l]) + T.Cast("int32", xq[m, g * 32 + 16 + l])
+            for l in T.serial(15):
+                isum[0] = isum[0] + isum[l + 1]
+            xsum[m, g] = isum[0] * 8
+
+
+def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
+    """y[m, n] = Σ_g w_scale[g, n] * x_scale[m, g] * Σ_{k in g} (code[k, n] - 8) * xq[m, k] (+ bias[n]) for rows x
+    (rows, k_dim), `rows` symbolic; the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels
+    (n/P, k/32, P). `tile`: rows per register block (1 for decode's one row; more rows share each weight load).
+    Arguments: x, weights, scales[, bias]; outputs y, then the scratch (rows padded to whole tiles, a padding row
+    repeating the last row): xq int8 (rows, k), x_scale f32 (rows, k/32), 8 * Σ xq int32 (rows, k/32)."""
+    K, N, P, G, R = k_dim, n_dim, panel, k_dim // INT4_GROUP, tile
+    if P != 64:
+        raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
+    OB = 2                                  # noqa: N806  16-output blocks per task: each broadcast serves both
+    tasks = N // (OB * BLOCK)
+
+    @T.macro(hygienic=False)
+    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows):  # noqa: N803  (a macro sees its arguments only)
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
+        for t in T.parallel(tasks):
+            acc = T.decl_buffer((R * OB * 16,), "float32", scope="local")
+            gs = T.decl_buffer((R * OB * 16,), "int32", scope="local")
+            n0 = T.meta_var(t * (OB * BLOCK))
+            p = T.meta_var(n0 // P)
+            ob0 = T.meta_var(n0 % P // BLOCK)
+            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                for l in T.vectorized(R * OB * 16):
+                    acc[l] = T.float32(0)
+                for g in T.serial(G):
+                    for l in T.vectorized(R * OB * 16):
+                        gs[l] = 0
+                    for j in T.unroll(4):
+                        for o in T.unroll(OB):
+                            wv = T.meta_var(w.vload([p, g * 16 + (ob0 + o) * 4 + j, 0], "uint8x64"))
+                            for r in T.unroll(R):
+                                gs[T.ramp((r * OB + o) * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
+                                    DP, "int32x16", gs.vload([(r * OB + o) * 16], "int32x16"),
+                                    T.bitwise_and(wv, T.broadcast(T.uint8(15), 64)),
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8], "int8x4"), dtype="int32"), 16),
+                                        dtype="int8x64")),
+                                    T.shift_right(wv, T.broadcast(T.uint8(4), 64)),
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8 + 4], "int8x4"), dtype="int32"),
+                                        16), dtype="int8x64"))
+                    for r in T.unroll(R):
+                        for o in T.unroll(OB):
+                            for l in T.vectorized(16):
+                                acc[(r * OB + o) * 16 + l] = acc[(r * OB + o) * 16 + l] + T.Cast(
+                                    "float32", gs[(r * OB + o) * 16 + l] - xsum[rb * T.int64(R) + T.int64(r), g]) * (
+                                    T.Cast("float32", s[p, g, (ob0 + o) * 16 + l]) * xs[rb * T.int64(R) + T.int64(r), g])
+                for r in T.unroll(R):
+                    if rb * T.int64(R) + T.int64(r) < rows:
+                        for l in T.vectorized(OB * 16):
+                            y[rb * T.int64(R) + T.int64(r), n0 + l] = _out(acc[r * OB * 16 + l], b, n0 + l)
+
+    if bias:
+        @T.prim_func(private=True)
+        def int4_vnni_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
+                             xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            padded = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
+            w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
+            s = T.match_buffer(s_h, (N // P, G, P), "float16")
+            b = T.match_buffer(b_h, (N,), "float32")
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.match_buffer(xq_h, (padded, K), "int8")
+            xs = T.match_buffer(xs_h, (padded, G), "float32")
+            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
+        return int4_vnni_linear
+
+    @T.prim_func(private=True)
+    def int4_vnni_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
+                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        padded = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
+        w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
+        s = T.match_buffer(s_h, (N // P, G, P), "float16")
+        y = T.match_buffer(y_h, (rows, N), "float32")
+        xq = T.match_buffer(xq_h, (padded, K), "int8")
+        xs = T.match_buffer(xs_h, (padded, G), "float32")
+        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        body(x, w, s, None, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
+    return int4_vnni_linear_nb
+
+
+def fits(x_shape, w_shape) -> bool:
+    """Rows by whole groups ((seq, hidden) of a decoder, (batch, seq, hidden) of an encoder: static inputs), static
+    64-output panels (not a pruned MLP's symbolic widths)."""
+    xs = list(x_shape.values) if x_shape is not None else []
+    ws = list(w_shape.values) if w_shape is not None else []
+    if len(xs) not in (2, 3) or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[-1:] + ws):
+        return False
+    k_dim = int(xs[-1])
+    _, half, panel = (int(v) for v in ws)
+    return half * 2 == k_dim and k_dim % INT4_GROUP == 0 and panel == 64
+
+
+def row_tile(rows) -> int:
+    """One row (decode) as it is; more rows, or a symbolic count, in register blocks of ROW_TILE."""
+    return 1 if isinstance(rows, tir.IntImm) and int(rows) == 1 else ROW_TILE
+
+
+def emit_int4_vnni_linear(bb, x, ws: list, bias, hint: str):
+    """The kernel on (rows, in) or (batch, seq, in) `x` with int4_g32 parameters `ws` (bytes, scales) and an
+    optional `bias`."""
+    from tvm import relax
+
+    *lead, k_dim = x.ty.shape.values
+    k_dim = int(k_dim)
+    rows = lead[0] if len(lead) == 1 else lead[0] * lead[1]
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (rows, k_dim)))
+    n_p, _, p = (int(v) for v in ws[0].ty.shape.values)
+    n_dim, tile = n_p * p, row_tile(rows)
+    gv = bb.add_func(int4_vnni_kernel(k_dim, n_dim, p, bias is not None, tile), f"{VNNI_PREFIX}{hint}")
+    padded = (rows + (tile - 1)) // tile * tile
+    g = k_dim // INT4_GROUP
+    outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
+            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
+    args = [x2, *ws] + ([bias] if bias is not None else [])
+    y = bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_dim)))
