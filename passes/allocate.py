@@ -26,7 +26,7 @@ from edgeq.passes.base import Context, Pass
 from edgeq.passes.sensitivity import CostTable, Option
 
 MB = 1_000_000
-EXACT_TRIES = 4
+EXACT_TRIES = 8
 
 
 @dataclass

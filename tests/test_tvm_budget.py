@@ -158,6 +158,45 @@ def test_budgeted_tvm_bundle_is_the_predicted_size_within_the_budget(budgeted):
     assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["kld_mean"] < 0.5
 
 
+def _vnni_edits(graph, decision, plain: dict, arrays: dict) -> dict:
+    """On a VNNI host the int4 linears (whole 64-output panels and groups of 32) and an int8 head beside them
+    multiply activations quantized per group of 32 (q8_0's scheme: targets/tvm/int4_vnni.py, int8_vnni.py): the
+    executor's edits for them, the same round-tripped weights by activations in int8 groups, branch and bias in
+    float."""
+    from edgeq.targets.profiles import get_profile
+    from edgeq.targets.tvm.build import resolve_target
+    from edgeq.targets.tvm.dot import dot_kind
+
+    if dot_kind(resolve_target(get_profile("cpu"))) not in ("vnni", "amx"):
+        return {}
+    fmts = {n: decision.plan.tensors[n].format for n, t in graph.weights.items() if len(t.shape) == 2}
+    four_bit = any(f == "int4_g32" for n, f in fmts.items() if n.startswith("model.layers."))
+
+    def groups(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        g = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+        xs = (np.abs(g).max(-1) / np.float32(127)).astype(np.float32)
+        xs[xs == 0] = 1
+        xq = np.clip(np.round(g / xs[..., None]), -127, 127).astype(np.float64)
+        wg = w.astype(np.float64).reshape(w.shape[0], -1, 32)
+        return (np.einsum("mgk,ngk->mng", xq, wg) * xs.astype(np.float64)[:, None, :]).sum(-1)
+
+    edits = {}
+    for n, f in fmts.items():
+        out_dim, in_dim = graph.weights[n].shape
+        head = n == EMBED and f == "int8_wo" and four_bit and graph.config.tied_embeddings
+        if not (f == "int4_g32" and n != EMBED or head) or in_dim % 32 or out_dim % 64:
+            continue
+        b = arrays.get(n.removesuffix(".weight") + ".bias")
+        extra = (arrays[n] - plain[n]).astype(np.float64)           # the low-rank branch B·A, in float
+
+        def edit(x, y, w=plain[n], extra=extra, b=b):
+            x2 = x.reshape(-1, x.shape[-1])
+            r = groups(x2, w) + x2.astype(np.float64) @ extra.T + (0 if b is None else b)
+            return r.reshape(y.shape).astype(np.float32)
+        edits[n] = edit
+    return edits
+
+
 def test_budgeted_tvm_with_branches_is_the_executor_on_the_plans_weights(budgeted):
     """The TVM runtime on the bundle equals the reference executor on each tensor's registry round trip plus its
     branch B·A (A and B as lowrank_compensate made them); dropping the branches moves it far away."""
@@ -187,12 +226,17 @@ def test_budgeted_tvm_with_branches_is_the_executor_on_the_plans_weights(budgete
             w = w + b.astype(np.float32) @ a.astype(np.float32)
         arrays[n] = w
     ids = np.random.default_rng(1).integers(3, cfg.vocab_size, 40)
-    ref = Executor(llama.graph_from_arrays(cfg, arrays)).logits(ids)
+    edits = _vnni_edits(graph, decision, plain, arrays)
+    ref = Executor(llama.graph_from_arrays(cfg, arrays), edits=edits).logits(ids)
     with runtime.load(out, threads=1) as s:
         got = s.logits(list(map(int, ids)))
     err = np.abs(got - ref).max()
-    assert err <= 2e-4 * max(1.0, np.abs(ref).max())
-    without = Executor(llama.graph_from_arrays(cfg, plain)).logits(ids)
+    # float kernels: float rounding only. Activations in int8 groups: the same arithmetic, but an input that float
+    # rounding upstream moves across a rounding boundary changes one int8 code, and that position's keys and values
+    # carry it to every later one (measured up to ~0.7 % of the largest logit on this model; llama.cpp's q8_0
+    # activations behave alike)
+    assert err <= (1e-2 if edits else 2e-4) * max(1.0, np.abs(ref).max())
+    without = Executor(llama.graph_from_arrays(cfg, plain), edits=_vnni_edits(graph, decision, plain, plain)).logits(ids)
     assert np.abs(without - ref).max() > 20 * err
 
 
