@@ -166,6 +166,7 @@ def _vnni_edits(graph, decision, plain: dict, arrays: dict) -> dict:
     from edgeq.targets.profiles import get_profile
     from edgeq.targets.tvm.build import resolve_target
     from edgeq.targets.tvm.dot import dot_kind
+    from test_tvm_kernels import _act_groups
 
     if dot_kind(resolve_target(get_profile("cpu"))) not in ("vnni", "amx"):
         return {}
@@ -173,10 +174,7 @@ def _vnni_edits(graph, decision, plain: dict, arrays: dict) -> dict:
     four_bit = any(f == "int4_g32" for n, f in fmts.items() if n.startswith("model.layers."))
 
     def groups(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        g = x.astype(np.float32).reshape(x.shape[0], -1, 32)
-        xs = (np.abs(g).max(-1) / np.float32(127)).astype(np.float32)
-        xs[xs == 0] = 1
-        xq = np.clip(np.round(g / xs[..., None]), -127, 127).astype(np.float64)
+        xq, xs = _act_groups(x.astype(np.float32))
         wg = w.astype(np.float64).reshape(w.shape[0], -1, 32)
         return (np.einsum("mgk,ngk->mng", xq, wg) * xs.astype(np.float64)[:, None, :]).sum(-1)
 
