@@ -44,6 +44,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
         gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional,
+        gptq_aim=a.gptq_aim,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -487,6 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--gptq-conditional", action="store_true",
                         help="GPTQ's quantizer weights each column by the part of its input the columns quantized "
                              "after it cannot pay back (the Schur complement's diagonal), not by E[x^2]")
+        sp.add_argument("--gptq-aim", choices=["quantized", "float"], default="quantized",
+                        help="what GPTQ fits each layer's output to: the layer's own output on the quantized model's "
+                             "inputs (quantized, the default) or the float model's output (float: GPTAQ's "
+                             "objective, so earlier layers' errors are paid back too)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

@@ -98,13 +98,17 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
         raise EdgeqError(opts.imatrix, "--imatrix and --no-calibration contradict each other")
     if opts.gptq and not opts.calibration:
         raise EdgeqError(None, "--gptq compensates through the calibration's inputs: drop --no-calibration")
+    if opts.gptq_aim == "float" and not opts.gptq_sequential:
+        raise EdgeqError(None, "--gptq-aim float compares the quantized model's inputs with the float model's, which "
+                               "--no-gptq-sequential makes equal: drop one of them")
     opts = replace(opts, gptq=gptq_on(graph, inp, opts))
     recorded = inp.user_plan.gptq if inp.user_plan is not None else None
     if opts.gptq and recorded is not None:      # write as the export that made the plan wrote
         opts = replace(opts, gptq_act_order=recorded.get("act_order", False),
                        gptq_sequential=recorded.get("sequential", True),
                        gptq_windows=recorded.get("windows", opts.gptq_windows),
-                       gptq_conditional=recorded.get("importance") == "conditional")
+                       gptq_conditional=recorded.get("importance") == "conditional",
+                       gptq_aim=recorded.get("aim", "quantized"))
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -199,7 +203,7 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     if opts.gptq:            # after the narrowing: each layer's H is that of the model the file holds
         passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential,
                                      n_windows=gptq_windows(opts, windows), conditional=opts.gptq_conditional,
-                                     source=inp.text, subset=opts.calib_subset,
+                                     asymmetric=opts.gptq_aim == "float", source=inp.text, subset=opts.calib_subset,
                                      file_rows=functools.partial(inp.target.file_rows, graph)))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
@@ -208,7 +212,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": windows}
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
                  "windows": gptq_windows(opts, windows),
-                 **({"importance": "conditional"} if opts.gptq_conditional else {})} if opts.gptq else None
+                 **({"importance": "conditional"} if opts.gptq_conditional else {}),
+                 **({"aim": "float"} if opts.gptq_aim == "float" else {})} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
 

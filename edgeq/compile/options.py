@@ -63,6 +63,7 @@ class ExportOptions:
     gptq_sequential: bool = True           # GPTQ's H from the inputs the already-quantized layers produce
     gptq_windows: int | None = None        # the windows GPTQ's writer takes each layer's H from (None: calib_windows)
     gptq_conditional: bool = False         # GPTQ's quantizer weighted by what later columns cannot pay back
+    gptq_aim: str = "quantized"            # GPTQ fits each layer to its output on the quantized inputs, or the float's
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order

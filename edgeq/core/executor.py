@@ -43,7 +43,9 @@ class Executor:
     `before` ({op: f(node, envs)}) sees a node's inputs in every sequence before
     its weights are loaded, so a pass can decide a weight from the activations
     that reach it (sequential GPTQ quantizes each layer from the inputs its
-    already-quantized predecessors produce).
+    already-quantized predecessors produce). `run_paired` runs a second
+    executor's graph (the float model) in step, and its `before` hooks see both
+    runs' inputs, so a pass can also aim at what the float model computes.
     """
 
     def __init__(self, graph: Graph, observers: dict[str, Callable[[Node, list], None]] | None = None,
@@ -70,17 +72,16 @@ class Executor:
 
     def run_many(self, sequences, outputs: tuple[str, ...] = ("logits",)) -> list:
         """Each sequence on its own (no batching across them), every node applied to all of them in turn."""
-        envs = []
-        for tokens in sequences:
-            tokens = np.asarray(tokens, dtype=np.int64)
-            if tokens.ndim != 1 or tokens.size == 0:
-                raise ValueError("tokens must be a non-empty 1-D sequence")
-            envs.append({"tokens": tokens, "positions": np.arange(tokens.size),
-                         "token_types": np.zeros_like(tokens)})
-        envs = self._run_envs(envs, outputs)
+        envs = self._run_envs(_token_envs(sequences), outputs)
         if outputs == ("logits",):
             return [env["logits"] for env in envs]
         return envs
+
+    def run_paired(self, reference: "Executor", sequences, outputs: tuple[str, ...]) -> tuple[list, list]:
+        """`run_many` of this graph and of `reference` (the same nodes, other weights) node by node in step:
+        `before` hooks are called as f(node, envs, reference_envs). Returns (envs, reference_envs)."""
+        envs, ref = _token_envs(sequences), _token_envs(sequences)
+        return self._run_envs(envs, outputs, (reference, ref)), [{k: env[k] for k in outputs} for env in ref]
 
     def run_inputs(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ("logits",)) -> dict[str, np.ndarray]:
         """Graphs fed by named arrays rather than tokens (CNNs: {"images": (batch, C, H, W) float32}); batch kept."""
@@ -94,7 +95,8 @@ class Executor:
                for v in self.graph.inputs}
         return self._run_envs([env], outputs)[0]
 
-    def _run_envs(self, envs: list[dict], outputs: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    def _run_envs(self, envs: list[dict], outputs: tuple[str, ...],
+                  paired: tuple["Executor", list[dict]] | None = None) -> list[dict[str, np.ndarray]]:
         # Nodes are in execution order: stop after the last one that produces a requested output.
         keep = set(outputs)
         last = max((i for i, n in enumerate(self.graph.nodes) if keep & set(n.outputs)), default=-1)
@@ -106,20 +108,22 @@ class Executor:
             for name in node.inputs:
                 last_use[name] = i
         fed = set(envs[0]) if envs else set()
+        runs = [(self, envs)] + ([paired] if paired is not None else [])
         for i, node in enumerate(nodes):
             if node.op in self.before:
-                self.before[node.op](node, envs)
-            weights = {n: self.weight(n) for n in node.inputs if n in self.graph.weights}
-            hook = self.observers.get(node.op)
-            for env in envs:
-                args = [env[n] if n in env else weights[n] for n in node.inputs]
-                if hook is not None:
-                    hook(node, args)
-                env[node.outputs[0]] = OPS[node.op](self, node, args)
-                for n in node.inputs:
-                    if last_use.get(n) == i and n in env and n not in keep and n not in fed:
-                        del env[n]
-            del weights
+                self.before[node.op](node, envs, *([paired[1]] if paired is not None else []))
+            for ex, group in runs:
+                weights = {n: ex.weight(n) for n in node.inputs if n in ex.graph.weights}
+                hook = self.observers.get(node.op) if ex is self else None
+                for env in group:
+                    args = [env[n] if n in env else weights[n] for n in node.inputs]
+                    if hook is not None:
+                        hook(node, args)
+                    env[node.outputs[0]] = OPS[node.op](ex, node, args)
+                    for n in node.inputs:
+                        if last_use.get(n) == i and n in env and n not in keep and n not in fed:
+                            del env[n]
+                del weights
         return [{k: env[k] for k in outputs} for env in envs]
 
     def logits(self, tokens) -> np.ndarray:
@@ -131,6 +135,16 @@ class Executor:
     def embed(self, tokens) -> np.ndarray:
         """An encoder's sentence embedding for one tokenised sentence (special tokens included)."""
         return self.run(tokens, outputs=("embedding",))["embedding"]
+
+
+def _token_envs(sequences) -> list[dict]:
+    envs = []
+    for tokens in sequences:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if tokens.ndim != 1 or tokens.size == 0:
+            raise ValueError("tokens must be a non-empty 1-D sequence")
+        envs.append({"tokens": tokens, "positions": np.arange(tokens.size), "token_types": np.zeros_like(tokens)})
+    return envs
 
 
 @op("embedding")

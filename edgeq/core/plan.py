@@ -201,6 +201,8 @@ def plan_from_json(d: Any, path=None) -> Plan:
             raise EdgeqError(path, "gptq.windows must be a positive integer")
         if gptq.get("importance", "imatrix") not in ("imatrix", "conditional"):
             raise EdgeqError(path, "gptq.importance must be \"imatrix\" or \"conditional\"")
+        if gptq.get("aim", "quantized") not in ("quantized", "float"):
+            raise EdgeqError(path, "gptq.aim must be \"quantized\" or \"float\"")
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
                 search=d.get("search"), calibration=d.get("calibration"), activations=acts, gptq=gptq)
 
