@@ -251,7 +251,8 @@ def test_int8_within_one_point_of_float_on_held_out_digits(digits, digits_graph,
 
 
 def test_int8_runs_on_integer_kernels(digits_bundles, tmp_path):
-    """onnxruntime turns every QDQ conv into QLinearConv, the residual add into QLinearAdd, the classifier into QGemm."""
+    """onnxruntime turns every QDQ conv into QLinearConv, the residual add into QLinearAdd, the classifier into QGemm;
+    the last conv is flattened in NHWC order, so the only transpose left is the image's into NHWC."""
     import onnxruntime as ort
 
     from edgeq.runtime.onnx_backend import session_options
@@ -262,6 +263,7 @@ def test_int8_runs_on_integer_kernels(digits_bundles, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 4 and "QLinearAdd" in ops and "QGemm" in ops
     assert "Conv" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops
+    assert ops.count("Transpose") == 1 and ops.index("Transpose") < ops.index("QLinearConv")
 
 
 def test_every_op_lowers_and_runs(tmp_path):
