@@ -266,6 +266,23 @@ def test_int8_runs_on_integer_kernels(digits_bundles, tmp_path):
     assert ops.count("Transpose") == 1 and ops.index("Transpose") < ops.index("QLinearConv")
 
 
+def test_int8_nhwc_flatten_is_exact(digits, digits_bundles, tmp_path, monkeypatch):
+    """The int8 last conv flattened in NHWC order (a Transpose, the classifier's columns permuted) gives the same
+    logits, bit for bit, as the NCHW flatten it replaces (the lowering with the rewrite turned off)."""
+    from edgeq import export_module
+    from edgeq.targets.onnx import cnn
+
+    model, data = digits
+    monkeypatch.setattr(cnn, "nhwc_flattens", lambda *a: {})
+    export_module(model, torch.from_numpy(data.x_test[:1]), tmp_path / "nchw", quant="int8",
+                  calib_images=data.x_train[:256], name="digits")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "nchw" / "model.onnx")).graph.node]
+    assert "Transpose" not in ops
+    assert "Transpose" in [n.op_type for n in onnx.load(str(digits_bundles["int8"] / "model.onnx")).graph.node]
+    assert np.array_equal(_run_onnx(tmp_path / "nchw" / "model.onnx", data.x_test),
+                          _run_onnx(digits_bundles["int8"] / "model.onnx", data.x_test))
+
+
 def test_every_op_lowers_and_runs(tmp_path):
     from edgeq import export_module
 
