@@ -1,7 +1,7 @@
 """A CNN (edgeq.models.cnn) as one ONNX graph: images (batch, C, H, W) -> logits (batch, classes).
 
 Standard ops only (Conv, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool,
-Flatten, Gemm, Add). Formats per weight, from the plan:
+Flatten, Gemm, Add; Transpose before an int8 Flatten). Formats per weight, from the plan:
 
 - f32 / f16: float Conv/Gemm (f16 weights stored half size, cast once at load).
 - int8 (static, the whitepaper's scheme): weights symmetric per output channel
