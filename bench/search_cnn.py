@@ -3,7 +3,7 @@ int8 model's latency, beside a uniformly slimmed int8 model of the same latency.
 
 Steps: train the once-for-all supernet (seeded, CPU minutes); measure its per-layer latency table (whole subnets
 timed in onnxruntime, interleaved, fitted per layer; or read --latency-profile); time the full int8 model and
-search under --ratio x its measured latency, timing every measured point (expensive labels, finalists from the
+search under --ratio x its predicted latency, timing every measured point (expensive labels, finalists from the
 evolution run at several levels of the limit) interleaved with the full int8 model and choosing the most accurate
 one measured within --ratio less the margin (compile/search_cnn.FinalistTiming); export through the normal pipeline (edgeq.export_module with the plan): the full
 int8 model, the full float model, the searched model, the all-int8 model at full widths with the block skipped
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--formats", default="f32,int8", help="the format menu per layer (int8: all-int8 subnets only)")
     ap.add_argument("--margin", type=float, help="the finalists' timed limit is --ratio x (1 - margin) "
                                                  "(default: the search's)")
+    ap.add_argument("--check-passes", type=int, default=3,
+                    help="independent runs timing the full int8, searched and same-latency uniform models (the check)")
     ap.add_argument("--out", default="bench/results/search_cnn.json")
     a = ap.parse_args()
 
@@ -136,7 +138,25 @@ def main() -> None:
         uni = max(same, key=lambda r: r["ms_median"]) if same else None
         wider = [r for k, r in rows.items() if k.startswith("uniform") and r["ms_median"] > srch["ms_median"]]
         uni_wider = min(wider, key=lambda r: r["ms_median"]) if wider else None
-        check = {"latency_vs_full_int8": srch["vs_full_int8"], "latency_ok": srch["vs_full_int8"] <= a.ratio,
+        # the check's ratio: only the models it compares, timed in --check-passes independent runs (fresh sessions),
+        # the median of the runs' ratios. Why: with ~18 variants in one run each model's 1,000 runs spread over the
+        # whole run, and at load 8 the same model measured 0.667x and 0.704x in one run (s34, "shallow int8" =
+        # "searched" then).
+        pair = ["full int8", "searched"] + [r["variant"] for r in (uni, uni_wider) if r]
+        passes = []
+        for _ in range(a.check_passes):
+            ss = {k: ort.InferenceSession(str(files[k]), session_options(a.threads), providers=["CPUExecutionProvider"])
+                  for k in pair}
+            tp = interleaved_times({k: (lambda s_=sess: s_.run(["logits"], feed)) for k, sess in ss.items()},
+                                   a.rounds, a.runs_per_round, warmup=20)
+            med = {k: statistics.median(v) for k, v in tp.items()}
+            passes.append({k: med[k] / med["full int8"] for k in pair[1:]})
+        for k in pair[1:]:
+            rows[k]["check_pass_ratios"] = [round(q[k], 4) for q in passes]
+            rows[k]["check_ratio"] = float(statistics.median(q[k] for q in passes))
+        srch["vs_full_int8_in_one_run"] = srch["vs_full_int8"]
+        check = {"latency_vs_full_int8": srch["check_ratio"], "latency_ok": srch["check_ratio"] <= a.ratio,
+                 "latency_pass_ratios": srch["check_pass_ratios"],
                  "accuracy_drop_points": 100 * (ref["test_accuracy"] - srch["test_accuracy"]),
                  "accuracy_ok": ref["test_accuracy"] - srch["test_accuracy"] <= 0.01,
                  "uniform_same_latency": uni and uni["variant"],
@@ -148,8 +168,8 @@ def main() -> None:
             print(f"  {'/'.join(map(str, q['widths'])):>16s} {int8_layers(sn, q)} int8  val cross-entropy {q['val_loss']:.4f}  pred {q['predicted_ms']:.4f} ms  "
                   f"measured {q['measured_ms']:.4f} ms  {q['ratio']:.3f}x")
         print(f"\ndigits CNN supernet (scale {a.scale}), {len(sn.data.y_test)} held-out test images, batch 1, "
-              f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; limit {a.ratio} x full int8 "
-              f"measured ({s.full_int8_ms:.4f} ms) = {s.budget_ms:.4f} ms")
+              f"{a.threads} thread(s), {a.rounds}x{a.runs_per_round} interleaved runs; evolution's limit {a.ratio} x "
+              f"full int8 predicted = {s.budget_ms:.4f} ms (full int8 measured alone {s.full_int8_ms:.4f} ms)")
         print(f"{'variant':26s} {'widths':>9s} {'int8 layers':>11s} {'acc':>7s} {'pred ms':>8s} {'ms':>8s} "
               f"{'p10':>7s} {'p90':>7s} {'x int8':>7s}")
         for r in rows.values():
@@ -157,6 +177,9 @@ def main() -> None:
                   f"{int8_layers(sn, r):>11s} {r['test_accuracy']:7.4f} "
                   f"{r['predicted_ms']:8.4f} {r['ms_median']:8.4f} {r['ms_p10']:7.4f} {r['ms_p90']:7.4f} "
                   f"{r['vs_full_int8']:7.3f}")
+        for k in pair[1:]:
+            print(f"check timing, {k}: {rows[k]['check_pass_ratios']} x full int8 in {a.check_passes} runs of "
+                  f"{len(pair)} models (median {rows[k]['check_ratio']:.3f})")
         print(f"check: searched at {check['latency_vs_full_int8']:.3f}x full int8 latency (limit {a.ratio}), "
               f"accuracy {check['accuracy_drop_points']:+.1f} points below it; uniform slim of the same latency: "
               f"{check['uniform_same_latency']}")

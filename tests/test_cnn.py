@@ -251,7 +251,8 @@ def test_int8_within_one_point_of_float_on_held_out_digits(digits, digits_graph,
 
 
 def test_int8_runs_on_integer_kernels(digits_bundles, tmp_path):
-    """onnxruntime turns every QDQ conv into QLinearConv, the residual add into QLinearAdd, the classifier into QGemm."""
+    """onnxruntime turns every QDQ conv into QLinearConv, the residual add into QLinearAdd, the classifier into QGemm;
+    the last conv is flattened in NHWC order, so the only transpose left is the image's into NHWC."""
     import onnxruntime as ort
 
     from edgeq.runtime.onnx_backend import session_options
@@ -262,6 +263,24 @@ def test_int8_runs_on_integer_kernels(digits_bundles, tmp_path):
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert ops.count("QLinearConv") == 4 and "QLinearAdd" in ops and "QGemm" in ops
     assert "Conv" not in ops and "DequantizeLinear" not in ops and "Gemm" not in ops
+    assert ops.count("Transpose") == 1 and ops.index("Transpose") < ops.index("QLinearConv")
+
+
+def test_int8_nhwc_flatten_is_exact(digits, digits_bundles, tmp_path, monkeypatch):
+    """The int8 last conv flattened in NHWC order (a Transpose, the classifier's columns permuted) gives the same
+    logits, bit for bit, as the NCHW flatten it replaces (the lowering with the rewrite turned off)."""
+    from edgeq import export_module
+    from edgeq.targets.onnx import cnn
+
+    model, data = digits
+    monkeypatch.setattr(cnn, "nhwc_flattens", lambda *a: {})
+    export_module(model, torch.from_numpy(data.x_test[:1]), tmp_path / "nchw", quant="int8",
+                  calib_images=data.x_train[:256], name="digits")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "nchw" / "model.onnx")).graph.node]
+    assert "Transpose" not in ops
+    assert "Transpose" in [n.op_type for n in onnx.load(str(digits_bundles["int8"] / "model.onnx")).graph.node]
+    assert np.array_equal(_run_onnx(tmp_path / "nchw" / "model.onnx", data.x_test),
+                          _run_onnx(digits_bundles["int8"] / "model.onnx", data.x_test))
 
 
 def test_every_op_lowers_and_runs(tmp_path):

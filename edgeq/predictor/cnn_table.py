@@ -29,7 +29,8 @@ import numpy as np
 from edgeq.core.errors import EdgeqError
 from edgeq.models.cnn import StageLayer
 
-TABLE_VERSION = 3                 # 2: elastic depth (a feature per depth stage); 3: int8's entry cost
+TABLE_VERSION = 4                 # 2: elastic depth (a feature per depth stage); 3: int8's entry cost;
+#                                   4: timed on the lowering that flattens int8 convs in NHWC (one kernel fewer)
 
 
 def depth_stages(layers: list[StageLayer]) -> list[int]:

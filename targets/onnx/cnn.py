@@ -1,7 +1,7 @@
 """A CNN (edgeq.models.cnn) as one ONNX graph: images (batch, C, H, W) -> logits (batch, classes).
 
 Standard ops only (Conv, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool,
-Flatten, Gemm, Add). Formats per weight, from the plan:
+Flatten, Gemm, Add; Transpose before an int8 Flatten). Formats per weight, from the plan:
 
 - f32 / f16: float Conv/Gemm (f16 weights stored half size, cast once at load).
 - int8 (static, the whitepaper's scheme): weights symmetric per output channel
@@ -18,6 +18,12 @@ Flatten, Gemm, Add). Formats per weight, from the plan:
 
 A small average pool read only through a flatten by a linear is folded into that linear's weight
 (models.cnn.folded_pools): one kernel fewer, exact in float.
+
+A static int8 conv flattened into a static int8 linear (through relu/relu6, max pooling or a folded average pool)
+is flattened in NHWC order: a Transpose to NHWC before the Flatten and the linear's weight columns permuted to
+match (nhwc_flattens). onnxruntime runs integer convs in NHWC and would otherwise transpose back to NCHW for the
+Flatten; its transpose optimizer cancels the two transposes, so the int8 graph runs one kernel fewer, and the
+integer sums are the same sums in another order (exact).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int8 import activation_qparams, int8_quantize_rows
 from edgeq.core.ir import Graph, Node
 from edgeq.core.plan import Plan
-from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS, folded_pools
+from edgeq.models.cnn import CNN_OPS, FUSED_ACTIVATIONS, OUTPUT, SAME_RANGE_OPS, folded_pools, spatial_shapes
 from edgeq.targets.onnx.builder import F32, Builder
 
 
@@ -52,6 +58,35 @@ def activation_params(graph: Graph, plan: Plan) -> dict[str, tuple[np.float32, n
     return qp
 
 
+def nhwc_flattens(graph: Graph, plan: Plan, folded: set[str]) -> dict[str, tuple[int, int, int]]:
+    """Flatten outputs to write in NHWC order -> (channels, height, width) of what they flatten: those read only by
+    a linear with static int8 weights whose input comes from a static int8 conv through relu/relu6, max pooling and
+    folded average pools only (what onnxruntime keeps in NHWC), with more than one channel and one pixel."""
+    producer = {n.outputs[0]: n for n in graph.nodes}
+    readers: dict[str, list[Node]] = {}
+    for n in graph.nodes:
+        for i in n.inputs:
+            readers.setdefault(i, []).append(n)
+    fmt = lambda w: plan.tensors[w].format if w in plan.tensors else None  # noqa: E731
+    shapes = spatial_shapes(graph)
+    out = {}
+    for n in graph.nodes:
+        r = readers.get(n.outputs[0], [])
+        if n.op != "flatten" or len(r) != 1 or r[0].op != "linear" or fmt(r[0].inputs[1]) != "int8":
+            continue
+        v = n.inputs[0]
+        while v in folded:
+            v = producer[v].inputs[0]
+        chw = shapes.get(v)
+        p = producer.get(v)
+        while p is not None and (p.op in FUSED_ACTIVATIONS or p.op == "max_pool2d" or p.outputs[0] in folded):
+            p = producer.get(p.inputs[0])
+        if chw and chw[0] > 1 and chw[1] * chw[2] > 1 and p is not None and p.op == "conv2d" \
+                and fmt(p.inputs[1]) == "int8":
+            out[n.outputs[0]] = chw
+    return out
+
+
 class _Lowering:
     def __init__(self, graph: Graph, plan: Plan):
         self.graph = graph
@@ -62,6 +97,14 @@ class _Lowering:
         folds = folded_pools(graph)
         self.folded = set(folds)               # average pools folded into the linear after them
         self.weight_override = dict(folds.values())
+        self.nhwc = nhwc_flattens(graph, plan, self.folded)
+        for n in graph.nodes:
+            if n.op == "linear" and n.inputs[0] in self.nhwc:
+                c, h, w = self.nhwc[n.inputs[0]]
+                wt = self.weight_override.get(n.inputs[1])
+                wt = graph.weights[n.inputs[1]].numpy() if wt is None else wt
+                self.weight_override[n.inputs[1]] = np.ascontiguousarray(
+                    wt.reshape(wt.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(wt.shape[0], c * h * w))
         self.readers: dict[str, list[str]] = {}
         for n in graph.nodes:
             for i in n.inputs:
@@ -197,6 +240,8 @@ class _Lowering:
         return self.b.op("GlobalAveragePool", xs, hint="gap")
 
     def op_flatten(self, n: Node, xs: list[str]) -> str:
+        if n.outputs[0] in self.nhwc:
+            xs = [self.b.op("Transpose", xs, hint="nhwc", perm=[0, 2, 3, 1])]
         return self.b.op("Flatten", xs, hint="flatten", axis=1)
 
     def op_add(self, n: Node, xs: list[str]) -> str:
