@@ -208,8 +208,12 @@ def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_or
 def input_drift(envs: list[dict], reference_envs: list[dict], key: str) -> np.ndarray:
     """E[(x_f − x_q) x_qᵀ] of the input `key` (float64): how far the quantized model's inputs (`envs`) have moved
     from the float model's (`reference_envs`), as the least-squares refit onto them sees it."""
-    x = _rows(envs, key)
-    return (_rows(reference_envs, key) - x).T @ x / len(x)
+    total, n = 0.0, 0
+    for env, ref in zip(envs, reference_envs):        # one sequence at a time: no second copy of every input
+        x = np.asarray(env[key], dtype=np.float64).reshape(-1, env[key].shape[-1])
+        total = total + (np.asarray(ref[key], dtype=np.float64).reshape(x.shape) - x).T @ x
+        n += len(x)
+    return total / n
 
 
 def aimed_at_reference(w: np.ndarray, hess: Hessian, drift: np.ndarray) -> np.ndarray:
