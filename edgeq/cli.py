@@ -747,9 +747,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default local)")
     pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
     pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
-    pr.add_argument("--model-kind", choices=["decoder", "encoder"],
-                    help="what the micro-models are: decoder (default) or encoder (BERT, onnx; calls of batch 1 at "
-                         "32-256 tokens); with --latency-profile, checked against the profile")
+    pr.add_argument("--model-kind", choices=["decoder", "encoder", "cnn"],
+                    help="what the micro-models are: decoder (default), encoder (BERT, onnx; calls of batch 1 at "
+                         "32-256 tokens) or cnn (subnets of the digits supernet, onnx; one image); with "
+                         "--latency-profile, checked against the profile")
     pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in "
                                         "~/.cache/edgeq/profiles/)")
     pr.add_argument("--validate", type=int, default=0, metavar="K",
