@@ -274,7 +274,9 @@ def cmd_profile(a) -> int:
             if what not in v:
                 continue
             s = v[what]
-            print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
+            label = what if res["kind"] == "decoder" else ("call of one image" if res["kind"] == "cnn" else
+                                                           "call of batch 1")
+            print(f"  {label}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
         print(f"  peak memory MAPE {v['memory_mape']:.1%}, {v['memory']['share_within_10pct']:.0%} within 10% "
               f"(median error {v['memory']['median_error']:+.1%}); report and plot in {res['validation_dir']}")
@@ -759,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the "
                                            "profile)")
     pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct; "
-                                    "encoders: all-MiniLM-L6-v2)")
+                                    "encoders: all-MiniLM-L6-v2, whose widths an encoder profile also times)")
     pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
     pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length (an encoder's sequence) timed "
                                                       "(default 128)")

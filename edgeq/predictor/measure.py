@@ -271,12 +271,26 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
         device.close()
 
 
+def model_shapes(model: str | None) -> tuple[tuple[int, int, int], ...]:
+    """(hidden, ffn, heads) of an encoder (default all-MiniLM-L6-v2) whose plans a profile is for."""
+    from edgeq.models.recipes.minilm import MINILM_NAME
+    from edgeq.passes import Context
+
+    _, graph = pipeline.import_and_merge(model or MINILM_NAME, [], Context(backend="onnx"))
+    if graph.kind != "encoder":
+        raise EdgeqError(model, f"an encoder latency profile takes an encoder's widths; this is a {graph.kind}")
+    c = graph.config
+    return ((int(c.hidden_size), int(c.intermediate_size), int(c.n_heads)),)
+
+
 def profile_device(device_spec: str, backend: str, threads: int, quick: bool = False, allow_noisy: bool = False,
                    clock: str = "wall", settings: Settings | None = None, progress: Callable | None = None,
-                   log: Callable[[str], None] = lambda s: None, kind: str = "decoder") -> LatencyProfile:
+                   log: Callable[[str], None] = lambda s: None, kind: str = "decoder",
+                   model: str | None = None) -> LatencyProfile:
     """`edgeq profile`: measure the micro-models of a model kind (decoder, encoder) on the device, fit them once
     (so a profile that cannot be fitted is never written), and judge the noise: a device whose same measurement
-    varies by more than NOISE_LIMIT from run to run is refused unless `allow_noisy`."""
+    varies by more than NOISE_LIMIT from run to run is refused unless `allow_noisy`. Encoders: micro-models at the
+    widths of `model` (default all-MiniLM-L6-v2, the validation's) too (design.encoder_micro_models: why)."""
     from edgeq.predictor.cnn_design import cnn_micro_models, supernet_record
     from edgeq.predictor.design import decoder_micro_models, encoder_formats, encoder_micro_models
     from edgeq.predictor.model import Predictor
@@ -292,9 +306,10 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)
     settings = settings or Settings.for_kind(kind, quick, clock)
+    shapes = model_shapes(model) if kind == "encoder" else ()
     models = (cnn_micro_models(quick) if kind == "cnn" else
               encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick,
-                                   dominated=not quick)
+                                   dominated=not quick, model_shapes=shapes)
               if kind == "encoder" else
               decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick))
     log(f"profiling {kind}s on {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): "
@@ -303,6 +318,8 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
     prof = measure(models, device_spec, backend, threads, settings, progress, log)
     if kind == "cnn":
         prof.settings["supernet"] = supernet_record()
+    if shapes:
+        prof.settings["model_shapes"] = [list(x) for x in shapes]
     Predictor(prof)
     n = prof.noise
     if n["noisy"]:
