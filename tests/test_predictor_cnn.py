@@ -66,7 +66,7 @@ def test_a_subnet_is_priced_like_the_search_prices_it(fitted):
 
     models = subnets()
     sn = models.sn
-    for widths, formats in random_points(4, 1):
+    for widths, formats in random_points(2, 1):
         w = cnn_workload(models.graph(widths), models.plan(widths, formats))
         assert np.array_equal(workload_features(fitted.cnn.layers, w),
                               features(sn.layers, widths, formats, models.n_quantized(widths, formats)))

@@ -30,6 +30,7 @@ from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan, TensorPlan, plan_from_json
+from edgeq.devices import DeviceError
 from edgeq.passes import Context
 from edgeq.models import names
 from edgeq.models.recipes.minilm import MINILM_NAME
@@ -212,6 +213,12 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         why = device.unreachable_reason() or device.missing_backend_reason(backend)
         if why:
             raise EdgeqError(None, why)
+        try:                            # refused before minutes of exports and runs (and checked again after)
+            early = device.facts()
+        except DeviceError:
+            early = None
+        if early:
+            profile.check_device(early, device.name, profile_path)
         encoder = profile.kind in ("encoder", "cnn")       # one call, no decode step
         if profile.kind == "cnn":
             settings = replace(settings, prompt_tokens=1, prefill_steps=CNN_CALLS, warmup=CNN_WARMUP,
@@ -247,7 +254,7 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
             pre_other = [median_ms(x["prefill"][str(settings.prompt_tokens)], other) for x in rr]
             measured = {"prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
-                        "rounds_prefill_ms": [round(x, 3) for x in pre],
+                        "rounds_prefill_ms": [round(x, 6 if profile.kind == "cnn" else 3) for x in pre],
                         "peak_rss_bytes": int(np.median([x["peak_rss_bytes"] or 0 for x in rr])),
                         "prompt_tokens": settings.prompt_tokens, "threads": threads, "device": device.name,
                         "clock": clock, f"prefill_ms_{other}": float(np.median(pre_other))}
