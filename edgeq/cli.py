@@ -288,6 +288,9 @@ def cmd_predict(a) -> int:
                        prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
     if a.json:
         print(json.dumps(pred.to_json(), sort_keys=True))
+    elif pred.kind == "cnn":
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one image (batch 1) {pred.prefill_ms:.4f} ms, peak "
+              f"memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     elif pred.decode_ms_per_token is None:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
               f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
