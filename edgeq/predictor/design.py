@@ -13,8 +13,9 @@ width, so that predictions on real models are out of sample.
 Encoder micro-models (BERT, `encoder_micro_models`) do the same over the six linear roles of a layer with every
 format the backend writes for encoders (static and dynamic int8 included), and in every third layer give q, k
 and v one int8 format, so that the runtime's fused QAttention kernel is timed too. Their widths (256-768) and
-head sizes (32 and 64) avoid MiniLM's 384. A third variant per width is dominated by one weight-only format (three
-linears in four, the rest cycling as above), as a preset's plan is: onnxruntime's 8-bit MatMulNBits dequantizes
+head sizes (32 and 64) avoid MiniLM's 384; the widths of the model a profile is for are added apart
+(`model_shapes`: its kernels are then looked up, not fitted across widths). A third variant per width is
+dominated by one weight-only format (three linears in four, the rest cycling as above), as a preset's plan is: onnxruntime's 8-bit MatMulNBits dequantizes
 the whole weight into a float buffer on each call, and that costs much less when the node before did the same
 (measured at 128 tokens: a 1536x384 int8_b32 kernel 1.5-1.8 ms inside an int8_b32 MiniLM, 2.5-3 ms alone among
 other formats), so the table must see both neighbourhoods.
