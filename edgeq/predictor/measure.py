@@ -297,7 +297,7 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
 
     target = get_target(backend)
     if kind not in PROFILED_KINDS:
-        raise EdgeqError(None, f"latency profiles cover {' and '.join(PROFILED_KINDS)}s; not {kind}s")
+        raise EdgeqError(None, f"latency profiles cover {', '.join(PROFILED_KINDS)}s; not {kind}s")
     if kind not in target.latency_kinds:
         where = [t for t in TARGETS if kind in get_target(t).latency_kinds]
         raise EdgeqError(None, f"latency profiles of {kind}s cover the {' and '.join(where)} backend"
