@@ -198,7 +198,7 @@ def profile(device: str = "local", backend: str = "gguf", threads: int = 1, out:
         prof.check_use(backend, threads, path, kind)
     else:
         prof = profile_device(device, backend, threads, quick=quick, allow_noisy=allow_noisy, clock=clock,
-                              progress=progress, log=log, kind=kind or "decoder")
+                              progress=progress, log=log, kind=kind or "decoder", model=model)
         path = cached_profile_path(prof.device, backend, threads, prof.clock, prof.kind)
         for p in (path, out):
             if p is not None:

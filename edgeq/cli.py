@@ -275,7 +275,9 @@ def cmd_profile(a) -> int:
             if what not in v:
                 continue
             s = v[what]
-            print(f"  {what}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
+            label = what if res["kind"] == "decoder" else ("call of one image" if res["kind"] == "cnn" else
+                                                           "call of batch 1")
+            print(f"  {label}: {s['within']}/{s['plans']} held-out plans within tolerance ({s['share_within_10pct']:.0%} "
                   f"within 10%), MAPE {s['mape']:.1%}, device spread {s['device_spread_median']:.1%} (median)")
         print(f"  peak memory MAPE {v['memory_mape']:.1%}, {v['memory']['share_within_10pct']:.0%} within 10% "
               f"(median error {v['memory']['median_error']:+.1%}); report and plot in {res['validation_dir']}")
@@ -287,6 +289,9 @@ def cmd_predict(a) -> int:
                        prompt_tokens=a.prompt_tokens, context_tokens=a.context_tokens, device=a.device)
     if a.json:
         print(json.dumps(pred.to_json(), sort_keys=True))
+    elif pred.kind == "cnn":
+        print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one image (batch 1) {pred.prefill_ms:.4f} ms, peak "
+              f"memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
     elif pred.decode_ms_per_token is None:
         print(f"{a.path}: {pred.backend}, {pred.threads} thread(s): one call of batch 1 x {pred.prompt_tokens} tokens "
               f"{pred.prefill_ms:.2f} ms, peak memory {pred.peak_memory_bytes / 2**20:.0f} MiB")
@@ -752,9 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default local)")
     pr.add_argument("--backend", default="gguf", choices=list(TARGETS), help="runtime to profile (default gguf)")
     pr.add_argument("--threads", type=int, default=1, help="threads the runtime uses (default 1)")
-    pr.add_argument("--model-kind", choices=["decoder", "encoder"],
-                    help="what the micro-models are: decoder (default) or encoder (BERT, onnx; calls of batch 1 at "
-                         "32-256 tokens); with --latency-profile, checked against the profile")
+    pr.add_argument("--model-kind", choices=["decoder", "encoder", "cnn"],
+                    help="what the micro-models are: decoder (default), encoder (BERT, onnx; calls of batch 1 at "
+                         "32-256 tokens) or cnn (subnets of the digits supernet, onnx; one image); with "
+                         "--latency-profile, checked against the profile")
     pr.add_argument("-o", "--out", help="also write the profile here (it is always cached in "
                                         "~/.cache/edgeq/profiles/)")
     pr.add_argument("--validate", type=int, default=0, metavar="K",
@@ -763,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--validate-dir", help="folder for the held-out bundles and the report (default: beside the "
                                            "profile)")
     pr.add_argument("--model", help="model of the held-out plans (default: the embedded SmolLM2-135M-Instruct; "
-                                    "encoders: all-MiniLM-L6-v2)")
+                                    "encoders: all-MiniLM-L6-v2, whose widths an encoder profile also times)")
     pr.add_argument("--latency-profile", help="validate this profile instead of measuring a new one")
     pr.add_argument("--prompt-tokens", type=int, help="validation: prefill length (an encoder's sequence) timed "
                                                       "(default 128)")

@@ -316,6 +316,22 @@ def test_encoder_micro_models_time_each_kernel_among_others_and_among_its_own():
         [f"enc-d{d}-f{f}-h{h}-l{n}-0" for d, f, h, n, _ in ENCODER_SHAPES[:2]]
 
 
+def test_an_encoder_profile_times_the_validated_models_own_widths():
+    """`model_shapes` (the widths of the model whose plans a profile is for, MiniLM by default) adds micro-encoders
+    at exactly those widths: two cycling every format, and one dominated by an 8-bit and one by a 4-bit weight-only
+    format; the other micro-encoders are unchanged (their names and seeds: cached bundles stay valid)."""
+    from edgeq.predictor.design import ENCODER_SHAPES, encoder_formats, encoder_micro_models
+
+    formats = encoder_formats("onnx")
+    base = encoder_micro_models(formats, variants=2, dominated=True)
+    models = encoder_micro_models(formats, variants=2, dominated=True, model_shapes=((384, 1536, 12),) * 2)
+    assert [(m.name, m.seed) for m in models[:len(base)]] == [(m.name, m.seed) for m in base]
+    own = models[len(base):]
+    assert [m.name.rsplit("-", 1)[1] for m in own] == ["0", "1", "int8_b32", "int4"]
+    assert all((m.config.hidden_size, m.config.intermediate_size, m.config.n_heads) == (384, 1536, 12) for m in own)
+    assert len(ENCODER_SHAPES) * 3 == len(base)
+
+
 def test_encoder_predictions_respect_what_latency_must_do(fitted_encoder):
     w = minilm_like("f32")
     # longer sequences cost more; four times the tokens at least twice the time (attention grows faster)

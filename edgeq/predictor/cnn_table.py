@@ -14,6 +14,11 @@ int8 at all + a cost per elastic
 depth stage that runs (what its skip removes beyond its convs: the residual add). Non-negative least squares (a
 cost is never negative). The table's `full` names the supernet's stages (channels, depth, kernels), so a table of
 another search space is refused. Its error on timed subnets it was not fitted on is recorded with it.
+
+`edgeq profile --backend onnx --model-kind cnn` fits the same table on a latency profile (profile.py) whose
+micro-models are the supernet's subnets exported through the pipeline and timed on the device by the runner
+(`profile_table`); a CNN plan (its graph's layers, predictor/workload.CnnWorkload) is priced by matching its layers
+to the supernet's by weight name (`workload_features`), so a CNN that is not a subnet of that supernet is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.models.cnn import StageLayer
+from edgeq.predictor.workload import CnnWorkload
 
 TABLE_VERSION = 4                 # 2: elastic depth (a feature per depth stage); 3: int8's entry cost;
 #                                   4: timed on the lowering that flattens int8 convs in NHWC (one kernel fewer)
@@ -47,15 +53,24 @@ def features(layers: list[StageLayer], widths: tuple[int, ...], formats: tuple[s
     at all (the input's quantization, onnxruntime's NHWC layout transposes): without it the constant carried it
     and the all-float points were over-predicted by 3-7 % on the fitted subnets (leave-one-out error 0.105 ->
     0.094, 0.115 -> 0.107 on two tables of the digits supernet; 0.106 -> 0.112 on a third)."""
+    return layer_features([l.macs(widths) if l.present(widths) else 0 for l in layers], formats,
+                          [l.present(widths) for l in layers], n_quantized,
+                          [bool(widths[d]) for d in depth_stages(layers)])
+
+
+def layer_features(macs: list[int], formats: list[str] | tuple[str, ...], present: list[bool], n_quantized: int,
+                   stages_run: list[bool]) -> np.ndarray:
+    """`features` from each layer's MACs, format and presence and whether each depth stage runs: what a CNN's
+    graph and plan say directly (predictor/workload.py's CnnWorkload), so a subnet exported through the pipeline is
+    priced by the same table as the search's points."""
     out = [1.0]
-    for l, f in zip(layers, formats):
-        m = l.macs(widths) / 1e6
+    for m, f, on in zip(macs, formats, present):
+        m = m / 1e6 if on else 0.0
         q = f == "int8"
-        on = 1.0 if l.present(widths) else 0.0
-        out += [m if q else 0.0, 0.0 if q else m, on if q else 0.0, 0.0 if q else on]
-    any_int8 = any(f == "int8" and l.present(widths) for l, f in zip(layers, formats))
-    return np.array(out + [float(n_quantized), float(any_int8)]
-                    + [1.0 if widths[d] else 0.0 for d in depth_stages(layers)])
+        one = 1.0 if on else 0.0
+        out += [m if q else 0.0, 0.0 if q else m, one if q else 0.0, 0.0 if q else one]
+    any_int8 = any(f == "int8" and on for f, on in zip(formats, present))
+    return np.array(out + [float(n_quantized), float(any_int8)] + [1.0 if r else 0.0 for r in stages_run])
 
 
 @dataclass
@@ -116,3 +131,75 @@ class CnnLatencyTable:
 
 def _rel(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.abs(pred - y) / y))
+
+
+def workload_features(layers: list[StageLayer], w: CnnWorkload, supernet: str = "the supernet", source=None) \
+        -> np.ndarray:
+    """`features` of a CNN plan whose layers are a subnet of `layers` (matched by weight name; a layer the plan
+    lacks is skipped, and a depth stage runs when any of its layers does)."""
+    by = {l.weight: l for l in w.layers}
+    unknown = [n for n in by if n not in {l.weight for l in layers}]
+    if unknown:
+        raise EdgeqError(source, f"this CNN's layer {unknown[0]} is not a layer of {supernet} ("
+                                 f"{', '.join(l.weight for l in layers)}): the latency profile's table prices that "
+                                 f"supernet's subnets only")
+    present = [l.weight in by for l in layers]
+    runs = [any(p for l, p in zip(layers, present) if l.depth_stage == d) for d in depth_stages(layers)]
+    return layer_features([by[l.weight].macs if p else 0 for l, p in zip(layers, present)],
+                          [by[l.weight].format if p else "f32" for l, p in zip(layers, present)], present,
+                          w.n_quantized, runs)
+
+
+@dataclass
+class ProfileTable:
+    """A CNN latency profile, fitted: the table, the supernet's layers and a peak-memory base."""
+
+    table: CnnLatencyTable
+    layers: list[StageLayer]
+    memory_base_bytes: int                  # the runner's peak less the model files, median over micro-models
+
+    def predict_ms(self, w: CnnWorkload) -> float:
+        return self.table.predict(workload_features(self.layers, w, f"supernet {self.table.supernet}"))
+
+    def peak_bytes(self, w: CnnWorkload) -> int:
+        return int(self.memory_base_bytes + w.file_bytes)
+
+
+def supernet_record(sn) -> dict[str, Any]:
+    """What a CNN profile keeps of its supernet: enough to rebuild `features` without it."""
+    return {"name": sn.name, "full": [int(v) for v in sn.full], "layers": [asdict(l) for l in sn.layers]}
+
+
+def profile_table(profile) -> ProfileTable:
+    """Fit the per-layer table on a CNN latency profile's micro-models (one call of one image each: the median over
+    rounds of each round's median), with its leave-one-out error (each micro-model predicted by the table fitted
+    on the others)."""
+    from scipy.optimize import nnls
+
+    sup = profile.settings.get("supernet") if isinstance(profile.settings, dict) else None
+    if not isinstance(sup, dict) or not isinstance(sup.get("layers"), list):
+        raise EdgeqError(None, "the CNN latency profile does not name its supernet (settings.supernet)")
+    try:
+        layers = [StageLayer(**d) for d in sup["layers"]]
+    except TypeError as exc:
+        raise EdgeqError(None, f"the CNN latency profile's supernet layers are unreadable ({exc})") from None
+    runs = [r for r in profile.models if r.prefill_ms.get("1")]
+    if len(runs) < 3:
+        raise EdgeqError(None, "the CNN latency profile holds fewer than 3 timed subnets")
+    name = f"supernet {sup.get('name')}"
+    x = np.array([workload_features(layers, r.workload, name) for r in runs])
+    y = np.array([float(np.median(r.prefill_ms["1"])) for r in runs])
+    device = {"cpu": profile.device.get("cpu"), "onnxruntime": profile.runtime_version, "threads": profile.threads,
+              "clock": profile.clock}
+    table = CnnLatencyTable.fitted(str(sup.get("name")), list(sup.get("full") or []), [l.weight for l in layers], x,
+                                   y, device)
+    loo = []
+    for i in range(len(y)):
+        keep = np.arange(len(y)) != i
+        c, _ = nnls(x[keep], y[keep])
+        loo.append(abs(float(x[i] @ c) / y[i] - 1))
+    table.fit.update(leave_one_out_mean_abs_rel_error=round(float(np.mean(loo)), 4),
+                     leave_one_out_share_within_10pct=round(float(np.mean(np.array(loo) <= 0.10)), 4))
+    mem = [float(np.median(r.peak_rss_bytes)) - r.workload.file_bytes for r in runs
+           if r.peak_rss_bytes and min(r.peak_rss_bytes) > 0]
+    return ProfileTable(table, layers, int(np.median(mem)) if mem else 0)

@@ -13,8 +13,9 @@ width, so that predictions on real models are out of sample.
 Encoder micro-models (BERT, `encoder_micro_models`) do the same over the six linear roles of a layer with every
 format the backend writes for encoders (static and dynamic int8 included), and in every third layer give q, k
 and v one int8 format, so that the runtime's fused QAttention kernel is timed too. Their widths (256-768) and
-head sizes (32 and 64) avoid MiniLM's 384. A third variant per width is dominated by one weight-only format (three
-linears in four, the rest cycling as above), as a preset's plan is: onnxruntime's 8-bit MatMulNBits dequantizes
+head sizes (32 and 64) avoid MiniLM's 384; the widths of the model a profile is for are added apart
+(`model_shapes`: its kernels are then looked up, not fitted across widths). A third variant per width is
+dominated by one weight-only format (three linears in four, the rest cycling as above), as a preset's plan is: onnxruntime's 8-bit MatMulNBits dequantizes
 the whole weight into a float buffer on each call, and that costs much less when the node before did the same
 (measured at 128 tokens: a 1536x384 int8_b32 kernel 1.5-1.8 ms inside an int8_b32 MiniLM, 2.5-3 ms alone among
 other formats), so the table must see both neighbourhoods.
@@ -147,6 +148,8 @@ ENCODER_SHAPES: tuple[tuple[int, int, int, int, int], ...] = (
     (768, 3072, 12, 3, 16000),
 )
 QUICK_ENCODER_SHAPES = ENCODER_SHAPES[:2]
+MODEL_SHAPE_LAYERS = 6          # micro-models at a profiled model's own widths (encoder_micro_models' model_shapes)
+MODEL_SHAPE_VOCAB = 5000
 ENCODER_ROLES = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                  "intermediate.dense", "output.dense")
 FUSING_FORMATS = ("int8", "int8_dyn")       # q, k and v all in one of these: one QAttention kernel
@@ -158,26 +161,38 @@ def encoder_formats(backend: str) -> list[Format]:
 
 
 def encoder_micro_models(formats: list[Format], variants: int = 2, quick: bool = False,
-                         dominated: bool = False) -> list[MicroModel]:
+                         dominated: bool = False, model_shapes: tuple[tuple[int, int, int], ...] = ()) \
+        -> list[MicroModel]:
     """`variants` micro-models per width cycling the formats; `dominated`: one more per width where one
     weight-only format (MatMulNBits) that carries the width runs three linears in four: 8-bit at every third
-    width (its kernel is the one whose time depends most on its neighbours), the 4-bit ones in turn between."""
+    width (its kernel is the one whose time depends most on its neighbours), the 4-bit ones in turn between.
+
+    `model_shapes`: (hidden, ffn, heads) of the models whose plans the profile is for; each gets micro-models
+    (MODEL_SHAPE_LAYERS layers, the same variants, and both an 8-bit and a 4-bit dominated one), so the kernel
+    table looks their kernels up at the exact shape instead of fitting across the widths above: onnxruntime's 8-bit
+    MatMulNBits is not smooth in the shape (at 128 tokens, 1 thread: 384x384 0.49 ms, 448x448 1.1-1.9 ms), which
+    the per-format fit cannot follow (s28: MiniLM plans with more than 5 int8_b32 linears were the misses)."""
     eight = [x.name for x in formats if x.name.startswith("int8_b")]
     four = [x.name for x in formats if x.name.startswith("int4")]
     out = []
     shapes_ = QUICK_ENCODER_SHAPES if quick else ENCODER_SHAPES
-    for ci, (d, f, h, n_layers, vocab) in enumerate(shapes_):
+    extra = [(d, f, h, MODEL_SHAPE_LAYERS, MODEL_SHAPE_VOCAB) for d, f, h in dict.fromkeys(model_shapes)]
+    for ci, (d, f, h, n_layers, vocab) in enumerate(shapes_ + tuple(extra)):
         cfg = bert.BertConfig(vocab_size=vocab, hidden_size=d, intermediate_size=f, n_layers=n_layers, n_heads=h,
                               max_positions=512, context_length=512)
         shapes = bert.expected_shapes(cfg)
         fusing = [x for x in FUSING_FORMATS if x in {y.name for y in formats}]
         pick = (eight if ci % 3 == 0 else four[ci - ci // 3 - 1:] + four[:ci - ci // 3 - 1]) + eight + four
-        main_fmt = next((x for x in pick if FORMATS[x].can_carry((d, d)) and FORMATS[x].can_carry((d, f))), None)
-        for v in range(variants + (1 if dominated and main_fmt else 0)):
+        carries = [x for x in pick if FORMATS[x].can_carry((d, d)) and FORMATS[x].can_carry((d, f))]
+        mains = carries[:1] if dominated else []
+        if dominated and ci >= len(shapes_):        # a model's own widths: 8-bit and 4-bit neighbourhoods both
+            mains = [x for x in (next((y for y in carries if y in eight), None),
+                                 next((y for y in carries if y in four), None)) if x is not None]
+        for v in range(variants + len(mains)):
             seed = 500 + 100 * ci + v
             rng = np.random.default_rng(seed)
             chosen: dict[str, str] = {}
-            main = main_fmt if v == variants else None
+            main = mains[v - variants] if v >= variants else None
             for r, role in enumerate(ENCODER_ROLES):
                 shape = shapes[f"encoder.layer.0.{role}.weight"]
                 order = list(rng.permutation([x.name for x in formats if x.can_carry(shape)]))

@@ -32,8 +32,16 @@ from edgeq.importers.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from edgeq.predictor.design import MicroModel
 from edgeq.predictor.profile import NOISE_LIMIT, PROFILED_KINDS, LatencyProfile, ModelRun
 from edgeq.models import llama
-from edgeq.predictor.workload import bundle_workload
+from edgeq.predictor.workload import bundle_workload, cnn_workload
 from edgeq.targets.registry import TARGETS, get_target
+
+
+# a CNN's call of one image takes 0.013-0.05 ms on the digits supernet: each round times CNN_CALLS calls (~30 ms;
+# the median is kept), and a runner costs ~0.4 s to start, so rounds are cheap: many of them spread a loaded machine's
+# bursts over all micro-models (at 300 calls x 2 rounds, load 7.5, the same subnet's rounds differed by 7.5 %, median)
+CNN_CALLS = 1000
+CNN_WARMUP = 50
+CNN_ROUNDS = 7
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,12 @@ class Settings:
 
     @classmethod
     def for_kind(cls, kind: str, quick: bool, clock: str) -> "Settings":
-        """A decoder's prefills and decode steps; an encoder's calls at four sequence lengths (no decode)."""
+        """A decoder's prefills and decode steps; an encoder's calls at four sequence lengths (no decode); a
+        CNN's call of one image (key 1), CNN_CALLS times per round (a call takes tens of µs), whole calls only."""
         rounds = {"rounds": 2, "op_rounds": 1} if quick else {}
+        if kind == "cnn":
+            return cls(prefill=(1,), decode=(), prefill_steps=CNN_CALLS, warmup=CNN_WARMUP, clock=clock,
+                       rounds=CNN_ROUNDS if not quick else 3, op_rounds=0)
         if kind == "encoder":
             return cls(prefill=(32, 64, 128, 256), decode=(), prefill_steps=3, op_steps=10, clock=clock, **rounds)
         return cls(clock=clock, **rounds)
@@ -90,8 +102,8 @@ def ones_imatrix(graph, formats: dict[str, str], path: Path) -> Path | None:
 
 def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress=None) -> Path:
     """The micro-model's bundle, exported once per content (cached beside the profiles)."""
-    key = hashlib.sha256(json.dumps([__version__, backend, target, mm.name, mm.seed, mm.n_ctx, mm.formats,
-                                     mm.config.to_json()], sort_keys=True).encode()).hexdigest()[:16]
+    ident = mm.identity() if mm.kind == "cnn" else [mm.name, mm.seed, mm.n_ctx, mm.formats, mm.config.to_json()]
+    key = hashlib.sha256(json.dumps([__version__, backend, target, *ident], sort_keys=True).encode()).hexdigest()[:16]
     root = cache_dir()
     folder = (root / "profiles" / "micro" if root is not None else work) / f"{backend}-{mm.name}-{key}"
     if (folder / "manifest.json").is_file():
@@ -106,6 +118,12 @@ def micro_bundle(mm: MicroModel, backend: str, target: str, work: Path, progress
                          n_ctx=mm.n_ctx if mm.kind == "decoder" else None)
     pipeline.export(opts, graph=graph, progress=None)
     return folder
+
+
+def _model_bytes(bundle: Path) -> int:
+    """The model files of a bundle (what its runner maps), from its manifest."""
+    m = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    return sum(int(a["bytes"]) for a in m["artifacts"] if a.get("role") != "tokenizer")
 
 
 def median_ms(times: dict[str, list[float]], clock: str = "wall") -> float:
@@ -189,6 +207,10 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
             target_impl = get_target(backend)
             workloads, kernels = {}, {}
             for mm in models:
+                if mm.kind == "cnn":        # timed as whole calls: no kernel names
+                    workloads[mm.name] = cnn_workload(mm.graph(work), mm.plan(), _model_bytes(bundles[mm.name]))
+                    kernels[mm.name] = []
+                    continue
                 w, _, _ = bundle_workload(bundles[mm.name], backend)
                 weights = ({m.weight: llama.gguf_name(m.weight) for m in w.matmuls} if mm.kind == "decoder"
                            else {n: n for n in mm.formats})          # a fused kernel reads several weights
@@ -217,19 +239,20 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
             if bar is not None and hasattr(bar, "close"):
                 bar.close()
             runs = []
+            digits = 6 if models[0].kind == "cnn" else 4        # a CNN's call: tens of µs
             for mm in models:
                 w = workloads[mm.name]
                 rounds = wall[mm.name]
                 op_runs = ops[mm.name]
                 runs.append(ModelRun(
                     name=mm.name, workload=w,
-                    prefill_ms={str(n): [round(median_ms(x["prefill"][str(n)], settings.clock), 4) for x in rounds]
+                    prefill_ms={str(n): [round(median_ms(x["prefill"][str(n)], settings.clock), digits) for x in rounds]
                                 for n in settings.prefill},
-                    decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), 4) for x in rounds]
+                    decode_ms={str(c): [round(median_ms(x["decode"][str(c)], settings.clock), digits) for x in rounds]
                                for c in settings.decode},
                     peak_rss_bytes=[int(x["peak_rss_bytes"] or 0) for x in rounds],
-                    max_tokens=max(*settings.prefill,
-                                   *(c + settings.warmup + settings.steps for c in settings.decode)),
+                    max_tokens=max([*settings.prefill,
+                                    *(c + settings.warmup + settings.steps for c in settings.decode)]),
                     ops={"prefill": {str(n): _merge_ops([x["ops"]["prefill"][str(n)] for x in op_runs])
                                      for n in settings.prefill} if op_runs else {},
                          "decode": {str(c): _merge_ops([x["ops"]["decode"][str(c)] for x in op_runs])
@@ -248,18 +271,33 @@ def measure(models: list[MicroModel], device_spec: str, backend: str, threads: i
         device.close()
 
 
+def model_shapes(model: str | None) -> tuple[tuple[int, int, int], ...]:
+    """(hidden, ffn, heads) of an encoder (default all-MiniLM-L6-v2) whose plans a profile is for."""
+    from edgeq.models.recipes.minilm import MINILM_NAME
+    from edgeq.passes import Context
+
+    _, graph = pipeline.import_and_merge(model or MINILM_NAME, [], Context(backend="onnx"))
+    if graph.kind != "encoder":
+        raise EdgeqError(model, f"an encoder latency profile takes an encoder's widths; this is a {graph.kind}")
+    c = graph.config
+    return ((int(c.hidden_size), int(c.intermediate_size), int(c.n_heads)),)
+
+
 def profile_device(device_spec: str, backend: str, threads: int, quick: bool = False, allow_noisy: bool = False,
                    clock: str = "wall", settings: Settings | None = None, progress: Callable | None = None,
-                   log: Callable[[str], None] = lambda s: None, kind: str = "decoder") -> LatencyProfile:
+                   log: Callable[[str], None] = lambda s: None, kind: str = "decoder",
+                   model: str | None = None) -> LatencyProfile:
     """`edgeq profile`: measure the micro-models of a model kind (decoder, encoder) on the device, fit them once
     (so a profile that cannot be fitted is never written), and judge the noise: a device whose same measurement
-    varies by more than NOISE_LIMIT from run to run is refused unless `allow_noisy`."""
+    varies by more than NOISE_LIMIT from run to run is refused unless `allow_noisy`. Encoders: micro-models at the
+    widths of `model` (default all-MiniLM-L6-v2, the validation's) too (design.encoder_micro_models: why)."""
+    from edgeq.predictor.cnn_design import cnn_micro_models, supernet_record
     from edgeq.predictor.design import decoder_micro_models, encoder_formats, encoder_micro_models
     from edgeq.predictor.model import Predictor
 
     target = get_target(backend)
     if kind not in PROFILED_KINDS:
-        raise EdgeqError(None, f"latency profiles cover {' and '.join(PROFILED_KINDS)}s; not {kind}s")
+        raise EdgeqError(None, f"latency profiles cover {', '.join(PROFILED_KINDS)}s; not {kind}s")
     if kind not in target.latency_kinds:
         where = [t for t in TARGETS if kind in get_target(t).latency_kinds]
         raise EdgeqError(None, f"latency profiles of {kind}s cover the {' and '.join(where)} backend"
@@ -268,14 +306,20 @@ def profile_device(device_spec: str, backend: str, threads: int, quick: bool = F
         raise EdgeqError(None, "--threads must be at least 1")
     check_clock(clock, threads)
     settings = settings or Settings.for_kind(kind, quick, clock)
-    models = (encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick,
-                                   dominated=not quick)
+    shapes = model_shapes(model) if kind == "encoder" else ()
+    models = (cnn_micro_models(quick) if kind == "cnn" else
+              encoder_micro_models(encoder_formats(backend), variants=1 if quick else 2, quick=quick,
+                                   dominated=not quick, model_shapes=shapes)
               if kind == "encoder" else
               decoder_micro_models(target.candidate_formats(), variants=1 if quick else 2, quick=quick))
     log(f"profiling {kind}s on {backend} with {threads} thread(s) on {device_spec} ({settings.clock} clock): "
         f"{len(models)} micro-models{' (quick)' if quick else ''}, {settings.rounds} rounds + "
         f"{settings.op_rounds} node-by-node")
     prof = measure(models, device_spec, backend, threads, settings, progress, log)
+    if kind == "cnn":
+        prof.settings["supernet"] = supernet_record()
+    if shapes:
+        prof.settings["model_shapes"] = [list(x) for x in shapes]
     Predictor(prof)
     n = prof.noise
     if n["noisy"]:

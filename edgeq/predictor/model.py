@@ -32,6 +32,10 @@ attention of the unfused layers over n², GELU with or without its bias). An enc
 carry a bounded term (±0.5 per ms) on a format's kernel time, for the formats whose node-by-node time is not their
 time in a plain call (`format_terms`, chosen by leave-one-micro-model-out: onnxruntime's 8-bit MatMulNBits,
 `int8_b32`, runs about a third slower under the profiler).
+
+CNNs (a profile of `--model-kind cnn`) are not priced kernel by kernel: their profile times whole subnets of one
+supernet and is fitted to that supernet's per-layer table (cnn_table.py, the table `edgeq search --supernet` uses);
+a call is one image.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import numpy as np
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.memory import MemoryModel
 from edgeq.predictor.profile import LatencyProfile
-from edgeq.predictor.workload import FUSED_QKV, Workload, layer_role
+from edgeq.predictor.workload import FUSED_QKV, CnnWorkload, Workload, layer_role
 from edgeq.targets.registry import get_target
 
 KV_PADDINGS = (1, 32, 64, 128, 256, 512)
@@ -72,8 +76,9 @@ class Prediction:
         """Decoders: the flat object of the issue; encoders: `latency_ms` (one call of batch 1 over
         `prompt_tokens` tokens, the same as `prefill_ms`) and a null decode step."""
         if self.kind != "decoder":
-            return {"kind": self.kind, "latency_ms": round(self.prefill_ms, 3),
-                    "prefill_ms": round(self.prefill_ms, 3),
+            digits = 5 if self.kind == "cnn" else 3         # a CNN's call of one image takes tens of µs
+            return {"kind": self.kind, "latency_ms": round(self.prefill_ms, digits),
+                    "prefill_ms": round(self.prefill_ms, digits),
                     "decode_ms_per_token": None, "prompt_tokens": self.prompt_tokens, "batch": 1,
                     "peak_memory_bytes": int(self.peak_memory_bytes), "backend": self.backend,
                     "threads": self.threads, **self.parts}
@@ -379,6 +384,12 @@ class Predictor:
         self.threads = profile.threads
         if not profile.models:
             raise EdgeqError(None, "the latency profile holds no measurements")
+        self.cnn = None
+        if profile.kind == "cnn":
+            from edgeq.predictor.cnn_table import profile_table
+
+            self.cnn = profile_table(profile)
+            return
         self._fit()
 
     # -- fitting ------------------------------------------------------------------------------------------------
@@ -495,13 +506,16 @@ class Predictor:
         """Peak resident bytes of a session that held `tokens` tokens (fed as one prompt)."""
         return 0 if self.memory is None else self.memory.peak_bytes(w, tokens)
 
-    def predict(self, w: Workload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
+    def predict(self, w: Workload | CnnWorkload, prompt_tokens: int = 128, context_tokens: int = 64) -> Prediction:
         if w.kind != self.profile.kind:
             self.profile.check_use(self.backend, None, kind=w.kind)
-        for m in w.matmuls:
+        for m in [] if self.cnn is not None else w.matmuls:
             if m.format not in self.kernels.tokens:
                 raise EdgeqError(None, f"the latency profile has no timings for format {m.format} ({m.weight}); "
                                        f"it timed {', '.join(self.kernels.formats)}")
+        if self.cnn is not None:          # one image, batch 1
+            return Prediction(self.backend, self.threads, 1, 0, prefill_ms=self.cnn.predict_ms(w),
+                              decode_ms_per_token=None, peak_memory_bytes=self.cnn.peak_bytes(w), kind="cnn")
         if prompt_tokens < 1 or context_tokens < 0:
             raise EdgeqError(None, "--prompt-tokens must be at least 1 and --context-tokens at least 0")
         if w.kind == "encoder":
@@ -522,6 +536,9 @@ class Predictor:
                           parts={f"peak_memory_{k}_bytes": int(v) for k, v in terms.items() if k != "features"})
 
     def fit_report(self) -> dict[str, Any]:
+        if self.cnn is not None:
+            return {"supernet": self.cnn.table.supernet, "layers": self.cnn.table.layers, "table": self.cnn.table.fit,
+                    "memory_base_bytes": self.cnn.memory_base_bytes}
         return {"kv_padding": self.kv_pad, "formats": self.kernels.formats,
                 "prefill_output_rows_only": sorted(self.output_rows_only),
                 "kernel_shapes": len(self.kernels.lookup),

@@ -77,6 +77,8 @@ def check_runtime_here(profile: LatencyProfile, path: Path) -> None:
 
 def predict_workload(fitted: Predictor, w: Workload, prompt_tokens: int | None,
                      context_tokens: int | None) -> Prediction:
+    if w.kind == "cnn":             # one image
+        return fitted.predict(w)
     if prompt_tokens is None:       # an encoder truncates longer inputs to its own length
         prompt_tokens = min(DEFAULT_PROMPT_TOKENS, w.n_ctx) if w.kind == "encoder" else DEFAULT_PROMPT_TOKENS
     return fitted.predict(w, prompt_tokens, DEFAULT_CONTEXT_TOKENS if context_tokens is None else context_tokens)
@@ -93,10 +95,15 @@ def manifest_prediction(path: str | os.PathLike, graph: Graph, plan: Plan, backe
                         file_bytes: int, prompt_tokens: int | None = None,
                         context_tokens: int | None = None) -> dict[str, Any]:
     """The manifest's `predicted` for one backend's artifact (an encoder's: `latency_ms` of one call of batch 1
-    over `prompt_tokens` tokens, and no per-token latency)."""
+    over `prompt_tokens` tokens, and no per-token latency; a CNN's: of one image)."""
     p, profile, fitted = open_profile(path, backend, None, graph.kind)
     w = graph_workload(graph, plan, n_ctx, kv_dtype, file_bytes, backend)
     pred = predict_workload(fitted, w, prompt_tokens, context_tokens)
+    if w.kind == "cnn":
+        return {"latency_ms_per_token": None, "latency_ms": round(pred.prefill_ms, 5),
+                "peak_memory_bytes": pred.peak_memory_bytes, "prefill_ms": round(pred.prefill_ms, 5), "images": 1,
+                "batch": 1, "backend": backend, "threads": profile.threads,
+                "latency_profile": profile_record(p, profile)}
     if w.kind == "encoder":
         return {"latency_ms_per_token": None, "latency_ms": round(pred.prefill_ms, 3),
                 "peak_memory_bytes": pred.peak_memory_bytes, "prefill_ms": round(pred.prefill_ms, 3),

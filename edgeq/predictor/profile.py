@@ -1,5 +1,6 @@
 """The latency profile: what `edgeq profile` measured on one device, for one backend, thread count and model
-kind (decoders, or encoders: a profile of one kind is refused for the other).
+kind (decoders, encoders or CNNs: a profile of one kind is refused for another). A CNN profile times subnets of
+one supernet (its structure is in `settings["supernet"]`): the per-layer table it is fitted to is that supernet's.
 
 A versioned JSON file (format `edgeq-latency-profile`), cached per device, backend and threads in
 ~/.cache/edgeq/profiles/. It keeps the raw measurements (each micro-model's workload, its per-round wall
@@ -20,14 +21,14 @@ from typing import Any
 from edgeq.core.cache import cache_dir
 from edgeq.core.errors import EdgeqError
 from edgeq.core.fs import atomic_write_text
-from edgeq.predictor.workload import Workload
+from edgeq.predictor.workload import CnnWorkload, Workload, workload_from_json
 from edgeq.runtime import BACKENDS
 
 PROFILE_FORMAT = "edgeq-latency-profile"
 PROFILE_VERSION = 1
 NOISE_LIMIT = 0.05            # run-to-run spread of the same measurement above this: too noisy to profile
 MAX_PROFILE_BYTES = 256 << 20
-PROFILED_KINDS = ("decoder", "encoder")
+PROFILED_KINDS = ("decoder", "encoder", "cnn")
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ModelRun:
     """One micro-model measured on the device."""
 
     name: str
-    workload: Workload
+    workload: Workload | CnnWorkload
     prefill_ms: dict[str, list[float]]      # prompt tokens -> the median of each round (ms)
     decode_ms: dict[str, list[float]]       # tokens already in the cache -> the median of each round (ms)
     peak_rss_bytes: list[int]               # per round: the runner's peak resident memory
@@ -50,7 +51,7 @@ class ModelRun:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ModelRun":
         d = dict(d)
-        d["workload"] = Workload.from_json(d["workload"])
+        d["workload"] = workload_from_json(d["workload"])
         return cls(**d)
 
 
@@ -65,7 +66,7 @@ class LatencyProfile:
     models: list[ModelRun]
     created: str = ""
     edgeq_version: str = ""
-    kind: str = "decoder"                   # the model kind its micro-models are (decoder, encoder)
+    kind: str = "decoder"                   # the model kind its micro-models are (decoder, encoder, cnn)
 
     # --- identity -----------------------------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class LatencyProfile:
             raise EdgeqError(path, f"this latency profile is for the {self.backend} backend, not {backend}")
         if kind is not None and kind != self.kind:
             how = (f"profile with `edgeq profile --backend {backend} --model-kind {kind}`" if kind in PROFILED_KINDS
-                   else f"latency profiles cover {' and '.join(PROFILED_KINDS)}s for now")
+                   else f"latency profiles cover {', '.join(PROFILED_KINDS)}s for now")
             raise EdgeqError(path, f"this latency profile times {self.kind}s, not {kind}s: {how}")
         if threads is not None and int(threads) != self.threads:
             raise EdgeqError(path, f"this latency profile was measured with {self.threads} thread"

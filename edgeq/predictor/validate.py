@@ -5,7 +5,9 @@ all-MiniLM-L6-v2) that no micro-model looks like: every 2-D weight gets a random
 write at its shape, with each plan's own random preference over formats (so plans range from mostly-2-bit to
 mostly-float). An encoder's linears draw from every format written for encoders (static and dynamic int8 too),
 and in about a third of its layers q, k and v share one draw (so fused QAttention layers occur as they do in real
-plans); an encoder's call (batch 1, --prompt-tokens tokens) is its `prefill`, and it has no decode step. Each
+plans); an encoder's call (batch 1, --prompt-tokens tokens) is its `prefill`, and it has no decode step. A CNN
+profile's held-out plans are random subnets of its supernet (cnn_design.py: widths, depth, kernels and a format
+per layer, from a seed no micro-model uses), each call one image. Each
 plan is exported through the pipeline with the profile, so its manifest carries the prediction; all bundles are
 then timed on the device in interleaved rounds (the runner's `latency` op: one prefill of N tokens, decode steps
 at C tokens of context), and each bundle's measurements.json gets the measured figures beside the predicted ones.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,11 +30,13 @@ from edgeq.compile import pipeline
 from edgeq.compile.options import ExportOptions
 from edgeq.core.errors import EdgeqError
 from edgeq.core.plan import Plan, TensorPlan, plan_from_json
+from edgeq.devices import DeviceError
 from edgeq.passes import Context
 from edgeq.models import names
 from edgeq.models.recipes.minilm import MINILM_NAME
+from edgeq.predictor.cnn_design import HELD_OUT_SEED, SUPERNET, CnnMicroModel, random_points
 from edgeq.predictor.design import ENCODER_ROLES, encoder_formats, timing_plan
-from edgeq.predictor.measure import device_for, median_ms, ones_imatrix, spread
+from edgeq.predictor.measure import CNN_CALLS, CNN_ROUNDS, CNN_WARMUP, device_for, median_ms, ones_imatrix, spread
 from edgeq.predictor.predict import DEFAULT_CONTEXT_TOKENS, DEFAULT_PROMPT_TOKENS
 from edgeq.predictor.profile import LatencyProfile
 from edgeq.targets.registry import get_target
@@ -48,6 +52,7 @@ class ValidationSettings:
     rounds: int = 3
     steps: int = 8
     prefill_steps: int = 2
+    warmup: int = 1
 
 
 def random_plans(graph, backend: str, k: int, seed: int = SEED) -> list[Plan]:
@@ -117,7 +122,8 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(w, label) for w, label in (("decode_ms_per_token", "decode step (ms)"), ("prefill_ms", "prefill (ms)"))
+    call = "call of one image (ms)" if rows and rows[0]["measured"].get("prompt_tokens") == 1 else "prefill (ms)"
+    panels = [(w, label) for w, label in (("decode_ms_per_token", "decode step (ms)"), ("prefill_ms", call))
               if all(r["predicted"].get(w) is not None for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.6), squeeze=False)
     for ax, (what, label) in zip(axes[0], panels):
@@ -139,6 +145,60 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def export_plans(profile_path: Path, profile: LatencyProfile, target: str, k: int, out: Path, model: str | None,
+                 settings: ValidationSettings, progress: Callable | None) -> tuple[int | None, list[Path]]:
+    """K random plans of a decoder or encoder, exported with the profile's prediction; (n_ctx, bundles)."""
+    backend = profile.backend
+    encoder = profile.kind == "encoder"
+    model = model or (MINILM_NAME if encoder else None)
+    _, graph = pipeline.import_and_merge(model, [], Context(backend=backend))
+    if graph.kind != profile.kind:
+        raise EdgeqError(model, f"the latency profile times {profile.kind}s; this model is a {graph.kind}")
+    n_ctx = max(settings.prompt_tokens, settings.context_tokens + settings.steps + 2)
+    n_ctx = None if encoder else int(min(graph.config.context_length, max(256, 2 ** math.ceil(math.log2(n_ctx)))))
+    bundles: list[Path] = []
+    plans = random_plans(graph, backend, k)
+    it = plans if progress is None else progress(plans, desc="export held-out plans", unit="plan")
+    for i, plan in enumerate(it):
+        folder = out / f"plan-{i:02d}"
+        plan_file = out / f"plan-{i:02d}.json"
+        plan.save(plan_file)
+        imatrix = ones_imatrix(graph, {n: t.format for n, t in plan.tensors.items()},
+                               out / f"plan-{i:02d}.imatrix.gguf")
+        opts = ExportOptions(model=model, target=target, backend=backend, plan=str(plan_file),
+                             out=str(folder), force=True, check=False, reference=False,
+                             calibration=imatrix is not None, imatrix=None if imatrix is None else str(imatrix),
+                             n_ctx=n_ctx,
+                             latency_profile=str(profile_path), prompt_tokens=settings.prompt_tokens,
+                             context_tokens=settings.context_tokens)
+        pipeline.export(opts)
+        bundles.append(folder)
+    return n_ctx, bundles
+
+
+def export_cnn_plans(profile_path: Path, target: str, backend: str, k: int, out: Path, model: str | None,
+                     progress: Callable | None) -> list[Path]:
+    """K random subnets of the profile's supernet (widths, depth, kernels, a format per layer; a seed no
+    micro-model uses), each exported through the pipeline with the profile's prediction."""
+    if model not in (None, SUPERNET):
+        raise EdgeqError(model, f"a CNN latency profile is validated on subnets of its supernet ({SUPERNET}); "
+                                "--model does not apply")
+    points = random_points(k, HELD_OUT_SEED)
+    it = list(enumerate(points))
+    it = it if progress is None else progress(it, desc="export held-out subnets", unit="plan")
+    bundles = []
+    for i, (w, fm) in it:
+        mm = CnnMicroModel(f"plan-{i:02d}", tuple(w), tuple(fm), HELD_OUT_SEED)
+        folder = out / mm.name
+        plan_file = out / f"{mm.name}.json"
+        mm.plan().save(plan_file)
+        opts = ExportOptions(target=target, backend=backend, plan=str(plan_file), out=str(folder), force=True,
+                             check=False, reference=False, calibration=False, latency_profile=str(profile_path))
+        pipeline.export(opts, graph=mm.graph())
+        bundles.append(folder)
+    return bundles
+
+
 def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: int, out: Path, model: str | None = None,
              settings: ValidationSettings = ValidationSettings(), progress: Callable | None = None,
              log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
@@ -153,34 +213,23 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         why = device.unreachable_reason() or device.missing_backend_reason(backend)
         if why:
             raise EdgeqError(None, why)
-        encoder = profile.kind == "encoder"
-        model = model or (MINILM_NAME if encoder else None)
-        _, graph = pipeline.import_and_merge(model, [], Context(backend=backend))
-        if graph.kind != profile.kind:
-            raise EdgeqError(model, f"the latency profile times {profile.kind}s; this model is a {graph.kind}")
-        n_ctx = max(settings.prompt_tokens, settings.context_tokens + settings.steps + 2)
-        n_ctx = None if encoder else int(min(graph.config.context_length,
-                                             max(256, 2 ** math.ceil(math.log2(n_ctx)))))
-        bundles: list[Path] = []
-        plans = random_plans(graph, backend, k)
-        it = plans if progress is None else progress(plans, desc="export held-out plans", unit="plan")
-        for i, plan in enumerate(it):
-            folder = out / f"plan-{i:02d}"
-            plan_file = out / f"plan-{i:02d}.json"
-            plan.save(plan_file)
-            imatrix = ones_imatrix(graph, {n: t.format for n, t in plan.tensors.items()},
-                                   out / f"plan-{i:02d}.imatrix.gguf")
-            opts = ExportOptions(model=model, target=device.profile(), backend=backend, plan=str(plan_file),
-                                 out=str(folder), force=True, check=False, reference=False,
-                                 calibration=imatrix is not None, imatrix=None if imatrix is None else str(imatrix),
-                                 n_ctx=n_ctx,
-                                 latency_profile=str(profile_path), prompt_tokens=settings.prompt_tokens,
-                                 context_tokens=settings.context_tokens)
-            pipeline.export(opts)
-            bundles.append(folder)
+        try:                            # refused before minutes of exports and runs (and checked again after)
+            early = device.facts()
+        except DeviceError:
+            early = None
+        if early:
+            profile.check_device(early, device.name, profile_path)
+        encoder = profile.kind in ("encoder", "cnn")       # one call, no decode step
+        if profile.kind == "cnn":
+            settings = replace(settings, prompt_tokens=1, prefill_steps=CNN_CALLS, warmup=CNN_WARMUP,
+                               rounds=max(settings.rounds, CNN_ROUNDS))
+            n_ctx = None
+            bundles = export_cnn_plans(profile_path, device.profile(), backend, k, out, model, progress)
+        else:
+            n_ctx, bundles = export_plans(profile_path, profile, device.profile(), k, out, model, settings, progress)
         remote = [device.push(b) for b in bundles]
         args = {"prefill": [settings.prompt_tokens], "decode": [] if encoder else [settings.context_tokens],
-                "steps": settings.steps, "prefill_steps": settings.prefill_steps, "warmup": 1}
+                "steps": settings.steps, "prefill_steps": settings.prefill_steps, "warmup": settings.warmup}
         runs: list[list[dict]] = [[] for _ in bundles]
         facts = None
         loads = []
@@ -205,7 +254,7 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
             pre = [median_ms(x["prefill"][str(settings.prompt_tokens)], clock) for x in rr]
             pre_other = [median_ms(x["prefill"][str(settings.prompt_tokens)], other) for x in rr]
             measured = {"prefill_ms": float(np.median(pre)), "prefill_ms_spread": spread(pre),
-                        "rounds_prefill_ms": [round(x, 3) for x in pre],
+                        "rounds_prefill_ms": [round(x, 6 if profile.kind == "cnn" else 3) for x in pre],
                         "peak_rss_bytes": int(np.median([x["peak_rss_bytes"] or 0 for x in rr])),
                         "prompt_tokens": settings.prompt_tokens, "threads": threads, "device": device.name,
                         "clock": clock, f"prefill_ms_{other}": float(np.median(pre_other))}
@@ -232,7 +281,8 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
                   "clock": profile.clock, "cpu": (facts or {}).get("cpu"),
                   "cpu_flags": " ".join(f for f in (facts or {}).get("flags", [])
                                         if f.startswith(("avx", "fma", "sse4"))),
-                  "model": model or "SmolLM2-135M-Instruct (default)",
+                  "model": (f"subnets of the {SUPERNET} supernet" if profile.kind == "cnn" else
+                            model or (MINILM_NAME if encoder else "SmolLM2-135M-Instruct (default)")),
                   "settings": settings.__dict__, "tolerance": f"max({TOLERANCE:.0%}, 2 x the plan's run-to-run spread)",
                   "load_average": {"first": good[0] if good else None, "last": good[-1] if good else None,
                                    "max_1min": max((x[0] for x in good), default=None)},
@@ -245,7 +295,7 @@ def validate(profile_path: Path, profile: LatencyProfile, device_spec: str, k: i
         p = report["prefill"]
         d = report.get("decode")
         what = (f"decode {d['share_within']:.0%} within (MAPE {d['mape']:.1%}), prefill" if d else
-                f"batch 1 x {settings.prompt_tokens} tokens")
+                "one image" if profile.kind == "cnn" else f"batch 1 x {settings.prompt_tokens} tokens")
         plot(rows, f"{backend} {profile.kind}s, {threads} thread(s), {profile.clock} clock, {k} held-out plans on "
                    f"{report['cpu']}: {what} {p['share_within']:.0%} within (MAPE {p['mape']:.1%}); "
                    f"load {report['load_average']['max_1min']}", out / "validation.png")

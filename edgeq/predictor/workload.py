@@ -7,6 +7,9 @@ the runtime multiplies as one kernel with its attention (ONNX's QAttention) coun
 fused format `qattention:FORMAT` (3·hidden x hidden), named for the query. It comes from a graph and a
 finished plan (planning, export), or from a bundle's manifest (`edgeq predict BUNDLE`), so a plan is predicted
 the same way before and after it is built.
+
+A CNN's workload (`CnnWorkload`) is each conv's and linear's multiply-adds at batch 1 and format, and the activations
+its plan quantizes: what the per-layer table (cnn_table.py) prices.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats import get_format
 from edgeq.core.ir import Graph
@@ -22,6 +27,7 @@ from edgeq.core.plan import Plan
 from edgeq.core.plan import TensorPlan
 from edgeq.importers.loader import graph_tokenizer_spec
 from edgeq.models import bert, llama, names
+from edgeq.models.cnn import WEIGHT_OPS, mixed_activations, spatial_shapes
 from edgeq.targets.registry import get_target
 
 FUSED_QKV = "qattention:"          # the format prefix of an encoder layer's fused q, k, v and attention
@@ -90,6 +96,62 @@ class Workload:
         d = dict(d)
         d["matmuls"] = [MatMul(*m) for m in d["matmuls"]]
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class CnnLayer:
+    """One conv or linear of a CNN: its weight's name, multiply-adds of one image, format."""
+
+    weight: str
+    macs: int
+    format: str
+
+
+@dataclass
+class CnnWorkload:
+    """A CNN plan as the device sees it (batch 1): its layers in graph order and how many activations the plan
+    quantizes (a Q/DQ pair each)."""
+
+    layers: list[CnnLayer]
+    n_quantized: int
+    file_bytes: int = 0
+    kind: str = "cnn"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layers": [[l.weight, l.macs, l.format] for l in self.layers],
+                "n_quantized": self.n_quantized, "file_bytes": self.file_bytes}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CnnWorkload":
+        return cls([CnnLayer(str(w), int(m), str(f)) for w, m, f in d["layers"]], int(d["n_quantized"]),
+                   int(d.get("file_bytes", 0)))
+
+
+def workload_from_json(d: dict[str, Any]) -> "Workload | CnnWorkload":
+    return CnnWorkload.from_json(d) if d.get("kind") == "cnn" else Workload.from_json(d)
+
+
+def cnn_workload(graph: Graph, plan: Plan, file_bytes: int = 0, source: str | None = None) -> CnnWorkload:
+    """A CNN graph's workload under `plan`: a conv's MACs are its weight's size times its output pixels (grouped
+    convs included: the weight holds in/groups channels), a linear's its weight's size; the quantized activations
+    are those a mixed int8/float plan writes Q/DQ pairs for (models/cnn.mixed_activations), as the search's table
+    counts them."""
+    shapes = spatial_shapes(graph)
+    layers = []
+    for n in graph.nodes:
+        if n.op not in WEIGHT_OPS:
+            continue
+        name = n.inputs[1]
+        if name not in plan.tensors:
+            raise EdgeqError(source, f"the plan gives no format for {name}")
+        size = int(np.prod(graph.weights[name].shape))
+        pixels = 1
+        if n.op == "conv2d":
+            _, h, w = shapes[n.outputs[0]]
+            pixels = h * w
+        layers.append(CnnLayer(name, size * pixels, plan.tensors[name].format))
+    int8 = {l.weight for l in layers if l.format == "int8"}
+    return CnnWorkload(layers, len(mixed_activations(graph, int8)), int(file_bytes))
 
 
 def tokenizer_entries(spec) -> int:
@@ -168,12 +230,14 @@ def encoder_workload(config: bert.BertConfig, plans: dict[str, TensorPlan], back
 
 
 def graph_workload(graph: Graph, plan: Plan, n_ctx: int, kv_dtype: str = "f16", file_bytes: int = 0,
-                   backend: str = "onnx") -> Workload:
+                   backend: str = "onnx") -> "Workload | CnnWorkload":
     """`backend`: the runtime an encoder runs on (what it fuses); decoders do not need it."""
     if graph.kind == "encoder" and graph.arch == "bert":
         return encoder_workload(graph.config, plan.tensors, backend, file_bytes)
+    if graph.kind == "cnn":
+        return cnn_workload(graph, plan, file_bytes)
     if graph.kind != "decoder":
-        raise EdgeqError(None, f"latency prediction covers decoders and BERT encoders for now; this is a "
+        raise EdgeqError(None, f"latency prediction covers decoders, BERT encoders and CNNs for now; this is a "
                                f"{graph.arch} {graph.kind}")
     formats = {n: plan.tensors[n].format for n in graph.weights if n in plan.tensors}
     widths = llama.mlp_widths(graph)
@@ -203,6 +267,10 @@ def bundle_workload(bundle: str | Path, backend: str | None = None) -> tuple[Wor
         except (KeyError, TypeError) as exc:
             raise EdgeqError(bundle / "manifest.json", f"model config or plan unreadable ({exc})") from None
         return encoder_workload(config, plans, backend, files, source=str(bundle / "manifest.json")), backend, m
+    if model.get("kind") == "cnn":
+        raise EdgeqError(bundle, "a CNN bundle's manifest does not give its layers' shapes: its prediction is the "
+                                 "manifest's `predicted` (export with --latency-profile), or predict its plan "
+                                 "(edgeq predict PLAN --model MODEL)")
     if model.get("kind") != "decoder":
         raise EdgeqError(bundle, f"latency prediction covers decoders and BERT encoders for now; this bundle holds "
                                  f"a {model.get('arch')} {model.get('kind')}")

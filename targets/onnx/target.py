@@ -31,7 +31,7 @@ class OnnxTarget(Target):
     presets = ONNX_PRESETS
     kinds = frozenset({"decoder", "encoder", "cnn"})
     budget_kinds = frozenset({"decoder"})
-    latency_kinds = frozenset({"decoder", "encoder"})
+    latency_kinds = frozenset({"decoder", "encoder", "cnn"})
     runtime_dists = ("onnxruntime", "onnx")
     prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
     prunes_attention = True    # ... and the attention's (per-layer head widths, per-group RoPE tables, KV inputs)
