@@ -52,7 +52,7 @@ class Built:
         from edgeq.targets.tvm.lower import lower_tvm
 
         self.graph = graph
-        self.lowered = lower_tvm(graph, plan)
+        self.lowered = lower_tvm(graph, plan, fused_attention=True)      # a CPU build's attention, as exported
         target, db = tuning or (resolve_target(get_profile("cpu")), None)
         ex = compile_module(self.lowered.mod, target, db)
         self.dev = tvm.cpu(0)

@@ -43,6 +43,7 @@ from edgeq.models import llama, names
 from edgeq.models.llama import LlamaConfig
 from edgeq.targets.tvm.ops import (
     ATTENTION_PREFIX,
+    SCORE_KEYS,
     Params,
     emit_embedding,
     emit_linear,
@@ -119,12 +120,14 @@ def kv_specs(graph: Graph) -> list[dict]:
 def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   params_type: type[Params] = Params,
-                  lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
+                  lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
+                  cpu_attention: bool = False) -> tuple[relax.BlockBuilder, Params]:
     """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
     `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py).
     `lora_slots`: weights that take users' LoRA adapters at run time (`--adapter-mode separate`): each gets
-    factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file."""
+    factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file.
+    `cpu_attention`: the attention's scores in the form the CPU schedule takes (llvm targets; _attention)."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
@@ -155,7 +158,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
         seq = 1 if entry == "decode" else sym("seq")
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
-                  progress if entry == ENTRIES[0] else None, units, frozenset(lora_slots))
+                  progress if entry == ENTRIES[0] else None, units, frozenset(lora_slots), cpu_attention)
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -165,9 +168,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
 def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
               entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None,
-              lora_slots: frozenset = frozenset()) -> None:
+              lora_slots: frozenset = frozenset(), cpu_attention: bool = False) -> None:
     """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths.
-    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot)."""
+    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot). `cpu_attention`: _attention."""
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -217,7 +220,7 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 k_all = bb.emit(R.concat([kv_in[2 * i], R.permute_dims(k, [1, 0, 2])], axis=1))
                 v_all = bb.emit(R.concat([kv_in[2 * i + 1], R.permute_dims(v, [1, 0, 2])], axis=1))
                 kv_out += [k_all, v_all]
-                att = _attention(bb, q, k_all, v_all, w, nq)
+                att = _attention(bb, q, k_all, v_all, w, nq, cpu_attention)
                 h1 = bb.emit(R.add(_last_row(bb, h) if last else h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
                 rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
@@ -299,8 +302,10 @@ def _rope(bb, x, c, s):
     return bb.emit_te(f, x, c, s, primfunc_name_hint="rope")
 
 
-def _attention(bb, q, k_all, v_all, w: Widths, seq):
-    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d).
+def _attention(bb, q, k_all, v_all, w: Widths, seq, cpu: bool = False):
+    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d). `cpu`: the scores in the
+    form the CPU schedule takes (schedule.schedule_attention); else a plain reduction, which dlight schedules for
+    CUDA with a symbolic cache length.
 
     Scores and the weighted sum read the caches in place ((kv, T, d), no transposed copy per step);
     query head h uses key/value head h // (heads / kv_heads), as the reference does."""
@@ -314,6 +319,18 @@ def _attention(bb, q, k_all, v_all, w: Widths, seq):
         kk = te.reduce_axis((0, d), "kk")
         return te.compute((nkv, rep, n, t), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, j, kk], axis=kk),
                           name="scores")
+
+    def scores_cpu(qt, kt_in):
+        """The encoder's scores kernel (ops.emit_attention), whose CPU schedule it takes: the keys transposed per
+        group and padded to whole SCORE_KEYS blocks, a block of one query's scores in registers down the head
+        dimension; the same sums in the same order as `scores`. Plain loops were 0.07 of a 128-token prefill."""
+        n, t = qt.shape[0], kt_in.shape[1]
+        padded = ((t - 1) // SCORE_KEYS + 1) * SCORE_KEYS
+        kt = te.compute((nkv, d, padded), lambda g, dd, j: kt_in[g, tir.min(j, t - 1), dd], name="kt")
+        kk = te.reduce_axis((0, d), "kk")
+        raw = te.compute((nkv, rep, n, padded), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, kk, j], axis=kk),
+                         name="scores")
+        return te.compute((nkv, rep, n, t), lambda g, r, i, j: raw[g, r, i, j], name="scores_epi")
 
     def masked_softmax(st):
         """softmax over keys of scale * scores, keys after the query's position excluded (the reference's order:
@@ -330,7 +347,9 @@ def _attention(bb, q, k_all, v_all, w: Widths, seq):
         sm = te.compute((nkv, rep, n), lambda g, r, i: te.sum(ex[g, r, i, j2], axis=j2), name="row_sum")
         return te.compute(st.shape, lambda g, r, i, j: ex[g, r, i, j] / sm[g, r, i], name="probs")
 
-    probs = bb.emit_te(masked_softmax, bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"),
+    st = (bb.emit_te(scores_cpu, qg, k_all, primfunc_name_hint=ATTENTION_PREFIX + "scores") if cpu else
+          bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"))
+    probs = bb.emit_te(masked_softmax, st,
                        primfunc_name_hint="attn_softmax")
 
     def weighted(pt, vt):
