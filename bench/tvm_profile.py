@@ -9,7 +9,8 @@ evaluator), so the hook's overhead shows as the difference.
     python bench/tvm_profile.py --bundle out-tvm-int4/ --threads 2     # a decoder: one decode step after --seq tokens
 
 A decoder bundle is profiled on its decode step (one token after a `--seq`-token prompt, the cache as `feed` leaves
-it), or on the prefill of `--seq` tokens with `--prefill`.
+it), or on the prefill of `--seq` tokens with `--prefill` (the entry `feed` runs: `prefill_last` where the bundle
+has one, the last token's logits only).
 
 Prints the table and writes bench/results/tvm_profile.json (machine flags and load included).
 """

@@ -3,7 +3,9 @@
 `feed` appends tokens: the cache is the previous call's returned `k_i`/`v_i`
 arrays, kept on the device and handed back, so a decode step copies only the
 new logits to the host. One new token runs the `decode` function (static shapes,
-the tunable one), several run `prefill`. Tokenization is edgeq's own (the
+the tunable one), several run `prefill_last` (the manifest's `feed_entry`: the
+last token's logits only; bundles without one run `prefill`), and `logits` runs
+`prefill` (every position's). Tokenization is edgeq's own (the
 bundle's tokenizer spec), so ids match the GGUF artifact of the same model.
 """
 
@@ -35,6 +37,7 @@ class TvmDecoderBackend(TokenizerText):
         self.tok = build_tokenizer(spec)
         self.kv = [(int(s["shape"][0]), int(s["shape"][2])) for s in session.inputs[1:]]
         self.decode_entry = tvm_spec.get("decode_entry")
+        self.feed_entry = tvm_spec.get("feed_entry")
         self.n_vocab = int(session.outputs[0]["shape"][-1])
         # LoRA parameters (bundles exported with --adapter-mode separate): weight -> (index of A, of B, in, out)
         index = {n: i for i, n in enumerate(session.param_names)}
@@ -117,8 +120,9 @@ class TvmDecoderBackend(TokenizerText):
         self.past = [tvm.runtime.tensor(np.zeros((h, 0, d), np.float32), self.session.dev) for h, d in self.kv]
         self.n_tokens = 0
 
-    def _run(self, ids: list[int]):
-        """The graph on the new tokens: the cache stays on the device; the logits come back as a device tensor."""
+    def _run(self, ids: list[int], every_position: bool = False):
+        """The graph on the new tokens: the cache stays on the device; the logits come back as a device tensor,
+        of every position with `every_position`, else at least of the last one."""
         import tvm
 
         n = len(ids)
@@ -130,7 +134,10 @@ class TvmDecoderBackend(TokenizerText):
         x = np.asarray(ids, dtype=np.int64)
         if x.min() < 0 or x.max() >= self.n_vocab:
             raise RequestError(f"token id out of range of the vocabulary ({self.n_vocab})")
-        entry = self.decode_entry if n == 1 and self.decode_entry else self.session.entry
+        if n == 1 and self.decode_entry:
+            entry = self.decode_entry
+        else:
+            entry = self.feed_entry if self.feed_entry and not every_position else self.session.entry
         out = self.session.vm[entry](tvm.runtime.tensor(x.astype(np.int32), self.session.dev), *self.past,
                                      *self.session.params)
         out = list(out)
@@ -147,7 +154,7 @@ class TvmDecoderBackend(TokenizerText):
     def logits(self, ids: list[int]) -> np.ndarray:
         """Logits at every position of a fresh sequence, shape (len(ids), n_vocab)."""
         self.reset()
-        out = self._run(list(ids)).numpy()
+        out = self._run(list(ids), every_position=True).numpy()
         self.reset()
         return np.asarray(out, dtype=np.float32)
 

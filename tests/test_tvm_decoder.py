@@ -52,7 +52,7 @@ class Built:
         from edgeq.targets.tvm.lower import lower_tvm
 
         self.graph = graph
-        self.lowered = lower_tvm(graph, plan)
+        self.lowered = lower_tvm(graph, plan, fused_attention=True)      # a CPU build's attention, as exported
         target, db = tuning or (resolve_target(get_profile("cpu")), None)
         ex = compile_module(self.lowered.mod, target, db)
         self.dev = tvm.cpu(0)
@@ -98,6 +98,11 @@ def test_kv_cache_prefill_then_decode_equals_full_recompute_and_the_executor(syn
     assert cached.shape == ref.shape and past[0].shape[1] == len(ids)
     assert np.abs(cached - full).max() <= 1e-4 * max(1.0, np.abs(full).max())
     assert (cached.argmax(-1) == ref.argmax(-1)).all()
+    # `prefill_last` (what `feed` runs): the last row's logits only, the same caches
+    last, last_past = synthetic(ids[:10], synthetic.empty(), entry="prefill_last")
+    assert last.shape == (1, ref.shape[1]) and np.abs(last[0] - rows[0][-1]).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    first, first_past = synthetic(ids[:10], synthetic.empty())
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(last_past, first_past))
 
 
 def _dequantized(graph, fmt: str, embed: str = "f32"):
@@ -158,6 +163,7 @@ def test_bundle_generates_through_session_like_gguf(bundle):
 
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["tvm"]["entry"] == "prefill" and m["tvm"]["decode_entry"] == "decode"
+    assert m["tvm"]["feed_entry"] == "prefill_last"
     assert m["plan"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] == "int8_wo"
     meas = json.loads((bundle / "measurements.json").read_text())
     assert meas["reference_check"]["backend"] == "tvm"

@@ -1,13 +1,17 @@
 """A Llama-family decoder as Relax functions with an explicit KV cache.
 
-Two entry functions over the same weights (parameters after the model inputs, in
+Three entry functions over the same weights (parameters after the model inputs, in
 one order):
 
-- `prefill(input_ids[seq], k_0[kv, past, d], v_0[kv, past, d], ...)`: any number of new tokens.
+- `prefill(input_ids[seq], k_0[kv, past, d], v_0[kv, past, d], ...)`: any number of new tokens,
+  logits at every position (evaluation, perplexity).
 - `decode(input_ids[1], k_0, v_0, ...)`: one token; its kernels have static shapes
   except the attention's past length, so meta-schedule can tune them.
+- `prefill_last`: as `prefill`, logits of the last token only (what generation reads): the
+  last layer's query, attention output, MLP and the head run on that one row, on the decode
+  step's kernels. The head over every row was 0.6 of SmolLM2's 1.36 s prefill of 128 tokens.
 
-Both return `(logits[n, vocab], k_0', v_0', ...)`, the caches grown by the new
+All return `(logits[n, vocab], k_0', v_0', ...)` (n = 1 for `prefill_last`), the caches grown by the new
 tokens (`past + n` rows), as the ONNX decoder does: the runtime keeps the returned
 arrays on the device and hands them back on the next call. Positions are
 `past .. past + n - 1`, read from the cache's length, so nothing else is passed.
@@ -38,6 +42,8 @@ from edgeq.core.plan import Plan
 from edgeq.models import llama, names
 from edgeq.models.llama import LlamaConfig
 from edgeq.targets.tvm.ops import (
+    ATTENTION_PREFIX,
+    SCORE_KEYS,
     Params,
     emit_embedding,
     emit_linear,
@@ -47,12 +53,12 @@ from edgeq.targets.tvm.ops import (
     stored,
     stored_channel_axis,
     sym,
-    weight_arrays,
 )
 
 R = relax.op
 ROPE_COS, ROPE_SIN = "rope.cos", "rope.sin"
-ENTRIES = ("prefill", "decode")
+ENTRIES = ("prefill", "decode", "prefill_last")
+LAST_ONLY = "prefill_last"        # the entry that returns the last position's logits only
 
 
 @dataclass(frozen=True)
@@ -114,12 +120,14 @@ def kv_specs(graph: Graph) -> list[dict]:
 def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   params_type: type[Params] = Params,
-                  lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic") -> tuple[relax.BlockBuilder, Params]:
+                  lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
+                  cpu_attention: bool = False) -> tuple[relax.BlockBuilder, Params]:
     """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
     `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py).
     `lora_slots`: weights that take users' LoRA adapters at run time (`--adapter-mode separate`): each gets
-    factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file."""
+    factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file.
+    `cpu_attention`: the attention's scores in the form the CPU schedule takes (llvm targets; _attention)."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
@@ -144,12 +152,13 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
     bb = relax.BlockBuilder()
     params = None
+    stored: dict | None = {} if params_type is Params else None   # each weight quantized once for all entries
     for entry in ENTRIES:
-        p = params_type(dot=dot)
-        seq = sym("seq") if entry == "prefill" else 1
+        p = params_type(dot=dot, stored=stored)
+        seq = 1 if entry == "decode" else sym("seq")
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
-                  progress if entry == "prefill" else None, units, frozenset(lora_slots))
+                  progress if entry == ENTRIES[0] else None, units, frozenset(lora_slots), cpu_attention)
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -159,9 +168,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
 def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
               entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None,
-              lora_slots: frozenset = frozenset()) -> None:
+              lora_slots: frozenset = frozenset(), cpu_attention: bool = False) -> None:
     """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths.
-    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot)."""
+    `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot). `cpu_attention`: _attention."""
     cfg: LlamaConfig = graph.config
     past = sym("past")
     ids = relax.Var("input_ids", relax.TensorType((seq,), "int32"))
@@ -172,7 +181,8 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
         with bb.dataflow():
             d_emb = plan.tensors[names.EMBED]
             if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
-                table = [params.add(n, a) for n, a in weight_arrays(names.EMBED, W(names.EMBED), d_emb, imatrix.get(names.EMBED))]
+                table = [params.add(n, a) for n, a in params.weight_arrays(names.EMBED, W(names.EMBED), d_emb,
+                                                                            imatrix.get(names.EMBED))]
                 h = _lookup_columns(bb, ids, d_emb.format, table)
             else:
                 h = emit_embedding(bb, params, ids, names.EMBED, W(names.EMBED), d_emb)
@@ -200,14 +210,18 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
-                q = _rope(bb, bb.emit(R.reshape(lin(xa, "self_attn.q_proj", "q", bias), (seq, w.heads, d))), c, s)
+                # the last layer of `prefill_last`: keys and values of every new token (the cache), the rest of
+                # the layer on the last token's row only (its query, attention output, MLP; then the head)
+                last = entry == LAST_ONLY and i == cfg.n_layers - 1
+                nq, xq, cq, sq = (1, _last_row(bb, xa), _last_row(bb, c), _last_row(bb, s)) if last else (seq, xa, c, s)
+                q = _rope(bb, bb.emit(R.reshape(lin(xq, "self_attn.q_proj", "q", bias), (nq, w.heads, d))), cq, sq)
                 k = _rope(bb, bb.emit(R.reshape(lin(xa, "self_attn.k_proj", "k", bias), (seq, w.kv_heads, d))), c, s)
                 v = bb.emit(R.reshape(lin(xa, "self_attn.v_proj", "v", bias), (seq, w.kv_heads, d)))
                 k_all = bb.emit(R.concat([kv_in[2 * i], R.permute_dims(k, [1, 0, 2])], axis=1))
                 v_all = bb.emit(R.concat([kv_in[2 * i + 1], R.permute_dims(v, [1, 0, 2])], axis=1))
                 kv_out += [k_all, v_all]
-                att = _attention(bb, q, k_all, v_all, w, seq)
-                h1 = bb.emit(R.add(h, lin(att, "self_attn.o_proj", "o")))
+                att = _attention(bb, q, k_all, v_all, w, nq, cpu_attention)
+                h1 = bb.emit(R.add(_last_row(bb, h) if last else h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
                 rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
                 g = lin(xm, "mlp.gate_proj", "gate", channels=rows)
@@ -256,6 +270,15 @@ def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
     return bb.emit_te(f, ids, *table, primfunc_name_hint="token_lookup")
 
 
+def _last_row(bb, x):
+    """The last row of a 2-D (rows, n) tensor, as (1, n)."""
+
+    def f(xt):
+        return te.compute((1, xt.shape[1]), lambda _, j: xt[xt.shape[0] - 1, j], name="last_row")
+
+    return bb.emit_te(f, x, primfunc_name_hint="last_row")
+
+
 def _rms_norm(bb, params: Params, x, name: str, W, eps: float):
     w = params.add(name, W(name).astype(np.float32))
     return bb.emit(R.nn.rms_norm(x, w, axes=[-1], epsilon=float(eps)))
@@ -279,8 +302,10 @@ def _rope(bb, x, c, s):
     return bb.emit_te(f, x, c, s, primfunc_name_hint="rope")
 
 
-def _attention(bb, q, k_all, v_all, w: Widths, seq):
-    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d).
+def _attention(bb, q, k_all, v_all, w: Widths, seq, cpu: bool = False):
+    """Causal GQA attention of the new queries over the whole cache: (seq, heads*d). `cpu`: the scores in the
+    form the CPU schedule takes (schedule.schedule_attention); else a plain reduction, which dlight schedules for
+    CUDA with a symbolic cache length.
 
     Scores and the weighted sum read the caches in place ((kv, T, d), no transposed copy per step);
     query head h uses key/value head h // (heads / kv_heads), as the reference does."""
@@ -294,6 +319,18 @@ def _attention(bb, q, k_all, v_all, w: Widths, seq):
         kk = te.reduce_axis((0, d), "kk")
         return te.compute((nkv, rep, n, t), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, j, kk], axis=kk),
                           name="scores")
+
+    def scores_cpu(qt, kt_in):
+        """The encoder's scores kernel (ops.emit_attention), whose CPU schedule it takes: the keys transposed per
+        group and padded to whole SCORE_KEYS blocks, a block of one query's scores in registers down the head
+        dimension; the same sums in the same order as `scores`. Plain loops were 0.07 of a 128-token prefill."""
+        n, t = qt.shape[0], kt_in.shape[1]
+        padded = ((t - 1) // SCORE_KEYS + 1) * SCORE_KEYS
+        kt = te.compute((nkv, d, padded), lambda g, dd, j: kt_in[g, tir.min(j, t - 1), dd], name="kt")
+        kk = te.reduce_axis((0, d), "kk")
+        raw = te.compute((nkv, rep, n, padded), lambda g, r, i, j: te.sum(qt[i, g, r, kk] * kt[g, kk, j], axis=kk),
+                         name="scores")
+        return te.compute((nkv, rep, n, t), lambda g, r, i, j: raw[g, r, i, j], name="scores_epi")
 
     def masked_softmax(st):
         """softmax over keys of scale * scores, keys after the query's position excluded (the reference's order:
@@ -310,14 +347,19 @@ def _attention(bb, q, k_all, v_all, w: Widths, seq):
         sm = te.compute((nkv, rep, n), lambda g, r, i: te.sum(ex[g, r, i, j2], axis=j2), name="row_sum")
         return te.compute(st.shape, lambda g, r, i, j: ex[g, r, i, j] / sm[g, r, i], name="probs")
 
-    probs = bb.emit_te(masked_softmax, bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"),
+    st = (bb.emit_te(scores_cpu, qg, k_all, primfunc_name_hint=ATTENTION_PREFIX + "scores") if cpu else
+          bb.emit_te(scores, qg, k_all, primfunc_name_hint="attn_scores"))
+    probs = bb.emit_te(masked_softmax, st,
                        primfunc_name_hint="attn_softmax")
 
     def weighted(pt, vt):
+        """Named as the encoder's context kernel, whose CPU schedule (schedule.schedule_attention) it takes: (query,
+        group, head) in parallel, then the keys, the head dimension innermost in registers. Left as plain loops
+        it was 0.3 of SmolLM2's prefill of 128 tokens (the value rows strided under a reduction over keys)."""
         n, t = pt.shape[2], vt.shape[1]
         j = te.reduce_axis((0, t), "j")
         return te.compute((n, nkv, rep, d), lambda i, g, r, k: te.sum(pt[g, r, i, j] * vt[g, j, k], axis=j),
-                          name="attn_out")
+                          name="context")
 
-    ctx = bb.emit_te(weighted, probs, v_all, primfunc_name_hint="attn_values")
+    ctx = bb.emit_te(weighted, probs, v_all, primfunc_name_hint=ATTENTION_PREFIX + "values")
     return bb.emit(R.reshape(ctx, (seq, w.heads * d)))

@@ -41,7 +41,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py); `lora_slots`: decoder
     weights that take LoRA adapters at run time (decoder.lower_decoder); `dot`: the integer kernel int8_dyn_rows
     linears get on the build's target (dot.dot_kind); `fused_attention`: encoders' attention as one CPU kernel
-    (attention.py; CPU targets only)."""
+    (attention.py), decoders' attention scores in the CPU schedule's form (CPU targets only)."""
     if branches and graph.kind != "decoder":
         raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
     if lora_slots and graph.kind != "decoder":
@@ -59,7 +59,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     elif graph.kind == "decoder" and graph.arch == "llama":
         bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
                                    params_type=SizingParams if sizing else Params, lora_slots=lora_slots,
-                                   dot=dot)
+                                   dot=dot, cpu_attention=fused_attention)
         kv = kv_specs(graph)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
         outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},

@@ -41,6 +41,19 @@ class Params:
     # which integer kernel int8_dyn_rows linears get (dot.dot_kind of the build's target): the activations'
     # dtype differs between them (uint8 for x86 VNNI, int8 otherwise), the stored arrays do not
     dot: str = "generic"
+    # (weight, format) -> its stored arrays, shared by the functions of one module (a decoder's entries) so that
+    # each weight is quantized once; None: quantize on every use
+    stored: dict | None = None
+
+    def weight_arrays(self, name: str, w: np.ndarray, d: TensorPlan,
+                      imatrix: np.ndarray | None = None) -> list[tuple[str, np.ndarray]]:
+        """weight_arrays(), computed once per (weight, format) where `stored` is shared."""
+        if self.stored is None:
+            return weight_arrays(name, w, d, imatrix)
+        key = (name, d.format)
+        if key not in self.stored:
+            self.stored[key] = weight_arrays(name, w, d, imatrix)
+        return self.stored[key]
 
     def var(self, name: str) -> relax.Var:
         return self.vars[list(self.arrays).index(name)]
@@ -338,7 +351,7 @@ def emit_linear(bb: relax.BlockBuilder, params: Params, x: relax.Expr, name: str
     ws = []
     if channels is not None and d.format == "int8_dyn_rows":
         raise EdgeqError(None, f"{name}: int8_dyn_rows weights are not lowered with pruned (symbolic) widths")
-    for n, a in weight_arrays(name, w, d, imatrix):
+    for n, a in params.weight_arrays(name, w, d, imatrix):
         shape = None
         if channels is not None:
             axis = stored_channel_axis(a, channels[0])
