@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -115,24 +116,45 @@ def _edgeq(*args, cache) -> subprocess.CompletedProcess:
                           env=env, timeout=900)
 
 
-BUDGET_MB = 1.96         # the coverage library (~0.9 MB) plus 1.53 M params between int4 (0.9 MB) and int8 (1.6 MB)
-OPTS = ["--budget-mb", BUDGET_MB, "--ranks", "0,8,16", "--calib-windows", "1", "--cost", "output"]
+PLAN_OPTS = ["--ranks", "0,8,16", "--calib-windows", "1", "--cost", "output"]
+# Above the smallest feasible size (every linear int4, no branch: the host-built coverage library plus ~0.6 MB of
+# params), so the ILP buys int8 for some of the 1.53 M params (all of them would cost ~0.7 MB more) and branches.
+# A margin, not a fixed size: the library's code is the host's (VNNI kernels are larger) and grows with new entries.
+MARGIN_MB = 0.33
 
 
 @pytest.fixture(scope="module")
-def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
+def impossible(tiny_decoder_dir, cache, tmp_path_factory):
+    """An export under a budget no plan fits (0.5 MB): (the CLI's result, its output folder, the smallest feasible
+    size in MB that its one-line error names)."""
+    out = tmp_path_factory.mktemp("impossible") / "out"
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *PLAN_OPTS, "--budget-mb", "0.5", "--quiet",
+               "-o", out, cache=cache)
+    m = re.search(r"smallest feasible size ([0-9.]+) MB", r.stderr)
+    assert m, r.stderr
+    return r, out, float(m.group(1))
+
+
+@pytest.fixture(scope="module")
+def budget_mb(impossible) -> float:
+    return round(impossible[2] + MARGIN_MB, 3)
+
+
+@pytest.fixture(scope="module")
+def budgeted(tiny_decoder_dir, cache, tmp_path_factory, budget_mb):
     """`edgeq export --backend tvm --budget-mb` with --ranks (the ILP buys branches here), and the decision behind
     it, made again in-process from the same caches."""
     from edgeq.api import ExportOptions
     from edgeq.compile.pipeline import decisions
 
     out = tmp_path_factory.mktemp("b") / "bundle"
-    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--quiet", "-o", out, cache=cache)
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *PLAN_OPTS, "--budget-mb", budget_mb,
+               "--quiet", "-o", out, cache=cache)
     assert r.returncode == 0, r.stderr
     old = os.environ.get("EDGEQ_CACHE")
     os.environ["EDGEQ_CACHE"] = str(cache)
     try:
-        graph, made = decisions(ExportOptions(model=str(tiny_decoder_dir), backend="tvm", budget_mb=BUDGET_MB,
+        graph, made = decisions(ExportOptions(model=str(tiny_decoder_dir), backend="tvm", budget_mb=budget_mb,
                                               ranks=[0, 8, 16], calib_windows=1, cost="output"))
         decision = made["tvm"]
     finally:
@@ -143,17 +165,21 @@ def budgeted(tiny_decoder_dir, cache, tmp_path_factory):
     return out, json.loads((out / "manifest.json").read_text()), graph, decision
 
 
-def test_budgeted_tvm_bundle_is_the_predicted_size_within_the_budget(budgeted):
+def test_budgeted_tvm_bundle_is_the_predicted_size_within_the_budget(budgeted, budget_mb):
     out, m, graph, decision = budgeted
     s = m["plan"]["search"]
     files = (out / "model.so").stat().st_size + (out / "params.safetensors").stat().st_size
     assert s["method"] == "ilp" and s["formats"] == ["f32", "f16", "int8_wo", "int4_g32"]
-    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(BUDGET_MB * 1e6)
-    assert files >= 0.95 * s["budget_bytes"]       # spent, but for what the coverage library over-counts
+    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(budget_mb * 1e6)
+    # spent: at least half of what the budget allows above the smallest plan (the exact-size repair gives back what
+    # the coverage library's estimate over-counts, in whole tensors' steps)
+    assert files - s["min_feasible_bytes"] >= 0.5 * (s["budget_bytes"] - s["min_feasible_bytes"])
     assert sum(a["bytes"] for a in m["artifacts"] if a["role"] in ("model", "params")) == files
     assert s["branches"] > 0 and m["plan"]["tensors"] == decision.plan.to_json()["tensors"]
+    # what the margin buys (int8 for some linears, or branches on int4 ones) is the ILP's choice and flips with a few
+    # KB of budget; every weight's format is one of the candidates either way (dynaquant's test checks a mix)
     used = {t["format"] for n, t in m["plan"]["tensors"].items() if len(graph.weights[n].shape) == 2}
-    assert len(used) > 1
+    assert used <= {"f16", "int8_wo", "int4_g32"} and "int4_g32" in used
     meas = json.loads((out / "measurements.json").read_text())
     assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["kld_mean"] < 0.5
 
@@ -238,11 +264,11 @@ def test_budgeted_tvm_with_branches_is_the_executor_on_the_plans_weights(budgete
     assert np.abs(without - ref).max() > 20 * err
 
 
-def test_tvm_plan_file_exports_the_same_bytes(budgeted, tiny_decoder_dir, cache, tmp_path):
+def test_tvm_plan_file_exports_the_same_bytes(budgeted, budget_mb, tiny_decoder_dir, cache, tmp_path):
     """`edgeq plan --backend tvm` writes the budgeted plan; `export --plan` of it reproduces the bundle's files."""
     out, m, *_ = budgeted
-    r = _edgeq("plan", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--quiet", "-o", tmp_path / "plan.json",
-               cache=cache)
+    r = _edgeq("plan", "--model", tiny_decoder_dir, "--backend", "tvm", *PLAN_OPTS, "--budget-mb", budget_mb, "--quiet",
+               "-o", tmp_path / "plan.json", cache=cache)
     assert r.returncode == 0, r.stderr
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["backend"] == "tvm" and plan["tensors"] == m["plan"]["tensors"]
@@ -253,27 +279,26 @@ def test_tvm_plan_file_exports_the_same_bytes(budgeted, tiny_decoder_dir, cache,
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
 
 
-def test_impossible_tvm_budget_is_one_clear_error(tiny_decoder_dir, cache, tmp_path):
-    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", *OPTS, "--budget-mb", "0.5", "--quiet",
-               "-o", tmp_path / "out", cache=cache)
+def test_impossible_tvm_budget_is_one_clear_error(impossible):
+    r, out, smallest = impossible
     assert r.returncode == 2, r.stderr
     assert "below the smallest feasible size" in r.stderr and "int4_g32" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    assert not out.exists() and smallest > 0.5
 
 
-def test_dynaquant_plans_tvm_to_the_built_size(tiny_decoder_dir, cache, tmp_path):
+def test_dynaquant_plans_tvm_to_the_built_size(tiny_decoder_dir, cache, tmp_path, budget_mb):
     """--method dynaquant on TVM: trained on the table's bytes, then checked against the built library plus the
     params file; the bundle is the predicted size, within the budget, with mixed formats, and checks out against
     the executor at export time."""
-    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", "--budget-mb", BUDGET_MB, "--method", "dynaquant",
+    r = _edgeq("export", "--model", tiny_decoder_dir, "--backend", "tvm", "--budget-mb", budget_mb, "--method", "dynaquant",
                "--calib-windows", "1", "--cost", "output", "--quiet", "-o", tmp_path / "out", cache=cache)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     s = m["plan"]["search"]
     files = (tmp_path / "out" / "model.so").stat().st_size + (tmp_path / "out" / "params.safetensors").stat().st_size
     assert s["method"] == "dynaquant" and 1 <= s["exact_tries"] <= 4
-    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(BUDGET_MB * 1e6)
+    assert files == s["predicted_bytes"] <= s["budget_bytes"] == int(budget_mb * 1e6)
     assert len({t["format"] for t in m["plan"]["tensors"].values() if t["format"] != "f32"}) > 1
     meas = json.loads((tmp_path / "out" / "measurements.json").read_text())
     assert meas["reference_check"]["backend"] == "tvm" and meas["reference_check"]["kld_mean"] < 0.5
