@@ -194,14 +194,10 @@ def written_values(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.nda
     return fmt.roundtrip(wp, hess.importance(fmt, importance))
 
 
-def _rows(envs: list[dict], key: str) -> np.ndarray:
-    return np.concatenate([np.asarray(env[key], dtype=np.float64).reshape(-1, env[key].shape[-1]) for env in envs])
-
-
 def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_order: bool = False,
                   conditional: bool = False) -> Hessian:
     """H of the input `key` over every sequence's tokens (float64)."""
-    x = _rows(envs, key)
+    x = np.concatenate([np.asarray(env[key], dtype=np.float64).reshape(-1, env[key].shape[-1]) for env in envs])
     return Hessian.of(x.T @ x / len(x), damp, act_order, conditional)
 
 
@@ -246,7 +242,7 @@ class _Sequential:
                  damp: float, act_order: bool, progress: Callable | None, sequential: bool = True,
                  conditional: bool = False, asymmetric: bool = False):
         self.graph, self.plan, self.targets, self.imatrix = graph, plan, targets, imatrix
-        self.sequential, self.conditional, self.asymmetric = sequential, conditional, asymmetric and sequential
+        self.sequential, self.conditional, self.asymmetric = sequential, conditional, asymmetric
         self.windows, self.damp, self.act_order, self.progress = windows, damp, act_order, progress
         self.bytes: dict[str, np.ndarray] | None = None
 
@@ -321,7 +317,7 @@ class GptqCompensate(Pass):
                  ctx_len: int = DEFAULT_CTX, source: CalibrationText | None = None, subset: tuple[int, int] = (0, 1),
                  file_rows: Callable[[str, np.ndarray], np.ndarray] | None = None):
         self.damp, self.act_order, self.sequential, self.conditional = damp, act_order, sequential, conditional
-        self.asymmetric = asymmetric
+        self.asymmetric = asymmetric and sequential    # without the sequential run both models' inputs are equal
         self.n_windows, self.ctx_len, self.source, self.subset = n_windows, ctx_len, source, subset
         self.file_rows = file_rows or (lambda name, rows: rows)
 
@@ -347,7 +343,7 @@ class GptqCompensate(Pass):
                 source_bytes=lambda n=name: self.file_rows(n, seq.result(n)))
         ctx.record(self.name, damp=self.damp, act_order=self.act_order, sequential=self.sequential,
                    compensated=len(targets), **({"importance": "conditional"} if self.conditional else {}),
-                   **({"aim": "float"} if self.asymmetric and self.sequential else {}),
+                   **({"aim": "float"} if self.asymmetric else {}),
                    windows=self.n_windows)
         ctx.analysis["written"] = replace(graph, weights=weights)
         return graph, plan

@@ -152,9 +152,9 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
     bb = relax.BlockBuilder()
     params = None
-    stored: dict | None = {} if params_type is Params else None   # each weight quantized once for all entries
+    once: dict | None = {} if params_type is Params else None     # each weight quantized once for all entries
     for entry in ENTRIES:
-        p = params_type(dot=dot, stored=stored)
+        p = params_type(dot=dot, stored=once)
         seq = 1 if entry == "decode" else sym("seq")
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
