@@ -51,11 +51,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                     help="GPTQ (passes/gptq.py) on or off (default: edgeq's, on for budgeted GGUF plans)")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ's blocks in order of decreasing input energy")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ's blocks in order of decreasing input energy (edgeq's default)")
     ap.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ's H from the already-quantized layers' outputs (default), or the float model's")
     ap.add_argument("--calib-windows", type=int, default=4, help="512-token calibration windows (edgeq's default 4)")
     ap.add_argument("--gptq-windows", type=int, help="windows GPTQ's writer takes each H from (default: calib's)")
+    ap.add_argument("--gptq-tokens", choices=["uniform", "fisher"], default="uniform",
+                    help="GPTQ's H: tokens alike or weighted by their output's Fisher")
     ap.add_argument("--gptq-aim", choices=["quantized", "float"], default="quantized",
                     help="what GPTQ fits each layer's output to (float: GPTAQ's objective)")
     ap.add_argument("--gptq-conditional", action="store_true",
@@ -73,7 +76,7 @@ def main() -> int:
     res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
            "formats": formats, "gptq": a.gptq, "act_order": a.act_order, "sequential": a.sequential,
            "calib_windows": a.calib_windows, "gptq_windows": a.gptq_windows,
-           "gptq_conditional": a.gptq_conditional, "gptq_aim": a.gptq_aim, "text": a.text, "rows": []}
+           "gptq_conditional": a.gptq_conditional, "gptq_aim": a.gptq_aim, "gptq_tokens": a.gptq_tokens, "text": a.text, "rows": []}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n")
@@ -92,7 +95,7 @@ def main() -> int:
                 if kind == "preset" else
                 ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True, gptq=a.gptq,
                               gptq_act_order=a.act_order, gptq_sequential=a.sequential,
-                              gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional, gptq_aim=a.gptq_aim,
+                              gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional, gptq_aim=a.gptq_aim, gptq_tokens=a.gptq_tokens,
                               calib_windows=a.calib_windows, check=not a.no_speed))
         r = export(opts, log=lambda s: print(s, file=sys.stderr))
         ev = evaluate_bundle(bundle, None if text_file is None else str(text_file), chunks=a.chunks,

@@ -44,7 +44,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
         gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional,
-        gptq_aim=a.gptq_aim,
+        gptq_aim=a.gptq_aim, gptq_tokens=a.gptq_tokens,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -482,8 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "narrowing. Default: on for budgeted GGUF ILP plans with calibration (edgeq search: "
                              "off, as every measured label is then a compensated export), "
                              "and for a plan file that records it, off elsewhere; --no-gptq writes the plain quantization")
-        sp.add_argument("--gptq-act-order", action="store_true",
-                        help="GPTQ quantizes each weight's format blocks in order of decreasing input energy")
+        sp.add_argument("--gptq-act-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="GPTQ quantizes each weight's format blocks in order of decreasing input energy (the "
+                             "default: lower held-out KLD at every measured budget); --no-gptq-act-order: in column order")
         sp.add_argument("--gptq-sequential", action=argparse.BooleanOptionalAction, default=True,
                         help="GPTQ takes each layer's input covariance from the model whose earlier layers are "
                              "already quantized (the default), or (--no-gptq-sequential) from the float model")
@@ -497,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what GPTQ fits each layer's output to: the layer's own output on the quantized model's "
                              "inputs (quantized, the default) or the float model's output (float: GPTAQ's "
                              "objective, so earlier layers' errors are paid back too)")
+        sp.add_argument("--gptq-tokens", choices=["uniform", "fisher"], default="uniform",
+                        help="how GPTQ's writer weights the calibration tokens in each layer's H: alike (uniform, "
+                             "the default) or by how much that layer's output error at the token costs at the "
+                             "logits (fisher: the output gradient's energy, from a numpy backward of the float "
+                             "model over the writer's windows; each weight gets its own H)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

@@ -189,6 +189,22 @@ def output_fisher(graph: Graph, windows: list[list[int]], seed: int = 0, progres
     return FisherSource(graph, windows, seed, token_weighted).collect(progress)
 
 
+def token_weights(graph: Graph, windows: list[list[int]], seed: int = 0, batch: int = 4,
+                  progress: Callable | None = None) -> dict[str, np.ndarray]:
+    """{linear weight: a_t = Σ_o g²_{t,o} of its output per token of `windows`, in window order} (float64): how
+    much each token's output error in that layer costs at the logits (see the module docstring), for weighting
+    GPTQ's H. Windows go `batch` at a time, so the residual streams held stay a calibration's worth."""
+    out: dict[str, list[np.ndarray]] = {}
+    starts = range(0, len(windows), batch)
+    for i in (starts if progress is None else progress(starts, desc="fisher token weights", unit="batch")):
+        src = FisherSource(graph, windows[i:i + batch], seed + i, per_token=True)
+        for part in src.stream():
+            for key, a in part.items():
+                if key.startswith("tokens:"):
+                    out.setdefault(key.split(":", 1)[1], []).append(a)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
 @dataclass
 class FisherSource:
     """What the Fisher statistics are computed from; `stream()` computes them a segment at a time, so a
@@ -198,6 +214,7 @@ class FisherSource:
     windows: list[list[int]]
     seed: int = 0
     token_weighted: bool = True
+    per_token: bool = False         # hand out each linear's a_t per token instead of C_F (token_weights)
 
     def key(self) -> str:
         """Identifies the statistics (with the source model's digest, which the consumer adds)."""
@@ -231,7 +248,7 @@ class FisherSource:
                     lowest.setdefault(node.inputs[1], k)
         bounds = self._forward(ex, segs, envs)
         dys: list[dict[str, np.ndarray]] = [{} for _ in windows]
-        stats = _Stats(graph, count, self.token_weighted)
+        stats = _Stats(graph, count, self.token_weighted, self.per_token)
         order = range(len(segs) - 1, -1, -1)
         for k in (order if progress is None else progress(order, desc="fisher", unit="segment")):
             lo, hi, entry = segs[k]
@@ -303,8 +320,9 @@ class _Stats:
     """The sums behind output_fisher's entries, accumulated window by window (in window order, as one full
     backward per window would) and handed out per weight once final."""
 
-    def __init__(self, graph: Graph, count: int, token_weighted: bool):
-        self.graph, self.count, self.token_weighted = graph, count, token_weighted
+    def __init__(self, graph: Graph, count: int, token_weighted: bool, per_token: bool = False):
+        self.graph, self.count, self.token_weighted, self.per_token = graph, count, token_weighted, per_token
+        self.tokens: dict[str, list[np.ndarray]] = {}      # per linear: a_t of each window (per_token only)
         self.sums: dict[str, np.ndarray] = {}
         self.outer: dict[str, np.ndarray] = {}      # Σ_t a_t x_t x_tᵀ with unnormalised a_t
         self.a_sum: dict[str, float] = {}
@@ -320,7 +338,9 @@ class _Stats:
                 continue
             a = g2t.sum(1)
             self.a_sum[key] = self.a_sum.get(key, 0.0) + float(a.sum())
-            if key in linear:
+            if key in linear and self.per_token:
+                self.tokens.setdefault(key, []).append(a)
+            elif key in linear:
                 # float32 BLAS and a float32 sum: one (width x width) matrix per weight of the segment is what
                 # is held; windows' sums lose nothing that matters to a cost
                 x = inputs[key]
@@ -341,6 +361,8 @@ class _Stats:
     def finish(self, names: list[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for name in names:
+            if name in self.tokens:
+                out[f"tokens:{name}"] = np.concatenate(self.tokens.pop(name))
             for key in (name, f"lookup:{name}"):
                 if key in self.sums:
                     out[key] = self.sums.pop(key) / self.count

@@ -49,6 +49,7 @@ from edgeq.core.plan import Plan
 from edgeq.importers.calibration_text import CalibrationText
 from edgeq.passes.base import Context, Pass
 from edgeq.passes.calibrate import DEFAULT_CTX, DEFAULT_WINDOWS, calibration_tokens, calibration_windows
+from edgeq.passes.fisher import token_weights
 
 DEFAULT_DAMP = 0.01
 
@@ -195,10 +196,16 @@ def written_values(w: np.ndarray, fmt: Format, hess: Hessian, importance: np.nda
 
 
 def input_hessian(envs: list[dict], key: str, damp: float = DEFAULT_DAMP, act_order: bool = False,
-                  conditional: bool = False) -> Hessian:
-    """H of the input `key` over every sequence's tokens (float64)."""
+                  conditional: bool = False, token_weights: np.ndarray | None = None) -> Hessian:
+    """H of the input `key` over every sequence's tokens (float64); with `token_weights` (one per token, in
+    order), Σ_t a_t x_t x_tᵀ / Σ_t a_t."""
     x = np.concatenate([np.asarray(env[key], dtype=np.float64).reshape(-1, env[key].shape[-1]) for env in envs])
-    return Hessian.of(x.T @ x / len(x), damp, act_order, conditional)
+    if token_weights is None:
+        return Hessian.of(x.T @ x / len(x), damp, act_order, conditional)
+    if len(token_weights) != len(x):
+        raise EdgeqError(None, f"internal: {len(token_weights)} token weights for {len(x)} tokens of {key}")
+    a = np.asarray(token_weights, dtype=np.float64)
+    return Hessian.of((x * a[:, None]).T @ x / max(float(a.sum()), 1e-300), damp, act_order, conditional)
 
 
 def input_drift(envs: list[dict], reference_envs: list[dict], key: str) -> np.ndarray:
@@ -240,9 +247,10 @@ class _Sequential:
 
     def __init__(self, graph: Graph, plan: Plan, targets: dict[str, Format], imatrix: dict, windows: Callable,
                  damp: float, act_order: bool, progress: Callable | None, sequential: bool = True,
-                 conditional: bool = False, asymmetric: bool = False):
+                 conditional: bool = False, asymmetric: bool = False, fisher_weighted: bool = False):
         self.graph, self.plan, self.targets, self.imatrix = graph, plan, targets, imatrix
         self.sequential, self.conditional, self.asymmetric = sequential, conditional, asymmetric
+        self.fisher_weighted = fisher_weighted
         self.windows, self.damp, self.act_order, self.progress = windows, damp, act_order, progress
         self.bytes: dict[str, np.ndarray] | None = None
 
@@ -256,23 +264,28 @@ class _Sequential:
         fresh: dict[str, np.ndarray] = {}        # what the executor multiplies by: the file's values, used once
         hess: dict[str, Hessian] = {}            # the current input's (q/k/v share one): one held at a time
         drift: dict[str, np.ndarray] = {}        # the same input's drift from the float model's (asymmetric)
+        windows = self.windows()
+        # Fisher-weighted: each weight's own H (its output's gradient weights the tokens), from the float model
+        weights_of = token_weights(graph, windows, progress=self.progress) if self.fisher_weighted else {}
 
         def quantize(node, envs, reference_envs=None) -> None:
             name, key = node.inputs[1], node.inputs[0]
             fmt = self.targets.get(name)
             if fmt is None:
                 return
-            if key not in hess:
+            hkey = name if self.fisher_weighted else key
+            if hkey not in hess:
                 hess.clear()
                 drift.clear()
-                hess[key] = input_hessian(envs, key, self.damp, self.act_order, self.conditional)
+                hess[hkey] = input_hessian(envs, key, self.damp, self.act_order, self.conditional,
+                                           weights_of.pop(name, None) if self.fisher_weighted else None)
                 if reference_envs is not None:
-                    drift[key] = input_drift(envs, reference_envs, key)
+                    drift[hkey] = input_drift(envs, reference_envs, key)
             w = graph.weights[name].numpy()
-            if key in drift:
-                w = aimed_at_reference(w, hess[key], drift[key])
+            if hkey in drift:
+                w = aimed_at_reference(w, hess[hkey], drift[hkey])
             imp = self.imatrix.get(name) if fmt.takes_imatrix else None
-            data = fmt.quantize(*written(w, fmt, hess[key], imp))
+            data = fmt.quantize(*written(w, fmt, hess[hkey], imp))
             out[name] = data
             fresh[name] = fmt.dequantize(data, tuple(w.shape))
 
@@ -291,7 +304,6 @@ class _Sequential:
         heads = [n for n in graph.nodes if n.op == "linear" and n.outputs[0] in outputs]
         head_inputs = tuple(dict.fromkeys(n.inputs[0] for n in heads))
         ex = Executor(quantized if self.sequential else graph, cache_weights=False, before={"linear": quantize})
-        windows = self.windows()
         for _ in ([0] if self.progress is None else self.progress([0], desc=f"gptq ({len(windows)} windows)",
                                                                   unit="pass")):
             if self.asymmetric:
@@ -315,8 +327,9 @@ class GptqCompensate(Pass):
     def __init__(self, damp: float = DEFAULT_DAMP, act_order: bool = False, sequential: bool = True,
                  n_windows: int = DEFAULT_WINDOWS, conditional: bool = False, asymmetric: bool = False,
                  ctx_len: int = DEFAULT_CTX, source: CalibrationText | None = None, subset: tuple[int, int] = (0, 1),
-                 file_rows: Callable[[str, np.ndarray], np.ndarray] | None = None):
+                 file_rows: Callable[[str, np.ndarray], np.ndarray] | None = None, fisher_weighted: bool = False):
         self.damp, self.act_order, self.sequential, self.conditional = damp, act_order, sequential, conditional
+        self.fisher_weighted = fisher_weighted
         self.asymmetric = asymmetric and sequential    # without the sequential run both models' inputs are equal
         self.n_windows, self.ctx_len, self.source, self.subset = n_windows, ctx_len, source, subset
         self.file_rows = file_rows or (lambda name, rows: rows)
@@ -333,7 +346,7 @@ class GptqCompensate(Pass):
             return calibration_windows(tokens, self.ctx_len, self.n_windows, bos, add_bos, self.source, self.subset)
 
         seq = _Sequential(graph, plan, targets, cal.imatrix(), windows, self.damp, self.act_order, ctx.progress,
-                          self.sequential, self.conditional, self.asymmetric)
+                          self.sequential, self.conditional, self.asymmetric, self.fisher_weighted)
         weights = dict(graph.weights)
         for name, fmt in targets.items():
             t = graph.weights[name]
@@ -344,6 +357,7 @@ class GptqCompensate(Pass):
         ctx.record(self.name, damp=self.damp, act_order=self.act_order, sequential=self.sequential,
                    compensated=len(targets), **({"importance": "conditional"} if self.conditional else {}),
                    **({"aim": "float"} if self.asymmetric else {}),
+                   **({"tokens": "fisher"} if self.fisher_weighted else {}),
                    windows=self.n_windows)
         ctx.analysis["written"] = replace(graph, weights=weights)
         return graph, plan

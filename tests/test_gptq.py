@@ -19,6 +19,7 @@ from edgeq.core.executor import Executor
 from edgeq.evaluate.decoder import log_softmax64
 from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
+from edgeq.passes.fisher import token_weights
 from edgeq.passes.gptq import (Hessian, aimed_at_reference, compensate, damped, input_drift, input_hessian,
                                inverse_cholesky, written, written_values)
 
@@ -108,9 +109,10 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
 
 
 def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: list[str], imatrix: dict,
-                                n_windows: int = 2, conditional: bool = False) -> None:
+                                n_windows: int = 2, conditional: bool = False, act_order: bool = True,
+                                token_weights: dict[str, np.ndarray] | None = None) -> None:
     """Each of `names` in `file` is its format's quantization of W' = the source's weight compensated through the
-    H of the inputs that reach it when `run` runs the calibration windows."""
+    H of the inputs that reach it when `run` runs the calibration windows (blocks in act-order, edgeq's default)."""
     checked = []
     tokens, bos, add_bos = calibration_tokens(source)
 
@@ -118,7 +120,8 @@ def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: l
         name = node.inputs[1]
         if name in names:
             f = get_format(file.weights[name].source_format)
-            hess = input_hessian(envs, node.inputs[0], conditional=conditional)
+            hess = input_hessian(envs, node.inputs[0], act_order=act_order, conditional=conditional,
+                                 token_weights=None if token_weights is None else token_weights[name])
             w_prime, imp = written(source.weights[name].numpy(), f, hess, imatrix[name])
             np.testing.assert_array_equal(file.weights[name].numpy(), f.roundtrip(w_prime, imp))
             checked.append(name)
@@ -314,7 +317,7 @@ def test_the_plan_file_records_gptq_and_reproduces_the_bytes(tiny_decoder_dir, t
     res = export(ExportOptions(model=str(tiny_decoder_dir), bpw=5.0, calib_windows=2, out=str(tmp_path / "a"),
                                formats=fmts, check=False))
     plan = res["manifest"]["plan"]
-    assert plan["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": GPTQ_WINDOWS}
+    assert plan["gptq"] == {"act_order": True, "sequential": True, "damp": 0.01, "windows": GPTQ_WINDOWS}
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     assert load_plan(path).gptq == plan["gptq"]
@@ -484,7 +487,7 @@ def test_conditional_importance_and_gptq_windows_are_written_recorded_and_reprod
                                gptq_windows=3, gptq_sequential=False, calib_windows=2, out=str(tmp_path / "a"),
                                check=False))
     plan = res["manifest"]["plan"]
-    assert plan["gptq"] == {"act_order": False, "sequential": False, "damp": 0.01, "windows": 3,
+    assert plan["gptq"] == {"act_order": True, "sequential": False, "damp": 0.01, "windows": 3,
                             "importance": "conditional"}
     source: Graph = import_model(tiny_decoder_dir)
     comp = import_gguf(tmp_path / "a" / "model.gguf")
@@ -539,7 +542,7 @@ def test_gptq_aimed_at_the_float_model_is_written_recorded_and_reproduced(tiny_d
         res = export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, gptq_aim=aim,
                                    calib_windows=2, gptq_windows=2, out=str(tmp_path / aim), check=False))
         out[aim] = res["manifest"]["plan"]
-    assert out["float"]["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": 2,
+    assert out["float"]["gptq"] == {"act_order": True, "sequential": True, "damp": 0.01, "windows": 2,
                                     "aim": "float"}
     assert "aim" not in out["quantized"]["gptq"]
     source: Graph = import_model(tiny_decoder_dir)
@@ -553,7 +556,7 @@ def test_gptq_aimed_at_the_float_model_is_written_recorded_and_reproduced(tiny_d
         name = node.inputs[1]
         if name in names:
             f = get_format(comp.weights[name].source_format)
-            hess = input_hessian(envs, node.inputs[0])
+            hess = input_hessian(envs, node.inputs[0], act_order=True)
             drift = input_drift(envs, reference_envs, node.inputs[0])
             w = source.weights[name].numpy()
             aimed = aimed_at_reference(w, hess, drift)
@@ -579,4 +582,40 @@ def test_gptq_aimed_at_the_float_model_is_written_recorded_and_reproduced(tiny_d
     with pytest.raises(EdgeqError, match="--gptq-aim float"):
         export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, gptq_aim="float",
                              gptq_sequential=False, out=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
+
+
+def test_fisher_weighted_tokens_give_each_weight_its_own_h(tiny_decoder_dir, tmp_path, monkeypatch):
+    """--gptq-tokens fisher: each weight in the file is GPTQ through Σ a_t x_t x_tᵀ / Σ a_t, a_t the energy of
+    the float model's output gradient at that weight's output (so q, k and v, which share an input, get different
+    H); the plan records it, `--plan` writes the same bytes, and the file differs from the uniform one."""
+    import json
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    out = {}
+    for tokens in ("uniform", "fisher"):
+        res = export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, gptq_tokens=tokens,
+                                   calib_windows=2, gptq_windows=2, out=str(tmp_path / tokens), check=False))
+        out[tokens] = res["manifest"]["plan"]
+    assert out["fisher"]["gptq"]["tokens"] == "fisher" and "tokens" not in out["uniform"]["gptq"]
+    source: Graph = import_model(tiny_decoder_dir)
+    comp = import_gguf(tmp_path / "fisher" / "model.gguf")
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"
+             and n != "model.embed_tokens.weight"]
+    tokens, bos, add_bos = calibration_tokens(source)
+    weights = token_weights(source, calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos))
+    q, k = (next(n for n in names if n.endswith(f"layers.0.self_attn.{p}_proj.weight")) for p in "qk")
+    assert weights[q].shape == weights[k].shape and not np.allclose(weights[q], weights[k])
+    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix(),
+                                token_weights=weights)
+    uniform = import_gguf(tmp_path / "uniform" / "model.gguf")
+    assert sum(not np.array_equal(comp.weights[n].numpy(), uniform.weights[n].numpy()) for n in names) > len(names) // 2
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(out["fisher"]))
+    export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calib_windows=2, out=str(tmp_path / "b"),
+                         check=False))
+    assert (tmp_path / "b" / "model.gguf").read_bytes() == (tmp_path / "fisher" / "model.gguf").read_bytes()
+    path.write_text(json.dumps({**out["fisher"], "gptq": {**out["fisher"]["gptq"], "tokens": "gradient"}}))
+    with pytest.raises(EdgeqError, match="gptq.tokens"):
+        export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), out=str(tmp_path / "c")))
     assert not (tmp_path / "c").exists()

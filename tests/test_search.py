@@ -120,7 +120,7 @@ def test_found_plan_exports_within_the_budgets(tiny_decoder_dir, tmp_path, cache
     keeps = [p["tensors"][f"model.layers.{i}.mlp.down_proj.weight"].get("keep") for i in range(len(widths))]
     assert [k or 512 for k in keeps] == widths
     # --gptq: written as the ILP's plans are, compensated (GPTQ on the narrowed model), recorded so --plan writes so
-    assert p["gptq"] == {"act_order": False, "sequential": True, "damp": 0.01, "windows": 32}, p.get("gptq")
+    assert p["gptq"] == {"act_order": True, "sequential": True, "damp": 0.01, "windows": 32}, p.get("gptq")
     edgeq("export", "--model", tiny_decoder_dir, "--plan", plan, "--latency-profile", PROFILE, "-o", out, "--quiet",
           env=cache_env)
     # exact bytes: the file is what the search counted

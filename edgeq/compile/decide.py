@@ -108,7 +108,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
                        gptq_sequential=recorded.get("sequential", True),
                        gptq_windows=recorded.get("windows", opts.gptq_windows),
                        gptq_conditional=recorded.get("importance") == "conditional",
-                       gptq_aim=recorded.get("aim", "quantized"))
+                       gptq_aim=recorded.get("aim", "quantized"),
+                       gptq_tokens=recorded.get("tokens", "uniform"))
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -204,7 +205,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
         passes.append(GptqCompensate(act_order=opts.gptq_act_order, sequential=opts.gptq_sequential,
                                      n_windows=gptq_windows(opts, windows), conditional=opts.gptq_conditional,
                                      asymmetric=opts.gptq_aim == "float", source=inp.text, subset=opts.calib_subset,
-                                     file_rows=functools.partial(inp.target.file_rows, graph)))
+                                     file_rows=functools.partial(inp.target.file_rows, graph),
+                                     fisher_weighted=opts.gptq_tokens == "fisher"))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
     out, plan = run_passes(passes, graph, Plan(), ctx)
@@ -213,7 +215,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
                  "windows": gptq_windows(opts, windows),
                  **({"importance": "conditional"} if opts.gptq_conditional else {}),
-                 **({"aim": "float"} if opts.gptq_aim == "float" else {})} if opts.gptq else None
+                 **({"aim": "float"} if opts.gptq_aim == "float" else {}),
+                 **({"tokens": "fisher"} if opts.gptq_tokens == "fisher" else {})} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
 

@@ -59,11 +59,12 @@ class ExportOptions:
     # compensate each weight's block errors in its later columns (passes/gptq.py); None: on for budgeted plans
     # with calibration on a target that compensates by default (GGUF), off elsewhere
     gptq: bool | None = None
-    gptq_act_order: bool = False           # GPTQ's blocks quantized in order of decreasing input energy
+    gptq_act_order: bool = True            # GPTQ's blocks quantized in order of decreasing input energy
     gptq_sequential: bool = True           # GPTQ's H from the inputs the already-quantized layers produce
     gptq_windows: int | None = None        # the windows GPTQ's writer takes each layer's H from (None: calib_windows)
     gptq_conditional: bool = False         # GPTQ's quantizer weighted by what later columns cannot pay back
     gptq_aim: str = "quantized"            # GPTQ fits each layer to its output on the quantized inputs, or the float's
+    gptq_tokens: str = "uniform"           # GPTQ's H: every token alike, or weighted by its output's Fisher (fisher)
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order

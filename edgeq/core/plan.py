@@ -203,6 +203,8 @@ def plan_from_json(d: Any, path=None) -> Plan:
             raise EdgeqError(path, "gptq.importance must be \"imatrix\" or \"conditional\"")
         if gptq.get("aim", "quantized") not in ("quantized", "float"):
             raise EdgeqError(path, "gptq.aim must be \"quantized\" or \"float\"")
+        if gptq.get("tokens", "uniform") not in ("uniform", "fisher"):
+            raise EdgeqError(path, "gptq.tokens must be \"uniform\" or \"fisher\"")
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
                 search=d.get("search"), calibration=d.get("calibration"), activations=acts, gptq=gptq)
 
