@@ -11,8 +11,10 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
    it is taken off each kernel.
 2. **Everything else in the graph** (`OtherOps`): norms, RoPE, attention over the KV cache, softmax, SwiGLU,
    adds, the cache writes, per call; per op kind a non-negative linear model over what such ops cost in
-   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is
-   the cache length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
+   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d, n·kv),
+   an op kind whose nodes the profile counted once per layer on the per-layer features only, one counted once per
+   call on the once-per-call ones only (`op_scaling`). kv is the cache length the runtime reads: llama.cpp pads
+   it (the profile's node timings show by how much).
 3. **The whole call** (`Correction`): the runtime's time for the call against (1) + (2), learned over the
    micro-models' real (not node-by-node) calls: a non-negative linear model (scikit-learn's LinearRegression,
    relative errors) of the call's time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
@@ -50,7 +52,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.memory import MemoryModel
-from edgeq.predictor.profile import LatencyProfile
+from edgeq.predictor.profile import NODE_TIMES, LatencyProfile
 from edgeq.predictor.workload import FUSED_QKV, CnnWorkload, Workload, layer_role
 from edgeq.targets.registry import get_target
 
@@ -88,18 +90,22 @@ class Prediction:
                 **self.parts}
 
 
-def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
-    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]); `relative`: minimise
-    relative errors (each row weighted by 1/y), so that small kernels weigh as much as large ones."""
+def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False, intercept: bool = True) \
+        -> tuple[np.ndarray, float]:
+    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]; none without
+    `intercept`); `relative`: minimise relative errors (each row weighted by 1/y), so that small kernels weigh as
+    much as large ones."""
     from scipy.optimize import nnls
 
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
-    a = np.hstack([x / scale, np.ones((len(x), 1))])
+    a = np.hstack([x / scale, np.ones((len(x), 1 if intercept else 0))])
     b = y
     if relative:
         wgt = 1.0 / np.maximum(np.abs(y), 1e-9)
         a, b = a * wgt[:, None], y * wgt
     coef, _ = nnls(a, b)
+    if not intercept:
+        return coef / scale, 0.0
     return coef[:-1] / scale, float(coef[-1])
 
 
@@ -182,24 +188,56 @@ def encoder_features(w: Workload, n: int) -> np.ndarray:
                      n * d * dyn_fused], dtype=np.float64)
 
 
+PER_LAYER_COLS = (0, 1, 2, 3, 4, 5)      # other_features' columns of a decoder's per-layer work
+ONCE_COLS = (6, 7)                      # and of its once-per-call work (with the constant)
+
+
 def other_features(w: Workload, n: int, kv: int) -> np.ndarray:
-    """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens."""
+    """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens:
+    per layer (PER_LAYER_COLS) nodes, n·d, n·ffn, n·(heads + kv heads)·head_dim, heads·head_dim·n·kv, heads·n·kv;
+    once per call (ONCE_COLS) n·d (embedding, final norm) and n·kv (the attention mask)."""
     if w.kind == "encoder":
         return encoder_features(w, n)
     L, d, f, h, hd = w.n_layers, w.hidden, w.ffn, w.n_heads, w.head_dim
     return np.array([L, L * n * d, L * n * f, L * n * (h + w.n_kv_heads) * hd, L * h * hd * n * kv, L * h * n * kv,
-                     n * d], dtype=np.float64)
+                     n * d, n * kv], dtype=np.float64)
+
+
+def op_scaling(nodes: list[tuple[int, int]]) -> str:
+    """How an op kind's nodes scale with the depth, from (layers, nodes of the kind) of every timed call:
+    `layer` (nodes = a·layers + b, a ≥ 1: its time is priced per layer only), `once` (the same count at every
+    depth: priced per call only), or `any` (the count depends on more than the depth, e.g. on the formats, or one
+    depth was timed: every feature). Why: the micro-models are 5-14 layers deep and a per-op-kind fit over every
+    feature traded per-layer work for its once-per-call correlate (n·d); measured (onnxruntime 1.32, 1 thread,
+    CPU clock) SmolLM2's 30 layers then got an attention MatMul, SiLU and norms priced 12 % low in prefill."""
+    layers = np.array([x[0] for x in nodes], dtype=np.float64)
+    count = np.array([x[1] for x in nodes], dtype=np.float64)
+    if len(set(layers)) < 2:
+        return "any"
+    a, b = np.polyfit(layers, count, 1)
+    if np.max(np.abs(a * layers + b - count)) > 0.25:
+        return "any"
+    return "layer" if a >= 0.5 else "once"
 
 
 class OtherOps:
     """One non-negative linear model per op kind (its own mix of the features: a softmax scales with
     heads·n·kv, a norm with n·d), summed: per-kind fits extrapolate to deeper and wider models better than one
-    fit of the total."""
+    fit of the total. `scaling` (decoders, op_scaling): an op kind whose nodes are per layer is fitted on the
+    per-layer features without a constant, one whose nodes are once per call on the once-per-call ones."""
 
-    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]]):
+    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]], scaling: dict[str, str] | None = None):
         x = np.array([r[0] for r in rows])
         kinds = sorted({k for _, per in rows for k in per})
-        self.fits = {k: _positive_fit(x, np.array([per.get(k, 0.0) for _, per in rows])) for k in kinds}
+        self.scaling = {k: (scaling or {}).get(k, "any") for k in kinds}
+        self.fits = {}
+        for k in kinds:
+            cols = {"layer": PER_LAYER_COLS, "once": ONCE_COLS}.get(self.scaling[k], tuple(range(x.shape[1])))
+            coef, icpt = _positive_fit(x[:, cols], np.array([per.get(k, 0.0) for _, per in rows]),
+                                       intercept=self.scaling[k] != "layer")
+            full = np.zeros(x.shape[1])
+            full[list(cols)] = coef
+            self.fits[k] = (full, icpt)
 
     def cost_us(self, w: Workload, n: int, kv: int) -> float:
         f = other_features(w, n, kv)
@@ -395,8 +433,15 @@ class Predictor:
     # -- fitting ------------------------------------------------------------------------------------------------
 
     def _fit(self) -> None:
+        prof = self.profile
+        if (prof.backend == "onnx" and prof.kind == "decoder" and prof.clock == "cpu"
+                and int(prof.settings.get("node_times") or 1) < NODE_TIMES):
+            raise EdgeqError(None, "this ONNX decoder latency profile's node-by-node CPU times were taken the old way "
+                                   "(short nodes priced about a third low under load): profile again with `edgeq "
+                                   "profile --backend onnx --clock cpu`")
         samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
         other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
+        nodes: dict[str, list[tuple[int, int]]] = defaultdict(list)     # op kind -> (layers, nodes) per call
         pads = []
         # the weights (by layer role) whose product the runtime computes for the asked-for rows only in a prefill
         self.output_rows_only: set[str] = set()
@@ -420,6 +465,8 @@ class Predictor:
                             continue
                         samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
                     per_op = {op: max(0.0, t - c * hand) for op, (c, t) in s["ops_us"].items()}
+                    for op, (c, _) in s["ops_us"].items():
+                        nodes[op].append((w.n_layers, int(c)))
                     kv = int(s.get("kv_len") or 0)
                     pads.append((tokens, kv, w.n_ctx))
                     other[kind].append((other_features(w, n, kv or tokens), per_op))
@@ -435,7 +482,8 @@ class Predictor:
                                    f"per-kernel timings of {'it' if len(missing) == 1 else 'them'} (a partial or "
                                    f"damaged profile): measure it again with `edgeq profile`")
         self.kv_pad = kv_padding(pads)
-        self.other = {k: OtherOps(v) for k, v in other.items() if v}
+        scaling = None if self.profile.kind == "encoder" else {op: op_scaling(v) for op, v in nodes.items()}
+        self.other = {k: OtherOps(v, scaling) for k, v in other.items() if v}
         # the whole call, against the real runs
         # wall times: those taken alternately with the node-by-node runs (the same load), else the rounds'
         rows: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
