@@ -5,8 +5,10 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
 1. **Kernels** (`KernelTable`): the time of the matrix product that reads each weight, by format, shape
    (rows x cols) and tokens n. A (format, shape, n) the profile timed is looked up (the median of every such
    kernel it timed); any other shape comes from a per-(format, n) fit over the timed shapes,
-   t = a + b·rows·cols + c·rows + d·cols (non-negative least squares: per-call cost, streaming the weights,
-   per-row dot products, converting the input), and any other n is interpolated linearly between the timed
+   t = a + b·rows·cols + c·rows + d·cols + e·rows·(cols mod 128) (non-negative least squares: per-call cost,
+   streaming the weights, per-row dot products, converting the input, and the slower tail of an inner width that
+   is not a multiple of 128: onnxruntime's MatMulNBits, design.py), and any other n is interpolated linearly
+   between the timed
    token counts. Node-by-node timing costs a hand-over per node (measured on nodes that compute nothing);
    it is taken off each kernel.
 2. **Everything else in the graph** (`OtherOps`): norms, RoPE, attention over the KV cache, softmax, SwiGLU,
@@ -111,6 +113,15 @@ def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False, intercep
 
 # --- 1. kernels -----------------------------------------------------------------------------------------------
 
+K_TAIL = 128        # onnxruntime's MatMulNBits computes the inner width in steps of this; the rest more slowly
+
+
+def kernel_features(rows: int, cols: int) -> list[int]:
+    """What a kernel's time is fitted on across shapes (KernelTable): rows·cols, rows, cols, rows·(cols mod
+    K_TAIL). The last is 0 at every shape of a profile whose widths are multiples of K_TAIL (its term then 0)."""
+    return [rows * cols, rows, cols, rows * (cols % K_TAIL)]
+
+
 class KernelTable:
     """Time (µs) of the matrix product with one weight, by (format, rows, cols, tokens)."""
 
@@ -125,7 +136,7 @@ class KernelTable:
             for (r, c), v in by_shape.items():
                 self.lookup[(fmt, n, r, c)] = float(np.median(v))
             shapes = sorted(by_shape)
-            x = np.array([[r * c, r, c] for r, c in shapes], dtype=np.float64)
+            x = np.array([kernel_features(r, c) for r, c in shapes], dtype=np.float64)
             y = np.array([self.lookup[(fmt, n, r, c)] for r, c in shapes])
             self.fits[(fmt, n)] = _positive_fit(x, y, relative=True)
             self.tokens[fmt].append(n)
@@ -141,7 +152,7 @@ class KernelTable:
         if hit is not None:
             return hit
         coef, icpt = self.fits[(fmt, n)]
-        return float(icpt + coef @ np.array([rows * cols, rows, cols], dtype=np.float64))
+        return float(icpt + coef @ np.array(kernel_features(rows, cols), dtype=np.float64))
 
     def cost_us(self, fmt: str, rows: int, cols: int, n: int) -> float:
         ns = self.tokens.get(fmt)
