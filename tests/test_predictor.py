@@ -289,6 +289,23 @@ def test_op_kinds_are_priced_per_layer_or_per_call_as_the_profile_counted_them(f
     assert per_kind[1]["GET_ROWS"] == pytest.approx(per_kind[0]["GET_ROWS"], rel=1e-9)
 
 
+def test_kernel_fit_prices_an_inner_width_that_is_not_a_multiple_of_128():
+    """onnxruntime's MatMulNBits computes the last cols mod 128 inner columns ~3x slower per multiply-add: a table
+    that timed such widths prices an unseen one (SmolLM2's 576) by its tail; one that timed only multiples of 128
+    (every profile before) keeps its old fit."""
+    from edgeq.predictor.model import KernelTable
+
+    def us(r, c):
+        return 5.0 + 0.002 * r * c + 0.006 * r * (c % 128)
+
+    tails = [(r, c) for r in (256, 1024, 1536) for c in (512, 640, 704, 1888, 2080)]
+    table = KernelTable({("int4", 128): [(r, c, us(r, c)) for r, c in tails]})
+    assert table.cost_us("int4", 1536, 576, 128) == pytest.approx(us(1536, 576), rel=1e-3)
+    assert table.cost_us("int4", 1536, 576, 128) > 1.15 * table.cost_us("int4", 1536, 512, 128) * 576 / 512
+    plain = KernelTable({("int4", 128): [(r, c, us(r, c)) for r, c in tails if c % 128 == 0]})
+    assert plain.fits[("int4", 128)][0][3] == 0.0
+
+
 def test_cpu_node_times_keep_short_nodes_and_add_up_to_the_calls_cpu_time():
     """Node-by-node CPU times (runtime/onnx_ops.py): a short node is its least wall time over the calls (a wait of
     the OS missed it once), long nodes share the rest of the nodes' CPU time, never scaled up; without a length
