@@ -32,7 +32,7 @@ from edgeq.passes.sensitivity import CostTable, Option
 from edgeq.predictor.budget import LatencyBudget
 from edgeq.predictor.design import timing_plan
 from edgeq.predictor.measure import noise_verdict
-from edgeq.predictor.model import Predictor
+from edgeq.predictor.model import Predictor, other_features
 from edgeq.predictor.profile import ModelRun, load_profile
 from edgeq.predictor.workload import FUSED_QKV, decoder_workload, encoder_workload
 
@@ -261,6 +261,91 @@ def test_prefill_prices_products_the_runtime_computes_for_one_row(fitted):
                 for m in w.matmuls if m.weight in only)
     assert saved > 0
     assert fixed.graph_ms(w, n, kv, "prefill") < full.graph_ms(w, n, kv, "prefill")
+
+
+def test_op_kinds_are_priced_per_layer_or_per_call_as_the_profile_counted_them(fitted):
+    """An op kind whose nodes the profile counted once per layer is priced per layer only (a 30-layer model's
+    softmax costs twice a 15-layer one's), one counted once per call (the embedding's GET_ROWS) not per layer:
+    a fit over every feature traded per-layer work for its once-per-call correlate, and deep models were priced low."""
+    from edgeq.predictor.model import op_scaling
+
+    assert op_scaling([(12, 24), (14, 28), (12, 24)]) == "layer"
+    assert op_scaling([(12, 25), (14, 29)]) == "layer"            # 2 per layer and a final norm
+    assert op_scaling([(12, 3), (14, 3)]) == "once"
+    assert op_scaling([(12, 3), (12, 5), (14, 3)]) == "any"       # the count depends on more than the depth
+    assert op_scaling([(12, 24), (12, 24)]) == "any"              # one depth timed
+    other = fitted.other["prefill"]
+    assert other.scaling["SOFT_MAX"] == other.scaling["RMS_NORM"] == "layer" and other.scaling["GET_ROWS"] == "once"
+    cfg = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n_heads=9, n_kv_heads=3, head_dim=64,
+               tied_embeddings=True, context_length=2048)
+    per_kind = []
+    for layers in (15, 30):
+        c = llama.LlamaConfig(n_layers=layers, **cfg)
+        w = decoder_workload(c, {n: "q4_0" for n, s in llama.expected_shapes(c).items() if len(s) == 2}, 2048)
+        f = other_features(w, 128, 128)
+        per_kind.append({k: icpt + coef @ f for k, (coef, icpt) in other.fits.items()})
+    assert per_kind[0]["SOFT_MAX"] > 0
+    assert per_kind[1]["SOFT_MAX"] == pytest.approx(2 * per_kind[0]["SOFT_MAX"], rel=1e-9)
+    assert per_kind[1]["GET_ROWS"] == pytest.approx(per_kind[0]["GET_ROWS"], rel=1e-9)
+
+
+def test_kernel_fit_prices_an_inner_width_that_is_not_a_multiple_of_128():
+    """onnxruntime's MatMulNBits computes the last cols mod 128 inner columns ~3x slower per multiply-add: a table
+    that timed such widths prices an unseen one (SmolLM2's 576) by its tail; one that timed only multiples of 128
+    (every profile before) keeps its old fit."""
+    from edgeq.predictor.model import KernelTable
+
+    def us(r, c):
+        return 5.0 + 0.002 * r * c + 0.006 * r * (c % 128)
+
+    tails = [(r, c) for r in (256, 1024, 1536) for c in (512, 640, 704, 1888, 2080)]
+    table = KernelTable({("int4", 128): [(r, c, us(r, c)) for r, c in tails]})
+    assert table.cost_us("int4", 1536, 576, 128) == pytest.approx(us(1536, 576), rel=1e-3)
+    assert table.cost_us("int4", 1536, 576, 128) > 1.15 * table.cost_us("int4", 1536, 512, 128) * 576 / 512
+    plain = KernelTable({("int4", 128): [(r, c, us(r, c)) for r, c in tails if c % 128 == 0]})
+    assert plain.fits[("int4", 128)][0][3] == 0.0
+
+
+def test_cpu_node_times_keep_short_nodes_and_add_up_to_the_calls_cpu_time():
+    """Node-by-node CPU times (runtime/onnx_ops.py): a short node is its least wall time over the calls (a wait of
+    the OS missed it once), long nodes share the rest of the nodes' CPU time, never scaled up; without a length
+    (encoders) every node is scaled."""
+    from edgeq.runtime.onnx_ops import _summary
+
+    calls = [[("norm", "SimplifiedLayerNormalization", 100.0), ("w", "MatMulNBits", 9000.0)],
+             [("norm", "SimplifiedLayerNormalization", 4100.0), ("w", "MatMulNBits", 6000.0)]]
+    s = _summary(calls, {"w"}, np.min, total=5100.0, long_us=2000.0)
+    assert s["ops_us"]["SimplifiedLayerNormalization"] == [1, 100.0] and s["weights_us"]["w"] == 5000.0
+    assert _summary(calls, {"w"}, np.min, total=9000.0, long_us=2000.0)["weights_us"]["w"] == 6000.0
+    s = _summary(calls, {"w"}, np.min, total=3050.0)
+    assert s["ops_us"]["SimplifiedLayerNormalization"] == [1, 50.0] and s["weights_us"]["w"] == 3000.0
+
+
+def test_the_onnx_runner_times_every_kernel_of_a_decoder_by_cpu_time(tiny_decoder_dir, tmp_path):
+    """The ONNX decoder profile's measurement path on the `local` device, CPU clock: every weight's kernel timed
+    in prefill and decode, the nodes' CPU time no more than the call's."""
+    from edgeq.devices import open_device
+    from edgeq.predictor.workload import bundle_workload
+    from edgeq.targets.registry import get_target
+
+    out = tmp_path / "b"
+    edgeq("export", "--model", tiny_decoder_dir, "--backend", "onnx", "--quant", "int4", "--no-calibration", "-o",
+          out, "--quiet")
+    w, _, _ = bundle_workload(out, "onnx")
+    names = get_target("onnx").kernel_names(out, {m.weight: llama.gguf_name(m.weight) for m in w.matmuls})
+    dev = open_device("local")
+    try:
+        remote = dev.push(out)
+        ops = dev.run(remote, "latency", {"prefill": [32], "decode": [16], "steps": 4, "prefill_steps": 3,
+                                          "clock": "cpu", "ops": True, "kernels": sorted(names)},
+                      backend="onnx", threads=1, n_ctx=128)
+    finally:
+        dev.close()
+    assert ops.ok, ops.error
+    for kind, key in (("prefill", "32"), ("decode", "16")):
+        call = ops.result["ops"][kind][key]
+        assert sorted(call["weights_us"]) == sorted(names) and all(v > 0 for v in call["weights_us"].values())
+        assert "Softmax" in call["ops_us"] and 0 < call["total_us"] <= 1.5 * call["call_us"]
 
 
 # --- encoders (ONNX) ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from edgeq.core.formats import get_format
 from edgeq.devices import Device, open_device
 from edgeq.importers.imatrix import Imatrix, ImatrixEntry, write_imatrix
 from edgeq.predictor.design import MicroModel
-from edgeq.predictor.profile import NOISE_LIMIT, PROFILED_KINDS, LatencyProfile, ModelRun
+from edgeq.predictor.profile import NODE_TIMES, NOISE_LIMIT, PROFILED_KINDS, LatencyProfile, ModelRun
 from edgeq.models import llama
 from edgeq.predictor.workload import bundle_workload, cnn_workload
 from edgeq.targets.registry import TARGETS, get_target
@@ -63,6 +63,9 @@ class Settings:
     # machine it leaves out the time the runtime waited for a core, i.e. it is what an idle device's wall clock
     # would show
     clock: str = "wall"
+    # how node-by-node times under the CPU clock were taken (runtime/onnx_ops.py: 2, the nodes' CPU share spread by
+    # each node's least wall time); an ONNX decoder profile without it is refused (model.Predictor)
+    node_times: int = NODE_TIMES
 
     @classmethod
     def for_kind(cls, kind: str, quick: bool, clock: str) -> "Settings":

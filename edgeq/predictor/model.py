@@ -5,14 +5,18 @@ A prediction has three layers, each fitted on the profile's micro-models (profil
 1. **Kernels** (`KernelTable`): the time of the matrix product that reads each weight, by format, shape
    (rows x cols) and tokens n. A (format, shape, n) the profile timed is looked up (the median of every such
    kernel it timed); any other shape comes from a per-(format, n) fit over the timed shapes,
-   t = a + b·rows·cols + c·rows + d·cols (non-negative least squares: per-call cost, streaming the weights,
-   per-row dot products, converting the input), and any other n is interpolated linearly between the timed
+   t = a + b·rows·cols + c·rows + d·cols + e·rows·(cols mod 128) (non-negative least squares: per-call cost,
+   streaming the weights, per-row dot products, converting the input, and the slower tail of an inner width that
+   is not a multiple of 128: onnxruntime's MatMulNBits, design.py), and any other n is interpolated linearly
+   between the timed
    token counts. Node-by-node timing costs a hand-over per node (measured on nodes that compute nothing);
    it is taken off each kernel.
 2. **Everything else in the graph** (`OtherOps`): norms, RoPE, attention over the KV cache, softmax, SwiGLU,
    adds, the cache writes, per call; per op kind a non-negative linear model over what such ops cost in
-   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d). kv is
-   the cache length the runtime reads: llama.cpp pads it (the profile's node timings show by how much).
+   proportion to (per layer: n·d, n·ffn, n·heads·head_dim, heads·head_dim·n·kv, heads·n·kv; once: n·d, n·kv),
+   an op kind whose nodes the profile counted once per layer on the per-layer features only, one counted once per
+   call on the once-per-call ones only (`op_scaling`). kv is the cache length the runtime reads: llama.cpp pads
+   it (the profile's node timings show by how much).
 3. **The whole call** (`Correction`): the runtime's time for the call against (1) + (2), learned over the
    micro-models' real (not node-by-node) calls: a non-negative linear model (scikit-learn's LinearRegression,
    relative errors) of the call's time on the graph time, the logits the runtime copies (n·vocab), n, the layers (per-node scheduling)
@@ -50,7 +54,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.memory import MemoryModel
-from edgeq.predictor.profile import LatencyProfile
+from edgeq.predictor.profile import NODE_TIMES, LatencyProfile
 from edgeq.predictor.workload import FUSED_QKV, CnnWorkload, Workload, layer_role
 from edgeq.targets.registry import get_target
 
@@ -88,22 +92,35 @@ class Prediction:
                 **self.parts}
 
 
-def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False) -> tuple[np.ndarray, float]:
-    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]); `relative`: minimise
-    relative errors (each row weighted by 1/y), so that small kernels weigh as much as large ones."""
+def _positive_fit(x: np.ndarray, y: np.ndarray, relative: bool = False, intercept: bool = True) \
+        -> tuple[np.ndarray, float]:
+    """Non-negative least squares with a non-negative intercept (scipy's NNLS on [x, 1]; none without
+    `intercept`); `relative`: minimise relative errors (each row weighted by 1/y), so that small kernels weigh as
+    much as large ones."""
     from scipy.optimize import nnls
 
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
-    a = np.hstack([x / scale, np.ones((len(x), 1))])
+    a = np.hstack([x / scale, np.ones((len(x), 1 if intercept else 0))])
     b = y
     if relative:
         wgt = 1.0 / np.maximum(np.abs(y), 1e-9)
         a, b = a * wgt[:, None], y * wgt
     coef, _ = nnls(a, b)
+    if not intercept:
+        return coef / scale, 0.0
     return coef[:-1] / scale, float(coef[-1])
 
 
 # --- 1. kernels -----------------------------------------------------------------------------------------------
+
+K_TAIL = 128        # onnxruntime's MatMulNBits computes the inner width in steps of this; the rest more slowly
+
+
+def kernel_features(rows: int, cols: int) -> list[int]:
+    """What a kernel's time is fitted on across shapes (KernelTable): rows·cols, rows, cols, rows·(cols mod
+    K_TAIL). The last is 0 at every shape of a profile whose widths are multiples of K_TAIL (its term then 0)."""
+    return [rows * cols, rows, cols, rows * (cols % K_TAIL)]
+
 
 class KernelTable:
     """Time (µs) of the matrix product with one weight, by (format, rows, cols, tokens)."""
@@ -119,7 +136,7 @@ class KernelTable:
             for (r, c), v in by_shape.items():
                 self.lookup[(fmt, n, r, c)] = float(np.median(v))
             shapes = sorted(by_shape)
-            x = np.array([[r * c, r, c] for r, c in shapes], dtype=np.float64)
+            x = np.array([kernel_features(r, c) for r, c in shapes], dtype=np.float64)
             y = np.array([self.lookup[(fmt, n, r, c)] for r, c in shapes])
             self.fits[(fmt, n)] = _positive_fit(x, y, relative=True)
             self.tokens[fmt].append(n)
@@ -135,7 +152,7 @@ class KernelTable:
         if hit is not None:
             return hit
         coef, icpt = self.fits[(fmt, n)]
-        return float(icpt + coef @ np.array([rows * cols, rows, cols], dtype=np.float64))
+        return float(icpt + coef @ np.array(kernel_features(rows, cols), dtype=np.float64))
 
     def cost_us(self, fmt: str, rows: int, cols: int, n: int) -> float:
         ns = self.tokens.get(fmt)
@@ -182,24 +199,56 @@ def encoder_features(w: Workload, n: int) -> np.ndarray:
                      n * d * dyn_fused], dtype=np.float64)
 
 
+PER_LAYER_COLS = (0, 1, 2, 3, 4, 5)      # other_features' columns of a decoder's per-layer work
+ONCE_COLS = (6, 7)                      # and of its once-per-call work (with the constant)
+
+
 def other_features(w: Workload, n: int, kv: int) -> np.ndarray:
-    """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens."""
+    """What the graph's other ops cost in proportion to, for one call of n tokens reading kv cached tokens:
+    per layer (PER_LAYER_COLS) nodes, n·d, n·ffn, n·(heads + kv heads)·head_dim, heads·head_dim·n·kv, heads·n·kv;
+    once per call (ONCE_COLS) n·d (embedding, final norm) and n·kv (the attention mask)."""
     if w.kind == "encoder":
         return encoder_features(w, n)
     L, d, f, h, hd = w.n_layers, w.hidden, w.ffn, w.n_heads, w.head_dim
     return np.array([L, L * n * d, L * n * f, L * n * (h + w.n_kv_heads) * hd, L * h * hd * n * kv, L * h * n * kv,
-                     n * d], dtype=np.float64)
+                     n * d, n * kv], dtype=np.float64)
+
+
+def op_scaling(nodes: list[tuple[int, int]]) -> str:
+    """How an op kind's nodes scale with the depth, from (layers, nodes of the kind) of every timed call:
+    `layer` (nodes = a·layers + b, a ≥ 1: its time is priced per layer only), `once` (the same count at every
+    depth: priced per call only), or `any` (the count depends on more than the depth, e.g. on the formats, or one
+    depth was timed: every feature). Why: the micro-models are 5-14 layers deep and a per-op-kind fit over every
+    feature traded per-layer work for its once-per-call correlate (n·d); measured (onnxruntime 1.32, 1 thread,
+    CPU clock) SmolLM2's 30 layers then got an attention MatMul, SiLU and norms priced 12 % low in prefill."""
+    layers = np.array([x[0] for x in nodes], dtype=np.float64)
+    count = np.array([x[1] for x in nodes], dtype=np.float64)
+    if len(set(layers)) < 2:
+        return "any"
+    a, b = np.polyfit(layers, count, 1)
+    if np.max(np.abs(a * layers + b - count)) > 0.25:
+        return "any"
+    return "layer" if a >= 0.5 else "once"
 
 
 class OtherOps:
     """One non-negative linear model per op kind (its own mix of the features: a softmax scales with
     heads·n·kv, a norm with n·d), summed: per-kind fits extrapolate to deeper and wider models better than one
-    fit of the total."""
+    fit of the total. `scaling` (decoders, op_scaling): an op kind whose nodes are per layer is fitted on the
+    per-layer features without a constant, one whose nodes are once per call on the once-per-call ones."""
 
-    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]]):
+    def __init__(self, rows: list[tuple[np.ndarray, dict[str, float]]], scaling: dict[str, str] | None = None):
         x = np.array([r[0] for r in rows])
         kinds = sorted({k for _, per in rows for k in per})
-        self.fits = {k: _positive_fit(x, np.array([per.get(k, 0.0) for _, per in rows])) for k in kinds}
+        self.scaling = {k: (scaling or {}).get(k, "any") for k in kinds}
+        self.fits = {}
+        for k in kinds:
+            cols = {"layer": PER_LAYER_COLS, "once": ONCE_COLS}.get(self.scaling[k], tuple(range(x.shape[1])))
+            coef, icpt = _positive_fit(x[:, cols], np.array([per.get(k, 0.0) for _, per in rows]),
+                                       intercept=self.scaling[k] != "layer")
+            full = np.zeros(x.shape[1])
+            full[list(cols)] = coef
+            self.fits[k] = (full, icpt)
 
     def cost_us(self, w: Workload, n: int, kv: int) -> float:
         f = other_features(w, n, kv)
@@ -334,9 +383,9 @@ def format_terms(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[int,
     return free
 
 
-def fit_correction(rows: list[dict[str, Any]]) -> Correction:
+def fit_correction(rows: list[dict[str, Any]], trees_allowed: bool = True) -> Correction:
     """rows: {group, x (call features), s (shape features), y (measured ms)}; format terms (encoders) and trees
-    only where leave-one-group-out says they lower the error."""
+    only where leave-one-group-out says they lower the error (and `trees_allowed`)."""
     from sklearn.ensemble import GradientBoostingRegressor
 
     x = np.array([r["x"] for r in rows])
@@ -367,7 +416,7 @@ def fit_correction(rows: list[dict[str, Any]]) -> Correction:
               "lomo_mape_linear": round(float(np.mean(errs_lin)), 4) if errs_lin else None,
               "lomo_mape_trees": round(float(np.mean(errs_tree)), 4) if errs_tree else None}
     trees = None
-    if errs_tree and np.median(errs_tree) < 0.9 * np.median(errs_lin):
+    if trees_allowed and errs_tree and np.median(errs_tree) < 0.9 * np.median(errs_lin):
         trees = trees_on(x, y, s)[2]
     report["trees"] = trees is not None
     return Correction(coef, icpt, trees, report)
@@ -395,8 +444,15 @@ class Predictor:
     # -- fitting ------------------------------------------------------------------------------------------------
 
     def _fit(self) -> None:
+        prof = self.profile
+        if (prof.backend == "onnx" and prof.kind == "decoder" and prof.clock == "cpu"
+                and int(prof.settings.get("node_times") or 1) < NODE_TIMES):
+            raise EdgeqError(None, "this ONNX decoder latency profile's node-by-node CPU times were taken the old way "
+                                   "(short nodes priced about a third low under load): profile again with `edgeq "
+                                   "profile --backend onnx --clock cpu`")
         samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
         other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
+        nodes: dict[str, list[tuple[int, int]]] = defaultdict(list)     # op kind -> (layers, nodes) per call
         pads = []
         # the weights (by layer role) whose product the runtime computes for the asked-for rows only in a prefill
         self.output_rows_only: set[str] = set()
@@ -420,6 +476,8 @@ class Predictor:
                             continue
                         samples[(m.format, n)].append((m.rows, m.cols, max(MIN_KERNEL_US, us - hand)))
                     per_op = {op: max(0.0, t - c * hand) for op, (c, t) in s["ops_us"].items()}
+                    for op, (c, _) in s["ops_us"].items():
+                        nodes[op].append((w.n_layers, int(c)))
                     kv = int(s.get("kv_len") or 0)
                     pads.append((tokens, kv, w.n_ctx))
                     other[kind].append((other_features(w, n, kv or tokens), per_op))
@@ -435,7 +493,8 @@ class Predictor:
                                    f"per-kernel timings of {'it' if len(missing) == 1 else 'them'} (a partial or "
                                    f"damaged profile): measure it again with `edgeq profile`")
         self.kv_pad = kv_padding(pads)
-        self.other = {k: OtherOps(v) for k, v in other.items() if v}
+        scaling = None if self.profile.kind == "encoder" else {op: op_scaling(v) for op, v in nodes.items()}
+        self.other = {k: OtherOps(v, scaling) for k, v in other.items() if v}
         # the whole call, against the real runs
         # wall times: those taken alternately with the node-by-node runs (the same load), else the rounds'
         rows: dict[str, list[dict[str, Any]]] = {"decode": [], "prefill": []}
@@ -451,7 +510,11 @@ class Predictor:
                     rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g, self.per_format_ms(w, n)),
                                        "s": shape_features(w, n, kv, g),
                                        "y": paired / 1e3 if paired is not None else float(np.median(vals))})
-        self.correction = {k: fit_correction(v) for k, v in rows.items() if v}
+        # no trees for ONNX decoders: chosen by leave-one-micro-model-out, they scaled SmolLM2's decode steps by
+        # 0.89 (10 held-out plans, onnxruntime 1.32, 1 thread, CPU clock, load 6: 7/10 within tolerance, median
+        # -14.8 %; the linear fit alone 10/10, -4.2 %)
+        trees = not (self.backend == "onnx" and self.profile.kind == "decoder")
+        self.correction = {k: fit_correction(v, trees) for k, v in rows.items() if v}
         for c in self.correction.values():
             if len(c.coef) > 1 + N_OVERHEADS:
                 c.report["format_terms"] = {f: round(float(t), 4) for f, t in

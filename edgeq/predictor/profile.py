@@ -29,6 +29,10 @@ PROFILE_VERSION = 1
 NOISE_LIMIT = 0.05            # run-to-run spread of the same measurement above this: too noisy to profile
 MAX_PROFILE_BYTES = 256 << 20
 PROFILED_KINDS = ("decoder", "encoder", "cnn")
+# how `settings["node_times"]` says node-by-node CPU times were taken: 2, runtime/onnx_ops.py's CPU share spread by
+# each node's least wall time (none: 1, each call's nodes scaled by its CPU share, medians; ONNX decoder profiles
+# measured so are refused)
+NODE_TIMES = 2
 
 
 @dataclass
