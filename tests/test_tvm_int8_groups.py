@@ -88,3 +88,89 @@ def test_arm64_kernel_is_on_sdot():
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(arm))
     asm = lib.mod.inspect_source("asm")
     assert asm.count("sdot") >= 16, asm.count("sdot")
+
+
+def _linear_edit(w: np.ndarray, b: np.ndarray | None):
+    """An executor edit: the layer as q8_0 x q8_0 (plus its bias)."""
+    return lambda x, y: (q8_0_matmul(x.reshape(-1, x.shape[-1]), w).reshape(y.shape)
+                         + (0 if b is None else b)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dot", ["vnni", "generic"])
+def test_decoder_int8_preset_is_q8_0_scheme(dot):
+    """A small Llama under the int8 preset (every linear and the tied table int8_g32): prefill and one-token decode
+    against the reference executor running q8_0 x q8_0 (VNNI) or q8_0's weights with f32 activations (targets
+    without integer dot products)."""
+    if dot == "vnni" and not VNNI:
+        pytest.skip("host without AVX-512 VNNI")
+    from edgeq.core.executor import Executor
+    from edgeq.core.plan import Plan
+    from edgeq.models import llama, names
+    from edgeq.models.recipes.synthetic import random_llama, tiny_config
+    from edgeq.targets.tvm.lower import lower_tvm
+    from edgeq.targets.tvm.presets import preset_formats
+    from test_tvm_dot import prefill_then_decode
+
+    # every width whole 64-output panels (narrower ones stay on ops.py's float kernels)
+    graph = random_llama(tiny_config(vocab_size=320, hidden_size=128, intermediate_size=192, n_layers=2, head_dim=16,
+                                     context_length=128, n_heads=8, n_kv_heads=4, tied_embeddings=True,
+                                     attention_bias=True), seed=5, scale=0.08)
+    tensors = preset_formats(graph, "int8")
+    linears = [n for n, t in graph.weights.items() if len(t.shape) == 2]
+    assert {tensors[n].format for n in linears} == {"int8_g32"} and names.EMBED in linears
+    lowered = lower_tvm(graph, Plan(tensors=tensors), dot=dot)
+    kernels = {gv.name_hint for gv in lowered.mod.functions if "_vnni_linear_" in gv.name_hint}
+    assert (len(kernels) >= 8) if dot == "vnni" else not kernels
+    cfg = graph.config
+    ids = np.arange(5, 26)
+    got = prefill_then_decode(lowered, cfg, ids)
+
+    arrays = {n: t.numpy() for n, t in graph.weights.items()}
+    stored = {**arrays, **{n: int8_dequantize_groups(*int8_quantize_groups(arrays[n])) for n in linears}}
+    deq = llama.graph_from_arrays(cfg, stored)
+    edits = {n: _linear_edit(arrays[n], arrays.get(n.removesuffix(".weight") + ".bias")) for n in linears}
+    ref = Executor(deq, edits=edits if dot == "vnni" else {}).logits(ids)
+    scale = max(1.0, np.abs(ref).max())
+    assert np.abs(got - ref).max() <= 2e-4 * scale
+    other = Executor(deq, edits={} if dot == "vnni" else edits).logits(ids)
+    assert np.abs(other - ref).max() > 10 * np.abs(got - ref).max()
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from edgeq.models.recipes.synthetic import write_bert_folder
+
+    return write_bert_folder(tmp_path_factory.mktemp("tinybert-q8") / "tiny-bert")
+
+
+def test_encoder_int8_preset_is_q8_0_scheme(tiny_bert, tmp_path):
+    """An encoder exported with the int8 preset against the reference executor: every linear q8_0 x q8_0 on a VNNI
+    host (`vpdpbusd` in the library), q8_0's weights with f32 activations elsewhere; the word table int8 rows."""
+    import json
+    import subprocess
+
+    from edgeq.api import ExportOptions, export
+    from edgeq.core.executor import Executor
+    from edgeq.core.formats.int8 import int8_dequantized_rows
+    from edgeq.evaluate.encoder import cosines
+    from edgeq.importers.hf_bert import import_hf_folder
+    from edgeq.models import names
+    from test_tvm_dot import encoder_outputs
+
+    out = tmp_path / "b"
+    export(ExportOptions(model=str(tiny_bert), backend="tvm", quant="int8", out=str(out)))
+    tensors = json.loads((out / "manifest.json").read_text())["plan"]["tensors"]
+    g32 = [n for n, t in tensors.items() if t["format"] == "int8_g32"]
+    assert len(g32) >= 6 and tensors[names.WORD_EMBED]["format"] == "int8_wo"
+    graph = import_hf_folder(tiny_bert)
+    weights = {n: graph.weights[n].numpy() for n in g32}
+    ex = Executor(graph, edits={n: _linear_edit(w, graph.weights[n.removesuffix(".weight") + ".bias"].numpy())
+                                for n, w in weights.items()} if VNNI else {})
+    ex._weights.update({n: int8_dequantize_groups(*int8_quantize_groups(w)) for n, w in weights.items()})
+    ex._weights[names.WORD_EMBED] = int8_dequantized_rows(graph.weights[names.WORD_EMBED].numpy())
+    ref, flt, got = encoder_outputs(graph, ex, out)
+    np.testing.assert_allclose(got, ref, atol=2e-4)
+    assert cosines(flt, got).min() >= 0.99
+    if VNNI:
+        text = subprocess.run(["objdump", "-d", str(out / "model.so")], capture_output=True, text=True).stdout
+        assert "vpdpbusd" in text

@@ -17,6 +17,8 @@ Written as plain TIR, as int4_vnni.py (whose row quantization and scratch it sha
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
@@ -75,11 +77,13 @@ def _steps_sdot(gs, rows4, xq, R, rb, g, c, kind):  # noqa: N803  a step of 4 in
 _STEPS = {"vnni": _steps_vnni, "sdot": _steps_sdot}
 
 
+@functools.lru_cache(maxsize=None)
 def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, groups: bool = False, kind: str = "vnni"):
     """y[m, n] = Σ_g x_scale[m, g] * w_scale[g, n] * Σ_{k in g} w[k, n] * xq[m, k] (+ bias[n]) for rows x (rows, k)
     (symbolic), w in panels (n/64, k, 64) int8; `groups` (int8_g32): w_scale f16 panels (n/64, k/32, 64), else
     (int8_wo) one f32 w_scale[n] applied after the sum over g. `tile`: rows per register block (1 for decode).
-    `kind`: "vnni" or "sdot". Arguments: x, w, w_scale[, bias]; outputs y, then the scratch of
+    `kind`: "vnni" or "sdot". Cached: parsing the script takes ~1.5 s, and a decoder asks for the same few shapes
+    hundreds of times (every layer, every entry); PrimFuncs are immutable. Arguments: x, w, w_scale[, bias]; outputs y, then the scratch of
     int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
     if kind not in KINDS:
         raise ValueError(f"no int8 integer kernel for {kind!r}")
