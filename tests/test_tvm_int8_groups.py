@@ -41,6 +41,7 @@ def test_format_is_ggml_q8_0_bytes():
 
 
 def _kernel_args(rows, tile, bias, k_dim=96, n_dim=192, seed=2):
+    from edgeq.targets.tvm.int8_vnni import g32_order
     from edgeq.targets.tvm.ops import panels
 
     rng = np.random.default_rng(seed)
@@ -50,21 +51,36 @@ def _kernel_args(rows, tile, bias, k_dim=96, n_dim=192, seed=2):
     b = rng.standard_normal(n_dim).astype(np.float32)
     codes, scale = int8_quantize_groups(w)
     padded = -(-rows // tile) * tile
-    arrays = [x, panels(codes.T), panels(scale.T), *([b] if bias else []), np.zeros((rows, n_dim), np.float32),
+    arrays = [x, g32_order(panels(codes.T)), panels(scale.T), *([b] if bias else []), np.zeros((rows, n_dim), np.float32),
               np.zeros((padded, k_dim), np.int8), np.zeros((padded, k_dim // 32), np.float32),
               np.zeros((padded, k_dim // 32), np.int32)]
     return w, x, (b if bias else 0), arrays
 
 
+@pytest.mark.parametrize("panel", [64, 16, 1])
+def test_g32_order_indexes(panel):
+    """g32_byte finds each (input, output)'s code where g32_order put it, for every panel width."""
+    from edgeq.targets.tvm.int8_vnni import g32_byte, g32_order
+    from edgeq.targets.tvm.ops import panels
+
+    n_dim, k_dim = panel * 3, 64
+    codes = np.random.default_rng(1).integers(-127, 128, (n_dim, k_dim), dtype=np.int8)
+    st = g32_order(panels(codes.T))
+    assert st.shape == (n_dim // panel, k_dim, panel)
+    kk, n = np.meshgrid(np.arange(k_dim), np.arange(n_dim), indexing="ij")
+    row, col = g32_byte(panel, kk, n)
+    np.testing.assert_array_equal(st[n // panel, row, col], codes.T)
+
+
 @pytest.mark.skipif(not VNNI, reason="host without AVX-512 VNNI")
-@pytest.mark.parametrize("rows,tile,bias", [(1, 1, True), (5, 2, False)])
+@pytest.mark.parametrize("rows,tile,bias", [(1, 1, True), (6, 4, False)])
 def test_vnni_kernel_is_q8_0_scheme(rows, tile, bias):
     """Rows that are not whole tiles, an all-zero row among them: numpy's q8_0 x q8_0 to float rounding, measurably
     not the weight-only float product, on `vpdpbusd`."""
-    from edgeq.targets.tvm.int8_vnni import int8_vnni_kernel
+    from edgeq.targets.tvm.int8_vnni import int8_g32_kernel
 
     w, x, b, arrays = _kernel_args(rows, tile, bias)
-    func = int8_vnni_kernel(96, 192, bias, tile, groups=True, kind="vnni")
+    func = int8_g32_kernel(96, 192, bias, tile, "vnni")
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -79,12 +95,13 @@ def test_vnni_kernel_is_q8_0_scheme(rows, tile, bias):
 
 
 def test_arm64_kernel_is_on_sdot():
-    """The same kernel built for linux-arm64 (armv8.2-a+dotprod): `sdot`, 16 a step of 4 inputs (no timing here)."""
-    from edgeq.targets.tvm.int8_vnni import int8_vnni_kernel
+    """The same kernel built for linux-arm64 (armv8.2-a+dotprod): `sdot`, 8 per 32 outputs and step of 4 inputs
+    (no timing here)."""
+    from edgeq.targets.tvm.int8_vnni import int8_g32_kernel
 
     arm = resolve_target(get_profile("linux-arm64"))
     assert dot_kind(arm) == "sdot"
-    func = int8_vnni_kernel(96, 192, True, 1, groups=True, kind="sdot")
+    func = int8_g32_kernel(96, 192, True, 1, "sdot")
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(arm))
     asm = lib.mod.inspect_source("asm")
     assert asm.count("sdot") >= 16, asm.count("sdot")

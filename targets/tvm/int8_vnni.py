@@ -1,24 +1,31 @@
-"""int8 matmuls on integer dot products, activations in int8 blocks of 32 as llama.cpp's q8_0 x q8_0: x86 AVX-512
-VNNI (`vpdpbusd`) and arm64 with the dot-product extension (`sdot`).
+"""int8 matmuls on integer dot products, activations in int8 blocks of 32 as llama.cpp's q8_0 x q8_0.
 
-Two weight formats, stored as ops.panels (out/64, in, 64) int8, so the params file is what ops.weight_arrays
-writes for them on every target: int8_g32 (ggml's q8_0 codes, an f16 scale per output and block of 32 inputs, in
-panels (out/64, in/32, 64): the int8 preset's linears) and int8_wo (an f32 scale per output: the tied head beside
-int4 linears). Each step of 4 inputs loads the panel's 4 rows (64 outputs each) and shuffles them into the
-instruction's operand order (x86: 16 outputs by 4 inputs, four instructions per step; arm64: 4 by 4, sixteen).
+int8_g32 (the int8 preset's linears: ggml's q8_0 codes, an f16 scale per output and block of 32 inputs) on x86
+AVX-512 VNNI (`vpdpbusd`, 16 outputs by 4 inputs an instruction) and arm64 with the dot-product extension (`sdot`,
+4 by 4). Its codes are stored as ops.panels (out/64, in, 64) int8 with each panel's 4-input chunks (4 rows of 64
+bytes) in operand order, output-major and 4 inputs a 32-bit lane (byte o * 4 + b of a chunk is input 4c + b,
+output o) — the operand order of both instructions — so a weight operand is one plain load (g32_order,
+g32_byte). A task is 32 outputs (2 VNNI blocks, 8 sdot blocks), a register tile ROW_TILE rows on x86 (one on arm64).
+
+int8_wo (an f32 scale per output: the tied head beside int4 linears, x86 only) keeps ops.panels' plain order, which
+the token lookup and float kernels read: each step of 4 inputs loads the panel's 4 rows (64 outputs each) and
+shuffles them into the operand order, four `vpdpbusd` per step.
+
 `vpdpbusd` multiplies unsigned by signed bytes: the weights go in as unsigned (w + 128, one xor of the sign bit)
 and the activations as signed, and 128 * sum(activations) is taken off each block's sums after; `sdot` is signed
 by signed. The rows are quantized per block of 32 inputs (scale max|x|/127, rounded) once per call, before the
 parallel loop; each block's integer sums are scaled into a float accumulator (by the block's weight scale too for
 int8_g32), int8_wo's per-output scale (and the bias) applied at the end.
 
-Written as plain TIR, as int4_vnni.py (whose row quantization and scratch it shares).
+Written as plain TIR, as int4_vnni.py (whose row quantization and scratch it shares). Kernels are cached: parsing
+a script takes ~1.5 s, and a decoder asks for the same few shapes hundreds of times (every layer, every entry).
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
@@ -29,70 +36,45 @@ INT8_PREFIX = "edgeq_int8_vnni_linear_"
 PANEL = 64
 SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
 KINDS = ("vnni", "sdot")
+LANES = {"vnni": 16, "sdot": 4}           # outputs per instruction (int32 lanes)
+TASK = 32                                 # outputs per parallel task of the int8_g32 kernel
+# the 4 rows' bytes (row-major, 4 x 64) in operand order for output block ob: lane n16, byte b <- row b, output n
+_ORDER = [[tir.IntImm("int32", b * PANEL + ob * 16 + n16) for n16 in range(16) for b in range(4)] for ob in range(4)]
 
 
-def _order(lanes: int) -> list[list[tir.IntImm]]:
-    """The 4 rows' bytes (row-major, 4 x 64) in operand order per block of `lanes` outputs: lane n, byte b <- row b,
-    output ob * lanes + n."""
-    return [[tir.IntImm("int32", b * PANEL + ob * lanes + n) for n in range(lanes) for b in range(4)]
-            for ob in range(PANEL // lanes)]
+def g32_order(panelled: np.ndarray) -> np.ndarray:
+    """(n/P, in, P) panels (ops.panels) -> the same shape with each 4-input chunk output-major (operand order)."""
+    n_p, k, p = panelled.shape
+    return np.ascontiguousarray(panelled.reshape(n_p, k // 4, 4, p).transpose(0, 1, 3, 2).reshape(n_p, k, p))
 
 
-_LANES = {"vnni": 16, "sdot": 4}            # outputs per instruction (int32 lanes)
-_OB = {k: PANEL // v for k, v in _LANES.items()}     # instructions per step of 4 inputs
-_ORDERS = {k: _order(v) for k, v in _LANES.items()}
+def g32_byte(panel: int, kk, n) -> tuple:
+    """(row, column) of input `kk`, output `n` within its panel's stored bytes (g32_order; panels of `panel`
+    outputs: ops.panel_width)."""
+    flat = (n % panel) * 4 + kk % 4
+    return (kk // 4) * 4 + flat // panel, flat % panel
 
 
 @T.macro(hygienic=False)
-def _block(gs, wv, xq, o, R, rb, g, c, kind):  # noqa: N803  one block of outputs' sums, each row of the tile
+def block(gs, wv, xq, o, R, rb, g, c):  # noqa: N803  one 16-output block's sums, each row of the tile
     for r in T.unroll(R):
-        gs[T.ramp((r * _OB[kind] + o) * _LANES[kind], 1, _LANES[kind])] = _dot(
-            kind, gs.vload([(r * _OB[kind] + o) * _LANES[kind]], f"int32x{_LANES[kind]}"), wv,
+        gs[T.ramp((r * 4 + o) * 16, 1, 16)] = _intrin(
+            DP, "int32x16", gs.vload([(r * 4 + o) * 16], "int32x16"), wv,
             T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
-                [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), _LANES[kind]),
-                dtype=f"int8x{4 * _LANES[kind]}"))
-
-
-@T.macro(hygienic=False)
-def _four(gs, rows4, xq, o0, R, rb, g, c, kind):  # noqa: N803  four blocks (the shuffles need constant indices)
-    _block(gs, T.Shuffle(rows4, _ORDERS[kind][o0]), xq, o0, R, rb, g, c, kind)
-    _block(gs, T.Shuffle(rows4, _ORDERS[kind][o0 + 1]), xq, o0 + 1, R, rb, g, c, kind)
-    _block(gs, T.Shuffle(rows4, _ORDERS[kind][o0 + 2]), xq, o0 + 2, R, rb, g, c, kind)
-    _block(gs, T.Shuffle(rows4, _ORDERS[kind][o0 + 3]), xq, o0 + 3, R, rb, g, c, kind)
-
-
-@T.macro(hygienic=False)
-def _steps_vnni(gs, rows4, xq, R, rb, g, c, kind):  # noqa: N803  a step of 4 inputs: 4 blocks of 16 outputs
-    _four(gs, rows4, xq, 0, R, rb, g, c, kind)
-
-
-@T.macro(hygienic=False)
-def _steps_sdot(gs, rows4, xq, R, rb, g, c, kind):  # noqa: N803  a step of 4 inputs: 16 blocks of 4 outputs
-    _four(gs, rows4, xq, 0, R, rb, g, c, kind)
-    _four(gs, rows4, xq, 4, R, rb, g, c, kind)
-    _four(gs, rows4, xq, 8, R, rb, g, c, kind)
-    _four(gs, rows4, xq, 12, R, rb, g, c, kind)
-
-
-_STEPS = {"vnni": _steps_vnni, "sdot": _steps_sdot}
+                [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), 16), dtype="int8x64"))
 
 
 @functools.lru_cache(maxsize=None)
-def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, groups: bool = False, kind: str = "vnni"):
-    """y[m, n] = Σ_g x_scale[m, g] * w_scale[g, n] * Σ_{k in g} w[k, n] * xq[m, k] (+ bias[n]) for rows x (rows, k)
-    (symbolic), w in panels (n/64, k, 64) int8; `groups` (int8_g32): w_scale f16 panels (n/64, k/32, 64), else
-    (int8_wo) one f32 w_scale[n] applied after the sum over g. `tile`: rows per register block (1 for decode).
-    `kind`: "vnni" or "sdot". Cached: parsing the script takes ~1.5 s, and a decoder asks for the same few shapes
-    hundreds of times (every layer, every entry); PrimFuncs are immutable. Arguments: x, w, w_scale[, bias]; outputs y, then the scratch of
-    int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
-    if kind not in KINDS:
-        raise ValueError(f"no int8 integer kernel for {kind!r}")
+def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int):
+    """y[m, n] = w_scale[n] * Σ_g x_scale[m, g] * Σ_{k in g} w[k, n] * xq[m, k] (+ bias[n]) for rows x (rows, k)
+    (symbolic), w in panels (n/64, k, 64) int8. `tile`: rows per register block (1 for decode). Arguments: x, w,
+    w_scale[, bias]; outputs y, then the scratch of int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
     K, N, G, R = k_dim, n_dim, k_dim // GROUP, tile
+
     tasks = N // PANEL
-    steps = _STEPS[kind]
 
     @T.macro(hygienic=False)
-    def body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows, kind, groups, steps):  # noqa: N803  (sees its arguments)
+    def body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows):  # noqa: N803  (a macro sees its arguments only)
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(tasks):
             acc = T.decl_buffer((R * 64,), "float32", scope="local")
@@ -104,20 +86,22 @@ def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, groups: bool
                     for l in T.vectorized(R * 64):
                         gs[l] = 0
                     for c in T.unroll(8):
-                        rows4 = T.meta_var(_weights4(w, t, g * 32 + c * 4, kind))
-                        steps(gs, rows4, xq, R, rb, g, c, kind)
+                        rows4 = T.meta_var([T.bitwise_xor(T.reinterpret(w.vload([t, g * 32 + c * 4 + i, 0], "int8x64"), dtype="uint8x64"),
+                                                          T.broadcast(T.uint8(128), 64)) for i in range(4)])
+                        block(gs, T.Shuffle(rows4, _ORDER[0]), xq, 0, R, rb, g, c)
+                        block(gs, T.Shuffle(rows4, _ORDER[1]), xq, 1, R, rb, g, c)
+                        block(gs, T.Shuffle(rows4, _ORDER[2]), xq, 2, R, rb, g, c)
+                        block(gs, T.Shuffle(rows4, _ORDER[3]), xq, 3, R, rb, g, c)
                     for r in T.unroll(R):
                         for l in T.vectorized(64):
-                            acc[r * 64 + l] = acc[r * 64 + l] + _block_sum(
-                                gs[r * 64 + l], xsum[rb * T.int64(R) + T.int64(r), g],
-                                xs[rb * T.int64(R) + T.int64(r), g], ws, t, g, l, kind, groups)
+                            acc[r * 64 + l] = acc[r * 64 + l] + T.Cast(
+                                "float32", gs[r * 64 + l] - xsum[rb * T.int64(R) + T.int64(r), g] * 16) * xs[
+                                rb * T.int64(R) + T.int64(r), g]
                 for r in T.unroll(R):
                     if rb * T.int64(R) + T.int64(r) < rows:
                         for l in T.vectorized(64):
-                            y[rb * T.int64(R) + T.int64(r), t * 64 + l] = _out(
-                                _row_scale(acc[r * 64 + l], ws, t * 64 + l, groups), b, t * 64 + l)
-
-    scale_shape, scale_dtype = ((N // PANEL, G, PANEL), "float16") if groups else ((N,), "float32")
+                            y[rb * T.int64(R) + T.int64(r), t * 64 + l] = _out(acc[r * 64 + l] * ws[t * 64 + l], b,
+                                                                              t * 64 + l)
 
     if bias:
         @T.prim_func(private=True)
@@ -128,13 +112,13 @@ def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, groups: bool
             padded = T.int64()
             x = T.match_buffer(x_h, (rows, K), "float32")
             w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
-            ws = T.match_buffer(ws_h, scale_shape, scale_dtype)
+            ws = T.match_buffer(ws_h, (N,), "float32")
             b = T.match_buffer(b_h, (N,), "float32")
             y = T.match_buffer(y_h, (rows, N), "float32")
             xq = T.match_buffer(xq_h, (padded, K), "int8")
             xs = T.match_buffer(xs_h, (padded, G), "float32")
             xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-            body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows, kind, groups, steps)
+            body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows)
         return int8_vnni_linear
 
     @T.prim_func(private=True)
@@ -145,42 +129,116 @@ def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, groups: bool
         padded = T.int64()
         x = T.match_buffer(x_h, (rows, K), "float32")
         w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
-        ws = T.match_buffer(ws_h, scale_shape, scale_dtype)
+        ws = T.match_buffer(ws_h, (N,), "float32")
         y = T.match_buffer(y_h, (rows, N), "float32")
         xq = T.match_buffer(xq_h, (padded, K), "int8")
         xs = T.match_buffer(xs_h, (padded, G), "float32")
         xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-        body(x, w, ws, None, y, xq, xs, xsum, G, tasks, R, rows, kind, groups, steps)
+        body(x, w, ws, None, y, xq, xs, xsum, G, tasks, R, rows)
     return int8_vnni_linear_nb
-
-
-def _dot(kind: str, acc, wv, xb):
-    return _intrin(DP if kind == "vnni" else SDOT, f"int32x{_LANES[kind]}", acc, wv, xb)
-
-
-def _weights4(w, t, k0, kind: str) -> list:
-    """The panel's rows k0..k0+3 (64 outputs each) as the instruction's weight operands: unsigned for `vpdpbusd`
-    (w + 128, the sign bit flipped), as stored for `sdot`."""
-    rows = [w.vload([t, k0 + i, 0], "int8x64") for i in range(4)]
-    if kind == "vnni":
-        return [T.bitwise_xor(T.reinterpret(r, dtype="uint8x64"), T.broadcast(T.uint8(128), 64)) for r in rows]
-    return rows
-
-
-def _block_sum(gsv, xsumv, xsv, ws, t, g, l, kind: str, groups: bool):
-    """One block's integer sums in f32 (less 128 * Σ xq for `vpdpbusd`'s unsigned weights), times the activation's
-    block scale (and the weight's, for int8_g32)."""
-    isum = gsv - xsumv * 16 if kind == "vnni" else gsv
-    scale = xsv * T.Cast("float32", ws[t, g, l]) if groups else xsv
-    return T.Cast("float32", isum) * scale
-
-
-def _row_scale(v, ws, i, groups: bool):
-    return v if groups else v * ws[i]
 
 
 def _out(v, b, i):
     return v + b[i] if b is not None else v
+
+
+@functools.lru_cache(maxsize=None)
+def int8_g32_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, kind: str = "vnni"):
+    """y[m, n] = Σ_g x_scale[m, g] * w_scale[g, n] * Σ_{k in g} code[k, n] * xq[m, k] (+ bias[n]) for rows x
+    (rows, k) (symbolic); codes (n/64, k, 64) int8 in g32_order, scales f16 panels (n/64, k/32, 64). `tile`: rows
+    per register block (1 for decode). `kind`: "vnni" or "sdot". Arguments: x, codes, scales[, bias]; outputs y,
+    then the scratch of int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
+    if kind not in KINDS:
+        raise ValueError(f"no int8 integer kernel for {kind!r}")
+    K, N, G, R = k_dim, n_dim, k_dim // GROUP, tile
+    tasks = N // TASK
+    L = LANES[kind]                         # noqa: N806
+    OB = TASK // L                          # noqa: N806  instructions per row and step of 4 inputs
+
+    @T.macro(hygienic=False)
+    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind):  # noqa: N803  (sees its arguments only)
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
+        for t in T.parallel(tasks):
+            acc = T.decl_buffer((R * 32,), "float32", scope="local")
+            gs = T.decl_buffer((R * 32,), "int32", scope="local")
+            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                for l in T.vectorized(R * 32):
+                    acc[l] = T.float32(0)
+                for g in T.serial(G):
+                    for l in T.vectorized(R * 32):
+                        gs[l] = 0
+                    for c in T.unroll(8):
+                        for o in T.unroll(OB):
+                            # the task's half of the 256-byte chunk (4 inputs by 64 outputs), L outputs by 4 inputs
+                            wv = T.meta_var(_weight_operand(w, t, g * 32 + c * 4, o, L, kind))
+                            for r in T.unroll(R):
+                                gs[T.ramp((r * OB + o) * L, 1, L)] = _dot(
+                                    kind, gs.vload([(r * OB + o) * L], f"int32x{L}"), wv,
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), L),
+                                        dtype=f"int8x{4 * L}"))
+                    for r in T.unroll(R):
+                        for l in T.vectorized(32):
+                            acc[r * 32 + l] = acc[r * 32 + l] + T.Cast("float32", _unsigned_fix(
+                                gs[r * 32 + l], xsum[rb * T.int64(R) + T.int64(r), g], kind)) * (
+                                xs[rb * T.int64(R) + T.int64(r), g] * T.Cast("float32", s[t // 2, g, (t % 2) * 32 + l]))
+                for r in T.unroll(R):
+                    if rb * T.int64(R) + T.int64(r) < rows:
+                        for l in T.vectorized(32):
+                            y[rb * T.int64(R) + T.int64(r), t * 32 + l] = _out(acc[r * 32 + l], b, t * 32 + l)
+
+    if bias:
+        @T.prim_func(private=True)
+        def int8_g32_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
+                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            padded = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
+            w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
+            s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
+            b = T.match_buffer(b_h, (N,), "float32")
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.match_buffer(xq_h, (padded, K), "int8")
+            xs = T.match_buffer(xs_h, (padded, G), "float32")
+            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+        return int8_g32_linear
+
+    @T.prim_func(private=True)
+    def int8_g32_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
+                           xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        padded = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
+        w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
+        s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
+        y = T.match_buffer(y_h, (rows, N), "float32")
+        xq = T.match_buffer(xq_h, (padded, K), "int8")
+        xs = T.match_buffer(xs_h, (padded, G), "float32")
+        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        body(x, w, s, None, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+    return int8_g32_linear_nb
+
+
+def _weight_operand(w, t, k0, o, lanes: int, kind: str):
+    """Block `o` (of `lanes` outputs) of task `t`'s 32 outputs, inputs k0..k0+3, as the instruction's weight
+    operand: one load (g32_order); unsigned for `vpdpbusd` (w + 128, the sign bit flipped)."""
+    byte = (t % 2) * 128 + o * (lanes * 4)
+    v = w.vload([t // 2, k0 + byte // PANEL, byte % PANEL], f"int8x{4 * lanes}")
+    if kind == "vnni":
+        return T.bitwise_xor(T.reinterpret(v, dtype="uint8x64"), T.broadcast(T.uint8(128), 64))
+    return v
+
+
+def _dot(kind: str, acc, wv, xb):
+    return _intrin(DP if kind == "vnni" else SDOT, f"int32x{LANES[kind]}", acc, wv, xb)
+
+
+def _unsigned_fix(gsv, xsumv, kind: str):
+    """`vpdpbusd` summed (w + 128) * x: less 128 * Σ x (xsum holds 8 * Σ x)."""
+    return gsv - xsumv * 16 if kind == "vnni" else gsv
 
 
 def fits(x_shape, w_shape) -> bool:
@@ -196,8 +254,8 @@ def fits(x_shape, w_shape) -> bool:
 
 
 def emit_int8_vnni_linear(bb, x, ws: list, bias, hint: str, groups: bool = False, kind: str = "vnni"):
-    """The kernel on (rows, in) or (batch, seq, in) `x` with int8 parameters `ws` (panels, scales: int8_g32 when
-    `groups`, else int8_wo) and an optional `bias`."""
+    """The kernel on (rows, in) or (batch, seq, in) `x` with int8 parameters `ws` (codes, scales: int8_g32 when
+    `groups`, on `kind`'s instruction; else int8_wo on VNNI) and an optional `bias`."""
     from tvm import relax
 
     *lead, k_dim = x.ty.shape.values
@@ -205,10 +263,16 @@ def emit_int8_vnni_linear(bb, x, ws: list, bias, hint: str, groups: bool = False
     rows = lead[0] if len(lead) == 1 else lead[0] * lead[1]
     x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (rows, k_dim)))
     n_dim = int(ws[0].ty.shape.values[0]) * PANEL
-    # x86: 2 rows x 64 outputs of sums (8 zmm); arm64's 32 vector registers hold one row's 16 blocks of 4
-    tile = 1 if (isinstance(rows, tir.IntImm) and int(rows) == 1) or kind == "sdot" else ROW_TILE // 2
-    name = f"{INT8_PREFIX}{'g32_' if groups else ''}{'' if kind == 'vnni' else kind + '_'}{hint}"
-    gv = bb.add_func(int8_vnni_kernel(k_dim, n_dim, bias is not None, tile, groups, kind), name)
+    one = isinstance(rows, tir.IntImm) and int(rows) == 1
+    if groups:
+        # x86: ROW_TILE rows x 32 outputs of sums (8 zmm, as int4_vnni.py); arm64: one row's 8 blocks of 4
+        tile = 1 if one or kind == "sdot" else ROW_TILE
+        func = int8_g32_kernel(k_dim, n_dim, bias is not None, tile, kind)
+        name = f"{INT8_PREFIX}g32_{'' if kind == 'vnni' else kind + '_'}{hint}"
+    else:
+        tile = 1 if one else ROW_TILE // 2
+        func, name = int8_vnni_kernel(k_dim, n_dim, bias is not None, tile), f"{INT8_PREFIX}{hint}"
+    gv = bb.add_func(func, name)
     padded = (rows + (tile - 1)) // tile * tile
     g = k_dim // GROUP
     outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
