@@ -36,7 +36,6 @@ from tvm import relax, te
 from tvm import tirx as tir
 
 from edgeq.core.errors import EdgeqError
-from edgeq.core.formats.int8_groups import INT8_GROUP
 from edgeq.core.executor import rope_inv_freq
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
@@ -51,6 +50,7 @@ from edgeq.targets.tvm.ops import (
     emit_linear_vars,
     emit_lora_slot,
     int4_value,
+    int8_g32_value,
     stored,
     stored_channel_axis,
     sym,
@@ -265,7 +265,7 @@ def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
             if fmt == "int4_g32":
                 return int4_value(w, ws[1], c, t)
             if fmt == "int8_g32":
-                return stored(w, c, t).astype("float32") * stored(ws[1], c // INT8_GROUP, t).astype("float32")
+                return int8_g32_value(w, ws[1], c, t)
             raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
 
         return te.compute((it.shape[0], hidden), val, name="lookup")
