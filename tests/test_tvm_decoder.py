@@ -164,7 +164,7 @@ def test_bundle_generates_through_session_like_gguf(bundle):
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["tvm"]["entry"] == "prefill" and m["tvm"]["decode_entry"] == "decode"
     assert m["tvm"]["feed_entry"] == "prefill_last"
-    assert m["plan"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] == "int8_wo"
+    assert m["plan"]["tensors"]["model.layers.0.mlp.up_proj.weight"]["format"] == "int8_g32"
     meas = json.loads((bundle / "measurements.json").read_text())
     assert meas["reference_check"]["backend"] == "tvm"
     with runtime.load(bundle) as s:

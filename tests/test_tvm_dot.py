@@ -44,6 +44,18 @@ def _kernel(rows, k_dim: int, n_dim: int, kind: str, bias: bool):
     return tvm.compile(tvm.IRModule({"main": f}), target=tvm.target.Target(HOST))
 
 
+def encoder_outputs(graph, ex: Executor, bundle) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three sentences' embeddings: the executor `ex` (edited), the float reference, and the TVM bundle."""
+    from edgeq import runtime
+    from edgeq.importers.hf_bert import encoder_tokenizer
+
+    tok = encoder_tokenizer(graph)
+    ids = [tok.encode(t).ids for t in ("The capital of France is Paris.", "ok", "a function returns a value")]
+    with runtime.load(bundle) as s:
+        got = np.stack([s.embed_ids([i])[0] for i in ids])
+    return np.stack([ex.embed(i) for i in ids]), np.stack([Executor(graph).embed(i) for i in ids]), got
+
+
 @pytest.mark.parametrize("kind,rows,bias", [("host", 1, False), ("host", 24, True), ("generic", 6, True)])
 def test_kernel_is_the_integer_scheme(kind, rows, bias):
     """The library's integers are the reference's: the outputs agree to the float rounding of the rescale."""
@@ -83,9 +95,6 @@ def tiny(tmp_path_factory):
 def test_encoder_matches_reference_integer_scheme(tiny, tmp_path):
     """The exported library against the reference executor running the same integers: every linear per-row
     quantized (edits), the word table's int8 rows dequantized."""
-    from edgeq import runtime
-    from edgeq.importers.hf_bert import encoder_tokenizer
-
     out = tmp_path / "b"
     export(ExportOptions(model=str(tiny), backend="tvm", quant="int8-dyn", out=str(out)))
     m = json.loads((out / "manifest.json").read_text())
@@ -93,18 +102,13 @@ def test_encoder_matches_reference_integer_scheme(tiny, tmp_path):
     dyn = [n for n, t in tensors.items() if t["format"] == "int8_dyn_rows"]
     assert len(dyn) >= 6 and tensors[names.WORD_EMBED]["format"] == "int8_wo"
     graph = import_hf_folder(tiny)
-    tok = encoder_tokenizer(graph)
-    ids = [tok.encode(t).ids for t in ("The capital of France is Paris.", "ok", "a function returns a value")]
     edits = {}
     for n in dyn:
         w, b = graph.weights[n].numpy(), graph.weights[n.removesuffix(".weight") + ".bias"].numpy()
         edits[n] = lambda x, y, w=w, b=b: int8_dyn_rows_matmul(x, w) + b
     ex = Executor(graph, edits=edits)
     ex._weights[names.WORD_EMBED] = int8_dequantized_rows(graph.weights[names.WORD_EMBED].numpy())
-    ref = np.stack([ex.embed(i) for i in ids])
-    flt = np.stack([Executor(graph).embed(i) for i in ids])
-    with runtime.load(out) as s:
-        got = np.stack([s.embed_ids([i])[0] for i in ids])
+    ref, flt, got = encoder_outputs(graph, ex, out)
     np.testing.assert_allclose(got, ref, atol=2e-4)
     assert cosines(flt, got).min() >= 0.99
     assert np.abs(got - flt).max() > 10 * np.abs(got - ref).max()        # closer to its scheme than to float
@@ -150,8 +154,8 @@ def test_amx_kernel_is_the_integer_scheme(batch, seq, k_dim, n_dim, gelu):
 
 
 def test_linux_arm64_build_has_sdot(tiny, tmp_path):
-    """linux-arm64 (armv8.2-a+dotprod): the int8-dyn library's linears run on `sdot`; the float-compute int8
-    preset has none (its kernels widen the weights to float)."""
+    """linux-arm64 (armv8.2-a+dotprod): the int8-dyn library's linears run on `sdot`, and so do the int8 preset's
+    (q8_0 x q8_0, targets/tvm/int8_vnni.py)."""
     if not (shutil.which("aarch64-linux-gnu-g++") and shutil.which("aarch64-linux-gnu-objdump")):
         pytest.skip("no aarch64 cross toolchain (g++-aarch64-linux-gnu, binutils-aarch64-linux-gnu)")
     assert "+dotprod" in resolve_target(get_profile("linux-arm64"))["mattr"]
@@ -160,18 +164,31 @@ def test_linux_arm64_build_has_sdot(tiny, tmp_path):
         export(ExportOptions(model=str(tiny), backend="tvm", quant=quant, target="linux-arm64",
                              out=str(tmp_path / quant)))
         counts[quant] = _count(tmp_path / quant / "model.so", "aarch64-linux-gnu-objdump", "sdot")
-    assert counts["int8-dyn"] >= 16 and counts["int8"] == 0, counts
+    assert counts["int8-dyn"] >= 16 and counts["int8"] >= 16, counts
+
+
+def prefill_then_decode(lowered, cfg, ids: np.ndarray) -> np.ndarray:
+    """A lowered decoder built for this host: logits of prefill(ids[:-1]) from empty caches, then of decode(ids[-1])."""
+    from tvm.runtime.vm import VirtualMachine
+
+    from edgeq.targets.tvm.build import compile_module
+
+    dev = tvm.cpu(0)
+    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
+    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
+    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+            for _ in range(2 * cfg.n_layers)]
+    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
+    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
+    return np.concatenate([out[0].numpy(), step[0].numpy()])
 
 
 def test_decoder_prefill_and_decode_match_reference_integer_scheme():
     """A small Llama with every linear int8_dyn_rows (the tied head on the int8_wo table): prefill and one-token
     decode (static one-row kernels) against the reference executor running the same integers."""
-    from tvm.runtime.vm import VirtualMachine
-
     from edgeq.core.plan import Plan, TensorPlan
     from edgeq.models import llama
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.targets.tvm.build import compile_module
     from edgeq.targets.tvm.lower import lower_tvm
 
     graph = random_llama(tiny_config(vocab_size=320, hidden_size=64, intermediate_size=96, n_layers=2, head_dim=16,
@@ -180,16 +197,9 @@ def test_decoder_prefill_and_decode_match_reference_integer_scheme():
     tensors = {n: TensorPlan(format="int8_dyn_rows" if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()}
     tensors[names.EMBED] = TensorPlan(format="int8_wo")
     lowered = lower_tvm(graph, Plan(tensors=tensors), dot=dot_kind(HOST))
-    dev = tvm.cpu(0)
-    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
-    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
     cfg = graph.config
-    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
-            for _ in range(2 * cfg.n_layers)]
     ids = np.arange(5, 26)
-    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
-    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
-    got = np.concatenate([out[0].numpy(), step[0].numpy()])
+    got = prefill_then_decode(lowered, cfg, ids)
 
     arrays = {n: t.numpy() for n, t in graph.weights.items()}
     arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])
@@ -214,14 +224,11 @@ def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
     groups of 32, as llama.cpp's q4_0 / q8_0 dot products; an int8 model keeps f32 activations), against the
     reference executor running the same arithmetic (tests/test_tvm_kernels.py's numpy scheme), and measurably not
     the weight-only float product."""
-    from tvm.runtime.vm import VirtualMachine
-
     from edgeq.core.formats.int4_groups import int4_dequantize_groups, int4_quantize_groups
     from edgeq.core.formats.int8 import int8_quantize_rows
     from edgeq.core.plan import Plan, TensorPlan
     from edgeq.models import llama
     from edgeq.models.recipes.synthetic import random_llama, tiny_config
-    from edgeq.targets.tvm.build import compile_module
     from edgeq.targets.tvm.lower import lower_tvm
     from test_tvm_kernels import int4_groups_matmul, int8_groups_matmul
 
@@ -234,16 +241,9 @@ def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
     lowered = lower_tvm(graph, Plan(tensors=tensors), dot="vnni")
     kernels = {gv.name_hint.split("_linear_")[0] for gv in lowered.mod.functions if "_vnni_linear_" in gv.name_hint}
     assert kernels == ({"edgeq_int4_vnni", "edgeq_int8_vnni"} if fmt == "int4_g32" else set())
-    dev = tvm.cpu(0)
-    vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
-    params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
     cfg = graph.config
-    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
-            for _ in range(2 * cfg.n_layers)]
     ids = np.arange(5, 26)
-    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
-    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
-    got = np.concatenate([out[0].numpy(), step[0].numpy()])
+    got = prefill_then_decode(lowered, cfg, ids)
 
     arrays = {n: t.numpy() for n, t in graph.weights.items()}
     arrays[names.EMBED] = int8_dequantized_rows(arrays[names.EMBED])

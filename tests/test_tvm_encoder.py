@@ -113,7 +113,7 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     from edgeq.core.formats import get_format
     from edgeq.core.formats.int4_groups import int4_dequantize_groups
 
-    for quant, fmt in (("f32", "f32"), ("f16", "f16"), ("int8", "int8_wo"), ("int4", "int4_g32")):
+    for quant, fmt in (("f32", "f32"), ("f16", "f16"), ("int8", "int8_g32"), ("int4", "int4_g32")):
         m = json.loads((tiny_bundles[quant] / "manifest.json").read_text())
         arrays = load_file(str(tiny_bundles[quant] / "params.safetensors"))
         name = "encoder.layer.0.intermediate.dense.weight"
@@ -130,6 +130,14 @@ def test_formats_and_exact_bytes(tiny_bundles, tiny_graph):
     packed, scale = unpanel(plain_order(arrays[name])), unpanel(arrays[name + ".scale"])
     dq = int4_dequantize_groups(packed.T, scale.T)
     np.testing.assert_array_equal(dq, get_format("int4_g32").roundtrip(w))
+    # int8: q8_0's codes (each 4-input chunk in operand order) and block scales decode to the format's round trip
+    from edgeq.core.formats.int8_groups import int8_dequantize_groups
+
+    a8 = load_file(str(tiny_bundles["int8"] / "params.safetensors"))
+    n_p, k, p = a8[name].shape
+    plain = a8[name].reshape(n_p, k // 4, p, 4).transpose(0, 1, 3, 2).reshape(n_p, k, p)     # g32_order undone
+    dq8 = int8_dequantize_groups(unpanel(plain).T, unpanel(a8[name + ".scale"]).T)
+    np.testing.assert_array_equal(dq8, get_format("int8_g32").roundtrip(w))
 
 
 def test_int4_dequantize_is_inside_the_matmul(tiny_graph):

@@ -50,6 +50,7 @@ from edgeq.targets.tvm.ops import (
     emit_linear_vars,
     emit_lora_slot,
     int4_value,
+    int8_g32_value,
     stored,
     stored_channel_axis,
     sym,
@@ -263,6 +264,8 @@ def _lookup_columns(bb, ids, fmt: str, table: list[relax.Var]):
                 return x * ws[1][t] if fmt == "int8_wo" else x
             if fmt == "int4_g32":
                 return int4_value(w, ws[1], c, t)
+            if fmt == "int8_g32":
+                return int8_g32_value(w, ws[1], c, t)
             raise EdgeqError(None, f"format {fmt} cannot carry the token table on TVM")
 
         return te.compute((it.shape[0], hidden), val, name="lookup")

@@ -1,18 +1,31 @@
-"""int8_wo matmuls on AVX-512 VNNI (`vpdpbusd`), activations in int8 blocks of 32 as llama.cpp's q8_0 x q8_0.
+"""int8 matmuls on integer dot products, activations in int8 blocks of 32 as llama.cpp's q8_0 x q8_0.
 
-int8_wo weights stay as stored (ops.panels: (out/64, in, 64) int8, an f32 scale per output), so the params file
-does not change: each step of 4 inputs loads the panel's 4 rows (64 outputs each) and shuffles them into the
-instruction's operand order (16 outputs by 4 inputs, one output a 32-bit lane), four `vpdpbusd` per step. The
-instruction multiplies unsigned by signed bytes: the weights go in as unsigned (w + 128, one xor of the sign bit)
-and the per-group activations as signed, and 128 * sum(activations) is taken off each group's sums after. The
-rows are quantized per group of 32 inputs (scale max|x|/127, rounded) once per call, before the parallel loop;
-each group's integer sums are scaled into a float accumulator, the weight's scale (and bias) applied at the end.
+int8_g32 (the int8 preset's linears: ggml's q8_0 codes, an f16 scale per output and block of 32 inputs) on x86
+AVX-512 VNNI (`vpdpbusd`, 16 outputs by 4 inputs an instruction) and arm64 with the dot-product extension (`sdot`,
+4 by 4). Its codes are stored as ops.panels (out/64, in, 64) int8 with each panel's 4-input chunks (4 rows of 64
+bytes) in operand order, output-major and 4 inputs a 32-bit lane (byte o * 4 + b of a chunk is input 4c + b,
+output o) — the operand order of both instructions — so a weight operand is one plain load (g32_order,
+g32_byte). A task is 32 outputs (2 VNNI blocks, 8 sdot blocks), a register tile ROW_TILE rows on x86 (one on arm64).
 
-Written as plain TIR, as int4_vnni.py (whose row quantization and scratch it shares).
+int8_wo (an f32 scale per output: the tied head beside int4 linears, x86 only) keeps ops.panels' plain order, which
+the token lookup and float kernels read: each step of 4 inputs loads the panel's 4 rows (64 outputs each) and
+shuffles them into the operand order, four `vpdpbusd` per step.
+
+`vpdpbusd` multiplies unsigned by signed bytes: the weights go in as unsigned (w + 128, one xor of the sign bit)
+and the activations as signed, and 128 * sum(activations) is taken off each block's sums after; `sdot` is signed
+by signed. The rows are quantized per block of 32 inputs (scale max|x|/127, rounded) once per call, before the
+parallel loop; each block's integer sums are scaled into a float accumulator (by the block's weight scale too for
+int8_g32), int8_wo's per-output scale (and the bias) applied at the end.
+
+Written as plain TIR, as int4_vnni.py (whose row quantization and scratch it shares). Kernels are cached: parsing
+a script takes ~1.5 s, and a decoder asks for the same few shapes hundreds of times (every layer, every entry).
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
@@ -21,8 +34,25 @@ from edgeq.targets.tvm.int4_vnni import DP, INT4_GROUP, ROW_TILE, _intrin, quant
 GROUP = INT4_GROUP          # activation block (q8_0's 32)
 INT8_PREFIX = "edgeq_int8_vnni_linear_"
 PANEL = 64
+SDOT = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+KINDS = ("vnni", "sdot")
+LANES = {"vnni": 16, "sdot": 4}           # outputs per instruction (int32 lanes)
+TASK = 32                                 # outputs per parallel task of the int8_g32 kernel
 # the 4 rows' bytes (row-major, 4 x 64) in operand order for output block ob: lane n16, byte b <- row b, output n
 _ORDER = [[tir.IntImm("int32", b * PANEL + ob * 16 + n16) for n16 in range(16) for b in range(4)] for ob in range(4)]
+
+
+def g32_order(panelled: np.ndarray) -> np.ndarray:
+    """(n/P, in, P) panels (ops.panels) -> the same shape with each 4-input chunk output-major (operand order)."""
+    n_p, k, p = panelled.shape
+    return np.ascontiguousarray(panelled.reshape(n_p, k // 4, 4, p).transpose(0, 1, 3, 2).reshape(n_p, k, p))
+
+
+def g32_byte(panel: int, kk, n) -> tuple:
+    """(row, column) of input `kk`, output `n` within its panel's stored bytes (g32_order; panels of `panel`
+    outputs: ops.panel_width)."""
+    flat = (n % panel) * 4 + kk % 4
+    return (kk // 4) * 4 + flat // panel, flat % panel
 
 
 @T.macro(hygienic=False)
@@ -34,7 +64,7 @@ def block(gs, wv, xq, o, R, rb, g, c):  # noqa: N803  one 16-output block's sums
                 [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), 16), dtype="int8x64"))
 
 
-
+@functools.lru_cache(maxsize=None)
 def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int):
     """y[m, n] = w_scale[n] * Σ_g x_scale[m, g] * Σ_{k in g} w[k, n] * xq[m, k] (+ bias[n]) for rows x (rows, k)
     (symbolic), w in panels (n/64, k, 64) int8. `tile`: rows per register block (1 for decode). Arguments: x, w,
@@ -112,29 +142,141 @@ def _out(v, b, i):
     return v + b[i] if b is not None else v
 
 
+@functools.lru_cache(maxsize=None)
+def int8_g32_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, kind: str = "vnni"):
+    """y[m, n] = Σ_g x_scale[m, g] * w_scale[g, n] * Σ_{k in g} code[k, n] * xq[m, k] (+ bias[n]) for rows x
+    (rows, k) (symbolic); codes (n/64, k, 64) int8 in g32_order, scales f16 panels (n/64, k/32, 64). `tile`: rows
+    per register block (1 for decode). `kind`: "vnni" or "sdot". Arguments: x, codes, scales[, bias]; outputs y,
+    then the scratch of int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
+    if kind not in KINDS:
+        raise ValueError(f"no int8 integer kernel for {kind!r}")
+    K, N, G, R = k_dim, n_dim, k_dim // GROUP, tile
+    tasks = N // TASK
+    L = LANES[kind]                         # noqa: N806
+    OB = TASK // L                          # noqa: N806  instructions per row and step of 4 inputs
+
+    @T.macro(hygienic=False)
+    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind):  # noqa: N803  (sees its arguments only)
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
+        for t in T.parallel(tasks):
+            acc = T.decl_buffer((R * 32,), "float32", scope="local")
+            gs = T.decl_buffer((R * 32,), "int32", scope="local")
+            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                for l in T.vectorized(R * 32):
+                    acc[l] = T.float32(0)
+                for g in T.serial(G):
+                    for l in T.vectorized(R * 32):
+                        gs[l] = 0
+                    for c in T.unroll(8):
+                        for o in T.unroll(OB):
+                            # the task's half of the 256-byte chunk (4 inputs by 64 outputs), L outputs by 4 inputs
+                            wv = T.meta_var(_weight_operand(w, t, g * 32 + c * 4, o, L, kind))
+                            for r in T.unroll(R):
+                                gs[T.ramp((r * OB + o) * L, 1, L)] = _dot(
+                                    kind, gs.vload([(r * OB + o) * L], f"int32x{L}"), wv,
+                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                        [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), L),
+                                        dtype=f"int8x{4 * L}"))
+                    for r in T.unroll(R):
+                        for l in T.vectorized(32):
+                            acc[r * 32 + l] = acc[r * 32 + l] + T.Cast("float32", _unsigned_fix(
+                                gs[r * 32 + l], xsum[rb * T.int64(R) + T.int64(r), g], kind)) * (
+                                xs[rb * T.int64(R) + T.int64(r), g] * T.Cast("float32", s[t // 2, g, (t % 2) * 32 + l]))
+                for r in T.unroll(R):
+                    if rb * T.int64(R) + T.int64(r) < rows:
+                        for l in T.vectorized(32):
+                            y[rb * T.int64(R) + T.int64(r), t * 32 + l] = _out(acc[r * 32 + l], b, t * 32 + l)
+
+    if bias:
+        @T.prim_func(private=True)
+        def int8_g32_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
+                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            padded = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
+            w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
+            s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
+            b = T.match_buffer(b_h, (N,), "float32")
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.match_buffer(xq_h, (padded, K), "int8")
+            xs = T.match_buffer(xs_h, (padded, G), "float32")
+            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+        return int8_g32_linear
+
+    @T.prim_func(private=True)
+    def int8_g32_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
+                           xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        padded = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
+        w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
+        s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
+        y = T.match_buffer(y_h, (rows, N), "float32")
+        xq = T.match_buffer(xq_h, (padded, K), "int8")
+        xs = T.match_buffer(xs_h, (padded, G), "float32")
+        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        body(x, w, s, None, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+    return int8_g32_linear_nb
+
+
+def _weight_operand(w, t, k0, o, lanes: int, kind: str):
+    """Block `o` (of `lanes` outputs) of task `t`'s 32 outputs, inputs k0..k0+3, as the instruction's weight
+    operand: one load (g32_order); unsigned for `vpdpbusd` (w + 128, the sign bit flipped)."""
+    byte = (t % 2) * 128 + o * (lanes * 4)
+    v = w.vload([t // 2, k0 + byte // PANEL, byte % PANEL], f"int8x{4 * lanes}")
+    if kind == "vnni":
+        return T.bitwise_xor(T.reinterpret(v, dtype="uint8x64"), T.broadcast(T.uint8(128), 64))
+    return v
+
+
+def _dot(kind: str, acc, wv, xb):
+    return _intrin(DP if kind == "vnni" else SDOT, f"int32x{LANES[kind]}", acc, wv, xb)
+
+
+def _unsigned_fix(gsv, xsumv, kind: str):
+    """`vpdpbusd` summed (w + 128) * x: less 128 * Σ x (xsum holds 8 * Σ x)."""
+    return gsv - xsumv * 16 if kind == "vnni" else gsv
+
+
 def fits(x_shape, w_shape) -> bool:
-    """Rows by whole groups (2-D: a decoder's (seq, hidden)), static 64-output panels."""
+    """Rows by whole groups ((seq, hidden) of a decoder, (batch, seq, hidden) of an encoder: static inputs), static
+    64-output panels."""
     xs = list(x_shape.values) if x_shape is not None else []
     ws = list(w_shape.values) if w_shape is not None else []
-    if len(xs) != 2 or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[1:] + ws):
+    if len(xs) not in (2, 3) or len(ws) != 3 or not all(isinstance(v, tir.IntImm) for v in xs[-1:] + ws):
         return False
-    k_dim = int(xs[1])
+    k_dim = int(xs[-1])
     _, k_w, panel = (int(v) for v in ws)
     return k_w == k_dim and k_dim % GROUP == 0 and panel == PANEL
 
 
-def emit_int8_vnni_linear(bb, x, ws: list, bias, hint: str):
-    """The kernel on (rows, in) `x` with int8_wo parameters `ws` (panels, scale) and an optional `bias`."""
+def emit_int8_vnni_linear(bb, x, ws: list, bias, hint: str, groups: bool = False, kind: str = "vnni"):
+    """The kernel on (rows, in) or (batch, seq, in) `x` with int8 parameters `ws` (codes, scales: int8_g32 when
+    `groups`, on `kind`'s instruction; else int8_wo on VNNI) and an optional `bias`."""
     from tvm import relax
 
-    rows, k_dim = x.ty.shape.values
+    *lead, k_dim = x.ty.shape.values
     k_dim = int(k_dim)
+    rows = lead[0] if len(lead) == 1 else lead[0] * lead[1]
+    x2 = x if len(lead) == 1 else bb.emit(relax.op.reshape(x, (rows, k_dim)))
     n_dim = int(ws[0].ty.shape.values[0]) * PANEL
-    tile = 1 if isinstance(rows, tir.IntImm) and int(rows) == 1 else ROW_TILE // 2
-    gv = bb.add_func(int8_vnni_kernel(k_dim, n_dim, bias is not None, tile), f"{INT8_PREFIX}{hint}")
+    one = isinstance(rows, tir.IntImm) and int(rows) == 1
+    if groups:
+        # x86: ROW_TILE rows x 32 outputs of sums (8 zmm, as int4_vnni.py); arm64: one row's 8 blocks of 4
+        tile = 1 if one or kind == "sdot" else ROW_TILE
+        func = int8_g32_kernel(k_dim, n_dim, bias is not None, tile, kind)
+        name = f"{INT8_PREFIX}g32_{'' if kind == 'vnni' else kind + '_'}{hint}"
+    else:
+        tile = 1 if one else ROW_TILE // 2
+        func, name = int8_vnni_kernel(k_dim, n_dim, bias is not None, tile), f"{INT8_PREFIX}{hint}"
+    gv = bb.add_func(func, name)
     padded = (rows + (tile - 1)) // tile * tile
     g = k_dim // GROUP
     outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
             relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
-    args = [x, *ws] + ([bias] if bias is not None else [])
-    return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    args = [x2, *ws] + ([bias] if bias is not None else [])
+    y = bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_dim)))

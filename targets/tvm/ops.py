@@ -21,11 +21,13 @@ from tvm import tirx as tir
 from edgeq.core.errors import EdgeqError
 from edgeq.core.formats.int4_groups import INT4_GROUP, int4_quantize_groups
 from edgeq.core.formats.int8 import INT8_DOT_ZERO, int8_quantize_rows
+from edgeq.core.formats.int8_groups import INT8_GROUP, int8_quantize_groups
 from edgeq.core.plan import TensorPlan
 from edgeq.targets.tvm.dot import DOT_IN, DOT_OUT, act_block, dot_weight_blocks, row_tile
 from edgeq.targets.tvm.gelu import gelu_expr
 from edgeq.targets.tvm import int4_vnni, int8_vnni
 from edgeq.targets.tvm.int4_vnni import vnni_byte, vnni_layout, vnni_order
+from edgeq.targets.tvm.int8_vnni import g32_byte, g32_order
 from edgeq.targets.tvm.panel import PANEL, panel_width
 
 NP_DTYPE = {"f32": np.float32, "f16": np.float16}
@@ -137,6 +139,13 @@ def int4_code(w: te.Tensor, kk, n) -> tir.PrimExpr:
     return nib.astype("float32")
 
 
+def int8_g32_value(w: te.Tensor, s: te.Tensor, kk, n) -> tir.PrimExpr:
+    """Input `kk`, output `n` of an int8_g32 weight as stored (codes in int8_vnni.g32_order), dequantized, as f32."""
+    p = int(w.shape[2])
+    row, col = g32_byte(p, kk, n)
+    return w[n // p, row, col].astype("float32") * stored(s, kk // INT8_GROUP, n).astype("float32")
+
+
 def int4_value(w: te.Tensor, s: te.Tensor, kk, n) -> tir.PrimExpr:
     """Input `kk`, output `n` of an int4_g32 weight, dequantized (code times its group's scale), as f32."""
     return int4_code(w, kk, n) * stored(s, kk // INT4_GROUP, n).astype("float32")
@@ -213,6 +222,10 @@ def _linear_te(x: te.Tensor, fmt: str, ws: list[te.Tensor], bias: te.Tensor | No
     elif fmt in ("f16", "int8_wo"):
         w = ws[0]
         weight = lambda kk, n: stored(w, kk, n).astype("float32")                        # noqa: E731
+    elif fmt == "int8_g32":
+        # targets without integer dot products: q8_0's codes times their block's scale, f32 activations
+        w, s = ws
+        weight = lambda kk, n: int8_g32_value(w, s, kk, n)                                # noqa: E731
     elif fmt == "int4_g32" and _few_rows(lead):
         # decode: y[n] = sum_g s[g, n] * sum_{k in g} x[k] * code[k, n], the scale applied once per group,
         # not once per weight (a third fewer vector instructions in the loop that bounds decode speed)
@@ -260,7 +273,8 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
     contiguously (a plain (in, out) layout strides a whole row per input: a cache and TLB miss each, which
     held SmolLM2's decode to ~1 GB/s).
 
-    f32/f16: W^T. int8_wo: int8 W^T and an f32 scale per output. int8_dyn_rows: int8 W in dot.py's blocks (not
+    f32/f16: W^T. int8_wo: int8 W^T and an f32 scale per output. int8_g32: ggml's Q8_0 codes (int8 W^T, each
+    panel's 4-input chunks in int8_vnni.py's operand order) and f16 scales (in/32 rows), panelled alike. int8_dyn_rows: int8 W in dot.py's blocks (not
     panels), an f32 scale and the int32 sum of each output's weights. int4_g32: bytes (in/2 rows; within each group of
     32 inputs in int4_vnni.py's order where the panel is whole 16-output blocks, else the low nibble for the even
     input), and f16 scales (in/32 rows); ggml's Q4_0 codes and scales, with `imatrix` (E[x²] per
@@ -273,6 +287,11 @@ def weight_arrays(name: str, w: np.ndarray, d: TensorPlan,
     if fmt == "int8_wo":
         q, scale = int8_quantize_rows(w)
         return [(name, panels(q.T)), (name + ".scale", scale)]
+    if fmt == "int8_g32":
+        if w.shape[-1] % INT8_GROUP:
+            raise EdgeqError(None, f"{name}: {w.shape[-1]} input columns are not a multiple of {INT8_GROUP}")
+        codes, scale = int8_quantize_groups(w)
+        return [(name, g32_order(panels(codes.T))), (name + ".scale", panels(scale.T))]
     if fmt == "int8_dyn_rows":
         q, scale = int8_quantize_rows(w)
         if q.shape[0] % DOT_OUT or q.shape[1] % DOT_IN:
@@ -385,12 +404,16 @@ def emit_linear_vars(bb: relax.BlockBuilder, x: relax.Expr, fmt: str, ws: list[r
 
     `int8_act`: an int8_wo weight on int8_vnni.py's kernel (activations quantized per group of 32) where the CPU has
     VNNI: the decoder's tied head beside int4 linears only. Every int8 linear of SmolLM2 on it measured KLD 0.0074
-    against q8_0's 0.0039 (per-channel weight scales plus quantized activations; the head alone 0.0057), so int8
-    linears keep f32 activations."""
+    against q8_0's 0.0039 (per-channel weight scales plus quantized activations; the head alone 0.0057): the int8
+    preset's linears are int8_g32 (q8_0's block scales), on int8_vnni.py's kernel wherever the CPU has integer dot
+    products (x86 VNNI, arm64 sdot), whatever `int8_act` says."""
     if fmt == "int4_g32" and dot in ("vnni", "amx") and int4_vnni.fits(x.ty.shape, ws[0].ty.shape):
         return int4_vnni.emit_int4_vnni_linear(bb, x, ws, bias, hint)
     if int8_act and fmt == "int8_wo" and dot in ("vnni", "amx") and int8_vnni.fits(x.ty.shape, ws[0].ty.shape):
         return int8_vnni.emit_int8_vnni_linear(bb, x, ws, bias, hint)
+    if fmt == "int8_g32" and dot in ("vnni", "amx", "sdot") and int8_vnni.fits(x.ty.shape, ws[0].ty.shape):
+        return int8_vnni.emit_int8_vnni_linear(bb, x, ws, bias, hint, groups=True,
+                                               kind="sdot" if dot == "sdot" else "vnni")
     if dot == "amx":
         from edgeq.targets.tvm.amx import emit_amx_linear, fits
 

@@ -20,5 +20,6 @@ from edgeq.core.formats import ggml_types  # noqa: F401  GGUF's ggml types (f32 
 from edgeq.core.formats import int8  # noqa: F401  ONNX int8 / int8_dyn, TVM int8_wo
 from edgeq.core.formats import nbits  # noqa: F401  ONNX MatMulNBits blocks
 from edgeq.core.formats import int4_groups  # noqa: F401  TVM int4_g32
+from edgeq.core.formats import int8_groups  # noqa: F401  TVM int8_g32 (q8_0)
 
 __all__ = ["FORMATS", "Format", "candidate_formats", "formats_for", "get_format", "register", "shape_fallback"]
