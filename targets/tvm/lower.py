@@ -11,7 +11,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.targets.tvm.cnn import lower_cnn
-from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
+from edgeq.targets.tvm.decoder import PAST, kv_specs, lower_decoder
 from edgeq.targets.tvm.encoder import lower_encoder
 from edgeq.targets.tvm.ops import Params, SizingParams
 
@@ -61,9 +61,10 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
                                    params_type=SizingParams if sizing else Params, lora_slots=lora_slots,
                                    dot=dot, cpu_attention=fused_attention)
         kv = kv_specs(graph)
-        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
-        outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},
-                   *({**s, "shape": [s["shape"][0], "past+seq", s["shape"][2]]} for s in kv)]
+        # `past`: a shape (the cache rows already filled); the caches come back as written (the same arrays)
+        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]},
+                  {"name": PAST, "dtype": "shape", "shape": [1]}, *kv]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]}, *kv]
     elif graph.kind == "cnn":
         bb, params = lower_cnn(graph, plan)
         inputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.inputs]

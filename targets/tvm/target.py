@@ -162,10 +162,10 @@ class TvmTarget(Target):
         save_params(lowered.params, req.folder / PARAMS_FILE)
         entries: dict = {"entry": ENTRY}
         if graph.kind == "decoder":
-            from edgeq.targets.tvm.decoder import ENTRIES, LAST_ONLY
+            from edgeq.targets.tvm.decoder import ENTRIES, KV_CACHE, LAST_ONLY
 
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "feed_entry": LAST_ONLY,
-                       "max_positions": graph.config.context_length}
+                       "max_positions": graph.config.context_length, "kv_cache": KV_CACHE}
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
                    "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {}),
