@@ -41,6 +41,8 @@ from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.models import llama, names
 from edgeq.models.llama import LlamaConfig
+from edgeq.targets.tvm.int4_vnni import emit_int4_vnni_fused
+from edgeq.targets.tvm.int4_vnni import fits as int4_fits
 from edgeq.targets.tvm.ops import (
     ATTENTION_PREFIX,
     SCORE_KEYS,
@@ -124,13 +126,14 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
                   branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
                   params_type: type[Params] = Params,
                   lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
-                  cpu_attention: bool = False) -> tuple[relax.BlockBuilder, Params]:
+                  cpu_attention: bool = False, gpu: bool = False) -> tuple[relax.BlockBuilder, Params]:
     """`imatrix`: per weight, the importance (E[x²] per input) its format's quantizer weights errors by.
     `branches`: low-rank error branches {weight: (A (r, in), B (out, r))}, y = W_q·x + B·(A·x).
     `params_type`: SizingParams to keep only the stored arrays' sizes (targets/tvm/layout.py).
     `lora_slots`: weights that take users' LoRA adapters at run time (`--adapter-mode separate`): each gets
     factor parameters of a symbolic rank (ops.emit_lora_slot), zeros in the params file.
-    `cpu_attention`: the attention's scores in the form the CPU schedule takes (llvm targets; _attention)."""
+    `cpu_attention`: the attention's scores in the form the CPU schedule takes (llvm targets; _attention).
+    `gpu`: a CUDA build (the cache writes bound to GPU threads; _kv_append_kernel)."""
     cfg: LlamaConfig = graph.config
     if graph.arch != "llama":
         raise EdgeqError(None, f"the TVM decoder lowering knows the llama family, not {graph.arch!r}")
@@ -161,7 +164,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
         seq = 1 if entry == "decode" else sym("seq")
         units = [sym(f"ffn_units_{i}") for i in range(cfg.n_layers)] if plan.pruning else None
         _function(bb, p, graph, plan, W, imatrix, branches, entry, seq, cos, sin,
-                  progress if entry == ENTRIES[0] else None, units, frozenset(lora_slots), cpu_attention)
+                  progress if entry == ENTRIES[0] else None, units, frozenset(lora_slots), cpu_attention, gpu)
         if params is not None and list(params.arrays) != list(p.arrays):
             raise AssertionError("prefill and decode must take the same parameters")
         params = p
@@ -171,7 +174,7 @@ def lower_decoder(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np
 
 def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, W, imatrix: dict, branches: dict,
               entry: str, seq, cos: np.ndarray, sin: np.ndarray, progress, units: list | None = None,
-              lora_slots: frozenset = frozenset(), cpu_attention: bool = False) -> None:
+              lora_slots: frozenset = frozenset(), cpu_attention: bool = False, gpu: bool = False) -> None:
     """`units`: per layer, a symbolic count of the MLP's 64-channel panels (pruning), or None for static widths.
     `lora_slots`: weights that take LoRA factors as parameters (ops.emit_lora_slot). `cpu_attention`: _attention."""
     cfg: LlamaConfig = graph.config
@@ -210,25 +213,52 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                         y = emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint)
                     return y
 
+                def fused(x, projections):
+                    """The int4_g32 parameters of these projections when one int4 VNNI call can run them all on x
+                    (no bias, branch or LoRA slot; static 64-output panels), else None (one call each)."""
+                    wns = [pre + n + ".weight" for n in projections]
+                    if params.dot not in ("vnni", "amx") or any(
+                            plan.tensors[wn].format != "int4_g32" or wn in branches or wn in lora_slots for wn in wns):
+                        return None
+                    arrays = [params.weight_arrays(wn, W(wn), plan.tensors[wn], imatrix.get(wn)) for wn in wns]
+                    if any(len(a) != 2 or a[0][1].ndim != 3 or a[0][1].shape[2] != 64 for a in arrays) or \
+                            not all(int4_fits(x.ty.shape, relax.TensorType(a[0][1].shape, "uint8").shape)
+                                    for a in arrays):
+                        return None
+                    return [[params.add(n, arr) for n, arr in a] for a in arrays]
+
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
                 # the last layer of `prefill_last`: keys and values of every new token (the cache), the rest of
                 # the layer on the last token's row only (its query, attention output, MLP; then the head)
                 last = entry == LAST_ONLY and i == cfg.n_layers - 1
                 nq, xq, q_pos = (1, _last_row(bb, xa), past + seq - 1) if last else (seq, xa, past)
-                q = _rope(bb, lin(xq, "self_attn.q_proj", "q", bias), cos_v, sin_v, q_pos, w.heads, d)
-                k_all, v_all = _kv_append(bb, kv_in[2 * i], kv_in[2 * i + 1], lin(xa, "self_attn.k_proj", "k", bias),
-                                          lin(xa, "self_attn.v_proj", "v", bias), cos_v, sin_v, past, w,
-                                          gpu=not cpu_attention)
+                qkv = None if last or bias else fused(xa, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+                if qkv is not None:         # one call, the input quantized once; q, k and v read from its columns
+                    y = emit_int4_vnni_fused(bb, xa, qkv, "qkv")
+                    nqc, nkc = w.heads * d, w.kv_heads * d
+                    q = _rope(bb, y, cos_v, sin_v, q_pos, w.heads, d)
+                    k_all, v_all = _kv_append(bb, kv_in[2 * i], kv_in[2 * i + 1], y, y, cos_v, sin_v, past, w,
+                                              gpu=gpu, k0=nqc, v0=nqc + nkc)
+                else:
+                    q = _rope(bb, lin(xq, "self_attn.q_proj", "q", bias), cos_v, sin_v, q_pos, w.heads, d)
+                    k_all, v_all = _kv_append(bb, kv_in[2 * i], kv_in[2 * i + 1],
+                                              lin(xa, "self_attn.k_proj", "k", bias),
+                                              lin(xa, "self_attn.v_proj", "v", bias), cos_v, sin_v, past, w,
+                                              gpu=gpu)
                 kv_out += [k_all, v_all]
                 att = _attention(bb, q, k_all, v_all, w, nq, past + seq, cpu_attention)
                 h1 = bb.emit(R.add(_last_row(bb, h) if last else h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
                 rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
-                g = lin(xm, "mlp.gate_proj", "gate", channels=rows)
-                u = lin(xm, "mlp.up_proj", "up", channels=rows)
-                h = bb.emit(R.add(h1, lin(bb.emit(R.multiply(R.nn.silu(g), u)), "mlp.down_proj", "down",
-                                          channels=cols)))
+                gate_up = None if units is not None else fused(xm, ("mlp.gate_proj", "mlp.up_proj"))
+                if gate_up is not None:     # silu(gate) * up straight from the one call
+                    act = emit_int4_vnni_fused(bb, xm, gate_up, "gate_up", swiglu=True)
+                else:
+                    g = lin(xm, "mlp.gate_proj", "gate", channels=rows)
+                    u = lin(xm, "mlp.up_proj", "up", channels=rows)
+                    act = bb.emit(R.multiply(R.nn.silu(g), u))
+                h = bb.emit(R.add(h1, lin(act, "mlp.down_proj", "down", channels=cols)))
             hn = _rms_norm(bb, params, h, names.FINAL_NORM, W, cfg.rms_eps)
             if cfg.tied_embeddings:
                 # the head's activations in int8 groups only beside 4-bit linears, whose error dwarfs theirs: with the
@@ -285,9 +315,10 @@ def _rms_norm(bb, params: Params, x, name: str, W, eps: float):
     return bb.emit(R.nn.rms_norm(x, w, axes=[-1], epsilon=float(eps)))
 
 
-def _rope(bb, x, cos_t, sin_t, pos0, heads: int, d: int):
+def _rope(bb, x, cos_t, sin_t, pos0, heads: int, d: int, col0: int = 0):
     """Rotate-half RoPE on the projection's (rows, heads*d) output at positions pos0, pos0+1, ..., as (rows, heads,
-    d); cos/sin read from the whole tables (n_pos, d/2) at those rows (no per-call copy of the rows)."""
+    d); cos/sin read from the whole tables (n_pos, d/2) at those rows (no per-call copy of the rows). `col0`: where
+    the heads start in x's columns (a fused q/k/v output)."""
 
     def f(xt, ct, st, p0):
         half = d // 2
@@ -295,8 +326,8 @@ def _rope(bb, x, cos_t, sin_t, pos0, heads: int, d: int):
         def val(i, h, j):
             lo = j < half
             jj = tir.if_then_else(lo, j, j - half)
-            a = xt[i, h * d + jj]
-            b = xt[i, h * d + jj + half]
+            a = xt[i, col0 + h * d + jj]
+            b = xt[i, col0 + h * d + jj + half]
             p = p0 + i
             return tir.if_then_else(lo, a * ct[p, jj] - b * st[p, jj], b * ct[p, jj] + a * st[p, jj])
 
@@ -305,11 +336,12 @@ def _rope(bb, x, cos_t, sin_t, pos0, heads: int, d: int):
     return bb.emit_te(f, x, cos_t, sin_t, pos0, primfunc_name_hint="rope")
 
 
-def _kv_append_kernel(kv: int, d: int, gpu: bool) -> tir.PrimFunc:
+def _kv_append_kernel(kv: int, d: int, gpu: bool, kw: int, k0: int, vw: int, v0: int) -> tir.PrimFunc:
     """k_cache[h, past+i, :] = rope(k[i, h*d:(h+1)*d]) at position past+i, v_cache[h, past+i, :] = v[i, h*d:...],
     written in place (call_tir_inplace: the caches are this call's outputs). Rows before `past` and after
     `past+seq` are not touched: a decode step writes its one row, not a copy of the cache. Plain TIR (no schedule
-    applies); on CUDA one block per head, a thread per dimension."""
+    applies); on CUDA one block per head, a thread per dimension. k and v are (seq, kw) and (seq, vw) tensors, their
+    heads from columns k0 and v0 on (the one output of a fused q/k/v call, or the k and v projections)."""
     from tvm.script import tirx as T
 
     half = d // 2
@@ -317,14 +349,14 @@ def _kv_append_kernel(kv: int, d: int, gpu: bool) -> tir.PrimFunc:
     @T.macro
     def body(KC, VC, K, V, C, S, past, seq, h, j):
         for i in T.serial(seq):
-            a = T.meta_var(K[i, h * T.int64(d) + j])
-            b = T.meta_var(K[i, h * T.int64(d) + j + T.int64(half)])
+            a = T.meta_var(K[i, T.int64(k0) + h * T.int64(d) + j])
+            b = T.meta_var(K[i, T.int64(k0) + h * T.int64(d) + j + T.int64(half)])
             c = T.meta_var(C[past + i, j])
             s = T.meta_var(S[past + i, j])
             KC[h, past + i, j] = a * c - b * s
             KC[h, past + i, j + T.int64(half)] = b * c + a * s
-            VC[h, past + i, j] = V[i, h * T.int64(d) + j]
-            VC[h, past + i, j + T.int64(half)] = V[i, h * T.int64(d) + j + T.int64(half)]
+            VC[h, past + i, j] = V[i, T.int64(v0) + h * T.int64(d) + j]
+            VC[h, past + i, j + T.int64(half)] = V[i, T.int64(v0) + h * T.int64(d) + j + T.int64(half)]
 
     if gpu:
         @T.prim_func(private=True)
@@ -334,8 +366,8 @@ def _kv_append_kernel(kv: int, d: int, gpu: bool) -> tir.PrimFunc:
             cap, seq, n_pos = T.int64(), T.int64(), T.int64()
             KC = T.match_buffer(kc_h, (kv, cap, d), "float32")
             VC = T.match_buffer(vc_h, (kv, cap, d), "float32")
-            K = T.match_buffer(k_h, (seq, kv * d), "float32")
-            V = T.match_buffer(v_h, (seq, kv * d), "float32")
+            K = T.match_buffer(k_h, (seq, kw), "float32")
+            V = T.match_buffer(v_h, (seq, vw), "float32")
             C = T.match_buffer(c_h, (n_pos, half), "float32")
             S = T.match_buffer(s_h, (n_pos, half), "float32")
             for h in T.thread_binding(T.int64(kv), thread="blockIdx.x"):
@@ -351,8 +383,8 @@ def _kv_append_kernel(kv: int, d: int, gpu: bool) -> tir.PrimFunc:
         cap, seq, n_pos = T.int64(), T.int64(), T.int64()
         KC = T.match_buffer(kc_h, (kv, cap, d), "float32")
         VC = T.match_buffer(vc_h, (kv, cap, d), "float32")
-        K = T.match_buffer(k_h, (seq, kv * d), "float32")
-        V = T.match_buffer(v_h, (seq, kv * d), "float32")
+        K = T.match_buffer(k_h, (seq, kw), "float32")
+        V = T.match_buffer(v_h, (seq, vw), "float32")
         C = T.match_buffer(c_h, (n_pos, half), "float32")
         S = T.match_buffer(s_h, (n_pos, half), "float32")
         for h in T.serial(T.int64(kv)):
@@ -362,10 +394,11 @@ def _kv_append_kernel(kv: int, d: int, gpu: bool) -> tir.PrimFunc:
     return kv_append
 
 
-def _kv_append(bb, k_cache, v_cache, k, v, cos_t, sin_t, past, w: Widths, gpu: bool):
+def _kv_append(bb, k_cache, v_cache, k, v, cos_t, sin_t, past, w: Widths, gpu: bool, k0: int = 0, v0: int = 0):
     """The new tokens' keys (RoPE applied) and values written into the layer's caches at rows past.. (one kernel,
     in place); returns the caches as written (the same arrays)."""
-    gv = bb.add_func(_kv_append_kernel(w.kv_heads, w.head_dim, gpu), "kv_append")
+    kw, vw = (int(t.ty.shape.values[1]) for t in (k, v))
+    gv = bb.add_func(_kv_append_kernel(w.kv_heads, w.head_dim, gpu, kw, k0, vw, v0), "kv_append")
     outs = [k_cache.ty, v_cache.ty]
     call = relax.call_tir_inplace(gv, [k_cache, v_cache, k, v, cos_t, sin_t, past], [0, 1], outs)
     res = bb.emit(call)

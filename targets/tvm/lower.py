@@ -35,13 +35,14 @@ class Lowered:
 def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
               branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False,
               lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
-              fused_attention: bool = False) -> Lowered:
+              fused_attention: bool = False, gpu: bool = False) -> Lowered:
     """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders);
     `branches`: low-rank error branches {weight: (A, B)} (decoders); `sizing`: keep only each stored array's
     dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py); `lora_slots`: decoder
     weights that take LoRA adapters at run time (decoder.lower_decoder); `dot`: the integer kernel int8_dyn_rows
     linears get on the build's target (dot.dot_kind); `fused_attention`: encoders' attention as one CPU kernel
-    (attention.py), decoders' attention scores in the CPU schedule's form (CPU targets only)."""
+    (attention.py), decoders' attention scores in the CPU schedule's form (CPU targets only); `gpu`: a CUDA build
+    (decoders' cache writes bound to GPU threads)."""
     if branches and graph.kind != "decoder":
         raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
     if lora_slots and graph.kind != "decoder":
@@ -59,7 +60,7 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     elif graph.kind == "decoder" and graph.arch == "llama":
         bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
                                    params_type=SizingParams if sizing else Params, lora_slots=lora_slots,
-                                   dot=dot, cpu_attention=fused_attention)
+                                   dot=dot, cpu_attention=fused_attention, gpu=gpu)
         kv = kv_specs(graph)
         # `past`: a shape (the cache rows already filled); the caches come back as written (the same arrays)
         inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]},

@@ -144,7 +144,7 @@ class TvmTarget(Target):
             target, dot = amx, "amx"   # many-row linears on AMX tiles (amx.py); decoders' one-row decode stays VNNI
         lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
                             lora_slots=slots, dot=dot,
-                            fused_attention=target.get("kind") == "llvm")
+                            fused_attention=target.get("kind") == "llvm", gpu=target.get("kind") == "cuda")
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:
