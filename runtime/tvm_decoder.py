@@ -1,8 +1,9 @@
 """A TVM decoder bundle (targets/tvm/decoder.py) behind `Session`'s backend interface. No torch.
 
-`feed` appends tokens: the cache is the previous call's returned `k_i`/`v_i`
-arrays, kept on the device and handed back, so a decode step copies only the
-new logits to the host. One new token runs the `decode` function (static shapes,
+`feed` appends tokens: the caches are n_ctx-row arrays allocated once on the
+device and written in place by each call at the rows after the `past` it is
+given (bundles from before `tvm.kv_cache` return grown copies, handed back on
+the next call), so a decode step copies only the new logits to the host. One new token runs the `decode` function (static shapes,
 the tunable one), several run `prefill_last` (the manifest's `feed_entry`: the
 last token's logits only; bundles without one run `prefill`), and `logits` runs
 `prefill` (every position's). Tokenization is edgeq's own (the

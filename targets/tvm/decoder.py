@@ -3,7 +3,7 @@
 Three entry functions over the same weights (parameters after the model inputs, in
 one order):
 
-- `prefill(input_ids[seq], k_0[kv, past, d], v_0[kv, past, d], ...)`: any number of new tokens,
+- `prefill(input_ids[seq], past, k_0[kv, capacity, d], v_0[kv, capacity, d], ...)`: any number of new tokens,
   logits at every position (evaluation, perplexity).
 - `decode(input_ids[1], k_0, v_0, ...)`: one token; its kernels have static shapes
   except the attention's past length, so meta-schedule can tune them.
@@ -11,10 +11,12 @@ one order):
   last layer's query, attention output, MLP and the head run on that one row, on the decode
   step's kernels. The head over every row was 0.6 of SmolLM2's 1.36 s prefill of 128 tokens.
 
-All return `(logits[n, vocab], k_0', v_0', ...)` (n = 1 for `prefill_last`), the caches grown by the new
-tokens (`past + n` rows), as the ONNX decoder does: the runtime keeps the returned
-arrays on the device and hands them back on the next call. Positions are
-`past .. past + n - 1`, read from the cache's length, so nothing else is passed.
+All return `(logits[n, vocab], k_0, v_0, ...)` (n = 1 for `prefill_last`). The caches are fixed-capacity
+arrays the runtime allocates once (`capacity` rows, its n_ctx); `past` (a shape) says how many rows are
+filled. Each layer's new keys (RoPE applied) and values are written in place at rows `past .. past + n - 1`
+(`kv_append`, call_tir_inplace), and the attention reads the first `past + n` rows: a decode step writes
+one row per layer, where concatenating grown caches copied all of them every step. The returned caches are
+the arrays passed in. Positions are `past .. past + n - 1`.
 RoPE is a cos/sin table per position computed in float64 the way the reference
 executor does (linear and llama3 scaling, GGUF's frequency factors), stored as a
 parameter: the TVM result follows the reference's rounding, not a re-derivation.
@@ -64,6 +66,7 @@ LAST_ONLY = "prefill_last"        # the entry that returns the last position's l
 PAST = "past"                     # the shape input: rows of the cache already filled
 CAPACITY = "capacity"             # the cache's rows, as the runtime allocated them
 KV_CACHE = "in_place"             # manifest `tvm.kv_cache`: fixed-capacity caches written in place
+WEIGHTS_FROM = "edgeq.weights_from"   # function attribute: the index of the first weight parameter
 
 
 @dataclass(frozen=True)
@@ -186,8 +189,9 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
     d = cfg.head_dim
     # the decode step's only symbolic extent is `past`: bounded, its scratch (scores, probabilities) is planned
     # once instead of allocated every step
-    attrs = {"tir_var_upper_bound": {PAST: int(cfg.context_length)}} if entry == "decode" else None
-    with bb.function(entry, attrs=attrs):
+    attrs = {"tir_var_upper_bound": {PAST: int(cfg.context_length)}} if entry == "decode" else {}
+    # the parameters after the model's inputs are the stored weights (build.py's DropWeightChecks)
+    with bb.function(entry, attrs={**attrs, WEIGHTS_FROM: 2 + len(kv_in)}):
         with bb.dataflow():
             d_emb = plan.tensors[names.EMBED]
             if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
