@@ -1,8 +1,9 @@
 """A TVM decoder bundle (targets/tvm/decoder.py) behind `Session`'s backend interface. No torch.
 
-`feed` appends tokens: the cache is the previous call's returned `k_i`/`v_i`
-arrays, kept on the device and handed back, so a decode step copies only the
-new logits to the host. One new token runs the `decode` function (static shapes,
+`feed` appends tokens: the caches are n_ctx-row arrays allocated once on the
+device and written in place by each call at the rows after the `past` it is
+given (bundles from before `tvm.kv_cache` return grown copies, handed back on
+the next call), so a decode step copies only the new logits to the host. One new token runs the `decode` function (static shapes,
 the tunable one), several run `prefill_last` (the manifest's `feed_entry`: the
 last token's logits only; bundles without one run `prefill`), and `logits` runs
 `prefill` (every position's). Tokenization is edgeq's own (the
@@ -35,7 +36,11 @@ class TvmDecoderBackend(TokenizerText):
         self.n_ctx = min(int(n_ctx), self.max_positions)
         self.spec = spec
         self.tok = build_tokenizer(spec)
-        self.kv = [(int(s["shape"][0]), int(s["shape"][2])) for s in session.inputs[1:]]
+        # `kv_cache: in_place`: caches of n_ctx rows allocated once, the rows filled so far passed as the shape
+        # input `past` and written in place by each call; older bundles take caches of exactly the rows filled and
+        # return them grown (a copy per call)
+        self.in_place = tvm_spec.get("kv_cache") == "in_place"
+        self.kv = [(int(s["shape"][0]), int(s["shape"][2])) for s in session.inputs[2 if self.in_place else 1:]]
         self.decode_entry = tvm_spec.get("decode_entry")
         self.feed_entry = tvm_spec.get("feed_entry")
         self.n_vocab = int(session.outputs[0]["shape"][-1])
@@ -117,7 +122,9 @@ class TvmDecoderBackend(TokenizerText):
     def reset(self) -> None:
         import tvm
 
-        self.past = [tvm.runtime.tensor(np.zeros((h, 0, d), np.float32), self.session.dev) for h, d in self.kv]
+        rows = self.n_ctx if self.in_place else 0
+        if not (self.in_place and getattr(self, "past", None)):       # in place: the arrays allocated once
+            self.past = [tvm.runtime.tensor(np.zeros((h, rows, d), np.float32), self.session.dev) for h, d in self.kv]
         self.n_tokens = 0
 
     def _run(self, ids: list[int], every_position: bool = False):
@@ -138,7 +145,8 @@ class TvmDecoderBackend(TokenizerText):
             entry = self.decode_entry
         else:
             entry = self.feed_entry if self.feed_entry and not every_position else self.session.entry
-        out = self.session.vm[entry](tvm.runtime.tensor(x.astype(np.int32), self.session.dev), *self.past,
+        past = (tvm.runtime.ShapeTuple([self.n_tokens]),) if self.in_place else ()
+        out = self.session.vm[entry](tvm.runtime.tensor(x.astype(np.int32), self.session.dev), *past, *self.past,
                                      *self.session.params)
         out = list(out)
         self.past = out[1:]

@@ -97,10 +97,11 @@ def test_an_untied_int4_table_is_looked_up_as_its_dequantization():
     vm = VirtualMachine(compile_module(low.mod, resolve_target(get_profile("cpu")), None), dev)
     cfg = graph.config
     ids = np.random.default_rng(2).integers(0, cfg.vocab_size, 12)
-    kv = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
+    kv = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, len(ids), cfg.head_dim), np.float32), dev)
           for _ in range(2 * cfg.n_layers)]
     params = [tvm.runtime.tensor(a, dev) for a in low.params.values()]
-    got = vm["prefill"](tvm.runtime.tensor(ids.astype(np.int32), dev), *kv, *params)[0].numpy()
+    got = vm["prefill"](tvm.runtime.tensor(ids.astype(np.int32), dev), tvm.runtime.ShapeTuple([0]), *kv,
+                        *params)[0].numpy()
     arrays = {n: t.numpy() for n, t in graph.weights.items()}
     arrays[EMBED] = get_format("int4_g32").roundtrip(arrays[EMBED])
     ref = Executor(llama.graph_from_arrays(cfg, arrays)).logits(ids)

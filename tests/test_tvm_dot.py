@@ -176,10 +176,12 @@ def prefill_then_decode(lowered, cfg, ids: np.ndarray) -> np.ndarray:
     dev = tvm.cpu(0)
     vm = VirtualMachine(compile_module(lowered.mod, HOST), dev)
     params = [tvm.runtime.tensor(a, dev) for a in lowered.params.values()]
-    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 0, cfg.head_dim), np.float32), dev)
-            for _ in range(2 * cfg.n_layers)]
-    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), *past, *params))
-    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), *out[1:], *params))
+    past = [tvm.runtime.tensor(np.zeros((cfg.n_kv_heads, 32, cfg.head_dim), np.float32), dev)
+            for _ in range(2 * cfg.n_layers)]       # caches of 32 rows, written in place
+    out = list(vm["prefill"](tvm.runtime.tensor(ids[:-1].astype(np.int32), dev), tvm.runtime.ShapeTuple([0]), *past,
+                             *params))
+    step = list(vm["decode"](tvm.runtime.tensor(ids[-1:].astype(np.int32), dev), tvm.runtime.ShapeTuple([len(ids) - 1]),
+                             *out[1:], *params))
     return np.concatenate([out[0].numpy(), step[0].numpy()])
 
 
@@ -217,8 +219,8 @@ def test_decoder_prefill_and_decode_match_reference_integer_scheme():
 
 
 @pytest.mark.skipif(dot_kind(HOST) != "vnni", reason="host without AVX-512 VNNI")
-@pytest.mark.parametrize("fmt", ["int4_g32", "int8_wo"])
-def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
+@pytest.mark.parametrize(("fmt", "bias"), [("int4_g32", True), ("int4_g32", False), ("int8_wo", True)])
+def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt, bias):
     """A small Llama with every linear int4_g32 or int8_wo and the tied head on the int8_wo table, on a VNNI host:
     prefill and one-token decode run int4 linears and the head on int4_vnni.py / int8_vnni.py (activations in int8
     groups of 32, as llama.cpp's q4_0 / q8_0 dot products; an int8 model keeps f32 activations), against the
@@ -235,12 +237,16 @@ def test_decoder_int4_int8_on_vnni_match_group_scheme(fmt):
     # every output width whole 64-output panels (narrower ones stay on ops.py's float kernels)
     graph = random_llama(tiny_config(vocab_size=320, hidden_size=128, intermediate_size=192, n_layers=2, head_dim=16,
                                      context_length=128, n_heads=8, n_kv_heads=4, tied_embeddings=True,
-                                     attention_bias=True), seed=5, scale=0.08)
+                                     attention_bias=bias), seed=5, scale=0.08)
     tensors = {n: TensorPlan(format=fmt if len(t.shape) == 2 else "f32") for n, t in graph.weights.items()}
     tensors[names.EMBED] = TensorPlan(format="int8_wo")
     lowered = lower_tvm(graph, Plan(tensors=tensors), dot="vnni")
     kernels = {gv.name_hint.split("_linear_")[0] for gv in lowered.mod.functions if "_vnni_linear_" in gv.name_hint}
     assert kernels == ({"edgeq_int4_vnni", "edgeq_int8_vnni"} if fmt == "int4_g32" else set())
+    # without biases q, k and v run as one call, gate and up as one call writing silu(gate) * up (decoder.py)
+    fused = {gv.name_hint.rstrip("0123456789") for gv in lowered.mod.functions if "_vnni_linear_" in gv.name_hint}
+    assert ("edgeq_int4_vnni_linear_qkv" in fused) == (fmt == "int4_g32" and not bias)
+    assert ("edgeq_int4_vnni_linear_gate_up" in fused) == (fmt == "int4_g32")
     cfg = graph.config
     ids = np.arange(5, 26)
     got = prefill_then_decode(lowered, cfg, ids)

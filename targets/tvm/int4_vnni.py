@@ -102,6 +102,47 @@ def quantize_rows(x, xq, xs, xsum, G, R, rows):  # noqa: N803  (a macro sees its
             xsum[m, g] = isum[0] * 8
 
 
+@T.macro(hygienic=False)
+def task(w, s, b, y, xq, xs, xsum, G, OB, P, R, rows, t, col0):  # noqa: N803  (a macro sees its arguments only)
+    """Task t of one weight: OB blocks of 16 outputs from output t*OB*16 on, for every row, into y's columns from
+    col0 + t*OB*16 (col0: where this weight's outputs start in a fused call's output)."""
+    acc = T.decl_buffer((R * OB * 16,), "float32", scope="local")
+    gs = T.decl_buffer((R * OB * 16,), "int32", scope="local")
+    n0 = T.meta_var(t * (OB * BLOCK))
+    p = T.meta_var(n0 // P)
+    ob0 = T.meta_var(n0 % P // BLOCK)
+    for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+        for l in T.vectorized(R * OB * 16):
+            acc[l] = T.float32(0)
+        for g in T.serial(G):
+            for l in T.vectorized(R * OB * 16):
+                gs[l] = 0
+            for j in T.unroll(4):
+                for o in T.unroll(OB):
+                    wv = T.meta_var(w.vload([p, g * 16 + (ob0 + o) * 4 + j, 0], "uint8x64"))
+                    for r in T.unroll(R):
+                        gs[T.ramp((r * OB + o) * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
+                            DP, "int32x16", gs.vload([(r * OB + o) * 16], "int32x16"),
+                            T.bitwise_and(wv, T.broadcast(T.uint8(15), 64)),
+                            T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                [rb * T.int64(R) + T.int64(r), g * 32 + j * 8], "int8x4"), dtype="int32"), 16),
+                                dtype="int8x64")),
+                            T.shift_right(wv, T.broadcast(T.uint8(4), 64)),
+                            T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                                [rb * T.int64(R) + T.int64(r), g * 32 + j * 8 + 4], "int8x4"), dtype="int32"),
+                                16), dtype="int8x64"))
+            for r in T.unroll(R):
+                for o in T.unroll(OB):
+                    for l in T.vectorized(16):
+                        acc[(r * OB + o) * 16 + l] = acc[(r * OB + o) * 16 + l] + T.Cast(
+                            "float32", gs[(r * OB + o) * 16 + l] - xsum[rb * T.int64(R) + T.int64(r), g]) * (
+                            T.Cast("float32", s[p, g, (ob0 + o) * 16 + l]) * xs[rb * T.int64(R) + T.int64(r), g])
+        for r in T.unroll(R):
+            if rb * T.int64(R) + T.int64(r) < rows:
+                for l in T.vectorized(OB * 16):
+                    y[rb * T.int64(R) + T.int64(r), col0 + n0 + l] = _out(acc[r * OB * 16 + l], b, n0 + l)
+
+
 def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
     """y[m, n] = Σ_g w_scale[g, n] * x_scale[m, g] * Σ_{k in g} (code[k, n] - 8) * xq[m, k] (+ bias[n]) for rows x
     (rows, k_dim), `rows` symbolic; the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels
@@ -118,41 +159,7 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
     def body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows):  # noqa: N803  (a macro sees its arguments only)
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((R * OB * 16,), "float32", scope="local")
-            gs = T.decl_buffer((R * OB * 16,), "int32", scope="local")
-            n0 = T.meta_var(t * (OB * BLOCK))
-            p = T.meta_var(n0 // P)
-            ob0 = T.meta_var(n0 % P // BLOCK)
-            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
-                for l in T.vectorized(R * OB * 16):
-                    acc[l] = T.float32(0)
-                for g in T.serial(G):
-                    for l in T.vectorized(R * OB * 16):
-                        gs[l] = 0
-                    for j in T.unroll(4):
-                        for o in T.unroll(OB):
-                            wv = T.meta_var(w.vload([p, g * 16 + (ob0 + o) * 4 + j, 0], "uint8x64"))
-                            for r in T.unroll(R):
-                                gs[T.ramp((r * OB + o) * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
-                                    DP, "int32x16", gs.vload([(r * OB + o) * 16], "int32x16"),
-                                    T.bitwise_and(wv, T.broadcast(T.uint8(15), 64)),
-                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
-                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8], "int8x4"), dtype="int32"), 16),
-                                        dtype="int8x64")),
-                                    T.shift_right(wv, T.broadcast(T.uint8(4), 64)),
-                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
-                                        [rb * T.int64(R) + T.int64(r), g * 32 + j * 8 + 4], "int8x4"), dtype="int32"),
-                                        16), dtype="int8x64"))
-                    for r in T.unroll(R):
-                        for o in T.unroll(OB):
-                            for l in T.vectorized(16):
-                                acc[(r * OB + o) * 16 + l] = acc[(r * OB + o) * 16 + l] + T.Cast(
-                                    "float32", gs[(r * OB + o) * 16 + l] - xsum[rb * T.int64(R) + T.int64(r), g]) * (
-                                    T.Cast("float32", s[p, g, (ob0 + o) * 16 + l]) * xs[rb * T.int64(R) + T.int64(r), g])
-                for r in T.unroll(R):
-                    if rb * T.int64(R) + T.int64(r) < rows:
-                        for l in T.vectorized(OB * 16):
-                            y[rb * T.int64(R) + T.int64(r), n0 + l] = _out(acc[r * OB * 16 + l], b, n0 + l)
+            task(w, s, b, y, xq, xs, xsum, G, OB, P, R, rows, t, 0)
 
     if bias:
         @T.prim_func(private=True)
@@ -187,6 +194,141 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
         xsum = T.match_buffer(xsum_h, (padded, G), "int32")
         body(x, w, s, None, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
     return int4_vnni_linear_nb
+
+
+@T.macro(hygienic=False)
+def dp_rows(w, gs, xq, g, j, p, ob, o, OB, R, rb):  # noqa: N803  (a macro sees its arguments only)
+    """gs[(r*OB + o)*16 ..] += the 4 inputs j*8.. (both nibbles) of group g times 16 outputs (block ob of panel p)."""
+    for r in T.unroll(R):
+        gs[T.ramp((r * OB + o) * 16, 1, 16)] = _intrin(DP, "int32x16", _intrin(
+            DP, "int32x16", gs.vload([(r * OB + o) * 16], "int32x16"),
+            T.bitwise_and(w.vload([p, g * 16 + ob * 4 + j, 0], "uint8x64"), T.broadcast(T.uint8(15), 64)),
+            T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                [rb * T.int64(R) + T.int64(r), g * 32 + j * 8], "int8x4"), dtype="int32"), 16), dtype="int8x64")),
+            T.shift_right(w.vload([p, g * 16 + ob * 4 + j, 0], "uint8x64"), T.broadcast(T.uint8(4), 64)),
+            T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                [rb * T.int64(R) + T.int64(r), g * 32 + j * 8 + 4], "int8x4"), dtype="int32"), 16), dtype="int8x64"))
+
+
+@T.macro(hygienic=False)
+def scale_rows(s, acc, gs, xs, xsum, g, p, ob, r, o, OB, R, rb):  # noqa: N803  (a macro sees its arguments only)
+    """acc of row r, block o += group g's integer sums, less 8 * Σ xq, times the weight's and the row's scales."""
+    for l in T.vectorized(16):
+        acc[(r * OB + o) * 16 + l] = acc[(r * OB + o) * 16 + l] + T.Cast(
+            "float32", gs[(r * OB + o) * 16 + l] - xsum[rb * T.int64(R) + T.int64(r), g]) * (
+            T.Cast("float32", s[p, g, ob * 16 + l]) * xs[rb * T.int64(R) + T.int64(r), g])
+
+
+@T.macro(hygienic=False)
+def pair_task(wg, sg, wu, su, y, xq, xs, xsum, G, P, R, rows, t):  # noqa: N803  (a macro sees its arguments only)
+    """Task t of a gate/up pair: outputs t*16.. of both weights (one broadcast of the activations serves the two),
+    written as silu(gate) * up (the SwiGLU product: no gate or up tensor, no third kernel)."""
+    acc = T.decl_buffer((R * 2 * 16,), "float32", scope="local")
+    gs = T.decl_buffer((R * 2 * 16,), "int32", scope="local")
+    n0 = T.meta_var(t * BLOCK)
+    p = T.meta_var(n0 // P)
+    ob0 = T.meta_var(n0 % P // BLOCK)
+    for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+        for l in T.vectorized(R * 2 * 16):
+            acc[l] = T.float32(0)
+        for g in T.serial(G):
+            for l in T.vectorized(R * 2 * 16):
+                gs[l] = 0
+            for j in T.unroll(4):
+                dp_rows(wg, gs, xq, g, j, p, ob0, 0, 2, R, rb)
+                dp_rows(wu, gs, xq, g, j, p, ob0, 1, 2, R, rb)
+            for r in T.unroll(R):
+                scale_rows(sg, acc, gs, xs, xsum, g, p, ob0, r, 0, 2, R, rb)
+                scale_rows(su, acc, gs, xs, xsum, g, p, ob0, r, 1, 2, R, rb)
+        for r in T.unroll(R):
+            if rb * T.int64(R) + T.int64(r) < rows:
+                for l in T.vectorized(16):
+                    y[rb * T.int64(R) + T.int64(r), n0 + l] = acc[r * 32 + l] * T.sigmoid(acc[r * 32 + l]) \
+                        * acc[r * 32 + 16 + l]
+
+
+def int4_vnni_fused_kernel(k_dim: int, n_dims: tuple[int, ...], panel: int, tile: int, swiglu: bool = False):
+    """Several int4_g32 weights over the same input in one call, the input quantized once: (q, k, v) into one
+    (rows, Nq + Nk + Nv) output, the tasks of the three in one parallel loop; or with `swiglu`, (gate, up) into
+    silu(gate) * up (rows, N). No bias. Arguments: x, then (weights, scales) per weight; outputs y, then the
+    scratch as int4_vnni_kernel's. Each output's sums are the single-weight kernel's, in the same order."""
+    K, P, G, R = k_dim, panel, k_dim // INT4_GROUP, tile
+    if P != 64:
+        raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
+    OB = 2                                  # noqa: N806
+    if swiglu:
+        (N,) = set(n_dims)
+        tasks = N // BLOCK
+
+        @T.prim_func(private=True)
+        def int4_vnni_swiglu(x_h: T.handle, wg_h: T.handle, sg_h: T.handle, wu_h: T.handle, su_h: T.handle,
+                             y_h: T.handle, xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            padded = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
+            wg = T.match_buffer(wg_h, (N // P, K // 2, P), "uint8")
+            sg = T.match_buffer(sg_h, (N // P, G, P), "float16")
+            wu = T.match_buffer(wu_h, (N // P, K // 2, P), "uint8")
+            su = T.match_buffer(su_h, (N // P, G, P), "float16")
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.match_buffer(xq_h, (padded, K), "int8")
+            xs = T.match_buffer(xs_h, (padded, G), "float32")
+            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            quantize_rows(x, xq, xs, xsum, G, R, rows)
+            for t in T.parallel(tasks):
+                pair_task(wg, sg, wu, su, y, xq, xs, xsum, G, P, R, rows, t)
+
+        return int4_vnni_swiglu
+    N0, N1, N2 = n_dims
+    T0, T1, T2 = (n // (OB * BLOCK) for n in n_dims)
+
+    @T.prim_func(private=True)
+    def int4_vnni_qkv(x_h: T.handle, w0_h: T.handle, s0_h: T.handle, w1_h: T.handle, s1_h: T.handle,
+                      w2_h: T.handle, s2_h: T.handle, y_h: T.handle, xq_h: T.handle, xs_h: T.handle,
+                      xsum_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        padded = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
+        w0 = T.match_buffer(w0_h, (N0 // P, K // 2, P), "uint8")
+        s0 = T.match_buffer(s0_h, (N0 // P, G, P), "float16")
+        w1 = T.match_buffer(w1_h, (N1 // P, K // 2, P), "uint8")
+        s1 = T.match_buffer(s1_h, (N1 // P, G, P), "float16")
+        w2 = T.match_buffer(w2_h, (N2 // P, K // 2, P), "uint8")
+        s2 = T.match_buffer(s2_h, (N2 // P, G, P), "float16")
+        y = T.match_buffer(y_h, (rows, N0 + N1 + N2), "float32")
+        xq = T.match_buffer(xq_h, (padded, K), "int8")
+        xs = T.match_buffer(xs_h, (padded, G), "float32")
+        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
+        for t in T.parallel(T0 + T1 + T2):
+            if t < T0:
+                task(w0, s0, None, y, xq, xs, xsum, G, OB, P, R, rows, t, 0)
+            elif t < T0 + T1:
+                task(w1, s1, None, y, xq, xs, xsum, G, OB, P, R, rows, t - T0, N0)
+            else:
+                task(w2, s2, None, y, xq, xs, xsum, G, OB, P, R, rows, t - T0 - T1, N0 + N1)
+
+    return int4_vnni_qkv
+
+
+def emit_int4_vnni_fused(bb, x, weights: list[list], hint: str, swiglu: bool = False):
+    """int4_vnni_fused_kernel on (rows, in) `x` and the int4_g32 parameters (bytes, scales) of each weight."""
+    from tvm import relax
+
+    rows, k_dim = x.ty.shape.values
+    k_dim = int(k_dim)
+    n_dims = tuple(int(ws[0].ty.shape.values[0]) * int(ws[0].ty.shape.values[2]) for ws in weights)
+    tile = row_tile(rows)
+    gv = bb.add_func(int4_vnni_fused_kernel(k_dim, n_dims, 64, tile, swiglu), f"{VNNI_PREFIX}{hint}")
+    padded = (rows + (tile - 1)) // tile * tile
+    g = k_dim // INT4_GROUP
+    width = n_dims[0] if swiglu else sum(n_dims)
+    outs = [relax.TensorType((rows, width), "float32"), relax.TensorType((padded, k_dim), "int8"),
+            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
+    args = [x] + [a for ws in weights for a in ws]
+    return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
 
 
 def fits(x_shape, w_shape) -> bool:

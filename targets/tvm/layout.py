@@ -208,7 +208,8 @@ class _Library:
             self.sizes[key] = cached["bytes"]
             return self.sizes[key]
         mod = lower_tvm(self.graph, plan, branches=_zero_branches(self.graph, ranks), sizing=True, dot=self.dot,
-                        fused_attention=self.target.get("kind") == "llvm").mod     # as target.py lowers it
+                        fused_attention=self.target.get("kind") == "llvm",
+                        gpu=self.target.get("kind") == "cuda").mod     # as target.py lowers it
         ex = compile_module(mod, self.target, None)
         with tempfile.TemporaryDirectory(prefix="edgeq-tvm-size-") as d:
             self.sizes[key] = export_library(ex, Path(d) / "model", self.profile, self.ndk_clang).stat().st_size

@@ -11,7 +11,7 @@ from edgeq.core.errors import EdgeqError
 from edgeq.core.ir import Graph
 from edgeq.core.plan import Plan
 from edgeq.targets.tvm.cnn import lower_cnn
-from edgeq.targets.tvm.decoder import kv_specs, lower_decoder
+from edgeq.targets.tvm.decoder import PAST, kv_specs, lower_decoder
 from edgeq.targets.tvm.encoder import lower_encoder
 from edgeq.targets.tvm.ops import Params, SizingParams
 
@@ -35,13 +35,14 @@ class Lowered:
 def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.ndarray] | None = None,
               branches: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, sizing: bool = False,
               lora_slots: list[str] | tuple[str, ...] = (), dot: str = "generic",
-              fused_attention: bool = False) -> Lowered:
+              fused_attention: bool = False, gpu: bool = False) -> Lowered:
     """`imatrix`: weight name -> importance (E[x²] per input) for the formats that take one (decoders);
     `branches`: low-rank error branches {weight: (A, B)} (decoders); `sizing`: keep only each stored array's
     dtype and shape (ops.ArraySpec) in `params`, not its data (targets/tvm/layout.py); `lora_slots`: decoder
     weights that take LoRA adapters at run time (decoder.lower_decoder); `dot`: the integer kernel int8_dyn_rows
     linears get on the build's target (dot.dot_kind); `fused_attention`: encoders' attention as one CPU kernel
-    (attention.py), decoders' attention scores in the CPU schedule's form (CPU targets only)."""
+    (attention.py), decoders' attention scores in the CPU schedule's form (CPU targets only); `gpu`: a CUDA build
+    (decoders' cache writes bound to GPU threads)."""
     if branches and graph.kind != "decoder":
         raise EdgeqError(None, f"low-rank branches are lowered for decoders on TVM, not {graph.kind}s")
     if lora_slots and graph.kind != "decoder":
@@ -59,11 +60,12 @@ def lower_tvm(graph: Graph, plan: Plan, progress=None, imatrix: dict[str, np.nda
     elif graph.kind == "decoder" and graph.arch == "llama":
         bb, params = lower_decoder(graph, plan, progress=progress, imatrix=imatrix, branches=branches,
                                    params_type=SizingParams if sizing else Params, lora_slots=lora_slots,
-                                   dot=dot, cpu_attention=fused_attention)
+                                   dot=dot, cpu_attention=fused_attention, gpu=gpu)
         kv = kv_specs(graph)
-        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]}, *kv]
-        outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]},
-                   *({**s, "shape": [s["shape"][0], "past+seq", s["shape"][2]]} for s in kv)]
+        # `past`: a shape (the cache rows already filled); the caches come back as written (the same arrays)
+        inputs = [{"name": "input_ids", "dtype": "int32", "shape": ["seq"]},
+                  {"name": PAST, "dtype": "shape", "shape": [1]}, *kv]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": ["seq", graph.config.vocab_size]}, *kv]
     elif graph.kind == "cnn":
         bb, params = lower_cnn(graph, plan)
         inputs = [{"name": v.name, "dtype": "float32", "shape": list(v.shape)} for v in graph.inputs]

@@ -144,7 +144,7 @@ class TvmTarget(Target):
             target, dot = amx, "amx"   # many-row linears on AMX tiles (amx.py); decoders' one-row decode stays VNNI
         lowered = lower_tvm(graph, plan, progress=req.progress, imatrix=req.imatrix, branches=req.branches or None,
                             lora_slots=slots, dot=dot,
-                            fused_attention=target.get("kind") == "llvm")
+                            fused_attention=target.get("kind") == "llvm", gpu=target.get("kind") == "cuda")
         timings["lower"] = time.perf_counter() - t0
         tuning_db = None
         if req.tune_trials:
@@ -162,10 +162,10 @@ class TvmTarget(Target):
         save_params(lowered.params, req.folder / PARAMS_FILE)
         entries: dict = {"entry": ENTRY}
         if graph.kind == "decoder":
-            from edgeq.targets.tvm.decoder import ENTRIES, LAST_ONLY
+            from edgeq.targets.tvm.decoder import ENTRIES, KV_CACHE, LAST_ONLY
 
             entries = {"entry": ENTRIES[0], "decode_entry": ENTRIES[1], "feed_entry": LAST_ONLY,
-                       "max_positions": graph.config.context_length}
+                       "max_positions": graph.config.context_length, "kv_cache": KV_CACHE}
         section = {"library": lib.name, "params": PARAMS_FILE, **entries, "target": target,
                    "tune_trials": req.tune_trials, "inputs": lowered.inputs, "outputs": lowered.outputs,
                    "param_names": lowered.param_names, **({"lora_slots": slots} if slots else {}),
