@@ -54,7 +54,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.memory import MemoryModel
-from edgeq.predictor.profile import NODE_TIMES, LatencyProfile
+from edgeq.predictor.profile import LatencyProfile
 from edgeq.predictor.workload import FUSED_QKV, CnnWorkload, Workload, layer_role
 from edgeq.targets.registry import get_target
 
@@ -445,11 +445,11 @@ class Predictor:
 
     def _fit(self) -> None:
         prof = self.profile
-        if (prof.backend == "onnx" and prof.kind == "decoder" and prof.clock == "cpu"
-                and int(prof.settings.get("node_times") or 1) < NODE_TIMES):
-            raise EdgeqError(None, "this ONNX decoder latency profile's node-by-node CPU times were taken the old way "
-                                   "(short nodes priced about a third low under load): profile again with `edgeq "
-                                   "profile --backend onnx --clock cpu`")
+        needed = get_target(prof.backend).decoder_node_times
+        if prof.kind == "decoder" and prof.clock == "cpu" and int(prof.settings.get("node_times") or 1) < needed:
+            raise EdgeqError(None, f"this {prof.backend} decoder latency profile's node-by-node CPU times were taken "
+                                   f"the old way (short nodes priced about a third low under load): profile again "
+                                   f"with `edgeq profile --backend {prof.backend} --clock cpu`")
         samples: dict[tuple[str, int], list[tuple[int, int, float]]] = defaultdict(list)
         other: dict[str, list[tuple[np.ndarray, dict[str, float]]]] = {"decode": [], "prefill": []}
         nodes: dict[str, list[tuple[int, int]]] = defaultdict(list)     # op kind -> (layers, nodes) per call
@@ -510,10 +510,8 @@ class Predictor:
                     rows[kind].append({"group": run.name, "x": call_features(w, n, kv, g, self.per_format_ms(w, n)),
                                        "s": shape_features(w, n, kv, g),
                                        "y": paired / 1e3 if paired is not None else float(np.median(vals))})
-        # no trees for ONNX decoders: chosen by leave-one-micro-model-out, they scaled SmolLM2's decode steps by
-        # 0.89 (10 held-out plans, onnxruntime 1.32, 1 thread, CPU clock, load 6: 7/10 within tolerance, median
-        # -14.8 %; the linear fit alone 10/10, -4.2 %)
-        trees = not (self.backend == "onnx" and self.profile.kind == "decoder")
+        # (the target says whether trees may correct its decoders: onnxruntime's may not)
+        trees = self.profile.kind != "decoder" or get_target(self.backend).decoder_latency_trees
         self.correction = {k: fit_correction(v, trees) for k, v in rows.items() if v}
         for c in self.correction.values():
             if len(c.coef) > 1 + N_OVERHEADS:

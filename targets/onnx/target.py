@@ -32,6 +32,12 @@ class OnnxTarget(Target):
     kinds = frozenset({"decoder", "encoder", "cnn"})
     budget_kinds = frozenset({"decoder"})
     latency_kinds = frozenset({"decoder", "encoder", "cnn"})
+    # trees scaled SmolLM2's decode steps by 0.89 (10 held-out plans, onnxruntime 1.32, 1 thread, CPU clock, load
+    # 6: 7/10 within tolerance, median -14.8 %; the linear fit alone 10/10, -4.2 %); node times of method 2
+    # (runtime/onnx_ops.py: the nodes' CPU share spread by each node's least wall time; older profiles priced
+    # short nodes about a third low under load)
+    decoder_latency_trees = False
+    decoder_node_times = 2
     runtime_dists = ("onnxruntime", "onnx")
     prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
     prunes_attention = True    # ... and the attention's (per-layer head widths, per-group RoPE tables, KV inputs)
