@@ -66,6 +66,7 @@ ENTRIES = ("prefill", "decode", "prefill_last")
 LAST_ONLY = "prefill_last"        # the entry that returns the last position's logits only
 PAST = "past"                     # the shape input: rows of the cache already filled
 CAPACITY = "capacity"             # the cache's rows, as the runtime allocated them
+TOTAL = "total"                   # past + the call's new tokens: the rows attention reads
 KV_CACHE = "in_place"             # manifest `tvm.kv_cache`: fixed-capacity caches written in place
 WEIGHTS_FROM = "edgeq.weights_from"   # function attribute: the index of the first weight parameter
 
@@ -190,10 +191,15 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
     d = cfg.head_dim
     # the decode step's only symbolic extent is `past`: bounded, its scratch (scores, probabilities) is planned
     # once instead of allocated every step
-    attrs = {"tir_var_upper_bound": {PAST: int(cfg.context_length)}} if entry == "decode" else {}
+    attrs = ({"tir_var_upper_bound": {PAST: int(cfg.context_length), TOTAL: int(cfg.context_length) + 1}}
+             if entry == "decode" else {})
     # the parameters after the model's inputs are the stored weights (build.py's DropWeightChecks)
     with bb.function(entry, attrs={**attrs, WEIGHTS_FROM: 2 + len(kv_in)}):
         with bb.dataflow():
+            # past + seq as one variable of its own: a kernel whose shapes leave two variables unbound gets them as
+            # parameters in a set's order (TVM's emit_te), which differs from process to process (byte identity)
+            total = sym(TOTAL)
+            bb.match_cast(relax.ShapeExpr([past + seq]), relax.ShapeType([total]))
             d_emb = plan.tensors[names.EMBED]
             if cfg.tied_embeddings:          # stored once, input-major for the head; the lookup reads columns
                 table = [params.add(n, a) for n, a in params.weight_arrays(names.EMBED, W(names.EMBED), d_emb,
@@ -237,7 +243,7 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 # the last layer of `prefill_last`: keys and values of every new token (the cache), the rest of
                 # the layer on the last token's row only (its query, attention output, MLP; then the head)
                 last = entry == LAST_ONLY and i == cfg.n_layers - 1
-                nq, xq, q_pos = (1, _last_row(bb, xa), past + seq - 1) if last else (seq, xa, past)
+                nq, xq, q_pos = (1, _last_row(bb, xa), total - 1) if last else (seq, xa, past)
                 qkv = None if last or bias else fused(xa, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
                 if qkv is not None:         # one call, the input quantized once; q, k and v read from its columns
                     y = emit_int4_vnni_fused(bb, xa, qkv, "qkv")
@@ -252,7 +258,7 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                                               lin(xa, "self_attn.v_proj", "v", bias), cos_v, sin_v, past, w,
                                               gpu=gpu)
                 kv_out += [k_all, v_all]
-                att = _attention(bb, q, k_all, v_all, w, nq, past + seq, cpu_attention)
+                att = _attention(bb, q, k_all, v_all, w, nq, total, cpu_attention)
                 h1 = bb.emit(R.add(_last_row(bb, h) if last else h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
                 rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
