@@ -278,7 +278,7 @@ class _Sequential:
                 hess.clear()
                 drift.clear()
                 hess[hkey] = input_hessian(envs, key, self.damp, self.act_order, self.conditional,
-                                           weights_of.pop(name, None) if self.fisher_weighted else None)
+                                           weights_of.pop(name, None))
                 if reference_envs is not None:
                     drift[hkey] = input_drift(envs, reference_envs, key)
             w = graph.weights[name].numpy()

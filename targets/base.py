@@ -86,10 +86,10 @@ class Target:
     budget_kinds: frozenset[str] = frozenset()    # kinds whose files it sizes exactly (budgeted plans)
     latency_kinds: frozenset[str] = frozenset({"decoder"})   # kinds `edgeq profile` times (edgeq/predictor)
     # the latency predictor's whole-call correction for decoders may add gradient-boosted trees (when leave-one-
-    # model-out says they help); and the oldest node-time method (profile settings["node_times"]) a CPU-clock
-    # decoder profile of this runtime may have been taken with (0: any)
+    # model-out says they help); and whether a CPU-clock decoder profile of this runtime must record the current
+    # node-time method (edgeq/predictor/profile.py NODE_TIMES; older ones are refused)
     decoder_latency_trees: bool = True
-    decoder_node_times: int = 0
+    decoder_node_times_checked: bool = False
     runtime_dists: tuple[str, ...] = ()           # the distributions whose versions a bundle records
     # model kinds edgeq's native runner (edgeq/native/, a static executable over the backend's C library) runs
     native_kinds: frozenset[str] = frozenset()

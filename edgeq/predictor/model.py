@@ -54,7 +54,7 @@ import numpy as np
 
 from edgeq.core.errors import EdgeqError
 from edgeq.predictor.memory import MemoryModel
-from edgeq.predictor.profile import LatencyProfile
+from edgeq.predictor.profile import NODE_TIMES, LatencyProfile
 from edgeq.predictor.workload import FUSED_QKV, CnnWorkload, Workload, layer_role
 from edgeq.targets.registry import get_target
 
@@ -445,8 +445,8 @@ class Predictor:
 
     def _fit(self) -> None:
         prof = self.profile
-        needed = get_target(prof.backend).decoder_node_times
-        if prof.kind == "decoder" and prof.clock == "cpu" and int(prof.settings.get("node_times") or 1) < needed:
+        if (get_target(prof.backend).decoder_node_times_checked and prof.kind == "decoder" and prof.clock == "cpu"
+                and int(prof.settings.get("node_times") or 1) < NODE_TIMES):
             raise EdgeqError(None, f"this {prof.backend} decoder latency profile's node-by-node CPU times were taken "
                                    f"the old way (short nodes priced about a third low under load): profile again "
                                    f"with `edgeq profile --backend {prof.backend} --clock cpu`")

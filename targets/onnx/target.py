@@ -37,7 +37,7 @@ class OnnxTarget(Target):
     # (runtime/onnx_ops.py: the nodes' CPU share spread by each node's least wall time; older profiles priced
     # short nodes about a third low under load)
     decoder_latency_trees = False
-    decoder_node_times = 2
+    decoder_node_times_checked = True
     runtime_dists = ("onnxruntime", "onnx")
     prunes_mlp = True          # runtime/onnx_slice.py narrows the initializers before the session is built
     prunes_attention = True    # ... and the attention's (per-layer head widths, per-group RoPE tables, KV inputs)
