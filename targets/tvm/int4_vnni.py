@@ -14,7 +14,7 @@ output-major, 4 inputs a byte lane, the low nibble the inputs 8j..8j+3 and the h
 both). The layout is the format's on every target; only x86 VNNI builds run this kernel, the others read the codes
 through int4_code in ops.py's float kernels.
 
-Written as plain TIR (no schedule applies), as amx.py; the quantized row is passed as extra call outputs.
+Written as plain TIR (no schedule applies), as amx.py; the quantized rows are the kernel's own scratch.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ def prefetch_ahead(w, p, row, R):  # noqa: N803  (a macro sees its arguments onl
     if R == 1 and PREFETCH_GROUPS > 0:
         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(
             w[p, row + PREFETCH_GROUPS * 16, 0]), 0, 3, 1))
+
+
+def padded_rows(rows, tile: int):
+    """Rows of the quantized-input scratch: whole tiles."""
+    return (rows + (tile - 1)) // tile * tile
 
 
 def _out(acc, b, i):
@@ -168,8 +173,10 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
     """y[m, n] = Σ_g w_scale[g, n] * x_scale[m, g] * Σ_{k in g} (code[k, n] - 8) * xq[m, k] (+ bias[n]) for rows x
     (rows, k_dim), `rows` symbolic; the weight bytes (n/P, k/2, P) in the VNNI order, the f16 scales in panels
     (n/P, k/32, P). `tile`: rows per register block (1 for decode's one row; more rows share each weight load).
-    Arguments: x, weights, scales[, bias]; outputs y, then the scratch (rows padded to whole tiles, a padding row
-    repeating the last row): xq int8 (rows, k), x_scale f32 (rows, k/32), 8 * Σ xq int32 (rows, k/32)."""
+    Arguments: x, weights, scales[, bias]; output y. The quantized input is the kernel's own scratch (rows padded
+    to whole tiles, a padding row repeating the last row: xq int8 (rows, k), x_scale f32 (rows, k/32), 8 * Σ xq
+    int32 (rows, k/32)); as call outputs they cost the VM three tensor allocations a call (360 a SmolLM2 decode
+    step)."""
     K, N, P, G, R = k_dim, n_dim, panel, k_dim // INT4_GROUP, tile
     if P != 64:
         raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
@@ -184,35 +191,31 @@ def int4_vnni_kernel(k_dim: int, n_dim: int, panel: int, bias: bool, tile: int):
 
     if bias:
         @T.prim_func(private=True)
-        def int4_vnni_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
-                             xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        def int4_vnni_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
-            padded = T.int64()
             x = T.match_buffer(x_h, (rows, K), "float32")
             w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
             s = T.match_buffer(s_h, (N // P, G, P), "float16")
             b = T.match_buffer(b_h, (N,), "float32")
             y = T.match_buffer(y_h, (rows, N), "float32")
-            xq = T.match_buffer(xq_h, (padded, K), "int8")
-            xs = T.match_buffer(xs_h, (padded, G), "float32")
-            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+            xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+            xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
             body(x, w, s, b, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
         return int4_vnni_linear
 
     @T.prim_func(private=True)
-    def int4_vnni_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
-                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+    def int4_vnni_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        padded = T.int64()
         x = T.match_buffer(x_h, (rows, K), "float32")
         w = T.match_buffer(w_h, (N // P, K // 2, P), "uint8")
         s = T.match_buffer(s_h, (N // P, G, P), "float16")
         y = T.match_buffer(y_h, (rows, N), "float32")
-        xq = T.match_buffer(xq_h, (padded, K), "int8")
-        xs = T.match_buffer(xs_h, (padded, G), "float32")
-        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+        xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+        xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
         body(x, w, s, None, y, xq, xs, xsum, G, tasks, OB, P, R, rows)
     return int4_vnni_linear_nb
 
@@ -277,8 +280,8 @@ def pair_task(wg, sg, wu, su, y, xq, xs, xsum, G, OB, P, R, rows, t):  # noqa: N
 def int4_vnni_fused_kernel(k_dim: int, n_dims: tuple[int, ...], panel: int, tile: int, swiglu: bool = False):
     """Several int4_g32 weights over the same input in one call, the input quantized once: (q, k, v) into one
     (rows, Nq + Nk + Nv) output, the tasks of the three in one parallel loop; or with `swiglu`, (gate, up) into
-    silu(gate) * up (rows, N). No bias. Arguments: x, then (weights, scales) per weight; outputs y, then the
-    scratch as int4_vnni_kernel's. Each output's sums are the single-weight kernel's, in the same order."""
+    silu(gate) * up (rows, N). No bias. Arguments: x, then (weights, scales) per weight; output y (the scratch
+    is the kernel's own, as int4_vnni_kernel's). Each output's sums are the single-weight kernel's, in the same order."""
     K, P, G, R = k_dim, panel, k_dim // INT4_GROUP, tile
     if P != 64:
         raise ValueError(f"the int4 VNNI kernel reads 64-output panels, not {P}")
@@ -290,19 +293,18 @@ def int4_vnni_fused_kernel(k_dim: int, n_dims: tuple[int, ...], panel: int, tile
 
         @T.prim_func(private=True)
         def int4_vnni_swiglu(x_h: T.handle, wg_h: T.handle, sg_h: T.handle, wu_h: T.handle, su_h: T.handle,
-                             y_h: T.handle, xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+                             y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
-            padded = T.int64()
             x = T.match_buffer(x_h, (rows, K), "float32")
             wg = T.match_buffer(wg_h, (N // P, K // 2, P), "uint8")
             sg = T.match_buffer(sg_h, (N // P, G, P), "float16")
             wu = T.match_buffer(wu_h, (N // P, K // 2, P), "uint8")
             su = T.match_buffer(su_h, (N // P, G, P), "float16")
             y = T.match_buffer(y_h, (rows, N), "float32")
-            xq = T.match_buffer(xq_h, (padded, K), "int8")
-            xs = T.match_buffer(xs_h, (padded, G), "float32")
-            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+            xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+            xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+            xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
             quantize_rows(x, xq, xs, xsum, G, R, rows)
             for t in T.parallel(tasks):
                 pair_task(wg, sg, wu, su, y, xq, xs, xsum, G, OBP, P, R, rows, t)
@@ -313,11 +315,9 @@ def int4_vnni_fused_kernel(k_dim: int, n_dims: tuple[int, ...], panel: int, tile
 
     @T.prim_func(private=True)
     def int4_vnni_qkv(x_h: T.handle, w0_h: T.handle, s0_h: T.handle, w1_h: T.handle, s1_h: T.handle,
-                      w2_h: T.handle, s2_h: T.handle, y_h: T.handle, xq_h: T.handle, xs_h: T.handle,
-                      xsum_h: T.handle):
+                      w2_h: T.handle, s2_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        padded = T.int64()
         x = T.match_buffer(x_h, (rows, K), "float32")
         w0 = T.match_buffer(w0_h, (N0 // P, K // 2, P), "uint8")
         s0 = T.match_buffer(s0_h, (N0 // P, G, P), "float16")
@@ -326,9 +326,9 @@ def int4_vnni_fused_kernel(k_dim: int, n_dims: tuple[int, ...], panel: int, tile
         w2 = T.match_buffer(w2_h, (N2 // P, K // 2, P), "uint8")
         s2 = T.match_buffer(s2_h, (N2 // P, G, P), "float16")
         y = T.match_buffer(y_h, (rows, N0 + N1 + N2), "float32")
-        xq = T.match_buffer(xq_h, (padded, K), "int8")
-        xs = T.match_buffer(xs_h, (padded, G), "float32")
-        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
+        xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+        xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+        xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(T0 + T1 + T2):
             if t < T0:
@@ -350,13 +350,9 @@ def emit_int4_vnni_fused(bb, x, weights: list[list], hint: str, swiglu: bool = F
     n_dims = tuple(int(ws[0].ty.shape.values[0]) * int(ws[0].ty.shape.values[2]) for ws in weights)
     tile = row_tile(rows)
     gv = bb.add_func(int4_vnni_fused_kernel(k_dim, n_dims, 64, tile, swiglu), f"{VNNI_PREFIX}{hint}")
-    padded = (rows + (tile - 1)) // tile * tile
-    g = k_dim // INT4_GROUP
     width = n_dims[0] if swiglu else sum(n_dims)
-    outs = [relax.TensorType((rows, width), "float32"), relax.TensorType((padded, k_dim), "int8"),
-            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
     args = [x] + [a for ws in weights for a in ws]
-    return bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, width), "float32")))
 
 
 def fits(x_shape, w_shape) -> bool:
@@ -388,10 +384,6 @@ def emit_int4_vnni_linear(bb, x, ws: list, bias, hint: str):
     n_p, _, p = (int(v) for v in ws[0].ty.shape.values)
     n_dim, tile = n_p * p, row_tile(rows)
     gv = bb.add_func(int4_vnni_kernel(k_dim, n_dim, p, bias is not None, tile), f"{VNNI_PREFIX}{hint}")
-    padded = (rows + (tile - 1)) // tile * tile
-    g = k_dim // INT4_GROUP
-    outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
-            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
     args = [x2, *ws] + ([bias] if bias is not None else [])
-    y = bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n_dim), "float32")))
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_dim)))
