@@ -273,7 +273,9 @@ def fit_exact_bytes(solve_at: Callable[[int], tuple[Allocation, Plan]], budget: 
         alloc.total_bytes = exact
         if exact <= budget:
             return alloc, out
-        target -= exact - budget
+        # this plan needs (exact - additive) beyond its table bytes, so it fits no target above budget - that: a
+        # plan returned again under a target lowered only by its excess over the budget cost one try per few bytes
+        target = min(target - (exact - budget), budget - (exact - s["additive_bytes"]))
     raise EdgeqError(None, f"no plan found whose files fit {budget / MB:.3f} MB exactly "
                            f"(the last was {alloc.total_bytes / MB:.6f} MB)")
 
