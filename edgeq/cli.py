@@ -504,9 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "logits (fisher: the output gradient's energy, from a numpy backward of the float "
                              "model over the writer's windows; each weight gets its own H)")
         sp.add_argument("--gptq-token-windows", type=int, metavar="N",
-                        help="with --gptq-tokens fisher: the backward over N of the writer's windows only, the "
-                             "weighting's change to each H estimated there and added to the uniform H of all "
-                             "(default: every window)")
+                        help="with --gptq-tokens fisher: the backward over N of the writer's windows only; the other "
+                             "windows' tokens get those tokens' mean weight at their kind of position (a window's "
+                             "first token, the attention sink, or a later one) (default: every window)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

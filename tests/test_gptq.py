@@ -20,8 +20,8 @@ from edgeq.evaluate.decoder import log_softmax64
 from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
 from edgeq.passes.fisher import token_weights
-from edgeq.passes.gptq import (Hessian, aimed_at_reference, compensate, control_variate_hessian, damped, input_drift,
-                               input_hessian, inverse_cholesky, weighted_windows, written, written_values)
+from edgeq.passes.gptq import (Hessian, aimed_at_reference, compensate, damped, input_drift, input_hessian,
+                               inverse_cholesky, partly_weighted_hessian, weighted_windows, written, written_values)
 
 
 def _inputs(seed: int, width: int):
@@ -122,7 +122,7 @@ def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: l
         if name in names:
             f = get_format(file.weights[name].source_format)
             if weighted is not None:
-                hess = control_variate_hessian(envs, node.inputs[0], weighted, token_weights[name],
+                hess = partly_weighted_hessian(envs, node.inputs[0], weighted, token_weights[name],
                                                act_order=act_order, conditional=conditional)
             else:
                 hess = input_hessian(envs, node.inputs[0], act_order=act_order, conditional=conditional,
@@ -626,37 +626,32 @@ def test_fisher_weighted_tokens_give_each_weight_its_own_h(tiny_decoder_dir, tmp
     assert not (tmp_path / "c").exists()
 
 
-def test_the_control_variate_adds_the_weightings_change_on_the_backward_windows_to_the_uniform_h():
-    """--gptq-token-windows K: H = E[xxᵀ] (all windows) + C_F − C (the K windows with a backward); every window
-    weighted is the plain Fisher-weighted H, flat token weights leave the uniform H, and a difference with negative
-    eigenvalues is clipped to positive semi-definite."""
+def test_tokens_without_a_backward_get_the_mean_weight_of_their_kind_of_position():
+    """--gptq-token-windows K: H = Σ w_t x_t x_tᵀ / Σ w_t over every window, w_t = a_t on the K windows with a
+    backward and, elsewhere, the mean a_t of those windows' first tokens (the attention sink) or of their later
+    ones; every window weighted is the plain Fisher-weighted H, flat weights the uniform H."""
     draw, rng = _inputs(3, 16), np.random.default_rng(4)
     envs = [{"x": draw(40, rng).astype(np.float32)} for _ in range(8)]
     a = rng.random(8 * 40) ** 4
-    every = control_variate_hessian(envs, "x", list(range(8)), a).h
+    every = partly_weighted_hessian(envs, "x", list(range(8)), a).h
     np.testing.assert_allclose(every, input_hessian(envs, "x", token_weights=a).h, rtol=1e-12, atol=1e-12)
     some = weighted_windows(8, 2)
     assert some == [0, 4] and weighted_windows(8, None) == weighted_windows(8, 8) == list(range(8))
-    np.testing.assert_allclose(control_variate_hessian(envs, "x", some, np.full(80, 0.3)).h,
+    np.testing.assert_allclose(partly_weighted_hessian(envs, "x", some, np.full(80, 0.3)).h,
                                input_hessian(envs, "x").h, rtol=1e-10, atol=1e-12)
-    x = [e["x"].astype(np.float64) for e in envs]
-    xk, ak = np.concatenate([x[i] for i in some]), a[:80]
-    want = sum(v.T @ v for v in x) / 320 + (xk * ak[:, None]).T @ xk / ak.sum() - xk.T @ xk / 80
-    got = control_variate_hessian(envs, "x", some, ak)
-    assert np.linalg.eigvalsh(want).min() > 0          # these draws need no clipping: the formula itself
-    np.testing.assert_allclose(got.h, damped(want), rtol=1e-10, atol=1e-12)
-    assert not np.allclose(got.h, input_hessian(envs, "x").h, rtol=1e-3)
-    # a weighting that moves H by more than the uniform H holds in some direction: clipped, still factorable
-    spiky = np.zeros(80)
-    spiky[0] = 1.0
-    clipped = control_variate_hessian(envs, "x", some, spiky).h
-    assert np.linalg.eigvalsh(clipped).min() > 0
-    inverse_cholesky(clipped)
+    ak = a[:80].copy()
+    ak[[0, 40]] = [50.0, 30.0]                  # the sink: 40 on average
+    w = np.full(320, ak[np.r_[1:40, 41:80]].mean())
+    w[::40] = 40.0
+    w[0:40], w[160:200] = ak[:40], ak[40:]
+    got = partly_weighted_hessian(envs, "x", some, ak).h
+    np.testing.assert_allclose(got, input_hessian(envs, "x", token_weights=w).h, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(got, input_hessian(envs, "x").h, rtol=1e-3)
 
 
-def test_fisher_tokens_on_fewer_windows_write_the_control_variate_h(tiny_decoder_dir, tmp_path, monkeypatch):
-    """--gptq-tokens fisher --gptq-token-windows 1 of 2 writer windows: each weight is GPTQ through the control
-    variate's H (the backward over window 0 only); the plan records it and `--plan` writes the same bytes."""
+def test_fisher_tokens_on_fewer_windows_write_the_partly_weighted_h(tiny_decoder_dir, tmp_path, monkeypatch):
+    """--gptq-tokens fisher --gptq-token-windows 1 of 2 writer windows: each weight is GPTQ through the partly
+    weighted H (the backward over window 0 only); the plan records it and `--plan` writes the same bytes."""
     import json
 
     monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
