@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--gptq-windows", type=int, help="windows GPTQ's writer takes each H from (default: calib's)")
     ap.add_argument("--gptq-tokens", choices=["uniform", "fisher"], default="uniform",
                     help="GPTQ's H: tokens alike or weighted by their output's Fisher")
+    ap.add_argument("--gptq-token-windows", type=int, help="fisher tokens: the backward over N writer windows only")
     ap.add_argument("--gptq-aim", choices=["quantized", "float"], default="quantized",
                     help="what GPTQ fits each layer's output to (float: GPTAQ's objective)")
     ap.add_argument("--gptq-conditional", action="store_true",
@@ -76,7 +77,8 @@ def main() -> int:
     res = {"cpu_flags": cpu_flags(), "machine": platform.machine(), "chunks": a.chunks, "threads": a.threads,
            "formats": formats, "gptq": a.gptq, "act_order": a.act_order, "sequential": a.sequential,
            "calib_windows": a.calib_windows, "gptq_windows": a.gptq_windows,
-           "gptq_conditional": a.gptq_conditional, "gptq_aim": a.gptq_aim, "gptq_tokens": a.gptq_tokens, "text": a.text, "rows": []}
+           "gptq_conditional": a.gptq_conditional, "gptq_aim": a.gptq_aim, "gptq_tokens": a.gptq_tokens,
+           "gptq_token_windows": a.gptq_token_windows, "text": a.text, "rows": []}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1) + "\n")
@@ -96,6 +98,7 @@ def main() -> int:
                 ExportOptions(bpw=what, formats=formats, out=str(bundle), force=True, gptq=a.gptq,
                               gptq_act_order=a.act_order, gptq_sequential=a.sequential,
                               gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional, gptq_aim=a.gptq_aim, gptq_tokens=a.gptq_tokens,
+                              gptq_token_windows=a.gptq_token_windows,
                               calib_windows=a.calib_windows, check=not a.no_speed))
         r = export(opts, log=lambda s: print(s, file=sys.stderr))
         ev = evaluate_bundle(bundle, None if text_file is None else str(text_file), chunks=a.chunks,

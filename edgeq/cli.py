@@ -44,7 +44,7 @@ def _options(a, out: str = "out") -> ExportOptions:
         bpw=a.bpw, method=a.method, formats=a.formats, ranks=a.ranks, ties=a.ties, lowrank_scaling=a.lowrank_scaling,
         cost=a.cost, gptq=a.gptq, gptq_act_order=a.gptq_act_order, gptq_sequential=a.gptq_sequential,
         gptq_windows=a.gptq_windows, gptq_conditional=a.gptq_conditional,
-        gptq_aim=a.gptq_aim, gptq_tokens=a.gptq_tokens,
+        gptq_aim=a.gptq_aim, gptq_tokens=a.gptq_tokens, gptq_token_windows=a.gptq_token_windows,
         adapters=getattr(a, "adapter", None) or [], adapter_mode=getattr(a, "adapter_mode", None) or "merged",
         calib_images=getattr(a, "calib_images", None),
         calib_text=getattr(a, "calib_text", None), calib_jsonl=getattr(a, "calib_jsonl", None),
@@ -503,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the default) or by how much that layer's output error at the token costs at the "
                              "logits (fisher: the output gradient's energy, from a numpy backward of the float "
                              "model over the writer's windows; each weight gets its own H)")
+        sp.add_argument("--gptq-token-windows", type=int, metavar="N",
+                        help="with --gptq-tokens fisher: the backward over N of the writer's windows only; the other "
+                             "windows' tokens get those tokens' mean weight at their kind of position (a window's "
+                             "first token, the attention sink, or a later one) (default: every window)")
         sp.add_argument("--ties", type=csv(str), default=[], help="tensors that must share a format: qkv,gate_up "
                                                                   "(default: none)")
         latency_options(sp)

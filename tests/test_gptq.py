@@ -21,7 +21,7 @@ from edgeq.models import llama
 from edgeq.passes.calibrate import DEFAULT_CTX, calibrate, calibration_tokens, calibration_windows
 from edgeq.passes.fisher import token_weights
 from edgeq.passes.gptq import (Hessian, aimed_at_reference, compensate, damped, input_drift, input_hessian,
-                               inverse_cholesky, written, written_values)
+                               inverse_cholesky, partly_weighted_hessian, weighted_windows, written, written_values)
 
 
 def _inputs(seed: int, width: int):
@@ -110,7 +110,8 @@ def exported(tiny_decoder_dir, cache, tmp_path_factory):
 
 def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: list[str], imatrix: dict,
                                 n_windows: int = 2, conditional: bool = False, act_order: bool = True,
-                                token_weights: dict[str, np.ndarray] | None = None) -> None:
+                                token_weights: dict[str, np.ndarray] | None = None,
+                                weighted: list[int] | None = None) -> None:
     """Each of `names` in `file` is its format's quantization of W' = the source's weight compensated through the
     H of the inputs that reach it when `run` runs the calibration windows (blocks in act-order, edgeq's default)."""
     checked = []
@@ -120,8 +121,12 @@ def _assert_compensated_through(run: Graph, file: Graph, source: Graph, names: l
         name = node.inputs[1]
         if name in names:
             f = get_format(file.weights[name].source_format)
-            hess = input_hessian(envs, node.inputs[0], act_order=act_order, conditional=conditional,
-                                 token_weights=None if token_weights is None else token_weights[name])
+            if weighted is not None:
+                hess = partly_weighted_hessian(envs, node.inputs[0], weighted, token_weights[name],
+                                               act_order=act_order, conditional=conditional)
+            else:
+                hess = input_hessian(envs, node.inputs[0], act_order=act_order, conditional=conditional,
+                                     token_weights=None if token_weights is None else token_weights[name])
             w_prime, imp = written(source.weights[name].numpy(), f, hess, imatrix[name])
             np.testing.assert_array_equal(file.weights[name].numpy(), f.roundtrip(w_prime, imp))
             checked.append(name)
@@ -617,5 +622,59 @@ def test_fisher_weighted_tokens_give_each_weight_its_own_h(tiny_decoder_dir, tmp
     assert (tmp_path / "b" / "model.gguf").read_bytes() == (tmp_path / "fisher" / "model.gguf").read_bytes()
     path.write_text(json.dumps({**out["fisher"], "gptq": {**out["fisher"]["gptq"], "tokens": "gradient"}}))
     with pytest.raises(EdgeqError, match="gptq.tokens"):
+        export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), out=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
+
+
+def test_tokens_without_a_backward_get_the_mean_weight_of_their_kind_of_position():
+    """--gptq-token-windows K: H = Σ w_t x_t x_tᵀ / Σ w_t over every window, w_t = a_t on the K windows with a
+    backward and, elsewhere, the mean a_t of those windows' first tokens (the attention sink) or of their later
+    ones; every window weighted is the plain Fisher-weighted H, flat weights the uniform H."""
+    draw, rng = _inputs(3, 16), np.random.default_rng(4)
+    envs = [{"x": draw(40, rng).astype(np.float32)} for _ in range(8)]
+    a = rng.random(8 * 40) ** 4
+    every = partly_weighted_hessian(envs, "x", list(range(8)), a).h
+    np.testing.assert_allclose(every, input_hessian(envs, "x", token_weights=a).h, rtol=1e-12, atol=1e-12)
+    some = weighted_windows(8, 2)
+    assert some == [0, 4] and weighted_windows(8, None) == weighted_windows(8, 8) == list(range(8))
+    np.testing.assert_allclose(partly_weighted_hessian(envs, "x", some, np.full(80, 0.3)).h,
+                               input_hessian(envs, "x").h, rtol=1e-10, atol=1e-12)
+    ak = a[:80].copy()
+    ak[[0, 40]] = [50.0, 30.0]                  # the sink: 40 on average
+    w = np.full(320, ak[np.r_[1:40, 41:80]].mean())
+    w[::40] = 40.0
+    w[0:40], w[160:200] = ak[:40], ak[40:]
+    got = partly_weighted_hessian(envs, "x", some, ak).h
+    np.testing.assert_allclose(got, input_hessian(envs, "x", token_weights=w).h, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(got, input_hessian(envs, "x").h, rtol=1e-3)
+
+
+def test_fisher_tokens_on_fewer_windows_write_the_partly_weighted_h(tiny_decoder_dir, tmp_path, monkeypatch):
+    """--gptq-tokens fisher --gptq-token-windows 1 of 2 writer windows: each weight is GPTQ through the partly
+    weighted H (the backward over window 0 only); the plan records it and `--plan` writes the same bytes."""
+    import json
+
+    monkeypatch.setenv("EDGEQ_CACHE", str(tmp_path / "cache"))
+    res = export(ExportOptions(model=str(tiny_decoder_dir), quant="q4_0", gptq=True, gptq_tokens="fisher",
+                               gptq_token_windows=1, calib_windows=2, gptq_windows=2, out=str(tmp_path / "a"),
+                               check=False))
+    plan = res["manifest"]["plan"]
+    assert plan["gptq"]["tokens"] == "fisher" and plan["gptq"]["token_windows"] == 1
+    source: Graph = import_model(tiny_decoder_dir)
+    comp = import_gguf(tmp_path / "a" / "model.gguf")
+    names = [n for n, t in comp.weights.items() if len(t.shape) == 2 and t.source_format == "q4_0"
+             and n != "model.embed_tokens.weight"]
+    tokens, bos, add_bos = calibration_tokens(source)
+    windows = calibration_windows(tokens, DEFAULT_CTX, 2, bos, add_bos)
+    weights = token_weights(source, windows[:1])
+    _assert_compensated_through(comp, comp, source, names, calibrate(source, n_windows=2).imatrix(),
+                                token_weights=weights, weighted=[0])
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), calib_windows=2, out=str(tmp_path / "b"),
+                         check=False))
+    assert (tmp_path / "b" / "model.gguf").read_bytes() == (tmp_path / "a" / "model.gguf").read_bytes()
+    path.write_text(json.dumps({**plan, "gptq": {**plan["gptq"], "token_windows": 0}}))
+    with pytest.raises(EdgeqError, match="gptq.token_windows"):
         export(ExportOptions(model=str(tiny_decoder_dir), plan=str(path), out=str(tmp_path / "c")))
     assert not (tmp_path / "c").exists()

@@ -109,7 +109,8 @@ def decide(graph: Graph, inp: DecideInputs, opts: ExportOptions, ctx: Context, b
                        gptq_windows=recorded.get("windows", opts.gptq_windows),
                        gptq_conditional=recorded.get("importance") == "conditional",
                        gptq_aim=recorded.get("aim", "quantized"),
-                       gptq_tokens=recorded.get("tokens", "uniform"))
+                       gptq_tokens=recorded.get("tokens", "uniform"),
+                       gptq_token_windows=recorded.get("token_windows"))
     if opts.budgeted and inp.user_plan is not None:
         raise EdgeqError(opts.plan, "give either --plan or a budget (--budget-mb / --bpw), not both")
     if opts.budgeted and opts.method not in ("ilp", "dynaquant", "search"):
@@ -206,17 +207,21 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
                                      n_windows=gptq_windows(opts, windows), conditional=opts.gptq_conditional,
                                      asymmetric=opts.gptq_aim == "float", source=inp.text, subset=opts.calib_subset,
                                      file_rows=functools.partial(inp.target.file_rows, graph),
-                                     fisher_weighted=opts.gptq_tokens == "fisher"))
+                                     fisher_weighted=opts.gptq_tokens == "fisher",
+                                     token_windows=opts.gptq_token_windows))
     if ranks and branches:
         passes.append(LowrankCompensate(None if user is not None else opts.lowrank_scaling))
     out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": windows}
+    token_windows = (opts.gptq_token_windows if opts.gptq_tokens == "fisher" and opts.gptq_token_windows
+                     and opts.gptq_token_windows < gptq_windows(opts, windows) else None)
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
                  "windows": gptq_windows(opts, windows),
                  **({"importance": "conditional"} if opts.gptq_conditional else {}),
                  **({"aim": "float"} if opts.gptq_aim == "float" else {}),
-                 **({"tokens": "fisher"} if opts.gptq_tokens == "fisher" else {})} if opts.gptq else None
+                 **({"tokens": "fisher"} if opts.gptq_tokens == "fisher" else {}),
+                 **({"token_windows": token_windows} if token_windows else {})} if opts.gptq else None
     return Decision(plan, cal, ctx.analysis.get("branches", {}), None if out is graph else out,
                     ctx.analysis.pop("written", None))
 

@@ -65,6 +65,7 @@ class ExportOptions:
     gptq_conditional: bool = False         # GPTQ's quantizer weighted by what later columns cannot pay back
     gptq_aim: str = "quantized"            # GPTQ fits each layer to its output on the quantized inputs, or the float's
     gptq_tokens: str = "uniform"           # GPTQ's H: every token alike, or weighted by its output's Fisher (fisher)
+    gptq_token_windows: int | None = None  # fisher: windows with a backward (None: all; the rest: mean weights)
     cost: str = "auto"                     # sensitivity cost: output error, or x output Fisher; auto: fisher when torch is here
     ties: list[str] = field(default_factory=list)   # "qkv", "gate_up": tensors that must share a format
     adapters: list[str] = field(default_factory=list)   # PEFT LoRA "DIR[:WEIGHT][=NAME]", merged in this order

@@ -205,6 +205,9 @@ def plan_from_json(d: Any, path=None) -> Plan:
             raise EdgeqError(path, "gptq.aim must be \"quantized\" or \"float\"")
         if gptq.get("tokens", "uniform") not in ("uniform", "fisher"):
             raise EdgeqError(path, "gptq.tokens must be \"uniform\" or \"fisher\"")
+        if gptq.get("token_windows") is not None and not (type(gptq["token_windows"]) is int
+                                                          and gptq["token_windows"] > 0):
+            raise EdgeqError(path, "gptq.token_windows must be a positive integer")
     return Plan(tensors=tensors, preset=preset, backend=d.get("backend"), rules=rules, pruning=d.get("pruning"),
                 search=d.get("search"), calibration=d.get("calibration"), activations=acts, gptq=gptq)
 
