@@ -50,10 +50,7 @@ def _kernel_args(rows, tile, bias, k_dim=96, n_dim=192, seed=2):
     x[-1] = 0 if rows > 1 else x[-1]
     b = rng.standard_normal(n_dim).astype(np.float32)
     codes, scale = int8_quantize_groups(w)
-    padded = -(-rows // tile) * tile
-    arrays = [x, g32_order(panels(codes.T)), panels(scale.T), *([b] if bias else []), np.zeros((rows, n_dim), np.float32),
-              np.zeros((padded, k_dim), np.int8), np.zeros((padded, k_dim // 32), np.float32),
-              np.zeros((padded, k_dim // 32), np.int32)]
+    arrays = [x, g32_order(panels(codes.T)), panels(scale.T), *([b] if bias else []), np.zeros((rows, n_dim), np.float32)]
     return w, x, (b if bias else 0), arrays
 
 
@@ -73,14 +70,14 @@ def test_g32_order_indexes(panel):
 
 
 @pytest.mark.skipif(not VNNI, reason="host without AVX-512 VNNI")
-@pytest.mark.parametrize("rows,tile,bias", [(1, 1, True), (6, 4, False)])
-def test_vnni_kernel_is_q8_0_scheme(rows, tile, bias):
+@pytest.mark.parametrize("rows,tile,bias,task", [(1, 1, True, None), (6, 4, False, None), (3, 1, False, 32)])
+def test_vnni_kernel_is_q8_0_scheme(rows, tile, bias, task):
     """Rows that are not whole tiles, an all-zero row among them: numpy's q8_0 x q8_0 to float rounding, measurably
-    not the weight-only float product, on `vpdpbusd`."""
+    not the weight-only float product, on `vpdpbusd`; tasks of a whole panel (decode) and of half one."""
     from edgeq.targets.tvm.int8_vnni import int8_g32_kernel
 
     w, x, b, arrays = _kernel_args(rows, tile, bias)
-    func = int8_g32_kernel(96, 192, bias, tile, "vnni")
+    func = int8_g32_kernel(96, 192, bias, tile, "vnni", task)
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
@@ -92,6 +89,34 @@ def test_vnni_kernel_is_q8_0_scheme(rows, tile, bias):
     weight_only = x.astype(np.float64) @ int8_dequantize_groups(codes, scale).T + b
     assert np.abs(ref - weight_only).max() > 1e-3
     assert "vpdpbusd" in lib.mod.inspect_source("asm")
+
+
+@pytest.mark.skipif(not VNNI, reason="host without AVX-512 VNNI")
+@pytest.mark.parametrize("rows,tile", [(1, 1), (5, 4)])
+def test_fused_kernels_are_the_single_kernel(rows, tile):
+    """The fused q/k/v call's columns are the single-weight kernel's outputs exactly (the same sums in the same
+    order), and the gate/up call gives silu(gate) * up of them."""
+    from edgeq.targets.tvm.int8_vnni import int8_g32_fused_kernel, int8_g32_kernel
+
+    dev = tvm.cpu()
+
+    def run(func, arrays, out_shape):
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=HOST)
+        args = [tvm.runtime.tensor(a, dev) for a in [*arrays, np.zeros(out_shape, np.float32)]]
+        lib["main"](*args)
+        return args[-1].numpy()
+
+    weights = [_kernel_args(rows, tile, False, n_dim=n, seed=i) for i, n in enumerate((192, 64, 64))]
+    x = weights[0][1]
+    stored = [a[1:3] for _, _, _, a in weights]
+    single = [run(int8_g32_kernel(96, n, False, tile), [x, *st], (rows, n)) for n, st in zip((192, 64, 64), stored)]
+    qkv = run(int8_g32_fused_kernel(96, (192, 64, 64), tile), [x, *stored[0], *stored[1], *stored[2]], (rows, 320))
+    np.testing.assert_array_equal(qkv, np.concatenate(single, axis=1))
+    up = _kernel_args(rows, tile, False, n_dim=192, seed=7)[3][1:3]
+    u = run(int8_g32_kernel(96, 192, False, tile), [x, *up], (rows, 192))
+    act = run(int8_g32_fused_kernel(96, (192, 192), tile, swiglu=True), [x, *stored[0], *up], (rows, 192))
+    g = single[0]
+    np.testing.assert_allclose(act, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
 
 
 def test_arm64_kernel_is_on_sdot():

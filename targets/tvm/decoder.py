@@ -45,6 +45,8 @@ from edgeq.models import llama, names
 from edgeq.models.llama import LlamaConfig
 from edgeq.targets.tvm.int4_vnni import emit_int4_vnni_fused
 from edgeq.targets.tvm.int4_vnni import fits as int4_fits
+from edgeq.targets.tvm.int8_vnni import emit_int8_g32_fused
+from edgeq.targets.tvm.int8_vnni import fits as int8_fits
 from edgeq.targets.tvm.ops import (
     ATTENTION_PREFIX,
     SCORE_KEYS,
@@ -224,19 +226,24 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                         y = emit_lora_slot(bb, params, x, y, wn, graph.weights[wn].shape, hint)
                     return y
 
-                def fused(x, projections):
-                    """The int4_g32 parameters of these projections when one int4 VNNI call can run them all on x
+                def fused(x, projections, hint, swiglu=False):
+                    """One call running these projections on x, the input quantized once (q/k/v into one output;
+                    gate/up into silu(gate) * up), when they are all int4_g32 or all int8_g32 on the VNNI kernels
                     (no bias, branch or LoRA slot; static 64-output panels), else None (one call each)."""
                     wns = [pre + n + ".weight" for n in projections]
-                    if params.dot not in ("vnni", "amx") or any(
-                            plan.tensors[wn].format != "int4_g32" or wn in branches or wn in lora_slots for wn in wns):
+                    fmts = {plan.tensors[wn].format for wn in wns}
+                    if params.dot not in ("vnni", "amx") or len(fmts) != 1 or fmts - {"int4_g32", "int8_g32"} or any(
+                            wn in branches or wn in lora_slots for wn in wns):
                         return None
+                    four = fmts == {"int4_g32"}
+                    fits, dtype = (int4_fits, "uint8") if four else (int8_fits, "int8")
                     arrays = [params.weight_arrays(wn, W(wn), plan.tensors[wn], imatrix.get(wn)) for wn in wns]
                     if any(len(a) != 2 or a[0][1].ndim != 3 or a[0][1].shape[2] != 64 for a in arrays) or \
-                            not all(int4_fits(x.ty.shape, relax.TensorType(a[0][1].shape, "uint8").shape)
-                                    for a in arrays):
+                            not all(fits(x.ty.shape, relax.TensorType(a[0][1].shape, dtype).shape) for a in arrays):
                         return None
-                    return [[params.add(n, arr) for n, arr in a] for a in arrays]
+                    weights = [[params.add(n, arr) for n, arr in a] for a in arrays]
+                    emit = emit_int4_vnni_fused if four else emit_int8_g32_fused
+                    return emit(bb, x, weights, hint, swiglu=swiglu)
 
                 xa = _rms_norm(bb, params, h, pre + "input_layernorm.weight", W, cfg.rms_eps)
                 bias = cfg.attention_bias
@@ -244,9 +251,9 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 # the layer on the last token's row only (its query, attention output, MLP; then the head)
                 last = entry == LAST_ONLY and i == cfg.n_layers - 1
                 nq, xq, q_pos = (1, _last_row(bb, xa), total - 1) if last else (seq, xa, past)
-                qkv = None if last or bias else fused(xa, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
-                if qkv is not None:         # one call, the input quantized once; q, k and v read from its columns
-                    y = emit_int4_vnni_fused(bb, xa, qkv, "qkv")
+                y = None if last or bias else fused(xa, ("self_attn.q_proj", "self_attn.k_proj",
+                                                         "self_attn.v_proj"), "qkv")
+                if y is not None:           # one call, the input quantized once; q, k and v read from its columns
                     nqc, nkc = w.heads * d, w.kv_heads * d
                     q = _rope(bb, y, cos_v, sin_v, q_pos, w.heads, d)
                     k_all, v_all = _kv_append(bb, kv_in[2 * i], kv_in[2 * i + 1], y, y, cos_v, sin_v, past, w,
@@ -262,10 +269,9 @@ def _function(bb: relax.BlockBuilder, params: Params, graph: Graph, plan: Plan, 
                 h1 = bb.emit(R.add(_last_row(bb, h) if last else h, lin(att, "self_attn.o_proj", "o")))
                 xm = _rms_norm(bb, params, h1, pre + "post_attention_layernorm.weight", W, cfg.rms_eps)
                 rows, cols = ((0, units[i]), (1, units[i])) if units is not None else (None, None)
-                gate_up = None if units is not None else fused(xm, ("mlp.gate_proj", "mlp.up_proj"))
-                if gate_up is not None:     # silu(gate) * up straight from the one call
-                    act = emit_int4_vnni_fused(bb, xm, gate_up, "gate_up", swiglu=True)
-                else:
+                # silu(gate) * up straight from one call
+                act = None if units is not None else fused(xm, ("mlp.gate_proj", "mlp.up_proj"), "gate_up", True)
+                if act is None:
                     g = lin(xm, "mlp.gate_proj", "gate", channels=rows)
                     u = lin(xm, "mlp.up_proj", "up", channels=rows)
                     act = bb.emit(R.multiply(R.nn.silu(g), u))

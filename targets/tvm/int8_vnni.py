@@ -68,13 +68,17 @@ def block(gs, wv, xq, o, R, rb, g, c):  # noqa: N803  one 16-output block's sums
 def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int):
     """y[m, n] = w_scale[n] * Σ_g x_scale[m, g] * Σ_{k in g} w[k, n] * xq[m, k] (+ bias[n]) for rows x (rows, k)
     (symbolic), w in panels (n/64, k, 64) int8. `tile`: rows per register block (1 for decode). Arguments: x, w,
-    w_scale[, bias]; outputs y, then the scratch of int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
+    w_scale[, bias]; output y; the quantized rows are the kernel's own scratch, as in int8_g32_kernel."""
     K, N, G, R = k_dim, n_dim, k_dim // GROUP, tile
 
     tasks = N // PANEL
 
     @T.macro(hygienic=False)
-    def body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows):  # noqa: N803  (a macro sees its arguments only)
+    def body(x, w, ws, b, y, G, tasks, R, rows):  # noqa: N803  (a macro sees its arguments only)
+        padded = T.meta_var((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R))
+        xq = T.decl_buffer((padded, K), "int8")
+        xs = T.decl_buffer((padded, G), "float32")
+        xsum = T.decl_buffer((padded, G), "int32")
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(tasks):
             acc = T.decl_buffer((R * 64,), "float32", scope="local")
@@ -105,36 +109,26 @@ def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int):
 
     if bias:
         @T.prim_func(private=True)
-        def int8_vnni_linear(x_h: T.handle, w_h: T.handle, ws_h: T.handle, b_h: T.handle, y_h: T.handle,
-                             xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        def int8_vnni_linear(x_h: T.handle, w_h: T.handle, ws_h: T.handle, b_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
-            padded = T.int64()
             x = T.match_buffer(x_h, (rows, K), "float32")
             w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
             ws = T.match_buffer(ws_h, (N,), "float32")
             b = T.match_buffer(b_h, (N,), "float32")
             y = T.match_buffer(y_h, (rows, N), "float32")
-            xq = T.match_buffer(xq_h, (padded, K), "int8")
-            xs = T.match_buffer(xs_h, (padded, G), "float32")
-            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-            body(x, w, ws, b, y, xq, xs, xsum, G, tasks, R, rows)
+            body(x, w, ws, b, y, G, tasks, R, rows)
         return int8_vnni_linear
 
     @T.prim_func(private=True)
-    def int8_vnni_linear_nb(x_h: T.handle, w_h: T.handle, ws_h: T.handle, y_h: T.handle,
-                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+    def int8_vnni_linear_nb(x_h: T.handle, w_h: T.handle, ws_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        padded = T.int64()
         x = T.match_buffer(x_h, (rows, K), "float32")
         w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
         ws = T.match_buffer(ws_h, (N,), "float32")
         y = T.match_buffer(y_h, (rows, N), "float32")
-        xq = T.match_buffer(xq_h, (padded, K), "int8")
-        xs = T.match_buffer(xs_h, (padded, G), "float32")
-        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-        body(x, w, ws, None, y, xq, xs, xsum, G, tasks, R, rows)
+        body(x, w, ws, None, y, G, tasks, R, rows)
     return int8_vnni_linear_nb
 
 
@@ -142,91 +136,210 @@ def _out(v, b, i):
     return v + b[i] if b is not None else v
 
 
+@T.macro(hygienic=False)
+def g32_sums(w, s, acc, a0, gs, xq, xs, xsum, t, G, R, rb, L, OB, kind, task, TP):  # noqa: N803
+    """acc[a0 + r * task + l] = output l of task t of int8_g32 weight (w, s), row r of row tile rb (quantized rows
+    xq, xs, xsum): per group of 32 inputs the integer sums gs, then scaled into the float accumulator."""
+    for l in T.vectorized(R * task):
+        acc[a0 + l] = T.float32(0)
+    for g in T.serial(G):
+        for l in T.vectorized(R * task):
+            gs[l] = 0
+        for c in T.unroll(8):
+            for o in T.unroll(OB):
+                # the task's part of the 256-byte chunk (4 inputs by 64 outputs), L outputs by 4 inputs
+                wv = T.meta_var(_weight_operand(w, t, g * 32 + c * 4, o, L, kind, task))
+                for r in T.unroll(R):
+                    gs[T.ramp((r * OB + o) * L, 1, L)] = _dot(
+                        kind, gs.vload([(r * OB + o) * L], f"int32x{L}"), wv,
+                        T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
+                            [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), L),
+                            dtype=f"int8x{4 * L}"))
+        for r in T.unroll(R):
+            for l in T.vectorized(task):
+                acc[a0 + r * task + l] = acc[a0 + r * task + l] + T.Cast("float32", _unsigned_fix(
+                    gs[r * task + l], xsum[rb * T.int64(R) + T.int64(r), g], kind)) * (
+                    xs[rb * T.int64(R) + T.int64(r), g] * T.Cast("float32", s[t // TP, g, (t % TP) * task + l]))
+
+
+@T.macro(hygienic=False)
+def g32_store(y, acc, b, c0, n0, R, rb, rows, task):  # noqa: N803
+    """y's columns c0 + n0 .. of row tile rb's real rows = acc (+ bias b from n0)."""
+    for r in T.unroll(R):
+        if rb * T.int64(R) + T.int64(r) < rows:
+            for l in T.vectorized(task):
+                y[rb * T.int64(R) + T.int64(r), c0 + n0 + l] = _out(acc[r * task + l], b, n0 + l)
+
+
 @functools.lru_cache(maxsize=None)
-def int8_g32_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, kind: str = "vnni"):
+def int8_g32_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, kind: str = "vnni", task: int | None = None):
     """y[m, n] = Σ_g x_scale[m, g] * w_scale[g, n] * Σ_{k in g} code[k, n] * xq[m, k] (+ bias[n]) for rows x
     (rows, k) (symbolic); codes (n/64, k, 64) int8 in g32_order, scales f16 panels (n/64, k/32, 64). `tile`: rows
-    per register block (1 for decode). `kind`: "vnni" or "sdot". Arguments: x, codes, scales[, bias]; outputs y,
-    then the scratch of int4_vnni.quantize_rows (xsum there is 8 * Σ xq: 16x it here)."""
+    per register block (1 for decode). `kind`: "vnni" or "sdot". `task`: outputs per parallel task (task_width).
+    Arguments: x, codes, scales[, bias]; output y. The quantized rows (int4_vnni.quantize_rows; xsum there is
+    8 * Σ xq: 16x it here) are the kernel's own scratch, allocated inside it (the runtime's workspace): as call
+    outputs they cost the VM three tensor allocations, a tuple and its release per call (~840 of a decode
+    step's ~1,100 allocations under the int8 preset)."""
     if kind not in KINDS:
         raise ValueError(f"no int8 integer kernel for {kind!r}")
     K, N, G, R = k_dim, n_dim, k_dim // GROUP, tile
-    tasks = N // TASK
+    task = task or task_width(tile, kind)
+    tasks = N // task
     L = LANES[kind]                         # noqa: N806
-    OB = TASK // L                          # noqa: N806  instructions per row and step of 4 inputs
+    OB = task // L                          # noqa: N806  instructions per row and step of 4 inputs
+    TP = PANEL // task                      # noqa: N806  tasks per panel
 
     @T.macro(hygienic=False)
-    def body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind):  # noqa: N803  (sees its arguments only)
+    def body(x, w, s, b, y, G, tasks, R, rows, L, OB, kind, task, TP):  # noqa: N803  (sees its arguments only)
+        padded = T.meta_var((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R))
+        xq = T.decl_buffer((padded, K), "int8")
+        xs = T.decl_buffer((padded, G), "float32")
+        xsum = T.decl_buffer((padded, G), "int32")
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((R * 32,), "float32", scope="local")
-            gs = T.decl_buffer((R * 32,), "int32", scope="local")
+            acc = T.decl_buffer((R * task,), "float32", scope="local")
+            gs = T.decl_buffer((R * task,), "int32", scope="local")
             for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
-                for l in T.vectorized(R * 32):
-                    acc[l] = T.float32(0)
-                for g in T.serial(G):
-                    for l in T.vectorized(R * 32):
-                        gs[l] = 0
-                    for c in T.unroll(8):
-                        for o in T.unroll(OB):
-                            # the task's half of the 256-byte chunk (4 inputs by 64 outputs), L outputs by 4 inputs
-                            wv = T.meta_var(_weight_operand(w, t, g * 32 + c * 4, o, L, kind))
-                            for r in T.unroll(R):
-                                gs[T.ramp((r * OB + o) * L, 1, L)] = _dot(
-                                    kind, gs.vload([(r * OB + o) * L], f"int32x{L}"), wv,
-                                    T.reinterpret(T.broadcast(T.reinterpret(xq.vload(
-                                        [rb * T.int64(R) + T.int64(r), g * 32 + c * 4], "int8x4"), dtype="int32"), L),
-                                        dtype=f"int8x{4 * L}"))
-                    for r in T.unroll(R):
-                        for l in T.vectorized(32):
-                            acc[r * 32 + l] = acc[r * 32 + l] + T.Cast("float32", _unsigned_fix(
-                                gs[r * 32 + l], xsum[rb * T.int64(R) + T.int64(r), g], kind)) * (
-                                xs[rb * T.int64(R) + T.int64(r), g] * T.Cast("float32", s[t // 2, g, (t % 2) * 32 + l]))
-                for r in T.unroll(R):
-                    if rb * T.int64(R) + T.int64(r) < rows:
-                        for l in T.vectorized(32):
-                            y[rb * T.int64(R) + T.int64(r), t * 32 + l] = _out(acc[r * 32 + l], b, t * 32 + l)
+                g32_sums(w, s, acc, 0, gs, xq, xs, xsum, t, G, R, rb, L, OB, kind, task, TP)
+                g32_store(y, acc, b, 0, t * task, R, rb, rows, task)
 
     if bias:
         @T.prim_func(private=True)
-        def int8_g32_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle,
-                            xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+        def int8_g32_linear(x_h: T.handle, w_h: T.handle, s_h: T.handle, b_h: T.handle, y_h: T.handle):
             T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
             rows = T.int64()
-            padded = T.int64()
             x = T.match_buffer(x_h, (rows, K), "float32")
             w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
             s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
             b = T.match_buffer(b_h, (N,), "float32")
             y = T.match_buffer(y_h, (rows, N), "float32")
-            xq = T.match_buffer(xq_h, (padded, K), "int8")
-            xs = T.match_buffer(xs_h, (padded, G), "float32")
-            xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-            body(x, w, s, b, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+            body(x, w, s, b, y, G, tasks, R, rows, L, OB, kind, task, TP)
         return int8_g32_linear
 
     @T.prim_func(private=True)
-    def int8_g32_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle,
-                           xq_h: T.handle, xs_h: T.handle, xsum_h: T.handle):
+    def int8_g32_linear_nb(x_h: T.handle, w_h: T.handle, s_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
         rows = T.int64()
-        padded = T.int64()
         x = T.match_buffer(x_h, (rows, K), "float32")
         w = T.match_buffer(w_h, (N // PANEL, K, PANEL), "int8")
         s = T.match_buffer(s_h, (N // PANEL, G, PANEL), "float16")
         y = T.match_buffer(y_h, (rows, N), "float32")
-        xq = T.match_buffer(xq_h, (padded, K), "int8")
-        xs = T.match_buffer(xs_h, (padded, G), "float32")
-        xsum = T.match_buffer(xsum_h, (padded, G), "int32")
-        body(x, w, s, None, y, xq, xs, xsum, G, tasks, R, rows, L, OB, kind)
+        body(x, w, s, None, y, G, tasks, R, rows, L, OB, kind, task, TP)
     return int8_g32_linear_nb
 
 
-def _weight_operand(w, t, k0, o, lanes: int, kind: str):
-    """Block `o` (of `lanes` outputs) of task `t`'s 32 outputs, inputs k0..k0+3, as the instruction's weight
+@functools.lru_cache(maxsize=None)
+def int8_g32_fused_kernel(k_dim: int, n_dims: tuple[int, ...], tile: int, kind: str = "vnni", swiglu: bool = False):
+    """Several int8_g32 weights over the same input in one call, the input quantized once (as int4_vnni.py's fused
+    kernel): (q, k, v) into one (rows, Nq + Nk + Nv) output, the tasks of the three in one parallel loop; or with
+    `swiglu`, (gate, up) into silu(gate) * up (rows, N), each task both weights' outputs. No bias. Arguments: x,
+    then (codes, scales) per weight; output y. Each output's sums are int8_g32_kernel's, in the same order; one
+    call and one parallel loop where there were three (or two and the SiLU-product kernel)."""
+    if kind not in KINDS:
+        raise ValueError(f"no int8 integer kernel for {kind!r}")
+    K, G, R = k_dim, k_dim // GROUP, tile
+    task = task_width(tile, kind)
+    L = LANES[kind]                         # noqa: N806
+    OB = task // L                          # noqa: N806
+    TP = PANEL // task                      # noqa: N806
+    if swiglu:
+        (N,) = set(n_dims)
+        tasks = N // task
+
+        @T.prim_func(private=True)
+        def int8_g32_swiglu(x_h: T.handle, wg_h: T.handle, sg_h: T.handle, wu_h: T.handle, su_h: T.handle,
+                            y_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+            rows = T.int64()
+            x = T.match_buffer(x_h, (rows, K), "float32")
+            wg = T.match_buffer(wg_h, (N // PANEL, K, PANEL), "int8")
+            sg = T.match_buffer(sg_h, (N // PANEL, G, PANEL), "float16")
+            wu = T.match_buffer(wu_h, (N // PANEL, K, PANEL), "int8")
+            su = T.match_buffer(su_h, (N // PANEL, G, PANEL), "float16")
+            y = T.match_buffer(y_h, (rows, N), "float32")
+            xq = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), K), "int8")
+            xs = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "float32")
+            xsum = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "int32")
+            quantize_rows(x, xq, xs, xsum, G, R, rows)
+            for t in T.parallel(tasks):
+                acc = T.decl_buffer((2 * R * task,), "float32", scope="local")
+                gs = T.decl_buffer((R * task,), "int32", scope="local")
+                for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                    g32_sums(wg, sg, acc, 0, gs, xq, xs, xsum, t, G, R, rb, L, OB, kind, task, TP)
+                    g32_sums(wu, su, acc, R * task, gs, xq, xs, xsum, t, G, R, rb, L, OB, kind, task, TP)
+                    for r in T.unroll(R):
+                        if rb * T.int64(R) + T.int64(r) < rows:
+                            for l in T.vectorized(task):
+                                y[rb * T.int64(R) + T.int64(r), t * task + l] = acc[r * task + l] * T.sigmoid(
+                                    acc[r * task + l]) * acc[R * task + r * task + l]
+
+        return int8_g32_swiglu
+    N0, N1, N2 = n_dims
+    T0, T1, T2 = (n // task for n in n_dims)
+
+    @T.prim_func(private=True)
+    def int8_g32_qkv(x_h: T.handle, w0_h: T.handle, s0_h: T.handle, w1_h: T.handle, s1_h: T.handle,
+                     w2_h: T.handle, s2_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8})
+        rows = T.int64()
+        x = T.match_buffer(x_h, (rows, K), "float32")
+        w0 = T.match_buffer(w0_h, (N0 // PANEL, K, PANEL), "int8")
+        s0 = T.match_buffer(s0_h, (N0 // PANEL, G, PANEL), "float16")
+        w1 = T.match_buffer(w1_h, (N1 // PANEL, K, PANEL), "int8")
+        s1 = T.match_buffer(s1_h, (N1 // PANEL, G, PANEL), "float16")
+        w2 = T.match_buffer(w2_h, (N2 // PANEL, K, PANEL), "int8")
+        s2 = T.match_buffer(s2_h, (N2 // PANEL, G, PANEL), "float16")
+        y = T.match_buffer(y_h, (rows, N0 + N1 + N2), "float32")
+        xq = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), K), "int8")
+        xs = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "float32")
+        xsum = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "int32")
+        quantize_rows(x, xq, xs, xsum, G, R, rows)
+        for t in T.parallel(T0 + T1 + T2):
+            acc = T.decl_buffer((R * task,), "float32", scope="local")
+            gs = T.decl_buffer((R * task,), "int32", scope="local")
+            for rb in T.serial((rows + T.int64(R - 1)) // T.int64(R)):
+                if t < T0:
+                    g32_sums(w0, s0, acc, 0, gs, xq, xs, xsum, t, G, R, rb, L, OB, kind, task, TP)
+                    g32_store(y, acc, None, 0, t * task, R, rb, rows, task)
+                elif t < T0 + T1:
+                    g32_sums(w1, s1, acc, 0, gs, xq, xs, xsum, t - T0, G, R, rb, L, OB, kind, task, TP)
+                    g32_store(y, acc, None, N0, (t - T0) * task, R, rb, rows, task)
+                else:
+                    g32_sums(w2, s2, acc, 0, gs, xq, xs, xsum, t - T0 - T1, G, R, rb, L, OB, kind, task, TP)
+                    g32_store(y, acc, None, N0 + N1, (t - T0 - T1) * task, R, rb, rows, task)
+
+    return int8_g32_qkv
+
+
+def emit_int8_g32_fused(bb, x, weights: list[list], hint: str, swiglu: bool = False, kind: str = "vnni"):
+    """int8_g32_fused_kernel on (rows, in) `x` and the int8_g32 parameters (codes, scales) of each weight."""
+    from tvm import relax
+
+    rows, k_dim = x.ty.shape.values
+    n_dims = tuple(int(ws[0].ty.shape.values[0]) * PANEL for ws in weights)
+    one = isinstance(rows, tir.IntImm) and int(rows) == 1
+    tile = 1 if one or kind == "sdot" else ROW_TILE
+    gv = bb.add_func(int8_g32_fused_kernel(int(k_dim), n_dims, tile, kind, swiglu), f"{INT8_PREFIX}g32_{hint}")
+    width = n_dims[0] if swiglu else sum(n_dims)
+    args = [x] + [a for ws in weights for a in ws]
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, width), "float32")))
+
+
+def task_width(tile: int, kind: str) -> int:
+    """Outputs per parallel task of int8_g32_kernel. A one-row (decode) call on VNNI takes a whole 64-output panel:
+    its stored bytes one contiguous stream and four independent accumulator chains (32 outputs read half of each
+    256-byte chunk; one decode step's linears and head ran 15-25 % slower that way, measured interleaved, even
+    where 64 leaves the two threads 5 and 4 panels). Row tiles (prefill) keep 32 (4 rows x 2 blocks of sums in
+    registers), and so does sdot (8 of its 4-lane blocks)."""
+    return PANEL if tile == 1 and kind == "vnni" else TASK
+
+
+def _weight_operand(w, t, k0, o, lanes: int, kind: str, task: int = TASK):
+    """Block `o` (of `lanes` outputs) of task `t`'s `task` outputs, inputs k0..k0+3, as the instruction's weight
     operand: one load (g32_order); unsigned for `vpdpbusd` (w + 128, the sign bit flipped)."""
-    byte = (t % 2) * 128 + o * (lanes * 4)
-    v = w.vload([t // 2, k0 + byte // PANEL, byte % PANEL], f"int8x{4 * lanes}")
+    tp = PANEL // task
+    byte = (t % tp) * (task * 4) + o * (lanes * 4)
+    v = w.vload([t // tp, k0 + byte // PANEL, byte % PANEL], f"int8x{4 * lanes}")
     if kind == "vnni":
         return T.bitwise_xor(T.reinterpret(v, dtype="uint8x64"), T.broadcast(T.uint8(128), 64))
     return v
@@ -273,10 +386,6 @@ def emit_int8_vnni_linear(bb, x, ws: list, bias, hint: str, groups: bool = False
         tile = 1 if one else ROW_TILE // 2
         func, name = int8_vnni_kernel(k_dim, n_dim, bias is not None, tile), f"{INT8_PREFIX}{hint}"
     gv = bb.add_func(func, name)
-    padded = (rows + (tile - 1)) // tile * tile
-    g = k_dim // GROUP
-    outs = [relax.TensorType((rows, n_dim), "float32"), relax.TensorType((padded, k_dim), "int8"),
-            relax.TensorType((padded, g), "float32"), relax.TensorType((padded, g), "int32")]
     args = [x2, *ws] + ([bias] if bias is not None else [])
-    y = bb.emit(relax.TupleGetItem(bb.emit(relax.call_tir(gv, args, outs)), 0))
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType((rows, n_dim), "float32")))
     return y if len(lead) == 1 else bb.emit(relax.op.reshape(y, (*lead, n_dim)))
