@@ -29,7 +29,7 @@ import numpy as np
 from tvm import tirx as tir
 from tvm.script import tirx as T
 
-from edgeq.targets.tvm.int4_vnni import DP, INT4_GROUP, ROW_TILE, _intrin, quantize_rows
+from edgeq.targets.tvm.int4_vnni import DP, INT4_GROUP, ROW_TILE, _intrin, padded_rows, quantize_rows
 
 GROUP = INT4_GROUP          # activation block (q8_0's 32)
 INT8_PREFIX = "edgeq_int8_vnni_linear_"
@@ -75,7 +75,7 @@ def int8_vnni_kernel(k_dim: int, n_dim: int, bias: bool, tile: int):
 
     @T.macro(hygienic=False)
     def body(x, w, ws, b, y, G, tasks, R, rows):  # noqa: N803  (a macro sees its arguments only)
-        padded = T.meta_var((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R))
+        padded = T.meta_var(padded_rows(rows, R))
         xq = T.decl_buffer((padded, K), "int8")
         xs = T.decl_buffer((padded, G), "float32")
         xsum = T.decl_buffer((padded, G), "int32")
@@ -191,7 +191,7 @@ def int8_g32_kernel(k_dim: int, n_dim: int, bias: bool, tile: int, kind: str = "
 
     @T.macro(hygienic=False)
     def body(x, w, s, b, y, G, tasks, R, rows, L, OB, kind, task, TP):  # noqa: N803  (sees its arguments only)
-        padded = T.meta_var((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R))
+        padded = T.meta_var(padded_rows(rows, R))
         xq = T.decl_buffer((padded, K), "int8")
         xs = T.decl_buffer((padded, G), "float32")
         xsum = T.decl_buffer((padded, G), "int32")
@@ -257,9 +257,9 @@ def int8_g32_fused_kernel(k_dim: int, n_dims: tuple[int, ...], tile: int, kind: 
             wu = T.match_buffer(wu_h, (N // PANEL, K, PANEL), "int8")
             su = T.match_buffer(su_h, (N // PANEL, G, PANEL), "float16")
             y = T.match_buffer(y_h, (rows, N), "float32")
-            xq = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), K), "int8")
-            xs = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "float32")
-            xsum = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "int32")
+            xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+            xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+            xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
             quantize_rows(x, xq, xs, xsum, G, R, rows)
             for t in T.parallel(tasks):
                 acc = T.decl_buffer((2 * R * task,), "float32", scope="local")
@@ -290,9 +290,9 @@ def int8_g32_fused_kernel(k_dim: int, n_dims: tuple[int, ...], tile: int, kind: 
         w2 = T.match_buffer(w2_h, (N2 // PANEL, K, PANEL), "int8")
         s2 = T.match_buffer(s2_h, (N2 // PANEL, G, PANEL), "float16")
         y = T.match_buffer(y_h, (rows, N0 + N1 + N2), "float32")
-        xq = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), K), "int8")
-        xs = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "float32")
-        xsum = T.decl_buffer(((rows + T.int64(R - 1)) // T.int64(R) * T.int64(R), G), "int32")
+        xq = T.decl_buffer((padded_rows(rows, R), K), "int8")
+        xs = T.decl_buffer((padded_rows(rows, R), G), "float32")
+        xsum = T.decl_buffer((padded_rows(rows, R), G), "int32")
         quantize_rows(x, xq, xs, xsum, G, R, rows)
         for t in T.parallel(T0 + T1 + T2):
             acc = T.decl_buffer((R * task,), "float32", scope="local")
