@@ -246,6 +246,12 @@ def partly_weighted_hessian(envs: list[dict], key: str, weighted: list[int], tok
     return Hessian.of(h / max(total, 1e-300), damp, act_order, conditional)
 
 
+def partial_token_windows(fisher_weighted: bool, token_windows: int | None, n_windows: int) -> int | None:
+    """The backward's window count when it covers only some of the writer's `n_windows` (what the plan records),
+    else None: uniform tokens, or a count that reaches every window."""
+    return token_windows if fisher_weighted and token_windows and token_windows < n_windows else None
+
+
 def weighted_windows(n_windows: int, token_windows: int | None) -> list[int]:
     """Which of the writer's windows get a backward for their token weights: `token_windows` of them spread
     evenly (every one when None or at least `n_windows`)."""
@@ -386,7 +392,7 @@ class GptqCompensate(Pass):
                  token_windows: int | None = None):
         self.damp, self.act_order, self.sequential, self.conditional = damp, act_order, sequential, conditional
         self.fisher_weighted = fisher_weighted
-        self.token_windows = token_windows if fisher_weighted and token_windows and token_windows < n_windows else None
+        self.token_windows = partial_token_windows(fisher_weighted, token_windows, n_windows)
         self.asymmetric = asymmetric and sequential    # without the sequential run both models' inputs are equal
         self.n_windows, self.ctx_len, self.source, self.subset = n_windows, ctx_len, source, subset
         self.file_rows = file_rows or (lambda name, rows: rows)

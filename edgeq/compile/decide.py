@@ -44,7 +44,7 @@ from edgeq.passes.calibrate import DEFAULT_MAX_FULL, Calibrate
 from edgeq.passes.calibrate_ranges import CalibrateRanges, needs_ranges, text_inputs
 from edgeq.passes.choose_activation_ranges import ChooseActivationRanges
 from edgeq.passes.fisher import Fisher
-from edgeq.passes.gptq import DEFAULT_DAMP, GptqCompensate
+from edgeq.passes.gptq import DEFAULT_DAMP, GptqCompensate, partial_token_windows
 from edgeq.passes.legalize import Legalize
 from edgeq.passes.search import Search, SearchInputs
 from edgeq.passes.search_space import Budgets, SearchSpace, genes_of
@@ -214,8 +214,8 @@ def _decide_calibrated_first(graph: Graph, inp: DecideInputs, opts: ExportOption
     out, plan = run_passes(passes, graph, Plan(), ctx)
     cal = ctx.analysis.get("calibration")
     plan.calibration = None if cal is None else {**cal.to_json(), "calib_windows_requested": windows}
-    token_windows = (opts.gptq_token_windows if opts.gptq_tokens == "fisher" and opts.gptq_token_windows
-                     and opts.gptq_token_windows < gptq_windows(opts, windows) else None)
+    token_windows = partial_token_windows(opts.gptq_tokens == "fisher", opts.gptq_token_windows,
+                                          gptq_windows(opts, windows))
     plan.gptq = {"act_order": opts.gptq_act_order, "sequential": opts.gptq_sequential, "damp": DEFAULT_DAMP,
                  "windows": gptq_windows(opts, windows),
                  **({"importance": "conditional"} if opts.gptq_conditional else {}),
